@@ -1,0 +1,48 @@
+// params.cuh: the one struct a forward launch receives, by value. Pointers, then int64
+// strides in ELEMENTS, then 32-bit sizes and scalars. dmattn_cupy/params.py mirrors it with
+// a NumPy structured dtype; the static_asserts in the generated "params_check.cuh" (added
+// at compile time) fail the build if the two ever drift.
+#pragma once
+#include "common.cuh"
+
+struct FwdParams {
+  // ---- pointers (8 bytes each) ----
+  const void* q;               // (B, Sq, H, D) or varlen (total_q, H, D)
+  const void* k;               // (B, Sk, Hk, D) or (total_k, Hk, D)
+  const void* v;
+  void* o;                     // like q
+  float* lse;                  // (B, H, Sq) or varlen (H, total_q); may be null
+  const uint8_t* mask;         // bool, any strides; null when absent
+  const void* bias;            // query dtype or float32; null when absent
+  const int32_t* cu_seqlens_q; // varlen only: (batch + 1,)
+  const int32_t* cu_seqlens_k;
+  uint32_t* tile_counters;     // debug builds: per CTA {tiles loaded, tiles masked}
+
+  // ---- strides in elements (8 bytes each) ----
+  int64_t q_batch_stride, q_row_stride, q_head_stride;
+  int64_t k_batch_stride, k_row_stride, k_head_stride;
+  int64_t v_batch_stride, v_row_stride, v_head_stride;
+  int64_t o_batch_stride, o_row_stride, o_head_stride;
+  int64_t lse_batch_stride, lse_head_stride;   // row stride is 1 (dense) / 1 (varlen)
+  // mask/bias: element (b, h', i, j) at b*batch + h'*head + i*row + j*col; a broadcast
+  // dimension has stride 0. `*_kseq_stride` multiplies a varlen sequence's first key index
+  // (key-based layout: the column stride; query-based: 0). Likewise `*_qseq_stride` for
+  // the first query index (query-based: the row stride; key-based: 0).
+  int64_t mask_batch_stride, mask_head_stride, mask_row_stride, mask_col_stride;
+  int64_t mask_qseq_stride, mask_kseq_stride;
+  int64_t bias_batch_stride, bias_head_stride, bias_row_stride, bias_col_stride;
+  int64_t bias_qseq_stride, bias_kseq_stride;
+
+  // ---- sizes and scalars (4 bytes each) ----
+  int32_t batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim;
+  int32_t q_per_kv;            // heads / kv_heads
+  int32_t mask_head_ratio;     // heads / mask heads (mask head = h / ratio)
+  int32_t bias_head_ratio;
+  int32_t window_left;         // keep j >= i + Sk - Sq - left; < 0: unbounded
+  int32_t window_right;        // keep j <= i + Sk - Sq + right; < 0: unbounded (causal: 0)
+  int32_t bias_is_fp32;        // bias element type: 1 = float32, 0 = the query dtype
+  float scale_log2;            // softmax_scale * log2(e)
+  float softcap;               // > 0: logits = softcap * tanh(scale*qk / softcap)
+  float scale_over_softcap;    // softmax_scale / softcap (when softcap > 0)
+  int32_t pad0;
+};

@@ -1,0 +1,222 @@
+"""NVRTC compilation of kernel specializations, with in-process and on-disk caches.
+
+Compiling needs no GPU: ``compile_spec(spec, arch="sm_90")`` works on any machine with the
+NVRTC library. The disk key covers every file under ``cuda_src/`` (headers pulled in with -I
+are invisible to CuPy's own cache), the options, the NVRTC version and the arch. Writes go to a
+temporary file that is renamed into place, so concurrent processes never see a torn cubin.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from .params import abi_check_source
+from .spec import KernelSpec
+
+log = logging.getLogger("dmattn_cupy")
+
+_BASE_OPTIONS = ("-std=c++20", "--use_fast_math", "-default-device", "--ptxas-options=-v")
+
+
+def cuda_src_dir() -> Path:
+    """The CUDA sources: inside the package (wheel install) or beside it (source tree)."""
+    here = Path(__file__).resolve().parent
+    for cand in (here / "cuda_src", here.parent / "cuda_src"):
+        if (cand / "common.cuh").is_file():
+            return cand
+    raise FileNotFoundError(f"dmattn_cupy: cuda_src/ not found next to {here}")
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("DMATTN_CACHE_DIR")
+    base = Path(env) if env else Path(os.path.expanduser("~")) / ".cache" / "dmattn_cupy"
+    return base
+
+
+def _verbose() -> bool:
+    return os.environ.get("DMATTN_VERBOSE", "") not in ("", "0")
+
+
+@lru_cache(maxsize=1)
+def sources_digest() -> str:
+    """sha256 over the name and bytes of every file under cuda_src/."""
+    h = hashlib.sha256()
+    root = cuda_src_dir()
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.suffix in (".cuh", ".cu", ".h"):
+            h.update(p.relative_to(root).as_posix().encode())
+            h.update(b"\0")
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def nvrtc_version() -> tuple[int, int]:
+    from cupy_backends.cuda.libs import nvrtc
+
+    return tuple(nvrtc.getVersion())  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class CompiledKernel:
+    spec: KernelSpec
+    arch: str
+    cubin: bytes
+    lowered_name: str
+    registers: int
+    spill_stores: int
+    spill_loads: int
+    stack_frame: int
+    static_smem: int
+    log: str
+
+    @property
+    def spills(self) -> bool:
+        return self.spill_stores > 0 or self.spill_loads > 0 or self.stack_frame > 0
+
+
+def parse_ptxas_log(text: str) -> dict[str, int]:
+    """Registers, spills, stack and static smem of the (single) entry in a ptxas -v log."""
+    def grab(pattern: str) -> int:
+        m = re.search(pattern, text)
+        return int(m.group(1)) if m else 0
+
+    return {
+        "registers": grab(r"Used (\d+) registers"),
+        "spill_stores": grab(r"(\d+) bytes spill stores"),
+        "spill_loads": grab(r"(\d+) bytes spill loads"),
+        "stack_frame": grab(r"(\d+) bytes stack frame"),
+        "static_smem": grab(r"(\d+) bytes smem"),
+    }
+
+
+def program_source(spec: KernelSpec) -> str:
+    return f'#include "params_check.cuh"\n#include "{spec.source_file}"\n'
+
+
+def compile_options(spec: KernelSpec, arch: str) -> tuple[str, ...]:
+    opts = list(_BASE_OPTIONS)
+    opts.append(f"--gpu-architecture={arch}")
+    opts.append(f"-I{cuda_src_dir()}")
+    if spec.debug_counters:
+        opts.append("-DDMATTN_DEBUG_COUNTERS=1")
+    return tuple(opts)
+
+
+def cache_key(spec: KernelSpec, arch: str) -> str:
+    opts = [o for o in compile_options(spec, arch) if not o.startswith("-I")]
+    payload = json.dumps(
+        {
+            "sources": sources_digest(),
+            "abi": abi_check_source(),
+            "options": opts,
+            "nvrtc": list(nvrtc_version()),
+            "arch": arch,
+            "spec": spec.id,
+            "entry": spec.name_expression,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+def _nvrtc_compile(spec: KernelSpec, arch: str) -> tuple[bytes, str, str]:
+    from cupy_backends.cuda.libs import nvrtc
+
+    headers = (b"params_check.cuh",)
+    header_src = (abi_check_source().encode(),)
+    prog = nvrtc.createProgram(
+        program_source(spec), f"{spec.id}.cu", header_src, headers
+    )
+    try:
+        nvrtc.addNameExpression(prog, spec.name_expression)
+        try:
+            nvrtc.compileProgram(prog, list(compile_options(spec, arch)))
+        except Exception as e:
+            text = nvrtc.getProgramLog(prog)
+            raise RuntimeError(f"NVRTC failed to compile {spec.id} for {arch}:\n{text}") from e
+        text = nvrtc.getProgramLog(prog)
+        lowered = nvrtc.getLoweredName(prog, spec.name_expression)
+        cubin = nvrtc.getCUBIN(prog)
+    finally:
+        nvrtc.destroyProgram(prog)
+    if isinstance(lowered, bytes):
+        lowered = lowered.decode()
+    return bytes(cubin), lowered, text
+
+
+_mem_cache: dict[tuple[KernelSpec, str], CompiledKernel] = {}
+_lock = threading.Lock()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _load_disk(path: Path, meta_path: Path) -> tuple[bytes, dict] | None:
+    try:
+        meta = json.loads(meta_path.read_text())
+        cubin = path.read_bytes()
+    except (OSError, ValueError):
+        return None
+    if hashlib.sha256(cubin).hexdigest() != meta.get("sha256"):
+        return None
+    return cubin, meta
+
+
+def compile_spec(spec: KernelSpec, arch: str, use_disk_cache: bool = True) -> CompiledKernel:
+    """Compile ``spec`` for ``arch`` (e.g. "sm_90"), using the in-process and disk caches."""
+    key = (spec, arch)
+    with _lock:
+        hit = _mem_cache.get(key)
+    if hit is not None:
+        return hit
+    digest = cache_key(spec, arch)
+    base = cache_dir() / f"{spec.id}-{arch}-{digest}"
+    path, meta_path = base.with_suffix(".cubin"), base.with_suffix(".json")
+    loaded = _load_disk(path, meta_path) if use_disk_cache else None
+    if loaded is not None:
+        cubin, meta = loaded
+        lowered, text = meta["lowered_name"], meta["log"]
+    else:
+        t0 = time.perf_counter()
+        cubin, lowered, text = _nvrtc_compile(spec, arch)
+        dt = time.perf_counter() - t0
+        if _verbose():
+            print(f"[dmattn_cupy] compiled {spec.id} for {arch} in {dt:.2f} s", flush=True)
+        log.info("compiled %s for %s in %.2f s", spec.id, arch, dt)
+        if use_disk_cache:
+            meta = {"lowered_name": lowered, "log": text, "sha256": hashlib.sha256(cubin).hexdigest()}
+            try:
+                _atomic_write(path, cubin)
+                _atomic_write(meta_path, json.dumps(meta).encode())
+            except OSError as e:  # a read-only cache must not break compilation
+                log.warning("dmattn_cupy: could not write kernel cache %s: %s", path, e)
+    stats = parse_ptxas_log(text)
+    ck = CompiledKernel(spec=spec, arch=arch, cubin=cubin, lowered_name=lowered, log=text, **stats)
+    with _lock:
+        _mem_cache[key] = ck
+    return ck
+
+
+def cached_kernel_count() -> int:
+    d = cache_dir()
+    return len(list(d.glob("*.cubin"))) if d.is_dir() else 0

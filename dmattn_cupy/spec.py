@@ -1,0 +1,69 @@
+"""``KernelSpec``: only what changes the generated code (dtype, head dim, tile shape, switches).
+
+Sizes, strides (0 included), offsets, scale and softcap are runtime fields of the params
+struct, so broadcasting or a new sequence length never needs a new kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DTYPES = ("fp16", "bf16")
+HEAD_DIMS = (32, 64, 96, 128, 192, 256)
+
+
+def padded_head_dim(d: int) -> int:
+    """Smallest specialized head dim >= ``d`` (the kernel zero-fills the padding)."""
+    for hd in HEAD_DIMS:
+        if d <= hd:
+            return hd
+    raise ValueError(f"head dim must be <= {HEAD_DIMS[-1]}, got {d}")
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    kind: str = "fwd"          # "fwd": the forward kernel in cuda_src/fwd.cu
+    dtype: str = "bf16"        # "fp16" | "bf16"
+    head_dim: int = 128        # one of HEAD_DIMS
+    block_m: int = 128
+    block_n: int = 64
+    num_warps: int = 4
+    has_mask: bool = False
+    has_bias: bool = False
+    varlen: bool = False
+    debug_counters: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"KernelSpec.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.head_dim not in HEAD_DIMS:
+            raise ValueError(f"KernelSpec.head_dim must be one of {HEAD_DIMS}, got {self.head_dim}")
+
+    @property
+    def id(self) -> str:
+        s = (
+            f"{self.kind}_{self.dtype}_d{self.head_dim}_m{self.block_m}n{self.block_n}"
+            f"w{self.num_warps}_mask{int(self.has_mask)}_bias{int(self.has_bias)}"
+            f"_varlen{int(self.varlen)}"
+        )
+        return s + ("_dbg" if self.debug_counters else "")
+
+    @property
+    def source_file(self) -> str:
+        return f"{self.kind}.cu"
+
+    @property
+    def name_expression(self) -> str:
+        """The templated ``__global__`` this spec instantiates (see cuda_src/fwd.cu)."""
+        elem = "dm::Half" if self.dtype == "fp16" else "dm::BFloat16"
+        flags = [self.has_mask, self.has_bias, self.varlen, self.debug_counters]
+        args = ", ".join([elem, str(self.head_dim), str(self.block_m), str(self.block_n),
+                          str(self.num_warps)] + [str(f).lower() for f in flags])
+        return f"dm::flash_fwd_kernel<{args}>"
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.num_warps
+
+    def __str__(self) -> str:
+        return self.id
