@@ -23,7 +23,7 @@ DM_DEVICE float warp_sum(float x) {
 
 template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNumWarps, bool kHasMask,
           bool kHasBias, bool kVarlen, bool kDebug>
-__global__ void __launch_bounds__(kNumWarps * 32)
+__global__ void __launch_bounds__(kNumWarps * 32, 1)
 flash_fwd_kernel(const FwdParams p) {
   static_assert(kBlockM == kNumWarps, "simple kernel: one warp per query row");
   static_assert(kBlockN == 32, "simple kernel: one key per lane");
@@ -111,7 +111,7 @@ flash_fwd_kernel(const FwdParams p) {
         hi.bits = uint16_t(w >> 16);
         s += q_rows[warp][2 * cw] * to_float(lo) + q_rows[warp][2 * cw + 1] * to_float(hi);
       }
-      float logit = p.softcap > 0.f ? p.softcap * tanhf(s * p.scale_over_softcap)
+      float logit = p.softcap > 0.f ? p.softcap * fast_tanh(s * p.scale_over_softcap)
                                     : s * (p.scale_log2 / kLog2e);
       if (kHasBias) {
         const int64_t bi = bias_base + int64_t(i) * p.bias_row_stride + int64_t(j) * p.bias_col_stride;

@@ -1,0 +1,23 @@
+"""dmattn_cupy: flash attention with dynamic masks and biases, compiled at first use by NVRTC."""
+
+from .api import flash_dmattn_func, flash_dmattn_func_auto, flash_dmattn_varlen_func
+from .masks import (
+    BCSRMask,
+    BlockBitsetMask,
+    CausalMask,
+    CausalWindowMask,
+    DynamicMask,
+    MixedMask,
+    SparseMask,
+    WindowMask,
+    calculate_memory_savings,
+    estimate_speedup,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "flash_dmattn_func", "flash_dmattn_func_auto", "flash_dmattn_varlen_func",
+    "SparseMask", "CausalMask", "WindowMask", "CausalWindowMask", "BlockBitsetMask", "BCSRMask",
+    "MixedMask", "DynamicMask", "estimate_speedup", "calculate_memory_savings", "__version__",
+]

@@ -1,0 +1,150 @@
+"""The array bridge: torch / CuPy / NumPy inputs described uniformly, without copies.
+
+An ``ArrayInfo`` records what the rest of the pipeline needs of an array: its kind, dtype name,
+shape, strides in elements, device and data pointer. GPU data is read in place: the kernel gets
+the torch (or CuPy) storage pointer itself, so torch tensors cross with no copy and no sync.
+Only this module and ``launch`` touch torch/CuPy objects; both are imported lazily.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+KINDS = ("numpy", "cupy", "torch")
+
+
+def array_kind(x: Any) -> str | None:
+    """'numpy', 'cupy', 'torch', or None for anything else (never imports a framework)."""
+    if isinstance(x, np.ndarray):
+        return "numpy"
+    mod = type(x).__module__
+    if mod.startswith("cupy") and "cupy" in sys.modules:
+        import cupy
+
+        if isinstance(x, cupy.ndarray):
+            return "cupy"
+    if mod.startswith("torch") and "torch" in sys.modules:
+        import torch
+
+        if isinstance(x, torch.Tensor):
+            return "torch"
+    return None
+
+
+def dtype_name(x: Any) -> str:
+    """'float16', 'bfloat16', 'float32', 'bool', ... for any supported array kind."""
+    kind = array_kind(x)
+    if kind == "torch":
+        return str(x.dtype).removeprefix("torch.")
+    return np.dtype(x.dtype).name if kind == "numpy" else str(x.dtype)
+
+
+@dataclass(frozen=True)
+class ArrayInfo:
+    kind: str
+    dtype: str
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]   # in elements (0 for a broadcast dimension)
+    device: int                # CUDA device ordinal; -1 for host arrays
+    ptr: int                   # device pointer (0 for host arrays)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.device >= 0
+
+
+def describe(x: Any) -> ArrayInfo:
+    kind = array_kind(x)
+    if kind == "numpy":
+        item = x.itemsize
+        return ArrayInfo("numpy", dtype_name(x), tuple(x.shape),
+                         tuple(s // item for s in x.strides), -1, 0)
+    if kind == "cupy":
+        item = x.itemsize
+        return ArrayInfo("cupy", dtype_name(x), tuple(x.shape),
+                         tuple(s // item for s in x.strides), int(x.device.id), int(x.data.ptr))
+    if kind == "torch":
+        dev = x.device
+        ordinal = (dev.index if dev.index is not None else 0) if dev.type == "cuda" else -1
+        ptr = int(x.data_ptr()) if dev.type == "cuda" else 0
+        return ArrayInfo("torch", dtype_name(x), tuple(x.shape), tuple(x.stride()), ordinal, ptr)
+    raise TypeError(f"expected a numpy.ndarray, cupy.ndarray or torch.Tensor, got {type(x).__name__}")
+
+
+def common_kind(named: dict[str, Any]) -> str:
+    """The one array kind of all non-None arguments; mixing kinds raises TypeError."""
+    kinds: dict[str, str] = {}
+    for name, x in named.items():
+        if x is None:
+            continue
+        kind = array_kind(x)
+        if kind is None:
+            raise TypeError(
+                f"{name} must be a numpy.ndarray, cupy.ndarray or torch.Tensor, "
+                f"got {type(x).__name__}"
+            )
+        kinds[name] = kind
+    distinct = sorted(set(kinds.values()))
+    if len(distinct) > 1:
+        detail = ", ".join(f"{n}={k}" for n, k in kinds.items())
+        raise TypeError(f"all array arguments must be of one kind (got {detail}); convert them "
+                        "to one of numpy, cupy or torch first")
+    return distinct[0]
+
+
+def to_numpy_f64(x: Any) -> np.ndarray | None:
+    """Host float64 copy (bool stays bool) for the reference backend; None passes through."""
+    if x is None:
+        return None
+    kind = array_kind(x)
+    if kind == "torch":
+        t = x.detach()
+        if t.dtype.is_floating_point:
+            t = t.double()
+        arr = t.cpu().numpy()
+    elif kind == "cupy":
+        import cupy
+
+        arr = cupy.asnumpy(x.astype(cupy.float64) if x.dtype.kind == "f" else x)
+    else:
+        arr = np.asarray(x)
+    return arr if arr.dtype == np.bool_ else arr.astype(np.float64)
+
+
+def from_numpy_like(arr: np.ndarray, like: Any) -> Any:
+    """``arr`` converted to the kind, device and dtype of ``like`` (reference-backend results)."""
+    kind = array_kind(like)
+    if kind == "torch":
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(arr)).to(device=like.device, dtype=like.dtype)
+    if kind == "cupy":
+        import cupy
+
+        with cupy.cuda.Device(like.device.id):
+            return cupy.asarray(arr).astype(like.dtype)
+    return arr.astype(like.dtype)
+
+
+def lse_like(arr: np.ndarray, like: Any) -> Any:
+    """float32 lse in the kind/device of ``like``."""
+    kind = array_kind(like)
+    arr = np.ascontiguousarray(arr.astype(np.float32))
+    if kind == "torch":
+        import torch
+
+        return torch.from_numpy(arr).to(device=like.device)
+    if kind == "cupy":
+        import cupy
+
+        with cupy.cuda.Device(like.device.id):
+            return cupy.asarray(arr)
+    return arr

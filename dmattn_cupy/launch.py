@@ -1,0 +1,118 @@
+"""Kernel selection, module loading and launches on the caller's current stream.
+
+This is the only module besides ``arrays`` that touches CuPy/torch objects. Loaded modules are
+cached per (spec, device); launches take the params record by value and never synchronize.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+import numpy as np
+
+from .arrays import array_kind, describe
+from .compile import compile_spec
+from .layout import build_fwd_params, num_m_blocks
+from .spec import KernelSpec, padded_head_dim
+from .validate import Problem, check_cu_seqlens_values
+
+_functions: dict[tuple[KernelSpec, int], Any] = {}
+_lock = threading.Lock()
+
+
+def device_arch(device: int) -> str:
+    import cupy
+
+    return f"sm_{cupy.cuda.Device(device).compute_capability}"
+
+
+def select_fwd_spec(pb: Problem, debug_counters: bool = False) -> KernelSpec:
+    """The forward specialization for a problem (simple kernel: 8 warps, one row each)."""
+    return KernelSpec(
+        kind="fwd", dtype="fp16" if pb.dtype == "float16" else "bf16",
+        head_dim=padded_head_dim(pb.head_dim), block_m=8, block_n=32, num_warps=8,
+        has_mask=pb.mask is not None, has_bias=pb.bias is not None, varlen=pb.varlen,
+        debug_counters=debug_counters,
+    )
+
+
+def get_function(spec: KernelSpec, device: int) -> Any:
+    key = (spec, device)
+    with _lock:
+        fn = _functions.get(key)
+    if fn is not None:
+        return fn
+    import cupy
+
+    with cupy.cuda.Device(device):
+        ck = compile_spec(spec, device_arch(device))
+        mod = cupy.cuda.function.Module()
+        mod.load(ck.cubin)
+        fn = mod.get_function(ck.lowered_name)
+        fn._dmattn_module = mod  # keep the module alive as long as the function
+    with _lock:
+        _functions[key] = fn
+    return fn
+
+
+def current_stream(kind: str, device: int) -> Any:
+    import cupy
+
+    if kind == "torch":
+        import torch
+
+        ptr = torch.cuda.current_stream(device).cuda_stream
+        return cupy.cuda.ExternalStream(ptr, device)
+    return cupy.cuda.get_current_stream(device)
+
+
+def _empty_like_query(query: Any, shape: tuple[int, ...], dtype: str | None = None) -> Any:
+    """Uninitialized output in the array library, device and (default) dtype of ``query``."""
+    if array_kind(query) == "torch":
+        import torch
+
+        dt = query.dtype if dtype is None else getattr(torch, dtype)
+        return torch.empty(shape, dtype=dt, device=query.device)
+    import cupy
+
+    with cupy.cuda.Device(query.device.id):
+        return cupy.empty(shape, dtype=query.dtype if dtype is None else dtype)
+
+
+def _check_enabled() -> bool:
+    return os.environ.get("DMATTN_CHECK", "") not in ("", "0")
+
+
+def _to_host(x: Any) -> np.ndarray:
+    if array_kind(x) == "torch":
+        return x.detach().cpu().numpy()
+    import cupy
+
+    return cupy.asnumpy(x)
+
+
+def run_forward(pb: Problem, query: Any, cu_q: Any = None, cu_k: Any = None,
+                return_lse: bool = True, tile_counters: Any = None) -> tuple[Any, Any]:
+    """Launch the forward kernel; returns (out, lse) in the query's library and device."""
+    if pb.varlen and _check_enabled():
+        check_cu_seqlens_values(_to_host(cu_q), _to_host(cu_k), pb.total_q, pb.total_k,
+                                pb.seqlen_q, pb.seqlen_k)
+    out = _empty_like_query(query, pb.q.shape)
+    lse_shape = (pb.heads, pb.total_q) if pb.varlen else (pb.batch, pb.heads, pb.seqlen_q)
+    lse = _empty_like_query(query, lse_shape, "float32") if return_lse else None
+    if out.size == 0 or (not pb.varlen and pb.seqlen_q == 0):
+        return out, lse
+    spec = select_fwd_spec(pb, debug_counters=tile_counters is not None)
+    fn = get_function(spec, pb.q.device)
+    ptr = (lambda a: describe(a).ptr if a is not None else 0)
+    rec = build_fwd_params(pb, describe(out), ptr(lse), ptr(cu_q), ptr(cu_k), ptr(tile_counters))
+    grid = (num_m_blocks(pb.seqlen_q, spec.block_m), pb.heads, pb.batch)
+    if pb.batch == 0:
+        return out, lse
+    import cupy
+
+    with cupy.cuda.Device(pb.q.device):
+        fn(grid, (spec.threads, 1, 1), (rec[0],), stream=current_stream(pb.kind, pb.q.device))
+    return out, lse

@@ -1,0 +1,77 @@
+"""``python -m dmattn_cupy.precompile``: compile every kernel specialization with NVRTC.
+
+Needs no GPU. Prints one line per kernel (registers, spills, stack, static smem); with
+``--check-spills`` exits 1 if any kernel spills or uses a stack frame.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+from .compile import CompiledKernel, compile_spec
+from .spec import DTYPES, HEAD_DIMS, KernelSpec
+
+DEFAULT_ARCHS = ("sm_80", "sm_90")
+
+
+def all_specs(debug: bool = False) -> list[KernelSpec]:
+    """Every forward specialization the launcher can select."""
+    from .launch import select_fwd_spec  # shares the tile choice with the launcher
+    from .validate import Problem
+
+    specs = []
+    for dtype, hd, mask, bias, varlen in itertools.product(
+            DTYPES, HEAD_DIMS, (False, True), (False, True), (False, True)):
+        specs.append(select_fwd_spec(_stub_problem(Problem, dtype, hd, mask, bias, varlen),
+                                     debug_counters=debug))
+    return specs
+
+
+def _stub_problem(problem_cls: type, dtype: str, hd: int, mask: bool, bias: bool, varlen: bool):
+    from .arrays import ArrayInfo
+
+    dt = "float16" if dtype == "fp16" else "bfloat16"
+    info = ArrayInfo("cupy", dt, (1, 1, 1, hd), (hd, hd, hd, 1), 0, 0)
+    mb = ArrayInfo("cupy", "bool", (1, 1, 1, 1), (1, 1, 1, 1), 0, 0)
+    return problem_cls(kind="cupy", backend="cuda", varlen=varlen, batch=1, seqlen_q=1,
+                       seqlen_k=1, heads=1, kv_heads=1, head_dim=hd, dtype=dt, scale=1.0,
+                       softcap=0.0, window=(-1, -1), q=info, k=info, v=info,
+                       mask=mb if mask else None, bias=info if bias else None)
+
+
+def _compile(args: tuple[KernelSpec, str]) -> CompiledKernel:
+    spec, arch = args
+    return compile_spec(spec, arch, use_disk_cache=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m dmattn_cupy.precompile", description=__doc__)
+    ap.add_argument("--arch", action="append", help="e.g. sm_80, sm_90 (repeatable)")
+    ap.add_argument("--check-spills", action="store_true",
+                    help="exit 1 if any kernel spills registers or uses a stack frame")
+    ap.add_argument("--debug", action="store_true", help="also compile the debug-counter builds")
+    ap.add_argument("--jobs", type=int, default=2, help="parallel compiler processes")
+    a = ap.parse_args(argv)
+    archs = a.arch or list(DEFAULT_ARCHS)
+    specs = all_specs() + (all_specs(debug=True) if a.debug else [])
+    work = [(s, arch) for arch in archs for s in specs]
+    t0 = time.perf_counter()
+    bad = 0
+    with ProcessPoolExecutor(max_workers=max(1, a.jobs)) as ex:
+        for ck in ex.map(_compile, work):
+            flag = "SPILL" if ck.spills else "ok"
+            bad += ck.spills
+            print(f"{ck.spec.id:<48} {ck.arch}  regs={ck.registers:<4} "
+                  f"spill_st={ck.spill_stores:<4} spill_ld={ck.spill_loads:<4} "
+                  f"stack={ck.stack_frame:<4} smem={ck.static_smem:<6} {flag}", flush=True)
+    print(f"compiled {len(work)} kernels for {','.join(archs)} in "
+          f"{time.perf_counter() - t0:.1f} s; {bad} with spills/stack")
+    return 1 if (a.check_spills and bad) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
