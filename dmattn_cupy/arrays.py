@@ -76,7 +76,9 @@ def describe(x: Any) -> ArrayInfo:
         ordinal = (dev.index if dev.index is not None else 0) if dev.type == "cuda" else -1
         ptr = int(x.data_ptr()) if dev.type == "cuda" else 0
         return ArrayInfo("torch", dtype_name(x), tuple(x.shape), tuple(x.stride()), ordinal, ptr)
-    raise TypeError(f"expected a numpy.ndarray, cupy.ndarray or torch.Tensor, got {type(x).__name__}")
+    raise TypeError(
+        f"expected a numpy.ndarray, cupy.ndarray or torch.Tensor, got {type(x).__name__}"
+    )
 
 
 def common_kind(named: dict[str, Any]) -> str:

@@ -204,7 +204,8 @@ def compile_spec(spec: KernelSpec, arch: str, use_disk_cache: bool = True) -> Co
             print(f"[dmattn_cupy] compiled {spec.id} for {arch} in {dt:.2f} s", flush=True)
         log.info("compiled %s for %s in %.2f s", spec.id, arch, dt)
         if use_disk_cache:
-            meta = {"lowered_name": lowered, "log": text, "sha256": hashlib.sha256(cubin).hexdigest()}
+            meta = {"lowered_name": lowered, "log": text,
+                    "sha256": hashlib.sha256(cubin).hexdigest()}
             try:
                 _atomic_write(path, cubin)
                 _atomic_write(meta_path, json.dumps(meta).encode())

@@ -106,7 +106,9 @@ def run_forward(pb: Problem, query: Any, cu_q: Any = None, cu_k: Any = None,
         return out, lse
     spec = select_fwd_spec(pb, debug_counters=tile_counters is not None)
     fn = get_function(spec, pb.q.device)
-    ptr = (lambda a: describe(a).ptr if a is not None else 0)
+    def ptr(a: Any) -> int:
+        return describe(a).ptr if a is not None else 0
+
     rec = build_fwd_params(pb, describe(out), ptr(lse), ptr(cu_q), ptr(cu_k), ptr(tile_counters))
     grid = (num_m_blocks(pb.seqlen_q, spec.block_m), pb.heads, pb.batch)
     if pb.batch == 0:
