@@ -28,14 +28,44 @@ def device_arch(device: int) -> str:
     return f"sm_{cupy.cuda.Device(device).compute_capability}"
 
 
-def select_fwd_spec(pb: Problem, debug_counters: bool = False) -> KernelSpec:
-    """The forward specialization for a problem (simple kernel: 8 warps, one row each)."""
-    return KernelSpec(
-        kind="fwd", dtype="fp16" if pb.dtype == "float16" else "bf16",
-        head_dim=padded_head_dim(pb.head_dim), block_m=8, block_n=32, num_warps=8,
-        has_mask=pb.mask is not None, has_bias=pb.bias is not None, varlen=pb.varlen,
-        debug_counters=debug_counters,
-    )
+FWD_KERNELS = ("simple", "mma")
+
+
+def fwd_kernel_choice() -> str:
+    """``DMATTN_FWD_KERNEL``: "simple" (default until the tensor-core kernel has passed the GPU
+    suite) or "mma" (tensor cores; needs 16-byte aligned rows, else falls back to simple)."""
+    choice = os.environ.get("DMATTN_FWD_KERNEL", "simple")
+    if choice not in FWD_KERNELS:
+        raise ValueError(f"DMATTN_FWD_KERNEL must be one of {FWD_KERNELS}, got {choice!r}")
+    return choice
+
+
+def rows_aligned(pb: Problem, out_strides: tuple[int, ...] | None = None) -> bool:
+    """q/k/v (and out) pointers 16-byte aligned and every non-last stride a multiple of 8."""
+    infos = (pb.q, pb.k, pb.v)
+    ok = all(i.ptr % 16 == 0 and all(st % 8 == 0 for st in i.strides[:-1]) for i in infos)
+    return ok and (out_strides is None or all(st % 8 == 0 for st in out_strides[:-1]))
+
+
+def mma_supports(head_dim: int, has_mask: bool) -> bool:
+    """Tensor-core variants that compile without spills: a bool mask's per-fragment bits do
+    not fit beside the 128-float output accumulator of head dims > 128 yet."""
+    return head_dim <= 128 or not has_mask
+
+
+def select_fwd_spec(pb: Problem, debug_counters: bool = False,
+                    kernel: str = "simple") -> KernelSpec:
+    """The forward specialization for a problem and kernel family."""
+    common = dict(dtype="fp16" if pb.dtype == "float16" else "bf16",
+                  head_dim=padded_head_dim(pb.head_dim), has_mask=pb.mask is not None,
+                  has_bias=pb.bias is not None, varlen=pb.varlen, debug_counters=debug_counters)
+    hd = common["head_dim"]
+    if kernel == "mma" and not mma_supports(hd, pb.mask is not None):
+        kernel = "simple"
+    if kernel == "mma":
+        return KernelSpec(kind="fwd_mma", block_m=64, block_n=64 if hd <= 128 else 32,
+                          num_warps=4, **common)
+    return KernelSpec(kind="fwd", block_m=8, block_n=32, num_warps=8, **common)
 
 
 def get_function(spec: KernelSpec, device: int) -> Any:
@@ -51,6 +81,8 @@ def get_function(spec: KernelSpec, device: int) -> Any:
         mod = cupy.cuda.function.Module()
         mod.load(ck.cubin)
         fn = mod.get_function(ck.lowered_name)
+        if spec.dynamic_smem > 48 * 1024:
+            fn.max_dynamic_shared_size_bytes = spec.dynamic_smem
         fn._dmattn_module = mod  # keep the module alive as long as the function
     with _lock:
         _functions[key] = fn
@@ -104,7 +136,10 @@ def run_forward(pb: Problem, query: Any, cu_q: Any = None, cu_k: Any = None,
     lse = _empty_like_query(query, lse_shape, "float32") if return_lse else None
     if out.size == 0 or (not pb.varlen and pb.seqlen_q == 0):
         return out, lse
-    spec = select_fwd_spec(pb, debug_counters=tile_counters is not None)
+    kernel = fwd_kernel_choice()
+    if kernel == "mma" and not rows_aligned(pb, describe(out).strides):
+        kernel = "simple"
+    spec = select_fwd_spec(pb, debug_counters=tile_counters is not None, kernel=kernel)
     fn = get_function(spec, pb.q.device)
     def ptr(a: Any) -> int:
         return describe(a).ptr if a is not None else 0
@@ -116,5 +151,6 @@ def run_forward(pb: Problem, query: Any, cu_q: Any = None, cu_k: Any = None,
     import cupy
 
     with cupy.cuda.Device(pb.q.device):
-        fn(grid, (spec.threads, 1, 1), (rec[0],), stream=current_stream(pb.kind, pb.q.device))
+        fn(grid, (spec.threads, 1, 1), (rec[0],), shared_mem=spec.dynamic_smem,
+           stream=current_stream(pb.kind, pb.q.device))
     return out, lse

@@ -20,14 +20,16 @@ DEFAULT_ARCHS = ("sm_80", "sm_90")
 
 def all_specs(debug: bool = False) -> list[KernelSpec]:
     """Every forward specialization the launcher can select."""
-    from .launch import select_fwd_spec  # shares the tile choice with the launcher
+    from .launch import FWD_KERNELS, select_fwd_spec  # the launcher's own tile choice
     from .validate import Problem
 
     specs = []
-    for dtype, hd, mask, bias, varlen in itertools.product(
-            DTYPES, HEAD_DIMS, (False, True), (False, True), (False, True)):
-        specs.append(select_fwd_spec(_stub_problem(Problem, dtype, hd, mask, bias, varlen),
-                                     debug_counters=debug))
+    for kernel, dtype, hd, mask, bias, varlen in itertools.product(
+            FWD_KERNELS, DTYPES, HEAD_DIMS, (False, True), (False, True), (False, True)):
+        spec = select_fwd_spec(_stub_problem(Problem, dtype, hd, mask, bias, varlen),
+                               debug_counters=debug, kernel=kernel)
+        if spec not in specs:  # unsupported mma variants resolve to the simple kernel
+            specs.append(spec)
     return specs
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DTYPES = ("fp16", "bf16")
+KERNEL_NAMES = {"fwd": "flash_fwd_kernel", "fwd_mma": "flash_fwd_mma_kernel"}
 HEAD_DIMS = (32, 64, 96, 128, 192, 256)
 
 
@@ -22,7 +23,7 @@ def padded_head_dim(d: int) -> int:
 
 @dataclass(frozen=True)
 class KernelSpec:
-    kind: str = "fwd"          # "fwd": the forward kernel in cuda_src/fwd.cu
+    kind: str = "fwd"          # "fwd" (cuda_src/fwd.cu, simple) | "fwd_mma" (fwd_mma.cu)
     dtype: str = "bf16"        # "fp16" | "bf16"
     head_dim: int = 128        # one of HEAD_DIMS
     block_m: int = 128
@@ -36,6 +37,9 @@ class KernelSpec:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"KernelSpec.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.kind not in KERNEL_NAMES:
+            raise ValueError(f"KernelSpec.kind must be one of {tuple(KERNEL_NAMES)}, "
+                             f"got {self.kind!r}")
         if self.head_dim not in HEAD_DIMS:
             raise ValueError(f"KernelSpec.head_dim must be one of {HEAD_DIMS}, got {self.head_dim}")
 
@@ -59,7 +63,14 @@ class KernelSpec:
         flags = [self.has_mask, self.has_bias, self.varlen, self.debug_counters]
         args = ", ".join([elem, str(self.head_dim), str(self.block_m), str(self.block_n),
                           str(self.num_warps)] + [str(f).lower() for f in flags])
-        return f"dm::flash_fwd_kernel<{args}>"
+        return f"dm::{KERNEL_NAMES[self.kind]}<{args}>"
+
+    @property
+    def dynamic_smem(self) -> int:
+        """Dynamic shared memory bytes: Q tile + 2-stage K and V tiles, rows padded by 8."""
+        if self.kind != "fwd_mma":
+            return 0
+        return (self.block_m + 4 * self.block_n) * (self.head_dim + 8) * 2
 
     @property
     def threads(self) -> int:

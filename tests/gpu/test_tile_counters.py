@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from dmattn_cupy.launch import run_forward, select_fwd_spec
+from dmattn_cupy.launch import fwd_kernel_choice, run_forward, select_fwd_spec
 from dmattn_cupy.validate import check_dense
 
 torch = pytest.importorskip("torch")
@@ -14,18 +14,19 @@ torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.gpu
 
 
-def _loaded_tiles(sq, sk, mask=None, **kw):
+def _loaded_tiles(sq, sk, mask=None, with_masked=False, **kw):
     q = torch.randn(1, sq, 1, 64, device="cuda", dtype=torch.float16)
     k = torch.randn(1, sk, 1, 64, device="cuda", dtype=torch.float16)
     v = torch.randn_like(k)
     pb = check_dense(q, k, v, mask, None, None, kw.get("is_causal", False),
                      kw.get("window_size", (-1, -1)), 0.0, "cuda")
-    spec = select_fwd_spec(pb)
+    spec = select_fwd_spec(pb, kernel=fwd_kernel_choice())
     n_cta = math.ceil(sq / spec.block_m)
     counters = torch.zeros(n_cta, 2, dtype=torch.int32, device="cuda")
     run_forward(pb, q, tile_counters=counters)
     torch.cuda.synchronize()
-    return counters[:, 0].cpu().tolist(), spec
+    loaded, masked = counters[:, 0].cpu().tolist(), counters[:, 1].cpu().tolist()
+    return ((loaded, masked) if with_masked else loaded), spec
 
 
 def _expected(sq, sk, spec, lo_fn, hi_fn):
@@ -39,10 +40,17 @@ def _expected(sq, sk, spec, lo_fn, hi_fn):
 
 
 @pytest.mark.parametrize("sq,sk", [(256, 256), (100, 300), (300, 100), (65, 1000)], ids=str)
-def test_causal_skips_future_tiles(sq, sk):
-    got, spec = _loaded_tiles(sq, sk, is_causal=True)
+def test_causal_skips_future_tiles(sq, sk, fwd_kernel):
+    (got, masked), spec = _loaded_tiles(sq, sk, is_causal=True, with_masked=True)
     off = sk - sq
     assert got == _expected(sq, sk, spec, lambda r: 0, lambda r: r + off)
+    if fwd_kernel == "mma":  # only tiles crossing the diagonal or the key end are masked
+        want = []
+        for m, n_tiles in enumerate(got):
+            m0 = m * spec.block_m
+            want.append(sum(1 for nb in range(n_tiles)
+                            if (nb + 1) * spec.block_n - 1 > min(m0 + off, sk - 1)))
+        assert masked == want
 
 
 def test_window_skips_tiles_outside():

@@ -1,0 +1,75 @@
+// mask_bias.cuh: per-thread reads of a mask/bias tile at the positions of the thread's score
+// fragment (n8 fragment j, element e: row g (+8 for e >= 2), column 8j + 2t + (e & 1)).
+// Any strides are honoured (stride 0 = broadcast, read in place; 64-bit offsets). Positions
+// outside the sequence are never read: they count as excluded (mask) or 0 (bias).
+#pragma once
+#include "params.cuh"
+#include "block_info.cuh"
+
+namespace dm {
+
+struct TileCoords {
+  int row[2];   // this thread's two query rows (sequence-relative)
+  int col0;     // first key of the tile + 2t
+};
+
+template <int kNF>
+DM_DEVICE int frag_col(const TileCoords& c, int j, int e) { return c.col0 + 8 * j + (e & 1); }
+
+// Bits (j*4 + e) of the positions the causal/window rule and the bounds keep.
+template <int kNF>
+DM_DEVICE uint32_t window_bits(const FwdParams& p, const TileCoords& c, int len_q, int len_k) {
+  const int off = len_k - len_q;
+  uint32_t bits = 0;
+#pragma unroll
+  for (int j = 0; j < kNF; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int i = c.row[e >> 1], col = frag_col<kNF>(c, j, e);
+      if (i < len_q && col < len_k && in_window(p, i, col, off)) bits |= 1u << (j * 4 + e);
+    }
+  return bits;
+}
+
+// Bits of `candidates` whose mask element is true. `mask` points at (row 0, col 0).
+template <int kNF>
+DM_DEVICE uint32_t mask_bits(const FwdParams& p, const uint8_t* mask, const TileCoords& c,
+                             uint32_t candidates) {
+  // Row pointers hoisted; the fragment loop is not unrolled so the 4*kNF byte loads do not
+  // hold 4*kNF 64-bit addresses live next to the output accumulator.
+  const uint8_t* rows[2] = {mask + int64_t(c.row[0]) * p.mask_row_stride,
+                            mask + int64_t(c.row[1]) * p.mask_row_stride};
+  const int64_t cs = p.mask_col_stride;
+  uint32_t bits = 0;
+#pragma unroll 1
+  for (int j = 0; j < kNF; ++j) {
+    const int64_t col = int64_t(c.col0 + 8 * j) * cs;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const uint32_t bit = 1u << (j * 4 + e);
+      if ((candidates & bit) && rows[e >> 1][col + ((e & 1) ? cs : 0)] != 0) bits |= bit;
+    }
+  }
+  return bits;
+}
+
+// Bias values (times log2 e) at the fragment positions; 0 outside the sequence.
+template <typename T, int kNF>
+DM_DEVICE void load_bias(const FwdParams& p, int64_t base, const TileCoords& c, int len_q,
+                         int len_k, float (&out)[kNF][4]) {
+#pragma unroll
+  for (int j = 0; j < kNF; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int i = c.row[e >> 1], col = frag_col<kNF>(c, j, e);
+      float b = 0.f;
+      if (i < len_q && col < len_k) {
+        const int64_t idx = base + int64_t(i) * p.bias_row_stride + int64_t(col) * p.bias_col_stride;
+        b = p.bias_is_fp32 ? static_cast<const float*>(p.bias)[idx]
+                           : to_float(static_cast<const T*>(p.bias)[idx]);
+      }
+      out[j][e] = b * kLog2e;
+    }
+}
+
+}  // namespace dm
