@@ -9,6 +9,7 @@
 #include "params.cuh"
 #include "seqlen.cuh"
 #include "block_info.cuh"
+#include "mask_bias.cuh"
 
 namespace dm {
 
@@ -55,14 +56,8 @@ flash_fwd_kernel(const FwdParams p) {
   for (int d = lane; d < kHeadDim; d += 32)
     q_rows[warp][d] = (row_ok && d < p.head_dim) ? to_float(q[int64_t(i) * p.q_row_stride + d]) : 0.f;
 
-  const uint8_t* mask = nullptr;
-  if (kHasMask)
-    mask = p.mask + b * p.mask_batch_stride + (h / p.mask_head_ratio) * p.mask_head_stride +
-           int64_t(seq.q_start) * p.mask_qseq_stride + int64_t(seq.k_start) * p.mask_kseq_stride;
-  int64_t bias_base = 0;
-  if (kHasBias)
-    bias_base = b * p.bias_batch_stride + (h / p.bias_head_ratio) * p.bias_head_stride +
-                int64_t(seq.q_start) * p.bias_qseq_stride + int64_t(seq.k_start) * p.bias_kseq_stride;
+  const uint8_t* mask = kHasMask ? p.mask + mask_offset(p, b, h, seq) : nullptr;
+  const int64_t bias_base = kHasBias ? bias_offset(p, b, h, seq) : 0;
 
   // Online softmax state in the log2 domain: m = running max of logit*log2(e), l = sum.
   float m = -DM_INF, l = 0.f;

@@ -64,14 +64,8 @@ flash_fwd_mma_kernel(const FwdParams p) {
                int64_t(seq.k_start) * p.k_row_stride;
   const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + kvh * p.v_head_stride +
                int64_t(seq.k_start) * p.v_row_stride;
-  const uint8_t* mask = nullptr;
-  if (kHasMask)
-    mask = p.mask + b * p.mask_batch_stride + (h / p.mask_head_ratio) * p.mask_head_stride +
-           int64_t(seq.q_start) * p.mask_qseq_stride + int64_t(seq.k_start) * p.mask_kseq_stride;
-  int64_t bias_base = 0;
-  if (kHasBias)
-    bias_base = b * p.bias_batch_stride + (h / p.bias_head_ratio) * p.bias_head_stride +
-                int64_t(seq.q_start) * p.bias_qseq_stride + int64_t(seq.k_start) * p.bias_kseq_stride;
+  const uint8_t* mask = kHasMask ? p.mask + mask_offset(p, b, h, seq) : nullptr;
+  const int64_t bias_base = kHasBias ? bias_offset(p, b, h, seq) : 0;
 
   load_tile_async<kHeadDim, kStride, kThreads>(sQ, q, p.q_row_stride, kBlockM, m_end - m0,
                                                p.head_dim);

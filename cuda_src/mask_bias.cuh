@@ -5,8 +5,19 @@
 #pragma once
 #include "params.cuh"
 #include "block_info.cuh"
+#include "seqlen.cuh"
 
 namespace dm {
+
+// Element offset of (row 0, col 0) of this (batch, head, sequence) in the mask / bias.
+DM_DEVICE int64_t mask_offset(const FwdParams& p, int b, int h, const SeqInfo& s) {
+  return b * p.mask_batch_stride + (h / p.mask_head_ratio) * p.mask_head_stride +
+         int64_t(s.q_start) * p.mask_qseq_stride + int64_t(s.k_start) * p.mask_kseq_stride;
+}
+DM_DEVICE int64_t bias_offset(const FwdParams& p, int b, int h, const SeqInfo& s) {
+  return b * p.bias_batch_stride + (h / p.bias_head_ratio) * p.bias_head_stride +
+         int64_t(s.q_start) * p.bias_qseq_stride + int64_t(s.k_start) * p.bias_kseq_stride;
+}
 
 struct TileCoords {
   int row[2];   // this thread's two query rows (sequence-relative)

@@ -146,18 +146,26 @@ def _check_broadcast4(name: str, info: ArrayInfo, b: int, h: int, hk: int, sq: i
         raise ValueError(f"{name} shape must be {want} (each dim full or 1), got {info.shape}")
 
 
+def _prologue(query: Any, key: Any, value: Any, others: dict[str, Any], backend: Any,
+              ndim: int, layout: str) -> tuple[str, str, ArrayInfo, ArrayInfo, ArrayInfo]:
+    """Required q/k/v, one array kind for all, the backend, and the q/k/v rules."""
+    named = {"query": query, "key": key, "value": value}
+    for n, x in named.items():
+        if x is None:
+            raise TypeError(f"{n} is required, got None")
+    kind = common_kind({**named, **others})
+    be = resolve_backend(backend, kind)
+    q, k, v = describe(query), describe(key), describe(value)
+    _check_qkv({"query": q, "key": k, "value": v}, be, ndim, layout)
+    return kind, be, q, k, v
+
+
 def check_dense(query: Any, key: Any, value: Any, attn_mask: Any, attn_bias: Any,
                 softmax_scale: Any, is_causal: Any, window_size: Any, softcap: Any,
                 backend: Any) -> Problem:
-    named = {"query": query, "key": key, "value": value, "attn_mask": attn_mask,
-             "attn_bias": attn_bias}
-    for n in ("query", "key", "value"):
-        if named[n] is None:
-            raise TypeError(f"{n} is required, got None")
-    kind = common_kind(named)
-    be = resolve_backend(backend, kind)
-    q, k, v = describe(query), describe(key), describe(value)
-    _check_qkv({"query": q, "key": k, "value": v}, be, 4, "(batch, seqlen, heads, head_dim)")
+    kind, be, q, k, v = _prologue(query, key, value, {"attn_mask": attn_mask,
+                                  "attn_bias": attn_bias}, backend, 4,
+                                  "(batch, seqlen, heads, head_dim)")
     b, sq, h, d = q.shape
     if k.shape != v.shape:
         raise ValueError(f"key and value shapes must match, got {k.shape} and {v.shape}")
@@ -212,15 +220,10 @@ def check_varlen(query: Any, key: Any, value: Any, cu_seqlens_q: Any, cu_seqlens
                  max_seqlen_q: Any, max_seqlen_k: Any, attn_mask: Any, attn_bias: Any,
                  softmax_scale: Any, is_causal: Any, window_size: Any, softcap: Any,
                  backend: Any) -> Problem:
-    named = {"query": query, "key": key, "value": value, "attn_mask": attn_mask,
-             "attn_bias": attn_bias}
-    for n in ("query", "key", "value"):
-        if named[n] is None:
-            raise TypeError(f"{n} is required, got None")
-    kind = common_kind({**named, "cu_seqlens_q": cu_seqlens_q, "cu_seqlens_k": cu_seqlens_k})
-    be = resolve_backend(backend, kind)
-    q, k, v = describe(query), describe(key), describe(value)
-    _check_qkv({"query": q, "key": k, "value": v}, be, 3, "(total, heads, head_dim)")
+    kind, be, q, k, v = _prologue(query, key, value, {"attn_mask": attn_mask,
+                                  "attn_bias": attn_bias, "cu_seqlens_q": cu_seqlens_q,
+                                  "cu_seqlens_k": cu_seqlens_k}, backend, 3,
+                                  "(total, heads, head_dim)")
     if k.shape != v.shape:
         raise ValueError(f"key and value shapes must match, got {k.shape} and {v.shape}")
     total_q, h, d = q.shape
