@@ -47,15 +47,18 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
-def resolve_backend(backend: Any, kind: str) -> str:
+def resolve_backend(backend: Any, kind: str, on_host: bool = False) -> str:
+    """auto -> cuda for GPU arrays, reference for host arrays (NumPy, CPU torch tensors)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    host = on_host or kind == "numpy"
     if backend == "auto":
-        return "reference" if kind == "numpy" else "cuda"
-    if backend == "cuda" and kind == "numpy":
-        raise TypeError("backend='cuda' needs GPU arrays (cupy.ndarray or CUDA torch.Tensor), got "
-                        "numpy arrays; move them with cupy.asarray(...) / torch.as_tensor(..., "
-                        "device='cuda'), or use backend='reference'")
+        return "reference" if host else "cuda"
+    if backend == "cuda" and host:
+        what = "numpy arrays" if kind == "numpy" else f"host (CPU) {kind} arrays"
+        raise TypeError(f"backend='cuda' needs GPU arrays (cupy.ndarray or CUDA torch.Tensor), "
+                        f"got {what}; move them with cupy.asarray(...) / .cuda(), or use "
+                        "backend='reference'")
     return backend
 
 
@@ -154,8 +157,8 @@ def _prologue(query: Any, key: Any, value: Any, others: dict[str, Any], backend:
         if x is None:
             raise TypeError(f"{n} is required, got None")
     kind = common_kind({**named, **others})
-    be = resolve_backend(backend, kind)
     q, k, v = describe(query), describe(key), describe(value)
+    be = resolve_backend(backend, kind, on_host=q.device < 0)
     _check_qkv({"query": q, "key": k, "value": v}, be, ndim, layout)
     return kind, be, q, k, v
 
@@ -235,7 +238,9 @@ def check_varlen(query: Any, key: Any, value: Any, cu_seqlens_q: Any, cu_seqlens
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have one shape (batch + 1,), got "
                          f"{cq.shape} and {ck.shape}")
     for n, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-        if not _is_int(m) or m < 0:
+        if not _is_int(m):
+            raise TypeError(f"{n} must be an int >= 0, got {type(m).__name__} {m!r}")
+        if m < 0:
             raise ValueError(f"{n} must be an int >= 0, got {m!r}")
     mask = describe(attn_mask) if attn_mask is not None else None
     bias = describe(attn_bias) if attn_bias is not None else None
