@@ -204,3 +204,24 @@ def test_lse_only_when_asked(dtype):
     q, k, v = _qkv(1, 10, 10, 2, 2, 32, dtype, seed=15)
     out = dm.flash_dmattn_func(q, k, v)
     assert isinstance(out, torch.Tensor)
+
+
+SPARSE = {
+    "causal": lambda sq, sk: dm.CausalMask(sq, sk),
+    "window": lambda sq, sk: dm.WindowMask((40, 9), sq, sk),
+    "causal_window": lambda sq, sk: dm.CausalWindowMask(33, sq, sk),
+    "and": lambda sq, sk: dm.CausalMask(sq, sk) & dm.WindowMask(50, sq, sk),
+}
+
+
+@pytest.mark.parametrize("name", list(SPARSE))
+@pytest.mark.parametrize("sq,sk", [(200, 200), (90, 260), (260, 90)], ids=str)
+def test_parametric_sparse_masks(name, sq, sk):
+    q, k, v = _qkv(2, sq, sk, 4, 2, 64, "bfloat16", seed=sq + sk)
+    mask = SPARSE[name](sq, sk)
+    bias = torch.randn(2, 4, 1, sk, device="cuda", dtype=torch.bfloat16)
+    out, lse = dm.flash_dmattn_func(q, k, v, attn_bias=bias, sparse_mask=mask, return_lse=True)
+    torch.cuda.synchronize()
+    ref_args = dict(q=f64(q), k=f64(k), v=f64(v), mask=mask.to_dense()[None, None],
+                    bias=f64(bias), scale=1 / 8, window=(-1, -1))
+    assert_fa_close(out, lse, ref_args, "bfloat16")
