@@ -148,6 +148,7 @@ def run_forward(pb: Problem, query: Any, cu_q: Any = None, cu_k: Any = None,
     grid = (num_m_blocks(pb.seqlen_q, spec.block_m), pb.heads, pb.batch)
     if pb.batch == 0:
         return out, lse
+
     import cupy
 
     with cupy.cuda.Device(pb.q.device):

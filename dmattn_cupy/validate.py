@@ -16,6 +16,7 @@ from .arrays import ArrayInfo, common_kind, describe
 BACKENDS = ("auto", "cuda", "reference")
 CUDA_QKV_DTYPES = ("float16", "bfloat16")
 REF_FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+MAX_GRID_YZ = 65535  # CUDA's limit on gridDim.y / gridDim.z (heads, batch)
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,14 @@ def _check_heads_dim(h: int, hk: int, d: int, dv: int) -> None:
         raise ValueError(f"head dim must be a multiple of 8 in [8, 256], got {d}")
 
 
+def _check_cuda_grid(backend: str, batch: int, heads: int) -> None:
+    if backend != "cuda":
+        return
+    for name, n in (("query heads", heads), ("batch", batch)):
+        if n > MAX_GRID_YZ:
+            raise ValueError(f"{name} must be <= {MAX_GRID_YZ} on the CUDA backend, got {n}")
+
+
 def _check_devices(infos: dict[str, ArrayInfo | None]) -> None:
     devs = {n: i.device for n, i in infos.items() if i is not None}
     if len(set(devs.values())) > 1:
@@ -178,6 +187,7 @@ def check_dense(query: Any, key: Any, value: Any, attn_mask: Any, attn_bias: Any
     if b < 1 or sq < 1:
         raise ValueError(f"query must have batch >= 1 and seqlen >= 1, got shape {q.shape}")
     _check_heads_dim(h, hk, d, dk)
+    _check_cuda_grid(be, b, h)
     mask = describe(attn_mask) if attn_mask is not None else None
     bias = describe(attn_bias) if attn_bias is not None else None
     _check_mask_bias_dtypes(mask, bias, q.dtype, be)
@@ -242,6 +252,7 @@ def check_varlen(query: Any, key: Any, value: Any, cu_seqlens_q: Any, cu_seqlens
             raise TypeError(f"{n} must be an int >= 0, got {type(m).__name__} {m!r}")
         if m < 0:
             raise ValueError(f"{n} must be an int >= 0, got {m!r}")
+    _check_cuda_grid(be, cq.shape[0] - 1, h)
     mask = describe(attn_mask) if attn_mask is not None else None
     bias = describe(attn_bias) if attn_bias is not None else None
     _check_mask_bias_dtypes(mask, bias, q.dtype, be)

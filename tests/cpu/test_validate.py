@@ -701,3 +701,14 @@ def test_auto_backend_runs_host_torch_on_reference():
     q, k, v = tqkv()
     out = dm.flash_dmattn_func(q, k, v)
     assert isinstance(out, torch.Tensor) and out.dtype == q.dtype and out.device.type == "cpu"
+
+
+def test_cuda_grid_limits(on_device):
+    q = torch.zeros(1, 1, 65536, 8, dtype=torch.float16).expand(1, 1, 65536, 8)
+    k = torch.zeros(1, 1, 1, 8, dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"query heads must be <= 65535 on the CUDA backend"):
+        dense_cuda(q, k, k)
+    qb = torch.zeros(1, 1, 1, 8, dtype=torch.float16).expand(65536, 1, 1, 8)
+    kb = torch.zeros(1, 1, 1, 8, dtype=torch.float16).expand(65536, 1, 1, 8)
+    with pytest.raises(ValueError, match=r"batch must be <= 65535 on the CUDA backend"):
+        dense_cuda(qb, kb, kb)
