@@ -23,11 +23,12 @@ DM_DEVICE float warp_sum(float x) {
 }
 
 template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNumWarps, bool kHasMask,
-          bool kHasBias, bool kVarlen, bool kDebug>
+          bool kHasBias, bool kVarlen, bool kSparse, bool kDebug>
 __global__ void __launch_bounds__(kNumWarps * 32, 1)
 flash_fwd_kernel(const FwdParams p) {
   static_assert(kBlockM == kNumWarps, "simple kernel: one warp per query row");
   static_assert(kBlockN == 32, "simple kernel: one key per lane");
+  static_assert(!kSparse, "block-sparse lists are read by the tensor-core kernel only");
   static_assert(kHeadDim % 32 == 0, "head dim is padded to a multiple of 32");
   constexpr int kCols = kHeadDim / 32;       // output columns per lane
   constexpr int kRowWords = kHeadDim / 2 + 1; // odd word stride: conflict-free row reads

@@ -34,7 +34,7 @@ DM_DEVICE void load_tile_async(uint16_t* dst, const T* src, int64_t row_stride, 
 }
 
 template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNumWarps, bool kHasMask,
-          bool kHasBias, bool kVarlen, bool kDebug>
+          bool kHasBias, bool kVarlen, bool kSparse, bool kDebug>
 __global__ void __launch_bounds__(kNumWarps * 32, 1)
 flash_fwd_mma_kernel(const FwdParams p) {
   static_assert(kBlockM == 16 * kNumWarps, "one m16 row slab per warp");
@@ -93,22 +93,62 @@ flash_fwd_mma_kernel(const FwdParams p) {
     if (p.window_left >= 0 && n0 < m_end - 1 + off - p.window_left) return true;
     return false;
   };
-  // Keep-bits of this thread for tile nb (all ones for a full tile without mask).
-  auto tile_bits = [&](int nb) -> uint32_t {
+  // Candidate tiles in visiting order: the key range (dense) or, for block-sparse masks, the
+  // listed blocks of this row block (full ones, then partial ones), each expanded to
+  // sp_block_n / kBlockN kernel tiles. Both are uniform across the CTA.
+  const int n_first = kr.k_begin < kr.k_end ? kr.k_begin / kBlockN : 0;
+  int n_items = n_last - n_first + 1;
+  const int32_t* full_idx = nullptr;
+  const int32_t* partial_idx = nullptr;
+  int full_count = 0, sub = 1, mrow = 0;
+  int64_t row_entry = 0;
+  if (kSparse) {
+    const int bi = p.sp_batches == 1 ? 0 : b, hi = p.sp_heads == 1 ? 0 : h;
+    mrow = m0 / p.sp_block_m;
+    row_entry = (int64_t(bi) * p.sp_heads + hi) * p.sp_row_blocks + mrow;
+    full_count = p.sp_full_count[row_entry];
+    full_idx = p.sp_full_idx + row_entry * p.sp_full_width;
+    partial_idx = p.sp_partial_idx + row_entry * p.sp_partial_width;
+    sub = p.sp_block_n / kBlockN;
+    n_items = (full_count + p.sp_partial_count[row_entry]) * sub;
+  }
+  // Tile of item i; `listed_partial`: a MixedMask partial block, whose element bits apply.
+  auto tile_at = [&](int i, bool& listed_partial) {
+    if (!kSparse) {
+      listed_partial = false;
+      return n_first + i;
+    }
+    const int entry = i / sub;
+    listed_partial = entry >= full_count;
+    const int blk = listed_partial ? partial_idx[entry - full_count] : full_idx[entry];
+    return blk * sub + i % sub;
+  };
+  // Keep-bits of this thread for tile nb (valid rows only for a full tile without mask).
+  auto tile_bits = [&](int nb, bool listed_partial) -> uint32_t {
     tc.col0 = nb * kBlockN + 2 * (lane % 4);
     uint32_t bits = tile_partial(nb) ? window_bits<kNF>(p, tc, seq.len_q, seq.len_k)
                                      : valid_rows;
     if (kHasMask) bits = mask_bits<kNF>(p, mask, tc, bits);
+    if (kSparse && listed_partial) {
+      const int blk = nb / sub;
+      const int slot = p.sp_partial_slot[row_entry * p.sp_col_blocks + blk];
+      bits = block_element_bits<kNF>(p.sp_partial_bits + int64_t(slot) * (p.sp_block_m *
+                                     p.sp_block_n / 32), tc, mrow * p.sp_block_m,
+                                     blk * p.sp_block_n, p.sp_block_n, bits);
+    }
     return bits;
   };
-  // First tile >= nb that anyone in the CTA keeps (block-uniform); its bits in `bits`.
-  auto next_tile = [&](int nb, uint32_t& bits) {
-    for (; nb <= n_last; ++nb) {
-      bits = tile_bits(nb);
-      if (!kHasMask) return nb;  // without a mask, the key range has no empty tiles
-      if (__syncthreads_or(bits != 0)) return nb;
+  // First item >= i whose tile is in the key range and kept by someone in the CTA.
+  auto next_item = [&](int i, int& nb, uint32_t& bits, bool& listed_partial) {
+    for (; i < n_items; ++i) {
+      nb = tile_at(i, listed_partial);
+      if (kSparse && (nb < n_first || nb > n_last)) continue;
+      bits = tile_bits(nb, listed_partial);
+      // Without a mask or element bits the key range holds no empty tile.
+      if (!kHasMask && !listed_partial) return i;
+      if (__syncthreads_or(bits != 0)) return i;
     }
-    return nb;
+    return i;
   };
   auto load_kv = [&](int nb, int stage) {
     const int n0 = nb * kBlockN;
@@ -126,16 +166,20 @@ flash_fwd_mma_kernel(const FwdParams p) {
   OnlineSoftmax<kNF> sm;
 
   uint32_t bits = 0;
-  int nb = next_tile(kr.k_begin < kr.k_end ? kr.k_begin / kBlockN : 0, bits);
-  if (nb <= n_last) load_kv(nb, 0);
+  bool listed_partial = false;
+  int nb = 0;
+  int item = next_item(0, nb, bits, listed_partial);
+  if (item < n_items) load_kv(nb, 0);
   cp_async_commit();
   int stage = 0;
-  while (nb <= n_last) {
+  while (item < n_items) {
     uint32_t bits_next = 0;
-    const int nb_next = next_tile(nb + 1, bits_next);
-    if (nb_next <= n_last) load_kv(nb_next, stage ^ 1);
+    bool listed_partial_next = false;
+    int nb_next = 0;
+    const int item_next = next_item(item + 1, nb_next, bits_next, listed_partial_next);
+    if (item_next < n_items) load_kv(nb_next, stage ^ 1);
     cp_async_commit();
-    const bool partial = kHasMask || tile_partial(nb);
+    const bool partial = kHasMask || listed_partial || tile_partial(nb);
 #ifdef DMATTN_DEBUG_COUNTERS
     if (threadIdx.x == 0) {
       const int cta = (blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
@@ -210,8 +254,10 @@ flash_fwd_mma_kernel(const FwdParams p) {
       }
     }
     __syncthreads();  // this stage is refilled two iterations from now
+    item = item_next;
     nb = nb_next;
     bits = bits_next;
+    listed_partial = listed_partial_next;
     stage ^= 1;
   }
   cp_async_wait<0>();

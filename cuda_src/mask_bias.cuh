@@ -83,4 +83,22 @@ DM_DEVICE void load_bias(const FwdParams& p, int64_t base, const TileCoords& c, 
     }
 }
 
+// Bits of `candidates` kept by a block's element mask: element (r, c) of the block (origin
+// row0, col0; width block_n) is bit k = r * block_n + c of `words`, LSB first per word.
+template <int kNF>
+DM_DEVICE uint32_t block_element_bits(const uint32_t* words, const TileCoords& c, int row0,
+                                      int col0, int block_n, uint32_t candidates) {
+  uint32_t bits = 0;
+#pragma unroll 1
+  for (int j = 0; j < kNF; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const uint32_t bit = 1u << (j * 4 + e);
+      if (!(candidates & bit)) continue;
+      const int k = (c.row[e >> 1] - row0) * block_n + frag_col<kNF>(c, j, e) - col0;
+      if ((words[k >> 5] >> (k & 31)) & 1u) bits |= bit;
+    }
+  return bits;
+}
+
 }  // namespace dm

@@ -17,6 +17,16 @@ struct FwdParams {
   const int32_t* cu_seqlens_q; // varlen only: (batch + 1,)
   const int32_t* cu_seqlens_k;
   uint32_t* tile_counters;     // debug builds: per CTA {tiles loaded, tiles masked}
+  // Block-sparse masks (kernels built with kSparse): per (mask batch, mask head, row block)
+  // the full and partial key blocks, int32, contiguous; counts (Bm, Hm, nrb), indices
+  // (Bm, Hm, nrb, width). MixedMask only: slot per block (Bm, Hm, nrb, ncb), -1 = none, and
+  // the element bits of each partial block (row-major in the block, LSB first per word).
+  const int32_t* sp_full_count;
+  const int32_t* sp_full_idx;
+  const int32_t* sp_partial_count;
+  const int32_t* sp_partial_idx;
+  const int32_t* sp_partial_slot;
+  const uint32_t* sp_partial_bits;
 
   // ---- strides in elements (8 bytes each) ----
   int64_t q_batch_stride, q_row_stride, q_head_stride;
@@ -41,6 +51,10 @@ struct FwdParams {
   int32_t window_left;         // keep j >= i + Sk - Sq - left; < 0: unbounded
   int32_t window_right;        // keep j <= i + Sk - Sq + right; < 0: unbounded (causal: 0)
   int32_t bias_is_fp32;        // bias element type: 1 = float32, 0 = the query dtype
+  int32_t sp_batches, sp_heads;         // mask batch/head dims (1 = broadcast)
+  int32_t sp_row_blocks, sp_col_blocks;
+  int32_t sp_full_width, sp_partial_width;
+  int32_t sp_block_m, sp_block_n;       // the mask's block: multiples of the kernel tile
   float scale_log2;            // softmax_scale * log2(e)
   float softcap;               // > 0: logits = softcap * tanh(scale*qk / softcap)
   float scale_over_softcap;    // softmax_scale / softcap (when softcap > 0)

@@ -10,35 +10,9 @@ import numpy as np
 
 from . import reference
 from .arrays import from_numpy_like, lse_like, to_numpy_f64
-from .masks import IntersectionMask, SparseMask
+from .masks import SparseMask
+from .sparse_plan import bound_min, split_sparse
 from .validate import Problem, check_cu_seqlens_values, check_dense, check_varlen
-
-
-def _bound_min(a: int, b: int) -> int:
-    """The tighter of two window bounds, where -1 means unbounded."""
-    if a < 0:
-        return b
-    return a if b < 0 else min(a, b)
-
-
-def diagonal_window(mask: SparseMask | None) -> tuple[int, int] | None:
-    """The (left, right) window a parametric mask (or an intersection of them) keeps, or None
-    when the mask is not of that form. Keeping ``lo <= d <= hi`` with d = i + Sk - Sq - j is
-    the window left = hi, right = -lo (lo <= 0 <= hi for every parametric class)."""
-    if mask is None:
-        return (-1, -1)
-    if isinstance(mask, IntersectionMask):
-        a, b = diagonal_window(mask.first), diagonal_window(mask.second)
-        if a is None or b is None:
-            return None
-        return (_bound_min(a[0], b[0]), _bound_min(a[1], b[1]))
-    bounds = getattr(mask, "diag_bounds", None)
-    if bounds is None or mask.batch_heads != (1, 1):
-        return None
-    lo, hi = bounds()
-    if (lo is not None and lo > 0) or (hi is not None and hi < 0):
-        return None
-    return (-1 if hi is None else hi, -1 if lo is None else -lo)
 
 
 def _check_sparse(sparse_mask: Any, pb: Problem) -> None:
@@ -94,19 +68,16 @@ def flash_dmattn_func(query: Any, key: Any, value: Any, attn_mask: Any = None,
             None if sparse_mask is None else sparse_mask.to_dense())
         res = from_numpy_like(out, query)
         return (res, lse_like(lse, query)) if return_lse else res
+    block_mask = None
     if sparse_mask is not None:
-        # Parametric masks are windows: zero bytes, tile classes by formula in the kernel.
-        win = diagonal_window(sparse_mask)
-        if win is None:
-            raise NotImplementedError(
-                f"{type(sparse_mask).__name__} is not supported on the CUDA backend yet (only "
-                "CausalMask, WindowMask, CausalWindowMask and their '&'); use "
-                "backend='reference' or pass its to_dense() as attn_mask")
-        pb = dataclasses.replace(pb, window=(_bound_min(pb.window[0], win[0]),
-                                             _bound_min(pb.window[1], win[1])))
+        # Parametric masks become the kernel's window (zero bytes, tiles classed by formula);
+        # a block mask travels as per-row block lists.
+        win, block_mask = split_sparse(sparse_mask)
+        pb = dataclasses.replace(pb, window=(bound_min(pb.window[0], win[0]),
+                                             bound_min(pb.window[1], win[1])))
     from .launch import run_forward
 
-    out, lse = run_forward(pb, query, return_lse=return_lse)
+    out, lse = run_forward(pb, query, return_lse=return_lse, sparse=block_mask)
     return (out, lse) if return_lse else out
 
 

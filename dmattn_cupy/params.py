@@ -17,7 +17,9 @@ _F32 = np.float32
 FWD_FIELDS: tuple[tuple[str, type], ...] = (
     ("q", _PTR), ("k", _PTR), ("v", _PTR), ("o", _PTR), ("lse", _PTR),
     ("mask", _PTR), ("bias", _PTR), ("cu_seqlens_q", _PTR), ("cu_seqlens_k", _PTR),
-    ("tile_counters", _PTR),
+    ("tile_counters", _PTR), ("sp_full_count", _PTR), ("sp_full_idx", _PTR),
+    ("sp_partial_count", _PTR), ("sp_partial_idx", _PTR), ("sp_partial_slot", _PTR),
+    ("sp_partial_bits", _PTR),
     ("q_batch_stride", _I64), ("q_row_stride", _I64), ("q_head_stride", _I64),
     ("k_batch_stride", _I64), ("k_row_stride", _I64), ("k_head_stride", _I64),
     ("v_batch_stride", _I64), ("v_row_stride", _I64), ("v_head_stride", _I64),
@@ -31,6 +33,9 @@ FWD_FIELDS: tuple[tuple[str, type], ...] = (
     ("seqlen_k", _I32), ("head_dim", _I32), ("q_per_kv", _I32), ("mask_head_ratio", _I32),
     ("bias_head_ratio", _I32), ("window_left", _I32), ("window_right", _I32),
     ("bias_is_fp32", _I32),
+    ("sp_batches", _I32), ("sp_heads", _I32), ("sp_row_blocks", _I32), ("sp_col_blocks", _I32),
+    ("sp_full_width", _I32), ("sp_partial_width", _I32), ("sp_block_m", _I32),
+    ("sp_block_n", _I32),
     ("scale_log2", _F32), ("softcap", _F32), ("scale_over_softcap", _F32), ("pad0", _I32),
 )
 

@@ -20,16 +20,19 @@ DEFAULT_ARCHS = ("sm_80", "sm_90")
 
 def all_specs(debug: bool = False) -> list[KernelSpec]:
     """Every forward specialization the launcher can select."""
-    from .launch import FWD_KERNELS, select_fwd_spec  # the launcher's own tile choice
+    from .launch import FWD_KERNELS, mma_supports, select_fwd_spec  # the launcher's choice
     from .validate import Problem
 
     specs = []
     for kernel, dtype, hd, mask, bias, varlen in itertools.product(
             FWD_KERNELS, DTYPES, HEAD_DIMS, (False, True), (False, True), (False, True)):
-        spec = select_fwd_spec(_stub_problem(Problem, dtype, hd, mask, bias, varlen),
-                               debug_counters=debug, kernel=kernel)
+        pb = _stub_problem(Problem, dtype, hd, mask, bias, varlen)
+        spec = select_fwd_spec(pb, debug_counters=debug, kernel=kernel)
         if spec not in specs:  # unsupported mma variants resolve to the simple kernel
             specs.append(spec)
+        # block-sparse list variants (dense problems only)
+        if kernel == "mma" and not varlen and mma_supports(hd, mask, bias, sparse=True):
+            specs.append(select_fwd_spec(pb, debug_counters=debug, kernel=kernel, sparse=True))
     return specs
 
 

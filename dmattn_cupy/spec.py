@@ -32,6 +32,7 @@ class KernelSpec:
     has_mask: bool = False
     has_bias: bool = False
     varlen: bool = False
+    sparse: bool = False       # block-sparse lists (fwd_mma only)
     debug_counters: bool = False
 
     def __post_init__(self) -> None:
@@ -40,6 +41,8 @@ class KernelSpec:
         if self.kind not in KERNEL_NAMES:
             raise ValueError(f"KernelSpec.kind must be one of {tuple(KERNEL_NAMES)}, "
                              f"got {self.kind!r}")
+        if self.sparse and self.kind != "fwd_mma":
+            raise ValueError("KernelSpec.sparse needs kind='fwd_mma'")
         if self.head_dim not in HEAD_DIMS:
             raise ValueError(f"KernelSpec.head_dim must be one of {HEAD_DIMS}, got {self.head_dim}")
 
@@ -49,7 +52,7 @@ class KernelSpec:
             f"{self.kind}_{self.dtype}_d{self.head_dim}_m{self.block_m}n{self.block_n}"
             f"w{self.num_warps}_mask{int(self.has_mask)}_bias{int(self.has_bias)}"
             f"_varlen{int(self.varlen)}"
-        )
+        ) + ("_sparse" if self.sparse else "")
         return s + ("_dbg" if self.debug_counters else "")
 
     @property
@@ -60,7 +63,7 @@ class KernelSpec:
     def name_expression(self) -> str:
         """The templated ``__global__`` this spec instantiates (see cuda_src/fwd.cu)."""
         elem = "dm::Half" if self.dtype == "fp16" else "dm::BFloat16"
-        flags = [self.has_mask, self.has_bias, self.varlen, self.debug_counters]
+        flags = [self.has_mask, self.has_bias, self.varlen, self.sparse, self.debug_counters]
         args = ", ".join([elem, str(self.head_dim), str(self.block_m), str(self.block_n),
                           str(self.num_warps)] + [str(f).lower() for f in flags])
         return f"dm::{KERNEL_NAMES[self.kind]}<{args}>"

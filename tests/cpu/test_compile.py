@@ -62,7 +62,7 @@ def test_abi_detects_missing_field() -> None:
 def test_spec_id_is_readable_and_unique() -> None:
     specs = all_specs()
     ids = [s.id for s in specs]
-    assert len(ids) == len(set(ids)) == 176
+    assert len(ids) == len(set(ids)) == 214
     assert "fwd_bf16_d128_m8n32w8_mask1_bias0_varlen1" in ids
 
 

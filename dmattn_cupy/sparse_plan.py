@@ -1,0 +1,107 @@
+"""How a ``sparse_mask`` reaches the CUDA kernel (pure Python; no GPU objects).
+
+Parametric masks (causal, window, causal-window) are diagonal bands: they fold into the
+kernel's (left, right) window, cost zero bytes and have their tiles classed by formula.
+Block masks (bitset, BCSR, dynamic, mixed) reach the kernel as per-row block lists at the
+mask's own block size, which must be a multiple of the kernel tile; each listed block expands
+to whole kernel tiles and unlisted blocks are never touched. A ``MixedMask``'s partial blocks
+also carry their element bits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .masks import DynamicMask, IntersectionMask, MixedMask, SparseMask
+from .spec import KernelSpec
+
+
+def bound_min(a: int, b: int) -> int:
+    """The tighter of two window bounds, where -1 means unbounded."""
+    if a < 0:
+        return b
+    return a if b < 0 else min(a, b)
+
+
+def diagonal_window(mask: SparseMask | None) -> tuple[int, int] | None:
+    """The (left, right) window a parametric mask (or an intersection of them) keeps, or None
+    when the mask is not of that form. Keeping ``lo <= d <= hi`` with d = i + Sk - Sq - j is
+    the window left = hi, right = -lo (lo <= 0 <= hi for every parametric class)."""
+    if mask is None:
+        return (-1, -1)
+    if isinstance(mask, IntersectionMask):
+        a, b = diagonal_window(mask.first), diagonal_window(mask.second)
+        if a is None or b is None:
+            return None
+        return (bound_min(a[0], b[0]), bound_min(a[1], b[1]))
+    bounds = getattr(mask, "diag_bounds", None)
+    if bounds is None or mask.batch_heads != (1, 1):
+        return None
+    lo, hi = bounds()
+    if (lo is not None and lo > 0) or (hi is not None and hi < 0):
+        return None
+    return (-1 if hi is None else hi, -1 if lo is None else -lo)
+
+
+def split_sparse(mask: SparseMask) -> tuple[tuple[int, int], SparseMask | None]:
+    """(window, block mask or None) whose intersection is ``mask``; NotImplementedError for
+    what the kernel cannot take (an intersection of two block masks)."""
+    win = diagonal_window(mask)
+    if win is not None:
+        return win, None
+    if isinstance(mask, IntersectionMask):
+        wa, ba = split_sparse(mask.first)
+        wb, bb = split_sparse(mask.second)
+        if ba is not None and bb is not None:
+            raise NotImplementedError("the CUDA backend takes at most one block mask in an "
+                                      "'&' of sparse masks; intersect their dense patterns and "
+                                      "build one mask, or use backend='reference'")
+        return (bound_min(wa[0], wb[0]), bound_min(wa[1], wb[1])), ba if ba is not None else bb
+    return (-1, -1), mask
+
+
+@dataclass(frozen=True)
+class SparseArrays:
+    """The block lists (and Mixed element data) as arrays of one module, all int32/uint32."""
+    full_count: Any
+    full_idx: Any
+    partial_count: Any
+    partial_idx: Any
+    partial_slot: Any | None
+    partial_bits: Any | None
+    block_m: int
+    block_n: int
+
+
+def check_block_fits(mask: SparseMask, spec: KernelSpec) -> None:
+    bm, bn = mask.block_size
+    if bm % spec.block_m or bn % spec.block_n:
+        raise ValueError(
+            f"sparse_mask block_size {mask.block_size} must be a multiple of the kernel tile "
+            f"({spec.block_m}, {spec.block_n}) for head dim {spec.head_dim}; build the mask "
+            f"with block_size=({spec.block_m * max(1, bm // spec.block_m)}, "
+            f"{spec.block_n * max(1, bn // spec.block_n)}) or use backend='reference'")
+
+
+def host_arrays(mask: SparseMask) -> SparseArrays:
+    """The mask's lists at its own block size, in the module its data lives in."""
+    bm, bn = mask.block_size
+    lists = mask.device_lists() if isinstance(mask, DynamicMask) else mask.block_lists(bm, bn)
+    slot = bits = None
+    if isinstance(mask, MixedMask):
+        slot, bits = mask.partial_slot, mask.partial_bits
+    return SparseArrays(lists.full_count, lists.full_idx, lists.partial_count, lists.partial_idx,
+                        slot, bits, bm, bn)
+
+
+def sparse_fields(arrays: SparseArrays) -> dict[str, int]:
+    """The integer FwdParams fields describing ``arrays`` (pointers are set by the launcher)."""
+    bm_dim, hm_dim, nrb = (int(n) for n in arrays.full_count.shape)
+    ncb = int(arrays.partial_slot.shape[-1]) if arrays.partial_slot is not None else 0
+    return {
+        "sp_batches": bm_dim, "sp_heads": hm_dim, "sp_row_blocks": nrb, "sp_col_blocks": ncb,
+        "sp_full_width": int(arrays.full_idx.shape[-1]),
+        "sp_partial_width": int(arrays.partial_idx.shape[-1]),
+        "sp_block_m": arrays.block_m, "sp_block_n": arrays.block_n,
+    }
