@@ -66,6 +66,9 @@ DM_DEVICE float fast_tanh(float x) {
   return y;
 }
 
+template <typename A, typename B> struct IsSame { static constexpr bool value = false; };
+template <typename A> struct IsSame<A, A> { static constexpr bool value = true; };
+
 template <typename T> DM_DEVICE T dm_min(T a, T b) { return a < b ? a : b; }
 template <typename T> DM_DEVICE T dm_max(T a, T b) { return a > b ? a : b; }
 

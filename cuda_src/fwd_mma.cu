@@ -209,8 +209,8 @@ flash_fwd_mma_kernel(const FwdParams p) {
         uint32_t kb[4];
         ldmatrix_x4(kb, sKs + (jj * 16 + lane % 8 + (lane / 16) * 8) * kStride + ks * 16 +
                             ((lane / 8) % 2) * 8);
-        MmaOp<T>::run(s[2 * jj], a, kb[0], kb[1]);
-        MmaOp<T>::run(s[2 * jj + 1], a, kb[2], kb[3]);
+        mma_16816<T>(s[2 * jj], a, kb[0], kb[1]);
+        mma_16816<T>(s[2 * jj + 1], a, kb[2], kb[3]);
       }
     }
 
@@ -249,8 +249,8 @@ flash_fwd_mma_kernel(const FwdParams p) {
         uint32_t vb[4];
         ldmatrix_x4_trans(vb, sVs + (ps * 16 + lane % 8 + ((lane / 8) % 2) * 8) * kStride +
                                   dd * 16 + (lane / 16) * 8);
-        MmaOp<T>::run(o[2 * dd], a, vb[0], vb[1]);
-        MmaOp<T>::run(o[2 * dd + 1], a, vb[2], vb[3]);
+        mma_16816<T>(o[2 * dd], a, vb[0], vb[1]);
+        mma_16816<T>(o[2 * dd + 1], a, vb[2], vb[3]);
       }
     }
     __syncthreads();  // this stage is refilled two iterations from now

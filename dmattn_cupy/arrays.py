@@ -14,8 +14,6 @@ from typing import Any
 
 import numpy as np
 
-KINDS = ("numpy", "cupy", "torch")
-
 
 def array_kind(x: Any) -> str | None:
     """'numpy', 'cupy', 'torch', or None for anything else (never imports a framework)."""
@@ -55,10 +53,6 @@ class ArrayInfo:
     @property
     def ndim(self) -> int:
         return len(self.shape)
-
-    @property
-    def is_gpu(self) -> bool:
-        return self.device >= 0
 
 
 def describe(x: Any) -> ArrayInfo:
