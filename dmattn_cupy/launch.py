@@ -86,10 +86,12 @@ def get_function(spec: KernelSpec, device: int) -> Any:
         ck = compile_spec(spec, device_arch(device))
         mod = cupy.cuda.function.Module()
         mod.load(ck.cubin)
-        fn = mod.get_function(ck.lowered_name)
+        fn = mod.get_function(ck.lowered_name)  # fn.module keeps the module loaded
         if spec.dynamic_smem > 48 * 1024:
-            fn.max_dynamic_shared_size_bytes = spec.dynamic_smem
-        fn._dmattn_module = mod  # keep the module alive as long as the function
+            from cupy_backends.cuda.api import driver
+
+            driver.funcSetAttribute(fn.ptr, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                    spec.dynamic_smem)
     with _lock:
         _functions[key] = fn
     return fn

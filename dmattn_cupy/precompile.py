@@ -48,9 +48,9 @@ def _stub_problem(problem_cls: type, dtype: str, hd: int, mask: bool, bias: bool
                        mask=mb if mask else None, bias=info if bias else None)
 
 
-def _compile(args: tuple[KernelSpec, str]) -> CompiledKernel:
-    spec, arch = args
-    return compile_spec(spec, arch, use_disk_cache=False)
+def _compile(args: tuple[KernelSpec, str, bool]) -> CompiledKernel:
+    spec, arch, fill_cache = args
+    return compile_spec(spec, arch, use_disk_cache=fill_cache)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,10 +60,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="exit 1 if any kernel spills registers or uses a stack frame")
     ap.add_argument("--debug", action="store_true", help="also compile the debug-counter builds")
     ap.add_argument("--jobs", type=int, default=2, help="parallel compiler processes")
+    ap.add_argument("--fill-cache", action="store_true",
+                    help="store the cubins in the kernel cache (DMATTN_CACHE_DIR) for later runs")
     a = ap.parse_args(argv)
     archs = a.arch or list(DEFAULT_ARCHS)
     specs = all_specs() + (all_specs(debug=True) if a.debug else [])
-    work = [(s, arch) for arch in archs for s in specs]
+    work = [(s, arch, a.fill_cache) for arch in archs for s in specs]
     t0 = time.perf_counter()
     bad = 0
     with ProcessPoolExecutor(max_workers=max(1, a.jobs)) as ex:
