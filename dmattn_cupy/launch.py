@@ -97,6 +97,16 @@ def get_function(spec: KernelSpec, device: int) -> Any:
     return fn
 
 
+class _StreamHandle:
+    """A raw stream pointer exposed through the CUDA stream protocol."""
+
+    def __init__(self, ptr: int) -> None:
+        self.ptr = ptr
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return (0, self.ptr)
+
+
 def current_stream(kind: str, device: int) -> Any:
     import cupy
 
@@ -104,6 +114,8 @@ def current_stream(kind: str, device: int) -> Any:
         import torch
 
         ptr = torch.cuda.current_stream(device).cuda_stream
+        if hasattr(cupy.cuda.Stream, "from_external"):  # CuPy >= 14; ExternalStream deprecated
+            return cupy.cuda.Stream.from_external(_StreamHandle(ptr))
         return cupy.cuda.ExternalStream(ptr, device)
     return cupy.cuda.get_current_stream(device)
 
