@@ -27,6 +27,11 @@ struct FwdParams {
   const int32_t* sp_partial_idx;
   const int32_t* sp_partial_slot;
   const uint32_t* sp_partial_bits;
+  // Split-KV decode (fwd_decode.cu / fwd_combine.cu): per (query row, head, split) partial
+  // outputs normalized by their own sum, fp32 (rows*H*splits, kHeadDim), and their log2-domain
+  // lse (rows*H*splits); row = b*seqlen_q + i (dense) or the packed query index (varlen).
+  float* o_accum;
+  float* lse_accum;
 
   // ---- strides in elements (8 bytes each) ----
   int64_t q_batch_stride, q_row_stride, q_head_stride;
@@ -55,6 +60,8 @@ struct FwdParams {
   int32_t sp_row_blocks, sp_col_blocks;
   int32_t sp_full_width, sp_partial_width;
   int32_t sp_block_m, sp_block_n;       // the mask's block: multiples of the kernel tile
+  int32_t num_splits;          // split-KV decode: key ranges per (sequence, kv head); 1 = none
+  int32_t total_rows;          // query rows over all sequences: batch*seqlen_q or total_q
   float scale_log2;            // softmax_scale * log2(e)
   float softcap;               // > 0: logits = softcap * tanh(scale*qk / softcap)
   float scale_over_softcap;    // softmax_scale / softcap (when softcap > 0)

@@ -212,6 +212,12 @@ def run_forward(pb: Problem, query: Any, cu_q: Any = None, cu_k: Any = None,
         kernel = "mma"
     elif kernel == "mma" and not aligned:
         kernel = "simple"
+    if sparse is None and tile_counters is None and pb.batch > 0:
+        from .decode import run_decode, use_decode  # short queries: GQA packing + split-KV
+
+        if use_decode(pb, aligned):
+            run_decode(pb, query, out, lse, cu_q, cu_k)
+            return out, lse
     spec = select_fwd_spec(pb, debug_counters=tile_counters is not None, kernel=kernel,
                            sparse=sparse is not None)
 

@@ -19,7 +19,7 @@ FWD_FIELDS: tuple[tuple[str, type], ...] = (
     ("mask", _PTR), ("bias", _PTR), ("cu_seqlens_q", _PTR), ("cu_seqlens_k", _PTR),
     ("tile_counters", _PTR), ("sp_full_count", _PTR), ("sp_full_idx", _PTR),
     ("sp_partial_count", _PTR), ("sp_partial_idx", _PTR), ("sp_partial_slot", _PTR),
-    ("sp_partial_bits", _PTR),
+    ("sp_partial_bits", _PTR), ("o_accum", _PTR), ("lse_accum", _PTR),
     ("q_batch_stride", _I64), ("q_row_stride", _I64), ("q_head_stride", _I64),
     ("k_batch_stride", _I64), ("k_row_stride", _I64), ("k_head_stride", _I64),
     ("v_batch_stride", _I64), ("v_row_stride", _I64), ("v_head_stride", _I64),
@@ -35,7 +35,7 @@ FWD_FIELDS: tuple[tuple[str, type], ...] = (
     ("bias_is_fp32", _I32),
     ("sp_batches", _I32), ("sp_heads", _I32), ("sp_row_blocks", _I32), ("sp_col_blocks", _I32),
     ("sp_full_width", _I32), ("sp_partial_width", _I32), ("sp_block_m", _I32),
-    ("sp_block_n", _I32),
+    ("sp_block_n", _I32), ("num_splits", _I32), ("total_rows", _I32),
     ("scale_log2", _F32), ("softcap", _F32), ("scale_over_softcap", _F32), ("pad0", _I32),
 )
 

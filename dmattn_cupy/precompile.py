@@ -33,6 +33,10 @@ def all_specs(debug: bool = False) -> list[KernelSpec]:
         # block-sparse list variants (dense problems only)
         if kernel == "mma" and not varlen and mma_supports(hd, mask, bias, sparse=True):
             specs.append(select_fwd_spec(pb, debug_counters=debug, kernel=kernel, sparse=True))
+    if not debug:  # decode/combine kernels (dmattn_cupy/decode.py) have no debug builds
+        from .decode import all_decode_specs
+
+        specs += all_decode_specs()
     return specs
 
 

@@ -9,8 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DTYPES = ("fp16", "bf16")
-KERNEL_NAMES = {"fwd": "flash_fwd_kernel", "fwd_mma": "flash_fwd_mma_kernel"}
+KERNEL_NAMES = {"fwd": "flash_fwd_kernel", "fwd_mma": "flash_fwd_mma_kernel",
+                "fwd_decode": "flash_fwd_decode_kernel", "fwd_combine": "flash_fwd_combine_kernel"}
 HEAD_DIMS = (32, 64, 96, 128, 192, 256)
+
+
+def decode_stages(head_dim: int) -> int:
+    """K/V pipeline depth of the decode kernel (cuda_src/fwd_decode.cu, ``decode_stages``)."""
+    return 2 if head_dim > 128 else 3
 
 
 def padded_head_dim(d: int) -> int:
@@ -71,6 +77,9 @@ class KernelSpec:
     @property
     def dynamic_smem(self) -> int:
         """Dynamic shared memory bytes: Q tile + 2-stage K and V tiles, rows padded by 8."""
+        if self.kind == "fwd_decode":  # Q slab + kStages K and V tiles, rows padded by 8
+            return (self.block_m + 2 * decode_stages(self.head_dim) * self.block_n) * \
+                (self.head_dim + 8) * 2
         if self.kind != "fwd_mma":
             return 0
         return (self.block_m + 4 * self.block_n) * (self.head_dim + 8) * 2

@@ -62,8 +62,11 @@ def test_abi_detects_missing_field() -> None:
 def test_spec_id_is_readable_and_unique() -> None:
     specs = all_specs()
     ids = [s.id for s in specs]
-    assert len(ids) == len(set(ids)) == 214
+    n_decode = sum(s.kind in ("fwd_decode", "fwd_combine") for s in specs)
+    assert n_decode == 2 * 6 * 8 + 2 * 6  # decode: dtype x head dim x mask/bias/varlen; combine
+    assert len(ids) == len(set(ids)) == 214 + n_decode
     assert "fwd_bf16_d128_m8n32w8_mask1_bias0_varlen1" in ids
+    assert "fwd_decode_bf16_d128_m16n64w4_mask1_bias1_varlen1" in ids
 
 
 @pytest.mark.parametrize("bad", [{"dtype": "fp32"}, {"head_dim": 40}], ids=["dtype", "headdim"])

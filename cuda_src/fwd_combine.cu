@@ -1,0 +1,71 @@
+// fwd_combine.cu: merges the split-KV partials of fwd_decode.cu. One warp per (query row,
+// head): lse = log sum_s exp(lse_s) over the splits, out = sum_s exp(lse_s - lse) * o_s, where
+// o_s is split s's output normalized by its own sum (0 for a split that kept nothing, whose
+// lse_s is -inf). A row no split kept gets out = 0 and lse = -inf. Partials are indexed
+// ((row * H + h) * num_splits + s), row = b * seqlen_q + i (dense) or the packed query index
+// (varlen, told apart at run time by cu_seqlens_q). The template mirrors the other forward
+// kernels so one KernelSpec names it; only T and kHeadDim matter.
+#pragma once
+#include "common.cuh"
+#include "params.cuh"
+
+namespace dm {
+
+template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNumWarps, bool kHasMask,
+          bool kHasBias, bool kVarlen, bool kSparse, bool kDebug>
+__global__ void __launch_bounds__(kNumWarps * 32)
+flash_fwd_combine_kernel(const FwdParams p) {
+  const int lane = threadIdx.x % 32;
+  const int64_t pid = int64_t(blockIdx.x) * kNumWarps + threadIdx.x / 32;
+  if (pid >= int64_t(p.total_rows) * p.heads) return;
+  const int ns = p.num_splits;
+  const float* lse_s = p.lse_accum + pid * ns;
+  float mx = -DM_INF;
+  for (int s = lane; s < ns; s += 32) mx = fmaxf(mx, lse_s[s]);
+#pragma unroll
+  for (int d = 16; d > 0; d /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, d));
+  float lse2 = -DM_INF;
+  if (mx != -DM_INF) {
+    float sum = 0.f;
+    for (int s = lane; s < ns; s += 32) sum += fast_exp2(lse_s[s] - mx);
+#pragma unroll
+    for (int d = 16; d > 0; d /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, d);
+    lse2 = mx + __log2f(sum);
+  }
+  const int h = int(pid % p.heads);
+  const int64_t row = pid / p.heads;
+  const bool varlen = p.cu_seqlens_q != nullptr;
+  const int64_t b = varlen ? 0 : row / p.seqlen_q, i = varlen ? row : row % p.seqlen_q;
+  T* out = static_cast<T*>(p.o) + b * p.o_batch_stride + i * p.o_row_stride +
+           int64_t(h) * p.o_head_stride;
+  const float* o_s = p.o_accum + pid * ns * kHeadDim;
+  // Lane owns columns 2 * lane + 64 * c (pairs, so the output is written 4 bytes at a time).
+  constexpr int kPairs = (kHeadDim + 63) / 64;
+  float acc[kPairs][2];
+#pragma unroll
+  for (int c = 0; c < kPairs; ++c) acc[c][0] = acc[c][1] = 0.f;
+  if (lse2 != -DM_INF) {
+    for (int s = 0; s < ns; ++s) {
+      const float w = fast_exp2(lse_s[s] - lse2);
+#pragma unroll
+      for (int c = 0; c < kPairs; ++c) {
+        const int col = 2 * lane + 64 * c;
+        if (col < p.head_dim) {
+          const float2 x = *reinterpret_cast<const float2*>(o_s + s * kHeadDim + col);
+          acc[c][0] += w * x.x;
+          acc[c][1] += w * x.y;
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int c = 0; c < kPairs; ++c) {
+    const int col = 2 * lane + 64 * c;
+    if (col < p.head_dim) *reinterpret_cast<uint32_t*>(out + col) = pack2<T>(acc[c][0], acc[c][1]);
+  }
+  if (p.lse != nullptr && lane == 0)
+    p.lse[b * p.lse_batch_stride + int64_t(h) * p.lse_head_stride + i] =
+        lse2 == -DM_INF ? -DM_INF : lse2 * (1.f / kLog2e);
+}
+
+}  // namespace dm

@@ -1,0 +1,91 @@
+"""Decode path planning without a GPU: the split heuristic, env switches, specs and smem."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from dmattn_cupy import decode
+from dmattn_cupy.arrays import ArrayInfo
+from dmattn_cupy.spec import KernelSpec
+from dmattn_cupy.validate import Problem
+
+
+def _problem(batch=64, sq=1, sk=4096, h=32, hk=8, d=128, mask=True, bias=True, varlen=True):
+    info = ArrayInfo("cupy", "bfloat16", (1, 1, 1, d), (d, d, d, 1), 0, 0)
+    mb = ArrayInfo("cupy", "bool", (1, 1), (1, 1), 0, 0)
+    return Problem(kind="cupy", backend="cuda", varlen=varlen, batch=batch, seqlen_q=sq,
+                   seqlen_k=sk, heads=h, kv_heads=hk, head_dim=d, dtype="bfloat16", scale=1.0,
+                   softcap=0.0, window=(-1, -1), q=info, k=info, v=info,
+                   mask=mb if mask else None, bias=info if bias else None)
+
+
+def test_no_split_when_the_grid_fills_the_gpu():
+    assert decode.num_splits_heuristic(ctas=512, slots=264, n_tiles=64) == 1
+    assert decode.num_splits_heuristic(ctas=220, slots=264, n_tiles=64) == 1
+
+
+def test_split_few_ctas_long_keys():
+    s = decode.num_splits_heuristic(ctas=6, slots=264, n_tiles=64)
+    assert 1 < s <= 64
+    assert decode.num_splits_heuristic(ctas=1, slots=264, n_tiles=313) > 64
+    assert decode.num_splits_heuristic(ctas=1, slots=264, n_tiles=1) == 1
+    assert decode.num_splits_heuristic(ctas=4, slots=264, n_tiles=3) <= 3
+
+
+def test_splits_only_where_they_shorten_the_work():
+    for n_tiles in (5, 17, 64, 100):
+        s = decode.num_splits_heuristic(ctas=2, slots=264, n_tiles=n_tiles)
+        assert s == 1 or -(-n_tiles // s) != -(-n_tiles // (s - 1))
+
+
+def test_env_switches(monkeypatch):
+    pb = _problem()
+    monkeypatch.delenv("DMATTN_DECODE", raising=False)
+    assert decode.use_decode(pb, aligned=True)
+    assert not decode.use_decode(pb, aligned=False)
+    assert not decode.use_decode(dataclasses.replace(pb, seqlen_q=9), aligned=True)
+    monkeypatch.setenv("DMATTN_DECODE", "1")
+    assert decode.use_decode(dataclasses.replace(pb, seqlen_q=100), aligned=True)
+    monkeypatch.setenv("DMATTN_DECODE", "0")
+    assert not decode.use_decode(pb, aligned=True)
+    monkeypatch.setenv("DMATTN_DECODE", "yes")
+    with pytest.raises(ValueError, match="DMATTN_DECODE"):
+        decode.use_decode(pb, aligned=True)
+    monkeypatch.setenv("DMATTN_NUM_SPLITS", "0")
+    with pytest.raises(ValueError, match="DMATTN_NUM_SPLITS"):
+        decode.forced_splits()
+    spec = decode.decode_spec(pb)
+    monkeypatch.setenv("DMATTN_NUM_SPLITS", "1000")  # capped by the key tiles (4096 / 64)
+    assert decode.choose_num_splits(pb, spec, 128, 132, 233472) == 64
+    monkeypatch.setenv("DMATTN_NUM_SPLITS", "auto")
+    assert decode.choose_num_splits(pb, spec, 185, 132, 233472) == 1  # 512 CTAs fill 132 SMs
+    one = dataclasses.replace(pb, batch=1, kv_heads=1, heads=8)
+    assert decode.choose_num_splits(one, spec, 185, 132, 233472) > 1
+
+
+def test_specs_and_resources():
+    pb = _problem()
+    spec = decode.decode_spec(pb)
+    assert spec.id == "fwd_decode_bf16_d128_m16n64w4_mask1_bias1_varlen1"
+    assert spec.name_expression.startswith("dm::flash_fwd_decode_kernel<dm::BFloat16, 128, 16, 64")
+    # Q slab + 3 stages of K and V (64 keys), rows padded by 8: two CTAs per H100 SM
+    assert spec.dynamic_smem == (16 + 2 * 3 * 64) * 136 * 2
+    assert decode.resident_ctas(spec, registers=185, smem_per_sm=233472) == 2
+    assert decode.combine_spec(pb).id == "fwd_combine_bf16_d128_m1n1w4_mask0_bias0_varlen0"
+    assert decode.num_m_blocks(dataclasses.replace(pb, seqlen_q=8)) == 2  # 8 q x 4 heads / 16
+    specs = decode.all_decode_specs()
+    assert len(specs) == len({s.id for s in specs}) == 108
+    assert all(isinstance(s, KernelSpec) for s in specs)
+
+
+def test_decode_and_combine_compile_without_spills():
+    pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="needs CuPy's NVRTC bindings")
+    from dmattn_cupy.compile import compile_spec
+
+    pb = _problem()
+    for spec in (decode.decode_spec(pb), decode.combine_spec(pb)):
+        ck = compile_spec(spec, "sm_90", use_disk_cache=False)
+        assert not ck.spills, ck.log
+        assert spec.kind.replace("fwd_", "") in ck.lowered_name

@@ -1,0 +1,289 @@
+"""Decode path (fwd_decode.cu + fwd_combine.cu) on the GPU against the float64 reference:
+GQA packing, split-KV on and off, every varlen mask/bias layout x h', dense broadcast patterns,
+causal/window edges, empty sequences, fully masked rows and all-false tiles."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gpu_helpers import assert_fa_close, f64
+
+import dmattn_cupy as dm
+from dmattn_cupy import decode
+
+torch = pytest.importorskip("torch")
+
+pytestmark = pytest.mark.gpu
+
+SPLITS = ["1", "4"]  # DMATTN_NUM_SPLITS: off, and forced on
+
+
+@pytest.fixture(autouse=True)
+def calls(monkeypatch):
+    """Forces the decode path on and records the split count of every decode launch."""
+    monkeypatch.setenv("DMATTN_DECODE", "1")
+    seen: list[int] = []
+    choose = decode.choose_num_splits
+
+    def spy(*a, **kw):
+        n = choose(*a, **kw)
+        seen.append(n)
+        return n
+
+    monkeypatch.setattr(decode, "choose_num_splits", spy)
+    return seen
+
+
+def _lens_cu(lens):
+    return torch.tensor(np.concatenate([[0], np.cumsum(lens)]), dtype=torch.int32)
+
+
+def _rand(shape, g, dtype):
+    return torch.randn(*shape, generator=g).to("cuda", getattr(torch, dtype))
+
+
+def _varlen(lens_q, lens_k, h, hk, d, seed, dtype="bfloat16"):
+    g = torch.Generator().manual_seed(seed)
+    tq, tk = sum(lens_q), sum(lens_k)
+    return (_rand((tq, h, d), g, dtype), _rand((tk, hk, d), g, dtype),
+            _rand((tk, hk, d), g, dtype), _lens_cu(lens_q).cuda(), _lens_cu(lens_k).cuda())
+
+
+def _layout(kind, layout, heads, tq, tk, max_k, seed, keep=0.7, dtype="bfloat16"):
+    g = torch.Generator().manual_seed(seed)
+    shape = (tq, heads, max_k) if layout == "q" else (tk, heads)
+    if kind == "mask":
+        return (torch.rand(*shape, generator=g) < keep).cuda()
+    return _rand(shape, g, dtype)
+
+
+def _window(kw):
+    window = list(kw.get("window_size", (-1, -1)))
+    if kw.get("is_causal"):
+        window[1] = 0 if window[1] < 0 else min(window[1], 0)
+    return tuple(window)
+
+
+def _check_varlen(lens_q, lens_k, h, hk, d=64, mask=None, bias=None, seed=0, dtype="bfloat16",
+                  qkv=None, **kw):
+    q, k, v, cu_q, cu_k = qkv or _varlen(lens_q, lens_k, h, hk, d, seed, dtype)
+    out, lse = dm.flash_dmattn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k),
+                                           attn_mask=mask, attn_bias=bias, return_lse=True, **kw)
+    torch.cuda.synchronize()
+    assert out.shape == q.shape and lse.shape == (h, q.shape[0])
+    ref_args = dict(q=f64(q), k=f64(k), v=f64(v), cu_q=cu_q.cpu().numpy(),
+                    cu_k=cu_k.cpu().numpy(), mask=f64(mask), bias=f64(bias),
+                    scale=kw.get("softmax_scale") or d ** -0.5, softcap=kw.get("softcap", 0.0),
+                    window=_window(kw))
+    assert_fa_close(out, lse, ref_args, dtype, varlen=True)
+    return out, lse
+
+
+def _check_dense(q, k, v, mask=None, bias=None, **kw):
+    out, lse = dm.flash_dmattn_func(q, k, v, attn_mask=mask, attn_bias=bias, return_lse=True,
+                                    **kw)
+    torch.cuda.synchronize()
+    ref_args = dict(q=f64(q), k=f64(k), v=f64(v), mask=f64(mask), bias=f64(bias),
+                    scale=kw.get("softmax_scale") or q.shape[-1] ** -0.5,
+                    softcap=kw.get("softcap", 0.0), window=_window(kw))
+    assert_fa_close(out, lse, ref_args, str(q.dtype).removeprefix("torch."))
+    return out, lse
+
+
+@pytest.mark.parametrize("splits", SPLITS, ids=lambda s: f"splits{s}")
+@pytest.mark.parametrize("len_q", [1, 2, 8], ids=lambda n: f"lq{n}")
+@pytest.mark.parametrize("qpk", [1, 4, 8], ids=lambda n: f"qpk{n}")
+def test_gqa_packing_varlen(qpk, len_q, splits, monkeypatch, calls):
+    monkeypatch.setenv("DMATTN_NUM_SPLITS", splits)
+    hk = 2
+    lens_q, lens_k = [len_q] * 4, [300, 17, 1000, 65]
+    tq, tk = sum(lens_q), sum(lens_k)
+    mask = _layout("mask", "k", hk, tq, tk, max(lens_k), 1)
+    bias = _layout("bias", "k", hk * qpk, tq, tk, max(lens_k), 2)
+    _check_varlen(lens_q, lens_k, hk * qpk, hk, mask=mask, bias=bias, seed=qpk + len_q)
+    assert calls == [int(splits)]
+
+
+@pytest.mark.parametrize("splits", SPLITS, ids=lambda s: f"splits{s}")
+@pytest.mark.parametrize("len_q", [1, 2, 8], ids=lambda n: f"lq{n}")
+@pytest.mark.parametrize("qpk", [1, 4, 8], ids=lambda n: f"qpk{n}")
+def test_gqa_packing_dense_causal(qpk, len_q, splits, monkeypatch, calls):
+    monkeypatch.setenv("DMATTN_NUM_SPLITS", splits)
+    b, hk, sk = 3, 2, 777
+    g = torch.Generator().manual_seed(qpk * 10 + len_q)
+    q = _rand((b, len_q, hk * qpk, 128), g, "bfloat16")
+    k, v = (_rand((b, sk, hk, 128), g, "bfloat16") for _ in range(2))
+    mask = (torch.rand(b, 1, 1, sk, generator=g) < 0.8).cuda()
+    bias = _rand((1, hk * qpk, len_q, sk), g, "bfloat16")
+    _check_dense(q, k, v, mask=mask, bias=bias, is_causal=True)
+    assert calls == [int(splits)]
+
+
+LAYOUT_LENS = ([1, 3, 2, 8, 0, 4], [200, 5, 0, 129, 7, 64])
+
+
+@pytest.mark.parametrize("splits", SPLITS, ids=lambda s: f"splits{s}")
+@pytest.mark.parametrize("heads", ["1", "Hk", "H"], ids=lambda h: f"h{h}")
+@pytest.mark.parametrize("mask_layout", ["q", "k", None], ids=lambda x: f"mask-{x}")
+@pytest.mark.parametrize("bias_layout", ["q", "k", None], ids=lambda x: f"bias-{x}")
+def test_varlen_layouts(bias_layout, mask_layout, heads, splits, monkeypatch):
+    monkeypatch.setenv("DMATTN_NUM_SPLITS", splits)
+    h, hk = 8, 2
+    hp = {"1": 1, "Hk": hk, "H": h}[heads]
+    lens_q, lens_k = LAYOUT_LENS
+    tq, tk, mk = sum(lens_q), sum(lens_k), max(lens_k)
+    mask = _layout("mask", mask_layout, hp, tq, tk, mk, 3) if mask_layout else None
+    bias = _layout("bias", bias_layout, hp, tq, tk, mk, 4) if bias_layout else None
+    for causal in (False, True):
+        _check_varlen(lens_q, lens_k, h, hk, mask=mask, bias=bias, is_causal=causal, seed=hp)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_split_on_and_off_agree(dtype, monkeypatch, calls):
+    """Forced 1, 7 and the heuristic's split count: each within FA tolerance of the float64
+    reference, and close to each other."""
+    lens_q, lens_k = [1, 1, 1], [4096, 1500, 3001]
+    h, hk, tk = 8, 2, sum(lens_k)
+    qkv = _varlen(lens_q, lens_k, h, hk, 128, 11, dtype)
+    mask = _layout("mask", "k", hk, 3, tk, max(lens_k), 12, keep=0.9)
+    bias = _layout("bias", "k", hk, 3, tk, max(lens_k), 13, dtype=dtype)
+    res = {}
+    for splits in ("1", "7", "auto"):
+        monkeypatch.setenv("DMATTN_NUM_SPLITS", splits)
+        res[splits] = _check_varlen(lens_q, lens_k, h, hk, d=128, mask=mask, bias=bias,
+                                    dtype=dtype, qkv=qkv)
+    assert calls[0] == 1 and calls[1] == 7 and calls[2] > 1  # 3 x 2 CTAs: the heuristic splits
+    o1, l1 = (f64(x) for x in res["1"])
+    for s in ("7", "auto"):
+        o, lse = (f64(x) for x in res[s])
+        assert np.abs(o - o1).max() < 2e-2
+        assert np.abs(lse - l1).max() < 1e-3
+
+
+@pytest.mark.parametrize("splits", SPLITS, ids=lambda s: f"splits{s}")
+@pytest.mark.parametrize("window", [None, (4, 0), (16, 2)],
+                         ids=lambda w: "causal" if w is None else f"win{w[0]}_{w[1]}")
+def test_causal_window_edges(window, splits, monkeypatch):
+    """len_q > len_k (rows with no key), len_k = 0, len_q = 0, long keys, per sequence."""
+    monkeypatch.setenv("DMATTN_NUM_SPLITS", splits)
+    lens_q, lens_k = [8, 8, 3, 1, 5, 0, 7], [3, 0, 3, 0, 700, 9, 8]
+    kw = {"is_causal": True} if window is None else {"window_size": window}
+    tk = sum(lens_k)
+    mask = _layout("mask", "k", 4, sum(lens_q), tk, max(lens_k), 5, keep=0.8)
+    _check_varlen(lens_q, lens_k, 16, 4, mask=mask, seed=6, **kw)
+
+
+BROADCAST = {
+    "mask_b11k": ((2, 1, 1, 300), None),
+    "bias_1hqk": (None, (1, 8, 3, 300)),
+    "mask_1hkqk_bias_bhk1k": ((1, 2, 3, 300), (2, 2, 1, 300)),
+    "mask_bhqk_bias_111k": ((2, 8, 3, 300), (1, 1, 1, 300)),
+    "mask_11q1_bias_b1q1": ((1, 1, 3, 1), (2, 1, 3, 1)),
+    "bias_expanded_view": (None, "expand"),
+}
+
+
+@pytest.mark.parametrize("splits", SPLITS, ids=lambda s: f"splits{s}")
+@pytest.mark.parametrize("pattern", list(BROADCAST), ids=list(BROADCAST))
+def test_dense_broadcast(pattern, splits, monkeypatch):
+    monkeypatch.setenv("DMATTN_NUM_SPLITS", splits)
+    g = torch.Generator().manual_seed(21)
+    q = _rand((2, 3, 8, 64), g, "float16")
+    k, v = (_rand((2, 300, 2, 64), g, "float16") for _ in range(2))
+    ms, bs = BROADCAST[pattern]
+    mask = (torch.rand(*ms, generator=g) < 0.7).cuda() if ms else None
+    if bs == "expand":
+        bias = _rand((2, 1, 1, 300), g, "float16").expand(2, 8, 3, 300)
+    else:
+        bias = _rand(bs, g, "float16") if bs else None
+    _check_dense(q, k, v, mask=mask, bias=bias, is_causal=pattern.startswith("mask_bhqk"))
+
+
+@pytest.mark.parametrize("splits", SPLITS, ids=lambda s: f"splits{s}")
+def test_fully_masked_rows_and_false_tiles(splits, monkeypatch):
+    """Sequence 0 keeps nothing (out 0, lse -inf); sequence 1 keeps keys 1000..1010 only, so
+    most of its tiles are all-false and skipped; some heads keep nothing (h' = H)."""
+    monkeypatch.setenv("DMATTN_NUM_SPLITS", splits)
+    h, hk = 8, 2
+    lens_q, lens_k = [2, 1, 3], [500, 2000, 300]
+    tk = sum(lens_k)
+    mask = torch.zeros(tk, h, dtype=torch.bool)
+    mask[500 + 1000:500 + 1011, :] = True
+    mask[2500:, :5] = torch.rand(300, 5, generator=torch.Generator().manual_seed(1)) < 0.5
+    bias = torch.randn(tk, hk, generator=torch.Generator().manual_seed(2)).to("cuda", torch.float32)
+    out, lse = _check_varlen(lens_q, lens_k, h, hk, mask=mask.cuda(), bias=bias, seed=8)
+    assert (f64(out)[:2] == 0).all() and np.isneginf(f64(lse)[:, :2]).all()
+    assert np.isneginf(f64(lse)[5:, 3:]).all()
+
+
+@pytest.mark.parametrize("splits", SPLITS, ids=lambda s: f"splits{s}")
+def test_softcap_fp16_fp32_bias_scale(splits, monkeypatch):
+    monkeypatch.setenv("DMATTN_NUM_SPLITS", splits)
+    lens_q, lens_k = [1, 4, 2], [333, 1200, 90]
+    tq, tk = sum(lens_q), sum(lens_k)
+    bias = _layout("bias", "q", 4, tq, tk, max(lens_k), 9).float()
+    _check_varlen(lens_q, lens_k, 16, 4, mask=None, bias=bias, seed=10, dtype="float16",
+                  softcap=20.0, softmax_scale=0.3)
+
+
+HEAD_DIMS = [8, 32, 80, 128, 192, 256]
+
+
+@pytest.mark.parametrize("splits", SPLITS, ids=lambda s: f"splits{s}")
+@pytest.mark.parametrize("d", HEAD_DIMS, ids=[f"d{d}" for d in HEAD_DIMS])
+def test_head_dims(d, splits, monkeypatch):
+    monkeypatch.setenv("DMATTN_NUM_SPLITS", splits)
+    g = torch.Generator().manual_seed(d)
+    q = _rand((2, 2, 8, d), g, "bfloat16")
+    k, v = (_rand((2, 451, 2, d), g, "bfloat16") for _ in range(2))
+    mask = (torch.rand(2, 2, 1, 451, generator=g) < 0.8).cuda()
+    bias = _rand((2, 1, 2, 451), g, "bfloat16")
+    _check_dense(q, k, v, mask=mask, bias=bias)
+
+
+def test_heuristic_splits_long_context(monkeypatch, calls):
+    monkeypatch.setenv("DMATTN_NUM_SPLITS", "auto")
+    g = torch.Generator().manual_seed(31)
+    q = _rand((1, 1, 8, 128), g, "bfloat16")
+    k, v = (_rand((1, 20000, 1, 128), g, "bfloat16") for _ in range(2))
+    _check_dense(q, k, v, bias=_rand((1, 1, 1, 20000), g, "bfloat16"))
+    assert calls[0] > 8
+
+
+def test_cupy_inputs_and_strided_views(monkeypatch, calls):
+    cp = pytest.importorskip("cupy")
+    monkeypatch.setenv("DMATTN_NUM_SPLITS", "3")
+    g = torch.Generator().manual_seed(41)
+    big = _rand((2, 4, 8, 80), g, "float16")
+    q = cp.asarray(big[:, :, :, :64])       # strides (2560, 640, 80, 1): aligned, not contiguous
+    kv = _rand((2, 500, 2, 2, 64), g, "float16")
+    k, v = cp.asarray(kv[:, :, 0]), cp.asarray(kv[:, :, 1])  # (2, 500, 2, 64), row stride 256
+    bias = cp.asarray(_rand((2, 1, 1, 500), g, "float16"))
+    out, lse = dm.flash_dmattn_func(q, k, v, attn_bias=bias, return_lse=True)
+    cp.cuda.Device().synchronize()
+    assert isinstance(out, cp.ndarray) and calls == [3]
+    ref_args = dict(q=f64(q), k=f64(k), v=f64(v), mask=None, bias=f64(bias), scale=64 ** -0.5)
+    assert_fa_close(out, lse, ref_args, "float16")
+
+
+def test_auto_mode_takes_short_queries_only(monkeypatch, calls):
+    monkeypatch.setenv("DMATTN_DECODE", "auto")
+    g = torch.Generator().manual_seed(51)
+    k, v = (_rand((1, 100, 2, 64), g, "bfloat16") for _ in range(2))
+    _check_dense(_rand((1, 9, 4, 64), g, "bfloat16"), k, v)
+    assert calls == []
+    _check_dense(_rand((1, 8, 4, 64), g, "bfloat16"), k, v)
+    assert len(calls) == 1
+    monkeypatch.setenv("DMATTN_DECODE", "0")
+    _check_dense(_rand((1, 1, 4, 64), g, "bfloat16"), k, v)
+    assert len(calls) == 1
+
+
+def test_large_batch_many_rows(monkeypatch):
+    """More than one m16 slab per (sequence, kv head): 8 queries x 8 heads = 64 packed rows,
+    and a 12-query sequence under DMATTN_DECODE=1."""
+    monkeypatch.setenv("DMATTN_NUM_SPLITS", "2")
+    lens_q, lens_k = [8, 12, 5] * 3, [40, 300, 64] * 3
+    tk = sum(lens_k)
+    mask = _layout("mask", "k", 16, sum(lens_q), tk, max(lens_k), 61)
+    _check_varlen(lens_q, lens_k, 16, 2, mask=mask, seed=62, is_causal=True)
