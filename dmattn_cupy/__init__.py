@@ -1,6 +1,7 @@
 """dmattn_cupy: flash attention with dynamic masks and biases, compiled at first use by NVRTC."""
 
 from .api import flash_dmattn_func, flash_dmattn_func_auto, flash_dmattn_varlen_func
+from .bwd_api import flash_dmattn_backward, flash_dmattn_varlen_backward
 from .masks import (
     BCSRMask,
     BlockBitsetMask,
@@ -18,6 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "flash_dmattn_func", "flash_dmattn_func_auto", "flash_dmattn_varlen_func",
+    "flash_dmattn_backward", "flash_dmattn_varlen_backward",
     "SparseMask", "CausalMask", "WindowMask", "CausalWindowMask", "BlockBitsetMask", "BCSRMask",
     "MixedMask", "DynamicMask", "estimate_speedup", "calculate_memory_savings", "__version__",
 ]

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from . import reference
-from .arrays import from_numpy_like, lse_like, to_numpy_f64
+from .arrays import array_kind, from_numpy_like, lse_like, to_numpy_f64
 from .masks import SparseMask
 from .sparse_plan import bound_min, split_sparse
 from .validate import Problem, check_cu_seqlens_values, check_dense, check_varlen
@@ -37,16 +37,14 @@ def _check_flags(return_lse: Any, deterministic: Any) -> None:
             raise TypeError(f"{name} must be a bool, got {type(val).__name__}")
 
 
-def _refuse_autograd(pb: Problem, *arrays: Any) -> None:
-    """Backward lands with its own kernels; until then a grad-requiring call must not silently
-    return an untracked output."""
-    if pb.kind != "torch":
-        return
-    import torch
+def _torch_autograd(query: Any, *others: Any) -> bool:
+    """torch inputs that want a gradient (or are being traced by torch.compile) go through the
+    autograd-aware custom ops of ``autograd.py``."""
+    if array_kind(query) != "torch":
+        return False
+    from .autograd import wants_autograd
 
-    if torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in arrays):
-        raise NotImplementedError("dmattn_cupy: the backward pass is not implemented yet; call "
-                                  "under torch.no_grad() or detach the inputs")
+    return wants_autograd(query, *others)
 
 
 def flash_dmattn_func(query: Any, key: Any, value: Any, attn_mask: Any = None,
@@ -56,11 +54,16 @@ def flash_dmattn_func(query: Any, key: Any, value: Any, attn_mask: Any = None,
                       return_lse: bool = False, deterministic: bool = False,
                       backend: str = "auto") -> Any:
     """Dense attention with mask/bias broadcasting; see API.md for the exact semantics."""
+    if _torch_autograd(query, key, value, attn_bias):
+        from . import autograd
+
+        return autograd.dense(query, key, value, attn_mask, attn_bias, softmax_scale, is_causal,
+                              window_size, softcap, sparse_mask, return_lse, deterministic,
+                              backend)
     pb = check_dense(query, key, value, attn_mask, attn_bias, softmax_scale, is_causal,
                      window_size, softcap, backend)
     _check_flags(return_lse, deterministic)
     _check_sparse(sparse_mask, pb)
-    _refuse_autograd(pb, query, key, value, attn_bias)
     if pb.backend == "reference":
         out, lse = reference.dense_forward(
             to_numpy_f64(query), to_numpy_f64(key), to_numpy_f64(value), to_numpy_f64(attn_mask),
@@ -89,11 +92,16 @@ def flash_dmattn_varlen_func(query: Any, key: Any, value: Any, cu_seqlens_q: Any
                              return_lse: bool = False, deterministic: bool = False,
                              backend: str = "auto") -> Any:
     """Packed variable-length attention; mask/bias query-based (3-D) or key-based (2-D)."""
+    if _torch_autograd(query, key, value, attn_bias):
+        from . import autograd
+
+        return autograd.varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                               max_seqlen_k, attn_mask, attn_bias, softmax_scale, is_causal,
+                               window_size, softcap, return_lse, deterministic, backend)
     pb = check_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                       attn_mask, attn_bias, softmax_scale, is_causal, window_size, softcap,
                       backend)
     _check_flags(return_lse, deterministic)
-    _refuse_autograd(pb, query, key, value, attn_bias)
     if pb.backend == "reference":
         cu_q = np.asarray(to_numpy_f64(cu_seqlens_q)).astype(np.int64)
         cu_k = np.asarray(to_numpy_f64(cu_seqlens_k)).astype(np.int64)

@@ -99,6 +99,11 @@ def parse_ptxas_log(text: str) -> dict[str, int]:
     }
 
 
+def abi_header(spec: KernelSpec) -> str:
+    """The generated params_check.cuh: FwdParams checks plus any a spec adds (BwdParams)."""
+    return abi_check_source() + getattr(spec, "extra_abi_check", "")
+
+
 def program_source(spec: KernelSpec) -> str:
     return f'#include "params_check.cuh"\n#include "{spec.source_file}"\n'
 
@@ -117,7 +122,7 @@ def cache_key(spec: KernelSpec, arch: str) -> str:
     payload = json.dumps(
         {
             "sources": sources_digest(),
-            "abi": abi_check_source(),
+            "abi": abi_header(spec),
             "options": opts,
             "nvrtc": list(nvrtc_version()),
             "arch": arch,
@@ -133,7 +138,7 @@ def _nvrtc_compile(spec: KernelSpec, arch: str) -> tuple[bytes, str, str]:
     from cupy_backends.cuda.libs import nvrtc
 
     headers = (b"params_check.cuh",)
-    header_src = (abi_check_source().encode(),)
+    header_src = (abi_header(spec).encode(),)
     prog = nvrtc.createProgram(
         program_source(spec), f"{spec.id}.cu", header_src, headers
     )

@@ -1,0 +1,464 @@
+// bwd.cu: the backward kernels (FlashAttention-2 style, tensor cores, sm_80+).
+//   flash_bwd_pre_kernel:  dsum[i] = rowsum(dO * O)[i] - dlse[i]  (fp32, lse layout).
+//   flash_bwd_dkdv_kernel: a CTA owns kBlockN keys of one (batch, kv head); it loops over the
+//     query heads of the kv group and the query tiles that can see its keys, recomputes
+//     P = exp2(x - lse * log2 e) from the forward's lse, and accumulates dV += P^T dO and
+//     dK += dS^T Q in registers (so GQA groups are summed without atomics). dbias is written
+//     from a shared-memory tile (reduced over broadcast rows/cols first). Non-deterministic
+//     mode also adds dQ += dS K into an fp32 buffer with atomics.
+//   flash_bwd_dq_kernel:   deterministic mode: a CTA owns kBlockM query rows of one head and
+//     loops over key tiles, so dQ is accumulated in registers in a fixed order.
+// Logits (log2 domain) x = softcap(scale * q.k) * log2 e + bias * log2 e; dx = P (dP - dsum);
+// dbias = dx; d(q.k) = dx * scale * (1 - tanh^2) (softcap) or dx * scale.
+// Excluded positions and rows with lse = -inf (nothing allowed) get P = 0, so every gradient
+// there is 0 (never NaN). Query tiles a key tile cannot see (causal/window) are never visited,
+// and tiles whose mask is all false are skipped before their Q/dO (or K/V) are loaded.
+// Requires 16-byte aligned q/k/v/dout rows (the launcher copies otherwise).
+#pragma once
+#include "common.cuh"
+#include "params.cuh"
+#include "bwd_params.cuh"
+#include "mma.cuh"
+#include "seqlen.cuh"
+#include "block_info.cuh"
+#include "mask_bias.cuh"
+#include "tile_io.cuh"
+#include "bwd_gemm.cuh"
+
+namespace dm {
+
+template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNumWarps, bool kHasMask,
+          bool kHasBias, bool kVarlen, bool kDeterministic, bool kDebug>
+__global__ void __launch_bounds__(kNumWarps * 32)
+flash_bwd_pre_kernel(const BwdParams bp) {
+  const FwdParams& p = bp.f;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int h = blockIdx.y, b = blockIdx.z;
+  const SeqInfo seq = seq_info<kVarlen>(p, b);
+  const int i = blockIdx.x * kNumWarps + warp;  // one warp per query row
+  if (i >= seq.len_q) return;
+  const T* o = static_cast<const T*>(p.o) + b * p.o_batch_stride + h * p.o_head_stride +
+               int64_t(seq.q_start + i) * p.o_row_stride;
+  const T* d = static_cast<const T*>(bp.dout) + b * bp.do_batch_stride + h * bp.do_head_stride +
+               int64_t(seq.q_start + i) * bp.do_row_stride;
+  float acc = 0.f;
+  for (int c = lane; c < p.head_dim; c += 32) acc += to_float(o[c]) * to_float(d[c]);
+#pragma unroll
+  for (int s = 16; s > 0; s >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, s);
+  if (lane == 0) {
+    const int64_t idx = b * p.lse_batch_stride + h * p.lse_head_stride + seq.q_start + i;
+    bp.dsum[idx] = acc - (bp.dlse != nullptr ? bp.dlse[idx] : 0.f);
+  }
+}
+
+// Bias tile (times log2 e) into shared memory, [kBlockM][kBlockN] fp32; 0 outside the sequence.
+template <typename T, int kBlockM, int kBlockN, int kThreads>
+DM_DEVICE void load_bias_tile(const FwdParams& p, int64_t base, int m0, int n0, int len_q,
+                              int len_k, float* s) {
+  for (int e = threadIdx.x; e < kBlockM * kBlockN; e += kThreads) {
+    const int r = e / kBlockN, c = e % kBlockN;
+    float v = 0.f;
+    if (m0 + r < len_q && n0 + c < len_k) {
+      const int64_t idx = base + int64_t(m0 + r) * p.bias_row_stride +
+                          int64_t(n0 + c) * p.bias_col_stride;
+      v = p.bias_is_fp32 ? static_cast<const float*>(p.bias)[idx]
+                         : to_float(static_cast<const T*>(p.bias)[idx]);
+    }
+    s[e] = v * kLog2e;
+  }
+}
+
+// Per-element backward math on one warp's S and dP fragments (16 rows x 8*kNF keys starting
+// at tile column c0; the bias/dx tile has row stride kBStride):
+// s <- P, dp <- d(q.k) (the dS operand of dQ/dK). With kHasBias, sb holds the bias tile on
+// entry (log2 units) and dx (= dbias) on exit, at the same positions.
+template <int kNF, int kBStride, bool kHasBias>
+DM_DEVICE void bwd_pointwise(const FwdParams& p, float scale, float (&s)[kNF][4],
+                             float (&dp)[kNF][4], uint32_t bits, const float (&lse)[2],
+                             const float (&dsum)[2], float* sb, int r0, int c0, int lane) {
+#pragma unroll
+  for (int j = 0; j < kNF; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int r = e >> 1;
+      float x, dsoft;
+      if (p.softcap > 0.f) {
+        const float t = fast_tanh(s[j][e] * p.scale_over_softcap);
+        x = p.softcap * kLog2e * t;
+        dsoft = scale * (1.f - t * t);
+      } else {
+        x = s[j][e] * p.scale_log2;
+        dsoft = scale;
+      }
+      const int sidx = (r0 + 8 * r) * kBStride + c0 + 8 * j + 2 * (lane % 4) + (e & 1);
+      if (kHasBias) x += sb[sidx];
+      const float pr = (bits >> (j * 4 + e)) & 1u ? fast_exp2(x - lse[r]) : 0.f;
+      const float dx = pr * (dp[j][e] - dsum[r]);
+      if (kHasBias) sb[sidx] = dx;
+      s[j][e] = pr;
+      dp[j][e] = dx * dsoft;
+    }
+}
+
+// Adds the dx tile (shared memory, [kBlockM][kBlockN] fp32) into dbias, summing first over a
+// broadcast row and/or column dimension (stride 0). The thread that touches an address is the
+// same at every call, so mode 2 (plain add) is race-free and ordered.
+template <typename T, int kBlockM, int kBlockN, int kThreads>
+DM_DEVICE void write_dbias(const BwdParams& bp, const float* sb, int64_t base, int m0, int n0,
+                           int len_q, int len_k) {
+  const int64_t rs = bp.dbias_row_stride, cs = bp.dbias_col_stride;
+  const int rows = dm_min(kBlockM, len_q - m0), cols = dm_min(kBlockN, len_k - n0);
+  auto put = [&](int64_t idx, float v) {
+    if (bp.dbias_mode == 1) {
+      if (bp.dbias_is_fp32) static_cast<float*>(bp.dbias)[idx] = v;
+      else static_cast<T*>(bp.dbias)[idx] = from_float<T>(v);
+    } else if (bp.dbias_mode == 2) {
+      static_cast<float*>(bp.dbias)[idx] += v;
+    } else {
+      atomicAdd(static_cast<float*>(bp.dbias) + idx, v);
+    }
+  };
+  if (rs != 0 && cs != 0) {
+    for (int e = threadIdx.x; e < kBlockM * kBlockN; e += kThreads) {
+      const int r = e / kBlockN, c = e % kBlockN;
+      if (r < rows && c < cols) put(base + int64_t(m0 + r) * rs + int64_t(n0 + c) * cs, sb[e]);
+    }
+  } else if (cs != 0) {  // one row: sum over queries
+    for (int c = threadIdx.x; c < cols; c += kThreads) {
+      float sum = 0.f;
+      for (int r = 0; r < rows; ++r) sum += sb[r * kBlockN + c];
+      put(base + int64_t(n0 + c) * cs, sum);
+    }
+  } else if (rs != 0) {  // one column: sum over keys
+    for (int r = threadIdx.x; r < rows; r += kThreads) {
+      float sum = 0.f;
+      for (int c = 0; c < cols; ++c) sum += sb[r * kBlockN + c];
+      put(base + int64_t(m0 + r) * rs, sum);
+    }
+  } else if (threadIdx.x < 32) {  // one element
+    float sum = 0.f;
+    for (int e = threadIdx.x; e < kBlockM * kBlockN; e += 32)
+      if (e / kBlockN < rows && e % kBlockN < cols) sum += sb[e];
+#pragma unroll
+    for (int s = 16; s > 0; s >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, s);
+    if (threadIdx.x == 0) put(base, sum);
+  }
+}
+
+DM_DEVICE int64_t dbias_offset(const BwdParams& bp, int b, int h, const SeqInfo& s) {
+  return b * bp.dbias_batch_stride + (h / bp.f.bias_head_ratio) * bp.dbias_head_stride +
+         int64_t(s.q_start) * bp.dbias_qseq_stride + int64_t(s.k_start) * bp.dbias_kseq_stride;
+}
+
+// Stores a warp's 16 x (8 * kNF) fp32 fragments as T rows (row0 = first row of the slab).
+template <typename T, int kNF>
+DM_DEVICE void store_frags(T* base, int64_t row_stride, const float (&c)[kNF][4], int row0,
+                           int col0, int valid_rows, int head_dim, int lane) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = row0 + lane / 4 + 8 * r;
+    if (row >= valid_rows) continue;
+#pragma unroll
+    for (int j = 0; j < kNF; ++j) {
+      const int col = col0 + 8 * j + 2 * (lane % 4);
+      if (col < head_dim)
+        *reinterpret_cast<uint32_t*>(base + int64_t(row) * row_stride + col) =
+            pack2<T>(c[j][2 * r], c[j][2 * r + 1]);
+    }
+  }
+}
+
+// Warp roles (kNumWarps = 8, kBlockM = 64): for S/dP, warp w owns query rows 16 (w % 4) and
+// key columns kSCols * (w / 4); for dK/dV, key rows 16 (w % kWarpsN) and head-dim columns
+// kDCols * (w / kWarpsN); for the atomic dQ, query rows 16 (w % 4) and head-dim columns
+// kDqCols * (w / 4).
+template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNumWarps, bool kHasMask,
+          bool kHasBias, bool kVarlen, bool kDeterministic, bool kDebug>
+__global__ void __launch_bounds__(kNumWarps * 32, 1)
+flash_bwd_dkdv_kernel(const BwdParams bp) {
+  const FwdParams& p = bp.f;
+  constexpr int kThreads = kNumWarps * 32;
+  constexpr int kStride = kHeadDim + 8;
+  constexpr int kPStride = kBlockN + 8;
+  constexpr int kMSlabs = kBlockM / 16;          // query slabs of S/dP
+  static_assert(kNumWarps % kMSlabs == 0, "warps tile the S/dP block");
+  constexpr int kSGroups = kNumWarps / kMSlabs;  // key column groups of S/dP
+  constexpr int kSCols = kBlockN / kSGroups;
+  static_assert(kSCols % 16 == 0 && kSCols <= 64, "keep-bits of a warp tile fit one uint32");
+  constexpr int kNF = kSCols / 8;
+  constexpr int kWarpsN = kBlockN / 16;          // key slabs of dK/dV
+  static_assert(kNumWarps % kWarpsN == 0, "warps tile the dK/dV block");
+  constexpr int kWarpsD = kNumWarps / kWarpsN;   // column groups of dK/dV
+  constexpr int kDCols = kHeadDim / kWarpsD;
+  static_assert(kDCols % 16 == 0, "dK/dV column group is a multiple of 16");
+  constexpr int kGF = kDCols / 8;
+  constexpr int kDqCols = kHeadDim / kSGroups;
+  constexpr int kDqChunk = kDqCols % 64 == 0 ? 64 : (kDqCols % 32 == 0 ? 32 : 16);
+  static_assert(kDqCols % kDqChunk == 0, "dQ chunks tile the column group");
+  extern __shared__ __align__(16) uint16_t smem[];
+  uint16_t* sQ = smem;
+  uint16_t* sdO = sQ + kBlockM * kStride;
+  uint16_t* sK = sdO + kBlockM * kStride;
+  uint16_t* sV = sK + kBlockN * kStride;
+  uint16_t* sP = sV + kBlockN * kStride;
+  uint16_t* sdS = sP + kBlockM * kPStride;
+  float* sLse = reinterpret_cast<float*>(sdS + kBlockM * kPStride);
+  float* sDsum = sLse + kBlockM;
+  float* sB = sDsum + kBlockM;  // with a bias: its tile, then dx (kBlockM x kBlockN)
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int kvh = blockIdx.y, b = blockIdx.z;
+  const SeqInfo seq = seq_info<kVarlen>(p, b);
+  const int n0 = blockIdx.x * kBlockN;
+  if (n0 >= seq.len_k) return;
+  const int off = seq.len_k - seq.len_q;
+
+  const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + kvh * p.k_head_stride +
+               int64_t(seq.k_start + n0) * p.k_row_stride;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + kvh * p.v_head_stride +
+               int64_t(seq.k_start + n0) * p.v_row_stride;
+  load_tile_async<kHeadDim, kStride, kThreads>(sK, k, p.k_row_stride, kBlockN, seq.len_k - n0,
+                                               p.head_dim);
+  load_tile_async<kHeadDim, kStride, kThreads>(sV, v, p.v_row_stride, kBlockN, seq.len_k - n0,
+                                               p.head_dim);
+  cp_async_commit();
+
+  // Query rows that can see a key of this tile under the causal/window rule.
+  const int n_last = dm_min(n0 + kBlockN, seq.len_k) - 1;
+  int i_begin = 0, i_end = seq.len_q;
+  if (p.window_right >= 0) i_begin = dm_max(0, n0 - off - p.window_right);
+  if (p.window_left >= 0) i_end = dm_min(seq.len_q, n_last - off + p.window_left + 1);
+  const int mb_begin = i_begin / kBlockM;
+  const int mb_end = i_begin < i_end ? (i_end - 1) / kBlockM + 1 : mb_begin;
+
+  float dk[kGF][4], dv[kGF][4];
+  zero_frags(dk);
+  zero_frags(dv);
+  const int ws = warp % kWarpsN, wd = warp / kWarpsN;     // dK/dV roles
+  const int wm = warp % kMSlabs, wc = warp / kMSlabs;     // S/dP and dQ roles
+  const int r0 = 16 * wm + lane / 4;  // this thread's first row in the query tile
+  const int c0 = kSCols * wc;         // first key column of this warp in the tile
+  TileCoords tc;
+  const bool want_dbias = kHasBias && bp.dbias_mode != 0;
+
+  for (int hh = 0; hh < p.q_per_kv; ++hh) {
+    const int h = kvh * p.q_per_kv + hh;
+    const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
+                 int64_t(seq.q_start) * p.q_row_stride;
+    const T* dout = static_cast<const T*>(bp.dout) + b * bp.do_batch_stride +
+                    h * bp.do_head_stride + int64_t(seq.q_start) * bp.do_row_stride;
+    const uint8_t* mask = kHasMask ? p.mask + mask_offset(p, b, h, seq) : nullptr;
+    const int64_t bias_base = kHasBias ? bias_offset(p, b, h, seq) : 0;
+    const int64_t dbias_base = want_dbias ? dbias_offset(bp, b, h, seq) : 0;
+    const int64_t lse_base = b * p.lse_batch_stride + h * p.lse_head_stride + seq.q_start;
+
+    for (int mb = mb_begin; mb < mb_end; ++mb) {
+      const int m0 = mb * kBlockM;
+      tc.row[0] = m0 + r0;
+      tc.row[1] = tc.row[0] + 8;
+      tc.col0 = n0 + c0 + 2 * (lane % 4);
+      uint32_t bits = window_bits<kNF>(p, tc, seq.len_q, seq.len_k);
+      if (kHasMask) bits = mask_bits<kNF>(p, mask, tc, bits);
+      // Also the barrier that frees the previous tile's shared memory.
+      if (!__syncthreads_or(bits != 0)) continue;
+
+      load_tile_async<kHeadDim, kStride, kThreads>(sQ, q + int64_t(m0) * p.q_row_stride,
+                                                   p.q_row_stride, kBlockM, seq.len_q - m0,
+                                                   p.head_dim);
+      load_tile_async<kHeadDim, kStride, kThreads>(sdO, dout + int64_t(m0) * bp.do_row_stride,
+                                                   bp.do_row_stride, kBlockM, seq.len_q - m0,
+                                                   p.head_dim);
+      cp_async_commit();
+      if (threadIdx.x < kBlockM) {
+        const int i = m0 + threadIdx.x;
+        float l = DM_INF, d = 0.f;  // rows past the end: P = exp2(x - inf) = 0
+        if (i < seq.len_q) {
+          const float lv = p.lse[lse_base + i];
+          l = lv == -DM_INF ? DM_INF : lv * kLog2e;  // fully masked row: P = 0
+          d = bp.dsum[lse_base + i];
+        }
+        sLse[threadIdx.x] = l;
+        sDsum[threadIdx.x] = d;
+      }
+      if (kHasBias) load_bias_tile<T, kBlockM, kBlockN, kThreads>(p, bias_base, m0, n0, seq.len_q,
+                                                                  seq.len_k, sB);
+      cp_async_wait<0>();
+      __syncthreads();
+
+      {
+        float s[kNF][4], dp[kNF][4];
+        zero_frags(s);
+        zero_frags(dp);
+        gemm_abt<T, kHeadDim, kStride, kStride, kNF>(s, sQ + 16 * wm * kStride, sK + c0 * kStride);
+        gemm_abt<T, kHeadDim, kStride, kStride, kNF>(dp, sdO + 16 * wm * kStride,
+                                                     sV + c0 * kStride);
+        const float lse[2] = {sLse[r0], sLse[r0 + 8]};
+        const float dsum[2] = {sDsum[r0], sDsum[r0 + 8]};
+        bwd_pointwise<kNF, kBlockN, kHasBias>(p, bp.scale, s, dp, bits, lse, dsum, sB, r0, c0,
+                                              lane);
+#pragma unroll
+        for (int j = 0; j < kNF; ++j) {
+          const int col = c0 + 8 * j + 2 * (lane % 4);
+          *reinterpret_cast<uint32_t*>(sP + r0 * kPStride + col) = pack2<T>(s[j][0], s[j][1]);
+          *reinterpret_cast<uint32_t*>(sP + (r0 + 8) * kPStride + col) =
+              pack2<T>(s[j][2], s[j][3]);
+          *reinterpret_cast<uint32_t*>(sdS + r0 * kPStride + col) = pack2<T>(dp[j][0], dp[j][1]);
+          *reinterpret_cast<uint32_t*>(sdS + (r0 + 8) * kPStride + col) =
+              pack2<T>(dp[j][2], dp[j][3]);
+        }
+      }
+      __syncthreads();
+
+      gemm_atb<T, kBlockM, kPStride, kStride, kGF>(dv, sP + 16 * ws, sdO + wd * kDCols);
+      gemm_atb<T, kBlockM, kPStride, kStride, kGF>(dk, sdS + 16 * ws, sQ + wd * kDCols);
+      if (!kDeterministic) {  // dQ += dS K, fp32 atomics
+        float* dqa = bp.dq_accum + b * bp.dqa_batch_stride + h * bp.dqa_head_stride +
+                     int64_t(seq.q_start + m0) * bp.dqa_row_stride;
+#pragma unroll 1
+        for (int cc = wc * kDqCols; cc < (wc + 1) * kDqCols && cc < p.head_dim; cc += kDqChunk) {
+          float acc[kDqChunk / 8][4];
+          zero_frags(acc);
+          gemm_ab<T, kBlockN, kPStride, kStride, kDqChunk / 8>(acc, sdS + 16 * wm * kPStride,
+                                                              sK + cc);
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const int row = r0 + 8 * r;
+            if (m0 + row >= seq.len_q) continue;
+#pragma unroll
+            for (int j = 0; j < kDqChunk / 8; ++j) {
+              const int col = cc + 8 * j + 2 * (lane % 4);
+              if (col < p.head_dim) {
+                atomicAdd(dqa + int64_t(row) * bp.dqa_row_stride + col, acc[j][2 * r]);
+                atomicAdd(dqa + int64_t(row) * bp.dqa_row_stride + col + 1, acc[j][2 * r + 1]);
+              }
+            }
+          }
+        }
+      }
+      if (want_dbias)
+        write_dbias<T, kBlockM, kBlockN, kThreads>(bp, sB, dbias_base, m0, n0, seq.len_q,
+                                                   seq.len_k);
+    }
+  }
+  cp_async_wait<0>();
+
+  T* dkp = static_cast<T*>(bp.dk) + b * bp.dk_batch_stride + kvh * bp.dk_head_stride +
+           int64_t(seq.k_start + n0) * bp.dk_row_stride;
+  T* dvp = static_cast<T*>(bp.dv) + b * bp.dv_batch_stride + kvh * bp.dv_head_stride +
+           int64_t(seq.k_start + n0) * bp.dv_row_stride;
+  store_frags<T, kGF>(dkp, bp.dk_row_stride, dk, 16 * ws, wd * kDCols, seq.len_k - n0,
+                      p.head_dim, lane);
+  store_frags<T, kGF>(dvp, bp.dv_row_stride, dv, 16 * ws, wd * kDCols, seq.len_k - n0,
+                      p.head_dim, lane);
+}
+
+template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNumWarps, bool kHasMask,
+          bool kHasBias, bool kVarlen, bool kDeterministic, bool kDebug>
+__global__ void __launch_bounds__(kNumWarps * 32, 1)
+flash_bwd_dq_kernel(const BwdParams bp) {
+  const FwdParams& p = bp.f;
+  static_assert(kBlockM == 16 * kNumWarps, "one m16 query slab per warp");
+  static_assert(kBlockN % 16 == 0 && kBlockN <= 64, "keep-bits of a tile fit one uint32");
+  constexpr int kThreads = kNumWarps * 32;
+  constexpr int kStride = kHeadDim + 8;
+  constexpr int kNF = kBlockN / 8;
+  constexpr int kDF = kHeadDim / 8;
+  extern __shared__ __align__(16) uint16_t smem[];
+  uint16_t* sQ = smem;
+  uint16_t* sdO = sQ + kBlockM * kStride;
+  uint16_t* sK = sdO + kBlockM * kStride;
+  uint16_t* sV = sK + kBlockN * kStride;
+  float* sB = reinterpret_cast<float*>(sV + kBlockN * kStride);  // bias tile (with a bias)
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int h = blockIdx.y, b = blockIdx.z;
+  const SeqInfo seq = seq_info<kVarlen>(p, b);
+  const int m0 = blockIdx.x * kBlockM;
+  if (m0 >= seq.len_q) return;
+  const int m_end = dm_min(m0 + kBlockM, seq.len_q);
+  const int kvh = h / p.q_per_kv;
+
+  const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
+               int64_t(seq.q_start + m0) * p.q_row_stride;
+  const T* dout = static_cast<const T*>(bp.dout) + b * bp.do_batch_stride + h * bp.do_head_stride +
+                  int64_t(seq.q_start + m0) * bp.do_row_stride;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + kvh * p.k_head_stride +
+               int64_t(seq.k_start) * p.k_row_stride;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + kvh * p.v_head_stride +
+               int64_t(seq.k_start) * p.v_row_stride;
+  const uint8_t* mask = kHasMask ? p.mask + mask_offset(p, b, h, seq) : nullptr;
+  const int64_t bias_base = kHasBias ? bias_offset(p, b, h, seq) : 0;
+  load_tile_async<kHeadDim, kStride, kThreads>(sQ, q, p.q_row_stride, kBlockM, m_end - m0,
+                                               p.head_dim);
+  load_tile_async<kHeadDim, kStride, kThreads>(sdO, dout, bp.do_row_stride, kBlockM, m_end - m0,
+                                               p.head_dim);
+  cp_async_commit();
+
+  const int r0 = 16 * warp + lane / 4;
+  float lse[2], dsum[2];
+  const int64_t lse_base = b * p.lse_batch_stride + h * p.lse_head_stride + seq.q_start;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int i = m0 + r0 + 8 * r;
+    lse[r] = DM_INF;
+    dsum[r] = 0.f;
+    if (i < seq.len_q) {
+      const float lv = p.lse[lse_base + i];
+      lse[r] = lv == -DM_INF ? DM_INF : lv * kLog2e;
+      dsum[r] = bp.dsum[lse_base + i];
+    }
+  }
+
+  TileCoords tc;
+  tc.row[0] = m0 + r0;
+  tc.row[1] = tc.row[0] + 8;
+  float dq[kDF][4];
+  zero_frags(dq);
+  const KeyRange kr = key_range(p, m0, m_end, seq.len_q, seq.len_k);
+  for (int n0 = kr.k_begin / kBlockN * kBlockN; n0 < kr.k_end; n0 += kBlockN) {
+    tc.col0 = n0 + 2 * (lane % 4);
+    uint32_t bits = window_bits<kNF>(p, tc, seq.len_q, seq.len_k);
+    if (kHasMask) bits = mask_bits<kNF>(p, mask, tc, bits);
+    if (!__syncthreads_or(bits != 0)) continue;  // also frees the previous K/V tile
+    load_tile_async<kHeadDim, kStride, kThreads>(sK, k + int64_t(n0) * p.k_row_stride,
+                                                 p.k_row_stride, kBlockN, seq.len_k - n0,
+                                                 p.head_dim);
+    load_tile_async<kHeadDim, kStride, kThreads>(sV, v + int64_t(n0) * p.v_row_stride,
+                                                 p.v_row_stride, kBlockN, seq.len_k - n0,
+                                                 p.head_dim);
+    cp_async_commit();
+    if (kHasBias) load_bias_tile<T, kBlockM, kBlockN, kThreads>(p, bias_base, m0, n0, seq.len_q,
+                                                                seq.len_k, sB);
+    cp_async_wait<0>();
+    __syncthreads();
+
+    float s[kNF][4], dp[kNF][4];
+    zero_frags(s);
+    zero_frags(dp);
+    gemm_abt<T, kHeadDim, kStride, kStride, kNF>(s, sQ + 16 * warp * kStride, sK);
+    gemm_abt<T, kHeadDim, kStride, kStride, kNF>(dp, sdO + 16 * warp * kStride, sV);
+    bwd_pointwise<kNF, kBlockN, kHasBias>(p, bp.scale, s, dp, bits, lse, dsum, sB, r0, 0, lane);
+    // dQ += dS K with dS from registers as the A operand.
+#pragma unroll
+    for (int ps = 0; ps < kNF / 2; ++ps) {
+      uint32_t a[4];
+      a[0] = pack2<T>(dp[2 * ps][0], dp[2 * ps][1]);
+      a[1] = pack2<T>(dp[2 * ps][2], dp[2 * ps][3]);
+      a[2] = pack2<T>(dp[2 * ps + 1][0], dp[2 * ps + 1][1]);
+      a[3] = pack2<T>(dp[2 * ps + 1][2], dp[2 * ps + 1][3]);
+#pragma unroll
+      for (int dd = 0; dd < kDF / 2; ++dd) {
+        uint32_t bf[4];
+        load_b_kn<kStride>(bf, sK, ps, dd, lane);
+        mma_16816<T>(dq[2 * dd], a, bf[0], bf[1]);
+        mma_16816<T>(dq[2 * dd + 1], a, bf[2], bf[3]);
+      }
+    }
+  }
+  cp_async_wait<0>();
+  T* dqp = static_cast<T*>(bp.dq) + b * bp.dq_batch_stride + h * bp.dq_head_stride +
+           int64_t(seq.q_start + m0) * bp.dq_row_stride;
+  store_frags<T, kDF>(dqp, bp.dq_row_stride, dq, 16 * warp, 0, m_end - m0, p.head_dim, lane);
+}
+
+}  // namespace dm

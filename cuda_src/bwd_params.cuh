@@ -1,0 +1,30 @@
+// bwd_params.cuh: the one struct a backward launch receives, by value: the forward's record
+// (inputs, out, lse, mask/bias, sizes, window) followed by the gradient buffers and strides
+// (in elements). dmattn_cupy/backward.py mirrors it (BWD_EXTRA_FIELDS) and generates the
+// static_asserts that keep the two sides from drifting, as for FwdParams.
+#pragma once
+#include "params.cuh"
+
+struct BwdParams {
+  FwdParams f;
+  const void* dout;            // like q
+  const float* dlse;           // optional incoming gradient of lse (lse layout); null = 0
+  float* dsum;                 // rowsum(dO * O) - dlse, lse layout
+  float* dq_accum;             // fp32 (dqa strides), zeroed; atomic (non-deterministic) mode
+  void* dq;                    // like q
+  void* dk;                    // like k
+  void* dv;
+  void* dbias;                 // mode 1: bias dtype; modes 2/3: float32
+  int64_t do_batch_stride, do_row_stride, do_head_stride;
+  int64_t dq_batch_stride, dq_row_stride, dq_head_stride;
+  int64_t dk_batch_stride, dk_row_stride, dk_head_stride;
+  int64_t dv_batch_stride, dv_row_stride, dv_head_stride;
+  int64_t dqa_batch_stride, dqa_row_stride, dqa_head_stride;
+  // dbias has the bias's own shape; a broadcast dimension has stride 0 (summed over).
+  int64_t dbias_batch_stride, dbias_head_stride, dbias_row_stride, dbias_col_stride;
+  int64_t dbias_qseq_stride, dbias_kseq_stride;
+  int32_t dbias_mode;          // 0 none; 1 store once; 2 fp32 add (CTA-exclusive); 3 fp32 atomic
+  int32_t dbias_is_fp32;       // mode 1: element type of dbias (1 = float32, 0 = query dtype)
+  float scale;                 // softmax_scale (natural units)
+  int32_t pad1;
+};

@@ -1,0 +1,161 @@
+"""Public functional backward: ``flash_dmattn_backward`` / ``flash_dmattn_varlen_backward``.
+
+For CuPy (or any) users who run the forward with ``return_lse=True`` and hold ``out`` and
+``lse``; torch users get the same kernels through autograd (``autograd.py``). NumPy inputs run
+the float64 reference (``reference_bwd``); GPU inputs the CUDA kernels (``backward``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from . import reference_bwd
+from .arrays import array_kind, common_kind, describe, from_numpy_like, to_numpy_f64
+from .masks import SparseMask
+from .sparse_plan import bound_min, split_sparse
+from .validate import Problem, check_cu_seqlens_values, check_dense, check_varlen
+
+
+def _check_like(name: str, x: Any, shape: tuple[int, ...]) -> None:
+    if x is None:
+        raise TypeError(f"{name} is required, got None")
+    info = describe(x)
+    if tuple(info.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {info.shape}")
+
+
+def _check_lse(name: str, x: Any, shape: tuple[int, ...], required: bool = True) -> None:
+    if x is None and not required:
+        return
+    _check_like(name, x, shape)
+    if describe(x).dtype not in ("float32", "float64"):
+        raise TypeError(f"{name} must be float32 (as the forward returns it), got "
+                        f"{describe(x).dtype}")
+
+
+def _as_dtype(x: Any, dtype: str) -> Any:
+    """``x`` in ``dtype`` (a cast copy only when it differs)."""
+    if describe(x).dtype == dtype:
+        return x
+    if array_kind(x) == "torch":
+        import torch
+
+        return x.to(getattr(torch, dtype))
+    return x.astype(dtype)
+
+
+def _dense_sparse_mask(sparse_mask: SparseMask, attn_mask: Any, like: Any) -> Any:
+    """A block mask's exact elements as a bool array in the query's library, ANDed with
+    ``attn_mask`` (the backward kernels read it like any mask; all-false tiles are skipped)."""
+    dense = np.asarray(sparse_mask.to_dense(), dtype=bool)
+    if dense.ndim == 2:
+        dense = dense[None, None]
+    kind = array_kind(like)
+    if kind == "torch":
+        import torch
+
+        m = torch.from_numpy(dense).to(like.device)
+    elif kind == "cupy":
+        import cupy
+
+        with cupy.cuda.Device(like.device.id):
+            m = cupy.asarray(dense)
+    else:
+        m = dense
+    return m if attn_mask is None else (m & attn_mask)
+
+
+def fold_sparse(sparse_mask: SparseMask | None, pb: Problem, attn_mask: Any,
+                like: Any) -> tuple[Problem, Any, bool]:
+    """Parametric masks fold into the window; block masks become (part of) ``attn_mask``.
+    Returns (problem with the window folded, mask to use, whether the mask changed)."""
+    if sparse_mask is None:
+        return pb, attn_mask, False
+    win, block = split_sparse(sparse_mask)
+    pb = dataclasses.replace(pb, window=(bound_min(pb.window[0], win[0]),
+                                         bound_min(pb.window[1], win[1])))
+    if block is None:
+        return pb, attn_mask, False
+    return pb, _dense_sparse_mask(block, attn_mask, like), True
+
+
+def flash_dmattn_backward(dout: Any, query: Any, key: Any, value: Any, out: Any, lse: Any,
+                          attn_mask: Any = None, attn_bias: Any = None,
+                          softmax_scale: float | None = None, is_causal: bool = False,
+                          window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                          sparse_mask: SparseMask | None = None, deterministic: bool = False,
+                          backend: str = "auto", dlse: Any = None,
+                          bias_grad: bool = True) -> tuple[Any, Any, Any, Any]:
+    """Gradients of ``flash_dmattn_func``: returns ``(dq, dk, dv, dbias)``, ``dbias`` in the
+    bias's own (broadcast) shape, or None without a bias (or with ``bias_grad=False``: the bias
+    then shapes the probabilities but its gradient is not computed). ``out``/``lse`` come from
+    the forward (``return_lse=True``); ``dlse`` is an optional incoming gradient of ``lse``."""
+    from .api import _check_flags, _check_sparse
+
+    common_kind({"dout": dout, "query": query, "out": out, "lse": lse, "dlse": dlse})
+    pb = check_dense(query, key, value, attn_mask, attn_bias, softmax_scale, is_causal,
+                     window_size, softcap, backend)
+    _check_flags(False, deterministic)
+    _check_sparse(sparse_mask, pb)
+    _check_like("dout", dout, pb.q.shape)
+    _check_like("out", out, pb.q.shape)
+    _check_lse("lse", lse, (pb.batch, pb.heads, pb.seqlen_q))
+    _check_lse("dlse", dlse, (pb.batch, pb.heads, pb.seqlen_q), required=False)
+    if pb.backend == "reference":
+        dq, dk, dv, db = reference_bwd.dense_backward(
+            to_numpy_f64(query), to_numpy_f64(key), to_numpy_f64(value), to_numpy_f64(attn_mask),
+            to_numpy_f64(attn_bias), to_numpy_f64(dout), pb.scale, pb.softcap, pb.window,
+            None if sparse_mask is None else sparse_mask.to_dense(), to_numpy_f64(dlse))
+        return (from_numpy_like(dq, query), from_numpy_like(dk, key), from_numpy_like(dv, value),
+                None if db is None or not bias_grad else from_numpy_like(db, attn_bias))
+    pb, mask, changed = fold_sparse(sparse_mask, pb, attn_mask, query)
+    if changed:
+        window = pb.window
+        pb = check_dense(query, key, value, mask, attn_bias, softmax_scale, False, window_size,
+                         softcap, backend)
+        pb = dataclasses.replace(pb, window=window)
+    from .backward import run_backward
+
+    return run_backward(pb, _as_dtype(dout, pb.dtype), query, key, value, _as_dtype(out, pb.dtype),
+                        lse, dlse=dlse, deterministic=deterministic,
+                        need_dbias=bias_grad and attn_bias is not None)
+
+
+def flash_dmattn_varlen_backward(dout: Any, query: Any, key: Any, value: Any, out: Any, lse: Any,
+                                 cu_seqlens_q: Any, cu_seqlens_k: Any, max_seqlen_q: int,
+                                 max_seqlen_k: int, attn_mask: Any = None, attn_bias: Any = None,
+                                 softmax_scale: float | None = None, is_causal: bool = False,
+                                 window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                                 deterministic: bool = False, backend: str = "auto",
+                                 dlse: Any = None,
+                                 bias_grad: bool = True) -> tuple[Any, Any, Any, Any]:
+    """Gradients of ``flash_dmattn_varlen_func`` (``lse`` is ``(H, total_q)``)."""
+    from .api import _check_flags
+
+    common_kind({"dout": dout, "query": query, "out": out, "lse": lse, "dlse": dlse})
+    pb = check_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                      attn_mask, attn_bias, softmax_scale, is_causal, window_size, softcap,
+                      backend)
+    _check_flags(False, deterministic)
+    _check_like("dout", dout, pb.q.shape)
+    _check_like("out", out, pb.q.shape)
+    _check_lse("lse", lse, (pb.heads, pb.total_q))
+    _check_lse("dlse", dlse, (pb.heads, pb.total_q), required=False)
+    if pb.backend == "reference":
+        cu_q = np.asarray(to_numpy_f64(cu_seqlens_q)).astype(np.int64)
+        cu_k = np.asarray(to_numpy_f64(cu_seqlens_k)).astype(np.int64)
+        check_cu_seqlens_values(cu_q, cu_k, pb.total_q, pb.total_k, pb.seqlen_q, pb.seqlen_k)
+        dq, dk, dv, db = reference_bwd.varlen_backward(
+            to_numpy_f64(query), to_numpy_f64(key), to_numpy_f64(value), cu_q, cu_k,
+            to_numpy_f64(attn_mask), to_numpy_f64(attn_bias), to_numpy_f64(dout), pb.scale,
+            pb.softcap, pb.window, to_numpy_f64(dlse))
+        return (from_numpy_like(dq, query), from_numpy_like(dk, key), from_numpy_like(dv, value),
+                None if db is None or not bias_grad else from_numpy_like(db, attn_bias))
+    from .backward import run_backward
+
+    return run_backward(pb, _as_dtype(dout, pb.dtype), query, key, value, _as_dtype(out, pb.dtype),
+                        lse, cu_seqlens_q, cu_seqlens_k, dlse=dlse, deterministic=deterministic,
+                        need_dbias=bias_grad and attn_bias is not None)

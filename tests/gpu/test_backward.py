@@ -1,0 +1,300 @@
+"""The CUDA backward against float64 autograd of the dense formulation, with FlashAttention's
+rule for gradients: max|g - g_ref| <= 3 * max|g_lowprec - g_ref| + eps, where g_lowprec is the
+same formulation run by torch autograd in the input precision. Bias broadcast shapes, causal,
+window, softcap, GQA, head dims, varlen with key-/query-based bias, sparse masks, fully masked
+rows, deterministic mode, CuPy's functional API and torch.compile."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import dmattn_cupy as dm
+from dmattn_cupy.reference import allowed_positions
+
+torch = pytest.importorskip("torch")
+
+pytestmark = pytest.mark.gpu
+
+
+def _attention(q, k, v, mask, bias, scale, softcap, window, keep_extra=None):
+    """Dense formulation; computes in q's dtype like FlashAttention's reference (softmax in fp32,
+    probabilities rounded to q's dtype). Rows with nothing allowed give 0."""
+    h = q.shape[2]
+    kk = k.repeat_interleave(h // k.shape[2], dim=2)
+    vv = v.repeat_interleave(h // v.shape[2], dim=2)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, kk) * scale
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    if bias is not None:
+        s = s + (bias if bias.shape[1] in (1, h) else bias.repeat_interleave(h // bias.shape[1], 1))
+    keep = torch.from_numpy(allowed_positions(q.shape[1], k.shape[1], window)).to(q.device)
+    if mask is not None:
+        keep = keep & mask
+    if keep_extra is not None:
+        keep = keep & keep_extra
+    s = s.float().masked_fill(~keep, float("-inf"))
+    m = s.amax(-1, keepdim=True).detach()
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(s - m)
+    ell = p.sum(-1, keepdim=True)
+    p = (p / torch.where(ell > 0, ell, torch.ones_like(ell))).to(q.dtype)
+    return torch.einsum("bhqk,bkhd->bqhd", p, vv)
+
+
+def _ref_grads(inputs, dout, fn):
+    """Gradients of fn(*inputs) . dout w.r.t. every input that is not None."""
+    leaves = [None if x is None else x.detach().clone().requires_grad_(True) for x in inputs]
+    out = fn(*leaves)
+    out.backward(dout.to(out.dtype))
+    return [None if x is None else x.grad for x in leaves]
+
+
+def _check_grads(got, inputs, dout, fn, names=("q", "k", "v", "bias"), eps=1e-4):
+    ref = _ref_grads([None if x is None else x.double() for x in inputs], dout.double(), fn)
+    low = _ref_grads(inputs, dout, fn)
+    for name, g, r, lo in zip(names, got, ref, low, strict=True):
+        if r is None:
+            continue
+        assert g is not None, f"{name}: no gradient"
+        assert g.shape == r.shape, f"{name}: shape {tuple(g.shape)} != {tuple(r.shape)}"
+        assert torch.isfinite(g).all(), f"{name}: NaN/inf in gradient"
+        err = (g.double() - r).abs().max().item()
+        tol = 3 * (lo.double() - r).abs().max().item() + eps
+        assert err <= tol, f"d{name}: max err {err:.3e} > {tol:.3e}"
+
+
+def _qkv(b, sq, sk, h, hk, d, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    dt = getattr(torch, dtype)
+    return (torch.randn(b, sq, h, d, generator=g).to("cuda", dt),
+            torch.randn(b, sk, hk, d, generator=g).to("cuda", dt),
+            torch.randn(b, sk, hk, d, generator=g).to("cuda", dt))
+
+
+def _run_dense(q, k, v, mask=None, bias=None, seed=0, deterministic=False, **kw):
+    """dm's gradients through autograd and the reference check; returns the gradients."""
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1)).to(q)
+    leaves = [x.detach().clone().requires_grad_(True) if x is not None else None
+              for x in (q, k, v, bias)]
+    out = dm.flash_dmattn_func(leaves[0], leaves[1], leaves[2], attn_mask=mask,
+                               attn_bias=leaves[3], deterministic=deterministic, **kw)
+    out.backward(dout)
+    torch.cuda.synchronize()
+    got = [x.grad if x is not None else None for x in leaves]
+    scale = kw.get("softmax_scale") or q.shape[-1] ** -0.5
+    window = list(kw.get("window_size", (-1, -1)))
+    if kw.get("is_causal"):
+        window[1] = 0 if window[1] < 0 else min(window[1], 0)
+    extra = kw.get("sparse_mask")
+    extra = None if extra is None else torch.from_numpy(
+        np.array(extra.to_dense(), dtype=bool)).cuda()
+
+    def fn(q_, k_, v_, b_):
+        return _attention(q_, k_, v_, mask, b_, scale, kw.get("softcap", 0.0), tuple(window),
+                          extra)
+
+    _check_grads(got, [q, k, v, bias], dout, fn)
+    return got
+
+
+B, H, HK, SQ, SK = 2, 4, 2, 70, 91
+BIAS = {"full": (B, H, SQ, SK), "bh1k": (B, H, 1, SK), "hk": (B, HK, SQ, SK),
+        "kside_111": (1, 1, 1, SK), "b1": (1, H, SQ, SK), "h1": (B, 1, SQ, SK),
+        "k1": (B, H, SQ, 1), "hk1k": (B, HK, 1, SK)}
+
+
+@pytest.mark.parametrize("shape", list(BIAS), ids=list(BIAS))
+def test_bias_broadcast_shapes(shape):
+    q, k, v = _qkv(B, SQ, SK, H, HK, 64, "bfloat16", seed=len(shape))
+    bias = torch.randn(*BIAS[shape], generator=torch.Generator().manual_seed(3)).to(
+        "cuda", torch.bfloat16)
+    _run_dense(q, k, v, bias=bias, seed=4)
+
+
+def test_long_bias_row_broadcast_over_query_tiles():
+    q, k, v = _qkv(1, 300, 200, 4, 2, 64, "float16", seed=5)
+    bias = torch.randn(1, 2, 1, 200, device="cuda", dtype=torch.float16)
+    _run_dense(q, k, v, bias=bias, seed=6, is_causal=True)
+
+
+def test_float32_bias_and_mask():
+    q, k, v = _qkv(2, 65, 130, 4, 4, 64, "bfloat16", seed=7)
+    bias = torch.randn(2, 4, 65, 130, device="cuda", dtype=torch.float32)
+    mask = torch.rand(2, 1, 65, 130, device="cuda") > 0.3
+    _run_dense(q, k, v, mask=mask, bias=bias, seed=8)
+
+
+HEAD_DIMS = [32, 40, 64, 96, 128, 192, 256]
+
+
+@pytest.mark.parametrize("d", HEAD_DIMS, ids=[f"d{d}" for d in HEAD_DIMS])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_head_dims(d, dtype):
+    q, k, v = _qkv(2, 77, 100, 2, 1, d, dtype, seed=d)
+    bias = torch.randn(2, 2, 77, 100, device="cuda").to(getattr(torch, dtype))
+    _run_dense(q, k, v, bias=bias, seed=d + 1, is_causal=True)
+
+
+@pytest.mark.parametrize("kw", [dict(is_causal=True), dict(window_size=(20, 5)),
+                                dict(softcap=5.0), dict(softcap=10.0, is_causal=True),
+                                dict(window_size=(-1, 3), softmax_scale=0.2)],
+                         ids=["causal", "window", "softcap", "softcap_causal", "right_window"])
+@pytest.mark.parametrize("sq,sk", [(130, 130), (60, 200), (200, 60)], ids=str)
+def test_causal_window_softcap(kw, sq, sk):
+    q, k, v = _qkv(2, sq, sk, 4, 2, 64, "bfloat16", seed=sq + sk)
+    bias = torch.randn(2, 4, sq, sk, device="cuda", dtype=torch.bfloat16)
+    _run_dense(q, k, v, bias=bias, seed=9, **kw)
+
+
+@pytest.mark.parametrize("h,hk", [(8, 8), (8, 2), (8, 1)], ids=str)
+def test_gqa(h, hk):
+    q, k, v = _qkv(2, 96, 80, h, hk, 128, "float16", seed=h + hk)
+    bias = torch.randn(2, hk, 96, 80, device="cuda", dtype=torch.float16)
+    _run_dense(q, k, v, bias=bias, seed=10, is_causal=True)
+
+
+def test_fully_masked_rows_zero_grads():
+    q, k, v = _qkv(2, 40, 50, 2, 2, 64, "bfloat16", seed=11)
+    mask = torch.rand(2, 2, 40, 50, device="cuda") > 0.5
+    mask[:, :, ::3] = False
+    bias = torch.randn(2, 2, 40, 50, device="cuda", dtype=torch.bfloat16)
+    dq, dk, dv, db = _run_dense(q, k, v, mask=mask, bias=bias, seed=12)
+    assert (dq[:, ::3] == 0).all() and (db[:, :, ::3] == 0).all()
+    # causal with Sq > Sk: the first rows see nothing; keys nobody sees get zero dK/dV
+    q, k, v = _qkv(1, 90, 30, 2, 2, 64, "bfloat16", seed=13)
+    dq, dk, dv, _ = _run_dense(q, k, v, seed=14, is_causal=True)
+    assert (dq[:, :60] == 0).all()
+    q, k, v = _qkv(1, 30, 90, 2, 2, 64, "bfloat16", seed=15)
+    dq, dk, dv, _ = _run_dense(q, k, v, seed=16, window_size=(10, 0))
+    assert (dk[:, :50] == 0).all() and (dv[:, :50] == 0).all()
+
+
+def test_sparse_masks():
+    q, k, v = _qkv(2, 200, 260, 4, 2, 64, "bfloat16", seed=17)
+    bias = torch.randn(2, 4, 200, 260, device="cuda", dtype=torch.bfloat16)
+    _run_dense(q, k, v, bias=bias, seed=18, sparse_mask=dm.CausalMask(200, 260))
+    dense = np.random.default_rng(0).random((200, 260)) > 0.7
+    dense[:, 64:128] = False
+    _run_dense(q, k, v, bias=bias, seed=19,
+               sparse_mask=dm.MixedMask.from_dense_mask(dense, block_size=(64, 64)))
+
+
+def test_deterministic_bitwise_and_correct():
+    q, k, v = _qkv(2, 300, 257, 8, 2, 128, "bfloat16", seed=20)
+    bias = torch.randn(2, 2, 300, 257, device="cuda", dtype=torch.bfloat16)
+    g1 = _run_dense(q, k, v, bias=bias, seed=21, deterministic=True, is_causal=True)
+    g2 = _run_dense(q, k, v, bias=bias, seed=21, deterministic=True, is_causal=True)
+    for a, b in zip(g1, g2, strict=True):
+        assert torch.equal(a, b)
+    bias_k = torch.randn(2, 8, 1, 257, device="cuda", dtype=torch.bfloat16)
+    g1 = _run_dense(q, k, v, bias=bias_k, seed=22, deterministic=True)
+    g2 = _run_dense(q, k, v, bias=bias_k, seed=22, deterministic=True)
+    for a, b in zip(g1, g2, strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(NotImplementedError, match="deterministic"):
+        _run_dense(q, k, v, bias=bias[:1], seed=22, deterministic=True)
+
+
+def _packed(lens_q, lens_k, h, hk, d, seed, dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(seed)
+    cu_q = torch.tensor(np.concatenate([[0], np.cumsum(lens_q)]), dtype=torch.int32)
+    cu_k = torch.tensor(np.concatenate([[0], np.cumsum(lens_k)]), dtype=torch.int32)
+    q = torch.randn(int(cu_q[-1]), h, d, generator=g).to("cuda", dtype)
+    k = torch.randn(int(cu_k[-1]), hk, d, generator=g).to("cuda", dtype)
+    v = torch.randn(int(cu_k[-1]), hk, d, generator=g).to("cuda", dtype)
+    return q, k, v, cu_q, cu_k
+
+
+@pytest.mark.parametrize("layout", ["key", "query"])
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "det"])
+def test_varlen(layout, deterministic):
+    lens_q, lens_k = [5, 130, 0, 64], [70, 129, 33, 64]
+    h, hk, d = 4, 2, 64
+    q, k, v, cu_q, cu_k = _packed(lens_q, lens_k, h, hk, d, seed=23)
+    mq, mk = max(lens_q), max(lens_k)
+    bshape = (k.shape[0], hk) if layout == "key" else (q.shape[0], h, mk)
+    bias = torch.randn(*bshape, generator=torch.Generator().manual_seed(24)).to("cuda", q.dtype)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(25)).to(q)
+    leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v, bias)]
+    out = dm.flash_dmattn_varlen_func(leaves[0], leaves[1], leaves[2], cu_q.cuda(), cu_k.cuda(),
+                                      mq, mk, attn_bias=leaves[3], is_causal=True,
+                                      deterministic=deterministic)
+    out.backward(dout)
+    torch.cuda.synchronize()
+    got = [x.grad for x in leaves]
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+
+    def fn(q_, k_, v_, b_):
+        outs = []
+        for i in range(len(lens_q)):
+            qs, qe, ks, ke = cq[i], cq[i + 1], ck[i], ck[i + 1]
+            if qe == qs:
+                continue
+            if layout == "key":
+                bb = b_[ks:ke].T[None, :, None, :]
+            else:
+                bb = b_[qs:qe, :, : ke - ks].permute(1, 0, 2)[None]
+            outs.append(_attention(q_[None, qs:qe], k_[None, ks:ke], v_[None, ks:ke], None, bb,
+                                   d ** -0.5, 0.0, (-1, 0))[0])
+        return torch.cat(outs)
+
+    _check_grads(got, [q, k, v, bias], dout, fn)
+
+
+def test_cupy_functional_backward():
+    cupy = pytest.importorskip("cupy")
+    q, k, v = _qkv(2, 33, 47, 4, 2, 64, "float16", seed=26)
+    bias = torch.randn(2, 4, 1, 47, device="cuda", dtype=torch.float16)
+    dout = torch.randn_like(q)
+    cq, ck, cv, cb, cdo = (cupy.from_dlpack(t) for t in (q, k, v, bias, dout))
+    out, lse = dm.flash_dmattn_func(cq, ck, cv, attn_bias=cb, is_causal=True, return_lse=True)
+    dq, dk, dv, db = dm.flash_dmattn_backward(cdo, cq, ck, cv, out, lse, attn_bias=cb,
+                                              is_causal=True)
+    cupy.cuda.get_current_stream().synchronize()
+    assert isinstance(dq, cupy.ndarray) and db.shape == (2, 4, 1, 47)
+    got = [torch.from_dlpack(x) for x in (dq, dk, dv, db)]
+
+    def fn(q_, k_, v_, b_):
+        return _attention(q_, k_, v_, None, b_, 1 / 8, 0.0, (-1, 0))
+
+    _check_grads(got, [q, k, v, bias], dout, fn)
+
+
+def test_bias_without_grad_still_shapes_gradients():
+    q, k, v = _qkv(1, 50, 60, 2, 2, 64, "bfloat16", seed=27)
+    bias = torch.randn(1, 2, 50, 60, device="cuda", dtype=torch.bfloat16) * 3
+    leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
+    dout = torch.randn_like(q)
+    dm.flash_dmattn_func(*leaves, attn_bias=bias).backward(dout)
+    got = [x.grad for x in leaves] + [None]
+
+    def fn(q_, k_, v_, b_):
+        return _attention(q_, k_, v_, None, bias, 1 / 8, 0.0, (-1, -1))
+
+    _check_grads(got, [q, k, v, None], dout, fn)
+
+
+def test_torch_compile_fullgraph_attention_block():
+    torch.manual_seed(28)
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = torch.nn.Linear(128, 3 * 128, dtype=torch.bfloat16, device="cuda")
+            self.bias = torch.nn.Parameter(torch.zeros(1, 2, 1, 64, device="cuda"))
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).view(2, 64, 3, 2, 64).unbind(2)
+            return dm.flash_dmattn_func(q, k, v, attn_bias=self.bias, is_causal=True).sum()
+
+    block = Block()
+    x = torch.randn(2, 64, 128, device="cuda", dtype=torch.bfloat16)
+    compiled = torch.compile(block, fullgraph=True)
+    compiled(x).backward()
+    got = [p.grad.clone() for p in block.parameters()]
+    block.zero_grad()
+    block(x).backward()
+    for a, b in zip(got, [p.grad for p in block.parameters()], strict=True):
+        err = (a.float() - b.float()).abs().max().item()
+        assert err <= 0.03 * b.float().abs().max().item() + 1e-3, err
