@@ -1,13 +1,17 @@
 // fwd_mma.cu: the tensor-core forward kernel (FlashAttention-2 style, sm_80+).
-// A CTA owns kBlockM = 16 * kNumWarps query rows of one (batch, head); warp w owns rows
-// 16w..16w+15. Q is staged once; K/V tiles of kBlockN keys are double-buffered in shared
-// memory with cp.async (the next non-empty tile is fetched while the current one computes).
+// A CTA owns kBlockM query rows of one (batch, head). Warp w owns kSlabs m16 row slabs:
+// rows 16w + 16*kNumWarps*s (+0..15), s < kSlabs, so every K/V fragment read from shared
+// memory feeds kSlabs mma instructions. Q is staged once; K/V tiles of kBlockN keys (and
+// the bias tile) are double-buffered in shared memory with cp.async: the next non-empty
+// tile is fetched while the current one computes. A bool mask tile is fetched one tile
+// further ahead, so the all-false test of a tile happens before its K/V are requested.
 // S = Q K^T and O += P V use mma.sync m16n8k16 with fp32 accumulation; P stays in registers
 // as the A operand. Tile classes: tiles outside the causal/window key range are never
 // visited; tiles whose mask elements are all false are skipped before their K/V are loaded;
 // full tiles (no mask, inside bounds and window) do no per-element work.
-// Requires 16-byte aligned q/k/v/o rows (pointers and strides multiples of 8 elements); the
-// launcher falls back to fwd.cu otherwise.
+// Mask and bias tiles go through shared memory when their rows are contiguous and 16-byte
+// aligned (any row stride, 0 included); other layouts are read per element from global.
+// Requires 16-byte aligned q/k/v/o rows (pointers and strides multiples of 8 elements).
 #pragma once
 #include "common.cuh"
 #include "params.cuh"
@@ -20,21 +24,43 @@
 
 namespace dm {
 
+template <typename T>
+DM_DEVICE float raw_to_float(uint32_t bits16) {
+  T x;
+  x.bits = static_cast<uint16_t>(bits16);
+  return to_float(x);
+}
+
 template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNumWarps, bool kHasMask,
           bool kHasBias, bool kVarlen, bool kSparse, bool kDebug>
 __global__ void __launch_bounds__(kNumWarps * 32, 1)
 flash_fwd_mma_kernel(const FwdParams p) {
-  static_assert(kBlockM == 16 * kNumWarps, "one m16 row slab per warp");
-  static_assert(kBlockN % 16 == 0 && kBlockN <= 64, "mask bits of a tile fit one uint32");
+  constexpr int kSlabs = kBlockM / (16 * kNumWarps);
+  static_assert(kSlabs * 16 * kNumWarps == kBlockM && kSlabs >= 1 && kSlabs <= 2,
+                "each warp owns one or two m16 row slabs");
+  static_assert(kBlockN % 16 == 0 && kBlockN <= 64, "keep-bits of a slab fit one uint32");
   static_assert(kHeadDim % 16 == 0, "head dim is padded to a multiple of 16");
   constexpr int kThreads = kNumWarps * 32;
-  constexpr int kStride = kHeadDim + 8;  // +16 bytes per row: conflict-free ldmatrix
-  constexpr int kNF = kBlockN / 8;       // score fragments per row pair
-  constexpr int kDF = kHeadDim / 8;      // output fragments
+  constexpr int kStride = kHeadDim + 8;      // +16 bytes per row: conflict-free ldmatrix
+  constexpr int kBiasStride = kBlockN + 8;   // elements; 16-byte rows, conflict-free pairs
+  constexpr int kMaskStride = kBlockN + 16;  // bytes; 16-byte rows, conflict-free pairs
+  constexpr int kNF = kBlockN / 8;           // score fragments per slab row pair
+  constexpr int kDF = kHeadDim / 8;          // output fragments
+  // Shared memory (spec.py's dynamic_smem mirrors this): Q | K x2 | V x2 | bias x2 | mask.
+  constexpr int kSmemBytes =
+      2 * (kBlockM * kStride + 4 * kBlockN * kStride + (kHasBias ? 2 * kBlockM * kBiasStride : 0)) +
+      (kHasMask ? kBlockM * kMaskStride : 0);
   extern __shared__ __align__(16) uint16_t smem[];
   uint16_t* sQ = smem;
-  uint16_t* sK = sQ + kBlockM * kStride;           // 2 stages
-  uint16_t* sV = sK + 2 * kBlockN * kStride;       // 2 stages
+  uint16_t* sK = sQ + kBlockM * kStride;
+  uint16_t* sV = sK + 2 * kBlockN * kStride;
+  uint16_t* sBias = sV + 2 * kBlockN * kStride;
+  uint8_t* sMask = reinterpret_cast<uint8_t*>(sBias + (kHasBias ? 2 * kBlockM * kBiasStride : 0));
+  {
+    uint32_t dyn;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
+    if (dyn < kSmemBytes) __trap();  // launcher and kernel disagree on the layout
+  }
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int h = blockIdx.y, b = blockIdx.z;
@@ -53,24 +79,38 @@ flash_fwd_mma_kernel(const FwdParams p) {
                int64_t(seq.k_start) * p.v_row_stride;
   const uint8_t* mask = kHasMask ? p.mask + mask_offset(p, b, h, seq) : nullptr;
   const int64_t bias_base = kHasBias ? bias_offset(p, b, h, seq) : 0;
+  // Shared-memory paths: contiguous, 16-byte aligned rows (CTA-uniform decisions).
+  const bool mask_vec = kHasMask && p.mask_col_stride == 1 && p.mask_row_stride % 16 == 0 &&
+                        reinterpret_cast<size_t>(mask) % 16 == 0;
+  const uint8_t* bias_bytes =
+      kHasBias ? static_cast<const uint8_t*>(p.bias) + bias_base * (p.bias_is_fp32 ? 4 : 2)
+               : nullptr;
+  const bool bias_vec = kHasBias && !p.bias_is_fp32 && p.bias_col_stride == 1 &&
+                        p.bias_row_stride % 8 == 0 && reinterpret_cast<size_t>(bias_bytes) % 16 == 0;
+  const bool mask_one_row = p.mask_row_stride == 0, bias_one_row = p.bias_row_stride == 0;
 
   load_tile_async<kHeadDim, kStride, kThreads>(sQ, q, p.q_row_stride, kBlockM, m_end - m0,
                                                p.head_dim);
+  cp_async_commit();
 
   const KeyRange kr = key_range(p, m0, m_end, seq.len_q, seq.len_k);
   const int n_last = kr.k_begin < kr.k_end ? (kr.k_end - 1) / kBlockN : -1;
 
-  TileCoords tc;
-  tc.row[0] = m0 + 16 * warp + lane / 4;
-  tc.row[1] = tc.row[0] + 8;
-
-  // Fragment positions on rows inside the sequence (the only ones a mask may be read at).
-  uint32_t valid_rows = 0;
+  // This thread's rows: slab s, half r -> CTA-local row 16*kNumWarps*s + 16*warp + g + 8r.
+  auto local_row = [&](int s, int r) { return 16 * kNumWarps * s + 16 * warp + lane / 4 + 8 * r; };
+  TileCoords tc[kSlabs];
+  uint32_t valid_rows[kSlabs];  // fragment positions on rows inside the sequence
 #pragma unroll
-  for (int j = 0; j < kNF; ++j)
+  for (int s = 0; s < kSlabs; ++s) {
+    tc[s].row[0] = m0 + local_row(s, 0);
+    tc[s].row[1] = m0 + local_row(s, 1);
+    valid_rows[s] = 0;
 #pragma unroll
-    for (int e = 0; e < 4; ++e)
-      if (tc.row[e >> 1] < seq.len_q) valid_rows |= 1u << (j * 4 + e);
+    for (int j = 0; j < kNF; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        if (tc[s].row[e >> 1] < seq.len_q) valid_rows[s] |= 1u << (j * 4 + e);
+  }
 
   // A tile is partial by formula when it crosses the sequence end or a window edge.
   auto tile_partial = [&](int nb) {
@@ -110,30 +150,79 @@ flash_fwd_mma_kernel(const FwdParams p) {
     const int blk = listed_partial ? partial_idx[entry - full_count] : full_idx[entry];
     return blk * sub + i % sub;
   };
-  // Keep-bits of this thread for tile nb (valid rows only for a full tile without mask).
-  auto tile_bits = [&](int nb, bool listed_partial) -> uint32_t {
-    tc.col0 = nb * kBlockN + 2 * (lane % 4);
-    uint32_t bits = tile_partial(nb) ? window_bits<kNF>(p, tc, seq.len_q, seq.len_k)
-                                     : valid_rows;
-    if (kHasMask) bits = mask_bits<kNF>(p, mask, tc, bits);
-    if (kSparse && listed_partial) {
-      const int blk = nb / sub;
-      const int slot = p.sp_partial_slot[row_entry * p.sp_col_blocks + blk];
-      bits = block_element_bits<kNF>(p.sp_partial_bits + int64_t(slot) * (p.sp_block_m *
-                                     p.sp_block_n / 32), tc, mrow * p.sp_block_m,
-                                     blk * p.sp_block_n, p.sp_block_n, bits);
+  // First item >= i whose tile lies in the key range.
+  auto next_candidate = [&](int i) {
+    for (; kSparse && i < n_items; ++i) {
+      bool lp;
+      const int nb = tile_at(i, lp);
+      if (nb >= n_first && nb <= n_last) break;
     }
-    return bits;
+    return i;
   };
+  auto load_mask = [&](int nb) {  // shared-memory path only
+    const int n0 = nb * kBlockN;
+    load_bytes_async<kBlockN, kMaskStride, kThreads>(
+        sMask, mask + int64_t(m0) * p.mask_row_stride + n0, p.mask_row_stride,
+        mask_one_row ? 1 : kBlockM, m_end - m0, seq.len_k - n0);
+  };
+  // Keep-bits (bit j*4+e of slab s) of this thread for tile nb. The shared-memory mask path
+  // expects the tile's mask in sMask.
+  auto tile_bits = [&](int nb, bool listed_partial, uint32_t (&bits)[kSlabs]) {
+    const bool by_formula = tile_partial(nb);
+#pragma unroll
+    for (int s = 0; s < kSlabs; ++s) {
+      tc[s].col0 = nb * kBlockN + 2 * (lane % 4);
+      uint32_t x = by_formula ? window_bits<kNF>(p, tc[s], seq.len_q, seq.len_k) : valid_rows[s];
+      if (kHasMask) {
+        if (mask_vec) {
+          uint32_t keep = 0;
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const uint8_t* row = sMask + (mask_one_row ? 0 : local_row(s, r)) * kMaskStride +
+                                 2 * (lane % 4);
+#pragma unroll
+            for (int j = 0; j < kNF; ++j) {
+              const uint32_t two = *reinterpret_cast<const uint16_t*>(row + 8 * j);
+              if (two & 0x00ffu) keep |= 1u << (j * 4 + 2 * r);
+              if (two & 0xff00u) keep |= 1u << (j * 4 + 2 * r + 1);
+            }
+          }
+          x &= keep;
+        } else {
+          x = mask_bits<kNF>(p, mask, tc[s], x);
+        }
+      }
+      if (kSparse && listed_partial) {
+        const int blk = nb / sub;
+        const int slot = p.sp_partial_slot[row_entry * p.sp_col_blocks + blk];
+        x = block_element_bits<kNF>(p.sp_partial_bits + int64_t(slot) * (p.sp_block_m *
+                                    p.sp_block_n / 32), tc[s], mrow * p.sp_block_m,
+                                    blk * p.sp_block_n, p.sp_block_n, x);
+      }
+      bits[s] = x;
+    }
+  };
+  int mask_item = -1;  // item whose mask tile is in (or on its way to) sMask
   // First item >= i whose tile is in the key range and kept by someone in the CTA.
-  auto next_item = [&](int i, int& nb, uint32_t& bits, bool& listed_partial) {
-    for (; i < n_items; ++i) {
+  auto next_item = [&](int i, int& nb, uint32_t (&bits)[kSlabs], bool& listed_partial) {
+    for (i = next_candidate(i); i < n_items; i = next_candidate(i + 1)) {
       nb = tile_at(i, listed_partial);
-      if (kSparse && (nb < n_first || nb > n_last)) continue;
-      bits = tile_bits(nb, listed_partial);
+      if (kHasMask && mask_vec) {
+        if (mask_item != i) {
+          load_mask(nb);
+          cp_async_commit();
+          mask_item = i;
+        }
+        cp_async_wait<0>();
+        __syncthreads();
+      }
+      tile_bits(nb, listed_partial, bits);
       // Without a mask or element bits the key range holds no empty tile.
       if (!kHasMask && !listed_partial) return i;
-      if (__syncthreads_or(bits != 0)) return i;
+      uint32_t any = 0;
+#pragma unroll
+      for (int s = 0; s < kSlabs; ++s) any |= bits[s];
+      if (__syncthreads_or(any != 0)) return i;  // also: every sMask read is done
     }
     return i;
   };
@@ -145,27 +234,57 @@ flash_fwd_mma_kernel(const FwdParams p) {
     load_tile_async<kHeadDim, kStride, kThreads>(sV + stage * kBlockN * kStride,
                                                  v + int64_t(n0) * p.v_row_stride, p.v_row_stride,
                                                  kBlockN, seq.len_k - n0, p.head_dim);
+    if (kHasBias && bias_vec)
+      load_bytes_async<2 * kBlockN, 2 * kBiasStride, kThreads>(
+          reinterpret_cast<uint8_t*>(sBias + stage * kBlockM * kBiasStride),
+          bias_bytes + 2 * (int64_t(m0) * p.bias_row_stride + n0), 2 * p.bias_row_stride,
+          bias_one_row ? 1 : kBlockM, m_end - m0, 2 * (seq.len_k - n0));
+  };
+  // Prefetch (shared-memory mask path) the mask of the first candidate after item i.
+  auto prefetch_mask = [&](int i) {
+    if (kHasMask && mask_vec) {
+      const int c = next_candidate(i + 1);
+      if (c < n_items) {
+        bool lp;
+        load_mask(tile_at(c, lp));
+        mask_item = c;
+      }
+    }
+    cp_async_commit();  // possibly empty: every iteration commits K/V then mask groups
   };
 
-  float o[kDF][4];
-#pragma unroll
-  for (int j = 0; j < kDF; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
-  OnlineSoftmax<kNF> sm;
+  // Per-thread ldmatrix addresses (shared memory, bytes) of fragment 0: Q rows of slab 0
+  // (A operand, x4 = rows 0-15 x cols 0-15), K (B operand of S, x4 = 16 keys x 2 k-halves),
+  // V (B operand of O, transposed, x4 = 16 keys x 2 column blocks).
+  const uint32_t q_frag = smem_addr(sQ + (16 * warp + lane % 16) * kStride + (lane / 16) * 8);
+  const uint32_t k_frag =
+      smem_addr(sK + (lane % 8 + (lane / 16) * 8) * kStride + ((lane / 8) % 2) * 8);
+  const uint32_t v_frag =
+      smem_addr(sV + (lane % 8 + ((lane / 8) % 2) * 8) * kStride + (lane / 16) * 8);
 
-  uint32_t bits = 0;
+  float o[kSlabs][kDF][4];
+#pragma unroll
+  for (int s = 0; s < kSlabs; ++s)
+#pragma unroll
+    for (int j = 0; j < kDF; ++j) o[s][j][0] = o[s][j][1] = o[s][j][2] = o[s][j][3] = 0.f;
+  OnlineSoftmax<kNF> sm[kSlabs];
+
+  uint32_t bits[kSlabs];
   bool listed_partial = false;
   int nb = 0;
   int item = next_item(0, nb, bits, listed_partial);
   if (item < n_items) load_kv(nb, 0);
   cp_async_commit();
+  prefetch_mask(item);
   int stage = 0;
   while (item < n_items) {
-    uint32_t bits_next = 0;
+    uint32_t bits_next[kSlabs];
     bool listed_partial_next = false;
     int nb_next = 0;
     const int item_next = next_item(item + 1, nb_next, bits_next, listed_partial_next);
     if (item_next < n_items) load_kv(nb_next, stage ^ 1);
     cp_async_commit();
+    prefetch_mask(item_next);
     const bool partial = kHasMask || listed_partial || tile_partial(nb);
 #ifdef DMATTN_DEBUG_COUNTERS
     if (threadIdx.x == 0) {
@@ -174,98 +293,147 @@ flash_fwd_mma_kernel(const FwdParams p) {
       if (partial) atomicAdd(p.tile_counters + 2 * cta + 1, 1u);
     }
 #endif
-    float bias[kNF][4];
-    if (kHasBias) {
-      tc.col0 = nb * kBlockN + 2 * (lane % 4);
-      load_bias<T, kNF>(p, bias_base, tc, seq.len_q, seq.len_k, bias);
-    }
-    cp_async_wait<1>();
+    cp_async_wait<2>();  // all but the two groups just committed: Q and this tile's K/V/bias
     __syncthreads();
 
-    // S = Q K^T for this warp's 16 rows.
-    const uint16_t* sKs = sK + stage * kBlockN * kStride;
-    float s[kNF][4];
+    // S = Q K^T for this warp's slabs; each K fragment feeds every slab.
+    const uint32_t k_stage = k_frag + stage * (kBlockN * kStride * 2);
+    float sc[kSlabs][kNF][4];
 #pragma unroll
-    for (int j = 0; j < kNF; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+    for (int s = 0; s < kSlabs; ++s)
+#pragma unroll
+      for (int j = 0; j < kNF; ++j) sc[s][j][0] = sc[s][j][1] = sc[s][j][2] = sc[s][j][3] = 0.f;
 #pragma unroll
     for (int ks = 0; ks < kHeadDim / 16; ++ks) {
-      uint32_t a[4];
-      ldmatrix_x4(a, sQ + (16 * warp + lane % 16) * kStride + ks * 16 + (lane / 16) * 8);
+      uint32_t a[kSlabs][4];
+#pragma unroll
+      for (int s = 0; s < kSlabs; ++s)
+        ldmatrix_x4_at(a[s], q_frag + (s * 16 * kNumWarps * kStride + ks * 16) * 2);
 #pragma unroll
       for (int jj = 0; jj < kNF / 2; ++jj) {
         uint32_t kb[4];
-        ldmatrix_x4(kb, sKs + (jj * 16 + lane % 8 + (lane / 16) * 8) * kStride + ks * 16 +
-                            ((lane / 8) % 2) * 8);
-        mma_16816<T>(s[2 * jj], a, kb[0], kb[1]);
-        mma_16816<T>(s[2 * jj + 1], a, kb[2], kb[3]);
+        ldmatrix_x4_at(kb, k_stage + (jj * 16 * kStride + ks * 16) * 2);
+#pragma unroll
+        for (int s = 0; s < kSlabs; ++s) {
+          mma_16816<T>(sc[s][2 * jj], a[s], kb[0], kb[1]);
+          mma_16816<T>(sc[s][2 * jj + 1], a[s], kb[2], kb[3]);
+        }
       }
     }
 
-    // Logits in the log2 domain: softcap, bias, exclusions (partial tiles only).
+    // Logits in the log2 domain: scale or softcap (a CTA-uniform branch, so tanh is never
+    // evaluated without softcap), then bias and exclusions (partial tiles only).
+    if (p.softcap > 0.f) {
 #pragma unroll
-    for (int j = 0; j < kNF; ++j)
+      for (int s = 0; s < kSlabs; ++s)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float x = p.softcap > 0.f ? p.softcap * kLog2e * fast_tanh(s[j][e] * p.scale_over_softcap)
-                                  : s[j][e] * p.scale_log2;
-        if (kHasBias) x += bias[j][e];
-        if (partial && !(bits & (1u << (j * 4 + e)))) x = -DM_INF;
-        s[j][e] = x;
+        for (int j = 0; j < kNF; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            sc[s][j][e] = p.softcap * kLog2e * fast_tanh(sc[s][j][e] * p.scale_over_softcap);
+    } else {
+#pragma unroll
+      for (int s = 0; s < kSlabs; ++s)
+#pragma unroll
+        for (int j = 0; j < kNF; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) sc[s][j][e] *= p.scale_log2;
+    }
+    const uint16_t* sB = sBias + stage * kBlockM * kBiasStride;
+#pragma unroll
+    for (int s = 0; s < kSlabs; ++s) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const uint16_t* brow = sB + (bias_one_row ? 0 : local_row(s, r)) * kBiasStride +
+                               2 * (lane % 4);
+#pragma unroll
+        for (int j = 0; j < kNF; ++j) {
+          float bv[2] = {0.f, 0.f};
+          if (kHasBias) {
+            if (bias_vec) {
+              const uint32_t two = *reinterpret_cast<const uint32_t*>(brow + 8 * j);
+              bv[0] = raw_to_float<T>(two & 0xffffu);
+              bv[1] = raw_to_float<T>(two >> 16);
+            } else {
+              const int col = nb * kBlockN + 8 * j + 2 * (lane % 4);
+              bv[0] = bias_element<T>(p, bias_base, tc[s].row[r], col, seq.len_q, seq.len_k);
+              bv[1] = bias_element<T>(p, bias_base, tc[s].row[r], col + 1, seq.len_q, seq.len_k);
+            }
+          }
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            const int e = 2 * r + c;
+            float x = sc[s][j][e];
+            if (kHasBias) x += bv[c] * kLog2e;
+            if (partial && !(bits[s] & (1u << (j * 4 + e)))) x = -DM_INF;
+            sc[s][j][e] = x;
+          }
+        }
       }
-    float alpha[2];
-    sm.update(s, alpha);
+      float alpha[2];
+      sm[s].update(sc[s], alpha);
 #pragma unroll
-    for (int j = 0; j < kDF; ++j) {
-      o[j][0] *= alpha[0];
-      o[j][1] *= alpha[0];
-      o[j][2] *= alpha[1];
-      o[j][3] *= alpha[1];
+      for (int j = 0; j < kDF; ++j) {
+        o[s][j][0] *= alpha[0];
+        o[s][j][1] *= alpha[0];
+        o[s][j][2] *= alpha[1];
+        o[s][j][3] *= alpha[1];
+      }
     }
 
-    // O += P V, P from registers as the A operand.
-    const uint16_t* sVs = sV + stage * kBlockN * kStride;
+    // O += P V, P from registers as the A operand; each V fragment feeds every slab.
+    const uint32_t v_stage = v_frag + stage * (kBlockN * kStride * 2);
 #pragma unroll
     for (int ps = 0; ps < kBlockN / 16; ++ps) {
-      uint32_t a[4];
-      a[0] = pack2<T>(s[2 * ps][0], s[2 * ps][1]);
-      a[1] = pack2<T>(s[2 * ps][2], s[2 * ps][3]);
-      a[2] = pack2<T>(s[2 * ps + 1][0], s[2 * ps + 1][1]);
-      a[3] = pack2<T>(s[2 * ps + 1][2], s[2 * ps + 1][3]);
+      uint32_t a[kSlabs][4];
+#pragma unroll
+      for (int s = 0; s < kSlabs; ++s) {
+        a[s][0] = pack2<T>(sc[s][2 * ps][0], sc[s][2 * ps][1]);
+        a[s][1] = pack2<T>(sc[s][2 * ps][2], sc[s][2 * ps][3]);
+        a[s][2] = pack2<T>(sc[s][2 * ps + 1][0], sc[s][2 * ps + 1][1]);
+        a[s][3] = pack2<T>(sc[s][2 * ps + 1][2], sc[s][2 * ps + 1][3]);
+      }
 #pragma unroll
       for (int dd = 0; dd < kDF / 2; ++dd) {
         uint32_t vb[4];
-        ldmatrix_x4_trans(vb, sVs + (ps * 16 + lane % 8 + ((lane / 8) % 2) * 8) * kStride +
-                                  dd * 16 + (lane / 16) * 8);
-        mma_16816<T>(o[2 * dd], a, vb[0], vb[1]);
-        mma_16816<T>(o[2 * dd + 1], a, vb[2], vb[3]);
+        ldmatrix_x4_trans_at(vb, v_stage + (ps * 16 * kStride + dd * 16) * 2);
+#pragma unroll
+        for (int s = 0; s < kSlabs; ++s) {
+          mma_16816<T>(o[s][2 * dd], a[s], vb[0], vb[1]);
+          mma_16816<T>(o[s][2 * dd + 1], a[s], vb[2], vb[3]);
+        }
       }
     }
-    __syncthreads();  // this stage is refilled two iterations from now
+    __syncthreads();  // this stage is refilled next iteration
     item = item_next;
     nb = nb_next;
-    bits = bits_next;
+#pragma unroll
+    for (int s = 0; s < kSlabs; ++s) bits[s] = bits_next[s];
     listed_partial = listed_partial_next;
     stage ^= 1;
   }
   cp_async_wait<0>();
 
-  float inv_l[2], lse[2];
-  sm.finalize(inv_l, lse);
   T* out = static_cast<T*>(p.o) + b * p.o_batch_stride + h * p.o_head_stride +
            int64_t(seq.q_start) * p.o_row_stride;
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int i = tc.row[r];
-    if (i >= seq.len_q) continue;
+  for (int s = 0; s < kSlabs; ++s) {
+    float inv_l[2], lse[2];
+    sm[s].finalize(inv_l, lse);
 #pragma unroll
-    for (int j = 0; j < kDF; ++j) {
-      const int col = 8 * j + 2 * (lane % 4);
-      if (col < p.head_dim)
-        *reinterpret_cast<uint32_t*>(out + int64_t(i) * p.o_row_stride + col) =
-            pack2<T>(o[j][2 * r] * inv_l[r], o[j][2 * r + 1] * inv_l[r]);
+    for (int r = 0; r < 2; ++r) {
+      const int i = tc[s].row[r];
+      if (i >= seq.len_q) continue;
+#pragma unroll
+      for (int j = 0; j < kDF; ++j) {
+        const int col = 8 * j + 2 * (lane % 4);
+        if (col < p.head_dim)
+          *reinterpret_cast<uint32_t*>(out + int64_t(i) * p.o_row_stride + col) =
+              pack2<T>(o[s][j][2 * r] * inv_l[r], o[s][j][2 * r + 1] * inv_l[r]);
+      }
+      if (p.lse != nullptr && lane % 4 == 0)
+        p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + seq.q_start + i] = lse[r];
     }
-    if (p.lse != nullptr && lane % 4 == 0)
-      p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + seq.q_start + i] = lse[r];
   }
 }
 

@@ -64,6 +64,16 @@ DM_DEVICE uint32_t mask_bits(const FwdParams& p, const uint8_t* mask, const Tile
   return bits;
 }
 
+// Bias value at (row i, key col) of the sequence (base: bias_offset); 0 outside it.
+template <typename T>
+DM_DEVICE float bias_element(const FwdParams& p, int64_t base, int i, int col, int len_q,
+                             int len_k) {
+  if (i >= len_q || col >= len_k) return 0.f;
+  const int64_t idx = base + int64_t(i) * p.bias_row_stride + int64_t(col) * p.bias_col_stride;
+  return p.bias_is_fp32 ? static_cast<const float*>(p.bias)[idx]
+                        : to_float(static_cast<const T*>(p.bias)[idx]);
+}
+
 // Bias values (times log2 e) at the fragment positions; 0 outside the sequence.
 template <typename T, int kNF>
 DM_DEVICE void load_bias(const FwdParams& p, int64_t base, const TileCoords& c, int len_q,
@@ -71,16 +81,9 @@ DM_DEVICE void load_bias(const FwdParams& p, int64_t base, const TileCoords& c, 
 #pragma unroll
   for (int j = 0; j < kNF; ++j)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int i = c.row[e >> 1], col = frag_col<kNF>(c, j, e);
-      float b = 0.f;
-      if (i < len_q && col < len_k) {
-        const int64_t idx = base + int64_t(i) * p.bias_row_stride + int64_t(col) * p.bias_col_stride;
-        b = p.bias_is_fp32 ? static_cast<const float*>(p.bias)[idx]
-                           : to_float(static_cast<const T*>(p.bias)[idx]);
-      }
-      out[j][e] = b * kLog2e;
-    }
+    for (int e = 0; e < 4; ++e)
+      out[j][e] = bias_element<T>(p, base, c.row[e >> 1], frag_col<kNF>(c, j, e), len_q, len_k) *
+                  kLog2e;
 }
 
 // Bits of `candidates` kept by a block's element mask: element (r, c) of the block (origin

@@ -41,10 +41,28 @@ DM_DEVICE void ldmatrix_x4_trans(uint32_t* r, const void* p) {
                : "r"(smem_addr(p)));
 }
 
+// Same, from a shared-memory address (bytes; 32-bit), so that unrolled loops address with
+// immediate offsets instead of recomputing 64-bit generic pointers.
+DM_DEVICE void ldmatrix_x4_at(uint32_t* r, uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+DM_DEVICE void ldmatrix_x4_trans_at(uint32_t* r, uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
 // 16-byte global->shared copy; when !valid the destination is zero-filled and nothing is read.
 DM_DEVICE void cp_async_16(void* dst, const void* src, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
                :: "r"(smem_addr(dst)), "l"(src), "r"(valid ? 16 : 0));
+}
+// 16-byte copy of which only the first `src_bytes` (0..16) are read; the rest is zero-filled.
+DM_DEVICE void cp_async_16_partial(void* dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
+               :: "r"(smem_addr(dst)), "l"(src), "r"(src_bytes));
 }
 DM_DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
 template <int N> DM_DEVICE void cp_async_wait() {

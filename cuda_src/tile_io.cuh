@@ -19,4 +19,19 @@ DM_DEVICE void load_tile_async(uint16_t* dst, const T* src, int64_t row_stride, 
   }
 }
 
+// rows x kRowBytes bytes from global into shared memory (row stride kDstStride bytes). The
+// source row stride is in bytes (0: every row reads the same bytes). Bytes past `valid_bytes`
+// of a row, and rows >= valid_rows, are zero-filled and never read. Source rows must be
+// 16-byte aligned.
+template <int kRowBytes, int kDstStride, int kThreads>
+DM_DEVICE void load_bytes_async(uint8_t* dst, const uint8_t* src, int64_t row_stride, int rows,
+                                int valid_rows, int valid_bytes) {
+  constexpr int kChunks = kRowBytes / 16;
+  for (int c = threadIdx.x; c < rows * kChunks; c += kThreads) {
+    const int r = c / kChunks, col = (c % kChunks) * 16;
+    const int n = r < valid_rows ? dm_min(dm_max(valid_bytes - col, 0), 16) : 0;
+    cp_async_16_partial(dst + r * kDstStride + col, n > 0 ? src + r * row_stride + col : src, n);
+  }
+}
+
 }  // namespace dm

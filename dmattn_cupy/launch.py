@@ -6,6 +6,7 @@ cached per (spec, device); launches take the params record by value and never sy
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from typing import Any
@@ -30,18 +31,6 @@ def device_arch(device: int) -> str:
     return f"sm_{cupy.cuda.Device(device).compute_capability}"
 
 
-FWD_KERNELS = ("simple", "mma")
-
-
-def fwd_kernel_choice() -> str:
-    """``DMATTN_FWD_KERNEL``: "simple" (default until the tensor-core kernel has passed the GPU
-    suite) or "mma" (tensor cores; needs 16-byte aligned rows, else falls back to simple)."""
-    choice = os.environ.get("DMATTN_FWD_KERNEL", "simple")
-    if choice not in FWD_KERNELS:
-        raise ValueError(f"DMATTN_FWD_KERNEL must be one of {FWD_KERNELS}, got {choice!r}")
-    return choice
-
-
 def rows_aligned(pb: Problem, out_strides: tuple[int, ...] | None = None) -> bool:
     """q/k/v (and out) pointers 16-byte aligned and every non-last stride a multiple of 8."""
     infos = (pb.q, pb.k, pb.v)
@@ -49,29 +38,72 @@ def rows_aligned(pb: Problem, out_strides: tuple[int, ...] | None = None) -> boo
     return ok and (out_strides is None or all(st % 8 == 0 for st in out_strides[:-1]))
 
 
-def mma_supports(head_dim: int, has_mask: bool, has_bias: bool = False,
-                 sparse: bool = False) -> bool:
-    """Tensor-core variants that compile without spills: a bool mask's per-fragment bits do
-    not fit beside the 128-float output accumulator of head dims > 128 yet, nor, with block
-    lists and a bias as well, beside head dim 128's."""
-    if has_mask and head_dim > 128:
-        return False
-    return not (sparse and has_mask and has_bias and head_dim > 96)
+def fwd_tile(head_dim: int, has_mask: bool, has_bias: bool, sparse: bool,
+             varlen: bool = False) -> tuple[int, int, int]:
+    """(block_m, block_n, num_warps) of the tensor-core kernel. 4 warps x 128 rows means two
+    m16 slabs per warp (each K/V fragment read from shared memory feeds two mma), the fastest
+    shape measured (BENCHMARKS.md) but register-hungry: it is used where it compiles without
+    spills on sm_80 and sm_90 (precompile --check-spills); elsewhere 8 warps x one slab.
+    Block-sparse masks use 64-row tiles so that 64-row mask blocks fit.
+    ``DMATTN_FWD_TILE=MxNxW`` overrides (tuning)."""
+    env = os.environ.get("DMATTN_FWD_TILE")
+    if env:
+        try:
+            bm, bn, w = (int(x) for x in env.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"DMATTN_FWD_TILE must look like 128x64x8, got {env!r}") from None
+        return bm, bn, w
+    if sparse:
+        small_n = (head_dim == 256 and (has_mask or has_bias)) or (head_dim == 192 and has_mask
+                                                                    and has_bias)
+        return 64, 16 if small_n else (64 if head_dim <= 128 else 32), 4
+    if head_dim <= 64:
+        return 128, 64 if head_dim == 32 else 32, 4
+    if (head_dim == 96 and not has_mask) or (head_dim == 128 and not (has_mask or has_bias or
+                                                                        varlen)):
+        return 128, 32, 4
+    if head_dim <= 128:
+        return 128, 64, 8
+    return 128, 16 if (head_dim == 256 and (has_mask or has_bias)) else 32, 8
 
 
-def select_fwd_spec(pb: Problem, debug_counters: bool = False,
-                    kernel: str = "simple", sparse: bool = False) -> KernelSpec:
-    """The forward specialization for a problem and kernel family."""
-    common = dict(dtype="fp16" if pb.dtype == "float16" else "bf16",
-                  head_dim=padded_head_dim(pb.head_dim), has_mask=pb.mask is not None,
-                  has_bias=pb.bias is not None, varlen=pb.varlen, debug_counters=debug_counters)
-    hd = common["head_dim"]
-    if kernel == "mma" and not mma_supports(hd, pb.mask is not None):
-        kernel = "simple"
-    if kernel == "mma":
-        return KernelSpec(kind="fwd_mma", block_m=64, block_n=64 if hd <= 128 else 32,
-                          num_warps=4, sparse=sparse, **common)
-    return KernelSpec(kind="fwd", block_m=8, block_n=32, num_warps=8, **common)
+def sparse_supported(head_dim: int, has_mask: bool, has_bias: bool) -> bool:
+    """Block lists + attn_mask without attn_bias at head dim 256 spill registers (ptxas)."""
+    return not (head_dim > 192 and has_mask and not has_bias)
+
+
+def select_fwd_spec(pb: Problem, debug_counters: bool = False, sparse: bool = False) -> KernelSpec:
+    """The forward specialization for a problem."""
+    hd = padded_head_dim(pb.head_dim)
+    bm, bn, warps = fwd_tile(hd, pb.mask is not None, pb.bias is not None, sparse, pb.varlen)
+    return KernelSpec(kind="fwd_mma", dtype="fp16" if pb.dtype == "float16" else "bf16",
+                      head_dim=hd, block_m=bm, block_n=bn, num_warps=warps,
+                      has_mask=pb.mask is not None, has_bias=pb.bias is not None,
+                      varlen=pb.varlen, sparse=sparse, debug_counters=debug_counters)
+
+
+def _aligned_copies(pb: Problem, query: Any) -> tuple[Problem, list[Any]]:
+    """q/k/v copied to fresh contiguous buffers (16-byte aligned rows) on the launch stream;
+    returns the updated problem and the buffers to keep alive until after the launch."""
+    import cupy
+
+    keep: list[Any] = []
+    infos = {}
+    with cupy.cuda.Device(pb.q.device), current_stream(pb.kind, pb.q.device):
+        for name in ("q", "k", "v"):
+            info = getattr(pb, name)
+            item = 2  # fp16 / bf16, copied as raw 16-bit words
+            lo = sum((n - 1) * st for n, st in zip(info.shape, info.strides, strict=True) if st < 0)
+            hi = sum((n - 1) * st for n, st in zip(info.shape, info.strides, strict=True) if st > 0)
+            mem = cupy.cuda.UnownedMemory(info.ptr + lo * item, (hi - lo + 1) * item, owner=None,
+                                          device_id=info.device)
+            src = cupy.ndarray(info.shape, cupy.uint16, cupy.cuda.MemoryPointer(mem, -lo * item),
+                               strides=tuple(st * item for st in info.strides))
+            dst = src.copy(order="C")
+            keep.append(dst)
+            infos[name] = dataclasses.replace(info, ptr=dst.data.ptr,
+                                              strides=tuple(st // item for st in dst.strides))
+    return dataclasses.replace(pb, **infos), keep
 
 
 def get_function(spec: KernelSpec, device: int) -> Any:
@@ -200,26 +232,24 @@ def run_forward(pb: Problem, query: Any, cu_q: Any = None, cu_k: Any = None,
     if out.size == 0 or (not pb.varlen and pb.seqlen_q == 0):
         return out, lse
     aligned = rows_aligned(pb, describe(out).strides)
-    kernel = fwd_kernel_choice()
+    keep_alive: list[Any] = []
     if sparse is not None:  # block lists are read by the tensor-core kernel only
-        if not aligned or not mma_supports(padded_head_dim(pb.head_dim), pb.mask is not None,
-                                           pb.bias is not None, sparse=True):
+        if not aligned or not sparse_supported(padded_head_dim(pb.head_dim), pb.mask is not None,
+                                               pb.bias is not None):
             raise NotImplementedError(
                 "block-sparse masks on the CUDA backend need q/k/v rows 16-byte aligned (strides "
-                "multiples of 8 elements) and, with attn_mask, head dim <= 128 (<= 96 with "
-                "attn_bias too); use backend='reference' or pass sparse_mask.to_dense() as "
-                "attn_mask")
-        kernel = "mma"
-    elif kernel == "mma" and not aligned:
-        kernel = "simple"
+                "multiples of 8 elements) and, with attn_mask but no attn_bias, head dim <= 192; "
+                "use backend='reference' or pass sparse_mask.to_dense() & attn_mask as attn_mask")
+    elif not aligned:  # the tensor-core kernel reads 16-byte rows: copy the odd view once
+        pb, keep_alive = _aligned_copies(pb, query)
+        aligned = True
     if sparse is None and tile_counters is None and pb.batch > 0:
         from .decode import run_decode, use_decode  # short queries: GQA packing + split-KV
 
         if use_decode(pb, aligned):
             run_decode(pb, query, out, lse, cu_q, cu_k)
             return out, lse
-    spec = select_fwd_spec(pb, debug_counters=tile_counters is not None, kernel=kernel,
-                           sparse=sparse is not None)
+    spec = select_fwd_spec(pb, debug_counters=tile_counters is not None, sparse=sparse is not None)
 
     def ptr(a: Any) -> int:
         return describe(a).ptr if a is not None else 0

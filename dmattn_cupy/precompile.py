@@ -20,19 +20,17 @@ DEFAULT_ARCHS = ("sm_80", "sm_90")
 
 def all_specs(debug: bool = False) -> list[KernelSpec]:
     """Every forward specialization the launcher can select."""
-    from .launch import FWD_KERNELS, mma_supports, select_fwd_spec  # the launcher's choice
+    from .launch import select_fwd_spec, sparse_supported  # the launcher's choice
     from .validate import Problem
 
     specs = []
-    for kernel, dtype, hd, mask, bias, varlen in itertools.product(
-            FWD_KERNELS, DTYPES, HEAD_DIMS, (False, True), (False, True), (False, True)):
+    for dtype, hd, mask, bias, varlen in itertools.product(
+            DTYPES, HEAD_DIMS, (False, True), (False, True), (False, True)):
         pb = _stub_problem(Problem, dtype, hd, mask, bias, varlen)
-        spec = select_fwd_spec(pb, debug_counters=debug, kernel=kernel)
-        if spec not in specs:  # unsupported mma variants resolve to the simple kernel
-            specs.append(spec)
+        specs.append(select_fwd_spec(pb, debug_counters=debug))
         # block-sparse list variants (dense problems only)
-        if kernel == "mma" and not varlen and mma_supports(hd, mask, bias, sparse=True):
-            specs.append(select_fwd_spec(pb, debug_counters=debug, kernel=kernel, sparse=True))
+        if not varlen and sparse_supported(hd, mask, bias):
+            specs.append(select_fwd_spec(pb, debug_counters=debug, sparse=True))
     if not debug:  # decode/combine kernels (dmattn_cupy/decode.py) have no debug builds
         from .decode import all_decode_specs
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DTYPES = ("fp16", "bf16")
-KERNEL_NAMES = {"fwd": "flash_fwd_kernel", "fwd_mma": "flash_fwd_mma_kernel",
+KERNEL_NAMES = {"fwd_mma": "flash_fwd_mma_kernel",
                 "fwd_decode": "flash_fwd_decode_kernel", "fwd_combine": "flash_fwd_combine_kernel"}
 HEAD_DIMS = (32, 64, 96, 128, 192, 256)
 
@@ -29,7 +29,7 @@ def padded_head_dim(d: int) -> int:
 
 @dataclass(frozen=True)
 class KernelSpec:
-    kind: str = "fwd"          # "fwd" (cuda_src/fwd.cu, simple) | "fwd_mma" (fwd_mma.cu)
+    kind: str = "fwd_mma"      # the kernel family: cuda_src/<kind>.cu
     dtype: str = "bf16"        # "fp16" | "bf16"
     head_dim: int = 128        # one of HEAD_DIMS
     block_m: int = 128
@@ -67,7 +67,7 @@ class KernelSpec:
 
     @property
     def name_expression(self) -> str:
-        """The templated ``__global__`` this spec instantiates (see cuda_src/fwd.cu)."""
+        """The templated ``__global__`` this spec instantiates (see cuda_src/<kind>.cu)."""
         elem = "dm::Half" if self.dtype == "fp16" else "dm::BFloat16"
         flags = [self.has_mask, self.has_bias, self.varlen, self.sparse, self.debug_counters]
         args = ", ".join([elem, str(self.head_dim), str(self.block_m), str(self.block_n),
@@ -76,13 +76,18 @@ class KernelSpec:
 
     @property
     def dynamic_smem(self) -> int:
-        """Dynamic shared memory bytes: Q tile + 2-stage K and V tiles, rows padded by 8."""
+        """Dynamic shared memory bytes. fwd_mma.cu's layout: Q | K x2 | V x2 | bias x2 | mask;
+        Q/K/V and bias rows padded by 8 elements, mask rows by 16 bytes."""
         if self.kind == "fwd_decode":  # Q slab + kStages K and V tiles, rows padded by 8
             return (self.block_m + 2 * decode_stages(self.head_dim) * self.block_n) * \
                 (self.head_dim + 8) * 2
         if self.kind != "fwd_mma":
             return 0
-        return (self.block_m + 4 * self.block_n) * (self.head_dim + 8) * 2
+        stride = self.head_dim + 8
+        elems = self.block_m * stride + 4 * self.block_n * stride
+        if self.has_bias:
+            elems += 2 * self.block_m * (self.block_n + 8)
+        return 2 * elems + (self.block_m * (self.block_n + 16) if self.has_mask else 0)
 
     @property
     def threads(self) -> int:

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One device-machine call that does the whole GPU check-up and leaves logs under $OUT:
-#   bash tools/device_run.sh [precompile] [tests] [sanitize] [bench]   (default: all four)
+#   bash tools/device_run.sh [precompile] [tests] [sanitize] [bench] [profile]
+#   (default: all but profile)
 # precompile: every specialization for this GPU into the kernel cache, 16 processes;
-# tests: the GPU suite against both forward kernels; sanitize: compute-sanitizer memcheck and
-# racecheck on a representative subset; bench: tools/bench.py forward cases, JSON + table.
+# tests: the GPU suite; sanitize: compute-sanitizer memcheck and
+# racecheck on a representative subset; bench: every tools/bench.py case, JSON + table;
+# profile: Nsight Compute sections of one dense forward launch.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 DMATTN_CACHE_DIR=/tmp/dmattn-cache
@@ -25,16 +27,28 @@ for step in $steps; do
       tail -3 "$OUT/gpu_tests.log" ;;
     sanitize)
       for tool in memcheck racecheck; do
-        compute-sanitizer --tool "$tool" --error-exitcode 9 python3 -m pytest -q -x \
-          -p no:cacheprovider tests/gpu/test_forward.py -k "d64 or causal-sq9-sk33 or fully" \
-          > "$OUT/sanitize_$tool.log" 2>&1
-        echo "compute-sanitizer $tool: rc=$? ($(grep -c ERROR "$OUT/sanitize_$tool.log") ERROR lines)"
+        # a representative subset of every kernel: head dims, lengths around tiles, mask/bias
+        # broadcasts, varlen layouts, block-sparse lists, decode split-KV, backward
+        timeout 200 compute-sanitizer --tool "$tool" --error-exitcode 9 python3 -m pytest -q -x \
+          -p no:cacheprovider tests/gpu/test_forward.py tests/gpu/test_varlen.py \
+          tests/gpu/test_sparse.py tests/gpu/test_decode.py tests/gpu/test_backward.py \
+          -k "d64 or causal-sq9-sk33 or fully or broadcast or varlen_layouts or \
+              (every_class and bitset) or split_on_and_off" > "$OUT/sanitize_$tool.log" 2>&1
+        echo "compute-sanitizer $tool: rc=$?; $(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" \
+          "$OUT/sanitize_$tool.log" | tail -1); $(grep -E "passed|failed" \
+          "$OUT/sanitize_$tool.log" | tail -1)"
       done ;;
     bench)
-      for k in mma; do  # the simple kernel is a correctness baseline, far too slow to time
-        DMATTN_FWD_KERNEL=$k python3 tools/bench.py --suite forward --json "$OUT/bench_$k.json" \
-          2>&1 | tee "$OUT/bench_$k.log" | tail -40
-      done ;;
+      python3 tools/bench.py --suite all --json "$OUT/bench.json" > "$OUT/bench.log" 2>&1
+      echo "bench rc=$?"; grep "^summary" "$OUT/bench.log" ;;
+    profile)  # where the dense forward's time goes (Nsight Compute, one launch)
+      ncu --clock-control none --section SpeedOfLight --section WarpStateStats \
+        --section SchedulerStats --section ComputeWorkloadAnalysis --section Occupancy \
+        --section MemoryWorkloadAnalysis -k regex:flash_fwd_mma -s 3 -c 1 \
+        python3 tools/bench.py --case dense --peers none --no-smoke --quick \
+        > "$OUT/ncu_dense.txt" 2>&1
+      echo "ncu rc=$?"; grep -E "Throughput|Stall|Issued|Eligible|Occupancy|Registers|Duration" \
+        "$OUT/ncu_dense.txt" | head -40 ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done

@@ -16,7 +16,7 @@ from dmattn_cupy.params import FWD_DTYPE, FWD_FIELDS, abi_check_source  # noqa: 
 from dmattn_cupy.precompile import all_specs  # noqa: E402
 from dmattn_cupy.spec import KernelSpec  # noqa: E402
 
-SMALL = KernelSpec(dtype="fp16", head_dim=32, block_m=8, block_n=32, num_warps=8)
+SMALL = KernelSpec(dtype="fp16", head_dim=32, block_m=64, block_n=32, num_warps=4)
 
 
 def _compile_abi(dtype: np.dtype) -> tuple[bool, str]:
@@ -64,8 +64,13 @@ def test_spec_id_is_readable_and_unique() -> None:
     ids = [s.id for s in specs]
     n_decode = sum(s.kind in ("fwd_decode", "fwd_combine") for s in specs)
     assert n_decode == 2 * 6 * 8 + 2 * 6  # decode: dtype x head dim x mask/bias/varlen; combine
-    assert len(ids) == len(set(ids)) == 214 + n_decode
-    assert "fwd_bf16_d128_m8n32w8_mask1_bias0_varlen1" in ids
+    n_fwd = sum(s.kind == "fwd_mma" for s in specs)
+    # dtype x head dim x mask/bias/varlen, plus block-sparse variants of the non-varlen ones
+    # (minus attn_mask-without-bias at head dim 256, refused: it spills)
+    assert n_fwd == 2 * 6 * 8 + (2 * 6 * 4 - 2)
+    assert len(ids) == len(set(ids)) == n_fwd + n_decode
+    assert any(i.startswith("fwd_mma_bf16_d128_m") and i.endswith("_mask1_bias0_varlen1")
+               for i in ids)
     assert "fwd_decode_bf16_d128_m16n64w4_mask1_bias1_varlen1" in ids
 
 
@@ -80,7 +85,7 @@ def test_compile_without_gpu_reports_resources(arch: str) -> None:
     ck = dmc.compile_spec(SMALL, arch, use_disk_cache=False)
     assert ck.cubin[:4] == b"\x7fELF"
     assert ck.registers > 0 and not ck.spills
-    assert "flash_fwd_kernel" in ck.lowered_name
+    assert "flash_fwd_mma_kernel" in ck.lowered_name
 
 
 def test_parse_ptxas_log() -> None:
@@ -118,23 +123,23 @@ def test_corrupt_cache_entry_is_recompiled(cache, monkeypatch) -> None:
 def test_cache_key_covers_sources_arch_and_spec(monkeypatch) -> None:
     base = dmc.cache_key(SMALL, "sm_80")
     assert dmc.cache_key(SMALL, "sm_90") != base
-    assert dmc.cache_key(KernelSpec(dtype="bf16", head_dim=32, block_m=8, block_n=32,
-                                    num_warps=8), "sm_80") != base
+    assert dmc.cache_key(KernelSpec(dtype="bf16", head_dim=32, block_m=64, block_n=32,
+                                    num_warps=4), "sm_80") != base
     monkeypatch.setattr(dmc, "sources_digest", lambda: "another-header-changed")
     assert dmc.cache_key(SMALL, "sm_80") != base
 
 
 def test_sources_digest_sees_every_header() -> None:
     names = {p.name for p in dmc.cuda_src_dir().iterdir()}
-    assert {"common.cuh", "params.cuh", "fwd.cu"} <= names
+    assert {"common.cuh", "params.cuh", "fwd_mma.cu"} <= names
     assert len(dmc.sources_digest()) == 64
 
 
 def test_concurrent_processes_share_cache(tmp_path) -> None:
     code = ("from dmattn_cupy.compile import compile_spec\n"
             "from dmattn_cupy.spec import KernelSpec\n"
-            "ck = compile_spec(KernelSpec(dtype='fp16', head_dim=64, block_m=8, block_n=32, "
-            "num_warps=8), 'sm_80')\nprint(len(ck.cubin))\n")
+            "ck = compile_spec(KernelSpec(dtype='fp16', head_dim=64, block_m=64, block_n=32, "
+            "num_warps=4), 'sm_80')\nprint(len(ck.cubin))\n")
     env = {"DMATTN_CACHE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(3)]
@@ -150,4 +155,4 @@ def test_concurrent_processes_share_cache(tmp_path) -> None:
 def test_verbose_logs_compilation(cache, monkeypatch, capsys) -> None:
     monkeypatch.setenv("DMATTN_VERBOSE", "1")
     dmc.compile_spec(SMALL, "sm_80")
-    assert "compiled fwd_fp16_d32" in capsys.readouterr().out
+    assert "compiled fwd_mma_fp16_d32" in capsys.readouterr().out

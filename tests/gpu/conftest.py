@@ -28,10 +28,3 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.gpu)
             if reason is not None:
                 item.add_marker(pytest.mark.skip(reason=f"GPU test: {reason}"))
-
-
-@pytest.fixture(params=["simple", "mma"], autouse=True)
-def fwd_kernel(request, monkeypatch):
-    """Every GPU test runs against both forward kernels (DMATTN_FWD_KERNEL)."""
-    monkeypatch.setenv("DMATTN_FWD_KERNEL", request.param)
-    return request.param

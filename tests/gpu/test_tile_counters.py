@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from dmattn_cupy.launch import fwd_kernel_choice, run_forward, select_fwd_spec
+from dmattn_cupy.launch import run_forward, select_fwd_spec
 from dmattn_cupy.validate import check_dense
 
 torch = pytest.importorskip("torch")
@@ -20,7 +20,7 @@ def _loaded_tiles(sq, sk, mask=None, with_masked=False, **kw):
     v = torch.randn_like(k)
     pb = check_dense(q, k, v, mask, None, None, kw.get("is_causal", False),
                      kw.get("window_size", (-1, -1)), 0.0, "cuda")
-    spec = select_fwd_spec(pb, kernel=fwd_kernel_choice())
+    spec = select_fwd_spec(pb)
     n_cta = math.ceil(sq / spec.block_m)
     counters = torch.zeros(n_cta, 2, dtype=torch.int32, device="cuda")
     run_forward(pb, q, tile_counters=counters)
@@ -40,17 +40,16 @@ def _expected(sq, sk, spec, lo_fn, hi_fn):
 
 
 @pytest.mark.parametrize("sq,sk", [(256, 256), (100, 300), (300, 100), (65, 1000)], ids=str)
-def test_causal_skips_future_tiles(sq, sk, fwd_kernel):
+def test_causal_skips_future_tiles(sq, sk):
     (got, masked), spec = _loaded_tiles(sq, sk, is_causal=True, with_masked=True)
     off = sk - sq
     assert got == _expected(sq, sk, spec, lambda r: 0, lambda r: r + off)
-    if fwd_kernel == "mma":  # only tiles crossing the diagonal or the key end are masked
-        want = []
-        for m, n_tiles in enumerate(got):
-            m0 = m * spec.block_m
-            want.append(sum(1 for nb in range(n_tiles)
-                            if (nb + 1) * spec.block_n - 1 > min(m0 + off, sk - 1)))
-        assert masked == want
+    want = []  # only tiles crossing the diagonal or the key end are masked
+    for m, n_tiles in enumerate(got):
+        m0 = m * spec.block_m
+        want.append(sum(1 for nb in range(n_tiles)
+                        if (nb + 1) * spec.block_n - 1 > min(m0 + off, sk - 1)))
+    assert masked == want
 
 
 def test_window_skips_tiles_outside():
