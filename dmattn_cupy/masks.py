@@ -18,8 +18,10 @@ Block-granular masks (``BlockBitsetMask``, ``BCSRMask``, ``DynamicMask``) keep w
 blocks; ``MixedMask`` is exact, with bit-packed element masks for its partial blocks.
 
 This module is pure NumPy at import time. CuPy is imported only when an input is a CuPy
-array; ``from_dense_mask`` and ``DynamicMask.update`` then run on the GPU with the same code.
-Queries (``to_dense``, ``block_map``, ``block_lists``) always answer with NumPy arrays.
+array (or a CUDA torch tensor, viewed as one without a copy); constructors, ``from_dense_mask``
+and ``DynamicMask.update`` then run on the GPU with the same code, and only block-level arrays
+(one entry per mask block) ever reach the host. Queries (``to_dense``, ``block_map``,
+``block_lists``) always answer with NumPy arrays.
 """
 
 from __future__ import annotations
@@ -82,6 +84,19 @@ def _block_pair(value: object, name: str = "block_size") -> tuple[int, int]:
     return int(value[0]), int(value[1])
 
 
+def _native(x: object) -> object:
+    """A torch tensor as the array it is: a CuPy view of a CUDA tensor (no copy, through
+    ``__cuda_array_interface__``), a NumPy view of a CPU one. Anything else unchanged."""
+    if type(x).__module__.split(".")[0] != "torch" or not hasattr(x, "detach"):
+        return x
+    t = x.detach()
+    if t.is_cuda:
+        import cupy
+
+        return cupy.asarray(t)
+    return t.numpy()
+
+
 def _array_module(x: object, name: str) -> Any:
     """numpy for a NumPy array, cupy for a CuPy array (imported only then); else TypeError."""
     if isinstance(x, np.ndarray):
@@ -90,7 +105,9 @@ def _array_module(x: object, name: str) -> Any:
         import cupy
 
         return cupy.get_array_module(x)
-    raise TypeError(f"{name} must be a numpy.ndarray or cupy.ndarray, got {type(x).__name__}")
+    raise TypeError(
+        f"{name} must be a numpy.ndarray, cupy.ndarray or torch.Tensor, got {type(x).__name__}"
+    )
 
 
 def _to_host(x: Array) -> np.ndarray:
@@ -115,6 +132,16 @@ def _as4d(x: Array) -> Array:
 
 def _leading(x: Array) -> tuple[int, int] | None:
     return (int(x.shape[0]), int(x.shape[1])) if x.ndim == 4 else None
+
+
+def _overlaps(s: int, mb: int, t: int) -> np.ndarray:
+    """In-range overlap lengths of blocks of ``mb`` with tiles of ``t`` over ``[0, s)``:
+    ``(ceil(s/mb), ceil(s/t))`` int64."""
+    b0 = np.arange(_cdiv(s, mb)) * mb
+    t0 = np.arange(_cdiv(s, t)) * t
+    lo = np.maximum(b0[:, None], t0[None, :])
+    hi = np.minimum(np.minimum(b0 + mb, s)[:, None], np.minimum(t0 + t, s)[None, :])
+    return np.maximum(hi - lo, 0)
 
 
 def _inrange_sizes(sq: int, sk: int, bm: int, bn: int) -> np.ndarray:
@@ -494,6 +521,7 @@ class BlockBitsetMask(_BlockGranularMask):
         seqlen_k: int,
         block_size: tuple[int, int] = (128, 128),
     ) -> None:
+        bits = _native(bits)
         xp = _bool_array(bits, "bits")
         super().__init__(seqlen_q, seqlen_k, block_size, _leading(bits))
         self._grid(bits.shape[-2:], "bits")
@@ -505,6 +533,7 @@ class BlockBitsetMask(_BlockGranularMask):
         cls, dense: Array, block_size: tuple[int, int] = (128, 128)
     ) -> BlockBitsetMask:
         """Keeps a block iff any element of ``dense`` in it is kept (a coarsening)."""
+        dense = _native(dense)
         xp = _bool_array(dense, "dense")
         bm, bn = _block_pair(block_size)
         bits = _dense_blocks(_as4d(dense), bm, bn, xp).any(axis=(3, 5))
@@ -544,6 +573,7 @@ class BCSRMask(_BlockGranularMask):
         seqlen_k: int,
         block_size: tuple[int, int] = (128, 128),
     ) -> None:
+        row_ptr, col_idx = _native(row_ptr), _native(col_idx)
         xp = _array_module(row_ptr, "row_ptr")
         if _array_module(col_idx, "col_idx") is not xp:
             raise TypeError("row_ptr and col_idx must be arrays of one module (numpy or cupy)")
@@ -578,6 +608,7 @@ class BCSRMask(_BlockGranularMask):
     @classmethod
     def from_dense_mask(cls, dense: Array, block_size: tuple[int, int] = (128, 128)) -> BCSRMask:
         """Keeps a block iff any element of ``dense`` in it is kept (a coarsening)."""
+        dense = _native(dense)
         xp = _bool_array(dense, "dense")
         bm, bn = _block_pair(block_size)
         bits = _dense_blocks(_as4d(dense), bm, bn, xp).any(axis=(3, 5))
@@ -648,6 +679,7 @@ class DynamicMask(_BlockGranularMask):
         block_size: tuple[int, int] = (128, 128),
         max_blocks_per_row: int | None = None,
     ) -> None:
+        block_pattern = _native(block_pattern)
         xp = _bool_array(block_pattern, "block_pattern")
         super().__init__(seqlen_q, seqlen_k, block_size, _leading(block_pattern))
         nrb, ncb = self._grid(block_pattern.shape[-2:], "block_pattern")
@@ -672,6 +704,7 @@ class DynamicMask(_BlockGranularMask):
     def update(self, block_pattern: Array) -> None:
         """Rewrites the pattern and lists in place (same arrays); same shape/module as built."""
         xp = self._xp
+        block_pattern = _native(block_pattern)
         if _array_module(block_pattern, "block_pattern") is not xp:
             raise TypeError(
                 f"block_pattern must be a {xp.__name__} array like the one the mask was built "
@@ -740,9 +773,10 @@ class MixedMask(SparseMask):
     ``(B, H, nrb, ncb)``), -1 elsewhere. ``partial_bits`` uint32 ``(P, block_m*block_n//32)``:
     element ``(r, c)`` of the block is bit ``k = r*block_n + c`` of its words, bit ``k % 32``
     (LSB first) of word ``k // 32``; out-of-range elements are 0. ``block_m*block_n`` must be a
-    multiple of 32. The kernel tile must equal ``block_size`` (``block_lists`` raises
-    otherwise): partial tiles read their element mask straight from ``partial_bits``.
-    Use ``from_dense_mask``; the constructor validates everything above.
+    multiple of 32. ``block_lists`` answers exactly for any kernel tile (the kernel reads the
+    element bits per mask block, so its tile must divide ``block_size``). Use
+    ``from_dense_mask`` (a dense pattern) or ``from_mask`` (any mask, with no dense array); the
+    constructor validates everything above.
     """
 
     def __init__(
@@ -754,6 +788,8 @@ class MixedMask(SparseMask):
         seqlen_k: int,
         block_size: tuple[int, int] = (128, 128),
     ) -> None:
+        block_class, partial_slot, partial_bits = map(
+            _native, (block_class, partial_slot, partial_bits))
         xp = _array_module(block_class, "block_class")
         for name, a in (("partial_slot", partial_slot), ("partial_bits", partial_bits)):
             if _array_module(a, name) is not xp:
@@ -831,6 +867,7 @@ class MixedMask(SparseMask):
     @classmethod
     def from_dense_mask(cls, dense: Array, block_size: tuple[int, int] = (128, 128)) -> MixedMask:
         """Exact: ``to_dense()`` of the result equals ``dense``."""
+        dense = _native(dense)
         xp = _bool_array(dense, "dense")
         bm, bn = _block_pair(block_size)
         if (bm * bn) % 32:
@@ -855,14 +892,6 @@ class MixedMask(SparseMask):
     def nbytes(self) -> int:
         return int(self.block_class.nbytes + self.partial_slot.nbytes + self.partial_bits.nbytes)
 
-    def _tile_error(self, bm: int, bn: int) -> str | None:
-        if (bm, bn) == self.block_size:
-            return None
-        return (
-            f"kernel tile {(bm, bn)} must equal MixedMask block_size {self.block_size}: "
-            "partial tiles read their element masks per mask block"
-        )
-
     def _elements(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
         bm, bn = self.block_size
         cls4 = _as4d(_to_host(self.block_class))[:, :, i // bm, j // bn]
@@ -876,9 +905,69 @@ class MixedMask(SparseMask):
         return keep
 
     def _tile_classes(self, bm: int, bn: int) -> np.ndarray:
+        cls4 = _as4d(_to_host(self.block_class))
         if (bm, bn) == self.block_size:
-            return _as4d(_to_host(self.block_class)).copy()
-        return super()._tile_classes(bm, bn)
+            return cls4.copy()
+        # Kept elements per tile: full blocks give their overlap with it, partial blocks the
+        # kept bits inside it. Work is per block and per kept bit, never per element of Sq x Sk.
+        mbm, mbn = self.block_size
+        sq, sk = self.seqlen_q, self.seqlen_k
+        rows = _overlaps(sq, mbm, bm).astype(np.float64)  # (nrb, ntr)
+        cols = _overlaps(sk, mbn, bn).astype(np.float64)  # (ncb, ntc)
+        full = (cls4 == FULL).astype(np.float64)
+        kept = np.rint(rows.T @ full @ cols).astype(np.int64)  # exact: counts < 2**53
+        words = _to_host(self.partial_bits)
+        where = np.argwhere(cls4 == PARTIAL)  # row-major: the slot order
+        ntr, ntc = kept.shape[-2:]
+        step = max(1, _CHUNK_ELEMS // (mbm * mbn))
+        for s in range(0, len(where), step):
+            elems = _unpack_words(words[s : s + step], np).reshape(-1, mbm, mbn)
+            p, r, c = np.nonzero(elems)
+            b, h, br, bc = where[s + p].T
+            flat = ((b * kept.shape[1] + h) * ntr + (br * mbm + r) // bm) * ntc
+            flat += (bc * mbn + c) // bn
+            kept += np.bincount(flat, minlength=kept.size).reshape(kept.shape)
+        return _classes(kept, _inrange_sizes(sq, sk, bm, bn), np)
+
+    @classmethod
+    def from_mask(cls, mask: SparseMask, block_size: tuple[int, int] | None = None) -> MixedMask:
+        """Exact MixedMask of any mask (default block size: the mask's), with ``to_dense()``
+        equal to ``mask.to_dense()``. Elements are evaluated in partial blocks only, so no
+        ``(Sq, Sk)`` array is formed: e.g. an intersection of two block masks, or a parametric
+        mask that should travel as block lists. The arrays are NumPy."""
+        if not isinstance(mask, SparseMask):
+            raise TypeError(f"mask must be a SparseMask, got {type(mask).__name__}")
+        bm, bn = mask.block_size if block_size is None else _block_pair(block_size)
+        if (bm * bn) % 32:
+            raise ValueError(
+                f"MixedMask needs block_m*block_n to be a multiple of 32, got block_size "
+                f"{(bm, bn)}"
+            )
+        sq, sk = mask.seqlen_q, mask.seqlen_k
+        cls4 = np.ascontiguousarray(
+            np.broadcast_to(mask._tile_classes(bm, bn),
+                            (*mask.batch_heads, _cdiv(sq, bm), _cdiv(sk, bn)))
+        )
+        partial = cls4 == PARTIAL
+        where = np.argwhere(partial)  # row-major: the slot order
+        slot = np.full(cls4.shape, -1, dtype=np.int32)
+        slot[partial] = np.arange(len(where), dtype=np.int32)
+        bits = np.zeros((len(where), bm * bn // 32), dtype=np.uint32)
+        step = max(1, _CHUNK_ELEMS // (bm * bn * math.prod(mask.batch_heads)))
+        for s in range(0, len(where), step):
+            b, h, r, c = where[s : s + step].T
+            i = r[:, None] * bm + np.arange(bm)  # (k, bm)
+            j = c[:, None] * bn + np.arange(bn)  # (k, bn)
+            inr = (i < sq)[:, :, None] & (j < sk)[:, None, :]
+            keep = mask._elements(
+                np.minimum(i, sq - 1)[:, :, None], np.minimum(j, sk - 1)[:, None, :]
+            )  # (Bm|1, Hm|1, k, bm, bn)
+            lead = (b if keep.shape[0] > 1 else 0, h if keep.shape[1] > 1 else 0)
+            elems = keep[lead[0], lead[1], np.arange(len(b))] & inr
+            bits[s : s + step] = _pack_words(elems.reshape(len(b), bm * bn), np)
+        if mask._batch_heads is None:
+            cls4, slot = cls4[0, 0], slot[0, 0]
+        return cls(cls4, slot, bits, sq, sk, (bm, bn))
 
 
 # ----------------------------------------------------------------------------- intersection

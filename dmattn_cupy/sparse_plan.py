@@ -5,7 +5,8 @@ kernel's (left, right) window, cost zero bytes and have their tiles classed by f
 Block masks (bitset, BCSR, dynamic, mixed) reach the kernel as per-row block lists at the
 mask's own block size, which must be a multiple of the kernel tile; each listed block expands
 to whole kernel tiles and unlisted blocks are never touched. A ``MixedMask``'s partial blocks
-also carry their element bits.
+also carry their element bits. An ``&`` of two (immutable) block masks reaches the kernel as
+one exact ``MixedMask`` built from their blocks.
 """
 
 from __future__ import annotations
@@ -45,19 +46,32 @@ def diagonal_window(mask: SparseMask | None) -> tuple[int, int] | None:
 
 
 def split_sparse(mask: SparseMask) -> tuple[tuple[int, int], SparseMask | None]:
-    """(window, block mask or None) whose intersection is ``mask``; NotImplementedError for
-    what the kernel cannot take (an intersection of two block masks)."""
+    """(window, block mask or None) whose intersection is ``mask``. The kernel reads one set
+    of block lists, so an ``&`` of two block masks becomes one exact ``MixedMask`` (built from
+    the blocks, cached on the intersection: the operands are immutable). A ``DynamicMask``'s
+    buffers must be read in place, so it cannot be merged: NotImplementedError."""
     win = diagonal_window(mask)
     if win is not None:
         return win, None
     if isinstance(mask, IntersectionMask):
         wa, ba = split_sparse(mask.first)
         wb, bb = split_sparse(mask.second)
-        if ba is not None and bb is not None:
-            raise NotImplementedError("the CUDA backend takes at most one block mask in an "
-                                      "'&' of sparse masks; intersect their dense patterns and "
-                                      "build one mask, or use backend='reference'")
-        return (bound_min(wa[0], wb[0]), bound_min(wa[1], wb[1])), ba if ba is not None else bb
+        window = (bound_min(wa[0], wb[0]), bound_min(wa[1], wb[1]))
+        if ba is None or bb is None:
+            return window, ba if ba is not None else bb
+        if isinstance(ba, DynamicMask) or isinstance(bb, DynamicMask):
+            raise NotImplementedError(
+                "the CUDA backend reads a DynamicMask's buffers in place, so it can be "
+                "intersected ('&') with parametric masks only, not with another block mask; "
+                "update the DynamicMask with the intersected pattern, or use "
+                "backend='reference'")
+        merged = mask.__dict__.get("_dmattn_merged_blocks")
+        if merged is None:
+            both = ba & bb
+            block = tuple(max(x, y) for x, y in zip(ba.block_size, bb.block_size, strict=True))
+            merged = MixedMask.from_mask(both, block)
+            mask.__dict__["_dmattn_merged_blocks"] = merged
+        return window, merged
     return (-1, -1), mask
 
 

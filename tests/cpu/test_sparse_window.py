@@ -59,11 +59,23 @@ def test_split_sparse_separates_window_and_block_mask() -> None:
     assert win == (8, 0) and rest is None
 
 
-def test_split_sparse_refuses_two_block_masks() -> None:
+def test_split_sparse_merges_two_block_masks() -> None:
     a = dm.BlockBitsetMask.from_dense_mask(_dense(256, 256, 1))
-    b = dm.MixedMask.from_dense_mask(_dense(256, 256, 2))
-    with pytest.raises(NotImplementedError, match="at most one block mask"):
-        split_sparse(a & b)
+    b = dm.MixedMask.from_dense_mask(_dense(256, 256, 2), block_size=(64, 128))
+    both = dm.CausalMask(256, 256) & (a & b)
+    win, block = split_sparse(both)
+    assert win == (-1, 0) and isinstance(block, dm.MixedMask)
+    assert block.block_size == (128, 128)
+    np.testing.assert_array_equal(block.to_dense(), a.to_dense() & b.to_dense())
+    assert split_sparse(both)[1] is block  # built once per intersection
+
+
+def test_split_sparse_refuses_a_dynamic_mask_with_another_block_mask() -> None:
+    a = dm.BlockBitsetMask.from_dense_mask(_dense(256, 256, 1))
+    d = dm.DynamicMask(np.eye(2, dtype=bool), 256, 256)
+    with pytest.raises(NotImplementedError, match="DynamicMask.*parametric masks only"):
+        split_sparse(a & d)
+    assert split_sparse(d & dm.CausalMask(256, 256)) == ((-1, 0), d)
 
 
 @pytest.mark.parametrize("block,ok", [((128, 128), True), ((64, 64), True), ((64, 32), False),
