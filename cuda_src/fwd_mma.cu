@@ -10,7 +10,8 @@
 // visited; tiles whose mask elements are all false are skipped before their K/V are loaded;
 // full tiles (no mask, inside bounds and window) do no per-element work.
 // Mask and bias tiles go through shared memory when their rows are contiguous and 16-byte
-// aligned (any row stride, 0 included); other layouts are read per element from global.
+// aligned (any row stride, 0 included) or when one row serves every query (strided keys);
+// other layouts are read per element from global.
 // Requires 16-byte aligned q/k/v/o rows (pointers and strides multiples of 8 elements).
 #pragma once
 #include "common.cuh"
@@ -88,6 +89,11 @@ flash_fwd_mma_kernel(const FwdParams p) {
   const bool bias_vec = kHasBias && !p.bias_is_fp32 && p.bias_col_stride == 1 &&
                         p.bias_row_stride % 8 == 0 && reinterpret_cast<size_t>(bias_bytes) % 16 == 0;
   const bool mask_one_row = p.mask_row_stride == 0, bias_one_row = p.bias_row_stride == 0;
+  // A mask/bias shared by every query row but with strided keys (e.g. varlen key-based
+  // (total_k, h') layouts) is staged one element per key by plain loads: the mask as bytes,
+  // the bias as float.
+  const bool mask_smem = mask_vec || mask_one_row;
+  const bool bias_row_f32 = kHasBias && !bias_vec && bias_one_row;
 
   load_tile_async<kHeadDim, kStride, kThreads>(sQ, q, p.q_row_stride, kBlockM, m_end - m0,
                                                p.head_dim);
@@ -159,11 +165,16 @@ flash_fwd_mma_kernel(const FwdParams p) {
     }
     return i;
   };
-  auto load_mask = [&](int nb) {  // shared-memory path only
+  auto load_mask = [&](int nb) {  // shared-memory paths only
     const int n0 = nb * kBlockN;
-    load_bytes_async<kBlockN, kMaskStride, kThreads>(
-        sMask, mask + int64_t(m0) * p.mask_row_stride + n0, p.mask_row_stride,
-        mask_one_row ? 1 : kBlockM, m_end - m0, seq.len_k - n0);
+    if (mask_vec) {
+      load_bytes_async<kBlockN, kMaskStride, kThreads>(
+          sMask, mask + int64_t(m0) * p.mask_row_stride + n0, p.mask_row_stride,
+          mask_one_row ? 1 : kBlockM, m_end - m0, seq.len_k - n0);
+    } else {
+      for (int c = threadIdx.x; c < kBlockN; c += kThreads)
+        sMask[c] = n0 + c < seq.len_k && mask[int64_t(n0 + c) * p.mask_col_stride] != 0;
+    }
   };
   // Keep-bits (bit j*4+e of slab s) of this thread for tile nb. The shared-memory mask path
   // expects the tile's mask in sMask.
@@ -174,7 +185,7 @@ flash_fwd_mma_kernel(const FwdParams p) {
       tc[s].col0 = nb * kBlockN + 2 * (lane % 4);
       uint32_t x = by_formula ? window_bits<kNF>(p, tc[s], seq.len_q, seq.len_k) : valid_rows[s];
       if (kHasMask) {
-        if (mask_vec) {
+        if (mask_smem) {
           uint32_t keep = 0;
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
@@ -207,7 +218,7 @@ flash_fwd_mma_kernel(const FwdParams p) {
   auto next_item = [&](int i, int& nb, uint32_t (&bits)[kSlabs], bool& listed_partial) {
     for (i = next_candidate(i); i < n_items; i = next_candidate(i + 1)) {
       nb = tile_at(i, listed_partial);
-      if (kHasMask && mask_vec) {
+      if (kHasMask && mask_smem) {
         if (mask_item != i) {
           load_mask(nb);
           cp_async_commit();
@@ -239,10 +250,15 @@ flash_fwd_mma_kernel(const FwdParams p) {
           reinterpret_cast<uint8_t*>(sBias + stage * kBlockM * kBiasStride),
           bias_bytes + 2 * (int64_t(m0) * p.bias_row_stride + n0), 2 * p.bias_row_stride,
           bias_one_row ? 1 : kBlockM, m_end - m0, 2 * (seq.len_k - n0));
+    if (kHasBias && bias_row_f32) {
+      float* row = reinterpret_cast<float*>(sBias + stage * kBlockM * kBiasStride);
+      for (int c = threadIdx.x; c < kBlockN; c += kThreads)
+        row[c] = bias_element<T>(p, bias_base, 0, n0 + c, seq.len_q, seq.len_k);
+    }
   };
   // Prefetch (shared-memory mask path) the mask of the first candidate after item i.
   auto prefetch_mask = [&](int i) {
-    if (kHasMask && mask_vec) {
+    if (kHasMask && mask_smem) {
       const int c = next_candidate(i + 1);
       if (c < n_items) {
         bool lp;
@@ -354,6 +370,11 @@ flash_fwd_mma_kernel(const FwdParams p) {
               const uint32_t two = *reinterpret_cast<const uint32_t*>(brow + 8 * j);
               bv[0] = raw_to_float<T>(two & 0xffffu);
               bv[1] = raw_to_float<T>(two >> 16);
+            } else if (bias_row_f32) {
+              const float2 two = *reinterpret_cast<const float2*>(
+                  reinterpret_cast<const float*>(sB) + 8 * j + 2 * (lane % 4));
+              bv[0] = two.x;
+              bv[1] = two.y;
             } else {
               const int col = nb * kBlockN + 8 * j + 2 * (lane % 4);
               bv[0] = bias_element<T>(p, bias_base, tc[s].row[r], col, seq.len_q, seq.len_k);

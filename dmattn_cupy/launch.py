@@ -54,8 +54,7 @@ def fwd_tile(head_dim: int, has_mask: bool, has_bias: bool, sparse: bool,
             raise ValueError(f"DMATTN_FWD_TILE must look like 128x64x8, got {env!r}") from None
         return bm, bn, w
     if sparse:
-        small_n = (head_dim == 256 and (has_mask or has_bias)) or (head_dim == 192 and has_mask
-                                                                    and has_bias)
+        small_n = (head_dim == 256 and has_bias) or (head_dim == 192 and has_mask and has_bias)
         return 64, 16 if small_n else (64 if head_dim <= 128 else 32), 4
     if head_dim <= 64:
         return 128, 64 if head_dim == 32 else 32, 4
@@ -68,8 +67,8 @@ def fwd_tile(head_dim: int, has_mask: bool, has_bias: bool, sparse: bool,
 
 
 def sparse_supported(head_dim: int, has_mask: bool, has_bias: bool) -> bool:
-    """Block lists + attn_mask without attn_bias at head dim 256 spill registers (ptxas)."""
-    return not (head_dim > 192 and has_mask and not has_bias)
+    """Block lists + attn_mask at head dim 256 spill registers (ptxas, NVRTC 12 and 13)."""
+    return not (head_dim > 192 and has_mask)
 
 
 def select_fwd_spec(pb: Problem, debug_counters: bool = False, sparse: bool = False) -> KernelSpec:
@@ -238,7 +237,7 @@ def run_forward(pb: Problem, query: Any, cu_q: Any = None, cu_k: Any = None,
                                                pb.bias is not None):
             raise NotImplementedError(
                 "block-sparse masks on the CUDA backend need q/k/v rows 16-byte aligned (strides "
-                "multiples of 8 elements) and, with attn_mask but no attn_bias, head dim <= 192; "
+                "multiples of 8 elements) and, with attn_mask, head dim <= 192; "
                 "use backend='reference' or pass sparse_mask.to_dense() & attn_mask as attn_mask")
     elif not aligned:  # the tensor-core kernel reads 16-byte rows: copy the odd view once
         pb, keep_alive = _aligned_copies(pb, query)

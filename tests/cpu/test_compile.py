@@ -66,8 +66,8 @@ def test_spec_id_is_readable_and_unique() -> None:
     assert n_decode == 2 * 6 * 8 + 2 * 6  # decode: dtype x head dim x mask/bias/varlen; combine
     n_fwd = sum(s.kind == "fwd_mma" for s in specs)
     # dtype x head dim x mask/bias/varlen, plus block-sparse variants of the non-varlen ones
-    # (minus attn_mask-without-bias at head dim 256, refused: it spills)
-    assert n_fwd == 2 * 6 * 8 + (2 * 6 * 4 - 2)
+    # (minus attn_mask at head dim 256, refused: it spills)
+    assert n_fwd == 2 * 6 * 8 + (2 * 6 * 4 - 4)
     assert len(ids) == len(set(ids)) == n_fwd + n_decode
     assert any(i.startswith("fwd_mma_bf16_d128_m") and i.endswith("_mask1_bias0_varlen1")
                for i in ids)
