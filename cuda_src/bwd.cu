@@ -51,8 +51,8 @@ flash_bwd_pre_kernel(const BwdParams bp) {
   }
 }
 
-// Bias tile (times log2 e) into shared memory, [kBlockM][kBlockN] fp32; 0 outside the sequence.
-template <typename T, int kBlockM, int kBlockN, int kThreads>
+// Bias tile (times log2 e) into shared memory, [kBlockM][kBStride] fp32; 0 outside the sequence.
+template <typename T, int kBlockM, int kBlockN, int kBStride, int kThreads>
 DM_DEVICE void load_bias_tile(const FwdParams& p, int64_t base, int m0, int n0, int len_q,
                               int len_k, float* s) {
   for (int e = threadIdx.x; e < kBlockM * kBlockN; e += kThreads) {
@@ -64,7 +64,7 @@ DM_DEVICE void load_bias_tile(const FwdParams& p, int64_t base, int m0, int n0, 
       v = p.bias_is_fp32 ? static_cast<const float*>(p.bias)[idx]
                          : to_float(static_cast<const T*>(p.bias)[idx]);
     }
-    s[e] = v * kLog2e;
+    s[r * kBStride + c] = v * kLog2e;
   }
 }
 
@@ -100,10 +100,10 @@ DM_DEVICE void bwd_pointwise(const FwdParams& p, float scale, float (&s)[kNF][4]
     }
 }
 
-// Adds the dx tile (shared memory, [kBlockM][kBlockN] fp32) into dbias, summing first over a
+// Adds the dx tile (shared memory, [kBlockM][kBStride] fp32) into dbias, summing first over a
 // broadcast row and/or column dimension (stride 0). The thread that touches an address is the
 // same at every call, so mode 2 (plain add) is race-free and ordered.
-template <typename T, int kBlockM, int kBlockN, int kThreads>
+template <typename T, int kBlockM, int kBlockN, int kBStride, int kThreads>
 DM_DEVICE void write_dbias(const BwdParams& bp, const float* sb, int64_t base, int m0, int n0,
                            int len_q, int len_k) {
   const int64_t rs = bp.dbias_row_stride, cs = bp.dbias_col_stride;
@@ -121,24 +121,26 @@ DM_DEVICE void write_dbias(const BwdParams& bp, const float* sb, int64_t base, i
   if (rs != 0 && cs != 0) {
     for (int e = threadIdx.x; e < kBlockM * kBlockN; e += kThreads) {
       const int r = e / kBlockN, c = e % kBlockN;
-      if (r < rows && c < cols) put(base + int64_t(m0 + r) * rs + int64_t(n0 + c) * cs, sb[e]);
+      if (r < rows && c < cols)
+        put(base + int64_t(m0 + r) * rs + int64_t(n0 + c) * cs, sb[r * kBStride + c]);
     }
   } else if (cs != 0) {  // one row: sum over queries
     for (int c = threadIdx.x; c < cols; c += kThreads) {
       float sum = 0.f;
-      for (int r = 0; r < rows; ++r) sum += sb[r * kBlockN + c];
+      for (int r = 0; r < rows; ++r) sum += sb[r * kBStride + c];
       put(base + int64_t(n0 + c) * cs, sum);
     }
   } else if (rs != 0) {  // one column: sum over keys
     for (int r = threadIdx.x; r < rows; r += kThreads) {
       float sum = 0.f;
-      for (int c = 0; c < cols; ++c) sum += sb[r * kBlockN + c];
+      for (int c = 0; c < cols; ++c) sum += sb[r * kBStride + c];
       put(base + int64_t(m0 + r) * rs, sum);
     }
   } else if (threadIdx.x < 32) {  // one element
     float sum = 0.f;
     for (int e = threadIdx.x; e < kBlockM * kBlockN; e += 32)
-      if (e / kBlockN < rows && e % kBlockN < cols) sum += sb[e];
+      if (e / kBlockN < rows && e % kBlockN < cols)
+        sum += sb[(e / kBlockN) * kBStride + e % kBlockN];
 #pragma unroll
     for (int s = 16; s > 0; s >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, s);
     if (threadIdx.x == 0) put(base, sum);
@@ -195,16 +197,20 @@ flash_bwd_dkdv_kernel(const BwdParams bp) {
   constexpr int kDqCols = kHeadDim / kSGroups;
   constexpr int kDqChunk = kDqCols % 64 == 0 ? 64 : (kDqCols % 32 == 0 ? 32 : 16);
   static_assert(kDqCols % kDqChunk == 0, "dQ chunks tile the column group");
+  // Q/dO (and their lse/dsum rows) are double-buffered when shared memory allows: the next
+  // visited query tile is fetched while the current one computes.
+  constexpr int kStages = kHeadDim <= 128 ? 2 : 1;
+  constexpr int kBStride = kBlockN + 8;  // bias/dx tile row stride (fewer bank conflicts)
   extern __shared__ __align__(16) uint16_t smem[];
-  uint16_t* sQ = smem;
-  uint16_t* sdO = sQ + kBlockM * kStride;
-  uint16_t* sK = sdO + kBlockM * kStride;
+  uint16_t* sQ = smem;                                 // kStages x kBlockM x kStride
+  uint16_t* sdO = sQ + kStages * kBlockM * kStride;    // kStages x kBlockM x kStride
+  uint16_t* sK = sdO + kStages * kBlockM * kStride;
   uint16_t* sV = sK + kBlockN * kStride;
   uint16_t* sP = sV + kBlockN * kStride;
   uint16_t* sdS = sP + kBlockM * kPStride;
-  float* sLse = reinterpret_cast<float*>(sdS + kBlockM * kPStride);
-  float* sDsum = sLse + kBlockM;
-  float* sB = sDsum + kBlockM;  // with a bias: its tile, then dx (kBlockM x kBlockN)
+  float* sLse = reinterpret_cast<float*>(sdS + kBlockM * kPStride);  // kStages x kBlockM
+  float* sDsum = sLse + kStages * kBlockM;                             // kStages x kBlockM
+  float* sB = sDsum + kStages * kBlockM;  // with a bias: its tile, then dx (kBlockM x kBStride)
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int kvh = blockIdx.y, b = blockIdx.z;
@@ -229,7 +235,8 @@ flash_bwd_dkdv_kernel(const BwdParams bp) {
   if (p.window_right >= 0) i_begin = dm_max(0, n0 - off - p.window_right);
   if (p.window_left >= 0) i_end = dm_min(seq.len_q, n_last - off + p.window_left + 1);
   const int mb_begin = i_begin / kBlockM;
-  const int mb_end = i_begin < i_end ? (i_end - 1) / kBlockM + 1 : mb_begin;
+  const int n_mb = i_begin < i_end ? (i_end - 1) / kBlockM + 1 - mb_begin : 0;
+  const int n_items = n_mb * p.q_per_kv;  // (query head of the group, query tile) pairs
 
   float dk[kGF][4], dv[kGF][4];
   zero_frags(dk);
@@ -238,107 +245,132 @@ flash_bwd_dkdv_kernel(const BwdParams bp) {
   const int wm = warp % kMSlabs, wc = warp / kMSlabs;     // S/dP and dQ roles
   const int r0 = 16 * wm + lane / 4;  // this thread's first row in the query tile
   const int c0 = kSCols * wc;         // first key column of this warp in the tile
-  TileCoords tc;
   const bool want_dbias = kHasBias && bp.dbias_mode != 0;
 
-  for (int hh = 0; hh < p.q_per_kv; ++hh) {
-    const int h = kvh * p.q_per_kv + hh;
+  auto head_of = [&](int item) { return kvh * p.q_per_kv + item / n_mb; };
+  auto m0_of = [&](int item) { return (mb_begin + item % n_mb) * kBlockM; };
+  // Keep-bits of this thread for an item; the first item >= i that someone in the CTA keeps
+  // (a tile whose mask is all false is skipped before anything of it is loaded).
+  auto item_bits = [&](int item) -> uint32_t {
+    TileCoords tc;
+    tc.row[0] = m0_of(item) + r0;
+    tc.row[1] = tc.row[0] + 8;
+    tc.col0 = n0 + c0 + 2 * (lane % 4);
+    uint32_t bits = window_bits<kNF>(p, tc, seq.len_q, seq.len_k);
+    if (kHasMask) bits = mask_bits<kNF>(p, p.mask + mask_offset(p, b, head_of(item), seq), tc, bits);
+    return bits;
+  };
+  auto next_item = [&](int i, uint32_t& bits) {
+    for (; i < n_items; ++i) {
+      bits = item_bits(i);
+      if (!kHasMask || __syncthreads_or(bits != 0)) return i;
+    }
+    return i;
+  };
+  auto load_q = [&](int item, int stage) {
+    const int h = head_of(item), m0 = m0_of(item);
     const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
-                 int64_t(seq.q_start) * p.q_row_stride;
+                 int64_t(seq.q_start + m0) * p.q_row_stride;
     const T* dout = static_cast<const T*>(bp.dout) + b * bp.do_batch_stride +
-                    h * bp.do_head_stride + int64_t(seq.q_start) * bp.do_row_stride;
-    const uint8_t* mask = kHasMask ? p.mask + mask_offset(p, b, h, seq) : nullptr;
-    const int64_t bias_base = kHasBias ? bias_offset(p, b, h, seq) : 0;
-    const int64_t dbias_base = want_dbias ? dbias_offset(bp, b, h, seq) : 0;
-    const int64_t lse_base = b * p.lse_batch_stride + h * p.lse_head_stride + seq.q_start;
-
-    for (int mb = mb_begin; mb < mb_end; ++mb) {
-      const int m0 = mb * kBlockM;
-      tc.row[0] = m0 + r0;
-      tc.row[1] = tc.row[0] + 8;
-      tc.col0 = n0 + c0 + 2 * (lane % 4);
-      uint32_t bits = window_bits<kNF>(p, tc, seq.len_q, seq.len_k);
-      if (kHasMask) bits = mask_bits<kNF>(p, mask, tc, bits);
-      // Also the barrier that frees the previous tile's shared memory.
-      if (!__syncthreads_or(bits != 0)) continue;
-
-      load_tile_async<kHeadDim, kStride, kThreads>(sQ, q + int64_t(m0) * p.q_row_stride,
-                                                   p.q_row_stride, kBlockM, seq.len_q - m0,
-                                                   p.head_dim);
-      load_tile_async<kHeadDim, kStride, kThreads>(sdO, dout + int64_t(m0) * bp.do_row_stride,
-                                                   bp.do_row_stride, kBlockM, seq.len_q - m0,
-                                                   p.head_dim);
-      cp_async_commit();
-      if (threadIdx.x < kBlockM) {
-        const int i = m0 + threadIdx.x;
-        float l = DM_INF, d = 0.f;  // rows past the end: P = exp2(x - inf) = 0
-        if (i < seq.len_q) {
-          const float lv = p.lse[lse_base + i];
-          l = lv == -DM_INF ? DM_INF : lv * kLog2e;  // fully masked row: P = 0
-          d = bp.dsum[lse_base + i];
-        }
-        sLse[threadIdx.x] = l;
-        sDsum[threadIdx.x] = d;
+                    h * bp.do_head_stride + int64_t(seq.q_start + m0) * bp.do_row_stride;
+    load_tile_async<kHeadDim, kStride, kThreads>(sQ + stage * kBlockM * kStride, q,
+                                                 p.q_row_stride, kBlockM, seq.len_q - m0,
+                                                 p.head_dim);
+    load_tile_async<kHeadDim, kStride, kThreads>(sdO + stage * kBlockM * kStride, dout,
+                                                 bp.do_row_stride, kBlockM, seq.len_q - m0,
+                                                 p.head_dim);
+    if (threadIdx.x < kBlockM) {
+      const int i = m0 + threadIdx.x;
+      const int64_t lse_base = b * p.lse_batch_stride + h * p.lse_head_stride + seq.q_start;
+      float l = DM_INF, d = 0.f;  // rows past the end: P = exp2(x - inf) = 0
+      if (i < seq.len_q) {
+        const float lv = p.lse[lse_base + i];
+        l = lv == -DM_INF ? DM_INF : lv * kLog2e;  // fully masked row: P = 0
+        d = bp.dsum[lse_base + i];
       }
-      if (kHasBias) load_bias_tile<T, kBlockM, kBlockN, kThreads>(p, bias_base, m0, n0, seq.len_q,
-                                                                  seq.len_k, sB);
-      cp_async_wait<0>();
-      __syncthreads();
+      sLse[stage * kBlockM + threadIdx.x] = l;
+      sDsum[stage * kBlockM + threadIdx.x] = d;
+    }
+  };
 
-      {
-        float s[kNF][4], dp[kNF][4];
-        zero_frags(s);
-        zero_frags(dp);
-        gemm_abt<T, kHeadDim, kStride, kStride, kNF>(s, sQ + 16 * wm * kStride, sK + c0 * kStride);
-        gemm_abt<T, kHeadDim, kStride, kStride, kNF>(dp, sdO + 16 * wm * kStride,
-                                                     sV + c0 * kStride);
-        const float lse[2] = {sLse[r0], sLse[r0 + 8]};
-        const float dsum[2] = {sDsum[r0], sDsum[r0 + 8]};
-        bwd_pointwise<kNF, kBlockN, kHasBias>(p, bp.scale, s, dp, bits, lse, dsum, sB, r0, c0,
-                                              lane);
+  uint32_t bits = 0;
+  int item = next_item(0, bits);
+  if (kStages == 2 && item < n_items) load_q(item, 0);
+  cp_async_commit();
+  int stage = 0;
+  while (item < n_items) {
+    uint32_t bits_next = 0;
+    const int item_next = next_item(item + 1, bits_next);
+    if (kStages == 2) {
+      if (item_next < n_items) load_q(item_next, stage ^ 1);
+    } else {
+      load_q(item, 0);
+    }
+    cp_async_commit();
+    const int h = head_of(item), m0 = m0_of(item);
+    if (kHasBias) load_bias_tile<T, kBlockM, kBlockN, kBStride, kThreads>(
+        p, bias_offset(p, b, h, seq), m0, n0, seq.len_q, seq.len_k, sB);
+    if (kStages == 2) cp_async_wait<1>();
+    else cp_async_wait<0>();
+    __syncthreads();
+    const uint16_t* sQs = sQ + stage * kBlockM * kStride;
+    const uint16_t* sdOs = sdO + stage * kBlockM * kStride;
+
+    {
+      float s[kNF][4], dp[kNF][4];
+      zero_frags(s);
+      zero_frags(dp);
+      gemm_abt<T, kHeadDim, kStride, kStride, kNF>(s, sQs + 16 * wm * kStride, sK + c0 * kStride);
+      gemm_abt<T, kHeadDim, kStride, kStride, kNF>(dp, sdOs + 16 * wm * kStride, sV + c0 * kStride);
+      const float lse[2] = {sLse[stage * kBlockM + r0], sLse[stage * kBlockM + r0 + 8]};
+      const float dsum[2] = {sDsum[stage * kBlockM + r0], sDsum[stage * kBlockM + r0 + 8]};
+      bwd_pointwise<kNF, kBStride, kHasBias>(p, bp.scale, s, dp, bits, lse, dsum, sB, r0, c0,
+                                             lane);
 #pragma unroll
-        for (int j = 0; j < kNF; ++j) {
-          const int col = c0 + 8 * j + 2 * (lane % 4);
-          *reinterpret_cast<uint32_t*>(sP + r0 * kPStride + col) = pack2<T>(s[j][0], s[j][1]);
-          *reinterpret_cast<uint32_t*>(sP + (r0 + 8) * kPStride + col) =
-              pack2<T>(s[j][2], s[j][3]);
-          *reinterpret_cast<uint32_t*>(sdS + r0 * kPStride + col) = pack2<T>(dp[j][0], dp[j][1]);
-          *reinterpret_cast<uint32_t*>(sdS + (r0 + 8) * kPStride + col) =
-              pack2<T>(dp[j][2], dp[j][3]);
-        }
+      for (int j = 0; j < kNF; ++j) {
+        const int col = c0 + 8 * j + 2 * (lane % 4);
+        *reinterpret_cast<uint32_t*>(sP + r0 * kPStride + col) = pack2<T>(s[j][0], s[j][1]);
+        *reinterpret_cast<uint32_t*>(sP + (r0 + 8) * kPStride + col) = pack2<T>(s[j][2], s[j][3]);
+        *reinterpret_cast<uint32_t*>(sdS + r0 * kPStride + col) = pack2<T>(dp[j][0], dp[j][1]);
+        *reinterpret_cast<uint32_t*>(sdS + (r0 + 8) * kPStride + col) =
+            pack2<T>(dp[j][2], dp[j][3]);
       }
-      __syncthreads();
+    }
+    __syncthreads();
 
-      gemm_atb<T, kBlockM, kPStride, kStride, kGF>(dv, sP + 16 * ws, sdO + wd * kDCols);
-      gemm_atb<T, kBlockM, kPStride, kStride, kGF>(dk, sdS + 16 * ws, sQ + wd * kDCols);
-      if (!kDeterministic) {  // dQ += dS K, fp32 atomics
-        float* dqa = bp.dq_accum + b * bp.dqa_batch_stride + h * bp.dqa_head_stride +
-                     int64_t(seq.q_start + m0) * bp.dqa_row_stride;
+    gemm_atb<T, kBlockM, kPStride, kStride, kGF>(dv, sP + 16 * ws, sdOs + wd * kDCols);
+    gemm_atb<T, kBlockM, kPStride, kStride, kGF>(dk, sdS + 16 * ws, sQs + wd * kDCols);
+    if (!kDeterministic) {  // dQ += dS K, fp32 atomics
+      float* dqa = bp.dq_accum + b * bp.dqa_batch_stride + h * bp.dqa_head_stride +
+                   int64_t(seq.q_start + m0) * bp.dqa_row_stride;
 #pragma unroll 1
-        for (int cc = wc * kDqCols; cc < (wc + 1) * kDqCols && cc < p.head_dim; cc += kDqChunk) {
-          float acc[kDqChunk / 8][4];
-          zero_frags(acc);
-          gemm_ab<T, kBlockN, kPStride, kStride, kDqChunk / 8>(acc, sdS + 16 * wm * kPStride,
-                                                              sK + cc);
+      for (int cc = wc * kDqCols; cc < (wc + 1) * kDqCols && cc < p.head_dim; cc += kDqChunk) {
+        float acc[kDqChunk / 8][4];
+        zero_frags(acc);
+        gemm_ab<T, kBlockN, kPStride, kStride, kDqChunk / 8>(acc, sdS + 16 * wm * kPStride,
+                                                            sK + cc);
 #pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            const int row = r0 + 8 * r;
-            if (m0 + row >= seq.len_q) continue;
+        for (int r = 0; r < 2; ++r) {
+          const int row = r0 + 8 * r;
+          if (m0 + row >= seq.len_q) continue;
 #pragma unroll
-            for (int j = 0; j < kDqChunk / 8; ++j) {
-              const int col = cc + 8 * j + 2 * (lane % 4);
-              if (col < p.head_dim) {
-                atomicAdd(dqa + int64_t(row) * bp.dqa_row_stride + col, acc[j][2 * r]);
-                atomicAdd(dqa + int64_t(row) * bp.dqa_row_stride + col + 1, acc[j][2 * r + 1]);
-              }
+          for (int j = 0; j < kDqChunk / 8; ++j) {
+            const int col = cc + 8 * j + 2 * (lane % 4);
+            if (col < p.head_dim) {
+              atomicAdd(dqa + int64_t(row) * bp.dqa_row_stride + col, acc[j][2 * r]);
+              atomicAdd(dqa + int64_t(row) * bp.dqa_row_stride + col + 1, acc[j][2 * r + 1]);
             }
           }
         }
       }
-      if (want_dbias)
-        write_dbias<T, kBlockM, kBlockN, kThreads>(bp, sB, dbias_base, m0, n0, seq.len_q,
-                                                   seq.len_k);
     }
+    if (want_dbias)
+      write_dbias<T, kBlockM, kBlockN, kBStride, kThreads>(bp, sB, dbias_offset(bp, b, h, seq),
+                                                           m0, n0, seq.len_q, seq.len_k);
+    __syncthreads();  // this stage, P/dS and the bias tile are rewritten next
+    item = item_next;
+    bits = bits_next;
+    stage = kStages == 2 ? stage ^ 1 : 0;
   }
   cp_async_wait<0>();
 
@@ -363,6 +395,7 @@ flash_bwd_dq_kernel(const BwdParams bp) {
   constexpr int kStride = kHeadDim + 8;
   constexpr int kNF = kBlockN / 8;
   constexpr int kDF = kHeadDim / 8;
+  constexpr int kBStride = kBlockN + 8;
   extern __shared__ __align__(16) uint16_t smem[];
   uint16_t* sQ = smem;
   uint16_t* sdO = sQ + kBlockM * kStride;
@@ -427,8 +460,8 @@ flash_bwd_dq_kernel(const BwdParams bp) {
                                                  p.v_row_stride, kBlockN, seq.len_k - n0,
                                                  p.head_dim);
     cp_async_commit();
-    if (kHasBias) load_bias_tile<T, kBlockM, kBlockN, kThreads>(p, bias_base, m0, n0, seq.len_q,
-                                                                seq.len_k, sB);
+    if (kHasBias) load_bias_tile<T, kBlockM, kBlockN, kBStride, kThreads>(
+        p, bias_base, m0, n0, seq.len_q, seq.len_k, sB);
     cp_async_wait<0>();
     __syncthreads();
 
@@ -437,7 +470,7 @@ flash_bwd_dq_kernel(const BwdParams bp) {
     zero_frags(dp);
     gemm_abt<T, kHeadDim, kStride, kStride, kNF>(s, sQ + 16 * warp * kStride, sK);
     gemm_abt<T, kHeadDim, kStride, kStride, kNF>(dp, sdO + 16 * warp * kStride, sV);
-    bwd_pointwise<kNF, kBlockN, kHasBias>(p, bp.scale, s, dp, bits, lse, dsum, sB, r0, 0, lane);
+    bwd_pointwise<kNF, kBStride, kHasBias>(p, bp.scale, s, dp, bits, lse, dsum, sB, r0, 0, lane);
     // dQ += dS K with dS from registers as the A operand.
 #pragma unroll
     for (int ps = 0; ps < kNF / 2; ++ps) {

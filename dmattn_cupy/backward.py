@@ -109,9 +109,10 @@ class BwdSpec:
     @property
     def dynamic_smem(self) -> int:
         m, n, row = self.block_m, self.block_n, (self.head_dim + 8) * 2
-        bias = m * n * 4 if self.has_bias else 0
-        if self.kind == "bwd_dkdv":  # Q, dO, K, V; P and dS; lse and dsum; bias/dx tile
-            return (2 * m + 2 * n) * row + 2 * m * (n + 8) * 2 + 2 * m * 4 + bias
+        bias = m * (n + 8) * 4 if self.has_bias else 0
+        if self.kind == "bwd_dkdv":  # Q, dO (x stages), K, V; P, dS; lse, dsum (x stages); bias
+            st = 2 if self.head_dim <= 128 else 1
+            return (2 * m * st + 2 * n) * row + 2 * m * (n + 8) * 2 + 2 * m * 4 * st + bias
         if self.kind == "bwd_dq":    # Q, dO, K, V; bias tile
             return (2 * m + 2 * n) * row + bias
         return 0
@@ -202,7 +203,10 @@ def _lib_contiguous(x: Any, dtype: str | None = None) -> Any:
 
 
 def _aligned(info) -> bool:
-    return info.ptr % 16 == 0 and all(st % 8 == 0 for st in info.strides[:-1])
+    """Rows readable with 16-byte copies: unit last stride (an expanded gradient such as the
+    one of ``out.sum()`` has stride 0 there), 16-byte aligned pointer and row/head strides."""
+    unit = info.shape[-1] <= 1 or info.strides[-1] == 1
+    return unit and info.ptr % 16 == 0 and all(st % 8 == 0 for st in info.strides[:-1])
 
 
 def _contiguous_f32(x: Any) -> Any:
@@ -245,6 +249,9 @@ def run_backward(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out: 
             arrays[name] = _lib_contiguous(arr)
     if not _aligned(describe(dout)):
         dout = _lib_contiguous(dout)
+    out_info = describe(out)
+    if out_info.shape[-1] > 1 and out_info.strides[-1] != 1:
+        out = _lib_contiguous(out)
     query, key, value = arrays["q"], arrays["k"], arrays["v"]
     pb = dataclasses.replace(pb, q=describe(query), k=describe(key), v=describe(value))
     lse = _contiguous_f32(lse)
@@ -268,7 +275,12 @@ def run_backward(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out: 
                 "needs cross-block float atomics; use deterministic=False or a bias with full "
                 "batch/head/key dims")
         buf_dtype = pb.bias.dtype if mode == 1 else "float32"
-        dbias = _lib_zeros(query, pb.bias.shape, buf_dtype)
+        # Mode 1 writes every element of every visited tile; without a mask or window (dense)
+        # every tile is visited, so the buffer needs no zero fill.
+        every_tile = (not pb.varlen and pb.mask is None and pb.window == (-1, -1)
+                      and pb.seqlen_k > 0)
+        alloc = _lib_empty if (mode == 1 and every_tile) else _lib_zeros
+        dbias = alloc(query, pb.bias.shape, buf_dtype)
         dbias_st = mask_bias_strides(describe(dbias), pb.varlen)
 
     lse_shape = (pb.heads, pb.total_q) if pb.varlen else (pb.batch, pb.heads, pb.seqlen_q)

@@ -50,7 +50,7 @@ def _as_dtype(x: Any, dtype: str) -> Any:
 def _dense_sparse_mask(sparse_mask: SparseMask, attn_mask: Any, like: Any) -> Any:
     """A block mask's exact elements as a bool array in the query's library, ANDed with
     ``attn_mask`` (the backward kernels read it like any mask; all-false tiles are skipped)."""
-    dense = np.asarray(sparse_mask.to_dense(), dtype=bool)
+    dense = np.array(sparse_mask.to_dense(), dtype=bool)  # a writable copy
     if dense.ndim == 2:
         dense = dense[None, None]
     kind = array_kind(like)

@@ -261,6 +261,19 @@ def test_cupy_functional_backward():
     _check_grads(got, [q, k, v, bias], dout, fn)
 
 
+def test_expanded_output_gradient():
+    """out.sum().backward() hands the kernel a stride-0 (expanded) dout."""
+    q, k, v = _qkv(1, 50, 60, 2, 2, 64, "bfloat16", seed=29)
+    leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
+    dm.flash_dmattn_func(*leaves, is_causal=True).sum().backward()
+    got = [x.grad for x in leaves] + [None]
+
+    def fn(q_, k_, v_, b_):
+        return _attention(q_, k_, v_, None, None, 1 / 8, 0.0, (-1, 0))
+
+    _check_grads(got, [q, k, v, None], torch.ones_like(q), fn)
+
+
 def test_bias_without_grad_still_shapes_gradients():
     q, k, v = _qkv(1, 50, 60, 2, 2, 64, "bfloat16", seed=27)
     bias = torch.randn(1, 2, 50, 60, device="cuda", dtype=torch.bfloat16) * 3
@@ -292,9 +305,10 @@ def test_torch_compile_fullgraph_attention_block():
     x = torch.randn(2, 64, 128, device="cuda", dtype=torch.bfloat16)
     compiled = torch.compile(block, fullgraph=True)
     compiled(x).backward()
-    got = [p.grad.clone() for p in block.parameters()]
+    got = [(n, p.grad.clone()) for n, p in block.named_parameters()]
     block.zero_grad()
     block(x).backward()
-    for a, b in zip(got, [p.grad for p in block.parameters()], strict=True):
+    for (name, a), b in zip(got, [p.grad for p in block.parameters()], strict=True):
+        assert torch.isfinite(a).all(), f"{name}: non-finite gradient under torch.compile"
         err = (a.float() - b.float()).abs().max().item()
-        assert err <= 0.03 * b.float().abs().max().item() + 1e-3, err
+        assert err <= 0.03 * b.float().abs().max().item() + 1e-3, (name, err)
