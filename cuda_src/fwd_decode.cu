@@ -8,7 +8,8 @@
 // 16w..16w+15 of every kBlockN-key tile (all warps share the m16 slab) with its own online
 // softmax; the warps are merged through shared memory at the end. K/V tiles stream through
 // kStages shared-memory stages with 16-byte cp.async; the mask/bias values of a tile are read
-// when its K/V are issued and travel in registers until the tile is computed. Tiles whose mask
+// one pipeline step before its K/V are issued (a register look-ahead, so their latency hides
+// behind a tile's compute) and travel in registers until the tile is computed. Tiles whose mask
 // elements are all false (for every row of the CTA) are skipped before their K/V are loaded;
 // tiles outside the causal/window key range are never visited.
 // Requires 16-byte aligned q/k/v rows (the launcher checks) and, when num_splits > 1, the
@@ -42,9 +43,17 @@ struct DecodeTile {
   float bias[2][4];
 };
 
+// The next candidate tile's raw mask bytes and bias bits (16-bit or fp32), loaded ahead.
+struct DecodeLookahead {
+  int nb;
+  uint32_t cand;  // keep-bits by bounds and window; loads only where set
+  uint32_t mask[2][4];
+  uint32_t bias[2][4];
+};
+
 template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNumWarps, bool kHasMask,
           bool kHasBias, bool kVarlen, bool kSparse, bool kDebug>
-__global__ void __launch_bounds__(kNumWarps * 32, 2)  // min blocks: no register cap
+__global__ void __launch_bounds__(kNumWarps * 32, kNumWarps <= 4 ? 2 : 1)  // <= 255 regs
 flash_fwd_decode_kernel(const FwdParams p) {
   static_assert(kBlockM == 16, "one m16 slab of packed (query, head) rows per CTA");
   static_assert(kBlockN == 16 * kNumWarps, "each warp owns 16 keys of a tile");
@@ -147,45 +156,64 @@ flash_fwd_decode_kernel(const FwdParams p) {
     return bits;
   };
 
-  // The next tile at or after `cursor` that some row of the CTA keeps: its mask bits and bias
-  // are read (bias loads first, so both are in flight together) and its K/V issued to `slot`.
+  // Look-ahead: the mask/bias values of the next candidate tile are loaded one pipeline step
+  // before they decide whether its K/V are issued, so their latency hides behind a tile's
+  // compute. Raw values (zero where the bounds exclude) wait in registers.
+  DecodeLookahead la;
+  auto load_lookahead = [&]() {
+    la.nb = cursor < t_end ? cursor++ : -1;
+    if (la.nb < 0) return;
+    const int n0 = la.nb * kBlockN;
+    la.cand = bounds_bits(la.nb);
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const bool in = la.cand & (1u << (j * 4 + e));
+        const int64_t col = n0 + tile_col(j, e);
+        if (kHasMask)
+          la.mask[j][e] = in ? p.mask[mask_row[e >> 1] + col * p.mask_col_stride] : 0;
+        if (kHasBias) {
+          const int64_t idx = bias_row[e >> 1] + col * p.bias_col_stride;
+          la.bias[j][e] = !in ? 0u
+                          : p.bias_is_fp32 ? __float_as_uint(static_cast<const float*>(p.bias)[idx])
+                                           : uint32_t(static_cast<const uint16_t*>(p.bias)[idx]);
+        }
+      }
+  };
+  // The next look-ahead tile that some row of the CTA keeps (tiles whose mask elements are all
+  // false are dropped before their K/V are loaded): its K/V go to `slot`, its keep-bits and
+  // bias values to `t`, and the following candidate's mask/bias loads are started.
   auto issue_next = [&](DecodeTile& t, int slot) {
     t.nb = -1;
     t.bits = 0;
-    while (cursor < t_end) {
-      const int nb = cursor++;
-      const int n0 = nb * kBlockN;
-      uint32_t bits = bounds_bits(nb);
+    while (la.nb >= 0) {
+      const int nb = la.nb;
+      uint32_t bits = la.cand;
+      if (kHasMask) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            if (la.mask[j][e] == 0) bits &= ~(1u << (j * 4 + e));
+      }
       if (kHasBias) {
 #pragma unroll
         for (int j = 0; j < 2; ++j)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
-            float x = 0.f;
-            if (bits & (1u << (j * 4 + e))) {
-              const int64_t idx = bias_row[e >> 1] + int64_t(n0 + tile_col(j, e)) * p.bias_col_stride;
-              x = p.bias_is_fp32 ? static_cast<const float*>(p.bias)[idx]
-                                 : to_float(static_cast<const T*>(p.bias)[idx]);
-            }
-            t.bias[j][e] = x * kLog2e;
+            T raw;
+            raw.bits = uint16_t(la.bias[j][e]);
+            t.bias[j][e] = (p.bias_is_fp32 ? __uint_as_float(la.bias[j][e]) : to_float(raw)) *
+                           kLog2e;
           }
       }
-      if (kHasMask) {
-        uint32_t kept = 0;
-#pragma unroll
-        for (int j = 0; j < 2; ++j)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const uint32_t bit = 1u << (j * 4 + e);
-            if ((bits & bit) &&
-                p.mask[mask_row[e >> 1] + int64_t(n0 + tile_col(j, e)) * p.mask_col_stride] != 0)
-              kept |= bit;
-          }
-        bits = kept;
-        if (!__syncthreads_or(bits != 0)) continue;  // all false: K/V never loaded
-      }
+      const bool keep = !kHasMask || __syncthreads_or(bits != 0);
+      load_lookahead();
+      if (!keep) continue;  // all false: K/V never loaded
       t.nb = nb;
       t.bits = bits;
+      const int n0 = nb * kBlockN;
       load_tile_async<kHeadDim, kStride, kThreads>(sK + slot * kBlockN * kStride,
                                                    k + int64_t(n0) * p.k_row_stride,
                                                    p.k_row_stride, kBlockN, seq.len_k - n0,
@@ -206,6 +234,7 @@ flash_fwd_decode_kernel(const FwdParams p) {
   // Pipeline: kStages - 1 tiles in flight ahead of the one computed (FIFO in registers).
   DecodeTile fifo[kStages - 1];
   int issued = 0, consumed = 0;
+  load_lookahead();
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
     issue_next(fifo[s], issued % kStages);

@@ -139,7 +139,7 @@ def resident_ctas(spec: KernelSpec, registers: int, smem_per_sm: int) -> int:
 
 def choose_num_splits(pb: Problem, spec: KernelSpec, registers: int, sm_count: int,
                       smem_per_sm: int) -> int:
-    n_tiles = math.ceil(pb.seqlen_k / BLOCK_N)
+    n_tiles = math.ceil(pb.seqlen_k / spec.block_n)
     forced = forced_splits()
     if forced is not None:
         return max(1, min(forced, n_tiles, MAX_SPLITS))
