@@ -337,24 +337,22 @@ flash_fwd_mma_kernel(const FwdParams p) {
       }
     }
 
-    // Logits in the log2 domain: scale or softcap (a CTA-uniform branch, so tanh is never
-    // evaluated without softcap), then bias and exclusions (partial tiles only).
-    if (p.softcap > 0.f) {
+    // Logits y, with exp2(y * exp_scale) the unnormalized probability. Without softcap and
+    // bias y is the raw score and the scale folds into the softmax's FFMA; otherwise y is the
+    // natural-log logit: softcap * tanh(scale * qk / softcap) or scale * qk, plus the bias
+    // (one FFMA). softcap is CTA-uniform, so tanh is never evaluated without it.
+    const bool capped = p.softcap > 0.f;
+    if (capped) {
 #pragma unroll
       for (int s = 0; s < kSlabs; ++s)
 #pragma unroll
         for (int j = 0; j < kNF; ++j)
 #pragma unroll
           for (int e = 0; e < 4; ++e)
-            sc[s][j][e] = p.softcap * kLog2e * fast_tanh(sc[s][j][e] * p.scale_over_softcap);
-    } else {
-#pragma unroll
-      for (int s = 0; s < kSlabs; ++s)
-#pragma unroll
-        for (int j = 0; j < kNF; ++j)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) sc[s][j][e] *= p.scale_log2;
+            sc[s][j][e] = p.softcap * fast_tanh(sc[s][j][e] * p.scale_over_softcap);
     }
+    const float bias_scale = capped ? 1.f : p.scale_log2 * (1.f / kLog2e);
+    const float exp_scale = (kHasBias || capped) ? kLog2e : p.scale_log2;
     const uint16_t* sB = sBias + stage * kBlockM * kBiasStride;
 #pragma unroll
     for (int s = 0; s < kSlabs; ++s) {
@@ -385,14 +383,14 @@ flash_fwd_mma_kernel(const FwdParams p) {
           for (int c = 0; c < 2; ++c) {
             const int e = 2 * r + c;
             float x = sc[s][j][e];
-            if (kHasBias) x += bv[c] * kLog2e;
+            if (kHasBias) x = fmaf(x, bias_scale, bv[c]);
             if (partial && !(bits[s] & (1u << (j * 4 + e)))) x = -DM_INF;
             sc[s][j][e] = x;
           }
         }
       }
       float alpha[2];
-      sm[s].update(sc[s], alpha);
+      sm[s].update(sc[s], alpha, exp_scale);
 #pragma unroll
       for (int j = 0; j < kDF; ++j) {
         o[s][j][0] *= alpha[0];

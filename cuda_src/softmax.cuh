@@ -12,23 +12,25 @@ struct OnlineSoftmax {
   float m[2] = {-DM_INF, -DM_INF};
   float l[2] = {0.f, 0.f};  // per-thread partial sums; reduced over the quad at the end
 
-  // Turns scores x[j][e] into probabilities in place; returns the per-row rescale factors
-  // the caller applies to its output accumulator.
-  DM_DEVICE void update(float (&x)[kNF][4], float (&alpha)[2]) {
+  // Turns scores x[j][e] * scale (scale > 0; the log2-domain logits) into probabilities in
+  // place; returns the per-row rescale factors the caller applies to its output accumulator.
+  // Passing the raw scores with their scale folds the scaling into one FFMA per element.
+  DM_DEVICE void update(float (&x)[kNF][4], float (&alpha)[2], float scale = 1.f) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      float mx = m[r];
+      float mx = -DM_INF;
 #pragma unroll
       for (int j = 0; j < kNF; ++j) mx = fmaxf(mx, fmaxf(x[j][2 * r], x[j][2 * r + 1]));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      mx = fmaxf(m[r], mx * scale);
       const float m_use = mx == -DM_INF ? 0.f : mx;  // all excluded so far: exp2(-inf) = 0
       alpha[r] = fast_exp2(m[r] - m_use);
       float sum = 0.f;
 #pragma unroll
       for (int j = 0; j < kNF; ++j) {
-        x[j][2 * r] = fast_exp2(x[j][2 * r] - m_use);
-        x[j][2 * r + 1] = fast_exp2(x[j][2 * r + 1] - m_use);
+        x[j][2 * r] = fast_exp2(fmaf(x[j][2 * r], scale, -m_use));
+        x[j][2 * r + 1] = fast_exp2(fmaf(x[j][2 * r + 1], scale, -m_use));
         sum += x[j][2 * r] + x[j][2 * r + 1];
       }
       l[r] = l[r] * alpha[r] + sum;

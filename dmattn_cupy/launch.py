@@ -54,7 +54,7 @@ def fwd_tile(head_dim: int, has_mask: bool, has_bias: bool, sparse: bool,
             raise ValueError(f"DMATTN_FWD_TILE must look like 128x64x8, got {env!r}") from None
         return bm, bn, w
     if sparse:
-        small_n = (head_dim == 256 and has_bias) or (head_dim == 192 and has_mask and has_bias)
+        small_n = head_dim == 256 or (head_dim == 192 and has_mask and has_bias)
         return 64, 16 if small_n else (64 if head_dim <= 128 else 32), 4
     if head_dim <= 64:
         return 128, 64 if head_dim == 32 else 32, 4

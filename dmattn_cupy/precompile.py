@@ -31,10 +31,11 @@ def all_specs(debug: bool = False) -> list[KernelSpec]:
         # block-sparse list variants (dense problems only)
         if not varlen and sparse_supported(hd, mask, bias):
             specs.append(select_fwd_spec(pb, debug_counters=debug, sparse=True))
-    if not debug:  # decode/combine kernels (dmattn_cupy/decode.py) have no debug builds
+    if not debug:  # decode/combine and backward kernels have no debug builds
+        from .backward import all_bwd_specs
         from .decode import all_decode_specs
 
-        specs += all_decode_specs()
+        specs += all_decode_specs() + all_bwd_specs()
     return specs
 
 

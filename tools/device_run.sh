@@ -41,14 +41,15 @@ for step in $steps; do
     bench)
       python3 tools/bench.py --suite all --json "$OUT/bench.json" > "$OUT/bench.log" 2>&1
       echo "bench rc=$?"; grep "^summary" "$OUT/bench.log" ;;
-    profile)  # where the dense forward's time goes (Nsight Compute, one launch)
+    profile)  # where a forward case's time goes (Nsight Compute, one launch; PROFILE_CASE)
+      case_=${PROFILE_CASE:-dense}
       ncu --clock-control none --section SpeedOfLight --section WarpStateStats \
         --section SchedulerStats --section ComputeWorkloadAnalysis --section Occupancy \
-        --section MemoryWorkloadAnalysis -k regex:flash_fwd_mma -s 3 -c 1 \
-        python3 tools/bench.py --case dense --peers none --no-smoke --quick \
-        > "$OUT/ncu_dense.txt" 2>&1
-      echo "ncu rc=$?"; grep -E "Throughput|Stall|Issued|Eligible|Occupancy|Registers|Duration" \
-        "$OUT/ncu_dense.txt" | head -40 ;;
+        --section MemoryWorkloadAnalysis --section InstructionStats -k regex:flash_fwd_mma \
+        -s 3 -c 1 python3 tools/bench.py --case "$case_" --peers none --no-smoke --quick \
+        > "$OUT/ncu_$case_.txt" 2>&1
+      echo "ncu $case_ rc=$?"; grep -E "Throughput|Issued|Eligible|Occupancy|Duration|Executed Inst" \
+        "$OUT/ncu_$case_.txt" | head -20 ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done

@@ -68,7 +68,9 @@ def test_spec_id_is_readable_and_unique() -> None:
     # dtype x head dim x mask/bias/varlen, plus block-sparse variants of the non-varlen ones
     # (minus attn_mask at head dim 256, refused: it spills)
     assert n_fwd == 2 * 6 * 8 + (2 * 6 * 4 - 4)
-    assert len(ids) == len(set(ids)) == n_fwd + n_decode
+    n_bwd = sum(s.kind.startswith("bwd") for s in specs)
+    assert n_bwd > 0
+    assert len(ids) == len(set(ids)) == n_fwd + n_decode + n_bwd
     assert any(i.startswith("fwd_mma_bf16_d128_m") and i.endswith("_mask1_bias0_varlen1")
                for i in ids)
     assert "fwd_decode_bf16_d128_m16n64w4_mask1_bias1_varlen1" in ids

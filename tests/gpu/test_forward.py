@@ -159,6 +159,21 @@ def test_non_contiguous_views_batch3():
     _run_and_check(q, k, v, "bfloat16", is_causal=True)
 
 
+@pytest.mark.parametrize("how", ["odd_pointer", "odd_row_stride"])
+def test_misaligned_rows_take_the_copy_path(how):
+    """q/k/v rows the tensor-core kernel cannot read with 16-byte copies are copied once."""
+    if how == "odd_pointer":  # storage offset of one element: rows start 2 bytes off
+        flat = torch.randn(3 * 2 * 70 * 4 * 64 + 1, device="cuda", dtype=torch.float16)
+        q, k, v = (flat[1 + i * 2 * 70 * 4 * 64:][:2 * 70 * 4 * 64].view(2, 70, 4, 64)
+                   for i in range(3))
+        assert q.data_ptr() % 16 != 0
+    else:  # row stride 68 elements: not a multiple of 8
+        q, k, v = (torch.randn(2, 70, 4, 68, device="cuda", dtype=torch.float16)[..., :64]
+                   for _ in range(3))
+    bias = torch.randn(2, 4, 70, 70, device="cuda", dtype=torch.float16)
+    _run_and_check(q, k, v, "float16", bias=bias, is_causal=True)
+
+
 def test_non_default_torch_stream():
     q, k, v = _qkv(2, 300, 300, 4, 4, 64, "float16", seed=12)
     s = torch.cuda.Stream()
