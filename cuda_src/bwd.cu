@@ -269,8 +269,7 @@ flash_bwd_dkdv_kernel(const BwdParams bp) {
   };
   auto load_q = [&](int item, int stage) {
     const int h = head_of(item), m0 = m0_of(item);
-    const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
-                 int64_t(seq.q_start + m0) * p.q_row_stride;
+    const T* q = q_row_ptr<T>(p, b, h, seq, m0);
     const T* dout = static_cast<const T*>(bp.dout) + b * bp.do_batch_stride +
                     h * bp.do_head_stride + int64_t(seq.q_start + m0) * bp.do_row_stride;
     load_tile_async<kHeadDim, kStride, kThreads>(sQ + stage * kBlockM * kStride, q,
@@ -411,14 +410,11 @@ flash_bwd_dq_kernel(const BwdParams bp) {
   const int m_end = dm_min(m0 + kBlockM, seq.len_q);
   const int kvh = h / p.q_per_kv;
 
-  const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
-               int64_t(seq.q_start + m0) * p.q_row_stride;
+  const T* q = q_row_ptr<T>(p, b, h, seq, m0);
   const T* dout = static_cast<const T*>(bp.dout) + b * bp.do_batch_stride + h * bp.do_head_stride +
                   int64_t(seq.q_start + m0) * bp.do_row_stride;
-  const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + kvh * p.k_head_stride +
-               int64_t(seq.k_start) * p.k_row_stride;
-  const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + kvh * p.v_head_stride +
-               int64_t(seq.k_start) * p.v_row_stride;
+  const T* k = k_row_ptr<T>(p, b, kvh, seq, 0);
+  const T* v = v_row_ptr<T>(p, b, kvh, seq, 0);
   const uint8_t* mask = kHasMask ? p.mask + mask_offset(p, b, h, seq) : nullptr;
   const int64_t bias_base = kHasBias ? bias_offset(p, b, h, seq) : 0;
   load_tile_async<kHeadDim, kStride, kThreads>(sQ, q, p.q_row_stride, kBlockM, m_end - m0,

@@ -99,10 +99,8 @@ flash_fwd_decode_kernel(const FwdParams p) {
     cp_async_16(sQ + r * kStride + col, src, ok);
   }
 
-  const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + kvh * p.k_head_stride +
-               int64_t(seq.k_start) * p.k_row_stride;
-  const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + kvh * p.v_head_stride +
-               int64_t(seq.k_start) * p.v_row_stride;
+  const T* k = k_row_ptr<T>(p, b, kvh, seq, 0);
+  const T* v = v_row_ptr<T>(p, b, kvh, seq, 0);
 
   // This thread's two rows (g, g + 8 of the slab): query, head, mask/bias row offsets.
   bool row_ok[2];

@@ -72,12 +72,9 @@ flash_fwd_mma_kernel(const FwdParams p) {
   const int kvh = h / p.q_per_kv;
   const int off = seq.len_k - seq.len_q;
 
-  const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
-               int64_t(seq.q_start + m0) * p.q_row_stride;
-  const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + kvh * p.k_head_stride +
-               int64_t(seq.k_start) * p.k_row_stride;
-  const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + kvh * p.v_head_stride +
-               int64_t(seq.k_start) * p.v_row_stride;
+  const T* q = q_row_ptr<T>(p, b, h, seq, m0);
+  const T* k = k_row_ptr<T>(p, b, kvh, seq, 0);
+  const T* v = v_row_ptr<T>(p, b, kvh, seq, 0);
   const uint8_t* mask = kHasMask ? p.mask + mask_offset(p, b, h, seq) : nullptr;
   const int64_t bias_base = kHasBias ? bias_offset(p, b, h, seq) : 0;
   // Shared-memory paths: contiguous, 16-byte aligned rows (CTA-uniform decisions).

@@ -28,4 +28,21 @@ DM_DEVICE SeqInfo seq_info(const FwdParams& p, int b) {
   return s;
 }
 
+// Row `row` (sequence-relative) of query head h / kv head kvh of batch b in q / k / v.
+template <typename T>
+DM_DEVICE const T* q_row_ptr(const FwdParams& p, int b, int h, const SeqInfo& s, int row) {
+  return static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
+         int64_t(s.q_start + row) * p.q_row_stride;
+}
+template <typename T>
+DM_DEVICE const T* k_row_ptr(const FwdParams& p, int b, int kvh, const SeqInfo& s, int row) {
+  return static_cast<const T*>(p.k) + b * p.k_batch_stride + kvh * p.k_head_stride +
+         int64_t(s.k_start + row) * p.k_row_stride;
+}
+template <typename T>
+DM_DEVICE const T* v_row_ptr(const FwdParams& p, int b, int kvh, const SeqInfo& s, int row) {
+  return static_cast<const T*>(p.v) + b * p.v_batch_stride + kvh * p.v_head_stride +
+         int64_t(s.k_start + row) * p.v_row_stride;
+}
+
 }  // namespace dm

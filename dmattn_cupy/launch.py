@@ -71,14 +71,42 @@ def sparse_supported(head_dim: int, has_mask: bool, has_bias: bool) -> bool:
     return not (head_dim > 192 and has_mask)
 
 
-def select_fwd_spec(pb: Problem, debug_counters: bool = False, sparse: bool = False) -> KernelSpec:
-    """The forward specialization for a problem."""
+_smem_limits: dict[int, int | None] = {}
+
+
+def device_smem_limit(device: int) -> int | None:
+    """Opt-in shared memory per block of a CUDA device (None when it cannot be read)."""
+    if device not in _smem_limits:
+        try:
+            import cupy
+
+            rt = cupy.cuda.runtime
+            _smem_limits[device] = int(rt.deviceGetAttribute(
+                rt.cudaDevAttrMaxSharedMemoryPerBlockOptin, device))
+        except Exception:  # no CUDA device here (precompile, CPU-only tests)
+            _smem_limits[device] = None
+    return _smem_limits[device]
+
+
+def select_fwd_spec(pb: Problem, debug_counters: bool = False, sparse: bool = False,
+                    smem_limit: int | None = None) -> KernelSpec:
+    """The forward specialization for a problem: fwd_tile's shape, or smaller 64-row tiles
+    where that needs more shared memory than the device offers per block (``smem_limit``;
+    None: read off the problem's device)."""
     hd = padded_head_dim(pb.head_dim)
-    bm, bn, warps = fwd_tile(hd, pb.mask is not None, pb.bias is not None, sparse, pb.varlen)
-    return KernelSpec(kind="fwd_mma", dtype="fp16" if pb.dtype == "float16" else "bf16",
-                      head_dim=hd, block_m=bm, block_n=bn, num_warps=warps,
-                      has_mask=pb.mask is not None, has_bias=pb.bias is not None,
-                      varlen=pb.varlen, sparse=sparse, debug_counters=debug_counters)
+    has_mask, has_bias = pb.mask is not None, pb.bias is not None
+    bm, bn, warps = fwd_tile(hd, has_mask, has_bias, sparse, pb.varlen)
+    if smem_limit is None:
+        smem_limit = device_smem_limit(pb.q.device) if pb.q.device >= 0 else None
+    spec = None
+    for bm_, bn_, w_ in [(bm, bn, warps)] + [(64, n, 4) for n in (64, 32, 16) if n <= bn]:
+        spec = KernelSpec(kind="fwd_mma", dtype="fp16" if pb.dtype == "float16" else "bf16",
+                          head_dim=hd, block_m=bm_, block_n=bn_, num_warps=w_,
+                          has_mask=has_mask, has_bias=has_bias, varlen=pb.varlen,
+                          sparse=sparse, debug_counters=debug_counters)
+        if smem_limit is None or spec.dynamic_smem <= smem_limit:
+            break
+    return spec
 
 
 def _aligned_copies(pb: Problem, query: Any) -> tuple[Problem, list[Any]]:

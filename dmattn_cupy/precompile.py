@@ -16,6 +16,8 @@ from .compile import CompiledKernel, compile_spec
 from .spec import DTYPES, HEAD_DIMS, KernelSpec
 
 DEFAULT_ARCHS = ("sm_80", "sm_90")
+# Opt-in shared memory per block: sm_80 / sm_87 (163 KB; sm_90: 227 KB), sm_86 / sm_89 (99 KB).
+SMEM_PER_BLOCK = (163 * 1024, 99 * 1024)
 
 
 def all_specs(debug: bool = False) -> list[KernelSpec]:
@@ -27,10 +29,12 @@ def all_specs(debug: bool = False) -> list[KernelSpec]:
     for dtype, hd, mask, bias, varlen in itertools.product(
             DTYPES, HEAD_DIMS, (False, True), (False, True), (False, True)):
         pb = _stub_problem(Problem, dtype, hd, mask, bias, varlen)
-        specs.append(select_fwd_spec(pb, debug_counters=debug))
-        # block-sparse list variants (dense problems only)
-        if not varlen and sparse_supported(hd, mask, bias):
-            specs.append(select_fwd_spec(pb, debug_counters=debug, sparse=True))
+        for limit in SMEM_PER_BLOCK:  # each device class's choice (block-sparse: dense only)
+            for sparse in (False, True) if not varlen and sparse_supported(hd, mask, bias) else (
+                    False,):
+                spec = select_fwd_spec(pb, debug_counters=debug, sparse=sparse, smem_limit=limit)
+                if spec not in specs:
+                    specs.append(spec)
     if not debug:  # decode/combine and backward kernels have no debug builds
         from .backward import all_bwd_specs
         from .decode import all_decode_specs
