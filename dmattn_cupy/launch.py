@@ -258,22 +258,19 @@ def run_forward(pb: Problem, query: Any, cu_q: Any = None, cu_k: Any = None,
     lse = _empty_like_query(query, lse_shape, "float32") if return_lse else None
     if out.size == 0 or (not pb.varlen and pb.seqlen_q == 0):
         return out, lse
-    aligned = rows_aligned(pb, describe(out).strides)
-    keep_alive: list[Any] = []
-    if sparse is not None:  # block lists are read by the tensor-core kernel only
-        if not aligned or not sparse_supported(padded_head_dim(pb.head_dim), pb.mask is not None,
-                                               pb.bias is not None):
-            raise NotImplementedError(
-                "block-sparse masks on the CUDA backend need q/k/v rows 16-byte aligned (strides "
-                "multiples of 8 elements) and, with attn_mask, head dim <= 192; "
-                "use backend='reference' or pass sparse_mask.to_dense() & attn_mask as attn_mask")
-    elif not aligned:  # the tensor-core kernel reads 16-byte rows: copy the odd view once
+    if sparse is not None and not sparse_supported(padded_head_dim(pb.head_dim),
+                                                   pb.mask is not None, pb.bias is not None):
+        raise NotImplementedError(
+            "block-sparse masks together with attn_mask need head dim <= 192 on the CUDA "
+            "backend; use backend='reference' or pass sparse_mask.to_dense() & attn_mask as "
+            "attn_mask")
+    keep_alive: list[Any] = []  # buffers the launch reads: alive until this function returns
+    if not rows_aligned(pb, describe(out).strides):  # kernels read 16-byte rows: copy once
         pb, keep_alive = _aligned_copies(pb, query)
-        aligned = True
     if sparse is None and tile_counters is None and pb.batch > 0:
         from .decode import run_decode, use_decode  # short queries: GQA packing + split-KV
 
-        if use_decode(pb, aligned):
+        if use_decode(pb):
             run_decode(pb, query, out, lse, cu_q, cu_k)
             return out, lse
     spec = select_fwd_spec(pb, debug_counters=tile_counters is not None, sparse=sparse is not None)

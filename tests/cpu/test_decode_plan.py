@@ -43,16 +43,15 @@ def test_splits_only_where_they_shorten_the_work():
 def test_env_switches(monkeypatch):
     pb = _problem()
     monkeypatch.delenv("DMATTN_DECODE", raising=False)
-    assert decode.use_decode(pb, aligned=True)
-    assert not decode.use_decode(pb, aligned=False)
-    assert not decode.use_decode(dataclasses.replace(pb, seqlen_q=9), aligned=True)
+    assert decode.use_decode(pb)
+    assert not decode.use_decode(dataclasses.replace(pb, seqlen_q=9))
     monkeypatch.setenv("DMATTN_DECODE", "1")
-    assert decode.use_decode(dataclasses.replace(pb, seqlen_q=100), aligned=True)
+    assert decode.use_decode(dataclasses.replace(pb, seqlen_q=100))
     monkeypatch.setenv("DMATTN_DECODE", "0")
-    assert not decode.use_decode(pb, aligned=True)
+    assert not decode.use_decode(pb)
     monkeypatch.setenv("DMATTN_DECODE", "yes")
     with pytest.raises(ValueError, match="DMATTN_DECODE"):
-        decode.use_decode(pb, aligned=True)
+        decode.use_decode(pb)
     monkeypatch.setenv("DMATTN_NUM_SPLITS", "0")
     with pytest.raises(ValueError, match="DMATTN_NUM_SPLITS"):
         decode.forced_splits()

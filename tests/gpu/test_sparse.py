@@ -163,6 +163,16 @@ def test_every_class_is_exact(kind, sq, sk):
     _check(*_qkv(sq, sk, sq + 2 * sk), mask)
 
 
+@pytest.mark.parametrize("kind", ["bitset_bh", "mixed"])
+def test_misaligned_qkv_rows_are_copied(kind):
+    """Views whose rows are not 16-byte aligned take the launcher's copy path, block lists too."""
+    sq = sk = 200
+    q, k, v = (torch.cat([torch.zeros(1, device="cuda", dtype=torch.bfloat16), t.flatten()])[1:]
+               .view(t.shape) for t in _qkv(sq, sk, seed=5))
+    assert q.data_ptr() % 16 != 0
+    _check(q, k, v, make_mask(kind, sq, sk, seed=6))
+
+
 COMBOS = ["attn_mask", "attn_bias", "is_causal", "all"]
 
 
