@@ -264,17 +264,21 @@ def run_backward(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out: 
     mode = 0
     dbias = None
     dbias_st = None
+    expanded_axes: tuple[int, ...] = ()
     if want_dbias:
         probe = mask_bias_strides(
             dataclasses.replace(pb.bias, strides=_contig_strides(pb.bias.shape)), pb.varlen)
         mode = dbias_mode(pb, probe, dkdv.block_m, dkdv.block_n)
+        if deterministic and mode == 3:  # no cross-block atomics: widen, then reduce in order
+            pb, expanded_axes = _widen_bias(pb, dkdv.block_n)
+            probe = mask_bias_strides(
+                dataclasses.replace(pb.bias, strides=_contig_strides(pb.bias.shape)), pb.varlen)
+            mode = dbias_mode(pb, probe, dkdv.block_m, dkdv.block_n)
         if deterministic and mode == 3:
             raise NotImplementedError(
-                "deterministic=True: the gradient of a bias broadcast over batch (with batch > 1),"
-                " over all heads (with kv heads > 1) or over keys (longer than one key tile) "
-                "needs cross-block float atomics; use deterministic=False or a bias with full "
-                "batch/head/key dims")
-        buf_dtype = pb.bias.dtype if mode == 1 else "float32"
+                "deterministic=True: the gradient of a varlen bias broadcast over keys needs "
+                "cross-block float atomics; use deterministic=False or a bias with full key dims")
+        buf_dtype = pb.bias.dtype if mode == 1 and not expanded_axes else "float32"
         # Mode 1 writes every element of every visited tile; without a mask or window (dense)
         # every tile is visited, so the buffer needs no zero fill.
         every_tile = (not pb.varlen and pb.mask is None and pb.window == (-1, -1)
@@ -344,9 +348,33 @@ def run_backward(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out: 
         dv = _lib_zeros(query, pb.v.shape, dt)
     if dq is None:
         dq = _lib_cast(dq_accum, dt)
+    if expanded_axes:  # a fixed-order reduction over the widened dims (float32)
+        dbias = dbias.sum(expanded_axes, keepdims=True) if array_kind(dbias) != "torch" else \
+            dbias.sum(dim=expanded_axes, keepdim=True)
     if dbias is not None and describe(dbias).dtype != pb.bias.dtype:
         dbias = _lib_cast(dbias, pb.bias.dtype)
     return dq, dk, dv, dbias
+
+
+def _widen_bias(pb: Problem, block_n: int) -> tuple[Problem, tuple[int, ...]]:
+    """For deterministic dbias: the bias seen as widened (stride 0) over the dims whose
+    gradient several CTAs would add into (batch with B > 1, a single head with several kv
+    heads, dense keys longer than one tile), so every CTA writes its own slice of a float32
+    buffer of the widened shape; returns the problem and the widened axes (to sum over)."""
+    bias = pb.bias
+    shape, strides = list(bias.shape), list(bias.strides)
+    head_axis = 1
+    wide = {}
+    if not pb.varlen and shape[0] == 1 and pb.batch > 1:
+        wide[0] = pb.batch
+    if shape[head_axis] == 1 and pb.kv_heads > 1:
+        wide[head_axis] = pb.heads
+    if not pb.varlen and shape[3] == 1 and pb.seqlen_k > block_n:
+        wide[3] = pb.seqlen_k
+    for axis, n in wide.items():
+        shape[axis], strides[axis] = n, 0
+    widened = dataclasses.replace(bias, shape=tuple(shape), strides=tuple(strides))
+    return dataclasses.replace(pb, bias=widened), tuple(sorted(wide))
 
 
 def _contig_strides(shape: tuple[int, ...]) -> tuple[int, ...]:

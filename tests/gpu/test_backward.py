@@ -192,8 +192,20 @@ def test_deterministic_bitwise_and_correct():
     g2 = _run_dense(q, k, v, bias=bias_k, seed=22, deterministic=True)
     for a, b in zip(g1, g2, strict=True):
         assert torch.equal(a, b)
-    with pytest.raises(NotImplementedError, match="deterministic"):
-        _run_dense(q, k, v, bias=bias[:1], seed=22, deterministic=True)
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 300, 257), (2, 1, 300, 257), (2, 8, 300, 1),
+                                   (1, 1, 1, 257)], ids=["batch1", "head1", "key1", "kside111"])
+def test_deterministic_bias_broadcast_across_blocks(shape):
+    """Biases whose gradient several CTAs would add into (batch, a single head with several kv
+    heads, keys) are widened and reduced in a fixed order: correct and bitwise repeatable."""
+    q, k, v = _qkv(2, 300, 257, 8, 2, 128, "bfloat16", seed=26)
+    bias = torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
+    g1 = _run_dense(q, k, v, bias=bias, seed=27, deterministic=True)
+    g2 = _run_dense(q, k, v, bias=bias, seed=27, deterministic=True)
+    assert g1[3].shape == bias.shape
+    for a, b in zip(g1, g2, strict=True):
+        assert torch.equal(a, b)
 
 
 def _packed(lens_q, lens_k, h, hk, d, seed, dtype=torch.bfloat16):
@@ -206,14 +218,15 @@ def _packed(lens_q, lens_k, h, hk, d, seed, dtype=torch.bfloat16):
     return q, k, v, cu_q, cu_k
 
 
-@pytest.mark.parametrize("layout", ["key", "query"])
+@pytest.mark.parametrize("layout", ["key", "key1", "query"])
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "det"])
 def test_varlen(layout, deterministic):
     lens_q, lens_k = [5, 130, 0, 64], [70, 129, 33, 64]
     h, hk, d = 4, 2, 64
     q, k, v, cu_q, cu_k = _packed(lens_q, lens_k, h, hk, d, seed=23)
     mq, mk = max(lens_q), max(lens_k)
-    bshape = (k.shape[0], hk) if layout == "key" else (q.shape[0], h, mk)
+    bshape = {"key": (k.shape[0], hk), "key1": (k.shape[0], 1), "query": (q.shape[0], h, mk)}[
+        layout]
     bias = torch.randn(*bshape, generator=torch.Generator().manual_seed(24)).to("cuda", q.dtype)
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(25)).to(q)
     leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v, bias)]
@@ -231,7 +244,7 @@ def test_varlen(layout, deterministic):
             qs, qe, ks, ke = cq[i], cq[i + 1], ck[i], ck[i + 1]
             if qe == qs:
                 continue
-            if layout == "key":
+            if layout.startswith("key"):
                 bb = b_[ks:ke].T[None, :, None, :]
             else:
                 bb = b_[qs:qe, :, : ke - ks].permute(1, 0, 2)[None]
