@@ -133,12 +133,19 @@ def _aligned_copies(pb: Problem, query: Any) -> tuple[Problem, list[Any]]:
     return dataclasses.replace(pb, **infos), keep
 
 
-def get_function(spec: KernelSpec, device: int) -> Any:
+def get_function(spec: Any, device: int) -> Any:
+    """The loaded kernel of ``spec`` on ``device`` (compiled on first use, then cached)."""
     key = (spec, device)
     with _lock:
         fn = _functions.get(key)
     if fn is not None:
         return fn
+    limit = device_smem_limit(device)
+    if limit is not None and spec.dynamic_smem > limit:
+        raise NotImplementedError(
+            f"kernel {spec.id} needs {spec.dynamic_smem} bytes of shared memory per block; this "
+            f"GPU allows {limit}. Smaller tiles for such GPUs exist for the forward kernel only; "
+            "use backend='reference' here")
     import cupy
 
     with cupy.cuda.Device(device):

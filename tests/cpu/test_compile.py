@@ -179,3 +179,13 @@ def test_forward_tiles_fit_the_device_shared_memory(limit: int) -> None:
             spec = select_fwd_spec(pb, sparse=sparse, smem_limit=limit)
             assert spec.dynamic_smem <= limit, spec.id
             assert spec in known  # so precompile --check-spills covers it
+
+
+def test_kernel_needing_more_shared_memory_than_the_gpu_has_is_refused(monkeypatch) -> None:
+    from dmattn_cupy import launch
+
+    big = KernelSpec(dtype="bf16", head_dim=128, block_m=128, block_n=64, num_warps=8,
+                     has_mask=True, has_bias=True)
+    monkeypatch.setattr(launch, "device_smem_limit", lambda device: 99 * 1024)
+    with pytest.raises(NotImplementedError, match=r"shared memory per block.*allows 101376"):
+        launch.get_function(big, 0)
