@@ -8,8 +8,13 @@
 //     mode also adds dQ += dS K into an fp32 buffer with atomics.
 //   flash_bwd_dq_kernel:   deterministic mode: a CTA owns kBlockM query rows of one head and
 //     loops over key tiles, so dQ is accumulated in registers in a fixed order.
+//   flash_bwd_sparse_grid_kernel: a block mask's row lists as a (row block, col block) grid,
+//     so the key-major dK/dV loop finds a block's state with one read (bp.sp_grid).
 // Logits (log2 domain) x = softcap(scale * q.k) * log2 e + bias * log2 e; dx = P (dP - dsum);
 // dbias = dx; d(q.k) = dx * scale * (1 - tanh^2) (softcap) or dx * scale.
+// Block-sparse masks run the kHasMask kernels with bp.sp_grid set (f.mask may then be null):
+// unlisted blocks are skipped without a sync or any load; a MixedMask's partial blocks apply
+// their element bits.
 // Excluded positions and rows with lse = -inf (nothing allowed) get P = 0, so every gradient
 // there is 0 (never NaN). Query tiles a key tile cannot see (causal/window) are never visited,
 // and tiles whose mask is all false are skipped before their Q/dO (or K/V) are loaded.
@@ -51,31 +56,108 @@ flash_bwd_pre_kernel(const BwdParams bp) {
   }
 }
 
+constexpr int kSpNone = -2, kSpFull = -1;
+
+// One CTA per (row block, mask head, mask batch): clears its grid row, then marks the listed
+// blocks. Only a MixedMask lists partial blocks (block-granular masks keep whole blocks, and
+// a DynamicMask lists full ones only), so a partial entry takes its slot from sp_partial_slot.
+template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNumWarps, bool kHasMask,
+          bool kHasBias, bool kVarlen, bool kDeterministic, bool kDebug>
+__global__ void __launch_bounds__(kNumWarps * 32)
+flash_bwd_sparse_grid_kernel(const BwdParams bp) {
+  const FwdParams& p = bp.f;
+  const int64_t row = (int64_t(blockIdx.z) * p.sp_heads + blockIdx.y) * p.sp_row_blocks +
+                      blockIdx.x;
+  int32_t* g = bp.sp_grid + row * bp.sp_grid_cols;
+  for (int c = threadIdx.x; c < bp.sp_grid_cols; c += blockDim.x) g[c] = kSpNone;
+  __syncthreads();
+  const int n_full = p.sp_full_count[row], n_part = p.sp_partial_count[row];
+  for (int t = threadIdx.x; t < n_full; t += blockDim.x)
+    g[p.sp_full_idx[row * p.sp_full_width + t]] = kSpFull;
+  for (int t = threadIdx.x; t < n_part; t += blockDim.x) {
+    const int blk = p.sp_partial_idx[row * p.sp_partial_width + t];
+    g[blk] = p.sp_partial_slot != nullptr ? p.sp_partial_slot[row * p.sp_col_blocks + blk]
+                                          : kSpFull;
+  }
+}
+
+// dst[0] += a, dst[1] += b without a return value; dst is 8-byte aligned. sm_90 has a
+// two-float reduction (one instruction, one L2 transaction); elsewhere two scalar ones.
+DM_DEVICE void red_add2(float* dst, float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(dst), "f"(a), "f"(b) : "memory");
+#else
+  atomicAdd(dst, a);
+  atomicAdd(dst + 1, b);
+#endif
+}
+
+// State (kSpNone, kSpFull or a partial slot) of the mask block holding tile (m0, n0).
+DM_DEVICE int sparse_state(const BwdParams& bp, int b, int h, int m0, int n0) {
+  const FwdParams& p = bp.f;
+  const int bi = p.sp_batches == 1 ? 0 : b, hi = p.sp_heads == 1 ? 0 : h;
+  const int64_t row = (int64_t(bi) * p.sp_heads + hi) * p.sp_row_blocks + m0 / p.sp_block_m;
+  return bp.sp_grid[row * bp.sp_grid_cols + n0 / p.sp_block_n];
+}
+
+// Keep-bits of a listed block: all candidates when full, its element bits when partial.
+template <int kNF>
+DM_DEVICE uint32_t sparse_bits(const FwdParams& p, int state, const TileCoords& tc, int m0,
+                               int n0, uint32_t candidates) {
+  if (state < 0) return candidates;
+  const uint32_t* words = p.sp_partial_bits + int64_t(state) * (p.sp_block_m * p.sp_block_n / 32);
+  return block_element_bits<kNF>(words, tc, m0 / p.sp_block_m * p.sp_block_m,
+                                 n0 / p.sp_block_n * p.sp_block_n, p.sp_block_n, candidates);
+}
+
 // Bias tile (times log2 e) into shared memory, [kBlockM][kBStride] fp32; 0 outside the sequence.
-template <typename T, int kBlockM, int kBlockN, int kBStride, int kThreads>
+// Loads are issued in unrolled batches of up to kMaxBatch per thread before any is stored, so
+// their latencies overlap (and overlap the Q/dO copies in flight) instead of adding up.
+template <typename T, int kBlockM, int kBlockN, int kBStride, int kThreads, int kMaxBatch>
 DM_DEVICE void load_bias_tile(const FwdParams& p, int64_t base, int m0, int n0, int len_q,
                               int len_k, float* s) {
-  for (int e = threadIdx.x; e < kBlockM * kBlockN; e += kThreads) {
-    const int r = e / kBlockN, c = e % kBlockN;
-    float v = 0.f;
-    if (m0 + r < len_q && n0 + c < len_k) {
-      const int64_t idx = base + int64_t(m0 + r) * p.bias_row_stride +
-                          int64_t(n0 + c) * p.bias_col_stride;
-      v = p.bias_is_fp32 ? static_cast<const float*>(p.bias)[idx]
-                         : to_float(static_cast<const T*>(p.bias)[idx]);
+  constexpr int kPer = kBlockM * kBlockN / kThreads;  // elements per thread
+  static_assert(kPer * kThreads == kBlockM * kBlockN, "threads tile the bias block");
+  constexpr int kBatch = kPer < kMaxBatch ? kPer : kMaxBatch;
+  static_assert(kPer % kBatch == 0, "batches tile a thread's elements");
+  const T* bias16 = static_cast<const T*>(p.bias);
+  const float* bias32 = static_cast<const float*>(p.bias);
+#pragma unroll 1
+  for (int t0 = 0; t0 < kPer; t0 += kBatch) {
+    float v[kBatch];
+#pragma unroll
+    for (int t = 0; t < kBatch; ++t) {
+      const int e = threadIdx.x + (t0 + t) * kThreads;
+      const int r = e / kBlockN, c = e % kBlockN;
+      v[t] = 0.f;
+      if (m0 + r < len_q && n0 + c < len_k) {
+        const int64_t idx = base + int64_t(m0 + r) * p.bias_row_stride +
+                            int64_t(n0 + c) * p.bias_col_stride;
+        v[t] = p.bias_is_fp32 ? bias32[idx] : to_float(bias16[idx]);
+      }
     }
-    s[r * kBStride + c] = v * kLog2e;
+#pragma unroll
+    for (int t = 0; t < kBatch; ++t) {
+      const int e = threadIdx.x + (t0 + t) * kThreads;
+      s[(e / kBlockN) * kBStride + e % kBlockN] = v[t] * kLog2e;
+    }
   }
 }
 
 // Per-element backward math on one warp's S and dP fragments (16 rows x 8*kNF keys starting
 // at tile column c0; the bias/dx tile has row stride kBStride):
-// s <- P, dp <- d(q.k) (the dS operand of dQ/dK). With kHasBias, sb holds the bias tile on
-// entry (log2 units) and dx (= dbias) on exit, at the same positions.
-template <int kNF, int kBStride, bool kHasBias>
+// s <- P, dp <- d(q.k) (the dS operand of dQ/dK). With kHasBias, the bias is read from `raw`
+// (the tile as staged by cp.async, T elements, row stride kRawStride, one row when
+// `one_row`) or, when raw is null, from sb (log2 units); sb holds dx (= dbias) on exit.
+// lse is the forward's natural-log lse; -inf (nothing allowed) gives P = 0.
+template <typename T, int kNF, int kBStride, int kRawStride, bool kHasBias>
 DM_DEVICE void bwd_pointwise(const FwdParams& p, float scale, float (&s)[kNF][4],
-                             float (&dp)[kNF][4], uint32_t bits, const float (&lse)[2],
-                             const float (&dsum)[2], float* sb, int r0, int c0, int lane) {
+                             float (&dp)[kNF][4], uint32_t bits, const float (&lse_nat)[2],
+                             const float (&dsum)[2], float* sb, const uint16_t* raw,
+                             bool one_row, int r0, int c0, int lane) {
+  float lse[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) lse[r] = lse_nat[r] == -DM_INF ? DM_INF : lse_nat[r] * kLog2e;
 #pragma unroll
   for (int j = 0; j < kNF; ++j)
 #pragma unroll
@@ -90,8 +172,12 @@ DM_DEVICE void bwd_pointwise(const FwdParams& p, float scale, float (&s)[kNF][4]
         x = s[j][e] * p.scale_log2;
         dsoft = scale;
       }
-      const int sidx = (r0 + 8 * r) * kBStride + c0 + 8 * j + 2 * (lane % 4) + (e & 1);
-      if (kHasBias) x += sb[sidx];
+      const int col = c0 + 8 * j + 2 * (lane % 4) + (e & 1);
+      const int sidx = (r0 + 8 * r) * kBStride + col;
+      if (kHasBias)
+        x += raw != nullptr ? to_float(T{raw[(one_row ? 0 : r0 + 8 * r) * kRawStride + col]}) *
+                                  kLog2e
+                            : sb[sidx];
       const float pr = (bits >> (j * 4 + e)) & 1u ? fast_exp2(x - lse[r]) : 0.f;
       const float dx = pr * (dp[j][e] - dsum[r]);
       if (kHasBias) sb[sidx] = dx;
@@ -211,6 +297,9 @@ flash_bwd_dkdv_kernel(const BwdParams bp) {
   float* sLse = reinterpret_cast<float*>(sdS + kBlockM * kPStride);  // kStages x kBlockM
   float* sDsum = sLse + kStages * kBlockM;                             // kStages x kBlockM
   float* sB = sDsum + kStages * kBlockM;  // with a bias: its tile, then dx (kBlockM x kBStride)
+  // With a bias: kStages x kBlockM x kRawStride raw 16-bit tiles, staged with Q/dO (bias_src).
+  constexpr int kRawStride = kBlockN + 8;
+  uint16_t* sBraw = reinterpret_cast<uint16_t*>(sB + (kHasBias ? kBlockM * kBStride : 0));
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int kvh = blockIdx.y, b = blockIdx.z;
@@ -257,15 +346,34 @@ flash_bwd_dkdv_kernel(const BwdParams bp) {
     tc.row[1] = tc.row[0] + 8;
     tc.col0 = n0 + c0 + 2 * (lane % 4);
     uint32_t bits = window_bits<kNF>(p, tc, seq.len_q, seq.len_k);
-    if (kHasMask) bits = mask_bits<kNF>(p, p.mask + mask_offset(p, b, head_of(item), seq), tc, bits);
+    if (kHasMask && p.mask != nullptr)
+      bits = mask_bits<kNF>(p, p.mask + mask_offset(p, b, head_of(item), seq), tc, bits);
+    if (kHasMask && bp.sp_grid != nullptr)
+      bits = sparse_bits<kNF>(p, sparse_state(bp, b, head_of(item), m0_of(item), n0), tc,
+                              m0_of(item), n0, bits);
     return bits;
   };
   auto next_item = [&](int i, uint32_t& bits) {
     for (; i < n_items; ++i) {
+      // Uniform across the CTA: an unlisted block costs one read, no sync.
+      if (kHasMask && bp.sp_grid != nullptr &&
+          sparse_state(bp, b, head_of(i), m0_of(i), n0) == kSpNone)
+        continue;
       bits = item_bits(i);
       if (!kHasMask || __syncthreads_or(bits != 0)) return i;
     }
     return i;
+  };
+  // A 16-bit bias with unit column stride and 16-byte aligned rows (the common dense case)
+  // is copied by cp.async with the query tile it belongs to; any other goes through
+  // load_bias_tile. Uniform across the CTA for an item.
+  const bool bias_one_row = p.bias_row_stride == 0;
+  auto bias_src = [&](int h, int m0) -> const uint8_t* {
+    if (!kHasBias || p.bias_is_fp32 || p.bias_col_stride != 1 || p.bias_row_stride % 8 != 0)
+      return nullptr;
+    const uint8_t* src = static_cast<const uint8_t*>(p.bias) +
+                         2 * (bias_offset(p, b, h, seq) + int64_t(m0) * p.bias_row_stride + n0);
+    return reinterpret_cast<size_t>(src) % 16 == 0 ? src : nullptr;
   };
   auto load_q = [&](int item, int stage) {
     const int h = head_of(item), m0 = m0_of(item);
@@ -278,17 +386,22 @@ flash_bwd_dkdv_kernel(const BwdParams bp) {
     load_tile_async<kHeadDim, kStride, kThreads>(sdO + stage * kBlockM * kStride, dout,
                                                  bp.do_row_stride, kBlockM, seq.len_q - m0,
                                                  p.head_dim);
+    // lse/dsum rows (natural-log lse; rows past the end read as 0: their keep-bits are 0)
     if (threadIdx.x < kBlockM) {
       const int i = m0 + threadIdx.x;
-      const int64_t lse_base = b * p.lse_batch_stride + h * p.lse_head_stride + seq.q_start;
-      float l = DM_INF, d = 0.f;  // rows past the end: P = exp2(x - inf) = 0
-      if (i < seq.len_q) {
-        const float lv = p.lse[lse_base + i];
-        l = lv == -DM_INF ? DM_INF : lv * kLog2e;  // fully masked row: P = 0
-        d = bp.dsum[lse_base + i];
-      }
-      sLse[stage * kBlockM + threadIdx.x] = l;
-      sDsum[stage * kBlockM + threadIdx.x] = d;
+      const bool ok = i < seq.len_q;
+      const int64_t idx = b * p.lse_batch_stride + h * p.lse_head_stride + seq.q_start +
+                          (ok ? i : 0);
+      cp_async_4(sLse + stage * kBlockM + threadIdx.x, p.lse + idx, ok);
+      cp_async_4(sDsum + stage * kBlockM + threadIdx.x, bp.dsum + idx, ok);
+    }
+    if (kHasBias) {
+      const uint8_t* src = bias_src(h, m0);
+      if (src != nullptr)
+        load_bytes_async<2 * kBlockN, 2 * kRawStride, kThreads>(
+            reinterpret_cast<uint8_t*>(sBraw + stage * kBlockM * kRawStride), src,
+            2 * p.bias_row_stride, bias_one_row ? 1 : kBlockM, seq.len_q - m0,
+            2 * (seq.len_k - n0));
     }
   };
 
@@ -307,7 +420,8 @@ flash_bwd_dkdv_kernel(const BwdParams bp) {
     }
     cp_async_commit();
     const int h = head_of(item), m0 = m0_of(item);
-    if (kHasBias) load_bias_tile<T, kBlockM, kBlockN, kBStride, kThreads>(
+    const bool bias_staged = kHasBias && bias_src(h, m0) != nullptr;
+    if (kHasBias && !bias_staged) load_bias_tile<T, kBlockM, kBlockN, kBStride, kThreads, 16>(
         p, bias_offset(p, b, h, seq), m0, n0, seq.len_q, seq.len_k, sB);
     if (kStages == 2) cp_async_wait<1>();
     else cp_async_wait<0>();
@@ -323,8 +437,10 @@ flash_bwd_dkdv_kernel(const BwdParams bp) {
       gemm_abt<T, kHeadDim, kStride, kStride, kNF>(dp, sdOs + 16 * wm * kStride, sV + c0 * kStride);
       const float lse[2] = {sLse[stage * kBlockM + r0], sLse[stage * kBlockM + r0 + 8]};
       const float dsum[2] = {sDsum[stage * kBlockM + r0], sDsum[stage * kBlockM + r0 + 8]};
-      bwd_pointwise<kNF, kBStride, kHasBias>(p, bp.scale, s, dp, bits, lse, dsum, sB, r0, c0,
-                                             lane);
+      bwd_pointwise<T, kNF, kBStride, kRawStride, kHasBias>(
+          p, bp.scale, s, dp, bits, lse, dsum, sB,
+          bias_staged ? sBraw + stage * kBlockM * kRawStride : nullptr, bias_one_row, r0, c0,
+          lane);
 #pragma unroll
       for (int j = 0; j < kNF; ++j) {
         const int col = c0 + 8 * j + 2 * (lane % 4);
@@ -340,6 +456,8 @@ flash_bwd_dkdv_kernel(const BwdParams bp) {
     gemm_atb<T, kBlockM, kPStride, kStride, kGF>(dv, sP + 16 * ws, sdOs + wd * kDCols);
     gemm_atb<T, kBlockM, kPStride, kStride, kGF>(dk, sdS + 16 * ws, sQs + wd * kDCols);
     if (!kDeterministic) {  // dQ += dS K, fp32 atomics
+      // dq_accum is a fresh contiguous fp32 buffer and the head dim a multiple of 8: every
+      // pair (col, col + 1) with col < head_dim is 8-byte aligned and in range.
       float* dqa = bp.dq_accum + b * bp.dqa_batch_stride + h * bp.dqa_head_stride +
                    int64_t(seq.q_start + m0) * bp.dqa_row_stride;
 #pragma unroll 1
@@ -355,17 +473,17 @@ flash_bwd_dkdv_kernel(const BwdParams bp) {
 #pragma unroll
           for (int j = 0; j < kDqChunk / 8; ++j) {
             const int col = cc + 8 * j + 2 * (lane % 4);
-            if (col < p.head_dim) {
-              atomicAdd(dqa + int64_t(row) * bp.dqa_row_stride + col, acc[j][2 * r]);
-              atomicAdd(dqa + int64_t(row) * bp.dqa_row_stride + col + 1, acc[j][2 * r + 1]);
-            }
+            if (col < p.head_dim)
+              red_add2(dqa + int64_t(row) * bp.dqa_row_stride + col, acc[j][2 * r],
+                       acc[j][2 * r + 1]);
           }
         }
       }
     }
     if (want_dbias)
-      write_dbias<T, kBlockM, kBlockN, kBStride, kThreads>(bp, sB, dbias_offset(bp, b, h, seq),
-                                                           m0, n0, seq.len_q, seq.len_k);
+      write_dbias<T, kBlockM, kBlockN, kBStride, kThreads>(
+          bp, sB, dbias_offset(bp, b, h, seq) + blockIdx.x * bp.dbias_tile_stride, m0, n0,
+          seq.len_q, seq.len_k);
     __syncthreads();  // this stage, P/dS and the bias tile are rewritten next
     item = item_next;
     bits = bits_next;
@@ -415,7 +533,8 @@ flash_bwd_dq_kernel(const BwdParams bp) {
                   int64_t(seq.q_start + m0) * bp.do_row_stride;
   const T* k = k_row_ptr<T>(p, b, kvh, seq, 0);
   const T* v = v_row_ptr<T>(p, b, kvh, seq, 0);
-  const uint8_t* mask = kHasMask ? p.mask + mask_offset(p, b, h, seq) : nullptr;
+  const uint8_t* mask = kHasMask && p.mask != nullptr ? p.mask + mask_offset(p, b, h, seq)
+                                                      : nullptr;
   const int64_t bias_base = kHasBias ? bias_offset(p, b, h, seq) : 0;
   load_tile_async<kHeadDim, kStride, kThreads>(sQ, q, p.q_row_stride, kBlockM, m_end - m0,
                                                p.head_dim);
@@ -429,11 +548,10 @@ flash_bwd_dq_kernel(const BwdParams bp) {
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int i = m0 + r0 + 8 * r;
-    lse[r] = DM_INF;
+    lse[r] = 0.f;  // natural log (bwd_pointwise converts); rows past the end: keep-bits 0
     dsum[r] = 0.f;
     if (i < seq.len_q) {
-      const float lv = p.lse[lse_base + i];
-      lse[r] = lv == -DM_INF ? DM_INF : lv * kLog2e;
+      lse[r] = p.lse[lse_base + i];
       dsum[r] = bp.dsum[lse_base + i];
     }
   }
@@ -446,8 +564,14 @@ flash_bwd_dq_kernel(const BwdParams bp) {
   const KeyRange kr = key_range(p, m0, m_end, seq.len_q, seq.len_k);
   for (int n0 = kr.k_begin / kBlockN * kBlockN; n0 < kr.k_end; n0 += kBlockN) {
     tc.col0 = n0 + 2 * (lane % 4);
+    int state = kSpFull;
+    if (kHasMask && bp.sp_grid != nullptr) {
+      state = sparse_state(bp, b, h, m0, n0);
+      if (state == kSpNone) continue;  // uniform: no sync needed
+    }
     uint32_t bits = window_bits<kNF>(p, tc, seq.len_q, seq.len_k);
-    if (kHasMask) bits = mask_bits<kNF>(p, mask, tc, bits);
+    if (kHasMask && mask != nullptr) bits = mask_bits<kNF>(p, mask, tc, bits);
+    if (kHasMask) bits = sparse_bits<kNF>(p, state, tc, m0, n0, bits);
     if (!__syncthreads_or(bits != 0)) continue;  // also frees the previous K/V tile
     load_tile_async<kHeadDim, kStride, kThreads>(sK, k + int64_t(n0) * p.k_row_stride,
                                                  p.k_row_stride, kBlockN, seq.len_k - n0,
@@ -456,7 +580,8 @@ flash_bwd_dq_kernel(const BwdParams bp) {
                                                  p.v_row_stride, kBlockN, seq.len_k - n0,
                                                  p.head_dim);
     cp_async_commit();
-    if (kHasBias) load_bias_tile<T, kBlockM, kBlockN, kBStride, kThreads>(
+    // (batches of 8: this kernel holds dQ for the whole head dim in registers)
+    if (kHasBias) load_bias_tile<T, kBlockM, kBlockN, kBStride, kThreads, 8>(
         p, bias_base, m0, n0, seq.len_q, seq.len_k, sB);
     cp_async_wait<0>();
     __syncthreads();
@@ -466,7 +591,8 @@ flash_bwd_dq_kernel(const BwdParams bp) {
     zero_frags(dp);
     gemm_abt<T, kHeadDim, kStride, kStride, kNF>(s, sQ + 16 * warp * kStride, sK);
     gemm_abt<T, kHeadDim, kStride, kStride, kNF>(dp, sdO + 16 * warp * kStride, sV);
-    bwd_pointwise<kNF, kBStride, kHasBias>(p, bp.scale, s, dp, bits, lse, dsum, sB, r0, 0, lane);
+    bwd_pointwise<T, kNF, kBStride, kBStride, kHasBias>(p, bp.scale, s, dp, bits, lse, dsum, sB,
+                                                        nullptr, false, r0, 0, lane);
     // dQ += dS K with dS from registers as the A operand.
 #pragma unroll
     for (int ps = 0; ps < kNF / 2; ++ps) {

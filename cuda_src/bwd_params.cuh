@@ -15,6 +15,11 @@ struct BwdParams {
   void* dk;                    // like k
   void* dv;
   void* dbias;                 // mode 1: bias dtype; modes 2/3: float32
+  // Block-sparse masks: per (mask batch, mask head, row block, col block) of the mask's own
+  // blocks (sp_* sizes of f), int32: kSpNone (-2) not listed, kSpFull (-1) full, >= 0 the
+  // partial block's slot in f.sp_partial_bits. Null without a block mask. Built from f's
+  // row lists by flash_bwd_sparse_grid_kernel, so key-major loops look a block up directly.
+  int32_t* sp_grid;
   int64_t do_batch_stride, do_row_stride, do_head_stride;
   int64_t dq_batch_stride, dq_row_stride, dq_head_stride;
   int64_t dk_batch_stride, dk_row_stride, dk_head_stride;
@@ -23,8 +28,11 @@ struct BwdParams {
   // dbias has the bias's own shape; a broadcast dimension has stride 0 (summed over).
   int64_t dbias_batch_stride, dbias_head_stride, dbias_row_stride, dbias_col_stride;
   int64_t dbias_qseq_stride, dbias_kseq_stride;
+  // Added per key tile (n0 / kBlockN) of the dK/dV kernel: a key-broadcast dbias written to
+  // one float32 slot per key tile (deterministic mode), summed in order afterwards; else 0.
+  int64_t dbias_tile_stride;
   int32_t dbias_mode;          // 0 none; 1 store once; 2 fp32 add (CTA-exclusive); 3 fp32 atomic
   int32_t dbias_is_fp32;       // mode 1: element type of dbias (1 = float32, 0 = query dtype)
   float scale;                 // softmax_scale (natural units)
-  int32_t pad1;
+  int32_t sp_grid_cols;        // column blocks of sp_grid (ceil(seqlen_k / f.sp_block_n))
 };

@@ -64,6 +64,11 @@ DM_DEVICE void cp_async_16_partial(void* dst, const void* src, int src_bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
                :: "r"(smem_addr(dst)), "l"(src), "r"(src_bytes));
 }
+// 4-byte copy (through L1); valid = false zero-fills without reading.
+DM_DEVICE void cp_async_4(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;"
+               :: "r"(smem_addr(dst)), "l"(src), "r"(valid ? 4 : 0));
+}
 DM_DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
 template <int N> DM_DEVICE void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;" :: "n"(N));

@@ -20,6 +20,7 @@ import numpy as np
 from .arrays import array_kind, describe
 from .layout import build_fwd_params, mask_bias_strides, qkv_strides
 from .params import FWD_DTYPE, abi_check_source
+from .sparse_plan import SparseArrays, sparse_fields
 from .spec import DTYPES, HEAD_DIMS, padded_head_dim
 from .validate import Problem
 
@@ -27,7 +28,7 @@ _PTR, _I64, _I32, _F32 = np.uint64, np.int64, np.int32, np.float32
 
 BWD_EXTRA_FIELDS: tuple[tuple[str, type], ...] = (
     ("dout", _PTR), ("dlse", _PTR), ("dsum", _PTR), ("dq_accum", _PTR), ("dq", _PTR),
-    ("dk", _PTR), ("dv", _PTR), ("dbias", _PTR),
+    ("dk", _PTR), ("dv", _PTR), ("dbias", _PTR), ("sp_grid", _PTR),
     ("do_batch_stride", _I64), ("do_row_stride", _I64), ("do_head_stride", _I64),
     ("dq_batch_stride", _I64), ("dq_row_stride", _I64), ("dq_head_stride", _I64),
     ("dk_batch_stride", _I64), ("dk_row_stride", _I64), ("dk_head_stride", _I64),
@@ -35,7 +36,8 @@ BWD_EXTRA_FIELDS: tuple[tuple[str, type], ...] = (
     ("dqa_batch_stride", _I64), ("dqa_row_stride", _I64), ("dqa_head_stride", _I64),
     ("dbias_batch_stride", _I64), ("dbias_head_stride", _I64), ("dbias_row_stride", _I64),
     ("dbias_col_stride", _I64), ("dbias_qseq_stride", _I64), ("dbias_kseq_stride", _I64),
-    ("dbias_mode", _I32), ("dbias_is_fp32", _I32), ("scale", _F32), ("pad1", _I32),
+    ("dbias_tile_stride", _I64),
+    ("dbias_mode", _I32), ("dbias_is_fp32", _I32), ("scale", _F32), ("sp_grid_cols", _I32),
 )
 
 
@@ -56,13 +58,13 @@ def bwd_abi_check_source() -> str:
 
 
 BWD_KERNEL_NAMES = {"bwd_pre": "flash_bwd_pre_kernel", "bwd_dkdv": "flash_bwd_dkdv_kernel",
-                    "bwd_dq": "flash_bwd_dq_kernel"}
+                    "bwd_dq": "flash_bwd_dq_kernel", "bwd_grid": "flash_bwd_sparse_grid_kernel"}
 
 
 @dataclass(frozen=True)
 class BwdSpec:
     """A backward kernel specialization; duck-types ``KernelSpec`` for compile/launch."""
-    kind: str = "bwd_dkdv"     # bwd_pre | bwd_dkdv | bwd_dq
+    kind: str = "bwd_dkdv"     # bwd_pre | bwd_dkdv | bwd_dq | bwd_grid
     dtype: str = "bf16"
     head_dim: int = 128
     block_m: int = 64
@@ -110,9 +112,10 @@ class BwdSpec:
     def dynamic_smem(self) -> int:
         m, n, row = self.block_m, self.block_n, (self.head_dim + 8) * 2
         bias = m * (n + 8) * 4 if self.has_bias else 0
-        if self.kind == "bwd_dkdv":  # Q, dO (x stages), K, V; P, dS; lse, dsum (x stages); bias
-            st = 2 if self.head_dim <= 128 else 1
-            return (2 * m * st + 2 * n) * row + 2 * m * (n + 8) * 2 + 2 * m * 4 * st + bias
+        if self.kind == "bwd_dkdv":  # Q, dO (x stages), K, V; P, dS; lse, dsum (x stages);
+            st = 2 if self.head_dim <= 128 else 1  # bias fp32 + raw 16-bit (x stages)
+            raw = st * m * (n + 8) * 2 if self.has_bias else 0
+            return (2 * m * st + 2 * n) * row + 2 * m * (n + 8) * 2 + 2 * m * 4 * st + bias + raw
         if self.kind == "bwd_dq":    # Q, dO, K, V; bias tile
             return (2 * m + 2 * n) * row + bias
         return 0
@@ -126,18 +129,29 @@ class BwdSpec:
 
 
 def select_bwd_specs(dtype: str, head_dim: int, has_mask: bool, has_bias: bool, varlen: bool,
-                     deterministic: bool) -> tuple[BwdSpec, BwdSpec, BwdSpec | None]:
-    """(preprocess, dK/dV, dQ or None) specs for a problem."""
+                     deterministic: bool, sparse: bool = False
+                     ) -> tuple[BwdSpec, BwdSpec, BwdSpec | None, BwdSpec | None]:
+    """(preprocess, dK/dV, dQ or None, sparse grid or None) specs for a problem. A block-sparse
+    mask runs the has_mask kernels (its grid is read at run time)."""
     dt = "fp16" if dtype in ("float16", "fp16") else "bf16"
     hd = padded_head_dim(head_dim)
     pre = BwdSpec(kind="bwd_pre", dtype=dt, head_dim=128, block_m=8, block_n=32, num_warps=8,
                   varlen=varlen)
     common = dict(dtype=dt, head_dim=hd, block_m=64, block_n=64 if hd <= 128 else 32,
-                  has_mask=has_mask, has_bias=has_bias, varlen=varlen)
+                  has_mask=has_mask or sparse, has_bias=has_bias, varlen=varlen)
     dkdv = BwdSpec(kind="bwd_dkdv", num_warps=8, deterministic=deterministic, **common)
     dq = (BwdSpec(kind="bwd_dq", num_warps=4, deterministic=True, **common) if deterministic
           else None)
-    return pre, dkdv, dq
+    grid = (BwdSpec(kind="bwd_grid", dtype=dt, head_dim=128, block_m=8, block_n=32, num_warps=4)
+            if sparse else None)
+    return pre, dkdv, dq, grid
+
+
+def sparse_fits_backward(block_size: tuple[int, int], dtype: str, head_dim: int) -> bool:
+    """Whether a block mask of ``block_size`` tiles the backward kernels' (block_m, block_n)
+    (otherwise the backward reads its dense form as ``attn_mask``)."""
+    dkdv = select_bwd_specs(dtype, head_dim, True, False, False, False)[1]
+    return block_size[0] % dkdv.block_m == 0 and block_size[1] % dkdv.block_n == 0
 
 
 def all_bwd_specs() -> list[BwdSpec]:
@@ -149,9 +163,11 @@ def all_bwd_specs() -> list[BwdSpec]:
                 for bias in (False, True):
                     for varlen in (False, True):
                         for det in (False, True):
-                            for s in select_bwd_specs(dtype, hd, mask, bias, varlen, det):
-                                if s is not None and s not in specs:
-                                    specs.append(s)
+                            for sparse in (False, not varlen):
+                                for s in select_bwd_specs(dtype, hd, mask, bias, varlen, det,
+                                                          sparse):
+                                    if s is not None and s not in specs:
+                                        specs.append(s)
     return specs
 
 
@@ -217,17 +233,19 @@ def _contiguous_f32(x: Any) -> Any:
     return x if ok else _lib_contiguous(x, "float32")
 
 
-def dbias_mode(pb: Problem, strides, block_m: int, block_n: int) -> int:
+def dbias_mode(pb: Problem, strides, block_m: int, block_n: int,
+               key_tiles: bool = False) -> int:
     """How the dK/dV kernel writes dbias (see cuda_src/bwd_params.cuh): 1 when every element
     gets exactly one write, 2 when all writes to an element come from one CTA (fp32 adds in a
-    fixed order), 3 when several CTAs add to one element (fp32 atomics)."""
+    fixed order), 3 when several CTAs add to one element (fp32 atomics). ``key_tiles``: a
+    key-broadcast dbias gets one slot per key tile (``dbias_tile_stride``)."""
     bias = pb.bias
     nh = bias.shape[1]
     batch_shared = not pb.varlen and bias.shape[0] == 1 and pb.batch > 1
     heads_cross = nh == 1 and pb.kv_heads > 1
     heads_shared = nh != pb.heads
     multi_q = strides.row == 0 and pb.seqlen_q > block_m
-    multi_k = strides.col == 0 and pb.seqlen_k > block_n
+    multi_k = strides.col == 0 and pb.seqlen_k > block_n and not key_tiles
     if not (batch_shared or heads_shared or multi_q or multi_k):
         return 1
     return 3 if (batch_shared or heads_cross or multi_k) else 2
@@ -236,9 +254,11 @@ def dbias_mode(pb: Problem, strides, block_m: int, block_n: int) -> int:
 def run_backward(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out: Any, lse: Any,
                  cu_q: Any = None, cu_k: Any = None, dlse: Any = None,
                  deterministic: bool = False, need_dbias: bool = True,
-                 bias: Any = None) -> tuple[Any, Any, Any, Any]:
+                 sparse: SparseArrays | None = None) -> tuple[Any, Any, Any, Any]:
     """Launch the backward kernels for a validated CUDA problem; returns (dq, dk, dv, dbias)
-    in the query's library (dbias None unless ``need_dbias`` and the problem has a bias)."""
+    in the query's library (dbias None unless ``need_dbias`` and the problem has a bias).
+    ``sparse``: a block mask's lists on the query's device (its blocks must tile the kernels:
+    ``sparse_fits_backward``); unlisted blocks are skipped like all-false mask tiles."""
     from .launch import current_stream, get_function
 
     dt = pb.dtype
@@ -259,33 +279,41 @@ def run_backward(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out: 
         dlse = _contiguous_f32(dlse)
 
     want_dbias = need_dbias and pb.bias is not None
-    pre, dkdv, dqs = select_bwd_specs(dt, pb.head_dim, pb.mask is not None, pb.bias is not None,
-                                      pb.varlen, deterministic)
-    mode = 0
+    pre, dkdv, dqs, grid_spec = select_bwd_specs(dt, pb.head_dim, pb.mask is not None,
+                                                 pb.bias is not None, pb.varlen, deterministic,
+                                                 sparse is not None)
+    if sparse is not None and not (sparse.block_m % dkdv.block_m == 0
+                                   and sparse.block_n % dkdv.block_n == 0):
+        raise ValueError(f"sparse_mask block_size {(sparse.block_m, sparse.block_n)} must be a "
+                         f"multiple of the backward tile {(dkdv.block_m, dkdv.block_n)}")
+    mode, tile_stride = 0, 0
     dbias = None
     dbias_st = None
     expanded_axes: tuple[int, ...] = ()
     if want_dbias:
-        probe = mask_bias_strides(
-            dataclasses.replace(pb.bias, strides=_contig_strides(pb.bias.shape)), pb.varlen)
-        mode = dbias_mode(pb, probe, dkdv.block_m, dkdv.block_n)
+        mode = dbias_mode(pb, _probe_strides(pb), dkdv.block_m, dkdv.block_n)
+        key_axis = None
         if deterministic and mode == 3:  # no cross-block atomics: widen, then reduce in order
-            pb, expanded_axes = _widen_bias(pb, dkdv.block_n)
-            probe = mask_bias_strides(
-                dataclasses.replace(pb.bias, strides=_contig_strides(pb.bias.shape)), pb.varlen)
-            mode = dbias_mode(pb, probe, dkdv.block_m, dkdv.block_n)
+            pb, expanded_axes, key_axis = _widen_bias(pb, dkdv.block_n)
+            mode = dbias_mode(pb, _probe_strides(pb), dkdv.block_m, dkdv.block_n,
+                              key_tiles=key_axis is not None)
         if deterministic and mode == 3:
-            raise NotImplementedError(
-                "deterministic=True: the gradient of a varlen bias broadcast over keys needs "
-                "cross-block float atomics; use deterministic=False or a bias with full key dims")
+            raise AssertionError(f"deterministic dbias of bias shape {pb.bias.shape} would "
+                                 "need cross-block atomics")  # _widen_bias covers every case
+        shape = list(pb.bias.shape)
+        if key_axis is not None:  # one float32 slot per key tile
+            shape[key_axis] = math.ceil(pb.seqlen_k / dkdv.block_n)
         buf_dtype = pb.bias.dtype if mode == 1 and not expanded_axes else "float32"
         # Mode 1 writes every element of every visited tile; without a mask or window (dense)
         # every tile is visited, so the buffer needs no zero fill.
-        every_tile = (not pb.varlen and pb.mask is None and pb.window == (-1, -1)
-                      and pb.seqlen_k > 0)
+        every_tile = (not pb.varlen and pb.mask is None and sparse is None
+                      and pb.window == (-1, -1) and pb.seqlen_k > 0)
         alloc = _lib_empty if (mode == 1 and every_tile) else _lib_zeros
-        dbias = alloc(query, pb.bias.shape, buf_dtype)
+        dbias = alloc(query, tuple(shape), buf_dtype)
         dbias_st = mask_bias_strides(describe(dbias), pb.varlen)
+        if key_axis is not None:
+            tile_stride = describe(dbias).strides[key_axis]
+            dbias_st = dataclasses.replace(dbias_st, col=0, kseq=0)
 
     lse_shape = (pb.heads, pb.total_q) if pb.varlen else (pb.batch, pb.heads, pb.seqlen_q)
     dsum = _lib_empty(query, lse_shape, "float32")
@@ -317,9 +345,21 @@ def run_backward(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out: 
     if dbias_st is not None:
         for field in ("batch", "head", "row", "col", "qseq", "kseq"):
             r[f"dbias_{field}_stride"] = getattr(dbias_st, field)
+    r["dbias_tile_stride"] = tile_stride
     r["dbias_mode"] = mode
     r["dbias_is_fp32"] = int(dbias is not None and describe(dbias).dtype == "float32")
     r["scale"] = pb.scale
+    sp_grid = None
+    if sparse is not None:
+        for field in ("full_count", "full_idx", "partial_count", "partial_idx", "partial_slot",
+                      "partial_bits"):
+            r[f"sp_{field}"] = ptr(getattr(sparse, field))
+        for name, value in sparse_fields(sparse).items():
+            r[name] = value
+        grid_shape = tuple(int(n) for n in describe(sparse.full_count).shape) + (
+            math.ceil(pb.seqlen_k / sparse.block_n),)
+        sp_grid = _lib_empty(query, grid_shape, "int32")
+        r["sp_grid"], r["sp_grid_cols"] = ptr(sp_grid), grid_shape[-1]
 
     empty = pb.batch == 0 or (pb.varlen and pb.total_q == 0) or (not pb.varlen and
                                                                   pb.seqlen_q == 0)
@@ -332,6 +372,10 @@ def run_backward(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out: 
             fn = get_function(pre, dev)
             fn((max(1, math.ceil(pb.seqlen_q / pre.num_warps)), pb.heads, pb.batch),
                (pre.threads, 1, 1), (r,), shared_mem=0, stream=stream)
+            if sp_grid is not None and pb.seqlen_k > 0:
+                fn = get_function(grid_spec, dev)
+                bm, hm, nrb = sp_grid.shape[:3]
+                fn((nrb, hm, bm), (grid_spec.threads, 1, 1), (r,), shared_mem=0, stream=stream)
             if pb.seqlen_k > 0:
                 fn = get_function(dkdv, dev)
                 fn((math.ceil(pb.seqlen_k / dkdv.block_n), pb.kv_heads, pb.batch),
@@ -356,11 +400,18 @@ def run_backward(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out: 
     return dq, dk, dv, dbias
 
 
-def _widen_bias(pb: Problem, block_n: int) -> tuple[Problem, tuple[int, ...]]:
-    """For deterministic dbias: the bias seen as widened (stride 0) over the dims whose
-    gradient several CTAs would add into (batch with B > 1, a single head with several kv
-    heads, dense keys longer than one tile), so every CTA writes its own slice of a float32
-    buffer of the widened shape; returns the problem and the widened axes (to sum over)."""
+def _probe_strides(pb: Problem):
+    """The bias's strides as a contiguous dbias of its shape would have them."""
+    return mask_bias_strides(
+        dataclasses.replace(pb.bias, strides=_contig_strides(pb.bias.shape)), pb.varlen)
+
+
+def _widen_bias(pb: Problem, block_n: int) -> tuple[Problem, tuple[int, ...], int | None]:
+    """For deterministic dbias, the dims whose gradient several CTAs would add into. Batch
+    (B > 1) and a single head with several kv heads: the bias is seen as widened (stride 0)
+    there, so every CTA writes its own slice of a float32 buffer of the widened shape. Keys
+    (a key-broadcast bias longer than one key tile): the buffer gets one slot per key tile on
+    the returned key axis. Returns (problem, axes to sum over afterwards, key axis or None)."""
     bias = pb.bias
     shape, strides = list(bias.shape), list(bias.strides)
     head_axis = 1
@@ -369,12 +420,13 @@ def _widen_bias(pb: Problem, block_n: int) -> tuple[Problem, tuple[int, ...]]:
         wide[0] = pb.batch
     if shape[head_axis] == 1 and pb.kv_heads > 1:
         wide[head_axis] = pb.heads
-    if not pb.varlen and shape[3] == 1 and pb.seqlen_k > block_n:
-        wide[3] = pb.seqlen_k
     for axis, n in wide.items():
         shape[axis], strides[axis] = n, 0
+    # (a varlen mask/bias always has a key dim: validate.check_varlen)
+    key_axis = 3 if not pb.varlen and shape[3] == 1 and pb.seqlen_k > block_n else None
     widened = dataclasses.replace(bias, shape=tuple(shape), strides=tuple(strides))
-    return dataclasses.replace(pb, bias=widened), tuple(sorted(wide))
+    axes = tuple(sorted(wide)) + ((key_axis,) if key_axis is not None else ())
+    return dataclasses.replace(pb, bias=widened), tuple(sorted(axes)), key_axis
 
 
 def _contig_strides(shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -15,7 +15,7 @@ import numpy as np
 from . import reference_bwd
 from .arrays import array_kind, common_kind, describe, from_numpy_like, to_numpy_f64
 from .masks import SparseMask
-from .sparse_plan import bound_min, split_sparse
+from .sparse_plan import SparseArrays, bound_min, split_sparse
 from .validate import Problem, check_cu_seqlens_values, check_dense, check_varlen
 
 
@@ -69,17 +69,24 @@ def _dense_sparse_mask(sparse_mask: SparseMask, attn_mask: Any, like: Any) -> An
 
 
 def fold_sparse(sparse_mask: SparseMask | None, pb: Problem, attn_mask: Any,
-                like: Any) -> tuple[Problem, Any, bool]:
-    """Parametric masks fold into the window; block masks become (part of) ``attn_mask``.
-    Returns (problem with the window folded, mask to use, whether the mask changed)."""
+                like: Any) -> tuple[Problem, Any, SparseArrays | None]:
+    """Parametric masks fold into the window. A block mask whose blocks tile the backward
+    kernels travels as its block lists (unlisted blocks are never touched); any other block
+    mask becomes its dense form ANDed into ``attn_mask``. Returns (problem with the window
+    folded, the mask to use (None when unchanged), the block lists or None)."""
     if sparse_mask is None:
-        return pb, attn_mask, False
+        return pb, None, None
     win, block = split_sparse(sparse_mask)
     pb = dataclasses.replace(pb, window=(bound_min(pb.window[0], win[0]),
                                          bound_min(pb.window[1], win[1])))
     if block is None:
-        return pb, attn_mask, False
-    return pb, _dense_sparse_mask(block, attn_mask, like), True
+        return pb, None, None
+    from .backward import sparse_fits_backward
+    from .launch import sparse_buffers
+
+    if sparse_fits_backward(block.block_size, pb.dtype, pb.head_dim):
+        return pb, None, sparse_buffers(block, like)
+    return pb, _dense_sparse_mask(block, attn_mask, like), None
 
 
 def flash_dmattn_backward(dout: Any, query: Any, key: Any, value: Any, out: Any, lse: Any,
@@ -111,17 +118,17 @@ def flash_dmattn_backward(dout: Any, query: Any, key: Any, value: Any, out: Any,
             None if sparse_mask is None else sparse_mask.to_dense(), to_numpy_f64(dlse))
         return (from_numpy_like(dq, query), from_numpy_like(dk, key), from_numpy_like(dv, value),
                 None if db is None or not bias_grad else from_numpy_like(db, attn_bias))
-    pb, mask, changed = fold_sparse(sparse_mask, pb, attn_mask, query)
-    if changed:
+    from .backward import run_backward
+
+    pb, mask, sparse = fold_sparse(sparse_mask, pb, attn_mask, query)
+    if mask is not None:
         window = pb.window
         pb = check_dense(query, key, value, mask, attn_bias, softmax_scale, False, window_size,
                          softcap, backend)
         pb = dataclasses.replace(pb, window=window)
-    from .backward import run_backward
-
     return run_backward(pb, _as_dtype(dout, pb.dtype), query, key, value, _as_dtype(out, pb.dtype),
                         lse, dlse=dlse, deterministic=deterministic,
-                        need_dbias=bias_grad and attn_bias is not None)
+                        need_dbias=bias_grad and attn_bias is not None, sparse=sparse)
 
 
 def flash_dmattn_varlen_backward(dout: Any, query: Any, key: Any, value: Any, out: Any, lse: Any,

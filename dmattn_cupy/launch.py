@@ -255,8 +255,9 @@ def sparse_buffers(mask: SparseMask, query: Any) -> SparseArrays:
 
 def run_forward(pb: Problem, query: Any, cu_q: Any = None, cu_k: Any = None,
                 return_lse: bool = True, tile_counters: Any = None,
-                sparse: SparseMask | None = None) -> tuple[Any, Any]:
-    """Launch the forward kernel; returns (out, lse) in the query's library and device."""
+                sparse: SparseMask | SparseArrays | None = None) -> tuple[Any, Any]:
+    """Launch the forward kernel; returns (out, lse) in the query's library and device.
+    ``sparse``: a block mask, or its lists already on the query's device."""
     if pb.varlen and _check_enabled():
         check_cu_seqlens_values(_to_host(cu_q), _to_host(cu_k), pb.total_q, pb.total_k,
                                 pb.seqlen_q, pb.seqlen_k)
@@ -287,8 +288,8 @@ def run_forward(pb: Problem, query: Any, cu_q: Any = None, cu_k: Any = None,
 
     rec = build_fwd_params(pb, describe(out), ptr(lse), ptr(cu_q), ptr(cu_k), ptr(tile_counters))
     if sparse is not None:
-        check_block_fits(sparse, spec)
-        arrs = sparse_buffers(sparse, query)
+        arrs = sparse if isinstance(sparse, SparseArrays) else sparse_buffers(sparse, query)
+        check_block_fits((arrs.block_m, arrs.block_n), spec)
         for field in ("full_count", "full_idx", "partial_count", "partial_idx", "partial_slot",
                       "partial_bits"):
             rec[0][f"sp_{field}"] = ptr(getattr(arrs, field))

@@ -88,14 +88,32 @@ class SparseArrays:
     block_n: int
 
 
-def check_block_fits(mask: SparseMask, spec: KernelSpec) -> None:
-    bm, bn = mask.block_size
+def check_block_fits(block_size: tuple[int, int], spec: KernelSpec) -> None:
+    bm, bn = block_size
     if bm % spec.block_m or bn % spec.block_n:
         raise ValueError(
-            f"sparse_mask block_size {mask.block_size} must be a multiple of the kernel tile "
+            f"sparse_mask block_size {tuple(block_size)} must be a multiple of the kernel tile "
             f"({spec.block_m}, {spec.block_n}) for head dim {spec.head_dim}; build the mask "
             f"with block_size=({spec.block_m * max(1, bm // spec.block_m)}, "
             f"{spec.block_n * max(1, bn // spec.block_n)}) or use backend='reference'")
+
+
+_LIST_FIELDS = ("full_count", "full_idx", "partial_count", "partial_idx")
+_MIXED_FIELDS = ("partial_slot", "partial_bits")
+
+
+def arrays_to_list(arrays: SparseArrays) -> list[Any]:
+    """The arrays in a fixed order (a MixedMask's two extra ones last), e.g. for an op's
+    ``Tensor[]`` argument; ``arrays_from_list`` inverts it."""
+    names = _LIST_FIELDS + (_MIXED_FIELDS if arrays.partial_slot is not None else ())
+    return [getattr(arrays, n) for n in names]
+
+
+def arrays_from_list(items: list[Any], block_m: int, block_n: int) -> SparseArrays:
+    if len(items) not in (4, 6):
+        raise ValueError(f"block-sparse arrays: expected 4 or 6, got {len(items)}")
+    extra = list(items[4:]) or [None, None]
+    return SparseArrays(*items[:4], *extra, block_m=block_m, block_n=block_n)
 
 
 def host_arrays(mask: SparseMask) -> SparseArrays:

@@ -184,20 +184,25 @@ def test_bwd_params_flat_and_nested_agree():
         assert flat.fields[name][1] == nested.fields[name][1]
 
 
-def test_dbias_modes():
+def _bias_problem(bshape, b=2, h=4, hk=2, sq=100, sk=100):
     from dmattn_cupy.arrays import ArrayInfo
-    from dmattn_cupy.backward import dbias_mode
-    from dmattn_cupy.layout import mask_bias_strides
     from dmattn_cupy.validate import Problem
 
-    def mode(bshape, b=2, h=4, hk=2, sq=100, sk=100):
-        info = ArrayInfo("cupy", "float32", (b, sq, h, 64), (1, 1, 1, 1), 0, 0)
-        strides = tuple(int(np.prod(bshape[i + 1:])) for i in range(4))
-        bias = ArrayInfo("cupy", "float32", bshape, strides, 0, 0)
-        pb = Problem(kind="cupy", backend="cuda", varlen=False, batch=b, seqlen_q=sq, seqlen_k=sk,
-                     heads=h, kv_heads=hk, head_dim=64, dtype="bfloat16", scale=1.0, softcap=0.0,
-                     window=(-1, -1), q=info, k=info, v=info, mask=None, bias=bias)
-        return dbias_mode(pb, mask_bias_strides(bias, False), 64, 64)
+    info = ArrayInfo("cupy", "float32", (b, sq, h, 64), (1, 1, 1, 1), 0, 0)
+    strides = tuple(int(np.prod(bshape[i + 1:])) for i in range(4))
+    bias = ArrayInfo("cupy", "float32", bshape, strides, 0, 0)
+    return Problem(kind="cupy", backend="cuda", varlen=False, batch=b, seqlen_q=sq, seqlen_k=sk,
+                   heads=h, kv_heads=hk, head_dim=64, dtype="bfloat16", scale=1.0, softcap=0.0,
+                   window=(-1, -1), q=info, k=info, v=info, mask=None, bias=bias)
+
+
+def test_dbias_modes():
+    from dmattn_cupy.backward import dbias_mode
+    from dmattn_cupy.layout import mask_bias_strides
+
+    def mode(bshape, **kw):
+        pb = _bias_problem(bshape, **kw)
+        return dbias_mode(pb, mask_bias_strides(pb.bias, False), 64, 64)
 
     assert mode((2, 4, 100, 100)) == 1
     assert mode((2, 2, 100, 100)) == 2        # kv-head bias: group summed inside one CTA
@@ -208,6 +213,41 @@ def test_dbias_modes():
     assert mode((2, 1, 100, 100), hk=1) == 2
     assert mode((2, 4, 100, 1)) == 3          # summed over key tiles
     assert mode((2, 4, 100, 1), sk=60) == 1
+
+
+@pytest.mark.parametrize("bshape,axes,key_axis", [
+    ((1, 4, 100, 100), (0,), None),          # batch: widened with stride 0
+    ((2, 1, 100, 100), (1,), None),          # one head, two kv heads
+    ((2, 4, 100, 1), (3,), 3),               # keys: one slot per key tile
+    ((1, 1, 1, 1), (0, 1, 3), 3),
+])
+def test_deterministic_widening_leaves_no_cross_block_atomics(bshape, axes, key_axis):
+    from dmattn_cupy.backward import _probe_strides, _widen_bias, dbias_mode
+
+    pb, got_axes, got_key = _widen_bias(_bias_problem(bshape), 64)
+    assert (got_axes, got_key) == (axes, key_axis)
+    for axis in axes:
+        if axis != key_axis:
+            assert pb.bias.strides[axis] == 0 and pb.bias.shape[axis] > 1
+    assert dbias_mode(pb, _probe_strides(pb), 64, 64, key_tiles=key_axis is not None) in (1, 2)
+
+
+def test_sparse_arrays_round_trip_and_backward_fit():
+    from dmattn_cupy.backward import sparse_fits_backward
+    from dmattn_cupy.sparse_plan import arrays_from_list, arrays_to_list, host_arrays
+
+    dense = np.random.default_rng(0).random((200, 300)) > 0.5
+    for mask in (dm.BlockBitsetMask.from_dense_mask(dense, block_size=(64, 128)),
+                 dm.MixedMask.from_dense_mask(dense, block_size=(64, 128))):
+        arrs = host_arrays(mask)
+        items = arrays_to_list(arrs)
+        assert len(items) == (6 if isinstance(mask, dm.MixedMask) else 4)
+        back = arrays_from_list(items, arrs.block_m, arrs.block_n)
+        assert back == arrs
+    assert sparse_fits_backward((64, 128), "bfloat16", 128)
+    assert not sparse_fits_backward((64, 32), "bfloat16", 128)   # backward tile 64 x 64
+    assert sparse_fits_backward((64, 32), "float16", 256)        # backward tile 64 x 32
+    assert not sparse_fits_backward((32, 64), "float16", 64)
 
 
 def test_bwd_abi_compiles():
@@ -232,7 +272,9 @@ def test_backward_kernels_compile_without_spills(hd):
     from dmattn_cupy.backward import select_bwd_specs
     from dmattn_cupy.compile import compile_spec
 
-    for spec in select_bwd_specs("bfloat16", hd, True, True, False, True):
+    for spec in select_bwd_specs("bfloat16", hd, True, True, False, True, sparse=True):
+        if spec is None:
+            continue
         ck = compile_spec(spec, "sm_80", use_disk_cache=False)
         assert not ck.spills, (spec.id, ck.registers, ck.spill_stores)
 

@@ -149,7 +149,7 @@ def test_default_runs_every_case():
 def test_case_names():
     assert set(bench.CASES) == {"dense", "causal", "mask_bias", "kbias", "kbias_hk",
                                 "sparse_window", "sparse_random", "decode", "prefill_varlen",
-                                "backward", "backward_bias"}
+                                "backward", "backward_bias", "backward_sparse"}
     for suite in bench.SUITES.values():
         assert set(suite) <= set(bench.CASES)
 
@@ -161,7 +161,7 @@ def test_case_selection_repeatable_and_comma():
 
 def test_suite_plus_case():
     args = bench.parse_args(["--suite", "backward", "--case", "dense"])
-    assert args.cases == ["backward", "backward_bias", "dense"]
+    assert args.cases == ["backward", "backward_bias", "backward_sparse", "dense"]
 
 
 def test_unknown_case_is_an_error(capsys):

@@ -84,10 +84,10 @@ def test_block_size_must_be_a_multiple_of_the_kernel_tile(block, ok) -> None:
     mask = dm.BlockBitsetMask.from_dense_mask(_dense(256, 256), block_size=block)
     spec = KernelSpec(kind="fwd_mma", head_dim=128, block_m=64, block_n=64, sparse=True)
     if ok:
-        check_block_fits(mask, spec)
+        check_block_fits(mask.block_size, spec)
     else:
         with pytest.raises(ValueError, match=r"multiple of the kernel tile \(64, 64\)"):
-            check_block_fits(mask, spec)
+            check_block_fits(mask.block_size, spec)
 
 
 @pytest.mark.parametrize("kind", ["bitset", "bcsr", "mixed", "dynamic"])

@@ -180,6 +180,103 @@ def test_sparse_masks():
                sparse_mask=dm.MixedMask.from_dense_mask(dense, block_size=(64, 64)))
 
 
+def _block_masks(sq, sk, block, seed):
+    """One mask of every block class over the same random pattern (+ an intersection)."""
+    rng = np.random.default_rng(seed)
+    nrb, ncb = -(-sq // block[0]), -(-sk // block[1])
+    pattern = rng.random((nrb, ncb)) < 0.45
+    pattern[:, 1] = False  # a key block nobody lists
+    pattern[0, 0] = True
+    elems = rng.random((sq, sk)) > 0.3
+    dense = np.kron(pattern, np.ones(block, dtype=bool))[:sq, :sk] & elems
+    return {
+        "bitset": dm.BlockBitsetMask.from_dense_mask(dense, block_size=block),
+        "bcsr": dm.BCSRMask.from_dense_mask(dense, block_size=block),
+        "mixed": dm.MixedMask.from_dense_mask(dense, block_size=block),
+        "dynamic": dm.DynamicMask(pattern, sq, sk, block_size=block),
+        "mixed_and_causal": dm.MixedMask.from_dense_mask(dense, block_size=block)
+        & dm.CausalMask(sq, sk),
+    }
+
+
+@pytest.fixture
+def no_dense_sparse_mask(monkeypatch):
+    """Fails a test whose block mask would be materialized as a dense (Sq, Sk) mask."""
+    from dmattn_cupy import bwd_api
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("block mask materialized densely")
+
+    monkeypatch.setattr(bwd_api, "_dense_sparse_mask", refuse)
+
+
+@pytest.mark.parametrize("kind", ["bitset", "bcsr", "mixed", "dynamic", "mixed_and_causal"])
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "det"])
+def test_block_masks_by_lists(kind, deterministic, no_dense_sparse_mask):
+    """Block masks reach the forward and the backward as block lists (never a dense mask),
+    with attn_mask, a (B,H,1,Sk) bias, GQA and ragged edges."""
+    q, k, v = _qkv(2, 200, 330, 4, 2, 64, "bfloat16", seed=40)
+    mask = _block_masks(200, 330, (64, 128), seed=41)[kind]
+    attn_mask = torch.rand(2, 1, 200, 330, device="cuda") > 0.2
+    bias = torch.randn(2, 4, 1, 330, device="cuda", dtype=torch.bfloat16)
+    _run_dense(q, k, v, mask=attn_mask, bias=bias, seed=42, sparse_mask=mask,
+               deterministic=deterministic)
+
+
+def test_block_mask_lists_d256_and_multihead():
+    """Head dim 256 (64x32 backward tiles) and a mask with its own (B, H) pattern."""
+    q, k, v = _qkv(2, 130, 160, 2, 2, 256, "float16", seed=43)
+    rng = np.random.default_rng(44)
+    dense = rng.random((2, 2, 130, 160)) > 0.5
+    dense[..., 64:128, :] = False
+    mask = dm.MixedMask.from_dense_mask(dense, block_size=(64, 32))
+    bias = torch.randn(2, 2, 130, 160, device="cuda", dtype=torch.float16)
+    _run_dense(q, k, v, bias=bias, seed=45, sparse_mask=mask)
+
+
+def test_unlisted_blocks_never_reach_the_math():
+    """NaN keys/values in a key block no row lists change nothing (bitwise, deterministic):
+    no product of the forward or backward touches that block."""
+    q, k, v = _qkv(1, 256, 384, 2, 2, 64, "bfloat16", seed=46)
+    pattern = np.ones((2, 3), dtype=bool)
+    pattern[:, 1] = False
+    mask = dm.BlockBitsetMask(pattern, 256, 384, block_size=(128, 128))
+    grads = []
+    for poison in (0.0, float("nan")):
+        kk, vv = k.clone(), v.clone()
+        kk[:, 128:256] = poison
+        vv[:, 128:256] = poison
+        leaves = [x.detach().clone().requires_grad_(True) for x in (q, kk, vv)]
+        out = dm.flash_dmattn_func(*leaves, sparse_mask=mask, deterministic=True)
+        out.backward(torch.ones_like(out))
+        grads.append([out.detach()] + [x.grad for x in leaves])
+    for a, b in zip(*grads, strict=True):
+        assert torch.isfinite(b).all()
+        assert torch.equal(a, b)
+
+
+def test_dynamic_mask_update_after_forward_keeps_the_forward_pattern(no_dense_sparse_mask):
+    """The gradient is that of the pattern the forward used, even if the DynamicMask is
+    updated before backward()."""
+    cupy = pytest.importorskip("cupy")
+    q, k, v = _qkv(1, 128, 256, 2, 2, 64, "bfloat16", seed=47)
+    first = np.array([[True, False, True, True], [False, True, True, False]])
+    # CuPy buffers: the kernels would read them in place, so the forward must snapshot them
+    mask = dm.DynamicMask(cupy.asarray(first), 128, 256, block_size=(64, 64))
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(48)).to(q)
+    leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
+    out = dm.flash_dmattn_func(*leaves, sparse_mask=mask)
+    mask.update(cupy.asarray(~first))
+    out.backward(dout)
+    got = [x.grad for x in leaves] + [None]
+    keep = torch.from_numpy(np.kron(first, np.ones((64, 64), dtype=bool))).cuda()
+
+    def fn(q_, k_, v_, b_):
+        return _attention(q_, k_, v_, None, None, 1 / 8, 0.0, (-1, -1), keep)
+
+    _check_grads(got, [q, k, v, None], dout, fn)
+
+
 def test_deterministic_bitwise_and_correct():
     q, k, v = _qkv(2, 300, 257, 8, 2, 128, "bfloat16", seed=20)
     bias = torch.randn(2, 2, 300, 257, device="cuda", dtype=torch.bfloat16)
