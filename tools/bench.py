@@ -49,6 +49,8 @@ CASES: dict[str, str] = {
     "prefill_varlen": "varlen prefill, random lengths, key-based bias (total_k, H)",
     "backward": "forward + backward, no mask / bias",
     "backward_bias": "forward + backward, full (B,H,S,S) bias with grad",
+    "backward_sparse": "forward + backward, BlockBitsetMask: random 10% of 128x128 blocks "
+                       "(+ diagonal)",
 }
 
 SUITES: dict[str, list[str]] = {
@@ -57,7 +59,7 @@ SUITES: dict[str, list[str]] = {
     "mask": ["mask_bias", "kbias", "kbias_hk", "decode"],
     "sparse": ["sparse_window", "sparse_random"],
     "varlen": ["decode", "prefill_varlen"],
-    "backward": ["backward", "backward_bias"],
+    "backward": ["backward", "backward_bias", "backward_sparse"],
 }
 
 # Per-case default shapes; every flag given on the command line overrides them.
@@ -77,6 +79,7 @@ CASE_DEFAULTS: dict[str, dict[str, Any]] = {
     "prefill_varlen": {"batch": 8, "heads": 16, "seqlen": 4096},
     "backward": {"batch": 2, "seqlen": 2048},
     "backward_bias": {"batch": 2, "seqlen": 2048},
+    "backward_sparse": {"batch": 1, "seqlen": 8192},
 }
 SHAPE_KEYS = ("batch", "heads", "kv_heads", "seqlen", "seqlen_k", "headdim", "dtype")
 
@@ -1507,10 +1510,23 @@ def _setup_backward(ctx: Ctx, name: str, shape: dict[str, Any]) -> Setup:
     gqa = Hk != H
     dt = _dtype(torch, shape["dtype"])
     with_bias = name == "backward_bias"
+    sparse = name == "backward_sparse"
     seed = ctx.args.seed
     flops = fwd_bwd_flops(attn_fwd_flops(B, H, Sq, Sk, D))
+    visited = None
     info = ["timed: forward + torch.autograd.grad(out, (q, k, v" +
             (", bias" if with_bias else "") + "), dout)"]
+    table_t = None
+    if sparse:
+        nrb, ncb = math.ceil(Sq / SPARSE_BLOCK), math.ceil(Sk / SPARSE_BLOCK)
+        table = random_block_table(nrb, ncb, SPARSE_DENSITY, seed)
+        allowed = block_table_allowed(table, Sq, Sk, SPARSE_BLOCK, SPARSE_BLOCK)
+        kept = sum(map(sum, table))
+        flops = fwd_bwd_flops(elements_flops(allowed, B, H, D))
+        visited = fwd_bwd_flops(visited_tile_flops(kept, SPARSE_BLOCK, SPARSE_BLOCK, B, H, D))
+        table_t = torch.tensor(table, dtype=torch.bool, device=dev)
+        info.append(f"random blocks: {kept} of {nrb * ncb} {SPARSE_BLOCK}x{SPARSE_BLOCK} blocks "
+                    f"kept ({kept / (nrb * ncb):.1%}); TFLOP/s counts allowed elements only")
 
     def make_inputs(i: int) -> dict[str, Any]:
         gen = torch.Generator(device=dev).manual_seed(seed * 1000 + i)
@@ -1541,10 +1557,22 @@ def _setup_backward(ctx: Ctx, name: str, shape: dict[str, Any]) -> Setup:
     def make_dm(inp: dict[str, Any], info_: dict[str, Any]) -> Callable[[], Any]:
         f = ctx.dm_attr("flash_dmattn_func")
         q, k, v = inp["q"], inp["k"], inp["v"]
-        kw = {"attn_bias": inp["bias"]} if with_bias else {}
+        kw: dict[str, Any] = {"attn_bias": inp["bias"]} if with_bias else {}
+        if sparse:
+            kw["sparse_mask"] = _make_bitset_mask(ctx, table_t, Sq, Sk, info_)
         return fwd_bwd(lambda: f(q, k, v, **kw), inp, True)
 
-    impls = [Impl("dmattn fwd+bwd", "dmattn", make_dm, flops=flops, to_ours=None)]
+    impls = [Impl("dmattn fwd+bwd", "dmattn", make_dm, flops=flops, visited_flops=visited,
+                  to_ours=None)]
+    if sparse:
+        def make_dm_dense(inp: dict[str, Any], info_: dict[str, Any]) -> Callable[[], Any]:
+            f = ctx.dm_attr("flash_dmattn_func")
+            q, k, v = inp["q"], inp["k"], inp["v"]
+            mask = _block_dense(torch, table_t, Sq, Sk)[None, None]
+            return fwd_bwd(lambda: f(q, k, v, attn_mask=mask), inp, True)
+
+        impls.append(Impl("dmattn fwd+bwd, same pattern as a dense attn_mask", "variant",
+                          make_dm_dense, flops=flops))
     for peer in ("flash", "cudnn", "efficient"):
         if peer not in ctx.peers:
             continue
@@ -1552,6 +1580,8 @@ def _setup_backward(ctx: Ctx, name: str, shape: dict[str, Any]) -> Setup:
         def make_sdpa(inp: dict[str, Any], info_: dict[str, Any], peer: str = peer
                       ) -> Callable[[], Any]:
             am = inp["bias"] if with_bias else None
+            if sparse:
+                am = _additive(torch, _block_dense(torch, table_t, Sq, Sk), None, dt)[None, None]
             fwd = _sdpa_peer(ctx, peer, _t(inp["q"]), _t(inp["k"]), _t(inp["v"]), am,
                              False, info_, grad=True)
             return fwd_bwd(fwd, inp, False)
@@ -1569,6 +1599,15 @@ def _setup_backward(ctx: Ctx, name: str, shape: dict[str, Any]) -> Setup:
                     return score + bias[b, h, qi, kv]
 
                 kw["score_mod"] = bias_sm
+            if sparse:
+                from torch.nn.attention.flex_attention import create_block_mask
+
+                tab = table_t
+
+                def random_mm(b: Any, h: Any, qi: Any, kv: Any) -> Any:
+                    return tab[qi // SPARSE_BLOCK, kv // SPARSE_BLOCK]
+
+                kw["block_mask"] = create_block_mask(random_mm, None, None, Sq, Sk, device=dev)
             return fwd_bwd(lambda: flex(q, k, v, **kw), inp, False)
 
         impls.append(Impl("flex fwd+bwd", "peer", make_flex, flops=flops))
@@ -1582,8 +1621,11 @@ def _setup_backward(ctx: Ctx, name: str, shape: dict[str, Any]) -> Setup:
         if gqa:
             k = k.repeat_interleave(g, dim=1)
             v = v.repeat_interleave(g, dim=1)
+        am = lv[3] if with_bias else None
+        if sparse:
+            am = _additive(torch, _block_dense(torch, table_t, Sq, Sk))[None, None]
         with sdpa_kernel(SDPBackend.MATH):
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=lv[3] if with_bias else None)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=am)
         out = _t(out)
         grads = torch.autograd.grad(out, lv, inp["dout"].float())
         return [out.detach(), *grads]
@@ -1601,7 +1643,7 @@ def build_setup(ctx: Ctx, name: str, shape: dict[str, Any]) -> Setup:
         return _setup_decode(ctx, shape)
     if name == "prefill_varlen":
         return _setup_prefill(ctx, shape)
-    if name in ("backward", "backward_bias"):
+    if name.startswith("backward"):
         return _setup_backward(ctx, name, shape)
     return _setup_dense_family(ctx, name, shape)
 
