@@ -256,10 +256,11 @@ DM_DEVICE void store_frags(T* base, int64_t row_stride, const float (&c)[kNF][4]
   }
 }
 
-// Warp roles (kNumWarps = 8, kBlockM = 64): for S/dP, warp w owns query rows 16 (w % 4) and
-// key columns kSCols * (w / 4); for dK/dV, key rows 16 (w % kWarpsN) and head-dim columns
-// kDCols * (w / kWarpsN); for the atomic dQ, query rows 16 (w % 4) and head-dim columns
-// kDqCols * (w / 4).
+// Warp roles (kNumWarps = 8; kBlockM = 64, or 128 without mask/bias where shared memory
+// allows): with S = kBlockM / 16 query slabs, for S/dP warp w owns query rows 16 (w % S) and
+// key columns kSCols * (w / S); for dK/dV, key rows 16 (w % kWarpsN) and head-dim columns
+// kDCols * (w / kWarpsN); for the atomic dQ, query rows 16 (w % S) and head-dim columns
+// kDqCols * (w / S).
 template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNumWarps, bool kHasMask,
           bool kHasBias, bool kVarlen, bool kDeterministic, bool kDebug>
 __global__ void __launch_bounds__(kNumWarps * 32, 1)

@@ -11,6 +11,7 @@ also writes dbias, and in the default mode adds dQ with fp32 atomics), and, with
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -129,10 +130,13 @@ class BwdSpec:
 
 
 def select_bwd_specs(dtype: str, head_dim: int, has_mask: bool, has_bias: bool, varlen: bool,
-                     deterministic: bool, sparse: bool = False
+                     deterministic: bool, sparse: bool = False, smem_limit: int | None = None
                      ) -> tuple[BwdSpec, BwdSpec, BwdSpec | None, BwdSpec | None]:
     """(preprocess, dK/dV, dQ or None, sparse grid or None) specs for a problem. A block-sparse
-    mask runs the has_mask kernels (its grid is read at run time)."""
+    mask runs the has_mask kernels (its grid is read at run time). Without mask or bias the
+    dK/dV kernel takes 128 query rows per step (half the barriers and Q/dO tile switches per
+    FLOP) where its 208 KB of shared memory fit ``smem_limit`` (None: assume they do; 0: the
+    64-row fallback)."""
     dt = "fp16" if dtype in ("float16", "fp16") else "bf16"
     hd = padded_head_dim(head_dim)
     pre = BwdSpec(kind="bwd_pre", dtype=dt, head_dim=128, block_m=8, block_n=32, num_warps=8,
@@ -140,6 +144,10 @@ def select_bwd_specs(dtype: str, head_dim: int, has_mask: bool, has_bias: bool, 
     common = dict(dtype=dt, head_dim=hd, block_m=64, block_n=64 if hd <= 128 else 32,
                   has_mask=has_mask or sparse, has_bias=has_bias, varlen=varlen)
     dkdv = BwdSpec(kind="bwd_dkdv", num_warps=8, deterministic=deterministic, **common)
+    if not (has_mask or has_bias or sparse) and hd <= 128:
+        tall = dataclasses.replace(dkdv, block_m=128)
+        if smem_limit is None or tall.dynamic_smem <= smem_limit:
+            dkdv = tall
     dq = (BwdSpec(kind="bwd_dq", num_warps=4, deterministic=True, **common) if deterministic
           else None)
     grid = (BwdSpec(kind="bwd_grid", dtype=dt, head_dim=128, block_m=8, block_n=32, num_warps=4)
@@ -163,9 +171,10 @@ def all_bwd_specs() -> list[BwdSpec]:
                 for bias in (False, True):
                     for varlen in (False, True):
                         for det in (False, True):
-                            for sparse in (False, not varlen):
+                            for sparse, limit in itertools.product((False, not varlen),
+                                                                   (None, 0)):
                                 for s in select_bwd_specs(dtype, hd, mask, bias, varlen, det,
-                                                          sparse):
+                                                          sparse, limit):
                                     if s is not None and s not in specs:
                                         specs.append(s)
     return specs
@@ -259,7 +268,7 @@ def run_backward(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out: 
     in the query's library (dbias None unless ``need_dbias`` and the problem has a bias).
     ``sparse``: a block mask's lists on the query's device (its blocks must tile the kernels:
     ``sparse_fits_backward``); unlisted blocks are skipped like all-false mask tiles."""
-    from .launch import current_stream, get_function
+    from .launch import current_stream, device_smem_limit, get_function
 
     dt = pb.dtype
     # The tensor-core kernels read rows with 16-byte cp.async: copy unaligned inputs.
@@ -281,7 +290,8 @@ def run_backward(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out: 
     want_dbias = need_dbias and pb.bias is not None
     pre, dkdv, dqs, grid_spec = select_bwd_specs(dt, pb.head_dim, pb.mask is not None,
                                                  pb.bias is not None, pb.varlen, deterministic,
-                                                 sparse is not None)
+                                                 sparse is not None,
+                                                 device_smem_limit(pb.q.device))
     if sparse is not None and not (sparse.block_m % dkdv.block_m == 0
                                    and sparse.block_n % dkdv.block_n == 0):
         raise ValueError(f"sparse_mask block_size {(sparse.block_m, sparse.block_n)} must be a "

@@ -232,6 +232,18 @@ def test_deterministic_widening_leaves_no_cross_block_atomics(bshape, axes, key_
     assert dbias_mode(pb, _probe_strides(pb), 64, 64, key_tiles=key_axis is not None) in (1, 2)
 
 
+def test_dkdv_tile_rows_follow_shared_memory():
+    from dmattn_cupy.backward import select_bwd_specs
+
+    def rows(hd, mask=False, bias=False, limit=None):
+        return select_bwd_specs("bfloat16", hd, mask, bias, False, False, False, limit)[1].block_m
+
+    assert rows(128) == 128 and rows(64) == 128
+    assert rows(128, limit=227 * 1024) == 128
+    assert rows(128, limit=163 * 1024) == 64     # sm_80: 163 KB per block
+    assert rows(128, mask=True) == rows(128, bias=True) == rows(256) == 64
+
+
 def test_sparse_arrays_round_trip_and_backward_fit():
     from dmattn_cupy.backward import sparse_fits_backward
     from dmattn_cupy.sparse_plan import arrays_from_list, arrays_to_list, host_arrays

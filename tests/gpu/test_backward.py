@@ -180,6 +180,16 @@ def test_sparse_masks():
                sparse_mask=dm.MixedMask.from_dense_mask(dense, block_size=(64, 64)))
 
 
+@pytest.mark.parametrize("d", [64, 128], ids=["d64", "d128"])
+@pytest.mark.parametrize("kw", [{}, {"is_causal": True}, {"window_size": (40, 7)},
+                                {"deterministic": True}], ids=["plain", "causal", "window", "det"])
+def test_no_mask_no_bias_128_row_steps(d, kw):
+    """Without mask or bias the dK/dV kernel takes 128 query rows per step where shared memory
+    allows: ragged lengths, several query tiles, GQA."""
+    q, k, v = _qkv(2, 300, 257, 4, 2, d, "bfloat16", seed=50 + d)
+    _run_dense(q, k, v, seed=51, **kw)
+
+
 def _block_masks(sq, sk, block, seed):
     """One mask of every block class over the same random pattern (+ an intersection)."""
     rng = np.random.default_rng(seed)
