@@ -341,7 +341,8 @@ flash_bwd_dkdv_kernel(const BwdParams bp) {
   auto m0_of = [&](int item) { return (mb_begin + item % n_mb) * kBlockM; };
   // Keep-bits of this thread for an item; the first item >= i that someone in the CTA keeps
   // (a tile whose mask is all false is skipped before anything of it is loaded).
-  auto item_bits = [&](int item) -> uint32_t {
+  // state: the item's sparse_state (only read when bp.sp_grid is set).
+  auto item_bits = [&](int item, int state) -> uint32_t {
     TileCoords tc;
     tc.row[0] = m0_of(item) + r0;
     tc.row[1] = tc.row[0] + 8;
@@ -350,17 +351,16 @@ flash_bwd_dkdv_kernel(const BwdParams bp) {
     if (kHasMask && p.mask != nullptr)
       bits = mask_bits<kNF>(p, p.mask + mask_offset(p, b, head_of(item), seq), tc, bits);
     if (kHasMask && bp.sp_grid != nullptr)
-      bits = sparse_bits<kNF>(p, sparse_state(bp, b, head_of(item), m0_of(item), n0), tc,
-                              m0_of(item), n0, bits);
+      bits = sparse_bits<kNF>(p, state, tc, m0_of(item), n0, bits);
     return bits;
   };
   auto next_item = [&](int i, uint32_t& bits) {
     for (; i < n_items; ++i) {
       // Uniform across the CTA: an unlisted block costs one read, no sync.
-      if (kHasMask && bp.sp_grid != nullptr &&
-          sparse_state(bp, b, head_of(i), m0_of(i), n0) == kSpNone)
-        continue;
-      bits = item_bits(i);
+      const int state = kHasMask && bp.sp_grid != nullptr
+                            ? sparse_state(bp, b, head_of(i), m0_of(i), n0) : kSpFull;
+      if (state == kSpNone) continue;
+      bits = item_bits(i, state);
       if (!kHasMask || __syncthreads_or(bits != 0)) return i;
     }
     return i;

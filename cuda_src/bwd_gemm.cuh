@@ -51,14 +51,17 @@ DM_DEVICE void load_b_kn(uint32_t (&bf)[4], const uint16_t* b, int ks, int jj, i
                             (lane / 16) * 8);
 }
 
-template <typename T, int kK, int kStrideA, int kStrideB, int kNF>
-DM_DEVICE void gemm_atb(float (&c)[kNF][4], const uint16_t* a, const uint16_t* b) {
+// C += op(A) B with B stored [k][n]; op(A) = A^T when kATrans (A stored [k][m]), else A
+// (stored [m][k]). gemm_atb and gemm_ab below name the two uses.
+template <typename T, int kK, int kStrideA, int kStrideB, int kNF, bool kATrans>
+DM_DEVICE void gemm_b_kn(float (&c)[kNF][4], const uint16_t* a, const uint16_t* b) {
   static_assert(kNF % 2 == 0 && kK % 16 == 0, "x4 loads cover two n8 fragments");
   const int lane = threadIdx.x % 32;
 #pragma unroll
   for (int ks = 0; ks < kK / 16; ++ks) {
     uint32_t af[4];
-    load_a_trans<kStrideA>(af, a, ks, lane);
+    if (kATrans) load_a_trans<kStrideA>(af, a, ks, lane);
+    else load_a_rowmajor<kStrideA>(af, a, ks, lane);
 #pragma unroll
     for (int jj = 0; jj < kNF / 2; ++jj) {
       uint32_t bf[4];
@@ -70,21 +73,13 @@ DM_DEVICE void gemm_atb(float (&c)[kNF][4], const uint16_t* a, const uint16_t* b
 }
 
 template <typename T, int kK, int kStrideA, int kStrideB, int kNF>
+DM_DEVICE void gemm_atb(float (&c)[kNF][4], const uint16_t* a, const uint16_t* b) {
+  gemm_b_kn<T, kK, kStrideA, kStrideB, kNF, true>(c, a, b);
+}
+
+template <typename T, int kK, int kStrideA, int kStrideB, int kNF>
 DM_DEVICE void gemm_ab(float (&c)[kNF][4], const uint16_t* a, const uint16_t* b) {
-  static_assert(kNF % 2 == 0 && kK % 16 == 0, "x4 loads cover two n8 fragments");
-  const int lane = threadIdx.x % 32;
-#pragma unroll
-  for (int ks = 0; ks < kK / 16; ++ks) {
-    uint32_t af[4];
-    load_a_rowmajor<kStrideA>(af, a, ks, lane);
-#pragma unroll
-    for (int jj = 0; jj < kNF / 2; ++jj) {
-      uint32_t bf[4];
-      load_b_kn<kStrideB>(bf, b, ks, jj, lane);
-      mma_16816<T>(c[2 * jj], af, bf[0], bf[1]);
-      mma_16816<T>(c[2 * jj + 1], af, bf[2], bf[3]);
-    }
-  }
+  gemm_b_kn<T, kK, kStrideA, kStrideB, kNF, false>(c, a, b);
 }
 
 template <int kNF>

@@ -49,6 +49,18 @@ def allowed_positions(sq: int, sk: int, window: tuple[int, int]) -> np.ndarray:
     return keep
 
 
+def keep_positions(b: int, h: int, sq: int, sk: int, window: tuple[int, int],
+                   mask: np.ndarray | None, sparse: np.ndarray | None) -> np.ndarray:
+    """(b, h, sq, sk) bool: the window rule AND the mask AND the sparse mask's elements."""
+    keep = np.broadcast_to(allowed_positions(sq, sk, window), (b, h, sq, sk))
+    if mask is not None:
+        keep = keep & _heads_to(np.asarray(mask, dtype=bool), 1, h)
+    if sparse is not None:
+        sp = np.asarray(sparse, dtype=bool)
+        keep = keep & (sp if sp.ndim == 2 else _heads_to(sp, 1, h))
+    return keep
+
+
 def dense_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | None,
                   bias: np.ndarray | None, scale: float, softcap: float = 0.0,
                   window: tuple[int, int] = (-1, -1), sparse: np.ndarray | None = None,
@@ -69,12 +81,7 @@ def dense_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray 
     if bias is not None:
         s = s + _heads_to(np.asarray(bias, dtype=np.float64), 1, h)
     s = quantize(s, None if lowprec is None else "float32")
-    keep = np.broadcast_to(allowed_positions(sq, sk, window), (b, h, sq, sk))
-    if mask is not None:
-        keep = keep & _heads_to(np.asarray(mask, dtype=bool), 1, h)
-    if sparse is not None:
-        sp = np.asarray(sparse, dtype=bool)
-        keep = keep & (sp if sp.ndim == 2 else _heads_to(sp, 1, h))
+    keep = keep_positions(b, h, sq, sk, window, mask, sparse)
     s = np.where(keep, s, -np.inf)
     m = s.max(axis=-1, keepdims=True) if sk > 0 else np.full((b, h, sq, 1), -np.inf)
     m_safe = np.where(np.isfinite(m), m, 0.0)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .reference import _heads_to, _varlen_slice, allowed_positions
+from .reference import _heads_to, _varlen_slice, keep_positions
 
 
 def reduce_to_shape(full: np.ndarray, shape: tuple[int, ...], heads: int) -> np.ndarray:
@@ -48,12 +48,7 @@ def dense_backward(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray
         s = s0
     if bias is not None:
         s = s + _heads_to(np.asarray(bias, dtype=np.float64), 1, h)
-    keep = np.broadcast_to(allowed_positions(sq, sk, window), (b, h, sq, sk))
-    if mask is not None:
-        keep = keep & _heads_to(np.asarray(mask, dtype=bool), 1, h)
-    if sparse is not None:
-        sp = np.asarray(sparse, dtype=bool)
-        keep = keep & (sp if sp.ndim == 2 else _heads_to(sp, 1, h))
+    keep = keep_positions(b, h, sq, sk, window, mask, sparse)
     s = np.where(keep, s, -np.inf)
     m = s.max(axis=-1, keepdims=True) if sk > 0 else np.full((b, h, sq, 1), -np.inf)
     m_safe = np.where(np.isfinite(m), m, 0.0)
