@@ -2,7 +2,7 @@
 
 ``BwdParams`` (cuda_src/bwd_params.cuh) is the forward's ``FwdParams`` record followed by the
 gradient buffers; its NumPy mirror is FWD_DTYPE's fields followed by ``BWD_EXTRA_FIELDS`` and is
-pinned by generated ``static_assert``s like the forward's. Three kernels (cuda_src/bwd.cu):
+pinned by generated ``static_assert``s like the forward's. Three kernels (cuda_src/sm80/bwd.cu):
 a preprocess (``dsum = rowsum(dO * O) - dlse``), the dK/dV kernel (per key tile and kv head; it
 also writes dbias, and in the default mode adds dQ with fp32 atomics), and, with
 ``deterministic=True``, a dQ kernel (per query tile) that needs no atomics.
@@ -94,7 +94,7 @@ class BwdSpec:
 
     @property
     def source_file(self) -> str:
-        return "bwd.cu"
+        return "sm80/bwd.cu"
 
     @property
     def extra_abi_check(self) -> str:

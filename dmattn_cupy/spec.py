@@ -15,7 +15,7 @@ HEAD_DIMS = (32, 64, 96, 128, 192, 256)
 
 
 def decode_stages(head_dim: int) -> int:
-    """K/V pipeline depth of the decode kernel (cuda_src/fwd_decode.cu, ``decode_stages``)."""
+    """K/V pipeline depth of the decode kernel (cuda_src/sm80/fwd_decode.cu, ``decode_stages``)."""
     return 2 if head_dim > 128 else 3
 
 
@@ -63,7 +63,7 @@ class KernelSpec:
 
     @property
     def source_file(self) -> str:
-        return f"{self.kind}.cu"
+        return f"{self.kind}.cu" if self.kind == "fwd_combine" else f"sm80/{self.kind}.cu"
 
     @property
     def name_expression(self) -> str:

@@ -134,8 +134,8 @@ def test_cache_key_covers_sources_arch_and_spec(monkeypatch) -> None:
 
 
 def test_sources_digest_sees_every_header() -> None:
-    names = {p.name for p in dmc.cuda_src_dir().iterdir()}
-    assert {"common.cuh", "params.cuh", "fwd_mma.cu"} <= names
+    names = {p.relative_to(dmc.cuda_src_dir()).as_posix() for p in dmc.cuda_src_dir().rglob("*")}
+    assert {"common.cuh", "params.cuh", "sm80/fwd_mma.cu"} <= names
     assert len(dmc.sources_digest()) == 64
 
 

@@ -1,5 +1,5 @@
 """A NumPy emulation of ldmatrix and mma.sync m16n8k16 as the PTX ISA defines them, driven by
-the same shared-memory address expressions as cuda_src/fwd_mma.cu. It checks, without a GPU,
+the same shared-memory address expressions as cuda_src/sm80/fwd_mma.cu. It checks, without a GPU,
 that the kernel's addressing and its P-fragment repacking compute S = Q K^T and O = P V."""
 
 from __future__ import annotations
