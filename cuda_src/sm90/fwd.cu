@@ -1,0 +1,539 @@
+// sm90/fwd.cu: the Hopper forward kernel (FlashAttention-3's structure, sm_90a).
+// A CTA of three warpgroups owns kBlockM = 128 query rows of one (batch, head):
+// - warpgroup 0 is the producer: one warp walks the key tiles, classifies each (empty tiles
+//   are never loaded; with a bool mask the mask tiles stream through their own ring a few
+//   tiles ahead, and an all-false tile is dropped before its K/V/bias are requested; an
+//   all-true one needs no per-element work) and loads K, V and the bias tile by TMA into a
+//   kStages-deep ring of mbarrier stages;
+// - warpgroups 1 and 2 are consumers, 64 rows each: S = Q K^T by wgmma from shared memory,
+//   the logit transform and online softmax in registers, O += P V by wgmma with P from
+//   registers. Each software-pipelines its tiles (S of tile j is issued with P V of tile
+//   j - 1, and the softmax of j runs while P V is in flight), and the two take turns issuing
+//   their products (ping-pong), so one's softmax runs under the other's products.
+// The producer hands each stage's tile index and class to the consumers in shared memory; an
+// index of -1 ends the walk. Q, K, V, the mask and the bias tile are 64-column (or mask:
+// 64-/128-byte) boxes with the 128B/64B swizzle that the wgmma descriptors and the
+// consumers' reads (primitives.cuh: tile_offset) expect. Output rows are stored from
+// registers, predicated on the sequence and head_dim.
+// Mask/bias operands (Sm90FwdArgs::mask_mode / bias_mode, uniform per launch):
+//   kTile     (.., Sq, Sk) tiles by TMA; kKeyRow (.., 1, Sk): one row per stage, shared by
+//   every query row; kQueryRow (.., Sq, 1) or a scalar: one value per query row, read once
+//   (a mask row then keeps or drops the whole row; a bias row only shifts lse).
+#pragma once
+#include "../common.cuh"
+#include "../params.cuh"
+#include "../block_info.cuh"
+#include "../softmax.cuh"
+#include "primitives.cuh"
+#include "wgmma_ops.cuh"
+
+namespace dm {
+
+// Tile classes the producer hands over (bits; 0 = full: no per-element work).
+constexpr int kFormulaPartial = 1;  // crosses the key end or a causal/window edge
+constexpr int kMaskPartial = 2;     // its mask tile has false elements
+
+enum Sm90Operand : int32_t { kOperandNone = 0, kOperandTile = 1, kOperandKeyRow = 2,
+                             kOperandQueryRow = 3 };
+
+// The second kernel parameter (const __grid_constant__): tensor maps over (cols, rows, heads,
+// batch) with broadcast dims of size 1, and how the mask/bias are read. Mirrored by
+// dmattn_cupy/sm90_args.py (size checked below).
+struct alignas(64) Sm90FwdArgs {
+  sm90::TmaDesc q, k, v, mask, bias;
+  int32_t mask_mode, bias_mode;
+  int32_t pad[14];
+};
+static_assert(sizeof(Sm90FwdArgs) == 704, "Sm90FwdArgs: size drifted from sm90_args.py");
+
+// Shared-memory plan of one kernel instance; dmattn_cupy/sm90_args.py mirrors `bytes`.
+template <int kHeadDim, int kBlockN, int kStages, bool kHasMask, bool kHasBias>
+struct Sm90FwdSmem {
+  static constexpr int kBlockM = 128;
+  static constexpr int kBoxes = kHeadDim / 64;               // 64-column boxes of Q/K/V rows
+  static constexpr int kMaskBoxCols = kBlockN >= 128 ? 128 : kBlockN;  // bytes per mask box row
+  static constexpr int kQ = kBoxes * kBlockM * 128;
+  static constexpr int kKV = kBoxes * kBlockN * 128;         // one K or V stage
+  static constexpr int kBias = kHasBias ? kBlockM * kBlockN * 2 : 0;   // one stage
+  static constexpr int kMask = kHasMask ? kBlockM * kBlockN : 0;       // one slot
+  // Mask tiles have their own ring, loaded ahead of the K/V ring: the producer classifies a
+  // tile from its mask before it spends a K/V stage on it.
+  static constexpr int kMaskSlots = kHasMask ? 4 : 0;
+  static constexpr int kMaskAhead = 2;  // mask loads in flight ahead of the one classified
+  static constexpr int kMaskRing = kHasMask ? kMaskSlots : 1;  // a nonzero modulus
+  static constexpr int kOffK = kQ;
+  static constexpr int kOffV = kOffK + kStages * kKV;
+  static constexpr int kOffBias = kOffV + kStages * kKV;
+  static constexpr int kOffMask = kOffBias + kStages * kBias;
+  static constexpr int kOffBars = kOffMask + kMaskSlots * kMask;  // 8-byte mbarriers
+  // full_q; per stage full_k, full_v, empty_k, empty_v; per mask slot full_m, empty_m; then
+  // per stage the tile index, class and mask slot the producer hands over (4 ints).
+  static constexpr int kNumBars = 1 + 4 * kStages + 2 * kMaskSlots;
+  static constexpr int kOffInfo = kOffBars + 8 * kNumBars;
+  static constexpr int kBytes = kOffInfo + 16 * kStages;
+  static constexpr int kAlloc = kBytes + 1024;  // the base is aligned up to 1024 at run time
+  static_assert(kQ % 1024 == 0 && kKV % 1024 == 0 && kBias % 1024 == 0 && kMask % 1024 == 0,
+                "swizzled tiles start on 1024-byte boundaries");
+};
+
+template <typename T, int kHeadDim, int kBlockN, int kStages, bool kHasMask, bool kHasBias>
+__global__ void __launch_bounds__(384, 1)
+flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs args) {
+  using Smem = Sm90FwdSmem<kHeadDim, kBlockN, kStages, kHasMask, kHasBias>;
+  constexpr int kBlockM = Smem::kBlockM;
+  constexpr int kNF = kBlockN / 8;    // score fragments (n8) per consumer thread row pair
+  constexpr int kDF = kHeadDim / 8;   // output fragments
+  static_assert(kHeadDim % 64 == 0 && kBlockN % 64 == 0, "64-column boxes");
+  // Register split after setmaxnreg: multiples of 8, and the three warpgroups together may not
+  // exceed the 168 per thread the CTA was launched with (65536 / 384, rounded down to 8), or
+  // setmaxnreg.inc waits forever for registers that do not exist.
+  constexpr int kProducerRegs = kHeadDim == 128 ? 56 : 40;
+  constexpr int kConsumerRegs = kHeadDim == 128 ? 224 : 232;
+  static_assert(kProducerRegs + 2 * kConsumerRegs <= 3 * 168, "register pool of the CTA");
+  using namespace sm90;
+
+  extern __shared__ __align__(1024) uint8_t smem_raw[];
+  const uint32_t raw = smem_u32(smem_raw);
+  const uint32_t base = (raw + 1023u) & ~1023u;
+  uint8_t* smem = smem_raw + (base - raw);
+  {
+    uint32_t dyn;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
+    if (dyn < uint32_t(Smem::kAlloc)) __trap();  // launcher and kernel disagree on the layout
+  }
+  const uint32_t sQ = base, sK = base + Smem::kOffK, sV = base + Smem::kOffV;
+  const uint32_t sBias = base + Smem::kOffBias, sMask = base + Smem::kOffMask;
+  const uint32_t bars = base + Smem::kOffBars;
+  const uint32_t bar_q = bars;
+  auto bar_full_k = [&](int s) { return bars + 8 + 32 * s; };
+  auto bar_full_v = [&](int s) { return bars + 16 + 32 * s; };
+  // Released by the 8 consumer warps: K (with its bias tile) once the tile's softmax is done,
+  // V once O += P V has read it; a mask slot with K (or by the producer for an empty tile).
+  auto bar_empty_k = [&](int s) { return bars + 24 + 32 * s; };
+  auto bar_empty_v = [&](int s) { return bars + 32 + 32 * s; };
+  auto bar_full_m = [&](int x) { return bars + 8 + 32 * kStages + 16 * x; };
+  auto bar_empty_m = [&](int x) { return bars + 16 + 32 * kStages + 16 * x; };
+  volatile int32_t* info = reinterpret_cast<volatile int32_t*>(smem + Smem::kOffInfo);
+
+  // Grid (heads, batch, query tiles), launched x-fastest: every (batch, head) of the last query
+  // tile first, the longest rows under causal masking.
+  const int m_block = gridDim.z - 1 - blockIdx.z;
+  const int h = blockIdx.x, b = blockIdx.y;
+  const int len_q = p.seqlen_q, len_k = p.seqlen_k;
+  const int m0 = m_block * kBlockM;
+  if (m0 >= len_q) return;
+  const int m_end = dm_min(m0 + kBlockM, len_q);
+  const int off = len_k - len_q;
+  const KeyRange kr = key_range(p, m0, m_end, len_q, len_k);
+  const int n_first = kr.k_begin < kr.k_end ? kr.k_begin / kBlockN : 0;
+  const int n_last = kr.k_begin < kr.k_end ? (kr.k_end - 1) / kBlockN : -1;
+  // A tile is partial by formula when it crosses the key end or a window edge.
+  auto partial_by_formula = [&](int n) {
+    const int n0 = n * kBlockN, n1 = n0 + kBlockN - 1;
+    if (n1 >= len_k) return true;
+    if (p.window_right >= 0 && n1 > m0 + off + p.window_right) return true;
+    if (p.window_left >= 0 && n0 < m_end - 1 + off - p.window_left) return true;
+    return false;
+  };
+
+  if (threadIdx.x == 0) {
+    mbar_init(bar_q, 1);
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(bar_full_k(s), 1);
+      mbar_init(bar_full_v(s), 1);
+      mbar_init(bar_empty_k(s), 8);  // one arrival per consumer warp
+      mbar_init(bar_empty_v(s), 8);
+    }
+    for (int x = 0; x < Smem::kMaskSlots; ++x) {
+      mbar_init(bar_full_m(x), 1);
+      mbar_init(bar_empty_m(x), 8);
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();
+
+  const int wg = threadIdx.x / 128;
+  const int lane = threadIdx.x % 32;
+  const int kvh = h / p.q_per_kv;
+  const int mask_h = h / p.mask_head_ratio, mask_b = p.mask_batch_stride != 0 ? b : 0;
+  const int bias_h = h / p.bias_head_ratio, bias_b = p.bias_batch_stride != 0 ? b : 0;
+
+  if (wg == 0) {  // ------------------------------------------------------------- producer
+    setmaxnreg_dec<kProducerRegs>();
+    if (threadIdx.x >= 32) return;
+    const bool leader = lane == 0;
+    if (leader) {
+      tma_prefetch(&args.q);
+      tma_prefetch(&args.k);
+      tma_prefetch(&args.v);
+      mbar_arrive_expect_tx(bar_q, Smem::kQ);
+#pragma unroll
+      for (int x = 0; x < Smem::kBoxes; ++x)
+        tma_load_4d(sQ + x * kBlockM * 128, &args.q, bar_q, 64 * x, m0, h, b);
+    }
+    const bool mask_tile = kHasMask && args.mask_mode == kOperandTile;
+    const bool mask_keys = mask_tile || (kHasMask && args.mask_mode == kOperandKeyRow);
+    const bool bias_tile = kHasBias && args.bias_mode == kOperandTile;
+    const bool bias_row = kHasBias && args.bias_mode == kOperandKeyRow;
+    const uint32_t bias_bytes = bias_tile ? Smem::kBias : bias_row ? kBlockN * 2 : 0;
+    const uint32_t mask_bytes = mask_tile ? Smem::kMask : kBlockN;
+    // Candidate i is key tile n_last - i (descending: partial tiles first). Its mask goes to
+    // slot i % kMaskSlots, use i / kMaskSlots of that slot.
+    const int n_cand = n_last - n_first + 1;
+    int issued = 0;
+    auto issue_mask = [&](int i) {
+      const int x = i % Smem::kMaskRing, use = i / Smem::kMaskRing;
+      mbar_wait(bar_empty_m(x), (use & 1) ^ 1);
+      if (!leader) return;
+      const int n0 = (n_last - i) * kBlockN;
+      const uint32_t dst = sMask + x * Smem::kMask;
+      mbar_arrive_expect_tx(bar_full_m(x), mask_bytes);
+      if (mask_tile) {
+        for (int y = 0; y < kBlockN / Smem::kMaskBoxCols; ++y)
+          tma_load_4d(dst + y * kBlockM * Smem::kMaskBoxCols, &args.mask, bar_full_m(x),
+                      n0 + y * Smem::kMaskBoxCols, m0, mask_h, mask_b);
+      } else {
+        tma_load_4d(dst, &args.mask, bar_full_m(x), n0, 0, mask_h, mask_b);
+      }
+    };
+    int stage = 0;
+    uint32_t phase = 0;
+    for (int i = 0; i < n_cand; ++i) {
+      const int n = n_last - i, n0 = n * kBlockN;
+      int cls = partial_by_formula(n) ? kFormulaPartial : 0;  // 0: a full tile
+      int slot = 0;
+      if (mask_keys) {
+        while (issued < n_cand && issued <= i + Smem::kMaskAhead) issue_mask(issued++);
+        slot = i % Smem::kMaskRing;
+        mbar_wait(bar_full_m(slot), (i / Smem::kMaskRing) & 1);
+        // OR / AND of the bytes of this tile. Rows and keys past the sequence read as zero
+        // (TMA fill), which only makes "all" false: such tiles are partial anyway.
+        const uint8_t* src = smem + (sMask - base) + slot * Smem::kMask;
+        uint32_t any = 0, all = 0x01010101u;
+#pragma unroll 4
+        for (int it = 0; it < Smem::kMask / 512; ++it) {  // 16 bytes per lane per step
+          const int c = (it * 32 + lane) * 16;
+          if (c < int(mask_bytes)) {
+            const uint4 w = *reinterpret_cast<const uint4*>(src + c);
+            any |= w.x | w.y | w.z | w.w;
+            all &= w.x & w.y & w.z & w.w;
+          }
+        }
+        const bool keep_any = __any_sync(0xffffffffu, any != 0);
+        const bool keep_all = __all_sync(0xffffffffu, all == 0x01010101u);
+        if (!keep_any) {  // empty tile: no K/V/bias; the slot is free again
+          if (lane < 8) mbar_arrive(bar_empty_m(slot));
+          continue;
+        }
+        if (!keep_all) cls |= kMaskPartial;
+      }
+      mbar_wait(bar_empty_k(stage), phase ^ 1);
+      if (leader) {
+        info[4 * stage] = n;
+        info[4 * stage + 1] = cls;
+        info[4 * stage + 2] = slot;
+#ifdef DMATTN_DEBUG_COUNTERS
+        const int cta = (b * gridDim.x + h) * gridDim.z + m_block;  // (batch, head, m) order
+        atomicAdd(p.tile_counters + 2 * cta, 1u);
+        if (cls != 0) atomicAdd(p.tile_counters + 2 * cta + 1, 1u);
+#endif
+        mbar_arrive_expect_tx(bar_full_k(stage), Smem::kKV + bias_bytes);
+#pragma unroll
+        for (int x = 0; x < Smem::kBoxes; ++x)
+          tma_load_4d(sK + stage * Smem::kKV + x * kBlockN * 128, &args.k, bar_full_k(stage),
+                      64 * x, n0, kvh, b);
+        if (bias_tile) {
+#pragma unroll
+          for (int x = 0; x < kBlockN / 64; ++x)
+            tma_load_4d(sBias + stage * Smem::kBias + x * kBlockM * 128, &args.bias,
+                        bar_full_k(stage), n0 + 64 * x, m0, bias_h, bias_b);
+        } else if (bias_row) {
+          tma_load_4d(sBias + stage * Smem::kBias, &args.bias, bar_full_k(stage), n0, 0, bias_h,
+                      bias_b);
+        }
+      }
+      mbar_wait(bar_empty_v(stage), phase ^ 1);
+      if (leader) {
+        mbar_arrive_expect_tx(bar_full_v(stage), Smem::kKV);
+#pragma unroll
+        for (int x = 0; x < Smem::kBoxes; ++x)
+          tma_load_4d(sV + stage * Smem::kKV + x * kBlockN * 128, &args.v, bar_full_v(stage),
+                      64 * x, n0, kvh, b);
+      }
+      __syncwarp();
+      if (++stage == kStages) {
+        stage = 0;
+        phase ^= 1;
+      }
+    }
+    mbar_wait(bar_empty_k(stage), phase ^ 1);
+    if (leader) {
+      info[4 * stage] = -1;
+      mbar_arrive(bar_full_k(stage));
+    }
+    return;
+  }
+
+  // ------------------------------------------------------------------------------ consumers
+  setmaxnreg_inc<kConsumerRegs>();
+  const int c = wg - 1;                      // consumer index: rows 64c .. 64c + 63
+  const int warp = (threadIdx.x % 128) / 32;
+  const int g = lane / 4, t = lane % 4;
+  const int lrow[2] = {64 * c + 16 * warp + g, 64 * c + 16 * warp + g + 8};  // CTA-local
+  const int row[2] = {m0 + lrow[0], m0 + lrow[1]};                            // sequence rows
+
+  // kQueryRow operands: one value per query row (a scalar is the same value for every row).
+  bool row_kept[2] = {true, true};
+  float row_bias[2] = {0.f, 0.f};
+  if (kHasMask && args.mask_mode == kOperandQueryRow) {
+    const uint8_t* m = p.mask + int64_t(mask_b) * p.mask_batch_stride +
+                       int64_t(mask_h) * p.mask_head_stride;
+    for (int r = 0; r < 2; ++r)
+      row_kept[r] = row[r] < len_q && m[int64_t(row[r]) * p.mask_row_stride] != 0;
+  }
+  if (kHasBias && args.bias_mode == kOperandQueryRow) {
+    const int64_t o = int64_t(bias_b) * p.bias_batch_stride + int64_t(bias_h) * p.bias_head_stride;
+    for (int r = 0; r < 2; ++r) {
+      if (row[r] >= len_q) continue;
+      const int64_t idx = o + int64_t(row[r]) * p.bias_row_stride;
+      row_bias[r] = p.bias_is_fp32 ? static_cast<const float*>(p.bias)[idx]
+                                   : to_float(static_cast<const T*>(p.bias)[idx]);
+    }
+  }
+  float o[kDF][4];
+#pragma unroll
+  for (int j = 0; j < kDF; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+  OnlineSoftmax<kNF> sm;
+  const bool mask_keys = kHasMask && (args.mask_mode == kOperandTile ||
+                                       args.mask_mode == kOperandKeyRow);
+  const bool bias_tile = kHasBias && args.bias_mode == kOperandTile;
+  const bool bias_keys = bias_tile || (kHasBias && args.bias_mode == kOperandKeyRow);
+  // Logits y with exp2(y * exp_scale) the unnormalized probability (as in sm80/fwd_mma.cu):
+  // without softcap and a key-dependent bias y is the raw score and the scale folds into the
+  // softmax's FFMA; otherwise y is the natural-log logit.
+  const bool capped = p.softcap > 0.f;
+  const float bias_scale = capped ? 1.f : p.scale_log2 * (1.f / kLog2e);
+  const float exp_scale = (bias_keys || capped) ? kLog2e : p.scale_log2;
+
+  // The bias and mask words of one tile this thread needs (class bit kMaskPartial: the tile's
+  // mask has false elements).
+  struct TileOperands {
+    uint32_t bias[kNF][2];  // two 16-bit bias values per (fragment, row half)
+    uint32_t mask[kNF];     // two mask bytes per row half: row g in bits 0-15, g + 8 in 16-31
+  };
+  const bool mask_tile = kHasMask && args.mask_mode == kOperandTile;
+  auto load_operands = [&](TileOperands& ops, int stage, int cls) {
+    if (bias_keys) {
+      const uint8_t* sb = smem + (sBias - base) + stage * Smem::kBias;
+#pragma unroll
+      for (int j = 0; j < kNF; ++j)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int col = 8 * j + 2 * t;
+          const uint32_t o2 = bias_tile ? tile_offset<2, 64, kBlockM>(lrow[r], col) : col * 2;
+          ops.bias[j][r] = *reinterpret_cast<const uint32_t*>(sb + o2);
+        }
+    }
+    if (mask_keys && (cls & kMaskPartial)) {
+      const uint8_t* smk = smem + (sMask - base) + info[4 * stage + 2] * Smem::kMask;
+#pragma unroll
+      for (int j = 0; j < kNF; ++j) {
+        uint32_t w = 0;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int col = 8 * j + 2 * t;
+          const uint32_t o1 = mask_tile ? tile_offset<1, Smem::kMaskBoxCols, kBlockM>(lrow[r], col)
+                                        : uint32_t(col);
+          w |= uint32_t(*reinterpret_cast<const uint16_t*>(smk + o1)) << (16 * r);
+        }
+        ops.mask[j] = w;
+      }
+    }
+  };
+  // Softcap, bias and exclusion (by the mask's words and/or by formula, as the tile's class
+  // says), for the tile whose first key is n0.
+  auto transform = [&](float (&s)[kNF][4], const TileOperands& ops, int n0, int cls) {
+    if (capped) {
+#pragma unroll
+      for (int j = 0; j < kNF; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[j][e] = p.softcap * fast_tanh(s[j][e] * p.scale_over_softcap);
+    }
+    if (bias_keys) {
+#pragma unroll
+      for (int j = 0; j < kNF; ++j)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          T lo, hi;
+          lo.bits = static_cast<uint16_t>(ops.bias[j][r] & 0xffffu);
+          hi.bits = static_cast<uint16_t>(ops.bias[j][r] >> 16);
+          s[j][2 * r] = fmaf(s[j][2 * r], bias_scale, to_float(lo));
+          s[j][2 * r + 1] = fmaf(s[j][2 * r + 1], bias_scale, to_float(hi));
+        }
+    }
+    if (mask_keys && (cls & kMaskPartial)) {
+#pragma unroll
+      for (int j = 0; j < kNF; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          if (!((ops.mask[j] >> (16 * (e >> 1) + 8 * (e & 1))) & 0xffu)) s[j][e] = -DM_INF;
+    }
+    if (cls & kFormulaPartial) {
+#pragma unroll
+      for (int j = 0; j < kNF; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int key = n0 + 8 * j + 2 * t + (e & 1);
+          if (key >= len_k || !in_window(p, row[e >> 1], key, off)) s[j][e] = -DM_INF;
+        }
+    }
+  };
+  auto rescale = [&](const float (&alpha)[2]) {
+#pragma unroll
+    for (int j = 0; j < kDF; ++j) {
+      o[j][0] *= alpha[0];
+      o[j][1] *= alpha[0];
+      o[j][2] *= alpha[1];
+      o[j][3] *= alpha[1];
+    }
+  };
+  auto issue_s = [&](float (&s)[kNF][4], int stage) {
+    // Descriptors are formed next to their wgmma (primitives.cuh: opaque): hoisted out of the
+    // loop they would hold two registers each beside the accumulators.
+    const uint32_t q_base = opaque(sQ + c * 64 * 128), k_base = opaque(sK + stage * Smem::kKV);
+    fence_operands(s);
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < kHeadDim / 16; ++ks)
+      Wgmma<T, kBlockN>::template ss<0>(s, desc_k_major<kBlockM>(q_base, ks),
+                                        desc_k_major<kBlockN>(k_base, ks), ks > 0);
+    wgmma_commit();
+  };
+  auto issue_pv = [&](const uint32_t (&pa)[kBlockN / 16][4], int stage) {
+    const uint32_t v_base = opaque(sV + stage * Smem::kKV);
+    fence_operands(o);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk)
+      Wgmma<T, kHeadDim>::template rs<1>(o, pa[kk], desc_mn_major<kBlockN>(v_base, kk), 1);
+    wgmma_commit();
+  };
+  auto pack_p = [&](const float (&s)[kNF][4], uint32_t (&pa)[kBlockN / 16][4]) {
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      pa[kk][0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+      pa[kk][1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+      pa[kk][2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      pa[kk][3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+    }
+  };
+  auto release = [&](uint32_t bar) {
+    __syncwarp();
+    if (lane == 0) mbar_arrive(bar);
+  };
+  auto release_k = [&](int stage) {  // K, its bias tile and its mask slot
+    if (mask_keys) release(bar_empty_m(info[4 * stage + 2]));
+    release(bar_empty_k(stage));
+  };
+  // Ping-pong: the two consumers take turns issuing their GEMMs (named barriers 1 and 2, each
+  // 128 syncing + 128 arriving threads), so one's softmax runs under the other's GEMMs.
+  // Consumer 1 lets consumer 0 go first; consumer 0 takes the last turn back at the end.
+  auto turn_wait = [&] {
+    if (c == 0) asm volatile("bar.sync 1, 256;" ::: "memory");
+    else asm volatile("bar.sync 2, 256;" ::: "memory");
+  };
+  auto turn_pass = [&] {
+    if (c == 0) asm volatile("bar.arrive 2, 256;" ::: "memory");
+    else asm volatile("bar.arrive 1, 256;" ::: "memory");
+  };
+  if (c == 1) turn_pass();
+
+  // Software pipeline: iteration j issues S_j = Q K_j^T and O += P_{j-1} V_{j-1} together,
+  // then runs the softmax of S_j while the second product is in flight.
+  mbar_wait(bar_q, 0);
+  int stage = 0;
+  uint32_t phase = 0;
+  mbar_wait(bar_full_k(stage), phase);
+  int n = info[4 * stage];
+  if (n >= 0) {
+    float s[kNF][4];
+    uint32_t pa[kBlockN / 16][4];
+    float alpha[2];
+    TileOperands ops;
+    int cls = info[4 * stage + 1];
+    turn_wait();
+    issue_s(s, stage);
+    turn_pass();
+    wgmma_wait<0>();
+    fence_operands(s);
+    load_operands(ops, stage, cls);
+    transform(s, ops, n * kBlockN, cls);
+    sm.update(s, alpha, exp_scale);
+    release_k(stage);
+    pack_p(s, pa);
+    int prev = stage;
+    uint32_t prev_phase = phase;
+    while (true) {
+      if (++stage == kStages) {
+        stage = 0;
+        phase ^= 1;
+      }
+      mbar_wait(bar_full_k(stage), phase);
+      n = info[4 * stage];
+      turn_wait();
+      if (n < 0) break;  // the turn is taken by the last O += P V below
+      issue_s(s, stage);
+      rescale(alpha);
+      mbar_wait(bar_full_v(prev), prev_phase);
+      issue_pv(pa, prev);
+      turn_pass();
+      cls = info[4 * stage + 1];
+      wgmma_wait<1>();
+      fence_operands(s);
+      load_operands(ops, stage, cls);
+      transform(s, ops, n * kBlockN, cls);
+      sm.update(s, alpha, exp_scale);
+      release_k(stage);
+      wgmma_wait<0>();
+      fence_operands(o);
+      release(bar_empty_v(prev));
+      pack_p(s, pa);
+      prev = stage;
+      prev_phase = phase;
+    }
+    rescale(alpha);
+    mbar_wait(bar_full_v(prev), prev_phase);
+    issue_pv(pa, prev);
+    turn_pass();
+    wgmma_wait<0>();
+    fence_operands(o);
+    release(bar_empty_v(prev));
+  }
+  if (c == 0) turn_wait();  // consumer 1's last pass
+
+  // Epilogue: normalize, store this thread's rows, lse (natural log; -inf for empty rows).
+  float inv_l[2], lse[2];
+  sm.finalize(inv_l, lse);
+  T* out = static_cast<T*>(p.o) + int64_t(b) * p.o_batch_stride + int64_t(h) * p.o_head_stride;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (row[r] >= len_q) continue;
+    if (!row_kept[r]) {
+      inv_l[r] = 0.f;
+      lse[r] = -DM_INF;
+    }
+    T* orow = out + int64_t(row[r]) * p.o_row_stride;
+#pragma unroll
+    for (int j = 0; j < kDF; ++j) {
+      const int col = 8 * j + 2 * t;
+      if (col < p.head_dim)
+        *reinterpret_cast<uint32_t*>(orow + col) =
+            pack2<T>(o[j][2 * r] * inv_l[r], o[j][2 * r + 1] * inv_l[r]);
+    }
+    if (p.lse != nullptr && t == 0)
+      p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + row[r]] =
+          lse[r] == -DM_INF ? lse[r] : lse[r] + row_bias[r];
+  }
+}
+
+}  // namespace dm

@@ -1,0 +1,143 @@
+// sm90/primitives.cuh: the Hopper building blocks the sm_90a kernels share, as thin PTX
+// wrappers: mbarriers (transaction-counted), TMA tile loads (cp.async.bulk.tensor), wgmma
+// fences/commit/wait, register reallocation (setmaxnreg), and the shared-memory matrix
+// descriptor and 128-/64-byte swizzle arithmetic. The constexpr layout helpers are checked
+// against a NumPy model on the CPU (tests/cpu/test_sm90_layout.py).
+#pragma once
+#include "../common.cuh"
+
+namespace dm {
+namespace sm90 {
+
+// A CUDA tensor map (CUtensorMap), encoded on the host by cuTensorMapEncodeTiled and passed
+// inside a `const __grid_constant__` kernel parameter (its address is then a param address).
+struct alignas(64) TmaDesc {
+  uint64_t opaque[16];
+};
+
+// ---- layout arithmetic (host and device) -------------------------------------------------
+
+// Byte offset after the TMA/wgmma swizzle of `kSwizzleBytes` (128, 64 or 32; 0 = none): the
+// 16-byte chunk index (bits 4..6) is XORed with the 128-byte line index (bits 7..9), masked
+// to the pattern's width. Valid for tiles whose base is aligned to 8 * kSwizzleBytes.
+template <int kSwizzleBytes>
+__host__ __device__ constexpr uint32_t swizzle(uint32_t off) {
+  return kSwizzleBytes == 0 ? off : off ^ ((off >> 3) & uint32_t((kSwizzleBytes / 16 - 1) << 4));
+}
+
+// Byte offset of element (row, col) of a tile stored as boxes of kBoxCols columns (each box a
+// rows x kBoxCols block, rows of kBoxCols * kElemBytes bytes, swizzled by that row width).
+template <int kElemBytes, int kBoxCols, int kRows>
+__host__ __device__ constexpr uint32_t tile_offset(int row, int col) {
+  constexpr int kRowBytes = kBoxCols * kElemBytes;
+  return uint32_t(col / kBoxCols) * (kRows * kRowBytes) +
+         swizzle<(kRowBytes >= 128 ? 128 : kRowBytes)>(
+             uint32_t(row * kRowBytes + (col % kBoxCols) * kElemBytes));
+}
+
+// wgmma shared-memory matrix descriptor: start address, leading and stride byte offsets (all
+// >> 4, 14 bits each) and the swizzle mode in bits 62-63 (1 = 128B, 2 = 64B, 3 = 32B).
+__host__ __device__ constexpr uint64_t make_desc(uint32_t smem_addr, uint32_t lbo, uint32_t sbo,
+                                                 int swizzle_bytes) {
+  const uint64_t mode = swizzle_bytes == 128 ? 1 : swizzle_bytes == 64 ? 2 : swizzle_bytes == 32 ? 3 : 0;
+  return uint64_t((smem_addr & 0x3FFFF) >> 4) | (uint64_t((lbo >> 4) & 0x3FFF) << 16) |
+         (uint64_t((sbo >> 4) & 0x3FFF) << 32) | (mode << 62);
+}
+
+// K-major operand (rows x K, 16-bit, stored as 64-column boxes with 128B swizzle): the
+// descriptor of its k16 step `ks`. Inside a box a step advances 32 bytes; boxes are
+// kRows * 128 bytes apart. 8-row groups are 1024 bytes apart (SBO); LBO is unused.
+template <int kRows>
+__host__ __device__ constexpr uint64_t desc_k_major(uint32_t base, int ks) {
+  return make_desc(base + uint32_t(ks / 4) * (kRows * 128) + uint32_t(ks % 4) * 32, 16, 1024, 128);
+}
+
+// MN-major operand (K rows x N columns, 16-bit, N in 64-column boxes with 128B swizzle; the B
+// operand V of O += P V): the descriptor of its k16 step `ks` (16 rows = 2048 bytes). LBO =
+// bytes between 64-column boxes (kRows * 128), SBO = bytes between 8-row groups (1024).
+template <int kRows>
+__host__ __device__ constexpr uint64_t desc_mn_major(uint32_t base, int ks) {
+  return make_desc(base + uint32_t(ks) * 2048, kRows * 128, 1024, 128);
+}
+
+// A value the compiler must recompute where it is used: descriptors derived from it are then
+// formed next to their wgmma (one add) instead of being hoisted out of the loop, where a
+// d256 tile's 32 descriptors would hold 64 registers.
+DM_DEVICE uint32_t opaque(uint32_t x) {
+  uint32_t y;
+  asm volatile("mov.b32 %0, %1;" : "=r"(y) : "r"(x));
+  return y;
+}
+
+// ---- mbarriers ---------------------------------------------------------------------------
+
+DM_DEVICE uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+DM_DEVICE void mbar_init(uint32_t bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count));
+}
+// Makes the initializations visible to the async proxy (TMA) before any use.
+DM_DEVICE void mbar_init_fence() { asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory"); }
+
+DM_DEVICE void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+}
+// One arrival that also expects `bytes` of TMA transactions in the current phase.
+DM_DEVICE void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+// Blocks until the phase with parity `parity` has completed. A fresh barrier is in phase 0,
+// so waiting on parity 1 returns at once ("the previous phase is complete").
+DM_DEVICE void mbar_wait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred done;\n"
+      "WAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT;\n}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+
+// ---- TMA ---------------------------------------------------------------------------------
+
+DM_DEVICE void tma_prefetch(const TmaDesc* map) {
+  asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
+}
+// One box of a rank-4 tensor map into shared memory at `dst`, completing on `bar`.
+DM_DEVICE void tma_load_4d(uint32_t dst, const TmaDesc* map, uint32_t bar, int c0, int c1, int c2,
+                           int c3) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2, %3, %4, %5}], [%6];" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
+      : "memory");
+}
+
+// ---- wgmma and registers ------------------------------------------------------------------
+
+DM_DEVICE void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+DM_DEVICE void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+template <int kPending>
+DM_DEVICE void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(kPending) : "memory");
+}
+// Pins accumulator registers around a batch of wgmma so that ptxas neither moves other
+// instructions onto them nor serializes the batch (advisory C7515).
+template <int kRows>
+DM_DEVICE void fence_operands(float (&d)[kRows][4]) {
+#pragma unroll
+  for (int j = 0; j < kRows; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[j][e])::"memory");
+}
+
+template <int kRegs>
+DM_DEVICE void setmaxnreg_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(kRegs)); }
+template <int kRegs>
+DM_DEVICE void setmaxnreg_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(kRegs)); }
+
+}  // namespace sm90
+}  // namespace dm
