@@ -15,14 +15,33 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Protocol
 
 from . import env
 from .device import DeviceProps, parse_arch
 from .validate import Problem
 
-if TYPE_CHECKING:  # annotations only: spec imports this module
-    from .spec import KernelSpec
+
+class SpecShape(Protocol):
+    """What a row's formulas read of a ``KernelSpec`` (spec.py imports this module)."""
+    head_dim: int
+    block_m: int
+    block_n: int
+    num_warps: int
+    stages: int
+    has_mask: bool
+    has_bias: bool
+
+
+HEAD_DIMS = (32, 64, 96, 128, 192, 256)
+
+
+def padded_head_dim(d: int) -> int:
+    """Smallest specialized head dim >= ``d`` (the kernel zero-fills the padding)."""
+    for hd in HEAD_DIMS:
+        if d <= hd:
+            return hd
+    raise ValueError(f"head dim must be <= {HEAD_DIMS[-1]}, got {d}")
 
 
 @dataclass(frozen=True)
@@ -33,7 +52,7 @@ class Tile:
     stages: int = 1
 
 
-def _warps_x32(s: KernelSpec) -> int:
+def _warps_x32(s: SpecShape) -> int:
     return 32 * s.num_warps
 
 
@@ -53,8 +72,8 @@ class Family:
     template_args: tuple[str, ...]        # KernelSpec fields, in the template's order
     params: str                           # the struct the kernel reads: FwdParams | BwdParams
     arch: str                             # cubin target: "sm_80" (portable) | "sm_90a" | ...
-    smem: Callable[[Any], int]            # dynamic shared memory bytes of a spec
-    threads: Callable[[Any], int] = _warps_x32
+    smem: Callable[[SpecShape], int]            # dynamic shared memory bytes of a spec
+    threads: Callable[[SpecShape], int] = _warps_x32
     role: str = ""                        # "forward": chosen by select.forward
     accepts: Callable[[Problem, DeviceProps, bool], bool] = _never  # (problem, device, sparse)
     tiles: Callable[[Problem, bool], tuple[Tile, ...]] = _no_tiles    # (problem, sparse)
@@ -86,7 +105,7 @@ def decode_stages(head_dim: int) -> int:
     return 2 if head_dim > 128 else 3
 
 
-def _smem_fwd_mma(s: KernelSpec) -> int:
+def _smem_fwd_mma(s: SpecShape) -> int:
     """fwd_mma.cu: Q | K x2 | V x2 | bias x2 | mask; Q/K/V and bias rows padded by 8
     elements, mask rows by 16 bytes."""
     stride = s.head_dim + 8
@@ -96,16 +115,16 @@ def _smem_fwd_mma(s: KernelSpec) -> int:
     return 2 * elems + (s.block_m * (s.block_n + 16) if s.has_mask else 0)
 
 
-def _smem_decode(s: KernelSpec) -> int:
+def _smem_decode(s: SpecShape) -> int:
     """fwd_decode.cu: Q slab + kStages K and V tiles, rows padded by 8."""
     return (s.block_m + 2 * decode_stages(s.head_dim) * s.block_n) * (s.head_dim + 8) * 2
 
 
-def _smem_none(s: KernelSpec) -> int:
+def _smem_none(s: SpecShape) -> int:
     return 0
 
 
-def _smem_bwd_dkdv(s: KernelSpec) -> int:
+def _smem_bwd_dkdv(s: SpecShape) -> int:
     """bwd.cu dK/dV: Q, dO (x stages), K, V; P, dS; lse, dsum (x stages); bias fp32 + raw
     16-bit (x stages)."""
     m, n, row = s.block_m, s.block_n, (s.head_dim + 8) * 2
@@ -115,7 +134,7 @@ def _smem_bwd_dkdv(s: KernelSpec) -> int:
     return (2 * m * st + 2 * n) * row + 2 * m * (n + 8) * 2 + 2 * m * 4 * st + bias + raw
 
 
-def _smem_bwd_dq(s: KernelSpec) -> int:
+def _smem_bwd_dq(s: SpecShape) -> int:
     """bwd.cu dQ: Q, dO, K, V; bias tile."""
     m, n, row = s.block_m, s.block_n, (s.head_dim + 8) * 2
     return (2 * m + 2 * n) * row + (m * (n + 8) * 4 if s.has_bias else 0)
@@ -179,17 +198,6 @@ def _mma_tiles(pb: Problem, sparse: bool) -> tuple[Tile, ...]:
                              pb.bias is not None, pb.varlen)
     smaller = tuple(Tile(64, n, 4) for n in (64, 32, 16) if n <= from_table.block_n)
     return (from_table,) + smaller
-
-
-HEAD_DIMS = (32, 64, 96, 128, 192, 256)
-
-
-def padded_head_dim(d: int) -> int:
-    """Smallest specialized head dim >= ``d`` (the kernel zero-fills the padding)."""
-    for hd in HEAD_DIMS:
-        if d <= hd:
-            return hd
-    raise ValueError(f"head dim must be <= {HEAD_DIMS[-1]}, got {d}")
 
 
 _SM80_ARGS = ("dtype", "head_dim", "block_m", "block_n", "num_warps", "has_mask", "has_bias",
