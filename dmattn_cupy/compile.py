@@ -43,17 +43,29 @@ def cache_dir() -> Path:
     return env.cache_dir()
 
 
-@lru_cache(maxsize=1)
-def sources_digest() -> str:
-    """sha256 over the name and bytes of every file under cuda_src/."""
+def _source_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".cuh", ".cu", ".h"))
+
+
+@lru_cache(maxsize=8)
+def _digest(root: Path, stamp: tuple[tuple[str, int, int], ...]) -> str:
     h = hashlib.sha256()
-    root = cuda_src_dir()
-    for p in sorted(root.rglob("*")):
-        if p.is_file() and p.suffix in (".cuh", ".cu", ".h"):
-            h.update(p.relative_to(root).as_posix().encode())
-            h.update(b"\0")
-            h.update(p.read_bytes())
+    for p in _source_files(root):
+        h.update(p.relative_to(root).as_posix().encode())
+        h.update(b"\0")
+        h.update(p.read_bytes())
     return h.hexdigest()
+
+
+def sources_digest() -> str:
+    """sha256 over the name and bytes of every file under cuda_src/; re-read when a file's
+    size or modification time changes (a header edited in a running process counts)."""
+    root = cuda_src_dir()
+    stamp = []
+    for p in _source_files(root):
+        st = p.stat()
+        stamp.append((p.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns))
+    return _digest(root, tuple(stamp))
 
 
 def nvrtc_version() -> tuple[int, int]:
