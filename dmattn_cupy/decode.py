@@ -6,7 +6,7 @@ the query heads that share a kv head into one m16 slab (rows = (query, head-in-g
 and when (sequences x kv heads x slabs) CTAs are too few to fill the GPU it splits each key
 range over ``num_splits`` CTAs whose fp32 partials ``fwd_combine.cu`` merges by their lse.
 
-Environment (developers and tests):
+Environment (developers and tests; read by ``env``):
 - ``DMATTN_DECODE``: ``auto`` (default: short queries take this path), ``0`` (never), ``1``
   (every supported problem, whatever its query length).
 - ``DMATTN_NUM_SPLITS``: unset/``auto`` = the heuristic below; an integer >= 1 forces it
@@ -33,13 +33,9 @@ MAX_SPLITS = 128
 COMBINE_WARPS = 4       # (row, head) pairs per combine CTA
 RESERVED_SMEM_PER_CTA = 1024  # shared memory the driver reserves per resident CTA
 
-decode_mode = env.decode_mode
-forced_splits = env.forced_splits
-
-
 def use_decode(pb: Problem) -> bool:
     """The decode path takes short-query problems (q/k/v rows are 16-byte aligned by then)."""
-    mode = decode_mode()
+    mode = env.decode_mode()
     if mode == "0":
         return False
     return mode == "1" or pb.seqlen_q <= DECODE_MAX_Q
@@ -114,7 +110,7 @@ def resident_ctas(spec: KernelSpec, registers: int, dev: DeviceProps) -> int:
 
 def choose_num_splits(pb: Problem, spec: KernelSpec, registers: int, dev: DeviceProps) -> int:
     n_tiles = math.ceil(pb.seqlen_k / spec.block_n)
-    forced = forced_splits()
+    forced = env.forced_splits()
     if forced is not None:
         return max(1, min(forced, n_tiles, MAX_SPLITS))
     ctas = num_m_blocks(pb) * pb.kv_heads * pb.batch

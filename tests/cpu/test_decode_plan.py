@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from dmattn_cupy import decode
+from dmattn_cupy import decode, env
 from dmattn_cupy.arrays import ArrayInfo
 from dmattn_cupy.device import PRESETS
 from dmattn_cupy.spec import KernelSpec
@@ -57,7 +57,7 @@ def test_env_switches(monkeypatch):
         decode.use_decode(pb)
     monkeypatch.setenv("DMATTN_NUM_SPLITS", "0")
     with pytest.raises(ValueError, match="DMATTN_NUM_SPLITS"):
-        decode.forced_splits()
+        env.forced_splits()
     spec = decode.decode_spec(pb)
     monkeypatch.setenv("DMATTN_NUM_SPLITS", "1000")  # capped by the key tiles (4096 / 64)
     assert decode.choose_num_splits(pb, spec, 128, H100) == 64
