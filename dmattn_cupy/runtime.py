@@ -36,8 +36,9 @@ def device_props(device: int) -> DeviceProps:
     def attr(name: str) -> int:
         return int(rt.deviceGetAttribute(getattr(rt, name), device))
 
+    cc = cupy.cuda.Device(device).compute_capability  # "86", "90", "100"
     return DeviceProps(
-        cc=(attr("cudaDevAttrComputeCapabilityMajor"), attr("cudaDevAttrComputeCapabilityMinor")),
+        cc=(int(cc[:-1]), int(cc[-1])),
         sm_count=attr("cudaDevAttrMultiProcessorCount"),
         smem_per_block=attr("cudaDevAttrMaxSharedMemoryPerBlockOptin"),
         smem_per_sm=attr("cudaDevAttrMaxSharedMemoryPerMultiprocessor"),

@@ -182,3 +182,86 @@ def test_spec_rejects_switches_and_archs_its_family_lacks() -> None:
     assert parse_arch("sm_90a") == ((9, 0), True) and parse_arch("sm_86") == ((8, 6), False)
     with pytest.raises(ValueError, match="arch"):
         parse_arch("compute_90")
+
+
+def test_device_props_are_read_off_the_device(monkeypatch) -> None:
+    """runtime.device_props with CuPy's device queries stubbed (an RTX 3090's values)."""
+    cupy = pytest.importorskip("cupy")
+    from dmattn_cupy import runtime
+
+    rt = cupy.cuda.runtime
+    values = {rt.cudaDevAttrMultiProcessorCount: 82,
+              rt.cudaDevAttrMaxSharedMemoryPerBlockOptin: 101376,
+              rt.cudaDevAttrMaxSharedMemoryPerMultiprocessor: 102400,
+              rt.cudaDevAttrMaxThreadsPerMultiProcessor: 1536,
+              rt.cudaDevAttrMaxBlocksPerMultiprocessor: 16,
+              rt.cudaDevAttrMaxRegistersPerMultiprocessor: 65536}
+
+    class FakeDevice:
+        def __init__(self, device):
+            self.compute_capability = "86"
+
+    monkeypatch.setattr(rt, "deviceGetAttribute", lambda attr, device: values[attr])
+    monkeypatch.setattr(cupy.cuda, "Device", FakeDevice)
+    runtime.device_props.cache_clear()
+    try:
+        dev = runtime.device_props(0)
+    finally:
+        runtime.device_props.cache_clear()
+    assert dev == DeviceProps((8, 6), 82, 101376, 102400, 1536, 16, 65536)
+    assert dev.arch == "sm_86"
+    assert select.forward(_pb(), dev).arch == "sm_86"
+
+
+def test_launch_ex_passes_records_of_any_size_and_cluster_dims(monkeypatch) -> None:
+    """launch_ex hands cuLaunchKernelEx one pointer per NumPy record (a FwdParams record and
+    a 64-byte aligned 512-byte struct of tensor maps) and a cluster-dimension attribute."""
+    import ctypes
+
+    import numpy as np
+
+    pytest.importorskip("cupy")
+    from dmattn_cupy import runtime
+    from dmattn_cupy.params import new_fwd_params
+
+    maps_dtype = np.dtype({"names": ["maps"], "formats": [(np.uint8, (4, 128))],
+                           "itemsize": 512}, align=True)
+    params, maps = new_fwd_params(), np.zeros(1, maps_dtype)
+    params[0]["seqlen_q"], maps[0]["maps"][3, 127] = 77, 9
+    seen = {}
+
+    def fake_launch(cfg_ref, fn, args, extra):
+        cfg = ctypes.cast(cfg_ref, ctypes.POINTER(runtime._LaunchConfig)).contents
+        seen["grid"], seen["block"] = tuple(cfg.grid), tuple(cfg.block)
+        seen["smem"], seen["stream"] = cfg.shared, cfg.stream
+        seen["attr"] = (cfg.attrs[0].id, tuple(cfg.attrs[0].value[:3]), cfg.num_attrs)
+        seen["fn"] = getattr(fn, "value", fn)  # a c_void_p
+        p0 = (ctypes.c_ubyte * params.itemsize).from_address(args[0])
+        p1 = (ctypes.c_ubyte * maps.itemsize).from_address(args[1])
+        seen["bytes"] = (bytes(p0), bytes(p1))
+        return 0
+
+    class FakeFunction:
+        ptr = 0x1234
+
+    class FakeStream:
+        ptr = 0x5678
+
+    class NoDevice:
+        def __init__(self, device): ...
+        def __enter__(self): return self
+        def __exit__(self, *exc): return False
+
+    import cupy
+
+    monkeypatch.setattr(runtime, "_cu_launch_kernel_ex", lambda: fake_launch)
+    monkeypatch.setattr(cupy.cuda, "Device", NoDevice)
+    spec = select.forward(_pb(), H100)
+    kernel = runtime.Kernel(spec, 0, FakeFunction(), None)
+    runtime.launch_ex(kernel, (4, 2, 1), (params[0], maps[0]), FakeStream(), cluster=(2, 1, 1))
+    assert seen["grid"] == (4, 2, 1) and seen["block"] == (spec.threads, 1, 1)
+    assert seen["smem"] == spec.dynamic_smem and seen["stream"] == 0x5678
+    assert seen["attr"] == (4, (2, 1, 1), 1) and seen["fn"] == 0x1234
+    assert seen["bytes"] == (params.tobytes(), maps.tobytes())
+    with pytest.raises(ValueError, match="multiple of the cluster"):
+        runtime.launch_ex(kernel, (3, 2, 1), (params[0],), FakeStream(), cluster=(2, 1, 1))
