@@ -3,8 +3,9 @@
 A row says what the code is (source under cuda_src/, kernel template, the ``KernelSpec``
 fields that are its template arguments, in order, the params struct it reads, the cubin target,
 the dynamic shared memory and threads of a spec) and, for the ``forward`` role, when it is
-chosen (``accepts``) and its tiles in order of preference (``tiles``; ``select`` takes the
-first that fits the device's shared memory). Adding a family is adding a row (and its source).
+chosen (``accepts``), its tiles in order of preference (``tiles``; ``select`` takes the
+first that fits the device's shared memory) and any kernel parameters after the params
+record (``extra_args``). Adding a family is adding a row (and its source).
 
 Targets: ``sm_80`` is portable (built for each device's own ``sm_XY``, compute capability
 >= 8.0); an arch-specific target such as ``sm_90a`` is built as is and runs on exactly that
@@ -15,9 +16,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from . import env
+from .arrays import ArrayInfo
 from .device import DeviceProps, parse_arch
 from .validate import Problem
 
@@ -64,6 +66,10 @@ def _no_tiles(pb: Problem, sparse: bool) -> tuple[Tile, ...]:
     return ()
 
 
+def _no_extra_args(pb: Problem, out: ArrayInfo, spec: SpecShape) -> tuple[Any, ...]:
+    return ()
+
+
 @dataclass(frozen=True)
 class Family:
     name: str                             # KernelSpec.family and the first word of its id
@@ -77,6 +83,9 @@ class Family:
     role: str = ""                        # "forward": chosen by select.forward
     accepts: Callable[[Problem, DeviceProps, bool], bool] = _never  # (problem, device, sparse)
     tiles: Callable[[Problem, bool], tuple[Tile, ...]] = _no_tiles    # (problem, sparse)
+    # kernel parameters after the params record, as NumPy records (e.g. a 64-byte aligned
+    # struct of CUDA tensor maps passed as ``const __grid_constant__``): (problem, out, spec)
+    extra_args: Callable[[Problem, ArrayInfo, SpecShape], tuple[Any, ...]] = _no_extra_args
 
     @property
     def min_cc(self) -> tuple[int, int]:

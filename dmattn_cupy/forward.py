@@ -85,5 +85,6 @@ def run_forward(pb: Problem, query: Any, cu_q: Any = None, cu_k: Any = None,
     if pb.batch == 0:
         return out, lse
     grid = (num_m_blocks(pb.seqlen_q, spec.block_m), pb.heads, pb.batch)
-    runtime.launch(kernel, grid, (rec[0],), stream)
+    args = (rec[0], *spec.row.extra_args(pb, describe(out), spec))
+    runtime.launch(kernel, grid, args, stream)
     return out, lse

@@ -265,3 +265,37 @@ def test_launch_ex_passes_records_of_any_size_and_cluster_dims(monkeypatch) -> N
     assert seen["bytes"] == (params.tobytes(), maps.tobytes())
     with pytest.raises(ValueError, match="multiple of the cluster"):
         runtime.launch_ex(kernel, (3, 2, 1), (params[0],), FakeStream(), cluster=(2, 1, 1))
+
+
+def test_forward_launches_a_family_row_with_its_extra_args(test_family, monkeypatch) -> None:
+    """run_forward on the CPU with the runtime stubbed: the test row is selected on cc 9.0
+    and launched with the FwdParams record followed by its extra argument; elsewhere the
+    portable family with the record alone."""
+    import numpy as np
+
+    from dmattn_cupy import forward, runtime
+    from dmattn_cupy.arrays import describe
+    from dmattn_cupy.validate import check_dense
+
+    maps = np.zeros(1, np.dtype({"names": ["m"], "formats": [(np.uint8, (512,))]}, align=True))
+    monkeypatch.setitem(families.FAMILIES, "test_sm90", dataclasses.replace(
+        test_family, extra_args=lambda pb, out, spec: (maps[0],)))
+    launches = []
+    monkeypatch.setattr(runtime, "current_stream", lambda kind, device: "stream")
+    monkeypatch.setattr(runtime, "get_kernel", lambda spec, device: spec)
+    monkeypatch.setattr(runtime, "launch", lambda k, grid, args, stream: launches.append(
+        (k, grid, args, stream)))
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((2, 300, 4, 128)).astype(np.float16)
+    kv = rng.standard_normal((2, 200, 2, 128)).astype(np.float16)
+    pb = dataclasses.replace(check_dense(q, kv, kv, None, None, None, False, (-1, -1), 0.0,
+                                         "reference"), backend="cuda")
+    for dev, family, n_args in ((H100, "test_sm90", 2), (A100, "fwd_mma", 1)):
+        monkeypatch.setattr(runtime, "device_props", lambda device, dev=dev: dev)
+        out, lse = forward.run_forward(pb, q)
+        spec, grid, args, stream = launches.pop()
+        assert (spec.family, len(args), stream) == (family, n_args, "stream")
+        assert grid == (-(-300 // spec.block_m), 4, 2)
+        assert args[0]["seqlen_q"] == 300 and args[0]["q_per_kv"] == 2
+        assert out.shape == q.shape and lse.shape == (2, 4, 300) and describe(out).ptr == 0
+    assert args[0].dtype.names[0] == "q"
