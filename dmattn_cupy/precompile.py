@@ -59,11 +59,11 @@ def all_specs(arch: str = "sm_80", debug: bool = False) -> list[KernelSpec]:
     class and problem class, each forward family that runs there and accepts it (the portable
     one accepts all: it serves what a native family declines at run time), the backward and
     the decode kernels."""
-    specs: list[KernelSpec] = []
+    specs: dict[KernelSpec, None] = {}  # ordered, without repeats
 
     def add(spec: KernelSpec | None) -> None:
-        if spec is not None and _retarget(spec, arch) not in specs:
-            specs.append(_retarget(spec, arch))
+        if spec is not None:
+            specs.setdefault(_retarget(spec, arch), None)
 
     forward_rows = [f for f in FAMILIES.values() if f.role == "forward"]
     for dtype, hd, mask, bias, varlen in itertools.product(
@@ -82,7 +82,7 @@ def all_specs(arch: str = "sm_80", debug: bool = False) -> list[KernelSpec]:
     if not debug:  # nor have decode/combine
         for s in all_decode_specs(arch):
             add(s)
-    return specs
+    return list(specs)
 
 
 def _compile(args: tuple[KernelSpec, bool]) -> CompiledKernel:
@@ -102,11 +102,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="store the cubins in the kernel cache (DMATTN_CACHE_DIR) for later runs")
     a = ap.parse_args(argv)
     archs = a.arch or list(DEFAULT_ARCHS)
-    work: list[tuple[KernelSpec, bool]] = []
-    for arch in archs:
-        for s in all_specs(arch) + (all_specs(arch, debug=True) if a.debug else []):
-            if (s, a.fill_cache) not in work:
-                work.append((s, a.fill_cache))
+    specs = dict.fromkeys(s for arch in archs
+                          for s in all_specs(arch) + (all_specs(arch, debug=True) if a.debug
+                                                      else []))
+    work = [(s, a.fill_cache) for s in specs]
     t0 = time.perf_counter()
     bad = 0
     with ProcessPoolExecutor(max_workers=max(1, a.jobs)) as ex:
