@@ -52,6 +52,7 @@ class Tile:
     block_n: int
     num_warps: int
     stages: int = 1
+    head_dim: int | None = None  # the specialized head dim; None: padded_head_dim(problem's)
 
 
 def _warps_x32(s: SpecShape) -> int:

@@ -56,9 +56,9 @@ def _retarget(spec: KernelSpec, arch: str) -> KernelSpec:
 
 def all_specs(arch: str = "sm_80", debug: bool = False) -> list[KernelSpec]:
     """Every specialization a device of ``arch`` (e.g. ``sm_90``) can be given: per device
-    class and problem class, each forward family that runs there and accepts it (the portable
-    one accepts all: it serves what a native family declines at run time), the backward and
-    the decode kernels."""
+    class and problem class, each forward family that runs there, has the switches and lists
+    a tile for it (the portable family too: it serves what a native one declines at run
+    time), the backward and the decode kernels."""
     specs: dict[KernelSpec, None] = {}  # ordered, without repeats
 
     def add(spec: KernelSpec | None) -> None:
@@ -72,8 +72,9 @@ def all_specs(arch: str = "sm_80", debug: bool = False) -> list[KernelSpec]:
         sparse_opts = (False, True) if not varlen and sparse_supported(hd, mask, bias) else (
             False,)
         for dev, sparse in itertools.product(_device_classes(arch), sparse_opts):
-            for fam in forward_rows:
-                if fam.runs_on(dev.cc) and fam.accepts(pb, dev, sparse):
+            for fam in forward_rows:  # accepts() is about run-time layouts: not asked here
+                if (fam.runs_on(dev.cc) and select.supports(fam, pb, sparse, debug)
+                        and fam.tiles(pb, sparse)):
                     add(select.forward_spec(fam, pb, dev, sparse, debug))
             if not debug:  # backward kernels have no debug builds
                 for det in (False, True):

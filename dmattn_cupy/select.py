@@ -1,7 +1,9 @@
 """Which kernel family and tile a problem gets on a device (pure: no GPU objects).
 
 ``forward`` reads the family table: among the rows of role ``forward`` whose kernels run on
-the device's compute capability and that accept the problem, the most specific target wins
+the device's compute capability, whose template has the switches the problem needs (mask,
+bias, varlen, block-sparse lists, debug counters) and that accept the problem (``accepts``:
+layout, alignment, shared memory), the most specific target wins
 (``sm_90a`` before the portable ``sm_80``, then table order); its first tile whose shared
 memory fits the device is taken. The backward and decode plans are fixed per family; their
 tall/short choices read the same ``DeviceProps``.
@@ -16,7 +18,7 @@ from .families import FAMILIES, Family, padded_head_dim
 from .spec import KernelSpec
 from .validate import Problem
 
-__all__ = ["backward", "forward", "forward_family", "forward_spec", "spec_dtype"]
+__all__ = ["backward", "forward", "forward_family", "forward_spec", "spec_dtype", "supports"]
 
 
 def spec_dtype(dtype: str) -> str:
@@ -24,10 +26,21 @@ def spec_dtype(dtype: str) -> str:
     return "fp16" if dtype in ("float16", "fp16") else "bf16"
 
 
-def forward_family(pb: Problem, dev: DeviceProps, sparse: bool = False) -> Family:
-    """The forward family for ``pb`` on ``dev``: the most specific accepting row."""
+def supports(fam: Family, pb: Problem, sparse: bool = False,
+             debug_counters: bool = False) -> bool:
+    """Whether ``fam``'s kernel template has every switch the problem needs on."""
+    needed = {"has_mask": pb.mask is not None, "has_bias": pb.bias is not None,
+              "varlen": pb.varlen, "sparse": sparse, "debug_counters": debug_counters}
+    return all(name in fam.template_args for name, on in needed.items() if on)
+
+
+def forward_family(pb: Problem, dev: DeviceProps, sparse: bool = False,
+                   debug_counters: bool = False) -> Family:
+    """The forward family for ``pb`` on ``dev``: the most specific row that runs there, has
+    the switches the problem needs, and accepts it."""
     rows = [f for f in FAMILIES.values()
-            if f.role == "forward" and f.runs_on(dev.cc) and f.accepts(pb, dev, sparse)]
+            if f.role == "forward" and f.runs_on(dev.cc)
+            and supports(f, pb, sparse, debug_counters) and f.accepts(pb, dev, sparse)]
     if not rows:
         raise NotImplementedError(f"no forward kernel family runs on compute capability "
                                   f"{dev.cc[0]}.{dev.cc[1]}; use backend='reference'")
@@ -37,7 +50,8 @@ def forward_family(pb: Problem, dev: DeviceProps, sparse: bool = False) -> Famil
 def forward(pb: Problem, dev: DeviceProps, sparse: bool = False,
             debug_counters: bool = False) -> KernelSpec:
     """The forward specialization of ``pb`` on ``dev``."""
-    return forward_spec(forward_family(pb, dev, sparse), pb, dev, sparse, debug_counters)
+    fam = forward_family(pb, dev, sparse, debug_counters)
+    return forward_spec(fam, pb, dev, sparse, debug_counters)
 
 
 def forward_spec(fam: Family, pb: Problem, dev: DeviceProps, sparse: bool = False,
@@ -50,7 +64,8 @@ def forward_spec(fam: Family, pb: Problem, dev: DeviceProps, sparse: bool = Fals
     spec = None
     for tile in fam.tiles(pb, sparse):
         spec = KernelSpec(family=fam.name, dtype=spec_dtype(pb.dtype),
-                          head_dim=padded_head_dim(pb.head_dim), block_m=tile.block_m,
+                          head_dim=tile.head_dim or padded_head_dim(pb.head_dim),
+                          block_m=tile.block_m,
                           block_n=tile.block_n, num_warps=tile.num_warps, stages=tile.stages,
                           has_mask=pb.mask is not None, has_bias=pb.bias is not None,
                           varlen=pb.varlen, sparse=sparse, debug_counters=debug_counters,

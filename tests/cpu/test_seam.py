@@ -24,8 +24,7 @@ TEST_KERNEL = textwrap.dedent("""\
     #include "params.cuh"
     namespace dm {
     struct alignas(64) TestMaps { unsigned char bytes[4][128]; };
-    template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kStages, bool kHasMask,
-              bool kHasBias, bool kDebug>
+    template <typename T, int kHeadDim, int kBlockN, int kStages, bool kHasMask, bool kHasBias>
     __global__ void __launch_bounds__(384, 1)
     test_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ TestMaps maps) {
       if (threadIdx.x == 0 && p.batch < 0) { ((unsigned char*)p.o)[0] = maps.bytes[0][0]; }
@@ -39,13 +38,14 @@ def _dense_only(pb, dev, sparse):
 
 
 def _tiles(pb, sparse):
-    return (families.Tile(128, 128, 12, stages=2),)
+    """One tile per head dim, at this family's own head dims (64, 128, 256)."""
+    hd = next(d for d in (64, 128, 256) if pb.head_dim <= d)
+    return (families.Tile(128, 128 if hd <= 128 else 64, 12, stages=2, head_dim=hd),)
 
 
 TEST_ROW = families.Family(
     "test_sm90", "sm90/test_fwd.cu", "dm::test_fwd_sm90_kernel",
-    ("dtype", "head_dim", "block_m", "block_n", "stages", "has_mask", "has_bias",
-     "debug_counters"),
+    ("dtype", "head_dim", "block_n", "stages", "has_mask", "has_bias"),
     "FwdParams", "sm_90a", smem=lambda s: 64 * 1024, threads=lambda s: 384, role="forward",
     accepts=_dense_only, tiles=_tiles)
 
@@ -76,6 +76,10 @@ def test_hopper_row_is_selected_on_cc90_only(test_family) -> None:
     assert select.forward(_pb(), dataclasses.replace(H100, cc=(10, 0))).family == "fwd_mma"
     assert select.forward(_pb(varlen=True), H100).family == "fwd_mma"  # the row declines
     assert select.forward(_pb(), H100, sparse=True).family == "fwd_mma"
+    # no kDebug in its template: debug-counter builds stay on the portable family
+    assert select.forward(_pb(), H100, debug_counters=True).family == "fwd_mma"
+    assert select.forward(_pb(hd=96), H100).head_dim == 128  # the tile's own head dim
+    assert select.forward(_pb(hd=96), A100).head_dim == 96
 
 
 def test_adding_a_family_is_one_row(test_family, tmp_path, monkeypatch) -> None:
