@@ -183,8 +183,8 @@ def dense(query, key, value, attn_mask, attn_bias, softmax_scale, is_causal, win
                          window_size, softcap, backend)
         check_flags(return_lse, deterministic)
         check_sparse(sparse_mask, pb)
-    scale, cap, window = check_options(softmax_scale, softcap, window_size, is_causal,
-                                       query.shape[-1])
+    scale, cap, window = (pb.scale, pb.softcap, pb.window) if pb is not None else \
+        check_options(softmax_scale, softcap, window_size, is_causal, query.shape[-1])
     sparse, sp_block = [], (0, 0)
     if sparse_mask is not None:
         win, block = split_sparse(sparse_mask)
@@ -230,8 +230,8 @@ def varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
                           max_seqlen_k, attn_mask, attn_bias, softmax_scale, is_causal,
                           window_size, softcap, backend)
         check_flags(return_lse, deterministic)
-    scale, cap, window = check_options(softmax_scale, softcap, window_size, is_causal,
-                                       query.shape[-1])
+    scale, cap, window = (pb.scale, pb.softcap, pb.window) if pb is not None else \
+        check_options(softmax_scale, softcap, window_size, is_causal, query.shape[-1])
     out, lse = _call_fwd(pb, query, key, value, attn_mask, attn_bias, cu_seqlens_q, cu_seqlens_k,
                          int(max_seqlen_q), int(max_seqlen_k), scale, window[0], window[1], cap,
                          deterministic, backend, [], 0, 0)
