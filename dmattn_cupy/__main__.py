@@ -6,19 +6,17 @@ import argparse
 import platform
 import sys
 
+from . import __version__
+from .compile import cache_dir, cached_kernel_count, cuda_src_dir, nvrtc_version
+
 
 def info() -> list[str]:
-    from . import __version__
-    from .compile import cache_dir, cached_kernel_count, cuda_src_dir
-
     lines = [f"dmattn_cupy {__version__} (python {platform.python_version()})",
              f"cuda_src    {cuda_src_dir()}"]
     try:
         import cupy
 
         lines.append(f"cupy        {cupy.__version__}")
-        from .compile import nvrtc_version
-
         lines.append("nvrtc       {}.{}".format(*nvrtc_version()))
     except Exception as e:  # report, never crash: info is what users run when things break
         lines.append(f"cupy/nvrtc  unavailable ({type(e).__name__}: {e})")

@@ -1,50 +1,13 @@
-"""Public functions: validate, then run on the reference or CUDA backend."""
+"""Public forward functions: torch calls that want a gradient go through ``autograd``; every
+other call is validated and run on its backend by ``dispatch``."""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
-from . import reference
-from .arrays import array_kind, from_numpy_like, lse_like, to_numpy_f64
+from . import autograd, dispatch
 from .masks import SparseMask
-from .sparse_plan import bound_min, split_sparse
-from .validate import Problem, check_cu_seqlens_values, check_dense, check_varlen
-
-
-def _check_sparse(sparse_mask: Any, pb: Problem) -> None:
-    if sparse_mask is None:
-        return
-    if not isinstance(sparse_mask, SparseMask):
-        raise TypeError(f"sparse_mask must be a dmattn_cupy mask object (CausalMask, "
-                        f"BlockBitsetMask, ...), got {type(sparse_mask).__name__}")
-    if (sparse_mask.seqlen_q, sparse_mask.seqlen_k) != (pb.seqlen_q, pb.seqlen_k):
-        raise ValueError(f"sparse_mask is for (seqlen_q, seqlen_k) = "
-                         f"({sparse_mask.seqlen_q}, {sparse_mask.seqlen_k}), but the inputs have "
-                         f"({pb.seqlen_q}, {pb.seqlen_k})")
-    bm, hm = sparse_mask.batch_heads
-    if bm not in (1, pb.batch) or hm not in (1, pb.heads):
-        raise ValueError(f"sparse_mask batch/head dims must be 1 or ({pb.batch}, {pb.heads}), "
-                         f"got ({bm}, {hm})")
-
-
-def _check_flags(return_lse: Any, deterministic: Any) -> None:
-    for name, val in (("return_lse", return_lse), ("deterministic", deterministic)):
-        if not isinstance(val, bool):
-            raise TypeError(f"{name} must be a bool, got {type(val).__name__}")
-
-
-def _torch_autograd(query: Any, *others: Any) -> bool:
-    """torch inputs that want a gradient (or are being traced by torch.compile) go through the
-    autograd-aware custom ops of ``autograd.py``."""
-    if array_kind(query) != "torch":
-        return False
-    from .autograd import wants_autograd
-
-    return wants_autograd(query, *others)
 
 
 def flash_dmattn_func(query: Any, key: Any, value: Any, attn_mask: Any = None,
@@ -54,34 +17,10 @@ def flash_dmattn_func(query: Any, key: Any, value: Any, attn_mask: Any = None,
                       return_lse: bool = False, deterministic: bool = False,
                       backend: str = "auto") -> Any:
     """Dense attention with mask/bias broadcasting; see API.md for the exact semantics."""
-    if _torch_autograd(query, key, value, attn_bias):
-        from . import autograd
-
-        return autograd.dense(query, key, value, attn_mask, attn_bias, softmax_scale, is_causal,
-                              window_size, softcap, sparse_mask, return_lse, deterministic,
-                              backend)
-    pb = check_dense(query, key, value, attn_mask, attn_bias, softmax_scale, is_causal,
-                     window_size, softcap, backend)
-    _check_flags(return_lse, deterministic)
-    _check_sparse(sparse_mask, pb)
-    if pb.backend == "reference":
-        out, lse = reference.dense_forward(
-            to_numpy_f64(query), to_numpy_f64(key), to_numpy_f64(value), to_numpy_f64(attn_mask),
-            to_numpy_f64(attn_bias), pb.scale, pb.softcap, pb.window,
-            None if sparse_mask is None else sparse_mask.to_dense())
-        res = from_numpy_like(out, query)
-        return (res, lse_like(lse, query)) if return_lse else res
-    block_mask = None
-    if sparse_mask is not None:
-        # Parametric masks become the kernel's window (zero bytes, tiles classed by formula);
-        # a block mask travels as per-row block lists.
-        win, block_mask = split_sparse(sparse_mask)
-        pb = dataclasses.replace(pb, window=(bound_min(pb.window[0], win[0]),
-                                             bound_min(pb.window[1], win[1])))
-    from .launch import run_forward
-
-    out, lse = run_forward(pb, query, return_lse=return_lse, sparse=block_mask)
-    return (out, lse) if return_lse else out
+    run = autograd.dense if autograd.wants_autograd(query, key, value, attn_bias) else \
+        dispatch.dense
+    return run(query, key, value, attn_mask, attn_bias, softmax_scale, is_causal, window_size,
+               softcap, sparse_mask, return_lse, deterministic, backend)
 
 
 def flash_dmattn_varlen_func(query: Any, key: Any, value: Any, cu_seqlens_q: Any,
@@ -92,29 +31,11 @@ def flash_dmattn_varlen_func(query: Any, key: Any, value: Any, cu_seqlens_q: Any
                              return_lse: bool = False, deterministic: bool = False,
                              backend: str = "auto") -> Any:
     """Packed variable-length attention; mask/bias query-based (3-D) or key-based (2-D)."""
-    if _torch_autograd(query, key, value, attn_bias):
-        from . import autograd
-
-        return autograd.varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                               max_seqlen_k, attn_mask, attn_bias, softmax_scale, is_causal,
-                               window_size, softcap, return_lse, deterministic, backend)
-    pb = check_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                      attn_mask, attn_bias, softmax_scale, is_causal, window_size, softcap,
-                      backend)
-    _check_flags(return_lse, deterministic)
-    if pb.backend == "reference":
-        cu_q = np.asarray(to_numpy_f64(cu_seqlens_q)).astype(np.int64)
-        cu_k = np.asarray(to_numpy_f64(cu_seqlens_k)).astype(np.int64)
-        check_cu_seqlens_values(cu_q, cu_k, pb.total_q, pb.total_k, pb.seqlen_q, pb.seqlen_k)
-        out, lse = reference.varlen_forward(
-            to_numpy_f64(query), to_numpy_f64(key), to_numpy_f64(value), cu_q, cu_k,
-            to_numpy_f64(attn_mask), to_numpy_f64(attn_bias), pb.scale, pb.softcap, pb.window)
-        res = from_numpy_like(out, query)
-        return (res, lse_like(lse, query)) if return_lse else res
-    from .launch import run_forward
-
-    out, lse = run_forward(pb, query, cu_seqlens_q, cu_seqlens_k, return_lse=return_lse)
-    return (out, lse) if return_lse else out
+    run = autograd.varlen if autograd.wants_autograd(query, key, value, attn_bias) else \
+        dispatch.varlen
+    return run(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+               attn_mask, attn_bias, softmax_scale, is_causal, window_size, softcap, return_lse,
+               deterministic, backend)
 
 
 def flash_dmattn_func_auto(backend: str | None = None) -> Callable[..., Any]:
@@ -130,4 +51,3 @@ def flash_dmattn_func_auto(backend: str | None = None) -> Callable[..., Any]:
 
     bound.__name__ = f"flash_dmattn_func[{backend}]"
     return bound
-

@@ -3,11 +3,14 @@
 An ``ArrayInfo`` records what the rest of the pipeline needs of an array: its kind, dtype name,
 shape, strides in elements, device and data pointer. GPU data is read in place: the kernel gets
 the torch (or CuPy) storage pointer itself, so torch tensors cross with no copy and no sync.
-Only this module and ``launch`` touch torch/CuPy objects; both are imported lazily.
+The adapter at the end (``empty``, ``zeros``, ``cast``, ``contiguous_copy``, ``to_host``,
+``upload``, ``strided_copy``) is the one place that switches on torch / CuPy / NumPy.
+Only this module and ``runtime`` touch torch/CuPy objects; both are imported lazily.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -144,3 +147,116 @@ def lse_like(arr: np.ndarray, like: Any) -> Any:
         with cupy.cuda.Device(like.device.id):
             return cupy.asarray(arr)
     return arr
+
+
+# ---------------------------------------------------------------------------------------------
+# The adapter: allocation and copies in the library and on the device of a given array.
+
+def _torch_dtype(dtype: str) -> Any:
+    import torch
+
+    return getattr(torch, dtype)
+
+
+def empty(like: Any, shape: tuple[int, ...], dtype: str | None = None) -> Any:
+    """Uninitialized array in the library and on the device of ``like`` (default: its dtype)."""
+    kind = array_kind(like)
+    if kind == "torch":
+        import torch
+
+        dt = like.dtype if dtype is None else _torch_dtype(dtype)
+        return torch.empty(shape, dtype=dt, device=like.device)
+    if kind == "cupy":
+        import cupy
+
+        with cupy.cuda.Device(like.device.id):
+            return cupy.empty(shape, dtype=like.dtype if dtype is None else dtype)
+    return np.empty(shape, dtype=like.dtype if dtype is None else dtype)
+
+
+def zeros(like: Any, shape: tuple[int, ...], dtype: str) -> Any:
+    """Zero-filled array in the library and on the device of ``like``."""
+    kind = array_kind(like)
+    if kind == "torch":
+        import torch
+
+        return torch.zeros(shape, dtype=_torch_dtype(dtype), device=like.device)
+    if kind == "cupy":
+        import cupy
+
+        with cupy.cuda.Device(like.device.id):
+            return cupy.zeros(shape, dtype=dtype)
+    return np.zeros(shape, dtype=dtype)
+
+
+def cast(x: Any, dtype: str) -> Any:
+    """``x`` in ``dtype`` (``x`` itself when it already has it)."""
+    if dtype_name(x) == dtype:
+        return x
+    if array_kind(x) == "torch":
+        return x.to(_torch_dtype(dtype))
+    return x.astype(dtype)
+
+
+def contiguous_copy(x: Any, dtype: str | None = None) -> Any:
+    """A fresh, C-contiguous (so 16-byte aligned) copy of ``x``, optionally cast."""
+    kind = array_kind(x)
+    if kind == "torch":
+        import torch
+
+        y = x.to(_torch_dtype(dtype)) if dtype is not None else x
+        return y.clone(memory_format=torch.contiguous_format)
+    if kind == "cupy":
+        import cupy
+
+        with cupy.cuda.Device(x.device.id):
+            y = x.astype(dtype) if dtype is not None else x
+            return cupy.array(y, order="C", copy=True)
+    return np.array(x if dtype is None else x.astype(dtype), order="C", copy=True)
+
+
+def to_host(x: Any) -> np.ndarray:
+    """A NumPy copy of ``x`` (``x`` itself for NumPy). Syncs for GPU arrays."""
+    kind = array_kind(x)
+    if kind == "torch":
+        return x.detach().cpu().numpy()
+    if kind == "cupy":
+        import cupy
+
+        return cupy.asnumpy(x)
+    return np.asarray(x)
+
+
+def upload(arr: np.ndarray, like: Any, dtype: str) -> Any:
+    """Host ``arr`` as a contiguous ``dtype`` array in the library and on the device of
+    ``like`` (enqueued on that library's current stream)."""
+    host = np.ascontiguousarray(arr, dtype=dtype)
+    kind = array_kind(like)
+    if kind == "torch":
+        import torch
+
+        return torch.from_numpy(host).to(like.device)
+    if kind == "cupy":
+        import cupy
+
+        with cupy.cuda.Device(like.device.id):
+            return cupy.asarray(host)
+    return host
+
+
+def strided_copy(info: ArrayInfo, stream: Any) -> tuple[Any, ArrayInfo]:
+    """The 16-bit elements ``info`` describes (any strides, negative ones included) copied
+    into a fresh C-contiguous CuPy buffer on ``stream``; returns it and its description."""
+    import cupy
+
+    item = 2  # fp16 / bf16, copied as raw 16-bit words
+    lo = sum((n - 1) * st for n, st in zip(info.shape, info.strides, strict=True) if st < 0)
+    hi = sum((n - 1) * st for n, st in zip(info.shape, info.strides, strict=True) if st > 0)
+    with cupy.cuda.Device(info.device), stream:
+        mem = cupy.cuda.UnownedMemory(info.ptr + lo * item, (hi - lo + 1) * item, owner=None,
+                                      device_id=info.device)
+        src = cupy.ndarray(info.shape, cupy.uint16, cupy.cuda.MemoryPointer(mem, -lo * item),
+                           strides=tuple(st * item for st in info.strides))
+        dst = src.copy(order="C")
+    return dst, dataclasses.replace(info, ptr=dst.data.ptr,
+                                    strides=tuple(st // item for st in dst.strides))

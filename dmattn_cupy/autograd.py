@@ -2,17 +2,39 @@
 with fake implementations and autograd, so ``out.backward()`` works and
 ``torch.compile(fullgraph=True)`` traces a model that calls the public functions.
 
-``api.flash_dmattn_func`` routes torch inputs here when a gradient is wanted (grad mode on and
-an input requires grad) or while torch.compile traces. The ops' real implementations call the
-public functions under ``torch.no_grad()`` (CUDA kernels for GPU tensors, the float64 reference
-for CPU tensors), so validation and dispatch are those of the plain calls.
+``api`` routes torch inputs here when a gradient is wanted (grad mode on and an input requires
+grad) or while torch.compile traces; this module never imports ``api``. torch is optional: when
+it is installed it is imported with this module and the ops are registered then, at package
+import (torch.compile cannot trace a registration, and a model may be compiled before its first
+eager call). Their real implementations run ``dispatch`` / ``bwd_api`` under
+``torch.no_grad()`` (CUDA kernels for GPU tensors, the float64 reference for CPU tensors).
 """
 
+from __future__ import annotations
+
+import contextvars
+import dataclasses
 from typing import Any
 
-import torch
+try:
+    import torch
+except ImportError:  # torch is optional: without it, no torch tensor ever reaches this module
+    torch = None
 
-from .validate import check_options
+from . import dispatch
+from .arrays import array_kind
+from .backward import run_backward
+from .bwd_api import flash_dmattn_backward, flash_dmattn_varlen_backward
+from .forward import run_forward
+from .masks import DynamicMask
+from .sparse_plan import (
+    arrays_from_list,
+    arrays_to_list,
+    autograd_lists,
+    bound_min,
+    split_sparse,
+)
+from .validate import Problem, check_dense, check_flags, check_options, check_sparse, check_varlen
 
 _FWD_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? bias, Tensor? cu_q, "
                "Tensor? cu_k, int max_q, int max_k, float scale, int window_left, "
@@ -26,55 +48,52 @@ _BWD_SCHEMA = ("(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor l
                "-> (Tensor, Tensor, Tensor, Tensor)")
 # ``sparse``: a block mask's lists on the query's device (sparse_plan.arrays_to_list order),
 # empty without one; the window of parametric masks is already folded into window_*.
+_N_FWD_INPUTS = 18
+
+# The Problem an eager call validated, handed to the op it calls (so that call is validated
+# once); None under torch.compile, where the op validates its real inputs itself.
+_validated: contextvars.ContextVar[Problem | None] = contextvars.ContextVar(
+    "dmattn_validated", default=None)
 
 
-@torch.library.custom_op("dmattn_cupy::fwd", mutates_args=(), schema=_FWD_SCHEMA)
-def _fwd(q, k, v, mask, bias, cu_q, cu_k, max_q, max_k, scale, window_left, window_right,
-         softcap, deterministic, backend, sparse, sp_block_m, sp_block_n):
-    from .api import flash_dmattn_func, flash_dmattn_varlen_func
-
-    opts = dict(softmax_scale=scale, window_size=(window_left, window_right), softcap=softcap,
-                return_lse=True, backend=backend)
+def _fwd_impl(q, k, v, mask, bias, cu_q, cu_k, max_q, max_k, scale, window_left, window_right,
+              softcap, deterministic, backend, sparse, sp_block_m, sp_block_n):
+    window = (window_left, window_right)
+    pb = _validated.get()
     with torch.no_grad():
+        if pb is None:
+            if cu_q is None:
+                pb = check_dense(q, k, v, mask, bias, scale, False, window, softcap, backend)
+            else:
+                pb = check_varlen(q, k, v, cu_q, cu_k, max_q, max_k, mask, bias, scale, False,
+                                  window, softcap, backend)
         if sparse:
-            from .launch import run_forward
-            from .sparse_plan import arrays_from_list
-            from .validate import check_dense
-
-            pb = check_dense(q, k, v, mask, bias, scale, False, (window_left, window_right),
-                             softcap, backend)
             return run_forward(pb, q, return_lse=True,
                                sparse=arrays_from_list(sparse, sp_block_m, sp_block_n))
         if cu_q is None:
-            return flash_dmattn_func(q, k, v, mask, bias, **opts)
-        return flash_dmattn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, mask, bias, **opts)
+            return dispatch.dense(q, k, v, mask, bias, scale, False, window, softcap, None, True,
+                                  deterministic, backend, pb=pb)
+        return dispatch.varlen(q, k, v, cu_q, cu_k, max_q, max_k, mask, bias, scale, False,
+                               window, softcap, True, deterministic, backend, pb=pb)
 
 
 def _lse_shape(q, cu_q):
     return (q.shape[1], q.shape[0]) if cu_q is not None else (q.shape[0], q.shape[2], q.shape[1])
 
 
-@_fwd.register_fake
 def _fwd_fake(q, k, v, mask, bias, cu_q, cu_k, max_q, max_k, scale, window_left, window_right,
               softcap, deterministic, backend, sparse, sp_block_m, sp_block_n):
     return q.new_empty(q.shape), q.new_empty(_lse_shape(q, cu_q), dtype=torch.float32)
 
 
-@torch.library.custom_op("dmattn_cupy::bwd", mutates_args=(), schema=_BWD_SCHEMA)
-def _bwd(dout, q, k, v, out, lse, dlse, mask, bias, cu_q, cu_k, max_q, max_k, scale, window_left,
-         window_right, softcap, deterministic, need_dbias, backend, sparse, sp_block_m,
-         sp_block_n):
-    from .bwd_api import flash_dmattn_backward, flash_dmattn_varlen_backward
-
+def _bwd_impl(dout, q, k, v, out, lse, dlse, mask, bias, cu_q, cu_k, max_q, max_k, scale,
+              window_left, window_right, softcap, deterministic, need_dbias, backend, sparse,
+              sp_block_m, sp_block_n):
     opts = dict(attn_mask=mask, attn_bias=bias, softmax_scale=scale,
                 window_size=(window_left, window_right), softcap=softcap,
                 deterministic=deterministic, backend=backend, dlse=dlse, bias_grad=need_dbias)
     with torch.no_grad():
         if sparse:
-            from .backward import run_backward
-            from .sparse_plan import arrays_from_list
-            from .validate import check_dense
-
             pb = check_dense(q, k, v, mask, bias, scale, False, (window_left, window_right),
                              softcap, backend)
             dq, dk, dv, db = run_backward(
@@ -89,15 +108,11 @@ def _bwd(dout, q, k, v, out, lse, dlse, mask, bias, cu_q, cu_k, max_q, max_k, sc
     return dq, dk, dv, (db if db is not None else q.new_empty((0,)))
 
 
-@_bwd.register_fake
 def _bwd_fake(dout, q, k, v, out, lse, dlse, mask, bias, cu_q, cu_k, max_q, max_k, scale,
               window_left, window_right, softcap, deterministic, need_dbias, backend, sparse,
               sp_block_m, sp_block_n):
     db = bias.new_empty(bias.shape) if (need_dbias and bias is not None) else q.new_empty((0,))
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), db
-
-
-_N_FWD_INPUTS = 18
 
 
 def _setup_context(ctx, inputs, output):
@@ -125,12 +140,23 @@ def _backward(ctx, dout, dlse):
     return tuple(grads)
 
 
-_fwd.register_autograd(_backward, setup_context=_setup_context)
+def _register_ops() -> None:
+    fwd = torch.library.custom_op("dmattn_cupy::fwd", mutates_args=(),
+                                  schema=_FWD_SCHEMA)(_fwd_impl)
+    fwd.register_fake(_fwd_fake)
+    bwd = torch.library.custom_op("dmattn_cupy::bwd", mutates_args=(),
+                                  schema=_BWD_SCHEMA)(_bwd_impl)
+    bwd.register_fake(_bwd_fake)
+    fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
 
 
 def wants_autograd(query: Any, *others: Any) -> bool:
     """True for torch inputs while torch.compile traces, or when a gradient is wanted."""
-    if not isinstance(query, torch.Tensor):
+    if array_kind(query) != "torch":
         return False
     if torch.compiler.is_compiling():
         return True
@@ -138,80 +164,79 @@ def wants_autograd(query: Any, *others: Any) -> bool:
         isinstance(x, torch.Tensor) and x.requires_grad for x in (query, *others))
 
 
+def _call_fwd(pb: Problem | None, *args: Any) -> Any:
+    if pb is None:  # torch.compile traces this (it cannot trace ContextVar.set)
+        return torch.ops.dmattn_cupy.fwd(*args)
+    token = _validated.set(pb)
+    try:
+        return torch.ops.dmattn_cupy.fwd(*args)
+    finally:
+        _validated.reset(token)
+
+
 def dense(query, key, value, attn_mask, attn_bias, softmax_scale, is_causal, window_size,
           softcap, sparse_mask, return_lse, deterministic, backend):
     """``flash_dmattn_func`` through the custom op (tracked by autograd, traceable)."""
-    if not torch.compiler.is_compiling():  # full validation on real tensors (eager)
-        from .api import _check_flags, _check_sparse
-        from .validate import check_dense
-
+    pb = None
+    if not _compiling():  # full validation on real tensors (eager)
         pb = check_dense(query, key, value, attn_mask, attn_bias, softmax_scale, is_causal,
                          window_size, softcap, backend)
-        _check_flags(return_lse, deterministic)
-        _check_sparse(sparse_mask, pb)
-    scale, cap, window = check_options(softmax_scale, softcap, window_size, is_causal,
-                                       query.shape[-1])
+        check_flags(return_lse, deterministic)
+        check_sparse(sparse_mask, pb)
+    scale, cap, window = (pb.scale, pb.softcap, pb.window) if pb is not None else \
+        check_options(softmax_scale, softcap, window_size, is_causal, query.shape[-1])
     sparse, sp_block = [], (0, 0)
     if sparse_mask is not None:
-        from .sparse_plan import bound_min, split_sparse
-
         win, block = split_sparse(sparse_mask)
         window = (bound_min(window[0], win[0]), bound_min(window[1], win[1]))
         if block is not None:
-            if torch.compiler.is_compiling():
+            if _compiling():
                 raise NotImplementedError("dmattn_cupy: block-sparse masks under torch.compile "
                                           "are not supported; pass sparse_mask.to_dense() as "
                                           "attn_mask")
-            sparse, sp_block, attn_mask = _block_mask_inputs(block, attn_mask, query, backend)
-    out, lse = torch.ops.dmattn_cupy.fwd(query, key, value, attn_mask, attn_bias, None, None, 0, 0,
-                                         scale, window[0], window[1], cap, deterministic, backend,
-                                         sparse, *sp_block)
+            sparse, sp_block, dense_mask = _block_mask_inputs(block, attn_mask, query, backend)
+            if dense_mask is not attn_mask:  # the op sees another mask: it validates it
+                attn_mask, pb = dense_mask, None
+    if pb is not None:
+        pb = dataclasses.replace(pb, window=window)
+    out, lse = _call_fwd(pb, query, key, value, attn_mask, attn_bias, None, None, 0, 0, scale,
+                         window[0], window[1], cap, deterministic, backend, sparse, *sp_block)
     return (out, lse) if return_lse else out
 
 
 def _block_mask_inputs(block, attn_mask, query, backend):
     """(lists, block size, attn_mask) for a block mask: on CUDA, when its blocks tile the
-    backward kernels too, its lists on the query's device (a DynamicMask's copied, so updating
-    it before ``backward()`` does not change the gradient); otherwise no lists and its dense
-    form ANDed into ``attn_mask``."""
-    from .backward import sparse_fits_backward
-    from .bwd_api import _dense_sparse_mask
-    from .launch import sparse_buffers, sparse_supported
-    from .spec import padded_head_dim
-
-    hd = query.shape[-1]
-    lists_ok = (query.is_cuda and backend != "reference"
-                and sparse_supported(padded_head_dim(hd), attn_mask is not None, False)
-                and sparse_fits_backward(block.block_size, str(query.dtype).split(".")[-1], hd))
-    if not lists_ok:
-        return [], (0, 0), _dense_sparse_mask(block, attn_mask, query)
-    from .masks import DynamicMask
-    from .sparse_plan import arrays_to_list
-
-    arrs = sparse_buffers(block, query)
+    kernels, its lists on the query's device (a DynamicMask's copied, so updating it before
+    ``backward()`` does not change the gradient); otherwise no lists and its dense form ANDed
+    into ``attn_mask``."""
+    arrs, mask = autograd_lists(block, attn_mask, query, query.is_cuda and backend != "reference",
+                                query.shape[-1], str(query.dtype).split(".")[-1])
+    if arrs is None:
+        return [], (0, 0), mask
     items = [x if isinstance(x, torch.Tensor) else torch.from_dlpack(x)
              for x in arrays_to_list(arrs)]
     if isinstance(block, DynamicMask):
         items = [x.clone() for x in items]
-    return items, (arrs.block_m, arrs.block_n), attn_mask
+    return items, (arrs.block_m, arrs.block_n), mask
 
 
 def varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask,
            attn_bias, softmax_scale, is_causal, window_size, softcap, return_lse, deterministic,
            backend):
     """``flash_dmattn_varlen_func`` through the custom op."""
-    if not torch.compiler.is_compiling():
-        from .api import _check_flags
-        from .validate import check_varlen
-
-        check_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                     attn_mask, attn_bias, softmax_scale, is_causal, window_size, softcap,
-                     backend)
-        _check_flags(return_lse, deterministic)
-    scale, cap, window = check_options(softmax_scale, softcap, window_size, is_causal,
-                                       query.shape[-1])
-    out, lse = torch.ops.dmattn_cupy.fwd(query, key, value, attn_mask, attn_bias, cu_seqlens_q,
-                                         cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
-                                         scale, window[0], window[1], cap, deterministic, backend,
-                                         [], 0, 0)
+    pb = None
+    if not _compiling():
+        pb = check_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                          max_seqlen_k, attn_mask, attn_bias, softmax_scale, is_causal,
+                          window_size, softcap, backend)
+        check_flags(return_lse, deterministic)
+    scale, cap, window = (pb.scale, pb.softcap, pb.window) if pb is not None else \
+        check_options(softmax_scale, softcap, window_size, is_causal, query.shape[-1])
+    out, lse = _call_fwd(pb, query, key, value, attn_mask, attn_bias, cu_seqlens_q, cu_seqlens_k,
+                         int(max_seqlen_q), int(max_seqlen_k), scale, window[0], window[1], cap,
+                         deterministic, backend, [], 0, 0)
     return (out, lse) if return_lse else out
+
+
+if torch is not None:
+    _register_ops()

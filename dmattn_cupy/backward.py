@@ -1,230 +1,26 @@
-"""The CUDA backward pass: kernel specs, the ``BwdParams`` mirror, and the launches.
+"""The CUDA backward pass: the launches of the backward families.
 
-``BwdParams`` (cuda_src/bwd_params.cuh) is the forward's ``FwdParams`` record followed by the
-gradient buffers; its NumPy mirror is FWD_DTYPE's fields followed by ``BWD_EXTRA_FIELDS`` and is
-pinned by generated ``static_assert``s like the forward's. Three kernels (cuda_src/sm80/bwd.cu):
-a preprocess (``dsum = rowsum(dO * O) - dlse``), the dK/dV kernel (per key tile and kv head; it
-also writes dbias, and in the default mode adds dQ with fp32 atomics), and, with
-``deterministic=True``, a dQ kernel (per query tile) that needs no atomics.
+Three kernels (cuda_src/sm80/bwd.cu) read one ``BwdParams`` record (``params``): a preprocess
+(``dsum = rowsum(dO * O) - dlse``), the dK/dV kernel (per key tile and kv head; it also writes
+dbias, and in the default mode adds dQ with fp32 atomics), and, with ``deterministic=True``, a
+dQ kernel (per query tile) that needs no atomics. ``select.backward`` picks their specs.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from . import arrays, runtime
 from .arrays import array_kind, describe
 from .layout import build_fwd_params, mask_bias_strides, qkv_strides
-from .params import FWD_DTYPE, abi_check_source
+from .params import FWD_DTYPE, bwd_dtype_flat
+from .select import backward as select_backward
 from .sparse_plan import SparseArrays, sparse_fields
-from .spec import DTYPES, HEAD_DIMS, padded_head_dim
 from .validate import Problem
-
-_PTR, _I64, _I32, _F32 = np.uint64, np.int64, np.int32, np.float32
-
-BWD_EXTRA_FIELDS: tuple[tuple[str, type], ...] = (
-    ("dout", _PTR), ("dlse", _PTR), ("dsum", _PTR), ("dq_accum", _PTR), ("dq", _PTR),
-    ("dk", _PTR), ("dv", _PTR), ("dbias", _PTR), ("sp_grid", _PTR),
-    ("do_batch_stride", _I64), ("do_row_stride", _I64), ("do_head_stride", _I64),
-    ("dq_batch_stride", _I64), ("dq_row_stride", _I64), ("dq_head_stride", _I64),
-    ("dk_batch_stride", _I64), ("dk_row_stride", _I64), ("dk_head_stride", _I64),
-    ("dv_batch_stride", _I64), ("dv_row_stride", _I64), ("dv_head_stride", _I64),
-    ("dqa_batch_stride", _I64), ("dqa_row_stride", _I64), ("dqa_head_stride", _I64),
-    ("dbias_batch_stride", _I64), ("dbias_head_stride", _I64), ("dbias_row_stride", _I64),
-    ("dbias_col_stride", _I64), ("dbias_qseq_stride", _I64), ("dbias_kseq_stride", _I64),
-    ("dbias_tile_stride", _I64),
-    ("dbias_mode", _I32), ("dbias_is_fp32", _I32), ("scale", _F32), ("sp_grid_cols", _I32),
-)
-
-
-def bwd_dtype_nested() -> np.dtype:
-    """BwdParams as the C++ declares it: ``FwdParams f`` then the extra fields."""
-    return np.dtype([("f", FWD_DTYPE)] + list(BWD_EXTRA_FIELDS), align=True)
-
-
-def bwd_dtype_flat() -> np.dtype:
-    """The same bytes with the forward's fields inlined (what a launch fills and passes)."""
-    fields = [(n, FWD_DTYPE.fields[n][0]) for n in FWD_DTYPE.names] + list(BWD_EXTRA_FIELDS)
-    return np.dtype(fields, align=True)
-
-
-def bwd_abi_check_source() -> str:
-    src = abi_check_source("BwdParams", bwd_dtype_nested())
-    return src.replace('#include "params.cuh"', '#include "bwd_params.cuh"')
-
-
-BWD_KERNEL_NAMES = {"bwd_pre": "flash_bwd_pre_kernel", "bwd_dkdv": "flash_bwd_dkdv_kernel",
-                    "bwd_dq": "flash_bwd_dq_kernel", "bwd_grid": "flash_bwd_sparse_grid_kernel"}
-
-
-@dataclass(frozen=True)
-class BwdSpec:
-    """A backward kernel specialization; duck-types ``KernelSpec`` for compile/launch."""
-    kind: str = "bwd_dkdv"     # bwd_pre | bwd_dkdv | bwd_dq | bwd_grid
-    dtype: str = "bf16"
-    head_dim: int = 128
-    block_m: int = 64
-    block_n: int = 64
-    num_warps: int = 4
-    has_mask: bool = False
-    has_bias: bool = False
-    varlen: bool = False
-    deterministic: bool = False
-    debug_counters: bool = False
-
-    def __post_init__(self) -> None:
-        if self.kind not in BWD_KERNEL_NAMES:
-            raise ValueError(f"BwdSpec.kind must be one of {tuple(BWD_KERNEL_NAMES)}, "
-                             f"got {self.kind!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"BwdSpec.dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if self.head_dim not in HEAD_DIMS:
-            raise ValueError(f"BwdSpec.head_dim must be one of {HEAD_DIMS}, got {self.head_dim}")
-
-    @property
-    def id(self) -> str:
-        return (f"{self.kind}_{self.dtype}_d{self.head_dim}_m{self.block_m}n{self.block_n}"
-                f"w{self.num_warps}_mask{int(self.has_mask)}_bias{int(self.has_bias)}"
-                f"_varlen{int(self.varlen)}" + ("_det" if self.deterministic else ""))
-
-    @property
-    def source_file(self) -> str:
-        return "sm80/bwd.cu"
-
-    @property
-    def extra_abi_check(self) -> str:
-        return bwd_abi_check_source()
-
-    @property
-    def name_expression(self) -> str:
-        elem = "dm::Half" if self.dtype == "fp16" else "dm::BFloat16"
-        flags = [self.has_mask, self.has_bias, self.varlen, self.deterministic,
-                 self.debug_counters]
-        args = ", ".join([elem, str(self.head_dim), str(self.block_m), str(self.block_n),
-                          str(self.num_warps)] + [str(f).lower() for f in flags])
-        return f"dm::{BWD_KERNEL_NAMES[self.kind]}<{args}>"
-
-    @property
-    def dynamic_smem(self) -> int:
-        m, n, row = self.block_m, self.block_n, (self.head_dim + 8) * 2
-        bias = m * (n + 8) * 4 if self.has_bias else 0
-        if self.kind == "bwd_dkdv":  # Q, dO (x stages), K, V; P, dS; lse, dsum (x stages);
-            st = 2 if self.head_dim <= 128 else 1  # bias fp32 + raw 16-bit (x stages)
-            raw = st * m * (n + 8) * 2 if self.has_bias else 0
-            return (2 * m * st + 2 * n) * row + 2 * m * (n + 8) * 2 + 2 * m * 4 * st + bias + raw
-        if self.kind == "bwd_dq":    # Q, dO, K, V; bias tile
-            return (2 * m + 2 * n) * row + bias
-        return 0
-
-    @property
-    def threads(self) -> int:
-        return 32 * self.num_warps
-
-    def __str__(self) -> str:
-        return self.id
-
-
-def select_bwd_specs(dtype: str, head_dim: int, has_mask: bool, has_bias: bool, varlen: bool,
-                     deterministic: bool, sparse: bool = False, smem_limit: int | None = None
-                     ) -> tuple[BwdSpec, BwdSpec, BwdSpec | None, BwdSpec | None]:
-    """(preprocess, dK/dV, dQ or None, sparse grid or None) specs for a problem. A block-sparse
-    mask runs the has_mask kernels (its grid is read at run time). Without mask or bias the
-    dK/dV kernel takes 128 query rows per step (half the barriers and Q/dO tile switches per
-    FLOP) where its 208 KB of shared memory fit ``smem_limit`` (None: assume they do; 0: the
-    64-row fallback)."""
-    dt = "fp16" if dtype in ("float16", "fp16") else "bf16"
-    hd = padded_head_dim(head_dim)
-    pre = BwdSpec(kind="bwd_pre", dtype=dt, head_dim=128, block_m=8, block_n=32, num_warps=8,
-                  varlen=varlen)
-    common = dict(dtype=dt, head_dim=hd, block_m=64, block_n=64 if hd <= 128 else 32,
-                  has_mask=has_mask or sparse, has_bias=has_bias, varlen=varlen)
-    dkdv = BwdSpec(kind="bwd_dkdv", num_warps=8, deterministic=deterministic, **common)
-    if not (has_mask or has_bias or sparse) and hd <= 128:
-        tall = dataclasses.replace(dkdv, block_m=128)
-        if smem_limit is None or tall.dynamic_smem <= smem_limit:
-            dkdv = tall
-    dq = (BwdSpec(kind="bwd_dq", num_warps=4, deterministic=True, **common) if deterministic
-          else None)
-    grid = (BwdSpec(kind="bwd_grid", dtype=dt, head_dim=128, block_m=8, block_n=32, num_warps=4)
-            if sparse else None)
-    return pre, dkdv, dq, grid
-
-
-def sparse_fits_backward(block_size: tuple[int, int], dtype: str, head_dim: int) -> bool:
-    """Whether a block mask of ``block_size`` tiles the backward kernels' (block_m, block_n)
-    (otherwise the backward reads its dense form as ``attn_mask``)."""
-    dkdv = select_bwd_specs(dtype, head_dim, True, False, False, False)[1]
-    return block_size[0] % dkdv.block_m == 0 and block_size[1] % dkdv.block_n == 0
-
-
-def all_bwd_specs() -> list[BwdSpec]:
-    """Every backward specialization the launcher can select (for precompile)."""
-    specs: list[BwdSpec] = []
-    for dtype in DTYPES:
-        for hd in HEAD_DIMS:
-            for mask in (False, True):
-                for bias in (False, True):
-                    for varlen in (False, True):
-                        for det in (False, True):
-                            for sparse, limit in itertools.product((False, not varlen),
-                                                                   (None, 0)):
-                                for s in select_bwd_specs(dtype, hd, mask, bias, varlen, det,
-                                                          sparse, limit):
-                                    if s is not None and s not in specs:
-                                        specs.append(s)
-    return specs
-
-
-# ---------------------------------------------------------------------------------------------
-# Array helpers in the query's library (torch or CuPy), on the query's device.
-
-def _lib_zeros(like: Any, shape: tuple[int, ...], dtype: str) -> Any:
-    if array_kind(like) == "torch":
-        import torch
-
-        return torch.zeros(shape, dtype=getattr(torch, dtype), device=like.device)
-    import cupy
-
-    with cupy.cuda.Device(like.device.id):
-        return cupy.zeros(shape, dtype=dtype)
-
-
-def _lib_empty(like: Any, shape: tuple[int, ...], dtype: str) -> Any:
-    if array_kind(like) == "torch":
-        import torch
-
-        return torch.empty(shape, dtype=getattr(torch, dtype), device=like.device)
-    import cupy
-
-    with cupy.cuda.Device(like.device.id):
-        return cupy.empty(shape, dtype=dtype)
-
-
-def _lib_cast(x: Any, dtype: str) -> Any:
-    if array_kind(x) == "torch":
-        import torch
-
-        return x.to(getattr(torch, dtype))
-    return x.astype(dtype)
-
-
-def _lib_contiguous(x: Any, dtype: str | None = None) -> Any:
-    """A fresh, contiguous (16-byte aligned) copy, optionally cast."""
-    if array_kind(x) == "torch":
-        import torch
-
-        y = x.to(getattr(torch, dtype)) if dtype is not None else x
-        return y.clone(memory_format=torch.contiguous_format)
-    import cupy
-
-    with cupy.cuda.Device(x.device.id):
-        y = x.astype(dtype) if dtype is not None else x
-        return cupy.array(y, order="C", copy=True)
 
 
 def _aligned(info) -> bool:
@@ -239,7 +35,7 @@ def _contiguous_f32(x: Any) -> Any:
     want = tuple(int(np.prod(info.shape[i + 1:])) for i in range(len(info.shape)))
     ok = info.dtype == "float32" and all(
         st == w for st, w, n in zip(info.strides, want, info.shape, strict=True) if n > 1)
-    return x if ok else _lib_contiguous(x, "float32")
+    return x if ok else arrays.contiguous_copy(x, "float32")
 
 
 def dbias_mode(pb: Problem, strides, block_m: int, block_n: int,
@@ -268,30 +64,28 @@ def run_backward(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out: 
     in the query's library (dbias None unless ``need_dbias`` and the problem has a bias).
     ``sparse``: a block mask's lists on the query's device (its blocks must tile the kernels:
     ``sparse_fits_backward``); unlisted blocks are skipped like all-false mask tiles."""
-    from .launch import current_stream, device_smem_limit, get_function
-
     dt = pb.dtype
     # The tensor-core kernels read rows with 16-byte cp.async: copy unaligned inputs.
-    arrays = {"q": query, "k": key, "v": value}
-    for name, arr in arrays.items():
+    qkv = {"q": query, "k": key, "v": value}
+    for name, arr in qkv.items():
         if not _aligned(describe(arr)):
-            arrays[name] = _lib_contiguous(arr)
+            qkv[name] = arrays.contiguous_copy(arr)
     if not _aligned(describe(dout)):
-        dout = _lib_contiguous(dout)
+        dout = arrays.contiguous_copy(dout)
     out_info = describe(out)
     if out_info.shape[-1] > 1 and out_info.strides[-1] != 1:
-        out = _lib_contiguous(out)
-    query, key, value = arrays["q"], arrays["k"], arrays["v"]
+        out = arrays.contiguous_copy(out)
+    query, key, value = qkv["q"], qkv["k"], qkv["v"]
     pb = dataclasses.replace(pb, q=describe(query), k=describe(key), v=describe(value))
     lse = _contiguous_f32(lse)
     if dlse is not None:
         dlse = _contiguous_f32(dlse)
 
     want_dbias = need_dbias and pb.bias is not None
-    pre, dkdv, dqs, grid_spec = select_bwd_specs(dt, pb.head_dim, pb.mask is not None,
-                                                 pb.bias is not None, pb.varlen, deterministic,
-                                                 sparse is not None,
-                                                 device_smem_limit(pb.q.device))
+    pre, dkdv, dqs, grid_spec = select_backward(dt, pb.head_dim, pb.mask is not None,
+                                                pb.bias is not None, pb.varlen, deterministic,
+                                                sparse is not None,
+                                                runtime.device_props(pb.q.device))
     if sparse is not None and not (sparse.block_m % dkdv.block_m == 0
                                    and sparse.block_n % dkdv.block_n == 0):
         raise ValueError(f"sparse_mask block_size {(sparse.block_m, sparse.block_n)} must be a "
@@ -318,7 +112,7 @@ def run_backward(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out: 
         # every tile is visited, so the buffer needs no zero fill.
         every_tile = (not pb.varlen and pb.mask is None and sparse is None
                       and pb.window == (-1, -1) and pb.seqlen_k > 0)
-        alloc = _lib_empty if (mode == 1 and every_tile) else _lib_zeros
+        alloc = arrays.empty if (mode == 1 and every_tile) else arrays.zeros
         dbias = alloc(query, tuple(shape), buf_dtype)
         dbias_st = mask_bias_strides(describe(dbias), pb.varlen)
         if key_axis is not None:
@@ -326,14 +120,14 @@ def run_backward(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out: 
             dbias_st = dataclasses.replace(dbias_st, col=0, kseq=0)
 
     lse_shape = (pb.heads, pb.total_q) if pb.varlen else (pb.batch, pb.heads, pb.seqlen_q)
-    dsum = _lib_empty(query, lse_shape, "float32")
-    dk = _lib_empty(query, pb.k.shape, dt)
-    dv = _lib_empty(query, pb.v.shape, dt)
+    dsum = arrays.empty(query, lse_shape, "float32")
+    dk = arrays.empty(query, pb.k.shape, dt)
+    dv = arrays.empty(query, pb.v.shape, dt)
     if deterministic:
-        dq = _lib_empty(query, pb.q.shape, dt)
+        dq = arrays.empty(query, pb.q.shape, dt)
         dq_accum = None
     else:
-        dq_accum = _lib_zeros(query, pb.q.shape, "float32")
+        dq_accum = arrays.zeros(query, pb.q.shape, "float32")
         dq = None
 
     def ptr(a: Any) -> int:
@@ -368,45 +162,41 @@ def run_backward(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out: 
             r[name] = value
         grid_shape = tuple(int(n) for n in describe(sparse.full_count).shape) + (
             math.ceil(pb.seqlen_k / sparse.block_n),)
-        sp_grid = _lib_empty(query, grid_shape, "int32")
+        sp_grid = arrays.empty(query, grid_shape, "int32")
         r["sp_grid"], r["sp_grid_cols"] = ptr(sp_grid), grid_shape[-1]
 
     empty = pb.batch == 0 or (pb.varlen and pb.total_q == 0) or (not pb.varlen and
                                                                   pb.seqlen_q == 0)
     if not empty:
-        import cupy
-
-        stream = current_stream(pb.kind, pb.q.device)
+        stream = runtime.current_stream(pb.kind, pb.q.device)
         dev = pb.q.device
-        with cupy.cuda.Device(dev):
-            fn = get_function(pre, dev)
-            fn((max(1, math.ceil(pb.seqlen_q / pre.num_warps)), pb.heads, pb.batch),
-               (pre.threads, 1, 1), (r,), shared_mem=0, stream=stream)
-            if sp_grid is not None and pb.seqlen_k > 0:
-                fn = get_function(grid_spec, dev)
-                bm, hm, nrb = sp_grid.shape[:3]
-                fn((nrb, hm, bm), (grid_spec.threads, 1, 1), (r,), shared_mem=0, stream=stream)
-            if pb.seqlen_k > 0:
-                fn = get_function(dkdv, dev)
-                fn((math.ceil(pb.seqlen_k / dkdv.block_n), pb.kv_heads, pb.batch),
-                   (dkdv.threads, 1, 1), (r,), shared_mem=dkdv.dynamic_smem, stream=stream)
-            if dqs is not None:
-                fn = get_function(dqs, dev)
-                fn((max(1, math.ceil(pb.seqlen_q / dqs.block_m)), pb.heads, pb.batch),
-                   (dqs.threads, 1, 1), (r,), shared_mem=dqs.dynamic_smem, stream=stream)
+        runtime.launch(runtime.get_kernel(pre, dev),
+                       (max(1, math.ceil(pb.seqlen_q / pre.num_warps)), pb.heads, pb.batch),
+                       (r,), stream)
+        if sp_grid is not None and pb.seqlen_k > 0:
+            bm, hm, nrb = sp_grid.shape[:3]
+            runtime.launch(runtime.get_kernel(grid_spec, dev), (nrb, hm, bm), (r,), stream)
+        if pb.seqlen_k > 0:
+            runtime.launch(runtime.get_kernel(dkdv, dev),
+                           (math.ceil(pb.seqlen_k / dkdv.block_n), pb.kv_heads, pb.batch),
+                           (r,), stream)
+        if dqs is not None:
+            runtime.launch(runtime.get_kernel(dqs, dev),
+                           (max(1, math.ceil(pb.seqlen_q / dqs.block_m)), pb.heads, pb.batch),
+                           (r,), stream)
     elif pb.seqlen_k > 0:  # no query rows: dK = dV = 0
-        dk = _lib_zeros(query, pb.k.shape, dt)
-        dv = _lib_zeros(query, pb.v.shape, dt)
+        dk = arrays.zeros(query, pb.k.shape, dt)
+        dv = arrays.zeros(query, pb.v.shape, dt)
     if pb.seqlen_k == 0 or (pb.varlen and pb.total_k == 0):
-        dk = _lib_zeros(query, pb.k.shape, dt)
-        dv = _lib_zeros(query, pb.v.shape, dt)
+        dk = arrays.zeros(query, pb.k.shape, dt)
+        dv = arrays.zeros(query, pb.v.shape, dt)
     if dq is None:
-        dq = _lib_cast(dq_accum, dt)
+        dq = arrays.cast(dq_accum, dt)
     if expanded_axes:  # a fixed-order reduction over the widened dims (float32)
         dbias = dbias.sum(expanded_axes, keepdims=True) if array_kind(dbias) != "torch" else \
             dbias.sum(dim=expanded_axes, keepdim=True)
     if dbias is not None and describe(dbias).dtype != pb.bias.dtype:
-        dbias = _lib_cast(dbias, pb.bias.dtype)
+        dbias = arrays.cast(dbias, pb.bias.dtype)
     return dq, dk, dv, dbias
 
 

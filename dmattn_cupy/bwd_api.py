@@ -12,11 +12,18 @@ from typing import Any
 
 import numpy as np
 
-from . import reference_bwd
-from .arrays import array_kind, common_kind, describe, from_numpy_like, to_numpy_f64
+from . import arrays, reference_bwd
+from .arrays import common_kind, describe, from_numpy_like, to_numpy_f64
+from .backward import run_backward
 from .masks import SparseMask
-from .sparse_plan import SparseArrays, bound_min, split_sparse
-from .validate import Problem, check_cu_seqlens_values, check_dense, check_varlen
+from .sparse_plan import fold_backward
+from .validate import (
+    check_cu_seqlens_values,
+    check_dense,
+    check_flags,
+    check_sparse,
+    check_varlen,
+)
 
 
 def _check_like(name: str, x: Any, shape: tuple[int, ...]) -> None:
@@ -36,59 +43,6 @@ def _check_lse(name: str, x: Any, shape: tuple[int, ...], required: bool = True)
                         f"{describe(x).dtype}")
 
 
-def _as_dtype(x: Any, dtype: str) -> Any:
-    """``x`` in ``dtype`` (a cast copy only when it differs)."""
-    if describe(x).dtype == dtype:
-        return x
-    if array_kind(x) == "torch":
-        import torch
-
-        return x.to(getattr(torch, dtype))
-    return x.astype(dtype)
-
-
-def _dense_sparse_mask(sparse_mask: SparseMask, attn_mask: Any, like: Any) -> Any:
-    """A block mask's exact elements as a bool array in the query's library, ANDed with
-    ``attn_mask`` (the backward kernels read it like any mask; all-false tiles are skipped)."""
-    dense = np.array(sparse_mask.to_dense(), dtype=bool)  # a writable copy
-    if dense.ndim == 2:
-        dense = dense[None, None]
-    kind = array_kind(like)
-    if kind == "torch":
-        import torch
-
-        m = torch.from_numpy(dense).to(like.device)
-    elif kind == "cupy":
-        import cupy
-
-        with cupy.cuda.Device(like.device.id):
-            m = cupy.asarray(dense)
-    else:
-        m = dense
-    return m if attn_mask is None else (m & attn_mask)
-
-
-def fold_sparse(sparse_mask: SparseMask | None, pb: Problem, attn_mask: Any,
-                like: Any) -> tuple[Problem, Any, SparseArrays | None]:
-    """Parametric masks fold into the window. A block mask whose blocks tile the backward
-    kernels travels as its block lists (unlisted blocks are never touched); any other block
-    mask becomes its dense form ANDed into ``attn_mask``. Returns (problem with the window
-    folded, the mask to use (None when unchanged), the block lists or None)."""
-    if sparse_mask is None:
-        return pb, None, None
-    win, block = split_sparse(sparse_mask)
-    pb = dataclasses.replace(pb, window=(bound_min(pb.window[0], win[0]),
-                                         bound_min(pb.window[1], win[1])))
-    if block is None:
-        return pb, None, None
-    from .backward import sparse_fits_backward
-    from .launch import sparse_buffers
-
-    if sparse_fits_backward(block.block_size, pb.dtype, pb.head_dim):
-        return pb, None, sparse_buffers(block, like)
-    return pb, _dense_sparse_mask(block, attn_mask, like), None
-
-
 def flash_dmattn_backward(dout: Any, query: Any, key: Any, value: Any, out: Any, lse: Any,
                           attn_mask: Any = None, attn_bias: Any = None,
                           softmax_scale: float | None = None, is_causal: bool = False,
@@ -100,13 +54,11 @@ def flash_dmattn_backward(dout: Any, query: Any, key: Any, value: Any, out: Any,
     bias's own (broadcast) shape, or None without a bias (or with ``bias_grad=False``: the bias
     then shapes the probabilities but its gradient is not computed). ``out``/``lse`` come from
     the forward (``return_lse=True``); ``dlse`` is an optional incoming gradient of ``lse``."""
-    from .api import _check_flags, _check_sparse
-
     common_kind({"dout": dout, "query": query, "out": out, "lse": lse, "dlse": dlse})
     pb = check_dense(query, key, value, attn_mask, attn_bias, softmax_scale, is_causal,
                      window_size, softcap, backend)
-    _check_flags(False, deterministic)
-    _check_sparse(sparse_mask, pb)
+    check_flags(False, deterministic)
+    check_sparse(sparse_mask, pb)
     _check_like("dout", dout, pb.q.shape)
     _check_like("out", out, pb.q.shape)
     _check_lse("lse", lse, (pb.batch, pb.heads, pb.seqlen_q))
@@ -118,16 +70,12 @@ def flash_dmattn_backward(dout: Any, query: Any, key: Any, value: Any, out: Any,
             None if sparse_mask is None else sparse_mask.to_dense(), to_numpy_f64(dlse))
         return (from_numpy_like(dq, query), from_numpy_like(dk, key), from_numpy_like(dv, value),
                 None if db is None or not bias_grad else from_numpy_like(db, attn_bias))
-    from .backward import run_backward
-
-    pb, mask, sparse = fold_sparse(sparse_mask, pb, attn_mask, query)
+    pb, mask, sparse = fold_backward(sparse_mask, pb, attn_mask, query)
     if mask is not None:
-        window = pb.window
-        pb = check_dense(query, key, value, mask, attn_bias, softmax_scale, False, window_size,
-                         softcap, backend)
-        pb = dataclasses.replace(pb, window=window)
-    return run_backward(pb, _as_dtype(dout, pb.dtype), query, key, value, _as_dtype(out, pb.dtype),
-                        lse, dlse=dlse, deterministic=deterministic,
+        # built here from the validated mask: (B|1, H|1, Sq, Sk) bool on the query's device
+        pb = dataclasses.replace(pb, mask=describe(mask))
+    return run_backward(pb, arrays.cast(dout, pb.dtype), query, key, value,
+                        arrays.cast(out, pb.dtype), lse, dlse=dlse, deterministic=deterministic,
                         need_dbias=bias_grad and attn_bias is not None, sparse=sparse)
 
 
@@ -140,13 +88,11 @@ def flash_dmattn_varlen_backward(dout: Any, query: Any, key: Any, value: Any, ou
                                  dlse: Any = None,
                                  bias_grad: bool = True) -> tuple[Any, Any, Any, Any]:
     """Gradients of ``flash_dmattn_varlen_func`` (``lse`` is ``(H, total_q)``)."""
-    from .api import _check_flags
-
     common_kind({"dout": dout, "query": query, "out": out, "lse": lse, "dlse": dlse})
     pb = check_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                       attn_mask, attn_bias, softmax_scale, is_causal, window_size, softcap,
                       backend)
-    _check_flags(False, deterministic)
+    check_flags(False, deterministic)
     _check_like("dout", dout, pb.q.shape)
     _check_like("out", out, pb.q.shape)
     _check_lse("lse", lse, (pb.heads, pb.total_q))
@@ -161,8 +107,7 @@ def flash_dmattn_varlen_backward(dout: Any, query: Any, key: Any, value: Any, ou
             pb.softcap, pb.window, to_numpy_f64(dlse))
         return (from_numpy_like(dq, query), from_numpy_like(dk, key), from_numpy_like(dv, value),
                 None if db is None or not bias_grad else from_numpy_like(db, attn_bias))
-    from .backward import run_backward
-
-    return run_backward(pb, _as_dtype(dout, pb.dtype), query, key, value, _as_dtype(out, pb.dtype),
+    return run_backward(pb, arrays.cast(dout, pb.dtype), query, key, value,
+                        arrays.cast(out, pb.dtype),
                         lse, cu_seqlens_q, cu_seqlens_k, dlse=dlse, deterministic=deterministic,
                         need_dbias=bias_grad and attn_bias is not None)

@@ -1,8 +1,9 @@
 """NVRTC compilation of kernel specializations, with in-process and on-disk caches.
 
-Compiling needs no GPU: ``compile_spec(spec, arch="sm_90")`` works on any machine with the
-NVRTC library. The disk key covers every file under ``cuda_src/`` (headers pulled in with -I
-are invisible to CuPy's own cache), the options, the NVRTC version and the arch. Writes go to a
+Compiling needs no GPU: ``compile_spec(spec)`` builds a cubin for ``spec.arch`` (``sm_86``,
+``sm_90a``...) on any machine with the NVRTC library. The disk key covers every file under
+``cuda_src/`` (headers pulled in with -I are invisible to CuPy's own cache), the options, the
+NVRTC version and the arch. Writes go to a
 temporary file that is renamed into place, so concurrent processes never see a torn cubin.
 """
 
@@ -20,7 +21,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from .params import abi_check_source
+from . import env
+from .params import abi_header as params_abi_header
 from .spec import KernelSpec
 
 log = logging.getLogger("dmattn_cupy")
@@ -38,26 +40,32 @@ def cuda_src_dir() -> Path:
 
 
 def cache_dir() -> Path:
-    env = os.environ.get("DMATTN_CACHE_DIR")
-    base = Path(env) if env else Path(os.path.expanduser("~")) / ".cache" / "dmattn_cupy"
-    return base
+    return env.cache_dir()
 
 
-def _verbose() -> bool:
-    return os.environ.get("DMATTN_VERBOSE", "") not in ("", "0")
+def _source_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".cuh", ".cu", ".h"))
 
 
-@lru_cache(maxsize=1)
-def sources_digest() -> str:
-    """sha256 over the name and bytes of every file under cuda_src/."""
+@lru_cache(maxsize=8)
+def _digest(root: Path, stamp: tuple[tuple[str, int, int], ...]) -> str:
     h = hashlib.sha256()
-    root = cuda_src_dir()
-    for p in sorted(root.rglob("*")):
-        if p.is_file() and p.suffix in (".cuh", ".cu", ".h"):
-            h.update(p.relative_to(root).as_posix().encode())
-            h.update(b"\0")
-            h.update(p.read_bytes())
+    for p in _source_files(root):
+        h.update(p.relative_to(root).as_posix().encode())
+        h.update(b"\0")
+        h.update(p.read_bytes())
     return h.hexdigest()
+
+
+def sources_digest() -> str:
+    """sha256 over the name and bytes of every file under cuda_src/; re-read when a file's
+    size or modification time changes (a header edited in a running process counts)."""
+    root = cuda_src_dir()
+    stamp = []
+    for p in _source_files(root):
+        st = p.stat()
+        stamp.append((p.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns))
+    return _digest(root, tuple(stamp))
 
 
 def nvrtc_version() -> tuple[int, int]:
@@ -78,10 +86,28 @@ class CompiledKernel:
     stack_frame: int
     static_smem: int
     log: str
+    advisories: tuple[str, ...] = ()   # ptxas codes that mean a slow kernel (SLOW_ADVISORIES)
 
     @property
     def spills(self) -> bool:
         return self.spill_stores > 0 or self.spill_loads > 0 or self.stack_frame > 0
+
+    @property
+    def slow(self) -> bool:
+        """ptxas said the kernel works but runs slowly (e.g. wgmma serialized)."""
+        return bool(self.advisories)
+
+
+# ptxas advisories (Hopper) after which a kernel runs, slowly: treated as failures by
+# precompile --check-spills. C7515: wgmma serialized (non-wgmma instructions define the
+# accumulator); C7517: wgmma.wait_group injected; C7508: setmaxnreg ignored; C7510: see HOPPER.md.
+SLOW_ADVISORIES = ("C7515", "C7517", "C7508", "C7510")
+
+
+def parse_advisories(text: str) -> tuple[str, ...]:
+    """The SLOW_ADVISORIES codes a ptxas log mentions, each once, in order of appearance."""
+    found = re.findall(r"\b(C\d{4})\b", text)
+    return tuple(dict.fromkeys(c for c in found if c in SLOW_ADVISORIES))
 
 
 def parse_ptxas_log(text: str) -> dict[str, int]:
@@ -100,32 +126,32 @@ def parse_ptxas_log(text: str) -> dict[str, int]:
 
 
 def abi_header(spec: KernelSpec) -> str:
-    """The generated params_check.cuh: FwdParams checks plus any a spec adds (BwdParams)."""
-    return abi_check_source() + getattr(spec, "extra_abi_check", "")
+    """The generated params_check.cuh for the params struct of the spec's family."""
+    return params_abi_header(spec.row.params)
 
 
 def program_source(spec: KernelSpec) -> str:
     return f'#include "params_check.cuh"\n#include "{spec.source_file}"\n'
 
 
-def compile_options(spec: KernelSpec, arch: str) -> tuple[str, ...]:
+def compile_options(spec: KernelSpec) -> tuple[str, ...]:
     opts = list(_BASE_OPTIONS)
-    opts.append(f"--gpu-architecture={arch}")
+    opts.append(f"--gpu-architecture={spec.arch}")
     opts.append(f"-I{cuda_src_dir()}")
     if spec.debug_counters:
         opts.append("-DDMATTN_DEBUG_COUNTERS=1")
     return tuple(opts)
 
 
-def cache_key(spec: KernelSpec, arch: str) -> str:
-    opts = [o for o in compile_options(spec, arch) if not o.startswith("-I")]
+def cache_key(spec: KernelSpec) -> str:
+    opts = [o for o in compile_options(spec) if not o.startswith("-I")]
     payload = json.dumps(
         {
             "sources": sources_digest(),
             "abi": abi_header(spec),
             "options": opts,
             "nvrtc": list(nvrtc_version()),
-            "arch": arch,
+            "arch": spec.arch,
             "spec": spec.id,
             "entry": spec.name_expression,
         },
@@ -134,7 +160,7 @@ def cache_key(spec: KernelSpec, arch: str) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
-def _nvrtc_compile(spec: KernelSpec, arch: str) -> tuple[bytes, str, str]:
+def _nvrtc_compile(spec: KernelSpec) -> tuple[bytes, str, str]:
     from cupy_backends.cuda.libs import nvrtc
 
     headers = (b"params_check.cuh",)
@@ -145,10 +171,11 @@ def _nvrtc_compile(spec: KernelSpec, arch: str) -> tuple[bytes, str, str]:
     try:
         nvrtc.addNameExpression(prog, spec.name_expression)
         try:
-            nvrtc.compileProgram(prog, list(compile_options(spec, arch)))
+            nvrtc.compileProgram(prog, list(compile_options(spec)))
         except Exception as e:
             text = nvrtc.getProgramLog(prog)
-            raise RuntimeError(f"NVRTC failed to compile {spec.id} for {arch}:\n{text}") from e
+            raise RuntimeError(f"NVRTC failed to compile {spec.id} for {spec.arch}:\n{text}") \
+                from e
         text = nvrtc.getProgramLog(prog)
         lowered = nvrtc.getLoweredName(prog, spec.name_expression)
         cubin = nvrtc.getCUBIN(prog)
@@ -159,7 +186,7 @@ def _nvrtc_compile(spec: KernelSpec, arch: str) -> tuple[bytes, str, str]:
     return bytes(cubin), lowered, text
 
 
-_mem_cache: dict[tuple[KernelSpec, str], CompiledKernel] = {}
+_mem_cache: dict[KernelSpec, CompiledKernel] = {}
 _lock = threading.Lock()
 
 
@@ -187,14 +214,14 @@ def _load_disk(path: Path, meta_path: Path) -> tuple[bytes, dict] | None:
     return cubin, meta
 
 
-def compile_spec(spec: KernelSpec, arch: str, use_disk_cache: bool = True) -> CompiledKernel:
-    """Compile ``spec`` for ``arch`` (e.g. "sm_90"), using the in-process and disk caches."""
-    key = (spec, arch)
+def compile_spec(spec: KernelSpec, use_disk_cache: bool = True) -> CompiledKernel:
+    """Compile ``spec`` for ``spec.arch``, using the in-process and disk caches."""
+    key, arch = spec, spec.arch
     with _lock:
         hit = _mem_cache.get(key)
     if hit is not None:
         return hit
-    digest = cache_key(spec, arch)
+    digest = cache_key(spec)
     base = cache_dir() / f"{spec.id}-{arch}-{digest}"
     path, meta_path = base.with_suffix(".cubin"), base.with_suffix(".json")
     loaded = _load_disk(path, meta_path) if use_disk_cache else None
@@ -203,9 +230,9 @@ def compile_spec(spec: KernelSpec, arch: str, use_disk_cache: bool = True) -> Co
         lowered, text = meta["lowered_name"], meta["log"]
     else:
         t0 = time.perf_counter()
-        cubin, lowered, text = _nvrtc_compile(spec, arch)
+        cubin, lowered, text = _nvrtc_compile(spec)
         dt = time.perf_counter() - t0
-        if _verbose():
+        if env.verbose():
             print(f"[dmattn_cupy] compiled {spec.id} for {arch} in {dt:.2f} s", flush=True)
         log.info("compiled %s for %s in %.2f s", spec.id, arch, dt)
         if use_disk_cache:
@@ -217,7 +244,8 @@ def compile_spec(spec: KernelSpec, arch: str, use_disk_cache: bool = True) -> Co
             except OSError as e:  # a read-only cache must not break compilation
                 log.warning("dmattn_cupy: could not write kernel cache %s: %s", path, e)
     stats = parse_ptxas_log(text)
-    ck = CompiledKernel(spec=spec, arch=arch, cubin=cubin, lowered_name=lowered, log=text, **stats)
+    ck = CompiledKernel(spec=spec, arch=arch, cubin=cubin, lowered_name=lowered, log=text,
+                        advisories=parse_advisories(text), **stats)
     with _lock:
         _mem_cache[key] = ck
     return ck

@@ -6,7 +6,7 @@ the query heads that share a kv head into one m16 slab (rows = (query, head-in-g
 and when (sequences x kv heads x slabs) CTAs are too few to fill the GPU it splits each key
 range over ``num_splits`` CTAs whose fp32 partials ``fwd_combine.cu`` merges by their lse.
 
-Environment (developers and tests):
+Environment (developers and tests; read by ``env``):
 - ``DMATTN_DECODE``: ``auto`` (default: short queries take this path), ``0`` (never), ``1``
   (every supported problem, whatever its query length).
 - ``DMATTN_NUM_SPLITS``: unset/``auto`` = the heuristic below; an integer >= 1 forces it
@@ -16,12 +16,13 @@ Environment (developers and tests):
 from __future__ import annotations
 
 import math
-import os
-from functools import cache
 from typing import Any
 
+from . import arrays, env, runtime
 from .arrays import describe
-from .spec import KernelSpec, padded_head_dim
+from .device import DeviceProps
+from .layout import build_fwd_params
+from .spec import DTYPES, HEAD_DIMS, KernelSpec, padded_head_dim
 from .validate import Problem
 
 DECODE_MAX_Q = 8        # queries per sequence up to which the decode kernel is used
@@ -30,68 +31,46 @@ NUM_WARPS = 4
 BLOCK_N = 16 * NUM_WARPS  # keys per tile: 16 per warp
 MAX_SPLITS = 128
 COMBINE_WARPS = 4       # (row, head) pairs per combine CTA
-
-
-def decode_mode() -> str:
-    mode = os.environ.get("DMATTN_DECODE", "auto")
-    if mode not in ("auto", "0", "1"):
-        raise ValueError(f"DMATTN_DECODE must be 'auto', '0' or '1', got {mode!r}")
-    return mode
-
-
-def forced_splits() -> int | None:
-    val = os.environ.get("DMATTN_NUM_SPLITS", "auto")
-    if val in ("", "auto"):
-        return None
-    try:
-        n = int(val)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise ValueError(f"DMATTN_NUM_SPLITS must be 'auto' or an integer >= 1, got {val!r}")
-    return n
-
+RESERVED_SMEM_PER_CTA = 1024  # shared memory the driver reserves per resident CTA
 
 def use_decode(pb: Problem) -> bool:
     """The decode path takes short-query problems (q/k/v rows are 16-byte aligned by then)."""
-    mode = decode_mode()
+    mode = env.decode_mode()
     if mode == "0":
         return False
     return mode == "1" or pb.seqlen_q <= DECODE_MAX_Q
 
 
-def _common(pb: Problem) -> dict[str, Any]:
+def _common(pb: Problem, arch: str) -> dict[str, Any]:
     return dict(dtype="fp16" if pb.dtype == "float16" else "bf16",
-                head_dim=padded_head_dim(pb.head_dim))
+                head_dim=padded_head_dim(pb.head_dim), arch=arch)
 
 
-def decode_spec(pb: Problem) -> KernelSpec:
-    return KernelSpec(kind="fwd_decode", block_m=BLOCK_M, block_n=BLOCK_N, num_warps=NUM_WARPS,
-                      has_mask=pb.mask is not None, has_bias=pb.bias is not None,
-                      varlen=pb.varlen, **_common(pb))
+def decode_spec(pb: Problem, arch: str = "sm_80") -> KernelSpec:
+    return KernelSpec(family="fwd_decode", block_m=BLOCK_M, block_n=BLOCK_N,
+                      num_warps=NUM_WARPS, has_mask=pb.mask is not None,
+                      has_bias=pb.bias is not None, varlen=pb.varlen, **_common(pb, arch))
 
 
-def combine_spec(pb: Problem) -> KernelSpec:
-    return KernelSpec(kind="fwd_combine", block_m=1, block_n=1, num_warps=COMBINE_WARPS,
-                      **_common(pb))
+def combine_spec(pb: Problem, arch: str = "sm_80") -> KernelSpec:
+    return KernelSpec(family="fwd_combine", block_m=1, block_n=1, num_warps=COMBINE_WARPS,
+                      **_common(pb, arch))
 
 
-def all_decode_specs() -> list[KernelSpec]:
-    """Every decode and combine specialization (for precompile)."""
-    from .spec import DTYPES, HEAD_DIMS
-
+def all_decode_specs(arch: str = "sm_80") -> list[KernelSpec]:
+    """Every decode and combine specialization for a portable target ``arch``."""
     specs = []
     for dtype in DTYPES:
         for hd in HEAD_DIMS:
             for mask in (False, True):
                 for bias in (False, True):
                     for varlen in (False, True):
-                        specs.append(KernelSpec(kind="fwd_decode", dtype=dtype, head_dim=hd,
+                        specs.append(KernelSpec(family="fwd_decode", dtype=dtype, head_dim=hd,
                                                 block_m=BLOCK_M, block_n=BLOCK_N,
                                                 num_warps=NUM_WARPS, has_mask=mask,
-                                                has_bias=bias, varlen=varlen))
-            specs.append(KernelSpec(kind="fwd_combine", dtype=dtype, head_dim=hd, block_m=1,
-                                    block_n=1, num_warps=COMBINE_WARPS))
+                                                has_bias=bias, varlen=varlen, arch=arch))
+            specs.append(KernelSpec(family="fwd_combine", dtype=dtype, head_dim=hd, block_m=1,
+                                    block_n=1, num_warps=COMBINE_WARPS, arch=arch))
     return specs
 
 
@@ -120,63 +99,39 @@ def num_splits_heuristic(ctas: int, slots: int, n_tiles: int, max_splits: int = 
     return min(s for s, e in effs.items() if e >= 0.85 * best)
 
 
-@cache
-def _device_props(device: int) -> tuple[int, int]:
-    """(SM count, shared memory bytes per SM) read off the device."""
-    import cupy
-
-    attrs = cupy.cuda.Device(device).attributes
-    return int(attrs["MultiProcessorCount"]), int(attrs["MaxSharedMemoryPerMultiprocessor"])
-
-
-def resident_ctas(spec: KernelSpec, registers: int, smem_per_sm: int) -> int:
-    """CTAs of ``spec`` one SM holds: the least of the smem, register and thread limits."""
-    by_smem = smem_per_sm // (spec.dynamic_smem + 1024)
-    by_regs = 65536 // max(1, registers * spec.threads)
-    by_threads = 2048 // spec.threads
-    return max(1, min(by_smem, by_regs, by_threads, 32))
+def resident_ctas(spec: KernelSpec, registers: int, dev: DeviceProps) -> int:
+    """CTAs of ``spec`` one SM of ``dev`` holds: the least of its shared-memory, register,
+    thread and CTA limits (register allocation granularity ignored)."""
+    by_smem = dev.smem_per_sm // (spec.dynamic_smem + RESERVED_SMEM_PER_CTA)
+    by_regs = dev.regs_per_sm // max(1, registers * spec.threads)
+    by_threads = dev.threads_per_sm // spec.threads
+    return max(1, min(by_smem, by_regs, by_threads, dev.ctas_per_sm))
 
 
-def choose_num_splits(pb: Problem, spec: KernelSpec, registers: int, sm_count: int,
-                      smem_per_sm: int) -> int:
+def choose_num_splits(pb: Problem, spec: KernelSpec, registers: int, dev: DeviceProps) -> int:
     n_tiles = math.ceil(pb.seqlen_k / spec.block_n)
-    forced = forced_splits()
+    forced = env.forced_splits()
     if forced is not None:
         return max(1, min(forced, n_tiles, MAX_SPLITS))
     ctas = num_m_blocks(pb) * pb.kv_heads * pb.batch
-    slots = sm_count * resident_ctas(spec, registers, smem_per_sm)
+    slots = dev.sm_count * resident_ctas(spec, registers, dev)
     return num_splits_heuristic(ctas, slots, n_tiles)
 
 
-def _set_carveout(fn: Any) -> None:
-    """Ask for the largest shared-memory carveout so several decode CTAs fit one SM."""
-    from cupy_backends.cuda.api import driver
-
-    driver.funcSetAttribute(fn.ptr, driver.CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, 100)
+_carveout_set: set[tuple[KernelSpec, int]] = set()
 
 
-_carveout_set: set[int] = set()
-
-
-def run_decode(pb: Problem, query: Any, out: Any, lse: Any, cu_q: Any = None,
-               cu_k: Any = None) -> None:
+def run_decode(pb: Problem, query: Any, out: Any, lse: Any, cu_q: Any, cu_k: Any,
+               stream: Any) -> None:
     """Launch the decode kernel (and the combine kernel when split) into ``out`` / ``lse``."""
-    import cupy
-
-    from .compile import compile_spec
-    from .launch import _empty_like_query, current_stream, device_arch, get_function
-    from .layout import build_fwd_params
-
     dev = pb.q.device
-    spec = decode_spec(pb)
-    fn = get_function(spec, dev)
-    if fn.ptr not in _carveout_set:
-        with cupy.cuda.Device(dev):
-            _set_carveout(fn)
-        _carveout_set.add(fn.ptr)
-    sm_count, smem_per_sm = _device_props(dev)
-    registers = compile_spec(spec, device_arch(dev)).registers
-    ns = choose_num_splits(pb, spec, registers, sm_count, smem_per_sm)
+    props = runtime.device_props(dev)
+    spec = decode_spec(pb, props.arch)
+    kernel = runtime.get_kernel(spec, dev)
+    if (spec, dev) not in _carveout_set:  # several decode CTAs per SM
+        runtime.prefer_shared_memory(kernel)
+        _carveout_set.add((spec, dev))
+    ns = choose_num_splits(pb, spec, kernel.registers, props)
 
     def ptr(a: Any) -> int:
         return describe(a).ptr if a is not None else 0
@@ -188,19 +143,15 @@ def run_decode(pb: Problem, query: Any, out: Any, lse: Any, cu_q: Any = None,
     r["total_rows"] = total_rows
     o_acc = lse_acc = None
     if ns > 1:
-        o_acc = _empty_like_query(query, (total_rows * pb.heads * ns, spec.head_dim), "float32")
-        lse_acc = _empty_like_query(query, (total_rows * pb.heads * ns,), "float32")
+        o_acc = arrays.empty(query, (total_rows * pb.heads * ns, spec.head_dim), "float32")
+        lse_acc = arrays.empty(query, (total_rows * pb.heads * ns,), "float32")
         r["o_accum"], r["lse_accum"] = ptr(o_acc), ptr(lse_acc)
-    stream = current_stream(pb.kind, dev)
     grid = (num_m_blocks(pb) * ns, pb.kv_heads, pb.batch)
-    with cupy.cuda.Device(dev):
-        fn(grid, (spec.threads, 1, 1), (r,), shared_mem=spec.dynamic_smem, stream=stream)
-        if ns > 1:
-            cspec = combine_spec(pb)
-            cfn = get_function(cspec, dev)
-            n_pairs = total_rows * pb.heads
-            cfn((math.ceil(n_pairs / COMBINE_WARPS), 1, 1), (cspec.threads, 1, 1), (r,),
-                stream=stream)
+    runtime.launch(kernel, grid, (r,), stream)
+    if ns > 1:
+        combine = runtime.get_kernel(combine_spec(pb, props.arch), dev)
+        n_pairs = total_rows * pb.heads
+        runtime.launch(combine, (math.ceil(n_pairs / COMBINE_WARPS), 1, 1), (r,), stream)
     # The partials were allocated on this stream, so both CuPy's pool and torch's caching
     # allocator hand their memory out again only to work ordered after these kernels.
     del o_acc, lse_acc

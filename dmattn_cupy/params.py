@@ -1,6 +1,10 @@
-"""NumPy mirror of ``FwdParams`` (cuda_src/params.cuh) and the ABI checks for it.
+"""NumPy mirrors of ``FwdParams`` (cuda_src/params.cuh) and ``BwdParams``
+(cuda_src/bwd_params.cuh), and the ABI checks for them.
 
-The field list below is the single Python-side description of the struct. ``abi_check_source``
+``BwdParams`` is the forward's ``FwdParams`` record followed by the gradient buffers; its mirror
+is FWD_DTYPE's fields followed by ``BWD_EXTRA_FIELDS``.
+
+Each field list below is the single Python-side description of the struct. ``abi_check_source``
 turns it into ``static_assert``s on size and every offset; the compile layer adds that header to
 every program, so a drift between the two sides fails compilation (CI compiles every kernel).
 """
@@ -71,3 +75,44 @@ def abi_check_source(struct: str = "FwdParams", dtype: np.dtype = FWD_DTYPE) -> 
     inits = ", ".join(f".{n} = {{}}" for n in names)
     lines.append(f"[[maybe_unused]] constexpr {struct} k{struct}OrderProbe{{{inits}}};")
     return "\n".join(lines) + "\n"
+
+
+BWD_EXTRA_FIELDS: tuple[tuple[str, type], ...] = (
+    ("dout", _PTR), ("dlse", _PTR), ("dsum", _PTR), ("dq_accum", _PTR), ("dq", _PTR),
+    ("dk", _PTR), ("dv", _PTR), ("dbias", _PTR), ("sp_grid", _PTR),
+    ("do_batch_stride", _I64), ("do_row_stride", _I64), ("do_head_stride", _I64),
+    ("dq_batch_stride", _I64), ("dq_row_stride", _I64), ("dq_head_stride", _I64),
+    ("dk_batch_stride", _I64), ("dk_row_stride", _I64), ("dk_head_stride", _I64),
+    ("dv_batch_stride", _I64), ("dv_row_stride", _I64), ("dv_head_stride", _I64),
+    ("dqa_batch_stride", _I64), ("dqa_row_stride", _I64), ("dqa_head_stride", _I64),
+    ("dbias_batch_stride", _I64), ("dbias_head_stride", _I64), ("dbias_row_stride", _I64),
+    ("dbias_col_stride", _I64), ("dbias_qseq_stride", _I64), ("dbias_kseq_stride", _I64),
+    ("dbias_tile_stride", _I64),
+    ("dbias_mode", _I32), ("dbias_is_fp32", _I32), ("scale", _F32), ("sp_grid_cols", _I32),
+)
+
+
+def bwd_dtype_nested() -> np.dtype:
+    """BwdParams as the C++ declares it: ``FwdParams f`` then the extra fields."""
+    return np.dtype([("f", FWD_DTYPE)] + list(BWD_EXTRA_FIELDS), align=True)
+
+
+def bwd_dtype_flat() -> np.dtype:
+    """The same bytes with the forward's fields inlined (what a launch fills and passes)."""
+    fields = [(n, FWD_DTYPE.fields[n][0]) for n in FWD_DTYPE.names] + list(BWD_EXTRA_FIELDS)
+    return np.dtype(fields, align=True)
+
+
+def bwd_abi_check_source() -> str:
+    src = abi_check_source("BwdParams", bwd_dtype_nested())
+    return src.replace('#include "params.cuh"', '#include "bwd_params.cuh"')
+
+
+def abi_header(params: str) -> str:
+    """The generated params_check.cuh for a family reading ``params`` (FwdParams checks,
+    plus the BwdParams ones for backward families)."""
+    if params == "FwdParams":
+        return abi_check_source()
+    if params == "BwdParams":
+        return abi_check_source() + bwd_abi_check_source()
+    raise ValueError(f"params must be 'FwdParams' or 'BwdParams', got {params!r}")

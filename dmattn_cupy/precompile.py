@@ -1,89 +1,124 @@
 """``python -m dmattn_cupy.precompile``: compile every kernel specialization with NVRTC.
 
-Needs no GPU. Prints one line per kernel (registers, spills, stack, static smem); with
-``--check-spills`` exits 1 if any kernel spills or uses a stack frame.
+Needs no GPU. ``--arch sm_XY`` builds what a device of compute capability X.Y runs: the
+portable (sm_80-class) specs for ``sm_XY`` and every arch-specific family that runs there for
+its own target (``--arch sm_90``: the sm_90a families too). Prints one line per kernel
+(registers, spills, stack, static smem, ptxas advisories); with ``--check-spills`` exits 1 if
+any kernel spills, uses a stack frame, or draws an advisory that means a slow Hopper kernel
+(``compile.SLOW_ADVISORIES``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 
+from . import select
+from .arrays import ArrayInfo
 from .compile import CompiledKernel, compile_spec
+from .decode import all_decode_specs
+from .device import PRESETS, DeviceProps, parse_arch
+from .families import FAMILIES, sparse_supported
 from .spec import DTYPES, HEAD_DIMS, KernelSpec
+from .validate import Problem
 
 DEFAULT_ARCHS = ("sm_80", "sm_90")
-# Opt-in shared memory per block: sm_80 / sm_87 (163 KB; sm_90: 227 KB), sm_86 / sm_89 (99 KB).
-SMEM_PER_BLOCK = (163 * 1024, 99 * 1024)
 
 
-def all_specs(debug: bool = False) -> list[KernelSpec]:
-    """Every forward specialization the launcher can select."""
-    from .launch import select_fwd_spec, sparse_supported  # the launcher's choice
-    from .validate import Problem
-
-    specs = []
-    for dtype, hd, mask, bias, varlen in itertools.product(
-            DTYPES, HEAD_DIMS, (False, True), (False, True), (False, True)):
-        pb = _stub_problem(Problem, dtype, hd, mask, bias, varlen)
-        for limit in SMEM_PER_BLOCK:  # each device class's choice (block-sparse: dense only)
-            for sparse in (False, True) if not varlen and sparse_supported(hd, mask, bias) else (
-                    False,):
-                spec = select_fwd_spec(pb, debug_counters=debug, sparse=sparse, smem_limit=limit)
-                if spec not in specs:
-                    specs.append(spec)
-    if not debug:  # decode/combine and backward kernels have no debug builds
-        from .backward import all_bwd_specs
-        from .decode import all_decode_specs
-
-        specs += all_decode_specs() + all_bwd_specs()
-    return specs
-
-
-def _stub_problem(problem_cls: type, dtype: str, hd: int, mask: bool, bias: bool, varlen: bool):
-    from .arrays import ArrayInfo
-
+def stub_problem(dtype: str, hd: int, mask: bool, bias: bool, varlen: bool) -> Problem:
+    """A problem of the given switches (for enumerating what select picks)."""
     dt = "float16" if dtype == "fp16" else "bfloat16"
     info = ArrayInfo("cupy", dt, (1, 1, 1, hd), (hd, hd, hd, 1), 0, 0)
     mb = ArrayInfo("cupy", "bool", (1, 1, 1, 1), (1, 1, 1, 1), 0, 0)
-    return problem_cls(kind="cupy", backend="cuda", varlen=varlen, batch=1, seqlen_q=1,
-                       seqlen_k=1, heads=1, kv_heads=1, head_dim=hd, dtype=dt, scale=1.0,
-                       softcap=0.0, window=(-1, -1), q=info, k=info, v=info,
-                       mask=mb if mask else None, bias=info if bias else None)
+    return Problem(kind="cupy", backend="cuda", varlen=varlen, batch=1, seqlen_q=1,
+                   seqlen_k=1, heads=1, kv_heads=1, head_dim=hd, dtype=dt, scale=1.0,
+                   softcap=0.0, window=(-1, -1), q=info, k=info, v=info,
+                   mask=mb if mask else None, bias=info if bias else None)
 
 
-def _compile(args: tuple[KernelSpec, str, bool]) -> CompiledKernel:
-    spec, arch, fill_cache = args
-    return compile_spec(spec, arch, use_disk_cache=fill_cache)
+def _device_classes(arch: str) -> list[DeviceProps]:
+    """The device classes a build for ``arch`` serves: the presets of its major version
+    (shared-memory limits differ within one: sm_80 163 KB, sm_86 / sm_89 99 KB); for a major
+    without presets, every preset's limits at ``arch``'s compute capability."""
+    cc, _ = parse_arch(arch)
+    same_major = [p for p in PRESETS.values() if p.cc[0] == cc[0]]
+    return same_major or [dataclasses.replace(p, cc=cc) for p in PRESETS.values()]
+
+
+def _retarget(spec: KernelSpec, arch: str) -> KernelSpec:
+    """Portable specs build for ``arch``; arch-specific ones keep their own target."""
+    return spec if spec.row.arch_specific else dataclasses.replace(spec, arch=arch)
+
+
+def all_specs(arch: str = "sm_80", debug: bool = False) -> list[KernelSpec]:
+    """Every specialization a device of ``arch`` (e.g. ``sm_90``) can be given: per device
+    class and problem class, each forward family that runs there, has the switches and lists
+    a tile for it (the portable family too: it serves what a native one declines at run
+    time), the backward and the decode kernels."""
+    specs: dict[KernelSpec, None] = {}  # ordered, without repeats
+
+    def add(spec: KernelSpec | None) -> None:
+        if spec is not None:
+            specs.setdefault(_retarget(spec, arch), None)
+
+    forward_rows = [f for f in FAMILIES.values() if f.role == "forward"]
+    for dtype, hd, mask, bias, varlen in itertools.product(
+            DTYPES, HEAD_DIMS, (False, True), (False, True), (False, True)):
+        pb = stub_problem(dtype, hd, mask, bias, varlen)
+        sparse_opts = (False, True) if not varlen and sparse_supported(hd, mask, bias) else (
+            False,)
+        for dev, sparse in itertools.product(_device_classes(arch), sparse_opts):
+            for fam in forward_rows:  # accepts() is about run-time layouts: not asked here
+                if (fam.runs_on(dev.cc) and select.supports(fam, pb, sparse, debug)
+                        and fam.tiles(pb, sparse)):
+                    add(select.forward_spec(fam, pb, dev, sparse, debug))
+            if not debug:  # backward kernels have no debug builds
+                for det in (False, True):
+                    for s in select.backward(dtype, hd, mask, bias, varlen, det, sparse, dev):
+                        add(s)
+    if not debug:  # nor have decode/combine
+        for s in all_decode_specs(arch):
+            add(s)
+    return list(specs)
+
+
+def _compile(args: tuple[KernelSpec, bool]) -> CompiledKernel:
+    spec, fill_cache = args
+    return compile_spec(spec, use_disk_cache=fill_cache)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m dmattn_cupy.precompile", description=__doc__)
     ap.add_argument("--arch", action="append", help="e.g. sm_80, sm_90 (repeatable)")
     ap.add_argument("--check-spills", action="store_true",
-                    help="exit 1 if any kernel spills registers or uses a stack frame")
+                    help="exit 1 if any kernel spills registers, uses a stack frame, or draws a "
+                         "ptxas advisory that means a slow kernel")
     ap.add_argument("--debug", action="store_true", help="also compile the debug-counter builds")
     ap.add_argument("--jobs", type=int, default=2, help="parallel compiler processes")
     ap.add_argument("--fill-cache", action="store_true",
                     help="store the cubins in the kernel cache (DMATTN_CACHE_DIR) for later runs")
     a = ap.parse_args(argv)
     archs = a.arch or list(DEFAULT_ARCHS)
-    specs = all_specs() + (all_specs(debug=True) if a.debug else [])
-    work = [(s, arch, a.fill_cache) for arch in archs for s in specs]
+    specs = dict.fromkeys(s for arch in archs
+                          for s in all_specs(arch) + (all_specs(arch, debug=True) if a.debug
+                                                      else []))
+    work = [(s, a.fill_cache) for s in specs]
     t0 = time.perf_counter()
     bad = 0
     with ProcessPoolExecutor(max_workers=max(1, a.jobs)) as ex:
         for ck in ex.map(_compile, work):
-            flag = "SPILL" if ck.spills else "ok"
-            bad += ck.spills
+            flag = "SPILL" if ck.spills else ("SLOW " + ",".join(ck.advisories) if ck.slow
+                                              else "ok")
+            bad += ck.spills or ck.slow
             print(f"{ck.spec.id:<48} {ck.arch}  regs={ck.registers:<4} "
                   f"spill_st={ck.spill_stores:<4} spill_ld={ck.spill_loads:<4} "
                   f"stack={ck.stack_frame:<4} smem={ck.static_smem:<6} {flag}", flush=True)
     print(f"compiled {len(work)} kernels for {','.join(archs)} in "
-          f"{time.perf_counter() - t0:.1f} s; {bad} with spills/stack")
+          f"{time.perf_counter() - t0:.1f} s; {bad} with spills/stack/slow advisories")
     return 1 if (a.check_spills and bad) else 0
 
 

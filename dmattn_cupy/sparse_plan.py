@@ -1,4 +1,4 @@
-"""How a ``sparse_mask`` reaches the CUDA kernel (pure Python; no GPU objects).
+"""How a ``sparse_mask`` reaches the CUDA kernels: the one place for sparse routing.
 
 Parametric masks (causal, window, causal-window) are diagonal bands: they fold into the
 kernel's (left, right) window, cost zero bytes and have their tiles classed by formula.
@@ -6,16 +6,27 @@ Block masks (bitset, BCSR, dynamic, mixed) reach the kernel as per-row block lis
 mask's own block size, which must be a multiple of the kernel tile; each listed block expands
 to whole kernel tiles and unlisted blocks are never touched. A ``MixedMask``'s partial blocks
 also carry their element bits. An ``&`` of two (immutable) block masks reaches the kernel as
-one exact ``MixedMask`` built from their blocks.
+one exact ``MixedMask`` built from their blocks. A block mask whose blocks do not tile the
+backward kernels reaches them as its dense form ANDed into ``attn_mask`` (``fold_backward``).
+Device uploads of immutable masks are cached on the mask (through the ``arrays`` adapter).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
+from . import arrays
+from .arrays import array_kind, describe
+from .device import PRESETS, DeviceProps
+from .families import padded_head_dim, sparse_supported
 from .masks import DynamicMask, IntersectionMask, MixedMask, SparseMask
+from .select import backward as select_backward
 from .spec import KernelSpec
+from .validate import Problem
 
 
 def bound_min(a: int, b: int) -> int:
@@ -137,3 +148,91 @@ def sparse_fields(arrays: SparseArrays) -> dict[str, int]:
         "sp_partial_width": int(arrays.partial_idx.shape[-1]),
         "sp_block_m": arrays.block_m, "sp_block_n": arrays.block_n,
     }
+
+
+def fold_window(pb: Problem, sparse_mask: SparseMask | None) -> tuple[Problem, SparseMask | None]:
+    """Parametric masks become the kernel's window (zero bytes, tiles classed by formula);
+    returns the problem with the window folded in and the block mask left, or None."""
+    if sparse_mask is None:
+        return pb, None
+    win, block = split_sparse(sparse_mask)
+    return dataclasses.replace(pb, window=(bound_min(pb.window[0], win[0]),
+                                           bound_min(pb.window[1], win[1]))), block
+
+
+def fits_backward(block_size: tuple[int, int], dtype: str, head_dim: int,
+                  dev: DeviceProps = PRESETS["sm_80"]) -> bool:
+    """Whether a block mask of ``block_size`` tiles the backward kernels' (block_m, block_n)
+    (otherwise the backward reads its dense form as ``attn_mask``). The masked dK/dV tile is
+    the same on every device."""
+    dkdv = select_backward(dtype, head_dim, True, False, False, False, True, dev)[1]
+    return block_size[0] % dkdv.block_m == 0 and block_size[1] % dkdv.block_n == 0
+
+
+def _device_array(arr: Any, like: Any, dtype: str) -> Any:
+    """``arr`` as a contiguous device array beside ``like`` (GPU arrays in place)."""
+    if arr is None:
+        return None
+    if isinstance(arr, np.ndarray):
+        return arrays.upload(arr, like, dtype)
+    info = describe(arr)
+    contiguous = all(st == int(np.prod(info.shape[i + 1:])) for i, st in enumerate(info.strides)
+                     if info.shape[i] > 1)
+    if info.dtype != dtype or not contiguous:
+        raise ValueError(f"sparse-mask buffers must be contiguous {dtype}, got {info.dtype} "
+                         f"with strides {info.strides}")
+    return arr
+
+
+def device_lists(mask: SparseMask, like: Any) -> SparseArrays:
+    """The mask's lists on the device of ``like``; uploads of immutable masks are cached on
+    the mask, a DynamicMask's live buffers are read in place at every call."""
+    cache = mask.__dict__.setdefault("_dmattn_device_lists", {})
+    key = (array_kind(like), describe(like).device)
+    if not isinstance(mask, DynamicMask) and key in cache:
+        return cache[key]
+    host = host_arrays(mask)
+    arrs = SparseArrays(
+        *(_device_array(getattr(host, f), like, "int32")
+          for f in ("full_count", "full_idx", "partial_count", "partial_idx", "partial_slot")),
+        partial_bits=_device_array(host.partial_bits, like, "uint32"),
+        block_m=host.block_m, block_n=host.block_n)
+    if not isinstance(mask, DynamicMask):
+        cache[key] = arrs
+    return arrs
+
+
+def dense_block_mask(sparse_mask: SparseMask, attn_mask: Any, like: Any) -> Any:
+    """The dense fallback: a block mask's exact elements as a bool array beside ``like``,
+    ANDed with ``attn_mask`` (the backward reads it like any mask; all-false tiles are
+    skipped)."""
+    dense = np.array(sparse_mask.to_dense(), dtype=bool)  # a writable copy
+    if dense.ndim == 2:
+        dense = dense[None, None]
+    m = arrays.upload(dense, like, "bool")
+    return m if attn_mask is None else (m & attn_mask)
+
+
+def fold_backward(sparse_mask: SparseMask | None, pb: Problem, attn_mask: Any,
+                  like: Any) -> tuple[Problem, Any, SparseArrays | None]:
+    """Parametric masks fold into the window. A block mask whose blocks tile the backward
+    kernels travels as its block lists (unlisted blocks are never touched); any other block
+    mask becomes its dense form ANDed into ``attn_mask``. Returns (problem with the window
+    folded, the mask to use (None when unchanged), the block lists or None)."""
+    pb, block = fold_window(pb, sparse_mask)
+    if block is None:
+        return pb, None, None
+    if fits_backward(block.block_size, pb.dtype, pb.head_dim):
+        return pb, None, device_lists(block, like)
+    return pb, dense_block_mask(block, attn_mask, like), None
+
+
+def autograd_lists(block: SparseMask, attn_mask: Any, query: Any, on_cuda: bool,
+                   head_dim: int, dtype: str) -> tuple[SparseArrays | None, Any]:
+    """For a block mask on the autograd path: (its lists on the query's device, attn_mask)
+    when its blocks tile the forward and backward kernels on CUDA, else (None, its dense form
+    ANDed into attn_mask)."""
+    from_families = sparse_supported(padded_head_dim(head_dim), attn_mask is not None, False)
+    if on_cuda and from_families and fits_backward(block.block_size, dtype, head_dim):
+        return device_lists(block, query), attn_mask
+    return None, dense_block_mask(block, attn_mask, query)

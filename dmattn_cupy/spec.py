@@ -1,97 +1,107 @@
-"""``KernelSpec``: only what changes the generated code (dtype, head dim, tile shape, switches).
+"""``KernelSpec``: only what changes the generated code (family, cubin target, dtype, head dim,
+tile shape, switches).
 
 Sizes, strides (0 included), offsets, scale and softcap are runtime fields of the params
-struct, so broadcasting or a new sequence length never needs a new kernel.
+struct, so broadcasting or a new sequence length never needs a new kernel. What a family's
+kernel is (source, template, params struct, shared memory) comes from its row in
+``families.FAMILIES``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .device import parse_arch
+from .families import FAMILIES, HEAD_DIMS, Family, padded_head_dim
+
 DTYPES = ("fp16", "bf16")
-KERNEL_NAMES = {"fwd_mma": "flash_fwd_mma_kernel",
-                "fwd_decode": "flash_fwd_decode_kernel", "fwd_combine": "flash_fwd_combine_kernel"}
-HEAD_DIMS = (32, 64, 96, 128, 192, 256)
+SWITCHES = ("has_mask", "has_bias", "varlen", "sparse", "deterministic", "debug_counters")
 
-
-def decode_stages(head_dim: int) -> int:
-    """K/V pipeline depth of the decode kernel (cuda_src/sm80/fwd_decode.cu, ``decode_stages``)."""
-    return 2 if head_dim > 128 else 3
-
-
-def padded_head_dim(d: int) -> int:
-    """Smallest specialized head dim >= ``d`` (the kernel zero-fills the padding)."""
-    for hd in HEAD_DIMS:
-        if d <= hd:
-            return hd
-    raise ValueError(f"head dim must be <= {HEAD_DIMS[-1]}, got {d}")
+__all__ = ["DTYPES", "HEAD_DIMS", "KernelSpec", "padded_head_dim"]
 
 
 @dataclass(frozen=True)
 class KernelSpec:
-    kind: str = "fwd_mma"      # the kernel family: cuda_src/<kind>.cu
+    family: str = "fwd_mma"    # a row of families.FAMILIES
     dtype: str = "bf16"        # "fp16" | "bf16"
     head_dim: int = 128        # one of HEAD_DIMS
     block_m: int = 128
     block_n: int = 64
     num_warps: int = 4
+    stages: int = 1            # pipeline depth, for families whose template takes it
     has_mask: bool = False
     has_bias: bool = False
     varlen: bool = False
-    sparse: bool = False       # block-sparse lists (fwd_mma only)
+    sparse: bool = False       # block-sparse lists
+    deterministic: bool = False
     debug_counters: bool = False
+    arch: str = ""             # cubin target; "" = the family's own (sm_80 portable, sm_90a...)
 
     def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"KernelSpec.family must be one of {tuple(FAMILIES)}, "
+                             f"got {self.family!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"KernelSpec.dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if self.kind not in KERNEL_NAMES:
-            raise ValueError(f"KernelSpec.kind must be one of {tuple(KERNEL_NAMES)}, "
-                             f"got {self.kind!r}")
-        if self.sparse and self.kind != "fwd_mma":
-            raise ValueError("KernelSpec.sparse needs kind='fwd_mma'")
         if self.head_dim not in HEAD_DIMS:
             raise ValueError(f"KernelSpec.head_dim must be one of {HEAD_DIMS}, got {self.head_dim}")
+        fam = self.row
+        for name in SWITCHES:
+            if getattr(self, name) and name not in fam.template_args:
+                raise ValueError(f"KernelSpec.{name}: family {self.family!r} has no such switch")
+        if self.stages != 1 and "stages" not in fam.template_args:
+            raise ValueError(f"KernelSpec.stages: family {self.family!r} takes no stages")
+        arch = self.arch or fam.arch
+        cc, specific = parse_arch(arch)
+        if fam.arch_specific and arch != fam.arch:
+            raise ValueError(f"KernelSpec.arch: family {self.family!r} builds for {fam.arch} "
+                             f"only, got {arch!r}")
+        if not fam.arch_specific and (specific or cc < fam.min_cc):
+            raise ValueError(f"KernelSpec.arch: family {self.family!r} builds for sm_XY >= "
+                             f"{fam.arch}, got {arch!r}")
+        object.__setattr__(self, "arch", arch)
+
+    @property
+    def row(self) -> Family:
+        return FAMILIES[self.family]
 
     @property
     def id(self) -> str:
-        s = (
-            f"{self.kind}_{self.dtype}_d{self.head_dim}_m{self.block_m}n{self.block_n}"
-            f"w{self.num_warps}_mask{int(self.has_mask)}_bias{int(self.has_bias)}"
-            f"_varlen{int(self.varlen)}"
-        ) + ("_sparse" if self.sparse else "")
+        """Readable and unique across families (cache file names, logs, pytest ids); the
+        cubin target is not part of it (cache file names carry it separately)."""
+        s = (f"{self.family}_{self.dtype}_d{self.head_dim}_m{self.block_m}n{self.block_n}"
+             f"w{self.num_warps}_mask{int(self.has_mask)}_bias{int(self.has_bias)}"
+             f"_varlen{int(self.varlen)}")
+        s += f"_st{self.stages}" if self.stages != 1 else ""
+        s += "_sparse" if self.sparse else ""
+        s += "_det" if self.deterministic else ""
         return s + ("_dbg" if self.debug_counters else "")
 
     @property
     def source_file(self) -> str:
-        return f"{self.kind}.cu" if self.kind == "fwd_combine" else f"sm80/{self.kind}.cu"
+        return self.row.source
 
     @property
     def name_expression(self) -> str:
-        """The templated ``__global__`` this spec instantiates (see cuda_src/<kind>.cu)."""
-        elem = "dm::Half" if self.dtype == "fp16" else "dm::BFloat16"
-        flags = [self.has_mask, self.has_bias, self.varlen, self.sparse, self.debug_counters]
-        args = ", ".join([elem, str(self.head_dim), str(self.block_m), str(self.block_n),
-                          str(self.num_warps)] + [str(f).lower() for f in flags])
-        return f"dm::{KERNEL_NAMES[self.kind]}<{args}>"
+        """The templated ``__global__`` this spec instantiates."""
+        args = []
+        for name in self.row.template_args:
+            value = getattr(self, name)
+            if name == "dtype":
+                args.append("dm::Half" if value == "fp16" else "dm::BFloat16")
+            elif isinstance(value, bool):
+                args.append(str(value).lower())
+            else:
+                args.append(str(value))
+        return f"{self.row.kernel}<{', '.join(args)}>"
 
     @property
     def dynamic_smem(self) -> int:
-        """Dynamic shared memory bytes. fwd_mma.cu's layout: Q | K x2 | V x2 | bias x2 | mask;
-        Q/K/V and bias rows padded by 8 elements, mask rows by 16 bytes."""
-        if self.kind == "fwd_decode":  # Q slab + kStages K and V tiles, rows padded by 8
-            return (self.block_m + 2 * decode_stages(self.head_dim) * self.block_n) * \
-                (self.head_dim + 8) * 2
-        if self.kind != "fwd_mma":
-            return 0
-        stride = self.head_dim + 8
-        elems = self.block_m * stride + 4 * self.block_n * stride
-        if self.has_bias:
-            elems += 2 * self.block_m * (self.block_n + 8)
-        return 2 * elems + (self.block_m * (self.block_n + 16) if self.has_mask else 0)
+        return self.row.smem(self)
 
     @property
     def threads(self) -> int:
-        return 32 * self.num_warps
+        return self.row.threads(self)
 
     def __str__(self) -> str:
         return self.id

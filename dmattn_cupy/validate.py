@@ -11,7 +11,10 @@ import numbers
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from .arrays import ArrayInfo, common_kind, describe
+from .masks import SparseMask
 
 BACKENDS = ("auto", "cuda", "reference")
 CUDA_QKV_DTYPES = ("float16", "bfloat16")
@@ -271,8 +274,6 @@ def check_varlen(query: Any, key: Any, value: Any, cu_seqlens_q: Any, cu_seqlens
 def check_cu_seqlens_values(cu_q: Any, cu_k: Any, total_q: int, total_k: int, max_q: int,
                             max_k: int) -> None:
     """Contents of host copies of cu_seqlens: first 0, non-decreasing, last = total, max fits."""
-    import numpy as np
-
     for name, cu, total, mx, mxname in (("cu_seqlens_q", cu_q, total_q, max_q, "max_seqlen_q"),
                                         ("cu_seqlens_k", cu_k, total_k, max_k, "max_seqlen_k")):
         cu = np.asarray(cu)
@@ -286,3 +287,26 @@ def check_cu_seqlens_values(cu_q: Any, cu_k: Any, total_q: int, total_k: int, ma
         if lens.size and int(lens.max()) > mx:
             raise ValueError(f"{mxname}={mx} is smaller than the longest sequence "
                              f"({int(lens.max())}) in {name}")
+
+
+def check_sparse(sparse_mask: Any, pb: Problem) -> None:
+    """``sparse_mask``: a mask object for (seqlen_q, seqlen_k), batch/head dims 1 or full."""
+    if sparse_mask is None:
+        return
+    if not isinstance(sparse_mask, SparseMask):
+        raise TypeError(f"sparse_mask must be a dmattn_cupy mask object (CausalMask, "
+                        f"BlockBitsetMask, ...), got {type(sparse_mask).__name__}")
+    if (sparse_mask.seqlen_q, sparse_mask.seqlen_k) != (pb.seqlen_q, pb.seqlen_k):
+        raise ValueError(f"sparse_mask is for (seqlen_q, seqlen_k) = "
+                         f"({sparse_mask.seqlen_q}, {sparse_mask.seqlen_k}), but the inputs have "
+                         f"({pb.seqlen_q}, {pb.seqlen_k})")
+    bm, hm = sparse_mask.batch_heads
+    if bm not in (1, pb.batch) or hm not in (1, pb.heads):
+        raise ValueError(f"sparse_mask batch/head dims must be 1 or ({pb.batch}, {pb.heads}), "
+                         f"got ({bm}, {hm})")
+
+
+def check_flags(return_lse: Any, deterministic: Any) -> None:
+    for name, val in (("return_lse", return_lse), ("deterministic", deterministic)):
+        if not isinstance(val, bool):
+            raise TypeError(f"{name} must be a bool, got {type(val).__name__}")

@@ -173,8 +173,7 @@ def test_no_grad_call_is_untracked():
 # CUDA-side pieces that need only NVRTC / NumPy.
 
 def test_bwd_params_flat_and_nested_agree():
-    from dmattn_cupy.backward import bwd_dtype_flat, bwd_dtype_nested
-    from dmattn_cupy.params import FWD_DTYPE
+    from dmattn_cupy.params import FWD_DTYPE, bwd_dtype_flat, bwd_dtype_nested
 
     flat, nested = bwd_dtype_flat(), bwd_dtype_nested()
     assert flat.itemsize == nested.itemsize
@@ -233,10 +232,15 @@ def test_deterministic_widening_leaves_no_cross_block_atomics(bshape, axes, key_
 
 
 def test_dkdv_tile_rows_follow_shared_memory():
-    from dmattn_cupy.backward import select_bwd_specs
+    import dataclasses
+
+    from dmattn_cupy import select
+    from dmattn_cupy.device import PRESETS
 
     def rows(hd, mask=False, bias=False, limit=None):
-        return select_bwd_specs("bfloat16", hd, mask, bias, False, False, False, limit)[1].block_m
+        dev = PRESETS["sm_90"] if limit is None else dataclasses.replace(
+            PRESETS["sm_90"], smem_per_block=limit)
+        return select.backward("bfloat16", hd, mask, bias, False, False, False, dev)[1].block_m
 
     assert rows(128) == 128 and rows(64) == 128
     assert rows(128, limit=227 * 1024) == 128
@@ -245,8 +249,8 @@ def test_dkdv_tile_rows_follow_shared_memory():
 
 
 def test_sparse_arrays_round_trip_and_backward_fit():
-    from dmattn_cupy.backward import sparse_fits_backward
     from dmattn_cupy.sparse_plan import arrays_from_list, arrays_to_list, host_arrays
+    from dmattn_cupy.sparse_plan import fits_backward as sparse_fits_backward
 
     dense = np.random.default_rng(0).random((200, 300)) > 0.5
     for mask in (dm.BlockBitsetMask.from_dense_mask(dense, block_size=(64, 128)),
@@ -267,7 +271,7 @@ def test_bwd_abi_compiles():
     from cupy_backends.cuda.libs import nvrtc
 
     from dmattn_cupy import compile as dmc
-    from dmattn_cupy.backward import bwd_abi_check_source
+    from dmattn_cupy.params import bwd_abi_check_source
 
     prog = nvrtc.createProgram('#include "params_check.cuh"\n', "abi.cu",
                                (bwd_abi_check_source().encode(),), (b"params_check.cuh",))
@@ -281,13 +285,15 @@ def test_bwd_abi_compiles():
 @pytest.mark.parametrize("hd", [64, 128, 256])
 def test_backward_kernels_compile_without_spills(hd):
     pytest.importorskip("cupy_backends.cuda.libs.nvrtc")
-    from dmattn_cupy.backward import select_bwd_specs
+    from dmattn_cupy import select
     from dmattn_cupy.compile import compile_spec
+    from dmattn_cupy.device import PRESETS
 
-    for spec in select_bwd_specs("bfloat16", hd, True, True, False, True, sparse=True):
+    for spec in select.backward("bfloat16", hd, True, True, False, True, True,
+                                PRESETS["sm_80"]):
         if spec is None:
             continue
-        ck = compile_spec(spec, "sm_80", use_disk_cache=False)
+        ck = compile_spec(spec, use_disk_cache=False)
         assert not ck.spills, (spec.id, ck.registers, ck.spill_stores)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import subprocess
@@ -63,14 +64,14 @@ def test_abi_detects_missing_field() -> None:
 def test_spec_id_is_readable_and_unique() -> None:
     specs = all_specs()
     ids = [s.id for s in specs]
-    n_decode = sum(s.kind in ("fwd_decode", "fwd_combine") for s in specs)
+    n_decode = sum(s.family in ("fwd_decode", "fwd_combine") for s in specs)
     assert n_decode == 2 * 6 * 8 + 2 * 6  # decode: dtype x head dim x mask/bias/varlen; combine
-    n_fwd = sum(s.kind == "fwd_mma" for s in specs)
+    n_fwd = sum(s.family == "fwd_mma" for s in specs)
     # dtype x head dim x mask/bias/varlen, plus block-sparse variants of the non-varlen ones
     # (minus attn_mask at head dim 256, refused: it spills), plus the smaller tiles of
     # 99 KB-shared-memory devices where they differ
     assert n_fwd > 2 * 6 * 8 + (2 * 6 * 4 - 4)
-    n_bwd = sum(s.kind.startswith("bwd") for s in specs)
+    n_bwd = sum(s.family.startswith("bwd") for s in specs)
     assert n_bwd > 0
     assert len(ids) == len(set(ids)) == n_fwd + n_decode + n_bwd
     assert any(i.startswith("fwd_mma_bf16_d128_m") and i.endswith("_mask1_bias0_varlen1")
@@ -86,7 +87,7 @@ def test_spec_rejects_unknown_values(bad: dict) -> None:
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_compile_without_gpu_reports_resources(arch: str) -> None:
-    ck = dmc.compile_spec(SMALL, arch, use_disk_cache=False)
+    ck = dmc.compile_spec(dataclasses.replace(SMALL, arch=arch), use_disk_cache=False)
     assert ck.cubin[:4] == b"\x7fELF"
     assert ck.registers > 0 and not ck.spills
     assert "flash_fwd_mma_kernel" in ck.lowered_name
@@ -107,30 +108,30 @@ def cache(tmp_path, monkeypatch):
 
 
 def test_disk_cache_hit_skips_nvrtc(cache, monkeypatch) -> None:
-    first = dmc.compile_spec(SMALL, "sm_80")
+    first = dmc.compile_spec(SMALL)
     assert len(list(cache.glob("*.cubin"))) == 1
     monkeypatch.setattr(dmc, "_mem_cache", {})
     monkeypatch.setattr(dmc, "_nvrtc_compile", lambda *a: pytest.fail("recompiled on a hit"))
-    second = dmc.compile_spec(SMALL, "sm_80")
+    second = dmc.compile_spec(SMALL)
     assert second.cubin == first.cubin and second.lowered_name == first.lowered_name
 
 
 def test_corrupt_cache_entry_is_recompiled(cache, monkeypatch) -> None:
-    dmc.compile_spec(SMALL, "sm_80")
+    dmc.compile_spec(SMALL)
     (path,) = cache.glob("*.cubin")
     path.write_bytes(b"garbage")
     monkeypatch.setattr(dmc, "_mem_cache", {})
-    ck = dmc.compile_spec(SMALL, "sm_80")
+    ck = dmc.compile_spec(SMALL)
     assert ck.cubin[:4] == b"\x7fELF" and path.read_bytes() == ck.cubin
 
 
 def test_cache_key_covers_sources_arch_and_spec(monkeypatch) -> None:
-    base = dmc.cache_key(SMALL, "sm_80")
-    assert dmc.cache_key(SMALL, "sm_90") != base
+    base = dmc.cache_key(SMALL)
+    assert dmc.cache_key(dataclasses.replace(SMALL, arch="sm_90")) != base
     assert dmc.cache_key(KernelSpec(dtype="bf16", head_dim=32, block_m=64, block_n=32,
-                                    num_warps=4), "sm_80") != base
+                                    num_warps=4)) != base
     monkeypatch.setattr(dmc, "sources_digest", lambda: "another-header-changed")
-    assert dmc.cache_key(SMALL, "sm_80") != base
+    assert dmc.cache_key(SMALL) != base
 
 
 def test_sources_digest_sees_every_header() -> None:
@@ -143,7 +144,7 @@ def test_concurrent_processes_share_cache(tmp_path) -> None:
     code = ("from dmattn_cupy.compile import compile_spec\n"
             "from dmattn_cupy.spec import KernelSpec\n"
             "ck = compile_spec(KernelSpec(dtype='fp16', head_dim=64, block_m=64, block_n=32, "
-            "num_warps=4), 'sm_80')\nprint(len(ck.cubin))\n")
+            "num_warps=4))\nprint(len(ck.cubin))\n")
     env = {"DMATTN_CACHE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(3)]
@@ -158,34 +159,36 @@ def test_concurrent_processes_share_cache(tmp_path) -> None:
 
 def test_verbose_logs_compilation(cache, monkeypatch, capsys) -> None:
     monkeypatch.setenv("DMATTN_VERBOSE", "1")
-    dmc.compile_spec(SMALL, "sm_80")
+    dmc.compile_spec(SMALL)
     assert "compiled fwd_mma_fp16_d32" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("limit", [163 * 1024, 99 * 1024], ids=["163KB", "99KB"])
 def test_forward_tiles_fit_the_device_shared_memory(limit: int) -> None:
-    from dmattn_cupy.launch import select_fwd_spec, sparse_supported
-    from dmattn_cupy.precompile import _stub_problem
-    from dmattn_cupy.validate import Problem
+    from dmattn_cupy import select
+    from dmattn_cupy.device import PRESETS
+    from dmattn_cupy.families import sparse_supported
+    from dmattn_cupy.precompile import stub_problem
 
     known = set(all_specs())
     for dtype, hd, mask, bias, varlen in itertools.product(
             ("float16", "bfloat16"), (32, 64, 96, 128, 192, 256), (False, True), (False, True),
             (False, True)):
-        pb = _stub_problem(Problem, "fp16" if dtype == "float16" else "bf16", hd, mask, bias,
-                           varlen)
+        pb = stub_problem("fp16" if dtype == "float16" else "bf16", hd, mask, bias, varlen)
+        dev = dataclasses.replace(PRESETS["sm_80"], smem_per_block=limit)
         for sparse in (False, True) if not varlen and sparse_supported(hd, mask, bias) else (
                 False,):
-            spec = select_fwd_spec(pb, sparse=sparse, smem_limit=limit)
+            spec = select.forward(pb, dev, sparse=sparse)
             assert spec.dynamic_smem <= limit, spec.id
             assert spec in known  # so precompile --check-spills covers it
 
 
 def test_kernel_needing_more_shared_memory_than_the_gpu_has_is_refused(monkeypatch) -> None:
-    from dmattn_cupy import launch
+    from dmattn_cupy import runtime
+    from dmattn_cupy.device import PRESETS
 
     big = KernelSpec(dtype="bf16", head_dim=128, block_m=128, block_n=64, num_warps=8,
                      has_mask=True, has_bias=True)
-    monkeypatch.setattr(launch, "device_smem_limit", lambda device: 99 * 1024)
+    monkeypatch.setattr(runtime, "device_props", lambda device: PRESETS["sm_86"])  # 99 KB
     with pytest.raises(NotImplementedError, match=r"shared memory per block.*allows 101376"):
-        launch.get_function(big, 0)
+        runtime.get_kernel(big, 0)

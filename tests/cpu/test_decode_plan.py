@@ -6,10 +6,13 @@ import dataclasses
 
 import pytest
 
-from dmattn_cupy import decode
+from dmattn_cupy import decode, env
 from dmattn_cupy.arrays import ArrayInfo
+from dmattn_cupy.device import PRESETS
 from dmattn_cupy.spec import KernelSpec
 from dmattn_cupy.validate import Problem
+
+H100 = PRESETS["sm_90"]  # 132 SMs, 233472 bytes of shared memory per SM
 
 
 def _problem(batch=64, sq=1, sk=4096, h=32, hk=8, d=128, mask=True, bias=True, varlen=True):
@@ -54,14 +57,14 @@ def test_env_switches(monkeypatch):
         decode.use_decode(pb)
     monkeypatch.setenv("DMATTN_NUM_SPLITS", "0")
     with pytest.raises(ValueError, match="DMATTN_NUM_SPLITS"):
-        decode.forced_splits()
+        env.forced_splits()
     spec = decode.decode_spec(pb)
     monkeypatch.setenv("DMATTN_NUM_SPLITS", "1000")  # capped by the key tiles (4096 / 64)
-    assert decode.choose_num_splits(pb, spec, 128, 132, 233472) == 64
+    assert decode.choose_num_splits(pb, spec, 128, H100) == 64
     monkeypatch.setenv("DMATTN_NUM_SPLITS", "auto")
-    assert decode.choose_num_splits(pb, spec, 185, 132, 233472) == 1  # 512 CTAs fill 132 SMs
+    assert decode.choose_num_splits(pb, spec, 185, H100) == 1  # 512 CTAs fill 132 SMs
     one = dataclasses.replace(pb, batch=1, kv_heads=1, heads=8)
-    assert decode.choose_num_splits(one, spec, 185, 132, 233472) > 1
+    assert decode.choose_num_splits(one, spec, 185, H100) > 1
 
 
 def test_specs_and_resources():
@@ -71,7 +74,7 @@ def test_specs_and_resources():
     assert spec.name_expression.startswith("dm::flash_fwd_decode_kernel<dm::BFloat16, 128, 16, 64")
     # Q slab + 3 stages of K and V (64 keys), rows padded by 8: two CTAs per H100 SM
     assert spec.dynamic_smem == (16 + 2 * 3 * 64) * 136 * 2
-    assert decode.resident_ctas(spec, registers=185, smem_per_sm=233472) == 2
+    assert decode.resident_ctas(spec, registers=185, dev=H100) == 2
     assert decode.combine_spec(pb).id == "fwd_combine_bf16_d128_m1n1w4_mask0_bias0_varlen0"
     assert decode.num_m_blocks(dataclasses.replace(pb, seqlen_q=8)) == 2  # 8 q x 4 heads / 16
     specs = decode.all_decode_specs()
@@ -84,7 +87,7 @@ def test_decode_and_combine_compile_without_spills():
     from dmattn_cupy.compile import compile_spec
 
     pb = _problem()
-    for spec in (decode.decode_spec(pb), decode.combine_spec(pb)):
-        ck = compile_spec(spec, "sm_90", use_disk_cache=False)
+    for spec in (decode.decode_spec(pb, "sm_90"), decode.combine_spec(pb, "sm_90")):
+        ck = compile_spec(spec, use_disk_cache=False)
         assert not ck.spills, ck.log
-        assert spec.kind.replace("fwd_", "") in ck.lowered_name
+        assert spec.family.replace("fwd_", "") in ck.lowered_name

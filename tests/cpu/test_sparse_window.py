@@ -82,7 +82,7 @@ def test_split_sparse_refuses_a_dynamic_mask_with_another_block_mask() -> None:
                                       ((32, 64), False)], ids=str)
 def test_block_size_must_be_a_multiple_of_the_kernel_tile(block, ok) -> None:
     mask = dm.BlockBitsetMask.from_dense_mask(_dense(256, 256), block_size=block)
-    spec = KernelSpec(kind="fwd_mma", head_dim=128, block_m=64, block_n=64, sparse=True)
+    spec = KernelSpec(family="fwd_mma", head_dim=128, block_m=64, block_n=64, sparse=True)
     if ok:
         check_block_fits(mask.block_size, spec)
     else:

@@ -212,12 +212,12 @@ def _block_masks(sq, sk, block, seed):
 @pytest.fixture
 def no_dense_sparse_mask(monkeypatch):
     """Fails a test whose block mask would be materialized as a dense (Sq, Sk) mask."""
-    from dmattn_cupy import bwd_api
+    from dmattn_cupy import sparse_plan
 
     def refuse(*args, **kwargs):
         raise AssertionError("block mask materialized densely")
 
-    monkeypatch.setattr(bwd_api, "_dense_sparse_mask", refuse)
+    monkeypatch.setattr(sparse_plan, "dense_block_mask", refuse)
 
 
 @pytest.mark.parametrize("kind", ["bitset", "bcsr", "mixed", "dynamic", "mixed_and_causal"])

@@ -16,8 +16,8 @@ import pytest
 from gpu_helpers import assert_fa_close, f64
 
 import dmattn_cupy as dm
-from dmattn_cupy import launch
-from dmattn_cupy.launch import run_forward, select_fwd_spec
+from dmattn_cupy import runtime
+from dmattn_cupy.forward import run_forward, select_fwd_spec
 from dmattn_cupy.sparse_plan import bound_min, split_sparse
 from dmattn_cupy.validate import check_dense
 
@@ -295,7 +295,7 @@ def test_dynamic_mask_update_replays_in_a_cuda_graph(lead):
     causal = dm.CausalWindowMask(3 * tn, sq, sk) & mask
     dm.flash_dmattn_func(q, k, v, sparse_mask=causal)  # compile and warm up outside capture
     torch.cuda.synchronize()
-    kernels = len(launch._functions)
+    kernels = len(runtime._kernels)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = dm.flash_dmattn_func(q, k, v, sparse_mask=causal)
@@ -315,7 +315,7 @@ def test_dynamic_mask_update_replays_in_a_cuda_graph(lead):
         if previous is not None:
             assert not torch.equal(out, previous)
         previous = out.clone()
-    assert len(launch._functions) == kernels  # no recompilation
+    assert len(runtime._kernels) == kernels  # no recompilation
 
 
 # ----------------------------------------------------------------------------- GPU builders

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from dmattn_cupy.launch import run_forward, select_fwd_spec
+from dmattn_cupy.forward import run_forward, select_fwd_spec
 from dmattn_cupy.validate import check_dense
 
 torch = pytest.importorskip("torch")

@@ -1,0 +1,64 @@
+"""Every ``DMATTN_*`` environment variable, read here and nowhere else.
+
+Each is read at call time (not at import), so tests and users may change it between calls.
+A malformed value raises ValueError naming the variable.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "") not in ("", "0")
+
+
+def cache_dir() -> Path:
+    """``DMATTN_CACHE_DIR``: the compiled-kernel cache (default ~/.cache/dmattn_cupy)."""
+    env = os.environ.get("DMATTN_CACHE_DIR")
+    return Path(env) if env else Path(os.path.expanduser("~")) / ".cache" / "dmattn_cupy"
+
+
+def verbose() -> bool:
+    """``DMATTN_VERBOSE=1``: print each compilation with its duration."""
+    return _flag("DMATTN_VERBOSE")
+
+
+def check_enabled() -> bool:
+    """``DMATTN_CHECK=1``: validate device-side inputs (cu_seqlens) at the cost of a sync."""
+    return _flag("DMATTN_CHECK")
+
+
+def fwd_tile_override() -> tuple[int, int, int] | None:
+    """``DMATTN_FWD_TILE=MxNxW``: force the forward tile (block_m, block_n, num_warps)."""
+    env = os.environ.get("DMATTN_FWD_TILE")
+    if not env:
+        return None
+    try:
+        bm, bn, w = (int(x) for x in env.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"DMATTN_FWD_TILE must look like 128x64x8, got {env!r}") from None
+    return bm, bn, w
+
+
+def decode_mode() -> str:
+    """``DMATTN_DECODE``: ``auto`` (short queries take the decode path), ``0`` or ``1``."""
+    mode = os.environ.get("DMATTN_DECODE", "auto")
+    if mode not in ("auto", "0", "1"):
+        raise ValueError(f"DMATTN_DECODE must be 'auto', '0' or '1', got {mode!r}")
+    return mode
+
+
+def forced_splits() -> int | None:
+    """``DMATTN_NUM_SPLITS``: None for ``auto`` (the heuristic), else an integer >= 1."""
+    val = os.environ.get("DMATTN_NUM_SPLITS", "auto")
+    if val in ("", "auto"):
+        return None
+    try:
+        n = int(val)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"DMATTN_NUM_SPLITS must be 'auto' or an integer >= 1, got {val!r}")
+    return n

@@ -1,0 +1,236 @@
+"""The table of kernel families: one row per templated ``__global__`` the package launches.
+
+A row says what the code is (source under cuda_src/, kernel template, the ``KernelSpec``
+fields that are its template arguments, in order, the params struct it reads, the cubin target,
+the dynamic shared memory and threads of a spec) and, for the ``forward`` role, when it is
+chosen (``accepts``), its tiles in order of preference (``tiles``; ``select`` takes the
+first that fits the device's shared memory) and any kernel parameters after the params
+record (``extra_args``). Adding a family is adding a row (and its source).
+
+Targets: ``sm_80`` is portable (built for each device's own ``sm_XY``, compute capability
+>= 8.0); an arch-specific target such as ``sm_90a`` is built as is and runs on exactly that
+compute capability. Where several forward rows accept a problem, the most specific wins.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from . import env
+from .arrays import ArrayInfo
+from .device import DeviceProps, parse_arch
+from .validate import Problem
+
+
+class SpecShape(Protocol):
+    """What a row's formulas read of a ``KernelSpec`` (spec.py imports this module)."""
+    head_dim: int
+    block_m: int
+    block_n: int
+    num_warps: int
+    stages: int
+    has_mask: bool
+    has_bias: bool
+
+
+HEAD_DIMS = (32, 64, 96, 128, 192, 256)
+
+
+def padded_head_dim(d: int) -> int:
+    """Smallest specialized head dim >= ``d`` (the kernel zero-fills the padding)."""
+    for hd in HEAD_DIMS:
+        if d <= hd:
+            return hd
+    raise ValueError(f"head dim must be <= {HEAD_DIMS[-1]}, got {d}")
+
+
+@dataclass(frozen=True)
+class Tile:
+    block_m: int
+    block_n: int
+    num_warps: int
+    stages: int = 1
+    head_dim: int | None = None  # the specialized head dim; None: padded_head_dim(problem's)
+
+
+def _warps_x32(s: SpecShape) -> int:
+    return 32 * s.num_warps
+
+
+def _never(pb: Problem, dev: DeviceProps, sparse: bool) -> bool:
+    return False
+
+
+def _no_tiles(pb: Problem, sparse: bool) -> tuple[Tile, ...]:
+    return ()
+
+
+def _no_extra_args(pb: Problem, out: ArrayInfo, spec: SpecShape) -> tuple[Any, ...]:
+    return ()
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str                             # KernelSpec.family and the first word of its id
+    source: str                           # path under cuda_src/
+    kernel: str                           # the templated __global__, namespace included
+    template_args: tuple[str, ...]        # KernelSpec fields, in the template's order
+    params: str                           # the struct the kernel reads: FwdParams | BwdParams
+    arch: str                             # cubin target: "sm_80" (portable) | "sm_90a" | ...
+    smem: Callable[[SpecShape], int]            # dynamic shared memory bytes of a spec
+    threads: Callable[[SpecShape], int] = _warps_x32
+    role: str = ""                        # "forward": chosen by select.forward
+    accepts: Callable[[Problem, DeviceProps, bool], bool] = _never  # (problem, device, sparse)
+    tiles: Callable[[Problem, bool], tuple[Tile, ...]] = _no_tiles    # (problem, sparse)
+    # kernel parameters after the params record, as NumPy records (e.g. a 64-byte aligned
+    # struct of CUDA tensor maps passed as ``const __grid_constant__``): (problem, out, spec)
+    extra_args: Callable[[Problem, ArrayInfo, SpecShape], tuple[Any, ...]] = _no_extra_args
+
+    @property
+    def min_cc(self) -> tuple[int, int]:
+        return parse_arch(self.arch)[0]
+
+    @property
+    def arch_specific(self) -> bool:
+        return parse_arch(self.arch)[1]
+
+    def runs_on(self, cc: tuple[int, int]) -> bool:
+        return cc == self.min_cc if self.arch_specific else cc >= self.min_cc
+
+    def target_for(self, arch: str) -> str | None:
+        """The cubin target of this family for a device class ``arch`` (``sm_86``...), or
+        None when its kernels do not run there."""
+        cc, _ = parse_arch(arch)
+        if not self.runs_on(cc):
+            return None
+        return self.arch if self.arch_specific else f"sm_{cc[0]}{cc[1]}"
+
+
+# --- shared-memory formulas (bytes); each mirrors its kernel's layout -------------------------
+
+def decode_stages(head_dim: int) -> int:
+    """K/V pipeline depth of the decode kernel (cuda_src/sm80/fwd_decode.cu, ``decode_stages``)."""
+    return 2 if head_dim > 128 else 3
+
+
+def _smem_fwd_mma(s: SpecShape) -> int:
+    """fwd_mma.cu: Q | K x2 | V x2 | bias x2 | mask; Q/K/V and bias rows padded by 8
+    elements, mask rows by 16 bytes."""
+    stride = s.head_dim + 8
+    elems = s.block_m * stride + 4 * s.block_n * stride
+    if s.has_bias:
+        elems += 2 * s.block_m * (s.block_n + 8)
+    return 2 * elems + (s.block_m * (s.block_n + 16) if s.has_mask else 0)
+
+
+def _smem_decode(s: SpecShape) -> int:
+    """fwd_decode.cu: Q slab + kStages K and V tiles, rows padded by 8."""
+    return (s.block_m + 2 * decode_stages(s.head_dim) * s.block_n) * (s.head_dim + 8) * 2
+
+
+def _smem_none(s: SpecShape) -> int:
+    return 0
+
+
+def _smem_bwd_dkdv(s: SpecShape) -> int:
+    """bwd.cu dK/dV: Q, dO (x stages), K, V; P, dS; lse, dsum (x stages); bias fp32 + raw
+    16-bit (x stages)."""
+    m, n, row = s.block_m, s.block_n, (s.head_dim + 8) * 2
+    bias = m * (n + 8) * 4 if s.has_bias else 0
+    st = 2 if s.head_dim <= 128 else 1
+    raw = st * m * (n + 8) * 2 if s.has_bias else 0
+    return (2 * m * st + 2 * n) * row + 2 * m * (n + 8) * 2 + 2 * m * 4 * st + bias + raw
+
+
+def _smem_bwd_dq(s: SpecShape) -> int:
+    """bwd.cu dQ: Q, dO, K, V; bias tile."""
+    m, n, row = s.block_m, s.block_n, (s.head_dim + 8) * 2
+    return (2 * m + 2 * n) * row + (m * (n + 8) * 4 if s.has_bias else 0)
+
+
+# --- forward tiles of fwd_mma: tables, first matching row wins ------------------------------
+# (head dims, mask, bias, varlen) -> Tile; None matches either value. 4 warps x 128 rows (two
+# m16 slabs per warp) is the fastest shape measured but register-hungry: it is used where it
+# compiles without spills on sm_80 and sm_90 (precompile --check-spills); elsewhere 8 warps.
+
+_ANY = None
+_MMA_DENSE_TILES: tuple[tuple[tuple[int, ...], bool | None, bool | None, bool | None, Tile],
+                        ...] = (
+    ((32,), _ANY, _ANY, _ANY, Tile(128, 64, 4)),
+    ((64,), _ANY, _ANY, _ANY, Tile(128, 32, 4)),
+    ((96,), False, _ANY, _ANY, Tile(128, 32, 4)),
+    ((128,), False, False, False, Tile(128, 32, 4)),
+    ((96, 128), _ANY, _ANY, _ANY, Tile(128, 64, 8)),
+    ((192,), _ANY, _ANY, _ANY, Tile(128, 32, 8)),
+    ((256,), False, False, _ANY, Tile(128, 32, 8)),
+    ((256,), _ANY, _ANY, _ANY, Tile(128, 16, 8)),
+)
+# Block-sparse lists: 64-row tiles, so that 64-row mask blocks fit.
+_MMA_SPARSE_TILES: tuple[tuple[tuple[int, ...], bool | None, bool | None, bool | None, Tile],
+                         ...] = (
+    ((32, 64, 96, 128), _ANY, _ANY, _ANY, Tile(64, 64, 4)),
+    ((192,), True, True, _ANY, Tile(64, 16, 4)),
+    ((192,), _ANY, _ANY, _ANY, Tile(64, 32, 4)),
+    ((256,), _ANY, _ANY, _ANY, Tile(64, 16, 4)),
+)
+
+
+def lookup_tile(table: tuple, head_dim: int, has_mask: bool, has_bias: bool,
+                varlen: bool) -> Tile:
+    """The first row of ``table`` matching (head_dim, has_mask, has_bias, varlen)."""
+    for dims, mask, bias, vl, tile in table:
+        if head_dim in dims and mask in (None, has_mask) and bias in (None, has_bias) \
+                and vl in (None, varlen):
+            return tile
+    raise ValueError(f"no tile for head_dim={head_dim} mask={has_mask} bias={has_bias} "
+                     f"varlen={varlen}")
+
+
+def sparse_supported(head_dim: int, has_mask: bool, has_bias: bool) -> bool:
+    """Block lists + attn_mask at head dim 256 spill registers (ptxas, NVRTC 12 and 13)."""
+    return not (head_dim > 192 and has_mask)
+
+
+def _mma_accepts(pb: Problem, dev: DeviceProps, sparse: bool) -> bool:
+    return True  # the portable forward takes every problem
+
+
+def _mma_tiles(pb: Problem, sparse: bool) -> tuple[Tile, ...]:
+    """The table's tile, then 64-row tiles for devices with less shared memory per block.
+    ``DMATTN_FWD_TILE=MxNxW`` overrides (tuning)."""
+    forced = env.fwd_tile_override()
+    if forced is not None:
+        return (Tile(*forced),)
+    from_table = lookup_tile(_MMA_SPARSE_TILES if sparse else _MMA_DENSE_TILES,
+                             padded_head_dim(pb.head_dim), pb.mask is not None,
+                             pb.bias is not None, pb.varlen)
+    smaller = tuple(Tile(64, n, 4) for n in (64, 32, 16) if n <= from_table.block_n)
+    return (from_table,) + smaller
+
+
+_SM80_ARGS = ("dtype", "head_dim", "block_m", "block_n", "num_warps", "has_mask", "has_bias",
+              "varlen", "sparse", "debug_counters")
+_SM80_BWD_ARGS = ("dtype", "head_dim", "block_m", "block_n", "num_warps", "has_mask",
+                  "has_bias", "varlen", "deterministic", "debug_counters")
+
+FAMILY_ROWS: tuple[Family, ...] = (
+    Family("fwd_mma", "sm80/fwd_mma.cu", "dm::flash_fwd_mma_kernel", _SM80_ARGS, "FwdParams",
+           "sm_80", _smem_fwd_mma, role="forward", accepts=_mma_accepts, tiles=_mma_tiles),
+    Family("fwd_decode", "sm80/fwd_decode.cu", "dm::flash_fwd_decode_kernel", _SM80_ARGS,
+           "FwdParams", "sm_80", _smem_decode),
+    Family("fwd_combine", "fwd_combine.cu", "dm::flash_fwd_combine_kernel", _SM80_ARGS,
+           "FwdParams", "sm_80", _smem_none),
+    Family("bwd_pre", "sm80/bwd.cu", "dm::flash_bwd_pre_kernel", _SM80_BWD_ARGS, "BwdParams",
+           "sm_80", _smem_none),
+    Family("bwd_dkdv", "sm80/bwd.cu", "dm::flash_bwd_dkdv_kernel", _SM80_BWD_ARGS, "BwdParams",
+           "sm_80", _smem_bwd_dkdv),
+    Family("bwd_dq", "sm80/bwd.cu", "dm::flash_bwd_dq_kernel", _SM80_BWD_ARGS, "BwdParams",
+           "sm_80", _smem_bwd_dq),
+    Family("bwd_grid", "sm80/bwd.cu", "dm::flash_bwd_sparse_grid_kernel", _SM80_BWD_ARGS,
+           "BwdParams", "sm_80", _smem_none),
+)
+
+# The table every other module reads; tests may add a row to it.
+FAMILIES: dict[str, Family] = {f.name: f for f in FAMILY_ROWS}

@@ -1,0 +1,202 @@
+"""The CUDA runtime seam: device properties, kernel loading, streams, launches.
+
+With ``arrays`` (the array bridge) the only module that touches CuPy. A loaded ``Kernel`` is
+cached per (spec, device); the spec carries its cubin target, checked against the device.
+Launches enqueue on the given stream and never synchronize. Kernel arguments are NumPy records
+(structured scalars or one-element arrays) of any size and alignment: each is passed by value
+and the driver places it by the cubin's parameter layout (a ``FwdParams`` record, a 64-byte
+aligned struct of CUDA tensor maps declared ``const __grid_constant__``, ...).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import numpy as np
+
+from .compile import CompiledKernel, compile_spec
+from .device import DeviceProps, parse_arch
+from .spec import KernelSpec
+
+__all__ = ["Kernel", "current_stream", "device_props", "get_kernel", "launch", "launch_ex",
+           "prefer_shared_memory"]
+
+
+@cache
+def device_props(device: int) -> DeviceProps:
+    """The limits of CUDA device ``device``, read once."""
+    import cupy
+
+    rt = cupy.cuda.runtime
+
+    def attr(name: str) -> int:
+        return int(rt.deviceGetAttribute(getattr(rt, name), device))
+
+    cc = cupy.cuda.Device(device).compute_capability  # "86", "90", "100"
+    return DeviceProps(
+        cc=(int(cc[:-1]), int(cc[-1])),
+        sm_count=attr("cudaDevAttrMultiProcessorCount"),
+        smem_per_block=attr("cudaDevAttrMaxSharedMemoryPerBlockOptin"),
+        smem_per_sm=attr("cudaDevAttrMaxSharedMemoryPerMultiprocessor"),
+        threads_per_sm=attr("cudaDevAttrMaxThreadsPerMultiProcessor"),
+        ctas_per_sm=attr("cudaDevAttrMaxBlocksPerMultiprocessor"),
+        regs_per_sm=attr("cudaDevAttrMaxRegistersPerMultiprocessor"))
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A spec's function loaded on one device (``function.module`` keeps it loaded)."""
+    spec: KernelSpec
+    device: int
+    function: Any
+    compiled: CompiledKernel
+
+    @property
+    def registers(self) -> int:
+        return self.compiled.registers
+
+
+_kernels: dict[tuple[KernelSpec, int], Kernel] = {}
+_lock = threading.Lock()
+
+
+def _check_runs_on(spec: KernelSpec, dev: DeviceProps) -> None:
+    cc, specific = parse_arch(spec.arch)
+    ok = cc == dev.cc if specific else (cc[0] == dev.cc[0] and cc <= dev.cc)
+    if not ok:
+        raise ValueError(f"kernel {spec.id} is built for {spec.arch}, which does not run on "
+                         f"compute capability {dev.cc[0]}.{dev.cc[1]}")
+
+
+def get_kernel(spec: KernelSpec, device: int) -> Kernel:
+    """The loaded kernel of ``spec`` on ``device`` (compiled on first use, then cached)."""
+    key = (spec, device)
+    with _lock:
+        k = _kernels.get(key)
+    if k is not None:
+        return k
+    dev = device_props(device)
+    if spec.dynamic_smem > dev.smem_per_block:
+        raise NotImplementedError(
+            f"kernel {spec.id} needs {spec.dynamic_smem} bytes of shared memory per block; this "
+            f"GPU allows {dev.smem_per_block}. Smaller tiles for such GPUs exist for the forward "
+            "kernel only; use backend='reference' here")
+    _check_runs_on(spec, dev)
+    import cupy
+    from cupy_backends.cuda.api import driver
+
+    with cupy.cuda.Device(device):
+        ck = compile_spec(spec)
+        mod = cupy.cuda.function.Module()
+        mod.load(ck.cubin)
+        fn = mod.get_function(ck.lowered_name)
+        if spec.dynamic_smem > 48 * 1024:
+            driver.funcSetAttribute(fn.ptr, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                    spec.dynamic_smem)
+    k = Kernel(spec, device, fn, ck)
+    with _lock:
+        _kernels[key] = k
+    return k
+
+
+def prefer_shared_memory(kernel: Kernel) -> None:
+    """Ask for the largest shared-memory carveout (several CTAs of a small kernel per SM)."""
+    import cupy
+    from cupy_backends.cuda.api import driver
+
+    with cupy.cuda.Device(kernel.device):
+        driver.funcSetAttribute(kernel.function.ptr,
+                                driver.CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, 100)
+
+
+class _StreamHandle:
+    """A raw stream pointer exposed through the CUDA stream protocol."""
+
+    def __init__(self, ptr: int) -> None:
+        self.ptr = ptr
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return (0, self.ptr)
+
+
+def current_stream(kind: str, device: int) -> Any:
+    """torch's current stream for torch inputs, CuPy's otherwise (as a CuPy stream)."""
+    import cupy
+
+    if kind == "torch":
+        import torch
+
+        ptr = torch.cuda.current_stream(device).cuda_stream
+        if hasattr(cupy.cuda.Stream, "from_external"):  # CuPy >= 14; ExternalStream deprecated
+            return cupy.cuda.Stream.from_external(_StreamHandle(ptr))
+        return cupy.cuda.ExternalStream(ptr, device)
+    return cupy.cuda.get_current_stream(device)
+
+
+Dim3 = tuple[int, int, int]
+
+
+def launch(kernel: Kernel, grid: Dim3, args: tuple[Any, ...], stream: Any,
+           shared_mem: int | None = None) -> None:
+    """Launch ``kernel`` with ``kernel.spec.threads`` threads per block and ``args`` (NumPy
+    records, each passed by value) on ``stream``; ``shared_mem`` defaults to the spec's."""
+    import cupy
+
+    smem = kernel.spec.dynamic_smem if shared_mem is None else shared_mem
+    with cupy.cuda.Device(kernel.device):
+        kernel.function(grid, (kernel.spec.threads, 1, 1), args, shared_mem=smem, stream=stream)
+
+
+class _LaunchAttr(ctypes.Structure):   # CUlaunchAttribute: id, padding, a 64-byte value union
+    _fields_ = [("id", ctypes.c_uint), ("pad", ctypes.c_uint), ("value", ctypes.c_uint * 16)]
+
+
+class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3),
+                ("shared", ctypes.c_uint), ("stream", ctypes.c_void_p),
+                ("attrs", ctypes.POINTER(_LaunchAttr)), ("num_attrs", ctypes.c_uint)]
+
+
+_CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION = 4
+
+
+@cache
+def _cu_launch_kernel_ex() -> Any:
+    fn = ctypes.CDLL("libcuda.so.1").cuLaunchKernelEx
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p,
+                   ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
+    return fn
+
+
+def launch_ex(kernel: Kernel, grid: Dim3, args: tuple[Any, ...], stream: Any,
+              shared_mem: int | None = None, cluster: Dim3 | None = None) -> None:
+    """``launch`` with launch attributes: ``cluster`` dims (thread-block clusters, sm_90+;
+    ``grid`` must be a multiple of them) through ``cuLaunchKernelEx``. Without attributes it
+    is ``launch``. Kernels whose cluster shape is fixed by ``__cluster_dims__`` need none."""
+    if cluster is None:
+        launch(kernel, grid, args, stream, shared_mem)
+        return
+    if any(g % c for g, c in zip(grid, cluster, strict=True)):
+        raise ValueError(f"grid {grid} must be a multiple of the cluster dims {cluster}")
+    smem = kernel.spec.dynamic_smem if shared_mem is None else shared_mem
+    bufs = [np.ascontiguousarray(np.asarray(a)).reshape(-1) for a in args]  # alive until return
+    params = (ctypes.c_void_p * len(bufs))(*(b.ctypes.data for b in bufs))
+    attr = _LaunchAttr(id=_CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION)
+    attr.value[0], attr.value[1], attr.value[2] = cluster
+    cfg = _LaunchConfig(grid=(ctypes.c_uint * 3)(*grid),
+                        block=(ctypes.c_uint * 3)(kernel.spec.threads, 1, 1), shared=smem,
+                        stream=ctypes.c_void_p(stream.ptr), attrs=ctypes.pointer(attr),
+                        num_attrs=1)
+    import cupy
+
+    with cupy.cuda.Device(kernel.device):
+        err = _cu_launch_kernel_ex()(ctypes.byref(cfg), ctypes.c_void_p(kernel.function.ptr),
+                                     params, None)
+    if err != 0:
+        raise RuntimeError(f"cuLaunchKernelEx({kernel.spec.id}, cluster={cluster}) failed: "
+                           f"CUresult {err}")

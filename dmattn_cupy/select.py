@@ -1,0 +1,101 @@
+"""Which kernel family and tile a problem gets on a device (pure: no GPU objects).
+
+``forward`` reads the family table: among the rows of role ``forward`` whose kernels run on
+the device's compute capability, whose template has the switches the problem needs (mask,
+bias, varlen, block-sparse lists, debug counters) and that accept the problem (``accepts``:
+layout, alignment, shared memory), the most specific target wins
+(``sm_90a`` before the portable ``sm_80``, then table order); its first tile whose shared
+memory fits the device is taken. The backward and decode plans are fixed per family; their
+tall/short choices read the same ``DeviceProps``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .device import DeviceProps
+from .families import FAMILIES, Family, padded_head_dim
+from .spec import KernelSpec
+from .validate import Problem
+
+__all__ = ["backward", "forward", "forward_family", "forward_spec", "spec_dtype", "supports"]
+
+
+def spec_dtype(dtype: str) -> str:
+    """'float16' / 'bfloat16' (or already 'fp16' / 'bf16') -> the spec's dtype name."""
+    return "fp16" if dtype in ("float16", "fp16") else "bf16"
+
+
+def supports(fam: Family, pb: Problem, sparse: bool = False,
+             debug_counters: bool = False) -> bool:
+    """Whether ``fam``'s kernel template has every switch the problem needs on."""
+    needed = {"has_mask": pb.mask is not None, "has_bias": pb.bias is not None,
+              "varlen": pb.varlen, "sparse": sparse, "debug_counters": debug_counters}
+    return all(name in fam.template_args for name, on in needed.items() if on)
+
+
+def forward_family(pb: Problem, dev: DeviceProps, sparse: bool = False,
+                   debug_counters: bool = False) -> Family:
+    """The forward family for ``pb`` on ``dev``: the most specific row that runs there, has
+    the switches the problem needs, and accepts it."""
+    rows = [f for f in FAMILIES.values()
+            if f.role == "forward" and f.runs_on(dev.cc)
+            and supports(f, pb, sparse, debug_counters) and f.accepts(pb, dev, sparse)]
+    if not rows:
+        raise NotImplementedError(f"no forward kernel family runs on compute capability "
+                                  f"{dev.cc[0]}.{dev.cc[1]}; use backend='reference'")
+    return max(rows, key=lambda f: (f.arch_specific, f.min_cc))  # max keeps table order on ties
+
+
+def forward(pb: Problem, dev: DeviceProps, sparse: bool = False,
+            debug_counters: bool = False) -> KernelSpec:
+    """The forward specialization of ``pb`` on ``dev``."""
+    fam = forward_family(pb, dev, sparse, debug_counters)
+    return forward_spec(fam, pb, dev, sparse, debug_counters)
+
+
+def forward_spec(fam: Family, pb: Problem, dev: DeviceProps, sparse: bool = False,
+                 debug_counters: bool = False) -> KernelSpec:
+    """``fam``'s specialization of ``pb`` on ``dev``: its first tile that fits
+    ``dev.smem_per_block`` (its last tile when none does: the launch then refuses it)."""
+    arch = fam.target_for(dev.arch)
+    if arch is None:
+        raise ValueError(f"family {fam.name!r} ({fam.arch}) does not run on {dev.arch}")
+    spec = None
+    for tile in fam.tiles(pb, sparse):
+        spec = KernelSpec(family=fam.name, dtype=spec_dtype(pb.dtype),
+                          head_dim=tile.head_dim or padded_head_dim(pb.head_dim),
+                          block_m=tile.block_m,
+                          block_n=tile.block_n, num_warps=tile.num_warps, stages=tile.stages,
+                          has_mask=pb.mask is not None, has_bias=pb.bias is not None,
+                          varlen=pb.varlen, sparse=sparse, debug_counters=debug_counters,
+                          arch=arch)
+        if spec.dynamic_smem <= dev.smem_per_block:
+            break
+    if spec is None:
+        raise ValueError(f"family {fam.name!r} lists no tiles")
+    return spec
+
+
+def backward(dtype: str, head_dim: int, has_mask: bool, has_bias: bool, varlen: bool,
+             deterministic: bool, sparse: bool, dev: DeviceProps
+             ) -> tuple[KernelSpec, KernelSpec, KernelSpec | None, KernelSpec | None]:
+    """(preprocess, dK/dV, dQ or None, sparse grid or None) specs for a problem. A block-sparse
+    mask runs the has_mask kernels (its grid is read at run time). Without mask or bias the
+    dK/dV kernel takes 128 query rows per step (half the barriers and Q/dO tile switches per
+    FLOP) where its 208 KB of shared memory fit ``dev.smem_per_block``."""
+    dt, hd, arch = spec_dtype(dtype), padded_head_dim(head_dim), dev.arch
+    pre = KernelSpec(family="bwd_pre", dtype=dt, head_dim=128, block_m=8, block_n=32,
+                     num_warps=8, varlen=varlen, arch=arch)
+    common = dict(dtype=dt, head_dim=hd, block_m=64, block_n=64 if hd <= 128 else 32,
+                  has_mask=has_mask or sparse, has_bias=has_bias, varlen=varlen, arch=arch)
+    dkdv = KernelSpec(family="bwd_dkdv", num_warps=8, deterministic=deterministic, **common)
+    if not (has_mask or has_bias or sparse) and hd <= 128:
+        tall = dataclasses.replace(dkdv, block_m=128)
+        if tall.dynamic_smem <= dev.smem_per_block:
+            dkdv = tall
+    dq = (KernelSpec(family="bwd_dq", num_warps=4, deterministic=True, **common)
+          if deterministic else None)
+    grid = (KernelSpec(family="bwd_grid", dtype=dt, head_dim=128, block_m=8, block_n=32,
+                       num_warps=4, arch=arch) if sparse else None)
+    return pre, dkdv, dq, grid
