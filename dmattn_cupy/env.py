@@ -62,3 +62,11 @@ def forced_splits() -> int | None:
     if n < 1:
         raise ValueError(f"DMATTN_NUM_SPLITS must be 'auto' or an integer >= 1, got {val!r}")
     return n
+
+
+def forward_family_override() -> str | None:
+    """``DMATTN_FWD_FAMILY``: ``auto`` (default: the most specific family that takes the
+    problem) or a forward family's name (e.g. ``fwd_mma`` to keep the portable kernel on a
+    Hopper GPU; tests run both). A family that cannot take the problem is not forced."""
+    val = os.environ.get("DMATTN_FWD_FAMILY", "auto")
+    return None if val in ("", "auto") else val

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from . import env
+from . import env, forward_sm90
 from .arrays import ArrayInfo
 from .device import DeviceProps, parse_arch
 from .validate import Problem
@@ -71,6 +71,11 @@ def _no_extra_args(pb: Problem, out: ArrayInfo, spec: SpecShape) -> tuple[Any, .
     return ()
 
 
+def _grid_m_h_b(pb: Problem, spec: SpecShape) -> tuple[int, int, int]:
+    """(query tiles, heads, batch)."""
+    return max(1, -(-pb.seqlen_q // spec.block_m)), pb.heads, pb.batch
+
+
 @dataclass(frozen=True)
 class Family:
     name: str                             # KernelSpec.family and the first word of its id
@@ -87,6 +92,7 @@ class Family:
     # kernel parameters after the params record, as NumPy records (e.g. a 64-byte aligned
     # struct of CUDA tensor maps passed as ``const __grid_constant__``): (problem, out, spec)
     extra_args: Callable[[Problem, ArrayInfo, SpecShape], tuple[Any, ...]] = _no_extra_args
+    grid: Callable[[Problem, SpecShape], tuple[int, int, int]] = _grid_m_h_b  # forward role
 
     @property
     def min_cc(self) -> tuple[int, int]:
@@ -210,6 +216,39 @@ def _mma_tiles(pb: Problem, sparse: bool) -> tuple[Tile, ...]:
     return (from_table,) + smaller
 
 
+# --- the Hopper forward (sm90/fwd.cu; host half in forward_sm90) -----------------------------
+
+def _sm90_accepts(pb: Problem, dev: DeviceProps, sparse: bool) -> bool:
+    return forward_sm90.tile_for(pb.head_dim, pb.q, pb.k, pb.v, pb.mask, pb.bias, pb.seqlen_q,
+                                 pb.seqlen_k, dev.smem_per_block) is not None
+
+
+def _sm90_tiles(pb: Problem, sparse: bool) -> tuple[Tile, ...]:
+    hd = forward_sm90.padded_head_dim(pb.head_dim)
+    tile = forward_sm90.TILES.get((hd, pb.mask is not None, pb.bias is not None))
+    if tile is None:
+        return ()
+    return (Tile(forward_sm90.BLOCK_M, tile[0], forward_sm90.THREADS // 32, stages=tile[1],
+                 head_dim=hd),)
+
+
+def _sm90_smem(s: SpecShape) -> int:
+    return forward_sm90.smem_bytes(s.head_dim, s.block_n, s.stages, s.has_mask, s.has_bias)
+
+
+def _sm90_args(pb: Problem, out: ArrayInfo, spec: SpecShape) -> tuple[Any, ...]:
+    return (forward_sm90.build_args(pb.q, pb.k, pb.v, pb.mask, pb.bias, spec.block_n)[0],)
+
+
+def _sm90_grid(pb: Problem, spec: SpecShape) -> tuple[int, int, int]:
+    """(heads, batch, query tiles): launched x-fastest, the last (longest) query tiles of every
+    (batch, head) go first."""
+    return pb.heads, pb.batch, max(1, -(-pb.seqlen_q // spec.block_m))
+
+
+_SM90_FWD_ARGS = ("dtype", "head_dim", "block_n", "stages", "has_mask", "has_bias",
+                  "debug_counters")
+
 _SM80_ARGS = ("dtype", "head_dim", "block_m", "block_n", "num_warps", "has_mask", "has_bias",
               "varlen", "sparse", "debug_counters")
 _SM80_BWD_ARGS = ("dtype", "head_dim", "block_m", "block_n", "num_warps", "has_mask",
@@ -218,6 +257,9 @@ _SM80_BWD_ARGS = ("dtype", "head_dim", "block_m", "block_n", "num_warps", "has_m
 FAMILY_ROWS: tuple[Family, ...] = (
     Family("fwd_mma", "sm80/fwd_mma.cu", "dm::flash_fwd_mma_kernel", _SM80_ARGS, "FwdParams",
            "sm_80", _smem_fwd_mma, role="forward", accepts=_mma_accepts, tiles=_mma_tiles),
+    Family("fwd_sm90", "sm90/fwd.cu", "dm::flash_fwd_sm90_kernel", _SM90_FWD_ARGS, "FwdParams",
+           "sm_90a", _sm90_smem, threads=lambda s: forward_sm90.THREADS, role="forward",
+           accepts=_sm90_accepts, tiles=_sm90_tiles, extra_args=_sm90_args, grid=_sm90_grid),
     Family("fwd_decode", "sm80/fwd_decode.cu", "dm::flash_fwd_decode_kernel", _SM80_ARGS,
            "FwdParams", "sm_80", _smem_decode),
     Family("fwd_combine", "fwd_combine.cu", "dm::flash_fwd_combine_kernel", _SM80_ARGS,

@@ -13,7 +13,7 @@ from typing import Any
 from . import arrays, decode, env, runtime
 from .arrays import describe
 from .families import padded_head_dim, sparse_supported
-from .layout import build_fwd_params, num_m_blocks
+from .layout import build_fwd_params
 from .masks import SparseMask
 from .select import forward as select_forward
 from .sparse_plan import SparseArrays, check_block_fits, device_lists, sparse_fields
@@ -84,7 +84,7 @@ def run_forward(pb: Problem, query: Any, cu_q: Any = None, cu_k: Any = None,
     kernel = runtime.get_kernel(spec, pb.q.device)
     if pb.batch == 0:
         return out, lse
-    grid = (num_m_blocks(pb.seqlen_q, spec.block_m), pb.heads, pb.batch)
+    grid = spec.row.grid(pb, spec)
     args = (rec[0], *spec.row.extra_args(pb, describe(out), spec))
     runtime.launch(kernel, grid, args, stream)
     return out, lse

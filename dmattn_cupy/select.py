@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from . import env
 from .device import DeviceProps
 from .families import FAMILIES, Family, padded_head_dim
 from .spec import KernelSpec
@@ -41,6 +42,12 @@ def forward_family(pb: Problem, dev: DeviceProps, sparse: bool = False,
     rows = [f for f in FAMILIES.values()
             if f.role == "forward" and f.runs_on(dev.cc)
             and supports(f, pb, sparse, debug_counters) and f.accepts(pb, dev, sparse)]
+    forced = env.forward_family_override()
+    if forced is not None:
+        if forced not in FAMILIES or FAMILIES[forced].role != "forward":
+            raise ValueError(f"DMATTN_FWD_FAMILY must be 'auto' or a forward family, got "
+                             f"{forced!r}")
+        rows = [f for f in rows if f.name == forced] or rows
     if not rows:
         raise NotImplementedError(f"no forward kernel family runs on compute capability "
                                   f"{dev.cc[0]}.{dev.cc[1]}; use backend='reference'")

@@ -76,7 +76,8 @@ struct Sm90FwdSmem {
                 "swizzled tiles start on 1024-byte boundaries");
 };
 
-template <typename T, int kHeadDim, int kBlockN, int kStages, bool kHasMask, bool kHasBias>
+template <typename T, int kHeadDim, int kBlockN, int kStages, bool kHasMask, bool kHasBias,
+          bool kDebug>
 __global__ void __launch_bounds__(384, 1)
 flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs args) {
   using Smem = Sm90FwdSmem<kHeadDim, kBlockN, kStages, kHasMask, kHasBias>;
@@ -232,11 +233,11 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
         info[4 * stage] = n;
         info[4 * stage + 1] = cls;
         info[4 * stage + 2] = slot;
-#ifdef DMATTN_DEBUG_COUNTERS
-        const int cta = (b * gridDim.x + h) * gridDim.z + m_block;  // (batch, head, m) order
-        atomicAdd(p.tile_counters + 2 * cta, 1u);
-        if (cls != 0) atomicAdd(p.tile_counters + 2 * cta + 1, 1u);
-#endif
+        if (kDebug) {  // per CTA {tiles loaded, tiles masked}, in (batch, head, m) order
+          const int cta = (b * gridDim.x + h) * gridDim.z + m_block;
+          atomicAdd(p.tile_counters + 2 * cta, 1u);
+          if (cls != 0) atomicAdd(p.tile_counters + 2 * cta + 1, 1u);
+        }
         mbar_arrive_expect_tx(bar_full_k(stage), Smem::kKV + bias_bytes);
 #pragma unroll
         for (int x = 0; x < Smem::kBoxes; ++x)

@@ -52,6 +52,8 @@ TEST_ROW = families.Family(
 
 @pytest.fixture
 def test_family(monkeypatch):
+    """The test row in place of the real Hopper forward (both are sm_90a forward rows)."""
+    monkeypatch.delitem(families.FAMILIES, "fwd_sm90")
     monkeypatch.setitem(families.FAMILIES, TEST_ROW.name, TEST_ROW)
     return TEST_ROW
 
@@ -63,7 +65,7 @@ def _pb(varlen=False, mask=True, bias=True, hd=128):
 @pytest.mark.parametrize("dev,arch", [(A100, "sm_80"), (RTX3090, "sm_86"), (L40, "sm_89"),
                                       (H100, "sm_90")], ids=["sm80", "sm86", "sm89", "sm90"])
 def test_portable_family_builds_for_the_device(dev: DeviceProps, arch: str) -> None:
-    spec = select.forward(_pb(), dev)
+    spec = select.forward(_pb(varlen=True), dev)  # varlen: no sm_90a row takes it
     assert (spec.family, spec.arch) == ("fwd_mma", arch)
     assert spec.dynamic_smem <= dev.smem_per_block
 
@@ -303,3 +305,20 @@ def test_forward_launches_a_family_row_with_its_extra_args(test_family, monkeypa
         assert args[0]["seqlen_q"] == 300 and args[0]["q_per_kv"] == 2
         assert out.shape == q.shape and lse.shape == (2, 4, 300) and describe(out).ptr == 0
     assert args[0].dtype.names[0] == "q"
+
+
+def test_hopper_forward_takes_dense_problems_on_cc90_only(monkeypatch) -> None:
+    dense = _pb(mask=False, bias=False)
+    spec = select.forward(dense, H100)
+    assert (spec.family, spec.arch, spec.threads, spec.block_m) == ("fwd_sm90", "sm_90a", 384, 128)
+    assert spec.dynamic_smem <= H100.smem_per_block
+    assert select.forward(dense, A100).family == "fwd_mma"
+    assert select.forward(_pb(varlen=True), H100).family == "fwd_mma"
+    assert select.forward(dense, H100, sparse=True).family == "fwd_mma"
+    assert select.forward(dense, H100, debug_counters=True).family == "fwd_sm90"
+    assert select.forward(_pb(hd=256), H100).family == "fwd_mma"   # d256 mask + bias: no tile
+    monkeypatch.setenv("DMATTN_FWD_FAMILY", "fwd_mma")
+    assert select.forward(dense, H100).family == "fwd_mma"
+    monkeypatch.setenv("DMATTN_FWD_FAMILY", "nope")
+    with pytest.raises(ValueError, match="DMATTN_FWD_FAMILY"):
+        select.forward(dense, H100)
