@@ -8,11 +8,17 @@ from typing import Any
 
 import numpy as np
 
-from . import reference
+from . import edge, reference
 from .arrays import array_kind, from_numpy_like, lse_like, to_numpy_f64
 from .masks import SparseMask
 from .sparse_plan import bound_min, split_sparse
-from .validate import Problem, check_cu_seqlens_values, check_dense, check_varlen
+from .validate import (
+    Problem,
+    check_cu_seqlens_values,
+    check_dense,
+    check_varlen,
+    normalize_call,
+)
 
 
 def _check_sparse(sparse_mask: Any, pb: Problem) -> None:
@@ -52,8 +58,20 @@ def flash_dmattn_func(query: Any, key: Any, value: Any, attn_mask: Any = None,
                       is_causal: bool = False, window_size: tuple[int, int] = (-1, -1),
                       softcap: float = 0.0, sparse_mask: SparseMask | None = None,
                       return_lse: bool = False, deterministic: bool = False,
-                      backend: str = "auto") -> Any:
-    """Dense attention with mask/bias broadcasting; see API.md for the exact semantics."""
+                      backend: str = "auto", *, scale: float | None = None,
+                      return_attn_probs: bool | None = None) -> Any:
+    """Dense attention with mask/bias broadcasting; see docs/api.md for the exact semantics.
+
+    flash-dmattn 1.x spellings are accepted: ``None`` for ``is_causal``/``softcap``/
+    ``deterministic``, ``scale=`` for ``softmax_scale=``, and ``return_attn_probs=True``, which
+    returns ``(out, lse, None)`` (the probabilities are never materialized)."""
+    is_causal, softcap, deterministic, return_lse, softmax_scale, probs = normalize_call(
+        is_causal, softcap, deterministic, return_lse, softmax_scale, scale, return_attn_probs)
+    if probs:
+        out, lse = flash_dmattn_func(query, key, value, attn_mask, attn_bias, softmax_scale,
+                                     is_causal, window_size, softcap, sparse_mask, True,
+                                     deterministic, backend)
+        return out, lse, None
     if _torch_autograd(query, key, value, attn_bias):
         from . import autograd
 
@@ -64,6 +82,8 @@ def flash_dmattn_func(query: Any, key: Any, value: Any, attn_mask: Any = None,
                      window_size, softcap, backend)
     _check_flags(return_lse, deterministic)
     _check_sparse(sparse_mask, pb)
+    if edge.is_empty_dense(pb.batch, pb.seqlen_q, pb.seqlen_k):
+        return edge.empty_forward(query, (pb.batch, pb.heads, pb.seqlen_q), return_lse)
     if pb.backend == "reference":
         out, lse = reference.dense_forward(
             to_numpy_f64(query), to_numpy_f64(key), to_numpy_f64(value), to_numpy_f64(attn_mask),
@@ -90,8 +110,19 @@ def flash_dmattn_varlen_func(query: Any, key: Any, value: Any, cu_seqlens_q: Any
                              softmax_scale: float | None = None, is_causal: bool = False,
                              window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
                              return_lse: bool = False, deterministic: bool = False,
-                             backend: str = "auto") -> Any:
-    """Packed variable-length attention; mask/bias query-based (3-D) or key-based (2-D)."""
+                             backend: str = "auto", *, scale: float | None = None,
+                             return_attn_probs: bool | None = None) -> Any:
+    """Packed variable-length attention; mask/bias query-based (3-D) or key-based (2-D).
+
+    Accepts the same flash-dmattn 1.x spellings as ``flash_dmattn_func``."""
+    is_causal, softcap, deterministic, return_lse, softmax_scale, probs = normalize_call(
+        is_causal, softcap, deterministic, return_lse, softmax_scale, scale, return_attn_probs)
+    if probs:
+        out, lse = flash_dmattn_varlen_func(
+            query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask,
+            attn_bias, softmax_scale, is_causal, window_size, softcap, True, deterministic,
+            backend)
+        return out, lse, None
     if _torch_autograd(query, key, value, attn_bias):
         from . import autograd
 
@@ -102,6 +133,8 @@ def flash_dmattn_varlen_func(query: Any, key: Any, value: Any, cu_seqlens_q: Any
                       attn_mask, attn_bias, softmax_scale, is_causal, window_size, softcap,
                       backend)
     _check_flags(return_lse, deterministic)
+    if pb.total_q == 0 or pb.total_k == 0:
+        return edge.empty_forward(query, (pb.heads, pb.total_q), return_lse)
     if pb.backend == "reference":
         cu_q = np.asarray(to_numpy_f64(cu_seqlens_q)).astype(np.int64)
         cu_k = np.asarray(to_numpy_f64(cu_seqlens_k)).astype(np.int64)

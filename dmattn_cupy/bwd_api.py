@@ -12,11 +12,18 @@ from typing import Any
 
 import numpy as np
 
-from . import reference_bwd
+from . import edge, reference_bwd
 from .arrays import array_kind, common_kind, describe, from_numpy_like, to_numpy_f64
 from .masks import SparseMask
 from .sparse_plan import SparseArrays, bound_min, split_sparse
-from .validate import Problem, check_cu_seqlens_values, check_dense, check_varlen
+from .validate import (
+    Problem,
+    check_cu_seqlens_values,
+    check_dense,
+    check_flag,
+    check_varlen,
+    normalize_call,
+)
 
 
 def _check_like(name: str, x: Any, shape: tuple[int, ...]) -> None:
@@ -102,6 +109,9 @@ def flash_dmattn_backward(dout: Any, query: Any, key: Any, value: Any, out: Any,
     the forward (``return_lse=True``); ``dlse`` is an optional incoming gradient of ``lse``."""
     from .api import _check_flags, _check_sparse
 
+    is_causal, softcap, deterministic, _, _, _ = normalize_call(is_causal, softcap, deterministic,
+                                                                False)
+    bias_grad = check_flag("bias_grad", bias_grad, None)
     common_kind({"dout": dout, "query": query, "out": out, "lse": lse, "dlse": dlse})
     pb = check_dense(query, key, value, attn_mask, attn_bias, softmax_scale, is_causal,
                      window_size, softcap, backend)
@@ -111,6 +121,8 @@ def flash_dmattn_backward(dout: Any, query: Any, key: Any, value: Any, out: Any,
     _check_like("out", out, pb.q.shape)
     _check_lse("lse", lse, (pb.batch, pb.heads, pb.seqlen_q))
     _check_lse("dlse", dlse, (pb.batch, pb.heads, pb.seqlen_q), required=False)
+    if edge.is_empty_dense(pb.batch, pb.seqlen_q, pb.seqlen_k):
+        return edge.zero_grads(query, key, value, attn_bias, bias_grad)
     if pb.backend == "reference":
         dq, dk, dv, db = reference_bwd.dense_backward(
             to_numpy_f64(query), to_numpy_f64(key), to_numpy_f64(value), to_numpy_f64(attn_mask),
@@ -142,6 +154,9 @@ def flash_dmattn_varlen_backward(dout: Any, query: Any, key: Any, value: Any, ou
     """Gradients of ``flash_dmattn_varlen_func`` (``lse`` is ``(H, total_q)``)."""
     from .api import _check_flags
 
+    is_causal, softcap, deterministic, _, _, _ = normalize_call(is_causal, softcap, deterministic,
+                                                                False)
+    bias_grad = check_flag("bias_grad", bias_grad, None)
     common_kind({"dout": dout, "query": query, "out": out, "lse": lse, "dlse": dlse})
     pb = check_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                       attn_mask, attn_bias, softmax_scale, is_causal, window_size, softcap,
@@ -151,6 +166,8 @@ def flash_dmattn_varlen_backward(dout: Any, query: Any, key: Any, value: Any, ou
     _check_like("out", out, pb.q.shape)
     _check_lse("lse", lse, (pb.heads, pb.total_q))
     _check_lse("dlse", dlse, (pb.heads, pb.total_q), required=False)
+    if pb.total_q == 0 or pb.total_k == 0:
+        return edge.zero_grads(query, key, value, attn_bias, bias_grad)
     if pb.backend == "reference":
         cu_q = np.asarray(to_numpy_f64(cu_seqlens_q)).astype(np.int64)
         cu_k = np.asarray(to_numpy_f64(cu_seqlens_k)).astype(np.int64)
