@@ -101,10 +101,15 @@ def register(name: str = NAME) -> str:
     mask builder) under ``name``; returns ``name`` for ``attn_implementation=``."""
     try:
         from transformers import AttentionInterface
-    except ImportError as e:  # transformers missing or older than 4.48
-        raise ImportError("dmattn_cupy.integrations.transformers needs transformers >= 4.48 "
-                          "(pip install 'transformers>=4.48')") from e
-    AttentionInterface.register(name, attention_forward)
+    except ImportError:
+        try:  # releases between 4.48 and the AttentionInterface class: a plain mapping
+            from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        except ImportError as e:  # transformers missing or older than 4.48
+            raise ImportError("dmattn_cupy.integrations.transformers needs transformers >= "
+                              "4.48 (pip install 'transformers>=4.48')") from e
+        ALL_ATTENTION_FUNCTIONS[name] = attention_forward
+    else:
+        AttentionInterface.register(name, attention_forward)
     try:  # transformers >= 4.53 builds masks per implementation
         from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     except ImportError:

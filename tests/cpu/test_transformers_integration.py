@@ -119,3 +119,12 @@ def test_dropout_rejected():
     q = torch.randn(1, 2, 4, 16)
     with pytest.raises(ValueError, match=r"no dropout"):
         dmt.attention_forward(types.SimpleNamespace(is_causal=True), q, q, q, None, dropout=0.1)
+
+
+def test_register_without_transformers_says_what_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    monkeypatch.setitem(sys.modules, "transformers.modeling_utils", None)
+    with pytest.raises(ImportError, match=r"needs transformers >= 4.48"):
+        dmt.register()
