@@ -152,6 +152,8 @@ def dense(query, key, value, attn_mask, attn_bias, softmax_scale, is_causal, win
     scale, cap, window = check_options(softmax_scale, softcap, window_size, is_causal,
                                        query.shape[-1])
     sparse, sp_block = [], (0, 0)
+    if query.numel() == 0 or key.shape[1] == 0:
+        sparse_mask = None  # nothing to compute: the ops return empty/zero results (edge.py)
     if sparse_mask is not None:
         from .sparse_plan import bound_min, split_sparse
 

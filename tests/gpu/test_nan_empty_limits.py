@@ -130,6 +130,18 @@ def test_empty_autograd_and_varlen():
     assert out.shape == (0, 4, 64) and lse.shape == (4, 0)
 
 
+def test_empty_batch_with_block_mask_autograd():
+    b, sq, sk = 0, 128, 128       # (mask objects need seqlens >= 1; an empty batch is fine)
+    q = torch.randn(b, sq, 4, 64, device="cuda", dtype=torch.float16, requires_grad=True)
+    k = torch.randn(b, sk, 4, 64, device="cuda", dtype=torch.float16, requires_grad=True)
+    bits = torch.ones(2, 2, dtype=torch.bool, device="cuda")
+    mask = dm.BlockBitsetMask(bits, sq, sk, block_size=(64, 64))
+    out = dm.flash_dmattn_func(q, k, k, sparse_mask=mask)
+    assert out.shape == q.shape
+    out.float().sum().backward()
+    assert k.grad.shape == k.shape and not bool((k.grad != 0).any())
+
+
 def test_limits_raise_before_launch():
     base = torch.zeros(1, 1, 1, 64, device="cuda", dtype=torch.float16)
     huge = base.expand(1, 2**31, 1, 64)           # stride 0: no memory
