@@ -28,12 +28,22 @@ def naive_attention(q, k, v, mask, bias, causal):
 
 
 def gpu_available() -> bool:
+    """A GPU that the CUDA kernels support (compute capability 8.0+); says why not otherwise."""
     try:
         import cupy
 
-        return cupy.cuda.runtime.getDeviceCount() > 0
+        if cupy.cuda.runtime.getDeviceCount() == 0:
+            return False
     except Exception:
         return False
+    from dmattn_cupy.device_check import require_supported_device
+
+    try:
+        require_supported_device(0)
+    except RuntimeError as e:
+        print(e)
+        return False
+    return True
 
 
 def main() -> None:
@@ -54,7 +64,7 @@ def main() -> None:
         out = cupy.asnumpy(out)
         where = "CUDA backend (NVRTC-compiled kernel, CuPy arrays)"
     else:
-        print("no GPU found: running the float64 reference backend on NumPy arrays")
+        print("no supported GPU: running the float64 reference backend on NumPy arrays")
         out = dm.flash_dmattn_func(q, k, v, attn_mask=mask, attn_bias=bias, is_causal=True)
         where = "reference backend (NumPy)"
     want = naive_attention(q, k, v, mask, bias, causal=True)

@@ -196,7 +196,7 @@ _BACKENDS = {None: "auto", "auto": "auto", "cuda": "cuda", "triton": "auto", "fl
              "reference": "reference"}
 
 
-def flash_dmattn_func_auto(backend: str | None = None, **_: Any) -> Any:
+def flash_dmattn_func_auto(backend: str | None = None) -> Any:
     """A callable with ``flash_dmattn_func``'s (flash-dmattn 1.x) signature."""
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {sorted(k for k in _BACKENDS if k)} or None, "
