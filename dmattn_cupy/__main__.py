@@ -13,25 +13,22 @@ from .compile import cache_dir, cached_kernel_count, cuda_src_dir, nvrtc_version
 def info() -> list[str]:
     lines = [f"dmattn_cupy {__version__} (python {platform.python_version()})",
              f"cuda_src    {cuda_src_dir()}"]
-    try:
+    from .device_check import cupy_problem, driver_problem
+
+    problem = cupy_problem()
+    if problem is not None:  # report, never crash: info is what users run when things break
+        lines.append(f"cupy/nvrtc  unavailable: {problem}")
+    else:
         import cupy
 
         lines.append(f"cupy        {cupy.__version__}")
         lines.append("nvrtc       {}.{}".format(*nvrtc_version()))
-    except Exception as e:  # report, never crash: info is what users run when things break
-        lines.append(f"cupy/nvrtc  unavailable ({type(e).__name__}: {e})")
-    try:
-        import cupy
-
-        drv = cupy.cuda.runtime.driverGetVersion()
-        lines.append(f"driver      CUDA {drv // 1000}.{drv % 1000 // 10}")
-        n = cupy.cuda.runtime.getDeviceCount()
-        for d in range(n):
-            props = cupy.cuda.runtime.getDeviceProperties(d)
-            name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
-            lines.append(f"gpu {d}       {name} (sm_{props['major']}{props['minor']})")
-    except Exception as e:
-        lines.append(f"gpu         none ({type(e).__name__})")
+        drv = driver_problem()
+        if drv is not None:
+            lines.append(f"driver      {drv}: the CUDA backend cannot run here; "
+                         "backend='reference' (CPU, float64) works")
+        else:
+            lines += _gpu_lines(cupy)
     try:
         import torch
 
@@ -40,6 +37,26 @@ def info() -> list[str]:
     except Exception:
         lines.append("torch       not installed")
     lines.append(f"cache       {cache_dir()} ({cached_kernel_count()} kernels cached)")
+    return lines
+
+
+def _gpu_lines(cupy) -> list[str]:
+    from .device_check import MIN_CAPABILITY, SUPPORTED
+
+    v = cupy.cuda.runtime.driverGetVersion()
+    lines = [f"driver      CUDA {v // 1000}.{v % 1000 // 10}"]
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:
+        return lines + [f"gpu         none ({type(e).__name__}: {e})"]
+    if n == 0:
+        lines.append("gpu         none")
+    for d in range(n):
+        props = cupy.cuda.runtime.getDeviceProperties(d)
+        name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+        ok = (props["major"], props["minor"]) >= MIN_CAPABILITY
+        note = "" if ok else f"  UNSUPPORTED (needs {SUPPORTED}; backend='reference' works)"
+        lines.append(f"gpu {d}       {name} (sm_{props['major']}{props['minor']}){note}")
     return lines
 
 

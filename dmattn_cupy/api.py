@@ -8,6 +8,7 @@ from typing import Any
 
 from . import autograd, dispatch
 from .masks import SparseMask
+from .validate import normalize_call
 
 
 def flash_dmattn_func(query: Any, key: Any, value: Any, attn_mask: Any = None,
@@ -15,8 +16,20 @@ def flash_dmattn_func(query: Any, key: Any, value: Any, attn_mask: Any = None,
                       is_causal: bool = False, window_size: tuple[int, int] = (-1, -1),
                       softcap: float = 0.0, sparse_mask: SparseMask | None = None,
                       return_lse: bool = False, deterministic: bool = False,
-                      backend: str = "auto") -> Any:
-    """Dense attention with mask/bias broadcasting; see API.md for the exact semantics."""
+                      backend: str = "auto", *, scale: float | None = None,
+                      return_attn_probs: bool | None = None) -> Any:
+    """Dense attention with mask/bias broadcasting; see docs/api.md for the exact semantics.
+
+    flash-dmattn 1.x spellings are accepted: ``None`` for ``is_causal``/``softcap``/
+    ``deterministic``, ``scale=`` for ``softmax_scale=``, and ``return_attn_probs=True``, which
+    returns ``(out, lse, None)`` (the probabilities are never materialized)."""
+    is_causal, softcap, deterministic, return_lse, softmax_scale, probs = normalize_call(
+        is_causal, softcap, deterministic, return_lse, softmax_scale, scale, return_attn_probs)
+    if probs:
+        out, lse = flash_dmattn_func(query, key, value, attn_mask, attn_bias, softmax_scale,
+                                     is_causal, window_size, softcap, sparse_mask, True,
+                                     deterministic, backend)
+        return out, lse, None
     run = autograd.dense if autograd.wants_autograd(query, key, value, attn_bias) else \
         dispatch.dense
     return run(query, key, value, attn_mask, attn_bias, softmax_scale, is_causal, window_size,
@@ -29,8 +42,19 @@ def flash_dmattn_varlen_func(query: Any, key: Any, value: Any, cu_seqlens_q: Any
                              softmax_scale: float | None = None, is_causal: bool = False,
                              window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
                              return_lse: bool = False, deterministic: bool = False,
-                             backend: str = "auto") -> Any:
-    """Packed variable-length attention; mask/bias query-based (3-D) or key-based (2-D)."""
+                             backend: str = "auto", *, scale: float | None = None,
+                             return_attn_probs: bool | None = None) -> Any:
+    """Packed variable-length attention; mask/bias query-based (3-D) or key-based (2-D).
+
+    Accepts the same flash-dmattn 1.x spellings as ``flash_dmattn_func``."""
+    is_causal, softcap, deterministic, return_lse, softmax_scale, probs = normalize_call(
+        is_causal, softcap, deterministic, return_lse, softmax_scale, scale, return_attn_probs)
+    if probs:
+        out, lse = flash_dmattn_varlen_func(
+            query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask,
+            attn_bias, softmax_scale, is_causal, window_size, softcap, True, deterministic,
+            backend)
+        return out, lse, None
     run = autograd.varlen if autograd.wants_autograd(query, key, value, attn_bias) else \
         dispatch.varlen
     return run(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,

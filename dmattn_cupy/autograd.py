@@ -186,6 +186,8 @@ def dense(query, key, value, attn_mask, attn_bias, softmax_scale, is_causal, win
     scale, cap, window = (pb.scale, pb.softcap, pb.window) if pb is not None else \
         check_options(softmax_scale, softcap, window_size, is_causal, query.shape[-1])
     sparse, sp_block = [], (0, 0)
+    if query.numel() == 0 or key.shape[1] == 0:
+        sparse_mask = None  # nothing to compute: the ops return empty/zero results (edge.py)
     if sparse_mask is not None:
         win, block = split_sparse(sparse_mask)
         window = (bound_min(window[0], win[0]), bound_min(window[1], win[1]))

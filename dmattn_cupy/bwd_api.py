@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from . import arrays, reference_bwd
+from . import arrays, edge, reference_bwd
 from .arrays import common_kind, describe, from_numpy_like, to_numpy_f64
 from .backward import run_backward
 from .masks import SparseMask
@@ -20,9 +20,11 @@ from .sparse_plan import fold_backward
 from .validate import (
     check_cu_seqlens_values,
     check_dense,
+    check_flag,
     check_flags,
     check_sparse,
     check_varlen,
+    normalize_call,
 )
 
 
@@ -54,6 +56,9 @@ def flash_dmattn_backward(dout: Any, query: Any, key: Any, value: Any, out: Any,
     bias's own (broadcast) shape, or None without a bias (or with ``bias_grad=False``: the bias
     then shapes the probabilities but its gradient is not computed). ``out``/``lse`` come from
     the forward (``return_lse=True``); ``dlse`` is an optional incoming gradient of ``lse``."""
+    is_causal, softcap, deterministic, _, _, _ = normalize_call(is_causal, softcap, deterministic,
+                                                                False)
+    bias_grad = check_flag("bias_grad", bias_grad, None)
     common_kind({"dout": dout, "query": query, "out": out, "lse": lse, "dlse": dlse})
     pb = check_dense(query, key, value, attn_mask, attn_bias, softmax_scale, is_causal,
                      window_size, softcap, backend)
@@ -63,6 +68,8 @@ def flash_dmattn_backward(dout: Any, query: Any, key: Any, value: Any, out: Any,
     _check_like("out", out, pb.q.shape)
     _check_lse("lse", lse, (pb.batch, pb.heads, pb.seqlen_q))
     _check_lse("dlse", dlse, (pb.batch, pb.heads, pb.seqlen_q), required=False)
+    if edge.is_empty_dense(pb.batch, pb.seqlen_q, pb.seqlen_k):
+        return edge.zero_grads(query, key, value, attn_bias, bias_grad)
     if pb.backend == "reference":
         dq, dk, dv, db = reference_bwd.dense_backward(
             to_numpy_f64(query), to_numpy_f64(key), to_numpy_f64(value), to_numpy_f64(attn_mask),
@@ -88,6 +95,9 @@ def flash_dmattn_varlen_backward(dout: Any, query: Any, key: Any, value: Any, ou
                                  dlse: Any = None,
                                  bias_grad: bool = True) -> tuple[Any, Any, Any, Any]:
     """Gradients of ``flash_dmattn_varlen_func`` (``lse`` is ``(H, total_q)``)."""
+    is_causal, softcap, deterministic, _, _, _ = normalize_call(is_causal, softcap, deterministic,
+                                                                False)
+    bias_grad = check_flag("bias_grad", bias_grad, None)
     common_kind({"dout": dout, "query": query, "out": out, "lse": lse, "dlse": dlse})
     pb = check_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                       attn_mask, attn_bias, softmax_scale, is_causal, window_size, softcap,
@@ -97,6 +107,8 @@ def flash_dmattn_varlen_backward(dout: Any, query: Any, key: Any, value: Any, ou
     _check_like("out", out, pb.q.shape)
     _check_lse("lse", lse, (pb.heads, pb.total_q))
     _check_lse("dlse", dlse, (pb.heads, pb.total_q), required=False)
+    if pb.total_q == 0 or pb.total_k == 0:
+        return edge.zero_grads(query, key, value, attn_bias, bias_grad)
     if pb.backend == "reference":
         cu_q = np.asarray(to_numpy_f64(cu_seqlens_q)).astype(np.int64)
         cu_k = np.asarray(to_numpy_f64(cu_seqlens_k)).astype(np.int64)

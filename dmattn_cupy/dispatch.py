@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from . import reference
+from . import edge, reference
 from .arrays import from_numpy_like, lse_like, to_numpy_f64
 from .forward import run_forward
 from .masks import SparseMask
@@ -35,6 +35,8 @@ def dense(query: Any, key: Any, value: Any, attn_mask: Any, attn_bias: Any,
                          window_size, softcap, backend)
         check_flags(return_lse, deterministic)
         check_sparse(sparse_mask, pb)
+    if edge.is_empty_dense(pb.batch, pb.seqlen_q, pb.seqlen_k):
+        return edge.empty_forward(query, (pb.batch, pb.heads, pb.seqlen_q), return_lse)
     if pb.backend == "reference":
         out, lse = reference.dense_forward(
             to_numpy_f64(query), to_numpy_f64(key), to_numpy_f64(value), to_numpy_f64(attn_mask),
@@ -59,6 +61,8 @@ def varlen(query: Any, key: Any, value: Any, cu_seqlens_q: Any, cu_seqlens_k: An
                           max_seqlen_k, attn_mask, attn_bias, softmax_scale, is_causal,
                           window_size, softcap, backend)
         check_flags(return_lse, deterministic)
+    if pb.total_q == 0 or pb.total_k == 0:
+        return edge.empty_forward(query, (pb.heads, pb.total_q), return_lse)
     if pb.backend == "reference":
         cu_q = np.asarray(to_numpy_f64(cu_seqlens_q)).astype(np.int64)
         cu_k = np.asarray(to_numpy_f64(cu_seqlens_k)).astype(np.int64)

@@ -102,6 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fill-cache", action="store_true",
                     help="store the cubins in the kernel cache (DMATTN_CACHE_DIR) for later runs")
     a = ap.parse_args(argv)
+    from .device_check import cupy_problem
+
+    problem = cupy_problem()
+    if problem is not None:
+        print(f"precompile needs CuPy's NVRTC (no GPU needed): {problem}", file=sys.stderr)
+        return 2
     archs = a.arch or list(DEFAULT_ARCHS)
     specs = dict.fromkeys(s for arch in archs
                           for s in all_specs(arch) + (all_specs(arch, debug=True) if a.debug

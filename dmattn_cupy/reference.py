@@ -84,15 +84,19 @@ def dense_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray 
     keep = keep_positions(b, h, sq, sk, window, mask, sparse)
     s = np.where(keep, s, -np.inf)
     m = s.max(axis=-1, keepdims=True) if sk > 0 else np.full((b, h, sq, 1), -np.inf)
-    m_safe = np.where(np.isfinite(m), m, 0.0)
-    p = np.exp(s - m_safe)
+    # Only a row with no allowed key (max -inf) is shifted by 0; a NaN logit at an allowed
+    # position makes the max NaN, and the NaN flows into out and lse as in SDPA/FlashAttention.
+    m_safe = np.where(np.isneginf(m), 0.0, m)
+    with np.errstate(invalid="ignore", over="ignore"):
+        p = np.exp(s - m_safe)
     l_sum = p.sum(axis=-1, keepdims=True)
     p = quantize(p, lowprec)
-    num = np.einsum("bhqk,bkhd->bqhd", p, vv)
+    with np.errstate(invalid="ignore"):
+        num = np.einsum("bhqk,bkhd->bqhd", p, vv)
     l_t = np.transpose(l_sum[..., 0], (0, 2, 1))[..., None]
     with np.errstate(invalid="ignore", divide="ignore"):
-        out = np.where(l_t > 0, num / np.where(l_t > 0, l_t, 1.0), 0.0)
-        lse = np.where(l_sum[..., 0] > 0, m_safe[..., 0] + np.log(l_sum[..., 0]), -np.inf)
+        out = np.where(l_t == 0, 0.0, num / np.where(l_t == 0, 1.0, l_t))
+        lse = np.where(l_sum[..., 0] == 0, -np.inf, m_safe[..., 0] + np.log(l_sum[..., 0]))
     return quantize(out, lowprec), lse
 
 

@@ -51,10 +51,12 @@ def dense_backward(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray
     keep = keep_positions(b, h, sq, sk, window, mask, sparse)
     s = np.where(keep, s, -np.inf)
     m = s.max(axis=-1, keepdims=True) if sk > 0 else np.full((b, h, sq, 1), -np.inf)
-    m_safe = np.where(np.isfinite(m), m, 0.0)
-    p = np.where(keep, np.exp(s - m_safe), 0.0)
+    m_safe = np.where(np.isneginf(m), 0.0, m)  # a NaN logit propagates (see reference.py)
+    with np.errstate(invalid="ignore", over="ignore"):
+        p = np.where(keep, np.exp(s - m_safe), 0.0)
     l_sum = p.sum(axis=-1, keepdims=True)
-    p = p / np.where(l_sum > 0, l_sum, 1.0)
+    with np.errstate(invalid="ignore"):
+        p = p / np.where(l_sum == 0, 1.0, l_sum)
     out = np.einsum("bhqk,bkhd->bqhd", p, vv)
     dv_full = np.einsum("bhqk,bqhd->bkhd", p, dout)
     dp = np.einsum("bqhd,bkhd->bhqk", dout, vv)

@@ -17,6 +17,9 @@ from .arrays import ArrayInfo, common_kind, describe
 from .masks import SparseMask
 
 BACKENDS = ("auto", "cuda", "reference")
+INT32_MAX = 2**31 - 1  # lengths and window bounds travel to the kernels in int32 fields
+F32_TINY = float(np.finfo(np.float32).tiny)  # a softcap below this is no float32 normal
+F32_MAX = float(np.finfo(np.float32).max)
 CUDA_QKV_DTYPES = ("float16", "bfloat16")
 REF_FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 MAX_GRID_YZ = 65535  # CUDA's limit on gridDim.y / gridDim.z (heads, batch)
@@ -51,6 +54,41 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
+def check_flag(name: str, val: Any, default: bool | None = False) -> bool:
+    """A bool flag: ``bool`` or ``numpy.bool_``; ``None`` means ``default`` (flash-dmattn's
+    ``Optional[bool]`` flags), unless ``default`` is None (then None is rejected)."""
+    if val is None and default is not None:
+        return default
+    if isinstance(val, (bool, np.bool_)):
+        return bool(val)
+    accepted = "a bool" if default is None else f"a bool or None (= {default})"
+    raise TypeError(f"{name} must be {accepted}, got {type(val).__name__} {val!r}")
+
+
+def check_int32(name: str, n: int) -> None:
+    """A length the kernels keep in an int32 field."""
+    if n > INT32_MAX:
+        raise ValueError(f"{name} must be <= {INT32_MAX} (2**31 - 1, the kernels' int32 "
+                         f"fields), got {n}")
+
+
+def normalize_call(is_causal: Any, softcap: Any, deterministic: Any, return_lse: Any,
+                   softmax_scale: Any = None, scale: Any = None,
+                   return_attn_probs: Any = None) -> tuple[bool, Any, bool, bool, Any, bool]:
+    """The public functions' flags, with flash-dmattn 1.x spellings folded in: ``None`` for
+    ``is_causal``/``softcap``/``deterministic`` (their defaults), ``numpy.bool_`` for flags,
+    ``scale=`` for ``softmax_scale=`` and ``return_attn_probs=``. Returns (is_causal, softcap,
+    deterministic, return_lse, softmax_scale, return_attn_probs)."""
+    if scale is not None:
+        if softmax_scale is not None and softmax_scale != scale:
+            raise TypeError(f"pass the scale once: softmax_scale={softmax_scale!r} and its "
+                            f"alias scale={scale!r} differ")
+        softmax_scale = scale
+    return (check_flag("is_causal", is_causal), 0.0 if softcap is None else softcap,
+            check_flag("deterministic", deterministic), check_flag("return_lse", return_lse, None),
+            softmax_scale, check_flag("return_attn_probs", return_attn_probs))
+
+
 def resolve_backend(backend: Any, kind: str, on_host: bool = False) -> str:
     """auto -> cuda for GPU arrays, reference for host arrays (NumPy, CPU torch tensors)."""
     if backend not in BACKENDS:
@@ -68,8 +106,9 @@ def resolve_backend(backend: Any, kind: str, on_host: bool = False) -> str:
 
 def check_options(softmax_scale: Any, softcap: Any, window_size: Any, is_causal: Any,
                   head_dim: int) -> tuple[float, float, tuple[int, int]]:
-    if not isinstance(is_causal, bool):
-        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    is_causal = check_flag("is_causal", is_causal)
+    if softcap is None:  # flash-dmattn's Optional[float]: None = off
+        softcap = 0.0
     if softmax_scale is None:
         scale = 1.0 / math.sqrt(head_dim)
     else:
@@ -82,12 +121,18 @@ def check_options(softmax_scale: Any, softcap: Any, window_size: Any, is_causal:
         raise TypeError(f"softcap must be a float >= 0, got {softcap!r}")
     if not (math.isfinite(float(softcap)) and softcap >= 0):
         raise ValueError(f"softcap must be a finite float >= 0 (0 disables it), got {softcap!r}")
+    if softcap > 0 and not F32_TINY <= float(softcap) <= F32_MAX:
+        raise ValueError(f"softcap={softcap!r} does not survive float32 (the kernels' type: it "
+                         f"would round to 0 or overflow); use 0 to disable it or a value in "
+                         f"[{F32_TINY:.3g}, {F32_MAX:.3g}]")
     if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
             or not all(_is_int(w) for w in window_size)):
         raise TypeError(f"window_size must be a pair of ints (left, right), got {window_size!r}")
     left, right = int(window_size[0]), int(window_size[1])
     if left < -1 or right < -1:
         raise ValueError(f"window_size entries must be >= -1 (-1 = unbounded), got {window_size!r}")
+    for side, w in (("window_size[0] (left)", left), ("window_size[1] (right)", right)):
+        check_int32(side, w)
     if is_causal:
         right = 0 if right < 0 else min(right, 0)
     return scale, float(softcap), (left, right)
@@ -187,8 +232,8 @@ def check_dense(query: Any, key: Any, value: Any, attn_mask: Any, attn_bias: Any
     bk, sk, hk, dk = k.shape
     if bk != b:
         raise ValueError(f"key batch ({bk}) must equal query batch ({b})")
-    if b < 1 or sq < 1:
-        raise ValueError(f"query must have batch >= 1 and seqlen >= 1, got shape {q.shape}")
+    check_int32("query seqlen (query.shape[1])", sq)
+    check_int32("key seqlen (key.shape[1])", sk)
     _check_heads_dim(h, hk, d, dk)
     _check_cuda_grid(be, b, h)
     mask = describe(attn_mask) if attn_mask is not None else None
@@ -245,6 +290,8 @@ def check_varlen(query: Any, key: Any, value: Any, cu_seqlens_q: Any, cu_seqlens
     total_q, h, d = q.shape
     total_k, hk, dk = k.shape
     _check_heads_dim(h, hk, d, dk)
+    check_int32("total_q (query.shape[0])", total_q)
+    check_int32("total_k (key.shape[0])", total_k)
     cq = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, kind)
     ck = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, kind)
     if cq.shape != ck.shape:
@@ -255,6 +302,7 @@ def check_varlen(query: Any, key: Any, value: Any, cu_seqlens_q: Any, cu_seqlens
             raise TypeError(f"{n} must be an int >= 0, got {type(m).__name__} {m!r}")
         if m < 0:
             raise ValueError(f"{n} must be an int >= 0, got {m!r}")
+        check_int32(n, int(m))
     _check_cuda_grid(be, cq.shape[0] - 1, h)
     mask = describe(attn_mask) if attn_mask is not None else None
     bias = describe(attn_bias) if attn_bias is not None else None

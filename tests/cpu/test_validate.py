@@ -140,10 +140,10 @@ def test_key_value_shape_mismatch(vshape):
         dm.flash_dmattn_func(q, k, v)
 
 
-def test_seqlen_q_zero_rejected():
+def test_seqlen_q_zero_gives_empty():  # was rejected; now empty outputs as SDPA gives
     q, k, v = qkv(sq=0)
-    with pytest.raises(ValueError, match=r"query must have batch >= 1 and seqlen >= 1"):
-        dm.flash_dmattn_func(q, k, v)
+    out, lse = dm.flash_dmattn_func(q, k, v, return_lse=True)
+    assert out.shape == q.shape and lse.shape == (B, H, 0)
 
 
 def test_seqlen_k_zero_allowed():
@@ -245,7 +245,7 @@ def test_softmax_scale_accepted(value):
     assert call(softmax_scale=value).shape == (B, SQ, H, D)
 
 
-@pytest.mark.parametrize("value", ["1", True, None], ids=["str", "bool", "none"])
+@pytest.mark.parametrize("value", ["1", True], ids=["str", "bool"])
 def test_softcap_type(value):
     with pytest.raises(TypeError, match=r"softcap must be a float >= 0"):
         call(softcap=value)
@@ -279,7 +279,7 @@ def test_window_size_accepted(value):
     assert call(window_size=value).shape == (B, SQ, H, D)
 
 
-@pytest.mark.parametrize("value", [1, 0, None, "True"], ids=["int1", "int0", "none", "str"])
+@pytest.mark.parametrize("value", [1, 0, "True"], ids=["int1", "int0", "str"])
 def test_is_causal_type(value):
     with pytest.raises(TypeError, match=r"is_causal must be a bool"):
         call(is_causal=value)
@@ -288,6 +288,9 @@ def test_is_causal_type(value):
 @pytest.mark.parametrize("name", ["return_lse", "deterministic"])
 @pytest.mark.parametrize("value", [1, None, "yes"], ids=["int", "none", "str"])
 def test_flag_type(name, value):
+    if name == "deterministic" and value is None:  # None = its default (flash-dmattn 1.x)
+        assert call(**{name: value}).shape == (B, SQ, H, D)
+        return
     with pytest.raises(TypeError, match=rf"{name} must be a bool"):
         call(**{name: value})
 

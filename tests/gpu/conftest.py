@@ -1,30 +1,91 @@
-"""Marks every test here `gpu` and skips it, with the reason, when no usable GPU is present."""
+"""Marks every test here `gpu`. Without a GPU on the machine they skip, with the reason. When the
+machine has an NVIDIA GPU (``/dev/nvidia0`` or ``nvidia-smi -L``) but torch or CuPy cannot use
+it (a driver/toolkit mismatch, a CPU-only torch, CuPy missing), every GPU test FAILS with the
+reason: a green run that skipped the GPU suite on a GPU machine would be a false pass.
+``CUDA_VISIBLE_DEVICES=""`` (or ``-1``) hides the GPUs on purpose: the tests then skip."""
 
 from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
 
 import pytest
 
 
-def _gpu_reason() -> str | None:
+def machine_gpu() -> str | None:
+    """Evidence of an NVIDIA GPU that does not depend on torch or CuPy, or None."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return None
+    devs = sorted(p for p in glob.glob("/dev/nvidia[0-9]*") if p[len("/dev/nvidia"):].isdigit())
+    if devs:
+        return f"{devs[0]} exists"
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            res = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=30)
+            gpus = [ln for ln in res.stdout.splitlines() if ln.startswith("GPU ")]
+            if gpus:
+                return f"nvidia-smi lists {gpus[0].strip()}"
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return None
+
+
+def usable_gpu_problem() -> str | None:
+    """None when torch and CuPy both reach a GPU; else why not."""
     try:
         import torch
     except ImportError:
         return "torch is not installed"
     if not torch.cuda.is_available():
-        return "no CUDA GPU visible to torch"
+        return (f"no CUDA GPU visible to torch {torch.__version__} (built for CUDA "
+                f"{torch.version.cuda or 'none: a CPU-only build'})")
     try:
         import cupy
 
-        cupy.cuda.runtime.getDeviceCount()
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return "CuPy sees no GPU"
+        int(cupy.arange(4).sum())  # a kernel launch: catches a driver too old for this CuPy
     except Exception as e:  # CuPy missing or its CUDA runtime unusable
-        return f"CuPy cannot reach the GPU ({type(e).__name__})"
+        return f"CuPy cannot reach the GPU ({type(e).__name__}: {e})"
     return None
 
 
+_STATE: dict[str, str | None] = {}
+
+
+def pytest_configure(config):
+    _STATE["problem"] = usable_gpu_problem()
+    _STATE["gpu"] = machine_gpu() if _STATE["problem"] is not None else None
+
+
+def _broken() -> str | None:
+    if _STATE.get("problem") is None or _STATE.get("gpu") is None:
+        return None
+    return (f"this machine has a GPU ({_STATE['gpu']}) but the GPU tests cannot use it: "
+            f"{_STATE['problem']}. Install the torch/CuPy builds that match the driver "
+            "(`nvidia-smi` shows its CUDA version; use the cuda12 or cuda13 extra to match), or "
+            "set CUDA_VISIBLE_DEVICES='' to skip the GPU tests on purpose")
+
+
 def pytest_collection_modifyitems(config, items):
-    reason = _gpu_reason()
+    problem = _STATE.get("problem")
     for item in items:
         if "tests/gpu" in str(item.fspath).replace("\\", "/"):
             item.add_marker(pytest.mark.gpu)
-            if reason is not None:
-                item.add_marker(pytest.mark.skip(reason=f"GPU test: {reason}"))
+            if problem is not None and _broken() is None:
+                item.add_marker(pytest.mark.skip(reason=f"GPU test: {problem}"))
+
+
+def pytest_runtest_setup(item):
+    msg = _broken()
+    if msg is not None and "tests/gpu" in str(item.fspath).replace("\\", "/"):
+        pytest.fail(msg, pytrace=False)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    msg = _broken()
+    if msg is not None:
+        terminalreporter.write_line(f"GPU TESTS FAILED: {msg}", red=True, bold=True)
