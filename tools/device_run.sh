@@ -4,8 +4,9 @@
 #   (default: all but profile)
 # precompile: every specialization for this GPU into the kernel cache, 16 processes;
 # tests: the GPU suite; sanitize: compute-sanitizer memcheck and
-# racecheck on a representative subset; bench: every tools/bench.py case, JSON + table;
-# profile: Nsight Compute sections of one dense forward launch.
+# racecheck on a representative subset; bench: every tools/bench case, JSON + table (FA4 and
+# Flex FLASH rows when flash_attn.cute is importable: see tools/fa4_install.sh; BENCH_ARGS
+# replaces "--suite all"); profile: Nsight Compute sections of one dense forward launch.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 DMATTN_CACHE_DIR=/tmp/dmattn-cache
@@ -39,14 +40,16 @@ for step in $steps; do
           "$OUT/sanitize_$tool.log" | tail -1)"
       done ;;
     bench)
-      python3 tools/bench.py --suite all --json "$OUT/bench.json" > "$OUT/bench.log" 2>&1
-      echo "bench rc=$?"; grep "^summary" "$OUT/bench.log" ;;
+      # shellcheck disable=SC2086
+      python3 tools/bench ${BENCH_ARGS:---suite all} --json "$OUT/bench.json" \
+        > "$OUT/bench.log" 2>&1
+      echo "bench rc=$?"; grep -E "^(summary|target|== targets|peer )" "$OUT/bench.log" ;;
     profile)  # where a forward case's time goes (Nsight Compute, one launch; PROFILE_CASE)
       case_=${PROFILE_CASE:-dense}
       ncu --clock-control none --section SpeedOfLight --section WarpStateStats \
         --section SchedulerStats --section ComputeWorkloadAnalysis --section Occupancy \
         --section MemoryWorkloadAnalysis --section InstructionStats -k regex:flash_fwd_mma \
-        -s 3 -c 1 python3 tools/bench.py --case "$case_" --peers none --no-smoke --quick \
+        -s 3 -c 1 python3 tools/bench --case "$case_" --peers none --no-smoke --quick \
         > "$OUT/ncu_$case_.txt" 2>&1
       echo "ncu $case_ rc=$?"; grep -E "Throughput|Issued|Eligible|Occupancy|Duration|Executed Inst" \
         "$OUT/ncu_$case_.txt" | head -20 ;;
