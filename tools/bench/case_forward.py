@@ -148,6 +148,11 @@ class MaskBias(Kind):
 
     fa4 = False
 
+    def __init__(self, ctx: Ctx, d: Dims):
+        super().__init__(ctx, d)
+        self.info = ["SDPA rows (cuDNN included): mask and bias pre-combined into one additive "
+                     "(B,H,Sq,Sk) bias outside timing; Flex: score_mod (flex-flash: flat index)"]
+
     def inputs(self, gen: Any, rn: Callable[..., Any]) -> dict[str, Any]:
         d = self.d
         return {"mask": d.torch.rand(d.B, d.H, d.Sq, d.Sk, generator=gen, device=d.dev)
