@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # One device-machine call that does the whole GPU check-up and leaves logs under $OUT:
-#   bash tools/device_run.sh [precompile] [tests] [sanitize] [bench] [profile]
-#   (default: all but profile)
+#   bash tools/device_run.sh [fa4] [precompile] [tests] [sanitize] [bench] [profile]
+#   (default: precompile tests sanitize bench)
+# fa4: install FlashAttention-4 into /tmp/fa4site from the staged wheel parts
+# (tools/fa4_install.sh; .whl/partA staged by an earlier call, .whl/partB carried by this one);
 # precompile: every specialization for this GPU into the kernel cache, 16 processes;
 # tests: the GPU suite; sanitize: compute-sanitizer memcheck and
-# racecheck on a representative subset; bench: every tools/bench.py case, JSON + table;
-# profile: Nsight Compute sections of one dense forward launch.
+# racecheck on a representative subset; bench: every tools/bench case, JSON + table (FA4 and
+# Flex FLASH rows when flash_attn.cute is importable: see tools/fa4_install.sh; BENCH_ARGS
+# replaces "--suite all"); profile: Nsight Compute sections of one dense forward launch.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 DMATTN_CACHE_DIR=/tmp/dmattn-cache
@@ -17,6 +20,9 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "
 python3 -m dmattn_cupy info | tee "$OUT/info.txt"
 for step in $steps; do
   case $step in
+    fa4)
+      bash tools/fa4_install.sh install .whl/partB > "$OUT/fa4_install.log" 2>&1
+      echo "fa4 install rc=$?: $(tail -1 "$OUT/fa4_install.log")" ;;
     precompile)
       python3 -m dmattn_cupy.precompile --arch "$arch" --debug --jobs 16 --fill-cache \
         > "$OUT/precompile.log" 2>&1; echo "precompile rc=$?: $(tail -1 "$OUT/precompile.log")" ;;
@@ -39,14 +45,19 @@ for step in $steps; do
           "$OUT/sanitize_$tool.log" | tail -1)"
       done ;;
     bench)
-      python3 tools/bench.py --suite all --json "$OUT/bench.json" > "$OUT/bench.log" 2>&1
-      echo "bench rc=$?"; grep "^summary" "$OUT/bench.log" ;;
+      # FA4 (and Flex's FLASH backend) where tools/fa4_install.sh put it
+      fa4=${FA4_SITE:-/tmp/fa4site}; bench_pp=$PYTHONPATH
+      [ -d "$fa4" ] && bench_pp="$PYTHONPATH:$fa4:$fa4/nvidia_cutlass_dsl/dsl_packages"
+      # shellcheck disable=SC2086
+      PYTHONPATH=$bench_pp python3 tools/bench ${BENCH_ARGS:---suite all} --json "$OUT/bench.json" \
+        > "$OUT/bench.log" 2>&1
+      echo "bench rc=$?"; grep -E "^(summary|target|== targets|peer )" "$OUT/bench.log" ;;
     profile)  # where a forward case's time goes (Nsight Compute, one launch; PROFILE_CASE)
       case_=${PROFILE_CASE:-dense}
       ncu --clock-control none --section SpeedOfLight --section WarpStateStats \
         --section SchedulerStats --section ComputeWorkloadAnalysis --section Occupancy \
         --section MemoryWorkloadAnalysis --section InstructionStats -k regex:flash_fwd_mma \
-        -s 3 -c 1 python3 tools/bench.py --case "$case_" --peers none --no-smoke --quick \
+        -s 3 -c 1 python3 tools/bench --case "$case_" --peers none --no-smoke --quick \
         > "$OUT/ncu_$case_.txt" 2>&1
       echo "ncu $case_ rc=$?"; grep -E "Throughput|Issued|Eligible|Occupancy|Duration|Executed Inst" \
         "$OUT/ncu_$case_.txt" | head -20 ;;

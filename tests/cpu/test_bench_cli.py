@@ -1,27 +1,28 @@
-"""CPU tests of tools/bench.py: FLOP counting, argument parsing, table/ratio formatting,
-JSON writing; plus (when torch is importable) a CPU dry run of every case against a
-torch-math stand-in for dmattn_cupy."""
+"""CPU tests of the tools/bench package: FLOP counting, argument parsing, table/ratio
+formatting, targets, JSON writing; plus (when torch is importable) a CPU dry run of every case
+against a torch-math stand-in for dmattn_cupy, and the folder run ``python3 tools/bench``."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import math
+import pkgutil
+import subprocess
 import sys
 import types
 from pathlib import Path
 
 import pytest
 
-_PATH = Path(__file__).resolve().parents[2] / "tools" / "bench.py"
+_TOOLS = Path(__file__).resolve().parents[2] / "tools"
+_PKG = _TOOLS / "bench"
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("dmattn_bench_tool", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses need the module registered
-    spec.loader.exec_module(mod)
-    return mod
+    if str(_TOOLS) not in sys.path:
+        sys.path.insert(0, str(_TOOLS))
+    return importlib.import_module("bench")
 
 
 bench = _load()
@@ -33,6 +34,26 @@ bench = _load()
 def test_module_imports_no_heavy_dependencies():
     for name in ("torch", "cupy", "dmattn_cupy", "matplotlib", "numpy"):
         assert name not in vars(bench), name
+    for info in pkgutil.iter_modules([str(_PKG)]):
+        mod = importlib.import_module(f"bench.{info.name}")
+        for name in ("torch", "cupy", "dmattn_cupy", "matplotlib", "numpy", "flash_attn"):
+            assert name not in vars(mod), (info.name, name)
+
+
+def test_package_layout_one_file_per_family():
+    files = {p.name for p in _PKG.glob("*.py")}
+    assert {"__init__.py", "__main__.py", "timing.py", "flops.py", "report.py", "cli.py",
+            "targets.py", "case_forward.py", "case_sparse.py", "case_decode.py",
+            "case_prefill.py", "case_backward.py", "host.py"} <= files
+    assert not (_TOOLS / "bench.py").exists()
+
+
+def test_run_as_folder_lists_cases():
+    p = subprocess.run([sys.executable, str(_PKG), "--list"], capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 0, p.stderr
+    for name in ("dense", "host_fwd", "issue12"):
+        assert name in p.stdout
 
 
 # ----------------------------------------------------------------------------- FLOPs
@@ -149,9 +170,16 @@ def test_default_runs_every_case():
 def test_case_names():
     assert set(bench.CASES) == {"dense", "causal", "mask_bias", "kbias", "kbias_hk",
                                 "sparse_window", "sparse_random", "decode", "prefill_varlen",
-                                "backward", "backward_bias", "backward_sparse"}
+                                "backward", "backward_bias", "backward_sparse",
+                                # issue 12-15 additions
+                                "dense_d64", "dense_d256", "dense_fp16", "gqa", "softcap",
+                                "backward_causal", "backward_kbias", "host_fwd",
+                                "host_decode", "host_fwd_bwd", "host_first_call"}
     for suite in bench.SUITES.values():
         assert set(suite) <= set(bench.CASES)
+    assert bench.SUITES["issue12"] == ["dense", "causal", "kbias", "mask_bias", "dense_d64",
+                                       "dense_d256", "dense_fp16"]
+    assert bench.SUITES["host"] == list(bench.HOST_CASES)
 
 
 def test_case_selection_repeatable_and_comma():
@@ -326,13 +354,15 @@ def test_plot(tmp_path):
 def _fake_dm(torch):
     import numpy as np
 
-    def _attend(q, k, v, mask, bias, scale, causal, window, sparse):
+    def _attend(q, k, v, mask, bias, scale, causal, window, sparse, softcap=0.0):
         B, Sq, H, D = q.shape
         Sk, Hk = k.shape[1], k.shape[2]
         qf = q.float().transpose(1, 2)
         kf = k.float().transpose(1, 2).repeat_interleave(H // Hk, 1)
         vf = v.float().transpose(1, 2).repeat_interleave(H // Hk, 1)
         s = qf @ kf.transpose(-1, -2) * (scale or 1 / math.sqrt(D))
+        if softcap:
+            s = softcap * torch.tanh(s / softcap)
         if bias is not None:
             b = bias.float()
             if b.shape[1] not in (1, H):
@@ -364,7 +394,7 @@ def _fake_dm(torch):
                           is_causal=False, window_size=(-1, -1), softcap=0.0, sparse_mask=None,
                           return_lse=False, deterministic=False, backend="auto"):
         return _attend(q, k, v, attn_mask, attn_bias, softmax_scale, is_causal, window_size,
-                       sparse_mask)
+                       sparse_mask, softcap)
 
     def flash_dmattn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, attn_mask=None,
                                  attn_bias=None, softmax_scale=None, is_causal=False,
@@ -497,3 +527,76 @@ def test_dry_run_cpu_missing_dmattn_features_are_na(tmp_path):
         assert peer["status"] == "ok" and peer["max_abs_diff"] < 0.05, peer
     assert "flash_dmattn_varlen_func" in data["cases"][1]["impls"][0]["note"]
     assert torch is not None
+
+
+def test_dry_run_cpu_new_cases_peers_and_targets(tmp_path, capsys):
+    data = _dry_run(tmp_path, ["--case", "dense,softcap,gqa,kbias,mask_bias",
+                               "--batch", "1", "--heads", "4", "--kv-heads", "2",
+                               "--seqlen", "96", "--headdim", "16"])
+    _check(data, 0.05)
+    out = capsys.readouterr().out
+    # FA4 absent: its reason once in the header, the rows n/a
+    assert out.count("peer fa4 / flex-flash: n/a") == 1
+    cases = {c["name"]: c for c in data["cases"]}
+    for name in ("dense", "softcap", "gqa"):
+        rows = {r["name"]: r for r in cases[name]["impls"]}
+        assert rows["fa4"]["status"] == "n/a" and "flash_attn.cute" in rows["fa4"]["note"]
+        assert rows["flex-flash"]["status"] == "n/a"
+    # no SDPA rows for softcap (SDPA has no softcap), no FA4 row where FA4 has no bias
+    assert not [r for r in cases["softcap"]["impls"] if r["name"].startswith("sdpa")]
+    assert "fa4" not in {r["name"] for r in cases["kbias"]["impls"]}
+    # ratio to the best peer and the issue targets
+    assert cases["dense"]["best_peer"] is not None
+    assert cases["dense"]["target"].startswith("target dense (issue 12): dmattn/best peer >=")
+    assert "== targets (tools/bench/targets.py):" in out
+    assert "target mask_bias (issue 12)" in out
+
+
+def test_dry_run_cpu_host_suite(tmp_path, capsys):
+    data = _dry_run(tmp_path, ["--suite", "host", "--peers", "all", "--heads", "4",
+                               "--kv-heads", "2", "--seqlen-k", "128"])
+    cases = {c["name"]: c for c in data["cases"]}
+    assert list(cases) == list(bench.HOST_CASES)
+    for name in ("host_fwd", "host_decode", "host_fwd_bwd"):
+        c = cases[name]
+        assert c["metric"] == "us" and not c["error"], c
+        dm = c["impls"][0]
+        assert dm["role"] == "dmattn" and dm["status"] == "ok" and dm["host_us"] > 0, dm
+        sdpa = [r for r in c["impls"] if r["name"].startswith("sdpa")][0]
+        assert sdpa["status"] == "ok" and sdpa["host_us"] > 0
+        assert c["dmattn_vs_best_peer"] == pytest.approx(sdpa["host_us"] / dm["host_us"])
+    first = cases["host_first_call"]["impls"]
+    assert [r["status"] for r in first] == ["n/a", "n/a"]   # needs CUDA
+    out = capsys.readouterr().out
+    assert "host us" in out and "us/call" in out and "target host_fwd (issue 15)" in out
+
+
+def test_targets():
+    text, met = bench.target_status("dense", 0.95)
+    assert met is True and "met" in text and "0.95" in text
+    assert bench.target_status("dense", 0.5)[1] is False
+    assert "NOT MET" in bench.target_status("dense", 0.5)[0]
+    assert bench.target_status("dense", None)[1] is None
+    assert bench.target_status("host_fwd", None, 10.0)[1] is True
+    assert bench.target_status("host_fwd", None, 1e4)[1] is False
+    assert bench.target_status("decode_nope", 1.0) is None
+    for name in bench.TARGETS:
+        assert name in bench.CASES
+    assert set(bench.SUITES["issue12"]) <= set(bench.TARGETS)
+
+
+def test_host_table_and_ratio():
+    R, C = bench.ImplResult, bench.CaseResult
+    c = C(name="host_fwd", title="h", metric="us", impls=[
+        R("dmattn", "dmattn", wall_ms=0.1, ms_min=0.09, ms_p90=0.2),
+        R("sdpa", "peer", wall_ms=0.02, ms_min=0.02, ms_p90=0.03),
+        R("fa4", "peer", status="n/a", note="absent"),
+    ])
+    assert c.dmattn().host_us == pytest.approx(100.0)
+    assert c.best_peer().name == "sdpa"
+    assert c.ratio(c.best_peer()) == pytest.approx(0.2)
+    t = bench.format_table(c)
+    assert "host us" in t.splitlines()[0] and "100.0" in t and "0.20x" in t
+    s = bench.summary_line(c)
+    assert "dmattn 100.0 us/call" in s and "sdpa 20.0 us/call" in s
+    assert "NOT MET" in c.target()

@@ -1,0 +1,114 @@
+"""Case names, suites, default shapes and the constants the cases share (no torch)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+CASES: dict[str, str] = {
+    "dense": "no mask, no bias",
+    "causal": "causal (bottom-right aligned)",
+    "mask_bias": "full (B,H,Sq,Sk) bool mask (random, 90% kept) + (B,H,Sq,Sk) bias",
+    "kbias": "key-side bias (B,H,1,Sk)",
+    "kbias_hk": "key-side bias (B,Hk,1,Sk) per kv head, GQA",
+    "dense_d64": "no mask, no bias, head dim 64",
+    "dense_d256": "no mask, no bias, head dim 256",
+    "dense_fp16": "no mask, no bias, fp16",
+    "gqa": "no mask, no bias, GQA (H32 / Hk8)",
+    "softcap": "no mask, no bias, softcap 30 (tanh capping of the scaled scores)",
+    "sparse_window": "CausalWindowMask(1024) block-sparse (= window_size (1023, 0))",
+    "sparse_random": "BlockBitsetMask: random 10% of 128x128 blocks (+ diagonal)",
+    "decode": "varlen decode: key-based bool mask + bias (total_k, Hk), GQA",
+    "prefill_varlen": "varlen prefill, random lengths, key-based bias (total_k, H)",
+    "backward": "forward + backward, no mask / bias",
+    "backward_bias": "forward + backward, full (B,H,S,S) bias with grad",
+    "backward_sparse": "forward + backward, BlockBitsetMask: random 10% of 128x128 blocks "
+                       "(+ diagonal)",
+    "backward_causal": "forward + backward, causal",
+    "backward_kbias": "forward + backward, key-side (B,H,1,S) bias with grad",
+    "host_fwd": "host time per call, forward, tiny shape (torch inputs; dmattn also CuPy)",
+    "host_decode": "host time per call, decode step: 1 query, 4096 keys, H32/Hk8, key bias",
+    "host_fwd_bwd": "host time per call, forward + backward (torch autograd), tiny shape",
+    "host_first_call": "wall time of the first forward + backward in a new process",
+}
+
+# cases whose rows are host time per call (metric "us"), not GPU throughput
+HOST_CASES = ("host_fwd", "host_decode", "host_fwd_bwd", "host_first_call")
+
+SUITES: dict[str, list[str]] = {
+    "all": list(CASES),
+    "forward": ["dense", "causal", "mask_bias", "kbias", "kbias_hk", "dense_d64", "dense_d256",
+                "dense_fp16", "gqa", "softcap"],
+    "issue12": ["dense", "causal", "kbias", "mask_bias", "dense_d64", "dense_d256",
+                "dense_fp16"],
+    "mask": ["mask_bias", "kbias", "kbias_hk", "decode"],
+    "sparse": ["sparse_window", "sparse_random"],
+    "varlen": ["decode", "prefill_varlen"],
+    "backward": ["backward", "backward_bias", "backward_sparse"],
+    "fwdbwd": ["backward", "backward_causal", "backward_bias", "backward_kbias",
+               "backward_sparse"],
+    "host": list(HOST_CASES),
+}
+
+# Per-case default shapes; every flag given on the command line overrides them.
+# decode: batch = sequences, seqlen = queries per sequence, seqlen_k = keys per sequence.
+# prefill_varlen: batch = sequences, seqlen = longest length (lengths in [seqlen/8, seqlen]).
+_BASE: dict[str, Any] = {"batch": 2, "heads": 16, "kv_heads": None, "seqlen": 4096,
+                         "seqlen_k": None, "headdim": 128, "dtype": "bf16"}
+_HOST = {"batch": 1, "heads": 1, "seqlen": 128, "headdim": 64}
+CASE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "dense": {},
+    "causal": {},
+    "mask_bias": {},
+    "kbias": {},
+    "kbias_hk": {"heads": 32, "kv_heads": 8},
+    "dense_d64": {"headdim": 64},
+    "dense_d256": {"headdim": 256},
+    "dense_fp16": {"dtype": "fp16"},
+    "gqa": {"heads": 32, "kv_heads": 8},
+    "softcap": {},
+    "sparse_window": {"batch": 1, "seqlen": 16384},
+    "sparse_random": {"batch": 1, "seqlen": 16384},
+    "decode": {"batch": 64, "heads": 32, "kv_heads": 8, "seqlen": 1, "seqlen_k": 4096},
+    "prefill_varlen": {"batch": 8, "heads": 16, "seqlen": 4096},
+    "backward": {"seqlen": 2048},
+    "backward_bias": {"seqlen": 2048},
+    "backward_sparse": {"batch": 1, "seqlen": 8192},
+    "backward_causal": {"seqlen": 2048},
+    "backward_kbias": {"seqlen": 2048},
+    "host_fwd": dict(_HOST),
+    "host_decode": {"batch": 1, "heads": 32, "kv_heads": 8, "seqlen": 1, "seqlen_k": 4096},
+    "host_fwd_bwd": dict(_HOST),
+    "host_first_call": dict(_HOST),
+}
+SHAPE_KEYS = ("batch", "heads", "kv_heads", "seqlen", "seqlen_k", "headdim", "dtype")
+
+WINDOW = 1024             # sparse_window: CausalWindowMask(WINDOW) == window_size (WINDOW-1, 0)
+SPARSE_BLOCK = 128        # sparse_random: block size of the bitset mask
+SPARSE_DENSITY = 0.10     # sparse_random: fraction of random blocks kept (diagonal added)
+MASK_KEEP = 0.90          # mask_bias / decode: fraction of mask elements kept
+SOFTCAP = 30.0            # softcap case
+# sdpa-*: torch SDPA backends; flex: compiled FlexAttention (Triton); flex-flash: the same with
+# kernel_options={"BACKEND": "FLASH"} (runs FA4's CuTe kernels); fa4: flash_attn.cute
+PEERS = ("flash", "cudnn", "efficient", "flex", "flex-flash", "fa4")
+
+
+def case_shape(name: str, args: argparse.Namespace | None = None) -> dict[str, Any]:
+    """Default shape of a case with the command-line overrides applied."""
+    if name not in CASES:
+        raise KeyError(f"unknown case {name!r}")
+    shape = dict(_BASE)
+    shape.update(CASE_DEFAULTS[name])
+    if args is not None:
+        for key in SHAPE_KEYS:
+            val = getattr(args, key, None)
+            if val is not None:
+                shape[key] = val
+    kv = shape["kv_heads"]
+    if kv is None or (getattr(args, "kv_heads", None) is None
+                      and (kv > shape["heads"] or shape["heads"] % kv)):
+        # --heads without --kv-heads: keep the case's GQA group when it still divides
+        shape["kv_heads"] = shape["heads"]
+    if shape["seqlen_k"] is None:
+        shape["seqlen_k"] = shape["seqlen"]
+    return shape

@@ -1,0 +1,237 @@
+"""Host-cost cases (``--suite host``): host time per call with tiny shapes and cached kernels,
+and the wall time of the first forward + backward in a new process.
+
+How it is measured: after a warm-up (kernels compiled and cached, plans built), N calls are
+made back to back with one synchronize at the end; time per call = elapsed wall time / N,
+the median of 5 such runs (min / max shown). With shapes this small the GPU finishes each
+call before the host issues the next, so the number is the host-side cost of a call (argument
+checks, plan lookup, allocation, launch). 'first call' runs a fresh Python process (imports,
+first forward + backward, synchronize) and reports its wall time; the kernel disk cache
+(DMATTN_CACHE_DIR) is whatever this machine has, normally warm.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .cases import CASES, case_shape
+from .common import torch_dtype, tr
+from .ctx import Ctx
+from .report import CaseResult, ImplResult
+from .runner import reason
+
+Maker = Callable[[], Callable[[], Any]]
+
+
+def _calls(ctx: Ctx) -> int:
+    n = 200 if ctx.args.quick else 2000
+    return n if ctx.cuda else min(n, max(1, ctx.args.repeat) * 10)
+
+
+def _row(ctx: Ctx, res: CaseResult, name: str, role: str, make: Maker, note: str = "") -> None:
+    r = ImplResult(name=name, role=role, note=note)
+    res.impls.append(r)
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn = make()
+            t0 = time.perf_counter()
+            fn()
+            ctx.sync()
+            r.first_call_s = time.perf_counter() - t0
+        tm = ctx.host_per_call(fn, _calls(ctx))
+        r.wall_ms, r.ms_min, r.ms_p90, r.reps = (tm["wall_ms"], tm["ms_min"], tm["ms_p90"],
+                                                 tm["reps"])
+    except Exception as e:  # noqa: BLE001
+        r.status = "n/a" if role == "peer" or not isinstance(e, RuntimeError) else "error"
+        r.note = reason(e, caught)
+
+
+def _qkv(ctx: Ctx, shape: dict[str, Any], grad: bool = False) -> tuple[Any, Any, Any]:
+    torch = ctx.torch
+    dt = torch_dtype(torch, shape["dtype"])
+    B, H, Hk, S, Sk, D = (shape[k] for k in ("batch", "heads", "kv_heads", "seqlen",
+                                             "seqlen_k", "headdim"))
+    gen = torch.Generator(device=ctx.device).manual_seed(ctx.args.seed)
+    q, k, v = (torch.randn(B, s, h, D, generator=gen, device=ctx.device, dtype=dt)
+               for s, h in ((S, H), (Sk, Hk), (Sk, Hk)))
+    if grad:
+        q, k, v = (x.requires_grad_() for x in (q, k, v))
+    return q, k, v
+
+
+def _sdpa(ctx: Ctx, q: Any, k: Any, v: Any, **kw: Any) -> Any:
+    """SDPA on (B,S,H,D) tensors with torch's own backend choice."""
+    F = ctx.torch.nn.functional
+    if k.shape[2] != q.shape[2]:
+        kw["enable_gqa"] = True
+    return F.scaled_dot_product_attention(tr(q), tr(k), tr(v), **kw)
+
+
+def _host_fwd(ctx: Ctx, res: CaseResult, shape: dict[str, Any]) -> None:
+    q, k, v = _qkv(ctx, shape)
+
+    def dm_torch() -> Callable[[], Any]:
+        f = ctx.dm_attr("flash_dmattn_func")
+        return lambda: f(q, k, v)
+
+    def dm_cupy() -> Callable[[], Any]:
+        import cupy
+
+        f = ctx.dm_attr("flash_dmattn_func")
+        qc, kc, vc = (cupy.from_dlpack(x) for x in (q, k, v))
+        return lambda: f(qc, kc, vc)
+
+    _row(ctx, res, "dmattn (torch tensors)", "dmattn", dm_torch)
+    _row(ctx, res, "dmattn (CuPy arrays)", "variant", dm_cupy)
+    _peers_fwd(ctx, res, q, k, v)
+
+
+def _peers_fwd(ctx: Ctx, res: CaseResult, q: Any, k: Any, v: Any, **sdpa_kw: Any) -> None:
+    _row(ctx, res, "sdpa (torch's backend choice)", "peer", lambda: lambda: _sdpa(
+        ctx, q, k, v, **sdpa_kw))
+    if "fa4" in ctx.peers:
+        def fa4() -> Callable[[], Any]:
+            f = ctx.fa4()
+            return lambda: f(q, k, v)[0]
+
+        _row(ctx, res, "fa4", "peer", fa4, "no bias" if sdpa_kw else "")
+
+
+def _host_decode(ctx: Ctx, res: CaseResult, shape: dict[str, Any]) -> None:
+    torch = ctx.torch
+    dt = torch_dtype(torch, shape["dtype"])
+    H, Hk, Sq, Sk, D = (shape[k] for k in ("heads", "kv_heads", "seqlen", "seqlen_k",
+                                           "headdim"))
+    q, k, v = _qkv(ctx, dict(shape, batch=1))
+    gen = torch.Generator(device=ctx.device).manual_seed(ctx.args.seed + 1)
+    bias = torch.randn(Sk, Hk, generator=gen, device=ctx.device, dtype=dt)
+    cu_q = torch.tensor([0, Sq], device=ctx.device, dtype=torch.int32)
+    cu_k = torch.tensor([0, Sk], device=ctx.device, dtype=torch.int32)
+    q1, k1, v1 = q[0], k[0], v[0]
+
+    def dm_varlen() -> Callable[[], Any]:
+        f = ctx.dm_attr("flash_dmattn_varlen_func")
+        return lambda: f(q1, k1, v1, cu_q, cu_k, Sq, Sk, attn_bias=bias)
+
+    def dm_dense() -> Callable[[], Any]:
+        f = ctx.dm_attr("flash_dmattn_func")
+        b = bias.t().reshape(1, Hk, 1, Sk)
+        return lambda: f(q, k, v, attn_bias=b)
+
+    _row(ctx, res, "dmattn varlen (bias (total_k, Hk))", "dmattn", dm_varlen)
+    _row(ctx, res, "dmattn dense (bias (1,Hk,1,Sk))", "variant", dm_dense)
+    am = bias.t().repeat_interleave(H // Hk, dim=0).reshape(1, H, 1, Sk).contiguous()
+    _peers_fwd(ctx, res, q, k, v, attn_mask=am)
+
+
+def _host_fwd_bwd(ctx: Ctx, res: CaseResult, shape: dict[str, Any]) -> None:
+    torch = ctx.torch
+    q, k, v = _qkv(ctx, shape, grad=True)
+    dout = torch.randn_like(q)
+
+    def step(fwd: Callable[[], Any], ours: bool) -> Callable[[], Any]:
+        d = dout if ours else tr(dout)
+        return lambda: torch.autograd.grad(fwd(), (q, k, v), d)
+
+    def dm() -> Callable[[], Any]:
+        f = ctx.dm_attr("flash_dmattn_func")
+        return step(lambda: f(q, k, v), True)
+
+    _row(ctx, res, "dmattn fwd+bwd", "dmattn", dm)
+    _row(ctx, res, "sdpa fwd+bwd (torch's backend choice)", "peer",
+         lambda: step(lambda: _sdpa(ctx, q, k, v), False))
+    if "fa4" in ctx.peers:
+        def fa4() -> Callable[[], Any]:
+            f = ctx.fa4()
+            return step(lambda: f(q, k, v)[0], True)
+
+        _row(ctx, res, "fa4 fwd+bwd", "peer", fa4)
+
+
+_FIRST_CALL = r"""
+import json, sys, time
+t0 = time.perf_counter()
+import torch
+which, B, H, S, D = sys.argv[1], *map(int, sys.argv[2:6])
+if which == "dmattn":
+    import dmattn_cupy as dm
+    f = lambda q, k, v: dm.flash_dmattn_func(q, k, v)
+else:
+    F = torch.nn.functional
+    f = lambda q, k, v: F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+t1 = time.perf_counter()
+q, k, v = (torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+           for _ in range(3))
+torch.cuda.synchronize()
+t2 = time.perf_counter()
+out = f(q, k, v)
+torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+torch.cuda.synchronize()
+t3 = time.perf_counter()
+out = f(q, k, v)
+torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+torch.cuda.synchronize()
+t4 = time.perf_counter()
+print("RESULT " + json.dumps({"import_s": t1 - t0, "cuda_init_s": t2 - t1,
+                              "first_s": t3 - t2, "second_s": t4 - t3}))
+"""
+
+
+def _host_first_call(ctx: Ctx, res: CaseResult, shape: dict[str, Any]) -> None:
+    root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    dims = [str(shape[k]) for k in ("batch", "heads", "seqlen", "headdim")]
+    for which, role in (("dmattn", "dmattn"), ("sdpa", "peer")):
+        r = ImplResult(name=f"{which} first fwd+bwd, new process", role=role)
+        res.impls.append(r)
+        if not ctx.cuda:
+            r.status, r.note = "n/a", "needs a CUDA device"
+            continue
+        t0 = time.perf_counter()
+        p = subprocess.run([sys.executable, "-c", _FIRST_CALL, which, *dims], env=env,
+                           capture_output=True, text=True, timeout=600)
+        wall = time.perf_counter() - t0
+        line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+        if p.returncode or not line:
+            r.status = "n/a" if role == "peer" else "error"
+            r.note = (p.stderr.strip().splitlines() or ["no output"])[-1][:300]
+            continue
+        d = json.loads(line[-1][7:])
+        r.wall_ms = r.ms_min = r.ms_p90 = wall * 1e3
+        r.first_call_s = d["first_s"]
+        r.reps = 1
+        r.note = (f"process wall {wall:.2f} s: import {d['import_s']:.2f} s, CUDA init + "
+                  f"inputs {d['cuda_init_s']:.2f} s, first fwd+bwd {d['first_s']:.3f} s, "
+                  f"second {d['second_s'] * 1e3:.2f} ms")
+
+
+_RUN = {"host_fwd": _host_fwd, "host_decode": _host_decode, "host_fwd_bwd": _host_fwd_bwd,
+        "host_first_call": _host_first_call}
+
+
+def run_host_case(ctx: Ctx, name: str) -> CaseResult:
+    t0 = time.perf_counter()
+    shape = case_shape(name, ctx.args)
+    res = CaseResult(name=name, title=CASES[name], params=dict(shape), metric="us")
+    res.info.append("host us = wall time per call of back-to-back calls, one synchronize at "
+                    "the end, median of 5 runs" if name != "host_first_call" else
+                    "host us = wall time of a whole new Python process (see note)")
+    ctx.new_case()
+    try:
+        _RUN[name](ctx, res, shape)
+    except Exception as e:  # noqa: BLE001
+        res.error = reason(e)
+    res.elapsed_s = time.perf_counter() - t0
+    return res
