@@ -20,6 +20,7 @@ import numpy as np
 
 from .compile import CompiledKernel, compile_spec
 from .device import DeviceProps, parse_arch
+from .device_check import require_supported_device
 from .spec import KernelSpec
 
 __all__ = ["Kernel", "current_stream", "device_props", "get_kernel", "launch", "launch_ex",
@@ -28,8 +29,11 @@ __all__ = ["Kernel", "current_stream", "device_props", "get_kernel", "launch", "
 
 @cache
 def device_props(device: int) -> DeviceProps:
-    """The limits of CUDA device ``device``, read once."""
+    """The limits of CUDA device ``device``, read once. A GPU the kernels cannot run on
+    (compute capability below 8.0) raises one RuntimeError here, before anything compiles."""
     import cupy
+
+    require_supported_device(device)
 
     rt = cupy.cuda.runtime
 

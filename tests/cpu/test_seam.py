@@ -209,6 +209,8 @@ def test_device_props_are_read_off_the_device(monkeypatch) -> None:
 
     monkeypatch.setattr(rt, "deviceGetAttribute", lambda attr, device: values[attr])
     monkeypatch.setattr(cupy.cuda, "Device", FakeDevice)
+    checked = []
+    monkeypatch.setattr(runtime, "require_supported_device", checked.append)
     runtime.device_props.cache_clear()
     try:
         dev = runtime.device_props(0)
@@ -216,6 +218,7 @@ def test_device_props_are_read_off_the_device(monkeypatch) -> None:
         runtime.device_props.cache_clear()
     assert dev == DeviceProps((8, 6), 82, 101376, 102400, 1536, 16, 65536)
     assert dev.arch == "sm_86"
+    assert checked == [0]  # the capability gate runs before anything reads the device
     assert select.forward(_pb(), dev).arch == "sm_86"
 
 

@@ -89,3 +89,17 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     msg = _broken()
     if msg is not None:
         terminalreporter.write_line(f"GPU TESTS FAILED: {msg}", red=True, bold=True)
+
+
+@pytest.fixture(params=["auto", "fwd_mma"], ids=["fam-auto", "fam-mma"])
+def both_forward_families(request, monkeypatch):
+    """Runs a test on each forward family of a Hopper GPU (auto: fwd_sm90 wherever it takes
+    the problem; fwd_mma: the portable kernel). Elsewhere the second run would repeat the
+    first, so it is skipped."""
+    if request.param != "auto":
+        import torch
+
+        if torch.cuda.get_device_capability() != (9, 0):
+            pytest.skip("one forward family on this GPU")
+    monkeypatch.setenv("DMATTN_FWD_FAMILY", request.param)
+    return request.param

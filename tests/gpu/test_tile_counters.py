@@ -11,7 +11,7 @@ from dmattn_cupy.validate import check_dense
 
 torch = pytest.importorskip("torch")
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("both_forward_families")]
 
 
 def _loaded_tiles(sq, sk, mask=None, with_masked=False, **kw):

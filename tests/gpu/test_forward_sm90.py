@@ -1,0 +1,147 @@
+"""The Hopper forward family (fwd_sm90, compute capability 9.0) against the float64 reference:
+every mask/bias broadcast pattern on a layout TMA can read, the boundary where the selector
+falls back to the portable family, tile classes from the debug counters (all-false mask tiles
+never load K/V: NaN-poisoned keys there change nothing; all-true tiles do no masking)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from gpu_helpers import assert_fa_close, f64
+
+import dmattn_cupy as dm
+from dmattn_cupy.forward import run_forward, select_fwd_spec
+from dmattn_cupy.validate import check_dense
+
+torch = pytest.importorskip("torch")
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(autouse=True)
+def _hopper_only():
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the sm_90a family runs on compute capability 9.0 only")
+
+
+def _qkv(b, sq, sk, h, hk, d, dtype="bfloat16", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    dt = getattr(torch, dtype)
+    return tuple(torch.randn(b, s, n, d, generator=g).to("cuda", dt)
+                 for s, n in ((sq, h), (sk, hk), (sk, hk)))
+
+
+def _family(q, k, v, mask=None, bias=None, **kw):
+    pb = check_dense(q, k, v, mask, bias, kw.get("softmax_scale"), kw.get("is_causal", False),
+                     kw.get("window_size", (-1, -1)), kw.get("softcap", 0.0), "cuda")
+    return select_fwd_spec(pb).family
+
+
+def _check(q, k, v, mask=None, bias=None, family="fwd_sm90", **kw):
+    if family is not None:
+        assert _family(q, k, v, mask, bias, **kw) == family
+    out, lse = dm.flash_dmattn_func(q, k, v, attn_mask=mask, attn_bias=bias, return_lse=True, **kw)
+    torch.cuda.synchronize()
+    window = list(kw.get("window_size", (-1, -1)))
+    if kw.get("is_causal"):
+        window[1] = 0 if window[1] < 0 else min(window[1], 0)
+    scale = kw.get("softmax_scale") or 1.0 / np.sqrt(q.shape[-1])
+    assert_fa_close(out, lse, dict(q=f64(q), k=f64(k), v=f64(v), mask=f64(mask), bias=f64(bias),
+                                   scale=scale, softcap=kw.get("softcap", 0.0),
+                                   window=tuple(window)), str(q.dtype).removeprefix("torch."))
+    return out, lse
+
+
+B, H, HK, SQ, SK = 2, 4, 2, 150, 256
+PATTERNS = {
+    "full": (B, H, SQ, SK), "b1": (1, H, SQ, SK), "h1": (B, 1, SQ, SK), "hk": (B, HK, SQ, SK),
+    "q1": (B, H, 1, SK), "k1": (B, H, SQ, 1), "kside_hk": (B, HK, 1, SK),
+    "kside_111": (1, 1, 1, SK), "scalar": (1, 1, 1, 1),
+}
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("pattern", list(PATTERNS), ids=list(PATTERNS))
+@pytest.mark.parametrize("what", ["mask", "bias", "both"])
+def test_every_broadcast_pattern(what, pattern, d):
+    if d == 256 and what == "both":
+        pytest.skip("d256 with mask and bias stays on the portable family (shared memory)")
+    q, k, v = _qkv(B, SQ, SK, H, HK, d, seed=sum(map(ord, pattern)) + d)
+    g = torch.Generator().manual_seed(7)
+    shape = PATTERNS[pattern]
+    mask = (torch.rand(*shape, generator=g) > 0.3).cuda() if what != "bias" else None
+    bias = torch.randn(*shape, generator=g).to("cuda", torch.bfloat16) if what != "mask" else None
+    _check(q, k, v, mask, bias)
+
+
+@pytest.mark.parametrize("sk,family", [(248, "fwd_sm90"), (250, "fwd_mma"), (256, "fwd_sm90")])
+def test_tma_boundary_on_bias_rows(sk, family):
+    """A bias row of Sk bf16 values is a TMA row only when Sk * 2 is a multiple of 16 bytes;
+    otherwise the portable family reads it, with the same results."""
+    q, k, v = _qkv(1, 130, sk, 2, 2, 128, seed=sk)
+    bias = torch.randn(1, 2, 130, sk, device="cuda", dtype=torch.bfloat16)
+    _check(q, k, v, bias=bias, family=family)
+
+
+def test_fp32_bias_tiles_fall_back_and_fp32_query_rows_stay():
+    q, k, v = _qkv(2, 100, 128, 2, 2, 64, seed=3)
+    _check(q, k, v, bias=torch.randn(2, 2, 100, 128, device="cuda"), family="fwd_mma")
+    _check(q, k, v, bias=torch.randn(2, 2, 100, 1, device="cuda"), family="fwd_sm90")
+
+
+def test_misaligned_views_are_copied_then_served():
+    """A q whose base is not 16-byte aligned cannot be a tensor map: the forward copies it
+    once to an aligned buffer, which this family then reads."""
+    q, k, v = _qkv(1, 200, 300, 2, 2, 128, seed=4)
+    n = q.numel()
+    q2 = torch.empty(n + 8, device="cuda", dtype=q.dtype)[1:n + 1].view(q.shape)
+    q2.copy_(q)
+    assert q2.data_ptr() % 16 != 0 and _family(q2, k, v) == "fwd_mma"
+    _check(q2, k, v, family=None, is_causal=True)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("kw", [{"is_causal": True}, {"window_size": (200, 30)},
+                                {"softcap": 8.0}, {"softmax_scale": 0.05}], ids=str)
+def test_long_rows_gqa(kw, dtype):
+    q, k, v = _qkv(2, 1000, 1300, 8, 2, 128, dtype, seed=11)
+    _check(q, k, v, **kw)
+
+
+def _counters(q, k, v, mask):
+    pb = check_dense(q, k, v, mask, None, None, False, (-1, -1), 0.0, "cuda")
+    spec = select_fwd_spec(pb, debug_counters=True)
+    assert spec.family == "fwd_sm90"
+    nm = math.ceil(q.shape[1] / spec.block_m)
+    counters = torch.zeros(q.shape[0], q.shape[2], nm, 2, dtype=torch.int32, device="cuda")
+    out, lse = run_forward(pb, q, tile_counters=counters)
+    torch.cuda.synchronize()
+    return out, counters.cpu().numpy(), spec
+
+
+def test_all_false_tiles_never_load_and_full_tiles_are_not_masked():
+    sq, sk = 256, 1024
+    q, k, v = _qkv(1, sq, sk, 2, 2, 64, seed=8)
+    mask = torch.zeros(1, 2, sq, sk, dtype=torch.bool, device="cuda")
+    mask[..., 512:640] = True            # key tile 4 all true
+    mask[..., 700:710] = True            # key tile 5 partly true
+    k[:, :512] = float("nan")            # tiles 0-3 are all false: never loaded
+    v[:, :512] = float("nan")
+    out, c, spec = _counters(q, k, v, mask)
+    assert spec.block_n == 128
+    assert (c[..., 0] == 2).all() and (c[..., 1] == 1).all()  # tiles 4 and 5; only 5 masked
+    assert torch.isfinite(out).all()
+    k[:, :512] = 0
+    v[:, :512] = 0
+    _check(q, k, v, mask)
+
+
+def test_query_row_mask_and_bias_shift_lse_only():
+    q, k, v = _qkv(2, 130, 256, 2, 2, 128, seed=12)
+    rows = torch.rand(2, 2, 130, 1, device="cuda") > 0.2   # a mask per query row: keep / drop
+    shift = torch.randn(2, 2, 130, 1, device="cuda", dtype=torch.bfloat16)
+    out, lse = _check(q, k, v, rows, shift)
+    dropped = ~rows[..., 0]
+    assert (out.transpose(1, 2)[dropped] == 0).all() and torch.isneginf(lse[dropped]).all()
