@@ -1,0 +1,198 @@
+"""The sm_90a forward's layout arithmetic, checked on the CPU before any GPU time:
+
+- a NumPy model of what TMA writes (a box of 64 16-bit columns, rows of 128 bytes, 128B
+  swizzle) and of what wgmma reads through a shared-memory descriptor (canonical K-major and
+  MN-major layouts, then the same swizzle on the address) agree element for element, for the
+  descriptors the kernel forms (Q/K for S = Q K^T, V for O += P V);
+- the kernel's constexpr helpers (cuda_src/sm90/primitives.cuh: swizzle, tile_offset,
+  make_desc, desc_k_major, desc_mn_major) equal that model: NVRTC compiles static_asserts
+  generated here from it;
+- the generated wgmma wrappers are up to date, and forward_sm90's shared-memory formula equals
+  the kernel's (a static_assert on Sm90FwdSmem<...>::kAlloc), as does Sm90FwdArgs' size.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dmattn_cupy import forward_sm90 as f90
+from dmattn_cupy.tensor_map import TensorMapError, TensorMapSpec
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def swizzle128(addr: np.ndarray) -> np.ndarray:
+    """The 128B swizzle on shared-memory byte addresses: address bits 4-6 ^= bits 7-9."""
+    return addr ^ (((addr >> 7) & 7) << 4)
+
+
+def tma_box_address(base: int, rows: int, r: np.ndarray, col: np.ndarray) -> np.ndarray:
+    """Where TMA puts element (r, col) of a tile stored as 64-column boxes of ``rows`` rows."""
+    return base + (col // 64) * rows * 128 + swizzle128(r * 128 + (col % 64) * 2)
+
+
+def decode_desc(desc: int) -> tuple[int, int, int, int]:
+    return ((desc & 0x3FFF) << 4, ((desc >> 16) & 0x3FFF) << 4, ((desc >> 32) & 0x3FFF) << 4,
+            desc >> 62)
+
+
+def wgmma_k_major(desc: int, n: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """Byte address wgmma reads for element (n, k), k < 16, of a K-major 128B-swizzled operand:
+    8-row core groups SBO apart, rows 128 bytes apart, k contiguous (PTX ISA, canonical
+    layouts), then the swizzle of the absolute address."""
+    start, _, sbo, mode = decode_desc(desc)
+    assert mode == 1
+    return swizzle128(start + (n // 8) * sbo + (n % 8) * 128 + k * 2)
+
+
+def wgmma_mn_major(desc: int, k: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """Byte address of element (k, n), k < 16, of an MN-major 128B-swizzled operand: 64 n per
+    128-byte line, 64-column blocks LBO apart, 8-row (k) groups SBO apart."""
+    start, lbo, sbo, mode = decode_desc(desc)
+    assert mode == 1
+    return swizzle128(start + (n // 64) * lbo + (k // 8) * sbo + (k % 8) * 128 + (n % 64) * 2)
+
+
+def desc(addr: int, lbo: int, sbo: int) -> int:
+    """The model's descriptor: fields >> 4 in bits 0-13, 16-29, 32-45; 128B swizzle = 1 << 62."""
+    return (addr >> 4) | ((lbo >> 4) << 16) | ((sbo >> 4) << 32) | (1 << 62)
+
+
+def desc_k_major(base: int, rows: int, ks: int) -> int:
+    return desc(base + (ks // 4) * rows * 128 + (ks % 4) * 32, 16, 1024)
+
+
+def desc_mn_major(base: int, rows: int, ks: int) -> int:
+    return desc(base + ks * 2048, rows * 128, 1024)
+
+
+@pytest.mark.parametrize("rows,head_dim", [(128, 64), (128, 128), (64, 256), (128, 256)])
+def test_k_major_descriptors_read_what_tma_wrote(rows, head_dim):
+    """S = Q K^T: for every k16 step the descriptor's view is the TMA tile's columns 16ks.."""
+    base = 3 * 16384
+    n, k = np.meshgrid(np.arange(rows), np.arange(16), indexing="ij")
+    for ks in range(head_dim // 16):
+        got = wgmma_k_major(desc_k_major(base, rows, ks), n, k)
+        np.testing.assert_array_equal(got, tma_box_address(base, rows, n, ks * 16 + k))
+    # the consumer warpgroup c reads rows 64c.. of Q: its base is 64c rows (8192c bytes) in
+    for c in (0, 1):
+        got = wgmma_k_major(desc_k_major(base + c * 8192, 128, 5), n[:64], k[:64])
+        np.testing.assert_array_equal(got, tma_box_address(base, 128, n[:64] + 64 * c,
+                                                           80 + k[:64]))
+
+
+@pytest.mark.parametrize("block_n,head_dim", [(128, 64), (128, 128), (64, 128), (64, 256)])
+def test_mn_major_descriptors_read_v_as_tma_wrote_it(block_n, head_dim):
+    """O += P V: V is (keys x head_dim) in 64-column boxes; step kk reads keys 16kk.."""
+    base = 5 * 16384
+    k, n = np.meshgrid(np.arange(16), np.arange(head_dim), indexing="ij")
+    for kk in range(block_n // 16):
+        got = wgmma_mn_major(desc_mn_major(base, block_n, kk), k, n)
+        np.testing.assert_array_equal(got, tma_box_address(base, block_n, 16 * kk + k, n))
+
+
+def test_swizzle_spreads_a_fragment_column_over_all_banks():
+    """A warp's bias reads (rows g = 0..7, columns 8j + 2t) hit 32 distinct banks."""
+    g, t = np.meshgrid(np.arange(8), np.arange(4), indexing="ij")
+    for j in range(16):
+        addr = tma_box_address(0, 128, g, 8 * j + 2 * t)
+        assert len(set(((addr // 4) % 32).ravel().tolist())) == 32
+
+
+def _static_asserts() -> str:
+    lines = ['#include "sm90/fwd.cu"', "using namespace dm::sm90;"]
+    rng = np.random.default_rng(0)
+    for r, c in rng.integers(0, 128, size=(24, 2)):
+        want = int(tma_box_address(0, 128, np.int64(r), np.int64(c)))
+        lines.append(f"static_assert(tile_offset<2, 64, 128>({r}, {c}) == {want}u);")
+        want1 = int(swizzle128(np.int64(r * 128 + c)))  # 1-byte elements, 128-byte rows
+        lines.append(f"static_assert(tile_offset<1, 128, 128>({r}, {c}) == {want1}u);")
+        off = r * 64 + c % 64  # 1-byte elements, 64-byte rows: the 64B swizzle (bits 4-5 ^= 7-8)
+        want64 = (c // 64) * 128 * 64 + (off ^ (((off >> 7) & 3) << 4))
+        lines.append(f"static_assert(tile_offset<1, 64, 128>({r}, {c}) == {want64}u);")
+    for base in (0, 1024, 40960):
+        for ks in range(16):
+            lines.append(f"static_assert(desc_k_major<128>({base}u, {ks}) == "
+                         f"{desc_k_major(base, 128, ks)}ull);")
+            lines.append(f"static_assert(desc_mn_major<64>({base}u, {ks}) == "
+                         f"{desc_mn_major(base, 64, ks)}ull);")
+    for (hd, mask, bias), (bn, st) in f90.TILES.items():
+        smem = f90.smem_bytes(hd, bn, st, mask, bias)
+        lines.append(f"static_assert(dm::Sm90FwdSmem<{hd}, {bn}, {st}, {str(mask).lower()}, "
+                     f"{str(bias).lower()}>::kAlloc == {smem});")
+    lines.append(f"static_assert(sizeof(dm::Sm90FwdArgs) == {f90.ARGS_DTYPE.itemsize});")
+    return "\n".join(lines) + "\n"
+
+
+def test_constexpr_helpers_equal_the_model():
+    nvrtc = pytest.importorskip("cupy_backends.cuda.libs.nvrtc",
+                                reason="needs CuPy's NVRTC bindings")
+    from dmattn_cupy.compile import cuda_src_dir
+
+    prog = nvrtc.createProgram(_static_asserts(), "sm90_layout_check.cu", (), ())
+    try:
+        nvrtc.compileProgram(prog, ["-std=c++20", "-default-device",
+                                    "--gpu-architecture=sm_90a", f"-I{cuda_src_dir()}"])
+    except Exception:
+        pytest.fail(nvrtc.getProgramLog(prog))
+    finally:
+        nvrtc.destroyProgram(prog)
+
+
+def test_generated_wgmma_header_is_current():
+    res = subprocess.run([sys.executable, str(ROOT / "tools" / "gen_wgmma.py"), "--check"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_tensor_map_rules():
+    ok = TensorMapSpec(2, (128, 300, 4, 2), (1024, 256, 307200), (64, 128, 1, 1), 128)
+    ok.check()
+    bad = [TensorMapSpec(2, (128, 300), (1000,), (64, 128), 128),     # stride not 16-multiple
+           TensorMapSpec(2, (128, 300), (1024,), (128, 128), 128),    # inner box > swizzle span
+           TensorMapSpec(2, (128, 300), (1024,), (64, 512), 128),     # box > 256
+           TensorMapSpec(2, (128, 300), (0,), (64, 128), 128)]        # a zero stride
+    for spec in bad:
+        with pytest.raises(TensorMapError):
+            spec.check()
+
+
+def _info(shape, strides, dtype="bfloat16", ptr=1 << 20):
+    from dmattn_cupy.arrays import ArrayInfo
+
+    return ArrayInfo("torch", dtype, shape, strides, 0, ptr)
+
+
+def _contig(shape, dtype="bfloat16", ptr=1 << 20):
+    st = [int(np.prod(shape[i + 1:])) for i in range(len(shape))]
+    return _info(tuple(shape), tuple(st), dtype, ptr)
+
+
+def test_tile_for_takes_tma_layouts_and_declines_the_rest():
+    q, k = _contig((2, 300, 4, 128)), _contig((2, 256, 4, 128))
+    assert f90.tile_for(128, q, k, k, None, None, 300, 256) == (128, 128, 2)
+    assert f90.tile_for(96, _contig((2, 300, 4, 96)), _contig((2, 256, 4, 96)),
+                        _contig((2, 256, 4, 96)), None, None, 300, 256)[0] == 128
+    bias = _contig((2, 4, 300, 256))
+    assert f90.tile_for(128, q, k, k, None, bias, 300, 256) == (128, 128, 2)
+    mask = _contig((2, 4, 300, 256), "bool")
+    assert f90.tile_for(128, q, k, k, mask, bias, 300, 256) == (128, 64, 2)
+    k250 = _contig((2, 250, 4, 128))
+    assert f90.tile_for(128, q, k250, k250, None, _contig((2, 4, 300, 250)), 300, 250) is None
+    assert f90.tile_for(128, q, k, k, None, _contig((2, 4, 300, 256), "float32"), 300,
+                        256) is None                              # fp32 over keys: portable
+    assert f90.tile_for(128, q, k, k, None, _contig((2, 4, 300, 1), "float32"), 300,
+                        256) is not None                          # fp32 per query row: served
+    assert f90.tile_for(128, _contig((2, 300, 4, 128), ptr=(1 << 20) + 2), k, k, None, None,
+                        300, 256) is None                         # misaligned base
+    assert f90.tile_for(256, _contig((2, 300, 4, 256)), _contig((2, 256, 4, 256)),
+                        _contig((2, 256, 4, 256)), mask, bias, 300, 256) is None  # no tile
+    assert f90.tile_for(128, q, k, k, None, None, 300, 256, smem_limit=99 * 1024) is None
+    assert f90.operand_mode(_contig((2, 4, 1, 256))) == f90.OPERAND_KEY_ROW
+    assert f90.operand_mode(_contig((2, 4, 300, 1))) == f90.OPERAND_QUERY_ROW
+    assert f90.operand_mode(_contig((1, 1, 1, 1))) == f90.OPERAND_QUERY_ROW
