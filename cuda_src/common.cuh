@@ -66,6 +66,14 @@ DM_DEVICE float fast_tanh(float x) {
   return y;
 }
 
+// Bytes of dynamic shared memory this launch has (kernels __trap() when their layout needs
+// more: the launcher and the kernel disagree).
+DM_DEVICE uint32_t dynamic_smem_size() {
+  uint32_t r;
+  asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(r));
+  return r;
+}
+
 template <typename A, typename B> struct IsSame { static constexpr bool value = false; };
 template <typename A> struct IsSame<A, A> { static constexpr bool value = true; };
 

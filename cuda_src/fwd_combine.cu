@@ -4,10 +4,12 @@
 // lse_s is -inf). A row no split kept gets out = 0 and lse = -inf. Partials are indexed
 // ((row * H + h) * num_splits + s), row = b * seqlen_q + i (dense) or the packed query index
 // (varlen, told apart at run time by cu_seqlens_q). The template mirrors the other forward
-// kernels so one KernelSpec names it; only T and kHeadDim matter.
+// kernels so one KernelSpec names it; only T, kHeadDim and kNumWarps are read.
 #pragma once
 #include "common.cuh"
 #include "params.cuh"
+#include "seqlen.cuh"
+#include "softmax.cuh"
 
 namespace dm {
 
@@ -35,9 +37,11 @@ flash_fwd_combine_kernel(const FwdParams p) {
   const int h = int(pid % p.heads);
   const int64_t row = pid / p.heads;
   const bool varlen = p.cu_seqlens_q != nullptr;
+  // (b, i): varlen rows are packed query indices of "batch 0" (batch strides are 0), so the
+  // sequence offsets are 0 either way.
   const int64_t b = varlen ? 0 : row / p.seqlen_q, i = varlen ? row : row % p.seqlen_q;
-  T* out = static_cast<T*>(p.o) + b * p.o_batch_stride + i * p.o_row_stride +
-           int64_t(h) * p.o_head_stride;
+  const SeqInfo seq{0, 0, 0, 0};
+  T* out = o_row_ptr<T>(p, int(b), h, seq, int(i));
   const float* o_s = p.o_accum + pid * ns * kHeadDim;
   // Lane owns columns 2 * lane + 64 * c (pairs, so the output is written 4 bytes at a time).
   constexpr int kPairs = (kHeadDim + 63) / 64;
@@ -64,8 +68,7 @@ flash_fwd_combine_kernel(const FwdParams p) {
     if (col < p.head_dim) *reinterpret_cast<uint32_t*>(out + col) = pack2<T>(acc[c][0], acc[c][1]);
   }
   if (p.lse != nullptr && lane == 0)
-    p.lse[b * p.lse_batch_stride + int64_t(h) * p.lse_head_stride + i] =
-        lse2 == -DM_INF ? -DM_INF : lse2 * (1.f / kLog2e);
+    p.lse[lse_index(p, b, h, seq, i)] = lse_natural(lse2);
 }
 
 }  // namespace dm

@@ -1,10 +1,11 @@
-// mask_bias.cuh: per-thread reads of a mask/bias tile at the positions of the thread's score
-// fragment (n8 fragment j, element e: row g (+8 for e >= 2), column 8j + 2t + (e & 1)).
-// Any strides are honoured (stride 0 = broadcast, read in place; 64-bit offsets). Positions
-// outside the sequence are never read: they count as excluded (mask) or 0 (bias).
+// mask_bias.cuh: mask and bias addressing, arch-neutral: where a (batch, head, sequence)
+// starts in the mask, the bias and dbias (q-based, k-based and broadcast layouts through their
+// strides; stride 0 = broadcast, read in place; 64-bit offsets), single bias elements, and a
+// bias tile staged into shared memory as fp32. Positions outside the sequence are never read:
+// they count as excluded (mask) or 0 (bias). The keep-bits at mma.sync fragment positions are
+// in sm80/fragment.cuh.
 #pragma once
 #include "params.cuh"
-#include "block_info.cuh"
 #include "seqlen.cuh"
 
 namespace dm {
@@ -19,49 +20,10 @@ DM_DEVICE int64_t bias_offset(const FwdParams& p, int b, int h, const SeqInfo& s
          int64_t(s.q_start) * p.bias_qseq_stride + int64_t(s.k_start) * p.bias_kseq_stride;
 }
 
-struct TileCoords {
-  int row[2];   // this thread's two query rows (sequence-relative)
-  int col0;     // first key of the tile + 2t
-};
-
-template <int kNF>
-DM_DEVICE int frag_col(const TileCoords& c, int j, int e) { return c.col0 + 8 * j + (e & 1); }
-
-// Bits (j*4 + e) of the positions the causal/window rule and the bounds keep.
-template <int kNF>
-DM_DEVICE uint32_t window_bits(const FwdParams& p, const TileCoords& c, int len_q, int len_k) {
-  const int off = len_k - len_q;
-  uint32_t bits = 0;
-#pragma unroll
-  for (int j = 0; j < kNF; ++j)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int i = c.row[e >> 1], col = frag_col<kNF>(c, j, e);
-      if (i < len_q && col < len_k && in_window(p, i, col, off)) bits |= 1u << (j * 4 + e);
-    }
-  return bits;
-}
-
-// Bits of `candidates` whose mask element is true. `mask` points at (row 0, col 0).
-template <int kNF>
-DM_DEVICE uint32_t mask_bits(const FwdParams& p, const uint8_t* mask, const TileCoords& c,
-                             uint32_t candidates) {
-  // Row pointers hoisted; the fragment loop is not unrolled so the 4*kNF byte loads do not
-  // hold 4*kNF 64-bit addresses live next to the output accumulator.
-  const uint8_t* rows[2] = {mask + int64_t(c.row[0]) * p.mask_row_stride,
-                            mask + int64_t(c.row[1]) * p.mask_row_stride};
-  const int64_t cs = p.mask_col_stride;
-  uint32_t bits = 0;
-#pragma unroll 1
-  for (int j = 0; j < kNF; ++j) {
-    const int64_t col = int64_t(c.col0 + 8 * j) * cs;
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const uint32_t bit = 1u << (j * 4 + e);
-      if ((candidates & bit) && rows[e >> 1][col + ((e & 1) ? cs : 0)] != 0) bits |= bit;
-    }
-  }
-  return bits;
+// Same for dbias (the bias's own shape; BwdParams strides).
+DM_DEVICE int64_t dbias_offset(const BwdParams& bp, int b, int h, const SeqInfo& s) {
+  return b * bp.dbias_batch_stride + (h / bp.f.bias_head_ratio) * bp.dbias_head_stride +
+         int64_t(s.q_start) * bp.dbias_qseq_stride + int64_t(s.k_start) * bp.dbias_kseq_stride;
 }
 
 // Bias value at (row i, key col) of the sequence (base: bias_offset); 0 outside it.
@@ -74,34 +36,38 @@ DM_DEVICE float bias_element(const FwdParams& p, int64_t base, int i, int col, i
                         : to_float(static_cast<const T*>(p.bias)[idx]);
 }
 
-// Bias values (times log2 e) at the fragment positions; 0 outside the sequence.
-template <typename T, int kNF>
-DM_DEVICE void load_bias(const FwdParams& p, int64_t base, const TileCoords& c, int len_q,
-                         int len_k, float (&out)[kNF][4]) {
-#pragma unroll
-  for (int j = 0; j < kNF; ++j)
-#pragma unroll
-    for (int e = 0; e < 4; ++e)
-      out[j][e] = bias_element<T>(p, base, c.row[e >> 1], frag_col<kNF>(c, j, e), len_q, len_k) *
-                  kLog2e;
-}
-
-// Bits of `candidates` kept by a block's element mask: element (r, c) of the block (origin
-// row0, col0; width block_n) is bit k = r * block_n + c of `words`, LSB first per word.
-template <int kNF>
-DM_DEVICE uint32_t block_element_bits(const uint32_t* words, const TileCoords& c, int row0,
-                                      int col0, int block_n, uint32_t candidates) {
-  uint32_t bits = 0;
+// Bias tile (times log2 e) into shared memory, [kBlockM][kBStride] fp32; 0 outside the sequence.
+// Loads are issued in unrolled batches of up to kMaxBatch per thread before any is stored, so
+// their latencies overlap (and overlap the Q/dO copies in flight) instead of adding up.
+template <typename T, int kBlockM, int kBlockN, int kBStride, int kThreads, int kMaxBatch>
+DM_DEVICE void load_bias_tile(const FwdParams& p, int64_t base, int m0, int n0, int len_q,
+                              int len_k, float* s) {
+  constexpr int kPer = kBlockM * kBlockN / kThreads;  // elements per thread
+  static_assert(kPer * kThreads == kBlockM * kBlockN, "threads tile the bias block");
+  constexpr int kBatch = kPer < kMaxBatch ? kPer : kMaxBatch;
+  static_assert(kPer % kBatch == 0, "batches tile a thread's elements");
+  const T* bias16 = static_cast<const T*>(p.bias);
+  const float* bias32 = static_cast<const float*>(p.bias);
 #pragma unroll 1
-  for (int j = 0; j < kNF; ++j)
+  for (int t0 = 0; t0 < kPer; t0 += kBatch) {
+    float v[kBatch];
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const uint32_t bit = 1u << (j * 4 + e);
-      if (!(candidates & bit)) continue;
-      const int k = (c.row[e >> 1] - row0) * block_n + frag_col<kNF>(c, j, e) - col0;
-      if ((words[k >> 5] >> (k & 31)) & 1u) bits |= bit;
+    for (int t = 0; t < kBatch; ++t) {
+      const int e = threadIdx.x + (t0 + t) * kThreads;
+      const int r = e / kBlockN, c = e % kBlockN;
+      v[t] = 0.f;
+      if (m0 + r < len_q && n0 + c < len_k) {
+        const int64_t idx = base + int64_t(m0 + r) * p.bias_row_stride +
+                            int64_t(n0 + c) * p.bias_col_stride;
+        v[t] = p.bias_is_fp32 ? bias32[idx] : to_float(bias16[idx]);
+      }
     }
-  return bits;
+#pragma unroll
+    for (int t = 0; t < kBatch; ++t) {
+      const int e = threadIdx.x + (t0 + t) * kThreads;
+      s[(e / kBlockN) * kBStride + e % kBlockN] = v[t] * kLog2e;
+    }
+  }
 }
 
 }  // namespace dm

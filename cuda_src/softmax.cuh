@@ -1,54 +1,105 @@
-// softmax.cuh: online softmax for one thread's two rows of an m16 tile (rows g and g+8).
-// Values are logits * log2(e) (so exp2 is the exponential). Invariants: a row whose every key
-// so far was excluded keeps m = -inf, l = 0 and a zero accumulator; `finalize` then gives
-// out = 0 and lse = -inf, never NaN.
+// softmax.cuh: online softmax of the query rows one thread holds, and its finalize. Values are
+// logits * log2(e) (so exp2 is the exponential). Layout-neutral: a thread holds kRows rows, the
+// values of one row are spread over kRowThreads adjacent lanes (lane ^ 1, lane ^ 2, ...), and
+// the thread's values sit in fragments x[f][r * kPer + c] (row r, column c < kPer). The
+// m16n8 accumulators of mma.sync and the wgmma accumulators are both kRows = 2 (rows g, g + 8),
+// kPer = 2, kRowThreads = 4.
+// Invariants: a row whose every key so far was excluded keeps m = -inf, l = 0 and a zero
+// accumulator (alpha = exp2(-inf - 0) = 0 never multiplies a NaN in); `finalize` then gives
+// inv_l = 0 (so out = 0) and lse = -inf, never NaN.
 #pragma once
 #include "common.cuh"
 
 namespace dm {
 
-template <int kNF>  // n8 fragments of scores per thread row pair
-struct OnlineSoftmax {
-  float m[2] = {-DM_INF, -DM_INF};
-  float l[2] = {0.f, 0.f};  // per-thread partial sums; reduced over the quad at the end
-
-  // Turns scores x[j][e] * scale (scale > 0; the log2-domain logits) into probabilities in
-  // place; returns the per-row rescale factors the caller applies to its output accumulator.
-  // Passing the raw scores with their scale folds the scaling into one FFMA per element.
-  DM_DEVICE void update(float (&x)[kNF][4], float (&alpha)[2], float scale = 1.f) {
+// x reduced over the kRowThreads lanes of its row (every lane gets the result).
+template <int kRowThreads>
+DM_DEVICE float row_max(float x) {
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
+  for (int d = 1; d < kRowThreads; d *= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, d));
+  return x;
+}
+template <int kRowThreads>
+DM_DEVICE float row_sum(float x) {
+#pragma unroll
+  for (int d = 1; d < kRowThreads; d *= 2) x += __shfl_xor_sync(0xffffffffu, x, d);
+  return x;
+}
+
+// Natural-log lse from a log2-domain one (-inf stays -inf).
+DM_DEVICE float lse_natural(float lse2) { return lse2 * (1.f / kLog2e); }
+
+template <int kRows = 2, int kRowThreads = 4>
+struct OnlineSoftmax {
+  float m[kRows];  // running row max (log2 domain); -inf while nothing was kept
+  float l[kRows];  // per-thread partial row sums; reduced over the row's lanes by finalize
+
+  DM_DEVICE OnlineSoftmax() {
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      m[r] = -DM_INF;
+      l[r] = 0.f;
+    }
+  }
+
+  // Turns scores x * scale (scale > 0; the log2-domain logits) into probabilities in place;
+  // returns the per-row rescale factors for the output accumulator (see rescale_o). Passing
+  // the raw scores with their scale folds the scaling into one FFMA per element.
+  template <int kF, int kN>
+  DM_DEVICE void update(float (&x)[kF][kN], float (&alpha)[kRows], float scale = 1.f) {
+    constexpr int kPer = kN / kRows;
+    static_assert(kPer * kRows == kN, "a fragment holds kPer values of each row");
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
       float mx = -DM_INF;
 #pragma unroll
-      for (int j = 0; j < kNF; ++j) mx = fmaxf(mx, fmaxf(x[j][2 * r], x[j][2 * r + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      mx = fmaxf(m[r], mx * scale);
+      for (int f = 0; f < kF; ++f) {
+        float fm = x[f][r * kPer];  // this fragment's max of the row, then joined to mx
+#pragma unroll
+        for (int c = 1; c < kPer; ++c) fm = fmaxf(fm, x[f][r * kPer + c]);
+        mx = fmaxf(mx, fm);
+      }
+      mx = fmaxf(m[r], row_max<kRowThreads>(mx) * scale);
       const float m_use = mx == -DM_INF ? 0.f : mx;  // all excluded so far: exp2(-inf) = 0
       alpha[r] = fast_exp2(m[r] - m_use);
       float sum = 0.f;
 #pragma unroll
-      for (int j = 0; j < kNF; ++j) {
-        x[j][2 * r] = fast_exp2(fmaf(x[j][2 * r], scale, -m_use));
-        x[j][2 * r + 1] = fast_exp2(fmaf(x[j][2 * r + 1], scale, -m_use));
-        sum += x[j][2 * r] + x[j][2 * r + 1];
+      for (int f = 0; f < kF; ++f) {
+        float part = 0.f;  // this fragment's values of the row, summed before they join `sum`
+#pragma unroll
+        for (int c = 0; c < kPer; ++c) {
+          float& v = x[f][r * kPer + c];
+          v = fast_exp2(fmaf(v, scale, -m_use));
+          part = c == 0 ? v : part + v;
+        }
+        sum += part;
       }
       l[r] = l[r] * alpha[r] + sum;
       m[r] = mx;
     }
   }
 
-  // Row sums over the quad; per-row 1/l (0 for an empty row) and natural-log lse.
-  DM_DEVICE void finalize(float (&inv_l)[2], float (&lse)[2]) {
+  // Per row: 1/l (0 for a row that kept nothing) and the log2-domain lse m + log2 l
+  // (-inf for such a row). lse_natural converts the latter.
+  DM_DEVICE void finalize(float (&inv_l)[kRows], float (&lse2)[kRows]) const {
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float s = l[r];
-      s += __shfl_xor_sync(0xffffffffu, s, 1);
-      s += __shfl_xor_sync(0xffffffffu, s, 2);
+    for (int r = 0; r < kRows; ++r) {
+      const float s = row_sum<kRowThreads>(l[r]);
       inv_l[r] = s > 0.f ? 1.f / s : 0.f;
-      lse[r] = s > 0.f ? (m[r] + __log2f(s)) * (1.f / kLog2e) : -DM_INF;
+      lse2[r] = s > 0.f ? m[r] + __log2f(s) : -DM_INF;
     }
   }
 };
+
+// o[f][r * kPer + c] *= alpha[r]: the output accumulator follows its rows' new max.
+template <int kF, int kN, int kRows>
+DM_DEVICE void rescale_o(float (&o)[kF][kN], const float (&alpha)[kRows]) {
+  constexpr int kPer = kN / kRows;
+  static_assert(kPer * kRows == kN, "a fragment holds kPer values of each row");
+#pragma unroll
+  for (int f = 0; f < kF; ++f)
+#pragma unroll
+    for (int e = 0; e < kN; ++e) o[f][e] *= alpha[e / kPer];
+}
 
 }  // namespace dm

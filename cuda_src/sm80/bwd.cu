@@ -24,14 +24,18 @@
 #include "params.cuh"
 #include "bwd_params.cuh"
 #include "mma.cuh"
+#include "fragment.cuh"
 #include "seqlen.cuh"
 #include "block_info.cuh"
 #include "mask_bias.cuh"
+#include "logits.cuh"
 #include "tile_io.cuh"
 #include "bwd_gemm.cuh"
 
 namespace dm {
 
+// The backward kernels share one template parameter list (one BwdSpec names each); this one
+// reads T, kNumWarps and kVarlen only. kDebug is read by none of them.
 template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNumWarps, bool kHasMask,
           bool kHasBias, bool kVarlen, bool kDeterministic, bool kDebug>
 __global__ void __launch_bounds__(kNumWarps * 32)
@@ -42,16 +46,14 @@ flash_bwd_pre_kernel(const BwdParams bp) {
   const SeqInfo seq = seq_info<kVarlen>(p, b);
   const int i = blockIdx.x * kNumWarps + warp;  // one warp per query row
   if (i >= seq.len_q) return;
-  const T* o = static_cast<const T*>(p.o) + b * p.o_batch_stride + h * p.o_head_stride +
-               int64_t(seq.q_start + i) * p.o_row_stride;
-  const T* d = static_cast<const T*>(bp.dout) + b * bp.do_batch_stride + h * bp.do_head_stride +
-               int64_t(seq.q_start + i) * bp.do_row_stride;
+  const T* o = o_row_ptr<T>(p, b, h, seq, i);
+  const T* d = do_row_ptr<T>(bp, b, h, seq, i);
   float acc = 0.f;
   for (int c = lane; c < p.head_dim; c += 32) acc += to_float(o[c]) * to_float(d[c]);
 #pragma unroll
   for (int s = 16; s > 0; s >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, s);
   if (lane == 0) {
-    const int64_t idx = b * p.lse_batch_stride + h * p.lse_head_stride + seq.q_start + i;
+    const int64_t idx = lse_index(p, b, h, seq, i);
     bp.dsum[idx] = acc - (bp.dlse != nullptr ? bp.dlse[idx] : 0.f);
   }
 }
@@ -61,13 +63,13 @@ constexpr int kSpNone = -2, kSpFull = -1;
 // One CTA per (row block, mask head, mask batch): clears its grid row, then marks the listed
 // blocks. Only a MixedMask lists partial blocks (block-granular masks keep whole blocks, and
 // a DynamicMask lists full ones only), so a partial entry takes its slot from sp_partial_slot.
+// Of the template, only kNumWarps is read.
 template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNumWarps, bool kHasMask,
           bool kHasBias, bool kVarlen, bool kDeterministic, bool kDebug>
 __global__ void __launch_bounds__(kNumWarps * 32)
 flash_bwd_sparse_grid_kernel(const BwdParams bp) {
   const FwdParams& p = bp.f;
-  const int64_t row = (int64_t(blockIdx.z) * p.sp_heads + blockIdx.y) * p.sp_row_blocks +
-                      blockIdx.x;
+  const int64_t row = sparse_row(p, blockIdx.z, blockIdx.y, blockIdx.x);
   int32_t* g = bp.sp_grid + row * bp.sp_grid_cols;
   for (int c = threadIdx.x; c < bp.sp_grid_cols; c += blockDim.x) g[c] = kSpNone;
   __syncthreads();
@@ -94,10 +96,7 @@ DM_DEVICE void red_add2(float* dst, float a, float b) {
 
 // State (kSpNone, kSpFull or a partial slot) of the mask block holding tile (m0, n0).
 DM_DEVICE int sparse_state(const BwdParams& bp, int b, int h, int m0, int n0) {
-  const FwdParams& p = bp.f;
-  const int bi = p.sp_batches == 1 ? 0 : b, hi = p.sp_heads == 1 ? 0 : h;
-  const int64_t row = (int64_t(bi) * p.sp_heads + hi) * p.sp_row_blocks + m0 / p.sp_block_m;
-  return bp.sp_grid[row * bp.sp_grid_cols + n0 / p.sp_block_n];
+  return bp.sp_grid[sparse_row_entry(bp.f, b, h, m0) * bp.sp_grid_cols + n0 / bp.f.sp_block_n];
 }
 
 // Keep-bits of a listed block: all candidates when full, its element bits when partial.
@@ -105,43 +104,8 @@ template <int kNF>
 DM_DEVICE uint32_t sparse_bits(const FwdParams& p, int state, const TileCoords& tc, int m0,
                                int n0, uint32_t candidates) {
   if (state < 0) return candidates;
-  const uint32_t* words = p.sp_partial_bits + int64_t(state) * (p.sp_block_m * p.sp_block_n / 32);
-  return block_element_bits<kNF>(words, tc, m0 / p.sp_block_m * p.sp_block_m,
+  return block_element_bits<kNF>(sparse_block_words(p, state), tc, m0 / p.sp_block_m * p.sp_block_m,
                                  n0 / p.sp_block_n * p.sp_block_n, p.sp_block_n, candidates);
-}
-
-// Bias tile (times log2 e) into shared memory, [kBlockM][kBStride] fp32; 0 outside the sequence.
-// Loads are issued in unrolled batches of up to kMaxBatch per thread before any is stored, so
-// their latencies overlap (and overlap the Q/dO copies in flight) instead of adding up.
-template <typename T, int kBlockM, int kBlockN, int kBStride, int kThreads, int kMaxBatch>
-DM_DEVICE void load_bias_tile(const FwdParams& p, int64_t base, int m0, int n0, int len_q,
-                              int len_k, float* s) {
-  constexpr int kPer = kBlockM * kBlockN / kThreads;  // elements per thread
-  static_assert(kPer * kThreads == kBlockM * kBlockN, "threads tile the bias block");
-  constexpr int kBatch = kPer < kMaxBatch ? kPer : kMaxBatch;
-  static_assert(kPer % kBatch == 0, "batches tile a thread's elements");
-  const T* bias16 = static_cast<const T*>(p.bias);
-  const float* bias32 = static_cast<const float*>(p.bias);
-#pragma unroll 1
-  for (int t0 = 0; t0 < kPer; t0 += kBatch) {
-    float v[kBatch];
-#pragma unroll
-    for (int t = 0; t < kBatch; ++t) {
-      const int e = threadIdx.x + (t0 + t) * kThreads;
-      const int r = e / kBlockN, c = e % kBlockN;
-      v[t] = 0.f;
-      if (m0 + r < len_q && n0 + c < len_k) {
-        const int64_t idx = base + int64_t(m0 + r) * p.bias_row_stride +
-                            int64_t(n0 + c) * p.bias_col_stride;
-        v[t] = p.bias_is_fp32 ? bias32[idx] : to_float(bias16[idx]);
-      }
-    }
-#pragma unroll
-    for (int t = 0; t < kBatch; ++t) {
-      const int e = threadIdx.x + (t0 + t) * kThreads;
-      s[(e / kBlockN) * kBStride + e % kBlockN] = v[t] * kLog2e;
-    }
-  }
 }
 
 // Per-element backward math on one warp's S and dP fragments (16 rows x 8*kNF keys starting
@@ -163,15 +127,8 @@ DM_DEVICE void bwd_pointwise(const FwdParams& p, float scale, float (&s)[kNF][4]
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int r = e >> 1;
-      float x, dsoft;
-      if (p.softcap > 0.f) {
-        const float t = fast_tanh(s[j][e] * p.scale_over_softcap);
-        x = p.softcap * kLog2e * t;
-        dsoft = scale * (1.f - t * t);
-      } else {
-        x = s[j][e] * p.scale_log2;
-        dsoft = scale;
-      }
+      float dsoft;
+      float x = logit_log2(p, s[j][e], scale, dsoft);
       const int col = c0 + 8 * j + 2 * (lane % 4) + (e & 1);
       const int sidx = (r0 + 8 * r) * kBStride + col;
       if (kHasBias)
@@ -233,29 +190,6 @@ DM_DEVICE void write_dbias(const BwdParams& bp, const float* sb, int64_t base, i
   }
 }
 
-DM_DEVICE int64_t dbias_offset(const BwdParams& bp, int b, int h, const SeqInfo& s) {
-  return b * bp.dbias_batch_stride + (h / bp.f.bias_head_ratio) * bp.dbias_head_stride +
-         int64_t(s.q_start) * bp.dbias_qseq_stride + int64_t(s.k_start) * bp.dbias_kseq_stride;
-}
-
-// Stores a warp's 16 x (8 * kNF) fp32 fragments as T rows (row0 = first row of the slab).
-template <typename T, int kNF>
-DM_DEVICE void store_frags(T* base, int64_t row_stride, const float (&c)[kNF][4], int row0,
-                           int col0, int valid_rows, int head_dim, int lane) {
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int row = row0 + lane / 4 + 8 * r;
-    if (row >= valid_rows) continue;
-#pragma unroll
-    for (int j = 0; j < kNF; ++j) {
-      const int col = col0 + 8 * j + 2 * (lane % 4);
-      if (col < head_dim)
-        *reinterpret_cast<uint32_t*>(base + int64_t(row) * row_stride + col) =
-            pack2<T>(c[j][2 * r], c[j][2 * r + 1]);
-    }
-  }
-}
-
 // Warp roles (kNumWarps = 8; kBlockM = 64, or 128 without mask/bias where shared memory
 // allows): with S = kBlockM / 16 query slabs, for S/dP warp w owns query rows 16 (w % S) and
 // key columns kSCols * (w / S); for dK/dV, key rows 16 (w % kWarpsN) and head-dim columns
@@ -307,12 +241,9 @@ flash_bwd_dkdv_kernel(const BwdParams bp) {
   const SeqInfo seq = seq_info<kVarlen>(p, b);
   const int n0 = blockIdx.x * kBlockN;
   if (n0 >= seq.len_k) return;
-  const int off = seq.len_k - seq.len_q;
 
-  const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + kvh * p.k_head_stride +
-               int64_t(seq.k_start + n0) * p.k_row_stride;
-  const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + kvh * p.v_head_stride +
-               int64_t(seq.k_start + n0) * p.v_row_stride;
+  const T* k = k_row_ptr<T>(p, b, kvh, seq, n0);
+  const T* v = v_row_ptr<T>(p, b, kvh, seq, n0);
   load_tile_async<kHeadDim, kStride, kThreads>(sK, k, p.k_row_stride, kBlockN, seq.len_k - n0,
                                                p.head_dim);
   load_tile_async<kHeadDim, kStride, kThreads>(sV, v, p.v_row_stride, kBlockN, seq.len_k - n0,
@@ -320,12 +251,10 @@ flash_bwd_dkdv_kernel(const BwdParams bp) {
   cp_async_commit();
 
   // Query rows that can see a key of this tile under the causal/window rule.
-  const int n_last = dm_min(n0 + kBlockN, seq.len_k) - 1;
-  int i_begin = 0, i_end = seq.len_q;
-  if (p.window_right >= 0) i_begin = dm_max(0, n0 - off - p.window_right);
-  if (p.window_left >= 0) i_end = dm_min(seq.len_q, n_last - off + p.window_left + 1);
-  const int mb_begin = i_begin / kBlockM;
-  const int n_mb = i_begin < i_end ? (i_end - 1) / kBlockM + 1 - mb_begin : 0;
+  const RowRange qr =
+      query_range(p, n0, dm_min(n0 + kBlockN, seq.len_k) - 1, seq.len_q, seq.len_k);
+  const int mb_begin = qr.begin / kBlockM;
+  const int n_mb = qr.begin < qr.end ? (qr.end - 1) / kBlockM + 1 - mb_begin : 0;
   const int n_items = n_mb * p.q_per_kv;  // (query head of the group, query tile) pairs
 
   float dk[kGF][4], dv[kGF][4];
@@ -361,7 +290,7 @@ flash_bwd_dkdv_kernel(const BwdParams bp) {
                             ? sparse_state(bp, b, head_of(i), m0_of(i), n0) : kSpFull;
       if (state == kSpNone) continue;
       bits = item_bits(i, state);
-      if (!kHasMask || __syncthreads_or(bits != 0)) return i;
+      if (!kHasMask || cta_any(bits != 0)) return i;
     }
     return i;
   };
@@ -379,8 +308,7 @@ flash_bwd_dkdv_kernel(const BwdParams bp) {
   auto load_q = [&](int item, int stage) {
     const int h = head_of(item), m0 = m0_of(item);
     const T* q = q_row_ptr<T>(p, b, h, seq, m0);
-    const T* dout = static_cast<const T*>(bp.dout) + b * bp.do_batch_stride +
-                    h * bp.do_head_stride + int64_t(seq.q_start + m0) * bp.do_row_stride;
+    const T* dout = do_row_ptr<T>(bp, b, h, seq, m0);
     load_tile_async<kHeadDim, kStride, kThreads>(sQ + stage * kBlockM * kStride, q,
                                                  p.q_row_stride, kBlockM, seq.len_q - m0,
                                                  p.head_dim);
@@ -391,8 +319,7 @@ flash_bwd_dkdv_kernel(const BwdParams bp) {
     if (threadIdx.x < kBlockM) {
       const int i = m0 + threadIdx.x;
       const bool ok = i < seq.len_q;
-      const int64_t idx = b * p.lse_batch_stride + h * p.lse_head_stride + seq.q_start +
-                          (ok ? i : 0);
+      const int64_t idx = lse_index(p, b, h, seq, ok ? i : 0);
       cp_async_4(sLse + stage * kBlockM + threadIdx.x, p.lse + idx, ok);
       cp_async_4(sDsum + stage * kBlockM + threadIdx.x, bp.dsum + idx, ok);
     }
@@ -442,15 +369,7 @@ flash_bwd_dkdv_kernel(const BwdParams bp) {
           p, bp.scale, s, dp, bits, lse, dsum, sB,
           bias_staged ? sBraw + stage * kBlockM * kRawStride : nullptr, bias_one_row, r0, c0,
           lane);
-#pragma unroll
-      for (int j = 0; j < kNF; ++j) {
-        const int col = c0 + 8 * j + 2 * (lane % 4);
-        *reinterpret_cast<uint32_t*>(sP + r0 * kPStride + col) = pack2<T>(s[j][0], s[j][1]);
-        *reinterpret_cast<uint32_t*>(sP + (r0 + 8) * kPStride + col) = pack2<T>(s[j][2], s[j][3]);
-        *reinterpret_cast<uint32_t*>(sdS + r0 * kPStride + col) = pack2<T>(dp[j][0], dp[j][1]);
-        *reinterpret_cast<uint32_t*>(sdS + (r0 + 8) * kPStride + col) =
-            pack2<T>(dp[j][2], dp[j][3]);
-      }
+      store_p_ds_smem<T>(sP, sdS, kPStride, s, dp, r0, c0);
     }
     __syncthreads();
 
@@ -459,8 +378,7 @@ flash_bwd_dkdv_kernel(const BwdParams bp) {
     if (!kDeterministic) {  // dQ += dS K, fp32 atomics
       // dq_accum is a fresh contiguous fp32 buffer and the head dim a multiple of 8: every
       // pair (col, col + 1) with col < head_dim is 8-byte aligned and in range.
-      float* dqa = bp.dq_accum + b * bp.dqa_batch_stride + h * bp.dqa_head_stride +
-                   int64_t(seq.q_start + m0) * bp.dqa_row_stride;
+      float* dqa = dqa_row_ptr(bp, b, h, seq, m0);
 #pragma unroll 1
       for (int cc = wc * kDqCols; cc < (wc + 1) * kDqCols && cc < p.head_dim; cc += kDqChunk) {
         float acc[kDqChunk / 8][4];
@@ -492,10 +410,8 @@ flash_bwd_dkdv_kernel(const BwdParams bp) {
   }
   cp_async_wait<0>();
 
-  T* dkp = static_cast<T*>(bp.dk) + b * bp.dk_batch_stride + kvh * bp.dk_head_stride +
-           int64_t(seq.k_start + n0) * bp.dk_row_stride;
-  T* dvp = static_cast<T*>(bp.dv) + b * bp.dv_batch_stride + kvh * bp.dv_head_stride +
-           int64_t(seq.k_start + n0) * bp.dv_row_stride;
+  T* dkp = dk_row_ptr<T>(bp, b, kvh, seq, n0);
+  T* dvp = dv_row_ptr<T>(bp, b, kvh, seq, n0);
   store_frags<T, kGF>(dkp, bp.dk_row_stride, dk, 16 * ws, wd * kDCols, seq.len_k - n0,
                       p.head_dim, lane);
   store_frags<T, kGF>(dvp, bp.dv_row_stride, dv, 16 * ws, wd * kDCols, seq.len_k - n0,
@@ -530,8 +446,7 @@ flash_bwd_dq_kernel(const BwdParams bp) {
   const int kvh = h / p.q_per_kv;
 
   const T* q = q_row_ptr<T>(p, b, h, seq, m0);
-  const T* dout = static_cast<const T*>(bp.dout) + b * bp.do_batch_stride + h * bp.do_head_stride +
-                  int64_t(seq.q_start + m0) * bp.do_row_stride;
+  const T* dout = do_row_ptr<T>(bp, b, h, seq, m0);
   const T* k = k_row_ptr<T>(p, b, kvh, seq, 0);
   const T* v = v_row_ptr<T>(p, b, kvh, seq, 0);
   const uint8_t* mask = kHasMask && p.mask != nullptr ? p.mask + mask_offset(p, b, h, seq)
@@ -545,7 +460,7 @@ flash_bwd_dq_kernel(const BwdParams bp) {
 
   const int r0 = 16 * warp + lane / 4;
   float lse[2], dsum[2];
-  const int64_t lse_base = b * p.lse_batch_stride + h * p.lse_head_stride + seq.q_start;
+  const int64_t lse_base = lse_index(p, b, h, seq, 0);  // + i: row i
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int i = m0 + r0 + 8 * r;
@@ -573,7 +488,7 @@ flash_bwd_dq_kernel(const BwdParams bp) {
     uint32_t bits = window_bits<kNF>(p, tc, seq.len_q, seq.len_k);
     if (kHasMask && mask != nullptr) bits = mask_bits<kNF>(p, mask, tc, bits);
     if (kHasMask) bits = sparse_bits<kNF>(p, state, tc, m0, n0, bits);
-    if (!__syncthreads_or(bits != 0)) continue;  // also frees the previous K/V tile
+    if (!cta_any(bits != 0)) continue;  // also frees the previous K/V tile
     load_tile_async<kHeadDim, kStride, kThreads>(sK, k + int64_t(n0) * p.k_row_stride,
                                                  p.k_row_stride, kBlockN, seq.len_k - n0,
                                                  p.head_dim);
@@ -598,10 +513,7 @@ flash_bwd_dq_kernel(const BwdParams bp) {
 #pragma unroll
     for (int ps = 0; ps < kNF / 2; ++ps) {
       uint32_t a[4];
-      a[0] = pack2<T>(dp[2 * ps][0], dp[2 * ps][1]);
-      a[1] = pack2<T>(dp[2 * ps][2], dp[2 * ps][3]);
-      a[2] = pack2<T>(dp[2 * ps + 1][0], dp[2 * ps + 1][1]);
-      a[3] = pack2<T>(dp[2 * ps + 1][2], dp[2 * ps + 1][3]);
+      pack_a_from_c<T>(a, dp, ps);
 #pragma unroll
       for (int dd = 0; dd < kDF / 2; ++dd) {
         uint32_t bf[4];
@@ -612,8 +524,7 @@ flash_bwd_dq_kernel(const BwdParams bp) {
     }
   }
   cp_async_wait<0>();
-  T* dqp = static_cast<T*>(bp.dq) + b * bp.dq_batch_stride + h * bp.dq_head_stride +
-           int64_t(seq.q_start + m0) * bp.dq_row_stride;
+  T* dqp = dq_row_ptr<T>(bp, b, h, seq, m0);
   store_frags<T, kDF>(dqp, bp.dq_row_stride, dq, 16 * warp, 0, m_end - m0, p.head_dim, lane);
 }
 

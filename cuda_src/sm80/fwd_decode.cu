@@ -18,9 +18,11 @@
 #include "common.cuh"
 #include "params.cuh"
 #include "mma.cuh"
+#include "fragment.cuh"
 #include "seqlen.cuh"
 #include "block_info.cuh"
 #include "mask_bias.cuh"
+#include "logits.cuh"
 #include "softmax.cuh"
 #include "tile_io.cuh"
 
@@ -28,12 +30,6 @@ namespace dm {
 
 // K/V pipeline depth; dmattn_cupy/spec.py (decode_stages) sizes the dynamic smem with it.
 constexpr int decode_stages(int head_dim) { return head_dim > 128 ? 2 : 3; }
-
-DM_DEVICE uint32_t dynamic_smem_size() {
-  uint32_t r;
-  asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(r));
-  return r;
-}
 
 // One issued K/V tile waiting in the pipeline: its index (-1: none) and this thread's keep-bits
 // (j * 4 + e over its two n8 score fragments) and bias values (times log2 e).
@@ -87,14 +83,14 @@ flash_fwd_decode_kernel(const FwdParams p) {
   const int i_first = m0 / qpk, i_last = (m_end - 1) / qpk;  // queries of the slab
   const int off = seq.len_k - seq.len_q;
 
+  const T* q = q_row_ptr<T>(p, b, 0, seq, 0);  // head 0, row 0 of the sequence
   // Q slab: packed row r -> query i, head h (rows past the sequence are zero-filled).
-  const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride;
   for (int c = threadIdx.x; c < kBlockM * kChunks; c += kThreads) {
     const int r = c / kChunks, col = (c % kChunks) * 8, pr = m0 + r;
     const bool ok = pr < rows && col < p.head_dim;
     const T* src = q;
     if (ok)
-      src = q + int64_t(seq.q_start + pr / qpk) * p.q_row_stride +
+      src = q + int64_t(pr / qpk) * p.q_row_stride +
             int64_t(kvh * qpk + pr % qpk) * p.q_head_stride + col;
     cp_async_16(sQ + r * kStride + col, src, ok);
   }
@@ -127,21 +123,17 @@ flash_fwd_decode_kernel(const FwdParams p) {
 
   // Key tiles of this split.
   const KeyRange kr = key_range(p, i_first, i_last + 1, seq.len_q, seq.len_k);
-  int cursor = 0, t_end = 0;
-  if (kr.k_begin < kr.k_end) {
-    const int n_first = kr.k_begin / kBlockN;
-    const int n_tiles = (kr.k_end - 1) / kBlockN - n_first + 1;
-    cursor = n_first + int(int64_t(n_tiles) * split / ns);
-    t_end = n_first + int(int64_t(n_tiles) * (split + 1) / ns);
-  }
+  const TileSpan span = tile_span<kBlockN>(kr);
+  const int n_tiles = span.last - span.first + 1;
+  int cursor = span.first + int(int64_t(n_tiles) * split / ns);
+  const int t_end = span.first + int(int64_t(n_tiles) * (split + 1) / ns);
 
   // Keep-bits by bounds and window; a tile inside both for every row keeps all valid rows.
   auto bounds_bits = [&](int nb) -> uint32_t {
-    const int n0 = nb * kBlockN, n1 = n0 + kBlockN - 1;
-    const bool partial = n1 >= seq.len_k ||
-                         (p.window_right >= 0 && n1 > i_first + off + p.window_right) ||
-                         (p.window_left >= 0 && n0 < i_last + off - p.window_left);
-    if (!partial) return valid_rows;
+    const int n0 = nb * kBlockN;
+    if (visited_tile_class(p, i_first, i_last, n0, n0 + kBlockN - 1, seq.len_k, off) ==
+        kTileFull)
+      return valid_rows;
     uint32_t bits = 0;
 #pragma unroll
     for (int j = 0; j < 2; ++j)
@@ -206,7 +198,7 @@ flash_fwd_decode_kernel(const FwdParams p) {
                            kLog2e;
           }
       }
-      const bool keep = !kHasMask || __syncthreads_or(bits != 0);
+      const bool keep = !kHasMask || cta_any(bits != 0);
       load_lookahead();
       if (!keep) continue;  // all false: K/V never loaded
       t.nb = nb;
@@ -227,7 +219,7 @@ flash_fwd_decode_kernel(const FwdParams p) {
   float o[kDF][4];
 #pragma unroll
   for (int j = 0; j < kDF; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
-  OnlineSoftmax<2> sm;
+  OnlineSoftmax<> sm;
 
   // Pipeline: kStages - 1 tiles in flight ahead of the one computed (FIFO in registers).
   DecodeTile fifo[kStages - 1];
@@ -259,43 +251,33 @@ flash_fwd_decode_kernel(const FwdParams p) {
 #pragma unroll
     for (int ks = 0; ks < kHeadDim / 16; ++ks) {
       uint32_t a[4], kb[4];
-      ldmatrix_x4(a, sQ + (lane % 16) * kStride + ks * 16 + (lane / 16) * 8);
-      ldmatrix_x4(kb, sKs + (16 * warp + lane % 8 + (lane / 16) * 8) * kStride + ks * 16 +
-                          ((lane / 8) % 2) * 8);
+      ldmatrix_x4(a, sQ + ldsm_a_row(lane) * kStride + ks * 16 + ldsm_a_col(lane));
+      ldmatrix_x4(kb, sKs + (16 * warp + ldsm_nk_row(lane)) * kStride + ks * 16 +
+                          ldsm_nk_col(lane));
       mma_16816<T>(s[0], a, kb[0], kb[1]);
       mma_16816<T>(s[1], a, kb[2], kb[3]);
     }
-    // Logits in the log2 domain: softcap, bias, exclusions.
+    // Logits in the fused form of logits.cuh (log2 domain): softcap, bias, exclusions.
 #pragma unroll
     for (int j = 0; j < 2; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        float x = p.softcap > 0.f ? p.softcap * kLog2e * fast_tanh(s[j][e] * p.scale_over_softcap)
-                                  : s[j][e] * p.scale_log2;
+        float x = logit_log2(p, s[j][e]);
         if (kHasBias) x += cur.bias[j][e];
         if (!(cur.bits & (1u << (j * 4 + e)))) x = -DM_INF;
         s[j][e] = x;
       }
     float alpha[2];
     sm.update(s, alpha);
-#pragma unroll
-    for (int j = 0; j < kDF; ++j) {
-      o[j][0] *= alpha[0];
-      o[j][1] *= alpha[0];
-      o[j][2] *= alpha[1];
-      o[j][3] *= alpha[1];
-    }
+    rescale_o(o, alpha);
     // O += P V: P (16 rows x 16 keys) from registers as the A operand.
     uint32_t a[4];
-    a[0] = pack2<T>(s[0][0], s[0][1]);
-    a[1] = pack2<T>(s[0][2], s[0][3]);
-    a[2] = pack2<T>(s[1][0], s[1][1]);
-    a[3] = pack2<T>(s[1][2], s[1][3]);
+    pack_a_from_c<T>(a, s, 0);
 #pragma unroll
     for (int dd = 0; dd < kDF / 2; ++dd) {
       uint32_t vb[4];
-      ldmatrix_x4_trans(vb, sVs + (16 * warp + lane % 8 + ((lane / 8) % 2) * 8) * kStride +
-                                dd * 16 + (lane / 16) * 8);
+      ldmatrix_x4_trans(vb, sVs + (16 * warp + ldsm_kn_row(lane)) * kStride + dd * 16 +
+                                ldsm_kn_col(lane));
       mma_16816<T>(o[2 * dd], a, vb[0], vb[1]);
       mma_16816<T>(o[2 * dd + 1], a, vb[2], vb[3]);
     }
@@ -311,20 +293,18 @@ flash_fwd_decode_kernel(const FwdParams p) {
   // Merge the warps: each writes its normalized rows and log2-domain lse to the K/V stages.
   float* sO = reinterpret_cast<float*>(sK);           // (warps, 16, kOStride)
   float* sLse = sO + kNumWarps * kBlockM * kOStride;  // (warps, 16)
+  float inv_l[2], warp_lse2[2];
+  sm.finalize(inv_l, warp_lse2);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    float l = sm.l[r];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    const float inv_l = l > 0.f ? 1.f / l : 0.f;
     const int row = lane / 4 + 8 * r;
     float* dst = sO + (warp * kBlockM + row) * kOStride + 2 * (lane % 4);
 #pragma unroll
     for (int j = 0; j < kDF; ++j) {
-      dst[8 * j] = o[j][2 * r] * inv_l;
-      dst[8 * j + 1] = o[j][2 * r + 1] * inv_l;
+      dst[8 * j] = o[j][2 * r] * inv_l[r];
+      dst[8 * j + 1] = o[j][2 * r + 1] * inv_l[r];
     }
-    if (lane % 4 == 0) sLse[warp * kBlockM + row] = l > 0.f ? sm.m[r] + __log2f(l) : -DM_INF;
+    if (lane % 4 == 0) sLse[warp * kBlockM + row] = warp_lse2[r];
   }
   __syncthreads();
 
@@ -370,8 +350,7 @@ flash_fwd_decode_kernel(const FwdParams p) {
     if (c0 == 0) p.lse_accum[pid] = lse2;
     return;
   }
-  T* out = static_cast<T*>(p.o) + b * p.o_batch_stride + int64_t(seq.q_start + i) * p.o_row_stride +
-           int64_t(h) * p.o_head_stride;
+  T* out = o_row_ptr<T>(p, b, h, seq, i);
 #pragma unroll
   for (int c = 0; c < kCols; c += 2) {
     const int col = c0 + c;
@@ -384,8 +363,7 @@ flash_fwd_decode_kernel(const FwdParams p) {
     if (col < p.head_dim) *reinterpret_cast<uint32_t*>(out + col) = pack2<T>(x, y);
   }
   if (p.lse != nullptr && c0 == 0)
-    p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + seq.q_start + i] =
-        lse2 == -DM_INF ? -DM_INF : lse2 * (1.f / kLog2e);
+    p.lse[lse_index(p, b, h, seq, i)] = lse_natural(lse2);
 }
 
 }  // namespace dm

@@ -12,26 +12,98 @@
 // Mask and bias tiles go through shared memory when their rows are contiguous and 16-byte
 // aligned (any row stride, 0 included) or when one row serves every query (strided keys);
 // other layouts are read per element from global.
+// The kernel body is the prologue (layout, visit order, first loads), the mainloop over the
+// visited tiles (tile_scores, the logit/mask step, the softmax update, tile_pv) and the
+// epilogue (fwd_epilogue).
 // Requires 16-byte aligned q/k/v/o rows (pointers and strides multiples of 8 elements).
 #pragma once
 #include "common.cuh"
 #include "params.cuh"
 #include "mma.cuh"
+#include "fragment.cuh"
 #include "seqlen.cuh"
 #include "block_info.cuh"
 #include "mask_bias.cuh"
+#include "logits.cuh"
 #include "softmax.cuh"
 #include "tile_io.cuh"
 
 namespace dm {
 
-template <typename T>
-DM_DEVICE float raw_to_float(uint32_t bits16) {
-  T x;
-  x.bits = static_cast<uint16_t>(bits16);
-  return to_float(x);
+// S = Q K^T for a warp's kSlabs slabs of one key tile; each K fragment feeds every slab.
+// q_frag / k_stage: this lane's ldmatrix addresses (bytes) of fragment 0 of Q (slab 0) and of
+// the K stage; slab s is 16 * kNumWarps rows below slab 0.
+template <typename T, int kHeadDim, int kNumWarps, int kStride, int kSlabs, int kNF>
+DM_DEVICE void tile_scores(float (&sc)[kSlabs][kNF][4], uint32_t q_frag, uint32_t k_stage) {
+#pragma unroll
+  for (int s = 0; s < kSlabs; ++s)
+#pragma unroll
+    for (int j = 0; j < kNF; ++j) sc[s][j][0] = sc[s][j][1] = sc[s][j][2] = sc[s][j][3] = 0.f;
+#pragma unroll
+  for (int ks = 0; ks < kHeadDim / 16; ++ks) {
+    uint32_t a[kSlabs][4];
+#pragma unroll
+    for (int s = 0; s < kSlabs; ++s)
+      ldmatrix_x4_at(a[s], q_frag + (s * 16 * kNumWarps * kStride + ks * 16) * 2);
+#pragma unroll
+    for (int jj = 0; jj < kNF / 2; ++jj) {
+      uint32_t kb[4];
+      ldmatrix_x4_at(kb, k_stage + (jj * 16 * kStride + ks * 16) * 2);
+#pragma unroll
+      for (int s = 0; s < kSlabs; ++s) {
+        mma_16816<T>(sc[s][2 * jj], a[s], kb[0], kb[1]);
+        mma_16816<T>(sc[s][2 * jj + 1], a[s], kb[2], kb[3]);
+      }
+    }
+  }
 }
 
+// O += P V, P (the probabilities in sc) from registers as the A operand; each V fragment
+// feeds every slab. v_stage: this lane's ldmatrix.trans address (bytes) of the V stage.
+template <typename T, int kBlockN, int kStride, int kSlabs, int kNF, int kDF>
+DM_DEVICE void tile_pv(float (&o)[kSlabs][kDF][4], const float (&sc)[kSlabs][kNF][4],
+                       uint32_t v_stage) {
+#pragma unroll
+  for (int ps = 0; ps < kBlockN / 16; ++ps) {
+    uint32_t a[kSlabs][4];
+#pragma unroll
+    for (int s = 0; s < kSlabs; ++s) pack_a_from_c<T>(a[s], sc[s], ps);
+#pragma unroll
+    for (int dd = 0; dd < kDF / 2; ++dd) {
+      uint32_t vb[4];
+      ldmatrix_x4_trans_at(vb, v_stage + (ps * 16 * kStride + dd * 16) * 2);
+#pragma unroll
+      for (int s = 0; s < kSlabs; ++s) {
+        mma_16816<T>(o[s][2 * dd], a[s], vb[0], vb[1]);
+        mma_16816<T>(o[s][2 * dd + 1], a[s], vb[2], vb[3]);
+      }
+    }
+  }
+}
+
+// Normalized output rows and the natural-log lse of a warp's slabs (query tile at row m0).
+template <typename T, int kNumWarps, int kSlabs, int kDF>
+DM_DEVICE void fwd_epilogue(const FwdParams& p, int b, int h, const SeqInfo& seq, int m0,
+                            int warp, int lane, const float (&o)[kSlabs][kDF][4],
+                            const OnlineSoftmax<> (&sm)[kSlabs]) {
+  T* out = o_row_ptr<T>(p, b, h, seq, m0);
+#pragma unroll
+  for (int s = 0; s < kSlabs; ++s) {
+    float inv_l[2], lse2[2];
+    sm[s].finalize(inv_l, lse2);
+    const int row0 = 16 * kNumWarps * s + 16 * warp;  // slab's first row in the query tile
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int i = m0 + row0 + lane / 4 + 8 * r;
+      if (p.lse != nullptr && lane % 4 == 0 && i < seq.len_q)
+        p.lse[lse_index(p, b, h, seq, i)] = lse_natural(lse2[r]);
+    }
+    store_frags<T, kDF>(out, p.o_row_stride, o[s], row0, 0, seq.len_q - m0, p.head_dim, lane,
+                        inv_l);
+  }
+}
+
+// kDebug is unused: the debug counters are compiled in by DMATTN_DEBUG_COUNTERS.
 template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNumWarps, bool kHasMask,
           bool kHasBias, bool kVarlen, bool kSparse, bool kDebug>
 __global__ void __launch_bounds__(kNumWarps * 32, 1)
@@ -57,11 +129,7 @@ flash_fwd_mma_kernel(const FwdParams p) {
   uint16_t* sV = sK + 2 * kBlockN * kStride;
   uint16_t* sBias = sV + 2 * kBlockN * kStride;
   uint8_t* sMask = reinterpret_cast<uint8_t*>(sBias + (kHasBias ? 2 * kBlockM * kBiasStride : 0));
-  {
-    uint32_t dyn;
-    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
-    if (dyn < kSmemBytes) __trap();  // launcher and kernel disagree on the layout
-  }
+  if (dynamic_smem_size() < kSmemBytes) __trap();  // launcher and kernel disagree on the layout
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int h = blockIdx.y, b = blockIdx.z;
@@ -96,8 +164,9 @@ flash_fwd_mma_kernel(const FwdParams p) {
                                                p.head_dim);
   cp_async_commit();
 
-  const KeyRange kr = key_range(p, m0, m_end, seq.len_q, seq.len_k);
-  const int n_last = kr.k_begin < kr.k_end ? (kr.k_end - 1) / kBlockN : -1;
+  const KeyTileVisit<kBlockN, kSparse> visit(
+      p, b, h, m0, key_range(p, m0, m_end, seq.len_q, seq.len_k));
+  const int n_items = visit.n_items;
 
   // This thread's rows: slab s, half r -> CTA-local row 16*kNumWarps*s + 16*warp + g + 8r.
   auto local_row = [&](int s, int r) { return 16 * kNumWarps * s + 16 * warp + lane / 4 + 8 * r; };
@@ -115,52 +184,10 @@ flash_fwd_mma_kernel(const FwdParams p) {
         if (tc[s].row[e >> 1] < seq.len_q) valid_rows[s] |= 1u << (j * 4 + e);
   }
 
-  // A tile is partial by formula when it crosses the sequence end or a window edge.
+  // A visited tile is partial by formula when it crosses the sequence end or a window edge.
   auto tile_partial = [&](int nb) {
-    const int n0 = nb * kBlockN, n1 = n0 + kBlockN - 1;
-    if (n1 >= seq.len_k) return true;
-    if (p.window_right >= 0 && n1 > m0 + off + p.window_right) return true;
-    if (p.window_left >= 0 && n0 < m_end - 1 + off - p.window_left) return true;
-    return false;
-  };
-  // Candidate tiles in visiting order: the key range (dense) or, for block-sparse masks, the
-  // listed blocks of this row block (full ones, then partial ones), each expanded to
-  // sp_block_n / kBlockN kernel tiles. Both are uniform across the CTA.
-  const int n_first = kr.k_begin < kr.k_end ? kr.k_begin / kBlockN : 0;
-  int n_items = n_last - n_first + 1;
-  const int32_t* full_idx = nullptr;
-  const int32_t* partial_idx = nullptr;
-  int full_count = 0, sub = 1, mrow = 0;
-  int64_t row_entry = 0;
-  if (kSparse) {
-    const int bi = p.sp_batches == 1 ? 0 : b, hi = p.sp_heads == 1 ? 0 : h;
-    mrow = m0 / p.sp_block_m;
-    row_entry = (int64_t(bi) * p.sp_heads + hi) * p.sp_row_blocks + mrow;
-    full_count = p.sp_full_count[row_entry];
-    full_idx = p.sp_full_idx + row_entry * p.sp_full_width;
-    partial_idx = p.sp_partial_idx + row_entry * p.sp_partial_width;
-    sub = p.sp_block_n / kBlockN;
-    n_items = (full_count + p.sp_partial_count[row_entry]) * sub;
-  }
-  // Tile of item i; `listed_partial`: a MixedMask partial block, whose element bits apply.
-  auto tile_at = [&](int i, bool& listed_partial) {
-    if (!kSparse) {
-      listed_partial = false;
-      return n_first + i;
-    }
-    const int entry = i / sub;
-    listed_partial = entry >= full_count;
-    const int blk = listed_partial ? partial_idx[entry - full_count] : full_idx[entry];
-    return blk * sub + i % sub;
-  };
-  // First item >= i whose tile lies in the key range.
-  auto next_candidate = [&](int i) {
-    for (; kSparse && i < n_items; ++i) {
-      bool lp;
-      const int nb = tile_at(i, lp);
-      if (nb >= n_first && nb <= n_last) break;
-    }
-    return i;
+    return visited_tile_class(p, m0, m_end - 1, nb * kBlockN, nb * kBlockN + kBlockN - 1,
+                             seq.len_k, off) != kTileFull;
   };
   auto load_mask = [&](int nb) {  // shared-memory paths only
     const int n0 = nb * kBlockN;
@@ -201,11 +228,11 @@ flash_fwd_mma_kernel(const FwdParams p) {
         }
       }
       if (kSparse && listed_partial) {
-        const int blk = nb / sub;
-        const int slot = p.sp_partial_slot[row_entry * p.sp_col_blocks + blk];
-        x = block_element_bits<kNF>(p.sp_partial_bits + int64_t(slot) * (p.sp_block_m *
-                                    p.sp_block_n / 32), tc[s], mrow * p.sp_block_m,
-                                    blk * p.sp_block_n, p.sp_block_n, x);
+        const int blk = nb / visit.sub;
+        const int slot = p.sp_partial_slot[visit.row_entry * p.sp_col_blocks + blk];
+        x = block_element_bits<kNF>(sparse_block_words(p, slot), tc[s],
+                                    visit.mrow * p.sp_block_m, blk * p.sp_block_n,
+                                    p.sp_block_n, x);
       }
       bits[s] = x;
     }
@@ -213,8 +240,8 @@ flash_fwd_mma_kernel(const FwdParams p) {
   int mask_item = -1;  // item whose mask tile is in (or on its way to) sMask
   // First item >= i whose tile is in the key range and kept by someone in the CTA.
   auto next_item = [&](int i, int& nb, uint32_t (&bits)[kSlabs], bool& listed_partial) {
-    for (i = next_candidate(i); i < n_items; i = next_candidate(i + 1)) {
-      nb = tile_at(i, listed_partial);
+    for (i = visit.next_candidate(i); i < n_items; i = visit.next_candidate(i + 1)) {
+      nb = visit.tile_at(i, listed_partial);
       if (kHasMask && mask_smem) {
         if (mask_item != i) {
           load_mask(nb);
@@ -230,7 +257,7 @@ flash_fwd_mma_kernel(const FwdParams p) {
       uint32_t any = 0;
 #pragma unroll
       for (int s = 0; s < kSlabs; ++s) any |= bits[s];
-      if (__syncthreads_or(any != 0)) return i;  // also: every sMask read is done
+      if (cta_any(any != 0)) return i;  // also: every sMask read is done
     }
     return i;
   };
@@ -256,10 +283,10 @@ flash_fwd_mma_kernel(const FwdParams p) {
   // Prefetch (shared-memory mask path) the mask of the first candidate after item i.
   auto prefetch_mask = [&](int i) {
     if (kHasMask && mask_smem) {
-      const int c = next_candidate(i + 1);
+      const int c = visit.next_candidate(i + 1);
       if (c < n_items) {
         bool lp;
-        load_mask(tile_at(c, lp));
+        load_mask(visit.tile_at(c, lp));
         mask_item = c;
       }
     }
@@ -269,18 +296,17 @@ flash_fwd_mma_kernel(const FwdParams p) {
   // Per-thread ldmatrix addresses (shared memory, bytes) of fragment 0: Q rows of slab 0
   // (A operand, x4 = rows 0-15 x cols 0-15), K (B operand of S, x4 = 16 keys x 2 k-halves),
   // V (B operand of O, transposed, x4 = 16 keys x 2 column blocks).
-  const uint32_t q_frag = smem_addr(sQ + (16 * warp + lane % 16) * kStride + (lane / 16) * 8);
-  const uint32_t k_frag =
-      smem_addr(sK + (lane % 8 + (lane / 16) * 8) * kStride + ((lane / 8) % 2) * 8);
-  const uint32_t v_frag =
-      smem_addr(sV + (lane % 8 + ((lane / 8) % 2) * 8) * kStride + (lane / 16) * 8);
+  const uint32_t q_frag =
+      smem_addr(sQ + (16 * warp + ldsm_a_row(lane)) * kStride + ldsm_a_col(lane));
+  const uint32_t k_frag = smem_addr(sK + ldsm_nk_row(lane) * kStride + ldsm_nk_col(lane));
+  const uint32_t v_frag = smem_addr(sV + ldsm_kn_row(lane) * kStride + ldsm_kn_col(lane));
 
   float o[kSlabs][kDF][4];
 #pragma unroll
   for (int s = 0; s < kSlabs; ++s)
 #pragma unroll
     for (int j = 0; j < kDF; ++j) o[s][j][0] = o[s][j][1] = o[s][j][2] = o[s][j][3] = 0.f;
-  OnlineSoftmax<kNF> sm[kSlabs];
+  OnlineSoftmax<> sm[kSlabs];
 
   uint32_t bits[kSlabs];
   bool listed_partial = false;
@@ -309,47 +335,21 @@ flash_fwd_mma_kernel(const FwdParams p) {
     cp_async_wait<2>();  // all but the two groups just committed: Q and this tile's K/V/bias
     __syncthreads();
 
-    // S = Q K^T for this warp's slabs; each K fragment feeds every slab.
-    const uint32_t k_stage = k_frag + stage * (kBlockN * kStride * 2);
     float sc[kSlabs][kNF][4];
-#pragma unroll
-    for (int s = 0; s < kSlabs; ++s)
-#pragma unroll
-      for (int j = 0; j < kNF; ++j) sc[s][j][0] = sc[s][j][1] = sc[s][j][2] = sc[s][j][3] = 0.f;
-#pragma unroll
-    for (int ks = 0; ks < kHeadDim / 16; ++ks) {
-      uint32_t a[kSlabs][4];
-#pragma unroll
-      for (int s = 0; s < kSlabs; ++s)
-        ldmatrix_x4_at(a[s], q_frag + (s * 16 * kNumWarps * kStride + ks * 16) * 2);
-#pragma unroll
-      for (int jj = 0; jj < kNF / 2; ++jj) {
-        uint32_t kb[4];
-        ldmatrix_x4_at(kb, k_stage + (jj * 16 * kStride + ks * 16) * 2);
-#pragma unroll
-        for (int s = 0; s < kSlabs; ++s) {
-          mma_16816<T>(sc[s][2 * jj], a[s], kb[0], kb[1]);
-          mma_16816<T>(sc[s][2 * jj + 1], a[s], kb[2], kb[3]);
-        }
-      }
-    }
+    tile_scores<T, kHeadDim, kNumWarps, kStride, kSlabs, kNF>(
+        sc, q_frag, k_frag + stage * (kBlockN * kStride * 2));
 
-    // Logits y, with exp2(y * exp_scale) the unnormalized probability. Without softcap and
-    // bias y is the raw score and the scale folds into the softmax's FFMA; otherwise y is the
-    // natural-log logit: softcap * tanh(scale * qk / softcap) or scale * qk, plus the bias
-    // (one FFMA). softcap is CTA-uniform, so tanh is never evaluated without it.
-    const bool capped = p.softcap > 0.f;
-    if (capped) {
+    // Logits in the split form of logits.cuh: y (softcapped, plus the bias), then excluded
+    // positions to -inf; the softmax applies exp_scale.
+    if (has_softcap(p)) {
 #pragma unroll
       for (int s = 0; s < kSlabs; ++s)
 #pragma unroll
         for (int j = 0; j < kNF; ++j)
 #pragma unroll
-          for (int e = 0; e < 4; ++e)
-            sc[s][j][e] = p.softcap * fast_tanh(sc[s][j][e] * p.scale_over_softcap);
+          for (int e = 0; e < 4; ++e) sc[s][j][e] = softcap_logit(p, sc[s][j][e]);
     }
-    const float bias_scale = capped ? 1.f : p.scale_log2 * (1.f / kLog2e);
-    const float exp_scale = (kHasBias || capped) ? kLog2e : p.scale_log2;
+    const LogitScales ls = logit_scales<kHasBias>(p);
     const uint16_t* sB = sBias + stage * kBlockM * kBiasStride;
 #pragma unroll
     for (int s = 0; s < kSlabs; ++s) {
@@ -363,8 +363,8 @@ flash_fwd_mma_kernel(const FwdParams p) {
           if (kHasBias) {
             if (bias_vec) {
               const uint32_t two = *reinterpret_cast<const uint32_t*>(brow + 8 * j);
-              bv[0] = raw_to_float<T>(two & 0xffffu);
-              bv[1] = raw_to_float<T>(two >> 16);
+              bv[0] = to_float(T{uint16_t(two & 0xffffu)});
+              bv[1] = to_float(T{uint16_t(two >> 16)});
             } else if (bias_row_f32) {
               const float2 two = *reinterpret_cast<const float2*>(
                   reinterpret_cast<const float*>(sB) + 8 * j + 2 * (lane % 4));
@@ -380,46 +380,19 @@ flash_fwd_mma_kernel(const FwdParams p) {
           for (int c = 0; c < 2; ++c) {
             const int e = 2 * r + c;
             float x = sc[s][j][e];
-            if (kHasBias) x = fmaf(x, bias_scale, bv[c]);
+            if (kHasBias) x = add_bias(x, ls, bv[c]);
             if (partial && !(bits[s] & (1u << (j * 4 + e)))) x = -DM_INF;
             sc[s][j][e] = x;
           }
         }
       }
       float alpha[2];
-      sm[s].update(sc[s], alpha, exp_scale);
-#pragma unroll
-      for (int j = 0; j < kDF; ++j) {
-        o[s][j][0] *= alpha[0];
-        o[s][j][1] *= alpha[0];
-        o[s][j][2] *= alpha[1];
-        o[s][j][3] *= alpha[1];
-      }
+      sm[s].update(sc[s], alpha, ls.exp_scale);
+      rescale_o(o[s], alpha);
     }
 
-    // O += P V, P from registers as the A operand; each V fragment feeds every slab.
-    const uint32_t v_stage = v_frag + stage * (kBlockN * kStride * 2);
-#pragma unroll
-    for (int ps = 0; ps < kBlockN / 16; ++ps) {
-      uint32_t a[kSlabs][4];
-#pragma unroll
-      for (int s = 0; s < kSlabs; ++s) {
-        a[s][0] = pack2<T>(sc[s][2 * ps][0], sc[s][2 * ps][1]);
-        a[s][1] = pack2<T>(sc[s][2 * ps][2], sc[s][2 * ps][3]);
-        a[s][2] = pack2<T>(sc[s][2 * ps + 1][0], sc[s][2 * ps + 1][1]);
-        a[s][3] = pack2<T>(sc[s][2 * ps + 1][2], sc[s][2 * ps + 1][3]);
-      }
-#pragma unroll
-      for (int dd = 0; dd < kDF / 2; ++dd) {
-        uint32_t vb[4];
-        ldmatrix_x4_trans_at(vb, v_stage + (ps * 16 * kStride + dd * 16) * 2);
-#pragma unroll
-        for (int s = 0; s < kSlabs; ++s) {
-          mma_16816<T>(o[s][2 * dd], a[s], vb[0], vb[1]);
-          mma_16816<T>(o[s][2 * dd + 1], a[s], vb[2], vb[3]);
-        }
-      }
-    }
+    tile_pv<T, kBlockN, kStride, kSlabs, kNF, kDF>(o, sc,
+                                                   v_frag + stage * (kBlockN * kStride * 2));
     __syncthreads();  // this stage is refilled next iteration
     item = item_next;
     nb = nb_next;
@@ -430,27 +403,7 @@ flash_fwd_mma_kernel(const FwdParams p) {
   }
   cp_async_wait<0>();
 
-  T* out = static_cast<T*>(p.o) + b * p.o_batch_stride + h * p.o_head_stride +
-           int64_t(seq.q_start) * p.o_row_stride;
-#pragma unroll
-  for (int s = 0; s < kSlabs; ++s) {
-    float inv_l[2], lse[2];
-    sm[s].finalize(inv_l, lse);
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int i = tc[s].row[r];
-      if (i >= seq.len_q) continue;
-#pragma unroll
-      for (int j = 0; j < kDF; ++j) {
-        const int col = 8 * j + 2 * (lane % 4);
-        if (col < p.head_dim)
-          *reinterpret_cast<uint32_t*>(out + int64_t(i) * p.o_row_stride + col) =
-              pack2<T>(o[s][j][2 * r] * inv_l[r], o[s][j][2 * r + 1] * inv_l[r]);
-      }
-      if (p.lse != nullptr && lane % 4 == 0)
-        p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + seq.q_start + i] = lse[r];
-    }
-  }
+  fwd_epilogue<T, kNumWarps, kSlabs, kDF>(p, b, h, seq, m0, warp, lane, o, sm);
 }
 
 }  // namespace dm

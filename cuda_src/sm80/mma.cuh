@@ -26,6 +26,36 @@ DM_DEVICE void mma_16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) 
 }
 #undef DM_MMA_16816
 
+// Per-lane (row, column) offsets of the 8-element shared-memory row a lane addresses in an
+// ldmatrix.x4 covering a 16 x 16 block, one pair per operand arrangement. Lanes 8i..8i+7
+// address matrix i, which lands in register i. tests/cpu/test_fragment_layout.py reads these
+// one-line bodies and checks them against an emulation of ldmatrix and mma.sync.
+//   a:  A stored [m][k], plain:  (m 0-7, k 0-7), (m 8-15, k 0-7), (m 0-7, k 8-15),
+//       (m 8-15, k 8-15) -> a0..a3
+//   nk: B stored [n][k], plain:  (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7),
+//       (n 8-15, k 8-15) -> b0, b1 of n8 fragment 0, then of fragment 1. With .trans the
+//       same offsets give A^T's fragment from A stored [k][m].
+//   kn: B stored [k][n], .trans: (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15),
+//       (k 8-15, n 8-15) -> b0, b1 of n8 fragment 0, then of fragment 1
+DM_DEVICE int ldsm_a_row(int lane) { return lane % 16; }
+DM_DEVICE int ldsm_a_col(int lane) { return (lane / 16) * 8; }
+DM_DEVICE int ldsm_nk_row(int lane) { return lane % 8 + (lane / 16) * 8; }
+DM_DEVICE int ldsm_nk_col(int lane) { return ((lane / 8) % 2) * 8; }
+DM_DEVICE int ldsm_kn_row(int lane) { return lane % 8 + ((lane / 8) % 2) * 8; }
+DM_DEVICE int ldsm_kn_col(int lane) { return (lane / 16) * 8; }
+
+// A operand (16 x 16) of the next product from the accumulators c[2ps], c[2ps + 1] kept in
+// registers (P before O += P V, dS before dQ += dS K): two n8 C fragments hold exactly the A
+// fragment of k columns 16ps .. 16ps + 15 (a0 = c0 c1, a1 = c2 c3 of the first; a2, a3 of the
+// second).
+template <typename T, int kNF>
+DM_DEVICE void pack_a_from_c(uint32_t (&a)[4], const float (&c)[kNF][4], int ps) {
+  a[0] = pack2<T>(c[2 * ps][0], c[2 * ps][1]);
+  a[1] = pack2<T>(c[2 * ps][2], c[2 * ps][3]);
+  a[2] = pack2<T>(c[2 * ps + 1][0], c[2 * ps + 1][1]);
+  a[3] = pack2<T>(c[2 * ps + 1][2], c[2 * ps + 1][3]);
+}
+
 DM_DEVICE uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }

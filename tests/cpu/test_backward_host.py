@@ -299,19 +299,24 @@ def test_backward_kernels_compile_without_spills(hd):
 
 def _emulate(a_smem, b_smem, kk, nf, a_trans, a_col0, b_col0):
     """One warp's C (16 x 8*nf) from the bwd_gemm.cuh addressing (gemm_atb when a_trans, else
-    gemm_ab), with ldmatrix/mma emulated as in test_fragment_layout."""
-    from test_fragment_layout import c_to_matrix, ldmatrix_x4, mma_m16n8k16
+    gemm_ab), with ldmatrix/mma emulated as in test_fragment_layout and the per-lane offsets
+    read from sm80/mma.cuh (the ldsm_* functions bwd_gemm.cuh calls). The tile-level
+    composition (ks * 16 + offset, column bases) mirrors bwd_gemm.cuh: a design proof."""
+    from test_fragment_layout import LDSM, c_to_matrix, ldmatrix_x4, mma_m16n8k16
 
+    a_row, a_col = LDSM["ldsm_a_row"], LDSM["ldsm_a_col"]
+    nk_row, nk_col = LDSM["ldsm_nk_row"], LDSM["ldsm_nk_col"]
+    kn_row, kn_col = LDSM["ldsm_kn_row"], LDSM["ldsm_kn_col"]
     acc = np.zeros((nf, 32, 4))
     for ks in range(kk // 16):
         if a_trans:  # load_a_trans
-            a = ldmatrix_x4(a_smem, lambda ln, ks=ks: ks * 16 + ln % 8 + (ln // 16) * 8,
-                            lambda ln: a_col0 + ((ln // 8) % 2) * 8, trans=True)
+            a = ldmatrix_x4(a_smem, lambda ln, ks=ks: ks * 16 + nk_row(ln),
+                            lambda ln: a_col0 + nk_col(ln), trans=True)
         else:        # load_a_rowmajor
-            a = ldmatrix_x4(a_smem, lambda ln: ln % 16, lambda ln, ks=ks: ks * 16 + (ln // 16) * 8)
+            a = ldmatrix_x4(a_smem, a_row, lambda ln, ks=ks: ks * 16 + a_col(ln))
         for jj in range(nf // 2):  # load_b_kn
-            bf = ldmatrix_x4(b_smem, lambda ln, ks=ks: ks * 16 + ln % 8 + ((ln // 8) % 2) * 8,
-                             lambda ln, jj=jj: b_col0 + jj * 16 + (ln // 16) * 8, trans=True)
+            bf = ldmatrix_x4(b_smem, lambda ln, ks=ks: ks * 16 + kn_row(ln),
+                             lambda ln, jj=jj: b_col0 + jj * 16 + kn_col(ln), trans=True)
             mma_m16n8k16(acc[2 * jj], a, bf[:, 0], bf[:, 1])
             mma_m16n8k16(acc[2 * jj + 1], a, bf[:, 2], bf[:, 3])
     return c_to_matrix(acc)

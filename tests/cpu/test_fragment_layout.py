@@ -1,13 +1,43 @@
 """A NumPy emulation of ldmatrix and mma.sync m16n8k16 as the PTX ISA defines them, driven by
-the same shared-memory address expressions as cuda_src/sm80/fwd_mma.cu. It checks, without a GPU,
-that the kernel's addressing and its P-fragment repacking compute S = Q K^T and O = P V."""
+the per-lane ldmatrix offsets the kernels use, read from their one source (the ``ldsm_*``
+functions of cuda_src/sm80/mma.cuh). It checks, without a GPU, that this addressing computes
+S = Q K^T and O = P V as fwd_mma.cu / fwd_decode.cu / bwd_gemm.cuh arrange it. The P-fragment
+repacking (mma.cuh's pack_a_from_c: a0..a3 = c[2ps][0:2], c[2ps][2:4], c[2ps+1][0:2],
+c[2ps+1][2:4]) is re-typed here: a design proof of that layout, not a reading of the code."""
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import pytest
 
+from dmattn_cupy.compile import cuda_src_dir
+
 LANES = np.arange(32)
+
+
+def _read_lane_offsets() -> dict:
+    """``ldsm_<name>(lane)`` of sm80/mma.cuh as Python functions (C integer / and % on
+    non-negative ints are Python's // and %)."""
+    text = (cuda_src_dir() / "sm80" / "mma.cuh").read_text()
+    found = re.findall(r"DM_DEVICE int (ldsm_\w+)\(int lane\) \{ return ([^;]+); \}", text)
+    table = {}
+    for name, expr in found:
+        assert re.fullmatch(r"[\w\s()+*/%]+", expr), (name, expr)
+        table[name] = eval(f"lambda lane: {expr.replace('/', '//')}")  # noqa: S307
+    return table
+
+
+LDSM = _read_lane_offsets()
+
+
+def test_lane_offsets_are_read_from_the_header() -> None:
+    assert set(LDSM) == {f"ldsm_{k}_{rc}" for k in ("a", "nk", "kn") for rc in ("row", "col")}
+    # Each pair addresses 32 distinct 8-element rows covering the 16 x 16 block once.
+    for k in ("a", "nk", "kn"):
+        cells = {(LDSM[f"ldsm_{k}_row"](ln), LDSM[f"ldsm_{k}_col"](ln)) for ln in LANES}
+        assert cells == {(r, c) for r in range(16) for c in (0, 8)}, k
 
 
 def ldmatrix_x4(smem: np.ndarray, row_of_lane, col_of_lane, trans: bool = False) -> np.ndarray:
@@ -66,14 +96,18 @@ def test_kernel_fragments_compute_attention_products(head_dim: int, block_n: int
     sv = rng.standard_normal((block_n, head_dim))
     nf, df = block_n // 8, head_dim // 8
 
-    # S = Q K^T: the addressing of fwd_mma.cu's first product loop.
+    a_row, a_col = LDSM["ldsm_a_row"], LDSM["ldsm_a_col"]
+    nk_row, nk_col = LDSM["ldsm_nk_row"], LDSM["ldsm_nk_col"]
+    kn_row, kn_col = LDSM["ldsm_kn_row"], LDSM["ldsm_kn_col"]
+
+    # S = Q K^T: the addressing of fwd_mma.cu's tile_scores (q_frag, k_frag).
     s = np.zeros((nf, 32, 4))
     for ks in range(head_dim // 16):
-        a = ldmatrix_x4(sq, lambda ln: 16 * warp + ln % 16,
-                        lambda ln, ks=ks: ks * 16 + (ln // 16) * 8)
+        a = ldmatrix_x4(sq, lambda ln: 16 * warp + a_row(ln),
+                        lambda ln, ks=ks: ks * 16 + a_col(ln))
         for jj in range(nf // 2):
-            kb = ldmatrix_x4(sk, lambda ln, jj=jj: jj * 16 + ln % 8 + (ln // 16) * 8,
-                             lambda ln, ks=ks: ks * 16 + ((ln // 8) % 2) * 8)
+            kb = ldmatrix_x4(sk, lambda ln, jj=jj: jj * 16 + nk_row(ln),
+                             lambda ln, ks=ks: ks * 16 + nk_col(ln))
             mma_m16n8k16(s[2 * jj], a, kb[:, 0], kb[:, 1])
             mma_m16n8k16(s[2 * jj + 1], a, kb[:, 2], kb[:, 3])
     q_rows = sq[16 * warp:16 * warp + 16]
@@ -86,8 +120,8 @@ def test_kernel_fragments_compute_attention_products(head_dim: int, block_n: int
         a = np.stack([p[2 * ps][:, 0:2], p[2 * ps][:, 2:4],
                       p[2 * ps + 1][:, 0:2], p[2 * ps + 1][:, 2:4]], axis=1)
         for dd in range(df // 2):
-            vb = ldmatrix_x4(sv, lambda ln, ps=ps: ps * 16 + ln % 8 + ((ln // 8) % 2) * 8,
-                             lambda ln, dd=dd: dd * 16 + (ln // 16) * 8, trans=True)
+            vb = ldmatrix_x4(sv, lambda ln, ps=ps: ps * 16 + kn_row(ln),
+                             lambda ln, dd=dd: dd * 16 + kn_col(ln), trans=True)
             mma_m16n8k16(o[2 * dd], a, vb[:, 0], vb[:, 1])
             mma_m16n8k16(o[2 * dd + 1], a, vb[:, 2], vb[:, 3])
     np.testing.assert_allclose(c_to_matrix(o), c_to_matrix(p) @ sv, rtol=1e-10, atol=1e-10)
