@@ -13,8 +13,7 @@
 
 namespace dm {
 
-template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNumWarps, bool kHasMask,
-          bool kHasBias, bool kVarlen, bool kSparse, bool kDebug>
+template <typename T, int kHeadDim, int kNumWarps>
 __global__ void __launch_bounds__(kNumWarps * 32)
 flash_fwd_combine_kernel(const FwdParams p) {
   const int lane = threadIdx.x % 32;

@@ -138,8 +138,6 @@ def compile_options(spec: KernelSpec) -> tuple[str, ...]:
     opts = list(_BASE_OPTIONS)
     opts.append(f"--gpu-architecture={spec.arch}")
     opts.append(f"-I{cuda_src_dir()}")
-    if spec.debug_counters:
-        opts.append("-DDMATTN_DEBUG_COUNTERS=1")
     return tuple(opts)
 
 

@@ -251,8 +251,10 @@ _SM90_FWD_ARGS = ("dtype", "head_dim", "block_n", "stages", "has_mask", "has_bia
 
 _SM80_ARGS = ("dtype", "head_dim", "block_m", "block_n", "num_warps", "has_mask", "has_bias",
               "varlen", "sparse", "debug_counters")
-_SM80_BWD_ARGS = ("dtype", "head_dim", "block_m", "block_n", "num_warps", "has_mask",
-                  "has_bias", "varlen", "deterministic", "debug_counters")
+_SM80_DECODE_ARGS = _SM80_ARGS[:8]  # no block lists, no debug counters
+_SM80_DKDV_ARGS = ("dtype", "head_dim", "block_m", "block_n", "num_warps", "has_mask",
+                   "has_bias", "varlen", "deterministic")
+_SM80_DQ_ARGS = _SM80_DKDV_ARGS[:8]  # deterministic mode only
 
 FAMILY_ROWS: tuple[Family, ...] = (
     Family("fwd_mma", "sm80/fwd_mma.cu", "dm::flash_fwd_mma_kernel", _SM80_ARGS, "FwdParams",
@@ -260,17 +262,17 @@ FAMILY_ROWS: tuple[Family, ...] = (
     Family("fwd_sm90", "sm90/fwd.cu", "dm::flash_fwd_sm90_kernel", _SM90_FWD_ARGS, "FwdParams",
            "sm_90a", _sm90_smem, threads=lambda s: forward_sm90.THREADS, role="forward",
            accepts=_sm90_accepts, tiles=_sm90_tiles, extra_args=_sm90_args, grid=_sm90_grid),
-    Family("fwd_decode", "sm80/fwd_decode.cu", "dm::flash_fwd_decode_kernel", _SM80_ARGS,
-           "FwdParams", "sm_80", _smem_decode),
-    Family("fwd_combine", "fwd_combine.cu", "dm::flash_fwd_combine_kernel", _SM80_ARGS,
-           "FwdParams", "sm_80", _smem_none),
-    Family("bwd_pre", "sm80/bwd.cu", "dm::flash_bwd_pre_kernel", _SM80_BWD_ARGS, "BwdParams",
-           "sm_80", _smem_none),
-    Family("bwd_dkdv", "sm80/bwd.cu", "dm::flash_bwd_dkdv_kernel", _SM80_BWD_ARGS, "BwdParams",
+    Family("fwd_decode", "sm80/fwd_decode.cu", "dm::flash_fwd_decode_kernel",
+           _SM80_DECODE_ARGS, "FwdParams", "sm_80", _smem_decode),
+    Family("fwd_combine", "fwd_combine.cu", "dm::flash_fwd_combine_kernel",
+           ("dtype", "head_dim", "num_warps"), "FwdParams", "sm_80", _smem_none),
+    Family("bwd_pre", "sm80/bwd.cu", "dm::flash_bwd_pre_kernel", ("dtype", "num_warps", "varlen"),
+           "BwdParams", "sm_80", _smem_none),
+    Family("bwd_dkdv", "sm80/bwd.cu", "dm::flash_bwd_dkdv_kernel", _SM80_DKDV_ARGS, "BwdParams",
            "sm_80", _smem_bwd_dkdv),
-    Family("bwd_dq", "sm80/bwd.cu", "dm::flash_bwd_dq_kernel", _SM80_BWD_ARGS, "BwdParams",
+    Family("bwd_dq", "sm80/bwd.cu", "dm::flash_bwd_dq_kernel", _SM80_DQ_ARGS, "BwdParams",
            "sm_80", _smem_bwd_dq),
-    Family("bwd_grid", "sm80/bwd.cu", "dm::flash_bwd_sparse_grid_kernel", _SM80_BWD_ARGS,
+    Family("bwd_grid", "sm80/bwd.cu", "dm::flash_bwd_sparse_grid_kernel", ("num_warps",),
            "BwdParams", "sm_80", _smem_none),
 )
 

@@ -101,8 +101,7 @@ def backward(dtype: str, head_dim: int, has_mask: bool, has_bias: bool, varlen: 
         tall = dataclasses.replace(dkdv, block_m=128)
         if tall.dynamic_smem <= dev.smem_per_block:
             dkdv = tall
-    dq = (KernelSpec(family="bwd_dq", num_warps=4, deterministic=True, **common)
-          if deterministic else None)
+    dq = KernelSpec(family="bwd_dq", num_warps=4, **common) if deterministic else None
     grid = (KernelSpec(family="bwd_grid", dtype=dt, head_dim=128, block_m=8, block_n=32,
                        num_warps=4, arch=arch) if sparse else None)
     return pre, dkdv, dq, grid

@@ -34,10 +34,7 @@
 
 namespace dm {
 
-// The backward kernels share one template parameter list (one BwdSpec names each); this one
-// reads T, kNumWarps and kVarlen only. kDebug is read by none of them.
-template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNumWarps, bool kHasMask,
-          bool kHasBias, bool kVarlen, bool kDeterministic, bool kDebug>
+template <typename T, int kNumWarps, bool kVarlen>
 __global__ void __launch_bounds__(kNumWarps * 32)
 flash_bwd_pre_kernel(const BwdParams bp) {
   const FwdParams& p = bp.f;
@@ -63,9 +60,7 @@ constexpr int kSpNone = -2, kSpFull = -1;
 // One CTA per (row block, mask head, mask batch): clears its grid row, then marks the listed
 // blocks. Only a MixedMask lists partial blocks (block-granular masks keep whole blocks, and
 // a DynamicMask lists full ones only), so a partial entry takes its slot from sp_partial_slot.
-// Of the template, only kNumWarps is read.
-template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNumWarps, bool kHasMask,
-          bool kHasBias, bool kVarlen, bool kDeterministic, bool kDebug>
+template <int kNumWarps>
 __global__ void __launch_bounds__(kNumWarps * 32)
 flash_bwd_sparse_grid_kernel(const BwdParams bp) {
   const FwdParams& p = bp.f;
@@ -196,7 +191,7 @@ DM_DEVICE void write_dbias(const BwdParams& bp, const float* sb, int64_t base, i
 // kDCols * (w / kWarpsN); for the atomic dQ, query rows 16 (w % S) and head-dim columns
 // kDqCols * (w / S).
 template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNumWarps, bool kHasMask,
-          bool kHasBias, bool kVarlen, bool kDeterministic, bool kDebug>
+          bool kHasBias, bool kVarlen, bool kDeterministic>
 __global__ void __launch_bounds__(kNumWarps * 32, 1)
 flash_bwd_dkdv_kernel(const BwdParams bp) {
   const FwdParams& p = bp.f;
@@ -418,8 +413,9 @@ flash_bwd_dkdv_kernel(const BwdParams bp) {
                       p.head_dim, lane);
 }
 
+// dQ without atomics: it runs in deterministic mode only.
 template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNumWarps, bool kHasMask,
-          bool kHasBias, bool kVarlen, bool kDeterministic, bool kDebug>
+          bool kHasBias, bool kVarlen>
 __global__ void __launch_bounds__(kNumWarps * 32, 1)
 flash_bwd_dq_kernel(const BwdParams bp) {
   const FwdParams& p = bp.f;

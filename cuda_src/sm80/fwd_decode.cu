@@ -48,13 +48,12 @@ struct DecodeLookahead {
 };
 
 template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNumWarps, bool kHasMask,
-          bool kHasBias, bool kVarlen, bool kSparse, bool kDebug>
+          bool kHasBias, bool kVarlen>
 __global__ void __launch_bounds__(kNumWarps * 32, kNumWarps <= 4 ? 2 : 1)  // <= 255 regs
 flash_fwd_decode_kernel(const FwdParams p) {
   static_assert(kBlockM == 16, "one m16 slab of packed (query, head) rows per CTA");
   static_assert(kBlockN == 16 * kNumWarps, "each warp owns 16 keys of a tile");
   static_assert(kHeadDim % 16 == 0, "head dim is padded to a multiple of 16");
-  static_assert(!kSparse && !kDebug, "block lists and debug counters: fwd_mma.cu only");
   constexpr int kThreads = kNumWarps * 32;
   constexpr int kStages = decode_stages(kHeadDim);
   constexpr int kStride = kHeadDim + 8;  // +16 bytes per row: conflict-free ldmatrix

@@ -103,7 +103,7 @@ DM_DEVICE void fwd_epilogue(const FwdParams& p, int b, int h, const SeqInfo& seq
   }
 }
 
-// kDebug is unused: the debug counters are compiled in by DMATTN_DEBUG_COUNTERS.
+// kDebug: per-CTA debug counters {tiles loaded, tiles masked} in p.tile_counters.
 template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNumWarps, bool kHasMask,
           bool kHasBias, bool kVarlen, bool kSparse, bool kDebug>
 __global__ void __launch_bounds__(kNumWarps * 32, 1)
@@ -325,13 +325,11 @@ flash_fwd_mma_kernel(const FwdParams p) {
     cp_async_commit();
     prefetch_mask(item_next);
     const bool partial = kHasMask || listed_partial || tile_partial(nb);
-#ifdef DMATTN_DEBUG_COUNTERS
-    if (threadIdx.x == 0) {
+    if (kDebug && threadIdx.x == 0) {
       const int cta = (blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
       atomicAdd(p.tile_counters + 2 * cta, 1u);
       if (partial) atomicAdd(p.tile_counters + 2 * cta + 1, 1u);
     }
-#endif
     cp_async_wait<2>();  // all but the two groups just committed: Q and this tile's K/V/bias
     __syncthreads();
 

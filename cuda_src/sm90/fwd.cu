@@ -23,6 +23,7 @@
 #include "../common.cuh"
 #include "../params.cuh"
 #include "../block_info.cuh"
+#include "../logits.cuh"
 #include "../softmax.cuh"
 #include "primitives.cuh"
 #include "wgmma_ops.cuh"
@@ -304,17 +305,15 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
   float o[kDF][4];
 #pragma unroll
   for (int j = 0; j < kDF; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
-  OnlineSoftmax<kNF> sm;
+  OnlineSoftmax<> sm;  // rows g and g + 8 of the warp's 16, over the 4 lanes of a quad
   const bool mask_keys = kHasMask && (args.mask_mode == kOperandTile ||
                                        args.mask_mode == kOperandKeyRow);
   const bool bias_tile = kHasBias && args.bias_mode == kOperandTile;
   const bool bias_keys = bias_tile || (kHasBias && args.bias_mode == kOperandKeyRow);
-  // Logits y with exp2(y * exp_scale) the unnormalized probability (as in sm80/fwd_mma.cu):
-  // without softcap and a key-dependent bias y is the raw score and the scale folds into the
-  // softmax's FFMA; otherwise y is the natural-log logit.
-  const bool capped = p.softcap > 0.f;
-  const float bias_scale = capped ? 1.f : p.scale_log2 * (1.f / kLog2e);
-  const float exp_scale = (bias_keys || capped) ? kLog2e : p.scale_log2;
+  // The split logit transform (logits.cuh): the scale folds into the softmax's FFMA unless a
+  // softcap or a key-dependent bias makes the logit natural-log first.
+  const bool capped = has_softcap(p);
+  const LogitScales ls = bias_keys ? logit_scales<true>(p) : logit_scales<false>(p);
 
   // The bias and mask words of one tile this thread needs (class bit kMaskPartial: the tile's
   // mask has false elements).
@@ -358,7 +357,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
 #pragma unroll
       for (int j = 0; j < kNF; ++j)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) s[j][e] = p.softcap * fast_tanh(s[j][e] * p.scale_over_softcap);
+        for (int e = 0; e < 4; ++e) s[j][e] = softcap_logit(p, s[j][e]);
     }
     if (bias_keys) {
 #pragma unroll
@@ -368,8 +367,8 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
           T lo, hi;
           lo.bits = static_cast<uint16_t>(ops.bias[j][r] & 0xffffu);
           hi.bits = static_cast<uint16_t>(ops.bias[j][r] >> 16);
-          s[j][2 * r] = fmaf(s[j][2 * r], bias_scale, to_float(lo));
-          s[j][2 * r + 1] = fmaf(s[j][2 * r + 1], bias_scale, to_float(hi));
+          s[j][2 * r] = add_bias(s[j][2 * r], ls, to_float(lo));
+          s[j][2 * r + 1] = add_bias(s[j][2 * r + 1], ls, to_float(hi));
         }
     }
     if (mask_keys && (cls & kMaskPartial)) {
@@ -387,15 +386,6 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
           const int key = n0 + 8 * j + 2 * t + (e & 1);
           if (key >= len_k || !in_window(p, row[e >> 1], key, off)) s[j][e] = -DM_INF;
         }
-    }
-  };
-  auto rescale = [&](const float (&alpha)[2]) {
-#pragma unroll
-    for (int j = 0; j < kDF; ++j) {
-      o[j][0] *= alpha[0];
-      o[j][1] *= alpha[0];
-      o[j][2] *= alpha[1];
-      o[j][3] *= alpha[1];
     }
   };
   auto issue_s = [&](float (&s)[kNF][4], int stage) {
@@ -469,7 +459,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
     fence_operands(s);
     load_operands(ops, stage, cls);
     transform(s, ops, n * kBlockN, cls);
-    sm.update(s, alpha, exp_scale);
+    sm.update(s, alpha, ls.exp_scale);
     release_k(stage);
     pack_p(s, pa);
     int prev = stage;
@@ -484,7 +474,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
       turn_wait();
       if (n < 0) break;  // the turn is taken by the last O += P V below
       issue_s(s, stage);
-      rescale(alpha);
+      rescale_o(o, alpha);
       mbar_wait(bar_full_v(prev), prev_phase);
       issue_pv(pa, prev);
       turn_pass();
@@ -493,7 +483,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
       fence_operands(s);
       load_operands(ops, stage, cls);
       transform(s, ops, n * kBlockN, cls);
-      sm.update(s, alpha, exp_scale);
+      sm.update(s, alpha, ls.exp_scale);
       release_k(stage);
       wgmma_wait<0>();
       fence_operands(o);
@@ -502,7 +492,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
       prev = stage;
       prev_phase = phase;
     }
-    rescale(alpha);
+    rescale_o(o, alpha);
     mbar_wait(bar_full_v(prev), prev_phase);
     issue_pv(pa, prev);
     turn_pass();
@@ -515,6 +505,8 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
   // Epilogue: normalize, store this thread's rows, lse (natural log; -inf for empty rows).
   float inv_l[2], lse[2];
   sm.finalize(inv_l, lse);
+  lse[0] = lse_natural(lse[0]);
+  lse[1] = lse_natural(lse[1]);
   T* out = static_cast<T*>(p.o) + int64_t(b) * p.o_batch_stride + int64_t(h) * p.o_head_stride;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
