@@ -60,6 +60,13 @@ DM_DEVICE float fast_exp2(float x) {
   return y;
 }
 
+// max that returns NaN when either input is NaN (fmaxf drops a NaN).
+DM_DEVICE float fmax_nan(float a, float b) {
+  float y;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(y) : "f"(a), "f"(b));
+  return y;
+}
+
 DM_DEVICE float fast_tanh(float x) {
   float y;
   asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x));

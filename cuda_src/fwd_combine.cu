@@ -22,9 +22,10 @@ flash_fwd_combine_kernel(const FwdParams p) {
   const int ns = p.num_splits;
   const float* lse_s = p.lse_accum + pid * ns;
   float mx = -DM_INF;
-  for (int s = lane; s < ns; s += 32) mx = fmaxf(mx, lse_s[s]);
+  // A split whose lse is NaN (a NaN reached a kept position) makes the row NaN.
+  for (int s = lane; s < ns; s += 32) mx = fmax_nan(mx, lse_s[s]);
 #pragma unroll
-  for (int d = 16; d > 0; d /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, d));
+  for (int d = 16; d > 0; d /= 2) mx = fmax_nan(mx, __shfl_xor_sync(0xffffffffu, mx, d));
   float lse2 = -DM_INF;
   if (mx != -DM_INF) {
     float sum = 0.f;

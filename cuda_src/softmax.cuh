@@ -6,7 +6,9 @@
 // kPer = 2, kRowThreads = 4.
 // Invariants: a row whose every key so far was excluded keeps m = -inf, l = 0 and a zero
 // accumulator (alpha = exp2(-inf - 0) = 0 never multiplies a NaN in); `finalize` then gives
-// inv_l = 0 (so out = 0) and lse = -inf, never NaN.
+// inv_l = 0 (so out = 0) and lse = -inf, never NaN. A kept row has l >= 1 (its max term is
+// exp2(0)); a NaN logit at a kept position makes l NaN, and the row's out and lse NaN (as in
+// SDPA), never a silent 0.
 #pragma once
 #include "common.cuh"
 
@@ -85,8 +87,8 @@ struct OnlineSoftmax {
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
       const float s = row_sum<kRowThreads>(l[r]);
-      inv_l[r] = s > 0.f ? 1.f / s : 0.f;
-      lse2[r] = s > 0.f ? m[r] + __log2f(s) : -DM_INF;
+      inv_l[r] = s == 0.f ? 0.f : 1.f / s;       // a NaN sum stays NaN: out NaN
+      lse2[r] = s == 0.f ? -DM_INF : m[r] + __log2f(s);
     }
   }
 };

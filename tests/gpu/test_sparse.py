@@ -213,7 +213,8 @@ def test_counters_match_pattern_and_estimate(kind, sq, sk):
     want, _ = _tile_stats(_kept(mask, sq, sk), *tile)
     np.testing.assert_array_equal(loaded, want)
     dense_tiles = math.ceil(sq / tile[0]) * math.ceil(sk / tile[1]) * B * H
-    assert loaded.sum() < dense_tiles
+    if tile[1] <= 64:  # these sizes leave empty tiles at 64 keys (not always at the sm_90a 128)
+        assert loaded.sum() < dense_tiles
     assert dm.estimate_speedup(mask, block_size=tile) == pytest.approx(dense_tiles / loaded.sum())
 
 
