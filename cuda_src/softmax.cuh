@@ -15,10 +15,11 @@
 namespace dm {
 
 // x reduced over the kRowThreads lanes of its row (every lane gets the result).
+// (NaN-propagating: a NaN logit at a kept position makes its row's max NaN.)
 template <int kRowThreads>
 DM_DEVICE float row_max(float x) {
 #pragma unroll
-  for (int d = 1; d < kRowThreads; d *= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, d));
+  for (int d = 1; d < kRowThreads; d *= 2) x = fmax_nan(x, __shfl_xor_sync(0xffffffffu, x, d));
   return x;
 }
 template <int kRowThreads>
@@ -27,6 +28,10 @@ DM_DEVICE float row_sum(float x) {
   for (int d = 1; d < kRowThreads; d *= 2) x += __shfl_xor_sync(0xffffffffu, x, d);
   return x;
 }
+
+// An output element o of a row normalized by finalize's inv_l: 0 for a row that kept nothing
+// (its o may hold 0 * NaN from a NaN value it never attended to), o * inv_l otherwise.
+DM_DEVICE float normalize_out(float o, float inv_l) { return inv_l == 0.f ? 0.f : o * inv_l; }
 
 // Natural-log lse from a log2-domain one (-inf stays -inf).
 DM_DEVICE float lse_natural(float lse2) { return lse2 * (1.f / kLog2e); }
@@ -58,10 +63,10 @@ struct OnlineSoftmax {
       for (int f = 0; f < kF; ++f) {
         float fm = x[f][r * kPer];  // this fragment's max of the row, then joined to mx
 #pragma unroll
-        for (int c = 1; c < kPer; ++c) fm = fmaxf(fm, x[f][r * kPer + c]);
-        mx = fmaxf(mx, fm);
+        for (int c = 1; c < kPer; ++c) fm = fmax_nan(fm, x[f][r * kPer + c]);
+        mx = fmax_nan(mx, fm);
       }
-      mx = fmaxf(m[r], row_max<kRowThreads>(mx) * scale);
+      mx = fmax_nan(m[r], row_max<kRowThreads>(mx) * scale);
       const float m_use = mx == -DM_INF ? 0.f : mx;  // all excluded so far: exp2(-inf) = 0
       alpha[r] = fast_exp2(m[r] - m_use);
       float sum = 0.f;

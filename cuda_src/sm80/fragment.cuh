@@ -9,6 +9,7 @@
 #include "common.cuh"
 #include "params.cuh"
 #include "block_info.cuh"
+#include "softmax.cuh"
 
 namespace dm {
 
@@ -111,7 +112,8 @@ DM_DEVICE void store_frags(T* base, int64_t row_stride, const float (&c)[kNF][4]
       const int col = col0 + 8 * j + 2 * (lane % 4);
       if (col < head_dim)
         *reinterpret_cast<uint32_t*>(base + int64_t(row) * row_stride + col) =
-            pack2<T>(c[j][2 * r] * row_scale[r], c[j][2 * r + 1] * row_scale[r]);
+            pack2<T>(normalize_out(c[j][2 * r], row_scale[r]),
+                     normalize_out(c[j][2 * r + 1], row_scale[r]));
     }
   }
 }

@@ -300,8 +300,8 @@ flash_fwd_decode_kernel(const FwdParams p) {
     float* dst = sO + (warp * kBlockM + row) * kOStride + 2 * (lane % 4);
 #pragma unroll
     for (int j = 0; j < kDF; ++j) {
-      dst[8 * j] = o[j][2 * r] * inv_l[r];
-      dst[8 * j + 1] = o[j][2 * r + 1] * inv_l[r];
+      dst[8 * j] = normalize_out(o[j][2 * r], inv_l[r]);
+      dst[8 * j + 1] = normalize_out(o[j][2 * r + 1], inv_l[r]);
     }
     if (lane % 4 == 0) sLse[warp * kBlockM + row] = warp_lse2[r];
   }
@@ -318,7 +318,7 @@ flash_fwd_decode_kernel(const FwdParams p) {
 #pragma unroll
   for (int w = 0; w < kNumWarps; ++w) {
     lw[w] = sLse[w * kBlockM + row];
-    mx = fmaxf(mx, lw[w]);
+    mx = fmax_nan(mx, lw[w]);  // a NaN warp makes the row NaN
   }
   float lse2 = -DM_INF;
   if (mx != -DM_INF) {

@@ -521,7 +521,8 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
       const int col = 8 * j + 2 * t;
       if (col < p.head_dim)
         *reinterpret_cast<uint32_t*>(orow + col) =
-            pack2<T>(o[j][2 * r] * inv_l[r], o[j][2 * r + 1] * inv_l[r]);
+            pack2<T>(normalize_out(o[j][2 * r], inv_l[r]),
+                     normalize_out(o[j][2 * r + 1], inv_l[r]));
     }
     if (p.lse != nullptr && t == 0)
       p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + row[r]] =
