@@ -18,7 +18,6 @@ HEAD_DIMS = (64, 128, 256)
 BLOCK_M = 128               # two consumer warpgroups of 64 rows
 THREADS = 384               # producer + two consumer warpgroups
 SMEM_LIMIT = 227 * 1024     # opt-in shared memory per block on compute capability 9.0
-MASK_SLOTS = 4              # mask tiles streamed ahead of the K/V ring (Sm90FwdSmem::kMaskSlots)
 
 OPERAND_NONE, OPERAND_TILE, OPERAND_KEY_ROW, OPERAND_QUERY_ROW = 0, 1, 2, 3
 
@@ -46,15 +45,21 @@ def padded_head_dim(d: int) -> int:
     raise ValueError(f"head dim must be <= {HEAD_DIMS[-1]}, got {d}")
 
 
+def mask_slots(head_dim: int, block_n: int, has_mask: bool) -> int:
+    """Mask tiles streamed ahead of the K/V ring (Sm90FwdSmem::kMaskSlots in sm90/fwd.cu)."""
+    if not has_mask:
+        return 0
+    return 8 if block_n == 64 and head_dim <= 128 else 4
+
+
 def smem_bytes(head_dim: int, block_n: int, stages: int, has_mask: bool, has_bias: bool) -> int:
     """Dynamic shared memory of one instance: Sm90FwdSmem<...>::kAlloc in sm90/fwd.cu."""
     q = head_dim // 64 * BLOCK_M * 128
     kv = head_dim // 64 * block_n * 128
     bias = BLOCK_M * block_n * 2 if has_bias else 0
-    mask_slots = MASK_SLOTS if has_mask else 0
-    bars = 8 * (1 + 4 * stages + 2 * mask_slots)
-    return (q + stages * (2 * kv + bias) + mask_slots * BLOCK_M * block_n + bars + 16 * stages
-            + 1024)
+    slots = mask_slots(head_dim, block_n, has_mask)
+    bars = 8 * (1 + 4 * stages + 2 * slots)
+    return q + stages * (2 * kv + bias) + slots * BLOCK_M * block_n + bars + 16 * stages + 1024
 
 
 def operand_mode(info: ArrayInfo | None) -> int:

@@ -59,8 +59,12 @@ struct Sm90FwdSmem {
   static constexpr int kMask = kHasMask ? kBlockM * kBlockN : 0;       // one slot
   // Mask tiles have their own ring, loaded ahead of the K/V ring: the producer classifies a
   // tile from its mask before it spends a K/V stage on it.
-  static constexpr int kMaskSlots = kHasMask ? 4 : 0;
-  static constexpr int kMaskAhead = 2;  // mask loads in flight ahead of the one classified
+  // Consumers hold up to kStages + 1 slots (the tiles in their K/V stages and the one being
+  // released), so a load kMaskAhead tiles ahead of the classified one never waits for them.
+  // 64-key tiles (8 KB at 128 rows) get 8 slots where shared memory allows, 128-key ones 4.
+  static constexpr int kMaskSlots = !kHasMask ? 0 : (kBlockN == 64 && kHeadDim <= 128) ? 8 : 4;
+  static constexpr int kMaskAhead = kMaskSlots - kStages - 1;
+  static_assert(!kHasMask || kMaskAhead >= 1, "at least one mask tile in flight ahead");
   static constexpr int kMaskRing = kHasMask ? kMaskSlots : 1;  // a nonzero modulus
   static constexpr int kOffK = kQ;
   static constexpr int kOffV = kOffK + kStages * kKV;
