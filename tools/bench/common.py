@@ -3,7 +3,9 @@ reference, and the dmattn sparse-mask helpers (torch imported by the caller)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -180,3 +182,20 @@ def mask_visited(ctx: Ctx, mask: Any, batch: int, heads: int, headdim: int,
     info.setdefault("note", note)
 
 
+def reason(e: BaseException, caught: Sequence[warnings.WarningMessage] = ()) -> str:
+    """One line: the exception, with SDPA's "kernel not used because" warnings (which hold
+    the real reason when the exception only says that no kernel is available)."""
+    msg = str(e).strip().splitlines()
+    first = msg[0] if msg else ""
+    warn = [" ".join(re.sub(r"\(Triggered internally at [^)]*\)", "", str(w.message)).split())
+            for w in caught]
+    # drop the headers ("... not used because:") and the backends we switched off ourselves
+    warn = [w for w in dict.fromkeys(warn) if w and not w.endswith("because:")
+            and "runtime disabled" not in w]
+    if warn and ("No available kernel" in first or "No viable backend" in first):
+        text = f"{type(e).__name__}: " + "; ".join(warn) + f" ({first})"
+    else:
+        text = f"{type(e).__name__}: {first}"
+        if warn:
+            text += " [" + "; ".join(warn) + "]"
+    return text[:600]

@@ -23,10 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from .cases import CASES, case_shape
-from .common import torch_dtype, tr
+from .common import reason, torch_dtype, tr
 from .ctx import Ctx
 from .report import CaseResult, ImplResult
-from .runner import reason
 
 Maker = Callable[[], Callable[[], Any]]
 

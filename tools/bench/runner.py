@@ -4,10 +4,9 @@ dmattn feature becomes an n/a row, never a crash."""
 
 from __future__ import annotations
 
-import re
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from .case_backward import setup_backward
@@ -16,8 +15,9 @@ from .case_forward import KINDS, setup_forward
 from .case_prefill import setup_prefill
 from .case_sparse import SPARSE_KINDS, setup_sparse
 from .cases import CASES, HOST_CASES, case_shape
-from .common import Impl, Setup
+from .common import Impl, Setup, reason
 from .ctx import Ctx
+from .host import run_host_case
 from .report import CaseResult, ImplResult
 from .timing import rotation_sets
 
@@ -37,25 +37,6 @@ def build_setup(ctx: Ctx, name: str, shape: dict[str, Any]) -> Setup:
 
 
 _DM_NA = (NotImplementedError, TypeError, ValueError, AttributeError, ImportError)
-
-
-def reason(e: BaseException, caught: Sequence[warnings.WarningMessage] = ()) -> str:
-    """One line: the exception, with SDPA's "kernel not used because" warnings (which hold
-    the real reason when the exception only says that no kernel is available)."""
-    msg = str(e).strip().splitlines()
-    first = msg[0] if msg else ""
-    warn = [" ".join(re.sub(r"\(Triggered internally at [^)]*\)", "", str(w.message)).split())
-            for w in caught]
-    # drop the headers ("... not used because:") and the backends we switched off ourselves
-    warn = [w for w in dict.fromkeys(warn) if w and not w.endswith("because:")
-            and "runtime disabled" not in w]
-    if warn and ("No available kernel" in first or "No viable backend" in first):
-        text = f"{type(e).__name__}: " + "; ".join(warn) + f" ({first})"
-    else:
-        text = f"{type(e).__name__}: {first}"
-        if warn:
-            text += " [" + "; ".join(warn) + "]"
-    return text[:600]
 
 
 def _status_for(impl: Impl, e: BaseException) -> str:
@@ -82,8 +63,6 @@ def _max_diff(torch: Any, got: list[Any], ref: list[Any]) -> tuple[float, float]
 
 def run_case(ctx: Ctx, name: str) -> CaseResult:
     if name in HOST_CASES:
-        from .host import run_host_case
-
         return run_host_case(ctx, name)
     torch = ctx.torch
     t_case = time.perf_counter()
