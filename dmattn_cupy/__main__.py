@@ -8,13 +8,12 @@ import sys
 
 from . import __version__
 from .compile import cache_dir, cached_kernel_count, cuda_src_dir, nvrtc_version
+from .device_check import MIN_CAPABILITY, SUPPORTED, cupy_problem, driver_problem
 
 
 def info() -> list[str]:
     lines = [f"dmattn_cupy {__version__} (python {platform.python_version()})",
              f"cuda_src    {cuda_src_dir()}"]
-    from .device_check import cupy_problem, driver_problem
-
     problem = cupy_problem()
     if problem is not None:  # report, never crash: info is what users run when things break
         lines.append(f"cupy/nvrtc  unavailable: {problem}")
@@ -41,8 +40,6 @@ def info() -> list[str]:
 
 
 def _gpu_lines(cupy) -> list[str]:
-    from .device_check import MIN_CAPABILITY, SUPPORTED
-
     v = cupy.cuda.runtime.driverGetVersion()
     lines = [f"driver      CUDA {v // 1000}.{v % 1000 // 10}"]
     try:

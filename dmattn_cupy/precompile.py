@@ -22,6 +22,7 @@ from .arrays import ArrayInfo
 from .compile import CompiledKernel, compile_spec
 from .decode import all_decode_specs
 from .device import PRESETS, DeviceProps, parse_arch
+from .device_check import cupy_problem
 from .families import FAMILIES, sparse_supported
 from .spec import DTYPES, HEAD_DIMS, KernelSpec
 from .validate import Problem
@@ -102,8 +103,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fill-cache", action="store_true",
                     help="store the cubins in the kernel cache (DMATTN_CACHE_DIR) for later runs")
     a = ap.parse_args(argv)
-    from .device_check import cupy_problem
-
     problem = cupy_problem()
     if problem is not None:
         print(f"precompile needs CuPy's NVRTC (no GPU needed): {problem}", file=sys.stderr)

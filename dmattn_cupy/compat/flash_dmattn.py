@@ -33,6 +33,7 @@ import numpy as np
 
 from .. import api
 from ..arrays import array_kind
+from ..device_check import cupy_problem, driver_problem
 from ..masks import BlockBitsetMask
 
 __all__ = [
@@ -212,8 +213,6 @@ def flash_dmattn_func_auto(backend: str | None = None) -> Any:
 
 
 def _cuda_available() -> bool:
-    from ..device_check import cupy_problem, driver_problem
-
     if cupy_problem() is not None or driver_problem() is not None:
         return False
     try:

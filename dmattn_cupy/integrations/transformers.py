@@ -34,6 +34,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..api import flash_dmattn_func
+
 NAME = "dmattn_cupy"
 
 
@@ -70,8 +72,6 @@ def attention_forward(module: Any, query: Any, key: Any, value: Any, attention_m
                       sliding_window: int | None = None, attention_bias: Any = None,
                       **kwargs: Any) -> tuple[Any, None]:
     """The ``AttentionInterface`` function: returns ``(out (B, Sq, H, D), None)``."""
-    from ..api import flash_dmattn_func
-
     if dropout and dropout > 0:
         raise ValueError(f"dmattn_cupy attention has no dropout (got dropout={dropout}); set the "
                          "model's attention_dropout to 0 or call model.eval()")
