@@ -59,7 +59,8 @@ def _digest(root: Path, stamp: tuple[tuple[str, int, int], ...]) -> str:
 
 def sources_digest() -> str:
     """sha256 over the name and bytes of every file under cuda_src/; re-read when a file's
-    size or modification time changes (a header edited in a running process counts)."""
+    size or modification time changes. A header edited in a running process changes the key
+    of kernels compiled after the edit; kernels the process already holds stay as they are."""
     root = cuda_src_dir()
     stamp = []
     for p in _source_files(root):
@@ -100,7 +101,8 @@ class CompiledKernel:
 
 # ptxas advisories (Hopper) after which a kernel runs, slowly: treated as failures by
 # precompile --check-spills. C7515: wgmma serialized (non-wgmma instructions define the
-# accumulator); C7517: wgmma.wait_group injected; C7508: setmaxnreg ignored; C7510: see HOPPER.md.
+# accumulator); C7517: wgmma.wait_group injected; C7508: setmaxnreg ignored; C7510: another
+# wgmma pipeline advisory of ptxas (all four mean a kernel that runs, slowly).
 SLOW_ADVISORIES = ("C7515", "C7517", "C7508", "C7510")
 
 

@@ -113,11 +113,21 @@ def plan_maps(q: ArrayInfo, k: ArrayInfo, v: ArrayInfo, mask: ArrayInfo | None,
     return maps
 
 
+MAX_QUERY_TILES = 65535    # the grid's z dimension holds the query tiles
+
+
 def tile_for(head_dim: int, q: ArrayInfo, k: ArrayInfo, v: ArrayInfo, mask: ArrayInfo | None,
              bias: ArrayInfo | None, seqlen_q: int, seqlen_k: int,
              smem_limit: int = SMEM_LIMIT) -> tuple[int, int, int] | None:
-    """(padded head dim, block_n, stages) when this family serves the dense problem, else None."""
+    """(padded head dim, block_n, stages) when this family serves the dense problem, else None.
+
+    Declined (the portable kernel serves them): a bias broadcast over keys ((.., Sq, 1) or a
+    scalar), whose per-row value the kernel would apply as an lse shift, which is exact for
+    finite values only (a -inf row must drop the row, a NaN or +inf one make it NaN); more
+    query tiles than the grid's z dimension holds."""
     if seqlen_q < 1 or seqlen_k < 1 or head_dim > HEAD_DIMS[-1]:
+        return None
+    if -(-seqlen_q // BLOCK_M) > MAX_QUERY_TILES or operand_mode(bias) == OPERAND_QUERY_ROW:
         return None
     hd = padded_head_dim(head_dim)
     tile = TILES.get((hd, mask is not None, bias is not None))

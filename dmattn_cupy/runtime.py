@@ -179,7 +179,8 @@ def _cu_launch_kernel_ex() -> Any:
 
 def launch_ex(kernel: Kernel, grid: Dim3, args: tuple[Any, ...], stream: Any,
               shared_mem: int | None = None, cluster: Dim3 | None = None) -> None:
-    """``launch`` with launch attributes: ``cluster`` dims (thread-block clusters, sm_90+;
+    """``launch`` with launch attributes, for families that need them (none of today's rows:
+    the Hopper forward runs one CTA per cluster): ``cluster`` dims (thread-block clusters, sm_90+;
     ``grid`` must be a multiple of them) through ``cuLaunchKernelEx``. Without attributes it
     is ``launch``. Kernels whose cluster shape is fixed by ``__cluster_dims__`` need none."""
     if cluster is None:

@@ -22,7 +22,8 @@ F32_TINY = float(np.finfo(np.float32).tiny)  # a softcap below this is no float3
 F32_MAX = float(np.finfo(np.float32).max)
 CUDA_QKV_DTYPES = ("float16", "bfloat16")
 REF_FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
-MAX_GRID_YZ = 65535  # CUDA's limit on gridDim.y / gridDim.z (heads, batch)
+MAX_GRID_YZ = 65535  # CUDA's limit on gridDim.y / gridDim.z: heads and batch (forward_sm90
+                     # declines problems whose query tiles would exceed its grid's z)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,8 @@
 // Mask/bias operands (Sm90FwdArgs::mask_mode / bias_mode, uniform per launch):
 //   kTile     (.., Sq, Sk) tiles by TMA; kKeyRow (.., 1, Sk): one row per stage, shared by
 //   every query row; kQueryRow (.., Sq, 1) or a scalar: one value per query row, read once
-//   (a mask row then keeps or drops the whole row; a bias row only shifts lse).
+//   (a mask row then keeps or drops the whole row; a bias row only shifts lse, which is
+//   exact for finite values only: forward_sm90 sends such biases to the portable kernel).
 #pragma once
 #include "../common.cuh"
 #include "../params.cuh"
@@ -39,15 +40,15 @@ enum Sm90Operand : int32_t { kOperandNone = 0, kOperandTile = 1, kOperandKeyRow 
 
 // The second kernel parameter (const __grid_constant__): tensor maps over (cols, rows, heads,
 // batch) with broadcast dims of size 1, and how the mask/bias are read. Mirrored by
-// dmattn_cupy/sm90_args.py (size checked below).
+// dmattn_cupy/forward_sm90.py (ARGS_DTYPE; size checked below).
 struct alignas(64) Sm90FwdArgs {
   sm90::TmaDesc q, k, v, mask, bias;
   int32_t mask_mode, bias_mode;
   int32_t pad[14];
 };
-static_assert(sizeof(Sm90FwdArgs) == 704, "Sm90FwdArgs: size drifted from sm90_args.py");
+static_assert(sizeof(Sm90FwdArgs) == 704, "Sm90FwdArgs: size drifted from forward_sm90.py");
 
-// Shared-memory plan of one kernel instance; dmattn_cupy/sm90_args.py mirrors `bytes`.
+// Shared-memory plan of one kernel instance; forward_sm90.smem_bytes mirrors kAlloc.
 template <int kHeadDim, int kBlockN, int kStages, bool kHasMask, bool kHasBias>
 struct Sm90FwdSmem {
   static constexpr int kBlockM = 128;

@@ -186,8 +186,13 @@ def test_tile_for_takes_tma_layouts_and_declines_the_rest():
     assert f90.tile_for(128, q, k250, k250, None, _contig((2, 4, 300, 250)), 300, 250) is None
     assert f90.tile_for(128, q, k, k, None, _contig((2, 4, 300, 256), "float32"), 300,
                         256) is None                              # fp32 over keys: portable
-    assert f90.tile_for(128, q, k, k, None, _contig((2, 4, 300, 1), "float32"), 300,
-                        256) is not None                          # fp32 per query row: served
+    for dt in ("float32", "bfloat16"):  # a bias per query row: the portable kernel (non-finite
+        assert f90.tile_for(128, q, k, k, None, _contig((2, 4, 300, 1), dt), 300,  # values)
+                            256) is None
+    assert f90.tile_for(128, q, k, k, _contig((2, 4, 300, 1), "bool"), None, 300,
+                        256) is not None                          # a mask per query row: served
+    long_q = _contig((1, 128 * 65536, 1, 128))
+    assert f90.tile_for(128, long_q, k, k, None, None, 128 * 65536, 256) is None  # grid z
     assert f90.tile_for(128, _contig((2, 300, 4, 128), ptr=(1 << 20) + 2), k, k, None, None,
                         300, 256) is None                         # misaligned base
     assert f90.tile_for(256, _contig((2, 300, 4, 256)), _contig((2, 256, 4, 256)),

@@ -73,7 +73,9 @@ def test_every_broadcast_pattern(what, pattern, d):
     shape = PATTERNS[pattern]
     mask = (torch.rand(*shape, generator=g) > 0.3).cuda() if what != "bias" else None
     bias = torch.randn(*shape, generator=g).to("cuda", torch.bfloat16) if what != "mask" else None
-    _check(q, k, v, mask, bias)
+    # a bias broadcast over keys goes to the portable kernel (forward_sm90.tile_for)
+    per_query_bias = bias is not None and shape[-1] == 1
+    _check(q, k, v, mask, bias, family="fwd_mma" if per_query_bias else "fwd_sm90")
 
 
 @pytest.mark.parametrize("sk,family", [(248, "fwd_sm90"), (250, "fwd_mma"), (256, "fwd_sm90")])
@@ -85,10 +87,29 @@ def test_tma_boundary_on_bias_rows(sk, family):
     _check(q, k, v, bias=bias, family=family)
 
 
-def test_fp32_bias_tiles_fall_back_and_fp32_query_rows_stay():
+def test_fp32_bias_tiles_and_per_query_biases_fall_back():
     q, k, v = _qkv(2, 100, 128, 2, 2, 64, seed=3)
     _check(q, k, v, bias=torch.randn(2, 2, 100, 128, device="cuda"), family="fwd_mma")
-    _check(q, k, v, bias=torch.randn(2, 2, 100, 1, device="cuda"), family="fwd_sm90")
+    _check(q, k, v, bias=torch.randn(2, 2, 100, 1, device="cuda"), family="fwd_mma")
+
+
+@pytest.mark.parametrize("value", [float("-inf"), float("inf"), float("nan")], ids=str)
+def test_non_finite_per_query_bias_matches_the_reference(value):
+    """A (B, H, Sq, 1) bias of -inf drops its row (out 0, lse -inf); +inf or NaN makes the row
+    NaN, as on the reference backend."""
+    q, k, v = _qkv(1, 130, 256, 2, 2, 128, seed=13)
+    bias = torch.zeros(1, 2, 130, 1, device="cuda", dtype=torch.bfloat16)
+    bias[0, 1, 7] = value
+    assert _family(q, k, v, bias=bias) == "fwd_mma"
+    out, lse = dm.flash_dmattn_func(q, k, v, attn_bias=bias, return_lse=True)
+    ref, ref_lse = dm.flash_dmattn_func(q.cpu(), k.cpu(), v.cpu(), attn_bias=bias.cpu(),
+                                        return_lse=True, backend="reference")
+    row_out, row_lse = out[0, 7, 1].float().cpu(), lse[0, 1, 7].cpu()
+    if value == float("-inf"):
+        assert (row_out == 0).all() and torch.isneginf(row_lse)
+    else:
+        assert torch.isnan(row_out).all() and torch.isnan(row_lse)
+    assert torch.isnan(ref[0, 7, 1].float()).all() == torch.isnan(row_out).all()
 
 
 def test_misaligned_views_are_copied_then_served():
@@ -138,10 +159,9 @@ def test_all_false_tiles_never_load_and_full_tiles_are_not_masked():
     _check(q, k, v, mask)
 
 
-def test_query_row_mask_and_bias_shift_lse_only():
+def test_query_row_mask_keeps_or_drops_rows():
     q, k, v = _qkv(2, 130, 256, 2, 2, 128, seed=12)
     rows = torch.rand(2, 2, 130, 1, device="cuda") > 0.2   # a mask per query row: keep / drop
-    shift = torch.randn(2, 2, 130, 1, device="cuda", dtype=torch.bfloat16)
-    out, lse = _check(q, k, v, rows, shift)
+    out, lse = _check(q, k, v, rows)
     dropped = ~rows[..., 0]
     assert (out.transpose(1, 2)[dropped] == 0).all() and torch.isneginf(lse[dropped]).all()
