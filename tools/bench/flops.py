@@ -3,6 +3,7 @@ the masks the cases use (no torch)."""
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 
 BWD_FACTOR = 3.5          # fwd + bwd FLOPs = forward FLOPs * 3.5 (bwd = 2.5 x fwd)
@@ -98,8 +99,6 @@ def random_block_table(n_rows: int, n_cols: int, density: float, seed: int,
                        diagonal: bool = True) -> list[list[bool]]:
     """Random block table (fixed seed); with ``diagonal`` every block row keeps its diagonal
     block so that no query row is fully masked (SDPA would return NaN there)."""
-    import random
-
     rng = random.Random(seed)
     table = [[rng.random() < density for _ in range(n_cols)] for _ in range(n_rows)]
     if diagonal:
@@ -112,8 +111,6 @@ def random_block_table(n_rows: int, n_cols: int, density: float, seed: int,
 def varlen_lengths(n: int, lo: int, hi: int, seed: int) -> list[int]:
     """``n`` sequence lengths drawn uniformly from ``[lo, hi]`` with a fixed seed; the first
     two are pinned to ``lo`` and ``hi`` so the range is always covered."""
-    import random
-
     rng = random.Random(seed)
     lens = [rng.randint(lo, hi) for _ in range(n)]
     if n >= 1:
