@@ -201,3 +201,45 @@ def test_tile_for_takes_tma_layouts_and_declines_the_rest():
     assert f90.operand_mode(_contig((2, 4, 1, 256))) == f90.OPERAND_KEY_ROW
     assert f90.operand_mode(_contig((2, 4, 300, 1))) == f90.OPERAND_QUERY_ROW
     assert f90.operand_mode(_contig((1, 1, 1, 1))) == f90.OPERAND_QUERY_ROW
+
+
+def test_operand_maps_for_every_broadcast_pattern():
+    """The (cols, rows, heads, batch) maps of a 4-D mask/bias: broadcast dims get size 1 (their
+    stride is never stepped); tiles are 128-row boxes of 128 bytes, key rows one row of keys."""
+    b, h, sq, sk = 2, 4, 300, 256
+    for shape, mode in [((b, h, sq, sk), f90.OPERAND_TILE), ((1, h, sq, sk), f90.OPERAND_TILE),
+                        ((b, 1, sq, sk), f90.OPERAND_TILE), ((b, h, 1, sk), f90.OPERAND_KEY_ROW),
+                        ((1, 1, 1, sk), f90.OPERAND_KEY_ROW)]:
+        for dtype, elem in (("bool", 1), ("bfloat16", 2)):
+            info = _contig(shape, dtype)
+            assert f90.operand_mode(info) == mode
+            maps = f90.plan_maps(_contig((b, sq, h, 128)), _contig((b, sk, h, 128)),
+                                 _contig((b, sk, h, 128)), info if elem == 1 else None,
+                                 info if elem == 2 else None, 128)
+            spec = maps["mask" if elem == 1 else "bias"]
+            nb, nh, nq, nk = shape
+            assert spec.dims == (nk, nq, nh, nb) and spec.elem_bytes == elem
+            assert spec.strides[0] == (sk * elem if nq > 1 else 16)
+            if mode == f90.OPERAND_TILE:
+                assert spec.box == (128 // elem, 128, 1, 1) and spec.swizzle == 128
+            else:
+                assert spec.box == (128, 1, 1, 1) and spec.swizzle == 0
+
+
+def test_args_record_layout(monkeypatch):
+    """Sm90FwdArgs as the kernel reads it: map i at bytes 128 i, then the two modes."""
+    from dmattn_cupy import forward_sm90
+
+    monkeypatch.setattr(forward_sm90, "encode",
+                        lambda spec, ptr: bytes([ptr % 251]) * 128)  # stands in for the driver
+    q, k = _contig((2, 300, 4, 128), ptr=1 << 20), _contig((2, 256, 4, 128), ptr=2 << 20)
+    v = _contig((2, 256, 4, 128), ptr=3 << 20)
+    bias = _contig((2, 4, 1, 256), ptr=5 << 20)
+    rec = forward_sm90.build_args(q, k, v, None, bias, 128)
+    raw = rec.tobytes()
+    assert len(raw) == 704
+    for i, ptr in enumerate((1 << 20, 2 << 20, 3 << 20, None, 5 << 20)):
+        want = bytes(128) if ptr is None else bytes([ptr % 251]) * 128
+        assert raw[128 * i:128 * (i + 1)] == want
+    assert np.frombuffer(raw[640:648], dtype=np.int32).tolist() == [f90.OPERAND_NONE,
+                                                                    f90.OPERAND_KEY_ROW]
