@@ -8,7 +8,8 @@
 # tests: the GPU suite; sanitize: compute-sanitizer memcheck and
 # racecheck on a representative subset; bench: every tools/bench case, JSON + table (FA4 and
 # Flex FLASH rows when flash_attn.cute is importable: see tools/fa4_install.sh; BENCH_ARGS
-# replaces "--suite all"); profile: Nsight Compute sections of one dense forward launch.
+# replaces "--suite all"); profile: Nsight Compute sections of one forward launch (PROFILE_CASE,
+# PROFILE_KERNEL: a kernel-name regex, default flash_fwd: the Hopper or the portable kernel).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 DMATTN_CACHE_DIR=/tmp/dmattn-cache
@@ -32,14 +33,16 @@ for step in $steps; do
       echo "pytest rc=$?"; grep -E "^(FAILED|ERROR)" "$OUT/gpu_tests.log" | cut -c1-160 | head -60
       tail -3 "$OUT/gpu_tests.log" ;;
     sanitize)
-      for tool in memcheck racecheck; do
+      for tool in memcheck racecheck synccheck; do
         # a representative subset of every kernel: head dims, lengths around tiles, mask/bias
         # broadcasts, varlen layouts, block-sparse lists, decode split-KV, backward
         timeout 200 compute-sanitizer --tool "$tool" --error-exitcode 9 python3 -m pytest -q -x \
           -p no:cacheprovider tests/gpu/test_forward.py tests/gpu/test_varlen.py \
           tests/gpu/test_sparse.py tests/gpu/test_decode.py tests/gpu/test_backward.py \
+          tests/gpu/test_forward_sm90.py \
           -k "d64 or causal-sq9-sk33 or fully or broadcast or varlen_layouts or \
-              (every_class and bitset) or split_on_and_off" > "$OUT/sanitize_$tool.log" 2>&1
+              (every_class and bitset) or split_on_and_off or boundary or query_row" \
+          > "$OUT/sanitize_$tool.log" 2>&1
         echo "compute-sanitizer $tool: rc=$?; $(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" \
           "$OUT/sanitize_$tool.log" | tail -1); $(grep -E "passed|failed" \
           "$OUT/sanitize_$tool.log" | tail -1)"
@@ -56,7 +59,7 @@ for step in $steps; do
       case_=${PROFILE_CASE:-dense}
       ncu --clock-control none --section SpeedOfLight --section WarpStateStats \
         --section SchedulerStats --section ComputeWorkloadAnalysis --section Occupancy \
-        --section MemoryWorkloadAnalysis --section InstructionStats -k regex:flash_fwd_mma \
+        --section MemoryWorkloadAnalysis --section InstructionStats -k regex:"${PROFILE_KERNEL:-flash_fwd}" \
         -s 3 -c 1 python3 tools/bench --case "$case_" --peers none --no-smoke --quick \
         > "$OUT/ncu_$case_.txt" 2>&1
       echo "ncu $case_ rc=$?"; grep -E "Throughput|Issued|Eligible|Occupancy|Duration|Executed Inst" \
