@@ -140,6 +140,7 @@ def compile_options(spec: KernelSpec) -> tuple[str, ...]:
     opts = list(_BASE_OPTIONS)
     opts.append(f"--gpu-architecture={spec.arch}")
     opts.append(f"-I{cuda_src_dir()}")
+    opts.extend(f"-D{d}" for d in env.nvrtc_defines())
     return tuple(opts)
 
 

@@ -7,6 +7,7 @@ A malformed value raises ValueError naming the variable.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 
@@ -70,3 +71,15 @@ def forward_family_override() -> str | None:
     Hopper GPU; tests run both). A family that cannot take the problem is not forced."""
     val = os.environ.get("DMATTN_FWD_FAMILY", "auto")
     return None if val in ("", "auto") else val
+
+
+def nvrtc_defines() -> tuple[str, ...]:
+    """``DMATTN_NVRTC_DEFINES``: extra preprocessor definitions for kernel experiments (A/B
+    runs of a source switch without editing it), space-separated ``NAME`` or ``NAME=VALUE``,
+    e.g. ``DM_EXP2_POLY_EVERY=4``. They are part of the kernel cache key."""
+    val = os.environ.get("DMATTN_NVRTC_DEFINES", "").split()
+    for d in val:
+        if not re.fullmatch(r"[A-Za-z_]\w*(=[\w.+-]*)?", d):
+            raise ValueError("DMATTN_NVRTC_DEFINES must be space-separated NAME or NAME=VALUE "
+                             f"(letters, digits, _), got {d!r}")
+    return tuple(val)

@@ -102,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=2, help="parallel compiler processes")
     ap.add_argument("--fill-cache", action="store_true",
                     help="store the cubins in the kernel cache (DMATTN_CACHE_DIR) for later runs")
+    ap.add_argument("--only", default="", metavar="SUBSTR",
+                    help="only the specs whose id contains SUBSTR (e.g. fwd_sm90_bf16_d128)")
     a = ap.parse_args(argv)
     problem = cupy_problem()
     if problem is not None:
@@ -111,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     specs = dict.fromkeys(s for arch in archs
                           for s in all_specs(arch) + (all_specs(arch, debug=True) if a.debug
                                                       else []))
-    work = [(s, a.fill_cache) for s in specs]
+    work = [(s, a.fill_cache) for s in specs if a.only in s.id]
     t0 = time.perf_counter()
     bad = 0
     with ProcessPoolExecutor(max_workers=max(1, a.jobs)) as ex:

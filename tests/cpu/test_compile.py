@@ -192,3 +192,13 @@ def test_kernel_needing_more_shared_memory_than_the_gpu_has_is_refused(monkeypat
     monkeypatch.setattr(runtime, "device_props", lambda device: PRESETS["sm_86"])  # 99 KB
     with pytest.raises(NotImplementedError, match=r"shared memory per block.*allows 101376"):
         runtime.get_kernel(big, 0)
+
+
+def test_nvrtc_defines_reach_the_options_and_the_cache_key(monkeypatch) -> None:
+    plain = dmc.cache_key(SMALL)
+    monkeypatch.setenv("DMATTN_NVRTC_DEFINES", "DM_X=4 DM_Y")
+    assert dmc.compile_options(SMALL)[-2:] == ("-DDM_X=4", "-DDM_Y")
+    assert dmc.cache_key(SMALL) != plain
+    monkeypatch.setenv("DMATTN_NVRTC_DEFINES", "DM_X=$(rm)")
+    with pytest.raises(ValueError, match="DMATTN_NVRTC_DEFINES"):
+        dmc.compile_options(SMALL)
