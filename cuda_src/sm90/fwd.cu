@@ -29,6 +29,12 @@
 #include "primitives.cuh"
 #include "wgmma_ops.cuh"
 
+// Conditional rescale (softmax.cuh: kSlack): 0 rescales O on every tile. An A/B switch
+// (DMATTN_NVRTC_DEFINES) until measured.
+#ifndef DM_SM90_RESCALE_SLACK
+#define DM_SM90_RESCALE_SLACK 0
+#endif
+
 namespace dm {
 
 // Tile classes the producer hands over (bits; 0 = full: no per-element work).
@@ -396,22 +402,23 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
   auto issue_s = [&](float (&s)[kNF][4], int stage) {
     // Descriptors are formed next to their wgmma (primitives.cuh: opaque): hoisted out of the
     // loop they would hold two registers each beside the accumulators.
-    const uint32_t q_base = opaque(sQ + c * 64 * 128), k_base = opaque(sK + stage * Smem::kKV);
+    const uint64_t dq = desc_k_major<kBlockM>(opaque(sQ + c * 64 * 128), 0);
+    const uint64_t dk = desc_k_major<kBlockN>(opaque(sK + stage * Smem::kKV), 0);
     fence_operands(s);
     wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < kHeadDim / 16; ++ks)
-      Wgmma<T, kBlockN>::template ss<0>(s, desc_k_major<kBlockM>(q_base, ks),
-                                        desc_k_major<kBlockN>(k_base, ks), ks > 0);
+      Wgmma<T, kBlockN>::template ss<0>(s, dq + k_major_step<kBlockM>(ks),
+                                        dk + k_major_step<kBlockN>(ks), ks > 0);
     wgmma_commit();
   };
   auto issue_pv = [&](const uint32_t (&pa)[kBlockN / 16][4], int stage) {
-    const uint32_t v_base = opaque(sV + stage * Smem::kKV);
+    const uint64_t dv = desc_mn_major<kBlockN>(opaque(sV + stage * Smem::kKV), 0);
     fence_operands(o);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kBlockN / 16; ++kk)
-      Wgmma<T, kHeadDim>::template rs<1>(o, pa[kk], desc_mn_major<kBlockN>(v_base, kk), 1);
+      Wgmma<T, kHeadDim>::template rs<1>(o, pa[kk], dv + mn_major_step(kk), 1);
     wgmma_commit();
   };
   auto pack_p = [&](const float (&s)[kNF][4], uint32_t (&pa)[kBlockN / 16][4]) {
@@ -464,7 +471,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
     fence_operands(s);
     load_operands(ops, stage, cls);
     transform(s, ops, n * kBlockN, cls);
-    sm.update(s, alpha, ls.exp_scale);
+    sm.template update<DM_SM90_RESCALE_SLACK>(s, alpha, ls.exp_scale);
     release_k(stage);
     pack_p(s, pa);
     int prev = stage;
@@ -479,7 +486,8 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
       turn_wait();
       if (n < 0) break;  // the turn is taken by the last O += P V below
       issue_s(s, stage);
-      rescale_o(o, alpha);
+      if (DM_SM90_RESCALE_SLACK == 0 || __any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f))
+        rescale_o(o, alpha);
       mbar_wait(bar_full_v(prev), prev_phase);
       issue_pv(pa, prev);
       turn_pass();
@@ -488,7 +496,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
       fence_operands(s);
       load_operands(ops, stage, cls);
       transform(s, ops, n * kBlockN, cls);
-      sm.update(s, alpha, ls.exp_scale);
+      sm.template update<DM_SM90_RESCALE_SLACK>(s, alpha, ls.exp_scale);
       release_k(stage);
       wgmma_wait<0>();
       fence_operands(o);

@@ -60,6 +60,19 @@ __host__ __device__ constexpr uint64_t desc_mn_major(uint32_t base, int ks) {
   return make_desc(base + uint32_t(ks) * 2048, kRows * 128, 1024, 128);
 }
 
+// A k16 step's descriptor is its operand's step-0 descriptor plus this (the start-address
+// field holds address >> 4 in bits 0-13; shared addresses stay below 256 KB, so the add never
+// carries out of the field): one 64-bit add per wgmma instead of rebuilding the descriptor.
+template <int kRows>
+__host__ __device__ constexpr uint64_t k_major_step(int ks) {
+  return uint64_t(uint32_t(ks / 4) * (kRows * 128) + uint32_t(ks % 4) * 32) >> 4;
+}
+__host__ __device__ constexpr uint64_t mn_major_step(int ks) { return uint64_t(ks) * (2048 >> 4); }
+static_assert(desc_k_major<128>(0x12400, 5) == desc_k_major<128>(0x12400, 0) + k_major_step<128>(5) &&
+                  desc_k_major<64>(0x38000, 15) == desc_k_major<64>(0x38000, 0) + k_major_step<64>(15) &&
+                  desc_mn_major<128>(0x20000, 7) == desc_mn_major<128>(0x20000, 0) + mn_major_step(7),
+              "step descriptors: one add from the step-0 descriptor");
+
 // A value the compiler must recompute where it is used: descriptors derived from it are then
 // formed next to their wgmma (one add) instead of being hoisted out of the loop, where a
 // d256 tile's 32 descriptors would hold 64 registers.
