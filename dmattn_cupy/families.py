@@ -278,8 +278,9 @@ FAMILY_ROWS: tuple[Family, ...] = (
            "sm_80", _smem_bwd_dkdv),
     Family("bwd_dq", "sm80/bwd.cu", "dm::flash_bwd_dq_kernel", _SM80_DQ_ARGS, "BwdParams",
            "sm_80", _smem_bwd_dq),
-    Family("bwd_sm90", "sm90/bwd.cu", "dm::flash_bwd_sm90_kernel", ("dtype", "head_dim", "has_bias"),
-           "BwdParams", "sm_90a", _sm90_bwd_smem, threads=lambda s: backward_sm90.THREADS),
+    Family("bwd_sm90", "sm90/bwd.cu", "dm::flash_bwd_sm90_kernel",
+           ("dtype", "head_dim", "has_bias"), "BwdParams", "sm_90a", _sm90_bwd_smem,
+           threads=lambda s: backward_sm90.THREADS),
     Family("bwd_grid", "sm80/bwd.cu", "dm::flash_bwd_sparse_grid_kernel", ("num_warps",),
            "BwdParams", "sm_80", _smem_none),
 )

@@ -20,7 +20,8 @@ from .families import FAMILIES, Family, padded_head_dim
 from .spec import KernelSpec
 from .validate import Problem
 
-__all__ = ["backward", "backward_family", "backward_sm90_spec", "forward", "forward_family", "forward_spec", "spec_dtype", "supports"]
+__all__ = ["backward", "backward_family", "backward_sm90_spec", "forward", "forward_family",
+           "forward_spec", "spec_dtype", "supports"]
 
 
 def spec_dtype(dtype: str) -> str:
