@@ -4,23 +4,32 @@ Three kernels (cuda_src/sm80/bwd.cu) read one ``BwdParams`` record (``params``):
 (``dsum = rowsum(dO * O) - dlse``), the dK/dV kernel (per key tile and kv head; it also writes
 dbias, and in the default mode adds dQ with fp32 atomics), and, with ``deterministic=True``, a
 dQ kernel (per query tile) that needs no atomics. ``select.backward`` picks their specs.
+Where ``select.backward_family`` picks ``bwd_sm90`` (opt-in: ``DMATTN_BWD_FAMILY=bwd_sm90``),
+the Hopper kernel (cuda_src/sm90/bwd.cu) replaces the dK/dV kernel after the same preprocess;
+it writes dbias once per element in the bias's dtype and adds dQ into the fp32 buffer.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections import Counter
 from typing import Any
 
 import numpy as np
 
-from . import arrays, runtime
+from . import arrays, backward_sm90, runtime
 from .arrays import array_kind, describe
 from .layout import build_fwd_params, mask_bias_strides, qkv_strides
 from .params import FWD_DTYPE, bwd_dtype_flat
 from .select import backward as select_backward
+from .select import backward_family, backward_sm90_spec
 from .sparse_plan import SparseArrays, sparse_fields
 from .validate import Problem
+
+# Launches per backward family ("bwd_dkdv", "bwd_sm90") in this process: tests read it to
+# assert which kernel ran.
+launches: Counter[str] = Counter()
 
 
 def _aligned(info) -> bool:
@@ -82,10 +91,11 @@ def run_backward(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out: 
         dlse = _contiguous_f32(dlse)
 
     want_dbias = need_dbias and pb.bias is not None
+    dev_props = runtime.device_props(pb.q.device)
+    family = backward_family(pb, describe(dout), deterministic, sparse is not None, dev_props)
     pre, dkdv, dqs, grid_spec = select_backward(dt, pb.head_dim, pb.mask is not None,
                                                 pb.bias is not None, pb.varlen, deterministic,
-                                                sparse is not None,
-                                                runtime.device_props(pb.q.device))
+                                                sparse is not None, dev_props)
     if sparse is not None and not (sparse.block_m % dkdv.block_m == 0
                                    and sparse.block_n % dkdv.block_n == 0):
         raise ValueError(f"sparse_mask block_size {(sparse.block_m, sparse.block_n)} must be a "
@@ -94,7 +104,13 @@ def run_backward(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out: 
     dbias = None
     dbias_st = None
     expanded_axes: tuple[int, ...] = ()
-    if want_dbias:
+    if want_dbias and family == "bwd_sm90":
+        # every element of a (B, H, Sq, Sk) or (B, H, 1, Sk) dbias is written at most once, in
+        # the bias's dtype (the query's: backward_sm90.accepts); never-visited ones stay 0
+        mode = 1
+        dbias = arrays.zeros(query, tuple(pb.bias.shape), pb.bias.dtype)
+        dbias_st = mask_bias_strides(describe(dbias), pb.varlen)
+    elif want_dbias:
         mode = dbias_mode(pb, _probe_strides(pb), dkdv.block_m, dkdv.block_n)
         key_axis = None
         if deterministic and mode == 3:  # no cross-block atomics: widen, then reduce in order
@@ -176,10 +192,20 @@ def run_backward(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out: 
         if sp_grid is not None and pb.seqlen_k > 0:
             bm, hm, nrb = sp_grid.shape[:3]
             runtime.launch(runtime.get_kernel(grid_spec, dev), (nrb, hm, bm), (r,), stream)
-        if pb.seqlen_k > 0:
+        if pb.seqlen_k > 0 and family == "bwd_sm90":
+            spec = backward_sm90_spec(pb.dtype, pb.head_dim, pb.bias is not None)
+            mode_b = backward_sm90.bias_mode(pb.bias, pb.batch, pb.heads, pb.seqlen_q,
+                                             pb.seqlen_k)
+            args = backward_sm90.build_args(pb.q, pb.k, pb.v, describe(dout), pb.bias,
+                                            mode_b or 0)
+            runtime.launch(runtime.get_kernel(spec, dev),
+                           (math.ceil(pb.seqlen_k / backward_sm90.BLOCK_N), pb.kv_heads,
+                            pb.batch), (r, args[0]), stream)
+        elif pb.seqlen_k > 0:
             runtime.launch(runtime.get_kernel(dkdv, dev),
                            (math.ceil(pb.seqlen_k / dkdv.block_n), pb.kv_heads, pb.batch),
                            (r,), stream)
+        launches[family] += 1
         if dqs is not None:
             runtime.launch(runtime.get_kernel(dqs, dev),
                            (max(1, math.ceil(pb.seqlen_q / dqs.block_m)), pb.heads, pb.batch),

@@ -83,3 +83,19 @@ def nvrtc_defines() -> tuple[str, ...]:
             raise ValueError("DMATTN_NVRTC_DEFINES must be space-separated NAME or NAME=VALUE "
                              f"(letters, digits, _), got {d!r}")
     return tuple(val)
+
+
+BACKWARD_FAMILIES = ("bwd_dkdv", "bwd_sm90")
+
+
+def backward_family_override() -> str | None:
+    """``DMATTN_BWD_FAMILY``: ``auto`` (default: the portable ``bwd_dkdv`` family; the Hopper
+    backward is opt-in until it is GPU-verified) or ``bwd_sm90`` (the sm_90a backward where it
+    takes the problem, else the portable one) or ``bwd_dkdv``."""
+    val = os.environ.get("DMATTN_BWD_FAMILY", "auto")
+    if val in ("", "auto"):
+        return None
+    if val not in BACKWARD_FAMILIES:
+        raise ValueError(f"DMATTN_BWD_FAMILY must be 'auto' or one of {BACKWARD_FAMILIES}, "
+                         f"got {val!r}")
+    return val

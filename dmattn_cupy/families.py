@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from . import env, forward_sm90
+from . import backward_sm90, env, forward_sm90
 from .arrays import ArrayInfo
 from .device import DeviceProps, parse_arch
 from .validate import Problem
@@ -246,6 +246,12 @@ def _sm90_grid(pb: Problem, spec: SpecShape) -> tuple[int, int, int]:
     return pb.heads, pb.batch, max(1, -(-pb.seqlen_q // spec.block_m))
 
 
+# --- the Hopper backward (sm90/bwd.cu; host half in backward_sm90, chosen by select) ----------
+
+def _sm90_bwd_smem(s: SpecShape) -> int:
+    return backward_sm90.smem_bytes(s.head_dim, s.has_bias)
+
+
 _SM90_FWD_ARGS = ("dtype", "head_dim", "block_n", "stages", "has_mask", "has_bias",
                   "debug_counters")
 
@@ -272,6 +278,9 @@ FAMILY_ROWS: tuple[Family, ...] = (
            "sm_80", _smem_bwd_dkdv),
     Family("bwd_dq", "sm80/bwd.cu", "dm::flash_bwd_dq_kernel", _SM80_DQ_ARGS, "BwdParams",
            "sm_80", _smem_bwd_dq),
+    Family("bwd_sm90", "sm90/bwd.cu", "dm::flash_bwd_sm90_kernel",
+           ("dtype", "head_dim", "has_bias"), "BwdParams", "sm_90a", _sm90_bwd_smem,
+           threads=lambda s: backward_sm90.THREADS),
     Family("bwd_grid", "sm80/bwd.cu", "dm::flash_bwd_sparse_grid_kernel", ("num_warps",),
            "BwdParams", "sm_80", _smem_none),
 )

@@ -17,7 +17,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-from . import select
+from . import backward_sm90, select
 from .arrays import ArrayInfo
 from .compile import CompiledKernel, compile_spec
 from .decode import all_decode_specs
@@ -84,6 +84,10 @@ def all_specs(arch: str = "sm_80", debug: bool = False) -> list[KernelSpec]:
     if not debug:  # nor have decode/combine
         for s in all_decode_specs(arch):
             add(s)
+    # The Hopper backward: dtype x head dim x bias (its other switches are runtime fields).
+    if not debug and any(FAMILIES["bwd_sm90"].runs_on(d.cc) for d in _device_classes(arch)):
+        for dtype, hd, bias in itertools.product(DTYPES, backward_sm90.HEAD_DIMS, (False, True)):
+            add(select.backward_sm90_spec(dtype, hd, bias))
     return list(specs)
 
 

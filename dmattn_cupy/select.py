@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import dataclasses
 
-from . import env
+from . import backward_sm90, env
+from .arrays import ArrayInfo
 from .device import DeviceProps
 from .families import FAMILIES, Family, padded_head_dim
 from .spec import KernelSpec
 from .validate import Problem
 
-__all__ = ["backward", "forward", "forward_family", "forward_spec", "spec_dtype", "supports"]
+__all__ = ["backward", "backward_family", "backward_sm90_spec", "forward", "forward_family",
+           "forward_spec", "spec_dtype", "supports"]
 
 
 def spec_dtype(dtype: str) -> str:
@@ -105,3 +107,27 @@ def backward(dtype: str, head_dim: int, has_mask: bool, has_bias: bool, varlen: 
     grid = (KernelSpec(family="bwd_grid", dtype=dt, head_dim=128, block_m=8, block_n=32,
                        num_warps=4, arch=arch) if sparse else None)
     return pre, dkdv, dq, grid
+
+
+def backward_family(pb: Problem, dout: ArrayInfo, deterministic: bool, sparse: bool,
+                    dev: DeviceProps) -> str:
+    """``bwd_sm90`` when ``DMATTN_BWD_FAMILY=bwd_sm90`` asks for the Hopper backward and it
+    runs on ``dev`` and takes the problem (backward_sm90.accepts), else ``bwd_dkdv`` (the
+    portable kernels of ``backward``). ``dout``: the incoming gradient as the kernel reads it."""
+    if env.backward_family_override() != "bwd_sm90":
+        return "bwd_dkdv"  # phase 1: opt-in until GPU-verified
+    if not FAMILIES["bwd_sm90"].runs_on(dev.cc):
+        return "bwd_dkdv"
+    ok = backward_sm90.accepts(pb.head_dim, pb.dtype, pb.q, pb.k, pb.v, dout, pb.bias,
+                               pb.mask is not None, pb.varlen, deterministic, sparse, pb.batch,
+                               pb.heads, pb.kv_heads, pb.seqlen_q, pb.seqlen_k,
+                               dev.smem_per_block)
+    return "bwd_sm90" if ok else "bwd_dkdv"
+
+
+def backward_sm90_spec(dtype: str, head_dim: int, has_bias: bool) -> KernelSpec:
+    """The Hopper backward's specialization (dtype x padded head dim x bias)."""
+    return KernelSpec(family="bwd_sm90", dtype=spec_dtype(dtype),
+                      head_dim=backward_sm90.padded_head_dim(head_dim),
+                      block_m=backward_sm90.BLOCK_M, block_n=backward_sm90.BLOCK_N,
+                      num_warps=backward_sm90.THREADS // 32, has_bias=has_bias)

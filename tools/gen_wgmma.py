@@ -28,16 +28,17 @@ def _acc_list(n: int) -> str:
 def _ss(n: int, cls: str, ptx: str) -> str:
     r = n // 2
     return f"""template <> struct Wgmma<{cls}, {n}> {{
-  // D (64 x {n}, fp32) (+)= A (64 x 16, smem, K-major) * B ({n} x 16, smem; tnspB: N-major).
-  template <int kTransB>
+  // D (64 x {n}, fp32) (+)= A (64 x 16, smem; tnspA: M-major) * B ({n} x 16, smem; tnspB:
+  // N-major). Without the transposes both are K-major.
+  template <int kTransB, int kTransA = 0>
   static DM_DEVICE void ss(float (&d)[{n // 8}][4], uint64_t desc_a, uint64_t desc_b,
                            int scale_d) {{
     asm volatile(
         "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{r + 2}, 0;\\n"
         "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ptx}.{ptx} "
-        "{{{_acc_list(n)}}}, %{r}, %{r + 1}, p, 1, 1, 0, %{r + 3};\\n}}\\n"
+        "{{{_acc_list(n)}}}, %{r}, %{r + 1}, p, 1, 1, %{r + 4}, %{r + 3};\\n}}\\n"
         : {_acc_operands(n)}
-        : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(kTransB));
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(kTransB), "n"(kTransA));
   }}
   // D (64 x {n}, fp32) (+)= A (64 x 16, registers: four {ptx}x2) * B ({n} x 16, smem).
   template <int kTransB>

@@ -129,6 +129,18 @@ DM_DEVICE void tma_load_4d(uint32_t dst, const TmaDesc* map, uint32_t bar, int c
       : "memory");
 }
 
+// Orders this thread's generic-proxy shared-memory stores before later async-proxy reads
+// (wgmma descriptors, TMA stores) of the same bytes; a barrier must still follow for other
+// threads' stores.
+DM_DEVICE void fence_proxy_async_smem() {
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+}
+
+// Named barrier `id` over `threads` threads (multiples of 32; id 0 is __syncthreads).
+DM_DEVICE void named_bar_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+
 // ---- wgmma and registers ------------------------------------------------------------------
 
 DM_DEVICE void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
@@ -145,6 +157,16 @@ DM_DEVICE void fence_operands(float (&d)[kRows][4]) {
   for (int j = 0; j < kRows; ++j)
 #pragma unroll
     for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[j][e])::"memory");
+}
+
+// Keeps register A operands (packed 16-bit pairs) allocated up to this point: call it after
+// the wait of the wgmma that reads them, so nothing reuses their registers while it runs.
+template <int kSteps>
+DM_DEVICE void keep_live(uint32_t (&a)[kSteps][4]) {
+#pragma unroll
+  for (int j = 0; j < kSteps; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(a[j][e])::"memory");
 }
 
 template <int kRegs>

@@ -1,0 +1,412 @@
+// sm90/bwd.cu: the Hopper backward's dK/dV/dQ kernel (FlashAttention-3's structure, sm_90a),
+// phase 1: fixed-length batches, head dims 64/128 (smaller ones padded), causal/window,
+// softcap, GQA/MQA, and a bias of shape (B, H, Sq, Sk) or (B, H, 1, Sk) with its gradient.
+// Everything else (varlen, masks, block lists, deterministic mode, other bias shapes) runs the
+// sm80-class backward (dmattn_cupy/backward_sm90.py declines it).
+//
+// A CTA of three warpgroups owns kBlockN = 128 keys of one (batch, kv head) and walks the
+// (query head of the group, query tile of kBlockM = 64 rows) items that can see its keys, so
+// dK and dV accumulate in registers over the whole GQA group (no atomics):
+// - warpgroup 0 is the producer: warp 0 loads K and V once, then per item Q, dO and the bias
+//   tile by TMA into a 2-stage mbarrier ring; warp 1 writes the item's lse (log2 units; +inf
+//   for rows past the end or rows that kept nothing, so that P = 0 there) and dsum rows into
+//   the same stage and arrives on its barrier (33 arrivals: the TMA leader + 32 lanes);
+// - warpgroups 1 and 2 are consumers, 64 keys each (rows 64c.. of K and V):
+//     S^T = K Q^T and dP^T = V dO^T  (wgmma, both operands K-major from shared memory),
+//     P^T = exp2(x - lse), dS^T = P^T (dP^T - dsum) (* dz/ds) in registers,
+//     dV += P^T dO and dK += dS^T Q  (wgmma, A from registers, dO/Q MN-major: tnspB),
+//     dQ += dS K over this consumer's 64 keys: dS^T is stored to shared memory as
+//     [key][query] (the A operand, M-major: tnspA) and K rows 64c.. are the MN-major B; the
+//     fp32 result is added into bp.dq_accum with red.global.add.v2.f32 (both consumers add).
+// Bias gradients: a full tile's dbias is dx itself, stored per element (each element written
+// by exactly one thread of one CTA); a key row's dbias is the column sum of dx over the query
+// tiles of one head, kept in registers and written once per (head, key).
+// Register budget per consumer thread (d128): dK + dV accumulators 2 x 64, S^T and dP^T 2 x 32
+// (dead once P^T and dS^T are packed to 2 x 16), the dQ accumulator 32 (d64: halve the first
+// two): at most 192 + addressing under the 232 setmaxnreg grants.
+#pragma once
+#include "../common.cuh"
+#include "../params.cuh"
+#include "../bwd_params.cuh"
+#include "../block_info.cuh"
+#include "../logits.cuh"
+#include "primitives.cuh"
+#include "wgmma_ops.cuh"
+
+namespace dm {
+
+enum Sm90BwdBias : int32_t { kBwdBiasNone = 0, kBwdBiasTile = 1, kBwdBiasKeyRow = 2 };
+
+// The second kernel parameter (const __grid_constant__): tensor maps over (cols, rows, heads,
+// batch) of q, k, v, dout and a (B, H, Sq, Sk) bias, and how the bias is read. Mirrored by
+// dmattn_cupy/backward_sm90.py (ARGS_DTYPE; size checked below and in the CPU tests).
+struct alignas(64) Sm90BwdArgs {
+  sm90::TmaDesc q, k, v, dout, bias;
+  int32_t bias_mode;
+  int32_t pad[15];
+};
+static_assert(sizeof(Sm90BwdArgs) == 704, "Sm90BwdArgs: size drifted from backward_sm90.py");
+
+// Shared-memory plan of one kernel instance; backward_sm90.smem_bytes mirrors kAlloc.
+template <int kHeadDim, bool kHasBias>
+struct Sm90BwdSmem {
+  static constexpr int kBlockM = 64, kBlockN = 128, kStages = 2;
+  static constexpr int kBoxes = kHeadDim / 64;              // 64-column boxes of a row
+  static constexpr int kKV = kBoxes * kBlockN * 128;         // K or V (128 rows per box)
+  static constexpr int kQ = kBoxes * kBlockM * 128;          // one Q or dO stage
+  static constexpr int kBias = kHasBias ? kBlockM * kBlockN * 2 : 0;  // one stage, 2 boxes
+  static constexpr int kDS = 64 * kBlockM * 2;               // a consumer's dS^T [key][query]
+  static constexpr int kOffK = 0;
+  static constexpr int kOffV = kKV;
+  static constexpr int kOffQ = 2 * kKV;
+  static constexpr int kOffDO = kOffQ + kStages * kQ;
+  static constexpr int kOffBias = kOffDO + kStages * kQ;
+  static constexpr int kOffDS = kOffBias + kStages * kBias;
+  static constexpr int kOffLse = kOffDS + 2 * kDS;           // kStages x kBlockM floats
+  static constexpr int kOffDsum = kOffLse + kStages * kBlockM * 4;
+  static constexpr int kOffBars = kOffDsum + kStages * kBlockM * 4;
+  static constexpr int kNumBars = 1 + 2 * kStages;           // K/V; per stage full, empty
+  static constexpr int kBytes = kOffBars + 8 * kNumBars;
+  static constexpr int kAlloc = kBytes + 1024;  // the base is aligned up to 1024 at run time
+  static_assert(kKV % 1024 == 0 && kQ % 1024 == 0 && kBias % 1024 == 0 && kDS % 1024 == 0,
+                "swizzled tiles start on 1024-byte boundaries");
+};
+
+template <typename T, int kHeadDim, bool kHasBias>
+__global__ void __launch_bounds__(384, 1)
+flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs args) {
+  using Smem = Sm90BwdSmem<kHeadDim, kHasBias>;
+  constexpr int kBlockM = Smem::kBlockM, kBlockN = Smem::kBlockN, kStages = Smem::kStages;
+  constexpr int kDF = kHeadDim / 8;  // dK/dV fragments (n8) per thread row pair
+  constexpr int kNF = kBlockM / 8;   // S^T/dP^T fragments: one per 8 queries
+  static_assert(kHeadDim == 64 || kHeadDim == 128, "phase 1 head dims");
+  // setmaxnreg budgets: multiples of 8 summing to at most 3 x 168 (the pool at launch).
+  constexpr int kProducerRegs = 40;
+  constexpr int kConsumerRegs = 232;
+  static_assert(kProducerRegs + 2 * kConsumerRegs <= 3 * 168, "register pool of the CTA");
+  using namespace sm90;
+  const FwdParams& p = bp.f;
+
+  extern __shared__ __align__(1024) uint8_t smem_raw[];
+  const uint32_t raw = smem_u32(smem_raw);
+  const uint32_t base = (raw + 1023u) & ~1023u;
+  uint8_t* smem = smem_raw + (base - raw);
+  {
+    uint32_t dyn;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
+    if (dyn < uint32_t(Smem::kAlloc)) __trap();  // launcher and kernel disagree on the layout
+  }
+  const uint32_t sK = base + Smem::kOffK, sV = base + Smem::kOffV;
+  const uint32_t sQ = base + Smem::kOffQ, sdO = base + Smem::kOffDO;
+  const uint32_t sBias = base + Smem::kOffBias;
+  float* sLse = reinterpret_cast<float*>(smem + Smem::kOffLse);
+  float* sDsum = reinterpret_cast<float*>(smem + Smem::kOffDsum);
+  const uint32_t bars = base + Smem::kOffBars;
+  const uint32_t bar_kv = bars;
+  auto bar_full = [&](int s) { return bars + 8 + 16 * s; };
+  auto bar_empty = [&](int s) { return bars + 16 + 16 * s; };
+
+  const int kvh = blockIdx.y, b = blockIdx.z;
+  const int n0 = blockIdx.x * kBlockN;
+  const int len_q = p.seqlen_q, len_k = p.seqlen_k;
+  const int off = len_k - len_q;
+  // Items: (query head of the group, query tile that can see a key of this tile), head-major.
+  const RowRange qr = query_range(p, n0, dm_min(n0 + kBlockN, len_k) - 1, len_q, len_k);
+  const int mb_begin = qr.begin / kBlockM;
+  const int n_mb = qr.begin < qr.end ? (qr.end - 1) / kBlockM + 1 - mb_begin : 0;
+  const int n_items = n_mb * p.q_per_kv;
+  auto head_of = [&](int i) { return kvh * p.q_per_kv + i / n_mb; };
+  auto m0_of = [&](int i) { return (mb_begin + i % n_mb) * kBlockM; };
+  const bool bias_tile = kHasBias && args.bias_mode == kBwdBiasTile;
+  const bool bias_row = kHasBias && args.bias_mode == kBwdBiasKeyRow;
+
+  if (threadIdx.x == 0) {
+    mbar_init(bar_kv, 1);
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(bar_full(s), 33);  // the TMA leader's expect_tx + warp 1's 32 lanes
+      mbar_init(bar_empty(s), 8);  // one arrival per consumer warp
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();
+
+  const int wg = threadIdx.x / 128;
+  const int lane = threadIdx.x % 32;
+  const int warp = (threadIdx.x % 128) / 32;
+
+  if (wg == 0) {  // ------------------------------------------------------------- producer
+    setmaxnreg_dec<kProducerRegs>();
+    if (warp == 0 && lane == 0) {
+      tma_prefetch(&args.q);
+      tma_prefetch(&args.dout);
+      mbar_arrive_expect_tx(bar_kv, 2 * Smem::kKV);
+#pragma unroll
+      for (int x = 0; x < Smem::kBoxes; ++x) {
+        tma_load_4d(sK + x * kBlockN * 128, &args.k, bar_kv, 64 * x, n0, kvh, b);
+        tma_load_4d(sV + x * kBlockN * 128, &args.v, bar_kv, 64 * x, n0, kvh, b);
+      }
+      const uint32_t bytes = 2 * Smem::kQ + (bias_tile ? Smem::kBias : 0);
+      for (int i = 0; i < n_items; ++i) {
+        const int s = i % kStages;
+        mbar_wait(bar_empty(s), ((i / kStages) & 1) ^ 1);
+        const int h = head_of(i), m0 = m0_of(i);
+        mbar_arrive_expect_tx(bar_full(s), bytes);
+#pragma unroll
+        for (int x = 0; x < Smem::kBoxes; ++x) {
+          tma_load_4d(sQ + s * Smem::kQ + x * kBlockM * 128, &args.q, bar_full(s), 64 * x, m0,
+                      h, b);
+          tma_load_4d(sdO + s * Smem::kQ + x * kBlockM * 128, &args.dout, bar_full(s), 64 * x,
+                      m0, h, b);
+        }
+        if (bias_tile) {
+          const int bias_h = h / p.bias_head_ratio, bias_b = p.bias_batch_stride != 0 ? b : 0;
+#pragma unroll
+          for (int x = 0; x < kBlockN / 64; ++x)
+            tma_load_4d(sBias + s * Smem::kBias + x * kBlockM * 128, &args.bias, bar_full(s),
+                        n0 + 64 * x, m0, bias_h, bias_b);
+        }
+      }
+    } else if (warp == 1) {
+      for (int i = 0; i < n_items; ++i) {
+        const int s = i % kStages;
+        mbar_wait(bar_empty(s), ((i / kStages) & 1) ^ 1);
+        const int h = head_of(i), m0 = m0_of(i);
+        for (int r = lane; r < kBlockM; r += 32) {
+          const int row = m0 + r;
+          float l = DM_INF, d = 0.f;  // rows past the end: P = exp2(x - inf) = 0
+          if (row < len_q) {
+            const int64_t idx = int64_t(b) * p.lse_batch_stride + int64_t(h) * p.lse_head_stride + row;
+            const float lv = p.lse[idx];
+            l = lv == -DM_INF ? DM_INF : lv * kLog2e;  // a row that kept nothing: P = 0
+            d = bp.dsum[idx];
+          }
+          sLse[s * kBlockM + r] = l;
+          sDsum[s * kBlockM + r] = d;
+        }
+        mbar_arrive(bar_full(s));  // release: this lane's stores before the consumers' reads
+      }
+    }
+    return;
+  }
+
+  // ------------------------------------------------------------------------------ consumers
+  setmaxnreg_inc<kConsumerRegs>();
+  const int c = wg - 1;  // consumer index: keys 64c .. 64c + 63 of the tile
+  const int g = lane / 4, t = lane % 4;
+  const int key_l[2] = {64 * c + 16 * warp + g, 64 * c + 16 * warp + g + 8};  // tile-local
+  const int key[2] = {n0 + key_l[0], n0 + key_l[1]};
+  const uint32_t sdS = base + Smem::kOffDS + c * Smem::kDS;
+  uint8_t* ds_ptr = smem + Smem::kOffDS + c * Smem::kDS;
+  const bool want_dbias = kHasBias && bp.dbias_mode != 0;
+
+  float dk[kDF][4], dv[kDF][4];
+#pragma unroll
+  for (int j = 0; j < kDF; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[j][e] = dv[j][e] = 0.f;
+  float colsum[2] = {0.f, 0.f};  // key-row dbias of the current head
+  float row_bias[2] = {0.f, 0.f};  // key-row bias of the current head (log2 units)
+
+  auto release = [&](uint32_t bar) {
+    __syncwarp();
+    if (lane == 0) mbar_arrive(bar);
+  };
+
+  mbar_wait(bar_kv, 0);
+  for (int i = 0; i < n_items; ++i) {
+    const int s = i % kStages;
+    const int h = head_of(i), m0 = m0_of(i);
+    if (bias_row && (i == 0 || head_of(i - 1) != h)) {
+      const int bias_h = h / p.bias_head_ratio, bias_b = p.bias_batch_stride != 0 ? b : 0;
+      const T* bb = static_cast<const T*>(p.bias) + int64_t(bias_b) * p.bias_batch_stride +
+                    int64_t(bias_h) * p.bias_head_stride;
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+        row_bias[r] = key[r] < len_k ? to_float(bb[int64_t(key[r]) * p.bias_col_stride]) * kLog2e
+                                     : 0.f;
+    }
+    mbar_wait(bar_full(s), (i / kStages) & 1);
+
+    // S^T = K Q^T and dP^T = V dO^T: 64 keys x 64 queries each.
+    float st[kNF][4], dpt[kNF][4];
+    {
+      const uint32_t k_base = opaque(sK + c * 64 * 128), v_base = opaque(sV + c * 64 * 128);
+      const uint32_t q_base = opaque(sQ + s * Smem::kQ), o_base = opaque(sdO + s * Smem::kQ);
+      fence_operands(st);
+      fence_operands(dpt);
+      wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < kHeadDim / 16; ++ks)
+        Wgmma<T, kBlockM>::template ss<0>(st, desc_k_major<kBlockN>(k_base, ks),
+                                          desc_k_major<kBlockM>(q_base, ks), ks > 0);
+#pragma unroll
+      for (int ks = 0; ks < kHeadDim / 16; ++ks)
+        Wgmma<T, kBlockM>::template ss<0>(dpt, desc_k_major<kBlockN>(v_base, ks),
+                                          desc_k_major<kBlockM>(o_base, ks), ks > 0);
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_operands(st);
+      fence_operands(dpt);
+    }
+
+    // Pointwise: st <- P^T, dpt <- dS^T = dx * dz/ds; dbias from dx.
+    const bool partial = n0 + kBlockN > len_k || m0 + kBlockM > len_q ||
+                         (p.window_right >= 0 && n0 + kBlockN - 1 > m0 + off + p.window_right) ||
+                         (p.window_left >= 0 && n0 < m0 + kBlockM - 1 + off - p.window_left);
+    const float* sl = sLse + s * kBlockM;
+    const float* sd = sDsum + s * kBlockM;
+    const uint8_t* sb = smem + Smem::kOffBias + s * Smem::kBias;
+    // Bias-tile offsets are recomputed per item from opaque values: hoisted out of the item
+    // loop they would hold 32 registers (primitives.cuh: opaque).
+    const int kb_l[2] = {int(opaque(uint32_t(key_l[0]))), int(opaque(uint32_t(key_l[1])))};
+    T* db = nullptr;
+    if (want_dbias && bias_tile)
+      db = static_cast<T*>(bp.dbias) + int64_t(b) * bp.dbias_batch_stride +
+           int64_t(h) * bp.dbias_head_stride;
+#pragma unroll
+    for (int j = 0; j < kNF; ++j) {
+      const int ql = 8 * j + 2 * t;  // this thread's first query column of fragment j
+      const float2 l2 = *reinterpret_cast<const float2*>(sl + ql);
+      const float2 d2 = *reinterpret_cast<const float2*>(sd + ql);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e >> 1, qq = ql + (e & 1);
+        float dsoft;
+        float x = logit_log2(p, st[j][e], bp.scale, dsoft);
+        if (bias_tile) {
+          T bv;
+          bv.bits = *reinterpret_cast<const uint16_t*>(sb + tile_offset<2, 64, kBlockM>(qq, kb_l[r]));
+          x += to_float(bv) * kLog2e;
+        } else if (bias_row) {
+          x += row_bias[r];
+        }
+        const bool keep = !partial || (key[r] < len_k && m0 + qq < len_q &&
+                                       in_window(p, m0 + qq, key[r], off));
+        const float pr = keep ? fast_exp2(x - ((e & 1) ? l2.y : l2.x)) : 0.f;
+        const float dx = pr * (dpt[j][e] - ((e & 1) ? d2.y : d2.x));
+        if (db != nullptr && key[r] < len_k && m0 + qq < len_q)
+          db[int64_t(m0 + qq) * bp.dbias_row_stride + int64_t(key[r]) * bp.dbias_col_stride] =
+              from_float<T>(dx);
+        colsum[r] += dx;
+        st[j][e] = pr;
+        dpt[j][e] = dx * dsoft;
+      }
+    }
+    uint32_t pa[kBlockM / 16][4], da[kBlockM / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < kBlockM / 16; ++kk) {
+      pa[kk][0] = pack2<T>(st[2 * kk][0], st[2 * kk][1]);
+      pa[kk][1] = pack2<T>(st[2 * kk][2], st[2 * kk][3]);
+      pa[kk][2] = pack2<T>(st[2 * kk + 1][0], st[2 * kk + 1][1]);
+      pa[kk][3] = pack2<T>(st[2 * kk + 1][2], st[2 * kk + 1][3]);
+      da[kk][0] = pack2<T>(dpt[2 * kk][0], dpt[2 * kk][1]);
+      da[kk][1] = pack2<T>(dpt[2 * kk][2], dpt[2 * kk][3]);
+      da[kk][2] = pack2<T>(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]);
+      da[kk][3] = pack2<T>(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3]);
+    }
+
+    // dV += P^T dO, dK += dS^T Q (K = the tile's 64 queries; dO and Q are MN-major B).
+    {
+      const uint32_t q_base = opaque(sQ + s * Smem::kQ), o_base = opaque(sdO + s * Smem::kQ);
+      fence_operands(dv);
+      fence_operands(dk);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kBlockM / 16; ++kk)
+        Wgmma<T, kHeadDim>::template rs<1>(dv, pa[kk], desc_mn_major<kBlockM>(o_base, kk), 1);
+#pragma unroll
+      for (int kk = 0; kk < kBlockM / 16; ++kk)
+        Wgmma<T, kHeadDim>::template rs<1>(dk, da[kk], desc_mn_major<kBlockM>(q_base, kk), 1);
+      wgmma_commit();
+    }
+
+    // dS^T to shared memory as [key][query] (128-byte rows, 128B swizzle): the M-major A of
+    // dQ. The first barrier: every warp of this consumer has finished the previous item's dQ
+    // products (each waited on them), which read this buffer.
+    named_bar_sync(1 + c, 128);
+    const int ds_row = int(opaque(uint32_t(16 * warp + g)));  // not hoisted: see kb_l
+#pragma unroll
+    for (int kk = 0; kk < kBlockM / 16; ++kk)
+#pragma unroll
+      for (int w = 0; w < 4; ++w) {
+        const int j = 2 * kk + (w >> 1), r = w & 1;
+        *reinterpret_cast<uint32_t*>(ds_ptr + tile_offset<2, 64, 64>(ds_row + 8 * r,
+                                                                     8 * j + 2 * t)) = da[kk][w];
+      }
+    fence_proxy_async_smem();
+    named_bar_sync(1 + c, 128);
+
+    // dQ (64 queries x 64 columns per pass) += dS (M-major A) K (rows 64c.., MN-major B).
+    float* dqa = bp.dq_accum + int64_t(b) * bp.dqa_batch_stride + int64_t(h) * bp.dqa_head_stride;
+#pragma unroll
+    for (int nh = 0; nh < Smem::kBoxes; ++nh) {
+      float acc[8][4];
+      const uint32_t ds_base = opaque(sdS);
+      const uint32_t kb = opaque(sK + nh * kBlockN * 128 + c * 64 * 128);
+      fence_operands(acc);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk)
+        Wgmma<T, 64>::template ss<1, 1>(acc, desc_mn_major<64>(ds_base, kk),
+                                        desc_mn_major<kBlockN>(kb, kk), kk > 0);
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_operands(acc);
+      if (nh == 0) {  // dV/dK (committed earlier) are complete too: the stage is free
+        fence_operands(dv);
+        fence_operands(dk);
+        keep_live(pa);  // the register A operands stay allocated until their wgmma is done
+        keep_live(da);
+        release(bar_empty(s));
+      }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int q = m0 + 16 * warp + g + 8 * r;
+        if (q >= len_q) continue;
+        float* row = dqa + int64_t(q) * bp.dqa_row_stride;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          const int col = 64 * nh + 8 * j + 2 * t;
+          if (col < p.head_dim)
+            asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(row + col),
+                         "f"(acc[j][2 * r]), "f"(acc[j][2 * r + 1])
+                         : "memory");
+        }
+      }
+    }
+
+    // Key-row dbias: the column sums of this head are complete after its last item.
+    if (bias_row && want_dbias && (i + 1 == n_items || head_of(i + 1) != h)) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float v = colsum[r];
+        v += __shfl_xor_sync(0xffffffffu, v, 1);
+        v += __shfl_xor_sync(0xffffffffu, v, 2);
+        colsum[r] = 0.f;
+        if (t == 0 && key[r] < len_k)
+          static_cast<T*>(bp.dbias)[int64_t(b) * bp.dbias_batch_stride +
+                                    int64_t(h) * bp.dbias_head_stride +
+                                    int64_t(key[r]) * bp.dbias_col_stride] = from_float<T>(v);
+      }
+    }
+  }
+
+  // dK, dV rows of this thread (keys key[r]); columns past head_dim are padding.
+  T* dkp = static_cast<T*>(bp.dk) + int64_t(b) * bp.dk_batch_stride + int64_t(kvh) * bp.dk_head_stride;
+  T* dvp = static_cast<T*>(bp.dv) + int64_t(b) * bp.dv_batch_stride + int64_t(kvh) * bp.dv_head_stride;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (key[r] >= len_k) continue;
+#pragma unroll
+    for (int j = 0; j < kDF; ++j) {
+      const int col = 8 * j + 2 * t;
+      if (col >= p.head_dim) continue;
+      *reinterpret_cast<uint32_t*>(dkp + int64_t(key[r]) * bp.dk_row_stride + col) =
+          pack2<T>(dk[j][2 * r], dk[j][2 * r + 1]);
+      *reinterpret_cast<uint32_t*>(dvp + int64_t(key[r]) * bp.dv_row_stride + col) =
+          pack2<T>(dv[j][2 * r], dv[j][2 * r + 1]);
+    }
+  }
+}
+
+}  // namespace dm

@@ -1,0 +1,142 @@
+"""The Hopper backward family's host half (cuda_src/sm90/bwd.cu, phase 1): which problems it
+takes, its shared-memory size, and its second kernel parameter ``Sm90BwdArgs`` (the tensor
+maps of q/k/v/dout and a full bias, and how the bias is read).
+
+Pure Python except ``build_args``, which asks the driver to encode the maps. Declined (the
+sm80-class backward serves them): varlen, masks, block-sparse lists, deterministic mode, head
+dims above 128, a bias other than a (B, H, Sq, Sk) or (B, H, 1, Sk) one in the query's dtype,
+and layouts TMA cannot read.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .arrays import ArrayInfo
+from .tensor_map import TensorMapError, TensorMapSpec, dim_stride, encode
+
+HEAD_DIMS = (64, 128)
+BLOCK_M = 64                # query rows per item
+BLOCK_N = 128               # keys per CTA: two consumer warpgroups of 64
+STAGES = 2                  # Q/dO/bias ring
+THREADS = 384               # producer + two consumer warpgroups
+SMEM_LIMIT = 227 * 1024
+
+BIAS_NONE, BIAS_TILE, BIAS_KEY_ROW = 0, 1, 2
+
+# Sm90BwdArgs: five 128-byte tensor maps (q, k, v, dout, bias), the int32 bias mode, padding.
+MAP_NAMES = ("q", "k", "v", "dout", "bias")
+ARGS_DTYPE = np.dtype({"names": ["maps", "bias_mode"],
+                       "formats": [(np.uint8, 128 * len(MAP_NAMES)), np.int32],
+                       "offsets": [0, 640], "itemsize": 704})
+
+
+def padded_head_dim(d: int) -> int:
+    """The specialized head dim that serves ``d`` (TMA zero-fills the columns past ``d``)."""
+    for hd in HEAD_DIMS:
+        if d <= hd:
+            return hd
+    raise ValueError(f"head dim must be <= {HEAD_DIMS[-1]} for the sm_90a backward, got {d}")
+
+
+def smem_bytes(head_dim: int, has_bias: bool) -> int:
+    """Dynamic shared memory of one instance: Sm90BwdSmem<...>::kAlloc in sm90/bwd.cu."""
+    boxes = head_dim // 64
+    kv = boxes * BLOCK_N * 128
+    q = boxes * BLOCK_M * 128
+    bias = BLOCK_M * BLOCK_N * 2 if has_bias else 0
+    ds = 64 * BLOCK_M * 2
+    bars = 8 * (1 + 2 * STAGES)
+    return 2 * kv + STAGES * (2 * q + bias) + 2 * ds + 2 * STAGES * BLOCK_M * 4 + bars + 1024
+
+
+def bias_mode(bias: ArrayInfo | None, batch: int, heads: int, seqlen_q: int,
+              seqlen_k: int) -> int | None:
+    """How the kernel reads a 4-D bias, or None when phase 1 does not serve its shape: a full
+    (B, H, Sq, Sk) tile or a key row (B, H, 1, Sk) (the dbias of both is written without
+    reductions across CTAs). Broadcasts over batch/heads go to the sm80-class family."""
+    if bias is None:
+        return BIAS_NONE
+    nb, nh, nq, nk = bias.shape
+    if nb != batch or nh != heads or nk != seqlen_k:
+        return None
+    if nq == 1:
+        return BIAS_KEY_ROW
+    return BIAS_TILE if nq == seqlen_q else None
+
+
+def _qkv_map(info: ArrayInfo, rows_box: int) -> TensorMapSpec:
+    b, s, h, d = info.shape
+    sb, ss, sh, _ = info.strides
+    if info.shape[-1] > 1 and info.strides[-1] != 1:
+        raise TensorMapError(f"head dim must be contiguous, got stride {info.strides[-1]}")
+    return TensorMapSpec(2, (d, s, h, b), (dim_stride(s, ss, 2), dim_stride(h, sh, 2),
+                                          dim_stride(b, sb, 2)), (64, rows_box, 1, 1), 128)
+
+
+def _bias_tile_map(info: ArrayInfo) -> TensorMapSpec:
+    """(keys, queries, heads, batch) boxes of 64 keys x 64 query rows, 128B swizzle."""
+    nb, nh, nq, nk = info.shape
+    sb, sh, sq, sk = info.strides
+    if sk != 1:
+        raise TensorMapError(f"keys must be contiguous, got stride {sk}")
+    return TensorMapSpec(2, (nk, nq, nh, nb), (dim_stride(nq, sq, 2), dim_stride(nh, sh, 2),
+                                              dim_stride(nb, sb, 2)), (64, BLOCK_M, 1, 1), 128)
+
+
+def plan_maps(q: ArrayInfo, k: ArrayInfo, v: ArrayInfo, dout: ArrayInfo,
+              bias: ArrayInfo | None, mode: int) -> dict[str, TensorMapSpec | None]:
+    """The tensor maps of a problem, or TensorMapError when one cannot be encoded."""
+    maps: dict[str, TensorMapSpec | None] = {
+        "q": _qkv_map(q, BLOCK_M), "k": _qkv_map(k, BLOCK_N), "v": _qkv_map(v, BLOCK_N),
+        "dout": _qkv_map(dout, BLOCK_M),
+        "bias": _bias_tile_map(bias) if mode == BIAS_TILE and bias is not None else None}
+    for spec in maps.values():
+        if spec is not None:
+            spec.check()
+    return maps
+
+
+MAX_GRID_YZ = 65535
+
+
+def accepts(head_dim: int, dtype: str, q: ArrayInfo, k: ArrayInfo, v: ArrayInfo,
+            dout: ArrayInfo, bias: ArrayInfo | None, has_mask: bool, varlen: bool,
+            deterministic: bool, sparse: bool, batch: int, heads: int, kv_heads: int,
+            seqlen_q: int, seqlen_k: int, smem_limit: int = SMEM_LIMIT) -> bool:
+    """Whether phase 1 of the Hopper backward serves this problem (pure)."""
+    if varlen or has_mask or sparse or deterministic or head_dim > HEAD_DIMS[-1]:
+        return False
+    if seqlen_q < 1 or seqlen_k < 1 or batch > MAX_GRID_YZ or kv_heads > MAX_GRID_YZ:
+        return False
+    mode = bias_mode(bias, batch, heads, seqlen_q, seqlen_k)
+    if mode is None or (bias is not None and bias.dtype != dtype):
+        return False
+    hd = padded_head_dim(head_dim)
+    if smem_bytes(hd, bias is not None) > smem_limit:
+        return False
+    infos = [q, k, v, dout] + ([bias] if bias is not None else [])
+    if any(info.ptr % 16 for info in infos):
+        return False
+    try:
+        plan_maps(q, k, v, dout, bias, mode)
+    except TensorMapError:
+        return False
+    return True
+
+
+def build_args(q: ArrayInfo, k: ArrayInfo, v: ArrayInfo, dout: ArrayInfo,
+               bias: ArrayInfo | None, mode: int) -> np.ndarray:
+    """The one-element Sm90BwdArgs record (maps encoded by the driver)."""
+    maps = plan_maps(q, k, v, dout, bias, mode)
+    infos = {"q": q, "k": k, "v": v, "dout": dout, "bias": bias}
+    rec = np.zeros(1, dtype=ARGS_DTYPE)
+    raw = bytearray(128 * len(MAP_NAMES))
+    for i, name in enumerate(MAP_NAMES):
+        spec = maps[name]
+        info = infos[name]
+        if spec is not None and info is not None:
+            raw[128 * i:128 * (i + 1)] = encode(spec, info.ptr)
+    rec["maps"][0] = np.frombuffer(bytes(raw), dtype=np.uint8)
+    rec["bias_mode"] = mode
+    return rec

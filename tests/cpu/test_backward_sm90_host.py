@@ -1,0 +1,181 @@
+"""The Hopper backward's host half without a GPU: DMATTN_BWD_FAMILY, which problems
+select.backward_family sends to bwd_sm90 (and which stay on the portable kernels), the
+Sm90BwdArgs record, the precompile enumeration, and run_backward's launches with the runtime
+stubbed."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from dmattn_cupy import backward, backward_sm90, env, precompile, runtime, select
+from dmattn_cupy.arrays import describe
+from dmattn_cupy.device import PRESETS
+from dmattn_cupy.validate import check_dense
+
+H100, A100 = PRESETS["sm_90"], PRESETS["sm_80"]
+
+
+def _arrays(b=2, sq=200, sk=264, h=4, hk=2, d=128, dtype=np.float16, seed=0):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((b, sq, h, d)).astype(dtype)
+    k = rng.standard_normal((b, sk, hk, d)).astype(dtype)
+    v = rng.standard_normal((b, sk, hk, d)).astype(dtype)
+    return q, k, v
+
+
+def _pb(q, k, v, mask=None, bias=None, causal=False, window=(-1, -1)):
+    pb = check_dense(q, k, v, mask, bias, None, causal, window, 0.0, "reference")
+    return dataclasses.replace(pb, backend="cuda")
+
+
+def _family(pb, dout=None, deterministic=False, sparse=False, dev=H100):
+    d = describe(dout) if dout is not None else pb.q
+    return select.backward_family(pb, d, deterministic, sparse, dev)
+
+
+def test_env_values(monkeypatch):
+    monkeypatch.delenv("DMATTN_BWD_FAMILY", raising=False)
+    assert env.backward_family_override() is None
+    for val in ("bwd_sm90", "bwd_dkdv"):
+        monkeypatch.setenv("DMATTN_BWD_FAMILY", val)
+        assert env.backward_family_override() == val
+    monkeypatch.setenv("DMATTN_BWD_FAMILY", "fast")
+    with pytest.raises(ValueError, match="DMATTN_BWD_FAMILY"):
+        env.backward_family_override()
+
+
+def test_hopper_backward_is_opt_in_and_cc90_only(monkeypatch):
+    q, k, v = _arrays()
+    pb = _pb(q, k, v, causal=True)
+    monkeypatch.delenv("DMATTN_BWD_FAMILY", raising=False)
+    assert _family(pb) == "bwd_dkdv"           # default: portable until GPU-verified
+    monkeypatch.setenv("DMATTN_BWD_FAMILY", "bwd_dkdv")
+    assert _family(pb) == "bwd_dkdv"
+    monkeypatch.setenv("DMATTN_BWD_FAMILY", "bwd_sm90")
+    assert _family(pb) == "bwd_sm90"
+    assert _family(pb, dev=A100) == "bwd_dkdv"
+
+
+def test_what_phase_1_takes_and_declines(monkeypatch):
+    monkeypatch.setenv("DMATTN_BWD_FAMILY", "bwd_sm90")
+    q, k, v = _arrays()
+    b, sq, h, _ = q.shape
+    sk = k.shape[1]
+    f16 = np.float16
+    taken = [None, np.zeros((b, h, sq, sk), f16), np.zeros((b, h, 1, sk), f16)]
+    for bias in taken:
+        assert _family(_pb(q, k, v, bias=bias)) == "bwd_sm90"
+    declined = [np.zeros((1, h, sq, sk), f16), np.zeros((b, 1, sq, sk), f16),
+                np.zeros((b, h, sq, 1), f16), np.zeros((b, h, sq, sk), np.float32),
+                np.zeros((1, 1, 1, sk), f16)]
+    for bias in declined:
+        assert _family(_pb(q, k, v, bias=bias)) == "bwd_dkdv", bias.shape
+    pb = _pb(q, k, v)
+    assert _family(pb, deterministic=True) == "bwd_dkdv"
+    assert _family(pb, sparse=True) == "bwd_dkdv"
+    assert _family(_pb(q, k, v, mask=np.ones((b, h, sq, sk), bool))) == "bwd_dkdv"
+    assert _family(dataclasses.replace(pb, varlen=True)) == "bwd_dkdv"
+    for d in (32, 64, 96):  # padded to 64 / 128
+        assert _family(_pb(*_arrays(d=d))) == "bwd_sm90"
+    assert _family(_pb(*_arrays(d=256))) == "bwd_dkdv"
+    # a dout TMA cannot read (rows of 8 halves = 16 bytes are fine; a stride of 3 is not)
+    bad = np.zeros((b, sq, h, 3 * 128), f16)[..., ::3]
+    assert _family(pb, dout=bad) == "bwd_dkdv"
+    # odd bias rows (Sk = 250: 500-byte rows are not 16-byte multiples)
+    q2, k2, v2 = _arrays(sk=250)
+    assert _family(_pb(q2, k2, v2, bias=np.zeros((b, h, sq, 250), f16))) == "bwd_dkdv"
+    assert _family(_pb(q2, k2, v2)) == "bwd_sm90"
+
+
+def test_bias_modes():
+    f = backward_sm90.bias_mode
+    info = describe(np.zeros((2, 4, 200, 264), np.float16))
+    assert f(info, 2, 4, 200, 264) == backward_sm90.BIAS_TILE
+    assert f(describe(np.zeros((2, 4, 1, 264), np.float16)), 2, 4, 200, 264) == \
+        backward_sm90.BIAS_KEY_ROW
+    assert f(None, 2, 4, 200, 264) == backward_sm90.BIAS_NONE
+    assert f(describe(np.zeros((2, 4, 200, 1), np.float16)), 2, 4, 200, 264) is None
+    assert f(describe(np.zeros((2, 2, 200, 264), np.float16)), 2, 4, 200, 264) is None
+
+
+def test_args_record_layout(monkeypatch):
+    """Sm90BwdArgs as the kernel reads it: map i (q, k, v, dout, bias) at bytes 128 i, then
+    the bias mode at 640; a key-row bias has no map (the consumers read it directly)."""
+    monkeypatch.setattr(backward_sm90, "encode", lambda spec, ptr: bytes([ptr % 251]) * 128)
+    q, k, v = _arrays()
+    infos = [dataclasses.replace(describe(x), ptr=(i + 1) << 20) for i, x in
+             enumerate((q, k, v, q))]
+    for bias, mode in ((np.zeros((2, 4, 200, 264), np.float16), backward_sm90.BIAS_TILE),
+                       (np.zeros((2, 4, 1, 264), np.float16), backward_sm90.BIAS_KEY_ROW)):
+        binfo = dataclasses.replace(describe(bias), ptr=5 << 20)
+        raw = backward_sm90.build_args(*infos, binfo, mode).tobytes()
+        assert len(raw) == 704
+        for i in range(4):
+            assert raw[128 * i:128 * (i + 1)] == bytes([((i + 1) << 20) % 251]) * 128
+        want = bytes([(5 << 20) % 251]) * 128 if mode == backward_sm90.BIAS_TILE else bytes(128)
+        assert raw[512:640] == want
+        assert np.frombuffer(raw[640:644], np.int32)[0] == mode
+    maps = backward_sm90.plan_maps(*infos, describe(np.zeros((2, 4, 200, 264), np.float16)),
+                                   backward_sm90.BIAS_TILE)
+    assert maps["q"].box == (64, 64, 1, 1) and maps["k"].box == (64, 128, 1, 1)
+    assert maps["bias"].dims == (264, 200, 4, 2) and maps["bias"].box == (64, 64, 1, 1)
+    assert maps["bias"].swizzle == 128
+
+
+def test_precompile_enumerates_dtype_headdim_bias():
+    specs = [s for s in precompile.all_specs("sm_90") if s.family == "bwd_sm90"]
+    assert len(specs) == 8 and all(s.arch == "sm_90a" and s.threads == 384 for s in specs)
+    assert {(s.dtype, s.head_dim, s.has_bias) for s in specs} == {
+        (dt, hd, b) for dt in ("fp16", "bf16") for hd in (64, 128) for b in (False, True)}
+    assert not [s for s in precompile.all_specs("sm_80") if s.family == "bwd_sm90"]
+
+
+@pytest.mark.parametrize("bias_shape", [None, (2, 4, 200, 264), (2, 4, 1, 264)])
+def test_run_backward_launches_the_hopper_kernel(monkeypatch, bias_shape):
+    """run_backward with the runtime stubbed: the preprocess, then bwd_sm90 over (key tiles of
+    128, kv heads, batch) with the BwdParams record and the Sm90BwdArgs record; dq comes from
+    the fp32 accumulator and dbias has the bias's shape and dtype."""
+    monkeypatch.setenv("DMATTN_BWD_FAMILY", "bwd_sm90")
+    monkeypatch.setattr(backward_sm90, "encode", lambda spec, ptr: bytes(128))
+    launched = []
+    monkeypatch.setattr(runtime, "device_props", lambda device: H100)
+    monkeypatch.setattr(runtime, "current_stream", lambda kind, device: "stream")
+    monkeypatch.setattr(runtime, "get_kernel", lambda spec, device: spec)
+    monkeypatch.setattr(runtime, "launch", lambda kern, grid, args, stream: launched.append(
+        (kern, grid, args)))
+    q, k, v = _arrays()
+    bias = None if bias_shape is None else np.zeros(bias_shape, np.float16)
+    pb = _pb(q, k, v, bias=bias)
+    out = np.zeros_like(q)
+    lse = np.zeros((2, 4, 200), np.float32)
+    before = backward.launches["bwd_sm90"]
+    dq, dk, dv, dbias = backward.run_backward(pb, np.zeros_like(q), q, k, v, out, lse)
+    assert backward.launches["bwd_sm90"] == before + 1
+    assert [x[0].family for x in launched] == ["bwd_pre", "bwd_sm90"]
+    spec, grid, args = launched[1]
+    assert grid == (3, 2, 2) and len(args) == 2
+    assert args[1].dtype == backward_sm90.ARGS_DTYPE
+    assert args[0]["dbias_mode"] == (0 if bias is None else 1)
+    assert args[0]["dqa_row_stride"] == 4 * 128  # the fp32 dQ accumulator (non-deterministic)
+    assert (spec.has_bias, spec.head_dim, spec.dtype) == (bias is not None, 128, "fp16")
+    assert dq.shape == q.shape and dq.dtype == q.dtype and dk.shape == k.shape
+    if bias is None:
+        assert dbias is None
+    else:
+        assert dbias.shape == bias.shape and dbias.dtype == bias.dtype
+
+
+def test_run_backward_keeps_the_portable_kernels_by_default(monkeypatch):
+    monkeypatch.delenv("DMATTN_BWD_FAMILY", raising=False)
+    launched = []
+    monkeypatch.setattr(runtime, "device_props", lambda device: H100)
+    monkeypatch.setattr(runtime, "current_stream", lambda kind, device: "stream")
+    monkeypatch.setattr(runtime, "get_kernel", lambda spec, device: spec)
+    monkeypatch.setattr(runtime, "launch", lambda kern, grid, args, stream: launched.append(kern))
+    q, k, v = _arrays()
+    backward.run_backward(_pb(q, k, v), np.zeros_like(q), q, k, v, np.zeros_like(q),
+                          np.zeros((2, 4, 200), np.float32))
+    assert [s.family for s in launched] == ["bwd_pre", "bwd_dkdv"]

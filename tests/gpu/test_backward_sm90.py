@@ -1,0 +1,96 @@
+"""The Hopper backward (bwd_sm90, sm_90a, phase 1) against float64 autograd with the factor-3
+rule of test_backward.py: d64/d128, bf16/fp16, none/causal/window, GQA groups 1/4, lengths
+that are not tile multiples, full (B, H, Sq, Sk) and key-side (B, H, 1, Sk) biases with their
+gradients, softcap, rows and keys that see nothing. DMATTN_BWD_FAMILY=bwd_sm90 forces the
+family (it is opt-in until verified here) and every test asserts that it ran."""
+
+from __future__ import annotations
+
+import pytest
+from test_backward import _qkv, _run_dense
+
+from dmattn_cupy import backward
+
+torch = pytest.importorskip("torch")
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(autouse=True)
+def _hopper_backward(monkeypatch):
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the sm_90a backward runs on compute capability 9.0 only")
+    monkeypatch.setenv("DMATTN_BWD_FAMILY", "bwd_sm90")
+    before = backward.launches["bwd_sm90"]
+    yield
+    assert backward.launches["bwd_sm90"] > before, "the sm_90a backward did not run"
+
+
+MODES = {"none": {}, "causal": {"is_causal": True}, "window": {"window_size": (50, 20)}}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("h,hk", [(4, 4), (4, 1)], ids=["g1", "g4"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("d", [64, 128], ids=["d64", "d128"])
+def test_dense(d, dtype, h, hk, mode):
+    q, k, v = _qkv(2, 200, 200, h, hk, d, dtype, seed=d + h + hk)
+    _run_dense(q, k, v, seed=1, **MODES[mode])
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("d", [64, 128], ids=["d64", "d128"])
+def test_ragged_lengths(d, mode):
+    """Sq = 130, Sk = 300: partial query and key tiles, several key tiles per head."""
+    q, k, v = _qkv(2, 130, 300, 4, 2, d, "bfloat16", seed=d)
+    _run_dense(q, k, v, seed=2, **MODES[mode])
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("h,hk", [(4, 4), (4, 1)], ids=["g1", "g4"])
+@pytest.mark.parametrize("d", [64, 128], ids=["d64", "d128"])
+def test_full_bias_grad(d, h, hk, mode):
+    """dbias = dS per element (Sk = 264: 16-byte bias rows, a partial last key tile)."""
+    q, k, v = _qkv(2, 200, 264, h, hk, d, "bfloat16", seed=3 + d)
+    bias = torch.randn(2, h, 200, 264, generator=torch.Generator().manual_seed(4)).to(
+        "cuda", torch.bfloat16)
+    _run_dense(q, k, v, bias=bias, seed=5, **MODES[mode])
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("h,hk", [(4, 4), (4, 1)], ids=["g1", "g4"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("d", [64, 128], ids=["d64", "d128"])
+def test_key_side_bias_grad(d, dtype, h, hk, mode):
+    """dbias (B, H, 1, Sk) = the column sums over every query tile of a head."""
+    q, k, v = _qkv(2, 300, 200, h, hk, d, dtype, seed=6 + d)
+    bias = torch.randn(2, h, 1, 200, generator=torch.Generator().manual_seed(7)).to(
+        "cuda", getattr(torch, dtype))
+    _run_dense(q, k, v, bias=bias, seed=8, **MODES[mode])
+
+
+@pytest.mark.parametrize("kw", [{"softcap": 5.0}, {"softcap": 10.0, "is_causal": True}],
+                         ids=["softcap", "softcap_causal"])
+def test_softcap(kw):
+    q, k, v = _qkv(2, 130, 200, 4, 2, 128, "bfloat16", seed=9)
+    bias = torch.randn(2, 4, 130, 200, device="cuda", dtype=torch.bfloat16)
+    _run_dense(q, k, v, bias=bias, seed=10, **kw)
+
+
+@pytest.mark.parametrize("d", [64, 128], ids=["d64", "d128"])
+def test_rows_and_keys_that_see_nothing(d):
+    """Causal with Sq > Sk: the first Sq - Sk rows keep nothing (lse -inf): zero dQ and zero
+    dbias there, no NaN; a left window leaves early keys unseen: zero dK/dV."""
+    q, k, v = _qkv(1, 300, 130, 4, 2, d, "bfloat16", seed=11)
+    dq, dk, dv, _ = _run_dense(q, k, v, seed=12, is_causal=True)
+    assert (dq[:, :170] == 0).all()
+    q, k, v = _qkv(1, 30, 300, 2, 2, d, "bfloat16", seed=13)
+    dq, dk, dv, _ = _run_dense(q, k, v, seed=14, window_size=(10, 0))
+    assert (dk[:, :260] == 0).all() and (dv[:, :260] == 0).all()
+
+
+def test_fully_masked_rows_with_bias_grad():
+    q, k, v = _qkv(2, 300, 136, 4, 4, 64, "float16", seed=15)
+    bias = torch.randn(2, 4, 300, 136, device="cuda", dtype=torch.float16)
+    dq, dk, dv, db = _run_dense(q, k, v, bias=bias, seed=16, is_causal=True)
+    assert (dq[:, :164] == 0).all() and (db[:, :, :164] == 0).all()
