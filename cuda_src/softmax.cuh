@@ -52,11 +52,7 @@ struct OnlineSoftmax {
   // Turns scores x * scale (scale > 0; the log2-domain logits) into probabilities in place;
   // returns the per-row rescale factors for the output accumulator (see rescale_o). Passing
   // the raw scores with their scale folds the scaling into one FFMA per element.
-  // kSlack > 0: a row keeps its running max while the new one exceeds it by at most kSlack
-  // (log2 units), so probabilities may reach 2^kSlack (fine for fp32 sums and 16-bit P) and
-  // alpha is exactly 1 on most tiles: the caller can skip rescaling O (FlashAttention-4's
-  // conditional rescale). A NaN or a first kept key (m = -inf) always updates the max.
-  template <int kSlack = 0, int kF, int kN>
+  template <int kF, int kN>
   DM_DEVICE void update(float (&x)[kF][kN], float (&alpha)[kRows], float scale = 1.f) {
     constexpr int kPer = kN / kRows;
     static_assert(kPer * kRows == kN, "a fragment holds kPer values of each row");
@@ -71,7 +67,6 @@ struct OnlineSoftmax {
         mx = fmax_nan(mx, fm);
       }
       mx = fmax_nan(m[r], row_max<kRowThreads>(mx) * scale);
-      if (kSlack > 0 && mx - m[r] <= float(kSlack)) mx = m[r];
       const float m_use = mx == -DM_INF ? 0.f : mx;  // all excluded so far: exp2(-inf) = 0
       alpha[r] = fast_exp2(m[r] - m_use);
       float sum = 0.f;

@@ -29,12 +29,6 @@
 #include "primitives.cuh"
 #include "wgmma_ops.cuh"
 
-// Conditional rescale (softmax.cuh: kSlack): 0 rescales O on every tile. An A/B switch
-// (DMATTN_NVRTC_DEFINES) until measured.
-#ifndef DM_SM90_RESCALE_SLACK
-#define DM_SM90_RESCALE_SLACK 0
-#endif
-
 namespace dm {
 
 // Tile classes the producer hands over (bits; 0 = full: no per-element work).
@@ -471,7 +465,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
     fence_operands(s);
     load_operands(ops, stage, cls);
     transform(s, ops, n * kBlockN, cls);
-    sm.template update<DM_SM90_RESCALE_SLACK>(s, alpha, ls.exp_scale);
+    sm.update(s, alpha, ls.exp_scale);
     release_k(stage);
     pack_p(s, pa);
     int prev = stage;
@@ -486,8 +480,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
       turn_wait();
       if (n < 0) break;  // the turn is taken by the last O += P V below
       issue_s(s, stage);
-      if (DM_SM90_RESCALE_SLACK == 0 || __any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f))
-        rescale_o(o, alpha);
+      rescale_o(o, alpha);
       mbar_wait(bar_full_v(prev), prev_phase);
       issue_pv(pa, prev);
       turn_pass();
@@ -496,7 +489,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
       fence_operands(s);
       load_operands(ops, stage, cls);
       transform(s, ops, n * kBlockN, cls);
-      sm.template update<DM_SM90_RESCALE_SLACK>(s, alpha, ls.exp_scale);
+      sm.update(s, alpha, ls.exp_scale);
       release_k(stage);
       wgmma_wait<0>();
       fence_operands(o);
