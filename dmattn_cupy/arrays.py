@@ -244,9 +244,11 @@ def upload(arr: np.ndarray, like: Any, dtype: str) -> Any:
     return host
 
 
-def strided_copy(info: ArrayInfo, stream: Any) -> tuple[Any, ArrayInfo]:
+def strided_copy(info: ArrayInfo, stream: Any, like: Any = None) -> tuple[Any, ArrayInfo]:
     """The 16-bit elements ``info`` describes (any strides, negative ones included) copied
-    into a fresh C-contiguous CuPy buffer on ``stream``; returns it and its description."""
+    on ``stream`` into a fresh C-contiguous buffer, allocated in the library of ``like`` (so
+    torch's caching allocator, and its CUDA-graph pool, owns it) or by CuPy when ``like`` is
+    None; returns it and its description."""
     import cupy
 
     item = 2  # fp16 / bf16, copied as raw 16-bit words
@@ -257,6 +259,14 @@ def strided_copy(info: ArrayInfo, stream: Any) -> tuple[Any, ArrayInfo]:
                                       device_id=info.device)
         src = cupy.ndarray(info.shape, cupy.uint16, cupy.cuda.MemoryPointer(mem, -lo * item),
                            strides=tuple(st * item for st in info.strides))
-        dst = src.copy(order="C")
-    return dst, dataclasses.replace(info, ptr=dst.data.ptr,
-                                    strides=tuple(st // item for st in dst.strides))
+        if like is None or array_kind(like) != "torch":
+            dst = src.copy(order="C")
+            return dst, dataclasses.replace(info, ptr=dst.data.ptr,
+                                            strides=tuple(st // item for st in dst.strides))
+        buf = empty(like, tuple(info.shape), info.dtype)
+        out = describe(buf)
+        dmem = cupy.cuda.UnownedMemory(out.ptr, max(1, buf.numel()) * item, owner=buf,
+                                       device_id=info.device)
+        dst = cupy.ndarray(info.shape, cupy.uint16, cupy.cuda.MemoryPointer(dmem, 0))
+        dst[...] = src
+    return buf, dataclasses.replace(info, ptr=out.ptr, strides=out.strides)

@@ -45,7 +45,8 @@ def stub_gpu() -> Iterator[None]:
     """Make CPU torch tensors look like CUDA device 0 and every GPU call a no-op (see the
     module docstring). Restores everything on exit."""
     import dmattn_cupy
-    from dmattn_cupy import arrays, compile as dcompile, device, runtime, tensor_map
+    from dmattn_cupy import arrays, device, runtime, tensor_map
+    from dmattn_cupy import compile as dcompile
     from dmattn_cupy.arrays import ArrayInfo
 
     real_describe = arrays.describe
