@@ -11,7 +11,9 @@ Only this module and ``runtime`` touch torch/CuPy objects; both are imported laz
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -270,3 +272,35 @@ def strided_copy(info: ArrayInfo, stream: Any, like: Any = None) -> tuple[Any, A
         dst = cupy.ndarray(info.shape, cupy.uint16, cupy.cuda.MemoryPointer(dmem, 0))
         dst[...] = src
     return buf, dataclasses.replace(info, ptr=out.ptr, strides=out.strides)
+
+
+def allocator(like: Any, shape: tuple[int, ...], dtype: str | None,
+              zero: bool = False) -> Callable[[], Any]:
+    """A function making a new (zero-filled if ``zero``) array of ``shape`` and ``dtype``
+    (default: ``like``'s) in the library and on the device of ``like``, each time it is
+    called: the thin launch path's allocation, bound once per plan."""
+    kind = array_kind(like)
+    if kind == "torch":
+        import torch
+
+        dt = like.dtype if dtype is None else _torch_dtype(dtype)
+        return functools.partial(torch.zeros if zero else torch.empty, shape, dtype=dt,
+                                 device=like.device)
+    if kind == "cupy":
+        import cupy
+
+        dev, dt = like.device.id, like.dtype if dtype is None else dtype
+        make = cupy.zeros if zero else cupy.empty
+
+        def alloc() -> Any:
+            with cupy.cuda.Device(dev):
+                return make(shape, dtype=dt)
+
+        return alloc
+    return functools.partial(np.zeros if zero else np.empty, shape,
+                             dtype=like.dtype if dtype is None else dtype)
+
+
+def data_ptr(x: Any) -> int:
+    """The device pointer of a torch tensor or CuPy array (no description built)."""
+    return x.data_ptr() if array_kind(x) == "torch" else x.data.ptr

@@ -26,11 +26,11 @@ import numpy as np
 from . import runtime
 
 
-@dataclass
+@dataclass(eq=False)
 class Launch:
     kernel: Any                        # runtime.Kernel
     grid: tuple[int, int, int]
-    args: tuple[np.ndarray, ...]       # one-element records, each passed by value
+    args: tuple[np.ndarray, ...] = field(repr=False)  # one-element records, passed by value
     shared_mem: int | None = None      # None: the spec's
 
 
@@ -42,20 +42,20 @@ class Alloc:
     zero: bool = False
 
 
-@dataclass
+@dataclass(eq=False)
 class Plan:
     """What a call launches. ``sources``: the names whose pointers a call supplies, in order
     (inputs first, then ``allocs`` in their order)."""
     device: int
-    launches: list[Launch] = field(default_factory=list)
+    launches: list[Launch] = field(default_factory=list, repr=False)
     allocs: list[Alloc] = field(default_factory=list)
     inputs: tuple[str, ...] = ()
-    slots: dict[str, list[tuple[np.ndarray, int]]] = field(default_factory=dict)
-    hooks: list[Callable[[dict[str, int]], None]] = field(default_factory=list)
+    slots: dict[str, list[tuple[np.ndarray, int]]] = field(default_factory=dict, repr=False)
+    hooks: list[Callable[[dict[str, int]], None]] = field(default_factory=list, repr=False)
     cacheable: bool = True             # False: built around copies or data a key cannot prove
-    extra: dict[str, Any] = field(default_factory=dict)   # builder-specific facts (post-steps)
-    _bound: Any = None
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)  # builder facts (post-steps)
+    _bound: Any = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def sources(self) -> tuple[str, ...]:
