@@ -131,7 +131,7 @@ def _as_record(arg: Any) -> np.ndarray:
     """A one-element record array holding ``arg`` (a record array or a structured scalar)."""
     if isinstance(arg, np.ndarray):
         return arg.reshape(1)
-    rec = np.empty(1, dtype=arg.dtype)
+    rec = np.zeros(1, dtype=arg.dtype)   # zeros: padding bytes too (launches copy them)
     rec[0] = arg
     return rec
 
