@@ -171,12 +171,14 @@ def _forward(key: tuple, lib: str, q: Any, k: Any, v: Any, mask: Any, bias: Any,
 
 
 class _Call:
-    """What an autograd node needs for its backward: the forward entry (None when the forward
-    plan is not cached) and the validated problem."""
-    __slots__ = ("entry", "pb", "deterministic")
+    """One autograd call: the forward entry (None until the forward plan is cached), the
+    validated problem, the inputs that get no gradient, and the cache key."""
+    __slots__ = ("entry", "pb", "deterministic", "mask", "cu_q", "cu_k", "key")
 
-    def __init__(self, entry: _Entry | None, pb: Problem, deterministic: bool) -> None:
+    def __init__(self, entry: _Entry | None, pb: Problem, deterministic: bool, mask: Any,
+                 cu_q: Any, cu_k: Any, key: tuple) -> None:
         self.entry, self.pb, self.deterministic = entry, pb, deterministic
+        self.mask, self.cu_q, self.cu_k, self.key = mask, cu_q, cu_k, key
 
 
 def _run_backward(call: _Call, dout: Any, dlse: Any, q: Any, k: Any, v: Any, mask: Any,
@@ -212,29 +214,32 @@ if torch is not None:
         """Eager autograd over the thin path (the custom ops serve torch.compile)."""
 
         @staticmethod
-        def forward(ctx: Any, q: Any, k: Any, v: Any, mask: Any, bias: Any, cu_q: Any,
-                    cu_k: Any, call: _Call, entry: Any, key: tuple) -> tuple[Any, Any]:
+        def forward(ctx: Any, q: Any, k: Any, v: Any, bias: Any, call: _Call
+                    ) -> tuple[Any, Any]:
+            entry = call.entry
             if entry is None:
-                out, lse, plan = forward_call(call.pb, q, cu_q, cu_k, return_lse=True)
+                out, lse, plan = forward_call(call.pb, q, call.cu_q, call.cu_k, return_lse=True)
                 if plan is not None and plan.cacheable:
                     call.entry = _Entry(plan, call.pb, True)
-                forward_plans.put(key, call.entry)
+                forward_plans.put(call.key, call.entry)
             else:
-                out, lse = _run_forward(entry, "torch", q, k, v, mask, bias, cu_q, cu_k)
+                out, lse = _run_forward(entry, "torch", q, k, v, call.mask, bias, call.cu_q,
+                                        call.cu_k)
             ctx.set_materialize_grads(False)
-            ctx.save_for_backward(q, k, v, mask, bias, cu_q, cu_k, out, lse)
+            ctx.save_for_backward(q, k, v, bias, out, lse)
             ctx.call = call
             return out, lse
 
         @staticmethod
         def backward(ctx: Any, dout: Any, dlse: Any) -> tuple[Any, ...]:
-            q, k, v, mask, bias, cu_q, cu_k, out, lse = ctx.saved_tensors
-            need_dbias = bias is not None and ctx.needs_input_grad[4]
+            q, k, v, bias, out, lse = ctx.saved_tensors
+            need_dbias = bias is not None and ctx.needs_input_grad[3]
             if dout is None:
                 dout = torch.zeros_like(out)
-            dq, dk, dv, db = _run_backward(ctx.call, dout, dlse, q, k, v, mask, bias, cu_q,
-                                           cu_k, out, lse, need_dbias)
-            return dq, dk, dv, None, (db if need_dbias else None), None, None, None, None, None
+            c = ctx.call
+            dq, dk, dv, db = _run_backward(c, dout, dlse, q, k, v, c.mask, bias, c.cu_q, c.cu_k,
+                                           out, lse, need_dbias)
+            return dq, dk, dv, (db if need_dbias else None), None
 
 
 def _autograd(key: tuple, q: Any, k: Any, v: Any, mask: Any, bias: Any, cu_q: Any, cu_k: Any,
@@ -249,10 +254,10 @@ def _autograd(key: tuple, q: Any, k: Any, v: Any, mask: Any, bias: Any, cu_q: An
         if pb.backend != "cuda" or empty:
             forward_plans.put(key, None)
             return MISS
-        call, entry = _Call(None, pb, bool(deterministic)), None
+        call = _Call(None, pb, bool(deterministic), mask, cu_q, cu_k, key)
     else:
-        call = _Call(entry, entry.pb, bool(deterministic))
-    return _Attention.apply(q, k, v, mask, bias, cu_q, cu_k, call, entry, key)
+        call = _Call(entry, entry.pb, bool(deterministic), mask, cu_q, cu_k, key)
+    return _Attention.apply(q, k, v, bias, call)
 
 
 # --- public entries -------------------------------------------------------------------------

@@ -91,7 +91,9 @@ class Plan:
             ptrs = np.array([a.ctypes.data for a in ln.args], dtype=np.uint64)
             spec = ln.kernel.spec
             smem = spec.dynamic_smem if ln.shared_mem is None else ln.shared_mem
-            calls.append((ln.kernel.function.ptr, ln.grid, (spec.threads, 1, 1), smem, ptrs))
+            calls.append((ln.kernel.function.ptr, ln.grid, (spec.threads, 1, 1), smem,
+                          int(ptrs.ctypes.data)))
+            self.extra.setdefault("_params", []).append(ptrs)   # keeps the array alive
         self._bound = (tuple(patches), tuple(calls), self.sources)
         return self._bound
 
@@ -109,7 +111,7 @@ class Plan:
                     hook(named)
             dev = self.device
             for fn, grid, block, smem, params in calls:
-                runtime.launch_raw(dev, fn, grid, block, smem, stream, params.ctypes.data)
+                runtime.launch_raw(dev, fn, grid, block, smem, stream, params)
 
 
 class PlanCache:

@@ -97,16 +97,21 @@ def stub_gpu() -> Iterator[None]:
         if mod is not None and hasattr(mod, "encode"):
             patch(mod, "encode", encode)
     fastpath = sys.modules.get("dmattn_cupy.fastpath")
-    reset = fastpath.clear if fastpath is not None else (lambda: None)
+    probe = getattr(tensor_map, "address_offset", None)   # the probe caches per map spec
+
+    def reset() -> None:
+        if fastpath is not None:
+            fastpath.clear()
+        if probe is not None:
+            probe.cache_clear()
+
     reset()
-    tensor_map.address_offset.cache_clear()
     try:
         yield
     finally:
         for obj, name, old in reversed(patches):
             setattr(obj, name, old)
         reset()
-        tensor_map.address_offset.cache_clear()
 
 
 def per_call_us(fn: Callable[[], Any], calls: int, sync: Callable[[], None]) -> float:
@@ -127,7 +132,7 @@ def stages(calls: int, device: str) -> list[tuple[str, float | None]]:
     import torch
 
     import dmattn_cupy as dm
-    from dmattn_cupy import forward, runtime
+    from dmattn_cupy import autograd, forward, runtime
     from dmattn_cupy.arrays import describe
     from dmattn_cupy.layout import build_fwd_params
     from dmattn_cupy.validate import check_dense
@@ -187,10 +192,30 @@ def stages(calls: int, device: str) -> list[tuple[str, float | None]]:
     bd = kb.t().reshape(1, Hk, 1, Sk)
     row("decode step, dense (1,Hk,1,Sk) bias (api)",
         lambda: dm.flash_dmattn_func(qd, kd, vd, attn_bias=bd))
+    row("fwd+bwd through the custom ops (torch.compile's route)", lambda: torch.autograd.grad(
+        autograd.dense(qg, kg, vg, None, None, None, False, (-1, -1), 0.0, None, False, False,
+                       "auto"), (qg, kg, vg), dout))
+    # calibration: what torch itself costs on this machine
+    row("calib: torch.empty", lambda: torch.empty((B, S, H, D), dtype=dt, device=device))
+
+    class _Nop(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, x: Any) -> Any:
+            return torch.empty_like(x)
+
+        @staticmethod
+        def backward(ctx: Any, g: Any) -> Any:
+            return g
+
+    row("calib: autograd.Function no-op fwd+bwd", lambda: torch.autograd.grad(
+        _Nop.apply(qg), (qg,), dout))
     if device == "cuda":
         F = torch.nn.functional
+        qt, kt, vt = (x.transpose(1, 2) for x in (qg, kg, vg))
         row("peer: SDPA forward", lambda: F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)))
+        row("peer: SDPA fwd+bwd", lambda: torch.autograd.grad(
+            F.scaled_dot_product_attention(qt, kt, vt), (qg, kg, vg), dout.transpose(1, 2)))
     return rows
 
 
