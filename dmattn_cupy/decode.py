@@ -154,14 +154,17 @@ def plan_decode(pb: Problem, plan: Plan, query: Any, out: ArrayInfo, lse_ptr: in
     r["num_splits"] = ns
     r["total_rows"] = total_rows
     keep: list[Any] = []
-    if ns > 1:
-        rows = total_rows * pb.heads * ns
-        plan.allocs += [Alloc("o_acc", (rows, spec.head_dim), "float32"),
-                        Alloc("lse_acc", (rows,), "float32")]
-        keep = [arrays.empty(query, a.shape, a.dtype) for a in plan.allocs[-2:]]
-        r["o_accum"], r["lse_accum"] = describe(keep[0]).ptr, describe(keep[1]).ptr
     for name, field in fwd_pointer_fields(pb, tuple(a.name for a in plan.allocs)):
         plan.slot(name, rec, field)
+    if ns > 1:  # one float32 workspace: the partial outputs, then their lse
+        rows = total_rows * pb.heads * ns
+        lse_at = rows * spec.head_dim * 4   # a multiple of 128 bytes (head_dim % 32 == 0)
+        plan.allocs.append(Alloc("o_acc", (rows * (spec.head_dim + 1),), "float32"))
+        keep = [arrays.empty(query, plan.allocs[-1].shape, "float32")]
+        base = describe(keep[0]).ptr
+        r["o_accum"], r["lse_accum"] = base, base + lse_at
+        plan.slot("o_acc", rec, "o_accum")
+        plan.slot("o_acc", rec, "lse_accum", add=lse_at)
     plan.launches.append(Launch(kernel, (num_m_blocks(pb) * ns, pb.kv_heads, pb.batch), (rec,)))
     if ns > 1:
         combine = runtime.get_kernel(combine_spec(pb, props.arch), dev)

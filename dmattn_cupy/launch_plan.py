@@ -50,7 +50,9 @@ class Plan:
     launches: list[Launch] = field(default_factory=list, repr=False)
     allocs: list[Alloc] = field(default_factory=list)
     inputs: tuple[str, ...] = ()
-    slots: dict[str, list[tuple[np.ndarray, int]]] = field(default_factory=dict, repr=False)
+    # source -> [(uint64 view of a record, word index, bytes added to the pointer)]
+    slots: dict[str, list[tuple[np.ndarray, int, int]]] = field(default_factory=dict,
+                                                                repr=False)
     hooks: list[Callable[[dict[str, int]], None]] = field(default_factory=list, repr=False)
     cacheable: bool = True             # False: built around copies or data a key cannot prove
     extra: dict[str, Any] = field(default_factory=dict, repr=False)  # builder facts (post-steps)
@@ -61,16 +63,16 @@ class Plan:
     def sources(self) -> tuple[str, ...]:
         return self.inputs + tuple(a.name for a in self.allocs)
 
-    def slot(self, name: str, record: np.ndarray, field_name: str) -> None:
-        """Pointer ``name`` goes into ``record[field_name]`` (a uint64 field)."""
+    def slot(self, name: str, record: np.ndarray, field_name: str, add: int = 0) -> None:
+        """Pointer ``name`` (plus ``add`` bytes) goes into ``record[field_name]`` (uint64)."""
         off = record.dtype.fields[field_name][1]
-        self.slot_at(name, record, off)
+        self.slot_at(name, record, off, add)
 
-    def slot_at(self, name: str, buf: np.ndarray, byte_offset: int) -> None:
+    def slot_at(self, name: str, buf: np.ndarray, byte_offset: int, add: int = 0) -> None:
         if byte_offset % 8:
             raise ValueError(f"pointer slot at byte {byte_offset} is not 8-byte aligned")
         self.slots.setdefault(name, []).append((buf.view(np.uint64).reshape(-1),
-                                                byte_offset // 8))
+                                                byte_offset // 8, add))
 
     def run(self, stream: Any) -> None:
         """Launch as built (pointers already in the records) through ``runtime.launch``."""
@@ -84,8 +86,8 @@ class Plan:
     def _bind(self) -> Any:
         patches = []
         for pos, name in enumerate(self.sources):
-            for view, idx in self.slots.get(name, ()):
-                patches.append((view, idx, pos))
+            for view, idx, add in self.slots.get(name, ()):
+                patches.append((view, idx, pos, add))
         calls = []
         for ln in self.launches:
             ptrs = np.array([a.ctypes.data for a in ln.args], dtype=np.uint64)
@@ -103,8 +105,8 @@ class Plan:
         bound = self._bound or self._bind()
         patches, calls, sources = bound
         with self._lock:
-            for view, idx, pos in patches:
-                view[idx] = ptrs[pos]
+            for view, idx, pos, add in patches:
+                view[idx] = ptrs[pos] + add
             if self.hooks:
                 named = dict(zip(sources, ptrs, strict=True))
                 for hook in self.hooks:
