@@ -63,6 +63,7 @@ _MAX_BWD_PER_FWD = 16
 def clear() -> None:
     """Forget every cached plan (tests that edit the family table call this)."""
     forward_plans.clear()
+    backward_plans.clear()
 
 
 # --- signatures --------------------------------------------------------------------------
@@ -181,6 +182,19 @@ class _Call:
         self.mask, self.cu_q, self.cu_k, self.key = mask, cu_q, cu_k, key
 
 
+def _exec_backward(entry: _Entry, lib: str, dout: Any, dlse: Any, q: Any, k: Any, v: Any,
+                   mask: Any, bias: Any, cu_q: Any, cu_k: Any, out: Any, lse: Any
+                   ) -> tuple[Any, Any, Any, Any]:
+    """A cached backward plan on this call's arrays: allocate, patch, launch, finish."""
+    ptr = _tptr if lib == "torch" else _cptr
+    bufs = {a.name: make() for a, make in zip(entry.plan.allocs, _allocators(entry, q),
+                                              strict=True)}
+    ptrs = [ptr(x) for x in (q, k, v, mask, bias, cu_q, cu_k, out, lse, dout, dlse)]
+    ptrs += [ptr(b) for b in bufs.values()]
+    entry.plan.execute(ptrs, runtime.stream_ptr(lib, entry.plan.device))
+    return finish_backward(entry.plan, bufs)
+
+
 def _run_backward(call: _Call, dout: Any, dlse: Any, q: Any, k: Any, v: Any, mask: Any,
                   bias: Any, cu_q: Any, cu_k: Any, out: Any, lse: Any,
                   need_dbias: bool) -> tuple[Any, Any, Any, Any]:
@@ -190,12 +204,8 @@ def _run_backward(call: _Call, dout: Any, dlse: Any, q: Any, k: Any, v: Any, mas
     bkey = (_tsig(dout), _tsig(dlse), need_dbias)
     entry = _ABSENT if plans is None else plans.get(bkey, _ABSENT)
     if entry is not None and entry is not _ABSENT:
-        bufs = {a.name: make() for a, make in zip(entry.plan.allocs, _allocators(entry, q),
-                                                  strict=True)}
-        ptrs = [_tptr(x) for x in (q, k, v, mask, bias, cu_q, cu_k, out, lse, dout, dlse)]
-        ptrs += [b.data_ptr() for b in bufs.values()]
-        entry.plan.execute(ptrs, runtime.stream_ptr("torch", entry.plan.device))
-        return finish_backward(entry.plan, bufs)
+        return _exec_backward(entry, "torch", dout, dlse, q, k, v, mask, bias, cu_q, cu_k, out,
+                              lse)
     # validated once at the forward; the problem of this call's own arrays
     pb = dataclasses.replace(call.pb, q=describe(q), k=describe(k), v=describe(v),
                              mask=None if mask is None else describe(mask),
@@ -336,3 +346,62 @@ def varlen(query: Any, key: Any, value: Any, cu_seqlens_q: Any, cu_seqlens_k: An
     if res is MISS:
         return MISS
     return res if return_lse else res[0]
+
+
+# --- the functional backward (flash_dmattn_backward / _varlen_backward) --------------------
+
+backward_plans = PlanCache(256)
+
+
+def functional_backward_key(dout: Any, query: Any, key: Any, value: Any, out: Any, lse: Any,
+                            cu_q: Any, cu_k: Any, max_q: Any, max_k: Any, attn_mask: Any,
+                            attn_bias: Any, softmax_scale: Any, is_causal: Any, window_size: Any,
+                            softcap: Any, deterministic: Any, backend: Any, dlse: Any,
+                            bias_grad: Any) -> tuple | None:
+    """The plan key of a functional backward call, or None when it takes the validated path
+    only (a NumPy or mixed call, unusual option types, torch.compile tracing)."""
+    lib = _library(query)
+    if lib is None or type(bias_grad) is not bool or not _options_ok(
+            softmax_scale, is_causal, window_size, softcap, False, deterministic):
+        return None
+    if lib == "torch" and _compiling():
+        return None
+    if max_q is not None and (type(max_q) is not int or type(max_k) is not int):
+        return None
+    sig = _tsig if lib == "torch" else _csig
+    try:
+        return (2, lib, sig(dout), sig(query), sig(key), sig(value), sig(out), sig(lse),
+                sig(dlse), sig(attn_mask), sig(attn_bias), sig(cu_q), sig(cu_k), max_q, max_k,
+                softmax_scale, is_causal, window_size, softcap, deterministic, backend,
+                bias_grad, env.plan_state())
+    except AttributeError:
+        return None
+
+
+def functional_backward(bkey: tuple | None, dout: Any, query: Any, key: Any, value: Any,
+                        out: Any, lse: Any, cu_q: Any, cu_k: Any, attn_mask: Any,
+                        attn_bias: Any, dlse: Any) -> Any:
+    """(dq, dk, dv, dbias) through the cached plan of ``bkey``, or MISS."""
+    if bkey is None:
+        return MISS
+    entry = backward_plans.get(bkey)
+    if entry is None:
+        return MISS
+    return _exec_backward(entry, bkey[1], dout, dlse, query, key, value, attn_mask, attn_bias,
+                          cu_q, cu_k, out, lse)
+
+
+def build_functional_backward(bkey: tuple | None, pb: Problem, dout: Any, query: Any, key: Any,
+                              value: Any, out: Any, lse: Any, cu_q: Any, cu_k: Any, dlse: Any,
+                              deterministic: bool, need_dbias: bool
+                              ) -> tuple[Any, Any, Any, Any]:
+    """A validated functional backward (dout and out already in the query dtype): run it and
+    keep its plan under ``bkey`` when a later call with that key would build the same one
+    (no cast of dout / out was needed, no copies)."""
+    dout2, out2 = arrays.cast(dout, pb.dtype), arrays.cast(out, pb.dtype)
+    grads, plan = backward_call(pb, dout2, query, key, value, out2, lse, cu_q, cu_k, dlse,
+                                deterministic, need_dbias)
+    if bkey is not None and dout2 is dout and out2 is out and plan is not None \
+            and plan.cacheable:
+        backward_plans.put(bkey, _Entry(plan, pb, False))
+    return grads

@@ -374,3 +374,36 @@ def test_numpy_and_sparse_calls_take_the_validated_path(cap):
                           "auto") is fastpath.MISS
 
 
+
+
+@pytest.mark.parametrize("varlen", [False, True])
+def test_functional_backward_is_cached(cap, varlen):
+    """flash_dmattn_backward / _varlen_backward: the second call with a signature launches
+    the validated path's bytes from the cached plan; a cast dout is never cached."""
+    H, D = 4, 64
+    if varlen:
+        q, k, v = (_rand(50, H, D, seed=s) for s in (1, 2, 3))
+        cu = torch.tensor([0, 20, 50], dtype=torch.int32)
+        lse = torch.zeros(H, 50)
+        extra = (cu, cu, 30, 30)
+        fn = dm.flash_dmattn_varlen_backward
+    else:
+        q, k, v = (_rand(2, 25, H, D, seed=s) for s in (1, 2, 3))
+        lse = torch.zeros(2, H, 25)
+        extra = ()
+        fn = dm.flash_dmattn_backward
+    out, dout = _rand(*q.shape, seed=4), _rand(*q.shape, seed=5)
+    bias = _rand(*((50, H) if varlen else (2, H, 25, 25)), seed=6)
+    fn(dout, q, k, v, out, lse, *extra, attn_bias=bias, is_causal=True)
+    first = cap.take()
+    dq, dk, dv, db = fn(dout, q, k, v, out, lse, *extra, attn_bias=bias, is_causal=True)
+    again = cap.take()
+    assert [p for p, *_ in first] == ["slow"] * len(first)
+    assert [p for p, *_ in again] == ["thin"] * len(first)
+    assert _masked(again, cap) == _masked(first, cap)
+    rec = _record(again[-1][3][0], "BwdParams")
+    assert int(rec["dk"][0]) == dk.data_ptr() and int(rec["dout"][0]) == dout.data_ptr()
+    assert db.shape == bias.shape and dq.dtype == q.dtype
+    fn(dout.float(), q, k, v, out, lse, *extra, attn_bias=bias, is_causal=True)
+    fn(dout.float(), q, k, v, out, lse, *extra, attn_bias=bias, is_causal=True)
+    assert {p for p, *_ in cap.take()} == {"slow"}
