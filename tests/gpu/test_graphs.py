@@ -229,3 +229,48 @@ def test_graph_cupy(case, monkeypatch):
         for a, e in zip(static, eager, strict=True):
             assert cp.array_equal(a, e)
         assert any(not cp.array_equal(a, b) for a, b in zip(static, before, strict=True))
+
+
+@pytest.mark.parametrize("case", ["dense", "mask_bias", "decode", "varlen", "fwd_bwd"])
+def test_thin_path_matches_the_validated_first_call(case, both_forward_families):
+    """The first call with a signature (validated, plan built) and the next ones (cached plan,
+    new arrays of the same signature) give the bits the validated path gives those arrays."""
+    B, S, H, Hk, D = 2, 333, 4, 2, 128
+    Sq = 1 if case == "decode" else S
+
+    def make(seed):
+        t = [_rand((B, Sq, H, D), seed), _rand((B, S, Hk, D), seed + 1),
+             _rand((B, S, Hk, D), seed + 2)]
+        if case in ("mask_bias", "decode"):
+            t.append(_rand((B, Hk, Sq, S), seed + 3))
+        if case == "varlen":
+            t = [x.reshape(B * x.shape[1], *x.shape[2:]) for x in t]
+        if case == "fwd_bwd":
+            t = [x.requires_grad_() for x in t] + [_rand((B, Sq, H, D), seed + 4)]
+        return t
+
+    cu = torch.tensor([0, 100, 2 * S], device="cuda", dtype=torch.int32)
+    mask = torch.rand(B, 1, Sq, S, device="cuda") > 0.3
+
+    def run(t):
+        if case == "varlen":
+            return dm.flash_dmattn_varlen_func(*t[:3], cu, cu, S + 100, S + 100, is_causal=True,
+                                               return_lse=True)
+        if case == "fwd_bwd":
+            out = dm.flash_dmattn_func(*t[:3], deterministic=True)
+            return (out, *torch.autograd.grad(out, t[:3], t[3]))
+        kw = dict(attn_bias=t[3]) if len(t) > 3 else {}
+        if case == "mask_bias":
+            kw["attn_mask"] = mask
+        return dm.flash_dmattn_func(*t[:3], return_lse=True, **kw)
+
+    a, b = make(1), make(50)
+    first_a = run(a)                      # validated, plan built
+    thin_b = run(b)                       # cached plan, other arrays
+    thin_a = run(a)
+    torch.cuda.synchronize()
+    fastpath.clear()
+    first_b = run(b)                      # validated again, for b
+    torch.cuda.synchronize()
+    _same(thin_a, first_a)
+    _same(thin_b, first_b)
