@@ -236,18 +236,18 @@ if torch is not None:
                 out, lse = _run_forward(entry, "torch", q, k, v, call.mask, bias, call.cu_q,
                                         call.cu_k)
             ctx.set_materialize_grads(False)
-            ctx.save_for_backward(q, k, v, bias, out, lse)
+            # saved (not just held) so that an in-place change before backward() raises
+            ctx.save_for_backward(q, k, v, bias, out, lse, call.mask, call.cu_q, call.cu_k)
             ctx.call = call
             return out, lse
 
         @staticmethod
         def backward(ctx: Any, dout: Any, dlse: Any) -> tuple[Any, ...]:
-            q, k, v, bias, out, lse = ctx.saved_tensors
+            q, k, v, bias, out, lse, mask, cu_q, cu_k = ctx.saved_tensors
             need_dbias = bias is not None and ctx.needs_input_grad[3]
             if dout is None:
                 dout = torch.zeros_like(out)
-            c = ctx.call
-            dq, dk, dv, db = _run_backward(c, dout, dlse, q, k, v, c.mask, bias, c.cu_q, c.cu_k,
+            dq, dk, dv, db = _run_backward(ctx.call, dout, dlse, q, k, v, mask, bias, cu_q, cu_k,
                                            out, lse, need_dbias)
             return dq, dk, dv, (db if need_dbias else None), None
 
