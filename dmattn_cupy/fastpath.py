@@ -41,6 +41,7 @@ from .validate import Problem, check_dense, check_flags, check_varlen
 
 MISS = object()       # "take the validated path"
 _ABSENT = object()
+HITS = [0, 0]         # calls served by a cached forward / backward plan (tools/bench reads it)
 
 # key -> _Entry (a cacheable plan) or None (a signature the thin path leaves to the validated
 # path); bounded, least recently used first out. Backward plans hang off their forward entry.
@@ -158,6 +159,7 @@ def _forward(key: tuple, lib: str, q: Any, k: Any, v: Any, mask: Any, bias: Any,
     if entry is None:
         return MISS
     if entry is not _ABSENT:
+        HITS[0] += 1
         return _run_forward(entry, lib, q, k, v, mask, bias, cu_q, cu_k)
     pb = validate()
     empty = (pb.total_q == 0 or pb.total_k == 0) if pb.varlen else \
@@ -186,6 +188,7 @@ def _exec_backward(entry: _Entry, lib: str, dout: Any, dlse: Any, q: Any, k: Any
                    mask: Any, bias: Any, cu_q: Any, cu_k: Any, out: Any, lse: Any
                    ) -> tuple[Any, Any, Any, Any]:
     """A cached backward plan on this call's arrays: allocate, patch, launch, finish."""
+    HITS[1] += 1
     ptr = _tptr if lib == "torch" else _cptr
     bufs = {a.name: make() for a, make in zip(entry.plan.allocs, _allocators(entry, q),
                                               strict=True)}
@@ -233,6 +236,7 @@ if torch is not None:
                     call.entry = _Entry(plan, call.pb, True)
                 forward_plans.put(call.key, call.entry)
             else:
+                HITS[0] += 1
                 out, lse = _run_forward(entry, "torch", q, k, v, call.mask, bias, call.cu_q,
                                         call.cu_k)
             ctx.set_materialize_grads(False)
