@@ -301,6 +301,10 @@ def allocator(like: Any, shape: tuple[int, ...], dtype: str | None,
                              dtype=like.dtype if dtype is None else dtype)
 
 
-def data_ptr(x: Any) -> int:
-    """The device pointer of a torch tensor or CuPy array (no description built)."""
-    return x.data_ptr() if array_kind(x) == "torch" else x.data.ptr
+def caster(like: Any, dtype: str) -> Callable[[Any], Any]:
+    """A function casting arrays of ``like``'s library to ``dtype`` (bound once: no kind or
+    dtype lookups per call)."""
+    if array_kind(like) == "torch":
+        tdt = _torch_dtype(dtype)
+        return lambda x: x.to(tdt)
+    return lambda x: x.astype(dtype)

@@ -228,18 +228,26 @@ def backward_call(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out:
 
 def finish_backward(plan: Plan, bufs: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
     """(dq, dk, dv, dbias) from a launched plan's buffers: dQ cast from its float32
-    accumulator, dbias summed over widened dims (a fixed order) and cast to the bias dtype."""
-    dt = plan.extra["dtype"]
-    dq = bufs.get("dq")
-    if dq is None:
-        dq = arrays.cast(bufs["dq_accum"], dt)
+    accumulator, dbias summed over widened dims (a fixed order) and cast to the bias dtype.
+    The casts are bound once per plan (the thin path calls this on every step)."""
+    casts = plan.extra.get("casts")
+    if casts is None:
+        dt, bias_dt = plan.extra["dtype"], plan.extra["bias_dtype"]
+        like = bufs["dk"]
+        dbias = next((a for a in plan.allocs if a.name == "dbias"), None)
+        casts = plan.extra["casts"] = (
+            arrays.caster(like, dt) if "dq_accum" in bufs else None,
+            arrays.caster(like, bias_dt) if dbias is not None and dbias.dtype != bias_dt
+            else None)
+    cast_dq, cast_db = casts
+    dq = bufs["dq"] if cast_dq is None else cast_dq(bufs["dq_accum"])
     dbias = bufs.get("dbias")
     axes = plan.extra["expanded_axes"]
     if axes:  # a fixed-order reduction over the widened dims (float32)
         dbias = dbias.sum(axes, keepdims=True) if array_kind(dbias) != "torch" else \
             dbias.sum(dim=axes, keepdim=True)
-    if dbias is not None and arrays.dtype_name(dbias) != plan.extra["bias_dtype"]:
-        dbias = arrays.cast(dbias, plan.extra["bias_dtype"])
+    if cast_db is not None:
+        dbias = cast_db(dbias)
     return dq, bufs["dk"], bufs["dv"], dbias
 
 
