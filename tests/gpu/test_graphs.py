@@ -103,7 +103,11 @@ def test_forward_graph_torch(case, d, both_forward_families):
         return dm.flash_dmattn_func(q, k, v, **kw)
 
     _replay_matches_eager(fn, inputs)
-    assert any(e is not None for e in fastpath.forward_plans._d.values())
+    plans = [e for e in fastpath.forward_plans._d.values() if e is not None]
+    assert plans, "the captured call did not come from a cached plan"
+    family = plans[0].plan.launches[0].kernel.spec.family
+    hopper = torch.cuda.get_device_capability() == (9, 0)
+    assert family == ("fwd_sm90" if hopper and both_forward_families == "auto" else "fwd_mma")
 
 
 @pytest.mark.parametrize("splits", ["1", "4", "auto"])
