@@ -1,12 +1,14 @@
-"""Public forward functions: torch calls that want a gradient go through ``autograd``; every
-other call is validated and run on its backend by ``dispatch``."""
+"""Public forward functions. A GPU call whose signature was seen before takes the thin path
+(``fastpath``: its cached plan, pointers patched); otherwise torch calls that want a gradient go
+through ``autograd`` and every other call is validated and run on its backend by
+``dispatch``."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
-from . import autograd, dispatch
+from . import autograd, dispatch, fastpath
 from .masks import SparseMask
 from .validate import normalize_call
 
@@ -23,6 +25,11 @@ def flash_dmattn_func(query: Any, key: Any, value: Any, attn_mask: Any = None,
     flash-dmattn 1.x spellings are accepted: ``None`` for ``is_causal``/``softcap``/
     ``deterministic``, ``scale=`` for ``softmax_scale=``, and ``return_attn_probs=True``, which
     returns ``(out, lse, None)`` (the probabilities are never materialized)."""
+    if sparse_mask is None and scale is None and return_attn_probs is None:
+        res = fastpath.dense(query, key, value, attn_mask, attn_bias, softmax_scale, is_causal,
+                             window_size, softcap, return_lse, deterministic, backend)
+        if res is not fastpath.MISS:
+            return res
     is_causal, softcap, deterministic, return_lse, softmax_scale, probs = normalize_call(
         is_causal, softcap, deterministic, return_lse, softmax_scale, scale, return_attn_probs)
     if probs:
@@ -47,6 +54,12 @@ def flash_dmattn_varlen_func(query: Any, key: Any, value: Any, cu_seqlens_q: Any
     """Packed variable-length attention; mask/bias query-based (3-D) or key-based (2-D).
 
     Accepts the same flash-dmattn 1.x spellings as ``flash_dmattn_func``."""
+    if scale is None and return_attn_probs is None:
+        res = fastpath.varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                              max_seqlen_k, attn_mask, attn_bias, softmax_scale, is_causal,
+                              window_size, softcap, return_lse, deterministic, backend)
+        if res is not fastpath.MISS:
+            return res
     is_causal, softcap, deterministic, return_lse, softmax_scale, probs = normalize_call(
         is_causal, softcap, deterministic, return_lse, softmax_scale, scale, return_attn_probs)
     if probs:

@@ -11,7 +11,9 @@ Only this module and ``runtime`` touch torch/CuPy objects; both are imported laz
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -244,9 +246,11 @@ def upload(arr: np.ndarray, like: Any, dtype: str) -> Any:
     return host
 
 
-def strided_copy(info: ArrayInfo, stream: Any) -> tuple[Any, ArrayInfo]:
+def strided_copy(info: ArrayInfo, stream: Any, like: Any = None) -> tuple[Any, ArrayInfo]:
     """The 16-bit elements ``info`` describes (any strides, negative ones included) copied
-    into a fresh C-contiguous CuPy buffer on ``stream``; returns it and its description."""
+    on ``stream`` into a fresh C-contiguous buffer, allocated in the library of ``like`` (so
+    torch's caching allocator, and its CUDA-graph pool, owns it) or by CuPy when ``like`` is
+    None; returns it and its description."""
     import cupy
 
     item = 2  # fp16 / bf16, copied as raw 16-bit words
@@ -257,6 +261,50 @@ def strided_copy(info: ArrayInfo, stream: Any) -> tuple[Any, ArrayInfo]:
                                       device_id=info.device)
         src = cupy.ndarray(info.shape, cupy.uint16, cupy.cuda.MemoryPointer(mem, -lo * item),
                            strides=tuple(st * item for st in info.strides))
-        dst = src.copy(order="C")
-    return dst, dataclasses.replace(info, ptr=dst.data.ptr,
-                                    strides=tuple(st // item for st in dst.strides))
+        if like is None or array_kind(like) != "torch":
+            dst = src.copy(order="C")
+            return dst, dataclasses.replace(info, ptr=dst.data.ptr,
+                                            strides=tuple(st // item for st in dst.strides))
+        buf = empty(like, tuple(info.shape), info.dtype)
+        out = describe(buf)
+        dmem = cupy.cuda.UnownedMemory(out.ptr, max(1, buf.numel()) * item, owner=buf,
+                                       device_id=info.device)
+        dst = cupy.ndarray(info.shape, cupy.uint16, cupy.cuda.MemoryPointer(dmem, 0))
+        dst[...] = src
+    return buf, dataclasses.replace(info, ptr=out.ptr, strides=out.strides)
+
+
+def allocator(like: Any, shape: tuple[int, ...], dtype: str | None,
+              zero: bool = False) -> Callable[[], Any]:
+    """A function making a new (zero-filled if ``zero``) array of ``shape`` and ``dtype``
+    (default: ``like``'s) in the library and on the device of ``like``, each time it is
+    called: the thin launch path's allocation, bound once per plan."""
+    kind = array_kind(like)
+    if kind == "torch":
+        import torch
+
+        dt = like.dtype if dtype is None else _torch_dtype(dtype)
+        return functools.partial(torch.zeros if zero else torch.empty, shape, dtype=dt,
+                                 device=like.device)
+    if kind == "cupy":
+        import cupy
+
+        dev, dt = like.device.id, like.dtype if dtype is None else dtype
+        make = cupy.zeros if zero else cupy.empty
+
+        def alloc() -> Any:
+            with cupy.cuda.Device(dev):
+                return make(shape, dtype=dt)
+
+        return alloc
+    return functools.partial(np.zeros if zero else np.empty, shape,
+                             dtype=like.dtype if dtype is None else dtype)
+
+
+def caster(like: Any, dtype: str) -> Callable[[Any], Any]:
+    """A function casting arrays of ``like``'s library to ``dtype`` (bound once: no kind or
+    dtype lookups per call)."""
+    if array_kind(like) == "torch":
+        tdt = _torch_dtype(dtype)
+        return lambda x: x.to(tdt)
+    return lambda x: x.astype(dtype)

@@ -20,7 +20,8 @@ import numpy as np
 
 from . import arrays, backward_sm90, runtime
 from .arrays import array_kind, describe
-from .layout import build_fwd_params, mask_bias_strides, qkv_strides
+from .launch_plan import Alloc, Launch, Plan
+from .layout import build_fwd_params, fwd_pointer_fields, mask_bias_strides, qkv_strides
 from .params import FWD_DTYPE, bwd_dtype_flat
 from .select import backward as select_backward
 from .select import backward_family, backward_sm90_spec
@@ -65,6 +66,11 @@ def dbias_mode(pb: Problem, strides, block_m: int, block_n: int,
     return 3 if (batch_shared or heads_cross or multi_k) else 2
 
 
+BWD_INPUTS = ("q", "k", "v", "mask", "bias", "cu_q", "cu_k", "out", "lse", "dout", "dlse")
+_BWD_POINTER_FIELD = {"dout": "dout", "dlse": "dlse", "dsum": "dsum", "dq_accum": "dq_accum",
+                      "dq": "dq", "dk": "dk", "dv": "dv", "dbias": "dbias"}
+
+
 def run_backward(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out: Any, lse: Any,
                  cu_q: Any = None, cu_k: Any = None, dlse: Any = None,
                  deterministic: bool = False, need_dbias: bool = True,
@@ -73,22 +79,41 @@ def run_backward(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out: 
     in the query's library (dbias None unless ``need_dbias`` and the problem has a bias).
     ``sparse``: a block mask's lists on the query's device (its blocks must tile the kernels:
     ``sparse_fits_backward``); unlisted blocks are skipped like all-false mask tiles."""
+    grads, _ = backward_call(pb, dout, query, key, value, out, lse, cu_q, cu_k, dlse,
+                             deterministic, need_dbias, sparse)
+    return grads
+
+
+def backward_call(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out: Any, lse: Any,
+                  cu_q: Any = None, cu_k: Any = None, dlse: Any = None,
+                  deterministic: bool = False, need_dbias: bool = True,
+                  sparse: SparseArrays | None = None
+                  ) -> tuple[tuple[Any, Any, Any, Any], Plan | None]:
+    """``run_backward``, also returning the plan it launched: cacheable when no input was
+    copied and no block lists ride along (a later call with the same signature builds the
+    same plan); None when nothing launched."""
     dt = pb.dtype
+    copied = False
     # The tensor-core kernels read rows with 16-byte cp.async: copy unaligned inputs.
     qkv = {"q": query, "k": key, "v": value}
     for name, arr in qkv.items():
         if not _aligned(describe(arr)):
             qkv[name] = arrays.contiguous_copy(arr)
+            copied = True
     if not _aligned(describe(dout)):
         dout = arrays.contiguous_copy(dout)
+        copied = True
     out_info = describe(out)
     if out_info.shape[-1] > 1 and out_info.strides[-1] != 1:
         out = arrays.contiguous_copy(out)
+        copied = True
     query, key, value = qkv["q"], qkv["k"], qkv["v"]
     pb = dataclasses.replace(pb, q=describe(query), k=describe(key), v=describe(value))
+    lse0, dlse0 = lse, dlse
     lse = _contiguous_f32(lse)
     if dlse is not None:
         dlse = _contiguous_f32(dlse)
+    copied = copied or lse is not lse0 or dlse is not dlse0
 
     want_dbias = need_dbias and pb.bias is not None
     dev_props = runtime.device_props(pb.q.device)
@@ -100,16 +125,21 @@ def run_backward(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out: 
                                    and sparse.block_n % dkdv.block_n == 0):
         raise ValueError(f"sparse_mask block_size {(sparse.block_m, sparse.block_n)} must be a "
                          f"multiple of the backward tile {(dkdv.block_m, dkdv.block_n)}")
+    empty = pb.batch == 0 or (pb.varlen and pb.total_q == 0) or (not pb.varlen and
+                                                                  pb.seqlen_q == 0)
+    plan = Plan(device=pb.q.device, inputs=BWD_INPUTS,
+                cacheable=not (copied or sparse is not None or empty or pb.seqlen_k == 0
+                               or (pb.varlen and pb.total_k == 0)))
     mode, tile_stride = 0, 0
-    dbias = None
     dbias_st = None
     expanded_axes: tuple[int, ...] = ()
     if want_dbias and family == "bwd_sm90":
         # every element of a (B, H, Sq, Sk) or (B, H, 1, Sk) dbias is written at most once, in
         # the bias's dtype (the query's: backward_sm90.accepts); never-visited ones stay 0
         mode = 1
-        dbias = arrays.zeros(query, tuple(pb.bias.shape), pb.bias.dtype)
-        dbias_st = mask_bias_strides(describe(dbias), pb.varlen)
+        shape_b = tuple(pb.bias.shape)
+        plan.allocs.append(Alloc("dbias", shape_b, pb.bias.dtype, zero=True))
+        dbias_st = mask_bias_strides(_contig_info(pb.bias, shape_b, pb.bias.dtype), pb.varlen)
     elif want_dbias:
         mode = dbias_mode(pb, _probe_strides(pb), dkdv.block_m, dkdv.block_n)
         key_axis = None
@@ -128,23 +158,24 @@ def run_backward(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out: 
         # every tile is visited, so the buffer needs no zero fill.
         every_tile = (not pb.varlen and pb.mask is None and sparse is None
                       and pb.window == (-1, -1) and pb.seqlen_k > 0)
-        alloc = arrays.empty if (mode == 1 and every_tile) else arrays.zeros
-        dbias = alloc(query, tuple(shape), buf_dtype)
-        dbias_st = mask_bias_strides(describe(dbias), pb.varlen)
+        plan.allocs.append(Alloc("dbias", tuple(shape), buf_dtype,
+                                 zero=not (mode == 1 and every_tile)))
+        dbias_st = mask_bias_strides(_contig_info(pb.bias, tuple(shape), buf_dtype), pb.varlen)
         if key_axis is not None:
-            tile_stride = describe(dbias).strides[key_axis]
+            tile_stride = _contig_strides(tuple(shape))[key_axis]
             dbias_st = dataclasses.replace(dbias_st, col=0, kseq=0)
 
     lse_shape = (pb.heads, pb.total_q) if pb.varlen else (pb.batch, pb.heads, pb.seqlen_q)
-    dsum = arrays.empty(query, lse_shape, "float32")
-    dk = arrays.empty(query, pb.k.shape, dt)
-    dv = arrays.empty(query, pb.v.shape, dt)
+    plan.allocs += [Alloc("dsum", lse_shape, "float32"), Alloc("dk", pb.k.shape, dt),
+                    Alloc("dv", pb.v.shape, dt)]
     if deterministic:
-        dq = arrays.empty(query, pb.q.shape, dt)
-        dq_accum = None
+        plan.allocs.append(Alloc("dq", pb.q.shape, dt))
     else:
-        dq_accum = arrays.zeros(query, pb.q.shape, "float32")
-        dq = None
+        plan.allocs.append(Alloc("dq_accum", pb.q.shape, "float32", zero=True))
+    plan.extra.update(dtype=dt, expanded_axes=expanded_axes,
+                      bias_dtype=None if pb.bias is None else pb.bias.dtype)
+    bufs = {a.name: (arrays.zeros if a.zero else arrays.empty)(query, a.shape, a.dtype or dt)
+            for a in plan.allocs}
 
     def ptr(a: Any) -> int:
         return describe(a).ptr if a is not None else 0
@@ -154,10 +185,17 @@ def run_backward(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out: 
     r = rec[0]
     for name in FWD_DTYPE.names:
         r[name] = fwd[0][name]
-    r["dout"], r["dlse"], r["dsum"] = ptr(dout), ptr(dlse), ptr(dsum)
-    r["dq_accum"], r["dq"], r["dk"], r["dv"] = ptr(dq_accum), ptr(dq), ptr(dk), ptr(dv)
-    r["dbias"] = ptr(dbias)
-    for name, arr in (("do", dout), ("dq", dq), ("dk", dk), ("dv", dv), ("dqa", dq_accum)):
+    for name, field in fwd_pointer_fields(pb, ("out", "lse")):
+        plan.slot(name, rec, field)
+    r["dout"], r["dlse"] = ptr(dout), ptr(dlse)
+    plan.slot("dout", rec, "dout")
+    if dlse is not None:
+        plan.slot("dlse", rec, "dlse")
+    for a in plan.allocs:
+        r[_BWD_POINTER_FIELD[a.name]] = ptr(bufs[a.name])
+        plan.slot(a.name, rec, _BWD_POINTER_FIELD[a.name])
+    for name, arr in (("do", dout), ("dq", bufs.get("dq")), ("dk", bufs["dk"]),
+                      ("dv", bufs["dv"]), ("dqa", bufs.get("dq_accum"))):
         if arr is None:
             continue
         bs, rs, hs = qkv_strides(describe(arr), pb.varlen)
@@ -167,7 +205,7 @@ def run_backward(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out: 
             r[f"dbias_{field}_stride"] = getattr(dbias_st, field)
     r["dbias_tile_stride"] = tile_stride
     r["dbias_mode"] = mode
-    r["dbias_is_fp32"] = int(dbias is not None and describe(dbias).dtype == "float32")
+    r["dbias_is_fp32"] = int(want_dbias and plan.allocs[0].dtype == "float32")
     r["scale"] = pb.scale
     sp_grid = None
     if sparse is not None:
@@ -181,49 +219,73 @@ def run_backward(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out: 
         sp_grid = arrays.empty(query, grid_shape, "int32")
         r["sp_grid"], r["sp_grid_cols"] = ptr(sp_grid), grid_shape[-1]
 
-    empty = pb.batch == 0 or (pb.varlen and pb.total_q == 0) or (not pb.varlen and
-                                                                  pb.seqlen_q == 0)
     if not empty:
-        stream = runtime.current_stream(pb.kind, pb.q.device)
         dev = pb.q.device
-        runtime.launch(runtime.get_kernel(pre, dev),
-                       (max(1, math.ceil(pb.seqlen_q / pre.num_warps)), pb.heads, pb.batch),
-                       (r,), stream)
+        plan.launches.append(Launch(runtime.get_kernel(pre, dev), (
+            max(1, math.ceil(pb.seqlen_q / pre.num_warps)), pb.heads, pb.batch), (rec,)))
         if sp_grid is not None and pb.seqlen_k > 0:
             bm, hm, nrb = sp_grid.shape[:3]
-            runtime.launch(runtime.get_kernel(grid_spec, dev), (nrb, hm, bm), (r,), stream)
+            plan.launches.append(Launch(runtime.get_kernel(grid_spec, dev), (nrb, hm, bm),
+                                        (rec,)))
         if pb.seqlen_k > 0 and family == "bwd_sm90":
             spec = backward_sm90_spec(pb.dtype, pb.head_dim, pb.bias is not None)
             mode_b = backward_sm90.bias_mode(pb.bias, pb.batch, pb.heads, pb.seqlen_q,
-                                             pb.seqlen_k)
-            args = backward_sm90.build_args(pb.q, pb.k, pb.v, describe(dout), pb.bias,
-                                            mode_b or 0)
-            runtime.launch(runtime.get_kernel(spec, dev),
-                           (math.ceil(pb.seqlen_k / backward_sm90.BLOCK_N), pb.kv_heads,
-                            pb.batch), (r, args[0]), stream)
+                                             pb.seqlen_k) or 0
+            dout_info = describe(dout)
+            args = backward_sm90.build_args(pb.q, pb.k, pb.v, dout_info, pb.bias, mode_b)
+            slots = backward_sm90.address_slots(pb.q, pb.k, pb.v, dout_info, pb.bias, mode_b)
+            if slots is None:  # the driver's map layout cannot be patched: plan per call
+                plan.cacheable = False
+            else:
+                for name, offset in slots:
+                    plan.slot_at(name, args, offset)
+            plan.launches.append(Launch(runtime.get_kernel(spec, dev), (
+                math.ceil(pb.seqlen_k / backward_sm90.BLOCK_N), pb.kv_heads, pb.batch),
+                (rec, args)))
         elif pb.seqlen_k > 0:
-            runtime.launch(runtime.get_kernel(dkdv, dev),
-                           (math.ceil(pb.seqlen_k / dkdv.block_n), pb.kv_heads, pb.batch),
-                           (r,), stream)
+            plan.launches.append(Launch(runtime.get_kernel(dkdv, dev), (
+                math.ceil(pb.seqlen_k / dkdv.block_n), pb.kv_heads, pb.batch), (rec,)))
         launches[family] += 1
         if dqs is not None:
-            runtime.launch(runtime.get_kernel(dqs, dev),
-                           (max(1, math.ceil(pb.seqlen_q / dqs.block_m)), pb.heads, pb.batch),
-                           (r,), stream)
+            plan.launches.append(Launch(runtime.get_kernel(dqs, dev), (
+                max(1, math.ceil(pb.seqlen_q / dqs.block_m)), pb.heads, pb.batch), (rec,)))
+        plan.run(runtime.current_stream(pb.kind, pb.q.device))
     elif pb.seqlen_k > 0:  # no query rows: dK = dV = 0
-        dk = arrays.zeros(query, pb.k.shape, dt)
-        dv = arrays.zeros(query, pb.v.shape, dt)
+        bufs["dk"] = arrays.zeros(query, pb.k.shape, dt)
+        bufs["dv"] = arrays.zeros(query, pb.v.shape, dt)
     if pb.seqlen_k == 0 or (pb.varlen and pb.total_k == 0):
-        dk = arrays.zeros(query, pb.k.shape, dt)
-        dv = arrays.zeros(query, pb.v.shape, dt)
-    if dq is None:
-        dq = arrays.cast(dq_accum, dt)
-    if expanded_axes:  # a fixed-order reduction over the widened dims (float32)
-        dbias = dbias.sum(expanded_axes, keepdims=True) if array_kind(dbias) != "torch" else \
-            dbias.sum(dim=expanded_axes, keepdim=True)
-    if dbias is not None and describe(dbias).dtype != pb.bias.dtype:
-        dbias = arrays.cast(dbias, pb.bias.dtype)
-    return dq, dk, dv, dbias
+        bufs["dk"] = arrays.zeros(query, pb.k.shape, dt)
+        bufs["dv"] = arrays.zeros(query, pb.v.shape, dt)
+    return finish_backward(plan, bufs), (None if empty else plan)
+
+
+def finish_backward(plan: Plan, bufs: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
+    """(dq, dk, dv, dbias) from a launched plan's buffers: dQ cast from its float32
+    accumulator, dbias summed over widened dims (a fixed order) and cast to the bias dtype.
+    The casts are bound once per plan (the thin path calls this on every step)."""
+    casts = plan.extra.get("casts")
+    if casts is None:
+        dt, bias_dt = plan.extra["dtype"], plan.extra["bias_dtype"]
+        like = bufs["dk"]
+        dbias = next((a for a in plan.allocs if a.name == "dbias"), None)
+        casts = plan.extra["casts"] = (
+            arrays.caster(like, dt) if "dq_accum" in bufs else None,
+            arrays.caster(like, bias_dt) if dbias is not None and dbias.dtype != bias_dt
+            else None)
+    cast_dq, cast_db = casts
+    dq = bufs["dq"] if cast_dq is None else cast_dq(bufs["dq_accum"])
+    dbias = bufs.get("dbias")
+    axes = plan.extra["expanded_axes"]
+    if axes:  # a fixed-order reduction over the widened dims (float32)
+        dbias = dbias.sum(axes, keepdims=True) if array_kind(dbias) != "torch" else \
+            dbias.sum(dim=axes, keepdim=True)
+    if cast_db is not None:
+        dbias = cast_db(dbias)
+    return dq, bufs["dk"], bufs["dv"], dbias
+
+
+def _contig_info(info, shape: tuple[int, ...], dtype: str):
+    return dataclasses.replace(info, shape=shape, strides=_contig_strides(shape), dtype=dtype)
 
 
 def _probe_strides(pb: Problem):

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from . import arrays, edge, reference_bwd
+from . import arrays, edge, fastpath, reference_bwd
 from .arrays import common_kind, describe, from_numpy_like, to_numpy_f64
 from .backward import run_backward
 from .masks import SparseMask
@@ -56,6 +56,16 @@ def flash_dmattn_backward(dout: Any, query: Any, key: Any, value: Any, out: Any,
     bias's own (broadcast) shape, or None without a bias (or with ``bias_grad=False``: the bias
     then shapes the probabilities but its gradient is not computed). ``out``/``lse`` come from
     the forward (``return_lse=True``); ``dlse`` is an optional incoming gradient of ``lse``."""
+    bkey = None
+    if sparse_mask is None:  # the thin path: a signature seen before reuses its plan
+        bkey = fastpath.functional_backward_key(
+            dout, query, key, value, out, lse, None, None, None, None, attn_mask, attn_bias,
+            softmax_scale, is_causal, window_size, softcap, deterministic, backend, dlse,
+            bias_grad)
+        res = fastpath.functional_backward(bkey, dout, query, key, value, out, lse, None, None,
+                                           attn_mask, attn_bias, dlse)
+        if res is not fastpath.MISS:
+            return res
     is_causal, softcap, deterministic, _, _, _ = normalize_call(is_causal, softcap, deterministic,
                                                                 False)
     bias_grad = check_flag("bias_grad", bias_grad, None)
@@ -81,6 +91,10 @@ def flash_dmattn_backward(dout: Any, query: Any, key: Any, value: Any, out: Any,
     if mask is not None:
         # built here from the validated mask: (B|1, H|1, Sq, Sk) bool on the query's device
         pb = dataclasses.replace(pb, mask=describe(mask))
+    if sparse is None and mask is None:
+        return fastpath.build_functional_backward(bkey, pb, dout, query, key, value, out, lse,
+                                                  None, None, dlse, deterministic,
+                                                  bias_grad and attn_bias is not None)
     return run_backward(pb, arrays.cast(dout, pb.dtype), query, key, value,
                         arrays.cast(out, pb.dtype), lse, dlse=dlse, deterministic=deterministic,
                         need_dbias=bias_grad and attn_bias is not None, sparse=sparse)
@@ -95,6 +109,14 @@ def flash_dmattn_varlen_backward(dout: Any, query: Any, key: Any, value: Any, ou
                                  dlse: Any = None,
                                  bias_grad: bool = True) -> tuple[Any, Any, Any, Any]:
     """Gradients of ``flash_dmattn_varlen_func`` (``lse`` is ``(H, total_q)``)."""
+    bkey = fastpath.functional_backward_key(
+        dout, query, key, value, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+        max_seqlen_k, attn_mask, attn_bias, softmax_scale, is_causal, window_size, softcap,
+        deterministic, backend, dlse, bias_grad)
+    res = fastpath.functional_backward(bkey, dout, query, key, value, out, lse, cu_seqlens_q,
+                                       cu_seqlens_k, attn_mask, attn_bias, dlse)
+    if res is not fastpath.MISS:
+        return res
     is_causal, softcap, deterministic, _, _, _ = normalize_call(is_causal, softcap, deterministic,
                                                                 False)
     bias_grad = check_flag("bias_grad", bias_grad, None)
@@ -119,7 +141,6 @@ def flash_dmattn_varlen_backward(dout: Any, query: Any, key: Any, value: Any, ou
             pb.softcap, pb.window, to_numpy_f64(dlse))
         return (from_numpy_like(dq, query), from_numpy_like(dk, key), from_numpy_like(dv, value),
                 None if db is None or not bias_grad else from_numpy_like(db, attn_bias))
-    return run_backward(pb, arrays.cast(dout, pb.dtype), query, key, value,
-                        arrays.cast(out, pb.dtype),
-                        lse, cu_seqlens_q, cu_seqlens_k, dlse=dlse, deterministic=deterministic,
-                        need_dbias=bias_grad and attn_bias is not None)
+    return fastpath.build_functional_backward(bkey, pb, dout, query, key, value, out, lse,
+                                              cu_seqlens_q, cu_seqlens_k, dlse, deterministic,
+                                              bias_grad and attn_bias is not None)

@@ -19,9 +19,10 @@ import math
 from typing import Any
 
 from . import arrays, env, runtime
-from .arrays import describe
+from .arrays import ArrayInfo, describe
 from .device import DeviceProps
-from .layout import build_fwd_params
+from .launch_plan import Alloc, Launch, Plan
+from .layout import FWD_INPUTS, build_fwd_params, fwd_pointer_fields
 from .spec import DTYPES, HEAD_DIMS, KernelSpec, padded_head_dim
 from .validate import Problem
 
@@ -124,6 +125,21 @@ _carveout_set: set[tuple[KernelSpec, int]] = set()
 def run_decode(pb: Problem, query: Any, out: Any, lse: Any, cu_q: Any, cu_k: Any,
                stream: Any) -> None:
     """Launch the decode kernel (and the combine kernel when split) into ``out`` / ``lse``."""
+    def ptr(a: Any) -> int:
+        return describe(a).ptr if a is not None else 0
+
+    plan = Plan(device=pb.q.device, inputs=FWD_INPUTS)
+    keep = plan_decode(pb, plan, query, describe(out), ptr(lse), ptr(cu_q), ptr(cu_k))
+    plan.run(stream)
+    # The partials were allocated on this stream, so both CuPy's pool and torch's caching
+    # allocator hand their memory out again only to work ordered after these kernels.
+    del keep
+
+
+def plan_decode(pb: Problem, plan: Plan, query: Any, out: ArrayInfo, lse_ptr: int,
+                cu_q_ptr: int, cu_k_ptr: int) -> list[Any]:
+    """Add the decode launches (and the combine's when split) to ``plan``, with the split-KV
+    partials as allocations of the plan; returns those partials (alive until launched)."""
     dev = pb.q.device
     props = runtime.device_props(dev)
     spec = decode_spec(pb, props.arch)
@@ -132,26 +148,26 @@ def run_decode(pb: Problem, query: Any, out: Any, lse: Any, cu_q: Any, cu_k: Any
         runtime.prefer_shared_memory(kernel)
         _carveout_set.add((spec, dev))
     ns = choose_num_splits(pb, spec, kernel.registers, props)
-
-    def ptr(a: Any) -> int:
-        return describe(a).ptr if a is not None else 0
-
-    rec = build_fwd_params(pb, describe(out), ptr(lse), ptr(cu_q), ptr(cu_k))
+    rec = build_fwd_params(pb, out, lse_ptr, cu_q_ptr, cu_k_ptr)
     total_rows = pb.total_q if pb.varlen else pb.batch * pb.seqlen_q
     r = rec[0]
     r["num_splits"] = ns
     r["total_rows"] = total_rows
-    o_acc = lse_acc = None
-    if ns > 1:
-        o_acc = arrays.empty(query, (total_rows * pb.heads * ns, spec.head_dim), "float32")
-        lse_acc = arrays.empty(query, (total_rows * pb.heads * ns,), "float32")
-        r["o_accum"], r["lse_accum"] = ptr(o_acc), ptr(lse_acc)
-    grid = (num_m_blocks(pb) * ns, pb.kv_heads, pb.batch)
-    runtime.launch(kernel, grid, (r,), stream)
+    keep: list[Any] = []
+    for name, field in fwd_pointer_fields(pb, tuple(a.name for a in plan.allocs)):
+        plan.slot(name, rec, field)
+    if ns > 1:  # one float32 workspace: the partial outputs, then their lse
+        rows = total_rows * pb.heads * ns
+        lse_at = rows * spec.head_dim * 4   # a multiple of 128 bytes (head_dim % 32 == 0)
+        plan.allocs.append(Alloc("o_acc", (rows * (spec.head_dim + 1),), "float32"))
+        keep = [arrays.empty(query, plan.allocs[-1].shape, "float32")]
+        base = describe(keep[0]).ptr
+        r["o_accum"], r["lse_accum"] = base, base + lse_at
+        plan.slot("o_acc", rec, "o_accum")
+        plan.slot("o_acc", rec, "lse_accum", add=lse_at)
+    plan.launches.append(Launch(kernel, (num_m_blocks(pb) * ns, pb.kv_heads, pb.batch), (rec,)))
     if ns > 1:
         combine = runtime.get_kernel(combine_spec(pb, props.arch), dev)
         n_pairs = total_rows * pb.heads
-        runtime.launch(combine, (math.ceil(n_pairs / COMBINE_WARPS), 1, 1), (r,), stream)
-    # The partials were allocated on this stream, so both CuPy's pool and torch's caching
-    # allocator hand their memory out again only to work ordered after these kernels.
-    del o_acc, lse_acc
+        plan.launches.append(Launch(combine, (math.ceil(n_pairs / COMBINE_WARPS), 1, 1), (rec,)))
+    return keep

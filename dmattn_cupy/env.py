@@ -99,3 +99,21 @@ def backward_family_override() -> str | None:
         raise ValueError(f"DMATTN_BWD_FAMILY must be 'auto' or one of {BACKWARD_FAMILIES}, "
                          f"got {val!r}")
     return val
+
+
+# Variables that change which plan a call gets (family, tile, decode, splits, device checks).
+PLAN_VARIABLES = ("DMATTN_FWD_FAMILY", "DMATTN_BWD_FAMILY", "DMATTN_FWD_TILE", "DMATTN_DECODE",
+                  "DMATTN_NUM_SPLITS", "DMATTN_CHECK", "DMATTN_NVRTC_DEFINES")
+_environ_data = getattr(os.environ, "_data", None)
+_encoded = tuple(os.environ.encodekey(n) for n in PLAN_VARIABLES) \
+    if _environ_data is not None and hasattr(os.environ, "encodekey") else None
+
+
+def plan_state() -> tuple:
+    """The raw values of ``PLAN_VARIABLES`` (part of every cached plan's key, so changing one
+    between calls takes effect at the next call). Reads ``os.environ``'s own dict where it has
+    one (a dict lookup per variable, no decoding)."""
+    if _encoded is not None:
+        get = _environ_data.get
+        return tuple(get(k) for k in _encoded)
+    return tuple(os.environ.get(n) for n in PLAN_VARIABLES)

@@ -71,6 +71,10 @@ def _no_extra_args(pb: Problem, out: ArrayInfo, spec: SpecShape) -> tuple[Any, .
     return ()
 
 
+def _no_extra_slots(pb: Problem, spec: SpecShape) -> tuple[tuple[str, int, int], ...] | None:
+    return ()
+
+
 def _grid_m_h_b(pb: Problem, spec: SpecShape) -> tuple[int, int, int]:
     """(query tiles, heads, batch)."""
     return max(1, -(-pb.seqlen_q // spec.block_m)), pb.heads, pb.batch
@@ -93,6 +97,10 @@ class Family:
     # struct of CUDA tensor maps passed as ``const __grid_constant__``): (problem, out, spec)
     extra_args: Callable[[Problem, ArrayInfo, SpecShape], tuple[Any, ...]] = _no_extra_args
     grid: Callable[[Problem, SpecShape], tuple[int, int, int]] = _grid_m_h_b  # forward role
+    # where pointers sit inside ``extra_args``: (operand "q".."bias", extra arg index, byte
+    # offset), so a cached launch patches them; None: the extra args are rebuilt per call
+    extra_slots: Callable[[Problem, SpecShape], tuple[tuple[str, int, int], ...] | None] = \
+        _no_extra_slots
 
     @property
     def min_cc(self) -> tuple[int, int]:
@@ -240,6 +248,11 @@ def _sm90_args(pb: Problem, out: ArrayInfo, spec: SpecShape) -> tuple[Any, ...]:
     return (forward_sm90.build_args(pb.q, pb.k, pb.v, pb.mask, pb.bias, spec.block_n)[0],)
 
 
+def _sm90_slots(pb: Problem, spec: SpecShape) -> tuple[tuple[str, int, int], ...] | None:
+    slots = forward_sm90.address_slots(pb.q, pb.k, pb.v, pb.mask, pb.bias, spec.block_n)
+    return None if slots is None else tuple((name, 0, off) for name, off in slots)
+
+
 def _sm90_grid(pb: Problem, spec: SpecShape) -> tuple[int, int, int]:
     """(heads, batch, query tiles): launched x-fastest, the last (longest) query tiles of every
     (batch, head) go first."""
@@ -267,7 +280,8 @@ FAMILY_ROWS: tuple[Family, ...] = (
            "sm_80", _smem_fwd_mma, role="forward", accepts=_mma_accepts, tiles=_mma_tiles),
     Family("fwd_sm90", "sm90/fwd.cu", "dm::flash_fwd_sm90_kernel", _SM90_FWD_ARGS, "FwdParams",
            "sm_90a", _sm90_smem, threads=lambda s: forward_sm90.THREADS, role="forward",
-           accepts=_sm90_accepts, tiles=_sm90_tiles, extra_args=_sm90_args, grid=_sm90_grid),
+           accepts=_sm90_accepts, tiles=_sm90_tiles, extra_args=_sm90_args, grid=_sm90_grid,
+           extra_slots=_sm90_slots),
     Family("fwd_decode", "sm80/fwd_decode.cu", "dm::flash_fwd_decode_kernel",
            _SM80_DECODE_ARGS, "FwdParams", "sm_80", _smem_decode),
     Family("fwd_combine", "fwd_combine.cu", "dm::flash_fwd_combine_kernel",

@@ -8,12 +8,17 @@ take the params record by value and never synchronize.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from functools import lru_cache
 from typing import Any
 
+import numpy as np
+
 from . import arrays, decode, env, runtime
-from .arrays import describe
+from .arrays import ArrayInfo, describe
 from .families import padded_head_dim, sparse_supported
-from .layout import build_fwd_params
+from .launch_plan import Alloc, Launch, Plan
+from .layout import FWD_INPUTS, build_fwd_params, fwd_pointer_fields
 from .masks import SparseMask
 from .select import forward as select_forward
 from .sparse_plan import SparseArrays, check_block_fits, device_lists, sparse_fields
@@ -44,14 +49,27 @@ def run_forward(pb: Problem, query: Any, cu_q: Any = None, cu_k: Any = None,
                 sparse: SparseMask | SparseArrays | None = None) -> tuple[Any, Any]:
     """Launch the forward kernel; returns (out, lse) in the query's library and device.
     ``sparse``: a block mask, or its lists already on the query's device."""
-    if pb.varlen and env.check_enabled():
+    out, lse, _ = forward_call(pb, query, cu_q, cu_k, return_lse, tile_counters, sparse)
+    return out, lse
+
+
+def forward_call(pb: Problem, query: Any, cu_q: Any = None, cu_k: Any = None,
+                 return_lse: bool = True, tile_counters: Any = None,
+                 sparse: SparseMask | SparseArrays | None = None
+                 ) -> tuple[Any, Any, Plan | None]:
+    """``run_forward``, also returning the plan it launched (None when nothing launched).
+    The plan is cacheable when a later call with the same signature (shapes, strides, dtypes,
+    pointer alignment, flags, device, environment) would build the same one: no input copies,
+    no block lists, no debug counters, no device-side checks."""
+    check = pb.varlen and env.check_enabled()
+    if check:
         check_cu_seqlens_values(arrays.to_host(cu_q), arrays.to_host(cu_k), pb.total_q,
                                 pb.total_k, pb.seqlen_q, pb.seqlen_k)
     out = arrays.empty(query, pb.q.shape)
     lse_shape = (pb.heads, pb.total_q) if pb.varlen else (pb.batch, pb.heads, pb.seqlen_q)
     lse = arrays.empty(query, lse_shape, "float32") if return_lse else None
     if out.size == 0 or (not pb.varlen and pb.seqlen_q == 0):
-        return out, lse
+        return out, lse, None
     if sparse is not None and not sparse_supported(padded_head_dim(pb.head_dim),
                                                    pb.mask is not None, pb.bias is not None):
         raise NotImplementedError(
@@ -60,19 +78,32 @@ def run_forward(pb: Problem, query: Any, cu_q: Any = None, cu_k: Any = None,
             "attn_mask")
     stream = runtime.current_stream(pb.kind, pb.q.device)
     keep_alive: list[Any] = []  # buffers the launch reads: alive until this function returns
-    if not rows_aligned(pb, describe(out).strides):  # kernels read 16-byte rows: copy once
+    out_info = describe(out)
+    copied = not rows_aligned(pb, out_info.strides)
+    if copied:  # kernels read 16-byte rows: copy once
         infos = {}
         for name in ("q", "k", "v"):
-            buf, infos[name] = arrays.strided_copy(getattr(pb, name), stream)
+            buf, infos[name] = arrays.strided_copy(getattr(pb, name), stream, query)
             keep_alive.append(buf)
         pb = dataclasses.replace(pb, **infos)
+    allocs = [Alloc("out", pb.q.shape, None)]
+    if return_lse:
+        allocs.append(Alloc("lse", lse_shape, "float32"))
+    plan = Plan(device=pb.q.device, inputs=FWD_INPUTS, allocs=allocs,
+                cacheable=not (copied or check or sparse is not None
+                               or tile_counters is not None))
     if sparse is None and tile_counters is None and pb.batch > 0 and decode.use_decode(pb):
-        decode.run_decode(pb, query, out, lse, cu_q, cu_k, stream)  # GQA packing + split-KV
-        return out, lse
+        # GQA packing + split-KV
+        keep_alive.append(decode.plan_decode(pb, plan, query, out_info, _ptr(lse), _ptr(cu_q),
+                                             _ptr(cu_k)))
+        plan.run(stream)
+        return out, lse, plan
     spec = select_fwd_spec(pb, debug_counters=tile_counters is not None,
                            sparse=sparse is not None)
-    rec = build_fwd_params(pb, describe(out), _ptr(lse), _ptr(cu_q), _ptr(cu_k),
+    rec = build_fwd_params(pb, out_info, _ptr(lse), _ptr(cu_q), _ptr(cu_k),
                            _ptr(tile_counters))
+    for name, field in fwd_pointer_fields(pb, tuple(a.name for a in allocs)):
+        plan.slot(name, rec, field)
     if sparse is not None:
         arrs = sparse if isinstance(sparse, SparseArrays) else device_lists(sparse, query)
         check_block_fits((arrs.block_m, arrs.block_n), spec)
@@ -83,8 +114,43 @@ def run_forward(pb: Problem, query: Any, cu_q: Any = None, cu_k: Any = None,
             rec[0][name] = value
     kernel = runtime.get_kernel(spec, pb.q.device)
     if pb.batch == 0:
-        return out, lse
-    grid = spec.row.grid(pb, spec)
-    args = (rec[0], *spec.row.extra_args(pb, describe(out), spec))
-    runtime.launch(kernel, grid, args, stream)
-    return out, lse
+        return out, lse, None
+    extra = tuple(_as_record(a) for a in spec.row.extra_args(pb, out_info, spec))
+    slots = spec.row.extra_slots(pb, spec)
+    if slots is None:
+        plan.hooks.append(_rebuild_extra_args(pb, out_info, spec, extra))
+    else:
+        for name, index, offset in slots:
+            plan.slot_at(name, extra[index], offset)
+    plan.launches.append(Launch(kernel, spec.row.grid(pb, spec), (rec, *extra)))
+    plan.run(stream)
+    return out, lse, plan
+
+
+def _as_record(arg: Any) -> np.ndarray:
+    """A one-element record array holding ``arg`` (a record array or a structured scalar)."""
+    if isinstance(arg, np.ndarray):
+        return arg.reshape(1)
+    rec = np.zeros(1, dtype=arg.dtype)   # zeros: padding bytes too (launches copy them)
+    rec[0] = arg
+    return rec
+
+
+def _rebuild_extra_args(pb: Problem, out: ArrayInfo, spec: KernelSpec,
+                        records: tuple[np.ndarray, ...]) -> Callable[[dict[str, int]], None]:
+    """A plan hook re-making a family's extra arguments for new pointers (tensor maps the
+    driver's layout does not let us patch), cached per pointer tuple."""
+    names = ("q", "k", "v", "mask", "bias")
+
+    @lru_cache(maxsize=64)
+    def make(ptrs: tuple[int, ...]) -> tuple[bytes, ...]:
+        infos = {n: dataclasses.replace(getattr(pb, n), ptr=p)
+                 for n, p in zip(names, ptrs, strict=True) if getattr(pb, n) is not None}
+        args = spec.row.extra_args(dataclasses.replace(pb, **infos), out, spec)
+        return tuple(_as_record(a).tobytes() for a in args)
+
+    def hook(ptrs: dict[str, int]) -> None:
+        for rec, raw in zip(records, make(tuple(ptrs[n] for n in names)), strict=True):
+            rec.view(np.uint8)[:] = np.frombuffer(raw, dtype=np.uint8)
+
+    return hook

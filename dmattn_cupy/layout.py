@@ -18,6 +18,9 @@ from .params import new_fwd_params
 from .validate import Problem
 
 LOG2E = 1.4426950408889634
+FWD_INPUTS = ("q", "k", "v", "mask", "bias", "cu_q", "cu_k")  # a forward plan's inputs, in order
+_POINTER_FIELD = {"q": "q", "k": "k", "v": "v", "mask": "mask", "bias": "bias",
+                  "cu_q": "cu_seqlens_q", "cu_k": "cu_seqlens_k", "out": "o", "lse": "lse"}
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,15 @@ def build_fwd_params(pb: Problem, out: ArrayInfo, lse_ptr: int, cu_q_ptr: int = 
     r["softcap"] = pb.softcap
     r["scale_over_softcap"] = pb.scale / pb.softcap if pb.softcap > 0 else 0.0
     return rec
+
+
+def fwd_pointer_fields(pb: Problem, names: tuple[str, ...]) -> list[tuple[str, str]]:
+    """(source, FwdParams field) of every pointer a call with ``pb``'s signature passes: the
+    inputs the problem has, then ``names`` (the outputs: out, lse)."""
+    present = {"q": True, "k": True, "v": True, "mask": pb.mask is not None,
+               "bias": pb.bias is not None, "cu_q": pb.varlen, "cu_k": pb.varlen}
+    return [(n, _POINTER_FIELD[n]) for n in FWD_INPUTS if present[n]] + \
+        [(n, _POINTER_FIELD[n]) for n in names]
 
 
 def num_m_blocks(seqlen_q: int, block_m: int) -> int:

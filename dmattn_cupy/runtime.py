@@ -24,7 +24,7 @@ from .device_check import require_supported_device
 from .spec import KernelSpec
 
 __all__ = ["Kernel", "current_stream", "device_props", "get_kernel", "launch", "launch_ex",
-           "prefer_shared_memory"]
+           "launch_raw", "prefer_shared_memory", "stream_ptr"]
 
 
 @cache
@@ -141,6 +141,35 @@ def current_stream(kind: str, device: int) -> Any:
     return cupy.cuda.get_current_stream(device)
 
 
+def _torch_stream_getter() -> Any:
+    import torch
+
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # CUDA builds: an int, no object
+    if raw is not None:
+        return raw
+    return lambda device: torch.cuda.current_stream(device).cuda_stream
+
+
+def _cupy_stream_getter() -> Any:
+    import cupy
+
+    get = cupy.cuda.get_current_stream
+    return lambda device: get(device).ptr
+
+
+_stream_getters: dict[str, Any] = {}
+
+
+def stream_ptr(kind: str, device: int) -> int:
+    """The raw handle of the stream ``current_stream`` would return (torch's current stream
+    for torch inputs, CuPy's otherwise), without building a stream object."""
+    get = _stream_getters.get(kind)
+    if get is None:
+        get = _stream_getters[kind] = (_torch_stream_getter() if kind == "torch" else
+                                       _cupy_stream_getter())
+    return get(device)
+
+
 Dim3 = tuple[int, int, int]
 
 
@@ -205,3 +234,27 @@ def launch_ex(kernel: Kernel, grid: Dim3, args: tuple[Any, ...], stream: Any,
     if err != 0:
         raise RuntimeError(f"cuLaunchKernelEx({kernel.spec.id}, cluster={cluster}) failed: "
                            f"CUresult {err}")
+
+
+_raw: list[Any] = []   # [driver.launchKernel, runtime.getDevice, cupy.cuda.Device], bound once
+
+
+def launch_raw(device: int, function_ptr: int, grid: Dim3, block: Dim3, shared_mem: int,
+               stream: int, params_ptr: int) -> None:
+    """``cuLaunchKernel`` on a raw stream handle; ``params_ptr`` is the address of a ``void*``
+    array pointing at each argument's bytes (the driver copies them at the call, so the caller
+    may patch its buffers for the next launch). The thin launch path's launch."""
+    if not _raw:
+        import cupy
+        from cupy_backends.cuda.api import driver
+        from cupy_backends.cuda.api import runtime as rt
+
+        _raw[:] = [driver.launchKernel, rt.getDevice, cupy.cuda.Device]
+    launch_kernel, get_device, device_ctx = _raw
+    if get_device() == device:
+        launch_kernel(function_ptr, grid[0], grid[1], grid[2], block[0], block[1], block[2],
+                      shared_mem, stream, params_ptr, 0)
+        return
+    with device_ctx(device):
+        launch_kernel(function_ptr, grid[0], grid[1], grid[2], block[0], block[1], block[2],
+                      shared_mem, stream, params_ptr, 0)

@@ -103,3 +103,14 @@ def both_forward_families(request, monkeypatch):
             pytest.skip("one forward family on this GPU")
     monkeypatch.setenv("DMATTN_FWD_FAMILY", request.param)
     return request.param
+
+
+@pytest.fixture(autouse=True)
+def fresh_plans():
+    """Every test starts with no cached launch plans: tests that monkeypatch the planning
+    functions (split counts, families) must see them called, as in a new process."""
+    from dmattn_cupy import fastpath
+
+    fastpath.clear()
+    yield
+    fastpath.clear()

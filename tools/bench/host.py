@@ -47,12 +47,22 @@ def _row(ctx: Ctx, res: CaseResult, name: str, role: str, make: Maker, note: str
             fn()
             ctx.sync()
             r.first_call_s = time.perf_counter() - t0
+        hits = _thin_hits(ctx) if role != "peer" else None
         tm = ctx.host_per_call(fn, _calls(ctx))
         r.wall_ms, r.ms_min, r.ms_p90, r.reps = (tm["wall_ms"], tm["ms_min"], tm["ms_p90"],
                                                  tm["reps"])
+        if hits is not None:  # how many forward calls the cached plans (thin path) served
+            done = _thin_hits(ctx)[0] - hits[0]
+            calls = tm["reps"] + max(ctx.args.warmup, 3)   # host_per_call warms up too
+            r.note = (r.note + "; " if r.note else "") + f"thin path {done}/{calls} calls"
     except Exception as e:  # noqa: BLE001
         r.status = "n/a" if role == "peer" or not isinstance(e, RuntimeError) else "error"
         r.note = reason(e, caught)
+
+
+def _thin_hits(ctx: Ctx) -> list[int] | None:
+    fp = sys.modules.get("dmattn_cupy.fastpath")
+    return list(fp.HITS) if fp is not None and ctx.cuda else None
 
 
 def _qkv(ctx: Ctx, shape: dict[str, Any], grad: bool = False) -> tuple[Any, Any, Any]:

@@ -1,0 +1,411 @@
+"""The thin launch path: a call whose signature was seen before reuses its plan.
+
+The signature (the key of ``PlanCache``) is, per array, its dtype, shape, strides, device and
+pointer alignment class (``ptr & 15``), plus every option value (flags exactly ``bool`` or
+``None``, window a tuple of two ``int``), the library, whether lse is wanted, and the
+environment variables that change plans (``env.plan_state``). A call that hits only
+allocates its outputs in the caller's library, reads the pointers and the current stream,
+patches the pointers into the plan's records and launches them (``Plan.execute``): nothing the
+key proves is validated again, no ``describe``, no DLPack. A miss validates in full
+(``validate``), runs ``forward_call`` / ``backward_call`` and keeps their plan when it is
+cacheable (otherwise a None entry sends later calls with that key straight to the validated
+path). Anything else returns ``MISS`` and the caller takes the validated path: NumPy inputs,
+sparse masks, torch.compile tracing, unusual option types.
+
+torch with a gradient wanted runs ``_Attention`` (an ``autograd.Function``: in eager mode it
+costs a fraction of the custom op's dispatch); torch.compile keeps tracing the custom ops of
+``autograd``. Both run the same plans, so the results are the same bits.
+
+CUDA graphs: a hit allocates only through the caller's library (torch's allocator, so a graph's
+private pool during capture) and launches on its current stream; nothing syncs or reads device
+memory. A miss may compile and load kernels: warm up before capturing, as with any library.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import Any
+
+try:
+    import torch
+except ImportError:  # torch is optional
+    torch = None
+
+from . import arrays, edge, env, runtime
+from .arrays import describe
+from .backward import backward_call, finish_backward
+from .forward import forward_call
+from .launch_plan import Plan, PlanCache
+from .validate import Problem, check_dense, check_flags, check_varlen
+
+MISS = object()       # "take the validated path"
+_ABSENT = object()
+HITS = [0, 0]         # calls served by a cached forward / backward plan (tools/bench reads it)
+
+# key -> _Entry (a cacheable plan) or None (a signature the thin path leaves to the validated
+# path); bounded, least recently used first out. Backward plans hang off their forward entry.
+forward_plans = PlanCache(512)
+
+
+@dataclasses.dataclass(eq=False)
+class _Entry:
+    plan: Plan = dataclasses.field(repr=False)
+    pb: Problem = dataclasses.field(repr=False)  # the first call's problem (stale pointers)
+    lse: bool            # the plan allocates lse
+    allocs: list[Any] | None = dataclasses.field(default=None, repr=False)  # bound allocators
+    # a forward entry's backward plans: (dout, dlse signatures, need_dbias) -> _Entry | None
+    bwd: dict[tuple, Any] = dataclasses.field(default_factory=dict, repr=False)
+
+
+_MAX_BWD_PER_FWD = 16
+
+
+def clear() -> None:
+    """Forget every cached plan (tests that edit the family table call this)."""
+    forward_plans.clear()
+    backward_plans.clear()
+
+
+# --- signatures --------------------------------------------------------------------------
+
+if torch is not None:
+    _TORCH_TYPES = (torch.Tensor, torch.nn.Parameter)
+    _grad_enabled = torch.is_grad_enabled
+    _compiling = torch.compiler.is_compiling
+else:
+    _TORCH_TYPES = ()
+
+_cupy_ndarray: list[type] = []
+
+
+def _library(x: Any) -> str | None:
+    """'torch' / 'cupy' for the exact array types the thin path takes, else None."""
+    t = type(x)
+    if t in _TORCH_TYPES:
+        return "torch"
+    if not _cupy_ndarray and "cupy" in sys.modules:
+        _cupy_ndarray.append(sys.modules["cupy"].ndarray)
+    if _cupy_ndarray and t is _cupy_ndarray[0]:
+        return "cupy"
+    return None
+
+
+def _tsig(x: Any) -> tuple | None:
+    if x is None:
+        return None
+    return (x.dtype, x.shape, x.stride(), x.device, x.data_ptr() & 15)
+
+
+def _csig(x: Any) -> tuple | None:
+    if x is None:
+        return None
+    return (x.dtype, x.shape, x.strides, x.device.id, x.data.ptr & 15)
+
+
+def _tptr(x: Any) -> int:
+    return 0 if x is None else x.data_ptr()
+
+
+def _cptr(x: Any) -> int:
+    return 0 if x is None else x.data.ptr
+
+
+_FLAG_TYPES = (bool, type(None))
+_NUM_TYPES = (float, int, type(None))
+
+
+def _options_ok(scale: Any, is_causal: Any, window: Any, softcap: Any, return_lse: Any,
+                deterministic: Any) -> bool:
+    """Option values whose equality in a key implies equal validation (``1 == True`` and
+    ``[-1, -1]`` is unhashable, so such calls take the validated path)."""
+    return (type(is_causal) in _FLAG_TYPES and type(return_lse) is bool
+            and type(deterministic) in _FLAG_TYPES and type(scale) in _NUM_TYPES
+            and type(softcap) in _NUM_TYPES and type(window) is tuple and len(window) == 2
+            and type(window[0]) is int and type(window[1]) is int)
+
+
+def _wants_grad(q: Any, k: Any, v: Any, bias: Any) -> bool:
+    return _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                or (bias is not None and bias.requires_grad))
+
+
+# --- running a plan ----------------------------------------------------------------------
+
+def _allocators(entry: _Entry, like: Any) -> list[Any]:
+    fns = entry.allocs
+    if fns is None:
+        fns = entry.allocs = [arrays.allocator(like, a.shape, a.dtype, a.zero)
+                              for a in entry.plan.allocs]
+    return fns
+
+
+def _run_forward(entry: _Entry, lib: str, q: Any, k: Any, v: Any, mask: Any, bias: Any,
+                 cu_q: Any, cu_k: Any) -> tuple[Any, Any]:
+    ptr = _tptr if lib == "torch" else _cptr
+    bufs = [make() for make in _allocators(entry, q)]
+    ptrs = [ptr(q), ptr(k), ptr(v), ptr(mask), ptr(bias), ptr(cu_q), ptr(cu_k)]
+    ptrs += [ptr(b) for b in bufs]
+    plan = entry.plan
+    plan.execute(ptrs, runtime.stream_ptr(lib, plan.device))
+    return bufs[0], (bufs[1] if entry.lse else None)
+
+
+def _forward(key: tuple, lib: str, q: Any, k: Any, v: Any, mask: Any, bias: Any, cu_q: Any,
+             cu_k: Any, need_lse: bool, validate: Any) -> Any:
+    """(out, lse) through the cached plan of ``key``, or by validating and building it
+    (``validate()`` -> Problem); MISS when the validated path must run."""
+    entry = forward_plans.get(key, _ABSENT)
+    if entry is None:
+        return MISS
+    if entry is not _ABSENT:
+        HITS[0] += 1
+        return _run_forward(entry, lib, q, k, v, mask, bias, cu_q, cu_k)
+    pb = validate()
+    empty = (pb.total_q == 0 or pb.total_k == 0) if pb.varlen else \
+        edge.is_empty_dense(pb.batch, pb.seqlen_q, pb.seqlen_k)
+    if pb.backend != "cuda" or empty:
+        forward_plans.put(key, None)
+        return MISS
+    out, lse, plan = forward_call(pb, q, cu_q, cu_k, return_lse=need_lse)
+    forward_plans.put(key, _Entry(plan, pb, need_lse) if plan is not None and plan.cacheable
+                      else None)
+    return out, lse
+
+
+class _Call:
+    """One autograd call: the forward entry (None until the forward plan is cached), the
+    validated problem, the inputs that get no gradient, and the cache key."""
+    __slots__ = ("entry", "pb", "deterministic", "mask", "cu_q", "cu_k", "key")
+
+    def __init__(self, entry: _Entry | None, pb: Problem, deterministic: bool, mask: Any,
+                 cu_q: Any, cu_k: Any, key: tuple) -> None:
+        self.entry, self.pb, self.deterministic = entry, pb, deterministic
+        self.mask, self.cu_q, self.cu_k, self.key = mask, cu_q, cu_k, key
+
+
+def _exec_backward(entry: _Entry, lib: str, dout: Any, dlse: Any, q: Any, k: Any, v: Any,
+                   mask: Any, bias: Any, cu_q: Any, cu_k: Any, out: Any, lse: Any
+                   ) -> tuple[Any, Any, Any, Any]:
+    """A cached backward plan on this call's arrays: allocate, patch, launch, finish."""
+    HITS[1] += 1
+    ptr = _tptr if lib == "torch" else _cptr
+    bufs = {a.name: make() for a, make in zip(entry.plan.allocs, _allocators(entry, q),
+                                              strict=True)}
+    ptrs = [ptr(x) for x in (q, k, v, mask, bias, cu_q, cu_k, out, lse, dout, dlse)]
+    ptrs += [ptr(b) for b in bufs.values()]
+    entry.plan.execute(ptrs, runtime.stream_ptr(lib, entry.plan.device))
+    return finish_backward(entry.plan, bufs)
+
+
+def _run_backward(call: _Call, dout: Any, dlse: Any, q: Any, k: Any, v: Any, mask: Any,
+                  bias: Any, cu_q: Any, cu_k: Any, out: Any, lse: Any,
+                  need_dbias: bool) -> tuple[Any, Any, Any, Any]:
+    if dout.dtype != q.dtype:
+        dout = dout.to(q.dtype)
+    plans = call.entry.bwd if call.entry is not None else None
+    bkey = (_tsig(dout), _tsig(dlse), need_dbias)
+    entry = _ABSENT if plans is None else plans.get(bkey, _ABSENT)
+    if entry is not None and entry is not _ABSENT:
+        return _exec_backward(entry, "torch", dout, dlse, q, k, v, mask, bias, cu_q, cu_k, out,
+                              lse)
+    # validated once at the forward; the problem of this call's own arrays
+    pb = dataclasses.replace(call.pb, q=describe(q), k=describe(k), v=describe(v),
+                             mask=None if mask is None else describe(mask),
+                             bias=None if bias is None else describe(bias))
+    grads, plan = backward_call(pb, dout, q, k, v, out, lse, cu_q, cu_k, dlse,
+                                call.deterministic, need_dbias)
+    if entry is _ABSENT and plans is not None:
+        if len(plans) >= _MAX_BWD_PER_FWD:
+            plans.clear()
+        plans[bkey] = _Entry(plan, pb, False) if plan is not None and plan.cacheable else None
+    return grads
+
+
+if torch is not None:
+    class _Attention(torch.autograd.Function):
+        """Eager autograd over the thin path (the custom ops serve torch.compile)."""
+
+        @staticmethod
+        def forward(ctx: Any, q: Any, k: Any, v: Any, bias: Any, call: _Call
+                    ) -> tuple[Any, Any]:
+            entry = call.entry
+            if entry is None:
+                out, lse, plan = forward_call(call.pb, q, call.cu_q, call.cu_k, return_lse=True)
+                if plan is not None and plan.cacheable:
+                    call.entry = _Entry(plan, call.pb, True)
+                forward_plans.put(call.key, call.entry)
+            else:
+                HITS[0] += 1
+                out, lse = _run_forward(entry, "torch", q, k, v, call.mask, bias, call.cu_q,
+                                        call.cu_k)
+            ctx.set_materialize_grads(False)
+            # saved (not just held) so that an in-place change before backward() raises
+            ctx.save_for_backward(q, k, v, bias, out, lse, call.mask, call.cu_q, call.cu_k)
+            ctx.call = call
+            return out, lse
+
+        @staticmethod
+        def backward(ctx: Any, dout: Any, dlse: Any) -> tuple[Any, ...]:
+            q, k, v, bias, out, lse, mask, cu_q, cu_k = ctx.saved_tensors
+            need_dbias = bias is not None and ctx.needs_input_grad[3]
+            if dout is None:
+                dout = torch.zeros_like(out)
+            dq, dk, dv, db = _run_backward(ctx.call, dout, dlse, q, k, v, mask, bias, cu_q, cu_k,
+                                           out, lse, need_dbias)
+            return dq, dk, dv, (db if need_dbias else None), None
+
+
+def _autograd(key: tuple, q: Any, k: Any, v: Any, mask: Any, bias: Any, cu_q: Any, cu_k: Any,
+              deterministic: Any, validate: Any) -> Any:
+    entry = forward_plans.get(key, _ABSENT)
+    if entry is None:
+        return MISS
+    if entry is _ABSENT:
+        pb = validate()
+        empty = (pb.total_q == 0 or pb.total_k == 0) if pb.varlen else \
+            edge.is_empty_dense(pb.batch, pb.seqlen_q, pb.seqlen_k)
+        if pb.backend != "cuda" or empty:
+            forward_plans.put(key, None)
+            return MISS
+        call = _Call(None, pb, bool(deterministic), mask, cu_q, cu_k, key)
+    else:
+        call = _Call(entry, entry.pb, bool(deterministic), mask, cu_q, cu_k, key)
+    return _Attention.apply(q, k, v, bias, call)
+
+
+# --- public entries -------------------------------------------------------------------------
+
+def dense(query: Any, key: Any, value: Any, attn_mask: Any, attn_bias: Any, softmax_scale: Any,
+          is_causal: Any, window_size: Any, softcap: Any, return_lse: Any, deterministic: Any,
+          backend: Any) -> Any:
+    """``flash_dmattn_func`` without a sparse mask through the thin path, or MISS."""
+    lib = _library(query)
+    if lib is None or not _options_ok(softmax_scale, is_causal, window_size, softcap,
+                                      return_lse, deterministic):
+        return MISS
+    if lib == "torch" and _compiling():
+        return MISS
+    try:
+        grad = lib == "torch" and _wants_grad(query, key, value, attn_bias)
+        sig = _tsig if lib == "torch" else _csig
+        k = (0, lib, sig(query), sig(key), sig(value), sig(attn_mask), sig(attn_bias),
+             softmax_scale, is_causal, window_size, softcap, return_lse or grad, return_lse,
+             deterministic, backend, env.plan_state())
+    except AttributeError:  # mixed kinds: the validated path says which argument
+        return MISS
+
+    def validate() -> Problem:
+        pb = check_dense(query, key, value, attn_mask, attn_bias, softmax_scale, is_causal,
+                         window_size, softcap, backend)
+        check_flags(return_lse, bool(deterministic))
+        return pb
+
+    if grad:
+        res = _autograd(k, query, key, value, attn_mask, attn_bias, None, None, deterministic,
+                        validate)
+    else:
+        res = _forward(k, lib, query, key, value, attn_mask, attn_bias, None, None, return_lse,
+                       validate)
+    if res is MISS:
+        return MISS
+    return res if return_lse else res[0]
+
+
+def varlen(query: Any, key: Any, value: Any, cu_seqlens_q: Any, cu_seqlens_k: Any,
+           max_seqlen_q: Any, max_seqlen_k: Any, attn_mask: Any, attn_bias: Any,
+           softmax_scale: Any, is_causal: Any, window_size: Any, softcap: Any, return_lse: Any,
+           deterministic: Any, backend: Any) -> Any:
+    """``flash_dmattn_varlen_func`` through the thin path, or MISS."""
+    lib = _library(query)
+    if lib is None or not _options_ok(softmax_scale, is_causal, window_size, softcap,
+                                      return_lse, deterministic) \
+            or type(max_seqlen_q) is not int or type(max_seqlen_k) is not int:
+        return MISS
+    if lib == "torch" and _compiling():
+        return MISS
+    try:
+        grad = lib == "torch" and _wants_grad(query, key, value, attn_bias)
+        sig = _tsig if lib == "torch" else _csig
+        k = (1, lib, sig(query), sig(key), sig(value), sig(attn_mask), sig(attn_bias),
+             sig(cu_seqlens_q), sig(cu_seqlens_k), max_seqlen_q, max_seqlen_k, softmax_scale,
+             is_causal, window_size, softcap, return_lse or grad, return_lse, deterministic,
+             backend, env.plan_state())
+    except AttributeError:
+        return MISS
+
+    def validate() -> Problem:
+        pb = check_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                          max_seqlen_k, attn_mask, attn_bias, softmax_scale, is_causal,
+                          window_size, softcap, backend)
+        check_flags(return_lse, bool(deterministic))
+        return pb
+
+    if grad:
+        res = _autograd(k, query, key, value, attn_mask, attn_bias, cu_seqlens_q, cu_seqlens_k,
+                        deterministic, validate)
+    else:
+        res = _forward(k, lib, query, key, value, attn_mask, attn_bias, cu_seqlens_q,
+                       cu_seqlens_k, return_lse, validate)
+    if res is MISS:
+        return MISS
+    return res if return_lse else res[0]
+
+
+# --- the functional backward (flash_dmattn_backward / _varlen_backward) --------------------
+
+backward_plans = PlanCache(256)
+
+
+def functional_backward_key(dout: Any, query: Any, key: Any, value: Any, out: Any, lse: Any,
+                            cu_q: Any, cu_k: Any, max_q: Any, max_k: Any, attn_mask: Any,
+                            attn_bias: Any, softmax_scale: Any, is_causal: Any, window_size: Any,
+                            softcap: Any, deterministic: Any, backend: Any, dlse: Any,
+                            bias_grad: Any) -> tuple | None:
+    """The plan key of a functional backward call, or None when it takes the validated path
+    only (a NumPy or mixed call, unusual option types, torch.compile tracing)."""
+    lib = _library(query)
+    if lib is None or type(bias_grad) is not bool or not _options_ok(
+            softmax_scale, is_causal, window_size, softcap, False, deterministic):
+        return None
+    if lib == "torch" and _compiling():
+        return None
+    if max_q is not None and (type(max_q) is not int or type(max_k) is not int):
+        return None
+    sig = _tsig if lib == "torch" else _csig
+    try:
+        return (2, lib, sig(dout), sig(query), sig(key), sig(value), sig(out), sig(lse),
+                sig(dlse), sig(attn_mask), sig(attn_bias), sig(cu_q), sig(cu_k), max_q, max_k,
+                softmax_scale, is_causal, window_size, softcap, deterministic, backend,
+                bias_grad, env.plan_state())
+    except AttributeError:
+        return None
+
+
+def functional_backward(bkey: tuple | None, dout: Any, query: Any, key: Any, value: Any,
+                        out: Any, lse: Any, cu_q: Any, cu_k: Any, attn_mask: Any,
+                        attn_bias: Any, dlse: Any) -> Any:
+    """(dq, dk, dv, dbias) through the cached plan of ``bkey``, or MISS."""
+    if bkey is None:
+        return MISS
+    entry = backward_plans.get(bkey)
+    if entry is None:
+        return MISS
+    return _exec_backward(entry, bkey[1], dout, dlse, query, key, value, attn_mask, attn_bias,
+                          cu_q, cu_k, out, lse)
+
+
+def build_functional_backward(bkey: tuple | None, pb: Problem, dout: Any, query: Any, key: Any,
+                              value: Any, out: Any, lse: Any, cu_q: Any, cu_k: Any, dlse: Any,
+                              deterministic: bool, need_dbias: bool
+                              ) -> tuple[Any, Any, Any, Any]:
+    """A validated functional backward (dout and out already in the query dtype): run it and
+    keep its plan under ``bkey`` when a later call with that key would build the same one
+    (no cast of dout / out was needed, no copies)."""
+    dout2, out2 = arrays.cast(dout, pb.dtype), arrays.cast(out, pb.dtype)
+    grads, plan = backward_call(pb, dout2, query, key, value, out2, lse, cu_q, cu_k, dlse,
+                                deterministic, need_dbias)
+    if bkey is not None and dout2 is dout and out2 is out and plan is not None \
+            and plan.cacheable:
+        backward_plans.put(bkey, _Entry(plan, pb, False))
+    return grads

@@ -1,0 +1,155 @@
+"""Launch plans: every launch of one call with all but its pointers decided.
+
+A ``Plan`` holds the kernels, grids and argument records of a call, the buffers the call
+allocates (shape, dtype, zero-filled or not) and *slots*: where in the records each pointer
+goes. The forward, decode and backward builders make one per call; the first call with a given
+signature runs it as built (``run``: ``runtime.launch`` with the records, pointers already in
+them), and ``fastpath`` keeps it in a ``PlanCache`` so that a repeated call only allocates
+its outputs, patches pointers into the same records and launches them raw (``execute``).
+
+Invariants: a record's pointer fields are 8-byte aligned uint64 words, so a slot is (a uint64
+view of the record, a word index); the driver copies kernel parameters at launch, so patching a
+record after its launch is safe; ``execute`` holds the plan's lock while it patches and
+launches, so threads sharing a plan do not interleave.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import runtime
+
+
+@dataclass(eq=False)
+class Launch:
+    kernel: Any                        # runtime.Kernel
+    grid: tuple[int, int, int]
+    args: tuple[np.ndarray, ...] = field(repr=False)  # one-element records, passed by value
+    shared_mem: int | None = None      # None: the spec's
+
+
+@dataclass(frozen=True)
+class Alloc:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str | None                  # None: the query's dtype
+    zero: bool = False
+
+
+@dataclass(eq=False)
+class Plan:
+    """What a call launches. ``sources``: the names whose pointers a call supplies, in order
+    (inputs first, then ``allocs`` in their order)."""
+    device: int
+    launches: list[Launch] = field(default_factory=list, repr=False)
+    allocs: list[Alloc] = field(default_factory=list)
+    inputs: tuple[str, ...] = ()
+    # source -> [(uint64 view of a record, word index, bytes added to the pointer)]
+    slots: dict[str, list[tuple[np.ndarray, int, int]]] = field(default_factory=dict,
+                                                                repr=False)
+    hooks: list[Callable[[dict[str, int]], None]] = field(default_factory=list, repr=False)
+    cacheable: bool = True             # False: built around copies or data a key cannot prove
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)  # builder facts (post-steps)
+    _bound: Any = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return self.inputs + tuple(a.name for a in self.allocs)
+
+    def slot(self, name: str, record: np.ndarray, field_name: str, add: int = 0) -> None:
+        """Pointer ``name`` (plus ``add`` bytes) goes into ``record[field_name]`` (uint64)."""
+        off = record.dtype.fields[field_name][1]
+        self.slot_at(name, record, off, add)
+
+    def slot_at(self, name: str, buf: np.ndarray, byte_offset: int, add: int = 0) -> None:
+        if byte_offset % 8:
+            raise ValueError(f"pointer slot at byte {byte_offset} is not 8-byte aligned")
+        self.slots.setdefault(name, []).append((buf.view(np.uint64).reshape(-1),
+                                                byte_offset // 8, add))
+
+    def run(self, stream: Any) -> None:
+        """Launch as built (pointers already in the records) through ``runtime.launch``."""
+        for ln in self.launches:
+            args = tuple(a[0] for a in ln.args)
+            if ln.shared_mem is None:
+                runtime.launch(ln.kernel, ln.grid, args, stream)
+            else:
+                runtime.launch(ln.kernel, ln.grid, args, stream, ln.shared_mem)
+
+    def _bind(self) -> Any:
+        patches = []
+        for pos, name in enumerate(self.sources):
+            for view, idx, add in self.slots.get(name, ()):
+                patches.append((view, idx, pos, add))
+        calls = []
+        for ln in self.launches:
+            ptrs = np.array([a.ctypes.data for a in ln.args], dtype=np.uint64)
+            spec = ln.kernel.spec
+            smem = spec.dynamic_smem if ln.shared_mem is None else ln.shared_mem
+            calls.append((ln.kernel.function.ptr, ln.grid, (spec.threads, 1, 1), smem,
+                          int(ptrs.ctypes.data)))
+            self.extra.setdefault("_params", []).append(ptrs)   # keeps the array alive
+        self._bound = (tuple(patches), tuple(calls), self.sources)
+        return self._bound
+
+    def execute(self, ptrs: list[int], stream: int) -> None:
+        """Patch ``ptrs`` (one per ``sources`` entry) into the records and launch each kernel
+        on the raw ``stream`` handle."""
+        bound = self._bound or self._bind()
+        patches, calls, sources = bound
+        with self._lock:
+            for view, idx, pos, add in patches:
+                view[idx] = ptrs[pos] + add
+            if self.hooks:
+                named = dict(zip(sources, ptrs, strict=True))
+                for hook in self.hooks:
+                    hook(named)
+            dev = self.device
+            for fn, grid, block, smem, params in calls:
+                runtime.launch_raw(dev, fn, grid, block, smem, stream, params)
+
+
+class PlanCache:
+    """A bounded LRU map from call signatures to plans (or to None: "not cacheable, take the
+    validated path")."""
+
+    def __init__(self, capacity: int = 256) -> None:
+        self.capacity = capacity
+        self._d: OrderedDict[Any, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        d = self._d
+        try:
+            val = d[key]
+        except KeyError:
+            return default
+        try:
+            d.move_to_end(key)
+        except KeyError:  # evicted by another thread meanwhile
+            pass
+        return val
+
+    def put(self, key: Any, value: Any) -> None:
+        with self._lock:
+            self._d[key] = value
+            self._d.move_to_end(key)
+            while len(self._d) > self.capacity:
+                self._d.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._d.clear()
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def __contains__(self, key: Any) -> bool:
+        return key in self._d

@@ -1,0 +1,409 @@
+"""The thin launch path on the CPU, GPU stubbed (tools/host_profile.stub_gpu): CPU torch tensors
+pose as CUDA device 0, launches are captured with the bytes of every kernel argument.
+
+The property checked throughout: a call served by a cached plan launches the same kernels,
+grids and argument bytes as the validated path would build for the same arrays, pointers
+included; output and workspace pointers are those of the buffers the call returns or made."""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+_TOOLS = Path(__file__).resolve().parents[2] / "tools"
+if str(_TOOLS) not in sys.path:
+    sys.path.insert(0, str(_TOOLS))
+host_profile = importlib.import_module("host_profile")
+
+import dmattn_cupy as dm  # noqa: E402
+from dmattn_cupy import compile as dcompile  # noqa: E402
+from dmattn_cupy import fastpath, forward_sm90, runtime, tensor_map  # noqa: E402
+from dmattn_cupy.launch_plan import PlanCache  # noqa: E402
+from dmattn_cupy.params import FWD_DTYPE, bwd_dtype_flat  # noqa: E402
+
+BWD_DTYPE = bwd_dtype_flat()
+# pointer fields that hold buffers a call allocates (fresh every call)
+_FRESH = ("o", "lse", "o_accum", "lse_accum", "dsum", "dq_accum", "dq", "dk", "dv", "dbias")
+
+
+class _Fn:
+    def __init__(self, ptr: int) -> None:
+        self.ptr = ptr
+
+
+class Capture:
+    """Installs capturing launch stubs inside ``stub_gpu``; ``launches`` collects
+    (path, family, grid, [arg bytes]) for every launch."""
+
+    def __init__(self) -> None:
+        self.launches: list[tuple[str, str, tuple, list[bytes]]] = []
+        self.specs: dict[int, object] = {}
+
+    def get_kernel(self, spec, dev):
+        ptr = 0x1000 + 16 * len(self.specs)
+        for p, s in self.specs.items():
+            if s == spec:
+                ptr = p
+        self.specs[ptr] = spec
+        ck = dcompile.CompiledKernel(spec=spec, arch=spec.arch, cubin=b"", lowered_name="k",
+                                     registers=64, spill_stores=0, spill_loads=0,
+                                     stack_frame=0, static_smem=0, log="")
+        return runtime.Kernel(spec, dev, _Fn(ptr), ck)
+
+    def launch(self, kernel, grid, args, stream, shared_mem=None):
+        self.launches.append(("slow", kernel.spec.family, tuple(grid),
+                              [a.tobytes() for a in args]))
+
+    def launch_raw(self, device, fn, grid, block, smem, stream, params):
+        spec = self.specs[fn]
+        sizes = [BWD_DTYPE.itemsize if spec.row.params == "BwdParams" else FWD_DTYPE.itemsize]
+        if spec.family == "fwd_sm90":
+            sizes.append(forward_sm90.ARGS_DTYPE.itemsize)
+        raw = [ctypes.string_at(ctypes.c_uint64.from_address(params + 8 * i).value, n)
+               for i, n in enumerate(sizes)]
+        assert block == (spec.threads, 1, 1) and smem == spec.dynamic_smem
+        self.launches.append(("thin", spec.family, tuple(grid), raw))
+
+    def take(self):
+        out, self.launches = self.launches, []
+        return out
+
+
+@pytest.fixture
+def cap():
+    c = Capture()
+    with host_profile.stub_gpu():
+        saved = {n: getattr(runtime, n) for n in ("get_kernel", "launch", "launch_raw")}
+        runtime.get_kernel, runtime.launch, runtime.launch_raw = (c.get_kernel, c.launch,
+                                                                  c.launch_raw)
+        fastpath.clear()
+        try:
+            yield c
+        finally:
+            for n, f in saved.items():
+                setattr(runtime, n, f)
+            fastpath.clear()
+
+
+def _record(raw: bytes, family_params: str) -> np.ndarray:
+    dt = BWD_DTYPE if family_params == "BwdParams" else FWD_DTYPE
+    return np.frombuffer(raw, dtype=dt).copy()
+
+
+def _masked(launches, cap):
+    """Launches with fresh-buffer pointer fields zeroed (comparable across calls)."""
+    res = []
+    for _path, fam, grid, raws in launches:
+        params = "BwdParams" if fam.startswith("bwd") else "FwdParams"
+        rec = _record(raws[0], params)
+        for f in _FRESH:
+            if f in rec.dtype.names:
+                rec[f] = 0
+        res.append((fam, grid, rec.tobytes(), tuple(raws[1:])))
+    return res
+
+
+def _rand(*shape, dtype=torch.bfloat16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(dtype)
+
+
+def _dense_case(name: str, seed: int):
+    B, S, Sk, H, Hk, D = 2, 40, 48, 4, 2, 64
+    q = _rand(B, S, H, D, seed=seed)
+    k, v = _rand(B, Sk, Hk, D, seed=seed + 1), _rand(B, Sk, Hk, D, seed=seed + 2)
+    kw = {}
+    if name == "mask_bias":
+        kw["attn_mask"] = torch.rand(B, 1, S, Sk) > 0.2
+        kw["attn_bias"] = _rand(1, Hk, S, Sk, seed=seed + 3)
+    elif name == "causal_window_softcap":
+        kw.update(is_causal=True, window_size=(16, -1), softcap=30.0, softmax_scale=0.1)
+    elif name == "decode_split":
+        q = _rand(B, 1, H, D, seed=seed)
+        k, v = _rand(B, 4096, Hk, D, seed=seed + 1), _rand(B, 4096, Hk, D, seed=seed + 2)
+        kw["attn_bias"] = _rand(B, Hk, 1, 4096, seed=seed + 3)
+    elif name == "fwd_mma_forced":
+        kw["attn_bias"] = _rand(B, H, S, 1, seed=seed + 3)   # the Hopper family declines it
+    return (q, k, v), kw
+
+
+DENSE = ("dense", "mask_bias", "causal_window_softcap", "decode_split", "fwd_mma_forced")
+
+
+@pytest.mark.parametrize("name", DENSE)
+@pytest.mark.parametrize("lse", [False, True])
+def test_thin_forward_launches_what_the_validated_path_builds(cap, name, lse):
+    args, kw = _dense_case(name, 0)
+    dm.flash_dmattn_func(*args, return_lse=lse, **kw)
+    first = cap.take()
+    assert first and all(p == "slow" for p, *_ in first)
+    res = dm.flash_dmattn_func(*args, return_lse=lse, **kw)
+    again = cap.take()
+    assert all(p == "thin" for p, *_ in again)
+    assert _masked(again, cap) == _masked(first, cap)
+    out = res[0] if lse else res
+    rec = _record(again[0][3][0], "FwdParams")
+    assert int(rec["q"][0]) == args[0].data_ptr() and int(rec["o"][0]) == out.data_ptr()
+    if lse:
+        assert int(rec["lse"][0]) == res[1].data_ptr()
+    if name == "decode_split":
+        assert len(again) == 2 and rec["num_splits"][0] > 1 and rec["o_accum"][0] != 0
+    # same shapes, new data: the cached plan with the new pointers == a fresh validated build
+    args2, kw2 = _dense_case(name, 10)
+    dm.flash_dmattn_func(*args2, return_lse=lse, **kw2)
+    thin2 = cap.take()
+    assert all(p == "thin" for p, *_ in thin2)
+    rec2 = _record(thin2[0][3][0], "FwdParams")
+    assert int(rec2["q"][0]) == args2[0].data_ptr() and int(rec2["v"][0]) == args2[2].data_ptr()
+    fastpath.clear()
+    dm.flash_dmattn_func(*args2, return_lse=lse, **kw2)
+    slow2 = cap.take()
+    assert all(p == "slow" for p, *_ in slow2)
+    a, b = _record(thin2[0][3][0], "FwdParams"), _record(slow2[0][3][0], "FwdParams")
+    assert [n for n in a.dtype.names if a[n][0] != b[n][0] and n not in _FRESH] == []
+    assert _masked(thin2, cap) == _masked(slow2, cap)
+
+
+def test_hopper_family_maps_are_patched_not_reencoded(cap, monkeypatch):
+    (q, k, v), _ = _dense_case("dense", 0)
+    dm.flash_dmattn_func(q, k, v)
+    first = cap.take()
+    assert first[0][1] == "fwd_sm90" and len(first[0][3]) == 2
+    calls = []
+    real = tensor_map.encode
+    monkeypatch.setattr(tensor_map, "encode", lambda *a: calls.append(a) or real(*a))
+    monkeypatch.setattr(forward_sm90, "encode", lambda *a: calls.append(a) or real(*a))
+    (q2, k2, v2), _ = _dense_case("dense", 5)
+    dm.flash_dmattn_func(q2, k2, v2)
+    thin = cap.take()
+    assert calls == [] and thin[0][0] == "thin"
+    maps = np.frombuffer(thin[0][3][1], dtype=np.uint8)
+    for i, t in enumerate((q2, k2, v2)):    # the stub's encoder keeps the address at byte 8
+        assert int.from_bytes(maps[128 * i + 8:128 * i + 16].tobytes(), "little") == \
+            t.data_ptr()
+
+
+def test_unpatchable_maps_are_reencoded_per_pointer(cap, monkeypatch):
+    def scrambled(spec, address):   # address stored shifted: no plain uint64 to patch
+        raw = bytearray(tensor_map.MAP_BYTES)
+        raw[0:8] = (address >> 4).to_bytes(8, "little")
+        raw[40:48] = hash(spec).to_bytes(8, "little", signed=True)
+        return bytes(raw)
+
+    monkeypatch.setattr(tensor_map, "encode", scrambled)
+    monkeypatch.setattr(forward_sm90, "encode", scrambled)
+    tensor_map.address_offset.cache_clear()
+    assert tensor_map.address_offset(tensor_map.TensorMapSpec(2, (64, 8), (128,), (64, 8),
+                                                              128)) is None
+    (q, k, v), _ = _dense_case("dense", 0)
+    dm.flash_dmattn_func(q, k, v)
+    cap.take()
+    (q2, k2, v2), _ = _dense_case("dense", 7)
+    dm.flash_dmattn_func(q2, k2, v2)
+    thin = cap.take()
+    fastpath.clear()
+    dm.flash_dmattn_func(q2, k2, v2)
+    slow = cap.take()
+    assert thin[0][0] == "thin" and slow[0][0] == "slow"
+    assert _masked(thin, cap) == _masked(slow, cap)
+    tensor_map.address_offset.cache_clear()
+
+
+def test_address_offset_probe_finds_a_plain_address():
+    spec = tensor_map.TensorMapSpec(2, (64, 8), (128,), (64, 8), 128)
+
+    def enc(s, address):
+        raw = bytearray(128)
+        raw[16:24] = address.to_bytes(8, "little")
+        raw[100] = 7
+        return bytes(raw)
+
+    saved = tensor_map.encode
+    tensor_map.encode = enc
+    tensor_map.address_offset.cache_clear()
+    try:
+        assert tensor_map.address_offset(spec) == 16
+    finally:
+        tensor_map.encode = saved
+        tensor_map.address_offset.cache_clear()
+
+
+@pytest.mark.parametrize("case", ["plain", "bias_grad", "deterministic_bias", "gqa_causal"])
+def test_thin_backward_launches_what_the_validated_path_builds(cap, case):
+    B, S, H, Hk, D = 1, 40, 4, 4 if case != "gqa_causal" else 2, 64
+    q = _rand(B, S, H, D, seed=1).requires_grad_()
+    k, v = (_rand(B, S, Hk, D, seed=s).requires_grad_() for s in (2, 3))
+    kw = {}
+    if case in ("bias_grad", "deterministic_bias"):
+        kw["attn_bias"] = _rand(1, H, S, S, seed=4).requires_grad_()
+        kw["deterministic"] = case == "deterministic_bias"
+    if case == "gqa_causal":
+        kw["is_causal"] = True
+    inputs = (q, k, v) + ((kw["attn_bias"],) if "attn_bias" in kw else ())
+    dout = _rand(B, S, H, D, seed=5)
+
+    def step():
+        out = dm.flash_dmattn_func(q, k, v, **kw)
+        assert out.grad_fn is not None and "Attention" in type(out.grad_fn).__name__
+        grads = torch.autograd.grad(out, inputs, dout)
+        return out, grads
+
+    step()
+    first = cap.take()
+    assert all(p == "slow" for p, *_ in first)
+    out, grads = step()
+    again = cap.take()
+    assert all(p == "thin" for p, *_ in again)
+    fwd_first = [x for x in first if not x[1].startswith("bwd")]
+    bwd_first = [x for x in first if x[1].startswith("bwd")]
+    fwd_again = [x for x in again if not x[1].startswith("bwd")]
+    bwd_again = [x for x in again if x[1].startswith("bwd")]
+    assert _masked(fwd_again, cap) == _masked(fwd_first, cap)
+
+    def no_out_lse(launches):
+        res = []
+        for fam, grid, raw, rest in _masked(launches, cap):
+            rec = np.frombuffer(raw, dtype=BWD_DTYPE).copy()
+            rec["o"] = 0
+            rec["lse"] = 0
+            res.append((fam, grid, rec.tobytes(), rest))
+        return res
+
+    assert bwd_again and no_out_lse(bwd_again) == no_out_lse(bwd_first)
+    rec = _record(bwd_again[-1][3][0], "BwdParams")
+    assert int(rec["o"][0]) == out.data_ptr() and int(rec["dout"][0]) == dout.data_ptr()
+    assert int(rec["dk"][0]) == grads[1].data_ptr()
+    assert grads[0].shape == q.shape and grads[0].dtype == q.dtype
+    if "attn_bias" in kw:
+        assert grads[3].shape == kw["attn_bias"].shape
+        assert grads[3].dtype == kw["attn_bias"].dtype
+
+
+def test_varlen_decode_key_bias_thin(cap):
+    Sk, H, Hk, D = 4096, 32, 8, 64
+    q = _rand(1, H, D, seed=1)
+    k, v = _rand(Sk, Hk, D, seed=2), _rand(Sk, Hk, D, seed=3)
+    bias = _rand(Sk, Hk, seed=4)
+    cu_q = torch.tensor([0, 1], dtype=torch.int32)
+    cu_k = torch.tensor([0, Sk], dtype=torch.int32)
+    dm.flash_dmattn_varlen_func(q, k, v, cu_q, cu_k, 1, Sk, attn_bias=bias)
+    first = cap.take()
+    out = dm.flash_dmattn_varlen_func(q, k, v, cu_q, cu_k, 1, Sk, attn_bias=bias)
+    again = cap.take()
+    assert [p for p, *_ in again] == ["thin"] * len(first) and first[0][1] == "fwd_decode"
+    assert _masked(again, cap) == _masked(first, cap)
+    rec = _record(again[0][3][0], "FwdParams")
+    assert int(rec["cu_seqlens_k"][0]) == cu_k.data_ptr() and int(rec["o"][0]) == \
+        out.data_ptr()
+    # another max_seqlen_k is another plan
+    dm.flash_dmattn_varlen_func(q, k, v, cu_q, cu_k, 1, Sk - 1, attn_bias=bias)
+    assert cap.take()[0][0] == "slow"
+
+
+def test_keys_tell_apart_strides_devices_env_and_options(cap, monkeypatch):
+    (q, k, v), _ = _dense_case("dense", 0)
+    dm.flash_dmattn_func(q, k, v)
+    n = len(fastpath.forward_plans)
+    dm.flash_dmattn_func(q.clone(), k.clone(), v.clone())      # new data: same plan
+    assert len(fastpath.forward_plans) == n
+    qt = q.transpose(1, 2).contiguous().transpose(1, 2)        # same shape, other strides
+    dm.flash_dmattn_func(qt, k, v)
+    assert len(fastpath.forward_plans) == n + 1 and cap.take()[-1][0] == "slow"
+    assert fastpath._tsig(q) != fastpath._tsig(q.to("meta"))   # device is in the key
+    monkeypatch.setenv("DMATTN_FWD_FAMILY", "fwd_mma")         # env is in the key
+    dm.flash_dmattn_func(q, k, v)
+    last = cap.take()[-1]
+    assert (last[0], last[1]) == ("slow", "fwd_mma")
+    dm.flash_dmattn_func(q, k, v)
+    assert cap.take()[-1][:2] == ("thin", "fwd_mma")
+    monkeypatch.delenv("DMATTN_FWD_FAMILY")
+    dm.flash_dmattn_func(q, k, v)
+    assert cap.take()[-1][:2] == ("thin", "fwd_sm90")
+    dm.flash_dmattn_func(q, k, v, is_causal=True)
+    assert cap.take()[-1][0] == "slow"
+    with pytest.raises(TypeError, match="is_causal"):          # 1 == True, but not a bool
+        dm.flash_dmattn_func(q, k, v, is_causal=1)
+    with pytest.raises(ValueError, match="head dim"):
+        dm.flash_dmattn_func(q[..., :60], k[..., :60], v[..., :60])
+
+
+def test_misaligned_inputs_are_never_cached(cap, monkeypatch):
+    from dmattn_cupy import arrays
+    from dmattn_cupy.arrays import describe
+
+    def copy(info, stream, like=None):   # the CuPy strided copy, on CPU tensors
+        buf = torch.empty(info.shape, dtype=like.dtype)
+        return buf, describe(buf)
+
+    monkeypatch.setattr(arrays, "strided_copy", copy)
+    (q, k, v), _ = _dense_case("dense", 0)
+    buf = torch.empty(q.numel() + 1, dtype=q.dtype)
+    qm = buf[1:].view(q.shape)   # 2-byte offset: rows not 16-byte aligned
+    qm.copy_(q)
+    key_count = len(fastpath.forward_plans)
+    dm.flash_dmattn_func(qm, k, v)
+    assert len(fastpath.forward_plans) == key_count + 1
+    assert list(fastpath.forward_plans._d.values())[-1] is None
+    dm.flash_dmattn_func(qm, k, v)
+    assert [p for p, *_ in cap.take()] == ["slow", "slow"]
+
+
+def test_plan_cache_is_a_bounded_lru():
+    c = PlanCache(3)
+    for i in range(5):
+        c.put(i, i)
+    assert len(c) == 3 and 0 not in c and 1 not in c
+    assert c.get(2) == 2       # 2 becomes the most recent
+    c.put(5, 5)
+    assert 3 not in c and 2 in c and c.get(9, "x") == "x"
+
+
+def test_numpy_and_sparse_calls_take_the_validated_path(cap):
+    q = np.zeros((1, 8, 2, 32), np.float32)
+    assert fastpath.dense(q, q, q, None, None, None, False, (-1, -1), 0.0, False, False,
+                          "auto") is fastpath.MISS
+    (tq, tk, tv), _ = _dense_case("dense", 0)
+    assert fastpath.dense(tq, tk, tv, None, None, None, False, [-1, -1], 0.0, False, False,
+                          "auto") is fastpath.MISS
+
+
+
+
+@pytest.mark.parametrize("varlen", [False, True])
+def test_functional_backward_is_cached(cap, varlen):
+    """flash_dmattn_backward / _varlen_backward: the second call with a signature launches
+    the validated path's bytes from the cached plan; a cast dout is never cached."""
+    H, D = 4, 64
+    if varlen:
+        q, k, v = (_rand(50, H, D, seed=s) for s in (1, 2, 3))
+        cu = torch.tensor([0, 20, 50], dtype=torch.int32)
+        lse = torch.zeros(H, 50)
+        extra = (cu, cu, 30, 30)
+        fn = dm.flash_dmattn_varlen_backward
+    else:
+        q, k, v = (_rand(2, 25, H, D, seed=s) for s in (1, 2, 3))
+        lse = torch.zeros(2, H, 25)
+        extra = ()
+        fn = dm.flash_dmattn_backward
+    out, dout = _rand(*q.shape, seed=4), _rand(*q.shape, seed=5)
+    bias = _rand(*((50, H) if varlen else (2, H, 25, 25)), seed=6)
+    fn(dout, q, k, v, out, lse, *extra, attn_bias=bias, is_causal=True)
+    first = cap.take()
+    dq, dk, dv, db = fn(dout, q, k, v, out, lse, *extra, attn_bias=bias, is_causal=True)
+    again = cap.take()
+    assert [p for p, *_ in first] == ["slow"] * len(first)
+    assert [p for p, *_ in again] == ["thin"] * len(first)
+    assert _masked(again, cap) == _masked(first, cap)
+    rec = _record(again[-1][3][0], "BwdParams")
+    assert int(rec["dk"][0]) == dk.data_ptr() and int(rec["dout"][0]) == dout.data_ptr()
+    assert db.shape == bias.shape and dq.dtype == q.dtype
+    fn(dout.float(), q, k, v, out, lse, *extra, attn_bias=bias, is_causal=True)
+    fn(dout.float(), q, k, v, out, lse, *extra, attn_bias=bias, is_causal=True)
+    assert {p for p, *_ in cap.take()} == {"slow"}

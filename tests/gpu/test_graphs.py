@@ -1,0 +1,281 @@
+"""CUDA-graph capture of forward, decode and backward: torch.cuda.graph with torch tensors and
+CuPy stream capture with CuPy arrays. After a warm-up (kernels compiled and loaded, plans
+cached) a captured call replays bit for bit what the eager call computes, and replaying after
+the inputs change in place gives the new answer (the graph reads the inputs' memory, nothing
+was baked in on the host). Also: the thin path is what gets captured (its plan is cached), and
+the outputs live in the graph's memory pool."""
+
+from __future__ import annotations
+
+import pytest
+
+import dmattn_cupy as dm
+from dmattn_cupy import fastpath
+
+torch = pytest.importorskip("torch")
+
+pytestmark = pytest.mark.gpu
+
+
+def _rand(shape, seed, dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to("cuda", dtype)
+
+
+def _capture(fn):
+    """Warm up ``fn`` on a side stream (as torch's docs ask), then capture it."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = fn()
+    torch.cuda.synchronize()
+    return graph, static
+
+
+def _same(a, b):
+    if isinstance(a, (tuple, list)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            _same(x, y)
+        return
+    if a is None:
+        assert b is None
+        return
+    assert a.shape == b.shape and a.dtype == b.dtype
+    assert torch.equal(a, b), f"max diff {(a.float() - b.float()).abs().max().item()}"
+
+
+def _replay_matches_eager(fn, inputs, seed=100):
+    """Capture ``fn``; replay == eager; change every input in place; replay == new eager."""
+    graph, static = _capture(fn)
+    graph.replay()
+    torch.cuda.synchronize()
+    eager = fn()
+    torch.cuda.synchronize()
+    _same(static, eager)
+    before = [x.clone() for x in (static if isinstance(static, tuple) else (static,))]
+    with torch.no_grad():
+        for i, x in enumerate(inputs):
+            if x.dtype == torch.bool:
+                x.copy_(torch.rand(x.shape, device="cuda") > 0.3)
+            else:
+                x.copy_(_rand(x.shape, seed + i, x.dtype))
+    graph.replay()
+    torch.cuda.synchronize()
+    eager2 = fn()
+    torch.cuda.synchronize()
+    _same(static, eager2)
+    after = static if isinstance(static, tuple) else (static,)
+    assert any(not torch.equal(a, b) for a, b in zip(after, before, strict=True))
+
+
+FWD_CASES = {
+    "dense": dict(),
+    "mask_bias": dict(mask=True, bias=True),
+    "causal_gqa": dict(is_causal=True, hk=2),
+    "bias_lse": dict(bias=True, return_lse=True),
+}
+
+
+@pytest.mark.parametrize("case", list(FWD_CASES))
+@pytest.mark.parametrize("d", [64, 128])
+def test_forward_graph_torch(case, d, both_forward_families):
+    o = dict(FWD_CASES[case])
+    B, S, H, hk = 2, 320, 4, o.pop("hk", 4)   # 320: mask/bias rows TMA can read (sm90)
+    q, k, v = _rand((B, S, H, d), 1), _rand((B, S, hk, d), 2), _rand((B, S, hk, d), 3)
+    inputs = [q, k, v]
+    kw = {}
+    if o.pop("mask", False):
+        kw["attn_mask"] = torch.rand(B, H, S, S, device="cuda") > 0.2
+        inputs.append(kw["attn_mask"])
+    if o.pop("bias", False):
+        kw["attn_bias"] = _rand((B, 1, S, S), 4)
+        inputs.append(kw["attn_bias"])
+    kw.update(o)
+
+    def fn():
+        return dm.flash_dmattn_func(q, k, v, **kw)
+
+    _replay_matches_eager(fn, inputs)
+    plans = [e for e in fastpath.forward_plans._d.values() if e is not None]
+    assert plans, "the captured call did not come from a cached plan"
+    family = plans[0].plan.launches[0].kernel.spec.family
+    hopper = torch.cuda.get_device_capability() == (9, 0)
+    assert family == ("fwd_sm90" if hopper and both_forward_families == "auto" else "fwd_mma")
+
+
+@pytest.mark.parametrize("splits", ["1", "4", "auto"])
+@pytest.mark.parametrize("layout", ["varlen_key_bias", "dense_key_bias"])
+def test_decode_graph_torch(splits, layout, monkeypatch):
+    monkeypatch.setenv("DMATTN_NUM_SPLITS", splits)
+    H, Hk, D, Sk, B = 32, 8, 128, 4096, 2
+    if layout == "varlen_key_bias":
+        q, k, v = _rand((B, H, D), 1), _rand((B * Sk, Hk, D), 2), _rand((B * Sk, Hk, D), 3)
+        bias = _rand((B * Sk, Hk), 4)
+        cu_q = torch.tensor([0, 1, 2], device="cuda", dtype=torch.int32)
+        cu_k = torch.tensor([0, Sk, 2 * Sk], device="cuda", dtype=torch.int32)
+
+        def fn():
+            return dm.flash_dmattn_varlen_func(q, k, v, cu_q, cu_k, 1, Sk, attn_bias=bias,
+                                               return_lse=True)
+    else:
+        q, k, v = _rand((B, 1, H, D), 1), _rand((B, Sk, Hk, D), 2), _rand((B, Sk, Hk, D), 3)
+        bias = _rand((B, Hk, 1, Sk), 4)
+
+        def fn():
+            return dm.flash_dmattn_func(q, k, v, attn_bias=bias, return_lse=True)
+
+    _replay_matches_eager(fn, [q, k, v, bias])
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_backward_graph_torch(bias, deterministic):
+    """Forward + backward through autograd inside torch.cuda.graph (static tensors)."""
+    B, S, H, Hk, D = 2, 256, 4, 2, 64
+    q = _rand((B, S, H, D), 1).requires_grad_()
+    k, v = _rand((B, S, Hk, D), 2).requires_grad_(), _rand((B, S, Hk, D), 3).requires_grad_()
+    dout = _rand((B, S, H, D), 5)
+    b = _rand((1, H, S, S), 4).requires_grad_() if bias else None
+    params = (q, k, v) + ((b,) if bias else ())
+
+    def fn():
+        out = dm.flash_dmattn_func(q, k, v, attn_bias=b, is_causal=True,
+                                   deterministic=deterministic)
+        return (out, *torch.autograd.grad(out, params, dout))
+
+    if deterministic:
+        _replay_matches_eager(fn, list(params) + [dout])
+        return
+    # fp32 atomics add dQ in any order: replay equals eager up to rounding
+    graph, static = _capture(fn)
+    with torch.no_grad():
+        q.copy_(_rand(q.shape, 9))
+    graph.replay()
+    torch.cuda.synchronize()
+    eager = fn()
+    for a, e in zip(static, eager, strict=True):
+        torch.testing.assert_close(a, e, atol=2e-2, rtol=2e-2)
+    _same(static[0], eager[0])   # the forward is deterministic
+
+
+def _cupy_capture(fn):
+    cp = pytest.importorskip("cupy")
+    s = cp.cuda.Stream(non_blocking=True)
+    with s:
+        for _ in range(3):   # warm-up on the capture stream (CuPy's pool is per stream)
+            fn()
+        s.synchronize()
+        s.begin_capture()
+        static = fn()
+        graph = s.end_capture()
+    return s, graph, static
+
+
+@pytest.mark.parametrize("case", ["dense", "mask_bias", "decode_split", "backward"])
+def test_graph_cupy(case, monkeypatch):
+    cp = pytest.importorskip("cupy")
+    monkeypatch.setenv("DMATTN_NUM_SPLITS", "4")
+    rng = cp.random.default_rng(0)
+
+    def r(*shape):
+        return rng.standard_normal(shape, dtype=cp.float32).astype(cp.float16)
+
+    B, S, H, D = 2, 200, 4, 64
+    Sq = 1 if case == "decode_split" else S
+    Sk = 3000 if case == "decode_split" else S
+    q, k, v = r(B, Sq, H, D), r(B, Sk, H, D), r(B, Sk, H, D)
+    kw = {}
+    inputs = [q, k, v]
+    if case in ("mask_bias", "decode_split"):
+        kw["attn_bias"] = r(B, 1, 1, Sk) if case == "decode_split" else r(B, H, Sq, Sk)
+        inputs.append(kw["attn_bias"])
+    if case == "mask_bias":
+        kw["attn_mask"] = rng.random((B, 1, Sq, Sk)) > 0.2
+    if case == "backward":
+        dout = r(B, Sq, H, D)
+        inputs.append(dout)
+
+        def fn():
+            out, lse = dm.flash_dmattn_func(q, k, v, return_lse=True, is_causal=True)
+            dq, dk, dv, _ = dm.flash_dmattn_backward(dout, q, k, v, out, lse, is_causal=True,
+                                                     deterministic=True)
+            return out, dq, dk, dv
+    else:
+        def fn():
+            return dm.flash_dmattn_func(q, k, v, **kw)
+
+    s, graph, static = _cupy_capture(fn)
+    static = static if isinstance(static, tuple) else (static,)
+    with s:
+        graph.launch(s)
+        s.synchronize()
+        eager = fn()
+        eager = eager if isinstance(eager, tuple) else (eager,)
+        s.synchronize()
+        for a, e in zip(static, eager, strict=True):
+            assert cp.array_equal(a, e)
+        before = [a.copy() for a in static]
+        for i, x in enumerate(inputs):
+            x[...] = cp.random.default_rng(10 + i).standard_normal(x.shape,
+                                                                   dtype=cp.float32)
+        graph.launch(s)
+        s.synchronize()
+        eager = fn()
+        eager = eager if isinstance(eager, tuple) else (eager,)
+        s.synchronize()
+        for a, e in zip(static, eager, strict=True):
+            assert cp.array_equal(a, e)
+        assert any(not cp.array_equal(a, b) for a, b in zip(static, before, strict=True))
+
+
+@pytest.mark.parametrize("case", ["dense", "mask_bias", "decode", "varlen", "fwd_bwd"])
+def test_thin_path_matches_the_validated_first_call(case, both_forward_families):
+    """The first call with a signature (validated, plan built) and the next ones (cached plan,
+    new arrays of the same signature) give the bits the validated path gives those arrays."""
+    B, S, H, Hk, D = 2, 333, 4, 2, 128
+    Sq = 1 if case == "decode" else S
+
+    def make(seed):
+        t = [_rand((B, Sq, H, D), seed), _rand((B, S, Hk, D), seed + 1),
+             _rand((B, S, Hk, D), seed + 2)]
+        if case in ("mask_bias", "decode"):
+            t.append(_rand((B, Hk, Sq, S), seed + 3))
+        if case == "varlen":
+            t = [x.reshape(B * x.shape[1], *x.shape[2:]) for x in t]
+        if case == "fwd_bwd":
+            t = [x.requires_grad_() for x in t] + [_rand((B, Sq, H, D), seed + 4)]
+        return t
+
+    cu = torch.tensor([0, 100, 2 * S], device="cuda", dtype=torch.int32)
+    mask = torch.rand(B, 1, Sq, S, device="cuda") > 0.3
+
+    def run(t):
+        if case == "varlen":
+            return dm.flash_dmattn_varlen_func(*t[:3], cu, cu, 2 * S - 100, 2 * S - 100,
+                                               is_causal=True,
+                                               return_lse=True)
+        if case == "fwd_bwd":
+            out = dm.flash_dmattn_func(*t[:3], deterministic=True)
+            return (out, *torch.autograd.grad(out, t[:3], t[3]))
+        kw = dict(attn_bias=t[3]) if len(t) > 3 else {}
+        if case == "mask_bias":
+            kw["attn_mask"] = mask
+        return dm.flash_dmattn_func(*t[:3], return_lse=True, **kw)
+
+    a, b = make(1), make(50)
+    first_a = run(a)                      # validated, plan built
+    thin_b = run(b)                       # cached plan, other arrays
+    thin_a = run(a)
+    torch.cuda.synchronize()
+    fastpath.clear()
+    first_b = run(b)                      # validated again, for b
+    torch.cuda.synchronize()
+    _same(thin_a, first_a)
+    _same(thin_b, first_b)

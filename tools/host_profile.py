@@ -1,0 +1,243 @@
+"""Host time per call of dmattn_cupy's launch path, stage by stage.
+
+    PYTHONPATH=$PWD python tools/host_profile.py [--stub auto|on|off] [--calls N]
+
+On a machine without a GPU (or with ``--stub on``) the GPU is stubbed: CPU torch tensors pose
+as CUDA device 0 (``arrays.describe`` reports device 0 and the tensor's own pointer), device
+properties are the sm_90 preset, kernels are never compiled or loaded, launches (CuPy's and
+the raw driver launch) and tensor-map encodes do nothing. What is left is the Python work of
+a call, which is what this measures. With a GPU and ``--stub off`` (the default there) every
+stage runs for real on CUDA tensors, launches included.
+
+Each line is microseconds per call (median of 5 rounds of N calls). Stages of the forward:
+validate (``check_dense``), select (family + spec), params (``build_fwd_params``), sm90 maps
+(the Hopper family's tensor-map record), launch (one ``runtime.launch``), then end-to-end rows:
+the public forward without and with autograd (torch custom op / autograd.Function), a decode
+step, forward + backward through ``torch.autograd.grad``, and the thin launch path alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+class _FakeFunction:
+    ptr = 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+@contextlib.contextmanager
+def stub_gpu() -> Iterator[None]:
+    """Make CPU torch tensors look like CUDA device 0 and every GPU call a no-op (see the
+    module docstring). Restores everything on exit."""
+    import dmattn_cupy  # noqa: F401  (every module loaded before patching)
+    from dmattn_cupy import arrays, device, runtime, tensor_map
+    from dmattn_cupy import compile as dcompile
+    from dmattn_cupy.arrays import ArrayInfo
+
+    real_describe = arrays.describe
+
+    def describe(x: Any) -> ArrayInfo:
+        info = real_describe(x)
+        if info.kind == "torch" and info.device < 0:
+            return dataclasses.replace(info, device=0, ptr=int(x.data_ptr()))
+        return info
+
+    def get_kernel(spec: Any, dev: int) -> Any:
+        ck = dcompile.CompiledKernel(spec=spec, arch=spec.arch, cubin=b"", lowered_name="k",
+                                     registers=128, spill_stores=0, spill_loads=0,
+                                     stack_frame=0, static_smem=0, log="")
+        return runtime.Kernel(spec, dev, _FakeFunction(), ck)
+
+    class _Stream:
+        ptr = 0
+
+    def encode(spec: Any, address: int) -> bytes:
+        spec.check()
+        raw = bytearray(tensor_map.MAP_BYTES)
+        raw[8:16] = int(address).to_bytes(8, "little")   # a made-up layout: address at 8
+        raw[16:24] = hash(spec).to_bytes(8, "little", signed=True)
+        return bytes(raw)
+
+    patches: list[tuple[Any, str, Any]] = []
+
+    def patch(obj: Any, name: str, value: Any) -> None:
+        patches.append((obj, name, getattr(obj, name)))
+        setattr(obj, name, value)
+
+    for mod in list(sys.modules.values()):
+        name = getattr(mod, "__name__", "") or ""
+        if name.startswith("dmattn_cupy") and getattr(mod, "describe", None) is real_describe:
+            patch(mod, "describe", describe)
+    patch(runtime, "device_props", lambda dev: device.PRESETS["sm_90"])
+    patch(runtime, "get_kernel", get_kernel)
+    patch(runtime, "launch", lambda *a, **k: None)
+    patch(runtime, "prefer_shared_memory", lambda k: None)
+    patch(runtime, "current_stream", lambda kind, dev: _Stream())
+    for opt in ("launch_raw", "stream_ptr", "ensure_device"):
+        if hasattr(runtime, opt):
+            patch(runtime, opt, {"launch_raw": lambda *a: None,
+                                 "stream_ptr": lambda kind, dev: 0,
+                                 "ensure_device": lambda dev: None}[opt])
+    for mod in (tensor_map, sys.modules.get("dmattn_cupy.forward_sm90")):
+        if mod is not None and hasattr(mod, "encode"):
+            patch(mod, "encode", encode)
+    fastpath = sys.modules.get("dmattn_cupy.fastpath")
+    probe = getattr(tensor_map, "address_offset", None)   # the probe caches per map spec
+
+    def reset() -> None:
+        if fastpath is not None:
+            fastpath.clear()
+        if probe is not None:
+            probe.cache_clear()
+
+    reset()
+    try:
+        yield
+    finally:
+        for obj, name, old in reversed(patches):
+            setattr(obj, name, old)
+        reset()
+
+
+def per_call_us(fn: Callable[[], Any], calls: int, sync: Callable[[], None]) -> float:
+    for _ in range(max(3, calls // 20)):
+        fn()
+    sync()
+    runs = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync()
+        runs.append((time.perf_counter() - t0) * 1e6 / calls)
+    return statistics.median(runs)
+
+
+def stages(calls: int, device: str) -> list[tuple[str, float | None]]:
+    import torch
+
+    import dmattn_cupy as dm
+    from dmattn_cupy import autograd, forward, runtime
+    from dmattn_cupy.arrays import describe
+    from dmattn_cupy.layout import build_fwd_params
+    from dmattn_cupy.validate import check_dense
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    dt = torch.bfloat16
+    B, S, H, D = 1, 32, 2, 64    # tiny: on a stubbed GPU the CPU tensors are real work
+    q, k, v = (torch.randn(B, S, H, D, device=device, dtype=dt) for _ in range(3))
+    rows: list[tuple[str, float | None]] = []
+
+    def row(name: str, fn: Callable[[], Any]) -> None:
+        try:
+            rows.append((name, per_call_us(fn, calls, sync)))
+        except Exception as e:  # noqa: BLE001
+            rows.append((f"{name} [{type(e).__name__}: {str(e)[:60]}]", None))
+
+    pb = check_dense(q, k, v, None, None, None, False, (-1, -1), 0.0, "auto")
+    out = torch.empty_like(q)
+    oinfo = describe(out)
+    row("validate (check_dense)", lambda: check_dense(q, k, v, None, None, None, False,
+                                                      (-1, -1), 0.0, "auto"))
+    row("select (family + spec)", lambda: forward.select_fwd_spec(pb))
+    spec = forward.select_fwd_spec(pb)
+    row("params (build_fwd_params)", lambda: build_fwd_params(pb, oinfo, 0))
+    row(f"extra args ({spec.family})", lambda: spec.row.extra_args(pb, oinfo, spec))
+    row("describe x1 (DLPack-free)", lambda: describe(q))
+    row("current stream", lambda: runtime.current_stream("torch", 0))
+    kernel = runtime.get_kernel(spec, 0)
+    rec = build_fwd_params(pb, oinfo, 0)
+    args = (rec[0], *spec.row.extra_args(pb, oinfo, spec))
+    stream = runtime.current_stream("torch", 0)
+    row("launch (runtime.launch)", lambda: runtime.launch(kernel, spec.row.grid(pb, spec), args,
+                                                          stream))
+    row("run_forward (validated)", lambda: forward.run_forward(pb, q, return_lse=False))
+    row("forward, no grad (api)", lambda: dm.flash_dmattn_func(q, k, v))
+    row("forward + lse, no grad (api)", lambda: dm.flash_dmattn_func(q, k, v, return_lse=True))
+    mask = torch.rand(B, H, S, S, device=device) > 0.1
+    bias = torch.randn(B, H, S, S, device=device, dtype=dt)
+    row("forward mask+bias, no grad (api)",
+        lambda: dm.flash_dmattn_func(q, k, v, attn_mask=mask, attn_bias=bias))
+    qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+    row("forward, grad (custom op / autograd)", lambda: dm.flash_dmattn_func(qg, kg, vg))
+    dout = torch.randn_like(q)
+    row("fwd+bwd (autograd.grad)", lambda: torch.autograd.grad(
+        dm.flash_dmattn_func(qg, kg, vg), (qg, kg, vg), dout))
+    # decode step: 1 query, 4096 keys, H32/Hk8, key-based bias (tools/bench host_decode)
+    Sk, Hq, Hk = 4096, 32, 8
+    q1 = torch.randn(1, Hq, D, device=device, dtype=dt)
+    k1, v1 = (torch.randn(Sk, Hk, D, device=device, dtype=dt) for _ in range(2))
+    kb = torch.randn(Sk, Hk, device=device, dtype=dt)
+    cu_q = torch.tensor([0, 1], device=device, dtype=torch.int32)
+    cu_k = torch.tensor([0, Sk], device=device, dtype=torch.int32)
+    row("decode step, varlen key bias (api)", lambda: dm.flash_dmattn_varlen_func(
+        q1, k1, v1, cu_q, cu_k, 1, Sk, attn_bias=kb))
+    qd = q1.reshape(1, 1, Hq, D)
+    kd, vd = k1.reshape(1, Sk, Hk, D), v1.reshape(1, Sk, Hk, D)
+    bd = kb.t().reshape(1, Hk, 1, Sk)
+    row("decode step, dense (1,Hk,1,Sk) bias (api)",
+        lambda: dm.flash_dmattn_func(qd, kd, vd, attn_bias=bd))
+    row("fwd+bwd through the custom ops (torch.compile's route)", lambda: torch.autograd.grad(
+        autograd.dense(qg, kg, vg, None, None, None, False, (-1, -1), 0.0, None, False, False,
+                       "auto"), (qg, kg, vg), dout))
+    # calibration: what torch itself costs on this machine
+    row("calib: torch.empty", lambda: torch.empty((B, S, H, D), dtype=dt, device=device))
+
+    class _Nop(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, x: Any) -> Any:
+            return torch.empty_like(x)
+
+        @staticmethod
+        def backward(ctx: Any, g: Any) -> Any:
+            return g
+
+    row("calib: autograd.Function no-op fwd+bwd", lambda: torch.autograd.grad(
+        _Nop.apply(qg), (qg,), dout))
+    if device == "cuda":
+        F = torch.nn.functional
+        qt, kt, vt = (x.transpose(1, 2) for x in (qg, kg, vg))
+        row("peer: SDPA forward", lambda: F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)))
+        row("peer: SDPA fwd+bwd", lambda: torch.autograd.grad(
+            F.scaled_dot_product_attention(qt, kt, vt), (qg, kg, vg), dout.transpose(1, 2)))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--stub", choices=("auto", "on", "off"), default="auto",
+                    help="stub the GPU (auto: when torch sees no CUDA device)")
+    ap.add_argument("--calls", type=int, default=2000)
+    args = ap.parse_args(argv)
+    import torch
+
+    stub = args.stub == "on" or (args.stub == "auto" and not torch.cuda.is_available())
+    device = "cpu" if stub else "cuda"
+    ctx = stub_gpu() if stub else contextlib.nullcontext()
+    with ctx:
+        rows = stages(args.calls, device)
+    print(f"host us/call ({'GPU stubbed: Python work only' if stub else 'real GPU'}, "
+          f"torch {torch.__version__}, {args.calls} calls x 5 rounds, median)")
+    for name, us in rows:
+        print(f"  {name:<48} {'n/a' if us is None else f'{us:8.2f}'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
