@@ -15,9 +15,14 @@
 //     S^T = K Q^T and dP^T = V dO^T  (wgmma, both operands K-major from shared memory),
 //     P^T = exp2(x - lse), dS^T = P^T (dP^T - dsum) (* dz/ds) in registers,
 //     dV += P^T dO and dK += dS^T Q  (wgmma, A from registers, dO/Q MN-major: tnspB),
-//     dQ += dS K over this consumer's 64 keys: dS^T is stored to shared memory as
-//     [key][query] (the A operand, M-major: tnspA) and K rows 64c.. are the MN-major B; the
-//     fp32 result is added into bp.dq_accum with red.global.add.v2.f32 (both consumers add).
+//     dS^T is stored to shared memory as [key][query] (both consumers' halves: the M-major A
+//     of dQ, tnspA), then dQ (64 queries x 64 columns of box c) += dS K over all 128 keys
+//     (K box c as the MN-major B): consumer c owns head-dim box c (at d64 consumer 1 has none),
+//     so the CTA forms each dQ element once per item. Each warp stages its 16 rows x 64
+//     columns in fp32 (rows padded to 288 bytes: conflict-free float2 stores) and 16 lanes add
+//     one row each into bp.dq_accum with one cp.reduce.async.bulk .add.f32 (no per-element
+//     atomics). DM_SM90_BWD_DQ_ATOMIC=1 (DMATTN_NVRTC_DEFINES) keeps phase 1's dQ for an A/B:
+//     each consumer adds a partial over its own 64 keys with red.global.add.v2.f32.
 // Bias gradients: a full tile's dbias is dx itself, stored per element (each element written
 // by exactly one thread of one CTA); a key row's dbias is the column sum of dx over the query
 // tiles of one head, kept in registers and written once per (head, key).
@@ -25,6 +30,9 @@
 // (dead once P^T and dS^T are packed to 2 x 16), the dQ accumulator 32 (d64: halve the first
 // two): at most 192 + addressing under the 232 setmaxnreg grants.
 #pragma once
+#ifndef DM_SM90_BWD_DQ_ATOMIC
+#define DM_SM90_BWD_DQ_ATOMIC 0
+#endif
 #include "../common.cuh"
 #include "../params.cuh"
 #include "../bwd_params.cuh"
@@ -34,6 +42,28 @@
 #include "wgmma_ops.cuh"
 
 namespace dm {
+
+// Bulk (non-tensor) reduce-add of `bytes` (a multiple of 16; both addresses 16-byte aligned)
+// fp32 words from shared memory into global memory, tracked by this thread's bulk groups.
+DM_DEVICE void bulk_reduce_add_f32(float* dst, uint32_t src, uint32_t bytes) {
+  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;"
+               ::"l"(reinterpret_cast<uint64_t>(dst)), "r"(src), "r"(bytes)
+               : "memory");
+}
+DM_DEVICE void bulk_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
+// This thread's bulk groups but the newest kPending have read their shared-memory source.
+template <int kPending>
+DM_DEVICE void bulk_wait_read() {
+  asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(kPending) : "memory");
+}
+// ... and have completed (their global writes are done).
+template <int kPending>
+DM_DEVICE void bulk_wait() {
+  asm volatile("cp.async.bulk.wait_group %0;" ::"n"(kPending) : "memory");
+}
+DM_DEVICE void st_shared_f32x2(uint32_t addr, float x, float y) {
+  asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(addr), "f"(x), "f"(y) : "memory");
+}
 
 enum Sm90BwdBias : int32_t { kBwdBiasNone = 0, kBwdBiasTile = 1, kBwdBiasKeyRow = 2 };
 
@@ -56,13 +86,19 @@ struct Sm90BwdSmem {
   static constexpr int kQ = kBoxes * kBlockM * 128;          // one Q or dO stage
   static constexpr int kBias = kHasBias ? kBlockM * kBlockN * 2 : 0;  // one stage, 2 boxes
   static constexpr int kDS = 64 * kBlockM * 2;               // a consumer's dS^T [key][query]
+  // dQ staging: per (head-dim box, consumer warp) 16 rows of 64 fp32, rows kDQRow bytes apart
+  // (256 + 32: the 8 rows of a float2 store land in distinct banks; 16-byte aligned rows).
+  static constexpr int kDQRow = (64 + 8) * 4;
+  static constexpr int kDQWarp = 16 * kDQRow;
+  static constexpr int kDQ = DM_SM90_BWD_DQ_ATOMIC ? 0 : kBoxes * 4 * kDQWarp;
   static constexpr int kOffK = 0;
   static constexpr int kOffV = kKV;
   static constexpr int kOffQ = 2 * kKV;
   static constexpr int kOffDO = kOffQ + kStages * kQ;
   static constexpr int kOffBias = kOffDO + kStages * kQ;
   static constexpr int kOffDS = kOffBias + kStages * kBias;
-  static constexpr int kOffLse = kOffDS + 2 * kDS;           // kStages x kBlockM floats
+  static constexpr int kOffDQ = kOffDS + 2 * kDS;            // the two dS^T halves are adjacent
+  static constexpr int kOffLse = kOffDQ + kDQ;               // kStages x kBlockM floats
   static constexpr int kOffDsum = kOffLse + kStages * kBlockM * 4;
   static constexpr int kOffBars = kOffDsum + kStages * kBlockM * 4;
   static constexpr int kNumBars = 1 + 2 * kStages;           // K/V; per stage full, empty
@@ -70,6 +106,7 @@ struct Sm90BwdSmem {
   static constexpr int kAlloc = kBytes + 1024;  // the base is aligned up to 1024 at run time
   static_assert(kKV % 1024 == 0 && kQ % 1024 == 0 && kBias % 1024 == 0 && kDS % 1024 == 0,
                 "swizzled tiles start on 1024-byte boundaries");
+  static_assert(kDQRow % 16 == 0 && kOffDQ % 16 == 0, "bulk-copy sources are 16-byte aligned");
 };
 
 template <typename T, int kHeadDim, bool kHasBias>
@@ -106,8 +143,20 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
   auto bar_full = [&](int s) { return bars + 8 + 16 * s; };
   auto bar_empty = [&](int s) { return bars + 16 + 16 * s; };
 
-  const int kvh = blockIdx.y, b = blockIdx.z;
-  const int n0 = blockIdx.x * kBlockN;
+  // Longest-first under a right-limited window (causal): key tile 0 sees the most query tiles
+  // and the counts fall with the tile index, so the linear block order (x fastest, the order
+  // CTAs start in) is remapped to run every (kv head, batch) of key tile 0 first, then tile 1,
+  // ...; without that limit every key tile has the same work and the grid order is kept (the
+  // key tiles of one head run together and share its Q/dO in L2).
+  int tile_n = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
+  if (p.window_right >= 0) {
+    const int per_tile = gridDim.y * gridDim.z;
+    const int lin = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+    tile_n = lin / per_tile;
+    kvh = lin % per_tile % gridDim.y;
+    b = lin % per_tile / gridDim.y;
+  }
+  const int n0 = tile_n * kBlockN;
   const int len_q = p.seqlen_q, len_k = p.seqlen_k;
   const int off = len_k - len_q;
   // Items: (query head of the group, query tile that can see a key of this tile), head-major.
@@ -195,7 +244,6 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
   const int g = lane / 4, t = lane % 4;
   const int key_l[2] = {64 * c + 16 * warp + g, 64 * c + 16 * warp + g + 8};  // tile-local
   const int key[2] = {n0 + key_l[0], n0 + key_l[1]};
-  const uint32_t sdS = base + Smem::kOffDS + c * Smem::kDS;
   uint8_t* ds_ptr = smem + Smem::kOffDS + c * Smem::kDS;
   const bool want_dbias = kHasBias && bp.dbias_mode != 0;
 
@@ -321,9 +369,11 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
     }
 
     // dS^T to shared memory as [key][query] (128-byte rows, 128B swizzle): the M-major A of
-    // dQ. The first barrier: every warp of this consumer has finished the previous item's dQ
-    // products (each waited on them), which read this buffer.
-    named_bar_sync(1 + c, 128);
+    // dQ. The first barrier: every warp whose dQ products read this buffer (both consumers';
+    // the A/B variant: this consumer's) has finished the previous item's (each waited on them).
+    constexpr int kDsBarThreads = DM_SM90_BWD_DQ_ATOMIC ? 128 : 256;
+    const int ds_bar = DM_SM90_BWD_DQ_ATOMIC ? 1 + c : 1;
+    named_bar_sync(ds_bar, kDsBarThreads);
     const int ds_row = int(opaque(uint32_t(16 * warp + g)));  // not hoisted: see kb_l
 #pragma unroll
     for (int kk = 0; kk < kBlockM / 16; ++kk)
@@ -334,14 +384,15 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
                                                                      8 * j + 2 * t)) = da[kk][w];
       }
     fence_proxy_async_smem();
-    named_bar_sync(1 + c, 128);
+    named_bar_sync(ds_bar, kDsBarThreads);
 
-    // dQ (64 queries x 64 columns per pass) += dS (M-major A) K (rows 64c.., MN-major B).
     float* dqa = bp.dq_accum + int64_t(b) * bp.dqa_batch_stride + int64_t(h) * bp.dqa_head_stride;
+#if DM_SM90_BWD_DQ_ATOMIC
+    // dQ (64 queries x 64 columns per pass) += dS (M-major A) K (rows 64c.., MN-major B).
 #pragma unroll
     for (int nh = 0; nh < Smem::kBoxes; ++nh) {
       float acc[8][4];
-      const uint32_t ds_base = opaque(sdS);
+      const uint32_t ds_base = opaque(base + Smem::kOffDS + c * Smem::kDS);
       const uint32_t kb = opaque(sK + nh * kBlockN * 128 + c * 64 * 128);
       fence_operands(acc);
       wgmma_fence();
@@ -374,6 +425,59 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
         }
       }
     }
+#else
+    // dQ (64 queries x the 64 columns of box c) += dS (M-major A: 8 k16 steps over both
+    // consumers' dS^T halves, adjacent in shared memory) K (all 128 rows of box c, MN-major B).
+    if (Smem::kBoxes == 2 || c == 0) {
+      float acc[8][4];
+      {
+        const uint32_t ds_base = opaque(base + Smem::kOffDS);
+        const uint32_t kb = opaque(sK + c * kBlockN * 128);
+        fence_operands(acc);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kBlockN / 16; ++kk)
+          Wgmma<T, 64>::template ss<1, 1>(acc, desc_mn_major<64>(ds_base, kk),
+                                          desc_mn_major<kBlockN>(kb, kk), kk > 0);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_operands(acc);
+      }
+      fence_operands(dv);  // dV/dK (committed earlier) are complete too: the stage is free
+      fence_operands(dk);
+      keep_live(pa);  // the register A operands stay allocated until their wgmma is done
+      keep_live(da);
+      release(bar_empty(s));
+      // Stage this warp's 16 rows x 64 columns, then 16 lanes add one row each. The previous
+      // item's adds (issued by the same lanes) must have read the buffer first.
+      const uint32_t stage = base + Smem::kOffDQ + uint32_t(c * 4 + warp) * Smem::kDQWarp;
+      if (lane < 16) bulk_wait_read<0>();
+      __syncwarp();
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+          st_shared_f32x2(stage + uint32_t(g + 8 * r) * Smem::kDQRow + uint32_t(8 * j + 2 * t) * 4,
+                          acc[j][2 * r], acc[j][2 * r + 1]);
+      fence_proxy_async_smem();  // this lane's stores before the async proxy reads them
+      __syncwarp();
+      if (lane < 16) {
+        const int q = m0 + 16 * warp + lane;
+        const int cols = dm_min(64, p.head_dim - 64 * c);  // padded columns are not added
+        if (q < len_q && cols > 0)
+          bulk_reduce_add_f32(dqa + int64_t(q) * bp.dqa_row_stride + 64 * c,
+                              stage + uint32_t(lane) * Smem::kDQRow, uint32_t(cols) * 4);
+        bulk_commit();
+      }
+    } else {  // d64: consumer 1 has no dQ columns; its dV/dK must still finish
+      wgmma_wait<0>();
+      fence_operands(dv);
+      fence_operands(dk);
+      keep_live(pa);
+      keep_live(da);
+      release(bar_empty(s));
+    }
+#endif
 
     // Key-row dbias: the column sums of this head are complete after its last item.
     if (bias_row && want_dbias && (i + 1 == n_items || head_of(i + 1) != h)) {
@@ -391,6 +495,9 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
     }
   }
 
+#if !DM_SM90_BWD_DQ_ATOMIC
+  if (lane < 16) bulk_wait<0>();  // this lane's dQ adds are complete before the CTA exits
+#endif
   // dK, dV rows of this thread (keys key[r]); columns past head_dim are padding.
   T* dkp = static_cast<T*>(bp.dk) + int64_t(b) * bp.dk_batch_stride + int64_t(kvh) * bp.dk_head_stride;
   T* dvp = static_cast<T*>(bp.dv) + int64_t(b) * bp.dv_batch_stride + int64_t(kvh) * bp.dv_head_stride;
