@@ -448,10 +448,14 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
       keep_live(pa);  // the register A operands stay allocated until their wgmma is done
       keep_live(da);
       release(bar_empty(s));
-      // Stage this warp's 16 rows x 64 columns, then 16 lanes add one row each. The previous
-      // item's adds (issued by the same lanes) must have read the buffer first.
-      const uint32_t stage = base + Smem::kOffDQ + uint32_t(c * 4 + warp) * Smem::kDQWarp;
-      if (lane < 16) bulk_wait_read<0>();
+      // Stage this warp's 16 rows x 64 columns, then lane 0 adds them row by row (the global
+      // rows are dqa_row_stride apart). The previous item's adds (issued by lane 0) must have
+      // read the buffer first. The shuffled copies of warp and c are warp-uniform to the
+      // compiler, so lane 0's loop runs on uniform registers (UBLKRED takes only those).
+      const int warp_u = __shfl_sync(0xffffffffu, warp, 0);
+      const int c_u = __shfl_sync(0xffffffffu, c, 0);
+      const uint32_t stage = base + Smem::kOffDQ + uint32_t(c_u * 4 + warp_u) * Smem::kDQWarp;
+      if (lane == 0) bulk_wait_read<0>();
       __syncwarp();
 #pragma unroll
       for (int j = 0; j < 8; ++j)
@@ -461,12 +465,16 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
                           acc[j][2 * r], acc[j][2 * r + 1]);
       fence_proxy_async_smem();  // this lane's stores before the async proxy reads them
       __syncwarp();
-      if (lane < 16) {
-        const int q = m0 + 16 * warp + lane;
-        const int cols = dm_min(64, p.head_dim - 64 * c);  // padded columns are not added
-        if (q < len_q && cols > 0)
-          bulk_reduce_add_f32(dqa + int64_t(q) * bp.dqa_row_stride + 64 * c,
-                              stage + uint32_t(lane) * Smem::kDQRow, uint32_t(cols) * 4);
+      if (lane == 0) {
+        const int q0 = m0 + 16 * warp_u;
+        const int rows = dm_min(16, len_q - q0);              // rows past the end are not added
+        const int cols = dm_min(64, p.head_dim - 64 * c_u);  // nor padded columns
+        if (cols > 0) {
+          float* dst = dqa + int64_t(q0) * bp.dqa_row_stride + 64 * c_u;
+          uint32_t src = stage;
+          for (int rr = 0; rr < rows; ++rr, dst += bp.dqa_row_stride, src += Smem::kDQRow)
+            bulk_reduce_add_f32(dst, src, uint32_t(cols) * 4);
+        }
         bulk_commit();
       }
     } else {  // d64: consumer 1 has no dQ columns; its dV/dK must still finish
@@ -496,7 +504,7 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
   }
 
 #if !DM_SM90_BWD_DQ_ATOMIC
-  if (lane < 16) bulk_wait<0>();  // this lane's dQ adds are complete before the CTA exits
+  if (lane == 0) bulk_wait<0>();  // this warp's dQ adds are complete before the CTA exits
 #endif
   // dK, dV rows of this thread (keys key[r]); columns past head_dim are padding.
   T* dkp = static_cast<T*>(bp.dk) + int64_t(b) * bp.dk_batch_stride + int64_t(kvh) * bp.dk_head_stride;

@@ -182,8 +182,9 @@ def test_dq_staging_stores_are_bank_conflict_free():
 @pytest.mark.parametrize("head_dim,c", [(128, 0), (128, 1), (64, 0), (96, 1), (40, 0)])
 def test_dq_staging_rows_and_bulk_adds_give_the_tile(head_dim, c):
     """Each warp stores its accumulator fragments (rows 16w + g + 8r, columns 8j + 2t + x of box
-    c), then lane l < 16 adds the cols = min(64, head_dim - 64c) floats at stage + l * kDQRow
-    into dq_accum row m0 + 16w + l from column 64c: modelled on a flat fp32 accumulator with
+    c), then lane 0 adds, for each row l < min(16, seqlen - m0 - 16w), the
+    cols = min(64, head_dim - 64c) floats at stage + l * kDQRow into dq_accum row m0 + 16w + l
+    from column 64c (one bulk add per row): modelled on a flat fp32 accumulator with
     the (B, S, H, d) strides, every element of the 64 x head_dim tile gets exactly its value
     and nothing past head_dim or the sequence end is touched."""
     rng = np.random.default_rng(head_dim + c)
@@ -203,12 +204,12 @@ def test_dq_staging_rows_and_bulk_adds_give_the_tile(head_dim, c):
                     for x in range(2):
                         smem[int(_dq_stage_address(stage, g, t, j, r, x))] = \
                             tile[16 * w + g + 8 * r, 8 * j + 2 * t + x]
-        for lane in range(16):
-            q = m0 + 16 * w + lane
-            if q >= seqlen or cols <= 0:
+        for rr in range(min(16, seqlen - (m0 + 16 * w))):
+            q = m0 + 16 * w + rr
+            if cols <= 0:
                 continue
-            assert (stage + lane * DQ_ROW) % 16 == 0 and (cols * 4) % 16 == 0
-            src = [smem[stage + lane * DQ_ROW + 4 * e] for e in range(cols)]
+            assert (stage + rr * DQ_ROW) % 16 == 0 and (cols * 4) % 16 == 0
+            src = [smem[stage + rr * DQ_ROW + 4 * e] for e in range(cols)]
             dst = q * row_stride + h * head_dim + 64 * c
             assert (dst * 4) % 16 == 0
             accum[dst:dst + cols] += src
