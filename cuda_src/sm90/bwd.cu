@@ -13,14 +13,15 @@
 //   the same stage and arrives on its barrier (33 arrivals: the TMA leader + 32 lanes);
 // - warpgroups 1 and 2 are consumers, 64 keys each (rows 64c.. of K and V):
 //     S^T = K Q^T and dP^T = V dO^T  (wgmma, both operands K-major from shared memory),
-//     P^T = exp2(x - lse), dS^T = P^T (dP^T - dsum) (* dz/ds) in registers,
+//     P^T = exp2(x - lse) (while dP^T runs, without a softcap), dS^T = P^T (dP^T - dsum)
+//     (* dz/ds) in registers,
 //     dV += P^T dO and dK += dS^T Q  (wgmma, A from registers, dO/Q MN-major: tnspB),
 //     dS^T is stored to shared memory as [key][query] (both consumers' halves: the M-major A
 //     of dQ, tnspA), then dQ (64 queries x 64 columns of box c) += dS K over all 128 keys
 //     (K box c as the MN-major B): consumer c owns head-dim box c (at d64 consumer 1 has none),
 //     so the CTA forms each dQ element once per item. Each warp stages its 16 rows x 64
-//     columns in fp32 (rows padded to 288 bytes: conflict-free float2 stores) and 16 lanes add
-//     one row each into bp.dq_accum with one cp.reduce.async.bulk .add.f32 (no per-element
+//     columns in fp32 (rows padded to 288 bytes: conflict-free float2 stores) and lane 0 adds
+//     them into bp.dq_accum with one cp.reduce.async.bulk .add.f32 per row (no per-element
 //     atomics). DM_SM90_BWD_DQ_ATOMIC=1 (DMATTN_NVRTC_DEFINES) keeps phase 1's dQ for an A/B:
 //     each consumer adds a partial over its own 64 keys with red.global.add.v2.f32.
 // Bias gradients: a full tile's dbias is dx itself, stored per element (each element written
@@ -64,6 +65,12 @@ DM_DEVICE void bulk_wait() {
 DM_DEVICE void st_shared_f32x2(uint32_t addr, float x, float y) {
   asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(addr), "f"(x), "f"(y) : "memory");
 }
+
+// A compile-time switch passed to generic lambdas (decltype(tag)::value).
+template <bool kValue>
+struct BoolTag {
+  static constexpr bool value = kValue;
+};
 
 enum Sm90BwdBias : int32_t { kBwdBiasNone = 0, kBwdBiasTile = 1, kBwdBiasKeyRow = 2 };
 
@@ -275,7 +282,8 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
     }
     mbar_wait(bar_full(s), (i / kStages) & 1);
 
-    // S^T = K Q^T and dP^T = V dO^T: 64 keys x 64 queries each.
+    // S^T = K Q^T and dP^T = V dO^T: 64 keys x 64 queries each, committed as two groups so
+    // that P^T can be formed while dP^T is still running (below).
     float st[kNF][4], dpt[kNF][4];
     {
       const uint32_t k_base = opaque(sK + c * 64 * 128), v_base = opaque(sV + c * 64 * 128);
@@ -287,14 +295,12 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
       for (int ks = 0; ks < kHeadDim / 16; ++ks)
         Wgmma<T, kBlockM>::template ss<0>(st, desc_k_major<kBlockN>(k_base, ks),
                                           desc_k_major<kBlockM>(q_base, ks), ks > 0);
+      wgmma_commit();
 #pragma unroll
       for (int ks = 0; ks < kHeadDim / 16; ++ks)
         Wgmma<T, kBlockM>::template ss<0>(dpt, desc_k_major<kBlockN>(v_base, ks),
                                           desc_k_major<kBlockM>(o_base, ks), ks > 0);
       wgmma_commit();
-      wgmma_wait<0>();
-      fence_operands(st);
-      fence_operands(dpt);
     }
 
     // Pointwise: st <- P^T, dpt <- dS^T = dx * dz/ds; dbias from dx.
@@ -311,34 +317,88 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
     if (want_dbias && bias_tile)
       db = static_cast<T*>(bp.dbias) + int64_t(b) * bp.dbias_batch_stride +
            int64_t(h) * bp.dbias_head_stride;
-#pragma unroll
-    for (int j = 0; j < kNF; ++j) {
-      const int ql = 8 * j + 2 * t;  // this thread's first query column of fragment j
-      const float2 l2 = *reinterpret_cast<const float2*>(sl + ql);
-      const float2 d2 = *reinterpret_cast<const float2*>(sd + ql);
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = e >> 1, qq = ql + (e & 1);
-        float dsoft;
-        float x = logit_log2(p, st[j][e], bp.scale, dsoft);
-        if (bias_tile) {
-          T bv;
-          bv.bits = *reinterpret_cast<const uint16_t*>(sb + tile_offset<2, 64, kBlockM>(qq, kb_l[r]));
-          x += to_float(bv) * kLog2e;
-        } else if (bias_row) {
-          x += row_bias[r];
-        }
+    // P of element (j, e) from the raw score st[j][e] and the row's lse (log2 units); dsoft =
+    // dz/ds. The masked copy (BoolTag<true>) tests the element when the tile is partial
+    // (sequence ends, window edges); the unmasked copy has no per-element test or branch
+    // (full tiles: ~5 instructions per element in SASS against ~25).
+    auto prob = [&](auto masked, int j, int e, float lse2, float& dsoft) -> float {
+      const int r = e >> 1, qq = 8 * j + 2 * t + (e & 1);
+      float x = logit_log2(p, st[j][e], bp.scale, dsoft);
+      if (bias_tile) {
+        T bv;
+        bv.bits = *reinterpret_cast<const uint16_t*>(sb + tile_offset<2, 64, kBlockM>(qq, kb_l[r]));
+        x += to_float(bv) * kLog2e;
+      } else if (bias_row) {
+        x += row_bias[r];
+      }
+      if constexpr (decltype(masked)::value) {
         const bool keep = !partial || (key[r] < len_k && m0 + qq < len_q &&
                                        in_window(p, m0 + qq, key[r], off));
-        const float pr = keep ? fast_exp2(x - ((e & 1) ? l2.y : l2.x)) : 0.f;
-        const float dx = pr * (dpt[j][e] - ((e & 1) ? d2.y : d2.x));
-        if (db != nullptr && key[r] < len_k && m0 + qq < len_q)
-          db[int64_t(m0 + qq) * bp.dbias_row_stride + int64_t(key[r]) * bp.dbias_col_stride] =
-              from_float<T>(dx);
-        colsum[r] += dx;
-        st[j][e] = pr;
-        dpt[j][e] = dx * dsoft;
+        return keep ? fast_exp2(x - lse2) : 0.f;
       }
+      return fast_exp2(x - lse2);
+    };
+    // dx = P (dP - dsum) into dbias and the column sums; dpt[j][e] <- dS = dx * dsoft.
+    auto grad = [&](int j, int e, float pr, float dsum, float dsoft) {
+      const int r = e >> 1, qq = 8 * j + 2 * t + (e & 1);
+      const float dx = pr * (dpt[j][e] - dsum);
+      if (db != nullptr && key[r] < len_k && m0 + qq < len_q)
+        db[int64_t(m0 + qq) * bp.dbias_row_stride + int64_t(key[r]) * bp.dbias_col_stride] =
+            from_float<T>(dx);
+      colsum[r] += dx;
+      dpt[j][e] = dx * dsoft;
+    };
+    auto row_pair = [&](const float* v, int j) {  // rows 8j + 2t, +1 of a per-query vector
+      return *reinterpret_cast<const float2*>(v + 8 * j + 2 * t);
+    };
+    // Without a softcap dz/ds is the scale: P^T is formed while dP^T runs (wait<1>: only the
+    // S^T group is complete), then dS^T after wait<0>.
+    auto probs_only = [&](auto masked) {
+#pragma unroll
+      for (int j = 0; j < kNF; ++j) {
+        const float2 l2 = row_pair(sl, j);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float dsoft;
+          st[j][e] = prob(masked, j, e, (e & 1) ? l2.y : l2.x, dsoft);
+        }
+      }
+    };
+    // With a softcap dz/ds varies per element (1 - tanh^2): one pass after both products,
+    // testing every element (a copy specialized for full tiles made d128 spill).
+    auto probs_and_grads = [&](auto masked) {
+#pragma unroll
+      for (int j = 0; j < kNF; ++j) {
+        const float2 l2 = row_pair(sl, j), d2 = row_pair(sd, j);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float dsoft;
+          const float pr = prob(masked, j, e, (e & 1) ? l2.y : l2.x, dsoft);
+          grad(j, e, pr, (e & 1) ? d2.y : d2.x, dsoft);
+          st[j][e] = pr;
+        }
+      }
+    };
+    if (!has_softcap(p)) {
+      wgmma_wait<1>();
+      fence_operands(st);
+      if (partial)
+        probs_only(BoolTag<true>());
+      else
+        probs_only(BoolTag<false>());
+      wgmma_wait<0>();
+      fence_operands(dpt);
+#pragma unroll
+      for (int j = 0; j < kNF; ++j) {
+        const float2 d2 = row_pair(sd, j);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) grad(j, e, st[j][e], (e & 1) ? d2.y : d2.x, bp.scale);
+      }
+    } else {
+      wgmma_wait<0>();
+      fence_operands(st);
+      fence_operands(dpt);
+      probs_and_grads(BoolTag<true>());
     }
     uint32_t pa[kBlockM / 16][4], da[kBlockM / 16][4];
 #pragma unroll
