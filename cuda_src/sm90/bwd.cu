@@ -23,10 +23,14 @@
 //     columns in fp32 (rows padded to 288 bytes: conflict-free float2 stores) and lane 0 adds
 //     them into bp.dq_accum with one cp.reduce.async.bulk .add.f32 per row (no per-element
 //     atomics). DM_SM90_BWD_DQ_ATOMIC=1 (DMATTN_NVRTC_DEFINES) keeps phase 1's dQ for an A/B:
-//     each consumer adds a partial over its own 64 keys with red.global.add.v2.f32.
-// Bias gradients: a full tile's dbias is dx itself, stored per element (each element written
-// by exactly one thread of one CTA); a key row's dbias is the column sum of dx over the query
-// tiles of one head, kept in registers and written once per (head, key).
+//     each consumer adds a partial over its own 64 keys with red.global.add.v2.f32 (and
+//     phase 1's per-element dbias stores).
+// Bias gradients: a full tile's dbias is dx itself: each thread overwrites the bias elements
+// it read in the shared-memory stage with dx, and after the dS^T barriers each consumer
+// copies its 64-key box to global memory in 16-byte chunks (8 threads per 128-byte row) while
+// its dQ product runs, before the stage is released (each element written by one CTA); a key
+// row's dbias is the column sum of dx over the query tiles of one head, kept in registers and
+// written once per (head, key).
 // Register budget per consumer thread (d128): dK + dV accumulators 2 x 64, S^T and dP^T 2 x 32
 // (dead once P^T and dS^T are packed to 2 x 16), the dQ accumulator 32 (d64: halve the first
 // two): at most 192 + addressing under the 232 setmaxnreg grants.
@@ -309,14 +313,13 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
                          (p.window_left >= 0 && n0 < m0 + kBlockM - 1 + off - p.window_left);
     const float* sl = sLse + s * kBlockM;
     const float* sd = sDsum + s * kBlockM;
-    const uint8_t* sb = smem + Smem::kOffBias + s * Smem::kBias;
+    uint8_t* sb = smem + Smem::kOffBias + s * Smem::kBias;
     // Bias-tile offsets are recomputed per item from opaque values: hoisted out of the item
     // loop they would hold 32 registers (primitives.cuh: opaque).
     const int kb_l[2] = {int(opaque(uint32_t(key_l[0]))), int(opaque(uint32_t(key_l[1])))};
-    T* db = nullptr;
-    if (want_dbias && bias_tile)
-      db = static_cast<T*>(bp.dbias) + int64_t(b) * bp.dbias_batch_stride +
-           int64_t(h) * bp.dbias_head_stride;
+    // A full tile's dbias (dx) replaces the bias element it was read from in the stage (the
+    // same thread reads and writes each element); dbias_out copies the box to global memory.
+    const bool db_tile = want_dbias && bias_tile;
     // P of element (j, e) from the raw score st[j][e] and the row's lse (log2 units); dsoft =
     // dz/ds. The masked copy (BoolTag<true>) tests the element when the tile is partial
     // (sequence ends, window edges); the unmasked copy has no per-element test or branch
@@ -342,11 +345,48 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
     auto grad = [&](int j, int e, float pr, float dsum, float dsoft) {
       const int r = e >> 1, qq = 8 * j + 2 * t + (e & 1);
       const float dx = pr * (dpt[j][e] - dsum);
-      if (db != nullptr && key[r] < len_k && m0 + qq < len_q)
-        db[int64_t(m0 + qq) * bp.dbias_row_stride + int64_t(key[r]) * bp.dbias_col_stride] =
-            from_float<T>(dx);
+#if DM_SM90_BWD_DQ_ATOMIC  // the A/B variant keeps phase 1's per-element global stores
+      if (db_tile && key[r] < len_k && m0 + qq < len_q)
+        static_cast<T*>(bp.dbias)[int64_t(b) * bp.dbias_batch_stride +
+                                  int64_t(h) * bp.dbias_head_stride +
+                                  int64_t(m0 + qq) * bp.dbias_row_stride +
+                                  int64_t(key[r]) * bp.dbias_col_stride] = from_float<T>(dx);
+#else
+      if (db_tile)
+        *reinterpret_cast<uint16_t*>(sb + tile_offset<2, 64, kBlockM>(qq, kb_l[r])) =
+            from_float<T>(dx).bits;
+#endif
       colsum[r] += dx;
       dpt[j][e] = dx * dsoft;
+    };
+    // This consumer's dbias box (64 queries x keys 64c..) from the stage to global memory, by
+    // 16-byte chunks where rows allow (8 threads per 128-byte row), else by element; only
+    // in-bounds elements. Called after a barrier that follows every consumer thread's writes.
+    auto dbias_out = [&]() {
+      T* db = static_cast<T*>(bp.dbias) + int64_t(b) * bp.dbias_batch_stride +
+              int64_t(h) * bp.dbias_head_stride;
+      const uint8_t* box = sb + c * (64 * kBlockM * 2);
+      const int tid = threadIdx.x % 128, k0 = n0 + 64 * c;
+      const bool vec = bp.dbias_col_stride == 1 && bp.dbias_row_stride % 8 == 0 &&
+                       len_k % 8 == 0 && reinterpret_cast<uint64_t>(db) % 16 == 0;
+      if (vec) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int chunk = tid + 128 * i, row = chunk / 8, col = 8 * (chunk % 8);
+          if (m0 + row < len_q && k0 + col < len_k)
+            *reinterpret_cast<uint4*>(db + int64_t(m0 + row) * bp.dbias_row_stride + k0 + col) =
+                *reinterpret_cast<const uint4*>(box + swizzle<128>(uint32_t(row * 128 + 2 * col)));
+        }
+      } else {
+        for (int i = 0; i < 32; ++i) {
+          const int el = tid + 128 * i, row = el / 64, col = el % 64;
+          if (m0 + row < len_q && k0 + col < len_k) {
+            T v;
+            v.bits = *reinterpret_cast<const uint16_t*>(box + swizzle<128>(uint32_t(row * 128 + 2 * col)));
+            db[int64_t(m0 + row) * bp.dbias_row_stride + int64_t(k0 + col) * bp.dbias_col_stride] = v;
+          }
+        }
+      }
     };
     auto row_pair = [&](const float* v, int j) {  // rows 8j + 2t, +1 of a per-query vector
       return *reinterpret_cast<const float2*>(v + 8 * j + 2 * t);
@@ -443,7 +483,7 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
         *reinterpret_cast<uint32_t*>(ds_ptr + tile_offset<2, 64, 64>(ds_row + 8 * r,
                                                                      8 * j + 2 * t)) = da[kk][w];
       }
-    fence_proxy_async_smem();
+    fence_proxy_async_smem();  // also orders the dbias stage writes before the next TMA
     named_bar_sync(ds_bar, kDsBarThreads);
 
     float* dqa = bp.dq_accum + int64_t(b) * bp.dqa_batch_stride + int64_t(h) * bp.dqa_head_stride;
@@ -500,6 +540,7 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
           Wgmma<T, 64>::template ss<1, 1>(acc, desc_mn_major<64>(ds_base, kk),
                                           desc_mn_major<kBlockN>(kb, kk), kk > 0);
         wgmma_commit();
+        if (db_tile) dbias_out();  // while the dQ product runs; the stage is released below
         wgmma_wait<0>();
         fence_operands(acc);
       }
@@ -538,6 +579,7 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
         bulk_commit();
       }
     } else {  // d64: consumer 1 has no dQ columns; its dV/dK must still finish
+      if (db_tile) dbias_out();
       wgmma_wait<0>();
       fence_operands(dv);
       fence_operands(dk);

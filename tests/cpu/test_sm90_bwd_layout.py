@@ -29,6 +29,7 @@ import pytest
 from test_sm90_layout import (
     desc_k_major,
     desc_mn_major,
+    swizzle128,
     tma_box_address,
     wgmma_k_major,
     wgmma_mn_major,
@@ -327,3 +328,29 @@ def test_causal_grid_order_is_a_longest_first_bijection(grid):
                                         for y in range(grid[1]) for z in range(grid[2]))
     tiles = [_block_of(i, grid, True)[0] for i in range(n)]
     assert tiles == sorted(tiles)
+
+
+@pytest.mark.parametrize("c", [0, 1])
+def test_dbias_stage_writes_and_chunk_copy_out_agree(c):
+    """A full tile's dx is written in place of the bias element the thread read (at
+    tile_offset<2, 64, 64>(query, key) of the stage, key = 64c + 16w + g + 8r); the copy-out
+    reads box c (stage + c * 8192) as 16-byte chunks at swizzle<128>(row * 128 + 16 ch): chunk
+    (row, ch) must hold keys 64c + 8ch .. + 7 of that query row, in order."""
+    rng = np.random.default_rng(c)
+    dx = rng.integers(0, 1 << 15, (64, 128))  # (queries, keys) of the stage
+    smem: dict = {}
+    for q in range(64):
+        for w in range(4):
+            for g in range(8):
+                for r in range(2):
+                    key = 64 * c + 16 * w + g + 8 * r
+                    smem[int(tma_box_address(BASE, 64, np.int64(q), np.int64(key)))] = dx[q, key]
+    box = BASE + c * 64 * 64 * 2
+    for tid in range(128):
+        for i in range(4):
+            chunk = tid + 128 * i
+            row, col = chunk // 8, 8 * (chunk % 8)
+            addr = box + int(swizzle128(np.int64(row * 128 + 2 * col)))
+            assert addr % 16 == 0
+            got = [smem[addr + 2 * e] for e in range(8)]
+            assert got == list(dx[row, 64 * c + col:64 * c + col + 8]), (row, col)
