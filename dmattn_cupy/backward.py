@@ -4,7 +4,7 @@ Three kernels (cuda_src/sm80/bwd.cu) read one ``BwdParams`` record (``params``):
 (``dsum = rowsum(dO * O) - dlse``), the dK/dV kernel (per key tile and kv head; it also writes
 dbias, and in the default mode adds dQ with fp32 atomics), and, with ``deterministic=True``, a
 dQ kernel (per query tile) that needs no atomics. ``select.backward`` picks their specs.
-Where ``select.backward_family`` picks ``bwd_sm90`` (opt-in: ``DMATTN_BWD_FAMILY=bwd_sm90``),
+Where ``select.backward_family`` picks ``bwd_sm90`` (compute capability 9.0, by default),
 the Hopper kernel (cuda_src/sm90/bwd.cu) replaces the dK/dV kernel after the same preprocess;
 it writes dbias once per element in the bias's dtype and adds dQ into the fp32 buffer.
 """

@@ -21,6 +21,8 @@ BLOCK_N = 128               # keys per CTA: two consumer warpgroups of 64
 STAGES = 2                  # Q/dO/bias ring
 THREADS = 384               # producer + two consumer warpgroups
 SMEM_LIMIT = 227 * 1024
+DQ_ROW_BYTES = (64 + 8) * 4   # a staged dQ row: 64 fp32 + 32 bytes of bank padding
+DQ_WARP_BYTES = 16 * DQ_ROW_BYTES  # one consumer warp's 16 rows of one 64-column box
 
 BIAS_NONE, BIAS_TILE, BIAS_KEY_ROW = 0, 1, 2
 
@@ -46,8 +48,10 @@ def smem_bytes(head_dim: int, has_bias: bool) -> int:
     q = boxes * BLOCK_M * 128
     bias = BLOCK_M * BLOCK_N * 2 if has_bias else 0
     ds = 64 * BLOCK_M * 2
+    dq = boxes * 4 * DQ_WARP_BYTES  # fp32 dQ staging of the bulk reduce-add
     bars = 8 * (1 + 2 * STAGES)
-    return 2 * kv + STAGES * (2 * q + bias) + 2 * ds + 2 * STAGES * BLOCK_M * 4 + bars + 1024
+    return (2 * kv + STAGES * (2 * q + bias) + 2 * ds + dq + 2 * STAGES * BLOCK_M * 4 + bars
+            + 1024)
 
 
 def bias_mode(bias: ArrayInfo | None, batch: int, heads: int, seqlen_q: int,

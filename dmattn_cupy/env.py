@@ -89,9 +89,9 @@ BACKWARD_FAMILIES = ("bwd_dkdv", "bwd_sm90")
 
 
 def backward_family_override() -> str | None:
-    """``DMATTN_BWD_FAMILY``: ``auto`` (default: the portable ``bwd_dkdv`` family; the Hopper
-    backward is opt-in until it is GPU-verified) or ``bwd_sm90`` (the sm_90a backward where it
-    takes the problem, else the portable one) or ``bwd_dkdv``."""
+    """``DMATTN_BWD_FAMILY``: ``auto`` (default) and ``bwd_sm90`` run the sm_90a backward on
+    compute capability 9.0 wherever it takes the problem, the portable one elsewhere;
+    ``bwd_dkdv`` keeps the portable backward everywhere."""
     val = os.environ.get("DMATTN_BWD_FAMILY", "auto")
     if val in ("", "auto"):
         return None

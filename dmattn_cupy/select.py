@@ -111,11 +111,12 @@ def backward(dtype: str, head_dim: int, has_mask: bool, has_bias: bool, varlen: 
 
 def backward_family(pb: Problem, dout: ArrayInfo, deterministic: bool, sparse: bool,
                     dev: DeviceProps) -> str:
-    """``bwd_sm90`` when ``DMATTN_BWD_FAMILY=bwd_sm90`` asks for the Hopper backward and it
-    runs on ``dev`` and takes the problem (backward_sm90.accepts), else ``bwd_dkdv`` (the
-    portable kernels of ``backward``). ``dout``: the incoming gradient as the kernel reads it."""
-    if env.backward_family_override() != "bwd_sm90":
-        return "bwd_dkdv"  # phase 1: opt-in until GPU-verified
+    """``bwd_sm90`` (the Hopper backward) on compute capability 9.0 wherever it takes the
+    problem (backward_sm90.accepts), else ``bwd_dkdv`` (the portable kernels of ``backward``).
+    ``DMATTN_BWD_FAMILY=bwd_dkdv`` keeps the portable kernels everywhere. ``dout``: the
+    incoming gradient as the kernel reads it."""
+    if env.backward_family_override() == "bwd_dkdv":
+        return "bwd_dkdv"
     if not FAMILIES["bwd_sm90"].runs_on(dev.cc):
         return "bwd_dkdv"
     ok = backward_sm90.accepts(pb.head_dim, pb.dtype, pb.q, pb.k, pb.v, dout, pb.bias,

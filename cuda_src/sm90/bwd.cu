@@ -13,18 +13,31 @@
 //   the same stage and arrives on its barrier (33 arrivals: the TMA leader + 32 lanes);
 // - warpgroups 1 and 2 are consumers, 64 keys each (rows 64c.. of K and V):
 //     S^T = K Q^T and dP^T = V dO^T  (wgmma, both operands K-major from shared memory),
-//     P^T = exp2(x - lse), dS^T = P^T (dP^T - dsum) (* dz/ds) in registers,
+//     P^T = exp2(x - lse) (while dP^T runs, without a softcap), dS^T = P^T (dP^T - dsum)
+//     (* dz/ds) in registers,
 //     dV += P^T dO and dK += dS^T Q  (wgmma, A from registers, dO/Q MN-major: tnspB),
-//     dQ += dS K over this consumer's 64 keys: dS^T is stored to shared memory as
-//     [key][query] (the A operand, M-major: tnspA) and K rows 64c.. are the MN-major B; the
-//     fp32 result is added into bp.dq_accum with red.global.add.v2.f32 (both consumers add).
-// Bias gradients: a full tile's dbias is dx itself, stored per element (each element written
-// by exactly one thread of one CTA); a key row's dbias is the column sum of dx over the query
-// tiles of one head, kept in registers and written once per (head, key).
+//     dS^T is stored to shared memory as [key][query] (both consumers' halves: the M-major A
+//     of dQ, tnspA), then dQ (64 queries x 64 columns of box c) += dS K over all 128 keys
+//     (K box c as the MN-major B): consumer c owns head-dim box c (at d64 consumer 1 has none),
+//     so the CTA forms each dQ element once per item. Each warp stages its 16 rows x 64
+//     columns in fp32 (rows padded to 288 bytes: conflict-free float2 stores) and lane 0 adds
+//     them into bp.dq_accum with one cp.reduce.async.bulk .add.f32 per row (no per-element
+//     atomics). DM_SM90_BWD_DQ_ATOMIC=1 (DMATTN_NVRTC_DEFINES) keeps phase 1's dQ for an A/B:
+//     each consumer adds a partial over its own 64 keys with red.global.add.v2.f32 (and
+//     phase 1's per-element dbias stores).
+// Bias gradients: a full tile's dbias is dx itself: each thread overwrites the bias elements
+// it read in the shared-memory stage with dx, and after the dS^T barriers each consumer
+// copies its 64-key box to global memory in 16-byte chunks (8 threads per 128-byte row) while
+// its dQ product runs, before the stage is released (each element written by one CTA); a key
+// row's dbias is the column sum of dx over the query tiles of one head, kept in registers and
+// written once per (head, key).
 // Register budget per consumer thread (d128): dK + dV accumulators 2 x 64, S^T and dP^T 2 x 32
 // (dead once P^T and dS^T are packed to 2 x 16), the dQ accumulator 32 (d64: halve the first
 // two): at most 192 + addressing under the 232 setmaxnreg grants.
 #pragma once
+#ifndef DM_SM90_BWD_DQ_ATOMIC
+#define DM_SM90_BWD_DQ_ATOMIC 0
+#endif
 #include "../common.cuh"
 #include "../params.cuh"
 #include "../bwd_params.cuh"
@@ -34,6 +47,34 @@
 #include "wgmma_ops.cuh"
 
 namespace dm {
+
+// Bulk (non-tensor) reduce-add of `bytes` (a multiple of 16; both addresses 16-byte aligned)
+// fp32 words from shared memory into global memory, tracked by this thread's bulk groups.
+DM_DEVICE void bulk_reduce_add_f32(float* dst, uint32_t src, uint32_t bytes) {
+  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;"
+               ::"l"(reinterpret_cast<uint64_t>(dst)), "r"(src), "r"(bytes)
+               : "memory");
+}
+DM_DEVICE void bulk_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
+// This thread's bulk groups but the newest kPending have read their shared-memory source.
+template <int kPending>
+DM_DEVICE void bulk_wait_read() {
+  asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(kPending) : "memory");
+}
+// ... and have completed (their global writes are done).
+template <int kPending>
+DM_DEVICE void bulk_wait() {
+  asm volatile("cp.async.bulk.wait_group %0;" ::"n"(kPending) : "memory");
+}
+DM_DEVICE void st_shared_f32x2(uint32_t addr, float x, float y) {
+  asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(addr), "f"(x), "f"(y) : "memory");
+}
+
+// A compile-time switch passed to generic lambdas (decltype(tag)::value).
+template <bool kValue>
+struct BoolTag {
+  static constexpr bool value = kValue;
+};
 
 enum Sm90BwdBias : int32_t { kBwdBiasNone = 0, kBwdBiasTile = 1, kBwdBiasKeyRow = 2 };
 
@@ -56,13 +97,19 @@ struct Sm90BwdSmem {
   static constexpr int kQ = kBoxes * kBlockM * 128;          // one Q or dO stage
   static constexpr int kBias = kHasBias ? kBlockM * kBlockN * 2 : 0;  // one stage, 2 boxes
   static constexpr int kDS = 64 * kBlockM * 2;               // a consumer's dS^T [key][query]
+  // dQ staging: per (head-dim box, consumer warp) 16 rows of 64 fp32, rows kDQRow bytes apart
+  // (256 + 32: the 8 rows of a float2 store land in distinct banks; 16-byte aligned rows).
+  static constexpr int kDQRow = (64 + 8) * 4;
+  static constexpr int kDQWarp = 16 * kDQRow;
+  static constexpr int kDQ = DM_SM90_BWD_DQ_ATOMIC ? 0 : kBoxes * 4 * kDQWarp;
   static constexpr int kOffK = 0;
   static constexpr int kOffV = kKV;
   static constexpr int kOffQ = 2 * kKV;
   static constexpr int kOffDO = kOffQ + kStages * kQ;
   static constexpr int kOffBias = kOffDO + kStages * kQ;
   static constexpr int kOffDS = kOffBias + kStages * kBias;
-  static constexpr int kOffLse = kOffDS + 2 * kDS;           // kStages x kBlockM floats
+  static constexpr int kOffDQ = kOffDS + 2 * kDS;            // the two dS^T halves are adjacent
+  static constexpr int kOffLse = kOffDQ + kDQ;               // kStages x kBlockM floats
   static constexpr int kOffDsum = kOffLse + kStages * kBlockM * 4;
   static constexpr int kOffBars = kOffDsum + kStages * kBlockM * 4;
   static constexpr int kNumBars = 1 + 2 * kStages;           // K/V; per stage full, empty
@@ -70,6 +117,7 @@ struct Sm90BwdSmem {
   static constexpr int kAlloc = kBytes + 1024;  // the base is aligned up to 1024 at run time
   static_assert(kKV % 1024 == 0 && kQ % 1024 == 0 && kBias % 1024 == 0 && kDS % 1024 == 0,
                 "swizzled tiles start on 1024-byte boundaries");
+  static_assert(kDQRow % 16 == 0 && kOffDQ % 16 == 0, "bulk-copy sources are 16-byte aligned");
 };
 
 template <typename T, int kHeadDim, bool kHasBias>
@@ -106,8 +154,20 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
   auto bar_full = [&](int s) { return bars + 8 + 16 * s; };
   auto bar_empty = [&](int s) { return bars + 16 + 16 * s; };
 
-  const int kvh = blockIdx.y, b = blockIdx.z;
-  const int n0 = blockIdx.x * kBlockN;
+  // Longest-first under a right-limited window (causal): key tile 0 sees the most query tiles
+  // and the counts fall with the tile index, so the linear block order (x fastest, the order
+  // CTAs start in) is remapped to run every (kv head, batch) of key tile 0 first, then tile 1,
+  // ...; without that limit every key tile has the same work and the grid order is kept (the
+  // key tiles of one head run together and share its Q/dO in L2).
+  int tile_n = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
+  if (p.window_right >= 0) {
+    const int per_tile = gridDim.y * gridDim.z;
+    const int lin = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+    tile_n = lin / per_tile;
+    kvh = lin % per_tile % gridDim.y;
+    b = lin % per_tile / gridDim.y;
+  }
+  const int n0 = tile_n * kBlockN;
   const int len_q = p.seqlen_q, len_k = p.seqlen_k;
   const int off = len_k - len_q;
   // Items: (query head of the group, query tile that can see a key of this tile), head-major.
@@ -195,7 +255,6 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
   const int g = lane / 4, t = lane % 4;
   const int key_l[2] = {64 * c + 16 * warp + g, 64 * c + 16 * warp + g + 8};  // tile-local
   const int key[2] = {n0 + key_l[0], n0 + key_l[1]};
-  const uint32_t sdS = base + Smem::kOffDS + c * Smem::kDS;
   uint8_t* ds_ptr = smem + Smem::kOffDS + c * Smem::kDS;
   const bool want_dbias = kHasBias && bp.dbias_mode != 0;
 
@@ -227,7 +286,8 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
     }
     mbar_wait(bar_full(s), (i / kStages) & 1);
 
-    // S^T = K Q^T and dP^T = V dO^T: 64 keys x 64 queries each.
+    // S^T = K Q^T and dP^T = V dO^T: 64 keys x 64 queries each, committed as two groups so
+    // that P^T can be formed while dP^T is still running (below).
     float st[kNF][4], dpt[kNF][4];
     {
       const uint32_t k_base = opaque(sK + c * 64 * 128), v_base = opaque(sV + c * 64 * 128);
@@ -239,14 +299,12 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
       for (int ks = 0; ks < kHeadDim / 16; ++ks)
         Wgmma<T, kBlockM>::template ss<0>(st, desc_k_major<kBlockN>(k_base, ks),
                                           desc_k_major<kBlockM>(q_base, ks), ks > 0);
+      wgmma_commit();
 #pragma unroll
       for (int ks = 0; ks < kHeadDim / 16; ++ks)
         Wgmma<T, kBlockM>::template ss<0>(dpt, desc_k_major<kBlockN>(v_base, ks),
                                           desc_k_major<kBlockM>(o_base, ks), ks > 0);
       wgmma_commit();
-      wgmma_wait<0>();
-      fence_operands(st);
-      fence_operands(dpt);
     }
 
     // Pointwise: st <- P^T, dpt <- dS^T = dx * dz/ds; dbias from dx.
@@ -255,42 +313,132 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
                          (p.window_left >= 0 && n0 < m0 + kBlockM - 1 + off - p.window_left);
     const float* sl = sLse + s * kBlockM;
     const float* sd = sDsum + s * kBlockM;
-    const uint8_t* sb = smem + Smem::kOffBias + s * Smem::kBias;
+    uint8_t* sb = smem + Smem::kOffBias + s * Smem::kBias;
     // Bias-tile offsets are recomputed per item from opaque values: hoisted out of the item
     // loop they would hold 32 registers (primitives.cuh: opaque).
     const int kb_l[2] = {int(opaque(uint32_t(key_l[0]))), int(opaque(uint32_t(key_l[1])))};
-    T* db = nullptr;
-    if (want_dbias && bias_tile)
-      db = static_cast<T*>(bp.dbias) + int64_t(b) * bp.dbias_batch_stride +
-           int64_t(h) * bp.dbias_head_stride;
-#pragma unroll
-    for (int j = 0; j < kNF; ++j) {
-      const int ql = 8 * j + 2 * t;  // this thread's first query column of fragment j
-      const float2 l2 = *reinterpret_cast<const float2*>(sl + ql);
-      const float2 d2 = *reinterpret_cast<const float2*>(sd + ql);
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = e >> 1, qq = ql + (e & 1);
-        float dsoft;
-        float x = logit_log2(p, st[j][e], bp.scale, dsoft);
-        if (bias_tile) {
-          T bv;
-          bv.bits = *reinterpret_cast<const uint16_t*>(sb + tile_offset<2, 64, kBlockM>(qq, kb_l[r]));
-          x += to_float(bv) * kLog2e;
-        } else if (bias_row) {
-          x += row_bias[r];
-        }
+    // A full tile's dbias (dx) replaces the bias element it was read from in the stage (the
+    // same thread reads and writes each element); dbias_out copies the box to global memory.
+    const bool db_tile = want_dbias && bias_tile;
+    // P of element (j, e) from the raw score st[j][e] and the row's lse (log2 units); dsoft =
+    // dz/ds. The masked copy (BoolTag<true>) tests the element when the tile is partial
+    // (sequence ends, window edges); the unmasked copy has no per-element test or branch
+    // (full tiles: ~5 instructions per element in SASS against ~25).
+    auto prob = [&](auto masked, int j, int e, float lse2, float& dsoft) -> float {
+      const int r = e >> 1, qq = 8 * j + 2 * t + (e & 1);
+      float x = logit_log2(p, st[j][e], bp.scale, dsoft);
+      if (bias_tile) {
+        T bv;
+        bv.bits = *reinterpret_cast<const uint16_t*>(sb + tile_offset<2, 64, kBlockM>(qq, kb_l[r]));
+        x += to_float(bv) * kLog2e;
+      } else if (bias_row) {
+        x += row_bias[r];
+      }
+      if constexpr (decltype(masked)::value) {
         const bool keep = !partial || (key[r] < len_k && m0 + qq < len_q &&
                                        in_window(p, m0 + qq, key[r], off));
-        const float pr = keep ? fast_exp2(x - ((e & 1) ? l2.y : l2.x)) : 0.f;
-        const float dx = pr * (dpt[j][e] - ((e & 1) ? d2.y : d2.x));
-        if (db != nullptr && key[r] < len_k && m0 + qq < len_q)
-          db[int64_t(m0 + qq) * bp.dbias_row_stride + int64_t(key[r]) * bp.dbias_col_stride] =
-              from_float<T>(dx);
-        colsum[r] += dx;
-        st[j][e] = pr;
-        dpt[j][e] = dx * dsoft;
+        return keep ? fast_exp2(x - lse2) : 0.f;
       }
+      return fast_exp2(x - lse2);
+    };
+    // dx = P (dP - dsum) into dbias and the column sums; dpt[j][e] <- dS = dx * dsoft.
+    auto grad = [&](int j, int e, float pr, float dsum, float dsoft) {
+      const int r = e >> 1, qq = 8 * j + 2 * t + (e & 1);
+      const float dx = pr * (dpt[j][e] - dsum);
+#if DM_SM90_BWD_DQ_ATOMIC  // the A/B variant keeps phase 1's per-element global stores
+      if (db_tile && key[r] < len_k && m0 + qq < len_q)
+        static_cast<T*>(bp.dbias)[int64_t(b) * bp.dbias_batch_stride +
+                                  int64_t(h) * bp.dbias_head_stride +
+                                  int64_t(m0 + qq) * bp.dbias_row_stride +
+                                  int64_t(key[r]) * bp.dbias_col_stride] = from_float<T>(dx);
+#else
+      if (db_tile)
+        *reinterpret_cast<uint16_t*>(sb + tile_offset<2, 64, kBlockM>(qq, kb_l[r])) =
+            from_float<T>(dx).bits;
+#endif
+      colsum[r] += dx;
+      dpt[j][e] = dx * dsoft;
+    };
+    // This consumer's dbias box (64 queries x keys 64c..) from the stage to global memory, by
+    // 16-byte chunks where rows allow (8 threads per 128-byte row), else by element; only
+    // in-bounds elements. Called after a barrier that follows every consumer thread's writes.
+    auto dbias_out = [&]() {
+      T* db = static_cast<T*>(bp.dbias) + int64_t(b) * bp.dbias_batch_stride +
+              int64_t(h) * bp.dbias_head_stride;
+      const uint8_t* box = sb + c * (64 * kBlockM * 2);
+      const int tid = threadIdx.x % 128, k0 = n0 + 64 * c;
+      const bool vec = bp.dbias_col_stride == 1 && bp.dbias_row_stride % 8 == 0 &&
+                       len_k % 8 == 0 && reinterpret_cast<uint64_t>(db) % 16 == 0;
+      if (vec) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int chunk = tid + 128 * i, row = chunk / 8, col = 8 * (chunk % 8);
+          if (m0 + row < len_q && k0 + col < len_k)
+            *reinterpret_cast<uint4*>(db + int64_t(m0 + row) * bp.dbias_row_stride + k0 + col) =
+                *reinterpret_cast<const uint4*>(box + swizzle<128>(uint32_t(row * 128 + 2 * col)));
+        }
+      } else {
+        for (int i = 0; i < 32; ++i) {
+          const int el = tid + 128 * i, row = el / 64, col = el % 64;
+          if (m0 + row < len_q && k0 + col < len_k) {
+            T v;
+            v.bits = *reinterpret_cast<const uint16_t*>(box + swizzle<128>(uint32_t(row * 128 + 2 * col)));
+            db[int64_t(m0 + row) * bp.dbias_row_stride + int64_t(k0 + col) * bp.dbias_col_stride] = v;
+          }
+        }
+      }
+    };
+    auto row_pair = [&](const float* v, int j) {  // rows 8j + 2t, +1 of a per-query vector
+      return *reinterpret_cast<const float2*>(v + 8 * j + 2 * t);
+    };
+    // Without a softcap dz/ds is the scale: P^T is formed while dP^T runs (wait<1>: only the
+    // S^T group is complete), then dS^T after wait<0>.
+    auto probs_only = [&](auto masked) {
+#pragma unroll
+      for (int j = 0; j < kNF; ++j) {
+        const float2 l2 = row_pair(sl, j);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float dsoft;
+          st[j][e] = prob(masked, j, e, (e & 1) ? l2.y : l2.x, dsoft);
+        }
+      }
+    };
+    // With a softcap dz/ds varies per element (1 - tanh^2): one pass after both products,
+    // testing every element (a copy specialized for full tiles made d128 spill).
+    auto probs_and_grads = [&](auto masked) {
+#pragma unroll
+      for (int j = 0; j < kNF; ++j) {
+        const float2 l2 = row_pair(sl, j), d2 = row_pair(sd, j);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float dsoft;
+          const float pr = prob(masked, j, e, (e & 1) ? l2.y : l2.x, dsoft);
+          grad(j, e, pr, (e & 1) ? d2.y : d2.x, dsoft);
+          st[j][e] = pr;
+        }
+      }
+    };
+    if (!has_softcap(p)) {
+      wgmma_wait<1>();
+      fence_operands(st);
+      if (partial)
+        probs_only(BoolTag<true>());
+      else
+        probs_only(BoolTag<false>());
+      wgmma_wait<0>();
+      fence_operands(dpt);
+#pragma unroll
+      for (int j = 0; j < kNF; ++j) {
+        const float2 d2 = row_pair(sd, j);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) grad(j, e, st[j][e], (e & 1) ? d2.y : d2.x, bp.scale);
+      }
+    } else {
+      wgmma_wait<0>();
+      fence_operands(st);
+      fence_operands(dpt);
+      probs_and_grads(BoolTag<true>());
     }
     uint32_t pa[kBlockM / 16][4], da[kBlockM / 16][4];
 #pragma unroll
@@ -321,9 +469,11 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
     }
 
     // dS^T to shared memory as [key][query] (128-byte rows, 128B swizzle): the M-major A of
-    // dQ. The first barrier: every warp of this consumer has finished the previous item's dQ
-    // products (each waited on them), which read this buffer.
-    named_bar_sync(1 + c, 128);
+    // dQ. The first barrier: every warp whose dQ products read this buffer (both consumers';
+    // the A/B variant: this consumer's) has finished the previous item's (each waited on them).
+    constexpr int kDsBarThreads = DM_SM90_BWD_DQ_ATOMIC ? 128 : 256;
+    const int ds_bar = DM_SM90_BWD_DQ_ATOMIC ? 1 + c : 1;
+    named_bar_sync(ds_bar, kDsBarThreads);
     const int ds_row = int(opaque(uint32_t(16 * warp + g)));  // not hoisted: see kb_l
 #pragma unroll
     for (int kk = 0; kk < kBlockM / 16; ++kk)
@@ -333,15 +483,16 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
         *reinterpret_cast<uint32_t*>(ds_ptr + tile_offset<2, 64, 64>(ds_row + 8 * r,
                                                                      8 * j + 2 * t)) = da[kk][w];
       }
-    fence_proxy_async_smem();
-    named_bar_sync(1 + c, 128);
+    fence_proxy_async_smem();  // also orders the dbias stage writes before the next TMA
+    named_bar_sync(ds_bar, kDsBarThreads);
 
-    // dQ (64 queries x 64 columns per pass) += dS (M-major A) K (rows 64c.., MN-major B).
     float* dqa = bp.dq_accum + int64_t(b) * bp.dqa_batch_stride + int64_t(h) * bp.dqa_head_stride;
+#if DM_SM90_BWD_DQ_ATOMIC
+    // dQ (64 queries x 64 columns per pass) += dS (M-major A) K (rows 64c.., MN-major B).
 #pragma unroll
     for (int nh = 0; nh < Smem::kBoxes; ++nh) {
       float acc[8][4];
-      const uint32_t ds_base = opaque(sdS);
+      const uint32_t ds_base = opaque(base + Smem::kOffDS + c * Smem::kDS);
       const uint32_t kb = opaque(sK + nh * kBlockN * 128 + c * 64 * 128);
       fence_operands(acc);
       wgmma_fence();
@@ -374,6 +525,69 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
         }
       }
     }
+#else
+    // dQ (64 queries x the 64 columns of box c) += dS (M-major A: 8 k16 steps over both
+    // consumers' dS^T halves, adjacent in shared memory) K (all 128 rows of box c, MN-major B).
+    if (Smem::kBoxes == 2 || c == 0) {
+      float acc[8][4];
+      {
+        const uint32_t ds_base = opaque(base + Smem::kOffDS);
+        const uint32_t kb = opaque(sK + c * kBlockN * 128);
+        fence_operands(acc);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kBlockN / 16; ++kk)
+          Wgmma<T, 64>::template ss<1, 1>(acc, desc_mn_major<64>(ds_base, kk),
+                                          desc_mn_major<kBlockN>(kb, kk), kk > 0);
+        wgmma_commit();
+        if (db_tile) dbias_out();  // while the dQ product runs; the stage is released below
+        wgmma_wait<0>();
+        fence_operands(acc);
+      }
+      fence_operands(dv);  // dV/dK (committed earlier) are complete too: the stage is free
+      fence_operands(dk);
+      keep_live(pa);  // the register A operands stay allocated until their wgmma is done
+      keep_live(da);
+      release(bar_empty(s));
+      // Stage this warp's 16 rows x 64 columns, then lane 0 adds them row by row (the global
+      // rows are dqa_row_stride apart). The previous item's adds (issued by lane 0) must have
+      // read the buffer first. The shuffled copies of warp and c are warp-uniform to the
+      // compiler, so lane 0's loop runs on uniform registers (UBLKRED takes only those).
+      const int warp_u = __shfl_sync(0xffffffffu, warp, 0);
+      const int c_u = __shfl_sync(0xffffffffu, c, 0);
+      const uint32_t stage = base + Smem::kOffDQ + uint32_t(c_u * 4 + warp_u) * Smem::kDQWarp;
+      if (lane == 0) bulk_wait_read<0>();
+      __syncwarp();
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+          st_shared_f32x2(stage + uint32_t(g + 8 * r) * Smem::kDQRow + uint32_t(8 * j + 2 * t) * 4,
+                          acc[j][2 * r], acc[j][2 * r + 1]);
+      fence_proxy_async_smem();  // this lane's stores before the async proxy reads them
+      __syncwarp();
+      if (lane == 0) {
+        const int q0 = m0 + 16 * warp_u;
+        const int rows = dm_min(16, len_q - q0);              // rows past the end are not added
+        const int cols = dm_min(64, p.head_dim - 64 * c_u);  // nor padded columns
+        if (cols > 0) {
+          float* dst = dqa + int64_t(q0) * bp.dqa_row_stride + 64 * c_u;
+          uint32_t src = stage;
+          for (int rr = 0; rr < rows; ++rr, dst += bp.dqa_row_stride, src += Smem::kDQRow)
+            bulk_reduce_add_f32(dst, src, uint32_t(cols) * 4);
+        }
+        bulk_commit();
+      }
+    } else {  // d64: consumer 1 has no dQ columns; its dV/dK must still finish
+      if (db_tile) dbias_out();
+      wgmma_wait<0>();
+      fence_operands(dv);
+      fence_operands(dk);
+      keep_live(pa);
+      keep_live(da);
+      release(bar_empty(s));
+    }
+#endif
 
     // Key-row dbias: the column sums of this head are complete after its last item.
     if (bias_row && want_dbias && (i + 1 == n_items || head_of(i + 1) != h)) {
@@ -391,6 +605,9 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
     }
   }
 
+#if !DM_SM90_BWD_DQ_ATOMIC
+  if (lane == 0) bulk_wait<0>();  // this warp's dQ adds are complete before the CTA exits
+#endif
   // dK, dV rows of this thread (keys key[r]); columns past head_dim are padding.
   T* dkp = static_cast<T*>(bp.dk) + int64_t(b) * bp.dk_batch_stride + int64_t(kvh) * bp.dk_head_stride;
   T* dvp = static_cast<T*>(bp.dv) + int64_t(b) * bp.dv_batch_stride + int64_t(kvh) * bp.dv_head_stride;

@@ -47,20 +47,27 @@ def test_env_values(monkeypatch):
         env.backward_family_override()
 
 
-def test_hopper_backward_is_opt_in_and_cc90_only(monkeypatch):
+def test_hopper_backward_is_the_default_on_cc90_only(monkeypatch):
     q, k, v = _arrays()
     pb = _pb(q, k, v, causal=True)
-    monkeypatch.delenv("DMATTN_BWD_FAMILY", raising=False)
-    assert _family(pb) == "bwd_dkdv"           # default: portable until GPU-verified
-    monkeypatch.setenv("DMATTN_BWD_FAMILY", "bwd_dkdv")
+    for val in (None, "auto", "bwd_sm90"):
+        if val is None:
+            monkeypatch.delenv("DMATTN_BWD_FAMILY", raising=False)
+        else:
+            monkeypatch.setenv("DMATTN_BWD_FAMILY", val)
+        assert _family(pb) == "bwd_sm90", val
+        assert _family(pb, dev=A100) == "bwd_dkdv", val
+    monkeypatch.setenv("DMATTN_BWD_FAMILY", "bwd_dkdv")  # the portable kernels stay selectable
     assert _family(pb) == "bwd_dkdv"
-    monkeypatch.setenv("DMATTN_BWD_FAMILY", "bwd_sm90")
-    assert _family(pb) == "bwd_sm90"
     assert _family(pb, dev=A100) == "bwd_dkdv"
 
 
-def test_what_phase_1_takes_and_declines(monkeypatch):
-    monkeypatch.setenv("DMATTN_BWD_FAMILY", "bwd_sm90")
+@pytest.mark.parametrize("val", [None, "bwd_sm90"], ids=["default", "forced"])
+def test_what_phase_1_takes_and_declines(monkeypatch, val):
+    if val is None:
+        monkeypatch.delenv("DMATTN_BWD_FAMILY", raising=False)
+    else:
+        monkeypatch.setenv("DMATTN_BWD_FAMILY", val)
     q, k, v = _arrays()
     b, sq, h, _ = q.shape
     sk = k.shape[1]
@@ -135,10 +142,11 @@ def test_precompile_enumerates_dtype_headdim_bias():
 
 @pytest.mark.parametrize("bias_shape", [None, (2, 4, 200, 264), (2, 4, 1, 264)])
 def test_run_backward_launches_the_hopper_kernel(monkeypatch, bias_shape):
-    """run_backward with the runtime stubbed: the preprocess, then bwd_sm90 over (key tiles of
-    128, kv heads, batch) with the BwdParams record and the Sm90BwdArgs record; dq comes from
-    the fp32 accumulator and dbias has the bias's shape and dtype."""
-    monkeypatch.setenv("DMATTN_BWD_FAMILY", "bwd_sm90")
+    """run_backward with the runtime stubbed and the default DMATTN_BWD_FAMILY: the
+    preprocess, then bwd_sm90 over (key tiles of 128, kv heads, batch) with the BwdParams
+    record and the Sm90BwdArgs record; dq comes from the fp32 accumulator and dbias has the
+    bias's shape and dtype."""
+    monkeypatch.delenv("DMATTN_BWD_FAMILY", raising=False)
     monkeypatch.setattr(backward_sm90, "encode", lambda spec, ptr: bytes(128))
     launched = []
     monkeypatch.setattr(runtime, "device_props", lambda device: H100)
@@ -168,8 +176,8 @@ def test_run_backward_launches_the_hopper_kernel(monkeypatch, bias_shape):
         assert dbias.shape == bias.shape and dbias.dtype == bias.dtype
 
 
-def test_run_backward_keeps_the_portable_kernels_by_default(monkeypatch):
-    monkeypatch.delenv("DMATTN_BWD_FAMILY", raising=False)
+def test_run_backward_keeps_the_portable_kernels_when_asked(monkeypatch):
+    monkeypatch.setenv("DMATTN_BWD_FAMILY", "bwd_dkdv")
     launched = []
     monkeypatch.setattr(runtime, "device_props", lambda device: H100)
     monkeypatch.setattr(runtime, "current_stream", lambda kind, device: "stream")

@@ -3,9 +3,14 @@
 - each of its five products, run through the NumPy model of TMA's 128B-swizzled boxes and of
   wgmma's K-/MN-major descriptor reads (test_sm90_layout.py), equals the plain matrix product:
   S^T = K Q^T and dP^T = V dO^T (both operands K-major), dV += P^T dO and dK += dS^T Q (dO/Q as
-  MN-major B), dQ += dS K with dS^T written by the consumer threads' fragments as [key][query]
-  and read back as an M-major A (tnspA; the model reads an MN-major A as it reads an MN-major
-  B, as the PTX ISA's canonical layouts define both) and K rows 64c.. as an MN-major B;
+  MN-major B), dQ += dS K with dS^T written by both consumers' threads' fragments as
+  [key][query] (two adjacent 64-key halves) and read back as an M-major A over all 128 keys
+  (tnspA; the model reads an MN-major A as it reads an MN-major B, as the PTX ISA's canonical
+  layouts define both) and head-dim box c of K as an MN-major B (the A/B variant
+  DM_SM90_BWD_DQ_ATOMIC: one consumer's 64 keys and K rows 64c..);
+- the fp32 dQ staging of the bulk reduce-add: each warp's float2 fragment stores are
+  bank-conflict-free and lay out whole rows contiguously, so one bulk add per row adds the
+  warp's 16 x 64 block to the right global elements;
 - the constexpr helpers and Sm90BwdSmem / Sm90BwdArgs equal the model and the host mirror
   (NVRTC static_asserts), and every spec compiles for sm_90a without spills or slow-kernel
   advisories, with HGMMA in its SASS when nvdisasm is present.
@@ -13,6 +18,8 @@
 
 from __future__ import annotations
 
+import collections
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -22,6 +29,7 @@ import pytest
 from test_sm90_layout import (
     desc_k_major,
     desc_mn_major,
+    swizzle128,
     tma_box_address,
     wgmma_k_major,
     wgmma_mn_major,
@@ -112,8 +120,30 @@ def _store_ds_fragments(smem: dict, base: int, dst: np.ndarray) -> None:
 
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("c", [0, 1])
+def test_dq_over_both_consumers_ds_and_k_box_of_its_consumer(head_dim, c):
+    """dQ (64 queries x the 64 columns of box c) += dS (M-major A: 8 k16 steps over the two
+    consumers' adjacent dS^T halves) K (all 128 rows of box c, MN-major B); at d64 only
+    consumer 0 has a box."""
+    if c >= head_dim // 64:
+        pytest.skip("d64: consumer 1 has no dQ columns")
+    rng = np.random.default_rng(11 * head_dim + c)
+    dst, kt = rng.integers(-4, 5, (128, 64)), rng.integers(-4, 5, (128, head_dim))
+    smem: dict = {}
+    ds_base, k_base = BASE + 8 * 16384, BASE
+    _tma_store(smem, k_base, 128, kt)
+    for half in range(2):  # consumer `half` stores its 64 keys at ds_base + half * kDS
+        _store_ds_fragments(smem, ds_base + half * 64 * 64 * 2, dst[64 * half:64 * half + 64])
+    kb = k_base + c * 128 * 128
+    got = sum(_a_m_major(smem, desc_mn_major(ds_base, 64, kk)) @
+              _b_mn_major(smem, desc_mn_major(kb, 128, kk), 64) for kk in range(8))
+    np.testing.assert_array_equal(got, dst.T @ kt[:, 64 * c:64 * c + 64])
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("c", [0, 1])
 def test_dq_reads_ds_transposed_and_k_rows_of_its_consumer(head_dim, c):
-    """dQ (64 queries x 64 columns, pass nh) += dS (M-major A) K (rows 64c.., MN-major B)."""
+    """The A/B variant (DM_SM90_BWD_DQ_ATOMIC): dQ (64 queries x 64 columns, pass nh) += dS
+    (M-major A) K (rows 64c.., MN-major B)."""
     rng = np.random.default_rng(7 * head_dim + c)
     dst, kt = rng.integers(-4, 5, (64, 64)), rng.integers(-4, 5, (128, head_dim))
     smem: dict = {}
@@ -125,6 +155,69 @@ def test_dq_reads_ds_transposed_and_k_rows_of_its_consumer(head_dim, c):
         got = sum(_a_m_major(smem, desc_mn_major(ds_base, 64, kk)) @
                   _b_mn_major(smem, desc_mn_major(kb, 128, kk), 64) for kk in range(4))
         np.testing.assert_array_equal(got, dst.T @ kt[64 * c:64 * c + 64, 64 * nh:64 * nh + 64])
+
+
+DQ_ROW, DQ_WARP = b90.DQ_ROW_BYTES, b90.DQ_WARP_BYTES
+
+
+def _dq_stage_address(stage: int, g, t, j, r, x):
+    """Byte address of acc[j][2r + x] of lane (g, t) in its warp's staging region (bwd.cu:
+    stage + (g + 8r) * kDQRow + (8j + 2t) * 4, element x of the float2)."""
+    return stage + (g + 8 * r) * DQ_ROW + (8 * j + 2 * t) * 4 + 4 * x
+
+
+def test_dq_staging_stores_are_bank_conflict_free():
+    """A float2 store (st.shared.v2.f32) of a warp is served per half-warp (16 lanes x 8 bytes
+    = 128 bytes): the 32 words of each half-warp must fall in 32 distinct banks."""
+    lane = np.arange(32)
+    g, t = lane // 4, lane % 4
+    for j in range(8):
+        for r in range(2):
+            for half in range(2):
+                sel = slice(16 * half, 16 * half + 16)
+                words = np.concatenate([
+                    _dq_stage_address(0, g[sel], t[sel], j, r, x) // 4 for x in range(2)])
+                assert len(set((words % 32).tolist())) == 32, (j, r, half)
+
+
+@pytest.mark.parametrize("head_dim,c", [(128, 0), (128, 1), (64, 0), (96, 1), (40, 0)])
+def test_dq_staging_rows_and_bulk_adds_give_the_tile(head_dim, c):
+    """Each warp stores its accumulator fragments (rows 16w + g + 8r, columns 8j + 2t + x of box
+    c), then lane 0 adds, for each row l < min(16, seqlen - m0 - 16w), the
+    cols = min(64, head_dim - 64c) floats at stage + l * kDQRow into dq_accum row m0 + 16w + l
+    from column 64c (one bulk add per row): modelled on a flat fp32 accumulator with
+    the (B, S, H, d) strides, every element of the 64 x head_dim tile gets exactly its value
+    and nothing past head_dim or the sequence end is touched."""
+    rng = np.random.default_rng(head_dim + c)
+    heads, seqlen, m0, h = 3, 100, 64, 1
+    row_stride = heads * head_dim
+    tile = rng.standard_normal((64, 64))  # this consumer's (queries x box-c columns) result
+    accum = np.zeros(seqlen * row_stride)
+    base_stage = 1 << 14
+    cols = min(64, head_dim - 64 * c)
+    for w in range(4):
+        smem = {}
+        stage = base_stage + (c * 4 + w) * DQ_WARP
+        for lane in range(32):
+            g, t = lane // 4, lane % 4
+            for j in range(8):
+                for r in range(2):
+                    for x in range(2):
+                        smem[int(_dq_stage_address(stage, g, t, j, r, x))] = \
+                            tile[16 * w + g + 8 * r, 8 * j + 2 * t + x]
+        for rr in range(min(16, seqlen - (m0 + 16 * w))):
+            q = m0 + 16 * w + rr
+            if cols <= 0:
+                continue
+            assert (stage + rr * DQ_ROW) % 16 == 0 and (cols * 4) % 16 == 0
+            src = [smem[stage + rr * DQ_ROW + 4 * e] for e in range(cols)]
+            dst = q * row_stride + h * head_dim + 64 * c
+            assert (dst * 4) % 16 == 0
+            accum[dst:dst + cols] += src
+    want = np.zeros((seqlen, heads, head_dim))
+    n = min(64, seqlen - m0)
+    want[m0:m0 + n, h, 64 * c:64 * c + cols] = tile[:n, :cols]
+    np.testing.assert_array_equal(accum.reshape(seqlen, heads, head_dim), want)
 
 
 def test_bias_tile_reads_what_tma_wrote():
@@ -204,6 +297,60 @@ def test_spec_compiles_without_spills_or_slow_advisories(dtype, head_dim, bias, 
     cubin = tmp_path / "k.cubin"
     cubin.write_bytes(ck.cubin + b"\0")  # CuPy's getCUBIN is one byte short
     sass = subprocess.run([tool, str(cubin)], capture_output=True, text=True).stdout
-    assert "HGMMA.64x64x16.F32" in sass                        # S^T, dP^T, dQ
-    assert f"HGMMA.64x{head_dim}x16.F32" in sass               # dV, dK
-    assert "UTMALDG.4D" in sass and "USETMAXREG" in sass and "RED" in sass
+    # S^T, dP^T (head_dim / 16 k16 steps each), dV, dK (4 each, 64 x head_dim), dQ (8 k16
+    # steps over all 128 keys, 64 columns)
+    want = collections.Counter({"64x64x16": 2 * (head_dim // 16) + 8})
+    want[f"64x{head_dim}x16"] += 8
+    assert collections.Counter(re.findall(r"HGMMA\.(64x\d+x16)\.F32", sass)) == want
+    assert "UTMALDG.4D" in sass and "USETMAXREG" in sass
+    assert "UBLKRED.G.S.ADD.F32" in sass                      # dQ: bulk reduce-add
+    assert not re.search(r"\bREDG?\.", sass)                 # no per-element atomics
+
+
+def _block_of(lin: int, grid: tuple[int, int, int], right_limited: bool) -> tuple[int, int, int]:
+    """bwd.cu's (key tile, kv head, batch) of the CTA at linear position ``lin`` of the grid
+    (x fastest): remapped key-tile-major under a right-limited window (causal)."""
+    gx, gy, gz = grid
+    if not right_limited:
+        return lin % gx, lin // gx % gy, lin // (gx * gy)
+    per_tile = gy * gz
+    return lin // per_tile, lin % per_tile % gy, lin % per_tile // gy
+
+
+@pytest.mark.parametrize("grid", [(16, 16, 2), (3, 2, 2), (1, 5, 3), (7, 1, 1)])
+def test_causal_grid_order_is_a_longest_first_bijection(grid):
+    """Every (key tile, kv head, batch) is served once; under causal masking the key tiles
+    start in increasing order, i.e. by non-increasing count of query tiles that see them."""
+    n = grid[0] * grid[1] * grid[2]
+    for right_limited in (False, True):
+        blocks = [_block_of(i, grid, right_limited) for i in range(n)]
+        assert sorted(blocks) == sorted((x, y, z) for x in range(grid[0])
+                                        for y in range(grid[1]) for z in range(grid[2]))
+    tiles = [_block_of(i, grid, True)[0] for i in range(n)]
+    assert tiles == sorted(tiles)
+
+
+@pytest.mark.parametrize("c", [0, 1])
+def test_dbias_stage_writes_and_chunk_copy_out_agree(c):
+    """A full tile's dx is written in place of the bias element the thread read (at
+    tile_offset<2, 64, 64>(query, key) of the stage, key = 64c + 16w + g + 8r); the copy-out
+    reads box c (stage + c * 8192) as 16-byte chunks at swizzle<128>(row * 128 + 16 ch): chunk
+    (row, ch) must hold keys 64c + 8ch .. + 7 of that query row, in order."""
+    rng = np.random.default_rng(c)
+    dx = rng.integers(0, 1 << 15, (64, 128))  # (queries, keys) of the stage
+    smem: dict = {}
+    for q in range(64):
+        for w in range(4):
+            for g in range(8):
+                for r in range(2):
+                    key = 64 * c + 16 * w + g + 8 * r
+                    smem[int(tma_box_address(BASE, 64, np.int64(q), np.int64(key)))] = dx[q, key]
+    box = BASE + c * 64 * 64 * 2
+    for tid in range(128):
+        for i in range(4):
+            chunk = tid + 128 * i
+            row, col = chunk // 8, 8 * (chunk % 8)
+            addr = box + int(swizzle128(np.int64(row * 128 + 2 * col)))
+            assert addr % 16 == 0
+            got = [smem[addr + 2 * e] for e in range(8)]
+            assert got == list(dx[row, 64 * c + col:64 * c + col + 8]), (row, col)

@@ -85,6 +85,14 @@ def pytest_runtest_setup(item):
         pytest.fail(msg, pytrace=False)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Keeps each phase's report on the item (``rep_call``) for fixtures' teardown checks."""
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, f"rep_{rep.when}", rep)
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     msg = _broken()
     if msg is not None:
@@ -114,3 +122,28 @@ def fresh_plans():
     fastpath.clear()
     yield
     fastpath.clear()
+
+
+@pytest.fixture(params=["bwd_sm90", "bwd_dkdv"], ids=["bwd-sm90", "bwd-dkdv"])
+def both_backward_families(request, monkeypatch):
+    """Runs a test on each backward family of a Hopper GPU and asserts that the asked one ran
+    (``dmattn_cupy.backward.launches``). ``bwd_sm90`` runs with ``DMATTN_BWD_FAMILY=auto``, so it
+    also checks that the default picks the Hopper kernel: a test using this fixture gives it
+    problems phase 1 takes, or skips its bwd_sm90 run (``pytest.skip``) for those it declines.
+    ``bwd_dkdv`` forces the portable kernels. Off compute capability 9.0 only bwd_dkdv runs."""
+    import torch
+
+    from dmattn_cupy import backward
+
+    fam = request.param
+    if fam == "bwd_sm90" and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the sm_90a backward runs on compute capability 9.0 only")
+    monkeypatch.setenv("DMATTN_BWD_FAMILY", "auto" if fam == "bwd_sm90" else "bwd_dkdv")
+    before = dict(backward.launches)
+    yield fam
+    call = getattr(request.node, "rep_call", None)
+    if call is None or not call.passed:
+        return  # skipped or failed: nothing to add
+    ran = {f: backward.launches[f] - before.get(f, 0) for f in ("bwd_sm90", "bwd_dkdv")}
+    other = "bwd_dkdv" if fam == "bwd_sm90" else "bwd_sm90"
+    assert ran[fam] > 0 and ran[other] == 0, f"asked for {fam}, launches {ran}"

@@ -1,8 +1,8 @@
 """The Hopper backward (bwd_sm90, sm_90a, phase 1) against float64 autograd with the factor-3
 rule of test_backward.py: d64/d128, bf16/fp16, none/causal/window, GQA groups 1/4, lengths
 that are not tile multiples, full (B, H, Sq, Sk) and key-side (B, H, 1, Sk) biases with their
-gradients, softcap, rows and keys that see nothing. DMATTN_BWD_FAMILY=bwd_sm90 forces the
-family (it is opt-in until verified here) and every test asserts that it ran."""
+gradients, softcap, rows and keys that see nothing. DMATTN_BWD_FAMILY=bwd_sm90 names the
+family (the default on compute capability 9.0 too) and every test asserts that it ran."""
 
 from __future__ import annotations
 
