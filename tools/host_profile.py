@@ -93,7 +93,8 @@ def stub_gpu() -> Iterator[None]:
             patch(runtime, opt, {"launch_raw": lambda *a: None,
                                  "stream_ptr": lambda kind, dev: 0,
                                  "ensure_device": lambda dev: None}[opt])
-    for mod in (tensor_map, sys.modules.get("dmattn_cupy.forward_sm90")):
+    for mod in (tensor_map, sys.modules.get("dmattn_cupy.forward_sm90"),
+                sys.modules.get("dmattn_cupy.backward_sm90")):
         if mod is not None and hasattr(mod, "encode"):
             patch(mod, "encode", encode)
     fastpath = sys.modules.get("dmattn_cupy.fastpath")

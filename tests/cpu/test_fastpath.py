@@ -23,8 +23,8 @@ if str(_TOOLS) not in sys.path:
 host_profile = importlib.import_module("host_profile")
 
 import dmattn_cupy as dm  # noqa: E402
+from dmattn_cupy import backward_sm90, fastpath, forward_sm90, runtime, tensor_map  # noqa: E402
 from dmattn_cupy import compile as dcompile  # noqa: E402
-from dmattn_cupy import fastpath, forward_sm90, runtime, tensor_map  # noqa: E402
 from dmattn_cupy.launch_plan import PlanCache  # noqa: E402
 from dmattn_cupy.params import FWD_DTYPE, bwd_dtype_flat  # noqa: E402
 
@@ -66,6 +66,8 @@ class Capture:
         sizes = [BWD_DTYPE.itemsize if spec.row.params == "BwdParams" else FWD_DTYPE.itemsize]
         if spec.family == "fwd_sm90":
             sizes.append(forward_sm90.ARGS_DTYPE.itemsize)
+        if spec.family == "bwd_sm90":
+            sizes.append(backward_sm90.ARGS_DTYPE.itemsize)
         raw = [ctypes.string_at(ctypes.c_uint64.from_address(params + 8 * i).value, n)
                for i, n in enumerate(sizes)]
         assert block == (spec.threads, 1, 1) and smem == spec.dynamic_smem
