@@ -16,7 +16,13 @@ from .families import padded_head_dim, sparse_supported
 from .layout import build_fwd_params
 from .masks import SparseMask
 from .select import forward as select_forward
-from .sparse_plan import SparseArrays, check_block_fits, device_lists, sparse_fields
+from .sparse_plan import (
+    SparseArrays,
+    block_size_of,
+    check_block_fits,
+    device_lists,
+    sparse_fields,
+)
 from .spec import KernelSpec
 from .validate import Problem, check_cu_seqlens_values
 
@@ -29,8 +35,9 @@ def rows_aligned(pb: Problem, out_strides: tuple[int, ...] | None = None) -> boo
 
 
 def select_fwd_spec(pb: Problem, debug_counters: bool = False,
-                    sparse: bool = False) -> KernelSpec:
-    """The forward specialization for ``pb`` on the problem's own device."""
+                    sparse: bool | tuple[int, int] = False) -> KernelSpec:
+    """The forward specialization for ``pb`` on the problem's own device (``sparse``: block
+    lists, of this (block_m, block_n) when known)."""
     return select_forward(pb, runtime.device_props(pb.q.device), sparse=sparse,
                           debug_counters=debug_counters)
 
@@ -70,7 +77,7 @@ def run_forward(pb: Problem, query: Any, cu_q: Any = None, cu_k: Any = None,
         decode.run_decode(pb, query, out, lse, cu_q, cu_k, stream)  # GQA packing + split-KV
         return out, lse
     spec = select_fwd_spec(pb, debug_counters=tile_counters is not None,
-                           sparse=sparse is not None)
+                           sparse=block_size_of(sparse))
     rec = build_fwd_params(pb, describe(out), _ptr(lse), _ptr(cu_q), _ptr(cu_k),
                            _ptr(tile_counters))
     if sparse is not None:
