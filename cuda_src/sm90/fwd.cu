@@ -620,6 +620,23 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
     sm.update(s, alpha, ls.exp_scale);
     release_k(stage);
     pack_p(s, pa);
+    if (varlen && (n + 1) * kBlockN > len_k) {
+      // Varlen: V rows past the sequence end hold the next sequence's values (no TMA zero
+      // fill); P is 0 there, but 0 * inf/NaN is not. Only the first tile visited can cross
+      // the end (tiles go in descending order), so it is zeroed here once, by both consumers
+      // (the same zeros: a benign overlap), before any O += P V reads it.
+      mbar_wait(bar_full_v(stage), phase);
+      const int r0 = len_k - n * kBlockN;
+      uint8_t* sv = smem + (sV - base) + stage * Smem::kKV;
+      for (int e = threadIdx.x % 128; e < (kBlockN - r0) * Smem::kBoxes * 8; e += 128) {
+        const int row = r0 + e / (8 * Smem::kBoxes), rem = e % (8 * Smem::kBoxes);
+        // a swizzled row stays within its 128 bytes: zeroing them zeroes the row
+        *reinterpret_cast<uint4*>(sv + (rem / 8) * kBlockN * 128 + row * 128 + (rem % 8) * 16) =
+            uint4{0u, 0u, 0u, 0u};
+      }
+      fence_proxy_async_smem();  // generic-proxy stores before the async-proxy (wgmma) reads
+      named_bar_sync(3 + c, 128);
+    }
     int prev = stage;
     uint32_t prev_phase = phase;
     while (true) {

@@ -87,6 +87,28 @@ def test_varlen_fp16():
     _varlen_check(LENS["ragged"], d=128, causal=True, seed=3, dtype=torch.float16)
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("d", [64, 128])
+def test_varlen_next_sequence_nonfinite_kv_does_not_leak(causal, d):
+    """Tiles crossing a sequence's end read the next sequence's K/V rows (no TMA zero fill
+    inside a packed tensor): NaN keys and inf values there must not reach this sequence."""
+    lens = ([130, 60, 200], [100, 70, 300])
+    q, k, v, cu_q, cu_k, mq, mk = _packed(*lens, d, 31)
+    pb = check_varlen(q, k, v, cu_q, cu_k, mq, mk, None, None, None, causal, (-1, -1), 0.0,
+                      "cuda")
+    assert select_fwd_spec(pb).family == _want(True)
+    clean = dm.flash_dmattn_varlen_func(q, k, v, cu_q, cu_k, mq, mk, is_causal=causal)
+    kp, vp = k.clone(), v.clone()
+    kp[100:170] = float("nan")          # all of sequence 1
+    vp[100:170] = float("inf")
+    out = dm.flash_dmattn_varlen_func(q, kp, vp, cu_q, cu_k, mq, mk, is_causal=causal)
+    torch.cuda.synchronize()
+    for rows in (slice(0, 130), slice(190, 390)):   # sequences 0 and 2
+        assert bool(torch.isfinite(out[rows]).all())
+        assert torch.equal(out[rows], clean[rows])
+    assert not bool(torch.isfinite(out[130:190]).any())   # sequence 1 propagates
+
+
 def _layout(kind, layout, heads, lens, seed, transposed=False):
     g = torch.Generator().manual_seed(seed)
     tq, tk, mk = sum(lens[0]), sum(lens[1]), max(lens[1])
