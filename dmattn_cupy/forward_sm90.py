@@ -104,9 +104,12 @@ def _chunk_rows(info: ArrayInfo) -> bool:
 
 
 def chunk_box(block_n: int, heads: int) -> int:
-    """Elements per 1-D box of a key chunk (block_n * heads values; boxes hold <= 256)."""
+    """Elements per 1-D box of a key chunk of block_n * heads values: the whole chunk when it
+    fits one box (<= 256 elements), else 256 (512 bytes of bias, 256 of mask), so that every
+    box starts 128-byte aligned in shared memory; the kernel loads ceil(chunk / box) boxes
+    (the last may read past the chunk, within the stage: heads <= MAX_CHUNK_HEADS)."""
     total = block_n * heads
-    return next(b for b in (256, 128, 64) if total % b == 0 and b <= total)
+    return total if total <= 256 else 256
 
 
 @dataclass(frozen=True)

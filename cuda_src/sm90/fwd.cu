@@ -209,18 +209,22 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
     const bool bias_tile = kHasBias && args.bias_mode == kOperandTile;
     const bool bias_row = kHasBias && args.bias_mode == kOperandKeyRow;
     const bool bias_chunk = kHasBias && args.bias_mode == kOperandKeyChunk;
+    // A key chunk of the packed (total_k, h') operand: ceil(kBlockN * h' / box) 1-D boxes of
+    // box elements from element (k_start + n0) * h' (one box, or boxes of 256 elements: each
+    // box starts 128-byte aligned in shared memory; the last may read past the chunk).
+    auto chunk_boxes = [&](int heads, int box) { return (kBlockN * heads + box - 1) / box; };
     const uint32_t bias_bytes = bias_tile ? Smem::kBias : bias_row ? kBlockN * 2
-                              : bias_chunk ? kBlockN * 2 * args.bias_chunk_heads : 0;
+        : bias_chunk ? chunk_boxes(args.bias_chunk_heads, args.bias_chunk_box) *
+                       args.bias_chunk_box * 2 : 0;
     const uint32_t mask_bytes = mask_tile ? Smem::kMask
-                              : mask_chunk ? kBlockN * args.mask_chunk_heads : kBlockN;
+        : mask_chunk ? chunk_boxes(args.mask_chunk_heads, args.mask_chunk_box) *
+                       args.mask_chunk_box : kBlockN;
     // This head's column in a key chunk (chunk_heads 1: the only one).
     const int mask_col = mask_chunk && args.mask_chunk_heads > 1 ? mask_h : 0;
-    // A key chunk of the packed (total_k, h') operand: boxes of chunk_box elements from
-    // element (k_start + n0) * chunk_heads.
     auto load_chunk = [&](uint32_t dst, const TmaDesc* map, uint32_t bar, int n0, int heads,
                           int box, int elem) {
       const int e0 = (seq.k_start + n0) * heads;
-      for (int y = 0; y < kBlockN * heads / box; ++y)
+      for (int y = 0; y < chunk_boxes(heads, box); ++y)
         tma_load_4d(dst + y * box * elem, map, bar, e0 + y * box, 0, 0, 0);
     };
     // The candidates: key tiles n_last .. n_first (descending: partial tiles first), or with

@@ -147,9 +147,16 @@ def test_varlen_tensor_maps():
         pl = f90.plan_operands(None, _contig((TK, heads)), bn, True)["bias"]
         assert pl.mode == f90.OPERAND_KEY_CHUNK and pl.chunk_heads == heads
         assert pl.map.dims == (TK * heads, 1, 1, 1) and pl.map.box == (pl.chunk_box, 1, 1, 1)
-        assert (bn * heads) % pl.chunk_box == 0 and pl.chunk_box <= 256
-        assert (pl.chunk_box * 2) % 16 == 0
         pl.map.check()
+    # boxes start 128-byte aligned in shared memory (TMA's rule) and fit one stage / slot
+    for bn in (64, 128):
+        for heads in range(1, f90.MAX_CHUNK_HEADS + 1):
+            box, total = f90.chunk_box(bn, heads), bn * heads
+            n_box = -(-total // box)
+            for elem, stage in ((1, 128 * bn), (2, 128 * bn * 2)):
+                assert box <= 256 and (box * elem) % 16 == 0
+                assert n_box == 1 or (box * elem) % 128 == 0
+                assert n_box * box * elem <= stage
     tr = f90.plan_operands(_info((TK, H), (1, TK), "bool"), None, 128, True)["mask"]
     assert tr.mode == f90.OPERAND_KEY_ROW
     assert tr.map.dims == (TK, 1, H, 1) and tr.map.strides == (16, TK, 16)
@@ -180,8 +187,9 @@ def test_key_chunk_model_reads_the_sequence_keys():
         box = f90.chunk_box(bn, heads)
         for k_start, n0 in ((0, 0), (37, 128), (450, 64)):
             e0 = (k_start + n0) * heads
-            chunk = np.zeros(bn * heads, dtype=x.dtype)
-            for y in range(bn * heads // box):
+            n_box = -(-bn * heads // box)
+            chunk = np.zeros(n_box * box, dtype=x.dtype)
+            for y in range(n_box):
                 lo = e0 + y * box
                 part = flat[lo:lo + box]
                 chunk[y * box:y * box + len(part)] = part
