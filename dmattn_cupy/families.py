@@ -10,6 +10,9 @@ record (``extra_args``). Adding a family is adding a row (and its source).
 Targets: ``sm_80`` is portable (built for each device's own ``sm_XY``, compute capability
 >= 8.0); an arch-specific target such as ``sm_90a`` is built as is and runs on exactly that
 compute capability. Where several forward rows accept a problem, the most specific wins.
+
+``sparse`` (forward rows' ``accepts`` and ``tiles``): False, True (block lists of an unknown
+block size) or the lists' ``(block_m, block_n)``, which decides whether a row's tiles fit.
 """
 
 from __future__ import annotations
@@ -59,11 +62,14 @@ def _warps_x32(s: SpecShape) -> int:
     return 32 * s.num_warps
 
 
-def _never(pb: Problem, dev: DeviceProps, sparse: bool) -> bool:
+SparseArg = bool | tuple[int, int]   # no lists / lists / lists of this (block_m, block_n)
+
+
+def _never(pb: Problem, dev: DeviceProps, sparse: SparseArg) -> bool:
     return False
 
 
-def _no_tiles(pb: Problem, sparse: bool) -> tuple[Tile, ...]:
+def _no_tiles(pb: Problem, sparse: SparseArg) -> tuple[Tile, ...]:
     return ()
 
 
@@ -91,8 +97,8 @@ class Family:
     smem: Callable[[SpecShape], int]            # dynamic shared memory bytes of a spec
     threads: Callable[[SpecShape], int] = _warps_x32
     role: str = ""                        # "forward": chosen by select.forward
-    accepts: Callable[[Problem, DeviceProps, bool], bool] = _never  # (problem, device, sparse)
-    tiles: Callable[[Problem, bool], tuple[Tile, ...]] = _no_tiles    # (problem, sparse)
+    accepts: Callable[[Problem, DeviceProps, SparseArg], bool] = _never  # (problem, dev, sparse)
+    tiles: Callable[[Problem, SparseArg], tuple[Tile, ...]] = _no_tiles  # (problem, sparse)
     # kernel parameters after the params record, as NumPy records (e.g. a 64-byte aligned
     # struct of CUDA tensor maps passed as ``const __grid_constant__``): (problem, out, spec)
     extra_args: Callable[[Problem, ArrayInfo, SpecShape], tuple[Any, ...]] = _no_extra_args
@@ -101,6 +107,8 @@ class Family:
     # offset), so a cached launch patches them; None: the extra args are rebuilt per call
     extra_slots: Callable[[Problem, SpecShape], tuple[tuple[str, int, int], ...] | None] = \
         _no_extra_slots
+    # switches the kernel reads at run time (params fields), not template arguments
+    runtime_switches: tuple[str, ...] = ()
 
     @property
     def min_cc(self) -> tuple[int, int]:
@@ -207,11 +215,11 @@ def sparse_supported(head_dim: int, has_mask: bool, has_bias: bool) -> bool:
     return not (head_dim > 192 and has_mask)
 
 
-def _mma_accepts(pb: Problem, dev: DeviceProps, sparse: bool) -> bool:
+def _mma_accepts(pb: Problem, dev: DeviceProps, sparse: SparseArg) -> bool:
     return True  # the portable forward takes every problem
 
 
-def _mma_tiles(pb: Problem, sparse: bool) -> tuple[Tile, ...]:
+def _mma_tiles(pb: Problem, sparse: SparseArg) -> tuple[Tile, ...]:
     """The table's tile, then 64-row tiles for devices with less shared memory per block.
     ``DMATTN_FWD_TILE=MxNxW`` overrides (tuning)."""
     forced = env.fwd_tile_override()
@@ -226,12 +234,13 @@ def _mma_tiles(pb: Problem, sparse: bool) -> tuple[Tile, ...]:
 
 # --- the Hopper forward (sm90/fwd.cu; host half in forward_sm90) -----------------------------
 
-def _sm90_accepts(pb: Problem, dev: DeviceProps, sparse: bool) -> bool:
+def _sm90_accepts(pb: Problem, dev: DeviceProps, sparse: SparseArg) -> bool:
     return forward_sm90.tile_for(pb.head_dim, pb.q, pb.k, pb.v, pb.mask, pb.bias, pb.seqlen_q,
-                                 pb.seqlen_k, dev.smem_per_block) is not None
+                                 pb.seqlen_k, dev.smem_per_block, varlen=pb.varlen,
+                                 sparse=sparse) is not None
 
 
-def _sm90_tiles(pb: Problem, sparse: bool) -> tuple[Tile, ...]:
+def _sm90_tiles(pb: Problem, sparse: SparseArg) -> tuple[Tile, ...]:
     hd = forward_sm90.padded_head_dim(pb.head_dim)
     tile = forward_sm90.TILES.get((hd, pb.mask is not None, pb.bias is not None))
     if tile is None:
@@ -245,17 +254,19 @@ def _sm90_smem(s: SpecShape) -> int:
 
 
 def _sm90_args(pb: Problem, out: ArrayInfo, spec: SpecShape) -> tuple[Any, ...]:
-    return (forward_sm90.build_args(pb.q, pb.k, pb.v, pb.mask, pb.bias, spec.block_n)[0],)
+    return (forward_sm90.build_args(pb.q, pb.k, pb.v, pb.mask, pb.bias, spec.block_n,
+                                    pb.varlen)[0],)
 
 
 def _sm90_slots(pb: Problem, spec: SpecShape) -> tuple[tuple[str, int, int], ...] | None:
-    slots = forward_sm90.address_slots(pb.q, pb.k, pb.v, pb.mask, pb.bias, spec.block_n)
+    slots = forward_sm90.address_slots(pb.q, pb.k, pb.v, pb.mask, pb.bias, spec.block_n,
+                                       pb.varlen)
     return None if slots is None else tuple((name, 0, off) for name, off in slots)
 
 
 def _sm90_grid(pb: Problem, spec: SpecShape) -> tuple[int, int, int]:
     """(heads, batch, query tiles): launched x-fastest, the last (longest) query tiles of every
-    (batch, head) go first."""
+    (batch, head) go first. Varlen: query tiles of max_seqlen_q (shorter sequences exit)."""
     return pb.heads, pb.batch, max(1, -(-pb.seqlen_q // spec.block_m))
 
 
@@ -281,7 +292,7 @@ FAMILY_ROWS: tuple[Family, ...] = (
     Family("fwd_sm90", "sm90/fwd.cu", "dm::flash_fwd_sm90_kernel", _SM90_FWD_ARGS, "FwdParams",
            "sm_90a", _sm90_smem, threads=lambda s: forward_sm90.THREADS, role="forward",
            accepts=_sm90_accepts, tiles=_sm90_tiles, extra_args=_sm90_args, grid=_sm90_grid,
-           extra_slots=_sm90_slots),
+           extra_slots=_sm90_slots, runtime_switches=("varlen", "sparse")),
     Family("fwd_decode", "sm80/fwd_decode.cu", "dm::flash_fwd_decode_kernel",
            _SM80_DECODE_ARGS, "FwdParams", "sm_80", _smem_decode),
     Family("fwd_combine", "fwd_combine.cu", "dm::flash_fwd_combine_kernel",

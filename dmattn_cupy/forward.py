@@ -21,7 +21,13 @@ from .launch_plan import Alloc, Launch, Plan
 from .layout import FWD_INPUTS, build_fwd_params, fwd_pointer_fields
 from .masks import SparseMask
 from .select import forward as select_forward
-from .sparse_plan import SparseArrays, check_block_fits, device_lists, sparse_fields
+from .sparse_plan import (
+    SparseArrays,
+    block_size_of,
+    check_block_fits,
+    device_lists,
+    sparse_fields,
+)
 from .spec import KernelSpec
 from .validate import Problem, check_cu_seqlens_values
 
@@ -34,8 +40,9 @@ def rows_aligned(pb: Problem, out_strides: tuple[int, ...] | None = None) -> boo
 
 
 def select_fwd_spec(pb: Problem, debug_counters: bool = False,
-                    sparse: bool = False) -> KernelSpec:
-    """The forward specialization for ``pb`` on the problem's own device."""
+                    sparse: bool | tuple[int, int] = False) -> KernelSpec:
+    """The forward specialization for ``pb`` on the problem's own device (``sparse``: block
+    lists, of this (block_m, block_n) when known)."""
     return select_forward(pb, runtime.device_props(pb.q.device), sparse=sparse,
                           debug_counters=debug_counters)
 
@@ -99,7 +106,7 @@ def forward_call(pb: Problem, query: Any, cu_q: Any = None, cu_k: Any = None,
         plan.run(stream)
         return out, lse, plan
     spec = select_fwd_spec(pb, debug_counters=tile_counters is not None,
-                           sparse=sparse is not None)
+                           sparse=block_size_of(sparse))
     rec = build_fwd_params(pb, out_info, _ptr(lse), _ptr(cu_q), _ptr(cu_k),
                            _ptr(tile_counters))
     for name, field in fwd_pointer_fields(pb, tuple(a.name for a in allocs)):

@@ -3,11 +3,22 @@ tiles, its shared-memory size, and its second kernel parameter ``Sm90FwdArgs`` (
 of q/k/v/mask/bias and how the mask and bias are read).
 
 Pure Python except ``build_args``, which asks the driver to encode the maps. A problem the
-family cannot take (varlen, block-sparse lists, a float32 bias over keys, a layout TMA cannot
-read, shapes whose tiles do not fit shared memory) stays on the sm80-class family.
+family cannot take (a float32 bias over keys, a layout TMA cannot read, shapes whose tiles do
+not fit shared memory, block-sparse lists whose blocks are not whole 128-row CTAs and key
+tiles) stays on the sm80-class family.
+
+Varlen (a runtime switch of the kernel: ``cu_seqlens_q`` set) maps the packed tensors with a
+batch of one; the kernel starts each sequence's coordinates at its cu_seqlens. Its mask/bias
+layouts: query-based ``(total_q, h', max_k)`` as tiles; key-based ``(total_k, h')`` as one
+contiguous chunk of ``block_n * h'`` values per stage (``OPERAND_KEY_CHUNK``: 1-D boxes over
+the flattened tensor, whatever a sequence's first key) when its rows are contiguous, or as
+one key row per head (``OPERAND_KEY_ROW``) when its keys are. Block lists are a runtime
+field too (``sp_full_count`` set).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -19,13 +30,18 @@ BLOCK_M = 128               # two consumer warpgroups of 64 rows
 THREADS = 384               # producer + two consumer warpgroups
 SMEM_LIMIT = 227 * 1024     # opt-in shared memory per block on compute capability 9.0
 
-OPERAND_NONE, OPERAND_TILE, OPERAND_KEY_ROW, OPERAND_QUERY_ROW = 0, 1, 2, 3
+OPERAND_NONE, OPERAND_TILE, OPERAND_KEY_ROW, OPERAND_QUERY_ROW, OPERAND_KEY_CHUNK = 0, 1, 2, 3, 4
+MAX_CHUNK_HEADS = 128       # a key chunk of block_n * h' values fits one bias stage / mask slot
 
-# Sm90FwdArgs: five 128-byte tensor maps (q, k, v, mask, bias), two int32 modes, padding to 704.
+# Sm90FwdArgs: five 128-byte tensor maps (q, k, v, mask, bias), two int32 modes, the key-chunk
+# heads and box of each operand, padding to 704.
 MAP_NAMES = ("q", "k", "v", "mask", "bias")
-ARGS_DTYPE = np.dtype({"names": ["maps", "mask_mode", "bias_mode"],
-                       "formats": [(np.uint8, 128 * len(MAP_NAMES)), np.int32, np.int32],
-                       "offsets": [0, 640, 644], "itemsize": 704})
+_ARG_INTS = ("mask_mode", "bias_mode", "mask_chunk_heads", "bias_chunk_heads", "mask_chunk_box",
+             "bias_chunk_box")
+ARGS_DTYPE = np.dtype({"names": ["maps", *_ARG_INTS],
+                       "formats": [(np.uint8, 128 * len(MAP_NAMES))] + [np.int32] * len(_ARG_INTS),
+                       "offsets": [0] + [640 + 4 * i for i in range(len(_ARG_INTS))],
+                       "itemsize": 704})
 
 # (padded head dim, has_mask, has_bias) -> (block_n, stages); absent: not served (sm80 family).
 TILES: dict[tuple[int, bool, bool], tuple[int, int]] = {
@@ -62,21 +78,66 @@ def smem_bytes(head_dim: int, block_n: int, stages: int, has_mask: bool, has_bia
     return q + stages * (2 * kv + bias) + slots * BLOCK_M * block_n + bars + 16 * stages + 1024
 
 
-def operand_mode(info: ArrayInfo | None) -> int:
-    """How the kernel reads a 4-D mask/bias: per tile, one key row for every query, one value
-    per query row (keys broadcast; a scalar too), or not at all."""
+def operand_mode(info: ArrayInfo | None, varlen: bool = False) -> int:
+    """How the kernel reads a mask/bias. Dense 4-D: per tile, one key row for every query,
+    one value per query row (keys broadcast; a scalar too), or not at all. Varlen: a
+    query-based 3-D one per tile (one key column: per query row, which varlen declines), a
+    key-based 2-D one as key chunks when its rows (h' values of one key) are contiguous, else
+    as one key row per head."""
     if info is None:
         return OPERAND_NONE
+    if varlen and info.ndim == 3:
+        return OPERAND_QUERY_ROW if info.shape[2] == 1 else OPERAND_TILE
+    if varlen and info.ndim == 2:
+        return OPERAND_KEY_CHUNK if _chunk_rows(info) else OPERAND_KEY_ROW
     if info.shape[-1] == 1:
         return OPERAND_QUERY_ROW
     return OPERAND_KEY_ROW if info.shape[-2] == 1 else OPERAND_TILE
 
 
-def _qkv_map(info: ArrayInfo, rows_box: int) -> TensorMapSpec:
+def _chunk_rows(info: ArrayInfo) -> bool:
+    """A key-based (total_k, h') operand whose h' values of a key are contiguous and whose
+    keys follow each other: the flattened tensor holds key j's values at j*h' .. j*h'+h'-1."""
+    tk, nh = info.shape
+    sk, sh = info.strides
+    return (sk == nh or tk == 1) and (sh == 1 or nh == 1)
+
+
+def chunk_box(block_n: int, heads: int) -> int:
+    """Elements per 1-D box of a key chunk of block_n * heads values: the whole chunk when it
+    fits one box (<= 256 elements), else 256 (512 bytes of bias, 256 of mask), so that every
+    box starts 128-byte aligned in shared memory; the kernel loads ceil(chunk / box) boxes
+    (the last may read past the chunk, within the stage: heads <= MAX_CHUNK_HEADS)."""
+    total = block_n * heads
+    return total if total <= 256 else 256
+
+
+@dataclass(frozen=True)
+class OperandPlan:
+    """How one mask/bias reaches the kernel: its mode, its map (None: not by TMA), and for
+    OPERAND_KEY_CHUNK the heads per key and the box size."""
+    mode: int
+    map: TensorMapSpec | None = None
+    chunk_heads: int = 1
+    chunk_box: int = 0
+
+
+def _qkv_map(info: ArrayInfo, rows_box: int, varlen: bool = False) -> TensorMapSpec:
+    """(cols, rows, heads, batch); varlen: the packed (total, heads, d) with a batch of 1."""
+    if varlen:
+        t, h, d = info.shape
+        st, sh, _ = info.strides
+        return TensorMapSpec(2, (d, t, h, 1), (dim_stride(t, st, 2), dim_stride(h, sh, 2), 16),
+                             (64, rows_box, 1, 1), 128)
     b, s, h, d = info.shape
     sb, ss, sh, _ = info.strides
     return TensorMapSpec(2, (d, s, h, b), (dim_stride(s, ss, 2), dim_stride(h, sh, 2),
                                           dim_stride(b, sb, 2)), (64, rows_box, 1, 1), 128)
+
+
+def _tile_box(elem: int, block_n: int) -> tuple[int, int]:
+    box_cols = min(block_n, 128 // elem)
+    return box_cols, box_cols * elem
 
 
 def _operand_map(info: ArrayInfo, mode: int, elem: int, block_n: int) -> TensorMapSpec:
@@ -88,25 +149,66 @@ def _operand_map(info: ArrayInfo, mode: int, elem: int, block_n: int) -> TensorM
     strides = (dim_stride(nq, sq, elem), dim_stride(nh, sh, elem), dim_stride(nb, sb, elem))
     if mode == OPERAND_KEY_ROW:
         return TensorMapSpec(elem, (nk, 1, nh, nb), strides, (block_n, 1, 1, 1), 0)
-    box_cols = min(block_n, 128 // elem)
-    return TensorMapSpec(elem, (nk, nq, nh, nb), strides, (box_cols, BLOCK_M, 1, 1),
-                         box_cols * elem)
+    box_cols, swizzle = _tile_box(elem, block_n)
+    return TensorMapSpec(elem, (nk, nq, nh, nb), strides, (box_cols, BLOCK_M, 1, 1), swizzle)
+
+
+def _varlen_operand(info: ArrayInfo, mode: int, elem: int, block_n: int) -> OperandPlan:
+    """Maps over a packed varlen mask/bias (the kernel offsets rows/keys per sequence)."""
+    if mode == OPERAND_TILE:  # (total_q, h', max_k): keys sequence-relative
+        tq, nh, mk = info.shape
+        sq, sh, sk = info.strides
+        if sk != 1:
+            raise TensorMapError(f"keys must be contiguous, got stride {sk}")
+        box_cols, swizzle = _tile_box(elem, block_n)
+        return OperandPlan(mode, TensorMapSpec(
+            elem, (mk, tq, nh, 1), (dim_stride(tq, sq, elem), dim_stride(nh, sh, elem), 16),
+            (box_cols, BLOCK_M, 1, 1), swizzle))
+    tk, nh = info.shape
+    sk, sh = info.strides
+    if mode == OPERAND_KEY_CHUNK:  # the flattened (total_k * h',) tensor, 1-D boxes
+        if nh > MAX_CHUNK_HEADS:
+            raise TensorMapError(f"a key chunk of {nh} heads exceeds {MAX_CHUNK_HEADS}")
+        if tk * nh >= 1 << 31:
+            raise TensorMapError(f"{tk} x {nh} values exceed the int32 box coordinates")
+        box = chunk_box(block_n, nh)
+        return OperandPlan(mode, TensorMapSpec(elem, (tk * nh, 1, 1, 1), (16, 16, 16),
+                                               (box, 1, 1, 1), 0), nh, box)
+    if sk != 1:  # OPERAND_KEY_ROW: one head's keys contiguous
+        raise TensorMapError(f"key-based layout {info.shape} with strides {info.strides}: "
+                             "neither its rows nor its keys are contiguous")
+    return OperandPlan(mode, TensorMapSpec(elem, (tk, 1, nh, 1),
+                                           (16, dim_stride(nh, sh, elem), 16),
+                                           (block_n, 1, 1, 1), 0))
+
+
+def plan_operands(mask: ArrayInfo | None, bias: ArrayInfo | None, block_n: int,
+                  varlen: bool = False) -> dict[str, OperandPlan]:
+    """The mask's and the bias's OperandPlan, or TensorMapError when TMA cannot read one."""
+    plans = {}
+    for name, info in (("mask", mask), ("bias", bias)):
+        mode = operand_mode(info, varlen)
+        plans[name] = OperandPlan(mode)
+        if mode in (OPERAND_NONE, OPERAND_QUERY_ROW):
+            continue
+        elem = 1 if name == "mask" else 2
+        if name == "bias" and info.dtype == "float32":
+            raise TensorMapError("a float32 bias over keys is read by the sm80 family")
+        plans[name] = (_varlen_operand(info, mode, elem, block_n) if varlen else
+                       OperandPlan(mode, _operand_map(info, mode, elem, block_n)))
+    return plans
 
 
 def plan_maps(q: ArrayInfo, k: ArrayInfo, v: ArrayInfo, mask: ArrayInfo | None,
-              bias: ArrayInfo | None, block_n: int) -> dict[str, TensorMapSpec | None]:
-    """The tensor maps of a dense problem, or TensorMapError when one cannot be encoded
+              bias: ArrayInfo | None, block_n: int,
+              varlen: bool = False) -> dict[str, TensorMapSpec | None]:
+    """The tensor maps of a problem, or TensorMapError when one cannot be encoded
     (pointers are checked at ``build_args``; ``tile_for`` checks them too)."""
     maps: dict[str, TensorMapSpec | None] = {
-        "q": _qkv_map(q, BLOCK_M), "k": _qkv_map(k, block_n), "v": _qkv_map(v, block_n),
-        "mask": None, "bias": None}
-    for name, info in (("mask", mask), ("bias", bias)):
-        mode = operand_mode(info)
-        if mode in (OPERAND_TILE, OPERAND_KEY_ROW):
-            elem = 1 if name == "mask" else 2
-            if name == "bias" and info.dtype == "float32":
-                raise TensorMapError("a float32 bias over keys is read by the sm80 family")
-            maps[name] = _operand_map(info, mode, elem, block_n)
+        "q": _qkv_map(q, BLOCK_M, varlen), "k": _qkv_map(k, block_n, varlen),
+        "v": _qkv_map(v, block_n, varlen)}
+    for name, plan in plan_operands(mask, bias, block_n, varlen).items():
+        maps[name] = plan.map
     for spec in maps.values():
         if spec is not None:
             spec.check()
@@ -118,39 +220,51 @@ MAX_QUERY_TILES = 65535    # the grid's z dimension holds the query tiles
 
 def tile_for(head_dim: int, q: ArrayInfo, k: ArrayInfo, v: ArrayInfo, mask: ArrayInfo | None,
              bias: ArrayInfo | None, seqlen_q: int, seqlen_k: int,
-             smem_limit: int = SMEM_LIMIT) -> tuple[int, int, int] | None:
-    """(padded head dim, block_n, stages) when this family serves the dense problem, else None.
+             smem_limit: int = SMEM_LIMIT, varlen: bool = False,
+             sparse: bool | tuple[int, int] = False) -> tuple[int, int, int] | None:
+    """(padded head dim, block_n, stages) when this family serves the problem, else None.
+    ``seqlen_q``/``seqlen_k``: varlen's max_seqlen; ``sparse``: the (block_m, block_n) of
+    block-sparse lists (True: lists of an unknown block size).
 
     Declined (the portable kernel serves them): a bias broadcast over keys ((.., Sq, 1) or a
     scalar), whose per-row value the kernel would apply as an lse shift, which is exact for
-    finite values only (a -inf row must drop the row, a NaN or +inf one make it NaN); more
-    query tiles than the grid's z dimension holds."""
+    finite values only (a -inf row must drop the row, a NaN or +inf one make it NaN); a
+    varlen mask/bias with one key column; more query tiles than the grid's z dimension
+    holds; block lists whose blocks are not whole 128-row CTAs and whole key tiles (64-row
+    blocks), or with varlen."""
     if seqlen_q < 1 or seqlen_k < 1 or head_dim > HEAD_DIMS[-1]:
         return None
-    if -(-seqlen_q // BLOCK_M) > MAX_QUERY_TILES or operand_mode(bias) == OPERAND_QUERY_ROW:
+    if varlen and not (q.ndim == k.ndim == v.ndim == 3):
+        return None
+    if -(-seqlen_q // BLOCK_M) > MAX_QUERY_TILES or operand_mode(bias, varlen) == OPERAND_QUERY_ROW:
+        return None
+    if varlen and (operand_mode(mask, varlen) == OPERAND_QUERY_ROW or sparse):
         return None
     hd = padded_head_dim(head_dim)
     tile = TILES.get((hd, mask is not None, bias is not None))
     if tile is None:
         return None
     block_n, stages = tile
+    if sparse is True or (sparse and (sparse[0] % BLOCK_M or sparse[1] % block_n)):
+        return None
     if smem_bytes(hd, block_n, stages, mask is not None, bias is not None) > smem_limit:
         return None
-    infos = [q, k, v] + [x for x, m in ((mask, operand_mode(mask)), (bias, operand_mode(bias)))
-                         if m in (OPERAND_TILE, OPERAND_KEY_ROW)]
+    infos = [q, k, v] + [x for x in (mask, bias)
+                         if operand_mode(x, varlen) not in (OPERAND_NONE, OPERAND_QUERY_ROW)]
     if any(info.ptr % 16 for info in infos):
         return None
     try:
-        plan_maps(q, k, v, mask, bias, block_n)
+        plan_maps(q, k, v, mask, bias, block_n, varlen)
     except TensorMapError:
         return None
     return hd, block_n, stages
 
 
 def build_args(q: ArrayInfo, k: ArrayInfo, v: ArrayInfo, mask: ArrayInfo | None,
-               bias: ArrayInfo | None, block_n: int) -> np.ndarray:
+               bias: ArrayInfo | None, block_n: int, varlen: bool = False) -> np.ndarray:
     """The one-element Sm90FwdArgs record (maps encoded by the driver)."""
-    maps = plan_maps(q, k, v, mask, bias, block_n)
+    maps = plan_maps(q, k, v, mask, bias, block_n, varlen)
+    plans = plan_operands(mask, bias, block_n, varlen)
     infos = {"q": q, "k": k, "v": v, "mask": mask, "bias": bias}
     rec = np.zeros(1, dtype=ARGS_DTYPE)
     raw = bytearray(128 * len(MAP_NAMES))
@@ -159,17 +273,20 @@ def build_args(q: ArrayInfo, k: ArrayInfo, v: ArrayInfo, mask: ArrayInfo | None,
         if spec is not None:
             raw[128 * i:128 * (i + 1)] = encode(spec, infos[name].ptr)
     rec["maps"][0] = np.frombuffer(bytes(raw), dtype=np.uint8)
-    rec["mask_mode"] = operand_mode(mask)
-    rec["bias_mode"] = operand_mode(bias)
+    for name, plan in plans.items():
+        rec[f"{name}_mode"] = plan.mode
+        rec[f"{name}_chunk_heads"] = plan.chunk_heads
+        rec[f"{name}_chunk_box"] = plan.chunk_box
     return rec
 
 
 def address_slots(q: ArrayInfo, k: ArrayInfo, v: ArrayInfo, mask: ArrayInfo | None,
-                  bias: ArrayInfo | None, block_n: int) -> tuple[tuple[str, int], ...] | None:
+                  bias: ArrayInfo | None, block_n: int,
+                  varlen: bool = False) -> tuple[tuple[str, int], ...] | None:
     """(operand, byte offset in the Sm90FwdArgs record) of each encoded map's global address,
     so a cached record is reused for new pointers of the same layout by patching them; None
     when the driver's map layout does not allow it (the maps are then re-encoded per call)."""
-    maps = plan_maps(q, k, v, mask, bias, block_n)
+    maps = plan_maps(q, k, v, mask, bias, block_n, varlen)
     slots = []
     for i, name in enumerate(MAP_NAMES):
         spec = maps[name]

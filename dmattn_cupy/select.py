@@ -16,7 +16,7 @@ import dataclasses
 from . import backward_sm90, env
 from .arrays import ArrayInfo
 from .device import DeviceProps
-from .families import FAMILIES, Family, padded_head_dim
+from .families import FAMILIES, Family, SparseArg, padded_head_dim
 from .spec import KernelSpec
 from .validate import Problem
 
@@ -29,15 +29,17 @@ def spec_dtype(dtype: str) -> str:
     return "fp16" if dtype in ("float16", "fp16") else "bf16"
 
 
-def supports(fam: Family, pb: Problem, sparse: bool = False,
+def supports(fam: Family, pb: Problem, sparse: SparseArg = False,
              debug_counters: bool = False) -> bool:
-    """Whether ``fam``'s kernel template has every switch the problem needs on."""
+    """Whether ``fam``'s kernel has every switch the problem needs on (as a template argument
+    or read at run time)."""
     needed = {"has_mask": pb.mask is not None, "has_bias": pb.bias is not None,
-              "varlen": pb.varlen, "sparse": sparse, "debug_counters": debug_counters}
-    return all(name in fam.template_args for name, on in needed.items() if on)
+              "varlen": pb.varlen, "sparse": bool(sparse), "debug_counters": debug_counters}
+    have = fam.template_args + fam.runtime_switches
+    return all(name in have for name, on in needed.items() if on)
 
 
-def forward_family(pb: Problem, dev: DeviceProps, sparse: bool = False,
+def forward_family(pb: Problem, dev: DeviceProps, sparse: SparseArg = False,
                    debug_counters: bool = False) -> Family:
     """The forward family for ``pb`` on ``dev``: the most specific row that runs there, has
     the switches the problem needs, and accepts it."""
@@ -56,17 +58,19 @@ def forward_family(pb: Problem, dev: DeviceProps, sparse: bool = False,
     return max(rows, key=lambda f: (f.arch_specific, f.min_cc))  # max keeps table order on ties
 
 
-def forward(pb: Problem, dev: DeviceProps, sparse: bool = False,
+def forward(pb: Problem, dev: DeviceProps, sparse: SparseArg = False,
             debug_counters: bool = False) -> KernelSpec:
     """The forward specialization of ``pb`` on ``dev``."""
     fam = forward_family(pb, dev, sparse, debug_counters)
     return forward_spec(fam, pb, dev, sparse, debug_counters)
 
 
-def forward_spec(fam: Family, pb: Problem, dev: DeviceProps, sparse: bool = False,
+def forward_spec(fam: Family, pb: Problem, dev: DeviceProps, sparse: SparseArg = False,
                  debug_counters: bool = False) -> KernelSpec:
     """``fam``'s specialization of ``pb`` on ``dev``: its first tile that fits
-    ``dev.smem_per_block`` (its last tile when none does: the launch then refuses it)."""
+    ``dev.smem_per_block`` (its last tile when none does: the launch then refuses it).
+    ``sparse``: False, True or the block lists' (block_m, block_n). Switches the family reads
+    at run time are not part of the spec."""
     arch = fam.target_for(dev.arch)
     if arch is None:
         raise ValueError(f"family {fam.name!r} ({fam.arch}) does not run on {dev.arch}")
@@ -77,7 +81,9 @@ def forward_spec(fam: Family, pb: Problem, dev: DeviceProps, sparse: bool = Fals
                           block_m=tile.block_m,
                           block_n=tile.block_n, num_warps=tile.num_warps, stages=tile.stages,
                           has_mask=pb.mask is not None, has_bias=pb.bias is not None,
-                          varlen=pb.varlen, sparse=sparse, debug_counters=debug_counters,
+                          varlen=pb.varlen and "varlen" in fam.template_args,
+                          sparse=bool(sparse) and "sparse" in fam.template_args,
+                          debug_counters=debug_counters,
                           arch=arch)
         if spec.dynamic_smem <= dev.smem_per_block:
             break

@@ -99,6 +99,17 @@ class SparseArrays:
     block_n: int
 
 
+def block_size_of(sparse: SparseMask | SparseArrays | None) -> bool | tuple[int, int]:
+    """What the family selection is told of block lists: False (none) or their
+    (block_m, block_n), which decides whether a family's tiles fit them."""
+    if sparse is None:
+        return False
+    if isinstance(sparse, SparseArrays):
+        return (sparse.block_m, sparse.block_n)
+    bm, bn = sparse.block_size
+    return (int(bm), int(bn))
+
+
 def check_block_fits(block_size: tuple[int, int], spec: KernelSpec) -> None:
     bm, bn = block_size
     if bm % spec.block_m or bn % spec.block_n:

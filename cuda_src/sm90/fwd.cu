@@ -19,10 +19,25 @@
 //   kTile     (.., Sq, Sk) tiles by TMA; kKeyRow (.., 1, Sk): one row per stage, shared by
 //   every query row; kQueryRow (.., Sq, 1) or a scalar: one value per query row, read once
 //   (a mask row then keeps or drops the whole row; a bias row only shifts lse, which is
-//   exact for finite values only: forward_sm90 sends such biases to the portable kernel).
+//   exact for finite values only: forward_sm90 sends such biases to the portable kernel);
+//   kKeyChunk (varlen key-based (total_k, h')): per stage one chunk of kBlockN keys x
+//   chunk_heads values, contiguous in global memory, by 1-D boxes; consumers read their
+//   head's column.
+// Varlen (p.cu_seqlens_q != nullptr, a runtime switch): Q/K/V/O and the mask/bias are packed;
+// the maps cover the packed tensors and coordinates start at the sequence's first row
+// (cu_seqlens). A box reaching past a sequence's end reads the next sequence: keys >= len_k
+// are excluded by formula (their tiles are partial), rows >= len_q are never stored, and the
+// all-false/all-true tests over such tiles only err towards doing more work. An empty
+// sequence (len_q = 0) exits; len_k = 0 visits no tile (out 0, lse -inf).
+// Block-sparse lists (p.sp_full_count != nullptr, runtime): the producer walks the query
+// tile's row-block list (full blocks, then MixedMask partial ones, each expanded to
+// sp_block_n / kBlockN tiles) instead of the key range; unlisted blocks are never loaded, a
+// listed tile outside the causal/window range is passed over, and a partial block's element
+// bits are read by the consumers from p.sp_partial_bits (class bit kListedPartial).
 #pragma once
 #include "../common.cuh"
 #include "../params.cuh"
+#include "../seqlen.cuh"
 #include "../block_info.cuh"
 #include "../logits.cuh"
 #include "../softmax.cuh"
@@ -34,17 +49,21 @@ namespace dm {
 // Tile classes the producer hands over (bits; 0 = full: no per-element work).
 constexpr int kFormulaPartial = 1;  // crosses the key end or a causal/window edge
 constexpr int kMaskPartial = 2;     // its mask tile has false elements
+constexpr int kListedPartial = 4;   // a block list's partial block: its element bits apply
 
 enum Sm90Operand : int32_t { kOperandNone = 0, kOperandTile = 1, kOperandKeyRow = 2,
-                             kOperandQueryRow = 3 };
+                             kOperandQueryRow = 3, kOperandKeyChunk = 4 };
 
 // The second kernel parameter (const __grid_constant__): tensor maps over (cols, rows, heads,
 // batch) with broadcast dims of size 1, and how the mask/bias are read. Mirrored by
 // dmattn_cupy/forward_sm90.py (ARGS_DTYPE; size checked below).
+// kKeyChunk operands: chunk_heads values per key (this head's column: h / head ratio), loaded
+// as kBlockN * chunk_heads / chunk_box boxes of chunk_box elements.
 struct alignas(64) Sm90FwdArgs {
   sm90::TmaDesc q, k, v, mask, bias;
   int32_t mask_mode, bias_mode;
-  int32_t pad[14];
+  int32_t mask_chunk_heads, bias_chunk_heads, mask_chunk_box, bias_chunk_box;
+  int32_t pad[10];
 };
 static_assert(sizeof(Sm90FwdArgs) == 704, "Sm90FwdArgs: size drifted from forward_sm90.py");
 
@@ -94,8 +113,8 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
   // Register split after setmaxnreg: multiples of 8, and the three warpgroups together may not
   // exceed the 168 per thread the CTA was launched with (65536 / 384, rounded down to 8), or
   // setmaxnreg.inc waits forever for registers that do not exist.
-  constexpr int kProducerRegs = kHeadDim == 128 ? 56 : 40;
-  constexpr int kConsumerRegs = kHeadDim == 128 ? 224 : 232;
+  constexpr int kProducerRegs = kHeadDim <= 128 ? 56 : 40;
+  constexpr int kConsumerRegs = kHeadDim <= 128 ? 224 : 232;
   static_assert(kProducerRegs + 2 * kConsumerRegs <= 3 * 168, "register pool of the CTA");
   using namespace sm90;
 
@@ -124,9 +143,13 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
 
   // Grid (heads, batch, query tiles), launched x-fastest: every (batch, head) of the last query
   // tile first, the longest rows under causal masking.
+  // Varlen: z covers max_seqlen_q; a CTA past its own sequence's end (or of an empty one)
+  // exits before anything is initialized.
   const int m_block = gridDim.z - 1 - blockIdx.z;
   const int h = blockIdx.x, b = blockIdx.y;
-  const int len_q = p.seqlen_q, len_k = p.seqlen_k;
+  const bool varlen = p.cu_seqlens_q != nullptr;
+  const SeqInfo seq = varlen ? seq_info<true>(p, b) : seq_info<false>(p, b);
+  const int len_q = seq.len_q, len_k = seq.len_k;
   const int m0 = m_block * kBlockM;
   if (m0 >= len_q) return;
   const int m_end = dm_min(m0 + kBlockM, len_q);
@@ -164,6 +187,8 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
   const int kvh = h / p.q_per_kv;
   const int mask_h = h / p.mask_head_ratio, mask_b = p.mask_batch_stride != 0 ? b : 0;
   const int bias_h = h / p.bias_head_ratio, bias_b = p.bias_batch_stride != 0 ? b : 0;
+  // Map coordinates: packed tensors have one batch; rows/keys start at the sequence's first.
+  const int qkv_b = varlen ? 0 : b;
 
   if (wg == 0) {  // ------------------------------------------------------------- producer
     setmaxnreg_dec<kProducerRegs>();
@@ -176,69 +201,140 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
       mbar_arrive_expect_tx(bar_q, Smem::kQ);
 #pragma unroll
       for (int x = 0; x < Smem::kBoxes; ++x)
-        tma_load_4d(sQ + x * kBlockM * 128, &args.q, bar_q, 64 * x, m0, h, b);
+        tma_load_4d(sQ + x * kBlockM * 128, &args.q, bar_q, 64 * x, seq.q_start + m0, h, qkv_b);
     }
     const bool mask_tile = kHasMask && args.mask_mode == kOperandTile;
-    const bool mask_keys = mask_tile || (kHasMask && args.mask_mode == kOperandKeyRow);
+    const bool mask_chunk = kHasMask && args.mask_mode == kOperandKeyChunk;
+    const bool mask_keys = mask_tile || mask_chunk || (kHasMask && args.mask_mode == kOperandKeyRow);
     const bool bias_tile = kHasBias && args.bias_mode == kOperandTile;
     const bool bias_row = kHasBias && args.bias_mode == kOperandKeyRow;
-    const uint32_t bias_bytes = bias_tile ? Smem::kBias : bias_row ? kBlockN * 2 : 0;
-    const uint32_t mask_bytes = mask_tile ? Smem::kMask : kBlockN;
-    // Candidate i is key tile n_last - i (descending: partial tiles first). Its mask goes to
-    // slot i % kMaskSlots, use i / kMaskSlots of that slot.
-    const int n_cand = n_last - n_first + 1;
+    const bool bias_chunk = kHasBias && args.bias_mode == kOperandKeyChunk;
+    // A key chunk of the packed (total_k, h') operand: ceil(kBlockN * h' / box) 1-D boxes of
+    // box elements from element (k_start + n0) * h' (one box, or boxes of 256 elements: each
+    // box starts 128-byte aligned in shared memory; the last may read past the chunk).
+    auto chunk_boxes = [&](int heads, int box) { return (kBlockN * heads + box - 1) / box; };
+    const uint32_t bias_bytes = bias_tile ? Smem::kBias : bias_row ? kBlockN * 2
+        : bias_chunk ? chunk_boxes(args.bias_chunk_heads, args.bias_chunk_box) *
+                       args.bias_chunk_box * 2 : 0;
+    const uint32_t mask_bytes = mask_tile ? Smem::kMask
+        : mask_chunk ? chunk_boxes(args.mask_chunk_heads, args.mask_chunk_box) *
+                       args.mask_chunk_box : kBlockN;
+    // This head's column in a key chunk (chunk_heads 1: the only one).
+    const int mask_col = mask_chunk && args.mask_chunk_heads > 1 ? mask_h : 0;
+    auto load_chunk = [&](uint32_t dst, const TmaDesc* map, uint32_t bar, int n0, int heads,
+                          int box, int elem) {
+      const int e0 = (seq.k_start + n0) * heads;
+      for (int y = 0; y < chunk_boxes(heads, box); ++y)
+        tma_load_4d(dst + y * box * elem, map, bar, e0 + y * box, 0, 0, 0);
+    };
+    // The candidates: key tiles n_last .. n_first (descending: partial tiles first), or with
+    // block lists the listed blocks' tiles (full blocks, then partial ones). A listed tile
+    // outside [n_first, n_last] sees no key of the query tile: passed over like an empty one.
+    const bool sparse = p.sp_full_count != nullptr;
+    int n_cand = n_last - n_first + 1, full_count = 0, sub = 1;
+    int64_t row_entry = 0;
+    if (sparse) {
+      row_entry = sparse_row_entry(p, b, h, m0);
+      full_count = p.sp_full_count[row_entry];
+      sub = p.sp_block_n / kBlockN;
+      n_cand = (full_count + p.sp_partial_count[row_entry]) * sub;
+    }
+    auto cand_tile = [&](int i, bool& listed_partial) {
+      listed_partial = false;
+      if (!sparse) return n_last - i;
+      const int entry = i / sub;
+      listed_partial = entry >= full_count;
+      const int blk = listed_partial
+          ? p.sp_partial_idx[row_entry * p.sp_partial_width + entry - full_count]
+          : p.sp_full_idx[row_entry * p.sp_full_width + entry];
+      return blk * sub + i % sub;
+    };
+    // Candidate i's mask goes to slot i % kMaskSlots, use i / kMaskSlots of that slot.
     int issued = 0;
     auto issue_mask = [&](int i) {
       const int x = i % Smem::kMaskRing, use = i / Smem::kMaskRing;
       mbar_wait(bar_empty_m(x), (use & 1) ^ 1);
       if (!leader) return;
-      const int n0 = (n_last - i) * kBlockN;
+      bool lp;
+      const int n = cand_tile(i, lp), n0 = n * kBlockN;
+      if (n < n_first || n > n_last) {  // passed over unread: the slot completes empty
+        mbar_arrive(bar_full_m(x));
+        return;
+      }
       const uint32_t dst = sMask + x * Smem::kMask;
       mbar_arrive_expect_tx(bar_full_m(x), mask_bytes);
-      if (mask_tile) {
+      if (mask_tile) {  // query-based: keys are sequence-relative, rows packed
         for (int y = 0; y < kBlockN / Smem::kMaskBoxCols; ++y)
           tma_load_4d(dst + y * kBlockM * Smem::kMaskBoxCols, &args.mask, bar_full_m(x),
-                      n0 + y * Smem::kMaskBoxCols, m0, mask_h, mask_b);
+                      n0 + y * Smem::kMaskBoxCols, seq.q_start + m0, mask_h, mask_b);
+      } else if (mask_chunk) {
+        load_chunk(dst, &args.mask, bar_full_m(x), n0, args.mask_chunk_heads,
+                   args.mask_chunk_box, 1);
       } else {
-        tma_load_4d(dst, &args.mask, bar_full_m(x), n0, 0, mask_h, mask_b);
+        tma_load_4d(dst, &args.mask, bar_full_m(x), seq.k_start + n0, 0, mask_h, mask_b);
       }
     };
     int stage = 0;
     uint32_t phase = 0;
     for (int i = 0; i < n_cand; ++i) {
-      const int n = n_last - i, n0 = n * kBlockN;
-      int cls = partial_by_formula(n) ? kFormulaPartial : 0;  // 0: a full tile
+      bool listed_partial;
+      const int n = cand_tile(i, listed_partial), n0 = n * kBlockN;
+      const bool in_range = n >= n_first && n <= n_last;
+      // 0: a full tile; a listed partial block is excluded in the formula pass.
+      int cls = listed_partial ? kListedPartial | kFormulaPartial : 0;
+      if (in_range && partial_by_formula(n)) cls |= kFormulaPartial;
       int slot = 0;
       if (mask_keys) {
         while (issued < n_cand && issued <= i + Smem::kMaskAhead) issue_mask(issued++);
         slot = i % Smem::kMaskRing;
         mbar_wait(bar_full_m(slot), (i / Smem::kMaskRing) & 1);
-        // OR / AND of the bytes of this tile. Rows and keys past the sequence read as zero
-        // (TMA fill), which only makes "all" false: such tiles are partial anyway.
+        // OR / AND of the bytes of this tile (of this head's column in a key chunk). Rows and
+        // keys past the tensor read as zero (TMA fill), past a packed sequence as the next
+        // one's: either only makes "any" true or "all" false, i.e. more work, never less.
         const uint8_t* src = smem + (sMask - base) + slot * Smem::kMask;
         uint32_t any = 0, all = 0x01010101u;
+        if (!in_range) {
+          // not loaded: nothing to test
+        } else if (mask_chunk && args.mask_chunk_heads > 1) {
+          const int hp = args.mask_chunk_heads;
+#pragma unroll
+          for (int it = 0; it < kBlockN / 32; ++it) {
+            const uint32_t x = src[(it * 32 + lane) * hp + mask_col];
+            any |= x;
+            all &= x != 0 ? 0x01010101u : 0u;
+          }
+        } else {
 #pragma unroll 4
-        for (int it = 0; it < Smem::kMask / 512; ++it) {  // 16 bytes per lane per step
-          const int c = (it * 32 + lane) * 16;
-          if (c < int(mask_bytes)) {
-            const uint4 w = *reinterpret_cast<const uint4*>(src + c);
-            any |= w.x | w.y | w.z | w.w;
-            all &= w.x & w.y & w.z & w.w;
+          for (int it = 0; it < Smem::kMask / 512; ++it) {  // 16 bytes per lane per step
+            const int c = (it * 32 + lane) * 16;
+            if (c < int(mask_bytes)) {
+              const uint4 w = *reinterpret_cast<const uint4*>(src + c);
+              any |= w.x | w.y | w.z | w.w;
+              all &= w.x & w.y & w.z & w.w;
+            }
           }
         }
         const bool keep_any = __any_sync(0xffffffffu, any != 0);
         const bool keep_all = __all_sync(0xffffffffu, all == 0x01010101u);
-        if (!keep_any) {  // empty tile: no K/V/bias; the slot is free again
+        if (!keep_any || !in_range) {  // empty tile: no K/V/bias; the slot is free again
           if (lane < 8) mbar_arrive(bar_empty_m(slot));
           continue;
         }
         if (!keep_all) cls |= kMaskPartial;
+      } else if (!in_range) {
+        continue;
       }
       mbar_wait(bar_empty_k(stage), phase ^ 1);
       if (leader) {
         info[4 * stage] = n;
         info[4 * stage + 1] = cls;
         info[4 * stage + 2] = slot;
+        // A partial block's element bits: the word of (row m0, key n0) in its slot.
+        if (listed_partial) {
+          const int bm = p.sp_block_m, bn = p.sp_block_n;
+          const int slot_b = p.sp_partial_slot[row_entry * p.sp_col_blocks + n / sub];
+          info[4 * stage + 3] = slot_b * (bm / 32) * bn + ((m0 % bm) * bn + n0 % bn) / 32;
+        }
         if (kDebug) {  // per CTA {tiles loaded, tiles masked}, in (batch, head, m) order
           const int cta = (b * gridDim.x + h) * gridDim.z + m_block;
           atomicAdd(p.tile_counters + 2 * cta, 1u);
@@ -248,15 +344,18 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
 #pragma unroll
         for (int x = 0; x < Smem::kBoxes; ++x)
           tma_load_4d(sK + stage * Smem::kKV + x * kBlockN * 128, &args.k, bar_full_k(stage),
-                      64 * x, n0, kvh, b);
+                      64 * x, seq.k_start + n0, kvh, qkv_b);
         if (bias_tile) {
 #pragma unroll
           for (int x = 0; x < kBlockN / 64; ++x)
             tma_load_4d(sBias + stage * Smem::kBias + x * kBlockM * 128, &args.bias,
-                        bar_full_k(stage), n0 + 64 * x, m0, bias_h, bias_b);
+                        bar_full_k(stage), n0 + 64 * x, seq.q_start + m0, bias_h, bias_b);
         } else if (bias_row) {
-          tma_load_4d(sBias + stage * Smem::kBias, &args.bias, bar_full_k(stage), n0, 0, bias_h,
-                      bias_b);
+          tma_load_4d(sBias + stage * Smem::kBias, &args.bias, bar_full_k(stage),
+                      seq.k_start + n0, 0, bias_h, bias_b);
+        } else if (bias_chunk) {
+          load_chunk(sBias + stage * Smem::kBias, &args.bias, bar_full_k(stage), n0,
+                     args.bias_chunk_heads, args.bias_chunk_box, 2);
         }
       }
       mbar_wait(bar_empty_v(stage), phase ^ 1);
@@ -265,7 +364,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
 #pragma unroll
         for (int x = 0; x < Smem::kBoxes; ++x)
           tma_load_4d(sV + stage * Smem::kKV + x * kBlockN * 128, &args.v, bar_full_v(stage),
-                      64 * x, n0, kvh, b);
+                      64 * x, seq.k_start + n0, kvh, qkv_b);
       }
       __syncwarp();
       if (++stage == kStages) {
@@ -312,9 +411,15 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
   for (int j = 0; j < kDF; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
   OnlineSoftmax<> sm;  // rows g and g + 8 of the warp's 16, over the 4 lanes of a quad
   const bool mask_keys = kHasMask && (args.mask_mode == kOperandTile ||
-                                       args.mask_mode == kOperandKeyRow);
+                                       args.mask_mode == kOperandKeyRow ||
+                                       args.mask_mode == kOperandKeyChunk);
   const bool bias_tile = kHasBias && args.bias_mode == kOperandTile;
-  const bool bias_keys = bias_tile || (kHasBias && args.bias_mode == kOperandKeyRow);
+  const bool bias_keys = bias_tile || (kHasBias && (args.bias_mode == kOperandKeyRow ||
+                                                    args.bias_mode == kOperandKeyChunk));
+  // Key chunks of more than one head: values chunk_heads apart, this head's column first.
+  const int bias_hp = kHasBias && args.bias_mode == kOperandKeyChunk ? args.bias_chunk_heads : 1;
+  const int mask_hp = kHasMask && args.mask_mode == kOperandKeyChunk ? args.mask_chunk_heads : 1;
+  const int bias_col = bias_hp > 1 ? bias_h : 0, mask_col = mask_hp > 1 ? mask_h : 0;
   // The split logit transform (logits.cuh): the scale folds into the softmax's FFMA unless a
   // softcap or a key-dependent bias makes the logit natural-log first.
   const bool capped = has_softcap(p);
@@ -328,36 +433,64 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
   };
   const bool mask_tile = kHasMask && args.mask_mode == kOperandTile;
   auto load_operands = [&](TileOperands& ops, int stage, int cls) {
-    if (bias_keys) {
+    if (bias_tile) {
       const uint8_t* sb = smem + (sBias - base) + stage * Smem::kBias;
 #pragma unroll
       for (int j = 0; j < kNF; ++j)
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-          const int col = 8 * j + 2 * t;
-          const uint32_t o2 = bias_tile ? tile_offset<2, 64, kBlockM>(lrow[r], col) : col * 2;
+          const uint32_t o2 = tile_offset<2, 64, kBlockM>(lrow[r], 8 * j + 2 * t);
           ops.bias[j][r] = *reinterpret_cast<const uint32_t*>(sb + o2);
         }
+    } else if (bias_keys) {  // one key row (or this head's column of a chunk) for both rows
+      const uint16_t* sv = reinterpret_cast<const uint16_t*>(smem + (sBias - base) +
+                                                             stage * Smem::kBias) +
+                           2 * t * bias_hp + bias_col;
+      if (bias_hp == 1) {
+#pragma unroll
+        for (int j = 0; j < kNF; ++j)
+          ops.bias[j][0] = ops.bias[j][1] = *reinterpret_cast<const uint32_t*>(sv + 8 * j);
+      } else {
+#pragma unroll
+        for (int j = 0; j < kNF; ++j) {
+          const uint16_t* x = sv + 8 * j * bias_hp;
+          ops.bias[j][0] = ops.bias[j][1] = uint32_t(x[0]) | uint32_t(x[bias_hp]) << 16;
+        }
+      }
     }
     if (mask_keys && (cls & kMaskPartial)) {
       const uint8_t* smk = smem + (sMask - base) + info[4 * stage + 2] * Smem::kMask;
+      if (mask_tile) {
 #pragma unroll
-      for (int j = 0; j < kNF; ++j) {
-        uint32_t w = 0;
+        for (int j = 0; j < kNF; ++j) {
+          uint32_t w = 0;
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const int col = 8 * j + 2 * t;
-          const uint32_t o1 = mask_tile ? tile_offset<1, Smem::kMaskBoxCols, kBlockM>(lrow[r], col)
-                                        : uint32_t(col);
-          w |= uint32_t(*reinterpret_cast<const uint16_t*>(smk + o1)) << (16 * r);
+          for (int r = 0; r < 2; ++r) {
+            const uint32_t o1 =
+                tile_offset<1, Smem::kMaskBoxCols, kBlockM>(lrow[r], 8 * j + 2 * t);
+            w |= uint32_t(*reinterpret_cast<const uint16_t*>(smk + o1)) << (16 * r);
+          }
+          ops.mask[j] = w;
         }
-        ops.mask[j] = w;
+      } else if (mask_hp == 1) {  // one key row for both row halves
+#pragma unroll
+        for (int j = 0; j < kNF; ++j)
+          ops.mask[j] = uint32_t(*reinterpret_cast<const uint16_t*>(smk + 8 * j + 2 * t)) *
+                        0x00010001u;
+      } else {  // this head's column of a key chunk
+        const uint8_t* sv = smk + 2 * t * mask_hp + mask_col;
+#pragma unroll
+        for (int j = 0; j < kNF; ++j) {
+          const uint8_t* x = sv + 8 * j * mask_hp;
+          ops.mask[j] = (uint32_t(x[0]) | uint32_t(x[mask_hp]) << 8) * 0x00010001u;
+        }
       }
     }
   };
   // Softcap, bias and exclusion (by the mask's words and/or by formula, as the tile's class
   // says), for the tile whose first key is n0.
-  auto transform = [&](float (&s)[kNF][4], const TileOperands& ops, int n0, int cls) {
+  auto transform = [&](float (&s)[kNF][4], const TileOperands& ops, int n0, int cls,
+                       int stage) {
     if (capped) {
 #pragma unroll
       for (int j = 0; j < kNF; ++j)
@@ -383,13 +516,36 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
         for (int e = 0; e < 4; ++e)
           if (!((ops.mask[j] >> (16 * (e >> 1) + 8 * (e & 1))) & 0xffu)) s[j][e] = -DM_INF;
     }
+    // Exclusion by formula (bounds, window) and, for a block list's partial block, by its
+    // element bits (one pass: the producer marks such tiles kFormulaPartial too).
     if (cls & kFormulaPartial) {
+      uint32_t keep[2] = {~0u, ~0u};  // bit 2j + e: key 8j + 2t + e of the tile
+      if (cls & kListedPartial) {
+        // info[+3]: the word of (this CTA's row 0, the tile's key 0) in p.sp_partial_bits;
+        // rows are sp_block_n / 32 words, LSB first. Gathered: 2 bits per byte at bit 2t,
+        // the bytes compressed to 2-bit fields.
+        const uint32_t* words = p.sp_partial_bits + info[4 * stage + 3];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const uint32_t* rw = words + lrow[r] * (p.sp_block_n / 32);
+          keep[r] = 0;
+#pragma unroll
+          for (int q = 0; q < kBlockN / 32; ++q) {
+            uint32_t v = (__ldg(rw + q) >> (2 * t)) & 0x03030303u;
+            v = (v | v >> 6) & 0x000f000fu;
+            v = (v | v >> 12) & 0xffu;
+            keep[r] |= v << (8 * q);
+          }
+        }
+      }
 #pragma unroll
       for (int j = 0; j < kNF; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int key = n0 + 8 * j + 2 * t + (e & 1);
-          if (key >= len_k || !in_window(p, row[e >> 1], key, off)) s[j][e] = -DM_INF;
+          if (key >= len_k || !in_window(p, row[e >> 1], key, off) ||
+              !((keep[e >> 1] >> (2 * j + (e & 1))) & 1u))
+            s[j][e] = -DM_INF;
         }
     }
   };
@@ -464,10 +620,27 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
     wgmma_wait<0>();
     fence_operands(s);
     load_operands(ops, stage, cls);
-    transform(s, ops, n * kBlockN, cls);
+    transform(s, ops, n * kBlockN, cls, stage);
     sm.update(s, alpha, ls.exp_scale);
     release_k(stage);
     pack_p(s, pa);
+    if (varlen && (n + 1) * kBlockN > len_k) {
+      // Varlen: V rows past the sequence end hold the next sequence's values (no TMA zero
+      // fill); P is 0 there, but 0 * inf/NaN is not. Only the first tile visited can cross
+      // the end (tiles go in descending order), so it is zeroed here once, by both consumers
+      // (the same zeros: a benign overlap), before any O += P V reads it.
+      mbar_wait(bar_full_v(stage), phase);
+      const int r0 = len_k - n * kBlockN;
+      uint8_t* sv = smem + (sV - base) + stage * Smem::kKV;
+      for (int e = threadIdx.x % 128; e < (kBlockN - r0) * Smem::kBoxes * 8; e += 128) {
+        const int row = r0 + e / (8 * Smem::kBoxes), rem = e % (8 * Smem::kBoxes);
+        // a swizzled row stays within its 128 bytes: zeroing them zeroes the row
+        *reinterpret_cast<uint4*>(sv + (rem / 8) * kBlockN * 128 + row * 128 + (rem % 8) * 16) =
+            uint4{0u, 0u, 0u, 0u};
+      }
+      fence_proxy_async_smem();  // generic-proxy stores before the async-proxy (wgmma) reads
+      named_bar_sync(3 + c, 128);
+    }
     int prev = stage;
     uint32_t prev_phase = phase;
     while (true) {
@@ -488,7 +661,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
       wgmma_wait<1>();
       fence_operands(s);
       load_operands(ops, stage, cls);
-      transform(s, ops, n * kBlockN, cls);
+      transform(s, ops, n * kBlockN, cls, stage);
       sm.update(s, alpha, ls.exp_scale);
       release_k(stage);
       wgmma_wait<0>();
@@ -513,7 +686,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
   sm.finalize(inv_l, lse);
   lse[0] = lse_natural(lse[0]);
   lse[1] = lse_natural(lse[1]);
-  T* out = static_cast<T*>(p.o) + int64_t(b) * p.o_batch_stride + int64_t(h) * p.o_head_stride;
+  T* out = o_row_ptr<T>(p, b, h, seq, 0);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     if (row[r] >= len_q) continue;
@@ -531,7 +704,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
                      normalize_out(o[j][2 * r + 1], inv_l[r]));
     }
     if (p.lse != nullptr && t == 0)
-      p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + row[r]] =
+      p.lse[lse_index(p, b, h, seq, row[r])] =
           lse[r] == -DM_INF ? lse[r] : lse[r] + row_bias[r];
   }
 }

@@ -10,7 +10,7 @@ import dmattn_cupy as dm
 
 torch = pytest.importorskip("torch")
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("both_forward_families")]
 
 H, HK, D = 4, 2, 64
 
