@@ -131,9 +131,23 @@ def _smem_fwd_mma(s: SpecShape) -> int:
     return 2 * elems + (s.block_m * (s.block_n + 16) if s.has_mask else 0)
 
 
+DECODE_BT_SLOTS = 8     # fwd_decode.cu kDecodeBtSlots: block-table ring, 4 page ids a tile
+DECODE_MAX_SLOTS = 16   # staged mask/bias rows per tensor at most (one per packed row)
+
+
+def decode_smem(s: SpecShape, mask_rows: int, bias_rows: int) -> int:
+    """fwd_decode.cu: Q slab + kStages K and V tiles (rows padded by 8), the block-table ring,
+    the staged rows' offsets (2 x 16 int64), then per stage ``mask_rows`` + ``bias_rows`` staged
+    rows of block_n 32-bit words (the launch passes its own counts; see decode.staged_rows)."""
+    st = decode_stages(s.head_dim)
+    base = (s.block_m + 2 * st * s.block_n) * (s.head_dim + 8) * 2 + DECODE_BT_SLOTS * 16 + 256
+    rows = (mask_rows if s.has_mask else 0) + (bias_rows if s.has_bias else 0)
+    return base + st * rows * s.block_n * 4
+
+
 def _smem_decode(s: SpecShape) -> int:
-    """fwd_decode.cu: Q slab + kStages K and V tiles, rows padded by 8."""
-    return (s.block_m + 2 * decode_stages(s.head_dim) * s.block_n) * (s.head_dim + 8) * 2
+    """The most a decode spec can be launched with (16 staged rows per tensor)."""
+    return decode_smem(s, DECODE_MAX_SLOTS, DECODE_MAX_SLOTS)
 
 
 def _smem_none(s: SpecShape) -> int:
