@@ -280,6 +280,8 @@ FAMILY_ROWS: tuple[Family, ...] = (
            _SM80_DECODE_ARGS, "FwdParams", "sm_80", _smem_decode),
     Family("fwd_combine", "fwd_combine.cu", "dm::flash_fwd_combine_kernel",
            ("dtype", "head_dim", "num_warps"), "FwdParams", "sm_80", _smem_none),
+    Family("kv_append", "kv_append.cu", "dm::kv_append_kernel", ("num_warps",),
+           "KvAppendParams", "sm_80", _smem_none),
     Family("bwd_pre", "sm80/bwd.cu", "dm::flash_bwd_pre_kernel", ("dtype", "num_warps", "varlen"),
            "BwdParams", "sm_80", _smem_none),
     Family("bwd_dkdv", "sm80/bwd.cu", "dm::flash_bwd_dkdv_kernel", _SM80_DKDV_ARGS, "BwdParams",

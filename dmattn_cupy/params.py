@@ -112,11 +112,36 @@ def bwd_abi_check_source() -> str:
     return src.replace('#include "params.cuh"', '#include "bwd_params.cuh"')
 
 
+# The KV-cache append kernel's struct (cuda_src/kv_params.cuh).
+KV_APPEND_FIELDS: tuple[tuple[str, type], ...] = (
+    ("k_new", _PTR), ("v_new", _PTR), ("k_cache", _PTR), ("v_cache", _PTR),
+    ("block_table", _PTR), ("cache_seqlens", _PTR),
+    ("knew_batch_stride", _I64), ("knew_row_stride", _I64), ("knew_head_stride", _I64),
+    ("vnew_batch_stride", _I64), ("vnew_row_stride", _I64), ("vnew_head_stride", _I64),
+    ("kc_batch_stride", _I64), ("kc_row_stride", _I64), ("kc_head_stride", _I64),
+    ("vc_batch_stride", _I64), ("vc_row_stride", _I64), ("vc_head_stride", _I64),
+    ("block_table_batch_stride", _I64),
+    ("batch", _I32), ("seqlen_new", _I32), ("kv_heads", _I32), ("head_dim", _I32),
+    ("page_size", _I32), ("capacity", _I32), ("seqlen_base", _I32), ("pad0", _I32),
+)
+
+KV_APPEND_DTYPE = np.dtype([(name, t) for name, t in KV_APPEND_FIELDS], align=True)
+
+
+def new_kv_append_params() -> np.ndarray:
+    """A zeroed one-element KvAppendParams record."""
+    return np.zeros(1, dtype=KV_APPEND_DTYPE)
+
+
 def abi_header(params: str) -> str:
     """The generated params_check.cuh for a family reading ``params`` (FwdParams checks,
-    plus the BwdParams ones for backward families)."""
+    plus the BwdParams ones for backward families; KvAppendParams for the cache append)."""
     if params == "FwdParams":
         return abi_check_source()
     if params == "BwdParams":
         return abi_check_source() + bwd_abi_check_source()
-    raise ValueError(f"params must be 'FwdParams' or 'BwdParams', got {params!r}")
+    if params == "KvAppendParams":
+        return abi_check_source("KvAppendParams", KV_APPEND_DTYPE).replace(
+            '#include "params.cuh"', '#include "kv_params.cuh"')
+    raise ValueError(f"params must be 'FwdParams', 'BwdParams' or 'KvAppendParams', got "
+                     f"{params!r}")
