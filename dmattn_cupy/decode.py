@@ -157,10 +157,10 @@ _carveout_set: set[tuple[KernelSpec, int]] = set()
 
 
 def run_decode(pb: Problem, query: Any, out: Any, lse: Any, cu_q: Any, cu_k: Any,
-               stream: Any, fields: dict[str, int] | None = None) -> None:
+               stream: Any, fields: dict[str, int] | None = None, num_splits: int = 0) -> None:
     """Launch the decode kernel (and the combine kernel when split) into ``out`` / ``lse``.
-    ``fields``: FwdParams fields set after the problem's (the KV-cache API's lengths, block
-    table and key-based mask/bias strides)."""
+    ``fields``: FwdParams fields set after the problem's (the KV-cache API's lengths and block
+    table); ``num_splits`` > 0 forces the split count (capped like DMATTN_NUM_SPLITS)."""
     dev = pb.q.device
     props = runtime.device_props(dev)
     spec = decode_spec(pb, props.arch)
@@ -176,7 +176,10 @@ def run_decode(pb: Problem, query: Any, out: Any, lse: Any, cu_q: Any, cu_k: Any
     for name, value in (fields or {}).items():
         rec[0][name] = value
     smem = launch_smem(spec, rec[0])
-    ns = choose_num_splits(pb, spec, kernel.registers, props, smem)
+    if num_splits > 0:
+        ns = max(1, min(num_splits, math.ceil(pb.seqlen_k / spec.block_n), MAX_SPLITS))
+    else:
+        ns = choose_num_splits(pb, spec, kernel.registers, props, smem)
     total_rows = pb.total_q if pb.varlen else pb.batch * pb.seqlen_q
     r = rec[0]
     r["num_splits"] = ns

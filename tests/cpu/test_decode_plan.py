@@ -85,7 +85,7 @@ def test_specs_and_resources():
     assert decode.combine_spec(pb).id == "fwd_combine_bf16_d128_m1n1w4_mask0_bias0_varlen0"
     assert decode.num_m_blocks(dataclasses.replace(pb, seqlen_q=8)) == 2  # 8 q x 4 heads / 16
     specs = decode.all_decode_specs()
-    assert len(specs) == len({s.id for s in specs}) == 108  # + 0: the KV-cache append spec is kvcache.py's
+    assert len(specs) == len({s.id for s in specs}) == 108  # the append spec: kvcache.py
     assert all(isinstance(s, KernelSpec) for s in specs)
 
 
