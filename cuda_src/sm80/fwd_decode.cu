@@ -39,6 +39,8 @@ constexpr int decode_stages(int head_dim) { return head_dim > 128 ? 2 : 3; }
 constexpr int kDecodeBtSlots = 8;  // block-table ring, in tiles (>= kStages + 1)
 // Staged mask/bias rows of a CTA for a slot mode (dmattn_cupy/decode.py, staged_rows).
 DM_DEVICE int decode_slots(int mode, int qpk) { return mode == 0 ? 1 : mode == 1 ? qpk : 16; }
+// A staged slot with no row (offsets may be negative: strides may be).
+constexpr int64_t kNoRow = -0x7fffffffffffffffll - 1;
 
 template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNumWarps, bool kHasMask,
           bool kHasBias, bool kVarlen>
@@ -106,7 +108,7 @@ flash_fwd_decode_kernel(const FwdParams p) {
   const T* v = static_cast<const T*>(p.v) + b_kv * p.v_batch_stride + kvh * p.v_head_stride +
                int64_t(seq.k_start) * p.v_row_stride;
 
-  // Staged mask/bias rows: element offset of (slot, key 0) per slot, -1 for a slot with no row.
+  // Staged mask/bias rows: element offset of (slot, key 0) per slot, kNoRow for a slot with none.
   if (threadIdx.x < 32) {
     const int t = threadIdx.x % 16, which = threadIdx.x / 16;  // 0 mask, 1 bias
     const int mode = which == 0 ? p.mask_slot_mode : p.bias_slot_mode;
@@ -115,7 +117,7 @@ flash_fwd_decode_kernel(const FwdParams p) {
     if (mode == 1) pr = i_first * qpk + t;     // query head kvh * qpk + t (row stride 0)
     const bool ok = (which == 0 ? kHasMask : kHasBias) && pr < rows &&
                     t < decode_slots(mode, qpk);
-    int64_t o = -1;
+    int64_t o = kNoRow;
     if (ok) {
       const int qi = pr / qpk, qh = kvh * qpk + pr % qpk;
       o = which == 0 ? mask_offset(p, int(b_kv), qh, seq) + int64_t(qi) * p.mask_row_stride
@@ -154,12 +156,13 @@ flash_fwd_decode_kernel(const FwdParams p) {
       for (int e1 = 0; e1 < 2; ++e1) {
         const int idx = r * 4 + j * 2 + e1, tc = tile_col(j, e1);
         if (kHasMask) {
-          const int64_t o = dm_max(sOff[slot_m[r]], int64_t(0)) + int64_t(tc) * p.mask_col_stride;
+          const int64_t so = sOff[slot_m[r]];
+          const int64_t o = (so == kNoRow ? 0 : so) + int64_t(tc) * p.mask_col_stride;
           shift_m |= uint32_t((reinterpret_cast<uint64_t>(p.mask) + uint64_t(o)) & 3) << (2 * idx);
         }
         if (kHasBias) {
-          const int64_t o = dm_max(sOff[16 + slot_b[r]], int64_t(0)) +
-                            int64_t(tc) * p.bias_col_stride;
+          const int64_t so = sOff[16 + slot_b[r]];
+          const int64_t o = (so == kNoRow ? 0 : so) + int64_t(tc) * p.bias_col_stride;
           shift_b |= uint32_t((reinterpret_cast<uint64_t>(p.bias) + uint64_t(o) * bias_es) & 3)
                      << (2 * idx);
         }
@@ -253,7 +256,7 @@ flash_fwd_decode_kernel(const FwdParams p) {
         const int slot = threadIdx.x / kBlockN + t * (kThreads / kBlockN);
         if (kHasMask && slot < rm) {
           const int64_t o = sOff[slot];
-          const bool ok = key_ok && o >= 0;
+          const bool ok = key_ok && o != kNoRow;
           const uint8_t* src = p.mask + (ok ? o + page * p.mask_batch_stride +
                                                   int64_t(key) * p.mask_col_stride : 0);
           cp_async_4(sMask + (st * rm + slot) * kBlockN + c,
@@ -261,7 +264,7 @@ flash_fwd_decode_kernel(const FwdParams p) {
         }
         if (kHasBias && slot < rb) {
           const int64_t o = sOff[16 + slot];
-          const bool ok = key_ok && o >= 0;
+          const bool ok = key_ok && o != kNoRow;
           const uint8_t* src = static_cast<const uint8_t*>(p.bias) +
                                (ok ? (o + page * p.bias_batch_stride +
                                       int64_t(key) * p.bias_col_stride) * bias_es : 0);
