@@ -260,3 +260,22 @@ def strided_copy(info: ArrayInfo, stream: Any) -> tuple[Any, ArrayInfo]:
         dst = src.copy(order="C")
     return dst, dataclasses.replace(info, ptr=dst.data.ptr,
                                     strides=tuple(st // item for st in dst.strides))
+
+
+def set_rows(dst: Any, first: np.ndarray, second: np.ndarray, src: Any) -> None:
+    """``dst[first[i], second[i]] = src[i]`` in place, for host index arrays and ``dst``/``src``
+    of one kind (on ``dst``'s device; ``src`` cast to ``dst``'s dtype)."""
+    kind = array_kind(dst)
+    if kind == "torch":
+        import torch
+
+        i0 = torch.as_tensor(first, device=dst.device)
+        i1 = torch.as_tensor(second, device=dst.device)
+        dst[i0, i1] = src.to(dst.dtype)
+    elif kind == "cupy":
+        import cupy
+
+        with cupy.cuda.Device(dst.device.id):
+            dst[cupy.asarray(first), cupy.asarray(second)] = src.astype(dst.dtype)
+    else:
+        dst[first, second] = np.asarray(src).astype(dst.dtype)

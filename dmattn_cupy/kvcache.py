@@ -317,11 +317,8 @@ def _run_reference(kp: KvProblem, query: Any, k_cache: Any, v_cache: Any, k: Any
     out, lse = reference_kvcache.kvcache_forward(
         f64(query), f64(k_cache), f64(v_cache), seqlens, f64(k), f64(v), bt, f64(attn_mask),
         f64(attn_bias), pb.scale, pb.softcap, pb.window)
-    if k is not None:  # the append, in place
-        if pb.kind == "numpy":
-            reference_kvcache.append(k_cache, v_cache, np.asarray(k), np.asarray(v), seqlens, bt)
-        else:
-            run_append(kp, query, runtime.current_stream(pb.kind, pb.q.device))
+    if k is not None:  # the append, in place (host or device arrays alike)
+        reference_kvcache.append(k_cache, v_cache, k, v, seqlens, bt)
     return arrays.from_numpy_like(out, query), arrays.lse_like(lse, query)
 
 

@@ -8,8 +8,11 @@ is checked against the same oracle as every other path.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
+from .arrays import set_rows
 from .reference import dense_forward
 
 
@@ -23,18 +26,18 @@ def cache_rows(block_table: np.ndarray | None, page_size: int, b: int,
     return np.asarray(block_table)[b, j // page_size].astype(np.int64), j % page_size
 
 
-def append(k_cache: np.ndarray, v_cache: np.ndarray, k_new: np.ndarray, v_new: np.ndarray,
-           cache_seqlens: np.ndarray, block_table: np.ndarray | None) -> None:
+def append(k_cache: Any, v_cache: Any, k_new: Any, v_new: Any, cache_seqlens: np.ndarray,
+           block_table: np.ndarray | None) -> None:
     """Writes row i of k_new/v_new (B, S_new, Hk, D) of sequence b at position
-    cache_seqlens[b] + i of the caches, in place (casting to the caches' dtype)."""
+    cache_seqlens[b] + i of the caches, in place (cast to the caches' dtype); any array kind
+    (NumPy, torch, CuPy), host index arrays."""
     page_size = k_cache.shape[1]
+    s_new = k_new.shape[1]
     for b in range(k_new.shape[0]):
         start = int(cache_seqlens[b])
-        s_new = k_new.shape[1]
         p, r = cache_rows(block_table, page_size, b, start + s_new)
-        p, r = p[start:], r[start:]
-        k_cache[p, r] = k_new[b].astype(k_cache.dtype)
-        v_cache[p, r] = v_new[b].astype(v_cache.dtype)
+        set_rows(k_cache, p[start:], r[start:], k_new[b])
+        set_rows(v_cache, p[start:], r[start:], v_new[b])
 
 
 def _keyed(x: np.ndarray | None, p: np.ndarray, r: np.ndarray,

@@ -175,3 +175,58 @@ def test_append_kernel_compiles():
 
 def test_exported():
     assert "flash_dmattn_with_kvcache" in dm.__all__
+
+
+def test_kernel_fields_for_a_paged_cache():
+    """What the decode kernel is told: page strides as batch strides, the key-based mask/bias
+    as (pages, h', 1, page_size) with row stride 0, the lengths and the block table."""
+    from dmattn_cupy import decode
+    from dmattn_cupy.layout import build_fwd_params
+
+    q = np.zeros((3, 1, 8, 64), np.float16)
+    kc = np.zeros((10, 32, 2, 64), np.float16)
+    mask = np.ones((10, 32, 2), bool)          # h' = Hk
+    bias = np.zeros((10, 32, 8), np.float32)   # h' = H
+    table = np.arange(6, dtype=np.int32).reshape(3, 2)
+    kp = kvcache.check_kvcache(q, kc, kc, None, None, np.zeros(3, np.int32), table, mask, bias,
+                               None, True, (-1, -1), 0.0, 0, False, "auto")
+    assert (kp.page_size, kp.capacity, kp.pb.seqlen_k) == (32, 64, 64)
+    rec = build_fwd_params(kp.pb, kp.pb.q, 0)
+    for name, value in kvcache.decode_fields(kp).items():
+        rec[0][name] = value
+    r = rec[0]
+    assert r["k_batch_stride"] == 32 * 2 * 64 and r["k_row_stride"] == 128
+    assert (r["mask_batch_stride"], r["mask_head_stride"], r["mask_row_stride"],
+            r["mask_col_stride"]) == (64, 1, 0, 2)
+    assert (r["bias_batch_stride"], r["bias_head_stride"], r["bias_col_stride"]) == (256, 1, 8)
+    assert (r["mask_head_ratio"], r["bias_head_ratio"], r["bias_is_fp32"]) == (4, 1, 1)
+    assert (r["page_size"], r["seqlen_k_new"], r["window_right"]) == (32, 0, 0)
+    spec = decode.decode_spec(kp.pb)
+    smem = decode.launch_smem(spec, r)
+    assert (r["mask_slot_mode"], r["bias_slot_mode"]) == (0, 1)  # one row; one per head (4)
+    from dmattn_cupy.families import decode_smem
+    assert smem == decode_smem(spec, 1, 4)
+
+
+def test_int_seqlens_fix_the_key_count():
+    q, kc, vc, kn, vn = _dense_case(s_new=2)
+    kp = kvcache.check_kvcache(q, kc, vc, kn, vn, 30, None, None, None, None, False, (-1, -1),
+                               0.0, 0, True, "auto")
+    assert kp.pb.seqlen_k == 32 and kp.seqlens is None and kp.seqlens_int == 30
+    assert kvcache.decode_fields(kp)["cache_seqlens"] == 0
+
+
+def test_cpu_torch_tensors_append_in_place():
+    torch = pytest.importorskip("torch")
+    q, kc, vc, kn, vn = _dense_case(s_new=3)
+    t = {n: torch.tensor(x, dtype=torch.bfloat16) for n, x in
+         dict(q=q, kc=kc, vc=vc, kn=kn, vn=vn).items()}
+    kc_before = t["kc"].clone()
+    seqlens = torch.tensor([4, 0, 45], dtype=torch.int32)
+    out = dm.flash_dmattn_with_kvcache(t["q"], t["kc"], t["vc"], t["kn"], t["vn"],
+                                       cache_seqlens=seqlens, is_causal=True)
+    assert out.dtype == torch.bfloat16 and out.shape == t["q"].shape
+    for b, s in enumerate([4, 0, 45]):
+        assert torch.equal(t["kc"][b, s:s + 3], t["kn"][b])
+        assert torch.equal(t["vc"][b, s:s + 3], t["vn"][b])
+        assert torch.equal(t["kc"][b, :s], kc_before[b, :s])
