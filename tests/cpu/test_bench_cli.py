@@ -174,7 +174,8 @@ def test_case_names():
                                 # issue 12-15 additions
                                 "dense_d64", "dense_d256", "dense_fp16", "gqa", "softcap",
                                 "backward_causal", "backward_kbias", "host_fwd",
-                                "host_decode", "host_fwd_bwd", "host_first_call"}
+                                "host_decode", "host_fwd_bwd", "host_first_call",
+                                "decode_paged"}
     for suite in bench.SUITES.values():
         assert set(suite) <= set(bench.CASES)
     assert bench.SUITES["issue12"] == ["dense", "causal", "kbias", "mask_bias", "dense_d64",
