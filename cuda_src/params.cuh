@@ -32,6 +32,13 @@ struct FwdParams {
   // lse (rows*H*splits); row = b*seqlen_q + i (dense) or the packed query index (varlen).
   float* o_accum;
   float* lse_accum;
+  // KV cache (fwd_decode.cu, dmattn_cupy/kvcache.py): cache_seqlens (batch,) int32 or null; when
+  // set, sequence b has min(cache_seqlens[b] + seqlen_k_new, seqlen_k) keys (seqlen_k = the cache
+  // capacity). block_table (batch, max_pages) int32 or null: with it, key j of sequence b lives in
+  // page block_table[b * block_table_batch_stride + j / page_size], row j % page_size; k/v (and a
+  // mask/bias) then have their batch stride = the page stride (a paged tensor's first dim).
+  const int32_t* cache_seqlens;
+  const int32_t* block_table;
 
   // ---- strides in elements (8 bytes each) ----
   int64_t q_batch_stride, q_row_stride, q_head_stride;
@@ -47,6 +54,7 @@ struct FwdParams {
   int64_t mask_qseq_stride, mask_kseq_stride;
   int64_t bias_batch_stride, bias_head_stride, bias_row_stride, bias_col_stride;
   int64_t bias_qseq_stride, bias_kseq_stride;
+  int64_t block_table_batch_stride;
 
   // ---- sizes and scalars (4 bytes each) ----
   int32_t batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim;
@@ -62,6 +70,12 @@ struct FwdParams {
   int32_t sp_block_m, sp_block_n;       // the mask's block: multiples of the kernel tile
   int32_t num_splits;          // split-KV decode: key ranges per (sequence, kv head); 1 = none
   int32_t total_rows;          // query rows over all sequences: batch*seqlen_q or total_q
+  int32_t page_size;           // paged KV cache: keys per page (a multiple of 16); 0 = not paged
+  int32_t seqlen_k_new;        // keys appended this call (added to cache_seqlens[b])
+  // fwd_decode.cu: how the CTA's 16 packed rows share staged mask/bias rows (decode.slot_mode):
+  // 0 = one row for all (key-based, one mask head per kv head), 1 = row pr % q_per_kv
+  // (key-based, one per query head), 2 = one per packed row.
+  int32_t mask_slot_mode, bias_slot_mode;
   float scale_log2;            // softmax_scale * log2(e)
   float softcap;               // > 0: logits = softcap * tanh(scale*qk / softcap)
   float scale_over_softcap;    // softmax_scale / softcap (when softcap > 0)

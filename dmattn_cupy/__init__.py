@@ -2,6 +2,7 @@
 
 from .api import flash_dmattn_func, flash_dmattn_func_auto, flash_dmattn_varlen_func
 from .bwd_api import flash_dmattn_backward, flash_dmattn_varlen_backward
+from .kvcache import flash_dmattn_with_kvcache
 from .masks import (
     BCSRMask,
     BlockBitsetMask,
@@ -19,7 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "flash_dmattn_func", "flash_dmattn_func_auto", "flash_dmattn_varlen_func",
-    "flash_dmattn_backward", "flash_dmattn_varlen_backward",
+    "flash_dmattn_backward", "flash_dmattn_varlen_backward", "flash_dmattn_with_kvcache",
     "SparseMask", "CausalMask", "WindowMask", "CausalWindowMask", "BlockBitsetMask", "BCSRMask",
     "MixedMask", "DynamicMask", "estimate_speedup", "calculate_memory_savings", "__version__",
 ]

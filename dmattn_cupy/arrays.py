@@ -308,3 +308,22 @@ def caster(like: Any, dtype: str) -> Callable[[Any], Any]:
         tdt = _torch_dtype(dtype)
         return lambda x: x.to(tdt)
     return lambda x: x.astype(dtype)
+
+
+def set_rows(dst: Any, first: np.ndarray, second: np.ndarray, src: Any) -> None:
+    """``dst[first[i], second[i]] = src[i]`` in place, for host index arrays and ``dst``/``src``
+    of one kind (on ``dst``'s device; ``src`` cast to ``dst``'s dtype)."""
+    kind = array_kind(dst)
+    if kind == "torch":
+        import torch
+
+        i0 = torch.as_tensor(first, device=dst.device)
+        i1 = torch.as_tensor(second, device=dst.device)
+        dst[i0, i1] = src.to(dst.dtype)
+    elif kind == "cupy":
+        import cupy
+
+        with cupy.cuda.Device(dst.device.id):
+            dst[cupy.asarray(first), cupy.asarray(second)] = src.astype(dst.dtype)
+    else:
+        dst[first, second] = np.asarray(src).astype(dst.dtype)

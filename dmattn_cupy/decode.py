@@ -21,6 +21,7 @@ from typing import Any
 from . import arrays, env, runtime
 from .arrays import ArrayInfo, describe
 from .device import DeviceProps
+from .families import DECODE_MAX_SLOTS, decode_smem
 from .launch_plan import Alloc, Launch, Plan
 from .layout import FWD_INPUTS, build_fwd_params, fwd_pointer_fields
 from .spec import DTYPES, HEAD_DIMS, KernelSpec, padded_head_dim
@@ -100,22 +101,56 @@ def num_splits_heuristic(ctas: int, slots: int, n_tiles: int, max_splits: int = 
     return min(s for s, e in effs.items() if e >= 0.85 * best)
 
 
-def resident_ctas(spec: KernelSpec, registers: int, dev: DeviceProps) -> int:
+def slot_mode(row_stride: int, qseq_stride: int, head_ratio: int, q_per_kv: int) -> int:
+    """How fwd_decode.cu stages a mask/bias (FwdParams.mask_slot_mode / bias_slot_mode): 0 = one
+    row serves the CTA's 16 packed rows (key-based: stride 0 over queries, and one mask head per
+    kv head), 1 = one row per query head of the kv group (key-based, per-head, q_per_kv <= 16),
+    2 = one row per packed row (query-based, or q_per_kv > 16)."""
+    if row_stride != 0 or qseq_stride != 0:
+        return 2
+    if head_ratio % q_per_kv == 0:
+        return 0
+    return 1 if head_ratio == 1 and q_per_kv <= DECODE_MAX_SLOTS else 2
+
+
+def staged_rows(mode: int, q_per_kv: int) -> int:
+    """Rows a CTA stages per tile for a slot mode (fwd_decode.cu decode_slots)."""
+    return 1 if mode == 0 else q_per_kv if mode == 1 else DECODE_MAX_SLOTS
+
+
+def launch_smem(spec: KernelSpec, rec: Any) -> int:
+    """The dynamic shared memory of a decode launch whose record ``rec`` is filled (its slot
+    modes are set here from its mask/bias strides)."""
+    qpk = int(rec["q_per_kv"])
+    rows = []
+    for name in ("mask", "bias"):
+        mode = slot_mode(int(rec[f"{name}_row_stride"]), int(rec[f"{name}_qseq_stride"]),
+                         int(rec[f"{name}_head_ratio"]), qpk)
+        rec[f"{name}_slot_mode"] = mode
+        rows.append(staged_rows(mode, qpk))
+    return decode_smem(spec, rows[0], rows[1])
+
+
+def resident_ctas(spec: KernelSpec, registers: int, dev: DeviceProps,
+                  smem: int | None = None) -> int:
     """CTAs of ``spec`` one SM of ``dev`` holds: the least of its shared-memory, register,
-    thread and CTA limits (register allocation granularity ignored)."""
-    by_smem = dev.smem_per_sm // (spec.dynamic_smem + RESERVED_SMEM_PER_CTA)
+    thread and CTA limits (register allocation granularity ignored); ``smem``: the launch's
+    dynamic shared memory (default: the spec's most)."""
+    smem = spec.dynamic_smem if smem is None else smem
+    by_smem = dev.smem_per_sm // (smem + RESERVED_SMEM_PER_CTA)
     by_regs = dev.regs_per_sm // max(1, registers * spec.threads)
     by_threads = dev.threads_per_sm // spec.threads
     return max(1, min(by_smem, by_regs, by_threads, dev.ctas_per_sm))
 
 
-def choose_num_splits(pb: Problem, spec: KernelSpec, registers: int, dev: DeviceProps) -> int:
+def choose_num_splits(pb: Problem, spec: KernelSpec, registers: int, dev: DeviceProps,
+                      smem: int | None = None) -> int:
     n_tiles = math.ceil(pb.seqlen_k / spec.block_n)
     forced = env.forced_splits()
     if forced is not None:
         return max(1, min(forced, n_tiles, MAX_SPLITS))
     ctas = num_m_blocks(pb) * pb.kv_heads * pb.batch
-    slots = dev.sm_count * resident_ctas(spec, registers, dev)
+    slots = dev.sm_count * resident_ctas(spec, registers, dev, smem)
     return num_splits_heuristic(ctas, slots, n_tiles)
 
 
@@ -123,13 +158,16 @@ _carveout_set: set[tuple[KernelSpec, int]] = set()
 
 
 def run_decode(pb: Problem, query: Any, out: Any, lse: Any, cu_q: Any, cu_k: Any,
-               stream: Any) -> None:
-    """Launch the decode kernel (and the combine kernel when split) into ``out`` / ``lse``."""
+               stream: Any, fields: dict[str, int] | None = None, num_splits: int = 0) -> None:
+    """Launch the decode kernel (and the combine kernel when split) into ``out`` / ``lse``.
+    ``fields``: FwdParams fields set after the problem's (the KV-cache API's lengths and block
+    table); ``num_splits`` > 0 forces the split count (capped like DMATTN_NUM_SPLITS)."""
     def ptr(a: Any) -> int:
         return describe(a).ptr if a is not None else 0
 
     plan = Plan(device=pb.q.device, inputs=FWD_INPUTS)
-    keep = plan_decode(pb, plan, query, describe(out), ptr(lse), ptr(cu_q), ptr(cu_k))
+    keep = plan_decode(pb, plan, query, describe(out), ptr(lse), ptr(cu_q), ptr(cu_k), fields,
+                       num_splits)
     plan.run(stream)
     # The partials were allocated on this stream, so both CuPy's pool and torch's caching
     # allocator hand their memory out again only to work ordered after these kernels.
@@ -137,9 +175,11 @@ def run_decode(pb: Problem, query: Any, out: Any, lse: Any, cu_q: Any, cu_k: Any
 
 
 def plan_decode(pb: Problem, plan: Plan, query: Any, out: ArrayInfo, lse_ptr: int,
-                cu_q_ptr: int, cu_k_ptr: int) -> list[Any]:
+                cu_q_ptr: int, cu_k_ptr: int, fields: dict[str, int] | None = None,
+                num_splits: int = 0) -> list[Any]:
     """Add the decode launches (and the combine's when split) to ``plan``, with the split-KV
-    partials as allocations of the plan; returns those partials (alive until launched)."""
+    partials as allocations of the plan; returns those partials (alive until launched).
+    ``fields`` and ``num_splits``: as ``run_decode``'s."""
     dev = pb.q.device
     props = runtime.device_props(dev)
     spec = decode_spec(pb, props.arch)
@@ -147,8 +187,14 @@ def plan_decode(pb: Problem, plan: Plan, query: Any, out: ArrayInfo, lse_ptr: in
     if (spec, dev) not in _carveout_set:  # several decode CTAs per SM
         runtime.prefer_shared_memory(kernel)
         _carveout_set.add((spec, dev))
-    ns = choose_num_splits(pb, spec, kernel.registers, props)
     rec = build_fwd_params(pb, out, lse_ptr, cu_q_ptr, cu_k_ptr)
+    for name, value in (fields or {}).items():
+        rec[0][name] = value
+    smem = launch_smem(spec, rec[0])
+    if num_splits > 0:
+        ns = max(1, min(num_splits, math.ceil(pb.seqlen_k / spec.block_n), MAX_SPLITS))
+    else:
+        ns = choose_num_splits(pb, spec, kernel.registers, props, smem)
     total_rows = pb.total_q if pb.varlen else pb.batch * pb.seqlen_q
     r = rec[0]
     r["num_splits"] = ns
@@ -165,7 +211,8 @@ def plan_decode(pb: Problem, plan: Plan, query: Any, out: ArrayInfo, lse_ptr: in
         r["o_accum"], r["lse_accum"] = base, base + lse_at
         plan.slot("o_acc", rec, "o_accum")
         plan.slot("o_acc", rec, "lse_accum", add=lse_at)
-    plan.launches.append(Launch(kernel, (num_m_blocks(pb) * ns, pb.kv_heads, pb.batch), (rec,)))
+    plan.launches.append(Launch(kernel, (num_m_blocks(pb) * ns, pb.kv_heads, pb.batch), (rec,),
+                                shared_mem=smem))
     if ns > 1:
         combine = runtime.get_kernel(combine_spec(pb, props.arch), dev)
         n_pairs = total_rows * pb.heads

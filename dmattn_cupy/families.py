@@ -147,9 +147,23 @@ def _smem_fwd_mma(s: SpecShape) -> int:
     return 2 * elems + (s.block_m * (s.block_n + 16) if s.has_mask else 0)
 
 
+DECODE_BT_SLOTS = 8     # fwd_decode.cu kDecodeBtSlots: block-table ring, 4 page ids a tile
+DECODE_MAX_SLOTS = 16   # staged mask/bias rows per tensor at most (one per packed row)
+
+
+def decode_smem(s: SpecShape, mask_rows: int, bias_rows: int) -> int:
+    """fwd_decode.cu: Q slab + kStages K and V tiles (rows padded by 8), the block-table ring,
+    the staged rows' offsets (2 x 16 int64), then per stage ``mask_rows`` + ``bias_rows`` staged
+    rows of block_n 32-bit words (the launch passes its own counts; see decode.staged_rows)."""
+    st = decode_stages(s.head_dim)
+    base = (s.block_m + 2 * st * s.block_n) * (s.head_dim + 8) * 2 + DECODE_BT_SLOTS * 16 + 256
+    rows = (mask_rows if s.has_mask else 0) + (bias_rows if s.has_bias else 0)
+    return base + st * rows * s.block_n * 4
+
+
 def _smem_decode(s: SpecShape) -> int:
-    """fwd_decode.cu: Q slab + kStages K and V tiles, rows padded by 8."""
-    return (s.block_m + 2 * decode_stages(s.head_dim) * s.block_n) * (s.head_dim + 8) * 2
+    """The most a decode spec can be launched with (16 staged rows per tensor)."""
+    return decode_smem(s, DECODE_MAX_SLOTS, DECODE_MAX_SLOTS)
 
 
 def _smem_none(s: SpecShape) -> int:
@@ -297,6 +311,8 @@ FAMILY_ROWS: tuple[Family, ...] = (
            _SM80_DECODE_ARGS, "FwdParams", "sm_80", _smem_decode),
     Family("fwd_combine", "fwd_combine.cu", "dm::flash_fwd_combine_kernel",
            ("dtype", "head_dim", "num_warps"), "FwdParams", "sm_80", _smem_none),
+    Family("kv_append", "kv_append.cu", "dm::kv_append_kernel", ("num_warps",),
+           "KvAppendParams", "sm_80", _smem_none),
     Family("bwd_pre", "sm80/bwd.cu", "dm::flash_bwd_pre_kernel", ("dtype", "num_warps", "varlen"),
            "BwdParams", "sm_80", _smem_none),
     Family("bwd_dkdv", "sm80/bwd.cu", "dm::flash_bwd_dkdv_kernel", _SM80_DKDV_ARGS, "BwdParams",

@@ -24,6 +24,7 @@ FWD_FIELDS: tuple[tuple[str, type], ...] = (
     ("tile_counters", _PTR), ("sp_full_count", _PTR), ("sp_full_idx", _PTR),
     ("sp_partial_count", _PTR), ("sp_partial_idx", _PTR), ("sp_partial_slot", _PTR),
     ("sp_partial_bits", _PTR), ("o_accum", _PTR), ("lse_accum", _PTR),
+    ("cache_seqlens", _PTR), ("block_table", _PTR),
     ("q_batch_stride", _I64), ("q_row_stride", _I64), ("q_head_stride", _I64),
     ("k_batch_stride", _I64), ("k_row_stride", _I64), ("k_head_stride", _I64),
     ("v_batch_stride", _I64), ("v_row_stride", _I64), ("v_head_stride", _I64),
@@ -33,6 +34,7 @@ FWD_FIELDS: tuple[tuple[str, type], ...] = (
     ("mask_col_stride", _I64), ("mask_qseq_stride", _I64), ("mask_kseq_stride", _I64),
     ("bias_batch_stride", _I64), ("bias_head_stride", _I64), ("bias_row_stride", _I64),
     ("bias_col_stride", _I64), ("bias_qseq_stride", _I64), ("bias_kseq_stride", _I64),
+    ("block_table_batch_stride", _I64),
     ("batch", _I32), ("heads", _I32), ("kv_heads", _I32), ("seqlen_q", _I32),
     ("seqlen_k", _I32), ("head_dim", _I32), ("q_per_kv", _I32), ("mask_head_ratio", _I32),
     ("bias_head_ratio", _I32), ("window_left", _I32), ("window_right", _I32),
@@ -40,6 +42,8 @@ FWD_FIELDS: tuple[tuple[str, type], ...] = (
     ("sp_batches", _I32), ("sp_heads", _I32), ("sp_row_blocks", _I32), ("sp_col_blocks", _I32),
     ("sp_full_width", _I32), ("sp_partial_width", _I32), ("sp_block_m", _I32),
     ("sp_block_n", _I32), ("num_splits", _I32), ("total_rows", _I32),
+    ("page_size", _I32), ("seqlen_k_new", _I32), ("mask_slot_mode", _I32),
+    ("bias_slot_mode", _I32),
     ("scale_log2", _F32), ("softcap", _F32), ("scale_over_softcap", _F32), ("pad0", _I32),
 )
 
@@ -108,11 +112,36 @@ def bwd_abi_check_source() -> str:
     return src.replace('#include "params.cuh"', '#include "bwd_params.cuh"')
 
 
+# The KV-cache append kernel's struct (cuda_src/kv_params.cuh).
+KV_APPEND_FIELDS: tuple[tuple[str, type], ...] = (
+    ("k_new", _PTR), ("v_new", _PTR), ("k_cache", _PTR), ("v_cache", _PTR),
+    ("block_table", _PTR), ("cache_seqlens", _PTR),
+    ("knew_batch_stride", _I64), ("knew_row_stride", _I64), ("knew_head_stride", _I64),
+    ("vnew_batch_stride", _I64), ("vnew_row_stride", _I64), ("vnew_head_stride", _I64),
+    ("kc_batch_stride", _I64), ("kc_row_stride", _I64), ("kc_head_stride", _I64),
+    ("vc_batch_stride", _I64), ("vc_row_stride", _I64), ("vc_head_stride", _I64),
+    ("block_table_batch_stride", _I64),
+    ("batch", _I32), ("seqlen_new", _I32), ("kv_heads", _I32), ("head_dim", _I32),
+    ("page_size", _I32), ("capacity", _I32), ("seqlen_base", _I32), ("pad0", _I32),
+)
+
+KV_APPEND_DTYPE = np.dtype([(name, t) for name, t in KV_APPEND_FIELDS], align=True)
+
+
+def new_kv_append_params() -> np.ndarray:
+    """A zeroed one-element KvAppendParams record."""
+    return np.zeros(1, dtype=KV_APPEND_DTYPE)
+
+
 def abi_header(params: str) -> str:
     """The generated params_check.cuh for a family reading ``params`` (FwdParams checks,
-    plus the BwdParams ones for backward families)."""
+    plus the BwdParams ones for backward families; KvAppendParams for the cache append)."""
     if params == "FwdParams":
         return abi_check_source()
     if params == "BwdParams":
         return abi_check_source() + bwd_abi_check_source()
-    raise ValueError(f"params must be 'FwdParams' or 'BwdParams', got {params!r}")
+    if params == "KvAppendParams":
+        return abi_check_source("KvAppendParams", KV_APPEND_DTYPE).replace(
+            '#include "params.cuh"', '#include "kv_params.cuh"')
+    raise ValueError(f"params must be 'FwdParams', 'BwdParams' or 'KvAppendParams', got "
+                     f"{params!r}")

@@ -24,6 +24,7 @@ from .decode import all_decode_specs
 from .device import PRESETS, DeviceProps, parse_arch
 from .device_check import cupy_problem
 from .families import FAMILIES, sparse_supported
+from .kvcache import all_kvcache_specs
 from .spec import DTYPES, HEAD_DIMS, KernelSpec
 from .validate import Problem
 
@@ -82,7 +83,7 @@ def all_specs(arch: str = "sm_80", debug: bool = False) -> list[KernelSpec]:
                     for s in select.backward(dtype, hd, mask, bias, varlen, det, sparse, dev):
                         add(s)
     if not debug:  # nor have decode/combine
-        for s in all_decode_specs(arch):
+        for s in all_decode_specs(arch) + all_kvcache_specs(arch):
             add(s)
     # The Hopper backward: dtype x head dim x bias (its other switches are runtime fields).
     if not debug and any(FAMILIES["bwd_sm90"].runs_on(d.cc) for d in _device_classes(arch)):

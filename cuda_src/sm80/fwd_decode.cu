@@ -6,12 +6,18 @@
 // with num_splits > 1 it writes an fp32 partial (normalized by its own sum) and its log2-domain
 // lse to o_accum / lse_accum, which fwd_combine.cu merges. Inside the CTA, warp w owns keys
 // 16w..16w+15 of every kBlockN-key tile (all warps share the m16 slab) with its own online
-// softmax; the warps are merged through shared memory at the end. K/V tiles stream through
-// kStages shared-memory stages with 16-byte cp.async; the mask/bias values of a tile are read
-// one pipeline step before its K/V are issued (a register look-ahead, so their latency hides
-// behind a tile's compute) and travel in registers until the tile is computed. Tiles whose mask
-// elements are all false (for every row of the CTA) are skipped before their K/V are loaded;
-// tiles outside the causal/window key range are never visited.
+// softmax; the warps are merged through shared memory at the end.
+// Pipeline: tile u of the split goes to stage u % kStages; its K/V rows (16-byte cp.async) and
+// its mask/bias elements (one 4-byte cp.async per key and staged row: the aligned word holding
+// the element, decoded at compute time by a per-thread byte shift) travel in one cp.async group,
+// so no issue ever waits for a load. Staged rows ("slots", FwdParams.mask_slot_mode): key-based
+// layouts share one row per mask head, so a CTA stages 1 (or q_per_kv) rows instead of 16.
+// Tiles outside the causal/window key range are never visited; tiles inside it are loaded even
+// when their mask keeps nothing (a skip would need the mask before the issue).
+// KV cache (FwdParams.cache_seqlens / block_table): a sequence's key count comes from
+// cache_seqlens; with a block table, K/V/mask/bias rows of key j are read from page
+// block_table[b][j / page_size]. The page ids of tile u are copied into a small shared ring by
+// cp.async kStages tiles ahead of u's K/V, so the lookup is off the issue chain too.
 // Requires 16-byte aligned q/k/v rows (the launcher checks) and, when num_splits > 1, the
 // partial buffers.
 #pragma once
@@ -28,58 +34,59 @@
 
 namespace dm {
 
-// K/V pipeline depth; dmattn_cupy/spec.py (decode_stages) sizes the dynamic smem with it.
+// K/V pipeline depth; dmattn_cupy/families.py (decode_stages) sizes the dynamic smem with it.
 constexpr int decode_stages(int head_dim) { return head_dim > 128 ? 2 : 3; }
-
-// One issued K/V tile waiting in the pipeline: its index (-1: none) and this thread's keep-bits
-// (j * 4 + e over its two n8 score fragments) and bias values (times log2 e).
-struct DecodeTile {
-  int nb;
-  uint32_t bits;
-  float bias[2][4];
-};
-
-// The next candidate tile's raw mask bytes and bias bits (16-bit or fp32), loaded ahead.
-struct DecodeLookahead {
-  int nb;
-  uint32_t cand;  // keep-bits by bounds and window; loads only where set
-  uint32_t mask[2][4];
-  uint32_t bias[2][4];
-};
+constexpr int kDecodeBtSlots = 8;  // block-table ring, in tiles (>= kStages + 1)
+// Staged mask/bias rows of a CTA for a slot mode (dmattn_cupy/decode.py, staged_rows).
+DM_DEVICE int decode_slots(int mode, int qpk) { return mode == 0 ? 1 : mode == 1 ? qpk : 16; }
+// A staged slot with no row (offsets may be negative: strides may be).
+constexpr int64_t kNoRow = -0x7fffffffffffffffll - 1;
 
 template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNumWarps, bool kHasMask,
           bool kHasBias, bool kVarlen>
 __global__ void __launch_bounds__(kNumWarps * 32, kNumWarps <= 4 ? 2 : 1)  // <= 255 regs
 flash_fwd_decode_kernel(const FwdParams p) {
   static_assert(kBlockM == 16, "one m16 slab of packed (query, head) rows per CTA");
-  static_assert(kBlockN == 16 * kNumWarps, "each warp owns 16 keys of a tile");
+  static_assert(kBlockN == 16 * kNumWarps && kBlockN == 64, "each warp owns 16 keys of a tile");
   static_assert(kHeadDim % 16 == 0, "head dim is padded to a multiple of 16");
   constexpr int kThreads = kNumWarps * 32;
   constexpr int kStages = decode_stages(kHeadDim);
+  static_assert(kDecodeBtSlots >= kStages + 1, "block-table ring holds the tiles in flight");
   constexpr int kStride = kHeadDim + 8;  // +16 bytes per row: conflict-free ldmatrix
   constexpr int kDF = kHeadDim / 8;      // output fragments per row pair
   constexpr int kChunks = kHeadDim / 8;  // 16-byte chunks per row
-  constexpr int kSmem = (kBlockM + 2 * kStages * kBlockN) * kStride * 2;
+  constexpr int kKV = (kBlockM + 2 * kStages * kBlockN) * kStride * 2;
+  constexpr int kSmemBase = kKV + kDecodeBtSlots * 4 * 4 + 2 * 16 * 8;
   constexpr int kOStride = kHeadDim + 4;  // fp32 merge scratch row stride
   static_assert(kNumWarps * kBlockM * (kOStride + 1) * 4 <= 2 * kStages * kBlockN * kStride * 2,
                 "the warp merge scratch fits in the K/V stages");
+  static_assert(kThreads % kBlockN == 0, "a thread stages one key of every tile");
   extern __shared__ __align__(16) uint16_t smem[];
   uint16_t* sQ = smem;
   uint16_t* sK = sQ + kBlockM * kStride;
   uint16_t* sV = sK + kStages * kBlockN * kStride;
-  if (dynamic_smem_size() < kSmem) __trap();  // launcher and kernel disagree on the layout
+  int32_t* sBT = reinterpret_cast<int32_t*>(reinterpret_cast<uint8_t*>(smem) + kKV);
+  int64_t* sOff = reinterpret_cast<int64_t*>(sBT + kDecodeBtSlots * 4);  // [2][16]: mask, bias
+  uint32_t* sMask = reinterpret_cast<uint32_t*>(sOff + 2 * 16);
+  const int qpk = p.q_per_kv;
+  const int rm = kHasMask ? decode_slots(p.mask_slot_mode, qpk) : 0;
+  const int rb = kHasBias ? decode_slots(p.bias_slot_mode, qpk) : 0;
+  uint32_t* sBias = sMask + kStages * rm * kBlockN;
+  if (dynamic_smem_size() < uint32_t(kSmemBase + kStages * (rm + rb) * kBlockN * 4))
+    __trap();  // launcher and kernel disagree on the layout
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int ns = p.num_splits;
   const int m_block = blockIdx.x / ns, split = blockIdx.x % ns;
   const int kvh = blockIdx.y, b = blockIdx.z;
-  const SeqInfo seq = seq_info<kVarlen>(p, b);
-  const int qpk = p.q_per_kv;
+  SeqInfo seq = seq_info<kVarlen>(p, b);
+  if (p.cache_seqlens != nullptr)  // clamped to the capacity: never past the cache
+    seq.len_k = dm_max(0, dm_min(p.cache_seqlens[b] + p.seqlen_k_new, p.seqlen_k));
+  const bool paged = p.block_table != nullptr;
   const int rows = seq.len_q * qpk;  // packed rows of this (sequence, kv head)
   const int m0 = m_block * kBlockM;
   if (m0 >= rows) return;
-  const int m_end = dm_min(m0 + kBlockM, rows);
-  const int i_first = m0 / qpk, i_last = (m_end - 1) / qpk;  // queries of the slab
+  const int i_first = m0 / qpk, i_last = (dm_min(m0 + kBlockM, rows) - 1) / qpk;
   const int off = seq.len_k - seq.len_q;
 
   const T* q = q_row_ptr<T>(p, b, 0, seq, 0);  // head 0, row 0 of the sequence
@@ -94,25 +101,72 @@ flash_fwd_decode_kernel(const FwdParams p) {
     cp_async_16(sQ + r * kStride + col, src, ok);
   }
 
-  const T* k = k_row_ptr<T>(p, b, kvh, seq, 0);
-  const T* v = v_row_ptr<T>(p, b, kvh, seq, 0);
+  // K/V of key 0 (paged: of page 0, row 0; the page term is added per 16-key group).
+  const int64_t b_kv = paged ? 0 : b;
+  const T* k = static_cast<const T*>(p.k) + b_kv * p.k_batch_stride + kvh * p.k_head_stride +
+               int64_t(seq.k_start) * p.k_row_stride;
+  const T* v = static_cast<const T*>(p.v) + b_kv * p.v_batch_stride + kvh * p.v_head_stride +
+               int64_t(seq.k_start) * p.v_row_stride;
 
-  // This thread's two rows (g, g + 8 of the slab): query, head, mask/bias row offsets.
+  // Staged mask/bias rows: element offset of (slot, key 0) per slot, kNoRow for a slot with none.
+  if (threadIdx.x < 32) {
+    const int t = threadIdx.x % 16, which = threadIdx.x / 16;  // 0 mask, 1 bias
+    const int mode = which == 0 ? p.mask_slot_mode : p.bias_slot_mode;
+    int pr = m0 + t;                           // mode 2: packed row t of the slab
+    if (mode == 0) pr = m0;                    // any row: they share one
+    if (mode == 1) pr = i_first * qpk + t;     // query head kvh * qpk + t (row stride 0)
+    const bool ok = (which == 0 ? kHasMask : kHasBias) && pr < rows &&
+                    t < decode_slots(mode, qpk);
+    int64_t o = kNoRow;
+    if (ok) {
+      const int qi = pr / qpk, qh = kvh * qpk + pr % qpk;
+      o = which == 0 ? mask_offset(p, int(b_kv), qh, seq) + int64_t(qi) * p.mask_row_stride
+                     : bias_offset(p, int(b_kv), qh, seq) + int64_t(qi) * p.bias_row_stride;
+    }
+    sOff[which * 16 + t] = o;
+  }
+  __syncthreads();
+
+  // This thread's two rows (g, g + 8 of the slab): query, staged slot, and the byte position of
+  // each of its elements in the 32-bit word staged for it (2 bits per (row, fragment, pair)).
   bool row_ok[2];
-  int qi[2], qh[2];
-  int64_t mask_row[2] = {0, 0}, bias_row[2] = {0, 0};
+  int qi[2], slot_m[2] = {0, 0}, slot_b[2] = {0, 0};
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const int pr = m0 + lane / 4 + 8 * r;
+    const int lr = lane / 4 + 8 * r, pr = m0 + lr;
     row_ok[r] = pr < rows;
     qi[r] = row_ok[r] ? pr / qpk : 0;
-    qh[r] = kvh * qpk + (row_ok[r] ? pr % qpk : 0);
-    if (kHasMask) mask_row[r] = mask_offset(p, b, qh[r], seq) + int64_t(qi[r]) * p.mask_row_stride;
-    if (kHasBias) bias_row[r] = bias_offset(p, b, qh[r], seq) + int64_t(qi[r]) * p.bias_row_stride;
+    const int g = pr % qpk;
+    slot_m[r] = p.mask_slot_mode == 0 ? 0 : p.mask_slot_mode == 1 ? g : lr;
+    slot_b[r] = p.bias_slot_mode == 0 ? 0 : p.bias_slot_mode == 1 ? g : lr;
   }
   // Key of fragment j, element e within a tile.
   const int col_base = 16 * warp + 2 * (lane % 4);
   auto tile_col = [&](int j, int e) { return col_base + 8 * j + (e & 1); };
+  // A tile starts at a key that is a multiple of 64 (and a page row that is a multiple of 16),
+  // so an element's byte position in its word is the same in every tile (the launcher checks
+  // that page strides are multiples of 4 bytes).
+  const int bias_es = p.bias_is_fp32 ? 4 : 2;
+  uint32_t shift_m = 0, shift_b = 0;
+#pragma unroll
+  for (int r = 0; r < 2; ++r)
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+      for (int e1 = 0; e1 < 2; ++e1) {
+        const int idx = r * 4 + j * 2 + e1, tc = tile_col(j, e1);
+        if (kHasMask) {
+          const int64_t so = sOff[slot_m[r]];
+          const int64_t o = (so == kNoRow ? 0 : so) + int64_t(tc) * p.mask_col_stride;
+          shift_m |= uint32_t((reinterpret_cast<uint64_t>(p.mask) + uint64_t(o)) & 3) << (2 * idx);
+        }
+        if (kHasBias) {
+          const int64_t so = sOff[16 + slot_b[r]];
+          const int64_t o = (so == kNoRow ? 0 : so) + int64_t(tc) * p.bias_col_stride;
+          shift_b |= uint32_t((reinterpret_cast<uint64_t>(p.bias) + uint64_t(o) * bias_es) & 3)
+                     << (2 * idx);
+        }
+      }
   uint32_t valid_rows = 0;
 #pragma unroll
   for (int j = 0; j < 2; ++j)
@@ -120,12 +174,12 @@ flash_fwd_decode_kernel(const FwdParams p) {
     for (int e = 0; e < 4; ++e)
       if (row_ok[e >> 1]) valid_rows |= 1u << (j * 4 + e);
 
-  // Key tiles of this split.
+  // Key tiles of this split: first + u for u in [0, n_my).
   const KeyRange kr = key_range(p, i_first, i_last + 1, seq.len_q, seq.len_k);
   const TileSpan span = tile_span<kBlockN>(kr);
   const int n_tiles = span.last - span.first + 1;
-  int cursor = span.first + int(int64_t(n_tiles) * split / ns);
-  const int t_end = span.first + int(int64_t(n_tiles) * (split + 1) / ns);
+  const int t_first = span.first + int(int64_t(n_tiles) * split / ns);
+  const int n_my = span.first + int(int64_t(n_tiles) * (split + 1) / ns) - t_first;
 
   // Keep-bits by bounds and window; a tile inside both for every row keeps all valid rows.
   auto bounds_bits = [&](int nb) -> uint32_t {
@@ -145,73 +199,79 @@ flash_fwd_decode_kernel(const FwdParams p) {
     return bits;
   };
 
-  // Look-ahead: the mask/bias values of the next candidate tile are loaded one pipeline step
-  // before they decide whether its K/V are issued, so their latency hides behind a tile's
-  // compute. Raw values (zero where the bounds exclude) wait in registers.
-  DecodeLookahead la;
-  auto load_lookahead = [&]() {
-    la.nb = cursor < t_end ? cursor++ : -1;
-    if (la.nb < 0) return;
-    const int n0 = la.nb * kBlockN;
-    la.cand = bounds_bits(la.nb);
+  // Page ids of tile u's four 16-key groups into ring slot u % kDecodeBtSlots (paged only).
+  auto issue_pages = [&](int u) {
+    if (!paged || threadIdx.x >= 4) return;
+    const int n = (t_first + u) * kBlockN + 16 * threadIdx.x;
+    const bool ok = u < n_my && n < seq.len_k;
+    const int32_t* src = p.block_table + b * p.block_table_batch_stride + (ok ? n / p.page_size : 0);
+    cp_async_4(sBT + (u % kDecodeBtSlots) * 4 + threadIdx.x, src, ok);
+  };
+  // K/V rows and mask/bias words of tile u into stage u % kStages.
+  auto issue_tile = [&](int u) {
+    if (u >= n_my) return;
+    const int st = u % kStages, n0 = (t_first + u) * kBlockN;
+    const int valid = seq.len_k - n0;
+    // Element offsets of key n0 + 16 g in K and V (paged: its page and row in the page).
+    int64_t gk[4], gv[4];
+    int in_page = 0;
+    if (paged) in_page = n0 % p.page_size;
 #pragma unroll
-    for (int j = 0; j < 2; ++j)
+    for (int g = 0; g < 4; ++g) {
+      if (paged) {
+        const int64_t page = sBT[(u % kDecodeBtSlots) * 4 + g];
+        gk[g] = page * p.k_batch_stride + int64_t(in_page) * p.k_row_stride;
+        gv[g] = page * p.v_batch_stride + int64_t(in_page) * p.v_row_stride;
+        in_page += 16;
+        if (in_page == p.page_size) in_page = 0;
+      } else {
+        gk[g] = int64_t(n0 + 16 * g) * p.k_row_stride;
+        gv[g] = int64_t(n0 + 16 * g) * p.v_row_stride;
+      }
+    }
+    uint16_t* dK = sK + st * kBlockN * kStride;
+    uint16_t* dV = sV + st * kBlockN * kStride;
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const bool in = la.cand & (1u << (j * 4 + e));
-        const int64_t col = n0 + tile_col(j, e);
-        if (kHasMask)
-          la.mask[j][e] = in ? p.mask[mask_row[e >> 1] + col * p.mask_col_stride] : 0;
-        if (kHasBias) {
-          const int64_t idx = bias_row[e >> 1] + col * p.bias_col_stride;
-          la.bias[j][e] = !in ? 0u
-                          : p.bias_is_fp32 ? __float_as_uint(static_cast<const float*>(p.bias)[idx])
-                                           : uint32_t(static_cast<const uint16_t*>(p.bias)[idx]);
+    for (int g = 0; g < 4; ++g)
+#pragma unroll
+      for (int c = threadIdx.x; c < 16 * kChunks; c += kThreads) {
+        const int rr = c / kChunks, col = (c % kChunks) * 8, r = 16 * g + rr;
+        const bool ok = r < valid && col < p.head_dim;
+        cp_async_16(dK + r * kStride + col, ok ? k + gk[g] + rr * p.k_row_stride + col : k, ok);
+        cp_async_16(dV + r * kStride + col, ok ? v + gv[g] + rr * p.v_row_stride + col : v, ok);
+      }
+    if (kHasMask || kHasBias) {
+      // This thread stages key c of the tile for slots threadIdx.x / 64 + 2 * t.
+      const int c = threadIdx.x % kBlockN;
+      const bool key_ok = c < valid;
+      int64_t page = 0;
+      int key = n0 + c;  // paged: the key's row in its page
+      if (paged) {
+        page = sBT[(u % kDecodeBtSlots) * 4 + c / 16];
+        key = (n0 + (c & ~15)) % p.page_size + (c & 15);
+      }
+      constexpr int kPer = 16 * kBlockN / kThreads;  // slots per thread at 16 staged rows
+#pragma unroll
+      for (int t = 0; t < kPer; ++t) {
+        const int slot = threadIdx.x / kBlockN + t * (kThreads / kBlockN);
+        if (kHasMask && slot < rm) {
+          const int64_t o = sOff[slot];
+          const bool ok = key_ok && o != kNoRow;
+          const uint8_t* src = p.mask + (ok ? o + page * p.mask_batch_stride +
+                                                  int64_t(key) * p.mask_col_stride : 0);
+          cp_async_4(sMask + (st * rm + slot) * kBlockN + c,
+                     reinterpret_cast<const void*>(reinterpret_cast<uint64_t>(src) & ~3ull), ok);
+        }
+        if (kHasBias && slot < rb) {
+          const int64_t o = sOff[16 + slot];
+          const bool ok = key_ok && o != kNoRow;
+          const uint8_t* src = static_cast<const uint8_t*>(p.bias) +
+                               (ok ? (o + page * p.bias_batch_stride +
+                                      int64_t(key) * p.bias_col_stride) * bias_es : 0);
+          cp_async_4(sBias + (st * rb + slot) * kBlockN + c,
+                     reinterpret_cast<const void*>(reinterpret_cast<uint64_t>(src) & ~3ull), ok);
         }
       }
-  };
-  // The next look-ahead tile that some row of the CTA keeps (tiles whose mask elements are all
-  // false are dropped before their K/V are loaded): its K/V go to `slot`, its keep-bits and
-  // bias values to `t`, and the following candidate's mask/bias loads are started.
-  auto issue_next = [&](DecodeTile& t, int slot) {
-    t.nb = -1;
-    t.bits = 0;
-    while (la.nb >= 0) {
-      const int nb = la.nb;
-      uint32_t bits = la.cand;
-      if (kHasMask) {
-#pragma unroll
-        for (int j = 0; j < 2; ++j)
-#pragma unroll
-          for (int e = 0; e < 4; ++e)
-            if (la.mask[j][e] == 0) bits &= ~(1u << (j * 4 + e));
-      }
-      if (kHasBias) {
-#pragma unroll
-        for (int j = 0; j < 2; ++j)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            T raw;
-            raw.bits = uint16_t(la.bias[j][e]);
-            t.bias[j][e] = (p.bias_is_fp32 ? __uint_as_float(la.bias[j][e]) : to_float(raw)) *
-                           kLog2e;
-          }
-      }
-      const bool keep = !kHasMask || cta_any(bits != 0);
-      load_lookahead();
-      if (!keep) continue;  // all false: K/V never loaded
-      t.nb = nb;
-      t.bits = bits;
-      const int n0 = nb * kBlockN;
-      load_tile_async<kHeadDim, kStride, kThreads>(sK + slot * kBlockN * kStride,
-                                                   k + int64_t(n0) * p.k_row_stride,
-                                                   p.k_row_stride, kBlockN, seq.len_k - n0,
-                                                   p.head_dim);
-      load_tile_async<kHeadDim, kStride, kThreads>(sV + slot * kBlockN * kStride,
-                                                   v + int64_t(n0) * p.v_row_stride,
-                                                   p.v_row_stride, kBlockN, seq.len_k - n0,
-                                                   p.head_dim);
-      return;
     }
   };
 
@@ -220,28 +280,35 @@ flash_fwd_decode_kernel(const FwdParams p) {
   for (int j = 0; j < kDF; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
   OnlineSoftmax<> sm;
 
-  // Pipeline: kStages - 1 tiles in flight ahead of the one computed (FIFO in registers).
-  DecodeTile fifo[kStages - 1];
-  int issued = 0, consumed = 0;
-  load_lookahead();
+  // Prologue: (paged) the page ids of the first kStages tiles, waited for; then tiles
+  // 0 .. kStages - 2, each group also carrying the page ids of the tile kStages later.
+  if (paged) {
+#pragma unroll
+    for (int u = 0; u < kStages; ++u) issue_pages(u);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+  }
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    issue_next(fifo[s], issued % kStages);
-    issued += fifo[s].nb >= 0;
+    issue_tile(s);
+    issue_pages(s + kStages);
     cp_async_commit();  // the first group also holds the Q slab
   }
-  while (fifo[0].nb >= 0) {
-    DecodeTile next;
-    issue_next(next, issued % kStages);
-    issued += next.nb >= 0;
+  for (int u = 0; u < n_my; ++u) {
+    // Tile u + kStages - 1 reuses the stage tile u - 1 left (freed by the last barrier); its
+    // page ids came with tile u - 1's group, complete since the last wait.
+    issue_tile(u + kStages - 1);
+    issue_pages(u + 2 * kStages - 1);
     cp_async_commit();
     cp_async_wait<kStages - 1>();
     __syncthreads();
 
-    const DecodeTile& cur = fifo[0];
-    const int slot = consumed % kStages;
-    const uint16_t* sKs = sK + slot * kBlockN * kStride;
-    const uint16_t* sVs = sV + slot * kBlockN * kStride;
+    const int st = u % kStages;
+    const uint16_t* sKs = sK + st * kBlockN * kStride;
+    const uint16_t* sVs = sV + st * kBlockN * kStride;
+    const uint32_t* sMs = sMask + st * rm * kBlockN;
+    const uint32_t* sBs = sBias + st * rb * kBlockN;
 
     // S = Q K^T: 16 packed rows x this warp's 16 keys.
     float s[2][4];
@@ -257,14 +324,31 @@ flash_fwd_decode_kernel(const FwdParams p) {
       mma_16816<T>(s[1], a, kb[2], kb[3]);
     }
     // Logits in the fused form of logits.cuh (log2 domain): softcap, bias, exclusions.
+    const uint32_t bits = bounds_bits(t_first + u);
 #pragma unroll
     for (int j = 0; j < 2; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
+        const int r = e >> 1, tc = tile_col(j, e), idx = r * 4 + j * 2 + (e & 1);
         float x = logit_log2(p, s[j][e]);
-        if (kHasBias) x += cur.bias[j][e];
-        if (!(cur.bits & (1u << (j * 4 + e)))) x = -DM_INF;
-        s[j][e] = x;
+        bool keep = bits & (1u << (j * 4 + e));
+        if (kHasMask) {
+          const uint32_t w = sMs[slot_m[r] * kBlockN + tc];
+          keep = keep && ((w >> (8 * ((shift_m >> (2 * idx)) & 3))) & 0xffu) != 0;
+        }
+        if (kHasBias) {
+          const uint32_t w = sBs[slot_b[r] * kBlockN + tc];
+          float bv;
+          if (p.bias_is_fp32) {
+            bv = __uint_as_float(w);
+          } else {
+            T raw;
+            raw.bits = uint16_t(w >> (8 * ((shift_b >> (2 * idx)) & 3)));
+            bv = to_float(raw);
+          }
+          x = fmaf(bv, kLog2e, x);
+        }
+        s[j][e] = keep ? x : -DM_INF;
       }
     float alpha[2];
     sm.update(s, alpha);
@@ -281,10 +365,6 @@ flash_fwd_decode_kernel(const FwdParams p) {
       mma_16816<T>(o[2 * dd + 1], a, vb[2], vb[3]);
     }
     __syncthreads();  // this stage is refilled by the next issue
-    ++consumed;
-#pragma unroll
-    for (int s2 = 0; s2 + 1 < kStages - 1; ++s2) fifo[s2] = fifo[s2 + 1];
-    fifo[kStages - 2] = next;
   }
   cp_async_wait<0>();
   __syncthreads();

@@ -174,7 +174,8 @@ def test_case_names():
                                 # issue 12-15 additions
                                 "dense_d64", "dense_d256", "dense_fp16", "gqa", "softcap",
                                 "backward_causal", "backward_kbias", "host_fwd",
-                                "host_decode", "host_fwd_bwd", "host_first_call"}
+                                "host_decode", "host_fwd_bwd", "host_first_call",
+                                "decode_paged"}
     for suite in bench.SUITES.values():
         assert set(suite) <= set(bench.CASES)
     assert bench.SUITES["issue12"] == ["dense", "causal", "kbias", "mask_bias", "dense_d64",
@@ -412,6 +413,29 @@ def _fake_dm(torch):
                                 None)[0])
         return torch.cat(outs, 0)
 
+    def flash_dmattn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None,
+                                  block_table=None, attn_mask=None, attn_bias=None, **kw):
+        outs = []
+        for b in range(q.shape[0]):
+            n = int(cache_seqlens[b])
+            idx = torch.arange(n)
+            if block_table is None:
+                pg = torch.full((n,), b)
+            else:
+                pg = block_table[b, idx // k_cache.shape[1]].long().cpu()
+            pos = idx if block_table is None else idx % k_cache.shape[1]
+
+            def rows(t, pg=pg, pos=pos):
+                return None if t is None else t[pg, pos]
+
+            def keyed(t):
+                return None if t is None else rows(t).t()[None, :, None, :]
+
+            outs.append(_attend(q[b:b + 1], rows(k_cache)[None], rows(v_cache)[None],
+                                keyed(attn_mask), keyed(attn_bias), None, False, (-1, -1),
+                                None))
+        return torch.cat(outs, 0)
+
     class _Mask:
         block_size = (128, 128)
 
@@ -449,6 +473,7 @@ def _fake_dm(torch):
     dm.__version__ = "fake"
     dm.flash_dmattn_func = flash_dmattn_func
     dm.flash_dmattn_varlen_func = flash_dmattn_varlen_func
+    dm.flash_dmattn_with_kvcache = flash_dmattn_with_kvcache
     dm.CausalMask = lambda sq, sk: _Mask(_rule(sq, sk, lambda d: d >= 0))
     dm.CausalWindowMask = lambda w, sq, sk: _Mask(_rule(sq, sk, lambda d: (d >= 0) & (d < w)))
     dm.BlockBitsetMask = BlockBitsetMask
@@ -490,6 +515,20 @@ def test_dry_run_cpu_dense_family(tmp_path, capsys):
     assert dm["visited_flops"] >= dm["flops"]
     out = capsys.readouterr().out
     assert "== summary" in out and "summary sparse_random" in out
+
+
+def test_dry_run_cpu_decode_paged(tmp_path):
+    """The KV-cache rows (paged 64/16/256 and a dense cache) beside the varlen decode call."""
+    data = _dry_run(tmp_path, ["--case", "decode_paged", "--batch", "3", "--heads", "4",
+                               "--kv-heads", "2", "--seqlen", "1", "--seqlen-k", "256",
+                               "--headdim", "16"])
+    _check(data, 0.05, need_flex=False)
+    rows = {r["name"]: r for r in data["cases"][0]["impls"]}
+    for name in ("dmattn kvcache paged64", "dmattn kvcache paged16", "dmattn kvcache paged256",
+                 "dmattn kvcache dense", "dmattn varlen"):
+        assert rows[name]["status"] == "ok", rows[name]
+        assert rows[name]["max_abs_diff"] < 0.05, rows[name]
+    assert rows["dmattn kvcache paged64"]["role"] == "dmattn"
 
 
 def test_dry_run_cpu_varlen_and_backward(tmp_path):

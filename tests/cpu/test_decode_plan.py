@@ -72,13 +72,20 @@ def test_specs_and_resources():
     spec = decode.decode_spec(pb)
     assert spec.id == "fwd_decode_bf16_d128_m16n64w4_mask1_bias1_varlen1"
     assert spec.name_expression.startswith("dm::flash_fwd_decode_kernel<dm::BFloat16, 128, 16, 64")
-    # Q slab + 3 stages of K and V (64 keys), rows padded by 8: two CTAs per H100 SM
-    assert spec.dynamic_smem == (16 + 2 * 3 * 64) * 136 * 2
-    assert decode.resident_ctas(spec, registers=185, dev=H100) == 2
+    # Q slab + 3 stages of K and V (64 keys), rows padded by 8, the block-table ring and the
+    # staged rows' offsets; then per stage the staged mask/bias words (64 per staged row).
+    kv = (16 + 2 * 3 * 64) * 136 * 2 + 8 * 16 + 256
+    assert spec.dynamic_smem == kv + 3 * (16 + 16) * 64 * 4  # the most: 16 rows per tensor
+    rec = decode.build_fwd_params(pb, pb.q, 0)[0]  # key-based (total_k, Hk) mask and bias
+    assert decode.launch_smem(spec, rec) == kv + 3 * 2 * 64 * 4
+    assert (rec["mask_slot_mode"], rec["bias_slot_mode"]) == (0, 0)
+    # one staged row per tensor keeps two CTAs per H100 SM; 16 rows each do not
+    assert decode.resident_ctas(spec, 185, H100, decode.launch_smem(spec, rec)) == 2
+    assert decode.resident_ctas(spec, registers=185, dev=H100) == 1
     assert decode.combine_spec(pb).id == "fwd_combine_bf16_d128_m1n1w4_mask0_bias0_varlen0"
     assert decode.num_m_blocks(dataclasses.replace(pb, seqlen_q=8)) == 2  # 8 q x 4 heads / 16
     specs = decode.all_decode_specs()
-    assert len(specs) == len({s.id for s in specs}) == 108
+    assert len(specs) == len({s.id for s in specs}) == 108  # the append spec: kvcache.py
     assert all(isinstance(s, KernelSpec) for s in specs)
 
 
@@ -91,3 +98,18 @@ def test_decode_and_combine_compile_without_spills():
         ck = compile_spec(spec, use_disk_cache=False)
         assert not ck.spills, ck.log
         assert spec.family.replace("fwd_", "") in ck.lowered_name
+
+
+def test_slot_modes():
+    """fwd_decode.cu stages one mask/bias row per distinct row a CTA reads."""
+    # key-based (stride 0 over queries): one row when all heads of a kv group share it
+    assert decode.slot_mode(0, 0, head_ratio=32, q_per_kv=4) == 0   # h' = 1
+    assert decode.slot_mode(0, 0, head_ratio=4, q_per_kv=4) == 0    # h' = Hk
+    assert decode.slot_mode(0, 0, head_ratio=1, q_per_kv=1) == 0    # h' = H = Hk
+    assert decode.slot_mode(0, 0, head_ratio=1, q_per_kv=4) == 1    # h' = H: one per head
+    assert decode.staged_rows(1, 4) == 4
+    assert decode.slot_mode(0, 0, head_ratio=1, q_per_kv=32) == 2   # > 16 heads in a group
+    # query-based (a row stride, or a varlen per-query start): one row per packed row
+    assert decode.slot_mode(4096, 0, head_ratio=32, q_per_kv=4) == 2
+    assert decode.slot_mode(0, 4096, head_ratio=4, q_per_kv=4) == 2
+    assert [decode.staged_rows(m, 4) for m in (0, 2)] == [1, 16]

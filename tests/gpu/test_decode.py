@@ -202,7 +202,8 @@ def test_dense_broadcast(pattern, splits, monkeypatch):
 @pytest.mark.parametrize("splits", SPLITS, ids=lambda s: f"splits{s}")
 def test_fully_masked_rows_and_false_tiles(splits, monkeypatch):
     """Sequence 0 keeps nothing (out 0, lse -inf); sequence 1 keeps keys 1000..1010 only, so
-    most of its tiles are all-false and skipped; some heads keep nothing (h' = H)."""
+    most of its tiles are all-false (computed, since the mask travels with K/V); some heads keep
+    nothing (h' = H)."""
     monkeypatch.setenv("DMATTN_NUM_SPLITS", splits)
     h, hk = 8, 2
     lens_q, lens_k = [2, 1, 3], [500, 2000, 300]

@@ -115,3 +115,60 @@ def setup_decode(ctx: Ctx, shape: dict[str, Any]) -> Setup:
                  f"fp32 SDPA-math on the first {nseq} sequences", info)
 
 
+
+PAGE_SIZES = (64, 16, 256)  # decode_paged: the first is the headline row, the rest variants
+
+
+def setup_decode_paged(ctx: Ctx, shape: dict[str, Any]) -> Setup:
+    """The decode case through ``flash_dmattn_with_kvcache``: the same K/V, key-based mask and
+    bias as a paged cache (pages shuffled in the pool by a random block table) at each page
+    size, and as a dense (B, S, Hk, D) cache; same bytes, peers and reference as ``decode``."""
+    torch = ctx.torch
+    base = setup_decode(ctx, shape)
+    B, H, Hk = shape["batch"], shape["heads"], shape["kv_heads"]
+    Sq, Sk, D = shape["seqlen"], shape["seqlen_k"], shape["headdim"]
+    tq = B * Sq
+    nbytes, flops = base.impls[0].bytes, base.impls[0].flops
+
+    def paged(x: Any, ps: int, perm: Any) -> Any:
+        """(B*Sk, ...) rows as a pool of (B*Sk/ps) pages of ps rows, page j at perm[j]."""
+        pages = x.reshape((B * Sk // ps, ps) + tuple(x.shape[1:]))
+        pool = torch.empty_like(pages)
+        pool[perm] = pages
+        return pool
+
+    def make_kv(ps: int | None) -> Callable[[dict[str, Any], dict[str, Any]], Callable[[], Any]]:
+        def make(inp: dict[str, Any], info_: dict[str, Any]) -> Callable[[], Any]:
+            f = ctx.dm_attr("flash_dmattn_with_kvcache")
+            q = inp["q"].view(B, Sq, H, D)
+            lens = torch.full((B,), Sk, dtype=torch.int32, device=q.device)
+            if ps is None:
+                kv = (inp["k"].view(B, Sk, Hk, D), inp["v"].view(B, Sk, Hk, D))
+                mb = (inp["mask"].view(B, Sk, Hk), inp["bias"].view(B, Sk, Hk))
+                table = None
+            else:
+                if Sk % ps:
+                    raise ValueError(f"seqlen_k {Sk} is not a multiple of page size {ps}")
+                gen = torch.Generator(device=q.device).manual_seed(ps)
+                perm = torch.randperm(B * Sk // ps, generator=gen, device=q.device)
+                kv = (paged(inp["k"], ps, perm), paged(inp["v"], ps, perm))
+                mb = (paged(inp["mask"], ps, perm), paged(inp["bias"], ps, perm))
+                table = perm.view(B, Sk // ps).to(torch.int32)
+            return lambda: f(q, *kv, cache_seqlens=lens, block_table=table, attn_mask=mb[0],
+                             attn_bias=mb[1])
+        return make
+
+    def to_ours(out: Any) -> Any:  # (B, Sq, H, D) -> (total_q, H, D)
+        return out.reshape(tq, H, D)
+
+    rows = [Impl(f"dmattn kvcache paged{ps}", "dmattn" if i == 0 else "variant", make_kv(ps),
+                 flops=flops, bytes=nbytes, to_ours=to_ours)
+            for i, ps in enumerate(PAGE_SIZES)]
+    rows.append(Impl("dmattn kvcache dense", "variant", make_kv(None), flops=flops,
+                     bytes=nbytes, to_ours=to_ours))
+    base.impls[0].role = "variant"  # the varlen call: the unpaged rate paged is held to
+    info = base.info + [f"kvcache rows: paged caches of page size {', '.join(map(str, PAGE_SIZES))}"
+                        " (pages shuffled by a random block table) and a dense cache; target: "
+                        "paged >= 0.9x the unpaged (varlen / dense cache) rate"]
+    return Setup(CASES["decode_paged"], shape, "gbps", base.make_inputs,
+                 rows + base.impls, base.reference, base.select, base.ref_note, info)

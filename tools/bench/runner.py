@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .case_backward import setup_backward
-from .case_decode import setup_decode
+from .case_decode import setup_decode, setup_decode_paged
 from .case_forward import KINDS, setup_forward
 from .case_prefill import setup_prefill
 from .case_sparse import SPARSE_KINDS, setup_sparse
@@ -25,6 +25,8 @@ from .timing import rotation_sets
 def build_setup(ctx: Ctx, name: str, shape: dict[str, Any]) -> Setup:
     if name == "decode":
         return setup_decode(ctx, shape)
+    if name == "decode_paged":
+        return setup_decode_paged(ctx, shape)
     if name == "prefill_varlen":
         return setup_prefill(ctx, shape)
     if name.startswith("backward"):
