@@ -58,8 +58,9 @@ class Capture:
         return runtime.Kernel(spec, dev, _Fn(ptr), ck)
 
     def launch(self, kernel, grid, args, stream, shared_mem=None):
+        smem = kernel.spec.dynamic_smem if shared_mem is None else shared_mem
         self.launches.append(("slow", kernel.spec.family, tuple(grid),
-                              [a.tobytes() for a in args]))
+                              [a.tobytes() for a in args], smem))
 
     def launch_raw(self, device, fn, grid, block, smem, stream, params):
         spec = self.specs[fn]
@@ -70,8 +71,8 @@ class Capture:
             sizes.append(backward_sm90.ARGS_DTYPE.itemsize)
         raw = [ctypes.string_at(ctypes.c_uint64.from_address(params + 8 * i).value, n)
                for i, n in enumerate(sizes)]
-        assert block == (spec.threads, 1, 1) and smem == spec.dynamic_smem
-        self.launches.append(("thin", spec.family, tuple(grid), raw))
+        assert block == (spec.threads, 1, 1)
+        self.launches.append(("thin", spec.family, tuple(grid), raw, smem))
 
     def take(self):
         out, self.launches = self.launches, []
@@ -102,13 +103,13 @@ def _record(raw: bytes, family_params: str) -> np.ndarray:
 def _masked(launches, cap):
     """Launches with fresh-buffer pointer fields zeroed (comparable across calls)."""
     res = []
-    for _path, fam, grid, raws in launches:
+    for _path, fam, grid, raws, smem in launches:
         params = "BwdParams" if fam.startswith("bwd") else "FwdParams"
         rec = _record(raws[0], params)
         for f in _FRESH:
             if f in rec.dtype.names:
                 rec[f] = 0
-        res.append((fam, grid, rec.tobytes(), tuple(raws[1:])))
+        res.append((fam, grid, smem, rec.tobytes(), tuple(raws[1:])))
     return res
 
 
@@ -271,11 +272,11 @@ def test_thin_backward_launches_what_the_validated_path_builds(cap, case):
 
     def no_out_lse(launches):
         res = []
-        for fam, grid, raw, rest in _masked(launches, cap):
+        for fam, grid, smem, raw, rest in _masked(launches, cap):
             rec = np.frombuffer(raw, dtype=BWD_DTYPE).copy()
             rec["o"] = 0
             rec["lse"] = 0
-            res.append((fam, grid, rec.tobytes(), rest))
+            res.append((fam, grid, smem, rec.tobytes(), rest))
         return res
 
     assert bwd_again and no_out_lse(bwd_again) == no_out_lse(bwd_first)
