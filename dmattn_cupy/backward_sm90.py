@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from .arrays import ArrayInfo
-from .tensor_map import TensorMapError, TensorMapSpec, address_offset, dim_stride, encode
+from .tensor_map import TensorMapError, TensorMapSpec, dim_stride, encode, record_slots
 
 HEAD_DIMS = (64, 128)
 BLOCK_M = 64                # query rows per item
@@ -152,14 +152,5 @@ def address_slots(q: ArrayInfo, k: ArrayInfo, v: ArrayInfo, dout: ArrayInfo,
     so a cached record is reused for new pointers of the same layout by patching them; None
     when the driver's map layout does not allow it (the call is then planned every time)."""
     maps = plan_maps(q, k, v, dout, bias, mode)
-    infos = {"q": q, "k": k, "v": v, "dout": dout, "bias": bias}
-    slots = []
-    for i, name in enumerate(MAP_NAMES):
-        spec = maps[name]
-        if spec is None or infos[name] is None:
-            continue
-        off = address_offset(spec)
-        if off is None:
-            return None
-        slots.append((name, 128 * i + off))
-    return tuple(slots)
+    present = {"q": q, "k": k, "v": v, "dout": dout, "bias": bias}
+    return record_slots({n: m for n, m in maps.items() if present[n] is not None}, MAP_NAMES)

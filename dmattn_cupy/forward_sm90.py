@@ -24,7 +24,7 @@ import numpy as np
 
 from . import env
 from .arrays import ArrayInfo
-from .tensor_map import TensorMapError, TensorMapSpec, address_offset, dim_stride, encode
+from .tensor_map import TensorMapError, TensorMapSpec, dim_stride, encode, record_slots
 
 HEAD_DIMS = (64, 128, 256)
 BLOCK_M = 128               # two consumer warpgroups of 64 rows
@@ -290,14 +290,4 @@ def address_slots(q: ArrayInfo, k: ArrayInfo, v: ArrayInfo, mask: ArrayInfo | No
     """(operand, byte offset in the Sm90FwdArgs record) of each encoded map's global address,
     so a cached record is reused for new pointers of the same layout by patching them; None
     when the driver's map layout does not allow it (the maps are then re-encoded per call)."""
-    maps = plan_maps(q, k, v, mask, bias, block_n, varlen)
-    slots = []
-    for i, name in enumerate(MAP_NAMES):
-        spec = maps[name]
-        if spec is None:
-            continue
-        off = address_offset(spec)
-        if off is None:
-            return None
-        slots.append((name, 128 * i + off))
-    return tuple(slots)
+    return record_slots(plan_maps(q, k, v, mask, bias, block_n, varlen), MAP_NAMES)

@@ -124,3 +124,20 @@ def address_offset(spec: TensorMapSpec) -> int | None:
     patched = maps[0][:off] + (_PROBE_BASE + _PROBE_STEPS[-1]).to_bytes(8, "little") + \
         maps[0][off + 8:]
     return off if patched == maps[-1] else None
+
+
+def record_slots(maps: dict[str, TensorMapSpec | None],
+                 names: tuple[str, ...]) -> tuple[tuple[str, int], ...] | None:
+    """(operand, byte offset) of each encoded map's global address in a record that holds the
+    maps of ``names`` at MAP_BYTES-sized slots in that order (absent maps: no slot); None when
+    one of them cannot be patched (address_offset)."""
+    slots = []
+    for i, name in enumerate(names):
+        spec = maps.get(name)
+        if spec is None:
+            continue
+        off = address_offset(spec)
+        if off is None:
+            return None
+        slots.append((name, MAP_BYTES * i + off))
+    return tuple(slots)
