@@ -292,7 +292,9 @@ def dense(query: Any, key: Any, value: Any, attn_mask: Any, attn_bias: Any, soft
         k = (0, lib, sig(query), sig(key), sig(value), sig(attn_mask), sig(attn_bias),
              softmax_scale, is_causal, window_size, softcap, return_lse or grad, return_lse,
              deterministic, backend, env.plan_state())
-    except AttributeError:  # mixed kinds: the validated path says which argument
+    except (AttributeError, RuntimeError):
+        # mixed kinds, or tensors a torch.func transform wraps (their data_ptr raises): the
+        # validated path takes the call
         return MISS
 
     def validate() -> Problem:
@@ -331,7 +333,7 @@ def varlen(query: Any, key: Any, value: Any, cu_seqlens_q: Any, cu_seqlens_k: An
              sig(cu_seqlens_q), sig(cu_seqlens_k), max_seqlen_q, max_seqlen_k, softmax_scale,
              is_causal, window_size, softcap, return_lse or grad, return_lse, deterministic,
              backend, env.plan_state())
-    except AttributeError:
+    except (AttributeError, RuntimeError):  # as in dense
         return MISS
 
     def validate() -> Problem:
@@ -378,7 +380,7 @@ def functional_backward_key(dout: Any, query: Any, key: Any, value: Any, out: An
                 sig(dlse), sig(attn_mask), sig(attn_bias), sig(cu_q), sig(cu_k), max_q, max_k,
                 softmax_scale, is_causal, window_size, softcap, deterministic, backend,
                 bias_grad, env.plan_state())
-    except AttributeError:
+    except (AttributeError, RuntimeError):  # as in dense
         return None
 
 
