@@ -37,7 +37,8 @@ namespace dm {
 // A/B switches (DMATTN_NVRTC_DEFINES; defaults = the committed kernel):
 // DM_DECODE_LEAN_ISSUE=1: fixed-count K/V issue loops (see kLeanIssue below);
 // DM_DECODE_STAGES=N: K/V ring depth N at every head dim (families.decode_stages reads the same
-// define, so the launch's smem follows); DM_DECODE_MIN_CTAS=M: __launch_bounds__ min blocks.
+// define, so the launch's smem follows); DM_DECODE_MIN_CTAS=M: __launch_bounds__ min blocks
+// at d <= 128 (3 spills at d192/d256).
 #ifndef DM_DECODE_LEAN_ISSUE
 #define DM_DECODE_LEAN_ISSUE 0
 #endif
@@ -60,7 +61,8 @@ constexpr int64_t kNoRow = -0x7fffffffffffffffll - 1;
 
 template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNumWarps, bool kHasMask,
           bool kHasBias, bool kVarlen>
-__global__ void __launch_bounds__(kNumWarps * 32, kNumWarps <= 4 ? DM_DECODE_MIN_CTAS : 1)
+__global__ void __launch_bounds__(kNumWarps * 32,
+                                  kNumWarps > 4 ? 1 : kHeadDim <= 128 ? DM_DECODE_MIN_CTAS : 2)
 flash_fwd_decode_kernel(const FwdParams p) {
   static_assert(kBlockM == 16, "one m16 slab of packed (query, head) rows per CTA");
   static_assert(kBlockN == 16 * kNumWarps && kBlockN == 64, "each warp owns 16 keys of a tile");
