@@ -34,8 +34,25 @@
 
 namespace dm {
 
+// A/B switches (DMATTN_NVRTC_DEFINES; defaults = the committed kernel):
+// DM_DECODE_LEAN_ISSUE=1: fixed-count K/V issue loops (see kLeanIssue below);
+// DM_DECODE_STAGES=N: K/V ring depth N at every head dim (families.decode_stages reads the same
+// define, so the launch's smem follows); DM_DECODE_MIN_CTAS=M: __launch_bounds__ min blocks
+// at d <= 128 (3 spills at d192/d256).
+#ifndef DM_DECODE_LEAN_ISSUE
+#define DM_DECODE_LEAN_ISSUE 0
+#endif
+#ifndef DM_DECODE_STAGES
+#define DM_DECODE_STAGES 0
+#endif
+#ifndef DM_DECODE_MIN_CTAS
+#define DM_DECODE_MIN_CTAS 2
+#endif
+constexpr bool kDecodeLeanIssue = DM_DECODE_LEAN_ISSUE != 0;
 // K/V pipeline depth; dmattn_cupy/families.py (decode_stages) sizes the dynamic smem with it.
-constexpr int decode_stages(int head_dim) { return head_dim > 128 ? 2 : 3; }
+constexpr int decode_stages(int head_dim) {
+  return DM_DECODE_STAGES > 0 ? DM_DECODE_STAGES : head_dim > 128 ? 2 : 3;
+}
 constexpr int kDecodeBtSlots = 8;  // block-table ring, in tiles (>= kStages + 1)
 // Staged mask/bias rows of a CTA for a slot mode (dmattn_cupy/decode.py, staged_rows).
 DM_DEVICE int decode_slots(int mode, int qpk) { return mode == 0 ? 1 : mode == 1 ? qpk : 16; }
@@ -44,7 +61,8 @@ constexpr int64_t kNoRow = -0x7fffffffffffffffll - 1;
 
 template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNumWarps, bool kHasMask,
           bool kHasBias, bool kVarlen>
-__global__ void __launch_bounds__(kNumWarps * 32, kNumWarps <= 4 ? 2 : 1)  // <= 255 regs
+__global__ void __launch_bounds__(kNumWarps * 32,
+                                  kNumWarps > 4 ? 1 : kHeadDim <= 128 ? DM_DECODE_MIN_CTAS : 2)
 flash_fwd_decode_kernel(const FwdParams p) {
   static_assert(kBlockM == 16, "one m16 slab of packed (query, head) rows per CTA");
   static_assert(kBlockN == 16 * kNumWarps && kBlockN == 64, "each warp owns 16 keys of a tile");
@@ -52,6 +70,7 @@ flash_fwd_decode_kernel(const FwdParams p) {
   constexpr int kThreads = kNumWarps * 32;
   constexpr int kStages = decode_stages(kHeadDim);
   static_assert(kDecodeBtSlots >= kStages + 1, "block-table ring holds the tiles in flight");
+  static_assert(kStages >= 2, "one tile in flight while another is computed");
   constexpr int kStride = kHeadDim + 8;  // +16 bytes per row: conflict-free ldmatrix
   constexpr int kDF = kHeadDim / 8;      // output fragments per row pair
   constexpr int kChunks = kHeadDim / 8;  // 16-byte chunks per row
@@ -199,6 +218,18 @@ flash_fwd_decode_kernel(const FwdParams p) {
     return bits;
   };
 
+  // Lean K/V issue (DM_DECODE_LEAN_ISSUE=1, an A/B switch): thread t copies the 16-byte chunk
+  // lcol of rows lr0 + m * kRowStep of a tile; needs kThreads % kChunks == 0 and kRowStep | 16
+  // (d64/d128/d256), else the generic loop below runs.
+  constexpr int kRowStep = kThreads % kChunks == 0 ? kThreads / kChunks : 16;
+  constexpr bool kLeanIssue = kDecodeLeanIssue && kThreads % kChunks == 0 && 16 % kRowStep == 0;
+  const int lr0 = threadIdx.x / kChunks, lcol = (threadIdx.x % kChunks) * 8;
+  const bool col_ok = lcol < p.head_dim;
+  const T* k_thr = k + int64_t(lr0) * p.k_row_stride + lcol;
+  const T* v_thr = v + int64_t(lr0) * p.v_row_stride + lcol;
+  const int64_t k_step = int64_t(kRowStep) * p.k_row_stride;
+  const int64_t v_step = int64_t(kRowStep) * p.v_row_stride;
+
   // Page ids of tile u's four 16-key groups into ring slot u % kDecodeBtSlots (paged only).
   auto issue_pages = [&](int u) {
     if (!paged || threadIdx.x >= 4) return;
@@ -212,34 +243,61 @@ flash_fwd_decode_kernel(const FwdParams p) {
     if (u >= n_my) return;
     const int st = u % kStages, n0 = (t_first + u) * kBlockN;
     const int valid = seq.len_k - n0;
-    // Element offsets of key n0 + 16 g in K and V (paged: its page and row in the page).
-    int64_t gk[4], gv[4];
-    int in_page = 0;
-    if (paged) in_page = n0 % p.page_size;
-#pragma unroll
-    for (int g = 0; g < 4; ++g) {
-      if (paged) {
-        const int64_t page = sBT[(u % kDecodeBtSlots) * 4 + g];
-        gk[g] = page * p.k_batch_stride + int64_t(in_page) * p.k_row_stride;
-        gv[g] = page * p.v_batch_stride + int64_t(in_page) * p.v_row_stride;
-        in_page += 16;
-        if (in_page == p.page_size) in_page = 0;
-      } else {
-        gk[g] = int64_t(n0 + 16 * g) * p.k_row_stride;
-        gv[g] = int64_t(n0 + 16 * g) * p.v_row_stride;
-      }
-    }
     uint16_t* dK = sK + st * kBlockN * kStride;
     uint16_t* dV = sV + st * kBlockN * kStride;
+    if constexpr (kLeanIssue) {
+      // Fixed trip counts, per-thread offsets hoisted: pass m copies row lr0 + m * kRowStep;
+      // unpaged rows are contiguous in steps, paged ones restart at each 16-key group's page.
+      const T* ks = k_thr + int64_t(n0) * p.k_row_stride;
+      const T* vs = v_thr + int64_t(n0) * p.v_row_stride;
+      int in_page = paged ? n0 % p.page_size : 0;
 #pragma unroll
-    for (int g = 0; g < 4; ++g)
+      for (int g = 0; g < 4; ++g) {
+        if (paged) {
+          const int64_t page = sBT[(u % kDecodeBtSlots) * 4 + g];
+          ks = k_thr + page * p.k_batch_stride + int64_t(in_page) * p.k_row_stride;
+          vs = v_thr + page * p.v_batch_stride + int64_t(in_page) * p.v_row_stride;
+          in_page += 16;
+          if (in_page == p.page_size) in_page = 0;
+        }
 #pragma unroll
-      for (int c = threadIdx.x; c < 16 * kChunks; c += kThreads) {
-        const int rr = c / kChunks, col = (c % kChunks) * 8, r = 16 * g + rr;
-        const bool ok = r < valid && col < p.head_dim;
-        cp_async_16(dK + r * kStride + col, ok ? k + gk[g] + rr * p.k_row_stride + col : k, ok);
-        cp_async_16(dV + r * kStride + col, ok ? v + gv[g] + rr * p.v_row_stride + col : v, ok);
+        for (int j = 0; j < 16 / kRowStep; ++j) {
+          const int r = 16 * g + j * kRowStep + lr0;
+          const bool ok = col_ok && r < valid;
+          cp_async_16(dK + r * kStride + lcol, ok ? ks : k, ok);
+          cp_async_16(dV + r * kStride + lcol, ok ? vs : v, ok);
+          ks += k_step;
+          vs += v_step;
+        }
       }
+    } else {
+      // Element offsets of key n0 + 16 g in K and V (paged: its page and row in the page).
+      int64_t gk[4], gv[4];
+      int in_page = 0;
+      if (paged) in_page = n0 % p.page_size;
+#pragma unroll
+      for (int g = 0; g < 4; ++g) {
+        if (paged) {
+          const int64_t page = sBT[(u % kDecodeBtSlots) * 4 + g];
+          gk[g] = page * p.k_batch_stride + int64_t(in_page) * p.k_row_stride;
+          gv[g] = page * p.v_batch_stride + int64_t(in_page) * p.v_row_stride;
+          in_page += 16;
+          if (in_page == p.page_size) in_page = 0;
+        } else {
+          gk[g] = int64_t(n0 + 16 * g) * p.k_row_stride;
+          gv[g] = int64_t(n0 + 16 * g) * p.v_row_stride;
+        }
+      }
+#pragma unroll
+      for (int g = 0; g < 4; ++g)
+#pragma unroll
+        for (int c = threadIdx.x; c < 16 * kChunks; c += kThreads) {
+          const int rr = c / kChunks, col = (c % kChunks) * 8, r = 16 * g + rr;
+          const bool ok = r < valid && col < p.head_dim;
+          cp_async_16(dK + r * kStride + col, ok ? k + gk[g] + rr * p.k_row_stride + col : k, ok);
+          cp_async_16(dV + r * kStride + col, ok ? v + gv[g] + rr * p.v_row_stride + col : v, ok);
+        }
+    }
     if (kHasMask || kHasBias) {
       // This thread stages key c of the tile for slots threadIdx.x / 64 + 2 * t.
       const int c = threadIdx.x % kBlockN;

@@ -113,3 +113,24 @@ def test_slot_modes():
     assert decode.slot_mode(4096, 0, head_ratio=32, q_per_kv=4) == 2
     assert decode.slot_mode(0, 4096, head_ratio=4, q_per_kv=4) == 2
     assert [decode.staged_rows(m, 4) for m in (0, 2)] == [1, 16]
+
+
+def test_stage_switch_sizes_the_launch_like_the_kernel(monkeypatch):
+    """DM_DECODE_STAGES=N (an A/B define of fwd_decode.cu) also sets the host's smem formula, so
+    a 2-stage d128 build launches with 2 stages' bytes: 3 CTAs per H100/H200 SM at <= 168
+    registers, where the default 3 stages hold 2 (both pick no split for the bench's shape)."""
+    pb = _problem()
+    spec = decode.decode_spec(pb)
+    rec = decode.build_fwd_params(pb, pb.q, 0)[0]
+    monkeypatch.delenv("DMATTN_NUM_SPLITS", raising=False)
+    monkeypatch.delenv("DMATTN_NVRTC_DEFINES", raising=False)
+    smem3 = decode.launch_smem(spec, rec)
+    assert smem3 == (16 + 2 * 3 * 64) * 136 * 2 + 8 * 16 + 256 + 3 * 2 * 64 * 4 == 110720
+    assert decode.resident_ctas(spec, 168, H100, smem3) == 2
+    monkeypatch.setenv("DMATTN_NVRTC_DEFINES",
+                       "DM_DECODE_LEAN_ISSUE=1 DM_DECODE_STAGES=2 DM_DECODE_MIN_CTAS=3")
+    smem2 = decode.launch_smem(spec, rec)
+    assert smem2 == (16 + 2 * 2 * 64) * 136 * 2 + 8 * 16 + 256 + 2 * 2 * 64 * 4 == 75392
+    assert decode.resident_ctas(spec, 168, H100, smem2) == 3
+    assert decode.resident_ctas(spec, 176, H100, smem2) == 2  # registers cap it above 170
+    assert decode.choose_num_splits(pb, spec, 168, H100, smem2) == 1
