@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from nvrtc_check import compile_static_asserts
 from test_sm90_layout import (
     desc_k_major,
     desc_mn_major,
@@ -251,18 +252,7 @@ def _static_asserts() -> str:
 
 
 def test_constexpr_helpers_and_smem_plan_equal_the_model():
-    nvrtc = pytest.importorskip("cupy_backends.cuda.libs.nvrtc",
-                                reason="needs CuPy's NVRTC bindings")
-    from dmattn_cupy.compile import cuda_src_dir
-
-    prog = nvrtc.createProgram(_static_asserts(), "sm90_bwd_layout_check.cu", (), ())
-    try:
-        nvrtc.compileProgram(prog, ["-std=c++20", "-default-device",
-                                    "--gpu-architecture=sm_90a", f"-I{cuda_src_dir()}"])
-    except Exception:
-        pytest.fail(nvrtc.getProgramLog(prog))
-    finally:
-        nvrtc.destroyProgram(prog)
+    compile_static_asserts(_static_asserts(), "sm90_bwd_layout_check.cu")
 
 
 def test_every_spec_fits_shared_memory():
