@@ -11,9 +11,12 @@ Varlen (a runtime switch of the kernel: ``cu_seqlens_q`` set) maps the packed te
 batch of one; the kernel starts each sequence's coordinates at its cu_seqlens. Its mask/bias
 layouts: query-based ``(total_q, h', max_k)`` as tiles; key-based ``(total_k, h')`` as one
 contiguous chunk of ``block_n * h'`` values per stage (``OPERAND_KEY_CHUNK``: 1-D boxes over
-the flattened tensor, whatever a sequence's first key) when its rows are contiguous, or as
-one key row per head (``OPERAND_KEY_ROW``) when its keys are. Block lists are a runtime
-field too (``sp_full_count`` set).
+the flattened tensor) when its rows are contiguous, or as one key row per head
+(``OPERAND_KEY_ROW``) when its keys are. A TMA box must start on a 16-byte boundary in global
+memory (else the copy faults: "illegal instruction"), and a sequence's first key may sit
+anywhere: key-based loads start at the element aligned down to 16 bytes (``key_load_start``)
+and span ``key_span`` elements, the values ``key_lead`` elements into the stage. Block lists
+are a runtime field too (``sp_full_count`` set).
 """
 
 from __future__ import annotations
@@ -32,13 +35,17 @@ THREADS = 384               # producer + two consumer warpgroups
 SMEM_LIMIT = 227 * 1024     # opt-in shared memory per block on compute capability 9.0
 
 OPERAND_NONE, OPERAND_TILE, OPERAND_KEY_ROW, OPERAND_QUERY_ROW, OPERAND_KEY_CHUNK = 0, 1, 2, 3, 4
-MAX_CHUNK_HEADS = 128       # a key chunk of block_n * h' values fits one bias stage / mask slot
+# A key chunk of block_n * h' values plus its alignment lead fits one bias stage / mask slot
+# (128 * block_n values): 128 heads would need one more box.
+MAX_CHUNK_HEADS = 127
+TMA_ALIGN = 16              # bytes: a box's first global element sits on this boundary
 
-# Sm90FwdArgs: five 128-byte tensor maps (q, k, v, mask, bias), two int32 modes, the key-chunk
-# heads and box of each operand, padding to 704.
+# Sm90FwdArgs: five 128-byte tensor maps (q, k, v, mask, bias), two int32 modes, for key-based
+# operands (key rows, key chunks) the heads per key, the box and the boxes per stage of each,
+# padding to 704.
 MAP_NAMES = ("q", "k", "v", "mask", "bias")
 _ARG_INTS = ("mask_mode", "bias_mode", "mask_chunk_heads", "bias_chunk_heads", "mask_chunk_box",
-             "bias_chunk_box")
+             "bias_chunk_box", "mask_chunk_boxes", "bias_chunk_boxes")
 ARGS_DTYPE = np.dtype({"names": ["maps", *_ARG_INTS],
                        "formats": [(np.uint8, 128 * len(MAP_NAMES))] + [np.int32] * len(_ARG_INTS),
                        "offsets": [0] + [640 + 4 * i for i in range(len(_ARG_INTS))],
@@ -104,23 +111,51 @@ def _chunk_rows(info: ArrayInfo) -> bool:
     return (sk == nh or tk == 1) and (sh == 1 or nh == 1)
 
 
-def chunk_box(block_n: int, heads: int) -> int:
-    """Elements per 1-D box of a key chunk of block_n * heads values: the whole chunk when it
-    fits one box (<= 256 elements), else 256 (512 bytes of bias, 256 of mask), so that every
-    box starts 128-byte aligned in shared memory; the kernel loads ceil(chunk / box) boxes
-    (the last may read past the chunk, within the stage: heads <= MAX_CHUNK_HEADS)."""
-    total = block_n * heads
-    return total if total <= 256 else 256
+def key_load_start(k_start: int, n0: int, heads: int, elem: int) -> int:
+    """The first element a key-based stage loads (fwd.cu: key_load_start): that of key
+    k_start + n0 (times heads) aligned down to TMA_ALIGN bytes."""
+    return (k_start + n0) * heads & ~(TMA_ALIGN // elem - 1)
+
+
+def key_lead(k_start: int, heads: int, elem: int) -> int:
+    """Elements before the stage's first value (fwd.cu: key_lead); n0 * heads * elem is a
+    multiple of TMA_ALIGN (n0 is a multiple of 64)."""
+    return k_start * heads & (TMA_ALIGN // elem - 1)
+
+
+def key_span(block_n: int, heads: int, elem: int) -> int:
+    """Elements a key-based stage must load: its block_n * heads values and the longest lead."""
+    return block_n * heads + TMA_ALIGN // elem - 1
+
+
+def chunk_box(block_n: int, heads: int, elem: int) -> tuple[int, int]:
+    """(elements per 1-D box, boxes per stage) of a key chunk: one box covering key_span
+    (rounded up to 16 bytes) when that fits 256 elements, else boxes of 256 (512 bytes of
+    bias, 256 of mask), so that every box starts 128-byte aligned in shared memory. The last
+    box may read past the chunk (zero past the tensor; within the stage: heads <=
+    MAX_CHUNK_HEADS)."""
+    span = key_span(block_n, heads, elem)
+    if span <= 256:
+        unit = TMA_ALIGN // elem
+        return -(-span // unit) * unit, 1
+    return 256, -(-span // 256)
+
+
+def key_stage_bytes(block_n: int, elem: int) -> int:
+    """Shared memory a key-based operand's stage may fill: a mask slot / a bias stage."""
+    return BLOCK_M * block_n * elem
 
 
 @dataclass(frozen=True)
 class OperandPlan:
     """How one mask/bias reaches the kernel: its mode, its map (None: not by TMA), and for
-    OPERAND_KEY_CHUNK the heads per key and the box size."""
+    key-based modes (OPERAND_KEY_ROW: one head) the heads per key, the elements per box and
+    the boxes per stage."""
     mode: int
     map: TensorMapSpec | None = None
     chunk_heads: int = 1
     chunk_box: int = 0
+    chunk_boxes: int = 0
 
 
 def _qkv_map(info: ArrayInfo, rows_box: int, varlen: bool = False) -> TensorMapSpec:
@@ -167,20 +202,23 @@ def _varlen_operand(info: ArrayInfo, mode: int, elem: int, block_n: int) -> Oper
             (box_cols, BLOCK_M, 1, 1), swizzle))
     tk, nh = info.shape
     sk, sh = info.strides
+    if tk * nh >= 1 << 31:
+        raise TensorMapError(f"{tk} x {nh} values exceed the int32 box coordinates")
     if mode == OPERAND_KEY_CHUNK:  # the flattened (total_k * h',) tensor, 1-D boxes
         if nh > MAX_CHUNK_HEADS:
             raise TensorMapError(f"a key chunk of {nh} heads exceeds {MAX_CHUNK_HEADS}")
-        if tk * nh >= 1 << 31:
-            raise TensorMapError(f"{tk} x {nh} values exceed the int32 box coordinates")
-        box = chunk_box(block_n, nh)
+        box, boxes = chunk_box(block_n, nh, elem)
+        if boxes * box * elem > key_stage_bytes(block_n, elem):
+            raise TensorMapError(f"a key chunk of {nh} heads exceeds its stage")
         return OperandPlan(mode, TensorMapSpec(elem, (tk * nh, 1, 1, 1), (16, 16, 16),
-                                               (box, 1, 1, 1), 0), nh, box)
+                                               (box, 1, 1, 1), 0), nh, box, boxes)
     if sk != 1:  # OPERAND_KEY_ROW: one head's keys contiguous
         raise TensorMapError(f"key-based layout {info.shape} with strides {info.strides}: "
                              "neither its rows nor its keys are contiguous")
+    box = chunk_box(block_n, 1, elem)[0]  # block_n + 16 bytes: the aligned-down start's lead
     return OperandPlan(mode, TensorMapSpec(elem, (tk, 1, nh, 1),
                                            (16, dim_stride(nh, sh, elem), 16),
-                                           (block_n, 1, 1, 1), 0))
+                                           (box, 1, 1, 1), 0), 1, box, 1)
 
 
 def plan_operands(mask: ArrayInfo | None, bias: ArrayInfo | None, block_n: int,
@@ -195,8 +233,13 @@ def plan_operands(mask: ArrayInfo | None, bias: ArrayInfo | None, block_n: int,
         elem = 1 if name == "mask" else 2
         if name == "bias" and info.dtype == "float32":
             raise TensorMapError("a float32 bias over keys is read by the sm80 family")
-        plans[name] = (_varlen_operand(info, mode, elem, block_n) if varlen else
-                       OperandPlan(mode, _operand_map(info, mode, elem, block_n)))
+        if varlen:
+            plans[name] = _varlen_operand(info, mode, elem, block_n)
+        elif mode == OPERAND_KEY_ROW:  # dense keys start at 0: aligned, one box of block_n
+            plans[name] = OperandPlan(mode, _operand_map(info, mode, elem, block_n), 1,
+                                      block_n, 1)
+        else:
+            plans[name] = OperandPlan(mode, _operand_map(info, mode, elem, block_n))
     return plans
 
 
@@ -281,6 +324,7 @@ def build_args(q: ArrayInfo, k: ArrayInfo, v: ArrayInfo, mask: ArrayInfo | None,
         rec[f"{name}_mode"] = plan.mode
         rec[f"{name}_chunk_heads"] = plan.chunk_heads
         rec[f"{name}_chunk_box"] = plan.chunk_box
+        rec[f"{name}_chunk_boxes"] = plan.chunk_boxes
     return rec
 
 

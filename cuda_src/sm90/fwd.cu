@@ -23,6 +23,9 @@
 //   kKeyChunk (varlen key-based (total_k, h')): per stage one chunk of kBlockN keys x
 //   chunk_heads values, contiguous in global memory, by 1-D boxes; consumers read their
 //   head's column.
+//   Key-based loads (kKeyRow, kKeyChunk) start at key_load_start: a TMA box whose first global
+//   element is not 16-byte aligned faults ("illegal instruction"), and a packed sequence's
+//   first key may sit anywhere; the stage's values then start key_lead elements in.
 // Varlen (p.cu_seqlens_q != nullptr, a runtime switch): Q/K/V/O and the mask/bias are packed;
 // the maps cover the packed tensors and coordinates start at the sequence's first row
 // (cu_seqlens). A box reaching past a sequence's end reads the next sequence: keys >= len_k
@@ -57,13 +60,15 @@ enum Sm90Operand : int32_t { kOperandNone = 0, kOperandTile = 1, kOperandKeyRow 
 // The second kernel parameter (const __grid_constant__): tensor maps over (cols, rows, heads,
 // batch) with broadcast dims of size 1, and how the mask/bias are read. Mirrored by
 // dmattn_cupy/forward_sm90.py (ARGS_DTYPE; size checked below).
-// kKeyChunk operands: chunk_heads values per key (this head's column: h / head ratio), loaded
-// as kBlockN * chunk_heads / chunk_box boxes of chunk_box elements.
+// Key-based operands (kKeyRow: chunk_heads 1; kKeyChunk: chunk_heads values per key, this
+// head's column h / head ratio): per stage chunk_boxes boxes of chunk_box elements, covering
+// the kBlockN * chunk_heads values and their lead (forward_sm90.chunk_box).
 struct alignas(64) Sm90FwdArgs {
   sm90::TmaDesc q, k, v, mask, bias;
   int32_t mask_mode, bias_mode;
   int32_t mask_chunk_heads, bias_chunk_heads, mask_chunk_box, bias_chunk_box;
-  int32_t pad[10];
+  int32_t mask_chunk_boxes, bias_chunk_boxes;
+  int32_t pad[8];
 };
 static_assert(sizeof(Sm90FwdArgs) == 704, "Sm90FwdArgs: size drifted from forward_sm90.py");
 
@@ -100,6 +105,17 @@ struct Sm90FwdSmem {
   static_assert(kQ % 1024 == 0 && kKV % 1024 == 0 && kBias % 1024 == 0 && kMask % 1024 == 0,
                 "swizzled tiles start on 1024-byte boundaries");
 };
+
+// The first element (of `elem` bytes) a key-based stage loads: that of key k_start + n0 (times
+// heads) aligned down to 16 bytes, TMA's rule for a box's global start. Its values start
+// key_lead elements into the stage (n0 % 64 == 0, so n0 * heads * elem is a 16-byte multiple).
+// Mirrored by forward_sm90.key_load_start / key_lead (tests/cpu check them equal).
+__host__ __device__ constexpr int key_load_start(int k_start, int n0, int heads, int elem) {
+  return ((k_start + n0) * heads) & ~(16 / elem - 1);
+}
+__host__ __device__ constexpr int key_lead(int k_start, int heads, int elem) {
+  return (k_start * heads) & (16 / elem - 1);
+}
 
 template <typename T, int kHeadDim, int kBlockN, int kStages, bool kHasMask, bool kHasBias,
           bool kDebug>
@@ -209,22 +225,20 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
     const bool bias_tile = kHasBias && args.bias_mode == kOperandTile;
     const bool bias_row = kHasBias && args.bias_mode == kOperandKeyRow;
     const bool bias_chunk = kHasBias && args.bias_mode == kOperandKeyChunk;
-    // A key chunk of the packed (total_k, h') operand: ceil(kBlockN * h' / box) 1-D boxes of
-    // box elements from element (k_start + n0) * h' (one box, or boxes of 256 elements: each
-    // box starts 128-byte aligned in shared memory; the last may read past the chunk).
-    auto chunk_boxes = [&](int heads, int box) { return (kBlockN * heads + box - 1) / box; };
-    const uint32_t bias_bytes = bias_tile ? Smem::kBias : bias_row ? kBlockN * 2
-        : bias_chunk ? chunk_boxes(args.bias_chunk_heads, args.bias_chunk_box) *
-                       args.bias_chunk_box * 2 : 0;
+    // Key-based operands: chunk_boxes 1-D boxes of chunk_box elements from key_load_start (one
+    // box, or boxes of 256 elements: each starts 128-byte aligned in shared memory); every box
+    // counts its full bytes (zero-filled past the tensor).
+    const uint32_t bias_bytes = bias_tile ? Smem::kBias
+        : bias_row || bias_chunk ? args.bias_chunk_boxes * args.bias_chunk_box * 2 : 0;
     const uint32_t mask_bytes = mask_tile ? Smem::kMask
-        : mask_chunk ? chunk_boxes(args.mask_chunk_heads, args.mask_chunk_box) *
-                       args.mask_chunk_box : kBlockN;
-    // This head's column in a key chunk (chunk_heads 1: the only one).
-    const int mask_col = mask_chunk && args.mask_chunk_heads > 1 ? mask_h : 0;
+        : args.mask_chunk_boxes * args.mask_chunk_box;
+    // This head's column in a key chunk (chunk_heads 1: the only one), past the stage's lead.
+    const int mask_hp = mask_chunk ? args.mask_chunk_heads : 1;
+    const int mask_col = (mask_hp > 1 ? mask_h : 0) + key_lead(seq.k_start, mask_hp, 1);
     auto load_chunk = [&](uint32_t dst, const TmaDesc* map, uint32_t bar, int n0, int heads,
-                          int box, int elem) {
-      const int e0 = (seq.k_start + n0) * heads;
-      for (int y = 0; y < chunk_boxes(heads, box); ++y)
+                          int box, int boxes, int elem) {
+      const int e0 = key_load_start(seq.k_start, n0, heads, elem);
+      for (int y = 0; y < boxes; ++y)
         tma_load_4d(dst + y * box * elem, map, bar, e0 + y * box, 0, 0, 0);
     };
     // The candidates: key tiles n_last .. n_first (descending: partial tiles first), or with
@@ -269,9 +283,10 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
                       n0 + y * Smem::kMaskBoxCols, seq.q_start + m0, mask_h, mask_b);
       } else if (mask_chunk) {
         load_chunk(dst, &args.mask, bar_full_m(x), n0, args.mask_chunk_heads,
-                   args.mask_chunk_box, 1);
+                   args.mask_chunk_box, args.mask_chunk_boxes, 1);
       } else {
-        tma_load_4d(dst, &args.mask, bar_full_m(x), seq.k_start + n0, 0, mask_h, mask_b);
+        tma_load_4d(dst, &args.mask, bar_full_m(x), key_load_start(seq.k_start, n0, 1, 1), 0,
+                    mask_h, mask_b);
       }
     };
     int stage = 0;
@@ -288,18 +303,17 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
         while (issued < n_cand && issued <= i + Smem::kMaskAhead) issue_mask(issued++);
         slot = i % Smem::kMaskRing;
         mbar_wait(bar_full_m(slot), (i / Smem::kMaskRing) & 1);
-        // OR / AND of the bytes of this tile (of this head's column in a key chunk). Rows and
-        // keys past the tensor read as zero (TMA fill), past a packed sequence as the next
+        // OR / AND of the bytes of this tile (of this head's column in a key row / chunk). Rows
+        // and keys past the tensor read as zero (TMA fill), past a packed sequence as the next
         // one's: either only makes "any" true or "all" false, i.e. more work, never less.
         const uint8_t* src = smem + (sMask - base) + slot * Smem::kMask;
         uint32_t any = 0, all = 0x01010101u;
         if (!in_range) {
           // not loaded: nothing to test
-        } else if (mask_chunk && args.mask_chunk_heads > 1) {
-          const int hp = args.mask_chunk_heads;
+        } else if (!mask_tile) {  // key-based: the tile's kBlockN values past the lead
 #pragma unroll
           for (int it = 0; it < kBlockN / 32; ++it) {
-            const uint32_t x = src[(it * 32 + lane) * hp + mask_col];
+            const uint32_t x = src[(it * 32 + lane) * mask_hp + mask_col];
             any |= x;
             all &= x != 0 ? 0x01010101u : 0u;
           }
@@ -352,10 +366,10 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
                         bar_full_k(stage), n0 + 64 * x, seq.q_start + m0, bias_h, bias_b);
         } else if (bias_row) {
           tma_load_4d(sBias + stage * Smem::kBias, &args.bias, bar_full_k(stage),
-                      seq.k_start + n0, 0, bias_h, bias_b);
+                      key_load_start(seq.k_start, n0, 1, 2), 0, bias_h, bias_b);
         } else if (bias_chunk) {
           load_chunk(sBias + stage * Smem::kBias, &args.bias, bar_full_k(stage), n0,
-                     args.bias_chunk_heads, args.bias_chunk_box, 2);
+                     args.bias_chunk_heads, args.bias_chunk_box, args.bias_chunk_boxes, 2);
         }
       }
       mbar_wait(bar_empty_v(stage), phase ^ 1);
@@ -416,10 +430,12 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
   const bool bias_tile = kHasBias && args.bias_mode == kOperandTile;
   const bool bias_keys = bias_tile || (kHasBias && (args.bias_mode == kOperandKeyRow ||
                                                     args.bias_mode == kOperandKeyChunk));
-  // Key chunks of more than one head: values chunk_heads apart, this head's column first.
+  // Key chunks of more than one head: values chunk_heads apart, this head's column first; key
+  // rows and chunks: the stage's values start key_lead elements in (fwd.cu: key_load_start).
   const int bias_hp = kHasBias && args.bias_mode == kOperandKeyChunk ? args.bias_chunk_heads : 1;
   const int mask_hp = kHasMask && args.mask_mode == kOperandKeyChunk ? args.mask_chunk_heads : 1;
-  const int bias_col = bias_hp > 1 ? bias_h : 0, mask_col = mask_hp > 1 ? mask_h : 0;
+  const int bias_col = (bias_hp > 1 ? bias_h : 0) + key_lead(seq.k_start, bias_hp, 2);
+  const int mask_col = (mask_hp > 1 ? mask_h : 0) + key_lead(seq.k_start, mask_hp, 1);
   // The split logit transform (logits.cuh): the scale folds into the softmax's FFMA unless a
   // softcap or a key-dependent bias makes the logit natural-log first.
   const bool capped = has_softcap(p);
@@ -446,7 +462,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
       const uint16_t* sv = reinterpret_cast<const uint16_t*>(smem + (sBias - base) +
                                                              stage * Smem::kBias) +
                            2 * t * bias_hp + bias_col;
-      if (bias_hp == 1) {
+      if (bias_hp == 1 && bias_col % 2 == 0) {  // 4-byte aligned pairs
 #pragma unroll
         for (int j = 0; j < kNF; ++j)
           ops.bias[j][0] = ops.bias[j][1] = *reinterpret_cast<const uint32_t*>(sv + 8 * j);
@@ -472,12 +488,12 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
           }
           ops.mask[j] = w;
         }
-      } else if (mask_hp == 1) {  // one key row for both row halves
+      } else if (mask_hp == 1 && mask_col % 2 == 0) {  // one key row for both row halves
 #pragma unroll
         for (int j = 0; j < kNF; ++j)
-          ops.mask[j] = uint32_t(*reinterpret_cast<const uint16_t*>(smk + 8 * j + 2 * t)) *
-                        0x00010001u;
-      } else {  // this head's column of a key chunk
+          ops.mask[j] = uint32_t(*reinterpret_cast<const uint16_t*>(smk + mask_col + 8 * j +
+                                                                      2 * t)) * 0x00010001u;
+      } else {  // this head's column of a key chunk (or a key row at an odd lead)
         const uint8_t* sv = smk + 2 * t * mask_hp + mask_col;
 #pragma unroll
         for (int j = 0; j < kNF; ++j) {

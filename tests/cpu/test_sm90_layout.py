@@ -127,6 +127,14 @@ def _static_asserts() -> str:
         lines.append(f"static_assert(dm::Sm90FwdSmem<{hd}, {bn}, {st}, {str(mask).lower()}, "
                      f"{str(bias).lower()}>::kAlloc == {smem});")
     lines.append(f"static_assert(sizeof(dm::Sm90FwdArgs) == {f90.ARGS_DTYPE.itemsize});")
+    # key-based loads: the kernel's start/lead equal the host model (16-byte aligned starts)
+    for k_start in (0, 1, 7, 12, 37, 316, 1023):
+        for heads in (1, 2, 3, 8, 127):
+            for elem in (1, 2):
+                lines.append(f"static_assert(dm::key_load_start({k_start}, 64, {heads}, {elem}) "
+                             f"== {f90.key_load_start(k_start, 64, heads, elem)});")
+                lines.append(f"static_assert(dm::key_lead({k_start}, {heads}, {elem}) == "
+                             f"{f90.key_lead(k_start, heads, elem)});")
     return "\n".join(lines) + "\n"
 
 

@@ -163,23 +163,28 @@ def test_varlen_tensor_maps():
     assert m.box == (64, 128, 1, 1) and m.swizzle == 64
     assert b.dims == (400, TQ, H, 1) and b.strides == (H * 800, 800, 16) and b.swizzle == 128
     # key-based: the flattened tensor, 1-D boxes; transposed: one row per head
-    for heads, bn in ((1, 128), (HK, 128), (H, 64), (3, 64), (128, 128)):
+    for heads, bn in ((1, 128), (HK, 128), (H, 64), (3, 64), (127, 128)):
         pl = f90.plan_operands(None, _contig((TK, heads)), bn, True)["bias"]
         assert pl.mode == f90.OPERAND_KEY_CHUNK and pl.chunk_heads == heads
         assert pl.map.dims == (TK * heads, 1, 1, 1) and pl.map.box == (pl.chunk_box, 1, 1, 1)
+        assert (pl.chunk_box, pl.chunk_boxes) == f90.chunk_box(bn, heads, 2)
         pl.map.check()
-    # boxes start 128-byte aligned in shared memory (TMA's rule) and fit one stage / slot
+    with pytest.raises(f90.TensorMapError):  # 128 heads and a lead overflow the stage
+        f90.plan_operands(None, _contig((TK, 128)), 64, True)
+    # boxes start 128-byte aligned in shared memory (TMA's rule), cover the values and the
+    # longest lead, and fit one stage / slot
     for bn in (64, 128):
         for heads in range(1, f90.MAX_CHUNK_HEADS + 1):
-            box, total = f90.chunk_box(bn, heads), bn * heads
-            n_box = -(-total // box)
-            for elem, stage in ((1, 128 * bn), (2, 128 * bn * 2)):
+            for elem in (1, 2):
+                box, n_box = f90.chunk_box(bn, heads, elem)
                 assert box <= 256 and (box * elem) % 16 == 0
                 assert n_box == 1 or (box * elem) % 128 == 0
-                assert n_box * box * elem <= stage
+                assert n_box * box >= f90.key_span(bn, heads, elem)
+                assert n_box * box * elem <= f90.key_stage_bytes(bn, elem) == 128 * bn * elem
     tr = f90.plan_operands(_info((TK, H), (1, TK), "bool"), None, 128, True)["mask"]
     assert tr.mode == f90.OPERAND_KEY_ROW
     assert tr.map.dims == (TK, 1, H, 1) and tr.map.strides == (16, TK, 16)
+    assert tr.map.box == (128 + 16, 1, 1, 1) and (tr.chunk_box, tr.chunk_boxes) == (144, 1)
 
 
 def test_args_record_carries_the_chunk_fields(monkeypatch):
@@ -190,33 +195,82 @@ def test_args_record_carries_the_chunk_fields(monkeypatch):
     rec = f90.build_args(q, k, v, mask, bias, 64, varlen=True)
     raw = rec.tobytes()
     assert len(raw) == 704 and raw[384:512] == bytes([(7 << 20) % 251]) * 128
-    ints = np.frombuffer(raw[640:664], dtype=np.int32).tolist()
-    assert ints == [f90.OPERAND_KEY_CHUNK, f90.OPERAND_TILE, HK, 1,
-                    f90.chunk_box(64, HK), 0]
+    ints = np.frombuffer(raw[640:672], dtype=np.int32).tolist()
+    box, boxes = f90.chunk_box(64, HK, 1)
+    assert ints == [f90.OPERAND_KEY_CHUNK, f90.OPERAND_TILE, HK, 1, box, 0, boxes, 0]
+    # a dense key row: one box of block_n from key n0 (keys start at 0: aligned)
+    rec = f90.build_args(_contig((2, 64, H, D)), _contig((2, 256, HK, D)),
+                         _contig((2, 256, HK, D)), _contig((2, H, 1, 256), "bool"), None, 128)
+    ints = np.frombuffer(rec.tobytes()[640:672], dtype=np.int32).tolist()
+    assert ints == [f90.OPERAND_KEY_ROW, 0, 1, 1, 128, 0, 1, 0]
+
+
+def _key_plans():
+    """Every varlen key-based operand plan: chunks (contiguous rows) and rows (transposed),
+    mask and bias, both block_n, h' from 1 to MAX_CHUNK_HEADS."""
+    for bn in (64, 128):
+        for heads in (1, 2, 3, 4, 5, 8, 16, 33, 64, f90.MAX_CHUNK_HEADS):
+            for dtype, name in (("bool", "mask"), ("bfloat16", "bias")):
+                x = _contig((TK, heads), dtype)
+                yield bn, heads, name, f90.plan_operands(
+                    x if name == "mask" else None, None if name == "mask" else x, bn,
+                    True)[name]
+            if heads > 1:
+                for dtype, name in (("bool", "mask"), ("bfloat16", "bias")):
+                    x = _info((TK, heads), (1, TK), dtype)
+                    yield bn, heads, name, f90.plan_operands(
+                        x if name == "mask" else None, None if name == "mask" else x, bn,
+                        True)[name]
+
+
+def test_key_based_loads_start_16_byte_aligned():
+    """The H200 fault (an illegal instruction, bias-q-mask-k-h1-64): a TMA box whose first
+    global element is not 16-byte aligned faults, and a packed sequence's first key sits
+    anywhere (k_start 12 there). Every key-based load the kernel issues (key_load_start,
+    checked equal to fwd.cu's in test_sm90_layout) starts 16-byte aligned for every k_start,
+    its boxes cover the tile's values past key_lead and fit the stage, and the expect_tx
+    bytes are those of the boxes."""
+    for bn, heads, name, pl in _key_plans():
+        elem = 1 if name == "mask" else 2
+        hp = pl.chunk_heads
+        assert pl.mode in (f90.OPERAND_KEY_CHUNK, f90.OPERAND_KEY_ROW)
+        assert pl.chunk_box == pl.map.box[0] and pl.chunk_boxes >= 1
+        assert pl.chunk_boxes * pl.chunk_box * elem <= f90.key_stage_bytes(bn, elem)
+        for k_start in range(0, 40):
+            for n0 in (0, bn, 5 * bn):
+                start = f90.key_load_start(k_start, n0, hp, elem)
+                lead = f90.key_lead(k_start, hp, elem)
+                assert (start * elem) % 16 == 0, (name, heads, bn, k_start, n0)
+                assert start + lead == (k_start + n0) * hp
+                assert lead + bn * hp <= pl.chunk_boxes * pl.chunk_box
+                for y in range(pl.chunk_boxes):  # every box of the stage
+                    assert ((start + y * pl.chunk_box) * elem) % 16 == 0
 
 
 def test_key_chunk_model_reads_the_sequence_keys():
-    """The kernel's key chunk: boxes of chunk_box elements from (k_start + n0) * h' over the
-    flattened tensor, zero past its end; a consumer reads key c of head column hc at
-    c * h' + hc. That is the operand's value of key k_start + n0 + c."""
+    """The kernel's key chunk: chunk_boxes boxes of chunk_box elements from key_load_start
+    over the flattened tensor, zero past its end; a consumer reads key c of head column hc
+    at key_lead + c * h' + hc. That is the operand's value of key k_start + n0 + c."""
     rng = np.random.default_rng(0)
-    for heads, bn in ((1, 128), (3, 64), (HK, 128), (16, 64)):
+    for heads, bn in ((1, 128), (1, 64), (3, 64), (HK, 128), (16, 64)):
         tk = 517
         x = rng.integers(1, 1000, size=(tk, heads))
         flat = x.reshape(-1)
-        box = f90.chunk_box(bn, heads)
-        for k_start, n0 in ((0, 0), (37, 128), (450, 64)):
-            e0 = (k_start + n0) * heads
-            n_box = -(-bn * heads // box)
-            chunk = np.zeros(n_box * box, dtype=x.dtype)
-            for y in range(n_box):
-                lo = e0 + y * box
-                part = flat[lo:lo + box]
-                chunk[y * box:y * box + len(part)] = part
-            for hc in range(heads):
-                for c in range(bn):
-                    key = k_start + n0 + c
-                    assert chunk[c * heads + hc] == (x[key, hc] if key < tk else 0)
+        for elem in (1, 2):
+            box, n_box = f90.chunk_box(bn, heads, elem)
+            for k_start, n0 in ((0, 0), (12, 0), (37, 128), (450, 64), (316, 192)):
+                e0 = f90.key_load_start(k_start, n0, heads, elem)
+                assert (e0 * elem) % 16 == 0
+                chunk = np.zeros(n_box * box, dtype=x.dtype)
+                for y in range(n_box):
+                    lo = e0 + y * box
+                    part = flat[lo:lo + box]
+                    chunk[y * box:y * box + len(part)] = part
+                lead = f90.key_lead(k_start, heads, elem)
+                for hc in range(heads):
+                    for c in range(bn):
+                        key = k_start + n0 + c
+                        assert chunk[lead + c * heads + hc] == (x[key, hc] if key < tk else 0)
 
 
 def _gather_keep(words: np.ndarray, t: int) -> int:

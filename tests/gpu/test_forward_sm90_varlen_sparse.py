@@ -138,9 +138,12 @@ def test_varlen_mask_bias_layouts(heads, mask_layout, bias_layout, d):
                   if bias_layout else None, seed=heads + 1)
 
 
+@pytest.mark.parametrize("lens_k", [[112, 256, 32], [113, 255, 32]], ids=["k16", "k113"])
 @pytest.mark.parametrize("heads", [HK, H])
-def test_varlen_key_based_transposed(heads):
-    lens = ([100, 129, 64], [112, 256, 32])  # total_k 400: 16-byte key rows per head
+def test_varlen_key_based_transposed(heads, lens_k):
+    # total_k 400: 16-byte key rows per head; k113: sequence 1 starts at key 113, off TMA's
+    # 16-byte box start (key rows load from the aligned-down key)
+    lens = ([100, 129, 64], lens_k)
     mask = _layout("mask", "k", heads, lens, 5, transposed=True)
     bias = _layout("bias", "k", heads, lens, 6, transposed=True)
     assert mask.stride() == (1, 400)
