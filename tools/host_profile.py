@@ -210,6 +210,21 @@ def stages(calls: int, device: str) -> list[tuple[str, float | None]]:
 
     row("calib: autograd.Function no-op fwd+bwd", lambda: torch.autograd.grad(
         _Nop.apply(qg), (qg,), dout))
+
+    class _Nop3(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, q: Any, k: Any, v: Any) -> Any:
+            return torch.empty_like(q)
+
+        @staticmethod
+        def backward(ctx: Any, g: Any) -> Any:
+            return g, g, g
+
+    row("calib: the same over q, k, v (bench's floor row)", lambda: torch.autograd.grad(
+        _Nop3.apply(qg, kg, vg), (qg, kg, vg), dout))
+    kept = dm.flash_dmattn_func(qg, kg, vg)
+    row("backward alone (retain_graph)", lambda: torch.autograd.grad(
+        kept, (qg, kg, vg), dout, retain_graph=True))
     if device == "cuda":
         F = torch.nn.functional
         qt, kt, vt = (x.transpose(1, 2) for x in (qg, kg, vg))
