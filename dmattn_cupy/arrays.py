@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -299,6 +300,35 @@ def allocator(like: Any, shape: tuple[int, ...], dtype: str | None,
         return alloc
     return functools.partial(np.zeros if zero else np.empty, shape,
                              dtype=like.dtype if dtype is None else dtype)
+
+
+def flat_view(flat: Any, shape: tuple[int, ...]) -> Any:
+    """The first ``prod(shape)`` elements of the 1-D array ``flat`` as a C-contiguous array of
+    ``shape`` (a view, same library)."""
+    n = math.prod(shape)
+    if array_kind(flat) == "torch":
+        return flat.as_strided(tuple(shape), _c_strides(shape), 0)
+    return flat[:n].reshape(shape)
+
+
+def view_caster(like: Any, shape: tuple[int, ...], dtype: str) -> Callable[[Any], Any]:
+    """A function taking a 1-D workspace of ``like``'s library and returning its first
+    ``prod(shape)`` elements as a new C-contiguous array of ``shape`` cast to ``dtype`` (bound
+    once; one view and one cast per call)."""
+    shape = tuple(int(n) for n in shape)
+    if array_kind(like) == "torch":
+        tdt, st = _torch_dtype(dtype), _c_strides(shape)
+        return lambda ws: ws.as_strided(shape, st, 0).to(tdt)
+    n = math.prod(shape)
+    return lambda ws: ws[:n].reshape(shape).astype(dtype)
+
+
+def _c_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    st, acc = [], 1
+    for n in reversed(shape):
+        st.append(acc)
+        acc *= max(1, int(n))
+    return tuple(reversed(st))
 
 
 def caster(like: Any, dtype: str) -> Callable[[Any], Any]:

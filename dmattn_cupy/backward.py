@@ -67,8 +67,9 @@ def dbias_mode(pb: Problem, strides, block_m: int, block_n: int,
 
 
 BWD_INPUTS = ("q", "k", "v", "mask", "bias", "cu_q", "cu_k", "out", "lse", "dout", "dlse")
-_BWD_POINTER_FIELD = {"dout": "dout", "dlse": "dlse", "dsum": "dsum", "dq_accum": "dq_accum",
-                      "dq": "dq", "dk": "dk", "dv": "dv", "dbias": "dbias"}
+_BWD_POINTER_FIELD = {"dout": "dout", "dlse": "dlse", "dsum": "dsum", "dq": "dq", "dk": "dk",
+                      "dv": "dv", "dbias": "dbias"}
+_WS_ALIGN = 64   # float32 elements (256 bytes): where dsum starts in the workspace
 
 
 def run_backward(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out: Any, lse: Any,
@@ -166,16 +167,24 @@ def backward_call(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out:
             dbias_st = dataclasses.replace(dbias_st, col=0, kseq=0)
 
     lse_shape = (pb.heads, pb.total_q) if pb.varlen else (pb.batch, pb.heads, pb.seqlen_q)
-    plan.allocs += [Alloc("dsum", lse_shape, "float32"), Alloc("dk", pb.k.shape, dt),
-                    Alloc("dv", pb.v.shape, dt)]
+    n_dsum = math.prod(lse_shape)
     if deterministic:
-        plan.allocs.append(Alloc("dq", pb.q.shape, dt))
+        plan.allocs += [Alloc("dsum", lse_shape, "float32"), Alloc("dk", pb.k.shape, dt),
+                        Alloc("dv", pb.v.shape, dt), Alloc("dq", pb.q.shape, dt)]
     else:
-        plan.allocs.append(Alloc("dq_accum", pb.q.shape, "float32", zero=True))
-    plan.extra.update(dtype=dt, expanded_axes=expanded_axes,
+        # one zero-filled float32 workspace per call: dq_accum (q's shape, contiguous) at
+        # element 0, dsum after it at a 256-byte boundary (one allocation and one fill)
+        n_dqa = math.prod(pb.q.shape)
+        dsum_at = -(-n_dqa // _WS_ALIGN) * _WS_ALIGN
+        plan.allocs += [Alloc("ws", (dsum_at + n_dsum,), "float32", zero=True),
+                        Alloc("dk", pb.k.shape, dt), Alloc("dv", pb.v.shape, dt)]
+        plan.extra["ws_dsum_bytes"] = 4 * dsum_at
+    plan.extra.update(dtype=dt, expanded_axes=expanded_axes, dq_shape=tuple(pb.q.shape),
                       bias_dtype=None if pb.bias is None else pb.bias.dtype)
     bufs = {a.name: (arrays.zeros if a.zero else arrays.empty)(query, a.shape, a.dtype or dt)
             for a in plan.allocs}
+    if "ws" in bufs:
+        bufs["dq_accum"] = arrays.flat_view(bufs["ws"], pb.q.shape)
 
     def ptr(a: Any) -> int:
         return describe(a).ptr if a is not None else 0
@@ -192,6 +201,12 @@ def backward_call(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out:
     if dlse is not None:
         plan.slot("dlse", rec, "dlse")
     for a in plan.allocs:
+        if a.name == "ws":
+            ws, off = ptr(bufs["ws"]), plan.extra["ws_dsum_bytes"]
+            r["dq_accum"], r["dsum"] = ws, ws + off
+            plan.slot("ws", rec, "dq_accum")
+            plan.slot("ws", rec, "dsum", off)
+            continue
         r[_BWD_POINTER_FIELD[a.name]] = ptr(bufs[a.name])
         plan.slot(a.name, rec, _BWD_POINTER_FIELD[a.name])
     for name, arr in (("do", dout), ("dq", bufs.get("dq")), ("dk", bufs["dk"]),
@@ -269,11 +284,11 @@ def finish_backward(plan: Plan, bufs: dict[str, Any]) -> tuple[Any, Any, Any, An
         like = bufs["dk"]
         dbias = next((a for a in plan.allocs if a.name == "dbias"), None)
         casts = plan.extra["casts"] = (
-            arrays.caster(like, dt) if "dq_accum" in bufs else None,
+            arrays.view_caster(like, plan.extra["dq_shape"], dt) if "ws" in bufs else None,
             arrays.caster(like, bias_dt) if dbias is not None and dbias.dtype != bias_dt
             else None)
     cast_dq, cast_db = casts
-    dq = bufs["dq"] if cast_dq is None else cast_dq(bufs["dq_accum"])
+    dq = bufs["dq"] if cast_dq is None else cast_dq(bufs["ws"])
     dbias = bufs.get("dbias")
     axes = plan.extra["expanded_axes"]
     if axes:  # a fixed-order reduction over the widened dims (float32)

@@ -54,6 +54,7 @@ class _Entry:
     pb: Problem = dataclasses.field(repr=False)  # the first call's problem (stale pointers)
     lse: bool            # the plan allocates lse
     allocs: list[Any] | None = dataclasses.field(default=None, repr=False)  # bound allocators
+    names: tuple[str, ...] | None = dataclasses.field(default=None, repr=False)  # of allocs
     # a forward entry's backward plans: (dout, dlse signatures, need_dbias) -> _Entry | None
     bwd: dict[tuple, Any] = dataclasses.field(default_factory=dict, repr=False)
 
@@ -103,12 +104,11 @@ def _csig(x: Any) -> tuple | None:
     return (x.dtype, x.shape, x.strides, x.device.id, x.data.ptr & 15)
 
 
-def _tptr(x: Any) -> int:
-    return 0 if x is None else x.data_ptr()
-
-
-def _cptr(x: Any) -> int:
-    return 0 if x is None else x.data.ptr
+def _pointers(lib: str, xs: tuple) -> list[int]:
+    """Device pointers of ``xs`` (0 for None), no per-array function call."""
+    if lib == "torch":
+        return [0 if x is None else x.data_ptr() for x in xs]
+    return [0 if x is None else x.data.ptr for x in xs]
 
 
 _FLAG_TYPES = (bool, type(None))
@@ -142,10 +142,8 @@ def _allocators(entry: _Entry, like: Any) -> list[Any]:
 
 def _run_forward(entry: _Entry, lib: str, q: Any, k: Any, v: Any, mask: Any, bias: Any,
                  cu_q: Any, cu_k: Any) -> tuple[Any, Any]:
-    ptr = _tptr if lib == "torch" else _cptr
     bufs = [make() for make in _allocators(entry, q)]
-    ptrs = [ptr(q), ptr(k), ptr(v), ptr(mask), ptr(bias), ptr(cu_q), ptr(cu_k)]
-    ptrs += [ptr(b) for b in bufs]
+    ptrs = _pointers(lib, (q, k, v, mask, bias, cu_q, cu_k, *bufs))
     plan = entry.plan
     plan.execute(ptrs, runtime.stream_ptr(lib, plan.device))
     return bufs[0], (bufs[1] if entry.lse else None)
@@ -189,13 +187,13 @@ def _exec_backward(entry: _Entry, lib: str, dout: Any, dlse: Any, q: Any, k: Any
                    ) -> tuple[Any, Any, Any, Any]:
     """A cached backward plan on this call's arrays: allocate, patch, launch, finish."""
     HITS[1] += 1
-    ptr = _tptr if lib == "torch" else _cptr
-    bufs = {a.name: make() for a, make in zip(entry.plan.allocs, _allocators(entry, q),
-                                              strict=True)}
-    ptrs = [ptr(x) for x in (q, k, v, mask, bias, cu_q, cu_k, out, lse, dout, dlse)]
-    ptrs += [ptr(b) for b in bufs.values()]
+    names = entry.names
+    if names is None:
+        names = entry.names = tuple(a.name for a in entry.plan.allocs)
+    made = [make() for make in _allocators(entry, q)]
+    ptrs = _pointers(lib, (q, k, v, mask, bias, cu_q, cu_k, out, lse, dout, dlse, *made))
     entry.plan.execute(ptrs, runtime.stream_ptr(lib, entry.plan.device))
-    return finish_backward(entry.plan, bufs)
+    return finish_backward(entry.plan, dict(zip(names, made, strict=True)))
 
 
 def _run_backward(call: _Call, dout: Any, dlse: Any, q: Any, k: Any, v: Any, mask: Any,
@@ -256,6 +254,20 @@ if torch is not None:
             return dq, dk, dv, (db if need_dbias else None), None
 
 
+    # ``Function.apply`` minus its Python wrapper (signature binding for setup_context, which
+    # _Attention does not define; dead functorch wrappers unwrapped here the same way); with a
+    # functorch transform active the full ``apply`` runs (and refuses, as before).
+    _apply_base = super(torch.autograd.Function, _Attention).apply
+    _transforms_active = torch._C._are_functorch_transforms_active
+    _unwrap = getattr(torch._C._functorch, "unwrap_if_dead", None)
+
+    def _apply(q: Any, k: Any, v: Any, bias: Any, call: _Call) -> Any:
+        if _unwrap is None or _transforms_active():
+            return _apply(q, k, v, bias, call)
+        return _apply_base(_unwrap(q), _unwrap(k), _unwrap(v),
+                           None if bias is None else _unwrap(bias), call)
+
+
 def _autograd(key: tuple, q: Any, k: Any, v: Any, mask: Any, bias: Any, cu_q: Any, cu_k: Any,
               deterministic: Any, validate: Any) -> Any:
     entry = forward_plans.get(key, _ABSENT)
@@ -271,7 +283,7 @@ def _autograd(key: tuple, q: Any, k: Any, v: Any, mask: Any, bias: Any, cu_q: An
         call = _Call(None, pb, bool(deterministic), mask, cu_q, cu_k, key)
     else:
         call = _Call(entry, entry.pb, bool(deterministic), mask, cu_q, cu_k, key)
-    return _Attention.apply(q, k, v, bias, call)
+    return _apply(q, k, v, bias, call)
 
 
 # --- public entries -------------------------------------------------------------------------

@@ -9,7 +9,10 @@ the raw driver launch) and tensor-map encodes do nothing. What is left is the Py
 a call, which is what this measures. With a GPU and ``--stub off`` (the default there) every
 stage runs for real on CUDA tensors, launches included.
 
-Each line is microseconds per call (median of 5 rounds of N calls). Stages of the forward:
+Each line is microseconds per call: with a real GPU the median wall time of 5 rounds of N calls
+(one synchronize per round); stubbed, the calling thread's CPU time (every stubbed call runs on
+it, autograd's backward included), the minimum of 7 rounds, which a busy machine disturbs far
+less than wall time. Stages of the forward:
 validate (``check_dense``), select (family + spec), params (``build_fwd_params``), sm90 maps
 (the Hopper family's tensor-map record), launch (one ``runtime.launch``), then end-to-end rows:
 the public forward without and with autograd (torch custom op / autograd.Function), a decode
@@ -115,18 +118,22 @@ def stub_gpu() -> Iterator[None]:
         reset()
 
 
-def per_call_us(fn: Callable[[], Any], calls: int, sync: Callable[[], None]) -> float:
+def per_call_us(fn: Callable[[], Any], calls: int, sync: Callable[[], None],
+                cpu_clock: bool = False) -> float:
+    """Microseconds per call of ``fn``: median wall time of 5 rounds, or with ``cpu_clock``
+    the minimum thread CPU time of 7 rounds (see the module docstring)."""
+    clock = time.thread_time if cpu_clock else time.perf_counter
     for _ in range(max(3, calls // 20)):
         fn()
     sync()
     runs = []
-    for _ in range(5):
-        t0 = time.perf_counter()
+    for _ in range(7 if cpu_clock else 5):
+        t0 = clock()
         for _ in range(calls):
             fn()
         sync()
-        runs.append((time.perf_counter() - t0) * 1e6 / calls)
-    return statistics.median(runs)
+        runs.append((clock() - t0) * 1e6 / calls)
+    return min(runs) if cpu_clock else statistics.median(runs)
 
 
 def stages(calls: int, device: str) -> list[tuple[str, float | None]]:
@@ -146,7 +153,7 @@ def stages(calls: int, device: str) -> list[tuple[str, float | None]]:
 
     def row(name: str, fn: Callable[[], Any]) -> None:
         try:
-            rows.append((name, per_call_us(fn, calls, sync)))
+            rows.append((name, per_call_us(fn, calls, sync, cpu_clock=device == "cpu")))
         except Exception as e:  # noqa: BLE001
             rows.append((f"{name} [{type(e).__name__}: {str(e)[:60]}]", None))
 
@@ -210,6 +217,21 @@ def stages(calls: int, device: str) -> list[tuple[str, float | None]]:
 
     row("calib: autograd.Function no-op fwd+bwd", lambda: torch.autograd.grad(
         _Nop.apply(qg), (qg,), dout))
+
+    class _Nop3(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, q: Any, k: Any, v: Any) -> Any:
+            return torch.empty_like(q)
+
+        @staticmethod
+        def backward(ctx: Any, g: Any) -> Any:
+            return g, g, g
+
+    row("calib: the same over q, k, v (bench's floor row)", lambda: torch.autograd.grad(
+        _Nop3.apply(qg, kg, vg), (qg, kg, vg), dout))
+    kept = dm.flash_dmattn_func(qg, kg, vg)
+    row("backward alone (retain_graph)", lambda: torch.autograd.grad(
+        kept, (qg, kg, vg), dout, retain_graph=True))
     if device == "cuda":
         F = torch.nn.functional
         qt, kt, vt = (x.transpose(1, 2) for x in (qg, kg, vg))
@@ -234,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     with ctx:
         rows = stages(args.calls, device)
     print(f"host us/call ({'GPU stubbed: Python work only' if stub else 'real GPU'}, "
-          f"torch {torch.__version__}, {args.calls} calls x 5 rounds, median)")
+          f"torch {torch.__version__}, {args.calls} calls x "
+          f"{'7 rounds, min thread CPU time' if stub else '5 rounds, median wall time'})")
     for name, us in rows:
         print(f"  {name:<48} {'n/a' if us is None else f'{us:8.2f}'}")
     return 0

@@ -283,6 +283,12 @@ def test_thin_backward_launches_what_the_validated_path_builds(cap, case):
     rec = _record(bwd_again[-1][3][0], "BwdParams")
     assert int(rec["o"][0]) == out.data_ptr() and int(rec["dout"][0]) == dout.data_ptr()
     assert int(rec["dk"][0]) == grads[1].data_ptr()
+    for r in (_record(bwd_first[-1][3][0], "BwdParams"), rec):
+        if kw.get("deterministic"):
+            assert int(r["dq_accum"][0]) == 0
+        else:  # one workspace: dq_accum at its start, dsum at the next 256-byte boundary
+            assert int(r["dsum"][0]) - int(r["dq_accum"][0]) == 4 * (-(-q.numel() // 64) * 64)
+            assert int(r["dq_accum"][0]) % 16 == 0
     assert grads[0].shape == q.shape and grads[0].dtype == q.dtype
     if "attn_bias" in kw:
         assert grads[3].shape == kw["attn_bias"].shape

@@ -47,14 +47,16 @@ def _row(ctx: Ctx, res: CaseResult, name: str, role: str, make: Maker, note: str
             fn()
             ctx.sync()
             r.first_call_s = time.perf_counter() - t0
-        hits = _thin_hits(ctx) if role != "peer" else None
+        hits = _thin_hits(ctx) if role in ("dmattn", "variant") else None
         tm = ctx.host_per_call(fn, _calls(ctx))
         r.wall_ms, r.ms_min, r.ms_p90, r.reps = (tm["wall_ms"], tm["ms_min"], tm["ms_p90"],
                                                  tm["reps"])
-        if hits is not None:  # how many forward calls the cached plans (thin path) served
-            done = _thin_hits(ctx)[0] - hits[0]
+        if hits is not None:  # how many forward / backward calls cached plans served
+            now = _thin_hits(ctx)
+            done, bwd = now[0] - hits[0], now[1] - hits[1]
             calls = tm["reps"] + max(ctx.args.warmup, 3)   # host_per_call warms up too
-            r.note = (r.note + "; " if r.note else "") + f"thin path {done}/{calls} calls"
+            r.note = (r.note + "; " if r.note else "") + f"thin path {done}/{calls} calls" + (
+                f", backward {bwd}/{calls}" if bwd else "")
     except Exception as e:  # noqa: BLE001
         r.status = "n/a" if role == "peer" or not isinstance(e, RuntimeError) else "error"
         r.note = reason(e, caught)
@@ -102,6 +104,8 @@ def _host_fwd(ctx: Ctx, res: CaseResult, shape: dict[str, Any]) -> None:
 
     _row(ctx, res, "dmattn (torch tensors)", "dmattn", dm_torch)
     _row(ctx, res, "dmattn (CuPy arrays)", "variant", dm_cupy)
+    _row(ctx, res, "floor: torch.empty_like(q)", "floor", lambda: lambda: ctx.torch.empty_like(q),
+         "one allocation, no launch: torch's own cost per op")
     _peers_fwd(ctx, res, q, k, v)
 
 
@@ -157,6 +161,12 @@ def _host_fwd_bwd(ctx: Ctx, res: CaseResult, shape: dict[str, Any]) -> None:
         return step(lambda: f(q, k, v), True)
 
     _row(ctx, res, "dmattn fwd+bwd", "dmattn", dm)
+    def floor() -> Callable[[], Any]:
+        apply = _nop_function(torch).apply   # one class, made once
+        return step(lambda: apply(q, k, v), True)
+
+    _row(ctx, res, "floor: no-op autograd.Function", "floor", floor,
+         "forward torch.empty_like(q), backward returns dout thrice: torch's own cost")
     _row(ctx, res, "sdpa fwd+bwd (torch's backend choice)", "peer",
          lambda: step(lambda: _sdpa(ctx, q, k, v), False))
     if "fa4" in ctx.peers:
@@ -165,6 +175,20 @@ def _host_fwd_bwd(ctx: Ctx, res: CaseResult, shape: dict[str, Any]) -> None:
             return step(lambda: f(q, k, v)[0], True)
 
         _row(ctx, res, "fa4 fwd+bwd", "peer", fa4)
+
+
+def _nop_function(torch: Any) -> Any:
+    """An autograd.Function doing no work: the floor of a custom-op fwd+bwd step."""
+    class Nop(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, q: Any, k: Any, v: Any) -> Any:
+            return torch.empty_like(q)
+
+        @staticmethod
+        def backward(ctx: Any, g: Any) -> Any:
+            return g, g, g
+
+    return Nop
 
 
 _FIRST_CALL = r"""

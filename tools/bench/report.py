@@ -19,7 +19,8 @@ class ImplResult:
     """One row of a case table."""
 
     name: str
-    role: str = "peer"              # "dmattn" | "variant" (another dmattn call) | "peer"
+    role: str = "peer"              # "dmattn" | "variant" (another dmattn call) | "peer" |
+    #                                 "floor" (torch doing no attention work: a lower bound)
     status: str = "ok"              # "ok" | "n/a" | "error"
     note: str = ""
     ms: float | None = None         # median GPU time per call
