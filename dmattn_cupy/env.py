@@ -85,15 +85,6 @@ def nvrtc_defines() -> tuple[str, ...]:
     return tuple(val)
 
 
-def sm90_varlen_operands() -> bool:
-    """``DMATTN_SM90_VARLEN_OPERANDS=1``: developers: let the Hopper forward take varlen
-    masks and biases (query- and key-based layouts). Off by default: that path faulted with an
-    illegal instruction on the H200 (2026-12-01, first failing case: a query-based bias with a
-    key-based mask, h' = 1, head dim 64), so the portable kernel serves them until it is fixed.
-    Varlen without a mask or bias runs on the Hopper forward either way."""
-    return _flag("DMATTN_SM90_VARLEN_OPERANDS")
-
-
 BACKWARD_FAMILIES = ("bwd_dkdv", "bwd_sm90")
 
 
@@ -112,8 +103,7 @@ def backward_family_override() -> str | None:
 
 # Variables that change which plan a call gets (family, tile, decode, splits, device checks).
 PLAN_VARIABLES = ("DMATTN_FWD_FAMILY", "DMATTN_BWD_FAMILY", "DMATTN_FWD_TILE", "DMATTN_DECODE",
-                  "DMATTN_NUM_SPLITS", "DMATTN_CHECK", "DMATTN_NVRTC_DEFINES",
-                  "DMATTN_SM90_VARLEN_OPERANDS")
+                  "DMATTN_NUM_SPLITS", "DMATTN_CHECK", "DMATTN_NVRTC_DEFINES")
 _environ_data = getattr(os.environ, "_data", None)
 _encoded = tuple(os.environ.encodekey(n) for n in PLAN_VARIABLES) \
     if _environ_data is not None and hasattr(os.environ, "encodekey") else None

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import env
 from .arrays import ArrayInfo
 from .tensor_map import TensorMapError, TensorMapSpec, dim_stride, encode, record_slots
 
@@ -275,8 +274,7 @@ def tile_for(head_dim: int, q: ArrayInfo, k: ArrayInfo, v: ArrayInfo, mask: Arra
     finite values only (a -inf row must drop the row, a NaN or +inf one make it NaN); a
     varlen mask/bias with one key column; more query tiles than the grid's z dimension
     holds; block lists whose blocks are not whole 128-row CTAs and whole key tiles (64-row
-    blocks), or with varlen; a varlen mask or bias unless DMATTN_SM90_VARLEN_OPERANDS=1
-    (env.sm90_varlen_operands)."""
+    blocks), or with varlen."""
     if seqlen_q < 1 or seqlen_k < 1 or head_dim > HEAD_DIMS[-1]:
         return None
     if varlen and not (q.ndim == k.ndim == v.ndim == 3):
@@ -285,8 +283,6 @@ def tile_for(head_dim: int, q: ArrayInfo, k: ArrayInfo, v: ArrayInfo, mask: Arra
         return None
     if varlen and (operand_mode(mask, varlen) == OPERAND_QUERY_ROW or sparse):
         return None
-    if varlen and (mask is not None or bias is not None) and not env.sm90_varlen_operands():
-        return None  # a known fault in the varlen mask/bias path: env.sm90_varlen_operands
     hd = padded_head_dim(head_dim)
     tile = TILES.get((hd, mask is not None, bias is not None))
     if tile is None:

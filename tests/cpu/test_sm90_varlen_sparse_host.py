@@ -48,24 +48,15 @@ def test_varlen_without_mask_or_bias_is_taken():
     assert f90.tile_for(D, q4, q4, q4, None, None, MAXQ, MAXK, varlen=True) is None
 
 
-def test_varlen_mask_or_bias_is_declined_by_default(monkeypatch):
-    """The Hopper kernel's varlen mask/bias path faulted on the H200: off unless asked for."""
-    monkeypatch.delenv("DMATTN_SM90_VARLEN_OPERANDS", raising=False)
+def test_varlen_mask_or_bias_is_taken():
+    """Varlen masks and biases run on the Hopper kernel (key-based boxes start 16-byte
+    aligned: the cause of the fault that kept this path off is fixed)."""
     mask, bias = _contig((TK, H), "bool"), _contig((TQ, H, 400))
-    assert _take(mask) is None and _take(None, bias) is None and _take(mask, bias) is None
-    assert _take() == (128, 128, 2)
-    pb = _problem(True, mask, None)
-    assert select.forward(pb, H100).family == "fwd_mma"
-    monkeypatch.setenv("DMATTN_SM90_VARLEN_OPERANDS", "1")
-    assert _take(mask) is not None and select.forward(pb, H100).family == "fwd_sm90"
+    assert _take(mask) is not None and _take(None, bias) is not None
+    assert _take(mask, bias) is not None
+    assert select.forward(_problem(True, mask, None), H100).family == "fwd_sm90"
 
 
-@pytest.fixture
-def varlen_operands(monkeypatch):
-    monkeypatch.setenv("DMATTN_SM90_VARLEN_OPERANDS", "1")
-
-
-@pytest.mark.usefixtures("varlen_operands")
 @pytest.mark.parametrize("heads", [1, HK, H])
 def test_key_based_layouts(heads):
     mask, bias = _contig((TK, heads), "bool"), _contig((TK, heads))
@@ -84,7 +75,6 @@ def test_key_based_layouts(heads):
     assert _take(None, _contig((TK, heads), "float32")) is None
 
 
-@pytest.mark.usefixtures("varlen_operands")
 def test_query_based_layouts():
     assert _take(_contig((TQ, HK, 400), "bool")) == (128, 128, 2)
     assert _take(None, _contig((TQ, H, 400))) == (128, 128, 2)
@@ -121,7 +111,6 @@ def _problem(varlen, mask=None, bias=None, d=D):
                    total_q=TQ if varlen else 0, total_k=TK if varlen else 0)
 
 
-@pytest.mark.usefixtures("varlen_operands")
 def test_select_routes_varlen_and_sparse_by_device():
     pb = _problem(True, _contig((TK, H), "bool"), _contig((TK, HK)))
     spec = select.forward(pb, H100)

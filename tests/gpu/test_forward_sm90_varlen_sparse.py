@@ -18,7 +18,7 @@ import pytest
 from gpu_helpers import assert_fa_close, f64
 
 import dmattn_cupy as dm
-from dmattn_cupy import env, runtime
+from dmattn_cupy import runtime
 from dmattn_cupy.forward import run_forward, select_fwd_spec
 from dmattn_cupy.sparse_plan import block_size_of, fold_window
 from dmattn_cupy.validate import check_dense, check_varlen
@@ -54,8 +54,6 @@ def _packed(lens_q, lens_k, d, seed, dtype=torch.bfloat16):
 
 def _varlen_check(lens, d=64, mask=None, bias=None, seed=0, family=True, causal=False,
                   dtype=torch.bfloat16):
-    if (mask is not None or bias is not None) and not env.sm90_varlen_operands():
-        family = False  # the Hopper kernel's varlen mask/bias path is off by default
     q, k, v, cu_q, cu_k, mq, mk = _packed(*lens, d, seed, dtype)
     pb = check_varlen(q, k, v, cu_q, cu_k, mq, mk, mask, bias, None, causal, (-1, -1), 0.0,
                       "cuda")
