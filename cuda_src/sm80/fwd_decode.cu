@@ -35,12 +35,13 @@
 namespace dm {
 
 // A/B switches (DMATTN_NVRTC_DEFINES; defaults = the committed kernel):
-// DM_DECODE_LEAN_ISSUE=1: fixed-count K/V issue loops (see kLeanIssue below);
+// DM_DECODE_LEAN_ISSUE=0: the generic K/V issue loops instead of the fixed-count ones (see
+// kLeanIssue below: 3425 against 2273 GB/s on the H200's decode case);
 // DM_DECODE_STAGES=N: K/V ring depth N at every head dim (families.decode_stages reads the same
 // define, so the launch's smem follows); DM_DECODE_MIN_CTAS=M: __launch_bounds__ min blocks
 // at d <= 128 (3 spills at d192/d256).
 #ifndef DM_DECODE_LEAN_ISSUE
-#define DM_DECODE_LEAN_ISSUE 0
+#define DM_DECODE_LEAN_ISSUE 1
 #endif
 #ifndef DM_DECODE_STAGES
 #define DM_DECODE_STAGES 0
@@ -218,8 +219,8 @@ flash_fwd_decode_kernel(const FwdParams p) {
     return bits;
   };
 
-  // Lean K/V issue (DM_DECODE_LEAN_ISSUE=1, an A/B switch): thread t copies the 16-byte chunk
-  // lcol of rows lr0 + m * kRowStep of a tile; needs kThreads % kChunks == 0 and kRowStep | 16
+  // Lean K/V issue (default; DM_DECODE_LEAN_ISSUE=0: the generic loop): thread t copies the
+  // 16-byte chunk lcol of rows lr0 + m * kRowStep of a tile; needs kThreads % kChunks == 0 and kRowStep | 16
   // (d64/d128/d256), else the generic loop below runs.
   constexpr int kRowStep = kThreads % kChunks == 0 ? kThreads / kChunks : 16;
   constexpr bool kLeanIssue = kDecodeLeanIssue && kThreads % kChunks == 0 && 16 % kRowStep == 0;
