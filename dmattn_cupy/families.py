@@ -133,13 +133,14 @@ class Family:
 # --- shared-memory formulas (bytes); each mirrors its kernel's layout -------------------------
 
 def decode_stages(head_dim: int) -> int:
-    """K/V pipeline depth of the decode kernel (cuda_src/sm80/fwd_decode.cu, ``decode_stages``;
-    its A/B define ``DM_DECODE_STAGES=N`` in DMATTN_NVRTC_DEFINES sets it at every head dim)."""
+    """K/V pipeline depth of the decode kernel (cuda_src/sm80/fwd_decode.cu, ``decode_stages``):
+    2 at every head dim (at d <= 128 three CTAs share an SM); its A/B define
+    ``DM_DECODE_STAGES=N`` in DMATTN_NVRTC_DEFINES sets another depth."""
     for d in env.nvrtc_defines():
         name, _, val = d.partition("=")
         if name == "DM_DECODE_STAGES" and val.isdigit() and int(val) > 0:
             return int(val)
-    return 2 if head_dim > 128 else 3
+    return 2
 
 
 def _smem_fwd_mma(s: SpecShape) -> int:

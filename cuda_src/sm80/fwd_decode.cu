@@ -37,9 +37,10 @@ namespace dm {
 // A/B switches (DMATTN_NVRTC_DEFINES; defaults = the committed kernel):
 // DM_DECODE_LEAN_ISSUE=0: the generic K/V issue loops instead of the fixed-count ones (see
 // kLeanIssue below: 3425 against 2273 GB/s on the H200's decode case);
-// DM_DECODE_STAGES=N: K/V ring depth N at every head dim (families.decode_stages reads the same
-// define, so the launch's smem follows); DM_DECODE_MIN_CTAS=M: __launch_bounds__ min blocks
-// at d <= 128 (3 spills at d192/d256).
+// DM_DECODE_STAGES=N: K/V ring depth N at every head dim (default 2; families.decode_stages
+// reads the same define, so the launch's smem follows); DM_DECODE_MIN_CTAS=M: __launch_bounds__
+// min blocks at d <= 128 (default 3: 3 CTAs of 75 KB per SM at <= 168 registers; 3 spills at
+// d192/d256). Measured on the H200 decode case with 3 splits: 3771 GB/s, 2 stages x 2 CTAs 3457.
 #ifndef DM_DECODE_LEAN_ISSUE
 #define DM_DECODE_LEAN_ISSUE 1
 #endif
@@ -47,12 +48,12 @@ namespace dm {
 #define DM_DECODE_STAGES 0
 #endif
 #ifndef DM_DECODE_MIN_CTAS
-#define DM_DECODE_MIN_CTAS 2
+#define DM_DECODE_MIN_CTAS 3
 #endif
 constexpr bool kDecodeLeanIssue = DM_DECODE_LEAN_ISSUE != 0;
 // K/V pipeline depth; dmattn_cupy/families.py (decode_stages) sizes the dynamic smem with it.
 constexpr int decode_stages(int head_dim) {
-  return DM_DECODE_STAGES > 0 ? DM_DECODE_STAGES : head_dim > 128 ? 2 : 3;
+  return DM_DECODE_STAGES > 0 ? DM_DECODE_STAGES : 2;
 }
 constexpr int kDecodeBtSlots = 8;  // block-table ring, in tiles (>= kStages + 1)
 // Staged mask/bias rows of a CTA for a slot mode (dmattn_cupy/decode.py, staged_rows).

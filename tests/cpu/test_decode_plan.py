@@ -72,16 +72,17 @@ def test_specs_and_resources():
     spec = decode.decode_spec(pb)
     assert spec.id == "fwd_decode_bf16_d128_m16n64w4_mask1_bias1_varlen1"
     assert spec.name_expression.startswith("dm::flash_fwd_decode_kernel<dm::BFloat16, 128, 16, 64")
-    # Q slab + 3 stages of K and V (64 keys), rows padded by 8, the block-table ring and the
+    # Q slab + 2 stages of K and V (64 keys), rows padded by 8, the block-table ring and the
     # staged rows' offsets; then per stage the staged mask/bias words (64 per staged row).
-    kv = (16 + 2 * 3 * 64) * 136 * 2 + 8 * 16 + 256
-    assert spec.dynamic_smem == kv + 3 * (16 + 16) * 64 * 4  # the most: 16 rows per tensor
+    kv = (16 + 2 * 2 * 64) * 136 * 2 + 8 * 16 + 256
+    assert spec.dynamic_smem == kv + 2 * (16 + 16) * 64 * 4  # the most: 16 rows per tensor
     rec = decode.build_fwd_params(pb, pb.q, 0)[0]  # key-based (total_k, Hk) mask and bias
-    assert decode.launch_smem(spec, rec) == kv + 3 * 2 * 64 * 4
+    assert decode.launch_smem(spec, rec) == kv + 2 * 2 * 64 * 4
     assert (rec["mask_slot_mode"], rec["bias_slot_mode"]) == (0, 0)
-    # one staged row per tensor keeps two CTAs per H100 SM; 16 rows each do not
-    assert decode.resident_ctas(spec, 185, H100, decode.launch_smem(spec, rec)) == 2
-    assert decode.resident_ctas(spec, registers=185, dev=H100) == 1
+    # one staged row per tensor keeps three CTAs per H100 SM (at <= 168 registers: the
+    # launch bounds' 3 blocks); 16 rows each hold two
+    assert decode.resident_ctas(spec, 168, H100, decode.launch_smem(spec, rec)) == 3
+    assert decode.resident_ctas(spec, registers=168, dev=H100) == 2
     assert decode.combine_spec(pb).id == "fwd_combine_bf16_d128_m1n1w4_mask0_bias0_varlen0"
     assert decode.num_m_blocks(dataclasses.replace(pb, seqlen_q=8)) == 2  # 8 q x 4 heads / 16
     specs = decode.all_decode_specs()
@@ -116,21 +117,30 @@ def test_slot_modes():
 
 
 def test_stage_switch_sizes_the_launch_like_the_kernel(monkeypatch):
-    """DM_DECODE_STAGES=N (an A/B define of fwd_decode.cu) also sets the host's smem formula, so
-    a 2-stage d128 build launches with 2 stages' bytes: 3 CTAs per H100/H200 SM at <= 168
-    registers, where the default 3 stages hold 2 (both pick no split for the bench's shape)."""
+    """DM_DECODE_STAGES=N (an A/B define of fwd_decode.cu) also sets the host's smem formula: the
+    default 2 stages at d128 hold 3 CTAs per H100/H200 SM at <= 168 registers, a 3-stage build
+    2. The bench's shape (512 CTAs) then fills 1.29 waves of 396 slots: 3 splits (3.88 waves),
+    and no split on 264 slots (1.94 waves)."""
     pb = _problem()
     spec = decode.decode_spec(pb)
     rec = decode.build_fwd_params(pb, pb.q, 0)[0]
     monkeypatch.delenv("DMATTN_NUM_SPLITS", raising=False)
     monkeypatch.delenv("DMATTN_NVRTC_DEFINES", raising=False)
-    smem3 = decode.launch_smem(spec, rec)
-    assert smem3 == (16 + 2 * 3 * 64) * 136 * 2 + 8 * 16 + 256 + 3 * 2 * 64 * 4 == 110720
-    assert decode.resident_ctas(spec, 168, H100, smem3) == 2
-    monkeypatch.setenv("DMATTN_NVRTC_DEFINES",
-                       "DM_DECODE_LEAN_ISSUE=1 DM_DECODE_STAGES=2 DM_DECODE_MIN_CTAS=3")
     smem2 = decode.launch_smem(spec, rec)
     assert smem2 == (16 + 2 * 2 * 64) * 136 * 2 + 8 * 16 + 256 + 2 * 2 * 64 * 4 == 75392
     assert decode.resident_ctas(spec, 168, H100, smem2) == 3
     assert decode.resident_ctas(spec, 176, H100, smem2) == 2  # registers cap it above 170
-    assert decode.choose_num_splits(pb, spec, 168, H100, smem2) == 1
+    assert decode.choose_num_splits(pb, spec, 168, H100, smem2) == 3
+    monkeypatch.setenv("DMATTN_NVRTC_DEFINES", "DM_DECODE_STAGES=3 DM_DECODE_MIN_CTAS=2")
+    smem3 = decode.launch_smem(spec, rec)
+    assert smem3 == (16 + 2 * 3 * 64) * 136 * 2 + 8 * 16 + 256 + 3 * 2 * 64 * 4 == 110720
+    assert decode.resident_ctas(spec, 168, H100, smem3) == 2
+    assert decode.choose_num_splits(pb, spec, 168, H100, smem3) == 1
+
+
+def test_tail_wave_splits():
+    """Grids that fill the slots but leave a thin last wave split to fill it (the H200 decode
+    case: 512 CTAs on 396 slots, 3 splits measured best); full-enough grids do not split."""
+    assert decode.num_splits_heuristic(ctas=512, slots=396, n_tiles=64) == 3
+    assert decode.num_splits_heuristic(ctas=396, slots=396, n_tiles=64) == 1
+    assert decode.num_splits_heuristic(ctas=700, slots=396, n_tiles=64) == 1  # 0.88 of 2 waves
