@@ -49,6 +49,24 @@
 
 namespace dm {
 
+// A/B switches (DMATTN_NVRTC_DEFINES; the defaults give today's kernel, and forward_sm90 reads
+// the same defines for its tiles and shared memory):
+// - DM_SM90_MB_MASK_SLOTS: mask slots of the 64-key tiles at head dim <= 128 (the mask + bias
+//   specs), default 8; with DM_SM90_MB_STAGES=3 (host: their K/V stages) 6 fit in 227 KB.
+// - DM_SM90_KBIAS_F32: a dense key-row bias ((B|1, H|1, 1, Sk)) is read by the producer warp
+//   (plain loads, issued before it waits for the stage) and stored as one fp32 row per stage
+//   in the bias stage's space instead of the bf16 row by TMA. 1: the consumers add it with
+//   the same FFMA from one 8-byte load per key pair (no bf16 unpacking); 2: without a softcap
+//   the row is stored divided by the softmax scale and loaded into S's accumulator before
+//   S = Q K^T accumulates onto it, so the softmax runs as in the no-bias kernel (with a
+//   softcap, as 1).
+#ifndef DM_SM90_MB_MASK_SLOTS
+#define DM_SM90_MB_MASK_SLOTS 8
+#endif
+#ifndef DM_SM90_KBIAS_F32
+#define DM_SM90_KBIAS_F32 0
+#endif
+
 // Tile classes the producer hands over (bits; 0 = full: no per-element work).
 constexpr int kFormulaPartial = 1;  // crosses the key end or a causal/window edge
 constexpr int kMaskPartial = 2;     // its mask tile has false elements
@@ -87,7 +105,8 @@ struct Sm90FwdSmem {
   // Consumers hold up to kStages + 1 slots (the tiles in their K/V stages and the one being
   // released), so a load kMaskAhead tiles ahead of the classified one never waits for them.
   // 64-key tiles (8 KB at 128 rows) get 8 slots where shared memory allows, 128-key ones 4.
-  static constexpr int kMaskSlots = !kHasMask ? 0 : (kBlockN == 64 && kHeadDim <= 128) ? 8 : 4;
+  static constexpr int kMaskSlots =
+      !kHasMask ? 0 : (kBlockN == 64 && kHeadDim <= 128) ? DM_SM90_MB_MASK_SLOTS : 4;
   static constexpr int kMaskAhead = kMaskSlots - kStages - 1;
   static_assert(!kHasMask || kMaskAhead >= 1, "at least one mask tile in flight ahead");
   static constexpr int kMaskRing = kHasMask ? kMaskSlots : 1;  // a nonzero modulus
