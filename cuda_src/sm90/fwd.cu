@@ -59,7 +59,8 @@ namespace dm {
 //   consumers add it with the same FFMA from one 8-byte load per key pair (no bf16
 //   unpacking); 2: without a softcap the row is stored divided by the softmax scale and
 //   loaded into S's accumulator before S = Q K^T accumulates onto it, so the softmax runs
-//   as in the no-bias kernel (with a softcap, the default path).
+//   as in the no-bias kernel (with a softcap, the default path); 3: as 2, each row half's
+//   pair by its own 8-byte load (2 copies it by two moves).
 #ifndef DM_SM90_MB_MASK_SLOTS
 #define DM_SM90_MB_MASK_SLOTS 8
 #endif
@@ -248,7 +249,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
     // warp's plain loads, not by TMA; keys past len_k read 0 (excluded by formula anyway).
     const bool bias_f32 = DM_SM90_KBIAS_F32 != 0 && !kHasMask && bias_row && !varlen &&
                           (DM_SM90_KBIAS_F32 == 1 || !has_softcap(p));
-    const float row_mult = DM_SM90_KBIAS_F32 == 2 ? kLog2e / p.scale_log2 : 1.f;
+    const float row_mult = DM_SM90_KBIAS_F32 >= 2 ? kLog2e / p.scale_log2 : 1.f;
     const uint16_t* bias_keyrow = static_cast<const uint16_t*>(p.bias) +
                                   int64_t(bias_b) * p.bias_batch_stride +
                                   int64_t(bias_h) * p.bias_head_stride;
@@ -490,7 +491,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
   const bool bias_f32 = DM_SM90_KBIAS_F32 != 0 && !kHasMask && kHasBias &&
                         args.bias_mode == kOperandKeyRow && !varlen &&
                         (DM_SM90_KBIAS_F32 == 1 || !capped);
-  const bool fold = DM_SM90_KBIAS_F32 == 2 && bias_f32;
+  const bool fold = DM_SM90_KBIAS_F32 >= 2 && bias_f32;
   const LogitScales ls = bias_keys && !fold ? logit_scales<true>(p) : logit_scales<false>(p);
 
   // The bias and mask words of one tile this thread needs (class bit kMaskPartial: the tile's
@@ -634,8 +635,15 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
 #pragma unroll
     for (int j = 0; j < kNF; ++j) {
       const float2 v = *reinterpret_cast<const float2*>(row + 8 * j);
-      s[j][0] = s[j][2] = v.x;
-      s[j][1] = s[j][3] = v.y;
+      s[j][0] = v.x;
+      s[j][1] = v.y;
+      if (DM_SM90_KBIAS_F32 == 3) {  // a second load (volatile: not merged into moves)
+        asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];"
+                     : "=f"(s[j][2]), "=f"(s[j][3]) : "r"(smem_u32(row + 8 * j)));
+      } else {
+        s[j][2] = v.x;
+        s[j][3] = v.y;
+      }
     }
   };
   auto issue_s = [&](float (&s)[kNF][4], int stage) {
