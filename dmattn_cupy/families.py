@@ -262,7 +262,7 @@ def _sm90_accepts(pb: Problem, dev: DeviceProps, sparse: SparseArg) -> bool:
 
 def _sm90_tiles(pb: Problem, sparse: SparseArg) -> tuple[Tile, ...]:
     hd = forward_sm90.padded_head_dim(pb.head_dim)
-    tile = forward_sm90.TILES.get((hd, pb.mask is not None, pb.bias is not None))
+    tile = forward_sm90.tile(hd, pb.mask is not None, pb.bias is not None)
     if tile is None:
         return ()
     return (Tile(forward_sm90.BLOCK_M, tile[0], forward_sm90.THREADS // 32, stages=tile[1],

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import env
 from .arrays import ArrayInfo
 from .tensor_map import TensorMapError, TensorMapSpec, dim_stride, encode, record_slots
 
@@ -60,6 +61,30 @@ TILES: dict[tuple[int, bool, bool], tuple[int, int]] = {
 }
 
 
+def define_value(name: str, default: int) -> int:
+    """An integer A/B define of the kernel source from DMATTN_NVRTC_DEFINES (``NAME=N``), or
+    ``default``; the host half reads the ones that change its tiles or shared memory."""
+    for d in env.nvrtc_defines():
+        key, _, val = d.partition("=")
+        if key == name and val.isdigit():
+            return int(val)
+    return default
+
+
+def _mask_bias_tile(head_dim: int, block_n: int, has_mask: bool) -> bool:
+    """The 64-key mask tiles at head dim <= 128 (the mask + bias specs): the ones whose K/V
+    stages (DM_SM90_MB_STAGES) and mask slots (DM_SM90_MB_MASK_SLOTS) have A/B defines."""
+    return has_mask and block_n == 64 and head_dim <= 128
+
+
+def tile(head_dim: int, has_mask: bool, has_bias: bool) -> tuple[int, int] | None:
+    """(block_n, stages) of TILES, with DM_SM90_MB_STAGES applied; None: not served."""
+    t = TILES.get((head_dim, has_mask, has_bias))
+    if t is not None and _mask_bias_tile(head_dim, t[0], has_mask):
+        return t[0], define_value("DM_SM90_MB_STAGES", t[1])
+    return t
+
+
 def padded_head_dim(d: int) -> int:
     """The specialized head dim that serves ``d`` (TMA zero-fills the columns past ``d``)."""
     for hd in HEAD_DIMS:
@@ -72,7 +97,9 @@ def mask_slots(head_dim: int, block_n: int, has_mask: bool) -> int:
     """Mask tiles streamed ahead of the K/V ring (Sm90FwdSmem::kMaskSlots in sm90/fwd.cu)."""
     if not has_mask:
         return 0
-    return 8 if block_n == 64 and head_dim <= 128 else 4
+    if _mask_bias_tile(head_dim, block_n, has_mask):
+        return define_value("DM_SM90_MB_MASK_SLOTS", 8)
+    return 4
 
 
 def smem_bytes(head_dim: int, block_n: int, stages: int, has_mask: bool, has_bias: bool) -> int:
@@ -284,10 +311,10 @@ def tile_for(head_dim: int, q: ArrayInfo, k: ArrayInfo, v: ArrayInfo, mask: Arra
     if varlen and (operand_mode(mask, varlen) == OPERAND_QUERY_ROW or sparse):
         return None
     hd = padded_head_dim(head_dim)
-    tile = TILES.get((hd, mask is not None, bias is not None))
-    if tile is None:
+    hd_tile = tile(hd, mask is not None, bias is not None)
+    if hd_tile is None:
         return None
-    block_n, stages = tile
+    block_n, stages = hd_tile
     if sparse is True or (sparse and (sparse[0] % BLOCK_M or sparse[1] % block_n)):
         return None
     if smem_bytes(hd, block_n, stages, mask is not None, bias is not None) > smem_limit:

@@ -49,6 +49,25 @@
 
 namespace dm {
 
+// A/B switches (DMATTN_NVRTC_DEFINES; the defaults give today's kernel, and forward_sm90 reads
+// the same defines for its tiles and shared memory):
+// - DM_SM90_MB_MASK_SLOTS: mask slots of the 64-key tiles at head dim <= 128 (the mask + bias
+//   specs), default 8; with DM_SM90_MB_STAGES=3 (host: their K/V stages) 6 fit in 227 KB.
+// - DM_SM90_KBIAS_F32: without a mask, a dense key-row bias ((B|1, H|1, 1, Sk)) is read by
+//   the producer warp (plain loads, issued before it waits for the stage) and stored as one
+//   fp32 row per stage in the bias stage's space instead of the bf16 row by TMA. 1: the
+//   consumers add it with the same FFMA from one 8-byte load per key pair (no bf16
+//   unpacking); 2: without a softcap the row is stored divided by the softmax scale and
+//   loaded into S's accumulator before S = Q K^T accumulates onto it, so the softmax runs
+//   as in the no-bias kernel (with a softcap, the default path); 3: as 2, each row half's
+//   pair by its own 8-byte load (2 copies it by two moves).
+#ifndef DM_SM90_MB_MASK_SLOTS
+#define DM_SM90_MB_MASK_SLOTS 8
+#endif
+#ifndef DM_SM90_KBIAS_F32
+#define DM_SM90_KBIAS_F32 0
+#endif
+
 // Tile classes the producer hands over (bits; 0 = full: no per-element work).
 constexpr int kFormulaPartial = 1;  // crosses the key end or a causal/window edge
 constexpr int kMaskPartial = 2;     // its mask tile has false elements
@@ -87,7 +106,8 @@ struct Sm90FwdSmem {
   // Consumers hold up to kStages + 1 slots (the tiles in their K/V stages and the one being
   // released), so a load kMaskAhead tiles ahead of the classified one never waits for them.
   // 64-key tiles (8 KB at 128 rows) get 8 slots where shared memory allows, 128-key ones 4.
-  static constexpr int kMaskSlots = !kHasMask ? 0 : (kBlockN == 64 && kHeadDim <= 128) ? 8 : 4;
+  static constexpr int kMaskSlots =
+      !kHasMask ? 0 : (kBlockN == 64 && kHeadDim <= 128) ? DM_SM90_MB_MASK_SLOTS : 4;
   static constexpr int kMaskAhead = kMaskSlots - kStages - 1;
   static_assert(!kHasMask || kMaskAhead >= 1, "at least one mask tile in flight ahead");
   static constexpr int kMaskRing = kHasMask ? kMaskSlots : 1;  // a nonzero modulus
@@ -225,11 +245,19 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
     const bool bias_tile = kHasBias && args.bias_mode == kOperandTile;
     const bool bias_row = kHasBias && args.bias_mode == kOperandKeyRow;
     const bool bias_chunk = kHasBias && args.bias_mode == kOperandKeyChunk;
+    // DM_SM90_KBIAS_F32: a dense key row reaches its stage as fp32 (times row_mult) by this
+    // warp's plain loads, not by TMA; keys past len_k read 0 (excluded by formula anyway).
+    const bool bias_f32 = DM_SM90_KBIAS_F32 != 0 && !kHasMask && bias_row && !varlen &&
+                          (DM_SM90_KBIAS_F32 == 1 || !has_softcap(p));
+    const float row_mult = DM_SM90_KBIAS_F32 >= 2 ? kLog2e / p.scale_log2 : 1.f;
+    const uint16_t* bias_keyrow = static_cast<const uint16_t*>(p.bias) +
+                                  int64_t(bias_b) * p.bias_batch_stride +
+                                  int64_t(bias_h) * p.bias_head_stride;
     // Key-based operands: chunk_boxes 1-D boxes of chunk_box elements from key_load_start (one
     // box, or boxes of 256 elements: each starts 128-byte aligned in shared memory); every box
     // counts its full bytes (zero-filled past the tensor).
     const uint32_t bias_bytes = bias_tile ? Smem::kBias
-        : bias_row || bias_chunk ? args.bias_chunk_boxes * args.bias_chunk_box * 2 : 0;
+        : (bias_row && !bias_f32) || bias_chunk ? args.bias_chunk_boxes * args.bias_chunk_box * 2 : 0;
     const uint32_t mask_bytes = mask_tile ? Smem::kMask
         : args.mask_chunk_boxes * args.mask_chunk_box;
     // This head's column in a key chunk (chunk_heads 1: the only one), past the stage's lead.
@@ -338,7 +366,25 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
       } else if (!in_range) {
         continue;
       }
+      uint16_t bias_words[kBlockN / 32];  // keys n0 + lane + 32 i, loaded before the wait
+      if (bias_f32) {
+#pragma unroll
+        for (int y = 0; y < kBlockN / 32; ++y) {
+          const int key = n0 + lane + 32 * y;
+          bias_words[y] = key < len_k ? bias_keyrow[key] : uint16_t(0);
+        }
+      }
       mbar_wait(bar_empty_k(stage), phase ^ 1);
+      if (bias_f32) {  // ordered before the consumers' reads by the leader's arrive below
+        float* row = reinterpret_cast<float*>(smem + Smem::kOffBias + stage * Smem::kBias);
+#pragma unroll
+        for (int y = 0; y < kBlockN / 32; ++y) {
+          T x;
+          x.bits = bias_words[y];
+          row[lane + 32 * y] = to_float(x) * row_mult;
+        }
+        __syncwarp();
+      }
       if (leader) {
         info[4 * stage] = n;
         info[4 * stage + 1] = cls;
@@ -364,7 +410,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
           for (int x = 0; x < kBlockN / 64; ++x)
             tma_load_4d(sBias + stage * Smem::kBias + x * kBlockM * 128, &args.bias,
                         bar_full_k(stage), n0 + 64 * x, seq.q_start + m0, bias_h, bias_b);
-        } else if (bias_row) {
+        } else if (bias_row && !bias_f32) {
           tma_load_4d(sBias + stage * Smem::kBias, &args.bias, bar_full_k(stage),
                       key_load_start(seq.k_start, n0, 1, 2), 0, bias_h, bias_b);
         } else if (bias_chunk) {
@@ -439,7 +485,14 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
   // The split logit transform (logits.cuh): the scale folds into the softmax's FFMA unless a
   // softcap or a key-dependent bias makes the logit natural-log first.
   const bool capped = has_softcap(p);
-  const LogitScales ls = bias_keys ? logit_scales<true>(p) : logit_scales<false>(p);
+  // DM_SM90_KBIAS_F32 (the producer stores a dense key row as fp32): 1 adds it by the FFMA
+  // below; 2 (no softcap; with one the bf16 path runs) starts S's accumulator at it (stored
+  // as bias / scale), so the logit is the plain scaled score.
+  const bool bias_f32 = DM_SM90_KBIAS_F32 != 0 && !kHasMask && kHasBias &&
+                        args.bias_mode == kOperandKeyRow && !varlen &&
+                        (DM_SM90_KBIAS_F32 == 1 || !capped);
+  const bool fold = DM_SM90_KBIAS_F32 >= 2 && bias_f32;
+  const LogitScales ls = bias_keys && !fold ? logit_scales<true>(p) : logit_scales<false>(p);
 
   // The bias and mask words of one tile this thread needs (class bit kMaskPartial: the tile's
   // mask has false elements).
@@ -458,6 +511,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
           const uint32_t o2 = tile_offset<2, 64, kBlockM>(lrow[r], 8 * j + 2 * t);
           ops.bias[j][r] = *reinterpret_cast<const uint32_t*>(sb + o2);
         }
+    } else if (bias_f32) {  // the fp32 row is read by transform, next to its FFMA
     } else if (bias_keys) {  // one key row (or this head's column of a chunk) for both rows
       const uint16_t* sv = reinterpret_cast<const uint16_t*>(smem + (sBias - base) +
                                                              stage * Smem::kBias) +
@@ -513,7 +567,16 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
 #pragma unroll
         for (int e = 0; e < 4; ++e) s[j][e] = softcap_logit(p, s[j][e]);
     }
-    if (bias_keys) {
+    if (bias_f32 && !fold) {  // keys 8j + 2t, 8j + 2t + 1 of the fp32 row, both rows
+      const float* row = reinterpret_cast<const float*>(smem + (sBias - base) +
+                                                        stage * Smem::kBias) + 2 * t;
+#pragma unroll
+      for (int j = 0; j < kNF; ++j) {
+        const float2 v = *reinterpret_cast<const float2*>(row + 8 * j);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[j][e] = add_bias(s[j][e], ls, e & 1 ? v.y : v.x);
+      }
+    } else if (bias_keys && !fold) {
 #pragma unroll
       for (int j = 0; j < kNF; ++j)
 #pragma unroll
@@ -565,6 +628,24 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
         }
     }
   };
+  // fold: S's accumulator starts at the fp32 row (keys 8j + 2t, 8j + 2t + 1 in both rows).
+  auto fold_bias = [&](float (&s)[kNF][4], int stage) {
+    const float* row = reinterpret_cast<const float*>(smem + (sBias - base) +
+                                                      stage * Smem::kBias) + 2 * t;
+#pragma unroll
+    for (int j = 0; j < kNF; ++j) {
+      const float2 v = *reinterpret_cast<const float2*>(row + 8 * j);
+      s[j][0] = v.x;
+      s[j][1] = v.y;
+      if (DM_SM90_KBIAS_F32 == 3) {  // a second load (volatile: not merged into moves)
+        asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];"
+                     : "=f"(s[j][2]), "=f"(s[j][3]) : "r"(smem_u32(row + 8 * j)));
+      } else {
+        s[j][2] = v.x;
+        s[j][3] = v.y;
+      }
+    }
+  };
   auto issue_s = [&](float (&s)[kNF][4], int stage) {
     // Descriptors are formed next to their wgmma (primitives.cuh: opaque): hoisted out of the
     // loop they would hold two registers each beside the accumulators.
@@ -575,7 +656,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
 #pragma unroll
     for (int ks = 0; ks < kHeadDim / 16; ++ks)
       Wgmma<T, kBlockN>::template ss<0>(s, dq + k_major_step<kBlockM>(ks),
-                                        dk + k_major_step<kBlockN>(ks), ks > 0);
+                                        dk + k_major_step<kBlockN>(ks), ks > 0 || fold);
     wgmma_commit();
   };
   auto issue_pv = [&](const uint32_t (&pa)[kBlockN / 16][4], int stage) {
@@ -630,6 +711,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
     float alpha[2];
     TileOperands ops;
     int cls = info[4 * stage + 1];
+    if (fold) fold_bias(s, stage);
     turn_wait();
     issue_s(s, stage);
     turn_pass();
@@ -666,6 +748,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
       }
       mbar_wait(bar_full_k(stage), phase);
       n = info[4 * stage];
+      if (fold && n >= 0) fold_bias(s, stage);
       turn_wait();
       if (n < 0) break;  // the turn is taken by the last O += P V below
       issue_s(s, stage);

@@ -142,6 +142,30 @@ def test_constexpr_helpers_equal_the_model():
     compile_static_asserts(_static_asserts(), "sm90_layout_check.cu")
 
 
+MB_DEFINES = ("DM_SM90_MB_STAGES=3", "DM_SM90_MB_MASK_SLOTS=6")
+
+
+def test_mask_bias_tile_defines_agree_with_the_kernel(monkeypatch):
+    """The A/B defines of the mask + bias tiles: the host's tile and shared memory (read from
+    DMATTN_NVRTC_DEFINES) equal the kernel's built with the same -D flags, and fit."""
+    monkeypatch.setenv("DMATTN_NVRTC_DEFINES", " ".join(MB_DEFINES))
+    lines = ['#include "sm90/fwd.cu"']
+    for hd in (64, 128):
+        bn, st = f90.tile(hd, True, True)
+        assert (bn, st) == (64, 3)
+        smem = f90.smem_bytes(hd, bn, st, True, True)
+        assert smem <= f90.SMEM_LIMIT
+        lines.append(f"static_assert(dm::Sm90FwdSmem<{hd}, {bn}, {st}, true, true>::kAlloc == "
+                     f"{smem});")
+        lines.append(f"static_assert(dm::Sm90FwdSmem<{hd}, {bn}, {st}, true, true>::kMaskSlots "
+                     f"== {f90.mask_slots(hd, bn, True)});")
+    assert f90.tile(128, True, False) == f90.TILES[(128, True, False)]  # others unchanged
+    assert f90.mask_slots(128, 128, True) == 4
+    compile_static_asserts("\n".join(lines) + "\n", "sm90_mb_defines.cu", MB_DEFINES)
+    monkeypatch.delenv("DMATTN_NVRTC_DEFINES")
+    assert f90.tile(128, True, True) == (64, 2) and f90.mask_slots(128, 64, True) == 8
+
+
 def test_generated_wgmma_header_is_current():
     res = subprocess.run([sys.executable, str(ROOT / "tools" / "gen_wgmma.py"), "--check"],
                          capture_output=True, text=True)

@@ -131,6 +131,36 @@ def test_long_rows_gqa(kw, dtype):
     _check(q, k, v, **kw)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("kw", [{}, {"is_causal": True}, {"window_size": (200, 30)},
+                                {"softcap": 8.0}, {"softmax_scale": 0.05}], ids=str)
+def test_key_row_bias_long_rows(kw, dtype):
+    """A (B, H|1, 1, Sk) bias over 8 key tiles, the last partial (Sk % 128 != 0), with -inf
+    keys: the key-row path, and what the DM_SM90_KBIAS_F32 variants change (an fp32 row
+    stored by the producer; with 2 folded into S's accumulator, except under a softcap)."""
+    q, k, v = _qkv(2, 300, 1000, 4, 2, 128, dtype, seed=13)
+    g = torch.Generator().manual_seed(14)
+    bias = (2 * torch.randn(2, 4, 1, 1000, generator=g)).to("cuda", getattr(torch, dtype))
+    bias[..., 17::97] = float("-inf")
+    _check(q, k, v, bias=bias, **kw)
+    _check(q, k, v, bias=bias[:1, :1], **kw)  # (1, 1, 1, Sk): batch and heads broadcast
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("kw", [{}, {"is_causal": True}], ids=str)
+def test_mask_bias_long_rows(kw, d):
+    """A full (B, H, Sq, Sk) mask + bias over 16 key tiles of 64 (the last partial), with
+    all-false and all-true tiles: the mask ring and the K/V/bias stages wrap several times
+    (what DM_SM90_MB_STAGES / DM_SM90_MB_MASK_SLOTS change)."""
+    q, k, v = _qkv(2, 300, 1008, 4, 2, d, seed=15)
+    g = torch.Generator().manual_seed(16)
+    mask = torch.rand(2, 4, 300, 1008, generator=g) > 0.1
+    mask[0, 1, :, 128:320] = False  # key tiles 2-4 all false: skipped
+    mask[1, 2, :, 448:576] = True   # key tiles 7-8 all true: no per-element masking
+    bias = torch.randn(2, 4, 300, 1008, generator=g).to(torch.bfloat16)
+    _check(q, k, v, mask.cuda(), bias.cuda(), **kw)
+
+
 def _counters(q, k, v, mask):
     pb = check_dense(q, k, v, mask, None, None, False, (-1, -1), 0.0, "cuda")
     spec = select_fwd_spec(pb, debug_counters=True)
