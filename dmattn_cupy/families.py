@@ -81,7 +81,7 @@ def _no_extra_slots(pb: Problem, spec: SpecShape) -> tuple[tuple[str, int, int],
     return ()
 
 
-def _grid_m_h_b(pb: Problem, spec: SpecShape) -> tuple[int, int, int]:
+def _grid_m_h_b(pb: Problem, spec: SpecShape, sm_count: int) -> tuple[int, int, int]:
     """(query tiles, heads, batch)."""
     return max(1, -(-pb.seqlen_q // spec.block_m)), pb.heads, pb.batch
 
@@ -102,7 +102,8 @@ class Family:
     # kernel parameters after the params record, as NumPy records (e.g. a 64-byte aligned
     # struct of CUDA tensor maps passed as ``const __grid_constant__``): (problem, out, spec)
     extra_args: Callable[[Problem, ArrayInfo, SpecShape], tuple[Any, ...]] = _no_extra_args
-    grid: Callable[[Problem, SpecShape], tuple[int, int, int]] = _grid_m_h_b  # forward role
+    # forward role: (problem, spec, the device's SM count)
+    grid: Callable[[Problem, SpecShape, int], tuple[int, int, int]] = _grid_m_h_b
     # where pointers sit inside ``extra_args``: (operand "q".."bias", extra arg index, byte
     # offset), so a cached launch patches them; None: the extra args are rebuilt per call
     extra_slots: Callable[[Problem, SpecShape], tuple[tuple[str, int, int], ...] | None] = \
@@ -284,10 +285,11 @@ def _sm90_slots(pb: Problem, spec: SpecShape) -> tuple[tuple[str, int, int], ...
     return None if slots is None else tuple((name, 0, off) for name, off in slots)
 
 
-def _sm90_grid(pb: Problem, spec: SpecShape) -> tuple[int, int, int]:
-    """(heads, batch, query tiles): launched x-fastest, the last (longest) query tiles of every
-    (batch, head) go first. Varlen: query tiles of max_seqlen_q (shorter sequences exit)."""
-    return pb.heads, pb.batch, max(1, -(-pb.seqlen_q // spec.block_m))
+def _sm90_grid(pb: Problem, spec: SpecShape, sm_count: int) -> tuple[int, int, int]:
+    """Work items (query tile, head, batch) over a persistent grid of at most one CTA per SM
+    (forward_sm90.launch_ctas); the kernel numbers them longest first."""
+    items = max(1, -(-pb.seqlen_q // spec.block_m)) * pb.heads * pb.batch
+    return forward_sm90.launch_ctas(items, sm_count), 1, 1
 
 
 # --- the Hopper backward (sm90/bwd.cu; host half in backward_sm90, chosen by select) ----------

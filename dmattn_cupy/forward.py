@@ -129,7 +129,8 @@ def forward_call(pb: Problem, query: Any, cu_q: Any = None, cu_k: Any = None,
     else:
         for name, index, offset in slots:
             plan.slot_at(name, extra[index], offset)
-    plan.launches.append(Launch(kernel, spec.row.grid(pb, spec), (rec, *extra)))
+    grid = spec.row.grid(pb, spec, runtime.device_props(pb.q.device).sm_count)
+    plan.launches.append(Launch(kernel, grid, (rec, *extra)))
     plan.run(stream)
     return out, lse, plan
 

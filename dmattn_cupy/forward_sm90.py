@@ -54,9 +54,9 @@ ARGS_DTYPE = np.dtype({"names": ["maps", *_ARG_INTS],
 # (padded head dim, has_mask, has_bias) -> (block_n, stages); absent: not served (sm80 family).
 TILES: dict[tuple[int, bool, bool], tuple[int, int]] = {
     (64, False, False): (128, 2), (64, True, False): (128, 2),
-    (64, False, True): (128, 2), (64, True, True): (64, 2),
+    (64, False, True): (128, 2), (64, True, True): (64, 3),
     (128, False, False): (128, 2), (128, True, False): (128, 2),
-    (128, False, True): (128, 2), (128, True, True): (64, 2),
+    (128, False, True): (128, 2), (128, True, True): (64, 3),
     (256, False, False): (64, 2), (256, True, False): (64, 2), (256, False, True): (64, 2),
 }
 
@@ -98,7 +98,7 @@ def mask_slots(head_dim: int, block_n: int, has_mask: bool) -> int:
     if not has_mask:
         return 0
     if _mask_bias_tile(head_dim, block_n, has_mask):
-        return define_value("DM_SM90_MB_MASK_SLOTS", 8)
+        return define_value("DM_SM90_MB_MASK_SLOTS", 6)
     return 4
 
 
@@ -285,7 +285,16 @@ def plan_maps(q: ArrayInfo, k: ArrayInfo, v: ArrayInfo, mask: ArrayInfo | None,
     return maps
 
 
-MAX_QUERY_TILES = 65535    # the grid's z dimension holds the query tiles
+MAX_QUERY_TILES = 65535    # query tiles per sequence (work items: tiles x heads x batch < 2**31)
+
+
+def launch_ctas(items: int, sm_count: int) -> int:
+    """CTAs of a launch over ``items`` work items: one per SM (persistent: each loops over
+    its items), or with ``DM_SM90_PERSISTENT=0`` in DMATTN_NVRTC_DEFINES one per item (the
+    kernel is the same: a CTA's items are blockIdx.x + k * gridDim.x)."""
+    if define_value("DM_SM90_PERSISTENT", 1) == 0:
+        return items
+    return max(1, min(items, sm_count))
 
 
 def tile_for(head_dim: int, q: ArrayInfo, k: ArrayInfo, v: ArrayInfo, mask: ArrayInfo | None,

@@ -172,8 +172,8 @@ def stages(calls: int, device: str) -> list[tuple[str, float | None]]:
     rec = build_fwd_params(pb, oinfo, 0)
     args = (rec[0], *spec.row.extra_args(pb, oinfo, spec))
     stream = runtime.current_stream("torch", 0)
-    row("launch (runtime.launch)", lambda: runtime.launch(kernel, spec.row.grid(pb, spec), args,
-                                                          stream))
+    grid = spec.row.grid(pb, spec, runtime.device_props(0).sm_count)
+    row("launch (runtime.launch)", lambda: runtime.launch(kernel, grid, args, stream))
     row("run_forward (validated)", lambda: forward.run_forward(pb, q, return_lse=False))
     row("forward, no grad (api)", lambda: dm.flash_dmattn_func(q, k, v))
     row("forward + lse, no grad (api)", lambda: dm.flash_dmattn_func(q, k, v, return_lse=True))

@@ -49,23 +49,25 @@
 
 namespace dm {
 
-// A/B switches (DMATTN_NVRTC_DEFINES; the defaults give today's kernel, and forward_sm90 reads
-// the same defines for its tiles and shared memory):
+// A/B switches (DMATTN_NVRTC_DEFINES; forward_sm90 reads the same defines for its tiles and
+// shared memory):
 // - DM_SM90_MB_MASK_SLOTS: mask slots of the 64-key tiles at head dim <= 128 (the mask + bias
-//   specs), default 8; with DM_SM90_MB_STAGES=3 (host: their K/V stages) 6 fit in 227 KB.
+//   specs), default 6 beside their 3 K/V/bias stages (host: DM_SM90_MB_STAGES, default 3;
+//   2 stages and 8 slots measured 213-258 TFLOP/s against 277 on the H200's mask_bias case).
 // - DM_SM90_KBIAS_F32: without a mask, a dense key-row bias ((B|1, H|1, 1, Sk)) is read by
 //   the producer warp (plain loads, issued before it waits for the stage) and stored as one
-//   fp32 row per stage in the bias stage's space instead of the bf16 row by TMA. 1: the
-//   consumers add it with the same FFMA from one 8-byte load per key pair (no bf16
-//   unpacking); 2: without a softcap the row is stored divided by the softmax scale and
-//   loaded into S's accumulator before S = Q K^T accumulates onto it, so the softmax runs
-//   as in the no-bias kernel (with a softcap, the default path); 3: as 2, each row half's
-//   pair by its own 8-byte load (2 copies it by two moves).
+//   fp32 row per stage in the bias stage's space instead of the bf16 row by TMA. 0: the bf16
+//   row by TMA; 1: the consumers add it with the same FFMA from one 8-byte load per key pair
+//   (no bf16 unpacking); 2 (default): without a softcap the row is stored divided by the
+//   softmax scale and loaded into S's accumulator before S = Q K^T accumulates onto it, so
+//   the softmax runs as in the no-bias kernel (with a softcap, the TMA path); 3: as 2, each
+//   row half's pair by its own 8-byte load (2 copies it by two moves). H200 kbias: 0 547.5,
+//   1 561.9, 2 566.2, 3 553.8 TFLOP/s.
 #ifndef DM_SM90_MB_MASK_SLOTS
-#define DM_SM90_MB_MASK_SLOTS 8
+#define DM_SM90_MB_MASK_SLOTS 6
 #endif
 #ifndef DM_SM90_KBIAS_F32
-#define DM_SM90_KBIAS_F32 0
+#define DM_SM90_KBIAS_F32 2
 #endif
 
 // Tile classes the producer hands over (bits; 0 = full: no per-element work).
@@ -148,9 +150,13 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
   static_assert(kHeadDim % 64 == 0 && kBlockN % 64 == 0, "64-column boxes");
   // Register split after setmaxnreg: multiples of 8, and the three warpgroups together may not
   // exceed the 168 per thread the CTA was launched with (65536 / 384, rounded down to 8), or
-  // setmaxnreg.inc waits forever for registers that do not exist.
-  constexpr int kProducerRegs = kHeadDim <= 128 ? 56 : 40;
-  constexpr int kConsumerRegs = kHeadDim <= 128 ? 224 : 232;
+  // setmaxnreg.inc waits forever for registers that do not exist. With a mask the producer
+  // (its mask classification and the work-item loop) needs 56; without one the consumers
+  // take 232 (their work-item state beside the accumulators: 224 spills a bias spec).
+  // Debug builds' tile counters take the mask producer to 64 at d <= 128.
+  constexpr bool kWideProducer = kDebug && kHeadDim <= 128;
+  constexpr int kProducerRegs = !kHasMask ? 40 : kWideProducer ? 64 : 56;
+  constexpr int kConsumerRegs = !kHasMask ? 232 : kWideProducer ? 216 : 224;
   static_assert(kProducerRegs + 2 * kConsumerRegs <= 3 * 168, "register pool of the CTA");
   using namespace sm90;
 
@@ -177,30 +183,56 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
   auto bar_empty_m = [&](int x) { return bars + 16 + 32 * kStages + 16 * x; };
   volatile int32_t* info = reinterpret_cast<volatile int32_t*>(smem + Smem::kOffInfo);
 
-  // Grid (heads, batch, query tiles), launched x-fastest: every (batch, head) of the last query
-  // tile first, the longest rows under causal masking.
-  // Varlen: z covers max_seqlen_q; a CTA past its own sequence's end (or of an empty one)
-  // exits before anything is initialized.
-  const int m_block = gridDim.z - 1 - blockIdx.z;
-  const int h = blockIdx.x, b = blockIdx.y;
-  const bool varlen = p.cu_seqlens_q != nullptr;
-  const SeqInfo seq = varlen ? seq_info<true>(p, b) : seq_info<false>(p, b);
-  const int len_q = seq.len_q, len_k = seq.len_k;
-  const int m0 = m_block * kBlockM;
-  if (m0 >= len_q) return;
-  const int m_end = dm_min(m0 + kBlockM, len_q);
-  const int off = len_k - len_q;
-  const KeyRange kr = key_range(p, m0, m_end, len_q, len_k);
-  const int n_first = kr.k_begin < kr.k_end ? kr.k_begin / kBlockN : 0;
-  const int n_last = kr.k_begin < kr.k_end ? (kr.k_end - 1) / kBlockN : -1;
-  // A tile is partial by formula when it crosses the key end or a window edge.
-  auto partial_by_formula = [&](int n) {
-    const int n0 = n * kBlockN, n1 = n0 + kBlockN - 1;
-    if (n1 >= len_k) return true;
-    if (p.window_right >= 0 && n1 > m0 + off + p.window_right) return true;
-    if (p.window_left >= 0 && n0 < m_end - 1 + off - p.window_left) return true;
-    return false;
+  // Work items (query tile, head, batch), numbered longest first: item i is query tile
+  // num_m - 1 - i / (batch * heads) of head i % heads, batch (i / heads) % batch, so that under
+  // causal masking the longest rows go first. CTA x of a grid of G takes items r * G + x in
+  // even rounds r and r * G + G - 1 - x in odd ones (a snake: long and short items pair up);
+  // a grid of one CTA per item takes item blockIdx.x. Varlen: tiles of max_seqlen_q, a tile
+  // past its own sequence's end (or of an empty one) is skipped by every warp alike.
+  const int num_m = (p.seqlen_q + kBlockM - 1) / kBlockM;
+  const int bh = p.batch * p.heads;
+  const int num_items = num_m * bh;  // < 2^31 (forward_sm90.MAX_ITEMS)
+  auto item_of_round = [&](int r) {
+    return r * int(gridDim.x) + int((r & 1) ? gridDim.x - 1 - blockIdx.x : blockIdx.x);
   };
+  const bool varlen = p.cu_seqlens_q != nullptr;
+  // One work item's coordinates and key range.
+  struct Item {
+    int m_block, h, b, m0, m_end, len_q, len_k, off, n_first, n_last;
+    int kvh, mask_h, mask_b, bias_h, bias_b, qkv_b;
+    SeqInfo seq;
+  };
+  auto make_item = [&](int i, Item& it) {  // false: nothing to do (past the sequence)
+    it.m_block = num_m - 1 - i / bh;
+    it.h = i % bh % p.heads;
+    it.b = i % bh / p.heads;
+    it.seq = varlen ? seq_info<true>(p, it.b) : seq_info<false>(p, it.b);
+    it.len_q = it.seq.len_q;
+    it.len_k = it.seq.len_k;
+    it.m0 = it.m_block * kBlockM;
+    if (it.m0 >= it.len_q) return false;
+    it.m_end = dm_min(it.m0 + kBlockM, it.len_q);
+    it.off = it.len_k - it.len_q;
+    const KeyRange kr = key_range(p, it.m0, it.m_end, it.len_q, it.len_k);
+    it.n_first = kr.k_begin < kr.k_end ? kr.k_begin / kBlockN : 0;
+    it.n_last = kr.k_begin < kr.k_end ? (kr.k_end - 1) / kBlockN : -1;
+    it.kvh = it.h / p.q_per_kv;
+    it.mask_h = it.h / p.mask_head_ratio;
+    it.mask_b = p.mask_batch_stride != 0 ? it.b : 0;
+    it.bias_h = it.h / p.bias_head_ratio;
+    it.bias_b = p.bias_batch_stride != 0 ? it.b : 0;
+    it.qkv_b = varlen ? 0 : it.b;  // packed tensors have one batch
+    return true;
+  };
+  // The names the per-item code reads.
+#define DM_SM90_ITEM_NAMES(it)                                                              \
+  const int m_block = it.m_block, h = it.h, b = it.b, m0 = it.m0, m_end = it.m_end;          \
+  const int len_q = it.len_q, len_k = it.len_k, off = it.off;                                \
+  const int n_first = it.n_first, n_last = it.n_last, kvh = it.kvh, qkv_b = it.qkv_b;        \
+  const int mask_h = it.mask_h, mask_b = it.mask_b, bias_h = it.bias_h, bias_b = it.bias_b;  \
+  const SeqInfo seq = it.seq;                                                                \
+  (void)m_block; (void)m_end; (void)len_q; (void)off; (void)n_first; (void)kvh; (void)qkv_b; \
+  (void)mask_h; (void)mask_b; (void)bias_h; (void)bias_b
 
   if (threadIdx.x == 0) {
     mbar_init(bar_q, 1);
@@ -220,11 +252,6 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
 
   const int wg = threadIdx.x / 128;
   const int lane = threadIdx.x % 32;
-  const int kvh = h / p.q_per_kv;
-  const int mask_h = h / p.mask_head_ratio, mask_b = p.mask_batch_stride != 0 ? b : 0;
-  const int bias_h = h / p.bias_head_ratio, bias_b = p.bias_batch_stride != 0 ? b : 0;
-  // Map coordinates: packed tensors have one batch; rows/keys start at the sequence's first.
-  const int qkv_b = varlen ? 0 : b;
 
   if (wg == 0) {  // ------------------------------------------------------------- producer
     setmaxnreg_dec<kProducerRegs>();
@@ -234,208 +261,243 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
       tma_prefetch(&args.q);
       tma_prefetch(&args.k);
       tma_prefetch(&args.v);
-      mbar_arrive_expect_tx(bar_q, Smem::kQ);
-#pragma unroll
-      for (int x = 0; x < Smem::kBoxes; ++x)
-        tma_load_4d(sQ + x * kBlockM * 128, &args.q, bar_q, 64 * x, seq.q_start + m0, h, qkv_b);
     }
-    const bool mask_tile = kHasMask && args.mask_mode == kOperandTile;
-    const bool mask_chunk = kHasMask && args.mask_mode == kOperandKeyChunk;
-    const bool mask_keys = mask_tile || mask_chunk || (kHasMask && args.mask_mode == kOperandKeyRow);
-    const bool bias_tile = kHasBias && args.bias_mode == kOperandTile;
-    const bool bias_row = kHasBias && args.bias_mode == kOperandKeyRow;
-    const bool bias_chunk = kHasBias && args.bias_mode == kOperandKeyChunk;
-    // DM_SM90_KBIAS_F32: a dense key row reaches its stage as fp32 (times row_mult) by this
-    // warp's plain loads, not by TMA; keys past len_k read 0 (excluded by formula anyway).
-    const bool bias_f32 = DM_SM90_KBIAS_F32 != 0 && !kHasMask && bias_row && !varlen &&
-                          (DM_SM90_KBIAS_F32 == 1 || !has_softcap(p));
-    const float row_mult = DM_SM90_KBIAS_F32 >= 2 ? kLog2e / p.scale_log2 : 1.f;
-    const uint16_t* bias_keyrow = static_cast<const uint16_t*>(p.bias) +
-                                  int64_t(bias_b) * p.bias_batch_stride +
-                                  int64_t(bias_h) * p.bias_head_stride;
-    // Key-based operands: chunk_boxes 1-D boxes of chunk_box elements from key_load_start (one
-    // box, or boxes of 256 elements: each starts 128-byte aligned in shared memory); every box
-    // counts its full bytes (zero-filled past the tensor).
-    const uint32_t bias_bytes = bias_tile ? Smem::kBias
-        : (bias_row && !bias_f32) || bias_chunk ? args.bias_chunk_boxes * args.bias_chunk_box * 2 : 0;
-    const uint32_t mask_bytes = mask_tile ? Smem::kMask
-        : args.mask_chunk_boxes * args.mask_chunk_box;
-    // This head's column in a key chunk (chunk_heads 1: the only one), past the stage's lead.
-    const int mask_hp = mask_chunk ? args.mask_chunk_heads : 1;
-    const int mask_col = (mask_hp > 1 ? mask_h : 0) + key_lead(seq.k_start, mask_hp, 1);
-    auto load_chunk = [&](uint32_t dst, const TmaDesc* map, uint32_t bar, int n0, int heads,
-                          int box, int boxes, int elem) {
-      const int e0 = key_load_start(seq.k_start, n0, heads, elem);
-      for (int y = 0; y < boxes; ++y)
-        tma_load_4d(dst + y * box * elem, map, bar, e0 + y * box, 0, 0, 0);
-    };
-    // The candidates: key tiles n_last .. n_first (descending: partial tiles first), or with
-    // block lists the listed blocks' tiles (full blocks, then partial ones). A listed tile
-    // outside [n_first, n_last] sees no key of the query tile: passed over like an empty one.
-    const bool sparse = p.sp_full_count != nullptr;
-    int n_cand = n_last - n_first + 1, full_count = 0, sub = 1;
-    int64_t row_entry = 0;
-    if (sparse) {
-      row_entry = sparse_row_entry(p, b, h, m0);
-      full_count = p.sp_full_count[row_entry];
-      sub = p.sp_block_n / kBlockN;
-      n_cand = (full_count + p.sp_partial_count[row_entry]) * sub;
-    }
-    auto cand_tile = [&](int i, bool& listed_partial) {
-      listed_partial = false;
-      if (!sparse) return n_last - i;
-      const int entry = i / sub;
-      listed_partial = entry >= full_count;
-      const int blk = listed_partial
-          ? p.sp_partial_idx[row_entry * p.sp_partial_width + entry - full_count]
-          : p.sp_full_idx[row_entry * p.sp_full_width + entry];
-      return blk * sub + i % sub;
-    };
-    // Candidate i's mask goes to slot i % kMaskSlots, use i / kMaskSlots of that slot.
-    int issued = 0;
-    auto issue_mask = [&](int i) {
-      const int x = i % Smem::kMaskRing, use = i / Smem::kMaskRing;
-      mbar_wait(bar_empty_m(x), (use & 1) ^ 1);
-      if (!leader) return;
-      bool lp;
-      const int n = cand_tile(i, lp), n0 = n * kBlockN;
-      if (n < n_first || n > n_last) {  // passed over unread: the slot completes empty
-        mbar_arrive(bar_full_m(x));
-        return;
-      }
-      const uint32_t dst = sMask + x * Smem::kMask;
-      mbar_arrive_expect_tx(bar_full_m(x), mask_bytes);
-      if (mask_tile) {  // query-based: keys are sequence-relative, rows packed
-        for (int y = 0; y < kBlockN / Smem::kMaskBoxCols; ++y)
-          tma_load_4d(dst + y * kBlockM * Smem::kMaskBoxCols, &args.mask, bar_full_m(x),
-                      n0 + y * Smem::kMaskBoxCols, seq.q_start + m0, mask_h, mask_b);
-      } else if (mask_chunk) {
-        load_chunk(dst, &args.mask, bar_full_m(x), n0, args.mask_chunk_heads,
-                   args.mask_chunk_box, args.mask_chunk_boxes, 1);
-      } else {
-        tma_load_4d(dst, &args.mask, bar_full_m(x), key_load_start(seq.k_start, n0, 1, 1), 0,
-                    mask_h, mask_b);
-      }
-    };
+    // The K/V ring and the mask ring (candidates of earlier items: mask_base) run on across
+    // work items.
     int stage = 0;
     uint32_t phase = 0;
-    for (int i = 0; i < n_cand; ++i) {
-      bool listed_partial;
-      const int n = cand_tile(i, listed_partial), n0 = n * kBlockN;
-      const bool in_range = n >= n_first && n <= n_last;
-      // 0: a full tile; a listed partial block is excluded in the formula pass.
-      int cls = listed_partial ? kListedPartial | kFormulaPartial : 0;
-      if (in_range && partial_by_formula(n)) cls |= kFormulaPartial;
-      int slot = 0;
-      if (mask_keys) {
-        while (issued < n_cand && issued <= i + Smem::kMaskAhead) issue_mask(issued++);
-        slot = i % Smem::kMaskRing;
-        mbar_wait(bar_full_m(slot), (i / Smem::kMaskRing) & 1);
-        // OR / AND of the bytes of this tile (of this head's column in a key row / chunk). Rows
-        // and keys past the tensor read as zero (TMA fill), past a packed sequence as the next
-        // one's: either only makes "any" true or "all" false, i.e. more work, never less.
-        const uint8_t* src = smem + (sMask - base) + slot * Smem::kMask;
-        uint32_t any = 0, all = 0x01010101u;
-        if (!in_range) {
-          // not loaded: nothing to test
-        } else if (!mask_tile) {  // key-based: the tile's kBlockN values past the lead
+    int mask_base = 0;
+    for (int round = 0;; ++round) {
+      const int item = item_of_round(round);
+      if (item >= num_items) break;
+      Item it;
+      if (!make_item(item, it)) continue;
+      DM_SM90_ITEM_NAMES(it);
+      // A tile is partial by formula when it crosses the key end or a window edge.
+      auto partial_by_formula = [&](int n) {
+        const int n0 = n * kBlockN, n1 = n0 + kBlockN - 1;
+        if (n1 >= len_k) return true;
+        if (p.window_right >= 0 && n1 > m0 + off + p.window_right) return true;
+        if (p.window_left >= 0 && n0 < m_end - 1 + off - p.window_left) return true;
+        return false;
+      };
+      // Q's buffer is free once the consumers released the last item's end stage (the stage
+      // before this one): they do so after its last S = Q K^T has completed.
+      mbar_wait(bar_empty_k(stage == 0 ? kStages - 1 : stage - 1), stage == 0 ? phase ^ 1 : phase);
+      if (leader) {
+        mbar_arrive_expect_tx(bar_q, Smem::kQ);
 #pragma unroll
-          for (int it = 0; it < kBlockN / 32; ++it) {
-            const uint32_t x = src[(it * 32 + lane) * mask_hp + mask_col];
-            any |= x;
-            all &= x != 0 ? 0x01010101u : 0u;
-          }
+        for (int x = 0; x < Smem::kBoxes; ++x)
+          tma_load_4d(sQ + x * kBlockM * 128, &args.q, bar_q, 64 * x, seq.q_start + m0, h, qkv_b);
+      }
+      const bool mask_tile = kHasMask && args.mask_mode == kOperandTile;
+      const bool mask_chunk = kHasMask && args.mask_mode == kOperandKeyChunk;
+      const bool mask_keys =
+          mask_tile || mask_chunk || (kHasMask && args.mask_mode == kOperandKeyRow);
+      const bool bias_tile = kHasBias && args.bias_mode == kOperandTile;
+      const bool bias_row = kHasBias && args.bias_mode == kOperandKeyRow;
+      const bool bias_chunk = kHasBias && args.bias_mode == kOperandKeyChunk;
+      // DM_SM90_KBIAS_F32: a dense key row reaches its stage as fp32 (times row_mult) by this
+      // warp's plain loads, not by TMA; keys past len_k read 0 (excluded by formula anyway).
+      const bool bias_f32 = DM_SM90_KBIAS_F32 != 0 && !kHasMask && bias_row && !varlen &&
+                            (DM_SM90_KBIAS_F32 == 1 || !has_softcap(p));
+      const float row_mult = DM_SM90_KBIAS_F32 >= 2 ? kLog2e / p.scale_log2 : 1.f;
+      const uint16_t* bias_keyrow = static_cast<const uint16_t*>(p.bias) +
+                                    int64_t(bias_b) * p.bias_batch_stride +
+                                    int64_t(bias_h) * p.bias_head_stride;
+      // Key-based operands: chunk_boxes 1-D boxes of chunk_box elements from key_load_start (one
+      // box, or boxes of 256 elements: each starts 128-byte aligned in shared memory); every box
+      // counts its full bytes (zero-filled past the tensor).
+      const uint32_t bias_bytes = bias_tile ? Smem::kBias
+          : (bias_row && !bias_f32) || bias_chunk
+              ? args.bias_chunk_boxes * args.bias_chunk_box * 2 : 0;
+      const uint32_t mask_bytes = mask_tile ? Smem::kMask
+          : args.mask_chunk_boxes * args.mask_chunk_box;
+      // This head's column in a key chunk (chunk_heads 1: the only one), past the stage's lead.
+      const int mask_hp = mask_chunk ? args.mask_chunk_heads : 1;
+      const int mask_col = (mask_hp > 1 ? mask_h : 0) + key_lead(seq.k_start, mask_hp, 1);
+      auto load_chunk = [&](uint32_t dst, const TmaDesc* map, uint32_t bar, int n0, int heads,
+                            int box, int boxes, int elem) {
+        const int e0 = key_load_start(seq.k_start, n0, heads, elem);
+        for (int y = 0; y < boxes; ++y)
+          tma_load_4d(dst + y * box * elem, map, bar, e0 + y * box, 0, 0, 0);
+      };
+      // The candidates: key tiles n_last .. n_first (descending: partial tiles first), or with
+      // block lists the listed blocks' tiles (full blocks, then partial ones). A listed tile
+      // outside [n_first, n_last] sees no key of the query tile: passed over like an empty one.
+      const bool sparse = p.sp_full_count != nullptr;
+      int n_cand = n_last - n_first + 1, full_count = 0, sub = 1;
+      int64_t row_entry = 0;
+      if (sparse) {
+        row_entry = sparse_row_entry(p, b, h, m0);
+        full_count = p.sp_full_count[row_entry];
+        sub = p.sp_block_n / kBlockN;
+        n_cand = (full_count + p.sp_partial_count[row_entry]) * sub;
+      }
+      auto cand_tile = [&](int i, bool& listed_partial) {
+        listed_partial = false;
+        if (!sparse) return n_last - i;
+        const int entry = i / sub;
+        listed_partial = entry >= full_count;
+        const int blk = listed_partial
+            ? p.sp_partial_idx[row_entry * p.sp_partial_width + entry - full_count]
+            : p.sp_full_idx[row_entry * p.sp_full_width + entry];
+        return blk * sub + i % sub;
+      };
+      // Candidate i's mask goes to slot i % kMaskSlots, use i / kMaskSlots of that slot.
+      int issued = 0;
+      auto issue_mask = [&](int i) {
+        const int x = (mask_base + i) % Smem::kMaskRing, use = (mask_base + i) / Smem::kMaskRing;
+        mbar_wait(bar_empty_m(x), (use & 1) ^ 1);
+        if (!leader) return;
+        bool lp;
+        const int n = cand_tile(i, lp), n0 = n * kBlockN;
+        if (n < n_first || n > n_last) {  // passed over unread: the slot completes empty
+          mbar_arrive(bar_full_m(x));
+          return;
+        }
+        const uint32_t dst = sMask + x * Smem::kMask;
+        mbar_arrive_expect_tx(bar_full_m(x), mask_bytes);
+        if (mask_tile) {  // query-based: keys are sequence-relative, rows packed
+          for (int y = 0; y < kBlockN / Smem::kMaskBoxCols; ++y)
+            tma_load_4d(dst + y * kBlockM * Smem::kMaskBoxCols, &args.mask, bar_full_m(x),
+                        n0 + y * Smem::kMaskBoxCols, seq.q_start + m0, mask_h, mask_b);
+        } else if (mask_chunk) {
+          load_chunk(dst, &args.mask, bar_full_m(x), n0, args.mask_chunk_heads,
+                     args.mask_chunk_box, args.mask_chunk_boxes, 1);
         } else {
+          tma_load_4d(dst, &args.mask, bar_full_m(x), key_load_start(seq.k_start, n0, 1, 1), 0,
+                      mask_h, mask_b);
+        }
+      };
+      for (int i = 0; i < n_cand; ++i) {
+        bool listed_partial;
+        const int n = cand_tile(i, listed_partial), n0 = n * kBlockN;
+        const bool in_range = n >= n_first && n <= n_last;
+        // 0: a full tile; a listed partial block is excluded in the formula pass.
+        int cls = listed_partial ? kListedPartial | kFormulaPartial : 0;
+        if (in_range && partial_by_formula(n)) cls |= kFormulaPartial;
+        int slot = 0;
+        if (mask_keys) {
+          while (issued < n_cand && issued <= i + Smem::kMaskAhead) issue_mask(issued++);
+          slot = (mask_base + i) % Smem::kMaskRing;
+          mbar_wait(bar_full_m(slot), ((mask_base + i) / Smem::kMaskRing) & 1);
+          // OR / AND of the bytes of this tile (of this head's column in a key row / chunk). Rows
+          // and keys past the tensor read as zero (TMA fill), past a packed sequence as the next
+          // one's: either only makes "any" true or "all" false, i.e. more work, never less.
+          const uint8_t* src = smem + (sMask - base) + slot * Smem::kMask;
+          uint32_t any = 0, all = 0x01010101u;
+          if (!in_range) {
+            // not loaded: nothing to test
+          } else if (!mask_tile) {  // key-based: the tile's kBlockN values past the lead
+#pragma unroll
+            for (int it = 0; it < kBlockN / 32; ++it) {
+              const uint32_t x = src[(it * 32 + lane) * mask_hp + mask_col];
+              any |= x;
+              all &= x != 0 ? 0x01010101u : 0u;
+            }
+          } else {
 #pragma unroll 4
-          for (int it = 0; it < Smem::kMask / 512; ++it) {  // 16 bytes per lane per step
-            const int c = (it * 32 + lane) * 16;
-            if (c < int(mask_bytes)) {
-              const uint4 w = *reinterpret_cast<const uint4*>(src + c);
-              any |= w.x | w.y | w.z | w.w;
-              all &= w.x & w.y & w.z & w.w;
+            for (int it = 0; it < Smem::kMask / 512; ++it) {  // 16 bytes per lane per step
+              const int c = (it * 32 + lane) * 16;
+              if (c < int(mask_bytes)) {
+                const uint4 w = *reinterpret_cast<const uint4*>(src + c);
+                any |= w.x | w.y | w.z | w.w;
+                all &= w.x & w.y & w.z & w.w;
+              }
             }
           }
-        }
-        const bool keep_any = __any_sync(0xffffffffu, any != 0);
-        const bool keep_all = __all_sync(0xffffffffu, all == 0x01010101u);
-        if (!keep_any || !in_range) {  // empty tile: no K/V/bias; the slot is free again
-          if (lane < 8) mbar_arrive(bar_empty_m(slot));
+          const bool keep_any = __any_sync(0xffffffffu, any != 0);
+          const bool keep_all = __all_sync(0xffffffffu, all == 0x01010101u);
+          if (!keep_any || !in_range) {  // empty tile: no K/V/bias; the slot is free again
+            if (lane < 8) mbar_arrive(bar_empty_m(slot));
+            continue;
+          }
+          if (!keep_all) cls |= kMaskPartial;
+        } else if (!in_range) {
           continue;
         }
-        if (!keep_all) cls |= kMaskPartial;
-      } else if (!in_range) {
-        continue;
-      }
-      uint16_t bias_words[kBlockN / 32];  // keys n0 + lane + 32 i, loaded before the wait
-      if (bias_f32) {
+        uint16_t bias_words[kBlockN / 32];  // keys n0 + lane + 32 i, loaded before the wait
+        if (bias_f32) {
 #pragma unroll
-        for (int y = 0; y < kBlockN / 32; ++y) {
-          const int key = n0 + lane + 32 * y;
-          bias_words[y] = key < len_k ? bias_keyrow[key] : uint16_t(0);
+          for (int y = 0; y < kBlockN / 32; ++y) {
+            const int key = n0 + lane + 32 * y;
+            bias_words[y] = key < len_k ? bias_keyrow[key] : uint16_t(0);
+          }
         }
-      }
-      mbar_wait(bar_empty_k(stage), phase ^ 1);
-      if (bias_f32) {  // ordered before the consumers' reads by the leader's arrive below
-        float* row = reinterpret_cast<float*>(smem + Smem::kOffBias + stage * Smem::kBias);
+        mbar_wait(bar_empty_k(stage), phase ^ 1);
+        if (bias_f32) {  // ordered before the consumers' reads by the leader's arrive below
+          float* row = reinterpret_cast<float*>(smem + Smem::kOffBias + stage * Smem::kBias);
 #pragma unroll
-        for (int y = 0; y < kBlockN / 32; ++y) {
-          T x;
-          x.bits = bias_words[y];
-          row[lane + 32 * y] = to_float(x) * row_mult;
+          for (int y = 0; y < kBlockN / 32; ++y) {
+            T x;
+            x.bits = bias_words[y];
+            row[lane + 32 * y] = to_float(x) * row_mult;
+          }
+          __syncwarp();
+        }
+        if (leader) {
+          info[4 * stage] = n;
+          info[4 * stage + 1] = cls;
+          info[4 * stage + 2] = slot;
+          // A partial block's element bits: the word of (row m0, key n0) in its slot.
+          if (listed_partial) {
+            const int bm = p.sp_block_m, bn = p.sp_block_n;
+            const int slot_b = p.sp_partial_slot[row_entry * p.sp_col_blocks + n / sub];
+            info[4 * stage + 3] = slot_b * (bm / 32) * bn + ((m0 % bm) * bn + n0 % bn) / 32;
+          }
+          if (kDebug) {  // per CTA {tiles loaded, tiles masked}, in (batch, head, m) order
+            const int cta = item % bh * num_m + num_m - 1 - item / bh;  // (b * heads + h) * num_m + m
+            atomicAdd(p.tile_counters + 2 * cta, 1u);
+            if (cls != 0) atomicAdd(p.tile_counters + 2 * cta + 1, 1u);
+          }
+          mbar_arrive_expect_tx(bar_full_k(stage), Smem::kKV + bias_bytes);
+#pragma unroll
+          for (int x = 0; x < Smem::kBoxes; ++x)
+            tma_load_4d(sK + stage * Smem::kKV + x * kBlockN * 128, &args.k, bar_full_k(stage),
+                        64 * x, seq.k_start + n0, kvh, qkv_b);
+          if (bias_tile) {
+#pragma unroll
+            for (int x = 0; x < kBlockN / 64; ++x)
+              tma_load_4d(sBias + stage * Smem::kBias + x * kBlockM * 128, &args.bias,
+                          bar_full_k(stage), n0 + 64 * x, seq.q_start + m0, bias_h, bias_b);
+          } else if (bias_row && !bias_f32) {
+            tma_load_4d(sBias + stage * Smem::kBias, &args.bias, bar_full_k(stage),
+                        key_load_start(seq.k_start, n0, 1, 2), 0, bias_h, bias_b);
+          } else if (bias_chunk) {
+            load_chunk(sBias + stage * Smem::kBias, &args.bias, bar_full_k(stage), n0,
+                       args.bias_chunk_heads, args.bias_chunk_box, args.bias_chunk_boxes, 2);
+          }
+        }
+        mbar_wait(bar_empty_v(stage), phase ^ 1);
+        if (leader) {
+          mbar_arrive_expect_tx(bar_full_v(stage), Smem::kKV);
+#pragma unroll
+          for (int x = 0; x < Smem::kBoxes; ++x)
+            tma_load_4d(sV + stage * Smem::kKV + x * kBlockN * 128, &args.v, bar_full_v(stage),
+                        64 * x, seq.k_start + n0, kvh, qkv_b);
         }
         __syncwarp();
+        if (++stage == kStages) {
+          stage = 0;
+          phase ^= 1;
+        }
       }
+      // The item's end: a stage with tile -1 (its K and V barriers complete without data, the
+      // consumers release both).
+      mbar_wait(bar_empty_k(stage), phase ^ 1);
       if (leader) {
-        info[4 * stage] = n;
-        info[4 * stage + 1] = cls;
-        info[4 * stage + 2] = slot;
-        // A partial block's element bits: the word of (row m0, key n0) in its slot.
-        if (listed_partial) {
-          const int bm = p.sp_block_m, bn = p.sp_block_n;
-          const int slot_b = p.sp_partial_slot[row_entry * p.sp_col_blocks + n / sub];
-          info[4 * stage + 3] = slot_b * (bm / 32) * bn + ((m0 % bm) * bn + n0 % bn) / 32;
-        }
-        if (kDebug) {  // per CTA {tiles loaded, tiles masked}, in (batch, head, m) order
-          const int cta = (b * gridDim.x + h) * gridDim.z + m_block;
-          atomicAdd(p.tile_counters + 2 * cta, 1u);
-          if (cls != 0) atomicAdd(p.tile_counters + 2 * cta + 1, 1u);
-        }
-        mbar_arrive_expect_tx(bar_full_k(stage), Smem::kKV + bias_bytes);
-#pragma unroll
-        for (int x = 0; x < Smem::kBoxes; ++x)
-          tma_load_4d(sK + stage * Smem::kKV + x * kBlockN * 128, &args.k, bar_full_k(stage),
-                      64 * x, seq.k_start + n0, kvh, qkv_b);
-        if (bias_tile) {
-#pragma unroll
-          for (int x = 0; x < kBlockN / 64; ++x)
-            tma_load_4d(sBias + stage * Smem::kBias + x * kBlockM * 128, &args.bias,
-                        bar_full_k(stage), n0 + 64 * x, seq.q_start + m0, bias_h, bias_b);
-        } else if (bias_row && !bias_f32) {
-          tma_load_4d(sBias + stage * Smem::kBias, &args.bias, bar_full_k(stage),
-                      key_load_start(seq.k_start, n0, 1, 2), 0, bias_h, bias_b);
-        } else if (bias_chunk) {
-          load_chunk(sBias + stage * Smem::kBias, &args.bias, bar_full_k(stage), n0,
-                     args.bias_chunk_heads, args.bias_chunk_box, args.bias_chunk_boxes, 2);
-        }
+        info[4 * stage] = -1;
+        mbar_arrive(bar_full_k(stage));
       }
       mbar_wait(bar_empty_v(stage), phase ^ 1);
-      if (leader) {
-        mbar_arrive_expect_tx(bar_full_v(stage), Smem::kKV);
-#pragma unroll
-        for (int x = 0; x < Smem::kBoxes; ++x)
-          tma_load_4d(sV + stage * Smem::kKV + x * kBlockN * 128, &args.v, bar_full_v(stage),
-                      64 * x, seq.k_start + n0, kvh, qkv_b);
-      }
+      if (leader) mbar_arrive(bar_full_v(stage));
       __syncwarp();
       if (++stage == kStages) {
         stage = 0;
         phase ^= 1;
       }
-    }
-    mbar_wait(bar_empty_k(stage), phase ^ 1);
-    if (leader) {
-      info[4 * stage] = -1;
-      mbar_arrive(bar_full_k(stage));
+      mask_base += n_cand;
     }
     return;
   }
@@ -446,248 +508,15 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
   const int warp = (threadIdx.x % 128) / 32;
   const int g = lane / 4, t = lane % 4;
   const int lrow[2] = {64 * c + 16 * warp + g, 64 * c + 16 * warp + g + 8};  // CTA-local
-  const int row[2] = {m0 + lrow[0], m0 + lrow[1]};                            // sequence rows
-
-  // kQueryRow operands: one value per query row (a scalar is the same value for every row).
-  bool row_kept[2] = {true, true};
-  float row_bias[2] = {0.f, 0.f};
-  if (kHasMask && args.mask_mode == kOperandQueryRow) {
-    const uint8_t* m = p.mask + int64_t(mask_b) * p.mask_batch_stride +
-                       int64_t(mask_h) * p.mask_head_stride;
-    for (int r = 0; r < 2; ++r)
-      row_kept[r] = row[r] < len_q && m[int64_t(row[r]) * p.mask_row_stride] != 0;
-  }
-  if (kHasBias && args.bias_mode == kOperandQueryRow) {
-    const int64_t o = int64_t(bias_b) * p.bias_batch_stride + int64_t(bias_h) * p.bias_head_stride;
-    for (int r = 0; r < 2; ++r) {
-      if (row[r] >= len_q) continue;
-      const int64_t idx = o + int64_t(row[r]) * p.bias_row_stride;
-      row_bias[r] = p.bias_is_fp32 ? static_cast<const float*>(p.bias)[idx]
-                                   : to_float(static_cast<const T*>(p.bias)[idx]);
-    }
-  }
-  float o[kDF][4];
-#pragma unroll
-  for (int j = 0; j < kDF; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
-  OnlineSoftmax<> sm;  // rows g and g + 8 of the warp's 16, over the 4 lanes of a quad
-  const bool mask_keys = kHasMask && (args.mask_mode == kOperandTile ||
-                                       args.mask_mode == kOperandKeyRow ||
-                                       args.mask_mode == kOperandKeyChunk);
-  const bool bias_tile = kHasBias && args.bias_mode == kOperandTile;
-  const bool bias_keys = bias_tile || (kHasBias && (args.bias_mode == kOperandKeyRow ||
-                                                    args.bias_mode == kOperandKeyChunk));
-  // Key chunks of more than one head: values chunk_heads apart, this head's column first; key
-  // rows and chunks: the stage's values start key_lead elements in (fwd.cu: key_load_start).
-  const int bias_hp = kHasBias && args.bias_mode == kOperandKeyChunk ? args.bias_chunk_heads : 1;
-  const int mask_hp = kHasMask && args.mask_mode == kOperandKeyChunk ? args.mask_chunk_heads : 1;
-  const int bias_col = (bias_hp > 1 ? bias_h : 0) + key_lead(seq.k_start, bias_hp, 2);
-  const int mask_col = (mask_hp > 1 ? mask_h : 0) + key_lead(seq.k_start, mask_hp, 1);
-  // The split logit transform (logits.cuh): the scale folds into the softmax's FFMA unless a
-  // softcap or a key-dependent bias makes the logit natural-log first.
-  const bool capped = has_softcap(p);
-  // DM_SM90_KBIAS_F32 (the producer stores a dense key row as fp32): 1 adds it by the FFMA
-  // below; 2 (no softcap; with one the bf16 path runs) starts S's accumulator at it (stored
-  // as bias / scale), so the logit is the plain scaled score.
-  const bool bias_f32 = DM_SM90_KBIAS_F32 != 0 && !kHasMask && kHasBias &&
-                        args.bias_mode == kOperandKeyRow && !varlen &&
-                        (DM_SM90_KBIAS_F32 == 1 || !capped);
-  const bool fold = DM_SM90_KBIAS_F32 >= 2 && bias_f32;
-  const LogitScales ls = bias_keys && !fold ? logit_scales<true>(p) : logit_scales<false>(p);
-
-  // The bias and mask words of one tile this thread needs (class bit kMaskPartial: the tile's
-  // mask has false elements).
-  struct TileOperands {
-    uint32_t bias[kNF][2];  // two 16-bit bias values per (fragment, row half)
-    uint32_t mask[kNF];     // two mask bytes per row half: row g in bits 0-15, g + 8 in 16-31
-  };
-  const bool mask_tile = kHasMask && args.mask_mode == kOperandTile;
-  auto load_operands = [&](TileOperands& ops, int stage, int cls) {
-    if (bias_tile) {
-      const uint8_t* sb = smem + (sBias - base) + stage * Smem::kBias;
-#pragma unroll
-      for (int j = 0; j < kNF; ++j)
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const uint32_t o2 = tile_offset<2, 64, kBlockM>(lrow[r], 8 * j + 2 * t);
-          ops.bias[j][r] = *reinterpret_cast<const uint32_t*>(sb + o2);
-        }
-    } else if (bias_f32) {  // the fp32 row is read by transform, next to its FFMA
-    } else if (bias_keys) {  // one key row (or this head's column of a chunk) for both rows
-      const uint16_t* sv = reinterpret_cast<const uint16_t*>(smem + (sBias - base) +
-                                                             stage * Smem::kBias) +
-                           2 * t * bias_hp + bias_col;
-      if (bias_hp == 1 && bias_col % 2 == 0) {  // 4-byte aligned pairs
-#pragma unroll
-        for (int j = 0; j < kNF; ++j)
-          ops.bias[j][0] = ops.bias[j][1] = *reinterpret_cast<const uint32_t*>(sv + 8 * j);
-      } else {
-#pragma unroll
-        for (int j = 0; j < kNF; ++j) {
-          const uint16_t* x = sv + 8 * j * bias_hp;
-          ops.bias[j][0] = ops.bias[j][1] = uint32_t(x[0]) | uint32_t(x[bias_hp]) << 16;
-        }
-      }
-    }
-    if (mask_keys && (cls & kMaskPartial)) {
-      const uint8_t* smk = smem + (sMask - base) + info[4 * stage + 2] * Smem::kMask;
-      if (mask_tile) {
-#pragma unroll
-        for (int j = 0; j < kNF; ++j) {
-          uint32_t w = 0;
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            const uint32_t o1 =
-                tile_offset<1, Smem::kMaskBoxCols, kBlockM>(lrow[r], 8 * j + 2 * t);
-            w |= uint32_t(*reinterpret_cast<const uint16_t*>(smk + o1)) << (16 * r);
-          }
-          ops.mask[j] = w;
-        }
-      } else if (mask_hp == 1 && mask_col % 2 == 0) {  // one key row for both row halves
-#pragma unroll
-        for (int j = 0; j < kNF; ++j)
-          ops.mask[j] = uint32_t(*reinterpret_cast<const uint16_t*>(smk + mask_col + 8 * j +
-                                                                      2 * t)) * 0x00010001u;
-      } else {  // this head's column of a key chunk (or a key row at an odd lead)
-        const uint8_t* sv = smk + 2 * t * mask_hp + mask_col;
-#pragma unroll
-        for (int j = 0; j < kNF; ++j) {
-          const uint8_t* x = sv + 8 * j * mask_hp;
-          ops.mask[j] = (uint32_t(x[0]) | uint32_t(x[mask_hp]) << 8) * 0x00010001u;
-        }
-      }
-    }
-  };
-  // Softcap, bias and exclusion (by the mask's words and/or by formula, as the tile's class
-  // says), for the tile whose first key is n0.
-  auto transform = [&](float (&s)[kNF][4], const TileOperands& ops, int n0, int cls,
-                       int stage) {
-    if (capped) {
-#pragma unroll
-      for (int j = 0; j < kNF; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[j][e] = softcap_logit(p, s[j][e]);
-    }
-    if (bias_f32 && !fold) {  // keys 8j + 2t, 8j + 2t + 1 of the fp32 row, both rows
-      const float* row = reinterpret_cast<const float*>(smem + (sBias - base) +
-                                                        stage * Smem::kBias) + 2 * t;
-#pragma unroll
-      for (int j = 0; j < kNF; ++j) {
-        const float2 v = *reinterpret_cast<const float2*>(row + 8 * j);
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[j][e] = add_bias(s[j][e], ls, e & 1 ? v.y : v.x);
-      }
-    } else if (bias_keys && !fold) {
-#pragma unroll
-      for (int j = 0; j < kNF; ++j)
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          T lo, hi;
-          lo.bits = static_cast<uint16_t>(ops.bias[j][r] & 0xffffu);
-          hi.bits = static_cast<uint16_t>(ops.bias[j][r] >> 16);
-          s[j][2 * r] = add_bias(s[j][2 * r], ls, to_float(lo));
-          s[j][2 * r + 1] = add_bias(s[j][2 * r + 1], ls, to_float(hi));
-        }
-    }
-    if (mask_keys && (cls & kMaskPartial)) {
-#pragma unroll
-      for (int j = 0; j < kNF; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e)
-          if (!((ops.mask[j] >> (16 * (e >> 1) + 8 * (e & 1))) & 0xffu)) s[j][e] = -DM_INF;
-    }
-    // Exclusion by formula (bounds, window) and, for a block list's partial block, by its
-    // element bits (one pass: the producer marks such tiles kFormulaPartial too).
-    if (cls & kFormulaPartial) {
-      uint32_t keep[2] = {~0u, ~0u};  // bit 2j + e: key 8j + 2t + e of the tile
-      if (cls & kListedPartial) {
-        // info[+3]: the word of (this CTA's row 0, the tile's key 0) in p.sp_partial_bits;
-        // rows are sp_block_n / 32 words, LSB first. Gathered: 2 bits per byte at bit 2t,
-        // the bytes compressed to 2-bit fields.
-        const uint32_t* words = p.sp_partial_bits + info[4 * stage + 3];
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const uint32_t* rw = words + lrow[r] * (p.sp_block_n / 32);
-          keep[r] = 0;
-#pragma unroll
-          for (int q = 0; q < kBlockN / 32; ++q) {
-            uint32_t v = (__ldg(rw + q) >> (2 * t)) & 0x03030303u;
-            v = (v | v >> 6) & 0x000f000fu;
-            v = (v | v >> 12) & 0xffu;
-            keep[r] |= v << (8 * q);
-          }
-        }
-      }
-#pragma unroll
-      for (int j = 0; j < kNF; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int key = n0 + 8 * j + 2 * t + (e & 1);
-          if (key >= len_k || !in_window(p, row[e >> 1], key, off) ||
-              !((keep[e >> 1] >> (2 * j + (e & 1))) & 1u))
-            s[j][e] = -DM_INF;
-        }
-    }
-  };
-  // fold: S's accumulator starts at the fp32 row (keys 8j + 2t, 8j + 2t + 1 in both rows).
-  auto fold_bias = [&](float (&s)[kNF][4], int stage) {
-    const float* row = reinterpret_cast<const float*>(smem + (sBias - base) +
-                                                      stage * Smem::kBias) + 2 * t;
-#pragma unroll
-    for (int j = 0; j < kNF; ++j) {
-      const float2 v = *reinterpret_cast<const float2*>(row + 8 * j);
-      s[j][0] = v.x;
-      s[j][1] = v.y;
-      if (DM_SM90_KBIAS_F32 == 3) {  // a second load (volatile: not merged into moves)
-        asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];"
-                     : "=f"(s[j][2]), "=f"(s[j][3]) : "r"(smem_u32(row + 8 * j)));
-      } else {
-        s[j][2] = v.x;
-        s[j][3] = v.y;
-      }
-    }
-  };
-  auto issue_s = [&](float (&s)[kNF][4], int stage) {
-    // Descriptors are formed next to their wgmma (primitives.cuh: opaque): hoisted out of the
-    // loop they would hold two registers each beside the accumulators.
-    const uint64_t dq = desc_k_major<kBlockM>(opaque(sQ + c * 64 * 128), 0);
-    const uint64_t dk = desc_k_major<kBlockN>(opaque(sK + stage * Smem::kKV), 0);
-    fence_operands(s);
-    wgmma_fence();
-#pragma unroll
-    for (int ks = 0; ks < kHeadDim / 16; ++ks)
-      Wgmma<T, kBlockN>::template ss<0>(s, dq + k_major_step<kBlockM>(ks),
-                                        dk + k_major_step<kBlockN>(ks), ks > 0 || fold);
-    wgmma_commit();
-  };
-  auto issue_pv = [&](const uint32_t (&pa)[kBlockN / 16][4], int stage) {
-    const uint64_t dv = desc_mn_major<kBlockN>(opaque(sV + stage * Smem::kKV), 0);
-    fence_operands(o);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk)
-      Wgmma<T, kHeadDim>::template rs<1>(o, pa[kk], dv + mn_major_step(kk), 1);
-    wgmma_commit();
-  };
-  auto pack_p = [&](const float (&s)[kNF][4], uint32_t (&pa)[kBlockN / 16][4]) {
-#pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      pa[kk][0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
-      pa[kk][1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
-      pa[kk][2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      pa[kk][3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-    }
-  };
   auto release = [&](uint32_t bar) {
     __syncwarp();
     if (lane == 0) mbar_arrive(bar);
   };
-  auto release_k = [&](int stage) {  // K, its bias tile and its mask slot
-    if (mask_keys) release(bar_empty_m(info[4 * stage + 2]));
-    release(bar_empty_k(stage));
-  };
   // Ping-pong: the two consumers take turns issuing their GEMMs (named barriers 1 and 2, each
-  // 128 syncing + 128 arriving threads), so one's softmax runs under the other's GEMMs.
-  // Consumer 1 lets consumer 0 go first; consumer 0 takes the last turn back at the end.
+  // 128 syncing + 128 arriving threads), so one's softmax runs under the other's GEMMs. The
+  // turns alternate across work items too (a consumer never arrives twice in a row on one
+  // barrier): consumer 1 lets consumer 0 go first, consumer 0 takes the last turn back after
+  // the CTA's last item.
   auto turn_wait = [&] {
     if (c == 0) asm volatile("bar.sync 1, 256;" ::: "memory");
     else asm volatile("bar.sync 2, 256;" ::: "memory");
@@ -697,115 +526,367 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
     else asm volatile("bar.arrive 1, 256;" ::: "memory");
   };
   if (c == 1) turn_pass();
-
-  // Software pipeline: iteration j issues S_j = Q K_j^T and O += P_{j-1} V_{j-1} together,
-  // then runs the softmax of S_j while the second product is in flight.
-  mbar_wait(bar_q, 0);
-  int stage = 0;
+  int stage = 0;  // the K/V ring and Q's buffer run on across work items
   uint32_t phase = 0;
-  mbar_wait(bar_full_k(stage), phase);
-  int n = info[4 * stage];
-  if (n >= 0) {
-    float s[kNF][4];
-    uint32_t pa[kBlockN / 16][4];
-    float alpha[2];
-    TileOperands ops;
-    int cls = info[4 * stage + 1];
-    if (fold) fold_bias(s, stage);
-    turn_wait();
-    issue_s(s, stage);
-    turn_pass();
-    wgmma_wait<0>();
-    fence_operands(s);
-    load_operands(ops, stage, cls);
-    transform(s, ops, n * kBlockN, cls, stage);
-    sm.update(s, alpha, ls.exp_scale);
-    release_k(stage);
-    pack_p(s, pa);
-    if (varlen && (n + 1) * kBlockN > len_k) {
-      // Varlen: V rows past the sequence end hold the next sequence's values (no TMA zero
-      // fill); P is 0 there, but 0 * inf/NaN is not. Only the first tile visited can cross
-      // the end (tiles go in descending order), so it is zeroed here once, by both consumers
-      // (the same zeros: a benign overlap), before any O += P V reads it.
-      mbar_wait(bar_full_v(stage), phase);
-      const int r0 = len_k - n * kBlockN;
-      uint8_t* sv = smem + (sV - base) + stage * Smem::kKV;
-      for (int e = threadIdx.x % 128; e < (kBlockN - r0) * Smem::kBoxes * 8; e += 128) {
-        const int row = r0 + e / (8 * Smem::kBoxes), rem = e % (8 * Smem::kBoxes);
-        // a swizzled row stays within its 128 bytes: zeroing them zeroes the row
-        *reinterpret_cast<uint4*>(sv + (rem / 8) * kBlockN * 128 + row * 128 + (rem % 8) * 16) =
-            uint4{0u, 0u, 0u, 0u};
-      }
-      fence_proxy_async_smem();  // generic-proxy stores before the async-proxy (wgmma) reads
-      named_bar_sync(3 + c, 128);
+  int q_uses = 0;
+  for (int round = 0;; ++round) {
+    const int item = item_of_round(round);
+    if (item >= num_items) break;
+    Item it;
+    if (!make_item(item, it)) continue;
+    DM_SM90_ITEM_NAMES(it);
+    const int row[2] = {m0 + lrow[0], m0 + lrow[1]};                            // sequence rows
+
+    // kQueryRow operands: one value per query row (a scalar is the same value for every row).
+    bool row_kept[2] = {true, true};
+    float row_bias[2] = {0.f, 0.f};
+    if (kHasMask && args.mask_mode == kOperandQueryRow) {
+      const uint8_t* m = p.mask + int64_t(mask_b) * p.mask_batch_stride +
+                         int64_t(mask_h) * p.mask_head_stride;
+      for (int r = 0; r < 2; ++r)
+        row_kept[r] = row[r] < len_q && m[int64_t(row[r]) * p.mask_row_stride] != 0;
     }
-    int prev = stage;
-    uint32_t prev_phase = phase;
-    while (true) {
-      if (++stage == kStages) {
-        stage = 0;
-        phase ^= 1;
+    if (kHasBias && args.bias_mode == kOperandQueryRow) {
+      const int64_t o =
+          int64_t(bias_b) * p.bias_batch_stride + int64_t(bias_h) * p.bias_head_stride;
+      for (int r = 0; r < 2; ++r) {
+        if (row[r] >= len_q) continue;
+        const int64_t idx = o + int64_t(row[r]) * p.bias_row_stride;
+        row_bias[r] = p.bias_is_fp32 ? static_cast<const float*>(p.bias)[idx]
+                                     : to_float(static_cast<const T*>(p.bias)[idx]);
       }
-      mbar_wait(bar_full_k(stage), phase);
-      n = info[4 * stage];
-      if (fold && n >= 0) fold_bias(s, stage);
+    }
+    float o[kDF][4];
+#pragma unroll
+    for (int j = 0; j < kDF; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+    OnlineSoftmax<> sm;  // rows g and g + 8 of the warp's 16, over the 4 lanes of a quad
+    const bool mask_keys = kHasMask && (args.mask_mode == kOperandTile ||
+                                         args.mask_mode == kOperandKeyRow ||
+                                         args.mask_mode == kOperandKeyChunk);
+    const bool bias_tile = kHasBias && args.bias_mode == kOperandTile;
+    const bool bias_keys = bias_tile || (kHasBias && (args.bias_mode == kOperandKeyRow ||
+                                                      args.bias_mode == kOperandKeyChunk));
+    // Key chunks of more than one head: values chunk_heads apart, this head's column first; key
+    // rows and chunks: the stage's values start key_lead elements in (fwd.cu: key_load_start).
+    const int bias_hp = kHasBias && args.bias_mode == kOperandKeyChunk ? args.bias_chunk_heads : 1;
+    const int mask_hp = kHasMask && args.mask_mode == kOperandKeyChunk ? args.mask_chunk_heads : 1;
+    const int bias_col = (bias_hp > 1 ? bias_h : 0) + key_lead(seq.k_start, bias_hp, 2);
+    const int mask_col = (mask_hp > 1 ? mask_h : 0) + key_lead(seq.k_start, mask_hp, 1);
+    // The split logit transform (logits.cuh): the scale folds into the softmax's FFMA unless a
+    // softcap or a key-dependent bias makes the logit natural-log first.
+    const bool capped = has_softcap(p);
+    // DM_SM90_KBIAS_F32 (the producer stores a dense key row as fp32): 1 adds it by the FFMA
+    // below; 2 (no softcap; with one the bf16 path runs) starts S's accumulator at it (stored
+    // as bias / scale), so the logit is the plain scaled score.
+    const bool bias_f32 = DM_SM90_KBIAS_F32 != 0 && !kHasMask && kHasBias &&
+                          args.bias_mode == kOperandKeyRow && !varlen &&
+                          (DM_SM90_KBIAS_F32 == 1 || !capped);
+    const bool fold = DM_SM90_KBIAS_F32 >= 2 && bias_f32;
+    const LogitScales ls = bias_keys && !fold ? logit_scales<true>(p) : logit_scales<false>(p);
+
+    // The bias and mask words of one tile this thread needs (class bit kMaskPartial: the tile's
+    // mask has false elements).
+    struct TileOperands {
+      uint32_t bias[kNF][2];  // two 16-bit bias values per (fragment, row half)
+      uint32_t mask[kNF];     // two mask bytes per row half: row g in bits 0-15, g + 8 in 16-31
+    };
+    const bool mask_tile = kHasMask && args.mask_mode == kOperandTile;
+    auto load_operands = [&](TileOperands& ops, int stage, int cls) {
+      if (bias_tile) {
+        const uint8_t* sb = smem + (sBias - base) + stage * Smem::kBias;
+#pragma unroll
+        for (int j = 0; j < kNF; ++j)
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const uint32_t o2 = tile_offset<2, 64, kBlockM>(lrow[r], 8 * j + 2 * t);
+            ops.bias[j][r] = *reinterpret_cast<const uint32_t*>(sb + o2);
+          }
+      } else if (bias_f32) {  // the fp32 row is read by transform, next to its FFMA
+      } else if (bias_keys) {  // one key row (or this head's column of a chunk) for both rows
+        const uint16_t* sv = reinterpret_cast<const uint16_t*>(smem + (sBias - base) +
+                                                               stage * Smem::kBias) +
+                             2 * t * bias_hp + bias_col;
+        if (bias_hp == 1 && bias_col % 2 == 0) {  // 4-byte aligned pairs
+#pragma unroll
+          for (int j = 0; j < kNF; ++j)
+            ops.bias[j][0] = ops.bias[j][1] = *reinterpret_cast<const uint32_t*>(sv + 8 * j);
+        } else {
+#pragma unroll
+          for (int j = 0; j < kNF; ++j) {
+            const uint16_t* x = sv + 8 * j * bias_hp;
+            ops.bias[j][0] = ops.bias[j][1] = uint32_t(x[0]) | uint32_t(x[bias_hp]) << 16;
+          }
+        }
+      }
+      if (mask_keys && (cls & kMaskPartial)) {
+        const uint8_t* smk = smem + (sMask - base) + info[4 * stage + 2] * Smem::kMask;
+        if (mask_tile) {
+#pragma unroll
+          for (int j = 0; j < kNF; ++j) {
+            uint32_t w = 0;
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+              const uint32_t o1 =
+                  tile_offset<1, Smem::kMaskBoxCols, kBlockM>(lrow[r], 8 * j + 2 * t);
+              w |= uint32_t(*reinterpret_cast<const uint16_t*>(smk + o1)) << (16 * r);
+            }
+            ops.mask[j] = w;
+          }
+        } else if (mask_hp == 1 && mask_col % 2 == 0) {  // one key row for both row halves
+#pragma unroll
+          for (int j = 0; j < kNF; ++j)
+            ops.mask[j] = uint32_t(*reinterpret_cast<const uint16_t*>(smk + mask_col + 8 * j +
+                                                                        2 * t)) * 0x00010001u;
+        } else {  // this head's column of a key chunk (or a key row at an odd lead)
+          const uint8_t* sv = smk + 2 * t * mask_hp + mask_col;
+#pragma unroll
+          for (int j = 0; j < kNF; ++j) {
+            const uint8_t* x = sv + 8 * j * mask_hp;
+            ops.mask[j] = (uint32_t(x[0]) | uint32_t(x[mask_hp]) << 8) * 0x00010001u;
+          }
+        }
+      }
+    };
+    // Softcap, bias and exclusion (by the mask's words and/or by formula, as the tile's class
+    // says), for the tile whose first key is n0.
+    auto transform = [&](float (&s)[kNF][4], const TileOperands& ops, int n0, int cls,
+                         int stage) {
+      if (capped) {
+#pragma unroll
+        for (int j = 0; j < kNF; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[j][e] = softcap_logit(p, s[j][e]);
+      }
+      if (bias_f32 && !fold) {  // keys 8j + 2t, 8j + 2t + 1 of the fp32 row, both rows
+        const float* row = reinterpret_cast<const float*>(smem + (sBias - base) +
+                                                          stage * Smem::kBias) + 2 * t;
+#pragma unroll
+        for (int j = 0; j < kNF; ++j) {
+          const float2 v = *reinterpret_cast<const float2*>(row + 8 * j);
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[j][e] = add_bias(s[j][e], ls, e & 1 ? v.y : v.x);
+        }
+      } else if (bias_keys && !fold) {
+#pragma unroll
+        for (int j = 0; j < kNF; ++j)
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            T lo, hi;
+            lo.bits = static_cast<uint16_t>(ops.bias[j][r] & 0xffffu);
+            hi.bits = static_cast<uint16_t>(ops.bias[j][r] >> 16);
+            s[j][2 * r] = add_bias(s[j][2 * r], ls, to_float(lo));
+            s[j][2 * r + 1] = add_bias(s[j][2 * r + 1], ls, to_float(hi));
+          }
+      }
+      if (mask_keys && (cls & kMaskPartial)) {
+#pragma unroll
+        for (int j = 0; j < kNF; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            if (!((ops.mask[j] >> (16 * (e >> 1) + 8 * (e & 1))) & 0xffu)) s[j][e] = -DM_INF;
+      }
+      // Exclusion by formula (bounds, window) and, for a block list's partial block, by its
+      // element bits (one pass: the producer marks such tiles kFormulaPartial too).
+      if (cls & kFormulaPartial) {
+        uint32_t keep[2] = {~0u, ~0u};  // bit 2j + e: key 8j + 2t + e of the tile
+        if (cls & kListedPartial) {
+          // info[+3]: the word of (this CTA's row 0, the tile's key 0) in p.sp_partial_bits;
+          // rows are sp_block_n / 32 words, LSB first. Gathered: 2 bits per byte at bit 2t,
+          // the bytes compressed to 2-bit fields.
+          const uint32_t* words = p.sp_partial_bits + info[4 * stage + 3];
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const uint32_t* rw = words + lrow[r] * (p.sp_block_n / 32);
+            keep[r] = 0;
+#pragma unroll
+            for (int q = 0; q < kBlockN / 32; ++q) {
+              uint32_t v = (__ldg(rw + q) >> (2 * t)) & 0x03030303u;
+              v = (v | v >> 6) & 0x000f000fu;
+              v = (v | v >> 12) & 0xffu;
+              keep[r] |= v << (8 * q);
+            }
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < kNF; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int key = n0 + 8 * j + 2 * t + (e & 1);
+            if (key >= len_k || !in_window(p, row[e >> 1], key, off) ||
+                !((keep[e >> 1] >> (2 * j + (e & 1))) & 1u))
+              s[j][e] = -DM_INF;
+          }
+      }
+    };
+    // fold: S's accumulator starts at the fp32 row (keys 8j + 2t, 8j + 2t + 1 in both rows).
+    auto fold_bias = [&](float (&s)[kNF][4], int stage) {
+      const float* row = reinterpret_cast<const float*>(smem + (sBias - base) +
+                                                        stage * Smem::kBias) + 2 * t;
+#pragma unroll
+      for (int j = 0; j < kNF; ++j) {
+        const float2 v = *reinterpret_cast<const float2*>(row + 8 * j);
+        s[j][0] = v.x;
+        s[j][1] = v.y;
+        if (DM_SM90_KBIAS_F32 == 3) {  // a second load (volatile: not merged into moves)
+          asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];"
+                       : "=f"(s[j][2]), "=f"(s[j][3]) : "r"(smem_u32(row + 8 * j)));
+        } else {
+          s[j][2] = v.x;
+          s[j][3] = v.y;
+        }
+      }
+    };
+    auto issue_s = [&](float (&s)[kNF][4], int stage) {
+      // Descriptors are formed next to their wgmma (primitives.cuh: opaque): hoisted out of the
+      // loop they would hold two registers each beside the accumulators.
+      const uint64_t dq = desc_k_major<kBlockM>(opaque(sQ + c * 64 * 128), 0);
+      const uint64_t dk = desc_k_major<kBlockN>(opaque(sK + stage * Smem::kKV), 0);
+      fence_operands(s);
+      wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < kHeadDim / 16; ++ks)
+        Wgmma<T, kBlockN>::template ss<0>(s, dq + k_major_step<kBlockM>(ks),
+                                          dk + k_major_step<kBlockN>(ks), ks > 0 || fold);
+      wgmma_commit();
+    };
+    auto issue_pv = [&](const uint32_t (&pa)[kBlockN / 16][4], int stage) {
+      const uint64_t dv = desc_mn_major<kBlockN>(opaque(sV + stage * Smem::kKV), 0);
+      fence_operands(o);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kBlockN / 16; ++kk)
+        Wgmma<T, kHeadDim>::template rs<1>(o, pa[kk], dv + mn_major_step(kk), 1);
+      wgmma_commit();
+    };
+    auto pack_p = [&](const float (&s)[kNF][4], uint32_t (&pa)[kBlockN / 16][4]) {
+#pragma unroll
+      for (int kk = 0; kk < kBlockN / 16; ++kk) {
+        pa[kk][0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+        pa[kk][1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+        pa[kk][2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+        pa[kk][3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      }
+    };
+    auto release_k = [&](int stage) {  // K, its bias tile and its mask slot
+      if (mask_keys) release(bar_empty_m(info[4 * stage + 2]));
+      release(bar_empty_k(stage));
+    };
+    // Software pipeline: iteration j issues S_j = Q K_j^T and O += P_{j-1} V_{j-1} together,
+    // then runs the softmax of S_j while the second product is in flight.
+    mbar_wait(bar_q, q_uses++ & 1);
+    mbar_wait(bar_full_k(stage), phase);
+    int n = info[4 * stage];
+    if (n >= 0) {
+      float s[kNF][4];
+      uint32_t pa[kBlockN / 16][4];
+      float alpha[2];
+      TileOperands ops;
+      int cls = info[4 * stage + 1];
+      if (fold) fold_bias(s, stage);
       turn_wait();
-      if (n < 0) break;  // the turn is taken by the last O += P V below
       issue_s(s, stage);
-      rescale_o(o, alpha);
-      mbar_wait(bar_full_v(prev), prev_phase);
-      issue_pv(pa, prev);
       turn_pass();
-      cls = info[4 * stage + 1];
-      wgmma_wait<1>();
+      wgmma_wait<0>();
       fence_operands(s);
       load_operands(ops, stage, cls);
       transform(s, ops, n * kBlockN, cls, stage);
       sm.update(s, alpha, ls.exp_scale);
       release_k(stage);
+      pack_p(s, pa);
+      if (varlen && (n + 1) * kBlockN > len_k) {
+        // Varlen: V rows past the sequence end hold the next sequence's values (no TMA zero
+        // fill); P is 0 there, but 0 * inf/NaN is not. Only the first tile visited can cross
+        // the end (tiles go in descending order), so it is zeroed here once, by both consumers
+        // (the same zeros: a benign overlap), before any O += P V reads it.
+        mbar_wait(bar_full_v(stage), phase);
+        const int r0 = len_k - n * kBlockN;
+        uint8_t* sv = smem + (sV - base) + stage * Smem::kKV;
+        for (int e = threadIdx.x % 128; e < (kBlockN - r0) * Smem::kBoxes * 8; e += 128) {
+          const int row = r0 + e / (8 * Smem::kBoxes), rem = e % (8 * Smem::kBoxes);
+          // a swizzled row stays within its 128 bytes: zeroing them zeroes the row
+          *reinterpret_cast<uint4*>(sv + (rem / 8) * kBlockN * 128 + row * 128 + (rem % 8) * 16) =
+              uint4{0u, 0u, 0u, 0u};
+        }
+        fence_proxy_async_smem();  // generic-proxy stores before the async-proxy (wgmma) reads
+        named_bar_sync(3 + c, 128);
+      }
+      int prev = stage;
+      uint32_t prev_phase = phase;
+      while (true) {
+        if (++stage == kStages) {
+          stage = 0;
+          phase ^= 1;
+        }
+        mbar_wait(bar_full_k(stage), phase);
+        n = info[4 * stage];
+        if (fold && n >= 0) fold_bias(s, stage);
+        turn_wait();
+        if (n < 0) break;  // the turn is taken by the last O += P V below
+        issue_s(s, stage);
+        rescale_o(o, alpha);
+        mbar_wait(bar_full_v(prev), prev_phase);
+        issue_pv(pa, prev);
+        turn_pass();
+        cls = info[4 * stage + 1];
+        wgmma_wait<1>();
+        fence_operands(s);
+        load_operands(ops, stage, cls);
+        transform(s, ops, n * kBlockN, cls, stage);
+        sm.update(s, alpha, ls.exp_scale);
+        release_k(stage);
+        wgmma_wait<0>();
+        fence_operands(o);
+        release(bar_empty_v(prev));
+        pack_p(s, pa);
+        prev = stage;
+        prev_phase = phase;
+      }
+      rescale_o(o, alpha);
+      mbar_wait(bar_full_v(prev), prev_phase);
+      issue_pv(pa, prev);
+      turn_pass();
       wgmma_wait<0>();
       fence_operands(o);
       release(bar_empty_v(prev));
-      pack_p(s, pa);
-      prev = stage;
-      prev_phase = phase;
     }
-    rescale_o(o, alpha);
-    mbar_wait(bar_full_v(prev), prev_phase);
-    issue_pv(pa, prev);
-    turn_pass();
-    wgmma_wait<0>();
-    fence_operands(o);
-    release(bar_empty_v(prev));
+    // The end-of-item stage: no data; its release also frees Q's buffer (every S = Q K^T of
+    // the item has completed).
+    release(bar_empty_k(stage));
+    release(bar_empty_v(stage));
+    if (++stage == kStages) {
+      stage = 0;
+      phase ^= 1;
+    }
+
+    // Epilogue: normalize, store this thread's rows, lse (natural log; -inf for empty rows).
+    float inv_l[2], lse[2];
+    sm.finalize(inv_l, lse);
+    lse[0] = lse_natural(lse[0]);
+    lse[1] = lse_natural(lse[1]);
+    T* out = o_row_ptr<T>(p, b, h, seq, 0);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      if (row[r] >= len_q) continue;
+      if (!row_kept[r]) {
+        inv_l[r] = 0.f;
+        lse[r] = -DM_INF;
+      }
+      T* orow = out + int64_t(row[r]) * p.o_row_stride;
+#pragma unroll
+      for (int j = 0; j < kDF; ++j) {
+        const int col = 8 * j + 2 * t;
+        if (col < p.head_dim)
+          *reinterpret_cast<uint32_t*>(orow + col) =
+              pack2<T>(normalize_out(o[j][2 * r], inv_l[r]),
+                       normalize_out(o[j][2 * r + 1], inv_l[r]));
+      }
+      if (p.lse != nullptr && t == 0)
+        p.lse[lse_index(p, b, h, seq, row[r])] =
+            lse[r] == -DM_INF ? lse[r] : lse[r] + row_bias[r];
+    }
   }
   if (c == 0) turn_wait();  // consumer 1's last pass
-
-  // Epilogue: normalize, store this thread's rows, lse (natural log; -inf for empty rows).
-  float inv_l[2], lse[2];
-  sm.finalize(inv_l, lse);
-  lse[0] = lse_natural(lse[0]);
-  lse[1] = lse_natural(lse[1]);
-  T* out = o_row_ptr<T>(p, b, h, seq, 0);
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    if (row[r] >= len_q) continue;
-    if (!row_kept[r]) {
-      inv_l[r] = 0.f;
-      lse[r] = -DM_INF;
-    }
-    T* orow = out + int64_t(row[r]) * p.o_row_stride;
-#pragma unroll
-    for (int j = 0; j < kDF; ++j) {
-      const int col = 8 * j + 2 * t;
-      if (col < p.head_dim)
-        *reinterpret_cast<uint32_t*>(orow + col) =
-            pack2<T>(normalize_out(o[j][2 * r], inv_l[r]),
-                     normalize_out(o[j][2 * r + 1], inv_l[r]));
-    }
-    if (p.lse != nullptr && t == 0)
-      p.lse[lse_index(p, b, h, seq, row[r])] =
-          lse[r] == -DM_INF ? lse[r] : lse[r] + row_bias[r];
-  }
 }
+#undef DM_SM90_ITEM_NAMES
 
 }  // namespace dm

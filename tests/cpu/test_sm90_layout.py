@@ -142,28 +142,27 @@ def test_constexpr_helpers_equal_the_model():
     compile_static_asserts(_static_asserts(), "sm90_layout_check.cu")
 
 
-MB_DEFINES = ("DM_SM90_MB_STAGES=3", "DM_SM90_MB_MASK_SLOTS=6")
-
-
-def test_mask_bias_tile_defines_agree_with_the_kernel(monkeypatch):
-    """The A/B defines of the mask + bias tiles: the host's tile and shared memory (read from
-    DMATTN_NVRTC_DEFINES) equal the kernel's built with the same -D flags, and fit."""
-    monkeypatch.setenv("DMATTN_NVRTC_DEFINES", " ".join(MB_DEFINES))
+@pytest.mark.parametrize("defines, stages, slots",
+                         [((), 3, 6), (("DM_SM90_MB_STAGES=2", "DM_SM90_MB_MASK_SLOTS=8"), 2, 8)],
+                         ids=["default", "ab"])
+def test_mask_bias_tile_defines_agree_with_the_kernel(monkeypatch, defines, stages, slots):
+    """The mask + bias tiles (3 stages and 6 mask slots by default; A/B defines): the host's
+    tile and shared memory (read from DMATTN_NVRTC_DEFINES) equal the kernel's built with
+    the same -D flags, and fit."""
+    monkeypatch.setenv("DMATTN_NVRTC_DEFINES", " ".join(defines))
     lines = ['#include "sm90/fwd.cu"']
     for hd in (64, 128):
         bn, st = f90.tile(hd, True, True)
-        assert (bn, st) == (64, 3)
+        assert (bn, st) == (64, stages) and f90.mask_slots(hd, bn, True) == slots
         smem = f90.smem_bytes(hd, bn, st, True, True)
         assert smem <= f90.SMEM_LIMIT
         lines.append(f"static_assert(dm::Sm90FwdSmem<{hd}, {bn}, {st}, true, true>::kAlloc == "
                      f"{smem});")
         lines.append(f"static_assert(dm::Sm90FwdSmem<{hd}, {bn}, {st}, true, true>::kMaskSlots "
-                     f"== {f90.mask_slots(hd, bn, True)});")
+                     f"== {slots});")
     assert f90.tile(128, True, False) == f90.TILES[(128, True, False)]  # others unchanged
     assert f90.mask_slots(128, 128, True) == 4
-    compile_static_asserts("\n".join(lines) + "\n", "sm90_mb_defines.cu", MB_DEFINES)
-    monkeypatch.delenv("DMATTN_NVRTC_DEFINES")
-    assert f90.tile(128, True, True) == (64, 2) and f90.mask_slots(128, 64, True) == 8
+    compile_static_asserts("\n".join(lines) + "\n", "sm90_mb_defines.cu", defines)
 
 
 def test_generated_wgmma_header_is_current():
@@ -203,7 +202,7 @@ def test_tile_for_takes_tma_layouts_and_declines_the_rest():
     bias = _contig((2, 4, 300, 256))
     assert f90.tile_for(128, q, k, k, None, bias, 300, 256) == (128, 128, 2)
     mask = _contig((2, 4, 300, 256), "bool")
-    assert f90.tile_for(128, q, k, k, mask, bias, 300, 256) == (128, 64, 2)
+    assert f90.tile_for(128, q, k, k, mask, bias, 300, 256) == (128, 64, 3)
     k250 = _contig((2, 250, 4, 128))
     assert f90.tile_for(128, q, k250, k250, None, _contig((2, 4, 300, 250)), 300, 250) is None
     assert f90.tile_for(128, q, k, k, None, _contig((2, 4, 300, 256), "float32"), 300,

@@ -78,7 +78,7 @@ def test_key_based_layouts(heads):
 def test_query_based_layouts():
     assert _take(_contig((TQ, HK, 400), "bool")) == (128, 128, 2)
     assert _take(None, _contig((TQ, H, 400))) == (128, 128, 2)
-    assert _take(_contig((TQ, HK, 400), "bool"), _contig((TQ, 1, 400))) == (128, 64, 2)
+    assert _take(_contig((TQ, HK, 400), "bool"), _contig((TQ, 1, 400))) == (128, 64, 3)
     assert _take(_contig((TQ, HK, 401), "bool")) is None           # rows not 16-byte multiples
     assert _take(_contig((TQ, HK, 1), "bool")) is None             # one key column
     assert _take(None, _contig((TQ, H, 1))) is None
@@ -96,8 +96,8 @@ def test_block_sparse_routing():
     assert take((64, 64)) is None and take((64, 128)) is None       # 64-row blocks: fwd_mma
     assert take((128, 64)) is None                                  # half a 128-key tile
     mask, bias = _contig((2, H, 1024, 1024), "bool"), _contig((2, H, 1024, 1024))
-    assert take((128, 128), mask, bias) == (128, 64, 2)            # 64-key tiles: 2 per block
-    assert take((128, 64), mask, bias) == (128, 64, 2)
+    assert take((128, 128), mask, bias) == (128, 64, 3)            # 64-key tiles: 2 per block
+    assert take((128, 64), mask, bias) == (128, 64, 3)
     assert take(True) is None                                       # block size unknown
     assert _take(sparse=(128, 128)) is None                         # no lists with varlen
 
