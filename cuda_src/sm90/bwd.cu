@@ -197,13 +197,8 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
   auto bar_full = [&](int s) { return bars + 8 + 16 * s; };
   auto bar_empty = [&](int s) { return bars + 16 + 16 * s; };
 
-  // Longest-first under a right-limited window (causal): key tile 0 sees the most query tiles
-  // and the counts fall with the tile index, so the linear block order (x fastest, the order
-  // CTAs start in) is remapped to run every (kv head, batch) of key tile 0 first, then tile 1,
-  // ...; without that limit every key tile has the same work and the grid order is kept (the
-  // key tiles of one head run together and share its Q/dO in L2).
-  // Deterministic mode: the position is the CTA's ticket (see the header), read after the
-  // barrier below.
+  // Deterministic mode: the CTA's linear position is its ticket (see the header), read after
+  // the barrier below; else its block index.
   int32_t* const dq_sem = args.dq_sem;
   volatile int* ticket = reinterpret_cast<volatile int*>(smem + Smem::kOffTicket);
   if (threadIdx.x == 0) {
@@ -229,6 +224,11 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
 #if DM_SM90_BWD_DQ_ATOMIC
   if (dq_sem != nullptr) __trap();  // the A/B variant's dQ atomics cannot be ordered
 #endif
+  // Longest-first under a right-limited window (causal): key tile 0 sees the most query tiles
+  // and the counts fall with the tile index, so the linear order (x fastest, the order CTAs
+  // start in) is remapped to run every (kv head, batch) of key tile 0 first, then tile 1, ...;
+  // without that limit every key tile has the same work and the grid order is kept (the key
+  // tiles of one head run together and share its Q/dO in L2).
   if (p.window_right >= 0) {
     const int per_tile = gridDim.y * gridDim.z;
     tile_n = lin / per_tile;
@@ -321,9 +321,10 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
       // The next item's row segment into L1 while this one is transposed (no registers held;
       // the segment's first and last bytes name its one or two 128-byte lines).
       auto prefetch = [&](int i) {
+        if (!vec || i >= n_items) return;
         bool ok;
         const uint8_t* r = mask_row(i, ok) + n0;
-        if (vec && ok && i < n_items) {
+        if (ok) {
           asm volatile("prefetch.global.L1 [%0];" ::"l"(r));
           asm volatile("prefetch.global.L1 [%0];" ::"l"(r + dm_min(kBlockN, len_k - n0) - 1));
         }

@@ -29,8 +29,9 @@ def _attention(q, k, v, mask, bias, scale, softcap, window, keep_extra=None):
     if bias is not None:
         s = s + (bias if bias.shape[1] in (1, h) else bias.repeat_interleave(h // bias.shape[1], 1))
     keep = torch.from_numpy(allowed_positions(q.shape[1], k.shape[1], window)).to(q.device)
-    if mask is not None:
-        keep = keep & mask
+    if mask is not None:  # a mask per kv head serves its group's query heads
+        keep = keep & (mask if mask.shape[1] in (1, h) else
+                       mask.repeat_interleave(h // mask.shape[1], 1))
     if keep_extra is not None:
         keep = keep & keep_extra
     s = s.float().masked_fill(~keep, float("-inf"))
