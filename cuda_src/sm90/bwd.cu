@@ -464,8 +464,8 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
     const bool db_tile = want_dbias && bias_tile;
     // P of element (j, e) from the raw score st[j][e] and the row's lse (log2 units); dsoft =
     // dz/ds. The masked copy (BoolTag<true>) tests the element when the tile is partial
-    // (sequence ends, window edges, the mask's words); the unmasked copy has no per-element test or branch
-    // (full tiles: ~5 instructions per element in SASS against ~25).
+    // (sequence ends, window edges, the mask's words); the unmasked copy has no per-element
+    // test or branch (full tiles: ~5 instructions per element in SASS against ~25).
     auto prob = [&](auto masked, int j, int e, float lse2, float& dsoft) -> float {
       const int r = e >> 1, qq = 8 * j + 2 * t + (e & 1);
       float x = logit_log2(p, st[j][e], bp.scale, dsoft);
