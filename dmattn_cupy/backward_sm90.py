@@ -70,7 +70,7 @@ def semaphore_words(batch: int, heads: int, seqlen_q: int) -> int:
 
 def bias_mode(bias: ArrayInfo | None, batch: int, heads: int, seqlen_q: int,
               seqlen_k: int) -> int | None:
-    """How the kernel reads a 4-D bias, or None when phase 1 does not serve its shape: a full
+    """How the kernel reads a 4-D bias, or None when the kernel does not serve its shape: a full
     (B, H, Sq, Sk) tile or a key row (B, H, 1, Sk) (the dbias of both is written without
     reductions across CTAs). Broadcasts over batch/heads go to the sm80-class family."""
     if bias is None:
