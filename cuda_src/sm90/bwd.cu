@@ -16,13 +16,15 @@
 //   memory (rows 32w'.., one row per lane, 16 bytes per load where the layout allows, else
 //   byte by byte through the mask's strides, so every broadcast works) and transpose them by
 //   ballots into one 64-bit query word per key (bit q: row m0 + q kept; rows and keys past the
-//   ends read false) plus a per-warp "all kept" flag, and arrive with their 64 lanes too;
+//   ends read false) plus per-warp "all kept" / "some kept" flags, and arrive with their 64
+//   lanes too (Q/dO/bias are loaded regardless: the mask is read alongside, not before);
 // - warpgroups 1 and 2 are consumers, 64 keys each (rows 64c.. of K and V):
 //     S^T = K Q^T and dP^T = V dO^T  (wgmma, both operands K-major from shared memory),
 //     P^T = exp2(x - lse) (while dP^T runs, without a softcap), dS^T = P^T (dP^T - dsum)
 //     (* dz/ds) in registers; an element the mask drops gets P = 0 (hence dS = 0 and a zero
 //     dbias); a tile whose mask words are all true (both flags) takes the unmasked path
-//     unless a sequence end or window edge crosses it,
+//     unless a sequence end or window edge crosses it, and one the mask drops entirely is
+//     released at once (no products; its deterministic turn is still taken),
 //     dV += P^T dO and dK += dS^T Q  (wgmma, A from registers, dO/Q MN-major: tnspB),
 //     dS^T is stored to shared memory as [key][query] (both consumers' halves: the M-major A
 //     of dQ, tnspA), then dQ (64 queries x 64 columns of box c) += dS K over all 128 keys
@@ -337,7 +339,7 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
         const uint8_t* mrow = mask_row(i, row_ok);
         prefetch(i + 1);
         uint32_t* words = reinterpret_cast<uint32_t*>(smem + Smem::kOffMask + s * Smem::kMaskBits);
-        uint32_t all = ~0u;
+        uint32_t all = ~0u, any = 0u;
 #pragma unroll 1
         for (int ch = 0; ch < kBlockN / 16; ++ch) {  // keys n0 + 16 ch .. + 15
           const int k0 = n0 + 16 * ch;
@@ -365,12 +367,14 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
             const uint64_t x = e < 8 ? lo >> (8 * e) : hi >> (8 * (e - 8));
             const uint32_t v = __ballot_sync(0xffffffffu, (uint32_t(x) & 0xffu) != 0);
             all &= v;
+            any |= v;
             mine = lane == e ? v : mine;
           }
           if (lane < 16) words[2 * (16 * ch + lane) + wh] = mine;  // key's word: low = rows 0..31
         }
-        if (lane == 0)
-          reinterpret_cast<volatile int*>(smem + Smem::kOffMaskFull)[2 * s + wh] = all == ~0u;
+        if (lane == 0)  // bit 0: every element of the warp's rows kept; bit 1: some element
+          reinterpret_cast<volatile int*>(smem + Smem::kOffMaskFull)[2 * s + wh] =
+              (all == ~0u ? 1 : 0) | (any != 0u ? 2 : 0);
         mbar_arrive(bar_full(s));  // release: this lane's stores before the consumers' reads
       }
     }
@@ -399,6 +403,37 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
     if (lane == 0) mbar_arrive(bar);
   };
 
+  // Deterministic mode: waits (the whole warp polls one word) for this warp's turn to add
+  // into query tile m0 of head h and returns its counter; null in the default mode.
+  auto dq_turn = [&](int h, int m0) -> int32_t* {
+    if (args.dq_sem == nullptr) return nullptr;
+    const int n_lo = key_range(p, m0, dm_min(m0 + kBlockM, len_q), len_q, len_k).k_begin /
+                     kBlockN;
+    int32_t* turn = args.dq_sem + 1 +
+                    (int64_t(b) * p.heads + h) * ((len_q + kBlockM - 1) / kBlockM) + m0 / kBlockM;
+    const int target = (n0 / kBlockN - n_lo) * kDqWarps;
+    while (ld_acquire_gpu(turn) < target) {
+    }
+    fence_proxy_async_global();  // the earlier adds, then this warp's (async proxy)
+    return turn;
+  };
+  // Key-row dbias: the column sums of a head are complete after its last item.
+  auto finish_head = [&](int i, int h) {
+    if (bias_row && want_dbias && (i + 1 == n_items || head_of(i + 1) != h)) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float v = colsum[r];
+        v += __shfl_xor_sync(0xffffffffu, v, 1);
+        v += __shfl_xor_sync(0xffffffffu, v, 2);
+        colsum[r] = 0.f;
+        if (t == 0 && key[r] < len_k)
+          static_cast<T*>(bp.dbias)[int64_t(b) * bp.dbias_batch_stride +
+                                    int64_t(h) * bp.dbias_head_stride +
+                                    int64_t(key[r]) * bp.dbias_col_stride] = from_float<T>(v);
+      }
+    }
+  };
+
   mbar_wait(bar_kv, 0);
   for (int i = 0; i < n_items; ++i) {
     const int s = i % kStages;
@@ -413,6 +448,21 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
                                      : 0.f;
     }
     mbar_wait(bar_full(s), (i / kStages) & 1);
+    if constexpr (kHasMask) {
+      // A tile the mask drops entirely adds nothing (P = dS = 0; dbias stays the zero it was
+      // filled with): release the stage, take the deterministic turn, finish a key row's dbias.
+      const int* flags = reinterpret_cast<const int*>(smem + Smem::kOffMaskFull) + 2 * s;
+      if (!((flags[0] | flags[1]) & 2)) {
+        release(bar_empty(s));
+        if (Smem::kBoxes == 2 || c == 0) {
+          int32_t* turn = dq_turn(h, m0);
+          __syncwarp();
+          if (turn != nullptr && lane == 0) red_release_gpu_add(turn, 1);
+        }
+        finish_head(i, h);
+        continue;
+      }
+    }
 
     // S^T = K Q^T and dP^T = V dO^T: 64 keys x 64 queries each, committed as two groups so
     // that P^T can be formed while dP^T is still running (below).
@@ -447,7 +497,7 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
     uint64_t mword[2] = {~0ull, ~0ull};
     if constexpr (kHasMask) {
       const int* full = reinterpret_cast<const int*>(smem + Smem::kOffMaskFull) + 2 * s;
-      partial = edge || !(full[0] && full[1]);
+      partial = edge || !(full[0] & full[1] & 1);
       const uint64_t* words = reinterpret_cast<const uint64_t*>(smem + Smem::kOffMask +
                                                                 s * Smem::kMaskBits);
 #pragma unroll
@@ -709,18 +759,7 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
                           acc[j][2 * r], acc[j][2 * r + 1]);
       fence_proxy_async_smem();  // this lane's stores before the async proxy reads them
       __syncwarp();
-      // Deterministic mode: wait for this query tile's turn (the whole warp polls one word).
-      int32_t* turn = nullptr;
-      if (args.dq_sem != nullptr) {
-        const int n_lo = key_range(p, m0, dm_min(m0 + kBlockM, len_q), len_q, len_k).k_begin /
-                         kBlockN;
-        turn = args.dq_sem + 1 + (int64_t(b) * p.heads + h) * ((len_q + kBlockM - 1) / kBlockM) +
-               m0 / kBlockM;
-        const int target = (n0 / kBlockN - n_lo) * kDqWarps;
-        while (ld_acquire_gpu(turn) < target) {
-        }
-        fence_proxy_async_global();  // the earlier adds, then this one (async proxy)
-      }
+      int32_t* turn = dq_turn(h, m0);
       if (lane == 0) {
         const int q0 = m0 + 16 * warp_u;
         const int rows = dm_min(16, len_q - q0);              // rows past the end are not added
@@ -749,20 +788,7 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
     }
 #endif
 
-    // Key-row dbias: the column sums of this head are complete after its last item.
-    if (bias_row && want_dbias && (i + 1 == n_items || head_of(i + 1) != h)) {
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        float v = colsum[r];
-        v += __shfl_xor_sync(0xffffffffu, v, 1);
-        v += __shfl_xor_sync(0xffffffffu, v, 2);
-        colsum[r] = 0.f;
-        if (t == 0 && key[r] < len_k)
-          static_cast<T*>(bp.dbias)[int64_t(b) * bp.dbias_batch_stride +
-                                    int64_t(h) * bp.dbias_head_stride +
-                                    int64_t(key[r]) * bp.dbias_col_stride] = from_float<T>(v);
-      }
-    }
+    finish_head(i, h);
   }
 
 #if !DM_SM90_BWD_DQ_ATOMIC

@@ -145,29 +145,50 @@ def test_ticket_schedule_finishes_in_key_tile_order(len_q, len_k, window, reside
         assert tiles == sorted(tiles) and tiles == list(range(tiles[0], tiles[-1] + 1)), key
 
 
-def _transpose_words(mask_tile: np.ndarray) -> np.ndarray:
-    """The producer's words (uint32, 2 per key) of a 64 x 128 tile of mask bytes."""
+def _transpose_words(mask_tile: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """The producer's words (uint32, 2 per key) of a 64 x 128 tile of mask bytes and its two
+    warps' flags (bit 0: all kept, bit 1: some kept)."""
     words = np.zeros(2 * BLOCK_N, np.uint64)
+    flags = []
     for wh in range(2):
         rows = mask_tile[32 * wh:32 * wh + 32]      # lane l: row 32 wh + l
+        all_, any_ = 0xFFFFFFFF, 0
         for ch in range(BLOCK_N // 16):
             chunk = rows[:, 16 * ch:16 * ch + 16]   # lane l's 16 bytes (lo: keys 0-7)
             mine = np.zeros(32, np.uint64)
             for e in range(16):
                 v = sum(int(chunk[lane, e] != 0) << lane for lane in range(32))  # ballot
+                all_ &= v
+                any_ |= v
                 mine[e] = v                              # lane e keeps it
             for lane in range(16):
                 words[2 * (16 * ch + lane) + wh] = mine[lane]
-    return words
+        flags.append((1 if all_ == 0xFFFFFFFF else 0) | (2 if any_ else 0))
+    return words, flags
 
 
 def test_mask_words_give_each_thread_its_elements():
     rng = np.random.default_rng(0)
     tile = (rng.random((BLOCK_M, BLOCK_N)) < 0.6).astype(np.uint8) * rng.integers(1, 4)
-    words = _transpose_words(tile)
+    words, flags = _transpose_words(tile)
+    assert flags == [2, 2]
     for c, w, g, t in itertools.product(range(2), range(4), range(8), range(4)):
         key_l = [64 * c + 16 * w + g, 64 * c + 16 * w + g + 8]
         mword = [(int(words[2 * k]) | int(words[2 * k + 1]) << 32) >> (2 * t) for k in key_l]
         for j, e in itertools.product(range(8), range(4)):
             r, qq = e >> 1, 8 * j + 2 * t + (e & 1)
             assert ((mword[r] >> (8 * j + (e & 1))) & 1) == (tile[qq, key_l[r]] != 0)
+
+
+def test_mask_flags_classify_the_tile():
+    """Consumers: partial = edge or not (flags[0] & flags[1] & 1); skipped (no products) when
+    neither warp's rows keep anything: (flags[0] | flags[1]) & 2 == 0."""
+    full = np.ones((BLOCK_M, BLOCK_N), np.uint8)
+    for tile, all_kept, some_kept in (
+            (full, True, True), (full * 0, False, False),
+            (np.pad(full[:1, :1], ((63, 0), (127, 0))), False, True),   # one element (63, 127)
+            (np.pad(full[:1, :1], ((0, 63), (0, 127))), False, True),   # one element (0, 0)
+            (np.where(np.arange(BLOCK_N) == 5, 0, full), False, True)):
+        _, flags = _transpose_words(tile)
+        assert bool(flags[0] & flags[1] & 1) == all_kept
+        assert bool((flags[0] | flags[1]) & 2) == some_kept

@@ -2,10 +2,10 @@
 autograd with the factor-3 rule of test_backward.py: every mask broadcast it takes (its
 producer reads the mask through its strides: 16-byte row loads, or bytes for odd lengths,
 strided and transposed masks), mask + bias with the bias gradient, causal/window + mask, GQA
-groups 1/4, fully masked rows and keys (zero gradients, no NaN), and the deterministic mode:
-bitwise-equal gradients over two runs, each checked against the reference, with causal and
-sliding windows over several key tiles. Every test asserts that the sm_90a family ran
-(the autouse fixture of test_backward_sm90.py)."""
+groups 1/4, fully masked rows and keys (zero gradients, no NaN), tiles the mask drops entirely
+(skipped without products), and the deterministic mode: bitwise-equal gradients over two runs,
+each checked against the reference, with causal and sliding windows over several key tiles.
+Every test asserts that the sm_90a family ran (the autouse fixture of test_backward_sm90.py)."""
 
 from __future__ import annotations
 
@@ -152,3 +152,24 @@ def test_deterministic_many_ctas():
     the tickets keep every wait finite; repeatable bitwise."""
     q, k, v = _qkv(4, 1024, 1024, 16, 16, 64, "bfloat16", seed=30)
     _twice(q, k, v, seed=31, is_causal=True)
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["default", "det"])
+@pytest.mark.parametrize("d", [64, 128], ids=["d64", "d128"])
+def test_tiles_the_mask_drops_entirely(d, deterministic):
+    """Whole 64-row x 128-key tiles false (the consumers release them without products) next
+    to kept ones: a full bias (its dbias stays zero there), a key-row bias whose heads' last
+    items are all skipped (their column sums are still written), and the deterministic mode
+    (skipped items still take their turns, or later key tiles would wait forever)."""
+    q, k, v = _qkv(2, 256, 512, 4, 2, d, "bfloat16", seed=32 + d)
+    mask = _mask((2, 4, 256, 512), seed=33)
+    mask[:, :, 0:64, 128:256] = False   # one tile of every head
+    mask[:, :, 192:256] = False         # the last query tile: every head's last item
+    mask[:, 1, :, 384:512] = False      # head 1's whole last key tile (head 0 keeps it)
+    bias = torch.randn(2, 4, 256, 512, device="cuda", dtype=torch.bfloat16)
+    run = _twice if deterministic else _run_dense
+    got = run(q, k, v, mask=mask, bias=bias, seed=34)
+    assert (got[3][:, :, 192:256] == 0).all() and (got[3][:, 1, :, 384:512] == 0).all()
+    assert (got[0][:, 192:256] == 0).all()
+    kbias = torch.randn(2, 4, 1, 512, device="cuda", dtype=torch.bfloat16)
+    run(q, k, v, mask=mask, bias=kbias, seed=35, is_causal=True)
