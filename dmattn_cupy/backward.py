@@ -6,7 +6,8 @@ dbias, and in the default mode adds dQ with fp32 atomics), and, with ``determini
 dQ kernel (per query tile) that needs no atomics. ``select.backward`` picks their specs.
 Where ``select.backward_family`` picks ``bwd_sm90`` (compute capability 9.0, by default),
 the Hopper kernel (cuda_src/sm90/bwd.cu) replaces the dK/dV kernel after the same preprocess;
-it writes dbias once per element in the bias's dtype and adds dQ into the fp32 buffer.
+it writes dbias once per element in the bias's dtype and adds dQ into the fp32 buffer, in a
+fixed order with ``deterministic=True`` (its counters share the zeroed workspace).
 """
 
 from __future__ import annotations
@@ -168,15 +169,22 @@ def backward_call(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out:
 
     lse_shape = (pb.heads, pb.total_q) if pb.varlen else (pb.batch, pb.heads, pb.seqlen_q)
     n_dsum = math.prod(lse_shape)
-    if deterministic:
+    sem_at = 0  # the Hopper kernel's deterministic counters: their element in the workspace
+    if deterministic and family != "bwd_sm90":
         plan.allocs += [Alloc("dsum", lse_shape, "float32"), Alloc("dk", pb.k.shape, dt),
                         Alloc("dv", pb.v.shape, dt), Alloc("dq", pb.q.shape, dt)]
     else:
         # one zero-filled float32 workspace per call: dq_accum (q's shape, contiguous) at
-        # element 0, dsum after it at a 256-byte boundary (one allocation and one fill)
+        # element 0, dsum after it at a 256-byte boundary, and for the Hopper kernel's
+        # deterministic mode its int32 counters after that at the next one (zero bits are
+        # int32 0): one allocation and one fill
         n_dqa = math.prod(pb.q.shape)
         dsum_at = -(-n_dqa // _WS_ALIGN) * _WS_ALIGN
-        plan.allocs += [Alloc("ws", (dsum_at + n_dsum,), "float32", zero=True),
+        n_ws = dsum_at + n_dsum
+        if deterministic:
+            sem_at = -(-n_ws // _WS_ALIGN) * _WS_ALIGN
+            n_ws = sem_at + backward_sm90.semaphore_words(pb.batch, pb.heads, pb.seqlen_q)
+        plan.allocs += [Alloc("ws", (n_ws,), "float32", zero=True),
                         Alloc("dk", pb.k.shape, dt), Alloc("dv", pb.v.shape, dt)]
         plan.extra["ws_dsum_bytes"] = 4 * dsum_at
     plan.extra.update(dtype=dt, expanded_axes=expanded_axes, dq_shape=tuple(pb.q.shape),
@@ -243,17 +251,21 @@ def backward_call(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out:
             plan.launches.append(Launch(runtime.get_kernel(grid_spec, dev), (nrb, hm, bm),
                                         (rec,)))
         if pb.seqlen_k > 0 and family == "bwd_sm90":
-            spec = backward_sm90_spec(pb.dtype, pb.head_dim, pb.bias is not None)
+            spec = backward_sm90_spec(pb.dtype, pb.head_dim, pb.mask is not None,
+                                      pb.bias is not None)
             mode_b = backward_sm90.bias_mode(pb.bias, pb.batch, pb.heads, pb.seqlen_q,
                                              pb.seqlen_k) or 0
             dout_info = describe(dout)
-            args = backward_sm90.build_args(pb.q, pb.k, pb.v, dout_info, pb.bias, mode_b)
+            sem = ptr(bufs["ws"]) + 4 * sem_at if deterministic else 0
+            args = backward_sm90.build_args(pb.q, pb.k, pb.v, dout_info, pb.bias, mode_b, sem)
             slots = backward_sm90.address_slots(pb.q, pb.k, pb.v, dout_info, pb.bias, mode_b)
             if slots is None:  # the driver's map layout cannot be patched: plan per call
                 plan.cacheable = False
             else:
                 for name, offset in slots:
                     plan.slot_at(name, args, offset)
+            if deterministic:
+                plan.slot_at("ws", args, backward_sm90.DQ_SEM_OFFSET, 4 * sem_at)
             plan.launches.append(Launch(runtime.get_kernel(spec, dev), (
                 math.ceil(pb.seqlen_k / backward_sm90.BLOCK_N), pb.kv_heads, pb.batch),
                 (rec, args)))
@@ -261,7 +273,7 @@ def backward_call(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out:
             plan.launches.append(Launch(runtime.get_kernel(dkdv, dev), (
                 math.ceil(pb.seqlen_k / dkdv.block_n), pb.kv_heads, pb.batch), (rec,)))
         launches[family] += 1
-        if dqs is not None:
+        if dqs is not None and family != "bwd_sm90":
             plan.launches.append(Launch(runtime.get_kernel(dqs, dev), (
                 max(1, math.ceil(pb.seqlen_q / dqs.block_m)), pb.heads, pb.batch), (rec,)))
         plan.run(runtime.current_stream(pb.kind, pb.q.device))

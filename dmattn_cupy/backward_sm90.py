@@ -1,11 +1,15 @@
-"""The Hopper backward family's host half (cuda_src/sm90/bwd.cu, phase 1): which problems it
-takes, its shared-memory size, and its second kernel parameter ``Sm90BwdArgs`` (the tensor
-maps of q/k/v/dout and a full bias, and how the bias is read).
+"""The Hopper backward family's host half (cuda_src/sm90/bwd.cu): which problems it takes,
+its shared-memory size, its second kernel parameter ``Sm90BwdArgs`` (the tensor maps of
+q/k/v/dout and a full bias, how the bias is read, and the deterministic mode's counters), and
+the size of those counters.
 
-Pure Python except ``build_args``, which asks the driver to encode the maps. Declined (the
-sm80-class backward serves them): varlen, masks, block-sparse lists, deterministic mode, head
-dims above 128, a bias other than a (B, H, Sq, Sk) or (B, H, 1, Sk) one in the query's dtype,
-and layouts TMA cannot read.
+Pure Python except ``build_args``, which asks the driver to encode the maps. Taken: a dense
+bool mask of any broadcast of (B, H, Sq, Sk) (the kernel's producer reads it through its
+strides; no tensor map, so no layout rule: 16-byte loads where rows allow, else bytes) and the
+deterministic mode (dQ adds ordered by per-query-tile counters, ``semaphore_words``).
+Declined (the sm80-class backward serves them): varlen, block-sparse lists, head dims above
+128, a bias other than a (B, H, Sq, Sk) or (B, H, 1, Sk) one in the query's dtype (batch/head
+broadcasts and query-row biases included), and q/k/v/dout/bias layouts TMA cannot read.
 """
 
 from __future__ import annotations
@@ -26,11 +30,13 @@ DQ_WARP_BYTES = 16 * DQ_ROW_BYTES  # one consumer warp's 16 rows of one 64-colum
 
 BIAS_NONE, BIAS_TILE, BIAS_KEY_ROW = 0, 1, 2
 
-# Sm90BwdArgs: five 128-byte tensor maps (q, k, v, dout, bias), the int32 bias mode, padding.
+# Sm90BwdArgs: five 128-byte tensor maps (q, k, v, dout, bias), the int32 bias mode, the
+# deterministic mode's counters (a pointer; 0 = default mode), padding.
 MAP_NAMES = ("q", "k", "v", "dout", "bias")
-ARGS_DTYPE = np.dtype({"names": ["maps", "bias_mode"],
-                       "formats": [(np.uint8, 128 * len(MAP_NAMES)), np.int32],
-                       "offsets": [0, 640], "itemsize": 704})
+ARGS_DTYPE = np.dtype({"names": ["maps", "bias_mode", "dq_sem"],
+                       "formats": [(np.uint8, 128 * len(MAP_NAMES)), np.int32, np.uint64],
+                       "offsets": [0, 640, 648], "itemsize": 704})
+DQ_SEM_OFFSET = ARGS_DTYPE.fields["dq_sem"][1]
 
 
 def padded_head_dim(d: int) -> int:
@@ -41,7 +47,7 @@ def padded_head_dim(d: int) -> int:
     raise ValueError(f"head dim must be <= {HEAD_DIMS[-1]} for the sm_90a backward, got {d}")
 
 
-def smem_bytes(head_dim: int, has_bias: bool) -> int:
+def smem_bytes(head_dim: int, has_bias: bool, has_mask: bool = False) -> int:
     """Dynamic shared memory of one instance: Sm90BwdSmem<...>::kAlloc in sm90/bwd.cu."""
     boxes = head_dim // 64
     kv = boxes * BLOCK_N * 128
@@ -49,14 +55,22 @@ def smem_bytes(head_dim: int, has_bias: bool) -> int:
     bias = BLOCK_M * BLOCK_N * 2 if has_bias else 0
     ds = 64 * BLOCK_M * 2
     dq = boxes * 4 * DQ_WARP_BYTES  # fp32 dQ staging of the bulk reduce-add
+    mask = STAGES * (BLOCK_N * 8 + 2 * 4) if has_mask else 0  # query words per key, 2 flags
     bars = 8 * (1 + 2 * STAGES)
-    return (2 * kv + STAGES * (2 * q + bias) + 2 * ds + dq + 2 * STAGES * BLOCK_M * 4 + bars
-            + 1024)
+    ticket = 16  # the deterministic mode's CTA position
+    return (2 * kv + STAGES * (2 * q + bias) + 2 * ds + dq + 2 * STAGES * BLOCK_M * 4 + mask
+            + bars + ticket + 1024)
+
+
+def semaphore_words(batch: int, heads: int, seqlen_q: int) -> int:
+    """int32 words of the deterministic mode's zeroed counters: a CTA ticket, then one counter
+    per (batch, head, query tile of BLOCK_M rows)."""
+    return 1 + batch * heads * -(-seqlen_q // BLOCK_M)
 
 
 def bias_mode(bias: ArrayInfo | None, batch: int, heads: int, seqlen_q: int,
               seqlen_k: int) -> int | None:
-    """How the kernel reads a 4-D bias, or None when phase 1 does not serve its shape: a full
+    """How the kernel reads a 4-D bias, or None when the kernel does not serve its shape: a full
     (B, H, Sq, Sk) tile or a key row (B, H, 1, Sk) (the dbias of both is written without
     reductions across CTAs). Broadcasts over batch/heads go to the sm80-class family."""
     if bias is None:
@@ -108,8 +122,9 @@ def accepts(head_dim: int, dtype: str, q: ArrayInfo, k: ArrayInfo, v: ArrayInfo,
             dout: ArrayInfo, bias: ArrayInfo | None, has_mask: bool, varlen: bool,
             deterministic: bool, sparse: bool, batch: int, heads: int, kv_heads: int,
             seqlen_q: int, seqlen_k: int, smem_limit: int = SMEM_LIMIT) -> bool:
-    """Whether phase 1 of the Hopper backward serves this problem (pure)."""
-    if varlen or has_mask or sparse or deterministic or head_dim > HEAD_DIMS[-1]:
+    """Whether the Hopper backward serves this problem (pure). ``has_mask``: a dense bool mask
+    (any broadcast; validated before) is always taken; ``deterministic`` too."""
+    if varlen or sparse or head_dim > HEAD_DIMS[-1]:
         return False
     if seqlen_q < 1 or seqlen_k < 1 or batch > MAX_GRID_YZ or kv_heads > MAX_GRID_YZ:
         return False
@@ -117,7 +132,7 @@ def accepts(head_dim: int, dtype: str, q: ArrayInfo, k: ArrayInfo, v: ArrayInfo,
     if mode is None or (bias is not None and bias.dtype != dtype):
         return False
     hd = padded_head_dim(head_dim)
-    if smem_bytes(hd, bias is not None) > smem_limit:
+    if smem_bytes(hd, bias is not None, has_mask) > smem_limit:
         return False
     infos = [q, k, v, dout] + ([bias] if bias is not None else [])
     if any(info.ptr % 16 for info in infos):
@@ -130,8 +145,9 @@ def accepts(head_dim: int, dtype: str, q: ArrayInfo, k: ArrayInfo, v: ArrayInfo,
 
 
 def build_args(q: ArrayInfo, k: ArrayInfo, v: ArrayInfo, dout: ArrayInfo,
-               bias: ArrayInfo | None, mode: int) -> np.ndarray:
-    """The one-element Sm90BwdArgs record (maps encoded by the driver)."""
+               bias: ArrayInfo | None, mode: int, dq_sem: int = 0) -> np.ndarray:
+    """The one-element Sm90BwdArgs record (maps encoded by the driver); ``dq_sem``: the
+    deterministic mode's zeroed counters (``semaphore_words`` int32), 0 for the default mode."""
     maps = plan_maps(q, k, v, dout, bias, mode)
     infos = {"q": q, "k": k, "v": v, "dout": dout, "bias": bias}
     rec = np.zeros(1, dtype=ARGS_DTYPE)
@@ -143,6 +159,7 @@ def build_args(q: ArrayInfo, k: ArrayInfo, v: ArrayInfo, dout: ArrayInfo,
             raw[128 * i:128 * (i + 1)] = encode(spec, info.ptr)
     rec["maps"][0] = np.frombuffer(bytes(raw), dtype=np.uint8)
     rec["bias_mode"] = mode
+    rec["dq_sem"] = dq_sem
     return rec
 
 

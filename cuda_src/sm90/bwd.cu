@@ -1,8 +1,9 @@
 // sm90/bwd.cu: the Hopper backward's dK/dV/dQ kernel (FlashAttention-3's structure, sm_90a),
-// phase 1: fixed-length batches, head dims 64/128 (smaller ones padded), causal/window,
-// softcap, GQA/MQA, and a bias of shape (B, H, Sq, Sk) or (B, H, 1, Sk) with its gradient.
-// Everything else (varlen, masks, block lists, deterministic mode, other bias shapes) runs the
-// sm80-class backward (dmattn_cupy/backward_sm90.py declines it).
+// fixed-length batches, head dims 64/128 (smaller ones padded), causal/window, softcap,
+// GQA/MQA, a bias of shape (B, H, Sq, Sk) or (B, H, 1, Sk) with its gradient, a dense bool
+// mask of any broadcast (kHasMask), and a deterministic mode (Sm90BwdArgs::dq_sem set).
+// Everything else (varlen, block lists, other bias shapes) runs the sm80-class backward
+// (dmattn_cupy/backward_sm90.py declines it).
 //
 // A CTA of three warpgroups owns kBlockN = 128 keys of one (batch, kv head) and walks the
 // (query head of the group, query tile of kBlockM = 64 rows) items that can see its keys, so
@@ -11,10 +12,19 @@
 //   tile by TMA into a 2-stage mbarrier ring; warp 1 writes the item's lse (log2 units; +inf
 //   for rows past the end or rows that kept nothing, so that P = 0 there) and dsum rows into
 //   the same stage and arrives on its barrier (33 arrivals: the TMA leader + 32 lanes);
+//   with a mask (kHasMask), warps 2 and 3 read the item's 64 x 128 mask bytes from global
+//   memory (rows 32w'.., one row per lane, 16 bytes per load where the layout allows, else
+//   byte by byte through the mask's strides, so every broadcast works) and transpose them by
+//   ballots into one 64-bit query word per key (bit q: row m0 + q kept; rows and keys past the
+//   ends read false) plus per-warp "all kept" / "some kept" flags, and arrive with their 64
+//   lanes too (Q/dO/bias are loaded regardless: the mask is read alongside, not before);
 // - warpgroups 1 and 2 are consumers, 64 keys each (rows 64c.. of K and V):
 //     S^T = K Q^T and dP^T = V dO^T  (wgmma, both operands K-major from shared memory),
 //     P^T = exp2(x - lse) (while dP^T runs, without a softcap), dS^T = P^T (dP^T - dsum)
-//     (* dz/ds) in registers,
+//     (* dz/ds) in registers; an element the mask drops gets P = 0 (hence dS = 0 and a zero
+//     dbias); a tile whose mask words are all true (both flags) takes the unmasked path
+//     unless a sequence end or window edge crosses it, and one the mask drops entirely is
+//     released at once (no products; its deterministic turn is still taken),
 //     dV += P^T dO and dK += dS^T Q  (wgmma, A from registers, dO/Q MN-major: tnspB),
 //     dS^T is stored to shared memory as [key][query] (both consumers' halves: the M-major A
 //     of dQ, tnspA), then dQ (64 queries x 64 columns of box c) += dS K over all 128 keys
@@ -25,6 +35,18 @@
 //     atomics). DM_SM90_BWD_DQ_ATOMIC=1 (DMATTN_NVRTC_DEFINES) keeps phase 1's dQ for an A/B:
 //     each consumer adds a partial over its own 64 keys with red.global.add.v2.f32 (and
 //     phase 1's per-element dbias stores).
+// Deterministic mode (args.dq_sem: zeroed int32 words, [0] a CTA ticket, then one counter per
+// (batch, head, query tile)): a CTA takes its linear position from the ticket (atomicAdd), not
+// from blockIdx, so every position below it belongs to a CTA that is running or done. Key tile
+// n adds its dQ partial of query tile m after the key tiles n_lo(m) .. n - 1 did: each dQ
+// warp's lane 0 waits for the counter to reach (n - n_lo) * kDqWarps, adds, waits for its bulk
+// adds to complete, and increments it. The key tiles that visit query tile m are exactly
+// n_lo .. n_hi with n_lo = key_range(m's rows).k_begin / kBlockN (query_range and key_range
+// are transposes and both bounds move monotonically with the tile), so every counter a CTA
+// waits on is advanced only by CTAs of smaller key tiles, i.e. smaller positions (key tile is
+// the slowest-moving coordinate under causal remapping, and key tiles of one (kv head, batch)
+// are ordered by x otherwise): the CTA holding the smallest unfinished position never waits,
+// so no wait is forever. The fp32 sums then add in one order on every run.
 // Bias gradients: a full tile's dbias is dx itself: each thread overwrites the bias elements
 // it read in the shared-memory stage with dx, and after the dS^T barriers each consumer
 // copies its 64-key box to global memory in 16-byte chunks (8 threads per 128-byte row) while
@@ -66,6 +88,19 @@ template <int kPending>
 DM_DEVICE void bulk_wait() {
   asm volatile("cp.async.bulk.wait_group %0;" ::"n"(kPending) : "memory");
 }
+// The deterministic mode's counters: acquire/release at GPU scope.
+DM_DEVICE int ld_acquire_gpu(const int32_t* p) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+DM_DEVICE void red_release_gpu_add(int32_t* p, int v) {
+  asm volatile("red.release.gpu.global.add.s32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+// Orders this thread's generic-proxy accesses of global memory with its async-proxy ones.
+DM_DEVICE void fence_proxy_async_global() {
+  asm volatile("fence.proxy.async.global;" ::: "memory");
+}
 DM_DEVICE void st_shared_f32x2(uint32_t addr, float x, float y) {
   asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(addr), "f"(x), "f"(y) : "memory");
 }
@@ -81,15 +116,18 @@ enum Sm90BwdBias : int32_t { kBwdBiasNone = 0, kBwdBiasTile = 1, kBwdBiasKeyRow 
 // The second kernel parameter (const __grid_constant__): tensor maps over (cols, rows, heads,
 // batch) of q, k, v, dout and a (B, H, Sq, Sk) bias, and how the bias is read. Mirrored by
 // dmattn_cupy/backward_sm90.py (ARGS_DTYPE; size checked below and in the CPU tests).
+// dq_sem: the deterministic mode's counters (null: the default, unordered adds).
 struct alignas(64) Sm90BwdArgs {
   sm90::TmaDesc q, k, v, dout, bias;
   int32_t bias_mode;
-  int32_t pad[15];
+  int32_t pad0;
+  int32_t* dq_sem;
+  int32_t pad[12];
 };
 static_assert(sizeof(Sm90BwdArgs) == 704, "Sm90BwdArgs: size drifted from backward_sm90.py");
 
 // Shared-memory plan of one kernel instance; backward_sm90.smem_bytes mirrors kAlloc.
-template <int kHeadDim, bool kHasBias>
+template <int kHeadDim, bool kHasMask, bool kHasBias>
 struct Sm90BwdSmem {
   static constexpr int kBlockM = 64, kBlockN = 128, kStages = 2;
   static constexpr int kBoxes = kHeadDim / 64;              // 64-column boxes of a row
@@ -111,22 +149,29 @@ struct Sm90BwdSmem {
   static constexpr int kOffDQ = kOffDS + 2 * kDS;            // the two dS^T halves are adjacent
   static constexpr int kOffLse = kOffDQ + kDQ;               // kStages x kBlockM floats
   static constexpr int kOffDsum = kOffLse + kStages * kBlockM * 4;
-  static constexpr int kOffBars = kOffDsum + kStages * kBlockM * 4;
+  // Mask: per stage one 64-bit query word per key, then per stage two "all kept" flags.
+  static constexpr int kMaskBits = kHasMask ? kBlockN * 8 : 0;
+  static constexpr int kOffMask = kOffDsum + kStages * kBlockM * 4;
+  static constexpr int kOffMaskFull = kOffMask + kStages * kMaskBits;
+  static constexpr int kOffBars = kOffMaskFull + (kHasMask ? kStages * 2 * 4 : 0);
   static constexpr int kNumBars = 1 + 2 * kStages;           // K/V; per stage full, empty
-  static constexpr int kBytes = kOffBars + 8 * kNumBars;
+  static constexpr int kOffTicket = kOffBars + 8 * kNumBars; // deterministic mode's position
+  static constexpr int kBytes = kOffTicket + 16;
   static constexpr int kAlloc = kBytes + 1024;  // the base is aligned up to 1024 at run time
   static_assert(kKV % 1024 == 0 && kQ % 1024 == 0 && kBias % 1024 == 0 && kDS % 1024 == 0,
                 "swizzled tiles start on 1024-byte boundaries");
   static_assert(kDQRow % 16 == 0 && kOffDQ % 16 == 0, "bulk-copy sources are 16-byte aligned");
+  static_assert(kOffMask % 8 == 0 && kOffBars % 8 == 0, "64-bit mask words and mbarriers");
 };
 
-template <typename T, int kHeadDim, bool kHasBias>
+template <typename T, int kHeadDim, bool kHasMask, bool kHasBias>
 __global__ void __launch_bounds__(384, 1)
 flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs args) {
-  using Smem = Sm90BwdSmem<kHeadDim, kHasBias>;
+  using Smem = Sm90BwdSmem<kHeadDim, kHasMask, kHasBias>;
   constexpr int kBlockM = Smem::kBlockM, kBlockN = Smem::kBlockN, kStages = Smem::kStages;
   constexpr int kDF = kHeadDim / 8;  // dK/dV fragments (n8) per thread row pair
   constexpr int kNF = kBlockM / 8;   // S^T/dP^T fragments: one per 8 queries
+  constexpr int kDqWarps = 4 * (kHeadDim / 64);  // warps adding dQ per item (d64: consumer 0's)
   static_assert(kHeadDim == 64 || kHeadDim == 128, "phase 1 head dims");
   // setmaxnreg budgets: multiples of 8 summing to at most 3 x 168 (the pool at launch).
   constexpr int kProducerRegs = 40;
@@ -154,15 +199,40 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
   auto bar_full = [&](int s) { return bars + 8 + 16 * s; };
   auto bar_empty = [&](int s) { return bars + 16 + 16 * s; };
 
-  // Longest-first under a right-limited window (causal): key tile 0 sees the most query tiles
-  // and the counts fall with the tile index, so the linear block order (x fastest, the order
-  // CTAs start in) is remapped to run every (kv head, batch) of key tile 0 first, then tile 1,
-  // ...; without that limit every key tile has the same work and the grid order is kept (the
-  // key tiles of one head run together and share its Q/dO in L2).
+  // Deterministic mode: the CTA's linear position is its ticket (see the header), read after
+  // the barrier below; else its block index.
+  int32_t* const dq_sem = args.dq_sem;
+  volatile int* ticket = reinterpret_cast<volatile int*>(smem + Smem::kOffTicket);
+  if (threadIdx.x == 0) {
+    mbar_init(bar_kv, 1);
+    for (int s = 0; s < kStages; ++s) {
+      // the TMA leader's expect_tx + warp 1's 32 lanes (+ warps 2-3's 64 lanes with a mask)
+      mbar_init(bar_full(s), kHasMask ? 97 : 33);
+      mbar_init(bar_empty(s), 8);  // one arrival per consumer warp
+    }
+    mbar_init_fence();
+    if (dq_sem != nullptr) *ticket = atomicAdd(dq_sem, 1);
+  }
+  __syncthreads();
+
   int tile_n = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
+  int lin = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+  if (dq_sem != nullptr) {
+    lin = *ticket;
+    tile_n = lin % gridDim.x;
+    kvh = lin / gridDim.x % gridDim.y;
+    b = lin / gridDim.x / gridDim.y;
+  }
+#if DM_SM90_BWD_DQ_ATOMIC
+  if (dq_sem != nullptr) __trap();  // the A/B variant's dQ atomics cannot be ordered
+#endif
+  // Longest-first under a right-limited window (causal): key tile 0 sees the most query tiles
+  // and the counts fall with the tile index, so the linear order (x fastest, the order CTAs
+  // start in) is remapped to run every (kv head, batch) of key tile 0 first, then tile 1, ...;
+  // without that limit every key tile has the same work and the grid order is kept (the key
+  // tiles of one head run together and share its Q/dO in L2).
   if (p.window_right >= 0) {
     const int per_tile = gridDim.y * gridDim.z;
-    const int lin = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
     tile_n = lin / per_tile;
     kvh = lin % per_tile % gridDim.y;
     b = lin % per_tile / gridDim.y;
@@ -179,16 +249,6 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
   auto m0_of = [&](int i) { return (mb_begin + i % n_mb) * kBlockM; };
   const bool bias_tile = kHasBias && args.bias_mode == kBwdBiasTile;
   const bool bias_row = kHasBias && args.bias_mode == kBwdBiasKeyRow;
-
-  if (threadIdx.x == 0) {
-    mbar_init(bar_kv, 1);
-    for (int s = 0; s < kStages; ++s) {
-      mbar_init(bar_full(s), 33);  // the TMA leader's expect_tx + warp 1's 32 lanes
-      mbar_init(bar_empty(s), 8);  // one arrival per consumer warp
-    }
-    mbar_init_fence();
-  }
-  __syncthreads();
 
   const int wg = threadIdx.x / 128;
   const int lane = threadIdx.x % 32;
@@ -245,6 +305,78 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
         }
         mbar_arrive(bar_full(s));  // release: this lane's stores before the consumers' reads
       }
+    } else if (kHasMask) {  // warps 2, 3: the item's mask as per-key query words
+      const int wh = warp - 2;  // rows 32 wh .. 32 wh + 31 of the item, one per lane
+      // 16-byte loads when every 16 keys of a row are one aligned vector (and a row's last
+      // vector ends at len_k); else byte loads through the strides (any broadcast).
+      const bool vec = p.mask_col_stride == 1 && p.mask_row_stride % 16 == 0 &&
+                       p.mask_head_stride % 16 == 0 && p.mask_batch_stride % 16 == 0 &&
+                       len_k % 16 == 0 && reinterpret_cast<uint64_t>(p.mask) % 16 == 0;
+      // This lane's row of item i (row 0 for rows past the end: never read).
+      auto mask_row = [&](int i, bool& row_ok) -> const uint8_t* {
+        const int row = m0_of(i) + 32 * wh + lane;
+        row_ok = row < len_q;
+        return p.mask + int64_t(b) * p.mask_batch_stride +
+               int64_t(head_of(i) / p.mask_head_ratio) * p.mask_head_stride +
+               int64_t(row_ok ? row : 0) * p.mask_row_stride;
+      };
+      // The next item's row segment into L1 while this one is transposed (no registers held;
+      // the segment's first and last bytes name its one or two 128-byte lines).
+      auto prefetch = [&](int i) {
+        if (!vec || i >= n_items) return;
+        bool ok;
+        const uint8_t* r = mask_row(i, ok) + n0;
+        if (ok) {
+          asm volatile("prefetch.global.L1 [%0];" ::"l"(r));
+          asm volatile("prefetch.global.L1 [%0];" ::"l"(r + dm_min(kBlockN, len_k - n0) - 1));
+        }
+      };
+      prefetch(0);
+      for (int i = 0; i < n_items; ++i) {
+        const int s = i % kStages;
+        mbar_wait(bar_empty(s), ((i / kStages) & 1) ^ 1);
+        bool row_ok;
+        const uint8_t* mrow = mask_row(i, row_ok);
+        prefetch(i + 1);
+        uint32_t* words = reinterpret_cast<uint32_t*>(smem + Smem::kOffMask + s * Smem::kMaskBits);
+        uint32_t all = ~0u, any = 0u;
+#pragma unroll 1
+        for (int ch = 0; ch < kBlockN / 16; ++ch) {  // keys n0 + 16 ch .. + 15
+          const int k0 = n0 + 16 * ch;
+          uint64_t lo = 0, hi = 0;  // byte e of the 16: key k0 + e (nonzero: kept)
+          if (row_ok && k0 < len_k) {
+            if (vec) {
+              const uint4 x = __ldg(reinterpret_cast<const uint4*>(mrow + k0));
+              lo = uint64_t(x.y) << 32 | x.x;
+              hi = uint64_t(x.w) << 32 | x.z;
+            } else {
+              const int n = dm_min(16, len_k - k0);
+#pragma unroll 1
+              for (int e = 0; e < n; ++e) {
+                const uint64_t kept = mrow[int64_t(k0 + e) * p.mask_col_stride] != 0;
+                if (e < 8)
+                  lo |= kept << (8 * e);
+                else
+                  hi |= kept << (8 * (e - 8));
+              }
+            }
+          }
+          uint32_t mine = 0;  // lane e keeps key k0 + e's word
+#pragma unroll
+          for (int e = 0; e < 16; ++e) {
+            const uint64_t x = e < 8 ? lo >> (8 * e) : hi >> (8 * (e - 8));
+            const uint32_t v = __ballot_sync(0xffffffffu, (uint32_t(x) & 0xffu) != 0);
+            all &= v;
+            any |= v;
+            mine = lane == e ? v : mine;
+          }
+          if (lane < 16) words[2 * (16 * ch + lane) + wh] = mine;  // key's word: low = rows 0..31
+        }
+        if (lane == 0)  // bit 0: every element of the warp's rows kept; bit 1: some element
+          reinterpret_cast<volatile int*>(smem + Smem::kOffMaskFull)[2 * s + wh] =
+              (all == ~0u ? 1 : 0) | (any != 0u ? 2 : 0);
+        mbar_arrive(bar_full(s));  // release: this lane's stores before the consumers' reads
+      }
     }
     return;
   }
@@ -271,6 +403,37 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
     if (lane == 0) mbar_arrive(bar);
   };
 
+  // Deterministic mode: waits (the whole warp polls one word) for this warp's turn to add
+  // into query tile m0 of head h and returns its counter; null in the default mode.
+  auto dq_turn = [&](int h, int m0) -> int32_t* {
+    if (args.dq_sem == nullptr) return nullptr;
+    const int n_lo = key_range(p, m0, dm_min(m0 + kBlockM, len_q), len_q, len_k).k_begin /
+                     kBlockN;
+    int32_t* turn = args.dq_sem + 1 +
+                    (int64_t(b) * p.heads + h) * ((len_q + kBlockM - 1) / kBlockM) + m0 / kBlockM;
+    const int target = (n0 / kBlockN - n_lo) * kDqWarps;
+    while (ld_acquire_gpu(turn) < target) {
+    }
+    fence_proxy_async_global();  // the earlier adds, then this warp's (async proxy)
+    return turn;
+  };
+  // Key-row dbias: the column sums of a head are complete after its last item.
+  auto finish_head = [&](int i, int h) {
+    if (bias_row && want_dbias && (i + 1 == n_items || head_of(i + 1) != h)) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float v = colsum[r];
+        v += __shfl_xor_sync(0xffffffffu, v, 1);
+        v += __shfl_xor_sync(0xffffffffu, v, 2);
+        colsum[r] = 0.f;
+        if (t == 0 && key[r] < len_k)
+          static_cast<T*>(bp.dbias)[int64_t(b) * bp.dbias_batch_stride +
+                                    int64_t(h) * bp.dbias_head_stride +
+                                    int64_t(key[r]) * bp.dbias_col_stride] = from_float<T>(v);
+      }
+    }
+  };
+
   mbar_wait(bar_kv, 0);
   for (int i = 0; i < n_items; ++i) {
     const int s = i % kStages;
@@ -285,6 +448,21 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
                                      : 0.f;
     }
     mbar_wait(bar_full(s), (i / kStages) & 1);
+    if constexpr (kHasMask) {
+      // A tile the mask drops entirely adds nothing (P = dS = 0; dbias stays the zero it was
+      // filled with): release the stage, take the deterministic turn, finish a key row's dbias.
+      const int* flags = reinterpret_cast<const int*>(smem + Smem::kOffMaskFull) + 2 * s;
+      if (!((flags[0] | flags[1]) & 2)) {
+        release(bar_empty(s));
+        if (Smem::kBoxes == 2 || c == 0) {
+          int32_t* turn = dq_turn(h, m0);
+          __syncwarp();
+          if (turn != nullptr && lane == 0) red_release_gpu_add(turn, 1);
+        }
+        finish_head(i, h);
+        continue;
+      }
+    }
 
     // S^T = K Q^T and dP^T = V dO^T: 64 keys x 64 queries each, committed as two groups so
     // that P^T can be formed while dP^T is still running (below).
@@ -308,9 +486,23 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
     }
 
     // Pointwise: st <- P^T, dpt <- dS^T = dx * dz/ds; dbias from dx.
-    const bool partial = n0 + kBlockN > len_k || m0 + kBlockM > len_q ||
-                         (p.window_right >= 0 && n0 + kBlockN - 1 > m0 + off + p.window_right) ||
-                         (p.window_left >= 0 && n0 < m0 + kBlockM - 1 + off - p.window_left);
+    // edge: a sequence end or window edge crosses the tile; partial: also the mask drops
+    // something in it (its words are not all true).
+    const bool edge = n0 + kBlockN > len_k || m0 + kBlockM > len_q ||
+                      (p.window_right >= 0 && n0 + kBlockN - 1 > m0 + off + p.window_right) ||
+                      (p.window_left >= 0 && n0 < m0 + kBlockM - 1 + off - p.window_left);
+    bool partial = edge;
+    // This thread's two keys' query words, shifted so that bit 8j + (e & 1) is the row of
+    // element (j, e).
+    uint64_t mword[2] = {~0ull, ~0ull};
+    if constexpr (kHasMask) {
+      const int* full = reinterpret_cast<const int*>(smem + Smem::kOffMaskFull) + 2 * s;
+      partial = edge || !(full[0] & full[1] & 1);
+      const uint64_t* words = reinterpret_cast<const uint64_t*>(smem + Smem::kOffMask +
+                                                                s * Smem::kMaskBits);
+#pragma unroll
+      for (int r = 0; r < 2; ++r) mword[r] = words[key_l[r]] >> (2 * t);
+    }
     const float* sl = sLse + s * kBlockM;
     const float* sd = sDsum + s * kBlockM;
     uint8_t* sb = smem + Smem::kOffBias + s * Smem::kBias;
@@ -322,8 +514,8 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
     const bool db_tile = want_dbias && bias_tile;
     // P of element (j, e) from the raw score st[j][e] and the row's lse (log2 units); dsoft =
     // dz/ds. The masked copy (BoolTag<true>) tests the element when the tile is partial
-    // (sequence ends, window edges); the unmasked copy has no per-element test or branch
-    // (full tiles: ~5 instructions per element in SASS against ~25).
+    // (sequence ends, window edges, the mask's words); the unmasked copy has no per-element
+    // test or branch (full tiles: ~5 instructions per element in SASS against ~25).
     auto prob = [&](auto masked, int j, int e, float lse2, float& dsoft) -> float {
       const int r = e >> 1, qq = 8 * j + 2 * t + (e & 1);
       float x = logit_log2(p, st[j][e], bp.scale, dsoft);
@@ -335,8 +527,9 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
         x += row_bias[r];
       }
       if constexpr (decltype(masked)::value) {
-        const bool keep = !partial || (key[r] < len_k && m0 + qq < len_q &&
-                                       in_window(p, m0 + qq, key[r], off));
+        bool keep = !edge || (key[r] < len_k && m0 + qq < len_q &&
+                              in_window(p, m0 + qq, key[r], off));
+        if constexpr (kHasMask) keep = keep && ((mword[r] >> (8 * j + (e & 1))) & 1u) != 0;
         return keep ? fast_exp2(x - lse2) : 0.f;
       }
       return fast_exp2(x - lse2);
@@ -566,6 +759,7 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
                           acc[j][2 * r], acc[j][2 * r + 1]);
       fence_proxy_async_smem();  // this lane's stores before the async proxy reads them
       __syncwarp();
+      int32_t* turn = dq_turn(h, m0);
       if (lane == 0) {
         const int q0 = m0 + 16 * warp_u;
         const int rows = dm_min(16, len_q - q0);              // rows past the end are not added
@@ -577,6 +771,11 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
             bulk_reduce_add_f32(dst, src, uint32_t(cols) * 4);
         }
         bulk_commit();
+        if (turn != nullptr) {  // this warp's adds are complete in global memory: next turn
+          bulk_wait<0>();
+          fence_proxy_async_global();
+          red_release_gpu_add(turn, 1);
+        }
       }
     } else {  // d64: consumer 1 has no dQ columns; its dV/dK must still finish
       if (db_tile) dbias_out();
@@ -589,20 +788,7 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
     }
 #endif
 
-    // Key-row dbias: the column sums of this head are complete after its last item.
-    if (bias_row && want_dbias && (i + 1 == n_items || head_of(i + 1) != h)) {
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        float v = colsum[r];
-        v += __shfl_xor_sync(0xffffffffu, v, 1);
-        v += __shfl_xor_sync(0xffffffffu, v, 2);
-        colsum[r] = 0.f;
-        if (t == 0 && key[r] < len_k)
-          static_cast<T*>(bp.dbias)[int64_t(b) * bp.dbias_batch_stride +
-                                    int64_t(h) * bp.dbias_head_stride +
-                                    int64_t(key[r]) * bp.dbias_col_stride] = from_float<T>(v);
-      }
-    }
+    finish_head(i, h);
   }
 
 #if !DM_SM90_BWD_DQ_ATOMIC

@@ -81,9 +81,19 @@ def test_what_phase_1_takes_and_declines(monkeypatch, val):
     for bias in declined:
         assert _family(_pb(q, k, v, bias=bias)) == "bwd_dkdv", bias.shape
     pb = _pb(q, k, v)
-    assert _family(pb, deterministic=True) == "bwd_dkdv"
+    assert _family(pb, deterministic=True) == "bwd_sm90"
     assert _family(pb, sparse=True) == "bwd_dkdv"
-    assert _family(_pb(q, k, v, mask=np.ones((b, h, sq, sk), bool))) == "bwd_dkdv"
+    # every dense mask broadcast, alone, with either bias layout, deterministic too
+    for shape in ((b, h, sq, sk), (b, h, 1, sk), (1, h, sq, sk), (b, 1, sq, sk),
+                  (b, 2, sq, sk), (b, h, sq, 1), (1, 1, 1, 1)):
+        mask = np.ones(shape, bool)
+        for bias in taken:
+            for det in (False, True):
+                assert _family(_pb(q, k, v, mask=mask, bias=bias), deterministic=det) == \
+                    "bwd_sm90", (shape, det)
+    # a mask whose rows are not 16-byte multiples is read byte by byte: still taken
+    q2, k2, v2 = _arrays(sk=250)
+    assert _family(_pb(q2, k2, v2, mask=np.ones((b, h, sq, 250), bool))) == "bwd_sm90"
     assert _family(dataclasses.replace(pb, varlen=True)) == "bwd_dkdv"
     for d in (32, 64, 96):  # padded to 64 / 128
         assert _family(_pb(*_arrays(d=d))) == "bwd_sm90"
@@ -110,7 +120,9 @@ def test_bias_modes():
 
 def test_args_record_layout(monkeypatch):
     """Sm90BwdArgs as the kernel reads it: map i (q, k, v, dout, bias) at bytes 128 i, then
-    the bias mode at 640; a key-row bias has no map (the consumers read it directly)."""
+    the bias mode at 640 and the deterministic counters' pointer at 648 (0: default mode); a
+    key-row bias has no map (the consumers read it directly), nor has a mask (the producer
+    reads it through its strides)."""
     monkeypatch.setattr(backward_sm90, "encode", lambda spec, ptr: bytes([ptr % 251]) * 128)
     q, k, v = _arrays()
     infos = [dataclasses.replace(describe(x), ptr=(i + 1) << 20) for i, x in
@@ -120,6 +132,10 @@ def test_args_record_layout(monkeypatch):
         binfo = dataclasses.replace(describe(bias), ptr=5 << 20)
         raw = backward_sm90.build_args(*infos, binfo, mode).tobytes()
         assert len(raw) == 704
+        assert np.frombuffer(raw[648:656], np.uint64)[0] == 0
+        raw_det = backward_sm90.build_args(*infos, binfo, mode, 0x7F0012345600).tobytes()
+        assert np.frombuffer(raw_det[648:656], np.uint64)[0] == 0x7F0012345600
+        assert raw_det[:648] == raw[:648] and raw_det[656:] == raw[656:]
         for i in range(4):
             assert raw[128 * i:128 * (i + 1)] == bytes([((i + 1) << 20) % 251]) * 128
         want = bytes([(5 << 20) % 251]) * 128 if mode == backward_sm90.BIAS_TILE else bytes(128)
@@ -132,11 +148,13 @@ def test_args_record_layout(monkeypatch):
     assert maps["bias"].swizzle == 128
 
 
-def test_precompile_enumerates_dtype_headdim_bias():
+def test_precompile_enumerates_dtype_headdim_mask_bias():
     specs = [s for s in precompile.all_specs("sm_90") if s.family == "bwd_sm90"]
-    assert len(specs) == 8 and all(s.arch == "sm_90a" and s.threads == 384 for s in specs)
-    assert {(s.dtype, s.head_dim, s.has_bias) for s in specs} == {
-        (dt, hd, b) for dt in ("fp16", "bf16") for hd in (64, 128) for b in (False, True)}
+    assert len(specs) == 16 and all(s.arch == "sm_90a" and s.threads == 384 for s in specs)
+    assert {(s.dtype, s.head_dim, s.has_mask, s.has_bias) for s in specs} == {
+        (dt, hd, m, b) for dt in ("fp16", "bf16") for hd in (64, 128) for m in (False, True)
+        for b in (False, True)}
+    assert not any(s.deterministic for s in specs)  # a runtime field (Sm90BwdArgs::dq_sem)
     assert not [s for s in precompile.all_specs("sm_80") if s.family == "bwd_sm90"]
 
 
@@ -187,3 +205,72 @@ def test_run_backward_keeps_the_portable_kernels_when_asked(monkeypatch):
     backward.run_backward(_pb(q, k, v), np.zeros_like(q), q, k, v, np.zeros_like(q),
                           np.zeros((2, 4, 200), np.float32))
     assert [s.family for s in launched] == ["bwd_pre", "bwd_dkdv"]
+
+
+def _stub_runtime(monkeypatch, launched):
+    monkeypatch.delenv("DMATTN_BWD_FAMILY", raising=False)
+    monkeypatch.setattr(backward_sm90, "encode", lambda spec, ptr: bytes(128))
+    monkeypatch.setattr(runtime, "device_props", lambda device: H100)
+    monkeypatch.setattr(runtime, "current_stream", lambda kind, device: "stream")
+    monkeypatch.setattr(runtime, "get_kernel", lambda spec, device: spec)
+    monkeypatch.setattr(runtime, "launch", lambda kern, grid, args, stream: launched.append(
+        (kern, grid, args)))
+
+
+@pytest.mark.parametrize("mask_shape", [None, (2, 4, 200, 264), (2, 4, 1, 264)])
+@pytest.mark.parametrize("deterministic", [False, True], ids=["default", "deterministic"])
+def test_run_backward_mask_and_deterministic_workspace(monkeypatch, mask_shape, deterministic):
+    """A mask runs the has_mask spec (the mask reaches the kernel through BwdParams); the
+    deterministic mode launches no bwd_dq kernel, and its int32 counters (a ticket, then one
+    per (batch, head, query tile of 64)) sit in the one zeroed workspace after dq_accum and
+    dsum, at a 256-byte boundary, their address in Sm90BwdArgs::dq_sem (patched per call)."""
+    launched: list = []
+    _stub_runtime(monkeypatch, launched)
+    q, k, v = _arrays()
+    mask = None if mask_shape is None else np.ones(mask_shape, bool)
+    pb = _pb(q, k, v, mask=mask)
+    out = np.zeros_like(q)
+    lse = np.zeros((2, 4, 200), np.float32)
+    grads, plan = backward.backward_call(pb, np.zeros_like(q), q, k, v, out, lse,
+                                         deterministic=deterministic)
+    assert [x[0].family for x in launched] == ["bwd_pre", "bwd_sm90"]
+    spec, grid, args = launched[1]
+    assert spec.has_mask == (mask is not None) and not spec.deterministic
+    rec, sm90_args = args
+    if mask is not None:
+        assert rec["mask"] == describe(mask).ptr
+    ws_alloc = [a for a in plan.allocs if a.name == "ws"]
+    assert len(ws_alloc) == 1 and ws_alloc[0].zero and ws_alloc[0].dtype == "float32"
+    assert not [a for a in plan.allocs if a.name in ("dq", "dsum")]
+    ws_ptr = int(rec["dq_accum"])
+    n_dqa = 2 * 200 * 4 * 128
+    dsum_at = -(-n_dqa // 64) * 64
+    assert int(rec["dsum"]) == ws_ptr + 4 * dsum_at
+    if not deterministic:
+        assert int(sm90_args["dq_sem"]) == 0
+        assert ws_alloc[0].shape == (dsum_at + 2 * 4 * 200,)
+        return
+    words = backward_sm90.semaphore_words(2, 4, 200)
+    assert words == 1 + 2 * 4 * 4
+    sem_at = -(-(dsum_at + 2 * 4 * 200) // 64) * 64
+    assert ws_alloc[0].shape == (sem_at + words,)
+    assert int(sm90_args["dq_sem"]) == ws_ptr + 4 * sem_at
+    # the cached plan patches the counters' address from the call's workspace pointer
+    args_rec = plan.launches[-1].args[1]
+    patched = [(idx, add) for view, idx, add in plan.slots["ws"]
+               if view.ctypes.data == args_rec.ctypes.data]
+    assert patched == [(backward_sm90.DQ_SEM_OFFSET // 8, 4 * sem_at)]
+    dq, dk, dv, _ = grads
+    assert dq.shape == q.shape and dq.dtype == q.dtype
+
+
+def test_deterministic_portable_family_keeps_its_dq_kernel(monkeypatch):
+    """Where the Hopper kernel does not run (DMATTN_BWD_FAMILY=bwd_dkdv), deterministic mode
+    is the portable one: its dQ kernel, no workspace counters."""
+    launched: list = []
+    _stub_runtime(monkeypatch, launched)
+    monkeypatch.setenv("DMATTN_BWD_FAMILY", "bwd_dkdv")
+    q, k, v = _arrays()
+    backward.run_backward(_pb(q, k, v), np.zeros_like(q), q, k, v, np.zeros_like(q),
+                          np.zeros((2, 4, 200), np.float32), deterministic=True)
+    assert [x[0].family for x in launched] == ["bwd_pre", "bwd_dkdv", "bwd_dq"]

@@ -270,12 +270,18 @@ def test_thin_backward_launches_what_the_validated_path_builds(cap, case):
     bwd_again = [x for x in again if x[1].startswith("bwd")]
     assert _masked(fwd_again, cap) == _masked(fwd_first, cap)
 
+    sem = slice(backward_sm90.DQ_SEM_OFFSET, backward_sm90.DQ_SEM_OFFSET + 8)
+
     def no_out_lse(launches):
         res = []
         for fam, grid, smem, raw, rest in _masked(launches, cap):
             rec = np.frombuffer(raw, dtype=BWD_DTYPE).copy()
             rec["o"] = 0
             rec["lse"] = 0
+            if fam == "bwd_sm90":  # the deterministic counters live in the fresh workspace
+                args = bytearray(rest[0])
+                args[sem] = bytes(8)
+                rest = (bytes(args),) + rest[1:]
             res.append((fam, grid, smem, rec.tobytes(), rest))
         return res
 
@@ -283,12 +289,22 @@ def test_thin_backward_launches_what_the_validated_path_builds(cap, case):
     rec = _record(bwd_again[-1][3][0], "BwdParams")
     assert int(rec["o"][0]) == out.data_ptr() and int(rec["dout"][0]) == dout.data_ptr()
     assert int(rec["dk"][0]) == grads[1].data_ptr()
-    for r in (_record(bwd_first[-1][3][0], "BwdParams"), rec):
-        if kw.get("deterministic"):
+    hopper = bwd_first[-1][1] == "bwd_sm90"
+    for launch in (bwd_first[-1], bwd_again[-1]):
+        r = _record(launch[3][0], "BwdParams")
+        if kw.get("deterministic") and not hopper:  # the portable dQ kernel: no workspace
             assert int(r["dq_accum"][0]) == 0
-        else:  # one workspace: dq_accum at its start, dsum at the next 256-byte boundary
-            assert int(r["dsum"][0]) - int(r["dq_accum"][0]) == 4 * (-(-q.numel() // 64) * 64)
-            assert int(r["dq_accum"][0]) % 16 == 0
+            continue
+        # one workspace: dq_accum at its start, dsum at the next 256-byte boundary, and for
+        # the Hopper kernel's deterministic mode its counters at the next one after dsum
+        dsum_at = -(-q.numel() // 64) * 64
+        assert int(r["dsum"][0]) - int(r["dq_accum"][0]) == 4 * dsum_at
+        assert int(r["dq_accum"][0]) % 16 == 0
+        if hopper:
+            dq_sem = int(np.frombuffer(launch[3][1][sem], np.uint64)[0])
+            sem_at = -(-(dsum_at + H * S) // 64) * 64
+            want = int(r["dq_accum"][0]) + 4 * sem_at if kw.get("deterministic") else 0
+            assert dq_sem == want
     assert grads[0].shape == q.shape and grads[0].dtype == q.dtype
     if "attn_bias" in kw:
         assert grads[3].shape == kw["attn_bias"].shape

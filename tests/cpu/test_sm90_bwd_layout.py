@@ -244,9 +244,11 @@ def _static_asserts() -> str:
             lines.append(f"static_assert(desc_mn_major<128>({base}u, {ks % 8}) == "
                          f"{desc_mn_major(base, 128, ks % 8)}ull);")
     for hd in b90.HEAD_DIMS:
-        for bias in (False, True):
-            lines.append(f"static_assert(dm::Sm90BwdSmem<{hd}, {str(bias).lower()}>::kAlloc == "
-                         f"{b90.smem_bytes(hd, bias)});")
+        for mask in (False, True):
+            for bias in (False, True):
+                lines.append(f"static_assert(dm::Sm90BwdSmem<{hd}, {str(mask).lower()}, "
+                             f"{str(bias).lower()}>::kAlloc == "
+                             f"{b90.smem_bytes(hd, bias, mask)});")
     lines.append(f"static_assert(sizeof(dm::Sm90BwdArgs) == {b90.ARGS_DTYPE.itemsize});")
     return "\n".join(lines) + "\n"
 
@@ -257,8 +259,9 @@ def test_constexpr_helpers_and_smem_plan_equal_the_model():
 
 def test_every_spec_fits_shared_memory():
     for hd in b90.HEAD_DIMS:
-        for bias in (False, True):
-            assert b90.smem_bytes(hd, bias) <= b90.SMEM_LIMIT
+        for mask in (False, True):
+            for bias in (False, True):
+                assert b90.smem_bytes(hd, bias, mask) <= b90.SMEM_LIMIT
 
 
 def _nvdisasm() -> str | None:
@@ -272,12 +275,13 @@ def _nvdisasm() -> str | None:
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("bias", [False, True])
-def test_spec_compiles_without_spills_or_slow_advisories(dtype, head_dim, bias, tmp_path):
+@pytest.mark.parametrize("mask", [False, True])
+def test_spec_compiles_without_spills_or_slow_advisories(dtype, head_dim, bias, mask, tmp_path):
     pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="needs CuPy's NVRTC bindings")
     from dmattn_cupy.compile import compile_spec
     from dmattn_cupy.select import backward_sm90_spec
 
-    ck = compile_spec(backward_sm90_spec(dtype, head_dim, bias), use_disk_cache=False)
+    ck = compile_spec(backward_sm90_spec(dtype, head_dim, mask, bias), use_disk_cache=False)
     assert ck.arch == "sm_90a"
     assert not ck.spills, ck.log
     assert not ck.slow, ck.advisories
@@ -294,7 +298,10 @@ def test_spec_compiles_without_spills_or_slow_advisories(dtype, head_dim, bias, 
     assert collections.Counter(re.findall(r"HGMMA\.(64x\d+x16)\.F32", sass)) == want
     assert "UTMALDG.4D" in sass and "USETMAXREG" in sass
     assert "UBLKRED.G.S.ADD.F32" in sass                      # dQ: bulk reduce-add
-    assert not re.search(r"\bREDG?\.", sass)                 # no per-element atomics
+    # no per-element float atomics (the deterministic mode's counters are int32 words)
+    assert not [ln for ln in re.findall(r"\bREDG?\.[^;]*", sass) if "F32" in ln or "F16" in ln]
+    if mask:  # the producer's transpose of the mask rows
+        assert "VOTE.ANY" in sass
 
 
 def _block_of(lin: int, grid: tuple[int, int, int], right_limited: bool) -> tuple[int, int, int]:
