@@ -27,7 +27,8 @@ and ``DynamicMask.update`` then run on the GPU with the same code, and only bloc
 from __future__ import annotations
 
 import math
-from abc import ABC, abstractmethod
+from abc import ABCMeta, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -230,8 +231,24 @@ def _lists_from_classes(cls4: np.ndarray, bm: int, bn: int) -> BlockLists:
 
 # ----------------------------------------------------------------------------- base
 
+# Called with every mask a constructor (or a classmethod builder) has finished building.
+# ``mask_tensors`` registers one when torch is installed: it attaches the torch form that
+# torch.compile reads (traced code cannot run this module's NumPy/CuPy code). This module
+# never imports torch.
+BUILD_HOOKS: list[Callable[[SparseMask], None]] = []
 
-class SparseMask(ABC):
+
+class _MaskType(ABCMeta):
+    """Runs ``BUILD_HOOKS`` once a mask's whole ``__init__`` chain has run."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        mask = super().__call__(*args, **kwargs)
+        for hook in BUILD_HOOKS:
+            hook(mask)
+        return mask
+
+
+class SparseMask(metaclass=_MaskType):
     """A mask over ``(seqlen_q, seqlen_k)``, optionally with leading ``(B|1, H|1)`` dims."""
 
     def __init__(
