@@ -221,7 +221,14 @@ def traced_form(mask: SparseMask) -> tuple[tuple[int, int], Any, str | None]:
 
 
 def _on_build(mask: SparseMask) -> None:
-    mask.__dict__[TRACED_ATTR] = traced_form(mask)
+    """Never fails a mask's construction: what goes wrong is kept and raised when traced
+    (eager calls do not read this form)."""
+    try:
+        form = traced_form(mask)
+    except (RuntimeError, TypeError, ValueError, BufferError, ImportError) as e:
+        form = ((-1, -1), None, f"{type(mask).__name__} has no torch form for torch.compile "
+                                f"({type(e).__name__}: {e})")
+    mask.__dict__[TRACED_ATTR] = form
 
 
 if torch is not None and _on_build not in masks.BUILD_HOOKS:

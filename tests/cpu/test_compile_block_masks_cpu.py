@@ -316,3 +316,20 @@ def test_lists_route_traces_forward_and_backward(monkeypatch):
     assert len(fwd[15]) == 6 and tuple(fwd[16:18]) == BLK
     assert len(bwd[20]) == 6 and tuple(bwd[21:23]) == BLK
     assert all(n.op == "placeholder" for n in bwd[20])  # saved by the forward graph
+
+
+def test_a_mask_whose_torch_form_fails_still_builds(monkeypatch):
+    from dmattn_cupy import mask_tensors
+
+    def broken(mask):
+        raise RuntimeError("no DLPack here")
+
+    monkeypatch.setattr(mask_tensors, "flatten_block_mask", broken)
+    mask = dm.BlockBitsetMask(_pattern(1), SQ, SK, BLK)  # construction is unaffected
+    win, flat, err = getattr(mask, TRACED_ATTR)
+    assert flat is None and "no DLPack here" in err
+    q, k, v = _qkv()
+    torch.testing.assert_close(_attend(q, k, v, mask), _attend(q, k, v, dm.MixedMask.from_mask(
+        mask)))  # eager calls never read it
+    with pytest.raises(Exception, match="no torch form for torch.compile"):
+        torch.compile(_attend, fullgraph=True, backend="aot_eager")(q, k, v, mask)
