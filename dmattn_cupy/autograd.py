@@ -3,11 +3,13 @@ with fake implementations and autograd, so ``out.backward()`` works and
 ``torch.compile(fullgraph=True)`` traces a model that calls the public functions.
 
 ``api`` routes torch inputs here when a gradient is wanted (grad mode on and an input requires
-grad) or while torch.compile traces; this module never imports ``api``. torch is optional: when
-it is installed it is imported with this module and the ops are registered then, at package
-import (torch.compile cannot trace a registration, and a model may be compiled before its first
-eager call). Their real implementations run ``dispatch`` / ``bwd_api`` under
-``torch.no_grad()`` (CUDA kernels for GPU tensors, the float64 reference for CPU tensors).
+grad) or while torch.compile traces (a sparse mask's lists then come from the torch form
+``mask_tensors`` attached to it when it was built); this module never imports ``api``. torch
+is optional: when it is installed it is imported with this module and the ops are registered
+then, at package import (torch.compile cannot trace a registration, and a model may be
+compiled before its first eager call). Their real implementations run ``dispatch`` /
+``bwd_api`` under ``torch.no_grad()`` (CUDA kernels for GPU tensors, the float64 reference for
+CPU tensors).
 """
 
 from __future__ import annotations
