@@ -333,15 +333,22 @@ class SparseMask(metaclass=_MaskType):
         return float(np.count_nonzero(bmap) / bmap.size)
 
     def block_lists(self, block_m: int, block_n: int) -> BlockLists:
-        """The lists a kernel with tile ``(block_m, block_n)`` consumes (NumPy arrays)."""
+        """The lists a kernel with tile ``(block_m, block_n)`` consumes (NumPy arrays; treat
+        them as read-only: those at the mask's own block size are computed once and kept)."""
         bm, bn = _block_pair((block_m, block_n), "kernel tile (block_m, block_n)")
+        own = (bm, bn) == self.block_size  # masks other than DynamicMask are immutable
+        if own and "_own_block_lists" in self.__dict__:
+            return self.__dict__["_own_block_lists"]
         error = self._tile_error(bm, bn)
         if error:
             raise ValueError(error)
         cls = self._tile_classes(bm, bn)
-        return _lists_from_classes(
+        lists = _lists_from_classes(
             np.broadcast_to(cls, (*self.batch_heads, *cls.shape[-2:])), bm, bn
         )
+        if own:
+            self.__dict__["_own_block_lists"] = lists
+        return lists
 
     def visited_tiles(self, block_m: int, block_n: int) -> int:
         """Tiles the kernel visits (partial + full), summed over the leading dims."""
