@@ -186,10 +186,10 @@ def unflatten_block_mask(tensors: tuple[Any, ...] | list[Any], meta: BlockMeta) 
 
 def _listed(count: Any, idx: Any, ncb: int) -> Any:
     """``(Bm, Hm, nrb, ncb)`` bool of the blocks a (count, idx) pair lists (torch ops)."""
-    width = idx.shape[-1]
-    valid = torch.arange(width, device=idx.device) < count.unsqueeze(-1)
-    hit = idx.unsqueeze(-1) == torch.arange(ncb, device=idx.device, dtype=idx.dtype)
-    return (hit & valid.unsqueeze(-1)).any(dim=-2)
+    valid = torch.arange(idx.shape[-1], device=idx.device) < count.unsqueeze(-1)
+    target = torch.where(valid, idx.long(), ncb)  # entries past the count hit a spare column
+    out = torch.zeros((*idx.shape[:-1], ncb + 1), dtype=torch.bool, device=idx.device)
+    return out.scatter(-1, target, True)[..., :ncb]
 
 
 def lists_to_dense(tensors: tuple[Any, ...] | list[Any], meta: BlockMeta) -> Any:
