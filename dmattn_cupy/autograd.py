@@ -3,11 +3,13 @@ with fake implementations and autograd, so ``out.backward()`` works and
 ``torch.compile(fullgraph=True)`` traces a model that calls the public functions.
 
 ``api`` routes torch inputs here when a gradient is wanted (grad mode on and an input requires
-grad) or while torch.compile traces; this module never imports ``api``. torch is optional: when
-it is installed it is imported with this module and the ops are registered then, at package
-import (torch.compile cannot trace a registration, and a model may be compiled before its first
-eager call). Their real implementations run ``dispatch`` / ``bwd_api`` under
-``torch.no_grad()`` (CUDA kernels for GPU tensors, the float64 reference for CPU tensors).
+grad) or while torch.compile traces (a sparse mask's lists then come from the torch form
+``mask_tensors`` attached to it when it was built); this module never imports ``api``. torch
+is optional: when it is installed it is imported with this module and the ops are registered
+then, at package import (torch.compile cannot trace a registration, and a model may be
+compiled before its first eager call). Their real implementations run ``dispatch`` /
+``bwd_api`` under ``torch.no_grad()`` (CUDA kernels for GPU tensors, the float64 reference for
+CPU tensors).
 """
 
 from __future__ import annotations
@@ -26,15 +28,25 @@ from .arrays import array_kind
 from .backward import run_backward
 from .bwd_api import flash_dmattn_backward, flash_dmattn_varlen_backward
 from .forward import run_forward
-from .masks import DynamicMask
+from .mask_tensors import TRACED_ATTR, lists_to_dense
+from .masks import DynamicMask, SparseMask
 from .sparse_plan import (
     arrays_from_list,
     arrays_to_list,
     autograd_lists,
     bound_min,
+    lists_fit,
     split_sparse,
 )
-from .validate import Problem, check_dense, check_flags, check_options, check_sparse, check_varlen
+from .validate import (
+    Problem,
+    check_dense,
+    check_flags,
+    check_options,
+    check_sparse,
+    check_sparse_dims,
+    check_varlen,
+)
 
 _FWD_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? bias, Tensor? cu_q, "
                "Tensor? cu_k, int max_q, int max_k, float scale, int window_left, "
@@ -188,14 +200,13 @@ def dense(query, key, value, attn_mask, attn_bias, softmax_scale, is_causal, win
     sparse, sp_block = [], (0, 0)
     if query.numel() == 0 or key.shape[1] == 0:
         sparse_mask = None  # nothing to compute: the ops return empty/zero results (edge.py)
-    if sparse_mask is not None:
+    if sparse_mask is not None and _compiling():
+        window, sparse, sp_block, attn_mask = _traced_mask_inputs(sparse_mask, attn_mask, query,
+                                                                  key, backend, window)
+    elif sparse_mask is not None:
         win, block = split_sparse(sparse_mask)
         window = (bound_min(window[0], win[0]), bound_min(window[1], win[1]))
         if block is not None:
-            if _compiling():
-                raise NotImplementedError("dmattn_cupy: block-sparse masks under torch.compile "
-                                          "are not supported; pass sparse_mask.to_dense() as "
-                                          "attn_mask")
             sparse, sp_block, dense_mask = _block_mask_inputs(block, attn_mask, query, backend)
             if dense_mask is not attn_mask:  # the op sees another mask: it validates it
                 attn_mask, pb = dense_mask, None
@@ -222,6 +233,46 @@ def _block_mask_inputs(block, attn_mask, query, backend):
     return items, (arrs.block_m, arrs.block_n), mask
 
 
+def _lists_fit_constant(block_size: tuple[int, int], dtype: Any, head_dim: int,
+                        has_mask: bool) -> bool:
+    """``lists_fit`` on constants (torch.compile calls it while tracing)."""
+    return lists_fit(block_size, str(dtype).removeprefix("torch."), head_dim, has_mask)
+
+
+def _kernel_device(query, backend) -> bool:
+    """Whether the CUDA kernels run the call (the CPU tests patch it to trace that route)."""
+    return query.is_cuda and backend != "reference"
+
+
+def _traced_mask_inputs(sparse_mask, attn_mask, query, key, backend, window):
+    """(window, lists, block size, attn_mask) of a mask while torch.compile traces, from the
+    torch form its constructor attached (``mask_tensors``): its tensors are graph inputs, the
+    rest constants. Same routing as eager: lists on CUDA when they tile the kernels, else the
+    exact dense form (torch ops) ANDed into attn_mask."""
+    traced = getattr(sparse_mask, TRACED_ATTR, None) if isinstance(sparse_mask, SparseMask) \
+        else None
+    if traced is None:
+        raise TypeError(f"sparse_mask must be a dmattn_cupy mask object (CausalMask, "
+                        f"BlockBitsetMask, ...), got {type(sparse_mask).__name__}")
+    check_sparse_dims(sparse_mask, query.shape[0], query.shape[2], query.shape[1],
+                      key.shape[1])
+    win, flat, error = traced
+    if error is not None:
+        raise NotImplementedError(error)
+    window = (bound_min(window[0], win[0]), bound_min(window[1], win[1]))
+    if flat is None:
+        return window, [], (0, 0), attn_mask
+    tensors, meta = flat
+    items = [t.to(query.device) for t in tensors]
+    if meta.kind == "DynamicMask":  # as eager: an update before backward() leaves the grad
+        items = [t.clone() for t in items]
+    if _kernel_device(query, backend) and _lists_fit_constant(
+            meta.block_size, query.dtype, query.shape[-1], attn_mask is not None):
+        return window, items, meta.block_size, attn_mask
+    dense = lists_to_dense(items, meta)
+    return window, [], (0, 0), dense if attn_mask is None else dense & attn_mask
+
+
 def varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask,
            attn_bias, softmax_scale, is_causal, window_size, softcap, return_lse, deterministic,
            backend):
@@ -242,3 +293,4 @@ def varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
 
 if torch is not None:
     _register_ops()
+    torch.compiler.assume_constant_result(_lists_fit_constant)

@@ -27,7 +27,8 @@ and ``DynamicMask.update`` then run on the GPU with the same code, and only bloc
 from __future__ import annotations
 
 import math
-from abc import ABC, abstractmethod
+from abc import ABCMeta, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -230,8 +231,24 @@ def _lists_from_classes(cls4: np.ndarray, bm: int, bn: int) -> BlockLists:
 
 # ----------------------------------------------------------------------------- base
 
+# Called with every mask a constructor (or a classmethod builder) has finished building.
+# ``mask_tensors`` registers one when torch is installed: it attaches the torch form that
+# torch.compile reads (traced code cannot run this module's NumPy/CuPy code). This module
+# never imports torch.
+BUILD_HOOKS: list[Callable[[SparseMask], None]] = []
 
-class SparseMask(ABC):
+
+class _MaskType(ABCMeta):
+    """Runs ``BUILD_HOOKS`` once a mask's whole ``__init__`` chain has run."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        mask = super().__call__(*args, **kwargs)
+        for hook in BUILD_HOOKS:
+            hook(mask)
+        return mask
+
+
+class SparseMask(metaclass=_MaskType):
     """A mask over ``(seqlen_q, seqlen_k)``, optionally with leading ``(B|1, H|1)`` dims."""
 
     def __init__(
@@ -316,15 +333,22 @@ class SparseMask(ABC):
         return float(np.count_nonzero(bmap) / bmap.size)
 
     def block_lists(self, block_m: int, block_n: int) -> BlockLists:
-        """The lists a kernel with tile ``(block_m, block_n)`` consumes (NumPy arrays)."""
+        """The lists a kernel with tile ``(block_m, block_n)`` consumes (NumPy arrays; treat
+        them as read-only: those at the mask's own block size are computed once and kept)."""
         bm, bn = _block_pair((block_m, block_n), "kernel tile (block_m, block_n)")
+        own = (bm, bn) == self.block_size  # masks other than DynamicMask are immutable
+        if own and "_own_block_lists" in self.__dict__:
+            return self.__dict__["_own_block_lists"]
         error = self._tile_error(bm, bn)
         if error:
             raise ValueError(error)
         cls = self._tile_classes(bm, bn)
-        return _lists_from_classes(
+        lists = _lists_from_classes(
             np.broadcast_to(cls, (*self.batch_heads, *cls.shape[-2:])), bm, bn
         )
+        if own:
+            self.__dict__["_own_block_lists"] = lists
+        return lists
 
     def visited_tiles(self, block_m: int, block_n: int) -> int:
         """Tiles the kernel visits (partial + full), summed over the leading dims."""

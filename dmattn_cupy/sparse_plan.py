@@ -78,9 +78,12 @@ def split_sparse(mask: SparseMask) -> tuple[tuple[int, int], SparseMask | None]:
                 "backend='reference'")
         merged = mask.__dict__.get("_dmattn_merged_blocks")
         if merged is None:
-            both = ba & bb
-            block = tuple(max(x, y) for x, y in zip(ba.block_size, bb.block_size, strict=True))
-            merged = MixedMask.from_mask(both, block)
+            if ba is mask.first and bb is mask.second:  # exactly two block masks: merge them
+                block = tuple(max(x, y) for x, y in zip(ba.block_size, bb.block_size,
+                                                        strict=True))
+                merged = MixedMask.from_mask(mask, block)
+            else:  # merged (and cached) on the intersection of the two block parts
+                merged = split_sparse(ba & bb)[1]
             mask.__dict__["_dmattn_merged_blocks"] = merged
         return window, merged
     return (-1, -1), mask
@@ -238,12 +241,22 @@ def fold_backward(sparse_mask: SparseMask | None, pb: Problem, attn_mask: Any,
     return pb, dense_block_mask(block, attn_mask, like), None
 
 
+def lists_fit(block_size: tuple[int, int], dtype: str, head_dim: int, has_mask: bool) -> bool:
+    """Whether a block mask of ``block_size`` reaches the CUDA forward and backward as its
+    lists (else as its dense form in ``attn_mask``); False for a head dim or dtype no
+    kernel takes (validation then names it)."""
+    try:
+        return sparse_supported(padded_head_dim(head_dim), has_mask, False) and \
+            fits_backward(block_size, dtype, head_dim)
+    except ValueError:
+        return False
+
+
 def autograd_lists(block: SparseMask, attn_mask: Any, query: Any, on_cuda: bool,
                    head_dim: int, dtype: str) -> tuple[SparseArrays | None, Any]:
     """For a block mask on the autograd path: (its lists on the query's device, attn_mask)
     when its blocks tile the forward and backward kernels on CUDA, else (None, its dense form
     ANDed into attn_mask)."""
-    from_families = sparse_supported(padded_head_dim(head_dim), attn_mask is not None, False)
-    if on_cuda and from_families and fits_backward(block.block_size, dtype, head_dim):
+    if on_cuda and lists_fit(block.block_size, dtype, head_dim, attn_mask is not None):
         return device_lists(block, query), attn_mask
     return None, dense_block_mask(block, attn_mask, query)

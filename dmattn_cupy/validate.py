@@ -345,13 +345,19 @@ def check_sparse(sparse_mask: Any, pb: Problem) -> None:
     if not isinstance(sparse_mask, SparseMask):
         raise TypeError(f"sparse_mask must be a dmattn_cupy mask object (CausalMask, "
                         f"BlockBitsetMask, ...), got {type(sparse_mask).__name__}")
-    if (sparse_mask.seqlen_q, sparse_mask.seqlen_k) != (pb.seqlen_q, pb.seqlen_k):
+    check_sparse_dims(sparse_mask, pb.batch, pb.heads, pb.seqlen_q, pb.seqlen_k)
+
+
+def check_sparse_dims(sparse_mask: SparseMask, batch: int, heads: int, seqlen_q: int,
+                      seqlen_k: int) -> None:
+    """A mask's (seqlen_q, seqlen_k) equal the inputs', its batch/head dims are 1 or full."""
+    if (sparse_mask.seqlen_q, sparse_mask.seqlen_k) != (seqlen_q, seqlen_k):
         raise ValueError(f"sparse_mask is for (seqlen_q, seqlen_k) = "
                          f"({sparse_mask.seqlen_q}, {sparse_mask.seqlen_k}), but the inputs have "
-                         f"({pb.seqlen_q}, {pb.seqlen_k})")
+                         f"({seqlen_q}, {seqlen_k})")
     bm, hm = sparse_mask.batch_heads
-    if bm not in (1, pb.batch) or hm not in (1, pb.heads):
-        raise ValueError(f"sparse_mask batch/head dims must be 1 or ({pb.batch}, {pb.heads}), "
+    if bm not in (1, batch) or hm not in (1, heads):
+        raise ValueError(f"sparse_mask batch/head dims must be 1 or ({batch}, {heads}), "
                          f"got ({bm}, {hm})")
 
 
