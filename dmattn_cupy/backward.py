@@ -172,11 +172,13 @@ def backward_call(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out:
         plan.allocs += [Alloc("dsum", lse_shape, "float32"), Alloc("dk", pb.k.shape, dt),
                         Alloc("dv", pb.v.shape, dt), Alloc("dq", pb.q.shape, dt)]
     else:
-        # one zero-filled float32 workspace per call: dq_accum (q's shape, contiguous) at
-        # element 0, dsum after it at a 256-byte boundary (one allocation and one fill)
+        # one float32 workspace per call: dq_accum (q's shape, contiguous) at element 0,
+        # dsum after it at a 256-byte boundary. No fill: the pre kernel zeroes every dq_accum
+        # row and writes every dsum; dQ is a cast copy of it (scratch: a cached plan may reuse
+        # one buffer)
         n_dqa = math.prod(pb.q.shape)
         dsum_at = -(-n_dqa // _WS_ALIGN) * _WS_ALIGN
-        plan.allocs += [Alloc("ws", (dsum_at + n_dsum,), "float32", zero=True),
+        plan.allocs += [Alloc("ws", (dsum_at + n_dsum,), "float32", scratch=True),
                         Alloc("dk", pb.k.shape, dt), Alloc("dv", pb.v.shape, dt)]
         plan.extra["ws_dsum_bytes"] = 4 * dsum_at
     plan.extra.update(dtype=dt, expanded_axes=expanded_axes, dq_shape=tuple(pb.q.shape),
