@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -274,6 +275,17 @@ def backward_call(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out:
         bufs["dk"] = arrays.zeros(query, pb.k.shape, dt)
         bufs["dv"] = arrays.zeros(query, pb.v.shape, dt)
     return finish_backward(plan, bufs), (None if empty else plan)
+
+
+def finisher(plan: Plan, like: Any) -> Callable[[list[Any]], tuple[Any, Any, Any, Any]]:
+    """``finish_backward`` bound once for a cached plan: a function of the plan's buffers in
+    ``plan.allocs`` order (``like``: an array of the calls' library). The common case (dQ cast
+    out of the workspace, no dbias) indexes the buffers directly."""
+    names = tuple(a.name for a in plan.allocs)
+    if names == ("ws", "dk", "dv") and not plan.extra["expanded_axes"]:
+        cast = arrays.view_caster(like, plan.extra["dq_shape"], plan.extra["dtype"])
+        return lambda made: (cast(made[0]), made[1], made[2], None)
+    return lambda made: finish_backward(plan, dict(zip(names, made, strict=True)))
 
 
 def finish_backward(plan: Plan, bufs: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
