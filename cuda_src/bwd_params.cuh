@@ -10,7 +10,7 @@ struct BwdParams {
   const void* dout;            // like q
   const float* dlse;           // optional incoming gradient of lse (lse layout); null = 0
   float* dsum;                 // rowsum(dO * O) - dlse, lse layout
-  float* dq_accum;             // fp32 (dqa strides), zeroed; atomic (non-deterministic) mode
+  float* dq_accum;             // fp32 (dqa strides), zeroed by the pre kernel; atomic mode
   void* dq;                    // like q
   void* dk;                    // like k
   void* dv;

@@ -302,6 +302,28 @@ def allocator(like: Any, shape: tuple[int, ...], dtype: str | None,
                              dtype=like.dtype if dtype is None else dtype)
 
 
+def sized_allocator(like: Any, dtype: str) -> Callable[[int], Any]:
+    """A function making a new 1-D array of ``n`` elements of ``dtype`` in the library and on
+    the device of ``like`` (bound once; ``like`` itself is not kept)."""
+    kind = array_kind(like)
+    if kind == "torch":
+        import torch
+
+        dt, dev = _torch_dtype(dtype), like.device
+        return lambda n: torch.empty(n, dtype=dt, device=dev)
+    if kind == "cupy":
+        import cupy
+
+        dev = like.device.id
+
+        def alloc(n: int) -> Any:
+            with cupy.cuda.Device(dev):
+                return cupy.empty(n, dtype=dtype)
+
+        return alloc
+    return lambda n: np.empty(n, dtype=dtype)
+
+
 def flat_view(flat: Any, shape: tuple[int, ...]) -> Any:
     """The first ``prod(shape)`` elements of the 1-D array ``flat`` as a C-contiguous array of
     ``shape`` (a view, same library)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -174,17 +175,19 @@ def backward_call(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out:
         plan.allocs += [Alloc("dsum", lse_shape, "float32"), Alloc("dk", pb.k.shape, dt),
                         Alloc("dv", pb.v.shape, dt), Alloc("dq", pb.q.shape, dt)]
     else:
-        # one zero-filled float32 workspace per call: dq_accum (q's shape, contiguous) at
-        # element 0, dsum after it at a 256-byte boundary, and for the Hopper kernel's
-        # deterministic mode its int32 counters after that at the next one (zero bits are
-        # int32 0): one allocation and one fill
+        # one float32 workspace per call: dq_accum (q's shape, contiguous) at element 0, dsum
+        # after it at a 256-byte boundary. No fill: the pre kernel zeroes every dq_accum row
+        # and writes every dsum; dQ is a cast copy of it (scratch: a cached plan may reuse one
+        # buffer). The Hopper kernel's deterministic mode adds its int32 counters at the next
+        # boundary, which must start at 0: that workspace is zero-filled per call instead
         n_dqa = math.prod(pb.q.shape)
         dsum_at = -(-n_dqa // _WS_ALIGN) * _WS_ALIGN
         n_ws = dsum_at + n_dsum
         if deterministic:
             sem_at = -(-n_ws // _WS_ALIGN) * _WS_ALIGN
             n_ws = sem_at + backward_sm90.semaphore_words(pb.batch, pb.heads, pb.seqlen_q)
-        plan.allocs += [Alloc("ws", (n_ws,), "float32", zero=True),
+        plan.allocs += [Alloc("ws", (n_ws,), "float32", zero=deterministic,
+                              scratch=not deterministic),
                         Alloc("dk", pb.k.shape, dt), Alloc("dv", pb.v.shape, dt)]
         plan.extra["ws_dsum_bytes"] = 4 * dsum_at
     plan.extra.update(dtype=dt, expanded_axes=expanded_axes, dq_shape=tuple(pb.q.shape),
@@ -284,6 +287,17 @@ def backward_call(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out:
         bufs["dk"] = arrays.zeros(query, pb.k.shape, dt)
         bufs["dv"] = arrays.zeros(query, pb.v.shape, dt)
     return finish_backward(plan, bufs), (None if empty else plan)
+
+
+def finisher(plan: Plan, like: Any) -> Callable[[list[Any]], tuple[Any, Any, Any, Any]]:
+    """``finish_backward`` bound once for a cached plan: a function of the plan's buffers in
+    ``plan.allocs`` order (``like``: an array of the calls' library). The common case (dQ cast
+    out of the workspace, no dbias) indexes the buffers directly."""
+    names = tuple(a.name for a in plan.allocs)
+    if names == ("ws", "dk", "dv") and not plan.extra["expanded_axes"]:
+        cast = arrays.view_caster(like, plan.extra["dq_shape"], plan.extra["dtype"])
+        return lambda made: (cast(made[0]), made[1], made[2], None)
+    return lambda made: finish_backward(plan, dict(zip(names, made, strict=True)))
 
 
 def finish_backward(plan: Plan, bufs: dict[str, Any]) -> tuple[Any, Any, Any, Any]:

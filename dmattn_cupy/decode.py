@@ -211,7 +211,8 @@ def plan_decode(pb: Problem, plan: Plan, query: Any, out: ArrayInfo, lse_ptr: in
     if ns > 1:  # one float32 workspace: the partial outputs, then their lse
         rows = total_rows * pb.heads * ns
         lse_at = rows * spec.head_dim * 4   # a multiple of 128 bytes (head_dim % 32 == 0)
-        plan.allocs.append(Alloc("o_acc", (rows * (spec.head_dim + 1),), "float32"))
+        plan.allocs.append(Alloc("o_acc", (rows * (spec.head_dim + 1),), "float32",
+                                 scratch=True))   # written by the decode, read by the combine
         keep = [arrays.empty(query, plan.allocs[-1].shape, "float32")]
         base = describe(keep[0]).ptr
         r["o_accum"], r["lse_accum"] = base, base + lse_at

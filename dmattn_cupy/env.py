@@ -114,6 +114,5 @@ def plan_state() -> tuple:
     between calls takes effect at the next call). Reads ``os.environ``'s own dict where it has
     one (a dict lookup per variable, no decoding)."""
     if _encoded is not None:
-        get = _environ_data.get
-        return tuple(get(k) for k in _encoded)
+        return tuple(map(_environ_data.get, _encoded))
     return tuple(os.environ.get(n) for n in PLAN_VARIABLES)

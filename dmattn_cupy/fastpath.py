@@ -4,7 +4,8 @@ The signature (the key of ``PlanCache``) is, per array, its dtype, shape, stride
 pointer alignment class (``ptr & 15``), plus every option value (flags exactly ``bool`` or
 ``None``, window a tuple of two ``int``), the library, whether lse is wanted, and the
 environment variables that change plans (``env.plan_state``). A call that hits only
-allocates its outputs in the caller's library, reads the pointers and the current stream,
+allocates its outputs in the caller's library (workspaces that do not outlive the call come
+from ``scratch``: no allocation), reads the pointers and the current stream,
 patches the pointers into the plan's records and launches them (``Plan.execute``): nothing the
 key proves is validated again, no ``describe``, no DLPack. A miss validates in full
 (``validate``), runs ``forward_call`` / ``backward_call`` and keeps their plan when it is
@@ -32,9 +33,9 @@ try:
 except ImportError:  # torch is optional
     torch = None
 
-from . import arrays, edge, env, runtime
+from . import arrays, edge, env, runtime, scratch
 from .arrays import describe
-from .backward import backward_call, finish_backward
+from .backward import backward_call, finisher
 from .forward import forward_call
 from .launch_plan import Plan, PlanCache
 from .validate import Problem, check_dense, check_flags, check_varlen
@@ -54,7 +55,7 @@ class _Entry:
     pb: Problem = dataclasses.field(repr=False)  # the first call's problem (stale pointers)
     lse: bool            # the plan allocates lse
     allocs: list[Any] | None = dataclasses.field(default=None, repr=False)  # bound allocators
-    names: tuple[str, ...] | None = dataclasses.field(default=None, repr=False)  # of allocs
+    finish: Any = dataclasses.field(default=None, repr=False)  # backward.finisher, bound
     # a forward entry's backward plans: (dout, dlse signatures, need_dbias) -> _Entry | None
     bwd: dict[tuple, Any] = dataclasses.field(default_factory=dict, repr=False)
 
@@ -132,20 +133,36 @@ def _wants_grad(q: Any, k: Any, v: Any, bias: Any) -> bool:
 
 # --- running a plan ----------------------------------------------------------------------
 
-def _allocators(entry: _Entry, like: Any) -> list[Any]:
+def _allocators(entry: _Entry, lib: str, like: Any) -> list[tuple[Any, int, tuple]]:
+    """Per plan allocation: (allocator, 0, ()) for a fresh buffer; for a scratch workspace
+    (allocator of n bytes, its bytes, scratch owner)."""
     fns = entry.allocs
     if fns is None:
-        fns = entry.allocs = [arrays.allocator(like, a.shape, a.dtype, a.zero)
-                              for a in entry.plan.allocs]
+        owner = (lib, entry.plan.device)
+        fns = entry.allocs = [
+            (_bytes_allocator(like), 4 * a.shape[0], owner) if a.scratch else
+            (arrays.allocator(like, a.shape, a.dtype, a.zero), 0, ())
+            for a in entry.plan.allocs]
     return fns
+
+
+def _bytes_allocator(like: Any) -> Any:
+    make = arrays.sized_allocator(like, "float32")
+    return lambda nbytes: make(-(-nbytes // 4))
+
+
+def _buffers(entry: _Entry, lib: str, like: Any, stream: int) -> list[Any]:
+    return [make() if not n else scratch.get(owner, stream, n, make)
+            for make, n, owner in _allocators(entry, lib, like)]
 
 
 def _run_forward(entry: _Entry, lib: str, q: Any, k: Any, v: Any, mask: Any, bias: Any,
                  cu_q: Any, cu_k: Any) -> tuple[Any, Any]:
-    bufs = [make() for make in _allocators(entry, q)]
-    ptrs = _pointers(lib, (q, k, v, mask, bias, cu_q, cu_k, *bufs))
     plan = entry.plan
-    plan.execute(ptrs, runtime.stream_ptr(lib, plan.device))
+    stream = runtime.stream_ptr(lib, plan.device)
+    bufs = _buffers(entry, lib, q, stream)   # alive until the launches are enqueued
+    ptrs = _pointers(lib, (q, k, v, mask, bias, cu_q, cu_k, *bufs))
+    plan.execute(ptrs, stream)
     return bufs[0], (bufs[1] if entry.lse else None)
 
 
@@ -187,13 +204,16 @@ def _exec_backward(entry: _Entry, lib: str, dout: Any, dlse: Any, q: Any, k: Any
                    ) -> tuple[Any, Any, Any, Any]:
     """A cached backward plan on this call's arrays: allocate, patch, launch, finish."""
     HITS[1] += 1
-    names = entry.names
-    if names is None:
-        names = entry.names = tuple(a.name for a in entry.plan.allocs)
-    made = [make() for make in _allocators(entry, q)]
+    finish = entry.finish
+    if finish is None:
+        finish = entry.finish = finisher(entry.plan, q)
+    stream = runtime.stream_ptr(lib, entry.plan.device)
+    made = _buffers(entry, lib, q, stream)
     ptrs = _pointers(lib, (q, k, v, mask, bias, cu_q, cu_k, out, lse, dout, dlse, *made))
-    entry.plan.execute(ptrs, runtime.stream_ptr(lib, entry.plan.device))
-    return finish_backward(entry.plan, dict(zip(names, made, strict=True)))
+    entry.plan.execute(ptrs, stream)
+    # dQ is cast out of the workspace here, on the same stream, before another call can
+    # reuse it (scratch)
+    return finish(made)
 
 
 def _run_backward(call: _Call, dout: Any, dlse: Any, q: Any, k: Any, v: Any, mask: Any,

@@ -40,6 +40,14 @@ class Alloc:
     shape: tuple[int, ...]
     dtype: str | None                  # None: the query's dtype
     zero: bool = False
+    # a float32 workspace whose contents never outlive the call's launches (and results read
+    # from it are copies): a cached plan may run it on a reused buffer (``scratch``)
+    scratch: bool = False
+
+    def __post_init__(self) -> None:
+        if self.scratch and (self.zero or self.dtype != "float32" or len(self.shape) != 1):
+            raise ValueError(f"a scratch workspace is a 1-D float32 buffer with no fill, got "
+                             f"{self}")
 
 
 @dataclass(eq=False)

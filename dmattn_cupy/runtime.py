@@ -24,7 +24,7 @@ from .device_check import require_supported_device
 from .spec import KernelSpec
 
 __all__ = ["Kernel", "current_stream", "device_props", "get_kernel", "launch", "launch_ex",
-           "launch_raw", "prefer_shared_memory", "stream_ptr"]
+           "launch_raw", "prefer_shared_memory", "stream_capturing", "stream_ptr"]
 
 
 @cache
@@ -168,6 +168,23 @@ def stream_ptr(kind: str, device: int) -> int:
         get = _stream_getters[kind] = (_torch_stream_getter() if kind == "torch" else
                                        _cupy_stream_getter())
     return get(device)
+
+
+_capture_query: list[Any] = []   # [cupy runtime.streamIsCapturing], bound once
+
+
+def stream_capturing(stream: int) -> bool:
+    """Whether the raw ``stream`` handle is capturing a CUDA graph. A state that cannot be read
+    (the legacy stream while another stream captures globally, an invalidated capture) counts
+    as capturing: callers then take the path that is safe inside a graph."""
+    if not _capture_query:
+        from cupy_backends.cuda.api import runtime as rt
+
+        _capture_query.append(rt.streamIsCapturing)
+    try:
+        return bool(_capture_query[0](stream))
+    except Exception:  # noqa: BLE001  (CUDARuntimeError, RuntimeError: see above)
+        return True
 
 
 Dim3 = tuple[int, int, int]

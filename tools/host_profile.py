@@ -91,11 +91,12 @@ def stub_gpu() -> Iterator[None]:
     patch(runtime, "launch", lambda *a, **k: None)
     patch(runtime, "prefer_shared_memory", lambda k: None)
     patch(runtime, "current_stream", lambda kind, dev: _Stream())
-    for opt in ("launch_raw", "stream_ptr", "ensure_device"):
+    for opt in ("launch_raw", "stream_ptr", "ensure_device", "stream_capturing"):
         if hasattr(runtime, opt):
             patch(runtime, opt, {"launch_raw": lambda *a: None,
                                  "stream_ptr": lambda kind, dev: 0,
-                                 "ensure_device": lambda dev: None}[opt])
+                                 "ensure_device": lambda dev: None,
+                                 "stream_capturing": lambda stream: False}[opt])
     for mod in (tensor_map, sys.modules.get("dmattn_cupy.forward_sm90"),
                 sys.modules.get("dmattn_cupy.backward_sm90")):
         if mod is not None and hasattr(mod, "encode"):
@@ -103,7 +104,11 @@ def stub_gpu() -> Iterator[None]:
     fastpath = sys.modules.get("dmattn_cupy.fastpath")
     probe = getattr(tensor_map, "address_offset", None)   # the probe caches per map spec
 
+    scratch = sys.modules.get("dmattn_cupy.scratch")
+
     def reset() -> None:
+        if scratch is not None:
+            scratch.clear()
         if fastpath is not None:
             fastpath.clear()
         if probe is not None:

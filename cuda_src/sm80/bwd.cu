@@ -1,5 +1,6 @@
 // bwd.cu: the backward kernels (FlashAttention-2 style, tensor cores, sm_80+).
-//   flash_bwd_pre_kernel:  dsum[i] = rowsum(dO * O)[i] - dlse[i]  (fp32, lse layout).
+//   flash_bwd_pre_kernel:  dsum[i] = rowsum(dO * O)[i] - dlse[i]  (fp32, lse layout); zeroes
+//     dq_accum's rows (non-deterministic mode).
 //   flash_bwd_dkdv_kernel: a CTA owns kBlockN keys of one (batch, kv head); it loops over the
 //     query heads of the kv group and the query tiles that can see its keys, recomputes
 //     P = exp2(x - lse * log2 e) from the forward's lse, and accumulates dV += P^T dO and
@@ -52,6 +53,13 @@ flash_bwd_pre_kernel(const BwdParams bp) {
   if (lane == 0) {
     const int64_t idx = lse_index(p, b, h, seq, i);
     bp.dsum[idx] = acc - (bp.dlse != nullptr ? bp.dlse[idx] : 0.f);
+  }
+  // Non-deterministic mode: this row's dQ accumulator starts at 0 here (the host does not
+  // zero-fill it; the dK/dV kernels that add into it run after this kernel on the stream).
+  // Every (row, head) of a q-shaped dq_accum is some warp's row: the buffer is zeroed whole.
+  if (bp.dq_accum != nullptr) {
+    float* dqa = dqa_row_ptr(bp, b, h, seq, i);
+    for (int c = lane; c < p.head_dim; c += 32) dqa[c] = 0.f;
   }
 }
 

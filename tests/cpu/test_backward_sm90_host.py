@@ -15,6 +15,10 @@ from dmattn_cupy.arrays import describe
 from dmattn_cupy.device import PRESETS
 from dmattn_cupy.validate import check_dense
 
+# no kernel runs here: dQ is cast out of an unfilled workspace (the pre kernel zeroes it on a
+# GPU), so NumPy may see garbage overflow in that cast
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+
 H100, A100 = PRESETS["sm_90"], PRESETS["sm_80"]
 
 

@@ -23,7 +23,7 @@ if str(_TOOLS) not in sys.path:
 host_profile = importlib.import_module("host_profile")
 
 import dmattn_cupy as dm  # noqa: E402
-from dmattn_cupy import backward_sm90, fastpath, forward_sm90, runtime, tensor_map  # noqa: E402
+from dmattn_cupy import backward_sm90, fastpath, forward_sm90, runtime, scratch, tensor_map  # noqa: E402
 from dmattn_cupy import compile as dcompile  # noqa: E402
 from dmattn_cupy.launch_plan import PlanCache  # noqa: E402
 from dmattn_cupy.params import FWD_DTYPE, bwd_dtype_flat  # noqa: E402
@@ -432,3 +432,103 @@ def test_functional_backward_is_cached(cap, varlen):
     fn(dout.float(), q, k, v, out, lse, *extra, attn_bias=bias, is_causal=True)
     fn(dout.float(), q, k, v, out, lse, *extra, attn_bias=bias, is_causal=True)
     assert {p for p, *_ in cap.take()} == {"slow"}
+
+
+# --- reused workspaces (dmattn_cupy.scratch) ---------------------------------------------
+
+def _decode_call(seed=0):
+    Sk, H, Hk, D = 4096, 32, 8, 64
+    q = _rand(1, H, D, seed=seed)
+    k, v = _rand(Sk, Hk, D, seed=seed + 1), _rand(Sk, Hk, D, seed=seed + 2)
+    bias = _rand(Sk, Hk, seed=seed + 3)
+    cu_q = torch.tensor([0, 1], dtype=torch.int32)
+    cu_k = torch.tensor([0, Sk], dtype=torch.int32)
+    return lambda: dm.flash_dmattn_varlen_func(q, k, v, cu_q, cu_k, 1, Sk, attn_bias=bias)
+
+
+def _kept_pointers():
+    return {buf.data_ptr() for _, buf in scratch._bufs.values()}
+
+
+def test_decode_partials_reuse_one_scratch_buffer(cap):
+    call = _decode_call()
+    call()
+    first = cap.take()
+    assert first[0][0] == "slow" and not scratch._bufs   # the validated call allocates its own
+    call()
+    call()
+    thin = [_record(x[3][0], "FwdParams") for x in cap.take()[0::2]]
+    assert len(scratch._bufs) == 1
+    (nbytes, buf), = scratch._bufs.values()
+    for rec in thin:   # the partials (o_accum) and their lse after them, in the kept buffer
+        assert int(rec["o_accum"][0]) == buf.data_ptr()
+        assert int(rec["lse_accum"][0]) - int(rec["o_accum"][0]) == \
+            int(rec["num_splits"][0]) * 32 * 64 * 4
+    assert nbytes >= 4 * int(thin[0]["num_splits"][0]) * 32 * 65
+    # a capturing stream never gets the kept buffer: a fresh one, nothing kept changes
+    kept = dict(scratch._bufs)
+    runtime.stream_capturing, saved = (lambda stream: True), runtime.stream_capturing
+    try:
+        call()
+    finally:
+        runtime.stream_capturing = saved
+    rec = _record(cap.take()[0][3][0], "FwdParams")
+    assert int(rec["o_accum"][0]) not in _kept_pointers() and scratch._bufs == kept
+
+
+def test_scratch_is_per_thread_and_bounded(cap, monkeypatch):
+    import threading
+
+    call = _decode_call()
+    call()
+    call()
+    cap.take()
+    got = []
+
+    def other():
+        call()
+        got.append(_record(cap.launches[-2][3][0], "FwdParams"))
+
+    th = threading.Thread(target=other)
+    th.start()
+    th.join()
+    assert len(scratch._bufs) == 2    # one per calling thread
+    assert int(got[0]["o_accum"][0]) in _kept_pointers()
+    monkeypatch.setattr(scratch, "MAX_BYTES", 1024)   # too large to keep: per call
+    cap.take()
+    call()
+    rec = _record(cap.take()[0][3][0], "FwdParams")
+    assert int(rec["o_accum"][0]) not in _kept_pointers()
+    scratch.clear()
+    for i in range(scratch.MAX_BUFFERS + 3):
+        scratch.get(("torch", 0), 100 + i, 16, lambda n: torch.empty(n // 4))
+    assert len(scratch._bufs) == scratch.MAX_BUFFERS
+
+
+def test_backward_workspace_is_scratch_without_a_fill(cap):
+    """The backward's dq_accum + dsum workspace: no zero fill anywhere (the pre kernel zeroes
+    dq_accum), the validated call's own buffer, then the kept buffer on cached calls."""
+    from dmattn_cupy import arrays
+
+    fills = []
+    real = arrays.zeros
+
+    def zeros(like, shape, dtype):
+        fills.append(shape)
+        return real(like, shape, dtype)
+
+    arrays.zeros = zeros
+    try:
+        q, k, v = (_rand(1, 40, 4, 64, seed=s).requires_grad_() for s in (1, 2, 3))
+        dout = _rand(1, 40, 4, 64, seed=5)
+        for i in range(3):
+            torch.autograd.grad(dm.flash_dmattn_func(q, k, v), (q, k, v), dout)
+            assert len(scratch._bufs) == min(i, 1)   # validated first: its own buffer
+    finally:
+        arrays.zeros = real
+    launches = cap.take()
+    bwd = [_record(x[3][0], "BwdParams") for x in launches if x[1].startswith("bwd")]
+    assert fills == [] and len(bwd) == 6     # pre + dK/dV, three times
+    ws = [int(r["dq_accum"][0]) for r in bwd]
+    assert ws[2] in _kept_pointers() and ws[2] == ws[4]
+    assert launches[1][1] == "bwd_pre"       # the kernel that zeroes dq_accum runs first

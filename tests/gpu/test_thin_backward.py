@@ -1,7 +1,8 @@
 """The thin path's cached backward on the GPU: a second fwd+bwd with the same signature is
 served by the cached plans (fastpath.HITS), its gradients pass the float64 reference check, and
 dK/dV (one CTA per key tile: no cross-CTA adds) are bit-identical to the first, validated call.
-dQ goes through the one zero-filled workspace (dq_accum + dsum) in both calls."""
+dQ goes through one workspace (dq_accum + dsum; zeroed by the pre kernel, no host fill): a fresh
+buffer in the first call, the kept scratch buffer in the second."""
 
 from __future__ import annotations
 

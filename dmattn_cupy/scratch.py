@@ -1,0 +1,55 @@
+"""Reused workspaces of the thin launch path: buffers whose contents never outlive one call.
+
+A call served by a cached plan takes such a workspace (an ``Alloc`` with ``scratch=True``: the
+split-KV partials of a decode, the backward's dQ accumulator + dsum) from here instead of
+allocating it: one float32 buffer per (library, device, stream, calling thread), replaced by a
+larger one when a call needs more, at most ``MAX_BYTES`` (a larger workspace is allocated per
+call, as before). Why sharing it is safe:
+- every launch that touches the buffer is enqueued by one call on one stream from one thread,
+  so the launches of two calls that share it are ordered by that stream;
+- a replaced or evicted buffer goes back to its library's stream-ordered allocator (torch's
+  caching allocator, CuPy's pool), which hands it out again only to work ordered after it,
+  and the caller keeps the buffer it got alive until its launches are enqueued;
+- a stream that is capturing a CUDA graph (or whose capture state cannot be read) never gets
+  one: the graph would keep its address. It gets a fresh allocation from the graph's pool.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from . import runtime
+
+MAX_BYTES = 8 << 20   # the most one (library, device, stream, thread) keeps
+MAX_BUFFERS = 16      # kept buffers; the oldest goes first
+
+_bufs: dict[tuple, tuple[int, Any]] = {}   # key -> (bytes, buffer)
+_lock = threading.Lock()
+_ident = threading.get_ident
+
+
+def get(owner: tuple, stream: int, nbytes: int, make: Callable[[int], Any]) -> Any:
+    """A buffer of at least ``nbytes`` for launches on the raw ``stream``; ``owner`` is
+    (library, device); ``make(n)`` allocates a fresh one of ``n`` bytes (in the library, on the
+    device, on its current stream: the one ``stream`` names)."""
+    if nbytes > MAX_BYTES or runtime.stream_capturing(stream):
+        return make(nbytes)
+    key = (owner, stream, _ident())
+    kept = _bufs.get(key)
+    if kept is not None and kept[0] >= nbytes:
+        return kept[1]
+    buf = make(nbytes)
+    with _lock:
+        _bufs.pop(key, None)
+        _bufs[key] = (nbytes, buf)
+        while len(_bufs) > MAX_BUFFERS:
+            del _bufs[next(iter(_bufs))]
+    return buf
+
+
+def clear() -> None:
+    """Drop every kept buffer (tests; freeing memory after a burst of large calls)."""
+    with _lock:
+        _bufs.clear()
