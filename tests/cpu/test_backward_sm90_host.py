@@ -226,8 +226,9 @@ def _stub_runtime(monkeypatch, launched):
 def test_run_backward_mask_and_deterministic_workspace(monkeypatch, mask_shape, deterministic):
     """A mask runs the has_mask spec (the mask reaches the kernel through BwdParams); the
     deterministic mode launches no bwd_dq kernel, and its int32 counters (a ticket, then one
-    per (batch, head, query tile of 64)) sit in the one zeroed workspace after dq_accum and
-    dsum, at a 256-byte boundary, their address in Sm90BwdArgs::dq_sem (patched per call)."""
+    per (batch, head, query tile of 64)) sit in the one workspace after dq_accum and dsum, at
+    a 256-byte boundary, their address in Sm90BwdArgs::dq_sem (patched per call); that
+    workspace is zero-filled (the default mode's is a scratch buffer with no fill)."""
     launched: list = []
     _stub_runtime(monkeypatch, launched)
     q, k, v = _arrays()
@@ -244,7 +245,8 @@ def test_run_backward_mask_and_deterministic_workspace(monkeypatch, mask_shape, 
     if mask is not None:
         assert rec["mask"] == describe(mask).ptr
     ws_alloc = [a for a in plan.allocs if a.name == "ws"]
-    assert len(ws_alloc) == 1 and ws_alloc[0].zero and ws_alloc[0].dtype == "float32"
+    assert len(ws_alloc) == 1 and ws_alloc[0].dtype == "float32"
+    assert ws_alloc[0].zero == deterministic and ws_alloc[0].scratch != deterministic
     assert not [a for a in plan.allocs if a.name in ("dq", "dsum")]
     ws_ptr = int(rec["dq_accum"])
     n_dqa = 2 * 200 * 4 * 128
