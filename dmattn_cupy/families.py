@@ -286,7 +286,7 @@ def _sm90_slots(pb: Problem, spec: SpecShape) -> tuple[tuple[str, int, int], ...
 
 
 def _sm90_grid(pb: Problem, spec: SpecShape, sm_count: int) -> tuple[int, int, int]:
-    """Work items (query tile, head, batch) over a persistent grid of at most one CTA per SM
+    """Work items (query tile, head, batch), one CTA each or a persistent grid
     (forward_sm90.launch_ctas); the kernel numbers them longest first."""
     items = max(1, -(-pb.seqlen_q // spec.block_m)) * pb.heads * pb.batch
     return forward_sm90.launch_ctas(items, sm_count), 1, 1
