@@ -256,6 +256,9 @@ def _mma_tiles(pb: Problem, sparse: SparseArg) -> tuple[Tile, ...]:
 # --- the Hopper forward (sm90/fwd.cu; host half in forward_sm90) -----------------------------
 
 def _sm90_accepts(pb: Problem, dev: DeviceProps, sparse: SparseArg) -> bool:
+    items = -(-pb.seqlen_q // forward_sm90.BLOCK_M) * pb.heads * pb.batch
+    if items > forward_sm90.MAX_ITEMS:
+        return False
     return forward_sm90.tile_for(pb.head_dim, pb.q, pb.k, pb.v, pb.mask, pb.bias, pb.seqlen_q,
                                  pb.seqlen_k, dev.smem_per_block, varlen=pb.varlen,
                                  sparse=sparse) is not None

@@ -285,7 +285,8 @@ def plan_maps(q: ArrayInfo, k: ArrayInfo, v: ArrayInfo, mask: ArrayInfo | None,
     return maps
 
 
-MAX_QUERY_TILES = 65535    # query tiles per sequence (work items: tiles x heads x batch < 2**31)
+MAX_QUERY_TILES = 65535    # query tiles per sequence
+MAX_ITEMS = 2**31 - 1      # work items (query tiles x heads x batch): the kernel counts in int32
 
 
 def launch_ctas(items: int, sm_count: int) -> int:

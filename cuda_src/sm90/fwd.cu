@@ -191,7 +191,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
   // past its own sequence's end (or of an empty one) is skipped by every warp alike.
   const int num_m = (p.seqlen_q + kBlockM - 1) / kBlockM;
   const int bh = p.batch * p.heads;
-  const int num_items = num_m * bh;  // < 2^31 (forward_sm90.MAX_ITEMS)
+  const int num_items = num_m * bh;  // <= forward_sm90.MAX_ITEMS
   auto item_of_round = [&](int r) {
     return r * int(gridDim.x) + int((r & 1) ? gridDim.x - 1 - blockIdx.x : blockIdx.x);
   };
@@ -446,8 +446,8 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
             const int slot_b = p.sp_partial_slot[row_entry * p.sp_col_blocks + n / sub];
             info[4 * stage + 3] = slot_b * (bm / 32) * bn + ((m0 % bm) * bn + n0 % bn) / 32;
           }
-          if (kDebug) {  // per CTA {tiles loaded, tiles masked}, in (batch, head, m) order
-            const int cta = item % bh * num_m + num_m - 1 - item / bh;  // (b * heads + h) * num_m + m
+          if (kDebug) {  // per item {tiles loaded, tiles masked}, in (batch, head, m) order
+            const int cta = item % bh * num_m + num_m - 1 - item / bh;  // (b * H + h) * num_m + m
             atomicAdd(p.tile_counters + 2 * cta, 1u);
             if (cls != 0) atomicAdd(p.tile_counters + 2 * cta + 1, 1u);
           }

@@ -21,7 +21,9 @@ import numpy as np
 import pytest
 from nvrtc_check import compile_static_asserts
 
+from dmattn_cupy import families, select
 from dmattn_cupy import forward_sm90 as f90
+from dmattn_cupy.device import PRESETS
 from dmattn_cupy.tensor_map import TensorMapError, TensorMapSpec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -213,7 +215,7 @@ def test_tile_for_takes_tma_layouts_and_declines_the_rest():
     assert f90.tile_for(128, q, k, k, _contig((2, 4, 300, 1), "bool"), None, 300,
                         256) is not None                          # a mask per query row: served
     long_q = _contig((1, 128 * 65536, 1, 128))
-    assert f90.tile_for(128, long_q, k, k, None, None, 128 * 65536, 256) is None  # grid z
+    assert f90.tile_for(128, long_q, k, k, None, None, 128 * 65536, 256) is None  # query tiles
     assert f90.tile_for(128, _contig((2, 300, 4, 128), ptr=(1 << 20) + 2), k, k, None, None,
                         300, 256) is None                         # misaligned base
     assert f90.tile_for(256, _contig((2, 300, 4, 256)), _contig((2, 256, 4, 256)),
@@ -264,3 +266,44 @@ def test_args_record_layout(monkeypatch):
         assert raw[128 * i:128 * (i + 1)] == want
     assert np.frombuffer(raw[640:648], dtype=np.int32).tolist() == [f90.OPERAND_NONE,
                                                                     f90.OPERAND_KEY_ROW]
+
+
+def _kernel_items(items: int, grid: int) -> list[list[int]]:
+    """fwd.cu's schedule: CTA x takes item r * G + x in even rounds r and r * G + G - 1 - x in
+    odd ones, stopping at the first item past the end."""
+    out = []
+    for x in range(grid):
+        mine, r = [], 0
+        while True:
+            item = r * grid + (grid - 1 - x if r & 1 else x)
+            if item >= items:
+                break
+            mine.append(item)
+            r += 1
+        out.append(mine)
+    return out
+
+
+@pytest.mark.parametrize("items", [1, 131, 132, 133, 264, 1000, 1024, 4097])
+def test_work_items_cover_every_item_once(monkeypatch, items):
+    """One CTA per item (the default) or a persistent grid (DM_SM90_PERSISTENT=1): every work
+    item is taken exactly once, whatever the last round's fill."""
+    monkeypatch.delenv("DMATTN_NVRTC_DEFINES", raising=False)
+    assert f90.launch_ctas(items, 132) == items
+    monkeypatch.setenv("DMATTN_NVRTC_DEFINES", "DM_SM90_PERSISTENT=1")
+    grid = f90.launch_ctas(items, 132)
+    assert grid == min(items, 132)
+    for g in (items, grid):
+        taken = sorted(i for mine in _kernel_items(items, g) for i in mine)
+        assert taken == list(range(items))
+
+
+def test_more_work_items_than_int32_go_to_the_portable_kernel():
+    q = _contig((60000, 128 * 600, 64, 128))  # 600 query tiles x 64 heads x 60000 batches
+    pb = families.Problem(kind="cupy", backend="cuda", varlen=False, batch=60000,
+                          seqlen_q=128 * 600, seqlen_k=128, heads=64, kv_heads=64,
+                          head_dim=128, dtype="bfloat16", scale=1.0, softcap=0.0,
+                          window=(-1, -1), q=q, k=q, v=q, mask=None, bias=None)
+    assert 600 * 64 * 60000 > f90.MAX_ITEMS
+    assert not families._sm90_accepts(pb, PRESETS["sm_90"], None)
+    assert select.forward(pb, PRESETS["sm_90"]).family == "fwd_mma"

@@ -42,7 +42,7 @@ def test_varlen_without_mask_or_bias_is_taken():
     assert _take() == (128, 128, 2)
     assert _take(d=64) == (64, 128, 2) and _take(d=256) == (256, 64, 2)
     q, k, v = _packed()
-    assert f90.tile_for(D, q, k, v, None, None, 128 * 65536, MAXK, varlen=True) is None  # grid z
+    assert f90.tile_for(D, q, k, v, None, None, 128 * 65536, MAXK, varlen=True) is None  # tiles
     # a 4-D (dense-shaped) layout is no varlen problem for this family
     q4 = _contig((1, TQ, H, D))
     assert f90.tile_for(D, q4, q4, q4, None, None, MAXQ, MAXK, varlen=True) is None
