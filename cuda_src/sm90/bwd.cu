@@ -164,6 +164,42 @@ struct Sm90BwdSmem {
   static_assert(kOffMask % 8 == 0 && kOffBars % 8 == 0, "64-bit mask words and mbarriers");
 };
 
+// What each thread of the producer warpgroup (warp 0..3, lane) does; the kernel dispatches on
+// it, so the counts below are the kernel's own. Only warp 0's lane 0 issues TMA: warp 0's
+// other lanes (and warps 2-3 without a mask) leave at once. A role that ballots or syncs over
+// all 32 lanes (kBwdMaskRows: __ballot_sync(0xffffffff)) must hold every lane of its warps.
+enum Sm90BwdRole : int { kBwdIdle = 0, kBwdTma = 1, kBwdLseRows = 2, kBwdMaskRows = 3 };
+__host__ __device__ constexpr int sm90_bwd_role(int warp, int lane, bool has_mask) {
+  return warp == 0 ? (lane == 0 ? kBwdTma : kBwdIdle)
+         : warp == 1 ? kBwdLseRows
+         : (has_mask && (warp == 2 || warp == 3)) ? kBwdMaskRows
+                                                    : kBwdIdle;
+}
+// Arrivals on a stage's full barrier per item: one per producer thread with a role (the TMA
+// leader's arrive.expect_tx, warp 1's lanes, warps 2-3's lanes).
+__host__ __device__ constexpr int sm90_bwd_full_arrivals(bool has_mask) {
+  int n = 0;
+  for (int x = 0; x < 128; ++x) n += sm90_bwd_role(x / 32, x % 32, has_mask) != kBwdIdle;
+  return n;
+}
+// A warp with a warp-wide role (warp 1's rows, warps 2-3's ballots) has it in all 32 lanes.
+__host__ __device__ constexpr bool sm90_bwd_roles_whole_warps(bool has_mask) {
+  for (int w = 0; w < 4; ++w) {
+    const int r0 = sm90_bwd_role(w, 0, has_mask);
+    for (int l = 0; l < 32; ++l) {
+      const int r = sm90_bwd_role(w, l, has_mask);
+      const bool wide = r == kBwdLseRows || r == kBwdMaskRows || r0 == kBwdLseRows ||
+                        r0 == kBwdMaskRows;
+      if (wide && r != r0) return false;
+    }
+  }
+  return true;
+}
+static_assert(sm90_bwd_full_arrivals(false) == 1 + 32 && sm90_bwd_full_arrivals(true) == 1 + 32 + 64,
+              "full barrier: TMA leader + warp 1 (+ warps 2-3 with a mask)");
+static_assert(sm90_bwd_roles_whole_warps(false) && sm90_bwd_roles_whole_warps(true),
+              "warp-wide roles hold whole warps");
+
 template <typename T, int kHeadDim, bool kHasMask, bool kHasBias>
 __global__ void __launch_bounds__(384, 1)
 flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs args) {
@@ -207,7 +243,7 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
     mbar_init(bar_kv, 1);
     for (int s = 0; s < kStages; ++s) {
       // the TMA leader's expect_tx + warp 1's 32 lanes (+ warps 2-3's 64 lanes with a mask)
-      mbar_init(bar_full(s), kHasMask ? 97 : 33);
+      mbar_init(bar_full(s), sm90_bwd_full_arrivals(kHasMask));
       mbar_init(bar_empty(s), 8);  // one arrival per consumer warp
     }
     mbar_init_fence();
@@ -255,8 +291,9 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
   const int warp = (threadIdx.x % 128) / 32;
 
   if (wg == 0) {  // ------------------------------------------------------------- producer
-    setmaxnreg_dec<kProducerRegs>();
-    if (warp == 0 && lane == 0) {
+    setmaxnreg_dec<kProducerRegs>();  // all four warps, before any leaves
+    const int role = sm90_bwd_role(warp, lane, kHasMask);
+    if (role == kBwdTma) {
       tma_prefetch(&args.q);
       tma_prefetch(&args.dout);
       mbar_arrive_expect_tx(bar_kv, 2 * Smem::kKV);
@@ -286,7 +323,7 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
                         n0 + 64 * x, m0, bias_h, bias_b);
         }
       }
-    } else if (warp == 1) {
+    } else if (role == kBwdLseRows) {
       for (int i = 0; i < n_items; ++i) {
         const int s = i % kStages;
         mbar_wait(bar_empty(s), ((i / kStages) & 1) ^ 1);
@@ -305,7 +342,9 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
         }
         mbar_arrive(bar_full(s));  // release: this lane's stores before the consumers' reads
       }
-    } else if (kHasMask) {  // warps 2, 3: the item's mask as per-key query words
+    } else if (kHasMask && role == kBwdMaskRows) {  // warps 2, 3: the item's mask as words
+      // (warp 0's lanes 1-31 once came here too: their ballots named lane 0, busy issuing
+      // TMA, and their 31 extra arrivals per item broke the full barriers' phases: a hang)
       const int wh = warp - 2;  // rows 32 wh .. 32 wh + 31 of the item, one per lane
       // 16-byte loads when every 16 keys of a row are one aligned vector (and a row's last
       // vector ends at len_k); else byte loads through the strides (any broadcast).
