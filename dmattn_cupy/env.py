@@ -104,10 +104,10 @@ def backward_family_override() -> str | None:
 def sm90_bwd_masks() -> bool:
     """``DMATTN_SM90_BWD_MASKS=1``: developers: let the Hopper backward take bool masks. Off by
     default: on the H200 (2026-12-01) every masked case of tests/gpu/test_backward_sm90_mask.py
-    that ran hung until its 200 s timeout (d64 full/key-row/keys-only masks, mask + key-row
-    bias under causal, fully masked rows, a deterministic run with dropped tiles); the
-    portable backward serves masks until that is found. Unmasked problems (deterministic
-    mode included: 14 bitwise checks passed) run on the Hopper backward either way."""
+    that ran hung. The cause, found afterwards on the CPU (NOTES.md), is fixed in the kernel
+    (warp 0's lanes 1-31 ran the mask transpose); the switch stays off until a GPU run shows
+    the fix. Unmasked problems (deterministic mode included: 14 bitwise checks passed) run on
+    the Hopper backward either way."""
     return _flag("DMATTN_SM90_BWD_MASKS")
 
 

@@ -195,7 +195,8 @@ __host__ __device__ constexpr bool sm90_bwd_roles_whole_warps(bool has_mask) {
   }
   return true;
 }
-static_assert(sm90_bwd_full_arrivals(false) == 1 + 32 && sm90_bwd_full_arrivals(true) == 1 + 32 + 64,
+static_assert(sm90_bwd_full_arrivals(false) == 1 + 32 &&
+                  sm90_bwd_full_arrivals(true) == 1 + 32 + 64,
               "full barrier: TMA leader + warp 1 (+ warps 2-3 with a mask)");
 static_assert(sm90_bwd_roles_whole_warps(false) && sm90_bwd_roles_whole_warps(true),
               "warp-wide roles hold whole warps");
