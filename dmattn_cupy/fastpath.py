@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from collections.abc import Callable
 from typing import Any
 
 try:
@@ -306,6 +307,20 @@ def _autograd(key: tuple, q: Any, k: Any, v: Any, mask: Any, bias: Any, cu_q: An
     return _apply(q, k, v, bias, call)
 
 
+def _serve(k: tuple, lib: str, grad: bool, q: Any, key: Any, v: Any, mask: Any, bias: Any,
+           cu_q: Any, cu_k: Any, return_lse: Any, deterministic: Any,
+           validate: Callable[[], Problem]) -> Any:
+    """A keyed call of ``dense``/``varlen``: through autograd when it needs a gradient, else
+    the forward alone; ``out`` or ``(out, lse)``, or MISS."""
+    if grad:
+        res = _autograd(k, q, key, v, mask, bias, cu_q, cu_k, deterministic, validate)
+    else:
+        res = _forward(k, lib, q, key, v, mask, bias, cu_q, cu_k, return_lse, validate)
+    if res is MISS:
+        return MISS
+    return res if return_lse else res[0]
+
+
 # --- public entries -------------------------------------------------------------------------
 
 def dense(query: Any, key: Any, value: Any, attn_mask: Any, attn_bias: Any, softmax_scale: Any,
@@ -335,15 +350,8 @@ def dense(query: Any, key: Any, value: Any, attn_mask: Any, attn_bias: Any, soft
         check_flags(return_lse, bool(deterministic))
         return pb
 
-    if grad:
-        res = _autograd(k, query, key, value, attn_mask, attn_bias, None, None, deterministic,
-                        validate)
-    else:
-        res = _forward(k, lib, query, key, value, attn_mask, attn_bias, None, None, return_lse,
-                       validate)
-    if res is MISS:
-        return MISS
-    return res if return_lse else res[0]
+    return _serve(k, lib, grad, query, key, value, attn_mask, attn_bias, None, None, return_lse,
+                  deterministic, validate)
 
 
 def varlen(query: Any, key: Any, value: Any, cu_seqlens_q: Any, cu_seqlens_k: Any,
@@ -375,15 +383,8 @@ def varlen(query: Any, key: Any, value: Any, cu_seqlens_q: Any, cu_seqlens_k: An
         check_flags(return_lse, bool(deterministic))
         return pb
 
-    if grad:
-        res = _autograd(k, query, key, value, attn_mask, attn_bias, cu_seqlens_q, cu_seqlens_k,
-                        deterministic, validate)
-    else:
-        res = _forward(k, lib, query, key, value, attn_mask, attn_bias, cu_seqlens_q,
-                       cu_seqlens_k, return_lse, validate)
-    if res is MISS:
-        return MISS
-    return res if return_lse else res[0]
+    return _serve(k, lib, grad, query, key, value, attn_mask, attn_bias, cu_seqlens_q,
+                  cu_seqlens_k, return_lse, deterministic, validate)
 
 
 # --- the functional backward (flash_dmattn_backward / _varlen_backward) --------------------
