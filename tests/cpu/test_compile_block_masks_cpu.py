@@ -219,13 +219,9 @@ def _sparse_args(gm, op):
     return nodes[0].args
 
 
-@pytest.mark.parametrize("kind", list(MAKERS))
-def test_fake_cuda_forward_graph_takes_the_lists_as_inputs(kind):
-    torch._dynamo.reset()
-    mask = MAKERS[kind]((1, 2))
-    graphs = []
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-
+def _capturing_backend(mode, graphs):
+    """A torch.compile backend that keeps each graph in ``graphs`` and runs it under the fake
+    tensor ``mode``."""
     def backend(gm, example_inputs):
         graphs.append(gm)
 
@@ -233,6 +229,16 @@ def test_fake_cuda_forward_graph_takes_the_lists_as_inputs(kind):
             with mode:
                 return gm(*args)
         return run
+    return backend
+
+
+@pytest.mark.parametrize("kind", list(MAKERS))
+def test_fake_cuda_forward_graph_takes_the_lists_as_inputs(kind):
+    torch._dynamo.reset()
+    mask = MAKERS[kind]((1, 2))
+    graphs = []
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    backend = _capturing_backend(mode, graphs)
 
     with mode:
         q = torch.empty(1, SQ, 2, 64, device="cuda", dtype=torch.bfloat16)
@@ -262,14 +268,7 @@ def test_head_dim_256_with_attn_mask_falls_back_to_the_dense_form(monkeypatch):
     mask = MAKERS["mixed"](())
     graphs = []
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-
-        def run(*args):
-            with mode:
-                return gm(*args)
-        return run
+    backend = _capturing_backend(mode, graphs)
 
     def f(q, k, v, keep, mask):
         return dm.flash_dmattn_func(q, k, v, attn_mask=keep, sparse_mask=mask)
