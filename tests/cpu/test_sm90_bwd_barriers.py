@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import pytest
 from nvrtc_check import compile_static_asserts
 
+from dmattn_cupy.compile import cuda_src_dir
+
 IDLE, TMA, LSE_ROWS, MASK_ROWS = 0, 1, 2, 3  # bwd.cu's Sm90BwdRole
 STAGES = 2
 BALLOTS_PER_ITEM = 2  # the kernel has 8 x 16; the structure, not the count, matters here
@@ -227,8 +229,6 @@ def test_role_table_and_full_count_equal_the_kernel():
 
 def test_kernel_dispatches_on_the_role():
     """The producer's branches test sm90_bwd_role's value, not warp/lane directly."""
-    from dmattn_cupy.compile import cuda_src_dir
-
     src = (cuda_src_dir() / "sm90" / "bwd.cu").read_text()
     prod = src[src.index("// ---------------------------------------------------------"
                          "---- producer"):src.index("// ---------------------------------"
