@@ -101,20 +101,9 @@ def backward_family_override() -> str | None:
     return val
 
 
-def sm90_bwd_masks() -> bool:
-    """``DMATTN_SM90_BWD_MASKS=1``: developers: let the Hopper backward take bool masks. Off by
-    default: on the H200 (2026-12-01) every masked case of tests/gpu/test_backward_sm90_mask.py
-    that ran hung. The cause, found afterwards on the CPU (NOTES.md), is fixed in the kernel
-    (warp 0's lanes 1-31 ran the mask transpose); the switch stays off until a GPU run shows
-    the fix. Unmasked problems (deterministic mode included: 14 bitwise checks passed) run on
-    the Hopper backward either way."""
-    return _flag("DMATTN_SM90_BWD_MASKS")
-
-
 # Variables that change which plan a call gets (family, tile, decode, splits, device checks).
 PLAN_VARIABLES = ("DMATTN_FWD_FAMILY", "DMATTN_BWD_FAMILY", "DMATTN_FWD_TILE", "DMATTN_DECODE",
-                  "DMATTN_NUM_SPLITS", "DMATTN_CHECK", "DMATTN_NVRTC_DEFINES",
-                  "DMATTN_SM90_BWD_MASKS")
+                  "DMATTN_NUM_SPLITS", "DMATTN_CHECK", "DMATTN_NVRTC_DEFINES")
 _environ_data = getattr(os.environ, "_data", None)
 _encoded = tuple(os.environ.encodekey(n) for n in PLAN_VARIABLES) \
     if _environ_data is not None and hasattr(os.environ, "encodekey") else None

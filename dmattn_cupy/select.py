@@ -119,15 +119,11 @@ def backward_family(pb: Problem, dout: ArrayInfo, deterministic: bool, sparse: b
                     dev: DeviceProps) -> str:
     """``bwd_sm90`` (the Hopper backward) on compute capability 9.0 wherever it takes the
     problem (backward_sm90.accepts), else ``bwd_dkdv`` (the portable kernels of ``backward``).
-    ``DMATTN_BWD_FAMILY=bwd_dkdv`` keeps the portable kernels everywhere. A bool mask goes to
-    the portable kernels unless ``DMATTN_SM90_BWD_MASKS=1`` (env.sm90_bwd_masks: the Hopper
-    kernel's mask path hung on the H200). ``dout``: the incoming gradient as the kernel reads
-    it."""
+    ``DMATTN_BWD_FAMILY=bwd_dkdv`` keeps the portable kernels everywhere. ``dout``: the
+    incoming gradient as the kernel reads it."""
     if env.backward_family_override() == "bwd_dkdv":
         return "bwd_dkdv"
     if not FAMILIES["bwd_sm90"].runs_on(dev.cc):
-        return "bwd_dkdv"
-    if pb.mask is not None and not env.sm90_bwd_masks():
         return "bwd_dkdv"
     ok = backward_sm90.accepts(pb.head_dim, pb.dtype, pb.q, pb.k, pb.v, dout, pb.bias,
                                pb.mask is not None, pb.varlen, deterministic, sparse, pb.batch,

@@ -87,12 +87,7 @@ def test_what_phase_1_takes_and_declines(monkeypatch, val):
     pb = _pb(q, k, v)
     assert _family(pb, deterministic=True) == "bwd_sm90"
     assert _family(pb, sparse=True) == "bwd_dkdv"
-    # a mask: the portable backward unless DMATTN_SM90_BWD_MASKS=1 (the Hopper mask path hung
-    # on the H200); with it, every dense mask broadcast, alone, with either bias layout,
-    # deterministic too
-    monkeypatch.delenv("DMATTN_SM90_BWD_MASKS", raising=False)
-    assert _family(_pb(q, k, v, mask=np.ones((b, h, sq, sk), bool))) == "bwd_dkdv"
-    monkeypatch.setenv("DMATTN_SM90_BWD_MASKS", "1")
+    # a mask: every dense mask broadcast, alone, with either bias layout, deterministic too
     for shape in ((b, h, sq, sk), (b, h, 1, sk), (1, h, sq, sk), (b, 1, sq, sk),
                   (b, 2, sq, sk), (b, h, sq, 1), (1, 1, 1, 1)):
         mask = np.ones(shape, bool)
@@ -236,7 +231,6 @@ def test_run_backward_mask_and_deterministic_workspace(monkeypatch, mask_shape, 
     workspace is zero-filled (the default mode's is a scratch buffer with no fill)."""
     launched: list = []
     _stub_runtime(monkeypatch, launched)
-    monkeypatch.setenv("DMATTN_SM90_BWD_MASKS", "1")  # the mask path's host plumbing
     q, k, v = _arrays()
     mask = None if mask_shape is None else np.ones(mask_shape, bool)
     pb = _pb(q, k, v, mask=mask)

@@ -5,36 +5,28 @@ strided and transposed masks), mask + bias with the bias gradient, causal/window
 groups 1/4, fully masked rows and keys (zero gradients, no NaN), tiles the mask drops entirely
 (skipped without products), and the deterministic mode: bitwise-equal gradients over two runs,
 each checked against the reference, with causal and sliding windows over several key tiles.
-Masked problems reach the sm_90a family only with DMATTN_SM90_BWD_MASKS=1 (off by default: they
-hung on the H200); without it the portable backward serves them and these tests check it
-against the same reference. The autouse fixture asserts which family ran: the sm_90a one for
-every unmasked test and, with the switch, for masked ones."""
+The autouse fixture asserts that the sm_90a family ran."""
 
 from __future__ import annotations
 
 import pytest
 from test_backward import _qkv, _run_dense
 
-from dmattn_cupy import backward, env
+from dmattn_cupy import backward
 
 torch = pytest.importorskip("torch")
 
 pytestmark = pytest.mark.gpu
 
-UNMASKED = {"test_deterministic_bitwise_and_correct",
-            "test_deterministic_causal_rows_that_see_nothing", "test_deterministic_many_ctas"}
-
-
 @pytest.fixture(autouse=True)
-def _expected_family(request, monkeypatch):
+def _expected_family(monkeypatch):
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the sm_90a backward runs on compute capability 9.0 only")
     monkeypatch.setenv("DMATTN_BWD_FAMILY", "bwd_sm90")
-    masked = request.node.originalname not in UNMASKED
-    family = "bwd_sm90" if not masked or env.sm90_bwd_masks() else "bwd_dkdv"
-    before = backward.launches[family]
+    before = backward.launches["bwd_sm90"]
     yield
-    assert backward.launches[family] > before, f"the {family} backward did not run"
+    assert backward.launches["bwd_sm90"] > before, "the bwd_sm90 backward did not run"
+
 
 MODES = {"none": {}, "causal": {"is_causal": True}, "window": {"window_size": (70, 30)}}
 B, H, HK, SQ, SK = 2, 4, 2, 200, 272  # Sk: 16-byte mask rows (the vector path), 3 key tiles
