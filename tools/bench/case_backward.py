@@ -1,6 +1,7 @@
 """Forward + backward cases (torch autograd): no mask, causal, full (B,H,S,S) bias with grad,
-key-side (B,H,1,S) bias with grad, random 10% of 128x128 blocks. Timed: forward +
-torch.autograd.grad(out, leaves, dout)."""
+key-side (B,H,1,S) bias with grad, full bool mask + full bias with grad, random 10% of 128x128
+blocks. Timed: forward + torch.autograd.grad(out, leaves, dout). Every case but the sparse one
+also times dmattn's deterministic mode (a variant row: issue 14 wants it within 15%)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from .cases import CASES, SPARSE_BLOCK, SPARSE_DENSITY
+from .cases import CASES, MASK_KEEP, SPARSE_BLOCK, SPARSE_DENSITY
 from .common import (
     Impl,
     Setup,
@@ -41,7 +42,8 @@ def setup_backward(ctx: Ctx, name: str, shape: dict[str, Any]) -> Setup:
     g = H // Hk
     gqa = Hk != H
     dt = torch_dtype(torch, shape["dtype"])
-    with_bias = name in ("backward_bias", "backward_kbias")
+    with_mask = name == "backward_mask_bias"
+    with_bias = name in ("backward_bias", "backward_kbias", "backward_mask_bias")
     kbias = name == "backward_kbias"
     sparse = name == "backward_sparse"
     causal = name == "backward_causal"
@@ -50,6 +52,9 @@ def setup_backward(ctx: Ctx, name: str, shape: dict[str, Any]) -> Setup:
     visited = None
     info = ["timed: forward + torch.autograd.grad(out, (q, k, v" +
             (", bias" if with_bias else "") + "), dout)"]
+    if with_mask:
+        info.append("SDPA rows: mask and bias combined into one additive bias inside the timing "
+                    "(the bias gradient flows through it); Flex: score_mod")
     table_t = None
     if sparse:
         nrb, ncb = math.ceil(Sq / SPARSE_BLOCK), math.ceil(Sk / SPARSE_BLOCK)
@@ -72,6 +77,8 @@ def setup_backward(ctx: Ctx, name: str, shape: dict[str, Any]) -> Setup:
                "v": rn(B, Sk, Hk, D).requires_grad_(), "dout": rn(B, Sq, H, D)}
         if with_bias:
             inp["bias"] = rn(B, H, 1 if kbias else Sq, Sk).requires_grad_()
+        if with_mask:
+            inp["mask"] = torch.rand(B, H, Sq, Sk, generator=gen, device=dev) < MASK_KEEP
         return inp
 
     def leaves(inp: dict[str, Any]) -> list[Any]:
@@ -88,18 +95,29 @@ def setup_backward(ctx: Ctx, name: str, shape: dict[str, Any]) -> Setup:
 
         return fn
 
-    def make_dm(inp: dict[str, Any], info_: dict[str, Any]) -> Callable[[], Any]:
+    def make_dm(inp: dict[str, Any], info_: dict[str, Any], deterministic: bool = False
+                ) -> Callable[[], Any]:
         f = ctx.dm_attr("flash_dmattn_func")
         q, k, v = inp["q"], inp["k"], inp["v"]
         kw: dict[str, Any] = {"attn_bias": inp["bias"]} if with_bias else {}
+        if with_mask:
+            kw["attn_mask"] = inp["mask"]
         if causal:
             kw["is_causal"] = True
         if sparse:
             kw["sparse_mask"] = make_bitset_mask(ctx, table_t, Sq, Sk, info_)
+        if deterministic:
+            kw["deterministic"] = True
         return fwd_bwd(lambda: f(q, k, v, **kw), inp, True)
+
+    def make_dm_det(inp: dict[str, Any], info_: dict[str, Any]) -> Callable[[], Any]:
+        return make_dm(inp, info_, deterministic=True)
 
     impls = [Impl("dmattn fwd+bwd", "dmattn", make_dm, flops=flops, visited_flops=visited,
                   to_ours=None)]
+    if not sparse:
+        impls.append(Impl("dmattn fwd+bwd, deterministic=True", "variant", make_dm_det,
+                          flops=flops, to_ours=None))
     if sparse:
         def make_dm_dense(inp: dict[str, Any], info_: dict[str, Any]) -> Callable[[], Any]:
             f = ctx.dm_attr("flash_dmattn_func")
@@ -116,6 +134,8 @@ def setup_backward(ctx: Ctx, name: str, shape: dict[str, Any]) -> Setup:
         def make_sdpa(inp: dict[str, Any], info_: dict[str, Any], peer: str = peer
                       ) -> Callable[[], Any]:
             am = inp["bias"] if with_bias else None
+            if with_mask:   # pre-combined, inside the timing (the bias gradient flows through)
+                am = additive(torch, inp["mask"], am, dt)
             if sparse:
                 am = additive(torch, block_dense(torch, table_t, Sq, Sk), None, dt)[None, None]
             if causal and Sq != Sk:
@@ -137,7 +157,15 @@ def setup_backward(ctx: Ctx, name: str, shape: dict[str, Any]) -> Setup:
             flex = flex_call(ctx, flash)
             q, k, v = tr(inp["q"]), tr(inp["k"]), tr(inp["v"])
             kw: dict[str, Any] = {"enable_gqa": True} if gqa else {}
-            if with_bias:
+            if with_mask:
+                mask, bias = inp["mask"], inp["bias"]
+
+                def mb_sm(score: Any, b: Any, h: Any, qi: Any, kv: Any) -> Any:
+                    return torch.where(mask[b, h, qi, kv], score + bias[b, h, qi, kv],
+                                       -float("inf"))
+
+                kw["score_mod"] = mb_sm
+            elif with_bias:
                 bias = inp["bias"]
                 if kbias:
                     def kbias_sm(score: Any, b: Any, h: Any, qi: Any, kv: Any) -> Any:
@@ -184,6 +212,8 @@ def setup_backward(ctx: Ctx, name: str, shape: dict[str, Any]) -> Setup:
             k = k.repeat_interleave(g, dim=1)
             v = v.repeat_interleave(g, dim=1)
         am = lv[3] if with_bias else None
+        if with_mask:
+            am = additive(torch, inp["mask"], am)
         if sparse:
             am = additive(torch, block_dense(torch, table_t, Sq, Sk))[None, None]
         if causal:

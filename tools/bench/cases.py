@@ -28,6 +28,8 @@ CASES: dict[str, str] = {
                        "(+ diagonal)",
     "backward_causal": "forward + backward, causal",
     "backward_kbias": "forward + backward, key-side (B,H,1,S) bias with grad",
+    "backward_mask_bias": "forward + backward, full (B,H,S,S) bool mask (random, 90% kept) + "
+                          "full bias with grad",
     "host_fwd": "host time per call, forward, tiny shape (torch inputs; dmattn also CuPy)",
     "host_decode": "host time per call, decode step: 1 query, 4096 keys, H32/Hk8, key bias",
     "host_fwd_bwd": "host time per call, forward + backward (torch autograd), tiny shape",
@@ -49,7 +51,7 @@ SUITES: dict[str, list[str]] = {
     "decode": ["decode", "decode_paged"],
     "backward": ["backward", "backward_bias", "backward_sparse"],
     "fwdbwd": ["backward", "backward_causal", "backward_bias", "backward_kbias",
-               "backward_sparse"],
+               "backward_mask_bias", "backward_sparse"],
     "host": list(HOST_CASES),
 }
 
@@ -80,6 +82,7 @@ CASE_DEFAULTS: dict[str, dict[str, Any]] = {
     "backward_sparse": {"batch": 1, "seqlen": 8192},
     "backward_causal": {"seqlen": 2048},
     "backward_kbias": {"seqlen": 2048},
+    "backward_mask_bias": {"seqlen": 2048},
     "host_fwd": dict(_HOST),
     "host_decode": {"batch": 1, "heads": 32, "kv_heads": 8, "seqlen": 1, "seqlen_k": 4096},
     "host_fwd_bwd": dict(_HOST),
