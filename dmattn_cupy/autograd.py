@@ -61,6 +61,7 @@ _BWD_SCHEMA = ("(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor l
 # ``sparse``: a block mask's lists on the query's device (sparse_plan.arrays_to_list order),
 # empty without one; the window of parametric masks is already folded into window_*.
 _N_FWD_INPUTS = 18
+_SNAPSHOT_SCHEMA = "(Tensor[] lists) -> Tensor[]"
 
 # The Problem an eager call validated, handed to the op it calls (so that call is validated
 # once); None under torch.compile, where the op validates its real inputs itself.
@@ -127,6 +128,14 @@ def _bwd_fake(dout, q, k, v, out, lse, dlse, mask, bias, cu_q, cu_k, max_q, max_
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), db
 
 
+def _snapshot_impl(lists):
+    return [x.clone() for x in lists]
+
+
+def _snapshot_fake(lists):
+    return [torch.empty_like(x) for x in lists]
+
+
 def _setup_context(ctx, inputs, output):
     q, k, v, mask, bias, cu_q, cu_k = inputs[:7]
     sparse = inputs[15]
@@ -160,6 +169,12 @@ def _register_ops() -> None:
                                   schema=_BWD_SCHEMA)(_bwd_impl)
     bwd.register_fake(_bwd_fake)
     fwd.register_autograd(_backward, setup_context=_setup_context)
+    # A copy inductor cannot see through: its joint-graph passes erase an ``aten.clone`` whose
+    # result has its input's metadata (``remove_noop_ops``), and the partitioner then saves
+    # the clone's input, a DynamicMask's live buffer, for the backward. A custom op is neither
+    # erased nor recomputed in the backward (not in the partitioner's recompute allowlist).
+    torch.library.custom_op("dmattn_cupy::snapshot", mutates_args=(),
+                            schema=_SNAPSHOT_SCHEMA)(_snapshot_impl).register_fake(_snapshot_fake)
 
 
 def _compiling() -> bool:
@@ -201,8 +216,12 @@ def dense(query, key, value, attn_mask, attn_bias, softmax_scale, is_causal, win
     if query.numel() == 0 or key.shape[1] == 0:
         sparse_mask = None  # nothing to compute: the ops return empty/zero results (edge.py)
     if sparse_mask is not None and _compiling():
-        window, sparse, sp_block, attn_mask = _traced_mask_inputs(sparse_mask, attn_mask, query,
-                                                                  key, backend, window)
+        # constants while tracing (dynamo guards on grad mode and on the inputs' requires_grad)
+        needs_grad = torch.is_grad_enabled() and any(
+            isinstance(x, torch.Tensor) and x.requires_grad
+            for x in (query, key, value, attn_bias))
+        window, sparse, sp_block, attn_mask = _traced_mask_inputs(
+            sparse_mask, attn_mask, query, key, backend, window, needs_grad)
     elif sparse_mask is not None:
         win, block = split_sparse(sparse_mask)
         window = (bound_min(window[0], win[0]), bound_min(window[1], win[1]))
@@ -244,11 +263,13 @@ def _kernel_device(query, backend) -> bool:
     return query.is_cuda and backend != "reference"
 
 
-def _traced_mask_inputs(sparse_mask, attn_mask, query, key, backend, window):
+def _traced_mask_inputs(sparse_mask, attn_mask, query, key, backend, window, needs_grad):
     """(window, lists, block size, attn_mask) of a mask while torch.compile traces, from the
     torch form its constructor attached (``mask_tensors``): its tensors are graph inputs, the
     rest constants. Same routing as eager: lists on CUDA when they tile the kernels, else the
-    exact dense form (torch ops) ANDed into attn_mask."""
+    exact dense form (torch ops) ANDed into attn_mask. With ``needs_grad``, a DynamicMask's
+    tensors go through ``dmattn_cupy::snapshot`` first, so the backward graph reads the
+    forward's copy, not the live buffers an ``update()`` before ``backward()`` rewrites."""
     traced = getattr(sparse_mask, TRACED_ATTR, None) if isinstance(sparse_mask, SparseMask) \
         else None
     if traced is None:
@@ -264,8 +285,8 @@ def _traced_mask_inputs(sparse_mask, attn_mask, query, key, backend, window):
         return window, [], (0, 0), attn_mask
     tensors, meta = flat
     items = [t.to(query.device) for t in tensors]
-    if meta.kind == "DynamicMask":  # as eager: an update before backward() leaves the grad
-        items = [t.clone() for t in items]
+    if meta.kind == "DynamicMask" and needs_grad:  # not a clone: see _register_ops
+        items = list(torch.ops.dmattn_cupy.snapshot(items))
     if _kernel_device(query, backend) and _lists_fit_constant(
             meta.block_size, query.dtype, query.shape[-1], attn_mask is not None):
         return window, items, meta.block_size, attn_mask

@@ -185,11 +185,10 @@ def test_dynamic_mask_updates_reach_the_compiled_function(lists_only, fresh_dyna
     _check_against_float64(*got, q, k, v, other, dout)
 
 
-@pytest.mark.xfail(strict=True, reason="known bug (H200, torch 2.11 inductor, 2026-12-01): "
-                   "the compiled backward saw the updated pattern; likely the partitioner "
-                   "recomputes the lists' copy from the live buffers (docs/masks.md)")
 def test_dynamic_mask_update_before_backward_keeps_the_forward_pattern(lists_only,
                                                                         fresh_dynamo):
+    """Issue 13: inductor erased the lists' clone and saved the live buffers for the backward
+    (wrong gradients); the copy is now the ``dmattn_cupy::snapshot`` op."""
     mask = make_mask("dynamic", seed=9)
     q, k, v = _qkv(10)
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(11)).to("cuda",
