@@ -290,7 +290,8 @@ def _sm90_slots(pb: Problem, spec: SpecShape) -> tuple[tuple[str, int, int], ...
 
 def _sm90_grid(pb: Problem, spec: SpecShape, sm_count: int) -> tuple[int, int, int]:
     """Work items (query tile, head, batch), one CTA each or a persistent grid
-    (forward_sm90.launch_ctas); the kernel numbers them longest first."""
+    (forward_sm90.launch_ctas); the kernel numbers them longest first (or query tile fastest
+    where all are equal: fwd.cu, DM_SM90_HEAD_MAJOR)."""
     items = max(1, -(-pb.seqlen_q // spec.block_m)) * pb.heads * pb.batch
     return forward_sm90.launch_ctas(items, sm_count), 1, 1
 
