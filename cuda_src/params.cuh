@@ -32,10 +32,6 @@ struct FwdParams {
   // lse (rows*H*splits); row = b*seqlen_q + i (dense) or the packed query index (varlen).
   float* o_accum;
   float* lse_accum;
-  // Split-KV decode with the combine fused in (fwd_decode.cu, DM_DECODE_FUSED_COMBINE): one
-  // int32 ticket per (batch, kv head, row slab), zero before the launch and left zero by it (the
-  // last split CTA of a slab resets its ticket); null = fwd_combine.cu merges the partials.
-  int32_t* split_tickets;
   // KV cache (fwd_decode.cu, dmattn_cupy/kvcache.py): cache_seqlens (batch,) int32 or null; when
   // set, sequence b has min(cache_seqlens[b] + seqlen_k_new, seqlen_k) keys (seqlen_k = the cache
   // capacity). block_table (batch, max_pages) int32 or null: with it, key j of sequence b lives in

@@ -302,29 +302,26 @@ def allocator(like: Any, shape: tuple[int, ...], dtype: str | None,
                              dtype=like.dtype if dtype is None else dtype)
 
 
-def sized_allocator(like: Any, dtype: str, zero: bool = False) -> Callable[[int], Any]:
-    """A function making a new (zero-filled if ``zero``) 1-D array of ``n`` elements of
-    ``dtype`` in the library and on the device of ``like`` (bound once; ``like`` itself is not
-    kept)."""
+def sized_allocator(like: Any, dtype: str) -> Callable[[int], Any]:
+    """A function making a new 1-D array of ``n`` elements of ``dtype`` in the library and on
+    the device of ``like`` (bound once; ``like`` itself is not kept)."""
     kind = array_kind(like)
     if kind == "torch":
         import torch
 
         dt, dev = _torch_dtype(dtype), like.device
-        fill = torch.zeros if zero else torch.empty
-        return lambda n: fill(n, dtype=dt, device=dev)
+        return lambda n: torch.empty(n, dtype=dt, device=dev)
     if kind == "cupy":
         import cupy
 
         dev = like.device.id
-        make = cupy.zeros if zero else cupy.empty
 
         def alloc(n: int) -> Any:
             with cupy.cuda.Device(dev):
-                return make(n, dtype=dtype)
+                return cupy.empty(n, dtype=dtype)
 
         return alloc
-    return lambda n: (np.zeros if zero else np.empty)(n, dtype=dtype)
+    return lambda n: np.empty(n, dtype=dtype)
 
 
 def flat_view(flat: Any, shape: tuple[int, ...]) -> Any:

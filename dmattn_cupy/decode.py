@@ -4,10 +4,7 @@ When queries are short (``seqlen_q`` / ``max_seqlen_q`` <= ``DECODE_MAX_Q``) the
 forward kernels would spend a 64-row query tile on a handful of rows. ``fwd_decode.cu`` packs
 the query heads that share a kv head into one m16 slab (rows = (query, head-in-group) pairs),
 and when (sequences x kv heads x slabs) CTAs are too few to fill the GPU it splits each key
-range over ``num_splits`` CTAs whose fp32 partials are merged by their lse: in the same launch,
-by the last split CTA of each slab to take an int32 ticket (the tickets: a kept zero buffer,
-``scratch.zeroed``, that the kernel leaves zero), or, under the A/B define
-``DM_DECODE_FUSED_COMBINE=0`` (``DMATTN_NVRTC_DEFINES``), by a second launch, ``fwd_combine.cu``.
+range over ``num_splits`` CTAs whose fp32 partials ``fwd_combine.cu`` merges by their lse.
 
 Environment (developers and tests; read by ``env``):
 - ``DMATTN_DECODE``: ``auto`` (default: short queries take this path), ``0`` (never), ``1``
@@ -21,7 +18,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from . import arrays, env, runtime, scratch
+from . import arrays, env, runtime
 from .arrays import ArrayInfo, describe
 from .device import DeviceProps
 from .families import DECODE_MAX_SLOTS, decode_smem
@@ -44,22 +41,6 @@ def use_decode(pb: Problem) -> bool:
     if mode == "0":
         return False
     return mode == "1" or pb.seqlen_q <= DECODE_MAX_Q
-
-
-def fused_combine() -> bool:
-    """Whether split launches merge their partials themselves (fwd_decode.cu
-    ``DM_DECODE_FUSED_COMBINE``, default 1) rather than in a second launch of fwd_combine.cu;
-    ``DM_DECODE_FUSED_COMBINE=0`` in DMATTN_NVRTC_DEFINES builds and plans the two-launch path."""
-    for d in env.nvrtc_defines():
-        name, eq, val = d.partition("=")
-        if name == "DM_DECODE_FUSED_COMBINE":
-            if not eq:
-                return True   # -DNAME defines it as 1
-            if not val.isdigit():
-                raise ValueError(f"DMATTN_NVRTC_DEFINES: DM_DECODE_FUSED_COMBINE must be 0 or "
-                                 f"1, got {val!r}")
-            return int(val) != 0
-    return True
 
 
 def _common(pb: Problem, arch: str) -> dict[str, Any]:
@@ -184,8 +165,7 @@ _carveout_set: set[tuple[KernelSpec, int]] = set()
 
 def run_decode(pb: Problem, query: Any, out: Any, lse: Any, cu_q: Any, cu_k: Any,
                stream: Any, fields: dict[str, int] | None = None, num_splits: int = 0) -> None:
-    """Launch the decode kernel (and, split under DM_DECODE_FUSED_COMBINE=0, the combine
-    kernel) into ``out`` / ``lse`` on ``stream`` (the current stream of ``query``'s library).
+    """Launch the decode kernel (and the combine kernel when split) into ``out`` / ``lse``.
     ``fields``: FwdParams fields set after the problem's (the KV-cache API's lengths and block
     table); ``num_splits`` > 0 forces the split count (capped like DMATTN_NUM_SPLITS)."""
     def ptr(a: Any) -> int:
@@ -203,9 +183,8 @@ def run_decode(pb: Problem, query: Any, out: Any, lse: Any, cu_q: Any, cu_k: Any
 def plan_decode(pb: Problem, plan: Plan, query: Any, out: ArrayInfo, lse_ptr: int,
                 cu_q_ptr: int, cu_k_ptr: int, fields: dict[str, int] | None = None,
                 num_splits: int = 0) -> list[Any]:
-    """Add the decode launch (and the combine's when split and not fused) to ``plan``, for the
-    current stream of ``query``'s library, with the split-KV partials (and the tickets) as
-    allocations of the plan; returns the buffers this first call uses (alive until launched).
+    """Add the decode launches (and the combine's when split) to ``plan``, with the split-KV
+    partials as allocations of the plan; returns those partials (alive until launched).
     ``fields`` and ``num_splits``: as ``run_decode``'s."""
     dev = pb.q.device
     props = runtime.device_props(dev)
@@ -239,19 +218,9 @@ def plan_decode(pb: Problem, plan: Plan, query: Any, out: ArrayInfo, lse_ptr: in
         r["o_accum"], r["lse_accum"] = base, base + lse_at
         plan.slot("o_acc", rec, "o_accum")
         plan.slot("o_acc", rec, "lse_accum", add=lse_at)
-    fused = ns > 1 and fused_combine()
-    if fused:  # one ticket per (sequence, kv head, slab): the grid's CTAs over ns
-        n_tickets = num_m_blocks(pb) * pb.kv_heads * pb.batch
-        plan.allocs.append(Alloc("tickets", (n_tickets,), "int32", kept_zero=True))
-        kind = arrays.array_kind(query)
-        tickets = scratch.zeroed((kind, dev), runtime.stream_ptr(kind, dev), n_tickets,
-                                 arrays.sized_allocator(query, "int32", zero=True))
-        keep.append(tickets)
-        r["split_tickets"] = describe(tickets).ptr
-        plan.slot("tickets", rec, "split_tickets")
     plan.launches.append(Launch(kernel, (num_m_blocks(pb) * ns, pb.kv_heads, pb.batch), (rec,),
                                 shared_mem=smem))
-    if ns > 1 and not fused:
+    if ns > 1:
         combine = runtime.get_kernel(combine_spec(pb, props.arch), dev)
         n_pairs = total_rows * pb.heads
         plan.launches.append(Launch(combine, (math.ceil(n_pairs / COMBINE_WARPS), 1, 1), (rec,)))

@@ -136,22 +136,19 @@ def _wants_grad(q: Any, k: Any, v: Any, bias: Any) -> bool:
 
 def _allocators(entry: _Entry, lib: str, like: Any) -> list[tuple[Any, int, tuple]]:
     """Per plan allocation: (allocator, 0, ()) for a fresh buffer; for a scratch workspace
-    (allocator of n bytes, its bytes, scratch owner); for a kept-zero one the same with a
-    zero-filling allocator under ``scratch.zeroed``'s owner."""
+    (allocator of n bytes, its bytes, scratch owner)."""
     fns = entry.allocs
     if fns is None:
         owner = (lib, entry.plan.device)
         fns = entry.allocs = [
             (_bytes_allocator(like), 4 * a.shape[0], owner) if a.scratch else
-            (_bytes_allocator(like, "int32", True), 4 * a.shape[0],
-             scratch.zeroed_owner(owner)) if a.kept_zero else
             (arrays.allocator(like, a.shape, a.dtype, a.zero), 0, ())
             for a in entry.plan.allocs]
     return fns
 
 
-def _bytes_allocator(like: Any, dtype: str = "float32", zero: bool = False) -> Any:
-    make = arrays.sized_allocator(like, dtype, zero)
+def _bytes_allocator(like: Any) -> Any:
+    make = arrays.sized_allocator(like, "float32")
     return lambda nbytes: make(-(-nbytes // 4))
 
 

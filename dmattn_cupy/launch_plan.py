@@ -43,18 +43,11 @@ class Alloc:
     # a float32 workspace whose contents never outlive the call's launches (and results read
     # from it are copies): a cached plan may run it on a reused buffer (``scratch``)
     scratch: bool = False
-    # an int32 workspace that is all zero before the call's launches and after them (they
-    # restore it: split-KV tickets): a call may run it on a kept zero buffer (``scratch.zeroed``)
-    kept_zero: bool = False
 
     def __post_init__(self) -> None:
         if self.scratch and (self.zero or self.dtype != "float32" or len(self.shape) != 1):
             raise ValueError(f"a scratch workspace is a 1-D float32 buffer with no fill, got "
                              f"{self}")
-        if self.kept_zero and (self.zero or self.scratch or self.dtype != "int32"
-                               or len(self.shape) != 1):
-            raise ValueError(f"a kept-zero workspace is a 1-D int32 buffer with no per-call "
-                             f"fill, got {self}")
 
 
 @dataclass(eq=False)

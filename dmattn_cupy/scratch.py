@@ -12,12 +12,6 @@ call, as before). Why sharing it is safe:
   and the caller keeps the buffer it got alive until its launches are enqueued;
 - a stream that is capturing a CUDA graph (or whose capture state cannot be read) never gets
   one: the graph would keep its address. It gets a fresh allocation from the graph's pool.
-
-``zeroed`` keeps a second kind apart from those (its own key): int32 buffers that are all zero
-whenever a call takes one, because they are zero-filled when made and every launch that uses
-one leaves it all zero again (the fused split-KV decode's tickets: the last CTA of a slab resets
-its ticket). A call takes it without a fill; during a graph capture a fresh zero-filled one
-comes from the graph's pool (its fill is then part of the graph).
 """
 
 from __future__ import annotations
@@ -53,18 +47,6 @@ def get(owner: tuple, stream: int, nbytes: int, make: Callable[[int], Any]) -> A
         while len(_bufs) > MAX_BUFFERS:
             del _bufs[next(iter(_bufs))]
     return buf
-
-
-def zeroed(owner: tuple, stream: int, n: int, make: Callable[[int], Any]) -> Any:
-    """An all-zero int32 buffer of at least ``n`` elements for launches on the raw ``stream``
-    that leave it all zero; ``owner`` as ``get``'s, ``make(n)`` allocates ``n`` zero-filled
-    int32 elements (``arrays.sized_allocator(like, "int32", zero=True)``)."""
-    return get(zeroed_owner(owner), stream, 4 * n, lambda nbytes: make(nbytes // 4))
-
-
-def zeroed_owner(owner: tuple) -> tuple:
-    """The key ``zeroed`` keeps ``owner``'s buffers under (never one of ``get``'s)."""
-    return (*owner, "zeroed")
 
 
 def clear() -> None:

@@ -4,9 +4,7 @@
 // share a kv head read each K/V tile once. Split-KV: blockIdx.x = m_block * num_splits + split,
 // and split s visits key tiles [n_tiles * s / S, n_tiles * (s + 1) / S) of the CTA's key range;
 // with num_splits > 1 it writes an fp32 partial (normalized by its own sum) and its log2-domain
-// lse to o_accum / lse_accum. Those are merged either in this launch (FwdParams.split_tickets set:
-// the last split CTA of a slab to take its ticket merges, see the end of the kernel) or by a
-// second launch, fwd_combine.cu (split_tickets null). Inside the CTA, warp w owns keys
+// lse to o_accum / lse_accum, which fwd_combine.cu merges. Inside the CTA, warp w owns keys
 // 16w..16w+15 of every kBlockN-key tile (all warps share the m16 slab) with its own online
 // softmax; the warps are merged through shared memory at the end.
 // Pipeline: tile u of the split goes to stage u % kStages; its K/V rows (16-byte cp.async) and
@@ -43,9 +41,6 @@ namespace dm {
 // reads the same define, so the launch's smem follows); DM_DECODE_MIN_CTAS=M: __launch_bounds__
 // min blocks at d <= 128 (default 3: 3 CTAs of 75 KB per SM at <= 168 registers; 3 spills at
 // d192/d256). Measured on the H200 decode case with 3 splits: 3771 GB/s, 2 stages x 2 CTAs 3457.
-// DM_DECODE_FUSED_COMBINE=0: split launches end at their partials and fwd_combine.cu merges
-// them in a second launch (dmattn_cupy/decode.py reads the same define: no tickets then); the
-// default 1 merges in the last split CTA of each slab (one launch per decode step).
 #ifndef DM_DECODE_LEAN_ISSUE
 #define DM_DECODE_LEAN_ISSUE 1
 #endif
@@ -55,11 +50,7 @@ namespace dm {
 #ifndef DM_DECODE_MIN_CTAS
 #define DM_DECODE_MIN_CTAS 3
 #endif
-#ifndef DM_DECODE_FUSED_COMBINE
-#define DM_DECODE_FUSED_COMBINE 1
-#endif
 constexpr bool kDecodeLeanIssue = DM_DECODE_LEAN_ISSUE != 0;
-constexpr bool kDecodeFusedCombine = DM_DECODE_FUSED_COMBINE != 0;
 // K/V pipeline depth; dmattn_cupy/families.py (decode_stages) sizes the dynamic smem with it.
 constexpr int decode_stages(int head_dim) {
   return DM_DECODE_STAGES > 0 ? DM_DECODE_STAGES : 2;
@@ -69,18 +60,6 @@ constexpr int kDecodeBtSlots = 8;  // block-table ring, in tiles (>= kStages + 1
 DM_DEVICE int decode_slots(int mode, int qpk) { return mode == 0 ? 1 : mode == 1 ? qpk : 16; }
 // A staged slot with no row (offsets may be negative: strides may be).
 constexpr int64_t kNoRow = -0x7fffffffffffffffll - 1;
-// Loads of other CTAs' split partials: L2 only (.cg), never a line this SM's L1 kept.
-DM_DEVICE float ld_cg_f32(const float* p) {
-  float v;
-  asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p) : "memory");
-  return v;
-}
-DM_DEVICE float4 ld_cg_f32x4(const float* p) {
-  float4 v;
-  asm volatile("ld.global.cg.v4.f32 {%0, %1, %2, %3}, [%4];"
-               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "l"(p) : "memory");
-  return v;
-}
 
 template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNumWarps, bool kHasMask,
           bool kHasBias, bool kVarlen>
@@ -474,130 +453,56 @@ flash_fwd_decode_kernel(const FwdParams p) {
   static_assert(kThreads % kBlockM == 0 && kHeadDim % (2 * kPerRow) == 0, "merge tiling");
   const int row = threadIdx.x / kPerRow, c0 = (threadIdx.x % kPerRow) * kCols;
   const int pr = m0 + row;
-  // Split CTAs with tickets all reach the ticket barrier below, rows past the slab's end too.
-  const bool fused = kDecodeFusedCombine && ns > 1 && p.split_tickets != nullptr;
-  if (pr >= rows && !fused) return;
+  if (pr >= rows) return;
+  float lw[kNumWarps], mx = -DM_INF;
+#pragma unroll
+  for (int w = 0; w < kNumWarps; ++w) {
+    lw[w] = sLse[w * kBlockM + row];
+    mx = fmax_nan(mx, lw[w]);  // a NaN warp makes the row NaN
+  }
+  float lse2 = -DM_INF;
+  if (mx != -DM_INF) {
+    float sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < kNumWarps; ++w) sum += fast_exp2(lw[w] - mx);
+    lse2 = mx + __log2f(sum);
+  }
+#pragma unroll
+  for (int w = 0; w < kNumWarps; ++w) lw[w] = lse2 == -DM_INF ? 0.f : fast_exp2(lw[w] - lse2);
   const int i = pr / qpk, h = kvh * qpk + pr % qpk;
   const int64_t grow = kVarlen ? int64_t(seq.q_start) + i : int64_t(b) * p.seqlen_q + i;
-  if (pr < rows) {
-    float lw[kNumWarps], mx = -DM_INF;
-#pragma unroll
-    for (int w = 0; w < kNumWarps; ++w) {
-      lw[w] = sLse[w * kBlockM + row];
-      mx = fmax_nan(mx, lw[w]);  // a NaN warp makes the row NaN
-    }
-    float lse2 = -DM_INF;
-    if (mx != -DM_INF) {
-      float sum = 0.f;
-#pragma unroll
-      for (int w = 0; w < kNumWarps; ++w) sum += fast_exp2(lw[w] - mx);
-      lse2 = mx + __log2f(sum);
-    }
-#pragma unroll
-    for (int w = 0; w < kNumWarps; ++w) lw[w] = lse2 == -DM_INF ? 0.f : fast_exp2(lw[w] - lse2);
 
-    if (ns > 1) {  // partial, merged below (fused) or by fwd_combine.cu
-      const int64_t pid = (grow * p.heads + h) * ns + split;
-      float* dst = p.o_accum + pid * kHeadDim;
-#pragma unroll
-      for (int c = 0; c < kCols; c += 2) {
-        const int col = c0 + c;
-        float2 acc = make_float2(0.f, 0.f);
-#pragma unroll
-        for (int w = 0; w < kNumWarps; ++w) {
-          acc.x += lw[w] * sO[(w * kBlockM + row) * kOStride + col];
-          acc.y += lw[w] * sO[(w * kBlockM + row) * kOStride + col + 1];
-        }
-        if (col < p.head_dim) *reinterpret_cast<float2*>(dst + col) = acc;
-      }
-      if (c0 == 0) p.lse_accum[pid] = lse2;
-      if (!fused) return;
-    } else {
-      T* out = o_row_ptr<T>(p, b, h, seq, i);
-#pragma unroll
-      for (int c = 0; c < kCols; c += 2) {
-        const int col = c0 + c;
-        float x = 0.f, y = 0.f;
-#pragma unroll
-        for (int w = 0; w < kNumWarps; ++w) {
-          x += lw[w] * sO[(w * kBlockM + row) * kOStride + col];
-          y += lw[w] * sO[(w * kBlockM + row) * kOStride + col + 1];
-        }
-        if (col < p.head_dim) *reinterpret_cast<uint32_t*>(out + col) = pack2<T>(x, y);
-      }
-      if (p.lse != nullptr && c0 == 0)
-        p.lse[lse_index(p, b, h, seq, i)] = lse_natural(lse2);
-      return;
-    }
-  }
-  if constexpr (kDecodeFusedCombine) {
-    // Fused combine. The ns split CTAs of this (m_block, kv head, sequence) take a ticket each
-    // after writing their partials; the one that draws ns - 1 arrives last, so every partial is
-    // written, and merges them as fwd_combine.cu does: lse = log2 sum_s 2^lse_s, out = sum_s
-    // 2^(lse_s - lse) o_s (0 and -inf for a row no split kept), summed in split order whichever
-    // CTA is last (same bits every launch). It then stores 0 to its ticket: every CTA of the
-    // slab has added to it, so nothing else touches it in this launch and the next launch (or
-    // graph replay) on the stream starts from 0. Either all ns CTAs of a slab get here or none
-    // (the early exit above depends on m_block and the sequence only).
-    // Order: partial stores -> fence (each thread) -> barrier -> ticket (thread 0); the last
-    // CTA: ticket -> fence -> barrier -> fence (each thread) -> L2 loads of the partials.
-    __threadfence();
-    __syncthreads();
-    int32_t* s_last = sBT;  // the block-table ring is dead: every cp.async group completed
-    if (threadIdx.x == 0) {
-      int32_t* ticket = p.split_tickets +
-                        (int64_t(b) * gridDim.y + kvh) * (gridDim.x / ns) + m_block;
-      const bool last = atomicAdd(ticket, 1) == ns - 1;
-      if (last) {
-        *ticket = 0;
-        __threadfence();
-      }
-      *s_last = last;
-    }
-    __syncthreads();
-    if (*s_last == 0 || pr >= rows) return;
-    __threadfence();
-    const int64_t pid0 = (grow * p.heads + h) * ns;
-    const float* lse_s = p.lse_accum + pid0;
-    float mx = -DM_INF;
-    // A split whose lse is NaN (a NaN reached a kept position) makes the row NaN.
-    for (int s = 0; s < ns; ++s) mx = fmax_nan(mx, ld_cg_f32(lse_s + s));
-    float lse2 = -DM_INF;
-    if (mx != -DM_INF) {
-      float sum = 0.f;
-      for (int s = 0; s < ns; ++s) sum += fast_exp2(ld_cg_f32(lse_s + s) - mx);
-      lse2 = mx + __log2f(sum);
-    }
-    static_assert(kCols % 4 == 0, "the merge reads 16-byte chunks of a partial row");
-    float acc[kCols];
-#pragma unroll
-    for (int c = 0; c < kCols; ++c) acc[c] = 0.f;
-    if (lse2 != -DM_INF) {
-      const float* o_s = p.o_accum + pid0 * kHeadDim + c0;
-      for (int s = 0; s < ns; ++s, o_s += kHeadDim) {
-        const float w = fast_exp2(ld_cg_f32(lse_s + s) - lse2);
-#pragma unroll
-        for (int c = 0; c < kCols; c += 4) {
-          if (c0 + c < p.head_dim) {
-            const float4 x = ld_cg_f32x4(o_s + c);
-            acc[c] += w * x.x;
-            acc[c + 1] += w * x.y;
-            acc[c + 2] += w * x.z;
-            acc[c + 3] += w * x.w;
-          }
-        }
-      }
-    }
-    T* out = o_row_ptr<T>(p, b, h, seq, i);
+  if (ns > 1) {  // partial for fwd_combine.cu
+    const int64_t pid = (grow * p.heads + h) * ns + split;
+    float* dst = p.o_accum + pid * kHeadDim;
 #pragma unroll
     for (int c = 0; c < kCols; c += 2) {
       const int col = c0 + c;
-      if (col < p.head_dim)
-        *reinterpret_cast<uint32_t*>(out + col) = pack2<T>(acc[c], acc[c + 1]);
+      float2 acc = make_float2(0.f, 0.f);
+#pragma unroll
+      for (int w = 0; w < kNumWarps; ++w) {
+        acc.x += lw[w] * sO[(w * kBlockM + row) * kOStride + col];
+        acc.y += lw[w] * sO[(w * kBlockM + row) * kOStride + col + 1];
+      }
+      if (col < p.head_dim) *reinterpret_cast<float2*>(dst + col) = acc;
     }
-    if (p.lse != nullptr && c0 == 0)
-      p.lse[lse_index(p, b, h, seq, i)] = lse_natural(lse2);
+    if (c0 == 0) p.lse_accum[pid] = lse2;
+    return;
   }
+  T* out = o_row_ptr<T>(p, b, h, seq, i);
+#pragma unroll
+  for (int c = 0; c < kCols; c += 2) {
+    const int col = c0 + c;
+    float x = 0.f, y = 0.f;
+#pragma unroll
+    for (int w = 0; w < kNumWarps; ++w) {
+      x += lw[w] * sO[(w * kBlockM + row) * kOStride + col];
+      y += lw[w] * sO[(w * kBlockM + row) * kOStride + col + 1];
+    }
+    if (col < p.head_dim) *reinterpret_cast<uint32_t*>(out + col) = pack2<T>(x, y);
+  }
+  if (p.lse != nullptr && c0 == 0)
+    p.lse[lse_index(p, b, h, seq, i)] = lse_natural(lse2);
 }
 
 }  // namespace dm

@@ -90,36 +90,15 @@ def test_specs_and_resources():
     assert all(isinstance(s, KernelSpec) for s in specs)
 
 
-@pytest.mark.parametrize("defines", ["", "DM_DECODE_FUSED_COMBINE=0"])
-def test_decode_and_combine_compile_without_spills(defines, monkeypatch):
-    """Both merge paths' builds (fused: the default) fit the launch bounds' 168 registers."""
+def test_decode_and_combine_compile_without_spills():
     pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="needs CuPy's NVRTC bindings")
     from dmattn_cupy.compile import compile_spec
 
-    monkeypatch.setenv("DMATTN_NVRTC_DEFINES", defines)
     pb = _problem()
     for spec in (decode.decode_spec(pb, "sm_90"), decode.combine_spec(pb, "sm_90")):
         ck = compile_spec(spec, use_disk_cache=False)
         assert not ck.spills, ck.log
         assert spec.family.replace("fwd_", "") in ck.lowered_name
-        if spec.family == "fwd_decode":
-            assert ck.registers <= 168
-
-
-def test_fused_combine_switch(monkeypatch):
-    """DM_DECODE_FUSED_COMBINE in DMATTN_NVRTC_DEFINES, read as the kernel's preprocessor does
-    (absent or a bare name: 1); anything but an integer is refused."""
-    monkeypatch.delenv("DMATTN_NVRTC_DEFINES", raising=False)
-    assert decode.fused_combine()
-    for defs, want in (("DM_DECODE_FUSED_COMBINE=0", False), ("DM_DECODE_FUSED_COMBINE=1", True),
-                       ("DM_DECODE_FUSED_COMBINE", True),
-                       ("DM_DECODE_STAGES=3 DM_DECODE_FUSED_COMBINE=0", False),
-                       ("DM_DECODE_STAGES=3", True)):
-        monkeypatch.setenv("DMATTN_NVRTC_DEFINES", defs)
-        assert decode.fused_combine() == want, defs
-    monkeypatch.setenv("DMATTN_NVRTC_DEFINES", "DM_DECODE_FUSED_COMBINE=yes")
-    with pytest.raises(ValueError, match="DM_DECODE_FUSED_COMBINE"):
-        decode.fused_combine()
 
 
 def test_slot_modes():

@@ -128,7 +128,7 @@ def _dense_case(name: str, seed: int):
         kw["attn_bias"] = _rand(1, Hk, S, Sk, seed=seed + 3)
     elif name == "causal_window_softcap":
         kw.update(is_causal=True, window_size=(16, -1), softcap=30.0, softmax_scale=0.1)
-    elif name.startswith("decode_split"):
+    elif name == "decode_split":
         q = _rand(B, 1, H, D, seed=seed)
         k, v = _rand(B, 4096, Hk, D, seed=seed + 1), _rand(B, 4096, Hk, D, seed=seed + 2)
         kw["attn_bias"] = _rand(B, Hk, 1, 4096, seed=seed + 3)
@@ -137,15 +137,12 @@ def _dense_case(name: str, seed: int):
     return (q, k, v), kw
 
 
-DENSE = ("dense", "mask_bias", "causal_window_softcap", "decode_split", "decode_split_unfused",
-         "fwd_mma_forced")
+DENSE = ("dense", "mask_bias", "causal_window_softcap", "decode_split", "fwd_mma_forced")
 
 
 @pytest.mark.parametrize("name", DENSE)
 @pytest.mark.parametrize("lse", [False, True])
-def test_thin_forward_launches_what_the_validated_path_builds(cap, name, lse, monkeypatch):
-    if name == "decode_split_unfused":   # the two-launch A/B path
-        monkeypatch.setenv("DMATTN_NVRTC_DEFINES", "DM_DECODE_FUSED_COMBINE=0")
+def test_thin_forward_launches_what_the_validated_path_builds(cap, name, lse):
     args, kw = _dense_case(name, 0)
     dm.flash_dmattn_func(*args, return_lse=lse, **kw)
     first = cap.take()
@@ -159,13 +156,8 @@ def test_thin_forward_launches_what_the_validated_path_builds(cap, name, lse, mo
     assert int(rec["q"][0]) == args[0].data_ptr() and int(rec["o"][0]) == out.data_ptr()
     if lse:
         assert int(rec["lse"][0]) == res[1].data_ptr()
-    if name.startswith("decode_split"):
-        fused = name == "decode_split"
-        assert [f for _, f, *_ in again] == ["fwd_decode"] + ([] if fused else ["fwd_combine"])
-        assert rec["num_splits"][0] > 1 and rec["o_accum"][0] != 0
-        # fused: the tickets are the kept zero buffer, the same for the validated first call
-        assert (int(rec["split_tickets"][0]) in _kept_pointers(zeroed=True)) == fused
-        assert (int(rec["split_tickets"][0]) != 0) == fused
+    if name == "decode_split":
+        assert len(again) == 2 and rec["num_splits"][0] > 1 and rec["o_accum"][0] != 0
     # same shapes, new data: the cached plan with the new pointers == a fresh validated build
     args2, kw2 = _dense_case(name, 10)
     dm.flash_dmattn_func(*args2, return_lse=lse, **kw2)
@@ -454,40 +446,26 @@ def _decode_call(seed=0):
     return lambda: dm.flash_dmattn_varlen_func(q, k, v, cu_q, cu_k, 1, Sk, attn_bias=bias)
 
 
-def _kept(zeroed=False):
-    """The kept (bytes, buffer) pairs: float32 workspaces, or ``scratch.zeroed``'s."""
-    return [v for key, v in scratch._bufs.items() if (key[0][-1] == "zeroed") == zeroed]
-
-
-def _kept_pointers(zeroed=False):
-    return {buf.data_ptr() for _, buf in _kept(zeroed)}
+def _kept_pointers():
+    return {buf.data_ptr() for _, buf in scratch._bufs.values()}
 
 
 def test_decode_partials_reuse_one_scratch_buffer(cap):
     call = _decode_call()
     call()
     first = cap.take()
-    assert [(p, f) for p, f, *_ in first] == [("slow", "fwd_decode")]   # combine fused in
-    assert not _kept()   # the validated call allocates its own partials ...
-    (tbytes, tickets), = _kept(zeroed=True)   # ... and takes the kept zero tickets
-    rec0 = _record(first[0][3][0], "FwdParams")
-    ns, n_tickets = int(rec0["num_splits"][0]), 8   # (1 sequence x 8 kv heads x 1 slab)
-    assert ns > 1 and int(rec0["split_tickets"][0]) == tickets.data_ptr()
-    assert tbytes >= 4 * n_tickets and tickets.dtype == torch.int32 and not tickets.any()
-    assert first[0][2] == (ns, 8, 1)
+    assert first[0][0] == "slow" and not scratch._bufs   # the validated call allocates its own
     call()
     call()
-    thin = [_record(x[3][0], "FwdParams") for x in cap.take()]
-    assert len(thin) == 2 and len(scratch._bufs) == 2
-    (nbytes, buf), = _kept()
+    thin = [_record(x[3][0], "FwdParams") for x in cap.take()[0::2]]
+    assert len(scratch._bufs) == 1
+    (nbytes, buf), = scratch._bufs.values()
     for rec in thin:   # the partials (o_accum) and their lse after them, in the kept buffer
         assert int(rec["o_accum"][0]) == buf.data_ptr()
         assert int(rec["lse_accum"][0]) - int(rec["o_accum"][0]) == \
             int(rec["num_splits"][0]) * 32 * 64 * 4
-        assert int(rec["split_tickets"][0]) == tickets.data_ptr()
     assert nbytes >= 4 * int(thin[0]["num_splits"][0]) * 32 * 65
-    # a capturing stream never gets a kept buffer: fresh ones (the tickets zero-filled in the
-    # graph), nothing kept changes
+    # a capturing stream never gets the kept buffer: a fresh one, nothing kept changes
     kept = dict(scratch._bufs)
     runtime.stream_capturing, saved = (lambda stream: True), runtime.stream_capturing
     try:
@@ -496,29 +474,6 @@ def test_decode_partials_reuse_one_scratch_buffer(cap):
         runtime.stream_capturing = saved
     rec = _record(cap.take()[0][3][0], "FwdParams")
     assert int(rec["o_accum"][0]) not in _kept_pointers() and scratch._bufs == kept
-    assert int(rec["split_tickets"][0]) not in _kept_pointers(zeroed=True)
-
-
-def test_zeroed_buffers_are_filled_once_and_kept_apart(monkeypatch):
-    """scratch.zeroed: zero-filled when made, handed out again without a fill, never one of
-    get's float32 workspaces; a larger request replaces it with a larger zero-filled one."""
-    scratch.clear()
-    made = []
-
-    def make(n):
-        made.append(n)
-        return torch.zeros(n, dtype=torch.int32)
-
-    monkeypatch.setattr(runtime, "stream_capturing", lambda stream: False)
-    owner = ("torch", 0)
-    a = scratch.zeroed(owner, 7, 10, make)
-    assert made == [10] and not a.any()
-    assert scratch.zeroed(owner, 7, 4, make) is a and made == [10]
-    f = scratch.get(owner, 7, 40, lambda n: torch.empty(n // 4))
-    assert f is not a and len(scratch._bufs) == 2
-    b = scratch.zeroed(owner, 7, 11, make)
-    assert made == [10, 11] and b is not a and not b.any()
-    scratch.clear()
 
 
 def test_scratch_is_per_thread_and_bounded(cap, monkeypatch):
@@ -532,14 +487,13 @@ def test_scratch_is_per_thread_and_bounded(cap, monkeypatch):
 
     def other():
         call()
-        got.append(_record(cap.launches[-1][3][0], "FwdParams"))
+        got.append(_record(cap.launches[-2][3][0], "FwdParams"))
 
     th = threading.Thread(target=other)
     th.start()
     th.join()
-    assert len(_kept()) == 2 and len(_kept(zeroed=True)) == 2   # per calling thread
+    assert len(scratch._bufs) == 2    # one per calling thread
     assert int(got[0]["o_accum"][0]) in _kept_pointers()
-    assert int(got[0]["split_tickets"][0]) in _kept_pointers(zeroed=True)
     monkeypatch.setattr(scratch, "MAX_BYTES", 1024)   # too large to keep: per call
     cap.take()
     call()

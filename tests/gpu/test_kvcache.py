@@ -11,7 +11,7 @@ import pytest
 from gpu_helpers import f64
 
 import dmattn_cupy as dm
-from dmattn_cupy import decode, reference_kvcache, runtime
+from dmattn_cupy import reference_kvcache, runtime
 
 torch = pytest.importorskip("torch")
 
@@ -23,7 +23,7 @@ B, S_MAX = 4, 320
 
 @pytest.fixture
 def launches(monkeypatch):
-    """Records the family of every kernel launch (append, decode, combine when not fused)."""
+    """Records the family of every kernel launch (append, decode, combine)."""
     seen: list[str] = []
     real = runtime.launch
 
@@ -147,7 +147,7 @@ def test_append_in_place(page, s_new, splits, launches):
              num_splits=splits, seed=s_new * 7 + splits)
     assert launches[0] == "kv_append" and launches.count("kv_append") == 1
     assert launches[1] == "fwd_decode"
-    assert ("fwd_combine" in launches) == (splits > 1 and not decode.fused_combine())
+    assert ("fwd_combine" in launches) == (splits > 1)
 
 
 OPTIONS = [dict(is_causal=True), dict(window_size=(32, 0)), dict(window_size=(20, 5)),
