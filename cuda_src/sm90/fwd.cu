@@ -74,6 +74,11 @@ namespace dm {
 #ifndef DM_SM90_HEAD_MAJOR
 #define DM_SM90_HEAD_MAJOR 1
 #endif
+// - DM_SM90_LPT_HEADS: N > 0 numbers the other items longest first within sections of N
+//   head-batches (FlashAttention-3's L2 swizzle); 0: longest first across all of them.
+#ifndef DM_SM90_LPT_HEADS
+#define DM_SM90_LPT_HEADS 0
+#endif
 
 // Tile classes the producer hands over (bits; 0 = full: no per-element work).
 constexpr int kFormulaPartial = 1;  // crosses the key end or a causal/window edge
@@ -212,9 +217,26 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
     int kvh, mask_h, mask_b, bias_h, bias_b, qkv_b;
     SeqInfo seq;
   };
+  // Item i's query tile and head-batch index hb = b * heads + h.
+  auto item_coords = [&](int i, int& m_block, int& hb) {
+    if (head_major) {
+      m_block = i % num_m;
+      hb = i / num_m;
+    } else if (DM_SM90_LPT_HEADS > 0 && DM_SM90_LPT_HEADS < bh) {
+      // longest first within sections of DM_SM90_LPT_HEADS head-batches (the last may be
+      // smaller): a section's K/V stay in L2 while its items run
+      const int sec = i / (DM_SM90_LPT_HEADS * num_m), r = i % (DM_SM90_LPT_HEADS * num_m);
+      const int heads_in = dm_min(DM_SM90_LPT_HEADS, bh - sec * DM_SM90_LPT_HEADS);
+      m_block = num_m - 1 - r / heads_in;
+      hb = sec * DM_SM90_LPT_HEADS + r % heads_in;
+    } else {
+      m_block = num_m - 1 - i / bh;
+      hb = i % bh;
+    }
+  };
   auto make_item = [&](int i, Item& it) {  // false: nothing to do (past the sequence)
-    it.m_block = head_major ? i % num_m : num_m - 1 - i / bh;
-    const int hb = head_major ? i / num_m : i % bh;
+    int hb;
+    item_coords(i, it.m_block, hb);
     it.h = hb % p.heads;
     it.b = hb / p.heads;
     it.seq = varlen ? seq_info<true>(p, it.b) : seq_info<false>(p, it.b);
@@ -460,8 +482,9 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
             info[4 * stage + 3] = slot_b * (bm / 32) * bn + ((m0 % bm) * bn + n0 % bn) / 32;
           }
           if (kDebug) {  // per item {tiles loaded, tiles masked}, in (batch, head, m) order
-            // (b * H + h) * num_m + m: head-major items are numbered so already
-            const int cta = head_major ? item : item % bh * num_m + num_m - 1 - item / bh;
+            int cta_m, cta_hb;  // counters in (b * H + h) * num_m + m order
+            item_coords(item, cta_m, cta_hb);
+            const int cta = cta_hb * num_m + cta_m;
             atomicAdd(p.tile_counters + 2 * cta, 1u);
             if (cls != 0) atomicAdd(p.tile_counters + 2 * cta + 1, 1u);
           }
