@@ -291,11 +291,17 @@ def test_thin_backward_launches_what_the_validated_path_builds(cap, case):
     rec = _record(bwd_again[-1][3][0], "BwdParams")
     assert int(rec["o"][0]) == out.data_ptr() and int(rec["dout"][0]) == dout.data_ptr()
     assert int(rec["dk"][0]) == grads[1].data_ptr()
-    hopper = bwd_first[-1][1] == "bwd_sm90"
-    for launch in (bwd_first[-1], bwd_again[-1]):
+    hopper = any(x[1] == "bwd_sm90" for x in bwd_first)
+    main = [[x for x in b if x[1] in ("bwd_sm90", "bwd_dkdv")][-1] for b in (bwd_first,
+                                                                            bwd_again)]
+    if not (kw.get("deterministic") and not hopper):   # dQ through the fp32 workspace:
+        assert bwd_again[-1][1] == "bwd_post"            # cast into dq last, by the post kernel
+        assert int(_record(bwd_again[-1][3][0], "BwdParams")["dq"][0]) == grads[0].data_ptr()
+    for launch in main:
         r = _record(launch[3][0], "BwdParams")
         if kw.get("deterministic") and not hopper:  # the portable dQ kernel: no workspace
             assert int(r["dq_accum"][0]) == 0
+            assert [x[1] for x in bwd_again] == ["bwd_pre", "bwd_dkdv", "bwd_dq"]
             continue
         # one workspace: dq_accum at its start, dsum at the next 256-byte boundary, and for
         # the Hopper kernel's deterministic mode its counters at the next one after dsum
@@ -405,7 +411,7 @@ def test_hits_launch_on_each_call_s_current_stream(cap, monkeypatch):
         decode()
         torch.autograd.grad(dm.flash_dmattn_func(qg, kg, vg), (qg, kg, vg), torch.ones_like(q))
         launched = cap.take()
-        assert {p for p, *_ in launched} == {"thin"} and len(launched) == 1 + 2 + 3
+        assert {p for p, *_ in launched} == {"thin"} and len(launched) == 1 + 2 + 4
         assert cap.streams == [current[0]] * len(launched)
         cap.streams.clear()
 
@@ -423,7 +429,7 @@ def test_autograd_outputs_follow_return_lse(cap):
     out = dm.flash_dmattn_func(q, k, v)
     torch.autograd.grad(out, (q, k, v), dout)
     fwd, *bwd = cap.take()
-    assert fwd[0] == "thin" and [b[0] for b in bwd] == ["thin", "thin"]
+    assert fwd[0] == "thin" and [b[0] for b in bwd] == ["thin"] * 3
     rec = _record(bwd[-1][3][0], "BwdParams")
     assert int(rec["dlse"][0]) == 0
     assert int(rec["lse"][0]) == int(_record(fwd[3][0], "FwdParams")["lse"][0]) != 0
@@ -612,7 +618,8 @@ def test_backward_workspace_is_scratch_without_a_fill(cap):
         arrays.zeros = real
     launches = cap.take()
     bwd = [_record(x[3][0], "BwdParams") for x in launches if x[1].startswith("bwd")]
-    assert fills == [] and len(bwd) == 6     # pre + dK/dV, three times
+    assert fills == [] and len(bwd) == 9     # pre + dK/dV + post, three times
     ws = [int(r["dq_accum"][0]) for r in bwd]
-    assert ws[2] in _kept_pointers() and ws[2] == ws[4]
+    assert ws[3] in _kept_pointers() and ws[3] == ws[6] == ws[8]
     assert launches[1][1] == "bwd_pre"       # the kernel that zeroes dq_accum runs first
+    assert launches[3][1] == "bwd_post"      # and the one that reads it into dq last
