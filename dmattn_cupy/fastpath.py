@@ -324,33 +324,29 @@ if torch is not None:
                                      None if bias is None else _unwrap(bias), call)
 
 
-def _autograd(key: tuple, entry: Any, q: Any, k: Any, v: Any, mask: Any, bias: Any, cu_q: Any,
-              cu_k: Any, return_lse: bool, deterministic: Any,
-              validate: Callable[[], Problem]) -> Any:
-    """A call that wants a gradient, ``entry`` its cached plan or _ABSENT: ``out`` or
-    ``(out, lse)`` through ``_Attention`` / ``_AttentionLse``, or MISS."""
-    if entry is _ABSENT:
-        pb = validate()
-        empty = (pb.total_q == 0 or pb.total_k == 0) if pb.varlen else \
-            edge.is_empty_dense(pb.batch, pb.seqlen_q, pb.seqlen_k)
-        if pb.backend != "cuda" or empty:
-            forward_plans.put(key, None)
-            return MISS
-        call = _Call(None, pb, bool(deterministic), mask, cu_q, cu_k, key, return_lse)
-    else:
-        call = _Call(entry, entry.pb, bool(deterministic), mask, cu_q, cu_k, key, return_lse)
-    return _apply(q, k, v, bias, call)
+def _build_autograd(key: tuple, q: Any, k: Any, v: Any, mask: Any, bias: Any, cu_q: Any,
+                    cu_k: Any, return_lse: bool, deterministic: Any,
+                    validate: Callable[[], Problem]) -> Any:
+    """The first call with ``key`` that wants a gradient: ``out`` or ``(out, lse)`` through
+    ``_Attention`` / ``_AttentionLse`` (whose forward builds and keeps the plan), or MISS."""
+    pb = validate()
+    empty = (pb.total_q == 0 or pb.total_k == 0) if pb.varlen else \
+        edge.is_empty_dense(pb.batch, pb.seqlen_q, pb.seqlen_k)
+    if pb.backend != "cuda" or empty:
+        forward_plans.put(key, None)
+        return MISS
+    return _apply(q, k, v, bias, _Call(None, pb, bool(deterministic), mask, cu_q, cu_k, key,
+                                       return_lse))
 
 
-def _serve(k: tuple, entry: Any, lib: str, grad: bool, q: Any, key: Any, v: Any, mask: Any,
-           bias: Any, cu_q: Any, cu_k: Any, return_lse: Any, deterministic: Any,
+def _build(k: tuple, grad: bool, q: Any, key: Any, v: Any, mask: Any, bias: Any, cu_q: Any,
+           cu_k: Any, return_lse: Any, deterministic: Any,
            validate: Callable[[], Problem]) -> Any:
-    """A keyed call of ``dense``/``varlen`` that is not a plain forward hit (``entry``: the
-    cached plan or _ABSENT): through autograd when it needs a gradient, else the first
-    forward with its key; ``out`` or ``(out, lse)``, or MISS."""
+    """The first call of ``dense``/``varlen`` with key ``k``: through autograd when it needs
+    a gradient, else the forward alone; ``out`` or ``(out, lse)``, or MISS."""
     if grad:
-        return _autograd(k, entry, q, key, v, mask, bias, cu_q, cu_k, return_lse,
-                         deterministic, validate)
+        return _build_autograd(k, q, key, v, mask, bias, cu_q, cu_k, return_lse,
+                               deterministic, validate)
     res = _build_forward(k, q, cu_q, cu_k, return_lse, validate)
     if res is MISS:
         return MISS
@@ -382,7 +378,10 @@ def dense(query: Any, key: Any, value: Any, attn_mask: Any, attn_bias: Any, soft
     entry = forward_plans.get(k, _ABSENT)
     if entry is None:
         return MISS
-    if not grad and entry is not _ABSENT:   # the common hit: nothing validated, no autograd
+    if entry is not _ABSENT:   # a hit: nothing validated
+        if grad:
+            return _apply(query, key, value, attn_bias, _Call(
+                entry, entry.pb, bool(deterministic), attn_mask, None, None, k, return_lse))
         HITS[0] += 1
         bufs = (entry.run or _bind(entry, lib, query))(
             (query, key, value, attn_mask, attn_bias, None, None))
@@ -394,8 +393,8 @@ def dense(query: Any, key: Any, value: Any, attn_mask: Any, attn_bias: Any, soft
         check_flags(return_lse, bool(deterministic))
         return pb
 
-    return _serve(k, entry, lib, grad, query, key, value, attn_mask, attn_bias, None, None,
-                  return_lse, deterministic, validate)
+    return _build(k, grad, query, key, value, attn_mask, attn_bias, None, None, return_lse,
+                  deterministic, validate)
 
 
 def varlen(query: Any, key: Any, value: Any, cu_seqlens_q: Any, cu_seqlens_k: Any,
@@ -422,7 +421,11 @@ def varlen(query: Any, key: Any, value: Any, cu_seqlens_q: Any, cu_seqlens_k: An
     entry = forward_plans.get(k, _ABSENT)
     if entry is None:
         return MISS
-    if not grad and entry is not _ABSENT:   # as in dense
+    if entry is not _ABSENT:   # as in dense
+        if grad:
+            return _apply(query, key, value, attn_bias, _Call(
+                entry, entry.pb, bool(deterministic), attn_mask, cu_seqlens_q, cu_seqlens_k, k,
+                return_lse))
         HITS[0] += 1
         bufs = (entry.run or _bind(entry, lib, query))(
             (query, key, value, attn_mask, attn_bias, cu_seqlens_q, cu_seqlens_k))
@@ -435,8 +438,8 @@ def varlen(query: Any, key: Any, value: Any, cu_seqlens_q: Any, cu_seqlens_k: An
         check_flags(return_lse, bool(deterministic))
         return pb
 
-    return _serve(k, entry, lib, grad, query, key, value, attn_mask, attn_bias, cu_seqlens_q,
-                  cu_seqlens_k, return_lse, deterministic, validate)
+    return _build(k, grad, query, key, value, attn_mask, attn_bias, cu_seqlens_q, cu_seqlens_k,
+                  return_lse, deterministic, validate)
 
 
 # --- the functional backward (flash_dmattn_backward / _varlen_backward) --------------------
