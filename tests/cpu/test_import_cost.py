@@ -20,23 +20,25 @@ HEAVY = ("torch._dynamo", "torch._inductor", "cupy", "cupy_backends", "triton", 
 
 _PROBE = r"""
 import json, sys
-import dmattn_cupy
 import torch
+before = set(sys.modules)
+import dmattn_cupy
 ops = [hasattr(torch.ops.dmattn_cupy, n) for n in ("fwd", "bwd")]
-print(json.dumps({"mods": sorted(m for m in sys.modules if m.split(".")[0] in
-                                 ("torch", "cupy", "cupy_backends", "triton", "sympy")),
-                  "ops": ops}))
+print(json.dumps({"mods": sorted(set(sys.modules) - before), "ops": ops}))
 """
 
 
 def test_import_loads_no_compile_machinery_and_no_cupy() -> None:
+    """What ``import dmattn_cupy`` adds to ``import torch`` (whatever torch itself loads on a
+    given machine is not ours to judge)."""
     out = subprocess.run([sys.executable, "-c", _PROBE], cwd=ROOT, capture_output=True,
                          text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["ops"] == [True, True]   # registered at import, as torch.compile needs
-    loaded = [m for m in got["mods"] if any(m == h or m.startswith(h + ".") for h in HEAVY)]
-    assert loaded == []
+    added = [m for m in got["mods"] if any(m == h or m.startswith(h + ".") for h in HEAVY)]
+    assert added == []
+    assert any(m.startswith("dmattn_cupy.") for m in got["mods"])
 
 
 def test_constant_mark_is_what_torch_s_decorator_sets() -> None:
