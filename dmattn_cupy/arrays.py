@@ -333,18 +333,6 @@ def flat_view(flat: Any, shape: tuple[int, ...]) -> Any:
     return flat[:n].reshape(shape)
 
 
-def view_caster(like: Any, shape: tuple[int, ...], dtype: str) -> Callable[[Any], Any]:
-    """A function taking a 1-D workspace of ``like``'s library and returning its first
-    ``prod(shape)`` elements as a new C-contiguous array of ``shape`` cast to ``dtype`` (bound
-    once; one view and one cast per call)."""
-    shape = tuple(int(n) for n in shape)
-    if array_kind(like) == "torch":
-        tdt, st = _torch_dtype(dtype), _c_strides(shape)
-        return lambda ws: ws.as_strided(shape, st, 0).to(tdt)
-    n = math.prod(shape)
-    return lambda ws: ws[:n].reshape(shape).astype(dtype)
-
-
 def _c_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     st, acc = [], 1
     for n in reversed(shape):

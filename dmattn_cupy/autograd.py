@@ -7,9 +7,10 @@ grad) or while torch.compile traces (a sparse mask's lists then come from the to
 ``mask_tensors`` attached to it when it was built); this module never imports ``api``. torch
 is optional: when it is installed it is imported with this module and the ops are registered
 then, at package import (torch.compile cannot trace a registration, and a model may be
-compiled before its first eager call). Their real implementations run ``dispatch`` /
-``bwd_api`` under ``torch.no_grad()`` (CUDA kernels for GPU tensors, the float64 reference for
-CPU tensors).
+compiled before its first eager call). Registration needs only torch.library: importing this
+module must not import torch._dynamo (seconds of import time; test_import_cost checks it).
+Their real implementations run ``dispatch`` / ``bwd_api`` under ``torch.no_grad()`` (CUDA
+kernels for GPU tensors, the float64 reference for CPU tensors).
 """
 
 from __future__ import annotations
@@ -258,6 +259,14 @@ def _lists_fit_constant(block_size: tuple[int, int], dtype: Any, head_dim: int,
     return lists_fit(block_size, str(dtype).removeprefix("torch."), head_dim, has_mask)
 
 
+# What ``torch.compiler.assume_constant_result`` sets on a function (the attribute dynamo
+# reads): dynamo then calls the function on constants instead of tracing it. Set here by hand
+# because the public decorator imports torch._dynamo (1.2 s of a 2.6 s import here, and
+# seconds more on the GPU machine); tests/cpu/test_import_cost.py checks that the installed
+# torch's decorator sets exactly this attribute.
+DYNAMO_CONSTANT_ATTR = "_dynamo_marked_constant"
+
+
 def _kernel_device(query, backend) -> bool:
     """Whether the CUDA kernels run the call (the CPU tests patch it to trace that route)."""
     return query.is_cuda and backend != "reference"
@@ -314,4 +323,4 @@ def varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
 
 if torch is not None:
     _register_ops()
-    torch.compiler.assume_constant_result(_lists_fit_constant)
+    setattr(_lists_fit_constant, DYNAMO_CONSTANT_ATTR, True)

@@ -1,13 +1,16 @@
 """The CUDA backward pass: the launches of the backward families.
 
-Three kernels (cuda_src/sm80/bwd.cu) read one ``BwdParams`` record (``params``): a preprocess
-(``dsum = rowsum(dO * O) - dlse``), the dK/dV kernel (per key tile and kv head; it also writes
-dbias, and in the default mode adds dQ with fp32 atomics), and, with ``deterministic=True``, a
-dQ kernel (per query tile) that needs no atomics. ``select.backward`` picks their specs.
+The kernels (cuda_src/sm80/bwd.cu) read one ``BwdParams`` record (``params``): a preprocess
+(``dsum = rowsum(dO * O) - dlse``; zeroes dq_accum), the dK/dV kernel (per key tile and kv
+head; it also writes dbias, and in the default mode adds dQ with fp32 atomics into dq_accum),
+then the post kernel (dq = dq_accum cast to the query dtype, the cast torch would do); with
+``deterministic=True`` a dQ kernel (per query tile) that needs no atomics writes dq instead of
+the last two. ``select.backward`` picks their specs.
 Where ``select.backward_family`` picks ``bwd_sm90`` (compute capability 9.0, by default),
 the Hopper kernel (cuda_src/sm90/bwd.cu) replaces the dK/dV kernel after the same preprocess;
 it writes dbias once per element in the bias's dtype and adds dQ into the fp32 buffer, in a
-fixed order with ``deterministic=True`` (its counters share the zeroed workspace).
+fixed order with ``deterministic=True`` (its counters share the zeroed workspace); the post
+kernel follows it in both modes.
 """
 
 from __future__ import annotations
@@ -121,9 +124,10 @@ def backward_call(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out:
     want_dbias = need_dbias and pb.bias is not None
     dev_props = runtime.device_props(pb.q.device)
     family = backward_family(pb, describe(dout), deterministic, sparse is not None, dev_props)
-    pre, dkdv, dqs, grid_spec = select_backward(dt, pb.head_dim, pb.mask is not None,
-                                                pb.bias is not None, pb.varlen, deterministic,
-                                                sparse is not None, dev_props)
+    pre, dkdv, dqs, grid_spec, post = select_backward(dt, pb.head_dim, pb.mask is not None,
+                                                      pb.bias is not None, pb.varlen,
+                                                      deterministic, sparse is not None,
+                                                      dev_props)
     if sparse is not None and not (sparse.block_m % dkdv.block_m == 0
                                    and sparse.block_n % dkdv.block_n == 0):
         raise ValueError(f"sparse_mask block_size {(sparse.block_m, sparse.block_n)} must be a "
@@ -177,9 +181,10 @@ def backward_call(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out:
     else:
         # one float32 workspace per call: dq_accum (q's shape, contiguous) at element 0, dsum
         # after it at a 256-byte boundary. No fill: the pre kernel zeroes every dq_accum row
-        # and writes every dsum; dQ is a cast copy of it (scratch: a cached plan may reuse one
-        # buffer). The Hopper kernel's deterministic mode adds its int32 counters at the next
-        # boundary, which must start at 0: that workspace is zero-filled per call instead
+        # and writes every dsum; the post kernel casts it into dq, the last launch (scratch: a
+        # cached plan may reuse one buffer). The Hopper kernel's deterministic mode adds its
+        # int32 counters at the next boundary, which must start at 0: that workspace is
+        # zero-filled per call instead
         n_dqa = math.prod(pb.q.shape)
         dsum_at = -(-n_dqa // _WS_ALIGN) * _WS_ALIGN
         n_ws = dsum_at + n_dsum
@@ -188,9 +193,10 @@ def backward_call(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out:
             n_ws = sem_at + backward_sm90.semaphore_words(pb.batch, pb.heads, pb.seqlen_q)
         plan.allocs += [Alloc("ws", (n_ws,), "float32", zero=deterministic,
                               scratch=not deterministic),
-                        Alloc("dk", pb.k.shape, dt), Alloc("dv", pb.v.shape, dt)]
+                        Alloc("dk", pb.k.shape, dt), Alloc("dv", pb.v.shape, dt),
+                        Alloc("dq", pb.q.shape, dt)]
         plan.extra["ws_dsum_bytes"] = 4 * dsum_at
-    plan.extra.update(dtype=dt, expanded_axes=expanded_axes, dq_shape=tuple(pb.q.shape),
+    plan.extra.update(expanded_axes=expanded_axes,
                       bias_dtype=None if pb.bias is None else pb.bias.dtype)
     bufs = {a.name: (arrays.zeros if a.zero else arrays.empty)(query, a.shape, a.dtype or dt)
             for a in plan.allocs}
@@ -279,6 +285,9 @@ def backward_call(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out:
         if dqs is not None and family != "bwd_sm90":
             plan.launches.append(Launch(runtime.get_kernel(dqs, dev), (
                 max(1, math.ceil(pb.seqlen_q / dqs.block_m)), pb.heads, pb.batch), (rec,)))
+        if "ws" in bufs:   # dq from dq_accum, after every kernel that adds into it
+            plan.launches.append(Launch(runtime.get_kernel(post, dev), (
+                max(1, math.ceil(pb.seqlen_q / post.num_warps)), pb.heads, pb.batch), (rec,)))
         plan.run(runtime.current_stream(pb.kind, pb.q.device))
     elif pb.seqlen_k > 0:  # no query rows: dK = dV = 0
         bufs["dk"] = arrays.zeros(query, pb.k.shape, dt)
@@ -291,30 +300,25 @@ def backward_call(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out:
 
 def finisher(plan: Plan, like: Any) -> Callable[[list[Any]], tuple[Any, Any, Any, Any]]:
     """``finish_backward`` bound once for a cached plan: a function of the plan's buffers in
-    ``plan.allocs`` order (``like``: an array of the calls' library). The common case (dQ cast
-    out of the workspace, no dbias) indexes the buffers directly."""
+    ``plan.allocs`` order (``like``: an array of the calls' library). The common case (dQ
+    written by the post kernel, no dbias) indexes the buffers directly."""
     names = tuple(a.name for a in plan.allocs)
-    if names == ("ws", "dk", "dv") and not plan.extra["expanded_axes"]:
-        cast = arrays.view_caster(like, plan.extra["dq_shape"], plan.extra["dtype"])
-        return lambda made: (cast(made[0]), made[1], made[2], None)
+    if names == ("ws", "dk", "dv", "dq") and not plan.extra["expanded_axes"]:
+        return lambda made: (made[3], made[1], made[2], None)
     return lambda made: finish_backward(plan, dict(zip(names, made, strict=True)))
 
 
 def finish_backward(plan: Plan, bufs: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
-    """(dq, dk, dv, dbias) from a launched plan's buffers: dQ cast from its float32
-    accumulator, dbias summed over widened dims (a fixed order) and cast to the bias dtype.
-    The casts are bound once per plan (the thin path calls this on every step)."""
-    casts = plan.extra.get("casts")
-    if casts is None:
-        dt, bias_dt = plan.extra["dtype"], plan.extra["bias_dtype"]
-        like = bufs["dk"]
+    """(dq, dk, dv, dbias) from a launched plan's buffers: dbias summed over widened dims (a
+    fixed order) and cast to the bias dtype. The cast is bound once per plan (the thin path
+    calls this on every step)."""
+    cast_db = plan.extra.get("cast_db", False)
+    if cast_db is False:
+        bias_dt = plan.extra["bias_dtype"]
         dbias = next((a for a in plan.allocs if a.name == "dbias"), None)
-        casts = plan.extra["casts"] = (
-            arrays.view_caster(like, plan.extra["dq_shape"], dt) if "ws" in bufs else None,
-            arrays.caster(like, bias_dt) if dbias is not None and dbias.dtype != bias_dt
+        cast_db = plan.extra["cast_db"] = (
+            arrays.caster(bufs["dk"], bias_dt) if dbias is not None and dbias.dtype != bias_dt
             else None)
-    cast_dq, cast_db = casts
-    dq = bufs["dq"] if cast_dq is None else cast_dq(bufs["ws"])
     dbias = bufs.get("dbias")
     axes = plan.extra["expanded_axes"]
     if axes:  # a fixed-order reduction over the widened dims (float32)
@@ -322,7 +326,7 @@ def finish_backward(plan: Plan, bufs: dict[str, Any]) -> tuple[Any, Any, Any, An
             dbias.sum(dim=axes, keepdim=True)
     if cast_db is not None:
         dbias = cast_db(dbias)
-    return dq, bufs["dk"], bufs["dv"], dbias
+    return bufs["dq"], bufs["dk"], bufs["dv"], dbias
 
 
 def _contig_info(info, shape: tuple[int, ...], dtype: str):

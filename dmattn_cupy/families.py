@@ -327,6 +327,8 @@ FAMILY_ROWS: tuple[Family, ...] = (
            "KvAppendParams", "sm_80", _smem_none),
     Family("bwd_pre", "sm80/bwd.cu", "dm::flash_bwd_pre_kernel", ("dtype", "num_warps", "varlen"),
            "BwdParams", "sm_80", _smem_none),
+    Family("bwd_post", "sm80/bwd.cu", "dm::flash_bwd_post_kernel",
+           ("dtype", "num_warps", "varlen"), "BwdParams", "sm_80", _smem_none),
     Family("bwd_dkdv", "sm80/bwd.cu", "dm::flash_bwd_dkdv_kernel", _SM80_DKDV_ARGS, "BwdParams",
            "sm_80", _smem_bwd_dkdv),
     Family("bwd_dq", "sm80/bwd.cu", "dm::flash_bwd_dq_kernel", _SM80_DQ_ARGS, "BwdParams",

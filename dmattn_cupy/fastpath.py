@@ -13,9 +13,10 @@ cacheable (otherwise a None entry sends later calls with that key straight to th
 path). Anything else returns ``MISS`` and the caller takes the validated path: NumPy inputs,
 sparse masks, torch.compile tracing, unusual option types.
 
-torch with a gradient wanted runs ``_Attention`` (an ``autograd.Function``: in eager mode it
-costs a fraction of the custom op's dispatch); torch.compile keeps tracing the custom ops of
-``autograd``. Both run the same plans, so the results are the same bits.
+torch with a gradient wanted runs ``_Attention`` (an ``autograd.Function`` whose one output is
+``out``; ``_AttentionLse`` when lse is returned too: in eager mode it costs a fraction of the
+custom op's dispatch); torch.compile keeps tracing the custom ops of ``autograd``. Both run
+the same plans, so the results are the same bits.
 
 CUDA graphs: a hit allocates only through the caller's library (torch's allocator, so a graph's
 private pool during capture) and launches on its current stream; nothing syncs or reads device
@@ -57,6 +58,7 @@ class _Entry:
     lse: bool            # the plan allocates lse
     allocs: list[Any] | None = dataclasses.field(default=None, repr=False)  # bound allocators
     finish: Any = dataclasses.field(default=None, repr=False)  # backward.finisher, bound
+    run: Any = dataclasses.field(default=None, repr=False)     # _runner, bound at first hit
     # a forward entry's backward plans: (dout, dlse signatures, need_dbias) -> _Entry | None
     bwd: dict[tuple, Any] = dataclasses.field(default_factory=dict, repr=False)
 
@@ -106,13 +108,6 @@ def _csig(x: Any) -> tuple | None:
     return (x.dtype, x.shape, x.strides, x.device.id, x.data.ptr & 15)
 
 
-def _pointers(lib: str, xs: tuple) -> list[int]:
-    """Device pointers of ``xs`` (0 for None), no per-array function call."""
-    if lib == "torch":
-        return [0 if x is None else x.data_ptr() for x in xs]
-    return [0 if x is None else x.data.ptr for x in xs]
-
-
 _FLAG_TYPES = (bool, type(None))
 _NUM_TYPES = (float, int, type(None))
 
@@ -152,31 +147,52 @@ def _bytes_allocator(like: Any) -> Any:
     return lambda nbytes: make(-(-nbytes // 4))
 
 
-def _buffers(entry: _Entry, lib: str, like: Any, stream: int) -> list[Any]:
-    return [make() if not n else scratch.get(owner, stream, n, make)
-            for make, n, owner in _allocators(entry, lib, like)]
-
-
-def _run_forward(entry: _Entry, lib: str, q: Any, k: Any, v: Any, mask: Any, bias: Any,
-                 cu_q: Any, cu_k: Any) -> tuple[Any, Any]:
+def _runner(entry: _Entry, lib: str, like: Any) -> Callable[[tuple], list[Any]]:
+    """``entry``'s plan bound for calls of library ``lib`` (``like``: an array of such a call;
+    the key fixes library, device and dtypes, so the binding holds for every hit): a function
+    of the call's input arrays (``plan.inputs`` order, None where absent) that allocates the
+    plan's buffers (scratch ones from ``scratch``), patches every pointer, launches on the
+    current stream and returns the buffers (the caller keeps them alive past the launches)."""
     plan = entry.plan
-    stream = runtime.stream_ptr(lib, plan.device)
-    bufs = _buffers(entry, lib, q, stream)   # alive until the launches are enqueued
-    ptrs = _pointers(lib, (q, k, v, mask, bias, cu_q, cu_k, *bufs))
-    plan.execute(ptrs, stream)
-    return bufs[0], (bufs[1] if entry.lse else None)
+    dev, execute, stream_ptr = plan.device, plan.execute, runtime.stream_ptr
+    makers = tuple(_allocators(entry, lib, like))
+    pointers = _torch_pointers if lib == "torch" else _cupy_pointers
+    if any(n for _, n, _ in makers):
+        get = scratch.get
+
+        def run(xs: tuple) -> list[Any]:
+            stream = stream_ptr(lib, dev)
+            bufs = [make() if not n else get(owner, stream, n, make)
+                    for make, n, owner in makers]
+            execute(pointers(xs) + pointers(bufs), stream)
+            return bufs
+        return run
+    fresh = tuple(make for make, _, _ in makers)
+
+    def run_fresh(xs: tuple) -> list[Any]:
+        bufs = [make() for make in fresh]
+        execute(pointers(xs) + pointers(bufs), stream_ptr(lib, dev))
+        return bufs
+    return run_fresh
 
 
-def _forward(key: tuple, lib: str, q: Any, k: Any, v: Any, mask: Any, bias: Any, cu_q: Any,
-             cu_k: Any, need_lse: bool, validate: Any) -> Any:
-    """(out, lse) through the cached plan of ``key``, or by validating and building it
-    (``validate()`` -> Problem); MISS when the validated path must run."""
-    entry = forward_plans.get(key, _ABSENT)
-    if entry is None:
-        return MISS
-    if entry is not _ABSENT:
-        HITS[0] += 1
-        return _run_forward(entry, lib, q, k, v, mask, bias, cu_q, cu_k)
+def _torch_pointers(xs: Any) -> list[int]:
+    return [0 if x is None else x.data_ptr() for x in xs]
+
+
+def _cupy_pointers(xs: Any) -> list[int]:
+    return [0 if x is None else x.data.ptr for x in xs]
+
+
+def _bind(entry: _Entry, lib: str, like: Any) -> Callable[[tuple], list[Any]]:
+    entry.run = _runner(entry, lib, like)
+    return entry.run
+
+
+def _build_forward(key: tuple, q: Any, cu_q: Any, cu_k: Any, need_lse: bool,
+                   validate: Callable[[], Problem]) -> Any:
+    """A first call with ``key``: validate (``validate()`` -> Problem), run ``forward_call``
+    and keep its plan; (out, lse), or MISS when the validated path must run."""
     pb = validate()
     empty = (pb.total_q == 0 or pb.total_k == 0) if pb.varlen else \
         edge.is_empty_dense(pb.batch, pb.seqlen_q, pb.seqlen_k)
@@ -191,13 +207,14 @@ def _forward(key: tuple, lib: str, q: Any, k: Any, v: Any, mask: Any, bias: Any,
 
 class _Call:
     """One autograd call: the forward entry (None until the forward plan is cached), the
-    validated problem, the inputs that get no gradient, and the cache key."""
-    __slots__ = ("entry", "pb", "deterministic", "mask", "cu_q", "cu_k", "key")
+    validated problem, the inputs that get no gradient, the cache key, and whether lse is an
+    output (else it is only saved for the backward)."""
+    __slots__ = ("entry", "pb", "deterministic", "mask", "cu_q", "cu_k", "key", "lse")
 
     def __init__(self, entry: _Entry | None, pb: Problem, deterministic: bool, mask: Any,
-                 cu_q: Any, cu_k: Any, key: tuple) -> None:
+                 cu_q: Any, cu_k: Any, key: tuple, lse: bool) -> None:
         self.entry, self.pb, self.deterministic = entry, pb, deterministic
-        self.mask, self.cu_q, self.cu_k, self.key = mask, cu_q, cu_k, key
+        self.mask, self.cu_q, self.cu_k, self.key, self.lse = mask, cu_q, cu_k, key, lse
 
 
 def _exec_backward(entry: _Entry, lib: str, dout: Any, dlse: Any, q: Any, k: Any, v: Any,
@@ -208,13 +225,10 @@ def _exec_backward(entry: _Entry, lib: str, dout: Any, dlse: Any, q: Any, k: Any
     finish = entry.finish
     if finish is None:
         finish = entry.finish = finisher(entry.plan, q)
-    stream = runtime.stream_ptr(lib, entry.plan.device)
-    made = _buffers(entry, lib, q, stream)
-    ptrs = _pointers(lib, (q, k, v, mask, bias, cu_q, cu_k, out, lse, dout, dlse, *made))
-    entry.plan.execute(ptrs, stream)
+    run = entry.run or _bind(entry, lib, q)
     # dQ is cast out of the workspace here, on the same stream, before another call can
     # reuse it (scratch)
-    return finish(made)
+    return finish(run((q, k, v, mask, bias, cu_q, cu_k, out, lse, dout, dlse)))
 
 
 def _run_backward(call: _Call, dout: Any, dlse: Any, q: Any, k: Any, v: Any, mask: Any,
@@ -242,80 +256,98 @@ def _run_backward(call: _Call, dout: Any, dlse: Any, q: Any, k: Any, v: Any, mas
 
 
 if torch is not None:
+    def _attention_forward(ctx: Any, q: Any, k: Any, v: Any, bias: Any, call: _Call
+                           ) -> tuple[Any, Any]:
+        entry = call.entry
+        if entry is None:
+            out, lse, plan = forward_call(call.pb, q, call.cu_q, call.cu_k, return_lse=True)
+            if plan is not None and plan.cacheable:
+                call.entry = _Entry(plan, call.pb, True)
+            forward_plans.put(call.key, call.entry)
+        else:
+            HITS[0] += 1
+            bufs = (entry.run or _bind(entry, "torch", q))(
+                (q, k, v, call.mask, bias, call.cu_q, call.cu_k))
+            out, lse = bufs[0], bufs[1]
+        # saved (not just held) so that an in-place change before backward() raises
+        ctx.save_for_backward(q, k, v, bias, out, lse, call.mask, call.cu_q, call.cu_k)
+        ctx.call = call
+        return out, lse
+
+    def _attention_backward(ctx: Any, dout: Any, dlse: Any) -> tuple[Any, ...]:
+        q, k, v, bias, out, lse, mask, cu_q, cu_k = ctx.saved_tensors
+        need_dbias = bias is not None and ctx.needs_input_grad[3]
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv, db = _run_backward(ctx.call, dout, dlse, q, k, v, mask, bias, cu_q, cu_k,
+                                       out, lse, need_dbias)
+        return dq, dk, dv, (db if need_dbias else None), None
+
     class _Attention(torch.autograd.Function):
-        """Eager autograd over the thin path (the custom ops serve torch.compile)."""
+        """Eager autograd over the thin path (the custom ops serve torch.compile); one output,
+        ``out`` (lse is saved for the backward, not an output: less autograd work per step)."""
+
+        @staticmethod
+        def forward(ctx: Any, q: Any, k: Any, v: Any, bias: Any, call: _Call) -> Any:
+            return _attention_forward(ctx, q, k, v, bias, call)[0]
+
+        @staticmethod
+        def backward(ctx: Any, dout: Any) -> tuple[Any, ...]:
+            return _attention_backward(ctx, dout, None)
+
+    class _AttentionLse(torch.autograd.Function):
+        """``_Attention`` with ``(out, lse)`` as outputs (return_lse=True: lse takes a
+        gradient too)."""
 
         @staticmethod
         def forward(ctx: Any, q: Any, k: Any, v: Any, bias: Any, call: _Call
                     ) -> tuple[Any, Any]:
-            entry = call.entry
-            if entry is None:
-                out, lse, plan = forward_call(call.pb, q, call.cu_q, call.cu_k, return_lse=True)
-                if plan is not None and plan.cacheable:
-                    call.entry = _Entry(plan, call.pb, True)
-                forward_plans.put(call.key, call.entry)
-            else:
-                HITS[0] += 1
-                out, lse = _run_forward(entry, "torch", q, k, v, call.mask, bias, call.cu_q,
-                                        call.cu_k)
             ctx.set_materialize_grads(False)
-            # saved (not just held) so that an in-place change before backward() raises
-            ctx.save_for_backward(q, k, v, bias, out, lse, call.mask, call.cu_q, call.cu_k)
-            ctx.call = call
-            return out, lse
+            return _attention_forward(ctx, q, k, v, bias, call)
 
         @staticmethod
         def backward(ctx: Any, dout: Any, dlse: Any) -> tuple[Any, ...]:
-            q, k, v, bias, out, lse, mask, cu_q, cu_k = ctx.saved_tensors
-            need_dbias = bias is not None and ctx.needs_input_grad[3]
-            if dout is None:
-                dout = torch.zeros_like(out)
-            dq, dk, dv, db = _run_backward(ctx.call, dout, dlse, q, k, v, mask, bias, cu_q, cu_k,
-                                           out, lse, need_dbias)
-            return dq, dk, dv, (db if need_dbias else None), None
-
+            return _attention_backward(ctx, dout, dlse)
 
     # ``Function.apply`` minus its Python wrapper (signature binding for setup_context, which
-    # _Attention does not define; dead functorch wrappers unwrapped here the same way); with a
+    # neither class defines; dead functorch wrappers unwrapped here the same way); with a
     # functorch transform active the full ``apply`` runs (and refuses, as before).
-    _apply_base = super(torch.autograd.Function, _Attention).apply
+    _apply_base = (super(torch.autograd.Function, _Attention).apply,
+                   super(torch.autograd.Function, _AttentionLse).apply)
     _transforms_active = torch._C._are_functorch_transforms_active
     _unwrap = getattr(torch._C._functorch, "unwrap_if_dead", None)
 
     def _apply(q: Any, k: Any, v: Any, bias: Any, call: _Call) -> Any:
         if _unwrap is None or _transforms_active():
-            return _apply(q, k, v, bias, call)
-        return _apply_base(_unwrap(q), _unwrap(k), _unwrap(v),
-                           None if bias is None else _unwrap(bias), call)
+            return (_AttentionLse if call.lse else _Attention).apply(q, k, v, bias, call)
+        return _apply_base[call.lse](_unwrap(q), _unwrap(k), _unwrap(v),
+                                     None if bias is None else _unwrap(bias), call)
 
 
-def _autograd(key: tuple, q: Any, k: Any, v: Any, mask: Any, bias: Any, cu_q: Any, cu_k: Any,
-              deterministic: Any, validate: Any) -> Any:
-    entry = forward_plans.get(key, _ABSENT)
-    if entry is None:
+def _build_autograd(key: tuple, q: Any, k: Any, v: Any, mask: Any, bias: Any, cu_q: Any,
+                    cu_k: Any, return_lse: bool, deterministic: Any,
+                    validate: Callable[[], Problem]) -> Any:
+    """The first call with ``key`` that wants a gradient: ``out`` or ``(out, lse)`` through
+    ``_Attention`` / ``_AttentionLse`` (whose forward builds and keeps the plan), or MISS."""
+    pb = validate()
+    empty = (pb.total_q == 0 or pb.total_k == 0) if pb.varlen else \
+        edge.is_empty_dense(pb.batch, pb.seqlen_q, pb.seqlen_k)
+    if pb.backend != "cuda" or empty:
+        forward_plans.put(key, None)
         return MISS
-    if entry is _ABSENT:
-        pb = validate()
-        empty = (pb.total_q == 0 or pb.total_k == 0) if pb.varlen else \
-            edge.is_empty_dense(pb.batch, pb.seqlen_q, pb.seqlen_k)
-        if pb.backend != "cuda" or empty:
-            forward_plans.put(key, None)
-            return MISS
-        call = _Call(None, pb, bool(deterministic), mask, cu_q, cu_k, key)
-    else:
-        call = _Call(entry, entry.pb, bool(deterministic), mask, cu_q, cu_k, key)
-    return _apply(q, k, v, bias, call)
+    return _apply(q, k, v, bias, _Call(None, pb, bool(deterministic), mask, cu_q, cu_k, key,
+                                       return_lse))
 
 
-def _serve(k: tuple, lib: str, grad: bool, q: Any, key: Any, v: Any, mask: Any, bias: Any,
-           cu_q: Any, cu_k: Any, return_lse: Any, deterministic: Any,
+def _build(k: tuple, grad: bool, q: Any, key: Any, v: Any, mask: Any, bias: Any, cu_q: Any,
+           cu_k: Any, return_lse: Any, deterministic: Any,
            validate: Callable[[], Problem]) -> Any:
-    """A keyed call of ``dense``/``varlen``: through autograd when it needs a gradient, else
-    the forward alone; ``out`` or ``(out, lse)``, or MISS."""
+    """The first call of ``dense``/``varlen`` with key ``k``: through autograd when it needs
+    a gradient, else the forward alone; ``out`` or ``(out, lse)``, or MISS."""
     if grad:
-        res = _autograd(k, q, key, v, mask, bias, cu_q, cu_k, deterministic, validate)
-    else:
-        res = _forward(k, lib, q, key, v, mask, bias, cu_q, cu_k, return_lse, validate)
+        return _build_autograd(k, q, key, v, mask, bias, cu_q, cu_k, return_lse,
+                               deterministic, validate)
+    res = _build_forward(k, q, cu_q, cu_k, return_lse, validate)
     if res is MISS:
         return MISS
     return res if return_lse else res[0]
@@ -343,6 +375,17 @@ def dense(query: Any, key: Any, value: Any, attn_mask: Any, attn_bias: Any, soft
         # mixed kinds, or tensors a torch.func transform wraps (their data_ptr raises): the
         # validated path takes the call
         return MISS
+    entry = forward_plans.get(k, _ABSENT)
+    if entry is None:
+        return MISS
+    if entry is not _ABSENT:   # a hit: nothing validated
+        if grad:
+            return _apply(query, key, value, attn_bias, _Call(
+                entry, entry.pb, bool(deterministic), attn_mask, None, None, k, return_lse))
+        HITS[0] += 1
+        bufs = (entry.run or _bind(entry, lib, query))(
+            (query, key, value, attn_mask, attn_bias, None, None))
+        return (bufs[0], bufs[1]) if return_lse else bufs[0]
 
     def validate() -> Problem:
         pb = check_dense(query, key, value, attn_mask, attn_bias, softmax_scale, is_causal,
@@ -350,7 +393,7 @@ def dense(query: Any, key: Any, value: Any, attn_mask: Any, attn_bias: Any, soft
         check_flags(return_lse, bool(deterministic))
         return pb
 
-    return _serve(k, lib, grad, query, key, value, attn_mask, attn_bias, None, None, return_lse,
+    return _build(k, grad, query, key, value, attn_mask, attn_bias, None, None, return_lse,
                   deterministic, validate)
 
 
@@ -375,6 +418,18 @@ def varlen(query: Any, key: Any, value: Any, cu_seqlens_q: Any, cu_seqlens_k: An
              backend, env.plan_state())
     except (AttributeError, RuntimeError):  # as in dense
         return MISS
+    entry = forward_plans.get(k, _ABSENT)
+    if entry is None:
+        return MISS
+    if entry is not _ABSENT:   # as in dense
+        if grad:
+            return _apply(query, key, value, attn_bias, _Call(
+                entry, entry.pb, bool(deterministic), attn_mask, cu_seqlens_q, cu_seqlens_k, k,
+                return_lse))
+        HITS[0] += 1
+        bufs = (entry.run or _bind(entry, lib, query))(
+            (query, key, value, attn_mask, attn_bias, cu_seqlens_q, cu_seqlens_k))
+        return (bufs[0], bufs[1]) if return_lse else bufs[0]
 
     def validate() -> Problem:
         pb = check_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
@@ -383,8 +438,8 @@ def varlen(query: Any, key: Any, value: Any, cu_seqlens_q: Any, cu_seqlens_k: An
         check_flags(return_lse, bool(deterministic))
         return pb
 
-    return _serve(k, lib, grad, query, key, value, attn_mask, attn_bias, cu_seqlens_q,
-                  cu_seqlens_k, return_lse, deterministic, validate)
+    return _build(k, grad, query, key, value, attn_mask, attn_bias, cu_seqlens_q, cu_seqlens_k,
+                  return_lse, deterministic, validate)
 
 
 # --- the functional backward (flash_dmattn_backward / _varlen_backward) --------------------

@@ -94,9 +94,12 @@ def forward_spec(fam: Family, pb: Problem, dev: DeviceProps, sparse: SparseArg =
 
 def backward(dtype: str, head_dim: int, has_mask: bool, has_bias: bool, varlen: bool,
              deterministic: bool, sparse: bool, dev: DeviceProps
-             ) -> tuple[KernelSpec, KernelSpec, KernelSpec | None, KernelSpec | None]:
-    """(preprocess, dK/dV, dQ or None, sparse grid or None) specs for a problem. A block-sparse
-    mask runs the has_mask kernels (its grid is read at run time). Without mask or bias the
+             ) -> tuple[KernelSpec, KernelSpec, KernelSpec | None, KernelSpec | None,
+                        KernelSpec]:
+    """(preprocess, dK/dV, dQ or None, sparse grid or None, dQ cast) specs for a problem; the
+    cast (dq_accum -> dq) runs wherever dQ goes through the fp32 workspace, the portable
+    deterministic mode excepted (its dQ kernel writes dq). A block-sparse mask runs the
+    has_mask kernels (its grid is read at run time). Without mask or bias the
     dK/dV kernel takes 128 query rows per step (half the barriers and Q/dO tile switches per
     FLOP) where its 208 KB of shared memory fit ``dev.smem_per_block``."""
     dt, hd, arch = spec_dtype(dtype), padded_head_dim(head_dim), dev.arch
@@ -112,7 +115,7 @@ def backward(dtype: str, head_dim: int, has_mask: bool, has_bias: bool, varlen: 
     dq = KernelSpec(family="bwd_dq", num_warps=4, **common) if deterministic else None
     grid = (KernelSpec(family="bwd_grid", dtype=dt, head_dim=128, block_m=8, block_n=32,
                        num_warps=4, arch=arch) if sparse else None)
-    return pre, dkdv, dq, grid
+    return pre, dkdv, dq, grid, dataclasses.replace(pre, family="bwd_post")
 
 
 def backward_family(pb: Problem, dout: ArrayInfo, deterministic: bool, sparse: bool,

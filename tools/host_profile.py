@@ -237,6 +237,10 @@ def stages(calls: int, device: str) -> list[tuple[str, float | None]]:
     kept = dm.flash_dmattn_func(qg, kg, vg)
     row("backward alone (retain_graph)", lambda: torch.autograd.grad(
         kept, (qg, kg, vg), dout, retain_graph=True))
+    nop_kept = _Nop3.apply(qg, kg, vg)
+    row("calib: no-op Function backward alone", lambda: torch.autograd.grad(
+        nop_kept, (qg, kg, vg), dout, retain_graph=True))
+    rows.extend(_thin_pieces(calls, device, q, k, v, dout, per_call_us, sync))
     if device == "cuda":
         F = torch.nn.functional
         qt, kt, vt = (x.transpose(1, 2) for x in (qg, kg, vg))
@@ -244,6 +248,44 @@ def stages(calls: int, device: str) -> list[tuple[str, float | None]]:
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)))
         row("peer: SDPA fwd+bwd", lambda: torch.autograd.grad(
             F.scaled_dot_product_attention(qt, kt, vt), (qg, kg, vg), dout.transpose(1, 2)))
+    return rows
+
+
+def _thin_pieces(calls: int, device: str, q: Any, k: Any, v: Any, dout: Any,
+                 per_call: Callable[..., float], sync: Callable[[], None]
+                 ) -> list[tuple[str, float | None]]:
+    """The thin path's pieces, from the cached plans of the rows before (the fwd+bwd of
+    q, k, v): where a step's time goes without autograd around it."""
+    import torch
+
+    from dmattn_cupy import fastpath, runtime
+
+    rows: list[tuple[str, float | None]] = []
+
+    def row(name: str, fn: Callable[[], Any]) -> None:
+        try:
+            rows.append((name, per_call(fn, calls, sync, cpu_clock=device == "cpu")))
+        except Exception as e:  # noqa: BLE001
+            rows.append((f"{name} [{type(e).__name__}: {str(e)[:60]}]", None))
+
+    fe = next((e for e in list(fastpath.forward_plans._d.values())
+               if e is not None and e.bwd and e.lse), None)
+    be = next((e for e in fe.bwd.values() if e is not None), None) if fe is not None else None
+    if be is None:
+        return [("thin pieces [no cached fwd+bwd plan]", None)]
+    xs = (q, k, v, None, None, None, None)
+    out, lse = (fe.run or fastpath._bind(fe, "torch", q))(xs)[:2]
+    stream = runtime.stream_ptr("torch", fe.plan.device)
+    ptrs = [0 if x is None else x.data_ptr() for x in (*xs, out, lse)]
+    row("thin: forward plan.execute (patch + launch)", lambda: fe.plan.execute(ptrs, stream))
+    row("thin: forward runner (alloc + patch + launch)", lambda: fe.run(xs))
+    row("thin: backward, no autograd (_exec_backward)", lambda: fastpath._exec_backward(
+        be, "torch", dout, None, q, k, v, None, None, None, None, out, lse))
+    row("thin: stream_ptr", lambda: runtime.stream_ptr("torch", fe.plan.device))
+    row("thin: stream_capturing", lambda: runtime.stream_capturing(stream))
+    ws = torch.empty(q.numel() + 64, dtype=torch.float32, device=device)
+    shape, st = tuple(q.shape), tuple(q.stride())
+    row("calib: dQ cast (as_strided + .to)", lambda: ws.as_strided(shape, st, 0).to(q.dtype))
     return rows
 
 

@@ -9,6 +9,8 @@
 //     mode also adds dQ += dS K into an fp32 buffer with atomics.
 //   flash_bwd_dq_kernel:   deterministic mode: a CTA owns kBlockM query rows of one head and
 //     loops over key tiles, so dQ is accumulated in registers in a fixed order.
+//   flash_bwd_post_kernel: dq = dq_accum cast to the query dtype (cvt.rn, as torch's cast),
+//     after the dK/dV (or Hopper) kernel; the rows the pre kernel zeroed.
 //   flash_bwd_sparse_grid_kernel: a block mask's row lists as a (row block, col block) grid,
 //     so the key-major dK/dV loop finds a block's state with one read (bp.sp_grid).
 // Logits (log2 domain) x = softcap(scale * q.k) * log2 e + bias * log2 e; dx = P (dP - dsum);
@@ -60,6 +62,27 @@ flash_bwd_pre_kernel(const BwdParams bp) {
   if (bp.dq_accum != nullptr) {
     float* dqa = dqa_row_ptr(bp, b, h, seq, i);
     for (int c = lane; c < p.head_dim; c += 32) dqa[c] = 0.f;
+  }
+}
+
+// One warp per query row, the pre kernel's grid: dq's row = dq_accum's row in T, rounded to
+// nearest even (the same cvt.rn torch's float -> half/bfloat16 cast compiles to). Two elements
+// per lane and step: the head dim is a multiple of 8 (validate), so both rows are 8 / 4-byte
+// aligned (contiguous buffers: every stride is a multiple of the head dim).
+template <typename T, int kNumWarps, bool kVarlen>
+__global__ void __launch_bounds__(kNumWarps * 32)
+flash_bwd_post_kernel(const BwdParams bp) {
+  const FwdParams& p = bp.f;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int h = blockIdx.y, b = blockIdx.z;
+  const SeqInfo seq = seq_info<kVarlen>(p, b);
+  const int i = blockIdx.x * kNumWarps + warp;
+  if (i >= seq.len_q) return;
+  const float* src = dqa_row_ptr(bp, b, h, seq, i);
+  T* dst = dq_row_ptr<T>(bp, b, h, seq, i);
+  for (int c = 2 * lane; c < p.head_dim; c += 64) {
+    const float2 x = *reinterpret_cast<const float2*>(src + c);
+    *reinterpret_cast<uint32_t*>(dst + c) = pack2<T>(x.x, x.y);
   }
 }
 

@@ -184,7 +184,10 @@ def test_run_backward_launches_the_hopper_kernel(monkeypatch, bias_shape):
     before = backward.launches["bwd_sm90"]
     dq, dk, dv, dbias = backward.run_backward(pb, np.zeros_like(q), q, k, v, out, lse)
     assert backward.launches["bwd_sm90"] == before + 1
-    assert [x[0].family for x in launched] == ["bwd_pre", "bwd_sm90"]
+    assert [x[0].family for x in launched] == ["bwd_pre", "bwd_sm90", "bwd_post"]
+    # the post kernel casts dq_accum into dq over the pre kernel's rows: same grid, same record
+    assert launched[2][1] == launched[0][1]
+    assert launched[2][2][0].tobytes() == launched[0][2][0].tobytes()
     spec, grid, args = launched[1]
     assert grid == (3, 2, 2) and len(args) == 2
     assert args[1].dtype == backward_sm90.ARGS_DTYPE
@@ -208,7 +211,7 @@ def test_run_backward_keeps_the_portable_kernels_when_asked(monkeypatch):
     q, k, v = _arrays()
     backward.run_backward(_pb(q, k, v), np.zeros_like(q), q, k, v, np.zeros_like(q),
                           np.zeros((2, 4, 200), np.float32))
-    assert [s.family for s in launched] == ["bwd_pre", "bwd_dkdv"]
+    assert [s.family for s in launched] == ["bwd_pre", "bwd_dkdv", "bwd_post"]
 
 
 def _stub_runtime(monkeypatch, launched):
@@ -238,7 +241,7 @@ def test_run_backward_mask_and_deterministic_workspace(monkeypatch, mask_shape, 
     lse = np.zeros((2, 4, 200), np.float32)
     grads, plan = backward.backward_call(pb, np.zeros_like(q), q, k, v, out, lse,
                                          deterministic=deterministic)
-    assert [x[0].family for x in launched] == ["bwd_pre", "bwd_sm90"]
+    assert [x[0].family for x in launched] == ["bwd_pre", "bwd_sm90", "bwd_post"]
     spec, grid, args = launched[1]
     assert spec.has_mask == (mask is not None) and not spec.deterministic
     rec, sm90_args = args
@@ -247,7 +250,9 @@ def test_run_backward_mask_and_deterministic_workspace(monkeypatch, mask_shape, 
     ws_alloc = [a for a in plan.allocs if a.name == "ws"]
     assert len(ws_alloc) == 1 and ws_alloc[0].dtype == "float32"
     assert ws_alloc[0].zero == deterministic and ws_alloc[0].scratch != deterministic
-    assert not [a for a in plan.allocs if a.name in ("dq", "dsum")]
+    assert not [a for a in plan.allocs if a.name == "dsum"]
+    assert [(a.shape, a.dtype, a.zero) for a in plan.allocs if a.name == "dq"] == \
+        [(q.shape, "float16", False)]   # written whole by the post kernel
     ws_ptr = int(rec["dq_accum"])
     n_dqa = 2 * 200 * 4 * 128
     dsum_at = -(-n_dqa // 64) * 64
@@ -262,7 +267,7 @@ def test_run_backward_mask_and_deterministic_workspace(monkeypatch, mask_shape, 
     assert ws_alloc[0].shape == (sem_at + words,)
     assert int(sm90_args["dq_sem"]) == ws_ptr + 4 * sem_at
     # the cached plan patches the counters' address from the call's workspace pointer
-    args_rec = plan.launches[-1].args[1]
+    args_rec = plan.launches[1].args[1]
     patched = [(idx, add) for view, idx, add in plan.slots["ws"]
                if view.ctypes.data == args_rec.ctypes.data]
     assert patched == [(backward_sm90.DQ_SEM_OFFSET // 8, 4 * sem_at)]

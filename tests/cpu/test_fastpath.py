@@ -45,6 +45,7 @@ class Capture:
     def __init__(self) -> None:
         self.launches: list[tuple[str, str, tuple, list[bytes]]] = []
         self.specs: dict[int, object] = {}
+        self.streams: list[int] = []     # the raw stream of every thin launch
 
     def get_kernel(self, spec, dev):
         ptr = 0x1000 + 16 * len(self.specs)
@@ -73,6 +74,7 @@ class Capture:
                for i, n in enumerate(sizes)]
         assert block == (spec.threads, 1, 1)
         self.launches.append(("thin", spec.family, tuple(grid), raw, smem))
+        self.streams.append(stream)
 
     def take(self):
         out, self.launches = self.launches, []
@@ -289,11 +291,17 @@ def test_thin_backward_launches_what_the_validated_path_builds(cap, case):
     rec = _record(bwd_again[-1][3][0], "BwdParams")
     assert int(rec["o"][0]) == out.data_ptr() and int(rec["dout"][0]) == dout.data_ptr()
     assert int(rec["dk"][0]) == grads[1].data_ptr()
-    hopper = bwd_first[-1][1] == "bwd_sm90"
-    for launch in (bwd_first[-1], bwd_again[-1]):
+    hopper = any(x[1] == "bwd_sm90" for x in bwd_first)
+    main = [[x for x in b if x[1] in ("bwd_sm90", "bwd_dkdv")][-1] for b in (bwd_first,
+                                                                            bwd_again)]
+    if not (kw.get("deterministic") and not hopper):   # dQ through the fp32 workspace:
+        assert bwd_again[-1][1] == "bwd_post"            # cast into dq last, by the post kernel
+        assert int(_record(bwd_again[-1][3][0], "BwdParams")["dq"][0]) == grads[0].data_ptr()
+    for launch in main:
         r = _record(launch[3][0], "BwdParams")
         if kw.get("deterministic") and not hopper:  # the portable dQ kernel: no workspace
             assert int(r["dq_accum"][0]) == 0
+            assert [x[1] for x in bwd_again] == ["bwd_pre", "bwd_dkdv", "bwd_dq"]
             continue
         # one workspace: dq_accum at its start, dsum at the next 256-byte boundary, and for
         # the Hopper kernel's deterministic mode its counters at the next one after dsum
@@ -357,6 +365,88 @@ def test_keys_tell_apart_strides_devices_env_and_options(cap, monkeypatch):
         dm.flash_dmattn_func(q, k, v, is_causal=1)
     with pytest.raises(ValueError, match="head dim"):
         dm.flash_dmattn_func(q[..., :60], k[..., :60], v[..., :60])
+
+
+def test_keys_tell_apart_shapes_and_dtypes(cap):
+    (q, k, v), _ = _dense_case("dense", 0)
+    dm.flash_dmattn_func(q, k, v)
+    dm.flash_dmattn_func(q, k, v)
+    assert [p for p, *_ in cap.take()] == ["slow", "thin"]
+    for args in ((q[:, :-1], k, v),                                        # shape
+                 (q.half(), k.half(), v.half()),                            # dtype
+                 (q, k.half(), v)):                                         # one input's dtype
+        try:
+            dm.flash_dmattn_func(*args)
+        except (TypeError, ValueError):   # mixed dtypes: refused, never served by a plan
+            assert args[1].dtype != args[0].dtype
+        assert all(p == "slow" for p, *_ in cap.take())
+    out = dm.flash_dmattn_func(q[:, :-1], k, v)   # the new shape's own plan, new pointers
+    again = cap.take()
+    assert [p for p, *_ in again] == ["thin"] and out.shape == q[:, :-1].shape
+    assert int(_record(again[0][3][0], "FwdParams")["o"][0]) == out.data_ptr()
+
+
+def test_hits_launch_on_each_call_s_current_stream(cap, monkeypatch):
+    """The stream is read per call, never bound into a cached plan (forward, decode with its
+    scratch partials, backward)."""
+    streams = iter(range(0x500, 0x600))
+    current = [0]
+
+    def stream_ptr(kind, dev):
+        return current[0]
+
+    monkeypatch.setattr(runtime, "stream_ptr", stream_ptr)
+    (q, k, v), _ = _dense_case("dense", 0)
+    decode = _decode_call()
+    qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+    for _ in range(2):   # first calls build the plans (validated path), then hits
+        dm.flash_dmattn_func(q, k, v)
+        decode()
+        torch.autograd.grad(dm.flash_dmattn_func(qg, kg, vg), (qg, kg, vg), torch.ones_like(q))
+    cap.take()
+    cap.streams.clear()
+    for _ in range(3):
+        current[0] = next(streams)
+        dm.flash_dmattn_func(q, k, v)
+        decode()
+        torch.autograd.grad(dm.flash_dmattn_func(qg, kg, vg), (qg, kg, vg), torch.ones_like(q))
+        launched = cap.take()
+        assert {p for p, *_ in launched} == {"thin"} and len(launched) == 1 + 2 + 4
+        assert cap.streams == [current[0]] * len(launched)
+        cap.streams.clear()
+
+
+def test_autograd_outputs_follow_return_lse(cap):
+    """Without return_lse the autograd node has one output (lse only saved for the backward);
+    with it, lse is an output whose gradient reaches the backward kernels as dlse."""
+    q, k, v = (_rand(1, 40, 4, 64, seed=s).requires_grad_() for s in (1, 2, 3))
+    dout, dlse = _rand(1, 40, 4, 64, seed=5), _rand(1, 4, 40, seed=6).float()
+    for _ in range(2):
+        out = dm.flash_dmattn_func(q, k, v)
+        assert type(out.grad_fn).__name__ == "_AttentionBackward"
+        torch.autograd.grad(out, (q, k, v), dout)
+    cap.take()
+    out = dm.flash_dmattn_func(q, k, v)
+    torch.autograd.grad(out, (q, k, v), dout)
+    fwd, *bwd = cap.take()
+    assert fwd[0] == "thin" and [b[0] for b in bwd] == ["thin"] * 3
+    rec = _record(bwd[-1][3][0], "BwdParams")
+    assert int(rec["dlse"][0]) == 0
+    assert int(rec["lse"][0]) == int(_record(fwd[3][0], "FwdParams")["lse"][0]) != 0
+    for _ in range(3):
+        out, lse = dm.flash_dmattn_func(q, k, v, return_lse=True)
+        assert type(out.grad_fn).__name__ == "_AttentionLseBackward" and lse.grad_fn is not None
+        grads = torch.autograd.grad((out, lse), (q, k, v), (dout, dlse))
+    launched = cap.take()
+    assert [p for p, *_ in launched[-3:]] == ["thin"] * 3
+    rec = _record(launched[-1][3][0], "BwdParams")
+    assert int(rec["dlse"][0]) == dlse.data_ptr() and int(rec["dout"][0]) == dout.data_ptr()
+    assert int(rec["lse"][0]) == lse.data_ptr() and grads[0].shape == q.shape
+    # only lse takes a gradient: dout is zeros, the plan keyed by its signature
+    out, lse = dm.flash_dmattn_func(q, k, v, return_lse=True)
+    torch.autograd.grad(lse, (q, k, v), dlse)
+    rec = _record(cap.take()[-1][3][0], "BwdParams")
+    assert int(rec["dlse"][0]) == dlse.data_ptr()
 
 
 def test_misaligned_inputs_are_never_cached(cap, monkeypatch):
@@ -528,7 +618,8 @@ def test_backward_workspace_is_scratch_without_a_fill(cap):
         arrays.zeros = real
     launches = cap.take()
     bwd = [_record(x[3][0], "BwdParams") for x in launches if x[1].startswith("bwd")]
-    assert fills == [] and len(bwd) == 6     # pre + dK/dV, three times
+    assert fills == [] and len(bwd) == 9     # pre + dK/dV + post, three times
     ws = [int(r["dq_accum"][0]) for r in bwd]
-    assert ws[2] in _kept_pointers() and ws[2] == ws[4]
+    assert ws[3] in _kept_pointers() and ws[3] == ws[6] == ws[8]
     assert launches[1][1] == "bwd_pre"       # the kernel that zeroes dq_accum runs first
+    assert launches[3][1] == "bwd_post"      # and the one that reads it into dq last

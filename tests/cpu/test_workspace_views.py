@@ -1,6 +1,6 @@
-"""The backward's one-allocation workspace: ``arrays.flat_view`` / ``arrays.view_caster`` give
-the same values, shape and contiguity as a separate array of that shape would (NumPy takes the
-branch CuPy takes; torch its own)."""
+"""The backward's one-allocation workspace: ``arrays.flat_view`` gives the same values, shape
+and contiguity as a separate array of that shape would (NumPy takes the branch CuPy takes;
+torch its own)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ SHAPES = [(1, 128, 1, 64), (2, 40, 4, 64), (3, 1, 5, 7), (0, 4, 2, 8)]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_numpy_flat_view_and_cast(shape):
+def test_numpy_flat_view(shape):
     n = math.prod(shape)
     ws = np.arange(n + 77, dtype=np.float32) * 0.37
     want = ws[:n].reshape(shape).copy()
@@ -23,13 +23,10 @@ def test_numpy_flat_view_and_cast(shape):
     assert view.shape == shape and view.flags.c_contiguous
     assert n == 0 or np.shares_memory(view, ws)
     np.testing.assert_array_equal(view, want)
-    out = arrays.view_caster(ws, shape, "float16")(ws)
-    assert out.dtype == np.float16 and out.shape == shape and out.flags.c_contiguous
-    assert out.tobytes() == want.astype(np.float16).tobytes()
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_torch_flat_view_and_cast_match_a_separate_buffer(shape):
+def test_torch_flat_view_matches_a_separate_buffer(shape):
     torch = pytest.importorskip("torch")
     n = math.prod(shape)
     ws = torch.randn(n + 77, dtype=torch.float32)
@@ -39,9 +36,3 @@ def test_torch_flat_view_and_cast_match_a_separate_buffer(shape):
     assert view.stride() == sep.stride()
     assert n == 0 or view.data_ptr() == ws.data_ptr()
     assert torch.equal(view, sep)
-    for dt, tdt in (("bfloat16", torch.bfloat16), ("float16", torch.float16)):
-        out = arrays.view_caster(ws, shape, dt)(ws)
-        assert out.dtype == tdt and out.is_contiguous() and tuple(out.shape) == shape
-        assert out.stride() == sep.to(tdt).stride()
-        assert out.data_ptr() != ws.data_ptr() or n == 0   # a new array, not the workspace
-        assert torch.equal(out.view(torch.int16), sep.to(tdt).view(torch.int16))

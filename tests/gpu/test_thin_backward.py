@@ -2,14 +2,15 @@
 served by the cached plans (fastpath.HITS), its gradients pass the float64 reference check, and
 dK/dV (one CTA per key tile: no cross-CTA adds) are bit-identical to the first, validated call.
 dQ goes through one workspace (dq_accum + dsum; zeroed by the pre kernel, no host fill): a fresh
-buffer in the first call, the kept scratch buffer in the second."""
+buffer in the first call, the kept scratch buffer in the second; the post kernel's dQ is torch's
+own cast of that accumulator, bit for bit."""
 
 from __future__ import annotations
 
 import pytest
 from test_backward import _qkv, _run_dense
 
-from dmattn_cupy import backward, fastpath
+from dmattn_cupy import backward, fastpath, scratch
 
 torch = pytest.importorskip("torch")
 
@@ -35,3 +36,27 @@ def test_cached_backward_matches_the_validated_one(monkeypatch, family, shape):
     for a, b_ in zip(first[1:3], again[1:3], strict=True):
         assert torch.equal(a.view(torch.int16), b_.view(torch.int16))
     assert again[0].dtype == q.dtype and again[0].is_contiguous()
+
+
+@pytest.mark.parametrize("family", ["bwd_sm90", "bwd_dkdv"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("shape", [(2, 70, 4, 2, 64), (1, 33, 3, 1, 136), (1, 129, 2, 2, 256)],
+                         ids=["gqa_d64", "d136", "d256"])
+def test_post_kernel_dq_is_torch_s_cast_of_the_accumulator(monkeypatch, family, dtype, shape):
+    """The cached call's workspace is the kept scratch buffer and still holds dq_accum after
+    the step: dQ must equal ``dq_accum.to(dtype)`` bit for bit (cvt.rn in both)."""
+    if family == "bwd_sm90" and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the sm_90a backward runs on compute capability 9.0 only")
+    monkeypatch.setenv("DMATTN_BWD_FAMILY", family)
+    b, s, h, hk, d = shape
+    q, k, v = _qkv(b, s, s, h, hk, d, dtype, seed=s + d)
+    fastpath.clear()
+    scratch.clear()
+    _run_dense(q, k, v, seed=3)
+    hits = fastpath.HITS[1]
+    dq = _run_dense(q, k, v, seed=3)[0]
+    assert fastpath.HITS[1] == hits + 1 and len(scratch._bufs) == 1
+    (_, ws), = scratch._bufs.values()
+    acc = ws[:q.numel()].view(q.shape)
+    assert torch.isfinite(acc).all() and acc.abs().sum() > 0
+    assert torch.equal(dq.view(torch.int16), acc.to(q.dtype).view(torch.int16))
