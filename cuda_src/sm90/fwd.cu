@@ -75,7 +75,8 @@ namespace dm {
 #define DM_SM90_HEAD_MAJOR 1
 #endif
 // - DM_SM90_LPT_HEADS: N > 0 numbers the other items longest first within sections of N
-//   head-batches (FlashAttention-3's L2 swizzle); 0: longest first across all of them. H200
+//   head-batches (FlashAttention-3's L2 swizzle) where N divides batch * heads; 0: longest
+//   first across all of them. H200
 //   causal (B2 H16 S4096 d128): 0 501.5, 4 525.6, 8 518.0, 16 516.5 TFLOP/s; default 4.
 #ifndef DM_SM90_LPT_HEADS
 #define DM_SM90_LPT_HEADS 4
@@ -208,6 +209,8 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
   const int num_items = num_m * bh;  // <= forward_sm90.MAX_ITEMS
   const bool head_major = DM_SM90_HEAD_MAJOR && p.window_left < 0 && p.window_right < 0 &&
                           p.cu_seqlens_q == nullptr && p.sp_full_count == nullptr;
+  const bool lpt_sections = DM_SM90_LPT_HEADS > 0 && bh > DM_SM90_LPT_HEADS &&
+                            bh % DM_SM90_LPT_HEADS == 0;
   auto item_of_round = [&](int r) {
     return r * int(gridDim.x) + int((r & 1) ? gridDim.x - 1 - blockIdx.x : blockIdx.x);
   };
@@ -223,13 +226,13 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
     if (head_major) {
       m_block = i % num_m;
       hb = i / num_m;
-    } else if (DM_SM90_LPT_HEADS > 0 && DM_SM90_LPT_HEADS < bh) {
-      // longest first within sections of DM_SM90_LPT_HEADS head-batches (the last may be
-      // smaller): a section's K/V stay in L2 while its items run
-      const int sec = i / (DM_SM90_LPT_HEADS * num_m), r = i % (DM_SM90_LPT_HEADS * num_m);
-      const int heads_in = dm_min(DM_SM90_LPT_HEADS, bh - sec * DM_SM90_LPT_HEADS);
-      m_block = num_m - 1 - r / heads_in;
-      hb = sec * DM_SM90_LPT_HEADS + r % heads_in;
+    } else if (lpt_sections) {
+      // longest first within sections of DM_SM90_LPT_HEADS head-batches: a section's K/V
+      // stay in L2 while its items run (one runtime division, as below: more spilled)
+      const int per = DM_SM90_LPT_HEADS * num_m;
+      const int sec = i / per, r = i - sec * per;
+      m_block = num_m - 1 - r / DM_SM90_LPT_HEADS;
+      hb = sec * DM_SM90_LPT_HEADS + r % DM_SM90_LPT_HEADS;
     } else {
       m_block = num_m - 1 - i / bh;
       hb = i % bh;

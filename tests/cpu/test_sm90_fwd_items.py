@@ -13,14 +13,13 @@ def item_coords(i: int, num_m: int, bh: int, head_major: bool, lpt_heads: int
     """fwd.cu's item_coords (DM_SM90_HEAD_MAJOR where every item is equal, DM_SM90_LPT_HEADS)."""
     if head_major:
         return i % num_m, i // num_m
-    if 0 < lpt_heads < bh:
+    if 0 < lpt_heads < bh and bh % lpt_heads == 0:
         sec, r = divmod(i, lpt_heads * num_m)
-        heads_in = min(lpt_heads, bh - sec * lpt_heads)
-        return num_m - 1 - r // heads_in, sec * lpt_heads + r % heads_in
+        return num_m - 1 - r // lpt_heads, sec * lpt_heads + r % lpt_heads
     return num_m - 1 - i // bh, i % bh
 
 
-SHAPES = [(32, 32), (1, 5), (7, 3), (16, 33), (3, 1)]
+SHAPES = [(32, 32), (1, 5), (7, 3), (16, 33), (3, 1), (5, 24), (2, 16)]
 
 
 @pytest.mark.parametrize("num_m,bh", SHAPES)
@@ -34,7 +33,7 @@ def test_every_item_once(num_m, bh, head_major, lpt_heads):
 @pytest.mark.parametrize("num_m,bh", SHAPES)
 @pytest.mark.parametrize("lpt_heads", [0, 1, 4, 8])
 def test_longest_first_within_sections(num_m, bh, lpt_heads):
-    section = lpt_heads if 0 < lpt_heads < bh else bh
+    section = lpt_heads if 0 < lpt_heads < bh and bh % lpt_heads == 0 else bh
     for start in range(0, bh, section):
         tiles = [m for i in range(num_m * bh)
                  for m, hb in [item_coords(i, num_m, bh, False, lpt_heads)]
