@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import env
 from .arrays import ArrayInfo
 from .tensor_map import TensorMapError, TensorMapSpec, dim_stride, encode, record_slots
 
@@ -39,6 +40,27 @@ ARGS_DTYPE = np.dtype({"names": ["maps", "bias_mode", "dq_sem"],
 DQ_SEM_OFFSET = ARGS_DTYPE.fields["dq_sem"][1]
 
 
+def dq_writer() -> bool:
+    """Whether the kernel source is built with the producer's dQ writer warp
+    (``DM_SM90_BWD_DQ_WRITER=1`` in DMATTN_NVRTC_DEFINES; the A/B variant
+    ``DM_SM90_BWD_DQ_ATOMIC=1`` overrides it): bwd.cu's kSm90BwdDqWriter."""
+    return (env.nvrtc_define_int("DM_SM90_BWD_DQ_WRITER", 0) != 0
+            and env.nvrtc_define_int("DM_SM90_BWD_DQ_ATOMIC", 0) == 0)
+
+
+def dq_tile_row_bytes(head_dim: int) -> int:
+    """A row of the writer's staged dQ tile: head_dim fp32 + 32 bytes of bank padding."""
+    return (head_dim + 8) * 4
+
+
+def dq_slots(head_dim: int, has_bias: bool, writer: bool) -> int:
+    """Slots of the writer's dQ ring (Sm90BwdSmem::kDqSlots): 2, or 1 where two do not fit
+    (d128 with a bias tile); 0 without the writer."""
+    if not writer:
+        return 0
+    return 1 if head_dim == 128 and has_bias else 2
+
+
 def padded_head_dim(d: int) -> int:
     """The specialized head dim that serves ``d`` (TMA zero-fills the columns past ``d``)."""
     for hd in HEAD_DIMS:
@@ -47,17 +69,23 @@ def padded_head_dim(d: int) -> int:
     raise ValueError(f"head dim must be <= {HEAD_DIMS[-1]} for the sm_90a backward, got {d}")
 
 
-def smem_bytes(head_dim: int, has_bias: bool, has_mask: bool = False) -> int:
-    """Dynamic shared memory of one instance: Sm90BwdSmem<...>::kAlloc in sm90/bwd.cu."""
+def smem_bytes(head_dim: int, has_bias: bool, has_mask: bool = False,
+               writer: bool | None = None) -> int:
+    """Dynamic shared memory of one instance: Sm90BwdSmem<...>::kAlloc in sm90/bwd.cu;
+    ``writer``: built with the dQ writer (None: as DMATTN_NVRTC_DEFINES says, ``dq_writer``)."""
+    if writer is None:
+        writer = dq_writer()
     boxes = head_dim // 64
     kv = boxes * BLOCK_N * 128
     q = boxes * BLOCK_M * 128
     bias = BLOCK_M * BLOCK_N * 2 if has_bias else 0
     ds = 64 * BLOCK_M * 2
-    dq = boxes * 4 * DQ_WARP_BYTES  # fp32 dQ staging of the bulk reduce-add
+    slots = dq_slots(head_dim, has_bias, writer)
+    # fp32 dQ staging of the bulk reduce-add: the writer's ring of whole tiles, or per warp
+    dq = slots * BLOCK_M * dq_tile_row_bytes(head_dim) if writer else boxes * 4 * DQ_WARP_BYTES
     mask = STAGES * (BLOCK_N * 8 + 2 * 4) if has_mask else 0  # query words per key, 2 flags
-    bars = 8 * (1 + 2 * STAGES)
-    ticket = 16  # the deterministic mode's CTA position
+    bars = 8 * (1 + 2 * STAGES + 2 * slots)
+    ticket = 16  # the deterministic mode's CTA position, the writer's skip words
     return (2 * kv + STAGES * (2 * q + bias) + 2 * ds + dq + 2 * STAGES * BLOCK_M * 4 + mask
             + bars + ticket + 1024)
 
