@@ -122,6 +122,16 @@ DM_DEVICE int ld_acquire_gpu(const int32_t* p) {
 DM_DEVICE void red_release_gpu_add(int32_t* p, int v) {
   asm volatile("red.release.gpu.global.add.s32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
+// One bulk tensor reduce-add (the map's type: fp32) of a box from shared memory at the
+// coordinates (c0 fastest); out-of-bounds elements are not written.
+DM_DEVICE void tma_reduce_add_4d(const sm90::TmaDesc* map, uint32_t src, int c0, int c1, int c2,
+                                 int c3) {
+  asm volatile(
+      "cp.reduce.async.bulk.tensor.4d.global.shared::cta.add.tile.bulk_group"
+      " [%0, {%2, %3, %4, %5}], [%1];"
+      ::"l"(reinterpret_cast<uint64_t>(map)), "r"(src), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+      : "memory");
+}
 // Orders this thread's generic-proxy accesses of global memory with its async-proxy ones.
 DM_DEVICE void fence_proxy_async_global() {
   asm volatile("fence.proxy.async.global;" ::: "memory");
@@ -145,24 +155,29 @@ struct BoolTag {
 };
 
 // DM_SM90_BWD_DQ_WRITER=1: the producer's dQ writer warp adds the staged tiles (and takes the
-// deterministic turns) instead of each consumer warp's lane 0 (the header's "dQ writer"). The
-// A/B variant DM_SM90_BWD_DQ_ATOMIC has no staged tiles: it wins.
+// deterministic turns) instead of each consumer warp's lane 0 (the header's "dQ writer"), one
+// bulk add per row; =2: one bulk tensor reduce per tile through Sm90BwdArgs::dqa. The A/B
+// variant DM_SM90_BWD_DQ_ATOMIC has no staged tiles: it wins.
 constexpr bool kSm90BwdDqWriter = DM_SM90_BWD_DQ_WRITER != 0 && !DM_SM90_BWD_DQ_ATOMIC;
+constexpr bool kSm90BwdDqTensor = kSm90BwdDqWriter && DM_SM90_BWD_DQ_WRITER == 2;
 
 enum Sm90BwdBias : int32_t { kBwdBiasNone = 0, kBwdBiasTile = 1, kBwdBiasKeyRow = 2 };
 
 // The second kernel parameter (const __grid_constant__): tensor maps over (cols, rows, heads,
 // batch) of q, k, v, dout and a (B, H, Sq, Sk) bias, and how the bias is read. Mirrored by
 // dmattn_cupy/backward_sm90.py (ARGS_DTYPE; size checked below and in the CPU tests).
-// dq_sem: the deterministic mode's counters (null: the default, unordered adds).
+// dqa: fp32 over dq_accum, box (kHeadDim + 8 columns, 64 rows): a writer slot as it lies in
+// shared memory, the padding columns and rows past the end out of bounds (not written); only
+// encoded for DM_SM90_BWD_DQ_WRITER=2. dq_sem: the deterministic mode's counters (null: the
+// default, unordered adds).
 struct alignas(64) Sm90BwdArgs {
-  sm90::TmaDesc q, k, v, dout, bias;
+  sm90::TmaDesc q, k, v, dout, bias, dqa;
   int32_t bias_mode;
   int32_t pad0;
   int32_t* dq_sem;
   int32_t pad[12];
 };
-static_assert(sizeof(Sm90BwdArgs) == 704, "Sm90BwdArgs: size drifted from backward_sm90.py");
+static_assert(sizeof(Sm90BwdArgs) == 832, "Sm90BwdArgs: size drifted from backward_sm90.py");
 
 // Shared-memory plan of one kernel instance; backward_sm90.smem_bytes mirrors kAlloc.
 template <int kHeadDim, bool kHasMask, bool kHasBias>
@@ -549,6 +564,7 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
         // Shuffled copies are warp-uniform to the compiler: the adds' operands stay in uniform
         // registers (UBLKRED takes only those).
         const int b_u = __shfl_sync(0xffffffffu, b, 0);
+        if (kSm90BwdDqTensor && lane == 0) tma_prefetch(&args.dqa);
         const uint32_t ring = __shfl_sync(0xffffffffu, base + Smem::kOffDQ, 0);
         const float* dqa = bp.dq_accum + int64_t(b_u) * bp.dqa_batch_stride;
         for (int i = 0; i < n_items; ++i) {
@@ -568,13 +584,15 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
             fence_proxy_async_global();  // the earlier tiles' adds, then these (async proxy)
           }
           __syncwarp();
-          if (add) {  // the row loop runs on the whole warp: its operands stay uniform
-            const int rows = dm_min(kBlockM, len_q - m0);
+          if (!kSm90BwdDqTensor && add) {  // the row loop runs on the whole warp: its operands
+            const int rows = dm_min(kBlockM, len_q - m0);  // stay uniform
             uint32_t src = ring + uint32_t(k) * Smem::kDQSlot;
             for (int rr = 0; rr < rows; ++rr, dst += bp.dqa_row_stride, src += Smem::kDQTileRow)
               if (elect_one()) bulk_reduce_add_f32(dst, src, uint32_t(row_bytes));
           }
           if (lane == 0) {
+            if (kSm90BwdDqTensor && add)  // the whole tile: rows past the end are out of bounds
+              tma_reduce_add_4d(&args.dqa, ring + uint32_t(k) * Smem::kDQSlot, 0, m0, h, b_u);
             if (add) {
               bulk_commit();
               bulk_wait_read<0>();
