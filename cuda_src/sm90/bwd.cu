@@ -44,8 +44,8 @@
 // mbarrier (one arrival per dQ warp; consumer 0's warp 0 also writes the slot's "nothing to
 // add" word, set for a tile the mask drops entirely, which still passes the ring). The writer
 // waits for full, takes the deterministic turn, adds the rows (one bulk add of head_dim fp32
-// per row, issued by an elected lane), waits for the adds to read the slot and arrives on
-// empty; two slots, one at d128 with a bias tile (shared memory).
+// per row, or with =2 one bulk tensor reduce per tile), waits for the adds to read the slot and
+// arrives on empty; two slots, one at d128 with a bias tile (shared memory).
 // Deterministic mode (args.dq_sem: zeroed int32 words, [0] a CTA ticket, then one counter per
 // (batch, head, query tile)): a CTA takes its linear position from the ticket (atomicAdd), not
 // from blockIdx, so every position below it belongs to a CTA that is running or done. Key tile
@@ -96,11 +96,6 @@ DM_DEVICE void bulk_reduce_add_f32(float* dst, uint32_t src, uint32_t bytes) {
   asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;"
                ::"l"(reinterpret_cast<uint64_t>(dst)), "r"(src), "r"(bytes)
                : "memory");
-}
-DM_DEVICE bool elect_one() {
-  uint32_t x;
-  asm volatile("{\n.reg .pred P;\nelect.sync _|P, 0xffffffff;\nselp.u32 %0, 1, 0, P;\n}" : "=r"(x));
-  return x != 0;
 }
 DM_DEVICE void bulk_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
 // This thread's bulk groups but the newest kPending have read their shared-memory source.
@@ -561,8 +556,8 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
         // slot once the adds have read it, and in deterministic mode waits for them to complete
         // before passing the turn on. The consumers never wait on global memory.
         const int row_bytes = 4 * p.head_dim;
-        // Shuffled copies are warp-uniform to the compiler: the adds' operands stay in uniform
-        // registers (UBLKRED takes only those).
+        // Shuffled copies are warp-uniform to the compiler (the tensor reduce's coordinates go
+        // to uniform registers; UBLKRED's row addresses still pass ptxas's one-lane ELECT loop).
         const int b_u = __shfl_sync(0xffffffffu, b, 0);
         if (kSm90BwdDqTensor && lane == 0) tma_prefetch(&args.dqa);
         const uint32_t ring = __shfl_sync(0xffffffffu, base + Smem::kOffDQ, 0);
@@ -584,11 +579,11 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
             fence_proxy_async_global();  // the earlier tiles' adds, then these (async proxy)
           }
           __syncwarp();
-          if (!kSm90BwdDqTensor && add) {  // the row loop runs on the whole warp: its operands
-            const int rows = dm_min(kBlockM, len_q - m0);  // stay uniform
+          if (!kSm90BwdDqTensor && add) {  // lane 0 issues (its bulk groups are waited below)
+            const int rows = dm_min(kBlockM, len_q - m0);
             uint32_t src = ring + uint32_t(k) * Smem::kDQSlot;
             for (int rr = 0; rr < rows; ++rr, dst += bp.dqa_row_stride, src += Smem::kDQTileRow)
-              if (elect_one()) bulk_reduce_add_f32(dst, src, uint32_t(row_bytes));
+              if (lane == 0) bulk_reduce_add_f32(dst, src, uint32_t(row_bytes));
           }
           if (lane == 0) {
             if (kSm90BwdDqTensor && add)  // the whole tile: rows past the end are out of bounds

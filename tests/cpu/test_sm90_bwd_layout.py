@@ -430,9 +430,6 @@ def test_spec_compiles_without_spills_or_slow_advisories(dtype, head_dim, bias, 
         assert len(re.findall(r"UTMAREDG\.4D\.ADD", sass)) == 1 and "UBLKRED" not in sass
     else:
         assert "UBLKRED.G.S.ADD.F32" in sass                  # dQ: bulk reduce-add by row
-    if writer == 1:  # issued by one thread (ELECT), not in a per-lane waterfall loop
-        assert "ELECT" in sass
-        assert not re.search(r"UBLKRED[^\n]*\n[^\n]*BRA\.U\.ANY", sass)
     # no per-element float atomics (the deterministic mode's counters are int32 words)
     assert not [ln for ln in re.findall(r"\bREDG?\.[^;]*", sass) if "F32" in ln or "F16" in ln]
     if mask:  # the producer's transpose of the mask rows
