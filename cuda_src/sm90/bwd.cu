@@ -219,7 +219,8 @@ struct Sm90BwdSmem {
   static constexpr int kBytes = kOffTicket + 16;
   static constexpr int kAlloc = kBytes + 1024;  // the base is aligned up to 1024 at run time
   static_assert(4 * (1 + kDqSlots) <= 16, "ticket and skip words");
-  static_assert(kDQTileRow % 16 == 0 && kDQSlot % 16 == 0, "bulk-add rows are 16-byte aligned");
+  static_assert(kDQTileRow % 16 == 0 && kDQSlot % 128 == 0 && kOffDQ % 128 == 0,
+                "bulk-add rows 16-byte, tensor-reduce boxes 128-byte aligned");
   static_assert(kAlloc <= 227 * 1024, "the sm_90 shared-memory limit per block");
   static_assert(kKV % 1024 == 0 && kQ % 1024 == 0 && kBias % 1024 == 0 && kDS % 1024 == 0,
                 "swizzled tiles start on 1024-byte boundaries");
