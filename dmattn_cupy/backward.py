@@ -266,13 +266,14 @@ def backward_call(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out:
                                              pb.seqlen_k) or 0
             dout_info = describe(dout)
             sem = ptr(bufs["ws"]) + 4 * sem_at if deterministic else 0
-            args = backward_sm90.build_args(pb.q, pb.k, pb.v, dout_info, pb.bias, mode_b, sem)
+            args = backward_sm90.build_args(pb.q, pb.k, pb.v, dout_info, pb.bias, mode_b, sem,
+                                            ptr(bufs["ws"]))
             slots = backward_sm90.address_slots(pb.q, pb.k, pb.v, dout_info, pb.bias, mode_b)
             if slots is None:  # the driver's map layout cannot be patched: plan per call
                 plan.cacheable = False
-            else:
+            else:  # the dqa map spans dq_accum, element 0 of the workspace
                 for name, offset in slots:
-                    plan.slot_at(name, args, offset)
+                    plan.slot_at("ws" if name == "dqa" else name, args, offset)
             if deterministic:
                 plan.slot_at("ws", args, backward_sm90.DQ_SEM_OFFSET, 4 * sem_at)
             plan.launches.append(Launch(runtime.get_kernel(spec, dev), (

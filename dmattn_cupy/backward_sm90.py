@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import env
 from .arrays import ArrayInfo
 from .tensor_map import TensorMapError, TensorMapSpec, dim_stride, encode, record_slots
 
@@ -30,13 +31,43 @@ DQ_WARP_BYTES = 16 * DQ_ROW_BYTES  # one consumer warp's 16 rows of one 64-colum
 
 BIAS_NONE, BIAS_TILE, BIAS_KEY_ROW = 0, 1, 2
 
-# Sm90BwdArgs: five 128-byte tensor maps (q, k, v, dout, bias), the int32 bias mode, the
-# deterministic mode's counters (a pointer; 0 = default mode), padding.
-MAP_NAMES = ("q", "k", "v", "dout", "bias")
+# Sm90BwdArgs: six 128-byte tensor maps (q, k, v, dout, bias, dqa: dq_accum for the tensor
+# writer), the int32 bias mode, the deterministic mode's counters (a pointer; 0 = default
+# mode), padding.
+MAP_NAMES = ("q", "k", "v", "dout", "bias", "dqa")
 ARGS_DTYPE = np.dtype({"names": ["maps", "bias_mode", "dq_sem"],
                        "formats": [(np.uint8, 128 * len(MAP_NAMES)), np.int32, np.uint64],
-                       "offsets": [0, 640, 648], "itemsize": 704})
+                       "offsets": [0, 768, 776], "itemsize": 832})
 DQ_SEM_OFFSET = ARGS_DTYPE.fields["dq_sem"][1]
+
+
+def dq_writer_mode() -> int:
+    """How the kernel source adds dQ (DMATTN_NVRTC_DEFINES): 0 each consumer warp's lane 0,
+    1 the producer's dQ writer warp by row (``DM_SM90_BWD_DQ_WRITER=1``), 2 the writer by one
+    tensor reduce per tile (``=2``, through the dqa map); the A/B variant
+    ``DM_SM90_BWD_DQ_ATOMIC=1`` overrides them (0). bwd.cu's kSm90BwdDqWriter/-Tensor."""
+    mode = env.nvrtc_define_int("DM_SM90_BWD_DQ_WRITER", 0)
+    if env.nvrtc_define_int("DM_SM90_BWD_DQ_ATOMIC", 0) != 0 or mode == 0:
+        return 0
+    return 2 if mode == 2 else 1
+
+
+def dq_writer() -> bool:
+    """Whether the kernel has the dQ writer warp and its ring: bwd.cu's kSm90BwdDqWriter."""
+    return dq_writer_mode() != 0
+
+
+def dq_tile_row_bytes(head_dim: int) -> int:
+    """A row of the writer's staged dQ tile: head_dim fp32 + 32 bytes of bank padding."""
+    return (head_dim + 8) * 4
+
+
+def dq_slots(head_dim: int, has_bias: bool, writer: bool) -> int:
+    """Slots of the writer's dQ ring (Sm90BwdSmem::kDqSlots): 2, or 1 where two do not fit
+    (d128 with a bias tile); 0 without the writer."""
+    if not writer:
+        return 0
+    return 1 if head_dim == 128 and has_bias else 2
 
 
 def padded_head_dim(d: int) -> int:
@@ -47,17 +78,23 @@ def padded_head_dim(d: int) -> int:
     raise ValueError(f"head dim must be <= {HEAD_DIMS[-1]} for the sm_90a backward, got {d}")
 
 
-def smem_bytes(head_dim: int, has_bias: bool, has_mask: bool = False) -> int:
-    """Dynamic shared memory of one instance: Sm90BwdSmem<...>::kAlloc in sm90/bwd.cu."""
+def smem_bytes(head_dim: int, has_bias: bool, has_mask: bool = False,
+               writer: bool | None = None) -> int:
+    """Dynamic shared memory of one instance: Sm90BwdSmem<...>::kAlloc in sm90/bwd.cu;
+    ``writer``: built with the dQ writer (None: as DMATTN_NVRTC_DEFINES says, ``dq_writer``)."""
+    if writer is None:
+        writer = dq_writer()
     boxes = head_dim // 64
     kv = boxes * BLOCK_N * 128
     q = boxes * BLOCK_M * 128
     bias = BLOCK_M * BLOCK_N * 2 if has_bias else 0
     ds = 64 * BLOCK_M * 2
-    dq = boxes * 4 * DQ_WARP_BYTES  # fp32 dQ staging of the bulk reduce-add
+    slots = dq_slots(head_dim, has_bias, writer)
+    # fp32 dQ staging of the bulk reduce-add: the writer's ring of whole tiles, or per warp
+    dq = slots * BLOCK_M * dq_tile_row_bytes(head_dim) if writer else boxes * 4 * DQ_WARP_BYTES
     mask = STAGES * (BLOCK_N * 8 + 2 * 4) if has_mask else 0  # query words per key, 2 flags
-    bars = 8 * (1 + 2 * STAGES)
-    ticket = 16  # the deterministic mode's CTA position
+    bars = 8 * (1 + 2 * STAGES + 2 * slots)
+    ticket = 16  # the deterministic mode's CTA position, the writer's skip words
     return (2 * kv + STAGES * (2 * q + bias) + 2 * ds + dq + 2 * STAGES * BLOCK_M * 4 + mask
             + bars + ticket + 1024)
 
@@ -102,13 +139,28 @@ def _bias_tile_map(info: ArrayInfo) -> TensorMapSpec:
                                               dim_stride(nb, sb, 2)), (64, BLOCK_M, 1, 1), 128)
 
 
+def _dq_accum_map(q: ArrayInfo) -> TensorMapSpec:
+    """fp32 (cols, rows, heads, batch) over dq_accum (q's shape, contiguous) with the box of a
+    writer slot: padded_head_dim + 8 columns (the bank padding and any head-dim padding lie
+    past the head dim: out of bounds, never written) x BLOCK_M rows."""
+    b, s, h, d = q.shape
+    return TensorMapSpec(4, (d, s, h, b), (dim_stride(s, h * d, 4), dim_stride(h, d, 4),
+                                          dim_stride(b, s * h * d, 4)),
+                         (padded_head_dim(d) + 8, BLOCK_M, 1, 1), 0, float32=True)
+
+
 def plan_maps(q: ArrayInfo, k: ArrayInfo, v: ArrayInfo, dout: ArrayInfo,
-              bias: ArrayInfo | None, mode: int) -> dict[str, TensorMapSpec | None]:
-    """The tensor maps of a problem, or TensorMapError when one cannot be encoded."""
+              bias: ArrayInfo | None, mode: int,
+              dq_tensor: bool | None = None) -> dict[str, TensorMapSpec | None]:
+    """The tensor maps of a problem, or TensorMapError when one cannot be encoded;
+    ``dq_tensor``: with the dqa map (None: when ``dq_writer_mode`` is 2)."""
+    if dq_tensor is None:
+        dq_tensor = dq_writer_mode() == 2
     maps: dict[str, TensorMapSpec | None] = {
         "q": _qkv_map(q, BLOCK_M), "k": _qkv_map(k, BLOCK_N), "v": _qkv_map(v, BLOCK_N),
         "dout": _qkv_map(dout, BLOCK_M),
-        "bias": _bias_tile_map(bias) if mode == BIAS_TILE and bias is not None else None}
+        "bias": _bias_tile_map(bias) if mode == BIAS_TILE and bias is not None else None,
+        "dqa": _dq_accum_map(q) if dq_tensor else None}
     for spec in maps.values():
         if spec is not None:
             spec.check()
@@ -145,18 +197,21 @@ def accepts(head_dim: int, dtype: str, q: ArrayInfo, k: ArrayInfo, v: ArrayInfo,
 
 
 def build_args(q: ArrayInfo, k: ArrayInfo, v: ArrayInfo, dout: ArrayInfo,
-               bias: ArrayInfo | None, mode: int, dq_sem: int = 0) -> np.ndarray:
+               bias: ArrayInfo | None, mode: int, dq_sem: int = 0,
+               dq_accum: int = 0) -> np.ndarray:
     """The one-element Sm90BwdArgs record (maps encoded by the driver); ``dq_sem``: the
-    deterministic mode's zeroed counters (``semaphore_words`` int32), 0 for the default mode."""
+    deterministic mode's zeroed counters (``semaphore_words`` int32), 0 for the default mode;
+    ``dq_accum``: the fp32 accumulator (q's shape, contiguous) the dqa map spans (encoded when
+    ``dq_writer_mode`` is 2)."""
     maps = plan_maps(q, k, v, dout, bias, mode)
-    infos = {"q": q, "k": k, "v": v, "dout": dout, "bias": bias}
+    ptrs = {"q": q.ptr, "k": k.ptr, "v": v.ptr, "dout": dout.ptr,
+            "bias": None if bias is None else bias.ptr, "dqa": dq_accum}
     rec = np.zeros(1, dtype=ARGS_DTYPE)
     raw = bytearray(128 * len(MAP_NAMES))
     for i, name in enumerate(MAP_NAMES):
         spec = maps[name]
-        info = infos[name]
-        if spec is not None and info is not None:
-            raw[128 * i:128 * (i + 1)] = encode(spec, info.ptr)
+        if spec is not None and ptrs[name] is not None:
+            raw[128 * i:128 * (i + 1)] = encode(spec, ptrs[name])
     rec["maps"][0] = np.frombuffer(bytes(raw), dtype=np.uint8)
     rec["bias_mode"] = mode
     rec["dq_sem"] = dq_sem
@@ -169,5 +224,5 @@ def address_slots(q: ArrayInfo, k: ArrayInfo, v: ArrayInfo, dout: ArrayInfo,
     so a cached record is reused for new pointers of the same layout by patching them; None
     when the driver's map layout does not allow it (the call is then planned every time)."""
     maps = plan_maps(q, k, v, dout, bias, mode)
-    present = {"q": q, "k": k, "v": v, "dout": dout, "bias": bias}
+    present = {"q": q, "k": k, "v": v, "dout": dout, "bias": bias, "dqa": q}
     return record_slots({n: m for n, m in maps.items() if present[n] is not None}, MAP_NAMES)

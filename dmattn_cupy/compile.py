@@ -187,7 +187,8 @@ def _nvrtc_compile(spec: KernelSpec) -> tuple[bytes, str, str]:
     return bytes(cubin), lowered, text
 
 
-_mem_cache: dict[KernelSpec, CompiledKernel] = {}
+# keyed by the spec and DMATTN_NVRTC_DEFINES (an A/B define changes the cubin, not the spec)
+_mem_cache: dict[tuple[KernelSpec, tuple[str, ...]], CompiledKernel] = {}
 _lock = threading.Lock()
 
 
@@ -217,7 +218,7 @@ def _load_disk(path: Path, meta_path: Path) -> tuple[bytes, dict] | None:
 
 def compile_spec(spec: KernelSpec, use_disk_cache: bool = True) -> CompiledKernel:
     """Compile ``spec`` for ``spec.arch``, using the in-process and disk caches."""
-    key, arch = spec, spec.arch
+    key, arch = (spec, env.nvrtc_defines()), spec.arch
     with _lock:
         hit = _mem_cache.get(key)
     if hit is not None:

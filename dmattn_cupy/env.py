@@ -85,6 +85,16 @@ def nvrtc_defines() -> tuple[str, ...]:
     return tuple(val)
 
 
+def nvrtc_define_int(name: str, default: int) -> int:
+    """An integer A/B define of the kernel sources from DMATTN_NVRTC_DEFINES (``NAME=N``), or
+    ``default``; host halves read the ones that change their tiles or shared memory."""
+    for d in nvrtc_defines():
+        key, _, val = d.partition("=")
+        if key == name and val.isdigit():
+            return int(val)
+    return default
+
+
 BACKWARD_FAMILIES = ("bwd_dkdv", "bwd_sm90")
 
 

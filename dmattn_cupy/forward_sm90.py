@@ -64,11 +64,7 @@ TILES: dict[tuple[int, bool, bool], tuple[int, int]] = {
 def define_value(name: str, default: int) -> int:
     """An integer A/B define of the kernel source from DMATTN_NVRTC_DEFINES (``NAME=N``), or
     ``default``; the host half reads the ones that change its tiles or shared memory."""
-    for d in env.nvrtc_defines():
-        key, _, val = d.partition("=")
-        if key == name and val.isdigit():
-            return int(val)
-    return default
+    return env.nvrtc_define_int(name, default)
 
 
 def _mask_bias_tile(head_dim: int, block_n: int, has_mask: bool) -> bool:

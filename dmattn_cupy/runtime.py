@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from . import env
 from .compile import CompiledKernel, compile_spec
 from .device import DeviceProps, parse_arch
 from .device_check import require_supported_device
@@ -64,7 +65,9 @@ class Kernel:
         return self.compiled.registers
 
 
-_kernels: dict[tuple[KernelSpec, int], Kernel] = {}
+# keyed by spec, device and DMATTN_NVRTC_DEFINES (an A/B define changes the cubin and, for
+# some families, the shared memory its launch asks for)
+_kernels: dict[tuple[KernelSpec, int, tuple[str, ...]], Kernel] = {}
 _lock = threading.Lock()
 
 
@@ -78,7 +81,7 @@ def _check_runs_on(spec: KernelSpec, dev: DeviceProps) -> None:
 
 def get_kernel(spec: KernelSpec, device: int) -> Kernel:
     """The loaded kernel of ``spec`` on ``device`` (compiled on first use, then cached)."""
-    key = (spec, device)
+    key = (spec, device, env.nvrtc_defines())
     with _lock:
         k = _kernels.get(key)
     if k is not None:

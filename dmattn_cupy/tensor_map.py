@@ -14,6 +14,7 @@ from functools import lru_cache
 
 # CUtensorMapDataType / CUtensorMapSwizzle / L2 promotion values of the driver API.
 _DTYPE_BY_SIZE = {1: 0, 2: 1, 4: 2}  # UINT8, UINT16, UINT32: TMA copies bits, zero-fills OOB
+_FLOAT32 = 7  # the type a bulk tensor reduce-add adds in (a copy of bits cannot add)
 _SWIZZLE = {0: 0, 32: 1, 64: 2, 128: 3}
 _L2_PROMOTION_256B = 3
 MAX_STRIDE = 1 << 40
@@ -27,19 +28,22 @@ class TensorMapError(ValueError):
 @dataclass(frozen=True)
 class TensorMapSpec:
     """A tiled tensor map. Dim 0 is the contiguous one; ``strides`` are the byte strides of
-    dims 1.. (a dim of size 1 may carry any legal stride: it is never stepped)."""
+    dims 1.. (a dim of size 1 may carry any legal stride: it is never stepped). ``float32``:
+    4-byte elements typed as fp32 (what a reduce-add needs), else plain bits."""
     elem_bytes: int
     dims: tuple[int, ...]
     strides: tuple[int, ...]
     box: tuple[int, ...]
     swizzle: int = 0
+    float32: bool = False
 
     def check(self) -> None:
         """Raise TensorMapError unless the driver's rules for tiled maps hold."""
         rank = len(self.dims)
         if not 1 <= rank <= 5 or len(self.box) != rank or len(self.strides) != rank - 1:
             raise TensorMapError(f"rank {rank} map with box {self.box} and strides {self.strides}")
-        if self.elem_bytes not in _DTYPE_BY_SIZE or self.swizzle not in _SWIZZLE:
+        if self.elem_bytes not in _DTYPE_BY_SIZE or self.swizzle not in _SWIZZLE or (
+                self.float32 and self.elem_bytes != 4):
             raise TensorMapError(f"element size {self.elem_bytes} / swizzle {self.swizzle}")
         if any(d < 1 or d >= 1 << 32 for d in self.dims):
             raise TensorMapError(f"dims {self.dims} must be in [1, 2**32)")
@@ -91,7 +95,8 @@ def encode(spec: TensorMapSpec, address: int) -> bytes:
     strides = (ctypes.c_uint64 * max(1, rank - 1))(*spec.strides)
     box = (ctypes.c_uint32 * rank)(*spec.box)
     ones = (ctypes.c_uint32 * rank)(*([1] * rank))
-    err = _encoder()(ctypes.addressof(out), _DTYPE_BY_SIZE[spec.elem_bytes], rank, address, dims,
+    dtype = _FLOAT32 if spec.float32 else _DTYPE_BY_SIZE[spec.elem_bytes]
+    err = _encoder()(ctypes.addressof(out), dtype, rank, address, dims,
                      strides, box, ones, 0, _SWIZZLE[spec.swizzle], _L2_PROMOTION_256B, 0)
     if err != 0:
         raise TensorMapError(f"cuTensorMapEncodeTiled failed with CUresult {err} for {spec}")

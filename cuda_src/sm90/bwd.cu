@@ -35,18 +35,35 @@
 //     atomics). DM_SM90_BWD_DQ_ATOMIC=1 (DMATTN_NVRTC_DEFINES) keeps phase 1's dQ for an A/B:
 //     each consumer adds a partial over its own 64 keys with red.global.add.v2.f32 (and
 //     phase 1's per-element dbias stores).
+// dQ writer (DM_SM90_BWD_DQ_WRITER=1, FlashAttention-3's split): the consumers never wait on
+// global memory. Producer warp 1 is the writer (warp 0 then loads: lane 0 the TMA, every lane
+// two lse/dsum rows; warps 2-3 keep the mask). The dQ warps store their fragments into slot
+// i % kDqSlots of a ring of whole 64-row tiles (both consumers' boxes side by side, rows
+// (kHeadDim + 8) x 4 bytes apart: conflict-free float2 stores, each row contiguous) once the
+// slot's empty mbarrier says the writer's adds have read its last tile, and arrive on its full
+// mbarrier (one arrival per dQ warp; consumer 0's warp 0 also writes the slot's "nothing to
+// add" word, set for a tile the mask drops entirely, which still passes the ring). The writer
+// waits for full, takes the deterministic turn, adds the rows (one bulk add of head_dim fp32
+// per row, or with =2 one bulk tensor reduce per tile), waits for the adds to read the slot and
+// arrives on empty; two slots, one at d128 with a bias tile (shared memory).
 // Deterministic mode (args.dq_sem: zeroed int32 words, [0] a CTA ticket, then one counter per
 // (batch, head, query tile)): a CTA takes its linear position from the ticket (atomicAdd), not
 // from blockIdx, so every position below it belongs to a CTA that is running or done. Key tile
 // n adds its dQ partial of query tile m after the key tiles n_lo(m) .. n - 1 did: each dQ
 // warp's lane 0 waits for the counter to reach (n - n_lo) * kDqWarps, adds, waits for its bulk
-// adds to complete, and increments it. The key tiles that visit query tile m are exactly
-// n_lo .. n_hi with n_lo = key_range(m's rows).k_begin / kBlockN (query_range and key_range
-// are transposes and both bounds move monotonically with the tile), so every counter a CTA
+// adds to complete, and increments it (with the writer: the writer alone, per item, to
+// (n - n_lo) * 1, the consumers only feeding its ring; a dropped tile's turn is still waited
+// for before its +1, or that +1 could stand in for an earlier tile's). The key tiles that
+// visit query tile m are exactly n_lo .. n_hi with n_lo = key_range(m's rows).k_begin /
+// kBlockN (query_range and key_range are transposes and both bounds move monotonically with
+// the tile), so every counter a CTA
 // waits on is advanced only by CTAs of smaller key tiles, i.e. smaller positions (key tile is
 // the slowest-moving coordinate under causal remapping, and key tiles of one (kv head, batch)
 // are ordered by x otherwise): the CTA holding the smallest unfinished position never waits,
-// so no wait is forever. The fp32 sums then add in one order on every run.
+// so no wait is forever. (With the writer, that CTA's writer finds every turn already given;
+// its consumers wait only on its writer's ring and its producer's stages, which wait only on
+// them: the single-CTA hand-off modelled in tests/cpu/test_sm90_bwd_barriers.py, turns across
+// CTAs included.) The fp32 sums then add in one order on every run.
 // Bias gradients: a full tile's dbias is dx itself: each thread overwrites the bias elements
 // it read in the shared-memory stage with dx, and after the dS^T barriers each consumer
 // copies its 64-key box to global memory in 16-byte chunks (8 threads per 128-byte row) while
@@ -59,6 +76,9 @@
 #pragma once
 #ifndef DM_SM90_BWD_DQ_ATOMIC
 #define DM_SM90_BWD_DQ_ATOMIC 0
+#endif
+#ifndef DM_SM90_BWD_DQ_WRITER
+#define DM_SM90_BWD_DQ_WRITER 0
 #endif
 #include "../common.cuh"
 #include "../params.cuh"
@@ -97,12 +117,30 @@ DM_DEVICE int ld_acquire_gpu(const int32_t* p) {
 DM_DEVICE void red_release_gpu_add(int32_t* p, int v) {
   asm volatile("red.release.gpu.global.add.s32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
+// One bulk tensor reduce-add (the map's type: fp32) of a box from shared memory at the
+// coordinates (c0 fastest); out-of-bounds elements are not written.
+DM_DEVICE void tma_reduce_add_4d(const sm90::TmaDesc* map, uint32_t src, int c0, int c1, int c2,
+                                 int c3) {
+  asm volatile(
+      "cp.reduce.async.bulk.tensor.4d.global.shared::cta.add.tile.bulk_group"
+      " [%0, {%2, %3, %4, %5}], [%1];"
+      ::"l"(reinterpret_cast<uint64_t>(map)), "r"(src), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+      : "memory");
+}
 // Orders this thread's generic-proxy accesses of global memory with its async-proxy ones.
 DM_DEVICE void fence_proxy_async_global() {
   asm volatile("fence.proxy.async.global;" ::: "memory");
 }
 DM_DEVICE void st_shared_f32x2(uint32_t addr, float x, float y) {
   asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(addr), "f"(x), "f"(y) : "memory");
+}
+DM_DEVICE void st_shared_u32(uint32_t addr, uint32_t x) {
+  asm volatile("st.shared.u32 [%0], %1;" ::"r"(addr), "r"(x) : "memory");
+}
+DM_DEVICE uint32_t ld_shared_u32(uint32_t addr) {
+  uint32_t x;
+  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(x) : "r"(addr) : "memory");
+  return x;
 }
 
 // A compile-time switch passed to generic lambdas (decltype(tag)::value).
@@ -111,20 +149,30 @@ struct BoolTag {
   static constexpr bool value = kValue;
 };
 
+// DM_SM90_BWD_DQ_WRITER=1: the producer's dQ writer warp adds the staged tiles (and takes the
+// deterministic turns) instead of each consumer warp's lane 0 (the header's "dQ writer"), one
+// bulk add per row; =2: one bulk tensor reduce per tile through Sm90BwdArgs::dqa. The A/B
+// variant DM_SM90_BWD_DQ_ATOMIC has no staged tiles: it wins.
+constexpr bool kSm90BwdDqWriter = DM_SM90_BWD_DQ_WRITER != 0 && !DM_SM90_BWD_DQ_ATOMIC;
+constexpr bool kSm90BwdDqTensor = kSm90BwdDqWriter && DM_SM90_BWD_DQ_WRITER == 2;
+
 enum Sm90BwdBias : int32_t { kBwdBiasNone = 0, kBwdBiasTile = 1, kBwdBiasKeyRow = 2 };
 
 // The second kernel parameter (const __grid_constant__): tensor maps over (cols, rows, heads,
 // batch) of q, k, v, dout and a (B, H, Sq, Sk) bias, and how the bias is read. Mirrored by
 // dmattn_cupy/backward_sm90.py (ARGS_DTYPE; size checked below and in the CPU tests).
-// dq_sem: the deterministic mode's counters (null: the default, unordered adds).
+// dqa: fp32 over dq_accum, box (kHeadDim + 8 columns, 64 rows): a writer slot as it lies in
+// shared memory, the padding columns and rows past the end out of bounds (not written); only
+// encoded for DM_SM90_BWD_DQ_WRITER=2. dq_sem: the deterministic mode's counters (null: the
+// default, unordered adds).
 struct alignas(64) Sm90BwdArgs {
-  sm90::TmaDesc q, k, v, dout, bias;
+  sm90::TmaDesc q, k, v, dout, bias, dqa;
   int32_t bias_mode;
   int32_t pad0;
   int32_t* dq_sem;
   int32_t pad[12];
 };
-static_assert(sizeof(Sm90BwdArgs) == 704, "Sm90BwdArgs: size drifted from backward_sm90.py");
+static_assert(sizeof(Sm90BwdArgs) == 832, "Sm90BwdArgs: size drifted from backward_sm90.py");
 
 // Shared-memory plan of one kernel instance; backward_sm90.smem_bytes mirrors kAlloc.
 template <int kHeadDim, bool kHasMask, bool kHasBias>
@@ -139,7 +187,17 @@ struct Sm90BwdSmem {
   // (256 + 32: the 8 rows of a float2 store land in distinct banks; 16-byte aligned rows).
   static constexpr int kDQRow = (64 + 8) * 4;
   static constexpr int kDQWarp = 16 * kDQRow;
-  static constexpr int kDQ = DM_SM90_BWD_DQ_ATOMIC ? 0 : kBoxes * 4 * kDQWarp;
+  // With the dQ writer: a ring of kDqSlots whole 64-row tiles (both consumers' boxes side by
+  // side), rows kDQTileRow bytes apart (kHeadDim fp32 + 32 bytes: the 8 rows of a float2 store
+  // land in distinct banks; a row is one contiguous bulk add); one slot where two do not fit
+  // (d128 with a bias tile).
+  static constexpr bool kDqWriter = kSm90BwdDqWriter;
+  static constexpr int kDqSlots = !kDqWriter ? 0 : (kHeadDim == 128 && kHasBias) ? 1 : 2;
+  static constexpr int kDQTileRow = (kHeadDim + 8) * 4;
+  static constexpr int kDQSlot = kBlockM * kDQTileRow;
+  static constexpr int kDQ = DM_SM90_BWD_DQ_ATOMIC ? 0
+                             : kDqWriter             ? kDqSlots * kDQSlot
+                                                     : kBoxes * 4 * kDQWarp;
   static constexpr int kOffK = 0;
   static constexpr int kOffV = kKV;
   static constexpr int kOffQ = 2 * kKV;
@@ -154,10 +212,16 @@ struct Sm90BwdSmem {
   static constexpr int kOffMask = kOffDsum + kStages * kBlockM * 4;
   static constexpr int kOffMaskFull = kOffMask + kStages * kMaskBits;
   static constexpr int kOffBars = kOffMaskFull + (kHasMask ? kStages * 2 * 4 : 0);
-  static constexpr int kNumBars = 1 + 2 * kStages;           // K/V; per stage full, empty
-  static constexpr int kOffTicket = kOffBars + 8 * kNumBars; // deterministic mode's position
+  // K/V; per stage full, empty; per dQ slot full, empty (the writer's ring)
+  static constexpr int kNumBars = 1 + 2 * kStages + 2 * kDqSlots;
+  // int32 words: [0] the deterministic mode's position, [1 + k] dQ slot k's "nothing to add"
+  static constexpr int kOffTicket = kOffBars + 8 * kNumBars;
   static constexpr int kBytes = kOffTicket + 16;
   static constexpr int kAlloc = kBytes + 1024;  // the base is aligned up to 1024 at run time
+  static_assert(4 * (1 + kDqSlots) <= 16, "ticket and skip words");
+  static_assert(kDQTileRow % 16 == 0 && kDQSlot % 128 == 0 && kOffDQ % 128 == 0,
+                "bulk-add rows 16-byte, tensor-reduce boxes 128-byte aligned");
+  static_assert(kAlloc <= 227 * 1024, "the sm_90 shared-memory limit per block");
   static_assert(kKV % 1024 == 0 && kQ % 1024 == 0 && kBias % 1024 == 0 && kDS % 1024 == 0,
                 "swizzled tiles start on 1024-byte boundaries");
   static_assert(kDQRow % 16 == 0 && kOffDQ % 16 == 0, "bulk-copy sources are 16-byte aligned");
@@ -168,37 +232,61 @@ struct Sm90BwdSmem {
 // it, so the counts below are the kernel's own. Only warp 0's lane 0 issues TMA: warp 0's
 // other lanes (and warps 2-3 without a mask) leave at once. A role that ballots or syncs over
 // all 32 lanes (kBwdMaskRows: __ballot_sync(0xffffffff)) must hold every lane of its warps.
-enum Sm90BwdRole : int { kBwdIdle = 0, kBwdTma = 1, kBwdLseRows = 2, kBwdMaskRows = 3 };
-__host__ __device__ constexpr int sm90_bwd_role(int warp, int lane, bool has_mask) {
+// With the dQ writer (dq_writer: kSm90BwdDqWriter) warp 1 is the writer and the lse rows move
+// into warp 0 (kBwdLoads: lane 0 issues the TMA as kBwdTma does, every lane writes two rows).
+enum Sm90BwdRole : int {
+  kBwdIdle = 0, kBwdTma = 1, kBwdLseRows = 2, kBwdMaskRows = 3, kBwdDqWriter = 4, kBwdLoads = 5
+};
+__host__ __device__ constexpr int sm90_bwd_role(int warp, int lane, bool has_mask,
+                                                bool dq_writer) {
+  if (dq_writer)
+    return warp == 0 ? kBwdLoads
+           : warp == 1 ? kBwdDqWriter
+           : (has_mask && (warp == 2 || warp == 3)) ? kBwdMaskRows
+                                                      : kBwdIdle;
   return warp == 0 ? (lane == 0 ? kBwdTma : kBwdIdle)
          : warp == 1 ? kBwdLseRows
          : (has_mask && (warp == 2 || warp == 3)) ? kBwdMaskRows
                                                     : kBwdIdle;
 }
-// Arrivals on a stage's full barrier per item: one per producer thread with a role (the TMA
-// leader's arrive.expect_tx, warp 1's lanes, warps 2-3's lanes).
-__host__ __device__ constexpr int sm90_bwd_full_arrivals(bool has_mask) {
+// Arrivals of one producer thread on a stage's full barrier per item: the TMA leader's
+// arrive.expect_tx, one per lse-row or mask-row lane, both for warp 0's lane 0 as kBwdLoads;
+// the dQ writer never touches the stages.
+__host__ __device__ constexpr int sm90_bwd_role_full_arrivals(int role, int lane) {
+  return role == kBwdTma || role == kBwdLseRows || role == kBwdMaskRows ? 1
+         : role == kBwdLoads ? 1 + (lane == 0)
+                             : 0;
+}
+// Arrivals on a stage's full barrier per item (its init count).
+__host__ __device__ constexpr int sm90_bwd_full_arrivals(bool has_mask, bool dq_writer) {
   int n = 0;
-  for (int x = 0; x < 128; ++x) n += sm90_bwd_role(x / 32, x % 32, has_mask) != kBwdIdle;
+  for (int x = 0; x < 128; ++x)
+    n += sm90_bwd_role_full_arrivals(sm90_bwd_role(x / 32, x % 32, has_mask, dq_writer), x % 32);
   return n;
 }
-// A warp with a warp-wide role (warp 1's rows, warps 2-3's ballots) has it in all 32 lanes.
-__host__ __device__ constexpr bool sm90_bwd_roles_whole_warps(bool has_mask) {
+// A warp with a warp-wide role (lse rows, the mask ballots, the writer's shuffles and waits)
+// has it in all 32 lanes.
+__host__ __device__ constexpr bool sm90_bwd_role_is_warp_wide(int r) {
+  return r == kBwdLseRows || r == kBwdMaskRows || r == kBwdDqWriter || r == kBwdLoads;
+}
+__host__ __device__ constexpr bool sm90_bwd_roles_whole_warps(bool has_mask, bool dq_writer) {
   for (int w = 0; w < 4; ++w) {
-    const int r0 = sm90_bwd_role(w, 0, has_mask);
+    const int r0 = sm90_bwd_role(w, 0, has_mask, dq_writer);
     for (int l = 0; l < 32; ++l) {
-      const int r = sm90_bwd_role(w, l, has_mask);
-      const bool wide = r == kBwdLseRows || r == kBwdMaskRows || r0 == kBwdLseRows ||
-                        r0 == kBwdMaskRows;
-      if (wide && r != r0) return false;
+      const int r = sm90_bwd_role(w, l, has_mask, dq_writer);
+      if ((sm90_bwd_role_is_warp_wide(r) || sm90_bwd_role_is_warp_wide(r0)) && r != r0)
+        return false;
     }
   }
   return true;
 }
-static_assert(sm90_bwd_full_arrivals(false) == 1 + 32 &&
-                  sm90_bwd_full_arrivals(true) == 1 + 32 + 64,
-              "full barrier: TMA leader + warp 1 (+ warps 2-3 with a mask)");
-static_assert(sm90_bwd_roles_whole_warps(false) && sm90_bwd_roles_whole_warps(true),
+static_assert(sm90_bwd_full_arrivals(false, false) == 1 + 32 &&
+                  sm90_bwd_full_arrivals(true, false) == 1 + 32 + 64 &&
+                  sm90_bwd_full_arrivals(false, true) == 1 + 32 &&
+                  sm90_bwd_full_arrivals(true, true) == 1 + 32 + 64,
+              "full barrier: TMA leader + the lse rows' 32 lanes (+ the mask warps' 64)");
+static_assert(sm90_bwd_roles_whole_warps(false, false) && sm90_bwd_roles_whole_warps(true, false) &&
+                  sm90_bwd_roles_whole_warps(false, true) && sm90_bwd_roles_whole_warps(true, true),
               "warp-wide roles hold whole warps");
 
 template <typename T, int kHeadDim, bool kHasMask, bool kHasBias>
@@ -235,17 +323,26 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
   const uint32_t bar_kv = bars;
   auto bar_full = [&](int s) { return bars + 8 + 16 * s; };
   auto bar_empty = [&](int s) { return bars + 16 + 16 * s; };
+  // The dQ writer's ring: slot k full (the dQ warps' stores) and empty (its adds read it).
+  auto bar_dq_full = [&](int k) { return bars + 8 * (1 + 2 * kStages) + 16 * k; };
+  auto bar_dq_empty = [&](int k) { return bars + 8 * (1 + 2 * kStages) + 8 + 16 * k; };
 
   // Deterministic mode: the CTA's linear position is its ticket (see the header), read after
   // the barrier below; else its block index.
   int32_t* const dq_sem = args.dq_sem;
   volatile int* ticket = reinterpret_cast<volatile int*>(smem + Smem::kOffTicket);
+  // 32-bit word k: slot k's item adds nothing (a dropped tile)
+  auto dq_skip = [&](int k) { return base + Smem::kOffTicket + 4 + 4 * k; };
   if (threadIdx.x == 0) {
     mbar_init(bar_kv, 1);
     for (int s = 0; s < kStages; ++s) {
-      // the TMA leader's expect_tx + warp 1's 32 lanes (+ warps 2-3's 64 lanes with a mask)
-      mbar_init(bar_full(s), sm90_bwd_full_arrivals(kHasMask));
+      // the TMA leader's expect_tx + the lse rows' 32 lanes (+ the mask warps' 64 lanes)
+      mbar_init(bar_full(s), sm90_bwd_full_arrivals(kHasMask, Smem::kDqWriter));
       mbar_init(bar_empty(s), 8);  // one arrival per consumer warp
+    }
+    for (int k = 0; k < Smem::kDqSlots; ++k) {
+      mbar_init(bar_dq_full(k), kDqWarps);  // one arrival per dQ warp
+      mbar_init(bar_dq_empty(k), 1);        // the writer's lane 0
     }
     mbar_init_fence();
     if (dq_sem != nullptr) *ticket = atomicAdd(dq_sem, 1);
@@ -286,6 +383,18 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
   auto m0_of = [&](int i) { return (mb_begin + i % n_mb) * kBlockM; };
   const bool bias_tile = kHasBias && args.bias_mode == kBwdBiasTile;
   const bool bias_row = kHasBias && args.bias_mode == kBwdBiasKeyRow;
+  // Deterministic mode: the counter of query tile m0 of head h (null in the default mode) and,
+  // in `target`, its count when every key tile n_lo .. this one - 1 has added into it: each
+  // adds kTurnStep (one per dQ warp; with the writer one per item).
+  constexpr int kTurnStep = Smem::kDqWriter ? 1 : kDqWarps;
+  auto dq_counter = [&](int h, int m0, int& target) -> int32_t* {
+    if (dq_sem == nullptr) return nullptr;
+    const int n_lo = key_range(p, m0, dm_min(m0 + kBlockM, len_q), len_q, len_k).k_begin /
+                     kBlockN;
+    target = (n0 / kBlockN - n_lo) * kTurnStep;
+    return dq_sem + 1 + (int64_t(b) * p.heads + h) * ((len_q + kBlockM - 1) / kBlockM) +
+           m0 / kBlockM;
+  };
 
   const int wg = threadIdx.x / 128;
   const int lane = threadIdx.x % 32;
@@ -293,8 +402,26 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
 
   if (wg == 0) {  // ------------------------------------------------------------- producer
     setmaxnreg_dec<kProducerRegs>();  // all four warps, before any leaves
-    const int role = sm90_bwd_role(warp, lane, kHasMask);
-    if (role == kBwdTma) {
+    const int role = sm90_bwd_role(warp, lane, kHasMask, Smem::kDqWriter);
+    // Row m0 + r's lse (log2 units; +inf for rows past the end, where P = exp2(x - inf) = 0,
+    // and for rows that kept nothing) and dsum, then their stores into stage s.
+    auto lse_load = [&](int h, int m0, int r) -> float2 {
+      const int row = m0 + r;
+      float l = DM_INF, d = 0.f;
+      if (row < len_q) {
+        const int64_t idx = int64_t(b) * p.lse_batch_stride + int64_t(h) * p.lse_head_stride + row;
+        const float lv = p.lse[idx];
+        l = lv == -DM_INF ? DM_INF : lv * kLog2e;
+        d = bp.dsum[idx];
+      }
+      return make_float2(l, d);
+    };
+    auto lse_store = [&](int s, int r, float2 ld) {
+      sLse[s * kBlockM + r] = ld.x;
+      sDsum[s * kBlockM + r] = ld.y;
+    };
+    // The TMA leader's loads: K and V once, then item i's Q, dO (and bias tile) into stage s.
+    auto issue_kv = [&]() {
       tma_prefetch(&args.q);
       tma_prefetch(&args.dout);
       mbar_arrive_expect_tx(bar_kv, 2 * Smem::kKV);
@@ -303,44 +430,49 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
         tma_load_4d(sK + x * kBlockN * 128, &args.k, bar_kv, 64 * x, n0, kvh, b);
         tma_load_4d(sV + x * kBlockN * 128, &args.v, bar_kv, 64 * x, n0, kvh, b);
       }
-      const uint32_t bytes = 2 * Smem::kQ + (bias_tile ? Smem::kBias : 0);
+    };
+    auto issue_item = [&](int s, int h, int m0) {
+      mbar_arrive_expect_tx(bar_full(s), 2 * Smem::kQ + (bias_tile ? Smem::kBias : 0));
+#pragma unroll
+      for (int x = 0; x < Smem::kBoxes; ++x) {
+        tma_load_4d(sQ + s * Smem::kQ + x * kBlockM * 128, &args.q, bar_full(s), 64 * x, m0,
+                    h, b);
+        tma_load_4d(sdO + s * Smem::kQ + x * kBlockM * 128, &args.dout, bar_full(s), 64 * x,
+                    m0, h, b);
+      }
+      if (bias_tile) {
+        const int bias_h = h / p.bias_head_ratio, bias_b = p.bias_batch_stride != 0 ? b : 0;
+#pragma unroll
+        for (int x = 0; x < kBlockN / 64; ++x)
+          tma_load_4d(sBias + s * Smem::kBias + x * kBlockM * 128, &args.bias, bar_full(s),
+                      n0 + 64 * x, m0, bias_h, bias_b);
+      }
+    };
+    if (role == kBwdTma) {
+      issue_kv();
       for (int i = 0; i < n_items; ++i) {
         const int s = i % kStages;
         mbar_wait(bar_empty(s), ((i / kStages) & 1) ^ 1);
-        const int h = head_of(i), m0 = m0_of(i);
-        mbar_arrive_expect_tx(bar_full(s), bytes);
-#pragma unroll
-        for (int x = 0; x < Smem::kBoxes; ++x) {
-          tma_load_4d(sQ + s * Smem::kQ + x * kBlockM * 128, &args.q, bar_full(s), 64 * x, m0,
-                      h, b);
-          tma_load_4d(sdO + s * Smem::kQ + x * kBlockM * 128, &args.dout, bar_full(s), 64 * x,
-                      m0, h, b);
-        }
-        if (bias_tile) {
-          const int bias_h = h / p.bias_head_ratio, bias_b = p.bias_batch_stride != 0 ? b : 0;
-#pragma unroll
-          for (int x = 0; x < kBlockN / 64; ++x)
-            tma_load_4d(sBias + s * Smem::kBias + x * kBlockM * 128, &args.bias, bar_full(s),
-                        n0 + 64 * x, m0, bias_h, bias_b);
-        }
+        issue_item(s, head_of(i), m0_of(i));
       }
     } else if (role == kBwdLseRows) {
       for (int i = 0; i < n_items; ++i) {
         const int s = i % kStages;
         mbar_wait(bar_empty(s), ((i / kStages) & 1) ^ 1);
         const int h = head_of(i), m0 = m0_of(i);
-        for (int r = lane; r < kBlockM; r += 32) {
-          const int row = m0 + r;
-          float l = DM_INF, d = 0.f;  // rows past the end: P = exp2(x - inf) = 0
-          if (row < len_q) {
-            const int64_t idx = int64_t(b) * p.lse_batch_stride + int64_t(h) * p.lse_head_stride + row;
-            const float lv = p.lse[idx];
-            l = lv == -DM_INF ? DM_INF : lv * kLog2e;  // a row that kept nothing: P = 0
-            d = bp.dsum[idx];
-          }
-          sLse[s * kBlockM + r] = l;
-          sDsum[s * kBlockM + r] = d;
-        }
+        for (int r = lane; r < kBlockM; r += 32) lse_store(s, r, lse_load(h, m0, r));
+        mbar_arrive(bar_full(s));  // release: this lane's stores before the consumers' reads
+      }
+    } else if (role == kBwdLoads) {  // warp 0 with the writer: TMA (lane 0) and the lse rows
+      if (lane == 0) issue_kv();
+      for (int i = 0; i < n_items; ++i) {
+        const int s = i % kStages;
+        const int h = head_of(i), m0 = m0_of(i);
+        const float2 ld0 = lse_load(h, m0, lane), ld1 = lse_load(h, m0, lane + 32);
+        mbar_wait(bar_empty(s), ((i / kStages) & 1) ^ 1);
+        if (lane == 0) issue_item(s, h, m0);  // lane 0 arrives twice: with the bytes, then
+        lse_store(s, lane, ld0);              // as a row writer (sm90_bwd_full_arrivals)
+        lse_store(s, lane + 32, ld1);
         mbar_arrive(bar_full(s));  // release: this lane's stores before the consumers' reads
       }
     } else if (kHasMask && role == kBwdMaskRows) {  // warps 2, 3: the item's mask as words
@@ -417,6 +549,63 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
               (all == ~0u ? 1 : 0) | (any != 0u ? 2 : 0);
         mbar_arrive(bar_full(s));  // release: this lane's stores before the consumers' reads
       }
+    } else if (role == kBwdDqWriter) {  // warp 1 with the writer: dQ tiles into dq_accum
+      if constexpr (Smem::kDqWriter) {
+        // Per item: wait for slot k's tile (every dQ warp's stores), take the deterministic turn,
+        // lane 0 adds its rows (one bulk add of head_dim fp32 per row: dq_accum rows are
+        // dqa_row_stride apart; rows past the end are not added, nor padded columns), frees the
+        // slot once the adds have read it, and in deterministic mode waits for them to complete
+        // before passing the turn on. The consumers never wait on global memory.
+        const int row_bytes = 4 * p.head_dim;
+        // Shuffled copies are warp-uniform to the compiler (the tensor reduce's coordinates go
+        // to uniform registers; UBLKRED's row addresses still pass ptxas's one-lane ELECT loop).
+        const int b_u = __shfl_sync(0xffffffffu, b, 0);
+        if (kSm90BwdDqTensor && lane == 0) tma_prefetch(&args.dqa);
+        const uint32_t ring = __shfl_sync(0xffffffffu, base + Smem::kOffDQ, 0);
+        const float* dqa = bp.dq_accum + int64_t(b_u) * bp.dqa_batch_stride;
+        for (int i = 0; i < n_items; ++i) {
+          const int k = i % Smem::kDqSlots;
+          mbar_wait(bar_dq_full(k), (i / Smem::kDqSlots) & 1);
+          const int h = __shfl_sync(0xffffffffu, head_of(i), 0);
+          const int m0 = __shfl_sync(0xffffffffu, m0_of(i), 0);
+          const bool add = __shfl_sync(0xffffffffu, ld_shared_u32(dq_skip(k)), 0) == 0;
+          int target = 0;
+          int32_t* turn = dq_counter(h, m0, target);
+          float* dst = const_cast<float*>(dqa) + int64_t(h) * bp.dqa_head_stride +
+                       int64_t(m0) * bp.dqa_row_stride;
+          // A dropped tile still waits for its turn: its +1 must not count for an earlier one.
+          if (turn != nullptr && lane == 0) {
+            while (ld_acquire_gpu(turn) < target) {
+            }
+            fence_proxy_async_global();  // the earlier tiles' adds, then these (async proxy)
+          }
+          __syncwarp();
+          if (!kSm90BwdDqTensor && add) {  // lane 0 issues (its bulk groups are waited below)
+            const int rows = dm_min(kBlockM, len_q - m0);
+            uint32_t src = ring + uint32_t(k) * Smem::kDQSlot;
+            for (int rr = 0; rr < rows; ++rr, dst += bp.dqa_row_stride, src += Smem::kDQTileRow)
+              if (lane == 0) bulk_reduce_add_f32(dst, src, uint32_t(row_bytes));
+          }
+          if (lane == 0) {
+            if (kSm90BwdDqTensor && add)  // the whole tile: rows past the end are out of bounds
+              tma_reduce_add_4d(&args.dqa, ring + uint32_t(k) * Smem::kDQSlot, 0, m0, h, b_u);
+            if (add) {
+              bulk_commit();
+              bulk_wait_read<0>();
+            }
+            mbar_arrive(bar_dq_empty(k));  // the slot was read: the dQ warps may refill it
+            if (turn != nullptr) {
+              if (add) {  // the adds are complete in global memory: the next key tile's turn
+                bulk_wait<0>();
+                fence_proxy_async_global();
+              }
+              red_release_gpu_add(turn, 1);
+            }
+          }
+          __syncwarp();
+        }
+        if (lane == 0) bulk_wait<0>();  // the adds are complete before the CTA exits
+      }
     }
     return;
   }
@@ -446,12 +635,9 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
   // Deterministic mode: waits (the whole warp polls one word) for this warp's turn to add
   // into query tile m0 of head h and returns its counter; null in the default mode.
   auto dq_turn = [&](int h, int m0) -> int32_t* {
-    if (args.dq_sem == nullptr) return nullptr;
-    const int n_lo = key_range(p, m0, dm_min(m0 + kBlockM, len_q), len_q, len_k).k_begin /
-                     kBlockN;
-    int32_t* turn = args.dq_sem + 1 +
-                    (int64_t(b) * p.heads + h) * ((len_q + kBlockM - 1) / kBlockM) + m0 / kBlockM;
-    const int target = (n0 / kBlockN - n_lo) * kDqWarps;
+    int target = 0;
+    int32_t* turn = dq_counter(h, m0, target);
+    if (turn == nullptr) return nullptr;
     while (ld_acquire_gpu(turn) < target) {
     }
     fence_proxy_async_global();  // the earlier adds, then this warp's (async proxy)
@@ -495,9 +681,16 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
       if (!((flags[0] | flags[1]) & 2)) {
         release(bar_empty(s));
         if (Smem::kBoxes == 2 || c == 0) {
-          int32_t* turn = dq_turn(h, m0);
-          __syncwarp();
-          if (turn != nullptr && lane == 0) red_release_gpu_add(turn, 1);
+          if constexpr (Smem::kDqWriter) {  // the item still passes the ring: its turn
+            const int k = i % Smem::kDqSlots;
+            mbar_wait(bar_dq_empty(k), ((i / Smem::kDqSlots) & 1) ^ 1);
+            if (c == 0 && warp == 0 && lane == 0) st_shared_u32(dq_skip(k), 1);
+            release(bar_dq_full(k));
+          } else {
+            int32_t* turn = dq_turn(h, m0);
+            __syncwarp();
+            if (turn != nullptr && lane == 0) red_release_gpu_add(turn, 1);
+          }
         }
         finish_head(i, h);
         continue;
@@ -782,39 +975,58 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
       keep_live(pa);  // the register A operands stay allocated until their wgmma is done
       keep_live(da);
       release(bar_empty(s));
-      // Stage this warp's 16 rows x 64 columns, then lane 0 adds them row by row (the global
-      // rows are dqa_row_stride apart). The previous item's adds (issued by lane 0) must have
-      // read the buffer first. The shuffled copies of warp and c are warp-uniform to the
-      // compiler, so lane 0's loop runs on uniform registers (UBLKRED takes only those).
-      const int warp_u = __shfl_sync(0xffffffffu, warp, 0);
-      const int c_u = __shfl_sync(0xffffffffu, c, 0);
-      const uint32_t stage = base + Smem::kOffDQ + uint32_t(c_u * 4 + warp_u) * Smem::kDQWarp;
-      if (lane == 0) bulk_wait_read<0>();
-      __syncwarp();
+      if constexpr (Smem::kDqWriter) {
+        // Into slot k of the writer's ring once its adds have read the slot's last tile: this
+        // warp's rows 16 warp + g (+ 8), consumer c's 64 columns; then the writer takes it.
+        const int k = i % Smem::kDqSlots;
+        mbar_wait(bar_dq_empty(k), ((i / Smem::kDqSlots) & 1) ^ 1);
+        const uint32_t tile = base + Smem::kOffDQ + uint32_t(k) * Smem::kDQSlot + 256u * c;
 #pragma unroll
-      for (int j = 0; j < 8; ++j)
+        for (int j = 0; j < 8; ++j)
 #pragma unroll
-        for (int r = 0; r < 2; ++r)
-          st_shared_f32x2(stage + uint32_t(g + 8 * r) * Smem::kDQRow + uint32_t(8 * j + 2 * t) * 4,
-                          acc[j][2 * r], acc[j][2 * r + 1]);
-      fence_proxy_async_smem();  // this lane's stores before the async proxy reads them
-      __syncwarp();
-      int32_t* turn = dq_turn(h, m0);
-      if (lane == 0) {
-        const int q0 = m0 + 16 * warp_u;
-        const int rows = dm_min(16, len_q - q0);              // rows past the end are not added
-        const int cols = dm_min(64, p.head_dim - 64 * c_u);  // nor padded columns
-        if (cols > 0) {
-          float* dst = dqa + int64_t(q0) * bp.dqa_row_stride + 64 * c_u;
-          uint32_t src = stage;
-          for (int rr = 0; rr < rows; ++rr, dst += bp.dqa_row_stride, src += Smem::kDQRow)
-            bulk_reduce_add_f32(dst, src, uint32_t(cols) * 4);
-        }
-        bulk_commit();
-        if (turn != nullptr) {  // this warp's adds are complete in global memory: next turn
-          bulk_wait<0>();
-          fence_proxy_async_global();
-          red_release_gpu_add(turn, 1);
+          for (int r = 0; r < 2; ++r)
+            st_shared_f32x2(tile + uint32_t(16 * warp + g + 8 * r) * Smem::kDQTileRow +
+                                uint32_t(8 * j + 2 * t) * 4,
+                            acc[j][2 * r], acc[j][2 * r + 1]);
+        fence_proxy_async_smem();  // this lane's stores before the writer's bulk adds read them
+        if (c == 0 && warp == 0 && lane == 0) st_shared_u32(dq_skip(k), 0);
+        release(bar_dq_full(k));
+      } else {
+        // Stage this warp's 16 rows x 64 columns, then lane 0 adds them row by row (the global
+        // rows are dqa_row_stride apart). The previous item's adds (issued by lane 0) must have
+        // read the buffer first. The shuffled copies of warp and c are warp-uniform to the
+        // compiler, so lane 0's loop runs on uniform registers (UBLKRED takes only those).
+        const int warp_u = __shfl_sync(0xffffffffu, warp, 0);
+        const int c_u = __shfl_sync(0xffffffffu, c, 0);
+        const uint32_t stage = base + Smem::kOffDQ + uint32_t(c_u * 4 + warp_u) * Smem::kDQWarp;
+        if (lane == 0) bulk_wait_read<0>();
+        __syncwarp();
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+#pragma unroll
+          for (int r = 0; r < 2; ++r)
+            st_shared_f32x2(stage + uint32_t(g + 8 * r) * Smem::kDQRow +
+                                uint32_t(8 * j + 2 * t) * 4,
+                            acc[j][2 * r], acc[j][2 * r + 1]);
+        fence_proxy_async_smem();  // this lane's stores before the async proxy reads them
+        __syncwarp();
+        int32_t* turn = dq_turn(h, m0);
+        if (lane == 0) {
+          const int q0 = m0 + 16 * warp_u;
+          const int rows = dm_min(16, len_q - q0);              // rows past the end are not added
+          const int cols = dm_min(64, p.head_dim - 64 * c_u);  // nor padded columns
+          if (cols > 0) {
+            float* dst = dqa + int64_t(q0) * bp.dqa_row_stride + 64 * c_u;
+            uint32_t src = stage;
+            for (int rr = 0; rr < rows; ++rr, dst += bp.dqa_row_stride, src += Smem::kDQRow)
+              bulk_reduce_add_f32(dst, src, uint32_t(cols) * 4);
+          }
+          bulk_commit();
+          if (turn != nullptr) {  // this warp's adds are complete in global memory: next turn
+            bulk_wait<0>();
+            fence_proxy_async_global();
+            red_release_gpu_add(turn, 1);
+          }
         }
       }
     } else {  // d64: consumer 1 has no dQ columns; its dV/dK must still finish
@@ -832,7 +1044,8 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
   }
 
 #if !DM_SM90_BWD_DQ_ATOMIC
-  if (lane == 0) bulk_wait<0>();  // this warp's dQ adds are complete before the CTA exits
+  // this warp's dQ adds are complete before the CTA exits (with the writer: it waits)
+  if (!Smem::kDqWriter && lane == 0) bulk_wait<0>();
 #endif
   // dK, dV rows of this thread (keys key[r]); columns past head_dim are padding.
   T* dkp = static_cast<T*>(bp.dk) + int64_t(b) * bp.dk_batch_stride + int64_t(kvh) * bp.dk_head_stride;

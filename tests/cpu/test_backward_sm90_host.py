@@ -122,34 +122,86 @@ def test_bias_modes():
     assert f(describe(np.zeros((2, 2, 200, 264), np.float16)), 2, 4, 200, 264) is None
 
 
-def test_args_record_layout(monkeypatch):
-    """Sm90BwdArgs as the kernel reads it: map i (q, k, v, dout, bias) at bytes 128 i, then
-    the bias mode at 640 and the deterministic counters' pointer at 648 (0: default mode); a
-    key-row bias has no map (the consumers read it directly), nor has a mask (the producer
-    reads it through its strides)."""
+@pytest.mark.parametrize("dq_tensor", [False, True])
+def test_args_record_layout(monkeypatch, dq_tensor):
+    """Sm90BwdArgs as the kernel reads it: map i (q, k, v, dout, bias, dqa) at bytes 128 i,
+    then the bias mode at 768 and the deterministic counters' pointer at 776 (0: default
+    mode); a key-row bias has no map (the consumers read it directly), nor has a mask (the
+    producer reads it through its strides); the dqa map over dq_accum only with
+    DM_SM90_BWD_DQ_WRITER=2."""
+    monkeypatch.setenv("DMATTN_NVRTC_DEFINES", "DM_SM90_BWD_DQ_WRITER=2" if dq_tensor else "")
     monkeypatch.setattr(backward_sm90, "encode", lambda spec, ptr: bytes([ptr % 251]) * 128)
     q, k, v = _arrays()
     infos = [dataclasses.replace(describe(x), ptr=(i + 1) << 20) for i, x in
              enumerate((q, k, v, q))]
+    dqa = 6 << 20
     for bias, mode in ((np.zeros((2, 4, 200, 264), np.float16), backward_sm90.BIAS_TILE),
                        (np.zeros((2, 4, 1, 264), np.float16), backward_sm90.BIAS_KEY_ROW)):
         binfo = dataclasses.replace(describe(bias), ptr=5 << 20)
-        raw = backward_sm90.build_args(*infos, binfo, mode).tobytes()
-        assert len(raw) == 704
-        assert np.frombuffer(raw[648:656], np.uint64)[0] == 0
-        raw_det = backward_sm90.build_args(*infos, binfo, mode, 0x7F0012345600).tobytes()
-        assert np.frombuffer(raw_det[648:656], np.uint64)[0] == 0x7F0012345600
-        assert raw_det[:648] == raw[:648] and raw_det[656:] == raw[656:]
+        raw = backward_sm90.build_args(*infos, binfo, mode, 0, dqa).tobytes()
+        assert len(raw) == 832
+        assert np.frombuffer(raw[776:784], np.uint64)[0] == 0
+        raw_det = backward_sm90.build_args(*infos, binfo, mode, 0x7F0012345600, dqa).tobytes()
+        assert np.frombuffer(raw_det[776:784], np.uint64)[0] == 0x7F0012345600
+        assert raw_det[:776] == raw[:776] and raw_det[784:] == raw[784:]
         for i in range(4):
             assert raw[128 * i:128 * (i + 1)] == bytes([((i + 1) << 20) % 251]) * 128
         want = bytes([(5 << 20) % 251]) * 128 if mode == backward_sm90.BIAS_TILE else bytes(128)
         assert raw[512:640] == want
-        assert np.frombuffer(raw[640:644], np.int32)[0] == mode
+        assert raw[640:768] == (bytes([dqa % 251]) * 128 if dq_tensor else bytes(128))
+        assert np.frombuffer(raw[768:772], np.int32)[0] == mode
     maps = backward_sm90.plan_maps(*infos, describe(np.zeros((2, 4, 200, 264), np.float16)),
                                    backward_sm90.BIAS_TILE)
     assert maps["q"].box == (64, 64, 1, 1) and maps["k"].box == (64, 128, 1, 1)
     assert maps["bias"].dims == (264, 200, 4, 2) and maps["bias"].box == (64, 64, 1, 1)
     assert maps["bias"].swizzle == 128
+
+
+@pytest.mark.parametrize("d,hd", [(128, 128), (72, 128), (64, 64), (40, 64)])
+def test_dq_accum_map_spans_a_writer_slot(d, hd):
+    """The tensor writer's map: fp32 over dq_accum (q's shape, contiguous: (d, S, H, B) with
+    byte strides H d 4, d 4, S H d 4), box = one ring slot as it lies in shared memory
+    (kDQTileRow / 4 columns, of which those past d are out of bounds, x 64 rows), no swizzle."""
+    q = describe(np.zeros((2, 200, 4, d), np.float16))
+    spec = backward_sm90.plan_maps(q, q, q, q, None, backward_sm90.BIAS_NONE, True)["dqa"]
+    assert spec.float32 and spec.elem_bytes == 4 and spec.swizzle == 0
+    assert spec.dims == (d, 200, 4, 2)
+    assert spec.strides == (4 * 4 * d, 4 * d, 200 * 4 * d * 4)
+    assert spec.box == (backward_sm90.dq_tile_row_bytes(hd) // 4, backward_sm90.BLOCK_M, 1, 1)
+    assert spec.box[0] > d  # the bank padding is never written
+    spec.check()
+    assert backward_sm90.plan_maps(q, q, q, q, None, backward_sm90.BIAS_NONE, False)[
+        "dqa"] is None
+
+
+@pytest.mark.parametrize("mode", [1, 2])
+def test_run_backward_patches_the_dq_accum_map_from_the_workspace(monkeypatch, mode):
+    """With DM_SM90_BWD_DQ_WRITER=2 the dqa map is encoded over the call's workspace (dq_accum
+    at its element 0) and its address is a "ws" slot of the cached plan; with =1 there is no
+    map, and the larger shared memory of the writer's ring is what the spec asks for."""
+    monkeypatch.setenv("DMATTN_NVRTC_DEFINES", f"DM_SM90_BWD_DQ_WRITER={mode}")
+    launched: list = []
+    _stub_runtime(monkeypatch, launched)
+    encoded: list = []
+    monkeypatch.setattr(backward_sm90, "encode", lambda spec, ptr: (
+        encoded.append((spec, ptr)), bytes(128))[1])
+    monkeypatch.setattr(backward_sm90, "address_slots", lambda *a: (
+        ("q", 8), ("k", 136)) + ((("dqa", 640 + 16),) if mode == 2 else ()))
+    q, k, v = _arrays()
+    pb = _pb(q, k, v)
+    _, plan = backward.backward_call(pb, np.zeros_like(q), q, k, v, np.zeros_like(q),
+                                     np.zeros((2, 4, 200), np.float32))
+    spec, _, (rec, _) = launched[1]
+    assert spec.dynamic_smem == backward_sm90.smem_bytes(128, False, False, True)
+    dqa = [(s, p) for s, p in encoded if s.float32]
+    if mode == 1:
+        assert not dqa
+        return
+    assert [p for _, p in dqa] == [int(rec["dq_accum"])]
+    args_rec = plan.launches[-1].args[1]
+    patched = [(idx, add) for view, idx, add in plan.slots["ws"]
+               if view.ctypes.data == args_rec.ctypes.data]
+    assert patched == [((640 + 16) // 8, 0)]
 
 
 def test_precompile_enumerates_dtype_headdim_mask_bias():

@@ -1,16 +1,27 @@
-"""The hand-off of cuda_src/sm90/bwd.cu's producer warpgroup and consumers, modelled on the CPU:
-per-thread roles (the kernel's sm90_bwd_role, tied to this model by NVRTC static_asserts),
-mbarrier phases (init count, arrivals, expect_tx bytes landing later, try_wait.parity), full-
-warp ballots and the consumers' named barrier, run under many random interleavings.
+"""The hand-offs of cuda_src/sm90/bwd.cu, modelled on the CPU and run under many random
+interleavings: per-thread producer roles (the kernel's sm90_bwd_role, tied to this model by
+NVRTC static_asserts), mbarrier phases (init count, arrivals, expect_tx bytes landing later,
+try_wait.parity), full-warp ballots, the consumers' named barrier, the dQ writer's ring
+(DM_SM90_BWD_DQ_WRITER: slots with full/empty mbarriers, a "nothing to add" word for dropped
+tiles, bulk adds that read the slot and complete later), and the deterministic mode's turns
+across CTAs (per (head, query tile) counters in global memory, positions from an atomic
+ticket, a limited number of resident CTAs).
 
-What it catches: the mask path as merged (72819f4) dispatched the producer with
-``if (warp == 0 && lane == 0) ... else if (warp == 1) ... else if (kHasMask)``, so warp 0's
-lanes 1-31 also ran the mask transpose: their __ballot_sync(0xffffffff) named lane 0 (busy
-issuing TMA, later exited) and they added 31 arrivals per item to a full barrier counting 97.
-Every masked case hung on the H200; the model deadlocks on that dispatch for every schedule
-(and still hangs or hands over stages early under looser ballot semantics) and completes on
-the fixed one. Without a mask both dispatches are the same (unmasked runs
-passed).
+What it catches:
+- the mask path as merged (72819f4) dispatched the producer with
+  ``if (warp == 0 && lane == 0) ... else if (warp == 1) ... else if (kHasMask)``, so warp 0's
+  lanes 1-31 also ran the mask transpose: their __ballot_sync(0xffffffff) named lane 0 (busy
+  issuing TMA, later exited) and they added 31 arrivals per item to a full barrier counting
+  97. Every masked case hung on the H200; the model deadlocks on that dispatch for every
+  schedule (and still hangs or hands over stages early under looser ballot semantics) and
+  completes on the fixed one. Without a mask both dispatches are the same (unmasked runs
+  passed).
+- with the dQ writer: a turn target counted per dQ warp while the writer adds one per item, a
+  dropped tile that bypasses the ring, a slot freed before its adds have read it, a full
+  count that is not the number of dQ warps, a dropped tile that passes its turn without
+  waiting for it or a turn passed before the adds land (out-of-order adds), positions taken
+  from blockIdx instead of the ticket: each variant fails here, the kernel's protocol does
+  not (with and without the writer).
 """
 
 from __future__ import annotations
@@ -23,13 +34,21 @@ from nvrtc_check import compile_static_asserts
 
 from dmattn_cupy.compile import cuda_src_dir
 
-IDLE, TMA, LSE_ROWS, MASK_ROWS = 0, 1, 2, 3  # bwd.cu's Sm90BwdRole
+# bwd.cu's Sm90BwdRole
+IDLE, TMA, LSE_ROWS, MASK_ROWS, DQ_WRITER, LOADS = 0, 1, 2, 3, 4, 5
 STAGES = 2
 BALLOTS_PER_ITEM = 2  # the kernel has 8 x 16; the structure, not the count, matters here
 
 
-def role_fixed(warp: int, lane: int, has_mask: bool) -> int:
-    """bwd.cu's sm90_bwd_role (static_asserts below)."""
+def role_fixed(warp: int, lane: int, has_mask: bool, dq_writer: bool = False) -> int:
+    """bwd.cu's sm90_bwd_role (static_asserts below). With the dQ writer, warp 0 loads (lane
+    0 the TMA, every lane its lse rows) and warp 1 writes dQ."""
+    if dq_writer:
+        if warp == 0:
+            return LOADS
+        if warp == 1:
+            return DQ_WRITER
+        return MASK_ROWS if has_mask else IDLE
     if warp == 0:
         return TMA if lane == 0 else IDLE
     if warp == 1:
@@ -37,13 +56,30 @@ def role_fixed(warp: int, lane: int, has_mask: bool) -> int:
     return MASK_ROWS if has_mask and warp in (2, 3) else IDLE
 
 
-def role_as_merged(warp: int, lane: int, has_mask: bool) -> int:
+def role_as_merged(warp: int, lane: int, has_mask: bool, dq_writer: bool = False) -> int:
     """The dispatch of 72819f4: warp 0's lanes 1-31 fall through to the mask branch."""
     if warp == 0 and lane == 0:
         return TMA
     if warp == 1:
         return LSE_ROWS
     return MASK_ROWS if has_mask else IDLE
+
+
+def full_arrivals(role: int, lane: int) -> int:
+    """bwd.cu's sm90_bwd_role_full_arrivals: a producer thread's arrivals per item."""
+    if role in (TMA, LSE_ROWS, MASK_ROWS):
+        return 1
+    return 1 + (lane == 0) if role == LOADS else 0
+
+
+def role_fixed_table(has_mask: bool, dq_writer: bool = False) -> list[int]:
+    return [role_fixed(t // 32, t % 32, has_mask, dq_writer) for t in range(128)]
+
+
+def full_count(has_mask: bool, dq_writer: bool = False) -> int:
+    """The full barriers' init count (the kernel's sm90_bwd_full_arrivals)."""
+    return sum(full_arrivals(r, t % 32)
+               for t, r in enumerate(role_fixed_table(has_mask, dq_writer)))
 
 
 @dataclass
@@ -81,150 +117,417 @@ class OverArrival(Exception):
     pass
 
 
+@dataclass(frozen=True)
+class Variant:
+    """The protocol the kernel runs, and knobs that break it (each shown to fail)."""
+    dq_writer: bool = False
+    head_dim: int = 128             # dQ warps: all 8 at d128, consumer 0's 4 at d64
+    slots: int = 2                  # the writer's ring (1 at d128 with a bias tile)
+    turn_step: int | None = None    # a key tile's increments per item (None: the kernel's)
+    dropped_bypass_ring: bool = False  # dropped tiles do not pass the writer's ring
+    empty_before_read: bool = False    # the writer frees a slot before its adds read it
+    dropped_skip_turn: bool = False    # a dropped tile passes its turn without waiting
+    release_before_landing: bool = False  # the turn passes before the adds are in memory
+    ticket_positions: bool = True      # positions from the atomic ticket, else blockIdx
+
+    @property
+    def dq_warps(self) -> int:
+        return 8 if self.head_dim == 128 else 4
+
+    @property
+    def step(self) -> int:
+        """What one key tile adds to a counter per item: 1 (the writer) or one per dQ warp."""
+        return 1 if self.dq_writer else self.dq_warps
+
+
+@dataclass(frozen=True)
+class CtaWork:
+    """One CTA: its key tile and its items (head, query tile) in order; ``dropped``: item
+    indices the mask drops entirely (both consumers read the same flags)."""
+    tile: int
+    items: tuple[tuple[int, int], ...]
+    dropped: frozenset = frozenset()
+
+
 @dataclass
-class World:
+class Cta:
+    work: CtaWork
     roles: list[int]
-    has_mask: bool
-    n_items: int
-    dropped: frozenset
     bars: dict = field(default_factory=dict)
-    stamps: dict = field(default_factory=dict)  # (stage, writer) -> item whose data is there
-    tma_events: list = field(default_factory=list)  # (barrier, bytes, stage, item) in flight
-    early: bool = False  # a consumer passed a full barrier before its item's data
+    stamps: dict = field(default_factory=dict)     # (stage, writer) -> item whose data is there
+    dq_stamps: dict = field(default_factory=dict)  # (slot, dQ warp) -> item staged there
+    skip: dict = field(default_factory=dict)       # slot -> the "nothing to add" word
+    reading: dict = field(default_factory=dict)    # slot or warp -> item its adds still read
+    read_done: set = field(default_factory=set)    # (who, item): the adds have read the source
+    add_done: set = field(default_factory=set)     # (who, item): the adds are in global memory
+    pending: int = 0                               # async events not yet landed
 
 
-def _producer(world: World, tid: int):
-    warp = tid // 32
-    role = world.roles[tid]
-    if role == IDLE:
-        return
-    if role == TMA:
-        world.bars["kv"].arrive(expect_tx=1)
-        world.tma_events.append(("kv", 1, None, None))
-    for i in range(world.n_items):
-        s = i % STAGES
-        yield ("wait", f"empty{s}", ((i // STAGES) & 1) ^ 1)
-        if role == TMA:
-            world.bars[f"full{s}"].arrive(expect_tx=3)
-            world.tma_events.append((f"full{s}", 3, s, i))
-        elif role == LSE_ROWS:
-            world.stamps[(s, tid)] = i
-            world.bars[f"full{s}"].arrive()
-        else:  # the mask transpose: full-warp ballots, then the words and flags
-            for k in range(BALLOTS_PER_ITEM):
-                yield ("ballot", warp, i * BALLOTS_PER_ITEM + k)
-            world.stamps[(s, tid)] = i
-            world.bars[f"full{s}"].arrive()
+class Outcome(Exception):
+    """A protocol failure found while running (the result string)."""
 
 
-def _consumer_warp(world: World, cw: int):
-    yield ("wait", "kv", 0)
-    for i in range(world.n_items):
-        s = i % STAGES
-        yield ("wait", f"full{s}", (i // STAGES) & 1)
-        # the stage must hold item i: TMA bytes, warp 1's rows, warps 2-3's words
-        writers = [t for t in range(128) if 32 <= t and world.roles[t] in (LSE_ROWS, MASK_ROWS)]
-        if world.stamps.get((s, "tma")) != i or any(world.stamps.get((s, t)) != i
-                                                     for t in writers):
-            world.early = True
-        if i in world.dropped:  # both consumers see the same flags: released at once
-            world.bars[f"empty{s}"].arrive()
-            continue
-        yield ("bar", 1, 256)  # dS^T written: both consumers
-        yield ("bar", 1, 256)
-        world.bars[f"empty{s}"].arrive()
+class Sim:
+    """One grid: ``works`` in the kernel's linear order (position p runs works[p]), at most
+    ``resident`` CTAs at a time, launched in ``launch`` order of block indices."""
+
+    def __init__(self, works: list[CtaWork], variant: Variant, has_mask: bool,
+                 deterministic: bool, seed: int, role_fn=role_fixed, ballot: str = "strict",
+                 resident: int = 2, n_lo=None):
+        self.works, self.v, self.has_mask, self.det = works, variant, has_mask, deterministic
+        self.rng = random.Random(seed)
+        self.role_fn, self.ballot, self.resident = role_fn, ballot, resident
+        self.n_lo = n_lo or (lambda h, m: min(w.tile for w in works if (h, m) in w.items))
+        self.counters: dict = {}
+        self.add_log: dict = {}     # (head, query tile) -> key tiles in the order they landed
+        self.launch = list(range(len(works)))
+        self.rng.shuffle(self.launch)  # block indices may start in any order
+        self.ticket = 0
+        self.ctas: list[Cta] = []
+        self.threads: dict = {}
+        self.state: dict = {}
+        self.events: list = []      # (cta, kind, payload)
+        self.early = False
+
+    # ------------------------------------------------------------------ CTA threads
+    def _start(self) -> None:
+        block = self.launch.pop(0)
+        pos = self.ticket if self.v.ticket_positions else block
+        self.ticket += 1
+        roles = [self.role_fn(t // 32, t % 32, self.has_mask, self.v.dq_writer)
+                 for t in range(128)]
+        cta = Cta(self.works[pos], roles)
+        n = len(self.ctas)
+        self.ctas.append(cta)
+        cta.bars = {"kv": MBarrier(1)}
+        for s in range(STAGES):
+            cta.bars[f"full{s}"] = MBarrier(full_count(self.has_mask, self.v.dq_writer))
+            cta.bars[f"empty{s}"] = MBarrier(8)
+        if self.v.dq_writer:
+            for k in range(self.v.slots):
+                cta.bars[f"dqfull{k}"] = MBarrier(self.v.dq_warps)
+                cta.bars[f"dqempty{k}"] = MBarrier(1)
+        for t in range(128):
+            self._spawn((n, "p", t), self._producer(n, t))
+        for cw in range(8):
+            self._spawn((n, "c", cw), self._consumer(n, cw))
+        if self.v.dq_writer:
+            self._spawn((n, "w", 0), self._writer(n))
+
+    def _spawn(self, key, gen) -> None:
+        self.threads[key] = gen
+        self._step(key)
+
+    def _step(self, key) -> None:
+        try:
+            self.state[key] = next(self.threads[key])
+        except StopIteration:
+            self.state[key] = "done"
+
+    def _producer(self, n: int, tid: int):
+        cta = self.ctas[n]
+        warp, lane, role = tid // 32, tid % 32, cta.roles[tid]
+        if role in (IDLE, DQ_WRITER):
+            return
+        leader = role == TMA or (role == LOADS and lane == 0)
+        if leader:
+            cta.bars["kv"].arrive(expect_tx=1)
+            self._event(n, "tma", ("kv", 1, None, None))
+        for i in range(len(cta.work.items)):
+            s = i % STAGES
+            yield ("wait", cta.bars[f"empty{s}"], ((i // STAGES) & 1) ^ 1)
+            if leader:
+                cta.bars[f"full{s}"].arrive(expect_tx=3)
+                self._event(n, "tma", (f"full{s}", 3, s, i))
+            if role == MASK_ROWS:  # the transpose: full-warp ballots, then words and flags
+                for k in range(BALLOTS_PER_ITEM):
+                    yield ("ballot", (n, warp, i * BALLOTS_PER_ITEM + k))
+            if role in (LSE_ROWS, MASK_ROWS, LOADS):
+                cta.stamps[(s, tid)] = i
+                cta.bars[f"full{s}"].arrive()
+
+    def _turn(self, n: int, i: int):
+        """The counter of item i and the count at which this CTA's key tile may add."""
+        cta = self.ctas[n]
+        h, m = cta.work.items[i]
+        step = self.v.turn_step or self.v.step
+        return (h, m), (cta.work.tile - self.n_lo(h, m)) * step
+
+    def _consumer(self, n: int, cw: int):
+        cta = self.ctas[n]
+        dq_warp = cw < self.v.dq_warps
+        yield ("wait", cta.bars["kv"], 0)
+        for i in range(len(cta.work.items)):
+            s = i % STAGES
+            yield ("wait", cta.bars[f"full{s}"], (i // STAGES) & 1)
+            # the stage must hold item i: TMA bytes, the lse rows, the mask words
+            writers = [t for t in range(128) if full_arrivals(cta.roles[t], t % 32) and
+                       cta.roles[t] != TMA]
+            if cta.stamps.get((s, "tma")) != i or any(cta.stamps.get((s, t)) != i
+                                                       for t in writers):
+                self.early = True
+            if i in cta.work.dropped:
+                cta.bars[f"empty{s}"].arrive()
+                if dq_warp:
+                    yield from self._dq_dropped(n, cw, i)
+                continue
+            yield ("bar", (n, 1), 256)  # dS^T written: both consumers
+            yield ("bar", (n, 1), 256)
+            cta.bars[f"empty{s}"].arrive()
+            if dq_warp:
+                yield from self._dq_add(n, cw, i)
+        if not self.v.dq_writer and dq_warp:  # bulk_wait_group 0 before the CTA exits
+            added = [j for j in range(len(cta.work.items)) if j not in cta.work.dropped]
+            yield ("until", lambda: all((cw, j) in cta.add_done for j in added))
+
+    def _dq_add(self, n: int, cw: int, i: int):
+        cta = self.ctas[n]
+        if self.v.dq_writer:  # stage into slot k once the writer's adds have read it
+            k = i % self.v.slots
+            yield ("wait", cta.bars[f"dqempty{k}"], ((i // self.v.slots) & 1) ^ 1)
+            if k in cta.reading:
+                raise Outcome("clobbered")
+            cta.dq_stamps[(k, cw)] = i
+            if cw == 0:
+                cta.skip[k] = False
+            cta.bars[f"dqfull{k}"].arrive()
+            return
+        # without the writer: this warp's own buffer, its lane 0's adds and turn
+        prev = [j for j in range(i) if j not in cta.work.dropped]
+        if prev:  # bulk_wait_group.read 0 before restaging
+            yield ("until", lambda: (cw, prev[-1]) in cta.read_done)
+        cta.dq_stamps[(cw, cw)] = i
+        key, target = self._turn(n, i)
+        if self.det:
+            yield ("until", lambda: self.counters.get(key, 0) >= target)
+        self._issue_adds(n, cw, i, [(cw, cw)])
+        if self.det:
+            yield ("until", lambda: (cw, i) in cta.add_done)
+            self.counters[key] = self.counters.get(key, 0) + 1
+
+    def _dq_dropped(self, n: int, cw: int, i: int):
+        cta = self.ctas[n]
+        if self.v.dq_writer:
+            if self.v.dropped_bypass_ring:
+                return
+            k = i % self.v.slots
+            yield ("wait", cta.bars[f"dqempty{k}"], ((i // self.v.slots) & 1) ^ 1)
+            if cw == 0:
+                cta.skip[k] = True
+            cta.bars[f"dqfull{k}"].arrive()
+            return
+        key, target = self._turn(n, i)
+        if self.det:
+            yield ("until", lambda: self.counters.get(key, 0) >= target)
+            self.counters[key] = self.counters.get(key, 0) + 1
+
+    def _writer(self, n: int):
+        cta = self.ctas[n]
+        for i in range(len(cta.work.items)):
+            k = i % self.v.slots
+            yield ("wait", cta.bars[f"dqfull{k}"], (i // self.v.slots) & 1)
+            add = not cta.skip.get(k, False)
+            key, target = self._turn(n, i)
+            if self.det and (add or not self.v.dropped_skip_turn):
+                yield ("until", lambda key=key, target=target: self.counters.get(key, 0) >= target)
+            if add:
+                if any(cta.dq_stamps.get((k, w)) != i for w in range(self.v.dq_warps)):
+                    self.early = True
+                self._issue_adds(n, "w", i, [(k, w) for w in range(self.v.dq_warps)], slot=k)
+                if not self.v.empty_before_read:
+                    yield ("until", lambda i=i: ("w", i) in cta.read_done)
+            cta.bars[f"dqempty{k}"].arrive()
+            if self.det:
+                if add and not self.v.release_before_landing:
+                    yield ("until", lambda i=i: ("w", i) in cta.add_done)
+                self.counters[key] = self.counters.get(key, 0) + 1
+        added = [j for j in range(len(cta.work.items)) if j not in cta.work.dropped]
+        yield ("until", lambda: all(("w", j) in cta.add_done for j in added))
+
+    def _issue_adds(self, n: int, who, i: int, sources: list, slot=None) -> None:
+        """Bulk adds of item i reading ``sources`` (dq_stamps keys): they read later, then
+        land in global memory."""
+        cta = self.ctas[n]
+        cta.reading[who if slot is None else slot] = i
+        self._event(n, "read", (who, i, tuple(sources), slot))
+
+    def _event(self, n: int, kind: str, payload) -> None:
+        self.ctas[n].pending += 1
+        self.events.append((n, kind, payload))
+
+    def _land(self, j: int) -> None:
+        n, kind, payload = self.events.pop(j)
+        cta = self.ctas[n]
+        cta.pending -= 1
+        if kind == "tma":
+            bar, nbytes, s, i = payload
+            if s is not None:
+                cta.stamps[(s, "tma")] = i
+            cta.bars[bar].complete_tx(nbytes)
+        elif kind == "read":
+            who, i, sources, slot = payload
+            if any(cta.dq_stamps.get(src) != i for src in sources):
+                raise Outcome("clobbered")  # the source changed before the adds read it
+            cta.reading.pop(who if slot is None else slot, None)
+            cta.read_done.add((who, i))
+            self._event(n, "add", (who, i))
+        else:
+            who, i = payload
+            cta.add_done.add((who, i))
+            self.add_log.setdefault(cta.work.items[i], []).append(cta.work.tile)
+
+    # ------------------------------------------------------------------ scheduler
+    def _live(self, n: int) -> bool:
+        return self.ctas[n].pending > 0 or any(
+            op != "done" for key, op in self.state.items() if key[0] == n)
+
+    def run(self) -> str:
+        """"ok", "deadlock" (some thread never finishes), "over-arrival", "early" (a consumer
+        passed a full barrier, or the writer a dQ slot, before its item's data), "clobbered" (a
+        dQ source changed before its adds read it) or "out-of-order" (deterministic mode: the
+        adds into one query tile landed out of key-tile order)."""
+        try:
+            return self._run()
+        except OverArrival:
+            return "over-arrival"
+        except Outcome as e:
+            return str(e)
+
+    def _run(self) -> str:
+        while True:
+            resident = sum(self._live(n) for n in range(len(self.ctas)))
+            choices: list = []
+            if self.launch and resident < self.resident:
+                choices.append(("launch",))
+            groups: dict = {}
+            for key, op in self.state.items():
+                if op == "done":
+                    continue
+                if op[0] == "wait" and op[1].passed(op[2]):
+                    choices.append([key])
+                elif op[0] == "until" and op[1]():
+                    choices.append([key])
+                elif op[0] in ("ballot", "bar"):
+                    groups.setdefault((op[0], op[1]), []).append(key)
+            for (kind, gkey), keys in groups.items():
+                if kind == "bar":
+                    if len(keys) * 32 >= self.state[keys[0]][2]:
+                        choices.append(keys)
+                    continue
+                n, warp, _ = gkey
+                lanes = {k[2] % 32 for k in keys}
+                roles = self.ctas[n].roles
+                if self.ballot == "strict":
+                    need = set(range(32))
+                elif self.ballot == "exited":
+                    need = {x for x in range(32) if self.state[(n, "p", 32 * warp + x)] != "done"}
+                else:
+                    need = {x for x in range(32)
+                            if roles[32 * warp + x] == roles[keys[0][2]]}
+                if lanes == need:
+                    choices.append(keys)
+            choices += [("event", j) for j in range(len(self.events))]
+            if not choices:
+                if self.launch or any(op != "done" for op in self.state.values()):
+                    return "deadlock"
+                if self.early:
+                    return "early"
+                if self.det and any(log != sorted(log) for log in self.add_log.values()):
+                    return "out-of-order"
+                return "ok"
+            pick = self.rng.choice(choices)
+            if isinstance(pick, tuple):
+                if pick[0] == "launch":
+                    self._start()
+                else:
+                    self._land(pick[1])
+            else:
+                for key in pick:
+                    self._step(key)
 
 
 def simulate(role_fn, has_mask: bool, n_items: int, seed: int, dropped=(),
-             ballot: str = "strict") -> str:
-    """Runs one random interleaving: "ok", "deadlock" (some thread never finishes),
-    "over-arrival" or "early" (every thread finished, but a consumer passed a full barrier
-    before its item's data). ballot: who a __ballot_sync(0xffffffff) waits for: "strict" all
-    32 lanes (the CUDA contract), "exited" the lanes that have not exited, "role" only the
-    lanes of the warp that share the caller's role (as if it did not synchronize at all)."""
-    roles = [role_fn(t // 32, t % 32, has_mask) for t in range(128)]
-    n_full = sum(r != IDLE for r in role_fixed_table(has_mask))  # the kernel's init count
-    world = World(roles, has_mask, n_items, frozenset(dropped))
-    world.bars = {"kv": MBarrier(1)}
-    for s in range(STAGES):
-        world.bars[f"full{s}"] = MBarrier(n_full)
-        world.bars[f"empty{s}"] = MBarrier(8)
+             ballot: str = "strict", variant: Variant = Variant()) -> str:
+    """One CTA (key tile 0) over n_items query tiles of one head, default mode: see Sim.run.
+    ballot: who a __ballot_sync(0xffffffff) waits for: "strict" all 32 lanes (the CUDA
+    contract), "exited" the lanes that have not exited, "role" only the lanes of the warp that
+    share the caller's role (as if it did not synchronize at all)."""
+    work = CtaWork(0, tuple((0, m) for m in range(n_items)), frozenset(dropped))
+    return Sim([work], variant, has_mask, False, seed, role_fn, ballot, resident=1).run()
+
+
+def grid(pattern: str, tiles: int, heads: int, drop: float, seed: int) -> tuple[list, object]:
+    """CtaWorks in the kernel's linear order and n_lo: key tile n sees query tiles m of a
+    window ("full": all; "causal": m >= n, key-tile-major positions as bwd.cu remaps a
+    right-limited window; "band": |m - n| <= 1); a random share ``drop`` of items dropped."""
     rng = random.Random(seed)
-    threads: dict = {}
-    try:
-        for t in range(128):
-            threads[("p", t)] = _producer(world, t)
-        for cw in range(8):
-            threads[("c", cw)] = _consumer_warp(world, cw)
-        state: dict = {}  # thread -> the op it is blocked on (None: runnable)
 
-        def step(key) -> None:
-            try:
-                state[key] = next(threads[key])
-            except StopIteration:
-                state[key] = "done"
+    def visits(n: int) -> range:
+        if pattern == "full":
+            return range(tiles)
+        if pattern == "causal":
+            return range(n, tiles)
+        return range(max(0, n - 1), min(tiles, n + 2))
 
-        for key in list(threads):
-            step(key)
-        while True:
-            runnable = []
-            for key, op in state.items():
-                if op == "done":
-                    continue
-                if op[0] == "wait" and world.bars[op[1]].passed(op[2]):
-                    runnable.append([key])
-            ballots: dict = {}
-            for key, op in state.items():
-                if op != "done" and op[0] == "ballot":
-                    ballots.setdefault((op[1], op[2]), []).append(key)
-            for (warp, _), keys in ballots.items():
-                lanes = {k[1] % 32 for k in keys}
-                role = roles[keys[0][1]]
-                if ballot == "strict":
-                    need = set(range(32))
-                elif ballot == "exited":
-                    need = {x for x in range(32) if state[("p", 32 * warp + x)] != "done"}
-                else:
-                    need = {x for x in range(32) if roles[32 * warp + x] == role}
-                if lanes == need:
-                    runnable.append(keys)
-            at_bar = [k for k, op in state.items() if op != "done" and op[0] == "bar"]
-            if len(at_bar) * 32 >= 256:
-                runnable.append(at_bar)
-            events = [("tma", j) for j in range(len(world.tma_events))]
-            choices = runnable + events
-            if not choices:
-                if not all(op == "done" for op in state.values()):
-                    return "deadlock"
-                return "early" if world.early else "ok"
-            pick = rng.choice(choices)
-            if isinstance(pick, tuple):
-                bar, nbytes, s, i = world.tma_events.pop(pick[1])
-                if s is not None:
-                    world.stamps[(s, "tma")] = i
-                world.bars[bar].complete_tx(nbytes)
-            else:
-                for key in pick:
-                    step(key)
-    except OverArrival:
-        return "over-arrival"
+    order = [(n, h) for n in range(tiles) for h in range(heads)] if pattern == "causal" else \
+        [(n, h) for h in range(heads) for n in range(tiles)]
+    works = []
+    for n, h in order:
+        items = tuple((h, m) for m in visits(n))
+        dropped = frozenset(i for i in range(len(items)) if rng.random() < drop)
+        works.append(CtaWork(n, items, dropped))
+
+    def n_lo(h: int, m: int) -> int:  # bwd.cu: key_range(tile m's rows).k_begin / kBlockN
+        return {"full": 0, "causal": 0, "band": max(0, m - 1)}[pattern]
+
+    return works, n_lo
 
 
-def role_fixed_table(has_mask: bool) -> list[int]:
-    return [role_fixed(t // 32, t % 32, has_mask) for t in range(128)]
+def run_grid(variant: Variant, pattern: str, seed: int, has_mask: bool = True,
+             tiles: int = 3, heads: int = 2, drop: float = 0.3, resident: int = 2) -> str:
+    works, n_lo = grid(pattern, tiles, heads, drop if has_mask else 0.0, seed)
+    return Sim(works, variant, has_mask, True, seed, resident=resident, n_lo=n_lo).run()
 
 
+# ---------------------------------------------------------------------- the role table
 def test_role_table_and_full_count_equal_the_kernel():
     lines = ['#include "sm90/bwd.cu"']
-    for has_mask in (False, True):
-        m = str(has_mask).lower()
-        for w in range(4):
-            for lane in range(32):
-                lines.append(f"static_assert(dm::sm90_bwd_role({w}, {lane}, {m}) == "
-                             f"{role_fixed(w, lane, has_mask)});")
-        n = sum(r != IDLE for r in role_fixed_table(has_mask))
-        lines.append(f"static_assert(dm::sm90_bwd_full_arrivals({m}) == {n});")
+    for writer in (False, True):
+        w = str(writer).lower()
+        for has_mask in (False, True):
+            m = str(has_mask).lower()
+            for warp in range(4):
+                for lane in range(32):
+                    role = role_fixed(warp, lane, has_mask, writer)
+                    lines.append(f"static_assert(dm::sm90_bwd_role({warp}, {lane}, {m}, {w}) == "
+                                 f"{role});")
+                    lines.append(f"static_assert(dm::sm90_bwd_role_full_arrivals({role}, {lane}) "
+                                 f"== {full_arrivals(role, lane)});")
+            lines.append(f"static_assert(dm::sm90_bwd_full_arrivals({m}, {w}) == "
+                         f"{full_count(has_mask, writer)});")
+    for name, value in (("kBwdIdle", IDLE), ("kBwdTma", TMA), ("kBwdLseRows", LSE_ROWS),
+                        ("kBwdMaskRows", MASK_ROWS), ("kBwdDqWriter", DQ_WRITER),
+                        ("kBwdLoads", LOADS)):
+        lines.append(f"static_assert(dm::{name} == {value});")
     compile_static_asserts("\n".join(lines) + "\n", "sm90_bwd_roles_check.cu")
+
+
+def test_writer_ring_counts_equal_the_kernel():
+    """The ring's init counts (one arrival per dQ warp on full, the writer's on empty) and
+    slots in the kernel equal the model's Variant."""
+    lines = ['#include "sm90/bwd.cu"']
+    for hd in (64, 128):
+        for bias in (False, True):
+            slots = 1 if hd == 128 and bias else 2
+            lines.append(f"static_assert(dm::Sm90BwdSmem<{hd}, false, {str(bias).lower()}>::"
+                         f"kDqSlots == {slots});")
+    compile_static_asserts("\n".join(lines) + "\n", "sm90_bwd_ring_check.cu",
+                           defines=("DM_SM90_BWD_DQ_WRITER=1",))
+    src = (cuda_src_dir() / "sm90" / "bwd.cu").read_text()
+    assert "mbar_init(bar_dq_full(k), kDqWarps);" in src
+    assert "mbar_init(bar_dq_empty(k), 1);" in src
+    assert "constexpr int kTurnStep = Smem::kDqWriter ? 1 : kDqWarps;" in src
+    assert (Variant(True).step, Variant(False, 128).step, Variant(False, 64).step) == (1, 8, 4)
 
 
 def test_kernel_dispatches_on_the_role():
@@ -234,23 +537,27 @@ def test_kernel_dispatches_on_the_role():
                          "---- producer"):src.index("// ---------------------------------"
                                                     "--------------------------------------"
                                                     "------- consumers")]
-    assert "const int role = sm90_bwd_role(warp, lane, kHasMask);" in prod
+    assert "const int role = sm90_bwd_role(warp, lane, kHasMask, Smem::kDqWriter);" in prod
     assert "if (role == kBwdTma)" in prod
     assert "else if (role == kBwdLseRows)" in prod
+    assert "else if (role == kBwdLoads)" in prod
     assert "else if (kHasMask && role == kBwdMaskRows)" in prod
-    assert "mbar_init(bar_full(s), sm90_bwd_full_arrivals(kHasMask));" in src
+    assert "else if (role == kBwdDqWriter)" in prod
+    assert "mbar_init(bar_full(s), sm90_bwd_full_arrivals(kHasMask, Smem::kDqWriter));" in src
 
 
-def test_roles_hold_whole_warps_and_count_97_with_a_mask():
+@pytest.mark.parametrize("writer", [False, True])
+def test_roles_hold_whole_warps_and_count_33_or_97(writer):
     for has_mask, n in ((False, 33), (True, 97)):
-        table = role_fixed_table(has_mask)
-        assert sum(r != IDLE for r in table) == n
+        table = role_fixed_table(has_mask, writer)
+        assert full_count(has_mask, writer) == n
         for w in range(4):
             lanes = table[32 * w:32 * w + 32]
-            if any(r in (LSE_ROWS, MASK_ROWS) for r in lanes):
+            if any(r in (LSE_ROWS, MASK_ROWS, DQ_WRITER, LOADS) for r in lanes):
                 assert len(set(lanes)) == 1
 
 
+# ---------------------------------------------------------------------- one CTA
 @pytest.mark.parametrize("has_mask", [False, True])
 @pytest.mark.parametrize("n_items", [1, 2, 3, 5])
 def test_fixed_dispatch_completes_under_any_interleaving(has_mask, n_items):
@@ -290,3 +597,91 @@ def test_fixed_dispatch_completes_under_every_ballot_model(ballot):
 def test_merged_dispatch_equals_the_fixed_one_without_a_mask():
     for t in range(128):
         assert role_as_merged(t // 32, t % 32, False) == role_fixed(t // 32, t % 32, False)
+
+
+@pytest.mark.parametrize("has_mask", [False, True])
+@pytest.mark.parametrize("head_dim,slots", [(128, 2), (128, 1), (64, 2)])
+def test_writer_ring_completes_under_any_interleaving(has_mask, head_dim, slots):
+    v = Variant(dq_writer=True, head_dim=head_dim, slots=slots)
+    for n_items in (1, 2, 3, 6):
+        drops = [(), (0,), tuple(range(n_items)), (1, 2)] if has_mask else [()]
+        for seed in range(4):
+            for dropped in drops:
+                assert simulate(role_fixed, has_mask, n_items, seed, dropped,
+                                variant=v) == "ok", (n_items, seed, dropped)
+
+
+def test_writer_ring_catches_a_slot_freed_before_its_adds_read_it():
+    v = Variant(dq_writer=True, slots=1, empty_before_read=True)
+    got = {simulate(role_fixed, False, 4, seed, variant=v) for seed in range(12)}
+    assert "clobbered" in got
+
+
+def test_writer_ring_catches_dropped_tiles_that_bypass_it():
+    """The writer expects every item in the ring; a dropped tile that skips it leaves the
+    writer waiting on a slot nobody fills (or taking the next item's tile for it)."""
+    v = Variant(dq_writer=True, dropped_bypass_ring=True)
+    for seed in range(6):
+        assert simulate(role_fixed, True, 3, seed, dropped=(1,), variant=v) != "ok"
+
+
+def test_writer_ring_catches_a_wrong_full_count():
+    """At d64 only consumer 0's 4 warps stage dQ: a full barrier counting 8 never completes."""
+    v = Variant(dq_writer=True, head_dim=128, slots=2)
+    bad = Variant(dq_writer=True, head_dim=64, slots=2)
+
+    class Sim8(Sim):  # init count of d128 with d64's arrivals
+        def _start(self) -> None:
+            super()._start()
+            for k in range(bad.slots):
+                self.ctas[-1].bars[f"dqfull{k}"] = MBarrier(v.dq_warps)
+
+    work = CtaWork(0, ((0, 0), (0, 1)))
+    assert Sim8([work], bad, False, False, 0, resident=1).run() == "deadlock"
+
+
+# ---------------------------------------------------------------------- deterministic grids
+@pytest.mark.parametrize("writer", [False, True])
+@pytest.mark.parametrize("pattern", ["full", "causal", "band"])
+def test_deterministic_turns_complete_in_key_tile_order(writer, pattern):
+    """Every grid completes with each query tile's adds landing in key-tile order, with any
+    launch order of the block indices and 2 resident CTAs (the smallest unfinished position
+    never waits)."""
+    v = Variant(dq_writer=writer, slots=1 if writer else 2)
+    for seed in range(4):
+        assert run_grid(v, pattern, seed) == "ok", seed
+        assert run_grid(v, pattern, seed, has_mask=False, resident=3) == "ok", seed
+
+
+def test_deterministic_turns_catch_a_target_counted_per_dq_warp():
+    """With the writer a key tile adds 1 per item: a target of 8 per earlier tile (the
+    consumer-side protocol's) is never reached."""
+    v = Variant(dq_writer=True, turn_step=8)
+    assert {run_grid(v, "full", seed, has_mask=False) for seed in range(3)} == {"deadlock"}
+
+
+def test_deterministic_turns_catch_a_dropped_tile_passing_its_turn_early():
+    """A dropped tile's +1 taken before its turn counts for an earlier tile: a later tile then
+    adds before that earlier one."""
+    v = Variant(dq_writer=True, dropped_skip_turn=True)
+    got = [run_grid(v, "full", seed, tiles=4, heads=1, drop=0.5, resident=4)
+           for seed in range(16)]
+    assert "out-of-order" in got
+
+
+def test_deterministic_turns_catch_a_turn_passed_before_the_adds_land():
+    """bulk wait_group 0 before the release: without it the next key tile's adds can land
+    first."""
+    v = Variant(dq_writer=True, release_before_landing=True)
+    got = [run_grid(v, "full", seed, has_mask=False, tiles=4, heads=1, resident=4)
+           for seed in range(16)]
+    assert "out-of-order" in got
+
+
+def test_deterministic_turns_need_ticket_positions():
+    """Positions taken from blockIdx: a later block can start first and fill the resident
+    slots while waiting on a block that never starts."""
+    v = Variant(dq_writer=True, ticket_positions=False)
+    got = [run_grid(v, "full", seed, has_mask=False, tiles=4, heads=1, resident=2)
+           for seed in range(10)]
+    assert "deadlock" in got

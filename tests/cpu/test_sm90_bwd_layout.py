@@ -10,7 +10,8 @@
   DM_SM90_BWD_DQ_ATOMIC: one consumer's 64 keys and K rows 64c..);
 - the fp32 dQ staging of the bulk reduce-add: each warp's float2 fragment stores are
   bank-conflict-free and lay out whole rows contiguously, so one bulk add per row adds the
-  warp's 16 x 64 block to the right global elements;
+  warp's 16 x 64 block to the right global elements; likewise the dQ writer's ring slots
+  (DM_SM90_BWD_DQ_WRITER: whole 64-row tiles of both consumers' boxes, one add per row);
 - the constexpr helpers and Sm90BwdSmem / Sm90BwdArgs equal the model and the host mirror
   (NVRTC static_asserts), and every spec compiles for sm_90a without spills or slow-kernel
   advisories, with HGMMA in its SASS when nvdisasm is present.
@@ -221,6 +222,104 @@ def test_dq_staging_rows_and_bulk_adds_give_the_tile(head_dim, c):
     np.testing.assert_array_equal(accum.reshape(seqlen, heads, head_dim), want)
 
 
+def _dq_slot_address(slot: int, head_dim: int, c: int, w: int, g, t, j, r, x):
+    """Byte address of acc[j][2r + x] of consumer c's warp w, lane (g, t) in a dQ writer slot
+    (bwd.cu: slot + 256c + (16w + g + 8r) * kDQTileRow + (8j + 2t) * 4, element x)."""
+    pitch = b90.dq_tile_row_bytes(head_dim)
+    return slot + 256 * c + (16 * w + g + 8 * r) * pitch + (8 * j + 2 * t) * 4 + 4 * x
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_dq_writer_slot_stores_are_bank_conflict_free(head_dim):
+    lane = np.arange(32)
+    g, t = lane // 4, lane % 4
+    for c in range(head_dim // 64):
+        for w in range(4):
+            for j in range(8):
+                for r in range(2):
+                    for half in range(2):
+                        sel = slice(16 * half, 16 * half + 16)
+                        words = np.concatenate([_dq_slot_address(
+                            0, head_dim, c, w, g[sel], t[sel], j, r, x) // 4 for x in range(2)])
+                        assert len(set((words % 32).tolist())) == 32, (c, w, j, r, half)
+
+
+@pytest.mark.parametrize("head_dim,spec_dim", [(128, 128), (72, 128), (64, 64), (40, 64)])
+@pytest.mark.parametrize("seqlen", [100, 128, 70])
+def test_dq_writer_slot_rows_and_bulk_adds_give_the_tile(head_dim, spec_dim, seqlen):
+    """Every dQ warp stores its fragments into the slot (consumer c: columns 64c..), then the
+    writer adds, for each row l < min(64, seqlen - m0), head_dim floats at slot + l *
+    kDQTileRow into dq_accum row m0 + l (one bulk add per row): modelled on a flat fp32
+    accumulator with the (B, S, H, d) strides, the 64 x head_dim tile lands exactly, nothing
+    past head_dim or the sequence end is touched."""
+    rng = np.random.default_rng(head_dim + seqlen)
+    heads, m0, h = 3, 64, 2
+    row_stride = heads * head_dim
+    tile = rng.standard_normal((64, spec_dim))  # the CTA's (queries x padded head dim) dQ
+    slot = 1 << 14
+    smem = {}
+    for c in range(spec_dim // 64):
+        for w in range(4):
+            for lane in range(32):
+                g, t = lane // 4, lane % 4
+                for j in range(8):
+                    for r in range(2):
+                        for x in range(2):
+                            smem[int(_dq_slot_address(slot, spec_dim, c, w, g, t, j, r, x))] = \
+                                tile[16 * w + g + 8 * r, 64 * c + 8 * j + 2 * t + x]
+    accum = np.zeros(seqlen * row_stride)
+    pitch = b90.dq_tile_row_bytes(spec_dim)
+    assert pitch % 16 == 0 and (4 * head_dim) % 16 == 0
+    for rr in range(min(64, seqlen - m0)):
+        src = [smem[slot + rr * pitch + 4 * e] for e in range(head_dim)]
+        dst = (m0 + rr) * row_stride + h * head_dim
+        assert (dst * 4) % 16 == 0
+        accum[dst:dst + head_dim] += src
+    want = np.zeros((seqlen, heads, head_dim))
+    n = min(64, seqlen - m0)
+    want[m0:m0 + n, h] = tile[:n, :head_dim]
+    np.testing.assert_array_equal(accum.reshape(seqlen, heads, head_dim), want)
+
+
+@pytest.mark.parametrize("head_dim,spec_dim", [(128, 128), (72, 128), (64, 64), (40, 64)])
+@pytest.mark.parametrize("seqlen", [100, 128, 70])
+def test_dq_writer_slot_is_the_tensor_reduce_box(head_dim, spec_dim, seqlen):
+    """DM_SM90_BWD_DQ_WRITER=2: one bulk tensor reduce of the slot at coordinates (0, m0, h, b)
+    through the dqa map adds box element (row l, column x), which a non-swizzled box holds at
+    slot + (l * box[0] + x) * 4, into dq_accum (m0 + l, h, x) where l < seqlen - m0 and
+    x < head_dim (out-of-bounds elements are not written): the slot as the dQ warps store it
+    is that box, so the tile lands exactly."""
+    from dmattn_cupy.arrays import describe
+
+    rng = np.random.default_rng(head_dim + seqlen)
+    heads, m0, h = 3, 64, 2
+    q = describe(np.zeros((1, seqlen, heads, head_dim), np.float16))
+    spec = b90.plan_maps(q, q, q, q, None, b90.BIAS_NONE, True)["dqa"]
+    box_cols, box_rows = spec.box[0], spec.box[1]
+    assert box_cols * 4 == b90.dq_tile_row_bytes(spec_dim) and box_rows == 64
+    tile = rng.standard_normal((64, spec_dim))
+    slot = 1 << 14
+    smem = {}
+    for c in range(spec_dim // 64):
+        for w in range(4):
+            for lane in range(32):
+                g, t = lane // 4, lane % 4
+                for j in range(8):
+                    for r in range(2):
+                        for x in range(2):
+                            smem[int(_dq_slot_address(slot, spec_dim, c, w, g, t, j, r, x))] = \
+                                tile[16 * w + g + 8 * r, 64 * c + 8 * j + 2 * t + x]
+    accum = np.zeros((seqlen, heads, head_dim))
+    for row in range(box_rows):
+        for col in range(box_cols):
+            if m0 + row < spec.dims[1] and col < spec.dims[0]:
+                accum[m0 + row, h, col] += smem.get(slot + (row * box_cols + col) * 4, np.nan)
+    want = np.zeros((seqlen, heads, head_dim))
+    n = min(64, seqlen - m0)
+    want[m0:m0 + n, h] = tile[:n, :head_dim]
+    np.testing.assert_array_equal(accum, want)
+
+
 def test_bias_tile_reads_what_tma_wrote():
     """The (64 query rows x 128 keys) bias stage: two boxes of 64 keys; a consumer reads
     element (query, key) at tile_offset<2, 64, 64>(query, key) (static_asserts below)."""
@@ -231,7 +330,7 @@ def test_bias_tile_reads_what_tma_wrote():
     np.testing.assert_array_equal(_read(smem, tma_box_address(BASE, 64, q, k)), bias)
 
 
-def _static_asserts() -> str:
+def _static_asserts(writer: bool = False, tensor: bool = False) -> str:
     lines = ['#include "sm90/bwd.cu"', "using namespace dm::sm90;"]
     rng = np.random.default_rng(1)
     for r, c in zip(rng.integers(0, 64, 32), rng.integers(0, 128, 32), strict=True):
@@ -246,22 +345,48 @@ def _static_asserts() -> str:
     for hd in b90.HEAD_DIMS:
         for mask in (False, True):
             for bias in (False, True):
-                lines.append(f"static_assert(dm::Sm90BwdSmem<{hd}, {str(mask).lower()}, "
-                             f"{str(bias).lower()}>::kAlloc == "
-                             f"{b90.smem_bytes(hd, bias, mask)});")
+                smem = f"dm::Sm90BwdSmem<{hd}, {str(mask).lower()}, {str(bias).lower()}>"
+                lines.append(f"static_assert({smem}::kAlloc == "
+                             f"{b90.smem_bytes(hd, bias, mask, writer)});")
+                lines.append(f"static_assert({smem}::kDqSlots == "
+                             f"{b90.dq_slots(hd, bias, writer)});")
+                lines.append(f"static_assert({smem}::kDQTileRow == "
+                             f"{b90.dq_tile_row_bytes(hd)});")
+    lines.append(f"static_assert(dm::kSm90BwdDqWriter == {str(writer).lower()});")
+    lines.append(f"static_assert(dm::kSm90BwdDqTensor == {str(tensor).lower()});")
     lines.append(f"static_assert(sizeof(dm::Sm90BwdArgs) == {b90.ARGS_DTYPE.itemsize});")
     return "\n".join(lines) + "\n"
 
 
-def test_constexpr_helpers_and_smem_plan_equal_the_model():
-    compile_static_asserts(_static_asserts(), "sm90_bwd_layout_check.cu")
+@pytest.mark.parametrize("mode", [0, 1, 2])
+def test_constexpr_helpers_and_smem_plan_equal_the_model(mode):
+    defines = (f"DM_SM90_BWD_DQ_WRITER={mode}",) if mode else ()
+    compile_static_asserts(_static_asserts(mode > 0, mode == 2), "sm90_bwd_layout_check.cu",
+                           defines)
 
 
-def test_every_spec_fits_shared_memory():
+@pytest.mark.parametrize("writer", [False, True])
+def test_every_spec_fits_shared_memory(writer):
     for hd in b90.HEAD_DIMS:
         for mask in (False, True):
             for bias in (False, True):
-                assert b90.smem_bytes(hd, bias, mask) <= b90.SMEM_LIMIT
+                assert b90.smem_bytes(hd, bias, mask, writer) <= b90.SMEM_LIMIT
+
+
+@pytest.mark.parametrize("defines,mode", [("", 0), ("DM_SM90_BWD_DQ_WRITER=1", 1),
+                                          ("DM_SM90_BWD_DQ_WRITER=0", 0),
+                                          ("DM_SM90_BWD_DQ_WRITER=2", 2),
+                                          ("DM_SM90_BWD_DQ_WRITER=1 DM_SM90_BWD_DQ_ATOMIC=1",
+                                           0)])
+def test_host_reads_the_writer_define(monkeypatch, defines, mode):
+    """The launcher's shared memory follows DMATTN_NVRTC_DEFINES as the kernel's kAlloc does
+    (a launch with less would trap), and so does the dqa map."""
+    monkeypatch.setenv("DMATTN_NVRTC_DEFINES", defines)
+    assert b90.dq_writer_mode() == mode
+    want = mode > 0
+    assert b90.dq_writer() is want
+    assert b90.smem_bytes(128, False) == b90.smem_bytes(128, False, False, want)
+    assert b90.smem_bytes(128, False, False, True) > b90.smem_bytes(128, False, False, False)
 
 
 def _nvdisasm() -> str | None:
@@ -276,11 +401,15 @@ def _nvdisasm() -> str | None:
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("mask", [False, True])
-def test_spec_compiles_without_spills_or_slow_advisories(dtype, head_dim, bias, mask, tmp_path):
+@pytest.mark.parametrize("writer", [0, 1, 2])
+def test_spec_compiles_without_spills_or_slow_advisories(dtype, head_dim, bias, mask, writer,
+                                                         tmp_path, monkeypatch):
     pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="needs CuPy's NVRTC bindings")
     from dmattn_cupy.compile import compile_spec
     from dmattn_cupy.select import backward_sm90_spec
 
+    if writer:
+        monkeypatch.setenv("DMATTN_NVRTC_DEFINES", f"DM_SM90_BWD_DQ_WRITER={writer}")
     ck = compile_spec(backward_sm90_spec(dtype, head_dim, mask, bias), use_disk_cache=False)
     assert ck.arch == "sm_90a"
     assert not ck.spills, ck.log
@@ -297,7 +426,10 @@ def test_spec_compiles_without_spills_or_slow_advisories(dtype, head_dim, bias, 
     want[f"64x{head_dim}x16"] += 8
     assert collections.Counter(re.findall(r"HGMMA\.(64x\d+x16)\.F32", sass)) == want
     assert "UTMALDG.4D" in sass and "USETMAXREG" in sass
-    assert "UBLKRED.G.S.ADD.F32" in sass                      # dQ: bulk reduce-add
+    if writer == 2:  # dQ: one bulk tensor reduce per tile, from the writer
+        assert len(re.findall(r"UTMAREDG\.4D\.ADD", sass)) == 1 and "UBLKRED" not in sass
+    else:
+        assert "UBLKRED.G.S.ADD.F32" in sass                  # dQ: bulk reduce-add by row
     # no per-element float atomics (the deterministic mode's counters are int32 words)
     assert not [ln for ln in re.findall(r"\bREDG?\.[^;]*", sass) if "F32" in ln or "F16" in ln]
     if mask:  # the producer's transpose of the mask rows

@@ -176,10 +176,13 @@ def test_generated_wgmma_header_is_current():
 def test_tensor_map_rules():
     ok = TensorMapSpec(2, (128, 300, 4, 2), (1024, 256, 307200), (64, 128, 1, 1), 128)
     ok.check()
+    # an fp32 box wider than the tensor without swizzle (bwd.cu's dqa map): only 16-byte rows
+    TensorMapSpec(4, (72, 300), (1152,), (136, 64), 0, float32=True).check()
     bad = [TensorMapSpec(2, (128, 300), (1000,), (64, 128), 128),     # stride not 16-multiple
            TensorMapSpec(2, (128, 300), (1024,), (128, 128), 128),    # inner box > swizzle span
            TensorMapSpec(2, (128, 300), (1024,), (64, 512), 128),     # box > 256
-           TensorMapSpec(2, (128, 300), (0,), (64, 128), 128)]        # a zero stride
+           TensorMapSpec(2, (128, 300), (0,), (64, 128), 128),        # a zero stride
+           TensorMapSpec(2, (128, 300), (1024,), (64, 128), 128, float32=True)]  # fp32 of 2 B
     for spec in bad:
         with pytest.raises(TensorMapError):
             spec.check()
