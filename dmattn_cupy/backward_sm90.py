@@ -42,11 +42,11 @@ DQ_SEM_OFFSET = ARGS_DTYPE.fields["dq_sem"][1]
 
 
 def dq_writer_mode() -> int:
-    """How the kernel source adds dQ (DMATTN_NVRTC_DEFINES): 0 each consumer warp's lane 0,
-    1 the producer's dQ writer warp by row (``DM_SM90_BWD_DQ_WRITER=1``), 2 the writer by one
-    tensor reduce per tile (``=2``, through the dqa map); the A/B variant
+    """How the kernel source adds dQ (DMATTN_NVRTC_DEFINES; bwd.cu's default is 2): 0 each
+    consumer warp's lane 0 (``DM_SM90_BWD_DQ_WRITER=0``), 1 the producer's dQ writer warp by
+    row (``=1``), 2 the writer by one tensor reduce per tile (through the dqa map); the A/B variant
     ``DM_SM90_BWD_DQ_ATOMIC=1`` overrides them (0). bwd.cu's kSm90BwdDqWriter/-Tensor."""
-    mode = env.nvrtc_define_int("DM_SM90_BWD_DQ_WRITER", 0)
+    mode = env.nvrtc_define_int("DM_SM90_BWD_DQ_WRITER", 2)
     if env.nvrtc_define_int("DM_SM90_BWD_DQ_ATOMIC", 0) != 0 or mode == 0:
         return 0
     return 2 if mode == 2 else 1

@@ -129,7 +129,7 @@ def test_args_record_layout(monkeypatch, dq_tensor):
     mode); a key-row bias has no map (the consumers read it directly), nor has a mask (the
     producer reads it through its strides); the dqa map over dq_accum only with
     DM_SM90_BWD_DQ_WRITER=2."""
-    monkeypatch.setenv("DMATTN_NVRTC_DEFINES", "DM_SM90_BWD_DQ_WRITER=2" if dq_tensor else "")
+    monkeypatch.setenv("DMATTN_NVRTC_DEFINES", f"DM_SM90_BWD_DQ_WRITER={2 if dq_tensor else 1}")
     monkeypatch.setattr(backward_sm90, "encode", lambda spec, ptr: bytes([ptr % 251]) * 128)
     q, k, v = _arrays()
     infos = [dataclasses.replace(describe(x), ptr=(i + 1) << 20) for i, x in

@@ -273,6 +273,8 @@ def test_thin_backward_launches_what_the_validated_path_builds(cap, case):
     assert _masked(fwd_again, cap) == _masked(fwd_first, cap)
 
     sem = slice(backward_sm90.DQ_SEM_OFFSET, backward_sm90.DQ_SEM_OFFSET + 8)
+    dqa_at = 128 * backward_sm90.MAP_NAMES.index("dqa")
+    dqa = slice(dqa_at, dqa_at + 128)
 
     def no_out_lse(launches):
         res = []
@@ -280,9 +282,10 @@ def test_thin_backward_launches_what_the_validated_path_builds(cap, case):
             rec = np.frombuffer(raw, dtype=BWD_DTYPE).copy()
             rec["o"] = 0
             rec["lse"] = 0
-            if fam == "bwd_sm90":  # the deterministic counters live in the fresh workspace
-                args = bytearray(rest[0])
+            if fam == "bwd_sm90":  # the deterministic counters and the dqa map (over
+                args = bytearray(rest[0])  # dq_accum) follow the fresh workspace
                 args[sem] = bytes(8)
+                args[dqa] = bytes(dqa.stop - dqa.start)
                 rest = (bytes(args),) + rest[1:]
             res.append((fam, grid, smem, rec.tobytes(), rest))
         return res

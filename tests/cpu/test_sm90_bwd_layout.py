@@ -358,9 +358,10 @@ def _static_asserts(writer: bool = False, tensor: bool = False) -> str:
     return "\n".join(lines) + "\n"
 
 
-@pytest.mark.parametrize("mode", [0, 1, 2])
+@pytest.mark.parametrize("mode", [None, 0, 1, 2])
 def test_constexpr_helpers_and_smem_plan_equal_the_model(mode):
-    defines = (f"DM_SM90_BWD_DQ_WRITER={mode}",) if mode else ()
+    defines = (f"DM_SM90_BWD_DQ_WRITER={mode}",) if mode is not None else ()
+    mode = 2 if mode is None else mode  # the source's default
     compile_static_asserts(_static_asserts(mode > 0, mode == 2), "sm90_bwd_layout_check.cu",
                            defines)
 
@@ -373,7 +374,7 @@ def test_every_spec_fits_shared_memory(writer):
                 assert b90.smem_bytes(hd, bias, mask, writer) <= b90.SMEM_LIMIT
 
 
-@pytest.mark.parametrize("defines,mode", [("", 0), ("DM_SM90_BWD_DQ_WRITER=1", 1),
+@pytest.mark.parametrize("defines,mode", [("", 2), ("DM_SM90_BWD_DQ_WRITER=1", 1),
                                           ("DM_SM90_BWD_DQ_WRITER=0", 0),
                                           ("DM_SM90_BWD_DQ_WRITER=2", 2),
                                           ("DM_SM90_BWD_DQ_WRITER=1 DM_SM90_BWD_DQ_ATOMIC=1",
@@ -408,8 +409,7 @@ def test_spec_compiles_without_spills_or_slow_advisories(dtype, head_dim, bias, 
     from dmattn_cupy.compile import compile_spec
     from dmattn_cupy.select import backward_sm90_spec
 
-    if writer:
-        monkeypatch.setenv("DMATTN_NVRTC_DEFINES", f"DM_SM90_BWD_DQ_WRITER={writer}")
+    monkeypatch.setenv("DMATTN_NVRTC_DEFINES", f"DM_SM90_BWD_DQ_WRITER={writer}")
     ck = compile_spec(backward_sm90_spec(dtype, head_dim, mask, bias), use_disk_cache=False)
     assert ck.arch == "sm_90a"
     assert not ck.spills, ck.log
