@@ -341,16 +341,20 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
     int stage = 0;
     uint32_t phase = 0;
     int mask_base = 0;
+    int item = kDynamicItems ? int(blockIdx.x) : 0;  // the first item needs no claim
     // kDynamicItems: the next item's claim, on the leader's lane (0 on the others; the warp
     // takes the max: REDUX leaves it in a uniform register, so the item arithmetic stays on the
     // uniform datapath as in the static schedules; with a shuffle the mask + bias specs'
     // producer spilled). Issued after the item's end stage: the consumers still have the last
     // tile's products and the epilogue to run, and the next Q waits for them anyway.
+    // Without a counter (a launch that passed none) each CTA strides by the grid instead.
     auto claim = [&]() -> int {
-      return leader ? claimed_item(atomicInc(args.item_counter, uint32_t(num_items - 1)),
-                                   gridDim.x, num_items) : 0;
+      if (!leader) return 0;
+      const uint32_t v = args.item_counter != nullptr
+                             ? atomicInc(args.item_counter, uint32_t(num_items - 1))
+                             : uint32_t(item);
+      return claimed_item(v, gridDim.x, num_items);
     };
-    int item = kDynamicItems ? int(blockIdx.x) : 0;  // the first item needs no claim
     for (int round = 0;; ++round) {
       if (!kDynamicItems) item = item_of_round(round);
       if (item >= num_items) break;

@@ -4,7 +4,7 @@ several CTAs, the kernel's claim arithmetic against that model (NVRTC static_ass
 host's grid, shared memory and argument record per schedule.
 
 The model follows the kernel step by step: each CTA's producer warp starts at item blockIdx.x,
-claims every next item with atomicInc(counter, num_items - 1) before pushing the current item's
+claims every next item with atomicInc(counter, num_items - 1) after pushing the current item's
 end stage, passes items with nothing to do (varlen tiles past their sequence) straight to the
 next claim, and ends with a stage naming item -1; the two consumer warpgroups read an item's
 index from its first stage (a tile or its end), walk its stages and release each one. Stages
@@ -45,7 +45,7 @@ class Launch:
     generators that yield wherever the kernel may block or race (every shared-memory or
     global step)."""
 
-    def __init__(self, counter: list[int], num_items: int, grid: int, tiles: list[int],
+    def __init__(self, counter: list[int] | None, num_items: int, grid: int, tiles: list[int],
                  live: list[bool], k_stages: int) -> None:
         self.counter, self.n, self.grid = counter, num_items, grid
         self.tiles, self.live, self.k = tiles, live, k_stages
@@ -68,23 +68,23 @@ class Launch:
             if stage == self.k:
                 stage, use = 0, use + 1
 
-        def claim():
+        def claim(item: int):
             yield                                         # the atomic races other CTAs
-            item = claimed_item(atom_inc(self.counter, self.n - 1), self.grid, self.n)
-            self.claimed.append(item)
-            return item
+            v = item if self.counter is None else atom_inc(self.counter, self.n - 1)
+            nxt = claimed_item(v, self.grid, self.n)
+            self.claimed.append(nxt)
+            return nxt
 
         item = x
         while item < self.n:
             if not self.live[item]:
-                item = yield from claim()
+                item = yield from claim(item)
                 continue
             self.pushed[x].append(item)
             for t in range(self.tiles[item]):
                 yield from push(t, item)
-            nxt = yield from claim()                      # before the end stage
             yield from push(-1, item)
-            item = nxt
+            item = yield from claim(item)                 # after the end stage
         yield from push(-2, -1)                           # no more items
 
     def consumer(self, x: int, c: int, ring: dict):
@@ -169,6 +169,15 @@ def test_a_grid_larger_than_the_items_still_winds_the_counter_back():
     ln = Launch(counter, 3, 5, [1, 2, 0], [True, True, True], 2)
     ln.run(random.Random(1))
     assert counter == [0] and sorted(i for p in ln.pushed for i in p) == [0, 1, 2]
+
+
+def test_without_a_counter_each_cta_strides_by_the_grid():
+    """A launch that passes no counter (item_counter null) still takes every item once: the
+    claim of item i is i + grid."""
+    ln = Launch(None, 23, 4, [2] * 23, [i % 5 != 3 for i in range(23)], 2)
+    ln.run(random.Random(3))
+    assert sorted(i for p in ln.pushed for i in p) == [i for i in range(23) if i % 5 != 3]
+    assert ln.pushed[1] == [i for i in range(1, 23, 4) if i % 5 != 3]
 
 
 def test_items_are_numbered_longest_first():
