@@ -34,12 +34,6 @@ def claimed_item(claim: int, grid: int, num_items: int) -> int:
     return claim + grid if claim + grid < num_items else num_items
 
 
-def item_coords(i: int, num_m: int, batch: int, heads: int) -> tuple[int, int, int]:
-    """fwd.cu's numbering (make_item): item i is (query tile, head, batch), longest first."""
-    bh = batch * heads
-    return num_m - 1 - i // bh, i % bh % heads, i % bh // heads
-
-
 class Launch:
     """One launch of the dynamic schedule: G CTAs, each a producer and two consumers as
     generators that yield wherever the kernel may block or race (every shared-memory or
@@ -178,17 +172,6 @@ def test_without_a_counter_each_cta_strides_by_the_grid():
     ln.run(random.Random(3))
     assert sorted(i for p in ln.pushed for i in p) == [i for i in range(23) if i % 5 != 3]
     assert ln.pushed[1] == [i for i in range(1, 23, 4) if i % 5 != 3]
-
-
-def test_items_are_numbered_longest_first():
-    """Under causal masking query tile m of S/128 sees m + 1 key tiles: claims in index order
-    hand out all (batch, head) pairs' last query tile first, then the one before it."""
-    num_m, batch, heads = 32, 2, 16
-    coords = [item_coords(i, num_m, batch, heads) for i in range(num_m * batch * heads)]
-    assert len(set(coords)) == len(coords)
-    work = [m + 1 for m, _, _ in coords]
-    assert work == sorted(work, reverse=True)
-    assert coords[:3] == [(31, 0, 0), (31, 1, 0), (31, 2, 0)] and coords[16] == (31, 0, 1)
 
 
 def _makespan(durations: list[float], grid: int, order: str,

@@ -35,13 +35,15 @@ def _hopper_only():
         pytest.skip("the sm_90a family runs on compute capability 9.0 only")
 
 
-# (name, DM_SM90_PERSISTENT, DM_SM90_MAX_CTAS; 0: min(items, SMs))
-SCHEDULES = [("static_3", 1, 3), ("dynamic_1", 2, 1), ("dynamic_3", 2, 3),
-             ("dynamic_7", 2, 7), ("dynamic_sms", 2, 0)]
+# (name, DM_SM90_PERSISTENT, DM_SM90_MAX_CTAS (0: min(items, SMs)), DM_SM90_LPT_HEADS)
+SCHEDULES = [("static_3", 1, 3, 0), ("dynamic_1", 2, 1, 0), ("dynamic_3", 2, 3, 0),
+             ("dynamic_7", 2, 7, 0), ("dynamic_sms", 2, 0, 0), ("dynamic_3_lpt4", 2, 3, 4),
+             ("dynamic_sms_lpt8", 2, 0, 8)]
 
 
-def _defines(mode: int, cap: int) -> str:
-    return f"DM_SM90_PERSISTENT={mode}" + (f" DM_SM90_MAX_CTAS={cap}" if cap else "")
+def _defines(mode: int, cap: int, section: int = 0) -> str:
+    return (f"DM_SM90_PERSISTENT={mode}" + (f" DM_SM90_MAX_CTAS={cap}" if cap else "")
+            + (f" DM_SM90_LPT_HEADS={section}" if section else ""))
 
 
 def _under(monkeypatch, defines: str, fn):
@@ -72,8 +74,8 @@ def _dense_case(name: str):
         return (*_qkv(2, 1000, 1300, 8, 2, 128, 2), {"window_size": (200, 30)})
     if name == "sq_gt_sk_causal":   # bottom-right causal: query tiles 0-3 see no key at all
         return (*_qkv(1, 700, 200, 4, 4, 64, 3), {"is_causal": True})
-    if name == "d256_softcap":
-        return (*_qkv(1, 600, 700, 4, 2, 256, 4, torch.float16),
+    if name == "d256_softcap":     # 6 (batch, head) pairs: LPT sections of 4 and of 2
+        return (*_qkv(1, 600, 700, 6, 2, 256, 4, torch.float16),
                 {"is_causal": True, "softcap": 8.0})
     if name == "kbias":
         q, k, v = _qkv(2, 300, 1000, 4, 2, 128, 5)
@@ -107,7 +109,7 @@ def _reference_check(q, k, v, out, lse, kw):
 @pytest.mark.parametrize("sched", SCHEDULES, ids=[s[0] for s in SCHEDULES])
 @pytest.mark.parametrize("name", DENSE)
 def test_schedules_equal_one_cta_per_item(monkeypatch, name, sched):
-    _, mode, cap = sched
+    _, mode, cap, section = sched
     q, k, v, kw = _dense_case(name)
     pb = check_dense(q, k, v, kw.get("attn_mask"), kw.get("attn_bias"), None,
                      kw.get("is_causal", False), kw.get("window_size", (-1, -1)),
@@ -118,15 +120,17 @@ def test_schedules_equal_one_cta_per_item(monkeypatch, name, sched):
         return dm.flash_dmattn_func(q, k, v, return_lse=True, **kw)
 
     base = _under(monkeypatch, "", call)
-    got = _under(monkeypatch, _defines(mode, cap), call)
+    got = _under(monkeypatch, _defines(mode, cap, section), call)
     for a, b in zip(base, got, strict=True):
         assert torch.equal(a, b), f"max diff {(a.float() - b.float()).abs().max().item()}"
     _reference_check(q, k, v, *got, kw)
     # the launch really was the capped persistent grid
     items = math.ceil(q.shape[1] / forward_sm90.BLOCK_M) * q.shape[0] * q.shape[2]
-    _, _, plan = _under(monkeypatch, _defines(mode, cap), lambda: forward_call(pb, q))
+    _, _, plan = _under(monkeypatch, _defines(mode, cap, section),
+                        lambda: forward_call(pb, q))
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    assert plan.launches[0].grid == (min(items, sms, cap or sms), 1, 1)
+    want = items if mode == 0 else min(items, sms, cap or sms)
+    assert plan.launches[0].grid == (want, 1, 1)
 
 
 LENS = {   # per sequence (len_q, len_k): empty sequences, len_q > len_k, tiles past a sequence
@@ -141,7 +145,7 @@ LENS = {   # per sequence (len_q, len_k): empty sequences, len_q > len_k, tiles 
 def test_varlen_items_past_a_sequence_are_passed_over(monkeypatch, lens, causal, sched):
     """Varlen query tiles of max_seqlen_q past their own sequence have nothing to do: the
     dynamic producer claims the next item without telling the consumers."""
-    _, mode, cap = sched
+    _, mode, cap, section = sched
     lq, lk = LENS[lens]
     g = torch.Generator().manual_seed(21)
     cu_q = torch.tensor(np.concatenate([[0], np.cumsum(lq)]), dtype=torch.int32)
@@ -160,7 +164,7 @@ def test_varlen_items_past_a_sequence_are_passed_over(monkeypatch, lens, causal,
                                            attn_bias=bias, is_causal=causal, return_lse=True)
 
     base = _under(monkeypatch, "", call)
-    got = _under(monkeypatch, _defines(mode, cap), call)
+    got = _under(monkeypatch, _defines(mode, cap, section), call)
     for a, b in zip(base, got, strict=True):
         assert torch.equal(a, b)
     assert_fa_close(got[0], got[1], dict(q=f64(q), k=f64(k), v=f64(v), cu_q=cu_q.cpu().numpy(),
@@ -174,7 +178,7 @@ def test_varlen_items_past_a_sequence_are_passed_over(monkeypatch, lens, causal,
 def test_tile_counters_count_every_item_once(monkeypatch, sched):
     """Debug builds count per item the tiles loaded and masked: a claimed-twice item would
     count twice, a lost one zero."""
-    _, mode, cap = sched
+    _, mode, cap, section = sched
     q, k, v = _qkv(2, 900, 1100, 4, 4, 64, 9)
     mask = torch.rand(2, 4, 900, 1100, device="cuda") > 0.2
     mask[0, :, :, 256:512] = False      # all-false tiles: never loaded
@@ -190,7 +194,7 @@ def test_tile_counters_count_every_item_once(monkeypatch, sched):
         return out, lse, counters
 
     base = _under(monkeypatch, "", counted)
-    got = _under(monkeypatch, _defines(mode, cap), counted)
+    got = _under(monkeypatch, _defines(mode, cap, section), counted)
     assert (base[2][..., 0] > 0).all()
     for a, b in zip(base, got, strict=True):
         assert torch.equal(a, b)
