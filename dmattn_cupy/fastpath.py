@@ -153,8 +153,9 @@ def _runner(entry: _Entry, lib: str, like: Any) -> Callable[[tuple], list[Any]]:
     """``entry``'s plan bound for calls of library ``lib`` (``like``: an array of such a call;
     the key fixes library, device and dtypes, so the binding holds for every hit): a function
     of the call's input arrays (``plan.inputs`` order, None where absent) that allocates the
-    plan's buffers (scratch workspaces and counters from ``scratch``), patches every pointer, launches on the
-    current stream and returns the buffers (the caller keeps them alive past the launches)."""
+    plan's buffers (scratch workspaces and counters from ``scratch``), patches every pointer,
+    launches on the current stream and returns the buffers (the caller keeps them alive past
+    the launches)."""
     plan = entry.plan
     dev, execute, stream_ptr = plan.device, plan.execute, runtime.stream_ptr
     makers = tuple(_allocators(entry, lib, like))
