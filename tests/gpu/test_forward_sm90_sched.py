@@ -35,15 +35,16 @@ def _hopper_only():
         pytest.skip("the sm_90a family runs on compute capability 9.0 only")
 
 
-# (name, DM_SM90_PERSISTENT, DM_SM90_MAX_CTAS (0: min(items, SMs)), DM_SM90_LPT_HEADS)
-SCHEDULES = [("static_3", 1, 3, 0), ("dynamic_1", 2, 1, 0), ("dynamic_3", 2, 3, 0),
-             ("dynamic_7", 2, 7, 0), ("dynamic_sms", 2, 0, 0), ("dynamic_3_lpt4", 2, 3, 4),
-             ("dynamic_sms_lpt8", 2, 0, 8)]
+# (name, DM_SM90_PERSISTENT, DM_SM90_MAX_CTAS (0: min(items, SMs)), DM_SM90_LPT_HEADS (None:
+# the kernel's default sections, where they divide batch * heads))
+SCHEDULES = [("static_3", 1, 3, None), ("dynamic_1", 2, 1, None), ("dynamic_3", 2, 3, None),
+             ("dynamic_7", 2, 7, None), ("dynamic_sms", 2, 0, None),
+             ("dynamic_3_lpt0", 2, 3, 0), ("dynamic_sms_lpt8", 2, 0, 8)]
 
 
-def _defines(mode: int, cap: int, section: int = 0) -> str:
+def _defines(mode: int, cap: int, section: int | None = None) -> str:
     return (f"DM_SM90_PERSISTENT={mode}" + (f" DM_SM90_MAX_CTAS={cap}" if cap else "")
-            + (f" DM_SM90_LPT_HEADS={section}" if section else ""))
+            + (f" DM_SM90_LPT_HEADS={section}" if section is not None else ""))
 
 
 def _under(monkeypatch, defines: str, fn):
@@ -74,7 +75,7 @@ def _dense_case(name: str):
         return (*_qkv(2, 1000, 1300, 8, 2, 128, 2), {"window_size": (200, 30)})
     if name == "sq_gt_sk_causal":   # bottom-right causal: query tiles 0-3 see no key at all
         return (*_qkv(1, 700, 200, 4, 4, 64, 3), {"is_causal": True})
-    if name == "d256_softcap":     # 6 (batch, head) pairs: LPT sections of 4 and of 2
+    if name == "d256_softcap":     # 6 (batch, head) pairs: not a multiple of the LPT sections
         return (*_qkv(1, 600, 700, 6, 2, 256, 4, torch.float16),
                 {"is_causal": True, "softcap": 8.0})
     if name == "kbias":
