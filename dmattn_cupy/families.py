@@ -81,6 +81,10 @@ def _no_extra_slots(pb: Problem, spec: SpecShape) -> tuple[tuple[str, int, int],
     return ()
 
 
+def _no_counter(spec: SpecShape) -> tuple[int, int] | None:
+    return None
+
+
 def _grid_m_h_b(pb: Problem, spec: SpecShape, sm_count: int) -> tuple[int, int, int]:
     """(query tiles, heads, batch)."""
     return max(1, -(-pb.seqlen_q // spec.block_m)), pb.heads, pb.batch
@@ -110,6 +114,9 @@ class Family:
         _no_extra_slots
     # switches the kernel reads at run time (params fields), not template arguments
     runtime_switches: tuple[str, ...] = ()
+    # forward role: a work counter the kernel claims items from and leaves zero (launch_plan's
+    # ``Alloc.counter``): (extra arg index, byte offset) of its pointer, or None: none needed
+    counter_slot: Callable[[SpecShape], tuple[int, int] | None] = _no_counter
 
     @property
     def min_cc(self) -> tuple[int, int]:
@@ -288,6 +295,12 @@ def _sm90_slots(pb: Problem, spec: SpecShape) -> tuple[tuple[str, int, int], ...
     return None if slots is None else tuple((name, 0, off) for name, off in slots)
 
 
+def _sm90_counter(spec: SpecShape) -> tuple[int, int] | None:
+    """The dynamic scheduler's counter (DM_SM90_PERSISTENT=2) in Sm90FwdArgs."""
+    off = forward_sm90.counter_offset()
+    return None if off is None else (0, off)
+
+
 def _sm90_grid(pb: Problem, spec: SpecShape, sm_count: int) -> tuple[int, int, int]:
     """Work items (query tile, head, batch), one CTA each or a persistent grid
     (forward_sm90.launch_ctas); the kernel numbers them longest first (or query tile fastest
@@ -318,7 +331,8 @@ FAMILY_ROWS: tuple[Family, ...] = (
     Family("fwd_sm90", "sm90/fwd.cu", "dm::flash_fwd_sm90_kernel", _SM90_FWD_ARGS, "FwdParams",
            "sm_90a", _sm90_smem, threads=lambda s: forward_sm90.THREADS, role="forward",
            accepts=_sm90_accepts, tiles=_sm90_tiles, extra_args=_sm90_args, grid=_sm90_grid,
-           extra_slots=_sm90_slots, runtime_switches=("varlen", "sparse")),
+           extra_slots=_sm90_slots, runtime_switches=("varlen", "sparse"),
+           counter_slot=_sm90_counter),
     Family("fwd_decode", "sm80/fwd_decode.cu", "dm::flash_fwd_decode_kernel",
            _SM80_DECODE_ARGS, "FwdParams", "sm_80", _smem_decode),
     Family("fwd_combine", "fwd_combine.cu", "dm::flash_fwd_combine_kernel",

@@ -131,12 +131,14 @@ def _wants_grad(q: Any, k: Any, v: Any, bias: Any) -> bool:
 
 def _allocators(entry: _Entry, lib: str, like: Any) -> list[tuple[Any, int, tuple]]:
     """Per plan allocation: (allocator, 0, ()) for a fresh buffer; for a scratch workspace
-    (allocator of n bytes, its bytes, scratch owner)."""
+    (allocator of n bytes, its bytes, scratch owner); for a counter (zero-filling allocator,
+    -1, scratch owner)."""
     fns = entry.allocs
     if fns is None:
         owner = (lib, entry.plan.device)
         fns = entry.allocs = [
             (_bytes_allocator(like), 4 * a.shape[0], owner) if a.scratch else
+            (arrays.allocator(like, a.shape, a.dtype, True), -1, owner) if a.counter else
             (arrays.allocator(like, a.shape, a.dtype, a.zero), 0, ())
             for a in entry.plan.allocs]
     return fns
@@ -151,19 +153,20 @@ def _runner(entry: _Entry, lib: str, like: Any) -> Callable[[tuple], list[Any]]:
     """``entry``'s plan bound for calls of library ``lib`` (``like``: an array of such a call;
     the key fixes library, device and dtypes, so the binding holds for every hit): a function
     of the call's input arrays (``plan.inputs`` order, None where absent) that allocates the
-    plan's buffers (scratch ones from ``scratch``), patches every pointer, launches on the
-    current stream and returns the buffers (the caller keeps them alive past the launches)."""
+    plan's buffers (scratch workspaces and counters from ``scratch``), patches every pointer,
+    launches on the current stream and returns the buffers (the caller keeps them alive past
+    the launches)."""
     plan = entry.plan
     dev, execute, stream_ptr = plan.device, plan.execute, runtime.stream_ptr
     makers = tuple(_allocators(entry, lib, like))
     pointers = _torch_pointers if lib == "torch" else _cupy_pointers
     if any(n for _, n, _ in makers):
-        get = scratch.get
+        get, counter = scratch.get, scratch.counter
 
         def run(xs: tuple) -> list[Any]:
             stream = stream_ptr(lib, dev)
-            bufs = [make() if not n else get(owner, stream, n, make)
-                    for make, n, owner in makers]
+            bufs = [make() if not n else get(owner, stream, n, make) if n > 0 else
+                    counter(owner, stream, make) for make, n, owner in makers]
             execute(pointers(xs) + pointers(bufs), stream)
             return bufs
         return run

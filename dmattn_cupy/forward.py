@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from . import arrays, decode, env, runtime
+from . import arrays, decode, env, runtime, scratch
 from .arrays import ArrayInfo, describe
 from .families import padded_head_dim, sparse_supported
 from .launch_plan import Alloc, Launch, Plan
@@ -129,6 +129,15 @@ def forward_call(pb: Problem, query: Any, cu_q: Any = None, cu_k: Any = None,
     else:
         for name, index, offset in slots:
             plan.slot_at(name, extra[index], offset)
+    counter = spec.row.counter_slot(spec)
+    if counter is not None:  # a zero int32 word the kernel claims work items from
+        index, offset = counter
+        plan.allocs.append(Alloc("item_counter", (1,), "int32", counter=True))
+        buf = scratch.counter((pb.kind, pb.q.device), stream.ptr,
+                              arrays.allocator(query, (1,), "int32", zero=True))
+        keep_alive.append(buf)
+        extra[index].view(np.uint64).reshape(-1)[offset // 8] = describe(buf).ptr
+        plan.slot_at("item_counter", extra[index], offset)
     grid = spec.row.grid(pb, spec, runtime.device_props(pb.q.device).sm_count)
     plan.launches.append(Launch(kernel, grid, (rec, *extra)))
     plan.run(stream)

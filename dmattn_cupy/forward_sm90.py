@@ -42,14 +42,21 @@ TMA_ALIGN = 16              # bytes: a box's first global element sits on this b
 
 # Sm90FwdArgs: five 128-byte tensor maps (q, k, v, mask, bias), two int32 modes, for key-based
 # operands (key rows, key chunks) the heads per key, the box and the boxes per stage of each,
-# padding to 704.
+# the dynamic scheduler's counter (a pointer; 0 unless DM_SM90_PERSISTENT=2), padding to 704.
 MAP_NAMES = ("q", "k", "v", "mask", "bias")
 _ARG_INTS = ("mask_mode", "bias_mode", "mask_chunk_heads", "bias_chunk_heads", "mask_chunk_box",
              "bias_chunk_box", "mask_chunk_boxes", "bias_chunk_boxes")
-ARGS_DTYPE = np.dtype({"names": ["maps", *_ARG_INTS],
-                       "formats": [(np.uint8, 128 * len(MAP_NAMES))] + [np.int32] * len(_ARG_INTS),
-                       "offsets": [0] + [640 + 4 * i for i in range(len(_ARG_INTS))],
+COUNTER_OFFSET = 672        # Sm90FwdArgs::item_counter
+ARGS_DTYPE = np.dtype({"names": ["maps", *_ARG_INTS, "item_counter"],
+                       "formats": [(np.uint8, 128 * len(MAP_NAMES))] + [np.int32] * len(_ARG_INTS)
+                       + [np.uint64],
+                       "offsets": [0] + [640 + 4 * i for i in range(len(_ARG_INTS))]
+                       + [COUNTER_OFFSET],
                        "itemsize": 704})
+
+# How CTAs get their work items (fwd.cu: DM_SM90_PERSISTENT): one CTA per item, a persistent
+# grid walking a static snake, or a persistent grid claiming items from a counter.
+SCHEDULES = {0: "one CTA per item", 1: "static persistent", 2: "dynamic persistent"}
 
 # (padded head dim, has_mask, has_bias) -> (block_n, stages); absent: not served (sm80 family).
 TILES: dict[tuple[int, bool, bool], tuple[int, int]] = {
@@ -65,6 +72,27 @@ def define_value(name: str, default: int) -> int:
     """An integer A/B define of the kernel source from DMATTN_NVRTC_DEFINES (``NAME=N``), or
     ``default``; the host half reads the ones that change its tiles or shared memory."""
     return env.nvrtc_define_int(name, default)
+
+
+def schedule() -> int:
+    """DM_SM90_PERSISTENT from DMATTN_NVRTC_DEFINES (default 0), one of SCHEDULES."""
+    mode = define_value("DM_SM90_PERSISTENT", 0)
+    if mode not in SCHEDULES:
+        raise ValueError(f"DMATTN_NVRTC_DEFINES: DM_SM90_PERSISTENT must be one of "
+                         f"{sorted(SCHEDULES)} ({', '.join(SCHEDULES.values())}), got {mode}")
+    return mode
+
+
+def dynamic_schedule() -> bool:
+    """Whether launches claim work items from a counter (DM_SM90_PERSISTENT=2): the launch then
+    needs a zeroed int32 word (``counter_offset``) that the kernel leaves zero."""
+    return schedule() == 2
+
+
+def counter_offset() -> int | None:
+    """Byte offset of the counter's pointer in the Sm90FwdArgs record, or None when the
+    schedule needs no counter."""
+    return COUNTER_OFFSET if dynamic_schedule() else None
 
 
 def _mask_bias_tile(head_dim: int, block_n: int, has_mask: bool) -> bool:
@@ -105,7 +133,9 @@ def smem_bytes(head_dim: int, block_n: int, stages: int, has_mask: bool, has_bia
     bias = BLOCK_M * block_n * 2 if has_bias else 0
     slots = mask_slots(head_dim, block_n, has_mask)
     bars = 8 * (1 + 4 * stages + 2 * slots)
-    return q + stages * (2 * kv + bias) + slots * BLOCK_M * block_n + bars + 16 * stages + 1024
+    items = 16 if dynamic_schedule() else 0   # each stage's work item (kOffItems)
+    return (q + stages * (2 * kv + bias) + slots * BLOCK_M * block_n + bars + 16 * stages + items
+            + 1024)
 
 
 def operand_mode(info: ArrayInfo | None, varlen: bool = False) -> int:
@@ -286,15 +316,18 @@ MAX_ITEMS = 2**31 - 1      # work items (query tiles x heads x batch): the kerne
 
 
 def launch_ctas(items: int, sm_count: int) -> int:
-    """CTAs of a launch over ``items`` work items: one per item (the kernel: a CTA's items are
-    blockIdx.x + k * gridDim.x), or with ``DM_SM90_PERSISTENT=1`` in DMATTN_NVRTC_DEFINES one
-    per SM, each looping over its items in a static snake order. Measured on the H200 (bf16
-    d128 B2 H16 S4096, TFLOP/s, one per item -> persistent): dense 619.4 -> 628.4, causal
-    504.0 -> 486.5 (the static order balances worse than the hardware's), kbias 562.2 ->
-    569.2, mask_bias 283.5 -> 285.8: one per item stays the default."""
-    if define_value("DM_SM90_PERSISTENT", 0) == 0:
+    """CTAs of a launch over ``items`` work items: one per item (the default), or with
+    ``DM_SM90_PERSISTENT=1`` in DMATTN_NVRTC_DEFINES one per SM, each looping over its items in
+    a static snake order, or with ``=2`` one per SM claiming items from a counter, longest
+    first (fwd.cu). ``DM_SM90_MAX_CTAS=N`` (host only) caps a persistent grid at N CTAs, so
+    that small test problems make each CTA walk many items. Measured on the H200 (bf16 d128 B2
+    H16 S4096, TFLOP/s, one per item -> static persistent): dense 619.4 -> 628.4, causal 504.0
+    -> 486.5 (the static order balances worse than the hardware's), kbias 562.2 -> 569.2,
+    mask_bias 283.5 -> 285.8: one per item stays the default."""
+    if schedule() == 0:
         return items
-    return max(1, min(items, sm_count))
+    cap = define_value("DM_SM90_MAX_CTAS", 0)
+    return max(1, min(items, sm_count, cap if cap > 0 else sm_count))
 
 
 def tile_for(head_dim: int, q: ArrayInfo, k: ArrayInfo, v: ArrayInfo, mask: ArrayInfo | None,

@@ -43,11 +43,17 @@ class Alloc:
     # a float32 workspace whose contents never outlive the call's launches (and results read
     # from it are copies): a cached plan may run it on a reused buffer (``scratch``)
     scratch: bool = False
+    # int32 words that are zero when a launch reading them starts and that the launch leaves
+    # zero (a work counter the kernel itself winds back): a kept, once zero-filled buffer per
+    # stream serves every such call (``scratch.counter``), fresh and zero-filled in a graph
+    counter: bool = False
 
     def __post_init__(self) -> None:
         if self.scratch and (self.zero or self.dtype != "float32" or len(self.shape) != 1):
             raise ValueError(f"a scratch workspace is a 1-D float32 buffer with no fill, got "
                              f"{self}")
+        if self.counter and (self.scratch or self.dtype != "int32" or len(self.shape) != 1):
+            raise ValueError(f"a counter workspace is a 1-D int32 buffer, got {self}")
 
 
 @dataclass(eq=False)
@@ -113,12 +119,12 @@ class Plan:
         bound = self._bound or self._bind()
         patches, calls, sources = bound
         with self._lock:
-            for view, idx, pos, add in patches:
-                view[idx] = ptrs[pos] + add
-            if self.hooks:
+            if self.hooks:  # first: a hook may rewrite a whole record, slots then patch it
                 named = dict(zip(sources, ptrs, strict=True))
                 for hook in self.hooks:
                     hook(named)
+            for view, idx, pos, add in patches:
+                view[idx] = ptrs[pos] + add
             dev = self.device
             for fn, grid, block, smem, params in calls:
                 runtime.launch_raw(dev, fn, grid, block, smem, stream, params)

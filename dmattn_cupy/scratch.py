@@ -12,6 +12,14 @@ call, as before). Why sharing it is safe:
   and the caller keeps the buffer it got alive until its launches are enqueued;
 - a stream that is capturing a CUDA graph (or whose capture state cannot be read) never gets
   one: the graph would keep its address. It gets a fresh allocation from the graph's pool.
+
+Counters (``counter``, an ``Alloc`` with ``counter=True``: the Hopper forward's work-item
+counter under DM_SM90_PERSISTENT=2) are int32 words that every launch using them finds zero and
+leaves zero (the kernel winds the counter back itself). One kept buffer per (library, device,
+stream, calling thread), zero-filled once when made, serves every such call on that stream:
+launches on one stream run one after another, so none sees another's count. A capturing
+stream gets a fresh zero-filled one (the fill is part of the graph: every replay starts at
+zero, and a replay never shares a counter with a call on another stream).
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ MAX_BYTES = 8 << 20   # the most one (library, device, stream, thread) keeps
 MAX_BUFFERS = 16      # kept buffers; the oldest goes first
 
 _bufs: dict[tuple, tuple[int, Any]] = {}   # key -> (bytes, buffer)
+_counters: dict[tuple, Any] = {}           # key -> zero-between-launches int32 buffer
 _lock = threading.Lock()
 _ident = threading.get_ident
 
@@ -49,7 +58,26 @@ def get(owner: tuple, stream: int, nbytes: int, make: Callable[[int], Any]) -> A
     return buf
 
 
+def counter(owner: tuple, stream: int, make_zeroed: Callable[[], Any]) -> Any:
+    """The int32 counter buffer for launches on the raw ``stream`` that leave it zero;
+    ``owner`` is (library, device); ``make_zeroed()`` allocates a zero-filled one (on the
+    library's current stream: the one ``stream`` names)."""
+    if runtime.stream_capturing(stream):
+        return make_zeroed()
+    key = (owner, stream, _ident())
+    kept = _counters.get(key)
+    if kept is not None:
+        return kept
+    buf = make_zeroed()
+    with _lock:
+        _counters[key] = buf
+        while len(_counters) > MAX_BUFFERS:
+            del _counters[next(iter(_counters))]
+    return buf
+
+
 def clear() -> None:
     """Drop every kept buffer (tests; freeing memory after a burst of large calls)."""
     with _lock:
         _bufs.clear()
+        _counters.clear()

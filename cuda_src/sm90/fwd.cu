@@ -63,9 +63,34 @@ namespace dm {
 //   the softmax runs as in the no-bias kernel (with a softcap, the TMA path); 3: as 2, each
 //   row half's pair by its own 8-byte load (2 copies it by two moves). H200 kbias: 0 547.5,
 //   1 561.9, 2 566.2, 3 553.8 TFLOP/s.
+// - DM_SM90_PERSISTENT: how CTAs get their work items (numbered longest first). 0 (default):
+//   one CTA per item; 1: a grid of min(items, SMs) CTAs, each walking a static snake (the same
+//   kernel: only the host's grid differs); 2: the dynamic scheduler (FlashAttention-3's): a
+//   grid of min(items, SMs) CTAs, CTA x starts with item x and claims each next item from a
+//   global counter (Sm90FwdArgs::item_counter) with atomicInc, so the first free CTA takes the
+//   longest item left. forward_sm90 reads it for the grid and the shared memory.
 #ifndef DM_SM90_MB_MASK_SLOTS
 #define DM_SM90_MB_MASK_SLOTS 6
 #endif
+#ifndef DM_SM90_PERSISTENT
+#define DM_SM90_PERSISTENT 0
+#endif
+static_assert(DM_SM90_PERSISTENT >= 0 && DM_SM90_PERSISTENT <= 2, "DM_SM90_PERSISTENT: 0, 1 or 2");
+constexpr bool kDynamicItems = DM_SM90_PERSISTENT == 2;
+
+// The dynamic scheduler's claims (DM_SM90_PERSISTENT=2). The counter is zero when a launch
+// starts; claim v (the v-th atomicInc on it, counting from 0) is item v + grid, or none
+// (num_items) past the end. Every CTA whose first item exists claims until a claim fails, so a
+// launch makes exactly num_items claims (num_items - min(grid, num_items) that succeed, one
+// failing per CTA), and atomicInc(counter, num_items - 1) wraps the counter back to 0 at the
+// last one: the next launch finds it zero without a memset. Mirrored by forward_sm90's model
+// (tests/cpu/test_sm90_sched.py).
+__host__ __device__ constexpr uint32_t atom_inc_next(uint32_t old, uint32_t limit) {
+  return old >= limit ? 0u : old + 1u;  // what atomicInc(addr, limit) leaves at addr
+}
+__host__ __device__ constexpr int claimed_item(uint32_t claim, uint32_t grid, int num_items) {
+  return claim + grid < uint32_t(num_items) ? int(claim + grid) : num_items;  // no overflow:
+}                                                          // claim < num_items < 2^31, grid < 2^31
 #ifndef DM_SM90_KBIAS_F32
 #define DM_SM90_KBIAS_F32 2
 #endif
@@ -101,7 +126,8 @@ struct alignas(64) Sm90FwdArgs {
   int32_t mask_mode, bias_mode;
   int32_t mask_chunk_heads, bias_chunk_heads, mask_chunk_box, bias_chunk_box;
   int32_t mask_chunk_boxes, bias_chunk_boxes;
-  int32_t pad[8];
+  uint32_t* item_counter;  // DM_SM90_PERSISTENT=2: the claim counter (zero between launches)
+  int32_t pad[6];
 };
 static_assert(sizeof(Sm90FwdArgs) == 704, "Sm90FwdArgs: size drifted from forward_sm90.py");
 
@@ -134,7 +160,10 @@ struct Sm90FwdSmem {
   // per stage the tile index, class and mask slot the producer hands over (4 ints).
   static constexpr int kNumBars = 1 + 4 * kStages + 2 * kMaskSlots;
   static constexpr int kOffInfo = kOffBars + 8 * kNumBars;
-  static constexpr int kBytes = kOffInfo + 16 * kStages;
+  // DM_SM90_PERSISTENT=2: per stage the work item it belongs to (-1: no more items).
+  static constexpr int kOffItems = kOffInfo + 16 * kStages;
+  static_assert(kStages <= 4, "one 16-byte block of item indices");
+  static constexpr int kBytes = kOffItems + (kDynamicItems ? 16 : 0);
   static constexpr int kAlloc = kBytes + 1024;  // the base is aligned up to 1024 at run time
   static_assert(kQ % 1024 == 0 && kKV % 1024 == 0 && kBias % 1024 == 0 && kMask % 1024 == 0,
                 "swizzled tiles start on 1024-byte boundaries");
@@ -194,6 +223,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
   auto bar_full_m = [&](int x) { return bars + 8 + 32 * kStages + 16 * x; };
   auto bar_empty_m = [&](int x) { return bars + 16 + 32 * kStages + 16 * x; };
   volatile int32_t* info = reinterpret_cast<volatile int32_t*>(smem + Smem::kOffInfo);
+  volatile int32_t* stage_item = reinterpret_cast<volatile int32_t*>(smem + Smem::kOffItems);
 
   // Work items (query tile, head, batch), numbered longest first: item i is query tile
   // num_m - 1 - i / (batch * heads) of head i % heads, batch (i / heads) % batch, so that under
@@ -204,6 +234,11 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
   // even rounds r and r * G + G - 1 - x in odd ones (a snake: long and short items pair up);
   // a grid of one CTA per item takes item blockIdx.x. Varlen: tiles of max_seqlen_q, a tile
   // past its own sequence's end (or of an empty one) is skipped by every warp alike.
+  // DM_SM90_PERSISTENT=2 (kDynamicItems): the producer warp alone decides the sequence (item
+  // blockIdx.x, then claimed_item of each atomicInc) and writes each stage's item into
+  // stage_item[] before the stage's full_k arrive; the consumers read the item of an item's
+  // first stage (a tile or its end), so all roles walk the same items. An item with nothing
+  // to do (varlen, past its sequence) never reaches the consumers; -1 ends their walk.
   const int num_m = (p.seqlen_q + kBlockM - 1) / kBlockM;
   const int bh = p.batch * p.heads;
   const int num_items = num_m * bh;  // <= forward_sm90.MAX_ITEMS
@@ -306,11 +341,28 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
     int stage = 0;
     uint32_t phase = 0;
     int mask_base = 0;
+    int item = kDynamicItems ? int(blockIdx.x) : 0;  // the first item needs no claim
+    // kDynamicItems: the next item's claim, on the leader's lane (0 on the others; the warp
+    // takes the max: REDUX leaves it in a uniform register, so the item arithmetic stays on the
+    // uniform datapath as in the static schedules; with a shuffle the mask + bias specs'
+    // producer spilled). Issued after the item's end stage: the consumers still have the last
+    // tile's products and the epilogue to run, and the next Q waits for them anyway.
+    // Without a counter (a launch that passed none) each CTA strides by the grid instead.
+    auto claim = [&]() -> int {
+      if (!leader) return 0;
+      const uint32_t v = args.item_counter != nullptr
+                             ? atomicInc(args.item_counter, uint32_t(num_items - 1))
+                             : uint32_t(item);
+      return claimed_item(v, gridDim.x, num_items);
+    };
     for (int round = 0;; ++round) {
-      const int item = item_of_round(round);
+      if (!kDynamicItems) item = item_of_round(round);
       if (item >= num_items) break;
       Item it;
-      if (!make_item(item, it)) continue;
+      if (!make_item(item, it)) {
+        if (kDynamicItems) item = int(__reduce_max_sync(0xffffffffu, uint32_t(claim())));
+        continue;
+      }
       DM_SM90_ITEM_NAMES(it);
       // A tile is partial by formula when it crosses the key end or a window edge.
       auto partial_by_formula = [&](int n) {
@@ -370,7 +422,9 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
       if (sparse) {
         row_entry = sparse_row_entry(p, b, h, m0);
         full_count = p.sp_full_count[row_entry];
-        sub = p.sp_block_n / kBlockN;
+        // kDynamicItems: read per item (hoisted out of the item loop, ptxas spilled it)
+        sub = int(kDynamicItems ? opaque(uint32_t(p.sp_block_n)) : uint32_t(p.sp_block_n)) /
+              kBlockN;
         n_cand = (full_count + p.sp_partial_count[row_entry]) * sub;
       }
       auto cand_tile = [&](int i, bool& listed_partial) {
@@ -479,6 +533,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
           info[4 * stage] = n;
           info[4 * stage + 1] = cls;
           info[4 * stage + 2] = slot;
+          if (kDynamicItems) stage_item[stage] = item;
           // A partial block's element bits: the word of (row m0, key n0) in its slot.
           if (listed_partial) {
             const int bm = p.sp_block_m, bn = p.sp_block_n;
@@ -529,6 +584,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
       mbar_wait(bar_empty_k(stage), phase ^ 1);
       if (leader) {
         info[4 * stage] = -1;
+        if (kDynamicItems) stage_item[stage] = item;
         mbar_arrive(bar_full_k(stage));
       }
       mbar_wait(bar_empty_v(stage), phase ^ 1);
@@ -539,6 +595,14 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
         phase ^= 1;
       }
       mask_base += n_cand;
+      if (kDynamicItems) item = int(__reduce_max_sync(0xffffffffu, uint32_t(claim())));
+    }
+    if (kDynamicItems) {  // no more items: a last stage (no data, never released) says so
+      mbar_wait(bar_empty_k(stage), phase ^ 1);
+      if (leader) {
+        stage_item[stage] = -1;
+        mbar_arrive(bar_full_k(stage));
+      }
     }
     return;
   }
@@ -571,10 +635,17 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
   uint32_t phase = 0;
   int q_uses = 0;
   for (int round = 0;; ++round) {
-    const int item = item_of_round(round);
-    if (item >= num_items) break;
+    int item;
+    if (kDynamicItems) {  // the item's first stage names it (the wait below then passes at once)
+      mbar_wait(bar_full_k(stage), phase);
+      item = stage_item[stage];
+      if (item < 0) break;
+    } else {
+      item = item_of_round(round);
+      if (item >= num_items) break;
+    }
     Item it;
-    if (!make_item(item, it)) continue;
+    if (!make_item(item, it)) continue;  // kDynamicItems: never (the producer passed it over)
     DM_SM90_ITEM_NAMES(it);
     const int row[2] = {m0 + lrow[0], m0 + lrow[1]};                            // sequence rows
 

@@ -626,3 +626,88 @@ def test_backward_workspace_is_scratch_without_a_fill(cap):
     assert ws[3] in _kept_pointers() and ws[3] == ws[6] == ws[8]
     assert launches[1][1] == "bwd_pre"       # the kernel that zeroes dq_accum runs first
     assert launches[3][1] == "bwd_post"      # and the one that reads it into dq last
+
+
+# --- the dynamic scheduler's counter (DM_SM90_PERSISTENT=2, dmattn_cupy.scratch.counter) ----
+
+def _counter_ptr(launch) -> int:
+    """The item_counter pointer of a captured fwd_sm90 launch's Sm90FwdArgs."""
+    raw = launch[3][1]
+    return int(np.frombuffer(raw, dtype=forward_sm90.ARGS_DTYPE)["item_counter"][0])
+
+
+def _counter_fills(monkeypatch) -> list:
+    """Records every zero-filled int32 (1,) allocation (the counters made)."""
+    from dmattn_cupy import arrays
+
+    made = []
+    real = arrays.allocator
+
+    def allocator(like, shape, dtype, zero=False):
+        fn = real(like, shape, dtype, zero)
+        if dtype == "int32" and zero:
+            return lambda: made.append(shape) or fn()
+        return fn
+
+    monkeypatch.setattr(arrays, "allocator", allocator)
+    return made
+
+
+@pytest.mark.parametrize("unpatchable", [False, True], ids=["patched_maps", "rebuilt_maps"])
+def test_dynamic_schedule_launches_carry_one_kept_counter(cap, monkeypatch, unpatchable):
+    """Validated and cached calls put the same kept, once zero-filled counter into
+    Sm90FwdArgs.item_counter (also when the maps are rebuilt per call: the rebuild comes before
+    the pointer patches); the other schedules carry none."""
+    if unpatchable:
+        def scrambled(spec, address):
+            raw = bytearray(tensor_map.MAP_BYTES)
+            raw[0:8] = (address >> 4).to_bytes(8, "little")
+            raw[40:48] = hash(spec).to_bytes(8, "little", signed=True)
+            return bytes(raw)
+
+        monkeypatch.setattr(tensor_map, "encode", scrambled)
+        monkeypatch.setattr(forward_sm90, "encode", scrambled)
+        tensor_map.address_offset.cache_clear()
+    made = _counter_fills(monkeypatch)
+    monkeypatch.setenv("DMATTN_NVRTC_DEFINES", "DM_SM90_PERSISTENT=2")
+    try:
+        for name in ("dense", "mask_bias"):
+            for seed in (0, 3, 6):
+                args, kw = _dense_case(name, seed)
+                dm.flash_dmattn_func(*args, **kw)
+        launches = cap.take()
+        assert [x[0] for x in launches] == ["slow", "thin", "thin"] * 2
+        assert all(x[1] == "fwd_sm90" for x in launches)
+        assert len(scratch._counters) == 1 and len(made) == 1
+        kept, = scratch._counters.values()
+        assert kept.dtype == torch.int32 and kept.shape == (1,) and int(kept[0]) == 0
+        assert {_counter_ptr(x) for x in launches} == {kept.data_ptr()}
+        # the grid: min(items, SMs) CTAs; items = ceil(40 / 128) * 4 heads * 2 batches
+        assert {x[2] for x in launches} == {(8, 1, 1)}
+        # a capturing stream gets a fresh zero-filled counter; the kept one stays
+        runtime.stream_capturing, saved = (lambda stream: True), runtime.stream_capturing
+        try:
+            dm.flash_dmattn_func(*_dense_case("dense", 9)[0])
+        finally:
+            runtime.stream_capturing = saved
+        fresh = _counter_ptr(cap.take()[0])
+        assert fresh not in (0, kept.data_ptr()) and len(made) == 2
+        assert list(scratch._counters.values()) == [kept]
+        monkeypatch.setenv("DMATTN_NVRTC_DEFINES", "DM_SM90_PERSISTENT=1")
+        dm.flash_dmattn_func(*_dense_case("dense", 0)[0])
+        static = cap.take()[0]
+        assert _counter_ptr(static) == 0 and len(made) == 2
+    finally:
+        tensor_map.address_offset.cache_clear()
+
+
+def test_counter_alloc_rules():
+    from dmattn_cupy.launch_plan import Alloc
+
+    Alloc("c", (1,), "int32", counter=True)
+    for bad in (dict(dtype="float32"), dict(shape=(1, 1)), dict(scratch=True)):
+        kw = dict(name="c", shape=(1,), dtype="int32", counter=True) | bad
+        if bad.get("scratch"):
+            kw["dtype"] = "float32"
+        with pytest.raises(ValueError, match="workspace is a 1-D"):
+            Alloc(**kw)
