@@ -244,6 +244,22 @@ def test_dq_writer_slot_stores_are_bank_conflict_free(head_dim):
                         assert len(set((words % 32).tolist())) == 32, (c, w, j, r, half)
 
 
+def _stage_tile(slot: int, spec_dim: int, tile: np.ndarray) -> dict:
+    """Shared memory (byte address -> value) after every dQ warp stored its fragments of the
+    (64 queries x spec_dim) tile into the slot at ``slot`` (consumer c: columns 64c..)."""
+    smem = {}
+    for c in range(spec_dim // 64):
+        for w in range(4):
+            for lane in range(32):
+                g, t = lane // 4, lane % 4
+                for j in range(8):
+                    for r in range(2):
+                        for x in range(2):
+                            smem[int(_dq_slot_address(slot, spec_dim, c, w, g, t, j, r, x))] = \
+                                tile[16 * w + g + 8 * r, 64 * c + 8 * j + 2 * t + x]
+    return smem
+
+
 @pytest.mark.parametrize("head_dim,spec_dim", [(128, 128), (72, 128), (64, 64), (40, 64)])
 @pytest.mark.parametrize("seqlen", [100, 128, 70])
 def test_dq_writer_slot_rows_and_bulk_adds_give_the_tile(head_dim, spec_dim, seqlen):
@@ -257,16 +273,7 @@ def test_dq_writer_slot_rows_and_bulk_adds_give_the_tile(head_dim, spec_dim, seq
     row_stride = heads * head_dim
     tile = rng.standard_normal((64, spec_dim))  # the CTA's (queries x padded head dim) dQ
     slot = 1 << 14
-    smem = {}
-    for c in range(spec_dim // 64):
-        for w in range(4):
-            for lane in range(32):
-                g, t = lane // 4, lane % 4
-                for j in range(8):
-                    for r in range(2):
-                        for x in range(2):
-                            smem[int(_dq_slot_address(slot, spec_dim, c, w, g, t, j, r, x))] = \
-                                tile[16 * w + g + 8 * r, 64 * c + 8 * j + 2 * t + x]
+    smem = _stage_tile(slot, spec_dim, tile)
     accum = np.zeros(seqlen * row_stride)
     pitch = b90.dq_tile_row_bytes(spec_dim)
     assert pitch % 16 == 0 and (4 * head_dim) % 16 == 0
@@ -299,16 +306,7 @@ def test_dq_writer_slot_is_the_tensor_reduce_box(head_dim, spec_dim, seqlen):
     assert box_cols * 4 == b90.dq_tile_row_bytes(spec_dim) and box_rows == 64
     tile = rng.standard_normal((64, spec_dim))
     slot = 1 << 14
-    smem = {}
-    for c in range(spec_dim // 64):
-        for w in range(4):
-            for lane in range(32):
-                g, t = lane // 4, lane % 4
-                for j in range(8):
-                    for r in range(2):
-                        for x in range(2):
-                            smem[int(_dq_slot_address(slot, spec_dim, c, w, g, t, j, r, x))] = \
-                                tile[16 * w + g + 8 * r, 64 * c + 8 * j + 2 * t + x]
+    smem = _stage_tile(slot, spec_dim, tile)
     accum = np.zeros((seqlen, heads, head_dim))
     for row in range(box_rows):
         for col in range(box_cols):

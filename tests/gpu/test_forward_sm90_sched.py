@@ -18,6 +18,7 @@ import math
 import numpy as np
 import pytest
 from gpu_helpers import assert_fa_close, f64
+from test_graphs import _capture
 
 import dmattn_cupy as dm
 from dmattn_cupy import forward_sm90, scratch
@@ -252,16 +253,7 @@ def test_cuda_graph_replays_with_its_own_counter(monkeypatch):
     def fn():
         return dm.flash_dmattn_func(q, k, v, return_lse=True, **kw)
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static = fn()
+    graph, static = _capture(fn)
     for _ in range(3):
         graph.replay()
         torch.cuda.synchronize()
