@@ -36,8 +36,8 @@
 //     each consumer adds a partial over its own 64 keys with red.global.add.v2.f32 (and
 //     phase 1's per-element dbias stores).
 // dQ writer (DM_SM90_BWD_DQ_WRITER=1 or 2, the default; FlashAttention-3's split): the
-// consumers never wait on global memory. Producer warp 1 is the writer (warp 0 then loads: lane 0 the TMA, every lane
-// two lse/dsum rows; warps 2-3 keep the mask). The dQ warps store their fragments into slot
+// consumers never wait on global memory. Producer warp 1 is the writer (warp 0 then loads:
+// lane 0 the TMA, every lane two lse/dsum rows; warps 2-3 keep the mask). The dQ warps store their fragments into slot
 // i % kDqSlots of a ring of whole 64-row tiles (both consumers' boxes side by side, rows
 // (kHeadDim + 8) x 4 bytes apart: conflict-free float2 stores, each row contiguous) once the
 // slot's empty mbarrier says the writer's adds have read its last tile, and arrive on its full

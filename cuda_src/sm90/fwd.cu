@@ -101,8 +101,8 @@ __host__ __device__ constexpr int claimed_item(uint32_t claim, uint32_t grid, in
 #endif
 // - DM_SM90_LPT_HEADS: N > 0 numbers the other items longest first within sections of N
 //   head-batches (FlashAttention-3's L2 swizzle) where N divides batch * heads; 0: longest
-//   first across all of them. H200
-//   causal (B2 H16 S4096 d128): 0 501.5, 4 525.6, 8 518.0, 16 516.5 TFLOP/s; default 4.
+//   first across all of them. H200 causal (B2 H16 S4096 d128): 0 501.5, 4 525.6, 8 518.0,
+//   16 516.5 TFLOP/s; default 4.
 #ifndef DM_SM90_LPT_HEADS
 #define DM_SM90_LPT_HEADS 4
 #endif
@@ -230,9 +230,11 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
   // causal masking the longest rows go first. Where every item sees the same keys (fixed
   // lengths, no causal/window edge, no block lists) and DM_SM90_HEAD_MAJOR is on, the query
   // tile moves fastest instead (item i: tile i % num_m of head-batch i / num_m): the CTAs in
-  // flight then share a few heads' K/V in L2 rather than each reading its own from DRAM. CTA x of a grid of G takes items r * G + x in
-  // even rounds r and r * G + G - 1 - x in odd ones (a snake: long and short items pair up);
-  // a grid of one CTA per item takes item blockIdx.x. Varlen: tiles of max_seqlen_q, a tile
+  // flight then share a few heads' K/V in L2 rather than each reading its own from DRAM.
+  // Otherwise DM_SM90_LPT_HEADS sections keep a few head-batches together (item_coords).
+  // CTA x of a grid of G takes items r * G + x in even rounds r and r * G + G - 1 - x in odd
+  // ones (a snake: long and short items pair up); a grid of one CTA per item takes item
+  // blockIdx.x. Varlen: tiles of max_seqlen_q, a tile
   // past its own sequence's end (or of an empty one) is skipped by every warp alike.
   // DM_SM90_PERSISTENT=2 (kDynamicItems): the producer warp alone decides the sequence (item
   // blockIdx.x, then claimed_item of each atomicInc) and writes each stage's item into
@@ -263,7 +265,8 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
       hb = i / num_m;
     } else if (lpt_sections) {
       // longest first within sections of DM_SM90_LPT_HEADS head-batches: a section's K/V
-      // stay in L2 while its items run (one runtime division, as below: more spilled)
+      // stay in L2 while its items run (one runtime division, as the plain order below; a
+      // division by a shorter last section spilled)
       const int per = DM_SM90_LPT_HEADS * num_m;
       const int sec = i / per, r = i - sec * per;
       m_block = num_m - 1 - r / DM_SM90_LPT_HEADS;
