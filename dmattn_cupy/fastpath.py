@@ -192,15 +192,24 @@ def _bind(entry: _Entry, lib: str, like: Any) -> Callable[[tuple], list[Any]]:
     return entry.run
 
 
-def _build_forward(key: tuple, q: Any, cu_q: Any, cu_k: Any, need_lse: bool,
-                   validate: Callable[[], Problem]) -> Any:
-    """A first call with ``key``: validate (``validate()`` -> Problem), run ``forward_call``
-    and keep its plan; (out, lse), or MISS when the validated path must run."""
+def _validated_kernel_problem(key: tuple, validate: Callable[[], Problem]) -> Problem | None:
+    """``validate()``'s Problem where the kernels serve it; None (and ``key`` remembered as not
+    cacheable) for another backend or an empty problem (edge.py answers those)."""
     pb = validate()
     empty = (pb.total_q == 0 or pb.total_k == 0) if pb.varlen else \
         edge.is_empty_dense(pb.batch, pb.seqlen_q, pb.seqlen_k)
     if pb.backend != "cuda" or empty:
         forward_plans.put(key, None)
+        return None
+    return pb
+
+
+def _build_forward(key: tuple, q: Any, cu_q: Any, cu_k: Any, need_lse: bool,
+                   validate: Callable[[], Problem]) -> Any:
+    """A first call with ``key``: validate (``validate()`` -> Problem), run ``forward_call``
+    and keep its plan; (out, lse), or MISS when the validated path must run."""
+    pb = _validated_kernel_problem(key, validate)
+    if pb is None:
         return MISS
     out, lse, plan = forward_call(pb, q, cu_q, cu_k, return_lse=need_lse)
     forward_plans.put(key, _Entry(plan, pb, need_lse) if plan is not None and plan.cacheable
@@ -332,11 +341,8 @@ def _build_autograd(key: tuple, q: Any, k: Any, v: Any, mask: Any, bias: Any, cu
                     validate: Callable[[], Problem]) -> Any:
     """The first call with ``key`` that wants a gradient: ``out`` or ``(out, lse)`` through
     ``_Attention`` / ``_AttentionLse`` (whose forward builds and keeps the plan), or MISS."""
-    pb = validate()
-    empty = (pb.total_q == 0 or pb.total_k == 0) if pb.varlen else \
-        edge.is_empty_dense(pb.batch, pb.seqlen_q, pb.seqlen_k)
-    if pb.backend != "cuda" or empty:
-        forward_plans.put(key, None)
+    pb = _validated_kernel_problem(key, validate)
+    if pb is None:
         return MISS
     return _apply(q, k, v, bias, _Call(None, pb, bool(deterministic), mask, cu_q, cu_k, key,
                                        return_lse))

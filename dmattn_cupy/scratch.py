@@ -50,12 +50,17 @@ def get(owner: tuple, stream: int, nbytes: int, make: Callable[[int], Any]) -> A
     if kept is not None and kept[0] >= nbytes:
         return kept[1]
     buf = make(nbytes)
-    with _lock:
-        _bufs.pop(key, None)
-        _bufs[key] = (nbytes, buf)
-        while len(_bufs) > MAX_BUFFERS:
-            del _bufs[next(iter(_bufs))]
+    _keep(_bufs, key, (nbytes, buf))
     return buf
+
+
+def _keep(table: dict, key: tuple, value: Any) -> None:
+    """``table[key] = value`` as the newest entry; the oldest go past MAX_BUFFERS."""
+    with _lock:
+        table.pop(key, None)
+        table[key] = value
+        while len(table) > MAX_BUFFERS:
+            del table[next(iter(table))]
 
 
 def counter(owner: tuple, stream: int, make_zeroed: Callable[[], Any]) -> Any:
@@ -69,10 +74,7 @@ def counter(owner: tuple, stream: int, make_zeroed: Callable[[], Any]) -> Any:
     if kept is not None:
         return kept
     buf = make_zeroed()
-    with _lock:
-        _counters[key] = buf
-        while len(_counters) > MAX_BUFFERS:
-            del _counters[next(iter(_counters))]
+    _keep(_counters, key, buf)
     return buf
 
 

@@ -35,6 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from tools.bench.host import nop_function  # noqa: E402  (after the path)
+
 
 class _FakeFunction:
     ptr = 0
@@ -223,15 +225,7 @@ def stages(calls: int, device: str) -> list[tuple[str, float | None]]:
     row("calib: autograd.Function no-op fwd+bwd", lambda: torch.autograd.grad(
         _Nop.apply(qg), (qg,), dout))
 
-    class _Nop3(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx: Any, q: Any, k: Any, v: Any) -> Any:
-            return torch.empty_like(q)
-
-        @staticmethod
-        def backward(ctx: Any, g: Any) -> Any:
-            return g, g, g
-
+    _Nop3 = nop_function(torch)  # the bench's floor row's Function
     row("calib: the same over q, k, v (bench's floor row)", lambda: torch.autograd.grad(
         _Nop3.apply(qg, kg, vg), (qg, kg, vg), dout))
     kept = dm.flash_dmattn_func(qg, kg, vg)

@@ -195,8 +195,9 @@ def test_hopper_family_maps_are_patched_not_reencoded(cap, monkeypatch):
             t.data_ptr()
 
 
-def test_unpatchable_maps_are_reencoded_per_pointer(cap, monkeypatch):
-    def scrambled(spec, address):   # address stored shifted: no plain uint64 to patch
+def _scramble_maps(monkeypatch) -> None:
+    """Tensor maps that store the address shifted: no plain uint64 to patch (re-encoded)."""
+    def scrambled(spec, address):
         raw = bytearray(tensor_map.MAP_BYTES)
         raw[0:8] = (address >> 4).to_bytes(8, "little")
         raw[40:48] = hash(spec).to_bytes(8, "little", signed=True)
@@ -205,6 +206,10 @@ def test_unpatchable_maps_are_reencoded_per_pointer(cap, monkeypatch):
     monkeypatch.setattr(tensor_map, "encode", scrambled)
     monkeypatch.setattr(forward_sm90, "encode", scrambled)
     tensor_map.address_offset.cache_clear()
+
+
+def test_unpatchable_maps_are_reencoded_per_pointer(cap, monkeypatch):
+    _scramble_maps(monkeypatch)
     assert tensor_map.address_offset(tensor_map.TensorMapSpec(2, (64, 8), (128,), (64, 8),
                                                               128)) is None
     (q, k, v), _ = _dense_case("dense", 0)
@@ -659,15 +664,7 @@ def test_dynamic_schedule_launches_carry_one_kept_counter(cap, monkeypatch, unpa
     Sm90FwdArgs.item_counter (also when the maps are rebuilt per call: the rebuild comes before
     the pointer patches); the other schedules carry none."""
     if unpatchable:
-        def scrambled(spec, address):
-            raw = bytearray(tensor_map.MAP_BYTES)
-            raw[0:8] = (address >> 4).to_bytes(8, "little")
-            raw[40:48] = hash(spec).to_bytes(8, "little", signed=True)
-            return bytes(raw)
-
-        monkeypatch.setattr(tensor_map, "encode", scrambled)
-        monkeypatch.setattr(forward_sm90, "encode", scrambled)
-        tensor_map.address_offset.cache_clear()
+        _scramble_maps(monkeypatch)
     made = _counter_fills(monkeypatch)
     monkeypatch.setenv("DMATTN_NVRTC_DEFINES", "DM_SM90_PERSISTENT=2")
     try:

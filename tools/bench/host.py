@@ -162,7 +162,7 @@ def _host_fwd_bwd(ctx: Ctx, res: CaseResult, shape: dict[str, Any]) -> None:
 
     _row(ctx, res, "dmattn fwd+bwd", "dmattn", dm)
     def floor() -> Callable[[], Any]:
-        apply = _nop_function(torch).apply   # one class, made once
+        apply = nop_function(torch).apply   # one class, made once
         return step(lambda: apply(q, k, v), True)
 
     _row(ctx, res, "floor: no-op autograd.Function", "floor", floor,
@@ -177,7 +177,7 @@ def _host_fwd_bwd(ctx: Ctx, res: CaseResult, shape: dict[str, Any]) -> None:
         _row(ctx, res, "fa4 fwd+bwd", "peer", fa4)
 
 
-def _nop_function(torch: Any) -> Any:
+def nop_function(torch: Any) -> Any:
     """An autograd.Function doing no work: the floor of a custom-op fwd+bwd step."""
     class Nop(torch.autograd.Function):
         @staticmethod
