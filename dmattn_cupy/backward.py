@@ -260,10 +260,10 @@ def backward_call(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out:
             plan.launches.append(Launch(runtime.get_kernel(grid_spec, dev), (nrb, hm, bm),
                                         (rec,)))
         if pb.seqlen_k > 0 and family == "bwd_sm90":
-            spec = backward_sm90_spec(pb.dtype, pb.head_dim, pb.mask is not None,
-                                      pb.bias is not None)
             mode_b = backward_sm90.bias_mode(pb.bias, pb.batch, pb.heads, pb.seqlen_q,
                                              pb.seqlen_k) or 0
+            spec = backward_sm90_spec(pb.dtype, pb.head_dim, pb.mask is not None,
+                                      pb.bias is not None, mode_b == backward_sm90.BIAS_KEY_ROW)
             dout_info = describe(dout)
             sem = ptr(bufs["ws"]) + 4 * sem_at if deterministic else 0
             args = backward_sm90.build_args(pb.q, pb.k, pb.v, dout_info, pb.bias, mode_b, sem,

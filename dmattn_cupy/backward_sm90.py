@@ -62,12 +62,12 @@ def dq_tile_row_bytes(head_dim: int) -> int:
     return (head_dim + 8) * 4
 
 
-def dq_slots(head_dim: int, has_bias: bool, writer: bool) -> int:
+def dq_slots(head_dim: int, bias_tile: bool, writer: bool) -> int:
     """Slots of the writer's dQ ring (Sm90BwdSmem::kDqSlots): 2, or 1 where two do not fit
-    (d128 with a bias tile); 0 without the writer."""
+    (d128 with a bias tile; a key-row bias has no tile); 0 without the writer."""
     if not writer:
         return 0
-    return 1 if head_dim == 128 and has_bias else 2
+    return 1 if head_dim == 128 and bias_tile else 2
 
 
 def padded_head_dim(d: int) -> int:
@@ -78,18 +78,19 @@ def padded_head_dim(d: int) -> int:
     raise ValueError(f"head dim must be <= {HEAD_DIMS[-1]} for the sm_90a backward, got {d}")
 
 
-def smem_bytes(head_dim: int, has_bias: bool, has_mask: bool = False,
+def smem_bytes(head_dim: int, bias_tile: bool, has_mask: bool = False,
                writer: bool | None = None) -> int:
     """Dynamic shared memory of one instance: Sm90BwdSmem<...>::kAlloc in sm90/bwd.cu;
-    ``writer``: built with the dQ writer (None: as DMATTN_NVRTC_DEFINES says, ``dq_writer``)."""
+    ``bias_tile``: a full bias tile per stage (a key-row bias has none); ``writer``: built with
+    the dQ writer (None: as DMATTN_NVRTC_DEFINES says, ``dq_writer``)."""
     if writer is None:
         writer = dq_writer()
     boxes = head_dim // 64
     kv = boxes * BLOCK_N * 128
     q = boxes * BLOCK_M * 128
-    bias = BLOCK_M * BLOCK_N * 2 if has_bias else 0
+    bias = BLOCK_M * BLOCK_N * 2 if bias_tile else 0
     ds = 64 * BLOCK_M * 2
-    slots = dq_slots(head_dim, has_bias, writer)
+    slots = dq_slots(head_dim, bias_tile, writer)
     # fp32 dQ staging of the bulk reduce-add: the writer's ring of whole tiles, or per warp
     dq = slots * BLOCK_M * dq_tile_row_bytes(head_dim) if writer else boxes * 4 * DQ_WARP_BYTES
     mask = STAGES * (BLOCK_N * 8 + 2 * 4) if has_mask else 0  # query words per key, 2 flags
@@ -184,7 +185,7 @@ def accepts(head_dim: int, dtype: str, q: ArrayInfo, k: ArrayInfo, v: ArrayInfo,
     if mode is None or (bias is not None and bias.dtype != dtype):
         return False
     hd = padded_head_dim(head_dim)
-    if smem_bytes(hd, bias is not None, has_mask) > smem_limit:
+    if smem_bytes(hd, mode == BIAS_TILE, has_mask) > smem_limit:
         return False
     infos = [q, k, v, dout] + ([bias] if bias is not None else [])
     if any(info.ptr % 16 for info in infos):

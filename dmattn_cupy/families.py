@@ -36,6 +36,7 @@ class SpecShape(Protocol):
     stages: int
     has_mask: bool
     has_bias: bool
+    bias_key_row: bool
 
 
 HEAD_DIMS = (32, 64, 96, 128, 192, 256)
@@ -312,7 +313,7 @@ def _sm90_grid(pb: Problem, spec: SpecShape, sm_count: int) -> tuple[int, int, i
 # --- the Hopper backward (sm90/bwd.cu; host half in backward_sm90, chosen by select) ----------
 
 def _sm90_bwd_smem(s: SpecShape) -> int:
-    return backward_sm90.smem_bytes(s.head_dim, s.has_bias, s.has_mask)
+    return backward_sm90.smem_bytes(s.head_dim, s.has_bias and not s.bias_key_row, s.has_mask)
 
 
 _SM90_FWD_ARGS = ("dtype", "head_dim", "block_n", "stages", "has_mask", "has_bias",
@@ -348,7 +349,8 @@ FAMILY_ROWS: tuple[Family, ...] = (
     Family("bwd_dq", "sm80/bwd.cu", "dm::flash_bwd_dq_kernel", _SM80_DQ_ARGS, "BwdParams",
            "sm_80", _smem_bwd_dq),
     Family("bwd_sm90", "sm90/bwd.cu", "dm::flash_bwd_sm90_kernel",
-           ("dtype", "head_dim", "has_mask", "has_bias"), "BwdParams", "sm_90a", _sm90_bwd_smem,
+           ("dtype", "head_dim", "has_mask", "has_bias", "bias_key_row"), "BwdParams", "sm_90a",
+           _sm90_bwd_smem,
            threads=lambda s: backward_sm90.THREADS),
     Family("bwd_grid", "sm80/bwd.cu", "dm::flash_bwd_sparse_grid_kernel", ("num_warps",),
            "BwdParams", "sm_80", _smem_none),

@@ -135,12 +135,12 @@ def backward_family(pb: Problem, dout: ArrayInfo, deterministic: bool, sparse: b
     return "bwd_sm90" if ok else "bwd_dkdv"
 
 
-def backward_sm90_spec(dtype: str, head_dim: int, has_mask: bool, has_bias: bool
-                       ) -> KernelSpec:
-    """The Hopper backward's specialization (dtype x padded head dim x mask x bias); the
-    deterministic mode is a runtime field (Sm90BwdArgs::dq_sem)."""
+def backward_sm90_spec(dtype: str, head_dim: int, has_mask: bool, has_bias: bool,
+                       bias_key_row: bool = False) -> KernelSpec:
+    """The Hopper backward's specialization (dtype x padded head dim x mask x bias: none, a
+    full tile or a key row); the deterministic mode is a runtime field (Sm90BwdArgs::dq_sem)."""
     return KernelSpec(family="bwd_sm90", dtype=spec_dtype(dtype),
                       head_dim=backward_sm90.padded_head_dim(head_dim),
                       block_m=backward_sm90.BLOCK_M, block_n=backward_sm90.BLOCK_N,
                       num_warps=backward_sm90.THREADS // 32, has_mask=has_mask,
-                      has_bias=has_bias)
+                      has_bias=has_bias, bias_key_row=has_bias and bias_key_row)

@@ -15,7 +15,8 @@ from .device import parse_arch
 from .families import FAMILIES, HEAD_DIMS, Family, padded_head_dim
 
 DTYPES = ("fp16", "bf16")
-SWITCHES = ("has_mask", "has_bias", "varlen", "sparse", "deterministic", "debug_counters")
+SWITCHES = ("has_mask", "has_bias", "bias_key_row", "varlen", "sparse", "deterministic",
+            "debug_counters")
 
 __all__ = ["DTYPES", "HEAD_DIMS", "KernelSpec", "padded_head_dim"]
 
@@ -31,6 +32,7 @@ class KernelSpec:
     stages: int = 1            # pipeline depth, for families whose template takes it
     has_mask: bool = False
     has_bias: bool = False
+    bias_key_row: bool = False  # the bias is a key row (B, H, 1, Sk): families that specialize it
     varlen: bool = False
     sparse: bool = False       # block-sparse lists
     deterministic: bool = False
@@ -73,6 +75,7 @@ class KernelSpec:
              f"w{self.num_warps}_mask{int(self.has_mask)}_bias{int(self.has_bias)}"
              f"_varlen{int(self.varlen)}")
         s += f"_st{self.stages}" if self.stages != 1 else ""
+        s += "_krow" if self.bias_key_row else ""
         s += "_sparse" if self.sparse else ""
         s += "_det" if self.deterministic else ""
         return s + ("_dbg" if self.debug_counters else "")

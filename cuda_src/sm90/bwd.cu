@@ -159,7 +159,8 @@ constexpr bool kSm90BwdDqTensor = kSm90BwdDqWriter && DM_SM90_BWD_DQ_WRITER == 2
 enum Sm90BwdBias : int32_t { kBwdBiasNone = 0, kBwdBiasTile = 1, kBwdBiasKeyRow = 2 };
 
 // The second kernel parameter (const __grid_constant__): tensor maps over (cols, rows, heads,
-// batch) of q, k, v, dout and a (B, H, Sq, Sk) bias, and how the bias is read. Mirrored by
+// batch) of q, k, v, dout and a (B, H, Sq, Sk) bias, and how the bias is read (bias_mode: the
+// host's record; the kernel reads its template's kBiasRow). Mirrored by
 // dmattn_cupy/backward_sm90.py (ARGS_DTYPE; size checked below and in the CPU tests).
 // dqa: fp32 over dq_accum, box (kHeadDim + 8 columns, 64 rows): a writer slot as it lies in
 // shared memory, the padding columns and rows past the end out of bounds (not written); only
@@ -175,13 +176,13 @@ struct alignas(64) Sm90BwdArgs {
 static_assert(sizeof(Sm90BwdArgs) == 832, "Sm90BwdArgs: size drifted from backward_sm90.py");
 
 // Shared-memory plan of one kernel instance; backward_sm90.smem_bytes mirrors kAlloc.
-template <int kHeadDim, bool kHasMask, bool kHasBias>
+template <int kHeadDim, bool kHasMask, bool kBiasTile>
 struct Sm90BwdSmem {
   static constexpr int kBlockM = 64, kBlockN = 128, kStages = 2;
   static constexpr int kBoxes = kHeadDim / 64;              // 64-column boxes of a row
   static constexpr int kKV = kBoxes * kBlockN * 128;         // K or V (128 rows per box)
   static constexpr int kQ = kBoxes * kBlockM * 128;          // one Q or dO stage
-  static constexpr int kBias = kHasBias ? kBlockM * kBlockN * 2 : 0;  // one stage, 2 boxes
+  static constexpr int kBias = kBiasTile ? kBlockM * kBlockN * 2 : 0;  // one stage, 2 boxes
   static constexpr int kDS = 64 * kBlockM * 2;               // a consumer's dS^T [key][query]
   // dQ staging: per (head-dim box, consumer warp) 16 rows of 64 fp32, rows kDQRow bytes apart
   // (256 + 32: the 8 rows of a float2 store land in distinct banks; 16-byte aligned rows).
@@ -192,7 +193,7 @@ struct Sm90BwdSmem {
   // land in distinct banks; a row is one contiguous bulk add); one slot where two do not fit
   // (d128 with a bias tile).
   static constexpr bool kDqWriter = kSm90BwdDqWriter;
-  static constexpr int kDqSlots = !kDqWriter ? 0 : (kHeadDim == 128 && kHasBias) ? 1 : 2;
+  static constexpr int kDqSlots = !kDqWriter ? 0 : (kHeadDim == 128 && kBiasTile) ? 1 : 2;
   static constexpr int kDQTileRow = (kHeadDim + 8) * 4;
   static constexpr int kDQSlot = kBlockM * kDQTileRow;
   static constexpr int kDQ = DM_SM90_BWD_DQ_ATOMIC ? 0
@@ -289,10 +290,15 @@ static_assert(sm90_bwd_roles_whole_warps(false, false) && sm90_bwd_roles_whole_w
                   sm90_bwd_roles_whole_warps(false, true) && sm90_bwd_roles_whole_warps(true, true),
               "warp-wide roles hold whole warps");
 
-template <typename T, int kHeadDim, bool kHasMask, bool kHasBias>
+template <typename T, int kHeadDim, bool kHasMask, bool kHasBias, bool kBiasRow>
 __global__ void __launch_bounds__(384, 1)
 flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs args) {
-  using Smem = Sm90BwdSmem<kHeadDim, kHasMask, kHasBias>;
+  // kHasBias: a bias with its gradient; kBiasRow: it is a key row (B, H, 1, Sk), read from
+  // global memory per head (no tile in the ring, so d128 keeps two dQ slots), else a full
+  // (B, H, Sq, Sk) tile per item. One spec per kind: both paths in one kernel cost ~35% more
+  // instructions and instruction-cache misses (ncu, BENCHMARKS.md fifth session).
+  static_assert(kHasBias || !kBiasRow, "kBiasRow: only with a bias");
+  using Smem = Sm90BwdSmem<kHeadDim, kHasMask, kHasBias && !kBiasRow>;
   constexpr int kBlockM = Smem::kBlockM, kBlockN = Smem::kBlockN, kStages = Smem::kStages;
   constexpr int kDF = kHeadDim / 8;  // dK/dV fragments (n8) per thread row pair
   constexpr int kNF = kBlockM / 8;   // S^T/dP^T fragments: one per 8 queries
@@ -381,8 +387,11 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
   const int n_items = n_mb * p.q_per_kv;
   auto head_of = [&](int i) { return kvh * p.q_per_kv + i / n_mb; };
   auto m0_of = [&](int i) { return (mb_begin + i % n_mb) * kBlockM; };
-  const bool bias_tile = kHasBias && args.bias_mode == kBwdBiasTile;
-  const bool bias_row = kHasBias && args.bias_mode == kBwdBiasKeyRow;
+  constexpr bool bias_tile = kHasBias && !kBiasRow;
+  constexpr bool bias_row = kHasBias && kBiasRow;
+  // The same as bias_tile, read from the record where a tile is loaded and read: with the
+  // constant alone ptxas spills 8-24 bytes at d128 (the producer's 40 registers, the masked path).
+  const bool bias_tile_rt = bias_tile && args.bias_mode == kBwdBiasTile;
   // Deterministic mode: the counter of query tile m0 of head h (null in the default mode) and,
   // in `target`, its count when every key tile n_lo .. this one - 1 has added into it: each
   // adds kTurnStep (one per dQ warp; with the writer one per item).
@@ -432,7 +441,7 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
       }
     };
     auto issue_item = [&](int s, int h, int m0) {
-      mbar_arrive_expect_tx(bar_full(s), 2 * Smem::kQ + (bias_tile ? Smem::kBias : 0));
+      mbar_arrive_expect_tx(bar_full(s), 2 * Smem::kQ + (bias_tile_rt ? Smem::kBias : 0));
 #pragma unroll
       for (int x = 0; x < Smem::kBoxes; ++x) {
         tma_load_4d(sQ + s * Smem::kQ + x * kBlockM * 128, &args.q, bar_full(s), 64 * x, m0,
@@ -440,7 +449,7 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
         tma_load_4d(sdO + s * Smem::kQ + x * kBlockM * 128, &args.dout, bar_full(s), 64 * x,
                     m0, h, b);
       }
-      if (bias_tile) {
+      if (bias_tile_rt) {
         const int bias_h = h / p.bias_head_ratio, bias_b = p.bias_batch_stride != 0 ? b : 0;
 #pragma unroll
         for (int x = 0; x < kBlockN / 64; ++x)
@@ -752,7 +761,7 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
     auto prob = [&](auto masked, int j, int e, float lse2, float& dsoft) -> float {
       const int r = e >> 1, qq = 8 * j + 2 * t + (e & 1);
       float x = logit_log2(p, st[j][e], bp.scale, dsoft);
-      if (bias_tile) {
+      if (bias_tile_rt) {
         T bv;
         bv.bits = *reinterpret_cast<const uint16_t*>(sb + tile_offset<2, 64, kBlockM>(qq, kb_l[r]));
         x += to_float(bv) * kLog2e;

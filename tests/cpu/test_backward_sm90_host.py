@@ -206,10 +206,10 @@ def test_run_backward_patches_the_dq_accum_map_from_the_workspace(monkeypatch, m
 
 def test_precompile_enumerates_dtype_headdim_mask_bias():
     specs = [s for s in precompile.all_specs("sm_90") if s.family == "bwd_sm90"]
-    assert len(specs) == 16 and all(s.arch == "sm_90a" and s.threads == 384 for s in specs)
-    assert {(s.dtype, s.head_dim, s.has_mask, s.has_bias) for s in specs} == {
-        (dt, hd, m, b) for dt in ("fp16", "bf16") for hd in (64, 128) for m in (False, True)
-        for b in (False, True)}
+    assert len(specs) == 24 and all(s.arch == "sm_90a" and s.threads == 384 for s in specs)
+    assert {(s.dtype, s.head_dim, s.has_mask, s.has_bias, s.bias_key_row) for s in specs} == {
+        (dt, hd, m, b, r) for dt in ("fp16", "bf16") for hd in (64, 128) for m in (False, True)
+        for b, r in ((False, False), (True, False), (True, True))}
     assert not any(s.deterministic for s in specs)  # a runtime field (Sm90BwdArgs::dq_sem)
     assert not [s for s in precompile.all_specs("sm_80") if s.family == "bwd_sm90"]
 
@@ -246,6 +246,10 @@ def test_run_backward_launches_the_hopper_kernel(monkeypatch, bias_shape):
     assert args[0]["dbias_mode"] == (0 if bias is None else 1)
     assert args[0]["dqa_row_stride"] == 4 * 128  # the fp32 dQ accumulator (non-deterministic)
     assert (spec.has_bias, spec.head_dim, spec.dtype) == (bias is not None, 128, "fp16")
+    # a key-row bias runs its own spec (no tile in the ring); the record says the same mode
+    key_row = bias is not None and bias.shape[2] == 1
+    assert spec.bias_key_row is key_row
+    assert args[1]["bias_mode"] == (0 if bias is None else 2 if key_row else 1)
     assert dq.shape == q.shape and dq.dtype == q.dtype and dk.shape == k.shape
     if bias is None:
         assert dbias is None

@@ -398,7 +398,7 @@ def _nvdisasm() -> str | None:
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("bias", ["none", "tile", "key_row"])
 @pytest.mark.parametrize("mask", [False, True])
 @pytest.mark.parametrize("writer", [0, 1, 2])
 def test_spec_compiles_without_spills_or_slow_advisories(dtype, head_dim, bias, mask, writer,
@@ -408,7 +408,8 @@ def test_spec_compiles_without_spills_or_slow_advisories(dtype, head_dim, bias, 
     from dmattn_cupy.select import backward_sm90_spec
 
     monkeypatch.setenv("DMATTN_NVRTC_DEFINES", f"DM_SM90_BWD_DQ_WRITER={writer}")
-    ck = compile_spec(backward_sm90_spec(dtype, head_dim, mask, bias), use_disk_cache=False)
+    ck = compile_spec(backward_sm90_spec(dtype, head_dim, mask, bias != "none", bias == "key_row"),
+                      use_disk_cache=False)
     assert ck.arch == "sm_90a"
     assert not ck.spills, ck.log
     assert not ck.slow, ck.advisories
