@@ -75,8 +75,8 @@ def define_value(name: str, default: int) -> int:
 
 
 def schedule() -> int:
-    """DM_SM90_PERSISTENT from DMATTN_NVRTC_DEFINES (default 0), one of SCHEDULES."""
-    mode = define_value("DM_SM90_PERSISTENT", 0)
+    """DM_SM90_PERSISTENT from DMATTN_NVRTC_DEFINES (default 2, fwd.cu's), one of SCHEDULES."""
+    mode = define_value("DM_SM90_PERSISTENT", 2)
     if mode not in SCHEDULES:
         raise ValueError(f"DMATTN_NVRTC_DEFINES: DM_SM90_PERSISTENT must be one of "
                          f"{sorted(SCHEDULES)} ({', '.join(SCHEDULES.values())}), got {mode}")
@@ -316,14 +316,12 @@ MAX_ITEMS = 2**31 - 1      # work items (query tiles x heads x batch): the kerne
 
 
 def launch_ctas(items: int, sm_count: int) -> int:
-    """CTAs of a launch over ``items`` work items: one per item (the default), or with
-    ``DM_SM90_PERSISTENT=1`` in DMATTN_NVRTC_DEFINES one per SM, each looping over its items in
-    a static snake order, or with ``=2`` one per SM claiming items from a counter, longest
-    first (fwd.cu). ``DM_SM90_MAX_CTAS=N`` (host only) caps a persistent grid at N CTAs, so
-    that small test problems make each CTA walk many items. Measured on the H200 (bf16 d128 B2
-    H16 S4096, TFLOP/s, one per item -> static persistent): dense 619.4 -> 628.4, causal 504.0
-    -> 486.5 (the static order balances worse than the hardware's), kbias 562.2 -> 569.2,
-    mask_bias 283.5 -> 285.8: one per item stays the default."""
+    """CTAs of a launch over ``items`` work items: by default (``DM_SM90_PERSISTENT=2``) one
+    per SM claiming items from a counter, longest first (fwd.cu); with ``=0`` in
+    DMATTN_NVRTC_DEFINES one per item, with ``=1`` one per SM, each looping over its items in a
+    static snake order (H200: causal -3.5% against one per item). ``DM_SM90_MAX_CTAS=N`` (host
+    only) caps a persistent grid at N CTAs, so that small test problems make each CTA walk
+    many items."""
     if schedule() == 0:
         return items
     cap = define_value("DM_SM90_MAX_CTAS", 0)

@@ -289,9 +289,9 @@ def _kernel_items(items: int, grid: int) -> list[list[int]]:
 
 @pytest.mark.parametrize("items", [1, 131, 132, 133, 264, 1000, 1024, 4097])
 def test_work_items_cover_every_item_once(monkeypatch, items):
-    """One CTA per item (the default) or a persistent grid (DM_SM90_PERSISTENT=1): every work
+    """One CTA per item (DM_SM90_PERSISTENT=0) or a static persistent grid (=1): every work
     item is taken exactly once, whatever the last round's fill."""
-    monkeypatch.delenv("DMATTN_NVRTC_DEFINES", raising=False)
+    monkeypatch.setenv("DMATTN_NVRTC_DEFINES", "DM_SM90_PERSISTENT=0")
     assert f90.launch_ctas(items, 132) == items
     monkeypatch.setenv("DMATTN_NVRTC_DEFINES", "DM_SM90_PERSISTENT=1")
     grid = f90.launch_ctas(items, 132)

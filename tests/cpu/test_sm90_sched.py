@@ -232,7 +232,10 @@ def test_kernel_claim_arithmetic_equals_the_model():
 # --- the host half per schedule --------------------------------------------------------------
 
 def test_schedule_define_and_grid(monkeypatch):
-    monkeypatch.delenv("DMATTN_NVRTC_DEFINES", raising=False)
+    monkeypatch.delenv("DMATTN_NVRTC_DEFINES", raising=False)  # the default: dynamic
+    assert f90.schedule() == 2 and f90.launch_ctas(1000, 132) == 132
+    assert f90.counter_offset() == f90.COUNTER_OFFSET
+    monkeypatch.setenv("DMATTN_NVRTC_DEFINES", "DM_SM90_PERSISTENT=0")
     assert f90.schedule() == 0 and f90.launch_ctas(1000, 132) == 1000
     assert f90.counter_offset() is None
     for mode in (1, 2):
@@ -268,9 +271,13 @@ def test_dynamic_schedule_shared_memory_equals_the_kernel(monkeypatch):
                  "sizeof(dm::Sm90FwdArgs::item_counter) == 8);")
     compile_static_asserts("\n".join(lines) + "\n", "sm90_sched_smem.cu",
                            ("DM_SM90_PERSISTENT=2",))
-    monkeypatch.delenv("DMATTN_NVRTC_DEFINES")   # the other schedules: no item indices
+    monkeypatch.delenv("DMATTN_NVRTC_DEFINES")   # the default is the dynamic schedule
     for (hd, mask, bias), (bn, st) in f90.TILES.items():
-        assert f90.smem_bytes(hd, bn, st, mask, bias) == dynamic[hd, mask, bias] - 16
+        assert f90.smem_bytes(hd, bn, st, mask, bias) == dynamic[hd, mask, bias]
+    for mode in (0, 1):  # the other schedules: no item indices
+        monkeypatch.setenv("DMATTN_NVRTC_DEFINES", f"DM_SM90_PERSISTENT={mode}")
+        for (hd, mask, bias), (bn, st) in f90.TILES.items():
+            assert f90.smem_bytes(hd, bn, st, mask, bias) == dynamic[hd, mask, bias] - 16
 
 
 def test_args_record_has_the_counter_slot():

@@ -1,7 +1,7 @@
 """The Hopper forward's work-item schedules (cuda_src/sm90/fwd.cu: DM_SM90_PERSISTENT) on the
 GPU. Each case runs with the static persistent (1) and the dynamic (2) schedule, on grids capped
 small (DM_SM90_MAX_CTAS: every CTA walks many items, skipped varlen items and items without a
-key tile included), and must equal the default one-CTA-per-item launch bit for bit (an item's
+key tile included), and must equal the one-CTA-per-item launch (=0) bit for bit (an item's
 arithmetic does not depend on the CTA that runs it) and the float64 reference. The debug tile
 counters count every item exactly once; the dynamic scheduler's counter is zero after every
 launch (nothing resets it between launches but the kernel), in CUDA graphs and on concurrent
@@ -41,6 +41,9 @@ def _hopper_only():
 SCHEDULES = [("static_3", 1, 3, None), ("dynamic_1", 2, 1, None), ("dynamic_3", 2, 3, None),
              ("dynamic_7", 2, 7, None), ("dynamic_sms", 2, 0, None),
              ("dynamic_3_lpt0", 2, 3, 0), ("dynamic_sms_lpt8", 2, 0, 8)]
+
+
+ONE_PER_ITEM = "DM_SM90_PERSISTENT=0"   # the reference launch: one CTA per item
 
 
 def _defines(mode: int, cap: int, section: int | None = None) -> str:
@@ -121,7 +124,7 @@ def test_schedules_equal_one_cta_per_item(monkeypatch, name, sched):
     def call():
         return dm.flash_dmattn_func(q, k, v, return_lse=True, **kw)
 
-    base = _under(monkeypatch, "", call)
+    base = _under(monkeypatch, ONE_PER_ITEM, call)
     got = _under(monkeypatch, _defines(mode, cap, section), call)
     for a, b in zip(base, got, strict=True):
         assert torch.equal(a, b), f"max diff {(a.float() - b.float()).abs().max().item()}"
@@ -165,7 +168,7 @@ def test_varlen_items_past_a_sequence_are_passed_over(monkeypatch, lens, causal,
         return dm.flash_dmattn_varlen_func(q, k, v, cu_q, cu_k, max(lq), max(lk),
                                            attn_bias=bias, is_causal=causal, return_lse=True)
 
-    base = _under(monkeypatch, "", call)
+    base = _under(monkeypatch, ONE_PER_ITEM, call)
     got = _under(monkeypatch, _defines(mode, cap, section), call)
     for a, b in zip(base, got, strict=True):
         assert torch.equal(a, b)
@@ -196,7 +199,7 @@ def test_tile_counters_count_every_item_once(monkeypatch, sched):
         out, lse = run_forward(pb, q, tile_counters=counters)
         return out, lse, counters
 
-    base = _under(monkeypatch, "", counted)
+    base = _under(monkeypatch, ONE_PER_ITEM, counted)
     got = _under(monkeypatch, _defines(mode, cap, section), counted)
     assert (base[2][..., 0] > 0).all()
     for a, b in zip(base, got, strict=True):
@@ -211,9 +214,8 @@ def test_counter_is_zero_after_every_launch_of_changing_problems(monkeypatch):
     """One kept counter per stream serves every launch; each launch leaves it at 0 (atomicInc
     wraps at the last claim). If it did not, the next launch would skip its first items."""
     cases = [_dense_case(n) for n in DENSE]
-    base = [_under(monkeypatch, "", lambda c=c: dm.flash_dmattn_func(c[0], c[1], c[2],
-                                                                      return_lse=True, **c[3]))
-            for c in cases]
+    base = [_under(monkeypatch, ONE_PER_ITEM, lambda c=c: dm.flash_dmattn_func(
+        c[0], c[1], c[2], return_lse=True, **c[3])) for c in cases]
     monkeypatch.setenv("DMATTN_NVRTC_DEFINES", _defines(2, 5))
     scratch.clear()
     for rep in range(3):
