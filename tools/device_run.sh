@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine call that does the whole GPU check-up and leaves logs under $OUT:
-#   bash tools/device_run.sh [fa4] [precompile] [tests] [sanitize] [bench] [profile]
+#   bash tools/device_run.sh [fa4] [precompile] [tests] [sanitize] [bench] [profile] [profile-src]
 #   (default: precompile tests sanitize bench)
 # fa4: install FlashAttention-4 into /tmp/fa4site from the staged wheel parts
 # (tools/fa4_install.sh; .whl/partA staged by an earlier call, .whl/partB carried by this one);
@@ -9,7 +9,9 @@
 # racecheck on a representative subset; bench: every tools/bench case, JSON + table (FA4 and
 # Flex FLASH rows when flash_attn.cute is importable: see tools/fa4_install.sh; BENCH_ARGS
 # replaces "--suite all"); profile: Nsight Compute sections of one forward launch (PROFILE_CASE,
-# PROFILE_KERNEL: a kernel-name regex, default flash_fwd: the Hopper or the portable kernel).
+# PROFILE_KERNEL: a kernel-name regex, default flash_fwd: the Hopper or the portable kernel);
+# profile-src: the same launch's stall samples per SASS instruction (tools/ncu_source.py; e.g.
+# PROFILE_CASE=backward PROFILE_KERNEL=flash_bwd_sm90).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 DMATTN_CACHE_DIR=/tmp/dmattn-cache
@@ -64,6 +66,16 @@ for step in $steps; do
         > "$OUT/ncu_$case_.txt" 2>&1
       echo "ncu $case_ rc=$?"; grep -E "Throughput|Issued|Eligible|Occupancy|Duration|Executed Inst" \
         "$OUT/ncu_$case_.txt" | head -20 ;;
+    profile-src)  # stall samples per SASS instruction of one launch (tools/ncu_source.py)
+      case_=${PROFILE_CASE:-dense}
+      ncu --clock-control none --section WarpStateStats --section SourceCounters \
+        -k regex:"${PROFILE_KERNEL:-flash_fwd}" -s 2 -c 1 -o "$OUT/src_$case_" python3 tools/bench \
+        --case "$case_" --peers none --no-smoke --quick > "$OUT/ncu_src_$case_.log" 2>&1
+      echo "ncu source $case_ rc=$?"
+      # the uncompressed page (MBs) does not come back from the device machine: gzip it
+      ncu -i "$OUT/src_$case_.ncu-rep" --page source --csv --print-source sass \
+        | gzip > "$OUT/src_$case_.csv.gz" && rm -f "$OUT/src_$case_.ncu-rep"
+      python3 tools/ncu_source.py "$OUT/src_$case_.csv.gz" --top 20 ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done
