@@ -10,7 +10,27 @@ from typing import Any
 
 from . import autograd, dispatch, fastpath
 from .masks import SparseMask
+from .sparse_plan import bound_min, diagonal_window
 from .validate import normalize_call
+
+
+def _fold_parametric(sparse_mask: Any, query: Any, key: Any, window_size: Any) -> tuple[Any, Any]:
+    """(window_size, sparse_mask) for the thin path: a parametric mask (causal, window,
+    causal-window, or an ``&`` of them) folded into the window as the kernels see it anyway
+    (sparse_plan.split_sparse), so that the call is served like ``is_causal``; unchanged for
+    any other mask, a window that is not a pair of ints >= -1, or a mask whose (seqlen_q,
+    seqlen_k) are not the 4-D inputs' (the validated path reports those). A call the thin path
+    misses goes on unfolded (the reference backend applies the mask itself)."""
+    if sparse_mask is None or type(window_size) is not tuple or len(window_size) != 2 \
+            or not all(type(w) is int and w >= -1 for w in window_size):
+        return window_size, sparse_mask
+    win = diagonal_window(sparse_mask) if isinstance(sparse_mask, SparseMask) else None
+    shape_q, shape_k = getattr(query, "shape", None), getattr(key, "shape", None)
+    if win is None or shape_q is None or shape_k is None or len(shape_q) != 4 \
+            or len(shape_k) != 4 \
+            or (sparse_mask.seqlen_q, sparse_mask.seqlen_k) != (shape_q[1], shape_k[1]):
+        return window_size, sparse_mask
+    return (bound_min(window_size[0], win[0]), bound_min(window_size[1], win[1])), None
 
 
 def flash_dmattn_func(query: Any, key: Any, value: Any, attn_mask: Any = None,
@@ -25,11 +45,13 @@ def flash_dmattn_func(query: Any, key: Any, value: Any, attn_mask: Any = None,
     flash-dmattn 1.x spellings are accepted: ``None`` for ``is_causal``/``softcap``/
     ``deterministic``, ``scale=`` for ``softmax_scale=``, and ``return_attn_probs=True``, which
     returns ``(out, lse, None)`` (the probabilities are never materialized)."""
-    if sparse_mask is None and scale is None and return_attn_probs is None:
-        res = fastpath.dense(query, key, value, attn_mask, attn_bias, softmax_scale, is_causal,
-                             window_size, softcap, return_lse, deterministic, backend)
-        if res is not fastpath.MISS:
-            return res
+    if scale is None and return_attn_probs is None:
+        window, rest = _fold_parametric(sparse_mask, query, key, window_size)
+        if rest is None:
+            res = fastpath.dense(query, key, value, attn_mask, attn_bias, softmax_scale,
+                                 is_causal, window, softcap, return_lse, deterministic, backend)
+            if res is not fastpath.MISS:
+                return res
     is_causal, softcap, deterministic, return_lse, softmax_scale, probs = normalize_call(
         is_causal, softcap, deterministic, return_lse, softmax_scale, scale, return_attn_probs)
     if probs:

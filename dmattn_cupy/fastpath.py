@@ -11,7 +11,8 @@ key proves is validated again, no ``describe``, no DLPack. A miss validates in f
 (``validate``), runs ``forward_call`` / ``backward_call`` and keeps their plan when it is
 cacheable (otherwise a None entry sends later calls with that key straight to the validated
 path). Anything else returns ``MISS`` and the caller takes the validated path: NumPy inputs,
-sparse masks, torch.compile tracing, unusual option types.
+block masks, torch.compile tracing, unusual option types (``api`` folds parametric sparse
+masks into the window before it calls here).
 
 torch with a gradient wanted runs ``_Attention`` (an ``autograd.Function`` whose one output is
 ``out``; ``_AttentionLse`` when lse is returned too: in eager mode it costs a fraction of the

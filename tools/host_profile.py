@@ -184,6 +184,9 @@ def stages(calls: int, device: str) -> list[tuple[str, float | None]]:
     row("run_forward (validated)", lambda: forward.run_forward(pb, q, return_lse=False))
     row("forward, no grad (api)", lambda: dm.flash_dmattn_func(q, k, v))
     row("forward + lse, no grad (api)", lambda: dm.flash_dmattn_func(q, k, v, return_lse=True))
+    causal = dm.CausalWindowMask(16, S, S)  # folded into the window (api._fold_parametric)
+    row("forward, sparse_mask=CausalWindowMask (api)",
+        lambda: dm.flash_dmattn_func(q, k, v, sparse_mask=causal))
     mask = torch.rand(B, H, S, S, device=device) > 0.1
     bias = torch.randn(B, H, S, S, device=device, dtype=dt)
     row("forward mask+bias, no grad (api)",

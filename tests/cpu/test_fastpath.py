@@ -23,7 +23,16 @@ if str(_TOOLS) not in sys.path:
 host_profile = importlib.import_module("host_profile")
 
 import dmattn_cupy as dm  # noqa: E402
-from dmattn_cupy import backward_sm90, fastpath, forward_sm90, runtime, scratch, tensor_map  # noqa: E402
+from dmattn_cupy import (  # noqa: E402
+    api,
+    backward_sm90,
+    fastpath,
+    forward_sm90,
+    runtime,
+    scratch,
+    sparse_plan,
+    tensor_map,
+)
 from dmattn_cupy import compile as dcompile  # noqa: E402
 from dmattn_cupy.launch_plan import PlanCache  # noqa: E402
 from dmattn_cupy.params import FWD_DTYPE, bwd_dtype_flat  # noqa: E402
@@ -497,6 +506,55 @@ def test_numpy_and_sparse_calls_take_the_validated_path(cap):
                           "auto") is fastpath.MISS
 
 
+
+
+@pytest.mark.parametrize("mask,window,is_causal", [
+    ("causal", (-1, -1), False), ("causal_window", (-1, -1), False), ("window", (5, -1), False),
+    ("window_and_causal", (-1, -1), False), ("window", (-1, -1), True)])
+def test_parametric_sparse_masks_take_the_thin_path(cap, mask, window, is_causal):
+    """A causal/window/causal-window mask (or an ``&`` of them) folds into the window as the
+    kernels see it anyway: the second call is a thin hit whose launch equals the window-only
+    call's, the first call launches what the unfolded validated path builds."""
+    (q, k, v), _ = _dense_case("dense", 0)
+    sq, sk = q.shape[1], k.shape[1]
+    m = {"causal": dm.CausalMask(sq, sk), "causal_window": dm.CausalWindowMask(9, sq, sk),
+         "window": dm.WindowMask((7, 3), sq, sk),
+         "window_and_causal": dm.WindowMask(6, sq, sk) & dm.CausalMask(sq, sk)}[mask]
+    win = {"causal": (-1, 0), "causal_window": (8, 0), "window": (7, 3),
+           "window_and_causal": (5, 0)}[mask]
+    want = (sparse_plan.bound_min(window[0], win[0]), sparse_plan.bound_min(window[1], win[1]))
+    kw = {"window_size": window, "is_causal": is_causal}
+    unfolded = sparse_plan.split_sparse(m)
+    assert unfolded == (win, None)
+    dm.flash_dmattn_func(q, k, v, sparse_mask=m, **kw)
+    first = cap.take()
+    assert [x[0] for x in first] == ["slow"]
+    dm.flash_dmattn_func(q, k, v, sparse_mask=m, **kw)
+    again = cap.take()
+    assert [x[0] for x in again] == ["thin"]
+    rec = _record(again[0][3][0], "FwdParams")
+    right = want[1] if not is_causal else (0 if want[1] < 0 else min(want[1], 0))
+    assert (int(rec["window_left"][0]), int(rec["window_right"][0])) == (want[0], right)
+    fastpath.clear()   # the same call without the mask, validated: the same launch
+    dm.flash_dmattn_func(q, k, v, window_size=want, is_causal=is_causal)
+    assert _masked(cap.take(), cap) == _masked(first, cap) == _masked(again, cap)
+
+
+def test_block_masks_and_mismatched_parametric_masks_are_not_folded(cap):
+    """Only parametric masks fold; one for other sequence lengths still meets the validated
+    path's error, as does an invalid window_size next to a parametric mask."""
+    (q, k, v), _ = _dense_case("dense", 0)
+    sq, sk = q.shape[1], k.shape[1]
+    with pytest.raises(ValueError, match=r"sparse_mask is for \(seqlen_q, seqlen_k\)"):
+        dm.flash_dmattn_func(q, k, v, sparse_mask=dm.CausalMask(sq + 1, sk))
+    with pytest.raises(ValueError, match="window_size entries must be >= -1"):
+        dm.flash_dmattn_func(q, k, v, sparse_mask=dm.CausalMask(sq, sk), window_size=(-2, 0))
+    bits = np.ones((1, 1, 1, 1), bool)
+    block = dm.BlockBitsetMask(bits, sq, sk, block_size=(128, 128))
+    assert api._fold_parametric(block, q, k, (-1, -1)) == ((-1, -1), block)
+    causal = dm.CausalMask(sq, sk)
+    assert api._fold_parametric(causal, q, k, [-1, -1]) == ([-1, -1], causal)
+    assert api._fold_parametric(causal, q, k, (-1, -1)) == ((-1, 0), None)
 
 
 @pytest.mark.parametrize("varlen", [False, True])
