@@ -51,6 +51,8 @@ class KernelSpec:
         for name in SWITCHES:
             if getattr(self, name) and name not in fam.template_args:
                 raise ValueError(f"KernelSpec.{name}: family {self.family!r} has no such switch")
+        if self.bias_key_row and not self.has_bias:
+            raise ValueError("KernelSpec.bias_key_row: only with has_bias")
         if self.stages != 1 and "stages" not in fam.template_args:
             raise ValueError(f"KernelSpec.stages: family {self.family!r} takes no stages")
         arch = self.arch or fam.arch

@@ -179,6 +179,11 @@ def test_spec_rejects_switches_and_archs_its_family_lacks() -> None:
         KernelSpec(family="bwd_dkdv", sparse=True)
     with pytest.raises(ValueError, match="KernelSpec.deterministic"):
         KernelSpec(family="fwd_mma", deterministic=True)
+    with pytest.raises(ValueError, match="KernelSpec.bias_key_row"):   # no such switch
+        KernelSpec(family="fwd_mma", has_bias=True, bias_key_row=True)
+    with pytest.raises(ValueError, match="KernelSpec.bias_key_row: only with has_bias"):
+        KernelSpec(family="bwd_sm90", bias_key_row=True)
+    assert KernelSpec(family="bwd_sm90", has_bias=True, bias_key_row=True).id.endswith("_krow")
     with pytest.raises(ValueError, match="KernelSpec.arch"):
         KernelSpec(arch="sm_75")
     with pytest.raises(ValueError, match="KernelSpec.arch"):
