@@ -143,6 +143,17 @@ def per_call_us(fn: Callable[[], Any], calls: int, sync: Callable[[], None],
     return min(runs) if cpu_clock else statistics.median(runs)
 
 
+def _row_recorder(rows: list[tuple[str, float | None]], calls: int, device: str,
+                  sync: Callable[[], None]) -> Callable[[str, Callable[[], Any]], None]:
+    """``row(name, fn)``: appends (name, us per call of fn), or the error a stage raised."""
+    def row(name: str, fn: Callable[[], Any]) -> None:
+        try:
+            rows.append((name, per_call_us(fn, calls, sync, cpu_clock=device == "cpu")))
+        except Exception as e:  # noqa: BLE001
+            rows.append((f"{name} [{type(e).__name__}: {str(e)[:60]}]", None))
+    return row
+
+
 def stages(calls: int, device: str) -> list[tuple[str, float | None]]:
     import torch
 
@@ -157,12 +168,7 @@ def stages(calls: int, device: str) -> list[tuple[str, float | None]]:
     B, S, H, D = 1, 32, 2, 64    # tiny: on a stubbed GPU the CPU tensors are real work
     q, k, v = (torch.randn(B, S, H, D, device=device, dtype=dt) for _ in range(3))
     rows: list[tuple[str, float | None]] = []
-
-    def row(name: str, fn: Callable[[], Any]) -> None:
-        try:
-            rows.append((name, per_call_us(fn, calls, sync, cpu_clock=device == "cpu")))
-        except Exception as e:  # noqa: BLE001
-            rows.append((f"{name} [{type(e).__name__}: {str(e)[:60]}]", None))
+    row = _row_recorder(rows, calls, device, sync)
 
     pb = check_dense(q, k, v, None, None, None, False, (-1, -1), 0.0, "auto")
     out = torch.empty_like(q)
@@ -237,7 +243,7 @@ def stages(calls: int, device: str) -> list[tuple[str, float | None]]:
     nop_kept = _Nop3.apply(qg, kg, vg)
     row("calib: no-op Function backward alone", lambda: torch.autograd.grad(
         nop_kept, (qg, kg, vg), dout, retain_graph=True))
-    rows.extend(_thin_pieces(calls, device, q, k, v, dout, per_call_us, sync))
+    rows.extend(_thin_pieces(calls, device, q, k, v, dout, sync))
     if device == "cuda":
         F = torch.nn.functional
         qt, kt, vt = (x.transpose(1, 2) for x in (qg, kg, vg))
@@ -249,8 +255,7 @@ def stages(calls: int, device: str) -> list[tuple[str, float | None]]:
 
 
 def _thin_pieces(calls: int, device: str, q: Any, k: Any, v: Any, dout: Any,
-                 per_call: Callable[..., float], sync: Callable[[], None]
-                 ) -> list[tuple[str, float | None]]:
+                 sync: Callable[[], None]) -> list[tuple[str, float | None]]:
     """The thin path's pieces, from the cached plans of the rows before (the fwd+bwd of
     q, k, v): where a step's time goes without autograd around it."""
     import torch
@@ -258,12 +263,7 @@ def _thin_pieces(calls: int, device: str, q: Any, k: Any, v: Any, dout: Any,
     from dmattn_cupy import fastpath, runtime
 
     rows: list[tuple[str, float | None]] = []
-
-    def row(name: str, fn: Callable[[], Any]) -> None:
-        try:
-            rows.append((name, per_call(fn, calls, sync, cpu_clock=device == "cpu")))
-        except Exception as e:  # noqa: BLE001
-            rows.append((f"{name} [{type(e).__name__}: {str(e)[:60]}]", None))
+    row = _row_recorder(rows, calls, device, sync)
 
     fe = next((e for e in list(fastpath.forward_plans._d.values())
                if e is not None and e.bwd and e.lse), None)
@@ -271,9 +271,10 @@ def _thin_pieces(calls: int, device: str, q: Any, k: Any, v: Any, dout: Any,
     if be is None:
         return [("thin pieces [no cached fwd+bwd plan]", None)]
     xs = (q, k, v, None, None, None, None)
-    out, lse = (fe.run or fastpath._bind(fe, "torch", q))(xs)[:2]
+    bufs = (fe.run or fastpath._bind(fe, "torch", q))(xs)   # out, lse (and any workspace)
+    out, lse = bufs[:2]
     stream = runtime.stream_ptr("torch", fe.plan.device)
-    ptrs = [0 if x is None else x.data_ptr() for x in (*xs, out, lse)]
+    ptrs = [0 if x is None else x.data_ptr() for x in (*xs, *bufs)]
     row("thin: forward plan.execute (patch + launch)", lambda: fe.plan.execute(ptrs, stream))
     row("thin: forward runner (alloc + patch + launch)", lambda: fe.run(xs))
     row("thin: backward, no autograd (_exec_backward)", lambda: fastpath._exec_backward(
