@@ -10,7 +10,7 @@ from typing import Any
 
 from . import autograd, dispatch, fastpath
 from .masks import SparseMask
-from .sparse_plan import bound_min, diagonal_window
+from .sparse_plan import diagonal_window, tighter_window
 from .validate import normalize_call
 
 
@@ -30,7 +30,7 @@ def _fold_parametric(sparse_mask: Any, query: Any, key: Any, window_size: Any) -
             or len(shape_k) != 4 \
             or (sparse_mask.seqlen_q, sparse_mask.seqlen_k) != (shape_q[1], shape_k[1]):
         return window_size, sparse_mask
-    return (bound_min(window_size[0], win[0]), bound_min(window_size[1], win[1])), None
+    return tighter_window(window_size, win), None
 
 
 def flash_dmattn_func(query: Any, key: Any, value: Any, attn_mask: Any = None,

@@ -35,9 +35,9 @@ from .sparse_plan import (
     arrays_from_list,
     arrays_to_list,
     autograd_lists,
-    bound_min,
     lists_fit,
     split_sparse,
+    tighter_window,
 )
 from .validate import (
     Problem,
@@ -225,7 +225,7 @@ def dense(query, key, value, attn_mask, attn_bias, softmax_scale, is_causal, win
             sparse_mask, attn_mask, query, key, backend, window, needs_grad)
     elif sparse_mask is not None:
         win, block = split_sparse(sparse_mask)
-        window = (bound_min(window[0], win[0]), bound_min(window[1], win[1]))
+        window = tighter_window(window, win)
         if block is not None:
             sparse, sp_block, dense_mask = _block_mask_inputs(block, attn_mask, query, backend)
             if dense_mask is not attn_mask:  # the op sees another mask: it validates it
@@ -289,7 +289,7 @@ def _traced_mask_inputs(sparse_mask, attn_mask, query, key, backend, window, nee
     win, flat, error = traced
     if error is not None:
         raise NotImplementedError(error)
-    window = (bound_min(window[0], win[0]), bound_min(window[1], win[1]))
+    window = tighter_window(window, win)
     if flat is None:
         return window, [], (0, 0), attn_mask
     tensors, meta = flat

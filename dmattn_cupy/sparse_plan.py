@@ -36,6 +36,11 @@ def bound_min(a: int, b: int) -> int:
     return a if b < 0 else min(a, b)
 
 
+def tighter_window(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
+    """The (left, right) window both ``a`` and ``b`` keep (bound_min per side)."""
+    return bound_min(a[0], b[0]), bound_min(a[1], b[1])
+
+
 def diagonal_window(mask: SparseMask | None) -> tuple[int, int] | None:
     """The (left, right) window a parametric mask (or an intersection of them) keeps, or None
     when the mask is not of that form. Keeping ``lo <= d <= hi`` with d = i + Sk - Sq - j is
@@ -46,7 +51,7 @@ def diagonal_window(mask: SparseMask | None) -> tuple[int, int] | None:
         a, b = diagonal_window(mask.first), diagonal_window(mask.second)
         if a is None or b is None:
             return None
-        return (bound_min(a[0], b[0]), bound_min(a[1], b[1]))
+        return tighter_window(a, b)
     bounds = getattr(mask, "diag_bounds", None)
     if bounds is None or mask.batch_heads != (1, 1):
         return None
@@ -67,7 +72,7 @@ def split_sparse(mask: SparseMask) -> tuple[tuple[int, int], SparseMask | None]:
     if isinstance(mask, IntersectionMask):
         wa, ba = split_sparse(mask.first)
         wb, bb = split_sparse(mask.second)
-        window = (bound_min(wa[0], wb[0]), bound_min(wa[1], wb[1]))
+        window = tighter_window(wa, wb)
         if ba is None or bb is None:
             return window, ba if ba is not None else bb
         if isinstance(ba, DynamicMask) or isinstance(bb, DynamicMask):
@@ -170,8 +175,7 @@ def fold_window(pb: Problem, sparse_mask: SparseMask | None) -> tuple[Problem, S
     if sparse_mask is None:
         return pb, None
     win, block = split_sparse(sparse_mask)
-    return dataclasses.replace(pb, window=(bound_min(pb.window[0], win[0]),
-                                           bound_min(pb.window[1], win[1]))), block
+    return dataclasses.replace(pb, window=tighter_window(pb.window, win)), block
 
 
 def fits_backward(block_size: tuple[int, int], dtype: str, head_dim: int,
