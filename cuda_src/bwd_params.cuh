@@ -36,3 +36,6 @@ struct BwdParams {
   float scale;                 // softmax_scale (natural units)
   int32_t sp_grid_cols;        // column blocks of sp_grid (ceil(seqlen_k / f.sp_block_n))
 };
+
+// States of an sp_grid entry besides a partial block's slot (>= 0).
+constexpr int32_t kSpNone = -2, kSpFull = -1;

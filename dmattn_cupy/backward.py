@@ -123,7 +123,9 @@ def backward_call(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out:
 
     want_dbias = need_dbias and pb.bias is not None
     dev_props = runtime.device_props(pb.q.device)
-    family = backward_family(pb, describe(dout), deterministic, sparse is not None, dev_props)
+    family = backward_family(pb, describe(dout), deterministic,
+                             False if sparse is None else (sparse.block_m, sparse.block_n),
+                             dev_props, sparse is not None and sparse.partial_slot is not None)
     pre, dkdv, dqs, grid_spec, post = select_backward(dt, pb.head_dim, pb.mask is not None,
                                                       pb.bias is not None, pb.varlen,
                                                       deterministic, sparse is not None,

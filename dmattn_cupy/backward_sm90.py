@@ -7,7 +7,12 @@ Pure Python except ``build_args``, which asks the driver to encode the maps. Tak
 bool mask of any broadcast of (B, H, Sq, Sk) (the kernel's producer reads it through its
 strides; no tensor map, so no layout rule: 16-byte loads where rows allow, else bytes) and the
 deterministic mode (dQ adds ordered by per-query-tile counters, ``semaphore_words``).
-Declined (the sm80-class backward serves them): varlen, block-sparse lists, head dims above
+With ``DMATTN_SM90_BWD_SPARSE=1`` also block-sparse lists of full blocks whose size tiles the
+kernel's items (block_m a multiple of BLOCK_M, block_n of BLOCK_N; the kernel reads
+``BwdParams.sp_grid`` and walks only the listed items), alone or with any mask, bias, window
+or the deterministic mode it takes otherwise.
+Declined (the sm80-class backward serves them): varlen, block lists with partial blocks (a
+MixedMask's element bits), block sizes that do not tile the items, head dims above
 128, a bias other than a (B, H, Sq, Sk) or (B, H, 1, Sk) one in the query's dtype (batch/head
 broadcasts and query-row biases included), and q/k/v/dout/bias layouts TMA cannot read.
 """
@@ -95,7 +100,9 @@ def smem_bytes(head_dim: int, bias_tile: bool, has_mask: bool = False,
     dq = slots * BLOCK_M * dq_tile_row_bytes(head_dim) if writer else boxes * 4 * DQ_WARP_BYTES
     mask = STAGES * (BLOCK_N * 8 + 2 * 4) if has_mask else 0  # query words per key, 2 flags
     bars = 8 * (1 + 2 * STAGES + 2 * slots)
-    ticket = 16  # the deterministic mode's CTA position, the writer's skip words
+    # the deterministic mode's CTA position, the writer's skip words; per stage its item,
+    # the walk's previous head and the turn target
+    ticket = 16 + 16 * STAGES
     return (2 * kv + STAGES * (2 * q + bias) + 2 * ds + dq + 2 * STAGES * BLOCK_M * 4 + mask
             + bars + ticket + 1024)
 
@@ -171,13 +178,28 @@ def plan_maps(q: ArrayInfo, k: ArrayInfo, v: ArrayInfo, dout: ArrayInfo,
 MAX_GRID_YZ = 65535
 
 
+def sparse_fits(sparse: bool | tuple[int, int], sparse_partial: bool = False) -> bool:
+    """Whether the kernel walks these block lists: none (False), or, with
+    ``DMATTN_SM90_BWD_SPARSE=1``, lists of full blocks (``sparse_partial``: element bits, a
+    MixedMask's) of a (block_m, block_n) that tiles the 64 x 128 items; True (lists of an
+    unknown block size) is declined."""
+    if sparse is False:
+        return True
+    if sparse is True or sparse_partial or not env.sm90_bwd_sparse():
+        return False
+    bm, bn = sparse
+    return bm > 0 and bn > 0 and bm % BLOCK_M == 0 and bn % BLOCK_N == 0
+
+
 def accepts(head_dim: int, dtype: str, q: ArrayInfo, k: ArrayInfo, v: ArrayInfo,
             dout: ArrayInfo, bias: ArrayInfo | None, has_mask: bool, varlen: bool,
-            deterministic: bool, sparse: bool, batch: int, heads: int, kv_heads: int,
-            seqlen_q: int, seqlen_k: int, smem_limit: int = SMEM_LIMIT) -> bool:
+            deterministic: bool, sparse: bool | tuple[int, int], batch: int, heads: int,
+            kv_heads: int, seqlen_q: int, seqlen_k: int, smem_limit: int = SMEM_LIMIT,
+            sparse_partial: bool = False) -> bool:
     """Whether the Hopper backward serves this problem (pure). ``has_mask``: a dense bool mask
-    (any broadcast; validated before) is always taken; ``deterministic`` too."""
-    if varlen or sparse or head_dim > HEAD_DIMS[-1]:
+    (any broadcast; validated before) is always taken; ``deterministic`` too. ``sparse``:
+    False, or the block lists' (block_m, block_n) (``sparse_fits``)."""
+    if varlen or head_dim > HEAD_DIMS[-1] or not sparse_fits(sparse, sparse_partial):
         return False
     if seqlen_q < 1 or seqlen_k < 1 or batch > MAX_GRID_YZ or kv_heads > MAX_GRID_YZ:
         return False

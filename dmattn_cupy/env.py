@@ -111,6 +111,14 @@ def backward_family_override() -> str | None:
     return val
 
 
+def sm90_bwd_sparse() -> bool:
+    """``DMATTN_SM90_BWD_SPARSE=1``: the sm_90a backward also takes block-sparse masks (block
+    lists of full blocks whose size tiles its 64 x 128 items); off by default until its GPU
+    tests have run, so those masks keep the portable backward. Plans with block lists are not
+    cached, so this is not a plan variable."""
+    return _flag("DMATTN_SM90_BWD_SPARSE")
+
+
 # Variables that change which plan a call gets (family, tile, decode, splits, device checks).
 PLAN_VARIABLES = ("DMATTN_FWD_FAMILY", "DMATTN_BWD_FAMILY", "DMATTN_FWD_TILE", "DMATTN_DECODE",
                   "DMATTN_NUM_SPLITS", "DMATTN_CHECK", "DMATTN_NVRTC_DEFINES")

@@ -118,12 +118,13 @@ def backward(dtype: str, head_dim: int, has_mask: bool, has_bias: bool, varlen: 
     return pre, dkdv, dq, grid, dataclasses.replace(pre, family="bwd_post")
 
 
-def backward_family(pb: Problem, dout: ArrayInfo, deterministic: bool, sparse: bool,
-                    dev: DeviceProps) -> str:
+def backward_family(pb: Problem, dout: ArrayInfo, deterministic: bool, sparse: SparseArg,
+                    dev: DeviceProps, sparse_partial: bool = False) -> str:
     """``bwd_sm90`` (the Hopper backward) on compute capability 9.0 wherever it takes the
     problem (backward_sm90.accepts), else ``bwd_dkdv`` (the portable kernels of ``backward``).
     ``DMATTN_BWD_FAMILY=bwd_dkdv`` keeps the portable kernels everywhere. ``dout``: the
-    incoming gradient as the kernel reads it."""
+    incoming gradient as the kernel reads it; ``sparse``: False or the block lists'
+    (block_m, block_n) (``sparse_partial``: they carry element bits)."""
     if env.backward_family_override() == "bwd_dkdv":
         return "bwd_dkdv"
     if not FAMILIES["bwd_sm90"].runs_on(dev.cc):
@@ -131,7 +132,7 @@ def backward_family(pb: Problem, dout: ArrayInfo, deterministic: bool, sparse: b
     ok = backward_sm90.accepts(pb.head_dim, pb.dtype, pb.q, pb.k, pb.v, dout, pb.bias,
                                pb.mask is not None, pb.varlen, deterministic, sparse, pb.batch,
                                pb.heads, pb.kv_heads, pb.seqlen_q, pb.seqlen_k,
-                               dev.smem_per_block)
+                               dev.smem_per_block, sparse_partial)
     return "bwd_sm90" if ok else "bwd_dkdv"
 
 

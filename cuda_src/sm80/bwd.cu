@@ -86,8 +86,6 @@ flash_bwd_post_kernel(const BwdParams bp) {
   }
 }
 
-constexpr int kSpNone = -2, kSpFull = -1;
-
 // One CTA per (row block, mask head, mask batch): clears its grid row, then marks the listed
 // blocks. Only a MixedMask lists partial blocks (block-granular masks keep whole blocks, and
 // a DynamicMask lists full ones only), so a partial entry takes its slot from sp_partial_slot.

@@ -1,9 +1,10 @@
 // sm90/bwd.cu: the Hopper backward's dK/dV/dQ kernel (FlashAttention-3's structure, sm_90a),
 // fixed-length batches, head dims 64/128 (smaller ones padded), causal/window, softcap,
 // GQA/MQA, a bias of shape (B, H, Sq, Sk) or (B, H, 1, Sk) with its gradient, a dense bool
-// mask of any broadcast (kHasMask), and a deterministic mode (Sm90BwdArgs::dq_sem set).
-// Everything else (varlen, block lists, other bias shapes) runs the sm80-class backward
-// (dmattn_cupy/backward_sm90.py declines it).
+// mask of any broadcast (kHasMask), block lists of full blocks (BwdParams::sp_grid set: a
+// runtime field, no template switch; see "Block lists" below) and a deterministic mode
+// (Sm90BwdArgs::dq_sem set). Everything else (varlen, lists with partial blocks, other bias
+// shapes) runs the sm80-class backward (dmattn_cupy/backward_sm90.py declines it).
 //
 // A CTA of three warpgroups owns kBlockN = 128 keys of one (batch, kv head) and walks the
 // (query head of the group, query tile of kBlockM = 64 rows) items that can see its keys, so
@@ -37,9 +38,9 @@
 //     phase 1's per-element dbias stores).
 // dQ writer (DM_SM90_BWD_DQ_WRITER=1 or 2, the default; FlashAttention-3's split): the
 // consumers never wait on global memory. Producer warp 1 is the writer (warp 0 then loads:
-// lane 0 the TMA, every lane two lse/dsum rows; warps 2-3 keep the mask). The dQ warps store their fragments into slot
-// i % kDqSlots of a ring of whole 64-row tiles (both consumers' boxes side by side, rows
-// (kHeadDim + 8) x 4 bytes apart: conflict-free float2 stores, each row contiguous) once the
+// lane 0 the TMA, every lane two lse/dsum rows; warps 2-3 keep the mask). The dQ warps store
+// their fragments into slot j % kDqSlots (j: the item's position in the walk) of a ring of
+// whole 64-row tiles (both consumers' boxes side by side, rows (kHeadDim + 8) x 4 bytes apart: conflict-free float2 stores, each row contiguous) once the
 // slot's empty mbarrier says the writer's adds have read its last tile, and arrive on its full
 // mbarrier (one arrival per dQ warp; consumer 0's warp 0 also writes the slot's "nothing to
 // add" word, set for a tile the mask drops entirely, which still passes the ring). The writer
@@ -49,7 +50,7 @@
 // Deterministic mode (args.dq_sem: zeroed int32 words, [0] a CTA ticket, then one counter per
 // (batch, head, query tile)): a CTA takes its linear position from the ticket (atomicAdd), not
 // from blockIdx, so every position below it belongs to a CTA that is running or done. Key tile
-// n adds its dQ partial of query tile m after the key tiles n_lo(m) .. n - 1 did: each dQ
+// n adds its dQ partial of query tile m after the (listed) key tiles n_lo(m) .. n - 1 did: each dQ
 // warp's lane 0 waits for the counter to reach (n - n_lo) * kDqWarps, adds, waits for its bulk
 // adds to complete, and increments it (with the writer: the writer alone, per item, to
 // (n - n_lo) * 1, the consumers only feeding its ring; a dropped tile's turn is still waited
@@ -64,6 +65,17 @@
 // its consumers wait only on its writer's ring and its producer's stages, which wait only on
 // them: the single-CTA hand-off modelled in tests/cpu/test_sm90_bwd_barriers.py, turns across
 // CTAs included.) The fp32 sums then add in one order on every run.
+// Block lists (sp_grid, built by the bwd_grid kernel before this one): an item whose (row
+// block, col block) no list names is skipped by every role: the producer's loads, lse rows and
+// mask rows and the dQ writer each scan the grid for the next listed item (32 items per ballot;
+// the TMA leader alone without the writer), so they walk one sequence; the j-th listed item
+// takes stage j % kStages and dQ slot j % kDqSlots. The consumers take each stage's item from
+// the stage (Smem::kOffStageItem, written by the TMA leader before its arrival); after the
+// last item every producer thread arrives once more on the next stage with the end marker -1
+// (also without lists: the walk is then every item). In deterministic mode a target counts
+// only the listed key tiles n_lo .. n - 1 of the query tile's row in the grid (the others
+// never add into it), so the turns still follow key-tile order (modelled with unlisted items
+// in tests/cpu/test_sm90_bwd_barriers.py).
 // Bias gradients: a full tile's dbias is dx itself: each thread overwrites the bias elements
 // it read in the shared-memory stage with dx, and after the dS^T barriers each consumer
 // copies its 64-key box to global memory in 16-byte chunks (8 threads per 128-byte row) while
@@ -215,9 +227,13 @@ struct Sm90BwdSmem {
   static constexpr int kOffBars = kOffMaskFull + (kHasMask ? kStages * 2 * 4 : 0);
   // K/V; per stage full, empty; per dQ slot full, empty (the writer's ring)
   static constexpr int kNumBars = 1 + 2 * kStages + 2 * kDqSlots;
-  // int32 words: [0] the deterministic mode's position, [1 + k] dQ slot k's "nothing to add"
+  // int32 words: [0] the deterministic mode's position, [1 + k] dQ slot k's "nothing to add";
+  // then per stage 4 words from the producer: [0] the item (-1: the walk has ended), [1] the
+  // head of the walk's previous item (-1: none), [2] the deterministic turn target (without the
+  // dQ writer)
   static constexpr int kOffTicket = kOffBars + 8 * kNumBars;
-  static constexpr int kBytes = kOffTicket + 16;
+  static constexpr int kOffStageItem = kOffTicket + 16;
+  static constexpr int kBytes = kOffStageItem + 16 * kStages;
   static constexpr int kAlloc = kBytes + 1024;  // the base is aligned up to 1024 at run time
   static_assert(4 * (1 + kDqSlots) <= 16, "ticket and skip words");
   static_assert(kDQTileRow % 16 == 0 && kDQSlot % 128 == 0 && kOffDQ % 128 == 0,
@@ -392,22 +408,76 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
   // The same as bias_tile, read from the record where a tile is loaded and read: with the
   // constant alone ptxas spills 8-24 bytes at d128 (the producer's 40 registers, the masked path).
   const bool bias_tile_rt = bias_tile && args.bias_mode == kBwdBiasTile;
-  // Deterministic mode: the counter of query tile m0 of head h (null in the default mode) and,
-  // in `target`, its count when every key tile n_lo .. this one - 1 has added into it: each
-  // adds kTurnStep (one per dQ warp; with the writer one per item).
-  constexpr int kTurnStep = Smem::kDqWriter ? 1 : kDqWarps;
-  auto dq_counter = [&](int h, int m0, int& target) -> int32_t* {
-    if (dq_sem == nullptr) return nullptr;
-    const int n_lo = key_range(p, m0, dm_min(m0 + kBlockM, len_q), len_q, len_k).k_begin /
-                     kBlockN;
-    target = (n0 / kBlockN - n_lo) * kTurnStep;
-    return dq_sem + 1 + (int64_t(b) * p.heads + h) * ((len_q + kBlockM - 1) / kBlockM) +
-           m0 / kBlockM;
-  };
-
   const int wg = threadIdx.x / 128;
   const int lane = threadIdx.x % 32;
   const int warp = (threadIdx.x % 128) / 32;
+
+  // Block lists (bp.sp_grid set; null: every item is listed): the walk skips the items whose
+  // (row block, col block) is not listed. Every role derives the same filtered sequence from
+  // the grid (the producer's loads, lse rows, mask rows and the dQ writer scan it; the
+  // consumers take each stage's item from the stage, Smem::kOffStageItem, -1 ending the walk),
+  // so the j-th listed item uses stage j % kStages and dQ slot j % kDqSlots in every role.
+  // Mask blocks tile the kernel (sp_block_m % kBlockM == 0, sp_block_n % kBlockN == 0: the
+  // host declines others) and list full blocks only (partial entries read as full: the host
+  // declines masks with element bits), so a listed item takes the dense/mask path unchanged.
+  const int32_t* const sp_grid = bp.sp_grid;
+  auto sp_row = [&](int h, int m0) -> const int32_t* {
+    return sp_grid + sparse_row_entry(p, b, h, m0) * bp.sp_grid_cols;
+  };
+  // (the column block from an opaque n0: hoisted out of the producer's loops, such invariants
+  // spilled its 40 registers)
+  auto listed = [&](int i) -> bool {
+    return sp_grid == nullptr ||
+           sp_row(head_of(i), m0_of(i))[int(opaque(uint32_t(n0))) / p.sp_block_n] != kSpNone;
+  };
+  // The first listed item >= i (n_items when none). Warp-wide: every lane calls it and 32
+  // items are tested per step (one load each, a ballot).
+  auto next_item_warp = [&](int i) -> int {
+    if (sp_grid == nullptr) return i;
+    for (; i < n_items; i += 32) {
+      const uint32_t v = __ballot_sync(0xffffffffu, i + lane < n_items && listed(i + lane));
+      if (v != 0u) return i + __ffs(int(v)) - 1;
+    }
+    return n_items;
+  };
+  // The same for one lane alone (the TMA leader without the dQ writer).
+  auto next_item_lane = [&](int i) -> int {
+    while (i < n_items && !listed(i)) ++i;
+    return dm_min(i, n_items);
+  };
+  // Deterministic mode: the counter of query tile m0 of head h (null in the default mode).
+  // args.dq_sem through opaque copies: a predicate hoisted from it and held across the dQ
+  // writer's loop spilled (DM_SM90_BWD_DQ_WRITER=1).
+  auto dq_counter = [&](int h, int m0) -> int32_t* {
+    const uint64_t sem_bits = reinterpret_cast<uint64_t>(args.dq_sem);
+    int32_t* const sem = reinterpret_cast<int32_t*>(uint64_t(opaque(uint32_t(sem_bits >> 32)))
+                                                    << 32 | opaque(uint32_t(sem_bits)));
+    if (sem == nullptr) return nullptr;
+    return sem + 1 + (int64_t(b) * p.heads + h) * ((len_q + kBlockM - 1) / kBlockM) +
+           m0 / kBlockM;
+  };
+  // ... and its count when every listed key tile n_lo .. this one - 1 has added into it: each
+  // adds kTurnStep (one per dQ warp; with the writer one per item). Warp-wide (the key tiles'
+  // listings in the query tile's row of the grid are counted 32 at a time). Without the writer
+  // the producer's lse rows warp computes it for the consumers (stage word 2).
+  constexpr int kTurnStep = Smem::kDqWriter ? 1 : kDqWarps;
+  auto dq_target = [&](int h, int m0) -> int {
+    const int n_lo = key_range(p, m0, dm_min(m0 + kBlockM, len_q), len_q, len_k).k_begin /
+                     kBlockN;
+    int before = tile_n - n_lo;
+    if (sp_grid != nullptr) {
+      const int32_t* row = sp_row(h, m0);
+      before = 0;
+      for (int t = n_lo; t < tile_n; t += 32) {
+        const bool on = t + lane < tile_n && row[(t + lane) * kBlockN / p.sp_block_n] != kSpNone;
+        before += __popc(__ballot_sync(0xffffffffu, on));
+      }
+    }
+    return before * kTurnStep;
+  };
+  // Stage s's words from the producer (Smem::kOffStageItem): item, previous head, target.
+  int* const stage_item = reinterpret_cast<int*>(smem + Smem::kOffStageItem);
+  auto stage_word = [&](int s, int w) { return base + Smem::kOffStageItem + 16u * s + 4u * w; };
 
   if (wg == 0) {  // ------------------------------------------------------------- producer
     setmaxnreg_dec<kProducerRegs>();  // all four warps, before any leaves
@@ -440,7 +510,12 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
         tma_load_4d(sV + x * kBlockN * 128, &args.v, bar_kv, 64 * x, n0, kvh, b);
       }
     };
-    auto issue_item = [&](int s, int h, int m0) {
+    // (it also names the item and the walk's previous head `ph` for the consumers: stage words
+    // 0 and 1, released by its arrival)
+    auto issue_item = [&](int s, int i, int ph) {
+      const int h = head_of(i), m0 = m0_of(i);
+      stage_item[4 * s] = i;
+      stage_item[4 * s + 1] = ph;
       mbar_arrive_expect_tx(bar_full(s), 2 * Smem::kQ + (bias_tile_rt ? Smem::kBias : 0));
 #pragma unroll
       for (int x = 0; x < Smem::kBoxes; ++x) {
@@ -457,33 +532,58 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
                       n0 + 64 * x, m0, bias_h, bias_b);
       }
     };
+    // After the j listed items: stage j % kStages once free again, then this thread's usual
+    // arrivals on its full barrier with no data (the TMA leader's without bytes, after it
+    // wrote the end marker -1): the consumers leave their walk there.
+    // `ph`: the last item's head, whose key-row dbias the consumers then finish.
+    auto end_walk = [&](int j, int ph) {
+      const int s = j % kStages;
+      mbar_wait(bar_empty(s), ((j / kStages) & 1) ^ 1);
+      if (role == kBwdTma || (role == kBwdLoads && lane == 0)) {
+        stage_item[4 * s] = -1;
+        stage_item[4 * s + 1] = ph;
+      }
+      for (int a = sm90_bwd_role_full_arrivals(role, lane); a > 0; --a) mbar_arrive(bar_full(s));
+    };
     if (role == kBwdTma) {
       issue_kv();
-      for (int i = 0; i < n_items; ++i) {
-        const int s = i % kStages;
-        mbar_wait(bar_empty(s), ((i / kStages) & 1) ^ 1);
-        issue_item(s, head_of(i), m0_of(i));
+      int j = 0, ph = -1;
+      for (int i = next_item_lane(0); i < n_items; i = next_item_lane(i + 1), ++j) {
+        const int s = j % kStages;
+        mbar_wait(bar_empty(s), ((j / kStages) & 1) ^ 1);
+        issue_item(s, i, ph);
+        ph = head_of(i);
       }
+      end_walk(j, ph);
     } else if (role == kBwdLseRows) {
-      for (int i = 0; i < n_items; ++i) {
-        const int s = i % kStages;
-        mbar_wait(bar_empty(s), ((i / kStages) & 1) ^ 1);
+      int j = 0;
+      for (int i = next_item_warp(0); i < n_items; i = next_item_warp(i + 1), ++j) {
+        const int s = j % kStages;
+        mbar_wait(bar_empty(s), ((j / kStages) & 1) ^ 1);
         const int h = head_of(i), m0 = m0_of(i);
         for (int r = lane; r < kBlockM; r += 32) lse_store(s, r, lse_load(h, m0, r));
+        if (!Smem::kDqWriter && args.dq_sem != nullptr) {  // the consumers' turn target
+          const int target = dq_target(h, m0);
+          if (lane == 0) stage_item[4 * s + 2] = target;
+        }
         mbar_arrive(bar_full(s));  // release: this lane's stores before the consumers' reads
       }
+      end_walk(j, -1);
     } else if (role == kBwdLoads) {  // warp 0 with the writer: TMA (lane 0) and the lse rows
       if (lane == 0) issue_kv();
-      for (int i = 0; i < n_items; ++i) {
-        const int s = i % kStages;
+      int j = 0, ph = -1;
+      for (int i = next_item_warp(0); i < n_items; i = next_item_warp(i + 1), ++j) {
+        const int s = j % kStages;
         const int h = head_of(i), m0 = m0_of(i);
         const float2 ld0 = lse_load(h, m0, lane), ld1 = lse_load(h, m0, lane + 32);
-        mbar_wait(bar_empty(s), ((i / kStages) & 1) ^ 1);
-        if (lane == 0) issue_item(s, h, m0);  // lane 0 arrives twice: with the bytes, then
+        mbar_wait(bar_empty(s), ((j / kStages) & 1) ^ 1);
+        if (lane == 0) issue_item(s, i, ph);  // lane 0 arrives twice: with the bytes, then
         lse_store(s, lane, ld0);              // as a row writer (sm90_bwd_full_arrivals)
         lse_store(s, lane + 32, ld1);
         mbar_arrive(bar_full(s));  // release: this lane's stores before the consumers' reads
+        ph = h;
       }
+      end_walk(j, ph);
     } else if (kHasMask && role == kBwdMaskRows) {  // warps 2, 3: the item's mask as words
       // (warp 0's lanes 1-31 once came here too: their ballots named lane 0, busy issuing
       // TMA, and their 31 extra arrivals per item broke the full barriers' phases: a hang)
@@ -506,19 +606,27 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
       auto prefetch = [&](int i) {
         if (!vec || i >= n_items) return;
         bool ok;
-        const uint8_t* r = mask_row(i, ok) + n0;
+        const int n0_o = int(opaque(uint32_t(n0)));  // not hoisted: see listed
+        const uint8_t* r = mask_row(i, ok) + n0_o;
         if (ok) {
           asm volatile("prefetch.global.L1 [%0];" ::"l"(r));
-          asm volatile("prefetch.global.L1 [%0];" ::"l"(r + dm_min(kBlockN, len_k - n0) - 1));
+          asm volatile("prefetch.global.L1 [%0];" ::"l"(r + dm_min(kBlockN, len_k - n0_o) - 1));
         }
       };
-      prefetch(0);
-      for (int i = 0; i < n_items; ++i) {
-        const int s = i % kStages;
-        mbar_wait(bar_empty(s), ((i / kStages) & 1) ^ 1);
+      // (one copy of the scan and the prefetch in the loop: the 40 registers hold no more).
+      // The prefetch takes the item after this one in the unfiltered walk (without lists the
+      // next item, read one stage wait and one transpose later; with lists often unlisted).
+      for (int j = 0, i = -1;; ++j) {
+        i = next_item_warp(i + 1);
+        prefetch(i + 1);
+        if (i >= n_items) {
+          end_walk(j, -1);
+          break;
+        }
+        const int s = j % kStages;
+        mbar_wait(bar_empty(s), ((j / kStages) & 1) ^ 1);
         bool row_ok;
         const uint8_t* mrow = mask_row(i, row_ok);
-        prefetch(i + 1);
         uint32_t* words = reinterpret_cast<uint32_t*>(smem + Smem::kOffMask + s * Smem::kMaskBits);
         uint32_t all = ~0u, any = 0u;
 #pragma unroll 1
@@ -570,18 +678,20 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
         // to uniform registers; UBLKRED's row addresses still pass ptxas's one-lane ELECT loop).
         const int b_u = __shfl_sync(0xffffffffu, b, 0);
         if (kSm90BwdDqTensor && lane == 0) tma_prefetch(&args.dqa);
-        const uint32_t ring = __shfl_sync(0xffffffffu, base + Smem::kOffDQ, 0);
-        const float* dqa = bp.dq_accum + int64_t(b_u) * bp.dqa_batch_stride;
-        for (int i = 0; i < n_items; ++i) {
-          const int k = i % Smem::kDqSlots;
-          mbar_wait(bar_dq_full(k), (i / Smem::kDqSlots) & 1);
+        int j = 0;  // the walk's position: slot j % kDqSlots, as the consumers fill them
+        for (int i = next_item_warp(0); i < n_items; i = next_item_warp(i + 1), ++j) {
+          const int k = j % Smem::kDqSlots;
+          // per item from an opaque base (held across the loop it spilled with =1)
+          const uint32_t ring = __shfl_sync(0xffffffffu, opaque(base) + Smem::kOffDQ, 0);
+          mbar_wait(bar_dq_full(k), (j / Smem::kDqSlots) & 1);
           const int h = __shfl_sync(0xffffffffu, head_of(i), 0);
           const int m0 = __shfl_sync(0xffffffffu, m0_of(i), 0);
           const bool add = __shfl_sync(0xffffffffu, ld_shared_u32(dq_skip(k)), 0) == 0;
-          int target = 0;
-          int32_t* turn = dq_counter(h, m0, target);
-          float* dst = const_cast<float*>(dqa) + int64_t(h) * bp.dqa_head_stride +
-                       int64_t(m0) * bp.dqa_row_stride;
+          int32_t* turn = dq_counter(h, m0);
+          const int target = turn != nullptr ? dq_target(h, m0) : 0;
+          // (from an opaque b per item: the hoisted row pointer spilled the 40 registers)
+          float* dst = bp.dq_accum + int64_t(opaque(uint32_t(b_u))) * bp.dqa_batch_stride +
+                       int64_t(h) * bp.dqa_head_stride + int64_t(m0) * bp.dqa_row_stride;
           // A dropped tile still waits for its turn: its +1 must not count for an earlier one.
           if (turn != nullptr && lane == 0) {
             while (ld_acquire_gpu(turn) < target) {
@@ -592,7 +702,10 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
           if (!kSm90BwdDqTensor && add) {  // lane 0 issues (its bulk groups are waited below)
             const int rows = dm_min(kBlockM, len_q - m0);
             uint32_t src = ring + uint32_t(k) * Smem::kDQSlot;
-            for (int rr = 0; rr < rows; ++rr, dst += bp.dqa_row_stride, src += Smem::kDQTileRow)
+            // dq_accum is q-shaped and contiguous: its row stride (heads x head_dim) fits 32
+            // bits; opaque per item, or its hoisted byte stride spills the 40 registers
+            const uint32_t rs = opaque(uint32_t(bp.dqa_row_stride));
+            for (int rr = 0; rr < rows; ++rr, dst += rs, src += Smem::kDQTileRow)
               if (lane == 0) bulk_reduce_add_f32(dst, src, uint32_t(row_bytes));
           }
           if (lane == 0) {
@@ -642,19 +755,21 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
   };
 
   // Deterministic mode: waits (the whole warp polls one word) for this warp's turn to add
-  // into query tile m0 of head h and returns its counter; null in the default mode.
-  auto dq_turn = [&](int h, int m0) -> int32_t* {
-    int target = 0;
-    int32_t* turn = dq_counter(h, m0, target);
+  // into query tile m0 of head h (its count `target`: the stage's word 2, read before the
+  // stage was released) and returns its counter; null in the default mode.
+  auto dq_turn = [&](int h, int m0, int target) -> int32_t* {
+    int32_t* turn = dq_counter(h, m0);
     if (turn == nullptr) return nullptr;
     while (ld_acquire_gpu(turn) < target) {
     }
     fence_proxy_async_global();  // the earlier adds, then this warp's (async proxy)
     return turn;
   };
-  // Key-row dbias: the column sums of a head are complete after its last item.
-  auto finish_head = [&](int i, int h) {
-    if (bias_row && want_dbias && (i + 1 == n_items || head_of(i + 1) != h)) {
+  // Key-row dbias: the column sums of head h (-1: none) are complete once the walk reaches
+  // another head's item or ends (a head with no listed item keeps its zero fill); the stage
+  // names the walk's previous head (word 1), so no register holds it across items.
+  auto finish_head = [&](int h) {
+    if (bias_row && want_dbias && h >= 0) {
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         float v = colsum[r];
@@ -670,10 +785,19 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
   };
 
   mbar_wait(bar_kv, 0);
-  for (int i = 0; i < n_items; ++i) {
-    const int s = i % kStages;
+  for (int jw = 0;; ++jw) {  // the walk's position: stage jw % kStages, dQ slot jw % kDqSlots
+    const int s = jw % kStages;
+    mbar_wait(bar_full(s), (jw / kStages) & 1);
+    // the producer's item (-1: the walk has ended), read once: the stage is refilled after
+    // this item releases it
+    const int i = int(ld_shared_u32(stage_word(s, 0)));
+    if (i < 0) {
+      if (bias_row) finish_head(int(ld_shared_u32(stage_word(s, 1))));
+      break;
+    }
     const int h = head_of(i), m0 = m0_of(i);
-    if (bias_row && (i == 0 || head_of(i - 1) != h)) {
+    if (bias_row && h != int(ld_shared_u32(stage_word(s, 1)))) {
+      finish_head(int(ld_shared_u32(stage_word(s, 1))));
       const int bias_h = h / p.bias_head_ratio, bias_b = p.bias_batch_stride != 0 ? b : 0;
       const T* bb = static_cast<const T*>(p.bias) + int64_t(bias_b) * p.bias_batch_stride +
                     int64_t(bias_h) * p.bias_head_stride;
@@ -682,26 +806,25 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
         row_bias[r] = key[r] < len_k ? to_float(bb[int64_t(key[r]) * p.bias_col_stride]) * kLog2e
                                      : 0.f;
     }
-    mbar_wait(bar_full(s), (i / kStages) & 1);
     if constexpr (kHasMask) {
       // A tile the mask drops entirely adds nothing (P = dS = 0; dbias stays the zero it was
       // filled with): release the stage, take the deterministic turn, finish a key row's dbias.
       const int* flags = reinterpret_cast<const int*>(smem + Smem::kOffMaskFull) + 2 * s;
       if (!((flags[0] | flags[1]) & 2)) {
+        const int target = Smem::kDqWriter ? 0 : int(ld_shared_u32(stage_word(s, 2)));
         release(bar_empty(s));
         if (Smem::kBoxes == 2 || c == 0) {
           if constexpr (Smem::kDqWriter) {  // the item still passes the ring: its turn
-            const int k = i % Smem::kDqSlots;
-            mbar_wait(bar_dq_empty(k), ((i / Smem::kDqSlots) & 1) ^ 1);
+            const int k = jw % Smem::kDqSlots;
+            mbar_wait(bar_dq_empty(k), ((jw / Smem::kDqSlots) & 1) ^ 1);
             if (c == 0 && warp == 0 && lane == 0) st_shared_u32(dq_skip(k), 1);
             release(bar_dq_full(k));
           } else {
-            int32_t* turn = dq_turn(h, m0);
+            int32_t* turn = dq_turn(h, m0, target);
             __syncwarp();
             if (turn != nullptr && lane == 0) red_release_gpu_add(turn, 1);
           }
         }
-        finish_head(i, h);
         continue;
       }
     }
@@ -983,12 +1106,14 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
       fence_operands(dk);
       keep_live(pa);  // the register A operands stay allocated until their wgmma is done
       keep_live(da);
+      // (without the writer: the turn target, before the stage goes back to the producer)
+      const int target = Smem::kDqWriter ? 0 : int(ld_shared_u32(stage_word(s, 2)));
       release(bar_empty(s));
       if constexpr (Smem::kDqWriter) {
         // Into slot k of the writer's ring once its adds have read the slot's last tile: this
         // warp's rows 16 warp + g (+ 8), consumer c's 64 columns; then the writer takes it.
-        const int k = i % Smem::kDqSlots;
-        mbar_wait(bar_dq_empty(k), ((i / Smem::kDqSlots) & 1) ^ 1);
+        const int k = jw % Smem::kDqSlots;
+        mbar_wait(bar_dq_empty(k), ((jw / Smem::kDqSlots) & 1) ^ 1);
         const uint32_t tile = base + Smem::kOffDQ + uint32_t(k) * Smem::kDQSlot + 256u * c;
 #pragma unroll
         for (int j = 0; j < 8; ++j)
@@ -1019,7 +1144,7 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
                             acc[j][2 * r], acc[j][2 * r + 1]);
         fence_proxy_async_smem();  // this lane's stores before the async proxy reads them
         __syncwarp();
-        int32_t* turn = dq_turn(h, m0);
+        int32_t* turn = dq_turn(h, m0, target);
         if (lane == 0) {
           const int q0 = m0 + 16 * warp_u;
           const int rows = dm_min(16, len_q - q0);              // rows past the end are not added
@@ -1048,8 +1173,6 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
       release(bar_empty(s));
     }
 #endif
-
-    finish_head(i, h);
   }
 
 #if !DM_SM90_BWD_DQ_ATOMIC

@@ -5,7 +5,11 @@ try_wait.parity), full-warp ballots, the consumers' named barrier, the dQ writer
 (DM_SM90_BWD_DQ_WRITER: slots with full/empty mbarriers, a "nothing to add" word for dropped
 tiles, bulk adds that read the slot and complete later), and the deterministic mode's turns
 across CTAs (per (head, query tile) counters in global memory, positions from an atomic
-ticket, a limited number of resident CTAs).
+ticket, a limited number of resident CTAs), and block lists: every producer role and the
+writer walk the listed items only, the consumers take each item from its stage (the TMA
+leader's word; -1 after the last item, with every producer thread's arrivals), without the
+writer the lse rows warp puts each item's turn target in the stage, and a target counts only
+the listed key tiles before this one.
 
 What it catches:
 - the mask path as merged (72819f4) dispatched the producer with
@@ -22,10 +26,13 @@ What it catches:
   waiting for it or a turn passed before the adds land (out-of-order adds), positions taken
   from blockIdx instead of the ticket: each variant fails here, the kernel's protocol does
   not (with and without the writer).
+- with block lists: a target that counts unlisted key tiles, a walk without the end marker, a
+  writer that walks unlisted items, a stage's target read after the stage was released.
 """
 
 from __future__ import annotations
 
+import itertools
 import random
 from dataclasses import dataclass, field
 
@@ -129,6 +136,12 @@ class Variant:
     dropped_skip_turn: bool = False    # a dropped tile passes its turn without waiting
     release_before_landing: bool = False  # the turn passes before the adds are in memory
     ticket_positions: bool = True      # positions from the atomic ticket, else blockIdx
+    # block lists (sparse walks)
+    dense_turn_target: bool = False    # targets count every key tile, listed or not
+    no_end_marker: bool = False        # the producer never publishes the walk's end (-1)
+    writer_walks_all: bool = False     # the dQ writer walks every item, not the listed ones
+    target_after_release: bool = False  # without the writer: the stage's turn target read
+    #                                     after the stage went back to the producer
 
     @property
     def dq_warps(self) -> int:
@@ -143,10 +156,17 @@ class Variant:
 @dataclass(frozen=True)
 class CtaWork:
     """One CTA: its key tile and its items (head, query tile) in order; ``dropped``: item
-    indices the mask drops entirely (both consumers read the same flags)."""
+    indices the mask drops entirely (both consumers read the same flags); ``listed``: the
+    item indices whose block the block lists name (None: every item, no lists)."""
     tile: int
     items: tuple[tuple[int, int], ...]
     dropped: frozenset = frozenset()
+    listed: frozenset | None = None
+
+    @property
+    def walk(self) -> list[int]:
+        """The listed items in order: what every role of the kernel walks (next_item_*)."""
+        return [i for i in range(len(self.items)) if self.listed is None or i in self.listed]
 
 
 @dataclass
@@ -157,6 +177,8 @@ class Cta:
     stamps: dict = field(default_factory=dict)     # (stage, writer) -> item whose data is there
     dq_stamps: dict = field(default_factory=dict)  # (slot, dQ warp) -> item staged there
     skip: dict = field(default_factory=dict)       # slot -> the "nothing to add" word
+    stage_item: dict = field(default_factory=dict)  # stage -> the leader's item (-1: end)
+    stage_target: dict = field(default_factory=dict)  # stage -> the lse rows' turn target
     reading: dict = field(default_factory=dict)    # slot or warp -> item its adds still read
     read_done: set = field(default_factory=set)    # (who, item): the adds have read the source
     add_done: set = field(default_factory=set)     # (who, item): the adds are in global memory
@@ -178,8 +200,12 @@ class Sim:
         self.rng = random.Random(seed)
         self.role_fn, self.ballot, self.resident = role_fn, ballot, resident
         self.n_lo = n_lo or (lambda h, m: min(w.tile for w in works if (h, m) in w.items))
+        # (head, query tile, key tile) -> listed: what the turn targets count (sp_grid)
+        self.listed = {(*w.items[i], w.tile): w.listed is None or i in w.listed
+                       for w in works for i in range(len(w.items))}
         self.counters: dict = {}
         self.add_log: dict = {}     # (head, query tile) -> key tiles in the order they landed
+        self.adds: list = []        # (head, query tile, key tile) of each item's adds
         self.launch = list(range(len(works)))
         self.rng.shuffle(self.launch)  # block indices may start in any order
         self.ticket = 0
@@ -233,33 +259,53 @@ class Sim:
         if leader:
             cta.bars["kv"].arrive(expect_tx=1)
             self._event(n, "tma", ("kv", 1, None, None))
-        for i in range(len(cta.work.items)):
-            s = i % STAGES
-            yield ("wait", cta.bars[f"empty{s}"], ((i // STAGES) & 1) ^ 1)
-            if leader:
+        walk = cta.work.walk
+        for j, i in enumerate(walk):  # the j-th listed item: stage j % STAGES
+            s = j % STAGES
+            yield ("wait", cta.bars[f"empty{s}"], ((j // STAGES) & 1) ^ 1)
+            if leader:  # names the item (stage_item), then arrives with the bytes
+                cta.stage_item[s] = i
                 cta.bars[f"full{s}"].arrive(expect_tx=3)
                 self._event(n, "tma", (f"full{s}", 3, s, i))
             if role == MASK_ROWS:  # the transpose: full-warp ballots, then words and flags
                 for k in range(BALLOTS_PER_ITEM):
-                    yield ("ballot", (n, warp, i * BALLOTS_PER_ITEM + k))
+                    yield ("ballot", (n, warp, j * BALLOTS_PER_ITEM + k))
+            if role == LSE_ROWS and lane == 0 and self.det:  # the consumers' turn target
+                cta.stage_target[s] = self._turn(n, i)
             if role in (LSE_ROWS, MASK_ROWS, LOADS):
                 cta.stamps[(s, tid)] = i
                 cta.bars[f"full{s}"].arrive()
+        if self.v.no_end_marker:
+            return
+        # end_walk: the next stage once free, the end marker, this thread's usual arrivals
+        s = len(walk) % STAGES
+        yield ("wait", cta.bars[f"empty{s}"], ((len(walk) // STAGES) & 1) ^ 1)
+        if leader:
+            cta.stage_item[s] = -1
+        for _ in range(full_arrivals(role, lane)):
+            cta.bars[f"full{s}"].arrive()
 
     def _turn(self, n: int, i: int):
-        """The counter of item i and the count at which this CTA's key tile may add."""
+        """The counter of item i and the count at which this CTA's key tile may add: the
+        listed key tiles n_lo .. tile - 1 of its query tile (dq_counter), each adding step."""
         cta = self.ctas[n]
         h, m = cta.work.items[i]
         step = self.v.turn_step or self.v.step
-        return (h, m), (cta.work.tile - self.n_lo(h, m)) * step
+        before = range(self.n_lo(h, m), cta.work.tile)
+        if not self.v.dense_turn_target:
+            before = [t for t in before if self.listed.get((h, m, t), False)]
+        return (h, m), len(before) * step
 
     def _consumer(self, n: int, cw: int):
         cta = self.ctas[n]
         dq_warp = cw < self.v.dq_warps
         yield ("wait", cta.bars["kv"], 0)
-        for i in range(len(cta.work.items)):
-            s = i % STAGES
-            yield ("wait", cta.bars[f"full{s}"], (i // STAGES) & 1)
+        for j in itertools.count():  # the walk's position; the item comes with the stage
+            s = j % STAGES
+            yield ("wait", cta.bars[f"full{s}"], (j // STAGES) & 1)
+            i = cta.stage_item.get(s)
+            if i == -1:
+                break
             # the stage must hold item i: TMA bytes, the lse rows, the mask words
             writers = [t for t in range(128) if full_arrivals(cta.roles[t], t % 32) and
                        cta.roles[t] != TMA]
@@ -267,24 +313,36 @@ class Sim:
                                                        for t in writers):
                 self.early = True
             if i in cta.work.dropped:
+                turn = self._stage_turn(n, s)
                 cta.bars[f"empty{s}"].arrive()
                 if dq_warp:
-                    yield from self._dq_dropped(n, cw, i)
+                    yield from self._dq_dropped(n, cw, i, j, turn)
                 continue
             yield ("bar", (n, 1), 256)  # dS^T written: both consumers
             yield ("bar", (n, 1), 256)
+            turn = self._stage_turn(n, s)
             cta.bars[f"empty{s}"].arrive()
             if dq_warp:
-                yield from self._dq_add(n, cw, i)
+                yield from self._dq_add(n, cw, i, j, turn)
         if not self.v.dq_writer and dq_warp:  # bulk_wait_group 0 before the CTA exits
-            added = [j for j in range(len(cta.work.items)) if j not in cta.work.dropped]
-            yield ("until", lambda: all((cw, j) in cta.add_done for j in added))
+            added = [x for x in cta.work.walk if x not in cta.work.dropped]
+            yield ("until", lambda: all((cw, x) in cta.add_done for x in added))
 
-    def _dq_add(self, n: int, cw: int, i: int):
+    def _stage_turn(self, n: int, s: int):
+        """Without the writer: the stage's turn target (word 2, the lse rows'), read before the
+        stage is released (or, broken, a callable reading it later)."""
+        cta = self.ctas[n]
+        if self.v.dq_writer or not self.det:
+            return None
+        if self.v.target_after_release:
+            return lambda: cta.stage_target.get(s)
+        return cta.stage_target.get(s)
+
+    def _dq_add(self, n: int, cw: int, i: int, j: int, turn=None):
         cta = self.ctas[n]
         if self.v.dq_writer:  # stage into slot k once the writer's adds have read it
-            k = i % self.v.slots
-            yield ("wait", cta.bars[f"dqempty{k}"], ((i // self.v.slots) & 1) ^ 1)
+            k = j % self.v.slots
+            yield ("wait", cta.bars[f"dqempty{k}"], ((j // self.v.slots) & 1) ^ 1)
             if k in cta.reading:
                 raise Outcome("clobbered")
             cta.dq_stamps[(k, cw)] = i
@@ -293,11 +351,12 @@ class Sim:
             cta.bars[f"dqfull{k}"].arrive()
             return
         # without the writer: this warp's own buffer, its lane 0's adds and turn
-        prev = [j for j in range(i) if j not in cta.work.dropped]
+        prev = [x for x in cta.work.walk if x < i and x not in cta.work.dropped]
         if prev:  # bulk_wait_group.read 0 before restaging
             yield ("until", lambda: (cw, prev[-1]) in cta.read_done)
         cta.dq_stamps[(cw, cw)] = i
-        key, target = self._turn(n, i)
+        yield ("step",)  # the staging stores
+        key, target = turn() if callable(turn) else turn or self._turn(n, i)
         if self.det:
             yield ("until", lambda: self.counters.get(key, 0) >= target)
         self._issue_adds(n, cw, i, [(cw, cw)])
@@ -305,27 +364,29 @@ class Sim:
             yield ("until", lambda: (cw, i) in cta.add_done)
             self.counters[key] = self.counters.get(key, 0) + 1
 
-    def _dq_dropped(self, n: int, cw: int, i: int):
+    def _dq_dropped(self, n: int, cw: int, i: int, j: int, turn=None):
         cta = self.ctas[n]
         if self.v.dq_writer:
             if self.v.dropped_bypass_ring:
                 return
-            k = i % self.v.slots
-            yield ("wait", cta.bars[f"dqempty{k}"], ((i // self.v.slots) & 1) ^ 1)
+            k = j % self.v.slots
+            yield ("wait", cta.bars[f"dqempty{k}"], ((j // self.v.slots) & 1) ^ 1)
             if cw == 0:
                 cta.skip[k] = True
             cta.bars[f"dqfull{k}"].arrive()
             return
-        key, target = self._turn(n, i)
+        yield ("step",)
+        key, target = turn() if callable(turn) else turn or self._turn(n, i)
         if self.det:
             yield ("until", lambda: self.counters.get(key, 0) >= target)
             self.counters[key] = self.counters.get(key, 0) + 1
 
     def _writer(self, n: int):
         cta = self.ctas[n]
-        for i in range(len(cta.work.items)):
-            k = i % self.v.slots
-            yield ("wait", cta.bars[f"dqfull{k}"], (i // self.v.slots) & 1)
+        walk = range(len(cta.work.items)) if self.v.writer_walks_all else cta.work.walk
+        for j, i in enumerate(walk):  # its own scan of the lists: slot j % slots
+            k = j % self.v.slots
+            yield ("wait", cta.bars[f"dqfull{k}"], (j // self.v.slots) & 1)
             add = not cta.skip.get(k, False)
             key, target = self._turn(n, i)
             if self.det and (add or not self.v.dropped_skip_turn):
@@ -341,8 +402,8 @@ class Sim:
                 if add and not self.v.release_before_landing:
                     yield ("until", lambda i=i: ("w", i) in cta.add_done)
                 self.counters[key] = self.counters.get(key, 0) + 1
-        added = [j for j in range(len(cta.work.items)) if j not in cta.work.dropped]
-        yield ("until", lambda: all(("w", j) in cta.add_done for j in added))
+        added = [x for x in cta.work.walk if x not in cta.work.dropped]
+        yield ("until", lambda: all(("w", x) in cta.add_done for x in added))
 
     def _issue_adds(self, n: int, who, i: int, sources: list, slot=None) -> None:
         """Bulk adds of item i reading ``sources`` (dq_stamps keys): they read later, then
@@ -375,6 +436,8 @@ class Sim:
             who, i = payload
             cta.add_done.add((who, i))
             self.add_log.setdefault(cta.work.items[i], []).append(cta.work.tile)
+            if who in ("w", 0):  # one entry per (item, key tile): the writer's or warp 0's
+                self.adds.append((*cta.work.items[i], cta.work.tile))
 
     # ------------------------------------------------------------------ scheduler
     def _live(self, n: int) -> bool:
@@ -407,6 +470,8 @@ class Sim:
                     choices.append([key])
                 elif op[0] == "until" and op[1]():
                     choices.append([key])
+                elif op[0] == "step":
+                    choices.append([key])
                 elif op[0] in ("ballot", "bar"):
                     groups.setdefault((op[0], op[1]), []).append(key)
             for (kind, gkey), keys in groups.items():
@@ -434,6 +499,10 @@ class Sim:
                     return "early"
                 if self.det and any(log != sorted(log) for log in self.add_log.values()):
                     return "out-of-order"
+                want = sorted((*w.items[i], w.tile) for w in self.works for i in w.walk
+                              if i not in w.dropped)
+                if sorted(self.adds) != want:  # each listed, kept item adds exactly once
+                    return "wrong-adds"
                 return "ok"
             pick = self.rng.choice(choices)
             if isinstance(pick, tuple):
@@ -456,10 +525,12 @@ def simulate(role_fn, has_mask: bool, n_items: int, seed: int, dropped=(),
     return Sim([work], variant, has_mask, False, seed, role_fn, ballot, resident=1).run()
 
 
-def grid(pattern: str, tiles: int, heads: int, drop: float, seed: int) -> tuple[list, object]:
+def grid(pattern: str, tiles: int, heads: int, drop: float, seed: int,
+         unlisted: float = 0.0) -> tuple[list, object]:
     """CtaWorks in the kernel's linear order and n_lo: key tile n sees query tiles m of a
     window ("full": all; "causal": m >= n, key-tile-major positions as bwd.cu remaps a
-    right-limited window; "band": |m - n| <= 1); a random share ``drop`` of items dropped."""
+    right-limited window; "band": |m - n| <= 1); a random share ``drop`` of items dropped;
+    with ``unlisted`` > 0 block lists, a random share of the items not listed."""
     rng = random.Random(seed)
 
     def visits(n: int) -> range:
@@ -475,7 +546,9 @@ def grid(pattern: str, tiles: int, heads: int, drop: float, seed: int) -> tuple[
     for n, h in order:
         items = tuple((h, m) for m in visits(n))
         dropped = frozenset(i for i in range(len(items)) if rng.random() < drop)
-        works.append(CtaWork(n, items, dropped))
+        listed = None if unlisted <= 0 else frozenset(
+            i for i in range(len(items)) if rng.random() >= unlisted)
+        works.append(CtaWork(n, items, dropped, listed))
 
     def n_lo(h: int, m: int) -> int:  # bwd.cu: key_range(tile m's rows).k_begin / kBlockN
         return {"full": 0, "causal": 0, "band": max(0, m - 1)}[pattern]
@@ -484,8 +557,9 @@ def grid(pattern: str, tiles: int, heads: int, drop: float, seed: int) -> tuple[
 
 
 def run_grid(variant: Variant, pattern: str, seed: int, has_mask: bool = True,
-             tiles: int = 3, heads: int = 2, drop: float = 0.3, resident: int = 2) -> str:
-    works, n_lo = grid(pattern, tiles, heads, drop if has_mask else 0.0, seed)
+             tiles: int = 3, heads: int = 2, drop: float = 0.3, resident: int = 2,
+             unlisted: float = 0.0) -> str:
+    works, n_lo = grid(pattern, tiles, heads, drop if has_mask else 0.0, seed, unlisted)
     return Sim(works, variant, has_mask, True, seed, resident=resident, n_lo=n_lo).run()
 
 
@@ -685,3 +759,91 @@ def test_deterministic_turns_need_ticket_positions():
     got = [run_grid(v, "full", seed, has_mask=False, tiles=4, heads=1, resident=2)
            for seed in range(10)]
     assert "deadlock" in got
+
+
+# ---------------------------------------------------------------------- block lists
+def simulate_sparse(has_mask: bool, n_items: int, listed, seed: int, dropped=(),
+                    variant: Variant = Variant()) -> str:
+    """One CTA (key tile 0) over n_items query tiles of one head whose block lists name only
+    ``listed`` (default mode)."""
+    work = CtaWork(0, tuple((0, m) for m in range(n_items)), frozenset(dropped),
+                   frozenset(listed))
+    return Sim([work], variant, has_mask, False, seed, resident=1).run()
+
+
+@pytest.mark.parametrize("writer", [False, True])
+@pytest.mark.parametrize("has_mask", [False, True])
+def test_sparse_walk_completes_with_the_listed_items_only(writer, has_mask):
+    """Every role walks the listed items (the consumers by the stage's item, ending at -1):
+    no walk (nothing listed), the first or last item alone, gaps of any length."""
+    v = Variant(dq_writer=writer, slots=2)
+    for listed in ((), (0,), (4,), (1, 2), (0, 3, 4), (2,), (0, 1, 2, 3, 4)):
+        for seed in range(3):
+            dropped = tuple(listed[:1]) if has_mask else ()
+            assert simulate_sparse(has_mask, 5, listed, seed, dropped, v) == "ok", listed
+
+
+@pytest.mark.parametrize("writer", [False, True])
+@pytest.mark.parametrize("pattern", ["full", "causal", "band"])
+def test_sparse_deterministic_turns_complete_in_key_tile_order(writer, pattern):
+    """With block lists a target counts the listed key tiles before this one: every grid
+    completes, each listed item adds once, adds land in key-tile order (query tiles no key
+    tile lists and key tiles with nothing listed included)."""
+    v = Variant(dq_writer=writer, slots=1 if writer else 2)
+    for seed in range(4):
+        for unlisted in (0.4, 0.8):
+            assert run_grid(v, pattern, seed, tiles=4, unlisted=unlisted) == "ok", seed
+            assert run_grid(v, pattern, seed, has_mask=False, tiles=4, resident=3,
+                            unlisted=unlisted) == "ok", seed
+
+
+def test_sparse_turns_catch_a_target_that_counts_unlisted_tiles():
+    """A target over every key tile n_lo .. n - 1 waits for unlisted tiles that never add."""
+    v = Variant(dq_writer=True, dense_turn_target=True)
+    got = {run_grid(v, "full", seed, has_mask=False, tiles=4, unlisted=0.5, resident=4)
+           for seed in range(6)}
+    assert got == {"deadlock"}
+
+
+def test_sparse_walk_catches_a_missing_end_marker():
+    """The consumers learn each item from the stage: without the producer's -1 they wait
+    on a stage nobody fills."""
+    v = Variant(dq_writer=True, no_end_marker=True)
+    for seed in range(4):
+        assert simulate_sparse(False, 4, (1, 3), seed, variant=v) == "deadlock"
+
+
+def test_sparse_walk_catches_a_writer_that_walks_unlisted_items():
+    """The writer must scan the lists as the producer does: walking every item it waits on a
+    slot no consumer fills (or adds a tile under another item's counter)."""
+    v = Variant(dq_writer=True, writer_walks_all=True)
+    for seed in range(4):
+        assert simulate_sparse(False, 4, (1, 3), seed, variant=v) != "ok"
+
+
+def test_turn_target_read_after_the_release_is_caught():
+    """Without the writer the consumers' targets come with the stage (the lse rows warp counts
+    the listed tiles): read after the stage went back to the producer, a later item's target
+    can stand in (adds out of order, or a wait that never ends)."""
+    v = Variant(dq_writer=False, target_after_release=True)
+    got = {run_grid(v, "full", seed, has_mask=False, tiles=4, heads=1, unlisted=0.3,
+                    resident=4) for seed in range(12)}
+    assert got - {"ok"}, got
+
+
+def test_kernel_walks_as_modelled():
+    """The kernel's side of the sparse-walk model: every producer role ends its walk with
+    end_walk (the end marker and its usual arrivals), the consumers leave at -1, the lse rows
+    warp writes the target only without the writer, and targets count listed tiles."""
+    src = (cuda_src_dir() / "sm90" / "bwd.cu").read_text()
+    prod = src[src.index("// ---------------------------------------------------------"
+                         "---- producer"):src.index("// ---------------------------------"
+                                                    "--------------------------------------"
+                                                    "------- consumers")]
+    assert prod.count("end_walk(j, ") == 4  # TMA, lse rows, loads, mask rows
+    assert "for (int a = sm90_bwd_role_full_arrivals(role, lane); a > 0; --a)" in prod
+    assert "if (!Smem::kDqWriter && args.dq_sem != nullptr) {  // the consumers' turn target" \
+        in prod
+    assert "for (int i = next_item_warp(0); i < n_items; i = next_item_warp(i + 1), ++j)" in prod
+    assert "if (i < 0) {" in src and "!= kSpNone;" in src
+    assert "before += __popc(__ballot_sync(0xffffffffu, on));" in src

@@ -1,0 +1,162 @@
+"""The Hopper backward with block lists, host half, without a GPU: DMATTN_SM90_BWD_SPARSE
+gates them; block sizes that do not tile its 64 x 128 items and lists with partial blocks
+(a MixedMask's element bits) stay on the portable kernels; run_backward launches the grid
+kernel (sp_grid from the lists) before bwd_sm90, whose spec has no mask switch of its own
+(the lists are the runtime field sp_grid)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from dmattn_cupy import backward, backward_sm90, env, runtime, select
+from dmattn_cupy.device import PRESETS
+from dmattn_cupy.masks import BlockBitsetMask, MixedMask
+from dmattn_cupy.sparse_plan import host_arrays
+from dmattn_cupy.validate import check_dense
+
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+
+H100, A100 = PRESETS["sm_90"], PRESETS["sm_80"]
+
+
+def _arrays(b=2, sq=200, sk=264, h=4, hk=2, d=128, dtype=np.float16, seed=0):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((b, sq, h, d)).astype(dtype)
+    k = rng.standard_normal((b, sk, hk, d)).astype(dtype)
+    v = rng.standard_normal((b, sk, hk, d)).astype(dtype)
+    return q, k, v
+
+
+def _pb(q, k, v, mask=None, bias=None, causal=False):
+    pb = check_dense(q, k, v, mask, bias, None, causal, (-1, -1), 0.0, "reference")
+    return dataclasses.replace(pb, backend="cuda")
+
+
+def _family(pb, sparse, partial=False, deterministic=False, dev=H100):
+    return select.backward_family(pb, pb.q, deterministic, sparse, dev, partial)
+
+
+def test_env_switch(monkeypatch):
+    monkeypatch.delenv("DMATTN_SM90_BWD_SPARSE", raising=False)
+    assert not env.sm90_bwd_sparse()
+    for val, on in (("1", True), ("0", False), ("", False)):
+        monkeypatch.setenv("DMATTN_SM90_BWD_SPARSE", val)
+        assert env.sm90_bwd_sparse() is on
+
+
+def test_block_lists_are_taken_only_with_the_switch(monkeypatch):
+    monkeypatch.delenv("DMATTN_BWD_FAMILY", raising=False)
+    q, k, v = _arrays()
+    pb = _pb(q, k, v)
+    monkeypatch.delenv("DMATTN_SM90_BWD_SPARSE", raising=False)
+    for blk in ((64, 128), (128, 128)):   # default: unchanged (the portable kernels)
+        assert _family(pb, blk) == "bwd_dkdv"
+    assert _family(pb, False) == "bwd_sm90"
+    monkeypatch.setenv("DMATTN_SM90_BWD_SPARSE", "1")
+    for blk in ((64, 128), (128, 128), (128, 256), (192, 384)):
+        assert _family(pb, blk) == "bwd_sm90", blk
+        assert _family(pb, blk, deterministic=True) == "bwd_sm90", blk
+        assert _family(pb, blk, dev=A100) == "bwd_dkdv"
+    # blocks that do not tile the 64 x 128 items, an unknown size, element bits: declined
+    for blk in ((64, 64), (128, 64), (32, 128), (96, 128), (64, 192)):
+        assert _family(pb, blk) == "bwd_dkdv", blk
+    assert _family(pb, True) == "bwd_dkdv"
+    assert _family(pb, (128, 128), partial=True) == "bwd_dkdv"
+    assert _family(dataclasses.replace(pb, varlen=True), (128, 128)) == "bwd_dkdv"
+    monkeypatch.setenv("DMATTN_BWD_FAMILY", "bwd_dkdv")
+    assert _family(pb, (128, 128)) == "bwd_dkdv"
+
+
+def test_block_lists_with_masks_biases_and_windows(monkeypatch):
+    """What the kernel takes without lists it takes with them (the walk only skips items)."""
+    monkeypatch.delenv("DMATTN_BWD_FAMILY", raising=False)
+    monkeypatch.setenv("DMATTN_SM90_BWD_SPARSE", "1")
+    q, k, v = _arrays()
+    b, sq, h, _ = q.shape
+    sk = k.shape[1]
+    for mask in (None, np.ones((b, h, sq, sk), bool), np.ones((1, 1, 1, sk), bool)):
+        for bias in (None, np.zeros((b, h, sq, sk), np.float16),
+                     np.zeros((b, h, 1, sk), np.float16)):
+            for causal in (False, True):
+                pb = _pb(q, k, v, mask=mask, bias=bias, causal=causal)
+                assert _family(pb, (128, 128)) == "bwd_sm90"
+    # a bias the kernel declines stays declined with lists
+    assert _family(_pb(q, k, v, bias=np.zeros((1, h, sq, sk), np.float16)), (128, 128)) == \
+        "bwd_dkdv"
+    assert backward_sm90.sparse_fits(False)
+    assert not backward_sm90.sparse_fits((0, 128))
+
+
+def _stub_runtime(monkeypatch, launched):
+    monkeypatch.delenv("DMATTN_BWD_FAMILY", raising=False)
+    monkeypatch.setattr(backward_sm90, "encode", lambda spec, ptr: bytes(128))
+    monkeypatch.setattr(runtime, "device_props", lambda device: H100)
+    monkeypatch.setattr(runtime, "current_stream", lambda kind, device: "stream")
+    monkeypatch.setattr(runtime, "get_kernel", lambda spec, device: spec)
+    monkeypatch.setattr(runtime, "launch", lambda kern, grid, args, stream: launched.append(
+        (kern, grid, args)))
+
+
+def _bitset(sq, sk, block, heads=1, seed=0):
+    rng = np.random.default_rng(seed)
+    nrb, ncb = -(-sq // block[0]), -(-sk // block[1])
+    bits = rng.random((1, heads, nrb, ncb)) < 0.4
+    return BlockBitsetMask(bits, sq, sk, block)
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["default", "deterministic"])
+@pytest.mark.parametrize("block", [(64, 128), (128, 256)])
+def test_run_backward_launches_the_grid_before_the_hopper_kernel(monkeypatch, block,
+                                                                 deterministic):
+    launched: list = []
+    _stub_runtime(monkeypatch, launched)
+    monkeypatch.setenv("DMATTN_SM90_BWD_SPARSE", "1")
+    q, k, v = _arrays()
+    mask = _bitset(200, 264, block, heads=4)
+    sparse = host_arrays(mask)
+    assert sparse.partial_slot is None
+    pb = _pb(q, k, v)
+    before = backward.launches["bwd_sm90"]
+    backward.run_backward(pb, np.zeros_like(q), q, k, v, np.zeros_like(q),
+                          np.zeros((2, 4, 200), np.float32), deterministic=deterministic,
+                          sparse=sparse)
+    assert backward.launches["bwd_sm90"] == before + 1
+    assert [x[0].family for x in launched] == ["bwd_pre", "bwd_grid", "bwd_sm90", "bwd_post"]
+    nrb, ncg = -(-200 // block[0]), -(-264 // block[1])
+    assert launched[1][1] == (nrb, 4, 1)   # one CTA per (row block, mask head, mask batch)
+    spec, grid, (rec, args) = launched[2]
+    assert spec.family == "bwd_sm90" and not spec.has_mask and grid == (3, 2, 2)
+    # the grid kernel fills the sp_grid that bwd_sm90 then reads: one record for both
+    assert launched[1][2][0].tobytes() == rec.tobytes()
+    assert rec["sp_grid_cols"] == ncg
+    assert (rec["sp_block_m"], rec["sp_block_n"]) == block
+    assert (rec["sp_batches"], rec["sp_heads"], rec["sp_row_blocks"]) == (1, 4, nrb)
+    assert (int(args["dq_sem"]) != 0) == deterministic
+
+
+def test_run_backward_sends_partial_blocks_and_unfit_blocks_to_the_portable_kernels(
+        monkeypatch):
+    launched: list = []
+    _stub_runtime(monkeypatch, launched)
+    monkeypatch.setenv("DMATTN_SM90_BWD_SPARSE", "1")
+    q, k, v = _arrays()
+    pb = _pb(q, k, v)
+    lse = np.zeros((2, 4, 200), np.float32)
+    dense = np.random.default_rng(1).random((200, 264)) < 0.5
+    mixed = host_arrays(MixedMask.from_dense_mask(dense, (64, 128)))
+    assert mixed.partial_slot is not None
+    unfit = host_arrays(_bitset(200, 264, (128, 64)))
+    for sparse in (mixed, unfit):
+        launched.clear()
+        backward.run_backward(pb, np.zeros_like(q), q, k, v, np.zeros_like(q), lse,
+                              sparse=sparse)
+        assert [x[0].family for x in launched] == ["bwd_pre", "bwd_grid", "bwd_dkdv",
+                                                   "bwd_post"]
+    monkeypatch.delenv("DMATTN_SM90_BWD_SPARSE")  # the default keeps every list portable
+    launched.clear()
+    backward.run_backward(pb, np.zeros_like(q), q, k, v, np.zeros_like(q), lse,
+                          sparse=host_arrays(_bitset(200, 264, (128, 128))))
+    assert [x[0].family for x in launched] == ["bwd_pre", "bwd_grid", "bwd_dkdv", "bwd_post"]
