@@ -187,6 +187,10 @@ def stages(calls: int, device: str) -> list[tuple[str, float | None]]:
     causal = dm.CausalWindowMask(16, S, S)  # folded into the window (api._fold_parametric)
     row("forward, sparse_mask=CausalWindowMask (api)",
         lambda: dm.flash_dmattn_func(q, k, v, sparse_mask=causal))
+    bits = torch.ones(1, 1, 1, 1, dtype=torch.bool).numpy()
+    blocks = dm.BlockBitsetMask(bits, S, S, block_size=(128, 128))  # lists uploaded once
+    row("forward, sparse_mask=BlockBitsetMask (api)",
+        lambda: dm.flash_dmattn_func(q, k, v, sparse_mask=blocks))
     mask = torch.rand(B, H, S, S, device=device) > 0.1
     bias = torch.randn(B, H, S, S, device=device, dtype=dt)
     row("forward mask+bias, no grad (api)",
