@@ -275,9 +275,10 @@ def _thin_pieces(calls: int, device: str, q: Any, k: Any, v: Any, dout: Any,
     if be is None:
         return [("thin pieces [no cached fwd+bwd plan]", None)]
     xs = (q, k, v, None, None, None, None)
-    out, lse = (fe.run or fastpath._bind(fe, "torch", q))(xs)[:2]
+    bufs = (fe.run or fastpath._bind(fe, "torch", q))(xs)   # out, lse (and any workspace)
+    out, lse = bufs[:2]
     stream = runtime.stream_ptr("torch", fe.plan.device)
-    ptrs = [0 if x is None else x.data_ptr() for x in (*xs, out, lse)]
+    ptrs = [0 if x is None else x.data_ptr() for x in (*xs, *bufs)]
     row("thin: forward plan.execute (patch + launch)", lambda: fe.plan.execute(ptrs, stream))
     row("thin: forward runner (alloc + patch + launch)", lambda: fe.run(xs))
     row("thin: backward, no autograd (_exec_backward)", lambda: fastpath._exec_backward(
