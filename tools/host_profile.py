@@ -200,6 +200,8 @@ def stages(calls: int, device: str) -> list[tuple[str, float | None]]:
     dout = torch.randn_like(q)
     row("fwd+bwd (autograd.grad)", lambda: torch.autograd.grad(
         dm.flash_dmattn_func(qg, kg, vg), (qg, kg, vg), dout))
+    row("fwd+bwd, sparse_mask=BlockBitsetMask (autograd.grad)", lambda: torch.autograd.grad(
+        dm.flash_dmattn_func(qg, kg, vg, sparse_mask=blocks), (qg, kg, vg), dout))
     # decode step: 1 query, 4096 keys, H32/Hk8, key-based bias (tools/bench host_decode)
     Sk, Hq, Hk = 4096, 32, 8
     q1 = torch.randn(1, Hq, D, device=device, dtype=dt)
