@@ -1,7 +1,7 @@
 """Public forward functions. A GPU call whose signature was seen before takes the thin path
-(``fastpath``: its cached plan, pointers patched); otherwise torch calls that want a gradient go
-through ``autograd`` and every other call is validated and run on its backend by
-``dispatch``."""
+(``fastpath``: its cached plan, pointers patched, a block sparse mask's list pointers too);
+otherwise torch calls that want a gradient go through ``autograd`` and every other call is
+validated and run on its backend by ``dispatch``."""
 
 from __future__ import annotations
 
@@ -47,11 +47,10 @@ def flash_dmattn_func(query: Any, key: Any, value: Any, attn_mask: Any = None,
     returns ``(out, lse, None)`` (the probabilities are never materialized)."""
     if scale is None and return_attn_probs is None:
         window, rest = _fold_parametric(sparse_mask, query, key, window_size)
-        if rest is None:
-            res = fastpath.dense(query, key, value, attn_mask, attn_bias, softmax_scale,
-                                 is_causal, window, softcap, return_lse, deterministic, backend)
-            if res is not fastpath.MISS:
-                return res
+        res = fastpath.dense(query, key, value, attn_mask, attn_bias, softmax_scale, is_causal,
+                             window, softcap, return_lse, deterministic, backend, rest)
+        if res is not fastpath.MISS:
+            return res
     is_causal, softcap, deterministic, return_lse, softmax_scale, probs = normalize_call(
         is_causal, softcap, deterministic, return_lse, softmax_scale, scale, return_attn_probs)
     if probs:

@@ -11,8 +11,21 @@ key proves is validated again, no ``describe``, no DLPack. A miss validates in f
 (``validate``), runs ``forward_call`` / ``backward_call`` and keeps their plan when it is
 cacheable (otherwise a None entry sends later calls with that key straight to the validated
 path). Anything else returns ``MISS`` and the caller takes the validated path: NumPy inputs,
-block masks, torch.compile tracing, unusual option types (``api`` folds parametric sparse
-masks into the window before it calls here).
+torch.compile tracing, unusual option types (``api`` folds parametric sparse masks into the
+window before it calls here).
+
+Block masks (``sparse_mask`` of ``dense``, forward without a gradient): the plan's block-list
+arrays are inputs like q/k/v (``layout.SPARSE_INPUTS``), their pointers patched per call. A
+mask's *sparse token* (cached on the mask per library and device: ``_sparse_token``) holds an
+interned signature of everything the plan depends on (the mask's class, seqlens, batch/head
+dims, the window of its parametric part, the block mask's class, block size and dims, and
+every list array's dtype/shape/strides: list widths derived from contents are in the shapes)
+and the arrays' pointers. The arrays are those the validated path reads: an immutable mask's
+uploads (cached on the mask, so the pointers hold), an ``&`` of block masks merged once on
+the intersection, a DynamicMask's live buffers read in place (the pointers stay, ``update``
+rewrites the contents, and a hit reads them as they are at launch). A mask whose lists are
+not on the query's device, or a DynamicMask whose lists are host copies (NumPy buffers), has
+no token: MISS. Calls that want a gradient with a block mask stay on the validated path.
 
 torch with a gradient wanted runs ``_Attention`` (an ``autograd.Function`` whose one output is
 ``out``; ``_AttentionLse`` when lse is returned too: in eager mode it costs a fraction of the
@@ -28,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -41,7 +55,9 @@ from .arrays import describe
 from .backward import backward_call, finisher
 from .forward import forward_call
 from .launch_plan import Plan, PlanCache
-from .validate import Problem, check_dense, check_flags, check_varlen
+from .masks import DynamicMask, SparseMask
+from .sparse_plan import device_lists, fold_window, split_sparse
+from .validate import Problem, check_dense, check_flags, check_sparse, check_varlen
 
 MISS = object()       # "take the validated path"
 _ABSENT = object()
@@ -128,6 +144,59 @@ def _wants_grad(q: Any, k: Any, v: Any, bias: Any) -> bool:
                                 or (bias is not None and bias.requires_grad))
 
 
+# --- block masks -------------------------------------------------------------------------
+
+_sparse_sigs: dict[tuple, int] = {}   # a sparse signature -> its small id (keys stay short)
+_sparse_lock = threading.Lock()
+_TOKEN_ATTR = "_dmattn_thin_token"
+
+
+def _sparse_id(sig: tuple) -> int:
+    with _sparse_lock:
+        return _sparse_sigs.setdefault(sig, len(_sparse_sigs))
+
+
+def _sparse_token(mask: Any, lib: str, dev: Any, query: Any) -> tuple[int, list[int]] | None:
+    """(signature id, list pointers in ``SPARSE_INPUTS`` order) of ``mask`` for calls of
+    ``lib`` on device ``dev`` (the key's device entry), cached on the mask; None when the
+    thin path cannot serve the mask (see the module docstring)."""
+    if not isinstance(mask, SparseMask):
+        return None
+    tokens = mask.__dict__.get(_TOKEN_ATTR)
+    if tokens is not None:
+        tok = tokens.get((lib, dev), _ABSENT)
+        if tok is not _ABSENT:
+            return tok
+    try:
+        tok = _make_token(mask, query)
+    except (ValueError, TypeError, NotImplementedError, RuntimeError):
+        return None     # not remembered: the validated path reports it on every call
+    mask.__dict__.setdefault(_TOKEN_ATTR, {})[(lib, dev)] = tok
+    return tok
+
+
+def _make_token(mask: SparseMask, query: Any) -> tuple[int, list[int]] | None:
+    win, block = split_sparse(mask)   # merges an `&` of block masks once (cached on it)
+    head = (type(mask), mask.seqlen_q, mask.seqlen_k, mask.batch_heads, win)
+    if block is None:                 # parametric only (one api did not fold): no lists
+        return _sparse_id(head + (None,)), []
+    qinfo = describe(query)
+    arrs = device_lists(block, query)
+    if isinstance(block, DynamicMask) and arrs.full_count is not \
+            block.device_lists().full_count:
+        return None                   # host buffers: uploaded afresh on every call
+    infos = [None if a is None else describe(a) for a in
+             (arrs.full_count, arrs.full_idx, arrs.partial_count, arrs.partial_idx,
+              arrs.partial_slot, arrs.partial_bits)]
+    if qinfo.device < 0 or any(i is not None and (i.kind == "numpy" or i.device != qinfo.device)
+                               for i in infos):
+        return None
+    sig = head + (type(block), tuple(int(n) for n in block.block_size), block.batch_heads,
+                  arrs.block_m, arrs.block_n,
+                  tuple(None if i is None else (i.dtype, i.shape, i.strides) for i in infos))
+    return _sparse_id(sig), [0 if i is None else i.ptr for i in infos]
+
+
 # --- running a plan ----------------------------------------------------------------------
 
 def _allocators(entry: _Entry, lib: str, like: Any) -> list[tuple[Any, int, tuple]]:
@@ -156,7 +225,7 @@ def _runner(entry: _Entry, lib: str, like: Any) -> Callable[[tuple], list[Any]]:
     of the call's input arrays (``plan.inputs`` order, None where absent) that allocates the
     plan's buffers (scratch workspaces and counters from ``scratch``), patches every pointer,
     launches on the current stream and returns the buffers (the caller keeps them alive past
-    the launches)."""
+    the launches). ``extra``: the pointers of the plan's further inputs (block lists)."""
     plan = entry.plan
     dev, execute, stream_ptr = plan.device, plan.execute, runtime.stream_ptr
     makers = tuple(_allocators(entry, lib, like))
@@ -164,20 +233,23 @@ def _runner(entry: _Entry, lib: str, like: Any) -> Callable[[tuple], list[Any]]:
     if any(n for _, n, _ in makers):
         get, counter = scratch.get, scratch.counter
 
-        def run(xs: tuple) -> list[Any]:
+        def run(xs: tuple, extra: list[int] = _NO_PTRS) -> list[Any]:
             stream = stream_ptr(lib, dev)
             bufs = [make() if not n else get(owner, stream, n, make) if n > 0 else
                     counter(owner, stream, make) for make, n, owner in makers]
-            execute(pointers(xs) + pointers(bufs), stream)
+            execute(pointers(xs) + extra + pointers(bufs), stream)
             return bufs
         return run
     fresh = tuple(make for make, _, _ in makers)
 
-    def run_fresh(xs: tuple) -> list[Any]:
+    def run_fresh(xs: tuple, extra: list[int] = _NO_PTRS) -> list[Any]:
         bufs = [make() for make in fresh]
-        execute(pointers(xs) + pointers(bufs), stream_ptr(lib, dev))
+        execute(pointers(xs) + extra + pointers(bufs), stream_ptr(lib, dev))
         return bufs
     return run_fresh
+
+
+_NO_PTRS: list[int] = []   # never mutated
 
 
 def _torch_pointers(xs: Any) -> list[int]:
@@ -206,13 +278,17 @@ def _validated_kernel_problem(key: tuple, validate: Callable[[], Problem]) -> Pr
 
 
 def _build_forward(key: tuple, q: Any, cu_q: Any, cu_k: Any, need_lse: bool,
-                   validate: Callable[[], Problem]) -> Any:
-    """A first call with ``key``: validate (``validate()`` -> Problem), run ``forward_call``
-    and keep its plan; (out, lse), or MISS when the validated path must run."""
+                   validate: Callable[[], Problem],
+                   block_of: Callable[[], Any] | None = None) -> Any:
+    """A first call with ``key``: validate (``validate()`` -> Problem, the window of a
+    sparse mask's parametric part folded in), run ``forward_call`` (``block_of()`` after
+    ``validate()``: the block mask left, or None) and keep its plan; (out, lse), or MISS when
+    the validated path must run."""
     pb = _validated_kernel_problem(key, validate)
     if pb is None:
         return MISS
-    out, lse, plan = forward_call(pb, q, cu_q, cu_k, return_lse=need_lse)
+    out, lse, plan = forward_call(pb, q, cu_q, cu_k, return_lse=need_lse,
+                                  sparse=None if block_of is None else block_of())
     forward_plans.put(key, _Entry(plan, pb, need_lse) if plan is not None and plan.cacheable
                       else None)
     return out, lse
@@ -353,7 +429,8 @@ def _build(k: tuple, grad: bool, q: Any, key: Any, v: Any, mask: Any, bias: Any,
            cu_k: Any, return_lse: Any, deterministic: Any,
            validate: Callable[[], Problem]) -> Any:
     """The first call of ``dense``/``varlen`` with key ``k``: through autograd when it needs
-    a gradient, else the forward alone; ``out`` or ``(out, lse)``, or MISS."""
+    a gradient (never with a block mask), else the forward alone; ``out`` or ``(out, lse)``,
+    or MISS."""
     if grad:
         return _build_autograd(k, q, key, v, mask, bias, cu_q, cu_k, return_lse,
                                deterministic, validate)
@@ -367,20 +444,31 @@ def _build(k: tuple, grad: bool, q: Any, key: Any, v: Any, mask: Any, bias: Any,
 
 def dense(query: Any, key: Any, value: Any, attn_mask: Any, attn_bias: Any, softmax_scale: Any,
           is_causal: Any, window_size: Any, softcap: Any, return_lse: Any, deterministic: Any,
-          backend: Any) -> Any:
-    """``flash_dmattn_func`` without a sparse mask through the thin path, or MISS."""
+          backend: Any, sparse_mask: Any = None) -> Any:
+    """``flash_dmattn_func`` through the thin path (``sparse_mask``: as the caller got it,
+    parametric masks already folded), or MISS."""
     lib = _library(query)
     if lib is None or not _options_ok(softmax_scale, is_causal, window_size, softcap,
                                       return_lse, deterministic):
         return MISS
     if lib == "torch" and _compiling():
         return MISS
+    sp_ptrs = _NO_PTRS
     try:
         grad = lib == "torch" and _wants_grad(query, key, value, attn_bias)
         sig = _tsig if lib == "torch" else _csig
-        k = (0, lib, sig(query), sig(key), sig(value), sig(attn_mask), sig(attn_bias),
+        sq = sig(query)
+        sp_id = None
+        if sparse_mask is not None:
+            if grad or backend == "reference":
+                return MISS
+            tok = _sparse_token(sparse_mask, lib, sq[3], query)
+            if tok is None:
+                return MISS
+            sp_id, sp_ptrs = tok
+        k = (0, lib, sq, sig(key), sig(value), sig(attn_mask), sig(attn_bias),
              softmax_scale, is_causal, window_size, softcap, return_lse or grad, return_lse,
-             deterministic, backend, env.plan_state())
+             deterministic, backend, env.plan_state(), sp_id)
     except (AttributeError, RuntimeError):
         # mixed kinds, or tensors a torch.func transform wraps (their data_ptr raises): the
         # validated path takes the call
@@ -394,17 +482,27 @@ def dense(query: Any, key: Any, value: Any, attn_mask: Any, attn_bias: Any, soft
                 entry, entry.pb, bool(deterministic), attn_mask, None, None, k, return_lse))
         HITS[0] += 1
         bufs = (entry.run or _bind(entry, lib, query))(
-            (query, key, value, attn_mask, attn_bias, None, None))
+            (query, key, value, attn_mask, attn_bias, None, None), sp_ptrs)
         return (bufs[0], bufs[1]) if return_lse else bufs[0]
 
+    block = None
+
     def validate() -> Problem:
+        nonlocal block
         pb = check_dense(query, key, value, attn_mask, attn_bias, softmax_scale, is_causal,
                          window_size, softcap, backend)
         check_flags(return_lse, bool(deterministic))
+        check_sparse(sparse_mask, pb)
+        pb, block = fold_window(pb, sparse_mask)   # as dispatch.dense does
         return pb
 
-    return _build(k, grad, query, key, value, attn_mask, attn_bias, None, None, return_lse,
-                  deterministic, validate)
+    if sparse_mask is None:
+        return _build(k, grad, query, key, value, attn_mask, attn_bias, None, None, return_lse,
+                      deterministic, validate)
+    res = _build_forward(k, query, None, None, return_lse, validate, lambda: block)
+    if res is MISS:
+        return MISS
+    return res if return_lse else res[0]
 
 
 def varlen(query: Any, key: Any, value: Any, cu_seqlens_q: Any, cu_seqlens_k: Any,

@@ -18,7 +18,7 @@ from . import arrays, decode, env, runtime, scratch
 from .arrays import ArrayInfo, describe
 from .families import padded_head_dim, sparse_supported
 from .launch_plan import Alloc, Launch, Plan
-from .layout import FWD_INPUTS, build_fwd_params, fwd_pointer_fields
+from .layout import FWD_INPUTS, SPARSE_INPUTS, build_fwd_params, fwd_pointer_fields
 from .masks import SparseMask
 from .select import forward as select_forward
 from .sparse_plan import (
@@ -67,7 +67,9 @@ def forward_call(pb: Problem, query: Any, cu_q: Any = None, cu_k: Any = None,
     """``run_forward``, also returning the plan it launched (None when nothing launched).
     The plan is cacheable when a later call with the same signature (shapes, strides, dtypes,
     pointer alignment, flags, device, environment) would build the same one: no input copies,
-    no block lists, no debug counters, no device-side checks."""
+    no debug counters, no device-side checks. Block lists are further inputs of the plan
+    (``SPARSE_INPUTS``, 0 for an absent array): a caller that caches it must key their
+    shapes, dtypes and block size and supply their pointers on every call."""
     check = pb.varlen and env.check_enabled()
     if check:
         check_cu_seqlens_values(arrays.to_host(cu_q), arrays.to_host(cu_k), pb.total_q,
@@ -96,9 +98,9 @@ def forward_call(pb: Problem, query: Any, cu_q: Any = None, cu_k: Any = None,
     allocs = [Alloc("out", pb.q.shape, None)]
     if return_lse:
         allocs.append(Alloc("lse", lse_shape, "float32"))
-    plan = Plan(device=pb.q.device, inputs=FWD_INPUTS, allocs=allocs,
-                cacheable=not (copied or check or sparse is not None
-                               or tile_counters is not None))
+    plan = Plan(device=pb.q.device,
+                inputs=FWD_INPUTS if sparse is None else FWD_INPUTS + SPARSE_INPUTS,
+                allocs=allocs, cacheable=not (copied or check or tile_counters is not None))
     if sparse is None and tile_counters is None and pb.batch > 0 and decode.use_decode(pb):
         # GQA packing + split-KV
         keep_alive.append(decode.plan_decode(pb, plan, query, out_info, _ptr(lse), _ptr(cu_q),
@@ -114,9 +116,9 @@ def forward_call(pb: Problem, query: Any, cu_q: Any = None, cu_k: Any = None,
     if sparse is not None:
         arrs = sparse if isinstance(sparse, SparseArrays) else device_lists(sparse, query)
         check_block_fits((arrs.block_m, arrs.block_n), spec)
-        for field in ("full_count", "full_idx", "partial_count", "partial_idx", "partial_slot",
-                      "partial_bits"):
-            rec[0][f"sp_{field}"] = _ptr(getattr(arrs, field))
+        for field in SPARSE_INPUTS:   # "sp_" + the SparseArrays field
+            rec[0][field] = _ptr(getattr(arrs, field[3:]))
+            plan.slot(field, rec, field)
         for name, value in sparse_fields(arrs).items():
             rec[0][name] = value
     kernel = runtime.get_kernel(spec, pb.q.device)

@@ -19,6 +19,9 @@ from .validate import Problem
 
 LOG2E = 1.4426950408889634
 FWD_INPUTS = ("q", "k", "v", "mask", "bias", "cu_q", "cu_k")  # a forward plan's inputs, in order
+# a block-sparse forward plan's further inputs: the list arrays (source = FwdParams field)
+SPARSE_INPUTS = ("sp_full_count", "sp_full_idx", "sp_partial_count", "sp_partial_idx",
+                 "sp_partial_slot", "sp_partial_bits")
 _POINTER_FIELD = {"q": "q", "k": "k", "v": "v", "mask": "mask", "bias": "bias",
                   "cu_q": "cu_seqlens_q", "cu_k": "cu_seqlens_k", "out": "o", "lse": "lse"}
 

@@ -193,6 +193,10 @@ def stages(calls: int, device: str) -> list[tuple[str, float | None]]:
     causal = dm.CausalWindowMask(16, S, S)  # folded into the window (api._fold_parametric)
     row("forward, sparse_mask=CausalWindowMask (api)",
         lambda: dm.flash_dmattn_func(q, k, v, sparse_mask=causal))
+    bits = torch.ones(1, 1, 1, 1, dtype=torch.bool).numpy()
+    blocks = dm.BlockBitsetMask(bits, S, S, block_size=(128, 128))  # lists uploaded once
+    row("forward, sparse_mask=BlockBitsetMask (api)",
+        lambda: dm.flash_dmattn_func(q, k, v, sparse_mask=blocks))
     mask = torch.rand(B, H, S, S, device=device) > 0.1
     bias = torch.randn(B, H, S, S, device=device, dtype=dt)
     row("forward mask+bias, no grad (api)",
@@ -202,6 +206,8 @@ def stages(calls: int, device: str) -> list[tuple[str, float | None]]:
     dout = torch.randn_like(q)
     row("fwd+bwd (autograd.grad)", lambda: torch.autograd.grad(
         dm.flash_dmattn_func(qg, kg, vg), (qg, kg, vg), dout))
+    row("fwd+bwd, sparse_mask=BlockBitsetMask (autograd.grad)", lambda: torch.autograd.grad(
+        dm.flash_dmattn_func(qg, kg, vg, sparse_mask=blocks), (qg, kg, vg), dout))
     # decode step: 1 query, 4096 keys, H32/Hk8, key-based bias (tools/bench host_decode)
     Sk, Hq, Hk = 4096, 32, 8
     q1 = torch.randn(1, Hq, D, device=device, dtype=dt)
