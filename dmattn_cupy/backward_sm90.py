@@ -7,7 +7,7 @@ Pure Python except ``build_args``, which asks the driver to encode the maps. Tak
 bool mask of any broadcast of (B, H, Sq, Sk) (the kernel's producer reads it through its
 strides; no tensor map, so no layout rule: 16-byte loads where rows allow, else bytes) and the
 deterministic mode (dQ adds ordered by per-query-tile counters, ``semaphore_words``).
-With ``DMATTN_SM90_BWD_SPARSE=1`` also block-sparse lists of full blocks whose size tiles the
+Also (unless ``DMATTN_SM90_BWD_SPARSE=0``) block-sparse lists of full blocks whose size tiles the
 kernel's items (block_m a multiple of BLOCK_M, block_n of BLOCK_N; the kernel reads
 ``BwdParams.sp_grid`` and walks only the listed items), alone or with any mask, bias, window
 or the deterministic mode it takes otherwise.
@@ -179,8 +179,8 @@ MAX_GRID_YZ = 65535
 
 
 def sparse_fits(sparse: bool | tuple[int, int], sparse_partial: bool = False) -> bool:
-    """Whether the kernel walks these block lists: none (False), or, with
-    ``DMATTN_SM90_BWD_SPARSE=1``, lists of full blocks (``sparse_partial``: element bits, a
+    """Whether the kernel walks these block lists: none (False), or, unless
+    ``DMATTN_SM90_BWD_SPARSE=0``, lists of full blocks (``sparse_partial``: element bits, a
     MixedMask's) of a (block_m, block_n) that tiles the 64 x 128 items; True (lists of an
     unknown block size) is declined."""
     if sparse is False:

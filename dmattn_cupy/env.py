@@ -112,11 +112,11 @@ def backward_family_override() -> str | None:
 
 
 def sm90_bwd_sparse() -> bool:
-    """``DMATTN_SM90_BWD_SPARSE=1``: the sm_90a backward also takes block-sparse masks (block
-    lists of full blocks whose size tiles its 64 x 128 items); off by default until its GPU
-    tests have run, so those masks keep the portable backward. Plans with block lists are not
-    cached, so this is not a plan variable."""
-    return _flag("DMATTN_SM90_BWD_SPARSE")
+    """``DMATTN_SM90_BWD_SPARSE``: on by default (anything but ``0``), the sm_90a backward also
+    takes block-sparse masks (block lists of full blocks whose size tiles its 64 x 128 items);
+    ``0`` keeps the portable backward for them. Plans with block lists are not cached, so this
+    is not a plan variable."""
+    return os.environ.get("DMATTN_SM90_BWD_SPARSE", "1") != "0"
 
 
 # Variables that change which plan a call gets (family, tile, decode, splits, device checks).

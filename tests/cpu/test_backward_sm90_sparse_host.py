@@ -41,21 +41,21 @@ def _family(pb, sparse, partial=False, deterministic=False, dev=H100):
 
 def test_env_switch(monkeypatch):
     monkeypatch.delenv("DMATTN_SM90_BWD_SPARSE", raising=False)
-    assert not env.sm90_bwd_sparse()
-    for val, on in (("1", True), ("0", False), ("", False)):
+    assert env.sm90_bwd_sparse()
+    for val, on in (("1", True), ("0", False), ("", True)):
         monkeypatch.setenv("DMATTN_SM90_BWD_SPARSE", val)
         assert env.sm90_bwd_sparse() is on
 
 
-def test_block_lists_are_taken_only_with_the_switch(monkeypatch):
+def test_block_lists_are_taken_unless_switched_off(monkeypatch):
     monkeypatch.delenv("DMATTN_BWD_FAMILY", raising=False)
     q, k, v = _arrays()
     pb = _pb(q, k, v)
-    monkeypatch.delenv("DMATTN_SM90_BWD_SPARSE", raising=False)
-    for blk in ((64, 128), (128, 128)):   # default: unchanged (the portable kernels)
+    monkeypatch.setenv("DMATTN_SM90_BWD_SPARSE", "0")
+    for blk in ((64, 128), (128, 128)):   # switched off: the portable kernels
         assert _family(pb, blk) == "bwd_dkdv"
     assert _family(pb, False) == "bwd_sm90"
-    monkeypatch.setenv("DMATTN_SM90_BWD_SPARSE", "1")
+    monkeypatch.delenv("DMATTN_SM90_BWD_SPARSE")  # the default
     for blk in ((64, 128), (128, 128), (128, 256), (192, 384)):
         assert _family(pb, blk) == "bwd_sm90", blk
         assert _family(pb, blk, deterministic=True) == "bwd_sm90", blk
@@ -155,7 +155,7 @@ def test_run_backward_sends_partial_blocks_and_unfit_blocks_to_the_portable_kern
                               sparse=sparse)
         assert [x[0].family for x in launched] == ["bwd_pre", "bwd_grid", "bwd_dkdv",
                                                    "bwd_post"]
-    monkeypatch.delenv("DMATTN_SM90_BWD_SPARSE")  # the default keeps every list portable
+    monkeypatch.setenv("DMATTN_SM90_BWD_SPARSE", "0")  # switched off: every list portable
     launched.clear()
     backward.run_backward(pb, np.zeros_like(q), q, k, v, np.zeros_like(q), lse,
                           sparse=host_arrays(_bitset(200, 264, (128, 128))))

@@ -1,12 +1,12 @@
-"""The Hopper backward (bwd_sm90) with block lists (DMATTN_SM90_BWD_SPARSE=1): its CTAs walk
-only the listed (query head, 64-row tile) items of their 128 keys. Against float64 autograd with
-the factor-3 rule of test_backward.py: BlockBitsetMask patterns with empty query rows and key
-columns (zero gradients, no NaN), sequence lengths that are not multiples of the blocks, GQA,
-64 x 128, 128 x 128 and 128 x 256 blocks, masks per (batch, head), per head and broadcast,
-together with a dense attn_mask, biases with their gradients and causal/window; the
-deterministic mode bitwise-stable over two runs and close to the portable kernels' result;
-NaN keys in an unlisted block never reach the math. The autouse fixture asserts that every
-backward of a test ran bwd_sm90 (backward.launches) and none the portable dK/dV kernel."""
+"""The Hopper backward (bwd_sm90) with block lists (the default; DMATTN_SM90_BWD_SPARSE=0 declines
+them): its CTAs walk only the listed (query head, 64-row tile) items of their 128 keys. Against
+float64 autograd with the factor-3 rule of test_backward.py: BlockBitsetMask patterns with empty
+query rows and key columns (zero gradients, no NaN), sequence lengths that are not multiples of
+the blocks, GQA, 64 x 128, 128 x 128 and 128 x 256 blocks, masks per (batch, head), per head and
+broadcast, together with a dense attn_mask, biases with their gradients and causal/window; the
+deterministic mode bitwise-stable over two runs and close to the portable kernels' result; NaN
+keys in an unlisted block never reach the math. The autouse fixture asserts that every backward
+of a test ran bwd_sm90 (backward.launches) and none the portable dK/dV kernel."""
 
 from __future__ import annotations
 
@@ -138,7 +138,7 @@ def test_deterministic_bitwise_and_close_to_the_portable_kernels(d, mode, hopper
     kbias = torch.randn(2, 8, 1, 1000, device="cuda", dtype=torch.bfloat16)
     kw = dict(seed=14, sparse_mask=mask, **MODES[mode])
     fast = _twice(q, k, v, bias=kbias, **kw)
-    monkeypatch.delenv("DMATTN_SM90_BWD_SPARSE")
+    monkeypatch.setenv("DMATTN_SM90_BWD_SPARSE", "0")
     portable = _run_dense(q, k, v, bias=kbias, deterministic=True, **kw)
     hopper_sparse["allowed"] = 1
     for name, a, b in zip(("dq", "dk", "dv", "dbias"), fast, portable, strict=True):
