@@ -75,6 +75,8 @@ BWD_INPUTS = ("q", "k", "v", "mask", "bias", "cu_q", "cu_k", "out", "lse", "dout
 _BWD_POINTER_FIELD = {"dout": "dout", "dlse": "dlse", "dsum": "dsum", "dq": "dq", "dk": "dk",
                       "dv": "dv", "dbias": "dbias"}
 _WS_ALIGN = 64   # float32 elements (256 bytes): where dsum starts in the workspace
+# query rows per warp of the pre and post kernels (kBwdRowsPerWarp in sm80/bwd.cu)
+ROWS_PER_WARP = 4
 
 
 def run_backward(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out: Any, lse: Any,
@@ -256,7 +258,8 @@ def backward_call(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out:
     if not empty:
         dev = pb.q.device
         plan.launches.append(Launch(runtime.get_kernel(pre, dev), (
-            max(1, math.ceil(pb.seqlen_q / pre.num_warps)), pb.heads, pb.batch), (rec,)))
+            max(1, math.ceil(pb.seqlen_q / (pre.num_warps * ROWS_PER_WARP))), pb.heads,
+            pb.batch), (rec,)))
         if sp_grid is not None and pb.seqlen_k > 0:
             bm, hm, nrb = sp_grid.shape[:3]
             plan.launches.append(Launch(runtime.get_kernel(grid_spec, dev), (nrb, hm, bm),
@@ -290,7 +293,8 @@ def backward_call(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out:
                 max(1, math.ceil(pb.seqlen_q / dqs.block_m)), pb.heads, pb.batch), (rec,)))
         if "ws" in bufs:   # dq from dq_accum, after every kernel that adds into it
             plan.launches.append(Launch(runtime.get_kernel(post, dev), (
-                max(1, math.ceil(pb.seqlen_q / post.num_warps)), pb.heads, pb.batch), (rec,)))
+                max(1, math.ceil(pb.seqlen_q / (post.num_warps * ROWS_PER_WARP))), pb.heads,
+                pb.batch), (rec,)))
         plan.run(runtime.current_stream(pb.kind, pb.q.device))
     elif pb.seqlen_k > 0:  # no query rows: dK = dV = 0
         bufs["dk"] = arrays.zeros(query, pb.k.shape, dt)

@@ -400,6 +400,29 @@ def test_cupy_functional_backward():
     _check_grads(got, [q, k, v, bias], dout, fn)
 
 
+@pytest.mark.parametrize("d", [72, 256])
+def test_unaligned_out_rows(d):
+    """The pre kernel reads O and dO by 16-byte loads only where their rows are 16-byte aligned:
+    an `out` whose rows start 2 bytes off takes its element-by-element path, with the same
+    gradients (sequence lengths not a multiple of the kernel's 4 rows per warp)."""
+    q, k, v = _qkv(2, 37, 45, 4, 2, d, "bfloat16", seed=31 + d)
+    dout = torch.randn_like(q)
+    out, lse = dm.flash_dmattn_func(q, k, v, is_causal=True, return_lse=True)
+    shifted = torch.empty(out.numel() + 1, device="cuda", dtype=out.dtype)[1:].view(out.shape)
+    shifted.copy_(out)
+    assert shifted.data_ptr() % 16 != 0
+    got = list(dm.flash_dmattn_backward(dout, q, k, v, shifted, lse, is_causal=True))
+    aligned = dm.flash_dmattn_backward(dout, q, k, v, out, lse, is_causal=True)
+    for a, b in zip(got[:3], aligned[:3], strict=True):
+        assert (a.double() - b.double()).abs().max().item() <= 1e-2 * max(
+            1.0, b.double().abs().max().item())
+
+    def fn(q_, k_, v_, b_):
+        return _attention(q_, k_, v_, None, None, d ** -0.5, 0.0, (-1, 0))
+
+    _check_grads(got[:3] + [None], [q, k, v, None], dout, fn)
+
+
 def test_expanded_output_gradient():
     """out.sum().backward() hands the kernel a stride-0 (expanded) dout."""
     q, k, v = _qkv(1, 50, 60, 2, 2, 64, "bfloat16", seed=29)
