@@ -126,16 +126,31 @@ def mask_slots(head_dim: int, block_n: int, has_mask: bool) -> int:
     return 4
 
 
-def smem_bytes(head_dim: int, block_n: int, stages: int, has_mask: bool, has_bias: bool) -> int:
-    """Dynamic shared memory of one instance: Sm90FwdSmem<...>::kAlloc in sm90/fwd.cu."""
+def _alloc_bytes(head_dim: int, block_n: int, stages: int, has_mask: bool, has_bias: bool,
+                 q_bufs: int) -> int:
+    """Sm90FwdSmem<...>::alloc_bytes(q_bufs) in sm90/fwd.cu."""
     q = head_dim // 64 * BLOCK_M * 128
     kv = head_dim // 64 * block_n * 128
     bias = BLOCK_M * block_n * 2 if has_bias else 0
     slots = mask_slots(head_dim, block_n, has_mask)
-    bars = 8 * (1 + 4 * stages + 2 * slots)
+    bars = 8 * (4 * stages + 2 * slots + 2 * q_bufs)
     items = 16 if dynamic_schedule() else 0   # each stage's work item (kOffItems)
-    return (q + stages * (2 * kv + bias) + slots * BLOCK_M * block_n + bars + 16 * stages + items
-            + 1024)
+    return (q_bufs * q + stages * (2 * kv + bias) + slots * BLOCK_M * block_n + bars
+            + 16 * stages + items + 1024)
+
+
+def q_buffers(head_dim: int, block_n: int, stages: int, has_mask: bool, has_bias: bool) -> int:
+    """Q's buffers (Sm90FwdSmem::kQBufs): two where they fit (DM_SM90_Q_BUFS=2, the default),
+    so the next work item's Q loads while the current one runs; else one."""
+    two = define_value("DM_SM90_Q_BUFS", 2) == 2
+    fits = _alloc_bytes(head_dim, block_n, stages, has_mask, has_bias, 2) <= SMEM_LIMIT
+    return 2 if two and fits else 1
+
+
+def smem_bytes(head_dim: int, block_n: int, stages: int, has_mask: bool, has_bias: bool) -> int:
+    """Dynamic shared memory of one instance: Sm90FwdSmem<...>::kAlloc in sm90/fwd.cu."""
+    return _alloc_bytes(head_dim, block_n, stages, has_mask, has_bias,
+                        q_buffers(head_dim, block_n, stages, has_mask, has_bias))
 
 
 def operand_mode(info: ArrayInfo | None, varlen: bool = False) -> int:

@@ -96,6 +96,19 @@ __host__ __device__ constexpr int claimed_item(uint32_t claim, uint32_t grid, in
 #ifndef DM_SM90_KBIAS_F32
 #define DM_SM90_KBIAS_F32 2
 #endif
+// - DM_SM90_Q_BUFS: 2 (default) gives Q two buffers where shared memory allows (Sm90FwdSmem::
+//   kQBufs), so the producer loads the next work item's Q while the consumers still run the
+//   current one; 1: one buffer, loaded once the consumers released the last item's.
+// - DM_SM90_CLAIM_AHEAD: 1 (default) makes the dynamic scheduler's claim of the next item at
+//   the start of the current one (its atomic's round trip hidden behind the item's tiles); 0:
+//   after the item's end stage.
+#ifndef DM_SM90_Q_BUFS
+#define DM_SM90_Q_BUFS 2
+#endif
+#ifndef DM_SM90_CLAIM_AHEAD
+#define DM_SM90_CLAIM_AHEAD 1
+#endif
+static_assert(DM_SM90_Q_BUFS == 1 || DM_SM90_Q_BUFS == 2, "DM_SM90_Q_BUFS: 1 or 2");
 // - DM_SM90_HEAD_MAJOR: 1 (default) numbers equal-length work items query tile fastest (see
 //   the work items below); 0 keeps the longest-first order for them too.
 #ifndef DM_SM90_HEAD_MAJOR
@@ -153,20 +166,29 @@ struct Sm90FwdSmem {
   static constexpr int kMaskAhead = kMaskSlots - kStages - 1;
   static_assert(!kHasMask || kMaskAhead >= 1, "at least one mask tile in flight ahead");
   static constexpr int kMaskRing = kHasMask ? kMaskSlots : 1;  // a nonzero modulus
-  static constexpr int kOffK = kQ;
+  // Everything but Q's buffers (one per work item in flight), then the count that fits.
+  static constexpr int kRest = kStages * (2 * kKV + kBias) + kMaskSlots * kMask;
+  // per stage full_k, full_v, empty_k, empty_v; per mask slot full_m, empty_m; per Q buffer
+  // full_q, empty_q (8-byte mbarriers); then per stage the tile index, class and mask slot the
+  // producer hands over (4 ints); DM_SM90_PERSISTENT=2: per stage its work item (16 bytes).
+  static constexpr int alloc_bytes(int q_bufs) {
+    return q_bufs * kQ + kRest + 8 * (4 * kStages + 2 * kMaskSlots + 2 * q_bufs) +
+           16 * kStages + (kDynamicItems ? 16 : 0) + 1024;  // base aligned up to 1024 at run time
+  }
+  static constexpr int kQBufs =
+      DM_SM90_Q_BUFS == 2 && alloc_bytes(2) <= 227 * 1024 ? 2 : 1;
+  static constexpr int kOffK = kQBufs * kQ;
   static constexpr int kOffV = kOffK + kStages * kKV;
   static constexpr int kOffBias = kOffV + kStages * kKV;
   static constexpr int kOffMask = kOffBias + kStages * kBias;
-  static constexpr int kOffBars = kOffMask + kMaskSlots * kMask;  // 8-byte mbarriers
-  // full_q; per stage full_k, full_v, empty_k, empty_v; per mask slot full_m, empty_m; then
-  // per stage the tile index, class and mask slot the producer hands over (4 ints).
-  static constexpr int kNumBars = 1 + 4 * kStages + 2 * kMaskSlots;
+  static constexpr int kOffBars = kOffMask + kMaskSlots * kMask;
+  static constexpr int kNumBars = 4 * kStages + 2 * kMaskSlots + 2 * kQBufs;
   static constexpr int kOffInfo = kOffBars + 8 * kNumBars;
-  // DM_SM90_PERSISTENT=2: per stage the work item it belongs to (-1: no more items).
   static constexpr int kOffItems = kOffInfo + 16 * kStages;
   static_assert(kStages <= 4, "one 16-byte block of item indices");
   static constexpr int kBytes = kOffItems + (kDynamicItems ? 16 : 0);
-  static constexpr int kAlloc = kBytes + 1024;  // the base is aligned up to 1024 at run time
+  static constexpr int kAlloc = kBytes + 1024;
+  static_assert(kAlloc == alloc_bytes(kQBufs), "the layout and its size agree");
   static_assert(kQ % 1024 == 0 && kKV % 1024 == 0 && kBias % 1024 == 0 && kMask % 1024 == 0,
                 "swizzled tiles start on 1024-byte boundaries");
 };
@@ -215,15 +237,21 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
   const uint32_t sQ = base, sK = base + Smem::kOffK, sV = base + Smem::kOffV;
   const uint32_t sBias = base + Smem::kOffBias, sMask = base + Smem::kOffMask;
   const uint32_t bars = base + Smem::kOffBars;
-  const uint32_t bar_q = bars;
-  auto bar_full_k = [&](int s) { return bars + 8 + 32 * s; };
-  auto bar_full_v = [&](int s) { return bars + 16 + 32 * s; };
+  auto bar_full_k = [&](int s) { return bars + 32 * s; };
+  auto bar_full_v = [&](int s) { return bars + 8 + 32 * s; };
   // Released by the 8 consumer warps: K (with its bias tile) once the tile's softmax is done,
   // V once O += P V has read it; a mask slot with K (or by the producer for an empty tile).
-  auto bar_empty_k = [&](int s) { return bars + 24 + 32 * s; };
-  auto bar_empty_v = [&](int s) { return bars + 32 + 32 * s; };
-  auto bar_full_m = [&](int x) { return bars + 8 + 32 * kStages + 16 * x; };
-  auto bar_empty_m = [&](int x) { return bars + 16 + 32 * kStages + 16 * x; };
+  auto bar_empty_k = [&](int s) { return bars + 16 + 32 * s; };
+  auto bar_empty_v = [&](int s) { return bars + 24 + 32 * s; };
+  auto bar_full_m = [&](int x) { return bars + 32 * kStages + 16 * x; };
+  auto bar_empty_m = [&](int x) { return bars + 8 + 32 * kStages + 16 * x; };
+  // Q buffer x holds the CTA's work items u with u % kQBufs == x (u counts the items that
+  // reach the consumers, in the same order in every role); empty_q: released by the 8
+  // consumer warps once every S = Q K^T of the item has completed.
+  auto bar_full_q = [&](int x) { return bars + 32 * kStages + 16 * Smem::kMaskSlots + 16 * x; };
+  auto bar_empty_q = [&](int x) {
+    return bars + 8 + 32 * kStages + 16 * Smem::kMaskSlots + 16 * x;
+  };
   volatile int32_t* info = reinterpret_cast<volatile int32_t*>(smem + Smem::kOffInfo);
   volatile int32_t* stage_item = reinterpret_cast<volatile int32_t*>(smem + Smem::kOffItems);
 
@@ -314,7 +342,10 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
   (void)mask_h; (void)mask_b; (void)bias_h; (void)bias_b
 
   if (threadIdx.x == 0) {
-    mbar_init(bar_q, 1);
+    for (int x = 0; x < Smem::kQBufs; ++x) {
+      mbar_init(bar_full_q(x), 1);
+      mbar_init(bar_empty_q(x), 8);  // one arrival per consumer warp
+    }
     for (int s = 0; s < kStages; ++s) {
       mbar_init(bar_full_k(s), 1);
       mbar_init(bar_full_v(s), 1);
@@ -346,26 +377,35 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
     int stage = 0;
     uint32_t phase = 0;
     int mask_base = 0;
+    int q_item = 0;  // items handed to the consumers so far: the next one's Q buffer
     int item = kDynamicItems ? int(blockIdx.x) : 0;  // the first item needs no claim
-    // kDynamicItems: the next item's claim, on the leader's lane (0 on the others; the warp
-    // takes the max: REDUX leaves it in a uniform register, so the item arithmetic stays on the
-    // uniform datapath as in the static schedules; with a shuffle the mask + bias specs'
-    // producer spilled). Issued after the item's end stage: the consumers still have the last
-    // tile's products and the epilogue to run, and the next Q waits for them anyway.
-    // Without a counter (a launch that passed none) each CTA strides by the grid instead.
-    auto claim = [&]() -> int {
-      if (!leader) return 0;
-      const uint32_t v = args.item_counter != nullptr
-                             ? atomicInc(args.item_counter, uint32_t(num_items - 1))
-                             : uint32_t(item);
-      return claimed_item(v, gridDim.x, num_items);
+    // kDynamicItems: the next item's claim (claim_issue, on the leader's lane), turned into an
+    // item by claim_item (0 on the other lanes; the warp takes the max: REDUX leaves it in a
+    // uniform register, so the item arithmetic stays on the uniform datapath as in the static
+    // schedules; with a shuffle the mask + bias specs' producer spilled). DM_SM90_CLAIM_AHEAD:
+    // issued at the item's start, read at its end (the atomic's round trip runs under the
+    // item's tiles); else both after the item's end stage. Without a counter (a launch that
+    // passed none) each CTA strides by the grid instead.
+    uint32_t claim_raw = 0;
+    auto claim_issue = [&]() {
+      if (leader)
+        claim_raw = args.item_counter != nullptr
+                        ? atomicInc(args.item_counter, uint32_t(num_items - 1))
+                        : uint32_t(item);
+    };
+    auto claim_item = [&]() {
+      return int(__reduce_max_sync(
+          0xffffffffu, leader ? uint32_t(claimed_item(claim_raw, gridDim.x, num_items)) : 0u));
     };
     for (int round = 0;; ++round) {
       if (!kDynamicItems) item = item_of_round(round);
       if (item >= num_items) break;
       Item it;
       if (!make_item(item, it)) {
-        if (kDynamicItems) item = int(__reduce_max_sync(0xffffffffu, uint32_t(claim())));
+        if (kDynamicItems) {
+          claim_issue();
+          item = claim_item();
+        }
         continue;
       }
       DM_SM90_ITEM_NAMES(it);
@@ -377,15 +417,21 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
         if (p.window_left >= 0 && n0 < m_end - 1 + off - p.window_left) return true;
         return false;
       };
-      // Q's buffer is free once the consumers released the last item's end stage (the stage
-      // before this one): they do so after its last S = Q K^T has completed.
-      mbar_wait(bar_empty_k(stage == 0 ? kStages - 1 : stage - 1), stage == 0 ? phase ^ 1 : phase);
-      if (leader) {
-        mbar_arrive_expect_tx(bar_q, Smem::kQ);
+      // Q buffer qx is free once the consumers released the item kQBufs before this one
+      // (after its last S = Q K^T had completed).
+      {
+        const int qx = q_item % Smem::kQBufs;
+        mbar_wait(bar_empty_q(qx), ((q_item / Smem::kQBufs) & 1) ^ 1);
+        if (leader) {
+          mbar_arrive_expect_tx(bar_full_q(qx), Smem::kQ);
 #pragma unroll
-        for (int x = 0; x < Smem::kBoxes; ++x)
-          tma_load_4d(sQ + x * kBlockM * 128, &args.q, bar_q, 64 * x, seq.q_start + m0, h, qkv_b);
+          for (int x = 0; x < Smem::kBoxes; ++x)
+            tma_load_4d(sQ + qx * Smem::kQ + x * kBlockM * 128, &args.q, bar_full_q(qx), 64 * x,
+                        seq.q_start + m0, h, qkv_b);
+        }
+        ++q_item;
       }
+      if (kDynamicItems && DM_SM90_CLAIM_AHEAD) claim_issue();
       const bool mask_tile = kHasMask && args.mask_mode == kOperandTile;
       const bool mask_chunk = kHasMask && args.mask_mode == kOperandKeyChunk;
       const bool mask_keys =
@@ -600,7 +646,10 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
         phase ^= 1;
       }
       mask_base += n_cand;
-      if (kDynamicItems) item = int(__reduce_max_sync(0xffffffffu, uint32_t(claim())));
+      if (kDynamicItems) {
+        if (!DM_SM90_CLAIM_AHEAD) claim_issue();
+        item = claim_item();
+      }
     }
     if (kDynamicItems) {  // no more items: a last stage (no data, never released) says so
       mbar_wait(bar_empty_k(stage), phase ^ 1);
@@ -652,6 +701,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
     Item it;
     if (!make_item(item, it)) continue;  // kDynamicItems: never (the producer passed it over)
     DM_SM90_ITEM_NAMES(it);
+    const int qx = q_uses % Smem::kQBufs;  // this item's Q buffer (the producer's q_item)
     const int row[2] = {m0 + lrow[0], m0 + lrow[1]};                            // sequence rows
 
     // kQueryRow operands: one value per query row (a scalar is the same value for every row).
@@ -856,7 +906,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
     auto issue_s = [&](float (&s)[kNF][4], int stage) {
       // Descriptors are formed next to their wgmma (primitives.cuh: opaque): hoisted out of the
       // loop they would hold two registers each beside the accumulators.
-      const uint64_t dq = desc_k_major<kBlockM>(opaque(sQ + c * 64 * 128), 0);
+      const uint64_t dq = desc_k_major<kBlockM>(opaque(sQ + qx * Smem::kQ + c * 64 * 128), 0);
       const uint64_t dk = desc_k_major<kBlockN>(opaque(sK + stage * Smem::kKV), 0);
       fence_operands(s);
       wgmma_fence();
@@ -890,7 +940,8 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
     };
     // Software pipeline: iteration j issues S_j = Q K_j^T and O += P_{j-1} V_{j-1} together,
     // then runs the softmax of S_j while the second product is in flight.
-    mbar_wait(bar_q, q_uses++ & 1);
+    mbar_wait(bar_full_q(qx), (q_uses / Smem::kQBufs) & 1);
+    ++q_uses;
     mbar_wait(bar_full_k(stage), phase);
     int n = info[4 * stage];
     if (n >= 0) {
@@ -966,10 +1017,11 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
       fence_operands(o);
       release(bar_empty_v(prev));
     }
-    // The end-of-item stage: no data; its release also frees Q's buffer (every S = Q K^T of
-    // the item has completed).
+    // The end-of-item stage: no data. Q's buffer is free too (every S = Q K^T of the item has
+    // completed).
     release(bar_empty_k(stage));
     release(bar_empty_v(stage));
+    release(bar_empty_q(qx));
     if (++stage == kStages) {
       stage = 0;
       phase ^= 1;

@@ -167,6 +167,28 @@ def test_mask_bias_tile_defines_agree_with_the_kernel(monkeypatch, defines, stag
     compile_static_asserts("\n".join(lines) + "\n", "sm90_mb_defines.cu", defines)
 
 
+@pytest.mark.parametrize("defines, two", [((), True), (("DM_SM90_Q_BUFS=1",), False)],
+                         ids=["default", "one_q_buffer"])
+def test_q_buffers_agree_with_the_kernel(monkeypatch, defines, two):
+    """Q's buffers (two where they fit, by default; DM_SM90_Q_BUFS=1: one) and the shared memory
+    they take: the host's equal the kernel's built with the same -D flags for every tile; the
+    dense d64/d128 tiles get two by default."""
+    monkeypatch.setenv("DMATTN_NVRTC_DEFINES", " ".join(defines))
+    lines = ['#include "sm90/fwd.cu"']
+    for (hd, mask, bias), (bn, st) in f90.TILES.items():
+        n = f90.q_buffers(hd, bn, st, mask, bias)
+        smem = f90.smem_bytes(hd, bn, st, mask, bias)
+        assert smem <= f90.SMEM_LIMIT and n in (1, 2)
+        if not two:
+            assert n == 1
+        spec = f"dm::Sm90FwdSmem<{hd}, {bn}, {st}, {str(mask).lower()}, {str(bias).lower()}>"
+        lines.append(f"static_assert({spec}::kQBufs == {n} && {spec}::kAlloc == {smem});")
+    if two:
+        assert f90.q_buffers(128, 128, 2, False, False) == 2
+        assert f90.q_buffers(64, 128, 2, False, False) == 2
+    compile_static_asserts("\n".join(lines) + "\n", "sm90_q_bufs.cu", defines)
+
+
 def test_generated_wgmma_header_is_current():
     res = subprocess.run([sys.executable, str(ROOT / "tools" / "gen_wgmma.py"), "--check"],
                          capture_output=True, text=True)
