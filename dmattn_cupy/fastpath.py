@@ -25,7 +25,10 @@ uploads (cached on the mask, so the pointers hold), an ``&`` of block masks merg
 the intersection, a DynamicMask's live buffers read in place (the pointers stay, ``update``
 rewrites the contents, and a hit reads them as they are at launch). A mask whose lists are
 not on the query's device, or a DynamicMask whose lists are host copies (NumPy buffers), has
-no token: MISS. Calls that want a gradient with a block mask stay on the validated path.
+no token: MISS. A call that wants a gradient gets its own plan (the key's sparse entry is
+(id, True)) where the lists tile the forward and backward kernels (``lists_fit``; else the
+key goes to the validated path); ``_Call`` carries its lists (a DynamicMask's copied per
+forward) into the backward plan, whose lists and block grid (``sp_grid``) are patched too.
 
 torch with a gradient wanted runs ``_Attention`` (an ``autograd.Function`` whose one output is
 ``out``; ``_AttentionLse`` when lse is returned too: in eager mode it costs a fraction of the
