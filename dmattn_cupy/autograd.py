@@ -242,7 +242,7 @@ def _block_mask_inputs(block, attn_mask, query, backend):
     kernels, its lists on the query's device (a DynamicMask's copied, so updating it before
     ``backward()`` does not change the gradient); otherwise no lists and its dense form ANDed
     into ``attn_mask``."""
-    arrs, mask = autograd_lists(block, attn_mask, query, query.is_cuda and backend != "reference",
+    arrs, mask = autograd_lists(block, attn_mask, query, _kernel_device(query, backend),
                                 query.shape[-1], str(query.dtype).split(".")[-1])
     if arrs is None:
         return [], (0, 0), mask

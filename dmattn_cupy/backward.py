@@ -26,7 +26,13 @@ import numpy as np
 from . import arrays, backward_sm90, runtime
 from .arrays import array_kind, describe
 from .launch_plan import Alloc, Launch, Plan
-from .layout import build_fwd_params, fwd_pointer_fields, mask_bias_strides, qkv_strides
+from .layout import (
+    SPARSE_INPUTS,
+    build_fwd_params,
+    fwd_pointer_fields,
+    mask_bias_strides,
+    qkv_strides,
+)
 from .params import FWD_DTYPE, bwd_dtype_flat
 from .select import backward as select_backward
 from .select import backward_family, backward_sm90_spec
@@ -73,7 +79,7 @@ def dbias_mode(pb: Problem, strides, block_m: int, block_n: int,
 
 BWD_INPUTS = ("q", "k", "v", "mask", "bias", "cu_q", "cu_k", "out", "lse", "dout", "dlse")
 _BWD_POINTER_FIELD = {"dout": "dout", "dlse": "dlse", "dsum": "dsum", "dq": "dq", "dk": "dk",
-                      "dv": "dv", "dbias": "dbias"}
+                      "dv": "dv", "dbias": "dbias", "sp_grid": "sp_grid"}
 _WS_ALIGN = 64   # float32 elements (256 bytes): where dsum starts in the workspace
 # query rows per warp of the pre and post kernels (kBwdRowsPerWarp in sm80/bwd.cu)
 ROWS_PER_WARP = 4
@@ -98,8 +104,11 @@ def backward_call(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out:
                   sparse: SparseArrays | None = None
                   ) -> tuple[tuple[Any, Any, Any, Any], Plan | None]:
     """``run_backward``, also returning the plan it launched: cacheable when no input was
-    copied and no block lists ride along (a later call with the same signature builds the
-    same plan); None when nothing launched."""
+    copied (a later call with the same signature builds the same plan); None when nothing
+    launched. Block lists are further inputs of the plan (``SPARSE_INPUTS`` after
+    ``BWD_INPUTS``, 0 for an absent array) and their block grid (``sp_grid``, written whole
+    by the grid kernel every call) its last allocation: a caller that caches the plan must
+    key the lists' shapes, dtypes and block size and supply their pointers on every call."""
     dt = pb.dtype
     copied = False
     # The tensor-core kernels read rows with 16-byte cp.async: copy unaligned inputs.
@@ -138,8 +147,9 @@ def backward_call(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out:
                          f"multiple of the backward tile {(dkdv.block_m, dkdv.block_n)}")
     empty = pb.batch == 0 or (pb.varlen and pb.total_q == 0) or (not pb.varlen and
                                                                   pb.seqlen_q == 0)
-    plan = Plan(device=pb.q.device, inputs=BWD_INPUTS,
-                cacheable=not (copied or sparse is not None or empty or pb.seqlen_k == 0
+    plan = Plan(device=pb.q.device,
+                inputs=BWD_INPUTS if sparse is None else BWD_INPUTS + SPARSE_INPUTS,
+                cacheable=not (copied or empty or pb.seqlen_k == 0
                                or (pb.varlen and pb.total_k == 0)))
     mode, tile_stride = 0, 0
     dbias_st = None
@@ -200,6 +210,11 @@ def backward_call(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out:
                         Alloc("dk", pb.k.shape, dt), Alloc("dv", pb.v.shape, dt),
                         Alloc("dq", pb.q.shape, dt)]
         plan.extra["ws_dsum_bytes"] = 4 * dsum_at
+    grid_shape = None
+    if sparse is not None:  # per (mask batch, mask head, row block, column block): its state
+        grid_shape = tuple(int(n) for n in describe(sparse.full_count).shape) + (
+            math.ceil(pb.seqlen_k / sparse.block_n),)
+        plan.allocs.append(Alloc("sp_grid", grid_shape, "int32"))
     plan.extra.update(expanded_axes=expanded_axes,
                       bias_dtype=None if pb.bias is None else pb.bias.dtype)
     bufs = {a.name: (arrays.zeros if a.zero else arrays.empty)(query, a.shape, a.dtype or dt)
@@ -243,25 +258,21 @@ def backward_call(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out:
     r["dbias_mode"] = mode
     r["dbias_is_fp32"] = int(want_dbias and plan.allocs[0].dtype == "float32")
     r["scale"] = pb.scale
-    sp_grid = None
-    if sparse is not None:
-        for field in ("full_count", "full_idx", "partial_count", "partial_idx", "partial_slot",
-                      "partial_bits"):
-            r[f"sp_{field}"] = ptr(getattr(sparse, field))
+    if grid_shape is not None:
+        for field in SPARSE_INPUTS:   # "sp_" + the SparseArrays field
+            r[field] = ptr(getattr(sparse, field[3:]))
+            plan.slot(field, rec, field)
         for name, value in sparse_fields(sparse).items():
             r[name] = value
-        grid_shape = tuple(int(n) for n in describe(sparse.full_count).shape) + (
-            math.ceil(pb.seqlen_k / sparse.block_n),)
-        sp_grid = arrays.empty(query, grid_shape, "int32")
-        r["sp_grid"], r["sp_grid_cols"] = ptr(sp_grid), grid_shape[-1]
+        r["sp_grid_cols"] = grid_shape[-1]
 
     if not empty:
         dev = pb.q.device
         plan.launches.append(Launch(runtime.get_kernel(pre, dev), (
             max(1, math.ceil(pb.seqlen_q / (pre.num_warps * ROWS_PER_WARP))), pb.heads,
             pb.batch), (rec,)))
-        if sp_grid is not None and pb.seqlen_k > 0:
-            bm, hm, nrb = sp_grid.shape[:3]
+        if grid_shape is not None and pb.seqlen_k > 0:
+            bm, hm, nrb = grid_shape[:3]
             plan.launches.append(Launch(runtime.get_kernel(grid_spec, dev), (nrb, hm, bm),
                                         (rec,)))
         if pb.seqlen_k > 0 and family == "bwd_sm90":
@@ -310,7 +321,8 @@ def finisher(plan: Plan, like: Any) -> Callable[[list[Any]], tuple[Any, Any, Any
     ``plan.allocs`` order (``like``: an array of the calls' library). The common case (dQ
     written by the post kernel, no dbias) indexes the buffers directly."""
     names = tuple(a.name for a in plan.allocs)
-    if names == ("ws", "dk", "dv", "dq") and not plan.extra["expanded_axes"]:
+    if names in (("ws", "dk", "dv", "dq"), ("ws", "dk", "dv", "dq", "sp_grid")) \
+            and not plan.extra["expanded_axes"]:
         return lambda made: (made[3], made[1], made[2], None)
     return lambda made: finish_backward(plan, dict(zip(names, made, strict=True)))
 

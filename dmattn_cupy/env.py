@@ -114,14 +114,15 @@ def backward_family_override() -> str | None:
 def sm90_bwd_sparse() -> bool:
     """``DMATTN_SM90_BWD_SPARSE``: on by default (anything but ``0``), the sm_90a backward also
     takes block-sparse masks (block lists of full blocks whose size tiles its 64 x 128 items);
-    ``0`` keeps the portable backward for them. Plans with block lists are not cached, so this
-    is not a plan variable."""
+    ``0`` keeps the portable backward for them. A plan variable: the thin path caches
+    backward plans with block lists."""
     return os.environ.get("DMATTN_SM90_BWD_SPARSE", "1") != "0"
 
 
 # Variables that change which plan a call gets (family, tile, decode, splits, device checks).
 PLAN_VARIABLES = ("DMATTN_FWD_FAMILY", "DMATTN_BWD_FAMILY", "DMATTN_FWD_TILE", "DMATTN_DECODE",
-                  "DMATTN_NUM_SPLITS", "DMATTN_CHECK", "DMATTN_NVRTC_DEFINES")
+                  "DMATTN_NUM_SPLITS", "DMATTN_CHECK", "DMATTN_NVRTC_DEFINES",
+                  "DMATTN_SM90_BWD_SPARSE")
 _environ_data = getattr(os.environ, "_data", None)
 _encoded = tuple(os.environ.encodekey(n) for n in PLAN_VARIABLES) \
     if _environ_data is not None and hasattr(os.environ, "encodekey") else None

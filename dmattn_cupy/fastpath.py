@@ -25,7 +25,10 @@ uploads (cached on the mask, so the pointers hold), an ``&`` of block masks merg
 the intersection, a DynamicMask's live buffers read in place (the pointers stay, ``update``
 rewrites the contents, and a hit reads them as they are at launch). A mask whose lists are
 not on the query's device, or a DynamicMask whose lists are host copies (NumPy buffers), has
-no token: MISS. Calls that want a gradient with a block mask stay on the validated path.
+no token: MISS. A call that wants a gradient gets its own plan (the key's sparse entry is
+(id, True)) where the lists tile the forward and backward kernels (``lists_fit``; else the
+key goes to the validated path); ``_Call`` carries its lists (a DynamicMask's copied per
+forward) into the backward plan, whose lists and block grid (``sp_grid``) are patched too.
 
 torch with a gradient wanted runs ``_Attention`` (an ``autograd.Function`` whose one output is
 ``out``; ``_AttentionLse`` when lse is returned too: in eager mode it costs a fraction of the
@@ -55,8 +58,9 @@ from .arrays import describe
 from .backward import backward_call, finisher
 from .forward import forward_call
 from .launch_plan import Plan, PlanCache
+from .layout import SPARSE_INPUTS
 from .masks import DynamicMask, SparseMask
-from .sparse_plan import device_lists, fold_window, split_sparse
+from .sparse_plan import SparseArrays, device_lists, fold_window, lists_fit, split_sparse
 from .validate import Problem, check_dense, check_flags, check_sparse, check_varlen
 
 MISS = object()       # "take the validated path"
@@ -149,6 +153,7 @@ def _wants_grad(q: Any, k: Any, v: Any, bias: Any) -> bool:
 _sparse_sigs: dict[tuple, int] = {}   # a sparse signature -> its small id (keys stay short)
 _sparse_lock = threading.Lock()
 _TOKEN_ATTR = "_dmattn_thin_token"
+_LIST_FIELDS = tuple(f[3:] for f in SPARSE_INPUTS)   # SparseArrays fields, pointer order
 
 
 def _sparse_id(sig: tuple) -> int:
@@ -156,10 +161,24 @@ def _sparse_id(sig: tuple) -> int:
         return _sparse_sigs.setdefault(sig, len(_sparse_sigs))
 
 
-def _sparse_token(mask: Any, lib: str, dev: Any, query: Any) -> tuple[int, list[int]] | None:
-    """(signature id, list pointers in ``SPARSE_INPUTS`` order) of ``mask`` for calls of
-    ``lib`` on device ``dev`` (the key's device entry), cached on the mask; None when the
-    thin path cannot serve the mask (see the module docstring)."""
+class _Token:
+    """A block mask as the thin path serves it to calls of one library on one device: the
+    small id of its signature, its lists' pointers in ``SPARSE_INPUTS`` order (0 where
+    absent), the lists themselves (None for a parametric mask), whether they are a
+    DynamicMask's live buffers, and (made at the first call that wants a gradient) the lists
+    as torch tensors."""
+    __slots__ = ("id", "ptrs", "arrays", "dynamic", "tensors")
+
+    def __init__(self, sig_id: int, ptrs: list[int], arrs: SparseArrays | None,
+                 dynamic: bool) -> None:
+        self.id, self.ptrs, self.arrays, self.dynamic = sig_id, ptrs, arrs, dynamic
+        self.tensors: SparseArrays | None = None
+
+
+def _sparse_token(mask: Any, lib: str, dev: Any, query: Any) -> _Token | None:
+    """The ``_Token`` of ``mask`` for calls of ``lib`` on device ``dev`` (the key's device
+    entry), cached on the mask; None when the thin path cannot serve the mask (see the module
+    docstring)."""
     if not isinstance(mask, SparseMask):
         return None
     tokens = mask.__dict__.get(_TOKEN_ATTR)
@@ -175,26 +194,50 @@ def _sparse_token(mask: Any, lib: str, dev: Any, query: Any) -> tuple[int, list[
     return tok
 
 
-def _make_token(mask: SparseMask, query: Any) -> tuple[int, list[int]] | None:
+def _make_token(mask: SparseMask, query: Any) -> _Token | None:
     win, block = split_sparse(mask)   # merges an `&` of block masks once (cached on it)
     head = (type(mask), mask.seqlen_q, mask.seqlen_k, mask.batch_heads, win)
     if block is None:                 # parametric only (one api did not fold): no lists
-        return _sparse_id(head + (None,)), []
+        return _Token(_sparse_id(head + (None,)), [], None, False)
     qinfo = describe(query)
     arrs = device_lists(block, query)
     if isinstance(block, DynamicMask) and arrs.full_count is not \
             block.device_lists().full_count:
         return None                   # host buffers: uploaded afresh on every call
-    infos = [None if a is None else describe(a) for a in
-             (arrs.full_count, arrs.full_idx, arrs.partial_count, arrs.partial_idx,
-              arrs.partial_slot, arrs.partial_bits)]
+    infos = [None if a is None else describe(a) for a in (getattr(arrs, f) for f in _LIST_FIELDS)]
     if qinfo.device < 0 or any(i is not None and (i.kind == "numpy" or i.device != qinfo.device)
                                for i in infos):
         return None
     sig = head + (type(block), tuple(int(n) for n in block.block_size), block.batch_heads,
                   arrs.block_m, arrs.block_n,
                   tuple(None if i is None else (i.dtype, i.shape, i.strides) for i in infos))
-    return _sparse_id(sig), [0 if i is None else i.ptr for i in infos]
+    return _Token(_sparse_id(sig), [0 if i is None else i.ptr for i in infos], arrs,
+                  isinstance(block, DynamicMask))
+
+
+def _grad_lists(tok: _Token | None) -> tuple[SparseArrays | None, list[int]]:
+    """(lists, their pointers) for one call of ``tok``'s mask that wants a gradient: its
+    forward and backward read them. A DynamicMask's live buffers are copied (torch's current
+    stream), so an ``update()`` before ``backward()`` does not change the gradient, as
+    ``autograd._block_mask_inputs`` does; other masks' lists are read in place."""
+    if tok is None or tok.arrays is None:
+        return None, _NO_PTRS
+    arrs = tok.tensors
+    if arrs is None:  # torch views of the lists (CuPy buffers of a DynamicMask), made once
+        arrs = tok.tensors = _as_torch(tok.arrays)
+    if not tok.dynamic:
+        return arrs, tok.ptrs
+    copies = [None if x is None else x.clone() for x in
+              (getattr(arrs, f) for f in _LIST_FIELDS)]
+    return (SparseArrays(*copies, block_m=arrs.block_m, block_n=arrs.block_n),
+            [0 if x is None else x.data_ptr() for x in copies])
+
+
+def _as_torch(arrs: SparseArrays) -> SparseArrays:
+    """``arrs`` with every array a torch tensor (CuPy ones viewed through DLPack, no copy)."""
+    return dataclasses.replace(arrs, **{
+        f: x if x is None or isinstance(x, torch.Tensor) else torch.from_dlpack(x)
+        for f in _LIST_FIELDS for x in (getattr(arrs, f),)})
 
 
 # --- running a plan ----------------------------------------------------------------------
@@ -296,20 +339,26 @@ def _build_forward(key: tuple, q: Any, cu_q: Any, cu_k: Any, need_lse: bool,
 
 class _Call:
     """One autograd call: the forward entry (None until the forward plan is cached), the
-    validated problem, the inputs that get no gradient, the cache key, and whether lse is an
-    output (else it is only saved for the backward)."""
-    __slots__ = ("entry", "pb", "deterministic", "mask", "cu_q", "cu_k", "key", "lse")
+    validated problem, the inputs that get no gradient, the cache key, whether lse is an
+    output (else it is only saved for the backward), and a block mask's lists that this call's
+    forward and backward read (None without) with their pointers (``SPARSE_INPUTS`` order):
+    held here until the backward, as the custom op saves them."""
+    __slots__ = ("entry", "pb", "deterministic", "mask", "cu_q", "cu_k", "key", "lse",
+                 "sparse", "sp_ptrs")
 
     def __init__(self, entry: _Entry | None, pb: Problem, deterministic: bool, mask: Any,
-                 cu_q: Any, cu_k: Any, key: tuple, lse: bool) -> None:
+                 cu_q: Any, cu_k: Any, key: tuple, lse: bool,
+                 sparse: SparseArrays | None = None, sp_ptrs: list[int] = _NO_PTRS) -> None:
         self.entry, self.pb, self.deterministic = entry, pb, deterministic
         self.mask, self.cu_q, self.cu_k, self.key, self.lse = mask, cu_q, cu_k, key, lse
+        self.sparse, self.sp_ptrs = sparse, sp_ptrs
 
 
 def _exec_backward(entry: _Entry, lib: str, dout: Any, dlse: Any, q: Any, k: Any, v: Any,
-                   mask: Any, bias: Any, cu_q: Any, cu_k: Any, out: Any, lse: Any
-                   ) -> tuple[Any, Any, Any, Any]:
-    """A cached backward plan on this call's arrays: allocate, patch, launch, finish."""
+                   mask: Any, bias: Any, cu_q: Any, cu_k: Any, out: Any, lse: Any,
+                   sp_ptrs: list[int] = _NO_PTRS) -> tuple[Any, Any, Any, Any]:
+    """A cached backward plan on this call's arrays (``sp_ptrs``: its block lists'
+    pointers): allocate, patch, launch, finish."""
     HITS[1] += 1
     finish = entry.finish
     if finish is None:
@@ -317,7 +366,7 @@ def _exec_backward(entry: _Entry, lib: str, dout: Any, dlse: Any, q: Any, k: Any
     run = entry.run or _bind(entry, lib, q)
     # dQ is cast out of the workspace here, on the same stream, before another call can
     # reuse it (scratch)
-    return finish(run((q, k, v, mask, bias, cu_q, cu_k, out, lse, dout, dlse)))
+    return finish(run((q, k, v, mask, bias, cu_q, cu_k, out, lse, dout, dlse), sp_ptrs))
 
 
 def _run_backward(call: _Call, dout: Any, dlse: Any, q: Any, k: Any, v: Any, mask: Any,
@@ -330,13 +379,13 @@ def _run_backward(call: _Call, dout: Any, dlse: Any, q: Any, k: Any, v: Any, mas
     entry = _ABSENT if plans is None else plans.get(bkey, _ABSENT)
     if entry is not None and entry is not _ABSENT:
         return _exec_backward(entry, "torch", dout, dlse, q, k, v, mask, bias, cu_q, cu_k, out,
-                              lse)
+                              lse, call.sp_ptrs)
     # validated once at the forward; the problem of this call's own arrays
     pb = dataclasses.replace(call.pb, q=describe(q), k=describe(k), v=describe(v),
                              mask=None if mask is None else describe(mask),
                              bias=None if bias is None else describe(bias))
     grads, plan = backward_call(pb, dout, q, k, v, out, lse, cu_q, cu_k, dlse,
-                                call.deterministic, need_dbias)
+                                call.deterministic, need_dbias, call.sparse)
     if entry is _ABSENT and plans is not None:
         if len(plans) >= _MAX_BWD_PER_FWD:
             plans.clear()
@@ -349,14 +398,15 @@ if torch is not None:
                            ) -> tuple[Any, Any]:
         entry = call.entry
         if entry is None:
-            out, lse, plan = forward_call(call.pb, q, call.cu_q, call.cu_k, return_lse=True)
+            out, lse, plan = forward_call(call.pb, q, call.cu_q, call.cu_k, return_lse=True,
+                                          sparse=call.sparse)
             if plan is not None and plan.cacheable:
                 call.entry = _Entry(plan, call.pb, True)
             forward_plans.put(call.key, call.entry)
         else:
             HITS[0] += 1
             bufs = (entry.run or _bind(entry, "torch", q))(
-                (q, k, v, call.mask, bias, call.cu_q, call.cu_k))
+                (q, k, v, call.mask, bias, call.cu_q, call.cu_k), call.sp_ptrs)
             out, lse = bufs[0], bufs[1]
         # saved (not just held) so that an in-place change before backward() raises
         ctx.save_for_backward(q, k, v, bias, out, lse, call.mask, call.cu_q, call.cu_k)
@@ -415,22 +465,30 @@ if torch is not None:
 
 def _build_autograd(key: tuple, q: Any, k: Any, v: Any, mask: Any, bias: Any, cu_q: Any,
                     cu_k: Any, return_lse: bool, deterministic: Any,
-                    validate: Callable[[], Problem]) -> Any:
+                    validate: Callable[[], Problem], tok: _Token | None = None) -> Any:
     """The first call with ``key`` that wants a gradient: ``out`` or ``(out, lse)`` through
-    ``_Attention`` / ``_AttentionLse`` (whose forward builds and keeps the plan), or MISS."""
+    ``_Attention`` / ``_AttentionLse`` (whose forward builds and keeps the plan), or MISS.
+    ``tok``: a block mask's token; its lists serve the call where they tile the forward and
+    backward kernels (``lists_fit``, as ``autograd`` decides), else the key is remembered as
+    the validated path's (which ANDs the mask's dense form into attn_mask)."""
     pb = _validated_kernel_problem(key, validate)
     if pb is None:
         return MISS
+    if tok is not None and tok.arrays is not None and not lists_fit(
+            (tok.arrays.block_m, tok.arrays.block_n), pb.dtype, pb.head_dim,
+            pb.mask is not None):
+        forward_plans.put(key, None)
+        return MISS
     return _apply(q, k, v, bias, _Call(None, pb, bool(deterministic), mask, cu_q, cu_k, key,
-                                       return_lse))
+                                       return_lse, *_grad_lists(tok)))
 
 
 def _build(k: tuple, grad: bool, q: Any, key: Any, v: Any, mask: Any, bias: Any, cu_q: Any,
            cu_k: Any, return_lse: Any, deterministic: Any,
            validate: Callable[[], Problem]) -> Any:
-    """The first call of ``dense``/``varlen`` with key ``k``: through autograd when it needs
-    a gradient (never with a block mask), else the forward alone; ``out`` or ``(out, lse)``,
-    or MISS."""
+    """The first call of ``dense``/``varlen`` with key ``k`` (without a sparse mask): through
+    autograd when it needs a gradient, else the forward alone; ``out`` or ``(out, lse)``, or
+    MISS."""
     if grad:
         return _build_autograd(k, q, key, v, mask, bias, cu_q, cu_k, return_lse,
                                deterministic, validate)
@@ -454,18 +512,21 @@ def dense(query: Any, key: Any, value: Any, attn_mask: Any, attn_bias: Any, soft
     if lib == "torch" and _compiling():
         return MISS
     sp_ptrs = _NO_PTRS
+    tok = None
     try:
         grad = lib == "torch" and _wants_grad(query, key, value, attn_bias)
         sig = _tsig if lib == "torch" else _csig
         sq = sig(query)
-        sp_id = None
+        sp_id: Any = None
         if sparse_mask is not None:
-            if grad or backend == "reference":
+            if backend == "reference":
                 return MISS
             tok = _sparse_token(sparse_mask, lib, sq[3], query)
             if tok is None:
                 return MISS
-            sp_id, sp_ptrs = tok
+            sp_ptrs = tok.ptrs
+            # with a gradient its own plan: lists only where they tile the backward too
+            sp_id = (tok.id, True) if grad else tok.id
         k = (0, lib, sq, sig(key), sig(value), sig(attn_mask), sig(attn_bias),
              softmax_scale, is_causal, window_size, softcap, return_lse or grad, return_lse,
              deterministic, backend, env.plan_state(), sp_id)
@@ -479,7 +540,8 @@ def dense(query: Any, key: Any, value: Any, attn_mask: Any, attn_bias: Any, soft
     if entry is not _ABSENT:   # a hit: nothing validated
         if grad:
             return _apply(query, key, value, attn_bias, _Call(
-                entry, entry.pb, bool(deterministic), attn_mask, None, None, k, return_lse))
+                entry, entry.pb, bool(deterministic), attn_mask, None, None, k, return_lse,
+                *_grad_lists(tok)))
         HITS[0] += 1
         bufs = (entry.run or _bind(entry, lib, query))(
             (query, key, value, attn_mask, attn_bias, None, None), sp_ptrs)
@@ -499,6 +561,9 @@ def dense(query: Any, key: Any, value: Any, attn_mask: Any, attn_bias: Any, soft
     if sparse_mask is None:
         return _build(k, grad, query, key, value, attn_mask, attn_bias, None, None, return_lse,
                       deterministic, validate)
+    if grad:
+        return _build_autograd(k, query, key, value, attn_mask, attn_bias, None, None,
+                               return_lse, deterministic, validate, tok)
     res = _build_forward(k, query, None, None, return_lse, validate, lambda: block)
     if res is MISS:
         return MISS

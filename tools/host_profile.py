@@ -272,7 +272,8 @@ def _thin_pieces(calls: int, device: str, q: Any, k: Any, v: Any, dout: Any,
     row = _row_recorder(rows, calls, device, sync)
 
     fe = next((e for e in list(fastpath.forward_plans._d.values())
-               if e is not None and e.bwd and e.lse), None)
+               if e is not None and e.bwd and e.lse and "sp_full_count" not in e.plan.inputs),
+              None)   # (the block mask row's plans take its lists too)
     be = next((e for e in fe.bwd.values() if e is not None), None) if fe is not None else None
     if be is None:
         return [("thin pieces [no cached fwd+bwd plan]", None)]
@@ -285,11 +286,75 @@ def _thin_pieces(calls: int, device: str, q: Any, k: Any, v: Any, dout: Any,
     row("thin: forward runner (alloc + patch + launch)", lambda: fe.run(xs))
     row("thin: backward, no autograd (_exec_backward)", lambda: fastpath._exec_backward(
         be, "torch", dout, None, q, k, v, None, None, None, None, out, lse))
+    rows.extend(_engine_pieces(calls, device, q, k, v, dout, sync, be, out, lse))
     row("thin: stream_ptr", lambda: runtime.stream_ptr("torch", fe.plan.device))
     row("thin: stream_capturing", lambda: runtime.stream_capturing(stream))
     ws = torch.empty(q.numel() + 64, dtype=torch.float32, device=device)
     shape, st = tuple(q.shape), tuple(q.stride())
     row("calib: dQ cast (as_strided + .to)", lambda: ws.as_strided(shape, st, 0).to(q.dtype))
+    return rows
+
+
+def _engine_pieces(calls: int, device: str, q: Any, k: Any, v: Any, dout: Any,
+                   sync: Callable[[], None], be: Any, out: Any, lse: Any
+                   ) -> list[tuple[str, float | None]]:
+    """Where the backward's time goes between torch's autograd engine and our Function: each
+    row is ``torch.autograd.grad(..., retain_graph=True)`` (backward alone) through one more
+    piece of what ``_Attention`` does, from a no-op Function over q, k, v up to our backward
+    kernels on held tensors. On CUDA the engine runs these on its device thread (a CPU graph
+    runs on the caller's: the stub cannot show that hand-off), so the last row times
+    ``_exec_backward`` in a second Python thread (compare "thin: backward, no autograd")."""
+    import threading
+
+    import torch
+
+    from dmattn_cupy import fastpath
+
+    rows: list[tuple[str, float | None]] = []
+    row = _row_recorder(rows, calls, device, sync)
+    qg, kg, vg = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    held = [torch.empty_like(x) for x in (q, k, v)]
+
+    def run_kernels(g: Any) -> tuple[Any, ...]:
+        return fastpath._exec_backward(be, "torch", g, None, q, k, v, None, None, None, None,
+                                       out, lse)[:3]
+
+    # backward bodies: held grads / fresh empties / our kernels (dQ, dK, dV of dout)
+    bodies = {"held grads": lambda ctx, g: tuple(held),
+              "3 fresh empty_like": lambda ctx, g: tuple(torch.empty_like(x) for x in held),
+              "saved_tensors + our kernels": lambda ctx, g: (ctx.saved_tensors, run_kernels(g)
+                                                             )[1]}
+    for name, body in bodies.items():
+        class _Piece(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx: Any, q: Any, k: Any, v: Any, bias: Any, call: Any) -> Any:
+                ctx.save_for_backward(q, k, v, bias, out, lse, None, None, None)
+                ctx.call = call
+                return torch.empty_like(q)
+
+            @staticmethod
+            def backward(ctx: Any, g: Any, body: Any = body) -> Any:
+                return (*body(ctx, g), None, None)
+
+        kept = _Piece.apply(qg, kg, vg, None, object())
+        row(f"engine: Function like ours, {name}", lambda kept=kept: torch.autograd.grad(
+            kept, (qg, kg, vg), dout, retain_graph=True))
+
+    timed: list[Any] = []   # timed inside the thread (a stubbed row counts its CPU time)
+
+    def in_thread() -> None:
+        try:
+            timed.append(per_call_us(lambda: run_kernels(dout), calls, sync,
+                                     cpu_clock=device == "cpu"))
+        except Exception as e:  # noqa: BLE001
+            timed.append(e)
+
+    t = threading.Thread(target=in_thread)
+    t.start()
+    t.join()
+    name = "engine: _exec_backward in a second thread"
+    rows.append((name, timed[0]) if not isinstance(timed[0], Exception) else
+                (f"{name} [{type(timed[0]).__name__}]", None))
     return rows
 
 

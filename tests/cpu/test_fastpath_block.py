@@ -216,6 +216,7 @@ def test_masks_of_the_same_shapes_share_a_plan_not_its_pointers(cap):
 
 def test_block_mask_calls_the_thin_path_cannot_prove_take_the_validated_path(cap,
                                                                               monkeypatch):
+    """(Calls that want a gradient: test_fastpath_block_grad.py.)"""
     block = (128, 128)
     args = _qkv()
     m = _mask("bitset", block)
@@ -231,9 +232,6 @@ def test_block_mask_calls_the_thin_path_cannot_prove_take_the_validated_path(cap
     assert fastpath.dense(qn, qn, qn, *miss, "auto", m) is fastpath.MISS
     # backend='reference' (the float64 reference applies the mask itself)
     assert fastpath.dense(*args, *miss, "reference", m) is fastpath.MISS
-    # a gradient wanted: the validated autograd path, every call
-    qg, kg, vg = (x.clone().requires_grad_() for x in args)
-    assert fastpath.dense(qg, kg, vg, *miss, "auto", m) is fastpath.MISS
     # torch.compile tracing
     monkeypatch.setattr(fastpath, "_compiling", lambda: True)
     assert fastpath.dense(*args, *miss, "auto", m) is fastpath.MISS
