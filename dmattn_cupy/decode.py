@@ -24,13 +24,18 @@ from typing import Any
 
 from . import arrays, env, runtime
 from .arrays import ArrayInfo, describe
-from .device import DeviceProps
-from .families import (DECODE_MAX_SLOTS, RING_MAX_STAGES, RING_SMEM, RING_WARPS, decode_smem,
-                       ring_smem)
+from .device import DeviceProps, parse_arch
+from .families import (
+    DECODE_MAX_SLOTS,
+    FAMILIES,
+    RING_MAX_STAGES,
+    RING_SMEM,
+    decode_smem,
+    ring_smem,
+    ring_warps,
+)
 from .launch_plan import Alloc, Launch, Plan
 from .layout import FWD_INPUTS, build_fwd_params, fwd_pointer_fields
-from .device import parse_arch
-from .families import FAMILIES
 from .spec import DTYPES, HEAD_DIMS, KernelSpec, padded_head_dim
 from .validate import Problem
 
@@ -64,11 +69,11 @@ def decode_spec(pb: Problem, arch: str = "sm_80") -> KernelSpec:
 
 def ring_spec(pb: Problem) -> KernelSpec:
     """The sm_90a ring decode specialization of ``pb`` (sm90/fwd_decode_ring.cu)."""
+    hd = padded_head_dim(pb.head_dim)
     return KernelSpec(family="fwd_decode_ring", block_m=BLOCK_M, block_n=BLOCK_N,
-                      num_warps=RING_WARPS, has_mask=pb.mask is not None,
+                      num_warps=ring_warps(hd), has_mask=pb.mask is not None,
                       has_bias=pb.bias is not None, varlen=pb.varlen,
-                      dtype="fp16" if pb.dtype == "float16" else "bf16",
-                      head_dim=padded_head_dim(pb.head_dim))
+                      dtype="fp16" if pb.dtype == "float16" else "bf16", head_dim=hd)
 
 
 def ring_stages(pb: Problem, dev: DeviceProps, mask_rows: int, bias_rows: int) -> int:
@@ -85,7 +90,7 @@ def ring_stages(pb: Problem, dev: DeviceProps, mask_rows: int, bias_rows: int) -
     cap = min(env.decode_ring_stages() or RING_STAGES, RING_MAX_STAGES)
     limit = min(RING_SMEM, dev.smem_per_block)
     fit = [s for s in range(2, cap + 1)
-           if ring_smem(hd, RING_WARPS, mask_rows, bias_rows, s) <= limit]
+           if ring_smem(hd, ring_warps(hd), mask_rows, bias_rows, s) <= limit]
     return fit[-1] if fit else 0
 
 
@@ -111,7 +116,7 @@ def all_decode_specs(arch: str = "sm_80") -> list[KernelSpec]:
                         if ring:
                             specs.append(KernelSpec(family="fwd_decode_ring", dtype=dtype,
                                                     head_dim=hd, block_m=BLOCK_M,
-                                                    block_n=BLOCK_N, num_warps=RING_WARPS,
+                                                    block_n=BLOCK_N, num_warps=ring_warps(hd),
                                                     has_mask=mask, has_bias=bias,
                                                     varlen=varlen))
             specs.append(KernelSpec(family="fwd_combine", dtype=dtype, head_dim=hd, block_m=1,
@@ -205,8 +210,17 @@ def choose_num_splits(pb: Problem, spec: KernelSpec, registers: int, dev: Device
     if forced is not None:
         return max(1, min(forced, n_tiles, MAX_SPLITS))
     ctas = num_m_blocks(pb) * pb.kv_heads * pb.batch
+    if spec.family == "fwd_decode_ring":  # persistent: one CTA per SM takes the items
+        return num_splits_heuristic(ctas, dev.sm_count, n_tiles)
     slots = dev.sm_count * resident_ctas(spec, registers, dev, smem)
     return num_splits_heuristic(ctas, slots, n_tiles)
+
+
+def ring_grid(pb: Problem, num_splits: int, dev: DeviceProps) -> tuple[int, int, int]:
+    """The ring kernel's persistent grid: one CTA per SM, at most one per work item (item =
+    (sequence, kv head, 16-row slab, split); CTA c takes items c, c + grid, ...)."""
+    items = num_m_blocks(pb) * num_splits * pb.kv_heads * pb.batch
+    return max(1, min(items, dev.sm_count)), 1, 1
 
 
 _carveout_set: set[tuple[KernelSpec, int]] = set()
@@ -250,20 +264,16 @@ def plan_decode(pb: Problem, plan: Plan, query: Any, out: ArrayInfo, lse_ptr: in
         runtime.prefer_shared_memory(kernel)
         _carveout_set.add((spec, dev))
     n_tiles = math.ceil(pb.seqlen_k / spec.block_n)
-    if stages:  # persistent: one CTA per SM, its ring sized by the launch's shared memory
+    if stages:  # persistent: its ring sized by the launch's shared memory
         smem = ring_smem(spec.head_dim, spec.num_warps, mask_rows, bias_rows, stages)
-        forced = num_splits if num_splits > 0 else env.forced_splits()
-        ctas = num_m_blocks(pb) * pb.kv_heads * pb.batch
-        ns = (max(1, min(forced, n_tiles, MAX_SPLITS)) if forced is not None
-              else num_splits_heuristic(ctas, props.sm_count, n_tiles))
-        grid = (max(1, min(ctas * ns, props.sm_count)), 1, 1)
     else:
         smem = launch_smem(spec, rec[0])
-        if num_splits > 0:
-            ns = max(1, min(num_splits, n_tiles, MAX_SPLITS))
-        else:
-            ns = choose_num_splits(pb, spec, kernel.registers, props, smem)
-        grid = (num_m_blocks(pb) * ns, pb.kv_heads, pb.batch)
+    if num_splits > 0:
+        ns = max(1, min(num_splits, n_tiles, MAX_SPLITS))
+    else:
+        ns = choose_num_splits(pb, spec, kernel.registers, props, smem)
+    grid = ring_grid(pb, ns, props) if stages else (num_m_blocks(pb) * ns, pb.kv_heads,
+                                                     pb.batch)
     total_rows = pb.total_q if pb.varlen else pb.batch * pb.seqlen_q
     r = rec[0]
     r["num_splits"] = ns

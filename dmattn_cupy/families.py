@@ -181,9 +181,16 @@ def _smem_decode(s: SpecShape) -> int:
     return decode_smem(s, DECODE_MAX_SLOTS, DECODE_MAX_SLOTS)
 
 
-RING_WARPS = 8           # sm90/fwd_decode_ring.cu: consumer warps (2 groups of 4) + 1 producer
+RING_WARPS = 8           # sm90/fwd_decode_ring.cu at d <= 128: consumer warps (2 groups of 4)
 RING_MAX_STAGES = 8      # kRingMaxStages: its barrier slots
 RING_SMEM = 227 * 1024   # the ring spec's dynamic shared memory cap (H100/H200 opt-in limit)
+
+
+def ring_warps(head_dim: int) -> int:
+    """Consumer warps of the ring kernel (a producer warp comes on top): two groups of 4 at
+    d <= 128; one group above (9 warps are allocated registers as 12: 168 each, and the d192 /
+    d256 accumulators spilled there)."""
+    return RING_WARPS if head_dim <= 128 else 4
 
 
 def ring_fixed_bytes(head_dim: int, num_warps: int) -> int:
