@@ -11,6 +11,10 @@ Environment (developers and tests; read by ``env``):
   (every supported problem, whatever its query length).
 - ``DMATTN_NUM_SPLITS``: unset/``auto`` = the heuristic below; an integer >= 1 forces it
   (capped at the number of key tiles and ``MAX_SPLITS``).
+- ``DMATTN_DECODE_RING`` (``0`` default / ``1``): on compute capability 9.0, the persistent
+  bulk-copy ring kernel (sm90/fwd_decode_ring.cu: one CTA per SM, a producer warp, 2..8
+  stages) instead of fwd_decode.cu where it takes the layout (``ring_stages``);
+  ``DMATTN_DECODE_RING_STAGES`` caps its depth (default ``RING_STAGES``).
 """
 
 from __future__ import annotations
@@ -20,8 +24,16 @@ from typing import Any
 
 from . import arrays, env, runtime
 from .arrays import ArrayInfo, describe
-from .device import DeviceProps
-from .families import DECODE_MAX_SLOTS, decode_smem
+from .device import DeviceProps, parse_arch
+from .families import (
+    DECODE_MAX_SLOTS,
+    FAMILIES,
+    RING_MAX_STAGES,
+    RING_SMEM,
+    decode_smem,
+    ring_smem,
+    ring_warps,
+)
 from .launch_plan import Alloc, Launch, Plan
 from .layout import FWD_INPUTS, build_fwd_params, fwd_pointer_fields
 from .spec import DTYPES, HEAD_DIMS, KernelSpec, padded_head_dim
@@ -34,6 +46,7 @@ BLOCK_N = 16 * NUM_WARPS  # keys per tile: 16 per warp
 MAX_SPLITS = 128
 COMBINE_WARPS = 4       # (row, head) pairs per combine CTA
 RESERVED_SMEM_PER_CTA = 1024  # shared memory the driver reserves per resident CTA
+RING_STAGES = 6         # the ring kernel's default depth (at most; fewer where they do not fit)
 
 def use_decode(pb: Problem) -> bool:
     """The decode path takes short-query problems (q/k/v rows are 16-byte aligned by then)."""
@@ -54,14 +67,43 @@ def decode_spec(pb: Problem, arch: str = "sm_80") -> KernelSpec:
                       has_bias=pb.bias is not None, varlen=pb.varlen, **_common(pb, arch))
 
 
+def ring_spec(pb: Problem) -> KernelSpec:
+    """The sm_90a ring decode specialization of ``pb`` (sm90/fwd_decode_ring.cu)."""
+    hd = padded_head_dim(pb.head_dim)
+    return KernelSpec(family="fwd_decode_ring", block_m=BLOCK_M, block_n=BLOCK_N,
+                      num_warps=ring_warps(hd), has_mask=pb.mask is not None,
+                      has_bias=pb.bias is not None, varlen=pb.varlen,
+                      dtype="fp16" if pb.dtype == "float16" else "bf16", head_dim=hd)
+
+
+def ring_stages(pb: Problem, dev: DeviceProps, mask_rows: int, bias_rows: int) -> int:
+    """Stages of the ring kernel for ``pb`` on ``dev`` with these staged mask/bias rows, or 0
+    where it does not take the call: DMATTN_DECODE_RING off, not compute capability 9.0, rows
+    whose bytes are not a multiple of 16 (head_dim % 8), k/v bases or strides (pages
+    included) not 16-byte aligned (1-D bulk copies), or fewer than 2 stages fit."""
+    if not env.decode_ring() or dev.cc != (9, 0) or pb.head_dim % 8:
+        return 0
+    if not all(i.ptr % 16 == 0 and all(st % 8 == 0 for st in i.strides[:-1])
+               for i in (pb.k, pb.v)):
+        return 0
+    hd = padded_head_dim(pb.head_dim)
+    cap = min(env.decode_ring_stages() or RING_STAGES, RING_MAX_STAGES)
+    limit = min(RING_SMEM, dev.smem_per_block)
+    fit = [s for s in range(2, cap + 1)
+           if ring_smem(hd, ring_warps(hd), mask_rows, bias_rows, s) <= limit]
+    return fit[-1] if fit else 0
+
+
 def combine_spec(pb: Problem, arch: str = "sm_80") -> KernelSpec:
     return KernelSpec(family="fwd_combine", block_m=1, block_n=1, num_warps=COMBINE_WARPS,
                       **_common(pb, arch))
 
 
 def all_decode_specs(arch: str = "sm_80") -> list[KernelSpec]:
-    """Every decode and combine specialization for a portable target ``arch``."""
+    """Every decode and combine specialization for a portable target ``arch`` (and, where
+    ``arch`` is compute capability 9.0, every sm_90a ring decode specialization)."""
     specs = []
+    ring = FAMILIES["fwd_decode_ring"].runs_on(parse_arch(arch)[0])
     for dtype in DTYPES:
         for hd in HEAD_DIMS:
             for mask in (False, True):
@@ -71,6 +113,12 @@ def all_decode_specs(arch: str = "sm_80") -> list[KernelSpec]:
                                                 block_m=BLOCK_M, block_n=BLOCK_N,
                                                 num_warps=NUM_WARPS, has_mask=mask,
                                                 has_bias=bias, varlen=varlen, arch=arch))
+                        if ring:
+                            specs.append(KernelSpec(family="fwd_decode_ring", dtype=dtype,
+                                                    head_dim=hd, block_m=BLOCK_M,
+                                                    block_n=BLOCK_N, num_warps=ring_warps(hd),
+                                                    has_mask=mask, has_bias=bias,
+                                                    varlen=varlen))
             specs.append(KernelSpec(family="fwd_combine", dtype=dtype, head_dim=hd, block_m=1,
                                     block_n=1, num_warps=COMBINE_WARPS, arch=arch))
     return specs
@@ -124,9 +172,9 @@ def staged_rows(mode: int, q_per_kv: int) -> int:
     return 1 if mode == 0 else q_per_kv if mode == 1 else DECODE_MAX_SLOTS
 
 
-def launch_smem(spec: KernelSpec, rec: Any) -> int:
-    """The dynamic shared memory of a decode launch whose record ``rec`` is filled (its slot
-    modes are set here from its mask/bias strides)."""
+def set_slot_modes(rec: Any) -> tuple[int, int]:
+    """Set a filled record's mask/bias slot modes from its strides; returns the staged rows
+    of each (whether or not the tensor is present)."""
     qpk = int(rec["q_per_kv"])
     rows = []
     for name in ("mask", "bias"):
@@ -134,7 +182,13 @@ def launch_smem(spec: KernelSpec, rec: Any) -> int:
                          int(rec[f"{name}_head_ratio"]), qpk)
         rec[f"{name}_slot_mode"] = mode
         rows.append(staged_rows(mode, qpk))
-    return decode_smem(spec, rows[0], rows[1])
+    return rows[0], rows[1]
+
+
+def launch_smem(spec: KernelSpec, rec: Any) -> int:
+    """The dynamic shared memory of a decode launch whose record ``rec`` is filled (its slot
+    modes are set here from its mask/bias strides)."""
+    return decode_smem(spec, *set_slot_modes(rec))
 
 
 def resident_ctas(spec: KernelSpec, registers: int, dev: DeviceProps,
@@ -156,8 +210,17 @@ def choose_num_splits(pb: Problem, spec: KernelSpec, registers: int, dev: Device
     if forced is not None:
         return max(1, min(forced, n_tiles, MAX_SPLITS))
     ctas = num_m_blocks(pb) * pb.kv_heads * pb.batch
+    if spec.family == "fwd_decode_ring":  # persistent: one CTA per SM takes the items
+        return num_splits_heuristic(ctas, dev.sm_count, n_tiles)
     slots = dev.sm_count * resident_ctas(spec, registers, dev, smem)
     return num_splits_heuristic(ctas, slots, n_tiles)
+
+
+def ring_grid(pb: Problem, num_splits: int, dev: DeviceProps) -> tuple[int, int, int]:
+    """The ring kernel's persistent grid: one CTA per SM, at most one per work item (item =
+    (sequence, kv head, 16-row slab, split); CTA c takes items c, c + grid, ...)."""
+    items = num_m_blocks(pb) * num_splits * pb.kv_heads * pb.batch
+    return max(1, min(items, dev.sm_count)), 1, 1
 
 
 _carveout_set: set[tuple[KernelSpec, int]] = set()
@@ -188,19 +251,29 @@ def plan_decode(pb: Problem, plan: Plan, query: Any, out: ArrayInfo, lse_ptr: in
     ``fields`` and ``num_splits``: as ``run_decode``'s."""
     dev = pb.q.device
     props = runtime.device_props(dev)
-    spec = decode_spec(pb, props.arch)
-    kernel = runtime.get_kernel(spec, dev)
-    if (spec, dev) not in _carveout_set:  # several decode CTAs per SM
-        runtime.prefer_shared_memory(kernel)
-        _carveout_set.add((spec, dev))
     rec = build_fwd_params(pb, out, lse_ptr, cu_q_ptr, cu_k_ptr)
     for name, value in (fields or {}).items():
         rec[0][name] = value
-    smem = launch_smem(spec, rec[0])
+    mask_rows, bias_rows = set_slot_modes(rec[0])
+    mask_rows, bias_rows = (mask_rows if pb.mask is not None else 0,
+                            bias_rows if pb.bias is not None else 0)
+    stages = ring_stages(pb, props, mask_rows, bias_rows)
+    spec = ring_spec(pb) if stages else decode_spec(pb, props.arch)
+    kernel = runtime.get_kernel(spec, dev)
+    if (spec, dev) not in _carveout_set:  # several decode CTAs per SM / the ring's 227 KB
+        runtime.prefer_shared_memory(kernel)
+        _carveout_set.add((spec, dev))
+    n_tiles = math.ceil(pb.seqlen_k / spec.block_n)
+    if stages:  # persistent: its ring sized by the launch's shared memory
+        smem = ring_smem(spec.head_dim, spec.num_warps, mask_rows, bias_rows, stages)
+    else:
+        smem = launch_smem(spec, rec[0])
     if num_splits > 0:
-        ns = max(1, min(num_splits, math.ceil(pb.seqlen_k / spec.block_n), MAX_SPLITS))
+        ns = max(1, min(num_splits, n_tiles, MAX_SPLITS))
     else:
         ns = choose_num_splits(pb, spec, kernel.registers, props, smem)
+    grid = ring_grid(pb, ns, props) if stages else (num_m_blocks(pb) * ns, pb.kv_heads,
+                                                     pb.batch)
     total_rows = pb.total_q if pb.varlen else pb.batch * pb.seqlen_q
     r = rec[0]
     r["num_splits"] = ns
@@ -218,8 +291,7 @@ def plan_decode(pb: Problem, plan: Plan, query: Any, out: ArrayInfo, lse_ptr: in
         r["o_accum"], r["lse_accum"] = base, base + lse_at
         plan.slot("o_acc", rec, "o_accum")
         plan.slot("o_acc", rec, "lse_accum", add=lse_at)
-    plan.launches.append(Launch(kernel, (num_m_blocks(pb) * ns, pb.kv_heads, pb.batch), (rec,),
-                                shared_mem=smem))
+    plan.launches.append(Launch(kernel, grid, (rec,), shared_mem=smem))
     if ns > 1:
         combine = runtime.get_kernel(combine_spec(pb, props.arch), dev)
         n_pairs = total_rows * pb.heads
