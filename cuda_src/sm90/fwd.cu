@@ -99,6 +99,8 @@ __host__ __device__ constexpr int claimed_item(uint32_t claim, uint32_t grid, in
 // - DM_SM90_Q_BUFS: 2 (default) gives Q two buffers where shared memory allows (Sm90FwdSmem::
 //   kQBufs), so the producer loads the next work item's Q while the consumers still run the
 //   current one; 1: one buffer, loaded once the consumers released the last item's.
+//   DM_SM90_DENSE_STAGES=3 (host only: forward_sm90.tile) gives the dense d64/d128 tiles three
+//   K/V stages instead (then one Q buffer at d128).
 // - DM_SM90_CLAIM_AHEAD: 1 (default) makes the dynamic scheduler's claim of the next item at
 //   the start of the current one (its atomic's round trip hidden behind the item's tiles); 0:
 //   after the item's end stage.
