@@ -4,12 +4,15 @@ several CTAs, the kernel's claim arithmetic against that model (NVRTC static_ass
 host's grid, shared memory and argument record per schedule.
 
 The model follows the kernel step by step: each CTA's producer warp starts at item blockIdx.x,
-claims every next item with atomicInc(counter, num_items - 1) after pushing the current item's
-end stage, passes items with nothing to do (varlen tiles past their sequence) straight to the
-next claim, and ends with a stage naming item -1; the two consumer warpgroups read an item's
-index from its first stage (a tile or its end), walk its stages and release each one. Stages
-form a ring of k_stages mbarrier pairs: the producer may refill a stage only once both
-consumers released its previous use."""
+claims every next item with atomicInc(counter, num_items - 1) at the current item's start
+(DM_SM90_CLAIM_AHEAD=1, the default; =0: after pushing its end stage), passes items with
+nothing to do (varlen tiles past their sequence) straight to the next claim, and ends with a
+stage naming item -1; the two consumer warpgroups read an item's index from its first stage
+(a tile or its end), walk its stages and release each one. With DM_SM90_END_FLAG=1 an item's
+last tile carries the flag and no end stage follows (an item without tiles keeps its end
+stage). Stages form a ring of k_stages mbarrier pairs: the producer may refill a stage only
+once both consumers released its previous use; Q's buffers (1 or 2) form a ring too, loaded
+per item once both consumers released the item q_bufs before."""
 
 from __future__ import annotations
 
@@ -40,9 +43,11 @@ class Launch:
     global step)."""
 
     def __init__(self, counter: list[int] | None, num_items: int, grid: int, tiles: list[int],
-                 live: list[bool], k_stages: int) -> None:
+                 live: list[bool], k_stages: int, claim_ahead: bool = True,
+                 end_flag: bool = False, q_bufs: int = 2) -> None:
         self.counter, self.n, self.grid = counter, num_items, grid
         self.tiles, self.live, self.k = tiles, live, k_stages
+        self.claim_ahead, self.end_flag, self.q_bufs = claim_ahead, end_flag, q_bufs
         self.claimed: list[int] = []                     # every claim's item, in claim order
         self.pushed = [[] for _ in range(grid)]          # items the producer pushed, per CTA
         self.seen = [[[], []] for _ in range(grid)]      # items each consumer walked, per CTA
@@ -50,12 +55,12 @@ class Launch:
     def producer(self, x: int, ring: dict):
         stage = use = 0
 
-        def push(tile: int, item: int):
+        def push(tile: int, item: int, last: bool = False):
             nonlocal stage, use
             while ring["full"][stage] != use or min(ring["released"][c][stage]
                                                    for c in (0, 1)) != use:
                 yield                                     # mbar_wait(empty_k(stage))
-            ring["slot"][stage] = (tile, item)            # info[] / stage_item[] stores
+            ring["slot"][stage] = (tile, item, last)      # info[] / stage_item[] stores
             yield
             ring["full"][stage] += 1                      # the leader's arrive
             stage += 1
@@ -69,16 +74,30 @@ class Launch:
             self.claimed.append(nxt)
             return nxt
 
-        item = x
+        def load_q(u: int):
+            qx, quse = u % self.q_bufs, u // self.q_bufs
+            while min(ring["q_released"][c][qx] for c in (0, 1)) != quse:
+                yield                                     # mbar_wait(empty_q(qx))
+            ring["q_item"][qx] = u                        # the TMA load of Q
+            yield
+            ring["q_full"][qx] += 1
+
+        item, u = x, 0
         while item < self.n:
             if not self.live[item]:
                 item = yield from claim(item)
                 continue
             self.pushed[x].append(item)
-            for t in range(self.tiles[item]):
-                yield from push(t, item)
-            yield from push(-1, item)
-            item = yield from claim(item)                 # after the end stage
+            yield from load_q(u)
+            u += 1
+            if self.claim_ahead:
+                nxt = yield from claim(item)              # at the item's start
+            n_tiles = self.tiles[item]
+            for t in range(n_tiles):
+                yield from push(t, item, self.end_flag and t == n_tiles - 1)
+            if not (self.end_flag and n_tiles > 0):
+                yield from push(-1, item)
+            item = nxt if self.claim_ahead else (yield from claim(item))  # else: after the end
         yield from push(-2, -1)                           # no more items
 
     def consumer(self, x: int, c: int, ring: dict):
@@ -95,16 +114,21 @@ class Launch:
             if stage == self.k:
                 stage, use = 0, use + 1
 
+        u = 0
         while True:
             yield from wait_full()
-            tile, item = ring["slot"][stage]
+            tile, item, _ = ring["slot"][stage]
             if item < 0:
                 return
             self.seen[x][c].append(item)
+            qx, quse = u % self.q_bufs, u // self.q_bufs
+            while ring["q_full"][qx] <= quse:
+                yield                                     # mbar_wait(full_q(qx))
+            assert ring["q_item"][qx] == u, "Q of another item in this item's buffer"
             t_expect = 0
             while True:                                   # the item's tiles, then its end
                 yield from wait_full()
-                tile, it2 = ring["slot"][stage]
+                tile, it2, last = ring["slot"][stage]
                 assert it2 == item, "a stage of another item inside this item's walk"
                 if tile == -1:
                     release()
@@ -112,14 +136,21 @@ class Launch:
                 assert tile == t_expect
                 t_expect += 1
                 yield
+                assert ring["q_item"][qx] == u, "Q overwritten while the item reads it"
                 release()
+                if last:
+                    break
             assert t_expect == self.tiles[item]
+            ring["q_released"][c][qx] += 1                # release(empty_q(qx))
+            u += 1
 
     def run(self, rng: random.Random) -> None:
         gens = []
         for x in range(self.grid):
             ring = {"full": [0] * self.k, "released": [[0] * self.k, [0] * self.k],
-                    "slot": [None] * self.k}
+                    "slot": [None] * self.k, "q_full": [0] * self.q_bufs,
+                    "q_released": [[0] * self.q_bufs, [0] * self.q_bufs],
+                    "q_item": [None] * self.q_bufs}
             gens += [self.producer(x, ring), self.consumer(x, 0, ring),
                      self.consumer(x, 1, ring)]
         steps = 0
@@ -133,8 +164,13 @@ class Launch:
             assert steps < 10_000_000, "no progress: a role waits forever"
 
 
+@pytest.mark.parametrize("claim_ahead, end_flag, q_bufs",
+                         [(True, False, 2), (True, False, 1), (False, False, 1), (True, True, 2),
+                          (False, True, 1)],
+                         ids=["default", "one_q", "claim_after", "end_flag", "end_flag_claim_after"])
 @pytest.mark.parametrize("seed", range(12))
-def test_dynamic_schedule_claims_each_item_once_and_every_role_walks_the_same_items(seed):
+def test_dynamic_schedule_claims_each_item_once_and_every_role_walks_the_same_items(
+        seed, claim_ahead, end_flag, q_bufs):
     rng = random.Random(seed)
     counter = [0]   # one counter across launches, as the kept workspace is
     for _ in range(3):
@@ -142,7 +178,8 @@ def test_dynamic_schedule_claims_each_item_once_and_every_role_walks_the_same_it
         grid = rng.randint(1, min(n, 9))
         tiles = [rng.randint(0, 4) for _ in range(n)]    # 0: a row range with no key tile
         live = [rng.random() > 0.2 for _ in range(n)]    # False: a varlen tile past its end
-        ln = Launch(counter, n, grid, tiles, live, rng.choice([2, 3]))
+        ln = Launch(counter, n, grid, tiles, live, rng.choice([2, 3]), claim_ahead, end_flag,
+                    q_bufs)
         ln.run(rng)
         # every item is taken exactly once: the first items without a claim, the rest claimed
         firsts = list(range(min(grid, n)))
