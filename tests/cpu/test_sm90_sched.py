@@ -167,7 +167,8 @@ class Launch:
 @pytest.mark.parametrize("claim_ahead, end_flag, q_bufs",
                          [(True, False, 2), (True, False, 1), (False, False, 1), (True, True, 2),
                           (False, True, 1)],
-                         ids=["default", "one_q", "claim_after", "end_flag", "end_flag_claim_after"])
+                         ids=["default", "one_q", "claim_after", "end_flag",
+                              "end_flag_claim_after"])
 @pytest.mark.parametrize("seed", range(12))
 def test_dynamic_schedule_claims_each_item_once_and_every_role_walks_the_same_items(
         seed, claim_ahead, end_flag, q_bufs):
