@@ -74,11 +74,29 @@ def describe(x: Any) -> ArrayInfo:
     if kind == "torch":
         dev = x.device
         ordinal = (dev.index if dev.index is not None else 0) if dev.type == "cuda" else -1
+        x = _unwrapped(x)
         ptr = int(x.data_ptr()) if dev.type == "cuda" else 0
         return ArrayInfo("torch", dtype_name(x), tuple(x.shape), tuple(x.stride()), ordinal, ptr)
     raise TypeError(
         f"expected a numpy.ndarray, cupy.ndarray or torch.Tensor, got {type(x).__name__}"
     )
+
+
+def _unwrapped(x: Any) -> Any:
+    """The tensor a torch.func transform's wrapper (grad, vjp) holds, else ``x``: the same
+    memory, whose data_ptr the wrapper does not give. vmap's batched tensors raise: a mapped
+    dimension is not a memory layout the kernels can read."""
+    torch = sys.modules["torch"]
+    if torch.compiler.is_compiling():  # traced: fake tensors, and dynamo cannot trace the test
+        return x
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(x):
+        if functorch.is_batchedtensor(x):
+            raise TypeError("torch.func.vmap over dmattn_cupy's attention is not supported: "
+                            "fold the mapped dimension into the batch (or heads) dimension "
+                            "of query/key/value instead")
+        x = functorch.get_unwrapped(x)
+    return x
 
 
 def common_kind(named: dict[str, Any]) -> str:

@@ -162,6 +162,29 @@ def _backward(ctx, dout, dlse):
     return tuple(grads)
 
 
+if torch is not None:
+    class _FuncAttention(torch.autograd.Function):
+        """The fwd op's autograd under torch.func transforms (grad, vjp): torch.library's
+        registered autograd cannot run there (its Function has no setup_context); this one
+        saves and differentiates exactly as the registration does (_setup_context,
+        _backward). vmap and forward-mode transforms are not supported (torch says so)."""
+
+        @staticmethod
+        def forward(*args: Any) -> Any:
+            return torch.ops.dmattn_cupy.fwd(*args)
+
+        @staticmethod
+        def setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
+            _setup_context(ctx, inputs, output)
+
+        @staticmethod
+        def backward(ctx: Any, dout: Any, dlse: Any) -> tuple[Any, ...]:
+            with torch.no_grad():  # bwd has no derivative: no Function around it
+                grads = list(_backward(ctx, dout, dlse))
+            grads[15] = None  # the block lists: a list input, not a tensor
+            return tuple(grads)
+
+
 def _register_ops() -> None:
     fwd = torch.library.custom_op("dmattn_cupy::fwd", mutates_args=(),
                                   schema=_FWD_SCHEMA)(_fwd_impl)
@@ -192,12 +215,20 @@ def wants_autograd(query: Any, *others: Any) -> bool:
         isinstance(x, torch.Tensor) and x.requires_grad for x in (query, *others))
 
 
+def _under_functorch(*xs: Any) -> bool:
+    """Whether a torch.func transform (grad, vjp) wraps any of these tensors."""
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return any(isinstance(x, torch.Tensor) and wrapped(x) for x in xs)
+
+
 def _call_fwd(pb: Problem | None, *args: Any) -> Any:
+    functorch = not _compiling() and _under_functorch(*args[:5])  # dynamo cannot trace the test
+    op = _FuncAttention.apply if functorch else torch.ops.dmattn_cupy.fwd
     if pb is None:  # torch.compile traces this (it cannot trace ContextVar.set)
-        return torch.ops.dmattn_cupy.fwd(*args)
+        return op(*args)
     token = _validated.set(pb)
     try:
-        return torch.ops.dmattn_cupy.fwd(*args)
+        return op(*args)
     finally:
         _validated.reset(token)
 
