@@ -12,17 +12,21 @@ Environment (developers and tests; read by ``env``):
 - ``DMATTN_NUM_SPLITS``: unset/``auto`` = the heuristic below; an integer >= 1 forces it
   (capped at the number of key tiles and ``MAX_SPLITS``).
 - ``DMATTN_DECODE_RING`` (``0`` default / ``1``): on compute capability 9.0, the persistent
-  bulk-copy ring kernel (sm90/fwd_decode_ring.cu: one CTA per SM, a producer warp, 2..8
-  stages) instead of fwd_decode.cu where it takes the layout (``ring_stages``);
+  TMA ring kernel (sm90/fwd_decode_ring.cu: one CTA per SM, a producer warp loading K/V as
+  tensor-map boxes (ring_maps), 2..8 stages) instead of fwd_decode.cu where it takes the
+  layout (``ring_stages``);
   ``DMATTN_DECODE_RING_STAGES`` caps its depth (default ``RING_STAGES``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
-from . import arrays, env, runtime
+import numpy as np
+
+from . import arrays, env, ring_maps, runtime
 from .arrays import ArrayInfo, describe
 from .device import DeviceProps, parse_arch
 from .families import (
@@ -37,6 +41,7 @@ from .families import (
 from .launch_plan import Alloc, Launch, Plan
 from .layout import FWD_INPUTS, build_fwd_params, fwd_pointer_fields
 from .spec import DTYPES, HEAD_DIMS, KernelSpec, padded_head_dim
+from .tensor_map import TensorMapError
 from .validate import Problem
 
 DECODE_MAX_Q = 8        # queries per sequence up to which the decode kernel is used
@@ -76,15 +81,21 @@ def ring_spec(pb: Problem) -> KernelSpec:
                       dtype="fp16" if pb.dtype == "float16" else "bf16", head_dim=hd)
 
 
-def ring_stages(pb: Problem, dev: DeviceProps, mask_rows: int, bias_rows: int) -> int:
-    """Stages of the ring kernel for ``pb`` on ``dev`` with these staged mask/bias rows, or 0
-    where it does not take the call: DMATTN_DECODE_RING off, not compute capability 9.0, rows
-    whose bytes are not a multiple of 16 (head_dim % 8), k/v bases or strides (pages
-    included) not 16-byte aligned (1-D bulk copies), or fewer than 2 stages fit."""
+def ring_stages(pb: Problem, dev: DeviceProps, mask_rows: int, bias_rows: int,
+                page_size: int = 0) -> int:
+    """Stages of the ring kernel for ``pb`` on ``dev`` with these staged mask/bias rows
+    (``page_size`` > 0: K/V are a paged pool), or 0 where it does not take the call:
+    DMATTN_DECODE_RING off, not compute capability 9.0, rows whose bytes are not a multiple
+    of 16 (head_dim % 8), k/v bases not 16-byte aligned, K/V layouts a tensor map cannot
+    describe (ring_maps: broadcast, negative or non-16-byte strides), or fewer than 2 stages
+    fit."""
     if not env.decode_ring() or dev.cc != (9, 0) or pb.head_dim % 8:
         return 0
-    if not all(i.ptr % 16 == 0 and all(st % 8 == 0 for st in i.strides[:-1])
-               for i in (pb.k, pb.v)):
+    if pb.k.ptr % 16 or pb.v.ptr % 16:
+        return 0
+    try:
+        ring_maps.ring_maps(pb, page_size)
+    except TensorMapError:
         return 0
     hd = padded_head_dim(pb.head_dim)
     cap = min(env.decode_ring_stages() or RING_STAGES, RING_MAX_STAGES)
@@ -257,7 +268,8 @@ def plan_decode(pb: Problem, plan: Plan, query: Any, out: ArrayInfo, lse_ptr: in
     mask_rows, bias_rows = set_slot_modes(rec[0])
     mask_rows, bias_rows = (mask_rows if pb.mask is not None else 0,
                             bias_rows if pb.bias is not None else 0)
-    stages = ring_stages(pb, props, mask_rows, bias_rows)
+    page_size = int(rec[0]["page_size"]) if int(rec[0]["block_table"]) else 0
+    stages = ring_stages(pb, props, mask_rows, bias_rows, page_size)
     spec = ring_spec(pb) if stages else decode_spec(pb, props.arch)
     kernel = runtime.get_kernel(spec, dev)
     if (spec, dev) not in _carveout_set:  # several decode CTAs per SM / the ring's 227 KB
@@ -291,9 +303,38 @@ def plan_decode(pb: Problem, plan: Plan, query: Any, out: ArrayInfo, lse_ptr: in
         r["o_accum"], r["lse_accum"] = base, base + lse_at
         plan.slot("o_acc", rec, "o_accum")
         plan.slot("o_acc", rec, "lse_accum", add=lse_at)
-    plan.launches.append(Launch(kernel, grid, (rec,), shared_mem=smem))
+    extra: tuple[Any, ...] = ()
+    if stages:  # K/V tensor maps; a cached plan patches their addresses (or re-encodes them)
+        extra = (ring_maps.build_args(pb, page_size),)
+        slots = ring_maps.address_slots(pb, page_size)
+        if slots is None:
+            plan.hooks.append(_reencode_maps(pb, page_size, extra[0]))
+        else:
+            for name, off in slots:
+                plan.slot_at(name, extra[0], off)
+    plan.launches.append(Launch(kernel, grid, (rec, *extra), shared_mem=smem))
     if ns > 1:
         combine = runtime.get_kernel(combine_spec(pb, props.arch), dev)
         n_pairs = total_rows * pb.heads
         plan.launches.append(Launch(combine, (math.ceil(n_pairs / COMBINE_WARPS), 1, 1), (rec,)))
     return keep
+
+
+def _reencode_maps(pb: Problem, page_size: int, record: Any) -> Any:
+    """A plan hook re-encoding the ring's K/V maps for new pointers (where the driver's map
+    layout cannot be patched), cached per pointer pair."""
+    cache: dict[tuple[int, int], bytes] = {}
+
+    def hook(ptrs: dict[str, int]) -> None:
+        key = (ptrs["k"], ptrs["v"])
+        raw = cache.get(key)
+        if raw is None:
+            moved = dataclasses.replace(pb, k=dataclasses.replace(pb.k, ptr=key[0]),
+                                        v=dataclasses.replace(pb.v, ptr=key[1]))
+            raw = ring_maps.build_args(moved, page_size).tobytes()
+            if len(cache) >= 64:
+                cache.clear()
+            cache[key] = raw
+        record.view(np.uint8)[:] = np.frombuffer(raw, dtype=np.uint8)
+
+    return hook

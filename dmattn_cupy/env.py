@@ -67,7 +67,7 @@ def forced_splits() -> int | None:
 
 def decode_ring() -> bool:
     """``DMATTN_DECODE_RING``: ``1`` runs decode on compute capability 9.0 through the
-    persistent bulk-copy ring kernel (sm90/fwd_decode_ring.cu) where it takes the layout;
+    persistent TMA ring kernel (sm90/fwd_decode_ring.cu) where it takes the layout;
     ``0`` (default) keeps the cp.async kernel (sm80/fwd_decode.cu)."""
     val = os.environ.get("DMATTN_DECODE_RING", "0")
     if val not in ("", "0", "1"):

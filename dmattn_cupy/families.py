@@ -202,10 +202,27 @@ def ring_fixed_bytes(head_dim: int, num_warps: int) -> int:
     return -(-raw // 128) * 128
 
 
+RING_BOX_COLS = 256       # TMA's largest box dim: a part's padded row must fit one box
+
+
+def ring_parts(head_dim: int) -> tuple[int, int]:
+    """(parts, columns per part) of a staged K/V tile at a padded head dim: one part while a
+    row plus its 8-element pad fits one box (d <= 248), else two halves, each padded by 8
+    (fwd_decode_ring.cu RingLayout::kParts / kPartCols)."""
+    parts = 1 if head_dim + 8 <= RING_BOX_COLS else 2
+    return parts, head_dim // parts
+
+
+def ring_tile_bytes(head_dim: int) -> int:
+    """One staged K (or V) tile: parts x 64 rows x (part columns + 8) 16-bit elements."""
+    parts, cols = ring_parts(head_dim)
+    return parts * 64 * (cols + 8) * 2
+
+
 def ring_stage_bytes(head_dim: int, mask_rows: int, bias_rows: int) -> int:
-    """One ring stage: 64 K rows, 64 V rows (padded by 8), then the staged mask and bias rows
-    of 64 32-bit words."""
-    return 2 * 64 * (head_dim + 8) * 2 + (mask_rows + bias_rows) * 64 * 4
+    """One ring stage: the K tile, the V tile, then the staged mask and bias rows of 64
+    32-bit words."""
+    return 2 * ring_tile_bytes(head_dim) + (mask_rows + bias_rows) * 64 * 4
 
 
 def ring_smem(head_dim: int, num_warps: int, mask_rows: int, bias_rows: int,

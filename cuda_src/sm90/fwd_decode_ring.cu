@@ -9,14 +9,19 @@
 // num_splits + split; CTA c takes items c, c + gridDim.x, ... and its tiles run through one
 // ring of `stages` stages (stages = what the launch's dynamic shared memory holds, see
 // ring_layout), so loads of the next item start while the consumers finish this one.
-// Producer, per tile T (stage T % stages): waits the stage's empty barrier, then per lane
-// rows l and l + 32 of K and V by 1-D bulk copies (cp.async.bulk, complete_tx on the stage's
-// full barrier; rows past the sequence end repeat its last row, so every stage byte is
-// written by the async proxy and P = 0 never meets stale data), and the tile's mask/bias
-// words by 4-byte cp.async (zero-filled past the end) whose completion arrives on the same
-// barrier (cp.async.mbarrier.arrive.noinc: 32 arrivals + lane 0's expect_tx = 33).
-// Requires (decode.ring_accepts): head_dim % 8 == 0 (row bytes a multiple of 16) and 16-byte
-// aligned k/v bases and batch/row/head strides.
+// Producer, per tile T (stage T % stages): waits the stage's empty barrier, then lane 0
+// loads K and V as TMA boxes (RingArgs' tensor maps, dmattn_cupy/ring_maps.py: one box of
+// 64 rows per part, or for a paged pool 64 / box_rows boxes, one per page run; complete_tx
+// on the stage's full barrier), and the lanes load the tile's mask/bias words by 4-byte
+// cp.async (zero-filled past the end) whose completion arrives on the same barrier
+// (cp.async.mbarrier.arrive.noinc: 32 arrivals + lane 0's expect_tx = 33). A box writes the
+// stage's padded rows itself: its columns past head_dim are out of the map, so TMA writes
+// zeros there. Rows past the sequence end hold whatever the box read (zeros past the tensor,
+// else the cache's stale rows or the next sequence; paged boxes wholly past the end are not
+// loaded: old stage data): the consumers zero those V rows (P = 0 there, but 0 x NaN != 0).
+// Requires (decode.ring_stages): head_dim % 8 == 0 and K/V maps that TMA can encode.
+// Why boxes: one-row bulk copies took a 32-iteration ELECT loop per instruction (UBLKCP
+// takes uniform registers), 128 per tile, serial in one warp: ~6x below the copy bandwidth.
 #pragma once
 #include "../common.cuh"
 #include "../params.cuh"
@@ -38,10 +43,25 @@ DM_DEVICE int ring_slots(int mode, int qpk) { return mode == 0 ? 1 : mode == 1 ?
 // Shared-memory layout in bytes (decode.ring_smem mirrors it; tests/cpu checks the model):
 // Q x2 | O merge (16 x (D + 4) fp32) | warp lse (kNumWarps x 16 fp32) | slot offsets
 // (2 x 16 int64) | full[8], empty[8] mbarriers | stages x (K | V | mask words | bias words).
+// A K or V tile is kParts blocks (columns part * kPartCols..) of 64 rows x kPartStride
+// elements: one TMA box per block (a box row holds at most 256 elements, so d256 takes two
+// halves); kPartStride * 2 bytes is an odd multiple of 16 (conflict-free ldmatrix).
 template <int kHeadDim, int kNumWarps>
 struct RingLayout {
-  static constexpr int kStride = kHeadDim + 8;  // elements per staged row (+16 B: ldmatrix)
-  static constexpr int kTileBytes = 64 * kStride * 2;
+  static constexpr int kStride = kHeadDim + 8;  // elements per staged Q row (+16 B: ldmatrix)
+  static constexpr int kParts = kHeadDim + 8 <= 256 ? 1 : 2;  // families.ring_parts
+  static constexpr int kPartCols = kHeadDim / kParts;
+  static constexpr int kPartStride = kPartCols + 8;  // elements per staged K/V row of a part
+  static constexpr int kPartElems = 64 * kPartStride;
+  static constexpr int kTileBytes = kParts * kPartElems * 2;
+  static_assert(kPartCols % 16 == 0 && (kPartStride / 8) % 2 == 1 && kTileBytes % 128 == 0,
+                "16-column ldmatrix steps stay in a part; odd 16-byte row stride; boxes "
+                "128-byte aligned");
+  // Element offset of (row, col) in a staged K/V tile.
+  DM_DEVICE static int kv(int row, int col) {
+    if constexpr (kParts == 1) return row * kPartStride + col;
+    return (col / kPartCols) * kPartElems + row * kPartStride + col % kPartCols;
+  }
   static constexpr int kQ = 0;
   static constexpr int kO = kQ + 2 * 16 * kStride * 2;
   static constexpr int kLse = kO + 16 * (kHeadDim + 4) * 4;
@@ -52,6 +72,16 @@ struct RingLayout {
                 "aligned regions (stages: 2 tiles + 256-byte multiples of words)");
   DM_DEVICE static int stage_bytes(int words) { return 2 * kTileBytes + words * 4; }
 };
+
+// The kernel's second parameter (const __grid_constant__), built by ring_maps.build_args:
+// tensor maps over K and V (dim 0 = head_dim, box (kPartCols + 8, box_rows, 1, 1)) and the
+// box rows (64; paged: gcd(page_size, 64)).
+struct alignas(64) RingArgs {
+  sm90::TmaDesc k, v;
+  int32_t box_rows;
+  int32_t pad[15];
+};
+static_assert(sizeof(RingArgs) == 320, "RingArgs: size drifted from ring_maps.ARGS_DTYPE");
 
 // One work item of the CTA, as both roles derive it.
 struct RingItem {
@@ -97,11 +127,6 @@ DM_DEVICE int64_t ring_slot_offset(const FwdParams& p, int which, int t, const R
                     : bias_offset(p, b_kv, qh, it.seq) + int64_t(qi) * p.bias_row_stride;
 }
 
-DM_DEVICE void bulk_copy_g2s(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-      ::"r"(dst), "l"(reinterpret_cast<uint64_t>(src)), "r"(bytes), "r"(bar) : "memory");
-}
 // An arrival on `bar` once all of this thread's earlier cp.async copies have landed (counted
 // in the barrier's expected arrivals: .noinc).
 DM_DEVICE void cp_async_arrive_noinc(uint32_t bar) {
@@ -111,7 +136,7 @@ DM_DEVICE void cp_async_arrive_noinc(uint32_t bar) {
 template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNumWarps, bool kHasMask,
           bool kHasBias, bool kVarlen>
 __global__ void __launch_bounds__(kNumWarps * 32 + 32, 1)
-flash_fwd_decode_ring_kernel(const FwdParams p) {
+flash_fwd_decode_ring_kernel(const FwdParams p, const __grid_constant__ RingArgs args) {
   static_assert(kBlockM == 16, "one m16 slab of packed (query, head) rows per item");
   static_assert(kBlockN == 64 && kNumWarps % 4 == 0, "a group of 4 warps x 16 keys per tile");
   static_assert(kHeadDim % 16 == 0, "head dim is padded to a multiple of 16");
@@ -136,6 +161,7 @@ flash_fwd_decode_ring_kernel(const FwdParams p) {
   const int stage_bytes = L::stage_bytes((rm + rb) * kBlockN);
   const int stages = int((dynamic_smem_size() - uint32_t(L::kRing)) / uint32_t(stage_bytes));
   if (stages < 2 || stages > kRingMaxStages) __trap();  // launcher and kernel disagree
+  if (sm90::smem_u32(ring) % 128) __trap();               // TMA box destinations: 128 B
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const bool paged = p.block_table != nullptr;
@@ -165,16 +191,18 @@ flash_fwd_decode_ring_kernel(const FwdParams p) {
 
   if (warp == kNumWarps) {
     // ------------------------------- producer ----------------------------------------------
-    const uint32_t row_bytes = uint32_t(p.head_dim) * 2;
+    const int R = args.box_rows;  // rows per box: 64, paged gcd(page_size, 64)
+    if (R < 16 || kBlockN % R || (paged ? p.page_size % R : R != kBlockN)) __trap();
+    constexpr int kRowBytes = L::kPartStride * 2;
+    if (lane == 0) {
+      sm90::tma_prefetch(&args.k);
+      sm90::tma_prefetch(&args.v);
+    }
     int stage = 0, phase = 0;
     for (int item = blockIdx.x; item < n_items; item += gridDim.x) {
       RingItem it;
       if (!ring_item<kBlockN, kVarlen>(p, item, m_blocks, it)) continue;
       const int64_t b_kv = paged ? 0 : it.b;
-      const T* k = static_cast<const T*>(p.k) + b_kv * p.k_batch_stride +
-                   it.kvh * p.k_head_stride + int64_t(it.seq.k_start) * p.k_row_stride;
-      const T* v = static_cast<const T*>(p.v) + b_kv * p.v_batch_stride +
-                   it.kvh * p.v_head_stride + int64_t(it.seq.k_start) * p.v_row_stride;
       if (kStaged) {
         __syncwarp();  // the previous item's tiles have read sOff
         const int which = lane / 16, t = lane % 16;
@@ -185,9 +213,8 @@ flash_fwd_decode_ring_kernel(const FwdParams p) {
       for (int u = 0; u < it.n_my; ++u) {
         const int n0 = (it.t_first + u) * kBlockN;
         const int valid = dm_min(kBlockN, it.seq.len_k - n0);
-        // This lane's rows l and l + 32: key (rows past the end repeat the last key), page.
-        int64_t koff[2], voff[2], page[2];
-        int key[2];
+        // This lane's mask/bias keys l and l + 32 (past the end: the last key) and pages.
+        int page[2], key[2];
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const int n = n0 + dm_min(lane + 32 * h, valid - 1);
@@ -197,48 +224,78 @@ flash_fwd_decode_ring_kernel(const FwdParams p) {
             page[h] = p.block_table[it.b * p.block_table_batch_stride + n / p.page_size];
             key[h] = n % p.page_size;
           }
-          koff[h] = page[h] * p.k_batch_stride + int64_t(key[h]) * p.k_row_stride;
-          voff[h] = page[h] * p.v_batch_stride + int64_t(key[h]) * p.v_row_stride;
+        }
+        // Boxes: one of 64 rows at key n0, or (paged) one per R keys up to the end, box i in
+        // the page of key n0 + i R (lane (i R) % 32's page[(i R) / 32]; i R <= valid - 1).
+        const int nbox = paged ? (valid + R - 1) / R : 1;
+        int box_outer[kBlockN / 16], box_row[kBlockN / 16];
+#pragma unroll
+        for (int i = 0; i < kBlockN / 16; ++i) {
+          const int r0 = dm_min(i * R, kBlockN - 1);
+          const int pg = __shfl_sync(0xffffffffu, r0 < 32 ? page[0] : page[1], r0 % 32);
+          box_outer[i] = paged ? pg : kVarlen ? 0 : it.b;
+          box_row[i] = paged ? (n0 + i * R) % p.page_size : it.seq.k_start + n0;
         }
         sm90::mbar_wait(empty_bar(stage), phase ^ 1);
         uint8_t* st = ring + stage * stage_bytes;
         const uint32_t full = full_bar(stage);
-        if (lane == 0) sm90::mbar_arrive_expect_tx(full, 2u * kBlockN * row_bytes);
-        __syncwarp();
+        if (lane == 0) {
+          const uint32_t dst = sm90::smem_u32(st);
+          sm90::mbar_arrive_expect_tx(full, uint32_t(2 * L::kParts * nbox * R * kRowBytes));
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int r = lane + 32 * h;
-          bulk_copy_g2s(sm90::smem_u32(st + r * kStride * 2), k + koff[h], row_bytes, full);
-          bulk_copy_g2s(sm90::smem_u32(st + L::kTileBytes + r * kStride * 2), v + voff[h],
-                        row_bytes, full);
+          for (int i = 0; i < kBlockN / 16; ++i) {
+            if (i < nbox) {
+#pragma unroll
+              for (int part = 0; part < L::kParts; ++part) {
+                const uint32_t at = dst + uint32_t(part * L::kPartElems * 2 + i * R * kRowBytes);
+                sm90::tma_load_4d(at, &args.k, full, part * L::kPartCols, box_row[i], it.kvh,
+                                  box_outer[i]);
+                sm90::tma_load_4d(at + L::kTileBytes, &args.v, full, part * L::kPartCols,
+                                  box_row[i], it.kvh, box_outer[i]);
+              }
+            }
+          }
         }
+        __syncwarp();
         if (kStaged) {
           uint32_t* sM = reinterpret_cast<uint32_t*>(st + 2 * L::kTileBytes);
           uint32_t* sB = sM + rm * kBlockN;
           const int bias_es = p.bias_is_fp32 ? 4 : 2;
+          // Per staged row s (a runtime count: mode 0 stages one): this lane's keys l, l + 32.
+          if (kHasMask) {
+            int64_t col[2];
 #pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int c = lane + 32 * h;
-            const bool key_ok = c < valid;
-            for (int s = 0; s < 16; ++s) {
-              if (kHasMask && s < rm) {
-                const int64_t o = sOff[s];
-                const bool ok = key_ok && o != kRingNoRow;
-                const uint8_t* src = p.mask + (ok ? o + page[h] * p.mask_batch_stride +
-                                                        int64_t(key[h]) * p.mask_col_stride
-                                                  : 0);
-                cp_async_4(sM + s * kBlockN + c,
+            for (int h = 0; h < 2; ++h)
+              col[h] =
+                  int64_t(page[h]) * p.mask_batch_stride + int64_t(key[h]) * p.mask_col_stride;
+#pragma unroll 1
+            for (int s = 0; s < rm; ++s) {
+              const int64_t o = sOff[s];
+#pragma unroll
+              for (int h = 0; h < 2; ++h) {
+                const bool ok = lane + 32 * h < valid && o != kRingNoRow;
+                const uint8_t* src = p.mask + (ok ? o + col[h] : 0);
+                cp_async_4(sM + s * kBlockN + lane + 32 * h,
                            reinterpret_cast<const void*>(reinterpret_cast<uint64_t>(src) & ~3ull),
                            ok);
               }
-              if (kHasBias && s < rb) {
-                const int64_t o = sOff[16 + s];
-                const bool ok = key_ok && o != kRingNoRow;
-                const uint8_t* src = static_cast<const uint8_t*>(p.bias) +
-                                     (ok ? (o + page[h] * p.bias_batch_stride +
-                                            int64_t(key[h]) * p.bias_col_stride) * bias_es
-                                         : 0);
-                cp_async_4(sB + s * kBlockN + c,
+            }
+          }
+          if (kHasBias) {
+            int64_t col[2];
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+              col[h] =
+                  int64_t(page[h]) * p.bias_batch_stride + int64_t(key[h]) * p.bias_col_stride;
+#pragma unroll 1
+            for (int s = 0; s < rb; ++s) {
+              const int64_t o = sOff[16 + s];
+#pragma unroll
+              for (int h = 0; h < 2; ++h) {
+                const bool ok = lane + 32 * h < valid && o != kRingNoRow;
+                const uint8_t* src =
+                    static_cast<const uint8_t*>(p.bias) + (ok ? (o + col[h]) * bias_es : 0);
+                cp_async_4(sB + s * kBlockN + lane + 32 * h,
                            reinterpret_cast<const void*>(reinterpret_cast<uint64_t>(src) & ~3ull),
                            ok);
               }
@@ -368,9 +425,24 @@ flash_fwd_decode_ring_kernel(const FwdParams p) {
     for (int u = 0; u < it.n_my; ++u, ++T_) {
       if (T_ % kGroups == grp) {
         sm90::mbar_wait(full_bar(stage), phase);
-        const uint8_t* st = ring + stage * stage_bytes;
+        uint8_t* st = ring + stage * stage_bytes;
         const uint16_t* sKs = reinterpret_cast<const uint16_t*>(st);
         const uint16_t* sVs = reinterpret_cast<const uint16_t*>(st + L::kTileBytes);
+        const int valid = it.seq.len_k - (it.t_first + u) * kBlockN;
+        if (valid < 16 * kw + 16) {
+          // This warp's V rows past the sequence end hold what the box read there (or an
+          // older tile): zero them (P = 0 there; 0 x NaN would not be), then order these
+          // generic writes before the TMA that refills the stage (async proxy).
+          uint16_t* sVw = reinterpret_cast<uint16_t*>(st + L::kTileBytes);
+          for (int c = lane; c < 16 * kChunks; c += 32) {
+            const int r = 16 * kw + c / kChunks;
+            if (r >= valid)
+              *reinterpret_cast<uint4*>(sVw + L::kv(r, (c % kChunks) * 8)) =
+                  make_uint4(0, 0, 0, 0);
+          }
+          sm90::fence_proxy_async_smem();
+          __syncwarp();
+        }
         const uint32_t* sMs = reinterpret_cast<const uint32_t*>(st + 2 * L::kTileBytes);
         const uint32_t* sBs = sMs + rm * kBlockN;
         float s[2][4];
@@ -380,8 +452,7 @@ flash_fwd_decode_ring_kernel(const FwdParams p) {
         for (int ks = 0; ks < kHeadDim / 16; ++ks) {
           uint32_t a[4], kb[4];
           ldmatrix_x4(a, sQb + ldsm_a_row(lane) * kStride + ks * 16 + ldsm_a_col(lane));
-          ldmatrix_x4(kb, sKs + (16 * kw + ldsm_nk_row(lane)) * kStride + ks * 16 +
-                              ldsm_nk_col(lane));
+          ldmatrix_x4(kb, sKs + L::kv(16 * kw + ldsm_nk_row(lane), ks * 16 + ldsm_nk_col(lane)));
           mma_16816<T>(s[0], a, kb[0], kb[1]);
           mma_16816<T>(s[1], a, kb[2], kb[3]);
         }
@@ -419,8 +490,8 @@ flash_fwd_decode_ring_kernel(const FwdParams p) {
 #pragma unroll
         for (int dd = 0; dd < kDF / 2; ++dd) {
           uint32_t vb[4];
-          ldmatrix_x4_trans(vb, sVs + (16 * kw + ldsm_kn_row(lane)) * kStride + dd * 16 +
-                                    ldsm_kn_col(lane));
+          ldmatrix_x4_trans(vb, sVs + L::kv(16 * kw + ldsm_kn_row(lane),
+                                            dd * 16 + ldsm_kn_col(lane)));
           mma_16816<T>(o[2 * dd], a, vb[0], vb[1]);
           mma_16816<T>(o[2 * dd + 1], a, vb[2], vb[3]);
         }

@@ -1,7 +1,7 @@
 """The sm_90a ring decode (sm90/fwd_decode_ring.cu) without a GPU: its shared-memory layout
 against the kernel's own constants (NVRTC), stage counts and when it takes a call, the
-persistent work split and the mbarrier ring schedule (a NumPy model of both roles), and the
-producer's row addressing over paged caches."""
+persistent work split and the mbarrier ring schedule (a NumPy model of both roles). The
+producer's K/V boxes over dense, varlen and paged caches: tests/cpu/test_ring_maps.py."""
 
 from __future__ import annotations
 
@@ -21,8 +21,11 @@ A100 = PRESETS["sm_80"]
 
 def _problem(batch=64, sq=1, sk=4096, h=32, hk=8, d=128, mask=True, bias=True, varlen=True,
              kv_ptr=0, kv_strides=None):
+    """The bench shape; K/V packed (total_k, hk, d) when varlen, else (batch, sk, hk, d)."""
     q = ArrayInfo("cupy", "bfloat16", (1, 1, 1, d), (d, d, d, 1), 0, 0)
-    kv = ArrayInfo("cupy", "bfloat16", (1, 1, 1, d), kv_strides or (d, d, d, 1), 0, kv_ptr)
+    shape = (batch * sk, hk, d) if varlen else (batch, sk, hk, d)
+    strides = (hk * d, d, 1) if varlen else (sk * hk * d, hk * d, d, 1)
+    kv = ArrayInfo("cupy", "bfloat16", shape, kv_strides or strides, 0, kv_ptr)
     mb = ArrayInfo("cupy", "bool", (1, 1), (1, 1), 0, 0)
     return decode.Problem(kind="cupy", backend="cuda", varlen=varlen, batch=batch, seqlen_q=sq,
                           seqlen_k=sk, heads=h, kv_heads=hk, head_dim=d, dtype="bfloat16",
@@ -56,9 +59,9 @@ def test_layout_model_matches_host(d):
     m = _layout_model(d, w)
     assert families.ring_fixed_bytes(d, w) == m["ring"]
     assert m["o"] % 16 == 0 and m["off"] % 8 == 0 and m["bars"] % 8 == 0
-    for rows in (0, 1, 2, 16, 32):  # stages keep K/V rows 16-byte aligned (bulk copies)
-        assert families.ring_stage_bytes(d, rows, 0) % 16 == 0
-        assert (2 * 64 * (d + 8) * 2) % 16 == 0
+    for rows in (0, 1, 2, 16, 32):  # stages keep K/V boxes 128-byte aligned (TMA)
+        assert families.ring_stage_bytes(d, rows, 0) % 128 == 0
+        assert families.ring_tile_bytes(d) % 128 == 0
 
 
 def test_layout_matches_the_kernel_constants():
@@ -94,10 +97,11 @@ def test_stage_counts_on_h200(ring_on, monkeypatch):
     assert families.ring_smem(128, 8, 1, 1, 7) > H200.smem_per_block  # 7 would not fit
     # query-based layouts stage 16 rows per tensor: fewer stages fit
     assert decode.ring_stages(pb, H200, 16, 16) == 4
-    assert decode.ring_stages(dataclasses.replace(pb, head_dim=256), H200, 16, 16) == 2
-    assert decode.ring_stages(dataclasses.replace(pb, head_dim=64), H200, 0, 0) == 6
+    assert decode.ring_stages(_problem(d=256), H200, 16, 16) == 2
+    assert families.ring_smem(256, 4, 16, 16, 2) == 34176 + 2 * (2 * 2 * 64 * 136 * 2 + 8192)
+    assert decode.ring_stages(_problem(d=64), H200, 0, 0) == 6
     monkeypatch.setenv("DMATTN_DECODE_RING_STAGES", "8")
-    assert decode.ring_stages(dataclasses.replace(pb, head_dim=64), H200, 0, 0) == 8
+    assert decode.ring_stages(_problem(d=64), H200, 0, 0) == 8
     monkeypatch.setenv("DMATTN_DECODE_RING_STAGES", "3")
     assert decode.ring_stages(pb, H200, 1, 1) == 3
 
@@ -105,10 +109,20 @@ def test_stage_counts_on_h200(ring_on, monkeypatch):
 def test_when_the_ring_takes_a_call(ring_on, monkeypatch):
     pb = _problem()
     assert decode.ring_stages(pb, A100, 1, 1) == 0            # compute capability 9.0 only
-    assert decode.ring_stages(dataclasses.replace(pb, head_dim=36), H200, 1, 1) == 0  # 72 B rows
-    assert decode.ring_stages(dataclasses.replace(pb, head_dim=40), H200, 1, 1) > 0   # 80 B
+    assert decode.ring_stages(_problem(d=36), H200, 1, 1) == 0    # 72-byte rows
+    assert decode.ring_stages(_problem(d=40), H200, 1, 1) > 0     # 80 B
     assert decode.ring_stages(_problem(kv_ptr=8), H200, 1, 1) == 0   # base not 16-byte aligned
-    assert decode.ring_stages(_problem(kv_strides=(128, 132, 132, 1)), H200, 1, 1) == 0
+    assert decode.ring_stages(_problem(kv_strides=(1056, 132, 1)), H200, 1, 1) == 0  # 264 B
+    # tensor maps cannot step a broadcast or negative stride: the cp.async kernel serves them
+    assert decode.ring_stages(_problem(varlen=False), H200, 1, 1) == 6
+    assert decode.ring_stages(_problem(varlen=False, kv_strides=(0, 1024, 128, 1)), H200, 1,
+                              1) == 0
+    assert decode.ring_stages(_problem(varlen=False, kv_strides=(0, -1024, 128, 1)), H200, 1,
+                              1) == 0
+    # a paged pool (num_pages, page_size, hk, d): its rows per page must be the page size
+    pool = dataclasses.replace(_problem(varlen=False), varlen=False)
+    assert decode.ring_stages(pool, H200, 1, 1, page_size=4096) == 6
+    assert decode.ring_stages(pool, H200, 1, 1, page_size=64) == 0
     monkeypatch.setenv("DMATTN_DECODE_RING", "0")
     assert decode.ring_stages(pb, H200, 1, 1) == 0
 
@@ -265,37 +279,3 @@ def test_ring_schedule_model(stages, groups):
     assert seen == list(range(total))                   # each tile computed exactly once
     for g, d in enumerate(done):
         assert all(t % groups == g and s == t % stages for t, s in d)
-
-
-def _producer_rows(n0, len_k, ps, table):
-    """Source key and (page, row in page) of staged rows r = 0..63 of the tile at key n0, as
-    the producer computes them: rows past the sequence end repeat its last key."""
-    valid = min(64, len_k - n0)
-    out = []
-    for r in range(64):
-        n = n0 + min(r, valid - 1)
-        out.append((n, table[n // ps], n % ps) if ps else (n, 0, n))
-    return valid, out
-
-
-@pytest.mark.parametrize("ps", [0, 16, 64, 256])
-@pytest.mark.parametrize("len_k", [1, 63, 64, 150, 320])
-def test_producer_rows_gather_the_cache(ps, len_k):
-    rng = np.random.default_rng(ps + len_k)
-    s_max, d = 512, 8
-    dense = rng.standard_normal((s_max, d))
-    if ps:
-        n_pages = s_max // ps
-        table = rng.permutation(n_pages + 3)[:n_pages]
-        pool = np.zeros((n_pages + 3, ps, d))
-        for j in range(n_pages):
-            pool[table[j]] = dense[j * ps:(j + 1) * ps]
-    else:
-        table, pool = None, None
-    for n0 in range(0, len_k, 64):
-        valid, rows = _producer_rows(n0, len_k, ps, table)
-        staged = np.stack([pool[pg, row] if ps else dense[row] for _, pg, row in rows])
-        np.testing.assert_array_equal(staged[:valid], dense[n0:n0 + valid])
-        # past the end: copies of the last row (finite, multiplied by P = 0)
-        np.testing.assert_array_equal(staged[valid:], np.repeat(dense[n0 + valid - 1:n0 + valid],
-                                                                64 - valid, axis=0))

@@ -12,7 +12,8 @@ from gpu_helpers import f64
 from test_decode import LAYOUT_LENS, _check_dense, _check_varlen, _layout, _rand, _varlen
 from test_kvcache import run_case
 
-from dmattn_cupy import decode, fastpath, runtime
+import dmattn_cupy as dm
+from dmattn_cupy import decode, fastpath, reference_kvcache, runtime
 
 torch = pytest.importorskip("torch")
 
@@ -174,3 +175,47 @@ def test_kvcache(page, layout, splits):
 def test_kvcache_window_softcap_d128(page):
     run_case(page=page, d=128, h=16, hk=2, mask_h=2, bias_h=16, window_size=(70, 0),
              softcap=4.0, seed=page)
+
+
+@pytest.mark.parametrize("d", [64, 256], ids=lambda d: f"d{d}")
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: f"page{p}")
+def test_kvcache_rows_past_the_end_hold_nan(page, d):
+    """The K/V boxes read whole tiles (paged: whole page runs), so rows past a sequence's end
+    are read as stored: here NaN in K and +inf in V (never-written cache memory may hold
+    anything). The consumers zero those V rows (P = 0 there, but 0 x inf is NaN): the output
+    must match the reference over the clean cache."""
+    g = torch.Generator().manual_seed(page + d)
+    b, s_max, h, hk = 4, 320, 8, 2
+    lens = [1, 63, 150, 257]                    # each ends inside a tile (and a page)
+    q = _rand((b, 1, h, d), g, "bfloat16")
+    kc, vc = _rand((b, s_max, hk, d), g, "bfloat16"), _rand((b, s_max, hk, d), g, "bfloat16")
+    ref_args = dict(q=f64(q), k_cache=f64(kc), v_cache=f64(vc), cache_seqlens=np.array(lens),
+                    scale=d ** -0.5)
+    for i, n in enumerate(lens):
+        kc[i, n:] = float("nan")
+        vc[i, n:] = float("inf")
+    table = None
+    if page:
+        per = -(-s_max // page)
+        perm = torch.randperm(b * per + 3, generator=torch.Generator().manual_seed(page))
+        table = perm[:b * per].reshape(b, per).to(torch.int32).cuda()
+        pool_k = torch.full((b * per + 3, page, hk, d), float("nan"), dtype=kc.dtype,
+                            device="cuda")
+        pool_v = torch.full_like(pool_k, float("inf"))
+        pad = per * page - s_max
+        for pool, x in ((pool_k, kc), (pool_v, vc)):
+            xp = torch.cat([x, x[:, :pad].clone().fill_(float("nan"))], 1)
+            pool[table.reshape(-1).long()] = xp.reshape(b * per, page, hk, d)
+        kc, vc = pool_k, pool_v
+        ref_args.update(k_cache=np.nan_to_num(f64(kc), nan=0.0, posinf=0.0),
+                        v_cache=np.nan_to_num(f64(vc), nan=0.0, posinf=0.0),
+                        block_table=table.cpu().numpy())
+    seqlens = torch.tensor(lens, dtype=torch.int32).cuda()
+    out = dm.flash_dmattn_with_kvcache(q, kc, vc, cache_seqlens=seqlens, block_table=table)
+    torch.cuda.synchronize()
+    o = f64(out)
+    assert np.isfinite(o).all(), "a non-finite row past the end reached the output"
+    ref, _ = reference_kvcache.kvcache_forward(**ref_args)
+    low, _ = reference_kvcache.kvcache_forward(**ref_args, lowprec="bfloat16")
+    err, tol = np.abs(o - ref).max(), 2 * np.abs(low - ref).max() + 1e-4
+    assert err <= tol, f"max|out-ref| = {err:.3e} > {tol:.3e}"
