@@ -11,7 +11,8 @@
 # replaces "--suite all"); profile: Nsight Compute sections of one forward launch (PROFILE_CASE,
 # PROFILE_KERNEL: a kernel-name regex, default flash_fwd: the Hopper or the portable kernel);
 # profile-src: the same launch's stall samples per SASS instruction (tools/ncu_source.py; e.g.
-# PROFILE_CASE=backward PROFILE_KERNEL=flash_bwd_sm90).
+# PROFILE_CASE=backward PROFILE_KERNEL=flash_bwd_sm90; PROFILE_ARGS: more bench flags, e.g.
+# "--seqlen 2048"). At most 8 files come back from $OUT: gpu.txt and info.txt count.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 DMATTN_CACHE_DIR=/tmp/dmattn-cache
@@ -62,7 +63,7 @@ for step in $steps; do
       ncu --clock-control none --section SpeedOfLight --section WarpStateStats \
         --section SchedulerStats --section ComputeWorkloadAnalysis --section Occupancy \
         --section MemoryWorkloadAnalysis --section InstructionStats -k regex:"${PROFILE_KERNEL:-flash_fwd}" \
-        -s 3 -c 1 python3 tools/bench --case "$case_" --peers none --no-smoke --quick \
+        -s 3 -c 1 python3 tools/bench --case "$case_" --peers none --no-smoke --quick ${PROFILE_ARGS:-} \
         > "$OUT/ncu_$case_.txt" 2>&1
       echo "ncu $case_ rc=$?"; grep -E "Throughput|Issued|Eligible|Occupancy|Duration|Executed Inst" \
         "$OUT/ncu_$case_.txt" | head -20 ;;
@@ -70,7 +71,7 @@ for step in $steps; do
       case_=${PROFILE_CASE:-dense}
       ncu --clock-control none --section WarpStateStats --section SourceCounters \
         -k regex:"${PROFILE_KERNEL:-flash_fwd}" -s 2 -c 1 -o "$OUT/src_$case_" python3 tools/bench \
-        --case "$case_" --peers none --no-smoke --quick > "$OUT/ncu_src_$case_.log" 2>&1
+        --case "$case_" --peers none --no-smoke --quick ${PROFILE_ARGS:-} > "$OUT/ncu_src_$case_.log" 2>&1
       echo "ncu source $case_ rc=$?"
       # the uncompressed page (MBs) does not come back from the device machine: gzip it
       ncu -i "$OUT/src_$case_.ncu-rep" --page source --csv --print-source sass \
