@@ -103,8 +103,10 @@ class Timer:
                 nrep = min(chunk, reps - c0)
                 starts = [torch.cuda.Event(enable_timing=True) for _ in range(nrep)]
                 ends = [torch.cuda.Event(enable_timing=True) for _ in range(nrep)]
-                # queue the CPU ahead of the GPU so launch overhead is not in the events
-                self.gpu_sleep(nrep * host_ms * 1.5 + 0.2)
+                # queue the CPU ahead of the GPU so launch overhead is not in the events; 3x
+                # the sampled host time: at 1.5x the fwd+bwd rows' events still held 0-44 us of
+                # GPU idle per step on the H200 (host time varies between calls)
+                self.gpu_sleep(nrep * host_ms * 3.0 + 0.5)
                 for r in range(nrep):
                     starts[r].record()
                     fns[(c0 + r) % n]()
