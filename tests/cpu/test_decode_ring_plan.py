@@ -9,6 +9,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+from nvrtc_check import compile_static_asserts
 
 from dmattn_cupy import decode, env, families
 from dmattn_cupy.arrays import ArrayInfo
@@ -67,26 +68,13 @@ def test_layout_model_matches_host(d):
 def test_layout_matches_the_kernel_constants():
     """The kernel derives its stage count from the launch's shared memory: its RingLayout must
     be the host's formula exactly (NVRTC static_asserts over every head dim)."""
-    pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="needs CuPy's NVRTC bindings")
-    from cupy_backends.cuda.libs import nvrtc
-
-    from dmattn_cupy import compile as dmc
-
     checks = "".join(
         f"static_assert(dm::RingLayout<{d}, {w}>::kRing == {families.ring_fixed_bytes(d, w)});\n"
         f"static_assert(dm::RingLayout<{d}, {w}>::kO == {_layout_model(d, w)['o']});\n"
         f"static_assert(dm::RingLayout<{d}, {w}>::kBars == {_layout_model(d, w)['bars']});\n"
         for d in HEAD_DIMS for w in (4, 8))
     checks += f"static_assert(dm::kRingMaxStages == {families.RING_MAX_STAGES});\n"
-    src = '#include "sm90/fwd_decode_ring.cu"\n' + checks
-    prog = nvrtc.createProgram(src, "ring_layout.cu", (), ())
-    try:
-        nvrtc.compileProgram(prog, ["-std=c++20", "--gpu-architecture=sm_90a",
-                                    f"-I{dmc.cuda_src_dir()}"])
-    except Exception:
-        pytest.fail(nvrtc.getProgramLog(prog))
-    finally:
-        nvrtc.destroyProgram(prog)
+    compile_static_asserts('#include "sm90/fwd_decode_ring.cu"\n' + checks, "ring_layout.cu")
 
 
 def test_stage_counts_on_h200(ring_on, monkeypatch):

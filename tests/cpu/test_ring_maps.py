@@ -11,6 +11,7 @@ import math
 
 import numpy as np
 import pytest
+from nvrtc_check import compile_static_asserts
 
 from dmattn_cupy import families, ring_maps
 from dmattn_cupy.arrays import ArrayInfo
@@ -100,11 +101,6 @@ def test_paged_pool_must_match_page_size():
 def test_args_record_matches_the_kernel():
     assert ring_maps.ARGS_DTYPE.itemsize == 320
     assert ring_maps.ARGS_DTYPE.fields["box_rows"][1] == ring_maps.BOX_ROWS_OFFSET == 256
-    pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="needs CuPy's NVRTC bindings")
-    from cupy_backends.cuda.libs import nvrtc
-
-    from dmattn_cupy import compile as dmc
-
     checks = (f"static_assert(sizeof(dm::RingArgs) == {ring_maps.ARGS_DTYPE.itemsize});\n"
               # k, v, box_rows in declaration order: box_rows right after two maps
               f"static_assert(2 * sizeof(dm::sm90::TmaDesc) == {ring_maps.BOX_ROWS_OFFSET});\n"
@@ -115,15 +111,7 @@ def test_args_record_matches_the_kernel():
                    f"static_assert(dm::RingLayout<{d}, 4>::kPartCols == {cols});\n"
                    f"static_assert(dm::RingLayout<{d}, 4>::kTileBytes == "
                    f"{families.ring_tile_bytes(d)});\n")
-    src = '#include "sm90/fwd_decode_ring.cu"\n' + checks
-    prog = nvrtc.createProgram(src, "ring_args.cu", (), ())
-    try:
-        nvrtc.compileProgram(prog, ["-std=c++20", "--gpu-architecture=sm_90a",
-                                    f"-I{dmc.cuda_src_dir()}"])
-    except Exception:
-        pytest.fail(nvrtc.getProgramLog(prog))
-    finally:
-        nvrtc.destroyProgram(prog)
+    compile_static_asserts('#include "sm90/fwd_decode_ring.cu"\n' + checks, "ring_args.cu")
 
 
 # ---- NumPy model: TMA boxes into the kernel's stage layout ---------------------------------
