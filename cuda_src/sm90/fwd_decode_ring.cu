@@ -260,47 +260,32 @@ flash_fwd_decode_ring_kernel(const FwdParams p, const __grid_constant__ RingArgs
         if (kStaged) {
           uint32_t* sM = reinterpret_cast<uint32_t*>(st + 2 * L::kTileBytes);
           uint32_t* sB = sM + rm * kBlockN;
-          const int bias_es = p.bias_is_fp32 ? 4 : 2;
-          // Per staged row s (a runtime count: mode 0 stages one): this lane's keys l, l + 32.
-          if (kHasMask) {
+          // Per staged row s (a runtime count: mode 0 stages one): this lane's keys l, l + 32
+          // of a key-based operand (element size es) as 4-byte words from offsets[s].
+          auto stage_words = [&](uint32_t* dst, const uint8_t* base, int64_t batch_stride,
+                                 int64_t col_stride, int rows, const int64_t* offsets, int es) {
             int64_t col[2];
 #pragma unroll
             for (int h = 0; h < 2; ++h)
-              col[h] =
-                  int64_t(page[h]) * p.mask_batch_stride + int64_t(key[h]) * p.mask_col_stride;
+              col[h] = int64_t(page[h]) * batch_stride + int64_t(key[h]) * col_stride;
 #pragma unroll 1
-            for (int s = 0; s < rm; ++s) {
-              const int64_t o = sOff[s];
+            for (int s = 0; s < rows; ++s) {
+              const int64_t o = offsets[s];
 #pragma unroll
               for (int h = 0; h < 2; ++h) {
                 const bool ok = lane + 32 * h < valid && o != kRingNoRow;
-                const uint8_t* src = p.mask + (ok ? o + col[h] : 0);
-                cp_async_4(sM + s * kBlockN + lane + 32 * h,
+                const uint8_t* src = base + (ok ? (o + col[h]) * es : 0);
+                cp_async_4(dst + s * kBlockN + lane + 32 * h,
                            reinterpret_cast<const void*>(reinterpret_cast<uint64_t>(src) & ~3ull),
                            ok);
               }
             }
-          }
-          if (kHasBias) {
-            int64_t col[2];
-#pragma unroll
-            for (int h = 0; h < 2; ++h)
-              col[h] =
-                  int64_t(page[h]) * p.bias_batch_stride + int64_t(key[h]) * p.bias_col_stride;
-#pragma unroll 1
-            for (int s = 0; s < rb; ++s) {
-              const int64_t o = sOff[16 + s];
-#pragma unroll
-              for (int h = 0; h < 2; ++h) {
-                const bool ok = lane + 32 * h < valid && o != kRingNoRow;
-                const uint8_t* src =
-                    static_cast<const uint8_t*>(p.bias) + (ok ? (o + col[h]) * bias_es : 0);
-                cp_async_4(sB + s * kBlockN + lane + 32 * h,
-                           reinterpret_cast<const void*>(reinterpret_cast<uint64_t>(src) & ~3ull),
-                           ok);
-              }
-            }
-          }
+          };
+          if (kHasMask)
+            stage_words(sM, p.mask, p.mask_batch_stride, p.mask_col_stride, rm, sOff, 1);
+          if (kHasBias)
+            stage_words(sB, static_cast<const uint8_t*>(p.bias), p.bias_batch_stride,
+                        p.bias_col_stride, rb, sOff + 16, p.bias_is_fp32 ? 4 : 2);
           cp_async_arrive_noinc(full);
         }
         if (++stage == stages) {
