@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from test_backward import _attention, _check_grads, _qkv, _run_dense
+from test_graphs import _capture
 
 import dmattn_cupy as dm
 from dmattn_cupy import autograd, backward, fastpath
@@ -171,21 +172,6 @@ def test_dynamic_mask_updates_between_steps_and_before_backward(family):
     same = _step_grads(q, k, v, m, dout)
     for a, c in zip(got[1:], same[1:], strict=True):   # dK, dV: the pattern-2 step's bits
         assert torch.equal(a, c)
-
-
-def _capture(fn):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static = fn()
-    torch.cuda.synchronize()
-    return graph, static
 
 
 @pytest.mark.parametrize("kind", ["bitset_h", "mixed", "dynamic"])
