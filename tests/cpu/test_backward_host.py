@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from nvrtc_check import compile_static_asserts
 
 import dmattn_cupy as dm
-from dmattn_cupy import reference, reference_bwd
+from dmattn_cupy import backward, reference, reference_bwd
 
 torch = pytest.importorskip("torch")
 
@@ -280,6 +281,13 @@ def test_bwd_abi_compiles():
                                     f"-I{dmc.cuda_src_dir()}"])
     finally:
         nvrtc.destroyProgram(prog)
+
+
+def test_pre_post_rows_per_warp_agree_with_the_kernel():
+    """The host's pre/post grids divide by backward.ROWS_PER_WARP: the kernels' constant."""
+    compile_static_asserts('#include "sm80/bwd.cu"\n'
+                           f"static_assert(dm::kBwdRowsPerWarp == {backward.ROWS_PER_WARP});\n",
+                           "bwd_rows_per_warp.cu")
 
 
 @pytest.mark.parametrize("hd", [64, 128, 256])
