@@ -102,15 +102,10 @@ def _mask_bias_tile(head_dim: int, block_n: int, has_mask: bool) -> bool:
 
 
 def tile(head_dim: int, has_mask: bool, has_bias: bool) -> tuple[int, int] | None:
-    """(block_n, stages) of TILES, with the A/B defines DM_SM90_MB_STAGES (the mask + bias
-    tiles) and DM_SM90_DENSE_STAGES (no mask, no bias, head dim <= 128: 3 stages leave the
-    producer a stage for the next work item's first tile beside the end stage; Q then gets one
-    buffer, q_buffers) applied; None: not served."""
+    """(block_n, stages) of TILES, with DM_SM90_MB_STAGES applied; None: not served."""
     t = TILES.get((head_dim, has_mask, has_bias))
     if t is not None and _mask_bias_tile(head_dim, t[0], has_mask):
         return t[0], define_value("DM_SM90_MB_STAGES", t[1])
-    if t is not None and not has_mask and not has_bias and head_dim <= 128:
-        return t[0], define_value("DM_SM90_DENSE_STAGES", t[1])
     return t
 
 

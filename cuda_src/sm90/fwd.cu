@@ -99,8 +99,6 @@ __host__ __device__ constexpr int claimed_item(uint32_t claim, uint32_t grid, in
 // - DM_SM90_Q_BUFS: 2 (default) gives Q two buffers where shared memory allows (Sm90FwdSmem::
 //   kQBufs), so the producer loads the next work item's Q while the consumers still run the
 //   current one; 1: one buffer, loaded once the consumers released the last item's.
-//   DM_SM90_DENSE_STAGES=3 (host only: forward_sm90.tile) gives the dense d64/d128 tiles three
-//   K/V stages instead (then one Q buffer at d128).
 // - DM_SM90_CLAIM_AHEAD: 1 (default) makes the dynamic scheduler's claim of the next item at
 //   the start of the current one (its atomic's round trip hidden behind the item's tiles); 0:
 //   after the item's end stage.
@@ -109,13 +107,6 @@ __host__ __device__ constexpr int claimed_item(uint32_t claim, uint32_t grid, in
 #endif
 #ifndef DM_SM90_CLAIM_AHEAD
 #define DM_SM90_CLAIM_AHEAD 1
-#endif
-// - DM_SM90_END_FLAG: 1 marks a work item's last tile in its class word (kLastTile) instead of
-//   pushing an end stage after it, in the specs without a mask or bias and without block lists
-//   (an item without tiles still gets its end stage): the next item's first K/V can then load
-//   into the stage the end stage took. 0 (default until measured): always an end stage.
-#ifndef DM_SM90_END_FLAG
-#define DM_SM90_END_FLAG 0
 #endif
 static_assert(DM_SM90_Q_BUFS == 1 || DM_SM90_Q_BUFS == 2, "DM_SM90_Q_BUFS: 1 or 2");
 // - DM_SM90_HEAD_MAJOR: 1 (default) numbers equal-length work items query tile fastest (see
@@ -135,7 +126,6 @@ static_assert(DM_SM90_Q_BUFS == 1 || DM_SM90_Q_BUFS == 2, "DM_SM90_Q_BUFS: 1 or 
 constexpr int kFormulaPartial = 1;  // crosses the key end or a causal/window edge
 constexpr int kMaskPartial = 2;     // its mask tile has false elements
 constexpr int kListedPartial = 4;   // a block list's partial block: its element bits apply
-constexpr int kLastTile = 8;        // DM_SM90_END_FLAG: the item's last tile (no end stage)
 
 enum Sm90Operand : int32_t { kOperandNone = 0, kOperandTile = 1, kOperandKeyRow = 2,
                              kOperandQueryRow = 3, kOperandKeyChunk = 4 };
@@ -233,8 +223,6 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
   constexpr int kProducerRegs = !kHasMask ? 40 : kWideProducer ? 64 : 56;
   constexpr int kConsumerRegs = !kHasMask ? 232 : kWideProducer ? 216 : 224;
   static_assert(kProducerRegs + 2 * kConsumerRegs <= 3 * 168, "register pool of the CTA");
-  // DM_SM90_END_FLAG in the specs without a mask or bias (with them it spilled 8-108 bytes).
-  constexpr bool kEndFlag = DM_SM90_END_FLAG && !kHasMask && !kHasBias;
   using namespace sm90;
 
   extern __shared__ __align__(1024) uint8_t smem_raw[];
@@ -526,10 +514,6 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
                       mask_h, mask_b);
         }
       };
-      // kEndFlag: without a mask or lists every candidate is pushed, so the last one is the
-      // item's last tile.
-      const bool flag_end = kEndFlag && !sparse;
-      bool flagged = false;
       for (int i = 0; i < n_cand; ++i) {
         bool listed_partial;
         const int n = cand_tile(i, listed_partial), n0 = n * kBlockN;
@@ -577,10 +561,6 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
         } else if (!in_range) {
           continue;
         }
-        if (flag_end && i == n_cand - 1) {
-          cls |= kLastTile;
-          flagged = true;
-        }
         uint16_t bias_words[kBlockN / 32];  // keys n0 + lane + 32 i, loaded before the wait
         if (bias_f32) {
 #pragma unroll
@@ -616,7 +596,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
             item_coords(item, cta_m, cta_hb);
             const int cta = cta_hb * num_m + cta_m;
             atomicAdd(p.tile_counters + 2 * cta, 1u);
-            if ((cls & ~kLastTile) != 0) atomicAdd(p.tile_counters + 2 * cta + 1, 1u);
+            if (cls != 0) atomicAdd(p.tile_counters + 2 * cta + 1, 1u);
           }
           mbar_arrive_expect_tx(bar_full_k(stage), Smem::kKV + bias_bytes);
 #pragma unroll
@@ -651,21 +631,19 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
         }
       }
       // The item's end: a stage with tile -1 (its K and V barriers complete without data, the
-      // consumers release both), unless its last tile said so.
-      if (!flagged) {
-        mbar_wait(bar_empty_k(stage), phase ^ 1);
-        if (leader) {
-          info[4 * stage] = -1;
-          if (kDynamicItems) stage_item[stage] = item;
-          mbar_arrive(bar_full_k(stage));
-        }
-        mbar_wait(bar_empty_v(stage), phase ^ 1);
-        if (leader) mbar_arrive(bar_full_v(stage));
-        __syncwarp();
-        if (++stage == kStages) {
-          stage = 0;
-          phase ^= 1;
-        }
+      // consumers release both).
+      mbar_wait(bar_empty_k(stage), phase ^ 1);
+      if (leader) {
+        info[4 * stage] = -1;
+        if (kDynamicItems) stage_item[stage] = item;
+        mbar_arrive(bar_full_k(stage));
+      }
+      mbar_wait(bar_empty_v(stage), phase ^ 1);
+      if (leader) mbar_arrive(bar_full_v(stage));
+      __syncwarp();
+      if (++stage == kStages) {
+        stage = 0;
+        phase ^= 1;
       }
       mask_base += n_cand;
       if (kDynamicItems) {
@@ -966,7 +944,6 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
     ++q_uses;
     mbar_wait(bar_full_k(stage), phase);
     int n = info[4 * stage];
-    bool end_stage = true;  // the item ends with an end stage (else its last tile said so)
     if (n >= 0) {
       float s[kNF][4];
       uint32_t pa[kBlockN / 16][4];
@@ -1003,8 +980,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
       }
       int prev = stage;
       uint32_t prev_phase = phase;
-      end_stage = !kEndFlag || !(cls & kLastTile);
-      while (end_stage) {
+      while (true) {
         if (++stage == kStages) {
           stage = 0;
           phase ^= 1;
@@ -1032,9 +1008,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
         pack_p(s, pa);
         prev = stage;
         prev_phase = phase;
-        end_stage = !kEndFlag || !(cls & kLastTile);
       }
-      if (!end_stage) turn_wait();  // the last tile said so: the turn of the last O += P V
       rescale_o(o, alpha);
       mbar_wait(bar_full_v(prev), prev_phase);
       issue_pv(pa, prev);
@@ -1043,13 +1017,10 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
       fence_operands(o);
       release(bar_empty_v(prev));
     }
-    // The end-of-item stage: no data (none after a last tile marked kLastTile: the stage in
-    // hand is that tile's, released above). Q's buffer is free too (every S = Q K^T of the
-    // item has completed).
-    if (end_stage) {
-      release(bar_empty_k(stage));
-      release(bar_empty_v(stage));
-    }
+    // The end-of-item stage: no data. Q's buffer is free too (every S = Q K^T of the item has
+    // completed).
+    release(bar_empty_k(stage));
+    release(bar_empty_v(stage));
     release(bar_empty_q(qx));
     if (++stage == kStages) {
       stage = 0;

@@ -167,21 +167,15 @@ def test_mask_bias_tile_defines_agree_with_the_kernel(monkeypatch, defines, stag
     compile_static_asserts("\n".join(lines) + "\n", "sm90_mb_defines.cu", defines)
 
 
-@pytest.mark.parametrize("defines, two", [((), True), (("DM_SM90_Q_BUFS=1",), False),
-                                           (("DM_SM90_DENSE_STAGES=3",), True)],
-                         ids=["default", "one_q_buffer", "dense_three_stages"])
+@pytest.mark.parametrize("defines, two", [((), True), (("DM_SM90_Q_BUFS=1",), False)],
+                         ids=["default", "one_q_buffer"])
 def test_q_buffers_agree_with_the_kernel(monkeypatch, defines, two):
     """Q's buffers (two where they fit, by default; DM_SM90_Q_BUFS=1: one) and the shared memory
     they take: the host's equal the kernel's built with the same -D flags for every tile; the
-    dense d64/d128 tiles get two by default, and d128 one with DM_SM90_DENSE_STAGES=3 (three
-    K/V stages fill what the second buffer took)."""
+    dense d64/d128 tiles get two by default."""
     monkeypatch.setenv("DMATTN_NVRTC_DEFINES", " ".join(defines))
     lines = ['#include "sm90/fwd.cu"']
-    three = "DM_SM90_DENSE_STAGES=3" in defines
-    for hd, mask, bias in f90.TILES:
-        bn, st = f90.tile(hd, mask, bias)
-        if not mask and not bias and hd <= 128:
-            assert st == (3 if three else 2)
+    for (hd, mask, bias), (bn, st) in f90.TILES.items():
         n = f90.q_buffers(hd, bn, st, mask, bias)
         smem = f90.smem_bytes(hd, bn, st, mask, bias)
         assert smem <= f90.SMEM_LIMIT and n in (1, 2)
@@ -192,7 +186,6 @@ def test_q_buffers_agree_with_the_kernel(monkeypatch, defines, two):
     if two:
         assert f90.q_buffers(128, 128, 2, False, False) == 2
         assert f90.q_buffers(64, 128, 2, False, False) == 2
-        assert f90.q_buffers(128, 128, 3, False, False) == 1
     compile_static_asserts("\n".join(lines) + "\n", "sm90_q_bufs.cu", defines)
 
 

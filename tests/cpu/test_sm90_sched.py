@@ -8,9 +8,7 @@ claims every next item with atomicInc(counter, num_items - 1) at the current ite
 (DM_SM90_CLAIM_AHEAD=1, the default; =0: after pushing its end stage), passes items with
 nothing to do (varlen tiles past their sequence) straight to the next claim, and ends with a
 stage naming item -1; the two consumer warpgroups read an item's index from its first stage
-(a tile or its end), walk its stages and release each one. With DM_SM90_END_FLAG=1 an item's
-last tile carries the flag and no end stage follows (an item without tiles keeps its end
-stage). Stages form a ring of k_stages mbarrier pairs: the producer may refill a stage only
+(a tile or its end), walk its stages and release each one. Stages form a ring of k_stages mbarrier pairs: the producer may refill a stage only
 once both consumers released its previous use; Q's buffers (1 or 2) form a ring too, loaded
 per item once both consumers released the item q_bufs before."""
 
@@ -44,10 +42,10 @@ class Launch:
 
     def __init__(self, counter: list[int] | None, num_items: int, grid: int, tiles: list[int],
                  live: list[bool], k_stages: int, claim_ahead: bool = True,
-                 end_flag: bool = False, q_bufs: int = 2) -> None:
+                 q_bufs: int = 2) -> None:
         self.counter, self.n, self.grid = counter, num_items, grid
         self.tiles, self.live, self.k = tiles, live, k_stages
-        self.claim_ahead, self.end_flag, self.q_bufs = claim_ahead, end_flag, q_bufs
+        self.claim_ahead, self.q_bufs = claim_ahead, q_bufs
         self.claimed: list[int] = []                     # every claim's item, in claim order
         self.pushed = [[] for _ in range(grid)]          # items the producer pushed, per CTA
         self.seen = [[[], []] for _ in range(grid)]      # items each consumer walked, per CTA
@@ -55,12 +53,12 @@ class Launch:
     def producer(self, x: int, ring: dict):
         stage = use = 0
 
-        def push(tile: int, item: int, last: bool = False):
+        def push(tile: int, item: int):
             nonlocal stage, use
             while ring["full"][stage] != use or min(ring["released"][c][stage]
                                                    for c in (0, 1)) != use:
                 yield                                     # mbar_wait(empty_k(stage))
-            ring["slot"][stage] = (tile, item, last)      # info[] / stage_item[] stores
+            ring["slot"][stage] = (tile, item)            # info[] / stage_item[] stores
             yield
             ring["full"][stage] += 1                      # the leader's arrive
             stage += 1
@@ -92,11 +90,9 @@ class Launch:
             u += 1
             if self.claim_ahead:
                 nxt = yield from claim(item)              # at the item's start
-            n_tiles = self.tiles[item]
-            for t in range(n_tiles):
-                yield from push(t, item, self.end_flag and t == n_tiles - 1)
-            if not (self.end_flag and n_tiles > 0):
-                yield from push(-1, item)
+            for t in range(self.tiles[item]):
+                yield from push(t, item)
+            yield from push(-1, item)
             item = nxt if self.claim_ahead else (yield from claim(item))  # else: after the end
         yield from push(-2, -1)                           # no more items
 
@@ -117,7 +113,7 @@ class Launch:
         u = 0
         while True:
             yield from wait_full()
-            tile, item, _ = ring["slot"][stage]
+            tile, item = ring["slot"][stage]
             if item < 0:
                 return
             self.seen[x][c].append(item)
@@ -128,7 +124,7 @@ class Launch:
             t_expect = 0
             while True:                                   # the item's tiles, then its end
                 yield from wait_full()
-                tile, it2, last = ring["slot"][stage]
+                tile, it2 = ring["slot"][stage]
                 assert it2 == item, "a stage of another item inside this item's walk"
                 if tile == -1:
                     release()
@@ -138,8 +134,6 @@ class Launch:
                 yield
                 assert ring["q_item"][qx] == u, "Q overwritten while the item reads it"
                 release()
-                if last:
-                    break
             assert t_expect == self.tiles[item]
             ring["q_released"][c][qx] += 1                # release(empty_q(qx))
             u += 1
@@ -164,14 +158,11 @@ class Launch:
             assert steps < 10_000_000, "no progress: a role waits forever"
 
 
-@pytest.mark.parametrize("claim_ahead, end_flag, q_bufs",
-                         [(True, False, 2), (True, False, 1), (False, False, 1), (True, True, 2),
-                          (False, True, 1)],
-                         ids=["default", "one_q", "claim_after", "end_flag",
-                              "end_flag_claim_after"])
+@pytest.mark.parametrize("claim_ahead, q_bufs", [(True, 2), (True, 1), (False, 1)],
+                         ids=["default", "one_q", "claim_after"])
 @pytest.mark.parametrize("seed", range(12))
 def test_dynamic_schedule_claims_each_item_once_and_every_role_walks_the_same_items(
-        seed, claim_ahead, end_flag, q_bufs):
+        seed, claim_ahead, q_bufs):
     rng = random.Random(seed)
     counter = [0]   # one counter across launches, as the kept workspace is
     for _ in range(3):
@@ -179,8 +170,7 @@ def test_dynamic_schedule_claims_each_item_once_and_every_role_walks_the_same_it
         grid = rng.randint(1, min(n, 9))
         tiles = [rng.randint(0, 4) for _ in range(n)]    # 0: a row range with no key tile
         live = [rng.random() > 0.2 for _ in range(n)]    # False: a varlen tile past its end
-        ln = Launch(counter, n, grid, tiles, live, rng.choice([2, 3]), claim_ahead, end_flag,
-                    q_bufs)
+        ln = Launch(counter, n, grid, tiles, live, rng.choice([2, 3]), claim_ahead, q_bufs)
         ln.run(rng)
         # every item is taken exactly once: the first items without a claim, the rest claimed
         firsts = list(range(min(grid, n)))
