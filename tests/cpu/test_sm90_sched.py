@@ -8,8 +8,9 @@ claims every next item with atomicInc(counter, num_items - 1) at the current ite
 (DM_SM90_CLAIM_AHEAD=1, the default; =0: after pushing its end stage), passes items with
 nothing to do (varlen tiles past their sequence) straight to the next claim, and ends with a
 stage naming item -1; the two consumer warpgroups read an item's index from its first stage
-(a tile or its end), walk its stages and release each one. Stages form a ring of k_stages mbarrier pairs: the producer may refill a stage only
-once both consumers released its previous use; Q's buffers (1 or 2) form a ring too, loaded
+(a tile or its end), walk its stages and release each one. Stages form a ring of k_stages
+mbarrier pairs: the producer may refill a stage only once both consumers released its previous
+use; Q's buffers (1 or 2) form a ring too, loaded
 per item once both consumers released the item q_bufs before."""
 
 from __future__ import annotations
