@@ -10,8 +10,8 @@ nothing to do (varlen tiles past their sequence) straight to the next claim, and
 stage naming item -1; the two consumer warpgroups read an item's index from its first stage
 (a tile or its end), walk its stages and release each one. Stages form a ring of k_stages
 mbarrier pairs: the producer may refill a stage only once both consumers released its previous
-use; Q's buffers (1 or 2) form a ring too, loaded
-per item once both consumers released the item q_bufs before."""
+use; Q's buffers (1 or 2) form a ring too, loaded per item once both consumers released the
+item q_bufs before."""
 
 from __future__ import annotations
 
