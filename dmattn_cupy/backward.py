@@ -156,10 +156,13 @@ def backward_call(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out:
     expanded_axes: tuple[int, ...] = ()
     if want_dbias and family == "bwd_sm90":
         # every element of a (B, H, Sq, Sk) or (B, H, 1, Sk) dbias is written at most once, in
-        # the bias's dtype (the query's: backward_sm90.accepts); never-visited ones stay 0
+        # the bias's dtype (the query's: backward_sm90.accepts); never-visited ones stay 0.
+        # Without a mask, block lists, causal or window every tile is visited and every
+        # in-bounds element written: no zero fill (268 MB at B2 H16 S2048, ~70 us).
         mode = 1
         shape_b = tuple(pb.bias.shape)
-        plan.allocs.append(Alloc("dbias", shape_b, pb.bias.dtype, zero=True))
+        every_tile = pb.mask is None and sparse is None and pb.window == (-1, -1)
+        plan.allocs.append(Alloc("dbias", shape_b, pb.bias.dtype, zero=not every_tile))
         dbias_st = mask_bias_strides(_contig_info(pb.bias, shape_b, pb.bias.dtype), pb.varlen)
     elif want_dbias:
         mode = dbias_mode(pb, _probe_strides(pb), dkdv.block_m, dkdv.block_n)

@@ -94,3 +94,20 @@ def test_fully_masked_rows_with_bias_grad():
     bias = torch.randn(2, 4, 300, 136, device="cuda", dtype=torch.float16)
     dq, dk, dv, db = _run_dense(q, k, v, bias=bias, seed=16, is_causal=True)
     assert (dq[:, :164] == 0).all() and (db[:, :, :164] == 0).all()
+
+
+@pytest.mark.parametrize("rows", ["full", "key_row"])
+@pytest.mark.parametrize("d", [64, 128], ids=["d64", "d128"])
+def test_dbias_written_whole_without_zero_fill(d, rows):
+    """Without a mask, block lists, causal or window the dbias buffer is not zero-filled
+    (backward.py: every tile is visited): poison the caching allocator's blocks of its size with
+    NaN first, so any element the kernel left unwritten shows up as NaN against the reference."""
+    q, k, v = _qkv(2, 200, 264, 4, 2, d, "bfloat16", seed=17 + d)
+    shape = (2, 4, 200 if rows == "full" else 1, 264)
+    bias = torch.randn(*shape, generator=torch.Generator().manual_seed(18)).to(
+        "cuda", torch.bfloat16)
+    junk = [torch.full(shape, float("nan"), device="cuda", dtype=torch.bfloat16)
+            for _ in range(8)]
+    del junk
+    _, _, _, db = _run_dense(q, k, v, bias=bias, seed=19)
+    assert torch.isfinite(db).all()
