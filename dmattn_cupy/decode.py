@@ -11,10 +11,10 @@ Environment (developers and tests; read by ``env``):
   (every supported problem, whatever its query length).
 - ``DMATTN_NUM_SPLITS``: unset/``auto`` = the heuristic below; an integer >= 1 forces it
   (capped at the number of key tiles and ``MAX_SPLITS``).
-- ``DMATTN_DECODE_RING`` (``auto`` default: unpaged K/V / ``1``: paged pools too / ``0``):
-  on compute capability 9.0, the persistent TMA ring kernel (sm90/fwd_decode_ring.cu: one
-  CTA per SM, a producer warp loading K/V as tensor-map boxes (ring_maps), 2..8 stages)
-  instead of fwd_decode.cu where it takes the layout (``ring_stages``);
+- ``DMATTN_DECODE_RING`` (``0`` default / ``1``): on compute capability 9.0, the persistent
+  TMA ring kernel (sm90/fwd_decode_ring.cu: one CTA per SM, a producer warp loading K/V as
+  tensor-map boxes (ring_maps), 2..8 stages) instead of fwd_decode.cu where it takes the
+  layout (``ring_stages``);
   ``DMATTN_DECODE_RING_STAGES`` caps its depth (default ``RING_STAGES``).
 """
 
@@ -85,12 +85,11 @@ def ring_stages(pb: Problem, dev: DeviceProps, mask_rows: int, bias_rows: int,
                 page_size: int = 0) -> int:
     """Stages of the ring kernel for ``pb`` on ``dev`` with these staged mask/bias rows
     (``page_size`` > 0: K/V are a paged pool), or 0 where it does not take the call:
-    DMATTN_DECODE_RING off (``0``; ``auto``: paged pools), not compute capability 9.0,
-    rows whose bytes are not a multiple of 16 (head_dim % 8), k/v bases not 16-byte aligned,
-    K/V layouts a tensor map cannot describe (ring_maps: broadcast, negative or non-16-byte
-    strides), or fewer than 2 stages fit."""
-    mode = env.decode_ring()
-    if mode == "0" or (mode == "auto" and page_size) or dev.cc != (9, 0) or pb.head_dim % 8:
+    DMATTN_DECODE_RING off, not compute capability 9.0, rows whose bytes are not a multiple
+    of 16 (head_dim % 8), k/v bases not 16-byte aligned, K/V layouts a tensor map cannot
+    describe (ring_maps: broadcast, negative or non-16-byte strides), or fewer than 2 stages
+    fit."""
+    if not env.decode_ring() or dev.cc != (9, 0) or pb.head_dim % 8:
         return 0
     if pb.k.ptr % 16 or pb.v.ptr % 16:
         return 0

@@ -65,16 +65,14 @@ def forced_splits() -> int | None:
     return n
 
 
-def decode_ring() -> str:
-    """``DMATTN_DECODE_RING``: which decode calls on compute capability 9.0 run through the
-    persistent TMA ring kernel (sm90/fwd_decode_ring.cu) where it takes the layout: unset /
-    ``auto`` (default) those whose K/V are not a paged pool (paged pools ran at 0.7x the
-    cp.async kernel on the H200, BENCHMARKS.md); ``1`` every one; ``0`` none (the cp.async
-    kernel, sm80/fwd_decode.cu). Returns ``auto``, ``1`` or ``0``."""
-    val = os.environ.get("DMATTN_DECODE_RING", "auto") or "auto"
-    if val not in ("auto", "0", "1"):
-        raise ValueError(f"DMATTN_DECODE_RING must be 'auto', '0' or '1', got {val!r}")
-    return val
+def decode_ring() -> bool:
+    """``DMATTN_DECODE_RING``: ``1`` runs decode on compute capability 9.0 through the
+    persistent TMA ring kernel (sm90/fwd_decode_ring.cu) where it takes the layout;
+    ``0`` (default) keeps the cp.async kernel (sm80/fwd_decode.cu)."""
+    val = os.environ.get("DMATTN_DECODE_RING", "0")
+    if val not in ("", "0", "1"):
+        raise ValueError(f"DMATTN_DECODE_RING must be '0' or '1', got {val!r}")
+    return val == "1"
 
 
 def decode_ring_stages() -> int | None:

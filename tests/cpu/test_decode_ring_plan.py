@@ -113,18 +113,11 @@ def test_when_the_ring_takes_a_call(ring_on, monkeypatch):
     assert decode.ring_stages(pool, H200, 1, 1, page_size=64) == 0
     monkeypatch.setenv("DMATTN_DECODE_RING", "0")
     assert decode.ring_stages(pb, H200, 1, 1) == 0
-    # the default (auto): unpaged layouts only
-    monkeypatch.delenv("DMATTN_DECODE_RING")
-    assert decode.ring_stages(pb, H200, 1, 1) == 6
-    assert decode.ring_stages(pool, H200, 1, 1, page_size=4096) == 0
 
 
 def test_env_switches(monkeypatch):
     monkeypatch.delenv("DMATTN_DECODE_RING", raising=False)
-    assert env.decode_ring() == "auto"
-    for val in ("auto", "0", "1"):
-        monkeypatch.setenv("DMATTN_DECODE_RING", val)
-        assert env.decode_ring() == val
+    assert not env.decode_ring()
     monkeypatch.setenv("DMATTN_DECODE_RING", "yes")
     with pytest.raises(ValueError, match="DMATTN_DECODE_RING"):
         env.decode_ring()

@@ -20,11 +20,8 @@ SPLITS = ["1", "4"]  # DMATTN_NUM_SPLITS: off, and forced on
 
 @pytest.fixture(autouse=True)
 def calls(monkeypatch):
-    """Forces the decode path on (the cp.async kernel: test_decode_ring.py covers the sm_90a
-    ring, the default on compute capability 9.0) and records the split count of every decode
-    launch."""
+    """Forces the decode path on and records the split count of every decode launch."""
     monkeypatch.setenv("DMATTN_DECODE", "1")
-    monkeypatch.setenv("DMATTN_DECODE_RING", "0")
     seen: list[int] = []
     choose = decode.choose_num_splits
 

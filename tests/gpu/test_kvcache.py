@@ -146,11 +146,8 @@ def test_append_in_place(page, s_new, splits, launches):
     run_case(page=page, sq=s_new, s_new=s_new, mask_h=2, bias_h=8, is_causal=True,
              num_splits=splits, seed=s_new * 7 + splits)
     assert launches[0] == "kv_append" and launches.count("kv_append") == 1
-    # compute capability 9.0: the sm_90a ring decode instead (DMATTN_DECODE_RING: auto takes
-    # unpaged caches, 1 paged ones too)
-    mode = env.decode_ring()
-    ring = (mode == "1" or (mode == "auto" and page == 0)) and \
-        torch.cuda.get_device_capability() == (9, 0)
+    # DMATTN_DECODE_RING=1 on compute capability 9.0: the sm_90a ring decode instead
+    ring = env.decode_ring() and torch.cuda.get_device_capability() == (9, 0)
     assert launches[1] == ("fwd_decode_ring" if ring else "fwd_decode")
     assert ("fwd_combine" in launches) == (splits > 1)
 
