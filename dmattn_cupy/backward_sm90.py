@@ -86,12 +86,15 @@ def dq_slot_bytes(head_dim: int, swizzle: bool) -> int:
     return BLOCK_M * (head_dim * 4 if swizzle else dq_tile_row_bytes(head_dim))
 
 
-def dq_slots(head_dim: int, bias_tile: bool, writer: bool) -> int:
+def dq_slots(head_dim: int, bias_tile: bool, writer: bool, one: bool | None = None) -> int:
     """Slots of the writer's dQ ring (Sm90BwdSmem::kDqSlots): 2, or 1 where two do not fit
-    (d128 with a bias tile; a key-row bias has no tile); 0 without the writer."""
+    (d128 with a bias tile; a key-row bias has no tile) or everywhere with ``one``
+    (``DM_SM90_BWD_DQ_SLOTS=1``; None: as DMATTN_NVRTC_DEFINES says); 0 without the writer."""
     if not writer:
         return 0
-    return 1 if head_dim == 128 and bias_tile else 2
+    if one is None:
+        one = env.nvrtc_define_int("DM_SM90_BWD_DQ_SLOTS", 2) == 1
+    return 1 if one or (head_dim == 128 and bias_tile) else 2
 
 
 def padded_head_dim(d: int) -> int:

@@ -104,6 +104,12 @@
 #ifndef DM_SM90_BWD_DQ_SWIZZLE
 #define DM_SM90_BWD_DQ_SWIZZLE (DM_SM90_BWD_DS_BUFS == 2)
 #endif
+// DM_SM90_BWD_DQ_SLOTS=1: the dQ writer's ring has one slot in every spec (the other way to
+// make room for a second dS^T buffer, also with a mask at d128); 2 (default): two slots, one
+// at d128 with a bias tile.
+#ifndef DM_SM90_BWD_DQ_SLOTS
+#define DM_SM90_BWD_DQ_SLOTS 2
+#endif
 #include "../common.cuh"
 #include "../params.cuh"
 #include "../bwd_params.cuh"
@@ -204,6 +210,12 @@ __host__ __device__ constexpr uint32_t sm90_bwd_dq_swizzled_lane(int c, int warp
 __host__ __device__ constexpr uint32_t sm90_bwd_dq_swizzled_imm(int j, int r) {
   return uint32_t((j / 4) * 8192 + r * 1024);
 }
+// The fragment (j % 4) a lane of row g stores at step jj of a box: rows g and g ^ 1 share a
+// half-warp and would put columns 32 jj + 8t (t >= 2) and 32 jj + 8t' (t' < 2) in one 16-byte
+// chunk after the swizzle (2-way conflicts); odd rows take the fragment 64 bytes over.
+__host__ __device__ constexpr int sm90_bwd_dq_swizzled_step(int jj, int g) {
+  return jj ^ (2 * (g & 1));
+}
 // The split equals the layout for every fragment element of both consumers.
 __host__ __device__ constexpr bool sm90_bwd_dq_swizzled_split_holds() {
   for (int c = 0; c < 2; ++c)
@@ -257,7 +269,8 @@ struct Sm90BwdSmem {
   // land in distinct banks; a row is one contiguous bulk add); one slot where two do not fit
   // (d128 with a bias tile).
   static constexpr bool kDqWriter = kSm90BwdDqWriter;
-  static constexpr int kDqSlots = !kDqWriter ? 0 : (kHeadDim == 128 && kBiasTile) ? 1 : 2;
+  static constexpr int kDqSlots =
+      !kDqWriter ? 0 : (DM_SM90_BWD_DQ_SLOTS == 1 || (kHeadDim == 128 && kBiasTile)) ? 1 : 2;
   static constexpr int kDQTileRow = (kHeadDim + 8) * 4;
   // Swizzled slots (kSm90BwdDqSwizzle): kHeadDim / 32 boxes of 64 rows x 128 bytes, unpadded.
   static constexpr bool kDqSwizzle = kSm90BwdDqSwizzle;
@@ -1204,16 +1217,26 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
           // four lane addresses per item (opaque: hoisted, the 16 stores' addresses were
           // held across the loop and spilled the bias specs at d128), the rest immediates
           const uint32_t tile = opaque(base + Smem::kOffDQ + uint32_t(k) * Smem::kDQSlot);
+          // Store step jj of a 32-column box: fragment 4 jb + (jj ^ 2 (g & 1)) (odd rows take
+          // the other half of the 128-byte row: a half-warp's float2 stores hit 32 banks)
+          const bool odd = (g & 1) != 0;
           uint32_t lane_at[4];
 #pragma unroll
           for (int jj = 0; jj < 4; ++jj)
-            lane_at[jj] = tile + sm90_bwd_dq_swizzled_lane(c, warp, g, t, jj);
+            lane_at[jj] =
+                tile + sm90_bwd_dq_swizzled_lane(c, warp, g, t, sm90_bwd_dq_swizzled_step(jj, g));
 #pragma unroll
-          for (int j = 0; j < 8; ++j)
+          for (int jb = 0; jb < 2; ++jb)
 #pragma unroll
-            for (int r = 0; r < 2; ++r)
-              st_shared_f32x2(lane_at[j % 4] + sm90_bwd_dq_swizzled_imm(j, r), acc[j][2 * r],
-                              acc[j][2 * r + 1]);
+            for (int jj = 0; jj < 4; ++jj)
+#pragma unroll
+              for (int r = 0; r < 2; ++r) {
+                const int je = 4 * jb + sm90_bwd_dq_swizzled_step(jj, 0);
+                const int jo = 4 * jb + sm90_bwd_dq_swizzled_step(jj, 1);
+                st_shared_f32x2(lane_at[jj] + sm90_bwd_dq_swizzled_imm(4 * jb, r),
+                                odd ? acc[jo][2 * r] : acc[je][2 * r],
+                                odd ? acc[jo][2 * r + 1] : acc[je][2 * r + 1]);
+              }
         } else {
           const uint32_t tile = base + Smem::kOffDQ + uint32_t(k) * Smem::kDQSlot + 256u * c;
 #pragma unroll
