@@ -47,6 +47,11 @@
 // waits for full, takes the deterministic turn, adds the rows (one bulk add of head_dim fp32
 // per row, or with =2 one bulk tensor reduce per tile), waits for the adds to read the slot and
 // arrives on empty; two slots, one at d128 with a bias tile (shared memory).
+// A/B switches (default off): DM_SM90_BWD_DS_BUFS=2 double-buffers dS^T by the parity of the
+// items that stored it and drops the barrier before the stores (where two buffers fit:
+// Sm90BwdSmem::kDsBufs); DM_SM90_BWD_DQ_SWIZZLE=1 (on with it) stores the writer's slots
+// unpadded as 32-column fp32 boxes with the 128B swizzle, one tensor reduce per box;
+// DM_SM90_BWD_DQ_SLOTS=1 gives the ring one slot everywhere.
 // Deterministic mode (args.dq_sem: zeroed int32 words, [0] a CTA ticket, then one counter per
 // (batch, head, query tile)): a CTA takes its linear position from the ticket (atomicAdd), not
 // from blockIdx, so every position below it belongs to a CTA that is running or done. Key tile
