@@ -47,6 +47,11 @@
 // waits for full, takes the deterministic turn, adds the rows (one bulk add of head_dim fp32
 // per row, or with =2 one bulk tensor reduce per tile), waits for the adds to read the slot and
 // arrives on empty; two slots, one at d128 with a bias tile (shared memory).
+// A/B switches (default off): DM_SM90_BWD_DS_BUFS=2 double-buffers dS^T by the parity of the
+// items that stored it and drops the barrier before the stores (where two buffers fit:
+// Sm90BwdSmem::kDsBufs); DM_SM90_BWD_DQ_SWIZZLE=1 (on with it) stores the writer's slots
+// unpadded as 32-column fp32 boxes with the 128B swizzle, one tensor reduce per box;
+// DM_SM90_BWD_DQ_SLOTS=1 gives the ring one slot everywhere.
 // Deterministic mode (args.dq_sem: zeroed int32 words, [0] a CTA ticket, then one counter per
 // (batch, head, query tile)): a CTA takes its linear position from the ticket (atomicAdd), not
 // from blockIdx, so every position below it belongs to a CTA that is running or done. Key tile
@@ -91,6 +96,24 @@
 #endif
 #ifndef DM_SM90_BWD_DQ_WRITER  // 2 (default): H200 fwd+bwd +12-20% over 0 (BENCHMARKS.md)
 #define DM_SM90_BWD_DQ_WRITER 2
+#endif
+// DM_SM90_BWD_DS_BUFS=2: two dS^T buffers (the j-th stored item writes buffer j % 2), so no
+// barrier before the dS^T stores (see "dS^T buffers" at the stores); only where both fit
+// (Sm90BwdSmem::kDsBufs), else one. 1 (default): one buffer and the WAR barrier.
+#ifndef DM_SM90_BWD_DS_BUFS
+#define DM_SM90_BWD_DS_BUFS 1
+#endif
+// DM_SM90_BWD_DQ_SWIZZLE=1 (default with DS_BUFS=2): the tensor writer's dQ slots unpadded,
+// as 32-column fp32 boxes with the 128B swizzle (one tensor reduce per box; 4 KB less at d128
+// with two slots, what the second dS^T buffer needs); 0: padded rows, one reduce per tile.
+#ifndef DM_SM90_BWD_DQ_SWIZZLE
+#define DM_SM90_BWD_DQ_SWIZZLE (DM_SM90_BWD_DS_BUFS == 2)
+#endif
+// DM_SM90_BWD_DQ_SLOTS=1: the dQ writer's ring has one slot in every spec (the other way to
+// make room for a second dS^T buffer, also with a mask at d128); 2 (default): two slots, one
+// at d128 with a bias tile.
+#ifndef DM_SM90_BWD_DQ_SLOTS
+#define DM_SM90_BWD_DQ_SLOTS 2
 #endif
 #include "../common.cuh"
 #include "../params.cuh"
@@ -167,6 +190,52 @@ struct BoolTag {
 // variant DM_SM90_BWD_DQ_ATOMIC has no staged tiles: it wins.
 constexpr bool kSm90BwdDqWriter = DM_SM90_BWD_DQ_WRITER != 0 && !DM_SM90_BWD_DQ_ATOMIC;
 constexpr bool kSm90BwdDqTensor = kSm90BwdDqWriter && DM_SM90_BWD_DQ_WRITER == 2;
+// Swizzled dQ slots: only with the tensor writer (the row adds need contiguous rows).
+constexpr bool kSm90BwdDqSwizzle = kSm90BwdDqTensor && DM_SM90_BWD_DQ_SWIZZLE != 0;
+constexpr int kSm90BwdDsBufsWanted = DM_SM90_BWD_DS_BUFS == 2 ? 2 : 1;
+static_assert(DM_SM90_BWD_DS_BUFS == 1 || DM_SM90_BWD_DS_BUFS == 2, "DM_SM90_BWD_DS_BUFS: 1 or 2");
+
+// Byte offset of dQ element (row, col) (row < 64, col < kHeadDim) in a writer slot: padded
+// rows of (kHeadDim + 8) fp32 (kSwizzle false), or kHeadDim / 32 boxes of 64 rows x 32 fp32
+// (128-byte rows, 128B swizzle: what a tensor reduce of a (32, 64) box with
+// CU_TENSOR_MAP_SWIZZLE_128B reads from a 1024-byte-aligned box base).
+template <bool kSwizzle, int kHeadDim>
+__host__ __device__ constexpr uint32_t sm90_bwd_dq_slot_offset(int row, int col) {
+  return kSwizzle ? sm90::tile_offset<4, 32, 64>(row, col)
+                  : uint32_t(row * (kHeadDim + 8) * 4 + col * 4);
+}
+// The swizzled offset of consumer c's dQ fragment (warp, lane g, t; j, r: acc[j][2r], its
+// row 16 warp + g + 8r, column 64c + 8j + 2t) split into a lane part per j % 4 and an
+// immediate: rows r = 1 are 8 rows (1024 bytes, the same swizzle phase) on, j / 4 the next
+// 32-column box (8192 bytes); the 16-byte chunk (2 (j % 4) + t / 2) ^ g needs the lane part.
+__host__ __device__ constexpr uint32_t sm90_bwd_dq_swizzled_lane(int c, int warp, int g, int t,
+                                                                 int jj) {
+  return uint32_t(c * 2 * 8192 + (16 * warp + g) * 128 + ((32 * jj + 8 * t) ^ (16 * g)));
+}
+__host__ __device__ constexpr uint32_t sm90_bwd_dq_swizzled_imm(int j, int r) {
+  return uint32_t((j / 4) * 8192 + r * 1024);
+}
+// The fragment (j % 4) a lane of row g stores at step jj of a box: rows g and g ^ 1 share a
+// half-warp and would put columns 32 jj + 8t (t >= 2) and 32 jj + 8t' (t' < 2) in one 16-byte
+// chunk after the swizzle (2-way conflicts); odd rows take the fragment 64 bytes over.
+__host__ __device__ constexpr int sm90_bwd_dq_swizzled_step(int jj, int g) {
+  return jj ^ (2 * (g & 1));
+}
+// The split equals the layout for every fragment element of both consumers.
+__host__ __device__ constexpr bool sm90_bwd_dq_swizzled_split_holds() {
+  for (int c = 0; c < 2; ++c)
+    for (int w = 0; w < 4; ++w)
+      for (int lane = 0; lane < 32; ++lane)
+        for (int j = 0; j < 8; ++j)
+          for (int r = 0; r < 2; ++r)
+            if (sm90_bwd_dq_swizzled_lane(c, w, lane / 4, lane % 4, j % 4) +
+                    sm90_bwd_dq_swizzled_imm(j, r) !=
+                sm90_bwd_dq_slot_offset<true, 128>(16 * w + lane / 4 + 8 * r,
+                                                   64 * c + 8 * j + 2 * (lane % 4)))
+              return false;
+  return true;
+}
+static_assert(sm90_bwd_dq_swizzled_split_holds(), "swizzled dQ stores: lane part + immediate");
 
 enum Sm90BwdBias : int32_t { kBwdBiasNone = 0, kBwdBiasTile = 1, kBwdBiasKeyRow = 2 };
 
@@ -205,9 +274,12 @@ struct Sm90BwdSmem {
   // land in distinct banks; a row is one contiguous bulk add); one slot where two do not fit
   // (d128 with a bias tile).
   static constexpr bool kDqWriter = kSm90BwdDqWriter;
-  static constexpr int kDqSlots = !kDqWriter ? 0 : (kHeadDim == 128 && kBiasTile) ? 1 : 2;
+  static constexpr int kDqSlots =
+      !kDqWriter ? 0 : (DM_SM90_BWD_DQ_SLOTS == 1 || (kHeadDim == 128 && kBiasTile)) ? 1 : 2;
   static constexpr int kDQTileRow = (kHeadDim + 8) * 4;
-  static constexpr int kDQSlot = kBlockM * kDQTileRow;
+  // Swizzled slots (kSm90BwdDqSwizzle): kHeadDim / 32 boxes of 64 rows x 128 bytes, unpadded.
+  static constexpr bool kDqSwizzle = kSm90BwdDqSwizzle;
+  static constexpr int kDQSlot = kDqSwizzle ? kBlockM * kHeadDim * 4 : kBlockM * kDQTileRow;
   static constexpr int kDQ = DM_SM90_BWD_DQ_ATOMIC ? 0
                              : kDqWriter             ? kDqSlots * kDQSlot
                                                      : kBoxes * 4 * kDQWarp;
@@ -217,16 +289,25 @@ struct Sm90BwdSmem {
   static constexpr int kOffDO = kOffQ + kStages * kQ;
   static constexpr int kOffBias = kOffDO + kStages * kQ;
   static constexpr int kOffDS = kOffBias + kStages * kBias;
-  static constexpr int kOffDQ = kOffDS + 2 * kDS;            // the two dS^T halves are adjacent
-  static constexpr int kOffLse = kOffDQ + kDQ;               // kStages x kBlockM floats
-  static constexpr int kOffDsum = kOffLse + kStages * kBlockM * 4;
   // Mask: per stage one 64-bit query word per key, then per stage two "all kept" flags.
   static constexpr int kMaskBits = kHasMask ? kBlockN * 8 : 0;
+  // K/V; per stage full, empty; per dQ slot full, empty (the writer's ring)
+  static constexpr int kNumBars = 1 + 2 * kStages + 2 * kDqSlots;
+  // Everything after the dS^T buffers: dQ staging, lse/dsum, mask words and flags, barriers,
+  // the ticket/skip words and the stage words (their order below).
+  static constexpr int kTail = kDQ + 2 * kStages * kBlockM * 4 +
+                               (kHasMask ? kStages * (kMaskBits + 2 * 4) : 0) + 8 * kNumBars +
+                               16 + 16 * kStages;
+  // dS^T buffers (both consumers' halves adjacent in each): two where they fit with the
+  // 1024-byte alignment slack (DM_SM90_BWD_DS_BUFS=2), else one.
+  static constexpr int kDsBufs =
+      kSm90BwdDsBufsWanted == 2 && kOffDS + 2 * 2 * kDS + kTail + 1024 <= 227 * 1024 ? 2 : 1;
+  static constexpr int kOffDQ = kOffDS + kDsBufs * 2 * kDS;
+  static constexpr int kOffLse = kOffDQ + kDQ;               // kStages x kBlockM floats
+  static constexpr int kOffDsum = kOffLse + kStages * kBlockM * 4;
   static constexpr int kOffMask = kOffDsum + kStages * kBlockM * 4;
   static constexpr int kOffMaskFull = kOffMask + kStages * kMaskBits;
   static constexpr int kOffBars = kOffMaskFull + (kHasMask ? kStages * 2 * 4 : 0);
-  // K/V; per stage full, empty; per dQ slot full, empty (the writer's ring)
-  static constexpr int kNumBars = 1 + 2 * kStages + 2 * kDqSlots;
   // int32 words: [0] the deterministic mode's position, [1 + k] dQ slot k's "nothing to add";
   // then per stage 4 words from the producer: [0] the item (-1: the walk has ended), [1] the
   // head of the walk's previous item (-1: none), [2] the deterministic turn target (without the
@@ -235,6 +316,9 @@ struct Sm90BwdSmem {
   static constexpr int kOffStageItem = kOffTicket + 16;
   static constexpr int kBytes = kOffStageItem + 16 * kStages;
   static constexpr int kAlloc = kBytes + 1024;  // the base is aligned up to 1024 at run time
+  static_assert(kBytes == kOffDS + kDsBufs * 2 * kDS + kTail, "kTail lists every region");
+  static_assert(!kDqSwizzle || (kDQSlot % 1024 == 0 && kOffDQ % 1024 == 0),
+                "swizzled dQ boxes start on 1024-byte boundaries");
   static_assert(4 * (1 + kDqSlots) <= 16, "ticket and skip words");
   static_assert(kDQTileRow % 16 == 0 && kDQSlot % 128 == 0 && kOffDQ % 128 == 0,
                 "bulk-add rows 16-byte, tensor-reduce boxes 128-byte aligned");
@@ -709,8 +793,17 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
               if (lane == 0) bulk_reduce_add_f32(dst, src, uint32_t(row_bytes));
           }
           if (lane == 0) {
-            if (kSm90BwdDqTensor && add)  // the whole tile: rows past the end are out of bounds
-              tma_reduce_add_4d(&args.dqa, ring + uint32_t(k) * Smem::kDQSlot, 0, m0, h, b_u);
+            if (kSm90BwdDqTensor && add) {  // rows past the end are out of bounds
+              if constexpr (Smem::kDqSwizzle) {  // one reduce per 32-column swizzled box
+#pragma unroll
+                for (int x = 0; x < kHeadDim / 32; ++x)
+                  if (x == 0 || 32 * x < p.head_dim)  // boxes wholly past the head dim: none
+                    tma_reduce_add_4d(&args.dqa, ring + uint32_t(k) * Smem::kDQSlot + 8192u * x,
+                                      32 * x, m0, h, b_u);
+              } else {  // the whole tile (the padding columns are out of bounds)
+                tma_reduce_add_4d(&args.dqa, ring + uint32_t(k) * Smem::kDQSlot, 0, m0, h, b_u);
+              }
+            }
             if (add) {
               bulk_commit();
               bulk_wait_read<0>();
@@ -747,6 +840,9 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk[j][e] = dv[j][e] = 0.f;
   float colsum[2] = {0.f, 0.f};  // key-row dbias of the current head
+  // Two dS^T buffers: the parity of the items that stored dS^T so far (a masked spec's
+  // dropped tiles store none); without a mask every item stores, so the walk's jw serves.
+  int ds_par = 0;
   float row_bias[2] = {0.f, 0.f};  // key-row bias of the current head (log2 units)
 
   auto release = [&](uint32_t bar) {
@@ -1027,19 +1123,27 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
     }
 
     // dS^T to shared memory as [key][query] (128-byte rows, 128B swizzle): the M-major A of
-    // dQ. The first barrier: every warp whose dQ products read this buffer (both consumers';
-    // the A/B variant: this consumer's) has finished the previous item's (each waited on them).
+    // dQ. One buffer: the first barrier says every warp whose dQ products read this buffer
+    // (both consumers'; the A/B variant: this consumer's) has finished the previous item's
+    // (each waited on them). dS^T buffers (Smem::kDsBufs == 2): the n-th storing item writes
+    // buffer n % 2, last read by the dQ products of storing item n - 2; every reader warp
+    // finished those (its wgmma_wait<0>) before it arrived at the second barrier of item
+    // n - 1, which this thread has passed: no barrier before the stores.
     constexpr int kDsBarThreads = DM_SM90_BWD_DQ_ATOMIC ? 128 : 256;
     const int ds_bar = DM_SM90_BWD_DQ_ATOMIC ? 1 + c : 1;
-    named_bar_sync(ds_bar, kDsBarThreads);
+    const uint32_t ds_buf_off =
+        Smem::kDsBufs == 1 ? 0u : uint32_t(kHasMask ? ds_par : (jw & 1)) * (2u * Smem::kDS);
+    if constexpr (Smem::kDsBufs == 1) named_bar_sync(ds_bar, kDsBarThreads);
+    if constexpr (Smem::kDsBufs == 2 && kHasMask) ds_par ^= 1;
     const int ds_row = int(opaque(uint32_t(16 * warp + g)));  // not hoisted: see kb_l
 #pragma unroll
     for (int kk = 0; kk < kBlockM / 16; ++kk)
 #pragma unroll
       for (int w = 0; w < 4; ++w) {
         const int j = 2 * kk + (w >> 1), r = w & 1;
-        *reinterpret_cast<uint32_t*>(ds_ptr + tile_offset<2, 64, 64>(ds_row + 8 * r,
-                                                                     8 * j + 2 * t)) = da[kk][w];
+        *reinterpret_cast<uint32_t*>(ds_ptr + ds_buf_off +
+                                     tile_offset<2, 64, 64>(ds_row + 8 * r, 8 * j + 2 * t)) =
+            da[kk][w];
       }
     fence_proxy_async_smem();  // also orders the dbias stage writes before the next TMA
     named_bar_sync(ds_bar, kDsBarThreads);
@@ -1050,7 +1154,7 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
 #pragma unroll
     for (int nh = 0; nh < Smem::kBoxes; ++nh) {
       float acc[8][4];
-      const uint32_t ds_base = opaque(base + Smem::kOffDS + c * Smem::kDS);
+      const uint32_t ds_base = opaque(base + Smem::kOffDS + c * Smem::kDS + ds_buf_off);
       const uint32_t kb = opaque(sK + nh * kBlockN * 128 + c * 64 * 128);
       fence_operands(acc);
       wgmma_fence();
@@ -1089,7 +1193,7 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
     if (Smem::kBoxes == 2 || c == 0) {
       float acc[8][4];
       {
-        const uint32_t ds_base = opaque(base + Smem::kOffDS);
+        const uint32_t ds_base = opaque(base + Smem::kOffDS + ds_buf_off);
         const uint32_t kb = opaque(sK + c * kBlockN * 128);
         fence_operands(acc);
         wgmma_fence();
@@ -1114,14 +1218,40 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
         // warp's rows 16 warp + g (+ 8), consumer c's 64 columns; then the writer takes it.
         const int k = jw % Smem::kDqSlots;
         mbar_wait(bar_dq_empty(k), ((jw / Smem::kDqSlots) & 1) ^ 1);
-        const uint32_t tile = base + Smem::kOffDQ + uint32_t(k) * Smem::kDQSlot + 256u * c;
+        if constexpr (Smem::kDqSwizzle) {
+          // four lane addresses per item (opaque: hoisted, the 16 stores' addresses were
+          // held across the loop and spilled the bias specs at d128), the rest immediates
+          const uint32_t tile = opaque(base + Smem::kOffDQ + uint32_t(k) * Smem::kDQSlot);
+          // Store step jj of a 32-column box: fragment 4 jb + (jj ^ 2 (g & 1)) (odd rows take
+          // the other half of the 128-byte row: a half-warp's float2 stores hit 32 banks)
+          const bool odd = (g & 1) != 0;
+          uint32_t lane_at[4];
 #pragma unroll
-        for (int j = 0; j < 8; ++j)
+          for (int jj = 0; jj < 4; ++jj)
+            lane_at[jj] =
+                tile + sm90_bwd_dq_swizzled_lane(c, warp, g, t, sm90_bwd_dq_swizzled_step(jj, g));
 #pragma unroll
-          for (int r = 0; r < 2; ++r)
-            st_shared_f32x2(tile + uint32_t(16 * warp + g + 8 * r) * Smem::kDQTileRow +
-                                uint32_t(8 * j + 2 * t) * 4,
-                            acc[j][2 * r], acc[j][2 * r + 1]);
+          for (int jb = 0; jb < 2; ++jb)
+#pragma unroll
+            for (int jj = 0; jj < 4; ++jj)
+#pragma unroll
+              for (int r = 0; r < 2; ++r) {
+                const int je = 4 * jb + sm90_bwd_dq_swizzled_step(jj, 0);
+                const int jo = 4 * jb + sm90_bwd_dq_swizzled_step(jj, 1);
+                st_shared_f32x2(lane_at[jj] + sm90_bwd_dq_swizzled_imm(4 * jb, r),
+                                odd ? acc[jo][2 * r] : acc[je][2 * r],
+                                odd ? acc[jo][2 * r + 1] : acc[je][2 * r + 1]);
+              }
+        } else {
+          const uint32_t tile = base + Smem::kOffDQ + uint32_t(k) * Smem::kDQSlot + 256u * c;
+#pragma unroll
+          for (int j = 0; j < 8; ++j)
+#pragma unroll
+            for (int r = 0; r < 2; ++r)
+              st_shared_f32x2(tile + uint32_t(16 * warp + g + 8 * r) * Smem::kDQTileRow +
+                                  uint32_t(8 * j + 2 * t) * 4,
+                              acc[j][2 * r], acc[j][2 * r + 1]);
+        }
         fence_proxy_async_smem();  // this lane's stores before the writer's bulk adds read them
         if (c == 0 && warp == 0 && lane == 0) st_shared_u32(dq_skip(k), 0);
         release(bar_dq_full(k));

@@ -1,0 +1,55 @@
+"""The Hopper backward's dS^T buffers and dQ slot layouts, built side by side in one process
+(kernels and plans are cached per DMATTN_NVRTC_DEFINES): DM_SM90_BWD_DS_BUFS=2 (two dS^T
+buffers by the parity of the items that stored dS^T, no barrier before the stores) with its
+default unpadded 128B-swizzled dQ slots (a tensor reduce per 32-column box), with padded
+slots and one ring slot (DM_SM90_BWD_DQ_SLOTS=1: two buffers also at d128 with a mask), and
+the swizzled slots alone. Every build forms each dQ tile from the same fp32 products, so in
+deterministic mode (adds in key-tile order) the gradients are bitwise equal to the default
+build's; each build is also checked against float64 autograd in the default mode. The cases
+of test_backward_sm90_dq_writer: two ring slots (d64, d128), one (d128 with a bias tile),
+masks that drop whole tiles (no dS^T stored: the buffer parity skips them), causal and window,
+GQA, Sq past the last 64-row tile, a head dim padded inside its box (72 of 128: the fourth
+32-column box is not reduced, the third only in part)."""
+
+from __future__ import annotations
+
+import pytest
+from test_backward_sm90_dq_writer import CASES, _build, _case
+
+torch = pytest.importorskip("torch")
+
+pytestmark = pytest.mark.gpu
+
+BUILDS = ("", "DM_SM90_BWD_DS_BUFS=2",
+          "DM_SM90_BWD_DS_BUFS=2 DM_SM90_BWD_DQ_SWIZZLE=0 DM_SM90_BWD_DQ_SLOTS=1",
+          "DM_SM90_BWD_DQ_SWIZZLE=1")
+IDS = ["bufs2_swizzled", "bufs2_one_slot", "swizzled"]
+
+
+@pytest.fixture(autouse=True)
+def _sm90(monkeypatch):
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the sm_90a backward runs on compute capability 9.0 only")
+    monkeypatch.setenv("DMATTN_BWD_FAMILY", "bwd_sm90")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_deterministic_gradients_are_bitwise_equal_across_builds(monkeypatch, case):
+    q, k, v, kw = _case(case)
+    ref = None
+    for defines in BUILDS:
+        got = _build(monkeypatch, defines, q, k, v, deterministic=True, **kw)
+        if ref is None:
+            ref = got
+            continue
+        for name, a, b in zip(("dq", "dk", "dv", "dbias"), ref, got, strict=True):
+            assert (a is None) == (b is None), name
+            if a is not None:
+                assert torch.equal(a, b), f"{name} of {defines!r} differs from the default build"
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("defines", BUILDS[1:], ids=IDS)
+def test_default_mode_matches_the_reference(monkeypatch, case, defines):
+    q, k, v, kw = _case(case)
+    _build(monkeypatch, defines, q, k, v, **kw)
