@@ -36,6 +36,19 @@ DM_DEVICE float normalize_out(float o, float inv_l) { return inv_l == 0.f ? 0.f 
 // Natural-log lse from a log2-domain one (-inf stays -inf).
 DM_DEVICE float lse_natural(float lse2) { return lse2 * (1.f / kLog2e); }
 
+// True for a NaN (PTX testp: not folded away under --use_fast_math).
+DM_DEVICE bool is_nan(float x) {
+  uint32_t r;
+  asm("{ .reg .pred p; testp.notanumber.f32 p, %1; selp.u32 %0, 1, 0, p; }" : "=r"(r) : "f"(x));
+  return r != 0;
+}
+
+// OnlineSoftmax::update's default row hook: the thread's max of row r stands as computed.
+struct KeepRowMax {
+  template <typename X>
+  DM_DEVICE float operator()(X&, int, float mx) const { return mx; }
+};
+
 template <int kRows = 2, int kRowThreads = 4>
 struct OnlineSoftmax {
   float m[kRows];  // running row max (log2 domain); -inf while nothing was kept
@@ -52,8 +65,12 @@ struct OnlineSoftmax {
   // Turns scores x * scale (scale > 0; the log2-domain logits) into probabilities in place;
   // returns the per-row rescale factors for the output accumulator (see rescale_o). Passing
   // the raw scores with their scale folds the scaling into one FFMA per element.
-  template <int kF, int kN>
-  DM_DEVICE void update(float (&x)[kF][kN], float (&alpha)[kRows], float scale = 1.f) {
+  // row_fix(x, r, mx) sees the thread's max mx of row r's values before the row's lanes join
+  // theirs and returns the max to use: it may first rewrite that row's values in x (sm90
+  // fwd.cu, DM_SM90_MB_FOLD: masked keys of a row that holds a NaN).
+  template <int kF, int kN, typename RowFix = KeepRowMax>
+  DM_DEVICE void update(float (&x)[kF][kN], float (&alpha)[kRows], float scale = 1.f,
+                        const RowFix& row_fix = RowFix()) {
     constexpr int kPer = kN / kRows;
     static_assert(kPer * kRows == kN, "a fragment holds kPer values of each row");
 #pragma unroll
@@ -66,6 +83,7 @@ struct OnlineSoftmax {
         for (int c = 1; c < kPer; ++c) fm = fmax_nan(fm, x[f][r * kPer + c]);
         mx = fmax_nan(mx, fm);
       }
+      mx = row_fix(x, r, mx);
       mx = fmax_nan(m[r], row_max<kRowThreads>(mx) * scale);
       const float m_use = mx == -DM_INF ? 0.f : mx;  // all excluded so far: exp2(-inf) = 0
       alpha[r] = fast_exp2(m[r] - m_use);

@@ -126,6 +126,14 @@ def mask_slots(head_dim: int, block_n: int, has_mask: bool) -> int:
     return 4
 
 
+def fold_bias(block_n: int, has_mask: bool, has_bias: bool) -> bool:
+    """Whether the spec folds mask tiles into its bias tiles (Sm90FwdSmem::kFold in sm90/fwd.cu:
+    DM_SM90_MB_FOLD=1, a mask and a bias, 64-key tiles, the dynamic scheduler); such a spec has
+    one more barrier per stage."""
+    return (define_value("DM_SM90_MB_FOLD", 0) != 0 and has_mask and has_bias
+            and block_n == 64 and dynamic_schedule())
+
+
 def _alloc_bytes(head_dim: int, block_n: int, stages: int, has_mask: bool, has_bias: bool,
                  q_bufs: int) -> int:
     """Sm90FwdSmem<...>::alloc_bytes(q_bufs) in sm90/fwd.cu."""
@@ -133,7 +141,8 @@ def _alloc_bytes(head_dim: int, block_n: int, stages: int, has_mask: bool, has_b
     kv = head_dim // 64 * block_n * 128
     bias = BLOCK_M * block_n * 2 if has_bias else 0
     slots = mask_slots(head_dim, block_n, has_mask)
-    bars = 8 * (4 * stages + 2 * slots + 2 * q_bufs)
+    fold_bars = stages if fold_bias(block_n, has_mask, has_bias) else 0
+    bars = 8 * (4 * stages + 2 * slots + 2 * q_bufs + fold_bars)
     items = 16 if dynamic_schedule() else 0   # each stage's work item (kOffItems)
     return (q_bufs * q + stages * (2 * kv + bias) + slots * BLOCK_M * block_n + bars
             + 16 * stages + items + 1024)

@@ -121,6 +121,19 @@ static_assert(DM_SM90_Q_BUFS == 1 || DM_SM90_Q_BUFS == 2, "DM_SM90_Q_BUFS: 1 or 
 #ifndef DM_SM90_LPT_HEADS
 #define DM_SM90_LPT_HEADS 4
 #endif
+// - DM_SM90_MB_FOLD: 1 makes the producer warpgroup's warps 1-3 (idle otherwise) fold each
+//   mask + bias tile pair (both kTile, 64-key tiles, DM_SM90_PERSISTENT=2) once K's barrier
+//   completed: the bias tile is rewritten in place in fragment order (primitives.cuh:
+//   frag_order_offset; 4 16-byte loads per consumer thread instead of 16 swizzled 4-byte
+//   ones) with -inf where the mask is false (fold_word; only for kMaskPartial tiles), then a
+//   per-stage barrier full_f says so. The consumers read no mask words and run the bias-only
+//   path; a row whose values in the tile hold a NaN (a NaN or infinite score: -inf + NaN or
+//   +-inf) re-reads the mask slot and excludes its masked keys, so NaN handling equals the
+//   mask path's (a NaN at a masked key is dropped). The fold warps also arrive on empty_k,
+//   so the producer never rewrites a stage (or its info) they still read. 0 (default): off.
+#ifndef DM_SM90_MB_FOLD
+#define DM_SM90_MB_FOLD 0
+#endif
 
 // Tile classes the producer hands over (bits; 0 = full: no per-element work).
 constexpr int kFormulaPartial = 1;  // crosses the key end or a causal/window edge
@@ -166,13 +179,18 @@ struct Sm90FwdSmem {
   static constexpr int kMaskAhead = kMaskSlots - kStages - 1;
   static_assert(!kHasMask || kMaskAhead >= 1, "at least one mask tile in flight ahead");
   static constexpr int kMaskRing = kHasMask ? kMaskSlots : 1;  // a nonzero modulus
+  // DM_SM90_MB_FOLD: per stage one more barrier (full_f: the folded bias tile is ready).
+  static constexpr bool kFold = DM_SM90_MB_FOLD != 0 && kHasMask && kHasBias && kBlockN == 64 &&
+                                kDynamicItems;
+  static constexpr int kFoldBars = kFold ? kStages : 0;
   // Everything but Q's buffers (one per work item in flight), then the count that fits.
   static constexpr int kRest = kStages * (2 * kKV + kBias) + kMaskSlots * kMask;
   // per stage full_k, full_v, empty_k, empty_v; per mask slot full_m, empty_m; per Q buffer
-  // full_q, empty_q (8-byte mbarriers); then per stage the tile index, class and mask slot the
-  // producer hands over (4 ints); DM_SM90_PERSISTENT=2: per stage its work item (16 bytes).
+  // full_q, empty_q, DM_SM90_MB_FOLD: per stage full_f (8-byte mbarriers); then per stage the
+  // tile index, class and mask slot the producer hands over (4 ints); DM_SM90_PERSISTENT=2: per
+  // stage its work item (16 bytes).
   static constexpr int alloc_bytes(int q_bufs) {
-    return q_bufs * kQ + kRest + 8 * (4 * kStages + 2 * kMaskSlots + 2 * q_bufs) +
+    return q_bufs * kQ + kRest + 8 * (4 * kStages + 2 * kMaskSlots + 2 * q_bufs + kFoldBars) +
            16 * kStages + (kDynamicItems ? 16 : 0) + 1024;  // base aligned up to 1024 at run time
   }
   static constexpr int kQBufs =
@@ -182,7 +200,8 @@ struct Sm90FwdSmem {
   static constexpr int kOffBias = kOffV + kStages * kKV;
   static constexpr int kOffMask = kOffBias + kStages * kBias;
   static constexpr int kOffBars = kOffMask + kMaskSlots * kMask;
-  static constexpr int kNumBars = 4 * kStages + 2 * kMaskSlots + 2 * kQBufs;
+  static constexpr int kNumBars = 4 * kStages + 2 * kMaskSlots + 2 * kQBufs + kFoldBars;
+  static constexpr int kOffFoldBars = kOffBars + 8 * (4 * kStages + 2 * kMaskSlots + 2 * kQBufs);
   static constexpr int kOffInfo = kOffBars + 8 * kNumBars;
   static constexpr int kOffItems = kOffInfo + 16 * kStages;
   static_assert(kStages <= 4, "one 16-byte block of item indices");
@@ -193,6 +212,28 @@ struct Sm90FwdSmem {
                 "swizzled tiles start on 1024-byte boundaries");
 };
 
+// -inf twice, as two 16-bit values of T (DM_SM90_MB_FOLD's masked keys).
+constexpr uint32_t neg_inf_pair(Half) { return 0xfc00fc00u; }
+constexpr uint32_t neg_inf_pair(BFloat16) { return 0xff80ff80u; }
+
+// DM_SM90_MB_FOLD: the consumer's row r of a kMaskPartial tile holds a NaN (the folded -inf plus
+// a NaN or infinite score is NaN, and so is a NaN at a kept key): its masked keys (mask bytes
+// of tile row `row` in mask slot `smk`) become -inf, as the mask path makes them; a NaN at a
+// kept key stays and propagates. Returns the thread's new max of the row.
+template <int kBlockM, int kMaskBoxCols, int kNF>
+DM_DEVICE float drop_masked_nan(float (&x)[kNF][4], int r, const uint8_t* smk, int row, int t) {
+  float mx = -DM_INF;
+#pragma unroll
+  for (int j = 0; j < kNF; ++j)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      if (smk[sm90::tile_offset<1, kMaskBoxCols, kBlockM>(row, 8 * j + 2 * t + e)] == 0)
+        x[j][2 * r + e] = -DM_INF;
+      mx = fmax_nan(mx, x[j][2 * r + e]);
+    }
+  return mx;
+}
+
 // The first element (of `elem` bytes) a key-based stage loads: that of key k_start + n0 (times
 // heads) aligned down to 16 bytes, TMA's rule for a box's global start. Its values start
 // key_lead elements into the stage (n0 % 64 == 0, so n0 * heads * elem is a 16-byte multiple).
@@ -202,6 +243,72 @@ __host__ __device__ constexpr int key_load_start(int k_start, int n0, int heads,
 }
 __host__ __device__ constexpr int key_lead(int k_start, int heads, int elem) {
   return (k_start * heads) & (16 / elem - 1);
+}
+
+// DM_SM90_MB_FOLD: the producer warpgroup's warps 1 .. kFoldWarps walk the stages as the
+// consumers do (every use of every stage, up to the dynamic scheduler's last stage) and put each
+// tile's bias in fragment order, folding the mask into it (kMaskPartial tiles); then they
+// arrive on the stage's full_f and empty_k.
+constexpr int kFoldWarps = 3;
+// bar_full_k, bar_empty_k, bar_full_f: the kernel's barrier addresses of a stage; info,
+// stage_item: what the producer hands over per stage.
+template <typename T, typename Smem, int kStages, typename Bar1, typename Bar2, typename Bar3>
+DM_DEVICE void fold_warps(uint8_t* smem, int lane, const Bar1& bar_full_k, const Bar2& bar_empty_k,
+                          const Bar3& bar_full_f, volatile int32_t* info,
+                          volatile int32_t* stage_item) {
+  using namespace sm90;
+  constexpr int kBlockM = Smem::kBlockM, kNF = 8;
+  const int fw = threadIdx.x / 32 - 1;
+  const int g = lane / 4, t = lane % 4;
+  int stage = 0;
+  uint32_t phase = 0;
+  for (;;) {
+    mbar_wait(bar_full_k(stage), phase);
+    if (stage_item[stage] < 0) break;  // no more items: never released
+    if (info[4 * stage] >= 0) {
+      const bool masked = (info[4 * stage + 1] & kMaskPartial) != 0;
+      uint8_t* sb = smem + Smem::kOffBias + stage * Smem::kBias;
+      const uint8_t* smk = smem + Smem::kOffMask + info[4 * stage + 2] * Smem::kMask;
+      // Block w (consumer warp w's 16 rows) is read whole by this warp before any of it
+      // is written back in fragment order: the reorder stays inside the 2 KB.
+#pragma unroll 1
+      for (int w = fw; w < kBlockM / 16; w += kFoldWarps) {
+        static_assert(kNF == 8 && Smem::kMaskBoxCols == 64, "64-key tiles");
+        uint32_t wd[kNF][2];  // row 16w + g + 8r, keys 8j + 2t, 8j + 2t + 1
+        const uint8_t* src = sb + frag_row_b16(16 * w, g, t);
+#pragma unroll
+        for (int j = 0; j < kNF; ++j) {
+          wd[j][0] = *reinterpret_cast<const uint32_t*>(src + frag_chunk_b16(g, j));
+          wd[j][1] = *reinterpret_cast<const uint32_t*>(src + frag_chunk_b16(g, j) + 1024);
+        }
+        if (masked) {
+          const uint8_t* msrc = smk + frag_row_b8(16 * w, g, t);
+#pragma unroll
+          for (int j = 0; j < kNF; ++j)
+            fold_words_dev(wd[j][0], wd[j][1],
+                           *reinterpret_cast<const uint16_t*>(msrc + frag_chunk_b8(g, j)),
+                           *reinterpret_cast<const uint16_t*>(msrc + frag_chunk_b8(g, j) + 512),
+                           neg_inf_pair(T{}));
+        }
+        __syncwarp();
+        uint8_t* dst = sb + frag_order_offset(w, lane, 0, 0);
+#pragma unroll
+        for (int k = 0; k < kNF / 2; ++k)
+          *reinterpret_cast<uint4*>(dst + 512 * k) =
+              uint4{wd[2 * k][0], wd[2 * k][1], wd[2 * k + 1][0], wd[2 * k + 1][1]};
+      }
+      fence_proxy_async_smem();  // these stores before the stage's next TMA write
+    }
+    __syncwarp();
+    if (lane == 0) {
+      mbar_arrive(bar_full_f(stage));
+      mbar_arrive(bar_empty_k(stage));
+    }
+    if (++stage == kStages) {
+      stage = 0;
+      phase ^= 1;
+    }
+  }
 }
 
 template <typename T, int kHeadDim, int kBlockN, int kStages, bool kHasMask, bool kHasBias,
@@ -252,6 +359,12 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
   auto bar_empty_q = [&](int x) {
     return bars + 8 + 32 * kStages + 16 * Smem::kMaskSlots + 16 * x;
   };
+  // DM_SM90_MB_FOLD (fold_on: a mask tile and a bias tile): completed by the kFoldWarps fold
+  // warps once stage s's bias tile is in fragment order (and folded), for every use of the
+  // stage (end stages too), so its phase follows full_k's.
+  const bool fold_on = Smem::kFold && args.mask_mode == kOperandTile &&
+                       args.bias_mode == kOperandTile;
+  auto bar_full_f = [&](int s) { return base + Smem::kOffFoldBars + 8 * s; };
   volatile int32_t* info = reinterpret_cast<volatile int32_t*>(smem + Smem::kOffInfo);
   volatile int32_t* stage_item = reinterpret_cast<volatile int32_t*>(smem + Smem::kOffItems);
 
@@ -349,8 +462,10 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
     for (int s = 0; s < kStages; ++s) {
       mbar_init(bar_full_k(s), 1);
       mbar_init(bar_full_v(s), 1);
-      mbar_init(bar_empty_k(s), 8);  // one arrival per consumer warp
+      // one arrival per consumer warp (and per fold warp: they read the stage too)
+      mbar_init(bar_empty_k(s), fold_on ? 8 + kFoldWarps : 8);
       mbar_init(bar_empty_v(s), 8);
+      if (Smem::kFold) mbar_init(bar_full_f(s), kFoldWarps);
     }
     for (int x = 0; x < Smem::kMaskSlots; ++x) {
       mbar_init(bar_full_m(x), 1);
@@ -365,7 +480,20 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
 
   if (wg == 0) {  // ------------------------------------------------------------- producer
     setmaxnreg_dec<kProducerRegs>();
-    if (threadIdx.x >= 32) return;
+    if constexpr (Smem::kFold) {
+      // DM_SM90_MB_FOLD: warps 1-3 walk the stages as the consumers do (every use of every
+      // stage, up to the dynamic scheduler's last stage) and reorder/fold each tile's bias.
+      // The warp index by a shuffle is warp-uniform to the compiler: with threadIdx.x itself
+      // the branch is divergent to it, and warp 0's code left the uniform datapath (spills).
+      if (__shfl_sync(0xffffffffu, int(threadIdx.x) / 32, 0) != 0) {
+        if (fold_on)
+          fold_warps<T, Smem, kStages>(smem, lane, bar_full_k, bar_empty_k, bar_full_f, info,
+                                       stage_item);
+        return;
+      }
+    } else if (threadIdx.x >= 32) {
+      return;
+    }
     const bool leader = lane == 0;
     if (leader) {
       tma_prefetch(&args.q);
@@ -759,6 +887,21 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
     };
     const bool mask_tile = kHasMask && args.mask_mode == kOperandTile;
     auto load_operands = [&](TileOperands& ops, int stage, int cls) {
+#if DM_SM90_MB_FOLD  // (#if, not if constexpr: the default specs' SASS stays byte-identical)
+      if (fold_on) {  // the fold warps' fragment order (stage's phase: the caller's `phase`)
+        mbar_wait(bar_full_f(stage), phase);
+        const uint8_t* sb = smem + (sBias - base) + stage * Smem::kBias;
+#pragma unroll
+        for (int k = 0; k < kNF / 2; ++k) {
+          const uint4 v = *reinterpret_cast<const uint4*>(
+              sb + frag_order_offset(4 * c + warp, lane, 2 * k, 0));
+          ops.bias[2 * k][0] = v.x;
+          ops.bias[2 * k][1] = v.y;
+          ops.bias[2 * k + 1][0] = v.z;
+          ops.bias[2 * k + 1][1] = v.w;
+        }
+      } else
+#endif
       if (bias_tile) {
         const uint8_t* sb = smem + (sBias - base) + stage * Smem::kBias;
 #pragma unroll
@@ -785,7 +928,11 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
           }
         }
       }
+#if DM_SM90_MB_FOLD
+      if (mask_keys && (cls & kMaskPartial) && !fold_on) {
+#else
       if (mask_keys && (cls & kMaskPartial)) {
+#endif
         const uint8_t* smk = smem + (sMask - base) + info[4 * stage + 2] * Smem::kMask;
         if (mask_tile) {
 #pragma unroll
@@ -845,7 +992,11 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
             s[j][2 * r + 1] = add_bias(s[j][2 * r + 1], ls, to_float(hi));
           }
       }
+#if DM_SM90_MB_FOLD
+      if (mask_keys && (cls & kMaskPartial) && !fold_on) {  // folded into the bias
+#else
       if (mask_keys && (cls & kMaskPartial)) {
+#endif
 #pragma unroll
         for (int j = 0; j < kNF; ++j)
 #pragma unroll
@@ -950,6 +1101,16 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
       float alpha[2];
       TileOperands ops;
       int cls = info[4 * stage + 1];
+#if DM_SM90_MB_FOLD
+      // A NaN in a folded kMaskPartial tile's row: its masked keys go back to -inf first.
+      auto row_fix = [&](auto& x, int r, float mx) {
+        return !fold_on || !(cls & kMaskPartial) || !is_nan(mx) ? mx
+            : drop_masked_nan<kBlockM, Smem::kMaskBoxCols>(
+                  x, r, smem + (sMask - base) + info[4 * stage + 2] * Smem::kMask, lrow[r], t);
+      };
+#else
+      const KeepRowMax row_fix;
+#endif
       if (fold) fold_bias(s, stage);
       turn_wait();
       issue_s(s, stage);
@@ -958,7 +1119,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
       fence_operands(s);
       load_operands(ops, stage, cls);
       transform(s, ops, n * kBlockN, cls, stage);
-      sm.update(s, alpha, ls.exp_scale);
+      sm.update(s, alpha, ls.exp_scale, row_fix);
       release_k(stage);
       pack_p(s, pa);
       if (varlen && (n + 1) * kBlockN > len_k) {
@@ -1000,7 +1161,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
         fence_operands(s);
         load_operands(ops, stage, cls);
         transform(s, ops, n * kBlockN, cls, stage);
-        sm.update(s, alpha, ls.exp_scale);
+        sm.update(s, alpha, ls.exp_scale, row_fix);
         release_k(stage);
         wgmma_wait<0>();
         fence_operands(o);

@@ -35,6 +35,60 @@ __host__ __device__ constexpr uint32_t tile_offset(int row, int col) {
              uint32_t(row * kRowBytes + (col % kBoxCols) * kElemBytes));
 }
 
+// Fragment order of a folded 128 x 64 bias tile (fwd.cu: DM_SM90_MB_FOLD). Consumer warp w
+// (0..7: rows 16w .. 16w + 15) reads 2 KB block w by 4 conflict-free 16-byte loads per lane:
+// lane (g, t) = (lane / 4, lane % 4) finds the word of fragment j, row half r (keys 8j + 2t,
+// 8j + 2t + 1 of row 16w + g + 8r) at byte 512 (j / 2) + 16 lane + 4 (2 (j % 2) + r) of its
+// block. The same words sit in the TMA tile (128B swizzle, 128-byte rows) inside the same 2 KB
+// (rows 16w .. 16w + 15), so one warp can reorder a block in place.
+__host__ __device__ constexpr uint32_t frag_order_offset(int w, int lane, int j, int r) {
+  return uint32_t(w) * 2048 + uint32_t(j / 2) * 512 + uint32_t(lane) * 16 +
+         uint32_t(2 * (j % 2) + r) * 4;
+}
+
+// tile_offset<2, 64, kRows>(r8 + g, 8 j + 2 t) and tile_offset<1, 64, kRows>(r8 + g, 8 j + 2 t)
+// for r8 % 8 == 0, g < 8, j < 8, t < 4, as a row part and a chunk part so that the swizzle's
+// XOR needs only g: the 128B swizzle of 128-byte rows XORs chunk j with (r8 + g) % 8 = g, the
+// 64B swizzle of 64-byte rows chunk j / 2 with (r8 + g) / 2 % 4 = g / 2. Row r8 + 8 + g is
+// 1024 (512) bytes past row r8 + g.
+__host__ __device__ constexpr uint32_t frag_row_b16(int r8, int g, int t) {
+  return uint32_t(r8 + g) * 128 + uint32_t(t) * 4;
+}
+__host__ __device__ constexpr uint32_t frag_chunk_b16(int g, int j) { return uint32_t(j ^ g) << 4; }
+__host__ __device__ constexpr uint32_t frag_row_b8(int r8, int g, int t) {
+  return uint32_t(r8 + g) * 64 + uint32_t(t) * 2;
+}
+__host__ __device__ constexpr uint32_t frag_chunk_b8(int g, int j) {
+  return (uint32_t(((j >> 1) ^ (g >> 1)) & 3) << 4) + uint32_t(j & 1) * 8;
+}
+
+// A bias word (two 16-bit values, low one first) with each value whose mask byte in mask2
+// (bits 0-7: the low value's, 8-15: the high one's; any nonzero byte keeps) is zero replaced
+// by that half of neg_inf2 (the dtype's -inf twice). kept_bits: bit 7 of each byte set where
+// that byte is nonzero. The constexpr fold_word is the model the CPU tests check; the device
+// folds two rows' words at once (fold_words_dev: one kept_bits over both rows' mask bytes,
+// then prmt with sign replication widens byte b's bit 7 to a 16-bit mask: 0x9988 for bytes
+// 0, 1, 0xbbaa for bytes 2, 3).
+__host__ __device__ constexpr uint32_t kept_bits(uint32_t m) {
+  return (((m & 0x7f7f7f7fu) + 0x7f7f7f7fu) | m) & 0x80808080u;
+}
+__host__ __device__ constexpr uint32_t fold_word(uint32_t bias, uint32_t mask2, uint32_t neg_inf2) {
+  const uint32_t nz = kept_bits(mask2 & 0xffffu);
+  const uint32_t keep = ((nz >> 7) & 1u) * 0xffffu | ((nz >> 15) & 1u) * 0xffff0000u;
+  return (bias & keep) | (neg_inf2 & ~keep);
+}
+// b0, b1: two bias words; m0, m1: their mask bytes (low 16 bits each).
+DM_DEVICE void fold_words_dev(uint32_t& b0, uint32_t& b1, uint32_t m0, uint32_t m1,
+                              uint32_t neg_inf2) {
+  uint32_t m, k0, k1;
+  asm("prmt.b32 %0, %1, %2, 0x5410;" : "=r"(m) : "r"(m0), "r"(m1));
+  const uint32_t nz = kept_bits(m);
+  asm("prmt.b32 %0, %1, 0, 0x9988;" : "=r"(k0) : "r"(nz));
+  asm("prmt.b32 %0, %1, 0, 0xbbaa;" : "=r"(k1) : "r"(nz));
+  b0 = (b0 & k0) | (neg_inf2 & ~k0);
+  b1 = (b1 & k1) | (neg_inf2 & ~k1);
+}
+
 // wgmma shared-memory matrix descriptor: start address, leading and stride byte offsets (all
 // >> 4, 14 bits each) and the swizzle mode in bits 62-63 (1 = 128B, 2 = 64B, 3 = 32B).
 __host__ __device__ constexpr uint64_t make_desc(uint32_t smem_addr, uint32_t lbo, uint32_t sbo,
