@@ -325,8 +325,9 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
   // setmaxnreg.inc waits forever for registers that do not exist. With a mask the producer
   // (its mask classification and the work-item loop) needs 56; without one the consumers
   // take 232 (their work-item state beside the accumulators: 224 spills a bias spec).
-  // Debug builds' tile counters take the mask producer to 64 at d <= 128.
-  constexpr bool kWideProducer = kDebug && kHeadDim <= 128;
+  // Debug builds' tile counters and DM_SM90_MB_FOLD's fold warps take the mask producer to 64
+  // at d <= 128 (the fold at 56/224 spilled 12/40 bytes under NVRTC 13; 64/216 did not).
+  constexpr bool kWideProducer = (kDebug || Smem::kFold) && kHeadDim <= 128;
   constexpr int kProducerRegs = !kHasMask ? 40 : kWideProducer ? 64 : 56;
   constexpr int kConsumerRegs = !kHasMask ? 232 : kWideProducer ? 216 : 224;
   static_assert(kProducerRegs + 2 * kConsumerRegs <= 3 * 168, "register pool of the CTA");
