@@ -115,6 +115,13 @@
 #ifndef DM_SM90_BWD_DQ_SLOTS
 #define DM_SM90_BWD_DQ_SLOTS 2
 #endif
+// DM_SM90_BWD_BIAS_LDSM=1: a full bias tile reaches the consumers by ldmatrix.x4.trans and
+// their dbias goes back into the stage by stmatrix.x4.trans (4 + 4 per thread per item, one
+// 16 x 16 (key x query) block each: sm90_bwd_bias_ldsm_offset) instead of 32 two-byte loads
+// and 32 two-byte stores at per-element swizzled addresses; 0 (default until measured): those.
+#ifndef DM_SM90_BWD_BIAS_LDSM
+#define DM_SM90_BWD_BIAS_LDSM 0
+#endif
 #include "../common.cuh"
 #include "../params.cuh"
 #include "../bwd_params.cuh"
@@ -166,6 +173,31 @@ DM_DEVICE void tma_reduce_add_4d(const sm90::TmaDesc* map, uint32_t src, int c0,
 DM_DEVICE void fence_proxy_async_global() {
   asm volatile("fence.proxy.async.global;" ::: "memory");
 }
+// DM_SM90_BWD_BIAS_LDSM: byte offset, in a full bias stage (two 64-key boxes of kRows query rows,
+// 128-byte rows, 128B swizzle: tile_offset<2, 64, kRows>(query, key)), of the 16-byte row that
+// lane `lane` of consumer c's warp w addresses in the .x4.trans load/store of query block i
+// (queries 16i ..; block i is 2048 i bytes further: the swizzle XOR depends on query % 8 only).
+// Matrix m = lane / 8 holds queries 16i + 8(m / 2) .. + 7 of keys 64c + 16w + 8(m % 2) .. + 7,
+// so that .trans hands lane (g, t) the pair (queries 16i + 8(m / 2) + 2t, + 1) of key
+// 64c + 16w + g + 8(m % 2): register m is the fragment word of j = 2i + m / 2, row half m % 2.
+template <int kRows>
+__host__ __device__ constexpr uint32_t sm90_bwd_bias_ldsm_offset(int c, int w, int lane) {
+  return sm90::tile_offset<2, 64, kRows>(8 * (lane / 16) + lane % 8,
+                                         64 * c + 16 * w + 8 * ((lane / 8) % 2));
+}
+
+DM_DEVICE void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+DM_DEVICE void stsm_x4_trans(uint32_t addr, uint32_t r0, uint32_t r1, uint32_t r2, uint32_t r3) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1,%2,%3,%4};"
+               ::"r"(addr), "r"(r0), "r"(r1), "r"(r2), "r"(r3)
+               : "memory");
+}
+
 DM_DEVICE void st_shared_f32x2(uint32_t addr, float x, float y) {
   asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(addr), "f"(x), "f"(y) : "memory");
 }
@@ -971,8 +1003,27 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
     // loop they would hold 32 registers (primitives.cuh: opaque).
     const int kb_l[2] = {int(opaque(uint32_t(key_l[0]))), int(opaque(uint32_t(key_l[1])))};
     // A full tile's dbias (dx) replaces the bias element it was read from in the stage (the
-    // same thread reads and writes each element); dbias_out copies the box to global memory.
+    // same thread, or with DM_SM90_BWD_BIAS_LDSM the same warp, reads and writes each element);
+    // dbias_out copies the box to global memory.
     const bool db_tile = want_dbias && bias_tile;
+#if DM_SM90_BWD_BIAS_LDSM && !DM_SM90_BWD_DQ_ATOMIC
+    // Query block i (fragments j = 2i, 2i + 1) of this warp's keys, loaded and stored just in
+    // time inside the loops below (all 16 words live at once spilled d128): word 2 (j % 2) + r
+    // is key key_l[r], queries 8j + 2t (low half) and + 1 (high half).
+    constexpr bool kBiasLdsm = true;
+    const uint32_t ldsm_at = smem_u32(sb) + sm90_bwd_bias_ldsm_offset<kBlockM>(c, warp, lane);
+#else
+    constexpr bool kBiasLdsm = false;
+    const uint32_t ldsm_at = 0;
+#endif
+    uint32_t bq[4] = {0, 0, 0, 0}, dq4[4] = {0, 0, 0, 0};  // kBiasLdsm: block i's words
+    auto bias_block = [&](int j) {  // before fragment j = 2i: its bias words
+      if (kBiasLdsm && bias_tile_rt && j % 2 == 0) ldsm_x4_trans(bq, ldsm_at + 1024 * j);
+    };
+    auto dbias_block = [&](int j) {  // after fragment j = 2i + 1: its dbias words
+      if (kBiasLdsm && db_tile && j % 2 == 1)
+        stsm_x4_trans(ldsm_at + 1024 * (j - 1), dq4[0], dq4[1], dq4[2], dq4[3]);
+    };
     // P of element (j, e) from the raw score st[j][e] and the row's lse (log2 units); dsoft =
     // dz/ds. The masked copy (BoolTag<true>) tests the element when the tile is partial
     // (sequence ends, window edges, the mask's words); the unmasked copy has no per-element
@@ -982,7 +1033,12 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
       float x = logit_log2(p, st[j][e], bp.scale, dsoft);
       if (bias_tile_rt) {
         T bv;
-        bv.bits = *reinterpret_cast<const uint16_t*>(sb + tile_offset<2, 64, kBlockM>(qq, kb_l[r]));
+        if constexpr (kBiasLdsm) {
+          const uint32_t w = bq[2 * (j % 2) + r];
+          bv.bits = uint16_t((e & 1) ? w >> 16 : w & 0xffffu);
+        } else {
+          bv.bits = *reinterpret_cast<const uint16_t*>(sb + tile_offset<2, 64, kBlockM>(qq, kb_l[r]));
+        }
         x += to_float(bv) * kLog2e;
       } else if (bias_row) {
         x += row_bias[r];
@@ -1006,9 +1062,16 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
                                   int64_t(m0 + qq) * bp.dbias_row_stride +
                                   int64_t(key[r]) * bp.dbias_col_stride] = from_float<T>(dx);
 #else
-      if (db_tile)
-        *reinterpret_cast<uint16_t*>(sb + tile_offset<2, 64, kBlockM>(qq, kb_l[r])) =
-            from_float<T>(dx).bits;
+      if (db_tile) {
+        if constexpr (kBiasLdsm) {  // packed by pairs (e, e + 1); dbias_block stores them
+          const uint32_t h = from_float<T>(dx).bits;
+          uint32_t& w = dq4[2 * (j % 2) + r];
+          w = (e & 1) ? (w & 0xffffu) | (h << 16) : h;
+        } else {
+          *reinterpret_cast<uint16_t*>(sb + tile_offset<2, 64, kBlockM>(qq, kb_l[r])) =
+              from_float<T>(dx).bits;
+        }
+      }
 #endif
       colsum[r] += dx;
       dpt[j][e] = dx * dsoft;
@@ -1051,6 +1114,7 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
 #pragma unroll
       for (int j = 0; j < kNF; ++j) {
         const float2 l2 = row_pair(sl, j);
+        bias_block(j);
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           float dsoft;
@@ -1064,6 +1128,7 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
 #pragma unroll
       for (int j = 0; j < kNF; ++j) {
         const float2 l2 = row_pair(sl, j), d2 = row_pair(sd, j);
+        bias_block(j);
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           float dsoft;
@@ -1071,6 +1136,7 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
           grad(j, e, pr, (e & 1) ? d2.y : d2.x, dsoft);
           st[j][e] = pr;
         }
+        dbias_block(j);
       }
     };
     if (!has_softcap(p)) {
@@ -1087,6 +1153,7 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
         const float2 d2 = row_pair(sd, j);
 #pragma unroll
         for (int e = 0; e < 4; ++e) grad(j, e, st[j][e], (e & 1) ? d2.y : d2.x, bp.scale);
+        dbias_block(j);
       }
     } else {
       wgmma_wait<0>();

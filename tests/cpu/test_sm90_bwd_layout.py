@@ -421,6 +421,71 @@ def test_bias_tile_reads_what_tma_wrote():
     np.testing.assert_array_equal(_read(smem, tma_box_address(BASE, 64, q, k)), bias)
 
 
+def bias_ldsm_offset(c: int, w: int, lane: int) -> int:
+    """bwd.cu's sm90_bwd_bias_ldsm_offset<64> (DM_SM90_BWD_BIAS_LDSM): the 16-byte row lane
+    ``lane`` of consumer c's warp w addresses in the .x4.trans of query block 0: matrix
+    m = lane // 8 holds queries 8 (m // 2) .. + 7 of keys 64c + 16w + 8 (m % 2) .. + 7."""
+    m = lane // 8
+    return int(tma_box_address(0, 64, np.int64(8 * (m // 2) + lane % 8),
+                               np.int64(64 * c + 16 * w + 8 * (m % 2))))
+
+
+def _ldsm_x4_trans(smem: dict, rows: list[int]) -> list[list[tuple]]:
+    """ldmatrix.x4.trans on 2-byte elements (one per even byte address): lanes 8m .. 8m + 7
+    name the 8 rows of matrix m (8 consecutive elements each); lane L gets, in register m, the
+    pair (row 2 (L % 4), + 1; column L // 4) of matrix m (low half first)."""
+    regs = [[None] * 4 for _ in range(32)]
+    for m in range(4):
+        mat = [[smem[rows[8 * m + i] + 2 * k] for k in range(8)] for i in range(8)]
+        for lane in range(32):
+            regs[lane][m] = (mat[2 * (lane % 4)][lane // 4], mat[2 * (lane % 4) + 1][lane // 4])
+    return regs
+
+
+def _stsm_x4_trans(smem: dict, rows: list[int], regs: list[list[tuple]]) -> None:
+    """stmatrix.x4.trans: the inverse of _ldsm_x4_trans (same rows, same register pairs)."""
+    for m in range(4):
+        for lane in range(32):
+            lo, hi = regs[lane][m]
+            smem[rows[8 * m + 2 * (lane % 4)] + 2 * (lane // 4)] = lo
+            smem[rows[8 * m + 2 * (lane % 4) + 1] + 2 * (lane // 4)] = hi
+
+
+@pytest.mark.parametrize("c", [0, 1])
+def test_bias_ldsm_blocks_are_the_fragments_and_stsm_writes_them_back(c):
+    """DM_SM90_BWD_BIAS_LDSM: block i's .x4.trans at sm90_bwd_bias_ldsm_offset + 2048 i hands
+    lane (g, t) of warp w, in register 2 (j % 2) + r (j = 2i + j % 2), the bias of key
+    64c + 16w + g + 8r at queries 8j + 2t and + 1: what the element-wise reads of
+    tile_offset<2, 64, 64>(query, key) gave. The .trans store of dbias fragments packed the same
+    way puts every element where the element-wise stores did (and touches nothing else)."""
+    bias = np.arange(64 * 128).reshape(64, 128) + 1
+    smem: dict = {}
+    _tma_store(smem, BASE, 64, bias)
+    dbias = -bias
+    out = dict(smem)
+    for w in range(4):
+        for i in range(4):
+            rows = [BASE + bias_ldsm_offset(c, w, lane) + 2048 * i for lane in range(32)]
+            regs = _ldsm_x4_trans(smem, rows)
+            back = [[None] * 4 for _ in range(32)]
+            for lane in range(32):
+                g, t = lane // 4, lane % 4
+                for jm in range(2):
+                    for r in range(2):
+                        j, key = 2 * i + jm, 64 * c + 16 * w + g + 8 * r
+                        assert regs[lane][2 * jm + r] == (bias[8 * j + 2 * t, key],
+                                                          bias[8 * j + 2 * t + 1, key])
+                        back[lane][2 * jm + r] = (dbias[8 * j + 2 * t, key],
+                                                  dbias[8 * j + 2 * t + 1, key])
+            _stsm_x4_trans(out, rows, back)
+    q, k = np.meshgrid(np.arange(64), np.arange(128), indexing="ij")
+    got = _read(out, tma_box_address(BASE, 64, q, k))
+    mine = (k >= 64 * c) & (k < 64 * c + 64)
+    np.testing.assert_array_equal(got[mine], dbias[mine])
+    np.testing.assert_array_equal(got[~mine], bias[~mine])
+    assert set(out) == set(smem)
+
+
 def _static_asserts(writer: bool = False, tensor: bool = False, swizzle: bool = False,
                     bufs: int = 1) -> str:
     lines = ['#include "sm90/bwd.cu"', "using namespace dm::sm90;"]
@@ -435,6 +500,11 @@ def _static_asserts(writer: bool = False, tensor: bool = False, swizzle: bool = 
             lines.append(f"static_assert(dm::sm90_bwd_dq_swizzled_step({jj}, {g}) == "
                          f"{dq_swizzled_step(jj, g)});")
     lines.append(f"static_assert(dm::kSm90BwdDqSwizzle == {str(swizzle).lower()});")
+    for c in range(2):
+        for w in range(4):
+            for lane in range(32):
+                lines.append(f"static_assert(dm::sm90_bwd_bias_ldsm_offset<64>({c}, {w}, {lane})"
+                             f" == {bias_ldsm_offset(c, w, lane)}u);")
     rng = np.random.default_rng(1)
     for r, c in zip(rng.integers(0, 64, 32), rng.integers(0, 128, 32), strict=True):
         want = int(tma_box_address(0, 64, np.int64(r), np.int64(c)))
