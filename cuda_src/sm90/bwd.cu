@@ -122,6 +122,13 @@
 #ifndef DM_SM90_BWD_BIAS_LDSM
 #define DM_SM90_BWD_BIAS_LDSM 0
 #endif
+// DM_SM90_BWD_DET_KEY_MAJOR=1: deterministic mode orders its CTAs key tile first (every (kv
+// head, batch) of key tile 0, then tile 1, ...) without a right-limited window too, so a head's
+// turn chain per query tile is only as deep as the key tiles of it resident at once (~SMs /
+// heads) instead of all of them; 0 (default until measured): the grid order there.
+#ifndef DM_SM90_BWD_DET_KEY_MAJOR
+#define DM_SM90_BWD_DET_KEY_MAJOR 0
+#endif
 #include "../common.cuh"
 #include "../params.cuh"
 #include "../bwd_params.cuh"
@@ -502,8 +509,9 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
   // and the counts fall with the tile index, so the linear order (x fastest, the order CTAs
   // start in) is remapped to run every (kv head, batch) of key tile 0 first, then tile 1, ...;
   // without that limit every key tile has the same work and the grid order is kept (the key
-  // tiles of one head run together and share its Q/dO in L2).
-  if (p.window_right >= 0) {
+  // tiles of one head run together and share its Q/dO in L2), unless DM_SM90_BWD_DET_KEY_MAJOR
+  // asks for the remap in deterministic mode (turns still wait on smaller positions only).
+  if (p.window_right >= 0 || (DM_SM90_BWD_DET_KEY_MAJOR && dq_sem != nullptr)) {
     const int per_tile = gridDim.y * gridDim.z;
     tile_n = lin / per_tile;
     kvh = lin % per_tile % gridDim.y;
