@@ -24,7 +24,8 @@ pytestmark = pytest.mark.gpu
 
 BUILDS = ("", "DM_SM90_BWD_DS_BUFS=2",
           "DM_SM90_BWD_DS_BUFS=2 DM_SM90_BWD_DQ_SWIZZLE=0 DM_SM90_BWD_DQ_SLOTS=1",
-          "DM_SM90_BWD_DQ_SWIZZLE=1", "DM_SM90_BWD_BIAS_LDSM=1", "DM_SM90_BWD_DET_KEY_MAJOR=1")
+          "DM_SM90_BWD_DQ_SWIZZLE=1", "DM_SM90_BWD_BIAS_LDSM=1",
+          "DM_SM90_BWD_DET_KEY_MAJOR=1")
 IDS = ["bufs2_swizzled", "bufs2_one_slot", "swizzled", "bias_ldsm", "det_key_major"]
 
 
