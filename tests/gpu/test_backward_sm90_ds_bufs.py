@@ -5,8 +5,8 @@ default unpadded 128B-swizzled dQ slots (a tensor reduce per 32-column box), wit
 slots and one ring slot (DM_SM90_BWD_DQ_SLOTS=1: two buffers also at d128 with a mask), and
 the swizzled slots alone, and a full bias tile moved by ldmatrix/stmatrix.trans
 (DM_SM90_BWD_BIAS_LDSM=1), and the key-tile-first CTA order of deterministic mode
-(DM_SM90_BWD_DET_KEY_MAJOR=1: the adds keep their key-tile order). Every build forms each dQ tile from the same fp32 products, so in
-deterministic mode (adds in key-tile order) the gradients are bitwise equal to the default
+(DM_SM90_BWD_DET_KEY_MAJOR=1: the adds keep their key-tile order). Every build forms each dQ
+tile from the same fp32 products, so in deterministic mode (adds in key-tile order) the gradients are bitwise equal to the default
 build's; each build is also checked against float64 autograd in the default mode. The cases
 of test_backward_sm90_dq_writer: two ring slots (d64, d128), one (d128 with a bias tile),
 masks that drop whole tiles (no dS^T stored: the buffer parity skips them), causal and window,
