@@ -1,17 +1,17 @@
 """The Hopper backward's dS^T buffers and dQ slot layouts, built side by side in one process
-(kernels and plans are cached per DMATTN_NVRTC_DEFINES): DM_SM90_BWD_DS_BUFS=2 (two dS^T
-buffers by the parity of the items that stored dS^T, no barrier before the stores) with its
-default unpadded 128B-swizzled dQ slots (a tensor reduce per 32-column box), with padded
-slots and one ring slot (DM_SM90_BWD_DQ_SLOTS=1: two buffers also at d128 with a mask), and
-the swizzled slots alone, and a full bias tile moved by ldmatrix/stmatrix.trans
-(DM_SM90_BWD_BIAS_LDSM=1), and the key-tile-first CTA order of deterministic mode
-(DM_SM90_BWD_DET_KEY_MAJOR=1: the adds keep their key-tile order). Every build forms each dQ
-tile from the same fp32 products, so in deterministic mode (adds in key-tile order) the gradients are bitwise equal to the default
-build's; each build is also checked against float64 autograd in the default mode. The cases
-of test_backward_sm90_dq_writer: two ring slots (d64, d128), one (d128 with a bias tile),
-masks that drop whole tiles (no dS^T stored: the buffer parity skips them), causal and window,
-GQA, Sq past the last 64-row tile, a head dim padded inside its box (72 of 128: the fourth
-32-column box is not reduced, the third only in part)."""
+(kernels and plans are cached per DMATTN_NVRTC_DEFINES): DM_SM90_BWD_DS_BUFS=2 (two dS^T buffers
+by the parity of the items that stored dS^T, no barrier before the stores) with its default
+unpadded 128B-swizzled dQ slots (a tensor reduce per 32-column box), with padded slots and one
+ring slot (DM_SM90_BWD_DQ_SLOTS=1: two buffers also at d128 with a mask), and the swizzled slots
+alone, and a full bias tile moved by ldmatrix/stmatrix.trans (DM_SM90_BWD_BIAS_LDSM=1), and the
+key-tile-first CTA order of deterministic mode (DM_SM90_BWD_DET_KEY_MAJOR=1: the adds keep their
+key-tile order). Every build forms each dQ tile from the same fp32 products, so in deterministic
+mode (adds in key-tile order) the gradients are bitwise equal to the default build's; each build
+is also checked against float64 autograd in the default mode. The cases of
+test_backward_sm90_dq_writer: two ring slots (d64, d128), one (d128 with a bias tile), masks
+that drop whole tiles (no dS^T stored: the buffer parity skips them), causal and window, GQA, Sq
+past the last 64-row tile, a head dim padded inside its box (72 of 128: the fourth 32-column box
+is not reduced, the third only in part)."""
 
 from __future__ import annotations
 
