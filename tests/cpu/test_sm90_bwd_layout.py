@@ -244,9 +244,13 @@ def test_dq_writer_slot_stores_are_bank_conflict_free(head_dim):
                         assert len(set((words % 32).tolist())) == 32, (c, w, j, r, half)
 
 
-def _stage_tile(slot: int, spec_dim: int, tile: np.ndarray) -> dict:
+def _stage_tile(slot: int, spec_dim: int, tile: np.ndarray, address=None) -> dict:
     """Shared memory (byte address -> value) after every dQ warp stored its fragments of the
-    (64 queries x spec_dim) tile into the slot at ``slot`` (consumer c: columns 64c..)."""
+    (64 queries x spec_dim) tile into the slot at ``slot`` (consumer c: columns 64c..), each at
+    ``address(c, w, g, t, j, r, x)`` (default: the padded slot's); no address is used twice."""
+    if address is None:
+        def address(*frag):
+            return _dq_slot_address(slot, spec_dim, *frag)
     smem = {}
     for c in range(spec_dim // 64):
         for w in range(4):
@@ -255,8 +259,9 @@ def _stage_tile(slot: int, spec_dim: int, tile: np.ndarray) -> dict:
                 for j in range(8):
                     for r in range(2):
                         for x in range(2):
-                            smem[int(_dq_slot_address(slot, spec_dim, c, w, g, t, j, r, x))] = \
-                                tile[16 * w + g + 8 * r, 64 * c + 8 * j + 2 * t + x]
+                            a = int(address(c, w, g, t, j, r, x))
+                            assert a not in smem
+                            smem[a] = tile[16 * w + g + 8 * r, 64 * c + 8 * j + 2 * t + x]
     return smem
 
 
@@ -382,17 +387,8 @@ def test_dq_swizzled_slot_is_the_tensor_reduce_boxes(head_dim, spec_dim, seqlen)
     assert spec.box == (32, 64, 1, 1) and spec.swizzle == 128 and spec.float32
     tile = rng.standard_normal((64, spec_dim))
     slot = 1 << 15  # 1024-aligned
-    smem = {}
-    for c in range(spec_dim // 64):
-        for w in range(4):
-            for lane in range(32):
-                g, t = lane // 4, lane % 4
-                for j in range(8):
-                    for r in range(2):
-                        for x in range(2):
-                            a = int(_dq_swizzled_address(slot, c, w, g, t, j, r, x))
-                            assert a not in smem
-                            smem[a] = tile[16 * w + g + 8 * r, 64 * c + 8 * j + 2 * t + x]
+    smem = _stage_tile(slot, spec_dim, tile,
+                       lambda *frag: _dq_swizzled_address(slot, *frag))
     assert len(smem) * 4 == b90.dq_slot_bytes(spec_dim, True)
     accum = np.zeros((seqlen, heads, head_dim))
     for bx in range(spec_dim // 32):
@@ -622,21 +618,10 @@ def test_ds_bufs_spec_compiles_without_the_war_barrier(dtype, head_dim, bias, ma
     """DM_SM90_BWD_DS_BUFS=2: no spills or slow advisories; where two dS^T buffers fit, one
     named barrier 1 per item (after the stores) instead of two; a tensor reduce per
     swizzled 32-column box."""
-    pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="needs CuPy's NVRTC bindings")
-    from dmattn_cupy.compile import compile_spec
-    from dmattn_cupy.select import backward_sm90_spec
-
-    monkeypatch.setenv("DMATTN_NVRTC_DEFINES", "DM_SM90_BWD_DS_BUFS=2")
-    ck = compile_spec(backward_sm90_spec(dtype, head_dim, mask, bias != "none", bias == "key_row"),
-                      use_disk_cache=False)
-    assert not ck.spills, ck.log
-    assert not ck.slow, ck.advisories
-    tool = _nvdisasm()
-    if tool is None:
+    ck, sass = _compile_sass(dtype, head_dim, mask, bias, "DM_SM90_BWD_DS_BUFS=2", tmp_path,
+                             monkeypatch)
+    if sass is None:
         return
-    cubin = tmp_path / "k.cubin"
-    cubin.write_bytes(ck.cubin + b"\0")  # CuPy's getCUBIN is one byte short
-    sass = subprocess.run([tool, str(cubin)], capture_output=True, text=True).stdout
     bufs = b90.ds_bufs(head_dim, bias == "tile", mask)
     assert len(re.findall(r"BAR\.SYNC(?:\.DEFER_BLOCKING)? 0x1, 0x100", sass)) == 3 - bufs
     assert len(re.findall(r"UTMAREDG\.4D\.ADD", sass)) == head_dim // 32
@@ -650,18 +635,15 @@ def _nvdisasm() -> str | None:
     return str(cand) if cand.is_file() else shutil.which("nvdisasm")
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-@pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("bias", ["none", "tile", "key_row"])
-@pytest.mark.parametrize("mask", [False, True])
-@pytest.mark.parametrize("writer", [0, 1, 2])
-def test_spec_compiles_without_spills_or_slow_advisories(dtype, head_dim, bias, mask, writer,
-                                                         tmp_path, monkeypatch):
+def _compile_sass(dtype: str, head_dim: int, mask: bool, bias: str, defines: str, tmp_path,
+                  monkeypatch):
+    """The bwd_sm90 spec compiled for sm_90a under ``defines`` (asserted free of spills and
+    slow advisories) and its SASS (None without nvdisasm)."""
     pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="needs CuPy's NVRTC bindings")
     from dmattn_cupy.compile import compile_spec
     from dmattn_cupy.select import backward_sm90_spec
 
-    monkeypatch.setenv("DMATTN_NVRTC_DEFINES", f"DM_SM90_BWD_DQ_WRITER={writer}")
+    monkeypatch.setenv("DMATTN_NVRTC_DEFINES", defines)
     ck = compile_spec(backward_sm90_spec(dtype, head_dim, mask, bias != "none", bias == "key_row"),
                       use_disk_cache=False)
     assert ck.arch == "sm_90a"
@@ -669,10 +651,23 @@ def test_spec_compiles_without_spills_or_slow_advisories(dtype, head_dim, bias, 
     assert not ck.slow, ck.advisories
     tool = _nvdisasm()
     if tool is None:
-        return
+        return ck, None
     cubin = tmp_path / "k.cubin"
     cubin.write_bytes(ck.cubin + b"\0")  # CuPy's getCUBIN is one byte short
-    sass = subprocess.run([tool, str(cubin)], capture_output=True, text=True).stdout
+    return ck, subprocess.run([tool, str(cubin)], capture_output=True, text=True).stdout
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("bias", ["none", "tile", "key_row"])
+@pytest.mark.parametrize("mask", [False, True])
+@pytest.mark.parametrize("writer", [0, 1, 2])
+def test_spec_compiles_without_spills_or_slow_advisories(dtype, head_dim, bias, mask, writer,
+                                                         tmp_path, monkeypatch):
+    ck, sass = _compile_sass(dtype, head_dim, mask, bias, f"DM_SM90_BWD_DQ_WRITER={writer}",
+                             tmp_path, monkeypatch)
+    if sass is None:
+        return
     # S^T, dP^T (head_dim / 16 k16 steps each), dV, dK (4 each, 64 x head_dim), dQ (8 k16
     # steps over all 128 keys, 64 columns)
     want = collections.Counter({"64x64x16": 2 * (head_dim // 16) + 8})

@@ -16,7 +16,7 @@ is not reduced, the third only in part)."""
 from __future__ import annotations
 
 import pytest
-from test_backward_sm90_dq_writer import CASES, _build, _case
+from test_backward_sm90_dq_writer import CASES, _build, _case, check_builds_bitwise_equal
 
 torch = pytest.importorskip("torch")
 
@@ -38,17 +38,7 @@ def _sm90(monkeypatch):
 
 @pytest.mark.parametrize("case", CASES)
 def test_deterministic_gradients_are_bitwise_equal_across_builds(monkeypatch, case):
-    q, k, v, kw = _case(case)
-    ref = None
-    for defines in BUILDS:
-        got = _build(monkeypatch, defines, q, k, v, deterministic=True, **kw)
-        if ref is None:
-            ref = got
-            continue
-        for name, a, b in zip(("dq", "dk", "dv", "dbias"), ref, got, strict=True):
-            assert (a is None) == (b is None), name
-            if a is not None:
-                assert torch.equal(a, b), f"{name} of {defines!r} differs from the default build"
+    check_builds_bitwise_equal(monkeypatch, case, BUILDS)
 
 
 @pytest.mark.parametrize("case", CASES)
