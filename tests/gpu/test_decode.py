@@ -128,14 +128,22 @@ LAYOUT_LENS = ([1, 3, 2, 8, 0, 4], [200, 5, 0, 129, 7, 64])
 @pytest.mark.parametrize("bias_layout", ["q", "k", None], ids=lambda x: f"bias-{x}")
 def test_varlen_layouts(bias_layout, mask_layout, heads, splits, monkeypatch):
     monkeypatch.setenv("DMATTN_NUM_SPLITS", splits)
+    check_varlen_layouts(bias_layout, mask_layout, heads, causals=(False, True))
+
+
+def check_varlen_layouts(bias_layout, mask_layout, heads: str, causals=(False,),
+                         seed: int | None = None) -> None:
+    """LAYOUT_LENS (odd key lengths, empty sequences) with a query- or key-based mask/bias of
+    h' in {1, Hk, H} (H8, Hk2), once per causal flag; seed None: h'."""
     h, hk = 8, 2
     hp = {"1": 1, "Hk": hk, "H": h}[heads]
     lens_q, lens_k = LAYOUT_LENS
     tq, tk, mk = sum(lens_q), sum(lens_k), max(lens_k)
     mask = _layout("mask", mask_layout, hp, tq, tk, mk, 3) if mask_layout else None
     bias = _layout("bias", bias_layout, hp, tq, tk, mk, 4) if bias_layout else None
-    for causal in (False, True):
-        _check_varlen(lens_q, lens_k, h, hk, mask=mask, bias=bias, is_causal=causal, seed=hp)
+    for causal in causals:
+        _check_varlen(lens_q, lens_k, h, hk, mask=mask, bias=bias, is_causal=causal,
+                      seed=hp if seed is None else seed)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -234,12 +242,18 @@ HEAD_DIMS = [8, 32, 80, 128, 192, 256]
 @pytest.mark.parametrize("d", HEAD_DIMS, ids=[f"d{d}" for d in HEAD_DIMS])
 def test_head_dims(d, splits, monkeypatch):
     monkeypatch.setenv("DMATTN_NUM_SPLITS", splits)
+    check_head_dim(d, "bfloat16", (2, 1, 2, 451))
+
+
+def check_head_dim(d: int, dtype: str, bias_shape: tuple, fp32_bias: bool = False) -> None:
+    """Dense B2 Sq2 H8 Hk2, 451 keys at head dim d: a (2, 2, 1, 451) mask and a bias of
+    ``bias_shape`` (in fp32 with ``fp32_bias``)."""
     g = torch.Generator().manual_seed(d)
-    q = _rand((2, 2, 8, d), g, "bfloat16")
-    k, v = (_rand((2, 451, 2, d), g, "bfloat16") for _ in range(2))
+    q = _rand((2, 2, 8, d), g, dtype)
+    k, v = (_rand((2, 451, 2, d), g, dtype) for _ in range(2))
     mask = (torch.rand(2, 2, 1, 451, generator=g) < 0.8).cuda()
-    bias = _rand((2, 1, 2, 451), g, "bfloat16")
-    _check_dense(q, k, v, mask=mask, bias=bias)
+    bias = _rand(bias_shape, g, dtype)
+    _check_dense(q, k, v, mask=mask, bias=bias.float() if fp32_bias else bias)
 
 
 def test_heuristic_splits_long_context(monkeypatch, calls):

@@ -9,11 +9,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from gpu_helpers import f64
-from test_decode import LAYOUT_LENS, _check_dense, _check_varlen, _layout, _rand, _varlen
-from test_kvcache import run_case
+from test_decode import (
+    _check_dense,
+    _check_varlen,
+    _layout,
+    _rand,
+    _varlen,
+    check_head_dim,
+    check_varlen_layouts,
+)
+from test_kvcache import record_launch_families, run_case
 
 import dmattn_cupy as dm
-from dmattn_cupy import decode, fastpath, reference_kvcache, runtime
+from dmattn_cupy import decode, fastpath, reference_kvcache
 
 torch = pytest.importorskip("torch")
 
@@ -40,14 +48,7 @@ def ring(monkeypatch):
         return n
 
     monkeypatch.setattr(decode, "ring_stages", spy)
-    families: list[str] = []
-    launch = runtime.launch
-
-    def spy_launch(kernel, *a, **kw):
-        families.append(kernel.spec.family)
-        return launch(kernel, *a, **kw)
-
-    monkeypatch.setattr(runtime, "launch", spy_launch)
+    families = record_launch_families(monkeypatch)
     seen = {"stages": stages, "families": families, "cp_async_too": False}
     yield seen
     if not seen["cp_async_too"]:
@@ -63,13 +64,7 @@ def ring(monkeypatch):
 def test_varlen_layouts(bias_layout, mask_layout, heads, splits, monkeypatch):
     """Odd key lengths (5, 7, 129, 200), empty sequences (0 queries / 0 keys)."""
     monkeypatch.setenv("DMATTN_NUM_SPLITS", splits)
-    h, hk = 8, 2
-    hp = {"1": 1, "Hk": hk, "H": h}[heads]
-    lens_q, lens_k = LAYOUT_LENS
-    tq, tk, mk = sum(lens_q), sum(lens_k), max(lens_k)
-    mask = _layout("mask", mask_layout, hp, tq, tk, mk, 3) if mask_layout else None
-    bias = _layout("bias", bias_layout, hp, tq, tk, mk, 4) if bias_layout else None
-    _check_varlen(lens_q, lens_k, h, hk, mask=mask, bias=bias, seed=5)
+    check_varlen_layouts(bias_layout, mask_layout, heads, seed=5)
 
 
 @pytest.mark.parametrize("splits", SPLITS, ids=lambda s: f"splits{s}")
@@ -109,12 +104,7 @@ HEAD_DIMS = [8, 40, 64, 128, 192, 256]
 def test_head_dims(d, splits, monkeypatch):
     """Padded head dims (8, 40: pad columns zeroed once), fp16 and an fp32 key bias."""
     monkeypatch.setenv("DMATTN_NUM_SPLITS", splits)
-    g = torch.Generator().manual_seed(d)
-    q = _rand((2, 2, 8, d), g, "float16")
-    k, v = (_rand((2, 451, 2, d), g, "float16") for _ in range(2))
-    mask = (torch.rand(2, 2, 1, 451, generator=g) < 0.8).cuda()
-    bias = _rand((2, 1, 1, 451), g, "float16").float()
-    _check_dense(q, k, v, mask=mask, bias=bias)
+    check_head_dim(d, "float16", (2, 1, 1, 451), fp32_bias=True)
 
 
 @pytest.mark.parametrize("stages", ["2", "3", "8"])

@@ -21,9 +21,8 @@ PAGES = [0, 16, 64, 256]  # 0 = dense cache
 B, S_MAX = 4, 320
 
 
-@pytest.fixture
-def launches(monkeypatch):
-    """Records the family of every kernel launch (append, decode, combine)."""
+def record_launch_families(monkeypatch) -> list[str]:
+    """A list that receives the family of every kernel launch from now on."""
     seen: list[str] = []
     real = runtime.launch
 
@@ -33,6 +32,12 @@ def launches(monkeypatch):
 
     monkeypatch.setattr(runtime, "launch", spy)
     return seen
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Records the family of every kernel launch (append, decode, combine)."""
+    return record_launch_families(monkeypatch)
 
 
 def _rand(shape, g, dtype="bfloat16"):
