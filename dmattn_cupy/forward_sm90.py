@@ -128,9 +128,9 @@ def mask_slots(head_dim: int, block_n: int, has_mask: bool) -> int:
 
 def fold_bias(block_n: int, has_mask: bool, has_bias: bool) -> bool:
     """Whether the spec folds mask tiles into its bias tiles (Sm90FwdSmem::kFold in sm90/fwd.cu:
-    DM_SM90_MB_FOLD=1, a mask and a bias, 64-key tiles, the dynamic scheduler); such a spec has
-    one more barrier per stage."""
-    return (define_value("DM_SM90_MB_FOLD", 0) != 0 and has_mask and has_bias
+    DM_SM90_MB_FOLD=1 (default), a mask and a bias, 64-key tiles, the dynamic scheduler); such a
+    spec has one more barrier per stage."""
+    return (define_value("DM_SM90_MB_FOLD", 1) != 0 and has_mask and has_bias
             and block_n == 64 and dynamic_schedule())
 
 

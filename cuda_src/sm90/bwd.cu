@@ -118,16 +118,18 @@
 // DM_SM90_BWD_BIAS_LDSM=1: a full bias tile reaches the consumers by ldmatrix.x4.trans and
 // their dbias goes back into the stage by stmatrix.x4.trans (4 + 4 per thread per item, one
 // 16 x 16 (key x query) block each: sm90_bwd_bias_ldsm_offset) instead of 32 two-byte loads
-// and 32 two-byte stores at per-element swizzled addresses; 0 (default until measured): those.
+// and 32 two-byte stores at per-element swizzled addresses (0: those; the DQ_ATOMIC variant's
+// only way). 1 (default): H200 backward_bias kernel 770 -> 456 us (BENCHMARKS.md).
 #ifndef DM_SM90_BWD_BIAS_LDSM
-#define DM_SM90_BWD_BIAS_LDSM 0
+#define DM_SM90_BWD_BIAS_LDSM 1
 #endif
 // DM_SM90_BWD_DET_KEY_MAJOR=1: deterministic mode orders its CTAs key tile first (every (kv
 // head, batch) of key tile 0, then tile 1, ...) without a right-limited window too, so a head's
 // turn chain per query tile is only as deep as the key tiles of it resident at once (~SMs /
-// heads) instead of all of them; 0 (default until measured): the grid order there.
+// heads) instead of all of them (default: H200 deterministic fwd+bwd 1.26x -> 1.17x of the
+// default mode's time, BENCHMARKS.md); 0: the grid order there.
 #ifndef DM_SM90_BWD_DET_KEY_MAJOR
-#define DM_SM90_BWD_DET_KEY_MAJOR 0
+#define DM_SM90_BWD_DET_KEY_MAJOR 1
 #endif
 #include "../common.cuh"
 #include "../params.cuh"

@@ -130,9 +130,10 @@ static_assert(DM_SM90_Q_BUFS == 1 || DM_SM90_Q_BUFS == 2, "DM_SM90_Q_BUFS: 1 or 
 //   path; a row whose values in the tile hold a NaN (a NaN or infinite score: -inf + NaN or
 //   +-inf) re-reads the mask slot and excludes its masked keys, so NaN handling equals the
 //   mask path's (a NaN at a masked key is dropped). The fold warps also arrive on empty_k,
-//   so the producer never rewrites a stage (or its info) they still read. 0 (default): off.
+//   so the producer never rewrites a stage (or its info) they still read. 1 (default): H200
+//   mask_bias kernel 943 -> 823 us (BENCHMARKS.md); 0: off.
 #ifndef DM_SM90_MB_FOLD
-#define DM_SM90_MB_FOLD 0
+#define DM_SM90_MB_FOLD 1
 #endif
 
 // Tile classes the producer hands over (bits; 0 = full: no per-element work).
@@ -888,7 +889,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
     };
     const bool mask_tile = kHasMask && args.mask_mode == kOperandTile;
     auto load_operands = [&](TileOperands& ops, int stage, int cls) {
-#if DM_SM90_MB_FOLD  // (#if, not if constexpr: the default specs' SASS stays byte-identical)
+#if DM_SM90_MB_FOLD  // (#if, not if constexpr: DM_SM90_MB_FOLD=0 builds the kernel without it)
       if (fold_on) {  // the fold warps' fragment order (stage's phase: the caller's `phase`)
         mbar_wait(bar_full_f(stage), phase);
         const uint8_t* sb = smem + (sBias - base) + stage * Smem::kBias;

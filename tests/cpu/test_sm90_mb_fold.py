@@ -135,14 +135,15 @@ def test_fold_helpers_equal_the_model():
     compile_static_asserts(_static_asserts(), "sm90_mb_fold_check.cu")
 
 
-@pytest.mark.parametrize("defines, fold", [(("DM_SM90_MB_FOLD=1",), True),
-                                           (("DM_SM90_MB_FOLD=1", "DM_SM90_PERSISTENT=0"), False),
-                                           ((), False)],
-                         ids=["fold", "fold_static_schedule", "default"])
+@pytest.mark.parametrize("defines, fold", [((), True), (("DM_SM90_MB_FOLD=1",), True),
+                                           (("DM_SM90_PERSISTENT=0",), False),
+                                           (("DM_SM90_MB_FOLD=0",), False)],
+                         ids=["default", "fold", "fold_static_schedule", "off"])
 def test_fold_shared_memory_agrees_with_the_kernel(monkeypatch, defines, fold):
-    """With DM_SM90_MB_FOLD=1 the mask + bias specs (dynamic scheduler only) get one barrier
-    per stage more; the host's shared memory equals the kernel's kAlloc for every tile."""
-    monkeypatch.setenv("DMATTN_NVRTC_DEFINES", "")
+    """With DM_SM90_MB_FOLD=1 (default) the mask + bias specs (dynamic scheduler only) get one
+    barrier per stage more than with 0; the host's shared memory equals the kernel's kAlloc for
+    every tile."""
+    monkeypatch.setenv("DMATTN_NVRTC_DEFINES", "DM_SM90_MB_FOLD=0")
     plain = {key: f90.smem_bytes(key[0], *f90.tile(*key), key[1], key[2]) for key in f90.TILES}
     monkeypatch.setenv("DMATTN_NVRTC_DEFINES", " ".join(defines))
     lines = ['#include "sm90/fwd.cu"']

@@ -3,11 +3,12 @@
 by the parity of the items that stored dS^T, no barrier before the stores) with its default
 unpadded 128B-swizzled dQ slots (a tensor reduce per 32-column box), with padded slots and one
 ring slot (DM_SM90_BWD_DQ_SLOTS=1: two buffers also at d128 with a mask), and the swizzled slots
-alone, and a full bias tile moved by ldmatrix/stmatrix.trans (DM_SM90_BWD_BIAS_LDSM=1), and the
-key-tile-first CTA order of deterministic mode (DM_SM90_BWD_DET_KEY_MAJOR=1: the adds keep their
-key-tile order). Every build forms each dQ tile from the same fp32 products, so in deterministic
-mode (adds in key-tile order) the gradients are bitwise equal to the default build's; each build
-is also checked against float64 autograd in the default mode. The cases of
+alone, and a full bias tile moved by per-element loads and stores (DM_SM90_BWD_BIAS_LDSM=0; the
+default uses ldmatrix/stmatrix.trans), and deterministic mode in grid order
+(DM_SM90_BWD_DET_KEY_MAJOR=0; the default orders CTAs key tile first: the adds keep their
+key-tile order either way). Every build forms each dQ tile from the same fp32 products, so in
+deterministic mode (adds in key-tile order) the gradients are bitwise equal to the default
+build's; each build is also checked against float64 autograd in the default mode. The cases of
 test_backward_sm90_dq_writer: two ring slots (d64, d128), one (d128 with a bias tile), masks
 that drop whole tiles (no dS^T stored: the buffer parity skips them), causal and window, GQA, Sq
 past the last 64-row tile, a head dim padded inside its box (72 of 128: the fourth 32-column box
@@ -24,9 +25,9 @@ pytestmark = pytest.mark.gpu
 
 BUILDS = ("", "DM_SM90_BWD_DS_BUFS=2",
           "DM_SM90_BWD_DS_BUFS=2 DM_SM90_BWD_DQ_SWIZZLE=0 DM_SM90_BWD_DQ_SLOTS=1",
-          "DM_SM90_BWD_DQ_SWIZZLE=1", "DM_SM90_BWD_BIAS_LDSM=1",
-          "DM_SM90_BWD_DET_KEY_MAJOR=1")
-IDS = ["bufs2_swizzled", "bufs2_one_slot", "swizzled", "bias_ldsm", "det_key_major"]
+          "DM_SM90_BWD_DQ_SWIZZLE=1", "DM_SM90_BWD_BIAS_LDSM=0",
+          "DM_SM90_BWD_DET_KEY_MAJOR=0")
+IDS = ["bufs2_swizzled", "bufs2_one_slot", "swizzled", "bias_lds_u16", "det_grid_order"]
 
 
 @pytest.fixture(autouse=True)

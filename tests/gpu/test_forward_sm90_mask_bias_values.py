@@ -3,8 +3,8 @@ tiles) against the float64 reference where values are not finite: NaN, +inf and 
 NaN keys at masked positions change nothing, a NaN at a kept position makes its row NaN, a -inf
 bias at a kept key drops it, fully masked rows give out 0 and lse -inf; with and without a
 softcap; tiles whose mask is all true beside partial ones. Written for DM_SM90_MB_FOLD (the
-mask folded into the bias tile by the producer's warps), whose NaN rule must equal the mask
-path's; run it with and without that define."""
+default: the mask folded into the bias tile by the producer's warps), whose NaN rule must equal
+the mask path's; run it with DM_SM90_MB_FOLD=0 too."""
 
 from __future__ import annotations
 
