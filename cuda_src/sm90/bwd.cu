@@ -213,6 +213,28 @@ DM_DEVICE void st_shared_f32x2(uint32_t addr, float x, float y) {
 DM_DEVICE void st_shared_u32(uint32_t addr, uint32_t x) {
   asm volatile("st.shared.u32 [%0], %1;" ::"r"(addr), "r"(x) : "memory");
 }
+// dK/dV staging for the epilogue (over the K and V tiles: 128 rows of kHeadDim 16-bit values,
+// kHeadDim * 2 bytes apart): the 16-byte chunk index XORed with row % 8, so a warp's fragment
+// stores (rows g = row % 8, words t) and its row-chunk loads (8 lanes: 8 chunks of one row) both
+// hit 32 distinct banks.
+template <int kHeadDim>
+__host__ __device__ constexpr uint32_t sm90_bwd_dkv_stage_offset(int row, int col) {
+  return uint32_t(row) * (kHeadDim * 2) + (uint32_t((col / 8) ^ (row % 8)) << 4) +
+         uint32_t(col % 8) * 2;
+}
+DM_DEVICE uint4 ld_shared_u128(uint32_t addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(addr)
+               : "memory");
+  return v;
+}
+DM_DEVICE void st_global_u128(void* ptr, uint4 v) {  // (a uint4 assignment came out as 4 STG.E)
+  asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(ptr), "r"(v.x), "r"(v.y),
+               "r"(v.z), "r"(v.w)
+               : "memory");
+}
 DM_DEVICE uint32_t ld_shared_u32(uint32_t addr) {
   uint32_t x;
   asm volatile("ld.shared.u32 %0, [%1];" : "=r"(x) : "r"(addr) : "memory");
@@ -444,6 +466,9 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
   constexpr int kDF = kHeadDim / 8;  // dK/dV fragments (n8) per thread row pair
   constexpr int kNF = kBlockM / 8;   // S^T/dP^T fragments: one per 8 queries
   constexpr int kDqWarps = 4 * (kHeadDim / 64);  // warps adding dQ per item (d64: consumer 0's)
+  // Named barriers: 0 the CTA's (__syncthreads), 1 (DQ_ATOMIC: 1, 2) the dS^T buffer's, this
+  // one the epilogue's (both consumers, 256 threads).
+  constexpr int kEpilogueBar = 3;
   static_assert(kHeadDim == 64 || kHeadDim == 128, "phase 1 head dims");
   // setmaxnreg budgets: multiples of 8 summing to at most 3 x 168 (the pool at launch).
   constexpr int kProducerRegs = 40;
@@ -1389,6 +1414,41 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
   // dK, dV rows of this thread (keys key[r]); columns past head_dim are padding.
   T* dkp = static_cast<T*>(bp.dk) + int64_t(b) * bp.dk_batch_stride + int64_t(kvh) * bp.dk_head_stride;
   T* dvp = static_cast<T*>(bp.dv) + int64_t(b) * bp.dv_batch_stride + int64_t(kvh) * bp.dv_head_stride;
+  // Where rows allow 16-byte stores (the same for every consumer thread), this warp's 16 rows go
+  // through shared memory: dK over the K tile, dV over the V tile (free once both consumers'
+  // last products, which read all 128 keys of K and V, completed: the barrier), then one
+  // coalesced 16-byte store per chunk of 8 columns; 64 scattered 4-byte stores per thread took
+  // ~8% of the no-mask kernel's samples (store-queue bound, one CTA per SM).
+  const bool vec = p.head_dim % 8 == 0 && bp.dk_row_stride % 8 == 0 &&
+                   bp.dv_row_stride % 8 == 0 && reinterpret_cast<uint64_t>(dkp) % 16 == 0 &&
+                   reinterpret_cast<uint64_t>(dvp) % 16 == 0;
+  if (vec) {
+    static_assert(Smem::kKV == kBlockN * kHeadDim * 2 && Smem::kOffV == Smem::kKV,
+                  "K and V tiles hold one staged 128-row dK / dV tile each");
+    named_bar_sync(kEpilogueBar, 256);
+    const uint32_t stage = smem_u32(smem + Smem::kOffK);
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+      for (int j = 0; j < kDF; ++j) {
+        const uint32_t o = sm90_bwd_dkv_stage_offset<kHeadDim>(key_l[r], 8 * j + 2 * t);
+        st_shared_u32(stage + o, pack2<T>(dk[j][2 * r], dk[j][2 * r + 1]));
+        st_shared_u32(stage + Smem::kKV + o, pack2<T>(dv[j][2 * r], dv[j][2 * r + 1]));
+      }
+    __syncwarp();
+    constexpr int kChunks = kHeadDim / 8;  // 16-byte chunks per row
+    const int row0 = 64 * c + 16 * warp;   // this warp's rows: key_l[0] - g ..
+#pragma unroll
+    for (int i = 0; i < 16 * kChunks / 32; ++i) {
+      const int chunk = lane + 32 * i, row = row0 + chunk / kChunks, col = 8 * (chunk % kChunks);
+      if (n0 + row >= len_k || col >= p.head_dim) continue;
+      const uint32_t o = sm90_bwd_dkv_stage_offset<kHeadDim>(row, col);
+      st_global_u128(dkp + int64_t(n0 + row) * bp.dk_row_stride + col, ld_shared_u128(stage + o));
+      st_global_u128(dvp + int64_t(n0 + row) * bp.dv_row_stride + col,
+                     ld_shared_u128(stage + Smem::kKV + o));
+    }
+    return;
+  }
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     if (key[r] >= len_k) continue;

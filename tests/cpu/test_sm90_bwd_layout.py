@@ -482,6 +482,50 @@ def test_bias_ldsm_blocks_are_the_fragments_and_stsm_writes_them_back(c):
     assert set(out) == set(smem)
 
 
+def dkv_stage_offset(head_dim: int, row, col):
+    """bwd.cu's sm90_bwd_dkv_stage_offset<head_dim>: element (row, col) of the staged 128-row
+    dK or dV tile, rows of head_dim 16-bit values, the 16-byte chunk index XORed with row % 8."""
+    return row * 2 * head_dim + (((col // 8) ^ (row % 8)) << 4) + (col % 8) * 2
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_dkv_epilogue_staging_round_trips_without_bank_conflicts(head_dim):
+    """The epilogue's staging (over the K or V tile, 128 x head_dim x 2 bytes): every element
+    has its own 2 bytes; each warp's fragment stores (lane (g, t): rows 64c + 16w + g + 8r,
+    columns 8j + 2t, 4 bytes) hit 32 distinct banks; its copy loop (chunk = lane + 32 i: row
+    row0 + chunk // (head_dim / 8), 8 columns) reads back exactly the fragments' values, each
+    8-lane phase of a 16-byte load touching 8 distinct 16-byte bank groups."""
+    rows, cols = np.meshgrid(np.arange(128), np.arange(head_dim), indexing="ij")
+    off = dkv_stage_offset(head_dim, rows, cols)
+    assert sorted(off.ravel().tolist()) == list(range(0, 128 * head_dim * 2, 2))
+    tile = np.random.default_rng(3).integers(0, 1 << 16, (128, head_dim))
+    lane = np.arange(32)
+    g, t = lane // 4, lane % 4
+    chunks = head_dim // 8
+    for c in range(2):
+        for w in range(4):
+            smem: dict = {}
+            for r in range(2):
+                for j in range(chunks):
+                    row, col = 64 * c + 16 * w + g + 8 * r, 8 * j + 2 * t
+                    words = dkv_stage_offset(head_dim, row, col)
+                    assert len(set((words // 4 % 32).tolist())) == 32, (c, w, r, j)
+                    for x in range(2):
+                        for a_, v in zip(words + 2 * x, tile[row, col + x], strict=True):
+                            smem[int(a_)] = v
+            row0 = 64 * c + 16 * w
+            for i in range(16 * chunks // 32):
+                chunk = lane + 32 * i
+                row, col = row0 + chunk // chunks, 8 * (chunk % chunks)
+                at = dkv_stage_offset(head_dim, row, col)
+                for phase in range(4):
+                    sel = slice(8 * phase, 8 * phase + 8)
+                    assert len(set((at[sel] // 16 % 8).tolist())) == 8, (c, w, i, phase)
+                for ln in range(32):
+                    got = [smem[int(at[ln]) + 2 * e] for e in range(8)]
+                    np.testing.assert_array_equal(got, tile[row[ln], col[ln]:col[ln] + 8])
+
+
 def _static_asserts(writer: bool = False, tensor: bool = False, swizzle: bool = False,
                     bufs: int = 1) -> str:
     lines = ['#include "sm90/bwd.cu"', "using namespace dm::sm90;"]
@@ -501,6 +545,10 @@ def _static_asserts(writer: bool = False, tensor: bool = False, swizzle: bool = 
             for lane in range(32):
                 lines.append(f"static_assert(dm::sm90_bwd_bias_ldsm_offset<64>({c}, {w}, {lane})"
                              f" == {bias_ldsm_offset(c, w, lane)}u);")
+    for hd in (64, 128):
+        for r, c in zip(rng.integers(0, 128, 24), rng.integers(0, hd, 24), strict=True):
+            lines.append(f"static_assert(dm::sm90_bwd_dkv_stage_offset<{hd}>({r}, {c}) == "
+                         f"{dkv_stage_offset(hd, int(r), int(c))}u);")
     rng = np.random.default_rng(1)
     for r, c in zip(rng.integers(0, 64, 32), rng.integers(0, 128, 32), strict=True):
         want = int(tma_box_address(0, 64, np.int64(r), np.int64(c)))
