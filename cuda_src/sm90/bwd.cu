@@ -210,9 +210,6 @@ DM_DEVICE void stsm_x4_trans(uint32_t addr, uint32_t r0, uint32_t r1, uint32_t r
 DM_DEVICE void st_shared_f32x2(uint32_t addr, float x, float y) {
   asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(addr), "f"(x), "f"(y) : "memory");
 }
-DM_DEVICE void st_shared_u32(uint32_t addr, uint32_t x) {
-  asm volatile("st.shared.u32 [%0], %1;" ::"r"(addr), "r"(x) : "memory");
-}
 // dK/dV staging for the epilogue (over the K and V tiles: 128 rows of kHeadDim 16-bit values,
 // kHeadDim * 2 bytes apart): the 16-byte chunk index XORed with row % 8, so a warp's fragment
 // stores (rows g = row % 8, words t) and its row-chunk loads (8 lanes: 8 chunks of one row) both
@@ -221,19 +218,6 @@ template <int kHeadDim>
 __host__ __device__ constexpr uint32_t sm90_bwd_dkv_stage_offset(int row, int col) {
   return uint32_t(row) * (kHeadDim * 2) + (uint32_t((col / 8) ^ (row % 8)) << 4) +
          uint32_t(col % 8) * 2;
-}
-DM_DEVICE uint4 ld_shared_u128(uint32_t addr) {
-  uint4 v;
-  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "r"(addr)
-               : "memory");
-  return v;
-}
-DM_DEVICE void st_global_u128(void* ptr, uint4 v) {  // (a uint4 assignment came out as 4 STG.E)
-  asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(ptr), "r"(v.x), "r"(v.y),
-               "r"(v.z), "r"(v.w)
-               : "memory");
 }
 DM_DEVICE uint32_t ld_shared_u32(uint32_t addr) {
   uint32_t x;

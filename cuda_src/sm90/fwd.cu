@@ -1180,11 +1180,20 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
       fence_operands(o);
       release(bar_empty_v(prev));
     }
+    // Where rows allow 16-byte stores (the same for the whole consumer) and a second Q buffer
+    // lets the next item's Q load run meanwhile, this consumer's 64 rows of O go through its
+    // rows of the item's Q buffer (Q's layout: 64-column boxes, 128B swizzle; conflict-free
+    // fragment stores and row-chunk loads), then each warp copies its 16 rows by coalesced
+    // 16-byte stores (8 lanes per 128-byte box row) instead of 4-byte stores that scatter over
+    // 8 rows.
+    T* out = o_row_ptr<T>(p, b, h, seq, 0);
+    const bool stage_o = Smem::kQBufs >= 2 && p.head_dim % 8 == 0 && p.o_row_stride % 8 == 0 &&
+                         reinterpret_cast<uint64_t>(out) % 16 == 0;
     // The end-of-item stage: no data. Q's buffer is free too (every S = Q K^T of the item has
-    // completed).
+    // completed); with stage_o it is released after the epilogue.
     release(bar_empty_k(stage));
     release(bar_empty_v(stage));
-    release(bar_empty_q(qx));
+    if (!stage_o) release(bar_empty_q(qx));
     if (++stage == kStages) {
       stage = 0;
       phase ^= 1;
@@ -1195,27 +1204,53 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
     sm.finalize(inv_l, lse);
     lse[0] = lse_natural(lse[0]);
     lse[1] = lse_natural(lse[1]);
-    T* out = o_row_ptr<T>(p, b, h, seq, 0);
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      if (row[r] >= len_q) continue;
+    for (int r = 0; r < 2; ++r)
       if (!row_kept[r]) {
         inv_l[r] = 0.f;
         lse[r] = -DM_INF;
       }
-      T* orow = out + int64_t(row[r]) * p.o_row_stride;
+    if (stage_o) {
+      named_bar_sync(3 + c, 128);  // this consumer's S GEMMs (its Q rows) completed in every warp
+      const uint32_t sq = sQ + qx * Smem::kQ;
 #pragma unroll
-      for (int j = 0; j < kDF; ++j) {
-        const int col = 8 * j + 2 * t;
-        if (col < p.head_dim)
-          *reinterpret_cast<uint32_t*>(orow + col) =
-              pack2<T>(normalize_out(o[j][2 * r], inv_l[r]),
-                       normalize_out(o[j][2 * r + 1], inv_l[r]));
+      for (int r = 0; r < 2; ++r)
+#pragma unroll
+        for (int j = 0; j < kDF; ++j)
+          st_shared_u32(sq + tile_offset<2, 64, kBlockM>(lrow[r], 8 * j + 2 * t),
+                        pack2<T>(normalize_out(o[j][2 * r], inv_l[r]),
+                                 normalize_out(o[j][2 * r + 1], inv_l[r])));
+      __syncwarp();
+      const int row0 = 64 * c + 16 * warp;  // this warp's rows (CTA-local)
+#pragma unroll
+      for (int i = 0; i < 4 * Smem::kBoxes; ++i) {  // box i / 4, rows 4 (i % 4) + lane / 8
+        const int lr = row0 + 4 * (i % 4) + lane / 8, col = 64 * (i / 4) + 8 * (lane % 8);
+        if (m0 + lr < len_q && col < p.head_dim)
+          st_global_u128(out + int64_t(m0 + lr) * p.o_row_stride + col,
+                         ld_shared_u128(sq + tile_offset<2, 64, kBlockM>(lr, col)));
       }
-      if (p.lse != nullptr && t == 0)
+      fence_proxy_async_smem();  // these generic accesses before the buffer's next TMA write
+      release(bar_empty_q(qx));
+    } else {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        if (row[r] >= len_q) continue;
+        T* orow = out + int64_t(row[r]) * p.o_row_stride;
+#pragma unroll
+        for (int j = 0; j < kDF; ++j) {
+          const int col = 8 * j + 2 * t;
+          if (col < p.head_dim)
+            *reinterpret_cast<uint32_t*>(orow + col) =
+                pack2<T>(normalize_out(o[j][2 * r], inv_l[r]),
+                         normalize_out(o[j][2 * r + 1], inv_l[r]));
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+      if (row[r] < len_q && p.lse != nullptr && t == 0)
         p.lse[lse_index(p, b, h, seq, row[r])] =
             lse[r] == -DM_INF ? lse[r] : lse[r] + row_bias[r];
-    }
   }
   if (c == 0) turn_wait();  // consumer 1's last pass
 }

@@ -332,3 +332,43 @@ def test_more_work_items_than_int32_go_to_the_portable_kernel():
     assert 600 * 64 * 60000 > f90.MAX_ITEMS
     assert not families._sm90_accepts(pb, PRESETS["sm_90"], None)
     assert select.forward(pb, PRESETS["sm_90"]).family == "fwd_mma"
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_forward_o_staging_in_the_q_buffer_round_trips_without_bank_conflicts(head_dim):
+    """fwd.cu's epilogue (stage_o): consumer c's warp w stores its O fragments (lane (g, t):
+    row 64c + 16w + g + 8r, columns 8j + 2t, 4 bytes) at tile_offset<2, 64, 128> of the Q
+    buffer, each store hitting 32 distinct banks and only the warp's own 16 rows of each box;
+    its copy loop (i < 4 * boxes: row 64c + 16w + 4 (i % 4) + lane / 8, columns 64 (i / 4) +
+    8 (lane % 8) ..+7) reads every element of those rows once, back as stored, each 8-lane
+    phase of a 16-byte load one 128-byte box row (8 distinct bank groups)."""
+    tile = np.random.default_rng(4).integers(0, 1 << 16, (128, head_dim))
+    lane = np.arange(32)
+    g, t = lane // 4, lane % 4
+    for c in range(2):
+        for w in range(4):
+            smem: dict = {}
+            rows = set(range(64 * c + 16 * w, 64 * c + 16 * w + 16))
+            for r in range(2):
+                for j in range(head_dim // 8):
+                    row, col = 64 * c + 16 * w + g + 8 * r, 8 * j + 2 * t
+                    at = tma_box_address(0, 128, row, col)
+                    assert len(set((at // 4 % 32).tolist())) == 32, (c, w, r, j)
+                    for x in range(2):
+                        for a_, v in zip(at + 2 * x, tile[row, col + x], strict=True):
+                            smem[int(a_)] = v
+            assert {int(a_) // 128 % 128 for a_ in smem} == rows  # box rows of this warp only
+            seen = set()
+            for i in range(4 * (head_dim // 64)):
+                row = 64 * c + 16 * w + 4 * (i % 4) + lane // 8
+                col = 64 * (i // 4) + 8 * (lane % 8)
+                at = tma_box_address(0, 128, row, col)
+                for phase in range(4):
+                    sel = slice(8 * phase, 8 * phase + 8)
+                    assert len(set((at[sel] // 16 % 8).tolist())) == 8, (c, w, i, phase)
+                    assert len(set((row[sel]).tolist())) == 1
+                for ln in range(32):
+                    got = [smem[int(at[ln]) + 2 * e] for e in range(8)]
+                    np.testing.assert_array_equal(got, tile[row[ln], col[ln]:col[ln] + 8])
+                    seen.add((int(row[ln]), int(col[ln])))
+            assert seen == {(rw, cl) for rw in rows for cl in range(0, head_dim, 8)}
