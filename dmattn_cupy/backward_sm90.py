@@ -62,18 +62,11 @@ def dq_writer() -> bool:
     return dq_writer_mode() != 0
 
 
-def ds_bufs_wanted() -> int:
-    """dS^T buffers asked for (``DM_SM90_BWD_DS_BUFS``, bwd.cu's default 1): 2 where they fit
-    (``ds_bufs``), else 1."""
-    return 2 if env.nvrtc_define_int("DM_SM90_BWD_DS_BUFS", 1) == 2 else 1
-
-
 def dq_swizzle() -> bool:
     """Whether the writer's dQ slots are unpadded 128B-swizzled 32-column boxes (bwd.cu's
-    kSm90BwdDqSwizzle): ``DM_SM90_BWD_DQ_SWIZZLE`` (default: on with DS_BUFS=2), only with
-    the tensor writer (``dq_writer_mode`` 2)."""
-    default = 1 if ds_bufs_wanted() == 2 else 0
-    return dq_writer_mode() == 2 and env.nvrtc_define_int("DM_SM90_BWD_DQ_SWIZZLE", default) != 0
+    kSm90BwdDqSwizzle): ``DM_SM90_BWD_DQ_SWIZZLE`` (default 0), only with the tensor writer
+    (``dq_writer_mode`` 2)."""
+    return dq_writer_mode() == 2 and env.nvrtc_define_int("DM_SM90_BWD_DQ_SWIZZLE", 0) != 0
 
 
 def dq_tile_row_bytes(head_dim: int) -> int:
@@ -105,16 +98,16 @@ def padded_head_dim(d: int) -> int:
     raise ValueError(f"head dim must be <= {HEAD_DIMS[-1]} for the sm_90a backward, got {d}")
 
 
-def _smem_plan(head_dim: int, bias_tile: bool, has_mask: bool, writer: bool | None,
-               swizzle: bool | None, bufs_wanted: int | None) -> tuple[int, int]:
-    """(kAlloc, kDsBufs) of Sm90BwdSmem<...> in sm90/bwd.cu (None: as DMATTN_NVRTC_DEFINES
-    says)."""
+def smem_bytes(head_dim: int, bias_tile: bool, has_mask: bool = False,
+               writer: bool | None = None, swizzle: bool | None = None) -> int:
+    """Dynamic shared memory of one instance: Sm90BwdSmem<...>::kAlloc in sm90/bwd.cu;
+    ``bias_tile``: a full bias tile per stage (a key-row bias has none); ``writer``: built with
+    the dQ writer, ``swizzle``: with swizzled dQ slots (``dq_swizzle``) (None: as
+    DMATTN_NVRTC_DEFINES says)."""
     if writer is None:
         writer = dq_writer()
     if swizzle is None:
         swizzle = dq_swizzle()
-    if bufs_wanted is None:
-        bufs_wanted = ds_bufs_wanted()
     boxes = head_dim // 64
     kv = boxes * BLOCK_N * 128
     q = boxes * BLOCK_M * 128
@@ -131,27 +124,8 @@ def _smem_plan(head_dim: int, bias_tile: bool, has_mask: bool, writer: bool | No
     ticket = 16 + 16 * STAGES
     head = 2 * kv + STAGES * (2 * q + bias)
     tail = dq + 2 * STAGES * BLOCK_M * 4 + mask + bars + ticket
-    # a second dS^T buffer (both consumers' halves) only where it fits
-    bufs = 2 if bufs_wanted == 2 and head + 2 * 2 * ds + tail + 1024 <= SMEM_LIMIT else 1
-    return head + bufs * 2 * ds + tail + 1024, bufs
-
-
-def smem_bytes(head_dim: int, bias_tile: bool, has_mask: bool = False,
-               writer: bool | None = None, swizzle: bool | None = None,
-               bufs_wanted: int | None = None) -> int:
-    """Dynamic shared memory of one instance: Sm90BwdSmem<...>::kAlloc in sm90/bwd.cu;
-    ``bias_tile``: a full bias tile per stage (a key-row bias has none); ``writer``: built with
-    the dQ writer, ``swizzle``: with swizzled dQ slots (``dq_swizzle``), ``bufs_wanted``:
-    DM_SM90_BWD_DS_BUFS (None: as DMATTN_NVRTC_DEFINES says)."""
-    return _smem_plan(head_dim, bias_tile, has_mask, writer, swizzle, bufs_wanted)[0]
-
-
-def ds_bufs(head_dim: int, bias_tile: bool, has_mask: bool = False,
-            writer: bool | None = None, swizzle: bool | None = None,
-            bufs_wanted: int | None = None) -> int:
-    """dS^T buffers of one instance (Sm90BwdSmem<...>::kDsBufs): 2 where asked for and they
-    fit, else 1."""
-    return _smem_plan(head_dim, bias_tile, has_mask, writer, swizzle, bufs_wanted)[1]
+    # one dS^T buffer: both consumers' halves; 1024: the run-time alignment of the base
+    return head + 2 * ds + tail + 1024
 
 
 def semaphore_words(batch: int, heads: int, seqlen_q: int) -> int:

@@ -47,10 +47,8 @@
 // waits for full, takes the deterministic turn, adds the rows (one bulk add of head_dim fp32
 // per row, or with =2 one bulk tensor reduce per tile), waits for the adds to read the slot and
 // arrives on empty; two slots, one at d128 with a bias tile (shared memory).
-// A/B switches (default off): DM_SM90_BWD_DS_BUFS=2 double-buffers dS^T by the parity of the
-// items that stored it and drops the barrier before the stores (where two buffers fit:
-// Sm90BwdSmem::kDsBufs); DM_SM90_BWD_DQ_SWIZZLE=1 (on with it) stores the writer's slots
-// unpadded as 32-column fp32 boxes with the 128B swizzle, one tensor reduce per box;
+// A/B switches (default off): DM_SM90_BWD_DQ_SWIZZLE=1 stores the writer's slots unpadded as
+// 32-column fp32 boxes with the 128B swizzle, one tensor reduce per box;
 // DM_SM90_BWD_DQ_SLOTS=1 gives the ring one slot everywhere.
 // Deterministic mode (args.dq_sem: zeroed int32 words, [0] a CTA ticket, then one counter per
 // (batch, head, query tile)): a CTA takes its linear position from the ticket (atomicAdd), not
@@ -97,21 +95,14 @@
 #ifndef DM_SM90_BWD_DQ_WRITER  // 2 (default): H200 fwd+bwd +12-20% over 0 (BENCHMARKS.md)
 #define DM_SM90_BWD_DQ_WRITER 2
 #endif
-// DM_SM90_BWD_DS_BUFS=2: two dS^T buffers (the j-th stored item writes buffer j % 2), so no
-// barrier before the dS^T stores (see "dS^T buffers" at the stores); only where both fit
-// (Sm90BwdSmem::kDsBufs), else one. 1 (default): one buffer and the WAR barrier.
-#ifndef DM_SM90_BWD_DS_BUFS
-#define DM_SM90_BWD_DS_BUFS 1
-#endif
-// DM_SM90_BWD_DQ_SWIZZLE=1 (default with DS_BUFS=2): the tensor writer's dQ slots unpadded,
-// as 32-column fp32 boxes with the 128B swizzle (one tensor reduce per box; 4 KB less at d128
-// with two slots, what the second dS^T buffer needs); 0: padded rows, one reduce per tile.
+// DM_SM90_BWD_DQ_SWIZZLE=1: the tensor writer's dQ slots unpadded, as 32-column fp32 boxes
+// with the 128B swizzle (one tensor reduce per box; 4 KB less shared memory at d128 with two
+// slots); 0 (default): padded rows, one reduce per tile.
 #ifndef DM_SM90_BWD_DQ_SWIZZLE
-#define DM_SM90_BWD_DQ_SWIZZLE (DM_SM90_BWD_DS_BUFS == 2)
+#define DM_SM90_BWD_DQ_SWIZZLE 0
 #endif
-// DM_SM90_BWD_DQ_SLOTS=1: the dQ writer's ring has one slot in every spec (the other way to
-// make room for a second dS^T buffer, also with a mask at d128); 2 (default): two slots, one
-// at d128 with a bias tile.
+// DM_SM90_BWD_DQ_SLOTS=1: the dQ writer's ring has one slot in every spec (less shared
+// memory); 2 (default): two slots, one at d128 with a bias tile.
 #ifndef DM_SM90_BWD_DQ_SLOTS
 #define DM_SM90_BWD_DQ_SLOTS 2
 #endif
@@ -239,8 +230,6 @@ constexpr bool kSm90BwdDqWriter = DM_SM90_BWD_DQ_WRITER != 0 && !DM_SM90_BWD_DQ_
 constexpr bool kSm90BwdDqTensor = kSm90BwdDqWriter && DM_SM90_BWD_DQ_WRITER == 2;
 // Swizzled dQ slots: only with the tensor writer (the row adds need contiguous rows).
 constexpr bool kSm90BwdDqSwizzle = kSm90BwdDqTensor && DM_SM90_BWD_DQ_SWIZZLE != 0;
-constexpr int kSm90BwdDsBufsWanted = DM_SM90_BWD_DS_BUFS == 2 ? 2 : 1;
-static_assert(DM_SM90_BWD_DS_BUFS == 1 || DM_SM90_BWD_DS_BUFS == 2, "DM_SM90_BWD_DS_BUFS: 1 or 2");
 
 // Byte offset of dQ element (row, col) (row < 64, col < kHeadDim) in a writer slot: padded
 // rows of (kHeadDim + 8) fp32 (kSwizzle false), or kHeadDim / 32 boxes of 64 rows x 32 fp32
@@ -345,11 +334,8 @@ struct Sm90BwdSmem {
   static constexpr int kTail = kDQ + 2 * kStages * kBlockM * 4 +
                                (kHasMask ? kStages * (kMaskBits + 2 * 4) : 0) + 8 * kNumBars +
                                16 + 16 * kStages;
-  // dS^T buffers (both consumers' halves adjacent in each): two where they fit with the
-  // 1024-byte alignment slack (DM_SM90_BWD_DS_BUFS=2), else one.
-  static constexpr int kDsBufs =
-      kSm90BwdDsBufsWanted == 2 && kOffDS + 2 * 2 * kDS + kTail + 1024 <= 227 * 1024 ? 2 : 1;
-  static constexpr int kOffDQ = kOffDS + kDsBufs * 2 * kDS;
+  // One dS^T buffer: both consumers' halves adjacent.
+  static constexpr int kOffDQ = kOffDS + 2 * kDS;
   static constexpr int kOffLse = kOffDQ + kDQ;               // kStages x kBlockM floats
   static constexpr int kOffDsum = kOffLse + kStages * kBlockM * 4;
   static constexpr int kOffMask = kOffDsum + kStages * kBlockM * 4;
@@ -363,7 +349,7 @@ struct Sm90BwdSmem {
   static constexpr int kOffStageItem = kOffTicket + 16;
   static constexpr int kBytes = kOffStageItem + 16 * kStages;
   static constexpr int kAlloc = kBytes + 1024;  // the base is aligned up to 1024 at run time
-  static_assert(kBytes == kOffDS + kDsBufs * 2 * kDS + kTail, "kTail lists every region");
+  static_assert(kBytes == kOffDS + 2 * kDS + kTail, "kTail lists every region");
   static_assert(!kDqSwizzle || (kDQSlot % 1024 == 0 && kOffDQ % 1024 == 0),
                 "swizzled dQ boxes start on 1024-byte boundaries");
   static_assert(4 * (1 + kDqSlots) <= 16, "ticket and skip words");
@@ -891,9 +877,6 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk[j][e] = dv[j][e] = 0.f;
   float colsum[2] = {0.f, 0.f};  // key-row dbias of the current head
-  // Two dS^T buffers: the parity of the items that stored dS^T so far (a masked spec's
-  // dropped tiles store none); without a mask every item stores, so the walk's jw serves.
-  int ds_par = 0;
   float row_bias[2] = {0.f, 0.f};  // key-row bias of the current head (log2 units)
 
   auto release = [&](uint32_t bar) {
@@ -1211,25 +1194,18 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
     // dS^T to shared memory as [key][query] (128-byte rows, 128B swizzle): the M-major A of
     // dQ. One buffer: the first barrier says every warp whose dQ products read this buffer
     // (both consumers'; the A/B variant: this consumer's) has finished the previous item's
-    // (each waited on them). dS^T buffers (Smem::kDsBufs == 2): the n-th storing item writes
-    // buffer n % 2, last read by the dQ products of storing item n - 2; every reader warp
-    // finished those (its wgmma_wait<0>) before it arrived at the second barrier of item
-    // n - 1, which this thread has passed: no barrier before the stores.
+    // (each waited on them).
     constexpr int kDsBarThreads = DM_SM90_BWD_DQ_ATOMIC ? 128 : 256;
     const int ds_bar = DM_SM90_BWD_DQ_ATOMIC ? 1 + c : 1;
-    const uint32_t ds_buf_off =
-        Smem::kDsBufs == 1 ? 0u : uint32_t(kHasMask ? ds_par : (jw & 1)) * (2u * Smem::kDS);
-    if constexpr (Smem::kDsBufs == 1) named_bar_sync(ds_bar, kDsBarThreads);
-    if constexpr (Smem::kDsBufs == 2 && kHasMask) ds_par ^= 1;
+    named_bar_sync(ds_bar, kDsBarThreads);
     const int ds_row = int(opaque(uint32_t(16 * warp + g)));  // not hoisted: see kb_l
 #pragma unroll
     for (int kk = 0; kk < kBlockM / 16; ++kk)
 #pragma unroll
       for (int w = 0; w < 4; ++w) {
         const int j = 2 * kk + (w >> 1), r = w & 1;
-        *reinterpret_cast<uint32_t*>(ds_ptr + ds_buf_off +
-                                     tile_offset<2, 64, 64>(ds_row + 8 * r, 8 * j + 2 * t)) =
-            da[kk][w];
+        *reinterpret_cast<uint32_t*>(ds_ptr + tile_offset<2, 64, 64>(ds_row + 8 * r,
+                                                                     8 * j + 2 * t)) = da[kk][w];
       }
     fence_proxy_async_smem();  // also orders the dbias stage writes before the next TMA
     named_bar_sync(ds_bar, kDsBarThreads);
@@ -1240,7 +1216,7 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
 #pragma unroll
     for (int nh = 0; nh < Smem::kBoxes; ++nh) {
       float acc[8][4];
-      const uint32_t ds_base = opaque(base + Smem::kOffDS + c * Smem::kDS + ds_buf_off);
+      const uint32_t ds_base = opaque(base + Smem::kOffDS + c * Smem::kDS);
       const uint32_t kb = opaque(sK + nh * kBlockN * 128 + c * 64 * 128);
       fence_operands(acc);
       wgmma_fence();
@@ -1279,7 +1255,7 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
     if (Smem::kBoxes == 2 || c == 0) {
       float acc[8][4];
       {
-        const uint32_t ds_base = opaque(base + Smem::kOffDS + ds_buf_off);
+        const uint32_t ds_base = opaque(base + Smem::kOffDS);
         const uint32_t kb = opaque(sK + c * kBlockN * 128);
         fence_operands(acc);
         wgmma_fence();

@@ -142,11 +142,8 @@ class Variant:
     writer_walks_all: bool = False     # the dQ writer walks every item, not the listed ones
     target_after_release: bool = False  # without the writer: the stage's turn target read
     #                                     after the stage went back to the producer
-    # dS^T buffers (DM_SM90_BWD_DS_BUFS): 1 with the barrier before the stores, 2 without it
-    ds_bufs: int = 1
-    ds_no_war_barrier: bool = False    # one buffer and no barrier before the stores
-    ds_parity_by_walk: bool = False    # two buffers chosen by the walk's position, not by
-    #                                    the count of items that stored dS^T (dropped tiles)
+    # the one dS^T buffer, guarded by a barrier before the stores (WAR) and one after them
+    ds_no_war_barrier: bool = False    # no barrier before the stores
     release_mid_dq: bool = False       # the stage released while the dQ product still reads
     #                                    dS^T (DM_SM90_BWD_DQ_ATOMIC at d128: after pass 0 of 2)
     dq_product_steps: int = 1          # scheduler steps a dQ product reads dS^T after the
@@ -311,7 +308,6 @@ class Sim:
         cta = self.ctas[n]
         dq_warp = cw < self.v.dq_warps
         yield ("wait", cta.bars["kv"], 0)
-        stored = 0  # items that stored dS^T (bwd.cu's ds_par: its parity)
         for j in itertools.count():  # the walk's position; the item comes with the stage
             s = j % STAGES
             yield ("wait", cta.bars[f"full{s}"], (j // STAGES) & 1)
@@ -330,9 +326,7 @@ class Sim:
                 if dq_warp:
                     yield from self._dq_dropped(n, cw, i, j, turn)
                 continue
-            yield from self._ds_and_dq_product(n, cw, i, j if self.v.ds_parity_by_walk
-                                               else stored, dq_warp, s)
-            stored += 1
+            yield from self._ds_and_dq_product(n, cw, i, dq_warp, s)
             turn = self._stage_turn(n, s)
             if not (self.v.release_mid_dq and dq_warp):
                 cta.bars[f"empty{s}"].arrive()
@@ -342,15 +336,15 @@ class Sim:
             added = [x for x in cta.work.walk if x not in cta.work.dropped]
             yield ("until", lambda: all((cw, x) in cta.add_done for x in added))
 
-    def _ds_and_dq_product(self, n: int, cw: int, i: int, seq: int, dq_warp: bool, s: int):
-        """This warp's dS^T stores into buffer seq % ds_bufs (one buffer: after the barrier
-        that says every dQ product has read it), the barrier after the stores, then (a dQ
-        warp) its dQ product, which reads every consumer warp's part of the buffer until its
-        wgmma_wait: a store while a product reads the buffer is "ds-clobbered". The stage
-        is released after the product (release_mid_dq: while it still reads)."""
+    def _ds_and_dq_product(self, n: int, cw: int, i: int, dq_warp: bool, s: int):
+        """This warp's dS^T stores into the buffer (after the barrier that says every dQ
+        product has read it), the barrier after the stores, then (a dQ warp) its dQ product,
+        which reads every consumer warp's part of the buffer until its wgmma_wait: a store
+        while a product reads the buffer is "ds-clobbered". The stage is released after the
+        product (release_mid_dq: while it still reads)."""
         cta = self.ctas[n]
-        b = seq % self.v.ds_bufs
-        if self.v.ds_bufs == 1 and not self.v.ds_no_war_barrier:
+        b = 0  # the one buffer
+        if not self.v.ds_no_war_barrier:
             yield ("bar", (n, 1), 256)
         if cta.ds_reading.get(b):
             raise Outcome("ds-clobbered")
@@ -754,16 +748,15 @@ def test_writer_ring_catches_a_wrong_full_count():
     assert Sim8([work], bad, False, False, 0, resident=1).run() == "deadlock"
 
 
-# ---------------------------------------------------------------------- dS^T buffers
+# ---------------------------------------------------------------------- the dS^T buffer
 @pytest.mark.parametrize("has_mask", [False, True])
 @pytest.mark.parametrize("writer", [False, True])
 @pytest.mark.parametrize("head_dim", [128, 64])
-@pytest.mark.parametrize("ds_bufs", [1, 2])
-def test_ds_buffers_complete_under_any_interleaving(has_mask, writer, head_dim, ds_bufs):
-    """DM_SM90_BWD_DS_BUFS=2: the n-th storing item writes buffer n % 2 with no barrier before
-    the stores; the barrier after item n - 1's stores already waited for every dQ product of
-    item n - 2 (dropped tiles store nothing and do not count). Both settings complete."""
-    v = Variant(dq_writer=writer, head_dim=head_dim, ds_bufs=ds_bufs, dq_product_steps=8)
+def test_ds_buffer_completes_under_any_interleaving(has_mask, writer, head_dim):
+    """One dS^T buffer: the barrier before the stores waits for every dQ product of the
+    previous storing item (dropped tiles store nothing), the one after them for every
+    consumer's stores; long dQ products clobber nothing."""
+    v = Variant(dq_writer=writer, head_dim=head_dim, dq_product_steps=8)
     for n_items in (1, 2, 3, 6):
         drops = [(), (0,), (1,), (1, 2), (2, 4)] if has_mask else [()]
         for seed in range(4):
@@ -784,20 +777,13 @@ def test_ds_one_buffer_without_the_war_barrier_is_caught():
     assert "ds-clobbered" in _ds_outcomes(v)
 
 
-def test_ds_parity_by_walk_position_is_caught_with_dropped_tiles():
-    """Two buffers chosen by the walk's position (= the stage): the stage ring alone orders
-    them while a stage goes back only after the dQ product read dS^T; where it goes back
-    earlier (the DQ_ATOMIC variant at d128, release_mid_dq) a dropped item leaves two storing
-    items in a row on one buffer with no barrier between them. The count of storing items
-    (bwd.cu's ds_par) needs only the barrier after the previous storing item's stores."""
-    walk = Variant(dq_writer=True, ds_bufs=2, ds_parity_by_walk=True, dq_product_steps=8)
-    assert _ds_outcomes(walk, dropped=(1, 3)) == {"ok"}
-    early = Variant(dq_writer=True, ds_bufs=2, ds_parity_by_walk=True, release_mid_dq=True,
-                    dq_product_steps=8)
-    assert _ds_outcomes(early) == {"ok"}  # without dropped tiles the position is the count
-    assert "ds-clobbered" in _ds_outcomes(early, dropped=(1, 3))
-    count = Variant(dq_writer=True, ds_bufs=2, release_mid_dq=True, dq_product_steps=8)
-    assert _ds_outcomes(count, dropped=(1, 3)) == {"ok"}
+def test_ds_buffer_with_the_stage_released_mid_product_completes():
+    """The stage going back while the dQ product still reads dS^T (the DQ_ATOMIC variant at
+    d128, release_mid_dq), with or without dropped tiles: the barrier before the stores, not
+    the stage ring, orders the buffer's reuse."""
+    early = Variant(dq_writer=True, release_mid_dq=True, dq_product_steps=8)
+    assert _ds_outcomes(early) == {"ok"}
+    assert _ds_outcomes(early, dropped=(1, 3)) == {"ok"}
 
 
 # ---------------------------------------------------------------------- deterministic grids

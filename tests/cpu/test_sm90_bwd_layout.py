@@ -526,8 +526,7 @@ def test_dkv_epilogue_staging_round_trips_without_bank_conflicts(head_dim):
                     np.testing.assert_array_equal(got, tile[row[ln], col[ln]:col[ln] + 8])
 
 
-def _static_asserts(writer: bool = False, tensor: bool = False, swizzle: bool = False,
-                    bufs: int = 1) -> str:
+def _static_asserts(writer: bool = False, tensor: bool = False, swizzle: bool = False) -> str:
     lines = ['#include "sm90/bwd.cu"', "using namespace dm::sm90;"]
     rng = np.random.default_rng(2)
     for r, c in zip(rng.integers(0, 64, 48), rng.integers(0, 128, 48), strict=True):
@@ -564,9 +563,7 @@ def _static_asserts(writer: bool = False, tensor: bool = False, swizzle: bool = 
             for bias in (False, True):
                 smem = f"dm::Sm90BwdSmem<{hd}, {str(mask).lower()}, {str(bias).lower()}>"
                 lines.append(f"static_assert({smem}::kAlloc == "
-                             f"{b90.smem_bytes(hd, bias, mask, writer, swizzle, bufs)});")
-                lines.append(f"static_assert({smem}::kDsBufs == "
-                             f"{b90.ds_bufs(hd, bias, mask, writer, swizzle, bufs)});")
+                             f"{b90.smem_bytes(hd, bias, mask, writer, swizzle)});")
                 lines.append(f"static_assert({smem}::kDQSlot == "
                              f"{b90.dq_slot_bytes(hd, swizzle)});")
                 lines.append(f"static_assert({smem}::kDqSlots == "
@@ -580,18 +577,16 @@ def _static_asserts(writer: bool = False, tensor: bool = False, swizzle: bool = 
 
 
 @pytest.mark.parametrize("mode", [None, 0, 1, 2])
-@pytest.mark.parametrize("extra,bufs,swz", [((), 1, False),
-                                            (("DM_SM90_BWD_DS_BUFS=2",), 2, True),
-                                            (("DM_SM90_BWD_DS_BUFS=2",
-                                              "DM_SM90_BWD_DQ_SWIZZLE=0"), 2, False),
-                                            (("DM_SM90_BWD_DQ_SWIZZLE=1",), 1, True),
-                                            (("DM_SM90_BWD_DS_BUFS=2", "DM_SM90_BWD_DQ_SWIZZLE=0",
-                                              "DM_SM90_BWD_DQ_SLOTS=1"), 2, False)])
-def test_constexpr_helpers_and_smem_plan_equal_the_model(mode, extra, bufs, swz, monkeypatch):
+@pytest.mark.parametrize("extra,swz", [((), False),
+                                       (("DM_SM90_BWD_DQ_SWIZZLE=1",), True),
+                                       (("DM_SM90_BWD_DQ_SLOTS=1",), False),
+                                       (("DM_SM90_BWD_DQ_SWIZZLE=1", "DM_SM90_BWD_DQ_SLOTS=1"),
+                                        True)])
+def test_constexpr_helpers_and_smem_plan_equal_the_model(mode, extra, swz, monkeypatch):
     defines = ((f"DM_SM90_BWD_DQ_WRITER={mode}",) if mode is not None else ()) + extra
     monkeypatch.setenv("DMATTN_NVRTC_DEFINES", " ".join(defines))  # the host's dq_slots
     mode = 2 if mode is None else mode  # the source's default
-    compile_static_asserts(_static_asserts(mode > 0, mode == 2, swz and mode == 2, bufs),
+    compile_static_asserts(_static_asserts(mode > 0, mode == 2, swz and mode == 2),
                            "sm90_bwd_layout_check.cu", defines)
 
 
@@ -619,31 +614,30 @@ def test_host_reads_the_writer_define(monkeypatch, defines, mode):
     assert b90.smem_bytes(128, False, False, True) > b90.smem_bytes(128, False, False, False)
 
 
-@pytest.mark.parametrize("defines,bufs,swizzle", [
-    ("", (1, 1, 1, 1), False),
-    ("DM_SM90_BWD_DS_BUFS=2", (2, 1, 2, 2), True),
-    ("DM_SM90_BWD_DS_BUFS=2 DM_SM90_BWD_DQ_SWIZZLE=0", (1, 1, 1, 2), False),
-    ("DM_SM90_BWD_DS_BUFS=2 DM_SM90_BWD_DQ_WRITER=1", (1, 1, 1, 2), False),
-    ("DM_SM90_BWD_DQ_SWIZZLE=1", (1, 1, 1, 1), True),
-    ("DM_SM90_BWD_DS_BUFS=2 DM_SM90_BWD_DQ_SWIZZLE=0 DM_SM90_BWD_DQ_SLOTS=1", (2, 2, 1, 2), False),
-    ("DM_SM90_BWD_DS_BUFS=2 DM_SM90_BWD_DQ_SLOTS=1", (2, 2, 2, 2), True)])
-def test_host_reads_the_ds_bufs_and_swizzle_defines(monkeypatch, defines, bufs, swizzle):
-    """The launcher's shared memory follows DM_SM90_BWD_DS_BUFS / DM_SM90_BWD_DQ_SWIZZLE as
-    kAlloc does; ``bufs``: dS^T buffers at d128 of (no mask, mask, key-row or no bias, bias
-    tile) and at d64: the second buffer (16 KB) fits d128 only with swizzled slots (4 KB
-    less) and not with a mask (its words), with one slot beside a bias tile, or with one
-    slot everywhere (DM_SM90_BWD_DQ_SLOTS=1; padded, not beside a bias tile); d64 always."""
+@pytest.mark.parametrize("defines,swizzle,one_slot", [
+    ("", False, False),
+    ("DM_SM90_BWD_DQ_SWIZZLE=1", True, False),
+    ("DM_SM90_BWD_DQ_SWIZZLE=1 DM_SM90_BWD_DQ_WRITER=1", False, False),
+    ("DM_SM90_BWD_DQ_SLOTS=1", False, True),
+    ("DM_SM90_BWD_DQ_SWIZZLE=1 DM_SM90_BWD_DQ_SLOTS=1", True, True)])
+def test_host_reads_the_swizzle_and_slots_defines(monkeypatch, defines, swizzle, one_slot):
+    """The launcher's shared memory follows DM_SM90_BWD_DQ_SWIZZLE / DM_SM90_BWD_DQ_SLOTS as
+    kAlloc does: a swizzled slot is 32 bytes a row (the padding) smaller, per slot of the
+    ring (one everywhere with DM_SM90_BWD_DQ_SLOTS=1, else one only at d128 beside a bias
+    tile)."""
     monkeypatch.setenv("DMATTN_NVRTC_DEFINES", defines)
     assert b90.dq_swizzle() is swizzle
-    got = (b90.ds_bufs(128, False), b90.ds_bufs(128, False, True), b90.ds_bufs(128, True),
-           b90.ds_bufs(64, True, True))
-    assert got == bufs
+    writer = b90.dq_writer()
     for hd in b90.HEAD_DIMS:
         for mask in (False, True):
             for bias in (False, True):
-                assert b90.smem_bytes(hd, bias, mask) <= b90.SMEM_LIMIT
-                assert b90.smem_bytes(hd, bias, mask) == b90.smem_bytes(
-                    hd, bias, mask, b90.dq_writer(), b90.dq_swizzle(), b90.ds_bufs_wanted())
+                slots = b90.dq_slots(hd, bias, writer)
+                assert slots == (1 if one_slot or (hd == 128 and bias) else 2)
+                smem = b90.smem_bytes(hd, bias, mask)
+                assert smem <= b90.SMEM_LIMIT
+                assert smem == b90.smem_bytes(hd, bias, mask, writer, swizzle)
+                padded = b90.smem_bytes(hd, bias, mask, writer, False)
+                assert smem == padded - (slots * b90.BLOCK_M * 32 if swizzle else 0)
     q = describe_zeros((1, 100, 2, 128))
     dqa = b90.plan_maps(q, q, q, q, None, b90.BIAS_NONE)["dqa"]
     assert (dqa is not None) is (b90.dq_writer_mode() == 2)
@@ -661,17 +655,16 @@ def describe_zeros(shape: tuple[int, ...]):
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("bias", ["none", "tile", "key_row"])
 @pytest.mark.parametrize("mask", [False, True])
-def test_ds_bufs_spec_compiles_without_the_war_barrier(dtype, head_dim, bias, mask, tmp_path,
-                                                       monkeypatch):
-    """DM_SM90_BWD_DS_BUFS=2: no spills or slow advisories; where two dS^T buffers fit, one
-    named barrier 1 per item (after the stores) instead of two; a tensor reduce per
-    swizzled 32-column box."""
-    ck, sass = _compile_sass(dtype, head_dim, mask, bias, "DM_SM90_BWD_DS_BUFS=2", tmp_path,
+def test_dq_swizzle_spec_compiles_with_a_reduce_per_box(dtype, head_dim, bias, mask, tmp_path,
+                                                         monkeypatch):
+    """DM_SM90_BWD_DQ_SWIZZLE=1: no spills or slow advisories; the one dS^T buffer's two
+    named barriers 1 per item (before and after the stores); a tensor reduce per swizzled
+    32-column box."""
+    ck, sass = _compile_sass(dtype, head_dim, mask, bias, "DM_SM90_BWD_DQ_SWIZZLE=1", tmp_path,
                              monkeypatch)
     if sass is None:
         return
-    bufs = b90.ds_bufs(head_dim, bias == "tile", mask)
-    assert len(re.findall(r"BAR\.SYNC(?:\.DEFER_BLOCKING)? 0x1, 0x100", sass)) == 3 - bufs
+    assert len(re.findall(r"BAR\.SYNC(?:\.DEFER_BLOCKING)? 0x1, 0x100", sass)) == 2
     assert len(re.findall(r"UTMAREDG\.4D\.ADD", sass)) == head_dim // 32
 
 
