@@ -99,6 +99,16 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.write_line(f"GPU TESTS FAILED: {msg}", red=True, bold=True)
 
 
+@pytest.fixture
+def hopper_only():
+    """Skips the test off compute capability 9.0, where the sm_90a families do not run
+    (`pytestmark = pytest.mark.usefixtures("hopper_only")`)."""
+    import torch
+
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the sm_90a family runs on compute capability 9.0 only")
+
+
 @pytest.fixture(params=["auto", "fwd_mma"], ids=["fam-auto", "fam-mma"])
 def both_forward_families(request, monkeypatch):
     """Runs a test on each forward family of a Hopper GPU (auto: fwd_sm90 wherever it takes

@@ -17,13 +17,7 @@ from dmattn_cupy.validate import check_dense
 
 torch = pytest.importorskip("torch")
 
-pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture(autouse=True)
-def _hopper_only():
-    if torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("the sm_90a family runs on compute capability 9.0 only")
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("hopper_only")]
 
 
 def _qkv(b, sq, sk, h, hk, d, dtype="bfloat16", seed=0):

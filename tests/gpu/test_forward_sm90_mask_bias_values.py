@@ -18,13 +18,7 @@ from dmattn_cupy.validate import check_dense
 
 torch = pytest.importorskip("torch")
 
-pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture(autouse=True)
-def _hopper_only():
-    if torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("the sm_90a family runs on compute capability 9.0 only")
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("hopper_only")]
 
 
 B, H, SQ, SK = 2, 2, 200, 320   # 2 query tiles (the second partial), 5 key tiles of 64
