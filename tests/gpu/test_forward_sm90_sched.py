@@ -18,7 +18,6 @@ import math
 import numpy as np
 import pytest
 from gpu_helpers import assert_fa_close, f64
-from test_forward_sm90 import _hopper_only  # noqa: F401  (autouse: sm_90a only)
 from test_graphs import _capture
 
 import dmattn_cupy as dm
@@ -28,7 +27,7 @@ from dmattn_cupy.validate import check_dense, check_varlen
 
 torch = pytest.importorskip("torch")
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("hopper_only")]
 
 
 # (name, DM_SM90_PERSISTENT, DM_SM90_MAX_CTAS (0: min(items, SMs)), DM_SM90_LPT_HEADS (None:
