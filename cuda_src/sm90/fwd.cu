@@ -235,6 +235,21 @@ DM_DEVICE float drop_masked_nan(float (&x)[kNF][4], int r, const uint8_t* smk, i
   return mx;
 }
 
+// A full bias stage (64-key boxes of kRows rows, 128-byte rows, 128B swizzle:
+// tile_offset<2, 64, kRows>(row, key)) reaches consumer c's warp w by one ldmatrix.x4 per 16
+// keys: block i (keys 16i ..) at sm90_fwd_bias_ldsm_offset(c, w, lane, i), where matrix
+// m = lane / 8 holds rows 64c + 16w + 8(m % 2) .. + 7 of keys 16i + 8(m / 2) .. + 7, so that
+// register m of lane (g, t) is the fragment word of j = 2i + m / 2, row half m % 2 (keys
+// 8j + 2t, + 1 of row 64c + 16w + g + 8(m % 2)). Within a box only the 16-byte chunk index
+// moves with i, and the swizzle XORs it: block i is block i % 4's offset XOR 32 (i % 4).
+template <int kRows>
+__host__ __device__ constexpr uint32_t sm90_fwd_bias_ldsm_offset(int c, int w, int lane, int i) {
+  return uint32_t(i / 4) * (kRows * 128) +
+         (sm90::tile_offset<2, 64, kRows>(64 * c + 16 * w + lane % 8 + 8 * ((lane / 8) % 2),
+                                          8 * (lane / 16)) ^
+          uint32_t(32 * (i % 4)));
+}
+
 // The first element (of `elem` bytes) a key-based stage loads: that of key k_start + n0 (times
 // heads) aligned down to 16 bytes, TMA's rule for a box's global start. Its values start
 // key_lead elements into the stage (n0 % 64 == 0, so n0 * heads * elem is a 16-byte multiple).
@@ -888,6 +903,9 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
       uint32_t mask[kNF];     // two mask bytes per row half: row g in bits 0-15, g + 8 in 16-31
     };
     const bool mask_tile = kHasMask && args.mask_mode == kOperandTile;
+    // Block 0's offset; block i's is derived from it (sm90_fwd_bias_ldsm_offset) on the stage's
+    // address, whose 1024-byte aligned start leaves the XORed bits 5-6 as the offset has them.
+    const uint32_t bias_ldsm_lane = sm90_fwd_bias_ldsm_offset<kBlockM>(c, warp, lane, 0);
     auto load_operands = [&](TileOperands& ops, int stage, int cls) {
 #if DM_SM90_MB_FOLD  // (#if, not if constexpr: DM_SM90_MB_FOLD=0 builds the kernel without it)
       if (fold_on) {  // the fold warps' fragment order (stage's phase: the caller's `phase`)
@@ -905,14 +923,16 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
       } else
 #endif
       if (bias_tile) {
-        const uint8_t* sb = smem + (sBias - base) + stage * Smem::kBias;
+        const uint32_t sb = sBias + stage * Smem::kBias + bias_ldsm_lane;
 #pragma unroll
-        for (int j = 0; j < kNF; ++j)
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            const uint32_t o2 = tile_offset<2, 64, kBlockM>(lrow[r], 8 * j + 2 * t);
-            ops.bias[j][r] = *reinterpret_cast<const uint32_t*>(sb + o2);
-          }
+        for (int i = 0; i < kNF / 2; ++i) {
+          uint32_t x[4];
+          ldsm_x4(x, (sb ^ uint32_t(32 * (i % 4))) + uint32_t(i / 4) * (kBlockM * 128));
+          ops.bias[2 * i][0] = x[0];
+          ops.bias[2 * i][1] = x[1];
+          ops.bias[2 * i + 1][0] = x[2];
+          ops.bias[2 * i + 1][1] = x[3];
+        }
       } else if (bias_f32) {  // the fp32 row is read by transform, next to its FFMA
       } else if (bias_keys) {  // one key row (or this head's column of a chunk) for both rows
         const uint16_t* sv = reinterpret_cast<const uint16_t*>(smem + (sBias - base) +
@@ -1180,20 +1200,28 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
       fence_operands(o);
       release(bar_empty_v(prev));
     }
-    // Where rows allow 16-byte stores (the same for the whole consumer) and a second Q buffer
-    // lets the next item's Q load run meanwhile, this consumer's 64 rows of O go through its
-    // rows of the item's Q buffer (Q's layout: 64-column boxes, 128B swizzle; conflict-free
-    // fragment stores and row-chunk loads), then each warp copies its 16 rows by coalesced
-    // 16-byte stores (8 lanes per 128-byte box row) instead of 4-byte stores that scatter over
-    // 8 rows.
+    // Where rows allow 16-byte stores (the same for the whole consumer), this consumer's 64 rows
+    // of O go through shared memory (64-column boxes, 128B swizzle: conflict-free fragment
+    // stores and row-chunk loads), then each warp copies its 16 rows by coalesced 16-byte
+    // stores (8 lanes per 128-byte box row) instead of 4-byte stores that scatter over 8 rows.
+    // With two Q buffers (the next item's Q loads into the other one meanwhile) O goes through
+    // its rows of the item's Q buffer; with one (whose release lets the next item's Q load
+    // during the epilogue) through the end-of-item stage's K buffer (consumer 0) or V buffer
+    // (consumer 1), which carry no data. Either buffer is released after the copy.
     T* out = o_row_ptr<T>(p, b, h, seq, 0);
-    const bool stage_o = Smem::kQBufs >= 2 && p.head_dim % 8 == 0 && p.o_row_stride % 8 == 0 &&
+    const bool stage_o = p.head_dim % 8 == 0 && p.o_row_stride % 8 == 0 &&
                          reinterpret_cast<uint64_t>(out) % 16 == 0;
+    constexpr bool kOInQ = Smem::kQBufs >= 2;
+    static_assert(kOInQ || 64 * kHeadDim * 2 <= Smem::kKV, "a consumer's O fits a K/V buffer");
     // The end-of-item stage: no data. Q's buffer is free too (every S = Q K^T of the item has
-    // completed); with stage_o it is released after the epilogue.
-    release(bar_empty_k(stage));
-    release(bar_empty_v(stage));
-    if (!stage_o) release(bar_empty_q(qx));
+    // completed).
+    const int end_stage = stage;
+    const uint32_t end_phase = phase;
+    if (!stage_o || kOInQ) {
+      release(bar_empty_k(stage));
+      release(bar_empty_v(stage));
+    }
+    if (!stage_o || !kOInQ) release(bar_empty_q(qx));
     if (++stage == kStages) {
       stage = 0;
       phase ^= 1;
@@ -1211,13 +1239,24 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
         lse[r] = -DM_INF;
       }
     if (stage_o) {
-      named_bar_sync(3 + c, 128);  // this consumer's S GEMMs (its Q rows) completed in every warp
-      const uint32_t sq = sQ + qx * Smem::kQ;
+      uint32_t so;  // this consumer's staging buffer; o_at: a CTA-local row's element there
+      if (kOInQ) {
+        named_bar_sync(3 + c, 128);  // this consumer's S GEMMs (its Q rows) completed in every warp
+        so = sQ + qx * Smem::kQ;
+      } else {
+        // the stage's previous K and V reads (both consumers') completed before its end
+        mbar_wait(bar_full_v(end_stage), end_phase);
+        so = (c == 0 ? sK : sV) + end_stage * Smem::kKV;
+      }
+      auto o_at = [&](int lr, int col) {
+        if constexpr (kOInQ) return tile_offset<2, 64, kBlockM>(lr, col);
+        else return tile_offset<2, 64, 64>(lr - 64 * c, col);
+      };
 #pragma unroll
       for (int r = 0; r < 2; ++r)
 #pragma unroll
         for (int j = 0; j < kDF; ++j)
-          st_shared_u32(sq + tile_offset<2, 64, kBlockM>(lrow[r], 8 * j + 2 * t),
+          st_shared_u32(so + o_at(lrow[r], 8 * j + 2 * t),
                         pack2<T>(normalize_out(o[j][2 * r], inv_l[r]),
                                  normalize_out(o[j][2 * r + 1], inv_l[r])));
       __syncwarp();
@@ -1227,10 +1266,15 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
         const int lr = row0 + 4 * (i % 4) + lane / 8, col = 64 * (i / 4) + 8 * (lane % 8);
         if (m0 + lr < len_q && col < p.head_dim)
           st_global_u128(out + int64_t(m0 + lr) * p.o_row_stride + col,
-                         ld_shared_u128(sq + tile_offset<2, 64, kBlockM>(lr, col)));
+                         ld_shared_u128(so + o_at(lr, col)));
       }
       fence_proxy_async_smem();  // these generic accesses before the buffer's next TMA write
-      release(bar_empty_q(qx));
+      if (kOInQ) {
+        release(bar_empty_q(qx));
+      } else {
+        release(bar_empty_k(end_stage));
+        release(bar_empty_v(end_stage));
+      }
     } else {
 #pragma unroll
       for (int r = 0; r < 2; ++r) {

@@ -213,6 +213,26 @@ DM_DEVICE void st_global_u128(void* ptr, uint4 v) {
                "r"(v.z), "r"(v.w)
                : "memory");
 }
+// ldmatrix / stmatrix of four 8 x 8 matrices of 16-bit values (lanes 8m .. 8m + 7 name the
+// 16-byte rows of matrix m; register m of lane (g, t) = (lane / 4, lane % 4) holds row g's
+// pair 2t, 2t + 1, or with .trans column g's pair of rows 2t, 2t + 1).
+DM_DEVICE void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+DM_DEVICE void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+DM_DEVICE void stsm_x4_trans(uint32_t addr, uint32_t r0, uint32_t r1, uint32_t r2, uint32_t r3) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1,%2,%3,%4};"
+               ::"r"(addr), "r"(r0), "r"(r1), "r"(r2), "r"(r3)
+               : "memory");
+}
 
 // ---- wgmma and registers ------------------------------------------------------------------
 

@@ -129,6 +129,9 @@ def _static_asserts() -> str:
         lines.append(f"static_assert(dm::Sm90FwdSmem<{hd}, {bn}, {st}, {str(mask).lower()}, "
                      f"{str(bias).lower()}>::kAlloc == {smem});")
     lines.append(f"static_assert(sizeof(dm::Sm90FwdArgs) == {f90.ARGS_DTYPE.itemsize});")
+    for c, w, lane, i in zip(*(rng.integers(0, n, 48) for n in (2, 4, 32, 8)), strict=True):
+        lines.append(f"static_assert(dm::sm90_fwd_bias_ldsm_offset<128>({c}, {w}, {lane}, {i}) "
+                     f"== {fwd_bias_ldsm_offset(int(c), int(w), int(lane), int(i))}u);")
     # key-based loads: the kernel's start/lead equal the host model (16-byte aligned starts)
     for k_start in (0, 1, 7, 12, 37, 316, 1023):
         for heads in (1, 2, 3, 8, 127):
@@ -334,35 +337,46 @@ def test_more_work_items_than_int32_go_to_the_portable_kernel():
     assert select.forward(pb, PRESETS["sm_90"]).family == "fwd_mma"
 
 
-@pytest.mark.parametrize("head_dim", [64, 128])
-def test_forward_o_staging_in_the_q_buffer_round_trips_without_bank_conflicts(head_dim):
+@pytest.mark.parametrize("head_dim, where", [(64, "q"), (128, "q"), (128, "kv"), (256, "kv")])
+def test_forward_o_staging_round_trips_without_bank_conflicts(head_dim, where):
     """fwd.cu's epilogue (stage_o): consumer c's warp w stores its O fragments (lane (g, t):
     row 64c + 16w + g + 8r, columns 8j + 2t, 4 bytes) at tile_offset<2, 64, 128> of the Q
-    buffer, each store hitting 32 distinct banks and only the warp's own 16 rows of each box;
-    its copy loop (i < 4 * boxes: row 64c + 16w + 4 (i % 4) + lane / 8, columns 64 (i / 4) +
-    8 (lane % 8) ..+7) reads every element of those rows once, back as stored, each 8-lane
-    phase of a 16-byte load one 128-byte box row (8 distinct bank groups)."""
+    buffer (two Q buffers: d64, d128 without mask or bias) or at tile_offset<2, 64, 64> of
+    row - 64c in the end-of-item stage's K (c = 0) or V (c = 1) buffer (one Q buffer: d128
+    with mask or bias, d256), each store hitting 32 distinct banks and only the warp's own 16
+    rows of each box; its copy loop (i < 4 * boxes: row 64c + 16w + 4 (i % 4) + lane / 8,
+    columns 64 (i / 4) + 8 (lane % 8) ..+7) reads every element of those rows once, back as
+    stored, each 8-lane phase of a 16-byte load one 128-byte box row (8 distinct bank
+    groups)."""
     tile = np.random.default_rng(4).integers(0, 1 << 16, (128, head_dim))
+    box_rows = 128 if where == "q" else 64
     lane = np.arange(32)
     g, t = lane // 4, lane % 4
     for c in range(2):
+        first = 0 if where == "q" else 64 * c  # the buffer's row 0, CTA-local
+
+        def at_of(row, col):
+            return tma_box_address(0, box_rows, row - first, col)
+
         for w in range(4):
             smem: dict = {}
             rows = set(range(64 * c + 16 * w, 64 * c + 16 * w + 16))
             for r in range(2):
                 for j in range(head_dim // 8):
                     row, col = 64 * c + 16 * w + g + 8 * r, 8 * j + 2 * t
-                    at = tma_box_address(0, 128, row, col)
+                    at = at_of(row, col)
                     assert len(set((at // 4 % 32).tolist())) == 32, (c, w, r, j)
                     for x in range(2):
                         for a_, v in zip(at + 2 * x, tile[row, col + x], strict=True):
                             smem[int(a_)] = v
-            assert {int(a_) // 128 % 128 for a_ in smem} == rows  # box rows of this warp only
+            # box rows of this warp only, inside the buffer (a K/V stage: >= 64 rows x head_dim)
+            assert {int(a_) // 128 % box_rows + first for a_ in smem} == rows
+            assert max(smem) < box_rows * 2 * head_dim
             seen = set()
             for i in range(4 * (head_dim // 64)):
                 row = 64 * c + 16 * w + 4 * (i % 4) + lane // 8
                 col = 64 * (i // 4) + 8 * (lane % 8)
-                at = tma_box_address(0, 128, row, col)
+                at = at_of(row, col)
                 for phase in range(4):
                     sel = slice(8 * phase, 8 * phase + 8)
                     assert len(set((at[sel] // 16 % 8).tolist())) == 8, (c, w, i, phase)
@@ -372,3 +386,54 @@ def test_forward_o_staging_in_the_q_buffer_round_trips_without_bank_conflicts(he
                     np.testing.assert_array_equal(got, tile[row[ln], col[ln]:col[ln] + 8])
                     seen.add((int(row[ln]), int(col[ln])))
             assert seen == {(rw, cl) for rw in rows for cl in range(0, head_dim, 8)}
+
+
+def fwd_bias_ldsm_offset(c: int, w: int, lane: int, i: int) -> int:
+    """fwd.cu's sm90_fwd_bias_ldsm_offset<128>: the 16-byte row lane ``lane`` of consumer c's
+    warp w addresses in the ldmatrix.x4 of key block i: matrix m = lane // 8 holds rows
+    64c + 16w + 8 (m % 2) .. + 7 of keys 16i + 8 (m // 2) .. + 7."""
+    m = lane // 8
+    return int(tma_box_address(0, 128, np.int64(64 * c + 16 * w + 8 * (m % 2) + lane % 8),
+                               np.int64(16 * i + 8 * (m // 2))))
+
+
+def _ldsm_x4(smem: dict, rows: list[int]) -> list[list[tuple]]:
+    """ldmatrix.x4 (no .trans) on 2-byte elements: lanes 8m .. 8m + 7 name the 8 rows of
+    matrix m (8 consecutive elements each); lane L gets, in register m, row L // 4's pair
+    (columns 2 (L % 4), + 1) of matrix m."""
+    return [[(smem[rows[8 * m + lane // 4] + 4 * (lane % 4)],
+              smem[rows[8 * m + lane // 4] + 4 * (lane % 4) + 2]) for m in range(4)]
+            for lane in range(32)]
+
+
+@pytest.mark.parametrize("block_n", [64, 128])
+def test_forward_bias_ldsm_blocks_are_the_fragments(block_n):
+    """A full bias stage (128 query rows, block_n keys, as TMA wrote it) read by the consumers'
+    ldmatrix.x4 of key block i at (stage + offset(c, w, lane, 0)) ^ 32 (i % 4) + 16384 (i / 4)
+    (the kernel's derivation from block 0, on a 1024-byte aligned stage) hands lane (g, t) of
+    warp w, in register 2 (j % 2) + r (j = 2i + j % 2), the pair (keys 8j + 2t, + 1) of row
+    64c + 16w + g + 8r: the words the per-element reads at tile_offset<2, 64, 128> gave."""
+    bias = np.arange(128 * block_n).reshape(128, block_n) + 1
+    for stage in (0, 1024 * 37):
+        smem = {}
+        q, k = np.meshgrid(np.arange(128), np.arange(block_n), indexing="ij")
+        for a_, v in zip(tma_box_address(stage, 128, q, k).ravel(), bias.ravel(), strict=True):
+            smem[int(a_)] = int(v)
+        for c in range(2):
+            for w in range(4):
+                for i in range(block_n // 16):
+                    rows = [((stage + fwd_bias_ldsm_offset(c, w, lane, 0)) ^ (32 * (i % 4))) +
+                            16384 * (i // 4) for lane in range(32)]
+                    assert rows == [stage + fwd_bias_ldsm_offset(c, w, lane, i)
+                                    for lane in range(32)]
+                    # one 16-byte row per lane, each 8-lane phase on 8 distinct bank groups
+                    for m in range(4):
+                        assert len({r // 16 % 8 for r in rows[8 * m:8 * m + 8]}) == 8
+                    regs = _ldsm_x4(smem, rows)
+                    for lane in range(32):
+                        g, t = lane // 4, lane % 4
+                        for jm in range(2):
+                            for r in range(2):
+                                j, row = 2 * i + jm, 64 * c + 16 * w + g + 8 * r
+                                assert regs[lane][2 * jm + r] == (bias[row, 8 * j + 2 * t],
+                                                                  bias[row, 8 * j + 2 * t + 1])
