@@ -49,7 +49,13 @@ struct KeepRowMax {
   DM_DEVICE float operator()(X&, int, float mx) const { return mx; }
 };
 
-template <int kRows = 2, int kRowThreads = 4>
+// kLazy: a row keeps its max (alpha = 1, the output accumulator is not rescaled) while the new
+// max is at most kLazyGap above it, so probabilities stay <= 2^kLazyGap (exact: l, the output
+// and lse all use the max that was kept; FlashAttention-4's conditional rescaling). m then is
+// the reference the row's exponentials use, not necessarily its max.
+constexpr float kLazyGap = 8.f;
+
+template <int kRows = 2, int kRowThreads = 4, bool kLazy = false>
 struct OnlineSoftmax {
   float m[kRows];  // running row max (log2 domain); -inf while nothing was kept
   float l[kRows];  // per-thread partial row sums; reduced over the row's lanes by finalize
@@ -85,8 +91,11 @@ struct OnlineSoftmax {
       }
       mx = row_fix(x, r, mx);
       mx = fmax_nan(m[r], row_max<kRowThreads>(mx) * scale);
+      // kLazy: false for a NaN and while nothing was kept (the difference is NaN or +inf)
+      const bool keep = kLazy && mx - m[r] <= kLazyGap;
+      if (keep) mx = m[r];
       const float m_use = mx == -DM_INF ? 0.f : mx;  // all excluded so far: exp2(-inf) = 0
-      alpha[r] = fast_exp2(m[r] - m_use);
+      alpha[r] = keep ? 1.f : fast_exp2(m[r] - m_use);
       float sum = 0.f;
 #pragma unroll
       for (int f = 0; f < kF; ++f) {

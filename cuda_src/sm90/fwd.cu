@@ -135,6 +135,12 @@ static_assert(DM_SM90_Q_BUFS == 1 || DM_SM90_Q_BUFS == 2, "DM_SM90_Q_BUFS: 1 or 
 #ifndef DM_SM90_MB_FOLD
 #define DM_SM90_MB_FOLD 1
 #endif
+// - DM_SM90_LAZY_RESCALE: 1 (default) lets a row keep its softmax max while a tile raises it
+//   by at most 8 (log2 units; softmax.cuh: kLazyGap), and a warp skips O's rescale (64 FMUL
+//   per thread at d128) when none of its rows moved; 0: every tile rescales.
+#ifndef DM_SM90_LAZY_RESCALE
+#define DM_SM90_LAZY_RESCALE 1
+#endif
 
 // Tile classes the producer hands over (bits; 0 = full: no per-element work).
 constexpr int kFormulaPartial = 1;  // crosses the key end or a causal/window edge
@@ -871,7 +877,8 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
     float o[kDF][4];
 #pragma unroll
     for (int j = 0; j < kDF; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
-    OnlineSoftmax<> sm;  // rows g and g + 8 of the warp's 16, over the 4 lanes of a quad
+    // rows g and g + 8 of the warp's 16, over the 4 lanes of a quad
+    OnlineSoftmax<2, 4, DM_SM90_LAZY_RESCALE != 0> sm;
     const bool mask_keys = kHasMask && (args.mask_mode == kOperandTile ||
                                          args.mask_mode == kOperandKeyRow ||
                                          args.mask_mode == kOperandKeyChunk);
@@ -903,9 +910,6 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
       uint32_t mask[kNF];     // two mask bytes per row half: row g in bits 0-15, g + 8 in 16-31
     };
     const bool mask_tile = kHasMask && args.mask_mode == kOperandTile;
-    // Block 0's offset; block i's is derived from it (sm90_fwd_bias_ldsm_offset) on the stage's
-    // address, whose 1024-byte aligned start leaves the XORed bits 5-6 as the offset has them.
-    const uint32_t bias_ldsm_lane = sm90_fwd_bias_ldsm_offset<kBlockM>(c, warp, lane, 0);
     auto load_operands = [&](TileOperands& ops, int stage, int cls) {
 #if DM_SM90_MB_FOLD  // (#if, not if constexpr: DM_SM90_MB_FOLD=0 builds the kernel without it)
       if (fold_on) {  // the fold warps' fragment order (stage's phase: the caller's `phase`)
@@ -923,7 +927,10 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
       } else
 #endif
       if (bias_tile) {
-        const uint32_t sb = sBias + stage * Smem::kBias + bias_ldsm_lane;
+        // Block 0's offset; block i's is derived from it (sm90_fwd_bias_ldsm_offset) on the
+        // stage's address, whose 1024-byte aligned start leaves the XORed bits 5-6 as they are.
+        const uint32_t sb = sBias + stage * Smem::kBias +
+                            sm90_fwd_bias_ldsm_offset<kBlockM>(c, warp, lane, 0);
 #pragma unroll
         for (int i = 0; i < kNF / 2; ++i) {
           uint32_t x[4];
@@ -1107,12 +1114,18 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
         pa[kk][3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
       }
     };
+    // O follows its rows' new max (DM_SM90_LAZY_RESCALE: only where a row of the warp moved it)
+    auto rescale = [&](const float (&alpha)[2]) {
+      if (!DM_SM90_LAZY_RESCALE || __any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f))
+        rescale_o(o, alpha);
+    };
     auto release_k = [&](int stage) {  // K, its bias tile and its mask slot
       if (mask_keys) release(bar_empty_m(info[4 * stage + 2]));
       release(bar_empty_k(stage));
     };
     // Software pipeline: iteration j issues S_j = Q K_j^T and O += P_{j-1} V_{j-1} together,
-    // then runs the softmax of S_j while the second product is in flight.
+    // then runs the softmax of S_j while the second product is in flight, and rescales O to
+    // S_j's max once that product completed (the first tile's O is 0: no rescale).
     mbar_wait(bar_full_q(qx), (q_uses / Smem::kQBufs) & 1);
     ++q_uses;
     mbar_wait(bar_full_k(stage), phase);
@@ -1174,7 +1187,6 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
         turn_wait();
         if (n < 0) break;  // the turn is taken by the last O += P V below
         issue_s(s, stage);
-        rescale_o(o, alpha);
         mbar_wait(bar_full_v(prev), prev_phase);
         issue_pv(pa, prev);
         turn_pass();
@@ -1189,10 +1201,10 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
         fence_operands(o);
         release(bar_empty_v(prev));
         pack_p(s, pa);
+        rescale(alpha);  // O (through P_{j-1} V_{j-1}) follows S_j's max, off the GEMM turn
         prev = stage;
         prev_phase = phase;
       }
-      rescale_o(o, alpha);
       mbar_wait(bar_full_v(prev), prev_phase);
       issue_pv(pa, prev);
       turn_pass();

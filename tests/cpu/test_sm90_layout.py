@@ -355,7 +355,7 @@ def test_forward_o_staging_round_trips_without_bank_conflicts(head_dim, where):
     for c in range(2):
         first = 0 if where == "q" else 64 * c  # the buffer's row 0, CTA-local
 
-        def at_of(row, col):
+        def at_of(row, col, first=first):
             return tma_box_address(0, box_rows, row - first, col)
 
         for w in range(4):

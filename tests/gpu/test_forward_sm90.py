@@ -155,6 +155,28 @@ def test_mask_bias_long_rows(kw, d):
     _check(q, k, v, mask.cuda(), bias.cuda(), **kw)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("step", [0.0, 5.0, 7.0, 40.0], ids=lambda x: f"step{x:g}")
+def test_row_max_rising_tile_by_tile(step, d, dtype):
+    """Key tiles run from the last to the first; a full bias rising by `step` (natural log)
+    per 64 keys toward key 0 raises every row's max tile by tile. DM_SM90_LAZY_RESCALE keeps a
+    row's max while a tile raises it by at most 8 in log2 units (5.5 natural: steps 5 per 64
+    keys stay within it on 64-key tiles; 128-key tiles see 10 and 14), probabilities up to
+    2^8 then reach the P V product; larger rises rescale O as before. Output and lse match the
+    reference either way, with the query row bias beside it (some rows far above the rest)."""
+    sq, sk = 200, 1024
+    q, k, v = _qkv(1, sq, sk, 2, 2, d, dtype, seed=21)
+    keys = torch.arange(sk, dtype=torch.float32)
+    bias = (-(step / 64) * keys).expand(1, 2, sq, sk).clone()
+    bias[0, 1, ::7] += 30.0 * torch.randn(bias[0, 1, ::7].shape,
+                                          generator=torch.Generator().manual_seed(22))
+    _check(q, k, v, bias=bias.to("cuda", getattr(torch, dtype)))
+    # without a bias: scores rising over the tiles (keys scaled up toward key 0)
+    kk = k * torch.linspace(4.0, 0.5, sk, device="cuda").to(k.dtype)[None, :, None, None]
+    _check(q, kk, v)
+
+
 def _counters(q, k, v, mask):
     pb = check_dense(q, k, v, mask, None, None, False, (-1, -1), 0.0, "cuda")
     spec = select_fwd_spec(pb, debug_counters=True)
