@@ -49,13 +49,13 @@ struct KeepRowMax {
   DM_DEVICE float operator()(X&, int, float mx) const { return mx; }
 };
 
-// kLazy: a row keeps its max (alpha = 1, the output accumulator is not rescaled) while the new
-// max is at most kLazyGap above it, so probabilities stay <= 2^kLazyGap (exact: l, the output
-// and lse all use the max that was kept; FlashAttention-4's conditional rescaling). m then is
-// the reference the row's exponentials use, not necessarily its max.
-constexpr float kLazyGap = 8.f;
-
-template <int kRows = 2, int kRowThreads = 4, bool kLazy = false>
+// kLazyGap >= 0: a row keeps its max (alpha = 1: the output accumulator needs no rescale)
+// while a tile raises it by at most kLazyGap (log2 units), so probabilities stay
+// <= 2^kLazyGap (l, the output and lse all use the max that was kept: FlashAttention-4's
+// conditional rescaling). 0 keeps the values bit for bit (a row keeps only a max that did
+// not move); above 0 the largest probability is no longer an exact 1 in P's 16 bits, which
+// costs accuracy. -1: off. m is the reference the row's exponentials use.
+template <int kRows = 2, int kRowThreads = 4, int kLazyGap = -1>
 struct OnlineSoftmax {
   float m[kRows];  // running row max (log2 domain); -inf while nothing was kept
   float l[kRows];  // per-thread partial row sums; reduced over the row's lanes by finalize
@@ -91,8 +91,8 @@ struct OnlineSoftmax {
       }
       mx = row_fix(x, r, mx);
       mx = fmax_nan(m[r], row_max<kRowThreads>(mx) * scale);
-      // kLazy: false for a NaN and while nothing was kept (the difference is NaN or +inf)
-      const bool keep = kLazy && mx - m[r] <= kLazyGap;
+      // false for a NaN and while nothing was kept (the difference is NaN or +inf)
+      const bool keep = kLazyGap >= 0 && mx - m[r] <= float(kLazyGap);
       if (keep) mx = m[r];
       const float m_use = mx == -DM_INF ? 0.f : mx;  // all excluded so far: exp2(-inf) = 0
       alpha[r] = keep ? 1.f : fast_exp2(m[r] - m_use);

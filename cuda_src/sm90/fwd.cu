@@ -136,10 +136,16 @@ static_assert(DM_SM90_Q_BUFS == 1 || DM_SM90_Q_BUFS == 2, "DM_SM90_Q_BUFS: 1 or 
 #define DM_SM90_MB_FOLD 1
 #endif
 // - DM_SM90_LAZY_RESCALE: 1 (default) lets a row keep its softmax max while a tile raises it
-//   by at most 8 (log2 units; softmax.cuh: kLazyGap), and a warp skips O's rescale (64 FMUL
-//   per thread at d128) when none of its rows moved; 0: every tile rescales.
+//   by at most DM_SM90_LAZY_GAP (log2 units; softmax.cuh: kLazyGap; default 0: only a max
+//   that did not move, bit for bit the same values), and a warp skips O's rescale (64 FMUL
+//   per thread at d128) when none of its rows moved; 0: every tile rescales. (A gap of 8
+//   failed FlashAttention's tolerance rule by 1-10% in 15 GPU tests: P's largest value is
+//   then no longer an exact 1.)
 #ifndef DM_SM90_LAZY_RESCALE
 #define DM_SM90_LAZY_RESCALE 1
+#endif
+#ifndef DM_SM90_LAZY_GAP
+#define DM_SM90_LAZY_GAP 0
 #endif
 
 // Tile classes the producer hands over (bits; 0 = full: no per-element work).
@@ -878,7 +884,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
 #pragma unroll
     for (int j = 0; j < kDF; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
     // rows g and g + 8 of the warp's 16, over the 4 lanes of a quad
-    OnlineSoftmax<2, 4, DM_SM90_LAZY_RESCALE != 0> sm;
+    OnlineSoftmax<2, 4, DM_SM90_LAZY_RESCALE != 0 ? DM_SM90_LAZY_GAP : -1> sm;
     const bool mask_keys = kHasMask && (args.mask_mode == kOperandTile ||
                                          args.mask_mode == kOperandKeyRow ||
                                          args.mask_mode == kOperandKeyChunk);
