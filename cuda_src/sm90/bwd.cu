@@ -106,6 +106,15 @@
 #ifndef DM_SM90_BWD_DQ_SLOTS
 #define DM_SM90_BWD_DQ_SLOTS 2
 #endif
+// DM_SM90_BWD_DQ_WRITERS=2: with two dQ slots and no mask, the idle producer warp 2 is a
+// second writer: warp 1 takes the walk's even items (slot 0), warp 2 the odd ones (slot 1), so
+// one item's turn poll and adds overlap the other's wait for its adds to complete
+// (deterministic mode) or to read its slot; 1 (default): warp 1 alone.
+#ifndef DM_SM90_BWD_DQ_WRITERS
+#define DM_SM90_BWD_DQ_WRITERS 1
+#endif
+static_assert(DM_SM90_BWD_DQ_WRITERS == 1 || DM_SM90_BWD_DQ_WRITERS == 2,
+              "DM_SM90_BWD_DQ_WRITERS: 1 or 2");
 // DM_SM90_BWD_BIAS_LDSM=1: a full bias tile reaches the consumers by ldmatrix.x4.trans and
 // their dbias goes back into the stage by stmatrix.x4.trans (4 + 4 per thread per item, one
 // 16 x 16 (key x query) block each: sm90_bwd_bias_ldsm_offset) instead of 32 two-byte loads
@@ -591,7 +600,12 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
 
   if (wg == 0) {  // ------------------------------------------------------------- producer
     setmaxnreg_dec<kProducerRegs>();  // all four warps, before any leaves
-    const int role = sm90_bwd_role(warp, lane, kHasMask, Smem::kDqWriter);
+    // DM_SM90_BWD_DQ_WRITERS=2: warp 2 (idle without a mask) is the second writer.
+    constexpr int kWriters = DM_SM90_BWD_DQ_WRITERS == 2 && Smem::kDqWriter && !kHasMask &&
+                             Smem::kDqSlots == 2 ? 2 : 1;
+    const int role = kWriters == 2 && warp == 2
+                         ? int(kBwdDqWriter)
+                         : sm90_bwd_role(warp, lane, kHasMask, Smem::kDqWriter);
     // Row m0 + r's lse (log2 units; +inf for rows past the end, where P = exp2(x - inf) = 0,
     // and for rows that kept nothing) and dsum, then their stores into stage s.
     auto lse_load = [&](int h, int m0, int r) -> float2 {
@@ -790,6 +804,7 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
         if (kSm90BwdDqTensor && lane == 0) tma_prefetch(&args.dqa);
         int j = 0;  // the walk's position: slot j % kDqSlots, as the consumers fill them
         for (int i = next_item_warp(0); i < n_items; i = next_item_warp(i + 1), ++j) {
+          if (kWriters == 2 && j % 2 != warp - 1) continue;  // the other writer's item
           const int k = j % Smem::kDqSlots;
           // per item from an opaque base (held across the loop it spilled with =1)
           const uint32_t ring = __shfl_sync(0xffffffffu, opaque(base) + Smem::kOffDQ, 0);
