@@ -38,7 +38,8 @@
 //     phase 1's per-element dbias stores).
 // dQ writer (DM_SM90_BWD_DQ_WRITER=1 or 2, the default; FlashAttention-3's split): the
 // consumers never wait on global memory. Producer warp 1 is the writer (warp 0 then loads:
-// lane 0 the TMA, every lane two lse/dsum rows; warps 2-3 keep the mask). The dQ warps store
+// lane 0 the TMA, every lane two lse/dsum rows; warps 2-3 keep the mask; without a mask and
+// with two slots warp 2 is a second writer: DM_SM90_BWD_DQ_WRITERS). The dQ warps store
 // their fragments into slot j % kDqSlots (j: the item's position in the walk) of a ring of
 // whole 64-row tiles (both consumers' boxes side by side, rows (kHeadDim + 8) x 4 bytes apart: conflict-free float2 stores, each row contiguous) once the
 // slot's empty mbarrier says the writer's adds have read its last tile, and arrive on its full
@@ -106,12 +107,13 @@
 #ifndef DM_SM90_BWD_DQ_SLOTS
 #define DM_SM90_BWD_DQ_SLOTS 2
 #endif
-// DM_SM90_BWD_DQ_WRITERS=2: with two dQ slots and no mask, the idle producer warp 2 is a
-// second writer: warp 1 takes the walk's even items (slot 0), warp 2 the odd ones (slot 1), so
-// one item's turn poll and adds overlap the other's wait for its adds to complete
-// (deterministic mode) or to read its slot; 1 (default): warp 1 alone.
+// DM_SM90_BWD_DQ_WRITERS=2 (default): with two dQ slots and no mask, the idle producer warp 2
+// is a second writer (sm90_bwd_role): warp 1 takes the walk's even items (slot 0), warp 2 the
+// odd ones (slot 1), so one item's turn poll and adds overlap the other's wait for its adds to
+// complete (deterministic mode) or to read its slot. H200 deterministic fwd+bwd 1.18x -> 1.03x
+// of the default mode (BENCHMARKS.md, ninth session); 1: warp 1 alone.
 #ifndef DM_SM90_BWD_DQ_WRITERS
-#define DM_SM90_BWD_DQ_WRITERS 1
+#define DM_SM90_BWD_DQ_WRITERS 2
 #endif
 static_assert(DM_SM90_BWD_DQ_WRITERS == 1 || DM_SM90_BWD_DQ_WRITERS == 2,
               "DM_SM90_BWD_DQ_WRITERS: 1 or 2");
@@ -364,8 +366,9 @@ struct Sm90BwdSmem {
 // it, so the counts below are the kernel's own. Only warp 0's lane 0 issues TMA: warp 0's
 // other lanes (and warps 2-3 without a mask) leave at once. A role that ballots or syncs over
 // all 32 lanes (kBwdMaskRows: __ballot_sync(0xffffffff)) must hold every lane of its warps.
-// With the dQ writer (dq_writer: kSm90BwdDqWriter) warp 1 is the writer and the lse rows move
-// into warp 0 (kBwdLoads: lane 0 issues the TMA as kBwdTma does, every lane writes two rows).
+// With the dQ writer (dq_writer: kSm90BwdDqWriter) warp 1 is the writer (the kernel makes warp
+// 2, idle here without a mask, a second one: DM_SM90_BWD_DQ_WRITERS) and the lse rows move into
+// warp 0 (kBwdLoads: lane 0 issues the TMA as kBwdTma does, every lane writes two rows).
 enum Sm90BwdRole : int {
   kBwdIdle = 0, kBwdTma = 1, kBwdLseRows = 2, kBwdMaskRows = 3, kBwdDqWriter = 4, kBwdLoads = 5
 };

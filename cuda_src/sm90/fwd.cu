@@ -135,10 +135,15 @@ static_assert(DM_SM90_Q_BUFS == 1 || DM_SM90_Q_BUFS == 2, "DM_SM90_Q_BUFS: 1 or 
 #ifndef DM_SM90_MB_FOLD
 #define DM_SM90_MB_FOLD 1
 #endif
-// - DM_SM90_LAZY_RESCALE: 1 (default) lets a row keep its softmax max while a tile raises it
+// - DM_SM90_LAZY_RESCALE: 1 (default) rescales O once the P V product completed (after the
+//   softmax, off the GEMM turn) and lazily: a row keeps its softmax max while a tile raises it
 //   by at most DM_SM90_LAZY_GAP (log2 units; softmax.cuh: kLazyGap; default 0: only a max
-//   that did not move, bit for bit the same values), and a warp skips O's rescale (64 FMUL
-//   per thread at d128) when none of its rows moved; 0: every tile rescales. (A gap of 8
+//   that did not move, bit for bit the same values), and a warp skips the rescale (64 FMUL
+//   per thread at d128) when none of its rows moved. Only where the softmax is longer than the
+//   GEMMs it hides under (a mask or a bias, or one Q buffer: d256); the dense d64/d128 specs
+//   keep the eager rescale between their S and P V issues (the late one cost them 1-2%).
+//   H200 (ninth session, ncu): full bias 179.2 -> 165.5 us (with the bias ldmatrix and O
+//   staging), mask_bias 818.3 -> 801.3, d256 800.5 -> 790.1; 0: eager everywhere. (A gap of 8
 //   failed FlashAttention's tolerance rule by 1-10% in 15 GPU tests: P's largest value is
 //   then no longer an exact 1.)
 #ifndef DM_SM90_LAZY_RESCALE
@@ -883,8 +888,10 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
     float o[kDF][4];
 #pragma unroll
     for (int j = 0; j < kDF; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+    // DM_SM90_LAZY_RESCALE: where O's rescale waits for the P V product and may be skipped
+    constexpr bool kLazy = DM_SM90_LAZY_RESCALE != 0 && (kHasMask || kHasBias || Smem::kQBufs == 1);
     // rows g and g + 8 of the warp's 16, over the 4 lanes of a quad
-    OnlineSoftmax<2, 4, DM_SM90_LAZY_RESCALE != 0 ? DM_SM90_LAZY_GAP : -1> sm;
+    OnlineSoftmax<2, 4, kLazy ? DM_SM90_LAZY_GAP : -1> sm;
     const bool mask_keys = kHasMask && (args.mask_mode == kOperandTile ||
                                          args.mask_mode == kOperandKeyRow ||
                                          args.mask_mode == kOperandKeyChunk);
@@ -1120,18 +1127,18 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
         pa[kk][3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
       }
     };
-    // O follows its rows' new max (DM_SM90_LAZY_RESCALE: only where a row of the warp moved it)
-    auto rescale = [&](const float (&alpha)[2]) {
-      if (!DM_SM90_LAZY_RESCALE || __any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f))
-        rescale_o(o, alpha);
+    // kLazy: O follows its rows' new max where a row of the warp moved it
+    auto rescale_lazy = [&](const float (&alpha)[2]) {
+      if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) rescale_o(o, alpha);
     };
     auto release_k = [&](int stage) {  // K, its bias tile and its mask slot
       if (mask_keys) release(bar_empty_m(info[4 * stage + 2]));
       release(bar_empty_k(stage));
     };
-    // Software pipeline: iteration j issues S_j = Q K_j^T and O += P_{j-1} V_{j-1} together,
-    // then runs the softmax of S_j while the second product is in flight, and rescales O to
-    // S_j's max once that product completed (the first tile's O is 0: no rescale).
+    // Software pipeline: iteration j issues S_j = Q K_j^T and O += P_{j-1} V_{j-1} together
+    // (O rescaled to S_{j-1}'s max between the two issues), then runs the softmax of S_j while
+    // the second product is in flight; kLazy rescales O to S_j's max once that product
+    // completed instead (the first tile's O is 0: no rescale).
     mbar_wait(bar_full_q(qx), (q_uses / Smem::kQBufs) & 1);
     ++q_uses;
     mbar_wait(bar_full_k(stage), phase);
@@ -1193,6 +1200,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
         turn_wait();
         if (n < 0) break;  // the turn is taken by the last O += P V below
         issue_s(s, stage);
+        if (!kLazy) rescale_o(o, alpha);
         mbar_wait(bar_full_v(prev), prev_phase);
         issue_pv(pa, prev);
         turn_pass();
@@ -1207,10 +1215,11 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
         fence_operands(o);
         release(bar_empty_v(prev));
         pack_p(s, pa);
-        rescale(alpha);  // O (through P_{j-1} V_{j-1}) follows S_j's max, off the GEMM turn
+        if (kLazy) rescale_lazy(alpha);  // O (P_{j-1} V_{j-1} in) follows S_j's max
         prev = stage;
         prev_phase = phase;
       }
+      if (!kLazy) rescale_o(o, alpha);
       mbar_wait(bar_full_v(prev), prev_phase);
       issue_pv(pa, prev);
       turn_pass();

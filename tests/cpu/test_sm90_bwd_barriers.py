@@ -47,9 +47,15 @@ STAGES = 2
 BALLOTS_PER_ITEM = 2  # the kernel has 8 x 16; the structure, not the count, matters here
 
 
-def role_fixed(warp: int, lane: int, has_mask: bool, dq_writer: bool = False) -> int:
+def role_fixed(warp: int, lane: int, has_mask: bool, dq_writer: bool = False,
+               writers: int = 1) -> int:
     """bwd.cu's sm90_bwd_role (static_asserts below). With the dQ writer, warp 0 loads (lane
-    0 the TMA, every lane its lse rows) and warp 1 writes dQ."""
+    0 the TMA, every lane its lse rows) and warp 1 writes dQ; writers=2 (the kernel's
+    DM_SM90_BWD_DQ_WRITERS, with two slots and no mask): warp 2 writes dQ too."""
+    if writers == 2:
+        assert dq_writer and not has_mask
+        if warp == 2:
+            return DQ_WRITER
     if dq_writer:
         if warp == 0:
             return LOADS
@@ -63,7 +69,8 @@ def role_fixed(warp: int, lane: int, has_mask: bool, dq_writer: bool = False) ->
     return MASK_ROWS if has_mask and warp in (2, 3) else IDLE
 
 
-def role_as_merged(warp: int, lane: int, has_mask: bool, dq_writer: bool = False) -> int:
+def role_as_merged(warp: int, lane: int, has_mask: bool, dq_writer: bool = False,
+                   writers: int = 1) -> int:
     """The dispatch of 72819f4: warp 0's lanes 1-31 fall through to the mask branch."""
     if warp == 0 and lane == 0:
         return TMA
@@ -130,6 +137,7 @@ class Variant:
     dq_writer: bool = False
     head_dim: int = 128             # dQ warps: all 8 at d128, consumer 0's 4 at d64
     slots: int = 2                  # the writer's ring (1 at d128 with a bias tile)
+    writers: int = 1                # writer warps: 2 take alternate items (slot = writer)
     turn_step: int | None = None    # a key tile's increments per item (None: the kernel's)
     dropped_bypass_ring: bool = False  # dropped tiles do not pass the writer's ring
     empty_before_read: bool = False    # the writer frees a slot before its adds read it
@@ -228,7 +236,7 @@ class Sim:
         block = self.launch.pop(0)
         pos = self.ticket if self.v.ticket_positions else block
         self.ticket += 1
-        roles = [self.role_fn(t // 32, t % 32, self.has_mask, self.v.dq_writer)
+        roles = [self.role_fn(t // 32, t % 32, self.has_mask, self.v.dq_writer, self.v.writers)
                  for t in range(128)]
         cta = Cta(self.works[pos], roles)
         n = len(self.ctas)
@@ -246,7 +254,8 @@ class Sim:
         for cw in range(8):
             self._spawn((n, "c", cw), self._consumer(n, cw))
         if self.v.dq_writer:
-            self._spawn((n, "w", 0), self._writer(n))
+            for wi in range(self.v.writers):
+                self._spawn((n, "w", wi), self._writer(n, wi))
 
     def _spawn(self, key, gen) -> None:
         self.threads[key] = gen
@@ -415,10 +424,13 @@ class Sim:
             yield ("until", lambda: self.counters.get(key, 0) >= target)
             self.counters[key] = self.counters.get(key, 0) + 1
 
-    def _writer(self, n: int):
+    def _writer(self, n: int, wi: int = 0):
+        """Writer warp wi (of Variant.writers) over the walk's items j with j % writers == wi."""
         cta = self.ctas[n]
         walk = range(len(cta.work.items)) if self.v.writer_walks_all else cta.work.walk
         for j, i in enumerate(walk):  # its own scan of the lists: slot j % slots
+            if j % self.v.writers != wi:
+                continue
             k = j % self.v.slots
             yield ("wait", cta.bars[f"dqfull{k}"], (j // self.v.slots) & 1)
             add = not cta.skip.get(k, False)
@@ -436,7 +448,8 @@ class Sim:
                 if add and not self.v.release_before_landing:
                     yield ("until", lambda i=i: ("w", i) in cta.add_done)
                 self.counters[key] = self.counters.get(key, 0) + 1
-        added = [x for x in cta.work.walk if x not in cta.work.dropped]
+        added = [x for j, x in enumerate(cta.work.walk)
+                 if j % self.v.writers == wi and x not in cta.work.dropped]
         yield ("until", lambda: all(("w", x) in cta.add_done for x in added))
 
     def _issue_adds(self, n: int, who, i: int, sources: list, slot=None) -> None:
@@ -645,7 +658,13 @@ def test_kernel_dispatches_on_the_role():
                          "---- producer"):src.index("// ---------------------------------"
                                                     "--------------------------------------"
                                                     "------- consumers")]
-    assert "const int role = sm90_bwd_role(warp, lane, kHasMask, Smem::kDqWriter);" in prod
+    # DM_SM90_BWD_DQ_WRITERS: warp 2 is the second writer only with two slots and no mask
+    assert ("constexpr int kWriters = DM_SM90_BWD_DQ_WRITERS == 2 && Smem::kDqWriter && "
+            "!kHasMask &&\n                             Smem::kDqSlots == 2 ? 2 : 1;") in prod
+    assert ("const int role = kWriters == 2 && warp == 2\n                         ? "
+            "int(kBwdDqWriter)\n                         : sm90_bwd_role(warp, lane, kHasMask, "
+            "Smem::kDqWriter);") in prod
+    assert "if (kWriters == 2 && j % 2 != warp - 1) continue;  // the other writer's item" in src
     assert "if (role == kBwdTma)" in prod
     assert "else if (role == kBwdLseRows)" in prod
     assert "else if (role == kBwdLoads)" in prod
@@ -717,6 +736,26 @@ def test_writer_ring_completes_under_any_interleaving(has_mask, head_dim, slots)
             for dropped in drops:
                 assert simulate(role_fixed, has_mask, n_items, seed, dropped,
                                 variant=v) == "ok", (n_items, seed, dropped)
+
+
+@pytest.mark.parametrize("head_dim", [128, 64])
+def test_two_writers_complete_under_any_interleaving(head_dim):
+    """DM_SM90_BWD_DQ_WRITERS=2: without a mask, two slots, warps 1 and 2 each take alternate
+    items (slot = writer); every item still adds once."""
+    v = Variant(dq_writer=True, head_dim=head_dim, slots=2, writers=2)
+    for n_items in (1, 2, 3, 6):
+        for seed in range(6):
+            assert simulate(role_fixed, False, n_items, seed, variant=v) == "ok", (n_items, seed)
+
+
+def test_two_writers_on_one_slot_are_caught():
+    """Why the kernel gives warp 2 the writer's role only with two slots: on one slot the odd
+    items' writer waits on parity 1 of a barrier still in phase 0, which reads as passed
+    (try_wait.parity tells two phases apart only): its adds and the dQ warps' next stores meet
+    in the one slot."""
+    v = Variant(dq_writer=True, slots=1, writers=2)
+    got = {simulate(role_fixed, False, n, seed, variant=v) for n in (2, 3, 6) for seed in range(6)}
+    assert got == {"clobbered"}
 
 
 def test_writer_ring_catches_a_slot_freed_before_its_adds_read_it():
@@ -799,6 +838,18 @@ def test_deterministic_turns_complete_in_key_tile_order(writer, pattern):
         assert run_grid(v, pattern, seed, has_mask=False, resident=3) == "ok", seed
 
 
+@pytest.mark.parametrize("pattern", ["full", "causal", "band"])
+def test_deterministic_turns_with_two_writers_complete_in_key_tile_order(pattern):
+    """Two writer warps per CTA (no mask, two slots): each takes its turns for alternate
+    items; the grids still complete with every query tile's adds in key-tile order."""
+    v = Variant(dq_writer=True, slots=2, writers=2)
+    for seed in range(6):
+        for resident in (2, 3):
+            assert run_grid(v, pattern, seed, has_mask=False, resident=resident) == "ok", seed
+            assert run_grid(v, pattern, seed, has_mask=False, tiles=4, resident=resident,
+                            unlisted=0.5) == "ok", seed
+
+
 def test_deterministic_turns_catch_a_target_counted_per_dq_warp():
     """With the writer a key tile adds 1 per item: a target of 8 per earlier tile (the
     consumer-side protocol's) is never reached."""
@@ -848,11 +899,14 @@ def simulate_sparse(has_mask: bool, n_items: int, listed, seed: int, dropped=(),
 def test_sparse_walk_completes_with_the_listed_items_only(writer, has_mask):
     """Every role walks the listed items (the consumers by the stage's item, ending at -1):
     no walk (nothing listed), the first or last item alone, gaps of any length."""
-    v = Variant(dq_writer=writer, slots=2)
-    for listed in ((), (0,), (4,), (1, 2), (0, 3, 4), (2,), (0, 1, 2, 3, 4)):
-        for seed in range(3):
-            dropped = tuple(listed[:1]) if has_mask else ()
-            assert simulate_sparse(has_mask, 5, listed, seed, dropped, v) == "ok", listed
+    variants = [Variant(dq_writer=writer, slots=2)]
+    if writer and not has_mask:
+        variants.append(Variant(dq_writer=True, slots=2, writers=2))
+    for v in variants:
+        for listed in ((), (0,), (4,), (1, 2), (0, 3, 4), (2,), (0, 1, 2, 3, 4)):
+            for seed in range(3):
+                dropped = tuple(listed[:1]) if has_mask else ()
+                assert simulate_sparse(has_mask, 5, listed, seed, dropped, v) == "ok", listed
 
 
 @pytest.mark.parametrize("writer", [False, True])
