@@ -108,7 +108,7 @@
 #define DM_SM90_BWD_DQ_SLOTS 2
 #endif
 // DM_SM90_BWD_DQ_WRITERS=2 (default): with two dQ slots and no mask, the idle producer warp 2
-// is a second writer (sm90_bwd_role): warp 1 takes the walk's even items (slot 0), warp 2 the
+// is a second writer (the producer's role line): warp 1 takes the walk's even items (slot 0), warp 2 the
 // odd ones (slot 1), so one item's turn poll and adds overlap the other's wait for its adds to
 // complete (deterministic mode) or to read its slot. H200 deterministic fwd+bwd 1.18x -> 1.03x
 // of the default mode (BENCHMARKS.md, ninth session); 1: warp 1 alone.
@@ -196,7 +196,6 @@ __host__ __device__ constexpr uint32_t sm90_bwd_bias_ldsm_offset(int c, int w, i
   return sm90::tile_offset<2, 64, kRows>(8 * (lane / 16) + lane % 8,
                                          64 * c + 16 * w + 8 * ((lane / 8) % 2));
 }
-
 
 DM_DEVICE void st_shared_f32x2(uint32_t addr, float x, float y) {
   asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(addr), "f"(x), "f"(y) : "memory");
