@@ -117,6 +117,16 @@
 #endif
 static_assert(DM_SM90_BWD_DQ_WRITERS == 1 || DM_SM90_BWD_DQ_WRITERS == 2,
               "DM_SM90_BWD_DQ_WRITERS: 1 or 2");
+// DM_SM90_BWD_DQ_SHARED_SLOT=1 (A/B, not GPU-run; default 0): the two writers also where the
+// ring has one slot (d128 with a full bias tile, no mask). They take the slot in turn: before
+// waiting for item j's tile a writer waits for the slot's empty phase of item j - 1 (the other
+// writer's adds have read it; its own item j - 2's phase completed by its own arrival, so the
+// parity names that phase alone), so only the reads are serial and one item's wait for its adds
+// to complete overlaps the other's. Without that wait, j's writer would pass on the parity of
+// phase j - 2 (tests/cpu/test_sm90_bwd_barriers.py: "clobbered").
+#ifndef DM_SM90_BWD_DQ_SHARED_SLOT
+#define DM_SM90_BWD_DQ_SHARED_SLOT 0
+#endif
 // DM_SM90_BWD_BIAS_LDSM=1: a full bias tile reaches the consumers by ldmatrix.x4.trans and
 // their dbias goes back into the stage by stmatrix.x4.trans (4 + 4 per thread per item, one
 // 16 x 16 (key x query) block each: sm90_bwd_bias_ldsm_offset) instead of 32 two-byte loads
@@ -603,8 +613,9 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
   if (wg == 0) {  // ------------------------------------------------------------- producer
     setmaxnreg_dec<kProducerRegs>();  // all four warps, before any leaves
     // DM_SM90_BWD_DQ_WRITERS=2: warp 2 (idle without a mask) is the second writer.
+    constexpr bool kSharedSlot = DM_SM90_BWD_DQ_SHARED_SLOT != 0 && Smem::kDqSlots == 1;
     constexpr int kWriters = DM_SM90_BWD_DQ_WRITERS == 2 && Smem::kDqWriter && !kHasMask &&
-                             Smem::kDqSlots == 2 ? 2 : 1;
+                             (Smem::kDqSlots == 2 || kSharedSlot) ? 2 : 1;
     const int role = kWriters == 2 && warp == 2
                          ? int(kBwdDqWriter)
                          : sm90_bwd_role(warp, lane, kHasMask, Smem::kDqWriter);
@@ -808,6 +819,8 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
         for (int i = next_item_warp(0); i < n_items; i = next_item_warp(i + 1), ++j) {
           if (kWriters == 2 && j % 2 != warp - 1) continue;  // the other writer's item
           const int k = j % Smem::kDqSlots;
+          // DM_SM90_BWD_DQ_SHARED_SLOT: the other writer's adds of item j - 1 read the slot first
+          if (kWriters == 2 && kSharedSlot && j > 0) mbar_wait(bar_dq_empty(0), (j - 1) & 1);
           // per item from an opaque base (held across the loop it spilled with =1)
           const uint32_t ring = __shfl_sync(0xffffffffu, opaque(base) + Smem::kOffDQ, 0);
           mbar_wait(bar_dq_full(k), (j / Smem::kDqSlots) & 1);

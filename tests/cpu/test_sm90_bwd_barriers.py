@@ -138,6 +138,8 @@ class Variant:
     head_dim: int = 128             # dQ warps: all 8 at d128, consumer 0's 4 at d64
     slots: int = 2                  # the writer's ring (1 at d128 with a bias tile)
     writers: int = 1                # writer warps: 2 take alternate items (slot = writer)
+    shared_slot: bool = False       # two writers on one slot: each first waits for the slot's
+    #                                 empty phase of the item before its own (the other's)
     turn_step: int | None = None    # a key tile's increments per item (None: the kernel's)
     dropped_bypass_ring: bool = False  # dropped tiles do not pass the writer's ring
     empty_before_read: bool = False    # the writer frees a slot before its adds read it
@@ -432,6 +434,8 @@ class Sim:
             if j % self.v.writers != wi:
                 continue
             k = j % self.v.slots
+            if self.v.shared_slot and j > 0:  # DM_SM90_BWD_DQ_SHARED_SLOT
+                yield ("wait", cta.bars[f"dqempty{k}"], (j - 1) & 1)
             yield ("wait", cta.bars[f"dqfull{k}"], (j // self.v.slots) & 1)
             add = not cta.skip.get(k, False)
             key, target = self._turn(n, i)
@@ -658,9 +662,13 @@ def test_kernel_dispatches_on_the_role():
                          "---- producer"):src.index("// ---------------------------------"
                                                     "--------------------------------------"
                                                     "------- consumers")]
-    # DM_SM90_BWD_DQ_WRITERS: warp 2 is the second writer only with two slots and no mask
+    # DM_SM90_BWD_DQ_WRITERS: warp 2 is the second writer only with two slots (or one slot
+    # shared in turn: DM_SM90_BWD_DQ_SHARED_SLOT) and no mask
     assert ("constexpr int kWriters = DM_SM90_BWD_DQ_WRITERS == 2 && Smem::kDqWriter && "
-            "!kHasMask &&\n                             Smem::kDqSlots == 2 ? 2 : 1;") in prod
+            "!kHasMask &&\n                             (Smem::kDqSlots == 2 || kSharedSlot) "
+            "? 2 : 1;") in prod
+    assert ("if (kWriters == 2 && kSharedSlot && j > 0) mbar_wait(bar_dq_empty(0), (j - 1) & 1);"
+            in prod)
     assert ("const int role = kWriters == 2 && warp == 2\n                         ? "
             "int(kBwdDqWriter)\n                         : sm90_bwd_role(warp, lane, kHasMask, "
             "Smem::kDqWriter);") in prod
@@ -756,6 +764,24 @@ def test_two_writers_on_one_slot_are_caught():
     v = Variant(dq_writer=True, slots=1, writers=2)
     got = {simulate(role_fixed, False, n, seed, variant=v) for n in (2, 3, 6) for seed in range(6)}
     assert got == {"clobbered"}
+
+
+@pytest.mark.parametrize("has_dropped", [False, True])
+def test_two_writers_sharing_one_slot_complete(has_dropped):
+    """DM_SM90_BWD_DQ_SHARED_SLOT: on one slot each writer first waits for the slot's empty
+    phase of the item before its own (its own item two back completed the phase before that,
+    so the parity is unambiguous); every interleaving completes, every item adds once, in the
+    default mode and in deterministic grids (turns in key-tile order)."""
+    v = Variant(dq_writer=True, slots=1, writers=2, shared_slot=True)
+    for n_items in (1, 2, 3, 6):
+        for seed in range(6):
+            dropped = (1,) if has_dropped and n_items > 1 else ()
+            assert simulate(role_fixed, False, n_items, seed, dropped, variant=v) == "ok"
+    for pattern in ("full", "causal", "band"):
+        for seed in range(4):
+            assert run_grid(v, pattern, seed, has_mask=False, resident=3) == "ok", seed
+            assert run_grid(v, pattern, seed, has_mask=False, tiles=4, resident=2,
+                            unlisted=0.5) == "ok", seed
 
 
 def test_writer_ring_catches_a_slot_freed_before_its_adds_read_it():

@@ -1,16 +1,16 @@
-"""The Hopper backward's dQ writer (DM_SM90_BWD_DQ_WRITER=1: the producer's writer warp adds
-the staged tile row by row; =2: one bulk tensor reduce per tile through the dq_accum map)
-against the consumer-side adds (no define), built side by side in one process (kernels and
-plans are cached per DMATTN_NVRTC_DEFINES).
+"""The Hopper backward's dQ writer (DM_SM90_BWD_DQ_WRITER=1: the producer's writer warp adds the
+staged tile row by row; =2: one bulk tensor reduce per tile through the dq_accum map) against
+the consumer-side adds (no define), built side by side in one process (kernels and plans are
+cached per DMATTN_NVRTC_DEFINES).
 
-Deterministic mode: every build adds each query tile's key-tile partials in key-tile order
-into the same zeroed fp32 accumulator, so the three builds' gradients are bitwise equal (and
-each is checked against float64 autograd with the factor-3 rule). Default mode: each build
-against the reference. Cases: the ring of two slots (d64, d128 without a bias) and of one
-(d128 with a full bias tile), masks that drop whole tiles (they pass the ring with nothing to
-add, still taking their turn), causal and window turns, GQA, Sq past the last 64-row tile,
-a head dim padded inside its box (72 of 128: the tensor reduce's columns past 72 are out of
-bounds)."""
+Deterministic mode: every build adds each query tile's key-tile partials in key-tile order into
+the same zeroed fp32 accumulator, so the three builds' gradients are bitwise equal (and each is
+checked against float64 autograd with the factor-3 rule). Default mode: each build against the
+reference. Cases: the ring of two slots (d64, d128 without a bias) and of one (d128 with a full
+bias tile, with and without a mask), masks that drop whole tiles (they pass the ring with
+nothing to add, still taking their turn), causal and window turns, GQA, Sq past the last 64-row
+tile, a head dim padded inside its box (72 of 128: the tensor reduce's columns past 72 are out
+of bounds)."""
 
 from __future__ import annotations
 
@@ -58,6 +58,10 @@ def _case(name):
     if name == "d128_causal":
         q, k, v = _qkv(2, 330, 600, 8, 2, 128, "bfloat16", seed=43)
         return q, k, v, {"seed": 44, "is_causal": True}
+    if name == "d128_bias":  # one ring slot, no mask (DM_SM90_BWD_DQ_SHARED_SLOT's case)
+        q, k, v = _qkv(2, 330, 608, 4, 2, 128, "bfloat16", seed=53)
+        bias = torch.randn(2, 4, 330, 608, device="cuda", dtype=torch.bfloat16)
+        return q, k, v, {"seed": 54, "bias": bias}
     if name == "d128_bias_mask":  # one ring slot; dropped tiles
         q, k, v = _qkv(2, 330, 608, 4, 4, 128, "float16", seed=45)
         bias = torch.randn(2, 4, 330, 608, device="cuda", dtype=torch.float16)
@@ -71,7 +75,7 @@ def _case(name):
     return q, k, v, {"seed": 52, "window_size": (-1, 50)}
 
 
-CASES = ("d128", "d128_causal", "d128_bias_mask", "d64_kbias_window", "d72")
+CASES = ("d128", "d128_causal", "d128_bias", "d128_bias_mask", "d64_kbias_window", "d72")
 
 
 def check_builds_bitwise_equal(monkeypatch, case: str, builds) -> None:
