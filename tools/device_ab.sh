@@ -8,6 +8,10 @@
 # there overrides the case list for that variant, e.g. for an older tree without a case).
 # Prints each variant's TFLOP/s or GB/s per case (CASES: default the issue-12 forward cases;
 # ONLY: the specs to precompile first; BENCH_EXTRA: more bench flags, e.g. --peers cudnn).
+# NCU=REGEX: instead, each variant's kernel time per case by Nsight Compute (one process per
+# case, so a kernel two cases share is not averaged over both): mean/min/max us of the kernels
+# whose name matches REGEX (e.g. flash_fwd_sm90) over NCU_COUNT launches (default 12), the
+# bench at --warmup 2 --repeat 8 --max-repeat 8 (count its launches: the first ones are kept).
 set -u
 export PYTHONUNBUFFERED=1 DMATTN_CACHE_DIR=/tmp/dmc
 CASES=${CASES:-dense,causal,kbias,mask_bias}
@@ -19,6 +23,21 @@ for v in "$@"; do   # precompile every variant of the current tree at once
     > "$OUT/pre_$name.log" 2>&1 &
 done
 wait
+if [ -n "${NCU:-}" ]; then
+  for c in ${CASES//,/ }; do
+    for v in "$@"; do
+      IFS='|' read -r name tree defs envs <<< "$v"
+      pp=$(cd "$tree" && pwd)
+      env ${envs:-} DMATTN_NVRTC_DEFINES="$defs" PYTHONPATH=$pp timeout -s KILL 120 ncu \
+        --clock-control none --metrics gpu__time_duration.sum -k "regex:$NCU" \
+        --launch-count "${NCU_COUNT:-12}" --print-summary per-kernel python3 "$pp/tools/bench" \
+        --case "$c" --peers none --no-smoke --warmup 2 --repeat 8 --max-repeat 8 \
+        ${BENCH_EXTRA:-} > "$OUT/ncu_${c}_$name.log" 2>&1
+      echo "$c $name rc=$?: $(grep -A5 -E '^ +void ' "$OUT/ncu_${c}_$name.log" | grep -E '^ +void |gpu__time' | sed -E 's/^ +void ([A-Za-z0-9_:]+)<([^(]*)>\(.*Invocations ([0-9]+)/\1<\2> x\3:/; s/ +gpu__time_duration.sum +[a-z]+ +/ min max mean /' | tr '\n' ' ')"
+    done
+  done
+  exit 0
+fi
 for v in "$@"; do
   IFS='|' read -r name tree defs envs <<< "$v"
   pp=$(cd "$tree" && pwd)
