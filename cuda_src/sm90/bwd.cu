@@ -108,10 +108,10 @@
 #define DM_SM90_BWD_DQ_SLOTS 2
 #endif
 // DM_SM90_BWD_DQ_WRITERS=2 (default): with two dQ slots and no mask, the idle producer warp 2
-// is a second writer (the producer's role line): warp 1 takes the walk's even items (slot 0), warp 2 the
-// odd ones (slot 1), so one item's turn poll and adds overlap the other's wait for its adds to
-// complete (deterministic mode) or to read its slot. H200 deterministic fwd+bwd 1.18x -> 1.03x
-// of the default mode (BENCHMARKS.md, ninth session); 1: warp 1 alone.
+// is a second writer (sm90_bwd_role with writers = 2): warp 1 takes the walk's even items
+// (slot 0), warp 2 the odd ones (slot 1), so one item's turn poll and adds overlap the other's
+// wait for its adds to complete (deterministic mode) or to read its slot. H200 deterministic
+// fwd+bwd 1.18x -> 1.03x of the default mode (BENCHMARKS.md, ninth session); 1: warp 1 alone.
 #ifndef DM_SM90_BWD_DQ_WRITERS
 #define DM_SM90_BWD_DQ_WRITERS 2
 #endif
@@ -375,9 +375,9 @@ struct Sm90BwdSmem {
 // it, so the counts below are the kernel's own. Only warp 0's lane 0 issues TMA: warp 0's
 // other lanes (and warps 2-3 without a mask) leave at once. A role that ballots or syncs over
 // all 32 lanes (kBwdMaskRows: __ballot_sync(0xffffffff)) must hold every lane of its warps.
-// With the dQ writer (dq_writer: kSm90BwdDqWriter) warp 1 is the writer (the kernel makes warp
-// 2, idle here without a mask, a second one: DM_SM90_BWD_DQ_WRITERS) and the lse rows move into
-// warp 0 (kBwdLoads: lane 0 issues the TMA as kBwdTma does, every lane writes two rows).
+// With the dQ writer (dq_writer: kSm90BwdDqWriter) warp 1 is the writer (warp 2 too with
+// writers == 2: DM_SM90_BWD_DQ_WRITERS) and the lse rows move into warp 0 (kBwdLoads: lane 0
+// issues the TMA as kBwdTma does, every lane writes two rows).
 enum Sm90BwdRole : int {
   kBwdIdle = 0, kBwdTma = 1, kBwdLseRows = 2, kBwdMaskRows = 3, kBwdDqWriter = 4, kBwdLoads = 5
 };
@@ -392,6 +392,14 @@ __host__ __device__ constexpr int sm90_bwd_role(int warp, int lane, bool has_mas
          : warp == 1 ? kBwdLseRows
          : (has_mask && (warp == 2 || warp == 3)) ? kBwdMaskRows
                                                     : kBwdIdle;
+}
+// With writers == 2 (the kernel's DM_SM90_BWD_DQ_WRITERS, passed as 2 only with the writer,
+// two slots or DM_SM90_BWD_DQ_SHARED_SLOT, and no mask: warp 2 is idle then) warp 2 writes dQ
+// too.
+__host__ __device__ constexpr int sm90_bwd_role(int warp, int lane, bool has_mask,
+                                                bool dq_writer, int writers) {
+  return writers == 2 && warp == 2 ? int(kBwdDqWriter)
+                                   : sm90_bwd_role(warp, lane, has_mask, dq_writer);
 }
 // Arrivals of one producer thread on a stage's full barrier per item: the TMA leader's
 // arrive.expect_tx, one per lse-row or mask-row lane, both for warp 0's lane 0 as kBwdLoads;
@@ -612,13 +620,11 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
 
   if (wg == 0) {  // ------------------------------------------------------------- producer
     setmaxnreg_dec<kProducerRegs>();  // all four warps, before any leaves
-    // DM_SM90_BWD_DQ_WRITERS=2: warp 2 (idle without a mask) is the second writer.
+    // DM_SM90_BWD_DQ_WRITERS=2: warp 2 (idle without a mask) is a second writer.
     constexpr bool kSharedSlot = DM_SM90_BWD_DQ_SHARED_SLOT != 0 && Smem::kDqSlots == 1;
     constexpr int kWriters = DM_SM90_BWD_DQ_WRITERS == 2 && Smem::kDqWriter && !kHasMask &&
                              (Smem::kDqSlots == 2 || kSharedSlot) ? 2 : 1;
-    const int role = kWriters == 2 && warp == 2
-                         ? int(kBwdDqWriter)
-                         : sm90_bwd_role(warp, lane, kHasMask, Smem::kDqWriter);
+    const int role = sm90_bwd_role(warp, lane, kHasMask, Smem::kDqWriter, kWriters);
     // Row m0 + r's lse (log2 units; +inf for rows past the end, where P = exp2(x - inf) = 0,
     // and for rows that kept nothing) and dsum, then their stores into stage s.
     auto lse_load = [&](int h, int m0, int r) -> float2 {

@@ -630,6 +630,11 @@ def test_role_table_and_full_count_equal_the_kernel():
                                  f"== {full_arrivals(role, lane)});")
             lines.append(f"static_assert(dm::sm90_bwd_full_arrivals({m}, {w}) == "
                          f"{full_count(has_mask, writer)});")
+    # DM_SM90_BWD_DQ_WRITERS: the kernel passes writers = 2 with the writer and no mask only
+    for warp in range(4):
+        for lane in range(32):
+            lines.append(f"static_assert(dm::sm90_bwd_role({warp}, {lane}, false, true, 2) == "
+                         f"{role_fixed(warp, lane, False, True, writers=2)});")
     for name, value in (("kBwdIdle", IDLE), ("kBwdTma", TMA), ("kBwdLseRows", LSE_ROWS),
                         ("kBwdMaskRows", MASK_ROWS), ("kBwdDqWriter", DQ_WRITER),
                         ("kBwdLoads", LOADS)):
@@ -669,9 +674,8 @@ def test_kernel_dispatches_on_the_role():
             "? 2 : 1;") in prod
     assert ("if (kWriters == 2 && kSharedSlot && j > 0) mbar_wait(bar_dq_empty(0), (j - 1) & 1);"
             in prod)
-    assert ("const int role = kWriters == 2 && warp == 2\n                         ? "
-            "int(kBwdDqWriter)\n                         : sm90_bwd_role(warp, lane, kHasMask, "
-            "Smem::kDqWriter);") in prod
+    assert ("const int role = sm90_bwd_role(warp, lane, kHasMask, Smem::kDqWriter, kWriters);"
+            in prod)
     assert "if (kWriters == 2 && j % 2 != warp - 1) continue;  // the other writer's item" in src
     assert "if (role == kBwdTma)" in prod
     assert "else if (role == kBwdLseRows)" in prod
