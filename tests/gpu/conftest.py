@@ -109,6 +109,17 @@ def hopper_only():
         pytest.skip("the sm_90a family runs on compute capability 9.0 only")
 
 
+@pytest.fixture
+def bwd_sm90_only(monkeypatch):
+    """Skips the test off compute capability 9.0 and routes every backward to the sm_90a family
+    (`pytestmark = pytest.mark.usefixtures("bwd_sm90_only")`)."""
+    import torch
+
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the sm_90a backward runs on compute capability 9.0 only")
+    monkeypatch.setenv("DMATTN_BWD_FAMILY", "bwd_sm90")
+
+
 @pytest.fixture(params=["auto", "fwd_mma"], ids=["fam-auto", "fam-mma"])
 def both_forward_families(request, monkeypatch):
     """Runs a test on each forward family of a Hopper GPU (auto: fwd_sm90 wherever it takes

@@ -21,19 +21,12 @@ from test_backward_sm90_dq_writer import CASES, _build, _case, check_builds_bitw
 
 torch = pytest.importorskip("torch")
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("bwd_sm90_only")]
 
 BUILDS = ("", "DM_SM90_BWD_DQ_SWIZZLE=1", "DM_SM90_BWD_DQ_SLOTS=1",
           "DM_SM90_BWD_BIAS_LDSM=0", "DM_SM90_BWD_DET_KEY_MAJOR=0", "DM_SM90_BWD_DQ_WRITERS=1",
           "DM_SM90_BWD_DQ_SHARED_SLOT=1")
 IDS = ["swizzled", "one_slot", "bias_lds_u16", "det_grid_order", "one_writer", "shared_slot"]
-
-
-@pytest.fixture(autouse=True)
-def _sm90(monkeypatch):
-    if torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("the sm_90a backward runs on compute capability 9.0 only")
-    monkeypatch.setenv("DMATTN_BWD_FAMILY", "bwd_sm90")
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -21,16 +21,9 @@ from dmattn_cupy import backward
 
 torch = pytest.importorskip("torch")
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("bwd_sm90_only")]
 
 BUILDS = ("", "DM_SM90_BWD_DQ_WRITER=1", "DM_SM90_BWD_DQ_WRITER=2")
-
-
-@pytest.fixture(autouse=True)
-def _sm90(monkeypatch):
-    if torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("the sm_90a backward runs on compute capability 9.0 only")
-    monkeypatch.setenv("DMATTN_BWD_FAMILY", "bwd_sm90")
 
 
 def _build(monkeypatch, defines: str, q, k, v, **kw):
