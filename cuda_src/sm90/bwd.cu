@@ -38,8 +38,8 @@
 //     phase 1's per-element dbias stores).
 // dQ writer (DM_SM90_BWD_DQ_WRITER=1 or 2, the default; FlashAttention-3's split): the
 // consumers never wait on global memory. Producer warp 1 is the writer (warp 0 then loads:
-// lane 0 the TMA, every lane two lse/dsum rows; warps 2-3 keep the mask; without a mask and
-// with two slots warp 2 is a second writer: DM_SM90_BWD_DQ_WRITERS). The dQ warps store
+// lane 0 the TMA, every lane two lse/dsum rows; warps 2-3 keep the mask; without a mask warp 2
+// is a second writer: DM_SM90_BWD_DQ_WRITERS, DM_SM90_BWD_DQ_SHARED_SLOT). The dQ warps store
 // their fragments into slot j % kDqSlots (j: the item's position in the walk) of a ring of
 // whole 64-row tiles (both consumers' boxes side by side, rows (kHeadDim + 8) x 4 bytes apart: conflict-free float2 stores, each row contiguous) once the
 // slot's empty mbarrier says the writer's adds have read its last tile, and arrive on its full
@@ -110,22 +110,25 @@
 // DM_SM90_BWD_DQ_WRITERS=2 (default): with two dQ slots and no mask, the idle producer warp 2
 // is a second writer (sm90_bwd_role with writers = 2): warp 1 takes the walk's even items
 // (slot 0), warp 2 the odd ones (slot 1), so one item's turn poll and adds overlap the other's
-// wait for its adds to complete (deterministic mode) or to read its slot. H200 deterministic
-// fwd+bwd 1.18x -> 1.03x of the default mode (BENCHMARKS.md, ninth session); 1: warp 1 alone.
+// wait for its adds to complete (deterministic mode) or to read its slot (one slot: see
+// DM_SM90_BWD_DQ_SHARED_SLOT). H200 deterministic fwd+bwd 1.18x -> 1.03x of the default mode
+// (BENCHMARKS.md, ninth session); 1: warp 1 alone.
 #ifndef DM_SM90_BWD_DQ_WRITERS
 #define DM_SM90_BWD_DQ_WRITERS 2
 #endif
 static_assert(DM_SM90_BWD_DQ_WRITERS == 1 || DM_SM90_BWD_DQ_WRITERS == 2,
               "DM_SM90_BWD_DQ_WRITERS: 1 or 2");
-// DM_SM90_BWD_DQ_SHARED_SLOT=1 (A/B, not GPU-run; default 0): the two writers also where the
-// ring has one slot (d128 with a full bias tile, no mask). They take the slot in turn: before
-// waiting for item j's tile a writer waits for the slot's empty phase of item j - 1 (the other
-// writer's adds have read it; its own item j - 2's phase completed by its own arrival, so the
-// parity names that phase alone), so only the reads are serial and one item's wait for its adds
-// to complete overlaps the other's. Without that wait, j's writer would pass on the parity of
-// phase j - 2 (tests/cpu/test_sm90_bwd_barriers.py: "clobbered").
+// DM_SM90_BWD_DQ_SHARED_SLOT=1 (default): the two writers also where the ring has one slot
+// (d128 with a full bias tile, no mask). They take the slot in turn: before waiting for item
+// j's tile a writer waits for the slot's empty phase of item j - 1 (the other writer's adds
+// have read it; its own item j - 2's phase completed by its own arrival, so the parity names
+// that phase alone), so only the reads are serial and one item's wait for its adds to complete
+// overlaps the other's. Without that wait, j's writer would pass on the parity of phase j - 2
+// (tests/cpu/test_sm90_bwd_barriers.py: "clobbered"). H200 backward_bias deterministic
+// fwd+bwd 1.21x -> 1.06x of the default mode (BENCHMARKS.md, tenth session); 0: the one-slot
+// specs keep one writer.
 #ifndef DM_SM90_BWD_DQ_SHARED_SLOT
-#define DM_SM90_BWD_DQ_SHARED_SLOT 0
+#define DM_SM90_BWD_DQ_SHARED_SLOT 1
 #endif
 // DM_SM90_BWD_BIAS_LDSM=1: a full bias tile reaches the consumers by ldmatrix.x4.trans and
 // their dbias goes back into the stage by stmatrix.x4.trans (4 + 4 per thread per item, one

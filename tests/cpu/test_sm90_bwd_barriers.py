@@ -51,7 +51,8 @@ def role_fixed(warp: int, lane: int, has_mask: bool, dq_writer: bool = False,
                writers: int = 1) -> int:
     """bwd.cu's sm90_bwd_role (static_asserts below). With the dQ writer, warp 0 loads (lane
     0 the TMA, every lane its lse rows) and warp 1 writes dQ; writers=2 (the kernel's
-    DM_SM90_BWD_DQ_WRITERS, with two slots and no mask): warp 2 writes dQ too."""
+    DM_SM90_BWD_DQ_WRITERS, with two slots, or one shared in turn by default:
+    DM_SM90_BWD_DQ_SHARED_SLOT, and no mask): warp 2 writes dQ too."""
     if writers == 2:
         assert dq_writer and not has_mask
         if warp == 2:

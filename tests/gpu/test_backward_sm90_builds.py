@@ -5,14 +5,15 @@ tensor reduce per 32-column box; DM_SM90_BWD_DQ_SWIZZLE=1), one ring slot everyw
 (DM_SM90_BWD_BIAS_LDSM=0; the default uses ldmatrix/stmatrix.trans), deterministic mode in grid
 order (DM_SM90_BWD_DET_KEY_MAJOR=0; the default orders CTAs key tile first: the adds keep their
 key-tile order either way), and one dQ writer warp where the default has two taking alternate
-items (two slots, no mask; DM_SM90_BWD_DQ_WRITERS=1), and two writers taking one slot in turn
-(d128 with a full bias tile and no mask; DM_SM90_BWD_DQ_SHARED_SLOT=1). Every build forms each
-dQ tile from the same fp32 products, so in deterministic mode (adds in key-tile order) the
-gradients are bitwise equal to the default build's; each build is also checked against float64
-autograd in the default mode. The cases of test_backward_sm90_dq_writer: two ring slots (d64,
-d128), one (d128 with a bias tile, with and without a mask), masks that drop whole tiles (no
-dS^T stored), causal and window, GQA, Sq past the last 64-row tile, a head dim padded inside its
-box (72 of 128: the fourth 32-column box is not reduced, the third only in part)."""
+items (two slots, no mask; DM_SM90_BWD_DQ_WRITERS=1), and one writer on the one-slot ring where
+the default has two taking the slot in turn (d128 with a full bias tile and no mask;
+DM_SM90_BWD_DQ_SHARED_SLOT=0). Every build forms each dQ tile from the same fp32 products, so
+in deterministic mode (adds in key-tile order) the gradients are bitwise equal to the default
+build's; each build is also checked against float64 autograd in the default mode. The cases
+of test_backward_sm90_dq_writer: two ring slots (d64, d128), one (d128 with a bias tile, with
+and without a mask), masks that drop whole tiles (no dS^T stored), causal and window, GQA, Sq
+past the last 64-row tile, a head dim padded inside its box (72 of 128: the fourth 32-column
+box is not reduced, the third only in part)."""
 
 from __future__ import annotations
 
@@ -25,8 +26,9 @@ pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("bwd_sm90_only")]
 
 BUILDS = ("", "DM_SM90_BWD_DQ_SWIZZLE=1", "DM_SM90_BWD_DQ_SLOTS=1",
           "DM_SM90_BWD_BIAS_LDSM=0", "DM_SM90_BWD_DET_KEY_MAJOR=0", "DM_SM90_BWD_DQ_WRITERS=1",
-          "DM_SM90_BWD_DQ_SHARED_SLOT=1")
-IDS = ["swizzled", "one_slot", "bias_lds_u16", "det_grid_order", "one_writer", "shared_slot"]
+          "DM_SM90_BWD_DQ_SHARED_SLOT=0")
+IDS = ["swizzled", "one_slot", "bias_lds_u16", "det_grid_order", "one_writer",
+       "one_slot_one_writer"]
 
 
 @pytest.mark.parametrize("case", CASES)
