@@ -62,21 +62,14 @@ def dq_writer() -> bool:
     return dq_writer_mode() != 0
 
 
-def dq_swizzle() -> bool:
-    """Whether the writer's dQ slots are unpadded 128B-swizzled 32-column boxes (bwd.cu's
-    kSm90BwdDqSwizzle): ``DM_SM90_BWD_DQ_SWIZZLE`` (default 0), only with the tensor writer
-    (``dq_writer_mode`` 2)."""
-    return dq_writer_mode() == 2 and env.nvrtc_define_int("DM_SM90_BWD_DQ_SWIZZLE", 0) != 0
-
-
 def dq_tile_row_bytes(head_dim: int) -> int:
     """A row of the writer's staged dQ tile: head_dim fp32 + 32 bytes of bank padding."""
     return (head_dim + 8) * 4
 
 
-def dq_slot_bytes(head_dim: int, swizzle: bool) -> int:
-    """One writer slot (Sm90BwdSmem::kDQSlot): BLOCK_M padded rows, or unpadded swizzled boxes."""
-    return BLOCK_M * (head_dim * 4 if swizzle else dq_tile_row_bytes(head_dim))
+def dq_slot_bytes(head_dim: int) -> int:
+    """One writer slot (Sm90BwdSmem::kDQSlot): BLOCK_M padded rows."""
+    return BLOCK_M * dq_tile_row_bytes(head_dim)
 
 
 def dq_slots(head_dim: int, bias_tile: bool, writer: bool, one: bool | None = None) -> int:
@@ -99,15 +92,12 @@ def padded_head_dim(d: int) -> int:
 
 
 def smem_bytes(head_dim: int, bias_tile: bool, has_mask: bool = False,
-               writer: bool | None = None, swizzle: bool | None = None) -> int:
+               writer: bool | None = None) -> int:
     """Dynamic shared memory of one instance: Sm90BwdSmem<...>::kAlloc in sm90/bwd.cu;
     ``bias_tile``: a full bias tile per stage (a key-row bias has none); ``writer``: built with
-    the dQ writer, ``swizzle``: with swizzled dQ slots (``dq_swizzle``) (None: as
-    DMATTN_NVRTC_DEFINES says)."""
+    the dQ writer (None: as DMATTN_NVRTC_DEFINES says)."""
     if writer is None:
         writer = dq_writer()
-    if swizzle is None:
-        swizzle = dq_swizzle()
     boxes = head_dim // 64
     kv = boxes * BLOCK_N * 128
     q = boxes * BLOCK_M * 128
@@ -115,8 +105,7 @@ def smem_bytes(head_dim: int, bias_tile: bool, has_mask: bool = False,
     ds = 64 * BLOCK_M * 2
     slots = dq_slots(head_dim, bias_tile, writer)
     # fp32 dQ staging of the bulk reduce-add: the writer's ring of whole tiles, or per warp
-    dq = (slots * dq_slot_bytes(head_dim, swizzle and writer) if writer
-          else boxes * 4 * DQ_WARP_BYTES)
+    dq = slots * dq_slot_bytes(head_dim) if writer else boxes * 4 * DQ_WARP_BYTES
     mask = STAGES * (BLOCK_N * 8 + 2 * 4) if has_mask else 0  # query words per key, 2 flags
     bars = 8 * (1 + 2 * STAGES + 2 * slots)
     # the deterministic mode's CTA position, the writer's skip words; per stage its item,
@@ -168,34 +157,28 @@ def _bias_tile_map(info: ArrayInfo) -> TensorMapSpec:
                                               dim_stride(nb, sb, 2)), (64, BLOCK_M, 1, 1), 128)
 
 
-def _dq_accum_map(q: ArrayInfo, swizzle: bool = False) -> TensorMapSpec:
+def _dq_accum_map(q: ArrayInfo) -> TensorMapSpec:
     """fp32 (cols, rows, heads, batch) over dq_accum (q's shape, contiguous) with the box of a
     writer slot: padded_head_dim + 8 columns (the bank padding and any head-dim padding lie
-    past the head dim: out of bounds, never written) x BLOCK_M rows; ``swizzle``: one
-    32-column box of a swizzled slot (128-byte rows, 128B swizzle; a reduce per box)."""
+    past the head dim: out of bounds, never written) x BLOCK_M rows."""
     b, s, h, d = q.shape
-    box = (32, BLOCK_M, 1, 1) if swizzle else (padded_head_dim(d) + 8, BLOCK_M, 1, 1)
     return TensorMapSpec(4, (d, s, h, b), (dim_stride(s, h * d, 4), dim_stride(h, d, 4),
                                           dim_stride(b, s * h * d, 4)),
-                         box, 128 if swizzle else 0, float32=True)
+                         (padded_head_dim(d) + 8, BLOCK_M, 1, 1), 0, float32=True)
 
 
 def plan_maps(q: ArrayInfo, k: ArrayInfo, v: ArrayInfo, dout: ArrayInfo,
               bias: ArrayInfo | None, mode: int,
-              dq_tensor: bool | None = None,
-              swizzle: bool | None = None) -> dict[str, TensorMapSpec | None]:
+              dq_tensor: bool | None = None) -> dict[str, TensorMapSpec | None]:
     """The tensor maps of a problem, or TensorMapError when one cannot be encoded;
-    ``dq_tensor``: with the dqa map (None: when ``dq_writer_mode`` is 2); ``swizzle``: its box
-    that of a swizzled slot (None: ``dq_swizzle``)."""
+    ``dq_tensor``: with the dqa map (None: when ``dq_writer_mode`` is 2)."""
     if dq_tensor is None:
         dq_tensor = dq_writer_mode() == 2
-    if swizzle is None:
-        swizzle = dq_swizzle()
     maps: dict[str, TensorMapSpec | None] = {
         "q": _qkv_map(q, BLOCK_M), "k": _qkv_map(k, BLOCK_N), "v": _qkv_map(v, BLOCK_N),
         "dout": _qkv_map(dout, BLOCK_M),
         "bias": _bias_tile_map(bias) if mode == BIAS_TILE and bias is not None else None,
-        "dqa": _dq_accum_map(q, swizzle) if dq_tensor else None}
+        "dqa": _dq_accum_map(q) if dq_tensor else None}
     for spec in maps.values():
         if spec is not None:
             spec.check()

@@ -48,9 +48,7 @@
 // waits for full, takes the deterministic turn, adds the rows (one bulk add of head_dim fp32
 // per row, or with =2 one bulk tensor reduce per tile), waits for the adds to read the slot and
 // arrives on empty; two slots, one at d128 with a bias tile (shared memory).
-// A/B switches (default off): DM_SM90_BWD_DQ_SWIZZLE=1 stores the writer's slots unpadded as
-// 32-column fp32 boxes with the 128B swizzle, one tensor reduce per box;
-// DM_SM90_BWD_DQ_SLOTS=1 gives the ring one slot everywhere.
+// A/B switch (default off): DM_SM90_BWD_DQ_SLOTS=1 gives the ring one slot everywhere.
 // Deterministic mode (args.dq_sem: zeroed int32 words, [0] a CTA ticket, then one counter per
 // (batch, head, query tile)): a CTA takes its linear position from the ticket (atomicAdd), not
 // from blockIdx, so every position below it belongs to a CTA that is running or done. Key tile
@@ -95,12 +93,6 @@
 #endif
 #ifndef DM_SM90_BWD_DQ_WRITER  // 2 (default): H200 fwd+bwd +12-20% over 0 (BENCHMARKS.md)
 #define DM_SM90_BWD_DQ_WRITER 2
-#endif
-// DM_SM90_BWD_DQ_SWIZZLE=1: the tensor writer's dQ slots unpadded, as 32-column fp32 boxes
-// with the 128B swizzle (one tensor reduce per box; 4 KB less shared memory at d128 with two
-// slots); 0 (default): padded rows, one reduce per tile.
-#ifndef DM_SM90_BWD_DQ_SWIZZLE
-#define DM_SM90_BWD_DQ_SWIZZLE 0
 #endif
 // DM_SM90_BWD_DQ_SLOTS=1: the dQ writer's ring has one slot in every spec (less shared
 // memory); 2 (default): two slots, one at d128 with a bias tile.
@@ -240,50 +232,6 @@ struct BoolTag {
 // variant DM_SM90_BWD_DQ_ATOMIC has no staged tiles: it wins.
 constexpr bool kSm90BwdDqWriter = DM_SM90_BWD_DQ_WRITER != 0 && !DM_SM90_BWD_DQ_ATOMIC;
 constexpr bool kSm90BwdDqTensor = kSm90BwdDqWriter && DM_SM90_BWD_DQ_WRITER == 2;
-// Swizzled dQ slots: only with the tensor writer (the row adds need contiguous rows).
-constexpr bool kSm90BwdDqSwizzle = kSm90BwdDqTensor && DM_SM90_BWD_DQ_SWIZZLE != 0;
-
-// Byte offset of dQ element (row, col) (row < 64, col < kHeadDim) in a writer slot: padded
-// rows of (kHeadDim + 8) fp32 (kSwizzle false), or kHeadDim / 32 boxes of 64 rows x 32 fp32
-// (128-byte rows, 128B swizzle: what a tensor reduce of a (32, 64) box with
-// CU_TENSOR_MAP_SWIZZLE_128B reads from a 1024-byte-aligned box base).
-template <bool kSwizzle, int kHeadDim>
-__host__ __device__ constexpr uint32_t sm90_bwd_dq_slot_offset(int row, int col) {
-  return kSwizzle ? sm90::tile_offset<4, 32, 64>(row, col)
-                  : uint32_t(row * (kHeadDim + 8) * 4 + col * 4);
-}
-// The swizzled offset of consumer c's dQ fragment (warp, lane g, t; j, r: acc[j][2r], its
-// row 16 warp + g + 8r, column 64c + 8j + 2t) split into a lane part per j % 4 and an
-// immediate: rows r = 1 are 8 rows (1024 bytes, the same swizzle phase) on, j / 4 the next
-// 32-column box (8192 bytes); the 16-byte chunk (2 (j % 4) + t / 2) ^ g needs the lane part.
-__host__ __device__ constexpr uint32_t sm90_bwd_dq_swizzled_lane(int c, int warp, int g, int t,
-                                                                 int jj) {
-  return uint32_t(c * 2 * 8192 + (16 * warp + g) * 128 + ((32 * jj + 8 * t) ^ (16 * g)));
-}
-__host__ __device__ constexpr uint32_t sm90_bwd_dq_swizzled_imm(int j, int r) {
-  return uint32_t((j / 4) * 8192 + r * 1024);
-}
-// The fragment (j % 4) a lane of row g stores at step jj of a box: rows g and g ^ 1 share a
-// half-warp and would put columns 32 jj + 8t (t >= 2) and 32 jj + 8t' (t' < 2) in one 16-byte
-// chunk after the swizzle (2-way conflicts); odd rows take the fragment 64 bytes over.
-__host__ __device__ constexpr int sm90_bwd_dq_swizzled_step(int jj, int g) {
-  return jj ^ (2 * (g & 1));
-}
-// The split equals the layout for every fragment element of both consumers.
-__host__ __device__ constexpr bool sm90_bwd_dq_swizzled_split_holds() {
-  for (int c = 0; c < 2; ++c)
-    for (int w = 0; w < 4; ++w)
-      for (int lane = 0; lane < 32; ++lane)
-        for (int j = 0; j < 8; ++j)
-          for (int r = 0; r < 2; ++r)
-            if (sm90_bwd_dq_swizzled_lane(c, w, lane / 4, lane % 4, j % 4) +
-                    sm90_bwd_dq_swizzled_imm(j, r) !=
-                sm90_bwd_dq_slot_offset<true, 128>(16 * w + lane / 4 + 8 * r,
-                                                   64 * c + 8 * j + 2 * (lane % 4)))
-              return false;
-  return true;
-}
-static_assert(sm90_bwd_dq_swizzled_split_holds(), "swizzled dQ stores: lane part + immediate");
 
 enum Sm90BwdBias : int32_t { kBwdBiasNone = 0, kBwdBiasTile = 1, kBwdBiasKeyRow = 2 };
 
@@ -325,9 +273,7 @@ struct Sm90BwdSmem {
   static constexpr int kDqSlots =
       !kDqWriter ? 0 : (DM_SM90_BWD_DQ_SLOTS == 1 || (kHeadDim == 128 && kBiasTile)) ? 1 : 2;
   static constexpr int kDQTileRow = (kHeadDim + 8) * 4;
-  // Swizzled slots (kSm90BwdDqSwizzle): kHeadDim / 32 boxes of 64 rows x 128 bytes, unpadded.
-  static constexpr bool kDqSwizzle = kSm90BwdDqSwizzle;
-  static constexpr int kDQSlot = kDqSwizzle ? kBlockM * kHeadDim * 4 : kBlockM * kDQTileRow;
+  static constexpr int kDQSlot = kBlockM * kDQTileRow;
   static constexpr int kDQ = DM_SM90_BWD_DQ_ATOMIC ? 0
                              : kDqWriter             ? kDqSlots * kDQSlot
                                                      : kBoxes * 4 * kDQWarp;
@@ -362,8 +308,6 @@ struct Sm90BwdSmem {
   static constexpr int kBytes = kOffStageItem + 16 * kStages;
   static constexpr int kAlloc = kBytes + 1024;  // the base is aligned up to 1024 at run time
   static_assert(kBytes == kOffDS + 2 * kDS + kTail, "kTail lists every region");
-  static_assert(!kDqSwizzle || (kDQSlot % 1024 == 0 && kOffDQ % 1024 == 0),
-                "swizzled dQ boxes start on 1024-byte boundaries");
   static_assert(4 * (1 + kDqSlots) <= 16, "ticket and skip words");
   static_assert(kDQTileRow % 16 == 0 && kDQSlot % 128 == 0 && kOffDQ % 128 == 0,
                 "bulk-add rows 16-byte, tensor-reduce boxes 128-byte aligned");
@@ -858,17 +802,9 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
               if (lane == 0) bulk_reduce_add_f32(dst, src, uint32_t(row_bytes));
           }
           if (lane == 0) {
-            if (kSm90BwdDqTensor && add) {  // rows past the end are out of bounds
-              if constexpr (Smem::kDqSwizzle) {  // one reduce per 32-column swizzled box
-#pragma unroll
-                for (int x = 0; x < kHeadDim / 32; ++x)
-                  if (x == 0 || 32 * x < p.head_dim)  // boxes wholly past the head dim: none
-                    tma_reduce_add_4d(&args.dqa, ring + uint32_t(k) * Smem::kDQSlot + 8192u * x,
-                                      32 * x, m0, h, b_u);
-              } else {  // the whole tile (the padding columns are out of bounds)
-                tma_reduce_add_4d(&args.dqa, ring + uint32_t(k) * Smem::kDQSlot, 0, m0, h, b_u);
-              }
-            }
+            // the whole tile (rows past the end and the padding columns are out of bounds)
+            if (kSm90BwdDqTensor && add)
+              tma_reduce_add_4d(&args.dqa, ring + uint32_t(k) * Smem::kDQSlot, 0, m0, h, b_u);
             if (add) {
               bulk_commit();
               bulk_wait_read<0>();
@@ -1308,40 +1244,14 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
         // warp's rows 16 warp + g (+ 8), consumer c's 64 columns; then the writer takes it.
         const int k = jw % Smem::kDqSlots;
         mbar_wait(bar_dq_empty(k), ((jw / Smem::kDqSlots) & 1) ^ 1);
-        if constexpr (Smem::kDqSwizzle) {
-          // four lane addresses per item (opaque: hoisted, the 16 stores' addresses were
-          // held across the loop and spilled the bias specs at d128), the rest immediates
-          const uint32_t tile = opaque(base + Smem::kOffDQ + uint32_t(k) * Smem::kDQSlot);
-          // Store step jj of a 32-column box: fragment 4 jb + (jj ^ 2 (g & 1)) (odd rows take
-          // the other half of the 128-byte row: a half-warp's float2 stores hit 32 banks)
-          const bool odd = (g & 1) != 0;
-          uint32_t lane_at[4];
+        const uint32_t tile = base + Smem::kOffDQ + uint32_t(k) * Smem::kDQSlot + 256u * c;
 #pragma unroll
-          for (int jj = 0; jj < 4; ++jj)
-            lane_at[jj] =
-                tile + sm90_bwd_dq_swizzled_lane(c, warp, g, t, sm90_bwd_dq_swizzled_step(jj, g));
+        for (int j = 0; j < 8; ++j)
 #pragma unroll
-          for (int jb = 0; jb < 2; ++jb)
-#pragma unroll
-            for (int jj = 0; jj < 4; ++jj)
-#pragma unroll
-              for (int r = 0; r < 2; ++r) {
-                const int je = 4 * jb + sm90_bwd_dq_swizzled_step(jj, 0);
-                const int jo = 4 * jb + sm90_bwd_dq_swizzled_step(jj, 1);
-                st_shared_f32x2(lane_at[jj] + sm90_bwd_dq_swizzled_imm(4 * jb, r),
-                                odd ? acc[jo][2 * r] : acc[je][2 * r],
-                                odd ? acc[jo][2 * r + 1] : acc[je][2 * r + 1]);
-              }
-        } else {
-          const uint32_t tile = base + Smem::kOffDQ + uint32_t(k) * Smem::kDQSlot + 256u * c;
-#pragma unroll
-          for (int j = 0; j < 8; ++j)
-#pragma unroll
-            for (int r = 0; r < 2; ++r)
-              st_shared_f32x2(tile + uint32_t(16 * warp + g + 8 * r) * Smem::kDQTileRow +
-                                  uint32_t(8 * j + 2 * t) * 4,
-                              acc[j][2 * r], acc[j][2 * r + 1]);
-        }
+          for (int r = 0; r < 2; ++r)
+            st_shared_f32x2(tile + uint32_t(16 * warp + g + 8 * r) * Smem::kDQTileRow +
+                                uint32_t(8 * j + 2 * t) * 4,
+                            acc[j][2 * r], acc[j][2 * r + 1]);
         fence_proxy_async_smem();  // this lane's stores before the writer's bulk adds read them
         if (c == 0 && warp == 0 && lane == 0) st_shared_u32(dq_skip(k), 0);
         release(bar_dq_full(k));

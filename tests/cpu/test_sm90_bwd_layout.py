@@ -244,13 +244,10 @@ def test_dq_writer_slot_stores_are_bank_conflict_free(head_dim):
                         assert len(set((words % 32).tolist())) == 32, (c, w, j, r, half)
 
 
-def _stage_tile(slot: int, spec_dim: int, tile: np.ndarray, address=None) -> dict:
+def _stage_tile(slot: int, spec_dim: int, tile: np.ndarray) -> dict:
     """Shared memory (byte address -> value) after every dQ warp stored its fragments of the
     (64 queries x spec_dim) tile into the slot at ``slot`` (consumer c: columns 64c..), each at
-    ``address(c, w, g, t, j, r, x)`` (default: the padded slot's); no address is used twice."""
-    if address is None:
-        def address(*frag):
-            return _dq_slot_address(slot, spec_dim, *frag)
+    _dq_slot_address; no address is used twice."""
     smem = {}
     for c in range(spec_dim // 64):
         for w in range(4):
@@ -259,7 +256,7 @@ def _stage_tile(slot: int, spec_dim: int, tile: np.ndarray, address=None) -> dic
                 for j in range(8):
                     for r in range(2):
                         for x in range(2):
-                            a = int(address(c, w, g, t, j, r, x))
+                            a = int(_dq_slot_address(slot, spec_dim, c, w, g, t, j, r, x))
                             assert a not in smem
                             smem[a] = tile[16 * w + g + 8 * r, 64 * c + 8 * j + 2 * t + x]
     return smem
@@ -317,90 +314,6 @@ def test_dq_writer_slot_is_the_tensor_reduce_box(head_dim, spec_dim, seqlen):
         for col in range(box_cols):
             if m0 + row < spec.dims[1] and col < spec.dims[0]:
                 accum[m0 + row, h, col] += smem.get(slot + (row * box_cols + col) * 4, np.nan)
-    want = np.zeros((seqlen, heads, head_dim))
-    n = min(64, seqlen - m0)
-    want[m0:m0 + n, h] = tile[:n, :head_dim]
-    np.testing.assert_array_equal(accum, want)
-
-
-def dq_swizzled_offset(row, col):
-    """bwd.cu's sm90_bwd_dq_slot_offset<true, ...>: dQ element (row, col) of a swizzled slot,
-    32-column fp32 boxes of 64 rows x 128 bytes, 128B swizzle (a TMA box's layout)."""
-    return (col // 32) * 64 * 128 + swizzle128(row * 128 + (col % 32) * 4)
-
-
-def _dq_swizzled_address(slot: int, c: int, w: int, g, t, j, r, x):
-    """Byte address of acc[j][2r + x] of consumer c's warp w, lane (g, t) in a swizzled slot:
-    row 16w + g + 8r, column 64c + 8j + 2t (+ x)."""
-    return slot + dq_swizzled_offset(16 * w + g + 8 * r, 64 * c + 8 * j + 2 * t) + 4 * x
-
-
-def dq_swizzled_step(jj, g):
-    """bwd.cu's sm90_bwd_dq_swizzled_step: the fragment (j % 4) a lane of row g stores at
-    step jj of a 32-column box (odd rows: the one 64 bytes over)."""
-    return jj ^ (2 * (g & 1))
-
-
-@pytest.mark.parametrize("head_dim", [64, 128])
-def test_dq_swizzled_slot_stores_are_bank_conflict_free(head_dim):
-    """DM_SM90_BWD_DQ_SWIZZLE: unpadded rows; at store step (jb, jj, r) lane (g, t) stores
-    fragment 4 jb + dq_swizzled_step(jj, g), and each half-warp of the float2 store covers 32
-    distinct banks. Storing fragment j at step j (no permutation) conflicts 2-way: rows g and
-    g ^ 1 of a half-warp put columns 8t (t >= 2) and 8t' (t' < 2) in one swizzled chunk."""
-    lane = np.arange(32)
-    g, t = lane // 4, lane % 4
-    for permuted in (True, False):
-        worst = 32
-        for c in range(head_dim // 64):
-            for w in range(4):
-                for jb in range(2):
-                    for jj in range(4):
-                        j = 4 * jb + (dq_swizzled_step(jj, g) if permuted else jj)
-                        for r in range(2):
-                            for half in range(2):
-                                sel = slice(16 * half, 16 * half + 16)
-                                jsel = j[sel] if permuted else j
-                                words = np.concatenate([_dq_swizzled_address(
-                                    0, c, w, g[sel], t[sel], jsel, r, x) // 4 for x in range(2)])
-                                worst = min(worst, len(set((words % 32).tolist())))
-        assert worst == (32 if permuted else 16), permuted
-    # each lane stores each of its 8 fragments once over the 8 steps of its two boxes
-    for gg in range(8):
-        assert sorted(4 * jb + dq_swizzled_step(jj, gg) for jb in range(2)
-                      for jj in range(4)) == list(range(8))
-
-
-@pytest.mark.parametrize("head_dim,spec_dim", [(128, 128), (72, 128), (96, 128), (64, 64),
-                                               (40, 64)])
-@pytest.mark.parametrize("seqlen", [100, 128, 70])
-def test_dq_swizzled_slot_is_the_tensor_reduce_boxes(head_dim, spec_dim, seqlen):
-    """Swizzled slots: the writer issues one tensor reduce per 32-column box x at (32x, m0, h,
-    b) through the dqa map (box (32, 64), 128B swizzle: box element (l, e) read from box base
-    + swizzle128(l * 128 + 4e)), box x at slot + 8192x, skipping boxes wholly past the head
-    dim; out-of-bounds elements are not written. The dQ warps' stores make that the tile."""
-    from dmattn_cupy.arrays import describe
-
-    rng = np.random.default_rng(head_dim + seqlen)
-    heads, m0, h = 3, 64, 2
-    q = describe(np.zeros((1, seqlen, heads, head_dim), np.float16))
-    spec = b90.plan_maps(q, q, q, q, None, b90.BIAS_NONE, True, True)["dqa"]
-    assert spec.box == (32, 64, 1, 1) and spec.swizzle == 128 and spec.float32
-    tile = rng.standard_normal((64, spec_dim))
-    slot = 1 << 15  # 1024-aligned
-    smem = _stage_tile(slot, spec_dim, tile,
-                       lambda *frag: _dq_swizzled_address(slot, *frag))
-    assert len(smem) * 4 == b90.dq_slot_bytes(spec_dim, True)
-    accum = np.zeros((seqlen, heads, head_dim))
-    for bx in range(spec_dim // 32):
-        if bx > 0 and 32 * bx >= head_dim:  # the kernel issues no reduce for it
-            continue
-        box = slot + 8192 * bx
-        for row in range(64):
-            for e in range(32):
-                col = 32 * bx + e
-                if m0 + row < spec.dims[1] and col < spec.dims[0]:
-                    at = box + int(swizzle128(np.int64(row * 128 + 4 * e)))
-                    accum[m0 + row, h, col] += smem[at]
     want = np.zeros((seqlen, heads, head_dim))
     n = min(64, seqlen - m0)
     want[m0:m0 + n, h] = tile[:n, :head_dim]
@@ -526,19 +439,9 @@ def test_dkv_epilogue_staging_round_trips_without_bank_conflicts(head_dim):
                     np.testing.assert_array_equal(got, tile[row[ln], col[ln]:col[ln] + 8])
 
 
-def _static_asserts(writer: bool = False, tensor: bool = False, swizzle: bool = False) -> str:
+def _static_asserts(writer: bool = False, tensor: bool = False) -> str:
     lines = ['#include "sm90/bwd.cu"', "using namespace dm::sm90;"]
     rng = np.random.default_rng(2)
-    for r, c in zip(rng.integers(0, 64, 48), rng.integers(0, 128, 48), strict=True):
-        lines.append(f"static_assert(dm::sm90_bwd_dq_slot_offset<true, 128>({r}, {c}) == "
-                     f"{int(dq_swizzled_offset(np.int64(r), np.int64(c)))}u);")
-        lines.append(f"static_assert(dm::sm90_bwd_dq_slot_offset<false, 128>({r}, {c}) == "
-                     f"{r * b90.dq_tile_row_bytes(128) + 4 * c}u);")
-    for jj in range(4):
-        for g in range(8):
-            lines.append(f"static_assert(dm::sm90_bwd_dq_swizzled_step({jj}, {g}) == "
-                         f"{dq_swizzled_step(jj, g)});")
-    lines.append(f"static_assert(dm::kSm90BwdDqSwizzle == {str(swizzle).lower()});")
     for c in range(2):
         for w in range(4):
             for lane in range(32):
@@ -563,9 +466,9 @@ def _static_asserts(writer: bool = False, tensor: bool = False, swizzle: bool = 
             for bias in (False, True):
                 smem = f"dm::Sm90BwdSmem<{hd}, {str(mask).lower()}, {str(bias).lower()}>"
                 lines.append(f"static_assert({smem}::kAlloc == "
-                             f"{b90.smem_bytes(hd, bias, mask, writer, swizzle)});")
+                             f"{b90.smem_bytes(hd, bias, mask, writer)});")
                 lines.append(f"static_assert({smem}::kDQSlot == "
-                             f"{b90.dq_slot_bytes(hd, swizzle)});")
+                             f"{b90.dq_slot_bytes(hd)});")
                 lines.append(f"static_assert({smem}::kDqSlots == "
                              f"{b90.dq_slots(hd, bias, writer)});")
                 lines.append(f"static_assert({smem}::kDQTileRow == "
@@ -577,17 +480,13 @@ def _static_asserts(writer: bool = False, tensor: bool = False, swizzle: bool = 
 
 
 @pytest.mark.parametrize("mode", [None, 0, 1, 2])
-@pytest.mark.parametrize("extra,swz", [((), False),
-                                       (("DM_SM90_BWD_DQ_SWIZZLE=1",), True),
-                                       (("DM_SM90_BWD_DQ_SLOTS=1",), False),
-                                       (("DM_SM90_BWD_DQ_SWIZZLE=1", "DM_SM90_BWD_DQ_SLOTS=1"),
-                                        True)])
-def test_constexpr_helpers_and_smem_plan_equal_the_model(mode, extra, swz, monkeypatch):
+@pytest.mark.parametrize("extra", [(), ("DM_SM90_BWD_DQ_SLOTS=1",)])
+def test_constexpr_helpers_and_smem_plan_equal_the_model(mode, extra, monkeypatch):
     defines = ((f"DM_SM90_BWD_DQ_WRITER={mode}",) if mode is not None else ()) + extra
     monkeypatch.setenv("DMATTN_NVRTC_DEFINES", " ".join(defines))  # the host's dq_slots
     mode = 2 if mode is None else mode  # the source's default
-    compile_static_asserts(_static_asserts(mode > 0, mode == 2, swz and mode == 2),
-                           "sm90_bwd_layout_check.cu", defines)
+    compile_static_asserts(_static_asserts(mode > 0, mode == 2), "sm90_bwd_layout_check.cu",
+                           defines)
 
 
 @pytest.mark.parametrize("writer", [False, True])
@@ -614,19 +513,13 @@ def test_host_reads_the_writer_define(monkeypatch, defines, mode):
     assert b90.smem_bytes(128, False, False, True) > b90.smem_bytes(128, False, False, False)
 
 
-@pytest.mark.parametrize("defines,swizzle,one_slot", [
-    ("", False, False),
-    ("DM_SM90_BWD_DQ_SWIZZLE=1", True, False),
-    ("DM_SM90_BWD_DQ_SWIZZLE=1 DM_SM90_BWD_DQ_WRITER=1", False, False),
-    ("DM_SM90_BWD_DQ_SLOTS=1", False, True),
-    ("DM_SM90_BWD_DQ_SWIZZLE=1 DM_SM90_BWD_DQ_SLOTS=1", True, True)])
-def test_host_reads_the_swizzle_and_slots_defines(monkeypatch, defines, swizzle, one_slot):
-    """The launcher's shared memory follows DM_SM90_BWD_DQ_SWIZZLE / DM_SM90_BWD_DQ_SLOTS as
-    kAlloc does: a swizzled slot is 32 bytes a row (the padding) smaller, per slot of the
-    ring (one everywhere with DM_SM90_BWD_DQ_SLOTS=1, else one only at d128 beside a bias
-    tile)."""
+@pytest.mark.parametrize("defines,one_slot", [("", False), ("DM_SM90_BWD_DQ_WRITER=1", False),
+                                              ("DM_SM90_BWD_DQ_SLOTS=1", True)])
+def test_host_reads_the_slots_define(monkeypatch, defines, one_slot):
+    """The launcher's shared memory follows DM_SM90_BWD_DQ_SLOTS as kAlloc does: the ring has
+    one slot everywhere with DM_SM90_BWD_DQ_SLOTS=1, else one only at d128 beside a bias
+    tile."""
     monkeypatch.setenv("DMATTN_NVRTC_DEFINES", defines)
-    assert b90.dq_swizzle() is swizzle
     writer = b90.dq_writer()
     for hd in b90.HEAD_DIMS:
         for mask in (False, True):
@@ -635,37 +528,18 @@ def test_host_reads_the_swizzle_and_slots_defines(monkeypatch, defines, swizzle,
                 assert slots == (1 if one_slot or (hd == 128 and bias) else 2)
                 smem = b90.smem_bytes(hd, bias, mask)
                 assert smem <= b90.SMEM_LIMIT
-                assert smem == b90.smem_bytes(hd, bias, mask, writer, swizzle)
-                padded = b90.smem_bytes(hd, bias, mask, writer, False)
-                assert smem == padded - (slots * b90.BLOCK_M * 32 if swizzle else 0)
+                assert smem == b90.smem_bytes(hd, bias, mask, writer)
     q = describe_zeros((1, 100, 2, 128))
     dqa = b90.plan_maps(q, q, q, q, None, b90.BIAS_NONE)["dqa"]
     assert (dqa is not None) is (b90.dq_writer_mode() == 2)
     if dqa is not None:
-        assert dqa.box == ((32, 64, 1, 1) if swizzle else (136, 64, 1, 1))
+        assert dqa.box == (136, 64, 1, 1)
 
 
 def describe_zeros(shape: tuple[int, ...]):
     from dmattn_cupy.arrays import describe
 
     return describe(np.zeros(shape, np.float16))
-
-
-@pytest.mark.parametrize("dtype", ["bfloat16"])
-@pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("bias", ["none", "tile", "key_row"])
-@pytest.mark.parametrize("mask", [False, True])
-def test_dq_swizzle_spec_compiles_with_a_reduce_per_box(dtype, head_dim, bias, mask, tmp_path,
-                                                         monkeypatch):
-    """DM_SM90_BWD_DQ_SWIZZLE=1: no spills or slow advisories; the one dS^T buffer's two
-    named barriers 1 per item (before and after the stores); a tensor reduce per swizzled
-    32-column box."""
-    ck, sass = _compile_sass(dtype, head_dim, mask, bias, "DM_SM90_BWD_DQ_SWIZZLE=1", tmp_path,
-                             monkeypatch)
-    if sass is None:
-        return
-    assert len(re.findall(r"BAR\.SYNC(?:\.DEFER_BLOCKING)? 0x1, 0x100", sass)) == 2
-    assert len(re.findall(r"UTMAREDG\.4D\.ADD", sass)) == head_dim // 32
 
 
 def _nvdisasm() -> str | None:

@@ -1,10 +1,9 @@
 """The Hopper backward's A/B builds, built side by side with the default in one process
-(kernels and plans are cached per DMATTN_NVRTC_DEFINES): unpadded 128B-swizzled dQ slots (a
-tensor reduce per 32-column box; DM_SM90_BWD_DQ_SWIZZLE=1), one ring slot everywhere
+(kernels and plans are cached per DMATTN_NVRTC_DEFINES): one ring slot everywhere
 (DM_SM90_BWD_DQ_SLOTS=1), a full bias tile moved by per-element loads and stores
 (DM_SM90_BWD_BIAS_LDSM=0; the default uses ldmatrix/stmatrix.trans), deterministic mode in grid
 order (DM_SM90_BWD_DET_KEY_MAJOR=0; the default orders CTAs key tile first: the adds keep their
-key-tile order either way), and one dQ writer warp where the default has two taking alternate
+key-tile order either way), one dQ writer warp where the default has two taking alternate
 items (two slots, no mask; DM_SM90_BWD_DQ_WRITERS=1), and one writer on the one-slot ring where
 the default has two taking the slot in turn (d128 with a full bias tile and no mask;
 DM_SM90_BWD_DQ_SHARED_SLOT=0). Every build forms each dQ tile from the same fp32 products, so
@@ -12,8 +11,8 @@ in deterministic mode (adds in key-tile order) the gradients are bitwise equal t
 build's; each build is also checked against float64 autograd in the default mode. The cases
 of test_backward_sm90_dq_writer: two ring slots (d64, d128), one (d128 with a bias tile, with
 and without a mask), masks that drop whole tiles (no dS^T stored), causal and window, GQA, Sq
-past the last 64-row tile, a head dim padded inside its box (72 of 128: the fourth 32-column
-box is not reduced, the third only in part)."""
+past the last 64-row tile, a head dim padded inside its box (72 of 128: the tensor reduce's
+columns past 72 are out of bounds)."""
 
 from __future__ import annotations
 
@@ -24,11 +23,9 @@ torch = pytest.importorskip("torch")
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("bwd_sm90_only")]
 
-BUILDS = ("", "DM_SM90_BWD_DQ_SWIZZLE=1", "DM_SM90_BWD_DQ_SLOTS=1",
-          "DM_SM90_BWD_BIAS_LDSM=0", "DM_SM90_BWD_DET_KEY_MAJOR=0", "DM_SM90_BWD_DQ_WRITERS=1",
-          "DM_SM90_BWD_DQ_SHARED_SLOT=0")
-IDS = ["swizzled", "one_slot", "bias_lds_u16", "det_grid_order", "one_writer",
-       "one_slot_one_writer"]
+BUILDS = ("", "DM_SM90_BWD_DQ_SLOTS=1", "DM_SM90_BWD_BIAS_LDSM=0", "DM_SM90_BWD_DET_KEY_MAJOR=0",
+          "DM_SM90_BWD_DQ_WRITERS=1", "DM_SM90_BWD_DQ_SHARED_SLOT=0")
+IDS = ["one_slot", "bias_lds_u16", "det_grid_order", "one_writer", "one_slot_one_writer"]
 
 
 @pytest.mark.parametrize("case", CASES)
