@@ -1045,37 +1045,53 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
           for (int e = 0; e < 4; ++e)
             if (!((ops.mask[j] >> (16 * (e >> 1) + 8 * (e & 1))) & 0xffu)) s[j][e] = -DM_INF;
       }
-      // Exclusion by formula (bounds, window) and, for a block list's partial block, by its
-      // element bits (one pass: the producer marks such tiles kFormulaPartial too).
+      // Exclusion by formula (the key end, the causal/window edges) and, for a block list's
+      // partial block, by its element bits (the producer marks such tiles kFormulaPartial too).
       if (cls & kFormulaPartial) {
-        uint32_t keep[2] = {~0u, ~0u};  // bit 2j + e: key 8j + 2t + e of the tile
-        if (cls & kListedPartial) {
-          // info[+3]: the word of (this CTA's row 0, the tile's key 0) in p.sp_partial_bits;
-          // rows are sp_block_n / 32 words, LSB first. Gathered: 2 bits per byte at bit 2t,
-          // the bytes compressed to 2-bit fields.
-          const uint32_t* words = p.sp_partial_bits + info[4 * stage + 3];
+        // Key n0 + 2t + kk (kk = 8j + e % 2) of row half r passes the formula iff
+        // lo[r] <= kk <= hi[r]: the rule of in_window and len_k as two bounds per row, clamped
+        // to [-1, kBlockN] (all or none of the tile's keys); a window edge past the tile
+        // saturates instead of adding (no overflow for any window size).
+        int lo[2], hi[2];
 #pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            const uint32_t* rw = words + lrow[r] * (p.sp_block_n / 32);
-            keep[r] = 0;
-#pragma unroll
-            for (int q = 0; q < kBlockN / 32; ++q) {
-              uint32_t v = (__ldg(rw + q) >> (2 * t)) & 0x03030303u;
-              v = (v | v >> 6) & 0x000f000fu;
-              v = (v | v >> 12) & 0xffu;
-              keep[r] |= v << (8 * q);
-            }
-          }
+        for (int r = 0; r < 2; ++r) {
+          const int key0 = n0 + 2 * t, d = row[r] + off - key0;  // the diagonal's kk
+          int h = len_k - 1 - key0;
+          if (p.window_right >= 0 && p.window_right <= kBlockN - d) h = min(h, d + p.window_right);
+          hi[r] = max(-1, min(h, kBlockN));
+          lo[r] = p.window_left >= 0 && p.window_left <= d + 1 ? min(d - p.window_left, kBlockN)
+                                                                : -1;
         }
 #pragma unroll
         for (int j = 0; j < kNF; ++j)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
-            const int key = n0 + 8 * j + 2 * t + (e & 1);
-            if (key >= len_k || !in_window(p, row[e >> 1], key, off) ||
-                !((keep[e >> 1] >> (2 * j + (e & 1))) & 1u))
-              s[j][e] = -DM_INF;
+            const int kk = 8 * j + (e & 1);
+            if (kk < lo[e >> 1] || kk > hi[e >> 1]) s[j][e] = -DM_INF;
           }
+        if (cls & kListedPartial) {
+          // info[+3]: the word of (this CTA's row 0, the tile's key 0) in p.sp_partial_bits;
+          // rows are sp_block_n / 32 words, LSB first. Gathered: 2 bits per byte at bit 2t,
+          // the bytes compressed to 2-bit fields (bit 2j + e: key 8j + 2t + e of the tile).
+          const uint32_t* words = p.sp_partial_bits + info[4 * stage + 3];
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const uint32_t* rw = words + lrow[r] * (p.sp_block_n / 32);
+            uint32_t keep = 0;
+#pragma unroll
+            for (int q = 0; q < kBlockN / 32; ++q) {
+              uint32_t v = (__ldg(rw + q) >> (2 * t)) & 0x03030303u;
+              v = (v | v >> 6) & 0x000f000fu;
+              v = (v | v >> 12) & 0xffu;
+              keep |= v << (8 * q);
+            }
+#pragma unroll
+            for (int j = 0; j < kNF; ++j)
+#pragma unroll
+              for (int e = 0; e < 2; ++e)
+                if (!((keep >> (2 * j + e)) & 1u)) s[j][2 * r + e] = -DM_INF;
+          }
+        }
       }
     };
     // fold: S's accumulator starts at the fp32 row (keys 8j + 2t, 8j + 2t + 1 in both rows).
