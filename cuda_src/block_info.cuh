@@ -44,6 +44,26 @@ DM_DEVICE bool in_window(const FwdParams& p, int i, int j, int off) {
   return true;
 }
 
+// The places kk of one line of a partial tile that pass the causal/window rule and the
+// sequence end, as lo <= kk <= hi clamped to [-1, kTile] (all or none of the line), computed
+// once per line instead of in_window per element. d: the diagonal's place; last: the line's
+// last place inside the sequence; w_hi / w_lo: the window past / before the diagonal (< 0:
+// unbounded). An edge beyond the tile saturates instead of adding (no overflow for any window).
+//   forward  (a query row over keys key0 + kk):  d = row + off - key0, last = len_k - 1 - key0,
+//            w_hi = window_right, w_lo = window_left;
+//   backward (a key over queries q0 + kk):       d = key - off - q0,   last = len_q - 1 - q0,
+//            w_hi = window_left,  w_lo = window_right.
+// tests/cpu/test_sm90_formula_bounds.py models both against in_window.
+struct LineBounds {
+  int lo, hi;
+};
+template <int kTile>
+DM_DEVICE LineBounds window_line_bounds(int d, int last, int w_hi, int w_lo) {
+  int h = last;
+  if (w_hi >= 0 && w_hi <= kTile - d) h = min(h, d + w_hi);
+  return {w_lo >= 0 && w_lo <= d + 1 ? min(d - w_lo, kTile) : -1, max(-1, min(h, kTile))};
+}
+
 // Key tiles [first, last] of kBlockN keys that cover a key range; none (last < first) when the
 // range is empty.
 struct TileSpan {

@@ -990,10 +990,22 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
       if (kBiasLdsm && db_tile && j % 2 == 1)
         stsm_x4_trans(ldsm_at + 1024 * (j - 1), dq4[0], dq4[1], dq4[2], dq4[3]);
     };
+    // Query m0 + 2t + kk (kk = 8j + e % 2) of key r passes the sequence ends and the
+    // causal/window rule iff qb[r].lo <= kk <= qb[r].hi (block_info.cuh: window_line_bounds;
+    // a key past len_k passes nothing): set once per tile before the masked copy runs.
+    LineBounds qb[2];
+    auto query_bounds = [&]() {
+      const int q0 = m0 + 2 * t;
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+        qb[r] = window_line_bounds<kBlockM>(key[r] - off - q0,
+                                            key[r] < len_k ? len_q - 1 - q0 : -1,
+                                            p.window_left, p.window_right);
+    };
     // P of element (j, e) from the raw score st[j][e] and the row's lse (log2 units); dsoft =
     // dz/ds. The masked copy (BoolTag<true>) tests the element when the tile is partial
-    // (sequence ends, window edges, the mask's words); the unmasked copy has no per-element
-    // test or branch (full tiles: ~5 instructions per element in SASS against ~25).
+    // (sequence ends, window edges, the mask's words) against qb and the mask word; the
+    // unmasked copy has no per-element test (full tiles).
     auto prob = [&](auto masked, int j, int e, float lse2, float& dsoft) -> float {
       const int r = e >> 1, qq = 8 * j + 2 * t + (e & 1);
       float x = logit_log2(p, st[j][e], bp.scale, dsoft);
@@ -1010,8 +1022,8 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
         x += row_bias[r];
       }
       if constexpr (decltype(masked)::value) {
-        bool keep = !edge || (key[r] < len_k && m0 + qq < len_q &&
-                              in_window(p, m0 + qq, key[r], off));
+        const int kk = 8 * j + (e & 1);
+        bool keep = kk >= qb[r].lo && kk <= qb[r].hi;
         if constexpr (kHasMask) keep = keep && ((mword[r] >> (8 * j + (e & 1))) & 1u) != 0;
         return keep ? fast_exp2(x - lse2) : 0.f;
       }
@@ -1108,9 +1120,10 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
     if (!has_softcap(p)) {
       wgmma_wait<1>();
       fence_operands(st);
-      if (partial)
+      if (partial) {
+        query_bounds();
         probs_only(BoolTag<true>());
-      else
+      } else
         probs_only(BoolTag<false>());
       wgmma_wait<0>();
       fence_operands(dpt);
@@ -1125,6 +1138,7 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
       wgmma_wait<0>();
       fence_operands(st);
       fence_operands(dpt);
+      query_bounds();
       probs_and_grads(BoolTag<true>());
     }
     uint32_t pa[kBlockM / 16][4], da[kBlockM / 16][4];

@@ -1049,25 +1049,19 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
       // partial block, by its element bits (the producer marks such tiles kFormulaPartial too).
       if (cls & kFormulaPartial) {
         // Key n0 + 2t + kk (kk = 8j + e % 2) of row half r passes the formula iff
-        // lo[r] <= kk <= hi[r]: the rule of in_window and len_k as two bounds per row, clamped
-        // to [-1, kBlockN] (all or none of the tile's keys); a window edge past the tile
-        // saturates instead of adding (no overflow for any window size).
-        int lo[2], hi[2];
+        // lb[r].lo <= kk <= lb[r].hi (block_info.cuh: window_line_bounds).
+        LineBounds lb[2];
+        const int key0 = n0 + 2 * t;
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const int key0 = n0 + 2 * t, d = row[r] + off - key0;  // the diagonal's kk
-          int h = len_k - 1 - key0;
-          if (p.window_right >= 0 && p.window_right <= kBlockN - d) h = min(h, d + p.window_right);
-          hi[r] = max(-1, min(h, kBlockN));
-          lo[r] = p.window_left >= 0 && p.window_left <= d + 1 ? min(d - p.window_left, kBlockN)
-                                                                : -1;
-        }
+        for (int r = 0; r < 2; ++r)
+          lb[r] = window_line_bounds<kBlockN>(row[r] + off - key0, len_k - 1 - key0,
+                                              p.window_right, p.window_left);
 #pragma unroll
         for (int j = 0; j < kNF; ++j)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int kk = 8 * j + (e & 1);
-            if (kk < lo[e >> 1] || kk > hi[e >> 1]) s[j][e] = -DM_INF;
+            if (kk < lb[e >> 1].lo || kk > lb[e >> 1].hi) s[j][e] = -DM_INF;
           }
         if (cls & kListedPartial) {
           // info[+3]: the word of (this CTA's row 0, the tile's key 0) in p.sp_partial_bits;
