@@ -15,8 +15,10 @@ the flattened tensor) when its rows are contiguous, or as one key row per head
 (``OPERAND_KEY_ROW``) when its keys are. A TMA box must start on a 16-byte boundary in global
 memory (else the copy faults: "illegal instruction"), and a sequence's first key may sit
 anywhere: key-based loads start at the element aligned down to 16 bytes (``key_load_start``)
-and span ``key_span`` elements, the values ``key_lead`` elements into the stage. Block lists
-are a runtime field too (``sp_full_count`` set).
+and span ``key_span`` elements, the values ``key_lead`` elements into the stage. Without a
+mask, a key-based bias (dense or varlen) is read by the producer's plain loads instead
+(``bias_by_loads``): it has no map and no alignment or stride rule. Block lists are a runtime
+field too (``sp_full_count`` set).
 """
 
 from __future__ import annotations
@@ -297,6 +299,15 @@ def _varlen_operand(info: ArrayInfo, mode: int, elem: int, block_n: int) -> Oper
                                            (box, 1, 1, 1), 0), 1, box, 1)
 
 
+def bias_by_loads(mask: ArrayInfo | None, bias: ArrayInfo | None, varlen: bool = False) -> bool:
+    """Whether the kernel's producer reads the bias with plain loads into an fp32 row per
+    stage (fwd.cu: bias_f32, DM_SM90_KBIAS_F32 != 0): a key-based bias in the query dtype
+    without a mask. It needs no tensor map, so any key count, strides and alignment serve."""
+    return (define_value("DM_SM90_KBIAS_F32", 2) != 0 and mask is None and bias is not None
+            and bias.dtype != "float32"
+            and operand_mode(bias, varlen) in (OPERAND_KEY_ROW, OPERAND_KEY_CHUNK))
+
+
 def plan_operands(mask: ArrayInfo | None, bias: ArrayInfo | None, block_n: int,
                   varlen: bool = False) -> dict[str, OperandPlan]:
     """The mask's and the bias's OperandPlan, or TensorMapError when TMA cannot read one."""
@@ -309,6 +320,8 @@ def plan_operands(mask: ArrayInfo | None, bias: ArrayInfo | None, block_n: int,
         elem = 1 if name == "mask" else 2
         if name == "bias" and info.dtype == "float32":
             raise TensorMapError("a float32 bias over keys is read by the sm80 family")
+        if name == "bias" and bias_by_loads(mask, bias, varlen):
+            continue  # the producer's plain loads: no map
         if varlen:
             plans[name] = _varlen_operand(info, mode, elem, block_n)
         elif mode == OPERAND_KEY_ROW:  # dense keys start at 0: aligned, one box of block_n
@@ -384,7 +397,8 @@ def tile_for(head_dim: int, q: ArrayInfo, k: ArrayInfo, v: ArrayInfo, mask: Arra
     if smem_bytes(hd, block_n, stages, mask is not None, bias is not None) > smem_limit:
         return None
     infos = [q, k, v] + [x for x in (mask, bias)
-                         if operand_mode(x, varlen) not in (OPERAND_NONE, OPERAND_QUERY_ROW)]
+                         if operand_mode(x, varlen) not in (OPERAND_NONE, OPERAND_QUERY_ROW)
+                         and not (x is bias and bias_by_loads(mask, bias, varlen))]
     if any(info.ptr % 16 for info in infos):
         return None
     try:

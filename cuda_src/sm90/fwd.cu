@@ -54,15 +54,18 @@ namespace dm {
 // - DM_SM90_MB_MASK_SLOTS: mask slots of the 64-key tiles at head dim <= 128 (the mask + bias
 //   specs), default 6 beside their 3 K/V/bias stages (host: DM_SM90_MB_STAGES, default 3;
 //   2 stages and 8 slots measured 213-258 TFLOP/s against 277 on the H200's mask_bias case).
-// - DM_SM90_KBIAS_F32: without a mask, a dense key-row bias ((B|1, H|1, 1, Sk)) is read by
-//   the producer warp (plain loads, issued before it waits for the stage) and stored as one
-//   fp32 row per stage in the bias stage's space instead of the bf16 row by TMA. 0: the bf16
-//   row by TMA; 1: the consumers add it with the same FFMA from one 8-byte load per key pair
-//   (no bf16 unpacking); 2 (default): without a softcap the row is stored divided by the
-//   softmax scale and loaded into S's accumulator before S = Q K^T accumulates onto it, so
-//   the softmax runs as in the no-bias kernel (with a softcap, the TMA path); 3: as 2, each
-//   row half's pair by its own 8-byte load (2 copies it by two moves). H200 kbias: 0 547.5,
-//   1 561.9, 2 566.2, 3 553.8 TFLOP/s.
+// - DM_SM90_KBIAS_F32: without a mask, a key-based bias (a dense key row (B|1, H|1, 1, Sk);
+//   varlen: a key row or this head's column of a key chunk) is read by the producer warp
+//   (plain loads at any strides, issued before it waits for the stage) and stored as one
+//   fp32 row per stage in the bias stage's space instead of by TMA (no tensor map: forward_sm90
+//   plans none, so any Sk and any alignment of the element type serve). 0: TMA as for a
+//   mask; 1: the consumers add it with the same FFMA from one 8-byte load per key pair (no
+//   bf16 unpacking); 2 (default): without a softcap the row is stored divided by the softmax
+//   scale and loaded into S's accumulator before S = Q K^T accumulates onto it, so the
+//   softmax runs as in the no-bias kernel (with a softcap the producer stores the bf16 row,
+//   read by the consumers as a TMA key row would be); 3: as 2, each row half's
+//   pair by its own 8-byte load (2 copies it by two moves). H200 kbias: 0 547.5, 1 561.9,
+//   2 566.2, 3 553.8 TFLOP/s.
 // - DM_SM90_PERSISTENT: how CTAs get their work items (numbered longest first). 0: one CTA
 //   per item; 1: a grid of min(items, SMs) CTAs, each walking a static snake (the same
 //   kernel: only the host's grid differs); 2 (default): the dynamic scheduler
@@ -601,19 +604,22 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
       const bool bias_tile = kHasBias && args.bias_mode == kOperandTile;
       const bool bias_row = kHasBias && args.bias_mode == kOperandKeyRow;
       const bool bias_chunk = kHasBias && args.bias_mode == kOperandKeyChunk;
-      // DM_SM90_KBIAS_F32: a dense key row reaches its stage as fp32 (times row_mult) by this
-      // warp's plain loads, not by TMA; keys past len_k read 0 (excluded by formula anyway).
-      const bool bias_f32 = DM_SM90_KBIAS_F32 != 0 && !kHasMask && bias_row && !varlen &&
-                            (DM_SM90_KBIAS_F32 == 1 || !has_softcap(p));
+      // DM_SM90_KBIAS_F32: without a mask a key-based bias reaches its stage by this warp's
+      // plain loads, not by TMA (bias_loads; keys past len_k read 0, excluded by formula
+      // anyway): as an fp32 row times row_mult (bias_f32), or under a softcap with
+      // DM_SM90_KBIAS_F32 >= 2 as the bf16 row the TMA key-row path would have loaded (lead 0).
+      const bool bias_loads = DM_SM90_KBIAS_F32 != 0 && !kHasMask && (bias_row || bias_chunk);
+      const bool bias_f32 = bias_loads && (DM_SM90_KBIAS_F32 == 1 || !has_softcap(p));
       const float row_mult = DM_SM90_KBIAS_F32 >= 2 ? kLog2e / p.scale_log2 : 1.f;
       const uint16_t* bias_keyrow = static_cast<const uint16_t*>(p.bias) +
                                     int64_t(bias_b) * p.bias_batch_stride +
-                                    int64_t(bias_h) * p.bias_head_stride;
+                                    int64_t(bias_h) * p.bias_head_stride +
+                                    int64_t(seq.k_start) * p.bias_kseq_stride;
       // Key-based operands: chunk_boxes 1-D boxes of chunk_box elements from key_load_start (one
       // box, or boxes of 256 elements: each starts 128-byte aligned in shared memory); every box
       // counts its full bytes (zero-filled past the tensor).
       const uint32_t bias_bytes = bias_tile ? Smem::kBias
-          : (bias_row && !bias_f32) || bias_chunk
+          : (bias_row || bias_chunk) && !bias_loads
               ? args.bias_chunk_boxes * args.bias_chunk_box * 2 : 0;
       const uint32_t mask_bytes = mask_tile ? Smem::kMask
           : args.mask_chunk_boxes * args.mask_chunk_box;
@@ -724,11 +730,12 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
           continue;
         }
         uint16_t bias_words[kBlockN / 32];  // keys n0 + lane + 32 i, loaded before the wait
-        if (bias_f32) {
+        if (bias_loads) {
 #pragma unroll
           for (int y = 0; y < kBlockN / 32; ++y) {
             const int key = n0 + lane + 32 * y;
-            bias_words[y] = key < len_k ? bias_keyrow[key] : uint16_t(0);
+            bias_words[y] = key < len_k ? bias_keyrow[int64_t(key) * p.bias_col_stride]
+                                        : uint16_t(0);
           }
         }
         mbar_wait(bar_empty_k(stage), phase ^ 1);
@@ -740,6 +747,11 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
             x.bits = bias_words[y];
             row[lane + 32 * y] = to_float(x) * row_mult;
           }
+          __syncwarp();
+        } else if (bias_loads) {
+          uint16_t* row = reinterpret_cast<uint16_t*>(smem + Smem::kOffBias + stage * Smem::kBias);
+#pragma unroll
+          for (int y = 0; y < kBlockN / 32; ++y) row[lane + 32 * y] = bias_words[y];
           __syncwarp();
         }
         if (leader) {
@@ -770,10 +782,10 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
             for (int x = 0; x < kBlockN / 64; ++x)
               tma_load_4d(sBias + stage * Smem::kBias + x * kBlockM * 128, &args.bias,
                           bar_full_k(stage), n0 + 64 * x, seq.q_start + m0, bias_h, bias_b);
-          } else if (bias_row && !bias_f32) {
+          } else if (bias_row && !bias_loads) {
             tma_load_4d(sBias + stage * Smem::kBias, &args.bias, bar_full_k(stage),
                         key_load_start(seq.k_start, n0, 1, 2), 0, bias_h, bias_b);
-          } else if (bias_chunk) {
+          } else if (bias_chunk && !bias_loads) {
             load_chunk(sBias + stage * Smem::kBias, &args.bias, bar_full_k(stage), n0,
                        args.bias_chunk_heads, args.bias_chunk_box, args.bias_chunk_boxes, 2);
           }
@@ -900,19 +912,23 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
                                                       args.bias_mode == kOperandKeyChunk));
     // Key chunks of more than one head: values chunk_heads apart, this head's column first; key
     // rows and chunks: the stage's values start key_lead elements in (fwd.cu: key_load_start).
-    const int bias_hp = kHasBias && args.bias_mode == kOperandKeyChunk ? args.bias_chunk_heads : 1;
+    // A key-based bias by the producer's plain loads (no mask: bias_loads there) is one row of
+    // this head's values from the tile's first key.
+    const bool bias_loads = DM_SM90_KBIAS_F32 != 0 && !kHasMask && kHasBias &&
+                            (args.bias_mode == kOperandKeyRow || args.bias_mode == kOperandKeyChunk);
+    const int bias_hp = kHasBias && args.bias_mode == kOperandKeyChunk && !bias_loads
+                            ? args.bias_chunk_heads : 1;
     const int mask_hp = kHasMask && args.mask_mode == kOperandKeyChunk ? args.mask_chunk_heads : 1;
-    const int bias_col = (bias_hp > 1 ? bias_h : 0) + key_lead(seq.k_start, bias_hp, 2);
+    const int bias_col =
+        bias_loads ? 0 : (bias_hp > 1 ? bias_h : 0) + key_lead(seq.k_start, bias_hp, 2);
     const int mask_col = (mask_hp > 1 ? mask_h : 0) + key_lead(seq.k_start, mask_hp, 1);
     // The split logit transform (logits.cuh): the scale folds into the softmax's FFMA unless a
     // softcap or a key-dependent bias makes the logit natural-log first.
     const bool capped = has_softcap(p);
-    // DM_SM90_KBIAS_F32 (the producer stores a dense key row as fp32): 1 adds it by the FFMA
-    // below; 2 (no softcap; with one the bf16 path runs) starts S's accumulator at it (stored
-    // as bias / scale), so the logit is the plain scaled score.
-    const bool bias_f32 = DM_SM90_KBIAS_F32 != 0 && !kHasMask && kHasBias &&
-                          args.bias_mode == kOperandKeyRow && !varlen &&
-                          (DM_SM90_KBIAS_F32 == 1 || !capped);
+    // DM_SM90_KBIAS_F32 (the producer stores a key-based bias as an fp32 row): 1 adds it by the
+    // FFMA below; 2 (no softcap; with one the producer's bf16 row takes the key-row path)
+    // starts S's accumulator at it (stored as bias / scale): the logit is the plain scaled score.
+    const bool bias_f32 = bias_loads && (DM_SM90_KBIAS_F32 == 1 || !capped);
     const bool fold = DM_SM90_KBIAS_F32 >= 2 && bias_f32;
     const LogitScales ls = bias_keys && !fold ? logit_scales<true>(p) : logit_scales<false>(p);
 

@@ -254,9 +254,11 @@ def test_tile_for_takes_tma_layouts_and_declines_the_rest():
     assert f90.operand_mode(_contig((1, 1, 1, 1))) == f90.OPERAND_QUERY_ROW
 
 
-def test_operand_maps_for_every_broadcast_pattern():
+def test_operand_maps_for_every_broadcast_pattern(monkeypatch):
     """The (cols, rows, heads, batch) maps of a 4-D mask/bias: broadcast dims get size 1 (their
-    stride is never stepped); tiles are 128-row boxes of 128 bytes, key rows one row of keys."""
+    stride is never stepped); tiles are 128-row boxes of 128 bytes, key rows one row of keys.
+    (A key-row bias alone goes by TMA only with DM_SM90_KBIAS_F32=0, else by plain loads.)"""
+    monkeypatch.setenv("DMATTN_NVRTC_DEFINES", "DM_SM90_KBIAS_F32=0")
     b, h, sq, sk = 2, 4, 300, 256
     for shape, mode in [((b, h, sq, sk), f90.OPERAND_TILE), ((1, h, sq, sk), f90.OPERAND_TILE),
                         ((b, 1, sq, sk), f90.OPERAND_TILE), ((b, h, 1, sk), f90.OPERAND_KEY_ROW),
@@ -286,14 +288,16 @@ def test_args_record_layout(monkeypatch):
     q, k = _contig((2, 300, 4, 128), ptr=1 << 20), _contig((2, 256, 4, 128), ptr=2 << 20)
     v = _contig((2, 256, 4, 128), ptr=3 << 20)
     bias = _contig((2, 4, 1, 256), ptr=5 << 20)
-    rec = forward_sm90.build_args(q, k, v, None, bias, 128)
-    raw = rec.tobytes()
-    assert len(raw) == 704
-    for i, ptr in enumerate((1 << 20, 2 << 20, 3 << 20, None, 5 << 20)):
-        want = bytes(128) if ptr is None else bytes([ptr % 251]) * 128
-        assert raw[128 * i:128 * (i + 1)] == want
-    assert np.frombuffer(raw[640:648], dtype=np.int32).tolist() == [f90.OPERAND_NONE,
-                                                                    f90.OPERAND_KEY_ROW]
+    for defines, bias_ptr in (("DM_SM90_KBIAS_F32=0", 5 << 20), ("", None)):  # TMA / loads
+        monkeypatch.setenv("DMATTN_NVRTC_DEFINES", defines)
+        rec = forward_sm90.build_args(q, k, v, None, bias, 128)
+        raw = rec.tobytes()
+        assert len(raw) == 704
+        for i, ptr in enumerate((1 << 20, 2 << 20, 3 << 20, None, bias_ptr)):
+            want = bytes(128) if ptr is None else bytes([ptr % 251]) * 128
+            assert raw[128 * i:128 * (i + 1)] == want
+        assert np.frombuffer(raw[640:648], dtype=np.int32).tolist() == [f90.OPERAND_NONE,
+                                                                        f90.OPERAND_KEY_ROW]
 
 
 def _kernel_items(items: int, grid: int) -> list[list[int]]:

@@ -151,15 +151,17 @@ def test_varlen_tensor_maps():
     assert m.dims == (400, TQ, HK, 1) and m.strides == (HK * 400, 400, 16)
     assert m.box == (64, 128, 1, 1) and m.swizzle == 64
     assert b.dims == (400, TQ, H, 1) and b.strides == (H * 800, 800, 16) and b.swizzle == 128
-    # key-based: the flattened tensor, 1-D boxes; transposed: one row per head
+    # key-based: the flattened tensor, 1-D boxes; transposed: one row per head (a bias by
+    # TMA: beside a mask; without one the producer loads it, test_key_bias_by_plain_loads)
+    key_mask = _contig((TK, 1), "bool")
     for heads, bn in ((1, 128), (HK, 128), (H, 64), (3, 64), (127, 128)):
-        pl = f90.plan_operands(None, _contig((TK, heads)), bn, True)["bias"]
+        pl = f90.plan_operands(key_mask, _contig((TK, heads)), bn, True)["bias"]
         assert pl.mode == f90.OPERAND_KEY_CHUNK and pl.chunk_heads == heads
         assert pl.map.dims == (TK * heads, 1, 1, 1) and pl.map.box == (pl.chunk_box, 1, 1, 1)
         assert (pl.chunk_box, pl.chunk_boxes) == f90.chunk_box(bn, heads, 2)
         pl.map.check()
     with pytest.raises(f90.TensorMapError):  # 128 heads and a lead overflow the stage
-        f90.plan_operands(None, _contig((TK, 128)), 64, True)
+        f90.plan_operands(key_mask, _contig((TK, 128)), 64, True)
     # boxes start 128-byte aligned in shared memory (TMA's rule), cover the values and the
     # longest lead, and fit one stage / slot
     for bn in (64, 128):
@@ -195,20 +197,22 @@ def test_args_record_carries_the_chunk_fields(monkeypatch):
 
 
 def _key_plans():
-    """Every varlen key-based operand plan: chunks (contiguous rows) and rows (transposed),
-    mask and bias, both block_n, h' from 1 to MAX_CHUNK_HEADS."""
+    """Every varlen key-based operand plan by TMA: chunks (contiguous rows) and rows
+    (transposed), mask and bias (beside a key mask: alone it is loaded by the producer),
+    both block_n, h' from 1 to MAX_CHUNK_HEADS."""
+    key_mask = _contig((TK, 1), "bool")
     for bn in (64, 128):
         for heads in (1, 2, 3, 4, 5, 8, 16, 33, 64, f90.MAX_CHUNK_HEADS):
             for dtype, name in (("bool", "mask"), ("bfloat16", "bias")):
                 x = _contig((TK, heads), dtype)
                 yield bn, heads, name, f90.plan_operands(
-                    x if name == "mask" else None, None if name == "mask" else x, bn,
+                    x if name == "mask" else key_mask, None if name == "mask" else x, bn,
                     True)[name]
             if heads > 1:
                 for dtype, name in (("bool", "mask"), ("bfloat16", "bias")):
                     x = _info((TK, heads), (1, TK), dtype)
                     yield bn, heads, name, f90.plan_operands(
-                        x if name == "mask" else None, None if name == "mask" else x, bn,
+                        x if name == "mask" else key_mask, None if name == "mask" else x, bn,
                         True)[name]
 
 
@@ -297,3 +301,31 @@ def test_partial_block_word_offset():
                 bit = slot * bm * bn + (m0 % bm + lrow) * bn + n0 % bn
                 assert base + lrow * (bn // 32) == bit // 32 and bit % 32 == 0
 
+
+
+def test_key_bias_by_plain_loads(monkeypatch):
+    """Without a mask a key-based bias is read by the producer's plain loads (fwd.cu:
+    bias_f32): no tensor map, so key counts whose rows are not 16-byte multiples (Sk = 2527),
+    a misaligned start and strided keys stay on the Hopper family; beside a mask, or with
+    DM_SM90_KBIAS_F32=0, the bias goes by TMA and such layouts go to the sm80 family."""
+    q, k, v = (_contig((2, 2527, H, D)) for _ in range(3))
+    kbias = _contig((2, H, 1, 2527), ptr=(1 << 20) + 2)  # rows 5054 bytes apart, misaligned
+    plans = f90.plan_operands(None, kbias, 128)
+    assert plans["bias"].mode == f90.OPERAND_KEY_ROW and plans["bias"].map is None
+    assert f90.plan_maps(q, k, v, None, kbias, 128)["bias"] is None
+    assert f90.tile_for(D, q, k, v, None, kbias, 2527, 2527) == (128, 128, 2)
+    mask = _contig((2, 1, 1, 2528), "bool")
+    kb_aligned = _contig((2, H, 1, 2528))
+    q8, k8, v8 = (_contig((2, 2528, H, D)) for _ in range(3))
+    assert f90.tile_for(D, q8, k8, v8, mask, kb_aligned, 2528, 2528) is not None
+    assert f90.tile_for(D, q, k, v, _contig((2, 1, 1, 2527), "bool"), kbias, 2527, 2527) is None
+    # varlen: a key chunk and a strided key row (neither rows nor keys contiguous)
+    qp, kp, vp = _packed()
+    for bias in (_contig((TK, H)), _info((TK, H), (2 * H, 2))):
+        pl = f90.plan_operands(None, bias, 128, True)["bias"]
+        assert pl.mode in (f90.OPERAND_KEY_CHUNK, f90.OPERAND_KEY_ROW) and pl.map is None
+        assert f90.tile_for(D, qp, kp, vp, None, bias, MAXQ, MAXK, varlen=True) is not None
+    monkeypatch.setenv("DMATTN_NVRTC_DEFINES", "DM_SM90_KBIAS_F32=0")
+    assert not f90.bias_by_loads(None, kbias)
+    assert f90.tile_for(D, q, k, v, None, kbias, 2527, 2527) is None
+    assert f90.plan_operands(None, kb_aligned, 128)["bias"].map is not None

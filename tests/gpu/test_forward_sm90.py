@@ -140,6 +140,30 @@ def test_key_row_bias_long_rows(kw, dtype):
     _check(q, k, v, bias=bias[:1, :1], **kw)  # (1, 1, 1, Sk): batch and heads broadcast
 
 
+@pytest.mark.parametrize("kw", [{}, {"is_causal": True}, {"window_size": (100, 7)},
+                                {"softcap": 8.0}], ids=str)
+@pytest.mark.parametrize("layout", ["sk_odd", "misaligned", "strided_keys", "gqa_hk"])
+def test_key_row_bias_any_layout_stays_hopper(layout, kw):
+    """A key-row bias without a mask is read by the producer's plain loads (no tensor map):
+    rows of an odd key count (2 * Sk bytes, not a 16-byte multiple), a view starting off 16
+    bytes, keys 2 apart and a (B, Hk, 1, Sk) one all run on fwd_sm90 (they went to the
+    portable family while the row came by TMA), against the reference."""
+    sk = 1001 if layout != "strided_keys" else 1000
+    q, k, v = _qkv(2, 260, sk, 4, 2, 128, seed=len(layout))
+    g = torch.Generator().manual_seed(21)
+    if layout == "misaligned":  # element 3 of each padded row: 6 bytes past 16
+        bias = torch.randn(2, 4, 1, sk + 5, generator=g).to("cuda", torch.bfloat16)[..., 3:sk + 3]
+        assert bias.data_ptr() % 16 != 0
+    elif layout == "strided_keys":
+        bias = torch.randn(2, 4, 1, 2 * sk, generator=g).to("cuda", torch.bfloat16)[..., ::2]
+        assert bias.stride(-1) == 2
+    else:
+        bias = torch.randn(2, 2 if layout == "gqa_hk" else 4, 1, sk,
+                           generator=g).to("cuda", torch.bfloat16)
+    bias[..., 5::113] = float("-inf")
+    _check(q, k, v, bias=bias, **kw)
+
+
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("kw", [{}, {"is_causal": True}], ids=str)
 def test_mask_bias_long_rows(kw, d):

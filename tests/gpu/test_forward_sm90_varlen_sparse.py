@@ -148,6 +148,23 @@ def test_varlen_key_based_transposed(heads, lens_k):
     _varlen_check(lens, d=128, mask=mask, bias=bias, causal=True, seed=7)
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("kind", ["chunk", "transposed", "strided"])
+def test_varlen_key_bias_by_plain_loads(kind, causal):
+    """A key-based bias without a mask reaches the Hopper kernel by the producer's plain loads
+    (fp32 row per stage): contiguous rows, keys contiguous per head, and keys 2 apart with
+    heads 2 * total_k apart (no TMA layout: the portable family's before), at odd starts."""
+    lens = ([130, 5, 257, 64], [113, 304, 33, 200])
+    tk = sum(lens[1])
+    if kind == "strided":
+        g = torch.Generator().manual_seed(12)
+        bias = torch.randn(H, 2 * tk, generator=g).to("cuda", torch.bfloat16).t()[::2]
+        assert bias.stride() == (2, 2 * tk)
+    else:
+        bias = _layout("bias", "k", H, lens, 12, transposed=kind == "transposed")
+    _varlen_check(lens, d=128, bias=bias, causal=causal, seed=13)
+
+
 def test_varlen_layouts_tma_cannot_read_go_to_fwd_mma():
     lens = ([100, 33], [300, 3])  # max_k 300: query-based mask rows of 300 bytes
     mask = _layout("mask", "q", HK, lens, 8)
