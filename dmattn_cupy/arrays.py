@@ -4,7 +4,8 @@ An ``ArrayInfo`` records what the rest of the pipeline needs of an array: its ki
 shape, strides in elements, device and data pointer. GPU data is read in place: the kernel gets
 the torch (or CuPy) storage pointer itself, so torch tensors cross with no copy and no sync.
 The adapter at the end (``empty``, ``zeros``, ``cast``, ``contiguous_copy``, ``to_host``,
-``upload``, ``strided_copy``) is the one place that switches on torch / CuPy / NumPy.
+``upload``, ``strided_copy``, ``padded_copy``) is the one place that switches on torch / CuPy /
+NumPy.
 Only this module and ``runtime`` touch torch/CuPy objects; both are imported lazily.
 """
 
@@ -265,6 +266,33 @@ def upload(arr: np.ndarray, like: Any, dtype: str) -> Any:
     return host
 
 
+def _cupy_source(info: ArrayInfo, item: int, shape: tuple[int, ...]) -> Any:
+    """A CuPy view (raw words of ``item`` bytes) of the memory ``info`` describes, with
+    ``shape`` (``info``'s, or 1 where a stride-0 dimension is read once); any strides,
+    negative ones included. Call inside the device and stream context."""
+    import cupy
+
+    words = {1: cupy.uint8, 2: cupy.uint16, 4: cupy.uint32}[item]
+    dims = list(zip(shape, info.strides, strict=True))
+    lo = sum((n - 1) * st for n, st in dims if st < 0)
+    hi = sum((n - 1) * st for n, st in dims if st > 0)
+    mem = cupy.cuda.UnownedMemory(info.ptr + lo * item, (hi - lo + 1) * item, owner=None,
+                                  device_id=info.device)
+    return cupy.ndarray(shape, words, cupy.cuda.MemoryPointer(mem, -lo * item),
+                        strides=tuple(st * item for st in info.strides))
+
+
+def _cupy_target(buf: Any, ptr: int, nbytes: int, device: int, item: int,
+                 shape: tuple[int, ...], strides: tuple[int, ...]) -> Any:
+    """A CuPy view (raw words) over ``nbytes`` at ``ptr`` that ``buf`` owns."""
+    import cupy
+
+    words = {1: cupy.uint8, 2: cupy.uint16, 4: cupy.uint32}[item]
+    mem = cupy.cuda.UnownedMemory(ptr, max(1, nbytes), owner=buf, device_id=device)
+    return cupy.ndarray(shape, words, cupy.cuda.MemoryPointer(mem, 0),
+                        strides=tuple(st * item for st in strides))
+
+
 def strided_copy(info: ArrayInfo, stream: Any, like: Any = None) -> tuple[Any, ArrayInfo]:
     """The 16-bit elements ``info`` describes (any strides, negative ones included) copied
     on ``stream`` into a fresh C-contiguous buffer, allocated in the library of ``like`` (so
@@ -273,24 +301,94 @@ def strided_copy(info: ArrayInfo, stream: Any, like: Any = None) -> tuple[Any, A
     import cupy
 
     item = 2  # fp16 / bf16, copied as raw 16-bit words
-    lo = sum((n - 1) * st for n, st in zip(info.shape, info.strides, strict=True) if st < 0)
-    hi = sum((n - 1) * st for n, st in zip(info.shape, info.strides, strict=True) if st > 0)
     with cupy.cuda.Device(info.device), stream:
-        mem = cupy.cuda.UnownedMemory(info.ptr + lo * item, (hi - lo + 1) * item, owner=None,
-                                      device_id=info.device)
-        src = cupy.ndarray(info.shape, cupy.uint16, cupy.cuda.MemoryPointer(mem, -lo * item),
-                           strides=tuple(st * item for st in info.strides))
+        src = _cupy_source(info, item, info.shape)
         if like is None or array_kind(like) != "torch":
             dst = src.copy(order="C")
             return dst, dataclasses.replace(info, ptr=dst.data.ptr,
                                             strides=tuple(st // item for st in dst.strides))
         buf = empty(like, tuple(info.shape), info.dtype)
         out = describe(buf)
-        dmem = cupy.cuda.UnownedMemory(out.ptr, max(1, buf.numel()) * item, owner=buf,
-                                       device_id=info.device)
-        dst = cupy.ndarray(info.shape, cupy.uint16, cupy.cuda.MemoryPointer(dmem, 0))
+        dst = _cupy_target(buf, out.ptr, buf.numel() * item, info.device, item, info.shape,
+                           out.strides)
         dst[...] = src
     return buf, dataclasses.replace(info, ptr=out.ptr, strides=out.strides)
+
+
+ITEM_BYTES = {"bool": 1, "uint8": 1, "int8": 1, "float16": 2, "bfloat16": 2, "float32": 4}
+
+
+def collapse_broadcast(info: ArrayInfo) -> ArrayInfo:
+    """``info`` with every non-last dimension of stride 0 (an expanded broadcast) described
+    as size 1: the same elements under the broadcast rules, and a layout a tensor map can
+    encode (it cannot step a stride of 0)."""
+    shape = tuple(1 if st == 0 and i < info.ndim - 1 else n
+                  for i, (n, st) in enumerate(zip(info.shape, info.strides, strict=True)))
+    return info if shape == info.shape else dataclasses.replace(info, shape=shape)
+
+
+def padded_rows(info: ArrayInfo, align: int = 16) -> ArrayInfo:
+    """How ``padded_copy`` lays ``info`` out (pointer 0 until copied): broadcast dimensions
+    collapsed (``collapse_broadcast``: stored once), each row of the last dimension starting
+    ``align`` bytes apart (the row padded), the other dimensions C-contiguous."""
+    info = collapse_broadcast(info)
+    item = ITEM_BYTES[info.dtype]
+    row = -(-info.shape[-1] * item // align) * align // item
+    strides = [1]
+    size = row
+    for n in reversed(info.shape[:-1]):
+        strides.insert(0, size)
+        size *= n
+    return dataclasses.replace(info, strides=tuple(strides), ptr=0)
+
+
+def padded_copy(info: ArrayInfo, stream: Any, like: Any, align: int = 16) -> tuple[Any, ArrayInfo]:
+    """The elements ``info`` describes copied on ``stream`` into a fresh buffer laid out as
+    ``padded_rows`` says (allocated like ``strided_copy``'s), so that every row starts
+    ``align``-byte aligned; returns the buffer and its description. The padding is never
+    written (nothing reads past a row's last element)."""
+    import cupy
+
+    item = ITEM_BYTES[info.dtype]
+    out = padded_rows(info, align)
+    src_info = collapse_broadcast(info)
+    shape = out.shape
+    rows = math.prod(shape[:-1])
+    words = rows * out.strides[-2] if len(shape) > 1 else shape[0]
+    pitch = _row_pitch(src_info)
+    with cupy.cuda.Device(info.device), stream:
+        if like is None or array_kind(like) != "torch":
+            buf = cupy.empty(max(1, words) * item, cupy.uint8)
+            ptr = buf.data.ptr
+        else:
+            buf = empty(like, (max(1, words) * item,), "uint8")
+            ptr = describe(buf).ptr
+        if pitch is not None and len(shape) > 1:  # rows equally spaced: one pitched copy
+            cupy.cuda.runtime.memcpy2DAsync(ptr, out.strides[-2] * item, info.ptr, pitch * item,
+                                            shape[-1] * item, rows,
+                                            cupy.cuda.runtime.memcpyDeviceToDevice, stream.ptr)
+        else:
+            dst = _cupy_target(buf, ptr, words * item, info.device, item, shape, out.strides)
+            dst[...] = _cupy_source(src_info, item, shape)
+    return buf, dataclasses.replace(out, ptr=ptr)
+
+
+def _row_pitch(info: ArrayInfo) -> int | None:
+    """The element distance between consecutive rows (last-dimension vectors, in C order over
+    the other dimensions) when it is one constant no smaller than a row and keys are
+    contiguous, else None."""
+    if info.strides[-1] != 1 and info.shape[-1] > 1:
+        return None
+    dims = [(n, st) for n, st in zip(info.shape[:-1], info.strides[:-1], strict=True) if n > 1]
+    if not dims:
+        return info.shape[-1]
+    pitch = dims[-1][1]
+    expect = pitch
+    for n, st in reversed(dims):
+        if st != expect:
+            return None
+        expect = st * n
+    return pitch if pitch >= info.shape[-1] else None
 
 
 def allocator(like: Any, shape: tuple[int, ...], dtype: str | None,

@@ -39,6 +39,47 @@ def rows_aligned(pb: Problem, out_strides: tuple[int, ...] | None = None) -> boo
     return ok and (out_strides is None or all(st % 8 == 0 for st in out_strides[:-1]))
 
 
+def _tma_rows(info: ArrayInfo) -> bool:
+    """Whether a mask/bias already has what a tensor map needs of its layout: a 16-byte
+    aligned start, unit key stride and every other stepped stride a 16-byte multiple."""
+    item = arrays.ITEM_BYTES.get(info.dtype, 0)
+    return (item > 0 and info.ptr % 16 == 0 and (info.strides[-1] == 1 or info.shape[-1] == 1)
+            and all((st * item) % 16 == 0
+                    for n, st in zip(info.shape[:-1], info.strides[:-1], strict=True) if n > 1))
+
+
+def operands_to_pad(pb: Problem, sparse: bool | tuple[int, int] = False) -> tuple[str, ...]:
+    """The mask/bias operands to copy into 16-byte aligned rows (``arrays.padded_copy``):
+    those whose layout alone keeps the problem off the sm_90a family (rows of Sk bytes or
+    values that are not 16-byte multiples, a misaligned view; e.g. a (B, 1, Sq, Sk) bool mask
+    at an odd Sk). One pass over the operand (the mask: Sq * Sk bytes per batch) costs a few
+    percent of the attention; the portable family runs such problems ~3x slower."""
+    names = tuple(n for n in ("mask", "bias")
+                  if getattr(pb, n) is not None and not _tma_rows(getattr(pb, n)))
+    if not names or pb.kind == "numpy":
+        return ()
+    dev = runtime.device_props(pb.q.device)
+    if select_forward(pb, dev, sparse=sparse).family == "fwd_sm90":
+        return ()
+    trial = padded_problem(pb, names)
+    return names if select_forward(trial, dev, sparse=sparse).family == "fwd_sm90" else ()
+
+
+def padded_problem(pb: Problem, names: tuple[str, ...]) -> Problem:
+    """``pb`` with the named operands described as ``arrays.padded_copy`` lays them out (at an
+    aligned placeholder address until copied): what the selector sees after the copies."""
+    return dataclasses.replace(pb, **{n: dataclasses.replace(
+        arrays.padded_rows(getattr(pb, n)), ptr=1 << 20) for n in names})
+
+
+def collapsed_broadcasts(pb: Problem) -> Problem:
+    """``pb`` with its mask/bias's expanded dimensions (stride 0) described as size 1 (the same
+    problem; a tensor map can read that layout)."""
+    infos = {n: arrays.collapse_broadcast(getattr(pb, n)) for n in ("mask", "bias")
+             if getattr(pb, n) is not None}
+    return dataclasses.replace(pb, **infos) if infos else pb
+
+
 def select_fwd_spec(pb: Problem, debug_counters: bool = False,
                     sparse: bool | tuple[int, int] = False) -> KernelSpec:
     """The forward specialization for ``pb`` on the problem's own device (``sparse``: block
@@ -107,6 +148,15 @@ def forward_call(pb: Problem, query: Any, cu_q: Any = None, cu_k: Any = None,
                                              _ptr(cu_k)))
         plan.run(stream)
         return out, lse, plan
+    pb = collapsed_broadcasts(pb)
+    pads = operands_to_pad(pb, block_size_of(sparse))
+    if pads:  # the Hopper family's maps read them once their rows are 16-byte aligned
+        infos = {}
+        for name in pads:
+            buf, infos[name] = arrays.padded_copy(getattr(pb, name), stream, query)
+            keep_alive.append(buf)
+        pb = dataclasses.replace(pb, **infos)
+        plan.cacheable = False
     spec = select_fwd_spec(pb, debug_counters=tile_counters is not None,
                            sparse=block_size_of(sparse))
     rec = build_fwd_params(pb, out_info, _ptr(lse), _ptr(cu_q), _ptr(cu_k),

@@ -5,9 +5,9 @@
 On a machine without a GPU (or with ``--stub on``) the GPU is stubbed: CPU torch tensors pose
 as CUDA device 0 (``arrays.describe`` reports device 0 and the tensor's own pointer), device
 properties are the sm_90 preset, kernels are never compiled or loaded, launches (CuPy's and
-the raw driver launch) and tensor-map encodes do nothing. What is left is the Python work of
-a call, which is what this measures. With a GPU and ``--stub off`` (the default there) every
-stage runs for real on CUDA tensors, launches included.
+the raw driver launch), tensor-map encodes and a mask/bias's padded copy do nothing. What is
+left is the Python work of a call, which is what this measures. With a GPU and ``--stub off``
+(the default there) every stage runs for real on CUDA tensors, launches included.
 
 Each line is microseconds per call: with a real GPU the median wall time of 5 rounds of N calls
 (one synchronize per round); stubbed, the calling thread's CPU time (every stubbed call runs on
@@ -104,6 +104,15 @@ def stub_gpu() -> Iterator[None]:
                 sys.modules.get("dmattn_cupy.ring_maps")):
         if mod is not None and hasattr(mod, "encode"):
             patch(mod, "encode", encode)
+
+    def padded_copy(info: ArrayInfo, stream: Any, like: Any, align: int = 16) -> Any:
+        # the buffer and its layout; the copy itself would be a GPU call (a no-op here)
+        out = arrays.padded_rows(info, align)
+        words = max((n - 1) * st for n, st in zip(out.shape, out.strides, strict=True)) + 1
+        buf = arrays.empty(like, (words * arrays.ITEM_BYTES[info.dtype],), "uint8")
+        return buf, dataclasses.replace(out, ptr=int(buf.data_ptr()))
+
+    patch(arrays, "padded_copy", padded_copy)
     fastpath = sys.modules.get("dmattn_cupy.fastpath")
     probe = getattr(tensor_map, "address_offset", None)   # the probe caches per map spec
 

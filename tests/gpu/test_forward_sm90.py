@@ -12,6 +12,7 @@ import pytest
 from gpu_helpers import assert_fa_close, f64
 
 import dmattn_cupy as dm
+from dmattn_cupy import forward as fwd_module
 from dmattn_cupy.forward import run_forward, select_fwd_spec
 from dmattn_cupy.validate import check_dense
 
@@ -72,13 +73,68 @@ def test_every_broadcast_pattern(what, pattern, d):
     _check(q, k, v, mask, bias, family="fwd_mma" if per_query_bias else "fwd_sm90")
 
 
-@pytest.mark.parametrize("sk,family", [(248, "fwd_sm90"), (250, "fwd_mma"), (256, "fwd_sm90")])
-def test_tma_boundary_on_bias_rows(sk, family):
+def _families_run(monkeypatch):
+    """The families forward_call selects from now on (after any padded copies)."""
+    seen = []
+    real = fwd_module.select_fwd_spec
+
+    def spy(pb, *a, **kw):
+        spec = real(pb, *a, **kw)
+        seen.append(spec.family)
+        return spec
+
+    monkeypatch.setattr(fwd_module, "select_fwd_spec", spy)
+    return seen
+
+
+@pytest.mark.parametrize("sk,padded", [(248, False), (250, True), (256, False)])
+def test_tma_boundary_on_bias_rows(sk, padded, monkeypatch):
     """A bias row of Sk bf16 values is a TMA row only when Sk * 2 is a multiple of 16 bytes;
-    otherwise the portable family reads it, with the same results."""
+    otherwise the bias is first copied into 16-byte rows (forward.operands_to_pad), and the
+    Hopper family runs either way, with the same results."""
     q, k, v = _qkv(1, 130, sk, 2, 2, 128, seed=sk)
     bias = torch.randn(1, 2, 130, sk, device="cuda", dtype=torch.bfloat16)
-    _check(q, k, v, bias=bias, family=family)
+    pb = check_dense(q, k, v, None, bias, None, False, (-1, -1), 0.0, "cuda")
+    assert fwd_module.operands_to_pad(pb) == (("bias",) if padded else ())
+    seen = _families_run(monkeypatch)
+    _check(q, k, v, bias=bias, family="fwd_mma" if padded else "fwd_sm90")
+    assert seen == ["fwd_sm90"]
+
+
+@pytest.mark.parametrize("kw", [{}, {"is_causal": True}], ids=str)
+@pytest.mark.parametrize("layout", ["hf_mask", "bias_tile", "mask_and_bias", "key_row_mask",
+                                    "expanded_mask", "misaligned_mask", "strided_mask"])
+def test_unaligned_mask_bias_rows_are_padded_for_hopper(layout, kw, monkeypatch):
+    """Layouts TMA cannot read (rows of an odd number of bytes, a view starting off 16 bytes,
+    a stride-0 head dimension beside such rows) are copied into 16-byte rows once per call
+    and run on fwd_sm90 (they ran on the portable family, ~3x slower): an HF-style
+    (B, 1, Sq, Sk) bool mask at Sk = 1001, a bias tile, both, a key-row mask, a mask expanded
+    over heads, a misaligned mask view (one pitched copy), a mask with keys 2 apart (copied
+    element by element)."""
+    b, sq, sk, h = 2, 200, 1001, 4
+    q, k, v = _qkv(b, sq, sk, h, 2, 128, seed=len(layout))
+    g = torch.Generator().manual_seed(31)
+    mask = bias = None
+    if layout in ("hf_mask", "mask_and_bias"):
+        mask = (torch.rand(b, 1, sq, sk, generator=g) > 0.2).cuda()
+    if layout in ("bias_tile", "mask_and_bias"):
+        bias = torch.randn(b, h, sq, sk, generator=g).to("cuda", torch.bfloat16)
+    if layout == "key_row_mask":
+        mask = (torch.rand(b, 1, 1, sk, generator=g) > 0.2).cuda()
+    if layout == "expanded_mask":
+        mask = (torch.rand(b, 1, sq, sk, generator=g) > 0.2).cuda().expand(b, h, sq, sk)
+    if layout == "strided_mask":  # keys 2 apart: copied element by element
+        mask = (torch.rand(b, 1, sq, 2 * sk, generator=g) > 0.2).cuda()[..., ::2]
+    if layout == "misaligned_mask":
+        mask = (torch.rand(b, 1, sq, 1024 + 3, generator=g) > 0.2).cuda()[..., 3:sk + 3]
+        assert mask.data_ptr() % 16 != 0
+    pb = fwd_module.collapsed_broadcasts(check_dense(
+        q, k, v, mask, bias, None, kw.get("is_causal", False), (-1, -1), 0.0, "cuda"))
+    assert fwd_module.operands_to_pad(pb) == tuple(
+        n for n, x in (("mask", mask), ("bias", bias)) if x is not None)
+    seen = _families_run(monkeypatch)
+    _check(q, k, v, mask, bias, family="fwd_mma", **kw)
+    assert seen == ["fwd_sm90"]
 
 
 def test_fp32_bias_tiles_and_per_query_biases_fall_back():

@@ -166,6 +166,9 @@ def test_varlen_key_bias_by_plain_loads(kind, causal):
 
 
 def test_varlen_layouts_tma_cannot_read_go_to_fwd_mma():
+    """Layouts no tensor map reads select fwd_mma; a query-based mask with 300-byte rows is
+    then copied into 16-byte rows (forward.operands_to_pad) and runs on fwd_sm90 (its own
+    test: test_forward_sm90.py), a float32 bias over keys stays on fwd_mma."""
     lens = ([100, 33], [300, 3])  # max_k 300: query-based mask rows of 300 bytes
     mask = _layout("mask", "q", HK, lens, 8)
     _varlen_check(lens, mask=mask, seed=9, family=False)

@@ -16,6 +16,7 @@ import pytest
 from gpu_helpers import assert_fa_close, f64
 
 import dmattn_cupy as dm
+from dmattn_cupy import forward as fwd_module
 from dmattn_cupy import runtime
 from dmattn_cupy.forward import run_forward, select_fwd_spec
 from dmattn_cupy.sparse_plan import block_size_of, bound_min, split_sparse
@@ -146,7 +147,10 @@ def _counted(q, k, v, sparse, mask=None, bias=None, causal=False):
     win, block = split_sparse(sparse)
     pb = dataclasses.replace(pb, window=(bound_min(pb.window[0], win[0]),
                                          bound_min(pb.window[1], win[1])))
-    spec = select_fwd_spec(pb, debug_counters=True, sparse=block_size_of(block))
+    # the layout the launch selects on: broadcasts collapsed, rows padded where TMA needs it
+    pb = fwd_module.collapsed_broadcasts(pb)
+    pb_run = fwd_module.padded_problem(pb, fwd_module.operands_to_pad(pb, block_size_of(block)))
+    spec = select_fwd_spec(pb_run, debug_counters=True, sparse=block_size_of(block))
     nm = math.ceil(q.shape[1] / spec.block_m)
     counters = torch.zeros(B, H, nm, 2, dtype=torch.int32, device="cuda")
     out, _ = run_forward(pb, q, tile_counters=counters, sparse=block)
