@@ -351,26 +351,43 @@ def padded_copy(info: ArrayInfo, stream: Any, like: Any, align: int = 16) -> tup
 
     item = ITEM_BYTES[info.dtype]
     out = padded_rows(info, align)
-    src_info = collapse_broadcast(info)
-    shape = out.shape
-    rows = math.prod(shape[:-1])
-    words = rows * out.strides[-2] if len(shape) > 1 else shape[0]
-    pitch = _row_pitch(src_info)
+    nbytes = padded_bytes(info, align)
+    pitched = row_copy(info, align)
     with cupy.cuda.Device(info.device), stream:
         if like is None or array_kind(like) != "torch":
-            buf = cupy.empty(max(1, words) * item, cupy.uint8)
+            buf = cupy.empty(nbytes, cupy.uint8)
             ptr = buf.data.ptr
         else:
-            buf = empty(like, (max(1, words) * item,), "uint8")
+            buf = empty(like, (nbytes,), "uint8")
             ptr = describe(buf).ptr
-        if pitch is not None and len(shape) > 1:  # rows equally spaced: one pitched copy
-            cupy.cuda.runtime.memcpy2DAsync(ptr, out.strides[-2] * item, info.ptr, pitch * item,
-                                            shape[-1] * item, rows,
+        if pitched is not None:  # rows equally spaced: one pitched copy
+            width, rows, src_pitch, dst_pitch = pitched
+            cupy.cuda.runtime.memcpy2DAsync(ptr, dst_pitch, info.ptr, src_pitch, width, rows,
                                             cupy.cuda.runtime.memcpyDeviceToDevice, stream.ptr)
         else:
-            dst = _cupy_target(buf, ptr, words * item, info.device, item, shape, out.strides)
-            dst[...] = _cupy_source(src_info, item, shape)
+            dst = _cupy_target(buf, ptr, nbytes, info.device, item, out.shape, out.strides)
+            dst[...] = _cupy_source(collapse_broadcast(info), item, out.shape)
     return buf, dataclasses.replace(out, ptr=ptr)
+
+
+def padded_bytes(info: ArrayInfo, align: int = 16) -> int:
+    """The size of ``padded_copy``'s buffer for ``info`` (at least 1 byte)."""
+    out = padded_rows(info, align)
+    words = math.prod(out.shape[:-1]) * out.strides[-2] if out.ndim > 1 else out.shape[0]
+    return max(1, words) * ITEM_BYTES[info.dtype]
+
+
+def row_copy(info: ArrayInfo, align: int = 16) -> tuple[int, int, int, int] | None:
+    """(row bytes, rows, source pitch, destination pitch in bytes) of the one pitched copy that
+    ``padded_copy`` makes of ``info``, or None when it copies element by element."""
+    src = collapse_broadcast(info)
+    pitch = _row_pitch(src)
+    out = padded_rows(info, align)
+    if pitch is None or out.ndim < 2:
+        return None
+    item = ITEM_BYTES[info.dtype]
+    return (out.shape[-1] * item, math.prod(out.shape[:-1]), pitch * item,
+            out.strides[-2] * item)
 
 
 def _row_pitch(info: ArrayInfo) -> int | None:

@@ -17,7 +17,7 @@ import numpy as np
 from . import arrays, decode, env, runtime, scratch
 from .arrays import ArrayInfo, describe
 from .families import padded_head_dim, sparse_supported
-from .launch_plan import Alloc, Launch, Plan
+from .launch_plan import Alloc, Launch, Plan, RowCopy
 from .layout import FWD_INPUTS, SPARSE_INPUTS, build_fwd_params, fwd_pointer_fields
 from .masks import SparseMask
 from .select import forward as select_forward
@@ -139,6 +139,7 @@ def forward_call(pb: Problem, query: Any, cu_q: Any = None, cu_k: Any = None,
     allocs = [Alloc("out", pb.q.shape, None)]
     if return_lse:
         allocs.append(Alloc("lse", lse_shape, "float32"))
+    out_names = tuple(a.name for a in allocs)  # the outputs' pointer fields (allocs grows)
     plan = Plan(device=pb.q.device,
                 inputs=FWD_INPUTS if sparse is None else FWD_INPUTS + SPARSE_INPUTS,
                 allocs=allocs, cacheable=not (copied or check or tile_counters is not None))
@@ -149,20 +150,30 @@ def forward_call(pb: Problem, query: Any, cu_q: Any = None, cu_k: Any = None,
         plan.run(stream)
         return out, lse, plan
     pb = collapsed_broadcasts(pb)
+    # Operands the Hopper family's maps read once their rows are 16-byte aligned: copied here;
+    # a cached plan repeats a pitched copy (RowCopy) into a buffer it allocates per call.
+    renames: dict[str, str] = {}
     pads = operands_to_pad(pb, block_size_of(sparse))
-    if pads:  # the Hopper family's maps read them once their rows are 16-byte aligned
+    if pads:
         infos = {}
         for name in pads:
             buf, infos[name] = arrays.padded_copy(getattr(pb, name), stream, query)
             keep_alive.append(buf)
+            pitched = arrays.row_copy(getattr(pb, name))
+            if pitched is None:
+                plan.cacheable = False
+                continue
+            renames[name] = name + "_rows"
+            plan.allocs.append(Alloc(renames[name], (arrays.padded_bytes(getattr(pb, name)),),
+                                     "uint8"))
+            plan.copies.append(RowCopy(name, renames[name], *pitched))
         pb = dataclasses.replace(pb, **infos)
-        plan.cacheable = False
     spec = select_fwd_spec(pb, debug_counters=tile_counters is not None,
                            sparse=block_size_of(sparse))
     rec = build_fwd_params(pb, out_info, _ptr(lse), _ptr(cu_q), _ptr(cu_k),
                            _ptr(tile_counters))
-    for name, field in fwd_pointer_fields(pb, tuple(a.name for a in allocs)):
-        plan.slot(name, rec, field)
+    for name, field in fwd_pointer_fields(pb, out_names):
+        plan.slot(renames.get(name, name), rec, field)
     if sparse is not None:
         arrs = sparse if isinstance(sparse, SparseArrays) else device_lists(sparse, query)
         check_block_fits((arrs.block_m, arrs.block_n), spec)
@@ -178,9 +189,10 @@ def forward_call(pb: Problem, query: Any, cu_q: Any = None, cu_k: Any = None,
     slots = spec.row.extra_slots(pb, spec)
     if slots is None:
         plan.hooks.append(_rebuild_extra_args(pb, out_info, spec, extra))
+        plan.cacheable = plan.cacheable and not renames  # the hook reads the callers' pointers
     else:
         for name, index, offset in slots:
-            plan.slot_at(name, extra[index], offset)
+            plan.slot_at(renames.get(name, name), extra[index], offset)
     counter = spec.row.counter_slot(spec)
     if counter is not None:  # a zero int32 word the kernel claims work items from
         index, offset = counter

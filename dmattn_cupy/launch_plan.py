@@ -56,6 +56,19 @@ class Alloc:
             raise ValueError(f"a counter workspace is a 1-D int32 buffer, got {self}")
 
 
+@dataclass(frozen=True)
+class RowCopy:
+    """A pitched copy a call makes before its launches: ``rows`` rows of ``width`` bytes from
+    source ``src`` (rows ``src_pitch`` bytes apart) to source ``dst`` (``dst_pitch`` apart),
+    e.g. a mask's rows into an allocation whose rows a tensor map can read."""
+    src: str
+    dst: str
+    width: int
+    rows: int
+    src_pitch: int
+    dst_pitch: int
+
+
 @dataclass(eq=False)
 class Plan:
     """What a call launches. ``sources``: the names whose pointers a call supplies, in order
@@ -68,6 +81,7 @@ class Plan:
     slots: dict[str, list[tuple[np.ndarray, int, int]]] = field(default_factory=dict,
                                                                 repr=False)
     hooks: list[Callable[[dict[str, int]], None]] = field(default_factory=list, repr=False)
+    copies: list[RowCopy] = field(default_factory=list)  # made by ``execute`` before launching
     cacheable: bool = True             # False: built around copies or data a key cannot prove
     extra: dict[str, Any] = field(default_factory=dict, repr=False)  # builder facts (post-steps)
     _bound: Any = field(default=None, repr=False)
@@ -126,6 +140,11 @@ class Plan:
             for view, idx, pos, add in patches:
                 view[idx] = ptrs[pos] + add
             dev = self.device
+            if self.copies:
+                named = dict(zip(sources, ptrs, strict=True))
+                for c in self.copies:
+                    runtime.copy_rows(dev, named[c.dst], c.dst_pitch, named[c.src], c.src_pitch,
+                                      c.width, c.rows, stream)
             for fn, grid, block, smem, params in calls:
                 runtime.launch_raw(dev, fn, grid, block, smem, stream, params)
 

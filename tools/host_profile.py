@@ -107,12 +107,11 @@ def stub_gpu() -> Iterator[None]:
 
     def padded_copy(info: ArrayInfo, stream: Any, like: Any, align: int = 16) -> Any:
         # the buffer and its layout; the copy itself would be a GPU call (a no-op here)
-        out = arrays.padded_rows(info, align)
-        words = max((n - 1) * st for n, st in zip(out.shape, out.strides, strict=True)) + 1
-        buf = arrays.empty(like, (words * arrays.ITEM_BYTES[info.dtype],), "uint8")
-        return buf, dataclasses.replace(out, ptr=int(buf.data_ptr()))
+        buf = arrays.empty(like, (arrays.padded_bytes(info, align),), "uint8")
+        return buf, dataclasses.replace(arrays.padded_rows(info, align), ptr=int(buf.data_ptr()))
 
     patch(arrays, "padded_copy", padded_copy)
+    patch(runtime, "copy_rows", lambda *a: None)
     fastpath = sys.modules.get("dmattn_cupy.fastpath")
     probe = getattr(tensor_map, "address_offset", None)   # the probe caches per map spec
 

@@ -801,3 +801,53 @@ def test_counter_alloc_rules():
             kw["dtype"] = "float32"
         with pytest.raises(ValueError, match="workspace is a 1-D"):
             Alloc(**kw)
+
+
+@pytest.mark.parametrize("layout", ["odd_mask", "misaligned_bias", "strided_mask"])
+def test_padded_mask_bias_rows_are_cached_with_their_copy(cap, monkeypatch, layout):
+    """A mask/bias copied into 16-byte rows for the Hopper family (forward.operands_to_pad):
+    with equally spaced rows a repeated call takes the thin path, which repeats the pitched
+    copy (RowCopy: the call's operand into a buffer it allocates) before the launch, whose
+    FwdParams and tensor map point at that buffer; the launch equals a fresh validated build
+    but for that buffer's address. Rows that are not equally spaced (keys 2 apart) are copied
+    element by element and never cached."""
+    copies = []
+    monkeypatch.setattr(runtime, "copy_rows", lambda *a: copies.append(a))
+    B, S, H, D = 2, 201, 4, 64
+    q, k, v = (_rand(B, S, H, D, seed=i) for i in range(3))
+    g = torch.Generator().manual_seed(3)
+    mask = bias = None
+    if layout == "odd_mask":
+        mask = torch.rand(B, 1, S, S, generator=g) > 0.2
+    elif layout == "misaligned_bias":
+        bias = _rand(B, H, S, S + 1, seed=4)[..., 1:]            # rows 2 bytes off 16
+    else:
+        mask = (torch.rand(B, 1, S, 2 * S, generator=g) > 0.2)[..., ::2]
+    name = "mask" if mask is not None else "bias"
+    operand = mask if mask is not None else bias
+    dm.flash_dmattn_func(q, k, v, attn_mask=mask, attn_bias=bias)
+    first = cap.take()
+    assert [(p, f) for p, f, *_ in first] == [("slow", "fwd_sm90")] and copies == []
+    rec = _record(first[0][3][0], "FwdParams")
+    assert int(rec[name][0]) not in (0, operand.data_ptr())      # the padded copy
+    dm.flash_dmattn_func(q, k, v, attn_mask=mask, attn_bias=bias)
+    again = cap.take()
+    if layout == "strided_mask":
+        assert [p for p, *_ in again] == ["slow"] and copies == []
+        return
+    assert [p for p, *_ in again] == ["thin"] and len(copies) == 1
+    dev, dst, dst_pitch, src, src_pitch, width, rows, _stream = copies[0]
+    item = operand.element_size()
+    assert src == operand.data_ptr() and width == S * item and dst_pitch % 16 == 0
+    assert src_pitch == operand.stride(-2) * item and dst_pitch >= width
+    assert rows == operand.numel() // S
+    rec = _record(again[0][3][0], "FwdParams")
+    assert int(rec[name][0]) == dst                               # the call's own buffer
+    maps = np.frombuffer(again[0][3][1], dtype=np.uint8)
+    at = 128 * forward_sm90.MAP_NAMES.index(name)                 # the stub keeps it at 8
+    assert int.from_bytes(maps[at + 8:at + 16].tobytes(), "little") == dst
+    fastpath.clear()
+    dm.flash_dmattn_func(q, k, v, attn_mask=mask, attn_bias=bias)
+    slow = cap.take()
+    a, b = _record(again[0][3][0], "FwdParams"), _record(slow[0][3][0], "FwdParams")
+    assert [n for n in a.dtype.names if a[n][0] != b[n][0] and n not in _FRESH + (name,)] == []
