@@ -188,6 +188,44 @@ class MaskBias(Kind):
                         inp["bias"][:nb, :, r0:r1].float())
 
 
+class MaskHF(Kind):
+    """A transformers-style (B,1,Sq,Sk) bool mask (every head shares it); at an odd Sk its rows
+    are no 16-byte multiple (the row padding's case). SDPA gets it as an additive bias."""
+
+    fa4 = False
+
+    def inputs(self, gen: Any, rn: Callable[..., Any]) -> dict[str, Any]:
+        d = self.d
+        return {"mask": d.torch.rand(d.B, 1, d.Sq, d.Sk, generator=gen, device=d.dev)
+                < MASK_KEEP}
+
+    def dm_kwargs(self, inp: dict[str, Any], note: dict[str, Any]) -> dict[str, Any]:
+        return {"attn_mask": inp["mask"]}
+
+    def sdpa_mask(self, inp: dict[str, Any]) -> tuple[Any, bool]:
+        return additive(self.d.torch, inp["mask"], None, self.d.dt), False
+
+    def flex_args(self, inp: dict[str, Any], flash: bool) -> dict[str, Any]:
+        d = self.d
+        torch = d.torch
+        mask = inp["mask"]
+        if flash:   # the FLASH backend wants 1-D indexing of captured tensors
+            mf, Sq, Sk = mask.reshape(-1), d.Sq, d.Sk
+
+            def m_flat(score: Any, b: Any, h: Any, qi: Any, kv: Any) -> Any:
+                return torch.where(mf[(b * Sq + qi) * Sk + kv], score, -float("inf"))
+
+            return {"score_mod": m_flat}
+
+        def m_sm(score: Any, b: Any, h: Any, qi: Any, kv: Any) -> Any:
+            return torch.where(mask[b, 0, qi, kv], score, -float("inf"))
+
+        return {"score_mod": m_sm}
+
+    def ref_add(self, inp: dict[str, Any], r0: int, r1: int, nb: int) -> Any:
+        return additive(self.d.torch, inp["mask"][:nb, :, r0:r1])
+
+
 class KBias(Kind):
     """Key-side bias (B,Hb,1,Sk) with Hb = H (kbias) or Hk (kbias_hk)."""
 
@@ -265,7 +303,8 @@ class Softcap(Kind):
 
 KINDS: dict[str, type[Kind]] = {
     "dense": Kind, "dense_d64": Kind, "dense_d256": Kind, "dense_fp16": Kind, "gqa": Kind,
-    "causal": Causal, "mask_bias": MaskBias, "kbias": KBias, "kbias_hk": KBiasHk,
+    "causal": Causal, "mask_bias": MaskBias, "mask_hf": MaskHF, "kbias": KBias,
+    "kbias_hk": KBiasHk,
     "softcap": Softcap,
 }
 
