@@ -300,9 +300,10 @@ def _varlen_operand(info: ArrayInfo, mode: int, elem: int, block_n: int) -> Oper
 
 
 def bias_by_loads(mask: ArrayInfo | None, bias: ArrayInfo | None, varlen: bool = False) -> bool:
-    """Whether the kernel's producer reads the bias with plain loads into an fp32 row per
-    stage (fwd.cu: bias_f32, DM_SM90_KBIAS_F32 != 0): a key-based bias in the query dtype
-    without a mask. It needs no tensor map, so any key count, strides and alignment serve."""
+    """Whether the kernel's producer reads the bias with plain loads into one row per stage
+    (fwd.cu: bias_loads, DM_SM90_KBIAS_F32 != 0; fp32, or bf16 under a softcap): a key-based
+    bias in the query dtype without a mask. It needs no tensor map, so any key count, strides
+    and alignment serve."""
     return (define_value("DM_SM90_KBIAS_F32", 2) != 0 and mask is None and bias is not None
             and bias.dtype != "float32"
             and operand_mode(bias, varlen) in (OPERAND_KEY_ROW, OPERAND_KEY_CHUNK))

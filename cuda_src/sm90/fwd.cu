@@ -63,9 +63,9 @@ namespace dm {
 //   bf16 unpacking); 2 (default): without a softcap the row is stored divided by the softmax
 //   scale and loaded into S's accumulator before S = Q K^T accumulates onto it, so the
 //   softmax runs as in the no-bias kernel (with a softcap the producer stores the bf16 row,
-//   read by the consumers as a TMA key row would be); 3: as 2, each row half's
-//   pair by its own 8-byte load (2 copies it by two moves). H200 kbias: 0 547.5, 1 561.9,
-//   2 566.2, 3 553.8 TFLOP/s.
+//   read by the consumers as a TMA key row would be); 3: as 2, each row half's pair by its
+//   own 8-byte load (2 copies it by two moves). H200 kbias: 0 547.5, 1 561.9, 2 566.2, 3 553.8
+//   TFLOP/s.
 // - DM_SM90_PERSISTENT: how CTAs get their work items (numbered longest first). 0: one CTA
 //   per item; 1: a grid of min(items, SMs) CTAs, each walking a static snake (the same
 //   kernel: only the host's grid differs); 2 (default): the dynamic scheduler
@@ -914,8 +914,9 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
     // rows and chunks: the stage's values start key_lead elements in (fwd.cu: key_load_start).
     // A key-based bias by the producer's plain loads (no mask: bias_loads there) is one row of
     // this head's values from the tile's first key.
-    const bool bias_loads = DM_SM90_KBIAS_F32 != 0 && !kHasMask && kHasBias &&
-                            (args.bias_mode == kOperandKeyRow || args.bias_mode == kOperandKeyChunk);
+    const bool bias_loads =
+        DM_SM90_KBIAS_F32 != 0 && !kHasMask && kHasBias &&
+        (args.bias_mode == kOperandKeyRow || args.bias_mode == kOperandKeyChunk);
     const int bias_hp = kHasBias && args.bias_mode == kOperandKeyChunk && !bias_loads
                             ? args.bias_chunk_heads : 1;
     const int mask_hp = kHasMask && args.mask_mode == kOperandKeyChunk ? args.mask_chunk_heads : 1;
