@@ -397,14 +397,13 @@ def tile_for(head_dim: int, q: ArrayInfo, k: ArrayInfo, v: ArrayInfo, mask: Arra
         return None
     if smem_bytes(hd, block_n, stages, mask is not None, bias is not None) > smem_limit:
         return None
-    infos = [q, k, v] + [x for x in (mask, bias)
-                         if operand_mode(x, varlen) not in (OPERAND_NONE, OPERAND_QUERY_ROW)
-                         and not (x is bias and bias_by_loads(mask, bias, varlen))]
-    if any(info.ptr % 16 for info in infos):
-        return None
     try:
-        plan_maps(q, k, v, mask, bias, block_n, varlen)
+        maps = plan_maps(q, k, v, mask, bias, block_n, varlen)
     except TensorMapError:
+        return None
+    # a TMA box's global start must be 16-byte aligned: every operand read through a map
+    infos = {"q": q, "k": k, "v": v, "mask": mask, "bias": bias}
+    if any(infos[name].ptr % 16 for name, spec in maps.items() if spec is not None):
         return None
     return hd, block_n, stages
 

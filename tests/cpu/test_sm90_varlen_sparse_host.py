@@ -302,10 +302,9 @@ def test_partial_block_word_offset():
                 assert base + lrow * (bn // 32) == bit // 32 and bit % 32 == 0
 
 
-
 def test_key_bias_by_plain_loads(monkeypatch):
     """Without a mask a key-based bias is read by the producer's plain loads (fwd.cu:
-    bias_f32): no tensor map, so key counts whose rows are not 16-byte multiples (Sk = 2527),
+    bias_loads): no tensor map, so key counts whose rows are not 16-byte multiples (Sk = 2527),
     a misaligned start and strided keys stay on the Hopper family; beside a mask, or with
     DM_SM90_KBIAS_F32=0, the bias goes by TMA and such layouts go to the sm80 family."""
     q, k, v = (_contig((2, 2527, H, D)) for _ in range(3))
