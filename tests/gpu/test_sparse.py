@@ -128,15 +128,21 @@ def _kept(sparse, sq, sk, mask=None, causal=False) -> np.ndarray:
     return keep
 
 
-def _tile_stats(keep4: np.ndarray, tm: int, tn: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per (b, h, query tile): key tiles with something kept; of those, tiles not all kept."""
+def _tiles(keep4: np.ndarray, tm: int, tn: int) -> tuple[np.ndarray, np.ndarray]:
+    """(b, h, query tile, key tile) bools: the tile keeps something; it keeps everything in
+    bounds."""
     b, h, sq, sk = keep4.shape
     nm, nn = math.ceil(sq / tm), math.ceil(sk / tn)
     any_ = np.zeros((b, h, nm * tm, nn * tn), dtype=bool)
     all_ = np.ones_like(any_)
     any_[..., :sq, :sk] = all_[..., :sq, :sk] = keep4
-    any_t = any_.reshape(b, h, nm, tm, nn, tn).any(axis=(3, 5))
-    all_t = all_.reshape(b, h, nm, tm, nn, tn).all(axis=(3, 5))
+    return (any_.reshape(b, h, nm, tm, nn, tn).any(axis=(3, 5)),
+            all_.reshape(b, h, nm, tm, nn, tn).all(axis=(3, 5)))
+
+
+def _tile_stats(keep4: np.ndarray, tm: int, tn: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per (b, h, query tile): key tiles with something kept; of those, tiles not all kept."""
+    any_t, all_t = _tiles(keep4, tm, tn)
     return any_t.sum(-1), (any_t & ~all_t).sum(-1)
 
 
@@ -188,12 +194,12 @@ COMBOS = ["attn_mask", "attn_bias", "is_causal", "all"]
 @pytest.mark.parametrize("combo", COMBOS)
 def test_with_attn_mask_bias_causal(kind, combo):
     sq, sk = 200, 333
-    tn = kernel_tile()[1]
+    tn = max(kernel_tile()[1], 128)  # whole key tiles of both families (64 and 128 keys)
     q, k, v = _qkv(sq, sk, 7)
     mask = bias = None
     if combo in ("attn_mask", "all"):
         mask = torch.rand(B, 1, sq, sk, device="cuda") > 0.2
-        mask[..., tn:2 * tn] = False  # a key tile nobody keeps: skipped
+        mask[..., tn:2 * tn] = False  # key tiles nobody keeps: skipped
     if combo in ("attn_bias", "all"):
         bias = torch.randn(B, H, 1, sk, device="cuda", dtype=torch.bfloat16)
     causal = combo in ("is_causal", "all")
@@ -202,7 +208,13 @@ def test_with_attn_mask_bias_causal(kind, combo):
     if mask is not None or causal:  # tiles emptied by attn_mask or is_causal are skipped too
         loaded, _, tile, out = _counted(q, k, v, sparse, mask=mask, bias=bias, causal=causal)
         want, _ = _tile_stats(_kept(sparse, sq, sk, mask, causal), *tile)
-        np.testing.assert_array_equal(loaded, want)
+        # A producer may test attn_mask's bytes and the block lists / causal formula apart (the
+        # sm_90a one does): a tile where each keeps something, though never the same element,
+        # is loaded too (more work, never less). Nothing else is.
+        most = _tiles(_kept(sparse, sq, sk, None, causal), *tile)[0]
+        if mask is not None:
+            most &= _tiles(np.broadcast_to(f64(mask).astype(bool), (B, H, sq, sk)), *tile)[0]
+        assert (want <= loaded).all() and (loaded <= most.sum(-1)).all(), (loaded, want)
         assert_fa_close(out, None, _ref_args(q, k, v, sparse, mask, bias, causal), "bfloat16")
 
 
