@@ -342,17 +342,13 @@ def padded_rows(info: ArrayInfo, align: int = 16) -> ArrayInfo:
     return dataclasses.replace(info, strides=tuple(strides), ptr=0)
 
 
-def padded_copy(info: ArrayInfo, stream: Any, like: Any, align: int = 16) -> tuple[Any, ArrayInfo]:
-    """The elements ``info`` describes copied on ``stream`` into a fresh buffer laid out as
-    ``padded_rows`` says (allocated like ``strided_copy``'s), so that every row starts
-    ``align``-byte aligned; returns the buffer and its description. The padding is never
-    written (nothing reads past a row's last element)."""
+def padded_buffer(info: ArrayInfo, stream: Any, like: Any, align: int = 16
+                  ) -> tuple[Any, ArrayInfo]:
+    """A fresh buffer (allocated like ``strided_copy``'s, on ``stream``) for ``info``'s
+    elements laid out as ``padded_rows`` says, and its description; nothing is copied."""
     import cupy
 
-    item = ITEM_BYTES[info.dtype]
-    out = padded_rows(info, align)
     nbytes = padded_bytes(info, align)
-    pitched = row_copy(info, align)
     with cupy.cuda.Device(info.device), stream:
         if like is None or array_kind(like) != "torch":
             buf = cupy.empty(nbytes, cupy.uint8)
@@ -360,14 +356,22 @@ def padded_copy(info: ArrayInfo, stream: Any, like: Any, align: int = 16) -> tup
         else:
             buf = empty(like, (nbytes,), "uint8")
             ptr = describe(buf).ptr
-        if pitched is not None:  # rows equally spaced: one pitched copy
-            width, rows, src_pitch, dst_pitch = pitched
-            cupy.cuda.runtime.memcpy2DAsync(ptr, dst_pitch, info.ptr, src_pitch, width, rows,
-                                            cupy.cuda.runtime.memcpyDeviceToDevice, stream.ptr)
-        else:
-            dst = _cupy_target(buf, ptr, nbytes, info.device, item, out.shape, out.strides)
-            dst[...] = _cupy_source(collapse_broadcast(info), item, out.shape)
-    return buf, dataclasses.replace(out, ptr=ptr)
+    return buf, dataclasses.replace(padded_rows(info, align), ptr=ptr)
+
+
+def padded_copy(info: ArrayInfo, stream: Any, like: Any, align: int = 16) -> tuple[Any, ArrayInfo]:
+    """``padded_buffer`` holding the elements ``info`` describes, copied element by element on
+    ``stream`` (rows that are not equally spaced; ``row_pad.copy_rows`` copies the others).
+    The padding is never written (nothing reads past a row's last element)."""
+    import cupy
+
+    buf, out = padded_buffer(info, stream, like, align)
+    item = ITEM_BYTES[info.dtype]
+    with cupy.cuda.Device(info.device), stream:
+        dst = _cupy_target(buf, out.ptr, padded_bytes(info, align), info.device, item,
+                           out.shape, out.strides)
+        dst[...] = _cupy_source(collapse_broadcast(info), item, out.shape)
+    return buf, out
 
 
 def padded_bytes(info: ArrayInfo, align: int = 16) -> int:
@@ -378,8 +382,9 @@ def padded_bytes(info: ArrayInfo, align: int = 16) -> int:
 
 
 def row_copy(info: ArrayInfo, align: int = 16) -> tuple[int, int, int, int] | None:
-    """(row bytes, rows, source pitch, destination pitch in bytes) of the one pitched copy that
-    ``padded_copy`` makes of ``info``, or None when it copies element by element."""
+    """(row bytes, rows, source pitch, destination pitch in bytes) of the one pitched copy
+    (``row_pad.copy_rows``) into ``padded_buffer`` that pads ``info``'s rows, or None when
+    its rows are not equally spaced (``padded_copy``: element by element)."""
     src = collapse_broadcast(info)
     pitch = _row_pitch(src)
     out = padded_rows(info, align)

@@ -399,6 +399,8 @@ FAMILY_ROWS: tuple[Family, ...] = (
            ("dtype", "head_dim", "num_warps"), "FwdParams", "sm_80", _smem_none),
     Family("kv_append", "kv_append.cu", "dm::kv_append_kernel", ("num_warps",),
            "KvAppendParams", "sm_80", _smem_none),
+    Family("row_pad", "row_pad.cu", "dm::row_pad_kernel", ("num_warps",), "RowPadParams",
+           "sm_80", _smem_none),
     Family("bwd_pre", "sm80/bwd.cu", "dm::flash_bwd_pre_kernel", ("dtype", "num_warps", "varlen"),
            "BwdParams", "sm_80", _smem_none),
     Family("bwd_post", "sm80/bwd.cu", "dm::flash_bwd_post_kernel",

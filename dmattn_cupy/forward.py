@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from . import arrays, decode, env, runtime, scratch
+from . import arrays, decode, env, row_pad, runtime, scratch
 from .arrays import ArrayInfo, describe
 from .families import padded_head_dim, sparse_supported
 from .launch_plan import Alloc, Launch, Plan, RowCopy
@@ -157,15 +157,20 @@ def forward_call(pb: Problem, query: Any, cu_q: Any = None, cu_k: Any = None,
     if pads:
         infos = {}
         for name in pads:
-            buf, infos[name] = arrays.padded_copy(getattr(pb, name), stream, query)
-            keep_alive.append(buf)
-            pitched = arrays.row_copy(getattr(pb, name))
-            if pitched is None:
+            info = getattr(pb, name)
+            pitched = arrays.row_copy(info)
+            if pitched is None:  # rows not equally spaced: element by element, never cached
+                buf, infos[name] = arrays.padded_copy(info, stream, query)
+                keep_alive.append(buf)
                 plan.cacheable = False
                 continue
+            buf, infos[name] = arrays.padded_buffer(info, stream, query)
+            keep_alive.append(buf)
+            width, rows, src_pitch, dst_pitch = pitched
+            row_pad.copy_rows(info.device, infos[name].ptr, dst_pitch, info.ptr, src_pitch,
+                              width, rows, stream.ptr)
             renames[name] = name + "_rows"
-            plan.allocs.append(Alloc(renames[name], (arrays.padded_bytes(getattr(pb, name)),),
-                                     "uint8"))
+            plan.allocs.append(Alloc(renames[name], (arrays.padded_bytes(info),), "uint8"))
             plan.copies.append(RowCopy(name, renames[name], *pitched))
         pb = dataclasses.replace(pb, **infos)
     spec = select_fwd_spec(pb, debug_counters=tile_counters is not None,

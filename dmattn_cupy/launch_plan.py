@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from . import runtime
+from . import row_pad, runtime
 
 
 @dataclass(eq=False)
@@ -143,7 +143,7 @@ class Plan:
             if self.copies:
                 named = dict(zip(sources, ptrs, strict=True))
                 for c in self.copies:
-                    runtime.copy_rows(dev, named[c.dst], c.dst_pitch, named[c.src], c.src_pitch,
+                    row_pad.copy_rows(dev, named[c.dst], c.dst_pitch, named[c.src], c.src_pitch,
                                       c.width, c.rows, stream)
             for fn, grid, block, smem, params in calls:
                 runtime.launch_raw(dev, fn, grid, block, smem, stream, params)

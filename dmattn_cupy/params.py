@@ -133,9 +133,19 @@ def new_kv_append_params() -> np.ndarray:
     return np.zeros(1, dtype=KV_APPEND_DTYPE)
 
 
+# The row padding copy's struct (cuda_src/row_pad_params.cuh).
+ROW_PAD_FIELDS: tuple[tuple[str, type], ...] = (
+    ("src", _PTR), ("dst", _PTR), ("src_pitch", _I64), ("dst_pitch", _I64), ("rows", _I64),
+    ("width", _I64),
+)
+
+ROW_PAD_DTYPE = np.dtype([(name, t) for name, t in ROW_PAD_FIELDS], align=True)
+
+
 def abi_header(params: str) -> str:
     """The generated params_check.cuh for a family reading ``params`` (FwdParams checks,
-    plus the BwdParams ones for backward families; KvAppendParams for the cache append)."""
+    plus the BwdParams ones for backward families; KvAppendParams for the cache append,
+    RowPadParams for the row padding copy)."""
     if params == "FwdParams":
         return abi_check_source()
     if params == "BwdParams":
@@ -143,5 +153,8 @@ def abi_header(params: str) -> str:
     if params == "KvAppendParams":
         return abi_check_source("KvAppendParams", KV_APPEND_DTYPE).replace(
             '#include "params.cuh"', '#include "kv_params.cuh"')
-    raise ValueError(f"params must be 'FwdParams', 'BwdParams' or 'KvAppendParams', got "
-                     f"{params!r}")
+    if params == "RowPadParams":
+        return abi_check_source("RowPadParams", ROW_PAD_DTYPE).replace(
+            '#include "params.cuh"', '#include "row_pad_params.cuh"')
+    raise ValueError(f"params must be 'FwdParams', 'BwdParams', 'KvAppendParams' or "
+                     f"'RowPadParams', got {params!r}")

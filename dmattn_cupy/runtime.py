@@ -259,18 +259,6 @@ def launch_ex(kernel: Kernel, grid: Dim3, args: tuple[Any, ...], stream: Any,
 _raw: list[Any] = []   # [driver.launchKernel, runtime.getDevice, cupy.cuda.Device], bound once
 
 
-def copy_rows(device: int, dst: int, dst_pitch: int, src: int, src_pitch: int, width: int,
-              rows: int, stream: int) -> None:
-    """``cudaMemcpy2DAsync`` (device to device) of ``rows`` rows of ``width`` bytes on a raw
-    stream handle: a cached plan's ``RowCopy``."""
-    import cupy
-
-    rt = cupy.cuda.runtime
-    with cupy.cuda.Device(device):
-        rt.memcpy2DAsync(dst, dst_pitch, src, src_pitch, width, rows, rt.memcpyDeviceToDevice,
-                         stream)
-
-
 def launch_raw(device: int, function_ptr: int, grid: Dim3, block: Dim3, shared_mem: int,
                stream: int, params_ptr: int) -> None:
     """``cuLaunchKernel`` on a raw stream handle; ``params_ptr`` is the address of a ``void*``

@@ -50,7 +50,7 @@ def stub_gpu() -> Iterator[None]:
     """Make CPU torch tensors look like CUDA device 0 and every GPU call a no-op (see the
     module docstring). Restores everything on exit."""
     import dmattn_cupy  # noqa: F401  (every module loaded before patching)
-    from dmattn_cupy import arrays, device, runtime, tensor_map
+    from dmattn_cupy import arrays, device, row_pad, runtime, tensor_map
     from dmattn_cupy import compile as dcompile
     from dmattn_cupy.arrays import ArrayInfo
 
@@ -105,13 +105,14 @@ def stub_gpu() -> Iterator[None]:
         if mod is not None and hasattr(mod, "encode"):
             patch(mod, "encode", encode)
 
-    def padded_copy(info: ArrayInfo, stream: Any, like: Any, align: int = 16) -> Any:
-        # the buffer and its layout; the copy itself would be a GPU call (a no-op here)
+    def padded_buffer(info: ArrayInfo, stream: Any, like: Any, align: int = 16) -> Any:
+        # the buffer and its layout; a copy into it would be a GPU call (a no-op here)
         buf = arrays.empty(like, (arrays.padded_bytes(info, align),), "uint8")
         return buf, dataclasses.replace(arrays.padded_rows(info, align), ptr=int(buf.data_ptr()))
 
-    patch(arrays, "padded_copy", padded_copy)
-    patch(runtime, "copy_rows", lambda *a: None)
+    patch(arrays, "padded_buffer", padded_buffer)
+    patch(arrays, "padded_copy", padded_buffer)
+    patch(row_pad, "copy_rows", lambda *a: None)
     fastpath = sys.modules.get("dmattn_cupy.fastpath")
     probe = getattr(tensor_map, "address_offset", None)   # the probe caches per map spec
 

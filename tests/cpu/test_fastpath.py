@@ -29,6 +29,7 @@ from dmattn_cupy import (  # noqa: E402
     fastpath,
     forward_sm90,
     ring_maps,
+    row_pad,
     runtime,
     scratch,
     sparse_plan,
@@ -812,7 +813,7 @@ def test_padded_mask_bias_rows_are_cached_with_their_copy(cap, monkeypatch, layo
     but for that buffer's address. Rows that are not equally spaced (keys 2 apart) are copied
     element by element and never cached."""
     copies = []
-    monkeypatch.setattr(runtime, "copy_rows", lambda *a: copies.append(a))
+    monkeypatch.setattr(row_pad, "copy_rows", lambda *a: copies.append(a))
     B, S, H, D = 2, 201, 4, 64
     q, k, v = (_rand(B, S, H, D, seed=i) for i in range(3))
     g = torch.Generator().manual_seed(3)
@@ -827,16 +828,20 @@ def test_padded_mask_bias_rows_are_cached_with_their_copy(cap, monkeypatch, layo
     operand = mask if mask is not None else bias
     dm.flash_dmattn_func(q, k, v, attn_mask=mask, attn_bias=bias)
     first = cap.take()
-    assert [(p, f) for p, f, *_ in first] == [("slow", "fwd_sm90")] and copies == []
+    assert [(p, f) for p, f, *_ in first] == [("slow", "fwd_sm90")]
     rec = _record(first[0][3][0], "FwdParams")
     assert int(rec[name][0]) not in (0, operand.data_ptr())      # the padded copy
+    # equally spaced rows: one row_pad launch (element by element otherwise)
+    assert len(copies) == (0 if layout == "strided_mask" else 1)
+    if copies:
+        assert copies[0][1] == int(rec[name][0])
     dm.flash_dmattn_func(q, k, v, attn_mask=mask, attn_bias=bias)
     again = cap.take()
     if layout == "strided_mask":
         assert [p for p, *_ in again] == ["slow"] and copies == []
         return
-    assert [p for p, *_ in again] == ["thin"] and len(copies) == 1
-    dev, dst, dst_pitch, src, src_pitch, width, rows, _stream = copies[0]
+    assert [p for p, *_ in again] == ["thin"] and len(copies) == 2
+    dev, dst, dst_pitch, src, src_pitch, width, rows, _stream = copies[1]
     item = operand.element_size()
     assert src == operand.data_ptr() and width == S * item and dst_pitch % 16 == 0
     assert src_pitch == operand.stride(-2) * item and dst_pitch >= width

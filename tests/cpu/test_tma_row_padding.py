@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dmattn_cupy import arrays, forward, runtime
+from dmattn_cupy import arrays, forward, row_pad, runtime
 from dmattn_cupy import forward_sm90 as f90
 from dmattn_cupy.arrays import ArrayInfo
 from dmattn_cupy.device import PRESETS
@@ -120,7 +120,19 @@ def test_expanded_broadcasts_are_described_as_size_1(hopper):
     ((2, 1, 300, 500), (1000, 0, 2 * 300 * 1000, 1), None),       # rows not in C order
 ])
 def test_row_pitch_of_one_pitched_copy(shape, strides, want):
-    """padded_copy copies by one cudaMemcpy2DAsync when the source's rows are equally spaced
-    (collapsed broadcasts dropped), else element by element."""
+    """The padding is one row_pad launch when the source's rows are equally spaced (collapsed
+    broadcasts dropped), else padded_copy's element-by-element copy."""
     info = _contig(shape, "bool") if strides is None else _info(shape, strides, "bool")
     assert arrays._row_pitch(arrays.collapse_broadcast(info)) == want
+
+
+def test_row_pad_launch_shape_and_refusals():
+    """The padding copy's grid covers every 16-byte chunk of a destination row in x and the
+    rows in y (at most 65535: the kernel's stride loop takes the rest); a destination it
+    cannot store 16-byte words into is refused before anything launches."""
+    assert row_pad.grid(5056, 80864) == (-(-5056 // (16 * 32 * row_pad.PAD_WARPS)), 65535, 1)
+    assert row_pad.grid(16, 3) == (1, 3, 1)
+    with pytest.raises(ValueError, match="16-byte aligned destination"):
+        row_pad.copy_rows(0, 8, 32, 0, 32, 32, 1, 0)
+    with pytest.raises(ValueError, match="pitch >= width"):
+        row_pad.copy_rows(0, 0, 16, 0, 32, 32, 1, 0)

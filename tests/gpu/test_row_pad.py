@@ -1,0 +1,42 @@
+"""The row padding copy (row_pad.cu) against a byte-for-byte host model: rows of any start
+alignment, pitch and width land 16 bytes apart with each row's tail past its width zeroed;
+bytes outside the destination rows are never written."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dmattn_cupy import row_pad
+
+torch = pytest.importorskip("torch")
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("offset,width,src_pitch,rows", [
+    (0, 16, 16, 3),          # already aligned
+    (1, 1, 1, 5),            # one byte per row, rows adjacent
+    (3, 17, 19, 7),          # every alignment of the 4-byte words
+    (2, 5054, 5054, 9),      # a bf16 bias row of 2527 keys
+    (1, 2527, 2527, 11),     # a bool mask row of 2527 keys
+    (2, 30, 64, 4),          # a view into wider rows
+    (1, 333, 333, 70000),    # more rows than a grid's y dimension
+])
+def test_rows_copied_and_padded(offset, width, src_pitch, rows):
+    g = torch.Generator().manual_seed(width + rows)
+    src_bytes = offset + (rows - 1) * src_pitch + width
+    src = torch.randint(0, 256, (src_bytes,), generator=g, dtype=torch.uint8).cuda()
+    dst_pitch = -(-width // 16) * 16
+    guard = 64  # bytes past the last row that must stay as they were
+    dst = torch.full((rows * dst_pitch + guard,), 0xAB, dtype=torch.uint8, device="cuda")
+    row_pad.copy_rows(src.device.index, dst.data_ptr(), dst_pitch, src.data_ptr() + offset,
+                      src_pitch, width, rows, torch.cuda.current_stream().cuda_stream)
+    torch.cuda.synchronize()
+    s, d = src.cpu().numpy(), dst.cpu().numpy()
+    want = np.zeros((rows, dst_pitch), dtype=np.uint8)
+    starts = offset + src_pitch * np.arange(rows)
+    want[:, :width] = s[starts[:, None] + np.arange(width)[None, :]]
+    np.testing.assert_array_equal(d[:rows * dst_pitch].reshape(rows, dst_pitch), want)
+    assert (d[rows * dst_pitch:] == 0xAB).all()
+
