@@ -4,8 +4,8 @@ An ``ArrayInfo`` records what the rest of the pipeline needs of an array: its ki
 shape, strides in elements, device and data pointer. GPU data is read in place: the kernel gets
 the torch (or CuPy) storage pointer itself, so torch tensors cross with no copy and no sync.
 The adapter at the end (``empty``, ``zeros``, ``cast``, ``contiguous_copy``, ``to_host``,
-``upload``, ``strided_copy``, ``padded_copy``) is the one place that switches on torch / CuPy /
-NumPy.
+``upload``, ``strided_copy``, ``padded_buffer``, ``padded_copy``) is the one place that
+switches on torch / CuPy / NumPy.
 Only this module and ``runtime`` touch torch/CuPy objects; both are imported lazily.
 """
 
@@ -328,7 +328,7 @@ def collapse_broadcast(info: ArrayInfo) -> ArrayInfo:
 
 
 def padded_rows(info: ArrayInfo, align: int = 16) -> ArrayInfo:
-    """How ``padded_copy`` lays ``info`` out (pointer 0 until copied): broadcast dimensions
+    """How ``padded_buffer`` lays ``info`` out (pointer 0 until allocated): broadcast dimensions
     collapsed (``collapse_broadcast``: stored once), each row of the last dimension starting
     ``align`` bytes apart (the row padded), the other dimensions C-contiguous."""
     info = collapse_broadcast(info)
@@ -375,7 +375,7 @@ def padded_copy(info: ArrayInfo, stream: Any, like: Any, align: int = 16) -> tup
 
 
 def padded_bytes(info: ArrayInfo, align: int = 16) -> int:
-    """The size of ``padded_copy``'s buffer for ``info`` (at least 1 byte)."""
+    """The size of ``padded_buffer``'s buffer for ``info`` (at least 1 byte)."""
     out = padded_rows(info, align)
     words = math.prod(out.shape[:-1]) * out.strides[-2] if out.ndim > 1 else out.shape[0]
     return max(1, words) * ITEM_BYTES[info.dtype]

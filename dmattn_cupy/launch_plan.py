@@ -58,9 +58,10 @@ class Alloc:
 
 @dataclass(frozen=True)
 class RowCopy:
-    """A pitched copy a call makes before its launches: ``rows`` rows of ``width`` bytes from
-    source ``src`` (rows ``src_pitch`` bytes apart) to source ``dst`` (``dst_pitch`` apart),
-    e.g. a mask's rows into an allocation whose rows a tensor map can read."""
+    """A pitched copy a call makes before its launches (``row_pad.copy_rows``): ``rows`` rows
+    of ``width`` bytes from the plan source ``src`` (rows ``src_pitch`` bytes apart) into the
+    plan source ``dst`` (``dst_pitch`` apart, tails zeroed), e.g. a mask's rows into an
+    allocation whose rows a tensor map can read."""
     src: str
     dst: str
     width: int
