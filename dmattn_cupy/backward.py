@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from . import arrays, backward_sm90, env, runtime
+from . import arrays, backward_sm90, runtime
 from .arrays import array_kind, describe
 from .launch_plan import Alloc, Launch, Plan
 from .layout import (
@@ -35,7 +35,7 @@ from .layout import (
 )
 from .params import FWD_DTYPE, bwd_dtype_flat
 from .select import backward as select_backward
-from .select import backward_family, backward_order_spec, backward_sm90_spec
+from .select import backward_family, backward_sm90_spec
 from .sparse_plan import SparseArrays, sparse_fields
 from .validate import Problem
 
@@ -83,8 +83,6 @@ _BWD_POINTER_FIELD = {"dout": "dout", "dlse": "dlse", "dsum": "dsum", "dq": "dq"
 _WS_ALIGN = 64   # float32 elements (256 bytes): where dsum starts in the workspace
 # query rows per warp of the pre and post kernels (kBwdRowsPerWarp in sm80/bwd.cu)
 ROWS_PER_WARP = 4
-# CTAs the bwd_order kernel ranks at most (kSpOrderMaxItems in bwd_params.cuh)
-ORDER_MAX_ITEMS = 16384
 
 
 def run_backward(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out: Any, lse: Any,
@@ -98,16 +96,6 @@ def run_backward(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out: 
     grads, _ = backward_call(pb, dout, query, key, value, out, lse, cu_q, cu_k, dlse,
                              deterministic, need_dbias, sparse)
     return grads
-
-
-def order_items(pb: Problem, family: str, deterministic: bool) -> int:
-    """The Hopper backward's CTAs when a block mask runs them longest first (the bwd_order
-    kernel's permutation: default mode, no window, at most ORDER_MAX_ITEMS CTAs,
-    ``DMATTN_SM90_BWD_ORDER`` not 0), else 0 (grid order)."""
-    if family != "bwd_sm90" or deterministic or pb.window != (-1, -1) or pb.varlen:
-        return 0
-    items = math.ceil(pb.seqlen_k / backward_sm90.BLOCK_N) * pb.kv_heads * pb.batch
-    return items if 0 < items <= ORDER_MAX_ITEMS and env.sm90_bwd_order() else 0
 
 
 def backward_call(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out: Any, lse: Any,
@@ -226,13 +214,10 @@ def backward_call(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out:
                         Alloc("dq", pb.q.shape, dt)]
         plan.extra["ws_dsum_bytes"] = 4 * dsum_at
     grid_shape = None
-    n_order = 0
     if sparse is not None:  # per (mask batch, mask head, row block, column block): its state
         grid_shape = tuple(int(n) for n in describe(sparse.full_count).shape) + (
             math.ceil(pb.seqlen_k / sparse.block_n),)
-        # then the Hopper CTAs' longest-first order (bwd_order) where it applies
-        n_order = order_items(pb, family, deterministic)
-        plan.allocs.append(Alloc("sp_grid", (math.prod(grid_shape) + n_order,), "int32"))
+        plan.allocs.append(Alloc("sp_grid", grid_shape, "int32"))
     plan.extra.update(expanded_axes=expanded_axes,
                       bias_dtype=None if pb.bias is None else pb.bias.dtype)
     bufs = {a.name: (arrays.zeros if a.zero else arrays.empty)(query, a.shape, a.dtype or dt)
@@ -283,9 +268,6 @@ def backward_call(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out:
         for name, value in sparse_fields(sparse).items():
             r[name] = value
         r["sp_grid_cols"] = grid_shape[-1]
-        if n_order:
-            r["sp_order"] = ptr(bufs["sp_grid"]) + 4 * math.prod(grid_shape)
-            plan.slot("sp_grid", rec, "sp_order", 4 * math.prod(grid_shape))
 
     if not empty:
         dev = pb.q.device
@@ -296,9 +278,6 @@ def backward_call(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out:
             bm, hm, nrb = grid_shape[:3]
             plan.launches.append(Launch(runtime.get_kernel(grid_spec, dev), (nrb, hm, bm),
                                         (rec,)))
-            if n_order:
-                plan.launches.append(Launch(runtime.get_kernel(
-                    backward_order_spec(dev_props.arch), dev), (1, 1, 1), (rec,)))
         if pb.seqlen_k > 0 and family == "bwd_sm90":
             mode_b = backward_sm90.bias_mode(pb.bias, pb.batch, pb.heads, pb.seqlen_q,
                                              pb.seqlen_k) or 0

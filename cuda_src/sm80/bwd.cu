@@ -189,69 +189,6 @@ flash_bwd_sparse_grid_kernel(const BwdParams bp) {
   }
 }
 
-// One CTA of kSpOrderBuckets threads: the Hopper backward's CTAs (item i = key tile t + tiles *
-// (kv head + kv_heads * batch)) ranked by their listed blocks (over the kv group's heads and
-// every row block, read from sp_grid: adjacent items read adjacent columns), longest first by
-// a counting sort (a CTA's order within one count is arbitrary: the default mode's dQ adds
-// have no order anyway). In-order CTA dispatch then approximates longest-processing-time
-// scheduling, which random 10% block masks need (grid order left ~10% of the time in the
-// last waves' imbalance). bp.sp_order receives the permutation.
-template <int kNumWarps>
-__global__ void __launch_bounds__(kNumWarps * 32)
-flash_bwd_sparse_order_kernel(const BwdParams bp) {
-  static_assert(kNumWarps * 32 == kSpOrderBuckets, "one thread per bucket");
-  const FwdParams& p = bp.f;
-  __shared__ int32_t start[kSpOrderBuckets];
-  __shared__ int32_t warp_sum[kNumWarps];
-  __shared__ uint16_t bucket[kSpOrderMaxItems];
-  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const int tiles = (p.seqlen_k + kSpOrderTileN - 1) / kSpOrderTileN;
-  const int items = tiles * p.kv_heads * p.batch;  // <= kSpOrderMaxItems (the host checks)
-  start[tid] = 0;
-  __syncthreads();
-  for (int i = tid; i < items; i += blockDim.x) {
-    const int t = i % tiles, kvh = i / tiles % p.kv_heads, b = i / tiles / p.kv_heads;
-    const int col = t * kSpOrderTileN / p.sp_block_n;
-    int count = 0;
-    for (int j = 0; j < p.q_per_kv; ++j) {
-      const int h = kvh * p.q_per_kv + j;
-      const int32_t* g = bp.sp_grid +
-          sparse_row(p, p.sp_batches == 1 ? 0 : b, p.sp_heads == 1 ? 0 : h, 0) *
-              bp.sp_grid_cols + col;
-#pragma unroll 8
-      for (int rb = 0; rb < p.sp_row_blocks; ++rb)
-        count += g[int64_t(rb) * bp.sp_grid_cols] != kSpNone;
-    }
-    bucket[i] = uint16_t(kSpOrderBuckets - 1 - dm_min(count, kSpOrderBuckets - 1));
-    atomicAdd(&start[bucket[i]], 1);  // a histogram of descending counts
-  }
-  __syncthreads();
-  // exclusive prefix sum of the histogram: each bucket's first position in the order
-  int x = start[tid];
-#pragma unroll
-  for (int d = 1; d < 32; d *= 2) {
-    const int y = __shfl_up_sync(0xffffffffu, x, d);
-    if (lane >= d) x += y;
-  }
-  if (lane == 31) warp_sum[warp] = x;
-  __syncthreads();
-  if (warp == 0) {
-    int w = lane < kNumWarps ? warp_sum[lane] : 0;
-#pragma unroll
-    for (int d = 1; d < 32; d *= 2) {
-      const int y = __shfl_up_sync(0xffffffffu, w, d);
-      if (lane >= d) w += y;
-    }
-    if (lane < kNumWarps) warp_sum[lane] = w;  // inclusive, per warp
-  }
-  __syncthreads();
-  const int inclusive = x + (warp > 0 ? warp_sum[warp - 1] : 0);
-  __syncthreads();
-  start[tid] = inclusive - start[tid];
-  __syncthreads();
-  for (int i = tid; i < items; i += blockDim.x) bp.sp_order[atomicAdd(&start[bucket[i]], 1)] = i;
-}
-
 // dst[0] += a, dst[1] += b without a return value; dst is 8-byte aligned. sm_90 has a
 // two-float reduction (one instruction, one L2 transaction); elsewhere two scalar ones.
 DM_DEVICE void red_add2(float* dst, float a, float b) {
