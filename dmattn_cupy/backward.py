@@ -23,9 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from . import arrays, backward_sm90, runtime
-from .arrays import array_kind, describe
-from .launch_plan import Alloc, Launch, Plan
+from . import arrays, backward_sm90, row_pad, runtime
+from .arrays import ArrayInfo, array_kind, describe
+from .device import DeviceProps
+from .launch_plan import Alloc, Launch, Plan, RowCopy
 from .layout import (
     SPARSE_INPUTS,
     build_fwd_params,
@@ -134,9 +135,19 @@ def backward_call(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out:
 
     want_dbias = need_dbias and pb.bias is not None
     dev_props = runtime.device_props(pb.q.device)
-    family = backward_family(pb, describe(dout), deterministic,
-                             False if sparse is None else (sparse.block_m, sparse.block_n),
-                             dev_props, sparse is not None and sparse.partial_slot is not None)
+    sparse_arg = False if sparse is None else (sparse.block_m, sparse.block_n)
+    partial = sparse is not None and sparse.partial_slot is not None
+    family = backward_family(pb, describe(dout), deterministic, sparse_arg, dev_props, partial)
+    # A bias tile whose rows alone keep it from bwd_sm90's tensor map (Sk values that are no
+    # 16-byte multiple, a misaligned view) is read from a copy in 16-byte rows ("bias_rows",
+    # made by row_pad before the launches; a cached plan repeats it). dbias keeps the bias's
+    # own contiguous layout (the kernel stores it at any strides).
+    bias_src = pb.bias
+    pad_bias = family != "bwd_sm90" and bias_to_pad(pb, describe(dout), deterministic,
+                                                    sparse_arg, dev_props, partial)
+    if pad_bias:
+        pb = dataclasses.replace(pb, bias=_padded_placeholder(pb.bias))
+        family = "bwd_sm90"
     pre, dkdv, dqs, grid_spec, post = select_backward(dt, pb.head_dim, pb.mask is not None,
                                                       pb.bias is not None, pb.varlen,
                                                       deterministic, sparse is not None,
@@ -218,10 +229,20 @@ def backward_call(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out:
         grid_shape = tuple(int(n) for n in describe(sparse.full_count).shape) + (
             math.ceil(pb.seqlen_k / sparse.block_n),)
         plan.allocs.append(Alloc("sp_grid", grid_shape, "int32"))
+    if pad_bias:  # after every alloc the code above indexes (dbias is allocs[0])
+        width, rows, src_pitch, dst_pitch = arrays.row_copy(bias_src)
+        plan.allocs.append(Alloc("bias_rows", (arrays.padded_bytes(bias_src),), "uint8"))
+        plan.copies.append(RowCopy("bias", "bias_rows", width, rows, src_pitch, dst_pitch))
     plan.extra.update(expanded_axes=expanded_axes,
                       bias_dtype=None if pb.bias is None else pb.bias.dtype)
     bufs = {a.name: (arrays.zeros if a.zero else arrays.empty)(query, a.shape, a.dtype or dt)
             for a in plan.allocs}
+    if pad_bias:  # this call's copy; the kernels read the bias from it
+        pb = dataclasses.replace(pb, bias=dataclasses.replace(pb.bias,
+                                                               ptr=describe(bufs["bias_rows"]).ptr))
+        row_pad.copy_rows(pb.q.device, pb.bias.ptr, dst_pitch, bias_src.ptr, src_pitch, width,
+                          rows, runtime.stream_ptr(pb.kind, pb.q.device))
+    renames = {"bias": "bias_rows"} if pad_bias else {}
     if "ws" in bufs:
         bufs["dq_accum"] = arrays.flat_view(bufs["ws"], pb.q.shape)
 
@@ -234,12 +255,14 @@ def backward_call(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out:
     for name in FWD_DTYPE.names:
         r[name] = fwd[0][name]
     for name, field in fwd_pointer_fields(pb, ("out", "lse")):
-        plan.slot(name, rec, field)
+        plan.slot(renames.get(name, name), rec, field)
     r["dout"], r["dlse"] = ptr(dout), ptr(dlse)
     plan.slot("dout", rec, "dout")
     if dlse is not None:
         plan.slot("dlse", rec, "dlse")
     for a in plan.allocs:
+        if a.name == "bias_rows":  # read through the bias fields (renames)
+            continue
         if a.name == "ws":
             ws, off = ptr(bufs["ws"]), plan.extra["ws_dsum_bytes"]
             r["dq_accum"], r["dsum"] = ws, ws + off
@@ -292,7 +315,8 @@ def backward_call(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out:
                 plan.cacheable = False
             else:  # the dqa map spans dq_accum, element 0 of the workspace
                 for name, offset in slots:
-                    plan.slot_at("ws" if name == "dqa" else name, args, offset)
+                    plan.slot_at("ws" if name == "dqa" else renames.get(name, name), args,
+                                 offset)
             if deterministic:
                 plan.slot_at("ws", args, backward_sm90.DQ_SEM_OFFSET, 4 * sem_at)
             plan.launches.append(Launch(runtime.get_kernel(spec, dev), (
@@ -349,6 +373,25 @@ def finish_backward(plan: Plan, bufs: dict[str, Any]) -> tuple[Any, Any, Any, An
     if cast_db is not None:
         dbias = cast_db(dbias)
     return bufs["dq"], bufs["dk"], bufs["dv"], dbias
+
+
+def bias_to_pad(pb: Problem, dout: ArrayInfo, deterministic: bool, sparse: bool | tuple[int, int],
+                dev: DeviceProps, partial: bool = False) -> bool:
+    """Whether the bias alone keeps the problem off bwd_sm90 and a copy in 16-byte rows
+    (``row_pad``; equally spaced rows, no expanded dims) puts it there: e.g. a (B, H, Sq, Sk)
+    tile or a (B, H, 1, Sk) key row at an odd Sk."""
+    bias = pb.bias
+    if bias is None or arrays.collapse_broadcast(bias) != bias or arrays.row_copy(bias) is None:
+        return False
+    if backward_family(pb, dout, deterministic, sparse, dev, partial) == "bwd_sm90":
+        return False
+    trial = dataclasses.replace(pb, bias=_padded_placeholder(bias))
+    return backward_family(trial, dout, deterministic, sparse, dev, partial) == "bwd_sm90"
+
+
+def _padded_placeholder(bias: ArrayInfo) -> ArrayInfo:
+    """``bias`` as ``arrays.padded_buffer`` lays it out, at an aligned placeholder address."""
+    return dataclasses.replace(arrays.padded_rows(bias), ptr=1 << 20)
 
 
 def _contig_info(info, shape: tuple[int, ...], dtype: str):

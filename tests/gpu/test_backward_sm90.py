@@ -57,6 +57,26 @@ def test_full_bias_grad(d, h, hk, mode):
     _run_dense(q, k, v, bias=bias, seed=5, **MODES[mode])
 
 
+@pytest.mark.parametrize("deterministic", [False, True], ids=["default", "det"])
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("layout", ["sk263", "view"])
+def test_full_bias_grad_rows_not_16_byte_multiples(layout, mode, deterministic):
+    """A bias tile whose rows alone keep it from a tensor map (Sk = 263: 526-byte rows; a view
+    starting 2 bytes into its storage) is read from a copy in 16-byte rows (backward.bias_to_pad,
+    row_pad); dbias keeps the bias's own shape. Twice: the second step takes the cached plan,
+    which repeats the copy."""
+    sk = 263 if layout == "sk263" else 264
+    q, k, v = _qkv(2, 200, sk, 4, 2, 128, "bfloat16", seed=sk)
+    g = torch.Generator().manual_seed(12)
+    if layout == "sk263":
+        bias = torch.randn(2, 4, 200, sk, generator=g).to("cuda", torch.bfloat16)
+    else:
+        bias = torch.randn(2, 4, 200, sk + 1, generator=g).to("cuda", torch.bfloat16)[..., 1:]
+        assert bias.data_ptr() % 16 == 2
+    for _ in range(2):
+        _run_dense(q, k, v, bias=bias, seed=13, deterministic=deterministic, **MODES[mode])
+
+
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("h,hk", [(4, 4), (4, 1)], ids=["g1", "g4"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
