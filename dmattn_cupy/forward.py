@@ -49,7 +49,8 @@ def _tma_rows(info: ArrayInfo) -> bool:
 
 
 def operands_to_pad(pb: Problem, sparse: bool | tuple[int, int] = False) -> tuple[str, ...]:
-    """The mask/bias operands to copy into 16-byte aligned rows (``arrays.padded_copy``):
+    """The mask/bias operands to copy into 16-byte aligned rows (``row_pad``, or
+    ``arrays.padded_copy`` where rows are not equally spaced):
     those whose layout alone keeps the problem off the sm_90a family (rows of Sk bytes or
     values that are not 16-byte multiples, a misaligned view; e.g. a (B, 1, Sq, Sk) bool mask
     at an odd Sk). One pass over the operand (the mask: Sq * Sk bytes per batch) costs a few
@@ -66,8 +67,8 @@ def operands_to_pad(pb: Problem, sparse: bool | tuple[int, int] = False) -> tupl
 
 
 def padded_problem(pb: Problem, names: tuple[str, ...]) -> Problem:
-    """``pb`` with the named operands described as ``arrays.padded_copy`` lays them out (at an
-    aligned placeholder address until copied): what the selector sees after the copies."""
+    """``pb`` with the named operands described as ``arrays.padded_buffer`` lays them out (at
+    an aligned placeholder address until copied): what the selector sees after the copies."""
     return dataclasses.replace(pb, **{n: dataclasses.replace(
         arrays.padded_rows(getattr(pb, n)), ptr=1 << 20) for n in names})
 
