@@ -256,7 +256,10 @@ def launch_ex(kernel: Kernel, grid: Dim3, args: tuple[Any, ...], stream: Any,
                            f"CUresult {err}")
 
 
-_raw: list[Any] = []   # [driver.launchKernel, runtime.getDevice, cupy.cuda.Device], bound once
+# [driver.launchKernel, runtime.getDevice, cupy.cuda.Device, driver.CUDADriverError,
+# runtime.setDevice], bound once
+_raw: list[Any] = []
+_CUDA_ERROR_INVALID_CONTEXT = 201
 
 
 def launch_raw(device: int, function_ptr: int, grid: Dim3, block: Dim3, shared_mem: int,
@@ -269,12 +272,23 @@ def launch_raw(device: int, function_ptr: int, grid: Dim3, block: Dim3, shared_m
         from cupy_backends.cuda.api import driver
         from cupy_backends.cuda.api import runtime as rt
 
-        _raw[:] = [driver.launchKernel, rt.getDevice, cupy.cuda.Device]
-    launch_kernel, get_device, device_ctx = _raw
-    if get_device() == device:
-        launch_kernel(function_ptr, grid[0], grid[1], grid[2], block[0], block[1], block[2],
-                      shared_mem, stream, params_ptr, 0)
-        return
-    with device_ctx(device):
-        launch_kernel(function_ptr, grid[0], grid[1], grid[2], block[0], block[1], block[2],
-                      shared_mem, stream, params_ptr, 0)
+        _raw[:] = [driver.launchKernel, rt.getDevice, cupy.cuda.Device, driver.CUDADriverError,
+                   rt.setDevice]
+    launch_kernel, get_device, device_ctx, driver_error, set_device = _raw
+    args = (function_ptr, grid[0], grid[1], grid[2], block[0], block[1], block[2], shared_mem,
+            stream, params_ptr, 0)
+    try:
+        if get_device() == device:
+            launch_kernel(*args)
+            return
+        with device_ctx(device):
+            launch_kernel(*args)
+    except driver_error as e:
+        if e.status != _CUDA_ERROR_INVALID_CONTEXT:
+            raise
+        # A thread whose device was set without a context bound to it (torch's autograd thread
+        # before any CUDA runtime call of its own, when a cached kernel is its first launch):
+        # cudaSetDevice binds the device's primary context, then the launch goes through.
+        with device_ctx(device):
+            set_device(device)
+            launch_kernel(*args)

@@ -40,3 +40,36 @@ def test_rows_copied_and_padded(offset, width, src_pitch, rows):
     np.testing.assert_array_equal(d[:rows * dst_pitch].reshape(rows, dst_pitch), want)
     assert (d[rows * dst_pitch:] == 0xAB).all()
 
+
+
+def test_copy_from_a_thread_without_a_current_context():
+    """A new thread has no CUDA context bound to it (torch's autograd thread neither, until a
+    runtime call of its own): a launch of an already loaded kernel there (a backward's first
+    launch, row_pad's copy of an odd-Sk bias tile) binds the device's primary context
+    (runtime.launch_raw) instead of failing with CUDA_ERROR_INVALID_CONTEXT."""
+    import threading
+
+    width, rows, dst_pitch = 6, 4, 16
+    src = torch.arange(width * rows, dtype=torch.uint8, device="cuda")
+    dst = torch.full((rows * dst_pitch,), 0xAB, dtype=torch.uint8, device="cuda")
+    args = (src.device.index, dst.data_ptr(), dst_pitch, src.data_ptr(), width, width, rows, 0)
+    row_pad.copy_rows(*args)   # loads the kernel in this thread
+    torch.cuda.synchronize()
+    dst.fill_(0xAB)
+    torch.cuda.synchronize()
+    errors: list[BaseException] = []
+
+    def copy() -> None:
+        try:
+            row_pad.copy_rows(*args)
+        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+            errors.append(e)
+
+    t = threading.Thread(target=copy)
+    t.start()
+    t.join()
+    assert not errors, errors
+    torch.cuda.synchronize()
+    want = np.zeros((rows, dst_pitch), dtype=np.uint8)
+    want[:, :width] = np.arange(width * rows, dtype=np.uint8).reshape(rows, width)
+    np.testing.assert_array_equal(dst.cpu().numpy().reshape(rows, dst_pitch), want)
