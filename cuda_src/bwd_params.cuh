@@ -20,6 +20,11 @@ struct BwdParams {
   // partial block's slot in f.sp_partial_bits. Null without a block mask. Built from f's
   // row lists by flash_bwd_sparse_grid_kernel, so key-major loops look a block up directly.
   int32_t* sp_grid;
+  // The Hopper backward's CTAs (key tile, kv head, batch; tile fastest) longest first within
+  // groups of kSpOrderGroup: a permutation written by flash_bwd_sparse_order_kernel from
+  // sp_grid, read by sm90/bwd.cu in the default mode of a block mask without a window. Null:
+  // grid order.
+  int32_t* sp_order;
   int64_t do_batch_stride, do_row_stride, do_head_stride;
   int64_t dq_batch_stride, dq_row_stride, dq_head_stride;
   int64_t dk_batch_stride, dk_row_stride, dk_head_stride;
@@ -39,3 +44,9 @@ struct BwdParams {
 
 // States of an sp_grid entry besides a partial block's slot (>= 0).
 constexpr int32_t kSpNone = -2, kSpFull = -1;
+// Keys per CTA of the Hopper backward (sm90/bwd.cu kBlockN; backward_sm90.BLOCK_N): the key
+// tiles sp_order ranks.
+constexpr int kSpOrderTileN = 128;
+// sp_order ranks the CTAs in groups of kSpOrderGroup consecutive ones (backward.ORDER_GROUP):
+// about one wave of an H100/H200's 132 SMs, about two heads of 64 key tiles.
+constexpr int kSpOrderGroup = 128;

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from . import arrays, backward_sm90, row_pad, runtime
+from . import arrays, backward_sm90, env, row_pad, runtime
 from .arrays import ArrayInfo, array_kind, describe
 from .device import DeviceProps
 from .launch_plan import Alloc, Launch, Plan, RowCopy
@@ -36,7 +36,7 @@ from .layout import (
 )
 from .params import FWD_DTYPE, bwd_dtype_flat
 from .select import backward as select_backward
-from .select import backward_family, backward_sm90_spec
+from .select import backward_family, backward_order_spec, backward_sm90_spec
 from .sparse_plan import SparseArrays, sparse_fields
 from .validate import Problem
 
@@ -84,6 +84,9 @@ _BWD_POINTER_FIELD = {"dout": "dout", "dlse": "dlse", "dsum": "dsum", "dq": "dq"
 _WS_ALIGN = 64   # float32 elements (256 bytes): where dsum starts in the workspace
 # query rows per warp of the pre and post kernels (kBwdRowsPerWarp in sm80/bwd.cu)
 ROWS_PER_WARP = 4
+# consecutive CTAs the bwd_order kernel ranks together (kSpOrderGroup in bwd_params.cuh): one
+# of its CTAs per group
+ORDER_GROUP = 128
 
 
 def run_backward(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out: Any, lse: Any,
@@ -97,6 +100,16 @@ def run_backward(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out: 
     grads, _ = backward_call(pb, dout, query, key, value, out, lse, cu_q, cu_k, dlse,
                              deterministic, need_dbias, sparse)
     return grads
+
+
+def order_items(pb: Problem, family: str, deterministic: bool) -> int:
+    """The Hopper backward's CTAs when a block mask runs them longest first within groups of
+    ORDER_GROUP (the bwd_order kernel's permutation: default mode, no window,
+    ``DMATTN_SM90_BWD_ORDER`` not 0), else 0 (grid order)."""
+    if family != "bwd_sm90" or deterministic or pb.window != (-1, -1) or pb.varlen:
+        return 0
+    items = math.ceil(pb.seqlen_k / backward_sm90.BLOCK_N) * pb.kv_heads * pb.batch
+    return items if items > 0 and env.sm90_bwd_order() else 0
 
 
 def backward_call(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out: Any, lse: Any,
@@ -225,10 +238,13 @@ def backward_call(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out:
                         Alloc("dq", pb.q.shape, dt)]
         plan.extra["ws_dsum_bytes"] = 4 * dsum_at
     grid_shape = None
+    n_order = 0
     if sparse is not None:  # per (mask batch, mask head, row block, column block): its state
         grid_shape = tuple(int(n) for n in describe(sparse.full_count).shape) + (
             math.ceil(pb.seqlen_k / sparse.block_n),)
-        plan.allocs.append(Alloc("sp_grid", grid_shape, "int32"))
+        # then the Hopper CTAs' longest-first order (bwd_order) where it applies
+        n_order = order_items(pb, family, deterministic)
+        plan.allocs.append(Alloc("sp_grid", (math.prod(grid_shape) + n_order,), "int32"))
     if pad_bias:  # after every alloc the code above indexes (dbias is allocs[0])
         width, rows, src_pitch, dst_pitch = arrays.row_copy(bias_src)
         plan.allocs.append(Alloc("bias_rows", (arrays.padded_bytes(bias_src),), "uint8"))
@@ -291,6 +307,9 @@ def backward_call(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out:
         for name, value in sparse_fields(sparse).items():
             r[name] = value
         r["sp_grid_cols"] = grid_shape[-1]
+        if n_order:
+            r["sp_order"] = ptr(bufs["sp_grid"]) + 4 * math.prod(grid_shape)
+            plan.slot("sp_grid", rec, "sp_order", 4 * math.prod(grid_shape))
 
     if not empty:
         dev = pb.q.device
@@ -301,6 +320,10 @@ def backward_call(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out:
             bm, hm, nrb = grid_shape[:3]
             plan.launches.append(Launch(runtime.get_kernel(grid_spec, dev), (nrb, hm, bm),
                                         (rec,)))
+            if n_order:
+                plan.launches.append(Launch(runtime.get_kernel(
+                    backward_order_spec(dev_props.arch), dev),
+                    (math.ceil(n_order / ORDER_GROUP), 1, 1), (rec,)))
         if pb.seqlen_k > 0 and family == "bwd_sm90":
             mode_b = backward_sm90.bias_mode(pb.bias, pb.batch, pb.heads, pb.seqlen_q,
                                              pb.seqlen_k) or 0

@@ -415,6 +415,8 @@ FAMILY_ROWS: tuple[Family, ...] = (
            threads=lambda s: backward_sm90.THREADS),
     Family("bwd_grid", "sm80/bwd.cu", "dm::flash_bwd_sparse_grid_kernel", ("num_warps",),
            "BwdParams", "sm_80", _smem_none),
+    Family("bwd_order", "sm80/bwd.cu", "dm::flash_bwd_sparse_order_kernel", ("num_warps",),
+           "BwdParams", "sm_80", _smem_none),
 )
 
 # The table every other module reads; tests may add a row to it.

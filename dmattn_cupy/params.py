@@ -84,6 +84,7 @@ def abi_check_source(struct: str = "FwdParams", dtype: np.dtype = FWD_DTYPE) -> 
 BWD_EXTRA_FIELDS: tuple[tuple[str, type], ...] = (
     ("dout", _PTR), ("dlse", _PTR), ("dsum", _PTR), ("dq_accum", _PTR), ("dq", _PTR),
     ("dk", _PTR), ("dv", _PTR), ("dbias", _PTR), ("sp_grid", _PTR),
+    ("sp_order", _PTR),
     ("do_batch_stride", _I64), ("do_row_stride", _I64), ("do_head_stride", _I64),
     ("dq_batch_stride", _I64), ("dq_row_stride", _I64), ("dq_head_stride", _I64),
     ("dk_batch_stride", _I64), ("dk_row_stride", _I64), ("dk_head_stride", _I64),

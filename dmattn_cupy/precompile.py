@@ -93,6 +93,7 @@ def all_specs(arch: str = "sm_80", debug: bool = False) -> list[KernelSpec]:
                 DTYPES, backward_sm90.HEAD_DIMS, (False, True),
                 ((False, False), (True, False), (True, True))):
             add(select.backward_sm90_spec(dtype, hd, mask, bias, key_row))
+        add(select.backward_order_spec(arch))
     return list(specs)
 
 

@@ -136,6 +136,13 @@ def backward_family(pb: Problem, dout: ArrayInfo, deterministic: bool, sparse: S
     return "bwd_sm90" if ok else "bwd_dkdv"
 
 
+def backward_order_spec(arch: str = "sm_80") -> KernelSpec:
+    """The block lists' longest-first order of the Hopper backward's CTAs (sm80/bwd.cu
+    flash_bwd_sparse_order_kernel: one CTA of 1024 threads, 8 per CTA ranked, per group of 128
+    CTAs; arch-neutral)."""
+    return KernelSpec(family="bwd_order", block_m=1, block_n=1, num_warps=32, arch=arch)
+
+
 def backward_sm90_spec(dtype: str, head_dim: int, has_mask: bool, has_bias: bool,
                        bias_key_row: bool = False) -> KernelSpec:
     """The Hopper backward's specialization (dtype x padded head dim x mask x bias: none, a

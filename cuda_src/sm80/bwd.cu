@@ -189,6 +189,56 @@ flash_bwd_sparse_grid_kernel(const BwdParams bp) {
   }
 }
 
+// The Hopper backward's CTAs (item i = key tile t + tiles * (kv head + kv_heads * batch)) in
+// groups of kSpOrderGroup consecutive items, each group longest first: CTA g of this kernel
+// (any multiple of kSpOrderGroup threads) ranks group g's items by their listed blocks (over the kv group's heads and every row block,
+// read from sp_grid: adjacent items read adjacent columns; ties in item order) and writes
+// bp.sp_order[i] = the item the i-th bwd_sm90 CTA runs. In-order CTA dispatch then ends each
+// ~wave with its shortest CTAs (random 10% block masks left ~12% of the SMs' time idle in grid
+// order); a group spans about two heads, so the CTAs in flight share Q/dO/dQ in L2 as in grid
+// order (one longest-first order over all CTAs put every head in flight and gained nothing).
+template <int kNumWarps>
+__global__ void __launch_bounds__(kNumWarps * 32)
+flash_bwd_sparse_order_kernel(const BwdParams bp) {
+  // kSub threads per item (adjacent lanes): each counts every kSub-th row block, and each ranks
+  // the item against every kSub-th item of the group, so all of a thread's loads are in flight
+  // at once (one thread per item: ~7.5 us for 1024 CTAs, latency-bound).
+  constexpr int kSub = kNumWarps * 32 / kSpOrderGroup;
+  static_assert(kSub * kSpOrderGroup == kNumWarps * 32 && 32 % kSub == 0, "kSub lanes per item");
+  const FwdParams& p = bp.f;
+  __shared__ int32_t counts[kSpOrderGroup];
+  const int tid = threadIdx.x, sub = tid % kSub, x = tid / kSub;
+  const int tiles = (p.seqlen_k + kSpOrderTileN - 1) / kSpOrderTileN;
+  const int items = tiles * p.kv_heads * p.batch;
+  const int first = blockIdx.x * kSpOrderGroup, n = dm_min(kSpOrderGroup, items - first);
+  const int i = first + x;
+  int count = 0;
+  if (x < n) {
+    const int t = i % tiles, kvh = i / tiles % p.kv_heads, b = i / tiles / p.kv_heads;
+    const int col = t * kSpOrderTileN / p.sp_block_n;
+    for (int j = 0; j < p.q_per_kv; ++j) {
+      const int h = kvh * p.q_per_kv + j;
+      const int32_t* g = bp.sp_grid +
+          sparse_row(p, p.sp_batches == 1 ? 0 : b, p.sp_heads == 1 ? 0 : h, 0) *
+              bp.sp_grid_cols + col;
+#pragma unroll 8
+      for (int rb = sub; rb < p.sp_row_blocks; rb += kSub)
+        count += g[int64_t(rb) * bp.sp_grid_cols] != kSpNone;
+    }
+  }
+#pragma unroll
+  for (int d = kSub / 2; d > 0; d /= 2) count += __shfl_xor_sync(0xffffffffu, count, d);
+  if (sub == 0) counts[x] = count;
+  __syncthreads();
+  // the items of the group before this one: more blocks, or as many and earlier
+  int rank = 0;
+  if (x < n)
+    for (int j = sub; j < n; j += kSub) rank += counts[j] > count || (counts[j] == count && j < x);
+#pragma unroll
+  for (int d = kSub / 2; d > 0; d /= 2) rank += __shfl_xor_sync(0xffffffffu, rank, d);
+  if (x < n && sub == 0) bp.sp_order[first + rank] = i;
+}
+
 // dst[0] += a, dst[1] += b without a return value; dst is 8-byte aligned. sm_90 has a
 // two-float reduction (one instruction, one L2 transaction); elsewhere two scalar ones.
 DM_DEVICE void red_add2(float* dst, float a, float b) {

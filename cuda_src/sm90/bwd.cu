@@ -256,6 +256,7 @@ static_assert(sizeof(Sm90BwdArgs) == 832, "Sm90BwdArgs: size drifted from backwa
 template <int kHeadDim, bool kHasMask, bool kBiasTile>
 struct Sm90BwdSmem {
   static constexpr int kBlockM = 64, kBlockN = 128, kStages = 2;
+  static_assert(kBlockN == kSpOrderTileN, "sp_order ranks this kernel's key tiles");
   static constexpr int kBoxes = kHeadDim / 64;              // 64-column boxes of a row
   static constexpr int kKV = kBoxes * kBlockN * 128;         // K or V (128 rows per box)
   static constexpr int kQ = kBoxes * kBlockM * 128;          // one Q or dO stage
@@ -458,8 +459,10 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
 
   int tile_n = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
   int lin = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
-  if (dq_sem != nullptr) {
-    lin = *ticket;
+  if (dq_sem != nullptr || bp.sp_order != nullptr) {
+    // the deterministic ticket, or the block lists' longest-first order (default mode, no
+    // window: the host's rule, so the remap below never applies to it)
+    lin = dq_sem != nullptr ? *ticket : bp.sp_order[lin];
     tile_n = lin % gridDim.x;
     kvh = lin / gridDim.x % gridDim.y;
     b = lin / gridDim.x / gridDim.y;

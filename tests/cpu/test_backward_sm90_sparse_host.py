@@ -124,10 +124,20 @@ def test_run_backward_launches_the_grid_before_the_hopper_kernel(monkeypatch, bl
                           np.zeros((2, 4, 200), np.float32), deterministic=deterministic,
                           sparse=sparse)
     assert backward.launches["bwd_sm90"] == before + 1
-    assert [x[0].family for x in launched] == ["bwd_pre", "bwd_grid", "bwd_sm90", "bwd_post"]
+    # the default mode ranks bwd_sm90's CTAs longest first (bwd_order: a CTA per 128) after
+    # the grid
+    order = [] if deterministic else ["bwd_order"]
+    assert [x[0].family for x in launched] == ["bwd_pre", "bwd_grid", *order, "bwd_sm90",
+                                               "bwd_post"]
     nrb, ncg = -(-200 // block[0]), -(-264 // block[1])
     assert launched[1][1] == (nrb, 4, 1)   # one CTA per (row block, mask head, mask batch)
-    spec, grid, (rec, args) = launched[2]
+    spec, grid, (rec, args) = launched[-2]
+    if order:
+        assert launched[2][1] == (1, 1, 1) and launched[2][2][0].tobytes() == rec.tobytes()
+        # the permutation of the 3 x 2 x 2 CTAs follows the grid in sp_grid's buffer
+        assert int(rec["sp_order"]) == int(rec["sp_grid"]) + 4 * (4 * nrb * ncg)
+    else:
+        assert int(rec["sp_order"]) == 0
     assert spec.family == "bwd_sm90" and not spec.has_mask and grid == (3, 2, 2)
     # the grid kernel fills the sp_grid that bwd_sm90 then reads: one record for both
     assert launched[1][2][0].tobytes() == rec.tobytes()
@@ -160,3 +170,21 @@ def test_run_backward_sends_partial_blocks_and_unfit_blocks_to_the_portable_kern
     backward.run_backward(pb, np.zeros_like(q), q, k, v, np.zeros_like(q), lse,
                           sparse=host_arrays(_bitset(200, 264, (128, 128))))
     assert [x[0].family for x in launched] == ["bwd_pre", "bwd_grid", "bwd_dkdv", "bwd_post"]
+
+
+def test_longest_first_order_only_where_the_grid_order_is_free(monkeypatch):
+    """backward.order_items: the default mode of the Hopper backward without a window ranks
+    its CTAs (ceil(Sk / 128) x kv heads x batch, in groups of ORDER_GROUP); the deterministic
+    mode (tickets ordered by key tile), a window (causal's own longest-first remap), the
+    portable family and DMATTN_SM90_BWD_ORDER=0 keep the grid order."""
+    monkeypatch.delenv("DMATTN_SM90_BWD_ORDER", raising=False)
+    q, k, v = _arrays()   # Sk 264: 3 key tiles, 2 kv heads, batch 2
+    pb = _pb(q, k, v)
+    assert backward.order_items(pb, "bwd_sm90", False) == 3 * 2 * 2
+    assert backward.order_items(pb, "bwd_sm90", True) == 0
+    assert backward.order_items(pb, "bwd_dkdv", False) == 0
+    assert backward.order_items(_pb(q, k, v, causal=True), "bwd_sm90", False) == 0
+    big = dataclasses.replace(pb, batch=backward.ORDER_GROUP * 100)
+    assert backward.order_items(big, "bwd_sm90", False) == 3 * 2 * backward.ORDER_GROUP * 100
+    monkeypatch.setenv("DMATTN_SM90_BWD_ORDER", "0")
+    assert backward.order_items(pb, "bwd_sm90", False) == 0

@@ -26,11 +26,12 @@ from dmattn_cupy.layout import SPARSE_INPUTS  # noqa: E402
 
 cap = tf.cap   # the fixture
 B, SQ, SK, H, HK, D = tb.B, tb.SQ, tb.SK, tb.H, tb.HK, tb.D
-# pointers of buffers a step allocates (its outputs, workspaces, sp_grid, a DynamicMask's
-# copies) and of the forward's outputs the backward reads; dlse: the custom op's autograd
-# materializes a zero gradient for its lse output, the thin path's Function has no such output
-# (without return_lse) and passes none (dsum = rowsum(dO * O) - 0 either way)
-_PER_STEP = ("o", "lse", "sp_grid", "dlse")
+# pointers of buffers a step allocates (its outputs, workspaces, sp_grid and the CTA order
+# after it, a DynamicMask's copies) and of the forward's outputs the backward reads; dlse: the
+# custom op's autograd materializes a zero gradient for its lse output, the thin path's
+# Function has no such output (without return_lse) and passes none (dsum = rowsum(dO * O) - 0
+# either way)
+_PER_STEP = ("o", "lse", "sp_grid", "sp_order", "dlse")
 _DQA = slice(128 * backward_sm90.MAP_NAMES.index("dqa"), 128 * backward_sm90.MAP_NAMES.index(
     "dqa") + 128)
 _SEM = slice(backward_sm90.DQ_SEM_OFFSET, backward_sm90.DQ_SEM_OFFSET + 8)
@@ -142,6 +143,14 @@ def test_block_mask_steps_hit_and_launch_what_the_validated_path_builds(cap, mon
     sp_grid = int(tf._record(grid[3][0], "BwdParams")["sp_grid"][0])
     main = [x for x in again if x[1] == want][0]
     assert sp_grid != 0 and int(tf._record(main[3][0], "BwdParams")["sp_grid"][0]) == sp_grid
+    # without a window, bwd_sm90's longest-first order (bwd_order) lives after the grid, in
+    # this step's buffer
+    main_rec = tf._record(main[3][0], "BwdParams")
+    ordered = want == "bwd_sm90" and max(main_rec["window_left"][0],
+                                         main_rec["window_right"][0]) < 0
+    sp_order = int(main_rec["sp_order"][0])
+    assert (sp_order > sp_grid) if ordered else sp_order == 0
+    assert ("bwd_order" in fams) == ordered
     entry, = (e for e in fastpath.forward_plans._d.values() if e is not None and e.bwd)
     bwd_plan = next(iter(entry.bwd.values())).plan      # every list and sp_grid patched
     assert set(SPARSE_INPUTS) | {"sp_grid"} <= set(bwd_plan.slots)

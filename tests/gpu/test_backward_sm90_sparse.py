@@ -174,3 +174,30 @@ def test_one_functional_backward_is_one_bwd_sm90_launch():
     assert backward.launches["bwd_sm90"] == before.get("bwd_sm90", 0) + 1
     assert backward.launches["bwd_dkdv"] == before.get("bwd_dkdv", 0)
     assert torch.isfinite(dq).all() and torch.isfinite(dk).all() and torch.isfinite(dv).all()
+
+
+@pytest.mark.parametrize("h,hk", [(8, 8), (8, 2)], ids=["g1", "g4"])
+def test_longest_first_order_changes_no_dk_dv_bit(monkeypatch, h, hk):
+    """The default mode runs a block mask's CTAs longest first within groups of 128 (the
+    bwd_order kernel's permutation; backward.order_items): against float64 (a CTA run twice
+    would add its dQ twice, one never run would leave its dK/dV unwritten), and dK/dV (each
+    written by one CTA, no atomics) bitwise equal to the grid order's
+    (DMATTN_SM90_BWD_ORDER=0); only dQ's adds, unordered in this mode anyway, may differ. g1:
+    9 key tiles x 8 kv heads x batch 2 = 144 CTAs, a whole group and a partial one."""
+    from dmattn_cupy import runtime
+
+    families: list[str] = []
+    get_kernel = runtime.get_kernel
+    monkeypatch.setattr(runtime, "get_kernel",
+                        lambda spec, dev: families.append(spec.family) or get_kernel(spec, dev))
+    sq = sk = 1101   # 9 key tiles per (kv head, batch): uneven listed counts per column
+    q, k, v = _qkv(2, sq, sk, h, hk, 128, "bfloat16", seed=11 + h)
+    mask = dm.BlockBitsetMask(_bits((2, h), sq, sk, (128, 128), seed=12, p_keep=0.25), sq, sk,
+                              block_size=(128, 128))
+    ordered = _run_dense(q, k, v, seed=13, sparse_mask=mask)
+    assert "bwd_order" in families
+    monkeypatch.setenv("DMATTN_SM90_BWD_ORDER", "0")
+    families.clear()
+    grid_order = _run_dense(q, k, v, seed=13, sparse_mask=mask)
+    assert "bwd_sm90" in families and "bwd_order" not in families
+    assert torch.equal(ordered[1], grid_order[1]) and torch.equal(ordered[2], grid_order[2])
