@@ -10,6 +10,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+from nvrtc_check import compile_static_asserts
 
 from dmattn_cupy import backward, backward_sm90, env, runtime, select
 from dmattn_cupy.device import PRESETS
@@ -188,3 +189,13 @@ def test_longest_first_order_only_where_the_grid_order_is_free(monkeypatch):
     assert backward.order_items(big, "bwd_sm90", False) == 3 * 2 * backward.ORDER_GROUP * 100
     monkeypatch.setenv("DMATTN_SM90_BWD_ORDER", "0")
     assert backward.order_items(pb, "bwd_sm90", False) == 0
+
+
+def test_order_constants_mirror_the_kernel():
+    """The host's group (one bwd_order CTA per ORDER_GROUP CTAs) and key tile are the
+    kernel's (bwd_params.cuh kSpOrderGroup, kSpOrderTileN)."""
+    compile_static_asserts(
+        '#include "bwd_params.cuh"\n'
+        f"static_assert(kSpOrderGroup == {backward.ORDER_GROUP});\n"
+        f"static_assert(kSpOrderTileN == {backward_sm90.BLOCK_N});\n",
+        "bwd_order_constants.cu")

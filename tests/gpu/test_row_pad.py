@@ -41,7 +41,6 @@ def test_rows_copied_and_padded(offset, width, src_pitch, rows):
     assert (d[rows * dst_pitch:] == 0xAB).all()
 
 
-
 def test_copy_from_a_thread_without_a_current_context():
     """A new thread has no CUDA context bound to it (torch's autograd thread neither, until a
     runtime call of its own): a launch of an already loaded kernel there (a backward's first
