@@ -147,10 +147,18 @@ def sm90_bwd_order() -> bool:
     return os.environ.get("DMATTN_SM90_BWD_ORDER", "1") != "0"
 
 
+def sm90_fwd_order() -> bool:
+    """``DMATTN_SM90_FWD_ORDER``: on by default (anything but ``0``), the sm_90a forward of a
+    block mask runs its work items longest first within groups of 128 (the fwd_order kernel
+    ranks them by listed blocks); ``0`` keeps its own order. A plan variable."""
+    return os.environ.get("DMATTN_SM90_FWD_ORDER", "1") != "0"
+
+
 # Variables that change which plan a call gets (family, tile, decode, splits, device checks).
 PLAN_VARIABLES = ("DMATTN_FWD_FAMILY", "DMATTN_BWD_FAMILY", "DMATTN_FWD_TILE", "DMATTN_DECODE",
                   "DMATTN_NUM_SPLITS", "DMATTN_CHECK", "DMATTN_NVRTC_DEFINES",
-                  "DMATTN_SM90_BWD_SPARSE", "DMATTN_SM90_BWD_ORDER", "DMATTN_DECODE_RING",
+                  "DMATTN_SM90_BWD_SPARSE", "DMATTN_SM90_BWD_ORDER", "DMATTN_SM90_FWD_ORDER",
+                  "DMATTN_DECODE_RING",
                   "DMATTN_DECODE_RING_STAGES")
 _environ_data = getattr(os.environ, "_data", None)
 _encoded = tuple(os.environ.encodekey(n) for n in PLAN_VARIABLES) \

@@ -417,6 +417,8 @@ FAMILY_ROWS: tuple[Family, ...] = (
            "BwdParams", "sm_80", _smem_none),
     Family("bwd_order", "sm80/bwd.cu", "dm::flash_bwd_sparse_order_kernel", ("num_warps",),
            "BwdParams", "sm_80", _smem_none),
+    Family("fwd_order", "sm90/fwd.cu", "dm::flash_fwd_sparse_order_kernel", ("num_warps",),
+           "FwdParams", "sm_90a", _smem_none),
 )
 
 # The table every other module reads; tests may add a row to it.

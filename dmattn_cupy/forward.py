@@ -14,13 +14,14 @@ from typing import Any
 
 import numpy as np
 
-from . import arrays, decode, env, row_pad, runtime, scratch
+from . import arrays, decode, env, forward_sm90, row_pad, runtime, scratch
 from .arrays import ArrayInfo, describe
 from .families import padded_head_dim, sparse_supported
 from .launch_plan import Alloc, Launch, Plan, RowCopy
 from .layout import FWD_INPUTS, SPARSE_INPUTS, build_fwd_params, fwd_pointer_fields
 from .masks import SparseMask
 from .select import forward as select_forward
+from .select import forward_order_spec
 from .sparse_plan import (
     SparseArrays,
     block_size_of,
@@ -208,6 +209,17 @@ def forward_call(pb: Problem, query: Any, cu_q: Any = None, cu_k: Any = None,
         keep_alive.append(buf)
         extra[index].view(np.uint64).reshape(-1)[offset // 8] = describe(buf).ptr
         plan.slot_at("item_counter", extra[index], offset)
+    n_order = 0 if spec.family != "fwd_sm90" else forward_sm90.item_order_items(
+        pb.seqlen_q, pb.heads, pb.batch, pb.varlen, pb.window, sparse is not None)
+    if n_order:  # block lists: the work items longest first per group, ranked by a launch first
+        buf = arrays.empty(query, (n_order,), "int32")
+        keep_alive.append(buf)
+        extra[0]["item_order"] = describe(buf).ptr
+        plan.allocs.append(Alloc("item_order", (n_order,), "int32"))
+        plan.slot("item_order", extra[0], "item_order")
+        plan.launches.append(Launch(
+            runtime.get_kernel(forward_order_spec(), pb.q.device),
+            (-(-n_order // forward_sm90.ORDER_GROUP), 1, 1), (rec, extra[0])))
     grid = spec.row.grid(pb, spec, runtime.device_props(pb.q.device).sm_count)
     plan.launches.append(Launch(kernel, grid, (rec, *extra)))
     plan.run(stream)

@@ -44,16 +44,18 @@ TMA_ALIGN = 16              # bytes: a box's first global element sits on this b
 
 # Sm90FwdArgs: five 128-byte tensor maps (q, k, v, mask, bias), two int32 modes, for key-based
 # operands (key rows, key chunks) the heads per key, the box and the boxes per stage of each,
-# the dynamic scheduler's counter (a pointer; 0 unless DM_SM90_PERSISTENT=2), padding to 704.
+# the dynamic scheduler's counter (a pointer; 0 unless DM_SM90_PERSISTENT=2), the block lists'
+# item order (a pointer; 0: none), padding to 704.
 MAP_NAMES = ("q", "k", "v", "mask", "bias")
 _ARG_INTS = ("mask_mode", "bias_mode", "mask_chunk_heads", "bias_chunk_heads", "mask_chunk_box",
              "bias_chunk_box", "mask_chunk_boxes", "bias_chunk_boxes")
 COUNTER_OFFSET = 672        # Sm90FwdArgs::item_counter
-ARGS_DTYPE = np.dtype({"names": ["maps", *_ARG_INTS, "item_counter"],
+ORDER_OFFSET = 680          # Sm90FwdArgs::item_order
+ARGS_DTYPE = np.dtype({"names": ["maps", *_ARG_INTS, "item_counter", "item_order"],
                        "formats": [(np.uint8, 128 * len(MAP_NAMES))] + [np.int32] * len(_ARG_INTS)
-                       + [np.uint64],
+                       + [np.uint64, np.uint64],
                        "offsets": [0] + [640 + 4 * i for i in range(len(_ARG_INTS))]
-                       + [COUNTER_OFFSET],
+                       + [COUNTER_OFFSET, ORDER_OFFSET],
                        "itemsize": 704})
 
 # How CTAs get their work items (fwd.cu: DM_SM90_PERSISTENT): one CTA per item, a persistent
@@ -95,6 +97,22 @@ def counter_offset() -> int | None:
     """Byte offset of the counter's pointer in the Sm90FwdArgs record, or None when the
     schedule needs no counter."""
     return COUNTER_OFFSET if dynamic_schedule() else None
+
+
+# work items the order kernel (fwd.cu: flash_fwd_sparse_order_kernel) ranks together: one of
+# its CTAs per group (kItemOrderGroup)
+ORDER_GROUP = 128
+
+
+def item_order_items(seqlen_q: int, heads: int, batch: int, varlen: bool,
+                     window: tuple[int, int], has_lists: bool) -> int:
+    """The work items fwd_sm90 runs longest first within groups of ORDER_GROUP (block lists,
+    fixed lengths, no causal/window edge, the dynamic schedule, ``DMATTN_SM90_FWD_ORDER`` not
+    0): the order kernel's items and item_order's length, else 0 (the kernel's own order)."""
+    if not (has_lists and not varlen and window == (-1, -1) and dynamic_schedule()
+            and env.sm90_fwd_order()):
+        return 0
+    return -(-seqlen_q // BLOCK_M) * heads * batch
 
 
 def _mask_bias_tile(head_dim: int, block_n: int, has_mask: bool) -> bool:

@@ -94,6 +94,9 @@ def all_specs(arch: str = "sm_80", debug: bool = False) -> list[KernelSpec]:
                 ((False, False), (True, False), (True, True))):
             add(select.backward_sm90_spec(dtype, hd, mask, bias, key_row))
         add(select.backward_order_spec(arch))
+    order = FAMILIES.get("fwd_order")  # the block lists' item order of the Hopper forward
+    if not debug and order and any(order.runs_on(d.cc) for d in _device_classes(arch)):
+        add(select.forward_order_spec())
     return list(specs)
 
 

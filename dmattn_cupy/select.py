@@ -143,6 +143,12 @@ def backward_order_spec(arch: str = "sm_80") -> KernelSpec:
     return KernelSpec(family="bwd_order", block_m=1, block_n=1, num_warps=32, arch=arch)
 
 
+def forward_order_spec() -> KernelSpec:
+    """The block lists' longest-first order of the Hopper forward's work items (sm90/fwd.cu
+    flash_fwd_sparse_order_kernel: one CTA of 128 threads per group of 128 items)."""
+    return KernelSpec(family="fwd_order", block_m=1, block_n=1, num_warps=4)
+
+
 def backward_sm90_spec(dtype: str, head_dim: int, has_mask: bool, has_bias: bool,
                        bias_key_row: bool = False) -> KernelSpec:
     """The Hopper backward's specialization (dtype x padded head dim x mask x bias: none, a

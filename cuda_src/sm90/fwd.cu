@@ -176,7 +176,10 @@ struct alignas(64) Sm90FwdArgs {
   int32_t mask_chunk_heads, bias_chunk_heads, mask_chunk_box, bias_chunk_box;
   int32_t mask_chunk_boxes, bias_chunk_boxes;
   uint32_t* item_counter;  // DM_SM90_PERSISTENT=2: the claim counter (zero between launches)
-  int32_t pad[6];
+  // Block lists without a window (forward_sm90.item_order_items): the work item (the kernel's
+  // numbering) run as the c-th (flash_fwd_sparse_order_kernel). Null: item c.
+  int32_t* item_order;
+  int32_t pad[4];
 };
 static_assert(sizeof(Sm90FwdArgs) == 704, "Sm90FwdArgs: size drifted from forward_sm90.py");
 
@@ -347,6 +350,28 @@ DM_DEVICE void fold_warps(uint8_t* smem, int lane, const Bar1& bar_full_k, const
   }
 }
 
+// Work item i's query tile and head-batch index hb = b * heads + h (the kernel's numbering, see
+// its work items): query tile fastest where head_major, else longest first, within sections of
+// DM_SM90_LPT_HEADS head-batches where lpt_sections.
+DM_DEVICE void sm90_item_coords(int i, int num_m, int bh, bool head_major, bool lpt_sections,
+                                int& m_block, int& hb) {
+  if (head_major) {
+    m_block = i % num_m;
+    hb = i / num_m;
+  } else if (lpt_sections) {
+    // longest first within sections of DM_SM90_LPT_HEADS head-batches: a section's K/V stay
+    // in L2 while its items run (one runtime division, as the plain order below; a division by
+    // a shorter last section spilled)
+    const int per = DM_SM90_LPT_HEADS * num_m;
+    const int sec = i / per, r = i - sec * per;
+    m_block = num_m - 1 - r / DM_SM90_LPT_HEADS;
+    hb = sec * DM_SM90_LPT_HEADS + r % DM_SM90_LPT_HEADS;
+  } else {
+    m_block = num_m - 1 - i / bh;
+    hb = i % bh;
+  }
+}
+
 template <typename T, int kHeadDim, int kBlockN, int kStages, bool kHasMask, bool kHasBias,
           bool kDebug>
 __global__ void __launch_bounds__(384, 1)
@@ -428,8 +453,13 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
                           p.cu_seqlens_q == nullptr && p.sp_full_count == nullptr;
   const bool lpt_sections = DM_SM90_LPT_HEADS > 0 && bh > DM_SM90_LPT_HEADS &&
                             bh % DM_SM90_LPT_HEADS == 0;
+  // The c-th item to run (c < num_items; num_items passes through: "none left"): item c, or
+  // with args.item_order its entry c (flash_fwd_sparse_order_kernel).
+  auto ordered = [&](int c) {
+    return args.item_order != nullptr && c < num_items ? args.item_order[c] : c;
+  };
   auto item_of_round = [&](int r) {
-    return r * int(gridDim.x) + int((r & 1) ? gridDim.x - 1 - blockIdx.x : blockIdx.x);
+    return ordered(r * int(gridDim.x) + int((r & 1) ? gridDim.x - 1 - blockIdx.x : blockIdx.x));
   };
   const bool varlen = p.cu_seqlens_q != nullptr;
   // One work item's coordinates and key range.
@@ -440,21 +470,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
   };
   // Item i's query tile and head-batch index hb = b * heads + h.
   auto item_coords = [&](int i, int& m_block, int& hb) {
-    if (head_major) {
-      m_block = i % num_m;
-      hb = i / num_m;
-    } else if (lpt_sections) {
-      // longest first within sections of DM_SM90_LPT_HEADS head-batches: a section's K/V
-      // stay in L2 while its items run (one runtime division, as the plain order below; a
-      // division by a shorter last section spilled)
-      const int per = DM_SM90_LPT_HEADS * num_m;
-      const int sec = i / per, r = i - sec * per;
-      m_block = num_m - 1 - r / DM_SM90_LPT_HEADS;
-      hb = sec * DM_SM90_LPT_HEADS + r % DM_SM90_LPT_HEADS;
-    } else {
-      m_block = num_m - 1 - i / bh;
-      hb = i % bh;
-    }
+    sm90_item_coords(i, num_m, bh, head_major, lpt_sections, m_block, hb);
   };
   auto make_item = [&](int i, Item& it) {  // false: nothing to do (past the sequence)
     int hb;
@@ -543,7 +559,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
     uint32_t phase = 0;
     int mask_base = 0;
     int q_item = 0;  // items handed to the consumers so far: the next one's Q buffer
-    int item = kDynamicItems ? int(blockIdx.x) : 0;  // the first item needs no claim
+    int item = kDynamicItems ? ordered(int(blockIdx.x)) : 0;  // the first needs no claim
     // kDynamicItems: the next item's claim (claim_issue, on the leader's lane), turned into an
     // item by claim_item (0 on the other lanes; the warp takes the max: REDUX leaves it in a
     // uniform register, so the item arithmetic stays on the uniform datapath as in the static
@@ -569,7 +585,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
       if (!make_item(item, it)) {
         if (kDynamicItems) {
           claim_issue();
-          item = claim_item();
+          item = ordered(claim_item());
         }
         continue;
       }
@@ -822,7 +838,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
       mask_base += n_cand;
       if (kDynamicItems) {
         if (!DM_SM90_CLAIM_AHEAD) claim_issue();
-        item = claim_item();
+        item = ordered(claim_item());
       }
     }
     if (kDynamicItems) {  // no more items: a last stage (no data, never released) says so
@@ -1353,5 +1369,43 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
   if (c == 0) turn_wait();  // consumer 1's last pass
 }
 #undef DM_SM90_ITEM_NAMES
+
+// Block lists without a window (forward_sm90.item_order_items): fwd_sm90's work items longest
+// first within groups of kItemOrderGroup consecutive ones of the kernel's own numbering (block
+// lists: sections of DM_SM90_LPT_HEADS head-batches, so a group spans a few heads and the CTAs
+// in flight still share K/V in L2). CTA g ranks group g's items by their listed blocks (full +
+// partial of the item's row of the lists: a 128-row item lies in one row block, whose height
+// forward_sm90 requires to be a multiple of 128), ties in item order, and writes
+// item_order[first + rank] = i. The dynamic scheduler then ends each ~wave with its shortest
+// items (random 10% block lists left ~14% of the SMs' time idle at the end of fwd_sm90).
+constexpr int kItemOrderGroup = 128;
+template <int kNumWarps>
+__global__ void __launch_bounds__(kNumWarps * 32)
+flash_fwd_sparse_order_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs args) {
+  static_assert(kNumWarps * 32 == kItemOrderGroup, "one thread per item of a group");
+  constexpr int kBlockM = Sm90FwdSmem<128, 128, 2, false, false>::kBlockM;
+  __shared__ int32_t counts[kItemOrderGroup];
+  const int tid = threadIdx.x;
+  const int num_m = (p.seqlen_q + kBlockM - 1) / kBlockM;
+  const int bh = p.batch * p.heads, items = num_m * bh;
+  const bool lpt_sections = DM_SM90_LPT_HEADS > 0 && bh > DM_SM90_LPT_HEADS &&
+                            bh % DM_SM90_LPT_HEADS == 0;  // as the kernel's (no head_major)
+  const int first = blockIdx.x * kItemOrderGroup, n = dm_min(kItemOrderGroup, items - first);
+  const int i = first + tid;
+  int count = 0;
+  if (tid < n) {
+    int m_block, hb;
+    sm90_item_coords(i, num_m, bh, false, lpt_sections, m_block, hb);
+    const int64_t row = sparse_row_entry(p, hb / p.heads, hb % p.heads, m_block * kBlockM);
+    count = p.sp_full_count[row] + p.sp_partial_count[row];
+  }
+  counts[tid] = count;
+  __syncthreads();
+  if (tid < n) {
+    int rank = 0;  // the group's items before this one: more blocks, or as many and earlier
+    for (int j = 0; j < n; ++j) rank += counts[j] > count || (counts[j] == count && j < tid);
+    args.item_order[first + rank] = i;
+  }
+}
 
 }  // namespace dm

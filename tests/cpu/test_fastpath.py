@@ -51,12 +51,15 @@ class _Fn:
 
 class Capture:
     """Installs capturing launch stubs inside ``stub_gpu``; ``launches`` collects
-    (path, family, grid, [arg bytes]) for every launch."""
+    (path, family, grid, [arg bytes]) for every launch. ``take`` moves the block lists' item
+    order launches (fwd_order) into ``orders`` after checking that each one ranks what the
+    fwd_sm90 launch right after it runs: same path, same params and args records."""
 
     def __init__(self) -> None:
         self.launches: list[tuple[str, str, tuple, list[bytes]]] = []
         self.specs: dict[int, object] = {}
         self.streams: list[int] = []     # the raw stream of every thin launch
+        self.orders: list[tuple[str, str, tuple, list[bytes]]] = []
 
     def get_kernel(self, spec, dev):
         ptr = 0x1000 + 16 * len(self.specs)
@@ -77,7 +80,7 @@ class Capture:
     def launch_raw(self, device, fn, grid, block, smem, stream, params):
         spec = self.specs[fn]
         sizes = [BWD_DTYPE.itemsize if spec.row.params == "BwdParams" else FWD_DTYPE.itemsize]
-        if spec.family == "fwd_sm90":
+        if spec.family in ("fwd_sm90", "fwd_order"):   # the order kernel reads the same args
             sizes.append(forward_sm90.ARGS_DTYPE.itemsize)
         if spec.family == "bwd_sm90":
             sizes.append(backward_sm90.ARGS_DTYPE.itemsize)
@@ -91,7 +94,17 @@ class Capture:
 
     def take(self):
         out, self.launches = self.launches, []
-        return out
+        kept = []
+        for i, x in enumerate(out):
+            if x[1] != "fwd_order":
+                kept.append(x)
+                continue
+            nxt = out[i + 1]
+            assert nxt[1] == "fwd_sm90" and nxt[0] == x[0] and nxt[3][:2] == x[3][:2], (x, nxt)
+            args = np.frombuffer(x[3][1], dtype=forward_sm90.ARGS_DTYPE)
+            assert int(args["item_order"][0]) != 0
+            self.orders.append(x)
+        return kept
 
 
 @pytest.fixture
@@ -124,6 +137,10 @@ def _masked(launches, cap):
         for f in _FRESH:
             if f in rec.dtype.names:
                 rec[f] = 0
+        if fam in ("fwd_sm90", "fwd_order"):   # block lists' item order: a fresh buffer
+            args = np.frombuffer(raws[1], dtype=forward_sm90.ARGS_DTYPE).copy()
+            args["item_order"] = 0
+            raws = [raws[0], args.tobytes(), *raws[2:]]
         res.append((fam, grid, smem, rec.tobytes(), tuple(raws[1:])))
     return res
 

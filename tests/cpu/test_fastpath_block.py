@@ -156,6 +156,12 @@ def test_block_mask_hits_launch_what_the_validated_path_builds(cap, monkeypatch,
     assert int(rec["o"][0]) == out.data_ptr() != (res0[0] if lse else res0).data_ptr()
     fam = again[0][1]
     assert fam == ("fwd_sm90" if block == (128, 128) else "fwd_mma")
+    # without a window the Hopper forward's items run longest first per group of 128: a
+    # fwd_order launch before each fwd_sm90 one (cap.take checks they match), one per call
+    ordered = fam == "fwd_sm90" and max(rec["window_left"][0], rec["window_right"][0]) < 0
+    assert len(cap.orders) == (3 if ordered else 0)
+    items = -(-SQ // 128) * H * B
+    assert all(o[2] == (-(-items // 128), 1, 1) for o in cap.orders)
     if name == "causal_and_bitset":
         assert (int(rec["window_left"][0]), int(rec["window_right"][0])) == (-1, 0)
 

@@ -294,12 +294,15 @@ def test_dynamic_schedule_shared_memory_equals_the_kernel(monkeypatch):
                      f"{str(bias).lower()}>::kAlloc == {smem});")
     # NVRTC has no constant offsetof: the fields' order (a designated initializer over all of
     # them) and sizes put the counter right after 5 maps and 8 ints
-    names = ["q", "k", "v", "mask", "bias", *f90._ARG_INTS, "item_counter", "pad"]
+    names = ["q", "k", "v", "mask", "bias", *f90._ARG_INTS, "item_counter", "item_order", "pad"]
     lines.append("__device__ void order_check() { dm::Sm90FwdArgs a{"
                  + ", ".join(f".{n} = {{}}" for n in names) + "}; (void)a; }")
     lines.append(f"static_assert(5 * sizeof(dm::sm90::TmaDesc) + {len(f90._ARG_INTS)} * "
                  f"sizeof(int32_t) == {f90.COUNTER_OFFSET} && "
                  "sizeof(dm::Sm90FwdArgs::item_counter) == 8);")
+    lines.append(f"static_assert({f90.COUNTER_OFFSET} + 8 == {f90.ORDER_OFFSET} && "
+                 "sizeof(dm::Sm90FwdArgs::item_order) == 8 && "
+                 f"dm::kItemOrderGroup == {f90.ORDER_GROUP});")
     compile_static_asserts("\n".join(lines) + "\n", "sm90_sched_smem.cu",
                            ("DM_SM90_PERSISTENT=2",))
     monkeypatch.delenv("DMATTN_NVRTC_DEFINES")   # the default is the dynamic schedule
@@ -316,3 +319,49 @@ def test_args_record_has_the_counter_slot():
     assert f90.ARGS_DTYPE.itemsize == 704
     assert f90.ARGS_DTYPE.fields["item_counter"][1] == f90.COUNTER_OFFSET
     assert f90.ARGS_DTYPE.fields["item_counter"][0] == np.uint64
+    assert f90.ARGS_DTYPE.fields["item_order"][1] == f90.ORDER_OFFSET
+    assert f90.ARGS_DTYPE.fields["item_order"][0] == np.uint64
+
+
+def test_item_order_only_for_block_lists_of_fixed_lengths_without_a_window(monkeypatch):
+    """forward_sm90.item_order_items: block lists, fixed lengths, no causal/window edge and
+    the dynamic schedule rank the items (one per 128 query rows, head and batch); otherwise,
+    or with DMATTN_SM90_FWD_ORDER=0, the kernel keeps its own order (0)."""
+    monkeypatch.delenv("DMATTN_SM90_FWD_ORDER", raising=False)
+    monkeypatch.delenv("DMATTN_NVRTC_DEFINES", raising=False)
+    args = (300, 4, 2, False, (-1, -1), True)   # Sq 300: 3 items per head and batch
+    assert f90.item_order_items(*args) == 3 * 4 * 2
+    assert f90.item_order_items(300, 4, 2, False, (-1, -1), False) == 0   # no lists
+    assert f90.item_order_items(300, 4, 2, True, (-1, -1), True) == 0     # varlen
+    assert f90.item_order_items(300, 4, 2, False, (-1, 0), True) == 0     # causal
+    assert f90.item_order_items(300, 4, 2, False, (90, 40), True) == 0    # a window
+    monkeypatch.setenv("DMATTN_NVRTC_DEFINES", "DM_SM90_PERSISTENT=1")
+    assert f90.item_order_items(*args) == 0                                # static schedule
+    monkeypatch.delenv("DMATTN_NVRTC_DEFINES")
+    monkeypatch.setenv("DMATTN_SM90_FWD_ORDER", "0")
+    assert f90.item_order_items(*args) == 0
+
+
+def _rank_model(counts: list[int]) -> list[int]:
+    """flash_fwd_sparse_order_kernel on the CPU: per group of ORDER_GROUP items, item i goes
+    to position first + (the group's items with more blocks, or as many and before i)."""
+    order = [0] * len(counts)
+    for first in range(0, len(counts), f90.ORDER_GROUP):
+        grp = counts[first:first + f90.ORDER_GROUP]
+        for t, c in enumerate(grp):
+            rank = sum(x > c or (x == c and j < t) for j, x in enumerate(grp))
+            order[first + rank] = first + t
+    return order
+
+
+def test_item_order_rank_is_a_permutation_longest_first_per_group():
+    rng = np.random.default_rng(3)
+    for n in (1, 127, 128, 129, 300, 1024):
+        counts = list(rng.binomial(63, 0.1, n) + 1)
+        order = _rank_model(counts)
+        assert sorted(order) == list(range(n))
+        for first in range(0, n, f90.ORDER_GROUP):
+            grp = order[first:first + f90.ORDER_GROUP]
+            assert all(first <= i < first + f90.ORDER_GROUP for i in grp)
+            keys = [(-counts[i], i) for i in grp]
+            assert keys == sorted(keys)

@@ -416,3 +416,26 @@ def test_sparse_spec_is_the_dense_kernel():
     pb, block = _problem(q, k, v, make_mask("bitset", 512, 512))
     assert select_fwd_spec(pb, sparse=block_size_of(block)) == dataclasses.replace(
         select_fwd_spec(pb), sparse=False)
+
+
+def test_item_order_changes_no_output_bit(monkeypatch):
+    """Block lists without a window run fwd_sm90's work items longest first within groups of
+    128 (a fwd_order launch first: forward_sm90.item_order_items): every item still runs once
+    (against float64: a skipped item leaves its rows unwritten, a repeated one means another
+    was skipped), and out equals the kernel's own order (DMATTN_SM90_FWD_ORDER=0) bit for bit:
+    an item's rows are one CTA's work whatever the order. Sq 4400, H 4, B 2: 35 x 8 = 280
+    items, two whole groups and a partial one, about two claims per CTA."""
+    families: list[str] = []
+    get_kernel = runtime.get_kernel
+    monkeypatch.setattr(runtime, "get_kernel",
+                        lambda spec, dev: families.append(spec.family) or get_kernel(spec, dev))
+    sq = sk = 4400
+    q, k, v = _qkv(sq, sk, 21)
+    mask = make_mask("bitset_bh", sq, sk, seed=22)
+    ordered = _check(q, k, v, mask)
+    assert ("fwd_order" in families) == (_want(True) == "fwd_sm90")
+    monkeypatch.setenv("DMATTN_SM90_FWD_ORDER", "0")
+    families.clear()
+    own = _check(q, k, v, mask)
+    assert "fwd_order" not in families
+    assert torch.equal(ordered, own)
