@@ -191,9 +191,10 @@ flash_bwd_sparse_grid_kernel(const BwdParams bp) {
 
 // The Hopper backward's CTAs (item i = key tile t + tiles * (kv head + kv_heads * batch)) in
 // groups of kSpOrderGroup consecutive items, each group longest first: CTA g of this kernel
-// (any multiple of kSpOrderGroup threads) ranks group g's items by their listed blocks (over the kv group's heads and every row block,
-// read from sp_grid: adjacent items read adjacent columns; ties in item order) and writes
-// bp.sp_order[i] = the item the i-th bwd_sm90 CTA runs. In-order CTA dispatch then ends each
+// (a multiple of kSpOrderGroup threads) ranks group g's items by their listed blocks (over
+// the kv group's heads and every row block, read from sp_grid: adjacent items read adjacent
+// columns; ties in item order) and writes bp.sp_order[i] = the item the i-th bwd_sm90 CTA
+// runs. In-order CTA dispatch then ends each
 // ~wave with its shortest CTAs (random 10% block masks left ~12% of the SMs' time idle in grid
 // order); a group spans about two heads, so the CTAs in flight share Q/dO/dQ in L2 as in grid
 // order (one longest-first order over all CTAs put every head in flight and gained nothing).
