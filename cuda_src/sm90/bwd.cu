@@ -1058,8 +1058,9 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
       dpt[j][e] = dx * dsoft;
     };
     // This consumer's dbias box (64 queries x keys 64c..) from the stage to global memory, by
-    // 16-byte chunks where rows allow (8 threads per 128-byte row), else by element; only
-    // in-bounds elements. Called after a barrier that follows every consumer thread's writes.
+    // 16-byte chunks where rows allow (8 threads per 128-byte row), by aligned 16-byte chunks
+    // of rows at any alignment (2 threads per row), else by element; only in-bounds elements.
+    // Called after a barrier that follows every consumer thread's writes.
     auto dbias_out = [&]() {
       T* db = static_cast<T*>(bp.dbias) + int64_t(b) * bp.dbias_batch_stride +
               int64_t(h) * bp.dbias_head_stride;
@@ -1074,6 +1075,44 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
           if (m0 + row < len_q && k0 + col < len_k)
             *reinterpret_cast<uint4*>(db + int64_t(m0 + row) * bp.dbias_row_stride + k0 + col) =
                 *reinterpret_cast<const uint4*>(box + swizzle<128>(uint32_t(row * 128 + 2 * col)));
+        }
+      } else if (bp.dbias_col_stride == 1) {
+        // Rows at any 2-byte alignment (Sk no multiple of 8, a view): two threads per box row,
+        // each storing every other 16-byte chunk of it (primitives.cuh: row_chunk; up to 9 per
+        // row), full chunks by one 16-byte store of the five box words from the even column at
+        // or below the chunk's first element, shifted by one element where that is odd.
+        const int row = tid / 2, ncols = dm_min(64, len_k - k0);
+        if (m0 + row < len_q && ncols > 0) {
+          T* dst = db + int64_t(m0 + row) * bp.dbias_row_stride + k0;
+          const int lead = int(reinterpret_cast<uint64_t>(dst) / sizeof(T) % 8);
+          const uint8_t* brow = box + row * 128;
+          const uint32_t xr = uint32_t(row % 8) << 4;  // swizzle<128> of this row's bytes
+          for (int q = tid % 2; q < row_chunks(lead, ncols); q += 2) {
+            const RowChunk ch = row_chunk(q, lead, ncols);
+            const int c0 = ch.e0 - (ch.e0 & 1);
+            uint32_t w[5];
+#pragma unroll
+            for (int k = 0; k < 5; ++k) {
+              const int cc = c0 + 2 * k;  // even: one word, both elements in the box or neither
+              w[k] = cc >= 0 && cc < 64
+                         ? *reinterpret_cast<const uint32_t*>(brow + ((2 * cc) ^ xr))
+                         : 0u;
+            }
+            uint32_t o[4];
+#pragma unroll
+            for (int m = 0; m < 4; ++m) o[m] = __funnelshift_r(w[m], w[m + 1], 16 * (ch.e0 & 1));
+            if (ch.lo == 0 && ch.hi == 8) {
+              st_global_u128(dst + ch.e0, uint4{o[0], o[1], o[2], o[3]});
+            } else {
+#pragma unroll
+              for (int j = 0; j < 8; ++j)
+                if (j >= ch.lo && j < ch.hi) {
+                  T v;
+                  v.bits = uint16_t(o[j / 2] >> (16 * (j % 2)));
+                  dst[ch.e0 + j] = v;
+                }
+            }
+          }
         }
       } else {
         for (int i = 0; i < 32; ++i) {

@@ -35,6 +35,20 @@ __host__ __device__ constexpr uint32_t tile_offset(int row, int col) {
              uint32_t(row * kRowBytes + (col % kBoxCols) * kElemBytes));
 }
 
+// A row of `ncols` 16-bit elements whose first one sits `lead` (0..7) elements past a 16-byte
+// boundary, stored by 16-byte chunks (bwd.cu: dbias rows that are no 8-element multiple):
+// chunk q < row_chunks(lead, ncols) covers the row's elements e0 .. e0 + 7, e0 = 8q - lead
+// (negative before the row's start), of which [lo, hi) lie in the row; a chunk with lo == 0 and
+// hi == 8 is one aligned 16-byte store, the first and last may be partial.
+struct RowChunk {
+  int e0, lo, hi;
+};
+__host__ __device__ constexpr int row_chunks(int lead, int ncols) { return (lead + ncols + 7) / 8; }
+__host__ __device__ constexpr RowChunk row_chunk(int q, int lead, int ncols) {
+  const int e0 = 8 * q - lead;
+  return RowChunk{e0, e0 < 0 ? -e0 : 0, ncols - e0 < 8 ? ncols - e0 : 8};
+}
+
 // Fragment order of a folded 128 x 64 bias tile (fwd.cu: DM_SM90_MB_FOLD). Consumer warp w
 // (0..7: rows 16w .. 16w + 15) reads 2 KB block w by 4 conflict-free 16-byte loads per lane:
 // lane (g, t) = (lane / 4, lane % 4) finds the word of fragment j, row half r (keys 8j + 2t,

@@ -646,3 +646,65 @@ def test_dbias_stage_writes_and_chunk_copy_out_agree(c):
             assert addr % 16 == 0
             got = [smem[addr + 2 * e] for e in range(8)]
             assert got == list(dx[row, 64 * c + col:64 * c + col + 8]), (row, col)
+
+
+def row_chunk(q: int, lead: int, ncols: int) -> tuple[int, int, int]:
+    """primitives.cuh row_chunk: (e0, lo, hi) of 16-byte chunk q of a row of ``ncols`` 16-bit
+    elements starting ``lead`` elements past a 16-byte boundary."""
+    e0 = 8 * q - lead
+    return e0, max(0, -e0), min(8, ncols - e0)
+
+
+def row_chunks(lead: int, ncols: int) -> int:
+    return (lead + ncols + 7) // 8
+
+
+def dbias_row_store(box_row: np.ndarray, lead: int, ncols: int) -> dict[int, int]:
+    """What bwd.cu's dbias_out stores for one box row (64 uint16 values, as the 128-byte
+    swizzled row holds them) into a destination row starting ``lead`` elements past a 16-byte
+    boundary: {element index in the row: value}; full chunks must be aligned 16-byte stores."""
+    words = box_row.astype(np.uint32)[0::2] | (box_row.astype(np.uint32)[1::2] << 16)
+    out: dict[int, int] = {}
+    for q in range(row_chunks(lead, ncols)):
+        e0, lo, hi = row_chunk(q, lead, ncols)
+        c0 = e0 - (e0 & 1)
+        w = [int(words[(c0 + 2 * k) // 2]) if 0 <= c0 + 2 * k < 64 else 0 for k in range(5)]
+        sh = 16 * (e0 & 1)
+        o = [((w[m] >> sh) | (w[m + 1] << (32 - sh))) & 0xFFFFFFFF if sh else w[m]
+             for m in range(4)]
+        if lo == 0 and hi == 8:
+            assert (lead + e0) % 8 == 0          # one aligned 16-byte store
+        for j in range(lo, hi):
+            assert e0 + j not in out             # every element stored once
+            out[e0 + j] = (o[j // 2] >> (16 * (j % 2))) & 0xFFFF
+    return out
+
+
+def test_dbias_rows_at_any_alignment_store_every_element_once():
+    """The dbias chunk path (rows that are no 8-element multiple): for every start alignment
+    and every in-bounds width of a box row, the 16-byte chunks (up to 9, two threads per row)
+    store exactly the row's elements, each its own box value, full chunks aligned."""
+    # the kernel's word address in the box, brow + ((2 cc) ^ xr), is swizzle<128> of (row, cc)
+    row, cc = np.meshgrid(np.arange(64), np.arange(0, 64, 2), indexing="ij")
+    assert (row * 128 + ((2 * cc) ^ ((row % 8) << 4)) == swizzle128(row * 128 + 2 * cc)).all()
+    rng = np.random.default_rng(0)
+    box_row = rng.integers(0, 1 << 16, 64, dtype=np.uint16)
+    for lead in range(8):
+        for ncols in range(1, 65):
+            assert row_chunks(lead, ncols) <= 9
+            got = dbias_row_store(box_row, lead, ncols)
+            assert got == {c: int(box_row[c]) for c in range(ncols)}, (lead, ncols)
+
+
+def test_row_chunk_helpers_equal_the_model():
+    lines = ['#include "sm90/primitives.cuh"', "using namespace dm::sm90;"]
+    for lead in range(8):
+        for ncols in (1, 7, 8, 9, 57, 63, 64):
+            lines.append(f"static_assert(row_chunks({lead}, {ncols}) == "
+                         f"{row_chunks(lead, ncols)});")
+            for q in range(row_chunks(lead, ncols)):
+                e0, lo, hi = row_chunk(q, lead, ncols)
+                lines.append(f"static_assert(row_chunk({q}, {lead}, {ncols}).e0 == {e0} && "
+                             f"row_chunk({q}, {lead}, {ncols}).lo == {lo} && "
+                             f"row_chunk({q}, {lead}, {ncols}).hi == {hi});")
+    compile_static_asserts("\n".join(lines) + "\n", "sm90_row_chunk_check.cu")
