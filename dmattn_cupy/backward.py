@@ -182,9 +182,11 @@ def backward_call(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out:
         # every element of a (B, H, Sq, Sk) or (B, H, 1, Sk) dbias is written at most once, in
         # the bias's dtype (the query's: backward_sm90.accepts); never-visited ones stay 0.
         # Without a mask, block lists, causal or window every tile is visited and every
-        # in-bounds element written: no zero fill (268 MB at B2 H16 S2048, ~70 us).
+        # in-bounds element written: no zero fill (268 MB at B2 H16 S2048, ~70 us). A bias
+        # broadcast over batch or heads: its dbias widened to (B, H, ..), summed afterwards.
         mode = 1
-        shape_b = tuple(pb.bias.shape)
+        shape_b, expanded_axes = backward_sm90.widened_dbias(tuple(pb.bias.shape), pb.batch,
+                                                             pb.heads)
         every_tile = pb.mask is None and sparse is None and pb.window == (-1, -1)
         plan.allocs.append(Alloc("dbias", shape_b, pb.bias.dtype, zero=not every_tile))
         dbias_st = mask_bias_strides(_contig_info(pb.bias, shape_b, pb.bias.dtype), pb.varlen)
@@ -382,15 +384,23 @@ def finish_backward(plan: Plan, bufs: dict[str, Any]) -> tuple[Any, Any, Any, An
     fixed order) and cast to the bias dtype. The cast is bound once per plan (the thin path
     calls this on every step)."""
     cast_db = plan.extra.get("cast_db", False)
+    axes = plan.extra["expanded_axes"]
     if cast_db is False:
         bias_dt = plan.extra["bias_dtype"]
         dbias = next((a for a in plan.allocs if a.name == "dbias"), None)
+        # widened partials in the bias's dtype (the Hopper kernel's) are summed in float32
+        up = (arrays.caster(bufs["dk"], "float32")
+              if dbias is not None and axes and dbias.dtype != "float32" else None)
+        plan.extra["up_db"] = up
+        sum_dt = "float32" if up is not None else (dbias.dtype if dbias is not None else None)
         cast_db = plan.extra["cast_db"] = (
-            arrays.caster(bufs["dk"], bias_dt) if dbias is not None and dbias.dtype != bias_dt
+            arrays.caster(bufs["dk"], bias_dt) if dbias is not None and sum_dt != bias_dt
             else None)
     dbias = bufs.get("dbias")
-    axes = plan.extra["expanded_axes"]
     if axes:  # a fixed-order reduction over the widened dims (float32)
+        up = plan.extra["up_db"]
+        if up is not None:
+            dbias = up(dbias)
         dbias = dbias.sum(axes, keepdims=True) if array_kind(dbias) != "torch" else \
             dbias.sum(dim=axes, keepdim=True)
     if cast_db is not None:

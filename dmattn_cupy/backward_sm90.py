@@ -126,16 +126,27 @@ def semaphore_words(batch: int, heads: int, seqlen_q: int) -> int:
 def bias_mode(bias: ArrayInfo | None, batch: int, heads: int, seqlen_q: int,
               seqlen_k: int) -> int | None:
     """How the kernel reads a 4-D bias, or None when the kernel does not serve its shape: a full
-    (B, H, Sq, Sk) tile or a key row (B, H, 1, Sk) (the dbias of both is written without
-    reductions across CTAs). Broadcasts over batch/heads go to the sm80-class family."""
+    (B|1, H|1, Sq, Sk) tile or a key row (B|1, H|1, 1, Sk). The kernel writes each (batch,
+    head)'s dbias once, without reductions across CTAs: a bias broadcast over batch or heads
+    gets its dbias in a buffer of the widened shape, summed afterwards (``widened_dbias``);
+    other head counts go to the sm80-class family."""
     if bias is None:
         return BIAS_NONE
     nb, nh, nq, nk = bias.shape
-    if nb != batch or nh != heads or nk != seqlen_k:
+    if nb not in (1, batch) or nh not in (1, heads) or nk != seqlen_k:
         return None
     if nq == 1:
         return BIAS_KEY_ROW
     return BIAS_TILE if nq == seqlen_q else None
+
+
+def widened_dbias(bias_shape: tuple[int, ...], batch: int,
+                  heads: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The dbias buffer the kernel writes for a bias of ``bias_shape`` (one slice per batch and
+    head it runs) and the axes to sum it over afterwards (in a fixed order) to get back to the
+    bias's shape: its broadcast batch and head axes."""
+    wide = (batch, heads) + tuple(bias_shape[2:])
+    return wide, tuple(i for i in (0, 1) if bias_shape[i] != wide[i])
 
 
 def _qkv_map(info: ArrayInfo, rows_box: int) -> TensorMapSpec:

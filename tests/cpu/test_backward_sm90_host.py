@@ -79,9 +79,12 @@ def test_what_phase_1_takes_and_declines(monkeypatch, val):
     taken = [None, np.zeros((b, h, sq, sk), f16), np.zeros((b, h, 1, sk), f16)]
     for bias in taken:
         assert _family(_pb(q, k, v, bias=bias)) == "bwd_sm90"
-    declined = [np.zeros((1, h, sq, sk), f16), np.zeros((b, 1, sq, sk), f16),
-                np.zeros((b, h, sq, 1), f16), np.zeros((b, h, sq, sk), np.float32),
-                np.zeros((1, 1, 1, sk), f16)]
+    # broadcast over batch and/or heads: dbias in a widened buffer, summed afterwards
+    for shape in ((1, h, sq, sk), (b, 1, sq, sk), (1, 1, sq, sk), (1, h, 1, sk),
+                  (1, 1, 1, sk)):
+        assert _family(_pb(q, k, v, bias=np.zeros(shape, f16))) == "bwd_sm90", shape
+    declined = [np.zeros((b, 2, sq, sk), f16), np.zeros((b, h, sq, 1), f16),
+                np.zeros((b, h, sq, sk), np.float32)]
     for bias in declined:
         assert _family(_pb(q, k, v, bias=bias)) == "bwd_dkdv", bias.shape
     pb = _pb(q, k, v)
@@ -120,6 +123,20 @@ def test_bias_modes():
     assert f(None, 2, 4, 200, 264) == backward_sm90.BIAS_NONE
     assert f(describe(np.zeros((2, 4, 200, 1), np.float16)), 2, 4, 200, 264) is None
     assert f(describe(np.zeros((2, 2, 200, 264), np.float16)), 2, 4, 200, 264) is None
+    assert f(describe(np.zeros((1, 1, 200, 264), np.float16)), 2, 4, 200, 264) == \
+        backward_sm90.BIAS_TILE
+    assert f(describe(np.zeros((1, 4, 1, 264), np.float16)), 2, 4, 200, 264) == \
+        backward_sm90.BIAS_KEY_ROW
+
+
+def test_widened_dbias():
+    """The dbias buffer of a broadcast bias: one slice per (batch, head) the kernel runs,
+    summed over the broadcast axes afterwards."""
+    f = backward_sm90.widened_dbias
+    assert f((2, 4, 200, 264), 2, 4) == ((2, 4, 200, 264), ())
+    assert f((1, 4, 1, 264), 2, 4) == ((2, 4, 1, 264), (0,))
+    assert f((2, 1, 200, 264), 2, 4) == ((2, 4, 200, 264), (1,))
+    assert f((1, 1, 1, 264), 3, 8) == ((3, 8, 1, 264), (0, 1))
 
 
 @pytest.mark.parametrize("dq_tensor", [False, True])
@@ -214,7 +231,8 @@ def test_precompile_enumerates_dtype_headdim_mask_bias():
     assert not [s for s in precompile.all_specs("sm_80") if s.family == "bwd_sm90"]
 
 
-@pytest.mark.parametrize("bias_shape", [None, (2, 4, 200, 264), (2, 4, 1, 264)])
+@pytest.mark.parametrize("bias_shape", [None, (2, 4, 200, 264), (2, 4, 1, 264),
+                                        (1, 4, 200, 264), (1, 1, 1, 264)])
 def test_run_backward_launches_the_hopper_kernel(monkeypatch, bias_shape):
     """run_backward with the runtime stubbed and the default DMATTN_BWD_FAMILY: the
     preprocess, then bwd_sm90 over (key tiles of 128, kv heads, batch) with the BwdParams
