@@ -175,7 +175,8 @@ def test_case_names():
                                 "dense_d64", "dense_d256", "dense_fp16", "gqa", "softcap",
                                 "backward_causal", "backward_kbias", "host_fwd",
                                 "host_decode", "host_fwd_bwd", "host_first_call",
-                                "decode_paged", "backward_mask_bias", "mask_hf"}
+                                "decode_paged", "backward_mask_bias", "mask_hf",
+                                "backward_bias_b1", "backward_kbias_b1"}
     for suite in bench.SUITES.values():
         assert set(suite) <= set(bench.CASES)
     assert bench.SUITES["issue12"] == ["dense", "causal", "kbias", "mask_bias", "dense_d64",

@@ -43,8 +43,10 @@ def setup_backward(ctx: Ctx, name: str, shape: dict[str, Any]) -> Setup:
     gqa = Hk != H
     dt = torch_dtype(torch, shape["dtype"])
     with_mask = name == "backward_mask_bias"
-    with_bias = name in ("backward_bias", "backward_kbias", "backward_mask_bias")
-    kbias = name == "backward_kbias"
+    with_bias = name in ("backward_bias", "backward_kbias", "backward_mask_bias",
+                         "backward_bias_b1", "backward_kbias_b1")
+    kbias = name in ("backward_kbias", "backward_kbias_b1")
+    shared = name.endswith("_b1")   # the bias shared by the batch: (1, H, .., S)
     sparse = name == "backward_sparse"
     causal = name == "backward_causal"
     seed = ctx.args.seed
@@ -76,7 +78,7 @@ def setup_backward(ctx: Ctx, name: str, shape: dict[str, Any]) -> Setup:
         inp = {"q": rn(B, Sq, H, D).requires_grad_(), "k": rn(B, Sk, Hk, D).requires_grad_(),
                "v": rn(B, Sk, Hk, D).requires_grad_(), "dout": rn(B, Sq, H, D)}
         if with_bias:
-            inp["bias"] = rn(B, H, 1 if kbias else Sq, Sk).requires_grad_()
+            inp["bias"] = rn(1 if shared else B, H, 1 if kbias else Sq, Sk).requires_grad_()
         if with_mask:
             inp["mask"] = torch.rand(B, H, Sq, Sk, generator=gen, device=dev) < MASK_KEEP
         return inp
@@ -166,7 +168,7 @@ def setup_backward(ctx: Ctx, name: str, shape: dict[str, Any]) -> Setup:
 
                 kw["score_mod"] = mb_sm
             elif with_bias:
-                bias = inp["bias"]
+                bias = inp["bias"].expand(B, -1, -1, -1)   # a stride-0 view where shared
                 if kbias:
                     def kbias_sm(score: Any, b: Any, h: Any, qi: Any, kv: Any) -> Any:
                         return score + bias[b, h, 0, kv]

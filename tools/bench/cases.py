@@ -30,6 +30,9 @@ CASES: dict[str, str] = {
                        "(+ diagonal)",
     "backward_causal": "forward + backward, causal",
     "backward_kbias": "forward + backward, key-side (B,H,1,S) bias with grad",
+    "backward_bias_b1": "forward + backward, full (1,H,S,S) bias shared by the batch, with grad",
+    "backward_kbias_b1": "forward + backward, key-side (1,H,1,S) bias shared by the batch, "
+                         "with grad",
     "backward_mask_bias": "forward + backward, full (B,H,S,S) bool mask (random, 90% kept) + "
                           "full bias with grad",
     "host_fwd": "host time per call, forward, tiny shape (torch inputs; dmattn also CuPy)",
@@ -53,6 +56,7 @@ SUITES: dict[str, list[str]] = {
     "decode": ["decode", "decode_paged"],
     "backward": ["backward", "backward_bias", "backward_sparse"],
     "fwdbwd": ["backward", "backward_causal", "backward_bias", "backward_kbias",
+               "backward_bias_b1", "backward_kbias_b1",
                "backward_mask_bias", "backward_sparse"],
     "host": list(HOST_CASES),
 }
@@ -85,6 +89,8 @@ CASE_DEFAULTS: dict[str, dict[str, Any]] = {
     "backward_sparse": {"batch": 1, "seqlen": 8192},
     "backward_causal": {"seqlen": 2048},
     "backward_kbias": {"seqlen": 2048},
+    "backward_bias_b1": {"seqlen": 2048},
+    "backward_kbias_b1": {"seqlen": 2048},
     "backward_mask_bias": {"seqlen": 2048},
     "host_fwd": dict(_HOST),
     "host_decode": {"batch": 1, "heads": 32, "kv_heads": 8, "seqlen": 1, "seqlen_k": 4096},
