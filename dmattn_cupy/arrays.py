@@ -488,6 +488,15 @@ def caster(like: Any, dtype: str) -> Callable[[Any], Any]:
     return lambda x: x.astype(dtype)
 
 
+def summer(like: Any, axes: tuple[int, ...], dtype: str) -> Callable[[Any], Any]:
+    """A function summing arrays of ``like``'s library over ``axes`` (kept, size 1) with a
+    ``dtype`` accumulator and result, without a ``dtype`` copy of the input (bound once)."""
+    if array_kind(like) == "torch":
+        tdt = _torch_dtype(dtype)
+        return lambda x: x.sum(dim=axes, keepdim=True, dtype=tdt)
+    return lambda x: x.sum(axes, keepdims=True, dtype=dtype)
+
+
 def set_rows(dst: Any, first: np.ndarray, second: np.ndarray, src: Any) -> None:
     """``dst[first[i], second[i]] = src[i]`` in place, for host index arrays and ``dst``/``src``
     of one kind (on ``dst``'s device; ``src`` cast to ``dst``'s dtype)."""

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from . import arrays, backward_sm90, env, row_pad, runtime
-from .arrays import ArrayInfo, array_kind, describe
+from .arrays import ArrayInfo, describe
 from .device import DeviceProps
 from .launch_plan import Alloc, Launch, Plan, RowCopy
 from .layout import (
@@ -388,21 +388,17 @@ def finish_backward(plan: Plan, bufs: dict[str, Any]) -> tuple[Any, Any, Any, An
     if cast_db is False:
         bias_dt = plan.extra["bias_dtype"]
         dbias = next((a for a in plan.allocs if a.name == "dbias"), None)
-        # widened partials in the bias's dtype (the Hopper kernel's) are summed in float32
-        up = (arrays.caster(bufs["dk"], "float32")
-              if dbias is not None and axes and dbias.dtype != "float32" else None)
-        plan.extra["up_db"] = up
-        sum_dt = "float32" if up is not None else (dbias.dtype if dbias is not None else None)
+        # the widened partials (float32, or the bias's dtype from the Hopper kernel) are summed
+        # by a float32 accumulator into float32
+        plan.extra["sum_db"] = (arrays.summer(bufs["dk"], axes, "float32")
+                                if dbias is not None and axes else None)
+        sum_dt = "float32" if axes else (dbias.dtype if dbias is not None else None)
         cast_db = plan.extra["cast_db"] = (
             arrays.caster(bufs["dk"], bias_dt) if dbias is not None and sum_dt != bias_dt
             else None)
     dbias = bufs.get("dbias")
-    if axes:  # a fixed-order reduction over the widened dims (float32)
-        up = plan.extra["up_db"]
-        if up is not None:
-            dbias = up(dbias)
-        dbias = dbias.sum(axes, keepdims=True) if array_kind(dbias) != "torch" else \
-            dbias.sum(dim=axes, keepdim=True)
+    if axes:  # a fixed-order reduction over the widened dims
+        dbias = plan.extra["sum_db"](dbias)
     if cast_db is not None:
         dbias = cast_db(dbias)
     return bufs["dq"], bufs["dk"], bufs["dv"], dbias

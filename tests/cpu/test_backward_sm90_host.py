@@ -10,7 +10,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from dmattn_cupy import backward, backward_sm90, env, precompile, runtime, select
+from dmattn_cupy import arrays, backward, backward_sm90, env, precompile, runtime, select
 from dmattn_cupy.arrays import describe
 from dmattn_cupy.device import PRESETS
 from dmattn_cupy.validate import check_dense
@@ -137,6 +137,19 @@ def test_widened_dbias():
     assert f((1, 4, 1, 264), 2, 4) == ((2, 4, 1, 264), (0,))
     assert f((2, 1, 200, 264), 2, 4) == ((2, 4, 200, 264), (1,))
     assert f((1, 1, 1, 264), 3, 8) == ((3, 8, 1, 264), (0, 1))
+
+
+def test_widened_dbias_sums_in_float32_in_every_library():
+    """finish_backward's sum of a widened dbias (arrays.summer): a float32 accumulator and
+    result for 16-bit partials, NumPy and torch alike (no 16-bit rounding of the sum)."""
+    import torch
+
+    # 3 (1 + 2^-10) = 3 + 1.5 * 2^-9: exact in float32, not in float16 (steps of 2^-9 there)
+    x = np.full((3, 4, 1, 300), 1.0 + 2.0 ** -10, np.float16)
+    for arr in (x, torch.from_numpy(x)):
+        got = arrays.summer(arr, (0,), "float32")(arr)
+        assert tuple(got.shape) == (1, 4, 1, 300) and "float32" in str(got.dtype)
+        np.testing.assert_array_equal(np.asarray(got), np.float32(3 * (1.0 + 2.0 ** -10)))
 
 
 @pytest.mark.parametrize("dq_tensor", [False, True])
