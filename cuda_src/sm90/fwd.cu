@@ -155,6 +155,27 @@ static_assert(DM_SM90_Q_BUFS == 1 || DM_SM90_Q_BUFS == 2, "DM_SM90_Q_BUFS: 1 or 
 #ifndef DM_SM90_LAZY_GAP
 #define DM_SM90_LAZY_GAP 0
 #endif
+// DM_SM90_EACH_THREAD_ARRIVES=1 (compute-sanitizer racecheck builds only): every thread of a
+// warp that read or wrote a stage arrives on its barrier, instead of lane 0 after __syncwarp.
+// Both are ordered under PTX (bar.warp.sync orders the warp's accesses before lane 0's
+// release); racecheck orders only the arriving thread's own accesses, so the default build
+// shows WAR/RAW hazards on info[], stage_item[] and the key-bias/fold rows that this build
+// does not. 256 arrivals per phase cost the default path 1.7-4% (fourteenth session).
+#ifndef DM_SM90_EACH_THREAD_ARRIVES
+#define DM_SM90_EACH_THREAD_ARRIVES 0
+#endif
+
+constexpr int kWarpArrivals = DM_SM90_EACH_THREAD_ARRIVES ? 32 : 1;  // arrivals per warp
+// A warp's arrival on `bar` (and `bar2`, if not 0) after its lanes' accesses (the warp
+// converged).
+DM_DEVICE void warp_arrive(uint32_t bar, int lane, uint32_t bar2 = 0) {
+  if constexpr (kWarpArrivals == 1) {
+    __syncwarp();
+    if (lane != 0) return;
+  }
+  sm90::mbar_arrive(bar);
+  if (bar2 != 0) sm90::mbar_arrive(bar2);
+}
 
 // Tile classes the producer hands over (bits; 0 = full: no per-element work).
 constexpr int kFormulaPartial = 1;  // crosses the key end or a causal/window edge
@@ -338,11 +359,7 @@ DM_DEVICE void fold_warps(uint8_t* smem, int lane, const Bar1& bar_full_k, const
       }
       fence_proxy_async_smem();  // these stores before the stage's next TMA write
     }
-    __syncwarp();
-    if (lane == 0) {
-      mbar_arrive(bar_full_f(stage));
-      mbar_arrive(bar_empty_k(stage));
-    }
+    warp_arrive(bar_full_f(stage), lane, bar_empty_k(stage));
     if (++stage == kStages) {
       stage = 0;
       phase ^= 1;
@@ -510,19 +527,19 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
   if (threadIdx.x == 0) {
     for (int x = 0; x < Smem::kQBufs; ++x) {
       mbar_init(bar_full_q(x), 1);
-      mbar_init(bar_empty_q(x), 8);  // one arrival per consumer warp
+      mbar_init(bar_empty_q(x), 8 * kWarpArrivals);  // one arrival per consumer warp
     }
     for (int s = 0; s < kStages; ++s) {
-      mbar_init(bar_full_k(s), 1);
+      mbar_init(bar_full_k(s), kWarpArrivals);  // the producer warp (it writes info, rows)
       mbar_init(bar_full_v(s), 1);
       // one arrival per consumer warp (and per fold warp: they read the stage too)
-      mbar_init(bar_empty_k(s), fold_on ? 8 + kFoldWarps : 8);
-      mbar_init(bar_empty_v(s), 8);
-      if (Smem::kFold) mbar_init(bar_full_f(s), kFoldWarps);
+      mbar_init(bar_empty_k(s), (fold_on ? 8 + kFoldWarps : 8) * kWarpArrivals);
+      mbar_init(bar_empty_v(s), 8 * kWarpArrivals);
+      if (Smem::kFold) mbar_init(bar_full_f(s), kFoldWarps * kWarpArrivals);
     }
     for (int x = 0; x < Smem::kMaskSlots; ++x) {
       mbar_init(bar_full_m(x), 1);
-      mbar_init(bar_empty_m(x), 8);
+      mbar_init(bar_empty_m(x), 8 * kWarpArrivals);
     }
     mbar_init_fence();
   }
@@ -738,7 +755,10 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
           const bool keep_any = __any_sync(0xffffffffu, any != 0);
           const bool keep_all = __all_sync(0xffffffffu, all == 0x01010101u);
           if (!keep_any || !in_range) {  // empty tile: no K/V/bias; the slot is free again
-            if (lane < 8) mbar_arrive(bar_empty_m(slot));
+            if (lane < 8) {
+              if constexpr (kWarpArrivals == 1) mbar_arrive(bar_empty_m(slot));
+              else mbar_arrive_count(bar_empty_m(slot), kWarpArrivals);
+            }
             continue;
           }
           if (!keep_all) cls |= kMaskPartial;
@@ -806,6 +826,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
                        args.bias_chunk_heads, args.bias_chunk_box, args.bias_chunk_boxes, 2);
           }
         }
+        if (kWarpArrivals > 1 && !leader) mbar_arrive(bar_full_k(stage));  // after the row
         mbar_wait(bar_empty_v(stage), phase ^ 1);
         if (leader) {
           mbar_arrive_expect_tx(bar_full_v(stage), Smem::kKV);
@@ -828,6 +849,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
         if (kDynamicItems) stage_item[stage] = item;
         mbar_arrive(bar_full_k(stage));
       }
+      if (kWarpArrivals > 1 && !leader) mbar_arrive(bar_full_k(stage));
       mbar_wait(bar_empty_v(stage), phase ^ 1);
       if (leader) mbar_arrive(bar_full_v(stage));
       __syncwarp();
@@ -847,6 +869,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
         stage_item[stage] = -1;
         mbar_arrive(bar_full_k(stage));
       }
+      if (kWarpArrivals > 1 && !leader) mbar_arrive(bar_full_k(stage));
     }
     return;
   }
@@ -857,10 +880,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
   const int warp = (threadIdx.x % 128) / 32;
   const int g = lane / 4, t = lane % 4;
   const int lrow[2] = {64 * c + 16 * warp + g, 64 * c + 16 * warp + g + 8};  // CTA-local
-  auto release = [&](uint32_t bar) {
-    __syncwarp();
-    if (lane == 0) mbar_arrive(bar);
-  };
+  auto release = [&](uint32_t bar) { warp_arrive(bar, lane); };
   // Ping-pong: the two consumers take turns issuing their GEMMs (named barriers 1 and 2, each
   // 128 syncing + 128 arriving threads), so one's softmax runs under the other's GEMMs. The
   // turns alternate across work items too (a consumer never arrives twice in a row on one
