@@ -178,15 +178,16 @@ def backward_call(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out:
     mode, tile_stride = 0, 0
     dbias_st = None
     expanded_axes: tuple[int, ...] = ()
+    dbias_view: tuple[int, ...] | None = None   # the widened dbias as the sum reads it
     if want_dbias and family == "bwd_sm90":
         # every element of a (B, H, Sq, Sk) or (B, H, 1, Sk) dbias is written at most once, in
         # the bias's dtype (the query's: backward_sm90.accepts); never-visited ones stay 0.
         # Without a mask, block lists, causal or window every tile is visited and every
         # in-bounds element written: no zero fill (268 MB at B2 H16 S2048, ~70 us). A bias
-        # broadcast over batch or heads: its dbias widened to (B, H, ..), summed afterwards.
+        # shared by the batch or by groups of heads: its dbias widened to (B, H, ..), summed.
         mode = 1
-        shape_b, expanded_axes = backward_sm90.widened_dbias(tuple(pb.bias.shape), pb.batch,
-                                                             pb.heads)
+        shape_b, dbias_view, expanded_axes = backward_sm90.widened_dbias(
+            tuple(pb.bias.shape), pb.batch, pb.heads)
         every_tile = pb.mask is None and sparse is None and pb.window == (-1, -1)
         plan.allocs.append(Alloc("dbias", shape_b, pb.bias.dtype, zero=not every_tile))
         dbias_st = mask_bias_strides(_contig_info(pb.bias, shape_b, pb.bias.dtype), pb.varlen)
@@ -251,7 +252,8 @@ def backward_call(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out:
         width, rows, src_pitch, dst_pitch = arrays.row_copy(bias_src)
         plan.allocs.append(Alloc("bias_rows", (arrays.padded_bytes(bias_src),), "uint8"))
         plan.copies.append(RowCopy("bias", "bias_rows", width, rows, src_pitch, dst_pitch))
-    plan.extra.update(expanded_axes=expanded_axes,
+    plan.extra.update(expanded_axes=expanded_axes, dbias_view=dbias_view,
+                      bias_shape=None if pb.bias is None else tuple(bias_src.shape),
                       bias_dtype=None if pb.bias is None else pb.bias.dtype)
     bufs = {a.name: (arrays.zeros if a.zero else arrays.empty)(query, a.shape, a.dtype or dt)
             for a in plan.allocs}
@@ -397,8 +399,13 @@ def finish_backward(plan: Plan, bufs: dict[str, Any]) -> tuple[Any, Any, Any, An
             arrays.caster(bufs["dk"], bias_dt) if dbias is not None and sum_dt != bias_dt
             else None)
     dbias = bufs.get("dbias")
-    if axes:  # a fixed-order reduction over the widened dims
+    if axes:  # a fixed-order float32 reduction over the widened dims
+        view = plan.extra["dbias_view"]
+        if view is not None:  # (B, H', H / H', ..): a bias head's group on axis 2
+            dbias = dbias.reshape(view)
         dbias = plan.extra["sum_db"](dbias)
+        if view is not None:
+            dbias = dbias.reshape(plan.extra["bias_shape"])
     if cast_db is not None:
         dbias = cast_db(dbias)
     return bufs["dq"], bufs["dk"], bufs["dv"], dbias

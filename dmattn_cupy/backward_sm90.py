@@ -126,27 +126,30 @@ def semaphore_words(batch: int, heads: int, seqlen_q: int) -> int:
 def bias_mode(bias: ArrayInfo | None, batch: int, heads: int, seqlen_q: int,
               seqlen_k: int) -> int | None:
     """How the kernel reads a 4-D bias, or None when the kernel does not serve its shape: a full
-    (B|1, H|1, Sq, Sk) tile or a key row (B|1, H|1, 1, Sk). The kernel writes each (batch,
-    head)'s dbias once, without reductions across CTAs: a bias broadcast over batch or heads
-    gets its dbias in a buffer of the widened shape, summed afterwards (``widened_dbias``);
-    other head counts go to the sm80-class family."""
+    (B|1, H', Sq, Sk) tile or a key row (B|1, H', 1, Sk), H' dividing H (head h reads bias head
+    h // (H / H')). The kernel writes each (batch, head)'s dbias once, without reductions
+    across CTAs: a bias shared by the batch or by groups of heads gets its dbias in a buffer of
+    the widened shape, summed afterwards (``widened_dbias``)."""
     if bias is None:
         return BIAS_NONE
     nb, nh, nq, nk = bias.shape
-    if nb not in (1, batch) or nh not in (1, heads) or nk != seqlen_k:
+    if nb not in (1, batch) or nh < 1 or heads % nh or nk != seqlen_k:
         return None
     if nq == 1:
         return BIAS_KEY_ROW
     return BIAS_TILE if nq == seqlen_q else None
 
 
-def widened_dbias(bias_shape: tuple[int, ...], batch: int,
-                  heads: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """The dbias buffer the kernel writes for a bias of ``bias_shape`` (one slice per batch and
-    head it runs) and the axes to sum it over afterwards (in a fixed order) to get back to the
-    bias's shape: its broadcast batch and head axes."""
-    wide = (batch, heads) + tuple(bias_shape[2:])
-    return wide, tuple(i for i in (0, 1) if bias_shape[i] != wide[i])
+def widened_dbias(bias_shape: tuple[int, ...], batch: int, heads: int
+                  ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """The dbias buffer the kernel writes for a bias of ``bias_shape`` (B, H, ..: one slice per
+    batch and head it runs), the view of it that puts each bias head's group of heads on an
+    axis of its own (B, H', H / H', ..), and the axes of that view to sum over (in a fixed
+    order) to get back to the bias's shape: the batch where the bias is shared by it, the
+    group where a bias head serves several heads."""
+    nb, nh, rest = bias_shape[0], bias_shape[1], tuple(bias_shape[2:])
+    axes = ((0,) if nb != batch else ()) + ((2,) if nh != heads else ())
+    return (batch, heads) + rest, (batch, nh, heads // nh) + rest, axes
 
 
 def _qkv_map(info: ArrayInfo, rows_box: int) -> TensorMapSpec:

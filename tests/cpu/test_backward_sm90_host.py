@@ -81,10 +81,9 @@ def test_what_phase_1_takes_and_declines(monkeypatch, val):
         assert _family(_pb(q, k, v, bias=bias)) == "bwd_sm90"
     # broadcast over batch and/or heads: dbias in a widened buffer, summed afterwards
     for shape in ((1, h, sq, sk), (b, 1, sq, sk), (1, 1, sq, sk), (1, h, 1, sk),
-                  (1, 1, 1, sk)):
+                  (1, 1, 1, sk), (b, 2, sq, sk), (1, 2, 1, sk)):
         assert _family(_pb(q, k, v, bias=np.zeros(shape, f16))) == "bwd_sm90", shape
-    declined = [np.zeros((b, 2, sq, sk), f16), np.zeros((b, h, sq, 1), f16),
-                np.zeros((b, h, sq, sk), np.float32)]
+    declined = [np.zeros((b, h, sq, 1), f16), np.zeros((b, h, sq, sk), np.float32)]
     for bias in declined:
         assert _family(_pb(q, k, v, bias=bias)) == "bwd_dkdv", bias.shape
     pb = _pb(q, k, v)
@@ -122,7 +121,9 @@ def test_bias_modes():
         backward_sm90.BIAS_KEY_ROW
     assert f(None, 2, 4, 200, 264) == backward_sm90.BIAS_NONE
     assert f(describe(np.zeros((2, 4, 200, 1), np.float16)), 2, 4, 200, 264) is None
-    assert f(describe(np.zeros((2, 2, 200, 264), np.float16)), 2, 4, 200, 264) is None
+    assert f(describe(np.zeros((2, 2, 200, 264), np.float16)), 2, 4, 200, 264) == \
+        backward_sm90.BIAS_TILE
+    assert f(describe(np.zeros((2, 3, 200, 264), np.float16)), 2, 4, 200, 264) is None
     assert f(describe(np.zeros((1, 1, 200, 264), np.float16)), 2, 4, 200, 264) == \
         backward_sm90.BIAS_TILE
     assert f(describe(np.zeros((1, 4, 1, 264), np.float16)), 2, 4, 200, 264) == \
@@ -130,13 +131,24 @@ def test_bias_modes():
 
 
 def test_widened_dbias():
-    """The dbias buffer of a broadcast bias: one slice per (batch, head) the kernel runs,
-    summed over the broadcast axes afterwards."""
+    """The dbias buffer of a broadcast bias: one slice per (batch, head) the kernel runs, viewed
+    with each bias head's group of heads on axis 2, summed over the shared axes afterwards; the
+    sum of that view is the gradient of the broadcast (numpy model)."""
     f = backward_sm90.widened_dbias
-    assert f((2, 4, 200, 264), 2, 4) == ((2, 4, 200, 264), ())
-    assert f((1, 4, 1, 264), 2, 4) == ((2, 4, 1, 264), (0,))
-    assert f((2, 1, 200, 264), 2, 4) == ((2, 4, 200, 264), (1,))
-    assert f((1, 1, 1, 264), 3, 8) == ((3, 8, 1, 264), (0, 1))
+    assert f((2, 4, 200, 264), 2, 4) == ((2, 4, 200, 264), (2, 4, 1, 200, 264), ())
+    assert f((1, 4, 1, 264), 2, 4) == ((2, 4, 1, 264), (2, 4, 1, 1, 264), (0,))
+    assert f((2, 1, 200, 264), 2, 4) == ((2, 4, 200, 264), (2, 1, 4, 200, 264), (2,))
+    assert f((1, 2, 1, 264), 3, 8) == ((3, 8, 1, 264), (3, 2, 4, 1, 264), (0, 2))
+    rng = np.random.default_rng(0)
+    for shape in ((1, 2, 3, 5), (2, 1, 3, 5), (1, 4, 1, 5), (2, 4, 3, 5)):
+        wide, view, axes = f(shape, 2, 4)
+        per_head = rng.standard_normal(wide)  # d loss / d (bias as head h of batch b reads it)
+        got = per_head.reshape(view).sum(axes, keepdims=True).reshape(shape)
+        want = np.zeros(shape)
+        for b in range(2):
+            for h in range(4):
+                want[b % shape[0], h // (4 // shape[1])] += per_head[b, h]
+        np.testing.assert_allclose(got, want)
 
 
 def test_widened_dbias_sums_in_float32_in_every_library():
@@ -245,7 +257,7 @@ def test_precompile_enumerates_dtype_headdim_mask_bias():
 
 
 @pytest.mark.parametrize("bias_shape", [None, (2, 4, 200, 264), (2, 4, 1, 264),
-                                        (1, 4, 200, 264), (1, 1, 1, 264)])
+                                        (1, 4, 200, 264), (1, 1, 1, 264), (2, 2, 1, 264)])
 def test_run_backward_launches_the_hopper_kernel(monkeypatch, bias_shape):
     """run_backward with the runtime stubbed and the default DMATTN_BWD_FAMILY: the
     preprocess, then bwd_sm90 over (key tiles of 128, kv heads, batch) with the BwdParams

@@ -84,8 +84,8 @@ def test_block_lists_with_masks_biases_and_windows(monkeypatch):
             for causal in (False, True):
                 pb = _pb(q, k, v, mask=mask, bias=bias, causal=causal)
                 assert _family(pb, (128, 128)) == "bwd_sm90"
-    # a bias the kernel declines (one per group of heads) stays declined with lists
-    assert _family(_pb(q, k, v, bias=np.zeros((b, h // 2, sq, sk), np.float16)), (128, 128)) == \
+    # a bias the kernel declines (float32, not the query's dtype) stays declined with lists
+    assert _family(_pb(q, k, v, bias=np.zeros((b, h, sq, sk), np.float32)), (128, 128)) == \
         "bwd_dkdv"
     assert backward_sm90.sparse_fits(False)
     assert not backward_sm90.sparse_fits((0, 128))

@@ -115,13 +115,15 @@ def test_bias_broadcast_shapes(shape):
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["default", "deterministic"])
 @pytest.mark.parametrize("shape", [(1, 8, 300, 256), (2, 1, 300, 256), (1, 1, 300, 257),
-                                   (1, 8, 1, 256), (1, 1, 1, 257)],
-                         ids=["b1", "h1", "b1h1_odd", "b1_row", "b1h1_row_odd"])
+                                   (1, 8, 1, 256), (1, 1, 1, 257), (2, 2, 300, 256),
+                                   (1, 4, 1, 257)],
+                         ids=["b1", "h1", "b1h1_odd", "b1_row", "b1h1_row_odd", "hk",
+                              "b1_h4_row_odd"])
 def test_bias_broadcast_over_batch_and_heads_with_grad(shape, deterministic,
                                                        both_backward_families):
-    """A learnable bias shared by the batch and/or the heads (tile or key row; Sk odd too):
-    the Hopper backward writes a widened dbias and sums it over the broadcast axes; GQA (8
-    query heads on 2 kv heads)."""
+    """A learnable bias shared by the batch and/or groups of heads (one head for all, one per kv
+    head, one per 2 heads; tile or key row; Sk odd too): the Hopper backward writes a widened
+    dbias and sums it over the shared axes; GQA (8 query heads on 2 kv heads)."""
     q, k, v = _qkv(2, 300, shape[-1], 8, 2, 128, "bfloat16", seed=30)
     bias = torch.randn(*shape, generator=torch.Generator().manual_seed(31)).to(
         "cuda", torch.bfloat16)
@@ -182,12 +184,9 @@ def test_causal_window_softcap(kw, sq, sk, both_backward_families):
 @pytest.mark.parametrize("h,hk", [(8, 8), (8, 2), (8, 1)], ids=str)
 def test_gqa(h, hk, bias_heads, both_backward_families):
     """A bias per query head, or one per kv head (broadcast over the group: its dbias sums the
-    group's heads; the sm_90a backward takes one head for all (hk = 1), widened, and leaves
-    other head counts to the portable kernels)."""
+    group's heads; the sm_90a backward writes it per head and sums each group afterwards)."""
     if bias_heads == "kv" and hk == h:
         pytest.skip("the same problem as bias_qheads")
-    _sm90_declines(both_backward_families, bias_heads == "kv" and hk > 1,
-                   "a bias shared by a group of heads")
     q, k, v = _qkv(2, 96, 80, h, hk, 128, "float16", seed=h + hk)
     bias = torch.randn(2, h if bias_heads == "q" else hk, 96, 80, device="cuda",
                        dtype=torch.float16)
