@@ -489,12 +489,18 @@ def caster(like: Any, dtype: str) -> Callable[[Any], Any]:
 
 
 def summer(like: Any, axes: tuple[int, ...], dtype: str) -> Callable[[Any], Any]:
-    """A function summing arrays of ``like``'s library over ``axes`` (kept, size 1) with a
-    ``dtype`` accumulator and result, without a ``dtype`` copy of the input (bound once)."""
+    """A function summing arrays of ``like``'s library over ``axes`` (kept, size 1) into
+    ``dtype`` with a float32 accumulator, without a float32 copy of the input (bound once).
+    torch sums 16-bit inputs in float32 and rounds once into their own dtype (one pass: no
+    float32 result to read back and cast); other inputs, and NumPy/CuPy, give a float32 sum
+    cast to ``dtype``."""
     if array_kind(like) == "torch":
+        import torch
+
         tdt = _torch_dtype(dtype)
-        return lambda x: x.sum(dim=axes, keepdim=True, dtype=tdt)
-    return lambda x: x.sum(axes, keepdims=True, dtype=dtype)
+        return lambda x: (x.sum(dim=axes, keepdim=True) if x.dtype == tdt != torch.float32 else
+                          x.sum(dim=axes, keepdim=True, dtype=torch.float32).to(tdt))
+    return lambda x: x.sum(axes, keepdims=True, dtype="float32").astype(dtype, copy=False)
 
 
 def set_rows(dst: Any, first: np.ndarray, second: np.ndarray, src: Any) -> None:

@@ -391,15 +391,15 @@ def finish_backward(plan: Plan, bufs: dict[str, Any]) -> tuple[Any, Any, Any, An
         bias_dt = plan.extra["bias_dtype"]
         dbias = next((a for a in plan.allocs if a.name == "dbias"), None)
         # the widened partials (float32, or the bias's dtype from the Hopper kernel) are summed
-        # by a float32 accumulator into float32
-        plan.extra["sum_db"] = (arrays.summer(bufs["dk"], axes, "float32")
+        # by a float32 accumulator into the bias's dtype
+        plan.extra["sum_db"] = (arrays.summer(bufs["dk"], axes, bias_dt)
                                 if dbias is not None and axes else None)
-        sum_dt = "float32" if axes else (dbias.dtype if dbias is not None else None)
+        sum_dt = bias_dt if axes else (dbias.dtype if dbias is not None else None)
         cast_db = plan.extra["cast_db"] = (
             arrays.caster(bufs["dk"], bias_dt) if dbias is not None and sum_dt != bias_dt
             else None)
     dbias = bufs.get("dbias")
-    if axes:  # a fixed-order float32 reduction over the widened dims
+    if axes:  # a fixed-order reduction over the widened dims (float32 accumulator)
         view = plan.extra["dbias_view"]
         if view is not None:  # (B, H', H / H', ..): a bias head's group on axis 2
             dbias = dbias.reshape(view)

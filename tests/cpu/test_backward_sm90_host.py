@@ -152,16 +152,23 @@ def test_widened_dbias():
 
 
 def test_widened_dbias_sums_in_float32_in_every_library():
-    """finish_backward's sum of a widened dbias (arrays.summer): a float32 accumulator and
-    result for 16-bit partials, NumPy and torch alike (no 16-bit rounding of the sum)."""
+    """finish_backward's sum of a widened dbias (arrays.summer): a float32 accumulator for
+    16-bit partials, rounded once into the result's dtype, NumPy and torch alike."""
     import torch
 
     # 3 (1 + 2^-10) = 3 + 1.5 * 2^-9: exact in float32, not in float16 (steps of 2^-9 there)
     x = np.full((3, 4, 1, 300), 1.0 + 2.0 ** -10, np.float16)
-    for arr in (x, torch.from_numpy(x)):
-        got = arrays.summer(arr, (0,), "float32")(arr)
+    # 2048 + 1 + 1: 2050 in float32 and in float16; a float16 accumulator stays at 2048
+    y = np.broadcast_to(np.array([2048, 1, 1], np.float16)[:, None, None, None],
+                        (3, 4, 1, 300)).copy()
+    for lib in (np.asarray, torch.from_numpy):
+        got = arrays.summer(lib(x), (0,), "float32")(lib(x))
         assert tuple(got.shape) == (1, 4, 1, 300) and "float32" in str(got.dtype)
         np.testing.assert_array_equal(np.asarray(got), np.float32(3 * (1.0 + 2.0 ** -10)))
+        for src in (y, y.astype(np.float32)):  # the Hopper kernel's / the portable partials
+            got = arrays.summer(lib(src), (0,), "float16")(lib(src))
+            assert tuple(got.shape) == (1, 4, 1, 300) and "float16" in str(got.dtype)
+            np.testing.assert_array_equal(np.asarray(got), np.float16(2050))
 
 
 @pytest.mark.parametrize("dq_tensor", [False, True])

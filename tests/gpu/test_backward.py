@@ -116,14 +116,14 @@ def test_bias_broadcast_shapes(shape):
 @pytest.mark.parametrize("deterministic", [False, True], ids=["default", "deterministic"])
 @pytest.mark.parametrize("shape", [(1, 8, 300, 256), (2, 1, 300, 256), (1, 1, 300, 257),
                                    (1, 8, 1, 256), (1, 1, 1, 257), (2, 2, 300, 256),
-                                   (1, 4, 1, 257)],
+                                   (1, 2, 1, 257)],
                          ids=["b1", "h1", "b1h1_odd", "b1_row", "b1h1_row_odd", "hk",
-                              "b1_h4_row_odd"])
+                              "b1_hk_row_odd"])
 def test_bias_broadcast_over_batch_and_heads_with_grad(shape, deterministic,
                                                        both_backward_families):
-    """A learnable bias shared by the batch and/or groups of heads (one head for all, one per kv
-    head, one per 2 heads; tile or key row; Sk odd too): the Hopper backward writes a widened
-    dbias and sums it over the shared axes; GQA (8 query heads on 2 kv heads)."""
+    """A learnable bias shared by the batch and/or groups of heads (one head for all or one per
+    kv head; tile or key row; Sk odd too): the Hopper backward writes a widened dbias and sums
+    it over the shared axes; GQA (8 query heads on 2 kv heads)."""
     q, k, v = _qkv(2, 300, shape[-1], 8, 2, 128, "bfloat16", seed=30)
     bias = torch.randn(*shape, generator=torch.Generator().manual_seed(31)).to(
         "cuda", torch.bfloat16)
