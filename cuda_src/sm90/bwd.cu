@@ -446,11 +446,11 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
     for (int s = 0; s < kStages; ++s) {
       // the TMA leader's expect_tx + the lse rows' 32 lanes (+ the mask warps' 64 lanes)
       mbar_init(bar_full(s), sm90_bwd_full_arrivals(kHasMask, Smem::kDqWriter));
-      mbar_init(bar_empty(s), 8);  // one arrival per consumer warp
+      mbar_init(bar_empty(s), 8 * kWarpArrivals);  // one arrival per consumer warp
     }
     for (int k = 0; k < Smem::kDqSlots; ++k) {
-      mbar_init(bar_dq_full(k), kDqWarps);  // one arrival per dQ warp
-      mbar_init(bar_dq_empty(k), 1);        // the writer's lane 0
+      mbar_init(bar_dq_full(k), kDqWarps * kWarpArrivals);  // one arrival per dQ warp
+      mbar_init(bar_dq_empty(k), kWarpArrivals);            // the writer's lane 0
     }
     mbar_init_fence();
     if (dq_sem != nullptr) *ticket = atomicAdd(dq_sem, 1);
@@ -821,6 +821,8 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
               red_release_gpu_add(turn, 1);
             }
           }
+          // (racecheck build: the other lanes read dq_skip(k) above)
+          if (kWarpArrivals > 1 && lane != 0) mbar_arrive(bar_dq_empty(k));
           __syncwarp();
         }
         if (lane == 0) bulk_wait<0>();  // the adds are complete before the CTA exits
@@ -846,10 +848,7 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
   float colsum[2] = {0.f, 0.f};  // key-row dbias of the current head
   float row_bias[2] = {0.f, 0.f};  // key-row bias of the current head (log2 units)
 
-  auto release = [&](uint32_t bar) {
-    __syncwarp();
-    if (lane == 0) mbar_arrive(bar);
-  };
+  auto release = [&](uint32_t bar) { warp_arrive(bar, lane); };
 
   // Deterministic mode: waits (the whole warp polls one word) for this warp's turn to add
   // into query tile m0 of head h (its count `target`: the stage's word 2, read before the

@@ -155,27 +155,8 @@ static_assert(DM_SM90_Q_BUFS == 1 || DM_SM90_Q_BUFS == 2, "DM_SM90_Q_BUFS: 1 or 
 #ifndef DM_SM90_LAZY_GAP
 #define DM_SM90_LAZY_GAP 0
 #endif
-// DM_SM90_EACH_THREAD_ARRIVES=1 (compute-sanitizer racecheck builds only): every thread of a
-// warp that read or wrote a stage arrives on its barrier, instead of lane 0 after __syncwarp.
-// Both are ordered under PTX (bar.warp.sync orders the warp's accesses before lane 0's
-// release); racecheck orders only the arriving thread's own accesses, so the default build
-// shows WAR/RAW hazards on info[], stage_item[] and the key-bias/fold rows that this build
-// does not. 256 arrivals per phase cost the default path 1.7-4% (fourteenth session).
-#ifndef DM_SM90_EACH_THREAD_ARRIVES
-#define DM_SM90_EACH_THREAD_ARRIVES 0
-#endif
-
-constexpr int kWarpArrivals = DM_SM90_EACH_THREAD_ARRIVES ? 32 : 1;  // arrivals per warp
-// A warp's arrival on `bar` (and `bar2`, if not 0) after its lanes' accesses (the warp
-// converged).
-DM_DEVICE void warp_arrive(uint32_t bar, int lane, uint32_t bar2 = 0) {
-  if constexpr (kWarpArrivals == 1) {
-    __syncwarp();
-    if (lane != 0) return;
-  }
-  sm90::mbar_arrive(bar);
-  if (bar2 != 0) sm90::mbar_arrive(bar2);
-}
+// DM_SM90_EACH_THREAD_ARRIVES=1: the racecheck build (primitives.cuh, warp_arrive): info[],
+// stage_item[] and the key-bias/fold rows are handed over by every thread's arrival.
 
 // Tile classes the producer hands over (bits; 0 = full: no per-element work).
 constexpr int kFormulaPartial = 1;  // crosses the key end or a causal/window edge

@@ -169,6 +169,27 @@ DM_DEVICE void mbar_arrive(uint32_t bar) {
 DM_DEVICE void mbar_arrive_count(uint32_t bar, uint32_t count) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(count) : "memory");
 }
+// DM_SM90_EACH_THREAD_ARRIVES=1 (compute-sanitizer racecheck builds only): every thread of a
+// warp that read or wrote a ring's stage arrives on its barrier, instead of lane 0 after
+// __syncwarp. Both are ordered under PTX (bar.warp.sync orders the warp's accesses before
+// lane 0's release); racecheck orders only the arriving thread's own accesses, so the default
+// build shows WAR/RAW hazards on what warps hand over by plain shared-memory stores and reads
+// that this build does not. 256 arrivals per phase cost the forward 1.7-4% (fourteenth
+// session): never the default. (Its bwd_sm90 mask + key-row bias specs spill 76 bytes.)
+#ifndef DM_SM90_EACH_THREAD_ARRIVES
+#define DM_SM90_EACH_THREAD_ARRIVES 0
+#endif
+constexpr int kWarpArrivals = DM_SM90_EACH_THREAD_ARRIVES ? 32 : 1;  // arrivals per warp
+// A warp's arrival on `bar` (and `bar2`, if not 0) after its lanes' accesses (the warp
+// converged).
+DM_DEVICE void warp_arrive(uint32_t bar, int lane, uint32_t bar2 = 0) {
+  if constexpr (kWarpArrivals == 1) {
+    __syncwarp();
+    if (lane != 0) return;
+  }
+  mbar_arrive(bar);
+  if (bar2 != 0) mbar_arrive(bar2);
+}
 // One arrival that also expects `bytes` of TMA transactions in the current phase.
 DM_DEVICE void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes)
