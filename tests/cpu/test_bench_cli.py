@@ -176,7 +176,7 @@ def test_case_names():
                                 "backward_causal", "backward_kbias", "host_fwd",
                                 "host_decode", "host_fwd_bwd", "host_first_call",
                                 "decode_paged", "backward_mask_bias", "mask_hf",
-                                "backward_bias_b1", "backward_kbias_b1"}
+                                "backward_bias_b1", "backward_kbias_b1", "bias"}
     for suite in bench.SUITES.values():
         assert set(suite) <= set(bench.CASES)
     assert bench.SUITES["issue12"] == ["dense", "causal", "kbias", "mask_bias", "dense_d64",
@@ -570,7 +570,7 @@ def test_dry_run_cpu_missing_dmattn_features_are_na(tmp_path):
 
 
 def test_dry_run_cpu_new_cases_peers_and_targets(tmp_path, capsys):
-    data = _dry_run(tmp_path, ["--case", "dense,softcap,gqa,kbias,mask_bias",
+    data = _dry_run(tmp_path, ["--case", "dense,softcap,gqa,kbias,mask_bias,bias",
                                "--batch", "1", "--heads", "4", "--kv-heads", "2",
                                "--seqlen", "96", "--headdim", "16"])
     _check(data, 0.05)

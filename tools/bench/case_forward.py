@@ -188,6 +188,42 @@ class MaskBias(Kind):
                         inp["bias"][:nb, :, r0:r1].float())
 
 
+class FullBias(Kind):
+    """A full (B,H,Sq,Sk) bias without a mask (fwd_sm90's 128-key bias-tile spec: what
+    mask_bias could reach with the mask out of shared memory)."""
+
+    fa4 = False
+
+    def inputs(self, gen: Any, rn: Callable[..., Any]) -> dict[str, Any]:
+        d = self.d
+        return {"bias": rn(d.B, d.H, d.Sq, d.Sk)}
+
+    def dm_kwargs(self, inp: dict[str, Any], note: dict[str, Any]) -> dict[str, Any]:
+        return {"attn_bias": inp["bias"]}
+
+    def sdpa_mask(self, inp: dict[str, Any]) -> tuple[Any, bool]:
+        return inp["bias"], False
+
+    def flex_args(self, inp: dict[str, Any], flash: bool) -> dict[str, Any]:
+        d = self.d
+        bias = inp["bias"]
+        if flash:   # the FLASH backend wants 1-D indexing of captured tensors
+            bf, H, Sq, Sk = bias.reshape(-1), d.H, d.Sq, d.Sk
+
+            def b_flat(score: Any, b: Any, h: Any, qi: Any, kv: Any) -> Any:
+                return score + bf[((b * H + h) * Sq + qi) * Sk + kv]
+
+            return {"score_mod": b_flat}
+
+        def b_sm(score: Any, b: Any, h: Any, qi: Any, kv: Any) -> Any:
+            return score + bias[b, h, qi, kv]
+
+        return {"score_mod": b_sm}
+
+    def ref_add(self, inp: dict[str, Any], r0: int, r1: int, nb: int) -> Any:
+        return inp["bias"][:nb, :, r0:r1].float()
+
+
 class MaskHF(Kind):
     """A transformers-style (B,1,Sq,Sk) bool mask (every head shares it); at an odd Sk its rows
     are no 16-byte multiple (the row padding's case). SDPA gets it as an additive bias."""
@@ -303,7 +339,8 @@ class Softcap(Kind):
 
 KINDS: dict[str, type[Kind]] = {
     "dense": Kind, "dense_d64": Kind, "dense_d256": Kind, "dense_fp16": Kind, "gqa": Kind,
-    "causal": Causal, "mask_bias": MaskBias, "mask_hf": MaskHF, "kbias": KBias,
+    "causal": Causal, "mask_bias": MaskBias, "bias": FullBias, "mask_hf": MaskHF,
+    "kbias": KBias,
     "kbias_hk": KBiasHk,
     "softcap": Softcap,
 }

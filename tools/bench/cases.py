@@ -9,6 +9,8 @@ CASES: dict[str, str] = {
     "dense": "no mask, no bias",
     "causal": "causal (bottom-right aligned)",
     "mask_bias": "full (B,H,Sq,Sk) bool mask (random, 90% kept) + (B,H,Sq,Sk) bias",
+    "bias": "full (B,H,Sq,Sk) bias, no mask (mask_bias without its mask: 2 bytes per element "
+            "instead of 3)",
     "mask_hf": "(B,1,Sq,Sk) bool mask (transformers' layout; default S=2527: rows of an odd "
                "number of bytes)",
     "kbias": "key-side bias (B,H,1,Sk)",
@@ -50,7 +52,7 @@ SUITES: dict[str, list[str]] = {
                 "dense_fp16", "gqa", "softcap"],
     "issue12": ["dense", "causal", "kbias", "mask_bias", "dense_d64", "dense_d256",
                 "dense_fp16"],
-    "mask": ["mask_bias", "mask_hf", "kbias", "kbias_hk", "decode"],
+    "mask": ["mask_bias", "bias", "mask_hf", "kbias", "kbias_hk", "decode"],
     "sparse": ["sparse_window", "sparse_random"],
     "varlen": ["decode", "prefill_varlen"],
     "decode": ["decode", "decode_paged"],
@@ -71,6 +73,7 @@ CASE_DEFAULTS: dict[str, dict[str, Any]] = {
     "dense": {},
     "causal": {},
     "mask_bias": {},
+    "bias": {},
     "mask_hf": {"seqlen": 2527},
     "kbias": {},
     "kbias_hk": {"heads": 32, "kv_heads": 8},
