@@ -76,6 +76,42 @@ def test_nan_propagates_like_reference(dtype, where, sq, sk):
     _check_nan_rows(out, lse, ref, ref_lse, r)
 
 
+@pytest.mark.parametrize("bias_dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("layout", ["tile", "key_row"])
+@pytest.mark.parametrize("sq,sk", [(150, 200), (3, 300)], ids=["prefill", "decode"])
+def test_lowest_finite_bias_is_finite(bias_dtype, layout, sq, sk):
+    """A bias of finfo(bfloat16).min (-3.39e38, transformers' additive padding) is a finite
+    logit, not -inf: a row whose every key carries it averages those keys' values (the scores
+    are absorbed: all logits equal), with a finite lse, as the reference computes; a row with
+    some ordinary keys ignores the rest. Kernels in the log2 domain must not overflow it
+    (-3.39e38 * log2 e, or / scale, is past float32's range)."""
+    b, h, hk, d = 2, 4, 2, 64
+    q, k, v = _inputs(b, sq, sk, h, hk, d, "bfloat16", seed=3)
+    low = torch.finfo(torch.bfloat16).min
+    g = torch.Generator().manual_seed(4)
+    if layout == "tile":
+        bias = torch.randn(b, h, sq, sk, generator=g)
+        bias[0] = low                                   # batch 0: every logit at the lowest
+        bias[1, :, :, ::2] = low                        # batch 1: half the keys
+    else:
+        bias = torch.randn(b, h, 1, sk, generator=g)
+        bias[0] = low
+        bias[1, :, :, ::2] = low
+    bias = bias.to(getattr(torch, bias_dtype))
+    ref, ref_lse = dm.flash_dmattn_func(q, k, v, attn_bias=bias, return_lse=True,
+                                        backend="reference")
+    out, lse = dm.flash_dmattn_func(q.cuda(), k.cuda(), v.cuda(), attn_bias=bias.cuda(),
+                                    return_lse=True)
+    torch.cuda.synchronize()
+    o, r = f64(out), f64(ref)
+    assert np.isfinite(r).all() and np.isfinite(f64(ref_lse)).all()  # the case is finite
+    assert np.isfinite(o).all(), "a finite bias gave a non-finite output"
+    assert np.abs(o - r).max() < 5e-2
+    got_lse = f64(lse)
+    assert np.isfinite(got_lse).all(), "a finite bias gave an infinite lse"
+    np.testing.assert_allclose(got_lse, f64(ref_lse), rtol=1e-3, atol=1e-2)
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_nan_causal_no_mask(dtype):
     q, k, v = _inputs(1, 130, 130, 2, 2, 128, dtype, seed=3)
