@@ -644,19 +644,21 @@ def test_role_table_and_full_count_equal_the_kernel():
 
 
 def test_writer_ring_counts_equal_the_kernel():
-    """The ring's init counts (one arrival per dQ warp on full, the writer's on empty) and
-    slots in the kernel equal the model's Variant."""
+    """The ring's init counts (one arrival per dQ warp on full, the writer's on empty; times 32
+    only in the racecheck build, DM_SM90_EACH_THREAD_ARRIVES=1) and slots in the kernel equal
+    the model's Variant."""
     lines = ['#include "sm90/bwd.cu"']
     for hd in (64, 128):
         for bias in (False, True):
             slots = 1 if hd == 128 and bias else 2
             lines.append(f"static_assert(dm::Sm90BwdSmem<{hd}, false, {str(bias).lower()}>::"
                          f"kDqSlots == {slots});")
+    lines.append("static_assert(dm::sm90::kWarpArrivals == 1);")  # the default build
     compile_static_asserts("\n".join(lines) + "\n", "sm90_bwd_ring_check.cu",
                            defines=("DM_SM90_BWD_DQ_WRITER=1",))
     src = (cuda_src_dir() / "sm90" / "bwd.cu").read_text()
-    assert "mbar_init(bar_dq_full(k), kDqWarps);" in src
-    assert "mbar_init(bar_dq_empty(k), 1);" in src
+    assert "mbar_init(bar_dq_full(k), kDqWarps * kWarpArrivals);" in src
+    assert "mbar_init(bar_dq_empty(k), kWarpArrivals);" in src
     assert "constexpr int kTurnStep = Smem::kDqWriter ? 1 : kDqWarps;" in src
     assert (Variant(True).step, Variant(False, 128).step, Variant(False, 64).step) == (1, 8, 4)
 
