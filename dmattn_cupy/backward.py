@@ -390,14 +390,13 @@ def finish_backward(plan: Plan, bufs: dict[str, Any]) -> tuple[Any, Any, Any, An
     if cast_db is False:
         bias_dt = plan.extra["bias_dtype"]
         dbias = next((a for a in plan.allocs if a.name == "dbias"), None)
-        # the widened partials (float32, or the bias's dtype from the Hopper kernel) are summed
-        # by a float32 accumulator into the bias's dtype
+        # widened partials (float32, or the bias's dtype from the Hopper kernel) are summed by
+        # a float32 accumulator straight into the bias's dtype; others are cast if need be
         plan.extra["sum_db"] = (arrays.summer(bufs["dk"], axes, bias_dt)
                                 if dbias is not None and axes else None)
-        sum_dt = bias_dt if axes else (dbias.dtype if dbias is not None else None)
         cast_db = plan.extra["cast_db"] = (
-            arrays.caster(bufs["dk"], bias_dt) if dbias is not None and sum_dt != bias_dt
-            else None)
+            arrays.caster(bufs["dk"], bias_dt)
+            if dbias is not None and not axes and dbias.dtype != bias_dt else None)
     dbias = bufs.get("dbias")
     if axes:  # a fixed-order reduction over the widened dims (float32 accumulator)
         view = plan.extra["dbias_view"]

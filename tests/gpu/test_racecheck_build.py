@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from test_backward_sm90_dq_writer import check_builds_bitwise_equal
+from test_forward_sm90 import _qkv
 
 import dmattn_cupy as dm
 from dmattn_cupy.forward import select_fwd_spec
@@ -23,12 +24,6 @@ torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("hopper_only")]
 
 RACECHECK = "DM_SM90_EACH_THREAD_ARRIVES=1"
-
-
-def _qkv(b, sq, sk, h, hk, d, dtype, seed):
-    g = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(b, s, n, d, generator=g).to("cuda", getattr(torch, dtype))
-                 for s, n in ((sq, h), (sk, hk), (sk, hk)))
 
 
 def _forward_case(name):
