@@ -49,6 +49,17 @@ def allowed_positions(sq: int, sk: int, window: tuple[int, int]) -> np.ndarray:
     return keep
 
 
+# Logits below this count as excluded, as -inf does (docs/api.md, "Excluded positions"): the
+# kernels work in log2 units (logit * log2 e), where such a logit is past float32's range; and
+# at that magnitude no float holds a row's log(n), which the backward's P = exp(s - lse) needs.
+LOWEST_LOGIT = -float(np.finfo(np.float32).max) / float(np.log2(np.e))
+
+
+def keep_logits(s: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """keep AND s >= LOWEST_LOGIT (a NaN logit stays kept: it propagates)."""
+    return keep & ~(s < LOWEST_LOGIT)
+
+
 def keep_positions(b: int, h: int, sq: int, sk: int, window: tuple[int, int],
                    mask: np.ndarray | None, sparse: np.ndarray | None) -> np.ndarray:
     """(b, h, sq, sk) bool: the window rule AND the mask AND the sparse mask's elements."""
@@ -81,7 +92,7 @@ def dense_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray 
     if bias is not None:
         s = s + _heads_to(np.asarray(bias, dtype=np.float64), 1, h)
     s = quantize(s, None if lowprec is None else "float32")
-    keep = keep_positions(b, h, sq, sk, window, mask, sparse)
+    keep = keep_logits(s, keep_positions(b, h, sq, sk, window, mask, sparse))
     s = np.where(keep, s, -np.inf)
     m = s.max(axis=-1, keepdims=True) if sk > 0 else np.full((b, h, sq, 1), -np.inf)
     # Only a row with no allowed key (max -inf) is shifted by 0; a NaN logit at an allowed

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .reference import _heads_to, _varlen_slice, keep_positions
+from .reference import _heads_to, _varlen_slice, keep_logits, keep_positions
 
 
 def reduce_to_shape(full: np.ndarray, shape: tuple[int, ...], heads: int) -> np.ndarray:
@@ -48,7 +48,7 @@ def dense_backward(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray
         s = s0
     if bias is not None:
         s = s + _heads_to(np.asarray(bias, dtype=np.float64), 1, h)
-    keep = keep_positions(b, h, sq, sk, window, mask, sparse)
+    keep = keep_logits(s, keep_positions(b, h, sq, sk, window, mask, sparse))
     s = np.where(keep, s, -np.inf)
     m = s.max(axis=-1, keepdims=True) if sk > 0 else np.full((b, h, sq, 1), -np.inf)
     m_safe = np.where(np.isneginf(m), 0.0, m)  # a NaN logit propagates (see reference.py)

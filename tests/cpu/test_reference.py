@@ -13,6 +13,7 @@ import pytest
 
 import dmattn_cupy as dm
 from dmattn_cupy import reference
+from dmattn_cupy.reference_bwd import dense_backward
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -305,6 +306,32 @@ def test_fully_masked_rows(how):
     assert np.all(np.isneginf(lse[dead]))
     assert np.all(np.isfinite(lse[~dead]))
     close(out, sdpa(q, k, v, keep, bias))
+
+
+@pytest.mark.parametrize("low", [np.finfo(np.float32).min, -2.4e38], ids=["f32min", "edge"])
+def test_logits_below_lowest_logit_are_excluded(low):
+    """A logit below LOWEST_LOGIT (-FLT_MAX / log2 e; a bias of finfo.min) counts as masked:
+    such keys weigh 0, a row of only such keys is 0 with lse -inf, and the backward gives those
+    positions (and such a row) zero gradients; a bias just above it is an ordinary logit."""
+    b, sq, sk, h, hk, d = 2, 5, 7, 2, 1, 8
+    rng = rng_for("lowest", float(low))
+    q, k, v = make_qkv(rng, b, sq, sk, h, hk, d)
+    bias = rng.standard_normal((b, h, sq, sk))
+    bias[0] = low                                  # batch 0: every key
+    bias[1, :, :, ::2] = low                       # batch 1: the even keys
+    out, lse = run(q, k, v, attn_bias=bias)
+    assert np.all(out[0] == 0) and np.all(np.isneginf(lse[0]))
+    keep = np.ones((b, h, sq, sk), bool)
+    keep[1, :, :, ::2] = False
+    close(out[1:], sdpa(q[1:], k[1:], v[1:], keep[1:], bias[1:]))
+    dout = rng.standard_normal(q.shape)
+    dq, dk, dv, db = dense_backward(q, k, v, None, bias, dout, d ** -0.5)
+    assert np.all(dq[0] == 0) and np.all(db[0] == 0) and np.all(db[1, :, :, ::2] == 0)
+    assert np.isfinite(dq).all() and np.isfinite(db).all()
+    near = np.full((1, h, sq, sk), reference.LOWEST_LOGIT * 0.999)  # just above: kept
+    out, lse = run(q[:1], k[:1], v[:1], attn_bias=near)
+    assert np.all(np.isfinite(lse)) and np.all(lse < -2e38)
+    close(out, np.broadcast_to(v[:1].mean(axis=1, keepdims=True), out.shape), rtol=1e-9)
 
 
 @pytest.mark.parametrize("with_mask", [False, True], ids=["plain", "mask+bias"])

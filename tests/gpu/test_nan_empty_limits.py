@@ -12,6 +12,8 @@ from gpu_helpers import f64
 
 import dmattn_cupy as dm
 from dmattn_cupy import device_check
+from dmattn_cupy.reference import LOWEST_LOGIT
+from dmattn_cupy.reference_bwd import dense_backward
 
 torch = pytest.importorskip("torch")
 
@@ -76,44 +78,61 @@ def test_nan_propagates_like_reference(dtype, where, sq, sk):
     _check_nan_rows(out, lse, ref, ref_lse, r)
 
 
+def _lowest_bias(b, h, sq, sk, layout, dtype):
+    """A bias whose batch 0 is all finfo(dtype).min and batch 1 has it on every other key."""
+    g = torch.Generator().manual_seed(4)
+    bias = torch.randn(b, h, sq if layout == "tile" else 1, sk, generator=g)
+    low = torch.finfo(getattr(torch, dtype)).min
+    bias[0] = low
+    bias[1, :, :, ::2] = low
+    return bias.to(getattr(torch, dtype))
+
+
 @pytest.mark.parametrize("bias_dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize("layout", ["tile", "key_row"])
 @pytest.mark.parametrize("sq,sk", [(150, 200), (3, 300)], ids=["prefill", "decode"])
-def test_lowest_finite_bias_is_finite(bias_dtype, layout, sq, sk):
-    """A bias of finfo(bfloat16).min (-3.39e38, transformers' additive padding) is a finite
-    logit, not -inf: a row whose every key carries it averages those keys' values (the scores
-    are absorbed: all logits equal), with a finite lse, as the reference computes; a row with
-    some ordinary keys ignores the rest. Kernels in the log2 domain must not overflow it
-    (-3.39e38 * log2 e, or / scale, is past float32's range). Such a row's lse need only be
-    finite and astronomically negative (< -1e38): log2-domain kernels cannot hold -3.39e38
-    * log2 e, so they may clamp the bias first."""
+def test_lowest_bias_excludes_its_key(bias_dtype, layout, sq, sk):
+    """A bias of finfo(bfloat16|float32).min (transformers' additive padding) is below
+    LOWEST_LOGIT, so its key counts as masked (docs/api.md): a row of only such keys gives out 0
+    and lse -inf, as the reference does, and a row with ordinary keys ignores the rest."""
     b, h, hk, d = 2, 4, 2, 64
     q, k, v = _inputs(b, sq, sk, h, hk, d, "bfloat16", seed=3)
-    low = torch.finfo(torch.bfloat16).min
-    g = torch.Generator().manual_seed(4)
-    if layout == "tile":
-        bias = torch.randn(b, h, sq, sk, generator=g)
-        bias[0] = low                                   # batch 0: every logit at the lowest
-        bias[1, :, :, ::2] = low                        # batch 1: half the keys
-    else:
-        bias = torch.randn(b, h, 1, sk, generator=g)
-        bias[0] = low
-        bias[1, :, :, ::2] = low
-    bias = bias.to(getattr(torch, bias_dtype))
+    bias = _lowest_bias(b, h, sq, sk, layout, bias_dtype)
+    assert float(bias.min()) < LOWEST_LOGIT
     ref, ref_lse = dm.flash_dmattn_func(q, k, v, attn_bias=bias, return_lse=True,
                                         backend="reference")
     out, lse = dm.flash_dmattn_func(q.cuda(), k.cuda(), v.cuda(), attn_bias=bias.cuda(),
                                     return_lse=True)
     torch.cuda.synchronize()
     o, r = f64(out), f64(ref)
-    assert np.isfinite(r).all() and np.isfinite(f64(ref_lse)).all()  # the case is finite
-    assert np.isfinite(o).all(), "a finite bias gave a non-finite output"
-    assert np.abs(o - r).max() < 5e-2
     got_lse, want_lse = f64(lse), f64(ref_lse)
-    assert np.isfinite(got_lse).all(), "a finite bias gave an infinite lse"
-    extreme = want_lse < -1e38
-    assert extreme.any() and (got_lse[extreme] < -1e38).all()
-    np.testing.assert_allclose(got_lse[~extreme], want_lse[~extreme], rtol=1e-3, atol=1e-2)
+    assert np.isneginf(want_lse[0]).all() and np.isfinite(want_lse[1]).all()
+    assert np.all(o[0] == 0) and np.isneginf(got_lse[0]).all()
+    assert np.isfinite(o).all() and np.abs(o - r).max() < 5e-2
+    np.testing.assert_allclose(got_lse[1], want_lse[1], rtol=1e-3, atol=1e-2)
+
+
+@pytest.mark.parametrize("layout", ["tile", "key_row"])
+def test_lowest_bias_backward(layout):
+    """The backward agrees: keys at finfo.min get no gradient, rows of only such keys none at
+    all, and the other rows match the float64 reference (no NaN from the extreme values)."""
+    b, sq, sk, h, hk, d = 2, 150, 200, 4, 2, 64
+    q, k, v = (x.cuda() for x in _inputs(b, sq, sk, h, hk, d, "bfloat16", seed=5))
+    bias = _lowest_bias(b, h, sq, sk, layout, "bfloat16").cuda()
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(6)).to(q)
+    leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v, bias)]
+    dm.flash_dmattn_func(*leaves[:3], attn_bias=leaves[3]).backward(dout)
+    torch.cuda.synchronize()
+    want = dense_backward(*(f64(x) for x in (q, k, v)), None, f64(bias),
+                          f64(dout), d ** -0.5)
+    for name, leaf, w in zip("q k v bias".split(), leaves, want, strict=True):
+        g = f64(leaf.grad)
+        assert np.isfinite(g).all(), f"d{name}: not finite"
+        tol = 5e-2 * np.abs(w).max() + 1e-3
+        assert np.abs(g - w).max() <= tol, f"d{name}: {np.abs(g - w).max():.3e} > {tol:.3e}"
+    assert np.all(f64(leaves[0].grad)[0] == 0)          # batch 0: every key excluded
+    db = f64(leaves[3].grad)
+    assert np.all(db[0] == 0) and np.all(db[1, :, :, ::2] == 0)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
