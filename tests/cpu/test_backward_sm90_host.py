@@ -6,6 +6,7 @@ stubbed."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -169,6 +170,41 @@ def test_widened_dbias_sums_in_float32_in_every_library():
             got = arrays.summer(lib(src), (0,), "float16")(lib(src))
             assert tuple(got.shape) == (1, 4, 1, 300) and "float16" in str(got.dtype)
             np.testing.assert_array_equal(np.asarray(got), np.float16(2050))
+
+
+@pytest.mark.parametrize("shape,axes", [((2, 3, 5, 7), (0,)), ((2, 2, 5, 7), (0, 1)),
+                                        ((1, 2, 4, 5, 7), (2,)), ((2, 2, 2, 1, 7), (0, 2)),
+                                        ((2, 6, 5, 7), (1,)), ((1, 3, 5, 7), (0,))],
+                         ids=["batch2", "batch2_heads2", "group4", "batch_group", "heads6",
+                              "one"])
+@pytest.mark.parametrize("out,src", [("bfloat16", "bfloat16"), ("float32", "bfloat16"),
+                                     ("float32", "float32")])
+def test_widened_dbias_sum_is_a_fixed_order_float32_sum(shape, axes, out, src):
+    """arrays.summer on torch: up to 4 terms added slice by slice in float32 in C order (one
+    rounding into ``out``: bitwise what a NumPy float32 model gives); more terms by torch's
+    float32 reduction (allclose)."""
+    import torch
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(shape, generator=g).to(torch.bfloat16).to(getattr(torch, src))
+    before = x.clone()
+    got = arrays.summer(x, axes, out)(x)
+    assert torch.equal(x, before) and got.data_ptr() != x.data_ptr()  # a new tensor
+    xs = x.float().numpy()
+    n = math.prod(shape[a] for a in axes)
+    keep = tuple(1 if d in axes else shape[d] for d in range(len(shape)))
+    terms = [xs[tuple(slice(i, i + 1) if d in axes else slice(None) for d, i in
+                      zip(range(len(shape)), idx, strict=True))]
+             for idx in np.ndindex(*(shape[d] if d in axes else 1 for d in range(len(shape))))]
+    want = terms[0].astype(np.float32)
+    for t in terms[1:]:
+        want = want + t
+    assert tuple(got.shape) == keep and str(got.dtype) == f"torch.{out}"
+    want_t = torch.from_numpy(np.ascontiguousarray(want)).to(getattr(torch, out))
+    if n <= 4:
+        assert torch.equal(got, want_t)
+    else:
+        torch.testing.assert_close(got.float(), want_t.float(), rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize("dq_tensor", [False, True])
