@@ -525,13 +525,15 @@ def summer(like: Any, axes: tuple[int, ...], dtype: str) -> Callable[[Any], Any]
 _FEW_TERMS = 4  # summer adds up to this many slices itself
 
 
-def _slices(shape: tuple[int, ...], axes: tuple[int, ...]) -> list[tuple[slice, ...]]:
-    """The index tuples of ``shape``'s slices along ``axes`` (each kept, size 1), in C order."""
+@functools.lru_cache(maxsize=64)
+def _slices(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[tuple[slice, ...], ...]:
+    """The index tuples of ``shape``'s slices along ``axes`` (each kept, size 1), in C order
+    (cached: a plan sums the same shape every step)."""
     keys: list[tuple[slice, ...]] = [()]
     for d, n in enumerate(shape):
         keys = [k + ((slice(i, i + 1),) if d in axes else (slice(None),))
                 for k in keys for i in (range(n) if d in axes else (0,))]
-    return keys
+    return tuple(keys)
 
 
 def set_rows(dst: Any, first: np.ndarray, second: np.ndarray, src: Any) -> None:
