@@ -57,6 +57,7 @@ class Tile:
     num_warps: int
     stages: int = 1
     head_dim: int | None = None  # the specialized head dim; None: padded_head_dim(problem's)
+    bias_key_row: bool = False   # a spec whose bias stages hold one key row (fwd_sm90's _krow)
 
 
 def _warps_x32(s: SpecShape) -> int:
@@ -334,11 +335,13 @@ def _sm90_tiles(pb: Problem, sparse: SparseArg) -> tuple[Tile, ...]:
     if tile is None:
         return ()
     return (Tile(forward_sm90.BLOCK_M, tile[0], forward_sm90.THREADS // 32, stages=tile[1],
-                 head_dim=hd),)
+                 head_dim=hd,
+                 bias_key_row=forward_sm90.key_row_spec(pb.mask, pb.bias, pb.varlen)),)
 
 
 def _sm90_smem(s: SpecShape) -> int:
-    return forward_sm90.smem_bytes(s.head_dim, s.block_n, s.stages, s.has_mask, s.has_bias)
+    return forward_sm90.smem_bytes(s.head_dim, s.block_n, s.stages, s.has_mask, s.has_bias,
+                                   s.bias_key_row)
 
 
 def _sm90_args(pb: Problem, out: ArrayInfo, spec: SpecShape) -> tuple[Any, ...]:
@@ -373,7 +376,7 @@ def _sm90_bwd_smem(s: SpecShape) -> int:
 
 
 _SM90_FWD_ARGS = ("dtype", "head_dim", "block_n", "stages", "has_mask", "has_bias",
-                  "debug_counters")
+                  "bias_key_row", "debug_counters")
 
 _SM80_ARGS = ("dtype", "head_dim", "block_m", "block_n", "num_warps", "has_mask", "has_bias",
               "varlen", "sparse", "debug_counters")

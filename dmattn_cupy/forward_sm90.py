@@ -40,6 +40,7 @@ OPERAND_NONE, OPERAND_TILE, OPERAND_KEY_ROW, OPERAND_QUERY_ROW, OPERAND_KEY_CHUN
 # A key chunk of block_n * h' values plus its alignment lead fits one bias stage / mask slot
 # (128 * block_n values): 128 heads would need one more box.
 MAX_CHUNK_HEADS = 127
+KEY_ROW_STAGE = 1024        # bytes of a _krow spec's bias stage (fwd.cu: kBiasKeyRow's kBias)
 TMA_ALIGN = 16              # bytes: a box's first global element sits on this boundary
 
 # Sm90FwdArgs: five 128-byte tensor maps (q, k, v, mask, bias), two int32 modes, for key-based
@@ -155,11 +156,12 @@ def fold_bias(block_n: int, has_mask: bool, has_bias: bool) -> bool:
 
 
 def _alloc_bytes(head_dim: int, block_n: int, stages: int, has_mask: bool, has_bias: bool,
-                 q_bufs: int) -> int:
-    """Sm90FwdSmem<...>::alloc_bytes(q_bufs) in sm90/fwd.cu."""
+                 q_bufs: int, key_row: bool = False) -> int:
+    """Sm90FwdSmem<...>::alloc_bytes(q_bufs) in sm90/fwd.cu (``key_row``: kBiasKeyRow, a bias
+    stage of one 1 KB row)."""
     q = head_dim // 64 * BLOCK_M * 128
     kv = head_dim // 64 * block_n * 128
-    bias = BLOCK_M * block_n * 2 if has_bias else 0
+    bias = (KEY_ROW_STAGE if key_row else BLOCK_M * block_n * 2) if has_bias else 0
     slots = mask_slots(head_dim, block_n, has_mask)
     fold_bars = stages if fold_bias(block_n, has_mask, has_bias) else 0
     bars = 8 * (4 * stages + 2 * slots + 2 * q_bufs + fold_bars)
@@ -168,18 +170,21 @@ def _alloc_bytes(head_dim: int, block_n: int, stages: int, has_mask: bool, has_b
             + 16 * stages + items + 1024)
 
 
-def q_buffers(head_dim: int, block_n: int, stages: int, has_mask: bool, has_bias: bool) -> int:
+def q_buffers(head_dim: int, block_n: int, stages: int, has_mask: bool, has_bias: bool,
+              key_row: bool = False) -> int:
     """Q's buffers (Sm90FwdSmem::kQBufs): two where they fit (DM_SM90_Q_BUFS=2, the default),
     so the next work item's Q loads while the current one runs; else one."""
     two = define_value("DM_SM90_Q_BUFS", 2) == 2
-    fits = _alloc_bytes(head_dim, block_n, stages, has_mask, has_bias, 2) <= SMEM_LIMIT
+    fits = _alloc_bytes(head_dim, block_n, stages, has_mask, has_bias, 2, key_row) <= SMEM_LIMIT
     return 2 if two and fits else 1
 
 
-def smem_bytes(head_dim: int, block_n: int, stages: int, has_mask: bool, has_bias: bool) -> int:
+def smem_bytes(head_dim: int, block_n: int, stages: int, has_mask: bool, has_bias: bool,
+               key_row: bool = False) -> int:
     """Dynamic shared memory of one instance: Sm90FwdSmem<...>::kAlloc in sm90/fwd.cu."""
     return _alloc_bytes(head_dim, block_n, stages, has_mask, has_bias,
-                        q_buffers(head_dim, block_n, stages, has_mask, has_bias))
+                        q_buffers(head_dim, block_n, stages, has_mask, has_bias, key_row),
+                        key_row)
 
 
 def operand_mode(info: ArrayInfo | None, varlen: bool = False) -> int:
@@ -327,6 +332,13 @@ def bias_by_loads(mask: ArrayInfo | None, bias: ArrayInfo | None, varlen: bool =
             and operand_mode(bias, varlen) in (OPERAND_KEY_ROW, OPERAND_KEY_CHUNK))
 
 
+def key_row_spec(mask: ArrayInfo | None, bias: ArrayInfo | None, varlen: bool = False) -> bool:
+    """Whether the problem runs on a ``_krow`` spec (fwd.cu: kBiasKeyRow; bias stages of one
+    row, so that Q gets two buffers at d128): a bias read by the producer's loads
+    (bias_by_loads), unless ``DM_SM90_KROW_SPEC=0`` (the tile-bias spec then serves it)."""
+    return define_value("DM_SM90_KROW_SPEC", 1) != 0 and bias_by_loads(mask, bias, varlen)
+
+
 def plan_operands(mask: ArrayInfo | None, bias: ArrayInfo | None, block_n: int,
                   varlen: bool = False) -> dict[str, OperandPlan]:
     """The mask's and the bias's OperandPlan, or TensorMapError when TMA cannot read one."""
@@ -413,7 +425,8 @@ def tile_for(head_dim: int, q: ArrayInfo, k: ArrayInfo, v: ArrayInfo, mask: Arra
     block_n, stages = hd_tile
     if sparse is True or (sparse and (sparse[0] % BLOCK_M or sparse[1] % block_n)):
         return None
-    if smem_bytes(hd, block_n, stages, mask is not None, bias is not None) > smem_limit:
+    if smem_bytes(hd, block_n, stages, mask is not None, bias is not None,
+                  key_row_spec(mask, bias, varlen)) > smem_limit:
         return None
     try:
         maps = plan_maps(q, k, v, mask, bias, block_n, varlen)

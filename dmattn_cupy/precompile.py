@@ -32,15 +32,19 @@ from .validate import Problem
 DEFAULT_ARCHS = ("sm_80", "sm_90")
 
 
-def stub_problem(dtype: str, hd: int, mask: bool, bias: bool, varlen: bool) -> Problem:
-    """A problem of the given switches (for enumerating what select picks)."""
+def stub_problem(dtype: str, hd: int, mask: bool, bias: bool, varlen: bool,
+                 tiles: bool = False) -> Problem:
+    """A problem of the given switches (for enumerating what select picks): a scalar mask and
+    a key-row bias, or with ``tiles`` a (.., Sq, Sk) mask and bias (specs differ by them)."""
     dt = "float16" if dtype == "fp16" else "bfloat16"
     info = ArrayInfo("cupy", dt, (1, 1, 1, hd), (hd, hd, hd, 1), 0, 0)
-    mb = ArrayInfo("cupy", "bool", (1, 1, 1, 1), (1, 1, 1, 1), 0, 0)
+    shape, strides = ((1, 1, 16, 16), (256, 256, 16, 1)) if tiles else ((1,) * 4, (1,) * 4)
+    mb = ArrayInfo("cupy", "bool", shape, strides, 0, 0)
+    bb = ArrayInfo("cupy", dt, shape, strides, 0, 0) if tiles else info
     return Problem(kind="cupy", backend="cuda", varlen=varlen, batch=1, seqlen_q=1,
                    seqlen_k=1, heads=1, kv_heads=1, head_dim=hd, dtype=dt, scale=1.0,
                    softcap=0.0, window=(-1, -1), q=info, k=info, v=info,
-                   mask=mb if mask else None, bias=info if bias else None)
+                   mask=mb if mask else None, bias=bb if bias else None)
 
 
 def _device_classes(arch: str) -> list[DeviceProps]:
@@ -69,9 +73,11 @@ def all_specs(arch: str = "sm_80", debug: bool = False) -> list[KernelSpec]:
             specs.setdefault(_retarget(spec, arch), None)
 
     forward_rows = [f for f in FAMILIES.values() if f.role == "forward"]
-    for dtype, hd, mask, bias, varlen in itertools.product(
-            DTYPES, HEAD_DIMS, (False, True), (False, True), (False, True)):
-        pb = stub_problem(dtype, hd, mask, bias, varlen)
+    for dtype, hd, mask, bias, varlen, tiles in itertools.product(
+            DTYPES, HEAD_DIMS, (False, True), (False, True), (False, True), (False, True)):
+        if tiles and not (bias or mask):
+            continue
+        pb = stub_problem(dtype, hd, mask, bias, varlen, tiles)
         sparse_opts = (False, True) if not varlen and sparse_supported(hd, mask, bias) else (
             False,)
         for dev, sparse in itertools.product(_device_classes(arch), sparse_opts):

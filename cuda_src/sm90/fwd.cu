@@ -186,14 +186,22 @@ struct alignas(64) Sm90FwdArgs {
 static_assert(sizeof(Sm90FwdArgs) == 704, "Sm90FwdArgs: size drifted from forward_sm90.py");
 
 // Shared-memory plan of one kernel instance; forward_sm90.smem_bytes mirrors kAlloc.
-template <int kHeadDim, int kBlockN, int kStages, bool kHasMask, bool kHasBias>
+// kBiasKeyRow (the _krow specs, forward_sm90.key_row_spec): the bias is a key row or key chunk
+// read by the producer's plain loads (bias_loads; no mask), so a bias stage holds one row of
+// kBlockN values (fp32, or bf16 under a softcap) instead of a tile: at d128 Q then gets two
+// buffers, as in the dense spec.
+template <int kHeadDim, int kBlockN, int kStages, bool kHasMask, bool kHasBias,
+          bool kBiasKeyRow = false>
 struct Sm90FwdSmem {
   static constexpr int kBlockM = 128;
   static constexpr int kBoxes = kHeadDim / 64;               // 64-column boxes of Q/K/V rows
   static constexpr int kMaskBoxCols = kBlockN >= 128 ? 128 : kBlockN;  // bytes per mask box row
   static constexpr int kQ = kBoxes * kBlockM * 128;
   static constexpr int kKV = kBoxes * kBlockN * 128;         // one K or V stage
-  static constexpr int kBias = kHasBias ? kBlockM * kBlockN * 2 : 0;   // one stage
+  static_assert(!kBiasKeyRow || (kHasBias && !kHasMask && DM_SM90_KBIAS_F32 != 0),
+                "a key-row bias spec: a bias read by the producer's loads, no mask");
+  static constexpr int kBias = !kHasBias ? 0 : kBiasKeyRow ? 1024  // one stage (1 KB aligned)
+                                                           : kBlockM * kBlockN * 2;
   static constexpr int kMask = kHasMask ? kBlockM * kBlockN : 0;       // one slot
   // Mask tiles have their own ring, loaded ahead of the K/V ring: the producer classifies a
   // tile from its mask before it spends a K/V stage on it.
@@ -371,10 +379,10 @@ DM_DEVICE void sm90_item_coords(int i, int num_m, int bh, bool head_major, bool 
 }
 
 template <typename T, int kHeadDim, int kBlockN, int kStages, bool kHasMask, bool kHasBias,
-          bool kDebug>
+          bool kBiasKeyRow, bool kDebug>
 __global__ void __launch_bounds__(384, 1)
 flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs args) {
-  using Smem = Sm90FwdSmem<kHeadDim, kBlockN, kStages, kHasMask, kHasBias>;
+  using Smem = Sm90FwdSmem<kHeadDim, kBlockN, kStages, kHasMask, kHasBias, kBiasKeyRow>;
   constexpr int kBlockM = Smem::kBlockM;
   constexpr int kNF = kBlockN / 8;    // score fragments (n8) per consumer thread row pair
   constexpr int kDF = kHeadDim / 8;   // output fragments
@@ -400,6 +408,8 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
     uint32_t dyn;
     asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
     if (dyn < uint32_t(Smem::kAlloc)) __trap();  // launcher and kernel disagree on the layout
+    if (kBiasKeyRow && args.bias_mode != kOperandKeyRow && args.bias_mode != kOperandKeyChunk)
+      __trap();  // a bias stage of one row: forward_sm90.key_row_spec sends only such biases
   }
   const uint32_t sQ = base, sK = base + Smem::kOffK, sV = base + Smem::kOffV;
   const uint32_t sBias = base + Smem::kOffBias, sMask = base + Smem::kOffMask;
@@ -917,8 +927,10 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
     float o[kDF][4];
 #pragma unroll
     for (int j = 0; j < kDF; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
-    // DM_SM90_LAZY_RESCALE: where O's rescale waits for the P V product and may be skipped
-    constexpr bool kLazy = DM_SM90_LAZY_RESCALE != 0 && (kHasMask || kHasBias || Smem::kQBufs == 1);
+    // DM_SM90_LAZY_RESCALE: where O's rescale waits for the P V product and may be skipped (a
+    // key-row bias spec's softmax is the dense one's: eager, as there)
+    constexpr bool kLazy = DM_SM90_LAZY_RESCALE != 0 &&
+                           (kHasMask || (kHasBias && !kBiasKeyRow) || Smem::kQBufs == 1);
     // rows g and g + 8 of the warp's 16, over the 4 lanes of a quad
     OnlineSoftmax<2, 4, kLazy ? DM_SM90_LAZY_GAP : -1> sm;
     const bool mask_keys = kHasMask && (args.mask_mode == kOperandTile ||
