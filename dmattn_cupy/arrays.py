@@ -491,9 +491,10 @@ def caster(like: Any, dtype: str) -> Callable[[Any], Any]:
 def summer(like: Any, axes: tuple[int, ...], dtype: str) -> Callable[[Any], Any]:
     """A function summing arrays of ``like``'s library over ``axes`` (kept, size 1) into
     ``dtype`` with a float32 accumulator, without a float32 copy of the input (bound once).
-    torch sums 16-bit inputs in float32 and rounds once into their own dtype (one pass: no
-    float32 result to read back and cast); other inputs, and NumPy/CuPy, give a float32 sum
-    cast to ``dtype``."""
+    torch: up to _FEW_TERMS slices are added one by one in float32 in C order (a new tensor,
+    rounded once into ``dtype``); more are summed by torch's reduction, 16-bit inputs in
+    float32 rounded once into their own dtype. NumPy/CuPy give a float32 sum cast to
+    ``dtype``."""
     if array_kind(like) == "torch":
         import torch
 
