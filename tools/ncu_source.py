@@ -8,6 +8,12 @@ Prints the total of the warp-state samples, the instructions with the most sampl
 two main stall reasons and how often they executed), and the samples summed over groups of
 instructions that executed equally often: a per-item loop of the consumer warps is one such
 group, the producer's waits another (NOTES.md, fifth session). Reads plain or gzipped CSV.
+
+    python3 tools/ncu_source.py a.csv.gz --against b.csv.gz
+
+compares two kernels run on the same problem (so that a group's execution count means the same
+loop in both, e.g. kbias against dense): per group the instructions, the executions and the
+samples of each, and the opcodes whose static counts differ (NOTES.md, eighteenth session).
 """
 
 from __future__ import annotations
@@ -79,14 +85,63 @@ def summarize(reasons: list[str], rows: list[dict[str, str]], top: int) -> list[
     return out
 
 
+def opcode(source: str) -> str:
+    """The opcode of a SASS line without its predicate and modifiers ("@!P0 LDS.64 R2, [R4]"
+    -> "LDS")."""
+    tokens = source.split()
+    if tokens and tokens[0].startswith("@"):
+        tokens = tokens[1:]
+    return tokens[0].split(".")[0] if tokens else ""
+
+
+def _groups(rows: list[dict[str, str]]) -> dict[int, list]:
+    """execution count -> [static instructions, samples, opcode counts]"""
+    groups: dict[int, list] = collections.defaultdict(lambda: [0, 0, collections.Counter()])
+    for r in rows:
+        g = groups[_num(r, EXECUTED)]
+        g[0] += 1
+        g[1] += _num(r, SAMPLES)
+        g[2][opcode(r.get("Source", ""))] += 1
+    return groups
+
+
+def compare(rows_a: list[dict[str, str]], rows_b: list[dict[str, str]]) -> list[str]:
+    """Kernel A against kernel B by execution-count group (groups with at least 1% of either
+    kernel's executed instructions), most executed first."""
+    ga, gb = _groups(rows_a), _groups(rows_b)
+    total_a = sum(ex * g[0] for ex, g in ga.items()) or 1
+    total_b = sum(ex * g[0] for ex, g in gb.items()) or 1
+    out = [f"A: {total_a} instructions executed, {sum(g[1] for g in ga.values())} samples; "
+           f"B: {total_b}, {sum(g[1] for g in gb.values())}",
+           "by execution count (A vs B): instructions, samples, opcodes whose counts differ"]
+    empty = [0, 0, collections.Counter()]
+    for ex in sorted(set(ga) | set(gb), key=lambda e: -e * (ga.get(e, empty)[0]
+                                                            + gb.get(e, empty)[0])):
+        a, b = ga.get(ex, empty), gb.get(ex, empty)
+        if ex * a[0] * 100 < total_a and ex * b[0] * 100 < total_b:
+            continue
+        ops = sorted(set(a[2]) | set(b[2]))
+        diff = ", ".join(f"{op} {a[2][op]}->{b[2][op]}" for op in ops if a[2][op] != b[2][op])
+        out.append(f"  x{ex}: {a[0]} vs {b[0]} instructions, {a[1]} vs {b[1]} samples"
+                   + (f"; {diff}" if diff else ""))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("csv", type=Path, help="ncu source page CSV (plain or gzipped)")
     ap.add_argument("--top", type=int, default=30, help="instructions listed (default 30)")
+    ap.add_argument("--against", type=Path, default=None,
+                    help="a second kernel's source page on the same problem: compare by group")
     args = ap.parse_args(argv)
     with _open(args.csv) as f:
         reasons, rows = read_rows(f)
-    print("\n".join(summarize(reasons, rows, args.top)))
+    if args.against is None:
+        print("\n".join(summarize(reasons, rows, args.top)))
+        return 0
+    with _open(args.against) as f:
+        _, rows_b = read_rows(f)
+    print("\n".join(compare(rows, rows_b)))
     return 0
 
 

@@ -52,3 +52,20 @@ def test_other_csv_is_refused(tmp_path):
     path.write_text('"a","b"\n"c","d"\n')
     with pytest.raises(ValueError, match="not an ncu source page"):
         ncu_source.main([str(path)])
+
+
+def test_against_compares_groups_and_opcodes(tmp_path, capsys):
+    """--against: per execution-count group, both kernels' instruction and sample counts and
+    the opcodes whose static counts differ (predicates and modifiers stripped)."""
+    a = tmp_path / "a.csv"
+    b = tmp_path / "b.csv"
+    a.write_text(_page(_ROWS))
+    extra = [("LDS.64 R90, [R108]", 5, 100, 0, 5),
+             ("@P1 IMAD.MOV.U32 R1, RZ, RZ, R2", 3, 100, 0, 3)]
+    b.write_text(_page(_ROWS + extra))
+    assert ncu_source.main([str(a), "--against", str(b)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "A: 307 instructions executed, 100 samples; B: 507, 108"
+    assert out[2] == "  x100: 3 vs 5 instructions, 72 vs 80 samples; IMAD 0->1, LDS 0->1"
+    assert out[3] == "  x7: 1 vs 1 instructions, 28 vs 28 samples"
+    assert ncu_source.opcode("@!P0 BRA 0x10") == "BRA" and ncu_source.opcode("") == ""
