@@ -99,6 +99,17 @@ __host__ __device__ constexpr int claimed_item(uint32_t claim, uint32_t grid, in
 #ifndef DM_SM90_KBIAS_F32
 #define DM_SM90_KBIAS_F32 2
 #endif
+// - DM_SM90_TIMELINE=1 (measurement, debug builds; tools/sm90_timeline.py): tile_counters get
+//   each item's start and end as consumer 0 sees them instead of its tile counts, stamped
+//   (CTA << 24) | (%globaltimer / 32 ns mod 2^24).
+#ifndef DM_SM90_TIMELINE
+#define DM_SM90_TIMELINE 0
+#endif
+DM_DEVICE uint32_t timeline_stamp() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return (uint32_t(blockIdx.x) << 24) | uint32_t((t >> 5) & 0xffffffu);
+}
 // - DM_SM90_Q_BUFS: 2 (default) gives Q two buffers where shared memory allows (Sm90FwdSmem::
 //   kQBufs), so the producer loads the next work item's Q while the consumers still run the
 //   current one; 1: one buffer, loaded once the consumers released the last item's.
@@ -792,7 +803,8 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
             const int slot_b = p.sp_partial_slot[row_entry * p.sp_col_blocks + n / sub];
             info[4 * stage + 3] = slot_b * (bm / 32) * bn + ((m0 % bm) * bn + n0 % bn) / 32;
           }
-          if (kDebug) {  // per item {tiles loaded, tiles masked}, in (batch, head, m) order
+          // per item {tiles loaded, tiles masked}, in (batch, head, m) order
+          if (kDebug && !DM_SM90_TIMELINE) {
             int cta_m, cta_hb;  // counters in (b * H + h) * num_m + m order
             item_coords(item, cta_m, cta_hb);
             const int cta = cta_hb * num_m + cta_m;
@@ -902,6 +914,13 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
     Item it;
     if (!make_item(item, it)) continue;  // kDynamicItems: never (the producer passed it over)
     DM_SM90_ITEM_NAMES(it);
+    int tl_cta = 0;
+    if (kDebug && DM_SM90_TIMELINE && c == 0 && threadIdx.x % 128 == 0) {
+      int cta_m, cta_hb;
+      item_coords(item, cta_m, cta_hb);
+      tl_cta = cta_hb * num_m + cta_m;
+      p.tile_counters[2 * tl_cta] = timeline_stamp();
+    }
     const int qx = q_uses % Smem::kQBufs;  // this item's Q buffer (the producer's q_item)
     const int row[2] = {m0 + lrow[0], m0 + lrow[1]};                            // sequence rows
 
@@ -1378,6 +1397,8 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
       if (row[r] < len_q && p.lse != nullptr && t == 0)
         p.lse[lse_index(p, b, h, seq, row[r])] =
             lse[r] == -DM_INF ? lse[r] : lse[r] + row_bias[r];
+    if (kDebug && DM_SM90_TIMELINE && c == 0 && threadIdx.x % 128 == 0)
+      p.tile_counters[2 * tl_cta + 1] = timeline_stamp();
   }
   if (c == 0) turn_wait();  // consumer 1's last pass
 }
