@@ -113,14 +113,17 @@ DM_DEVICE uint32_t timeline_stamp() {
 // - DM_SM90_Q_BUFS: 2 (default) gives Q two buffers where shared memory allows (Sm90FwdSmem::
 //   kQBufs), so the producer loads the next work item's Q while the consumers still run the
 //   current one; 1: one buffer, loaded once the consumers released the last item's.
-// - DM_SM90_CLAIM_AHEAD: 1 (default) makes the dynamic scheduler's claim of the next item at
-//   the start of the current one (its atomic's round trip hidden behind the item's tiles); 0:
-//   after the item's end stage.
+// - DM_SM90_CLAIM_AHEAD: 0 (default) makes the dynamic scheduler's claim of the next item after
+//   the current one's end stage; 1: at the current one's start (its atomic's round trip hidden
+//   behind the item's tiles). A CTA that claims a whole item ahead commits to it an item early,
+//   which undoes longest-first at the end of a causal launch: the last section's longest items
+//   start behind other items (H200 causal B2 H16 S4096 d128: 542 TFLOP/s and 12.5% of the SMs'
+//   time idle at the end with 1, 609 with 0; dense 651-674 either way).
 #ifndef DM_SM90_Q_BUFS
 #define DM_SM90_Q_BUFS 2
 #endif
 #ifndef DM_SM90_CLAIM_AHEAD
-#define DM_SM90_CLAIM_AHEAD 1
+#define DM_SM90_CLAIM_AHEAD 0
 #endif
 static_assert(DM_SM90_Q_BUFS == 1 || DM_SM90_Q_BUFS == 2, "DM_SM90_Q_BUFS: 1 or 2");
 // - DM_SM90_HEAD_MAJOR: 1 (default) numbers equal-length work items query tile fastest (see
@@ -582,10 +585,9 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
     // kDynamicItems: the next item's claim (claim_issue, on the leader's lane), turned into an
     // item by claim_item (0 on the other lanes; the warp takes the max: REDUX leaves it in a
     // uniform register, so the item arithmetic stays on the uniform datapath as in the static
-    // schedules; with a shuffle the mask + bias specs' producer spilled). DM_SM90_CLAIM_AHEAD:
-    // issued at the item's start, read at its end (the atomic's round trip runs under the
-    // item's tiles); else both after the item's end stage. Without a counter (a launch that
-    // passed none) each CTA strides by the grid instead.
+    // schedules; with a shuffle the mask + bias specs' producer spilled): both after the item's
+    // end stage, or with DM_SM90_CLAIM_AHEAD issued at the item's start and read at its end.
+    // Without a counter (a launch that passed none) each CTA strides by the grid instead.
     uint32_t claim_raw = 0;
     auto claim_issue = [&]() {
       if (leader)

@@ -4,8 +4,8 @@ several CTAs, the kernel's claim arithmetic against that model (NVRTC static_ass
 host's grid, shared memory and argument record per schedule.
 
 The model follows the kernel step by step: each CTA's producer warp starts at item blockIdx.x,
-claims every next item with atomicInc(counter, num_items - 1) at the current item's start
-(DM_SM90_CLAIM_AHEAD=1, the default; =0: after pushing its end stage), passes items with
+claims every next item with atomicInc(counter, num_items - 1) after pushing the current item's
+end stage (the default; DM_SM90_CLAIM_AHEAD=1: at the current item's start), passes items with
 nothing to do (varlen tiles past their sequence) straight to the next claim, and ends with a
 stage naming item -1; the two consumer warpgroups read an item's index from its first stage
 (a tile or its end), walk its stages and release each one. Stages form a ring of k_stages
@@ -42,7 +42,7 @@ class Launch:
     global step)."""
 
     def __init__(self, counter: list[int] | None, num_items: int, grid: int, tiles: list[int],
-                 live: list[bool], k_stages: int, claim_ahead: bool = True,
+                 live: list[bool], k_stages: int, claim_ahead: bool = False,
                  q_bufs: int = 2) -> None:
         self.counter, self.n, self.grid = counter, num_items, grid
         self.tiles, self.live, self.k = tiles, live, k_stages
@@ -159,8 +159,8 @@ class Launch:
             assert steps < 10_000_000, "no progress: a role waits forever"
 
 
-@pytest.mark.parametrize("claim_ahead, q_bufs", [(True, 2), (True, 1), (False, 1)],
-                         ids=["default", "one_q", "claim_after"])
+@pytest.mark.parametrize("claim_ahead, q_bufs", [(False, 2), (False, 1), (True, 2), (True, 1)],
+                         ids=["default", "one_q", "claim_ahead", "claim_ahead_one_q"])
 @pytest.mark.parametrize("seed", range(12))
 def test_dynamic_schedule_claims_each_item_once_and_every_role_walks_the_same_items(
         seed, claim_ahead, q_bufs):
