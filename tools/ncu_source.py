@@ -12,8 +12,9 @@ group, the producer's waits another (NOTES.md, fifth session). Reads plain or gz
     python3 tools/ncu_source.py a.csv.gz --against b.csv.gz
 
 compares two kernels run on the same problem (so that a group's execution count means the same
-loop in both, e.g. kbias against dense): per group the instructions, the executions and the
-samples of each, and the opcodes whose static counts differ (NOTES.md, eighteenth session).
+loop in both, e.g. kbias against dense): per group (its execution count) each kernel's
+instructions and samples, and the opcodes whose static counts differ (NOTES.md, eighteenth
+session).
 """
 
 from __future__ import annotations
