@@ -494,6 +494,12 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
   auto item_coords = [&](int i, int& m_block, int& hb) {
     sm90_item_coords(i, num_m, bh, head_major, lpt_sections, m_block, hb);
   };
+  // Debug builds: item i's pair of tile_counters, in (b * H + h) * num_m + m order.
+  auto counter_pair = [&](int i) {
+    int m_block, hb;
+    item_coords(i, m_block, hb);
+    return p.tile_counters + 2 * (hb * num_m + m_block);
+  };
   auto make_item = [&](int i, Item& it) {  // false: nothing to do (past the sequence)
     int hb;
     item_coords(i, it.m_block, hb);
@@ -807,11 +813,9 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
           }
           // per item {tiles loaded, tiles masked}, in (batch, head, m) order
           if (kDebug && !DM_SM90_TIMELINE) {
-            int cta_m, cta_hb;  // counters in (b * H + h) * num_m + m order
-            item_coords(item, cta_m, cta_hb);
-            const int cta = cta_hb * num_m + cta_m;
-            atomicAdd(p.tile_counters + 2 * cta, 1u);
-            if (cls != 0) atomicAdd(p.tile_counters + 2 * cta + 1, 1u);
+            uint32_t* pair = counter_pair(item);
+            atomicAdd(pair, 1u);
+            if (cls != 0) atomicAdd(pair + 1, 1u);
           }
           mbar_arrive_expect_tx(bar_full_k(stage), Smem::kKV + bias_bytes);
 #pragma unroll
@@ -916,13 +920,8 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
     Item it;
     if (!make_item(item, it)) continue;  // kDynamicItems: never (the producer passed it over)
     DM_SM90_ITEM_NAMES(it);
-    int tl_cta = 0;
-    if (kDebug && DM_SM90_TIMELINE && c == 0 && threadIdx.x % 128 == 0) {
-      int cta_m, cta_hb;
-      item_coords(item, cta_m, cta_hb);
-      tl_cta = cta_hb * num_m + cta_m;
-      p.tile_counters[2 * tl_cta] = timeline_stamp();
-    }
+    const bool stamps = kDebug && DM_SM90_TIMELINE && c == 0 && threadIdx.x % 128 == 0;
+    if (stamps) counter_pair(item)[0] = timeline_stamp();
     const int qx = q_uses % Smem::kQBufs;  // this item's Q buffer (the producer's q_item)
     const int row[2] = {m0 + lrow[0], m0 + lrow[1]};                            // sequence rows
 
@@ -1399,8 +1398,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
       if (row[r] < len_q && p.lse != nullptr && t == 0)
         p.lse[lse_index(p, b, h, seq, row[r])] =
             lse[r] == -DM_INF ? lse[r] : lse[r] + row_bias[r];
-    if (kDebug && DM_SM90_TIMELINE && c == 0 && threadIdx.x % 128 == 0)
-      p.tile_counters[2 * tl_cta + 1] = timeline_stamp();
+    if (stamps) counter_pair(item)[1] = timeline_stamp();
   }
   if (c == 0) turn_wait();  // consumer 1's last pass
 }
