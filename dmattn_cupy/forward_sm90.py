@@ -40,8 +40,8 @@ OPERAND_NONE, OPERAND_TILE, OPERAND_KEY_ROW, OPERAND_QUERY_ROW, OPERAND_KEY_CHUN
 # A key chunk of block_n * h' values plus its alignment lead fits one bias stage / mask slot
 # (128 * block_n values): 128 heads would need one more box.
 MAX_CHUNK_HEADS = 127
-KEY_ROW_STAGE = 1024        # bytes of a _krow spec's bias stage (fwd.cu: kBiasKeyRow's kBias)
 TMA_ALIGN = 16              # bytes: a box's first global element sits on this boundary
+KEY_ROW_STAGE = 1024        # bytes of a _krow spec's bias stage (fwd.cu: kBiasKeyRow's kBias)
 
 # Sm90FwdArgs: five 128-byte tensor maps (q, k, v, mask, bias), two int32 modes, for key-based
 # operands (key rows, key chunks) the heads per key, the box and the boxes per stage of each,
@@ -155,6 +155,17 @@ def fold_bias(block_n: int, has_mask: bool, has_bias: bool) -> bool:
             and block_n == 64 and dynamic_schedule())
 
 
+def kbias_mode() -> int:
+    """How a key-based bias without a mask reaches S (fwd.cu: DM_SM90_KBIAS_F32, default 4)."""
+    return define_value("DM_SM90_KBIAS_F32", 4)
+
+
+def aux_tile_bytes(block_n: int, key_row: bool) -> int:
+    """Bytes after each K stage of a _krow spec with DM_SM90_KBIAS_F32=4 (fwd.cu: kAux, the aux
+    step's tile of block_n key rows of 32 bytes); 0 otherwise."""
+    return block_n * 32 if key_row and kbias_mode() == 4 else 0
+
+
 def _alloc_bytes(head_dim: int, block_n: int, stages: int, has_mask: bool, has_bias: bool,
                  q_bufs: int, key_row: bool = False) -> int:
     """Sm90FwdSmem<...>::alloc_bytes(q_bufs) in sm90/fwd.cu (``key_row``: kBiasKeyRow, a bias
@@ -162,11 +173,12 @@ def _alloc_bytes(head_dim: int, block_n: int, stages: int, has_mask: bool, has_b
     q = head_dim // 64 * BLOCK_M * 128
     kv = head_dim // 64 * block_n * 128
     bias = (KEY_ROW_STAGE if key_row else BLOCK_M * block_n * 2) if has_bias else 0
+    aux = aux_tile_bytes(block_n, key_row)
     slots = mask_slots(head_dim, block_n, has_mask)
     fold_bars = stages if fold_bias(block_n, has_mask, has_bias) else 0
     bars = 8 * (4 * stages + 2 * slots + 2 * q_bufs + fold_bars)
     items = 16 if dynamic_schedule() else 0   # each stage's work item (kOffItems)
-    return (q_bufs * q + stages * (2 * kv + bias) + slots * BLOCK_M * block_n + bars
+    return (q_bufs * q + stages * (2 * kv + aux + bias) + slots * BLOCK_M * block_n + bars
             + 16 * stages + items + 1024)
 
 
@@ -327,7 +339,7 @@ def bias_by_loads(mask: ArrayInfo | None, bias: ArrayInfo | None, varlen: bool =
     (fwd.cu: bias_loads, DM_SM90_KBIAS_F32 != 0; fp32, or bf16 under a softcap): a key-based
     bias in the query dtype without a mask. It needs no tensor map, so any key count, strides
     and alignment serve."""
-    return (define_value("DM_SM90_KBIAS_F32", 2) != 0 and mask is None and bias is not None
+    return (kbias_mode() != 0 and mask is None and bias is not None
             and bias.dtype != "float32"
             and operand_mode(bias, varlen) in (OPERAND_KEY_ROW, OPERAND_KEY_CHUNK))
 

@@ -60,12 +60,13 @@ namespace dm {
 //   fp32 row per stage in the bias stage's space instead of by TMA (no tensor map: forward_sm90
 //   plans none, so any Sk and any alignment of the element type serve). 0: TMA as for a
 //   mask; 1: the consumers add it with the same FFMA from one 8-byte load per key pair (no
-//   bf16 unpacking); 2 (default): without a softcap the row is stored divided by the softmax
+//   bf16 unpacking); 2: without a softcap the row is stored divided by the softmax
 //   scale and loaded into S's accumulator before S = Q K^T accumulates onto it, so the
 //   softmax runs as in the no-bias kernel (with a softcap the producer stores the bf16 row,
 //   read by the consumers as a TMA key row would be); 3: as 2, each row half's pair by its
-//   own 8-byte load (2 copies it by two moves). H200 kbias: 0 547.5, 1 561.9, 2 566.2, 3 553.8
-//   TFLOP/s.
+//   own 8-byte load (2 copies it by two moves); 4 (default): on the _krow specs the row enters
+//   S by one more k16 step of S = Q K^T instead of the accumulator start (kbias_aux_offset;
+//   the tile-bias spec keeps 2's start). H200 kbias: 0 547.5, 1 561.9, 2 566.2, 3 553.8 TFLOP/s.
 // - DM_SM90_PERSISTENT: how CTAs get their work items (numbered longest first). 0: one CTA
 //   per item; 1: a grid of min(items, SMs) CTAs, each walking a static snake (the same
 //   kernel: only the host's grid differs); 2 (default): the dynamic scheduler
@@ -97,7 +98,7 @@ __host__ __device__ constexpr int claimed_item(uint32_t claim, uint32_t grid, in
   return claim + grid < uint32_t(num_items) ? int(claim + grid) : num_items;  // no overflow:
 }                                                          // claim < num_items < 2^31, grid < 2^31
 #ifndef DM_SM90_KBIAS_F32
-#define DM_SM90_KBIAS_F32 2
+#define DM_SM90_KBIAS_F32 4
 #endif
 // - DM_SM90_TIMELINE=1 (measurement, debug builds; tools/sm90_timeline.py): tile_counters get
 //   each item's start and end as consumer 0 sees them instead of its tile counts, stamped
@@ -212,10 +213,21 @@ struct Sm90FwdSmem {
   static constexpr int kMaskBoxCols = kBlockN >= 128 ? 128 : kBlockN;  // bytes per mask box row
   static constexpr int kQ = kBoxes * kBlockM * 128;
   static constexpr int kKV = kBoxes * kBlockN * 128;         // one K or V stage
+  // DM_SM90_KBIAS_F32 == 4 on a _krow spec (kAuxStep): each K stage is followed by its aux tile
+  // (kBlockN key rows of 32 bytes: kbias_aux_offset), at a fixed distance from K's own
+  // descriptor (kbias_aux_desc_from_k).
+  static constexpr bool kAuxStep = DM_SM90_KBIAS_F32 == 4 && kBiasKeyRow;
+  static constexpr int kAux = kAuxStep ? kBlockN * 32 : 0;
+  static constexpr int kKStage = kKV + kAux;                 // K stage stride
   static_assert(!kBiasKeyRow || (kHasBias && !kHasMask && DM_SM90_KBIAS_F32 != 0),
                 "a key-row bias spec: a bias read by the producer's loads, no mask");
   static constexpr int kBias = !kHasBias ? 0 : kBiasKeyRow ? 1024  // one stage (1 KB aligned)
                                                            : kBlockM * kBlockN * 2;
+  // kAuxStep: the aux step's A fragment words (c0 c1, c0 c1, c2, c2) and the producer's two
+  // keep masks (kbias_aux_offset) sit at the end of bias stage 0, past its row (kBlockN 16-bit
+  // values).
+  static constexpr int kAuxA = 992;
+  static_assert(!kAuxStep || kBlockN * 2 <= kAuxA, "the A words clear the row");
   static constexpr int kMask = kHasMask ? kBlockM * kBlockN : 0;       // one slot
   // Mask tiles have their own ring, loaded ahead of the K/V ring: the producer classifies a
   // tile from its mask before it spends a K/V stage on it.
@@ -232,7 +244,7 @@ struct Sm90FwdSmem {
                                 kDynamicItems;
   static constexpr int kFoldBars = kFold ? kStages : 0;
   // Everything but Q's buffers (one per work item in flight), then the count that fits.
-  static constexpr int kRest = kStages * (2 * kKV + kBias) + kMaskSlots * kMask;
+  static constexpr int kRest = kStages * (kKStage + kKV + kBias) + kMaskSlots * kMask;
   // per stage full_k, full_v, empty_k, empty_v; per mask slot full_m, empty_m; per Q buffer
   // full_q, empty_q, DM_SM90_MB_FOLD: per stage full_f (8-byte mbarriers); then per stage the
   // tile index, class and mask slot the producer hands over (4 ints); DM_SM90_PERSISTENT=2: per
@@ -244,7 +256,7 @@ struct Sm90FwdSmem {
   static constexpr int kQBufs =
       DM_SM90_Q_BUFS == 2 && alloc_bytes(2) <= 227 * 1024 ? 2 : 1;
   static constexpr int kOffK = kQBufs * kQ;
-  static constexpr int kOffV = kOffK + kStages * kKV;
+  static constexpr int kOffV = kOffK + kStages * kKStage;
   static constexpr int kOffBias = kOffV + kStages * kKV;
   static constexpr int kOffMask = kOffBias + kStages * kBias;
   static constexpr int kOffBars = kOffMask + kMaskSlots * kMask;
@@ -256,9 +268,61 @@ struct Sm90FwdSmem {
   static constexpr int kBytes = kOffItems + (kDynamicItems ? 16 : 0);
   static constexpr int kAlloc = kBytes + 1024;
   static_assert(kAlloc == alloc_bytes(kQBufs), "the layout and its size agree");
-  static_assert(kQ % 1024 == 0 && kKV % 1024 == 0 && kBias % 1024 == 0 && kMask % 1024 == 0,
+  static_assert(kQ % 1024 == 0 && kKStage % 1024 == 0 && kKV % 1024 == 0 && kBias % 1024 == 0 &&
+                    kMask % 1024 == 0,
                 "swizzled tiles start on 1024-byte boundaries");
 };
+
+// DM_SM90_KBIAS_F32 == 4 (the aux step, _krow specs: Sm90FwdSmem::kAuxStep): a key-based bias
+// read by the producer's loads enters S by one more k16 step of S = Q K^T instead of an
+// accumulator start that costs each consumer loads and moves per tile. c0 + c1 + c2 = 1 / scale
+// split into T values truncated toward zero (each >= 0, so b * c_i keeps b's sign and -inf
+// stays -inf; the products are exact in fp32). A (registers) = the same two words in every
+// lane, (c0, c1) and (c2, 0) (Sm90FwdSmem::kAuxA), so each row of A is (c0, c1) four times,
+// then (c2, 0) four times; B = the K stage's aux tile: kBlockN key rows of 16 T (32-byte
+// rows, 32B swizzle) holding b in columns 0, 1 and 8 (each only where its c_i != 0, by the
+// keep masks beside the A words: 0 * inf is NaN) and zeros elsewhere (zeroed once per launch).
+// S then starts from b / scale as with the accumulator start. The step is issued on every tile
+// of such a spec (a branch around it splits the product into two wgmma groups), and the
+// producer stores the bf16 row too (in the bias stage): where a launch cannot use the step
+// (kbias_aux_on: a softcap adds the bias after the cap; fp16 holds 1 / scale in three parts
+// only below 2^15) A and the keep masks are 0, the aux tile stays all zeros, and the consumers
+// add the row after the product as a TMA key row.
+__host__ __device__ constexpr uint32_t kbias_aux_offset(int key, int chunk) {  // 8 columns
+  return sm90::swizzle<32>(uint32_t(key) * 32 + 16 * chunk);
+}
+__host__ __device__ constexpr uint64_t kbias_aux_desc(uint32_t tile_base) {
+  return sm90::make_desc(tile_base, 16, 256, 32);  // 8-row groups 256 bytes apart; LBO unused
+}
+// The aux tile's descriptor from its K stage's step-0 descriptor (the tile sits kKV bytes
+// after it): one 64-bit add of a constant (address fields stay below 2^14: no carry out).
+template <int kBlockN, int kKV>
+__host__ __device__ constexpr uint64_t kbias_aux_desc_from_k(uint64_t dk) {
+  return dk + (kbias_aux_desc(kKV) - sm90::desc_k_major<kBlockN>(0, 0));
+}
+DM_DEVICE uint16_t bits_rz(BFloat16, float x) { return uint16_t(__float_as_uint(x) >> 16); }
+DM_DEVICE uint16_t bits_rz(Half, float x) {
+  uint16_t h;
+  asm("cvt.rz.f16.f32 %0, %1;" : "=h"(h) : "f"(x));
+  return h;
+}
+DM_DEVICE bool kbias_aux_fits(BFloat16, float) { return true; }
+DM_DEVICE bool kbias_aux_fits(Half, float inv_scale) { return inv_scale < 32768.f; }
+// Whether a launch of a kAuxStep spec (whose bias is a key row or chunk: the kernel traps
+// otherwise) takes the aux step.
+template <typename T>
+DM_DEVICE bool kbias_aux_on(const FwdParams& p) {
+  return !has_softcap(p) && kbias_aux_fits(T{}, kLog2e / p.scale_log2);
+}
+template <typename T>
+DM_DEVICE void kbias_aux_split(float x, uint16_t (&c)[3]) {
+#pragma unroll
+  for (int i = 0; i < 3; ++i) {
+    T v;
+    v.bits = c[i] = bits_rz(T{}, x);
+    x -= to_float(v);
+  }
+}
 
 // -inf twice, as two 16-bit values of T (DM_SM90_MB_FOLD's masked keys).
 constexpr uint32_t neg_inf_pair(Half) { return 0xfc00fc00u; }
@@ -449,6 +513,9 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
   const bool fold_on = Smem::kFold && args.mask_mode == kOperandTile &&
                        args.bias_mode == kOperandTile;
   auto bar_full_f = [&](int s) { return base + Smem::kOffFoldBars + 8 * s; };
+  // DM_SM90_KBIAS_F32 == 4: a _krow spec's bias may take the aux step (kbias_aux_offset; the
+  // tile-bias spec keeps the accumulator start: the step spilled it).
+  constexpr bool kAuxStep = Smem::kAuxStep;
   volatile int32_t* info = reinterpret_cast<volatile int32_t*>(smem + Smem::kOffInfo);
   volatile int32_t* stage_item = reinterpret_cast<volatile int32_t*>(smem + Smem::kOffItems);
 
@@ -560,6 +627,29 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
   const int lane = threadIdx.x % 32;
 
   if (wg == 0) {  // ------------------------------------------------------------- producer
+    // kAuxStep: warp 0 zeroes the aux tiles (each tile then rewrites columns 0, 1, 8 by the
+    // keep masks) and writes the A words and keep masks (all 0 without the step: it adds 0
+    // then), before its first full_k arrive orders them before the consumers' reads, and
+    // before its registers shrink (the 40-register producer spilled with this inside).
+    if (kAuxStep && threadIdx.x < 32) {
+      for (int i = int(threadIdx.x); i < kStages * kBlockN * 2; i += 32)
+        *reinterpret_cast<uint4*>(smem + Smem::kOffK + (i / (kBlockN * 2)) * Smem::kKStage +
+                                  Smem::kKV + 16 * (i % (kBlockN * 2))) = uint4{0u, 0u, 0u, 0u};
+      if (threadIdx.x == 0) {
+        uint16_t c3[3];
+        kbias_aux_split<T>(kLog2e / p.scale_log2, c3);
+        const bool on = kbias_aux_on<T>(p);
+        const uint32_t a01 = on ? uint32_t(c3[0]) | uint32_t(c3[1]) << 16 : 0u;
+        const uint32_t a2 = on ? uint32_t(c3[2]) : 0u;
+        uint32_t* w = reinterpret_cast<uint32_t*>(smem + Smem::kOffBias + Smem::kAuxA);
+        *reinterpret_cast<uint4*>(w) = make_uint4(a01, a01, a2, a2);
+        *reinterpret_cast<uint2*>(w + 4) =
+            make_uint2(on ? (c3[0] ? 0xffffu : 0u) | (c3[1] ? 0xffff0000u : 0u) : 0u,
+                       on && c3[2] ? 0xffffu : 0u);
+      }
+      fence_proxy_async_smem();  // generic-proxy stores before the async-proxy (wgmma) reads
+      __syncwarp();
+    }
     setmaxnreg_dec<kProducerRegs>();
     if constexpr (Smem::kFold) {
       // DM_SM90_MB_FOLD: warps 1-3 walk the stages as the consumers do (every use of every
@@ -785,7 +875,25 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
           }
         }
         mbar_wait(bar_empty_k(stage), phase ^ 1);
-        if (bias_f32) {  // ordered before the consumers' reads by the leader's arrive below
+        if constexpr (kAuxStep) {  // the keys' aux columns 0-1, 8-9 (keep masks); the row
+          // key lane + 32 y's aux words at kbias_aux_offset(lane, chunk) + 1024 y (the swizzle
+          // XORs bit 4 with the key's bit 2: y leaves it); shared addresses, not pointers (the
+          // 40-register producer spilled with them)
+          const uint32_t aux =
+              sK + stage * Smem::kKStage + Smem::kKV + kbias_aux_offset(lane, 0);
+          const uint32_t row = sBias + stage * Smem::kBias + 2 * lane;
+          const uint2 keep =
+              *reinterpret_cast<const uint2*>(smem + Smem::kOffBias + Smem::kAuxA + 16);
+#pragma unroll
+          for (int y = 0; y < kBlockN / 32; ++y) {
+            const uint32_t b = bias_words[y];
+            st_shared_u32(aux + 1024 * y, (b * 0x10001u) & keep.x);
+            st_shared_u32((aux ^ 16u) + 1024 * y, b & keep.y);
+            st_shared_u16(row + 64 * y, uint16_t(b));
+          }
+          fence_proxy_async_smem();  // before the wgmma reads the leader's arrive releases
+          __syncwarp();
+        } else if (bias_f32) {  // ordered before the consumers' reads by the leader's arrive below
           float* row = reinterpret_cast<float*>(smem + Smem::kOffBias + stage * Smem::kBias);
 #pragma unroll
           for (int y = 0; y < kBlockN / 32; ++y) {
@@ -820,8 +928,8 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
           mbar_arrive_expect_tx(bar_full_k(stage), Smem::kKV + bias_bytes);
 #pragma unroll
           for (int x = 0; x < Smem::kBoxes; ++x)
-            tma_load_4d(sK + stage * Smem::kKV + x * kBlockN * 128, &args.k, bar_full_k(stage),
-                        64 * x, seq.k_start + n0, kvh, qkv_b);
+            tma_load_4d(sK + stage * Smem::kKStage + x * kBlockN * 128, &args.k,
+                        bar_full_k(stage), 64 * x, seq.k_start + n0, kvh, qkv_b);
           if (bias_tile) {
 #pragma unroll
             for (int x = 0; x < kBlockN / 64; ++x)
@@ -978,7 +1086,8 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
     // DM_SM90_KBIAS_F32 (the producer stores a key-based bias as an fp32 row): 1 adds it by the
     // FFMA below; 2 (no softcap; with one the producer's bf16 row takes the key-row path)
     // starts S's accumulator at it (stored as bias / scale): the logit is the plain scaled score.
-    const bool bias_f32 = bias_loads && (DM_SM90_KBIAS_F32 == 1 || !capped);
+    const bool bias_f32 = bias_loads && (DM_SM90_KBIAS_F32 == 1 || !capped) &&
+                          (!kAuxStep || kbias_aux_on<T>(p));  // else the row after the product
     const bool fold = DM_SM90_KBIAS_F32 >= 2 && bias_f32;
     const LogitScales ls = bias_keys && !fold ? logit_scales<true>(p) : logit_scales<false>(p);
 
@@ -1176,13 +1285,28 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
       // Descriptors are formed next to their wgmma (primitives.cuh: opaque): hoisted out of the
       // loop they would hold two registers each beside the accumulators.
       const uint64_t dq = desc_k_major<kBlockM>(opaque(sQ + qx * Smem::kQ + c * 64 * 128), 0);
-      const uint64_t dk = desc_k_major<kBlockN>(opaque(sK + stage * Smem::kKV), 0);
+      const uint64_t dk = desc_k_major<kBlockN>(opaque(sK + stage * Smem::kKStage), 0);
+      // kAuxStep: A is every lane's four words (0 without the step), loaded before the fence
+      // (registers a wgmma reads are written before it, or ptxas serializes the group)
+      uint32_t aux_a[4] = {0u, 0u, 0u, 0u};
+      if constexpr (kAuxStep) {
+        const uint4 w = ld_shared_u128(sBias + Smem::kAuxA);
+        aux_a[0] = w.x;
+        aux_a[1] = w.y;
+        aux_a[2] = w.z;
+        aux_a[3] = w.w;
+        fence_operands(aux_a);
+      }
       fence_operands(s);
       wgmma_fence();
 #pragma unroll
       for (int ks = 0; ks < kHeadDim / 16; ++ks)
         Wgmma<T, kBlockN>::template ss<0>(s, dq + k_major_step<kBlockM>(ks),
-                                          dk + k_major_step<kBlockN>(ks), ks > 0 || fold);
+                                          dk + k_major_step<kBlockN>(ks),
+                                          ks > 0 || (fold && !kAuxStep));
+      if constexpr (kAuxStep)
+        Wgmma<T, kBlockN>::template rs<0>(s, aux_a,
+                                          kbias_aux_desc_from_k<kBlockN, Smem::kKV>(dk), 1);
       wgmma_commit();
     };
     auto issue_pv = [&](const uint32_t (&pa)[kBlockN / 16][4], int stage) {
@@ -1235,7 +1359,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
 #else
       const KeepRowMax row_fix;
 #endif
-      if (fold) fold_bias(s, stage);
+      if (fold && !kAuxStep) fold_bias(s, stage);
       turn_wait();
       issue_s(s, stage);
       turn_pass();
@@ -1272,7 +1396,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
         }
         mbar_wait(bar_full_k(stage), phase);
         n = info[4 * stage];
-        if (fold && n >= 0) fold_bias(s, stage);
+        if (fold && !kAuxStep && n >= 0) fold_bias(s, stage);
         turn_wait();
         if (n < 0) break;  // the turn is taken by the last O += P V below
         issue_s(s, stage);
@@ -1349,7 +1473,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
       } else {
         // the stage's previous K and V reads (both consumers') completed before its end
         mbar_wait(bar_full_v(end_stage), end_phase);
-        so = (c == 0 ? sK : sV) + end_stage * Smem::kKV;
+        so = c == 0 ? sK + end_stage * Smem::kKStage : sV + end_stage * Smem::kKV;
       }
       auto o_at = [&](int lr, int col) {
         if constexpr (kOInQ) return tile_offset<2, 64, kBlockM>(lr, col);

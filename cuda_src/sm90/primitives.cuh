@@ -239,6 +239,9 @@ DM_DEVICE void named_bar_sync(int id, int threads) {
 DM_DEVICE void st_shared_u32(uint32_t addr, uint32_t x) {
   asm volatile("st.shared.u32 [%0], %1;" ::"r"(addr), "r"(x) : "memory");
 }
+DM_DEVICE void st_shared_u16(uint32_t addr, uint16_t x) {
+  asm volatile("st.shared.u16 [%0], %1;" ::"r"(addr), "h"(x) : "memory");
+}
 DM_DEVICE uint4 ld_shared_u128(uint32_t addr) {
   uint4 v;
   asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
@@ -289,6 +292,12 @@ DM_DEVICE void fence_operands(float (&d)[kRows][4]) {
   for (int j = 0; j < kRows; ++j)
 #pragma unroll
     for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[j][e])::"memory");
+}
+
+// The same for a register A operand written just before the batch (its four packed pairs).
+DM_DEVICE void fence_operands(uint32_t (&a)[4]) {
+#pragma unroll
+  for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(a[e])::"memory");
 }
 
 // Keeps register A operands (packed 16-bit pairs) allocated up to this point: call it after

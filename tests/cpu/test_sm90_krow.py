@@ -38,9 +38,12 @@ def test_which_problems_take_the_key_row_spec(monkeypatch):
     assert not f90.key_row_spec(None, row)
 
 
+@pytest.mark.parametrize("defines", ["", "DM_SM90_KBIAS_F32=2"])
 @pytest.mark.parametrize("hd", [64, 128, 256])
-def test_key_row_shared_memory_agrees_with_the_kernel(hd, monkeypatch):
-    monkeypatch.setenv("DMATTN_NVRTC_DEFINES", "")
+def test_key_row_shared_memory_agrees_with_the_kernel(hd, defines, monkeypatch):
+    """With the default DM_SM90_KBIAS_F32=4's aux tiles (block_n x 32 bytes after each K stage)
+    and without them (2)."""
+    monkeypatch.setenv("DMATTN_NVRTC_DEFINES", defines)
     bn, st = f90.tile(hd, False, True)
     smem = f90.smem_bytes(hd, bn, st, False, True, key_row=True)
     qb = f90.q_buffers(hd, bn, st, False, True, key_row=True)
@@ -50,8 +53,9 @@ def test_key_row_shared_memory_agrees_with_the_kernel(hd, monkeypatch):
     spec = f"dm::Sm90FwdSmem<{hd}, {bn}, {st}, false, true, true>"
     compile_static_asserts(
         f'#include "sm90/fwd.cu"\nstatic_assert({spec}::kAlloc == {smem} && '
-        f'{spec}::kQBufs == {qb} && {spec}::kBias == {f90.KEY_ROW_STAGE});\n',
-        "sm90_krow_smem.cu")
+        f'{spec}::kQBufs == {qb} && {spec}::kBias == {f90.KEY_ROW_STAGE} && '
+        f'{spec}::kAux == {f90.aux_tile_bytes(bn, True)});\n',
+        "sm90_krow_smem.cu", tuple(d for d in [defines] if d))
 
 
 def test_selector_names_the_key_row_spec(monkeypatch):

@@ -61,6 +61,24 @@ def wgmma_mn_major(desc: int, k: np.ndarray, n: np.ndarray) -> np.ndarray:
     return swizzle128(start + (n // 64) * lbo + (k // 8) * sbo + (k % 8) * 128 + (n % 64) * 2)
 
 
+def swizzle32(addr: np.ndarray) -> np.ndarray:
+    """The 32B swizzle: address bit 4 ^= bit 7 (rows of 32 bytes, 8-row atoms of 256)."""
+    return addr ^ (((addr >> 7) & 1) << 4)
+
+
+def wgmma_k_major_32b(desc_: int, n: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """Byte address wgmma reads for element (n, k), k < 16, of a K-major 32B-swizzled operand:
+    rows 32 bytes apart (one k16 step per row), 8-row groups SBO apart, then the swizzle."""
+    start, _, sbo, mode = decode_desc(desc_)
+    assert mode == 3
+    return swizzle32(start + (n // 8) * sbo + (n % 8) * 32 + k * 2)
+
+
+def kbias_aux_offset(key: int, chunk: int) -> int:
+    """fwd.cu kbias_aux_offset: where the producer writes columns 8 chunk .. of a key's aux row."""
+    return int(swizzle32(np.int64(key * 32 + 16 * chunk)))
+
+
 def desc(addr: int, lbo: int, sbo: int) -> int:
     """The model's descriptor: fields >> 4 in bits 0-13, 16-29, 32-45; 128B swizzle = 1 << 62."""
     return (addr >> 4) | ((lbo >> 4) << 16) | ((sbo >> 4) << 32) | (1 << 62)
@@ -129,6 +147,20 @@ def _static_asserts() -> str:
         lines.append(f"static_assert(dm::Sm90FwdSmem<{hd}, {bn}, {st}, {str(mask).lower()}, "
                      f"{str(bias).lower()}>::kAlloc == {smem});")
     lines.append(f"static_assert(sizeof(dm::Sm90FwdArgs) == {f90.ARGS_DTYPE.itemsize});")
+    for key in range(0, 128, 3):
+        for chunk in (0, 1):
+            lines.append(f"static_assert(dm::kbias_aux_offset({key}, {chunk}) == "
+                         f"{kbias_aux_offset(key, chunk)}u);")
+            # the producer's form: key lane + 32 y at (lane's chunk-0 offset ^ 16 chunk) + 1024 y
+            lane, y = key % 32, key // 32
+            producer = (kbias_aux_offset(lane, 0) ^ 16 * chunk) + 1024 * y
+            assert kbias_aux_offset(key, chunk) == producer
+    for base in (0, 4096, 1024 * 150):
+        want = (base >> 4) | (1 << 16) | ((256 >> 4) << 32) | (3 << 62)
+        lines.append(f"static_assert(dm::kbias_aux_desc({base}u) == {want}ull);")
+        for bn, kv in ((128, 32768), (128, 16384), (64, 32768)):  # K stage's desc + constant
+            lines.append(f"static_assert(dm::kbias_aux_desc_from_k<{bn}, {kv}>(desc_k_major<{bn}>"
+                         f"({base}u, 0)) == dm::kbias_aux_desc({base + kv}u));")
     for c, w, lane, i in zip(*(rng.integers(0, n, 48) for n in (2, 4, 32, 8)), strict=True):
         lines.append(f"static_assert(dm::sm90_fwd_bias_ldsm_offset<128>({c}, {w}, {lane}, {i}) "
                      f"== {fwd_bias_ldsm_offset(int(c), int(w), int(lane), int(i))}u);")
@@ -441,3 +473,54 @@ def test_forward_bias_ldsm_blocks_are_the_fragments(block_n):
                                 j, row = 2 * i + jm, 64 * c + 16 * w + g + 8 * r
                                 assert regs[lane][2 * jm + r] == (bias[row, 8 * j + 2 * t],
                                                                   bias[row, 8 * j + 2 * t + 1])
+
+
+def bf16_rz(x: float) -> float:
+    """x truncated toward zero to bfloat16 (fwd.cu bits_rz: the top 16 bits of the float)."""
+    b = np.array([x], dtype=np.float32).view(np.uint32) & np.uint32(0xFFFF0000)
+    return float(b.view(np.float32)[0])
+
+
+@pytest.mark.parametrize("block_n", [64, 128])
+@pytest.mark.parametrize("scale", [128 ** -0.5, 64 ** -0.5, 0.05, 0.3])
+def test_kbias_aux_step_adds_the_bias_over_scale(block_n, scale):
+    """DM_SM90_KBIAS_F32=4: the aux tile as the producer writes it (key rows of 32 bytes, 32B
+    swizzle; b in columns 0, 1 and 8 where the part c_i of 1 / scale is nonzero, by the keep
+    masks; zeros elsewhere), read through kbias_aux_desc as wgmma reads a K-major operand, times
+    the A fragment every lane holds (a0 = a1 = (c0, c1), a2 = a3 = (c2, 0): registers a0/a1 are
+    columns 2t, 2t + 1 and a2/a3 columns 2t + 8, 2t + 9 of rows g, g + 8, so every row of A is
+    (c0, c1) x 4, (c2, 0) x 4), is b * (c0 + c1 + c2) = b / scale to fp32's precision, and
+    -inf stays -inf (every c_i >= 0, and no 0 * inf: an inf column meets a nonzero part)."""
+    x = np.float32(1.0) / np.float32(scale)
+    c, r = [], float(x)
+    for _ in range(3):
+        c.append(bf16_rz(r))
+        r = float(np.float32(r) - np.float32(c[-1]))
+    assert all(v >= 0 for v in c) and abs(sum(c) - float(x)) <= 2.0 ** -23 * float(x)
+    keep01 = (0xFFFF if c[0] else 0) | (0xFFFF0000 if c[1] else 0)   # the kernel's masks
+    keep2 = 0xFFFF if c[2] else 0
+    rng = np.random.default_rng(block_n)
+    b = rng.standard_normal(block_n).astype(np.float32)
+    b[5::37] = -np.inf
+    base = 1024 * 7
+    smem = np.zeros(base + block_n * 32, dtype=np.float64)   # value per byte address (2-byte T)
+    for key in range(block_n):   # word (b * 0x10001) & keep01 at chunk 0, b & keep2 at chunk 1
+        for chunk, word in ((0, ((keep01 & 0xFFFF) != 0, (keep01 >> 16) != 0)),
+                            (1, (keep2 != 0, False))):
+            for half, on in enumerate(word):
+                smem[base + kbias_aux_offset(key, chunk) + 2 * half] = b[key] if on else 0.0
+    n, k = np.meshgrid(np.arange(block_n), np.arange(16), indexing="ij")
+    addr = wgmma_k_major_32b(base >> 4 | 1 << 16 | (256 >> 4) << 32 | 3 << 62, n, k)
+    assert len(set(addr.ravel().tolist())) == block_n * 16   # a bijection onto the tile
+    assert addr.min() >= base and addr.max() < base + block_n * 32
+    bmat = smem[addr]                                        # (key, k)
+    a = np.zeros(16)
+    for t in range(4):            # every lane: (c0, c1) at columns 2t, 2t + 1; (c2, 0) at + 8
+        a[2 * t:2 * t + 2] = (c[0], c[1])
+        a[2 * t + 8:2 * t + 10] = (c[2], 0.0)
+    with np.errstate(invalid="raise"):   # a 0 * inf (NaN) would raise
+        got = (a[None, :] * bmat).sum(axis=1)
+    want = b.astype(np.float64) / scale
+    fin = np.isfinite(want)
+    np.testing.assert_allclose(got[fin], want[fin], rtol=2 ** -22)
+    assert np.all(got[~fin] == -np.inf)
