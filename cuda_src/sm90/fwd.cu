@@ -100,6 +100,11 @@ __host__ __device__ constexpr int claimed_item(uint32_t claim, uint32_t grid, in
 #ifndef DM_SM90_KBIAS_F32
 #define DM_SM90_KBIAS_F32 4
 #endif
+// - DM_SM90_KBIAS_TMA_FIRST=1 (A/B; kAuxStep specs): the producer issues a tile's K by TMA
+//   (mbarrier.expect_tx) before its row/aux stores and arrives on full_k after them.
+#ifndef DM_SM90_KBIAS_TMA_FIRST
+#define DM_SM90_KBIAS_TMA_FIRST 0
+#endif
 // - DM_SM90_TIMELINE=1 (measurement, debug builds; tools/sm90_timeline.py): tile_counters get
 //   each item's start and end as consumer 0 sees them instead of its tile counts, stamped
 //   (CTA << 24) | (%globaltimer / 32 ns mod 2^24).
@@ -875,6 +880,14 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
           }
         }
         mbar_wait(bar_empty_k(stage), phase ^ 1);
+        constexpr bool kTmaFirst = kAuxStep && DM_SM90_KBIAS_TMA_FIRST;
+        if (kTmaFirst && leader) {
+          mbar_expect_tx(bar_full_k(stage), Smem::kKV);
+#pragma unroll
+          for (int x = 0; x < Smem::kBoxes; ++x)
+            tma_load_4d(sK + stage * Smem::kKStage + x * kBlockN * 128, &args.k,
+                        bar_full_k(stage), 64 * x, seq.k_start + n0, kvh, qkv_b);
+        }
         if constexpr (kAuxStep) {  // the keys' aux columns 0-1, 8-9 (keep masks); the row
           // key lane + 32 y's aux words at kbias_aux_offset(lane, chunk) + 1024 y (the swizzle
           // XORs bit 4 with the key's bit 2: y leaves it); shared addresses, not pointers (the
@@ -925,11 +938,15 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
             atomicAdd(pair, 1u);
             if (cls != 0) atomicAdd(pair + 1, 1u);
           }
-          mbar_arrive_expect_tx(bar_full_k(stage), Smem::kKV + bias_bytes);
+          if (kTmaFirst) {
+            mbar_arrive(bar_full_k(stage));
+          } else {
+            mbar_arrive_expect_tx(bar_full_k(stage), Smem::kKV + bias_bytes);
 #pragma unroll
-          for (int x = 0; x < Smem::kBoxes; ++x)
-            tma_load_4d(sK + stage * Smem::kKStage + x * kBlockN * 128, &args.k,
-                        bar_full_k(stage), 64 * x, seq.k_start + n0, kvh, qkv_b);
+            for (int x = 0; x < Smem::kBoxes; ++x)
+              tma_load_4d(sK + stage * Smem::kKStage + x * kBlockN * 128, &args.k,
+                          bar_full_k(stage), 64 * x, seq.k_start + n0, kvh, qkv_b);
+          }
           if (bias_tile) {
 #pragma unroll
             for (int x = 0; x < kBlockN / 64; ++x)
