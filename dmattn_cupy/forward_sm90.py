@@ -40,8 +40,8 @@ OPERAND_NONE, OPERAND_TILE, OPERAND_KEY_ROW, OPERAND_QUERY_ROW, OPERAND_KEY_CHUN
 # A key chunk of block_n * h' values plus its alignment lead fits one bias stage / mask slot
 # (128 * block_n values): 128 heads would need one more box.
 MAX_CHUNK_HEADS = 127
-TMA_ALIGN = 16              # bytes: a box's first global element sits on this boundary
 KEY_ROW_STAGE = 1024        # bytes of a _krow spec's bias stage (fwd.cu: kBiasKeyRow's kBias)
+TMA_ALIGN = 16              # bytes: a box's first global element sits on this boundary
 
 # Sm90FwdArgs: five 128-byte tensor maps (q, k, v, mask, bias), two int32 modes, for key-based
 # operands (key rows, key chunks) the heads per key, the box and the boxes per stage of each,
@@ -336,7 +336,8 @@ def _varlen_operand(info: ArrayInfo, mode: int, elem: int, block_n: int) -> Oper
 
 def bias_by_loads(mask: ArrayInfo | None, bias: ArrayInfo | None, varlen: bool = False) -> bool:
     """Whether the kernel's producer reads the bias with plain loads into one row per stage
-    (fwd.cu: bias_loads, DM_SM90_KBIAS_F32 != 0; fp32, or bf16 under a softcap): a key-based
+    (fwd.cu: bias_loads, DM_SM90_KBIAS_F32 != 0; fp32, or bf16 under a softcap; with the
+    default 4 on the _krow specs also into the aux tile after each K stage): a key-based
     bias in the query dtype without a mask. It needs no tensor map, so any key count, strides
     and alignment serve."""
     return (kbias_mode() != 0 and mask is None and bias is not None

@@ -190,12 +190,12 @@ DM_DEVICE void warp_arrive(uint32_t bar, int lane, uint32_t bar2 = 0) {
   mbar_arrive(bar);
   if (bar2 != 0) mbar_arrive(bar2);
 }
-// One arrival that also expects `bytes` of TMA transactions in the current phase.
 // Bytes the barrier's current phase also waits for, without an arrival (one follows later).
 DM_DEVICE void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
   asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(bytes)
                : "memory");
 }
+// One arrival that also expects `bytes` of TMA transactions in the current phase.
 DM_DEVICE void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes)
                : "memory");

@@ -184,14 +184,15 @@ def test_long_rows_gqa(kw, dtype):
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("kw", [{}, {"is_causal": True}, {"window_size": (200, 30)},
                                 {"softcap": 8.0}, {"softmax_scale": 0.05},
-                                {"softmax_scale": 2e-5}], ids=str)
+                                {"softmax_scale": 0.125}, {"softmax_scale": 2e-5}], ids=str)
 def test_key_row_bias_long_rows(kw, dtype):
     """A (B, H|1, 1, Sk) bias over 8 key tiles, the last partial (Sk % 128 != 0), with -inf
     keys: the key-row path, and what the DM_SM90_KBIAS_F32 variants change (an fp32 row
     stored by the producer; with 2 folded into S's accumulator, except under a softcap; with 4,
     the default, added by one more k16 step of S = Q K^T: 1 / scale in three parts, of which
-    0.05's second and third are 0 (their columns must stay 0 beside -inf keys); under a softcap,
-    and in fp16 where 1 / scale >= 2^15 (2e-5), the consumers add the row instead)."""
+    0.125's second and third are 0 (1 / scale = 8: their columns must stay 0 beside -inf keys);
+    under a softcap, and in fp16 where 1 / scale >= 2^15 (2e-5), the consumers add the row
+    instead)."""
     q, k, v = _qkv(2, 300, 1000, 4, 2, 128, dtype, seed=13)
     g = torch.Generator().manual_seed(14)
     bias = (2 * torch.randn(2, 4, 1, 1000, generator=g)).to("cuda", getattr(torch, dtype))
