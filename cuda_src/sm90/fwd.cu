@@ -1102,6 +1102,9 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
     const bool bias_f32 = bias_loads && (DM_SM90_KBIAS_F32 == 1 || !capped) &&
                           (!kAuxStep || kbias_aux_on<T>(p));  // else the row after the product
     const bool fold = DM_SM90_KBIAS_F32 >= 2 && bias_f32;
+    // fold: S holds b / scale after its product; by the accumulator start (acc_start: the
+    // consumers load the row into S first), or on the _krow specs by the aux k16 step.
+    const bool acc_start = fold && !kAuxStep;
     const LogitScales ls = bias_keys && !fold ? logit_scales<true>(p) : logit_scales<false>(p);
 
     // The bias and mask words of one tile this thread needs (class bit kMaskPartial: the tile's
@@ -1316,7 +1319,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
       for (int ks = 0; ks < kHeadDim / 16; ++ks)
         Wgmma<T, kBlockN>::template ss<0>(s, dq + k_major_step<kBlockM>(ks),
                                           dk + k_major_step<kBlockN>(ks),
-                                          ks > 0 || (fold && !kAuxStep));
+                                          ks > 0 || acc_start);
       if constexpr (kAuxStep)
         Wgmma<T, kBlockN>::template rs<0>(s, aux_a,
                                           kbias_aux_desc_from_k<kBlockN, Smem::kKV>(dk), 1);
@@ -1372,7 +1375,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
 #else
       const KeepRowMax row_fix;
 #endif
-      if (fold && !kAuxStep) fold_bias(s, stage);
+      if (acc_start) fold_bias(s, stage);
       turn_wait();
       issue_s(s, stage);
       turn_pass();
@@ -1409,7 +1412,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
         }
         mbar_wait(bar_full_k(stage), phase);
         n = info[4 * stage];
-        if (fold && !kAuxStep && n >= 0) fold_bias(s, stage);
+        if (acc_start && n >= 0) fold_bias(s, stage);
         turn_wait();
         if (n < 0) break;  // the turn is taken by the last O += P V below
         issue_s(s, stage);
