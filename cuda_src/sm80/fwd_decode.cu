@@ -247,7 +247,21 @@ flash_fwd_decode_kernel(const FwdParams p) {
     const int valid = seq.len_k - n0;
     uint16_t* dK = sK + st * kBlockN * kStride;
     uint16_t* dV = sV + st * kBlockN * kStride;
-    if constexpr (kLeanIssue) {
+    if (kLeanIssue && !paged && valid >= kBlockN) {
+      // A whole unpaged tile: every row in bounds, so no bounds test and no address select.
+      if (col_ok) {
+        const T* ks = k_thr + int64_t(n0) * p.k_row_stride;
+        const T* vs = v_thr + int64_t(n0) * p.v_row_stride;
+#pragma unroll
+        for (int j = 0; j < kBlockN / kRowStep; ++j) {
+          const int r = j * kRowStep + lr0;
+          cp_async_16(dK + r * kStride + lcol, ks, true);
+          cp_async_16(dV + r * kStride + lcol, vs, true);
+          ks += k_step;
+          vs += v_step;
+        }
+      }
+    } else if constexpr (kLeanIssue) {
       // Fixed trip counts, per-thread offsets hoisted: pass m copies row lr0 + m * kRowStep;
       // unpaged rows are contiguous in steps, paged ones restart at each 16-key group's page.
       const T* ks = k_thr + int64_t(n0) * p.k_row_stride;
@@ -310,10 +324,10 @@ flash_fwd_decode_kernel(const FwdParams p) {
         page = sBT[(u % kDecodeBtSlots) * 4 + c / 16];
         key = (n0 + (c & ~15)) % p.page_size + (c & 15);
       }
-      constexpr int kPer = 16 * kBlockN / kThreads;  // slots per thread at 16 staged rows
-#pragma unroll
-      for (int t = 0; t < kPer; ++t) {
-        const int slot = threadIdx.x / kBlockN + t * (kThreads / kBlockN);
+      // Slots threadIdx.x / kBlockN + t * (kThreads / kBlockN): a runtime trip count (mostly 0
+      // or 1: key-based layouts stage 1 or q_per_kv rows), not 16 / (kThreads / kBlockN) tests.
+#pragma unroll 1
+      for (int slot = threadIdx.x / kBlockN; slot < dm_max(rm, rb); slot += kThreads / kBlockN) {
         if (kHasMask && slot < rm) {
           const int64_t o = sOff[slot];
           const bool ok = key_ok && o != kNoRow;
@@ -394,7 +408,7 @@ flash_fwd_decode_kernel(const FwdParams p) {
         bool keep = bits & (1u << (j * 4 + e));
         if (kHasMask) {
           const uint32_t w = sMs[slot_m[r] * kBlockN + tc];
-          keep = keep && ((w >> (8 * ((shift_m >> (2 * idx)) & 3))) & 0xffu) != 0;
+          keep &= ((w >> (8 * ((shift_m >> (2 * idx)) & 3))) & 0xffu) != 0;  // no branch
         }
         if (kHasBias) {
           const uint32_t w = sBs[slot_b[r] * kBlockN + tc];
@@ -412,7 +426,10 @@ flash_fwd_decode_kernel(const FwdParams p) {
       }
     float alpha[2];
     sm.update(s, alpha);
-    rescale_o(o, alpha);
+    // alpha is exactly 1 for a row whose max did not move: a warp whose written rows all kept
+    // theirs skips the multiply (padded rows are never written; a NaN alpha still rescales).
+    const bool moved = (row_ok[0] && alpha[0] != 1.f) || (row_ok[1] && alpha[1] != 1.f);
+    if (__any_sync(0xffffffffu, moved)) rescale_o(o, alpha);
     // O += P V: P (16 rows x 16 keys) from registers as the A operand.
     uint32_t a[4];
     pack_a_from_c<T>(a, s, 0);
