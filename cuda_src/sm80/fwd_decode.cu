@@ -41,6 +41,9 @@ namespace dm {
 // reads the same define, so the launch's smem follows); DM_DECODE_MIN_CTAS=M: __launch_bounds__
 // min blocks at d <= 128 (default 3: 3 CTAs of 75 KB per SM at <= 168 registers; 3 spills at
 // d192/d256). Measured on the H200 decode case with 3 splits: 3771 GB/s, 2 stages x 2 CTAs 3457.
+// DM_DECODE_MIN_CTAS_SMALL=M: the same at d <= 64 (default 3; 4 fits 125 registers without
+// spills: H200 d64 decode +3.5%, B256 Sk1024 +7.4%, but B8 Sk32768 -5.6%, where the split rule
+// then takes 7 splits = 0.85 waves of 528 slots: not the default until the split rule follows).
 #ifndef DM_DECODE_LEAN_ISSUE
 #define DM_DECODE_LEAN_ISSUE 1
 #endif
@@ -49,6 +52,9 @@ namespace dm {
 #endif
 #ifndef DM_DECODE_MIN_CTAS
 #define DM_DECODE_MIN_CTAS 3
+#endif
+#ifndef DM_DECODE_MIN_CTAS_SMALL
+#define DM_DECODE_MIN_CTAS_SMALL 3
 #endif
 constexpr bool kDecodeLeanIssue = DM_DECODE_LEAN_ISSUE != 0;
 // K/V pipeline depth; dmattn_cupy/families.py (decode_stages) sizes the dynamic smem with it.
@@ -64,7 +70,10 @@ constexpr int64_t kNoRow = -0x7fffffffffffffffll - 1;
 template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNumWarps, bool kHasMask,
           bool kHasBias, bool kVarlen>
 __global__ void __launch_bounds__(kNumWarps * 32,
-                                  kNumWarps > 4 ? 1 : kHeadDim <= 128 ? DM_DECODE_MIN_CTAS : 2)
+                                  kNumWarps > 4           ? 1
+                                  : kHeadDim <= 64        ? DM_DECODE_MIN_CTAS_SMALL
+                                  : kHeadDim <= 128       ? DM_DECODE_MIN_CTAS
+                                                          : 2)
 flash_fwd_decode_kernel(const FwdParams p) {
   static_assert(kBlockM == 16, "one m16 slab of packed (query, head) rows per CTA");
   static_assert(kBlockN == 16 * kNumWarps && kBlockN == 64, "each warp owns 16 keys of a tile");
