@@ -141,12 +141,13 @@ def num_m_blocks(pb: Problem) -> int:
 
 
 def num_splits_heuristic(ctas: int, slots: int, n_tiles: int, max_splits: int = MAX_SPLITS) -> int:
-    """FlashAttention-2's rule: no split when the CTAs fill 80% of the resident slots; else the
-    fewest splits whose wave efficiency (CTAs / slots over its ceiling) is within 85% of the best,
-    among split counts that actually shorten the per-split tile count. One exception: CTAs that
-    fill the slots but leave the last wave under 80% full (512 CTAs on 396 slots: 1.29 waves)
-    take the fewest splits within 95% of the best efficiency (3 there: 3.88 waves; measured on
-    the H200 decode case 2887 -> 3771 GB/s, 2 splits 3528, 4 splits 3744)."""
+    """FlashAttention-2's rule with a stricter fill: no split when the CTAs fill 80% of the
+    resident slots (unless the last wave is under 80% full: 512 CTAs on 396 slots, 1.29 waves);
+    else the fewest splits whose wave efficiency (CTAs / slots over its ceiling) is within 95% of
+    the best (FlashAttention-2: 85%), among split counts that actually shorten the per-split tile
+    count. Measured on the H200 decode case: 3 splits (3.88 waves) 3771 GB/s against 2887
+    unsplit, 2 splits 3528, 4 splits 3744; at d64 with 4 CTAs per SM (528 slots), B8 Sk32768
+    took 7 splits (0.85 waves) under 85% and lost 5.6% to 3 CTAs per SM."""
     if n_tiles <= 1:
         return 1
     tail = ctas >= 0.8 * slots and ctas / slots / math.ceil(ctas / slots) < 0.8
@@ -163,7 +164,7 @@ def num_splits_heuristic(ctas: int, slots: int, n_tiles: int, max_splits: int = 
             waves = ctas * s / slots
             effs[s] = waves / math.ceil(waves)
     best = max(effs.values())
-    return min(s for s, e in effs.items() if e >= (0.95 if tail else 0.85) * best)
+    return min(s for s, e in effs.items() if e >= 0.95 * best)
 
 
 def slot_mode(row_stride: int, qseq_stride: int, head_ratio: int, q_per_kv: int) -> int:

@@ -41,9 +41,9 @@ namespace dm {
 // reads the same define, so the launch's smem follows); DM_DECODE_MIN_CTAS=M: __launch_bounds__
 // min blocks at d <= 128 (default 3: 3 CTAs of 75 KB per SM at <= 168 registers; 3 spills at
 // d192/d256). Measured on the H200 decode case with 3 splits: 3771 GB/s, 2 stages x 2 CTAs 3457.
-// DM_DECODE_MIN_CTAS_SMALL=M: the same at d <= 64 (default 3; 4 fits 125 registers without
-// spills: H200 d64 decode +3.5%, B256 Sk1024 +7.4%, but B8 Sk32768 -5.6%, where the split rule
-// then takes 7 splits = 0.85 waves of 528 slots: not the default until the split rule follows).
+// DM_DECODE_MIN_CTAS_SMALL=M: the same at d <= 64 (default 4: 125 registers, 0 spills; H200
+// d64 decode against 3 CTAs, with decode.py's 95% split rule: 3796 vs 3573 GB/s, B256 Sk1024
+// 3762 vs 3468, B8 Sk32768 3660 vs 3678).
 #ifndef DM_DECODE_LEAN_ISSUE
 #define DM_DECODE_LEAN_ISSUE 1
 #endif
@@ -54,7 +54,7 @@ namespace dm {
 #define DM_DECODE_MIN_CTAS 3
 #endif
 #ifndef DM_DECODE_MIN_CTAS_SMALL
-#define DM_DECODE_MIN_CTAS_SMALL 3
+#define DM_DECODE_MIN_CTAS_SMALL 4
 #endif
 constexpr bool kDecodeLeanIssue = DM_DECODE_LEAN_ISSUE != 0;
 // K/V pipeline depth; dmattn_cupy/families.py (decode_stages) sizes the dynamic smem with it.
