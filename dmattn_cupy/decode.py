@@ -39,7 +39,7 @@ from .families import (
     ring_warps,
 )
 from .launch_plan import Alloc, Launch, Plan
-from .layout import FWD_INPUTS, build_fwd_params, fwd_pointer_fields
+from .layout import build_fwd_params, fwd_pointer_fields
 from .spec import DTYPES, HEAD_DIMS, KernelSpec, padded_head_dim
 from .tensor_map import TensorMapError
 from .validate import Problem
@@ -238,34 +238,22 @@ def ring_grid(pb: Problem, num_splits: int, dev: DeviceProps) -> tuple[int, int,
 _carveout_set: set[tuple[KernelSpec, int]] = set()
 
 
-def run_decode(pb: Problem, query: Any, out: Any, lse: Any, cu_q: Any, cu_k: Any,
-               stream: Any, fields: dict[str, int] | None = None, num_splits: int = 0) -> None:
-    """Launch the decode kernel (and the combine kernel when split) into ``out`` / ``lse``.
-    ``fields``: FwdParams fields set after the problem's (the KV-cache API's lengths and block
-    table); ``num_splits`` > 0 forces the split count (capped like DMATTN_NUM_SPLITS)."""
-    def ptr(a: Any) -> int:
-        return describe(a).ptr if a is not None else 0
-
-    plan = Plan(device=pb.q.device, inputs=FWD_INPUTS)
-    keep = plan_decode(pb, plan, query, describe(out), ptr(lse), ptr(cu_q), ptr(cu_k), fields,
-                       num_splits)
-    plan.run(stream)
-    # The partials were allocated on this stream, so both CuPy's pool and torch's caching
-    # allocator hand their memory out again only to work ordered after these kernels.
-    del keep
-
-
 def plan_decode(pb: Problem, plan: Plan, query: Any, out: ArrayInfo, lse_ptr: int,
                 cu_q_ptr: int, cu_k_ptr: int, fields: dict[str, int] | None = None,
                 num_splits: int = 0) -> list[Any]:
     """Add the decode launches (and the combine's when split) to ``plan``, with the split-KV
     partials as allocations of the plan; returns those partials (alive until launched).
-    ``fields`` and ``num_splits``: as ``run_decode``'s."""
+    ``fields``: FwdParams fields set after the problem's (the KV-cache API's lengths and block
+    table; one that names a source of ``plan``, cache_seqlens or block_table, is also a pointer
+    slot); ``num_splits`` > 0 forces the split count (capped like DMATTN_NUM_SPLITS)."""
     dev = pb.q.device
     props = runtime.device_props(dev)
     rec = build_fwd_params(pb, out, lse_ptr, cu_q_ptr, cu_k_ptr)
+    sources = plan.sources
     for name, value in (fields or {}).items():
         rec[0][name] = value
+        if name in sources:   # a pointer field the plan's caller supplies (KV_INPUTS)
+            plan.slot(name, rec, name)
     mask_rows, bias_rows = set_slot_modes(rec[0])
     mask_rows, bias_rows = (mask_rows if pb.mask is not None else 0,
                             bias_rows if pb.bias is not None else 0)

@@ -615,6 +615,49 @@ def varlen(query: Any, key: Any, value: Any, cu_seqlens_q: Any, cu_seqlens_k: An
                   return_lse, deterministic, validate)
 
 
+def kvcache(query: Any, k_cache: Any, v_cache: Any, k: Any, v: Any, cache_seqlens: Any,
+            block_table: Any, attn_mask: Any, attn_bias: Any, softmax_scale: Any,
+            is_causal: Any, window_size: Any, softcap: Any, num_splits: Any, return_lse: Any,
+            backend: Any, call: Callable[[], tuple[Any, Any, Any]]) -> Any:
+    """``flash_dmattn_with_kvcache`` through the thin path, or MISS. ``call()`` is the
+    validated call on these arguments (``kvcache.kvcache_call``: result, plan or None,
+    Problem), run on a first call with this key. The key holds an int ``cache_seqlens`` by
+    value (it is in the records); the plan's inputs are ``layout.KV_INPUTS``."""
+    lib = _library(query)
+    if lib is None or not _options_ok(softmax_scale, is_causal, window_size, softcap,
+                                      return_lse, None) or type(num_splits) is not int:
+        return MISS
+    if lib == "torch" and _compiling():
+        return MISS
+    seqlens_arr = None
+    if cache_seqlens is None or type(cache_seqlens) is int:
+        seq_key: Any = ("int", cache_seqlens)
+    else:
+        seqlens_arr = cache_seqlens
+    try:
+        sig = _tsig if lib == "torch" else _csig
+        if seqlens_arr is not None:
+            seq_key = sig(seqlens_arr)
+        key = (2, lib, sig(query), sig(k_cache), sig(v_cache), sig(k), sig(v), seq_key,
+               sig(block_table), sig(attn_mask), sig(attn_bias), softmax_scale, is_causal,
+               window_size, softcap, num_splits, return_lse, backend, env.plan_state())
+    except (AttributeError, RuntimeError):  # mixed kinds: the validated path says so
+        return MISS
+    entry = forward_plans.get(key, _ABSENT)
+    if entry is None:
+        return MISS
+    if entry is not _ABSENT:
+        HITS[0] += 1
+        bufs = (entry.run or _bind(entry, lib, query))(
+            (query, k_cache, v_cache, attn_mask, attn_bias, None, None, seqlens_arr,
+             block_table, k, v))
+        return (bufs[0], bufs[1]) if return_lse else bufs[0]
+    res, plan, pb = call()
+    forward_plans.put(key, _Entry(plan, pb, return_lse) if plan is not None and plan.cacheable
+                      else None)
+    return res
+
+
 # --- the functional backward (flash_dmattn_backward / _varlen_backward) --------------------
 
 backward_plans = PlanCache(256)

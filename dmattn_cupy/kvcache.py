@@ -1,9 +1,12 @@
 """The KV-cache API: ``flash_dmattn_with_kvcache``, as FlashAttention's ``flash_attn_with_kvcache``.
 
 Validation -> (optional) one append kernel writing k/v into the cache in place -> the decode
-kernel (``decode.run_decode``) over each sequence's ``cache_seqlens[b] + S_new`` keys, with the
+kernel (``decode.plan_decode``) over each sequence's ``cache_seqlens[b] + S_new`` keys, with the
 block table, the lengths and the key-based mask/bias strides as extra ``FwdParams`` fields. The
 decode kernel takes any query length (GQA-packed 16-row slabs; tuned for a few queries).
+The launches of a call form one ``Plan`` (inputs ``layout.KV_INPUTS``); ``fastpath.kvcache``
+keeps it, so a later call with the same signature (an int ``cache_seqlens`` by value) only
+allocates its outputs and patches its pointers.
 A key-based cache mask/bias ``(B|1, S_max, h')`` or paged ``(num_pages, page_size, h')`` is seen
 by the kernel as the 4-D ``(B, h', 1, S)`` view the dense path already reads (row stride 0).
 Inference only: no gradient flows through it.
@@ -19,8 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from . import arrays, decode, edge, env, reference_kvcache, runtime
+from . import arrays, decode, edge, env, fastpath, reference_kvcache, runtime
 from .arrays import ArrayInfo, describe
+from .launch_plan import Alloc, Launch, Plan
+from .layout import KV_INPUTS
 from .params import new_kv_append_params
 from .spec import KernelSpec
 from .validate import (
@@ -275,11 +280,27 @@ def _ptr(info: ArrayInfo | None) -> int:
     return 0 if info is None else info.ptr
 
 
-def run_append(kp: KvProblem, like: Any, stream: Any) -> None:
+def run_append(kp: KvProblem, stream: Any) -> None:
     """The one append kernel: k/v rows into the cache at cache_seqlens (+ i), in place."""
+    if kp.s_new and kp.pb.batch:
+        kernel, grid, rec = _append_launch(kp)
+        runtime.launch(kernel, grid, (rec[0],), stream)
+
+
+def plan_append(kp: KvProblem, plan: Plan) -> None:
+    """``run_append``'s launch as the first of ``plan`` (its pointers slots of ``KV_INPUTS``)."""
+    if kp.s_new and kp.pb.batch:
+        kernel, grid, rec = _append_launch(kp)
+        for name, field in (("k_new", "k_new"), ("v_new", "v_new"), ("k", "k_cache"),
+                            ("v", "v_cache"), ("block_table", "block_table"),
+                            ("cache_seqlens", "cache_seqlens")):
+            plan.slot(name, rec, field)
+        plan.launches.append(Launch(kernel, grid, (rec,)))
+
+
+def _append_launch(kp: KvProblem) -> tuple[Any, tuple[int, int, int], np.ndarray]:
+    """(kernel, grid, KvAppendParams record) of the append kernel for ``kp``."""
     pb = kp.pb
-    if kp.s_new == 0 or pb.batch == 0:
-        return
     rec = new_kv_append_params()
     r = rec[0]
     r["k_new"], r["v_new"] = kp.k_new.ptr, kp.v_new.ptr
@@ -294,8 +315,7 @@ def run_append(kp: KvProblem, like: Any, stream: Any) -> None:
     r["seqlen_base"] = kp.seqlens_int or 0
     props = runtime.device_props(pb.q.device)
     kernel = runtime.get_kernel(append_spec(props.arch), pb.q.device)
-    grid = (math.ceil(kp.s_new * pb.kv_heads / APPEND_WARPS), pb.batch, 1)
-    runtime.launch(kernel, grid, (r,), stream)
+    return kernel, (math.ceil(kp.s_new * pb.kv_heads / APPEND_WARPS), pb.batch, 1), rec
 
 
 def decode_fields(kp: KvProblem) -> dict[str, int]:
@@ -331,6 +351,19 @@ def flash_dmattn_with_kvcache(query: Any, k_cache: Any, v_cache: Any, k: Any = N
                               backend: str = "auto") -> Any:
     """Attention of ``query`` over a KV cache, after appending ``k``/``v`` to it in place; see
     docs/kvcache.md for the contract. Returns ``out`` or ``(out, lse)``."""
+    args = (query, k_cache, v_cache, k, v, cache_seqlens, block_table, attn_mask, attn_bias,
+            softmax_scale, is_causal, window_size, softcap, num_splits, return_lse, backend)
+    res = fastpath.kvcache(*args, lambda: kvcache_call(*args))
+    return kvcache_call(*args)[0] if res is fastpath.MISS else res
+
+
+def kvcache_call(query: Any, k_cache: Any, v_cache: Any, k: Any, v: Any, cache_seqlens: Any,
+                 block_table: Any, attn_mask: Any, attn_bias: Any, softmax_scale: Any,
+                 is_causal: Any, window_size: Any, softcap: Any, num_splits: Any,
+                 return_lse: Any, backend: Any) -> tuple[Any, Plan | None, Any]:
+    """The validated call: (its result, ``out`` or ``(out, lse)``; the plan it launched, None
+    when it launched none or ran the reference; its Problem). The plan is cacheable when a
+    call with the same signature builds the same one: no copies, no host-side value checks."""
     kp = check_kvcache(query, k_cache, v_cache, k, v, cache_seqlens, block_table, attn_mask,
                        attn_bias, softmax_scale, is_causal, window_size, softcap, num_splits,
                        return_lse, backend)
@@ -338,30 +371,42 @@ def flash_dmattn_with_kvcache(query: Any, k_cache: Any, v_cache: Any, k: Any = N
     lse_shape = (pb.batch, pb.heads, pb.seqlen_q)
     if pb.backend == "reference":
         if pb.batch == 0:
-            return edge.empty_forward(query, lse_shape, return_lse)
+            return edge.empty_forward(query, lse_shape, return_lse), None, pb
         out, lse = _run_reference(kp, query, k_cache, v_cache, k, v, cache_seqlens,
                                   block_table, attn_mask, attn_bias)
-        return (out, lse) if return_lse else out
+        return ((out, lse) if return_lse else out), None, pb
     stream = runtime.current_stream(pb.kind, pb.q.device)
-    if env.check_enabled():
+    check = env.check_enabled()
+    if check:
         bt = None if block_table is None else arrays.to_host(block_table)
         seqlens = (np.full(pb.batch, kp.seqlens_int, np.int64) if kp.seqlens is None
                    else arrays.to_host(cache_seqlens))
         check_seqlens_values(seqlens, kp.s_new, kp.capacity, bt, pb.k.shape[0], kp.page_size)
     keep_alive: list[Any] = []  # copies the launches read: alive until this function returns
+    copied = False
     if kp.k_new is not None and not (_aligned_rows(kp.k_new) and _aligned_rows(kp.v_new)):
         kc, vc = arrays.contiguous_copy(k), arrays.contiguous_copy(v)
         keep_alive += [kc, vc]
         kp = dataclasses.replace(kp, k_new=describe(kc), v_new=describe(vc))
-    run_append(kp, query, stream)
+        copied = True
     if pb.batch == 0 or pb.seqlen_q == 0:
-        return edge.empty_forward(query, lse_shape, return_lse)
+        run_append(kp, stream)
+        return edge.empty_forward(query, lse_shape, return_lse), None, pb
     if not _aligned_rows(pb.q):
         qc = arrays.contiguous_copy(query)
         keep_alive.append(qc)
         pb = dataclasses.replace(pb, q=describe(qc))
+        copied = True
     out = arrays.empty(query, pb.q.shape)
     lse = arrays.empty(query, lse_shape, "float32") if return_lse else None
-    decode.run_decode(pb, query, out, lse, None, None, stream, decode_fields(kp),
-                      num_splits=num_splits)
-    return (out, lse) if return_lse else out
+    allocs = [Alloc("out", pb.q.shape, None)]
+    if return_lse:
+        allocs.append(Alloc("lse", lse_shape, "float32"))
+    plan = Plan(device=pb.q.device, inputs=KV_INPUTS, allocs=allocs,
+                cacheable=not (copied or check))
+    plan_append(kp, plan)
+    keep_alive.append(decode.plan_decode(pb, plan, query, describe(out),
+                                         0 if lse is None else describe(lse).ptr, 0, 0,
+                                         decode_fields(kp), num_splits=num_splits))
+    plan.run(stream)
+    return ((out, lse) if return_lse else out), plan, pb

@@ -19,6 +19,8 @@ from .validate import Problem
 
 LOG2E = 1.4426950408889634
 FWD_INPUTS = ("q", "k", "v", "mask", "bias", "cu_q", "cu_k")  # a forward plan's inputs, in order
+# a KV-cache plan's inputs (k, v: the caches; k_new, v_new: the appended rows), in order
+KV_INPUTS = FWD_INPUTS + ("cache_seqlens", "block_table", "k_new", "v_new")
 # a block-sparse forward plan's further inputs: the list arrays (source = FwdParams field)
 SPARSE_INPUTS = ("sp_full_count", "sp_full_idx", "sp_partial_count", "sp_partial_idx",
                  "sp_partial_slot", "sp_partial_bits")

@@ -232,6 +232,15 @@ def stages(calls: int, device: str) -> list[tuple[str, float | None]]:
     bd = kb.t().reshape(1, Hk, 1, Sk)
     row("decode step, dense (1,Hk,1,Sk) bias (api)",
         lambda: dm.flash_dmattn_func(qd, kd, vd, attn_bias=bd))
+    # the same step through the KV-cache API: a paged cache (pages of 64) with a key mask + bias
+    pages = Sk // 64
+    kc, vc = k1.reshape(pages, 64, Hk, D), v1.reshape(pages, 64, Hk, D)
+    mc = torch.ones(pages, 64, Hk, device=device, dtype=torch.bool)
+    bc = kb.reshape(pages, 64, Hk)
+    table = torch.arange(pages, device=device, dtype=torch.int32).reshape(1, pages)
+    lens = torch.full((1,), Sk, device=device, dtype=torch.int32)
+    row("decode step, kvcache paged64 mask + bias (api)", lambda: dm.flash_dmattn_with_kvcache(
+        qd, kc, vc, cache_seqlens=lens, block_table=table, attn_mask=mc, attn_bias=bc))
     row("fwd+bwd through the custom ops (torch.compile's route)", lambda: torch.autograd.grad(
         autograd.dense(qg, kg, vg, None, None, None, False, (-1, -1), 0.0, None, False, False,
                        "auto"), (qg, kg, vg), dout))

@@ -37,9 +37,10 @@ from dmattn_cupy import (  # noqa: E402
 )
 from dmattn_cupy import compile as dcompile  # noqa: E402
 from dmattn_cupy.launch_plan import PlanCache  # noqa: E402
-from dmattn_cupy.params import FWD_DTYPE, bwd_dtype_flat  # noqa: E402
+from dmattn_cupy.params import FWD_DTYPE, KV_APPEND_DTYPE, bwd_dtype_flat  # noqa: E402
 
 BWD_DTYPE = bwd_dtype_flat()
+_PARAMS = {"FwdParams": FWD_DTYPE, "BwdParams": BWD_DTYPE, "KvAppendParams": KV_APPEND_DTYPE}
 # pointer fields that hold buffers a call allocates (fresh every call)
 _FRESH = ("o", "lse", "o_accum", "lse_accum", "dsum", "dq_accum", "dq", "dk", "dv", "dbias")
 
@@ -79,7 +80,7 @@ class Capture:
 
     def launch_raw(self, device, fn, grid, block, smem, stream, params):
         spec = self.specs[fn]
-        sizes = [BWD_DTYPE.itemsize if spec.row.params == "BwdParams" else FWD_DTYPE.itemsize]
+        sizes = [_PARAMS[spec.row.params].itemsize]
         if spec.family in ("fwd_sm90", "fwd_order"):   # the order kernel reads the same args
             sizes.append(forward_sm90.ARGS_DTYPE.itemsize)
         if spec.family == "bwd_sm90":
@@ -124,15 +125,15 @@ def cap():
 
 
 def _record(raw: bytes, family_params: str) -> np.ndarray:
-    dt = BWD_DTYPE if family_params == "BwdParams" else FWD_DTYPE
-    return np.frombuffer(raw, dtype=dt).copy()
+    return np.frombuffer(raw, dtype=_PARAMS[family_params]).copy()
 
 
 def _masked(launches, cap):
     """Launches with fresh-buffer pointer fields zeroed (comparable across calls)."""
     res = []
     for _path, fam, grid, raws, smem in launches:
-        params = "BwdParams" if fam.startswith("bwd") else "FwdParams"
+        params = "BwdParams" if fam.startswith("bwd") else \
+            "KvAppendParams" if fam == "kv_append" else "FwdParams"
         rec = _record(raws[0], params)
         for f in _FRESH:
             if f in rec.dtype.names:
