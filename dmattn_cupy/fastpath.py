@@ -30,6 +30,10 @@ no token: MISS. A call that wants a gradient gets its own plan (the key's sparse
 key goes to the validated path); ``_Call`` carries its lists (a DynamicMask's copied per
 forward) into the backward plan, whose lists and block grid (``sp_grid``) are patched too.
 
+The KV-cache API (``kvcache``): its key adds the caches, the appended rows, the block table,
+``cache_seqlens`` (an int by value: it is in the records), ``num_splits``; its plan holds the
+append, decode and combine launches (inputs ``layout.KV_INPUTS``); inference only.
+
 torch with a gradient wanted runs ``_Attention`` (an ``autograd.Function`` whose one output is
 ``out``; ``_AttentionLse`` when lse is returned too: in eager mode it costs a fraction of the
 custom op's dispatch); torch.compile keeps tracing the custom ops of ``autograd``. Both run
