@@ -269,6 +269,13 @@ flash_fwd_decode_kernel(const FwdParams p) {
           ks += k_step;
           vs += v_step;
         }
+      } else {  // columns past head_dim (a padded dim): zero-filled, never stale (0 * NaN)
+#pragma unroll
+        for (int j = 0; j < kBlockN / kRowStep; ++j) {
+          const int r = j * kRowStep + lr0;
+          cp_async_16(dK + r * kStride + lcol, k, false);
+          cp_async_16(dV + r * kStride + lcol, v, false);
+        }
       }
     } else if constexpr (kLeanIssue) {
       // Fixed trip counts, per-thread offsets hoisted: pass m copies row lr0 + m * kRowStep;

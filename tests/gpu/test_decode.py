@@ -235,7 +235,8 @@ def test_softcap_fp16_fp32_bias_scale(splits, monkeypatch):
                   softcap=20.0, softmax_scale=0.3)
 
 
-HEAD_DIMS = [8, 32, 80, 128, 192, 256]
+# 48 and 120: padded dims (64, 128) on the lean K/V issue, whose threads past head_dim zero-fill
+HEAD_DIMS = [8, 32, 48, 80, 120, 128, 192, 256]
 
 
 @pytest.mark.parametrize("splits", SPLITS, ids=lambda s: f"splits{s}")
