@@ -24,7 +24,7 @@ try:
 except ImportError:  # torch is optional: without it, no torch tensor ever reaches this module
     torch = None
 
-from . import dispatch
+from . import dispatch, fastpath
 from .arrays import array_kind
 from .backward import run_backward
 from .bwd_api import flash_dmattn_backward, flash_dmattn_varlen_backward
@@ -75,6 +75,13 @@ def _fwd_impl(q, k, v, mask, bias, cu_q, cu_k, max_q, max_k, scale, window_left,
     window = (window_left, window_right)
     pb = _validated.get()
     with torch.no_grad():
+        if not sparse:  # a repeated signature (every call of a compiled graph): its cached plan
+            res = fastpath.dense(q, k, v, mask, bias, scale, False, window, softcap, True,
+                                 deterministic, backend) if cu_q is None else \
+                fastpath.varlen(q, k, v, cu_q, cu_k, max_q, max_k, mask, bias, scale, False,
+                                window, softcap, True, deterministic, backend)
+            if res is not fastpath.MISS:
+                return res
         if pb is None:
             if cu_q is None:
                 pb = check_dense(q, k, v, mask, bias, scale, False, window, softcap, backend)

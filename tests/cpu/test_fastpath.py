@@ -878,3 +878,27 @@ def test_padded_mask_bias_rows_are_cached_with_their_copy(cap, monkeypatch, layo
     slow = cap.take()
     a, b = _record(again[0][3][0], "FwdParams"), _record(slow[0][3][0], "FwdParams")
     assert [n for n in a.dtype.names if a[n][0] != b[n][0] and n not in _FRESH + (name,)] == []
+
+
+@pytest.mark.parametrize("name", ["mask_bias", "decode_split"])
+def test_custom_op_forward_reuses_its_plan(cap, name):
+    """The ops torch.compile traces (``autograd``) run their forward through the thin path: a
+    repeated signature (every call of a compiled graph) launches its cached plan, byte for
+    byte what the validated path builds."""
+    from dmattn_cupy import autograd
+
+    (q, k, v), kw = _dense_case(name, 0)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+
+    def step():
+        return autograd.dense(q, k, v, kw.get("attn_mask"), kw.get("attn_bias"), None, False,
+                              (-1, -1), 0.0, None, False, False, "auto")
+
+    step()
+    first = cap.take()
+    out = step()
+    again = cap.take()
+    assert [p for p, *_ in first] == ["slow"] * len(first)
+    assert [p for p, *_ in again] == ["thin"] * len(first)
+    assert _masked(again, cap) == _masked(first, cap)
+    assert int(_record(again[0][3][0], "FwdParams")["o"][0]) == out.data_ptr()

@@ -230,8 +230,8 @@ def test_steps_the_thin_path_cannot_serve_take_the_validated_path(cap, monkeypat
     """Lists that do not tile the backward (the dense form goes into attn_mask: remembered as
     the validated path's), a DynamicMask with host buffers, a DynamicMask ``&`` another block
     mask (the validated path's error, every call): each step's forward is the custom op's
-    (its backward, the functional one over the dense form, caches its own plan) and launches
-    what the custom-op route launches."""
+    (over the dense form it reuses the op's own plan of that signature, as its backward, the
+    functional one, does) and launches what the custom-op route launches."""
     q, k, v, _ = _inputs(False)
     dout = tf._rand(B, SQ, H, D, seed=9)
     blocks = [(32, 64), (64, 32)]
@@ -240,10 +240,8 @@ def test_steps_the_thin_path_cannot_serve_take_the_validated_path(cap, monkeypat
     for block in blocks:
         m = tb._mask("bitset", block)
         for _ in range(2):
-            hits = fastpath.HITS[0]
             _thin_step(q, k, v, None, m, dout)
             thin = cap.take()
-            assert thin[0][0] == "slow" and fastpath.HITS[0] == hits
             rec = tf._record(thin[0][3][0], "FwdParams")
             assert int(rec["mask"][0]) != 0 and _ptrs(thin[0])[0] == 0   # the dense form
             _validated_step(q, k, v, None, m, dout)    # (a fresh dense form per call)
