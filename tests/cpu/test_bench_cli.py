@@ -605,6 +605,8 @@ def test_dry_run_cpu_host_suite(tmp_path, capsys):
         sdpa = [r for r in c["impls"] if r["name"].startswith("sdpa")][0]
         assert sdpa["status"] == "ok" and sdpa["host_us"] > 0
         assert c["dmattn_vs_best_peer"] == pytest.approx(sdpa["host_us"] / dm["host_us"])
+    kv = [r for r in cases["host_decode"]["impls"] if r["name"].startswith("dmattn kvcache")]
+    assert len(kv) == 1 and kv[0]["status"] == "ok" and kv[0]["host_us"] > 0, kv
     first = cases["host_first_call"]["impls"]
     assert [r["status"] for r in first] == ["n/a", "n/a"]   # needs CUDA
     out = capsys.readouterr().out

@@ -141,8 +141,20 @@ def _host_decode(ctx: Ctx, res: CaseResult, shape: dict[str, Any]) -> None:
         b = bias.t().reshape(1, Hk, 1, Sk)
         return lambda: f(q, k, v, attn_bias=b)
 
+    def dm_kvcache() -> Callable[[], Any]:
+        """The same keys as a paged KV cache (pages of 64, in order) with the key bias."""
+        f = ctx.dm_attr("flash_dmattn_with_kvcache")
+        pages = Sk // 64
+        kc, vc = k.reshape(pages, 64, Hk, D), v.reshape(pages, 64, Hk, D)
+        table = torch.arange(pages, device=ctx.device, dtype=torch.int32).reshape(1, pages)
+        lens = torch.full((1,), Sk, device=ctx.device, dtype=torch.int32)
+        bc = bias.reshape(pages, 64, Hk)
+        return lambda: f(q, kc, vc, cache_seqlens=lens, block_table=table, attn_bias=bc)
+
     _row(ctx, res, "dmattn varlen (bias (total_k, Hk))", "dmattn", dm_varlen)
     _row(ctx, res, "dmattn dense (bias (1,Hk,1,Sk))", "variant", dm_dense)
+    if Sk % 64 == 0:
+        _row(ctx, res, "dmattn kvcache (paged 64, bias)", "variant", dm_kvcache)
     am = bias.t().repeat_interleave(H // Hk, dim=0).reshape(1, H, 1, Sk).contiguous()
     _peers_fwd(ctx, res, q, k, v, attn_mask=am)
 
