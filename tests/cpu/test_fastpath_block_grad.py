@@ -237,11 +237,17 @@ def test_steps_the_thin_path_cannot_serve_take_the_validated_path(cap, monkeypat
     blocks = [(32, 64), (64, 32)]
     fits = [sparse_plan.lists_fit(bl, "bfloat16", D, False) for bl in blocks]
     assert fits == [False, False]
+    seen = False   # both block sizes give the op's forward one dense-form signature
     for block in blocks:
         m = tb._mask("bitset", block)
         for _ in range(2):
+            hits = fastpath.HITS[0]
             _thin_step(q, k, v, None, m, dout)
             thin = cap.take()
+            # the op's own plan from the second step on, never a block-list plan
+            assert thin[0][0] == ("thin" if seen else "slow")
+            assert fastpath.HITS[0] == hits + seen
+            seen = True
             rec = tf._record(thin[0][3][0], "FwdParams")
             assert int(rec["mask"][0]) != 0 and _ptrs(thin[0])[0] == 0   # the dense form
             _validated_step(q, k, v, None, m, dout)    # (a fresh dense form per call)
