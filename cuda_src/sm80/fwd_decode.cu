@@ -44,6 +44,9 @@ namespace dm {
 // DM_DECODE_MIN_CTAS_SMALL=M: the same at d <= 64 (default 4: 125 registers, 0 spills; H200
 // d64 decode against 3 CTAs, with decode.py's 95% split rule: 3796 vs 3573 GB/s, B256 Sk1024
 // 3762 vs 3468, B8 Sk32768 3660 vs 3678).
+// DM_DECODE_WARP_LOCAL=1: warp-local copies and __syncwarp per tile (kWarpLocal below); H200:
+// +0.4% d128, +1.1% d64, +1.0-1.2% at B256 Sk1024 / B8 Sk32768, paged even; test_decode and
+// test_kvcache pass with it (258). Off until the rest of the decode tests run with it.
 #ifndef DM_DECODE_LEAN_ISSUE
 #define DM_DECODE_LEAN_ISSUE 1
 #endif
@@ -55,6 +58,9 @@ namespace dm {
 #endif
 #ifndef DM_DECODE_MIN_CTAS_SMALL
 #define DM_DECODE_MIN_CTAS_SMALL 4
+#endif
+#ifndef DM_DECODE_WARP_LOCAL
+#define DM_DECODE_WARP_LOCAL 0
 #endif
 constexpr bool kDecodeLeanIssue = DM_DECODE_LEAN_ISSUE != 0;
 // K/V pipeline depth; dmattn_cupy/families.py (decode_stages) sizes the dynamic smem with it.
@@ -240,9 +246,28 @@ flash_fwd_decode_kernel(const FwdParams p) {
   const T* v_thr = v + int64_t(lr0) * p.v_row_stride + lcol;
   const int64_t k_step = int64_t(kRowStep) * p.k_row_stride;
   const int64_t v_step = int64_t(kRowStep) * p.v_row_stride;
+  // Warp-local pipeline (DM_DECODE_WARP_LOCAL=1, lean head dims whose row chunks divide a
+  // warp): warp w copies only rows 16w..16w+15 of a tile (its keys: the only rows its S and
+  // P V read), its keys' mask/bias words and its 16-key group's page id, so a tile needs a
+  // __syncwarp instead of a __syncthreads (the Q slab's first wait and the merge keep theirs).
+  constexpr bool kWarpLocal = DM_DECODE_WARP_LOCAL != 0 && kLeanIssue && 32 % kChunks == 0;
+  constexpr int kRowStepW = kWarpLocal ? 32 / kChunks : 1;  // rows per pass of one warp
+  const int wr0 = 16 * warp + lane / kChunks, wcol = (lane % kChunks) * 8;
+  const bool wcol_ok = wcol < p.head_dim;
+  const T* k_w = k + int64_t(lane / kChunks) * p.k_row_stride + wcol;
+  const T* v_w = v + int64_t(lane / kChunks) * p.v_row_stride + wcol;
 
   // Page ids of tile u's four 16-key groups into ring slot u % kDecodeBtSlots (paged only).
   auto issue_pages = [&](int u) {
+    if constexpr (kWarpLocal) {  // lane 0 of warp g: the page of the warp's 16-key group
+      if (!paged || lane != 0) return;
+      const int n = (t_first + u) * kBlockN + 16 * warp;
+      const bool ok = u < n_my && n < seq.len_k;
+      const int32_t* src =
+          p.block_table + b * p.block_table_batch_stride + (ok ? n / p.page_size : 0);
+      cp_async_4(sBT + (u % kDecodeBtSlots) * 4 + warp, src, ok);
+      return;
+    }
     if (!paged || threadIdx.x >= 4) return;
     const int n = (t_first + u) * kBlockN + 16 * threadIdx.x;
     const bool ok = u < n_my && n < seq.len_k;
@@ -256,7 +281,39 @@ flash_fwd_decode_kernel(const FwdParams p) {
     const int valid = seq.len_k - n0;
     uint16_t* dK = sK + st * kBlockN * kStride;
     uint16_t* dV = sV + st * kBlockN * kStride;
-    if (kLeanIssue && !paged && valid >= kBlockN) {
+    if constexpr (kWarpLocal) {
+      // This warp's 16 rows (one page group when paged): whole unpaged tiles without tests.
+      const T* ks = k_w + int64_t(n0 + 16 * warp) * p.k_row_stride;
+      const T* vs = v_w + int64_t(n0 + 16 * warp) * p.v_row_stride;
+      if (paged) {
+        const int64_t page = sBT[(u % kDecodeBtSlots) * 4 + warp];
+        const int in_page = (n0 + 16 * warp) % p.page_size;
+        ks = k_w + page * p.k_batch_stride + int64_t(in_page) * p.k_row_stride;
+        vs = v_w + page * p.v_batch_stride + int64_t(in_page) * p.v_row_stride;
+      }
+      const int64_t ksw = int64_t(kRowStepW) * p.k_row_stride;
+      const int64_t vsw = int64_t(kRowStepW) * p.v_row_stride;
+      if (!paged && valid >= kBlockN && wcol_ok) {
+#pragma unroll
+        for (int j = 0; j < 16 / kRowStepW; ++j) {
+          const int r = wr0 + j * kRowStepW;
+          cp_async_16(dK + r * kStride + wcol, ks, true);
+          cp_async_16(dV + r * kStride + wcol, vs, true);
+          ks += ksw;
+          vs += vsw;
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < 16 / kRowStepW; ++j) {
+          const int r = wr0 + j * kRowStepW;
+          const bool ok = wcol_ok && r < valid;
+          cp_async_16(dK + r * kStride + wcol, ok ? ks : k, ok);
+          cp_async_16(dV + r * kStride + wcol, ok ? vs : v, ok);
+          ks += ksw;
+          vs += vsw;
+        }
+      }
+    } else if (kLeanIssue && !paged && valid >= kBlockN) {
       // A whole unpaged tile: every row in bounds, so no bounds test and no address select.
       if (col_ok) {
         const T* ks = k_thr + int64_t(n0) * p.k_row_stride;
@@ -331,8 +388,10 @@ flash_fwd_decode_kernel(const FwdParams p) {
         }
     }
     if (kHasMask || kHasBias) {
-      // This thread stages key c of the tile for slots threadIdx.x / 64 + 2 * t.
-      const int c = threadIdx.x % kBlockN;
+      // This thread stages key c of the tile for slots threadIdx.x / 64 + 2 * t (warp-local:
+      // key 16 * warp + lane % 16, slots lane / 16 + 2 * t).
+      const int c = kWarpLocal ? 16 * warp + lane % 16 : int(threadIdx.x % kBlockN);
+      const int slot0 = kWarpLocal ? lane / 16 : int(threadIdx.x / kBlockN);
       const bool key_ok = c < valid;
       int64_t page = 0;
       int key = n0 + c;  // paged: the key's row in its page
@@ -343,7 +402,7 @@ flash_fwd_decode_kernel(const FwdParams p) {
       // Slots threadIdx.x / kBlockN + t * (kThreads / kBlockN): a runtime trip count (mostly 0
       // or 1: key-based layouts stage 1 or q_per_kv rows), not 16 / (kThreads / kBlockN) tests.
 #pragma unroll 1
-      for (int slot = threadIdx.x / kBlockN; slot < dm_max(rm, rb); slot += kThreads / kBlockN) {
+      for (int slot = slot0; slot < dm_max(rm, rb); slot += kThreads / kBlockN) {
         if (kHasMask && slot < rm) {
           const int64_t o = sOff[slot];
           const bool ok = key_ok && o != kNoRow;
@@ -392,7 +451,10 @@ flash_fwd_decode_kernel(const FwdParams p) {
     issue_pages(u + 2 * kStages - 1);
     cp_async_commit();
     cp_async_wait<kStages - 1>();
-    __syncthreads();
+    if (kWarpLocal && u > 0)
+      __syncwarp();
+    else
+      __syncthreads();  // (warp-local: the Q slab of the first group)
 
     const int st = u % kStages;
     const uint16_t* sKs = sK + st * kBlockN * kStride;
@@ -457,7 +519,10 @@ flash_fwd_decode_kernel(const FwdParams p) {
       mma_16816<T>(o[2 * dd], a, vb[0], vb[1]);
       mma_16816<T>(o[2 * dd + 1], a, vb[2], vb[3]);
     }
-    __syncthreads();  // this stage is refilled by the next issue
+    if (kWarpLocal)
+      __syncwarp();  // this warp's rows of the stage are refilled by its next issue
+    else
+      __syncthreads();  // this stage is refilled by the next issue
   }
   cp_async_wait<0>();
   __syncthreads();
