@@ -9,8 +9,10 @@
 // softmax; the warps are merged through shared memory at the end.
 // Pipeline: tile u of the split goes to stage u % kStages; its K/V rows (16-byte cp.async) and
 // its mask/bias elements (one 4-byte cp.async per key and staged row: the aligned word holding
-// the element, decoded at compute time by a per-thread byte shift) travel in one cp.async group,
-// so no issue ever waits for a load. Staged rows ("slots", FwdParams.mask_slot_mode): key-based
+// the element, decoded at compute time by a per-thread byte shift) travel with its copies, so
+// no issue ever waits for a load. At d64/d128/d256 the pipeline is warp-local (each warp copies
+// and waits for its own 16 keys, K with the mask/bias words and V in groups of their own); at
+// other head dims one cp.async group per tile and a CTA barrier. Staged rows ("slots", FwdParams.mask_slot_mode): key-based
 // layouts share one row per mask head, so a CTA stages 1 (or q_per_kv) rows instead of 16.
 // Tiles outside the causal/window key range are never visited; tiles inside it are loaded even
 // when their mask keeps nothing (a skip would need the mask before the issue).
@@ -44,9 +46,11 @@ namespace dm {
 // DM_DECODE_MIN_CTAS_SMALL=M: the same at d <= 64 (default 4: 125 registers, 0 spills; H200
 // d64 decode against 3 CTAs, with decode.py's 95% split rule: 3796 vs 3573 GB/s, B256 Sk1024
 // 3762 vs 3468, B8 Sk32768 3660 vs 3678).
-// DM_DECODE_WARP_LOCAL=1: warp-local copies and __syncwarp per tile (kWarpLocal below); H200:
-// +0.4% d128, +1.1% d64, +1.0-1.2% at B256 Sk1024 / B8 Sk32768, paged even; test_decode and
-// test_kvcache pass with it (258). Off until the rest of the decode tests run with it.
+// DM_DECODE_WARP_LOCAL=0: CTA-wide copies and a __syncthreads per tile instead of the
+// warp-local pipeline (kWarpLocal below); DM_DECODE_SPLIT_KV=0: K and V of a tile in one
+// cp.async group (kSplitKV). H200, decode GB/s, CTA-wide / warp-local / + split K/V: d128
+// 3826 / 3853 / 3862, d64 3795 / 3817 / 3846, B8 Sk32768 3913 / 3944 / 3946, B256 Sk1024
+// 3811 / 3954 / 3949, paged64 3787 / 3790 / 3782 (one process per variant, same call).
 #ifndef DM_DECODE_LEAN_ISSUE
 #define DM_DECODE_LEAN_ISSUE 1
 #endif
@@ -60,7 +64,10 @@ namespace dm {
 #define DM_DECODE_MIN_CTAS_SMALL 4
 #endif
 #ifndef DM_DECODE_WARP_LOCAL
-#define DM_DECODE_WARP_LOCAL 0
+#define DM_DECODE_WARP_LOCAL 1
+#endif
+#ifndef DM_DECODE_SPLIT_KV
+#define DM_DECODE_SPLIT_KV 1
 #endif
 constexpr bool kDecodeLeanIssue = DM_DECODE_LEAN_ISSUE != 0;
 // K/V pipeline depth; dmattn_cupy/families.py (decode_stages) sizes the dynamic smem with it.
@@ -256,6 +263,11 @@ flash_fwd_decode_kernel(const FwdParams p) {
   const bool wcol_ok = wcol < p.head_dim;
   const T* k_w = k + int64_t(lane / kChunks) * p.k_row_stride + wcol;
   const T* v_w = v + int64_t(lane / kChunks) * p.v_row_stride + wcol;
+  // K and V in cp.async groups of their own (DM_DECODE_SPLIT_KV=1, warp-local only): K of
+  // tile u + kStages (with its mask/bias words) goes out once S(u) has read K's stage, V's once
+  // P V(u) has read V's, so half a tile more is in flight while a tile is computed.
+  constexpr bool kSplitKV = kWarpLocal && DM_DECODE_SPLIT_KV != 0;
+  constexpr int kPartK = 1, kPartV = 2, kPartKV = 3;  // issue_tile's parts
 
   // Page ids of tile u's four 16-key groups into ring slot u % kDecodeBtSlots (paged only).
   auto issue_pages = [&](int u) {
@@ -274,8 +286,9 @@ flash_fwd_decode_kernel(const FwdParams p) {
     const int32_t* src = p.block_table + b * p.block_table_batch_stride + (ok ? n / p.page_size : 0);
     cp_async_4(sBT + (u % kDecodeBtSlots) * 4 + threadIdx.x, src, ok);
   };
-  // K/V rows and mask/bias words of tile u into stage u % kStages.
-  auto issue_tile = [&](int u) {
+  // K/V rows and mask/bias words of tile u into stage u % kStages; warp-local, only the
+  // parts named (kPartK: K rows + mask/bias words, kPartV: V rows); else always both.
+  auto issue_tile = [&](int u, int parts) {
     if (u >= n_my) return;
     const int st = u % kStages, n0 = (t_first + u) * kBlockN;
     const int valid = seq.len_k - n0;
@@ -297,8 +310,8 @@ flash_fwd_decode_kernel(const FwdParams p) {
 #pragma unroll
         for (int j = 0; j < 16 / kRowStepW; ++j) {
           const int r = wr0 + j * kRowStepW;
-          cp_async_16(dK + r * kStride + wcol, ks, true);
-          cp_async_16(dV + r * kStride + wcol, vs, true);
+          if (parts & kPartK) cp_async_16(dK + r * kStride + wcol, ks, true);
+          if (parts & kPartV) cp_async_16(dV + r * kStride + wcol, vs, true);
           ks += ksw;
           vs += vsw;
         }
@@ -307,8 +320,8 @@ flash_fwd_decode_kernel(const FwdParams p) {
         for (int j = 0; j < 16 / kRowStepW; ++j) {
           const int r = wr0 + j * kRowStepW;
           const bool ok = wcol_ok && r < valid;
-          cp_async_16(dK + r * kStride + wcol, ok ? ks : k, ok);
-          cp_async_16(dV + r * kStride + wcol, ok ? vs : v, ok);
+          if (parts & kPartK) cp_async_16(dK + r * kStride + wcol, ok ? ks : k, ok);
+          if (parts & kPartV) cp_async_16(dV + r * kStride + wcol, ok ? vs : v, ok);
           ks += ksw;
           vs += vsw;
         }
@@ -387,7 +400,7 @@ flash_fwd_decode_kernel(const FwdParams p) {
           cp_async_16(dV + r * kStride + col, ok ? v + gv[g] + rr * p.v_row_stride + col : v, ok);
         }
     }
-    if (kHasMask || kHasBias) {
+    if ((kHasMask || kHasBias) && (parts & kPartK)) {
       // This thread stages key c of the tile for slots threadIdx.x / 64 + 2 * t (warp-local:
       // key 16 * warp + lane % 16, slots lane / 16 + 2 * t).
       const int c = kWarpLocal ? 16 * warp + lane % 16 : int(threadIdx.x % kBlockN);
@@ -438,19 +451,30 @@ flash_fwd_decode_kernel(const FwdParams p) {
     cp_async_wait<0>();
     __syncthreads();
   }
+  // Split K/V: groups K(0) V(0) .. K(kStages - 1) V(kStages - 1), each K group carrying the
+  // page ids of the tile kStages later; K(u) and V(u) then each have 2 kStages - 1 groups
+  // committed after them when tile u reads them.
 #pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    issue_tile(s);
+  for (int s = 0; s < (kSplitKV ? kStages : kStages - 1); ++s) {
+    issue_tile(s, kSplitKV ? kPartK : kPartKV);
     issue_pages(s + kStages);
     cp_async_commit();  // the first group also holds the Q slab
+    if constexpr (kSplitKV) {
+      issue_tile(s, kPartV);
+      cp_async_commit();
+    }
   }
   for (int u = 0; u < n_my; ++u) {
-    // Tile u + kStages - 1 reuses the stage tile u - 1 left (freed by the last barrier); its
-    // page ids came with tile u - 1's group, complete since the last wait.
-    issue_tile(u + kStages - 1);
-    issue_pages(u + 2 * kStages - 1);
-    cp_async_commit();
-    cp_async_wait<kStages - 1>();
+    if constexpr (kSplitKV) {
+      cp_async_wait<2 * kStages - 1>();  // K(u), its mask/bias words
+    } else {
+      // Tile u + kStages - 1 reuses the stage tile u - 1 left (freed by the last barrier); its
+      // page ids came with tile u - 1's group, complete since the last wait.
+      issue_tile(u + kStages - 1, kPartKV);
+      issue_pages(u + 2 * kStages - 1);
+      cp_async_commit();
+      cp_async_wait<kStages - 1>();
+    }
     if (kWarpLocal && u > 0)
       __syncwarp();
     else
@@ -502,6 +526,16 @@ flash_fwd_decode_kernel(const FwdParams p) {
         }
         s[j][e] = keep ? x : -DM_INF;
       }
+    if constexpr (kSplitKV) {
+      // K's stage and the mask/bias words are read: K(u + kStages) refills them (its page ids
+      // came with K(u)'s group), then V(u) is waited for.
+      __syncwarp();
+      issue_tile(u + kStages, kPartK);
+      issue_pages(u + 2 * kStages);
+      cp_async_commit();
+      cp_async_wait<2 * kStages - 1>();
+      __syncwarp();
+    }
     float alpha[2];
     sm.update(s, alpha);
     // alpha is exactly 1 for a row whose max did not move: a warp whose written rows all kept
@@ -519,7 +553,11 @@ flash_fwd_decode_kernel(const FwdParams p) {
       mma_16816<T>(o[2 * dd], a, vb[0], vb[1]);
       mma_16816<T>(o[2 * dd + 1], a, vb[2], vb[3]);
     }
-    if (kWarpLocal)
+    if (kSplitKV) {
+      __syncwarp();  // V's stage is read: V(u + kStages) refills it
+      issue_tile(u + kStages, kPartV);
+      cp_async_commit();
+    } else if (kWarpLocal)
       __syncwarp();  // this warp's rows of the stage are refilled by its next issue
     else
       __syncthreads();  // this stage is refilled by the next issue
