@@ -9,8 +9,10 @@
 // softmax; the warps are merged through shared memory at the end.
 // Pipeline: tile u of the split goes to stage u % kStages; its K/V rows (16-byte cp.async) and
 // its mask/bias elements (one 4-byte cp.async per key and staged row: the aligned word holding
-// the element, decoded at compute time by a per-thread byte shift) travel in one cp.async group,
-// so no issue ever waits for a load. Staged rows ("slots", FwdParams.mask_slot_mode): key-based
+// the element, decoded at compute time by a per-thread byte shift) travel with its copies, so
+// no issue ever waits for a load. At d64/d128/d256 the pipeline is warp-local (each warp copies
+// and waits for its own 16 keys, K with the mask/bias words and V in groups of their own); at
+// other head dims one cp.async group per tile and a CTA barrier. Staged rows ("slots", FwdParams.mask_slot_mode): key-based
 // layouts share one row per mask head, so a CTA stages 1 (or q_per_kv) rows instead of 16.
 // Tiles outside the causal/window key range are never visited; tiles inside it are loaded even
 // when their mask keeps nothing (a skip would need the mask before the issue).
@@ -44,6 +46,11 @@ namespace dm {
 // DM_DECODE_MIN_CTAS_SMALL=M: the same at d <= 64 (default 4: 125 registers, 0 spills; H200
 // d64 decode against 3 CTAs, with decode.py's 95% split rule: 3796 vs 3573 GB/s, B256 Sk1024
 // 3762 vs 3468, B8 Sk32768 3660 vs 3678).
+// DM_DECODE_WARP_LOCAL=0: CTA-wide copies and a __syncthreads per tile instead of the
+// warp-local pipeline (kWarpLocal below); DM_DECODE_SPLIT_KV=0: K and V of a tile in one
+// cp.async group (kSplitKV). H200, decode GB/s, CTA-wide / warp-local / + split K/V: d128
+// 3826 / 3853 / 3862, d64 3795 / 3817 / 3846, B8 Sk32768 3913 / 3944 / 3946, B256 Sk1024
+// 3811 / 3954 / 3949, paged64 3787 / 3790 / 3782 (one process per variant, same call).
 #ifndef DM_DECODE_LEAN_ISSUE
 #define DM_DECODE_LEAN_ISSUE 1
 #endif
@@ -55,6 +62,12 @@ namespace dm {
 #endif
 #ifndef DM_DECODE_MIN_CTAS_SMALL
 #define DM_DECODE_MIN_CTAS_SMALL 4
+#endif
+#ifndef DM_DECODE_WARP_LOCAL
+#define DM_DECODE_WARP_LOCAL 1
+#endif
+#ifndef DM_DECODE_SPLIT_KV
+#define DM_DECODE_SPLIT_KV 1
 #endif
 constexpr bool kDecodeLeanIssue = DM_DECODE_LEAN_ISSUE != 0;
 // K/V pipeline depth; dmattn_cupy/families.py (decode_stages) sizes the dynamic smem with it.
@@ -240,23 +253,80 @@ flash_fwd_decode_kernel(const FwdParams p) {
   const T* v_thr = v + int64_t(lr0) * p.v_row_stride + lcol;
   const int64_t k_step = int64_t(kRowStep) * p.k_row_stride;
   const int64_t v_step = int64_t(kRowStep) * p.v_row_stride;
+  // Warp-local pipeline (DM_DECODE_WARP_LOCAL=1, lean head dims whose row chunks divide a
+  // warp): warp w copies only rows 16w..16w+15 of a tile (its keys: the only rows its S and
+  // P V read), its keys' mask/bias words and its 16-key group's page id, so a tile needs a
+  // __syncwarp instead of a __syncthreads (the Q slab's first wait and the merge keep theirs).
+  constexpr bool kWarpLocal = DM_DECODE_WARP_LOCAL != 0 && kLeanIssue && 32 % kChunks == 0;
+  constexpr int kRowStepW = kWarpLocal ? 32 / kChunks : 1;  // rows per pass of one warp
+  const int wr0 = 16 * warp + lane / kChunks, wcol = (lane % kChunks) * 8;
+  const bool wcol_ok = wcol < p.head_dim;
+  const T* k_w = k + int64_t(lane / kChunks) * p.k_row_stride + wcol;
+  const T* v_w = v + int64_t(lane / kChunks) * p.v_row_stride + wcol;
+  // K and V in cp.async groups of their own (DM_DECODE_SPLIT_KV=1, warp-local only): K of
+  // tile u + kStages (with its mask/bias words) goes out once S(u) has read K's stage, V's once
+  // P V(u) has read V's, so half a tile more is in flight while a tile is computed.
+  constexpr bool kSplitKV = kWarpLocal && DM_DECODE_SPLIT_KV != 0;
+  constexpr int kPartK = 1, kPartV = 2, kPartKV = 3;  // issue_tile's parts
 
   // Page ids of tile u's four 16-key groups into ring slot u % kDecodeBtSlots (paged only).
   auto issue_pages = [&](int u) {
+    if constexpr (kWarpLocal) {  // lane 0 of warp g: the page of the warp's 16-key group
+      if (!paged || lane != 0) return;
+      const int n = (t_first + u) * kBlockN + 16 * warp;
+      const bool ok = u < n_my && n < seq.len_k;
+      const int32_t* src =
+          p.block_table + b * p.block_table_batch_stride + (ok ? n / p.page_size : 0);
+      cp_async_4(sBT + (u % kDecodeBtSlots) * 4 + warp, src, ok);
+      return;
+    }
     if (!paged || threadIdx.x >= 4) return;
     const int n = (t_first + u) * kBlockN + 16 * threadIdx.x;
     const bool ok = u < n_my && n < seq.len_k;
     const int32_t* src = p.block_table + b * p.block_table_batch_stride + (ok ? n / p.page_size : 0);
     cp_async_4(sBT + (u % kDecodeBtSlots) * 4 + threadIdx.x, src, ok);
   };
-  // K/V rows and mask/bias words of tile u into stage u % kStages.
-  auto issue_tile = [&](int u) {
+  // K/V rows and mask/bias words of tile u into stage u % kStages; warp-local, only the
+  // parts named (kPartK: K rows + mask/bias words, kPartV: V rows); else always both.
+  auto issue_tile = [&](int u, int parts) {
     if (u >= n_my) return;
     const int st = u % kStages, n0 = (t_first + u) * kBlockN;
     const int valid = seq.len_k - n0;
     uint16_t* dK = sK + st * kBlockN * kStride;
     uint16_t* dV = sV + st * kBlockN * kStride;
-    if (kLeanIssue && !paged && valid >= kBlockN) {
+    if constexpr (kWarpLocal) {
+      // This warp's 16 rows (one page group when paged): whole unpaged tiles without tests.
+      const T* ks = k_w + int64_t(n0 + 16 * warp) * p.k_row_stride;
+      const T* vs = v_w + int64_t(n0 + 16 * warp) * p.v_row_stride;
+      if (paged) {
+        const int64_t page = sBT[(u % kDecodeBtSlots) * 4 + warp];
+        const int in_page = (n0 + 16 * warp) % p.page_size;
+        ks = k_w + page * p.k_batch_stride + int64_t(in_page) * p.k_row_stride;
+        vs = v_w + page * p.v_batch_stride + int64_t(in_page) * p.v_row_stride;
+      }
+      const int64_t ksw = int64_t(kRowStepW) * p.k_row_stride;
+      const int64_t vsw = int64_t(kRowStepW) * p.v_row_stride;
+      if (!paged && valid >= kBlockN && wcol_ok) {
+#pragma unroll
+        for (int j = 0; j < 16 / kRowStepW; ++j) {
+          const int r = wr0 + j * kRowStepW;
+          if (parts & kPartK) cp_async_16(dK + r * kStride + wcol, ks, true);
+          if (parts & kPartV) cp_async_16(dV + r * kStride + wcol, vs, true);
+          ks += ksw;
+          vs += vsw;
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < 16 / kRowStepW; ++j) {
+          const int r = wr0 + j * kRowStepW;
+          const bool ok = wcol_ok && r < valid;
+          if (parts & kPartK) cp_async_16(dK + r * kStride + wcol, ok ? ks : k, ok);
+          if (parts & kPartV) cp_async_16(dV + r * kStride + wcol, ok ? vs : v, ok);
+          ks += ksw;
+          vs += vsw;
+        }
+      }
+    } else if (kLeanIssue && !paged && valid >= kBlockN) {
       // A whole unpaged tile: every row in bounds, so no bounds test and no address select.
       if (col_ok) {
         const T* ks = k_thr + int64_t(n0) * p.k_row_stride;
@@ -330,9 +400,11 @@ flash_fwd_decode_kernel(const FwdParams p) {
           cp_async_16(dV + r * kStride + col, ok ? v + gv[g] + rr * p.v_row_stride + col : v, ok);
         }
     }
-    if (kHasMask || kHasBias) {
-      // This thread stages key c of the tile for slots threadIdx.x / 64 + 2 * t.
-      const int c = threadIdx.x % kBlockN;
+    if ((kHasMask || kHasBias) && (parts & kPartK)) {
+      // This thread stages key c of the tile for slots threadIdx.x / 64 + 2 * t (warp-local:
+      // key 16 * warp + lane % 16, slots lane / 16 + 2 * t).
+      const int c = kWarpLocal ? 16 * warp + lane % 16 : int(threadIdx.x % kBlockN);
+      const int slot0 = kWarpLocal ? lane / 16 : int(threadIdx.x / kBlockN);
       const bool key_ok = c < valid;
       int64_t page = 0;
       int key = n0 + c;  // paged: the key's row in its page
@@ -343,7 +415,7 @@ flash_fwd_decode_kernel(const FwdParams p) {
       // Slots threadIdx.x / kBlockN + t * (kThreads / kBlockN): a runtime trip count (mostly 0
       // or 1: key-based layouts stage 1 or q_per_kv rows), not 16 / (kThreads / kBlockN) tests.
 #pragma unroll 1
-      for (int slot = threadIdx.x / kBlockN; slot < dm_max(rm, rb); slot += kThreads / kBlockN) {
+      for (int slot = slot0; slot < dm_max(rm, rb); slot += kThreads / kBlockN) {
         if (kHasMask && slot < rm) {
           const int64_t o = sOff[slot];
           const bool ok = key_ok && o != kNoRow;
@@ -379,20 +451,34 @@ flash_fwd_decode_kernel(const FwdParams p) {
     cp_async_wait<0>();
     __syncthreads();
   }
+  // Split K/V: groups K(0) V(0) .. K(kStages - 1) V(kStages - 1), each K group carrying the
+  // page ids of the tile kStages later; K(u) and V(u) then each have 2 kStages - 1 groups
+  // committed after them when tile u reads them.
 #pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    issue_tile(s);
+  for (int s = 0; s < (kSplitKV ? kStages : kStages - 1); ++s) {
+    issue_tile(s, kSplitKV ? kPartK : kPartKV);
     issue_pages(s + kStages);
     cp_async_commit();  // the first group also holds the Q slab
+    if constexpr (kSplitKV) {
+      issue_tile(s, kPartV);
+      cp_async_commit();
+    }
   }
   for (int u = 0; u < n_my; ++u) {
-    // Tile u + kStages - 1 reuses the stage tile u - 1 left (freed by the last barrier); its
-    // page ids came with tile u - 1's group, complete since the last wait.
-    issue_tile(u + kStages - 1);
-    issue_pages(u + 2 * kStages - 1);
-    cp_async_commit();
-    cp_async_wait<kStages - 1>();
-    __syncthreads();
+    if constexpr (kSplitKV) {
+      cp_async_wait<2 * kStages - 1>();  // K(u), its mask/bias words
+    } else {
+      // Tile u + kStages - 1 reuses the stage tile u - 1 left (freed by the last barrier); its
+      // page ids came with tile u - 1's group, complete since the last wait.
+      issue_tile(u + kStages - 1, kPartKV);
+      issue_pages(u + 2 * kStages - 1);
+      cp_async_commit();
+      cp_async_wait<kStages - 1>();
+    }
+    if (kWarpLocal && u > 0)
+      __syncwarp();
+    else
+      __syncthreads();  // (warp-local: the Q slab of the first group)
 
     const int st = u % kStages;
     const uint16_t* sKs = sK + st * kBlockN * kStride;
@@ -440,6 +526,16 @@ flash_fwd_decode_kernel(const FwdParams p) {
         }
         s[j][e] = keep ? x : -DM_INF;
       }
+    if constexpr (kSplitKV) {
+      // K's stage and the mask/bias words are read: K(u + kStages) refills them (its page ids
+      // came with K(u)'s group), then V(u) is waited for.
+      __syncwarp();
+      issue_tile(u + kStages, kPartK);
+      issue_pages(u + 2 * kStages);
+      cp_async_commit();
+      cp_async_wait<2 * kStages - 1>();
+      __syncwarp();
+    }
     float alpha[2];
     sm.update(s, alpha);
     // alpha is exactly 1 for a row whose max did not move: a warp whose written rows all kept
@@ -457,7 +553,14 @@ flash_fwd_decode_kernel(const FwdParams p) {
       mma_16816<T>(o[2 * dd], a, vb[0], vb[1]);
       mma_16816<T>(o[2 * dd + 1], a, vb[2], vb[3]);
     }
-    __syncthreads();  // this stage is refilled by the next issue
+    if (kSplitKV) {
+      __syncwarp();  // V's stage is read: V(u + kStages) refills it
+      issue_tile(u + kStages, kPartV);
+      cp_async_commit();
+    } else if (kWarpLocal)
+      __syncwarp();  // this warp's rows of the stage are refilled by its next issue
+    else
+      __syncthreads();  // this stage is refilled by the next issue
   }
   cp_async_wait<0>();
   __syncthreads();
