@@ -16,6 +16,8 @@ Environment (developers and tests; read by ``env``):
   tensor-map boxes (ring_maps), 2..8 stages) instead of fwd_decode.cu where it takes the
   layout (``ring_stages``);
   ``DMATTN_DECODE_RING_STAGES`` caps its depth (default ``RING_STAGES``).
+- ``DMATTN_DECODE_STAGES``: unset/``auto`` = ``choose_stages``; ``2`` or ``3`` forces the
+  cp.async kernel's depth where a spec of that depth exists (``DEEP_HEAD_DIMS``).
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ MAX_SPLITS = 128
 COMBINE_WARPS = 4       # (row, head) pairs per combine CTA
 RESERVED_SMEM_PER_CTA = 1024  # shared memory the driver reserves per resident CTA
 RING_STAGES = 6         # the ring kernel's default depth (at most; fewer where they do not fit)
+DEEP_STAGES = 3         # fwd_decode.cu's deeper pipeline, specialized at DEEP_HEAD_DIMS only
+DEEP_HEAD_DIMS = (128,)
+DEEP_MIN_TILES = 32     # key tiles per CTA from which the deeper pipeline pays (see choose_stages)
 
 def use_decode(pb: Problem) -> bool:
     """The decode path takes short-query problems (q/k/v rows are 16-byte aligned by then)."""
@@ -66,10 +71,12 @@ def _common(pb: Problem, arch: str) -> dict[str, Any]:
                 head_dim=padded_head_dim(pb.head_dim), arch=arch)
 
 
-def decode_spec(pb: Problem, arch: str = "sm_80") -> KernelSpec:
+def decode_spec(pb: Problem, arch: str = "sm_80", stages: int = 1) -> KernelSpec:
+    """The cp.async decode specialization of ``pb``; ``stages`` 1: the default depth (2)."""
     return KernelSpec(family="fwd_decode", block_m=BLOCK_M, block_n=BLOCK_N,
                       num_warps=NUM_WARPS, has_mask=pb.mask is not None,
-                      has_bias=pb.bias is not None, varlen=pb.varlen, **_common(pb, arch))
+                      has_bias=pb.bias is not None, varlen=pb.varlen, stages=stages,
+                      **_common(pb, arch))
 
 
 def ring_spec(pb: Problem) -> KernelSpec:
@@ -120,10 +127,12 @@ def all_decode_specs(arch: str = "sm_80") -> list[KernelSpec]:
             for mask in (False, True):
                 for bias in (False, True):
                     for varlen in (False, True):
-                        specs.append(KernelSpec(family="fwd_decode", dtype=dtype, head_dim=hd,
-                                                block_m=BLOCK_M, block_n=BLOCK_N,
-                                                num_warps=NUM_WARPS, has_mask=mask,
-                                                has_bias=bias, varlen=varlen, arch=arch))
+                        for st in (1, DEEP_STAGES) if hd in DEEP_HEAD_DIMS else (1,):
+                            specs.append(KernelSpec(family="fwd_decode", dtype=dtype,
+                                                    head_dim=hd, block_m=BLOCK_M,
+                                                    block_n=BLOCK_N, num_warps=NUM_WARPS,
+                                                    has_mask=mask, has_bias=bias,
+                                                    varlen=varlen, stages=st, arch=arch))
                         if ring:
                             specs.append(KernelSpec(family="fwd_decode_ring", dtype=dtype,
                                                     head_dim=hd, block_m=BLOCK_M,
@@ -165,6 +174,30 @@ def num_splits_heuristic(ctas: int, slots: int, n_tiles: int, max_splits: int = 
             effs[s] = waves / math.ceil(waves)
     best = max(effs.values())
     return min(s for s, e in effs.items() if e >= 0.95 * best)
+
+
+def choose_stages(pb: Problem, spec: KernelSpec, registers: int, dev: DeviceProps,
+                  deep_smem: int, splits_given: bool = False) -> int:
+    """The depth of the cp.async decode kernel for ``pb`` (``spec``: its default-depth spec,
+    ``registers`` that kernel's; ``deep_smem``: the launch's shared memory at DEEP_STAGES):
+    DEEP_STAGES where its grid, at the residency that depth leaves (2 CTAs per SM at d128
+    against 3), runs unsplit with at least DEEP_MIN_TILES key tiles per CTA, else 1 (the
+    default 2). H200, d128, 64 x 4096 keys: 3 stages unsplit 3967-4053 GB/s against 3771-3871
+    at 2 stages with the best split count; 256 x 1024 keys (16 tiles, unsplit either way) 3754
+    against 3981; split problems even (BENCHMARKS.md, twenty-third session).
+    ``DMATTN_DECODE_STAGES`` forces 2 or 3 where that depth is specialized; a split count
+    given by the caller or ``DMATTN_NUM_SPLITS`` keeps the default depth otherwise."""
+    forced = env.decode_stages()
+    if spec.head_dim not in DEEP_HEAD_DIMS:
+        return 1
+    if forced is not None:
+        return DEEP_STAGES if forced == DEEP_STAGES else 1
+    n_tiles = math.ceil(pb.seqlen_k / spec.block_n)
+    if splits_given or env.forced_splits() is not None or n_tiles < DEEP_MIN_TILES:
+        return 1
+    ctas = num_m_blocks(pb) * pb.kv_heads * pb.batch
+    slots = dev.sm_count * resident_ctas(spec, registers, dev, deep_smem)
+    return DEEP_STAGES if num_splits_heuristic(ctas, slots, n_tiles) == 1 else 1
 
 
 def slot_mode(row_stride: int, qseq_stride: int, head_ratio: int, q_per_kv: int) -> int:
@@ -261,6 +294,12 @@ def plan_decode(pb: Problem, plan: Plan, query: Any, out: ArrayInfo, lse_ptr: in
     stages = ring_stages(pb, props, mask_rows, bias_rows, page_size)
     spec = ring_spec(pb) if stages else decode_spec(pb, props.arch)
     kernel = runtime.get_kernel(spec, dev)
+    if not stages and spec.head_dim in DEEP_HEAD_DIMS:
+        deep = dataclasses.replace(spec, stages=DEEP_STAGES)
+        if choose_stages(pb, spec, kernel.registers, props, launch_smem(deep, rec[0]),
+                         num_splits > 0) == DEEP_STAGES:
+            spec = deep
+            kernel = runtime.get_kernel(spec, dev)
     if (spec, dev) not in _carveout_set:  # several decode CTAs per SM / the ring's 227 KB
         runtime.prefer_shared_memory(kernel)
         _carveout_set.add((spec, dev))

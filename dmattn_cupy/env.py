@@ -86,6 +86,16 @@ def decode_ring_stages() -> int | None:
     return int(val)
 
 
+def decode_stages() -> int | None:
+    """``DMATTN_DECODE_STAGES``: None for ``auto`` (decode.choose_stages), else 2 or 3."""
+    val = os.environ.get("DMATTN_DECODE_STAGES", "auto")
+    if val in ("", "auto"):
+        return None
+    if val not in ("2", "3"):
+        raise ValueError(f"DMATTN_DECODE_STAGES must be 'auto', '2' or '3', got {val!r}")
+    return int(val)
+
+
 def forward_family_override() -> str | None:
     """``DMATTN_FWD_FAMILY``: ``auto`` (default: the most specific family that takes the
     problem) or a forward family's name (e.g. ``fwd_mma`` to keep the portable kernel on a
@@ -159,7 +169,7 @@ PLAN_VARIABLES = ("DMATTN_FWD_FAMILY", "DMATTN_BWD_FAMILY", "DMATTN_FWD_TILE", "
                   "DMATTN_NUM_SPLITS", "DMATTN_CHECK", "DMATTN_NVRTC_DEFINES",
                   "DMATTN_SM90_BWD_SPARSE", "DMATTN_SM90_BWD_ORDER", "DMATTN_SM90_FWD_ORDER",
                   "DMATTN_DECODE_RING",
-                  "DMATTN_DECODE_RING_STAGES")
+                  "DMATTN_DECODE_RING_STAGES", "DMATTN_DECODE_STAGES")
 _environ_data = getattr(os.environ, "_data", None)
 _encoded = tuple(os.environ.encodekey(n) for n in PLAN_VARIABLES) \
     if _environ_data is not None and hasattr(os.environ, "encodekey") else None

@@ -142,10 +142,13 @@ class Family:
 
 # --- shared-memory formulas (bytes); each mirrors its kernel's layout -------------------------
 
-def decode_stages(head_dim: int) -> int:
-    """K/V pipeline depth of the decode kernel (cuda_src/sm80/fwd_decode.cu, ``decode_stages``):
-    2 at every head dim (at d <= 128 three CTAs share an SM); its A/B define
-    ``DM_DECODE_STAGES=N`` in DMATTN_NVRTC_DEFINES sets another depth."""
+def decode_stages(spec_stages: int) -> int:
+    """K/V pipeline depth of a decode spec (cuda_src/sm80/fwd_decode.cu, ``decode_stages``):
+    ``spec_stages`` where it is >= 2, else (KernelSpec's default 1) the default depth: 2 (at
+    d <= 128 three CTAs share an SM), or N under the A/B define ``DM_DECODE_STAGES=N`` in
+    DMATTN_NVRTC_DEFINES."""
+    if spec_stages >= 2:
+        return spec_stages
     for d in env.nvrtc_defines():
         name, _, val = d.partition("=")
         if name == "DM_DECODE_STAGES" and val.isdigit() and int(val) > 0:
@@ -171,7 +174,7 @@ def decode_smem(s: SpecShape, mask_rows: int, bias_rows: int) -> int:
     """fwd_decode.cu: Q slab + kStages K and V tiles (rows padded by 8), the block-table ring,
     the staged rows' offsets (2 x 16 int64), then per stage ``mask_rows`` + ``bias_rows`` staged
     rows of block_n 32-bit words (the launch passes its own counts; see decode.staged_rows)."""
-    st = decode_stages(s.head_dim)
+    st = decode_stages(s.stages)
     base = (s.block_m + 2 * st * s.block_n) * (s.head_dim + 8) * 2 + DECODE_BT_SLOTS * 16 + 256
     rows = (mask_rows if s.has_mask else 0) + (bias_rows if s.has_bias else 0)
     return base + st * rows * s.block_n * 4
@@ -381,6 +384,7 @@ _SM90_FWD_ARGS = ("dtype", "head_dim", "block_n", "stages", "has_mask", "has_bia
 _SM80_ARGS = ("dtype", "head_dim", "block_m", "block_n", "num_warps", "has_mask", "has_bias",
               "varlen", "sparse", "debug_counters")
 _SM80_DECODE_ARGS = _SM80_ARGS[:8]  # no block lists, no debug counters
+_SM80_DECODE_STAGED_ARGS = _SM80_DECODE_ARGS + ("stages",)
 _SM80_DKDV_ARGS = ("dtype", "head_dim", "block_m", "block_n", "num_warps", "has_mask",
                    "has_bias", "varlen", "deterministic")
 _SM80_DQ_ARGS = _SM80_DKDV_ARGS[:8]  # deterministic mode only
@@ -394,7 +398,7 @@ FAMILY_ROWS: tuple[Family, ...] = (
            extra_slots=_sm90_slots, runtime_switches=("varlen", "sparse"),
            counter_slot=_sm90_counter),
     Family("fwd_decode", "sm80/fwd_decode.cu", "dm::flash_fwd_decode_kernel",
-           _SM80_DECODE_ARGS, "FwdParams", "sm_80", _smem_decode),
+           _SM80_DECODE_STAGED_ARGS, "FwdParams", "sm_80", _smem_decode),
     Family("fwd_decode_ring", "sm90/fwd_decode_ring.cu", "dm::flash_fwd_decode_ring_kernel",
            _SM80_DECODE_ARGS, "FwdParams", "sm_90a", _smem_ring,
            threads=lambda s: 32 * s.num_warps + 32),

@@ -7,13 +7,15 @@
 // lse to o_accum / lse_accum, which fwd_combine.cu merges. Inside the CTA, warp w owns keys
 // 16w..16w+15 of every kBlockN-key tile (all warps share the m16 slab) with its own online
 // softmax; the warps are merged through shared memory at the end.
-// Pipeline: tile u of the split goes to stage u % kStages; its K/V rows (16-byte cp.async) and
-// its mask/bias elements (one 4-byte cp.async per key and staged row: the aligned word holding
-// the element, decoded at compute time by a per-thread byte shift) travel with its copies, so
-// no issue ever waits for a load. At d64/d128/d256 the pipeline is warp-local (each warp copies
-// and waits for its own 16 keys, K with the mask/bias words and V in groups of their own); at
-// other head dims one cp.async group per tile and a CTA barrier. Staged rows ("slots", FwdParams.mask_slot_mode): key-based
-// layouts share one row per mask head, so a CTA stages 1 (or q_per_kv) rows instead of 16.
+// Pipeline: tile u of the split goes to stage u % kStages; its K/V rows (16-byte cp.async) and its
+// mask/bias elements (one 4-byte cp.async per key and staged row: the aligned word holding the
+// element, decoded at compute time by a per-thread byte shift) travel with its copies, so no issue
+// ever waits for a load. The ring is 2 tiles deep, or the spec's stages (3 at d128, which
+// decode.choose_stages takes where the grid then runs unsplit). At d64/d128/d256 the pipeline is
+// warp-local (each warp copies and waits for its own 16 keys, K with the mask/bias words and V in
+// groups of their own); at other head dims one cp.async group per tile and a CTA barrier. Staged
+// rows ("slots", FwdParams.mask_slot_mode): key-based layouts share one row per mask head, so a CTA
+// stages 1 (or q_per_kv) rows instead of 16.
 // Tiles outside the causal/window key range are never visited; tiles inside it are loaded even
 // when their mask keeps nothing (a skip would need the mask before the issue).
 // KV cache (FwdParams.cache_seqlens / block_table): a sequence's key count comes from
@@ -39,10 +41,11 @@ namespace dm {
 // A/B switches (DMATTN_NVRTC_DEFINES; defaults = the committed kernel):
 // DM_DECODE_LEAN_ISSUE=0: the generic K/V issue loops instead of the fixed-count ones (see
 // kLeanIssue below: 3425 against 2273 GB/s on the H200's decode case);
-// DM_DECODE_STAGES=N: K/V ring depth N at every head dim (default 2; families.decode_stages
-// reads the same define, so the launch's smem follows); DM_DECODE_MIN_CTAS=M: __launch_bounds__
-// min blocks at d <= 128 (default 3: 3 CTAs of 75 KB per SM at <= 168 registers; 3 spills at
-// d192/d256). Measured on the H200 decode case with 3 splits: 3771 GB/s, 2 stages x 2 CTAs 3457.
+// DM_DECODE_STAGES=N: K/V ring depth N of the default-depth specs (default 2;
+// families.decode_stages reads the same define, so the launch's smem follows);
+// DM_DECODE_MIN_CTAS=M: __launch_bounds__ min blocks at d <= 128 (default 3: 3 CTAs of 75 KB per SM
+// at <= 168 registers; 3 spills at d192/d256). Measured on the H200 decode case with 3 splits: 3771
+// GB/s, 2 stages x 2 CTAs 3457.
 // DM_DECODE_MIN_CTAS_SMALL=M: the same at d <= 64 (default 4: 125 registers, 0 spills; H200
 // d64 decode against 3 CTAs, with decode.py's 95% split rule: 3796 vs 3573 GB/s, B256 Sk1024
 // 3762 vs 3468, B8 Sk32768 3660 vs 3678).
@@ -70,9 +73,11 @@ namespace dm {
 #define DM_DECODE_SPLIT_KV 1
 #endif
 constexpr bool kDecodeLeanIssue = DM_DECODE_LEAN_ISSUE != 0;
-// K/V pipeline depth; dmattn_cupy/families.py (decode_stages) sizes the dynamic smem with it.
-constexpr int decode_stages(int head_dim) {
-  return DM_DECODE_STAGES > 0 ? DM_DECODE_STAGES : 2;
+// K/V pipeline depth of a spec's stages argument: 2..: that depth; 1 (KernelSpec's default):
+// the default depth, 2 or DM_DECODE_STAGES. dmattn_cupy/families.py (decode_stages) sizes the
+// dynamic smem the same way; decode.py picks 3 where the grid then runs unsplit with long rows.
+constexpr int decode_stages(int spec_stages) {
+  return spec_stages >= 2 ? spec_stages : DM_DECODE_STAGES > 0 ? DM_DECODE_STAGES : 2;
 }
 constexpr int kDecodeBtSlots = 8;  // block-table ring, in tiles (>= kStages + 1)
 // Staged mask/bias rows of a CTA for a slot mode (dmattn_cupy/decode.py, staged_rows).
@@ -81,7 +86,7 @@ DM_DEVICE int decode_slots(int mode, int qpk) { return mode == 0 ? 1 : mode == 1
 constexpr int64_t kNoRow = -0x7fffffffffffffffll - 1;
 
 template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNumWarps, bool kHasMask,
-          bool kHasBias, bool kVarlen>
+          bool kHasBias, bool kVarlen, int kSpecStages>
 __global__ void __launch_bounds__(kNumWarps * 32,
                                   kNumWarps > 4           ? 1
                                   : kHeadDim <= 64        ? DM_DECODE_MIN_CTAS_SMALL
@@ -92,7 +97,7 @@ flash_fwd_decode_kernel(const FwdParams p) {
   static_assert(kBlockN == 16 * kNumWarps && kBlockN == 64, "each warp owns 16 keys of a tile");
   static_assert(kHeadDim % 16 == 0, "head dim is padded to a multiple of 16");
   constexpr int kThreads = kNumWarps * 32;
-  constexpr int kStages = decode_stages(kHeadDim);
+  constexpr int kStages = decode_stages(kSpecStages);
   static_assert(kDecodeBtSlots >= kStages + 1, "block-table ring holds the tiles in flight");
   static_assert(kStages >= 2, "one tile in flight while another is computed");
   constexpr int kStride = kHeadDim + 8;  // +16 bytes per row: conflict-free ldmatrix

@@ -86,7 +86,11 @@ def test_specs_and_resources():
     assert decode.combine_spec(pb).id == "fwd_combine_bf16_d128_m1n1w4_mask0_bias0_varlen0"
     assert decode.num_m_blocks(dataclasses.replace(pb, seqlen_q=8)) == 2  # 8 q x 4 heads / 16
     specs = decode.all_decode_specs()
-    assert len(specs) == len({s.id for s in specs}) == 108  # the append spec: kvcache.py
+    # 96 decode + 12 combine; + 16 three-stage decode specs at d128 (the append spec: kvcache.py)
+    assert len(specs) == len({s.id for s in specs}) == 124
+    deep = [s for s in specs if s.stages == decode.DEEP_STAGES]
+    assert len(deep) == 16 and {s.head_dim for s in deep} == {128}
+    assert deep[0].id.endswith("_st3") and deep[0].name_expression.endswith(", 3>")
     assert all(isinstance(s, KernelSpec) for s in specs)
 
 
@@ -144,3 +148,38 @@ def test_tail_wave_splits():
     assert decode.num_splits_heuristic(ctas=512, slots=396, n_tiles=64) == 3
     assert decode.num_splits_heuristic(ctas=396, slots=396, n_tiles=64) == 1
     assert decode.num_splits_heuristic(ctas=700, slots=396, n_tiles=64) == 1  # 0.88 of 2 waves
+
+
+def test_deep_stages_where_the_grid_then_runs_unsplit(monkeypatch):
+    """choose_stages: 3 stages at d128 where the grid, at the 2 CTAs per SM they leave, runs
+    unsplit with >= 32 key tiles per CTA (the bench shape, 64 x 4096 keys: measured +2.5-5%);
+    short rows (256 x 1024 keys: 16 tiles, -5.7% measured) and split grids keep 2."""
+    for var in ("DMATTN_NUM_SPLITS", "DMATTN_NVRTC_DEFINES", "DMATTN_DECODE_STAGES"):
+        monkeypatch.delenv(var, raising=False)
+
+    def stages(pb, splits_given=False):
+        spec = decode.decode_spec(pb)
+        deep = dataclasses.replace(spec, stages=decode.DEEP_STAGES)
+        rec = decode.build_fwd_params(pb, pb.q, 0)[0]
+        smem = decode.launch_smem(deep, rec)
+        return decode.choose_stages(pb, spec, 168, H100, smem, splits_given)
+
+    bench = _problem()
+    assert decode.launch_smem(dataclasses.replace(decode.decode_spec(bench), stages=3),
+                              decode.build_fwd_params(bench, bench.q, 0)[0]) == 110720
+    assert stages(bench) == 3
+    assert stages(_problem(batch=256, sk=1024)) == 1       # 16 tiles per CTA
+    assert stages(_problem(batch=8, sk=32768)) == 1        # split at either depth
+    assert stages(_problem(batch=16, sk=8192)) == 1
+    assert stages(_problem(d=64)) == 1                     # no 3-stage spec at d64
+    assert stages(bench, splits_given=True) == 1           # the caller's split count
+    monkeypatch.setenv("DMATTN_NUM_SPLITS", "2")
+    assert stages(bench) == 1
+    monkeypatch.setenv("DMATTN_DECODE_STAGES", "3")        # forced: any d128 problem
+    assert stages(_problem(batch=256, sk=1024)) == 3
+    assert stages(_problem(d=64)) == 1
+    monkeypatch.setenv("DMATTN_DECODE_STAGES", "2")
+    assert stages(bench) == 1
+    monkeypatch.setenv("DMATTN_DECODE_STAGES", "4")
+    with pytest.raises(ValueError, match="DMATTN_DECODE_STAGES"):
+        stages(bench)
