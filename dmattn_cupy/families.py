@@ -170,12 +170,23 @@ DECODE_BT_SLOTS = 8     # fwd_decode.cu kDecodeBtSlots: block-table ring, 4 page
 DECODE_MAX_SLOTS = 16   # staged mask/bias rows per tensor at most (one per packed row)
 
 
+def decode_kv_stride(head_dim: int) -> int:
+    """Elements per K/V stage row of fwd_decode.cu (``kKVStride``): unpadded where the rows are
+    swizzled (head dims of whole 128-byte chunk groups, unless ``DM_DECODE_SWIZZLE=0`` in
+    DMATTN_NVRTC_DEFINES), else padded by 8."""
+    if head_dim % 64 == 0 and env.nvrtc_define_int("DM_DECODE_SWIZZLE", 1) != 0:
+        return head_dim
+    return head_dim + 8
+
+
 def decode_smem(s: SpecShape, mask_rows: int, bias_rows: int) -> int:
-    """fwd_decode.cu: Q slab + kStages K and V tiles (rows padded by 8), the block-table ring,
-    the staged rows' offsets (2 x 16 int64), then per stage ``mask_rows`` + ``bias_rows`` staged
-    rows of block_n 32-bit words (the launch passes its own counts; see decode.staged_rows)."""
+    """fwd_decode.cu: Q slab (rows padded by 8) + kStages K and V tiles (decode_kv_stride), the
+    block-table ring, the staged rows' offsets (2 x 16 int64), then per stage ``mask_rows`` +
+    ``bias_rows`` staged rows of block_n 32-bit words (the launch passes its own counts; see
+    decode.staged_rows)."""
     st = decode_stages(s.stages)
-    base = (s.block_m + 2 * st * s.block_n) * (s.head_dim + 8) * 2 + DECODE_BT_SLOTS * 16 + 256
+    kv = 2 * st * s.block_n * decode_kv_stride(s.head_dim)
+    base = (s.block_m * (s.head_dim + 8) + kv) * 2 + DECODE_BT_SLOTS * 16 + 256
     rows = (mask_rows if s.has_mask else 0) + (bias_rows if s.has_bias else 0)
     return base + st * rows * s.block_n * 4
 

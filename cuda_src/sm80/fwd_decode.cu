@@ -54,6 +54,13 @@ namespace dm {
 // cp.async group (kSplitKV). H200, decode GB/s, CTA-wide / warp-local / + split K/V: d128
 // 3826 / 3853 / 3862, d64 3795 / 3817 / 3846, B8 Sk32768 3913 / 3944 / 3946, B256 Sk1024
 // 3811 / 3954 / 3949, paged64 3787 / 3790 / 3782 (one process per variant, same call).
+// DM_DECODE_SWIZZLE=0: K/V stage rows padded by 16 bytes instead of swizzled (DecodeKV). The
+// padded rows split each 8 lanes' 128-byte copy across two shared-memory lines: ncu counted 1.5x
+// the ideal L2 sectors per K/V cp.async (35% L2 hits on data read once) and 85% of DRAM peak
+// against cuDNN's 92%. dmattn_cupy/families.py (decode_kv_stride) reads the same define.
+// DM_DECODE_PAGED_FAST=0: paged whole tiles through the bounds-tested copy loop. H200 GB/s,
+// padded / swizzled / swizzled + paged fast: decode 3983 / 4237 / 4281 (cuDNN 4187-4264 in the
+// same processes), paged64 3942 / 3793 / 4070, paged16 3920 / 3782 / 4040.
 #ifndef DM_DECODE_LEAN_ISSUE
 #define DM_DECODE_LEAN_ISSUE 1
 #endif
@@ -72,6 +79,12 @@ namespace dm {
 #ifndef DM_DECODE_SPLIT_KV
 #define DM_DECODE_SPLIT_KV 1
 #endif
+#ifndef DM_DECODE_SWIZZLE
+#define DM_DECODE_SWIZZLE 1
+#endif
+#ifndef DM_DECODE_PAGED_FAST
+#define DM_DECODE_PAGED_FAST 1
+#endif
 constexpr bool kDecodeLeanIssue = DM_DECODE_LEAN_ISSUE != 0;
 // K/V pipeline depth of a spec's stages argument: 2..: that depth; 1 (KernelSpec's default):
 // the default depth, 2 or DM_DECODE_STAGES. dmattn_cupy/families.py (decode_stages) sizes the
@@ -84,6 +97,31 @@ constexpr int kDecodeBtSlots = 8;  // block-table ring, in tiles (>= kStages + 1
 DM_DEVICE int decode_slots(int mode, int qpk) { return mode == 0 ? 1 : mode == 1 ? qpk : 16; }
 // A staged slot with no row (offsets may be negative: strides may be).
 constexpr int64_t kNoRow = -0x7fffffffffffffffll - 1;
+
+// Shared-memory layout of the decode kernel: a Q slab of kBlockM rows padded by 16 bytes, then
+// kStages K tiles and kStages V tiles of kBlockN rows, then (kSmemBase on) the block-table ring
+// and the staged rows' offsets. K/V rows (DM_DECODE_SWIZZLE=1, head dims of whole 8-chunk
+// groups) are unpadded with 16-byte chunk c of row r at chunk c ^ (r & 7): 8 lanes' copies of
+// 128 global bytes fill one 128-byte line, and ldmatrix's 8 rows hit 8 distinct bank groups;
+// else they are padded by 16 bytes. families.decode_kv_stride / decode_smem mirror this, and
+// tests/cpu/test_decode_layout.py checks both against a model.
+template <int kHeadDim>
+struct DecodeKV {
+  static constexpr bool kSwizzle = DM_DECODE_SWIZZLE != 0 && kHeadDim % 64 == 0;
+  static constexpr int kQStride = kHeadDim + 8;                     // Q slab row, elements
+  static constexpr int kStride = kSwizzle ? kHeadDim : kHeadDim + 8;  // K/V row, elements
+  // Element offset of (row r, column col) in a K/V tile; col a multiple of 8.
+  static constexpr int at(int r, int col) {
+    return kSwizzle ? r * kStride + (col ^ ((r & 7) << 3)) : r * kStride + col;
+  }
+  // Bytes before the block-table ring, and up to the staged mask/bias rows.
+  static constexpr int kv_bytes(int block_m, int block_n, int stages) {
+    return (block_m * kQStride + 2 * stages * block_n * kStride) * 2;
+  }
+  static constexpr int smem_base(int block_m, int block_n, int stages) {
+    return kv_bytes(block_m, block_n, stages) + kDecodeBtSlots * 4 * 4 + 2 * 16 * 8;
+  }
+};
 
 template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNumWarps, bool kHasMask,
           bool kHasBias, bool kVarlen, int kSpecStages>
@@ -100,19 +138,22 @@ flash_fwd_decode_kernel(const FwdParams p) {
   constexpr int kStages = decode_stages(kSpecStages);
   static_assert(kDecodeBtSlots >= kStages + 1, "block-table ring holds the tiles in flight");
   static_assert(kStages >= 2, "one tile in flight while another is computed");
-  constexpr int kStride = kHeadDim + 8;  // +16 bytes per row: conflict-free ldmatrix
+  using Layout = DecodeKV<kHeadDim>;
+  constexpr int kStride = Layout::kQStride;  // Q slab row: +16 bytes, conflict-free ldmatrix
+  constexpr int kKVStride = Layout::kStride;
   constexpr int kDF = kHeadDim / 8;      // output fragments per row pair
   constexpr int kChunks = kHeadDim / 8;  // 16-byte chunks per row
-  constexpr int kKV = (kBlockM + 2 * kStages * kBlockN) * kStride * 2;
-  constexpr int kSmemBase = kKV + kDecodeBtSlots * 4 * 4 + 2 * 16 * 8;
+  constexpr int kKV = Layout::kv_bytes(kBlockM, kBlockN, kStages);
+  constexpr int kSmemBase = Layout::smem_base(kBlockM, kBlockN, kStages);
   constexpr int kOStride = kHeadDim + 4;  // fp32 merge scratch row stride
-  static_assert(kNumWarps * kBlockM * (kOStride + 1) * 4 <= 2 * kStages * kBlockN * kStride * 2,
+  static_assert(kNumWarps * kBlockM * (kOStride + 1) * 4 <= 2 * kStages * kBlockN * kKVStride * 2,
                 "the warp merge scratch fits in the K/V stages");
   static_assert(kThreads % kBlockN == 0, "a thread stages one key of every tile");
   extern __shared__ __align__(16) uint16_t smem[];
   uint16_t* sQ = smem;
   uint16_t* sK = sQ + kBlockM * kStride;
-  uint16_t* sV = sK + kStages * kBlockN * kStride;
+  uint16_t* sV = sK + kStages * kBlockN * kKVStride;
+  auto kv_at = [](int r, int col) { return Layout::at(r, col); };
   int32_t* sBT = reinterpret_cast<int32_t*>(reinterpret_cast<uint8_t*>(smem) + kKV);
   int64_t* sOff = reinterpret_cast<int64_t*>(sBT + kDecodeBtSlots * 4);  // [2][16]: mask, bias
   uint32_t* sMask = reinterpret_cast<uint32_t*>(sOff + 2 * 16);
@@ -297,10 +338,11 @@ flash_fwd_decode_kernel(const FwdParams p) {
     if (u >= n_my) return;
     const int st = u % kStages, n0 = (t_first + u) * kBlockN;
     const int valid = seq.len_k - n0;
-    uint16_t* dK = sK + st * kBlockN * kStride;
-    uint16_t* dV = sV + st * kBlockN * kStride;
+    uint16_t* dK = sK + st * kBlockN * kKVStride;
+    uint16_t* dV = sV + st * kBlockN * kKVStride;
     if constexpr (kWarpLocal) {
-      // This warp's 16 rows (one page group when paged): whole unpaged tiles without tests.
+      // This warp's 16 rows (one page group when paged): whole tiles without tests
+      // (DM_DECODE_PAGED_FAST=0: whole unpaged tiles only).
       const T* ks = k_w + int64_t(n0 + 16 * warp) * p.k_row_stride;
       const T* vs = v_w + int64_t(n0 + 16 * warp) * p.v_row_stride;
       if (paged) {
@@ -311,12 +353,12 @@ flash_fwd_decode_kernel(const FwdParams p) {
       }
       const int64_t ksw = int64_t(kRowStepW) * p.k_row_stride;
       const int64_t vsw = int64_t(kRowStepW) * p.v_row_stride;
-      if (!paged && valid >= kBlockN && wcol_ok) {
+      if ((DM_DECODE_PAGED_FAST || !paged) && valid >= kBlockN && wcol_ok) {
 #pragma unroll
         for (int j = 0; j < 16 / kRowStepW; ++j) {
           const int r = wr0 + j * kRowStepW;
-          if (parts & kPartK) cp_async_16(dK + r * kStride + wcol, ks, true);
-          if (parts & kPartV) cp_async_16(dV + r * kStride + wcol, vs, true);
+          if (parts & kPartK) cp_async_16(dK + kv_at(r, wcol), ks, true);
+          if (parts & kPartV) cp_async_16(dV + kv_at(r, wcol), vs, true);
           ks += ksw;
           vs += vsw;
         }
@@ -325,8 +367,8 @@ flash_fwd_decode_kernel(const FwdParams p) {
         for (int j = 0; j < 16 / kRowStepW; ++j) {
           const int r = wr0 + j * kRowStepW;
           const bool ok = wcol_ok && r < valid;
-          if (parts & kPartK) cp_async_16(dK + r * kStride + wcol, ok ? ks : k, ok);
-          if (parts & kPartV) cp_async_16(dV + r * kStride + wcol, ok ? vs : v, ok);
+          if (parts & kPartK) cp_async_16(dK + kv_at(r, wcol), ok ? ks : k, ok);
+          if (parts & kPartV) cp_async_16(dV + kv_at(r, wcol), ok ? vs : v, ok);
           ks += ksw;
           vs += vsw;
         }
@@ -339,8 +381,8 @@ flash_fwd_decode_kernel(const FwdParams p) {
 #pragma unroll
         for (int j = 0; j < kBlockN / kRowStep; ++j) {
           const int r = j * kRowStep + lr0;
-          cp_async_16(dK + r * kStride + lcol, ks, true);
-          cp_async_16(dV + r * kStride + lcol, vs, true);
+          cp_async_16(dK + kv_at(r, lcol), ks, true);
+          cp_async_16(dV + kv_at(r, lcol), vs, true);
           ks += k_step;
           vs += v_step;
         }
@@ -348,8 +390,8 @@ flash_fwd_decode_kernel(const FwdParams p) {
 #pragma unroll
         for (int j = 0; j < kBlockN / kRowStep; ++j) {
           const int r = j * kRowStep + lr0;
-          cp_async_16(dK + r * kStride + lcol, k, false);
-          cp_async_16(dV + r * kStride + lcol, v, false);
+          cp_async_16(dK + kv_at(r, lcol), k, false);
+          cp_async_16(dV + kv_at(r, lcol), v, false);
         }
       }
     } else if constexpr (kLeanIssue) {
@@ -371,8 +413,8 @@ flash_fwd_decode_kernel(const FwdParams p) {
         for (int j = 0; j < 16 / kRowStep; ++j) {
           const int r = 16 * g + j * kRowStep + lr0;
           const bool ok = col_ok && r < valid;
-          cp_async_16(dK + r * kStride + lcol, ok ? ks : k, ok);
-          cp_async_16(dV + r * kStride + lcol, ok ? vs : v, ok);
+          cp_async_16(dK + kv_at(r, lcol), ok ? ks : k, ok);
+          cp_async_16(dV + kv_at(r, lcol), ok ? vs : v, ok);
           ks += k_step;
           vs += v_step;
         }
@@ -401,8 +443,8 @@ flash_fwd_decode_kernel(const FwdParams p) {
         for (int c = threadIdx.x; c < 16 * kChunks; c += kThreads) {
           const int rr = c / kChunks, col = (c % kChunks) * 8, r = 16 * g + rr;
           const bool ok = r < valid && col < p.head_dim;
-          cp_async_16(dK + r * kStride + col, ok ? k + gk[g] + rr * p.k_row_stride + col : k, ok);
-          cp_async_16(dV + r * kStride + col, ok ? v + gv[g] + rr * p.v_row_stride + col : v, ok);
+          cp_async_16(dK + kv_at(r, col), ok ? k + gk[g] + rr * p.k_row_stride + col : k, ok);
+          cp_async_16(dV + kv_at(r, col), ok ? v + gv[g] + rr * p.v_row_stride + col : v, ok);
         }
     }
     if ((kHasMask || kHasBias) && (parts & kPartK)) {
@@ -486,8 +528,8 @@ flash_fwd_decode_kernel(const FwdParams p) {
       __syncthreads();  // (warp-local: the Q slab of the first group)
 
     const int st = u % kStages;
-    const uint16_t* sKs = sK + st * kBlockN * kStride;
-    const uint16_t* sVs = sV + st * kBlockN * kStride;
+    const uint16_t* sKs = sK + st * kBlockN * kKVStride;
+    const uint16_t* sVs = sV + st * kBlockN * kKVStride;
     const uint32_t* sMs = sMask + st * rm * kBlockN;
     const uint32_t* sBs = sBias + st * rb * kBlockN;
 
@@ -499,8 +541,7 @@ flash_fwd_decode_kernel(const FwdParams p) {
     for (int ks = 0; ks < kHeadDim / 16; ++ks) {
       uint32_t a[4], kb[4];
       ldmatrix_x4(a, sQ + ldsm_a_row(lane) * kStride + ks * 16 + ldsm_a_col(lane));
-      ldmatrix_x4(kb, sKs + (16 * warp + ldsm_nk_row(lane)) * kStride + ks * 16 +
-                          ldsm_nk_col(lane));
+      ldmatrix_x4(kb, sKs + kv_at(16 * warp + ldsm_nk_row(lane), ks * 16 + ldsm_nk_col(lane)));
       mma_16816<T>(s[0], a, kb[0], kb[1]);
       mma_16816<T>(s[1], a, kb[2], kb[3]);
     }
@@ -553,8 +594,8 @@ flash_fwd_decode_kernel(const FwdParams p) {
 #pragma unroll
     for (int dd = 0; dd < kDF / 2; ++dd) {
       uint32_t vb[4];
-      ldmatrix_x4_trans(vb, sVs + (16 * warp + ldsm_kn_row(lane)) * kStride + dd * 16 +
-                                ldsm_kn_col(lane));
+      ldmatrix_x4_trans(vb,
+                        sVs + kv_at(16 * warp + ldsm_kn_row(lane), dd * 16 + ldsm_kn_col(lane)));
       mma_16816<T>(o[2 * dd], a, vb[0], vb[1]);
       mma_16816<T>(o[2 * dd + 1], a, vb[2], vb[3]);
     }

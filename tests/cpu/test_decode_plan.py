@@ -72,9 +72,10 @@ def test_specs_and_resources():
     spec = decode.decode_spec(pb)
     assert spec.id == "fwd_decode_bf16_d128_m16n64w4_mask1_bias1_varlen1"
     assert spec.name_expression.startswith("dm::flash_fwd_decode_kernel<dm::BFloat16, 128, 16, 64")
-    # Q slab + 2 stages of K and V (64 keys), rows padded by 8, the block-table ring and the
-    # staged rows' offsets; then per stage the staged mask/bias words (64 per staged row).
-    kv = (16 + 2 * 2 * 64) * 136 * 2 + 8 * 16 + 256
+    # Q slab (rows padded by 8) + 2 stages of K and V (64 keys, swizzled unpadded rows), the
+    # block-table ring and the staged rows' offsets; then per stage the staged mask/bias words
+    # (64 per staged row).
+    kv = (16 * 136 + 2 * 2 * 64 * 128) * 2 + 8 * 16 + 256
     assert spec.dynamic_smem == kv + 2 * (16 + 16) * 64 * 4  # the most: 16 rows per tensor
     rec = decode.build_fwd_params(pb, pb.q, 0)[0]  # key-based (total_k, Hk) mask and bias
     assert decode.launch_smem(spec, rec) == kv + 2 * 2 * 64 * 4
@@ -131,13 +132,13 @@ def test_stage_switch_sizes_the_launch_like_the_kernel(monkeypatch):
     monkeypatch.delenv("DMATTN_NUM_SPLITS", raising=False)
     monkeypatch.delenv("DMATTN_NVRTC_DEFINES", raising=False)
     smem2 = decode.launch_smem(spec, rec)
-    assert smem2 == (16 + 2 * 2 * 64) * 136 * 2 + 8 * 16 + 256 + 2 * 2 * 64 * 4 == 75392
+    assert smem2 == (16 * 136 + 2 * 2 * 64 * 128) * 2 + 8 * 16 + 256 + 2 * 2 * 64 * 4 == 71296
     assert decode.resident_ctas(spec, 168, H100, smem2) == 3
     assert decode.resident_ctas(spec, 176, H100, smem2) == 2  # registers cap it above 170
     assert decode.choose_num_splits(pb, spec, 168, H100, smem2) == 3
     monkeypatch.setenv("DMATTN_NVRTC_DEFINES", "DM_DECODE_STAGES=3 DM_DECODE_MIN_CTAS=2")
     smem3 = decode.launch_smem(spec, rec)
-    assert smem3 == (16 + 2 * 3 * 64) * 136 * 2 + 8 * 16 + 256 + 3 * 2 * 64 * 4 == 110720
+    assert smem3 == (16 * 136 + 2 * 3 * 64 * 128) * 2 + 8 * 16 + 256 + 3 * 2 * 64 * 4 == 104576
     assert decode.resident_ctas(spec, 168, H100, smem3) == 2
     assert decode.choose_num_splits(pb, spec, 168, H100, smem3) == 1
 
@@ -166,7 +167,7 @@ def test_deep_stages_where_the_grid_then_runs_unsplit(monkeypatch):
 
     bench = _problem()
     assert decode.launch_smem(dataclasses.replace(decode.decode_spec(bench), stages=3),
-                              decode.build_fwd_params(bench, bench.q, 0)[0]) == 110720
+                              decode.build_fwd_params(bench, bench.q, 0)[0]) == 104576
     assert stages(bench) == 3
     assert stages(_problem(batch=256, sk=1024)) == 1       # 16 tiles per CTA
     assert stages(_problem(batch=8, sk=32768)) == 1        # split at either depth
