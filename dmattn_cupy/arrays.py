@@ -174,7 +174,8 @@ def lse_like(arr: np.ndarray, like: Any) -> Any:
 # ---------------------------------------------------------------------------------------------
 # The adapter: allocation and copies in the library and on the device of a given array.
 
-def _torch_dtype(dtype: str) -> Any:
+def torch_dtype(dtype: str) -> Any:
+    """The torch dtype named ``dtype`` (e.g. "float32")."""
     import torch
 
     return getattr(torch, dtype)
@@ -186,7 +187,7 @@ def empty(like: Any, shape: tuple[int, ...], dtype: str | None = None) -> Any:
     if kind == "torch":
         import torch
 
-        dt = like.dtype if dtype is None else _torch_dtype(dtype)
+        dt = like.dtype if dtype is None else torch_dtype(dtype)
         return torch.empty(shape, dtype=dt, device=like.device)
     if kind == "cupy":
         import cupy
@@ -202,7 +203,7 @@ def zeros(like: Any, shape: tuple[int, ...], dtype: str) -> Any:
     if kind == "torch":
         import torch
 
-        return torch.zeros(shape, dtype=_torch_dtype(dtype), device=like.device)
+        return torch.zeros(shape, dtype=torch_dtype(dtype), device=like.device)
     if kind == "cupy":
         import cupy
 
@@ -216,7 +217,7 @@ def cast(x: Any, dtype: str) -> Any:
     if dtype_name(x) == dtype:
         return x
     if array_kind(x) == "torch":
-        return x.to(_torch_dtype(dtype))
+        return x.to(torch_dtype(dtype))
     return x.astype(dtype)
 
 
@@ -226,7 +227,7 @@ def contiguous_copy(x: Any, dtype: str | None = None) -> Any:
     if kind == "torch":
         import torch
 
-        y = x.to(_torch_dtype(dtype)) if dtype is not None else x
+        y = x.to(torch_dtype(dtype)) if dtype is not None else x
         return y.clone(memory_format=torch.contiguous_format)
     if kind == "cupy":
         import cupy
@@ -422,7 +423,7 @@ def allocator(like: Any, shape: tuple[int, ...], dtype: str | None,
     if kind == "torch":
         import torch
 
-        dt = like.dtype if dtype is None else _torch_dtype(dtype)
+        dt = like.dtype if dtype is None else torch_dtype(dtype)
         return functools.partial(torch.zeros if zero else torch.empty, shape, dtype=dt,
                                  device=like.device)
     if kind == "cupy":
@@ -447,7 +448,7 @@ def sized_allocator(like: Any, dtype: str) -> Callable[[int], Any]:
     if kind == "torch":
         import torch
 
-        dt, dev = _torch_dtype(dtype), like.device
+        dt, dev = torch_dtype(dtype), like.device
         return lambda n: torch.empty(n, dtype=dt, device=dev)
     if kind == "cupy":
         import cupy
@@ -467,11 +468,12 @@ def flat_view(flat: Any, shape: tuple[int, ...]) -> Any:
     ``shape`` (a view, same library)."""
     n = math.prod(shape)
     if array_kind(flat) == "torch":
-        return flat.as_strided(tuple(shape), _c_strides(shape), 0)
+        return flat.as_strided(tuple(shape), c_strides(shape), 0)
     return flat[:n].reshape(shape)
 
 
-def _c_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+def c_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Element strides of a C-contiguous array of ``shape`` (as torch and CuPy make them)."""
     st, acc = [], 1
     for n in reversed(shape):
         st.append(acc)
@@ -483,7 +485,7 @@ def caster(like: Any, dtype: str) -> Callable[[Any], Any]:
     """A function casting arrays of ``like``'s library to ``dtype`` (bound once: no kind or
     dtype lookups per call)."""
     if array_kind(like) == "torch":
-        tdt = _torch_dtype(dtype)
+        tdt = torch_dtype(dtype)
         return lambda x: x.to(tdt)
     return lambda x: x.astype(dtype)
 
@@ -498,7 +500,7 @@ def summer(like: Any, axes: tuple[int, ...], dtype: str) -> Callable[[Any], Any]
     if array_kind(like) == "torch":
         import torch
 
-        tdt = _torch_dtype(dtype)
+        tdt = torch_dtype(dtype)
 
         def total(x: Any) -> Any:
             if math.prod(x.shape[a] for a in axes) > _FEW_TERMS:

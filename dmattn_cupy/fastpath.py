@@ -133,6 +133,35 @@ def _csig(x: Any) -> tuple | None:
     return (x.dtype, x.shape, x.strides, x.device.id, x.data.ptr & 15)
 
 
+def _tsigs(xs: tuple, ptrs: list[int]) -> tuple:
+    """``_tsig`` of each of ``xs`` (None where absent) in one pass; their pointers (0 where
+    absent) are appended to ``ptrs``: a hit launches with them."""
+    sigs = []
+    for x in xs:
+        if x is None:
+            sigs.append(None)
+            ptrs.append(0)
+        else:
+            p = x.data_ptr()
+            ptrs.append(p)
+            sigs.append((x.dtype, x.shape, x.stride(), x.device, p & 15))
+    return tuple(sigs)
+
+
+def _csigs(xs: tuple, ptrs: list[int]) -> tuple:
+    """``_tsigs`` for CuPy arrays (``_csig``)."""
+    sigs = []
+    for x in xs:
+        if x is None:
+            sigs.append(None)
+            ptrs.append(0)
+        else:
+            p = x.data.ptr
+            ptrs.append(p)
+            sigs.append((x.dtype, x.shape, x.strides, x.device.id, p & 15))
+    return tuple(sigs)
+
+
 _FLAG_TYPES = (bool, type(None))
 _NUM_TYPES = (float, int, type(None))
 
@@ -246,19 +275,36 @@ def _as_torch(arrs: SparseArrays) -> SparseArrays:
 
 # --- running a plan ----------------------------------------------------------------------
 
+_FRESH, _COUNTER, _TWIN = 0, -1, -2   # _allocators' kinds (> 0: a scratch workspace's bytes)
+
+
 def _allocators(entry: _Entry, lib: str, like: Any) -> list[tuple[Any, int, tuple]]:
-    """Per plan allocation: (allocator, 0, ()) for a fresh buffer; for a scratch workspace
+    """Per plan allocation: (allocator, _FRESH, ()) for a fresh buffer; (None, _TWIN, ()) for
+    one ``torch.empty_like`` of the call's query makes (``_twin``); for a scratch workspace
     (allocator of n bytes, its bytes, scratch owner); for a counter (zero-filling allocator,
-    -1, scratch owner)."""
+    _COUNTER, scratch owner)."""
     fns = entry.allocs
     if fns is None:
         owner = (lib, entry.plan.device)
         fns = entry.allocs = [
             (_bytes_allocator(like), 4 * a.shape[0], owner) if a.scratch else
-            (arrays.allocator(like, a.shape, a.dtype, True), -1, owner) if a.counter else
-            (arrays.allocator(like, a.shape, a.dtype, a.zero), 0, ())
+            (arrays.allocator(like, a.shape, a.dtype, True), _COUNTER, owner) if a.counter else
+            (None, _TWIN, ()) if _twin(lib, like, a) else
+            (arrays.allocator(like, a.shape, a.dtype, a.zero), _FRESH, ())
             for a in entry.plan.allocs]
     return fns
+
+
+def _twin(lib: str, like: Any, a: Any) -> bool:
+    """Whether ``torch.empty_like(query)`` makes allocation ``a`` (cheaper than torch.empty of
+    a shape): an uninitialized buffer of the query's shape and dtype where the query is
+    C-contiguous. The key fixes the query's dtype, shape and strides, so this holds for every
+    hit of the plan."""
+    if lib != "torch" or a.zero or tuple(a.shape) != tuple(like.shape):
+        return False
+    if a.dtype is not None and arrays.torch_dtype(a.dtype) != like.dtype:
+        return False
+    return like.stride() == arrays.c_strides(a.shape)
 
 
 def _bytes_allocator(like: Any) -> Any:
@@ -266,37 +312,41 @@ def _bytes_allocator(like: Any) -> Any:
     return lambda nbytes: make(-(-nbytes // 4))
 
 
-def _runner(entry: _Entry, lib: str, like: Any) -> Callable[[tuple], list[Any]]:
+def _runner(entry: _Entry, lib: str, like: Any) -> Callable[..., list[Any]]:
     """``entry``'s plan bound for calls of library ``lib`` (``like``: an array of such a call;
     the key fixes library, device and dtypes, so the binding holds for every hit): a function
-    of the call's input arrays (``plan.inputs`` order, None where absent) that allocates the
+    of the call's input pointers (``plan.inputs`` order, 0 where absent) that allocates the
     plan's buffers (scratch workspaces and counters from ``scratch``), patches every pointer,
     launches on the current stream and returns the buffers (the caller keeps them alive past
-    the launches). ``extra``: the pointers of the plan's further inputs (block lists)."""
+    the launches). ``query``: the call's query (twins are made like it); ``extra``: the
+    pointers of the plan's further inputs (block lists)."""
     plan = entry.plan
     dev, execute, stream_ptr = plan.device, plan.execute, runtime.stream_ptr
     makers = tuple(_allocators(entry, lib, like))
     pointers = _torch_pointers if lib == "torch" else _cupy_pointers
-    if any(n for _, n, _ in makers):
+    empty_like = torch.empty_like if torch is not None else None
+    if any(n not in (_FRESH, _TWIN) for _, n, _ in makers):
         get, counter = scratch.get, scratch.counter
 
-        def run(xs: tuple, extra: list[int] = _NO_PTRS) -> list[Any]:
+        def run(ptrs: list[int], query: Any, extra: list[int] = _NO_PTRS) -> list[Any]:
             stream = stream_ptr(lib, dev)
-            bufs = [make() if not n else get(owner, stream, n, make) if n > 0 else
-                    counter(owner, stream, make) for make, n, owner in makers]
-            execute(pointers(xs) + extra + pointers(bufs), stream)
+            bufs = [make() if n == _FRESH else empty_like(query) if n == _TWIN else
+                    get(owner, stream, n, make) if n > 0 else counter(owner, stream, make)
+                    for make, n, owner in makers]
+            execute(ptrs + extra + pointers(bufs), stream)
             return bufs
         return run
     fresh = tuple(make for make, _, _ in makers)
 
-    def run_fresh(xs: tuple, extra: list[int] = _NO_PTRS) -> list[Any]:
-        bufs = [make() for make in fresh]
-        execute(pointers(xs) + extra + pointers(bufs), stream_ptr(lib, dev))
+    def run_fresh(ptrs: list[int], query: Any, extra: list[int] = _NO_PTRS) -> list[Any]:
+        bufs = [empty_like(query) if make is None else make() for make in fresh]
+        execute(ptrs + extra + pointers(bufs), stream_ptr(lib, dev))
         return bufs
     return run_fresh
 
 
 _NO_PTRS: list[int] = []   # never mutated
+_NO_CU = (0, 0)            # dense calls: no cu_seqlens pointers
 
 
 def _torch_pointers(xs: Any) -> list[int]:
@@ -307,7 +357,7 @@ def _cupy_pointers(xs: Any) -> list[int]:
     return [0 if x is None else x.data.ptr for x in xs]
 
 
-def _bind(entry: _Entry, lib: str, like: Any) -> Callable[[tuple], list[Any]]:
+def _bind(entry: _Entry, lib: str, like: Any) -> Callable[..., list[Any]]:
     entry.run = _runner(entry, lib, like)
     return entry.run
 
@@ -368,9 +418,11 @@ def _exec_backward(entry: _Entry, lib: str, dout: Any, dlse: Any, q: Any, k: Any
     if finish is None:
         finish = entry.finish = finisher(entry.plan, q)
     run = entry.run or _bind(entry, lib, q)
+    pointers = _torch_pointers if lib == "torch" else _cupy_pointers
     # dQ is cast out of the workspace here, on the same stream, before another call can
     # reuse it (scratch)
-    return finish(run((q, k, v, mask, bias, cu_q, cu_k, out, lse, dout, dlse), sp_ptrs))
+    return finish(run(pointers((q, k, v, mask, bias, cu_q, cu_k, out, lse, dout, dlse)), q,
+                      sp_ptrs))
 
 
 def _run_backward(call: _Call, dout: Any, dlse: Any, q: Any, k: Any, v: Any, mask: Any,
@@ -410,7 +462,8 @@ if torch is not None:
         else:
             HITS[0] += 1
             bufs = (entry.run or _bind(entry, "torch", q))(
-                (q, k, v, call.mask, bias, call.cu_q, call.cu_k), call.sp_ptrs)
+                _torch_pointers((q, k, v, call.mask, bias, call.cu_q, call.cu_k)), q,
+                call.sp_ptrs)
             out, lse = bufs[0], bufs[1]
         # saved (not just held) so that an in-place change before backward() raises
         ctx.save_for_backward(q, k, v, bias, out, lse, call.mask, call.cu_q, call.cu_k)
@@ -517,23 +570,23 @@ def dense(query: Any, key: Any, value: Any, attn_mask: Any, attn_bias: Any, soft
         return MISS
     sp_ptrs = _NO_PTRS
     tok = None
+    ptrs: list[int] = []
     try:
         grad = lib == "torch" and _wants_grad(query, key, value, attn_bias)
-        sig = _tsig if lib == "torch" else _csig
-        sq = sig(query)
+        sigs = (_tsigs if lib == "torch" else _csigs)(
+            (query, key, value, attn_mask, attn_bias), ptrs)
         sp_id: Any = None
         if sparse_mask is not None:
             if backend == "reference":
                 return MISS
-            tok = _sparse_token(sparse_mask, lib, sq[3], query)
+            tok = _sparse_token(sparse_mask, lib, sigs[0][3], query)
             if tok is None:
                 return MISS
             sp_ptrs = tok.ptrs
             # with a gradient its own plan: lists only where they tile the backward too
             sp_id = (tok.id, True) if grad else tok.id
-        k = (0, lib, sq, sig(key), sig(value), sig(attn_mask), sig(attn_bias),
-             softmax_scale, is_causal, window_size, softcap, return_lse or grad, return_lse,
-             deterministic, backend, env.plan_state(), sp_id)
+        k = (0, lib, sigs, softmax_scale, is_causal, window_size, softcap, return_lse or grad,
+             return_lse, deterministic, backend, env.plan_state(), sp_id)
     except (AttributeError, RuntimeError):
         # mixed kinds, or tensors a torch.func transform wraps (their data_ptr raises): the
         # validated path takes the call
@@ -547,8 +600,8 @@ def dense(query: Any, key: Any, value: Any, attn_mask: Any, attn_bias: Any, soft
                 entry, entry.pb, bool(deterministic), attn_mask, None, None, k, return_lse,
                 *_grad_lists(tok)))
         HITS[0] += 1
-        bufs = (entry.run or _bind(entry, lib, query))(
-            (query, key, value, attn_mask, attn_bias, None, None), sp_ptrs)
+        ptrs += _NO_CU
+        bufs = (entry.run or _bind(entry, lib, query))(ptrs, query, sp_ptrs)
         return (bufs[0], bufs[1]) if return_lse else bufs[0]
 
     block = None
@@ -586,13 +639,13 @@ def varlen(query: Any, key: Any, value: Any, cu_seqlens_q: Any, cu_seqlens_k: An
         return MISS
     if lib == "torch" and _compiling():
         return MISS
+    ptrs: list[int] = []
     try:
         grad = lib == "torch" and _wants_grad(query, key, value, attn_bias)
-        sig = _tsig if lib == "torch" else _csig
-        k = (1, lib, sig(query), sig(key), sig(value), sig(attn_mask), sig(attn_bias),
-             sig(cu_seqlens_q), sig(cu_seqlens_k), max_seqlen_q, max_seqlen_k, softmax_scale,
-             is_causal, window_size, softcap, return_lse or grad, return_lse, deterministic,
-             backend, env.plan_state())
+        sigs = (_tsigs if lib == "torch" else _csigs)(
+            (query, key, value, attn_mask, attn_bias, cu_seqlens_q, cu_seqlens_k), ptrs)
+        k = (1, lib, sigs, max_seqlen_q, max_seqlen_k, softmax_scale, is_causal, window_size,
+             softcap, return_lse or grad, return_lse, deterministic, backend, env.plan_state())
     except (AttributeError, RuntimeError):  # as in dense
         return MISS
     entry = forward_plans.get(k, _ABSENT)
@@ -604,8 +657,7 @@ def varlen(query: Any, key: Any, value: Any, cu_seqlens_q: Any, cu_seqlens_k: An
                 entry, entry.pb, bool(deterministic), attn_mask, cu_seqlens_q, cu_seqlens_k, k,
                 return_lse))
         HITS[0] += 1
-        bufs = (entry.run or _bind(entry, lib, query))(
-            (query, key, value, attn_mask, attn_bias, cu_seqlens_q, cu_seqlens_k))
+        bufs = (entry.run or _bind(entry, lib, query))(ptrs, query)
         return (bufs[0], bufs[1]) if return_lse else bufs[0]
 
     def validate() -> Problem:
@@ -622,10 +674,10 @@ def varlen(query: Any, key: Any, value: Any, cu_seqlens_q: Any, cu_seqlens_k: An
 def kvcache(query: Any, k_cache: Any, v_cache: Any, k: Any, v: Any, cache_seqlens: Any,
             block_table: Any, attn_mask: Any, attn_bias: Any, softmax_scale: Any,
             is_causal: Any, window_size: Any, softcap: Any, num_splits: Any, return_lse: Any,
-            backend: Any, call: Callable[[], tuple[Any, Any, Any]]) -> Any:
-    """``flash_dmattn_with_kvcache`` through the thin path, or MISS. ``call()`` is the
-    validated call on these arguments (``kvcache.kvcache_call``: result, plan or None,
-    Problem), run on a first call with this key. The key holds an int ``cache_seqlens`` by
+            backend: Any, call: Callable[..., tuple[Any, Any, Any]]) -> Any:
+    """``flash_dmattn_with_kvcache`` through the thin path, or MISS. ``call`` is the validated
+    call (``kvcache.kvcache_call``: result, plan or None, Problem), run on these arguments on
+    a first call with this key. The key holds an int ``cache_seqlens`` by
     value (it is in the records); the plan's inputs are ``layout.KV_INPUTS``."""
     lib = _library(query)
     if lib is None or not _options_ok(softmax_scale, is_causal, window_size, softcap,
@@ -634,17 +686,19 @@ def kvcache(query: Any, k_cache: Any, v_cache: Any, k: Any, v: Any, cache_seqlen
     if lib == "torch" and _compiling():
         return MISS
     seqlens_arr = None
+    seq_int: Any = None      # an int (or None) cache_seqlens: in the key by value
     if cache_seqlens is None or type(cache_seqlens) is int:
-        seq_key: Any = ("int", cache_seqlens)
+        seq_int = ("int", cache_seqlens)
     else:
         seqlens_arr = cache_seqlens
+    ptrs: list[int] = []
     try:
-        sig = _tsig if lib == "torch" else _csig
-        if seqlens_arr is not None:
-            seq_key = sig(seqlens_arr)
-        key = (2, lib, sig(query), sig(k_cache), sig(v_cache), sig(k), sig(v), seq_key,
-               sig(block_table), sig(attn_mask), sig(attn_bias), softmax_scale, is_causal,
-               window_size, softcap, num_splits, return_lse, backend, env.plan_state())
+        # the plan's inputs in order (layout.KV_INPUTS); cu_seqlens absent
+        sigs = (_tsigs if lib == "torch" else _csigs)(
+            (query, k_cache, v_cache, attn_mask, attn_bias, None, None, seqlens_arr,
+             block_table, k, v), ptrs)
+        key = (2, lib, sigs, seq_int, softmax_scale, is_causal, window_size, softcap,
+               num_splits, return_lse, backend, env.plan_state())
     except (AttributeError, RuntimeError):  # mixed kinds: the validated path says so
         return MISS
     entry = forward_plans.get(key, _ABSENT)
@@ -652,11 +706,11 @@ def kvcache(query: Any, k_cache: Any, v_cache: Any, k: Any, v: Any, cache_seqlen
         return MISS
     if entry is not _ABSENT:
         HITS[0] += 1
-        bufs = (entry.run or _bind(entry, lib, query))(
-            (query, k_cache, v_cache, attn_mask, attn_bias, None, None, seqlens_arr,
-             block_table, k, v))
+        bufs = (entry.run or _bind(entry, lib, query))(ptrs, query)
         return (bufs[0], bufs[1]) if return_lse else bufs[0]
-    res, plan, pb = call()
+    res, plan, pb = call(query, k_cache, v_cache, k, v, cache_seqlens, block_table, attn_mask,
+                         attn_bias, softmax_scale, is_causal, window_size, softcap, num_splits,
+                         return_lse, backend)
     forward_plans.put(key, _Entry(plan, pb, return_lse) if plan is not None and plan.cacheable
                       else None)
     return res

@@ -353,7 +353,7 @@ def flash_dmattn_with_kvcache(query: Any, k_cache: Any, v_cache: Any, k: Any = N
     docs/kvcache.md for the contract. Returns ``out`` or ``(out, lse)``."""
     args = (query, k_cache, v_cache, k, v, cache_seqlens, block_table, attn_mask, attn_bias,
             softmax_scale, is_causal, window_size, softcap, num_splits, return_lse, backend)
-    res = fastpath.kvcache(*args, lambda: kvcache_call(*args))
+    res = fastpath.kvcache(*args, kvcache_call)
     return kvcache_call(*args)[0] if res is fastpath.MISS else res
 
 

@@ -290,19 +290,20 @@ def _thin_pieces(calls: int, device: str, q: Any, k: Any, v: Any, dout: Any,
     rows: list[tuple[str, float | None]] = []
     row = _row_recorder(rows, calls, device, sync)
 
-    fe = next((e for e in list(fastpath.forward_plans._d.values())
+    fe = next((e for e in list(fastpath.forward_plans.values())
                if e is not None and e.bwd and e.lse and "sp_full_count" not in e.plan.inputs),
               None)   # (the block mask row's plans take its lists too)
     be = next((e for e in fe.bwd.values() if e is not None), None) if fe is not None else None
     if be is None:
         return [("thin pieces [no cached fwd+bwd plan]", None)]
     xs = (q, k, v, None, None, None, None)
-    bufs = (fe.run or fastpath._bind(fe, "torch", q))(xs)   # out, lse (and any workspace)
+    xptrs = [0 if x is None else x.data_ptr() for x in xs]
+    bufs = (fe.run or fastpath._bind(fe, "torch", q))(xptrs, q)   # out, lse (+ workspaces)
     out, lse = bufs[:2]
     stream = runtime.stream_ptr("torch", fe.plan.device)
-    ptrs = [0 if x is None else x.data_ptr() for x in (*xs, *bufs)]
+    ptrs = xptrs + [x.data_ptr() for x in bufs]
     row("thin: forward plan.execute (patch + launch)", lambda: fe.plan.execute(ptrs, stream))
-    row("thin: forward runner (alloc + patch + launch)", lambda: fe.run(xs))
+    row("thin: forward runner (alloc + patch + launch)", lambda: fe.run(xptrs, q))
     row("thin: backward, no autograd (_exec_backward)", lambda: fastpath._exec_backward(
         be, "torch", dout, None, q, k, v, None, None, None, None, out, lse))
     rows.extend(_engine_pieces(calls, device, q, k, v, dout, sync, be, out, lse))

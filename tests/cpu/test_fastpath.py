@@ -536,7 +536,7 @@ def test_misaligned_inputs_are_never_cached(cap, monkeypatch):
     key_count = len(fastpath.forward_plans)
     dm.flash_dmattn_func(qm, k, v)
     assert len(fastpath.forward_plans) == key_count + 1
-    assert list(fastpath.forward_plans._d.values())[-1] is None
+    assert list(fastpath.forward_plans.values())[-1] is None
     dm.flash_dmattn_func(qm, k, v)
     assert [p for p, *_ in cap.take()] == ["slow", "slow"]
 
@@ -549,6 +549,29 @@ def test_plan_cache_is_a_bounded_lru():
     assert c.get(2) == 2       # 2 becomes the most recent
     c.put(5, 5)
     assert 3 not in c and 2 in c and c.get(9, "x") == "x"
+    assert c.values() == [4, 2, 5]   # least recently used first
+    c.put(4, "again")          # a put refreshes the key's use
+    assert c.values() == [2, 5, "again"]
+
+
+def test_twin_outputs_only_where_empty_like_makes_the_plans_buffer():
+    """A hit allocates an output with ``torch.empty_like(query)`` only where that is the plan's
+    buffer: the query's shape and dtype, uninitialized, the query C-contiguous (the key fixes
+    its strides for every hit)."""
+    from dmattn_cupy.launch_plan import Alloc
+
+    q = torch.empty(2, 8, 4, 16, dtype=torch.bfloat16)
+    out = Alloc("out", (2, 8, 4, 16), None)
+    assert fastpath._twin("torch", q, out)
+    made = torch.empty_like(q)
+    assert (made.shape, made.stride(), made.dtype) == (q.shape, q.stride(), q.dtype)
+    assert fastpath._twin("torch", q, Alloc("out", (2, 8, 4, 16), "bfloat16"))
+    other = torch.empty(2, 4, 8, 16, dtype=torch.bfloat16).transpose(1, 2)  # same shape
+    assert not fastpath._twin("torch", other, out)
+    assert not fastpath._twin("torch", q, Alloc("lse", (2, 4, 8), "float32"))
+    assert not fastpath._twin("torch", q, Alloc("o", (2, 8, 4, 16), "float32"))
+    assert not fastpath._twin("torch", q, Alloc("out", (2, 8, 4, 16), None, zero=True))
+    assert not fastpath._twin("cupy", q, out)
 
 
 def test_numpy_and_sparse_calls_take_the_validated_path(cap):

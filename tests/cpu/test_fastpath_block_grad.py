@@ -151,7 +151,7 @@ def test_block_mask_steps_hit_and_launch_what_the_validated_path_builds(cap, mon
     sp_order = int(main_rec["sp_order"][0])
     assert (sp_order > sp_grid) if ordered else sp_order == 0
     assert ("bwd_order" in fams) == ordered
-    entry, = (e for e in fastpath.forward_plans._d.values() if e is not None and e.bwd)
+    entry, = (e for e in fastpath.forward_plans.values() if e is not None and e.bwd)
     bwd_plan = next(iter(entry.bwd.values())).plan      # every list and sp_grid patched
     assert set(SPARSE_INPUTS) | {"sp_grid"} <= set(bwd_plan.slots)
     assert bwd_plan.allocs[-1].name == "sp_grid" and not bwd_plan.allocs[-1].zero

@@ -103,7 +103,7 @@ def test_forward_graph_torch(case, d, both_forward_families):
         return dm.flash_dmattn_func(q, k, v, **kw)
 
     _replay_matches_eager(fn, inputs)
-    plans = [e for e in fastpath.forward_plans._d.values() if e is not None]
+    plans = [e for e in fastpath.forward_plans.values() if e is not None]
     assert plans, "the captured call did not come from a cached plan"
     family = plans[0].plan.launches[0].kernel.spec.family
     hopper = torch.cuda.get_device_capability() == (9, 0)
