@@ -48,18 +48,39 @@ flash_fwd_combine_kernel(const FwdParams p) {
   float acc[kPairs][2];
 #pragma unroll
   for (int c = 0; c < kPairs; ++c) acc[c][0] = acc[c][1] = 0.f;
-  if (lse2 != -DM_INF) {
-    for (int s = 0; s < ns; ++s) {
-      const float w = fast_exp2(lse_s[s] - lse2);
+  // Splits in batches of kBatch whose loads all issue before any is used: a row then waits
+  // ceil(ns / kBatch) memory latencies, not ns (a few warps per SM hide nothing).
+  constexpr int kBatch = 4;
+  auto add_split = [&](int s, const float2 (&x)[kPairs]) {
+    const float w = fast_exp2(lse_s[s] - lse2);
 #pragma unroll
-      for (int c = 0; c < kPairs; ++c) {
-        const int col = 2 * lane + 64 * c;
-        if (col < p.head_dim) {
-          const float2 x = *reinterpret_cast<const float2*>(o_s + s * kHeadDim + col);
-          acc[c][0] += w * x.x;
-          acc[c][1] += w * x.y;
-        }
-      }
+    for (int c = 0; c < kPairs; ++c) {
+      acc[c][0] += w * x[c].x;
+      acc[c][1] += w * x[c].y;
+    }
+  };
+  // Unpredicated: a split's partial row holds kHeadDim columns (those past head_dim, or past
+  // the row when 64 does not divide kHeadDim, only feed columns never stored).
+  auto load_split = [&](int s, float2 (&x)[kPairs]) {
+#pragma unroll
+    for (int c = 0; c < kPairs; ++c) {
+      const int col = dm_min(2 * lane + 64 * c, kHeadDim - 2);
+      x[c] = *reinterpret_cast<const float2*>(o_s + s * kHeadDim + col);
+    }
+  };
+  if (lse2 != -DM_INF) {
+    int s = 0;
+    for (; s + kBatch <= ns; s += kBatch) {
+      float2 x[kBatch][kPairs];
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) load_split(s + j, x[j]);
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) add_split(s + j, x[j]);
+    }
+    for (; s < ns; ++s) {
+      float2 x[kPairs];
+      load_split(s, x);
+      add_split(s, x);
     }
   }
 #pragma unroll
