@@ -150,16 +150,8 @@ def _tsigs(xs: tuple, ptrs: list[int]) -> tuple:
 
 def _csigs(xs: tuple, ptrs: list[int]) -> tuple:
     """``_tsigs`` for CuPy arrays (``_csig``)."""
-    sigs = []
-    for x in xs:
-        if x is None:
-            sigs.append(None)
-            ptrs.append(0)
-        else:
-            p = x.data.ptr
-            ptrs.append(p)
-            sigs.append((x.dtype, x.shape, x.strides, x.device.id, p & 15))
-    return tuple(sigs)
+    ptrs.extend([0 if x is None else x.data.ptr for x in xs])
+    return tuple(_csig(x) for x in xs)
 
 
 _FLAG_TYPES = (bool, type(None))
