@@ -574,6 +574,50 @@ def test_twin_outputs_only_where_empty_like_makes_the_plans_buffer():
     assert not fastpath._twin("cupy", q, out)
 
 
+@pytest.mark.parametrize("layout", ["c", "odd_unit_stride", "transposed"])
+def test_thin_outputs_are_laid_out_as_the_validated_path_s(cap, layout):
+    """A hit's out/lse (forward) and dq/dk/dv (backward) have the validated path's shape,
+    strides, dtype and device, whichever allocation the runner took (``empty_like`` of a
+    C-strided query, the generic allocator otherwise: a size-1 dim's odd stride, which
+    ``is_contiguous`` accepts and ``empty_like`` keeps, must not pass). After helper-36's test
+    on branch host7."""
+    B, S, H, Hk, D = 1, 40, 4, 2, 64
+
+    def make(seed):
+        q = _rand(B, S, H, D, seed=seed)
+        k, v = _rand(B, S, Hk, D, seed=seed + 1), _rand(B, S, Hk, D, seed=seed + 2)
+        if layout == "odd_unit_stride":      # batch 1: its stride is free
+            q = q.as_strided(q.shape, (8000,) + q.stride()[1:])   # rows stay 16-byte
+            k = k.as_strided(k.shape, (6000,) + k.stride()[1:])   # aligned: cacheable
+        elif layout == "transposed":
+            q = q.transpose(1, 2).contiguous().transpose(1, 2)
+        return q, k, v
+
+    def lay(t):
+        return (t.shape, t.stride(), t.dtype, t.device)
+
+    q, k, v = make(0)
+    out0, lse0 = dm.flash_dmattn_func(q, k, v, return_lse=True)
+    qg, kg, vg = (x.detach().requires_grad_() for x in make(0))
+    dout = _rand(B, S, H, D, seed=9)
+    grads0 = torch.autograd.grad(dm.flash_dmattn_func(qg, kg, vg), (qg, kg, vg), dout)
+    assert all(p == "slow" for p, *_ in cap.take())
+    for seed in (10, 20):
+        q, k, v = make(seed)
+        out, lse = dm.flash_dmattn_func(q, k, v, return_lse=True)
+        qg, kg, vg = (x.detach().requires_grad_() for x in make(seed))
+        grads = torch.autograd.grad(dm.flash_dmattn_func(qg, kg, vg), (qg, kg, vg), dout)
+        launches = cap.take()
+        assert launches and all(p == "thin" for p, *_ in launches)
+        assert lay(out) == lay(out0) and lay(lse) == lay(lse0)
+        assert out.stride() == torch.empty(out.shape).stride()   # C strides, as validated
+        assert [lay(g) for g in grads] == [lay(g) for g in grads0]
+        assert out.data_ptr() not in (q.data_ptr(), out0.data_ptr())
+    entry = next(e for e in fastpath.forward_plans.values() if e is not None and e.lse)
+    kinds = [n for _, n, _ in entry.allocs]
+    assert (kinds[0] == fastpath._TWIN) == (layout == "c")
+
+
 def test_numpy_and_sparse_calls_take_the_validated_path(cap):
     q = np.zeros((1, 8, 2, 32), np.float32)
     assert fastpath.dense(q, q, q, None, None, None, False, (-1, -1), 0.0, False, False,
