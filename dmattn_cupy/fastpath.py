@@ -677,10 +677,12 @@ def kvcache(query: Any, k_cache: Any, v_cache: Any, k: Any, v: Any, cache_seqlen
         return MISS
     if lib == "torch" and _compiling():
         return MISS
+    # an int (or None) cache_seqlens is in the key by value; an array by its signature (in
+    # ``sigs``, where an int leaves None)
+    seq_int: Any = None
     seqlens_arr = None
-    seq_int: Any = None      # an int (or None) cache_seqlens: in the key by value
     if cache_seqlens is None or type(cache_seqlens) is int:
-        seq_int = ("int", cache_seqlens)
+        seq_int = cache_seqlens
     else:
         seqlens_arr = cache_seqlens
     ptrs: list[int] = []
