@@ -139,7 +139,7 @@ flash_fwd_decode_kernel(const FwdParams p) {
   static_assert(kDecodeBtSlots >= kStages + 1, "block-table ring holds the tiles in flight");
   static_assert(kStages >= 2, "one tile in flight while another is computed");
   using Layout = DecodeKV<kHeadDim>;
-  constexpr int kStride = Layout::kQStride;  // Q slab row: +16 bytes, conflict-free ldmatrix
+  constexpr int kQStride = Layout::kQStride;  // Q slab row: +16 bytes, conflict-free ldmatrix
   constexpr int kKVStride = Layout::kStride;
   constexpr int kDF = kHeadDim / 8;      // output fragments per row pair
   constexpr int kChunks = kHeadDim / 8;  // 16-byte chunks per row
@@ -151,9 +151,8 @@ flash_fwd_decode_kernel(const FwdParams p) {
   static_assert(kThreads % kBlockN == 0, "a thread stages one key of every tile");
   extern __shared__ __align__(16) uint16_t smem[];
   uint16_t* sQ = smem;
-  uint16_t* sK = sQ + kBlockM * kStride;
+  uint16_t* sK = sQ + kBlockM * kQStride;
   uint16_t* sV = sK + kStages * kBlockN * kKVStride;
-  auto kv_at = [](int r, int col) { return Layout::at(r, col); };
   int32_t* sBT = reinterpret_cast<int32_t*>(reinterpret_cast<uint8_t*>(smem) + kKV);
   int64_t* sOff = reinterpret_cast<int64_t*>(sBT + kDecodeBtSlots * 4);  // [2][16]: mask, bias
   uint32_t* sMask = reinterpret_cast<uint32_t*>(sOff + 2 * 16);
@@ -187,7 +186,7 @@ flash_fwd_decode_kernel(const FwdParams p) {
     if (ok)
       src = q + int64_t(pr / qpk) * p.q_row_stride +
             int64_t(kvh * qpk + pr % qpk) * p.q_head_stride + col;
-    cp_async_16(sQ + r * kStride + col, src, ok);
+    cp_async_16(sQ + r * kQStride + col, src, ok);
   }
 
   // K/V of key 0 (paged: of page 0, row 0; the page term is added per 16-key group).
@@ -357,8 +356,8 @@ flash_fwd_decode_kernel(const FwdParams p) {
 #pragma unroll
         for (int j = 0; j < 16 / kRowStepW; ++j) {
           const int r = wr0 + j * kRowStepW;
-          if (parts & kPartK) cp_async_16(dK + kv_at(r, wcol), ks, true);
-          if (parts & kPartV) cp_async_16(dV + kv_at(r, wcol), vs, true);
+          if (parts & kPartK) cp_async_16(dK + Layout::at(r, wcol), ks, true);
+          if (parts & kPartV) cp_async_16(dV + Layout::at(r, wcol), vs, true);
           ks += ksw;
           vs += vsw;
         }
@@ -367,8 +366,8 @@ flash_fwd_decode_kernel(const FwdParams p) {
         for (int j = 0; j < 16 / kRowStepW; ++j) {
           const int r = wr0 + j * kRowStepW;
           const bool ok = wcol_ok && r < valid;
-          if (parts & kPartK) cp_async_16(dK + kv_at(r, wcol), ok ? ks : k, ok);
-          if (parts & kPartV) cp_async_16(dV + kv_at(r, wcol), ok ? vs : v, ok);
+          if (parts & kPartK) cp_async_16(dK + Layout::at(r, wcol), ok ? ks : k, ok);
+          if (parts & kPartV) cp_async_16(dV + Layout::at(r, wcol), ok ? vs : v, ok);
           ks += ksw;
           vs += vsw;
         }
@@ -381,8 +380,8 @@ flash_fwd_decode_kernel(const FwdParams p) {
 #pragma unroll
         for (int j = 0; j < kBlockN / kRowStep; ++j) {
           const int r = j * kRowStep + lr0;
-          cp_async_16(dK + kv_at(r, lcol), ks, true);
-          cp_async_16(dV + kv_at(r, lcol), vs, true);
+          cp_async_16(dK + Layout::at(r, lcol), ks, true);
+          cp_async_16(dV + Layout::at(r, lcol), vs, true);
           ks += k_step;
           vs += v_step;
         }
@@ -390,8 +389,8 @@ flash_fwd_decode_kernel(const FwdParams p) {
 #pragma unroll
         for (int j = 0; j < kBlockN / kRowStep; ++j) {
           const int r = j * kRowStep + lr0;
-          cp_async_16(dK + kv_at(r, lcol), k, false);
-          cp_async_16(dV + kv_at(r, lcol), v, false);
+          cp_async_16(dK + Layout::at(r, lcol), k, false);
+          cp_async_16(dV + Layout::at(r, lcol), v, false);
         }
       }
     } else if constexpr (kLeanIssue) {
@@ -413,8 +412,8 @@ flash_fwd_decode_kernel(const FwdParams p) {
         for (int j = 0; j < 16 / kRowStep; ++j) {
           const int r = 16 * g + j * kRowStep + lr0;
           const bool ok = col_ok && r < valid;
-          cp_async_16(dK + kv_at(r, lcol), ok ? ks : k, ok);
-          cp_async_16(dV + kv_at(r, lcol), ok ? vs : v, ok);
+          cp_async_16(dK + Layout::at(r, lcol), ok ? ks : k, ok);
+          cp_async_16(dV + Layout::at(r, lcol), ok ? vs : v, ok);
           ks += k_step;
           vs += v_step;
         }
@@ -443,8 +442,8 @@ flash_fwd_decode_kernel(const FwdParams p) {
         for (int c = threadIdx.x; c < 16 * kChunks; c += kThreads) {
           const int rr = c / kChunks, col = (c % kChunks) * 8, r = 16 * g + rr;
           const bool ok = r < valid && col < p.head_dim;
-          cp_async_16(dK + kv_at(r, col), ok ? k + gk[g] + rr * p.k_row_stride + col : k, ok);
-          cp_async_16(dV + kv_at(r, col), ok ? v + gv[g] + rr * p.v_row_stride + col : v, ok);
+          cp_async_16(dK + Layout::at(r, col), ok ? k + gk[g] + rr * p.k_row_stride + col : k, ok);
+          cp_async_16(dV + Layout::at(r, col), ok ? v + gv[g] + rr * p.v_row_stride + col : v, ok);
         }
     }
     if ((kHasMask || kHasBias) && (parts & kPartK)) {
@@ -540,8 +539,9 @@ flash_fwd_decode_kernel(const FwdParams p) {
 #pragma unroll
     for (int ks = 0; ks < kHeadDim / 16; ++ks) {
       uint32_t a[4], kb[4];
-      ldmatrix_x4(a, sQ + ldsm_a_row(lane) * kStride + ks * 16 + ldsm_a_col(lane));
-      ldmatrix_x4(kb, sKs + kv_at(16 * warp + ldsm_nk_row(lane), ks * 16 + ldsm_nk_col(lane)));
+      ldmatrix_x4(a, sQ + ldsm_a_row(lane) * kQStride + ks * 16 + ldsm_a_col(lane));
+      ldmatrix_x4(kb,
+                  sKs + Layout::at(16 * warp + ldsm_nk_row(lane), ks * 16 + ldsm_nk_col(lane)));
       mma_16816<T>(s[0], a, kb[0], kb[1]);
       mma_16816<T>(s[1], a, kb[2], kb[3]);
     }
@@ -594,8 +594,8 @@ flash_fwd_decode_kernel(const FwdParams p) {
 #pragma unroll
     for (int dd = 0; dd < kDF / 2; ++dd) {
       uint32_t vb[4];
-      ldmatrix_x4_trans(vb,
-                        sVs + kv_at(16 * warp + ldsm_kn_row(lane), dd * 16 + ldsm_kn_col(lane)));
+      const int vr = 16 * warp + ldsm_kn_row(lane);
+      ldmatrix_x4_trans(vb, sVs + Layout::at(vr, dd * 16 + ldsm_kn_col(lane)));
       mma_16816<T>(o[2 * dd], a, vb[0], vb[1]);
       mma_16816<T>(o[2 * dd + 1], a, vb[2], vb[3]);
     }
