@@ -51,7 +51,8 @@ BLOCK_M = 16            # packed (query, head) rows per CTA
 NUM_WARPS = 4
 BLOCK_N = 16 * NUM_WARPS  # keys per tile: 16 per warp
 MAX_SPLITS = 128
-COMBINE_WARPS = 4       # (row, head) pairs per combine CTA
+COMBINE_WARPS = 8       # warps per combine CTA (each pair merged by combine_warps_per_pair)
+COMBINE_BATCH = 4       # fwd_combine.cu's kCombineBatch: splits one warp loads at once
 RESERVED_SMEM_PER_CTA = 1024  # shared memory the driver reserves per resident CTA
 RING_STAGES = 6         # the ring kernel's default depth (at most; fewer where they do not fit)
 DEEP_STAGES = 3         # fwd_decode.cu's deeper pipeline, specialized at DEEP_HEAD_DIMS only
@@ -112,6 +113,19 @@ def ring_stages(pb: Problem, dev: DeviceProps, mask_rows: int, bias_rows: int,
     return fit[-1] if fit else 0
 
 
+def combine_warps_per_pair(num_splits: int, num_warps: int = COMBINE_WARPS) -> int:
+    """fwd_combine.cu's warps per (row, head) pair: the fewest (a power of two up to the
+    CTA's) whose splits fit one load batch each."""
+    w = 1
+    while w < num_warps and w * COMBINE_BATCH < num_splits:
+        w *= 2
+    return w
+
+
+def combine_grid(n_pairs: int, num_splits: int) -> tuple[int, int, int]:
+    return math.ceil(n_pairs * combine_warps_per_pair(num_splits) / COMBINE_WARPS), 1, 1
+
+
 def combine_spec(pb: Problem, arch: str = "sm_80") -> KernelSpec:
     return KernelSpec(family="fwd_combine", block_m=1, block_n=1, num_warps=COMBINE_WARPS,
                       **_common(pb, arch))
@@ -149,31 +163,45 @@ def num_m_blocks(pb: Problem) -> int:
     return max(1, math.ceil(pb.seqlen_q * (pb.heads // pb.kv_heads) / BLOCK_M))
 
 
-def num_splits_heuristic(ctas: int, slots: int, n_tiles: int, max_splits: int = MAX_SPLITS) -> int:
-    """FlashAttention-2's rule with a stricter fill: no split when the CTAs fill 80% of the
-    resident slots (unless the last wave is under 80% full: 512 CTAs on 396 slots, 1.29 waves);
-    else the fewest splits whose wave efficiency (CTAs / slots over its ceiling) is within 95% of
-    the best (FlashAttention-2: 85%), among split counts that actually shorten the per-split tile
-    count. Measured on the H200 decode case: 3 splits (3.88 waves) 3771 GB/s against 2887
-    unsplit, 2 splits 3528, 4 splits 3744; at d64 with 4 CTAs per SM (528 slots), B8 Sk32768
-    took 7 splits (0.85 waves) under 85% and lost 5.6% to 3 CTAs per SM."""
+def num_splits_heuristic(ctas: int, slots: int, n_tiles: int, max_splits: int = MAX_SPLITS,
+                         sms: int | None = None) -> int:
+    """The split count of a grid of ``ctas`` CTAs of ``n_tiles`` key tiles each on ``sms`` SMs
+    holding ``slots`` resident CTAs (``sms`` None: one slot per SM, the persistent ring).
+
+    No split when the CTAs fill 80% of the slots, unless the last wave is under 80% full (512
+    CTAs on 396 slots, 1.29 waves): then FlashAttention-2's rule, the fewest splits whose wave
+    efficiency (CTAs / slots over its ceiling) is within 95% of the best (H200 decode case at 2
+    stages: 3 splits, 3.88 waves, 3771 GB/s against 2887 unsplit, 2 splits 3528, 4 splits 3744).
+
+    A grid under that fill splits into one wave: the split count, among those that shorten the
+    per-split tile count, with the fewest key tiles on the busiest SM (CTAs round-robin over
+    the SMs: ceil(ctas * s / sms) * ceil(n_tiles / s)), counting only counts that put a second
+    CTA on some SM where one exists, ties to more splits (more CTAs per SM hide more latency).
+    At d128 that is ~2 CTAs per SM where the 95% wave rule took ~3 (8 KV heads, 1 sequence x
+    8192 keys: 32 splits of 4 tiles, 8 tiles on the busiest SM, against 43 of 3, 9 tiles):
+    H200 graph-replayed, 1.5-5% faster at 1 x 8192 up to 16 x 2048 keys, even at 4 x 2048
+    (BENCHMARKS.md, twenty-fifth session)."""
     if n_tiles <= 1:
         return 1
-    tail = ctas >= 0.8 * slots and ctas / slots / math.ceil(ctas / slots) < 0.8
-    if ctas >= 0.8 * slots and not tail:
-        return 1
+    sms = slots if sms is None else sms
     max_splits = min(max_splits, n_tiles, max(1, slots))
 
     def eligible(s: int) -> bool:
         return s == 1 or math.ceil(n_tiles / s) != math.ceil(n_tiles / (s - 1))
 
-    effs = {}
-    for s in range(1, max_splits + 1):
-        if eligible(s):
-            waves = ctas * s / slots
-            effs[s] = waves / math.ceil(waves)
-    best = max(effs.values())
-    return min(s for s, e in effs.items() if e >= 0.95 * best)
+    if ctas >= 0.8 * slots:
+        if ctas / slots / math.ceil(ctas / slots) >= 0.8:
+            return 1
+        effs = {}
+        for s in range(1, max_splits + 1):
+            if eligible(s):
+                waves = ctas * s / slots
+                effs[s] = waves / math.ceil(waves)
+        best = max(effs.values())
+        return min(s for s, e in effs.items() if e >= 0.95 * best)
+    one_wave = [s for s in range(1, max_splits + 1) if eligible(s) and ctas * s <= slots]
+    doubled = [s for s in one_wave if ctas * s > sms] or one_wave
+    return min(doubled, key=lambda s: (math.ceil(ctas * s / sms) * math.ceil(n_tiles / s), -s))
 
 
 def choose_stages(pb: Problem, spec: KernelSpec, registers: int, dev: DeviceProps,
@@ -197,7 +225,8 @@ def choose_stages(pb: Problem, spec: KernelSpec, registers: int, dev: DeviceProp
         return 1
     ctas = num_m_blocks(pb) * pb.kv_heads * pb.batch
     slots = dev.sm_count * resident_ctas(spec, registers, dev, deep_smem)
-    return DEEP_STAGES if num_splits_heuristic(ctas, slots, n_tiles) == 1 else 1
+    return DEEP_STAGES if num_splits_heuristic(ctas, slots, n_tiles,
+                                               sms=dev.sm_count) == 1 else 1
 
 
 def slot_mode(row_stride: int, qseq_stride: int, head_ratio: int, q_per_kv: int) -> int:
@@ -258,7 +287,7 @@ def choose_num_splits(pb: Problem, spec: KernelSpec, registers: int, dev: Device
     if spec.family == "fwd_decode_ring":  # persistent: one CTA per SM takes the items
         return num_splits_heuristic(ctas, dev.sm_count, n_tiles)
     slots = dev.sm_count * resident_ctas(spec, registers, dev, smem)
-    return num_splits_heuristic(ctas, slots, n_tiles)
+    return num_splits_heuristic(ctas, slots, n_tiles, sms=dev.sm_count)
 
 
 def ring_grid(pb: Problem, num_splits: int, dev: DeviceProps) -> tuple[int, int, int]:
@@ -344,7 +373,7 @@ def plan_decode(pb: Problem, plan: Plan, query: Any, out: ArrayInfo, lse_ptr: in
     if ns > 1:
         combine = runtime.get_kernel(combine_spec(pb, props.arch), dev)
         n_pairs = total_rows * pb.heads
-        plan.launches.append(Launch(combine, (math.ceil(n_pairs / COMBINE_WARPS), 1, 1), (rec,)))
+        plan.launches.append(Launch(combine, combine_grid(n_pairs, ns), (rec,)))
     return keep
 
 

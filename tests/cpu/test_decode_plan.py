@@ -84,7 +84,7 @@ def test_specs_and_resources():
     # launch bounds' 3 blocks); 16 rows each hold two
     assert decode.resident_ctas(spec, 168, H100, decode.launch_smem(spec, rec)) == 3
     assert decode.resident_ctas(spec, registers=168, dev=H100) == 2
-    assert decode.combine_spec(pb).id == "fwd_combine_bf16_d128_m1n1w4_mask0_bias0_varlen0"
+    assert decode.combine_spec(pb).id == "fwd_combine_bf16_d128_m1n1w8_mask0_bias0_varlen0"
     assert decode.num_m_blocks(dataclasses.replace(pb, seqlen_q=8)) == 2  # 8 q x 4 heads / 16
     specs = decode.all_decode_specs()
     # 96 decode + 12 combine; + 16 three-stage decode specs at d128 (the append spec: kvcache.py)
@@ -143,6 +143,25 @@ def test_stage_switch_sizes_the_launch_like_the_kernel(monkeypatch):
     assert decode.choose_num_splits(pb, spec, 168, H100, smem3) == 1
 
 
+def test_under_filled_grids_split_into_one_balanced_wave():
+    """Grids under 80% of the slots split into one wave with the fewest key tiles on the
+    busiest SM (H200 d128: 132 SMs x 3 slots), ~2 CTAs per SM: the counts measured faster than
+    the 95% wave rule's ~3 (twenty-fifth session: 1 x 8192, 1 x 32768, 2 x 8192, 4 x 16384,
+    8 x 4096 and 16 x 2048 keys at 8 KV heads)."""
+    measured = {(8, 128): 32, (8, 512): 32, (16, 128): 16, (32, 256): 8, (64, 64): 4,
+                (128, 32): 2}
+    for (ctas, n_tiles), splits in measured.items():
+        assert decode.num_splits_heuristic(ctas, 396, n_tiles, sms=132) == splits
+    for ctas in (1, 3, 8, 40, 100, 300):
+        for n_tiles in (2, 7, 64, 128, 513):
+            s = decode.num_splits_heuristic(ctas, 396, n_tiles, sms=132)
+            assert ctas * s <= 396 or s == 1            # one wave
+            busiest = -(-ctas * s // 132) * -(-n_tiles // s)
+            for t in range(1, min(n_tiles, 128) + 1):   # no one-wave count that adds a CTA
+                if ctas * t <= 396 and (ctas * t > 132 or ctas * s <= 132):  # beats it
+                    assert busiest <= -(-ctas * t // 132) * -(-n_tiles // t), (ctas, n_tiles, t)
+
+
 def test_tail_wave_splits():
     """Grids that fill the slots but leave a thin last wave split to fill it (the H200 decode
     case: 512 CTAs on 396 slots, 3 splits measured best); full-enough grids do not split."""
@@ -184,3 +203,29 @@ def test_deep_stages_where_the_grid_then_runs_unsplit(monkeypatch):
     monkeypatch.setenv("DMATTN_DECODE_STAGES", "4")
     with pytest.raises(ValueError, match="DMATTN_DECODE_STAGES"):
         stages(bench)
+
+
+def test_combine_warps_per_pair_matches_the_kernel():
+    """fwd_combine.cu merges a pair with combine_warps_per_pair(ns) warps, warp part taking
+    splits part, part + wpp, ...: the host's grid holds every pair at that rate, each split is
+    taken once, no warp loads more than one batch where the CTA's warps suffice, and the
+    kernel's constexpr equals the host's mirror at every split count and CTA width."""
+    from nvrtc_check import compile_static_asserts
+
+    lines = ['#include "fwd_combine.cu"']
+    for warps in (1, 2, 4, 8):
+        for ns in range(1, decode.MAX_SPLITS + 1):
+            wpp = decode.combine_warps_per_pair(ns, warps)
+            assert wpp & (wpp - 1) == 0 and warps % wpp == 0
+            taken = sorted(s for part in range(wpp) for s in range(part, ns, wpp))
+            assert taken == list(range(ns))
+            assert wpp == warps or -(-ns // wpp) <= decode.COMBINE_BATCH
+            assert wpp == 1 or -(-ns // (wpp // 2)) > decode.COMBINE_BATCH   # the fewest
+            lines.append(f"static_assert(dm::combine_warps_per_pair({ns}, {warps}) == {wpp});")
+    for pairs in (1, 7, 32, 2048):
+        for ns in (2, 5, 43, 128):
+            per_cta = decode.COMBINE_WARPS // decode.combine_warps_per_pair(ns)
+            assert decode.combine_grid(pairs, ns)[0] * per_cta >= pairs
+            assert (decode.combine_grid(pairs, ns)[0] - 1) * per_cta < pairs
+    lines.append(f"static_assert(dm::kCombineBatch == {decode.COMBINE_BATCH});")
+    compile_static_asserts("\n".join(lines) + "\n", "combine_check.cu")

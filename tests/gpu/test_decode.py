@@ -16,6 +16,9 @@ torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.gpu
 
 SPLITS = ["1", "4"]  # DMATTN_NUM_SPLITS: off, and forced on
+# fwd_combine.cu merges a (row, head) pair with 2, 4, 8 and 8 warps (37: splits not a multiple
+# of the warps x batch; 128 capped at the key tiles)
+COMBINE_SPLITS = ["6", "13", "37", "128"]
 
 
 @pytest.fixture(autouse=True)
@@ -223,6 +226,25 @@ def test_fully_masked_rows_and_false_tiles(splits, monkeypatch):
     out, lse = _check_varlen(lens_q, lens_k, h, hk, mask=mask.cuda(), bias=bias, seed=8)
     assert (f64(out)[:2] == 0).all() and np.isneginf(f64(lse)[:, :2]).all()
     assert np.isneginf(f64(lse)[5:, 3:]).all()
+
+
+@pytest.mark.parametrize("splits", COMBINE_SPLITS, ids=lambda s: f"splits{s}")
+def test_combine_warps_per_pair(splits, monkeypatch, calls):
+    """Split counts the combine merges with several warps per pair: 42 pairs (the last CTA
+    partly idle at 2 and 4 warps a pair), sequences shorter than the longest (their last splits
+    empty) or empty, a key range no split of sequence 0 keeps, a head that keeps nothing."""
+    monkeypatch.setenv("DMATTN_NUM_SPLITS", splits)
+    h, hk = 6, 2
+    lens_q, lens_k = [1, 3, 1, 2], [4100, 700, 0, 2500]
+    tq, tk = sum(lens_q), sum(lens_k)
+    mask = _layout("mask", "k", h, tq, tk, max(lens_k), 71)
+    mask[1000:3000] = False
+    mask[4800:, 4] = False            # sequence 3 (keys 4800..7299), head 4: nothing kept
+    bias = _layout("bias", "k", hk, tq, tk, max(lens_k), 72)
+    out, lse = _check_varlen(lens_q, lens_k, h, hk, d=128, mask=mask, bias=bias, seed=73)
+    assert calls == [min(int(splits), -(-max(lens_k) // decode.BLOCK_N))]
+    assert np.isneginf(f64(lse)[4, 5:]).all() and (f64(out)[5:, 4] == 0).all()
+    assert np.isneginf(f64(lse)[:, 4]).all() and np.isfinite(f64(lse)[:4, :4]).all()
 
 
 @pytest.mark.parametrize("splits", SPLITS, ids=lambda s: f"splits{s}")
