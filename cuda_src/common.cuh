@@ -15,6 +15,22 @@ typedef unsigned long long uint64_t;
 namespace dm {
 
 constexpr float kLog2e = 1.4426950408889634f;
+
+// Programmatic dependent launch (sm_90+; no-ops on older targets). A kernel launched with
+// programmatic stream serialization (runtime.LaunchConfig) may start before the kernel ahead of
+// it in the stream ends: grid_dependency_wait() returns once that kernel has completed and its
+// writes are visible (at once for a plain launch). grid_dependents_launch() lets the next such
+// launch start before this grid ends (it still waits for this grid's writes).
+DM_DEVICE void grid_dependency_wait() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+DM_DEVICE void grid_dependents_launch() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
 #define DM_INF (__int_as_float(0x7f800000))  // +inf
 
 // One 16-bit storage type per element kind; both are converted through float.

@@ -6,6 +6,8 @@
 // Partials are indexed ((row * H + h) * num_splits + s), row = b * seqlen_q + i (dense) or the
 // packed query index (varlen, told apart at run time by cu_seqlens_q). The template mirrors the
 // other forward kernels so one KernelSpec names it; only T, kHeadDim and kNumWarps are read.
+// On sm_90+ it is launched programmatically (decode.py, DMATTN_PDL): its CTAs may start while
+// the decode grid runs and wait for the partials in grid_dependency_wait.
 #pragma once
 #include "common.cuh"
 #include "params.cuh"
@@ -37,6 +39,7 @@ flash_fwd_combine_kernel(const FwdParams p) {
   const int64_t pid = int64_t(blockIdx.x) * (kNumWarps / wpp) + warp / wpp;
   const bool active = pid < int64_t(p.total_rows) * p.heads;
   const float* lse_s = p.lse_accum + pid * ns;
+  grid_dependency_wait();   // the partials are the decode kernel's (a programmatic launch)
   // Lane owns columns 2 * lane + 64 * c (pairs, so the output is written 4 bytes at a time).
   constexpr int kPairs = (kHeadDim + 63) / 64;
   float acc[kPairs][2];

@@ -373,7 +373,8 @@ def plan_decode(pb: Problem, plan: Plan, query: Any, out: ArrayInfo, lse_ptr: in
     if ns > 1:
         combine = runtime.get_kernel(combine_spec(pb, props.arch), dev)
         n_pairs = total_rows * pb.heads
-        plan.launches.append(Launch(combine, combine_grid(n_pairs, ns), (rec,)))
+        plan.launches.append(Launch(combine, combine_grid(n_pairs, ns), (rec,),
+                                    programmatic=props.cc[0] >= 9 and env.programmatic_launches()))
     return keep
 
 

@@ -164,12 +164,20 @@ def sm90_fwd_order() -> bool:
     return os.environ.get("DMATTN_SM90_FWD_ORDER", "1") != "0"
 
 
+def programmatic_launches() -> bool:
+    """``DMATTN_PDL``: on by default (anything but ``0``), on compute capability 9.0+ a kernel
+    that only reads what the launch before it wrote (the split-KV combine) is launched with
+    programmatic stream serialization, so its launch overlaps the end of the previous kernel;
+    ``0`` launches it plainly. A plan variable."""
+    return os.environ.get("DMATTN_PDL", "1") != "0"
+
+
 # Variables that change which plan a call gets (family, tile, decode, splits, device checks).
 PLAN_VARIABLES = ("DMATTN_FWD_FAMILY", "DMATTN_BWD_FAMILY", "DMATTN_FWD_TILE", "DMATTN_DECODE",
                   "DMATTN_NUM_SPLITS", "DMATTN_CHECK", "DMATTN_NVRTC_DEFINES",
                   "DMATTN_SM90_BWD_SPARSE", "DMATTN_SM90_BWD_ORDER", "DMATTN_SM90_FWD_ORDER",
                   "DMATTN_DECODE_RING",
-                  "DMATTN_DECODE_RING_STAGES", "DMATTN_DECODE_STAGES")
+                  "DMATTN_DECODE_RING_STAGES", "DMATTN_DECODE_STAGES", "DMATTN_PDL")
 _environ_data = getattr(os.environ, "_data", None)
 _encoded = tuple(os.environ.encodekey(n) for n in PLAN_VARIABLES) \
     if _environ_data is not None and hasattr(os.environ, "encodekey") else None

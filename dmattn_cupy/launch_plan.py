@@ -32,6 +32,9 @@ class Launch:
     grid: tuple[int, int, int]
     args: tuple[np.ndarray, ...] = field(repr=False)  # one-element records, passed by value
     shared_mem: int | None = None      # None: the spec's
+    # launched with programmatic stream serialization (runtime.LaunchConfig): it may start
+    # while the previous launch runs, and waits for it (griddepcontrol.wait) before reading
+    programmatic: bool = False
 
 
 @dataclass(frozen=True)
@@ -107,7 +110,9 @@ class Plan:
         """Launch as built (pointers already in the records) through ``runtime.launch``."""
         for ln in self.launches:
             args = tuple(a[0] for a in ln.args)
-            if ln.shared_mem is None:
+            if ln.programmatic:
+                runtime.launch(ln.kernel, ln.grid, args, stream, ln.shared_mem, programmatic=True)
+            elif ln.shared_mem is None:
                 runtime.launch(ln.kernel, ln.grid, args, stream)
             else:
                 runtime.launch(ln.kernel, ln.grid, args, stream, ln.shared_mem)
@@ -122,8 +127,11 @@ class Plan:
             ptrs = np.array([a.ctypes.data for a in ln.args], dtype=np.uint64)
             spec = ln.kernel.spec
             smem = spec.dynamic_smem if ln.shared_mem is None else ln.shared_mem
-            calls.append((ln.kernel.function.ptr, ln.grid, (spec.threads, 1, 1), smem,
-                          int(ptrs.ctypes.data)))
+            block = (spec.threads, 1, 1)
+            config = runtime.LaunchConfig(ln.grid, block, smem) if ln.programmatic \
+                else None
+            calls.append((ln.kernel.function.ptr, ln.grid, block, smem, int(ptrs.ctypes.data),
+                          config))
             self.extra.setdefault("_params", []).append(ptrs)   # keeps the array alive
         self._bound = (tuple(patches), tuple(calls), self.sources)
         return self._bound
@@ -146,8 +154,8 @@ class Plan:
                 for c in self.copies:
                     row_pad.copy_rows(dev, named[c.dst], c.dst_pitch, named[c.src], c.src_pitch,
                                       c.width, c.rows, stream)
-            for fn, grid, block, smem, params in calls:
-                runtime.launch_raw(dev, fn, grid, block, smem, stream, params)
+            for fn, grid, block, smem, params, config in calls:
+                runtime.launch_raw(dev, fn, grid, block, smem, stream, params, config)
 
 
 class PlanCache:

@@ -194,12 +194,20 @@ Dim3 = tuple[int, int, int]
 
 
 def launch(kernel: Kernel, grid: Dim3, args: tuple[Any, ...], stream: Any,
-           shared_mem: int | None = None) -> None:
+           shared_mem: int | None = None, programmatic: bool = False) -> None:
     """Launch ``kernel`` with ``kernel.spec.threads`` threads per block and ``args`` (NumPy
-    records, each passed by value) on ``stream``; ``shared_mem`` defaults to the spec's."""
+    records, each passed by value) on ``stream``; ``shared_mem`` defaults to the spec's.
+    ``programmatic``: with programmatic stream serialization (see ``LaunchConfig``)."""
     import cupy
 
     smem = kernel.spec.dynamic_smem if shared_mem is None else shared_mem
+    if programmatic:
+        bufs = [np.ascontiguousarray(np.asarray(a)).reshape(-1) for a in args]  # alive below
+        params = np.array([b.ctypes.data for b in bufs], dtype=np.uint64)
+        launch_raw(kernel.device, kernel.function.ptr, grid, (kernel.spec.threads, 1, 1), smem,
+                   stream.ptr, int(params.ctypes.data),
+                   LaunchConfig(grid, (kernel.spec.threads, 1, 1), smem))
+        return
     with cupy.cuda.Device(kernel.device):
         kernel.function(grid, (kernel.spec.threads, 1, 1), args, shared_mem=smem, stream=stream)
 
@@ -215,6 +223,7 @@ class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
 
 
 _CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION = 4
+_CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6
 
 
 @cache
@@ -224,6 +233,33 @@ def _cu_launch_kernel_ex() -> Any:
     fn.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p,
                    ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
     return fn
+
+
+@cache
+def _cu_launch_kernel_ex_raw() -> Any:
+    """cuLaunchKernelEx taking every argument as an address (the thin path's call)."""
+    fn = ctypes.CDLL("libcuda.so.1").cuLaunchKernelEx
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p] * 4
+    return fn
+
+
+class LaunchConfig:
+    """A prebuilt ``CUlaunchConfig`` with programmatic stream serialization (sm_90+): the
+    launch may begin before the previous kernel in its stream has finished (once that kernel's
+    CTAs have all run ``griddepcontrol.launch_dependents`` or exited); the kernel itself must
+    run ``griddepcontrol.wait`` (common.cuh, grid_dependency_wait) before it reads what the
+    previous kernel wrote. Only the stream changes between launches."""
+
+    __slots__ = ("cfg", "attr", "address")
+
+    def __init__(self, grid: Dim3, block: Dim3, shared_mem: int) -> None:
+        self.attr = _LaunchAttr(id=_CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION)
+        self.attr.value[0] = 1
+        self.cfg = _LaunchConfig(grid=(ctypes.c_uint * 3)(*grid),
+                                 block=(ctypes.c_uint * 3)(*block), shared=shared_mem,
+                                 stream=None, attrs=ctypes.pointer(self.attr), num_attrs=1)
+        self.address = ctypes.addressof(self.cfg)
 
 
 def launch_ex(kernel: Kernel, grid: Dim3, args: tuple[Any, ...], stream: Any,
@@ -262,19 +298,26 @@ _raw: list[Any] = []
 _CUDA_ERROR_INVALID_CONTEXT = 201
 
 
+def _bind_raw() -> list[Any]:
+    import cupy
+    from cupy_backends.cuda.api import driver
+    from cupy_backends.cuda.api import runtime as rt
+
+    _raw[:] = [driver.launchKernel, rt.getDevice, cupy.cuda.Device, driver.CUDADriverError,
+               rt.setDevice]
+    return _raw
+
+
 def launch_raw(device: int, function_ptr: int, grid: Dim3, block: Dim3, shared_mem: int,
-               stream: int, params_ptr: int) -> None:
+               stream: int, params_ptr: int, config: LaunchConfig | None = None) -> None:
     """``cuLaunchKernel`` on a raw stream handle; ``params_ptr`` is the address of a ``void*``
     array pointing at each argument's bytes (the driver copies them at the call, so the caller
-    may patch its buffers for the next launch). The thin launch path's launch."""
-    if not _raw:
-        import cupy
-        from cupy_backends.cuda.api import driver
-        from cupy_backends.cuda.api import runtime as rt
-
-        _raw[:] = [driver.launchKernel, rt.getDevice, cupy.cuda.Device, driver.CUDADriverError,
-                   rt.setDevice]
-    launch_kernel, get_device, device_ctx, driver_error, set_device = _raw
+    may patch its buffers for the next launch). The thin launch path's launch. ``config``: a
+    programmatic launch (``cuLaunchKernelEx``) of the same grid, block and shared memory."""
+    if config is not None:
+        _launch_programmatic(device, function_ptr, stream, params_ptr, config)
+        return
+    launch_kernel, get_device, device_ctx, driver_error, set_device = _raw or _bind_raw()
     args = (function_ptr, grid[0], grid[1], grid[2], block[0], block[1], block[2], shared_mem,
             stream, params_ptr, 0)
     try:
@@ -292,3 +335,21 @@ def launch_raw(device: int, function_ptr: int, grid: Dim3, block: Dim3, shared_m
         with device_ctx(device):
             set_device(device)
             launch_kernel(*args)
+
+
+def _launch_programmatic(device: int, function_ptr: int, stream: int, params_ptr: int,
+                         config: LaunchConfig) -> None:
+    _, get_device, device_ctx, _, set_device = _raw or _bind_raw()
+    config.cfg.stream = stream
+    launch = _cu_launch_kernel_ex_raw()
+    if get_device() == device:
+        err = launch(config.address, function_ptr, params_ptr, None)
+    else:
+        with device_ctx(device):
+            err = launch(config.address, function_ptr, params_ptr, None)
+    if err == _CUDA_ERROR_INVALID_CONTEXT:   # as in launch_raw: bind the primary context
+        with device_ctx(device):
+            set_device(device)
+            err = launch(config.address, function_ptr, params_ptr, None)
+    if err != 0:
+        raise RuntimeError(f"cuLaunchKernelEx (programmatic) failed: CUresult {err}")

@@ -134,6 +134,9 @@ flash_fwd_decode_kernel(const FwdParams p) {
   static_assert(kBlockM == 16, "one m16 slab of packed (query, head) rows per CTA");
   static_assert(kBlockN == 16 * kNumWarps && kBlockN == 64, "each warp owns 16 keys of a tile");
   static_assert(kHeadDim % 16 == 0, "head dim is padded to a multiple of 16");
+  // The split combine (a programmatic launch) may start as soon as every CTA is running: its
+  // CTAs then wait in grid_dependency_wait instead of behind this grid's end and a launch.
+  grid_dependents_launch();
   constexpr int kThreads = kNumWarps * 32;
   constexpr int kStages = decode_stages(kSpecStages);
   static_assert(kDecodeBtSlots >= kStages + 1, "block-table ring holds the tiles in flight");

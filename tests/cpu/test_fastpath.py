@@ -73,13 +73,16 @@ class Capture:
                                      stack_frame=0, static_smem=0, log="")
         return runtime.Kernel(spec, dev, _Fn(ptr), ck)
 
-    def launch(self, kernel, grid, args, stream, shared_mem=None):
+    def launch(self, kernel, grid, args, stream, shared_mem=None, programmatic=False):
         smem = kernel.spec.dynamic_smem if shared_mem is None else shared_mem
+        assert programmatic == (kernel.spec.family == "fwd_combine"), kernel.spec.family
         self.launches.append(("slow", kernel.spec.family, tuple(grid),
                               [a.tobytes() for a in args], smem))
 
-    def launch_raw(self, device, fn, grid, block, smem, stream, params):
+    def launch_raw(self, device, fn, grid, block, smem, stream, params, config=None):
         spec = self.specs[fn]
+        # only the combine overlaps the kernel before it (sm_90 preset: programmatic launches)
+        assert (config is not None) == (spec.family == "fwd_combine"), spec.family
         sizes = [_PARAMS[spec.row.params].itemsize]
         if spec.family in ("fwd_sm90", "fwd_order"):   # the order kernel reads the same args
             sizes.append(forward_sm90.ARGS_DTYPE.itemsize)

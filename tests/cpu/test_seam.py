@@ -330,3 +330,55 @@ def test_hopper_forward_takes_dense_problems_on_cc90_only(monkeypatch) -> None:
     monkeypatch.setenv("DMATTN_FWD_FAMILY", "nope")
     with pytest.raises(ValueError, match="DMATTN_FWD_FAMILY"):
         select.forward(dense, H100)
+
+
+def test_programmatic_launches_pass_the_serialization_attribute(monkeypatch) -> None:
+    """launch(programmatic=True) and launch_raw(config=LaunchConfig) call cuLaunchKernelEx with
+    CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION (6) set to 1, the launch's dims,
+    stream and argument pointers; the ctypes structs have CUDA's field offsets."""
+    import ctypes
+
+    import numpy as np
+
+    from dmattn_cupy import runtime
+    from dmattn_cupy.params import new_fwd_params
+
+    assert (runtime._LaunchConfig.stream.offset, runtime._LaunchConfig.attrs.offset,
+            runtime._LaunchConfig.num_attrs.offset) == (32, 40, 48)
+    assert (runtime._LaunchAttr.value.offset, ctypes.sizeof(runtime._LaunchAttr)) == (8, 72)
+    params = new_fwd_params()
+    params[0]["seqlen_q"] = 77
+    seen = []
+
+    def fake_launch(cfg_addr, fn, args, extra):
+        cfg = runtime._LaunchConfig.from_address(cfg_addr)
+        arg0 = ctypes.c_uint64.from_address(args).value
+        seen.append((tuple(cfg.grid), tuple(cfg.block), cfg.shared, cfg.stream, cfg.num_attrs,
+                     cfg.attrs[0].id, cfg.attrs[0].value[0], fn,
+                     bytes((ctypes.c_ubyte * params.itemsize).from_address(arg0))))
+        return 0
+
+    class NoDevice:
+        def __init__(self, device): ...
+        def __enter__(self): return self
+        def __exit__(self, *exc): return False
+
+    class FakeFunction:
+        ptr = 0x1234
+
+    class FakeStream:
+        ptr = 0x5678
+
+    monkeypatch.setattr(runtime, "_cu_launch_kernel_ex_raw", lambda: fake_launch)
+    monkeypatch.setattr(runtime, "_raw", [None, lambda: 0, NoDevice, RuntimeError,
+                                          lambda dev: None])
+    spec = select.forward(_pb(), H100)
+    kernel = runtime.Kernel(spec, 0, FakeFunction(), None)
+    runtime.launch(kernel, (4, 2, 1), (params[0],), FakeStream(), 1000, programmatic=True)
+    rec = np.array(params)   # what a plan keeps: a record and its pointer array
+    ptrs = np.array([rec.ctypes.data], dtype=np.uint64)
+    config = runtime.LaunchConfig((3, 1, 1), (128, 1, 1), 2000)
+    runtime.launch_raw(1, 0x99, (3, 1, 1), (128, 1, 1), 2000, 0x77, ptrs.ctypes.data, config)
+    want = params.tobytes()
+    assert seen == [((4, 2, 1), (spec.threads, 1, 1), 1000, 0x5678, 1, 6, 1, 0x1234, want),
+                    ((3, 1, 1), (128, 1, 1), 2000, 0x77, 1, 6, 1, 0x99, want)]
