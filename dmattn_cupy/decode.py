@@ -369,12 +369,16 @@ def plan_decode(pb: Problem, plan: Plan, query: Any, out: ArrayInfo, lse_ptr: in
         else:
             for name, off in slots:
                 plan.slot_at(name, extra[0], off)
+    # Never a programmatic launch itself: launched during the KV-cache append, its CTAs were
+    # placed around the append's and the split grid ran unbalanced (+5-14% at 8 x 4096 and
+    # 8 x 8192 keys, H200, BENCHMARKS.md).
     plan.launches.append(Launch(kernel, grid, (rec, *extra), shared_mem=smem))
     if ns > 1:
         combine = runtime.get_kernel(combine_spec(pb, props.arch), dev)
         n_pairs = total_rows * pb.heads
         plan.launches.append(Launch(combine, combine_grid(n_pairs, ns), (rec,),
-                                    programmatic=props.cc[0] >= 9 and env.programmatic_launches()))
+                                    programmatic=props.cc[0] >= 9
+                                    and env.programmatic_launches()))
     return keep
 
 

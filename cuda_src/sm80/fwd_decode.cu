@@ -134,9 +134,6 @@ flash_fwd_decode_kernel(const FwdParams p) {
   static_assert(kBlockM == 16, "one m16 slab of packed (query, head) rows per CTA");
   static_assert(kBlockN == 16 * kNumWarps && kBlockN == 64, "each warp owns 16 keys of a tile");
   static_assert(kHeadDim % 16 == 0, "head dim is padded to a multiple of 16");
-  // The split combine (a programmatic launch) may start as soon as every CTA is running: its
-  // CTAs then wait in grid_dependency_wait instead of behind this grid's end and a launch.
-  grid_dependents_launch();
   constexpr int kThreads = kNumWarps * 32;
   constexpr int kStages = decode_stages(kSpecStages);
   static_assert(kDecodeBtSlots >= kStages + 1, "block-table ring holds the tiles in flight");
@@ -613,6 +610,11 @@ flash_fwd_decode_kernel(const FwdParams p) {
   }
   cp_async_wait<0>();
   __syncthreads();
+  // The split combine (a programmatic launch) may start once every CTA is past its key loop:
+  // its CTAs then wait in grid_dependency_wait for the partials instead of behind this grid's
+  // end and a launch. (Triggered at the kernel's start instead, its CTAs sat beside the key
+  // loops: 0.2-0.7 us slower at 1 x 8192 to 8 x 8192 keys, BENCHMARKS.md.)
+  grid_dependents_launch();
 
   // Merge the warps: each writes its normalized rows and log2-domain lse to the K/V stages.
   float* sO = reinterpret_cast<float*>(sK);           // (warps, 16, kOStride)
