@@ -612,8 +612,7 @@ flash_fwd_decode_kernel(const FwdParams p) {
   __syncthreads();
   // The split combine (a programmatic launch) may start once every CTA is past its key loop:
   // its CTAs then wait in grid_dependency_wait for the partials instead of behind this grid's
-  // end and a launch. (Triggered at the kernel's start instead, its CTAs sat beside the key
-  // loops: 0.2-0.7 us slower at 1 x 8192 to 8 x 8192 keys, BENCHMARKS.md.)
+  // end and a launch. (A trigger at the kernel's start measured no better: BENCHMARKS.md.)
   grid_dependents_launch();
 
   // Merge the warps: each writes its normalized rows and log2-domain lse to the K/V stages.
