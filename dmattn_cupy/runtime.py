@@ -198,8 +198,6 @@ def launch(kernel: Kernel, grid: Dim3, args: tuple[Any, ...], stream: Any,
     """Launch ``kernel`` with ``kernel.spec.threads`` threads per block and ``args`` (NumPy
     records, each passed by value) on ``stream``; ``shared_mem`` defaults to the spec's.
     ``programmatic``: with programmatic stream serialization (see ``LaunchConfig``)."""
-    import cupy
-
     smem = kernel.spec.dynamic_smem if shared_mem is None else shared_mem
     if programmatic:
         bufs = [np.ascontiguousarray(np.asarray(a)).reshape(-1) for a in args]  # alive below
@@ -208,6 +206,8 @@ def launch(kernel: Kernel, grid: Dim3, args: tuple[Any, ...], stream: Any,
                    stream.ptr, int(params.ctypes.data),
                    LaunchConfig(grid, (kernel.spec.threads, 1, 1), smem))
         return
+    import cupy
+
     with cupy.cuda.Device(kernel.device):
         kernel.function(grid, (kernel.spec.threads, 1, 1), args, shared_mem=smem, stream=stream)
 
