@@ -165,43 +165,45 @@ def num_m_blocks(pb: Problem) -> int:
 
 def num_splits_heuristic(ctas: int, slots: int, n_tiles: int, max_splits: int = MAX_SPLITS,
                          sms: int | None = None) -> int:
-    """The split count of a grid of ``ctas`` CTAs of ``n_tiles`` key tiles each on ``sms`` SMs
-    holding ``slots`` resident CTAs (``sms`` None: one slot per SM, the persistent ring).
+    """The split count of a grid of ``ctas`` CTAs of ``n_tiles`` key tiles each, ``slots`` of
+    them resident at once on ``sms`` SMs (None: the persistent ring, one slot per SM).
 
-    No split when the CTAs fill 80% of the slots, unless the last wave is under 80% full (512
-    CTAs on 396 slots, 1.29 waves): then FlashAttention-2's rule, the fewest splits whose wave
-    efficiency (CTAs / slots over its ceiling) is within 95% of the best (H200 decode case at 2
-    stages: 3 splits, 3.88 waves, 3771 GB/s against 2887 unsplit, 2 splits 3528, 4 splits 3744).
+    At most one CTA per SM (``ctas <= sms``, given): one wave, the split count with the fewest
+    key tiles on the busiest SM (CTAs round-robin over the SMs: ceil(ctas * s / sms) *
+    ceil(n_tiles / s)) among counts that shorten the per-split tile count and fit the slots,
+    counting only counts that put a second CTA on some SM where one exists, ties to more
+    splits (more CTAs per SM hide more latency). At d128 that is ~2 CTAs per SM where the 95%
+    rule below took ~3 (8 KV heads, 1 sequence x 8192 keys: 32 splits of 4 tiles, 8 tiles on
+    the busiest SM, against 43 of 3, 9 tiles): H200 graph-replayed, 1.5-5% faster at 1 x 8192
+    up to 16 x 2048 keys, even at 4 x 2048 (BENCHMARKS.md, twenty-fifth session).
 
-    A grid under that fill splits into one wave: the split count, among those that shorten the
-    per-split tile count, with the fewest key tiles on the busiest SM (CTAs round-robin over
-    the SMs: ceil(ctas * s / sms) * ceil(n_tiles / s)), counting only counts that put a second
-    CTA on some SM where one exists, ties to more splits (more CTAs per SM hide more latency).
-    At d128 that is ~2 CTAs per SM where the 95% wave rule took ~3 (8 KV heads, 1 sequence x
-    8192 keys: 32 splits of 4 tiles, 8 tiles on the busiest SM, against 43 of 3, 9 tiles):
-    H200 graph-replayed, 1.5-5% faster at 1 x 8192 up to 16 x 2048 keys, even at 4 x 2048
-    (BENCHMARKS.md, twenty-fifth session)."""
+    Else no split when the CTAs fill 80% of the slots, unless the last wave is under 80% full
+    (512 CTAs on 396 slots, 1.29 waves); otherwise FlashAttention-2's rule, the fewest splits
+    whose wave efficiency (CTAs / slots over its ceiling) is within 95% of the best
+    (FlashAttention-2: 85%; H200 decode case at 2 stages: 3 splits, 3.88 waves, 3771 GB/s
+    against 2887 unsplit, 2 splits 3528, 4 splits 3744; at d64 with 4 CTAs per SM, B8 Sk32768
+    took 7 splits, 0.85 waves, under 85% and lost 5.6% to 3 CTAs per SM)."""
     if n_tiles <= 1:
         return 1
-    sms = slots if sms is None else sms
     max_splits = min(max_splits, n_tiles, max(1, slots))
 
     def eligible(s: int) -> bool:
         return s == 1 or math.ceil(n_tiles / s) != math.ceil(n_tiles / (s - 1))
 
-    if ctas >= 0.8 * slots:
-        if ctas / slots / math.ceil(ctas / slots) >= 0.8:
-            return 1
-        effs = {}
-        for s in range(1, max_splits + 1):
-            if eligible(s):
-                waves = ctas * s / slots
-                effs[s] = waves / math.ceil(waves)
-        best = max(effs.values())
-        return min(s for s, e in effs.items() if e >= 0.95 * best)
-    one_wave = [s for s in range(1, max_splits + 1) if eligible(s) and ctas * s <= slots]
-    doubled = [s for s in one_wave if ctas * s > sms] or one_wave
-    return min(doubled, key=lambda s: (math.ceil(ctas * s / sms) * math.ceil(n_tiles / s), -s))
+    if sms is not None and ctas <= sms and ctas < 0.8 * slots:
+        one_wave = [s for s in range(1, max_splits + 1) if eligible(s) and ctas * s <= slots]
+        doubled = [s for s in one_wave if ctas * s > sms] or one_wave
+        return min(doubled, key=lambda s: (math.ceil(ctas * s / sms) * math.ceil(n_tiles / s),
+                                           -s))
+    if ctas >= 0.8 * slots and ctas / slots / math.ceil(ctas / slots) >= 0.8:
+        return 1
+    effs = {}
+    for s in range(1, max_splits + 1):
+        if eligible(s):
+            waves = ctas * s / slots
+            effs[s] = waves / math.ceil(waves)
+    best = max(effs.values())
+    return min(s for s, e in effs.items() if e >= 0.95 * best)
 
 
 def choose_stages(pb: Problem, spec: KernelSpec, registers: int, dev: DeviceProps,
@@ -225,8 +227,10 @@ def choose_stages(pb: Problem, spec: KernelSpec, registers: int, dev: DeviceProp
         return 1
     ctas = num_m_blocks(pb) * pb.kv_heads * pb.batch
     slots = dev.sm_count * resident_ctas(spec, registers, dev, deep_smem)
-    return DEEP_STAGES if num_splits_heuristic(ctas, slots, n_tiles,
-                                               sms=dev.sm_count) == 1 else 1
+    # Only a grid that fills the deeper depth's slots: an under-filled one that cannot split
+    # into one wave at 2 CTAs per SM (132-211 CTAs at d128) splits at 2 stages instead.
+    return DEEP_STAGES if ctas >= 0.8 * slots and num_splits_heuristic(
+        ctas, slots, n_tiles, sms=dev.sm_count) == 1 else 1
 
 
 def slot_mode(row_stride: int, qseq_stride: int, head_ratio: int, q_per_kv: int) -> int:

@@ -143,16 +143,18 @@ def test_stage_switch_sizes_the_launch_like_the_kernel(monkeypatch):
     assert decode.choose_num_splits(pb, spec, 168, H100, smem3) == 1
 
 
-def test_under_filled_grids_split_into_one_balanced_wave():
-    """Grids under 80% of the slots split into one wave with the fewest key tiles on the
+def test_at_most_a_cta_per_sm_splits_into_one_balanced_wave():
+    """Grids of at most one CTA per SM split into one wave with the fewest key tiles on the
     busiest SM (H200 d128: 132 SMs x 3 slots), ~2 CTAs per SM: the counts measured faster than
     the 95% wave rule's ~3 (twenty-fifth session: 1 x 8192, 1 x 32768, 2 x 8192, 4 x 16384,
-    8 x 4096 and 16 x 2048 keys at 8 KV heads)."""
+    8 x 4096 and 16 x 2048 keys at 8 KV heads). Larger grids keep that rule (unchanged)."""
     measured = {(8, 128): 32, (8, 512): 32, (16, 128): 16, (32, 256): 8, (64, 64): 4,
                 (128, 32): 2}
     for (ctas, n_tiles), splits in measured.items():
         assert decode.num_splits_heuristic(ctas, 396, n_tiles, sms=132) == splits
-    for ctas in (1, 3, 8, 40, 100, 300):
+    assert decode.num_splits_heuristic(200, 396, 64, sms=132) == \
+        decode.num_splits_heuristic(200, 396, 64) > 2           # the 95% rule, multi-wave
+    for ctas in (1, 3, 8, 40, 100, 132):
         for n_tiles in (2, 7, 64, 128, 513):
             s = decode.num_splits_heuristic(ctas, 396, n_tiles, sms=132)
             assert ctas * s <= 396 or s == 1            # one wave
@@ -191,6 +193,9 @@ def test_deep_stages_where_the_grid_then_runs_unsplit(monkeypatch):
     assert stages(_problem(batch=256, sk=1024)) == 1       # 16 tiles per CTA
     assert stages(_problem(batch=8, sk=32768)) == 1        # split at either depth
     assert stages(_problem(batch=16, sk=8192)) == 1
+    # 136-208 CTAs fill under 80% of the 264 deep slots yet split into no one wave with a
+    # second CTA per SM: 2 stages and a split, as before the one-wave split rule
+    assert [stages(_problem(batch=b, sk=4096)) for b in (17, 19, 26, 27, 32)] == [1, 1, 1, 3, 3]
     assert stages(_problem(d=64)) == 1                     # no 3-stage spec at d64
     assert stages(bench, splits_given=True) == 1           # the caller's split count
     monkeypatch.setenv("DMATTN_NUM_SPLITS", "2")
