@@ -250,7 +250,7 @@ def test_combine_warps_per_pair(splits, monkeypatch, calls):
 def test_programmatic_combine_matches_plain(monkeypatch, calls):
     """The combine launched with programmatic stream serialization (default on compute
     capability 9.0+) gives bit for bit what a plain launch gives, call after call (a cached
-    plan's launches), and the decode kernel's early trigger changes nothing either."""
+    plan's launches): the decode kernel's trigger and the combine's wait change nothing."""
     monkeypatch.setenv("DMATTN_NUM_SPLITS", "37")
     lens_q, lens_k = [1, 2, 1], [4000, 3100, 64]
     tq, tk = sum(lens_q), sum(lens_k)
