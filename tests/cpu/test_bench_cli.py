@@ -176,7 +176,8 @@ def test_case_names():
                                 "backward_causal", "backward_kbias", "host_fwd",
                                 "host_decode", "host_fwd_bwd", "host_first_call",
                                 "decode_paged", "backward_mask_bias", "mask_hf",
-                                "backward_bias_b1", "backward_kbias_b1", "bias"}
+                                "backward_bias_b1", "backward_kbias_b1", "bias",
+                                "decode_b1", "decode_b16"}
     for suite in bench.SUITES.values():
         assert set(suite) <= set(bench.CASES)
     assert bench.SUITES["issue12"] == ["dense", "causal", "kbias", "mask_bias", "dense_d64",
@@ -643,3 +644,16 @@ def test_host_table_and_ratio():
     s = bench.summary_line(c)
     assert "dmattn 100.0 us/call" in s and "sdpa 20.0 us/call" in s
     assert "NOT MET" in c.target()
+
+
+def test_dry_run_cpu_small_batch_decode(tmp_path):
+    """decode_b1 / decode_b16: the decode case at one sequence of 8192 keys and 16 of 2048 (the
+    split grids the default 64-sequence shape never takes), in the decode suite."""
+    assert bench.SUITES["decode"] == ["decode", "decode_paged", "decode_b1", "decode_b16"]
+    data = _dry_run(tmp_path, ["--case", "decode_b1,decode_b16", "--heads", "4",
+                               "--kv-heads", "2", "--headdim", "16"])
+    _check(data, 0.05, need_flex=False)
+    shapes = {c["name"]: (c["params"]["batch"], c["params"]["seqlen_k"], c["title"])
+              for c in data["cases"]}
+    assert shapes == {"decode_b1": (1, 8192, bench.CASES["decode_b1"]),
+                      "decode_b16": (16, 2048, bench.CASES["decode_b16"])}

@@ -14,7 +14,7 @@ from .flops import attn_fwd_flops
 from .peers import flex_impl, sdpa_peer
 
 
-def setup_decode(ctx: Ctx, shape: dict[str, Any]) -> Setup:
+def setup_decode(ctx: Ctx, shape: dict[str, Any], name: str = "decode") -> Setup:
     torch = ctx.torch
     dev = ctx.device
     B, H, Hk = shape["batch"], shape["heads"], shape["kv_heads"]
@@ -111,7 +111,7 @@ def setup_decode(ctx: Ctx, shape: dict[str, Any]) -> Setup:
     def select(out: Any) -> list[Any]:
         return [out[: nseq * Sq]]
 
-    return Setup(CASES["decode"], shape, "gbps", make_inputs, impls, reference, select,
+    return Setup(CASES[name], shape, "gbps", make_inputs, impls, reference, select,
                  f"fp32 SDPA-math on the first {nseq} sequences", info)
 
 

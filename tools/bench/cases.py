@@ -25,6 +25,9 @@ CASES: dict[str, str] = {
     "decode": "varlen decode: key-based bool mask + bias (total_k, Hk), GQA",
     "decode_paged": "the decode case through flash_dmattn_with_kvcache: paged KV cache "
                     "(pages 64/16/256) and a dense cache, key-based mask + bias over it",
+    "decode_b1": "the decode case for one sequence of 8192 keys (single-stream serving: a "
+                 "split-KV grid and its combine)",
+    "decode_b16": "the decode case for 16 sequences of 2048 keys (a split grid of 16-tile CTAs)",
     "prefill_varlen": "varlen prefill, random lengths, key-based bias (total_k, H)",
     "backward": "forward + backward, no mask / bias",
     "backward_bias": "forward + backward, full (B,H,S,S) bias with grad",
@@ -55,7 +58,7 @@ SUITES: dict[str, list[str]] = {
     "mask": ["mask_bias", "bias", "mask_hf", "kbias", "kbias_hk", "decode"],
     "sparse": ["sparse_window", "sparse_random"],
     "varlen": ["decode", "prefill_varlen"],
-    "decode": ["decode", "decode_paged"],
+    "decode": ["decode", "decode_paged", "decode_b1", "decode_b16"],
     "backward": ["backward", "backward_bias", "backward_sparse"],
     "fwdbwd": ["backward", "backward_causal", "backward_bias", "backward_kbias",
                "backward_bias_b1", "backward_kbias_b1",
@@ -86,6 +89,8 @@ CASE_DEFAULTS: dict[str, dict[str, Any]] = {
     "sparse_random": {"batch": 1, "seqlen": 16384},
     "decode": {"batch": 64, "heads": 32, "kv_heads": 8, "seqlen": 1, "seqlen_k": 4096},
     "decode_paged": {"batch": 64, "heads": 32, "kv_heads": 8, "seqlen": 1, "seqlen_k": 4096},
+    "decode_b1": {"batch": 1, "heads": 32, "kv_heads": 8, "seqlen": 1, "seqlen_k": 8192},
+    "decode_b16": {"batch": 16, "heads": 32, "kv_heads": 8, "seqlen": 1, "seqlen_k": 2048},
     "prefill_varlen": {"batch": 8, "heads": 16, "seqlen": 4096},
     "backward": {"seqlen": 2048},
     "backward_bias": {"seqlen": 2048},

@@ -23,8 +23,8 @@ from .timing import rotation_sets
 
 
 def build_setup(ctx: Ctx, name: str, shape: dict[str, Any]) -> Setup:
-    if name == "decode":
-        return setup_decode(ctx, shape)
+    if name in ("decode", "decode_b1", "decode_b16"):
+        return setup_decode(ctx, shape, name)
     if name == "decode_paged":
         return setup_decode_paged(ctx, shape)
     if name == "prefill_varlen":
