@@ -111,7 +111,8 @@ class Plan:
         for ln in self.launches:
             args = tuple(a[0] for a in ln.args)
             if ln.programmatic:
-                runtime.launch(ln.kernel, ln.grid, args, stream, ln.shared_mem, programmatic=True)
+                runtime.launch_ex(ln.kernel, ln.grid, args, stream, ln.shared_mem,
+                                  programmatic=True)
             elif ln.shared_mem is None:
                 runtime.launch(ln.kernel, ln.grid, args, stream)
             else:
@@ -128,8 +129,8 @@ class Plan:
             spec = ln.kernel.spec
             smem = spec.dynamic_smem if ln.shared_mem is None else ln.shared_mem
             block = (spec.threads, 1, 1)
-            config = runtime.LaunchConfig(ln.grid, block, smem) if ln.programmatic \
-                else None
+            config = runtime.LaunchConfig(ln.grid, block, smem, programmatic=True) \
+                if ln.programmatic else None
             calls.append((ln.kernel.function.ptr, ln.grid, block, smem, int(ptrs.ctypes.data),
                           config))
             self.extra.setdefault("_params", []).append(ptrs)   # keeps the array alive

@@ -194,20 +194,12 @@ Dim3 = tuple[int, int, int]
 
 
 def launch(kernel: Kernel, grid: Dim3, args: tuple[Any, ...], stream: Any,
-           shared_mem: int | None = None, programmatic: bool = False) -> None:
+           shared_mem: int | None = None) -> None:
     """Launch ``kernel`` with ``kernel.spec.threads`` threads per block and ``args`` (NumPy
-    records, each passed by value) on ``stream``; ``shared_mem`` defaults to the spec's.
-    ``programmatic``: with programmatic stream serialization (see ``LaunchConfig``)."""
-    smem = kernel.spec.dynamic_smem if shared_mem is None else shared_mem
-    if programmatic:
-        bufs = [np.ascontiguousarray(np.asarray(a)).reshape(-1) for a in args]  # alive below
-        params = np.array([b.ctypes.data for b in bufs], dtype=np.uint64)
-        launch_raw(kernel.device, kernel.function.ptr, grid, (kernel.spec.threads, 1, 1), smem,
-                   stream.ptr, int(params.ctypes.data),
-                   LaunchConfig(grid, (kernel.spec.threads, 1, 1), smem))
-        return
+    records, each passed by value) on ``stream``; ``shared_mem`` defaults to the spec's."""
     import cupy
 
+    smem = kernel.spec.dynamic_smem if shared_mem is None else shared_mem
     with cupy.cuda.Device(kernel.device):
         kernel.function(grid, (kernel.spec.threads, 1, 1), args, shared_mem=smem, stream=stream)
 
@@ -228,16 +220,7 @@ _CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6
 
 @cache
 def _cu_launch_kernel_ex() -> Any:
-    fn = ctypes.CDLL("libcuda.so.1").cuLaunchKernelEx
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p,
-                   ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
-    return fn
-
-
-@cache
-def _cu_launch_kernel_ex_raw() -> Any:
-    """cuLaunchKernelEx taking every argument as an address (the thin path's call)."""
+    """cuLaunchKernelEx taking every argument as an address."""
     fn = ctypes.CDLL("libcuda.so.1").cuLaunchKernelEx
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 4
@@ -245,51 +228,51 @@ def _cu_launch_kernel_ex_raw() -> Any:
 
 
 class LaunchConfig:
-    """A prebuilt ``CUlaunchConfig`` with programmatic stream serialization (sm_90+): the
-    launch may begin before the previous kernel in its stream has finished (once that kernel's
-    CTAs have all run ``griddepcontrol.launch_dependents`` or exited); the kernel itself must
-    run ``griddepcontrol.wait`` (common.cuh, grid_dependency_wait) before it reads what the
-    previous kernel wrote. Only the stream changes between launches."""
+    """A prebuilt ``CUlaunchConfig`` for ``cuLaunchKernelEx``: grid, block, shared memory and
+    launch attributes; only the stream changes between launches (``launch_raw``).
+    ``cluster``: thread-block cluster dims (sm_90+). ``programmatic``: programmatic stream
+    serialization (sm_90+): the launch may begin before the previous kernel in its stream has
+    finished (once that kernel's CTAs have all run ``griddepcontrol.launch_dependents`` or
+    exited); the kernel itself must run ``griddepcontrol.wait`` (common.cuh,
+    grid_dependency_wait) before it reads what the previous kernel wrote."""
 
-    __slots__ = ("cfg", "attr", "address")
+    __slots__ = ("cfg", "attrs", "address")
 
-    def __init__(self, grid: Dim3, block: Dim3, shared_mem: int) -> None:
-        self.attr = _LaunchAttr(id=_CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION)
-        self.attr.value[0] = 1
+    def __init__(self, grid: Dim3, block: Dim3, shared_mem: int, cluster: Dim3 | None = None,
+                 programmatic: bool = False) -> None:
+        attrs = []
+        if cluster is not None:
+            attrs.append(_LaunchAttr(id=_CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION))
+            attrs[-1].value[0], attrs[-1].value[1], attrs[-1].value[2] = cluster
+        if programmatic:
+            attrs.append(_LaunchAttr(id=_CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION))
+            attrs[-1].value[0] = 1
+        self.attrs = (_LaunchAttr * max(1, len(attrs)))(*attrs)
         self.cfg = _LaunchConfig(grid=(ctypes.c_uint * 3)(*grid),
                                  block=(ctypes.c_uint * 3)(*block), shared=shared_mem,
-                                 stream=None, attrs=ctypes.pointer(self.attr), num_attrs=1)
+                                 stream=None, attrs=self.attrs, num_attrs=len(attrs))
         self.address = ctypes.addressof(self.cfg)
 
 
 def launch_ex(kernel: Kernel, grid: Dim3, args: tuple[Any, ...], stream: Any,
-              shared_mem: int | None = None, cluster: Dim3 | None = None) -> None:
-    """``launch`` with launch attributes, for families that need them (none of today's rows:
-    the Hopper forward runs one CTA per cluster): ``cluster`` dims (thread-block clusters, sm_90+;
-    ``grid`` must be a multiple of them) through ``cuLaunchKernelEx``. Without attributes it
-    is ``launch``. Kernels whose cluster shape is fixed by ``__cluster_dims__`` need none."""
-    if cluster is None:
+              shared_mem: int | None = None, cluster: Dim3 | None = None,
+              programmatic: bool = False) -> None:
+    """``launch`` with launch attributes (``LaunchConfig``) through ``cuLaunchKernelEx``:
+    ``cluster`` dims (no family uses them today: the Hopper forward runs one CTA per cluster;
+    ``grid`` must be a multiple of them; kernels whose cluster shape is fixed by
+    ``__cluster_dims__`` need none) and ``programmatic`` (the split-KV combine). Without
+    attributes it is ``launch``."""
+    if cluster is None and not programmatic:
         launch(kernel, grid, args, stream, shared_mem)
         return
-    if any(g % c for g, c in zip(grid, cluster, strict=True)):
+    if cluster is not None and any(g % c for g, c in zip(grid, cluster, strict=True)):
         raise ValueError(f"grid {grid} must be a multiple of the cluster dims {cluster}")
     smem = kernel.spec.dynamic_smem if shared_mem is None else shared_mem
+    block = (kernel.spec.threads, 1, 1)
     bufs = [np.ascontiguousarray(np.asarray(a)).reshape(-1) for a in args]  # alive until return
-    params = (ctypes.c_void_p * len(bufs))(*(b.ctypes.data for b in bufs))
-    attr = _LaunchAttr(id=_CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION)
-    attr.value[0], attr.value[1], attr.value[2] = cluster
-    cfg = _LaunchConfig(grid=(ctypes.c_uint * 3)(*grid),
-                        block=(ctypes.c_uint * 3)(kernel.spec.threads, 1, 1), shared=smem,
-                        stream=ctypes.c_void_p(stream.ptr), attrs=ctypes.pointer(attr),
-                        num_attrs=1)
-    import cupy
-
-    with cupy.cuda.Device(kernel.device):
-        err = _cu_launch_kernel_ex()(ctypes.byref(cfg), ctypes.c_void_p(kernel.function.ptr),
-                                     params, None)
-    if err != 0:
-        raise RuntimeError(f"cuLaunchKernelEx({kernel.spec.id}, cluster={cluster}) failed: "
-                           f"CUresult {err}")
+    params = np.array([b.ctypes.data for b in bufs], dtype=np.uint64)
+    launch_raw(kernel.device, kernel.function.ptr, grid, block, smem, stream.ptr,
+               int(params.ctypes.data), LaunchConfig(grid, block, smem, cluster, programmatic))
 
 
 # [driver.launchKernel, runtime.getDevice, cupy.cuda.Device, driver.CUDADriverError,
@@ -313,9 +296,9 @@ def launch_raw(device: int, function_ptr: int, grid: Dim3, block: Dim3, shared_m
     """``cuLaunchKernel`` on a raw stream handle; ``params_ptr`` is the address of a ``void*``
     array pointing at each argument's bytes (the driver copies them at the call, so the caller
     may patch its buffers for the next launch). The thin launch path's launch. ``config``: a
-    programmatic launch (``cuLaunchKernelEx``) of the same grid, block and shared memory."""
+    launch with attributes (``cuLaunchKernelEx``) of the same grid, block and shared memory."""
     if config is not None:
-        _launch_programmatic(device, function_ptr, stream, params_ptr, config)
+        _launch_configured(device, function_ptr, stream, params_ptr, config)
         return
     launch_kernel, get_device, device_ctx, driver_error, set_device = _raw or _bind_raw()
     args = (function_ptr, grid[0], grid[1], grid[2], block[0], block[1], block[2], shared_mem,
@@ -337,11 +320,11 @@ def launch_raw(device: int, function_ptr: int, grid: Dim3, block: Dim3, shared_m
             launch_kernel(*args)
 
 
-def _launch_programmatic(device: int, function_ptr: int, stream: int, params_ptr: int,
-                         config: LaunchConfig) -> None:
+def _launch_configured(device: int, function_ptr: int, stream: int, params_ptr: int,
+                       config: LaunchConfig) -> None:
     _, get_device, device_ctx, _, set_device = _raw or _bind_raw()
     config.cfg.stream = stream
-    launch = _cu_launch_kernel_ex_raw()
+    launch = _cu_launch_kernel_ex()
     if get_device() == device:
         err = launch(config.address, function_ptr, params_ptr, None)
     else:
@@ -352,4 +335,4 @@ def _launch_programmatic(device: int, function_ptr: int, stream: int, params_ptr
             set_device(device)
             err = launch(config.address, function_ptr, params_ptr, None)
     if err != 0:
-        raise RuntimeError(f"cuLaunchKernelEx (programmatic) failed: CUresult {err}")
+        raise RuntimeError(f"cuLaunchKernelEx failed: CUresult {err}")

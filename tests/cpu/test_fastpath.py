@@ -73,9 +73,17 @@ class Capture:
                                      stack_frame=0, static_smem=0, log="")
         return runtime.Kernel(spec, dev, _Fn(ptr), ck)
 
-    def launch(self, kernel, grid, args, stream, shared_mem=None, programmatic=False):
+    def launch(self, kernel, grid, args, stream, shared_mem=None):
+        # only the combine overlaps the kernel before it (sm_90 preset: launch_ex, programmatic)
+        assert kernel.spec.family != "fwd_combine"
         smem = kernel.spec.dynamic_smem if shared_mem is None else shared_mem
-        assert programmatic == (kernel.spec.family == "fwd_combine"), kernel.spec.family
+        self.launches.append(("slow", kernel.spec.family, tuple(grid),
+                              [a.tobytes() for a in args], smem))
+
+    def launch_ex(self, kernel, grid, args, stream, shared_mem=None, cluster=None,
+                  programmatic=False):
+        assert cluster is None and programmatic and kernel.spec.family == "fwd_combine"
+        smem = kernel.spec.dynamic_smem if shared_mem is None else shared_mem
         self.launches.append(("slow", kernel.spec.family, tuple(grid),
                               [a.tobytes() for a in args], smem))
 
@@ -115,9 +123,10 @@ class Capture:
 def cap():
     c = Capture()
     with host_profile.stub_gpu():
-        saved = {n: getattr(runtime, n) for n in ("get_kernel", "launch", "launch_raw")}
-        runtime.get_kernel, runtime.launch, runtime.launch_raw = (c.get_kernel, c.launch,
-                                                                  c.launch_raw)
+        saved = {n: getattr(runtime, n) for n in ("get_kernel", "launch", "launch_ex",
+                                                  "launch_raw")}
+        for n in saved:
+            setattr(runtime, n, getattr(c, n))
         fastpath.clear()
         try:
             yield c

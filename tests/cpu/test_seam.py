@@ -244,14 +244,15 @@ def test_launch_ex_passes_records_of_any_size_and_cluster_dims(monkeypatch) -> N
     params[0]["seqlen_q"], maps[0]["maps"][3, 127] = 77, 9
     seen = {}
 
-    def fake_launch(cfg_ref, fn, args, extra):
-        cfg = ctypes.cast(cfg_ref, ctypes.POINTER(runtime._LaunchConfig)).contents
+    def fake_launch(cfg_addr, fn, args, extra):   # cuLaunchKernelEx: every argument an address
+        cfg = runtime._LaunchConfig.from_address(cfg_addr)
         seen["grid"], seen["block"] = tuple(cfg.grid), tuple(cfg.block)
         seen["smem"], seen["stream"] = cfg.shared, cfg.stream
         seen["attr"] = (cfg.attrs[0].id, tuple(cfg.attrs[0].value[:3]), cfg.num_attrs)
-        seen["fn"] = getattr(fn, "value", fn)  # a c_void_p
-        p0 = (ctypes.c_ubyte * params.itemsize).from_address(args[0])
-        p1 = (ctypes.c_ubyte * maps.itemsize).from_address(args[1])
+        seen["fn"] = fn
+        arg = [ctypes.c_uint64.from_address(args + 8 * i).value for i in range(2)]
+        p0 = (ctypes.c_ubyte * params.itemsize).from_address(arg[0])
+        p1 = (ctypes.c_ubyte * maps.itemsize).from_address(arg[1])
         seen["bytes"] = (bytes(p0), bytes(p1))
         return 0
 
@@ -270,6 +271,8 @@ def test_launch_ex_passes_records_of_any_size_and_cluster_dims(monkeypatch) -> N
 
     monkeypatch.setattr(runtime, "_cu_launch_kernel_ex", lambda: fake_launch)
     monkeypatch.setattr(cupy.cuda, "Device", NoDevice)
+    monkeypatch.setattr(runtime, "_raw", [None, lambda: 0, NoDevice, RuntimeError,
+                                          lambda dev: None])
     spec = select.forward(_pb(), H100)
     kernel = runtime.Kernel(spec, 0, FakeFunction(), None)
     runtime.launch_ex(kernel, (4, 2, 1), (params[0], maps[0]), FakeStream(), cluster=(2, 1, 1))
@@ -333,7 +336,7 @@ def test_hopper_forward_takes_dense_problems_on_cc90_only(monkeypatch) -> None:
 
 
 def test_programmatic_launches_pass_the_serialization_attribute(monkeypatch) -> None:
-    """launch(programmatic=True) and launch_raw(config=LaunchConfig) call cuLaunchKernelEx with
+    """launch_ex(programmatic=True) and launch_raw(config=LaunchConfig) call cuLaunchKernelEx with
     CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION (6) set to 1, the launch's dims,
     stream and argument pointers; the ctypes structs have CUDA's field offsets."""
     import ctypes
@@ -369,15 +372,15 @@ def test_programmatic_launches_pass_the_serialization_attribute(monkeypatch) -> 
     class FakeStream:
         ptr = 0x5678
 
-    monkeypatch.setattr(runtime, "_cu_launch_kernel_ex_raw", lambda: fake_launch)
+    monkeypatch.setattr(runtime, "_cu_launch_kernel_ex", lambda: fake_launch)
     monkeypatch.setattr(runtime, "_raw", [None, lambda: 0, NoDevice, RuntimeError,
                                           lambda dev: None])
     spec = select.forward(_pb(), H100)
     kernel = runtime.Kernel(spec, 0, FakeFunction(), None)
-    runtime.launch(kernel, (4, 2, 1), (params[0],), FakeStream(), 1000, programmatic=True)
+    runtime.launch_ex(kernel, (4, 2, 1), (params[0],), FakeStream(), 1000, programmatic=True)
     rec = np.array(params)   # what a plan keeps: a record and its pointer array
     ptrs = np.array([rec.ctypes.data], dtype=np.uint64)
-    config = runtime.LaunchConfig((3, 1, 1), (128, 1, 1), 2000)
+    config = runtime.LaunchConfig((3, 1, 1), (128, 1, 1), 2000, programmatic=True)
     runtime.launch_raw(1, 0x99, (3, 1, 1), (128, 1, 1), 2000, 0x77, ptrs.ctypes.data, config)
     want = params.tobytes()
     assert seen == [((4, 2, 1), (spec.threads, 1, 1), 1000, 0x5678, 1, 6, 1, 0x1234, want),
