@@ -819,8 +819,9 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
         bool listed_partial;
         const int n = cand_tile(i, listed_partial), n0 = n * kBlockN;
         const bool in_range = n >= n_first && n <= n_last;
-        // 0: a full tile; a listed partial block is excluded in the formula pass.
-        int cls = listed_partial ? kListedPartial | kFormulaPartial : 0;
+        // 0: a full tile; a listed partial block's element bits apply (kListedPartial), the
+        // formula only where the tile crosses the key end or an edge.
+        int cls = listed_partial ? kListedPartial : 0;
         if (in_range && partial_by_formula(n)) cls |= kFormulaPartial;
         int slot = 0;
         if (mask_keys) {
@@ -1194,10 +1195,26 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
         }
       }
     };
+    // A block list's partial block (class bit kListedPartial): this thread's two rows of the
+    // tile's element bits, loaded from global memory when the tile's class is read, so that
+    // the loads run under S's product. info[+3]: the word of (this CTA's row 0, the tile's
+    // key 0) in p.sp_partial_bits; rows are sp_block_n / 32 words, LSB first.
+    struct ListedWords {
+      uint32_t w[2][kBlockN / 32];
+    };
+    auto load_listed = [&](ListedWords& lw, int stage, int cls) {
+      if (!(cls & kListedPartial)) return;
+      const uint32_t* words = p.sp_partial_bits + info[4 * stage + 3];
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+#pragma unroll
+        for (int q = 0; q < kBlockN / 32; ++q)
+          lw.w[r][q] = __ldg(words + lrow[r] * (p.sp_block_n / 32) + q);
+    };
     // Softcap, bias and exclusion (by the mask's words and/or by formula, as the tile's class
     // says), for the tile whose first key is n0.
-    auto transform = [&](float (&s)[kNF][4], const TileOperands& ops, int n0, int cls,
-                         int stage) {
+    auto transform = [&](float (&s)[kNF][4], const TileOperands& ops, const ListedWords& lw,
+                         int n0, int cls, int stage) {
       if (capped) {
 #pragma unroll
         for (int j = 0; j < kNF; ++j)
@@ -1237,7 +1254,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
             if (!((ops.mask[j] >> (16 * (e >> 1) + 8 * (e & 1))) & 0xffu)) s[j][e] = -DM_INF;
       }
       // Exclusion by formula (the key end, the causal/window edges) and, for a block list's
-      // partial block, by its element bits (the producer marks such tiles kFormulaPartial too).
+      // partial block, by its element bits.
       if (cls & kFormulaPartial) {
         // Key n0 + 2t + kk (kk = 8j + e % 2) of row half r passes the formula iff
         // lb[r].lo <= kk <= lb[r].hi (block_info.cuh: window_line_bounds).
@@ -1254,28 +1271,25 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
             const int kk = 8 * j + (e & 1);
             if (kk < lb[e >> 1].lo || kk > lb[e >> 1].hi) s[j][e] = -DM_INF;
           }
-        if (cls & kListedPartial) {
-          // info[+3]: the word of (this CTA's row 0, the tile's key 0) in p.sp_partial_bits;
-          // rows are sp_block_n / 32 words, LSB first. Gathered: 2 bits per byte at bit 2t,
-          // the bytes compressed to 2-bit fields (bit 2j + e: key 8j + 2t + e of the tile).
-          const uint32_t* words = p.sp_partial_bits + info[4 * stage + 3];
+      }
+      if (cls & kListedPartial) {
+        // Gathered from the prefetched words: 2 bits per byte at bit 2t, the bytes compressed
+        // to 2-bit fields (bit 2j + e: key 8j + 2t + e of the tile).
 #pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            const uint32_t* rw = words + lrow[r] * (p.sp_block_n / 32);
-            uint32_t keep = 0;
+        for (int r = 0; r < 2; ++r) {
+          uint32_t keep = 0;
 #pragma unroll
-            for (int q = 0; q < kBlockN / 32; ++q) {
-              uint32_t v = (__ldg(rw + q) >> (2 * t)) & 0x03030303u;
-              v = (v | v >> 6) & 0x000f000fu;
-              v = (v | v >> 12) & 0xffu;
-              keep |= v << (8 * q);
-            }
-#pragma unroll
-            for (int j = 0; j < kNF; ++j)
-#pragma unroll
-              for (int e = 0; e < 2; ++e)
-                if (!((keep >> (2 * j + e)) & 1u)) s[j][2 * r + e] = -DM_INF;
+          for (int q = 0; q < kBlockN / 32; ++q) {
+            uint32_t v = (lw.w[r][q] >> (2 * t)) & 0x03030303u;
+            v = (v | v >> 6) & 0x000f000fu;
+            v = (v | v >> 12) & 0xffu;
+            keep |= v << (8 * q);
           }
+#pragma unroll
+          for (int j = 0; j < kNF; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e)
+              if (!((keep >> (2 * j + e)) & 1u)) s[j][2 * r + e] = -DM_INF;
         }
       }
     };
@@ -1375,14 +1389,16 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
 #else
       const KeepRowMax row_fix;
 #endif
+      ListedWords lw;
       if (acc_start) fold_bias(s, stage);
       turn_wait();
       issue_s(s, stage);
       turn_pass();
+      load_listed(lw, stage, cls);
       wgmma_wait<0>();
       fence_operands(s);
       load_operands(ops, stage, cls);
-      transform(s, ops, n * kBlockN, cls, stage);
+      transform(s, ops, lw, n * kBlockN, cls, stage);
       sm.update(s, alpha, ls.exp_scale, row_fix);
       release_k(stage);
       pack_p(s, pa);
@@ -1421,10 +1437,11 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
         issue_pv(pa, prev);
         turn_pass();
         cls = info[4 * stage + 1];
+        load_listed(lw, stage, cls);
         wgmma_wait<1>();
         fence_operands(s);
         load_operands(ops, stage, cls);
-        transform(s, ops, n * kBlockN, cls, stage);
+        transform(s, ops, lw, n * kBlockN, cls, stage);
         sm.update(s, alpha, ls.exp_scale, row_fix);
         release_k(stage);
         wgmma_wait<0>();

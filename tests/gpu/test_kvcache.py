@@ -22,15 +22,23 @@ B, S_MAX = 4, 320
 
 
 def record_launch_families(monkeypatch) -> list[str]:
-    """A list that receives the family of every kernel launch from now on."""
+    """A list that receives the family of every kernel launch from now on: plain launches and
+    launches with attributes (``launch_ex``: the split-KV combine is a programmatic launch on
+    sm_90+; without attributes ``launch_ex`` goes through ``launch`` and is seen there)."""
     seen: list[str] = []
-    real = runtime.launch
+    real, real_ex = runtime.launch, runtime.launch_ex
 
     def spy(kernel, *a, **kw):
         seen.append(kernel.spec.family)
         return real(kernel, *a, **kw)
 
+    def spy_ex(kernel, *a, **kw):
+        if kw.get("cluster") is not None or kw.get("programmatic"):
+            seen.append(kernel.spec.family)
+        return real_ex(kernel, *a, **kw)
+
     monkeypatch.setattr(runtime, "launch", spy)
+    monkeypatch.setattr(runtime, "launch_ex", spy_ex)
     return seen
 
 
