@@ -185,6 +185,29 @@ def _pack_words(flat: Array, xp: Any) -> Array:
     return (words << xp.arange(32, dtype=xp.uint32)).sum(axis=-1, dtype=xp.uint32)
 
 
+_POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+
+def _dense_row_words(dense4: Array, bm: int, bn: int, xp: Any) -> Array:
+    """``(B, H, Sq, Sk)`` bool -> ``(B, H, nrb*bm, ncb*bn/8)`` uint8 bit rows (bn % 32 == 0):
+    element ``c`` of a row is bit ``c % 8`` of byte ``c // 8`` (so bit ``c % 32`` of uint32 word
+    ``c // 32``); out-of-range elements 0. One pass over the mask (``packbits``), then work on
+    the 8x smaller bit rows only."""
+    b, h, sq, sk = dense4.shape
+    nrb, ncb = _cdiv(sq, bm), _cdiv(sk, bn)
+    sk8 = _cdiv(sk, 8)
+    src = xp.ascontiguousarray(dense4)
+    if sk % 8:  # rows must start at a byte: pad them (False) to a multiple of 8
+        src = xp.zeros((b, h, sq, 8 * sk8), dtype=xp.bool_)
+        src[..., :sk] = dense4
+    rows = xp.packbits(src.reshape(-1), bitorder="little").reshape(b, h, sq, sk8)
+    if (sq, sk8) != (nrb * bm, ncb * bn // 8):
+        full = xp.zeros((b, h, nrb * bm, ncb * bn // 8), dtype=xp.uint8)
+        full[:, :, :sq, :sk8] = rows
+        rows = full
+    return rows
+
+
 def _unpack_words(words: Array, xp: Any) -> Array:
     """Inverse of ``_pack_words``: ``(P, W)`` uint32 -> ``(P, 32*W)`` bool."""
     bits = (words[:, :, None] >> xp.arange(32, dtype=xp.uint32)) & xp.uint32(1)
@@ -242,7 +265,9 @@ class _MaskType(ABCMeta):
     """Runs ``BUILD_HOOKS`` once a mask's whole ``__init__`` chain has run."""
 
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
-        mask = super().__call__(*args, **kwargs)
+        return cls._built(super().__call__(*args, **kwargs))
+
+    def _built(cls, mask: Any) -> Any:
         for hook in BUILD_HOOKS:
             hook(mask)
         return mask
@@ -900,17 +925,40 @@ class MixedMask(SparseMask):
                 f"{(bm, bn)}"
             )
         sq, sk = dense.shape[-2:]
-        blocks = _dense_blocks(_as4d(dense), bm, bn, xp)
-        kept = blocks.sum(axis=(3, 5), dtype=xp.int32)
+        dense4 = _as4d(dense)
+        b, h = dense4.shape[:2]
+        nrb, ncb = _cdiv(sq, bm), _cdiv(sk, bn)
+        if bn % 32 == 0:  # whole words per block row: count and gather bit rows
+            rows = _dense_row_words(dense4, bm, bn, xp)
+            kept = xp.asarray(_POPCOUNT8)[rows].reshape(b, h, nrb, bm, ncb, bn // 8).sum(
+                axis=(3, 5), dtype=xp.int32)
+            blocks = rows.view(xp.uint32).reshape(b, h, nrb, bm, ncb, bn // 32)
+        else:
+            blocks = _dense_blocks(dense4, bm, bn, xp)
+            kept = blocks.sum(axis=(3, 5), dtype=xp.int32)
         block_class = _classes(kept, xp.asarray(_inrange_sizes(sq, sk, bm, bn)), xp)
         partial = block_class == PARTIAL
         order = xp.cumsum(partial.reshape(-1), dtype=xp.int32).reshape(partial.shape) - 1
         partial_slot = xp.where(partial, order, -1).astype(xp.int32)
-        elems = blocks.transpose(0, 1, 2, 4, 3, 5)[partial]  # (P, bm, bn)
-        partial_bits = _pack_words(elems.reshape(elems.shape[0], bm * bn), xp)
+        per_block = blocks.transpose(0, 1, 2, 4, 3, 5).reshape(b * h * nrb * ncb, -1)
+        partial_bits = per_block[partial.reshape(-1)]  # (P, bm*bn/32 words or bm*bn bools)
+        if bn % 32:
+            partial_bits = _pack_words(partial_bits, xp)
         if dense.ndim == 2:
             block_class, partial_slot = block_class[0, 0], partial_slot[0, 0]
-        return cls(block_class, partial_slot, partial_bits, sq, sk, (bm, bn))
+        return cls._exact(block_class, partial_slot, partial_bits, sq, sk, (bm, bn))
+
+    @classmethod
+    def _exact(cls, block_class: Array, partial_slot: Array, partial_bits: Array, seqlen_q: int,
+               seqlen_k: int, block_size: tuple[int, int]) -> MixedMask:
+        """The constructor without its checks, for parts that are exact by construction
+        (``from_dense_mask``: the checks would unpack every partial block's bits again)."""
+        mask = cls.__new__(cls)
+        SparseMask.__init__(mask, seqlen_q, seqlen_k, block_size, _leading(block_class))
+        mask.block_class = block_class.astype(np.int8)
+        mask.partial_slot = partial_slot.astype(np.int32)
+        mask.partial_bits = partial_bits
+        return cls._built(mask)
 
     @property
     def nbytes(self) -> int:

@@ -177,11 +177,12 @@ def test_case_names():
                                 "host_decode", "host_fwd_bwd", "host_first_call",
                                 "decode_paged", "backward_mask_bias", "mask_hf",
                                 "backward_bias_b1", "backward_kbias_b1", "bias",
-                                "decode_b1", "decode_b16"}
+                                "decode_b1", "decode_b16", "mask_bias_mixed"}
     for suite in bench.SUITES.values():
         assert set(suite) <= set(bench.CASES)
-    assert bench.SUITES["issue12"] == ["dense", "causal", "kbias", "mask_bias", "dense_d64",
-                                       "dense_d256", "dense_fp16"]
+    assert bench.SUITES["issue12"] == ["dense", "causal", "kbias", "mask_bias",
+                                       "mask_bias_mixed", "dense_d64", "dense_d256",
+                                       "dense_fp16"]
     assert bench.SUITES["host"] == list(bench.HOST_CASES)
 
 
@@ -571,7 +572,7 @@ def test_dry_run_cpu_missing_dmattn_features_are_na(tmp_path):
 
 
 def test_dry_run_cpu_new_cases_peers_and_targets(tmp_path, capsys):
-    data = _dry_run(tmp_path, ["--case", "dense,softcap,gqa,kbias,mask_bias,bias",
+    data = _dry_run(tmp_path, ["--case", "dense,softcap,gqa,kbias,mask_bias,mask_bias_mixed,bias",
                                "--batch", "1", "--heads", "4", "--kv-heads", "2",
                                "--seqlen", "96", "--headdim", "16"])
     _check(data, 0.05)

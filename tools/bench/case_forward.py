@@ -188,6 +188,22 @@ class MaskBias(Kind):
                         inp["bias"][:nb, :, r0:r1].float())
 
 
+class MaskBiasMixed(MaskBias):
+    """mask_bias with its mask prepared once, outside timing (as cuDNN's pre-combined bias is),
+    by ``MixedMask.from_dense_mask``: the mask then travels as block lists with element bits on
+    the 128-key bias spec instead of as (Sq, Sk) bytes beside the bias in shared memory."""
+
+    def inputs(self, gen: Any, rn: Callable[..., Any]) -> dict[str, Any]:
+        from dmattn_cupy.masks import MixedMask
+
+        inp = super().inputs(gen, rn)
+        inp["mixed"] = MixedMask.from_dense_mask(inp["mask"], (128, 128))
+        return inp
+
+    def dm_kwargs(self, inp: dict[str, Any], note: dict[str, Any]) -> dict[str, Any]:
+        return {"attn_bias": inp["bias"], "sparse_mask": inp["mixed"]}
+
+
 class FullBias(Kind):
     """A full (B,H,Sq,Sk) bias without a mask (fwd_sm90's 128-key bias-tile spec: what
     mask_bias could reach with the mask out of shared memory)."""
@@ -339,7 +355,8 @@ class Softcap(Kind):
 
 KINDS: dict[str, type[Kind]] = {
     "dense": Kind, "dense_d64": Kind, "dense_d256": Kind, "dense_fp16": Kind, "gqa": Kind,
-    "causal": Causal, "mask_bias": MaskBias, "bias": FullBias, "mask_hf": MaskHF,
+    "causal": Causal, "mask_bias": MaskBias, "mask_bias_mixed": MaskBiasMixed,
+    "bias": FullBias, "mask_hf": MaskHF,
     "kbias": KBias,
     "kbias_hk": KBiasHk,
     "softcap": Softcap,

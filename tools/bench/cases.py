@@ -9,6 +9,9 @@ CASES: dict[str, str] = {
     "dense": "no mask, no bias",
     "causal": "causal (bottom-right aligned)",
     "mask_bias": "full (B,H,Sq,Sk) bool mask (random, 90% kept) + (B,H,Sq,Sk) bias",
+    "mask_bias_mixed": "mask_bias with the mask prepared once (MixedMask.from_dense_mask, "
+                       "outside timing like the peers' pre-combined bias): block lists with "
+                       "element bits on the 128-key bias spec",
     "bias": "full (B,H,Sq,Sk) bias, no mask (mask_bias without its mask: 2 bytes per element "
             "instead of 3)",
     "mask_hf": "(B,1,Sq,Sk) bool mask (transformers' layout; default S=2527: rows of an odd "
@@ -53,9 +56,9 @@ SUITES: dict[str, list[str]] = {
     "all": list(CASES),
     "forward": ["dense", "causal", "mask_bias", "kbias", "kbias_hk", "dense_d64", "dense_d256",
                 "dense_fp16", "gqa", "softcap"],
-    "issue12": ["dense", "causal", "kbias", "mask_bias", "dense_d64", "dense_d256",
-                "dense_fp16"],
-    "mask": ["mask_bias", "bias", "mask_hf", "kbias", "kbias_hk", "decode"],
+    "issue12": ["dense", "causal", "kbias", "mask_bias", "mask_bias_mixed", "dense_d64",
+                "dense_d256", "dense_fp16"],
+    "mask": ["mask_bias", "mask_bias_mixed", "bias", "mask_hf", "kbias", "kbias_hk", "decode"],
     "sparse": ["sparse_window", "sparse_random"],
     "varlen": ["decode", "prefill_varlen"],
     "decode": ["decode", "decode_paged", "decode_b1", "decode_b16"],
@@ -76,6 +79,7 @@ CASE_DEFAULTS: dict[str, dict[str, Any]] = {
     "dense": {},
     "causal": {},
     "mask_bias": {},
+    "mask_bias_mixed": {},
     "bias": {},
     "mask_hf": {"seqlen": 2527},
     "kbias": {},

@@ -24,6 +24,7 @@ TARGETS: dict[str, Target] = {
     "causal": Target(0.85, source="issue 12"),
     "kbias": Target(1.30, source="issue 12 (also >= 0.93x our own dense)"),
     "mask_bias": Target(1.50, source="issue 12"),
+    "mask_bias_mixed": Target(1.50, source="issue 12 (the mask prepared once)"),
     # issues 13/14: block-sparse forward and fwd+bwd
     "sparse_random": Target(0.85, source="issue 13"),
     "sparse_window": Target(0.85, source="issue 13"),
