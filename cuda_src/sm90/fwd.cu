@@ -1273,17 +1273,17 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
           }
       }
       if (cls & kListedPartial) {
-        // Gathered from the prefetched words: 2 bits per byte at bit 2t, the bytes compressed
-        // to 2-bit fields (bit 2j + e: key 8j + 2t + e of the tile).
+        // Gathered from the prefetched words into keep, bit 2j + e: key 8j + 2t + e of the
+        // tile. Word q's byte i holds keys 32q + 8i ..: its bits 2t, 2t + 1 masked to a field
+        // at bit 8i, and one multiply by 2^24 + 2^18 + 2^12 + 2^6 moves field i to bit
+        // 24 + 2i (the other partial products land apart, below bit 24 or above bit 31).
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           uint32_t keep = 0;
 #pragma unroll
           for (int q = 0; q < kBlockN / 32; ++q) {
-            uint32_t v = (lw.w[r][q] >> (2 * t)) & 0x03030303u;
-            v = (v | v >> 6) & 0x000f000fu;
-            v = (v | v >> 12) & 0xffu;
-            keep |= v << (8 * q);
+            const uint32_t v = (lw.w[r][q] >> (2 * t)) & 0x03030303u;
+            keep |= ((v * 0x01041040u) >> (24 - 8 * q)) & (0xffu << (8 * q));
           }
 #pragma unroll
           for (int j = 0; j < kNF; ++j)
