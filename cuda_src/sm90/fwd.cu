@@ -353,6 +353,15 @@ DM_DEVICE float drop_masked_nan(float (&x)[kNF][4], int r, const uint8_t* smk, i
 // register m of lane (g, t) is the fragment word of j = 2i + m / 2, row half m % 2 (keys
 // 8j + 2t, + 1 of row 64c + 16w + g + 8(m % 2)). Within a box only the 16-byte chunk index
 // moves with i, and the swizzle XORs it: block i is block i % 4's offset XOR 32 (i % 4).
+// A block list's element bits (class kListedPartial): of a row word w (keys k..k + 31, bit i:
+// key k + i), the keys 8j + 2t + e (j = 0..3, e = 0..1) of quad lane t as bits 24 + 2j + e of
+// the result. Bits 2t, 2t + 1 of each byte are masked to a 2-bit field at bit 8j, and one
+// multiply by 2^24 + 2^18 + 2^12 + 2^6 moves field j to bit 24 + 2j; every other partial
+// product lands below bit 24 or above bit 31 (tests/cpu/test_sm90_listed_bits.py).
+__host__ __device__ constexpr uint32_t listed_keep_fields(uint32_t w, int t) {
+  return ((w >> (2 * t)) & 0x03030303u) * 0x01041040u;
+}
+
 template <int kRows>
 __host__ __device__ constexpr uint32_t sm90_fwd_bias_ldsm_offset(int c, int w, int lane, int i) {
   return uint32_t(i / 4) * (kRows * 128) +
@@ -1274,17 +1283,13 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
       }
       if (cls & kListedPartial) {
         // Gathered from the prefetched words into keep, bit 2j + e: key 8j + 2t + e of the
-        // tile. Word q's byte i holds keys 32q + 8i ..: its bits 2t, 2t + 1 masked to a field
-        // at bit 8i, and one multiply by 2^24 + 2^18 + 2^12 + 2^6 moves field i to bit
-        // 24 + 2i (the other partial products land apart, below bit 24 or above bit 31).
+        // tile (word q's byte at bits 8q..8q + 7 of keep: listed_keep_fields).
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           uint32_t keep = 0;
 #pragma unroll
-          for (int q = 0; q < kBlockN / 32; ++q) {
-            const uint32_t v = (lw.w[r][q] >> (2 * t)) & 0x03030303u;
-            keep |= ((v * 0x01041040u) >> (24 - 8 * q)) & (0xffu << (8 * q));
-          }
+          for (int q = 0; q < kBlockN / 32; ++q)
+            keep |= (listed_keep_fields(lw.w[r][q], t) >> (24 - 8 * q)) & (0xffu << (8 * q));
 #pragma unroll
           for (int j = 0; j < kNF; ++j)
 #pragma unroll
