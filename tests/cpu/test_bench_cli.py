@@ -445,7 +445,7 @@ def _fake_dm(torch):
         def __init__(self, dense, block_size=(128, 128)):
             self.dense = np.asarray(dense, dtype=bool)
             self.block_size = tuple(block_size)
-            self.seqlen_q, self.seqlen_k = self.dense.shape
+            self.seqlen_q, self.seqlen_k = self.dense.shape[-2:]
 
         def to_dense(self):
             return self.dense
@@ -456,7 +456,7 @@ def _fake_dm(torch):
             out = np.zeros((nr, nc), dtype=np.int8)
             for r in range(nr):
                 for c in range(nc):
-                    blk = self.dense[r * bm:(r + 1) * bm, c * bn:(c + 1) * bn]
+                    blk = self.dense[..., r * bm:(r + 1) * bm, c * bn:(c + 1) * bn]
                     out[r, c] = 2 if blk.all() else 1 if blk.any() else 0
             return out
 
@@ -480,6 +480,7 @@ def _fake_dm(torch):
     dm.CausalMask = lambda sq, sk: _Mask(_rule(sq, sk, lambda d: d >= 0))
     dm.CausalWindowMask = lambda w, sq, sk: _Mask(_rule(sq, sk, lambda d: (d >= 0) & (d < w)))
     dm.BlockBitsetMask = BlockBitsetMask
+    dm.MixedMask = BlockBitsetMask   # exact here: to_dense() is the dense mask itself
     dm.estimate_speedup = lambda m: m.block_map().size / max(1, np.count_nonzero(m.block_map()))
     return dm
 

@@ -193,15 +193,9 @@ class MaskBiasMixed(MaskBias):
     by ``MixedMask.from_dense_mask``: the mask then travels as block lists with element bits on
     the 128-key bias spec instead of as (Sq, Sk) bytes beside the bias in shared memory."""
 
-    def inputs(self, gen: Any, rn: Callable[..., Any]) -> dict[str, Any]:
-        from dmattn_cupy.masks import MixedMask
-
-        inp = super().inputs(gen, rn)
-        inp["mixed"] = MixedMask.from_dense_mask(inp["mask"], (128, 128))
-        return inp
-
     def dm_kwargs(self, inp: dict[str, Any], note: dict[str, Any]) -> dict[str, Any]:
-        return {"attn_bias": inp["bias"], "sparse_mask": inp["mixed"]}
+        mixed = self.ctx.dm_attr("MixedMask").from_dense_mask(inp["mask"], (128, 128))
+        return {"attn_bias": inp["bias"], "sparse_mask": mixed}
 
 
 class FullBias(Kind):
