@@ -62,3 +62,34 @@ def test_mixed_mask_with_full_bias(sq, sk, causal, head_dim, monkeypatch):
     assert_fa_close(out, lse, dict(q=f64(q), k=f64(k), v=f64(v), mask=dense, bias=f64(bias),
                                    scale=head_dim ** -0.5,
                                    window=(-1, 0) if causal else (-1, -1)), "bfloat16")
+
+
+@pytest.mark.parametrize("block,with_mask", [
+    ((256, 256), False), ((128, 384), False), ((384, 128), False),
+    ((128, 64), True), ((256, 192), True), ((128, 128), True)],
+    ids=lambda x: "x".join(map(str, x)) if isinstance(x, tuple) else ("attn_mask" if x else "bias"))
+def test_block_sizes_and_tiles(block, with_mask, monkeypatch):
+    """Blocks of several 64-key units and rows, read by 128-key tiles (the bias spec) and by
+    64-key tiles (with an attn_mask beside: the mask spec), 64- and 128-key units
+    (fragment_bits.py); Sq, Sk not multiples of the blocks."""
+    sq, sk, head_dim = 700, 833, 128
+    g = torch.Generator().manual_seed(block[0] + block[1] + with_mask)
+    q = torch.randn(B, sq, H, head_dim, generator=g).to("cuda", torch.bfloat16)
+    k = torch.randn(B, sk, HK, head_dim, generator=g).to("cuda", torch.bfloat16)
+    v = torch.randn(B, sk, HK, head_dim, generator=g).to("cuda", torch.bfloat16)
+    bias = (2 * torch.randn(B, H, sq, sk, generator=g)).to("cuda", torch.bfloat16)
+    dense = _dense(sq, sk, seed=block[0] * block[1])
+    mixed = dm.MixedMask.from_dense_mask(cupy.asarray(dense), block)
+    assert (mixed.block_class == 1).any()
+    attn = np.random.default_rng(5).random((B, 1, sq, sk)) < 0.95 if with_mask else None
+    families = record_launch_families(monkeypatch)
+    out, lse = dm.flash_dmattn_func(q, k, v, attn_bias=bias, sparse_mask=mixed, return_lse=True,
+                                    attn_mask=None if attn is None else
+                                    torch.from_numpy(attn).cuda())
+    torch.cuda.synchronize()
+    if torch.cuda.get_device_capability() == (9, 0):
+        want = "fwd_mma" if os.environ.get("DMATTN_FWD_FAMILY") == "fwd_mma" else "fwd_sm90"
+        assert want in families, families
+    keep = dense if attn is None else dense & attn
+    assert_fa_close(out, lse, dict(q=f64(q), k=f64(k), v=f64(v), mask=keep, bias=f64(bias),
+                                   scale=head_dim ** -0.5, window=(-1, -1)), "bfloat16")
