@@ -331,7 +331,8 @@ def backward_call(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out:
         if pb.seqlen_k > 0 and family == "bwd_sm90":
             mode_b = backward_sm90.bias_mode(pb.bias, pb.batch, pb.heads, pb.seqlen_q,
                                              pb.seqlen_k) or 0
-            spec = backward_sm90_spec(pb.dtype, pb.head_dim, pb.mask is not None,
+            spec = backward_sm90_spec(pb.dtype, pb.head_dim,
+                                      backward_sm90.spec_has_mask(pb.mask is not None, partial),
                                       pb.bias is not None, mode_b == backward_sm90.BIAS_KEY_ROW)
             dout_info = describe(dout)
             sem = ptr(bufs["ws"]) + 4 * sem_at if deterministic else 0

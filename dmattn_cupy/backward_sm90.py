@@ -12,9 +12,11 @@ kernel's items (block_m a multiple of BLOCK_M, block_n of BLOCK_N; the kernel re
 ``BwdParams.sp_grid`` and walks only the listed items), alone or with any mask, bias, window
 or the deterministic mode it takes otherwise.
 Declined (the sm80-class backward serves them): varlen, block lists with partial blocks (a
-MixedMask's element bits), block sizes that do not tile the items, head dims above
-128, a bias other than a (B, H, Sq, Sk) or (B, H, 1, Sk) one in the query's dtype (batch/head
-broadcasts and query-row biases included), and q/k/v/dout/bias layouts TMA cannot read.
+MixedMask's element bits; taken without a mask, on the mask specs, when the kernel is built
+with ``DM_SM90_BWD_LISTED_BITS=1``: ``listed_bits``), block sizes that do not tile the items, head
+dims above 128, a bias other than a (B, H, Sq, Sk) or (B, H, 1, Sk) one in the query's dtype
+(batch/head broadcasts and query-row biases included), and q/k/v/dout/bias layouts TMA cannot
+read.
 """
 
 from __future__ import annotations
@@ -55,6 +57,12 @@ def dq_writer_mode() -> int:
     if env.nvrtc_define_int("DM_SM90_BWD_DQ_ATOMIC", 0) != 0 or mode == 0:
         return 0
     return 2 if mode == 2 else 1
+
+
+def listed_bits() -> bool:
+    """Whether the kernel folds a MixedMask's partial blocks into its mask words
+    (``DM_SM90_BWD_LISTED_BITS=1`` in DMATTN_NVRTC_DEFINES; bwd.cu's default is 0)."""
+    return env.nvrtc_define_int("DM_SM90_BWD_LISTED_BITS", 0) != 0
 
 
 def dq_writer() -> bool:
@@ -205,14 +213,20 @@ MAX_GRID_YZ = 65535
 def sparse_fits(sparse: bool | tuple[int, int], sparse_partial: bool = False) -> bool:
     """Whether the kernel walks these block lists: none (False), or, unless
     ``DMATTN_SM90_BWD_SPARSE=0``, lists of full blocks (``sparse_partial``: element bits, a
-    MixedMask's) of a (block_m, block_n) that tiles the 64 x 128 items; True (lists of an
-    unknown block size) is declined."""
+    MixedMask's, taken only with ``listed_bits``) of a (block_m, block_n) that tiles the
+    64 x 128 items; True (lists of an unknown block size) is declined."""
     if sparse is False:
         return True
-    if sparse is True or sparse_partial or not env.sm90_bwd_sparse():
+    if sparse is True or (sparse_partial and not listed_bits()) or not env.sm90_bwd_sparse():
         return False
     bm, bn = sparse
     return bm > 0 and bn > 0 and bm % BLOCK_M == 0 and bn % BLOCK_N == 0
+
+
+def spec_has_mask(has_mask: bool, sparse_partial: bool) -> bool:
+    """Whether the kernel is the mask spec: a dense mask, or block lists whose partial blocks'
+    bits its mask warps read (taken only with ``listed_bits``)."""
+    return has_mask or sparse_partial
 
 
 def accepts(head_dim: int, dtype: str, q: ArrayInfo, k: ArrayInfo, v: ArrayInfo,
@@ -222,8 +236,11 @@ def accepts(head_dim: int, dtype: str, q: ArrayInfo, k: ArrayInfo, v: ArrayInfo,
             sparse_partial: bool = False) -> bool:
     """Whether the Hopper backward serves this problem (pure). ``has_mask``: a dense bool mask
     (any broadcast; validated before) is always taken; ``deterministic`` too. ``sparse``:
-    False, or the block lists' (block_m, block_n) (``sparse_fits``)."""
+    False, or the block lists' (block_m, block_n) (``sparse_fits``); lists with partial blocks
+    (``sparse_partial``) run on a mask spec (``spec_has_mask``), and not beside a mask."""
     if varlen or head_dim > HEAD_DIMS[-1] or not sparse_fits(sparse, sparse_partial):
+        return False
+    if sparse_partial and has_mask:  # the mask warps read either a mask's bytes or the bits
         return False
     if seqlen_q < 1 or seqlen_k < 1 or batch > MAX_GRID_YZ or kv_heads > MAX_GRID_YZ:
         return False
@@ -231,7 +248,7 @@ def accepts(head_dim: int, dtype: str, q: ArrayInfo, k: ArrayInfo, v: ArrayInfo,
     if mode is None or (bias is not None and bias.dtype != dtype):
         return False
     hd = padded_head_dim(head_dim)
-    if smem_bytes(hd, mode == BIAS_TILE, has_mask) > smem_limit:
+    if smem_bytes(hd, mode == BIAS_TILE, spec_has_mask(has_mask, sparse_partial)) > smem_limit:
         return False
     infos = [q, k, v, dout] + ([bias] if bias is not None else [])
     if any(info.ptr % 16 for info in infos):

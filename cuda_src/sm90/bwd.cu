@@ -3,8 +3,9 @@
 // GQA/MQA, a bias of shape (B, H, Sq, Sk) or (B, H, 1, Sk) with its gradient, a dense bool
 // mask of any broadcast (kHasMask), block lists of full blocks (BwdParams::sp_grid set: a
 // runtime field, no template switch; see "Block lists" below) and a deterministic mode
-// (Sm90BwdArgs::dq_sem set). Everything else (varlen, lists with partial blocks, other bias
-// shapes) runs the sm80-class backward (dmattn_cupy/backward_sm90.py declines it).
+// (Sm90BwdArgs::dq_sem set). Everything else (varlen, lists with partial blocks unless
+// DM_SM90_BWD_LISTED_BITS=1, other bias shapes) runs the sm80-class backward
+// (dmattn_cupy/backward_sm90.py declines it).
 //
 // A CTA of three warpgroups owns kBlockN = 128 keys of one (batch, kv head) and walks the
 // (query head of the group, query tile of kBlockM = 64 rows) items that can see its keys, so
@@ -138,6 +139,15 @@ static_assert(DM_SM90_BWD_DQ_WRITERS == 1 || DM_SM90_BWD_DQ_WRITERS == 2,
 #ifndef DM_SM90_BWD_DET_KEY_MAJOR
 #define DM_SM90_BWD_DET_KEY_MAJOR 1
 #endif
+// DM_SM90_BWD_LISTED_BITS=1: block lists with partial blocks (a MixedMask's element bits)
+// without an attn_mask run here too, on the mask specs (kHasMask, p.mask null): the mask
+// warps read each row's 16-key fields of the block's row-major bits (bwd_listed_row_word)
+// where they would read mask bytes, so consumers see a partial block as mask words like any
+// mask. 0 (default, until measured on a GPU): the host declines such lists
+// (backward_sm90.sparse_fits) and the code below is not built.
+#ifndef DM_SM90_BWD_LISTED_BITS
+#define DM_SM90_BWD_LISTED_BITS 0
+#endif
 #include "../common.cuh"
 #include "../params.cuh"
 #include "../bwd_params.cuh"
@@ -200,6 +210,17 @@ template <int kRows>
 __host__ __device__ constexpr uint32_t sm90_bwd_bias_ldsm_offset(int c, int w, int lane) {
   return sm90::tile_offset<2, 64, kRows>(8 * (lane / 16) + lane % 8,
                                          64 * c + 16 * w + 8 * ((lane / 8) % 2));
+}
+
+// Bytes 0 .. n - 1 set to 1 (n clamped to 0..8): the first n keys of 8 kept.
+__host__ __device__ constexpr uint64_t bwd_kept_bytes(int n) {
+  return n <= 0 ? 0ull : n >= 8 ? 0x0101010101010101ull
+                                : ((1ull << (8 * n)) - 1) & 0x0101010101010101ull;
+}
+// The row-major word of a partial block (slot `slot` of sp_partial_bits, bm x bn) holding key
+// n (n % 32 == 0) of row m, both relative to the block.
+__host__ __device__ constexpr int64_t bwd_listed_row_word(int slot, int bm, int bn, int m, int n) {
+  return int64_t(slot) * (bm / 32) * bn + (int64_t(m) * bn + n) / 32;
 }
 
 DM_DEVICE void st_shared_f32x2(uint32_t addr, float x, float y) {
@@ -508,7 +529,9 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
   // so the j-th listed item uses stage j % kStages and dQ slot j % kDqSlots in every role.
   // Mask blocks tile the kernel (sp_block_m % kBlockM == 0, sp_block_n % kBlockN == 0: the
   // host declines others) and list full blocks only (partial entries read as full: the host
-  // declines masks with element bits), so a listed item takes the dense/mask path unchanged.
+  // declines masks with element bits), so a listed item takes the dense/mask path unchanged;
+  // with DM_SM90_BWD_LISTED_BITS=1 a partial entry (its slot, >= 0) also reaches the mask
+  // warps, which fold the block's bits into the item's mask words.
   const int32_t* const sp_grid = bp.sp_grid;
   auto sp_row = [&](int h, int m0) -> const int32_t* {
     return sp_grid + sparse_row_entry(p, b, h, m0) * bp.sp_grid_cols;
@@ -690,6 +713,9 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
       auto mask_row = [&](int i, bool& row_ok) -> const uint8_t* {
         const int row = m0_of(i) + 32 * wh + lane;
         row_ok = row < len_q;
+#if DM_SM90_BWD_LISTED_BITS
+        if (p.mask == nullptr) return nullptr;  // block lists alone
+#endif
         return p.mask + int64_t(b) * p.mask_batch_stride +
                int64_t(head_of(i) / p.mask_head_ratio) * p.mask_head_stride +
                int64_t(row_ok ? row : 0) * p.mask_row_stride;
@@ -698,6 +724,9 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
       // the segment's first and last bytes name its one or two 128-byte lines).
       auto prefetch = [&](int i) {
         if (!vec || i >= n_items) return;
+#if DM_SM90_BWD_LISTED_BITS
+        if (p.mask == nullptr) return;
+#endif
         bool ok;
         const int n0_o = int(opaque(uint32_t(n0)));  // not hoisted: see listed
         const uint8_t* r = mask_row(i, ok) + n0_o;
@@ -722,10 +751,41 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
         const uint8_t* mrow = mask_row(i, row_ok);
         uint32_t* words = reinterpret_cast<uint32_t*>(smem + Smem::kOffMask + s * Smem::kMaskBits);
         uint32_t all = ~0u, any = 0u;
+#if DM_SM90_BWD_LISTED_BITS
+        // Block lists alone (no attn_mask: the host declines both together): mrow is this
+        // lane's row of a listed partial block's bits instead, null for a full block.
+        if (p.mask == nullptr) {
+          mrow = nullptr;
+          const int slot = sp_grid == nullptr || !row_ok ? kSpFull : sp_row(head_of(i), m0_of(i))[
+              int(opaque(uint32_t(n0))) / p.sp_block_n];  // n0 opaque: see listed
+          if (slot >= 0) {
+            // (opaque: the divisions' invariants hoisted out of the walk spilled)
+            const int bm = int(opaque(uint32_t(p.sp_block_m)));
+            const int bn = int(opaque(uint32_t(p.sp_block_n)));
+            mrow = reinterpret_cast<const uint8_t*>(
+                p.sp_partial_bits + bwd_listed_row_word(slot, bm, bn,
+                                                        (m0_of(i) + 32 * wh + lane) % bm,
+                                                        int(opaque(uint32_t(n0))) % bn));
+          }
+        }
+#endif
 #pragma unroll 1
         for (int ch = 0; ch < kBlockN / 16; ++ch) {  // keys n0 + 16 ch .. + 15
           const int k0 = n0 + 16 * ch;
           uint64_t lo = 0, hi = 0;  // byte e of the 16: key k0 + e (nonzero: kept)
+#if DM_SM90_BWD_LISTED_BITS
+          uint32_t field = 0xffffu;  // bit e: key k0 + e kept by a partial block's bits
+          if (p.mask == nullptr) {
+            if (row_ok && k0 < len_k) {
+              const int n = dm_min(16, len_k - k0);  // keys past the end read false
+              lo = bwd_kept_bytes(n);
+              hi = bwd_kept_bytes(n - 8);
+              if (mrow != nullptr)
+                field = (__ldg(reinterpret_cast<const uint32_t*>(mrow) + ch / 2) >>
+                         (16 * (ch % 2))) & 0xffffu;
+            }
+          } else
+#endif
           if (row_ok && k0 < len_k) {
             if (vec) {
               const uint4 x = __ldg(reinterpret_cast<const uint4*>(mrow + k0));
@@ -747,7 +807,12 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
 #pragma unroll
           for (int e = 0; e < 16; ++e) {
             const uint64_t x = e < 8 ? lo >> (8 * e) : hi >> (8 * (e - 8));
+#if DM_SM90_BWD_LISTED_BITS
+            const uint32_t v = __ballot_sync(0xffffffffu, (uint32_t(x) & 0xffu) != 0 &&
+                                                               ((field >> e) & 1u));
+#else
             const uint32_t v = __ballot_sync(0xffffffffu, (uint32_t(x) & 0xffu) != 0);
+#endif
             all &= v;
             any |= v;
             mine = lane == e ? v : mine;

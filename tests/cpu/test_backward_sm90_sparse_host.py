@@ -199,3 +199,80 @@ def test_order_constants_mirror_the_kernel():
         f"static_assert(kSpOrderGroup == {backward.ORDER_GROUP});\n"
         f"static_assert(kSpOrderTileN == {backward_sm90.BLOCK_N});\n",
         "bwd_order_constants.cu")
+
+
+LISTED_BITS = "DM_SM90_BWD_LISTED_BITS=1"
+
+
+def test_partial_blocks_are_taken_only_with_the_listed_bits_build(monkeypatch):
+    """DM_SM90_BWD_LISTED_BITS=1: lists with partial blocks of a size that tiles the items
+    run on bwd_sm90 without a mask (beside a mask, and in the default build, they do not)."""
+    monkeypatch.delenv("DMATTN_BWD_FAMILY", raising=False)
+    monkeypatch.delenv("DMATTN_SM90_BWD_SPARSE", raising=False)
+    q, k, v = _arrays()
+    b, sq, h, _ = q.shape
+    sk = k.shape[1]
+    pb, masked = _pb(q, k, v), _pb(q, k, v, mask=np.ones((b, h, sq, sk), bool))
+    monkeypatch.delenv("DMATTN_NVRTC_DEFINES", raising=False)
+    assert not backward_sm90.listed_bits()
+    assert _family(pb, (128, 128), partial=True) == "bwd_dkdv"
+    monkeypatch.setenv("DMATTN_NVRTC_DEFINES", LISTED_BITS)
+    assert backward_sm90.listed_bits()
+    for blk in ((64, 128), (128, 256)):
+        assert _family(pb, blk, partial=True) == "bwd_sm90", blk
+        assert _family(pb, blk, partial=True, deterministic=True) == "bwd_sm90", blk
+        assert _family(_pb(q, k, v, bias=np.zeros((b, h, sq, sk), np.float16), causal=True),
+                       blk, partial=True) == "bwd_sm90", blk
+        assert _family(masked, blk, partial=True) == "bwd_dkdv", blk
+    assert _family(pb, (128, 64), partial=True) == "bwd_dkdv"
+    assert _family(masked, (128, 128)) == "bwd_sm90"   # full-block lists beside a mask: as before
+
+
+def test_run_backward_sends_partial_blocks_to_the_mask_spec_with_no_mask(monkeypatch):
+    launched: list = []
+    _stub_runtime(monkeypatch, launched)
+    monkeypatch.setenv("DMATTN_SM90_BWD_SPARSE", "1")
+    monkeypatch.setenv("DMATTN_NVRTC_DEFINES", LISTED_BITS)
+    q, k, v = _arrays()
+    dense = np.random.default_rng(1).random((200, 264)) < 0.5
+    mixed = host_arrays(MixedMask.from_dense_mask(dense, (64, 128)))
+    backward.run_backward(_pb(q, k, v), np.zeros_like(q), q, k, v, np.zeros_like(q),
+                          np.zeros((2, 4, 200), np.float32), sparse=mixed)
+    assert [x[0].family for x in launched] == ["bwd_pre", "bwd_grid", "bwd_order", "bwd_sm90",
+                                               "bwd_post"]
+    spec, _, (rec, _) = launched[-2]
+    assert spec.has_mask and not spec.has_bias
+    assert int(rec["mask"]) == 0   # the kernel reads the bits where a mask's bytes would be
+
+
+def _listed_row_word(slot, bm, bn, m, n):
+    return slot * (bm // 32) * bn + (m * bn + n) // 32
+
+
+def test_listed_bits_helpers_match_the_model():
+    """bwd.cu's row word of a partial block (the row-major layout of MixedMask.partial_bits:
+    element (m, n) is bit n % 32 of word (m * bn + n) // 32 of its slot) and its kept bytes."""
+    rng = np.random.default_rng(4)
+    checks = []
+    for bm, bn in [(64, 128), (128, 128), (192, 256), (1024, 384)]:
+        for _ in range(5):
+            slot, m = int(rng.integers(0, 3000)), int(rng.integers(0, bm))
+            n = 128 * int(rng.integers(0, bn // 128))
+            checks.append(f"static_assert(dm::bwd_listed_row_word({slot}, {bm}, {bn}, {m}, {n}) "
+                          f"== {_listed_row_word(slot, bm, bn, m, n)}ll, \"row word\");")
+    for n in range(-9, 18):
+        want = sum(1 << (8 * e) for e in range(max(0, min(n, 8))))
+        checks.append(f"static_assert(dm::bwd_kept_bytes({n}) == {want}ull, \"kept bytes\");")
+    compile_static_asserts('#include "sm90/bwd.cu"\n' + "\n".join(checks) + "\n",
+                           "bwd_listed_bits.cu")
+    # the model against MixedMask's own words
+    dense = rng.random((256, 384)) < 0.5
+    mask = MixedMask.from_dense_mask(dense, (128, 128))
+    slot = int(mask.partial_slot[1, 2])
+    assert slot >= 0
+    words = mask.partial_bits.reshape(-1)
+    for m in (0, 5, 127):
+        for n0 in (0,):
+            w = int(words[_listed_row_word(slot, 128, 128, m, n0) + 1])  # keys n0 + 32 ..
+            got = [(w >> e) & 1 for e in range(32)]
+            assert got == [int(x) for x in dense[128 + m, 256 + 32: 256 + 64]]

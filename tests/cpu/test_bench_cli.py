@@ -545,6 +545,11 @@ def test_dry_run_cpu_varlen_and_backward(tmp_path):
     data = _dry_run(tmp_path, ["--suite", "backward", "--batch", "2", "--heads", "4",
                                "--seqlen", "160", "--headdim", "16"])
     _check(data, 0.15, need_flex=False)  # FlexAttention has no CPU backward
+    data = _dry_run(tmp_path, ["--case", "backward_mask_bias", "--batch", "2", "--heads", "2",
+                               "--seqlen", "96", "--headdim", "16"])
+    _check(data, 0.15, need_flex=False)
+    rows = {r["name"]: r for r in data["cases"][0]["impls"]}
+    assert rows["dmattn fwd+bwd, the mask prepared once as a MixedMask"]["status"] == "ok"
 
 
 def test_dry_run_cpu_missing_dmattn_features_are_na(tmp_path):

@@ -93,3 +93,28 @@ def test_block_sizes_and_tiles(block, with_mask, monkeypatch):
     keep = dense if attn is None else dense & attn
     assert_fa_close(out, lse, dict(q=f64(q), k=f64(k), v=f64(v), mask=keep, bias=f64(bias),
                                    scale=head_dim ** -0.5, window=(-1, -1)), "bfloat16")
+
+
+@pytest.mark.parametrize("head_dim", [128, 64])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("block", [(64, 128), (128, 256)], ids=["64x128", "128x256"])
+@pytest.mark.parametrize("sq,sk", [(256, 384), (333, 700)])
+def test_mixed_mask_backward_with_bias_gradient(sq, sk, block, causal, head_dim,
+                                                both_backward_families):
+    """The gradients (dq, dk, dv, dbias) of a prepared MixedMask beside a full bias against the
+    float64 reference, on both backward families: bwd_sm90 takes partial blocks only when built
+    with DM_SM90_BWD_LISTED_BITS=1 (its mask warps read the blocks' bits); the fixture
+    asserts the family that ran."""
+    from test_backward import _qkv, _run_dense
+
+    from dmattn_cupy import backward_sm90
+
+    if both_backward_families == "bwd_sm90" and not backward_sm90.listed_bits():
+        pytest.skip("partial blocks reach bwd_sm90 in a DM_SM90_BWD_LISTED_BITS=1 build only")
+    q, k, v = _qkv(B, sq, sk, H, HK, head_dim, "bfloat16", seed=sq + block[0] + head_dim)
+    bias = (2 * torch.randn(B, H, sq, sk, generator=torch.Generator().manual_seed(sk))).to(
+        "cuda", torch.bfloat16)
+    dense = _dense(sq, sk, seed=sq * sk + block[1])
+    mixed = dm.MixedMask.from_dense_mask(dense, block)
+    assert (mixed.block_class == 1).any()
+    _run_dense(q, k, v, bias=bias, seed=sq + 3, sparse_mask=mixed, is_causal=causal)
