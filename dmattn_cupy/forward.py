@@ -26,6 +26,7 @@ from .sparse_plan import (
     SparseArrays,
     block_size_of,
     check_block_fits,
+    check_partial_words,
     device_lists,
     sparse_fields,
 )
@@ -184,6 +185,7 @@ def forward_call(pb: Problem, query: Any, cu_q: Any = None, cu_k: Any = None,
     if sparse is not None:
         arrs = sparse if isinstance(sparse, SparseArrays) else device_lists(sparse, query)
         check_block_fits((arrs.block_m, arrs.block_n), spec)
+        check_partial_words(arrs, spec)
         for field in SPARSE_INPUTS:   # "sp_" + the SparseArrays field
             rec[0][field] = _ptr(getattr(arrs, field[3:]))
             plan.slot(field, rec, field)

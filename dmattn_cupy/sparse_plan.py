@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,6 +130,25 @@ def check_block_fits(block_size: tuple[int, int], spec: KernelSpec) -> None:
             f"({spec.block_m}, {spec.block_n}) for head dim {spec.head_dim}; build the mask "
             f"with block_size=({spec.block_m * max(1, bm // spec.block_m)}, "
             f"{spec.block_n * max(1, bn // spec.block_n)}) or use backend='reference'")
+
+
+# fwd_sm90 addresses a MixedMask's element bits by 32-bit word offsets (sm90/fwd.cu:
+# listed_tile_word, kept per stage as an int32)
+MAX_SM90_PARTIAL_WORDS = 2**31 - 1
+
+
+def check_partial_words(arrays: SparseArrays, spec: KernelSpec) -> None:
+    """A ValueError when fwd_sm90 could not address the lists' element bits (more than 2^31 - 1
+    words, i.e. ~6.9e10 elements of partial blocks) instead of an overflowed offset."""
+    if spec.family != "fwd_sm90" or arrays.partial_bits is None:
+        return
+    words = math.prod(int(n) for n in arrays.partial_bits.shape)   # any array module
+    if words > MAX_SM90_PARTIAL_WORDS:
+        raise ValueError(
+            f"sparse_mask: a MixedMask whose partial blocks hold {words * 32} elements "
+            f"({words} words of bits) is more than the Hopper forward addresses "
+            f"({MAX_SM90_PARTIAL_WORDS} words); use larger full/empty blocks, split the batch, "
+            "or DMATTN_FWD_FAMILY=fwd_mma")
 
 
 _LIST_FIELDS = ("full_count", "full_idx", "partial_count", "partial_idx")

@@ -378,7 +378,9 @@ __host__ __device__ constexpr uint32_t listed_keep_fields(uint32_t w, int t) {
 // 64s + 8j + 2t + e of row 16w + g + 8r: its fragment's keep bits, loaded with no gather.
 __host__ __device__ constexpr int listed_unit_keys(int bn) { return bn % 128 == 0 ? 128 : 64; }
 // The word that thread 0 of consumer 0 reads for the tile at (m, n) of partial block `slot`
-// (m, n: the tile's offsets in the block, multiples of 128 and 64).
+// (m, n: the tile's offsets in the block, multiples of 128 and 64). Word offsets are ints
+// here and in the stage's info: the host refuses more than 2^31 - 1 words
+// (sparse_plan.check_partial_words).
 __host__ __device__ constexpr int listed_tile_word(int slot, int bm, int bn, int m, int n) {
   return slot * (bm / 32) * bn + (m / 64) * 2 * bn +
          (n / listed_unit_keys(bn)) * 2 * listed_unit_keys(bn) + n % listed_unit_keys(bn) / 64;

@@ -156,3 +156,25 @@ def test_kernel_helpers_match_the_model():
                           f"{thread_word(bn, c, i)}, \"thread word\");")
     compile_static_asserts('#include "sm90/fwd.cu"\n' + "\n".join(checks) + "\n",
                            "listed_bits.cu")
+
+
+def test_bits_past_the_32_bit_offsets_are_refused():
+    """fwd_sm90's word offsets are 32-bit: more words raise a ValueError naming sparse_mask
+    (the portable family, 64-bit offsets, still takes them)."""
+    from types import SimpleNamespace
+
+    from dmattn_cupy.sparse_plan import (
+        MAX_SM90_PARTIAL_WORDS,
+        SparseArrays,
+        check_partial_words,
+    )
+
+    def arrays(words):
+        bits = np.broadcast_to(np.uint32(0), (words,))   # no memory behind it
+        return SparseArrays(None, None, None, None, None, bits, bits, 128, 128)
+
+    sm90, mma = SimpleNamespace(family="fwd_sm90"), SimpleNamespace(family="fwd_mma")
+    check_partial_words(arrays(MAX_SM90_PARTIAL_WORDS), sm90)
+    check_partial_words(arrays(MAX_SM90_PARTIAL_WORDS + 1), mma)
+    with pytest.raises(ValueError, match="sparse_mask: a MixedMask"):
+        check_partial_words(arrays(MAX_SM90_PARTIAL_WORDS + 1), sm90)
