@@ -13,10 +13,9 @@ torch is installed) and kept on the mask as ``_dmattn_traced``: ``(window, flat,
 full_idx, partial_count, partial_idx`` int32 with leading ``(Bm, Hm)`` dims, and a MixedMask's
 ``partial_slot``, ``partial_bits`` and ``partial_frag`` (the bits in the Hopper forward's order),
 the last two viewed as int32) on the device the mask's data lives on, and a hashable
-``BlockMeta``. Under torch.compile these tensors are graph inputs (the
-mask's attributes), the metadata constants. A DynamicMask's tensors are views of its live
-buffers, so ``update`` is seen by the next compiled call without recompiling. Immutable masks'
-tensors are computed once. ``unflatten_block_mask`` rebuilds an equal mask (NumPy-backed);
+``BlockMeta``. Under torch.compile these tensors are graph inputs (the mask's attributes), the
+metadata constants. A DynamicMask's tensors are views of its live buffers, so ``update`` is
+seen by the next compiled call without recompiling. Immutable masks' tensors are computed once. ``unflatten_block_mask`` rebuilds an equal mask (NumPy-backed);
 ``lists_to_dense`` expands the tensors to the exact bool mask with torch ops (traceable).
 """
 
