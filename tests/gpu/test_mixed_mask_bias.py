@@ -14,6 +14,7 @@ from gpu_helpers import assert_fa_close, f64
 from test_kvcache import record_launch_families
 
 import dmattn_cupy as dm
+from dmattn_cupy.sparse_plan import partial_frag
 
 torch = pytest.importorskip("torch")
 cupy = pytest.importorskip("cupy")
@@ -50,6 +51,8 @@ def test_mixed_mask_with_full_bias(sq, sk, causal, head_dim, monkeypatch):
     host = dm.MixedMask.from_dense_mask(dense, BLOCK)
     for name in ("block_class", "partial_slot", "partial_bits"):
         np.testing.assert_array_equal(cupy.asnumpy(getattr(mixed, name)), getattr(host, name))
+    # the fragment-ordered copy (DM_SM90_LISTED_FRAG's), made by CuPy and by NumPy
+    np.testing.assert_array_equal(cupy.asnumpy(partial_frag(mixed)), partial_frag(host))
     assert (mixed.block_class == 1).any() and (mixed.block_class == 0).any()
     families = record_launch_families(monkeypatch)
     out, lse = dm.flash_dmattn_func(q, k, v, attn_bias=bias, is_causal=causal,
