@@ -15,8 +15,9 @@ full_idx, partial_count, partial_idx`` int32 with leading ``(Bm, Hm)`` dims, and
 the last two viewed as int32) on the device the mask's data lives on, and a hashable
 ``BlockMeta``. Under torch.compile these tensors are graph inputs (the mask's attributes), the
 metadata constants. A DynamicMask's tensors are views of its live buffers, so ``update`` is
-seen by the next compiled call without recompiling. Immutable masks' tensors are computed once. ``unflatten_block_mask`` rebuilds an equal mask (NumPy-backed);
-``lists_to_dense`` expands the tensors to the exact bool mask with torch ops (traceable).
+seen by the next compiled call without recompiling. Immutable masks' tensors are computed once.
+``unflatten_block_mask`` rebuilds an equal mask (NumPy-backed); ``lists_to_dense`` expands the
+tensors to the exact bool mask with torch ops (traceable).
 """
 
 from __future__ import annotations
