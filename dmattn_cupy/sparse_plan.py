@@ -26,7 +26,7 @@ from .arrays import array_kind, describe
 from .device import PRESETS, DeviceProps
 from .families import padded_head_dim, sparse_supported
 from .fragment_bits import fragment_words
-from .masks import DynamicMask, IntersectionMask, MixedMask, SparseMask
+from .masks import DynamicMask, IntersectionMask, MixedMask, SparseMask, _array_module
 from .select import backward as select_backward
 from .spec import KernelSpec
 from .validate import Problem
@@ -187,21 +187,14 @@ def partial_frag(mask: MixedMask) -> Any:
     if frag is None:
         bm, bn = (int(n) for n in mask.block_size)
         bits = mask.partial_bits
-        on_host = isinstance(bits, np.ndarray)
-        with contextlib.nullcontext() if on_host else bits.device:
-            xp = np if on_host else _cupy()
+        xp = _array_module(bits, "partial_bits")
+        with contextlib.nullcontext() if xp is np else bits.device:
             if bm % 64 == 0 and bn % 64 == 0:
                 frag = fragment_words(bits, bm, bn, xp)
             else:  # no Hopper forward tiles such blocks: an empty stand-in
                 frag = xp.zeros((0, bm * bn // 32), dtype=xp.uint32)
         mask.__dict__["_dmattn_partial_frag"] = frag
     return frag
-
-
-def _cupy() -> Any:
-    import cupy
-
-    return cupy
 
 
 def sparse_fields(arrays: SparseArrays) -> dict[str, int]:

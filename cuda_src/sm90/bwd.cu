@@ -752,10 +752,9 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
         uint32_t* words = reinterpret_cast<uint32_t*>(smem + Smem::kOffMask + s * Smem::kMaskBits);
         uint32_t all = ~0u, any = 0u;
 #if DM_SM90_BWD_LISTED_BITS
-        // Block lists alone (no attn_mask: the host declines both together): mrow is this
-        // lane's row of a listed partial block's bits instead, null for a full block.
+        // Block lists alone (no attn_mask: the host declines both together): mrow (null from
+        // mask_row) becomes this lane's row of a listed partial block's bits.
         if (p.mask == nullptr) {
-          mrow = nullptr;
           const int slot = sp_grid == nullptr || !row_ok ? kSpFull : sp_row(head_of(i), m0_of(i))[
               int(opaque(uint32_t(n0))) / p.sp_block_n];  // n0 opaque: see listed
           if (slot >= 0) {
