@@ -5,7 +5,9 @@
 Compiles every spec ``precompile --arch`` would build whose id contains one of the SUBSTRs
 (under the current DMATTN_NVRTC_DEFINES; no disk cache), disassembles each cubin with nvdisasm
 and prints ``sha256[:16]  instructions  registers  spills  advisories  spec id`` per kernel.
-Run it once without and once with a define: equal hashes mean identical machine code.
+Run it once without and once with a define: equal hashes mean identical machine code. The hash
+covers the instructions' text with mangled symbol names masked, so a kernel whose template
+gained an argument still matches when its code did not change.
 CuPy's NVRTC returns the ELF one byte short; a zero byte is appended before disassembling.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -49,6 +52,18 @@ def sass(cubin: bytes) -> str:
         os.unlink(path)
 
 
+def instructions(text: str) -> list[str]:
+    """The instruction lines of a disassembly (their text after the address comment), mangled
+    names (``_Z...``) masked."""
+    out = []
+    for line in text.splitlines():
+        if line.lstrip().startswith("/*") and "*/" in line:
+            ins = line.split("*/", 1)[1].strip().rstrip(";")
+            if ins:
+                out.append(re.sub(r"_Z[A-Za-z0-9_]+", "_Z", ins))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="sm_90")
@@ -58,11 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.only and not any(s in spec.id for s in args.only):
             continue
         ck = compile_spec(spec, use_disk_cache=False)
-        text = sass(ck.cubin)
-        n = sum(1 for line in text.splitlines() if line.lstrip().startswith("/*") and "*/" in line
-                and line.split("*/", 1)[1].strip().rstrip(";"))
+        ins = instructions(sass(ck.cubin))
         spills = ck.spill_stores + ck.spill_loads + ck.stack_frame
-        print(f"{hashlib.sha256(text.encode()).hexdigest()[:16]}  {n:6d}  regs={ck.registers} "
+        digest = hashlib.sha256("\n".join(ins).encode()).hexdigest()[:16]
+        print(f"{digest}  {len(ins):6d}  regs={ck.registers} "
               f"spills={spills} adv={','.join(ck.advisories) or '-'}  {spec.id}", flush=True)
     return 0
 
