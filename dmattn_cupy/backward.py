@@ -149,7 +149,9 @@ def backward_call(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out:
     want_dbias = need_dbias and pb.bias is not None
     dev_props = runtime.device_props(pb.q.device)
     sparse_arg = False if sparse is None else (sparse.block_m, sparse.block_n)
-    partial = sparse is not None and sparse.partial_slot is not None
+    # element bits to read: a MixedMask with partial blocks (one without walks like block lists)
+    partial = (sparse is not None and sparse.partial_bits is not None
+               and sparse.partial_bits.shape[0] > 0)
     family = backward_family(pb, describe(dout), deterministic, sparse_arg, dev_props, partial)
     # A bias tile whose rows alone keep it from bwd_sm90's tensor map (Sk values that are no
     # 16-byte multiple, a misaligned view) is read from a copy in 16-byte rows ("bias_rows",
@@ -331,9 +333,9 @@ def backward_call(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out:
         if pb.seqlen_k > 0 and family == "bwd_sm90":
             mode_b = backward_sm90.bias_mode(pb.bias, pb.batch, pb.heads, pb.seqlen_q,
                                              pb.seqlen_k) or 0
-            spec = backward_sm90_spec(pb.dtype, pb.head_dim,
-                                      backward_sm90.spec_has_mask(pb.mask is not None, partial),
-                                      pb.bias is not None, mode_b == backward_sm90.BIAS_KEY_ROW)
+            spec = backward_sm90_spec(pb.dtype, pb.head_dim, pb.mask is not None,
+                                      pb.bias is not None, mode_b == backward_sm90.BIAS_KEY_ROW,
+                                      listed_bits=partial)
             dout_info = describe(dout)
             sem = ptr(bufs["ws"]) + 4 * sem_at if deterministic else 0
             args = backward_sm90.build_args(pb.q, pb.k, pb.v, dout_info, pb.bias, mode_b, sem,

@@ -10,13 +10,13 @@ deterministic mode (dQ adds ordered by per-query-tile counters, ``semaphore_word
 Also (unless ``DMATTN_SM90_BWD_SPARSE=0``) block-sparse lists of full blocks whose size tiles the
 kernel's items (block_m a multiple of BLOCK_M, block_n of BLOCK_N; the kernel reads
 ``BwdParams.sp_grid`` and walks only the listed items), alone or with any mask, bias, window
-or the deterministic mode it takes otherwise.
-Declined (the sm80-class backward serves them): varlen, block lists with partial blocks (a
-MixedMask's element bits; taken without a mask, on the mask specs, when the kernel is built
-with ``DM_SM90_BWD_LISTED_BITS=1``: ``listed_bits``), block sizes that do not tile the items, head
-dims above 128, a bias other than a (B, H, Sq, Sk) or (B, H, 1, Sk) one in the query's dtype
-(batch/head broadcasts and query-row biases included), and q/k/v/dout/bias layouts TMA cannot
-read.
+or the deterministic mode it takes otherwise; lists with partial blocks (a MixedMask's element
+bits) too, without a mask, on their own specs (the mask specs' ``listed_bits`` builds: the mask
+warps read the bits where they would read mask bytes).
+Declined (the sm80-class backward serves them): varlen, partial blocks beside a mask, block
+sizes that do not tile the items, head dims above 128, a bias other than a (B, H, Sq, Sk) or
+(B, H, 1, Sk) one in the query's dtype (batch/head broadcasts and query-row biases included),
+and q/k/v/dout/bias layouts TMA cannot read.
 """
 
 from __future__ import annotations
@@ -57,12 +57,6 @@ def dq_writer_mode() -> int:
     if env.nvrtc_define_int("DM_SM90_BWD_DQ_ATOMIC", 0) != 0 or mode == 0:
         return 0
     return 2 if mode == 2 else 1
-
-
-def listed_bits() -> bool:
-    """Whether the kernel folds a MixedMask's partial blocks into its mask words
-    (``DM_SM90_BWD_LISTED_BITS=1`` in DMATTN_NVRTC_DEFINES; bwd.cu's default is 0)."""
-    return env.nvrtc_define_int("DM_SM90_BWD_LISTED_BITS", 0) != 0
 
 
 def dq_writer() -> bool:
@@ -212,20 +206,20 @@ MAX_GRID_YZ = 65535
 
 def sparse_fits(sparse: bool | tuple[int, int], sparse_partial: bool = False) -> bool:
     """Whether the kernel walks these block lists: none (False), or, unless
-    ``DMATTN_SM90_BWD_SPARSE=0``, lists of full blocks (``sparse_partial``: element bits, a
-    MixedMask's, taken only with ``listed_bits``) of a (block_m, block_n) that tiles the
-    64 x 128 items; True (lists of an unknown block size) is declined."""
+    ``DMATTN_SM90_BWD_SPARSE=0``, lists (of full blocks, or with partial ones: element bits,
+    a MixedMask's) of a (block_m, block_n) that tiles the 64 x 128 items; True (lists of an
+    unknown block size) is declined."""
     if sparse is False:
         return True
-    if sparse is True or (sparse_partial and not listed_bits()) or not env.sm90_bwd_sparse():
+    if sparse is True or not env.sm90_bwd_sparse():
         return False
     bm, bn = sparse
     return bm > 0 and bn > 0 and bm % BLOCK_M == 0 and bn % BLOCK_N == 0
 
 
 def spec_has_mask(has_mask: bool, sparse_partial: bool) -> bool:
-    """Whether the kernel is the mask spec: a dense mask, or block lists whose partial blocks'
-    bits its mask warps read (taken only with ``listed_bits``)."""
+    """Whether the kernel has the mask warps and words: a dense mask, or block lists whose
+    partial blocks' bits they read (the listed-bits specs)."""
     return has_mask or sparse_partial
 
 
@@ -237,7 +231,7 @@ def accepts(head_dim: int, dtype: str, q: ArrayInfo, k: ArrayInfo, v: ArrayInfo,
     """Whether the Hopper backward serves this problem (pure). ``has_mask``: a dense bool mask
     (any broadcast; validated before) is always taken; ``deterministic`` too. ``sparse``:
     False, or the block lists' (block_m, block_n) (``sparse_fits``); lists with partial blocks
-    (``sparse_partial``) run on a mask spec (``spec_has_mask``), and not beside a mask."""
+    (``sparse_partial``) run on a listed-bits spec (``spec_has_mask``), not beside a mask."""
     if varlen or head_dim > HEAD_DIMS[-1] or not sparse_fits(sparse, sparse_partial):
         return False
     if sparse_partial and has_mask:  # the mask warps read either a mask's bytes or the bits

@@ -92,13 +92,14 @@ def all_specs(arch: str = "sm_80", debug: bool = False) -> list[KernelSpec]:
     if not debug:  # nor have decode/combine
         for s in all_decode_specs(arch) + all_kvcache_specs(arch) + all_row_pad_specs(arch):
             add(s)
-    # The Hopper backward: dtype x head dim x mask x bias (none, a tile, a key row; its other
-    # switches, the deterministic mode included, are runtime fields).
+    # The Hopper backward: dtype x head dim x mask (none, a mask, a MixedMask's listed bits)
+    # x bias (none, a tile, a key row; its other switches, the deterministic mode included, are
+    # runtime fields).
     if not debug and any(FAMILIES["bwd_sm90"].runs_on(d.cc) for d in _device_classes(arch)):
-        for dtype, hd, mask, (bias, key_row) in itertools.product(
-                DTYPES, backward_sm90.HEAD_DIMS, (False, True),
+        for dtype, hd, (mask, listed), (bias, key_row) in itertools.product(
+                DTYPES, backward_sm90.HEAD_DIMS, ((False, False), (True, False), (False, True)),
                 ((False, False), (True, False), (True, True))):
-            add(select.backward_sm90_spec(dtype, hd, mask, bias, key_row))
+            add(select.backward_sm90_spec(dtype, hd, mask, bias, key_row, listed))
         add(select.backward_order_spec(arch))
     order = FAMILIES.get("fwd_order")  # the block lists' item order of the Hopper forward
     if not debug and order and any(order.runs_on(d.cc) for d in _device_classes(arch)):

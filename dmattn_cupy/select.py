@@ -151,11 +151,15 @@ def forward_order_spec() -> KernelSpec:
 
 
 def backward_sm90_spec(dtype: str, head_dim: int, has_mask: bool, has_bias: bool,
-                       bias_key_row: bool = False) -> KernelSpec:
+                       bias_key_row: bool = False, listed_bits: bool = False) -> KernelSpec:
     """The Hopper backward's specialization (dtype x padded head dim x mask x bias: none, a
-    full tile or a key row); the deterministic mode is a runtime field (Sm90BwdArgs::dq_sem)."""
+    full tile or a key row); the deterministic mode is a runtime field (Sm90BwdArgs::dq_sem).
+    ``listed_bits``: block lists with partial blocks and no mask (the spec's ``sparse``: a mask
+    spec whose mask warps read the blocks' element bits)."""
     return KernelSpec(family="bwd_sm90", dtype=spec_dtype(dtype),
                       head_dim=backward_sm90.padded_head_dim(head_dim),
                       block_m=backward_sm90.BLOCK_M, block_n=backward_sm90.BLOCK_N,
-                      num_warps=backward_sm90.THREADS // 32, has_mask=has_mask,
-                      has_bias=has_bias, bias_key_row=has_bias and bias_key_row)
+                      num_warps=backward_sm90.THREADS // 32,
+                      has_mask=backward_sm90.spec_has_mask(has_mask, listed_bits),
+                      has_bias=has_bias, bias_key_row=has_bias and bias_key_row,
+                      sparse=listed_bits)

@@ -3,9 +3,9 @@
 // GQA/MQA, a bias of shape (B, H, Sq, Sk) or (B, H, 1, Sk) with its gradient, a dense bool
 // mask of any broadcast (kHasMask), block lists of full blocks (BwdParams::sp_grid set: a
 // runtime field, no template switch; see "Block lists" below) and a deterministic mode
-// (Sm90BwdArgs::dq_sem set). Everything else (varlen, lists with partial blocks unless
-// DM_SM90_BWD_LISTED_BITS=1, other bias shapes) runs the sm80-class backward
-// (dmattn_cupy/backward_sm90.py declines it).
+// (Sm90BwdArgs::dq_sem set), and lists with partial blocks without a mask (kListedBits: a
+// MixedMask's element bits). Everything else (varlen, partial blocks beside a mask, other
+// bias shapes) runs the sm80-class backward (dmattn_cupy/backward_sm90.py declines it).
 //
 // A CTA of three warpgroups owns kBlockN = 128 keys of one (batch, kv head) and walks the
 // (query head of the group, query tile of kBlockM = 64 rows) items that can see its keys, so
@@ -138,15 +138,6 @@ static_assert(DM_SM90_BWD_DQ_WRITERS == 1 || DM_SM90_BWD_DQ_WRITERS == 2,
 // default mode's time, BENCHMARKS.md); 0: the grid order there.
 #ifndef DM_SM90_BWD_DET_KEY_MAJOR
 #define DM_SM90_BWD_DET_KEY_MAJOR 1
-#endif
-// DM_SM90_BWD_LISTED_BITS=1: block lists with partial blocks (a MixedMask's element bits)
-// without an attn_mask run here too, on the mask specs (kHasMask, p.mask null): the mask
-// warps read each row's 16-key fields of the block's row-major bits (bwd_listed_row_word)
-// where they would read mask bytes, so consumers see a partial block as mask words like any
-// mask. 0 (default, until measured on a GPU): the host declines such lists
-// (backward_sm90.sparse_fits) and the code below is not built.
-#ifndef DM_SM90_BWD_LISTED_BITS
-#define DM_SM90_BWD_LISTED_BITS 0
 #endif
 #include "../common.cuh"
 #include "../params.cuh"
@@ -410,14 +401,21 @@ static_assert(sm90_bwd_roles_whole_warps(false, false) && sm90_bwd_roles_whole_w
                   sm90_bwd_roles_whole_warps(false, true) && sm90_bwd_roles_whole_warps(true, true),
               "warp-wide roles hold whole warps");
 
-template <typename T, int kHeadDim, bool kHasMask, bool kHasBias, bool kBiasRow>
+template <typename T, int kHeadDim, bool kHasMask, bool kHasBias, bool kBiasRow,
+          bool kListedBits>
 __global__ void __launch_bounds__(384, 1)
 flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs args) {
   // kHasBias: a bias with its gradient; kBiasRow: it is a key row (B, H, 1, Sk), read from
   // global memory per head (no tile in the ring, so d128 keeps two dQ slots), else a full
   // (B, H, Sq, Sk) tile per item. One spec per kind: both paths in one kernel cost ~35% more
   // instructions and instruction-cache misses (ncu, BENCHMARKS.md fifth session).
+  // kListedBits (with kHasMask, p.mask null): block lists with partial blocks; the mask warps
+  // read each row's 16-key fields of a partial block's row-major bits (bwd_listed_row_word)
+  // where they would read mask bytes, so consumers see it as mask words like any mask. Its own
+  // spec: the same code behind a runtime test made the mask specs' items 12% slower (ncu,
+  // BENCHMARKS.md twenty-eighth session).
   static_assert(kHasBias || !kBiasRow, "kBiasRow: only with a bias");
+  static_assert(kHasMask || !kListedBits, "kListedBits: on the mask specs");
   using Smem = Sm90BwdSmem<kHeadDim, kHasMask, kHasBias && !kBiasRow>;
   constexpr int kBlockM = Smem::kBlockM, kBlockN = Smem::kBlockN, kStages = Smem::kStages;
   constexpr int kDF = kHeadDim / 8;  // dK/dV fragments (n8) per thread row pair
@@ -530,8 +528,8 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
   // Mask blocks tile the kernel (sp_block_m % kBlockM == 0, sp_block_n % kBlockN == 0: the
   // host declines others) and list full blocks only (partial entries read as full: the host
   // declines masks with element bits), so a listed item takes the dense/mask path unchanged;
-  // with DM_SM90_BWD_LISTED_BITS=1 a partial entry (its slot, >= 0) also reaches the mask
-  // warps, which fold the block's bits into the item's mask words.
+  // with kListedBits a partial entry (its slot, >= 0) also reaches the mask warps, which fold
+  // the block's bits into the item's mask words.
   const int32_t* const sp_grid = bp.sp_grid;
   auto sp_row = [&](int h, int m0) -> const int32_t* {
     return sp_grid + sparse_row_entry(p, b, h, m0) * bp.sp_grid_cols;
@@ -713,9 +711,7 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
       auto mask_row = [&](int i, bool& row_ok) -> const uint8_t* {
         const int row = m0_of(i) + 32 * wh + lane;
         row_ok = row < len_q;
-#if DM_SM90_BWD_LISTED_BITS
-        if (p.mask == nullptr) return nullptr;  // block lists alone
-#endif
+        if constexpr (kListedBits) return nullptr;  // block lists alone
         return p.mask + int64_t(b) * p.mask_batch_stride +
                int64_t(head_of(i) / p.mask_head_ratio) * p.mask_head_stride +
                int64_t(row_ok ? row : 0) * p.mask_row_stride;
@@ -723,10 +719,7 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
       // The next item's row segment into L1 while this one is transposed (no registers held;
       // the segment's first and last bytes name its one or two 128-byte lines).
       auto prefetch = [&](int i) {
-        if (!vec || i >= n_items) return;
-#if DM_SM90_BWD_LISTED_BITS
-        if (p.mask == nullptr) return;
-#endif
+        if (kListedBits || !vec || i >= n_items) return;
         bool ok;
         const int n0_o = int(opaque(uint32_t(n0)));  // not hoisted: see listed
         const uint8_t* r = mask_row(i, ok) + n0_o;
@@ -751,10 +744,9 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
         const uint8_t* mrow = mask_row(i, row_ok);
         uint32_t* words = reinterpret_cast<uint32_t*>(smem + Smem::kOffMask + s * Smem::kMaskBits);
         uint32_t all = ~0u, any = 0u;
-#if DM_SM90_BWD_LISTED_BITS
         // Block lists alone (no attn_mask: the host declines both together): mrow (null from
         // mask_row) becomes this lane's row of a listed partial block's bits.
-        if (p.mask == nullptr) {
+        if constexpr (kListedBits) {
           const int slot = sp_grid == nullptr || !row_ok ? kSpFull : sp_row(head_of(i), m0_of(i))[
               int(opaque(uint32_t(n0))) / p.sp_block_n];  // n0 opaque: see listed
           if (slot >= 0) {
@@ -767,14 +759,12 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
                                                         int(opaque(uint32_t(n0))) % bn));
           }
         }
-#endif
 #pragma unroll 1
         for (int ch = 0; ch < kBlockN / 16; ++ch) {  // keys n0 + 16 ch .. + 15
           const int k0 = n0 + 16 * ch;
           uint64_t lo = 0, hi = 0;  // byte e of the 16: key k0 + e (nonzero: kept)
-#if DM_SM90_BWD_LISTED_BITS
           uint32_t field = 0xffffu;  // bit e: key k0 + e kept by a partial block's bits
-          if (p.mask == nullptr) {
+          if constexpr (kListedBits) {
             if (row_ok && k0 < len_k) {
               const int n = dm_min(16, len_k - k0);  // keys past the end read false
               lo = bwd_kept_bytes(n);
@@ -783,9 +773,7 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
                 field = (__ldg(reinterpret_cast<const uint32_t*>(mrow) + ch / 2) >>
                          (16 * (ch % 2))) & 0xffffu;
             }
-          } else
-#endif
-          if (row_ok && k0 < len_k) {
+          } else if (row_ok && k0 < len_k) {
             if (vec) {
               const uint4 x = __ldg(reinterpret_cast<const uint4*>(mrow + k0));
               lo = uint64_t(x.y) << 32 | x.x;
@@ -806,12 +794,8 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
 #pragma unroll
           for (int e = 0; e < 16; ++e) {
             const uint64_t x = e < 8 ? lo >> (8 * e) : hi >> (8 * (e - 8));
-#if DM_SM90_BWD_LISTED_BITS
             const uint32_t v = __ballot_sync(0xffffffffu, (uint32_t(x) & 0xffu) != 0 &&
                                                                ((field >> e) & 1u));
-#else
-            const uint32_t v = __ballot_sync(0xffffffffu, (uint32_t(x) & 0xffu) != 0);
-#endif
             all &= v;
             any |= v;
             mine = lane == e ? v : mine;

@@ -291,9 +291,12 @@ def test_run_backward_patches_the_dq_accum_map_from_the_workspace(monkeypatch, m
 
 def test_precompile_enumerates_dtype_headdim_mask_bias():
     specs = [s for s in precompile.all_specs("sm_90") if s.family == "bwd_sm90"]
-    assert len(specs) == 24 and all(s.arch == "sm_90a" and s.threads == 384 for s in specs)
-    assert {(s.dtype, s.head_dim, s.has_mask, s.has_bias, s.bias_key_row) for s in specs} == {
-        (dt, hd, m, b, r) for dt in ("fp16", "bf16") for hd in (64, 128) for m in (False, True)
+    assert len(specs) == 36 and all(s.arch == "sm_90a" and s.threads == 384 for s in specs)
+    # mask: none, a mask, a MixedMask's listed bits (sparse: a mask spec reading the bits)
+    assert {(s.dtype, s.head_dim, s.has_mask, s.sparse, s.has_bias, s.bias_key_row)
+            for s in specs} == {
+        (dt, hd, m, sp, b, r) for dt in ("fp16", "bf16") for hd in (64, 128)
+        for m, sp in ((False, False), (True, False), (True, True))
         for b, r in ((False, False), (True, False), (True, True))}
     assert not any(s.deterministic for s in specs)  # a runtime field (Sm90BwdArgs::dq_sem)
     assert not [s for s in precompile.all_specs("sm_80") if s.family == "bwd_sm90"]

@@ -61,11 +61,11 @@ def test_block_lists_are_taken_unless_switched_off(monkeypatch):
         assert _family(pb, blk) == "bwd_sm90", blk
         assert _family(pb, blk, deterministic=True) == "bwd_sm90", blk
         assert _family(pb, blk, dev=A100) == "bwd_dkdv"
-    # blocks that do not tile the 64 x 128 items, an unknown size, element bits: declined
+    # blocks that do not tile the 64 x 128 items, an unknown size: declined
     for blk in ((64, 64), (128, 64), (32, 128), (96, 128), (64, 192)):
         assert _family(pb, blk) == "bwd_dkdv", blk
+        assert _family(pb, blk, partial=True) == "bwd_dkdv", blk
     assert _family(pb, True) == "bwd_dkdv"
-    assert _family(pb, (128, 128), partial=True) == "bwd_dkdv"
     assert _family(dataclasses.replace(pb, varlen=True), (128, 128)) == "bwd_dkdv"
     monkeypatch.setenv("DMATTN_BWD_FAMILY", "bwd_dkdv")
     assert _family(pb, (128, 128)) == "bwd_dkdv"
@@ -148,21 +148,22 @@ def test_run_backward_launches_the_grid_before_the_hopper_kernel(monkeypatch, bl
     assert (int(args["dq_sem"]) != 0) == deterministic
 
 
-def test_run_backward_sends_partial_blocks_and_unfit_blocks_to_the_portable_kernels(
+def test_run_backward_sends_partial_blocks_beside_a_mask_and_unfit_blocks_to_the_portable_kernels(
         monkeypatch):
     launched: list = []
     _stub_runtime(monkeypatch, launched)
     monkeypatch.setenv("DMATTN_SM90_BWD_SPARSE", "1")
     q, k, v = _arrays()
     pb = _pb(q, k, v)
+    masked = _pb(q, k, v, mask=np.ones((2, 4, 200, 264), bool))
     lse = np.zeros((2, 4, 200), np.float32)
     dense = np.random.default_rng(1).random((200, 264)) < 0.5
     mixed = host_arrays(MixedMask.from_dense_mask(dense, (64, 128)))
     assert mixed.partial_slot is not None
     unfit = host_arrays(_bitset(200, 264, (128, 64)))
-    for sparse in (mixed, unfit):
+    for problem, sparse in ((masked, mixed), (pb, unfit)):
         launched.clear()
-        backward.run_backward(pb, np.zeros_like(q), q, k, v, np.zeros_like(q), lse,
+        backward.run_backward(problem, np.zeros_like(q), q, k, v, np.zeros_like(q), lse,
                               sparse=sparse)
         assert [x[0].family for x in launched] == ["bwd_pre", "bwd_grid", "bwd_dkdv",
                                                    "bwd_post"]
@@ -201,23 +202,15 @@ def test_order_constants_mirror_the_kernel():
         "bwd_order_constants.cu")
 
 
-LISTED_BITS = "DM_SM90_BWD_LISTED_BITS=1"
-
-
-def test_partial_blocks_are_taken_only_with_the_listed_bits_build(monkeypatch):
-    """DM_SM90_BWD_LISTED_BITS=1: lists with partial blocks of a size that tiles the items
-    run on bwd_sm90 without a mask (beside a mask, and in the default build, they do not)."""
+def test_partial_blocks_are_taken_without_a_mask(monkeypatch):
+    """Lists with partial blocks of a size that tiles the items run on bwd_sm90 without a
+    mask (beside a mask, or with DMATTN_SM90_BWD_SPARSE=0, they do not)."""
     monkeypatch.delenv("DMATTN_BWD_FAMILY", raising=False)
     monkeypatch.delenv("DMATTN_SM90_BWD_SPARSE", raising=False)
     q, k, v = _arrays()
     b, sq, h, _ = q.shape
     sk = k.shape[1]
     pb, masked = _pb(q, k, v), _pb(q, k, v, mask=np.ones((b, h, sq, sk), bool))
-    monkeypatch.delenv("DMATTN_NVRTC_DEFINES", raising=False)
-    assert not backward_sm90.listed_bits()
-    assert _family(pb, (128, 128), partial=True) == "bwd_dkdv"
-    monkeypatch.setenv("DMATTN_NVRTC_DEFINES", LISTED_BITS)
-    assert backward_sm90.listed_bits()
     for blk in ((64, 128), (128, 256)):
         assert _family(pb, blk, partial=True) == "bwd_sm90", blk
         assert _family(pb, blk, partial=True, deterministic=True) == "bwd_sm90", blk
@@ -226,13 +219,14 @@ def test_partial_blocks_are_taken_only_with_the_listed_bits_build(monkeypatch):
         assert _family(masked, blk, partial=True) == "bwd_dkdv", blk
     assert _family(pb, (128, 64), partial=True) == "bwd_dkdv"
     assert _family(masked, (128, 128)) == "bwd_sm90"   # full-block lists beside a mask: as before
+    monkeypatch.setenv("DMATTN_SM90_BWD_SPARSE", "0")
+    assert _family(pb, (128, 128), partial=True) == "bwd_dkdv"
 
 
-def test_run_backward_sends_partial_blocks_to_the_mask_spec_with_no_mask(monkeypatch):
+def test_run_backward_sends_partial_blocks_to_the_listed_bits_spec(monkeypatch):
     launched: list = []
     _stub_runtime(monkeypatch, launched)
     monkeypatch.setenv("DMATTN_SM90_BWD_SPARSE", "1")
-    monkeypatch.setenv("DMATTN_NVRTC_DEFINES", LISTED_BITS)
     q, k, v = _arrays()
     dense = np.random.default_rng(1).random((200, 264)) < 0.5
     mixed = host_arrays(MixedMask.from_dense_mask(dense, (64, 128)))
@@ -241,8 +235,15 @@ def test_run_backward_sends_partial_blocks_to_the_mask_spec_with_no_mask(monkeyp
     assert [x[0].family for x in launched] == ["bwd_pre", "bwd_grid", "bwd_order", "bwd_sm90",
                                                "bwd_post"]
     spec, _, (rec, _) = launched[-2]
-    assert spec.has_mask and not spec.has_bias
+    assert spec.has_mask and spec.sparse and not spec.has_bias
+    assert spec.name_expression.endswith(", true, false, false, true>")
     assert int(rec["mask"]) == 0   # the kernel reads the bits where a mask's bytes would be
+    launched.clear()   # full-block lists: the plain spec
+    full = host_arrays(MixedMask.from_dense_mask(np.ones((200, 264), bool), (64, 128)))
+    backward.run_backward(_pb(q, k, v), np.zeros_like(q), q, k, v, np.zeros_like(q),
+                          np.zeros((2, 4, 200), np.float32), sparse=full)
+    spec = launched[-2][0]
+    assert spec.family == "bwd_sm90" and not spec.has_mask and not spec.sparse
 
 
 def _listed_row_word(slot, bm, bn, m, n):

@@ -133,9 +133,11 @@ def test_block_mask_steps_hit_and_launch_what_the_validated_path_builds(cap, mon
     assert (lists == live) != dynamic        # a DynamicMask's: this step's copies
     if b is not None:
         assert grads[3].shape == b.shape
-    mixed = name in ("mixed", "and")          # partial blocks: the portable backward
-    want = "bwd_dkdv" if family != "sm90" or mixed else "bwd_sm90"
+    want = "bwd_dkdv" if family != "sm90" else "bwd_sm90"
     assert want in fams and fams[1:3] == ["bwd_pre", "bwd_grid"]
+    if want == "bwd_sm90":   # partial blocks (an `&` of block masks has none): listed bits
+        specs = [s for s in cap.specs.values() if s.family == want]
+        assert specs and all(s.sparse == s.has_mask == (name == "mixed") for s in specs)
     assert fams[-1] == "bwd_post"
     rec = tf._record(again[-1][3][0], "BwdParams")
     assert int(rec["dq"][0]) == grads[0].data_ptr() and int(rec["o"][0]) == out.data_ptr()

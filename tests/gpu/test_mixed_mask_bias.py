@@ -105,15 +105,10 @@ def test_block_sizes_and_tiles(block, with_mask, monkeypatch):
 def test_mixed_mask_backward_with_bias_gradient(sq, sk, block, causal, head_dim,
                                                 both_backward_families):
     """The gradients (dq, dk, dv, dbias) of a prepared MixedMask beside a full bias against the
-    float64 reference, on both backward families: bwd_sm90 takes partial blocks only when built
-    with DM_SM90_BWD_LISTED_BITS=1 (its mask warps read the blocks' bits); the fixture
-    asserts the family that ran."""
+    float64 reference, on both backward families (bwd_sm90: the listed-bits specs, whose mask
+    warps read the blocks' bits); the fixture asserts the family that ran."""
     from test_backward import _qkv, _run_dense
 
-    from dmattn_cupy import backward_sm90
-
-    if both_backward_families == "bwd_sm90" and not backward_sm90.listed_bits():
-        pytest.skip("partial blocks reach bwd_sm90 in a DM_SM90_BWD_LISTED_BITS=1 build only")
     q, k, v = _qkv(B, sq, sk, H, HK, head_dim, "bfloat16", seed=sq + block[0] + head_dim)
     bias = (2 * torch.randn(B, H, sq, sk, generator=torch.Generator().manual_seed(sk))).to(
         "cuda", torch.bfloat16)
