@@ -20,8 +20,7 @@ struct FwdParams {
   // Block-sparse masks (kernels built with kSparse): per (mask batch, mask head, row block)
   // the full and partial key blocks, int32, contiguous; counts (Bm, Hm, nrb), indices
   // (Bm, Hm, nrb, width). MixedMask only: slot per block (Bm, Hm, nrb, ncb), -1 = none, and
-  // the element bits of each partial block (row-major in the block, LSB first per word; the
-  // same bits in fwd_sm90's fragment order: sp_partial_frag, last).
+  // the element bits of each partial block (row-major in the block, LSB first per word).
   const int32_t* sp_full_count;
   const int32_t* sp_full_idx;
   const int32_t* sp_partial_count;
@@ -81,7 +80,4 @@ struct FwdParams {
   float softcap;               // > 0: logits = softcap * tanh(scale*qk / softcap)
   float scale_over_softcap;    // softmax_scale / softcap (when softcap > 0)
   int32_t pad0;
-  // A MixedMask's sp_partial_bits in fwd_sm90's fragment order (dmattn_cupy/fragment_bits.py;
-  // last, so that adding it moved no other field).
-  const uint32_t* sp_partial_frag;
 };

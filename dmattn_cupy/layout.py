@@ -23,7 +23,7 @@ FWD_INPUTS = ("q", "k", "v", "mask", "bias", "cu_q", "cu_k")  # a forward plan's
 KV_INPUTS = FWD_INPUTS + ("cache_seqlens", "block_table", "k_new", "v_new")
 # a block-sparse forward plan's further inputs: the list arrays (source = FwdParams field)
 SPARSE_INPUTS = ("sp_full_count", "sp_full_idx", "sp_partial_count", "sp_partial_idx",
-                 "sp_partial_slot", "sp_partial_bits", "sp_partial_frag")
+                 "sp_partial_slot", "sp_partial_bits")
 _POINTER_FIELD = {"q": "q", "k": "k", "v": "v", "mask": "mask", "bias": "bias",
                   "cu_q": "cu_seqlens_q", "cu_k": "cu_seqlens_k", "out": "o", "lse": "lse"}
 

@@ -11,13 +11,12 @@ torch is installed) and kept on the mask as ``_dmattn_traced``: ``(window, flat,
 
 ``flatten_block_mask`` gives the kernel's lists at the mask's own block size (``full_count,
 full_idx, partial_count, partial_idx`` int32 with leading ``(Bm, Hm)`` dims, and a MixedMask's
-``partial_slot``, ``partial_bits`` and ``partial_frag`` (the bits in the Hopper forward's order),
-the last two viewed as int32) on the device the mask's data lives on, and a hashable
-``BlockMeta``. Under torch.compile these tensors are graph inputs (the mask's attributes), the
-metadata constants. A DynamicMask's tensors are views of its live buffers, so ``update`` is
-seen by the next compiled call without recompiling. Immutable masks' tensors are computed once.
-``unflatten_block_mask`` rebuilds an equal mask (NumPy-backed); ``lists_to_dense`` expands the
-tensors to the exact bool mask with torch ops (traceable).
+``partial_slot`` and ``partial_bits``, the latter viewed as int32) on the device the mask's data
+lives on, and a hashable ``BlockMeta``. Under torch.compile these tensors are graph inputs (the
+mask's attributes), the metadata constants. A DynamicMask's tensors are views of its live
+buffers, so ``update`` is seen by the next compiled call without recompiling. Immutable masks'
+tensors are computed once. ``unflatten_block_mask`` rebuilds an equal mask (NumPy-backed);
+``lists_to_dense`` expands the tensors to the exact bool mask with torch ops (traceable).
 """
 
 from __future__ import annotations
@@ -40,7 +39,7 @@ from .masks import (
     MixedMask,
     SparseMask,
 )
-from .sparse_plan import partial_frag, split_sparse
+from .sparse_plan import split_sparse
 
 BLOCK_KINDS = ("BlockBitsetMask", "BCSRMask", "MixedMask", "DynamicMask")
 _CLASSES = {c.__name__: c for c in (BlockBitsetMask, BCSRMask, MixedMask, DynamicMask)}
@@ -121,7 +120,7 @@ def flatten_block_mask(mask: SparseMask) -> tuple[tuple[Any, ...], BlockMeta]:
     if isinstance(mask, MixedMask):
         lead = mask.batch_heads
         arrays += [mask.partial_slot.reshape(*lead, *mask.partial_slot.shape[-2:]),
-                   _words_as_int32(mask.partial_bits), _words_as_int32(partial_frag(mask))]
+                   _words_as_int32(mask.partial_bits)]
     tensors = tuple(_as_torch(a, dev) for a in arrays)
     meta = BlockMeta(type(mask).__name__, mask.seqlen_q, mask.seqlen_k, (bm, bn),
                      mask._batch_heads and tuple(int(n) for n in mask._batch_heads),
@@ -150,7 +149,7 @@ def unflatten_block_mask(tensors: tuple[Any, ...] | list[Any], meta: BlockMeta) 
     same ``to_dense()``."""
     if not isinstance(meta, BlockMeta) or meta.kind not in _CLASSES:
         raise TypeError(f"meta must be a BlockMeta of one of {BLOCK_KINDS}, got {meta!r}")
-    want = 7 if meta.kind == "MixedMask" else 4
+    want = 6 if meta.kind == "MixedMask" else 4
     if len(tensors) != want:
         raise ValueError(f"a {meta.kind} flattens to {want} tensors, got {len(tensors)}")
     fc, fi, pc, pi = (_host(t) for t in tensors[:4])

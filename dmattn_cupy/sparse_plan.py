@@ -13,7 +13,6 @@ Device uploads of immutable masks are cached on the mask (through the ``arrays``
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -25,8 +24,7 @@ from . import arrays
 from .arrays import array_kind, describe
 from .device import PRESETS, DeviceProps
 from .families import padded_head_dim, sparse_supported
-from .fragment_bits import fragment_words
-from .masks import DynamicMask, IntersectionMask, MixedMask, SparseMask, _array_module
+from .masks import DynamicMask, IntersectionMask, MixedMask, SparseMask
 from .select import backward as select_backward
 from .spec import KernelSpec
 from .validate import Problem
@@ -106,7 +104,6 @@ class SparseArrays:
     partial_idx: Any
     partial_slot: Any | None
     partial_bits: Any | None
-    partial_frag: Any | None   # partial_bits in fwd_sm90's fragment order (fragment_bits.py)
     block_m: int
     block_n: int
 
@@ -132,8 +129,8 @@ def check_block_fits(block_size: tuple[int, int], spec: KernelSpec) -> None:
             f"{spec.block_n * max(1, bn // spec.block_n)}) or use backend='reference'")
 
 
-# fwd_sm90 addresses a MixedMask's element bits by 32-bit word offsets (sm90/fwd.cu:
-# listed_tile_word, kept per stage as an int32)
+# fwd_sm90 addresses a MixedMask's element bits by 32-bit word offsets (sm90/fwd.cu: the
+# stage's info word, an int32)
 MAX_SM90_PARTIAL_WORDS = 2**31 - 1
 
 
@@ -152,20 +149,20 @@ def check_partial_words(arrays: SparseArrays, spec: KernelSpec) -> None:
 
 
 _LIST_FIELDS = ("full_count", "full_idx", "partial_count", "partial_idx")
-_MIXED_FIELDS = ("partial_slot", "partial_bits", "partial_frag")
+_MIXED_FIELDS = ("partial_slot", "partial_bits")
 
 
 def arrays_to_list(arrays: SparseArrays) -> list[Any]:
-    """The arrays in a fixed order (a MixedMask's three extra ones last), e.g. for an op's
+    """The arrays in a fixed order (a MixedMask's two extra ones last), e.g. for an op's
     ``Tensor[]`` argument; ``arrays_from_list`` inverts it."""
     names = _LIST_FIELDS + (_MIXED_FIELDS if arrays.partial_slot is not None else ())
     return [getattr(arrays, n) for n in names]
 
 
 def arrays_from_list(items: list[Any], block_m: int, block_n: int) -> SparseArrays:
-    if len(items) not in (4, 7):
-        raise ValueError(f"block-sparse arrays: expected 4 or 7, got {len(items)}")
-    extra = list(items[4:]) or [None, None, None]
+    if len(items) not in (4, 6):
+        raise ValueError(f"block-sparse arrays: expected 4 or 6, got {len(items)}")
+    extra = list(items[4:]) or [None, None]
     return SparseArrays(*items[:4], *extra, block_m=block_m, block_n=block_n)
 
 
@@ -173,28 +170,11 @@ def host_arrays(mask: SparseMask) -> SparseArrays:
     """The mask's lists at its own block size, in the module its data lives in."""
     bm, bn = mask.block_size
     lists = mask.device_lists() if isinstance(mask, DynamicMask) else mask.block_lists(bm, bn)
-    slot = bits = frag = None
+    slot = bits = None
     if isinstance(mask, MixedMask):
-        slot, bits, frag = mask.partial_slot, mask.partial_bits, partial_frag(mask)
+        slot, bits = mask.partial_slot, mask.partial_bits
     return SparseArrays(lists.full_count, lists.full_idx, lists.partial_count, lists.partial_idx,
-                        slot, bits, frag, bm, bn)
-
-
-def partial_frag(mask: MixedMask) -> Any:
-    """A MixedMask's element bits in fwd_sm90's fragment order, in the module of its
-    ``partial_bits`` (computed once, cached on the mask: it is immutable)."""
-    frag = mask.__dict__.get("_dmattn_partial_frag")
-    if frag is None:
-        bm, bn = (int(n) for n in mask.block_size)
-        bits = mask.partial_bits
-        xp = _array_module(bits, "partial_bits")
-        with contextlib.nullcontext() if xp is np else bits.device:
-            if bm % 64 == 0 and bn % 64 == 0:
-                frag = fragment_words(bits, bm, bn, xp)
-            else:  # no Hopper forward tiles such blocks: an empty stand-in
-                frag = xp.zeros((0, bm * bn // 32), dtype=xp.uint32)
-        mask.__dict__["_dmattn_partial_frag"] = frag
-    return frag
+                        slot, bits, bm, bn)
 
 
 def sparse_fields(arrays: SparseArrays) -> dict[str, int]:
@@ -254,7 +234,6 @@ def device_lists(mask: SparseMask, like: Any) -> SparseArrays:
         *(_device_array(getattr(host, f), like, "int32")
           for f in ("full_count", "full_idx", "partial_count", "partial_idx", "partial_slot")),
         partial_bits=_device_array(host.partial_bits, like, "uint32"),
-        partial_frag=_device_array(host.partial_frag, like, "uint32"),
         block_m=host.block_m, block_n=host.block_n)
     if not isinstance(mask, DynamicMask):
         cache[key] = arrs

@@ -36,8 +36,7 @@
 // tile's row-block list (full blocks, then MixedMask partial ones, each expanded to
 // sp_block_n / kBlockN tiles) instead of the key range; unlisted blocks are never loaded, a
 // listed tile outside the causal/window range is passed over, and a partial block's element
-// bits are read by the consumers from p.sp_partial_bits or, with DM_SM90_LISTED_FRAG=1, the
-// fragment-ordered p.sp_partial_frag (class bit kListedPartial).
+// bits are read by the consumers from p.sp_partial_bits (class bit kListedPartial).
 #pragma once
 #include "../common.cuh"
 #include "../params.cuh"
@@ -101,15 +100,6 @@ __host__ __device__ constexpr int claimed_item(uint32_t claim, uint32_t grid, in
 #ifndef DM_SM90_KBIAS_F32
 #define DM_SM90_KBIAS_F32 4
 #endif
-// - DM_SM90_LISTED_FRAG: how a block list's partial tile reads its element bits. 0 (default):
-//   the row-major words (sp_partial_bits), 2 x kBlockN / 32 loads per thread and tile, gathered
-//   into keep bits by listed_keep_fields; 1: the fragment-ordered copy (sp_partial_frag): one
-//   load per thread and tile, no gather. 1 is not measured on a GPU yet (NOTES.md, twenty-
-//   seventh session).
-#ifndef DM_SM90_LISTED_FRAG
-#define DM_SM90_LISTED_FRAG 0
-#endif
-constexpr bool kListedFrag = DM_SM90_LISTED_FRAG != 0;
 // - DM_SM90_TIMELINE=1 (measurement, debug builds; tools/sm90_timeline.py): tile_counters get
 //   each item's start and end as consumer 0 sees them instead of its tile counts, stamped
 //   (CTA << 24) | (%globaltimer / 32 ns mod 2^24).
@@ -363,31 +353,13 @@ DM_DEVICE float drop_masked_nan(float (&x)[kNF][4], int r, const uint8_t* smk, i
 // register m of lane (g, t) is the fragment word of j = 2i + m / 2, row half m % 2 (keys
 // 8j + 2t, + 1 of row 64c + 16w + g + 8(m % 2)). Within a box only the 16-byte chunk index
 // moves with i, and the swizzle XORs it: block i is block i % 4's offset XOR 32 (i % 4).
-// A block list's element bits (class kListedPartial) in row-major words: of a row word w (keys
-// k..k + 31, bit i: key k + i), the keys 8j + 2t + e (j = 0..3, e = 0..1) of quad lane t as
-// bits 24 + 2j + e of the result. Bits 2t, 2t + 1 of each byte are masked to a 2-bit field at
-// bit 8j, and one multiply by 2^24 + 2^18 + 2^12 + 2^6 moves field j to bit 24 + 2j; every
-// other partial product lands below bit 24 or above bit 31 (tests/cpu/test_sm90_listed_bits.py).
+// A block list's element bits (class kListedPartial): of a row word w (keys k..k + 31, bit i:
+// key k + i), the keys 8j + 2t + e (j = 0..3, e = 0..1) of quad lane t as bits 24 + 2j + e of
+// the result. Bits 2t, 2t + 1 of each byte are masked to a 2-bit field at bit 8j, and one
+// multiply by 2^24 + 2^18 + 2^12 + 2^6 moves field j to bit 24 + 2j; every other partial
+// product lands below bit 24 or above bit 31 (tests/cpu/test_sm90_listed_bits.py).
 __host__ __device__ constexpr uint32_t listed_keep_fields(uint32_t w, int t) {
   return ((w >> (2 * t)) & 0x03030303u) * 0x01041040u;
-}
-// The same bits in fragment order (DM_SM90_LISTED_FRAG=1; p.sp_partial_frag,
-// dmattn_cupy/fragment_bits.py): a block is cut into units of 64 rows x U keys (U = 128 when
-// bn % 128 == 0, else 64), 2U words each, in row-major unit order; thread i (0..127) of a
-// consumer owns words (U / 64) i + s (s: the unit's 64-key half), whose bit 16r + 2j + e is key
-// 64s + 8j + 2t + e of row 16w + g + 8r: its fragment's keep bits, loaded with no gather.
-__host__ __device__ constexpr int listed_unit_keys(int bn) { return bn % 128 == 0 ? 128 : 64; }
-// The word that thread 0 of consumer 0 reads for the tile at (m, n) of partial block `slot`
-// (m, n: the tile's offsets in the block, multiples of 128 and 64). Word offsets are ints
-// here and in the stage's info: the host refuses more than 2^31 - 1 words
-// (sparse_plan.check_partial_words).
-__host__ __device__ constexpr int listed_tile_word(int slot, int bm, int bn, int m, int n) {
-  return slot * (bm / 32) * bn + (m / 64) * 2 * bn +
-         (n / listed_unit_keys(bn)) * 2 * listed_unit_keys(bn) + n % listed_unit_keys(bn) / 64;
-}
-// Thread i of consumer c: its words' offset from the tile's word.
-__host__ __device__ constexpr int listed_thread_word(int bn, int c, int i) {
-  return c * 2 * bn + listed_unit_keys(bn) / 64 * i;
 }
 
 template <int kRows>
@@ -960,14 +932,12 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
           info[4 * stage + 1] = cls;
           info[4 * stage + 2] = slot;
           if (kDynamicItems) stage_item[stage] = item;
-          // A partial block's element bits: the word of (row m0, key n0) in its slot, or the
-          // tile's first word in fragment order.
+          // A partial block's element bits: the word of (row m0, key n0) in its slot (an int:
+          // the host refuses more than 2^31 - 1 words, sparse_plan.check_partial_words).
           if (listed_partial) {
             const int bm = p.sp_block_m, bn = p.sp_block_n;
             const int slot_b = p.sp_partial_slot[row_entry * p.sp_col_blocks + n / sub];
-            info[4 * stage + 3] = kListedFrag
-                ? listed_tile_word(slot_b, bm, bn, m0 % bm, n0 % bn)
-                : slot_b * (bm / 32) * bn + ((m0 % bm) * bn + n0 % bn) / 32;
+            info[4 * stage + 3] = slot_b * (bm / 32) * bn + ((m0 % bm) * bn + n0 % bn) / 32;
           }
           // per item {tiles loaded, tiles masked}, in (batch, head, m) order
           if (kDebug && !DM_SM90_TIMELINE) {
@@ -1235,34 +1205,21 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
         }
       }
     };
-    // A block list's partial block (class bit kListedPartial): this thread's element bits of
-    // the tile, loaded from global memory when the tile's class is read, so that the loads
-    // run under S's product. Row-major: its two rows' words (info[+3]: the word of (this
-    // CTA's row 0, the tile's key 0) in p.sp_partial_bits; rows are sp_block_n / 32 words,
-    // LSB first); fragment order: one word per 64 keys (listed_tile_word).
+    // A block list's partial block (class bit kListedPartial): this thread's two rows of the
+    // tile's element bits, loaded from global memory when the tile's class is read, so that
+    // the loads run under S's product. info[+3]: the word of (this CTA's row 0, the tile's
+    // key 0) in p.sp_partial_bits; rows are sp_block_n / 32 words, LSB first.
     struct ListedWords {
-      uint32_t w[kListedFrag ? kBlockN / 64 : 2 * (kBlockN / 32)];
+      uint32_t w[2][kBlockN / 32];
     };
     auto load_listed = [&](ListedWords& lw, int stage, int cls) {
       if (!(cls & kListedPartial)) return;
-      if constexpr (kListedFrag) {
-        const uint32_t* words = p.sp_partial_frag + info[4 * stage + 3] +
-                                listed_thread_word(p.sp_block_n, c, threadIdx.x % 128);
-        if constexpr (kBlockN == 128) {  // bn % 128 == 0: both halves of a unit, 8-byte aligned
-          const uint2 v = __ldg(reinterpret_cast<const uint2*>(words));
-          lw.w[0] = v.x;
-          lw.w[1] = v.y;
-        } else {
-          lw.w[0] = __ldg(words);
-        }
-      } else {
-        const uint32_t* words = p.sp_partial_bits + info[4 * stage + 3];
+      const uint32_t* words = p.sp_partial_bits + info[4 * stage + 3];
 #pragma unroll
-        for (int r = 0; r < 2; ++r)
+      for (int r = 0; r < 2; ++r)
 #pragma unroll
-          for (int q = 0; q < kBlockN / 32; ++q)
-            lw.w[r * (kBlockN / 32) + q] = __ldg(words + lrow[r] * (p.sp_block_n / 32) + q);
-      }
+        for (int q = 0; q < kBlockN / 32; ++q)
+          lw.w[r][q] = __ldg(words + lrow[r] * (p.sp_block_n / 32) + q);
     };
     // Softcap, bias and exclusion (by the mask's words and/or by formula, as the tile's class
     // says), for the tile whose first key is n0.
@@ -1325,15 +1282,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
             if (kk < lb[e >> 1].lo || kk > lb[e >> 1].hi) s[j][e] = -DM_INF;
           }
       }
-      if ((cls & kListedPartial) && kListedFrag) {
-        // Bit 16r + 2(j % 8) + e of word j / 8: key 8j + 2t + e of row half r.
-#pragma unroll
-        for (int j = 0; j < kNF; ++j)
-#pragma unroll
-          for (int e = 0; e < 4; ++e)
-            if (!((lw.w[j / 8] >> (16 * (e >> 1) + 2 * (j % 8) + (e & 1))) & 1u))
-              s[j][e] = -DM_INF;
-      } else if (cls & kListedPartial) {
+      if (cls & kListedPartial) {
         // Gathered from the prefetched words into keep, bit 2j + e: key 8j + 2t + e of the
         // tile (word q's byte at bits 8q..8q + 7 of keep: listed_keep_fields).
 #pragma unroll
@@ -1341,8 +1290,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
           uint32_t keep = 0;
 #pragma unroll
           for (int q = 0; q < kBlockN / 32; ++q)
-            keep |= (listed_keep_fields(lw.w[r * (kBlockN / 32) + q], t) >> (24 - 8 * q)) &
-                    (0xffu << (8 * q));
+            keep |= (listed_keep_fields(lw.w[r][q], t) >> (24 - 8 * q)) & (0xffu << (8 * q));
 #pragma unroll
           for (int j = 0; j < kNF; ++j)
 #pragma unroll

@@ -258,7 +258,7 @@ def test_sparse_arrays_round_trip_and_backward_fit():
                  dm.MixedMask.from_dense_mask(dense, block_size=(64, 128))):
         arrs = host_arrays(mask)
         items = arrays_to_list(arrs)
-        assert len(items) == (7 if isinstance(mask, dm.MixedMask) else 4)
+        assert len(items) == (6 if isinstance(mask, dm.MixedMask) else 4)
         back = arrays_from_list(items, arrs.block_m, arrs.block_n)
         assert back == arrs
     assert sparse_fits_backward((64, 128), "bfloat16", 128)

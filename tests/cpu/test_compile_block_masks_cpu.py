@@ -64,7 +64,7 @@ def test_flatten_unflatten_round_trip(kind, lead):
     tensors, meta = flatten_block_mask(mask)
     assert isinstance(meta, BlockMeta) and meta.kind == KINDS[kind]
     assert hash(meta) == hash(BlockMeta(**vars(meta)))  # hashable, by value
-    assert len(tensors) == (7 if kind == "mixed" else 4)
+    assert len(tensors) == (6 if kind == "mixed" else 4)
     assert all(t.dtype == torch.int32 and t.device.type == "cpu" for t in tensors)
     assert [t.dim() for t in tensors[:4]] == [3, 4, 3, 4]  # (Bm, Hm, nrb[, width])
     expect = np.broadcast_to(mask.to_dense(), (*mask.batch_heads, SQ, SK))
@@ -249,7 +249,7 @@ def test_fake_cuda_forward_graph_takes_the_lists_as_inputs(kind):
     args = _sparse_args(gm, torch.ops.dmattn_cupy.fwd)
     lists, sp_block = args[15], args[16:18]
     assert tuple(sp_block) == BLK and args[3] is None  # no dense mask: the lists travel
-    assert len(lists) == (7 if kind == "mixed" else 4)
+    assert len(lists) == (6 if kind == "mixed" else 4)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     assert len(placeholders) == 2 + len(lists)  # q, kv (k is v) and the mask's tensors
     # each list is (a clone of) a copy of a graph input: nothing is baked into the graph
@@ -281,7 +281,7 @@ def test_head_dim_256_with_attn_mask_falls_back_to_the_dense_form(monkeypatch):
     args = _sparse_args(graphs[0], torch.ops.dmattn_cupy.fwd)
     assert list(args[15]) == [] and args[3].op == "call_function"  # keep & dense, in graph
     placeholders = [n for n in graphs[0].graph.nodes if n.op == "placeholder"]
-    assert len(placeholders) == 3 + 7  # q, kv, keep and the mask's tensors
+    assert len(placeholders) == 3 + 6  # q, kv, keep and the mask's tensors
 
 
 def test_lists_route_traces_forward_and_backward(monkeypatch):
@@ -312,8 +312,8 @@ def test_lists_route_traces_forward_and_backward(monkeypatch):
         assert q.grad.shape == q.shape and kv.grad.shape == kv.shape
     fwd = _sparse_args(graphs["fw"], torch.ops.dmattn_cupy.fwd)
     bwd = _sparse_args(graphs["bw"], torch.ops.dmattn_cupy.bwd)
-    assert len(fwd[15]) == 7 and tuple(fwd[16:18]) == BLK
-    assert len(bwd[20]) == 7 and tuple(bwd[21:23]) == BLK
+    assert len(fwd[15]) == 6 and tuple(fwd[16:18]) == BLK
+    assert len(bwd[20]) == 6 and tuple(bwd[21:23]) == BLK
     assert all(n.op == "placeholder" for n in bwd[20])  # saved by the forward graph
 
 

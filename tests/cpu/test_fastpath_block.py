@@ -126,7 +126,7 @@ def _list_ptrs(m, like):
     arrs = sparse_plan.device_lists(block, like)
     return [0 if a is None else a.data_ptr() for a in
             (arrs.full_count, arrs.full_idx, arrs.partial_count, arrs.partial_idx,
-             arrs.partial_slot, arrs.partial_bits, arrs.partial_frag)]
+             arrs.partial_slot, arrs.partial_bits)]
 
 
 @pytest.mark.parametrize("block", BLOCKS)

@@ -132,7 +132,7 @@ def test_select_routes_varlen_and_sparse_by_device():
 
 def test_block_size_of():
     assert block_size_of(None) is False
-    arrs = SparseArrays(*(None,) * 7, block_m=256, block_n=128)
+    arrs = SparseArrays(*(None,) * 6, block_m=256, block_n=128)
     assert block_size_of(arrs) == (256, 128)
 
     class M:
