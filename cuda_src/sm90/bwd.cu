@@ -526,10 +526,10 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
   // consumers take each stage's item from the stage, Smem::kOffStageItem, -1 ending the walk),
   // so the j-th listed item uses stage j % kStages and dQ slot j % kDqSlots in every role.
   // Mask blocks tile the kernel (sp_block_m % kBlockM == 0, sp_block_n % kBlockN == 0: the
-  // host declines others) and list full blocks only (partial entries read as full: the host
-  // declines masks with element bits), so a listed item takes the dense/mask path unchanged;
-  // with kListedBits a partial entry (its slot, >= 0) also reaches the mask warps, which fold
-  // the block's bits into the item's mask words.
+  // host declines others), so a listed item takes the dense/mask path unchanged. Lists with
+  // partial blocks run on the kListedBits specs only (elsewhere a partial entry would read as
+  // full), where a partial entry (its slot, >= 0) also reaches the mask warps, which fold the
+  // block's bits into the item's mask words.
   const int32_t* const sp_grid = bp.sp_grid;
   auto sp_row = [&](int h, int m0) -> const int32_t* {
     return sp_grid + sparse_row_entry(p, b, h, m0) * bp.sp_grid_cols;
