@@ -139,6 +139,17 @@ static_assert(DM_SM90_BWD_DQ_WRITERS == 1 || DM_SM90_BWD_DQ_WRITERS == 2,
 #ifndef DM_SM90_BWD_DET_KEY_MAJOR
 #define DM_SM90_BWD_DET_KEY_MAJOR 1
 #endif
+// DM_SM90_BWD_MASK_HALVES=1: the mask warps split the item by keys instead of rows: warp
+// 2 + wh takes keys 64 wh .. 64 wh + 63 of all 64 rows (lane: rows lane and lane + 32), so each
+// ballot pair is one key's whole 64-bit query word, which lane 0 stores two keys at a time
+// (STS.128) with no per-lane select, and the "all"/"some kept" flags come from one read-back of
+// the warp's 512 bytes of words instead of two 3-input LOP3s per ballot: on the 16-byte path
+// ~55 SASS instructions per 16 keys x 32 rows against ~95 (bf16 d128 mask + bias spec, loads
+// and loop included). 0 (default): warp 2 + wh takes rows 32 wh .. + 31 of all 128 keys, lanes
+// 0-15 each storing one key's half word.
+#ifndef DM_SM90_BWD_MASK_HALVES
+#define DM_SM90_BWD_MASK_HALVES 0
+#endif
 #include "../common.cuh"
 #include "../params.cuh"
 #include "../bwd_params.cuh"
@@ -203,6 +214,17 @@ __host__ __device__ constexpr uint32_t sm90_bwd_bias_ldsm_offset(int c, int w, i
                                          64 * c + 16 * w + 8 * ((lane / 8) % 2));
 }
 
+// Bits 0-3 of f as bytes 0-3 (0 or 1 each): the multiply puts bit i at 8i (i + 7j for i != j
+// lands off the byte starts and no two products share a bit, so nothing carries).
+__host__ __device__ constexpr uint32_t mask_bits_to_bytes(uint32_t f) {
+  return ((f & 0xfu) * 0x00204081u) & 0x01010101u;
+}
+// A 64-bit value the compiler cannot see through (sm90::opaque on both halves): recomputed
+// where used instead of held (and spilled) across a loop.
+DM_DEVICE int64_t opaque_i64(int64_t x) {
+  return int64_t(uint64_t(sm90::opaque(uint32_t(uint64_t(x) >> 32))) << 32 |
+                 sm90::opaque(uint32_t(uint64_t(x))));
+}
 // Bytes 0 .. n - 1 set to 1 (n clamped to 0..8): the first n keys of 8 kept.
 __host__ __device__ constexpr uint64_t bwd_kept_bytes(int n) {
   return n <= 0 ? 0ull : n >= 8 ? 0x0101010101010101ull
@@ -698,6 +720,133 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
         ph = h;
       }
       end_walk(j, ph);
+    } else if (kHasMask && role == kBwdMaskRows && DM_SM90_BWD_MASK_HALVES) {
+      // warps 2, 3 (DM_SM90_BWD_MASK_HALVES): the item's mask as words, warp 2 + wh taking keys
+      // 64 wh .. 64 wh + 63 of the item's 64 rows, lane the rows lane (r = 0: the word's low
+      // half) and lane + 32 (r = 1: its high half).
+      const int wh = warp - 2;
+      const bool vec = p.mask_col_stride == 1 && p.mask_row_stride % 16 == 0 &&
+                       p.mask_head_stride % 16 == 0 && p.mask_batch_stride % 16 == 0 &&
+                       len_k % 16 == 0 && reinterpret_cast<uint64_t>(p.mask) % 16 == 0;
+      // Row lane of item i (row 0 for rows past the end: never read).
+      auto mask_row = [&](int i, bool& row_ok) -> const uint8_t* {
+        const int row = m0_of(i) + lane;
+        row_ok = row < len_q;
+        if constexpr (kListedBits) return nullptr;  // block lists alone
+        // (b opaque: its hoisted batch offset spilled)
+        return p.mask + int64_t(opaque(uint32_t(b))) * p.mask_batch_stride +
+               int64_t(head_of(i) / p.mask_head_ratio) * p.mask_head_stride +
+               int64_t(row_ok ? row : 0) * p.mask_row_stride;
+      };
+      // The next item's two 64-byte row segments into L1 while this one is transposed.
+      auto prefetch = [&](int i) {
+        if (kListedBits || !vec || i >= n_items) return;
+        const int k0 = int(opaque(uint32_t(n0))) + 64 * wh;  // not hoisted: see listed
+        if (k0 >= len_k) return;
+        const int last = dm_min(64, len_k - k0) - 1;
+        bool ok;
+        const uint8_t* x = mask_row(i, ok) + k0;
+        if (ok) {
+          asm volatile("prefetch.global.L1 [%0];" ::"l"(x));
+          asm volatile("prefetch.global.L1 [%0];" ::"l"(x + last));
+        }
+        if (m0_of(i) + lane + 32 < len_q) {
+          x += opaque_i64(p.mask_row_stride) * 32;  // (see the loads)
+          asm volatile("prefetch.global.L1 [%0];" ::"l"(x));
+          asm volatile("prefetch.global.L1 [%0];" ::"l"(x + last));
+        }
+      };
+      for (int j = 0, i = -1;; ++j) {
+        i = next_item_warp(i + 1);
+        prefetch(i + 1);
+        if (i >= n_items) {
+          end_walk(j, -1);
+          break;
+        }
+        const int s = j % kStages;
+        mbar_wait(bar_empty(s), ((j / kStages) & 1) ^ 1);
+        bool row_ok;  // row lane (row lane + 32: row1_ok)
+        const uint8_t* mrow = mask_row(i, row_ok);
+        const bool row1_ok = m0_of(i) + lane + 32 < len_q;
+        const int kh = int(opaque(uint32_t(n0))) + 64 * wh;  // the warp's first key
+        // Block lists alone (no attn_mask: the host declines both together): mrow (null from
+        // mask_row) becomes row lane's bits of a listed partial block (two words per row here).
+        if constexpr (kListedBits) {
+          const int slot = sp_grid == nullptr ? kSpFull : sp_row(head_of(i), m0_of(i))[
+              int(opaque(uint32_t(n0))) / p.sp_block_n];  // n0 opaque: see listed
+          if (slot >= 0) {
+            const int bm = int(opaque(uint32_t(p.sp_block_m)));
+            const int bn = int(opaque(uint32_t(p.sp_block_n)));
+            mrow = reinterpret_cast<const uint8_t*>(
+                p.sp_partial_bits + bwd_listed_row_word(slot, bm, bn, (m0_of(i) + lane) % bm,
+                                                        kh % bn));
+          }
+        }
+        // keys kh + 2x, + 1: 16 bytes from here (two 64-bit words; lane 0 stores them)
+        const uint32_t words = base + Smem::kOffMask + s * Smem::kMaskBits + 8 * (kh - n0);
+#pragma unroll 1
+        for (int ch = 0; ch < 4; ++ch) {  // keys kh + 16 ch .. + 15
+          const int k0 = kh + 16 * ch;
+          uint4 x[2];  // row r's key k0 + e: byte e % 4 of word e / 4 (nonzero: kept), or bit e
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            x[r] = uint4{0u, 0u, 0u, 0u};
+            // rows and keys past the ends: false
+            if (!(r == 0 ? row_ok : row1_ok) || k0 >= len_k) continue;
+            // row lane + 32: 32 rows further (a block's bits: bn words; opaque, recomputed per
+            // chunk: a held 64-bit step spilled)
+            const uint8_t* mr =
+                r == 0 ? mrow
+                       : mrow + (kListedBits ? 4 * int64_t(opaque(uint32_t(p.sp_block_n)))
+                                             : opaque_i64(p.mask_row_stride) * 32);
+            if (!kListedBits && vec) {
+              x[r] = __ldg(reinterpret_cast<const uint4*>(mr + k0));
+              continue;
+            }
+            // bit e: key k0 + e kept (a block's bits, or the bytes one by one), then (bytes
+            // only) spread to byte e % 4 of word e / 4 (mask_bits_to_bytes)
+            const int n = dm_min(16, len_k - k0);
+            uint32_t f = 0xffffu >> (16 - n);
+            if constexpr (kListedBits) {
+              if (mrow != nullptr)
+                f &= __ldg(reinterpret_cast<const uint32_t*>(mr) + ch / 2) >> (16 * (ch % 2));
+              x[r].x = f;
+            } else {
+              f = 0;
+#pragma unroll 1
+              for (int e = 0; e < n; ++e)
+                f |= uint32_t(mr[int64_t(k0 + e) * p.mask_col_stride] != 0) << e;
+              x[r] = uint4{mask_bits_to_bytes(f), mask_bits_to_bytes(f >> 4),
+                           mask_bits_to_bytes(f >> 8), mask_bits_to_bytes(f >> 12)};
+            }
+          }
+          auto kept = [&](int r, int e) -> bool {
+            if constexpr (kListedBits) {
+              return ((x[r].x >> e) & 1u) != 0;
+            } else {
+              const uint32_t w = e < 4 ? x[r].x : e < 8 ? x[r].y : e < 12 ? x[r].z : x[r].w;
+              return (w & (0xffu << (8 * (e % 4)))) != 0;
+            }
+          };
+#pragma unroll
+          for (int e = 0; e < 16; e += 2) {  // keys k0 + e, + 1: rows 0-31, rows 32-63 each
+            const uint32_t a0 = __ballot_sync(0xffffffffu, kept(0, e));
+            const uint32_t a1 = __ballot_sync(0xffffffffu, kept(1, e));
+            const uint32_t b0 = __ballot_sync(0xffffffffu, kept(0, e + 1));
+            const uint32_t b1 = __ballot_sync(0xffffffffu, kept(1, e + 1));
+            if (lane == 0) st_shared_u128(words + 8 * (16 * ch + e), uint4{a0, a1, b0, b1});
+          }
+        }
+        __syncwarp();  // lane 0's words before every lane reads them back
+        // bit 0: every element of the warp's keys kept; bit 1: some element
+        const uint4 v = ld_shared_u128(words + 16 * lane);
+        const bool all = __all_sync(0xffffffffu, (v.x & v.y & v.z & v.w) == ~0u);
+        const bool any = __any_sync(0xffffffffu, (v.x | v.y | v.z | v.w) != 0u);
+        if (lane == 0)
+          reinterpret_cast<volatile int*>(smem + Smem::kOffMaskFull)[2 * s + wh] =
+              (all ? 1 : 0) | (any ? 2 : 0);
+        mbar_arrive(bar_full(s));  // release: this lane's stores before the consumers' reads
+      }
     } else if (kHasMask && role == kBwdMaskRows) {  // warps 2, 3: the item's mask as words
       // (warp 0's lanes 1-31 once came here too: their ballots named lane 0, busy issuing
       // TMA, and their 31 extra arrivals per item broke the full barriers' phases: a hang)

@@ -247,6 +247,11 @@ DM_DEVICE void st_shared_u32(uint32_t addr, uint32_t x) {
 DM_DEVICE void st_shared_u16(uint32_t addr, uint16_t x) {
   asm volatile("st.shared.u16 [%0], %1;" ::"r"(addr), "h"(x) : "memory");
 }
+DM_DEVICE void st_shared_u128(uint32_t addr, uint4 v) {
+  asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};"
+               ::"r"(addr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+               : "memory");
+}
 DM_DEVICE uint4 ld_shared_u128(uint32_t addr) {
   uint4 v;
   asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"

@@ -599,6 +599,36 @@ def test_spec_compiles_without_spills_or_slow_advisories(dtype, head_dim, bias, 
         assert "VOTE.ANY" in sass
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("bias", ["none", "tile", "key_row"])
+@pytest.mark.parametrize("listed", [False, True], ids=["mask", "listed"])
+def test_mask_key_halves_specs_compile_without_spills(dtype, head_dim, bias, listed, monkeypatch):
+    """DM_SM90_BWD_MASK_HALVES=1 (the mask warps split by keys; an A/B build) on every mask spec:
+    no spills in the 40-register producer (a 16-key chunk's 8 data registers beside the row
+    pointer), no slow advisories; lane 0 stores two keys' words at a time (STS.128)."""
+    pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="needs CuPy's NVRTC bindings")
+    from dmattn_cupy.compile import compile_spec
+    from dmattn_cupy.select import backward_sm90_spec
+
+    monkeypatch.setenv("DMATTN_NVRTC_DEFINES", "DM_SM90_BWD_MASK_HALVES=1")
+    ck = compile_spec(backward_sm90_spec(dtype, head_dim, not listed, bias != "none",
+                                         bias == "key_row", listed_bits=listed),
+                      use_disk_cache=False)
+    assert not ck.spills, ck.log
+    assert not ck.slow, ck.advisories
+
+
+def test_mask_bits_to_bytes_equals_the_model():
+    """DM_SM90_BWD_MASK_HALVES's byte-by-byte path: bits 0-3 of f become bytes 0-3 (0 or 1)
+    whatever f's higher bits, so that its words read as the 16-byte path's."""
+    checks = ['#include "sm90/bwd.cu"']
+    for f in list(range(16)) + [0xfff0, 0x1235, 0xffffffff, 0x8000000a]:
+        want = sum(((f >> i) & 1) << (8 * i) for i in range(4))
+        checks.append(f"static_assert(dm::mask_bits_to_bytes({f}u) == {want}u, \"spread\");")
+    compile_static_asserts("\n".join(checks) + "\n", "bwd_mask_bits.cu")
+
+
 def _block_of(lin: int, grid: tuple[int, int, int], right_limited: bool) -> tuple[int, int, int]:
     """bwd.cu's (key tile, kv head, batch) of the CTA at linear position ``lin`` of the grid
     (x fastest): remapped key-tile-major under a right-limited window (causal)."""
