@@ -524,3 +524,101 @@ def test_kbias_aux_step_adds_the_bias_over_scale(block_n, scale):
     fin = np.isfinite(want)
     np.testing.assert_allclose(got[fin], want[fin], rtol=2 ** -22)
     assert np.all(got[~fin] == -np.inf)
+
+
+LOADS = "DM_SM90_MB_LOADS=1"
+
+
+def test_mask_loads_tile_and_smem_agree_with_the_kernel(monkeypatch):
+    """DM_SM90_MB_LOADS=1: a mask beside a bias at d64/d128 takes the bias spec's 128-key tile
+    with no mask slots and no fold barriers; the host's shared memory equals the kernel's kAlloc
+    built with the define, and the other tiles keep theirs."""
+    monkeypatch.setenv("DMATTN_NVRTC_DEFINES", LOADS)
+    lines = ['#include "sm90/fwd.cu"']
+    for hd in (64, 128):
+        bn, st = f90.tile(hd, True, True)
+        assert (bn, st) == f90.TILES[(hd, False, True)] and bn == 128
+        assert f90.loads_tile(hd, bn, True, True) and f90.mask_slots(hd, bn, True, True) == 0
+        assert not f90.fold_bias(bn, True, True)
+        smem = f90.smem_bytes(hd, bn, st, True, True)
+        assert smem == f90.smem_bytes(hd, bn, st, False, True) <= f90.SMEM_LIMIT
+        smem_t = f"dm::Sm90FwdSmem<{hd}, {bn}, {st}, true, true>"
+        lines += [f"static_assert({smem_t}::kMaskLoads && {smem_t}::kMaskSlots == 0);",
+                  f"static_assert({smem_t}::kAlloc == {smem});"]
+    assert f90.tile(128, True, False) == f90.TILES[(128, True, False)]   # a mask alone: TMA
+    assert not f90.loads_tile(128, 128, True, False)
+    lines.append("static_assert(!dm::Sm90FwdSmem<128, 128, 2, true, false>::kMaskLoads);")
+    compile_static_asserts("\n".join(lines) + "\n", "sm90_mb_loads.cu", (LOADS,))
+    monkeypatch.delenv("DMATTN_NVRTC_DEFINES")
+    assert f90.tile(128, True, True) == (64, 3) and not f90.loads_tile(128, 128, True, True)
+
+
+def test_mask_loads_route_only_masks_the_loads_read(monkeypatch):
+    """Under DM_SM90_MB_LOADS=1 the Hopper forward takes a mask beside a bias when its rows are
+    16-byte loads (unit key stride, 16-byte strides and pointer; a single row of Sk % 16 == 0
+    keys), per query row too, and has no tensor map for it; the rest (odd strides, transposed,
+    a misaligned pointer, varlen, block lists) goes to the portable family."""
+    monkeypatch.setenv("DMATTN_NVRTC_DEFINES", LOADS)
+    q, k = _contig((2, 300, 4, 128)), _contig((2, 256, 4, 128))
+    bias = _contig((2, 4, 300, 256))
+    loads = (128, 128, 2)
+    for mask in (_contig((2, 4, 300, 256), "bool"), _contig((1, 4, 300, 256), "bool"),
+                 _contig((2, 1, 1, 256), "bool"), _contig((1, 1, 1, 256), "bool"),
+                 _info((2, 4, 300, 256), (0, 0, 256, 1), "bool"),      # expanded
+                 _contig((2, 4, 300, 1), "bool")):                      # per query row
+        assert f90.tile_for(128, q, k, k, mask, bias, 300, 256) == loads, mask
+        maps = f90.plan_maps(q, k, k, mask, bias, 128)
+        assert maps["mask"] is None and maps["bias"] is not None
+    # Sk = 250 in rows padded to 256 (forward.operands_to_pad's copies): the last load of a
+    # row reads 6 bytes of its padding
+    k250, padded = _contig((2, 250, 4, 128)), (4 * 300 * 256, 300 * 256, 256, 1)
+    assert f90.tile_for(128, q, k250, k250, _info((2, 4, 300, 250), padded, "bool"),
+                        _info((2, 4, 300, 250), padded), 300, 250) == loads
+    for mask in (_contig((2, 4, 300, 250), "bool"),                      # rows of 250 bytes
+                 _contig((1, 1, 1, 250), "bool")):                       # one row, no padding
+        assert f90.tile_for(128, q, k250, k250, mask, _info((2, 4, 300, 250), padded), 300,
+                            250) is None, mask
+    for mask in (_info((2, 4, 300, 256), (4 * 300 * 256, 300 * 256, 1, 300), "bool"),  # .mT
+                 _contig((2, 4, 300, 256), "bool", ptr=(1 << 20) + 8)):  # misaligned
+        assert f90.tile_for(128, q, k, k, mask, bias, 300, 256) is None, mask
+    full = _contig((2, 4, 300, 256), "bool")
+    assert f90.tile_for(128, q, k, k, full, bias, 300, 256, sparse=(128, 128)) is None
+    qv, kv = _contig((600, 4, 128)), _contig((512, 4, 128))
+    assert f90.tile_for(128, qv, kv, kv, _contig((600, 4, 256), "bool"), _contig((600, 4, 256)),
+                        300, 256, varlen=True) is None
+    monkeypatch.delenv("DMATTN_NVRTC_DEFINES")
+    assert f90.tile_for(128, q, k, k, full, bias, 300, 256) == (128, 64, 3)
+
+
+def test_mask_byte_bits_equals_the_model():
+    """DM_SM90_MB_LOADS's packing: bit i of mask_byte_bits(x) is byte i of x != 0, for every
+    byte value in every position (0/1 bool bytes and any other nonzero byte)."""
+    rng = np.random.default_rng(5)
+    words = [0, 0x01010101, 0xffffffff, 0x80000000, 0x00800001, 0x7f7f7f7f, 0x01000100]
+    words += [int(b) << (8 * i) for b in range(256) for i in range(4)]
+    words += [int(w) for w in rng.integers(0, 2**32, 64, dtype=np.uint64)]
+    lines = ['#include "sm90/fwd.cu"']
+    for w in words:
+        want = sum(((w >> (8 * i)) & 0xff != 0) << i for i in range(4))
+        lines.append(f"static_assert(dm::mask_byte_bits({w}u) == {want}u);")
+    compile_static_asserts("\n".join(lines) + "\n", "sm90_mask_byte_bits.cu")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_mask_loads_specs_compile_without_spills(dtype, head_dim, monkeypatch):
+    """The DM_SM90_MB_LOADS specs (a mask beside a bias on 128-key tiles): no spills in the
+    232-register consumers (two rows' 16-byte loads beside S, O and P), no slow advisories;
+    each consumer issues its four 16-byte mask loads and eight shuffles per tile."""
+    pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="needs CuPy's NVRTC bindings")
+    from dmattn_cupy.compile import compile_spec
+    from dmattn_cupy.precompile import all_specs
+
+    monkeypatch.setenv("DMATTN_NVRTC_DEFINES", LOADS)
+    want = f"fwd_sm90_{'bf16' if dtype == 'bfloat16' else 'fp16'}_d{head_dim}_m128n128w12_" \
+           "mask1_bias1_varlen0_st2"
+    specs = [s for s in all_specs("sm_90") if s.id == want]
+    assert len(specs) == 1, want
+    ck = compile_spec(specs[0], use_disk_cache=False)
+    assert not ck.spills, ck.log
+    assert not ck.slow, ck.advisories
