@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .cases import CASES, MASK_KEEP, SOFTCAP
+from .cases import CASES, DOC_COUNT, MASK_KEEP, SOFTCAP
 from .common import (
     Impl,
     Setup,
@@ -198,6 +198,52 @@ class MaskBiasMixed(MaskBias):
         return {"attn_bias": inp["bias"], "sparse_mask": mixed}
 
 
+class MaskBiasDoc(MaskBias):
+    """mask_bias with a structured mask: packed documents (DOC_COUNT per sequence, random
+    lengths), each query seeing its own document's keys, one (B,1,Sq,Sk) mask shared by the
+    heads (transformers' layout) beside the full bias. Most key tiles of a query tile are then
+    all false, which a mask route that classifies tiles never loads."""
+
+    def __init__(self, ctx: Ctx, d: Dims):
+        super().__init__(ctx, d)
+        self.info[0] += f"; {DOC_COUNT} documents per sequence, dense FLOPs counted"
+
+    def inputs(self, gen: Any, rn: Callable[..., Any]) -> dict[str, Any]:
+        d = self.d
+        torch = d.torch
+        if d.Sq > d.Sk:
+            raise ValueError("mask_bias_doc needs seqlen <= seqlen_k")
+        docs = []
+        for _ in range(d.B):   # document ids of the keys; queries: bottom-right aligned
+            cuts = torch.randperm(d.Sk - 1, generator=gen, device=d.dev)[:DOC_COUNT - 1] + 1
+            ids = torch.zeros(d.Sk, dtype=torch.int32, device=d.dev)
+            ids[cuts] = 1
+            docs.append(ids.cumsum(0))
+        kd = torch.stack(docs)                                     # (B, Sk)
+        qd = kd[:, d.Sk - d.Sq:]
+        mask = (qd[:, None, :, None] == kd[:, None, None, :])      # (B, 1, Sq, Sk)
+        return {"mask": mask, "bias": rn(d.B, d.H, d.Sq, d.Sk)}
+
+    def flex_args(self, inp: dict[str, Any], flash: bool) -> dict[str, Any]:
+        d = self.d
+        torch = d.torch
+        mask, bias = inp["mask"], inp["bias"]
+        if flash:   # the FLASH backend wants 1-D indexing of captured tensors
+            mf, bf = mask.reshape(-1), bias.reshape(-1)
+            H, Sq, Sk = d.H, d.Sq, d.Sk
+
+            def mb_flat(score: Any, b: Any, h: Any, qi: Any, kv: Any) -> Any:
+                return torch.where(mf[(b * Sq + qi) * Sk + kv],
+                                   score + bf[((b * H + h) * Sq + qi) * Sk + kv], -float("inf"))
+
+            return {"score_mod": mb_flat}
+
+        def mb_sm(score: Any, b: Any, h: Any, qi: Any, kv: Any) -> Any:
+            return torch.where(mask[b, 0, qi, kv], score + bias[b, h, qi, kv], -float("inf"))
+
+        return {"score_mod": mb_sm}
+
+
 class FullBias(Kind):
     """A full (B,H,Sq,Sk) bias without a mask (fwd_sm90's 128-key bias-tile spec: what
     mask_bias could reach with the mask out of shared memory)."""
@@ -350,6 +396,7 @@ class Softcap(Kind):
 KINDS: dict[str, type[Kind]] = {
     "dense": Kind, "dense_d64": Kind, "dense_d256": Kind, "dense_fp16": Kind, "gqa": Kind,
     "causal": Causal, "mask_bias": MaskBias, "mask_bias_mixed": MaskBiasMixed,
+    "mask_bias_doc": MaskBiasDoc,
     "bias": FullBias, "mask_hf": MaskHF,
     "kbias": KBias,
     "kbias_hk": KBiasHk,

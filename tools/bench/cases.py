@@ -12,6 +12,8 @@ CASES: dict[str, str] = {
     "mask_bias_mixed": "mask_bias with the mask prepared once (MixedMask.from_dense_mask, "
                        "outside timing like the peers' pre-combined bias): block lists with "
                        "element bits on the 128-key bias spec",
+    "mask_bias_doc": "(B,1,Sq,Sk) document mask (8 packed documents of random lengths per "
+                     "sequence: most key tiles all false) + (B,H,Sq,Sk) bias",
     "bias": "full (B,H,Sq,Sk) bias, no mask (mask_bias without its mask: 2 bytes per element "
             "instead of 3)",
     "mask_hf": "(B,1,Sq,Sk) bool mask (transformers' layout; default S=2527: rows of an odd "
@@ -58,7 +60,8 @@ SUITES: dict[str, list[str]] = {
                 "dense_fp16", "gqa", "softcap"],
     "issue12": ["dense", "causal", "kbias", "mask_bias", "mask_bias_mixed", "dense_d64",
                 "dense_d256", "dense_fp16"],
-    "mask": ["mask_bias", "mask_bias_mixed", "bias", "mask_hf", "kbias", "kbias_hk", "decode"],
+    "mask": ["mask_bias", "mask_bias_mixed", "mask_bias_doc", "bias", "mask_hf", "kbias",
+             "kbias_hk", "decode"],
     "sparse": ["sparse_window", "sparse_random"],
     "varlen": ["decode", "prefill_varlen"],
     "decode": ["decode", "decode_paged", "decode_b1", "decode_b16"],
@@ -80,6 +83,7 @@ CASE_DEFAULTS: dict[str, dict[str, Any]] = {
     "causal": {},
     "mask_bias": {},
     "mask_bias_mixed": {},
+    "mask_bias_doc": {},
     "bias": {},
     "mask_hf": {"seqlen": 2527},
     "kbias": {},
@@ -115,6 +119,7 @@ WINDOW = 1024             # sparse_window: CausalWindowMask(WINDOW) == window_si
 SPARSE_BLOCK = 128        # sparse_random: block size of the bitset mask
 SPARSE_DENSITY = 0.10     # sparse_random: fraction of random blocks kept (diagonal added)
 MASK_KEEP = 0.90          # mask_bias / decode: fraction of mask elements kept
+DOC_COUNT = 8             # mask_bias_doc: packed documents per sequence
 SOFTCAP = 30.0            # softcap case
 # sdpa-*: torch SDPA backends; flex: compiled FlexAttention (Triton); flex-flash: the same with
 # kernel_options={"BACKEND": "FLASH"} (runs FA4's CuTe kernels); fa4: flash_attn.cute
