@@ -999,7 +999,8 @@ def test_kernel_walks_as_modelled():
                          "---- producer"):src.index("// ---------------------------------"
                                                     "--------------------------------------"
                                                     "------- consumers")]
-    assert prod.count("end_walk(j, ") == 4  # TMA, lse rows, loads, mask rows
+    # TMA, lse rows, loads, mask rows (by rows, and by key halves: DM_SM90_BWD_MASK_HALVES)
+    assert prod.count("end_walk(j, ") == 5
     assert "for (int a = sm90_bwd_role_full_arrivals(role, lane); a > 0; --a)" in prod
     assert "if (!Smem::kDqWriter && args.dq_sem != nullptr) {  // the consumers' turn target" \
         in prod
