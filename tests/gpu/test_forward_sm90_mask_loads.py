@@ -93,6 +93,16 @@ def test_tile_edges(sq, sk):
     _check(q, k, v, mask, bias)
 
 
+@pytest.mark.parametrize("mask_shape", [(B, H, SQ, SK), (B, H, 1, SK)], ids=["full", "key_row"])
+@pytest.mark.parametrize("bias_shape", [(B, H, 1, SK), (1, HK, 1, SK)], ids=["bh1k", "hk_kside"])
+def test_key_based_bias_beside_the_mask(mask_shape, bias_shape):
+    """A key row bias (TMA'd into the spec's bias stage as one row) beside a loaded mask."""
+    q, k, v = _qkv(B, SQ, SK, H, HK, 128, seed=41)
+    mask, bias = _mask(mask_shape, 42), _bias(bias_shape, "bfloat16", 43)
+    _assert_loads_spec(q, k, v, mask, bias)
+    _check(q, k, v, mask, bias)
+
+
 def test_expanded_and_padded_masks():
     """An expanded view (stride 0 over batch and heads) and a slice of a wider mask (rows
     padded past Sk: the last load of a row reads the padding)."""
