@@ -168,18 +168,24 @@ class MaskBias(Kind):
         d = self.d
         torch = d.torch
         mask, bias = inp["mask"], inp["bias"]
+        per_head = mask.shape[1] > 1   # else one (B,1,Sq,Sk) mask shared by the heads
+
+        def mh(h: Any) -> Any:
+            return h if per_head else 0
+
         if flash:   # the FLASH backend wants 1-D indexing of captured tensors
             mf, bf = mask.reshape(-1), bias.reshape(-1)
-            H, Sq, Sk = d.H, d.Sq, d.Sk
+            H, HM, Sq, Sk = d.H, mask.shape[1], d.Sq, d.Sk
 
             def mb_flat(score: Any, b: Any, h: Any, qi: Any, kv: Any) -> Any:
-                i = ((b * H + h) * Sq + qi) * Sk + kv
-                return torch.where(mf[i], score + bf[i], -float("inf"))
+                return torch.where(mf[((b * HM + mh(h)) * Sq + qi) * Sk + kv],
+                                   score + bf[((b * H + h) * Sq + qi) * Sk + kv], -float("inf"))
 
             return {"score_mod": mb_flat}
 
         def mb_sm(score: Any, b: Any, h: Any, qi: Any, kv: Any) -> Any:
-            return torch.where(mask[b, h, qi, kv], score + bias[b, h, qi, kv], -float("inf"))
+            return torch.where(mask[b, mh(h), qi, kv], score + bias[b, h, qi, kv],
+                               -float("inf"))
 
         return {"score_mod": mb_sm}
 
@@ -223,25 +229,6 @@ class MaskBiasDoc(MaskBias):
         qd = kd[:, d.Sk - d.Sq:]
         mask = (qd[:, None, :, None] == kd[:, None, None, :])      # (B, 1, Sq, Sk)
         return {"mask": mask, "bias": rn(d.B, d.H, d.Sq, d.Sk)}
-
-    def flex_args(self, inp: dict[str, Any], flash: bool) -> dict[str, Any]:
-        d = self.d
-        torch = d.torch
-        mask, bias = inp["mask"], inp["bias"]
-        if flash:   # the FLASH backend wants 1-D indexing of captured tensors
-            mf, bf = mask.reshape(-1), bias.reshape(-1)
-            H, Sq, Sk = d.H, d.Sq, d.Sk
-
-            def mb_flat(score: Any, b: Any, h: Any, qi: Any, kv: Any) -> Any:
-                return torch.where(mf[(b * Sq + qi) * Sk + kv],
-                                   score + bf[((b * H + h) * Sq + qi) * Sk + kv], -float("inf"))
-
-            return {"score_mod": mb_flat}
-
-        def mb_sm(score: Any, b: Any, h: Any, qi: Any, kv: Any) -> Any:
-            return torch.where(mask[b, 0, qi, kv], score + bias[b, h, qi, kv], -float("inf"))
-
-        return {"score_mod": mb_sm}
 
 
 class FullBias(Kind):
