@@ -1270,7 +1270,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
         if (row[r] < len_q) mask_row[r] = m + int64_t(row[r]) * p.mask_row_stride;
     }
     auto load_mask_words = [&](ListedWords& lw, int n0) {
-      if (!Smem::kMaskLoads || !mask_loads) return;
+      if (!mask_loads) return;
       uint4 x[2][2];
 #pragma unroll
       for (int r = 0; r < 2; ++r)
@@ -1355,7 +1355,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
             if (kk < lb[e >> 1].lo || kk > lb[e >> 1].hi) s[j][e] = -DM_INF;
           }
       }
-      if ((cls & kListedPartial) || (Smem::kMaskLoads && mask_loads)) {
+      if ((cls & kListedPartial) || mask_loads) {
         // Gathered from the prefetched words into keep, bit 2j + e: key 8j + 2t + e of the
         // tile (word q's byte at bits 8q..8q + 7 of keep: listed_keep_fields).
 #pragma unroll
