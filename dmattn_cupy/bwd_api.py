@@ -78,7 +78,7 @@ def flash_dmattn_backward(dout: Any, query: Any, key: Any, value: Any, out: Any,
     _check_like("out", out, pb.q.shape)
     _check_lse("lse", lse, (pb.batch, pb.heads, pb.seqlen_q))
     _check_lse("dlse", dlse, (pb.batch, pb.heads, pb.seqlen_q), required=False)
-    if edge.is_empty_dense(pb.batch, pb.seqlen_q, pb.seqlen_k):
+    if edge.nothing_to_compute(pb):
         return edge.zero_grads(query, key, value, attn_bias, bias_grad)
     if pb.backend == "reference":
         dq, dk, dv, db = reference_bwd.dense_backward(
@@ -129,7 +129,7 @@ def flash_dmattn_varlen_backward(dout: Any, query: Any, key: Any, value: Any, ou
     _check_like("out", out, pb.q.shape)
     _check_lse("lse", lse, (pb.heads, pb.total_q))
     _check_lse("dlse", dlse, (pb.heads, pb.total_q), required=False)
-    if pb.total_q == 0 or pb.total_k == 0:
+    if edge.nothing_to_compute(pb):
         return edge.zero_grads(query, key, value, attn_bias, bias_grad)
     if pb.backend == "reference":
         cu_q = np.asarray(to_numpy_f64(cu_seqlens_q)).astype(np.int64)

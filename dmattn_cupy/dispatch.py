@@ -35,7 +35,7 @@ def dense(query: Any, key: Any, value: Any, attn_mask: Any, attn_bias: Any,
                          window_size, softcap, backend)
         check_flags(return_lse, deterministic)
         check_sparse(sparse_mask, pb)
-    if edge.is_empty_dense(pb.batch, pb.seqlen_q, pb.seqlen_k):
+    if edge.nothing_to_compute(pb):
         return edge.empty_forward(query, (pb.batch, pb.heads, pb.seqlen_q), return_lse)
     if pb.backend == "reference":
         out, lse = reference.dense_forward(
@@ -61,7 +61,7 @@ def varlen(query: Any, key: Any, value: Any, cu_seqlens_q: Any, cu_seqlens_k: An
                           max_seqlen_k, attn_mask, attn_bias, softmax_scale, is_causal,
                           window_size, softcap, backend)
         check_flags(return_lse, deterministic)
-    if pb.total_q == 0 or pb.total_k == 0:
+    if edge.nothing_to_compute(pb):
         return edge.empty_forward(query, (pb.heads, pb.total_q), return_lse)
     if pb.backend == "reference":
         cu_q = np.asarray(to_numpy_f64(cu_seqlens_q)).astype(np.int64)

@@ -1,9 +1,10 @@
-"""Results of calls with nothing to compute: an empty batch / query length, or no keys.
+"""Results of calls with nothing to compute: no batch, query heads or queries, or no keys.
 
-As SDPA and FlashAttention do, ``B == 0`` or ``Sq == 0`` (varlen: ``total_q == 0``) gives empty
-outputs and lse; ``Sk == 0`` (varlen: ``total_k == 0``) gives ``out = 0`` and ``lse = -inf``
-(every row has no allowed key). Gradients are zeros of each input's shape (empty where the
-input is). The arrays are made in the query's library, on its device (no host round trip).
+As SDPA and FlashAttention do, ``B == 0``, ``H == 0`` or ``Sq == 0`` (varlen:
+``total_q == 0``) gives empty outputs and lse; ``Sk == 0`` (varlen: ``total_k == 0``) gives
+``out = 0`` and ``lse = -inf`` (every row has no allowed key). Gradients are zeros of each
+input's shape (empty where the input is). The arrays are made in the query's library, on its
+device (no host round trip).
 """
 
 from __future__ import annotations
@@ -33,8 +34,14 @@ def full_like_kind(shape: tuple[int, ...], like: Any, value: float = 0.0,
     return np.full(shape, value, dtype=like.dtype if dtype is None else dtype)
 
 
-def is_empty_dense(batch: int, seqlen_q: int, seqlen_k: int) -> bool:
-    return batch == 0 or seqlen_q == 0 or seqlen_k == 0
+def nothing_to_compute(pb: Any) -> bool:
+    """Whether validated problem ``pb`` (validate.Problem) launches nothing: no batch, query
+    heads, queries or keys (dense: per sequence; varlen: in total)."""
+    if pb.heads == 0:
+        return True
+    if pb.varlen:
+        return pb.total_q == 0 or pb.total_k == 0
+    return pb.batch == 0 or pb.seqlen_q == 0 or pb.seqlen_k == 0
 
 
 def empty_forward(query: Any, lse_shape: tuple[int, ...], return_lse: bool) -> Any:

@@ -359,9 +359,7 @@ def _validated_kernel_problem(key: tuple, validate: Callable[[], Problem]) -> Pr
     """``validate()``'s Problem where the kernels serve it; None (and ``key`` remembered as not
     cacheable) for another backend or an empty problem (edge.py answers those)."""
     pb = validate()
-    empty = (pb.total_q == 0 or pb.total_k == 0) if pb.varlen else \
-        edge.is_empty_dense(pb.batch, pb.seqlen_q, pb.seqlen_k)
-    if pb.backend != "cuda" or empty:
+    if pb.backend != "cuda" or edge.nothing_to_compute(pb):
         forward_plans.put(key, None)
         return None
     return pb

@@ -8,6 +8,7 @@ take the params record by value and never synchronize.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
@@ -121,7 +122,7 @@ def forward_call(pb: Problem, query: Any, cu_q: Any = None, cu_k: Any = None,
     out = arrays.empty(query, pb.q.shape)
     lse_shape = (pb.heads, pb.total_q) if pb.varlen else (pb.batch, pb.heads, pb.seqlen_q)
     lse = arrays.empty(query, lse_shape, "float32") if return_lse else None
-    if out.size == 0 or (not pb.varlen and pb.seqlen_q == 0):
+    if math.prod(pb.q.shape) == 0:   # no batch, query or head: nothing to launch
         return out, lse, None
     if sparse is not None and not sparse_supported(padded_head_dim(pb.head_dim),
                                                    pb.mask is not None, pb.bias is not None):

@@ -389,7 +389,7 @@ def kvcache_call(query: Any, k_cache: Any, v_cache: Any, k: Any, v: Any, cache_s
         keep_alive += [kc, vc]
         kp = dataclasses.replace(kp, k_new=describe(kc), v_new=describe(vc))
         copied = True
-    if pb.batch == 0 or pb.seqlen_q == 0:
+    if pb.batch == 0 or pb.seqlen_q == 0 or pb.heads == 0:   # the append still runs
         run_append(kp, stream)
         return edge.empty_forward(query, lse_shape, return_lse), None, pb
     if not _aligned_rows(pb.q):
