@@ -11,18 +11,18 @@ from typing import Any
 from . import autograd, dispatch, fastpath
 from .masks import SparseMask
 from .sparse_plan import diagonal_window, tighter_window
-from .validate import normalize_call
+from .validate import INT32_MAX, normalize_call
 
 
 def _fold_parametric(sparse_mask: Any, query: Any, key: Any, window_size: Any) -> tuple[Any, Any]:
     """(window_size, sparse_mask) for the thin path: a parametric mask (causal, window,
     causal-window, or an ``&`` of them) folded into the window as the kernels see it anyway
     (sparse_plan.split_sparse), so that the call is served like ``is_causal``; unchanged for
-    any other mask, a window that is not a pair of ints >= -1, or a mask whose (seqlen_q,
-    seqlen_k) are not the 4-D inputs' (the validated path reports those). A call the thin path
-    misses goes on unfolded (the reference backend applies the mask itself)."""
+    any other mask, a window that is not a pair of ints in [-1, 2**31 - 1], or a mask whose
+    (seqlen_q, seqlen_k) are not the 4-D inputs' (the validated path reports those). A call
+    the thin path misses goes on unfolded (the reference backend applies the mask itself)."""
     if sparse_mask is None or type(window_size) is not tuple or len(window_size) != 2 \
-            or not all(type(w) is int and w >= -1 for w in window_size):
+            or not all(type(w) is int and -1 <= w <= INT32_MAX for w in window_size):
         return window_size, sparse_mask
     win = diagonal_window(sparse_mask) if isinstance(sparse_mask, SparseMask) else None
     shape_q, shape_k = getattr(query, "shape", None), getattr(key, "shape", None)

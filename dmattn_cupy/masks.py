@@ -76,6 +76,17 @@ def _positive_int(name: str, value: object) -> int:
     return int(value)
 
 
+_MAX_LENGTH = 2**31 - 1  # the kernels keep lengths and block counts in int32 fields
+
+
+def _length(name: str, value: object) -> int:
+    n = _positive_int(name, value)
+    if n > _MAX_LENGTH:
+        raise ValueError(f"{name} must be <= {_MAX_LENGTH} (2**31 - 1, the kernels' int32 "
+                         f"fields), got {n}")
+    return n
+
+
 def _block_pair(value: object, name: str = "block_size") -> tuple[int, int]:
     msg = f"{name} must be a pair of positive ints, got {value!r}"
     if not (isinstance(value, (tuple, list)) and len(value) == 2 and all(map(_is_int, value))):
@@ -283,8 +294,8 @@ class SparseMask(metaclass=_MaskType):
         block_size: tuple[int, int],
         batch_heads: tuple[int, int] | None = None,
     ) -> None:
-        self.seqlen_q = _positive_int("seqlen_q", seqlen_q)
-        self.seqlen_k = _positive_int("seqlen_k", seqlen_k)
+        self.seqlen_q = _length("seqlen_q", seqlen_q)
+        self.seqlen_k = _length("seqlen_k", seqlen_k)
         self.block_size = _block_pair(block_size)
         # None: a 2-D mask (to_dense/block_map drop the leading dims)
         self._batch_heads = batch_heads
