@@ -5,9 +5,10 @@
 On a machine without a GPU (or with ``--stub on``) the GPU is stubbed: CPU torch tensors pose
 as CUDA device 0 (``arrays.describe`` reports device 0 and the tensor's own pointer), device
 properties are the sm_90 preset, kernels are never compiled or loaded, launches (CuPy's and
-the raw driver launch), tensor-map encodes and a mask/bias's padded copy do nothing. What is
-left is the Python work of a call, which is what this measures. With a GPU and ``--stub off``
-(the default there) every stage runs for real on CUDA tensors, launches included.
+the raw driver launch), tensor-map encodes and the copies of inputs (padded, strided) do
+nothing. What is left is the Python work of a call, which is what this measures. With a GPU
+and ``--stub off`` (the default there) every stage runs for real on CUDA tensors, launches
+included.
 
 Each line is microseconds per call: with a real GPU the median wall time of 5 rounds of N calls
 (one synchronize per round); stubbed, the calling thread's CPU time (every stubbed call runs on
@@ -110,8 +111,14 @@ def stub_gpu() -> Iterator[None]:
         buf = arrays.empty(like, (arrays.padded_bytes(info, align),), "uint8")
         return buf, dataclasses.replace(arrays.padded_rows(info, align), ptr=int(buf.data_ptr()))
 
+    def strided_copy(info: ArrayInfo, stream: Any, like: Any = None) -> Any:
+        buf = arrays.empty(like, tuple(info.shape), info.dtype)   # the copy itself: a no-op
+        out = real_describe(buf)
+        return buf, dataclasses.replace(info, ptr=out.ptr, strides=out.strides)
+
     patch(arrays, "padded_buffer", padded_buffer)
     patch(arrays, "padded_copy", padded_buffer)
+    patch(arrays, "strided_copy", strided_copy)
     patch(row_pad, "copy_rows", lambda *a: None)
     fastpath = sys.modules.get("dmattn_cupy.fastpath")
     probe = getattr(tensor_map, "address_offset", None)   # the probe caches per map spec
