@@ -20,10 +20,12 @@ def f64(x):
 
 
 def assert_fa_close(out, lse, ref_args: dict, dtype: str, varlen: bool = False, cu=None,
-                    eps: float = 1e-4) -> None:
+                    eps: float = 1e-4, forward=None) -> None:
     """FlashAttention's rule: max|out - ref| <= 2 * max|out_lowprec_ref - ref| + eps, with ref
-    in float64 and out_lowprec_ref the same reference computed in the input's precision."""
-    fn = reference.varlen_forward if varlen else reference.dense_forward
+    in float64 and out_lowprec_ref the same reference computed in the input's precision.
+    ``forward``: the reference function (default: the dense or varlen one), called with
+    ``ref_args`` and optionally ``lowprec``."""
+    fn = forward or (reference.varlen_forward if varlen else reference.dense_forward)
     ref, ref_lse = fn(**ref_args)
     low, _ = fn(**ref_args, lowprec=dtype)
     o = f64(out)

@@ -1,0 +1,172 @@
+"""Random valid calls (tools/call_fuzz.good_case: dense, varlen and KV-cache calls over every
+mask/bias layout, odd strides, head dims 8-256, lengths around the tile edges, causal, window,
+softcap, sparse masks, paged caches) on the GPU against the float64 reference with
+FlashAttention's tolerance rules: outputs and lse always, gradients (through autograd) for every
+other dense and varlen call, the caches after an append bit for bit."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gpu_helpers import assert_fa_close, f64
+
+import dmattn_cupy as dm
+from dmattn_cupy import reference_kvcache
+from dmattn_cupy.validate import check_options
+
+torch = pytest.importorskip("torch")
+from test_backward import _attention, _check_grads  # noqa: E402  (the grad rule's formulation)
+
+pytestmark = pytest.mark.gpu
+
+_TOOLS = Path(__file__).resolve().parents[2] / "tools"
+if str(_TOOLS) not in sys.path:
+    sys.path.insert(0, str(_TOOLS))
+call_fuzz = importlib.import_module("call_fuzz")
+
+CASES = 240
+FIRST_SEED = 1_000_000
+
+
+def _options(kw):
+    """(scale, softcap, window) as the kernels see them (causal folded into the window)."""
+    return check_options(kw.get("softmax_scale"), kw.get("softcap", 0.0),
+                         kw.get("window_size", (-1, -1)), kw.get("is_causal", False),
+                         kw["query"].shape[-1])
+
+
+def _dtype(x):
+    return str(x.dtype).removeprefix("torch.")
+
+
+def _split(res, kw):
+    return res if kw.get("return_lse") else (res, None)
+
+
+def _leaves(kw, names):
+    """``kw`` with each named float tensor replaced by a leaf that requires grad."""
+    kw = dict(kw)
+    for n in names:
+        if kw.get(n) is not None:
+            kw[n] = kw[n].detach().requires_grad_(True)
+    return kw
+
+
+def _check_dense(kw, grad):
+    q, k, v = kw["query"], kw["key"], kw["value"]
+    mask, bias, sparse = kw.get("attn_mask"), kw.get("attn_bias"), kw.get("sparse_mask")
+    scale, cap, window = _options(kw)
+    keep = None if sparse is None else np.asarray(sparse.to_dense())
+    ref_args = dict(q=f64(q), k=f64(k), v=f64(v), mask=f64(mask), bias=f64(bias), scale=scale,
+                    softcap=cap, window=window, sparse=keep)
+    if not grad:
+        out, lse = _split(dm.flash_dmattn_func(**kw), kw)
+        assert_fa_close(out, lse, ref_args, _dtype(q))
+        return
+    names = ("query", "key", "value", "attn_bias")
+    kw = _leaves(kw, names)
+    out, lse = _split(dm.flash_dmattn_func(**kw), kw)
+    assert_fa_close(out, lse, ref_args, _dtype(q))
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)).to(q)
+    out.backward(dout)
+    keep_t = None if keep is None else torch.from_numpy(keep.copy()).to(q.device)
+    _check_grads([None if kw.get(n) is None else kw[n].grad for n in names], [q, k, v, bias],
+                 dout, lambda q_, k_, v_, b_: _attention(q_, k_, v_, mask, b_, scale, cap,
+                                                         window, keep_extra=keep_t))
+
+
+def _sequence_slice(x, qs, qe, ks, ke):
+    """A varlen mask/bias of one sequence as (1, h', len_q | 1, len_k), either layout."""
+    if x is None:
+        return None
+    if x.dim() == 2:    # key-based (total_k, h')
+        return x[ks:ke].T[None, :, None, :]
+    return x[qs:qe, :, : ke - ks].permute(1, 0, 2)[None]   # query-based (total_q, h', max_k)
+
+
+def _check_varlen(kw, grad):
+    q, k, v = kw["query"], kw["key"], kw["value"]
+    mask, bias = kw.get("attn_mask"), kw.get("attn_bias")
+    cu_q, cu_k = kw["cu_seqlens_q"].tolist(), kw["cu_seqlens_k"].tolist()
+    scale, cap, window = _options(kw)
+    ref_args = dict(q=f64(q), k=f64(k), v=f64(v), cu_q=np.array(cu_q), cu_k=np.array(cu_k),
+                    mask=f64(mask), bias=f64(bias), scale=scale, softcap=cap, window=window)
+    names = ("query", "key", "value", "attn_bias")
+    grad = grad and q.shape[0] > 0
+    if grad:
+        kw = _leaves(kw, names)
+    out, lse = _split(dm.flash_dmattn_varlen_func(**kw), kw)
+    assert_fa_close(out, lse, ref_args, _dtype(q), varlen=True)
+    if not grad:
+        return
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)).to(q)
+    out.backward(dout)
+
+    def packed(q_, k_, v_, b_):
+        outs = []
+        for i in range(len(cu_q) - 1):
+            qs, qe, ks, ke = cu_q[i], cu_q[i + 1], cu_k[i], cu_k[i + 1]
+            if qe == qs:
+                continue
+            if ke == ks:   # no keys: out = 0
+                outs.append(q_.new_zeros((qe - qs,) + tuple(q_.shape[1:])))
+                continue
+            outs.append(_attention(q_[None, qs:qe], k_[None, ks:ke], v_[None, ks:ke],
+                                   _sequence_slice(mask, qs, qe, ks, ke),
+                                   _sequence_slice(b_, qs, qe, ks, ke), scale, cap, window)[0])
+        return torch.cat(outs)
+
+    _check_grads([None if kw.get(n) is None else kw[n].grad for n in names], [q, k, v, bias],
+                 dout, packed)
+
+
+def _check_kv(kw):
+    q, k_cache, v_cache = kw["query"], kw["k_cache"], kw["v_cache"]
+    k_new, v_new, bt = kw.get("k"), kw.get("v"), kw.get("block_table")
+    seqlens = kw["cache_seqlens"]
+    seqlens = (np.full(q.shape[0], seqlens, np.int64) if isinstance(seqlens, int)
+               else seqlens.cpu().numpy().astype(np.int64))
+    bt_host = None if bt is None else bt.cpu().numpy()
+    scale, cap, window = _options(kw)
+    ref_args = dict(q=f64(q), k_cache=f64(k_cache), v_cache=f64(v_cache), cache_seqlens=seqlens,
+                    k_new=f64(k_new), v_new=f64(v_new), block_table=bt_host,
+                    mask=f64(kw.get("attn_mask")), bias=f64(kw.get("attn_bias")), scale=scale,
+                    softcap=cap, window=window)
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    if k_new is not None:
+        reference_kvcache.append(want_k, want_v, k_new, v_new, seqlens, bt_host)
+    out, lse = _split(dm.flash_dmattn_with_kvcache(**kw), kw)
+    assert_fa_close(out, lse, ref_args, _dtype(q), forward=reference_kvcache.kvcache_forward)
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v), "append differs"
+
+
+@pytest.mark.parametrize("seed", range(CASES))
+def test_random_call(seed):
+    case = call_fuzz.good_case(FIRST_SEED + seed, "cuda")
+    if case.api == "dense":
+        _check_dense(case.kwargs, grad=seed % 2 == 0)
+    elif case.api == "varlen":
+        _check_varlen(case.kwargs, grad=seed % 2 == 0)
+    else:
+        _check_kv(case.kwargs)
+
+
+def test_the_reference_rule_rejects_a_wrong_output():
+    """The checks above can fail: a call's output with one row perturbed is rejected."""
+    case = call_fuzz.good_case(FIRST_SEED, "cuda", apis=("dense",))
+    kw = dict(case.kwargs, return_lse=False)
+    kw.pop("deterministic", None)
+    q = kw["query"]
+    out = dm.flash_dmattn_func(**kw).clone()
+    out[0, 0] += 0.05 * (1 + out[0, 0].abs())
+    scale, cap, window = _options(kw)
+    sparse = kw.get("sparse_mask")
+    with pytest.raises(AssertionError, match="max\\|out-ref\\|"):
+        assert_fa_close(out, None, dict(
+            q=f64(q), k=f64(kw["key"]), v=f64(kw["value"]), mask=f64(kw.get("attn_mask")),
+            bias=f64(kw.get("attn_bias")), scale=scale, softcap=cap, window=window,
+            sparse=None if sparse is None else np.asarray(sparse.to_dense())), _dtype(q))
