@@ -38,7 +38,7 @@ from .params import FWD_DTYPE, bwd_dtype_flat
 from .select import backward as select_backward
 from .select import backward_family, backward_order_spec, backward_sm90_spec
 from .sparse_plan import SparseArrays, sparse_fields
-from .validate import Problem
+from .validate import Problem, check_cu_seqlens_values
 
 # Launches per backward family ("bwd_dkdv", "bwd_sm90") in this process: tests read it to
 # assert which kernel ran.
@@ -118,11 +118,16 @@ def backward_call(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out:
                   sparse: SparseArrays | None = None
                   ) -> tuple[tuple[Any, Any, Any, Any], Plan | None]:
     """``run_backward``, also returning the plan it launched: cacheable when no input was
-    copied (a later call with the same signature builds the same plan); None when nothing
-    launched. Block lists are further inputs of the plan (``SPARSE_INPUTS`` after
-    ``BWD_INPUTS``, 0 for an absent array) and their block grid (``sp_grid``, written whole
-    by the grid kernel every call) its last allocation: a caller that caches the plan must
-    key the lists' shapes, dtypes and block size and supply their pointers on every call."""
+    copied and no device-side value checked (a later call with the same signature builds the
+    same plan); None when nothing launched. Block lists are further inputs of the plan
+    (``SPARSE_INPUTS`` after ``BWD_INPUTS``, 0 for an absent array) and their block grid
+    (``sp_grid``, written whole by the grid kernel every call) its last allocation: a caller
+    that caches the plan must key the lists' shapes, dtypes and block size and supply their
+    pointers on every call."""
+    check = pb.varlen and env.check_enabled()
+    if check:   # DMATTN_CHECK=1: cu_seqlens read back and checked (a sync), as the forward does
+        check_cu_seqlens_values(arrays.to_host(cu_q), arrays.to_host(cu_k), pb.total_q,
+                                pb.total_k, pb.seqlen_q, pb.seqlen_k)
     dt = pb.dtype
     copied = False
     # The tensor-core kernels read rows with 16-byte cp.async: copy unaligned inputs.
@@ -175,7 +180,7 @@ def backward_call(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out:
                                                                   pb.seqlen_q == 0)
     plan = Plan(device=pb.q.device,
                 inputs=BWD_INPUTS if sparse is None else BWD_INPUTS + SPARSE_INPUTS,
-                cacheable=not (copied or empty or pb.seqlen_k == 0
+                cacheable=not (copied or check or empty or pb.seqlen_k == 0
                                or (pb.varlen and pb.total_k == 0)))
     mode, tile_stride = 0, 0
     dbias_st = None

@@ -47,7 +47,7 @@ ACCEPTED_ERRORS = (ValueError, TypeError, NotImplementedError)
 CUDA_ONLY_LIMITS = ("on the cuda backend", "stride 1 in its last", "16-byte aligned",
                     "must be a multiple of the kernel tile", "must share one dtype",
                     "must be the cache's", "stride 1 over pages",
-                    "page stride that is a multiple of 4 bytes")
+                    "page stride that is a multiple of 4 bytes", "needs GPU arrays")
 HALF = (torch.float16, torch.bfloat16)
 ALL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int32,
               torch.int64, torch.bool, torch.uint8)
@@ -73,7 +73,7 @@ CPU_SIZES = Sizes(seq=(1, 5, 17, 40), lens=(0, 1, 6, 20), dims=(8, 16, 64, 72),
 
 @dataclass
 class Case:
-    api: str                    # "dense", "varlen", "kv", "bwd", "grad", "masks"
+    api: str                    # "dense", "varlen", "kv", "bwd", "vbwd", "grad", "masks"
     kwargs: dict[str, Any]
     steps: list[str] = field(default_factory=list)   # the mutations applied
 
@@ -312,7 +312,9 @@ def _mutate_option(r: random.Random, g: torch.Generator, case: Case) -> str:
               "varlen": ["deterministic", "max_seqlen_q", "max_seqlen_k", "cu_seqlens_q",
                          "cu_seqlens_k", "scale", "return_attn_probs"],
               "kv": ["num_splits", "cache_seqlens", "block_table"],
-              "bwd": ["deterministic", "sparse_mask", "bias_grad", "dlse"]}[api]
+              "bwd": ["deterministic", "sparse_mask", "bias_grad", "dlse"],
+              "vbwd": ["deterministic", "max_seqlen_q", "max_seqlen_k", "cu_seqlens_q",
+                       "cu_seqlens_k", "bias_grad", "dlse"]}[api]
     o = r.choice(names)
     x = c.get(o)
     if o == "window_size":
@@ -360,6 +362,15 @@ def _bwd(r: random.Random, g: torch.Generator, dev: str, sz: Sizes) -> dict[str,
     return kw
 
 
+def _vbwd(r: random.Random, g: torch.Generator, dev: str, sz: Sizes) -> dict[str, Any]:
+    kw = _varlen(r, g, dev, sz)
+    kw.pop("return_lse", None)
+    q = kw["query"]
+    kw["dout"], kw["out"] = _rand(g, q.shape, q.dtype, dev), _rand(g, q.shape, q.dtype, dev)
+    kw["lse"] = _rand(g, (q.shape[1], q.shape[0]), torch.float32, dev)
+    return kw
+
+
 def _masks(r: random.Random, g: torch.Generator, dev: str, sz: Sizes) -> dict[str, Any]:
     return {"kind": r.choice(["bitset", "bcsr", "mixed", "mixed_dense", "dynamic", "window",
                               "and"]),
@@ -393,14 +404,19 @@ def bad_case(seed: int) -> Case:
     """A random malformed (or by chance valid) call on CPU tensors; see the module docstring."""
     r = random.Random(seed)
     g = torch.Generator().manual_seed(seed)
-    api = r.choice(["dense", "varlen", "kv", "bwd", "grad", "masks"])
+    api = r.choice(["dense", "varlen", "kv", "bwd", "vbwd", "grad", "masks"])
     if api == "grad":
         case = Case(api, _dense(r, g, "cpu", CPU_SIZES) if r.random() < 0.7 else
                     _varlen(r, g, "cpu", CPU_SIZES))
     else:
-        case = Case(api, {"bwd": _bwd, "masks": _masks, **GOOD}[api](r, g, "cpu", CPU_SIZES))
+        make = {"bwd": _bwd, "vbwd": _vbwd, "masks": _masks, **GOOD}[api]
+        case = Case(api, make(r, g, "cpu", CPU_SIZES))
     mutate = _mutate_mask_args if api == "masks" else _mutate
     case.steps = [mutate(r, g, case) for _ in range(r.choice([1, 1, 2, 3]))]
+    if api not in ("grad", "masks") and r.random() < 0.15:   # NumPy arrays: the reference path
+        case.kwargs = {k: v.numpy() if isinstance(v, torch.Tensor) and v.dtype != torch.bfloat16
+                       else v for k, v in case.kwargs.items()}
+        case.steps.append("as NumPy")
     return case
 
 
@@ -426,6 +442,18 @@ def _call_grad(kw: dict[str, Any]) -> None:
 def _call_bwd(kw: dict[str, Any]) -> None:
     args = [kw.pop(n, None) for n in ("dout", "query", "key", "value", "out", "lse")]
     res = dm.flash_dmattn_backward(*args, **kw)
+    for x, y in zip(res[:3], args[1:4], strict=True):
+        assert tuple(x.shape) == tuple(y.shape), (x.shape, y.shape)
+    bias = kw.get("attn_bias")
+    if bias is not None and res[3] is not None:
+        assert tuple(res[3].shape) == tuple(bias.shape), (res[3].shape, bias.shape)
+
+
+def _call_vbwd(kw: dict[str, Any]) -> None:
+    args = [kw.pop(n, None) for n in ("dout", "query", "key", "value", "out", "lse",
+                                      "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q",
+                                      "max_seqlen_k")]
+    res = dm.flash_dmattn_varlen_backward(*args, **kw)
     for x, y in zip(res[:3], args[1:4], strict=True):
         assert tuple(x.shape) == tuple(y.shape), (x.shape, y.shape)
     bias = kw.get("attn_bias")
@@ -470,7 +498,7 @@ def _call_masks(kw: dict[str, Any]) -> None:
 CALLS = {"dense": lambda kw: dm.flash_dmattn_func(**kw),
          "varlen": lambda kw: dm.flash_dmattn_varlen_func(**kw),
          "kv": lambda kw: dm.flash_dmattn_with_kvcache(**kw),
-         "bwd": _call_bwd, "grad": _call_grad, "masks": _call_masks}
+         "bwd": _call_bwd, "vbwd": _call_vbwd, "grad": _call_grad, "masks": _call_masks}
 
 
 def outcome(case: Case, **override: Any) -> tuple[str, str]:
@@ -490,7 +518,8 @@ def outcome(case: Case, **override: Any) -> tuple[str, str]:
 def disagreement(case: Case, got: tuple[str, str]) -> str | None:
     """Where ``case`` ran on the cuda backend (``got``), the reference backend's differing
     verdict on the same arguments, unless a limit of the cuda backend explains it."""
-    if case.api not in ("dense", "varlen", "kv", "bwd") or got[0] == "NotImplementedError" or \
+    if case.api not in ("dense", "varlen", "kv", "bwd", "vbwd") or \
+            got[0] == "NotImplementedError" or \
             case.kwargs.get("backend", "auto") not in ("auto", "cuda"):
         return None
     ref = outcome(case, backend="reference")

@@ -121,3 +121,12 @@ def test_window_beyond_int32_beside_a_parametric_mask(window):
     q = _bf16(1, 5, 2, 64)
     with host_profile.stub_gpu(), pytest.raises(ValueError, match="2\\*\\*31 - 1"):
         dm.flash_dmattn_func(q, q, q, sparse_mask=dm.CausalMask(5, 5), window_size=window)
+
+
+def test_checked_varlen_backward_reads_cu_seqlens(checked):
+    q, k = _bf16(6, 2, 64), _bf16(10, 2, 64)
+    lse = torch.zeros(2, 6)
+    cu_q, cu_k = torch.tensor([0, 3, 6], dtype=torch.int32), torch.tensor([0, 5, 9],
+                                                                          dtype=torch.int32)
+    with host_profile.stub_gpu(), pytest.raises(ValueError, match="cu_seqlens_k\\[-1\\]"):
+        dm.flash_dmattn_varlen_backward(q, q, k, k, q, lse, cu_q, cu_k, 3, 5)
