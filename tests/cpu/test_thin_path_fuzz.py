@@ -1,0 +1,175 @@
+"""The thin launch path against the validated path over random valid calls
+(tools/call_fuzz.good_case), the GPU stubbed and launches captured as in test_fastpath.py.
+
+Each case is first launched alone from an empty plan cache (the validated path's launches);
+then all cases run twice each in a shuffled order through one cache, forward and backward
+(autograd) alike. Every call must launch what the validated path launched for it: a signature
+key that failed to tell two calls apart would hand one call another's plan, which on a GPU is
+a silently wrong answer. Pointers are compared by role (``_comparable``): the buffers a call
+allocates have new addresses on every call."""
+
+from __future__ import annotations
+
+import importlib
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_fastpath import _PARAMS, cap  # noqa: F401  (cap: the fixture)
+
+torch = pytest.importorskip("torch")
+
+_TOOLS = Path(__file__).resolve().parents[2] / "tools"
+if str(_TOOLS) not in sys.path:
+    sys.path.insert(0, str(_TOOLS))
+call_fuzz = importlib.import_module("call_fuzz")
+
+from dmattn_cupy import autograd, backward_sm90, fastpath, forward_sm90, ring_maps  # noqa: E402
+
+_ARGS = {"fwd_sm90": forward_sm90.ARGS_DTYPE, "fwd_order": forward_sm90.ARGS_DTYPE,
+         "bwd_sm90": backward_sm90.ARGS_DTYPE, "fwd_decode_ring": ring_maps.ARGS_DTYPE}
+
+GROUP = 60   # cases per test: they share one plan cache
+
+
+def _tokens(rec: np.ndarray, token: dict[int, int]) -> None:
+    """``rec``'s pointer fields (u8) replaced by their tokens, new ones numbered in order."""
+    for f in rec.dtype.names:
+        if rec.dtype.fields[f][0].str == "<u8":
+            rec[f] = token.setdefault(int(rec[f][0]), len(token))
+
+
+def _comparable(launches: list, inputs: list[int]) -> list:
+    """Launches with every pointer replaced by a token: an input's (its index in ``inputs``,
+    the call's input addresses) or, for any other buffer (outputs, workspaces, copies), its
+    rank of first appearance in the launch (per launch: a buffer freed by one launch's caller
+    may return at the same address for the next one's). Pointers are the u8 fields of the
+    params record and of the family's argument record; 8-byte words of the tensor maps equal
+    to one of them get its token. Two calls then compare equal when they launch the same
+    kernels with the same arguments on buffers in the same roles, whichever addresses those
+    buffers have."""
+    out = []
+    for _path, fam, grid, raws, smem in launches:
+        token: dict[int, int] = {0: 0}
+        for i, p in enumerate(inputs):
+            token.setdefault(p, 1000 + i)
+        params = "BwdParams" if fam.startswith("bwd") else \
+            "KvAppendParams" if fam == "kv_append" else "FwdParams"
+        rec = np.frombuffer(raws[0], dtype=_PARAMS[params]).copy()
+        if "dlse" in rec.dtype.names:   # lse's gradient: None on the thin path, zeros
+            rec["dlse"] = 0             # materialized by the custom op's (the same result)
+        _tokens(rec, token)
+        extra = list(raws[1:])
+        args_dtype = _ARGS.get(fam)
+        if args_dtype is not None and extra:
+            args = np.frombuffer(extra[0], dtype=args_dtype).copy()
+            _tokens(args, token)
+            extra[0] = _with_fields(extra[0], args)
+        keys = np.array(sorted(token), dtype=np.uint64)
+        vals = np.array([token[k] for k in sorted(token)], dtype=np.uint64)
+        words = []
+        for raw in extra:
+            n = len(raw) // 8 * 8
+            w = np.frombuffer(raw[:n], dtype=np.uint64).copy()
+            hit = np.isin(w, keys)
+            w[hit] = vals[np.searchsorted(keys, w[hit])]
+            words.append(w.tobytes() + raw[n:])
+        out.append((fam, grid, smem, rec.tobytes(), tuple(words)))
+    return out
+
+
+def _with_fields(raw: bytes, rec: np.ndarray) -> bytes:
+    """``raw`` with ``rec``'s fields written over it (a structured copy's padding bytes are
+    undefined, so the bytes between fields stay ``raw``'s)."""
+    buf = bytearray(raw)
+    for name in rec.dtype.names:
+        dt, at = rec.dtype.fields[name][:2]
+        buf[at:at + dt.itemsize] = rec[name][0].tobytes()
+    return bytes(buf)
+
+
+def _run(case, grad: bool) -> tuple[list, list[int]]:
+    """One call of ``case`` (and its backward when ``grad``); returns what it returned (to
+    keep its buffers alive) and its inputs' addresses."""
+    kw = dict(case.kwargs)
+    inputs = [v.data_ptr() for v in kw.values() if isinstance(v, torch.Tensor)]
+    if grad:
+        for n in ("query", "key", "value", "attn_bias"):
+            if kw.get(n) is not None:
+                kw[n] = kw[n].detach().requires_grad_(True)
+        fn = call_fuzz.dm.flash_dmattn_varlen_func if case.api == "varlen" else \
+            call_fuzz.dm.flash_dmattn_func
+        res = fn(**kw)
+        out = res[0] if isinstance(res, tuple) else res
+        grads = torch.autograd.grad(out.float().sum(), [kw[n] for n in (
+            "query", "key", "value", "attn_bias") if kw.get(n) is not None])
+        return [res, grads], inputs
+    fn = {"dense": call_fuzz.dm.flash_dmattn_func, "varlen": call_fuzz.dm.flash_dmattn_varlen_func,
+          "kv": call_fuzz.dm.flash_dmattn_with_kvcache}[case.api]
+    return [fn(**kw)], inputs
+
+
+@pytest.fixture
+def stubbed(request, monkeypatch):
+    """test_fastpath's ``cap``, with the custom ops routing block masks as on a GPU (the
+    stub's CPU tensors are not ``is_cuda``)."""
+    capture = request.getfixturevalue("cap")
+    monkeypatch.setattr(autograd, "_kernel_device", lambda query, backend: backend != "reference")
+    return capture
+
+
+def _variants(case, r: random.Random) -> list:
+    """Calls on ``case``'s very arrays that differ from it in one option or operand (so their
+    signature keys differ only there): a key that dropped that part would collide."""
+    kw = case.kwargs
+    changes = [{"is_causal": not kw.get("is_causal", False)},
+               {"return_lse": not kw.get("return_lse", False)},
+               {"softcap": 0.0 if kw.get("softcap") else 20.0},
+               {"softmax_scale": None if kw.get("softmax_scale") else 0.2},
+               {"window_size": (3, 0) if kw.get("window_size", (-1, -1)) == (-1, -1)
+                else (-1, -1)}]
+    if case.api != "kv":
+        changes.append({"deterministic": not kw.get("deterministic", False)})
+    else:
+        changes.append({"num_splits": 1 if kw.get("num_splits", 0) != 1 else 3})
+    for name in ("attn_mask", "attn_bias"):
+        if kw.get(name) is not None:
+            changes.append({name: None})
+    if case.api == "dense" and kw.get("sparse_mask") is not None:
+        changes.append({"sparse_mask": None})
+    out = []
+    for change in r.sample(changes, min(4, len(changes))):
+        out.append(call_fuzz.Case(case.api, {**kw, **change}, [repr(change)]))
+    return out
+
+
+@pytest.mark.parametrize("group", range(4))
+def test_cached_plans_launch_what_the_validated_path_builds(stubbed, group):
+    r = random.Random(group)
+    calls = []   # (case, grad, label)
+    for s in range(group * GROUP, (group + 1) * GROUP):
+        base = call_fuzz.good_case(2_000_000 + s, "cpu", call_fuzz.CPU_SIZES)
+        grad = base.api != "kv" and s % 2 == 0
+        for case in [base, *_variants(base, r)]:
+            calls.append((case, grad, f"seed {2_000_000 + s} {case.api} grad={grad} "
+                          f"{case.steps}"))
+    want, alive = [], []
+    for case, grad, _ in calls:
+        fastpath.clear()
+        res, inputs = _run(case, grad)
+        alive.append(res)
+        want.append(_comparable(stubbed.take(), inputs))
+    fastpath.clear()
+    order = [i for i in range(len(calls)) for _ in range(2)]
+    r.shuffle(order)
+    thin = 0
+    for i in order:
+        case, grad, label = calls[i]
+        res, inputs = _run(case, grad)
+        alive.append(res)
+        got = stubbed.take()
+        thin += sum(p == "thin" for p, *_ in got)
+        assert _comparable(got, inputs) == want[i], label
+    assert thin >= len(calls) // 2, "the thin path served too few calls for this to test it"
