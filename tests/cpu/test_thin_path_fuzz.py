@@ -2,11 +2,12 @@
 (tools/call_fuzz.good_case), the GPU stubbed and launches captured as in test_fastpath.py.
 
 Each case is first launched alone from an empty plan cache (the validated path's launches);
-then all cases run twice each in a shuffled order through one cache, forward and backward
-(autograd) alike. Every call must launch what the validated path launched for it: a signature
-key that failed to tell two calls apart would hand one call another's plan, which on a GPU is
-a silently wrong answer. Pointers are compared by role (``_comparable``): the buffers a call
-allocates have new addresses on every call."""
+then all cases run twice each in a shuffled order through one cache: forwards, forwards with
+their backward through autograd, functional backwards. Every call must launch what the
+validated path launched for it: a signature key that failed to tell two calls apart would
+hand one call another's plan, which on a GPU is a silently wrong answer. Pointers are
+compared by role (``_comparable``): the buffers a call allocates have new addresses on every
+call."""
 
 from __future__ import annotations
 
@@ -90,24 +91,43 @@ def _with_fields(raw: bytes, rec: np.ndarray) -> bytes:
     return bytes(buf)
 
 
-def _run(case, grad: bool) -> tuple[list, list[int]]:
-    """One call of ``case`` (and its backward when ``grad``); returns what it returned (to
-    keep its buffers alive) and its inputs' addresses."""
+def _backward_operands(case) -> dict:
+    """dout, out and lse arrays for a functional backward of ``case`` (values do not matter
+    here: the kernels never run)."""
+    q = case.kwargs["query"]
+    if case.api == "varlen":
+        lse_shape = (q.shape[1], q.shape[0])
+    else:
+        lse_shape = (q.shape[0], q.shape[2], q.shape[1])
+    return {"dout": torch.randn(q.shape).to(q.dtype), "out": torch.randn(q.shape).to(q.dtype),
+            "lse": torch.randn(lse_shape)}
+
+
+def _run(case, mode: str) -> tuple[list, list[int]]:
+    """One call of ``case``: "fwd" the forward, "grad" the forward and its backward through
+    autograd, "fbwd" the functional backward (``case.kwargs`` then hold dout/out/lse too);
+    returns what it returned (to keep its buffers alive) and its inputs' addresses."""
     kw = dict(case.kwargs)
     inputs = [v.data_ptr() for v in kw.values() if isinstance(v, torch.Tensor)]
-    if grad:
+    dm = call_fuzz.dm
+    if mode == "fbwd":
+        kw.pop("return_lse", None)
+        lead = [kw.pop(n) for n in ("dout", "query", "key", "value", "out", "lse")]
+        fn = dm.flash_dmattn_varlen_backward if case.api == "varlen" else \
+            dm.flash_dmattn_backward
+        return [fn(*lead, **kw)], inputs
+    if mode == "grad":
         for n in ("query", "key", "value", "attn_bias"):
             if kw.get(n) is not None:
                 kw[n] = kw[n].detach().requires_grad_(True)
-        fn = call_fuzz.dm.flash_dmattn_varlen_func if case.api == "varlen" else \
-            call_fuzz.dm.flash_dmattn_func
+        fn = dm.flash_dmattn_varlen_func if case.api == "varlen" else dm.flash_dmattn_func
         res = fn(**kw)
         out = res[0] if isinstance(res, tuple) else res
         grads = torch.autograd.grad(out.float().sum(), [kw[n] for n in (
             "query", "key", "value", "attn_bias") if kw.get(n) is not None])
         return [res, grads], inputs
-    fn = {"dense": call_fuzz.dm.flash_dmattn_func, "varlen": call_fuzz.dm.flash_dmattn_varlen_func,
-          "kv": call_fuzz.dm.flash_dmattn_with_kvcache}[case.api]
+    fn = {"dense": dm.flash_dmattn_func, "varlen": dm.flash_dmattn_varlen_func,
+          "kv": dm.flash_dmattn_with_kvcache}[case.api]
     return [fn(**kw)], inputs
 
 
@@ -120,12 +140,14 @@ def stubbed(request, monkeypatch):
     return capture
 
 
-def _variants(case, r: random.Random) -> list:
+def _variants(case, r: random.Random, mode: str) -> list:
     """Calls on ``case``'s very arrays that differ from it in one option or operand (so their
     signature keys differ only there): a key that dropped that part would collide."""
     kw = case.kwargs
     changes = [{"is_causal": not kw.get("is_causal", False)},
-               {"return_lse": not kw.get("return_lse", False)},
+               {"return_lse": not kw.get("return_lse", False)} if mode != "fbwd" else
+               {"bias_grad": False} if kw.get("attn_bias") is not None else
+               {"dlse": torch.zeros(kw["lse"].shape)},
                {"softcap": 0.0 if kw.get("softcap") else 20.0},
                {"softmax_scale": None if kw.get("softmax_scale") else 0.2},
                {"window_size": (3, 0) if kw.get("window_size", (-1, -1)) == (-1, -1)
@@ -148,17 +170,18 @@ def _variants(case, r: random.Random) -> list:
 @pytest.mark.parametrize("group", range(4))
 def test_cached_plans_launch_what_the_validated_path_builds(stubbed, group):
     r = random.Random(group)
-    calls = []   # (case, grad, label)
+    calls = []   # (case, mode, label)
     for s in range(group * GROUP, (group + 1) * GROUP):
         base = call_fuzz.good_case(2_000_000 + s, "cpu", call_fuzz.CPU_SIZES)
-        grad = base.api != "kv" and s % 2 == 0
-        for case in [base, *_variants(base, r)]:
-            calls.append((case, grad, f"seed {2_000_000 + s} {case.api} grad={grad} "
-                          f"{case.steps}"))
+        mode = "fwd" if base.api == "kv" else ("fwd", "grad", "fbwd")[s % 3]
+        if mode == "fbwd":
+            base.kwargs.update(_backward_operands(base))
+        for case in [base, *_variants(base, r, mode)]:
+            calls.append((case, mode, f"seed {2_000_000 + s} {case.api} {mode} {case.steps}"))
     want, alive = [], []
-    for case, grad, _ in calls:
+    for case, mode, _ in calls:
         fastpath.clear()
-        res, inputs = _run(case, grad)
+        res, inputs = _run(case, mode)
         alive.append(res)
         want.append(_comparable(stubbed.take(), inputs))
     fastpath.clear()
@@ -166,8 +189,8 @@ def test_cached_plans_launch_what_the_validated_path_builds(stubbed, group):
     r.shuffle(order)
     thin = 0
     for i in order:
-        case, grad, label = calls[i]
-        res, inputs = _run(case, grad)
+        case, mode, label = calls[i]
+        res, inputs = _run(case, mode)
         alive.append(res)
         got = stubbed.take()
         thin += sum(p == "thin" for p, *_ in got)
