@@ -161,6 +161,10 @@ def _variants(case, r: random.Random, mode: str) -> list:
             changes.append({name: None})
     if case.api == "dense" and kw.get("sparse_mask") is not None:
         changes.append({"sparse_mask": None})
+    if case.api == "varlen":
+        changes.append({"max_seqlen_q": kw["max_seqlen_q"] + 2})
+    if case.api == "kv" and isinstance(kw["cache_seqlens"], int) and kw["cache_seqlens"] > 0:
+        changes.append({"cache_seqlens": kw["cache_seqlens"] - 1})
     out = []
     for change in r.sample(changes, min(4, len(changes))):
         out.append(call_fuzz.Case(case.api, {**kw, **change}, [repr(change)]))
