@@ -14,11 +14,12 @@ from __future__ import annotations
 import importlib
 import random
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
-from test_fastpath import _PARAMS, cap  # noqa: F401  (cap: the fixture)
+from test_fastpath import _PARAMS, Capture, cap  # noqa: F401  (cap: the fixture)
 
 torch = pytest.importorskip("torch")
 
@@ -27,7 +28,16 @@ if str(_TOOLS) not in sys.path:
     sys.path.insert(0, str(_TOOLS))
 call_fuzz = importlib.import_module("call_fuzz")
 
-from dmattn_cupy import autograd, backward_sm90, fastpath, forward_sm90, ring_maps  # noqa: E402
+import host_profile  # noqa: E402
+
+from dmattn_cupy import (  # noqa: E402
+    autograd,
+    backward_sm90,
+    fastpath,
+    forward_sm90,
+    ring_maps,
+    runtime,
+)
 
 _ARGS = {"fwd_sm90": forward_sm90.ARGS_DTYPE, "fwd_order": forward_sm90.ARGS_DTYPE,
          "bwd_sm90": backward_sm90.ARGS_DTYPE, "fwd_decode_ring": ring_maps.ARGS_DTYPE}
@@ -43,14 +53,14 @@ def _tokens(rec: np.ndarray, token: dict[int, int]) -> None:
 
 
 def _comparable(launches: list, inputs: list[int]) -> list:
-    """Launches with every pointer replaced by a token: an input's (its index in ``inputs``,
-    the call's input addresses) or, for any other buffer (outputs, workspaces, copies), its
-    rank of first appearance in the launch (per launch: a buffer freed by one launch's caller
-    may return at the same address for the next one's). Pointers are the u8 fields of the
-    params record and of the family's argument record; 8-byte words of the tensor maps equal
-    to one of them get its token. Two calls then compare equal when they launch the same
-    kernels with the same arguments on buffers in the same roles, whichever addresses those
-    buffers have."""
+    """Launches with every pointer replaced by a token: a known array's (its index in
+    ``inputs``: the call's inputs and returned arrays) or, for any other buffer (workspaces,
+    copies, autograd's), its rank of first appearance in the launch (per launch: a buffer
+    freed by one launch's caller may return at the same address for the next one's).
+    Pointers are the u8 fields of the params record and of the family's argument record;
+    8-byte words of the tensor maps equal to one of them get its token. Two calls then compare
+    equal when they launch the same kernels with the same arguments on buffers in the same
+    roles, whichever addresses those buffers have."""
     out = []
     for _path, fam, grid, raws, smem in launches:
         token: dict[int, int] = {0: 0}
@@ -103,10 +113,21 @@ def _backward_operands(case) -> dict:
             "lse": torch.randn(lse_shape)}
 
 
+def _pointers(res) -> list[int]:
+    """The addresses of the arrays in ``res`` (nested tuples/lists; None skipped)."""
+    if isinstance(res, torch.Tensor):
+        return [res.data_ptr()]
+    if isinstance(res, (tuple, list)):
+        return [p for x in res for p in _pointers(x)]
+    return []
+
+
 def _run(case, mode: str) -> tuple[list, list[int]]:
     """One call of ``case``: "fwd" the forward, "grad" the forward and its backward through
-    autograd, "fbwd" the functional backward (``case.kwargs`` then hold dout/out/lse too);
-    returns what it returned (to keep its buffers alive) and its inputs' addresses."""
+    autograd, "fbwd" the functional backward (``case.kwargs`` then hold dout/out/lse too).
+    Returns what it returned (to keep its buffers alive) and the addresses of its inputs,
+    then of the arrays the library returned (the forward's out/lse, the functional
+    backward's gradients): the pointers whose role ``_comparable`` names."""
     kw = dict(case.kwargs)
     inputs = [v.data_ptr() for v in kw.values() if isinstance(v, torch.Tensor)]
     dm = call_fuzz.dm
@@ -115,7 +136,8 @@ def _run(case, mode: str) -> tuple[list, list[int]]:
         lead = [kw.pop(n) for n in ("dout", "query", "key", "value", "out", "lse")]
         fn = dm.flash_dmattn_varlen_backward if case.api == "varlen" else \
             dm.flash_dmattn_backward
-        return [fn(*lead, **kw)], inputs
+        res = fn(*lead, **kw)
+        return [res], inputs + _pointers(res)
     if mode == "grad":
         for n in ("query", "key", "value", "attn_bias"):
             if kw.get(n) is not None:
@@ -125,10 +147,24 @@ def _run(case, mode: str) -> tuple[list, list[int]]:
         out = res[0] if isinstance(res, tuple) else res
         grads = torch.autograd.grad(out.float().sum(), [kw[n] for n in (
             "query", "key", "value", "attn_bias") if kw.get(n) is not None])
-        return [res, grads], inputs
+        return [res, grads], inputs + _pointers(res)
     fn = {"dense": dm.flash_dmattn_func, "varlen": dm.flash_dmattn_varlen_func,
           "kv": dm.flash_dmattn_with_kvcache}[case.api]
-    return [fn(**kw)], inputs
+    res = fn(**kw)
+    return [res], inputs + _pointers(res)
+
+
+def _fresh_arrays(case):
+    """``case`` on new arrays of the same shapes, strides, dtypes and alignment (the values do
+    not matter: the kernels never run)."""
+    kw = {}
+    for k, v in case.kwargs.items():
+        if isinstance(v, torch.Tensor):
+            base = torch.empty(v.untyped_storage().nbytes() // v.element_size() + 1,
+                               dtype=v.dtype)
+            v = base.as_strided(v.size(), v.stride(), v.storage_offset())
+        kw[k] = v
+    return call_fuzz.Case(case.api, kw, case.steps)
 
 
 @pytest.fixture
@@ -171,24 +207,37 @@ def _variants(case, r: random.Random, mode: str) -> list:
     return out
 
 
-@pytest.mark.parametrize("group", range(4))
-def test_cached_plans_launch_what_the_validated_path_builds(stubbed, group):
-    r = random.Random(group)
-    calls = []   # (case, mode, label)
-    for s in range(group * GROUP, (group + 1) * GROUP):
+def _calls(first: int, count: int, r: random.Random) -> list:
+    """(case, mode, label) for random cases ``first ..`` and their variants."""
+    calls = []
+    for s in range(first, first + count):
         base = call_fuzz.good_case(2_000_000 + s, "cpu", call_fuzz.CPU_SIZES)
         mode = "fwd" if base.api == "kv" else ("fwd", "grad", "fbwd")[s % 3]
         if mode == "fbwd":
             base.kwargs.update(_backward_operands(base))
         for case in [base, *_variants(base, r, mode)]:
             calls.append((case, mode, f"seed {2_000_000 + s} {case.api} {mode} {case.steps}"))
-    want, alive = [], []
+    return calls
+
+
+def _validated(capture, calls: list, alive: list) -> list:
+    """Each call's launches from an empty plan cache, comparable (``_comparable``)."""
+    want = []
     for case, mode, _ in calls:
         fastpath.clear()
         res, inputs = _run(case, mode)
         alive.append(res)
-        want.append(_comparable(stubbed.take(), inputs))
+        want.append(_comparable(capture.take(), inputs))
     fastpath.clear()
+    return want
+
+
+@pytest.mark.parametrize("group", range(4))
+def test_cached_plans_launch_what_the_validated_path_builds(stubbed, group):
+    r = random.Random(group)
+    calls = _calls(group * GROUP, GROUP, r)
+    alive: list = []
+    want = _validated(stubbed, calls, alive)
     order = [i for i in range(len(calls)) for _ in range(2)]
     r.shuffle(order)
     thin = 0
@@ -200,3 +249,64 @@ def test_cached_plans_launch_what_the_validated_path_builds(stubbed, group):
         thin += sum(p == "thin" for p, *_ in got)
         assert _comparable(got, inputs) == want[i], label
     assert thin >= len(calls) // 2, "the thin path served too few calls for this to test it"
+
+
+class _ThreadCapture(Capture):
+    """``Capture`` with each thread's launches apart."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        super().__init__()
+
+    @property
+    def launches(self) -> list:
+        return self._local.__dict__.setdefault("launches", [])
+
+    @launches.setter
+    def launches(self, value: list) -> None:
+        self._local.launches = value
+
+
+@pytest.fixture
+def threaded(monkeypatch):
+    capture = _ThreadCapture()
+    with host_profile.stub_gpu():
+        for name in ("get_kernel", "launch", "launch_ex", "launch_raw"):
+            monkeypatch.setattr(runtime, name, getattr(capture, name))
+        monkeypatch.setattr(autograd, "_kernel_device", lambda query, backend:
+                            backend != "reference")
+        fastpath.clear()
+        yield capture
+        monkeypatch.undo()
+        fastpath.clear()
+
+
+def test_threads_sharing_plans_launch_their_own_calls(threaded):
+    """Four threads run the cases of one group in random orders through one plan cache (the
+    plans' patch-and-launch is locked, scratch is per thread), each call on arrays of its own:
+    each call launches on its own inputs and outputs."""
+    calls = _calls(4 * GROUP, GROUP // 2, random.Random(7))
+    alive: list = []
+    want = _validated(threaded, calls, alive)
+    errors: list[str] = []
+
+    def worker(seed: int) -> None:
+        r, mine = random.Random(seed), []
+        try:
+            for _ in range(3 * len(calls)):
+                i = r.randrange(len(calls))
+                case, mode, label = calls[i]
+                res, inputs = _run(_fresh_arrays(case), mode)
+                mine.append(res)
+                if _comparable(threaded.take(), inputs) != want[i]:
+                    errors.append(label)
+        except Exception as e:  # noqa: BLE001  (reported below, not lost in the thread)
+            errors.append(f"{type(e).__name__}: {e}")
+        alive.append(mine)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:5]
