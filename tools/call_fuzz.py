@@ -108,10 +108,12 @@ def _laid_out(r: random.Random, g: torch.Generator, shape: tuple[int, ...], dtyp
 def _broadcast(r: random.Random, g: torch.Generator, full: tuple[int, ...],
                choices: list[tuple[int, ...]], dtype: torch.dtype, dev: str) -> torch.Tensor:
     """A mask/bias of one of the shapes each dim allows (``choices[i]``), sometimes as an
-    expanded (stride-0) view of the full shape."""
+    expanded (stride-0) view of the full shape; a bias sometimes with -inf entries."""
     shape = tuple(r.choice(c) for c in choices)
     density = r.choice([0.05, 0.5, 0.9, 1.0])
     x = _rand(g, shape, dtype, dev, density)
+    if dtype.is_floating_point and r.random() < 0.15:   # -inf entries exclude their keys
+        x = x.masked_fill((torch.rand(shape, generator=g) < 0.25).to(dev), float("-inf"))
     if r.random() < 0.25 and shape != full:
         return x.expand(tuple(f if s == 1 else s for s, f in zip(shape, full, strict=True)))
     return x
