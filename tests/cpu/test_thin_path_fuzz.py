@@ -36,8 +36,10 @@ from dmattn_cupy import (  # noqa: E402
     fastpath,
     forward_sm90,
     ring_maps,
+    row_pad,
     runtime,
 )
+from dmattn_cupy.params import ROW_PAD_DTYPE  # noqa: E402
 
 _ARGS = {"fwd_sm90": forward_sm90.ARGS_DTYPE, "fwd_order": forward_sm90.ARGS_DTYPE,
          "bwd_sm90": backward_sm90.ARGS_DTYPE, "fwd_decode_ring": ring_maps.ARGS_DTYPE}
@@ -66,9 +68,10 @@ def _comparable(launches: list, inputs: list[int]) -> list:
         token: dict[int, int] = {0: 0}
         for i, p in enumerate(inputs):
             token.setdefault(p, 1000 + i)
-        params = "BwdParams" if fam.startswith("bwd") else \
-            "KvAppendParams" if fam == "kv_append" else "FwdParams"
-        rec = np.frombuffer(raws[0], dtype=_PARAMS[params]).copy()
+        dtype = ROW_PAD_DTYPE if fam == "row_copy" else _PARAMS[
+            "BwdParams" if fam.startswith("bwd") else
+            "KvAppendParams" if fam == "kv_append" else "FwdParams"]
+        rec = np.frombuffer(raws[0], dtype=dtype).copy()
         if "dlse" in rec.dtype.names:   # lse's gradient: None on the thin path, zeros
             rec["dlse"] = 0             # materialized by the custom op's (the same result)
         _tokens(rec, token)
@@ -167,12 +170,27 @@ def _fresh_arrays(case):
     return call_fuzz.Case(case.api, kw, case.steps)
 
 
+def _as_on_a_gpu(monkeypatch, capture) -> None:
+    """Inside ``stub_gpu``: the custom ops route block masks as on a GPU (the stub's CPU
+    tensors are not ``is_cuda``), and row copies (``row_pad.copy_rows``, a GPU launch) are
+    captured with the launches, as family "row_copy" with their record."""
+    monkeypatch.setattr(autograd, "_kernel_device", lambda query, backend: backend != "reference")
+
+    def copy_rows(device, dst, dst_pitch, src, src_pitch, width, rows, stream):
+        rec = np.zeros(1, dtype=ROW_PAD_DTYPE)
+        rec["src"], rec["dst"] = src, dst
+        rec["src_pitch"], rec["dst_pitch"], rec["rows"], rec["width"] = (src_pitch, dst_pitch,
+                                                                         rows, width)
+        capture.launches.append(("copy", "row_copy", (), [rec.tobytes()], 0))
+
+    monkeypatch.setattr(row_pad, "copy_rows", copy_rows)
+
+
 @pytest.fixture
 def stubbed(request, monkeypatch):
-    """test_fastpath's ``cap``, with the custom ops routing block masks as on a GPU (the
-    stub's CPU tensors are not ``is_cuda``)."""
+    """test_fastpath's ``cap``, set up by ``_as_on_a_gpu``."""
     capture = request.getfixturevalue("cap")
-    monkeypatch.setattr(autograd, "_kernel_device", lambda query, backend: backend != "reference")
+    _as_on_a_gpu(monkeypatch, capture)
     return capture
 
 
@@ -273,8 +291,7 @@ def threaded(monkeypatch):
     with host_profile.stub_gpu():
         for name in ("get_kernel", "launch", "launch_ex", "launch_raw"):
             monkeypatch.setattr(runtime, name, getattr(capture, name))
-        monkeypatch.setattr(autograd, "_kernel_device", lambda query, backend:
-                            backend != "reference")
+        _as_on_a_gpu(monkeypatch, capture)
         fastpath.clear()
         yield capture
         monkeypatch.undo()
