@@ -11,6 +11,7 @@ call."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import random
 import sys
@@ -170,12 +171,12 @@ def _fresh_arrays(case):
     return call_fuzz.Case(case.api, kw, case.steps)
 
 
-def _as_on_a_gpu(monkeypatch, capture) -> None:
+@contextlib.contextmanager
+def _as_on_a_gpu(capture):
     """Inside ``stub_gpu``: the custom ops route block masks as on a GPU (the stub's CPU
     tensors are not ``is_cuda``), and row copies (``row_pad.copy_rows``, a GPU launch) are
-    captured with the launches, as family "row_copy" with their record."""
-    monkeypatch.setattr(autograd, "_kernel_device", lambda query, backend: backend != "reference")
-
+    captured with the launches, as family "row_copy" with their record. Restores both on exit
+    (whatever order the fixtures around it are torn down in)."""
     def copy_rows(device, dst, dst_pitch, src, src_pitch, width, rows, stream):
         rec = np.zeros(1, dtype=ROW_PAD_DTYPE)
         rec["src"], rec["dst"] = src, dst
@@ -183,15 +184,21 @@ def _as_on_a_gpu(monkeypatch, capture) -> None:
                                                                          rows, width)
         capture.launches.append(("copy", "row_copy", (), [rec.tobytes()], 0))
 
-    monkeypatch.setattr(row_pad, "copy_rows", copy_rows)
+    saved = autograd._kernel_device, row_pad.copy_rows
+    autograd._kernel_device = lambda query, backend: backend != "reference"
+    row_pad.copy_rows = copy_rows
+    try:
+        yield
+    finally:
+        autograd._kernel_device, row_pad.copy_rows = saved
 
 
 @pytest.fixture
-def stubbed(request, monkeypatch):
-    """test_fastpath's ``cap``, set up by ``_as_on_a_gpu``."""
+def stubbed(request):
+    """test_fastpath's ``cap``, inside ``_as_on_a_gpu``."""
     capture = request.getfixturevalue("cap")
-    _as_on_a_gpu(monkeypatch, capture)
-    return capture
+    with _as_on_a_gpu(capture):
+        yield capture
 
 
 def _variants(case, r: random.Random, mode: str) -> list:
@@ -291,9 +298,9 @@ def threaded(monkeypatch):
     with host_profile.stub_gpu():
         for name in ("get_kernel", "launch", "launch_ex", "launch_raw"):
             monkeypatch.setattr(runtime, name, getattr(capture, name))
-        _as_on_a_gpu(monkeypatch, capture)
-        fastpath.clear()
-        yield capture
+        with _as_on_a_gpu(capture):
+            fastpath.clear()
+            yield capture
         monkeypatch.undo()
         fastpath.clear()
 
