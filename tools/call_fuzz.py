@@ -76,6 +76,7 @@ class Case:
     api: str                    # "dense", "varlen", "kv", "bwd", "vbwd", "grad", "masks"
     kwargs: dict[str, Any]
     steps: list[str] = field(default_factory=list)   # the mutations applied
+    device: str = "cpu"
 
 
 def _rand(g: torch.Generator, shape: tuple[int, ...], dtype: torch.dtype, dev: str,
@@ -276,14 +277,14 @@ def _mutate(r: random.Random, g: torch.Generator, case: Case) -> str:
         ax = r.randrange(x.dim())
         shape = list(x.shape)
         shape[ax] = r.choice([0, 1, 2, 3, 5, 7, 8, 9, 12, 16, 33, 264])
-        c[n] = _rand(g, tuple(shape), x.dtype, "cpu")
+        c[n] = _rand(g, tuple(shape), x.dtype, case.device)
         return f"{n}.shape[{ax}] = {shape[ax]}"
     if kind == "ndim":
         if r.random() < 0.5 or x.dim() == 0:
             c[n] = x.unsqueeze(r.randrange(x.dim() + 1))
             return f"{n} unsqueezed"
         ax = r.randrange(x.dim())
-        c[n] = _rand(g, tuple(x.shape[:ax]) + tuple(x.shape[ax + 1:]), x.dtype, "cpu")
+        c[n] = _rand(g, tuple(x.shape[:ax]) + tuple(x.shape[ax + 1:]), x.dtype, case.device)
         return f"{n} without dim {ax}"
     if kind == "dtype":
         dt = r.choice(ALL_DTYPES)
@@ -292,17 +293,18 @@ def _mutate(r: random.Random, g: torch.Generator, case: Case) -> str:
     if kind == "stride" and x.dim():
         how = r.choice(["last2", "offset", "expand", "perm"])
         if how == "last2":
-            c[n] = _rand(g, tuple(x.shape[:-1]) + (2 * x.shape[-1],), x.dtype, "cpu")[..., ::2]
+            wide = tuple(x.shape[:-1]) + (2 * x.shape[-1],)
+            c[n] = _rand(g, wide, x.dtype, case.device)[..., ::2]
         elif how == "offset":
-            c[n] = _rand(g, (x.numel() + 1,), x.dtype, "cpu")[1:].view(x.shape)
+            c[n] = _rand(g, (x.numel() + 1,), x.dtype, case.device)[1:].view(x.shape)
         elif how == "expand":
             ax = r.randrange(x.dim())
             c[n] = x.narrow(ax, 0, min(1, x.shape[ax])).expand(x.shape) if x.shape[ax] else x
         else:
-            c[n] = _laid_out(r, g, tuple(x.shape), x.dtype, "cpu")
+            c[n] = _laid_out(r, g, tuple(x.shape), x.dtype, case.device)
         return f"{n} strides: {how}"
     c[n] = r.choice([None, [1, 2], 3, "s", object(),
-                     x.float().numpy() if x.is_floating_point() else x.numpy()])
+                     x.float().cpu().numpy() if x.is_floating_point() else x.cpu().numpy()])
     return f"{n} replaced by {type(c[n]).__name__}"
 
 
@@ -332,22 +334,23 @@ def _mutate_option(r: random.Random, g: torch.Generator, case: Case) -> str:
         xi = x.to(torch.int64)
         v = r.choice([xi, x.float(), x.flip(0), x[:-1], x.unsqueeze(0), torch.zeros_like(x),
                       (xi + 1).to(x.dtype), (xi - 1).to(x.dtype), (xi * 1000).to(x.dtype),
-                      x.numpy(), x.tolist()])
+                      x.cpu().numpy(), x.tolist()])
     elif o in ("cu_seqlens_q", "cu_seqlens_k", "cache_seqlens", "block_table"):
         v = r.choice([-1, 10 ** 6, 1.5, None, np.int64(1)])
     elif o == "dlse":
         lse = c.get("lse")
-        v = r.choice([None, _rand(g, (2, 3), torch.float32, "cpu"),
+        v = r.choice([None, _rand(g, (2, 3), torch.float32, case.device),
                       _rand(g, tuple(lse.shape), r.choice([torch.float32, torch.bfloat16]),
-                            "cpu") if isinstance(lse, torch.Tensor) else None])
+                            case.device) if isinstance(lse, torch.Tensor) else None])
     elif o == "sparse_mask":
         q, k = c.get("query"), c.get("key")
         sq = q.shape[1] if isinstance(q, torch.Tensor) and q.dim() > 1 else 5
         sk = k.shape[1] if isinstance(k, torch.Tensor) and k.dim() > 1 else 7
         sq, sk = max(1, sq + r.choice([0, 0, 1])), max(1, sk - r.choice([0, 0, 1]))
-        v = r.choice([lambda: _sparse(r, g, sq, sk, "cpu"), lambda: "not a mask",
+        v = r.choice([lambda: _sparse(r, g, sq, sk, case.device), lambda: "not a mask",
                       lambda: dm.BlockBitsetMask.from_dense_mask(
-                          torch.rand(sq, sk, generator=g) < 0.5, block_size=(16, 16))])()
+                          (torch.rand(sq, sk, generator=g) < 0.5).to(case.device),
+                          block_size=(16, 16))])()
     else:
         v = r.choice(ODD_VALUES)
     c[o] = v
@@ -402,22 +405,23 @@ def _small(x: Any) -> int:
     return n if isinstance(n, int) and 0 <= n < 300 else 3
 
 
-def bad_case(seed: int) -> Case:
-    """A random malformed (or by chance valid) call on CPU tensors; see the module docstring."""
+def bad_case(seed: int, device: str = "cpu") -> Case:
+    """A random malformed (or by chance valid) call on tensors of ``device``; see the module
+    docstring."""
     r = random.Random(seed)
     g = torch.Generator().manual_seed(seed)
     api = r.choice(["dense", "varlen", "kv", "bwd", "vbwd", "grad", "masks"])
     if api == "grad":
-        case = Case(api, _dense(r, g, "cpu", CPU_SIZES) if r.random() < 0.7 else
-                    _varlen(r, g, "cpu", CPU_SIZES))
+        case = Case(api, _dense(r, g, device, CPU_SIZES) if r.random() < 0.7 else
+                    _varlen(r, g, device, CPU_SIZES), device=device)
     else:
         make = {"bwd": _bwd, "vbwd": _vbwd, "masks": _masks, **GOOD}[api]
-        case = Case(api, make(r, g, "cpu", CPU_SIZES))
+        case = Case(api, make(r, g, device, CPU_SIZES), device=device)
     mutate = _mutate_mask_args if api == "masks" else _mutate
     case.steps = [mutate(r, g, case) for _ in range(r.choice([1, 1, 2, 3]))]
     if api not in ("grad", "masks") and r.random() < 0.15:   # NumPy arrays: the reference path
-        case.kwargs = {k: v.numpy() if isinstance(v, torch.Tensor) and v.dtype != torch.bfloat16
-                       else v for k, v in case.kwargs.items()}
+        case.kwargs = {k: v.cpu().numpy() if isinstance(v, torch.Tensor) and
+                       v.dtype != torch.bfloat16 else v for k, v in case.kwargs.items()}
         case.steps.append("as NumPy")
     return case
 

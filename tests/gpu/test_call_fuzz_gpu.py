@@ -1,0 +1,37 @@
+"""Malformed calls (tools/call_fuzz.bad_case) on CUDA tensors, kernels running: only a result,
+ValueError, TypeError or NotImplementedError may come out, the two backends agree on what they
+accept, and nothing launched fails on the device (DMATTN_CHECK=1: device-side values are read
+and checked, so no bad cu_seqlens or cache length reaches a kernel)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+pytestmark = pytest.mark.gpu
+
+_TOOLS = Path(__file__).resolve().parents[2] / "tools"
+if str(_TOOLS) not in sys.path:
+    sys.path.insert(0, str(_TOOLS))
+call_fuzz = importlib.import_module("call_fuzz")
+
+CHUNK = 250
+
+
+@pytest.mark.parametrize("chunk", range(4))
+def test_malformed_cuda_calls_raise_named_errors_only(chunk, monkeypatch):
+    monkeypatch.setenv("DMATTN_CHECK", "1")
+    found = []
+    for seed in range(chunk * CHUNK, (chunk + 1) * CHUNK):
+        case = call_fuzz.bad_case(seed, "cuda")
+        got = call_fuzz.outcome(case)
+        msg = got[1] if got[0] == "BAD" else call_fuzz.disagreement(case, got)
+        if msg is not None:
+            found.append(f"case {seed} ({case.api}; {'; '.join(case.steps)}):\n{msg}")
+    torch.cuda.synchronize()   # a launch that failed on the device raises here
+    assert not found, "\n".join(found[:5])
