@@ -553,11 +553,29 @@ def findings(first: int, count: int) -> list[str]:
     return found
 
 
+def describe(case: Case) -> str:
+    """``case`` in one line per argument: arrays by shape, strides, dtype and alignment."""
+    lines = [f"{case.api} on {case.device}" + (f" ({'; '.join(case.steps)})" if case.steps
+                                               else "")]
+    for k, v in case.kwargs.items():
+        if isinstance(v, torch.Tensor):
+            v = (f"{tuple(v.shape)} strides {v.stride()} {str(v.dtype).removeprefix('torch.')}"
+                 f" ptr%16={v.data_ptr() % 16}")
+        lines.append(f"  {k}: {v!r}" if not isinstance(v, str) else f"  {k}: {v}")
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0, help="the first case's seed")
+    ap.add_argument("--show-good", type=int, metavar="SEED",
+                    help="print good_case(SEED) (tests/gpu/test_random_calls.py: seed "
+                         "1000000 + its index) and exit")
     args = ap.parse_args()
+    if args.show_good is not None:
+        print(describe(good_case(args.show_good, "cpu")))
+        return 0
     found = findings(args.seed, args.cases)
     for f in found:
         print(f"--- {f}")

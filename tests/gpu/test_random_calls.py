@@ -2,7 +2,9 @@
 mask/bias layout, odd strides, head dims 8-256, lengths around the tile edges, causal, window,
 softcap, sparse masks, paged caches) on the GPU against the float64 reference with
 FlashAttention's tolerance rules: outputs and lse always, gradients (through autograd) for every
-other dense and varlen call, the caches after an append bit for bit."""
+other dense and varlen call, the caches after an append bit for bit. A failing
+``test_random_call[N]`` is described by
+``python tools/call_fuzz.py --show-good $((1000000 + N))`` (its seed, FIRST_SEED + N)."""
 
 from __future__ import annotations
 
