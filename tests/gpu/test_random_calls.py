@@ -2,8 +2,8 @@
 mask/bias layout, odd strides, head dims 8-256, lengths around the tile edges, causal, window,
 softcap, sparse masks, paged caches) on the GPU against the float64 reference with
 FlashAttention's tolerance rules: outputs and lse always, gradients (through autograd) for every
-other dense and varlen call, the caches after an append bit for bit. A failing
-``test_random_call[N]`` is described by
+other dense and varlen call (with deterministic=True also bitwise equal to a second run's), the
+caches after an append bit for bit. A failing ``test_random_call[N]`` is described by
 ``python tools/call_fuzz.py --show-good $((1000000 + N))`` (its seed, FIRST_SEED + N)."""
 
 from __future__ import annotations
@@ -58,6 +58,19 @@ def _leaves(kw, names):
     return kw
 
 
+def _assert_reproducible(call, kw, names, dout):
+    """With deterministic=True, a second forward + backward on the same data gives the same
+    gradients bit for bit (``kw``: the first call's leaves, their ``.grad`` set)."""
+    if not kw.get("deterministic"):
+        return
+    again = _leaves(kw, names)
+    out = _split(call(**again), again)[0]
+    out.backward(dout)
+    for n in names:
+        if kw.get(n) is not None:
+            assert torch.equal(again[n].grad, kw[n].grad), f"d{n} differs run to run"
+
+
 def _check_dense(kw, grad):
     q, k, v = kw["query"], kw["key"], kw["value"]
     mask, bias, sparse = kw.get("attn_mask"), kw.get("attn_bias"), kw.get("sparse_mask")
@@ -79,6 +92,7 @@ def _check_dense(kw, grad):
     _check_grads([None if kw.get(n) is None else kw[n].grad for n in names], [q, k, v, bias],
                  dout, lambda q_, k_, v_, b_: _attention(q_, k_, v_, mask, b_, scale, cap,
                                                          window, keep_extra=keep_t))
+    _assert_reproducible(dm.flash_dmattn_func, kw, names, dout)
 
 
 def _sequence_slice(x, qs, qe, ks, ke):
@@ -124,6 +138,7 @@ def _check_varlen(kw, grad):
 
     _check_grads([None if kw.get(n) is None else kw[n].grad for n in names], [q, k, v, bias],
                  dout, packed)
+    _assert_reproducible(dm.flash_dmattn_varlen_func, kw, names, dout)
 
 
 def _check_kv(kw):
