@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # One device-machine call that does the whole GPU check-up and leaves logs under $OUT:
-#   bash tools/device_run.sh [fa4] [precompile] [tests] [sanitize] [bench] [profile] [profile-src]
+#   bash tools/device_run.sh [fa4] [precompile] [tests] [sanitize] [sanitize-random] [bench]
+#                            [profile] [profile-src]
 #   (default: precompile tests sanitize bench)
 # fa4: install FlashAttention-4 into /tmp/fa4site from the staged wheel parts
 # (tools/fa4_install.sh; .whl/partA staged by an earlier call, .whl/partB carried by this one);
 # precompile: every specialization for this GPU into the kernel cache, 16 processes;
-# tests: the GPU suite; sanitize: compute-sanitizer memcheck and
-# racecheck on a representative subset; bench: every tools/bench case, JSON + table (FA4 and
-# Flex FLASH rows when flash_attn.cute is importable: see tools/fa4_install.sh; BENCH_ARGS
-# replaces "--suite all"); profile: Nsight Compute sections of one forward launch (PROFILE_CASE,
+# tests: the GPU suite; sanitize: compute-sanitizer memcheck and racecheck on a representative
+# subset; sanitize-random: memcheck over the first RANDOM_CASES (default 24) calls of
+# tests/gpu/test_random_calls.py; bench: every tools/bench case, JSON + table (FA4 and Flex
+# FLASH rows when flash_attn.cute is importable: see tools/fa4_install.sh; BENCH_ARGS replaces
+# "--suite all"); profile: Nsight Compute sections of one forward launch (PROFILE_CASE,
 # PROFILE_KERNEL: a kernel-name regex, default flash_fwd: the Hopper or the portable kernel);
 # profile-src: the same launch's stall samples per SASS instruction (tools/ncu_source.py; e.g.
 # PROFILE_CASE=backward PROFILE_KERNEL=flash_bwd_sm90; PROFILE_ARGS: more bench flags, e.g.
@@ -50,6 +52,15 @@ for step in $steps; do
           "$OUT/sanitize_$tool.log" | tail -1); $(grep -E "passed|failed" \
           "$OUT/sanitize_$tool.log" | tail -1)"
       done ;;
+    sanitize-random)
+      ids=$(python3 -c "print(' '.join('tests/gpu/test_random_calls.py::test_random_call[%d]' % i
+                                        for i in range(${RANDOM_CASES:-24})))")
+      # shellcheck disable=SC2086
+      timeout 300 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q \
+        -p no:cacheprovider $ids > "$OUT/sanitize_random.log" 2>&1
+      echo "compute-sanitizer memcheck, random calls: rc=$?; $(grep -E "ERROR SUMMARY" \
+        "$OUT/sanitize_random.log" | tail -1); $(grep -E "passed|failed" \
+        "$OUT/sanitize_random.log" | tail -1)" ;;
     bench)
       # FA4 (and Flex's FLASH backend) where tools/fa4_install.sh put it
       fa4=${FA4_SITE:-/tmp/fa4site}; bench_pp=$PYTHONPATH
