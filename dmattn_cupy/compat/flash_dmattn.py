@@ -35,6 +35,7 @@ from .. import api
 from ..arrays import array_kind
 from ..device_check import cupy_problem, driver_problem
 from ..masks import BlockBitsetMask
+from ..validate import check_flag
 
 __all__ = [
     "flash_dmattn_func", "flash_dmattn_varlen_func", "flash_dmattn_qkvpacked_func",
@@ -99,10 +100,19 @@ def _host_ints(x: Any) -> np.ndarray:
     return np.asarray(x, dtype=np.int64)
 
 
-def _padded_to_query_based(x: Any, cu_q: np.ndarray, max_k: int) -> Any:
+def _padded_to_query_based(name: str, x: Any, cu_q: np.ndarray, max_k: int) -> Any:
     """(B|1, h', Sq|1, Sk) per-sequence padded -> (total_q, h', max_k) query-based."""
-    if x is None or x.ndim != 4:
+    if x is None or getattr(x, "ndim", None) != 4:
         return x
+    lens = np.diff(cu_q)
+    if cu_q.ndim != 1 or cu_q.size == 0 or cu_q[0] != 0 or (lens < 0).any():
+        raise ValueError(f"cu_seqlens_q must be 1-D, start at 0 and never decrease (a padded "
+                         f"4-D {name} is gathered by it), got {cu_q.tolist()}")
+    longest = int(lens.max(initial=0))
+    if x.shape[0] not in (1, len(lens)) or (x.shape[2] != 1 and x.shape[2] < longest):
+        raise ValueError(f"a padded 4-D {name} needs dims (B|1, h', Sq|1, Sk) with B = "
+                         f"{len(lens)} sequences and Sq >= the longest ({longest}), got shape "
+                         f"{tuple(x.shape)}")
     total = int(cu_q[-1])
     seq = np.repeat(np.arange(len(cu_q) - 1), np.diff(cu_q))          # sequence of each token
     row = np.arange(total) - cu_q[:-1][seq]                           # its row in the sequence
@@ -162,12 +172,20 @@ def flash_dmattn_varlen_func(query: Any, key: Any, value: Any, attn_mask: Any = 
         max_seqlen_k = int(np.diff(cu_k).max(initial=0))
     mask = _as_bool_mask(attn_mask)
     if cu_q is not None:
-        mask = _padded_to_query_based(mask, cu_q, max_seqlen_k)
-        attn_bias = _padded_to_query_based(attn_bias, cu_q, max_seqlen_k)
+        mask = _padded_to_query_based("attn_mask", mask, cu_q, max_seqlen_k)
+        attn_bias = _padded_to_query_based("attn_bias", attn_bias, cu_q, max_seqlen_k)
     return api.flash_dmattn_varlen_func(
         query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask,
         attn_bias, softmax_scale, is_causal, window_size, softcap, deterministic=deterministic,
         backend=backend, scale=scale, return_attn_probs=return_attn_probs)
+
+
+def _packed(name: str, x: Any, parts: int) -> None:
+    """``x`` must be a 5-D array with ``parts`` tensors stacked on dim 2."""
+    _array_arg(name, x, 5)
+    if x.shape[2] != parts:
+        raise ValueError(f"{name} must be (B, S, {parts}, heads, head_dim), got shape "
+                         f"{tuple(x.shape)}")
 
 
 def flash_dmattn_qkvpacked_func(qkv: Any, attn_mask: Any = None, attn_bias: Any = None,
@@ -177,6 +195,7 @@ def flash_dmattn_qkvpacked_func(qkv: Any, attn_mask: Any = None, attn_bias: Any 
                                 return_attn_probs: bool | None = None, *,
                                 scale: float | None = None, backend: str = "auto") -> Any:
     """``qkv (B, S, 3, H, D)``: views of q, k and v (no copy)."""
+    _packed("qkv", qkv, 3)
     return flash_dmattn_func(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], attn_mask, attn_bias,
                              softmax_scale, is_causal, softcap, deterministic, return_attn_probs,
                              scale=scale, backend=backend)
@@ -188,6 +207,7 @@ def flash_dmattn_kvpacked_func(q: Any, kv: Any, attn_mask: Any = None, attn_bias
                                return_attn_probs: bool | None = None, *,
                                scale: float | None = None, backend: str = "auto") -> Any:
     """``kv (B, Sk, 2, Hk, D)``: views of k and v (no copy)."""
+    _packed("kv", kv, 2)
     return flash_dmattn_func(q, kv[:, :, 0], kv[:, :, 1], attn_mask, attn_bias, softmax_scale,
                              is_causal, softcap, deterministic, return_attn_probs, scale=scale,
                              backend=backend)
@@ -234,6 +254,44 @@ def get_available_backends() -> list[str]:
 
 
 # ----------------------------------------------------------------------------- dynamic masks
+
+
+def _int_arg(name: str, value: Any, low: int = 1) -> int:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an int >= {low}, got {type(value).__name__} {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return int(value)
+
+
+def _block_arg(block_size: Any) -> tuple[int, int]:
+    """``block_size`` as (block_m, block_n): an int n is (n, n)."""
+    if isinstance(block_size, (tuple, list)) and len(block_size) == 2:
+        return _int_arg("block_size[0]", block_size[0]), _int_arg("block_size[1]", block_size[1])
+    if isinstance(block_size, (int, np.integer)) and not isinstance(block_size, (bool, np.bool_)):
+        n = _int_arg("block_size", block_size)
+        return n, n
+    raise TypeError(f"block_size must be None, an int >= 1 or a pair of them, got {block_size!r}")
+
+
+def _array_arg(name: str, x: Any, ndim: int | None = None) -> Any:
+    """``x`` if it is a torch / CuPy / NumPy array (of ``ndim`` dims when given)."""
+    if array_kind(x) is None:
+        raise TypeError(f"{name} must be a torch.Tensor, cupy.ndarray or numpy.ndarray, got "
+                        f"{type(x).__name__}")
+    if ndim is not None and x.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(x.shape)}")
+    return x
+
+
+def _check_broadcast(name: str, x: Any, shape: tuple[int, ...], mutual: int = 0) -> None:
+    """Each dim of ``x`` (aligned right) is 1 or ``shape``'s; in the first ``mutual`` dims of
+    ``shape`` it may also be anything where ``shape`` has 1 (the result takes ``x``'s)."""
+    dims = tuple(x.shape)
+    first = len(shape) - len(dims)
+    if first < 0 or any(d not in (1, t) and not (first + i < mutual and t == 1)
+                        for i, (d, t) in enumerate(zip(dims, shape[first:], strict=True))):
+        raise ValueError(f"{name} of shape {dims} does not broadcast with {shape}")
 
 
 def _allowed(xp: Any, like: Any, sq: int, sk: int, is_causal: bool) -> Any:
@@ -286,17 +344,25 @@ def topk_mask(attn_bias: Any, keep_window_size: int, attn_mask: Any = None,
     if not isinstance(keep_window_size, (int, np.integer)) or isinstance(keep_window_size, bool) \
             or keep_window_size < 1:
         raise ValueError(f"keep_window_size must be an int >= 1, got {keep_window_size!r}")
-    xp = _xp(attn_bias)
+    xp = _xp(_array_arg("attn_bias", attn_bias))
     if attn_bias.ndim != 4:
         raise ValueError(f"attn_bias must be 4-D (B|1, h, Sq|1, Sk), got shape "
                          f"{tuple(attn_bias.shape)}")
     b, h, sqb, sk = attn_bias.shape
-    sq = sqb if seqlen_q is None else int(seqlen_q)
+    sq = sqb if seqlen_q is None else _int_arg("seqlen_q", seqlen_q)
+    if sqb not in (1, sq):
+        raise ValueError(f"seqlen_q={sq} needs an attn_bias of 1 or {sq} rows, got shape "
+                         f"{tuple(attn_bias.shape)}")
+    is_causal = check_flag("is_causal", is_causal)
+    blocks = None if block_size is None else _block_arg(block_size)
+    if num_heads is not None and (_int_arg("num_heads", num_heads) % h if h else True):
+        raise ValueError(f"num_heads ({num_heads}) must be a multiple of attn_bias's heads ({h})")
     s = _float32(xp, attn_bias)
     neg = -math.inf
-    allowed = _allowed(xp, s, sq, sk, bool(is_causal))
+    allowed = _allowed(xp, s, sq, sk, is_causal)
     if attn_mask is not None:
-        m = _as_bool_mask(attn_mask)
+        m = _as_bool_mask(_array_arg("attn_mask", attn_mask))
+        _check_broadcast("attn_mask", m, (b, h, sq, sk), mutual=2)
         allowed = m if allowed is None else (allowed & m)
     if allowed is not None:
         s = xp.where(allowed, s, neg)
@@ -308,7 +374,7 @@ def topk_mask(attn_bias: Any, keep_window_size: int, attn_mask: Any = None,
             return s > neg
         thr = _kth_largest(xp, s, int(keep_window_size))
         return (s >= thr) & (s > neg)
-    bm, bn = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
+    bm, bn = blocks
     nrb, ncb = -(-sq // bm), -(-sk // bn)
     pad = [(0, 0), (0, 0), (0, nrb * bm - sq), (0, ncb * bn - sk)]
     if array_kind(s) == "torch":
@@ -344,8 +410,19 @@ def create_mask(attention_bias: Any, attention_mask: Any, batch_size: int, query
     ``min_dtype`` is accepted for compatibility and unused (excluded keys are never kept).
     """
     del min_dtype
-    m = _as_bool_mask(attention_mask)
+    _array_arg("attention_bias", attention_bias, 4)
+    batch_size = _int_arg("batch_size", batch_size, 0)
+    query_len, key_len = _int_arg("query_len", query_len, 0), _int_arg("key_len", key_len, 0)
+    if block_size is not None:
+        block_size = _int_arg("block_size", block_size)
+    if type not in ("topk", "relu"):
+        raise ValueError(f"type must be 'topk' or 'relu', got {type!r}")
+    m = None if attention_mask is None else _as_bool_mask(
+        _array_arg("attention_mask", attention_mask))
     if m is not None and m.ndim == 2:
+        if m.shape[0] != batch_size:
+            raise ValueError(f"a 2-D attention_mask must have batch_size ({batch_size}) rows, "
+                             f"got shape {tuple(m.shape)}")
         if m.shape[-1] == key_len:
             m = m.reshape(batch_size, 1, 1, key_len)
         elif m.shape[-1] == query_len:
@@ -360,13 +437,13 @@ def create_mask(attention_bias: Any, attention_mask: Any, batch_size: int, query
             raise ValueError(f"attention_mask shape {tuple(m.shape)} fits neither key_len "
                              f"{key_len} nor query_len {query_len}")
     if type == "topk":
-        keep = topk_mask(attention_bias, int(window_size), m)
-    elif type == "relu":
+        keep = topk_mask(attention_bias, window_size, m)
+    else:
+        if m is not None:
+            _check_broadcast("attention_mask", m, tuple(attention_bias.shape), mutual=4)
         keep = attention_bias > 0
         if m is not None:
             keep = keep & m
-    else:
-        raise ValueError(f"type must be 'topk' or 'relu', got {type!r}")
     if block_size is not None and block_size > 1:
         keep = _block_smooth(keep, int(block_size))
     return keep
