@@ -3,7 +3,8 @@ mask/bias layout, odd strides, head dims 8-256, lengths around the tile edges, c
 softcap, sparse masks, paged caches) on the GPU against the float64 reference with
 FlashAttention's tolerance rules: outputs and lse always, gradients (through autograd) for every
 other dense and varlen call (with deterministic=True also bitwise equal to a second run's), the
-caches after an append bit for bit. A failing ``test_random_call[N]`` is described by
+caches after an append bit for bit; a forward repeated through its cached plan gives the same
+bits. A failing ``test_random_call[N]`` is described by
 ``python tools/call_fuzz.py --show-good $((1000000 + N))`` (its seed, FIRST_SEED + N)."""
 
 from __future__ import annotations
@@ -58,6 +59,14 @@ def _leaves(kw, names):
     return kw
 
 
+def _assert_repeatable(call, kw, out, lse):
+    """The same call again (served by its cached plan: the thin launch path, pointers patched)
+    gives the same out and lse bit for bit."""
+    out2, lse2 = _split(call(**kw), kw)
+    assert torch.equal(out2, out), "a repeated call's out differs"
+    assert lse is None or torch.equal(lse2, lse), "a repeated call's lse differs"
+
+
 def _assert_reproducible(call, kw, names, dout):
     """With deterministic=True, a second forward + backward on the same data gives the same
     gradients bit for bit (``kw``: the first call's leaves, their ``.grad`` set)."""
@@ -81,6 +90,7 @@ def _check_dense(kw, grad):
     if not grad:
         out, lse = _split(dm.flash_dmattn_func(**kw), kw)
         assert_fa_close(out, lse, ref_args, _dtype(q))
+        _assert_repeatable(dm.flash_dmattn_func, kw, out, lse)
         return
     names = ("query", "key", "value", "attn_bias")
     kw = _leaves(kw, names)
@@ -118,6 +128,7 @@ def _check_varlen(kw, grad):
     out, lse = _split(dm.flash_dmattn_varlen_func(**kw), kw)
     assert_fa_close(out, lse, ref_args, _dtype(q), varlen=True)
     if not grad:
+        _assert_repeatable(dm.flash_dmattn_varlen_func, kw, out, lse)
         return
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)).to(q)
     out.backward(dout)
@@ -159,6 +170,7 @@ def _check_kv(kw):
     out, lse = _split(dm.flash_dmattn_with_kvcache(**kw), kw)
     assert_fa_close(out, lse, ref_args, _dtype(q), forward=reference_kvcache.kvcache_forward)
     assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v), "append differs"
+    _assert_repeatable(dm.flash_dmattn_with_kvcache, kw, out, lse)   # appends the same again
 
 
 @pytest.mark.parametrize("seed", range(CASES))
