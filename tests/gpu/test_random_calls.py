@@ -182,6 +182,7 @@ def test_random_call(seed):
         _check_varlen(case.kwargs, grad=seed % 2 == 0)
     else:
         _check_kv(case.kwargs)
+    torch.cuda.synchronize()   # a device fault of this call fails this test, not a later one
 
 
 def test_the_reference_rule_rejects_a_wrong_output():
