@@ -9,15 +9,16 @@ included), permuted or misaligned q/k/v, causal, window, softcap, scale, paramet
 sparse masks, varlen layouts, paged caches with appends. tests/gpu/test_random_calls.py checks
 each one against the float64 reference.
 
-``bad_case(seed)`` bends such a call (CPU tensors, small sizes) by 0-3 random mutations: a size,
-a dimension, a dtype, strides, an option, an argument replaced; or builds a mask object from
-random arguments. ``outcome`` runs it; run under ``host_profile.stub_gpu`` the kernels never
-launch, so what is checked is the host side: only a result, ``ValueError``, ``TypeError`` or
-``NotImplementedError`` may come out (API.md), and the cuda and reference backends must agree on
-what they accept (``disagreement``), except where API.md lets the cuda backend ask for more.
-Device-side values (cu_seqlens, cache_seqlens, block tables) are checked by the cuda backend
-only under ``DMATTN_CHECK=1``, so run the malformed cases under it. The command line runs N
-malformed cases and prints every finding.
+``bad_case(seed, device)`` bends such a call (small sizes; CPU tensors by default) by 0-3
+random mutations: a size, a dimension, a dtype, strides, an option, an argument replaced; or
+builds a mask object from random arguments. ``outcome`` runs it; run under
+``host_profile.stub_gpu`` the kernels never launch, so what is checked is the host side: only a
+result, ``ValueError``, ``TypeError`` or ``NotImplementedError`` may come out (API.md), and the
+cuda and reference backends must agree on what they accept (``disagreement``), except where
+API.md lets the cuda backend ask for more. Device-side values (cu_seqlens, cache_seqlens, block
+tables) are checked by the cuda backend only under ``DMATTN_CHECK=1``, so run the malformed
+cases under it. The command line runs N malformed cases and prints every finding;
+``--show-good SEED`` describes ``good_case(SEED)``.
 """
 
 from __future__ import annotations
