@@ -6,20 +6,13 @@ fuzzing found stay fixed."""
 
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
-_TOOLS = Path(__file__).resolve().parents[2] / "tools"
-if str(_TOOLS) not in sys.path:
-    sys.path.insert(0, str(_TOOLS))
-call_fuzz = importlib.import_module("call_fuzz")
-host_profile = importlib.import_module("host_profile")
+import call_fuzz  # noqa: E402  (tools/, on the path by tests/conftest.py)
+import host_profile  # noqa: E402
 
 import dmattn_cupy as dm  # noqa: E402
 

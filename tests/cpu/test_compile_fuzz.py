@@ -5,20 +5,14 @@ comparison by role), forward alone and with the backward through autograd."""
 
 from __future__ import annotations
 
-import importlib
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 from test_thin_path_fuzz import _as_on_a_gpu, _comparable, _pointers, _run, cap  # noqa: F401
 
 torch = pytest.importorskip("torch")
 
-_TOOLS = Path(__file__).resolve().parents[2] / "tools"
-if str(_TOOLS) not in sys.path:
-    sys.path.insert(0, str(_TOOLS))
-call_fuzz = importlib.import_module("call_fuzz")
+import call_fuzz  # noqa: E402  (tools/, on the path by tests/conftest.py)
 
 import dmattn_cupy as dm  # noqa: E402
 from dmattn_cupy import fastpath  # noqa: E402

@@ -8,19 +8,13 @@ included; output and workspace pointers are those of the buffers the call return
 from __future__ import annotations
 
 import ctypes
-import importlib
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
-_TOOLS = Path(__file__).resolve().parents[2] / "tools"
-if str(_TOOLS) not in sys.path:
-    sys.path.insert(0, str(_TOOLS))
-host_profile = importlib.import_module("host_profile")
+import host_profile  # noqa: E402
 
 import dmattn_cupy as dm  # noqa: E402
 from dmattn_cupy import (  # noqa: E402

@@ -6,19 +6,12 @@ wrongly there."""
 
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
-
 import pytest
 
 torch = pytest.importorskip("torch")
 
-_TOOLS = Path(__file__).resolve().parents[2] / "tools"
-if str(_TOOLS) not in sys.path:
-    sys.path.insert(0, str(_TOOLS))
-call_fuzz = importlib.import_module("call_fuzz")
-host_profile = importlib.import_module("host_profile")
+import call_fuzz  # noqa: E402  (tools/, on the path by tests/conftest.py)
+import host_profile  # noqa: E402
 
 from dmattn_cupy import autograd  # noqa: E402
 from dmattn_cupy.validate import check_options  # noqa: E402

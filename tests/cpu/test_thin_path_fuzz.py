@@ -12,11 +12,8 @@ call."""
 from __future__ import annotations
 
 import contextlib
-import importlib
 import random
-import sys
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,11 +21,7 @@ from test_fastpath import _PARAMS, Capture, cap  # noqa: F401  (cap: the fixture
 
 torch = pytest.importorskip("torch")
 
-_TOOLS = Path(__file__).resolve().parents[2] / "tools"
-if str(_TOOLS) not in sys.path:
-    sys.path.insert(0, str(_TOOLS))
-call_fuzz = importlib.import_module("call_fuzz")
-
+import call_fuzz  # noqa: E402  (tools/, on the path by tests/conftest.py)
 import host_profile  # noqa: E402
 
 from dmattn_cupy import (  # noqa: E402

@@ -5,20 +5,13 @@ and checked, so no bad cu_seqlens or cache length reaches a kernel)."""
 
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
-
 import pytest
 
 torch = pytest.importorskip("torch")
 
 pytestmark = pytest.mark.gpu
 
-_TOOLS = Path(__file__).resolve().parents[2] / "tools"
-if str(_TOOLS) not in sys.path:
-    sys.path.insert(0, str(_TOOLS))
-call_fuzz = importlib.import_module("call_fuzz")
+import call_fuzz  # noqa: E402  (tools/, on the path by tests/conftest.py)
 
 CHUNK = 250
 

@@ -9,10 +9,6 @@ bits. A failing ``test_random_call[N]`` is described by
 
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 from gpu_helpers import assert_fa_close, f64
@@ -26,10 +22,7 @@ from test_backward import _attention, _check_grads  # noqa: E402  (the grad rule
 
 pytestmark = pytest.mark.gpu
 
-_TOOLS = Path(__file__).resolve().parents[2] / "tools"
-if str(_TOOLS) not in sys.path:
-    sys.path.insert(0, str(_TOOLS))
-call_fuzz = importlib.import_module("call_fuzz")
+import call_fuzz  # noqa: E402  (tools/, on the path by tests/conftest.py)
 
 CASES = 240
 FIRST_SEED = 1_000_000
