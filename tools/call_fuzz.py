@@ -456,21 +456,15 @@ def _call_grad(kw: dict[str, Any]) -> None:
             assert gx is None or gx.shape == x.shape, (gx.shape, x.shape)
 
 
-def _call_bwd(kw: dict[str, Any]) -> None:
-    args = [kw.pop(n, None) for n in ("dout", "query", "key", "value", "out", "lse")]
-    res = dm.flash_dmattn_backward(*args, **kw)
-    for x, y in zip(res[:3], args[1:4], strict=True):
-        assert tuple(x.shape) == tuple(y.shape), (x.shape, y.shape)
-    bias = kw.get("attn_bias")
-    if bias is not None and res[3] is not None:
-        assert tuple(res[3].shape) == tuple(bias.shape), (res[3].shape, bias.shape)
+_BWD_LEAD = ("dout", "query", "key", "value", "out", "lse")   # positional, in order
+_VARLEN_LEAD = ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")
 
 
-def _call_vbwd(kw: dict[str, Any]) -> None:
-    args = [kw.pop(n, None) for n in ("dout", "query", "key", "value", "out", "lse",
-                                      "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q",
-                                      "max_seqlen_k")]
-    res = dm.flash_dmattn_varlen_backward(*args, **kw)
+def _call_backward(kw: dict[str, Any], fn: Any, lead: tuple[str, ...]) -> None:
+    """A functional backward: ``lead`` positionally, the rest by keyword; the gradients must
+    have their inputs' shapes (dbias the bias's)."""
+    args = [kw.pop(n, None) for n in lead]
+    res = fn(*args, **kw)
     for x, y in zip(res[:3], args[1:4], strict=True):
         assert tuple(x.shape) == tuple(y.shape), (x.shape, y.shape)
     bias = kw.get("attn_bias")
@@ -515,7 +509,10 @@ def _call_masks(kw: dict[str, Any]) -> None:
 CALLS = {"dense": lambda kw: dm.flash_dmattn_func(**kw),
          "varlen": lambda kw: dm.flash_dmattn_varlen_func(**kw),
          "kv": lambda kw: dm.flash_dmattn_with_kvcache(**kw),
-         "bwd": _call_bwd, "vbwd": _call_vbwd, "grad": _call_grad, "masks": _call_masks}
+         "bwd": lambda kw: _call_backward(kw, dm.flash_dmattn_backward, _BWD_LEAD),
+         "vbwd": lambda kw: _call_backward(kw, dm.flash_dmattn_varlen_backward,
+                                           _BWD_LEAD + _VARLEN_LEAD),
+         "grad": _call_grad, "masks": _call_masks}
 
 
 def outcome(case: Case, **override: Any) -> tuple[str, str]:
