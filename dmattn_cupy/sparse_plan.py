@@ -208,14 +208,17 @@ def fits_backward(block_size: tuple[int, int], dtype: str, head_dim: int,
 
 
 def _device_array(arr: Any, like: Any, dtype: str) -> Any:
-    """``arr`` as a contiguous device array beside ``like`` (GPU arrays in place)."""
+    """``arr`` as a contiguous device array beside ``like`` (GPU arrays in place). An empty
+    array (no partial blocks: CuPy's boolean indexing may give it zero strides) is never read
+    and counts as contiguous."""
     if arr is None:
         return None
     if isinstance(arr, np.ndarray):
         return arrays.upload(arr, like, dtype)
     info = describe(arr)
-    contiguous = all(st == int(np.prod(info.shape[i + 1:])) for i, st in enumerate(info.strides)
-                     if info.shape[i] > 1)
+    contiguous = 0 in info.shape or all(
+        st == int(np.prod(info.shape[i + 1:])) for i, st in enumerate(info.strides)
+        if info.shape[i] > 1)
     if info.dtype != dtype or not contiguous:
         raise ValueError(f"sparse-mask buffers must be contiguous {dtype}, got {info.dtype} "
                          f"with strides {info.strides}")
