@@ -17,7 +17,12 @@ from test_forward_sm90_mask_bias_values import (
     test_non_finite_values_follow_the_reference as _non_finite,
 )
 
-from dmattn_cupy.forward import select_fwd_spec
+from dmattn_cupy.forward import (
+    collapsed_broadcasts,
+    operands_to_pad,
+    padded_problem,
+    select_fwd_spec,
+)
 from dmattn_cupy.validate import check_dense
 
 torch = pytest.importorskip("torch")
@@ -33,9 +38,12 @@ def loads_build(monkeypatch):
 
 
 def _spec(q, k, v, mask, bias, **kw):
+    """The spec forward_call launches: on the problem with its broadcasts collapsed and the
+    rows it pads (a mask row of Sk % 16 != 0 bytes) described as padded."""
     pb = check_dense(q, k, v, mask, bias, kw.get("softmax_scale"), kw.get("is_causal", False),
                      kw.get("window_size", (-1, -1)), kw.get("softcap", 0.0), "cuda")
-    return select_fwd_spec(pb)
+    pb = collapsed_broadcasts(pb)
+    return select_fwd_spec(padded_problem(pb, operands_to_pad(pb)))
 
 
 def _assert_loads_spec(q, k, v, mask, bias, **kw):
