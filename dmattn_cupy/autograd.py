@@ -151,6 +151,9 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, mask, bias, cu_q, cu_k, out, lse, *sparse)
     ctx.opts = inputs[7:15]
     ctx.sp_block = inputs[16:18]
+    # an output the loss never reached gets None, not zeros: an unused lse adds no dlse term
+    # to the backward (and a bias constant over keys keeps its exact zero gradient)
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dout, dlse):

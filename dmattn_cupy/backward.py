@@ -60,19 +60,17 @@ def _contiguous_f32(x: Any) -> Any:
     return x if ok else arrays.contiguous_copy(x, "float32")
 
 
-def dbias_mode(pb: Problem, strides, block_m: int, block_n: int,
-               key_tiles: bool = False) -> int:
+def dbias_mode(pb: Problem, strides, block_m: int, block_n: int) -> int:
     """How the dK/dV kernel writes dbias (see cuda_src/bwd_params.cuh): 1 when every element
     gets exactly one write, 2 when all writes to an element come from one CTA (fp32 adds in a
-    fixed order), 3 when several CTAs add to one element (fp32 atomics). ``key_tiles``: a
-    key-broadcast dbias gets one slot per key tile (``dbias_tile_stride``)."""
+    fixed order), 3 when several CTAs add to one element (fp32 atomics)."""
     bias = pb.bias
     nh = bias.shape[1]
     batch_shared = not pb.varlen and bias.shape[0] == 1 and pb.batch > 1
     heads_cross = nh == 1 and pb.kv_heads > 1
     heads_shared = nh != pb.heads
     multi_q = strides.row == 0 and pb.seqlen_q > block_m
-    multi_k = strides.col == 0 and pb.seqlen_k > block_n and not key_tiles
+    multi_k = strides.col == 0 and pb.seqlen_k > block_n
     if not (batch_shared or heads_shared or multi_q or multi_k):
         return 1
     return 3 if (batch_shared or heads_cross or multi_k) else 2
@@ -152,6 +150,12 @@ def backward_call(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out:
     copied = copied or lse is not lse0 or dlse is not dlse0
 
     want_dbias = need_dbias and pb.bias is not None
+    # A dense bias of one value per query row (key dim 1) shifts whole softmax rows: the
+    # output does not move, lse moves one for one. Its gradient is exact without a kernel
+    # (there, D from the rounded output would leave ~1e-3 of noise): 0, or from dlse
+    # (row_shift_grad, after the launches; such a plan is not cached).
+    row_shift = want_dbias and not pb.varlen and pb.bias.shape[3] == 1
+    want_dbias = want_dbias and not row_shift
     dev_props = runtime.device_props(pb.q.device)
     sparse_arg = False if sparse is None else (sparse.block_m, sparse.block_n)
     # element bits to read: a MixedMask with partial blocks (one without walks like block lists)
@@ -182,11 +186,15 @@ def backward_call(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out:
                 inputs=BWD_INPUTS if sparse is None else BWD_INPUTS + SPARSE_INPUTS,
                 cacheable=not (copied or check or empty or pb.seqlen_k == 0
                                or (pb.varlen and pb.total_k == 0)))
-    mode, tile_stride = 0, 0
+    mode = 0
     dbias_st = None
     expanded_axes: tuple[int, ...] = ()
     dbias_view: tuple[int, ...] | None = None   # the widened dbias as the sum reads it
-    if want_dbias and family == "bwd_sm90":
+    if row_shift and dlse is None:
+        plan.allocs.append(Alloc("dbias", tuple(pb.bias.shape), pb.bias.dtype, zero=True))
+    elif row_shift:
+        plan.cacheable = False
+    elif want_dbias and family == "bwd_sm90":
         # every element of a (B, H, Sq, Sk) or (B, H, 1, Sk) dbias is written at most once, in
         # the bias's dtype (the query's: backward_sm90.accepts); never-visited ones stay 0.
         # Without a mask, block lists, causal or window every tile is visited and every
@@ -200,17 +208,13 @@ def backward_call(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out:
         dbias_st = mask_bias_strides(_contig_info(pb.bias, shape_b, pb.bias.dtype), pb.varlen)
     elif want_dbias:
         mode = dbias_mode(pb, _probe_strides(pb), dkdv.block_m, dkdv.block_n)
-        key_axis = None
         if deterministic and mode == 3:  # no cross-block atomics: widen, then reduce in order
-            pb, expanded_axes, key_axis = _widen_bias(pb, dkdv.block_n)
-            mode = dbias_mode(pb, _probe_strides(pb), dkdv.block_m, dkdv.block_n,
-                              key_tiles=key_axis is not None)
+            pb, expanded_axes = _widen_bias(pb)
+            mode = dbias_mode(pb, _probe_strides(pb), dkdv.block_m, dkdv.block_n)
         if deterministic and mode == 3:
             raise AssertionError(f"deterministic dbias of bias shape {pb.bias.shape} would "
                                  "need cross-block atomics")  # _widen_bias covers every case
         shape = list(pb.bias.shape)
-        if key_axis is not None:  # one float32 slot per key tile
-            shape[key_axis] = math.ceil(pb.seqlen_k / dkdv.block_n)
         buf_dtype = pb.bias.dtype if mode == 1 and not expanded_axes else "float32"
         # Mode 1 writes every element of every visited tile; without a mask or window (dense)
         # every tile is visited, so the buffer needs no zero fill.
@@ -219,9 +223,6 @@ def backward_call(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out:
         plan.allocs.append(Alloc("dbias", tuple(shape), buf_dtype,
                                  zero=not (mode == 1 and every_tile)))
         dbias_st = mask_bias_strides(_contig_info(pb.bias, tuple(shape), buf_dtype), pb.varlen)
-        if key_axis is not None:
-            tile_stride = _contig_strides(tuple(shape))[key_axis]
-            dbias_st = dataclasses.replace(dbias_st, col=0, kseq=0)
 
     lse_shape = (pb.heads, pb.total_q) if pb.varlen else (pb.batch, pb.heads, pb.seqlen_q)
     n_dsum = math.prod(lse_shape)
@@ -288,7 +289,8 @@ def backward_call(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out:
     if dlse is not None:
         plan.slot("dlse", rec, "dlse")
     for a in plan.allocs:
-        if a.name == "bias_rows":  # read through the bias fields (renames)
+        # bias_rows: read through the bias fields (renames); row_shift's zeros: never written
+        if a.name == "bias_rows" or (a.name == "dbias" and row_shift):
             continue
         if a.name == "ws":
             ws, off = ptr(bufs["ws"]), plan.extra["ws_dsum_bytes"]
@@ -307,7 +309,7 @@ def backward_call(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out:
     if dbias_st is not None:
         for field in ("batch", "head", "row", "col", "qseq", "kseq"):
             r[f"dbias_{field}_stride"] = getattr(dbias_st, field)
-    r["dbias_tile_stride"] = tile_stride
+    r["dbias_tile_stride"] = 0   # (key-tile slots of a key-broadcast dbias: row_shift instead)
     r["dbias_mode"] = mode
     r["dbias_is_fp32"] = int(want_dbias and plan.allocs[0].dtype == "float32")
     r["scale"] = pb.scale
@@ -375,7 +377,32 @@ def backward_call(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out:
     if pb.seqlen_k == 0 or (pb.varlen and pb.total_k == 0):
         bufs["dk"] = arrays.zeros(query, pb.k.shape, dt)
         bufs["dv"] = arrays.zeros(query, pb.v.shape, dt)
+    if row_shift and dlse is not None:
+        bufs["dbias"] = row_shift_grad(lse, dlse, tuple(pb.bias.shape), pb.bias.dtype)
     return finish_backward(plan, bufs), (None if empty else plan)
+
+
+def row_shift_grad(lse: Any, dlse: Any, bias_shape: tuple[int, ...], bias_dtype: str) -> Any:
+    """dbias of a dense bias constant over keys (``row_shift``) under an incoming ``dlse``
+    ((B, H, Sq) float32, as ``lse``): d(lse_i)/d(bias_i) = sum_j P_ij = 1 where row i has an
+    allowed key (lse finite), else 0; summed over what the bias broadcasts (batch, the heads
+    of a bias head's group, query rows) into the bias's shape and dtype."""
+    b, h, sq = (int(n) for n in describe(lse).shape)
+    nb, nh, nq = bias_shape[:3]
+    kind = arrays.array_kind(lse)
+    if kind == "torch":
+        import torch
+
+        g = torch.where(torch.isfinite(lse), dlse, 0.0)
+    elif kind == "cupy":
+        import cupy
+
+        g = cupy.where(cupy.isfinite(lse), dlse, cupy.float32(0))
+    else:
+        g = np.where(np.isfinite(lse), dlse, np.float32(0))
+    g = g.reshape(b, nh, h // nh, sq)
+    axes = tuple(a for a, summed in ((0, nb != b), (2, True), (3, nq != sq)) if summed)
+    return arrays.summer(lse, axes, bias_dtype)(g).reshape(bias_shape)
 
 
 def finisher(plan: Plan, like: Any) -> Callable[[list[Any]], tuple[Any, Any, Any, Any]]:
@@ -447,12 +474,12 @@ def _probe_strides(pb: Problem):
         dataclasses.replace(pb.bias, strides=_contig_strides(pb.bias.shape)), pb.varlen)
 
 
-def _widen_bias(pb: Problem, block_n: int) -> tuple[Problem, tuple[int, ...], int | None]:
+def _widen_bias(pb: Problem) -> tuple[Problem, tuple[int, ...]]:
     """For deterministic dbias, the dims whose gradient several CTAs would add into. Batch
     (B > 1) and a single head with several kv heads: the bias is seen as widened (stride 0)
-    there, so every CTA writes its own slice of a float32 buffer of the widened shape. Keys
-    (a key-broadcast bias longer than one key tile): the buffer gets one slot per key tile on
-    the returned key axis. Returns (problem, axes to sum over afterwards, key axis or None)."""
+    there, so every CTA writes its own slice of a float32 buffer of the widened shape (a bias
+    constant over keys never gets here: ``row_shift``). Returns (problem, axes to sum over
+    afterwards)."""
     bias = pb.bias
     shape, strides = list(bias.shape), list(bias.strides)
     head_axis = 1
@@ -463,11 +490,8 @@ def _widen_bias(pb: Problem, block_n: int) -> tuple[Problem, tuple[int, ...], in
         wide[head_axis] = pb.heads
     for axis, n in wide.items():
         shape[axis], strides[axis] = n, 0
-    # (a varlen mask/bias always has a key dim: validate.check_varlen)
-    key_axis = 3 if not pb.varlen and shape[3] == 1 and pb.seqlen_k > block_n else None
     widened = dataclasses.replace(bias, shape=tuple(shape), strides=tuple(strides))
-    axes = tuple(sorted(wide)) + ((key_axis,) if key_axis is not None else ())
-    return dataclasses.replace(pb, bias=widened), tuple(sorted(axes)), key_axis
+    return dataclasses.replace(pb, bias=widened), tuple(sorted(wide))
 
 
 def _contig_strides(shape: tuple[int, ...]) -> tuple[int, ...]:

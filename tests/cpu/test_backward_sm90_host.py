@@ -302,6 +302,46 @@ def test_precompile_enumerates_dtype_headdim_mask_bias():
     assert not [s for s in precompile.all_specs("sm_80") if s.family == "bwd_sm90"]
 
 
+@pytest.mark.parametrize("deterministic", [False, True], ids=["default", "deterministic"])
+@pytest.mark.parametrize("bias_shape", [(2, 4, 200, 1), (1, 1, 200, 1), (2, 2, 1, 1),
+                                        (1, 1, 1, 1)])
+def test_a_bias_constant_over_keys_gets_an_exact_zero_gradient(monkeypatch, bias_shape,
+                                                               deterministic):
+    """A bias with key dim 1 shifts whole softmax rows: without an incoming dlse its gradient
+    is exactly 0, with one dlse where the row has an allowed key. The kernels
+    still read it (P needs it) but write no dbias (dbias_mode 0); the returned dbias is a
+    zero-filled array of the bias's shape and dtype, never a kernel's rounding noise."""
+    monkeypatch.delenv("DMATTN_BWD_FAMILY", raising=False)
+    launched = []
+    monkeypatch.setattr(runtime, "device_props", lambda device: H100)
+    monkeypatch.setattr(runtime, "current_stream", lambda kind, device: "stream")
+    monkeypatch.setattr(runtime, "get_kernel", lambda spec, device: spec)
+    monkeypatch.setattr(runtime, "launch", lambda kern, grid, args, stream: launched.append(
+        (kern, grid, args)))
+    q, k, v = _arrays()
+    bias = np.full(bias_shape, 0.5, np.float16)
+    pb = _pb(q, k, v, bias=bias)
+    out, lse = np.zeros_like(q), np.zeros((2, 4, 200), np.float32)
+    dq, dk, dv, dbias = backward.run_backward(pb, np.ones_like(q), q, k, v, out, lse,
+                                              deterministic=deterministic)
+    assert launched and all(x[2][0]["dbias_mode"] == 0 for x in launched)
+    assert any(x[0].has_bias for x in launched)   # P is recomputed with the bias
+    assert dbias.shape == bias.shape and dbias.dtype == bias.dtype and not dbias.any()
+    # with an incoming dlse the shift moves lse one for one in rows with an allowed key (lse
+    # finite): dbias is dlse there, summed over what the bias broadcasts; still no kernel dbias
+    launched.clear()
+    lse[:, :, :10] = -np.inf   # rows with no allowed key
+    dlse = np.random.default_rng(1).standard_normal(lse.shape).astype(np.float32)
+    _, _, _, dbias = backward.run_backward(pb, np.ones_like(q), q, k, v, out, lse, dlse=dlse,
+                                           deterministic=deterministic)
+    assert launched and all(x[2][0]["dbias_mode"] == 0 for x in launched)
+    want = np.where(np.isfinite(lse), dlse, 0).reshape(2, bias_shape[1], -1, 200)
+    want = want.sum(tuple(a for a, n in ((0, bias_shape[0]), (3, bias_shape[2])) if n == 1)
+                    + (2,), keepdims=True).reshape(bias_shape)
+    assert dbias.shape == bias.shape and dbias.dtype == bias.dtype
+    np.testing.assert_allclose(dbias, want.astype(np.float16), rtol=2e-3, atol=1e-3)
+
+
 @pytest.mark.parametrize("bias_shape", [None, (2, 4, 200, 264), (2, 4, 1, 264),
                                         (1, 4, 200, 264), (1, 1, 1, 264), (2, 2, 1, 264)])
 def test_run_backward_launches_the_hopper_kernel(monkeypatch, bias_shape):
