@@ -69,8 +69,11 @@ def _output_rounding_term(inputs, dout, lse_fn):
     dd = (dout.double() * (out.to(inputs[0].dtype).double() - out)).sum(-1)
     present = [x for x in leaves if x is not None]
     grads = iter(torch.autograd.grad((dd * lse).sum(), present, allow_unused=True))
-    return [None if x is None else (lambda g: 0.0 if g is None else g.abs().max().item())(
-        next(grads)) for x in leaves]
+    terms = []
+    for x in leaves:
+        g = None if x is None else next(grads)   # None also where x does not reach lse (v)
+        terms.append(None if x is None else 0.0 if g is None else g.abs().max().item())
+    return terms
 
 
 def _check_grads(got, inputs, dout, fn, names=("q", "k", "v", "bias"), eps=1e-4, lse_fn=None):
