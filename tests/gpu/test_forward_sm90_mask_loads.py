@@ -6,8 +6,8 @@ one key row, per query row, an expanded view, rows padded past Sk), causal/windo
 d64/d128 (and d96 padded), fp16/bf16, partial last query and key tiles, fully masked rows; the
 non-finite cases of test_forward_sm90_mask_bias_values (NaN/inf at masked positions dropped,
 NaN rows where the reference has them); the spec asserted per case (128-key tile, mask and
-bias). A mask the loads cannot read (rows of an odd byte count, keys not contiguous) is padded
-first or goes to the portable family, and still matches."""
+bias). A mask the loads cannot read as it is (rows of Sk % 16 != 0 bytes, keys not contiguous)
+is copied into 16-byte rows first (forward.operands_to_pad), and still matches."""
 
 from __future__ import annotations
 
@@ -98,7 +98,7 @@ def test_tile_edges(sq, sk):
     q, k, v = _qkv(1, sq, sk, 2, 2, 128, seed=sq + sk)
     mask, bias = _mask((1, 2, sq, sk), 5, 0.5), _bias((1, 2, sq, sk), "bfloat16", 6)
     _assert_loads_spec(q, k, v, mask, bias)
-    _check(q, k, v, mask, bias)
+    _check(q, k, v, mask, bias, family=None)   # (Sk 1000: the spec of the padded rows)
 
 
 @pytest.mark.parametrize("mask_shape", [(B, H, SQ, SK), (B, H, 1, SK)], ids=["full", "key_row"])
@@ -118,20 +118,21 @@ def test_expanded_and_padded_masks():
     bias = _bias((B, H, SQ, 264), "bfloat16", 22)
     expanded = _mask((1, 1, SQ, 264), 23).expand(B, H, SQ, 264)
     _assert_loads_spec(q, k, v, expanded, bias)
-    _check(q, k, v, expanded, bias)
+    _check(q, k, v, expanded, bias, family=None)   # (rows of 264 bytes: padded first)
     wide = _mask((B, H, SQ, 320), 24)[..., :264]
     _assert_loads_spec(q, k, v, wide, bias)
     _check(q, k, v, wide, bias)
 
 
 def test_masks_the_loads_cannot_read_still_match():
-    """Rows of 250 bytes are padded into 256-byte rows first (then the loads read them); a
-    transposed mask (keys not contiguous) goes to the portable family."""
+    """Rows of 250 bytes are padded into 256-byte rows first (then the loads read them); so is
+    a transposed mask (keys not contiguous: copied element by element, arrays.padded_copy)."""
     q, k, v = _qkv(B, 130, 250, H, HK, 128, seed=31)
     mask, bias = _mask((B, H, 130, 250), 32), _bias((B, H, 130, 250), "bfloat16", 33)
+    _assert_loads_spec(q, k, v, mask, bias)
     _check(q, k, v, mask, bias, family=None)
     tr = _mask((B, H, 250, 130), 34).transpose(2, 3)
-    assert _spec(q, k, v, tr, bias).family != "fwd_sm90"
+    _assert_loads_spec(q, k, v, tr, bias)
     _check(q, k, v, tr, bias, family=None)
 
 
