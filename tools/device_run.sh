@@ -6,7 +6,7 @@
 # fa4: install FlashAttention-4 into /tmp/fa4site from the staged wheel parts
 # (tools/fa4_install.sh; .whl/partA staged by an earlier call, .whl/partB carried by this one);
 # precompile: every specialization for this GPU into the kernel cache, 16 processes;
-# tests: the GPU suite; sanitize: compute-sanitizer memcheck and racecheck on a representative
+# tests: the GPU suite (-n 16; failures also in $OUT/failures.txt as they happen); sanitize: compute-sanitizer memcheck and racecheck on a representative
 # subset; sanitize-random: memcheck over the first RANDOM_CASES (default 24) calls of
 # tests/gpu/test_random_calls.py; bench: every tools/bench case, JSON + table (FA4 and Flex
 # FLASH rows when flash_attn.cute is importable: see tools/fa4_install.sh; BENCH_ARGS replaces
@@ -33,8 +33,10 @@ for step in $steps; do
       python3 -m dmattn_cupy.precompile --arch "$arch" --debug --jobs 16 --fill-cache \
         > "$OUT/precompile.log" 2>&1; echo "precompile rc=$?: $(tail -1 "$OUT/precompile.log")" ;;
     tests)
-      python3 -m pytest -m gpu -q -n 8 --maxfail=200 --timeout=300 --tb=short -rf \
-        -p no:cacheprovider tests/gpu > "$OUT/gpu_tests.log" 2>&1
+      # failures_at_once: each failure written to $OUT/failures.txt as it happens
+      PYTHONPATH=$PWD:$PWD/tools python3 -m pytest -m gpu -q -n 16 --maxfail=200 --timeout=200 \
+        --tb=short -rf -p failures_at_once -p no:cacheprovider tests/gpu \
+        > "$OUT/gpu_tests.log" 2>&1
       echo "pytest rc=$?"; grep -E "^(FAILED|ERROR)" "$OUT/gpu_tests.log" | cut -c1-160 | head -60
       tail -3 "$OUT/gpu_tests.log" ;;
     sanitize)
