@@ -144,6 +144,35 @@ def test_bias_broadcast_shapes(shape):
 
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["default", "deterministic"])
+@pytest.mark.parametrize("shape", [(B, H, SQ, 1), (1, HK, SQ, 1), (B, 1, 1, 1), (1, 1, 1, 1)],
+                         ids=["per_row", "kv_heads_rows", "per_batch", "scalar"])
+def test_a_bias_constant_over_keys_has_its_exact_gradient(shape, deterministic):
+    """A bias with key dim 1 shifts whole softmax rows: out does not depend on it, lse moves one
+    for one. Through autograd its gradient is exactly 0 when the loss does not use lse, and the
+    sum of dlse over the rows it serves that have an allowed key when it does (backward's
+    row_shift; a fully masked row has lse -inf and contributes nothing)."""
+    q, k, v = _qkv(B, SQ, SK, H, HK, 64, "bfloat16", seed=51)
+    g = torch.Generator().manual_seed(52)
+    mask = (torch.rand(B, H, SQ, SK, generator=g) < 0.8).cuda()
+    mask[0, 1, 5] = False                                    # a row with no allowed key
+    bias = torch.randn(*shape, generator=g).to("cuda", torch.bfloat16).requires_grad_(True)
+    out, lse = dm.flash_dmattn_func(q, k, v, attn_mask=mask, attn_bias=bias, return_lse=True,
+                                    deterministic=deterministic)
+    out.float().square().sum().backward()
+    assert bias.grad.shape == bias.shape and not bias.grad.any()
+    bias.grad = None
+    dlse = torch.randn(lse.shape, generator=g).cuda()
+    out, lse = dm.flash_dmattn_func(q, k, v, attn_mask=mask, attn_bias=bias, return_lse=True,
+                                    deterministic=deterministic)
+    assert torch.isinf(lse[0, 1, 5]) and torch.isfinite(lse[0, 1, :5]).all()
+    (out.float().sum() + (lse * dlse).sum()).backward()
+    want = torch.where(torch.isfinite(lse), dlse, 0.0).reshape(B, shape[1], -1, SQ)
+    axes = (2,) + ((0,) if shape[0] == 1 else ()) + ((3,) if shape[2] == 1 else ())
+    want = want.sum(axes, keepdim=True).reshape(shape)
+    torch.testing.assert_close(bias.grad.float(), want, rtol=8e-3, atol=8e-3)
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["default", "deterministic"])
 @pytest.mark.parametrize("shape", [(1, 8, 300, 256), (2, 1, 300, 256), (1, 1, 300, 257),
                                    (1, 8, 1, 256), (1, 1, 1, 257), (2, 2, 300, 256),
                                    (1, 2, 1, 257)],
