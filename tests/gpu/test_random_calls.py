@@ -94,6 +94,7 @@ def _check_dense(kw, grad):
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)).to(q)
     out.backward(dout)
     keep_t = None if keep is None else torch.from_numpy(keep.copy()).to(q.device)
+
     def dense(q_, k_, v_, b_, with_lse=False):
         return _attention(q_, k_, v_, mask, b_, scale, cap, window, keep_extra=keep_t,
                           with_lse=with_lse)
