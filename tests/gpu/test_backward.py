@@ -49,11 +49,17 @@ def _attention(q, k, v, mask, bias, scale, softcap, window, keep_extra=None, wit
 
 
 def _ref_grads(inputs, dout, fn):
-    """Gradients of fn(*inputs) . dout w.r.t. every input that is not None."""
+    """Gradients of fn(*inputs) . dout w.r.t. every input that is not None (``fn`` may return
+    a tuple, e.g. (out, lse), and ``dout`` then the tuple of their cotangents)."""
     leaves = [None if x is None else x.detach().clone().requires_grad_(True) for x in inputs]
     out = fn(*leaves)
-    out.backward(dout.to(out.dtype))
+    outs, douts = (out, dout) if isinstance(out, tuple) else ((out,), (dout,))
+    torch.autograd.backward(outs, [d.to(o.dtype) for o, d in zip(outs, douts, strict=True)])
     return [None if x is None else x.grad for x in leaves]
+
+
+def _double(dout):
+    return tuple(d.double() for d in dout) if isinstance(dout, tuple) else dout.double()
 
 
 def _output_rounding_term(inputs, dout, lse_fn):
@@ -66,6 +72,7 @@ def _output_rounding_term(inputs, dout, lse_fn):
     leaves = [None if x is None else x.detach().double().requires_grad_(True) for x in inputs]
     out, lse = lse_fn(*leaves)
     out = out.detach()
+    dout = dout[0] if isinstance(dout, tuple) else dout   # (D takes out's cotangent only)
     dd = (dout.double() * (out.to(inputs[0].dtype).double() - out)).sum(-1)
     present = [x for x in leaves if x is not None]
     grads = iter(torch.autograd.grad((dd * lse).sum(), present, allow_unused=True))
@@ -79,8 +86,9 @@ def _output_rounding_term(inputs, dout, lse_fn):
 def _check_grads(got, inputs, dout, fn, names=("q", "k", "v", "bias"), eps=1e-4, lse_fn=None):
     """FlashAttention's rule per gradient; with ``lse_fn`` (``fn`` also returning lse rows)
     the tolerance adds the output-rounding term of FlashAttention's backward
-    (``_output_rounding_term``)."""
-    ref = _ref_grads([None if x is None else x.double() for x in inputs], dout.double(), fn)
+    (``_output_rounding_term``). ``dout``: out's cotangent, or (out's, lse's) when ``fn``
+    returns (out, lse)."""
+    ref = _ref_grads([None if x is None else x.double() for x in inputs], _double(dout), fn)
     low = _ref_grads(inputs, dout, fn)
     rounding = ([0.0] * len(inputs) if lse_fn is None
                 else _output_rounding_term(inputs, dout, lse_fn))

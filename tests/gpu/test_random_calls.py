@@ -2,11 +2,11 @@
 mask/bias layout, odd strides, head dims 8-256, lengths around the tile edges, causal, window,
 softcap, sparse masks, paged caches) on the GPU against the float64 reference with
 FlashAttention's tolerance rules: outputs and lse always; gradients (through autograd) for
-every other dense and varlen call, the rule's tolerance plus the error FlashAttention's
-backward takes from the rounded output (test_backward._output_rounding_term), with
-deterministic=True also bitwise equal to a second run's; the caches after an append bit for
-bit; a forward repeated through its cached plan gives the same bits. A failing
-``test_random_call[N]`` is described by
+every other dense and varlen call (half of those with lse in the loss too, where returned),
+the rule's tolerance plus the error FlashAttention's backward takes from the rounded output
+(test_backward._output_rounding_term), with deterministic=True also bitwise equal to a second
+run's; the caches after an append bit for bit; a forward repeated through its cached plan
+gives the same bits. A failing ``test_random_call[N]`` is described by
 ``python tools/call_fuzz.py --show-good $((1000000 + N))`` (its seed, FIRST_SEED + N)."""
 
 from __future__ import annotations
@@ -62,20 +62,34 @@ def _assert_repeatable(call, kw, out, lse):
     assert lse is None or torch.equal(lse2, lse), "a repeated call's lse differs"
 
 
-def _assert_reproducible(call, kw, names, dout):
+def _cotangents(out, lse, use_lse):
+    """out's cotangent, and lse's (the kernel's lse layout) when the loss uses lse."""
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(out)
+    if not use_lse or lse is None:
+        return dout, None
+    return dout, torch.randn(lse.shape, generator=torch.Generator().manual_seed(4)).to(lse)
+
+
+def _backward(out, lse, dout, dlse):
+    if dlse is None:
+        out.backward(dout)
+    else:
+        torch.autograd.backward([out, lse], [dout, dlse])
+
+
+def _assert_reproducible(call, kw, names, dout, dlse):
     """With deterministic=True, a second forward + backward on the same data gives the same
     gradients bit for bit (``kw``: the first call's leaves, their ``.grad`` set)."""
     if not kw.get("deterministic"):
         return
     again = _leaves(kw, names)
-    out = _split(call(**again), again)[0]
-    out.backward(dout)
+    _backward(*_split(call(**again), again), dout, dlse)
     for n in names:
         if kw.get(n) is not None:
             assert torch.equal(again[n].grad, kw[n].grad), f"d{n} differs run to run"
 
 
-def _check_dense(kw, grad):
+def _check_dense(kw, grad, use_lse=False):
     q, k, v = kw["query"], kw["key"], kw["value"]
     mask, bias, sparse = kw.get("attn_mask"), kw.get("attn_bias"), kw.get("sparse_mask")
     scale, cap, window = _options(kw)
@@ -91,17 +105,20 @@ def _check_dense(kw, grad):
     kw = _leaves(kw, names)
     out, lse = _split(dm.flash_dmattn_func(**kw), kw)
     assert_fa_close(out, lse, ref_args, _dtype(q))
-    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)).to(q)
-    out.backward(dout)
+    dout, dlse = _cotangents(out, lse, use_lse)
+    _backward(out, lse, dout, dlse)
     keep_t = None if keep is None else torch.from_numpy(keep.copy()).to(q.device)
 
     def dense(q_, k_, v_, b_, with_lse=False):
         return _attention(q_, k_, v_, mask, b_, scale, cap, window, keep_extra=keep_t,
                           with_lse=with_lse)
 
+    with_lse = dlse is not None   # the reference's lse rows are (B, Sq, H)
     _check_grads([None if kw.get(n) is None else kw[n].grad for n in names], [q, k, v, bias],
-                 dout, dense, lse_fn=lambda *x: dense(*x, with_lse=True))
-    _assert_reproducible(dm.flash_dmattn_func, kw, names, dout)
+                 (dout, dlse.transpose(1, 2)) if with_lse else dout,
+                 lambda *x: dense(*x, with_lse=with_lse),
+                 lse_fn=lambda *x: dense(*x, with_lse=True))
+    _assert_reproducible(dm.flash_dmattn_func, kw, names, dout, dlse)
 
 
 def _sequence_slice(x, qs, qe, ks, ke):
@@ -113,7 +130,7 @@ def _sequence_slice(x, qs, qe, ks, ke):
     return x[qs:qe, :, : ke - ks].permute(1, 0, 2)[None]   # query-based (total_q, h', max_k)
 
 
-def _check_varlen(kw, grad):
+def _check_varlen(kw, grad, use_lse=False):
     q, k, v = kw["query"], kw["key"], kw["value"]
     mask, bias = kw.get("attn_mask"), kw.get("attn_bias")
     cu_q, cu_k = kw["cu_seqlens_q"].tolist(), kw["cu_seqlens_k"].tolist()
@@ -129,8 +146,8 @@ def _check_varlen(kw, grad):
     if not grad:
         _assert_repeatable(dm.flash_dmattn_varlen_func, kw, out, lse)
         return
-    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)).to(q)
-    out.backward(dout)
+    dout, dlse = _cotangents(out, lse, use_lse)
+    _backward(out, lse, dout, dlse)
 
     def packed(q_, k_, v_, b_, with_lse=False):
         outs, lses = [], []
@@ -150,9 +167,11 @@ def _check_varlen(kw, grad):
             lses.append(lse[0])
         return (torch.cat(outs), torch.cat(lses)) if with_lse else torch.cat(outs)
 
+    with_lse = dlse is not None   # the reference's lse rows are (total_q, H)
     _check_grads([None if kw.get(n) is None else kw[n].grad for n in names], [q, k, v, bias],
-                 dout, packed, lse_fn=lambda *x: packed(*x, with_lse=True))
-    _assert_reproducible(dm.flash_dmattn_varlen_func, kw, names, dout)
+                 (dout, dlse.T) if with_lse else dout, lambda *x: packed(*x, with_lse=with_lse),
+                 lse_fn=lambda *x: packed(*x, with_lse=True))
+    _assert_reproducible(dm.flash_dmattn_varlen_func, kw, names, dout, dlse)
 
 
 def _check_kv(kw):
@@ -179,10 +198,12 @@ def _check_kv(kw):
 @pytest.mark.parametrize("seed", range(CASES))
 def test_random_call(seed):
     case = call_fuzz.good_case(FIRST_SEED + seed, "cuda")
+    # every other call checks gradients; every other of those (with return_lse) puts lse into
+    # the loss too (the backward's dlse path)
     if case.api == "dense":
-        _check_dense(case.kwargs, grad=seed % 2 == 0)
+        _check_dense(case.kwargs, grad=seed % 2 == 0, use_lse=seed % 4 == 0)
     elif case.api == "varlen":
-        _check_varlen(case.kwargs, grad=seed % 2 == 0)
+        _check_varlen(case.kwargs, grad=seed % 2 == 0, use_lse=seed % 4 == 0)
     else:
         _check_kv(case.kwargs)
     torch.cuda.synchronize()   # a device fault of this call fails this test, not a later one
