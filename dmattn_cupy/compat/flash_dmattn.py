@@ -341,9 +341,7 @@ def topk_mask(attn_bias: Any, keep_window_size: int, attn_mask: Any = None,
     blocks are multiples of the kernel tile: use 64 or 128), with the bias's batch dim and
     ``h`` heads, repeated to ``num_heads`` when given (GQA: a bias per kv head).
     """
-    if not isinstance(keep_window_size, (int, np.integer)) or isinstance(keep_window_size, bool) \
-            or keep_window_size < 1:
-        raise ValueError(f"keep_window_size must be an int >= 1, got {keep_window_size!r}")
+    keep_window_size = _int_arg("keep_window_size", keep_window_size)
     xp = _xp(_array_arg("attn_bias", attn_bias))
     if attn_bias.ndim != 4:
         raise ValueError(f"attn_bias must be 4-D (B|1, h, Sq|1, Sk), got shape "
@@ -372,7 +370,7 @@ def topk_mask(attn_bias: Any, keep_window_size: int, attn_mask: Any = None,
     if block_size is None:
         if keep_window_size >= sk:
             return s > neg
-        thr = _kth_largest(xp, s, int(keep_window_size))
+        thr = _kth_largest(xp, s, keep_window_size)
         return (s >= thr) & (s > neg)
     bm, bn = blocks
     nrb, ncb = -(-sq // bm), -(-sk // bn)
@@ -388,7 +386,7 @@ def topk_mask(attn_bias: Any, keep_window_size: int, attn_mask: Any = None,
         score = sp.amax(dim=(3, 5))
     else:
         score = sp.max(axis=(3, 5))
-    kb = -(-int(keep_window_size) // bn)
+    kb = -(-keep_window_size // bn)
     bits = score > neg if kb >= ncb else (score >= _kth_largest(xp, score, kb)) & (score > neg)
     if num_heads is not None and bits.shape[1] not in (1, num_heads):
         rep = num_heads // bits.shape[1]
