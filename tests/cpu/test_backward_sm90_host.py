@@ -302,22 +302,27 @@ def test_precompile_enumerates_dtype_headdim_mask_bias():
     assert not [s for s in precompile.all_specs("sm_80") if s.family == "bwd_sm90"]
 
 
-@pytest.mark.parametrize("deterministic", [False, True], ids=["default", "deterministic"])
-@pytest.mark.parametrize("bias_shape", [(2, 4, 200, 1), (1, 1, 200, 1), (2, 2, 1, 1),
-                                        (1, 1, 1, 1)])
-def test_a_bias_constant_over_keys_gets_an_exact_zero_gradient(monkeypatch, bias_shape,
-                                                               deterministic):
-    """A bias with key dim 1 shifts whole softmax rows: without an incoming dlse its gradient
-    is exactly 0, with one dlse where the row has an allowed key. The kernels
-    still read it (P needs it) but write no dbias (dbias_mode 0); the returned dbias is a
-    zero-filled array of the bias's shape and dtype, never a kernel's rounding noise."""
+def _stub_runtime(monkeypatch, launched):
     monkeypatch.delenv("DMATTN_BWD_FAMILY", raising=False)
-    launched = []
+    monkeypatch.setattr(backward_sm90, "encode", lambda spec, ptr: bytes(128))
     monkeypatch.setattr(runtime, "device_props", lambda device: H100)
     monkeypatch.setattr(runtime, "current_stream", lambda kind, device: "stream")
     monkeypatch.setattr(runtime, "get_kernel", lambda spec, device: spec)
     monkeypatch.setattr(runtime, "launch", lambda kern, grid, args, stream: launched.append(
         (kern, grid, args)))
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["default", "deterministic"])
+@pytest.mark.parametrize("bias_shape", [(2, 4, 200, 1), (1, 1, 200, 1), (2, 2, 1, 1),
+                                        (1, 1, 1, 1)])
+def test_a_bias_constant_over_keys_gets_its_exact_gradient(monkeypatch, bias_shape,
+                                                           deterministic):
+    """A bias with key dim 1 shifts whole softmax rows: without an incoming dlse its gradient
+    is exactly 0 (a zero-filled array of the bias's shape and dtype, never a kernel's rounding
+    noise), with one it is dlse where the row has an allowed key. The kernels still read the
+    bias (P needs it) but write no dbias (dbias_mode 0)."""
+    launched: list = []
+    _stub_runtime(monkeypatch, launched)
     q, k, v = _arrays()
     bias = np.full(bias_shape, 0.5, np.float16)
     pb = _pb(q, k, v, bias=bias)
@@ -349,14 +354,8 @@ def test_run_backward_launches_the_hopper_kernel(monkeypatch, bias_shape):
     preprocess, then bwd_sm90 over (key tiles of 128, kv heads, batch) with the BwdParams
     record and the Sm90BwdArgs record; dq comes from the fp32 accumulator and dbias has the
     bias's shape and dtype."""
-    monkeypatch.delenv("DMATTN_BWD_FAMILY", raising=False)
-    monkeypatch.setattr(backward_sm90, "encode", lambda spec, ptr: bytes(128))
-    launched = []
-    monkeypatch.setattr(runtime, "device_props", lambda device: H100)
-    monkeypatch.setattr(runtime, "current_stream", lambda kind, device: "stream")
-    monkeypatch.setattr(runtime, "get_kernel", lambda spec, device: spec)
-    monkeypatch.setattr(runtime, "launch", lambda kern, grid, args, stream: launched.append(
-        (kern, grid, args)))
+    launched: list = []
+    _stub_runtime(monkeypatch, launched)
     q, k, v = _arrays()
     bias = None if bias_shape is None else np.zeros(bias_shape, np.float16)
     pb = _pb(q, k, v, bias=bias)
@@ -397,16 +396,6 @@ def test_run_backward_keeps_the_portable_kernels_when_asked(monkeypatch):
     backward.run_backward(_pb(q, k, v), np.zeros_like(q), q, k, v, np.zeros_like(q),
                           np.zeros((2, 4, 200), np.float32))
     assert [s.family for s in launched] == ["bwd_pre", "bwd_dkdv", "bwd_post"]
-
-
-def _stub_runtime(monkeypatch, launched):
-    monkeypatch.delenv("DMATTN_BWD_FAMILY", raising=False)
-    monkeypatch.setattr(backward_sm90, "encode", lambda spec, ptr: bytes(128))
-    monkeypatch.setattr(runtime, "device_props", lambda device: H100)
-    monkeypatch.setattr(runtime, "current_stream", lambda kind, device: "stream")
-    monkeypatch.setattr(runtime, "get_kernel", lambda spec, device: spec)
-    monkeypatch.setattr(runtime, "launch", lambda kern, grid, args, stream: launched.append(
-        (kern, grid, args)))
 
 
 @pytest.mark.parametrize("mask_shape", [None, (2, 4, 200, 264), (2, 4, 1, 264)])
