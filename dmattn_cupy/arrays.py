@@ -40,6 +40,24 @@ def array_kind(x: Any) -> str | None:
     return None
 
 
+def module_of(x: Any) -> Any:
+    """The array library of ``x`` (torch, cupy or numpy) for its array functions (``where``,
+    ``isfinite``, ...); TypeError for anything else."""
+    kind = array_kind(x)
+    if kind == "torch":
+        import torch
+
+        return torch
+    if kind == "cupy":
+        import cupy
+
+        return cupy
+    if kind == "numpy":
+        return np
+    raise TypeError(f"expected a torch.Tensor, cupy.ndarray or numpy.ndarray, got "
+                    f"{type(x).__name__}")
+
+
 def dtype_name(x: Any) -> str:
     """'float16', 'bfloat16', 'float32', 'bool', ... for any supported array kind."""
     kind = array_kind(x)

@@ -389,18 +389,8 @@ def row_shift_grad(lse: Any, dlse: Any, bias_shape: tuple[int, ...], bias_dtype:
     of a bias head's group, query rows) into the bias's shape and dtype."""
     b, h, sq = (int(n) for n in describe(lse).shape)
     nb, nh, nq = bias_shape[:3]
-    kind = arrays.array_kind(lse)
-    if kind == "torch":
-        import torch
-
-        g = torch.where(torch.isfinite(lse), dlse, 0.0)
-    elif kind == "cupy":
-        import cupy
-
-        g = cupy.where(cupy.isfinite(lse), dlse, cupy.float32(0))
-    else:
-        g = np.where(np.isfinite(lse), dlse, np.float32(0))
-    g = g.reshape(b, nh, h // nh, sq)
+    xp = arrays.module_of(lse)
+    g = xp.where(xp.isfinite(lse), dlse, 0.0).reshape(b, nh, h // nh, sq)
     axes = tuple(a for a, summed in ((0, nb != b), (2, True), (3, nq != sq)) if summed)
     return arrays.summer(lse, axes, bias_dtype)(g).reshape(bias_shape)
 

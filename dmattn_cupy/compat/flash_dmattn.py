@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from .. import api
-from ..arrays import array_kind
+from ..arrays import array_kind, module_of
 from ..device_check import cupy_problem, driver_problem
 from ..masks import BlockBitsetMask
 from ..validate import check_flag
@@ -47,29 +47,13 @@ __all__ = [
 # ----------------------------------------------------------------------------- array helpers
 
 
-def _xp(x: Any) -> Any:
-    kind = array_kind(x)
-    if kind == "torch":
-        import torch
-
-        return torch
-    if kind == "cupy":
-        import cupy
-
-        return cupy
-    if kind == "numpy":
-        return np
-    raise TypeError(f"expected a torch.Tensor, cupy.ndarray or numpy.ndarray, got "
-                    f"{type(x).__name__}")
-
-
 def _as_bool_mask(mask: Any) -> Any:
     """flash-dmattn masks may be float 0/1: nonzero keeps."""
     if mask is None:
         return None
     kind = array_kind(mask)
     if kind == "torch":
-        return mask if mask.dtype == _xp(mask).bool else mask != 0
+        return mask if mask.dtype == module_of(mask).bool else mask != 0
     if kind in ("cupy", "numpy"):
         return mask if mask.dtype == np.bool_ else mask != 0
     return mask  # let validation name the bad type
@@ -342,7 +326,7 @@ def topk_mask(attn_bias: Any, keep_window_size: int, attn_mask: Any = None,
     ``h`` heads, repeated to ``num_heads`` when given (GQA: a bias per kv head).
     """
     keep_window_size = _int_arg("keep_window_size", keep_window_size)
-    xp = _xp(_array_arg("attn_bias", attn_bias))
+    xp = module_of(_array_arg("attn_bias", attn_bias))
     if attn_bias.ndim != 4:
         raise ValueError(f"attn_bias must be 4-D (B|1, h, Sq|1, Sk), got shape "
                          f"{tuple(attn_bias.shape)}")
@@ -426,7 +410,7 @@ def create_mask(attention_bias: Any, attention_mask: Any, batch_size: int, query
         elif m.shape[-1] == query_len:
             m = m.reshape(batch_size, 1, 1, query_len)
             if key_len > query_len:
-                xp = _xp(m)
+                xp = module_of(m)
                 ones = (xp.ones((batch_size, 1, 1, key_len - query_len), dtype=xp.bool,
                                 device=m.device) if array_kind(m) == "torch"
                         else xp.ones((batch_size, 1, 1, key_len - query_len), dtype=bool))
@@ -449,7 +433,7 @@ def create_mask(attention_bias: Any, attention_mask: Any, batch_size: int, query
 
 def _block_smooth(keep: Any, bs: int) -> Any:
     """Each run of ``bs`` keys (and the shorter tail) is kept whole iff most of it is kept."""
-    xp = _xp(keep)
+    xp = module_of(keep)
     sk = keep.shape[-1]
     starts = np.arange(0, sk, bs)
     ends = np.minimum(starts + bs, sk)
