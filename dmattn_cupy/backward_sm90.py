@@ -50,13 +50,16 @@ DQ_SEM_OFFSET = ARGS_DTYPE.fields["dq_sem"][1]
 
 def dq_writer_mode() -> int:
     """How the kernel source adds dQ (DMATTN_NVRTC_DEFINES; bwd.cu's default is 2): 0 each
-    consumer warp's lane 0 (``DM_SM90_BWD_DQ_WRITER=0``), 1 the producer's dQ writer warp by
-    row (``=1``), 2 the writer by one tensor reduce per tile (through the dqa map); the A/B variant
-    ``DM_SM90_BWD_DQ_ATOMIC=1`` overrides them (0). bwd.cu's kSm90BwdDqWriter/-Tensor."""
+    consumer warp's lane 0 (``DM_SM90_BWD_DQ_WRITER=0``), 2 the producer's dQ writer warp by
+    one tensor reduce per tile (through the dqa map); the A/B variant ``DM_SM90_BWD_DQ_ATOMIC=1``
+    overrides them (0). bwd.cu's kSm90BwdDqWriter."""
     mode = env.nvrtc_define_int("DM_SM90_BWD_DQ_WRITER", 2)
-    if env.nvrtc_define_int("DM_SM90_BWD_DQ_ATOMIC", 0) != 0 or mode == 0:
+    if mode not in (0, 2):
+        raise ValueError(f"DMATTN_NVRTC_DEFINES: DM_SM90_BWD_DQ_WRITER={mode}; accepted: 0 or 2 "
+                         "(1, one bulk add per row, was removed)")
+    if env.nvrtc_define_int("DM_SM90_BWD_DQ_ATOMIC", 0) != 0:
         return 0
-    return 2 if mode == 2 else 1
+    return mode
 
 
 def dq_writer() -> bool:

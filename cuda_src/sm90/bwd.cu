@@ -37,7 +37,7 @@
 //     atomics). DM_SM90_BWD_DQ_ATOMIC=1 (DMATTN_NVRTC_DEFINES) keeps phase 1's dQ for an A/B:
 //     each consumer adds a partial over its own 64 keys with red.global.add.v2.f32 (and
 //     phase 1's per-element dbias stores).
-// dQ writer (DM_SM90_BWD_DQ_WRITER=1 or 2, the default; FlashAttention-3's split): the
+// dQ writer (DM_SM90_BWD_DQ_WRITER=2, the default; FlashAttention-3's split): the
 // consumers never wait on global memory. Producer warp 1 is the writer (warp 0 then loads:
 // lane 0 the TMA, every lane two lse/dsum rows; warps 2-3 keep the mask; without a mask warp 2
 // is a second writer: DM_SM90_BWD_DQ_WRITERS, DM_SM90_BWD_DQ_SHARED_SLOT). The dQ warps store
@@ -46,8 +46,8 @@
 // slot's empty mbarrier says the writer's adds have read its last tile, and arrive on its full
 // mbarrier (one arrival per dQ warp; consumer 0's warp 0 also writes the slot's "nothing to
 // add" word, set for a tile the mask drops entirely, which still passes the ring). The writer
-// waits for full, takes the deterministic turn, adds the rows (one bulk add of head_dim fp32
-// per row, or with =2 one bulk tensor reduce per tile), waits for the adds to read the slot and
+// waits for full, takes the deterministic turn, adds the tile (one bulk tensor reduce), waits
+// for the adds to read the slot and
 // arrives on empty; two slots, one at d128 with a bias tile (shared memory).
 // A/B switch (default off): DM_SM90_BWD_DQ_SLOTS=1 gives the ring one slot everywhere.
 // Deterministic mode (args.dq_sem: zeroed int32 words, [0] a CTA ticket, then one counter per
@@ -70,7 +70,7 @@
 // CTAs included.) The fp32 sums then add in one order on every run.
 // Block lists (sp_grid, built by the bwd_grid kernel before this one): an item whose (row
 // block, col block) no list names is skipped by every role: the producer's loads, lse rows and
-// mask rows and the dQ writer each scan the grid for the next listed item (32 items per ballot;
+// mask words and the dQ writer each scan the grid for the next listed item (32 items per ballot;
 // the TMA leader alone without the writer), so they walk one sequence; the j-th listed item
 // takes stage j % kStages and dQ slot j % kDqSlots. The consumers take each stage's item from
 // the stage (Smem::kOffStageItem, written by the TMA leader before its arrival); after the
@@ -95,6 +95,9 @@
 #ifndef DM_SM90_BWD_DQ_WRITER  // 2 (default): H200 fwd+bwd +12-20% over 0 (BENCHMARKS.md)
 #define DM_SM90_BWD_DQ_WRITER 2
 #endif
+// (1, the writer's one bulk add per row, was 4-38% slower than 2 on H200: removed)
+static_assert(DM_SM90_BWD_DQ_WRITER == 0 || DM_SM90_BWD_DQ_WRITER == 2,
+              "DM_SM90_BWD_DQ_WRITER: 0 or 2");
 // DM_SM90_BWD_DQ_SLOTS=1: the dQ writer's ring has one slot in every spec (less shared
 // memory); 2 (default): two slots, one at d128 with a bias tile.
 #ifndef DM_SM90_BWD_DQ_SLOTS
@@ -138,17 +141,6 @@ static_assert(DM_SM90_BWD_DQ_WRITERS == 1 || DM_SM90_BWD_DQ_WRITERS == 2,
 // default mode's time, BENCHMARKS.md); 0: the grid order there.
 #ifndef DM_SM90_BWD_DET_KEY_MAJOR
 #define DM_SM90_BWD_DET_KEY_MAJOR 1
-#endif
-// DM_SM90_BWD_MASK_HALVES=1: the mask warps split the item by keys instead of rows: warp
-// 2 + wh takes keys 64 wh .. 64 wh + 63 of all 64 rows (lane: rows lane and lane + 32), so each
-// ballot pair is one key's whole 64-bit query word, which lane 0 stores two keys at a time
-// (STS.128) with no per-lane select, and the "all"/"some kept" flags come from one read-back of
-// the warp's 512 bytes of words instead of two 3-input LOP3s per ballot: on the 16-byte path
-// ~55 SASS instructions per 16 keys x 32 rows against ~95 (bf16 d128 mask + bias spec, loads
-// and loop included). 0 (default): warp 2 + wh takes rows 32 wh .. + 31 of all 128 keys, lanes
-// 0-15 each storing one key's half word.
-#ifndef DM_SM90_BWD_MASK_HALVES
-#define DM_SM90_BWD_MASK_HALVES 0
 #endif
 #include "../common.cuh"
 #include "../params.cuh"
@@ -225,11 +217,6 @@ DM_DEVICE int64_t opaque_i64(int64_t x) {
   return int64_t(uint64_t(sm90::opaque(uint32_t(uint64_t(x) >> 32))) << 32 |
                  sm90::opaque(uint32_t(uint64_t(x))));
 }
-// Bytes 0 .. n - 1 set to 1 (n clamped to 0..8): the first n keys of 8 kept.
-__host__ __device__ constexpr uint64_t bwd_kept_bytes(int n) {
-  return n <= 0 ? 0ull : n >= 8 ? 0x0101010101010101ull
-                                : ((1ull << (8 * n)) - 1) & 0x0101010101010101ull;
-}
 // The row-major word of a partial block (slot `slot` of sp_partial_bits, bm x bn) holding key
 // n (n % 32 == 0) of row m, both relative to the block.
 __host__ __device__ constexpr int64_t bwd_listed_row_word(int slot, int bm, int bn, int m, int n) {
@@ -260,12 +247,11 @@ struct BoolTag {
   static constexpr bool value = kValue;
 };
 
-// DM_SM90_BWD_DQ_WRITER=1: the producer's dQ writer warp adds the staged tiles (and takes the
+// DM_SM90_BWD_DQ_WRITER=2: the producer's dQ writer warp adds the staged tiles (and takes the
 // deterministic turns) instead of each consumer warp's lane 0 (the header's "dQ writer"), one
-// bulk add per row; =2: one bulk tensor reduce per tile through Sm90BwdArgs::dqa. The A/B
-// variant DM_SM90_BWD_DQ_ATOMIC has no staged tiles: it wins.
+// bulk tensor reduce per tile through Sm90BwdArgs::dqa. The A/B variant DM_SM90_BWD_DQ_ATOMIC
+// has no staged tiles: it wins.
 constexpr bool kSm90BwdDqWriter = DM_SM90_BWD_DQ_WRITER != 0 && !DM_SM90_BWD_DQ_ATOMIC;
-constexpr bool kSm90BwdDqTensor = kSm90BwdDqWriter && DM_SM90_BWD_DQ_WRITER == 2;
 
 enum Sm90BwdBias : int32_t { kBwdBiasNone = 0, kBwdBiasTile = 1, kBwdBiasKeyRow = 2 };
 
@@ -318,7 +304,8 @@ struct Sm90BwdSmem {
   static constexpr int kOffDO = kOffQ + kStages * kQ;
   static constexpr int kOffBias = kOffDO + kStages * kQ;
   static constexpr int kOffDS = kOffBias + kStages * kBias;
-  // Mask: per stage one 64-bit query word per key, then per stage two "all kept" flags.
+  // Mask: per stage one 64-bit query word per key, then per stage two flags, one per key half
+  // (bit 0: every element kept, bit 1: some element).
   static constexpr int kMaskBits = kHasMask ? kBlockN * 8 : 0;
   // K/V; per stage full, empty; per dQ slot full, empty (the writer's ring)
   static constexpr int kNumBars = 1 + 2 * kStages + 2 * kDqSlots;
@@ -356,24 +343,24 @@ struct Sm90BwdSmem {
 // What each thread of the producer warpgroup (warp 0..3, lane) does; the kernel dispatches on
 // it, so the counts below are the kernel's own. Only warp 0's lane 0 issues TMA: warp 0's
 // other lanes (and warps 2-3 without a mask) leave at once. A role that ballots or syncs over
-// all 32 lanes (kBwdMaskRows: __ballot_sync(0xffffffff)) must hold every lane of its warps.
+// all 32 lanes (kBwdMaskWords: __ballot_sync(0xffffffff)) must hold every lane of its warps.
 // With the dQ writer (dq_writer: kSm90BwdDqWriter) warp 1 is the writer (warp 2 too with
 // writers == 2: DM_SM90_BWD_DQ_WRITERS) and the lse rows move into warp 0 (kBwdLoads: lane 0
 // issues the TMA as kBwdTma does, every lane writes two rows).
 enum Sm90BwdRole : int {
-  kBwdIdle = 0, kBwdTma = 1, kBwdLseRows = 2, kBwdMaskRows = 3, kBwdDqWriter = 4, kBwdLoads = 5
+  kBwdIdle = 0, kBwdTma = 1, kBwdLseRows = 2, kBwdMaskWords = 3, kBwdDqWriter = 4, kBwdLoads = 5
 };
 __host__ __device__ constexpr int sm90_bwd_role(int warp, int lane, bool has_mask,
                                                 bool dq_writer) {
   if (dq_writer)
     return warp == 0 ? kBwdLoads
            : warp == 1 ? kBwdDqWriter
-           : (has_mask && (warp == 2 || warp == 3)) ? kBwdMaskRows
-                                                      : kBwdIdle;
+           : (has_mask && (warp == 2 || warp == 3)) ? kBwdMaskWords
+                                                       : kBwdIdle;
   return warp == 0 ? (lane == 0 ? kBwdTma : kBwdIdle)
          : warp == 1 ? kBwdLseRows
-         : (has_mask && (warp == 2 || warp == 3)) ? kBwdMaskRows
-                                                    : kBwdIdle;
+         : (has_mask && (warp == 2 || warp == 3)) ? kBwdMaskWords
+                                                     : kBwdIdle;
 }
 // With writers == 2 (the kernel's DM_SM90_BWD_DQ_WRITERS, passed as 2 only with the writer,
 // two slots or DM_SM90_BWD_DQ_SHARED_SLOT, and no mask: warp 2 is idle then) warp 2 writes dQ
@@ -384,10 +371,10 @@ __host__ __device__ constexpr int sm90_bwd_role(int warp, int lane, bool has_mas
                                    : sm90_bwd_role(warp, lane, has_mask, dq_writer);
 }
 // Arrivals of one producer thread on a stage's full barrier per item: the TMA leader's
-// arrive.expect_tx, one per lse-row or mask-row lane, both for warp 0's lane 0 as kBwdLoads;
+// arrive.expect_tx, one per lse-row or mask-word lane, both for warp 0's lane 0 as kBwdLoads;
 // the dQ writer never touches the stages.
 __host__ __device__ constexpr int sm90_bwd_role_full_arrivals(int role, int lane) {
-  return role == kBwdTma || role == kBwdLseRows || role == kBwdMaskRows ? 1
+  return role == kBwdTma || role == kBwdLseRows || role == kBwdMaskWords ? 1
          : role == kBwdLoads ? 1 + (lane == 0)
                              : 0;
 }
@@ -401,7 +388,7 @@ __host__ __device__ constexpr int sm90_bwd_full_arrivals(bool has_mask, bool dq_
 // A warp with a warp-wide role (lse rows, the mask ballots, the writer's shuffles and waits)
 // has it in all 32 lanes.
 __host__ __device__ constexpr bool sm90_bwd_role_is_warp_wide(int r) {
-  return r == kBwdLseRows || r == kBwdMaskRows || r == kBwdDqWriter || r == kBwdLoads;
+  return r == kBwdLseRows || r == kBwdMaskWords || r == kBwdDqWriter || r == kBwdLoads;
 }
 __host__ __device__ constexpr bool sm90_bwd_roles_whole_warps(bool has_mask, bool dq_writer) {
   for (int w = 0; w < 4; ++w) {
@@ -544,7 +531,7 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
 
   // Block lists (bp.sp_grid set; null: every item is listed): the walk skips the items whose
   // (row block, col block) is not listed. Every role derives the same filtered sequence from
-  // the grid (the producer's loads, lse rows, mask rows and the dQ writer scan it; the
+  // the grid (the producer's loads, lse rows, mask words and the dQ writer scan it; the
   // consumers take each stage's item from the stage, Smem::kOffStageItem, -1 ending the walk),
   // so the j-th listed item uses stage j % kStages and dQ slot j % kDqSlots in every role.
   // Mask blocks tile the kernel (sp_block_m % kBlockM == 0, sp_block_n % kBlockN == 0: the
@@ -579,7 +566,7 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
   };
   // Deterministic mode: the counter of query tile m0 of head h (null in the default mode).
   // args.dq_sem through opaque copies: a predicate hoisted from it and held across the dQ
-  // writer's loop spilled (DM_SM90_BWD_DQ_WRITER=1).
+  // writer's loop spilled.
   auto dq_counter = [&](int h, int m0) -> int32_t* {
     const uint64_t sem_bits = reinterpret_cast<uint64_t>(args.dq_sem);
     int32_t* const sem = reinterpret_cast<int32_t*>(uint64_t(opaque(uint32_t(sem_bits >> 32)))
@@ -720,10 +707,13 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
         ph = h;
       }
       end_walk(j, ph);
-    } else if (kHasMask && role == kBwdMaskRows && DM_SM90_BWD_MASK_HALVES) {
-      // warps 2, 3 (DM_SM90_BWD_MASK_HALVES): the item's mask as words, warp 2 + wh taking keys
+    } else if (kHasMask && role == kBwdMaskWords) {
+      // warps 2, 3: the item's mask as one 64-bit query word per key, warp 2 + wh taking keys
       // 64 wh .. 64 wh + 63 of the item's 64 rows, lane the rows lane (r = 0: the word's low
-      // half) and lane + 32 (r = 1: its high half).
+      // half) and lane + 32 (r = 1: its high half). Each ballot pair is a key's whole word, lane
+      // 0 stores two keys at a time (STS.128), and the "all"/"some kept" flags come from one
+      // read-back of the warp's 512 bytes (~55 SASS instructions per 16 keys x 32 rows; the
+      // split by rows it replaced took ~95: H100 backward_mask_bias kernel 645 -> 556 us).
       const int wh = warp - 2;
       const bool vec = p.mask_col_stride == 1 && p.mask_row_stride % 16 == 0 &&
                        p.mask_head_stride % 16 == 0 && p.mask_batch_stride % 16 == 0 &&
@@ -847,134 +837,24 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
               (all ? 1 : 0) | (any ? 2 : 0);
         mbar_arrive(bar_full(s));  // release: this lane's stores before the consumers' reads
       }
-    } else if (kHasMask && role == kBwdMaskRows) {  // warps 2, 3: the item's mask as words
-      // (warp 0's lanes 1-31 once came here too: their ballots named lane 0, busy issuing
-      // TMA, and their 31 extra arrivals per item broke the full barriers' phases: a hang)
-      const int wh = warp - 2;  // rows 32 wh .. 32 wh + 31 of the item, one per lane
-      // 16-byte loads when every 16 keys of a row are one aligned vector (and a row's last
-      // vector ends at len_k); else byte loads through the strides (any broadcast).
-      const bool vec = p.mask_col_stride == 1 && p.mask_row_stride % 16 == 0 &&
-                       p.mask_head_stride % 16 == 0 && p.mask_batch_stride % 16 == 0 &&
-                       len_k % 16 == 0 && reinterpret_cast<uint64_t>(p.mask) % 16 == 0;
-      // This lane's row of item i (row 0 for rows past the end: never read).
-      auto mask_row = [&](int i, bool& row_ok) -> const uint8_t* {
-        const int row = m0_of(i) + 32 * wh + lane;
-        row_ok = row < len_q;
-        if constexpr (kListedBits) return nullptr;  // block lists alone
-        return p.mask + int64_t(b) * p.mask_batch_stride +
-               int64_t(head_of(i) / p.mask_head_ratio) * p.mask_head_stride +
-               int64_t(row_ok ? row : 0) * p.mask_row_stride;
-      };
-      // The next item's row segment into L1 while this one is transposed (no registers held;
-      // the segment's first and last bytes name its one or two 128-byte lines).
-      auto prefetch = [&](int i) {
-        if (kListedBits || !vec || i >= n_items) return;
-        bool ok;
-        const int n0_o = int(opaque(uint32_t(n0)));  // not hoisted: see listed
-        const uint8_t* r = mask_row(i, ok) + n0_o;
-        if (ok) {
-          asm volatile("prefetch.global.L1 [%0];" ::"l"(r));
-          asm volatile("prefetch.global.L1 [%0];" ::"l"(r + dm_min(kBlockN, len_k - n0_o) - 1));
-        }
-      };
-      // (one copy of the scan and the prefetch in the loop: the 40 registers hold no more).
-      // The prefetch takes the item after this one in the unfiltered walk (without lists the
-      // next item, read one stage wait and one transpose later; with lists often unlisted).
-      for (int j = 0, i = -1;; ++j) {
-        i = next_item_warp(i + 1);
-        prefetch(i + 1);
-        if (i >= n_items) {
-          end_walk(j, -1);
-          break;
-        }
-        const int s = j % kStages;
-        mbar_wait(bar_empty(s), ((j / kStages) & 1) ^ 1);
-        bool row_ok;
-        const uint8_t* mrow = mask_row(i, row_ok);
-        uint32_t* words = reinterpret_cast<uint32_t*>(smem + Smem::kOffMask + s * Smem::kMaskBits);
-        uint32_t all = ~0u, any = 0u;
-        // Block lists alone (no attn_mask: the host declines both together): mrow (null from
-        // mask_row) becomes this lane's row of a listed partial block's bits.
-        if constexpr (kListedBits) {
-          const int slot = sp_grid == nullptr || !row_ok ? kSpFull : sp_row(head_of(i), m0_of(i))[
-              int(opaque(uint32_t(n0))) / p.sp_block_n];  // n0 opaque: see listed
-          if (slot >= 0) {
-            // (opaque: the divisions' invariants hoisted out of the walk spilled)
-            const int bm = int(opaque(uint32_t(p.sp_block_m)));
-            const int bn = int(opaque(uint32_t(p.sp_block_n)));
-            mrow = reinterpret_cast<const uint8_t*>(
-                p.sp_partial_bits + bwd_listed_row_word(slot, bm, bn,
-                                                        (m0_of(i) + 32 * wh + lane) % bm,
-                                                        int(opaque(uint32_t(n0))) % bn));
-          }
-        }
-#pragma unroll 1
-        for (int ch = 0; ch < kBlockN / 16; ++ch) {  // keys n0 + 16 ch .. + 15
-          const int k0 = n0 + 16 * ch;
-          uint64_t lo = 0, hi = 0;  // byte e of the 16: key k0 + e (nonzero: kept)
-          uint32_t field = 0xffffu;  // bit e: key k0 + e kept by a partial block's bits
-          if constexpr (kListedBits) {
-            if (row_ok && k0 < len_k) {
-              const int n = dm_min(16, len_k - k0);  // keys past the end read false
-              lo = bwd_kept_bytes(n);
-              hi = bwd_kept_bytes(n - 8);
-              if (mrow != nullptr)
-                field = (__ldg(reinterpret_cast<const uint32_t*>(mrow) + ch / 2) >>
-                         (16 * (ch % 2))) & 0xffffu;
-            }
-          } else if (row_ok && k0 < len_k) {
-            if (vec) {
-              const uint4 x = __ldg(reinterpret_cast<const uint4*>(mrow + k0));
-              lo = uint64_t(x.y) << 32 | x.x;
-              hi = uint64_t(x.w) << 32 | x.z;
-            } else {
-              const int n = dm_min(16, len_k - k0);
-#pragma unroll 1
-              for (int e = 0; e < n; ++e) {
-                const uint64_t kept = mrow[int64_t(k0 + e) * p.mask_col_stride] != 0;
-                if (e < 8)
-                  lo |= kept << (8 * e);
-                else
-                  hi |= kept << (8 * (e - 8));
-              }
-            }
-          }
-          uint32_t mine = 0;  // lane e keeps key k0 + e's word
-#pragma unroll
-          for (int e = 0; e < 16; ++e) {
-            const uint64_t x = e < 8 ? lo >> (8 * e) : hi >> (8 * (e - 8));
-            const uint32_t v = __ballot_sync(0xffffffffu, (uint32_t(x) & 0xffu) != 0 &&
-                                                               ((field >> e) & 1u));
-            all &= v;
-            any |= v;
-            mine = lane == e ? v : mine;
-          }
-          if (lane < 16) words[2 * (16 * ch + lane) + wh] = mine;  // key's word: low = rows 0..31
-        }
-        if (lane == 0)  // bit 0: every element of the warp's rows kept; bit 1: some element
-          reinterpret_cast<volatile int*>(smem + Smem::kOffMaskFull)[2 * s + wh] =
-              (all == ~0u ? 1 : 0) | (any != 0u ? 2 : 0);
-        mbar_arrive(bar_full(s));  // release: this lane's stores before the consumers' reads
-      }
     } else if (role == kBwdDqWriter) {  // warp 1 with the writer: dQ tiles into dq_accum
       if constexpr (Smem::kDqWriter) {
         // Per item: wait for slot k's tile (every dQ warp's stores), take the deterministic turn,
-        // lane 0 adds its rows (one bulk add of head_dim fp32 per row: dq_accum rows are
-        // dqa_row_stride apart; rows past the end are not added, nor padded columns), frees the
-        // slot once the adds have read it, and in deterministic mode waits for them to complete
-        // before passing the turn on. The consumers never wait on global memory.
-        const int row_bytes = 4 * p.head_dim;
+        // lane 0 adds the tile (one bulk tensor reduce through args.dqa: rows past the end and
+        // the padded columns are out of bounds), frees the slot once the adds have read it, and
+        // in deterministic mode waits for them to complete before passing the turn on. The
+        // consumers never wait on global memory.
         // Shuffled copies are warp-uniform to the compiler (the tensor reduce's coordinates go
-        // to uniform registers; UBLKRED's row addresses still pass ptxas's one-lane ELECT loop).
+        // to uniform registers).
         const int b_u = __shfl_sync(0xffffffffu, b, 0);
-        if (kSm90BwdDqTensor && lane == 0) tma_prefetch(&args.dqa);
+        if (lane == 0) tma_prefetch(&args.dqa);
         int j = 0;  // the walk's position: slot j % kDqSlots, as the consumers fill them
         for (int i = next_item_warp(0); i < n_items; i = next_item_warp(i + 1), ++j) {
           if (kWriters == 2 && j % 2 != warp - 1) continue;  // the other writer's item
           const int k = j % Smem::kDqSlots;
           // DM_SM90_BWD_DQ_SHARED_SLOT: the other writer's adds of item j - 1 read the slot first
           if (kWriters == 2 && kSharedSlot && j > 0) mbar_wait(bar_dq_empty(0), (j - 1) & 1);
-          // per item from an opaque base (held across the loop it spilled with =1)
+          // per item from an opaque base (held across the loop it spilled)
           const uint32_t ring = __shfl_sync(0xffffffffu, opaque(base) + Smem::kOffDQ, 0);
           mbar_wait(bar_dq_full(k), (j / Smem::kDqSlots) & 1);
           const int h = __shfl_sync(0xffffffffu, head_of(i), 0);
@@ -982,9 +862,6 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
           const bool add = __shfl_sync(0xffffffffu, ld_shared_u32(dq_skip(k)), 0) == 0;
           int32_t* turn = dq_counter(h, m0);
           const int target = turn != nullptr ? dq_target(h, m0) : 0;
-          // (from an opaque b per item: the hoisted row pointer spilled the 40 registers)
-          float* dst = bp.dq_accum + int64_t(opaque(uint32_t(b_u))) * bp.dqa_batch_stride +
-                       int64_t(h) * bp.dqa_head_stride + int64_t(m0) * bp.dqa_row_stride;
           // A dropped tile still waits for its turn: its +1 must not count for an earlier one.
           if (turn != nullptr && lane == 0) {
             while (ld_acquire_gpu(turn) < target) {
@@ -992,20 +869,9 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
             fence_proxy_async_global();  // the earlier tiles' adds, then these (async proxy)
           }
           __syncwarp();
-          if (!kSm90BwdDqTensor && add) {  // lane 0 issues (its bulk groups are waited below)
-            const int rows = dm_min(kBlockM, len_q - m0);
-            uint32_t src = ring + uint32_t(k) * Smem::kDQSlot;
-            // dq_accum is q-shaped and contiguous: its row stride (heads x head_dim) fits 32
-            // bits; opaque per item, or its hoisted byte stride spills the 40 registers
-            const uint32_t rs = opaque(uint32_t(bp.dqa_row_stride));
-            for (int rr = 0; rr < rows; ++rr, dst += rs, src += Smem::kDQTileRow)
-              if (lane == 0) bulk_reduce_add_f32(dst, src, uint32_t(row_bytes));
-          }
           if (lane == 0) {
-            // the whole tile (rows past the end and the padding columns are out of bounds)
-            if (kSm90BwdDqTensor && add)
-              tma_reduce_add_4d(&args.dqa, ring + uint32_t(k) * Smem::kDQSlot, 0, m0, h, b_u);
             if (add) {
+              tma_reduce_add_4d(&args.dqa, ring + uint32_t(k) * Smem::kDQSlot, 0, m0, h, b_u);
               bulk_commit();
               bulk_wait_read<0>();
             }

@@ -214,7 +214,7 @@ def test_args_record_layout(monkeypatch, dq_tensor):
     mode); a key-row bias has no map (the consumers read it directly), nor has a mask (the
     producer reads it through its strides); the dqa map over dq_accum only with
     DM_SM90_BWD_DQ_WRITER=2."""
-    monkeypatch.setenv("DMATTN_NVRTC_DEFINES", f"DM_SM90_BWD_DQ_WRITER={2 if dq_tensor else 1}")
+    monkeypatch.setenv("DMATTN_NVRTC_DEFINES", f"DM_SM90_BWD_DQ_WRITER={2 if dq_tensor else 0}")
     monkeypatch.setattr(backward_sm90, "encode", lambda spec, ptr: bytes([ptr % 251]) * 128)
     q, k, v = _arrays()
     infos = [dataclasses.replace(describe(x), ptr=(i + 1) << 20) for i, x in
@@ -259,11 +259,11 @@ def test_dq_accum_map_spans_a_writer_slot(d, hd):
         "dqa"] is None
 
 
-@pytest.mark.parametrize("mode", [1, 2])
+@pytest.mark.parametrize("mode", [0, 2])
 def test_run_backward_patches_the_dq_accum_map_from_the_workspace(monkeypatch, mode):
     """With DM_SM90_BWD_DQ_WRITER=2 the dqa map is encoded over the call's workspace (dq_accum
-    at its element 0) and its address is a "ws" slot of the cached plan; with =1 there is no
-    map, and the larger shared memory of the writer's ring is what the spec asks for."""
+    at its element 0) and its address is a "ws" slot of the cached plan, and the spec asks for
+    the shared memory of the writer's ring; with =0 (the consumers add) there is neither."""
     monkeypatch.setenv("DMATTN_NVRTC_DEFINES", f"DM_SM90_BWD_DQ_WRITER={mode}")
     launched: list = []
     _stub_runtime(monkeypatch, launched)
@@ -277,9 +277,9 @@ def test_run_backward_patches_the_dq_accum_map_from_the_workspace(monkeypatch, m
     _, plan = backward.backward_call(pb, np.zeros_like(q), q, k, v, np.zeros_like(q),
                                      np.zeros((2, 4, 200), np.float32))
     spec, _, (rec, _) = launched[1]
-    assert spec.dynamic_smem == backward_sm90.smem_bytes(128, False, False, True)
+    assert spec.dynamic_smem == backward_sm90.smem_bytes(128, False, False, mode == 2)
     dqa = [(s, p) for s, p in encoded if s.float32]
-    if mode == 1:
+    if mode == 0:
         assert not dqa
         return
     assert [p for _, p in dqa] == [int(rec["dq_accum"])]

@@ -42,7 +42,7 @@ from nvrtc_check import compile_static_asserts
 from dmattn_cupy.compile import cuda_src_dir
 
 # bwd.cu's Sm90BwdRole
-IDLE, TMA, LSE_ROWS, MASK_ROWS, DQ_WRITER, LOADS = 0, 1, 2, 3, 4, 5
+IDLE, TMA, LSE_ROWS, MASK_WORDS, DQ_WRITER, LOADS = 0, 1, 2, 3, 4, 5
 STAGES = 2
 BALLOTS_PER_ITEM = 2  # the kernel has 8 x 16; the structure, not the count, matters here
 
@@ -62,12 +62,12 @@ def role_fixed(warp: int, lane: int, has_mask: bool, dq_writer: bool = False,
             return LOADS
         if warp == 1:
             return DQ_WRITER
-        return MASK_ROWS if has_mask else IDLE
+        return MASK_WORDS if has_mask else IDLE
     if warp == 0:
         return TMA if lane == 0 else IDLE
     if warp == 1:
         return LSE_ROWS
-    return MASK_ROWS if has_mask and warp in (2, 3) else IDLE
+    return MASK_WORDS if has_mask and warp in (2, 3) else IDLE
 
 
 def role_as_merged(warp: int, lane: int, has_mask: bool, dq_writer: bool = False,
@@ -77,12 +77,12 @@ def role_as_merged(warp: int, lane: int, has_mask: bool, dq_writer: bool = False
         return TMA
     if warp == 1:
         return LSE_ROWS
-    return MASK_ROWS if has_mask else IDLE
+    return MASK_WORDS if has_mask else IDLE
 
 
 def full_arrivals(role: int, lane: int) -> int:
     """bwd.cu's sm90_bwd_role_full_arrivals: a producer thread's arrivals per item."""
-    if role in (TMA, LSE_ROWS, MASK_ROWS):
+    if role in (TMA, LSE_ROWS, MASK_WORDS):
         return 1
     return 1 + (lane == 0) if role == LOADS else 0
 
@@ -287,12 +287,12 @@ class Sim:
                 cta.stage_item[s] = i
                 cta.bars[f"full{s}"].arrive(expect_tx=3)
                 self._event(n, "tma", (f"full{s}", 3, s, i))
-            if role == MASK_ROWS:  # the transpose: full-warp ballots, then words and flags
+            if role == MASK_WORDS:  # the transpose: full-warp ballots, then words and flags
                 for k in range(BALLOTS_PER_ITEM):
                     yield ("ballot", (n, warp, j * BALLOTS_PER_ITEM + k))
             if role == LSE_ROWS and lane == 0 and self.det:  # the consumers' turn target
                 cta.stage_target[s] = self._turn(n, i)
-            if role in (LSE_ROWS, MASK_ROWS, LOADS):
+            if role in (LSE_ROWS, MASK_WORDS, LOADS):
                 cta.stamps[(s, tid)] = i
                 cta.bars[f"full{s}"].arrive()
         if self.v.no_end_marker:
@@ -637,7 +637,7 @@ def test_role_table_and_full_count_equal_the_kernel():
             lines.append(f"static_assert(dm::sm90_bwd_role({warp}, {lane}, false, true, 2) == "
                          f"{role_fixed(warp, lane, False, True, writers=2)});")
     for name, value in (("kBwdIdle", IDLE), ("kBwdTma", TMA), ("kBwdLseRows", LSE_ROWS),
-                        ("kBwdMaskRows", MASK_ROWS), ("kBwdDqWriter", DQ_WRITER),
+                        ("kBwdMaskWords", MASK_WORDS), ("kBwdDqWriter", DQ_WRITER),
                         ("kBwdLoads", LOADS)):
         lines.append(f"static_assert(dm::{name} == {value});")
     compile_static_asserts("\n".join(lines) + "\n", "sm90_bwd_roles_check.cu")
@@ -654,8 +654,7 @@ def test_writer_ring_counts_equal_the_kernel():
             lines.append(f"static_assert(dm::Sm90BwdSmem<{hd}, false, {str(bias).lower()}>::"
                          f"kDqSlots == {slots});")
     lines.append("static_assert(dm::sm90::kWarpArrivals == 1);")  # the default build
-    compile_static_asserts("\n".join(lines) + "\n", "sm90_bwd_ring_check.cu",
-                           defines=("DM_SM90_BWD_DQ_WRITER=1",))
+    compile_static_asserts("\n".join(lines) + "\n", "sm90_bwd_ring_check.cu")
     src = (cuda_src_dir() / "sm90" / "bwd.cu").read_text()
     assert "mbar_init(bar_dq_full(k), kDqWarps * kWarpArrivals);" in src
     assert "mbar_init(bar_dq_empty(k), kWarpArrivals);" in src
@@ -683,7 +682,7 @@ def test_kernel_dispatches_on_the_role():
     assert "if (role == kBwdTma)" in prod
     assert "else if (role == kBwdLseRows)" in prod
     assert "else if (role == kBwdLoads)" in prod
-    assert "else if (kHasMask && role == kBwdMaskRows)" in prod
+    assert "else if (kHasMask && role == kBwdMaskWords)" in prod
     assert "else if (role == kBwdDqWriter)" in prod
     assert "mbar_init(bar_full(s), sm90_bwd_full_arrivals(kHasMask, Smem::kDqWriter));" in src
 
@@ -695,7 +694,7 @@ def test_roles_hold_whole_warps_and_count_33_or_97(writer):
         assert full_count(has_mask, writer) == n
         for w in range(4):
             lanes = table[32 * w:32 * w + 32]
-            if any(r in (LSE_ROWS, MASK_ROWS, DQ_WRITER, LOADS) for r in lanes):
+            if any(r in (LSE_ROWS, MASK_WORDS, DQ_WRITER, LOADS) for r in lanes):
                 assert len(set(lanes)) == 1
 
 
@@ -999,8 +998,8 @@ def test_kernel_walks_as_modelled():
                          "---- producer"):src.index("// ---------------------------------"
                                                     "--------------------------------------"
                                                     "------- consumers")]
-    # TMA, lse rows, loads, mask rows (by rows, and by key halves: DM_SM90_BWD_MASK_HALVES)
-    assert prod.count("end_walk(j, ") == 5
+    # TMA, lse rows, loads, mask words
+    assert prod.count("end_walk(j, ") == 4
     assert "for (int a = sm90_bwd_role_full_arrivals(role, lane); a > 0; --a)" in prod
     assert "if (!Smem::kDqWriter && args.dq_sem != nullptr) {  // the consumers' turn target" \
         in prod

@@ -439,7 +439,7 @@ def test_dkv_epilogue_staging_round_trips_without_bank_conflicts(head_dim):
                     np.testing.assert_array_equal(got, tile[row[ln], col[ln]:col[ln] + 8])
 
 
-def _static_asserts(writer: bool = False, tensor: bool = False) -> str:
+def _static_asserts(writer: bool = False) -> str:
     lines = ['#include "sm90/bwd.cu"', "using namespace dm::sm90;"]
     rng = np.random.default_rng(2)
     for c in range(2):
@@ -474,19 +474,17 @@ def _static_asserts(writer: bool = False, tensor: bool = False) -> str:
                 lines.append(f"static_assert({smem}::kDQTileRow == "
                              f"{b90.dq_tile_row_bytes(hd)});")
     lines.append(f"static_assert(dm::kSm90BwdDqWriter == {str(writer).lower()});")
-    lines.append(f"static_assert(dm::kSm90BwdDqTensor == {str(tensor).lower()});")
     lines.append(f"static_assert(sizeof(dm::Sm90BwdArgs) == {b90.ARGS_DTYPE.itemsize});")
     return "\n".join(lines) + "\n"
 
 
-@pytest.mark.parametrize("mode", [None, 0, 1, 2])
+@pytest.mark.parametrize("mode", [None, 0, 2])
 @pytest.mark.parametrize("extra", [(), ("DM_SM90_BWD_DQ_SLOTS=1",)])
 def test_constexpr_helpers_and_smem_plan_equal_the_model(mode, extra, monkeypatch):
     defines = ((f"DM_SM90_BWD_DQ_WRITER={mode}",) if mode is not None else ()) + extra
     monkeypatch.setenv("DMATTN_NVRTC_DEFINES", " ".join(defines))  # the host's dq_slots
     mode = 2 if mode is None else mode  # the source's default
-    compile_static_asserts(_static_asserts(mode > 0, mode == 2), "sm90_bwd_layout_check.cu",
-                           defines)
+    compile_static_asserts(_static_asserts(mode > 0), "sm90_bwd_layout_check.cu", defines)
 
 
 @pytest.mark.parametrize("writer", [False, True])
@@ -497,10 +495,9 @@ def test_every_spec_fits_shared_memory(writer):
                 assert b90.smem_bytes(hd, bias, mask, writer) <= b90.SMEM_LIMIT
 
 
-@pytest.mark.parametrize("defines,mode", [("", 2), ("DM_SM90_BWD_DQ_WRITER=1", 1),
-                                          ("DM_SM90_BWD_DQ_WRITER=0", 0),
+@pytest.mark.parametrize("defines,mode", [("", 2), ("DM_SM90_BWD_DQ_WRITER=0", 0),
                                           ("DM_SM90_BWD_DQ_WRITER=2", 2),
-                                          ("DM_SM90_BWD_DQ_WRITER=1 DM_SM90_BWD_DQ_ATOMIC=1",
+                                          ("DM_SM90_BWD_DQ_WRITER=2 DM_SM90_BWD_DQ_ATOMIC=1",
                                            0)])
 def test_host_reads_the_writer_define(monkeypatch, defines, mode):
     """The launcher's shared memory follows DMATTN_NVRTC_DEFINES as the kernel's kAlloc does
@@ -513,8 +510,16 @@ def test_host_reads_the_writer_define(monkeypatch, defines, mode):
     assert b90.smem_bytes(128, False, False, True) > b90.smem_bytes(128, False, False, False)
 
 
-@pytest.mark.parametrize("defines,one_slot", [("", False), ("DM_SM90_BWD_DQ_WRITER=1", False),
-                                              ("DM_SM90_BWD_DQ_SLOTS=1", True)])
+@pytest.mark.parametrize("value", ["1", "3"])
+def test_host_refuses_a_removed_writer_mode(monkeypatch, value):
+    """DM_SM90_BWD_DQ_WRITER takes 0 or 2 (1, one bulk add per row, was removed): anything else
+    is a ValueError naming the define, not a kernel that fails its static_assert."""
+    monkeypatch.setenv("DMATTN_NVRTC_DEFINES", f"DM_SM90_BWD_DQ_WRITER={value}")
+    with pytest.raises(ValueError, match=f"DM_SM90_BWD_DQ_WRITER={value}; accepted: 0 or 2"):
+        b90.dq_writer_mode()
+
+
+@pytest.mark.parametrize("defines,one_slot", [("", False), ("DM_SM90_BWD_DQ_SLOTS=1", True)])
 def test_host_reads_the_slots_define(monkeypatch, defines, one_slot):
     """The launcher's shared memory follows DM_SM90_BWD_DQ_SLOTS as kAlloc does: the ring has
     one slot everywhere with DM_SM90_BWD_DQ_SLOTS=1, else one only at d128 beside a bias
@@ -576,7 +581,7 @@ def _compile_sass(dtype: str, head_dim: int, mask: bool, bias: str, defines: str
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("bias", ["none", "tile", "key_row"])
 @pytest.mark.parametrize("mask", [False, True])
-@pytest.mark.parametrize("writer", [0, 1, 2])
+@pytest.mark.parametrize("writer", [0, 2])
 def test_spec_compiles_without_spills_or_slow_advisories(dtype, head_dim, bias, mask, writer,
                                                          tmp_path, monkeypatch):
     ck, sass = _compile_sass(dtype, head_dim, mask, bias, f"DM_SM90_BWD_DQ_WRITER={writer}",
@@ -595,33 +600,13 @@ def test_spec_compiles_without_spills_or_slow_advisories(dtype, head_dim, bias, 
         assert "UBLKRED.G.S.ADD.F32" in sass                  # dQ: bulk reduce-add by row
     # no per-element float atomics (the deterministic mode's counters are int32 words)
     assert not [ln for ln in re.findall(r"\bREDG?\.[^;]*", sass) if "F32" in ln or "F16" in ln]
-    if mask:  # the producer's transpose of the mask rows
+    if mask:  # the producer's transpose of the mask into words
         assert "VOTE.ANY" in sass
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-@pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("bias", ["none", "tile", "key_row"])
-@pytest.mark.parametrize("listed", [False, True], ids=["mask", "listed"])
-def test_mask_key_halves_specs_compile_without_spills(dtype, head_dim, bias, listed, monkeypatch):
-    """DM_SM90_BWD_MASK_HALVES=1 (the mask warps split by keys; an A/B build) on every mask spec:
-    no spills in the 40-register producer (a 16-key chunk's 8 data registers beside the row
-    pointer), no slow advisories; lane 0 stores two keys' words at a time (STS.128)."""
-    pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="needs CuPy's NVRTC bindings")
-    from dmattn_cupy.compile import compile_spec
-    from dmattn_cupy.select import backward_sm90_spec
-
-    monkeypatch.setenv("DMATTN_NVRTC_DEFINES", "DM_SM90_BWD_MASK_HALVES=1")
-    ck = compile_spec(backward_sm90_spec(dtype, head_dim, not listed, bias != "none",
-                                         bias == "key_row", listed_bits=listed),
-                      use_disk_cache=False)
-    assert not ck.spills, ck.log
-    assert not ck.slow, ck.advisories
-
-
 def test_mask_bits_to_bytes_equals_the_model():
-    """DM_SM90_BWD_MASK_HALVES's byte-by-byte path: bits 0-3 of f become bytes 0-3 (0 or 1)
-    whatever f's higher bits, so that its words read as the 16-byte path's."""
+    """The mask words' byte-by-byte path: bits 0-3 of f become bytes 0-3 (0 or 1) whatever f's
+    higher bits, so that its words read as the 16-byte path's."""
     checks = ['#include "sm90/bwd.cu"']
     for f in list(range(16)) + [0xfff0, 0x1235, 0xffffffff, 0x8000000a]:
         want = sum(((f >> i) & 1) << (8 * i) for i in range(4))

@@ -9,9 +9,12 @@ The autouse fixture asserts that the sm_90a family ran."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from test_backward import _qkv, _run_dense
 from test_backward_sm90 import _hopper_backward  # noqa: F401  (autouse: bwd_sm90 must run)
+
+import dmattn_cupy as dm
 
 torch = pytest.importorskip("torch")
 
@@ -174,3 +177,55 @@ def test_tiles_the_mask_drops_entirely(d, deterministic):
     assert (got[0][:, 192:256] == 0).all()
     kbias = torch.randn(2, 4, 1, 512, device="cuda", dtype=torch.bfloat16)
     run(q, k, v, mask=mask, bias=kbias, seed=35, is_causal=True)
+
+
+def _mixed(sq, sk, block, seed):
+    """A MixedMask with partial blocks (90% kept at random), one block kept whole, one dropped
+    whole and a fully masked row."""
+    rng = np.random.default_rng(seed)
+    dense = rng.random((2, 4, sq, sk)) < 0.9
+    dense[0, 1, :block[0], :block[1]] = True
+    dense[1, 2, :block[0], block[1]:2 * block[1]] = False
+    dense[0, 0, 5] = False
+    return dm.MixedMask.from_dense_mask(dense, block)
+
+
+def _mask_case(name):
+    """Mask layouts whose producer reads differ (16-byte rows, a broadcast key row, bytes one by
+    one, a transposed mask) and a MixedMask's partial blocks (listed bits)."""
+    if name == "key_row":  # row stride 0: every row the same 16-byte vectors
+        q, k, v = _qkv(2, 200, 272, 4, 2, 128, "bfloat16", seed=61)
+        return q, k, v, {"seed": 62, "mask": _mask((2, 4, 1, 272), 63)}
+    if name == "bytes_causal":  # Sk = 250: rows read byte by byte, keys past the end in a half
+        q, k, v = _qkv(2, 130, 250, 4, 2, 64, "bfloat16", seed=64)
+        return q, k, v, {"seed": 65, "mask": _mask((2, 4, 130, 250), 66), "is_causal": True}
+    if name == "transposed_fp16":  # keys not contiguous
+        q, k, v = _qkv(2, 130, 264, 4, 2, 128, "float16", seed=67)
+        mask = _mask((2, 4, 264, 130), 68).transpose(2, 3)
+        return q, k, v, {"seed": 69, "mask": mask, "window_size": (40, 40)}
+    if name == "full_d64_fp16_bias":
+        q, k, v = _qkv(2, 200, 400, 4, 2, 64, "float16", seed=70)
+        bias = torch.randn(2, 4, 200, 400, generator=torch.Generator().manual_seed(71)).to(
+            "cuda", torch.float16)
+        return q, k, v, {"seed": 72, "mask": _mask((2, 4, 200, 400), 73), "bias": bias}
+    if name.startswith("mixed"):  # the listed-bits specs: Sk = 700 ends inside a 16-key chunk
+        block = (64, 128) if name == "mixed_64x128" else (128, 256)
+        q, k, v = _qkv(2, 333, 700, 4, 2, 128, "bfloat16", seed=74)
+        bias = torch.randn(2, 4, 333, 700, generator=torch.Generator().manual_seed(75)).to(
+            "cuda", torch.bfloat16)
+        return q, k, v, {"seed": 76, "bias": bias, "sparse_mask": _mixed(333, 700, block, 77)}
+    raise ValueError(name)
+
+
+MASK_CASES = ("key_row", "bytes_causal", "transposed_fp16", "full_d64_fp16_bias", "mixed_64x128",
+              "mixed_128x256")
+
+
+@pytest.mark.parametrize("case", MASK_CASES)
+def test_every_mask_read_in_deterministic_mode(case):
+    """The mask warps' reads of each layout (16-byte rows, a broadcast key row, bytes one by
+    one with keys past the end in a 16-key chunk, a transposed mask, fp16 at d64 beside a bias,
+    a MixedMask's partial blocks): two deterministic runs bitwise equal, each against the
+    reference."""
+    q, k, v, kw = _mask_case(case)
+    _twice(q, k, v, **kw)
