@@ -122,42 +122,8 @@ def _mask_bias_tile(head_dim: int, block_n: int, has_mask: bool) -> bool:
     return has_mask and block_n == 64 and head_dim <= 128
 
 
-def mask_loads() -> bool:
-    """``DM_SM90_MB_LOADS=1`` (an A/B define, default 0): a mask beside a full bias at head dim
-    <= 128 runs on 128-key tiles whose consumers load the mask themselves (fwd.cu:
-    Sm90FwdSmem::kMaskLoads), for masks they can read (``mask_loadable``)."""
-    return define_value("DM_SM90_MB_LOADS", 0) != 0
-
-
-def loads_tile(head_dim: int, block_n: int, has_mask: bool, has_bias: bool) -> bool:
-    """Sm90FwdSmem::kMaskLoads: the spec reads its mask by the consumers' loads (no slots)."""
-    return mask_loads() and has_mask and has_bias and block_n == 128 and head_dim <= 128
-
-
-def mask_loadable(mask: ArrayInfo) -> bool:
-    """Whether DM_SM90_MB_LOADS's consumers can read ``mask`` (a dense 4-D bool mask over keys)
-    by 16-byte loads of 16 keys: a unit key stride and 16-byte aligned rows (the pointer and
-    every nonzero stride of a dimension of more than one element multiples of 16). The load
-    that reaches past the last key reads the row's padding up to the next 16 bytes: a row
-    stride is such a multiple and at least Sk, so the padding lies inside the row's span; a
-    single row (every other dimension 1 or broadcast) has none, so its Sk must be a multiple
-    of 16. Others are copied into padded rows first (forward.operands_to_pad)."""
-    if mask.ndim != 4 or mask.ptr % 16:
-        return False
-    if mask.shape[3] > 1 and mask.strides[3] != 1:
-        return False
-    outer = [st for n, st in zip(mask.shape[:3], mask.strides[:3], strict=True)
-             if n > 1 and st != 0]   # (stride 0: a broadcast dimension)
-    if not outer:
-        return mask.shape[3] % 16 == 0
-    return all(st % 16 == 0 and st >= mask.shape[3] for st in outer)
-
-
 def tile(head_dim: int, has_mask: bool, has_bias: bool) -> tuple[int, int] | None:
-    """(block_n, stages) of TILES, with DM_SM90_MB_STAGES applied (DM_SM90_MB_LOADS: the bias
-    spec's tile for a mask beside a bias at d <= 128); None: not served."""
-    if has_mask and has_bias and head_dim <= 128 and mask_loads():
-        return TILES[(head_dim, False, True)]
+    """(block_n, stages) of TILES, with DM_SM90_MB_STAGES applied; None: not served."""
     t = TILES.get((head_dim, has_mask, has_bias))
     if t is not None and _mask_bias_tile(head_dim, t[0], has_mask):
         return t[0], define_value("DM_SM90_MB_STAGES", t[1])
@@ -172,9 +138,9 @@ def padded_head_dim(d: int) -> int:
     raise ValueError(f"head dim must be <= {HEAD_DIMS[-1]}, got {d}")
 
 
-def mask_slots(head_dim: int, block_n: int, has_mask: bool, has_bias: bool = False) -> int:
+def mask_slots(head_dim: int, block_n: int, has_mask: bool) -> int:
     """Mask tiles streamed ahead of the K/V ring (Sm90FwdSmem::kMaskSlots in sm90/fwd.cu)."""
-    if not has_mask or loads_tile(head_dim, block_n, has_mask, has_bias):
+    if not has_mask:
         return 0
     if _mask_bias_tile(head_dim, block_n, has_mask):
         return define_value("DM_SM90_MB_MASK_SLOTS", 6)
@@ -208,7 +174,7 @@ def _alloc_bytes(head_dim: int, block_n: int, stages: int, has_mask: bool, has_b
     kv = head_dim // 64 * block_n * 128
     bias = (KEY_ROW_STAGE if key_row else BLOCK_M * block_n * 2) if has_bias else 0
     aux = aux_tile_bytes(block_n, key_row)
-    slots = mask_slots(head_dim, block_n, has_mask, has_bias)
+    slots = mask_slots(head_dim, block_n, has_mask)
     fold_bars = stages if fold_bias(block_n, has_mask, has_bias) else 0
     bars = 8 * (4 * stages + 2 * slots + 2 * q_bufs + fold_bars)
     items = 16 if dynamic_schedule() else 0   # each stage's work item (kOffItems)
@@ -400,8 +366,6 @@ def plan_operands(mask: ArrayInfo | None, bias: ArrayInfo | None, block_n: int,
             raise TensorMapError("a float32 bias over keys is read by the sm80 family")
         if name == "bias" and bias_by_loads(mask, bias, varlen):
             continue  # the producer's plain loads: no map
-        if name == "mask" and bias is not None and loads_tile(128, block_n, True, True):
-            continue  # DM_SM90_MB_LOADS: the consumers' loads, no map (d <= 128: no d256 tile)
         if varlen:
             plans[name] = _varlen_operand(info, mode, elem, block_n)
         elif mode == OPERAND_KEY_ROW:  # dense keys start at 0: aligned, one box of block_n
@@ -474,10 +438,6 @@ def tile_for(head_dim: int, q: ArrayInfo, k: ArrayInfo, v: ArrayInfo, mask: Arra
     block_n, stages = hd_tile
     if sparse is True or (sparse and (sparse[0] % BLOCK_M or sparse[1] % block_n)):
         return None
-    if loads_tile(hd, block_n, mask is not None, bias is not None) and (
-            varlen or sparse or (operand_mode(mask) != OPERAND_QUERY_ROW
-                                 and not mask_loadable(mask))):
-        return None  # DM_SM90_MB_LOADS: dense masks the consumers can load, no lists
     if smem_bytes(hd, block_n, stages, mask is not None, bias is not None,
                   key_row_spec(mask, bias, varlen)) > smem_limit:
         return None

@@ -170,20 +170,6 @@ static_assert(DM_SM90_Q_BUFS == 1 || DM_SM90_Q_BUFS == 2, "DM_SM90_Q_BUFS: 1 or 
 #ifndef DM_SM90_LAZY_GAP
 #define DM_SM90_LAZY_GAP 0
 #endif
-// - DM_SM90_MB_LOADS: 1 serves a bool mask beside a full bias (d <= 128) on 128-key tiles, the
-//   bias spec's, with no mask in shared memory (Sm90FwdSmem::kMaskLoads; forward_sm90 reads the
-//   same define for the tile): each consumer thread loads its two rows' mask bytes of the tile
-//   (keys 32t .. 32t + 31: two 16-byte loads per row, issued under S's product), packs them to
-//   one bit word per row (mask_byte_bits) and takes its quad's four words by shuffles, which
-//   are then a block list's element bits for the tile (the kListedPartial code). The producer
-//   classifies no tile by the mask (no tile is skipped as empty, every one is masked per
-//   element). Only dense masks the loads can read (kTile / kKeyRow: 16-byte aligned rows, unit
-//   key stride, forward_sm90.mask_loadable; others are padded first as for TMA), no varlen, no
-//   block lists; forward_sm90 sends the rest to the sm80 family under this define. 0
-//   (default): the 64-key mask + bias specs (mask tiles by TMA, DM_SM90_MB_FOLD).
-#ifndef DM_SM90_MB_LOADS
-#define DM_SM90_MB_LOADS 0
-#endif
 // DM_SM90_EACH_THREAD_ARRIVES=1: the racecheck build (primitives.cuh, warp_arrive): info[],
 // stage_item[] and the key-bias/fold rows are handed over by every thread's arrival.
 
@@ -242,22 +228,17 @@ struct Sm90FwdSmem {
   // values).
   static constexpr int kAuxA = 992;
   static_assert(!kAuxStep || kBlockN * 2 <= kAuxA, "the A words clear the row");
-  // DM_SM90_MB_LOADS: a mask beside a full bias on 128-key tiles is read by the consumers'
-  // loads (no mask slots, no classification by the mask).
-  static constexpr bool kMaskLoads = DM_SM90_MB_LOADS != 0 && kHasMask && kHasBias &&
-                                     !kBiasKeyRow && kBlockN == 128 && kHeadDim <= 128;
-  static constexpr bool kMaskTiles = kHasMask && !kMaskLoads;         // mask slots by TMA
-  static constexpr int kMask = kMaskTiles ? kBlockM * kBlockN : 0;     // one slot
+  static constexpr int kMask = kHasMask ? kBlockM * kBlockN : 0;       // one slot
   // Mask tiles have their own ring, loaded ahead of the K/V ring: the producer classifies a
   // tile from its mask before it spends a K/V stage on it.
   // Consumers hold up to kStages + 1 slots (the tiles in their K/V stages and the one being
   // released), so a load kMaskAhead tiles ahead of the classified one never waits for them.
   // 64-key tiles (8 KB at 128 rows) get 8 slots where shared memory allows, 128-key ones 4.
   static constexpr int kMaskSlots =
-      !kMaskTiles ? 0 : (kBlockN == 64 && kHeadDim <= 128) ? DM_SM90_MB_MASK_SLOTS : 4;
+      !kHasMask ? 0 : (kBlockN == 64 && kHeadDim <= 128) ? DM_SM90_MB_MASK_SLOTS : 4;
   static constexpr int kMaskAhead = kMaskSlots - kStages - 1;
-  static_assert(!kMaskTiles || kMaskAhead >= 1, "at least one mask tile in flight ahead");
-  static constexpr int kMaskRing = kMaskTiles ? kMaskSlots : 1;  // a nonzero modulus
+  static_assert(!kHasMask || kMaskAhead >= 1, "at least one mask tile in flight ahead");
+  static constexpr int kMaskRing = kHasMask ? kMaskSlots : 1;  // a nonzero modulus
   // DM_SM90_MB_FOLD: per stage one more barrier (full_f: the folded bias tile is ready).
   static constexpr bool kFold = DM_SM90_MB_FOLD != 0 && kHasMask && kHasBias && kBlockN == 64 &&
                                 kDynamicItems;
@@ -381,14 +362,6 @@ __host__ __device__ constexpr uint32_t listed_keep_fields(uint32_t w, int t) {
   return ((w >> (2 * t)) & 0x03030303u) * 0x01041040u;
 }
 
-// DM_SM90_MB_LOADS: bytes 0-3 of x (a mask's, nonzero: kept) as bits 0-3. Each byte's top bit
-// is set iff the byte is nonzero (its low 7 bits plus 0x7f carry into bit 7, or bit 7 was
-// set), and one multiply by 1 + 2^7 + 2^14 + 2^21 moves bit 7 + 8i to 28 + i: the 16 partial
-// products land on distinct bits (no carries), the others below bit 28 or past bit 31.
-__host__ __device__ constexpr uint32_t mask_byte_bits(uint32_t x) {
-  return ((((x & 0x7f7f7f7fu) + 0x7f7f7f7fu) | x) & 0x80808080u) * 0x00204081u >> 28;
-}
-
 template <int kRows>
 __host__ __device__ constexpr uint32_t sm90_fwd_bias_ldsm_offset(int c, int w, int lane, int i) {
   return uint32_t(i / 4) * (kRows * 128) +
@@ -509,9 +482,8 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
   // Debug builds' tile counters and DM_SM90_MB_FOLD's fold warps take the mask producer to 64
   // at d <= 128 (the fold at 56/224 spilled 12/40 bytes under NVRTC 13; 64/216 did not).
   constexpr bool kWideProducer = (kDebug || Smem::kFold) && kHeadDim <= 128;
-  // (DM_SM90_MB_LOADS: the producer reads no mask, as without one)
-  constexpr int kProducerRegs = !Smem::kMaskTiles ? 40 : kWideProducer ? 64 : 56;
-  constexpr int kConsumerRegs = !Smem::kMaskTiles ? 232 : kWideProducer ? 216 : 224;
+  constexpr int kProducerRegs = !kHasMask ? 40 : kWideProducer ? 64 : 56;
+  constexpr int kConsumerRegs = !kHasMask ? 232 : kWideProducer ? 216 : 224;
   static_assert(kProducerRegs + 2 * kConsumerRegs <= 3 * 168, "register pool of the CTA");
   using namespace sm90;
 
@@ -525,9 +497,6 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
     if (dyn < uint32_t(Smem::kAlloc)) __trap();  // launcher and kernel disagree on the layout
     if (kBiasKeyRow && args.bias_mode != kOperandKeyRow && args.bias_mode != kOperandKeyChunk)
       __trap();  // a bias stage of one row: forward_sm90.key_row_spec sends only such biases
-    if (Smem::kMaskLoads && (args.mask_mode == kOperandKeyChunk || p.cu_seqlens_q != nullptr ||
-                             p.sp_full_count != nullptr))
-      __trap();  // the mask loads read dense masks only: forward_sm90.tile_for sends no other
   }
   const uint32_t sQ = base, sK = base + Smem::kOffK, sV = base + Smem::kOffV;
   const uint32_t sBias = base + Smem::kOffBias, sMask = base + Smem::kOffMask;
@@ -770,10 +739,10 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
         ++q_item;
       }
       if (kDynamicItems && DM_SM90_CLAIM_AHEAD) claim_issue();
-      const bool mask_tile = Smem::kMaskTiles && args.mask_mode == kOperandTile;
-      const bool mask_chunk = Smem::kMaskTiles && args.mask_mode == kOperandKeyChunk;
+      const bool mask_tile = kHasMask && args.mask_mode == kOperandTile;
+      const bool mask_chunk = kHasMask && args.mask_mode == kOperandKeyChunk;
       const bool mask_keys =
-          mask_tile || mask_chunk || (Smem::kMaskTiles && args.mask_mode == kOperandKeyRow);
+          mask_tile || mask_chunk || (kHasMask && args.mask_mode == kOperandKeyRow);
       const bool bias_tile = kHasBias && args.bias_mode == kOperandTile;
       const bool bias_row = kHasBias && args.bias_mode == kOperandKeyRow;
       const bool bias_chunk = kHasBias && args.bias_mode == kOperandKeyChunk;
@@ -1116,7 +1085,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
                            (kHasMask || (kHasBias && !kBiasKeyRow) || Smem::kQBufs == 1);
     // rows g and g + 8 of the warp's 16, over the 4 lanes of a quad
     OnlineSoftmax<2, 4, kLazy ? DM_SM90_LAZY_GAP : -1> sm;
-    const bool mask_keys = Smem::kMaskTiles && (args.mask_mode == kOperandTile ||
+    const bool mask_keys = kHasMask && (args.mask_mode == kOperandTile ||
                                          args.mask_mode == kOperandKeyRow ||
                                          args.mask_mode == kOperandKeyChunk);
     const bool bias_tile = kHasBias && args.bias_mode == kOperandTile;
@@ -1155,7 +1124,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
       uint32_t bias[kNF][2];  // two 16-bit bias values per (fragment, row half)
       uint32_t mask[kNF];     // two mask bytes per row half: row g in bits 0-15, g + 8 in 16-31
     };
-    const bool mask_tile = Smem::kMaskTiles && args.mask_mode == kOperandTile;
+    const bool mask_tile = kHasMask && args.mask_mode == kOperandTile;
     auto load_operands = [&](TileOperands& ops, int stage, int cls) {
 #if DM_SM90_MB_FOLD  // (#if, not if constexpr: DM_SM90_MB_FOLD=0 builds the kernel without it)
       if (fold_on) {  // the fold warps' fragment order (stage's phase: the caller's `phase`)
@@ -1244,55 +1213,13 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
       uint32_t w[2][kBlockN / 32];
     };
     auto load_listed = [&](ListedWords& lw, int stage, int cls) {
-      if (Smem::kMaskLoads || !(cls & kListedPartial)) return;  // (no lists beside the loads)
+      if (!(cls & kListedPartial)) return;
       const uint32_t* words = p.sp_partial_bits + info[4 * stage + 3];
 #pragma unroll
       for (int r = 0; r < 2; ++r)
 #pragma unroll
         for (int q = 0; q < kBlockN / 32; ++q)
           lw.w[r][q] = __ldg(words + lrow[r] * (p.sp_block_n / 32) + q);
-    };
-    // DM_SM90_MB_LOADS (mask_loads: a dense mask over keys): this thread's rows' mask bytes of
-    // the tile whose first key is n0, keys n0 + 32t .. + 31 (two 16-byte loads per row; rows
-    // past the end read 0: never stored; the load that reaches past len_k reads the row's
-    // padding: its keys are excluded by formula, forward_sm90.mask_loadable says it is there),
-    // issued under S's product, then packed into one bit word per row (bit i: key
-    // n0 + 32t + i) and the quad's four words gathered by shuffles: lw then holds the tile's
-    // element bits as a block list's partial block would.
-    const bool mask_loads = Smem::kMaskLoads && (args.mask_mode == kOperandTile ||
-                                                  args.mask_mode == kOperandKeyRow);
-    const uint8_t* mask_row[2] = {nullptr, nullptr};
-    if (mask_loads) {
-      const uint8_t* m = p.mask + int64_t(mask_b) * p.mask_batch_stride +
-                         int64_t(mask_h) * p.mask_head_stride + 32 * t;
-#pragma unroll
-      for (int r = 0; r < 2; ++r)
-        if (row[r] < len_q) mask_row[r] = m + int64_t(row[r]) * p.mask_row_stride;
-    }
-    auto load_mask_words = [&](ListedWords& lw, int n0) {
-      if (!mask_loads) return;
-      uint4 x[2][2];
-#pragma unroll
-      for (int r = 0; r < 2; ++r)
-#pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-          const int key = n0 + 32 * t + 16 * hh;
-          x[r][hh] = mask_row[r] != nullptr && key < len_k
-              ? __ldg(reinterpret_cast<const uint4*>(mask_row[r] + n0 + 16 * hh))
-              : uint4{0u, 0u, 0u, 0u};
-        }
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        uint32_t w = 0;
-#pragma unroll
-        for (int hh = 0; hh < 2; ++hh)
-          w |= (mask_byte_bits(x[r][hh].x) | mask_byte_bits(x[r][hh].y) << 4 |
-                mask_byte_bits(x[r][hh].z) << 8 | mask_byte_bits(x[r][hh].w) << 12)
-               << (16 * hh);
-#pragma unroll
-        for (int q = 0; q < kBlockN / 32; ++q)
-          lw.w[r][q] = __shfl_sync(0xffffffffu, w, (lane & ~3) | q);
-      }
     };
     // Softcap, bias and exclusion (by the mask's words and/or by formula, as the tile's class
     // says), for the tile whose first key is n0.
@@ -1355,7 +1282,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
             if (kk < lb[e >> 1].lo || kk > lb[e >> 1].hi) s[j][e] = -DM_INF;
           }
       }
-      if ((cls & kListedPartial) || mask_loads) {
+      if (cls & kListedPartial) {
         // Gathered from the prefetched words into keep, bit 2j + e: key 8j + 2t + e of the
         // tile (word q's byte at bits 8q..8q + 7 of keep: listed_keep_fields).
 #pragma unroll
@@ -1474,7 +1401,6 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
       issue_s(s, stage);
       turn_pass();
       load_listed(lw, stage, cls);
-      load_mask_words(lw, n * kBlockN);
       wgmma_wait<0>();
       fence_operands(s);
       load_operands(ops, stage, cls);
@@ -1518,7 +1444,6 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
         turn_pass();
         cls = info[4 * stage + 1];
         load_listed(lw, stage, cls);
-        load_mask_words(lw, n * kBlockN);
         wgmma_wait<1>();
         fence_operands(s);
         load_operands(ops, stage, cls);
