@@ -10,7 +10,9 @@ then, at package import (torch.compile cannot trace a registration, and a model 
 compiled before its first eager call). Registration needs only torch.library: importing this
 module must not import torch._dynamo (seconds of import time; test_import_cost checks it).
 Their real implementations run ``dispatch`` / ``bwd_api`` under ``torch.no_grad()`` (CUDA
-kernels for GPU tensors, the float64 reference for CPU tensors).
+kernels for GPU tensors, the float64 reference for CPU tensors). Eager calls run the same
+implementations through an autograd Function (``_EagerAttention``) rather than the ops: an op's
+first call imports torch._dynamo.
 """
 
 from __future__ import annotations
@@ -156,32 +158,36 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, dout, dlse):
+def _backward(ctx, dout, dlse, bwd=None):
+    """The fwd op's registered autograd (``bwd``: the bwd op; the eager Function passes its
+    implementation)."""
     q, k, v, mask, bias, cu_q, cu_k, out, lse = ctx.saved_tensors[:9]
     sparse = list(ctx.saved_tensors[9:])
     max_q, max_k, scale, wl, wr, softcap, deterministic, backend = ctx.opts
     need_dbias = bias is not None and ctx.needs_input_grad[4]
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv, db = torch.ops.dmattn_cupy.bwd(dout, q, k, v, out, lse, dlse, mask, bias, cu_q,
-                                               cu_k, max_q, max_k, scale, wl, wr, softcap,
-                                               deterministic, need_dbias, backend, sparse,
-                                               *ctx.sp_block)
+    dq, dk, dv, db = (bwd or torch.ops.dmattn_cupy.bwd)(
+        dout, q, k, v, out, lse, dlse, mask, bias, cu_q, cu_k, max_q, max_k, scale, wl, wr,
+        softcap, deterministic, need_dbias, backend, sparse, *ctx.sp_block)
     grads = [dq, dk, dv, None, db if need_dbias else None] + [None] * (_N_FWD_INPUTS - 5)
     grads[15] = [None] * len(sparse)  # the Tensor[] input's gradient keeps its structure
     return tuple(grads)
 
 
 if torch is not None:
-    class _FuncAttention(torch.autograd.Function):
-        """The fwd op's autograd under torch.func transforms (grad, vjp): torch.library's
-        registered autograd cannot run there (its Function has no setup_context); this one
-        saves and differentiates exactly as the registration does (_setup_context,
-        _backward). vmap and forward-mode transforms are not supported (torch says so)."""
+    class _EagerAttention(torch.autograd.Function):
+        """The fwd op's autograd in eager mode, without the ops: their implementations, saved
+        and differentiated exactly as the registration does (_setup_context, _backward).
+        torch.library runs an op's implementation through ``_disable_dynamo``, whose first
+        call imports torch._dynamo (~1.5 s of a first call; nothing is traced in eager), and
+        its registered autograd cannot run under torch.func transforms (grad, vjp: that
+        Function has no setup_context), where this one does. vmap and forward-mode transforms
+        are not supported (torch says so)."""
 
         @staticmethod
         def forward(*args: Any) -> Any:
-            return torch.ops.dmattn_cupy.fwd(*args)
+            return _fwd_impl(*args)
 
         @staticmethod
         def setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
@@ -189,8 +195,11 @@ if torch is not None:
 
         @staticmethod
         def backward(ctx: Any, dout: Any, dlse: Any) -> tuple[Any, ...]:
-            with torch.no_grad():  # bwd has no derivative: no Function around it
-                grads = list(_backward(ctx, dout, dlse))
+            # a torch.func transform's wrapped tensors reach the implementation through the
+            # op, which unwraps them (the forward gets them unwrapped)
+            wrapped = torch._C._functorch.is_functorch_wrapped_tensor(ctx.saved_tensors[0])
+            with torch.no_grad():  # no derivative of the backward
+                grads = list(_backward(ctx, dout, dlse, None if wrapped else _bwd_impl))
             grads[15] = None  # the block lists: a list input, not a tensor
             return tuple(grads)
 
@@ -225,15 +234,10 @@ def wants_autograd(query: Any, *others: Any) -> bool:
         isinstance(x, torch.Tensor) and x.requires_grad for x in (query, *others))
 
 
-def _under_functorch(*xs: Any) -> bool:
-    """Whether a torch.func transform (grad, vjp) wraps any of these tensors."""
-    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-    return any(isinstance(x, torch.Tensor) and wrapped(x) for x in xs)
-
-
 def _call_fwd(pb: Problem | None, *args: Any) -> Any:
-    functorch = not _compiling() and _under_functorch(*args[:5])  # dynamo cannot trace the test
-    op = _FuncAttention.apply if functorch else torch.ops.dmattn_cupy.fwd
+    """The fwd op while torch.compile traces, else its eager Function (``pb``: the validated
+    problem, None while tracing)."""
+    op = torch.ops.dmattn_cupy.fwd if _compiling() else _EagerAttention.apply
     if pb is None:  # torch.compile traces this (it cannot trace ContextVar.set)
         return op(*args)
     token = _validated.set(pb)

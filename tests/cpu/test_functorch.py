@@ -1,5 +1,5 @@
-"""torch.func transforms over the API (grad, vjp) through the custom ops' autograd
-(autograd._FuncAttention), on the CPU with the float64 reference backend: the gradients equal
+"""torch.func transforms over the API (grad, vjp) through the eager autograd Function
+(autograd._EagerAttention), on the CPU with the float64 reference backend: the gradients equal
 torch.autograd's of the same calls exactly; vmap is not supported and says so (TypeError)."""
 
 from __future__ import annotations

@@ -54,3 +54,26 @@ def test_constant_mark_is_what_torch_s_decorator_sets() -> None:
     added = {k: v for k, v in vars(probe).items() if k not in before}
     assert added == {autograd.DYNAMO_CONSTANT_ATTR: True}
     assert getattr(autograd._lists_fit_constant, autograd.DYNAMO_CONSTANT_ATTR) is True
+
+
+_EAGER_PROBE = r"""
+import json, sys
+import torch
+import dmattn_cupy as dm
+q, k, v = (torch.randn(1, 40, 2, 32, requires_grad=True) for _ in range(3))
+bias = torch.randn(1, 2, 40, 40, requires_grad=True)
+out = dm.flash_dmattn_func(q, k, v, attn_bias=bias, scale=0.3)   # the validated route
+dq, dbias = torch.autograd.grad(out.sum(), (q, bias))
+print(json.dumps({"dynamo": "torch._dynamo" in sys.modules,
+                  "finite": bool(dq.isfinite().all() and dbias.isfinite().all())}))
+"""
+
+
+def test_an_eager_gradient_call_imports_no_dynamo() -> None:
+    """A gradient call on the validated route (here ``scale=`` on CPU tensors) runs the ops'
+    implementations through an autograd Function: a custom op's first call would import
+    torch._dynamo (its kernel is wrapped in ``_disable_dynamo``), ~1.3 s of a first call."""
+    out = subprocess.run([sys.executable, "-c", _EAGER_PROBE], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"dynamo": False, "finite": True}

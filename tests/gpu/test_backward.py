@@ -516,7 +516,7 @@ def test_unaligned_out_rows(d):
 
 
 def test_torch_func_grad():
-    """torch.func.grad over the API on CUDA: the custom ops' autograd (autograd._FuncAttention;
+    """torch.func.grad over the API on CUDA: the eager autograd Function (autograd._EagerAttention;
     the thin path does not take wrapped tensors) gives the same gradients as torch.autograd in
     deterministic mode, bit for bit, and they pass the reference check."""
     q, k, v = _qkv(2, 40, 70, 4, 2, 64, "bfloat16", seed=37)
