@@ -16,7 +16,7 @@ it, autograd's backward included), the minimum of 7 rounds, which a busy machine
 less than wall time. Stages of the forward:
 validate (``check_dense``), select (family + spec), params (``build_fwd_params``), sm90 maps
 (the Hopper family's tensor-map record), launch (one ``runtime.launch``), then end-to-end rows:
-the public forward without and with autograd (torch custom op / autograd.Function), a decode
+the public forward without and with autograd (the thin path's autograd.Function), a decode
 step, forward + backward through ``torch.autograd.grad``, and the thin launch path alone.
 """
 
@@ -219,7 +219,7 @@ def stages(calls: int, device: str) -> list[tuple[str, float | None]]:
     row("forward mask+bias, no grad (api)",
         lambda: dm.flash_dmattn_func(q, k, v, attn_mask=mask, attn_bias=bias))
     qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
-    row("forward, grad (custom op / autograd)", lambda: dm.flash_dmattn_func(qg, kg, vg))
+    row("forward, grad (autograd.Function)", lambda: dm.flash_dmattn_func(qg, kg, vg))
     dout = torch.randn_like(q)
     row("fwd+bwd (autograd.grad)", lambda: torch.autograd.grad(
         dm.flash_dmattn_func(qg, kg, vg), (qg, kg, vg), dout))
@@ -248,7 +248,7 @@ def stages(calls: int, device: str) -> list[tuple[str, float | None]]:
     lens = torch.full((1,), Sk, device=device, dtype=torch.int32)
     row("decode step, kvcache paged64 mask + bias (api)", lambda: dm.flash_dmattn_with_kvcache(
         qd, kc, vc, cache_seqlens=lens, block_table=table, attn_mask=mc, attn_bias=bc))
-    row("fwd+bwd through the custom ops (torch.compile's route)", lambda: torch.autograd.grad(
+    row("fwd+bwd, validated route (autograd.dense)", lambda: torch.autograd.grad(
         autograd.dense(qg, kg, vg, None, None, None, False, (-1, -1), 0.0, None, False, False,
                        "auto"), (qg, kg, vg), dout))
     # calibration: what torch itself costs on this machine
