@@ -47,8 +47,8 @@
 // mbarrier (one arrival per dQ warp; consumer 0's warp 0 also writes the slot's "nothing to
 // add" word, set for a tile the mask drops entirely, which still passes the ring). The writer
 // waits for full, takes the deterministic turn, adds the tile (one bulk tensor reduce), waits
-// for the adds to read the slot and
-// arrives on empty; two slots, one at d128 with a bias tile (shared memory).
+// for the adds to read the slot and arrives on empty; two slots, one at d128 with a bias tile
+// (shared memory).
 // A/B switch (default off): DM_SM90_BWD_DQ_SLOTS=1 gives the ring one slot everywhere.
 // Deterministic mode (args.dq_sem: zeroed int32 words, [0] a CTA ticket, then one counter per
 // (batch, head, query tile)): a CTA takes its linear position from the ticket (atomicAdd), not
