@@ -424,12 +424,13 @@ def test_item_order_changes_no_output_bit(monkeypatch):
     (against float64: a skipped item leaves its rows unwritten, a repeated one means another
     was skipped), and out equals the kernel's own order (DMATTN_SM90_FWD_ORDER=0) bit for bit:
     an item's rows are one CTA's work whatever the order. Sq 4400, H 4, B 2: 35 x 8 = 280
-    items, two whole groups and a partial one, about two claims per CTA."""
+    items, two whole groups and a partial one, about two claims per CTA; Sk 640 (five key
+    blocks: items of 0-5 listed blocks to rank) keeps the float64 reference small."""
     families: list[str] = []
     get_kernel = runtime.get_kernel
     monkeypatch.setattr(runtime, "get_kernel",
                         lambda spec, dev: families.append(spec.family) or get_kernel(spec, dev))
-    sq = sk = 4400
+    sq, sk = 4400, 640
     q, k, v = _qkv(sq, sk, 21)
     mask = make_mask("bitset_bh", sq, sk, seed=22)
     ordered = _check(q, k, v, mask)
