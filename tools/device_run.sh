@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # One device-machine call that does the whole GPU check-up and leaves logs under $OUT:
 #   bash tools/device_run.sh [fa4] [precompile] [tests] [sanitize] [sanitize-random] [bench]
-#                            [profile] [profile-src]
+#                            [profile] [profile-src] [first]
 #   (default: precompile tests sanitize bench)
 # fa4: install FlashAttention-4 into /tmp/fa4site from the staged wheel parts
 # (tools/fa4_install.sh; .whl/partA staged by an earlier call, .whl/partB carried by this one);
-# precompile: every specialization for this GPU into the kernel cache, 16 processes;
+# precompile: every specialization for this GPU into the kernel cache, 16 processes, and the
+# backward A/B builds the GPU tests build (test_backward_sm90_builds, _dq_writer);
 # tests: the GPU suite (-n 16; failures also in $OUT/failures.txt as they happen); sanitize: compute-sanitizer memcheck and racecheck on a representative
 # subset; sanitize-random: memcheck over the first RANDOM_CASES (default 24) calls of
 # tests/gpu/test_random_calls.py; bench: every tools/bench case, JSON + table (FA4 and Flex
@@ -14,7 +15,9 @@
 # PROFILE_KERNEL: a kernel-name regex, default flash_fwd: the Hopper or the portable kernel);
 # profile-src: the same launch's stall samples per SASS instruction (tools/ncu_source.py; e.g.
 # PROFILE_CASE=backward PROFILE_KERNEL=flash_bwd_sm90; PROFILE_ARGS: more bench flags, e.g.
-# "--seqlen 2048"). At most 8 files come back from $OUT: gpu.txt and info.txt count.
+# "--seqlen 2048"); first: the first fwd+bwd of a new process split by phase, dmattn and SDPA
+# (tools/first_call_split.py, after one warming process; the profile in first_call.txt).
+# At most 8 files come back from $OUT: gpu.txt and info.txt count.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 DMATTN_CACHE_DIR=/tmp/dmattn-cache
@@ -31,7 +34,12 @@ for step in $steps; do
       echo "fa4 install rc=$?: $(tail -1 "$OUT/fa4_install.log")" ;;
     precompile)
       python3 -m dmattn_cupy.precompile --arch "$arch" --debug --jobs 16 --fill-cache \
-        > "$OUT/precompile.log" 2>&1; echo "precompile rc=$?: $(tail -1 "$OUT/precompile.log")" ;;
+        > "$OUT/precompile.log" 2>&1; echo "precompile rc=$?: $(tail -1 "$OUT/precompile.log")"
+      for d in DM_SM90_BWD_DQ_WRITER=0 DM_SM90_BWD_DQ_SLOTS=1 DM_SM90_BWD_BIAS_LDSM=0 \
+               DM_SM90_BWD_DET_KEY_MAJOR=0 DM_SM90_BWD_DQ_WRITERS=1 DM_SM90_BWD_DQ_SHARED_SLOT=0; do
+        DMATTN_NVRTC_DEFINES=$d python3 -m dmattn_cupy.precompile --arch "$arch" --only bwd_sm90 \
+          --jobs 16 --fill-cache >> "$OUT/precompile.log" 2>&1
+      done; echo "A/B builds rc=$?: $(tail -1 "$OUT/precompile.log")" ;;
     tests)
       # failures_at_once: each failure written to $OUT/failures.txt as it happens
       PYTHONPATH=$PWD:$PWD/tools python3 -m pytest -m gpu -q -n 16 --maxfail=200 --timeout=200 \
@@ -90,6 +98,10 @@ for step in $steps; do
       ncu -i "$OUT/src_$case_.ncu-rep" --page source --csv --print-source sass \
         | gzip > "$OUT/src_$case_.csv.gz" && rm -f "$OUT/src_$case_.ncu-rep"
       python3 tools/ncu_source.py "$OUT/src_$case_.csv.gz" --top 20 ;;
+    first)
+      python3 tools/first_call_split.py --runs 1 > /dev/null 2>&1   # kernels into the cache
+      python3 tools/first_call_split.py --runs 2 --profile 40 > "$OUT/first_call.txt" 2>&1
+      echo "first call rc=$?"; grep -E "^run " "$OUT/first_call.txt" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done
