@@ -203,11 +203,17 @@ def nop_function(torch: Any) -> Any:
     return Nop
 
 
+# The phases a first-call process reports (seconds; the second fwd+bwd in ms).
+FIRST_CALL_PHASES = ("torch_import_s", "lib_import_s", "init_s", "first_fwd_s",
+                     "first_bwd_s", "second_ms")
+
 _FIRST_CALL = r"""
-import json, sys, time
+import cProfile, io, json, pstats, sys, time
 t0 = time.perf_counter()
 import torch
-which, B, H, S, D = sys.argv[1], *map(int, sys.argv[2:6])
+t1 = time.perf_counter()
+which, device, top = sys.argv[1], sys.argv[2], int(sys.argv[3])
+B, H, S, D = map(int, sys.argv[4:8])
 if which == "dmattn":
     import dmattn_cupy as dm
     f = lambda q, k, v: dm.flash_dmattn_func(q, k, v)
@@ -215,51 +221,87 @@ else:
     F = torch.nn.functional
     f = lambda q, k, v: F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
-t1 = time.perf_counter()
-q, k, v = (torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-           for _ in range(3))
-torch.cuda.synchronize()
+sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+if device == "stub":
+    from host_profile import stub_gpu
+    stub = stub_gpu()  # held: a dropped context manager's generator closes and unpatches
+    stub.__enter__()
 t2 = time.perf_counter()
-out = f(q, k, v)
-torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
-torch.cuda.synchronize()
+q, k, v = (torch.randn(B, S, H, D, device="cpu" if device == "stub" else device,
+                       dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+sync()
 t3 = time.perf_counter()
+prof = cProfile.Profile() if top else None
+if prof:
+    prof.enable()
+out = f(q, k, v)
+sync()
+t4 = time.perf_counter()
+torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+sync()
+t5 = time.perf_counter()
+if prof:
+    prof.disable()
 out = f(q, k, v)
 torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
-torch.cuda.synchronize()
-t4 = time.perf_counter()
-print("RESULT " + json.dumps({"import_s": t1 - t0, "cuda_init_s": t2 - t1,
-                              "first_s": t3 - t2, "second_s": t4 - t3}))
+sync()
+t6 = time.perf_counter()
+print("RESULT " + json.dumps({"torch_import_s": t1 - t0, "lib_import_s": t2 - t1,
+                              "init_s": t3 - t2, "first_fwd_s": t4 - t3, "first_bwd_s": t5 - t4,
+                              "second_ms": (t6 - t5) * 1e3}))
+if prof:
+    s = io.StringIO()
+    pstats.Stats(prof, stream=s).sort_stats("cumulative").print_stats(top)
+    print(s.getvalue())
 """
 
 
-def _host_first_call(ctx: Ctx, res: CaseResult, shape: dict[str, Any]) -> None:
-    root = str(Path(__file__).resolve().parents[2])
+def run_first_call(which: str, device: str = "cuda", top: int = 0,
+                   dims: tuple[int, int, int, int] = (1, 1, 128, 64)
+                   ) -> tuple[dict[str, float], str, float]:
+    """A new Python process's first forward + backward of ``which`` ("dmattn" or "sdpa") on
+    (B, H, S, D) = ``dims`` bf16 inputs: its phases (FIRST_CALL_PHASES), what it printed after
+    them (cProfile's ``top`` functions of the first fwd+bwd when ``top`` > 0) and the process's
+    wall seconds. ``device``: cuda, cpu, or stub (CPU tensors posing as CUDA with every GPU
+    call a no-op: tools/host_profile.stub_gpu). RuntimeError when the process fails."""
+    root = Path(__file__).resolve().parents[2]
     env = dict(os.environ)
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    dims = [str(shape[k]) for k in ("batch", "heads", "seqlen", "headdim")]
+    env["PYTHONPATH"] = os.pathsep.join((str(root), str(root / "tools"),
+                                         env.get("PYTHONPATH", "")))
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-c", _FIRST_CALL, which, device, str(top),
+                        *map(str, dims)], env=env, capture_output=True, text=True, timeout=600)
+    wall = time.perf_counter() - t0
+    lines = p.stdout.splitlines()
+    res = [i for i, ln in enumerate(lines) if ln.startswith("RESULT ")]
+    if p.returncode or not res:
+        tail = (p.stderr.strip().splitlines() or ["no output"])[-1][:300]
+        raise RuntimeError(f"{which} on {device}: exit {p.returncode}: {tail}")
+    return json.loads(lines[res[-1]][7:]), "\n".join(lines[res[-1] + 1:]), wall
+
+
+def _host_first_call(ctx: Ctx, res: CaseResult, shape: dict[str, Any]) -> None:
+    dims = (int(shape["batch"]), int(shape["heads"]), int(shape["seqlen"]),
+            int(shape["headdim"]))
     for which, role in (("dmattn", "dmattn"), ("sdpa", "peer")):
         r = ImplResult(name=f"{which} first fwd+bwd, new process", role=role)
         res.impls.append(r)
         if not ctx.cuda:
             r.status, r.note = "n/a", "needs a CUDA device"
             continue
-        t0 = time.perf_counter()
-        p = subprocess.run([sys.executable, "-c", _FIRST_CALL, which, *dims], env=env,
-                           capture_output=True, text=True, timeout=600)
-        wall = time.perf_counter() - t0
-        line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-        if p.returncode or not line:
+        try:
+            d, _, wall = run_first_call(which, "cuda", dims=dims)
+        except RuntimeError as e:
             r.status = "n/a" if role == "peer" else "error"
-            r.note = (p.stderr.strip().splitlines() or ["no output"])[-1][:300]
+            r.note = str(e)
             continue
-        d = json.loads(line[-1][7:])
         r.wall_ms = r.ms_min = r.ms_p90 = wall * 1e3
-        r.first_call_s = d["first_s"]
+        r.first_call_s = d["first_fwd_s"] + d["first_bwd_s"]
         r.reps = 1
-        r.note = (f"process wall {wall:.2f} s: import {d['import_s']:.2f} s, CUDA init + "
-                  f"inputs {d['cuda_init_s']:.2f} s, first fwd+bwd {d['first_s']:.3f} s, "
-                  f"second {d['second_s'] * 1e3:.2f} ms")
+        imports = d["torch_import_s"] + d["lib_import_s"]
+        r.note = (f"process wall {wall:.2f} s: import {imports:.2f} s, CUDA init + inputs "
+                  f"{d['init_s']:.2f} s, first fwd {d['first_fwd_s']:.3f} s, first bwd "
+                  f"{d['first_bwd_s']:.3f} s, second {d['second_ms']:.2f} ms")
 
 
 _RUN = {"host_fwd": _host_fwd, "host_decode": _host_decode, "host_fwd_bwd": _host_fwd_bwd,
