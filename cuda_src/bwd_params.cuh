@@ -33,9 +33,6 @@ struct BwdParams {
   // dbias has the bias's own shape; a broadcast dimension has stride 0 (summed over).
   int64_t dbias_batch_stride, dbias_head_stride, dbias_row_stride, dbias_col_stride;
   int64_t dbias_qseq_stride, dbias_kseq_stride;
-  // Added per key tile (n0 / kBlockN) of the dK/dV kernel: a key-broadcast dbias written to
-  // one float32 slot per key tile (deterministic mode), summed in order afterwards; else 0.
-  int64_t dbias_tile_stride;
   int32_t dbias_mode;          // 0 none; 1 store once; 2 fp32 add (CTA-exclusive); 3 fp32 atomic
   int32_t dbias_is_fp32;       // mode 1: element type of dbias (1 = float32, 0 = query dtype)
   float scale;                 // softmax_scale (natural units)

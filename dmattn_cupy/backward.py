@@ -309,7 +309,6 @@ def backward_call(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out:
     if dbias_st is not None:
         for field in ("batch", "head", "row", "col", "qseq", "kseq"):
             r[f"dbias_{field}_stride"] = getattr(dbias_st, field)
-    r["dbias_tile_stride"] = 0   # (key-tile slots of a key-broadcast dbias: row_shift instead)
     r["dbias_mode"] = mode
     r["dbias_is_fp32"] = int(want_dbias and plan.allocs[0].dtype == "float32")
     r["scale"] = pb.scale

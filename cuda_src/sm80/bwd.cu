@@ -558,8 +558,7 @@ flash_bwd_dkdv_kernel(const BwdParams bp) {
     }
     if (want_dbias)
       write_dbias<T, kBlockM, kBlockN, kBStride, kThreads>(
-          bp, sB, dbias_offset(bp, b, h, seq) + blockIdx.x * bp.dbias_tile_stride, m0, n0,
-          seq.len_q, seq.len_k);
+          bp, sB, dbias_offset(bp, b, h, seq), m0, n0, seq.len_q, seq.len_k);
     __syncthreads();  // this stage, P/dS and the bias tile are rewritten next
     item = item_next;
     bits = bits_next;
