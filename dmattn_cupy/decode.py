@@ -11,11 +11,6 @@ Environment (developers and tests; read by ``env``):
   (every supported problem, whatever its query length).
 - ``DMATTN_NUM_SPLITS``: unset/``auto`` = the heuristic below; an integer >= 1 forces it
   (capped at the number of key tiles and ``MAX_SPLITS``).
-- ``DMATTN_DECODE_RING`` (``0`` default / ``1``): on compute capability 9.0, the persistent
-  TMA ring kernel (sm90/fwd_decode_ring.cu: one CTA per SM, a producer warp loading K/V as
-  tensor-map boxes (ring_maps), 2..8 stages) instead of fwd_decode.cu where it takes the
-  layout (``ring_stages``);
-  ``DMATTN_DECODE_RING_STAGES`` caps its depth (default ``RING_STAGES``).
 - ``DMATTN_DECODE_STAGES``: unset/``auto`` = ``choose_stages``; ``2`` or ``3`` forces the
   cp.async kernel's depth where a spec of that depth exists (``DEEP_HEAD_DIMS``).
 """
@@ -26,24 +21,13 @@ import dataclasses
 import math
 from typing import Any
 
-import numpy as np
-
-from . import arrays, env, ring_maps, runtime
+from . import arrays, env, runtime
 from .arrays import ArrayInfo, describe
-from .device import DeviceProps, parse_arch
-from .families import (
-    DECODE_MAX_SLOTS,
-    FAMILIES,
-    RING_MAX_STAGES,
-    RING_SMEM,
-    decode_smem,
-    ring_smem,
-    ring_warps,
-)
+from .device import DeviceProps
+from .families import DECODE_MAX_SLOTS, decode_smem
 from .launch_plan import Alloc, Launch, Plan
 from .layout import build_fwd_params, fwd_pointer_fields
 from .spec import DTYPES, HEAD_DIMS, KernelSpec, padded_head_dim
-from .tensor_map import TensorMapError
 from .validate import Problem
 
 DECODE_MAX_Q = 8        # queries per sequence up to which the decode kernel is used
@@ -54,7 +38,6 @@ MAX_SPLITS = 128
 COMBINE_WARPS = 8       # warps per combine CTA (each pair merged by combine_warps_per_pair)
 COMBINE_BATCH = 4       # fwd_combine.cu's kCombineBatch: splits one warp loads at once
 RESERVED_SMEM_PER_CTA = 1024  # shared memory the driver reserves per resident CTA
-RING_STAGES = 6         # the ring kernel's default depth (at most; fewer where they do not fit)
 DEEP_STAGES = 3         # fwd_decode.cu's deeper pipeline, specialized at DEEP_HEAD_DIMS only
 DEEP_HEAD_DIMS = (128,)
 DEEP_MIN_TILES = 32     # key tiles per CTA from which the deeper pipeline pays (see choose_stages)
@@ -80,39 +63,6 @@ def decode_spec(pb: Problem, arch: str = "sm_80", stages: int = 1) -> KernelSpec
                       **_common(pb, arch))
 
 
-def ring_spec(pb: Problem) -> KernelSpec:
-    """The sm_90a ring decode specialization of ``pb`` (sm90/fwd_decode_ring.cu)."""
-    hd = padded_head_dim(pb.head_dim)
-    return KernelSpec(family="fwd_decode_ring", block_m=BLOCK_M, block_n=BLOCK_N,
-                      num_warps=ring_warps(hd), has_mask=pb.mask is not None,
-                      has_bias=pb.bias is not None, varlen=pb.varlen,
-                      dtype="fp16" if pb.dtype == "float16" else "bf16", head_dim=hd)
-
-
-def ring_stages(pb: Problem, dev: DeviceProps, mask_rows: int, bias_rows: int,
-                page_size: int = 0) -> int:
-    """Stages of the ring kernel for ``pb`` on ``dev`` with these staged mask/bias rows
-    (``page_size`` > 0: K/V are a paged pool), or 0 where it does not take the call:
-    DMATTN_DECODE_RING off, not compute capability 9.0, rows whose bytes are not a multiple
-    of 16 (head_dim % 8), k/v bases not 16-byte aligned, K/V layouts a tensor map cannot
-    describe (ring_maps: broadcast, negative or non-16-byte strides), or fewer than 2 stages
-    fit."""
-    if not env.decode_ring() or dev.cc != (9, 0) or pb.head_dim % 8:
-        return 0
-    if pb.k.ptr % 16 or pb.v.ptr % 16:
-        return 0
-    try:
-        ring_maps.ring_maps(pb, page_size)
-    except TensorMapError:
-        return 0
-    hd = padded_head_dim(pb.head_dim)
-    cap = min(env.decode_ring_stages() or RING_STAGES, RING_MAX_STAGES)
-    limit = min(RING_SMEM, dev.smem_per_block)
-    fit = [s for s in range(2, cap + 1)
-           if ring_smem(hd, ring_warps(hd), mask_rows, bias_rows, s) <= limit]
-    return fit[-1] if fit else 0
-
-
 def combine_warps_per_pair(num_splits: int, num_warps: int = COMBINE_WARPS) -> int:
     """fwd_combine.cu's warps per (row, head) pair: the fewest (a power of two up to the
     CTA's) whose splits fit one load batch each."""
@@ -132,10 +82,8 @@ def combine_spec(pb: Problem, arch: str = "sm_80") -> KernelSpec:
 
 
 def all_decode_specs(arch: str = "sm_80") -> list[KernelSpec]:
-    """Every decode and combine specialization for a portable target ``arch`` (and, where
-    ``arch`` is compute capability 9.0, every sm_90a ring decode specialization)."""
+    """Every decode and combine specialization for a portable target ``arch``."""
     specs = []
-    ring = FAMILIES["fwd_decode_ring"].runs_on(parse_arch(arch)[0])
     for dtype in DTYPES:
         for hd in HEAD_DIMS:
             for mask in (False, True):
@@ -147,12 +95,6 @@ def all_decode_specs(arch: str = "sm_80") -> list[KernelSpec]:
                                                     block_n=BLOCK_N, num_warps=NUM_WARPS,
                                                     has_mask=mask, has_bias=bias,
                                                     varlen=varlen, stages=st, arch=arch))
-                        if ring:
-                            specs.append(KernelSpec(family="fwd_decode_ring", dtype=dtype,
-                                                    head_dim=hd, block_m=BLOCK_M,
-                                                    block_n=BLOCK_N, num_warps=ring_warps(hd),
-                                                    has_mask=mask, has_bias=bias,
-                                                    varlen=varlen))
             specs.append(KernelSpec(family="fwd_combine", dtype=dtype, head_dim=hd, block_m=1,
                                     block_n=1, num_warps=COMBINE_WARPS, arch=arch))
     return specs
@@ -166,7 +108,7 @@ def num_m_blocks(pb: Problem) -> int:
 def num_splits_heuristic(ctas: int, slots: int, n_tiles: int, max_splits: int = MAX_SPLITS,
                          sms: int | None = None) -> int:
     """The split count of a grid of ``ctas`` CTAs of ``n_tiles`` key tiles each, ``slots`` of
-    them resident at once on ``sms`` SMs (None: the persistent ring, one slot per SM).
+    them resident at once on ``sms`` SMs (None: not known).
 
     At most one CTA per SM (``ctas <= sms``, given): one wave, the split count with the fewest
     key tiles on the busiest SM (CTAs round-robin over the SMs: ceil(ctas * s / sms) *
@@ -288,17 +230,8 @@ def choose_num_splits(pb: Problem, spec: KernelSpec, registers: int, dev: Device
     if forced is not None:
         return max(1, min(forced, n_tiles, MAX_SPLITS))
     ctas = num_m_blocks(pb) * pb.kv_heads * pb.batch
-    if spec.family == "fwd_decode_ring":  # persistent: one CTA per SM takes the items
-        return num_splits_heuristic(ctas, dev.sm_count, n_tiles)
     slots = dev.sm_count * resident_ctas(spec, registers, dev, smem)
     return num_splits_heuristic(ctas, slots, n_tiles, sms=dev.sm_count)
-
-
-def ring_grid(pb: Problem, num_splits: int, dev: DeviceProps) -> tuple[int, int, int]:
-    """The ring kernel's persistent grid: one CTA per SM, at most one per work item (item =
-    (sequence, kv head, 16-row slab, split); CTA c takes items c, c + grid, ...)."""
-    items = num_m_blocks(pb) * num_splits * pb.kv_heads * pb.batch
-    return max(1, min(items, dev.sm_count)), 1, 1
 
 
 _carveout_set: set[tuple[KernelSpec, int]] = set()
@@ -320,33 +253,24 @@ def plan_decode(pb: Problem, plan: Plan, query: Any, out: ArrayInfo, lse_ptr: in
         rec[0][name] = value
         if name in sources:   # a pointer field the plan's caller supplies (KV_INPUTS)
             plan.slot(name, rec, name)
-    mask_rows, bias_rows = set_slot_modes(rec[0])
-    mask_rows, bias_rows = (mask_rows if pb.mask is not None else 0,
-                            bias_rows if pb.bias is not None else 0)
-    page_size = int(rec[0]["page_size"]) if int(rec[0]["block_table"]) else 0
-    stages = ring_stages(pb, props, mask_rows, bias_rows, page_size)
-    spec = ring_spec(pb) if stages else decode_spec(pb, props.arch)
+    spec = decode_spec(pb, props.arch)
     kernel = runtime.get_kernel(spec, dev)
-    if not stages and spec.head_dim in DEEP_HEAD_DIMS:
+    if spec.head_dim in DEEP_HEAD_DIMS:
         deep = dataclasses.replace(spec, stages=DEEP_STAGES)
         if choose_stages(pb, spec, kernel.registers, props, launch_smem(deep, rec[0]),
                          num_splits > 0) == DEEP_STAGES:
             spec = deep
             kernel = runtime.get_kernel(spec, dev)
-    if (spec, dev) not in _carveout_set:  # several decode CTAs per SM / the ring's 227 KB
+    if (spec, dev) not in _carveout_set:  # several decode CTAs per SM
         runtime.prefer_shared_memory(kernel)
         _carveout_set.add((spec, dev))
     n_tiles = math.ceil(pb.seqlen_k / spec.block_n)
-    if stages:  # persistent: its ring sized by the launch's shared memory
-        smem = ring_smem(spec.head_dim, spec.num_warps, mask_rows, bias_rows, stages)
-    else:
-        smem = launch_smem(spec, rec[0])
+    smem = launch_smem(spec, rec[0])
     if num_splits > 0:
         ns = max(1, min(num_splits, n_tiles, MAX_SPLITS))
     else:
         ns = choose_num_splits(pb, spec, kernel.registers, props, smem)
-    grid = ring_grid(pb, ns, props) if stages else (num_m_blocks(pb) * ns, pb.kv_heads,
-                                                     pb.batch)
+    grid = (num_m_blocks(pb) * ns, pb.kv_heads, pb.batch)
     total_rows = pb.total_q if pb.varlen else pb.batch * pb.seqlen_q
     r = rec[0]
     r["num_splits"] = ns
@@ -364,19 +288,10 @@ def plan_decode(pb: Problem, plan: Plan, query: Any, out: ArrayInfo, lse_ptr: in
         r["o_accum"], r["lse_accum"] = base, base + lse_at
         plan.slot("o_acc", rec, "o_accum")
         plan.slot("o_acc", rec, "lse_accum", add=lse_at)
-    extra: tuple[Any, ...] = ()
-    if stages:  # K/V tensor maps; a cached plan patches their addresses (or re-encodes them)
-        extra = (ring_maps.build_args(pb, page_size),)
-        slots = ring_maps.address_slots(pb, page_size)
-        if slots is None:
-            plan.hooks.append(_reencode_maps(pb, page_size, extra[0]))
-        else:
-            for name, off in slots:
-                plan.slot_at(name, extra[0], off)
     # Never a programmatic launch itself: launched during the KV-cache append, its CTAs were
     # placed around the append's and the split grid ran unbalanced (+5-14% at 8 x 4096 and
     # 8 x 8192 keys, H200, BENCHMARKS.md).
-    plan.launches.append(Launch(kernel, grid, (rec, *extra), shared_mem=smem))
+    plan.launches.append(Launch(kernel, grid, (rec,), shared_mem=smem))
     if ns > 1:
         combine = runtime.get_kernel(combine_spec(pb, props.arch), dev)
         n_pairs = total_rows * pb.heads
@@ -384,23 +299,3 @@ def plan_decode(pb: Problem, plan: Plan, query: Any, out: ArrayInfo, lse_ptr: in
                                     programmatic=props.cc[0] >= 9
                                     and env.programmatic_launches()))
     return keep
-
-
-def _reencode_maps(pb: Problem, page_size: int, record: Any) -> Any:
-    """A plan hook re-encoding the ring's K/V maps for new pointers (where the driver's map
-    layout cannot be patched), cached per pointer pair."""
-    cache: dict[tuple[int, int], bytes] = {}
-
-    def hook(ptrs: dict[str, int]) -> None:
-        key = (ptrs["k"], ptrs["v"])
-        raw = cache.get(key)
-        if raw is None:
-            moved = dataclasses.replace(pb, k=dataclasses.replace(pb.k, ptr=key[0]),
-                                        v=dataclasses.replace(pb.v, ptr=key[1]))
-            raw = ring_maps.build_args(moved, page_size).tobytes()
-            if len(cache) >= 64:
-                cache.clear()
-            cache[key] = raw
-        record.view(np.uint8)[:] = np.frombuffer(raw, dtype=np.uint8)
-
-    return hook

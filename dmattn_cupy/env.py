@@ -65,27 +65,6 @@ def forced_splits() -> int | None:
     return n
 
 
-def decode_ring() -> bool:
-    """``DMATTN_DECODE_RING``: ``1`` runs decode on compute capability 9.0 through the
-    persistent TMA ring kernel (sm90/fwd_decode_ring.cu) where it takes the layout;
-    ``0`` (default) keeps the cp.async kernel (sm80/fwd_decode.cu)."""
-    val = os.environ.get("DMATTN_DECODE_RING", "0")
-    if val not in ("", "0", "1"):
-        raise ValueError(f"DMATTN_DECODE_RING must be '0' or '1', got {val!r}")
-    return val == "1"
-
-
-def decode_ring_stages() -> int | None:
-    """``DMATTN_DECODE_RING_STAGES``: the ring kernel's depth (2..8; fewer where shared memory
-    holds fewer); unset: the launcher's default."""
-    val = os.environ.get("DMATTN_DECODE_RING_STAGES", "")
-    if val == "":
-        return None
-    if not val.isdigit() or not 2 <= int(val) <= 8:
-        raise ValueError(f"DMATTN_DECODE_RING_STAGES must be an integer in 2..8, got {val!r}")
-    return int(val)
-
-
 def decode_stages() -> int | None:
     """``DMATTN_DECODE_STAGES``: None for ``auto`` (decode.choose_stages), else 2 or 3."""
     val = os.environ.get("DMATTN_DECODE_STAGES", "auto")
@@ -176,8 +155,7 @@ def programmatic_launches() -> bool:
 PLAN_VARIABLES = ("DMATTN_FWD_FAMILY", "DMATTN_BWD_FAMILY", "DMATTN_FWD_TILE", "DMATTN_DECODE",
                   "DMATTN_NUM_SPLITS", "DMATTN_CHECK", "DMATTN_NVRTC_DEFINES",
                   "DMATTN_SM90_BWD_SPARSE", "DMATTN_SM90_BWD_ORDER", "DMATTN_SM90_FWD_ORDER",
-                  "DMATTN_DECODE_RING",
-                  "DMATTN_DECODE_RING_STAGES", "DMATTN_DECODE_STAGES", "DMATTN_PDL")
+                  "DMATTN_DECODE_STAGES", "DMATTN_PDL")
 _environ_data = getattr(os.environ, "_data", None)
 _encoded = tuple(os.environ.encodekey(n) for n in PLAN_VARIABLES) \
     if _environ_data is not None and hasattr(os.environ, "encodekey") else None

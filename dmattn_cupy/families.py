@@ -196,62 +196,6 @@ def _smem_decode(s: SpecShape) -> int:
     return decode_smem(s, DECODE_MAX_SLOTS, DECODE_MAX_SLOTS)
 
 
-RING_WARPS = 8           # sm90/fwd_decode_ring.cu at d <= 128: consumer warps (2 groups of 4)
-RING_MAX_STAGES = 8      # kRingMaxStages: its barrier slots
-RING_SMEM = 227 * 1024   # the ring spec's dynamic shared memory cap (H100/H200 opt-in limit)
-
-
-def ring_warps(head_dim: int) -> int:
-    """Consumer warps of the ring kernel (a producer warp comes on top): two groups of 4 at
-    d <= 128; one group above (9 warps are allocated registers as 12: 168 each, and the d192 /
-    d256 accumulators spilled there)."""
-    return RING_WARPS if head_dim <= 128 else 4
-
-
-def ring_fixed_bytes(head_dim: int, num_warps: int) -> int:
-    """fwd_decode_ring.cu RingLayout::kRing: Q x2 (rows padded by 8) | O merge (16 x (D + 4)
-    fp32) | warp lse (warps x 16 fp32) | slot offsets (2 x 16 int64) | 2 x 8 mbarriers,
-    rounded up to 128 bytes."""
-    raw = 2 * 16 * (head_dim + 8) * 2 + 16 * (head_dim + 4) * 4 + num_warps * 16 * 4 + 256 + \
-        2 * RING_MAX_STAGES * 8
-    return -(-raw // 128) * 128
-
-
-RING_BOX_COLS = 256       # TMA's largest box dim: a part's padded row must fit one box
-
-
-def ring_parts(head_dim: int) -> tuple[int, int]:
-    """(parts, columns per part) of a staged K/V tile at a padded head dim: one part while a
-    row plus its 8-element pad fits one box (d <= 248), else two halves, each padded by 8
-    (fwd_decode_ring.cu RingLayout::kParts / kPartCols)."""
-    parts = 1 if head_dim + 8 <= RING_BOX_COLS else 2
-    return parts, head_dim // parts
-
-
-def ring_tile_bytes(head_dim: int) -> int:
-    """One staged K (or V) tile: parts x 64 rows x (part columns + 8) 16-bit elements."""
-    parts, cols = ring_parts(head_dim)
-    return parts * 64 * (cols + 8) * 2
-
-
-def ring_stage_bytes(head_dim: int, mask_rows: int, bias_rows: int) -> int:
-    """One ring stage: the K tile, the V tile, then the staged mask and bias rows of 64
-    32-bit words."""
-    return 2 * ring_tile_bytes(head_dim) + (mask_rows + bias_rows) * 64 * 4
-
-
-def ring_smem(head_dim: int, num_warps: int, mask_rows: int, bias_rows: int,
-              stages: int) -> int:
-    """The dynamic shared memory of a ring launch of ``stages`` stages (the kernel derives its
-    stage count back from it)."""
-    return ring_fixed_bytes(head_dim, num_warps) + stages * ring_stage_bytes(
-        head_dim, mask_rows, bias_rows)
-
-
-def _smem_ring(s: SpecShape) -> int:
-    return RING_SMEM
-
-
 def _smem_none(s: SpecShape) -> int:
     return 0
 
@@ -410,9 +354,6 @@ FAMILY_ROWS: tuple[Family, ...] = (
            counter_slot=_sm90_counter),
     Family("fwd_decode", "sm80/fwd_decode.cu", "dm::flash_fwd_decode_kernel",
            _SM80_DECODE_STAGED_ARGS, "FwdParams", "sm_80", _smem_decode),
-    Family("fwd_decode_ring", "sm90/fwd_decode_ring.cu", "dm::flash_fwd_decode_ring_kernel",
-           _SM80_DECODE_ARGS, "FwdParams", "sm_90a", _smem_ring,
-           threads=lambda s: 32 * s.num_warps + 32),
     Family("fwd_combine", "fwd_combine.cu", "dm::flash_fwd_combine_kernel",
            ("dtype", "head_dim", "num_warps"), "FwdParams", "sm_80", _smem_none),
     Family("kv_append", "kv_append.cu", "dm::kv_append_kernel", ("num_warps",),

@@ -101,8 +101,7 @@ def stub_gpu() -> Iterator[None]:
                                  "ensure_device": lambda dev: None,
                                  "stream_capturing": lambda stream: False}[opt])
     for mod in (tensor_map, sys.modules.get("dmattn_cupy.forward_sm90"),
-                sys.modules.get("dmattn_cupy.backward_sm90"),
-                sys.modules.get("dmattn_cupy.ring_maps")):
+                sys.modules.get("dmattn_cupy.backward_sm90")):
         if mod is not None and hasattr(mod, "encode"):
             patch(mod, "encode", encode)
 

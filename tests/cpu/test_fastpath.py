@@ -22,7 +22,6 @@ from dmattn_cupy import (  # noqa: E402
     backward_sm90,
     fastpath,
     forward_sm90,
-    ring_maps,
     row_pad,
     runtime,
     scratch,
@@ -90,8 +89,6 @@ class Capture:
             sizes.append(forward_sm90.ARGS_DTYPE.itemsize)
         if spec.family == "bwd_sm90":
             sizes.append(backward_sm90.ARGS_DTYPE.itemsize)
-        if spec.family == "fwd_decode_ring":
-            sizes.append(ring_maps.ARGS_DTYPE.itemsize)
         raw = [ctypes.string_at(ctypes.c_uint64.from_address(params + 8 * i).value, n)
                for i, n in enumerate(sizes)]
         assert block == (spec.threads, 1, 1)
@@ -260,38 +257,6 @@ def test_unpatchable_maps_are_reencoded_per_pointer(cap, monkeypatch):
     slow = cap.take()
     assert thin[0][0] == "thin" and slow[0][0] == "slow"
     assert _masked(thin, cap) == _masked(slow, cap)
-    tensor_map.address_offset.cache_clear()
-
-
-@pytest.mark.parametrize("patchable", [True, False])
-def test_ring_decode_maps_follow_new_pointers(cap, monkeypatch, patchable):
-    """The sm_90a ring decode's K/V tensor maps (RingArgs, its second argument): a cached
-    plan patches the new K/V addresses into them (or, where the map layout hides the address,
-    re-encodes them per pointer pair), matching a fresh validated build."""
-    monkeypatch.setenv("DMATTN_DECODE_RING", "1")
-    if not patchable:
-        _scramble_maps(monkeypatch)
-        monkeypatch.setattr(ring_maps, "encode", tensor_map.encode)
-    args, kw = _dense_case("decode_split", 0)
-    dm.flash_dmattn_func(*args, **kw)
-    first = cap.take()
-    assert first[0][1] == "fwd_decode_ring" and len(first[0][3]) == 2
-    assert [f for _, f, *_ in first] == ["fwd_decode_ring", "fwd_combine"]  # 4 items: split
-    args2, kw2 = _dense_case("decode_split", 3)
-    dm.flash_dmattn_func(*args2, **kw2)
-    thin = cap.take()
-    assert [p for p, *_ in thin] == ["thin"] * len(thin)
-    fastpath.clear()
-    dm.flash_dmattn_func(*args2, **kw2)
-    slow = cap.take()
-    assert _masked(thin, cap) == _masked(slow, cap)
-    maps = np.frombuffer(thin[0][3][1], dtype=np.uint8)
-    rec = np.frombuffer(thin[0][3][1], dtype=ring_maps.ARGS_DTYPE)
-    assert int(rec["box_rows"][0]) == 64
-    if patchable:                         # the stub's encoder keeps the address at byte 8
-        for i, t in enumerate(args2[1:3]):
-            assert int.from_bytes(maps[128 * i + 8:128 * i + 16].tobytes(), "little") == \
-                t.data_ptr()
     tensor_map.address_offset.cache_clear()
 
 

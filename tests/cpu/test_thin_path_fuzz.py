@@ -29,14 +29,13 @@ from dmattn_cupy import (  # noqa: E402
     backward_sm90,
     fastpath,
     forward_sm90,
-    ring_maps,
     row_pad,
     runtime,
 )
 from dmattn_cupy.params import ROW_PAD_DTYPE  # noqa: E402
 
 _ARGS = {"fwd_sm90": forward_sm90.ARGS_DTYPE, "fwd_order": forward_sm90.ARGS_DTYPE,
-         "bwd_sm90": backward_sm90.ARGS_DTYPE, "fwd_decode_ring": ring_maps.ARGS_DTYPE}
+         "bwd_sm90": backward_sm90.ARGS_DTYPE}
 
 GROUP = 60   # cases per test: they share one plan cache
 

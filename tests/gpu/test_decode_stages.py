@@ -22,7 +22,6 @@ def stages(monkeypatch):
     dropped first: a thin-path hit would not choose again)."""
     fastpath.clear()
     monkeypatch.setenv("DMATTN_DECODE", "1")
-    monkeypatch.delenv("DMATTN_DECODE_RING", raising=False)
     seen: list[int] = []
     choose = decode.choose_stages
 

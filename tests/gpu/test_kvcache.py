@@ -11,7 +11,7 @@ import pytest
 from gpu_helpers import f64
 
 import dmattn_cupy as dm
-from dmattn_cupy import env, reference_kvcache, runtime
+from dmattn_cupy import reference_kvcache, runtime
 
 torch = pytest.importorskip("torch")
 
@@ -159,9 +159,7 @@ def test_append_in_place(page, s_new, splits, launches):
     run_case(page=page, sq=s_new, s_new=s_new, mask_h=2, bias_h=8, is_causal=True,
              num_splits=splits, seed=s_new * 7 + splits)
     assert launches[0] == "kv_append" and launches.count("kv_append") == 1
-    # DMATTN_DECODE_RING=1 on compute capability 9.0: the sm_90a ring decode instead
-    ring = env.decode_ring() and torch.cuda.get_device_capability() == (9, 0)
-    assert launches[1] == ("fwd_decode_ring" if ring else "fwd_decode")
+    assert launches[1] == "fwd_decode"
     assert ("fwd_combine" in launches) == (splits > 1)
 
 
