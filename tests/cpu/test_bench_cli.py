@@ -178,7 +178,7 @@ def test_case_names():
                                 "decode_paged", "backward_mask_bias", "mask_hf",
                                 "backward_bias_b1", "backward_kbias_b1", "bias",
                                 "decode_b1", "decode_b16", "mask_bias_mixed",
-                                "mask_bias_doc"}
+                                "mask_bias_doc", "mask_bias_doc_mixed"}
     for suite in bench.SUITES.values():
         assert set(suite) <= set(bench.CASES)
     assert bench.SUITES["issue12"] == ["dense", "causal", "kbias", "mask_bias",
@@ -523,10 +523,11 @@ def test_dry_run_cpu_dense_family(tmp_path, capsys):
 
 
 def test_dry_run_cpu_mask_bias_doc(tmp_path):
-    """The document-mask case: a (B,1,Sq,Sk) block-diagonal mask beside a full bias; dmattn and
-    the peers agree with the reference on CPU."""
-    data = _dry_run(tmp_path, ["--case", "mask_bias_doc", "--batch", "2", "--heads", "4",
-                               "--seqlen", "300", "--headdim", "32"])
+    """The document-mask cases: a (B,1,Sq,Sk) block-diagonal mask beside a full bias, as
+    attn_mask and prepared once as a MixedMask; dmattn and the peers agree with the reference
+    on CPU."""
+    data = _dry_run(tmp_path, ["--case", "mask_bias_doc,mask_bias_doc_mixed", "--batch", "2",
+                               "--heads", "4", "--seqlen", "300", "--headdim", "32"])
     _check(data, 0.05)
 
 

@@ -14,6 +14,8 @@ CASES: dict[str, str] = {
                        "element bits on the 128-key bias spec",
     "mask_bias_doc": "(B,1,Sq,Sk) document mask (8 packed documents of random lengths per "
                      "sequence: most key tiles all false) + (B,H,Sq,Sk) bias",
+    "mask_bias_doc_mixed": "mask_bias_doc with the mask prepared once as a MixedMask (outside "
+                           "timing): block lists, element bits on the documents' edges",
     "bias": "full (B,H,Sq,Sk) bias, no mask (mask_bias without its mask: 2 bytes per element "
             "instead of 3)",
     "mask_hf": "(B,1,Sq,Sk) bool mask (transformers' layout; default S=2527: rows of an odd "
@@ -60,8 +62,8 @@ SUITES: dict[str, list[str]] = {
                 "dense_fp16", "gqa", "softcap"],
     "issue12": ["dense", "causal", "kbias", "mask_bias", "mask_bias_mixed", "dense_d64",
                 "dense_d256", "dense_fp16"],
-    "mask": ["mask_bias", "mask_bias_mixed", "mask_bias_doc", "bias", "mask_hf", "kbias",
-             "kbias_hk", "decode"],
+    "mask": ["mask_bias", "mask_bias_mixed", "mask_bias_doc", "mask_bias_doc_mixed", "bias",
+             "mask_hf", "kbias", "kbias_hk", "decode"],
     "sparse": ["sparse_window", "sparse_random"],
     "varlen": ["decode", "prefill_varlen"],
     "decode": ["decode", "decode_paged", "decode_b1", "decode_b16"],
@@ -84,6 +86,7 @@ CASE_DEFAULTS: dict[str, dict[str, Any]] = {
     "mask_bias": {},
     "mask_bias_mixed": {},
     "mask_bias_doc": {},
+    "mask_bias_doc_mixed": {},
     "bias": {},
     "mask_hf": {"seqlen": 2527},
     "kbias": {},
