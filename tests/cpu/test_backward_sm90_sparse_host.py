@@ -11,29 +11,18 @@ import dataclasses
 import numpy as np
 import pytest
 from nvrtc_check import compile_static_asserts
+from test_backward_sm90_host import _arrays, _pb
 
 from dmattn_cupy import backward, backward_sm90, env, runtime, select
 from dmattn_cupy.device import PRESETS
 from dmattn_cupy.masks import BlockBitsetMask, MixedMask
 from dmattn_cupy.sparse_plan import host_arrays
-from dmattn_cupy.validate import check_dense
 
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
 
 H100, A100 = PRESETS["sm_90"], PRESETS["sm_80"]
 
 
-def _arrays(b=2, sq=200, sk=264, h=4, hk=2, d=128, dtype=np.float16, seed=0):
-    rng = np.random.default_rng(seed)
-    q = rng.standard_normal((b, sq, h, d)).astype(dtype)
-    k = rng.standard_normal((b, sk, hk, d)).astype(dtype)
-    v = rng.standard_normal((b, sk, hk, d)).astype(dtype)
-    return q, k, v
-
-
-def _pb(q, k, v, mask=None, bias=None, causal=False):
-    pb = check_dense(q, k, v, mask, bias, None, causal, (-1, -1), 0.0, "reference")
-    return dataclasses.replace(pb, backend="cuda")
 
 
 def _family(pb, sparse, partial=False, deterministic=False, dev=H100):
