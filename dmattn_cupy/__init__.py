@@ -1,5 +1,6 @@
 """dmattn_cupy: flash attention with dynamic masks and biases, compiled at first use by NVRTC."""
 
+from . import mask_pack  # noqa: F401  (registers MixedMask.from_dense_mask's device packer)
 from .api import flash_dmattn_func, flash_dmattn_func_auto, flash_dmattn_varlen_func
 from .bwd_api import flash_dmattn_backward, flash_dmattn_varlen_backward
 from .kvcache import flash_dmattn_with_kvcache

@@ -151,6 +151,16 @@ def programmatic_launches() -> bool:
     return os.environ.get("DMATTN_PDL", "1") != "0"
 
 
+def mask_pack_kernel() -> bool:
+    """``DMATTN_MASK_PACK``: ``1`` lets ``MixedMask.from_dense_mask`` pack a GPU mask with one
+    kernel (cuda_src/mask_pack.cu) instead of CuPy array operations; ``0`` (default) keeps
+    the array operations (the kernel has not run on a GPU yet)."""
+    val = os.environ.get("DMATTN_MASK_PACK", "0")
+    if val not in ("", "0", "1"):
+        raise ValueError(f"DMATTN_MASK_PACK must be '0' or '1', got {val!r}")
+    return val == "1"
+
+
 # Variables that change which plan a call gets (family, tile, decode, splits, device checks).
 PLAN_VARIABLES = ("DMATTN_FWD_FAMILY", "DMATTN_BWD_FAMILY", "DMATTN_FWD_TILE", "DMATTN_DECODE",
                   "DMATTN_NUM_SPLITS", "DMATTN_CHECK", "DMATTN_NVRTC_DEFINES",

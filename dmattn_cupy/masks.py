@@ -271,6 +271,12 @@ def _lists_from_classes(cls4: np.ndarray, bm: int, bn: int) -> BlockLists:
 # never imports torch.
 BUILD_HOOKS: list[Callable[[SparseMask], None]] = []
 
+# Device packers of ``MixedMask.from_dense_mask``: ``pack(dense4, bm, bn)`` of a 4-D GPU bool
+# array gives (kept (B, H, nrb, ncb) int32, words (B*H*nrb*ncb, bm*bn/32) uint32, blocks in
+# row-major order) where it takes the array, else None. ``mask_pack`` registers the packing
+# kernel's; this module never imports it.
+DENSE_PACKERS: list[Callable[[Any, int, int], tuple[Any, Any] | None]] = []
+
 
 class _MaskType(ABCMeta):
     """Runs ``BUILD_HOOKS`` once a mask's whole ``__init__`` chain has run."""
@@ -939,19 +945,24 @@ class MixedMask(SparseMask):
         dense4 = _as4d(dense)
         b, h = dense4.shape[:2]
         nrb, ncb = _cdiv(sq, bm), _cdiv(sk, bn)
-        if bn % 32 == 0:  # whole words per block row: count and gather bit rows
-            rows = _dense_row_words(dense4, bm, bn, xp)
-            kept = xp.asarray(_POPCOUNT8)[rows].reshape(b, h, nrb, bm, ncb, bn // 8).sum(
-                axis=(3, 5), dtype=xp.int32)
-            blocks = rows.view(xp.uint32).reshape(b, h, nrb, bm, ncb, bn // 32)
+        packed = None if xp is np else next(
+            (r for r in (pack(dense4, bm, bn) for pack in DENSE_PACKERS) if r is not None), None)
+        if packed is not None:  # a device kernel's counts and words
+            kept, per_block = packed
         else:
-            blocks = _dense_blocks(dense4, bm, bn, xp)
-            kept = blocks.sum(axis=(3, 5), dtype=xp.int32)
+            if bn % 32 == 0:  # whole words per block row: count and gather bit rows
+                rows = _dense_row_words(dense4, bm, bn, xp)
+                kept = xp.asarray(_POPCOUNT8)[rows].reshape(b, h, nrb, bm, ncb, bn // 8).sum(
+                    axis=(3, 5), dtype=xp.int32)
+                blocks = rows.view(xp.uint32).reshape(b, h, nrb, bm, ncb, bn // 32)
+            else:
+                blocks = _dense_blocks(dense4, bm, bn, xp)
+                kept = blocks.sum(axis=(3, 5), dtype=xp.int32)
+            per_block = blocks.transpose(0, 1, 2, 4, 3, 5).reshape(b * h * nrb * ncb, -1)
         block_class = _classes(kept, xp.asarray(_inrange_sizes(sq, sk, bm, bn)), xp)
         partial = block_class == PARTIAL
         order = xp.cumsum(partial.reshape(-1), dtype=xp.int32).reshape(partial.shape) - 1
         partial_slot = xp.where(partial, order, -1).astype(xp.int32)
-        per_block = blocks.transpose(0, 1, 2, 4, 3, 5).reshape(b * h * nrb * ncb, -1)
         partial_bits = per_block[partial.reshape(-1)]  # (P, bm*bn/32 words or bm*bn bools)
         if bn % 32:
             partial_bits = _pack_words(partial_bits, xp)

@@ -1,0 +1,114 @@
+// mask_pack.cu: a bool mask (B, H, Sq, Sk) at any strides into per-block bit words and kept
+// counts (dmattn_cupy/mask_pack.py; MixedMask.from_dense_mask's device path). One CTA per
+// block (cb, rb, b * H + h). Element (r, c) of a block is bit k = r * block_n + c of its
+// words: bit k % 32 of word k / 32, so word j of block row r holds keys 32j .. 32j + 31;
+// elements past Sq or Sk are 0 and not counted. A nonzero byte is true.
+// vec: lane l reads keys 4l .. 4l + 3 of a 128-key chunk with one 4-byte load (a row's last
+// partial group byte by byte), turns them into a 4-bit nibble, and the 8 lanes of a word OR
+// their shifted nibbles together; else lane l reads key 32j + l and a ballot makes word j.
+// Each warp takes block rows warp, warp + kNumWarps, ..., kMaskPackRows of them per pass (byte
+// loads: kMaskPackRowsScalar) so that as many loads per lane are in flight before the first is
+// used.
+#pragma once
+#include "common.cuh"
+#include "mask_pack_params.cuh"
+
+namespace dm {
+
+constexpr int kMaskPackRows = 8;        // block rows per pass of a warp (vec)
+constexpr int kMaskPackRowsScalar = 4;  // the same with byte loads
+
+DM_DEVICE uint32_t nonzero_nibble(uint32_t x) {  // bit e: byte e of x is nonzero
+  return uint32_t((x & 0xffu) != 0u) | uint32_t((x & 0xff00u) != 0u) << 1 |
+         uint32_t((x & 0xff0000u) != 0u) << 2 | uint32_t((x & 0xff000000u) != 0u) << 3;
+}
+
+template <int kNumWarps>
+__global__ void __launch_bounds__(kNumWarps * 32)
+mask_pack_kernel(const MaskPackParams p) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int cb = blockIdx.x, rb = blockIdx.y, z = blockIdx.z;
+  const int mb = z / p.heads, mh = z - mb * p.heads;
+  const int wpr = p.block_n / 32;  // words per block row
+  const int64_t blk = (int64_t(z) * p.row_blocks + rb) * p.col_blocks + cb;
+  uint32_t* out = p.words + blk * (int64_t(p.block_m) * wpr);
+  const int row0 = rb * p.block_m, key0 = cb * p.block_n;
+  const int rows = min(p.block_m, p.seqlen_q - row0);  // in-range rows and keys (>= 1)
+  const int keys = min(p.block_n, p.seqlen_k - key0);
+  const uint8_t* base = p.mask + int64_t(mb) * p.batch_stride + int64_t(mh) * p.head_stride +
+                        int64_t(row0) * p.row_stride + int64_t(key0) * p.col_stride;
+  uint32_t kept = 0;  // this lane's share (vec: its nibbles; else lane 0: whole words)
+  constexpr int kStep = kNumWarps * kMaskPackRows;
+  if (p.vec) {
+    for (int q = 0; q < p.block_n / 128; ++q) {
+      const int key = 128 * q + 4 * lane;  // this lane's first key in the block
+      const bool whole = key + 4 <= keys;  // its 4 keys in range: one load per row
+      const int tail = keys - key;         // else 1..3 keys in range (<= 0: none)
+      for (int r0 = warp; r0 < p.block_m; r0 += kStep) {
+        uint32_t x[kMaskPackRows];
+#pragma unroll
+        for (int i = 0; i < kMaskPackRows; ++i) {  // predicated loads, all in flight at once
+          const int r = r0 + i * kNumWarps;
+          const bool ok = whole && r < rows;
+          const uint32_t* s = reinterpret_cast<const uint32_t*>(
+              base + (ok ? int64_t(r) * p.row_stride + key : 0));
+          x[i] = ok ? __ldg(s) : 0u;
+        }
+        if (!whole && tail > 0) {  // a row's last partial group (one lane): byte by byte
+#pragma unroll
+          for (int i = 0; i < kMaskPackRows; ++i) {  // (unrolled: x stays in registers)
+            const int r = r0 + i * kNumWarps;
+            const uint8_t* s = base + int64_t(r) * p.row_stride + key;
+#pragma unroll 1
+            for (int e = 0; r < rows && e < tail; ++e) x[i] |= uint32_t(s[e] != 0) << (8 * e);
+          }
+        }
+#pragma unroll
+        for (int i = 0; i < kMaskPackRows; ++i) {
+          const int r = r0 + i * kNumWarps;
+          uint32_t v = nonzero_nibble(x[i]);
+          kept += __popc(v);
+          v <<= 4 * (lane % 8);
+          v |= __shfl_xor_sync(0xffffffffu, v, 1);
+          v |= __shfl_xor_sync(0xffffffffu, v, 2);
+          v |= __shfl_xor_sync(0xffffffffu, v, 4);
+          if (lane % 8 == 0 && r < p.block_m) out[r * wpr + 4 * q + lane / 8] = v;
+        }
+      }
+    }
+  } else {
+    constexpr int kStepS = kNumWarps * kMaskPackRowsScalar;
+    for (int j = 0; j < wpr; ++j) {
+      const int key = 32 * j + lane;
+      for (int r0 = warp; r0 < p.block_m; r0 += kStepS) {
+        bool on[kMaskPackRowsScalar];
+#pragma unroll
+        for (int i = 0; i < kMaskPackRowsScalar; ++i) {
+          const int r = r0 + i * kNumWarps;
+          on[i] = r < rows && key < keys &&
+                  base[int64_t(r) * p.row_stride + int64_t(key) * p.col_stride] != 0;
+        }
+#pragma unroll
+        for (int i = 0; i < kMaskPackRowsScalar; ++i) {
+          const int r = r0 + i * kNumWarps;
+          const uint32_t w = __ballot_sync(0xffffffffu, on[i]);
+          if (lane == 0 && r < p.block_m) {
+            out[r * wpr + j] = w;
+            kept += __popc(w);
+          }
+        }
+      }
+    }
+  }
+  // the block's count: each warp's lanes summed, then the warps' sums
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) kept += __shfl_xor_sync(0xffffffffu, kept, o);
+  __shared__ uint32_t total;
+  if (threadIdx.x == 0) total = 0u;
+  __syncthreads();
+  if (lane == 0) atomicAdd(&total, kept);
+  __syncthreads();
+  if (threadIdx.x == 0) p.kept[blk] = int32_t(total);
+}
+
+}  // namespace dm

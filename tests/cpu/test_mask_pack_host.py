@@ -1,0 +1,165 @@
+"""The mask packing kernel's host half and its arithmetic, without a GPU: the switch, the
+record, the vectorized-load rule, its registration as MixedMask.from_dense_mask's device
+packer, and a NumPy emulation of cuda_src/mask_pack.cu (its lanes, nibbles, shuffles and
+ballots, index for index) against the words and counts from_dense_mask's array operations
+make."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import dmattn_cupy  # noqa: F401  (registers the packer)
+from dmattn_cupy import env, mask_pack, masks
+from dmattn_cupy.masks import MixedMask
+from dmattn_cupy.params import MASK_PACK_DTYPE
+
+WARPS, ROWS_VEC, ROWS_SCALAR = mask_pack.PACK_WARPS, 8, 4  # mask_pack.cu: kMaskPackRows[Scalar]
+
+
+def emulate(dense4: np.ndarray, bm: int, bn: int, vec: bool) -> tuple[np.ndarray, np.ndarray]:
+    """What mask_pack_kernel writes: (kept (B, H, nrb, ncb), words (blocks, bm*bn/32)), every
+    CTA, warp and lane of it run in turn with the kernel's own index arithmetic."""
+    b, h, sq, sk = dense4.shape
+    nrb, ncb, wpr = -(-sq // bm), -(-sk // bn), bn // 32
+    words = np.full((b * h * nrb * ncb, bm * wpr), 0xDEADBEEF, dtype=np.uint32)  # unwritten
+    kept = np.zeros((b, h, nrb, ncb), dtype=np.int64)
+    for z in range(b * h):
+        mb, mh = divmod(z, h)
+        for rb in range(nrb):
+            for cb in range(ncb):
+                blk = (z * nrb + rb) * ncb + cb
+                row0, key0 = rb * bm, cb * bn
+                rows, keys = min(bm, sq - row0), min(bn, sk - key0)
+                tile = dense4[mb, mh, row0:row0 + rows, key0:key0 + keys]  # in-range part
+
+                total = 0
+                for warp in range(WARPS):
+                    if vec:
+                        for q in range(bn // 128):
+                            for r0 in range(warp, bm, WARPS * ROWS_VEC):
+                                for i in range(ROWS_VEC):
+                                    r = r0 + i * WARPS
+                                    nib = []
+                                    for lane in range(32):
+                                        key = 128 * q + 4 * lane
+                                        n = keys - key  # in-range keys of this lane's group
+                                        x = [int(tile[r, key + e]) if r < rows and e < n else 0
+                                             for e in range(4)]
+                                        v = sum((x[e] != 0) << e for e in range(4))
+                                        total += bin(v).count("1")
+                                        nib.append(v << (4 * (lane % 8)))
+                                    for lane in range(0, 32, 8):  # the xor-shuffle OR of 8 lanes
+                                        w = 0
+                                        for k in range(8):
+                                            w |= nib[lane + k]
+                                        if r < bm:
+                                            words[blk, r * wpr + 4 * q + lane // 8] = w
+                    else:
+                        for j in range(wpr):
+                            for r0 in range(warp, bm, WARPS * ROWS_SCALAR):
+                                for i in range(ROWS_SCALAR):
+                                    r = r0 + i * WARPS
+                                    w = 0
+                                    for lane in range(32):  # the ballot
+                                        key = 32 * j + lane
+                                        if r < rows and key < keys and tile[r, key]:
+                                            w |= 1 << lane
+                                    if r < bm:
+                                        words[blk, r * wpr + j] = w
+                                        total += bin(w).count("1")
+                kept[mb, mh, rb, cb] = total
+    return kept, words
+
+
+def array_ops(dense4: np.ndarray, bm: int, bn: int) -> tuple[np.ndarray, np.ndarray]:
+    """from_dense_mask's array-operation path: kept counts and per-block words."""
+    b, h, sq, sk = dense4.shape
+    nrb, ncb = -(-sq // bm), -(-sk // bn)
+    rows = masks._dense_row_words(dense4, bm, bn, np)
+    kept = masks._POPCOUNT8[rows].reshape(b, h, nrb, bm, ncb, bn // 8).sum(axis=(3, 5))
+    blocks = rows.view(np.uint32).reshape(b, h, nrb, bm, ncb, bn // 32)
+    return kept, blocks.transpose(0, 1, 2, 4, 3, 5).reshape(b * h * nrb * ncb, -1)
+
+
+@pytest.mark.parametrize("shape,block,vec", [
+    ((1, 1, 130, 260), (128, 128), True),    # edge blocks: 2 rows, 4 keys (a whole group)
+    ((2, 1, 70, 131), (64, 128), True),      # a partial last group of 3 keys
+    ((1, 2, 40, 290), (32, 256), True),      # two 128-key chunks per block row
+    ((1, 1, 150, 97), (128, 32), False),     # byte loads, 32-key blocks
+    ((2, 2, 33, 70), (16, 64), False),
+])
+def test_emulated_kernel_matches_the_array_operations(shape, block, vec):
+    rng = np.random.default_rng(sum(shape))
+    dense4 = rng.random(shape) < 0.6
+    dense4[..., :5, :] = True          # some full blocks
+    dense4[..., 5:9, :] = False
+    kept, words = emulate(dense4, *block, vec)
+    ref_kept, ref_words = array_ops(dense4, *block)
+    np.testing.assert_array_equal(kept, ref_kept)
+    np.testing.assert_array_equal(words, ref_words)   # every word written (no 0xDEADBEEF left)
+
+
+class _Buf:
+    def __init__(self, ptr: int) -> None:
+        self.ptr = ptr
+
+
+class _Dev:
+    """A stand-in for a 4-D CuPy bool array: shape, byte strides, data.ptr."""
+
+    def __init__(self, shape, strides, ptr=4096) -> None:
+        self.shape, self.strides, self.data = shape, strides, _Buf(ptr)
+
+
+def test_record_fields():
+    d = _Dev((2, 3, 300, 520), (3 * 300 * 520, 300 * 520, 520, 1))
+    rec = mask_pack.record(d, _Dev((1,), (4,), 8192), _Dev((1,), (4,), 12288), 128, 128)[0]
+    assert rec.dtype == MASK_PACK_DTYPE
+    assert (int(rec["mask"]), int(rec["words"]), int(rec["kept"])) == (4096, 8192, 12288)
+    assert [int(rec[f]) for f in ("batch_stride", "head_stride", "row_stride", "col_stride")] \
+        == list(d.strides)
+    assert [int(rec[f]) for f in ("seqlen_q", "seqlen_k", "block_m", "block_n", "row_blocks",
+                                  "col_blocks", "heads", "vec")] == [300, 520, 128, 128, 3, 5,
+                                                                     3, 1]
+
+
+@pytest.mark.parametrize("ptr,strides,bn,vec", [
+    (4096, (64, 64, 16, 1), 128, True),
+    (4096, (0, 0, 0, 1), 256, True),        # broadcast dims
+    (4096, (64, 64, -16, 1), 128, True),    # a flipped row order
+    (4098, (64, 64, 16, 1), 128, False),    # a misaligned base
+    (4096, (64, 64, 18, 1), 128, False),    # rows 18 bytes apart
+    (4096, (64, 64, 16, 2), 128, False),    # a key stride
+    (4096, (64, 64, 16, 1), 96, False),     # no whole 128-key chunks
+])
+def test_vectorized_rule(ptr, strides, bn, vec):
+    assert mask_pack.vectorized(ptr, strides, bn) is vec
+
+
+def test_takes():
+    assert mask_pack.takes(_Dev((2, 4, 256, 256), ()), 128, 128)
+    assert not mask_pack.takes(_Dev((2, 4, 256, 256), ()), 128, 48)       # bn % 32
+    assert not mask_pack.takes(_Dev((300, 300, 8, 8), ()), 8, 32)         # B*H past grid z
+
+
+def test_switch(monkeypatch):
+    monkeypatch.delenv("DMATTN_MASK_PACK", raising=False)
+    assert env.mask_pack_kernel() is False
+    monkeypatch.setenv("DMATTN_MASK_PACK", "1")
+    assert env.mask_pack_kernel() is True
+    monkeypatch.setenv("DMATTN_MASK_PACK", "yes")
+    with pytest.raises(ValueError, match="DMATTN_MASK_PACK"):
+        env.mask_pack_kernel()
+
+
+def test_registered_and_off_for_numpy(monkeypatch):
+    assert mask_pack.pack_if_enabled in masks.DENSE_PACKERS
+    monkeypatch.setenv("DMATTN_MASK_PACK", "1")
+
+    def boom(*a):
+        raise AssertionError("a NumPy mask reached a device packer")
+
+    monkeypatch.setattr(masks, "DENSE_PACKERS", [boom])
+    dense = np.random.default_rng(0).random((200, 300)) < 0.5
+    np.testing.assert_array_equal(MixedMask.from_dense_mask(dense).to_dense(), dense)
