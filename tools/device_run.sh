@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-machine call that does the whole GPU check-up and leaves logs under $OUT:
 #   bash tools/device_run.sh [fa4] [precompile] [tests] [sanitize] [sanitize-random] [bench]
-#                            [profile] [profile-src] [first]
+#                            [profile] [profile-src] [first] [maskpack]
 #   (default: precompile tests sanitize bench)
 # fa4: install FlashAttention-4 into /tmp/fa4site from the staged wheel parts
 # (tools/fa4_install.sh; .whl/partA staged by an earlier call, .whl/partB carried by this one);
@@ -16,7 +16,9 @@
 # profile-src: the same launch's stall samples per SASS instruction (tools/ncu_source.py; e.g.
 # PROFILE_CASE=backward PROFILE_KERNEL=flash_bwd_sm90; PROFILE_ARGS: more bench flags, e.g.
 # "--seqlen 2048"); first: the first fwd+bwd of a new process split by phase, dmattn and SDPA
-# (tools/first_call_split.py, after one warming process; the profile in first_call.txt).
+# (tools/first_call_split.py, after one warming process; the profile in first_call.txt);
+# maskpack: the mask packing kernel's GPU test, MixedMask.from_dense_mask's time under
+# DMATTN_MASK_PACK=0 and =1 (tools/mask_pack_time.py), and the mask + bias bench cases.
 # At most 8 files come back from $OUT: gpu.txt and info.txt count.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -102,6 +104,16 @@ for step in $steps; do
       python3 tools/first_call_split.py --runs 1 > /dev/null 2>&1   # kernels into the cache
       python3 tools/first_call_split.py --runs 2 --profile 40 > "$OUT/first_call.txt" 2>&1
       echo "first call rc=$?"; grep -E "^run " "$OUT/first_call.txt" ;;
+    maskpack)  # the mask packing kernel (DMATTN_MASK_PACK): its GPU test, from_dense_mask's
+      # time with and without it, and the mask + bias cases with their per-call MixedMask row
+      python3 -m pytest -q -p no:cacheprovider tests/gpu/test_mask_pack.py > "$OUT/maskpack.log" 2>&1
+      echo "mask_pack tests rc=$?: $(tail -1 "$OUT/maskpack.log")"
+      for v in 0 1; do
+        DMATTN_MASK_PACK=$v python3 tools/mask_pack_time.py >> "$OUT/maskpack.log" 2>&1
+        DMATTN_MASK_PACK=$v python3 tools/bench --case mask_bias,mask_bias_mixed,mask_bias_doc,mask_bias_doc_mixed \
+          --peers cudnn --no-smoke --quick >> "$OUT/maskpack.log" 2>&1
+      done
+      grep -E "from_dense_mask|^dmattn|^  dmattn|^sdpa-cudnn|^summary" "$OUT/maskpack.log" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done

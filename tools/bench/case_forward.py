@@ -177,7 +177,7 @@ class MaskBias(Kind):
             q, k, v, mask, bias = (inp[n] for n in ("q", "k", "v", "mask", "bias"))
             return lambda: f(q, k, v, attn_bias=bias, sparse_mask=pack(mask, (128, 128)))
 
-        return [Impl("dmattn MixedMask.from_dense_mask per call", "variant", make,
+        return [Impl("dmattn MixedMask per call", "variant", make,
                      flops=self.flops)]
 
     def sdpa_mask(self, inp: dict[str, Any]) -> tuple[Any, bool]:
