@@ -65,14 +65,16 @@ def pack_blocks(dense4: Any, bm: int, bn: int) -> tuple[Any, Any]:
 
     b, h, sq, sk = dense4.shape
     nrb, ncb = -(-sq // bm), -(-sk // bn)
-    words = cupy.empty((b * h * nrb * ncb, bm * bn // 32), dtype=cupy.uint32)
-    kept = cupy.empty((b, h, nrb, ncb), dtype=cupy.int32)
-    rec = record(dense4, words, kept, bm, bn)
-    args = np.array([rec.ctypes.data], dtype=np.uint64)  # the driver copies it at the call
     dev = int(dense4.device.id)
-    kernel = runtime.get_kernel(pack_spec(runtime.device_props(dev).arch), dev)
-    runtime.launch_raw(dev, kernel.function.ptr, (ncb, nrb, b * h), (kernel.spec.threads, 1, 1),
-                       0, cupy.cuda.get_current_stream().ptr, int(args.ctypes.data))
+    with cupy.cuda.Device(dev):   # the outputs and the launch on the mask's device
+        words = cupy.empty((b * h * nrb * ncb, bm * bn // 32), dtype=cupy.uint32)
+        kept = cupy.empty((b, h, nrb, ncb), dtype=cupy.int32)
+        rec = record(dense4, words, kept, bm, bn)
+        args = np.array([rec.ctypes.data], dtype=np.uint64)  # the driver copies it at the call
+        kernel = runtime.get_kernel(pack_spec(runtime.device_props(dev).arch), dev)
+        runtime.launch_raw(dev, kernel.function.ptr, (ncb, nrb, b * h),
+                           (kernel.spec.threads, 1, 1), 0, cupy.cuda.get_current_stream().ptr,
+                           int(args.ctypes.data))
     return kept, words
 
 
