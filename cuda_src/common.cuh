@@ -33,6 +33,17 @@ DM_DEVICE void grid_dependents_launch() {
 }
 #define DM_INF (__int_as_float(0x7f800000))  // +inf
 
+// Bit 7 of each byte of m set where that byte is nonzero (a mask byte keeps): its low 7 bits
+// plus 0x7f carry into bit 7, or bit 7 was set; no carry crosses a byte.
+__host__ __device__ constexpr uint32_t kept_bits(uint32_t m) {
+  return (((m & 0x7f7f7f7fu) + 0x7f7f7f7fu) | m) & 0x80808080u;
+}
+// kept_bits of m's 4 bytes as bits 0-3: one multiply by 1 + 2^7 + 2^14 + 2^21 moves bit
+// 7 + 8i to 28 + i; the other partial products land on distinct bits below 28 or past 31.
+__host__ __device__ constexpr uint32_t kept_nibble(uint32_t m) {
+  return kept_bits(m) * 0x00204081u >> 28;
+}
+
 // One 16-bit storage type per element kind; both are converted through float.
 struct Half { uint16_t bits; };
 struct BFloat16 { uint16_t bits; };

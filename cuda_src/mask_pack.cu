@@ -18,11 +18,6 @@ namespace dm {
 constexpr int kMaskPackRows = 8;        // block rows per pass of a warp (vec)
 constexpr int kMaskPackRowsScalar = 4;  // the same with byte loads
 
-DM_DEVICE uint32_t nonzero_nibble(uint32_t x) {  // bit e: byte e of x is nonzero
-  return uint32_t((x & 0xffu) != 0u) | uint32_t((x & 0xff00u) != 0u) << 1 |
-         uint32_t((x & 0xff0000u) != 0u) << 2 | uint32_t((x & 0xff000000u) != 0u) << 3;
-}
-
 template <int kNumWarps>
 __global__ void __launch_bounds__(kNumWarps * 32)
 mask_pack_kernel(const MaskPackParams p) {
@@ -66,7 +61,7 @@ mask_pack_kernel(const MaskPackParams p) {
 #pragma unroll
         for (int i = 0; i < kMaskPackRows; ++i) {
           const int r = r0 + i * kNumWarps;
-          uint32_t v = nonzero_nibble(x[i]);
+          uint32_t v = kept_nibble(x[i]);  // bit e: byte e nonzero
           kept += __popc(v);
           v <<= 4 * (lane % 8);
           v |= __shfl_xor_sync(0xffffffffu, v, 1);

@@ -78,14 +78,10 @@ __host__ __device__ constexpr uint32_t frag_chunk_b8(int g, int j) {
 
 // A bias word (two 16-bit values, low one first) with each value whose mask byte in mask2
 // (bits 0-7: the low value's, 8-15: the high one's; any nonzero byte keeps) is zero replaced
-// by that half of neg_inf2 (the dtype's -inf twice). kept_bits: bit 7 of each byte set where
-// that byte is nonzero. The constexpr fold_word is the model the CPU tests check; the device
-// folds two rows' words at once (fold_words_dev: one kept_bits over both rows' mask bytes,
-// then prmt with sign replication widens byte b's bit 7 to a 16-bit mask: 0x9988 for bytes
-// 0, 1, 0xbbaa for bytes 2, 3).
-__host__ __device__ constexpr uint32_t kept_bits(uint32_t m) {
-  return (((m & 0x7f7f7f7fu) + 0x7f7f7f7fu) | m) & 0x80808080u;
-}
+// by that half of neg_inf2 (the dtype's -inf twice), by kept_bits (common.cuh). The constexpr
+// fold_word is the model the CPU tests check; the device folds two rows' words at once
+// (fold_words_dev: one kept_bits over both rows' mask bytes, then prmt with sign replication
+// widens byte b's bit 7 to a 16-bit mask: 0x9988 for bytes 0, 1, 0xbbaa for bytes 2, 3).
 __host__ __device__ constexpr uint32_t fold_word(uint32_t bias, uint32_t mask2, uint32_t neg_inf2) {
   const uint32_t nz = kept_bits(mask2 & 0xffffu);
   const uint32_t keep = ((nz >> 7) & 1u) * 0xffffu | ((nz >> 15) & 1u) * 0xffff0000u;

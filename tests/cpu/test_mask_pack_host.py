@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from nvrtc_check import compile_static_asserts
 
 import dmattn_cupy  # noqa: F401  (registers the packer)
 from dmattn_cupy import env, mask_pack, masks
@@ -98,6 +99,18 @@ def test_emulated_kernel_matches_the_array_operations(shape, block, vec):
     ref_kept, ref_words = array_ops(dense4, *block)
     np.testing.assert_array_equal(kept, ref_kept)
     np.testing.assert_array_equal(words, ref_words)   # every word written (no 0xDEADBEEF left)
+
+
+def test_kept_nibble_is_the_nonzero_bytes():
+    """common.cuh kept_nibble (the kernel's 4 keys -> 4 bits) against the emulation's rule,
+    every nibble pattern with small, large and high-bit byte values."""
+    checks = []
+    for pattern in range(16):
+        for value in (1, 0x7F, 0x80, 0xFF, 0x5A):
+            word = sum(value << (8 * e) for e in range(4) if pattern >> e & 1)
+            checks.append(f"static_assert(dm::kept_nibble({word}u) == {pattern}u);")
+    compile_static_asserts('#include "common.cuh"\n' + "\n".join(checks) + "\n",
+                           "kept_nibble.cu")
 
 
 class _Buf:
