@@ -69,12 +69,9 @@ def pack_blocks(dense4: Any, bm: int, bn: int) -> tuple[Any, Any]:
     with cupy.cuda.Device(dev):   # the outputs and the launch on the mask's device
         words = cupy.empty((b * h * nrb * ncb, bm * bn // 32), dtype=cupy.uint32)
         kept = cupy.empty((b, h, nrb, ncb), dtype=cupy.int32)
-        rec = record(dense4, words, kept, bm, bn)
-        args = np.array([rec.ctypes.data], dtype=np.uint64)  # the driver copies it at the call
-        kernel = runtime.get_kernel(pack_spec(runtime.device_props(dev).arch), dev)
-        runtime.launch_raw(dev, kernel.function.ptr, (ncb, nrb, b * h),
-                           (kernel.spec.threads, 1, 1), 0, cupy.cuda.get_current_stream().ptr,
-                           int(args.ctypes.data))
+        runtime.launch_record(dev, pack_spec(runtime.device_props(dev).arch), (ncb, nrb, b * h),
+                              record(dense4, words, kept, bm, bn),
+                              cupy.cuda.get_current_stream().ptr)
     return kept, words
 
 

@@ -43,7 +43,5 @@ def copy_rows(device: int, dst: int, dst_pitch: int, src: int, src_pitch: int, w
     rec["src"], rec["dst"] = src, dst
     rec["src_pitch"], rec["dst_pitch"], rec["rows"], rec["width"] = (src_pitch, dst_pitch, rows,
                                                                      width)
-    args = np.array([rec.ctypes.data], dtype=np.uint64)  # the driver copies it at the call
-    kernel = runtime.get_kernel(pad_spec(runtime.device_props(device).arch), device)
-    runtime.launch_raw(device, kernel.function.ptr, grid(dst_pitch, rows),
-                       (kernel.spec.threads, 1, 1), 0, stream, int(args.ctypes.data))
+    runtime.launch_record(device, pad_spec(runtime.device_props(device).arch),
+                          grid(dst_pitch, rows), rec, stream)

@@ -25,7 +25,8 @@ from .device_check import require_supported_device
 from .spec import KernelSpec
 
 __all__ = ["Kernel", "current_stream", "device_props", "get_kernel", "launch", "launch_ex",
-           "launch_raw", "prefer_shared_memory", "stream_capturing", "stream_ptr"]
+           "launch_raw", "launch_record", "prefer_shared_memory", "stream_capturing",
+           "stream_ptr"]
 
 
 @cache
@@ -318,6 +319,17 @@ def launch_raw(device: int, function_ptr: int, grid: Dim3, block: Dim3, shared_m
         with device_ctx(device):
             set_device(device)
             launch_kernel(*args)
+
+
+def launch_record(device: int, spec: KernelSpec, grid: Dim3, record: np.ndarray,
+                  stream: int) -> None:
+    """One launch of ``spec`` on ``device`` whose only argument is the params struct
+    ``record`` (a one-element structured array), no dynamic shared memory, on the raw
+    ``stream`` handle (the helper kernels: row padding, mask packing)."""
+    args = np.array([record.ctypes.data], dtype=np.uint64)  # the driver copies it at the call
+    kernel = get_kernel(spec, device)
+    launch_raw(device, kernel.function.ptr, grid, (kernel.spec.threads, 1, 1), 0, stream,
+               int(args.ctypes.data))
 
 
 def _launch_configured(device: int, function_ptr: int, stream: int, params_ptr: int,

@@ -385,3 +385,33 @@ def test_programmatic_launches_pass_the_serialization_attribute(monkeypatch) -> 
     want = params.tobytes()
     assert seen == [((4, 2, 1), (spec.threads, 1, 1), 1000, 0x5678, 1, 6, 1, 0x1234, want),
                     ((3, 1, 1), (128, 1, 1), 2000, 0x77, 1, 6, 1, 0x99, want)]
+
+
+def test_launch_record_passes_the_record_by_pointer(monkeypatch) -> None:
+    """runtime.launch_record (the row padding and mask packing launches): one argument, the
+    record's bytes behind its pointer, the spec's threads, no dynamic shared memory."""
+    import ctypes
+
+    import numpy as np
+
+    from dmattn_cupy import mask_pack, runtime
+    from dmattn_cupy.params import MASK_PACK_DTYPE
+
+    class FakeFunction:
+        ptr = 0x42
+
+    spec = mask_pack.pack_spec("sm_90")
+    rec = np.zeros(1, dtype=MASK_PACK_DTYPE)
+    rec[0]["seqlen_q"], rec[0]["heads"] = 300, 7
+    seen = []
+
+    def launch_raw(device, fn, grid, block, smem, stream, params, config=None):
+        arg0 = ctypes.c_uint64.from_address(params).value
+        seen.append((device, fn, grid, block, smem, stream, config,
+                     bytes((ctypes.c_ubyte * rec.itemsize).from_address(arg0))))
+
+    monkeypatch.setattr(runtime, "get_kernel",
+                        lambda s, d: runtime.Kernel(s, d, FakeFunction(), None))
+    monkeypatch.setattr(runtime, "launch_raw", launch_raw)
+    runtime.launch_record(1, spec, (5, 4, 3), rec, 0x77)
+    assert seen == [(1, 0x42, (5, 4, 3), (spec.threads, 1, 1), 0, 0x77, None, rec.tobytes())]
