@@ -199,6 +199,15 @@ def _pack_words(flat: Array, xp: Any) -> Array:
 _POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
 
+def _device_packed(dense4: Array, bm: int, bn: int) -> tuple[Array, Array] | None:
+    """The first DENSE_PACKERS result for a GPU mask, or None (none registered takes it)."""
+    for pack in DENSE_PACKERS:
+        packed = pack(dense4, bm, bn)
+        if packed is not None:
+            return packed
+    return None
+
+
 def _dense_row_words(dense4: Array, bm: int, bn: int, xp: Any) -> Array:
     """``(B, H, Sq, Sk)`` bool -> ``(B, H, nrb*bm, ncb*bn/8)`` uint8 bit rows (bn % 32 == 0):
     element ``c`` of a row is bit ``c % 8`` of byte ``c // 8`` (so bit ``c % 32`` of uint32 word
@@ -945,8 +954,7 @@ class MixedMask(SparseMask):
         dense4 = _as4d(dense)
         b, h = dense4.shape[:2]
         nrb, ncb = _cdiv(sq, bm), _cdiv(sk, bn)
-        packed = None if xp is np else next(
-            (r for r in (pack(dense4, bm, bn) for pack in DENSE_PACKERS) if r is not None), None)
+        packed = None if xp is np else _device_packed(dense4, bm, bn)
         if packed is not None:  # a device kernel's counts and words
             kept, per_block = packed
         else:
