@@ -1,5 +1,6 @@
 // mask_pack.cu: a bool mask (B, H, Sq, Sk) at any strides into per-block bit words and kept
-// counts (dmattn_cupy/mask_pack.py; MixedMask.from_dense_mask's device path). One CTA per
+// counts (dmattn_cupy/mask_pack.py; MixedMask.from_dense_mask's device path, and with the
+// block lists of mask_lists_kernel below, the forward's route for attn_mask). One CTA per
 // block (cb, rb, b * H + h). Element (r, c) of a block is bit k = r * block_n + c of its
 // words: bit k % 32 of word k / 32, so word j of block row r holds keys 32j .. 32j + 31;
 // elements past Sq or Sk are 0 and not counted. A nonzero byte is true.
@@ -17,9 +18,12 @@ namespace dm {
 
 constexpr int kMaskPackRows = 8;        // block rows per pass of a warp (vec)
 constexpr int kMaskPackRowsScalar = 4;  // the same with byte loads
+// 6 CTAs per SM: 40 registers, the build measured on the H200 (without the bound, sm_80's
+// ptxas chose 40 registers and spilled once the params struct grew)
+constexpr int kMaskPackMinBlocks = 6;
 
 template <int kNumWarps>
-__global__ void __launch_bounds__(kNumWarps * 32)
+__global__ void __launch_bounds__(kNumWarps * 32, kMaskPackMinBlocks)
 mask_pack_kernel(const MaskPackParams p) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int cb = blockIdx.x, rb = blockIdx.y, z = blockIdx.z;
@@ -104,6 +108,49 @@ mask_pack_kernel(const MaskPackParams p) {
   if (lane == 0) atomicAdd(&total, kept);
   __syncthreads();
   if (threadIdx.x == 0) p.kept[blk] = int32_t(total);
+}
+
+// The block lists of the packed mask (mask_pack_kernel's counts), as fwd_sm90 reads a
+// MixedMask's: one warp per block row (b, h, rb) walks its column blocks 32 at a time, classes
+// each block by its kept count against its in-range element count (0: empty; all: full; else
+// partial), and appends full and partial ones in ascending order (a ballot's lower lanes give
+// each its place). A partial block's slot is its own index, the row of `words` it was packed
+// into (no prefix sum over all blocks: the lists are made without a host read).
+template <int kNumWarps>
+__global__ void __launch_bounds__(kNumWarps * 32)
+mask_lists_kernel(const MaskPackParams p) {
+  const int lane = threadIdx.x % 32;
+  const int64_t row = int64_t(blockIdx.x) * kNumWarps + threadIdx.x / 32;  // (b*H + h)*nrb + rb
+  if (row >= int64_t(p.batches) * p.heads * p.row_blocks) return;
+  const int ncb = p.col_blocks;
+  const int rb = int(row % p.row_blocks);
+  const int rows = min(p.block_m, p.seqlen_q - rb * p.block_m);
+  const uint32_t below = (1u << lane) - 1u;
+  int32_t* full_idx = p.full_idx + row * ncb;
+  int32_t* partial_idx = p.partial_idx + row * ncb;
+  int nfull = 0, npart = 0;
+  for (int cb0 = 0; cb0 < ncb; cb0 += 32) {
+    const int cb = cb0 + lane;
+    const int64_t blk = row * ncb + cb;
+    const bool in = cb < ncb;
+    const int kept = in ? p.kept[blk] : 0;
+    const int all = in ? rows * min(p.block_n, p.seqlen_k - cb * p.block_n) : 0;
+    const bool full = in && kept == all, part = kept > 0 && kept < all;
+    const uint32_t fb = __ballot_sync(0xffffffffu, full), pb = __ballot_sync(0xffffffffu, part);
+    if (full) full_idx[nfull + __popc(fb & below)] = cb;
+    if (part) partial_idx[npart + __popc(pb & below)] = cb;
+    if (in) p.partial_slot[blk] = part ? int32_t(blk) : -1;  // < 2^31: the host checks words
+    nfull += __popc(fb);
+    npart += __popc(pb);
+  }
+  for (int cb = lane; cb < ncb; cb += 32) {  // the unused tails: zeros, not stale memory
+    if (cb >= nfull) full_idx[cb] = 0;
+    if (cb >= npart) partial_idx[cb] = 0;
+  }
+  if (lane == 0) {
+    p.full_count[row] = nfull;
+    p.partial_count[row] = npart;
+  }
 }
 
 }  // namespace dm

@@ -153,19 +153,29 @@ def programmatic_launches() -> bool:
 
 def mask_pack_kernel() -> bool:
     """``DMATTN_MASK_PACK``: ``1`` lets ``MixedMask.from_dense_mask`` pack a GPU mask with one
-    kernel (cuda_src/mask_pack.cu) instead of CuPy array operations; ``0`` (default) keeps
-    the array operations (the kernel has not run on a GPU yet)."""
-    val = os.environ.get("DMATTN_MASK_PACK", "0")
+    kernel (cuda_src/mask_pack.cu, the default) instead of CuPy array operations; ``0`` keeps
+    the array operations. Same result bit for bit (tests/gpu/test_mask_pack.py)."""
+    val = os.environ.get("DMATTN_MASK_PACK", "1")
     if val not in ("", "0", "1"):
         raise ValueError(f"DMATTN_MASK_PACK must be '0' or '1', got {val!r}")
-    return val == "1"
+    return val != "0"
+
+
+def mask_route() -> bool:
+    """``DMATTN_MASK_ROUTE``: ``1`` (default) lets the Hopper forward read a (.., Sq, Sk)
+    ``attn_mask`` as block lists that two kernels pack from it in each call
+    (``mask_pack.routes_mask``); ``0`` reads the mask's bytes tile by tile. A plan variable."""
+    val = os.environ.get("DMATTN_MASK_ROUTE", "1")
+    if val not in ("", "0", "1"):
+        raise ValueError(f"DMATTN_MASK_ROUTE must be '0' or '1', got {val!r}")
+    return val != "0"
 
 
 # Variables that change which plan a call gets (family, tile, decode, splits, device checks).
 PLAN_VARIABLES = ("DMATTN_FWD_FAMILY", "DMATTN_BWD_FAMILY", "DMATTN_FWD_TILE", "DMATTN_DECODE",
                   "DMATTN_NUM_SPLITS", "DMATTN_CHECK", "DMATTN_NVRTC_DEFINES",
                   "DMATTN_SM90_BWD_SPARSE", "DMATTN_SM90_BWD_ORDER", "DMATTN_SM90_FWD_ORDER",
-                  "DMATTN_DECODE_STAGES", "DMATTN_PDL")
+                  "DMATTN_DECODE_STAGES", "DMATTN_PDL", "DMATTN_MASK_ROUTE")
 _environ_data = getattr(os.environ, "_data", None)
 _encoded = tuple(os.environ.encodekey(n) for n in PLAN_VARIABLES) \
     if _environ_data is not None and hasattr(os.environ, "encodekey") else None

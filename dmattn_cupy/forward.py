@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from . import arrays, decode, env, forward_sm90, row_pad, runtime, scratch
+from . import arrays, decode, env, forward_sm90, mask_pack, row_pad, runtime, scratch
 from .arrays import ArrayInfo, describe
 from .families import padded_head_dim, sparse_supported
 from .launch_plan import Alloc, Launch, Plan, RowCopy
@@ -154,6 +154,11 @@ def forward_call(pb: Problem, query: Any, cu_q: Any = None, cu_k: Any = None,
         plan.run(stream)
         return out, lse, plan
     pb = collapsed_broadcasts(pb)
+    if sparse is None and tile_counters is None and \
+            mask_pack.routes_mask(pb, runtime.device_props(pb.q.device)):
+        # attn_mask as block lists packed in this call (the plan's first two launches)
+        sparse = mask_pack.plan_lists(plan, pb.mask, query, keep_alive)
+        pb = dataclasses.replace(pb, mask=None)
     # Operands the Hopper family's maps read once their rows are 16-byte aligned: copied here;
     # a cached plan repeats a pitched copy (RowCopy) into a buffer it allocates per call.
     renames: dict[str, str] = {}

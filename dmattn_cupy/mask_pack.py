@@ -1,36 +1,60 @@
-"""The mask packing kernel (cuda_src/mask_pack.cu): a GPU bool mask ``(B, H, Sq, Sk)`` at any
-strides into per-block bit words and kept-element counts in one pass, the device half of
-``MixedMask.from_dense_mask`` under ``DMATTN_MASK_PACK=1`` (registered in
-``masks.DENSE_PACKERS`` at import). Launched on CuPy's current stream, as the array operations
-it replaces."""
+"""The mask packing kernels (cuda_src/mask_pack.cu): a GPU bool mask ``(B, H, Sq, Sk)`` at any
+strides into per-block bit words and kept-element counts in one pass, and those counts into
+block lists. Two users:
+
+- ``MixedMask.from_dense_mask`` (``DMATTN_MASK_PACK``, registered in ``masks.DENSE_PACKERS``
+  at import): the packing, launched on CuPy's current stream like the array operations it
+  replaces;
+- the forward's route for ``attn_mask`` (``DMATTN_MASK_ROUTE``, ``routes_mask`` and
+  ``plan_lists``): both kernels in the call's plan, so the Hopper forward reads the mask as a
+  MixedMask's lists (128-key tiles beside any bias, empty blocks never visited, no
+  per-element work on full ones) at the cost of one read of the mask per call."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
 
-from . import env, masks, runtime
+from . import arrays, env, masks, runtime
+from .arrays import ArrayInfo
+from .device import DeviceProps
+from .families import padded_head_dim, sparse_supported
+from .launch_plan import Alloc, Launch, Plan
 from .params import MASK_PACK_DTYPE
+from .select import forward as select_forward
+from .sparse_plan import MAX_SM90_PARTIAL_WORDS, SparseArrays
 from .spec import KernelSpec
+from .validate import Problem
 
 PACK_WARPS = 8          # one CTA per block: 8 warps take its rows in turn
 MAX_GRID_YZ = 65535     # row blocks (y) and batch x heads (z) per launch
+ROUTE_BLOCK = 128       # the attn_mask route's blocks: 128 x 128 (fwd_sm90's 128-key tile)
 
 
 def pack_spec(arch: str = "sm_80") -> KernelSpec:
     return KernelSpec(family="mask_pack", block_m=1, block_n=1, num_warps=PACK_WARPS, arch=arch)
 
 
+def lists_spec(arch: str = "sm_80") -> KernelSpec:
+    return KernelSpec(family="mask_lists", block_m=1, block_n=1, num_warps=PACK_WARPS, arch=arch)
+
+
 def all_mask_pack_specs(arch: str = "sm_80") -> list[KernelSpec]:
-    return [pack_spec(arch)]
+    return [pack_spec(arch), lists_spec(arch)]
+
+
+def fits_grid(shape: tuple[int, ...], bm: int, bn: int) -> bool:
+    """Whether the kernel packs a (B, H, Sq, Sk) mask at block size (bm, bn): block_n a
+    multiple of 32 and the grid within CUDA's y/z limits."""
+    b, h, sq, _ = shape
+    return bn % 32 == 0 and -(-sq // bm) <= MAX_GRID_YZ and b * h <= MAX_GRID_YZ
 
 
 def takes(dense4: Any, bm: int, bn: int) -> bool:
-    """Whether the kernel packs this 4-D CuPy bool array at block size (bm, bn): block_n a
-    multiple of 32 and the grid within CUDA's y/z limits."""
-    b, h, sq, _ = dense4.shape
-    return bn % 32 == 0 and -(-sq // bm) <= MAX_GRID_YZ and b * h <= MAX_GRID_YZ
+    """``fits_grid`` of a 4-D CuPy bool array."""
+    return fits_grid(tuple(dense4.shape), bm, bn)
 
 
 def vectorized(ptr: int, strides: tuple[int, ...], bn: int) -> bool:
@@ -39,19 +63,19 @@ def vectorized(ptr: int, strides: tuple[int, ...], bn: int) -> bool:
         s % 4 == 0 for s in strides[:3])
 
 
-def record(dense4: Any, words: Any, kept: Any, bm: int, bn: int) -> np.ndarray:
-    """The kernel's MaskPackParams for ``dense4`` (B, H, Sq, Sk) packed into ``words`` and
-    ``kept`` (device arrays, one entry/row per block)."""
-    b, h, sq, sk = dense4.shape
-    ptr = int(dense4.data.ptr)
-    strides = tuple(int(s) for s in dense4.strides)   # bytes: bool elements are one byte
+def record(ptr: int, shape: tuple[int, ...], strides: tuple[int, ...], words: int, kept: int,
+           bm: int, bn: int) -> np.ndarray:
+    """The kernels' MaskPackParams for the mask at ``ptr`` of ``shape`` (B, H, Sq, Sk) and byte
+    ``strides`` (bool: one byte per element) packed into the device buffers at ``words`` and
+    ``kept`` (one entry/row per block); the list pointers are 0 (``plan_lists`` sets them)."""
+    b, h, sq, sk = shape
     rec = np.zeros(1, dtype=MASK_PACK_DTYPE)
     r = rec[0]
-    r["mask"], r["words"], r["kept"] = ptr, int(words.data.ptr), int(kept.data.ptr)
+    r["mask"], r["words"], r["kept"] = ptr, words, kept
     r["batch_stride"], r["head_stride"], r["row_stride"], r["col_stride"] = strides
     r["seqlen_q"], r["seqlen_k"], r["block_m"], r["block_n"] = sq, sk, bm, bn
     r["row_blocks"], r["col_blocks"] = -(-sq // bm), -(-sk // bn)
-    r["heads"] = h
+    r["heads"], r["batches"] = h, b
     r["vec"] = int(vectorized(ptr, strides, bn))
     return rec
 
@@ -69,9 +93,11 @@ def pack_blocks(dense4: Any, bm: int, bn: int) -> tuple[Any, Any]:
     with cupy.cuda.Device(dev):   # the outputs and the launch on the mask's device
         words = cupy.empty((b * h * nrb * ncb, bm * bn // 32), dtype=cupy.uint32)
         kept = cupy.empty((b, h, nrb, ncb), dtype=cupy.int32)
+        rec = record(int(dense4.data.ptr), tuple(dense4.shape),
+                     tuple(int(s) for s in dense4.strides), int(words.data.ptr),
+                     int(kept.data.ptr), bm, bn)
         runtime.launch_record(dev, pack_spec(runtime.device_props(dev).arch), (ncb, nrb, b * h),
-                              record(dense4, words, kept, bm, bn),
-                              cupy.cuda.get_current_stream().ptr)
+                              rec, cupy.cuda.get_current_stream().ptr)
     return kept, words
 
 
@@ -85,3 +111,74 @@ def pack_if_enabled(dense4: Any, bm: int, bn: int) -> tuple[Any, Any] | None:
 
 if pack_if_enabled not in masks.DENSE_PACKERS:
     masks.DENSE_PACKERS.append(pack_if_enabled)
+
+
+# --- the forward's route for attn_mask --------------------------------------------------------
+
+
+def routes_mask(pb: Problem, dev: DeviceProps) -> bool:
+    """Whether the forward of ``pb`` (broadcasts collapsed: ``forward.collapsed_broadcasts``)
+    reads its ``attn_mask`` as block lists packed per call: ``DMATTN_MASK_ROUTE`` on, a dense
+    batch, a mask over every (query, key) pair with batch/head dims 1 or full, the Hopper
+    forward chosen for the problem with lists of 128 x 128 blocks, their bits addressable, and
+    the packing grid within limits."""
+    m = pb.mask
+    if m is None or pb.varlen or not env.mask_route():
+        return False
+    mb, mh, sq, sk = m.shape
+    if (sq, sk) != (pb.seqlen_q, pb.seqlen_k) or mb not in (1, pb.batch) \
+            or mh not in (1, pb.heads):
+        return False
+    nblk = mb * mh * -(-sq // ROUTE_BLOCK) * -(-sk // ROUTE_BLOCK)
+    if nblk * ROUTE_BLOCK * ROUTE_BLOCK // 32 > MAX_SM90_PARTIAL_WORDS \
+            or not fits_grid(m.shape, ROUTE_BLOCK, ROUTE_BLOCK):
+        return False
+    if not sparse_supported(padded_head_dim(pb.head_dim), False, pb.bias is not None):
+        return False
+    spec = select_forward(dataclasses.replace(pb, mask=None), dev,
+                          sparse=(ROUTE_BLOCK, ROUTE_BLOCK))
+    return spec.family == "fwd_sm90" and ROUTE_BLOCK % spec.block_m == 0 \
+        and ROUTE_BLOCK % spec.block_n == 0
+
+
+# the route's buffers: plan allocation name -> (record field, dims after (mb, mh)) ; the
+# sp_ names are the forward record's fields (layout.SPARSE_INPUTS), so the forward slots
+# them as it slots a block mask's lists
+_ROUTE_BUFFERS = (("sp_full_count", "full_count"), ("sp_full_idx", "full_idx"),
+                  ("sp_partial_count", "partial_count"), ("sp_partial_idx", "partial_idx"),
+                  ("sp_partial_slot", "partial_slot"), ("sp_partial_bits", "words"),
+                  ("mask_kept", "kept"))
+
+
+def plan_lists(plan: Plan, mask: ArrayInfo, query: Any, keep_alive: list[Any]) -> SparseArrays:
+    """Adds the packing and the lists launches of ``mask`` (``routes_mask`` holds) to
+    ``plan``, their buffers as allocations (first call: allocated here, kept in
+    ``keep_alive``) and the mask as the plan's ``mask`` input; returns the lists, which the
+    forward launch then reads like a MixedMask's (a partial block's bits at its own index)."""
+    bm = bn = ROUTE_BLOCK
+    mb, mh, sq, sk = mask.shape
+    nrb, ncb = -(-sq // bm), -(-sk // bn)
+    nblk = mb * mh * nrb * ncb
+    shapes = {"sp_full_count": (mb, mh, nrb), "sp_full_idx": (mb, mh, nrb, ncb),
+              "sp_partial_count": (mb, mh, nrb), "sp_partial_idx": (mb, mh, nrb, ncb),
+              "sp_partial_slot": (mb, mh, nrb, ncb), "sp_partial_bits": (nblk, bm * bn // 32),
+              "mask_kept": (nblk,)}
+    bufs = {}
+    for name, _ in _ROUTE_BUFFERS:
+        dtype = "uint32" if name == "sp_partial_bits" else "int32"
+        bufs[name] = arrays.empty(query, shapes[name], dtype)
+        keep_alive.append(bufs[name])
+        plan.allocs.append(Alloc(name, shapes[name], dtype))
+    strides = tuple(0 if n == 1 else st for n, st in zip(mask.shape, mask.strides, strict=True))
+    rec = record(mask.ptr, mask.shape, strides, 0, 0, bm, bn)
+    plan.slot("mask", rec, "mask")
+    for name, field in _ROUTE_BUFFERS:
+        rec[0][field] = arrays.describe(bufs[name]).ptr
+        plan.slot(name, rec, field)
+    arch = runtime.device_props(mask.device).arch
+    rows = mb * mh * nrb
+    plan.launches.append(Launch(runtime.get_kernel(pack_spec(arch), mask.device),
+                                (ncb, nrb, mb * mh), (rec,)))
+    plan.launches.append(Launch(runtime.get_kernel(lists_spec(arch), mask.device),
+                                (-(-rows // PACK_WARPS), 1, 1), (rec,)))
+    return SparseArrays(*(bufs[n] for n, _ in _ROUTE_BUFFERS[:6]), block_m=bm, block_n=bn)

@@ -143,10 +143,12 @@ ROW_PAD_DTYPE = np.dtype([(name, t) for name, t in ROW_PAD_FIELDS], align=True)
 
 # The mask packing kernel's struct (cuda_src/mask_pack_params.cuh).
 MASK_PACK_FIELDS: tuple[tuple[str, type], ...] = (
-    ("mask", _PTR), ("words", _PTR), ("kept", _PTR), ("batch_stride", _I64),
-    ("head_stride", _I64), ("row_stride", _I64), ("col_stride", _I64), ("seqlen_q", _I32),
-    ("seqlen_k", _I32), ("block_m", _I32), ("block_n", _I32), ("row_blocks", _I32),
-    ("col_blocks", _I32), ("heads", _I32), ("vec", _I32),
+    ("mask", _PTR), ("words", _PTR), ("kept", _PTR), ("full_count", _PTR), ("full_idx", _PTR),
+    ("partial_count", _PTR), ("partial_idx", _PTR), ("partial_slot", _PTR),
+    ("batch_stride", _I64), ("head_stride", _I64), ("row_stride", _I64), ("col_stride", _I64),
+    ("seqlen_q", _I32), ("seqlen_k", _I32), ("block_m", _I32), ("block_n", _I32),
+    ("row_blocks", _I32), ("col_blocks", _I32), ("heads", _I32), ("batches", _I32),
+    ("vec", _I32),
 )
 
 MASK_PACK_DTYPE = np.dtype([(name, t) for name, t in MASK_PACK_FIELDS], align=True)

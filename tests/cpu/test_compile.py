@@ -78,8 +78,8 @@ def test_spec_id_is_readable_and_unique() -> None:
     assert n_kv == 1  # the KV-cache append kernel (16-bit words: one spec)
     n_pad = sum(s.family == "row_pad" for s in specs)
     assert n_pad == 1  # the row padding copy (bytes: one spec)
-    n_pack = sum(s.family == "mask_pack" for s in specs)
-    assert n_pack == 1  # the mask packing kernel (bytes: one spec)
+    n_pack = sum(s.family in ("mask_pack", "mask_lists") for s in specs)
+    assert n_pack == 2  # the mask packing and block-list kernels (bytes, int32: one spec each)
     assert len(ids) == len(set(ids)) == n_fwd + n_decode + n_bwd + n_kv + n_pad + n_pack
     assert any(i.startswith("fwd_mma_bf16_d128_m") and i.endswith("_mask1_bias0_varlen1")
                for i in ids)

@@ -30,10 +30,23 @@ from dmattn_cupy import (  # noqa: E402
 )
 from dmattn_cupy import compile as dcompile  # noqa: E402
 from dmattn_cupy.launch_plan import PlanCache  # noqa: E402
-from dmattn_cupy.params import FWD_DTYPE, KV_APPEND_DTYPE, bwd_dtype_flat  # noqa: E402
+from dmattn_cupy.params import (  # noqa: E402
+    FWD_DTYPE,
+    KV_APPEND_DTYPE,
+    MASK_PACK_DTYPE,
+    bwd_dtype_flat,
+)
 
 BWD_DTYPE = bwd_dtype_flat()
-_PARAMS = {"FwdParams": FWD_DTYPE, "BwdParams": BWD_DTYPE, "KvAppendParams": KV_APPEND_DTYPE}
+_PARAMS = {"FwdParams": FWD_DTYPE, "BwdParams": BWD_DTYPE, "KvAppendParams": KV_APPEND_DTYPE,
+           "MaskPackParams": MASK_PACK_DTYPE}
+# the attn_mask route's launches (mask_pack.plan_lists): every pointer but the mask's is a
+# buffer the call allocates, and so are the forward's list pointers after them
+_MASK_ROUTE = ("mask_pack", "mask_lists")
+_ROUTE_FRESH = ("words", "kept", "full_count", "full_idx", "partial_count", "partial_idx",
+                "partial_slot")
+_SPARSE_FIELDS = ("sp_full_count", "sp_full_idx", "sp_partial_count", "sp_partial_idx",
+                  "sp_partial_slot", "sp_partial_bits")
 # pointer fields that hold buffers a call allocates (fresh every call)
 _FRESH = ("o", "lse", "o_accum", "lse_accum", "dsum", "dq_accum", "dq", "dk", "dv", "dbias")
 
@@ -134,19 +147,28 @@ def _record(raw: bytes, family_params: str) -> np.ndarray:
 def _masked(launches, cap):
     """Launches with fresh-buffer pointer fields zeroed (comparable across calls)."""
     res = []
+    routed = any(fam in _MASK_ROUTE for _, fam, *_ in launches)
     for _path, fam, grid, raws, smem in launches:
         params = "BwdParams" if fam.startswith("bwd") else \
-            "KvAppendParams" if fam == "kv_append" else "FwdParams"
+            "KvAppendParams" if fam == "kv_append" else \
+            "MaskPackParams" if fam in _MASK_ROUTE else "FwdParams"
         rec = _record(raws[0], params)
-        for f in _FRESH:
+        fresh = _FRESH + ((_ROUTE_FRESH + _SPARSE_FIELDS) if routed else ())
+        for f in fresh:
             if f in rec.dtype.names:
                 rec[f] = 0
         if fam in ("fwd_sm90", "fwd_order"):   # block lists' item order: a fresh buffer
             args = np.frombuffer(raws[1], dtype=forward_sm90.ARGS_DTYPE).copy()
             args["item_order"] = 0
             raws = [raws[0], args.tobytes(), *raws[2:]]
-        res.append((fam, grid, smem, rec.tobytes(), tuple(raws[1:])))
+        fields = b"".join(rec[n][0].tobytes() for n in rec.dtype.names)  # no padding bytes
+        res.append((fam, grid, smem, fields, tuple(raws[1:])))
     return res
+
+
+def _fwd(launches):
+    """The forward's launch: the first that is not the attn_mask route's."""
+    return next(x for x in launches if x[1] not in _MASK_ROUTE)
 
 
 def _rand(*shape, dtype=torch.bfloat16, seed=0):
@@ -188,7 +210,7 @@ def test_thin_forward_launches_what_the_validated_path_builds(cap, name, lse):
     assert all(p == "thin" for p, *_ in again)
     assert _masked(again, cap) == _masked(first, cap)
     out = res[0] if lse else res
-    rec = _record(again[0][3][0], "FwdParams")
+    rec = _record(_fwd(again)[3][0], "FwdParams")
     assert int(rec["q"][0]) == args[0].data_ptr() and int(rec["o"][0]) == out.data_ptr()
     if lse:
         assert int(rec["lse"][0]) == res[1].data_ptr()
@@ -199,14 +221,15 @@ def test_thin_forward_launches_what_the_validated_path_builds(cap, name, lse):
     dm.flash_dmattn_func(*args2, return_lse=lse, **kw2)
     thin2 = cap.take()
     assert all(p == "thin" for p, *_ in thin2)
-    rec2 = _record(thin2[0][3][0], "FwdParams")
+    rec2 = _record(_fwd(thin2)[3][0], "FwdParams")
     assert int(rec2["q"][0]) == args2[0].data_ptr() and int(rec2["v"][0]) == args2[2].data_ptr()
     fastpath.clear()
     dm.flash_dmattn_func(*args2, return_lse=lse, **kw2)
     slow2 = cap.take()
     assert all(p == "slow" for p, *_ in slow2)
-    a, b = _record(thin2[0][3][0], "FwdParams"), _record(slow2[0][3][0], "FwdParams")
-    assert [n for n in a.dtype.names if a[n][0] != b[n][0] and n not in _FRESH] == []
+    a, b = _record(_fwd(thin2)[3][0], "FwdParams"), _record(_fwd(slow2)[3][0], "FwdParams")
+    fresh = _FRESH + (_SPARSE_FIELDS if thin2[0][1] in _MASK_ROUTE else ())
+    assert [n for n in a.dtype.names if a[n][0] != b[n][0] and n not in fresh] == []
     assert _masked(thin2, cap) == _masked(slow2, cap)
 
 
@@ -820,6 +843,7 @@ def test_dynamic_schedule_launches_carry_one_kept_counter(cap, monkeypatch, unpa
     if unpatchable:
         _scramble_maps(monkeypatch)
     made = _counter_fills(monkeypatch)
+    monkeypatch.setenv("DMATTN_MASK_ROUTE", "0")   # the mask's own spec (block lists: an order)
     monkeypatch.setenv("DMATTN_NVRTC_DEFINES", "DM_SM90_PERSISTENT=2")
     try:
         for name in ("dense", "mask_bias"):
@@ -874,6 +898,7 @@ def test_padded_mask_bias_rows_are_cached_with_their_copy(cap, monkeypatch, layo
     element by element and never cached."""
     copies = []
     monkeypatch.setattr(row_pad, "copy_rows", lambda *a: copies.append(a))
+    monkeypatch.setenv("DMATTN_MASK_ROUTE", "0")   # the mask's bytes in tiles: padded rows
     B, S, H, D = 2, 201, 4, 64
     q, k, v = (_rand(B, S, H, D, seed=i) for i in range(3))
     g = torch.Generator().manual_seed(3)
@@ -939,4 +964,30 @@ def test_custom_op_forward_reuses_its_plan(cap, name):
     assert [p for p, *_ in first] == ["slow"] * len(first)
     assert [p for p, *_ in again] == ["thin"] * len(first)
     assert _masked(again, cap) == _masked(first, cap)
-    assert int(_record(again[0][3][0], "FwdParams")["o"][0]) == out.data_ptr()
+    assert int(_record(_fwd(again)[3][0], "FwdParams")["o"][0]) == out.data_ptr()
+
+
+def test_mask_route_thin_calls_wire_their_own_buffers(cap):
+    """The attn_mask route (mask_pack.plan_lists): validated and cached calls launch the
+    packing, the lists and the forward; in each call the packing reads that call's mask, and
+    the forward reads the lists and bits the two launches before it wrote (the same fresh
+    buffers, all distinct)."""
+    for seed, path in ((0, "slow"), (10, "thin"), (20, "thin")):
+        (q, k, v), kw = _dense_case("mask_bias", seed)
+        dm.flash_dmattn_func(q, k, v, **kw)
+        launches = cap.take()
+        assert [(p, f) for p, f, *_ in launches] == [(path, "mask_pack"), (path, "mask_lists"),
+                                                     (path, "fwd_sm90")]
+        pack, lists = (_record(x[3][0], "MaskPackParams") for x in launches[:2])
+        assert pack.tolist() == lists.tolist()              # one record, two grids
+        assert int(pack["mask"][0]) == kw["attn_mask"].data_ptr()
+        fwd = _record(launches[2][3][0], "FwdParams")
+        assert int(fwd["mask"][0]) == 0                       # the forward reads the lists
+        pairs = dict(zip(_SPARSE_FIELDS, ("full_count", "full_idx", "partial_count",
+                                          "partial_idx", "partial_slot", "words"), strict=True))
+        for sp, field in pairs.items():
+            assert int(fwd[sp][0]) == int(pack[field][0]) != 0, sp
+        ptrs = tuple(int(pack[f][0]) for f in _ROUTE_FRESH)
+        assert len(set(ptrs)) == len(ptrs)
+        # mask (2, 1, 40, 48): one 128 x 128 block per (batch, row); lists per (batch, row)
+        assert launches[0][2] == (1, 1, 2) and launches[1][2] == (1, 1, 1)

@@ -234,6 +234,7 @@ def test_steps_the_thin_path_cannot_serve_take_the_validated_path(cap, monkeypat
     mask (the validated path's error, every call): each step's forward is the custom op's
     (over the dense form it reuses the op's own plan of that signature, as its backward, the
     functional one, does) and launches what the custom-op route launches."""
+    monkeypatch.setenv("DMATTN_MASK_ROUTE", "0")   # the dense form read as the mask's bytes
     q, k, v, _ = _inputs(False)
     dout = tf._rand(B, SQ, H, D, seed=9)
     blocks = [(32, 64), (64, 32)]

@@ -127,14 +127,16 @@ class _Dev:
 
 def test_record_fields():
     d = _Dev((2, 3, 300, 520), (3 * 300 * 520, 300 * 520, 520, 1))
-    rec = mask_pack.record(d, _Dev((1,), (4,), 8192), _Dev((1,), (4,), 12288), 128, 128)[0]
+    rec = mask_pack.record(d.data.ptr, d.shape, d.strides, 8192, 12288, 128, 128)[0]
     assert rec.dtype == MASK_PACK_DTYPE
     assert (int(rec["mask"]), int(rec["words"]), int(rec["kept"])) == (4096, 8192, 12288)
     assert [int(rec[f]) for f in ("batch_stride", "head_stride", "row_stride", "col_stride")] \
         == list(d.strides)
     assert [int(rec[f]) for f in ("seqlen_q", "seqlen_k", "block_m", "block_n", "row_blocks",
-                                  "col_blocks", "heads", "vec")] == [300, 520, 128, 128, 3, 5,
-                                                                     3, 1]
+                                  "col_blocks", "heads", "batches", "vec")] == [
+        300, 520, 128, 128, 3, 5, 3, 2, 1]
+    assert all(int(rec[f]) == 0 for f in ("full_count", "full_idx", "partial_count",
+                                           "partial_idx", "partial_slot"))
 
 
 @pytest.mark.parametrize("ptr,strides,bn,vec", [
@@ -158,6 +160,8 @@ def test_takes():
 
 def test_switch(monkeypatch):
     monkeypatch.delenv("DMATTN_MASK_PACK", raising=False)
+    assert env.mask_pack_kernel() is True
+    monkeypatch.setenv("DMATTN_MASK_PACK", "0")
     assert env.mask_pack_kernel() is False
     monkeypatch.setenv("DMATTN_MASK_PACK", "1")
     assert env.mask_pack_kernel() is True
@@ -176,3 +180,81 @@ def test_registered_and_off_for_numpy(monkeypatch):
     monkeypatch.setattr(masks, "DENSE_PACKERS", [boom])
     dense = np.random.default_rng(0).random((200, 300)) < 0.5
     np.testing.assert_array_equal(MixedMask.from_dense_mask(dense).to_dense(), dense)
+
+
+def emulate_lists(kept: np.ndarray, sq: int, sk: int, bm: int, bn: int) -> dict[str, np.ndarray]:
+    """What mask_lists_kernel writes from ``kept`` (B, H, nrb, ncb): each row's warp, its
+    32-block chunks, ballots and lower-lane counts, with the kernel's own arithmetic."""
+    b, h, nrb, ncb = kept.shape
+    flat = kept.reshape(-1)
+    out = {n: np.full((b * h * nrb, ncb), -7, dtype=np.int64) for n in ("full_idx",
+                                                                         "partial_idx")}
+    out["partial_slot"] = np.full(b * h * nrb * ncb, -7, dtype=np.int64)
+    out["full_count"] = np.full(b * h * nrb, -7, dtype=np.int64)
+    out["partial_count"] = np.full(b * h * nrb, -7, dtype=np.int64)
+    for row in range(b * h * nrb):
+        rb = row % nrb
+        rows = min(bm, sq - rb * bm)
+        nfull = npart = 0
+        for cb0 in range(0, ncb, 32):
+            full, part = [], []
+            for lane in range(32):
+                cb = cb0 + lane
+                inside = cb < ncb
+                k = flat[row * ncb + cb] if inside else 0
+                allk = rows * min(bn, sk - cb * bn) if inside else 0
+                full.append(inside and k == allk)
+                part.append(0 < k < allk)
+            for lane in range(32):
+                cb, blk = cb0 + lane, row * ncb + cb0 + lane
+                if full[lane]:
+                    out["full_idx"][row, nfull + sum(full[:lane])] = cb
+                if part[lane]:
+                    out["partial_idx"][row, npart + sum(part[:lane])] = cb
+                if cb < ncb:
+                    out["partial_slot"][blk] = blk if part[lane] else -1
+            nfull += sum(full)
+            npart += sum(part)
+        for cb in range(ncb):
+            if cb >= nfull:
+                out["full_idx"][row, cb] = 0
+            if cb >= npart:
+                out["partial_idx"][row, cb] = 0
+        out["full_count"][row], out["partial_count"][row] = nfull, npart
+    return out
+
+
+@pytest.mark.parametrize("sq,sk,lead", [(300, 520, (2, 3)), (128, 128 * 40, (1, 1)),
+                                        (129, 33 * 128 + 5, (1, 2))])
+def test_lists_emulation_equals_mixed_mask_lists(sq, sk, lead):
+    """The lists kernel's emulation over the packing's counts gives MixedMask's lists (counts,
+    ascending indices, zeros past each count; more than 32 column blocks take two chunks) and
+    each partial block's slot is its own index, where from_dense_mask's words for it are."""
+    bm = bn = 128
+    rng = np.random.default_rng(sq + sk)
+    dense = rng.random((*lead, sq, sk)) < 0.9
+    dense[..., :128, :128] = True
+    dense[..., -1:, 128:256] = False
+    dense[..., :, -3:] = False           # the last (partial-width) column block: empty or not
+    if sk > 1024:
+        dense[..., :, 256 * 4:256 * 9] = False  # empty blocks between kept ones
+        dense[..., :, 128 * 32:128 * 33] = True  # a full block in the second chunk
+    kept, words = emulate(dense, bm, bn, vec=sk % 4 == 0)
+    got = emulate_lists(kept, sq, sk, bm, bn)
+    want = MixedMask.from_dense_mask(dense, (bm, bn))
+    lists = want.block_lists(bm, bn)
+    nrows = int(np.prod(lead)) * kept.shape[2]
+    for name in ("full", "partial"):
+        count = getattr(lists, f"{name}_count").reshape(-1)
+        idx = getattr(lists, f"{name}_idx").reshape(nrows, -1)
+        np.testing.assert_array_equal(got[f"{name}_count"], count)
+        for r in range(nrows):
+            np.testing.assert_array_equal(got[f"{name}_idx"][r, :count[r]], idx[r, :count[r]])
+            assert (got[f"{name}_idx"][r, count[r]:] == 0).all()
+    cls = want.block_class.reshape(-1)
+    slot = got["partial_slot"]
+    assert ((slot >= 0) == (cls == masks.PARTIAL)).all() and (cls == masks.PARTIAL).any()
+    compact = want.partial_slot.reshape(-1)
+    for blk in np.nonzero(cls == masks.PARTIAL)[0]:
+        assert slot[blk] == blk
+        np.testing.assert_array_equal(words[blk], want.partial_bits[compact[blk]])

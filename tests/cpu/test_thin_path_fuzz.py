@@ -63,7 +63,8 @@ def _comparable(launches: list, inputs: list[int]) -> list:
             token.setdefault(p, 1000 + i)
         dtype = ROW_PAD_DTYPE if fam == "row_copy" else _PARAMS[
             "BwdParams" if fam.startswith("bwd") else
-            "KvAppendParams" if fam == "kv_append" else "FwdParams"]
+            "KvAppendParams" if fam == "kv_append" else
+            "MaskPackParams" if fam in ("mask_pack", "mask_lists") else "FwdParams"]
         rec = np.frombuffer(raws[0], dtype=dtype).copy()
         if "dlse" in rec.dtype.names:   # lse's gradient: None on the thin path, zeros
             rec["dlse"] = 0             # materialized by the custom op's (the same result)
@@ -83,7 +84,7 @@ def _comparable(launches: list, inputs: list[int]) -> list:
             hit = np.isin(w, keys)
             w[hit] = vals[np.searchsorted(keys, w[hit])]
             words.append(w.tobytes() + raw[n:])
-        out.append((fam, grid, smem, rec.tobytes(), tuple(words)))
+        out.append((fam, grid, smem, _with_fields(raws[0], rec), tuple(words)))
     return out
 
 

@@ -134,6 +134,14 @@ def both_forward_families(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=["1", "0"], ids=["mask-lists", "mask-bytes"])
+def both_mask_routes(request, monkeypatch):
+    """Runs a test with the Hopper forward's attn_mask route on (the mask packed into block
+    lists per call, the default) and off (the mask's bytes read tile by tile)."""
+    monkeypatch.setenv("DMATTN_MASK_ROUTE", request.param)
+    return request.param
+
+
 @pytest.fixture(autouse=True)
 def fresh_plans():
     """Every test starts with no cached launch plans: tests that monkeypatch the planning
