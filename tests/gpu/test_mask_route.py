@@ -25,6 +25,11 @@ cupy = pytest.importorskip("cupy")
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("hopper_only")]
 
 B, H, HK, D = 2, 4, 2, 128
+
+
+@pytest.fixture(autouse=True)
+def route_on(monkeypatch):
+    monkeypatch.setenv("DMATTN_MASK_ROUTE", "1")
 ROUTE = {"mask_pack", "mask_lists", "fwd_sm90"}
 
 
