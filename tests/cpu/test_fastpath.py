@@ -967,11 +967,12 @@ def test_custom_op_forward_reuses_its_plan(cap, name):
     assert int(_record(_fwd(again)[3][0], "FwdParams")["o"][0]) == out.data_ptr()
 
 
-def test_mask_route_thin_calls_wire_their_own_buffers(cap):
+def test_mask_route_thin_calls_wire_their_own_buffers(cap, monkeypatch):
     """The attn_mask route (mask_pack.plan_lists): validated and cached calls launch the
     packing, the lists and the forward; in each call the packing reads that call's mask, and
     the forward reads the lists and bits the two launches before it wrote (the same fresh
     buffers, all distinct)."""
+    monkeypatch.setenv("DMATTN_MASK_ROUTE", "1")
     for seed, path in ((0, "slow"), (10, "thin"), (20, "thin")):
         (q, k, v), kw = _dense_case("mask_bias", seed)
         dm.flash_dmattn_func(q, k, v, **kw)
