@@ -258,3 +258,47 @@ def test_lists_emulation_equals_mixed_mask_lists(sq, sk, lead):
     for blk in np.nonzero(cls == masks.PARTIAL)[0]:
         assert slot[blk] == blk
         np.testing.assert_array_equal(words[blk], want.partial_bits[compact[blk]])
+
+
+def _route_problem(mask_shape, d=128, bias=True, varlen=False, sq=1000, sk=1200, b=2, h=8,
+                   hk=2):
+    from dmattn_cupy.arrays import ArrayInfo
+    from dmattn_cupy.forward import collapsed_broadcasts
+    from dmattn_cupy.validate import Problem
+
+    def info(shape, dtype="bfloat16"):
+        st = [int(np.prod(shape[i + 1:])) for i in range(len(shape))]
+        return ArrayInfo("torch", dtype, tuple(shape), tuple(st), 0, 1 << 20)
+
+    pb = Problem(kind="torch", backend="cuda", varlen=varlen, batch=b, seqlen_q=sq, seqlen_k=sk,
+                 heads=h, kv_heads=hk, head_dim=d, dtype="bfloat16", scale=1.0, softcap=0.0,
+                 window=(-1, -1), q=info((b, sq, h, d)), k=info((b, sk, hk, d)),
+                 v=info((b, sk, hk, d)), mask=info(mask_shape, "bool"),
+                 bias=info((b, h, sq, sk)) if bias else None)
+    return collapsed_broadcasts(pb)
+
+
+def test_route_decision(monkeypatch):
+    """routes_mask: a (.., Sq, Sk) mask with batch/head dims 1 or full, on the Hopper family
+    with 128 x 128 lists; not a key-only or per-kv-head mask, a varlen call, the portable
+    family (A100, or forced) or DMATTN_MASK_ROUTE=0."""
+    from dmattn_cupy.device import PRESETS
+
+    h100, a100 = PRESETS["sm_90"], PRESETS["sm_80"]
+    monkeypatch.setenv("DMATTN_MASK_ROUTE", "1")
+    for shape in ((2, 8, 1000, 1200), (2, 1, 1000, 1200), (1, 1, 1000, 1200)):
+        for bias in (True, False):
+            for d in (64, 128):
+                assert mask_pack.routes_mask(_route_problem(shape, d, bias), h100), (shape, d)
+    assert not mask_pack.routes_mask(_route_problem((2, 8, 1000, 1200)), a100)
+    assert not mask_pack.routes_mask(_route_problem((2, 8, 1, 1200)), h100)     # key-only
+    assert not mask_pack.routes_mask(_route_problem((2, 2, 1000, 1200)), h100)  # per kv head
+    assert not mask_pack.routes_mask(_route_problem((2, 8, 1000, 1)), h100)     # query rows
+    monkeypatch.setenv("DMATTN_FWD_FAMILY", "fwd_mma")
+    assert not mask_pack.routes_mask(_route_problem((2, 8, 1000, 1200)), h100)
+    monkeypatch.delenv("DMATTN_FWD_FAMILY")
+    monkeypatch.setenv("DMATTN_MASK_ROUTE", "0")
+    assert not mask_pack.routes_mask(_route_problem((2, 8, 1000, 1200)), h100)
+    monkeypatch.setenv("DMATTN_MASK_ROUTE", "2")
+    with pytest.raises(ValueError, match="DMATTN_MASK_ROUTE"):
+        mask_pack.routes_mask(_route_problem((2, 8, 1000, 1200)), h100)
