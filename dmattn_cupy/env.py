@@ -162,10 +162,11 @@ def mask_pack_kernel() -> bool:
 
 
 def mask_route() -> bool:
-    """``DMATTN_MASK_ROUTE``: ``1`` (default) lets the Hopper forward read a (.., Sq, Sk)
-    ``attn_mask`` as block lists that two kernels pack from it in each call
-    (``mask_pack.routes_mask``); ``0`` reads the mask's bytes tile by tile. A plan variable."""
-    val = os.environ.get("DMATTN_MASK_ROUTE", "1")
+    """``DMATTN_MASK_ROUTE``: ``1`` lets the Hopper forward read a (.., Sq, Sk) ``attn_mask``
+    as block lists that two kernels pack from it in each call (``mask_pack.routes_mask``);
+    ``0`` (default until the route has run on a GPU) reads the mask's bytes tile by tile. A
+    plan variable."""
+    val = os.environ.get("DMATTN_MASK_ROUTE", "0")
     if val not in ("", "0", "1"):
         raise ValueError(f"DMATTN_MASK_ROUTE must be '0' or '1', got {val!r}")
     return val != "0"

@@ -137,7 +137,7 @@ def both_forward_families(request, monkeypatch):
 @pytest.fixture(params=["1", "0"], ids=["mask-lists", "mask-bytes"])
 def both_mask_routes(request, monkeypatch):
     """Runs a test with the Hopper forward's attn_mask route on (the mask packed into block
-    lists per call, the default) and off (the mask's bytes read tile by tile)."""
+    lists per call) and off (the default: the mask's bytes read tile by tile)."""
     monkeypatch.setenv("DMATTN_MASK_ROUTE", request.param)
     return request.param
 

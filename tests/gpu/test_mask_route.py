@@ -1,10 +1,11 @@
-"""The Hopper forward's route for attn_mask (DMATTN_MASK_ROUTE, on by default): the mask packed
-in each call into 128 x 128 block lists (mask_pack + mask_lists) that fwd_sm90 reads like a
-prepared MixedMask's. Against the float64 reference for every mask layout the route takes
-(full, per-batch, shared, expanded views, rows at odd pitches read byte by byte, a key stride),
-beside no bias, a full bias and a key-row bias, with causal and window bounds, empty, full and
-partial blocks and fully masked rows; the route's lists equal ``MixedMask.from_dense_mask``'s;
-layouts the route does not take (a key-only mask, a kv-head mask) keep the byte tiles."""
+"""The Hopper forward's route for attn_mask (DMATTN_MASK_ROUTE=1; off by default until it has
+run on a GPU): the mask packed in each call into 128 x 128 block lists (mask_pack +
+mask_lists) that fwd_sm90 reads like a prepared MixedMask's. Against the float64 reference
+for every mask layout the route takes (full, per-batch, shared, expanded views, rows at odd
+pitches read byte by byte, a key stride), beside no bias, a full bias and a key-row bias,
+with causal and window bounds, empty, full and partial blocks and fully masked rows; the
+route's lists equal ``MixedMask.from_dense_mask``'s; layouts the route does not take (a
+key-only mask, a kv-head mask) keep the byte tiles."""
 
 from __future__ import annotations
 
