@@ -141,9 +141,9 @@ def routes_mask(pb: Problem, dev: DeviceProps) -> bool:
         and ROUTE_BLOCK % spec.block_n == 0
 
 
-# the route's buffers: plan allocation name -> (record field, dims after (mb, mh)) ; the
-# sp_ names are the forward record's fields (layout.SPARSE_INPUTS), so the forward slots
-# them as it slots a block mask's lists
+# the route's buffers, (plan allocation name, MaskPackParams field): the sp_ names are the
+# forward record's fields (layout.SPARSE_INPUTS), so the forward slots them as it slots a
+# block mask's lists
 _ROUTE_BUFFERS = (("sp_full_count", "full_count"), ("sp_full_idx", "full_idx"),
                   ("sp_partial_count", "partial_count"), ("sp_partial_idx", "partial_idx"),
                   ("sp_partial_slot", "partial_slot"), ("sp_partial_bits", "words"),
