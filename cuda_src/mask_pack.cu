@@ -18,12 +18,9 @@ namespace dm {
 
 constexpr int kMaskPackRows = 8;        // block rows per pass of a warp (vec)
 constexpr int kMaskPackRowsScalar = 4;  // the same with byte loads
-// 6 CTAs per SM: 40 registers, the build measured on the H200 (without the bound, sm_80's
-// ptxas chose 40 registers and spilled once the params struct grew)
-constexpr int kMaskPackMinBlocks = 6;
 
 template <int kNumWarps>
-__global__ void __launch_bounds__(kNumWarps * 32, kMaskPackMinBlocks)
+__global__ void __launch_bounds__(kNumWarps * 32)
 mask_pack_kernel(const MaskPackParams p) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int cb = blockIdx.x, rb = blockIdx.y, z = blockIdx.z;
@@ -118,10 +115,10 @@ mask_pack_kernel(const MaskPackParams p) {
 // into (no prefix sum over all blocks: the lists are made without a host read).
 template <int kNumWarps>
 __global__ void __launch_bounds__(kNumWarps * 32)
-mask_lists_kernel(const MaskPackParams p) {
+mask_lists_kernel(const MaskListsParams p) {
   const int lane = threadIdx.x % 32;
   const int64_t row = int64_t(blockIdx.x) * kNumWarps + threadIdx.x / 32;  // (b*H + h)*nrb + rb
-  if (row >= int64_t(p.batches) * p.heads * p.row_blocks) return;
+  if (row >= p.rows) return;
   const int ncb = p.col_blocks;
   const int rb = int(row % p.row_blocks);
   const int rows = min(p.block_m, p.seqlen_q - rb * p.block_m);

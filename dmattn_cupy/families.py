@@ -363,7 +363,7 @@ FAMILY_ROWS: tuple[Family, ...] = (
     Family("mask_pack", "mask_pack.cu", "dm::mask_pack_kernel", ("num_warps",),
            "MaskPackParams", "sm_80", _smem_none),
     Family("mask_lists", "mask_pack.cu", "dm::mask_lists_kernel", ("num_warps",),
-           "MaskPackParams", "sm_80", _smem_none),
+           "MaskListsParams", "sm_80", _smem_none),
     Family("bwd_pre", "sm80/bwd.cu", "dm::flash_bwd_pre_kernel", ("dtype", "num_warps", "varlen"),
            "BwdParams", "sm_80", _smem_none),
     Family("bwd_post", "sm80/bwd.cu", "dm::flash_bwd_post_kernel",

@@ -22,7 +22,7 @@ from .arrays import ArrayInfo
 from .device import DeviceProps
 from .families import padded_head_dim, sparse_supported
 from .launch_plan import Alloc, Launch, Plan
-from .params import MASK_PACK_DTYPE
+from .params import MASK_LISTS_DTYPE, MASK_PACK_DTYPE
 from .select import forward as select_forward
 from .sparse_plan import MAX_SM90_PARTIAL_WORDS, SparseArrays
 from .spec import KernelSpec
@@ -67,7 +67,7 @@ def record(ptr: int, shape: tuple[int, ...], strides: tuple[int, ...], words: in
            bm: int, bn: int) -> np.ndarray:
     """The kernels' MaskPackParams for the mask at ``ptr`` of ``shape`` (B, H, Sq, Sk) and byte
     ``strides`` (bool: one byte per element) packed into the device buffers at ``words`` and
-    ``kept`` (one entry/row per block); the list pointers are 0 (``plan_lists`` sets them)."""
+    ``kept`` (one entry/row per block)."""
     b, h, sq, sk = shape
     rec = np.zeros(1, dtype=MASK_PACK_DTYPE)
     r = rec[0]
@@ -75,8 +75,20 @@ def record(ptr: int, shape: tuple[int, ...], strides: tuple[int, ...], words: in
     r["batch_stride"], r["head_stride"], r["row_stride"], r["col_stride"] = strides
     r["seqlen_q"], r["seqlen_k"], r["block_m"], r["block_n"] = sq, sk, bm, bn
     r["row_blocks"], r["col_blocks"] = -(-sq // bm), -(-sk // bn)
-    r["heads"], r["batches"] = h, b
+    r["heads"] = h
     r["vec"] = int(vectorized(ptr, strides, bn))
+    return rec
+
+
+def lists_record(shape: tuple[int, ...], bm: int, bn: int) -> np.ndarray:
+    """The lists kernel's MaskListsParams for a (B, H, Sq, Sk) mask packed at (bm, bn); its
+    pointers are 0 (``plan_lists`` sets them)."""
+    b, h, sq, sk = shape
+    rec = np.zeros(1, dtype=MASK_LISTS_DTYPE)
+    r = rec[0]
+    r["seqlen_q"], r["seqlen_k"], r["block_m"], r["block_n"] = sq, sk, bm, bn
+    r["row_blocks"], r["col_blocks"] = -(-sq // bm), -(-sk // bn)
+    r["rows"] = b * h * -(-sq // bm)
     return rec
 
 
@@ -141,13 +153,14 @@ def routes_mask(pb: Problem, dev: DeviceProps) -> bool:
         and ROUTE_BLOCK % spec.block_n == 0
 
 
-# the route's buffers, (plan allocation name, MaskPackParams field): the sp_ names are the
-# forward record's fields (layout.SPARSE_INPUTS), so the forward slots them as it slots a
-# block mask's lists
-_ROUTE_BUFFERS = (("sp_full_count", "full_count"), ("sp_full_idx", "full_idx"),
-                  ("sp_partial_count", "partial_count"), ("sp_partial_idx", "partial_idx"),
-                  ("sp_partial_slot", "partial_slot"), ("sp_partial_bits", "words"),
-                  ("mask_kept", "kept"))
+# the route's buffers: (plan allocation name, MaskPackParams field, MaskListsParams field).
+# The sp_ names are the forward record's fields (layout.SPARSE_INPUTS), so the forward slots
+# them as it slots a block mask's lists.
+_ROUTE_BUFFERS = (("sp_full_count", None, "full_count"), ("sp_full_idx", None, "full_idx"),
+                  ("sp_partial_count", None, "partial_count"),
+                  ("sp_partial_idx", None, "partial_idx"),
+                  ("sp_partial_slot", None, "partial_slot"), ("sp_partial_bits", "words", None),
+                  ("mask_kept", "kept", "kept"))
 
 
 def plan_lists(plan: Plan, mask: ArrayInfo, query: Any, keep_alive: list[Any]) -> SparseArrays:
@@ -164,21 +177,23 @@ def plan_lists(plan: Plan, mask: ArrayInfo, query: Any, keep_alive: list[Any]) -
               "sp_partial_slot": (mb, mh, nrb, ncb), "sp_partial_bits": (nblk, bm * bn // 32),
               "mask_kept": (nblk,)}
     bufs = {}
-    for name, _ in _ROUTE_BUFFERS:
+    for name, _, _ in _ROUTE_BUFFERS:
         dtype = "uint32" if name == "sp_partial_bits" else "int32"
         bufs[name] = arrays.empty(query, shapes[name], dtype)
         keep_alive.append(bufs[name])
         plan.allocs.append(Alloc(name, shapes[name], dtype))
     strides = tuple(0 if n == 1 else st for n, st in zip(mask.shape, mask.strides, strict=True))
-    rec = record(mask.ptr, mask.shape, strides, 0, 0, bm, bn)
-    plan.slot("mask", rec, "mask")
-    for name, field in _ROUTE_BUFFERS:
-        rec[0][field] = arrays.describe(bufs[name]).ptr
-        plan.slot(name, rec, field)
+    pack = record(mask.ptr, mask.shape, strides, 0, 0, bm, bn)
+    lists = lists_record(mask.shape, bm, bn)
+    plan.slot("mask", pack, "mask")
+    for name, pack_field, lists_field in _ROUTE_BUFFERS:
+        for rec, field in ((pack, pack_field), (lists, lists_field)):
+            if field is not None:
+                rec[0][field] = arrays.describe(bufs[name]).ptr
+                plan.slot(name, rec, field)
     arch = runtime.device_props(mask.device).arch
-    rows = mb * mh * nrb
     plan.launches.append(Launch(runtime.get_kernel(pack_spec(arch), mask.device),
-                                (ncb, nrb, mb * mh), (rec,)))
+                                (ncb, nrb, mb * mh), (pack,)))
     plan.launches.append(Launch(runtime.get_kernel(lists_spec(arch), mask.device),
-                                (-(-rows // PACK_WARPS), 1, 1), (rec,)))
-    return SparseArrays(*(bufs[n] for n, _ in _ROUTE_BUFFERS[:6]), block_m=bm, block_n=bn)
+                                (-(-int(lists[0]["rows"]) // PACK_WARPS), 1, 1), (lists,)))
+    return SparseArrays(*(bufs[n] for n, _, _ in _ROUTE_BUFFERS[:6]), block_m=bm, block_n=bn)

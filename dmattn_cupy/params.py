@@ -143,21 +143,30 @@ ROW_PAD_DTYPE = np.dtype([(name, t) for name, t in ROW_PAD_FIELDS], align=True)
 
 # The mask packing kernel's struct (cuda_src/mask_pack_params.cuh).
 MASK_PACK_FIELDS: tuple[tuple[str, type], ...] = (
-    ("mask", _PTR), ("words", _PTR), ("kept", _PTR), ("full_count", _PTR), ("full_idx", _PTR),
-    ("partial_count", _PTR), ("partial_idx", _PTR), ("partial_slot", _PTR),
-    ("batch_stride", _I64), ("head_stride", _I64), ("row_stride", _I64), ("col_stride", _I64),
-    ("seqlen_q", _I32), ("seqlen_k", _I32), ("block_m", _I32), ("block_n", _I32),
-    ("row_blocks", _I32), ("col_blocks", _I32), ("heads", _I32), ("batches", _I32),
-    ("vec", _I32),
+    ("mask", _PTR), ("words", _PTR), ("kept", _PTR), ("batch_stride", _I64),
+    ("head_stride", _I64), ("row_stride", _I64), ("col_stride", _I64), ("seqlen_q", _I32),
+    ("seqlen_k", _I32), ("block_m", _I32), ("block_n", _I32), ("row_blocks", _I32),
+    ("col_blocks", _I32), ("heads", _I32), ("vec", _I32),
 )
 
 MASK_PACK_DTYPE = np.dtype([(name, t) for name, t in MASK_PACK_FIELDS], align=True)
+
+# The block-list kernel's struct (cuda_src/mask_pack_params.cuh, beside the packing's).
+MASK_LISTS_FIELDS: tuple[tuple[str, type], ...] = (
+    ("kept", _PTR), ("full_count", _PTR), ("full_idx", _PTR), ("partial_count", _PTR),
+    ("partial_idx", _PTR), ("partial_slot", _PTR), ("seqlen_q", _I32), ("seqlen_k", _I32),
+    ("block_m", _I32), ("block_n", _I32), ("row_blocks", _I32), ("col_blocks", _I32),
+    ("rows", _I32),
+)
+
+MASK_LISTS_DTYPE = np.dtype([(name, t) for name, t in MASK_LISTS_FIELDS], align=True)
 
 
 def abi_header(params: str) -> str:
     """The generated params_check.cuh for a family reading ``params`` (FwdParams checks,
     plus the BwdParams ones for backward families; KvAppendParams for the cache append,
-    RowPadParams for the row padding copy, MaskPackParams for the mask packing)."""
+    RowPadParams for the row padding copy, MaskPackParams and MaskListsParams for the mask
+    packing and its block lists)."""
     if params == "FwdParams":
         return abi_check_source()
     if params == "BwdParams":
@@ -168,8 +177,9 @@ def abi_header(params: str) -> str:
     if params == "RowPadParams":
         return abi_check_source("RowPadParams", ROW_PAD_DTYPE).replace(
             '#include "params.cuh"', '#include "row_pad_params.cuh"')
-    if params == "MaskPackParams":
-        return abi_check_source("MaskPackParams", MASK_PACK_DTYPE).replace(
+    if params in ("MaskPackParams", "MaskListsParams"):
+        dtype = MASK_PACK_DTYPE if params == "MaskPackParams" else MASK_LISTS_DTYPE
+        return abi_check_source(params, dtype).replace(
             '#include "params.cuh"', '#include "mask_pack_params.cuh"')
     raise ValueError(f"params must be 'FwdParams', 'BwdParams', 'KvAppendParams', "
-                     f"'RowPadParams' or 'MaskPackParams', got {params!r}")
+                     f"'RowPadParams', 'MaskPackParams' or 'MaskListsParams', got {params!r}")

@@ -33,13 +33,14 @@ from dmattn_cupy.launch_plan import PlanCache  # noqa: E402
 from dmattn_cupy.params import (  # noqa: E402
     FWD_DTYPE,
     KV_APPEND_DTYPE,
+    MASK_LISTS_DTYPE,
     MASK_PACK_DTYPE,
     bwd_dtype_flat,
 )
 
 BWD_DTYPE = bwd_dtype_flat()
 _PARAMS = {"FwdParams": FWD_DTYPE, "BwdParams": BWD_DTYPE, "KvAppendParams": KV_APPEND_DTYPE,
-           "MaskPackParams": MASK_PACK_DTYPE}
+           "MaskPackParams": MASK_PACK_DTYPE, "MaskListsParams": MASK_LISTS_DTYPE}
 # the attn_mask route's launches (mask_pack.plan_lists): every pointer but the mask's is a
 # buffer the call allocates, and so are the forward's list pointers after them
 _MASK_ROUTE = ("mask_pack", "mask_lists")
@@ -151,7 +152,8 @@ def _masked(launches, cap):
     for _path, fam, grid, raws, smem in launches:
         params = "BwdParams" if fam.startswith("bwd") else \
             "KvAppendParams" if fam == "kv_append" else \
-            "MaskPackParams" if fam in _MASK_ROUTE else "FwdParams"
+            "MaskPackParams" if fam == "mask_pack" else \
+            "MaskListsParams" if fam == "mask_lists" else "FwdParams"
         rec = _record(raws[0], params)
         fresh = _FRESH + ((_ROUTE_FRESH + _SPARSE_FIELDS) if routed else ())
         for f in fresh:
@@ -979,16 +981,16 @@ def test_mask_route_thin_calls_wire_their_own_buffers(cap, monkeypatch):
         launches = cap.take()
         assert [(p, f) for p, f, *_ in launches] == [(path, "mask_pack"), (path, "mask_lists"),
                                                      (path, "fwd_sm90")]
-        pack, lists = (_record(x[3][0], "MaskPackParams") for x in launches[:2])
-        assert pack.tolist() == lists.tolist()              # one record, two grids
+        pack = _record(launches[0][3][0], "MaskPackParams")
+        lists = _record(launches[1][3][0], "MaskListsParams")
         assert int(pack["mask"][0]) == kw["attn_mask"].data_ptr()
+        assert int(lists["kept"][0]) == int(pack["kept"][0]) != 0   # the packing's counts
         fwd = _record(launches[2][3][0], "FwdParams")
         assert int(fwd["mask"][0]) == 0                       # the forward reads the lists
-        pairs = dict(zip(_SPARSE_FIELDS, ("full_count", "full_idx", "partial_count",
-                                          "partial_idx", "partial_slot", "words"), strict=True))
-        for sp, field in pairs.items():
-            assert int(fwd[sp][0]) == int(pack[field][0]) != 0, sp
-        ptrs = tuple(int(pack[f][0]) for f in _ROUTE_FRESH)
+        for sp in _SPARSE_FIELDS:
+            src = pack["words"] if sp == "sp_partial_bits" else lists[sp[3:]]
+            assert int(fwd[sp][0]) == int(src[0]) != 0, sp
+        ptrs = [int(fwd[f][0]) for f in _SPARSE_FIELDS] + [int(pack["kept"][0])]
         assert len(set(ptrs)) == len(ptrs)
         # mask (2, 1, 40, 48): one 128 x 128 block per (batch, row); lists per (batch, row)
         assert launches[0][2] == (1, 1, 2) and launches[1][2] == (1, 1, 1)

@@ -13,7 +13,7 @@ from nvrtc_check import compile_static_asserts
 import dmattn_cupy  # noqa: F401  (registers the packer)
 from dmattn_cupy import env, mask_pack, masks
 from dmattn_cupy.masks import MixedMask
-from dmattn_cupy.params import MASK_PACK_DTYPE
+from dmattn_cupy.params import MASK_LISTS_DTYPE, MASK_PACK_DTYPE
 
 WARPS, ROWS_VEC, ROWS_SCALAR = mask_pack.PACK_WARPS, 8, 4  # mask_pack.cu: kMaskPackRows[Scalar]
 
@@ -133,10 +133,14 @@ def test_record_fields():
     assert [int(rec[f]) for f in ("batch_stride", "head_stride", "row_stride", "col_stride")] \
         == list(d.strides)
     assert [int(rec[f]) for f in ("seqlen_q", "seqlen_k", "block_m", "block_n", "row_blocks",
-                                  "col_blocks", "heads", "batches", "vec")] == [
-        300, 520, 128, 128, 3, 5, 3, 2, 1]
-    assert all(int(rec[f]) == 0 for f in ("full_count", "full_idx", "partial_count",
-                                           "partial_idx", "partial_slot"))
+                                  "col_blocks", "heads", "vec")] == [300, 520, 128, 128, 3, 5,
+                                                                     3, 1]
+    lists = mask_pack.lists_record(d.shape, 128, 128)[0]
+    assert lists.dtype == MASK_LISTS_DTYPE
+    assert [int(lists[f]) for f in ("seqlen_q", "seqlen_k", "block_m", "block_n", "row_blocks",
+                                    "col_blocks", "rows")] == [300, 520, 128, 128, 3, 5, 18]
+    assert all(int(lists[f]) == 0 for f in ("kept", "full_count", "full_idx", "partial_count",
+                                             "partial_idx", "partial_slot"))
 
 
 @pytest.mark.parametrize("ptr,strides,bn,vec", [

@@ -64,7 +64,8 @@ def _comparable(launches: list, inputs: list[int]) -> list:
         dtype = ROW_PAD_DTYPE if fam == "row_copy" else _PARAMS[
             "BwdParams" if fam.startswith("bwd") else
             "KvAppendParams" if fam == "kv_append" else
-            "MaskPackParams" if fam in ("mask_pack", "mask_lists") else "FwdParams"]
+            "MaskPackParams" if fam == "mask_pack" else
+            "MaskListsParams" if fam == "mask_lists" else "FwdParams"]
         rec = np.frombuffer(raws[0], dtype=dtype).copy()
         if "dlse" in rec.dtype.names:   # lse's gradient: None on the thin path, zeros
             rec["dlse"] = 0             # materialized by the custom op's (the same result)
