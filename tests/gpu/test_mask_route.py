@@ -26,12 +26,13 @@ cupy = pytest.importorskip("cupy")
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("hopper_only")]
 
 B, H, HK, D = 2, 4, 2, 128
+ROUTE = {"mask_pack", "mask_lists", "fwd_sm90"}
 
 
 @pytest.fixture(autouse=True)
 def route_on(monkeypatch):
+    """The route is off by default until it has run on a GPU: these tests switch it on."""
     monkeypatch.setenv("DMATTN_MASK_ROUTE", "1")
-ROUTE = {"mask_pack", "mask_lists", "fwd_sm90"}
 
 
 def _keep(lead: tuple[int, int], sq: int, sk: int, seed: int) -> np.ndarray:
