@@ -945,13 +945,16 @@ def test_padded_mask_bias_rows_are_cached_with_their_copy(cap, monkeypatch, layo
     assert [n for n in a.dtype.names if a[n][0] != b[n][0] and n not in _FRESH + (name,)] == []
 
 
-@pytest.mark.parametrize("name", ["mask_bias", "decode_split"])
-def test_custom_op_forward_reuses_its_plan(cap, name):
+@pytest.mark.parametrize("name", ["mask_bias", "mask_bias_route", "decode_split"])
+def test_custom_op_forward_reuses_its_plan(cap, name, monkeypatch):
     """The ops torch.compile traces (``autograd``) run their forward through the thin path: a
     repeated signature (every call of a compiled graph) launches its cached plan, byte for
-    byte what the validated path builds."""
+    byte what the validated path builds (also with the attn_mask route's two launches)."""
     from dmattn_cupy import autograd
 
+    route = name == "mask_bias_route"
+    monkeypatch.setenv("DMATTN_MASK_ROUTE", "1" if route else "0")
+    name = "mask_bias" if route else name
     (q, k, v), kw = _dense_case(name, 0)
     q, k, v = (x.requires_grad_() for x in (q, k, v))
 
@@ -965,6 +968,8 @@ def test_custom_op_forward_reuses_its_plan(cap, name):
     again = cap.take()
     assert [p for p, *_ in first] == ["slow"] * len(first)
     assert [p for p, *_ in again] == ["thin"] * len(first)
+    routed = [f for _, f, *_ in again if f in _MASK_ROUTE]
+    assert routed == (list(_MASK_ROUTE) if route else [])
     assert _masked(again, cap) == _masked(first, cap)
     assert int(_record(_fwd(again)[3][0], "FwdParams")["o"][0]) == out.data_ptr()
 
