@@ -252,7 +252,9 @@ def _validated(capture, calls: list, alive: list) -> list:
 
 
 @pytest.mark.parametrize("group", range(4))
-def test_cached_plans_launch_what_the_validated_path_builds(stubbed, group):
+def test_cached_plans_launch_what_the_validated_path_builds(stubbed, group, monkeypatch):
+    # odd groups with the attn_mask route on (its packing and lists launches)
+    monkeypatch.setenv("DMATTN_MASK_ROUTE", str(group % 2))
     r = random.Random(group)
     calls = _calls(group * GROUP, GROUP, r)
     alive: list = []
