@@ -15,6 +15,14 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "") not in ("", "0")
 
 
+def _switch(name: str, default: str) -> bool:
+    """A strict ``0``/``1`` variable (empty: ``default``); anything else is a ValueError."""
+    val = os.environ.get(name, default) or default
+    if val not in ("0", "1"):
+        raise ValueError(f"{name} must be '0' or '1', got {val!r}")
+    return val == "1"
+
+
 def cache_dir() -> Path:
     """``DMATTN_CACHE_DIR``: the compiled-kernel cache (default ~/.cache/dmattn_cupy)."""
     env = os.environ.get("DMATTN_CACHE_DIR")
@@ -155,10 +163,7 @@ def mask_pack_kernel() -> bool:
     """``DMATTN_MASK_PACK``: ``1`` lets ``MixedMask.from_dense_mask`` pack a GPU mask with one
     kernel (cuda_src/mask_pack.cu, the default) instead of CuPy array operations; ``0`` keeps
     the array operations. Same result bit for bit (tests/gpu/test_mask_pack.py)."""
-    val = os.environ.get("DMATTN_MASK_PACK", "1")
-    if val not in ("", "0", "1"):
-        raise ValueError(f"DMATTN_MASK_PACK must be '0' or '1', got {val!r}")
-    return val != "0"
+    return _switch("DMATTN_MASK_PACK", "1")
 
 
 def mask_route() -> bool:
@@ -166,10 +171,7 @@ def mask_route() -> bool:
     as block lists that two kernels pack from it in each call (``mask_pack.routes_mask``);
     ``0`` (default until the route has run on a GPU) reads the mask's bytes tile by tile. A
     plan variable."""
-    val = os.environ.get("DMATTN_MASK_ROUTE", "0")
-    if val not in ("", "0", "1"):
-        raise ValueError(f"DMATTN_MASK_ROUTE must be '0' or '1', got {val!r}")
-    return val != "0"
+    return _switch("DMATTN_MASK_ROUTE", "0")
 
 
 # Variables that change which plan a call gets (family, tile, decode, splits, device checks).

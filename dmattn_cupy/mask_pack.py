@@ -20,7 +20,6 @@ import numpy as np
 from . import arrays, env, masks, runtime
 from .arrays import ArrayInfo
 from .device import DeviceProps
-from .families import padded_head_dim, sparse_supported
 from .launch_plan import Alloc, Launch, Plan
 from .params import MASK_LISTS_DTYPE, MASK_PACK_DTYPE
 from .select import forward as select_forward
@@ -132,8 +131,8 @@ def routes_mask(pb: Problem, dev: DeviceProps) -> bool:
     """Whether the forward of ``pb`` (broadcasts collapsed: ``forward.collapsed_broadcasts``)
     reads its ``attn_mask`` as block lists packed per call: ``DMATTN_MASK_ROUTE`` on, a dense
     batch, a mask over every (query, key) pair with batch/head dims 1 or full, the Hopper
-    forward chosen for the problem with lists of 128 x 128 blocks, their bits addressable, and
-    the packing grid within limits."""
+    forward chosen for the problem with lists of 128 x 128 blocks (without a mask beside them,
+    every head dim takes lists), their bits addressable, and the packing grid within limits."""
     m = pb.mask
     if m is None or pb.varlen or not env.mask_route():
         return False
@@ -144,8 +143,6 @@ def routes_mask(pb: Problem, dev: DeviceProps) -> bool:
     nblk = mb * mh * -(-sq // ROUTE_BLOCK) * -(-sk // ROUTE_BLOCK)
     if nblk * ROUTE_BLOCK * ROUTE_BLOCK // 32 > MAX_SM90_PARTIAL_WORDS \
             or not fits_grid(m.shape, ROUTE_BLOCK, ROUTE_BLOCK):
-        return False
-    if not sparse_supported(padded_head_dim(pb.head_dim), False, pb.bias is not None):
         return False
     spec = select_forward(dataclasses.replace(pb, mask=None), dev,
                           sparse=(ROUTE_BLOCK, ROUTE_BLOCK))

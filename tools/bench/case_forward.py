@@ -213,16 +213,21 @@ class MaskBias(Kind):
                         inp["bias"][:nb, :, r0:r1].float())
 
 
-class MaskBiasMixed(MaskBias):
-    """mask_bias with its mask prepared once, outside timing (as cuDNN's pre-combined bias is),
-    by ``MixedMask.from_dense_mask``: the mask then travels as block lists with element bits on
-    the 128-key bias spec instead of as (Sq, Sk) bytes beside the bias in shared memory."""
+class PreparedMixed:
+    """A mask + bias kind whose mask is prepared once, outside timing (as cuDNN's pre-combined
+    bias is), by ``MixedMask.from_dense_mask``: it travels as block lists with element bits on
+    the 128-key bias spec (mixed in before the kind's class)."""
 
     per_call_variant = False
 
     def dm_kwargs(self, inp: dict[str, Any], note: dict[str, Any]) -> dict[str, Any]:
         mixed = self.ctx.dm_attr("MixedMask").from_dense_mask(inp["mask"], (128, 128))
         return {"attn_bias": inp["bias"], "sparse_mask": mixed}
+
+
+class MaskBiasMixed(PreparedMixed, MaskBias):
+    """mask_bias with its mask prepared once: block lists instead of (Sq, Sk) bytes beside the
+    bias in shared memory."""
 
 
 class MaskBiasDoc(MaskBias):
@@ -252,16 +257,10 @@ class MaskBiasDoc(MaskBias):
         return {"mask": mask, "bias": rn(d.B, d.H, d.Sq, d.Sk)}
 
 
-class MaskBiasDocMixed(MaskBiasDoc):
-    """mask_bias_doc with its (B,1,Sq,Sk) mask prepared once as a MixedMask (block lists,
-    element bits for the partial blocks on the document edges; outside timing): what a per-call
-    packing kernel could give the attn_mask route, less that kernel's one read of the mask."""
-
-    per_call_variant = False
-
-    def dm_kwargs(self, inp: dict[str, Any], note: dict[str, Any]) -> dict[str, Any]:
-        mixed = self.ctx.dm_attr("MixedMask").from_dense_mask(inp["mask"], (128, 128))
-        return {"attn_bias": inp["bias"], "sparse_mask": mixed}
+class MaskBiasDocMixed(PreparedMixed, MaskBiasDoc):
+    """mask_bias_doc with its (B,1,Sq,Sk) mask prepared once (element bits for the partial
+    blocks on the document edges): what the attn_mask route can reach, less its one read of
+    the mask."""
 
 
 class FullBias(Kind):
