@@ -39,6 +39,19 @@ DM_DEVICE float logit_log2(const FwdParams& p, float s, float scale, float& dz_d
   return s * p.scale_log2;
 }
 
+// Same plus an addend in log2 units (a key-row bias), taken as the last FFMA's addend: the
+// sum is one rounding wherever the compiler's basic blocks fall, so builds that differ
+// elsewhere (the backward's dQ writer A/B) compute bitwise equal logits.
+DM_DEVICE float logit_log2(const FwdParams& p, float s, float scale, float& dz_ds, float addend) {
+  if (p.softcap > 0.f) {
+    const float t = fast_tanh(s * p.scale_over_softcap);
+    dz_ds = scale * (1.f - t * t);
+    return fmaf(p.softcap * kLog2e, t, addend);
+  }
+  dz_ds = scale;
+  return fmaf(s, p.scale_log2, addend);
+}
+
 // The split form's two factors. y is z (softcap) or s (no softcap): with a bias
 // y' = y * bias_scale + bias is z + bias (natural units); then x = y' * exp_scale.
 struct LogitScales {

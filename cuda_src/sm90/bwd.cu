@@ -1073,7 +1073,9 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
     // unmasked copy has no per-element test (full tiles).
     auto prob = [&](auto masked, int j, int e, float lse2, float& dsoft) -> float {
       const int r = e >> 1, qq = 8 * j + 2 * t + (e & 1);
-      float x = logit_log2(p, st[j][e], bp.scale, dsoft);
+      float x;
+      if constexpr (bias_row) x = logit_log2(p, st[j][e], bp.scale, dsoft, row_bias[r]);
+      else x = logit_log2(p, st[j][e], bp.scale, dsoft);
       if (bias_tile_rt) {
         T bv;
         if constexpr (kBiasLdsm) {
@@ -1083,8 +1085,6 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
           bv.bits = *reinterpret_cast<const uint16_t*>(sb + tile_offset<2, 64, kBlockM>(qq, kb_l[r]));
         }
         x += to_float(bv) * kLog2e;
-      } else if (bias_row) {
-        x += row_bias[r];
       }
       if constexpr (decltype(masked)::value) {
         const int kk = 8 * j + (e & 1);

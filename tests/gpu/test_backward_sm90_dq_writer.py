@@ -4,14 +4,13 @@ consumer-side adds (DM_SM90_BWD_DQ_WRITER=0), built side by side in one process 
 plans are cached per DMATTN_NVRTC_DEFINES).
 
 Deterministic mode: every build adds each query tile's key-tile partials in key-tile order into
-the same zeroed fp32 accumulator, so the builds' gradients are bitwise equal where the
-compiler forms each logit alike (LOGIT_ROUNDING_CASES: within a rounding step; each is
-checked against float64 autograd with the factor-3 rule). Default mode: each build against the
-reference. Cases: the ring of two slots (d64, d128 without a bias) and of one (d128 with a full
-bias tile, with and without a mask), masks that drop whole tiles (they pass the ring with
-nothing to add, still taking their turn), causal and window turns, GQA, Sq past the last 64-row
-tile, a head dim padded inside its box (72 of 128: the tensor reduce's columns past 72 are out
-of bounds)."""
+the same zeroed fp32 accumulator, and a key-row bias is the logit's FFMA addend (logits.cuh),
+so the builds' gradients are bitwise equal. Default mode: each build against the reference.
+Cases: the ring of two slots (d64, d128 without a bias) and of one (d128 with a full bias tile,
+with and without a mask), masks that drop whole tiles (they pass the ring with nothing to add,
+still taking their turn), causal and window turns, GQA, Sq past the last 64-row tile, a head
+dim padded inside its box (72 of 128: the tensor reduce's columns past 72 are out of
+bounds)."""
 
 from __future__ import annotations
 
@@ -72,19 +71,9 @@ def _case(name):
 CASES = ("d128", "d128_causal", "d128_bias", "d128_bias_mask", "d64_kbias_window", "d72")
 
 
-# Cases whose logits a build may round differently: with a key-row bias, NVVM fuses the
-# logit's scale multiply into the bias add (one fma) only where both land in one basic block,
-# which code elsewhere in the kernel decides (DM_SM90_BWD_DQ_WRITER=0 keeps them apart: 28
-# fewer fma in the PTX of the d64 key-row spec). The adds' order is still the same, so those
-# builds agree to within bf16 rounding (a one-ulp logit difference moves a few dbias sums
-# across a bf16 rounding boundary); every other case is bitwise equal.
-LOGIT_ROUNDING_CASES = ("d64_kbias_window",)
-
-
 def check_builds_bitwise_equal(monkeypatch, case: str, builds) -> None:
     """Deterministic gradients of ``case`` under every one of ``builds`` (DMATTN_NVRTC_DEFINES)
-    equal the first build's bit for bit (``LOGIT_ROUNDING_CASES``: to within one bf16/fp16
-    rounding step)."""
+    equal the first build's bit for bit."""
     q, k, v, kw = _case(case)
     ref = None
     for defines in builds:
@@ -96,13 +85,7 @@ def check_builds_bitwise_equal(monkeypatch, case: str, builds) -> None:
             assert (a is None) == (b is None), name
             if a is None:
                 continue
-            if case in LOGIT_ROUNDING_CASES:
-                step = 2.0 ** -7 if a.dtype == torch.bfloat16 else 2.0 ** -10
-                diff = (a.float() - b.float()).abs()
-                assert (diff <= step * b.float().abs() + 1e-3).all(), \
-                    f"{name} of {defines!r}: max diff {diff.max().item():.3g}"
-            else:
-                assert torch.equal(a, b), f"{name} of {defines!r} differs from the default build"
+            assert torch.equal(a, b), f"{name} of {defines!r} differs from the default build"
 
 
 @pytest.mark.parametrize("case", CASES)
