@@ -124,7 +124,7 @@ for step in $steps; do
       echo "route tests rc=$?"; grep -E "^(FAILED|ERROR)" "$OUT/route.log" | cut -c1-160 | head -30
       tail -1 "$OUT/route.log"
       for v in 1 0; do
-        DMATTN_MASK_ROUTE=$v python3 tools/bench --case mask_bias,mask_bias_doc,mask_hf,backward_mask_bias \
+        DMATTN_MASK_ROUTE=$v python3 tools/bench --case mask_bias,mask_bias_doc,mask_hf,backward_mask_bias,backward_kbias \
           --peers cudnn --no-smoke --quick >> "$OUT/route.log" 2>&1
       done
       grep -E "^dmattn|^  dmattn|^sdpa-cudnn|^summary" "$OUT/route.log" ;;
