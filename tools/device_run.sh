@@ -127,7 +127,13 @@ for step in $steps; do
         DMATTN_MASK_ROUTE=$v python3 tools/bench --case mask_bias,mask_bias_doc,mask_hf,backward_mask_bias,backward_kbias \
           --peers cudnn --no-smoke --quick >> "$OUT/route.log" 2>&1
       done
-      grep -E "^dmattn|^  dmattn|^sdpa-cudnn|^summary" "$OUT/route.log" ;;
+      grep -E "^dmattn|^  dmattn|^sdpa-cudnn|^summary" "$OUT/route.log"
+      # the route's three kernels of one mask_bias call: time and DRAM share of each
+      DMATTN_MASK_ROUTE=1 ncu --clock-control none -k regex:"mask_pack|mask_lists|fwd_sm90" -c 6 \
+        --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed \
+        python3 tools/bench --case mask_bias --peers none --no-smoke --quick \
+        > "$OUT/route_ncu.txt" 2>&1
+      grep -E "mask_pack|mask_lists|fwd_sm90|duration|dram__" "$OUT/route_ncu.txt" | cut -c1-120 ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done
