@@ -4,11 +4,14 @@
 // block (cb, rb, b * H + h). Element (r, c) of a block is bit k = r * block_n + c of its
 // words: bit k % 32 of word k / 32, so word j of block row r holds keys 32j .. 32j + 31;
 // elements past Sq or Sk are 0 and not counted. A nonzero byte is true.
-// vec: lane l reads keys 4l .. 4l + 3 of a 128-key chunk with one 4-byte load (a row's last
-// partial group byte by byte), turns them into a 4-bit nibble, and the 8 lanes of a word OR
-// their shifted nibbles together; else lane l reads key 32j + l and a ballot makes word j.
-// Each warp takes block rows warp, warp + kNumWarps, ..., kMaskPackRows of them per pass (byte
-// loads: kMaskPackRowsScalar) so that as many loads per lane are in flight before the first is
+// vec 2 (16-byte aligned rows): lane l reads keys 16 (l % 8) .. + 15 of a 128-key chunk of row
+// 4 w + l / 8 (+ 32 i) with one 16-byte load, turns them into 16 bits (four nibbles), and
+// the even lane of each pair stores its bits and its neighbour's as one word.
+// vec 1: lane l reads keys 4l .. 4l + 3 of a 128-key chunk with one 4-byte load, turns them
+// into a 4-bit nibble, and the 8 lanes of a word OR their shifted nibbles together; else
+// lane l reads key 32j + l and a ballot makes word j. A row's last partial group is read byte
+// by byte. Each warp takes as many block rows per pass as keep kMaskPackRows loads (16-byte:
+// kMaskPackRows16; byte loads: kMaskPackRowsScalar) per lane in flight before the first is
 // used.
 #pragma once
 #include "common.cuh"
@@ -16,7 +19,8 @@
 
 namespace dm {
 
-constexpr int kMaskPackRows = 8;        // block rows per pass of a warp (vec)
+constexpr int kMaskPackRows16 = 4;      // 16-byte loads per lane and pass (vec 2: 4 rows each)
+constexpr int kMaskPackRows = 8;        // block rows per pass of a warp (vec 1)
 constexpr int kMaskPackRowsScalar = 4;  // the same with byte loads
 
 template <int kNumWarps>
@@ -35,7 +39,47 @@ mask_pack_kernel(const MaskPackParams p) {
                         int64_t(row0) * p.row_stride + int64_t(key0) * p.col_stride;
   uint32_t kept = 0;  // this lane's share (vec: its nibbles; else lane 0: whole words)
   constexpr int kStep = kNumWarps * kMaskPackRows;
-  if (p.vec) {
+  if (p.vec == 2) {
+    constexpr int kStep16 = 4 * kNumWarps * kMaskPackRows16;
+    for (int q = 0; q < p.block_n / 128; ++q) {
+      const int key = 128 * q + 16 * (lane % 8);  // this lane's first key in the block
+      const bool whole = key + 16 <= keys;         // its 16 keys in range: one load per row
+      const int tail = keys - key;                 // else 1..15 keys in range (<= 0: none)
+      // (r0 warp-uniform: every lane takes the loop's shuffles)
+      for (int r0 = 4 * warp; r0 < p.block_m; r0 += kStep16) {
+        uint32_t v[kMaskPackRows16];  // bit e: key key + e of row r0 + l / 8 + 4 kNumWarps i
+        uint4 x[kMaskPackRows16];
+#pragma unroll
+        for (int i = 0; i < kMaskPackRows16; ++i) {  // predicated loads, all in flight at once
+          const int r = r0 + lane / 8 + i * 4 * kNumWarps;
+          const bool ok = whole && r < rows;
+          const uint4* s = reinterpret_cast<const uint4*>(
+              base + (ok ? int64_t(r) * p.row_stride + key : 0));
+          x[i] = ok ? __ldg(s) : uint4{0u, 0u, 0u, 0u};
+        }
+#pragma unroll
+        for (int i = 0; i < kMaskPackRows16; ++i)
+          v[i] = kept_nibble(x[i].x) | kept_nibble(x[i].y) << 4 | kept_nibble(x[i].z) << 8 |
+                 kept_nibble(x[i].w) << 12;
+        if (!whole && tail > 0) {  // a row's last partial group: byte by byte
+#pragma unroll
+          for (int i = 0; i < kMaskPackRows16; ++i) {
+            const int r = r0 + lane / 8 + i * 4 * kNumWarps;
+            const uint8_t* s = base + int64_t(r) * p.row_stride + key;
+#pragma unroll 1
+            for (int e = 0; r < rows && e < tail; ++e) v[i] |= uint32_t(s[e] != 0) << e;
+          }
+        }
+#pragma unroll
+        for (int i = 0; i < kMaskPackRows16; ++i) {
+          const int r = r0 + lane / 8 + i * 4 * kNumWarps;
+          kept += __popc(v[i]);
+          const uint32_t w = v[i] | __shfl_down_sync(0xffffffffu, v[i], 1) << 16;
+          if (lane % 2 == 0 && r < p.block_m) out[r * wpr + 4 * q + (lane % 8) / 2] = w;
+        }
+      }
+    }
+  } else if (p.vec) {
     for (int q = 0; q < p.block_n / 128; ++q) {
       const int key = 128 * q + 4 * lane;  // this lane's first key in the block
       const bool whole = key + 4 <= keys;  // its 4 keys in range: one load per row

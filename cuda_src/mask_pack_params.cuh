@@ -11,10 +11,11 @@ struct MaskPackParams {
   int32_t* kept;         // per block: its kept in-range elements
   int64_t batch_stride, head_stride, row_stride, col_stride;  // bytes (= elements: bool)
   int32_t seqlen_q, seqlen_k;
-  int32_t block_m, block_n;  // block_n % 32 == 0 (vec: % 128 == 0)
+  int32_t block_m, block_n;  // block_n % 32 == 0 (vec != 0: % 128 == 0)
   int32_t row_blocks, col_blocks;
   int32_t heads;             // the mask's head dim: blockIdx.z = b * heads + h
-  int32_t vec;               // col_stride 1 and 4-byte aligned rows: 4-byte loads
+  int32_t vec;               // col_stride 1 and rows aligned to 16 bytes: 2 (16-byte loads),
+                             // to 4 bytes: 1 (4-byte loads); else 0 (byte loads)
 };
 
 struct MaskListsParams {

@@ -56,10 +56,16 @@ def takes(dense4: Any, bm: int, bn: int) -> bool:
     return fits_grid(tuple(dense4.shape), bm, bn)
 
 
-def vectorized(ptr: int, strides: tuple[int, ...], bn: int) -> bool:
-    """4-byte loads: unit key stride, every row start 4-byte aligned, 128-key chunks."""
-    return strides[3] == 1 and bn % 128 == 0 and ptr % 4 == 0 and all(
-        s % 4 == 0 for s in strides[:3])
+def vectorized(ptr: int, strides: tuple[int, ...], bn: int) -> int:
+    """The kernel's loads (MaskPackParams.vec): with a unit key stride and 128-key chunks, 2
+    (16-byte loads) where every row start is 16-byte aligned, 1 (4-byte loads) where 4-byte
+    aligned; else 0 (byte loads)."""
+    if strides[3] != 1 or bn % 128:
+        return 0
+    for width, vec in ((16, 2), (4, 1)):
+        if ptr % width == 0 and all(s % width == 0 for s in strides[:3]):
+            return vec
+    return 0
 
 
 def record(ptr: int, shape: tuple[int, ...], strides: tuple[int, ...], words: int, kept: int,
@@ -75,7 +81,7 @@ def record(ptr: int, shape: tuple[int, ...], strides: tuple[int, ...], words: in
     r["seqlen_q"], r["seqlen_k"], r["block_m"], r["block_n"] = sq, sk, bm, bn
     r["row_blocks"], r["col_blocks"] = -(-sq // bm), -(-sk // bn)
     r["heads"] = h
-    r["vec"] = int(vectorized(ptr, strides, bn))
+    r["vec"] = vectorized(ptr, strides, bn)
     return rec
 
 

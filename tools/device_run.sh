@@ -2,6 +2,7 @@
 # One device-machine call that does the whole GPU check-up and leaves logs under $OUT:
 #   bash tools/device_run.sh [fa4] [precompile] [tests] [sanitize] [sanitize-random] [bench]
 #                            [profile] [profile-src] [first] [maskpack] [route]
+#                            [route-bench] [route-suite]
 #   (default: precompile tests sanitize bench)
 # fa4: install FlashAttention-4 into /tmp/fa4site from the staged wheel parts
 # (tools/fa4_install.sh; .whl/partA staged by an earlier call, .whl/partB carried by this one);
@@ -19,7 +20,8 @@
 # (tools/first_call_split.py, after one warming process; the profile in first_call.txt);
 # maskpack: the mask packing kernel's GPU test, MixedMask.from_dense_mask's time under
 # DMATTN_MASK_PACK=0 and =1 (tools/mask_pack_time.py), and the mask + bias bench cases;
-# route: the attn_mask route's GPU tests and the mask cases under DMATTN_MASK_ROUTE=1 and =0.
+# route: the attn_mask route's GPU tests; route-bench: the mask cases under DMATTN_MASK_ROUTE=1
+# and =0 and ncu of the route's kernels; route-suite: the whole suite with the route on.
 # At most 8 files come back from $OUT: gpu.txt and info.txt count.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -115,16 +117,16 @@ for step in $steps; do
           --peers cudnn --no-smoke --quick >> "$OUT/maskpack.log" 2>&1
       done
       grep -E "from_dense_mask|^dmattn|^  dmattn|^sdpa-cudnn|^summary" "$OUT/maskpack.log" ;;
-    route)  # the forward's attn_mask route (DMATTN_MASK_ROUTE): its GPU tests, then the mask
-      # cases with the route on and off
+    route)  # the forward's attn_mask route (DMATTN_MASK_ROUTE): its GPU tests
       PYTHONPATH=$PWD:$PWD/tools python3 -m pytest -m gpu -q -n 16 --timeout=200 --tb=short -rf \
         -p no:cacheprovider tests/gpu/test_mask_route.py \
         tests/gpu/test_forward_sm90_mask_bias_values.py tests/gpu/test_graphs.py \
         tests/gpu/test_backward_sm90_dq_writer.py > "$OUT/route.log" 2>&1
       echo "route tests rc=$?"; grep -E "^(FAILED|ERROR)" "$OUT/route.log" | cut -c1-160 | head -30
-      tail -1 "$OUT/route.log"
+      tail -1 "$OUT/route.log" ;;
+    route-bench)  # the mask cases with the route on and off, then ncu of the route's kernels
       for v in 1 0; do
-        DMATTN_MASK_ROUTE=$v python3 tools/bench --case mask_bias,mask_bias_doc,mask_hf,backward_mask_bias,backward_kbias \
+        DMATTN_MASK_ROUTE=$v python3 tools/bench --case ${ROUTE_CASES:-mask_bias,mask_bias_doc,mask_hf} \
           --peers cudnn --no-smoke --quick >> "$OUT/route.log" 2>&1
       done
       grep -E "^dmattn|^  dmattn|^sdpa-cudnn|^summary" "$OUT/route.log"
@@ -134,6 +136,14 @@ for step in $steps; do
         python3 tools/bench --case mask_bias --peers none --no-smoke --quick \
         > "$OUT/route_ncu.txt" 2>&1
       grep -E "mask_pack|mask_lists|fwd_sm90|duration|dram__" "$OUT/route_ncu.txt" | cut -c1-120 ;;
+    route-suite)  # the whole GPU suite with the route on (every Hopper attn_mask call packs),
+      # cut at SUITE_S seconds (default 280; ROUTE_TESTS: test paths instead of tests/gpu);
+      # failures in $OUT/failures.txt as they happen
+      DMATTN_MASK_ROUTE=1 PYTHONPATH=$PWD:$PWD/tools timeout "${SUITE_S:-280}" python3 -m pytest \
+        -m gpu -q -n 16 --maxfail=200 --timeout=200 --tb=short -rf -p failures_at_once \
+        -p no:cacheprovider ${ROUTE_TESTS:-tests/gpu} > "$OUT/gpu_tests.log" 2>&1
+      echo "pytest (route on) rc=$?"; grep -E "^(FAILED|ERROR)" "$OUT/gpu_tests.log" | cut -c1-160 | head -40
+      tail -2 "$OUT/gpu_tests.log" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done

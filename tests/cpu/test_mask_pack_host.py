@@ -15,10 +15,34 @@ from dmattn_cupy import env, mask_pack, masks
 from dmattn_cupy.masks import MixedMask
 from dmattn_cupy.params import MASK_LISTS_DTYPE, MASK_PACK_DTYPE
 
-WARPS, ROWS_VEC, ROWS_SCALAR = mask_pack.PACK_WARPS, 8, 4  # mask_pack.cu: kMaskPackRows[Scalar]
+# mask_pack.cu: kMaskPackRows16, kMaskPackRows, kMaskPackRowsScalar
+WARPS, ROWS_16, ROWS_VEC, ROWS_SCALAR = mask_pack.PACK_WARPS, 4, 8, 4
 
 
-def emulate(dense4: np.ndarray, bm: int, bn: int, vec: bool) -> tuple[np.ndarray, np.ndarray]:
+def _emulate_vec16(tile: np.ndarray, words: np.ndarray, blk: int, warp: int, bm: int,
+                   bn: int) -> int:
+    """The 16-byte path's warp `warp` over one block (tile: its in-range part): writes its words
+    and returns the kept bits its lanes counted."""
+    rows, keys = tile.shape
+    wpr, total = bn // 32, 0
+    for q in range(bn // 128):
+        for r0 in range(4 * warp, bm, 4 * WARPS * ROWS_16):
+            for i in range(ROWS_16):
+                v = []
+                for lane in range(32):
+                    r, key = r0 + lane // 8 + i * 4 * WARPS, 128 * q + 16 * (lane % 8)
+                    n = keys - key  # in-range keys of this lane's group
+                    x = [int(tile[r, key + e]) if r < rows and e < n else 0 for e in range(16)]
+                    v.append(sum((x[e] != 0) << e for e in range(16)))
+                    total += bin(v[-1]).count("1")
+                for lane in range(0, 32, 2):  # the even lane stores its pair (shfl_down 1)
+                    r = r0 + lane // 8 + i * 4 * WARPS
+                    if r < bm:
+                        words[blk, r * wpr + 4 * q + (lane % 8) // 2] = v[lane] | v[lane + 1] << 16
+    return total
+
+
+def emulate(dense4: np.ndarray, bm: int, bn: int, vec: int) -> tuple[np.ndarray, np.ndarray]:
     """What mask_pack_kernel writes: (kept (B, H, nrb, ncb), words (blocks, bm*bn/32)), every
     CTA, warp and lane of it run in turn with the kernel's own index arithmetic."""
     b, h, sq, sk = dense4.shape
@@ -36,7 +60,9 @@ def emulate(dense4: np.ndarray, bm: int, bn: int, vec: bool) -> tuple[np.ndarray
 
                 total = 0
                 for warp in range(WARPS):
-                    if vec:
+                    if vec == 2:
+                        total += _emulate_vec16(tile, words, blk, warp, bm, bn)
+                    elif vec:
                         for q in range(bn // 128):
                             for r0 in range(warp, bm, WARPS * ROWS_VEC):
                                 for i in range(ROWS_VEC):
@@ -84,11 +110,15 @@ def array_ops(dense4: np.ndarray, bm: int, bn: int) -> tuple[np.ndarray, np.ndar
 
 
 @pytest.mark.parametrize("shape,block,vec", [
-    ((1, 1, 130, 260), (128, 128), True),    # edge blocks: 2 rows, 4 keys (a whole group)
-    ((2, 1, 70, 131), (64, 128), True),      # a partial last group of 3 keys
-    ((1, 2, 40, 290), (32, 256), True),      # two 128-key chunks per block row
-    ((1, 1, 150, 97), (128, 32), False),     # byte loads, 32-key blocks
-    ((2, 2, 33, 70), (16, 64), False),
+    ((1, 1, 130, 272), (128, 128), 2),       # 16-byte loads; edge blocks: 2 rows, 16 keys
+    ((2, 1, 70, 134), (50, 128), 2),         # a partial last group of 6 keys, 50-row blocks
+    ((1, 2, 40, 290), (30, 256), 2),         # two 128-key chunks per block row; a warp's
+                                             # rows cut by block_m inside its 4-row group
+    ((1, 1, 130, 260), (128, 128), 1),       # edge blocks: 2 rows, 4 keys (a whole group)
+    ((2, 1, 70, 131), (64, 128), 1),         # a partial last group of 3 keys
+    ((1, 2, 40, 290), (32, 256), 1),         # two 128-key chunks per block row
+    ((1, 1, 150, 97), (128, 32), 0),         # byte loads, 32-key blocks
+    ((2, 2, 33, 70), (16, 64), 0),
 ])
 def test_emulated_kernel_matches_the_array_operations(shape, block, vec):
     rng = np.random.default_rng(sum(shape))
@@ -144,16 +174,19 @@ def test_record_fields():
 
 
 @pytest.mark.parametrize("ptr,strides,bn,vec", [
-    (4096, (64, 64, 16, 1), 128, True),
-    (4096, (0, 0, 0, 1), 256, True),        # broadcast dims
-    (4096, (64, 64, -16, 1), 128, True),    # a flipped row order
-    (4098, (64, 64, 16, 1), 128, False),    # a misaligned base
-    (4096, (64, 64, 18, 1), 128, False),    # rows 18 bytes apart
-    (4096, (64, 64, 16, 2), 128, False),    # a key stride
-    (4096, (64, 64, 16, 1), 96, False),     # no whole 128-key chunks
+    (4096, (64, 64, 16, 1), 128, 2),
+    (4096, (0, 0, 0, 1), 256, 2),        # broadcast dims
+    (4096, (64, 64, -16, 1), 128, 2),    # a flipped row order
+    (4100, (64, 64, 16, 1), 128, 1),     # a base 4-byte aligned only
+    (4096, (64, 64, 20, 1), 128, 1),     # rows 20 bytes apart
+    (4096, (68, 64, 16, 1), 128, 1),     # batches 68 bytes apart
+    (4098, (64, 64, 16, 1), 128, 0),     # a misaligned base
+    (4096, (64, 64, 18, 1), 128, 0),     # rows 18 bytes apart
+    (4096, (64, 64, 16, 2), 128, 0),     # a key stride
+    (4096, (64, 64, 16, 1), 96, 0),      # no whole 128-key chunks
 ])
 def test_vectorized_rule(ptr, strides, bn, vec):
-    assert mask_pack.vectorized(ptr, strides, bn) is vec
+    assert mask_pack.vectorized(ptr, strides, bn) == vec
 
 
 def test_takes():

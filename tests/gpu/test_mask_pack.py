@@ -1,6 +1,7 @@
 """The mask packing kernel (cuda_src/mask_pack.cu) on the GPU: MixedMask.from_dense_mask with
 DMATTN_MASK_PACK=1 (the kernel) gives the same block classes, slots and element bits, bit for
-bit, as with the array operations, for 4-byte and byte loads, blocks cut by the sequence ends,
+bit, as with the array operations, for 16-byte, 4-byte and byte loads, blocks cut by the
+sequence ends,
 broadcast and strided views and torch tensors; the kernel ran each time; and the result
 expands back to the input."""
 
@@ -34,6 +35,12 @@ def _views(name):
     if name == "4d_edges":                 # 4-byte loads; blocks cut by Sq and Sk
         d = _dense((2, 3, 300, 520), 1)
         return cupy.asarray(d), d, (128, 128)
+    if name == "4d_edges16":               # 16-byte loads; blocks cut by Sq and Sk (16 keys)
+        d = _dense((2, 3, 300, 528), 9)
+        return cupy.asarray(d), d, (128, 128)
+    if name == "2d_partial_group16":       # 16-byte loads but a row's last group of 6 keys
+        d = _dense((257, 400), 8)          # (rows 400 bytes apart, 390 keys), 50-row blocks
+        return cupy.asarray(d)[:, :390], d[:, :390], (50, 128)
     if name == "2d_partial_group":         # 4-byte loads but a row's last group of 3 keys
         d = _dense((257, 388), 2)          # (rows 388 bytes apart, 387 keys)
         return cupy.asarray(d)[:, :387], d[:, :387], (64, 128)
@@ -61,8 +68,8 @@ def _views(name):
     raise ValueError(name)
 
 
-NAMES = ["4d_edges", "2d_partial_group", "wide_blocks", "narrow_blocks", "key_strided",
-         "misaligned_rows", "head_broadcast", "torch_doc"]
+NAMES = ["4d_edges", "4d_edges16", "2d_partial_group", "2d_partial_group16", "wide_blocks",
+         "narrow_blocks", "key_strided", "misaligned_rows", "head_broadcast", "torch_doc"]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -84,14 +91,15 @@ def test_kernel_packs_like_the_array_operations(name, monkeypatch):
 
 
 def test_vectorized_and_byte_paths_were_both_taken():
-    """The cases above cover both load paths (mask_pack.vectorized)."""
+    """The cases above cover the three load paths (mask_pack.vectorized)."""
     taken = set()
     for name in NAMES:
         dev, _, (bm, bn) = _views(name)
         a = cupy.asarray(dev) if not isinstance(dev, cupy.ndarray) else dev
         a4 = a.reshape((1, 1) + a.shape) if a.ndim == 2 else a
         taken.add(mask_pack.vectorized(int(a4.data.ptr), tuple(a4.strides), bn))
-    assert taken == {True, False}
-    dev, _, _ = _views("2d_partial_group")     # the vectorized path's byte-by-byte tail
-    assert mask_pack.vectorized(int(dev.data.ptr), (0, 0, *dev.strides), 128)
-    assert dev.shape[-1] % 4
+    assert taken == {0, 1, 2}
+    for name, vec, group in (("2d_partial_group", 1, 4), ("2d_partial_group16", 2, 16)):
+        dev, _, _ = _views(name)                # the vectorized paths' byte-by-byte tails
+        assert mask_pack.vectorized(int(dev.data.ptr), (0, 0, *dev.strides), 128) == vec
+        assert dev.shape[-1] % group
