@@ -166,12 +166,16 @@ def mask_pack_kernel() -> bool:
     return _switch("DMATTN_MASK_PACK", "1")
 
 
-def mask_route() -> bool:
-    """``DMATTN_MASK_ROUTE``: ``1`` lets the Hopper forward read a (.., Sq, Sk) ``attn_mask``
-    as block lists that two kernels pack from it in each call (``mask_pack.routes_mask``);
-    ``0`` (default until the route has run on a GPU) reads the mask's bytes tile by tile. A
-    plan variable."""
-    return _switch("DMATTN_MASK_ROUTE", "0")
+def mask_route() -> str:
+    """``DMATTN_MASK_ROUTE``: whether the Hopper forward reads a (.., Sq, Sk) ``attn_mask`` as
+    block lists that two kernels pack from it in each call (``mask_pack.routes_mask``) or the
+    mask's bytes tile by tile. ``auto`` (default): the lists where one packing serves several
+    (batch, head) pairs (a mask broadcast over batch or heads); ``1``: the lists for every
+    mask; ``0``: the bytes. A plan variable."""
+    val = os.environ.get("DMATTN_MASK_ROUTE", "auto") or "auto"
+    if val not in ("auto", "0", "1"):
+        raise ValueError(f"DMATTN_MASK_ROUTE must be 'auto', '0' or '1', got {val!r}")
+    return val
 
 
 # Variables that change which plan a call gets (family, tile, decode, splits, device checks).

@@ -318,7 +318,8 @@ def _route_problem(mask_shape, d=128, bias=True, varlen=False, sq=1000, sk=1200,
 def test_route_decision(monkeypatch):
     """routes_mask: a (.., Sq, Sk) mask with batch/head dims 1 or full, on the Hopper family
     with 128 x 128 lists; not a key-only or per-kv-head mask, a varlen call, the portable
-    family (A100, or forced) or DMATTN_MASK_ROUTE=0."""
+    family (A100, or forced) or DMATTN_MASK_ROUTE=0; by default (auto) only a mask that
+    several (batch, head) pairs share."""
     from dmattn_cupy.device import PRESETS
 
     h100, a100 = PRESETS["sm_90"], PRESETS["sm_80"]
@@ -334,6 +335,17 @@ def test_route_decision(monkeypatch):
     monkeypatch.setenv("DMATTN_FWD_FAMILY", "fwd_mma")
     assert not mask_pack.routes_mask(_route_problem((2, 8, 1000, 1200)), h100)
     monkeypatch.delenv("DMATTN_FWD_FAMILY")
+    for val in ("auto", ""):  # the default
+        monkeypatch.setenv("DMATTN_MASK_ROUTE", val)
+        for shape, b, h in (((2, 1, 1000, 1200), 2, 8), ((1, 1, 1000, 1200), 2, 8),
+                            ((1, 8, 1000, 1200), 2, 8), ((1, 1, 1000, 1200), 2, 1)):
+            assert mask_pack.routes_mask(_route_problem(shape, b=b, h=h, hk=1), h100), shape
+        for shape, b, h in (((2, 8, 1000, 1200), 2, 8), ((1, 1, 1000, 1200), 1, 1),
+                            ((2, 1, 1000, 1200), 2, 1)):   # one mask per (batch, head)
+            assert not mask_pack.routes_mask(_route_problem(shape, b=b, h=h, hk=1), h100), shape
+    monkeypatch.delenv("DMATTN_MASK_ROUTE")
+    assert mask_pack.routes_mask(_route_problem((2, 1, 1000, 1200)), h100)
+    assert not mask_pack.routes_mask(_route_problem((2, 8, 1000, 1200)), h100)
     monkeypatch.setenv("DMATTN_MASK_ROUTE", "0")
     assert not mask_pack.routes_mask(_route_problem((2, 8, 1000, 1200)), h100)
     monkeypatch.setenv("DMATTN_MASK_ROUTE", "2")

@@ -136,8 +136,9 @@ def both_forward_families(request, monkeypatch):
 
 @pytest.fixture(params=["1", "0"], ids=["mask-lists", "mask-bytes"])
 def both_mask_routes(request, monkeypatch):
-    """Runs a test with the Hopper forward's attn_mask route on (the mask packed into block
-    lists per call) and off (the default: the mask's bytes read tile by tile)."""
+    """Runs a test with the Hopper forward's attn_mask route on for every mask (the mask packed
+    into block lists per call) and off (the mask's bytes read tile by tile); the default,
+    auto, takes one or the other by the mask's layout."""
     monkeypatch.setenv("DMATTN_MASK_ROUTE", request.param)
     return request.param
 

@@ -1,6 +1,7 @@
-"""The Hopper forward's route for attn_mask (DMATTN_MASK_ROUTE=1; off by default until it has
-run on a GPU): the mask packed in each call into 128 x 128 block lists (mask_pack +
-mask_lists) that fwd_sm90 reads like a prepared MixedMask's. Against the float64 reference
+"""The Hopper forward's route for attn_mask (DMATTN_MASK_ROUTE=1 here: every layout; the
+default, auto, routes masks that several (batch, head) pairs share): the mask packed in each
+call into 128 x 128 block lists (mask_pack + mask_lists) that fwd_sm90 reads like a prepared
+MixedMask's. Against the float64 reference
 for every mask layout the route takes (full, per-batch, shared, expanded views, rows at odd
 pitches read byte by byte, a key stride), beside no bias, a full bias and a key-row bias,
 with causal and window bounds, empty, full and partial blocks and fully masked rows; the
@@ -31,7 +32,8 @@ ROUTE = {"mask_pack", "mask_lists", "fwd_sm90"}
 
 @pytest.fixture(autouse=True)
 def route_on(monkeypatch):
-    """The route is off by default until it has run on a GPU: these tests switch it on."""
+    """The route for every mask layout (the default, auto, skips masks of their own per
+    (batch, head))."""
     monkeypatch.setenv("DMATTN_MASK_ROUTE", "1")
 
 
