@@ -119,7 +119,7 @@ def test_route_matches_the_reference(layout, bias_kind, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-@pytest.mark.parametrize("d", [64, 128, 192])
+@pytest.mark.parametrize("d", [64, 128, 192, 256])   # 192, 256: 64-key tiles of the lists
 @pytest.mark.parametrize("window", [(-1, -1), (-1, 0), (200, 30)], ids=["full", "causal",
                                                                           "window"])
 @pytest.mark.parametrize("sq,sk", [(512, 512), (333, 700), (700, 333), (129, 1000)])
