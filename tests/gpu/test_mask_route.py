@@ -5,7 +5,8 @@ MixedMask's. Against the float64 reference
 for every mask layout the route takes (full, per-batch, shared, expanded views, rows at odd
 pitches read byte by byte, a key stride), beside no bias, a full bias and a key-row bias,
 with causal and window bounds, empty, full and partial blocks and fully masked rows; the
-route's lists equal ``MixedMask.from_dense_mask``'s; layouts the route does not take (a
+route's lists equal ``MixedMask.from_dense_mask``'s; a routed call captured in a CUDA graph
+replays like eager and repacks a mask changed in place; layouts the route does not take (a
 key-only mask, a kv-head mask) keep the byte tiles."""
 
 from __future__ import annotations
@@ -196,3 +197,22 @@ def test_route_lists_equal_from_dense_mask(layout):
     for pos in zip(*np.nonzero(cls == 1), strict=True):
         np.testing.assert_array_equal(host["partial_bits"][slot[pos]],
                                       bits[want.partial_slot[pos]])
+
+
+@pytest.mark.parametrize("layout", ["full", "heads1"])
+def test_route_captured_in_a_cuda_graph(layout):
+    """A routed call captured by torch.cuda.graph (packing, lists and forward from its cached
+    plan): replay equals eager bit for bit, and after the mask, the bias and q/k/v change in
+    place the replay packs the new mask (equal to a new eager call)."""
+    from test_graphs import _replay_matches_eager
+
+    sq, sk = 300, 520
+    q, k, v = _qkv(sq, sk, "bfloat16", 21)
+    mask, _ = _mask(layout, sq, sk, 22)
+    bias = _bias("full", sq, sk, "bfloat16", 23)
+    assert _routed(q, k, v, mask, bias)
+
+    def fn():
+        return dm.flash_dmattn_func(q, k, v, attn_mask=mask, attn_bias=bias)
+
+    _replay_matches_eager(fn, [q, k, v, mask, bias])
