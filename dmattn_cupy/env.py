@@ -15,12 +15,18 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "") not in ("", "0")
 
 
-def _switch(name: str, default: str) -> bool:
-    """A strict ``0``/``1`` variable (empty: ``default``); anything else is a ValueError."""
+def _choice(name: str, default: str, allowed: tuple[str, ...]) -> str:
+    """A variable with a fixed set of values (empty: ``default``); anything else is a
+    ValueError."""
     val = os.environ.get(name, default) or default
-    if val not in ("0", "1"):
-        raise ValueError(f"{name} must be '0' or '1', got {val!r}")
-    return val == "1"
+    if val not in allowed:
+        raise ValueError(f"{name} must be {' or '.join(map(repr, allowed))}, got {val!r}")
+    return val
+
+
+def _switch(name: str, default: str) -> bool:
+    """A strict ``0``/``1`` variable (empty: ``default``)."""
+    return _choice(name, default, ("0", "1")) == "1"
 
 
 def cache_dir() -> Path:
@@ -172,10 +178,7 @@ def mask_route() -> str:
     mask's bytes tile by tile. ``auto`` (default): the lists where one packing serves several
     (batch, head) pairs (a mask broadcast over batch or heads); ``1``: the lists for every
     mask; ``0``: the bytes. A plan variable."""
-    val = os.environ.get("DMATTN_MASK_ROUTE", "auto") or "auto"
-    if val not in ("auto", "0", "1"):
-        raise ValueError(f"DMATTN_MASK_ROUTE must be 'auto', '0' or '1', got {val!r}")
-    return val
+    return _choice("DMATTN_MASK_ROUTE", "auto", ("auto", "0", "1"))
 
 
 # Variables that change which plan a call gets (family, tile, decode, splits, device checks).

@@ -197,9 +197,10 @@ def plan_lists(plan: Plan, mask: ArrayInfo, query: Any, keep_alive: list[Any]) -
     lists = lists_record(mask.shape, bm, bn)
     plan.slot("mask", pack, "mask")
     for name, pack_field, lists_field in _ROUTE_BUFFERS:
+        ptr = arrays.describe(bufs[name]).ptr
         for rec, field in ((pack, pack_field), (lists, lists_field)):
             if field is not None:
-                rec[0][field] = arrays.describe(bufs[name]).ptr
+                rec[0][field] = ptr
                 plan.slot(name, rec, field)
     arch = runtime.device_props(mask.device).arch
     plan.launches.append(Launch(runtime.get_kernel(pack_spec(arch), mask.device),

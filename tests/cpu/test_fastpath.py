@@ -29,18 +29,26 @@ from dmattn_cupy import (  # noqa: E402
     tensor_map,
 )
 from dmattn_cupy import compile as dcompile  # noqa: E402
+from dmattn_cupy.families import FAMILIES  # noqa: E402
 from dmattn_cupy.launch_plan import PlanCache  # noqa: E402
 from dmattn_cupy.params import (  # noqa: E402
     FWD_DTYPE,
     KV_APPEND_DTYPE,
     MASK_LISTS_DTYPE,
     MASK_PACK_DTYPE,
+    ROW_PAD_DTYPE,
     bwd_dtype_flat,
 )
 
 BWD_DTYPE = bwd_dtype_flat()
 _PARAMS = {"FwdParams": FWD_DTYPE, "BwdParams": BWD_DTYPE, "KvAppendParams": KV_APPEND_DTYPE,
-           "MaskPackParams": MASK_PACK_DTYPE, "MaskListsParams": MASK_LISTS_DTYPE}
+           "MaskPackParams": MASK_PACK_DTYPE, "MaskListsParams": MASK_LISTS_DTYPE,
+           "RowPadParams": ROW_PAD_DTYPE}
+
+
+def params_dtype(family: str) -> np.dtype:
+    """The record dtype of a family's launches (its params struct in the family table)."""
+    return _PARAMS[FAMILIES[family].params]
 # the attn_mask route's launches (mask_pack.plan_lists): every pointer but the mask's is a
 # buffer the call allocates, and so are the forward's list pointers after them
 _MASK_ROUTE = ("mask_pack", "mask_lists")
@@ -150,11 +158,7 @@ def _masked(launches, cap):
     res = []
     routed = any(fam in _MASK_ROUTE for _, fam, *_ in launches)
     for _path, fam, grid, raws, smem in launches:
-        params = "BwdParams" if fam.startswith("bwd") else \
-            "KvAppendParams" if fam == "kv_append" else \
-            "MaskPackParams" if fam == "mask_pack" else \
-            "MaskListsParams" if fam == "mask_lists" else "FwdParams"
-        rec = _record(raws[0], params)
+        rec = _record(raws[0], FAMILIES[fam].params)
         fresh = _FRESH + ((_ROUTE_FRESH + _SPARSE_FIELDS) if routed else ())
         for f in fresh:
             if f in rec.dtype.names:

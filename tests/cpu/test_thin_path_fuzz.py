@@ -17,7 +17,7 @@ import threading
 
 import numpy as np
 import pytest
-from test_fastpath import _PARAMS, Capture, cap  # noqa: F401  (cap: the fixture)
+from test_fastpath import Capture, cap, params_dtype  # noqa: F401  (cap: the fixture)
 
 torch = pytest.importorskip("torch")
 
@@ -61,11 +61,7 @@ def _comparable(launches: list, inputs: list[int]) -> list:
         token: dict[int, int] = {0: 0}
         for i, p in enumerate(inputs):
             token.setdefault(p, 1000 + i)
-        dtype = ROW_PAD_DTYPE if fam == "row_copy" else _PARAMS[
-            "BwdParams" if fam.startswith("bwd") else
-            "KvAppendParams" if fam == "kv_append" else
-            "MaskPackParams" if fam == "mask_pack" else
-            "MaskListsParams" if fam == "mask_lists" else "FwdParams"]
+        dtype = ROW_PAD_DTYPE if fam == "row_copy" else params_dtype(fam)
         rec = np.frombuffer(raws[0], dtype=dtype).copy()
         if "dlse" in rec.dtype.names:   # lse's gradient: None on the thin path, zeros
             rec["dlse"] = 0             # materialized by the custom op's (the same result)
