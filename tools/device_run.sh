@@ -2,7 +2,7 @@
 # One device-machine call that does the whole GPU check-up and leaves logs under $OUT:
 #   bash tools/device_run.sh [fa4] [precompile] [tests] [sanitize] [sanitize-random] [bench]
 #                            [profile] [profile-src] [first] [maskpack] [route]
-#                            [route-bench] [route-suite]
+#                            [route-bench] [route-suite] [tensor]
 #   (default: precompile tests sanitize bench)
 # fa4: install FlashAttention-4 into /tmp/fa4site from the staged wheel parts
 # (tools/fa4_install.sh; .whl/partA staged by an earlier call, .whl/partB carried by this one);
@@ -21,7 +21,8 @@
 # maskpack: the mask packing kernel's GPU test, MixedMask.from_dense_mask's time under
 # DMATTN_MASK_PACK=0 and =1 (tools/mask_pack_time.py), and the mask + bias bench cases;
 # route: the attn_mask route's GPU tests; route-bench: the mask cases under DMATTN_MASK_ROUTE=1
-# and =0 and ncu of the route's kernels; route-suite: the whole suite with the route on.
+# and =0 and ncu of the route's kernels; route-suite: the whole suite with the route on;
+# tensor: the Hopper forward's tensor-pipe share and time for TENSOR_CASES (default dense,kbias).
 # At most 8 files come back from $OUT: gpu.txt and info.txt count.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -144,6 +145,15 @@ for step in $steps; do
         -p no:cacheprovider ${ROUTE_TESTS:-tests/gpu} > "$OUT/gpu_tests.log" 2>&1
       echo "pytest (route on) rc=$?"; grep -E "^(FAILED|ERROR)" "$OUT/gpu_tests.log" | cut -c1-160 | head -40
       tail -2 "$OUT/gpu_tests.log" ;;
+    tensor)  # is the forward tensor-bound? HMMA pipe share of peak, per case, one launch each
+      for case_ in $(echo "${TENSOR_CASES:-dense,kbias}" | tr , ' '); do
+        ncu --clock-control none -k regex:flash_fwd_sm90 -s 3 -c 1 --metrics \
+          gpu__time_duration.sum,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,sm__inst_executed.sum \
+          python3 tools/bench --case "$case_" --peers none --no-smoke --quick \
+          > "$OUT/tensor_$case_.txt" 2>&1
+        echo "tensor $case_ rc=$?"
+        grep -E "duration|hmma|inst_executed" "$OUT/tensor_$case_.txt" | cut -c1-120
+      done ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done
