@@ -122,18 +122,8 @@ def _mask_bias_tile(head_dim: int, block_n: int, has_mask: bool) -> bool:
     return has_mask and block_n == 64 and head_dim <= 128
 
 
-def fold_loads(head_dim: int, has_mask: bool, has_bias: bool) -> bool:
-    """Whether a mask + bias spec folds the mask into 128-key bias tiles by loads
-    (Sm90FwdSmem::kFoldLoads in sm90/fwd.cu: DM_SM90_MB_FOLD128=1, head dim <= 128, the dynamic
-    scheduler): (128, 2) tiles, no mask slots, a mask tile + a bias tile only (tile_for)."""
-    return (define_value("DM_SM90_MB_FOLD128", 0) != 0 and has_mask and has_bias
-            and head_dim <= 128 and dynamic_schedule())
-
-
 def tile(head_dim: int, has_mask: bool, has_bias: bool) -> tuple[int, int] | None:
     """(block_n, stages) of TILES, with DM_SM90_MB_STAGES applied; None: not served."""
-    if fold_loads(head_dim, has_mask, has_bias):
-        return TILES[(head_dim, False, True)]   # the bias spec's tiles
     t = TILES.get((head_dim, has_mask, has_bias))
     if t is not None and _mask_bias_tile(head_dim, t[0], has_mask):
         return t[0], define_value("DM_SM90_MB_STAGES", t[1])
@@ -148,9 +138,9 @@ def padded_head_dim(d: int) -> int:
     raise ValueError(f"head dim must be <= {HEAD_DIMS[-1]}, got {d}")
 
 
-def mask_slots(head_dim: int, block_n: int, has_mask: bool, has_bias: bool = False) -> int:
+def mask_slots(head_dim: int, block_n: int, has_mask: bool) -> int:
     """Mask tiles streamed ahead of the K/V ring (Sm90FwdSmem::kMaskSlots in sm90/fwd.cu)."""
-    if not has_mask or (block_n == 128 and fold_loads(head_dim, has_mask, has_bias)):
+    if not has_mask:
         return 0
     if _mask_bias_tile(head_dim, block_n, has_mask):
         return define_value("DM_SM90_MB_MASK_SLOTS", 6)
@@ -184,10 +174,8 @@ def _alloc_bytes(head_dim: int, block_n: int, stages: int, has_mask: bool, has_b
     kv = head_dim // 64 * block_n * 128
     bias = (KEY_ROW_STAGE if key_row else BLOCK_M * block_n * 2) if has_bias else 0
     aux = aux_tile_bytes(block_n, key_row)
-    slots = mask_slots(head_dim, block_n, has_mask, has_bias)
-    folds = fold_bias(block_n, has_mask, has_bias) or (
-        block_n == 128 and fold_loads(head_dim, has_mask, has_bias))
-    fold_bars = stages if folds else 0
+    slots = mask_slots(head_dim, block_n, has_mask)
+    fold_bars = stages if fold_bias(block_n, has_mask, has_bias) else 0
     bars = 8 * (4 * stages + 2 * slots + 2 * q_bufs + fold_bars)
     items = 16 if dynamic_schedule() else 0   # each stage's work item (kOffItems)
     return (q_bufs * q + stages * (2 * kv + aux + bias) + slots * BLOCK_M * block_n + bars
@@ -450,9 +438,6 @@ def tile_for(head_dim: int, q: ArrayInfo, k: ArrayInfo, v: ArrayInfo, mask: Arra
     block_n, stages = hd_tile
     if sparse is True or (sparse and (sparse[0] % BLOCK_M or sparse[1] % block_n)):
         return None
-    if fold_loads(hd, mask is not None, bias is not None) \
-            and not _foldable(q, mask, bias, seqlen_k, varlen, sparse):
-        return None
     if smem_bytes(hd, block_n, stages, mask is not None, bias is not None,
                   key_row_spec(mask, bias, varlen)) > smem_limit:
         return None
@@ -465,18 +450,6 @@ def tile_for(head_dim: int, q: ArrayInfo, k: ArrayInfo, v: ArrayInfo, mask: Arra
     if any(infos[name].ptr % 16 for name, spec in maps.items() if spec is not None):
         return None
     return hd, block_n, stages
-
-
-def _foldable(q: ArrayInfo, mask: ArrayInfo | None, bias: ArrayInfo | None, seqlen_k: int,
-              varlen: bool, sparse: bool | tuple[int, int]) -> bool:
-    """What a fold_loads spec serves (its fold warps' loads, sm90/fwd.cu): a mask tile and a
-    bias tile of the query's dtype, no varlen, no block lists, Sk a multiple of 16 and mask
-    rows of unit key stride starting on 16-byte boundaries (one aligned 16-byte load per 16
-    keys)."""
-    return (mask is not None and bias is not None and not varlen and not sparse
-            and operand_mode(mask) == OPERAND_TILE and operand_mode(bias) == OPERAND_TILE
-            and bias.dtype == q.dtype and seqlen_k % 16 == 0 and mask.strides[-1] == 1
-            and mask.ptr % 16 == 0 and all(st % 16 == 0 for st in mask.strides[:-1]))
 
 
 def build_args(q: ArrayInfo, k: ArrayInfo, v: ArrayInfo, mask: ArrayInfo | None,

@@ -2,7 +2,7 @@
 # One device-machine call that does the whole GPU check-up and leaves logs under $OUT:
 #   bash tools/device_run.sh [fa4] [precompile] [tests] [sanitize] [sanitize-random] [bench]
 #                            [profile] [profile-src] [first] [maskpack] [route]
-#                            [route-bench] [route-suite] [tensor] [fold128]
+#                            [route-bench] [route-suite] [tensor]
 #   (default: precompile tests sanitize bench)
 # fa4: install FlashAttention-4 into /tmp/fa4site from the staged wheel parts
 # (tools/fa4_install.sh; .whl/partA staged by an earlier call, .whl/partB carried by this one);
@@ -22,9 +22,7 @@
 # DMATTN_MASK_PACK=0 and =1 (tools/mask_pack_time.py), and the mask + bias bench cases;
 # route: the attn_mask route's GPU tests; route-bench: the mask cases under DMATTN_MASK_ROUTE=1
 # and =0 and ncu of the route's kernels; route-suite: the whole suite with the route on;
-# tensor: the Hopper forward's tensor-pipe share and time for TENSOR_CASES (default dense,kbias);
-# fold128: the DM_SM90_MB_FOLD128 build's GPU tests, then mask_bias (FOLD_CASES) under the
-# build and the default one (route off), then ncu of the build's forward.
+# tensor: the Hopper forward's tensor-pipe share and time for TENSOR_CASES (default dense,kbias).
 # At most 8 files come back from $OUT: gpu.txt and info.txt count.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -156,23 +154,6 @@ for step in $steps; do
         echo "tensor $case_ rc=$?"
         grep -E "duration|hmma|inst_executed" "$OUT/tensor_$case_.txt" | cut -c1-120
       done ;;
-    fold128)  # the mask folded into 128-key bias tiles by loads (an A/B build)
-      DMATTN_NVRTC_DEFINES=DM_SM90_MB_FOLD128=1 python3 -m dmattn_cupy.precompile --arch "$arch" \
-        --jobs 16 --fill-cache --only fwd_sm90 > "$OUT/fold128.log" 2>&1
-      echo "fold128 build rc=$?: $(tail -1 "$OUT/fold128.log")"
-      PYTHONPATH=$PWD:$PWD/tools timeout 300 python3 -m pytest -q -x --tb=short -p no:cacheprovider \
-        tests/gpu/test_forward_sm90_fold128.py >> "$OUT/fold128.log" 2>&1
-      echo "fold128 tests rc=$?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/fold128.log" | tail -5
-      for d in DM_SM90_MB_FOLD128=1 ""; do
-        DMATTN_NVRTC_DEFINES=$d DMATTN_MASK_ROUTE=0 timeout 200 python3 tools/bench \
-          --case "${FOLD_CASES:-mask_bias,bias}" --peers cudnn --no-smoke --quick >> "$OUT/fold128_bench.log" 2>&1
-      done
-      grep -E "^dmattn|^sdpa-cudnn|^summary" "$OUT/fold128_bench.log"
-      DMATTN_NVRTC_DEFINES=DM_SM90_MB_FOLD128=1 DMATTN_MASK_ROUTE=0 timeout 200 ncu --clock-control none \
-        -k regex:flash_fwd_sm90 -s 3 -c 1 --metrics \
-        gpu__time_duration.sum,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,dram__throughput.avg.pct_of_peak_sustained_elapsed \
-        python3 tools/bench --case mask_bias --peers none --no-smoke --quick > "$OUT/fold128_ncu.txt" 2>&1
-      grep -E "flash_fwd|duration|hmma|dram" "$OUT/fold128_ncu.txt" | cut -c1-120 ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done

@@ -153,18 +153,6 @@ static_assert(DM_SM90_Q_BUFS == 1 || DM_SM90_Q_BUFS == 2, "DM_SM90_Q_BUFS: 1 or 
 #ifndef DM_SM90_MB_FOLD
 #define DM_SM90_MB_FOLD 1
 #endif
-// - DM_SM90_MB_FOLD128: 1 runs a mask tile beside a bias tile at head dim <= 128 on the bias
-//   spec's 128-key tiles (Sm90FwdSmem::kFoldLoads; forward_sm90.fold_loads): no mask slots
-//   (they do not fit there) and no classification by the mask. The producer prefetches each
-//   tile's mask box into L2 by TMA (the mask map) before it issues the tile's K/V/bias; once the bias tile landed
-//   the producer warpgroup's warps 1-3 read the mask bytes from global memory (16 keys per
-//   16-byte load) and write -inf into the bias tile in place where the mask is false, then
-//   arrive on full_f. The consumers run the bias-only path on it; a row holding a NaN re-reads
-//   its mask bytes from global memory (drop_masked_nan_global), as DM_SM90_MB_FOLD's rows do
-//   from the mask slot. 0 (default): the 64-key specs.
-#ifndef DM_SM90_MB_FOLD128
-#define DM_SM90_MB_FOLD128 0
-#endif
 // - DM_SM90_LAZY_RESCALE: 1 (default) rescales O once the P V product completed (after the
 //   softmax, off the GEMM turn) and lazily: a row keeps its softmax max while a tile raises it
 //   by at most DM_SM90_LAZY_GAP (log2 units; softmax.cuh: kLazyGap; default 0: only a max
@@ -240,27 +228,21 @@ struct Sm90FwdSmem {
   // values).
   static constexpr int kAuxA = 992;
   static_assert(!kAuxStep || kBlockN * 2 <= kAuxA, "the A words clear the row");
-  // DM_SM90_MB_FOLD128: a mask tile folded into the bias tile by loads (no mask slots)
-  static constexpr bool kFoldLoads = DM_SM90_MB_FOLD128 != 0 && kHasMask && kHasBias &&
-                                     kBlockN == 128 && kHeadDim <= 128 && !kBiasKeyRow &&
-                                     kDynamicItems;
-  static constexpr int kMask = kHasMask && !kFoldLoads ? kBlockM * kBlockN : 0;  // one slot
+  static constexpr int kMask = kHasMask ? kBlockM * kBlockN : 0;       // one slot
   // Mask tiles have their own ring, loaded ahead of the K/V ring: the producer classifies a
   // tile from its mask before it spends a K/V stage on it.
   // Consumers hold up to kStages + 1 slots (the tiles in their K/V stages and the one being
   // released), so a load kMaskAhead tiles ahead of the classified one never waits for them.
   // 64-key tiles (8 KB at 128 rows) get 8 slots where shared memory allows, 128-key ones 4.
   static constexpr int kMaskSlots =
-      !kHasMask || kFoldLoads ? 0
-      : (kBlockN == 64 && kHeadDim <= 128) ? DM_SM90_MB_MASK_SLOTS : 4;
+      !kHasMask ? 0 : (kBlockN == 64 && kHeadDim <= 128) ? DM_SM90_MB_MASK_SLOTS : 4;
   static constexpr int kMaskAhead = kMaskSlots - kStages - 1;
-  static_assert(!kHasMask || kFoldLoads || kMaskAhead >= 1,
-                "at least one mask tile in flight ahead");
-  static constexpr int kMaskRing = kMaskSlots > 0 ? kMaskSlots : 1;  // a nonzero modulus
+  static_assert(!kHasMask || kMaskAhead >= 1, "at least one mask tile in flight ahead");
+  static constexpr int kMaskRing = kHasMask ? kMaskSlots : 1;  // a nonzero modulus
   // DM_SM90_MB_FOLD: per stage one more barrier (full_f: the folded bias tile is ready).
   static constexpr bool kFold = DM_SM90_MB_FOLD != 0 && kHasMask && kHasBias && kBlockN == 64 &&
                                 kDynamicItems;
-  static constexpr int kFoldBars = kFold || kFoldLoads ? kStages : 0;
+  static constexpr int kFoldBars = kFold ? kStages : 0;
   // Everything but Q's buffers (one per work item in flight), then the count that fits.
   static constexpr int kRest = kStages * (kKStage + kKV + kBias) + kMaskSlots * kMask;
   // per stage full_k, full_v, empty_k, empty_v; per mask slot full_m, empty_m; per Q buffer
@@ -362,46 +344,6 @@ DM_DEVICE float drop_masked_nan(float (&x)[kNF][4], int r, const uint8_t* smk, i
       mx = fmax_nan(mx, x[j][2 * r + e]);
     }
   return mx;
-}
-
-// DM_SM90_MB_FOLD128: drop_masked_nan with the mask bytes of the row read from global memory
-// (`mrow`: the row's byte of the tile's key 0; keys from `nkeys` on are past the sequence and
-// were excluded by formula already, so they are not read). Rare: only a row holding a NaN.
-template <int kNF>
-DM_DEVICE float drop_masked_nan_global(float (&x)[kNF][4], int r, const uint8_t* mrow, int nkeys,
-                                       int t) {
-  float mx = -DM_INF;
-#pragma unroll
-  for (int j = 0; j < kNF; ++j)
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      const int key = 8 * j + 2 * t + e;
-      if (key < nkeys && mrow[key] == 0) x[j][2 * r + e] = -DM_INF;
-      mx = fmax_nan(mx, x[j][2 * r + e]);
-    }
-  return mx;
-}
-
-// DM_SM90_MB_FOLD128: 4 bias words (8 16-bit values, keys 0-7 of a 16-byte chunk of one row)
-// with -inf (neg_inf2: two of them) where their mask bytes (m_lo: keys 0-3, m_hi: 4-7; any
-// nonzero byte keeps) are 0: per word fold_word (primitives.cuh, the CPU-checked model), on
-// the device as fold_words_dev does it (kept_bits, then prmt's sign replication widens byte
-// b's bit 7 to the 16-bit keep mask of value b).
-DM_DEVICE void fold_chunk(uint4& b, uint32_t m_lo, uint32_t m_hi, uint32_t neg_inf2) {
-  const uint32_t n0 = kept_bits(m_lo), n1 = kept_bits(m_hi);
-  uint32_t k0, k1, k2, k3;
-  asm("prmt.b32 %0, %1, 0, 0x9988;" : "=r"(k0) : "r"(n0));
-  asm("prmt.b32 %0, %1, 0, 0xbbaa;" : "=r"(k1) : "r"(n0));
-  asm("prmt.b32 %0, %1, 0, 0x9988;" : "=r"(k2) : "r"(n1));
-  asm("prmt.b32 %0, %1, 0, 0xbbaa;" : "=r"(k3) : "r"(n1));
-  b.x = (b.x & k0) | (neg_inf2 & ~k0);
-  b.y = (b.y & k1) | (neg_inf2 & ~k1);
-  b.z = (b.z & k2) | (neg_inf2 & ~k2);
-  b.w = (b.w & k3) | (neg_inf2 & ~k3);
-}
-// Whether all 16 mask bytes of a chunk keep (nothing to fold).
-__host__ __device__ constexpr bool chunk_all_kept(uint32_t a, uint32_t b, uint32_t c, uint32_t d) {
-  return (kept_bits(a) & kept_bits(b) & kept_bits(c) & kept_bits(d)) == 0x80808080u;
 }
 
 // A full bias stage (64-key boxes of kRows rows, 128-byte rows, 128B swizzle:
@@ -539,13 +481,9 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
   // take 232 (their work-item state beside the accumulators: 224 spills a bias spec).
   // Debug builds' tile counters and DM_SM90_MB_FOLD's fold warps take the mask producer to 64
   // at d <= 128 (the fold at 56/224 spilled 12/40 bytes under NVRTC 13; 64/216 did not).
-  // DM_SM90_MB_FOLD128 (kFoldLoads): the bias spec's split (its consumers at 128 keys spill
-  // below 232), the fold warps within the producer's 40.
-  constexpr bool kWideProducer = (kDebug || Smem::kFold) && kHeadDim <= 128 && !Smem::kFoldLoads;
-  constexpr int kProducerRegs =
-      !kHasMask || Smem::kFoldLoads ? 40 : kWideProducer ? 64 : 56;
-  constexpr int kConsumerRegs =
-      !kHasMask || Smem::kFoldLoads ? 232 : kWideProducer ? 216 : 224;
+  constexpr bool kWideProducer = (kDebug || Smem::kFold) && kHeadDim <= 128;
+  constexpr int kProducerRegs = !kHasMask ? 40 : kWideProducer ? 64 : 56;
+  constexpr int kConsumerRegs = !kHasMask ? 232 : kWideProducer ? 216 : 224;
   static_assert(kProducerRegs + 2 * kConsumerRegs <= 3 * 168, "register pool of the CTA");
   using namespace sm90;
 
@@ -559,8 +497,6 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
     if (dyn < uint32_t(Smem::kAlloc)) __trap();  // launcher and kernel disagree on the layout
     if (kBiasKeyRow && args.bias_mode != kOperandKeyRow && args.bias_mode != kOperandKeyChunk)
       __trap();  // a bias stage of one row: forward_sm90.key_row_spec sends only such biases
-    if (Smem::kFoldLoads && (args.mask_mode != kOperandTile || args.bias_mode != kOperandTile))
-      __trap();  // no mask slots: forward_sm90.tile_for sends only a mask tile + a bias tile
   }
   const uint32_t sQ = base, sK = base + Smem::kOffK, sV = base + Smem::kOffV;
   const uint32_t sBias = base + Smem::kOffBias, sMask = base + Smem::kOffMask;
@@ -583,9 +519,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
   // DM_SM90_MB_FOLD (fold_on: a mask tile and a bias tile): completed by the kFoldWarps fold
   // warps once stage s's bias tile is in fragment order (and folded), for every use of the
   // stage (end stages too), so its phase follows full_k's.
-  // DM_SM90_MB_FOLD128 (kFoldLoads): the same barrier, completed once the mask is folded into
-  // the bias tile in place (the tile keeps its TMA layout).
-  const bool fold_on = (Smem::kFold || Smem::kFoldLoads) && args.mask_mode == kOperandTile &&
+  const bool fold_on = Smem::kFold && args.mask_mode == kOperandTile &&
                        args.bias_mode == kOperandTile;
   auto bar_full_f = [&](int s) { return base + Smem::kOffFoldBars + 8 * s; };
   // DM_SM90_KBIAS_F32 == 4: a _krow spec's bias may take the aux step (kbias_aux_offset; the
@@ -635,16 +569,6 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
   // Item i's query tile and head-batch index hb = b * heads + h.
   auto item_coords = [&](int i, int& m_block, int& hb) {
     sm90_item_coords(i, num_m, bh, head_major, lpt_sections, m_block, hb);
-  };
-  // DM_SM90_MB_FOLD128: the byte offset in p.mask of a tile's (row m0, key n0) (no varlen:
-  // forward_sm90._foldable), handed to the fold warps and consumers in info[+2], info[+3].
-  auto fold_tile_offset = [&](int mask_b, int mask_h, int m0, int n0) {
-    return int64_t(mask_b) * p.mask_batch_stride + int64_t(mask_h) * p.mask_head_stride +
-           int64_t(m0) * p.mask_row_stride + n0;
-  };
-  auto fold_mask_offset = [&](volatile int32_t* inf, int stage) {
-    return int64_t(uint64_t(uint32_t(inf[4 * stage + 2])) |
-                   uint64_t(uint32_t(inf[4 * stage + 3])) << 32);
   };
   // Debug builds: item i's pair of tile_counters, in (b * H + h) * num_m + m order.
   auto counter_pair = [&](int i) {
@@ -698,7 +622,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
       // one arrival per consumer warp (and per fold warp: they read the stage too)
       mbar_init(bar_empty_k(s), (fold_on ? 8 + kFoldWarps : 8) * kWarpArrivals);
       mbar_init(bar_empty_v(s), 8 * kWarpArrivals);
-      if (Smem::kFold || Smem::kFoldLoads) mbar_init(bar_full_f(s), kFoldWarps * kWarpArrivals);
+      if (Smem::kFold) mbar_init(bar_full_f(s), kFoldWarps * kWarpArrivals);
     }
     for (int x = 0; x < Smem::kMaskSlots; ++x) {
       mbar_init(bar_full_m(x), 1);
@@ -745,64 +669,6 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
         if (fold_on)
           fold_warps<T, Smem, kStages>(smem, lane, bar_full_k, bar_empty_k, bar_full_f, info,
                                        stage_item);
-        return;
-      }
-    } else if constexpr (Smem::kFoldLoads) {
-      // DM_SM90_MB_FOLD128: warps 1-3 walk the stages as the consumers do (every use of every
-      // stage, up to the dynamic scheduler's last stage) and fold each tile's mask into its
-      // bias tile in place: 16-key chunks (tile row c / 8, keys 16 (c % 8) ..), thread f of the
-      // 96 taking chunks f, f + 96, ..., kGroup loads in flight. forward_sm90.tile_for: Sk % 16
-      // == 0 and 16-byte aligned mask rows, so a chunk is one aligned load, inside the row.
-      if (__shfl_sync(0xffffffffu, int(threadIdx.x) / 32, 0) != 0) {
-        const int f = int(threadIdx.x) - 32;
-        constexpr int kChunks = kBlockM * kBlockN / 16, kPer = (kChunks + 95) / 96, kGroup = 3;
-        int stage = 0;
-        uint32_t phase = 0;
-        for (;;) {
-          mbar_wait(bar_full_k(stage), phase);
-          const int item = stage_item[stage];
-          if (item < 0) break;  // no more items: never released
-          const int n = info[4 * stage];
-          if (n >= 0) {
-            int m_block, hb;
-            item_coords(item, m_block, hb);
-            const int rows = p.seqlen_q - m_block * kBlockM, keys = p.seqlen_k - n * kBlockN;
-            const uint8_t* mtile = p.mask + fold_mask_offset(info, stage);
-            uint8_t* sb = smem + Smem::kOffBias + stage * Smem::kBias;
-#pragma unroll 1
-            for (int g0 = 0; g0 < kPer; g0 += kGroup) {
-              uint4 m[kGroup];
-#pragma unroll
-              for (int u = 0; u < kGroup; ++u) {
-                const int c = f + 96 * (g0 + u), r = c >> 3, k0 = 16 * (c & 7);
-                m[u] = make_uint4(~0u, ~0u, ~0u, ~0u);  // all kept: nothing to fold
-                if (c < kChunks && r < rows && k0 < keys)
-                  m[u] = __ldg(reinterpret_cast<const uint4*>(
-                      mtile + int64_t(r) * p.mask_row_stride + k0));
-              }
-#pragma unroll
-              for (int u = 0; u < kGroup; ++u) {
-                const uint4 mu = m[u];
-                if (chunk_all_kept(mu.x, mu.y, mu.z, mu.w)) continue;
-                const int c = f + 96 * (g0 + u), r = c >> 3, k0 = 16 * (c & 7);
-#pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                  uint4* dst = reinterpret_cast<uint4*>(
-                      sb + tile_offset<2, 64, kBlockM>(r, k0 + 8 * h));
-                  uint4 bw = *dst;
-                  fold_chunk(bw, h ? mu.z : mu.x, h ? mu.w : mu.y, neg_inf_pair(T{}));
-                  *dst = bw;
-                }
-              }
-            }
-            fence_proxy_async_smem();  // these stores before the stage's next TMA write
-          }
-          warp_arrive(bar_full_f(stage), lane, bar_empty_k(stage));
-          if (++stage == kStages) {
-            stage = 0;
-            phase ^= 1;
-          }
-        }
         return;
       }
     } else if (threadIdx.x >= 32) {
@@ -873,12 +739,10 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
         ++q_item;
       }
       if (kDynamicItems && DM_SM90_CLAIM_AHEAD) claim_issue();
-      // the mask ring (kFoldLoads: none; the fold warps read the mask)
-      constexpr bool kRing = kHasMask && !Smem::kFoldLoads;
-      const bool mask_tile = kRing && args.mask_mode == kOperandTile;
-      const bool mask_chunk = kRing && args.mask_mode == kOperandKeyChunk;
+      const bool mask_tile = kHasMask && args.mask_mode == kOperandTile;
+      const bool mask_chunk = kHasMask && args.mask_mode == kOperandKeyChunk;
       const bool mask_keys =
-          mask_tile || mask_chunk || (kRing && args.mask_mode == kOperandKeyRow);
+          mask_tile || mask_chunk || (kHasMask && args.mask_mode == kOperandKeyRow);
       const bool bias_tile = kHasBias && args.bias_mode == kOperandTile;
       const bool bias_row = kHasBias && args.bias_mode == kOperandKeyRow;
       const bool bias_chunk = kHasBias && args.bias_mode == kOperandKeyChunk;
@@ -1011,12 +875,6 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
         } else if (!in_range) {
           continue;
         }
-        if constexpr (Smem::kFoldLoads) {
-          // every tile may hold false mask elements (row_fix's NaN test); its mask tile goes to
-          // L2 for the fold warps' loads (the mask map's 128 x 128-byte box)
-          cls |= kMaskPartial;
-          if (leader) tma_prefetch_4d(&args.mask, n0, m0, mask_h, mask_b);
-        }
         uint16_t bias_words[kBlockN / 32];  // keys n0 + lane + 32 i, loaded before the wait
         if (bias_loads) {
 #pragma unroll
@@ -1074,11 +932,6 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
           info[4 * stage + 1] = cls;
           info[4 * stage + 2] = slot;
           if (kDynamicItems) stage_item[stage] = item;
-          if constexpr (Smem::kFoldLoads) {  // the tile's mask offset (fold_mask_offset)
-            const int64_t mo = fold_tile_offset(mask_b, mask_h, m0, n0);
-            info[4 * stage + 2] = int32_t(uint32_t(uint64_t(mo)));
-            info[4 * stage + 3] = int32_t(uint32_t(uint64_t(mo) >> 32));
-          }
           // A partial block's element bits: the word of (row m0, key n0) in its slot (an int:
           // the host refuses more than 2^31 - 1 words, sparse_plan.check_partial_words).
           if (listed_partial) {
@@ -1232,9 +1085,9 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
                            (kHasMask || (kHasBias && !kBiasKeyRow) || Smem::kQBufs == 1);
     // rows g and g + 8 of the warp's 16, over the 4 lanes of a quad
     OnlineSoftmax<2, 4, kLazy ? DM_SM90_LAZY_GAP : -1> sm;
-    const bool mask_keys = kHasMask && !Smem::kFoldLoads && (args.mask_mode == kOperandTile ||
-                                                              args.mask_mode == kOperandKeyRow ||
-                                                              args.mask_mode == kOperandKeyChunk);
+    const bool mask_keys = kHasMask && (args.mask_mode == kOperandTile ||
+                                         args.mask_mode == kOperandKeyRow ||
+                                         args.mask_mode == kOperandKeyChunk);
     const bool bias_tile = kHasBias && args.bias_mode == kOperandTile;
     const bool bias_keys = bias_tile || (kHasBias && (args.bias_mode == kOperandKeyRow ||
                                                       args.bias_mode == kOperandKeyChunk));
@@ -1274,8 +1127,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
     const bool mask_tile = kHasMask && args.mask_mode == kOperandTile;
     auto load_operands = [&](TileOperands& ops, int stage, int cls) {
 #if DM_SM90_MB_FOLD  // (#if, not if constexpr: DM_SM90_MB_FOLD=0 builds the kernel without it)
-      if (Smem::kFold && fold_on) {  // the fold warps' fragment order (stage's phase: the
-                                     // caller's `phase`)
+      if (fold_on) {  // the fold warps' fragment order (stage's phase: the caller's `phase`)
         mbar_wait(bar_full_f(stage), phase);
         const uint8_t* sb = smem + (sBias - base) + stage * Smem::kBias;
 #pragma unroll
@@ -1290,7 +1142,6 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
       } else
 #endif
       if (bias_tile) {
-        if (Smem::kFoldLoads && fold_on) mbar_wait(bar_full_f(stage), phase);  // mask folded in
         // Block 0's offset; block i's is derived from it (sm90_fwd_bias_ldsm_offset) on the
         // stage's address, whose 1024-byte aligned start leaves the XORed bits 5-6 as they are.
         const uint32_t sb = sBias + stage * Smem::kBias +
@@ -1534,20 +1385,12 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
       float alpha[2];
       TileOperands ops;
       int cls = info[4 * stage + 1];
-#if DM_SM90_MB_FOLD || DM_SM90_MB_FOLD128
+#if DM_SM90_MB_FOLD
       // A NaN in a folded kMaskPartial tile's row: its masked keys go back to -inf first.
       auto row_fix = [&](auto& x, int r, float mx) {
-        if constexpr (Smem::kFoldLoads) {  // the row's mask bytes from global memory
-          return !fold_on || !is_nan(mx) || row[r] >= len_q ? mx
-              : drop_masked_nan_global(x, r,
-                                       p.mask + fold_mask_offset(info, stage) +
-                                           int64_t(lrow[r]) * p.mask_row_stride,
-                                       len_k - n * kBlockN, t);
-        } else {
-          return !fold_on || !(cls & kMaskPartial) || !is_nan(mx) ? mx
-              : drop_masked_nan<kBlockM, Smem::kMaskBoxCols>(
-                    x, r, smem + (sMask - base) + info[4 * stage + 2] * Smem::kMask, lrow[r], t);
-        }
+        return !fold_on || !(cls & kMaskPartial) || !is_nan(mx) ? mx
+            : drop_masked_nan<kBlockM, Smem::kMaskBoxCols>(
+                  x, r, smem + (sMask - base) + info[4 * stage + 2] * Smem::kMask, lrow[r], t);
       };
 #else
       const KeepRowMax row_fix;
