@@ -44,11 +44,6 @@ __host__ __device__ constexpr uint32_t kept_nibble(uint32_t m) {
   return kept_bits(m) * 0x00204081u >> 28;
 }
 
-// Bits 0-3 of f as bytes 0-3 (0 or 1 each): the multiply puts bit i at 8i (i + 7j for i != j
-// lands off the byte starts and no two products share a bit, so nothing carries).
-__host__ __device__ constexpr uint32_t mask_bits_to_bytes(uint32_t f) {
-  return ((f & 0xfu) * 0x00204081u) & 0x01010101u;
-}
 // One 16-bit storage type per element kind; both are converted through float.
 struct Half { uint16_t bits; };
 struct BFloat16 { uint16_t bits; };

@@ -155,14 +155,6 @@ def fold_bias(block_n: int, has_mask: bool, has_bias: bool) -> bool:
             and block_n == 64 and dynamic_schedule())
 
 
-def fold_listed_bits(block_n: int, has_mask: bool, has_bias: bool, key_row: bool) -> bool:
-    """Whether the spec can fold a block list's bits into its bias tiles (Sm90FwdSmem::kFoldBits
-    in sm90/fwd.cu: DM_SM90_LISTED_FOLD=1, the bias spec's 128-key tiles, the dynamic
-    scheduler); such a spec has one more barrier per stage."""
-    return (define_value("DM_SM90_LISTED_FOLD", 0) != 0 and not has_mask and has_bias
-            and not key_row and block_n == 128 and dynamic_schedule())
-
-
 def kbias_mode() -> int:
     """How a key-based bias without a mask reaches S (fwd.cu: DM_SM90_KBIAS_F32, default 4)."""
     return define_value("DM_SM90_KBIAS_F32", 4)
@@ -183,9 +175,7 @@ def _alloc_bytes(head_dim: int, block_n: int, stages: int, has_mask: bool, has_b
     bias = (KEY_ROW_STAGE if key_row else BLOCK_M * block_n * 2) if has_bias else 0
     aux = aux_tile_bytes(block_n, key_row)
     slots = mask_slots(head_dim, block_n, has_mask)
-    folds = fold_bias(block_n, has_mask, has_bias) or fold_listed_bits(block_n, has_mask,
-                                                                       has_bias, key_row)
-    fold_bars = stages if folds else 0
+    fold_bars = stages if fold_bias(block_n, has_mask, has_bias) else 0
     bars = 8 * (4 * stages + 2 * slots + 2 * q_bufs + fold_bars)
     items = 16 if dynamic_schedule() else 0   # each stage's work item (kOffItems)
     return (q_bufs * q + stages * (2 * kv + aux + bias) + slots * BLOCK_M * block_n + bars

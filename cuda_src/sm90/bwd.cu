@@ -206,6 +206,11 @@ __host__ __device__ constexpr uint32_t sm90_bwd_bias_ldsm_offset(int c, int w, i
                                          64 * c + 16 * w + 8 * ((lane / 8) % 2));
 }
 
+// Bits 0-3 of f as bytes 0-3 (0 or 1 each): the multiply puts bit i at 8i (i + 7j for i != j
+// lands off the byte starts and no two products share a bit, so nothing carries).
+__host__ __device__ constexpr uint32_t mask_bits_to_bytes(uint32_t f) {
+  return ((f & 0xfu) * 0x00204081u) & 0x01010101u;
+}
 // A 64-bit value the compiler cannot see through (sm90::opaque on both halves): recomputed
 // where used instead of held (and spilled) across a loop.
 DM_DEVICE int64_t opaque_i64(int64_t x) {

@@ -153,17 +153,6 @@ static_assert(DM_SM90_Q_BUFS == 1 || DM_SM90_Q_BUFS == 2, "DM_SM90_Q_BUFS: 1 or 
 #ifndef DM_SM90_MB_FOLD
 #define DM_SM90_MB_FOLD 1
 #endif
-// - DM_SM90_LISTED_FOLD: 1 makes the producer warpgroup's warps 1-3 (idle in the bias spec)
-//   fold a block list's element bits into the bias tile of each listed partial tile (the
-//   prepared MixedMask beside a bias tile, and the attn_mask route's lists): once the tile
-//   landed they load its rows' bit words (one 16-bit load per 16 keys, all in flight at
-//   once) and write -inf into the bias tile in place where a bit is 0, then arrive on the
-//   stage's full_f; the consumers wait for it and run the bias-only path (no listed words,
-//   no selects). A row holding a NaN re-reads its bits (listed_nan_row), as DM_SM90_MB_FOLD's
-//   rows re-read the mask slot. 0 (default until measured): the consumers apply the bits.
-#ifndef DM_SM90_LISTED_FOLD
-#define DM_SM90_LISTED_FOLD 0
-#endif
 // - DM_SM90_LAZY_RESCALE: 1 (default) rescales O once the P V product completed (after the
 //   softmax, off the GEMM turn) and lazily: a row keeps its softmax max while a tile raises it
 //   by at most DM_SM90_LAZY_GAP (log2 units; softmax.cuh: kLazyGap; default 0: only a max
@@ -253,11 +242,7 @@ struct Sm90FwdSmem {
   // DM_SM90_MB_FOLD: per stage one more barrier (full_f: the folded bias tile is ready).
   static constexpr bool kFold = DM_SM90_MB_FOLD != 0 && kHasMask && kHasBias && kBlockN == 64 &&
                                 kDynamicItems;
-  // DM_SM90_LISTED_FOLD: the bias spec's 128-key tiles take a block list's bits into the bias
-  // tile (fold_on at run time: block lists and a bias tile); one more barrier per stage too.
-  static constexpr bool kFoldBits = DM_SM90_LISTED_FOLD != 0 && !kHasMask && kHasBias &&
-                                    !kBiasKeyRow && kBlockN == 128 && kDynamicItems;
-  static constexpr int kFoldBars = kFold || kFoldBits ? kStages : 0;
+  static constexpr int kFoldBars = kFold ? kStages : 0;
   // Everything but Q's buffers (one per work item in flight), then the count that fits.
   static constexpr int kRest = kStages * (kKStage + kKV + kBias) + kMaskSlots * kMask;
   // per stage full_k, full_v, empty_k, empty_v; per mask slot full_m, empty_m; per Q buffer
@@ -358,47 +343,6 @@ DM_DEVICE float drop_masked_nan(float (&x)[kNF][4], int r, const uint8_t* smk, i
         x[j][2 * r + e] = -DM_INF;
       mx = fmax_nan(mx, x[j][2 * r + e]);
     }
-  return mx;
-}
-
-// DM_SM90_LISTED_FOLD: the 4 bias words of a 16-byte chunk (keys 8h .. 8h + 7 of one row) with
-// -inf (neg_inf2: two of them) where bits 8h .. 8h + 7 of `bits` (a row's 16 keys, LSB first)
-// are 0: each nibble spread to 0/1 bytes (mask_bits_to_bytes), times 0xff, and prmt widens
-// byte b to the 16-bit keep mask of value b (listed_keep_word is the CPU-checked model).
-__host__ __device__ constexpr uint32_t listed_keep_word(uint32_t bits, int key) {  // key even
-  return ((bits >> key) & 1u) * 0xffffu | ((bits >> (key + 1)) & 1u) * 0xffff0000u;
-}
-DM_DEVICE void fold_bits_chunk(uint4& b, uint32_t bits, int h, uint32_t neg_inf2) {
-  const uint32_t lo = mask_bits_to_bytes(bits >> (8 * h)) * 0xffu;
-  const uint32_t hi = mask_bits_to_bytes(bits >> (8 * h + 4)) * 0xffu;
-  uint32_t k0, k1, k2, k3;
-  asm("prmt.b32 %0, %1, 0, 0x1100;" : "=r"(k0) : "r"(lo));
-  asm("prmt.b32 %0, %1, 0, 0x3322;" : "=r"(k1) : "r"(lo));
-  asm("prmt.b32 %0, %1, 0, 0x1100;" : "=r"(k2) : "r"(hi));
-  asm("prmt.b32 %0, %1, 0, 0x3322;" : "=r"(k3) : "r"(hi));
-  b.x = (b.x & k0) | (neg_inf2 & ~k0);
-  b.y = (b.y & k1) | (neg_inf2 & ~k1);
-  b.z = (b.z & k2) | (neg_inf2 & ~k2);
-  b.w = (b.w & k3) | (neg_inf2 & ~k3);
-}
-// DM_SM90_LISTED_FOLD: the consumer's row r of a folded listed tile holds a NaN (a NaN or
-// infinite score beside a folded -inf, or a NaN at a kept key): the keys whose bit is 0 (the
-// row's words words[w0 + q], bit i: key 32q + i) become -inf, as the consumers' own bits make
-// them; a NaN at a kept key stays. Returns the thread's new max of the row.
-template <int kNF>
-DM_DEVICE float listed_nan_row(float (&x)[kNF][4], int r, const uint32_t* words, int w0, int t) {
-  float mx = -DM_INF;
-#pragma unroll
-  for (int q = 0; q < kNF / 4; ++q) {  // keys 32q .. 32q + 31: one word, loaded when used
-    const uint32_t w = words[w0 + q];
-#pragma unroll
-    for (int j = 4 * q; j < 4 * q + 4; ++j)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        if (!((w >> (8 * (j % 4) + 2 * t + e)) & 1u)) x[j][2 * r + e] = -DM_INF;
-        mx = fmax_nan(mx, x[j][2 * r + e]);
-      }
-  }
   return mx;
 }
 
@@ -577,12 +521,6 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
   // stage (end stages too), so its phase follows full_k's.
   const bool fold_on = Smem::kFold && args.mask_mode == kOperandTile &&
                        args.bias_mode == kOperandTile;
-  // DM_SM90_LISTED_FOLD (kFoldBits): completed by the fold warps once a listed partial tile's
-  // bits are in its bias tile (every use of the stage, as full_f above).
-  // (a macro, not a value: read where used, from the parameters; one held from the kernel's
-  // start spilled around the register split)
-#define DM_SM90_FOLD_BITS \
-  (Smem::kFoldBits && p.sp_full_count != nullptr && args.bias_mode == kOperandTile)
   auto bar_full_f = [&](int s) { return base + Smem::kOffFoldBars + 8 * s; };
   // DM_SM90_KBIAS_F32 == 4: a _krow spec's bias may take the aux step (kbias_aux_offset; the
   // tile-bias spec keeps the accumulator start: the step spilled it).
@@ -682,10 +620,9 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
       mbar_init(bar_full_k(s), kWarpArrivals);  // the producer warp (it writes info, rows)
       mbar_init(bar_full_v(s), 1);
       // one arrival per consumer warp (and per fold warp: they read the stage too)
-      mbar_init(bar_empty_k(s),
-                (fold_on || DM_SM90_FOLD_BITS ? 8 + kFoldWarps : 8) * kWarpArrivals);
+      mbar_init(bar_empty_k(s), (fold_on ? 8 + kFoldWarps : 8) * kWarpArrivals);
       mbar_init(bar_empty_v(s), 8 * kWarpArrivals);
-      if (Smem::kFold || Smem::kFoldBits) mbar_init(bar_full_f(s), kFoldWarps * kWarpArrivals);
+      if (Smem::kFold) mbar_init(bar_full_f(s), kFoldWarps * kWarpArrivals);
     }
     for (int x = 0; x < Smem::kMaskSlots; ++x) {
       mbar_init(bar_full_m(x), 1);
@@ -732,59 +669,6 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
         if (fold_on)
           fold_warps<T, Smem, kStages>(smem, lane, bar_full_k, bar_empty_k, bar_full_f, info,
                                        stage_item);
-        return;
-      }
-    } else if constexpr (Smem::kFoldBits) {
-      // DM_SM90_LISTED_FOLD: warps 1-3 walk the stages as the consumers do and fold each listed
-      // partial tile's bits into its bias tile: 16-key chunks (tile row c / 8, keys 16 (c % 8)
-      // ..), thread f of the 96 taking chunks f, f + 96, ...; every chunk's 16 bits are loaded
-      // before any is used (the partial block's words hold every row and key of the tile).
-      if (__shfl_sync(0xffffffffu, int(threadIdx.x) / 32, 0) != 0) {
-        if (!DM_SM90_FOLD_BITS) return;
-        const int f = int(threadIdx.x) - 32;
-        constexpr int kChunks = kBlockM * kBlockN / 16, kPer = (kChunks + 95) / 96, kGroup = 6;
-        int stage = 0;
-        uint32_t phase = 0;
-        for (;;) {
-          mbar_wait(bar_full_k(stage), phase);
-          if (stage_item[stage] < 0) break;  // no more items: never released
-          if (info[4 * stage] >= 0 && (info[4 * stage + 1] & kListedPartial)) {
-            // Thread f's chunks are rows f / 8 + 12 i (96 = 12 rows of 8 chunks) of key group
-            // kc = f % 8: row r's 16-bit half kc of its words (keys 16 kc .., LSB first).
-            const int kc = f & 7;
-            const uint16_t* half = reinterpret_cast<const uint16_t*>(
-                p.sp_partial_bits + info[4 * stage + 3]) + (f >> 3) * (p.sp_block_n / 16) + kc;
-            const int step = 12 * (p.sp_block_n / 16);
-            uint8_t* sb = smem + Smem::kOffBias + stage * Smem::kBias;
-#pragma unroll 1
-            for (int i0 = 0; i0 < kPer; i0 += kGroup) {
-              uint32_t bits[kGroup];
-#pragma unroll
-              for (int i = 0; i < kGroup; ++i)
-                bits[i] = i0 + i < kPer && f + 96 * (i0 + i) < kChunks
-                              ? __ldg(half + (i0 + i) * step) : 0xffffu;
-#pragma unroll
-              for (int i = 0; i < kGroup; ++i) {
-                const int r = (f >> 3) + 12 * (i0 + i);
-#pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                  if (((bits[i] >> (8 * h)) & 0xffu) == 0xffu) continue;  // all 8 keys kept
-                  uint4* dst = reinterpret_cast<uint4*>(
-                      sb + tile_offset<2, 64, kBlockM>(r, 16 * kc + 8 * h));
-                  uint4 bw = *dst;
-                  fold_bits_chunk(bw, bits[i], h, neg_inf_pair(T{}));
-                  *dst = bw;
-                }
-              }
-            }
-            fence_proxy_async_smem();  // these stores before the stage's next TMA write
-          }
-          warp_arrive(bar_full_f(stage), lane, bar_empty_k(stage));
-          if (++stage == kStages) {
-            stage = 0;
-            phase ^= 1;
-          }
-        }
         return;
       }
     } else if (threadIdx.x >= 32) {
@@ -1243,8 +1127,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
     const bool mask_tile = kHasMask && args.mask_mode == kOperandTile;
     auto load_operands = [&](TileOperands& ops, int stage, int cls) {
 #if DM_SM90_MB_FOLD  // (#if, not if constexpr: DM_SM90_MB_FOLD=0 builds the kernel without it)
-      if (Smem::kFold && fold_on) {  // the fold warps' fragment order (stage's phase: the
-                                     // caller's `phase`)
+      if (fold_on) {  // the fold warps' fragment order (stage's phase: the caller's `phase`)
         mbar_wait(bar_full_f(stage), phase);
         const uint8_t* sb = smem + (sBias - base) + stage * Smem::kBias;
 #pragma unroll
@@ -1259,7 +1142,6 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
       } else
 #endif
       if (bias_tile) {
-        if (DM_SM90_FOLD_BITS) mbar_wait(bar_full_f(stage), phase);  // bits folded in
         // Block 0's offset; block i's is derived from it (sm90_fwd_bias_ldsm_offset) on the
         // stage's address, whose 1024-byte aligned start leaves the XORed bits 5-6 as they are.
         const uint32_t sb = sBias + stage * Smem::kBias +
@@ -1331,7 +1213,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
       uint32_t w[2][kBlockN / 32];
     };
     auto load_listed = [&](ListedWords& lw, int stage, int cls) {
-      if (!(cls & kListedPartial) || DM_SM90_FOLD_BITS) return;  // folded into the bias
+      if (!(cls & kListedPartial)) return;
       const uint32_t* words = p.sp_partial_bits + info[4 * stage + 3];
 #pragma unroll
       for (int r = 0; r < 2; ++r)
@@ -1400,7 +1282,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
             if (kk < lb[e >> 1].lo || kk > lb[e >> 1].hi) s[j][e] = -DM_INF;
           }
       }
-      if ((cls & kListedPartial) && !DM_SM90_FOLD_BITS) {
+      if (cls & kListedPartial) {
         // Gathered from the prefetched words into keep, bit 2j + e: key 8j + 2t + e of the
         // tile (word q's byte at bits 8q..8q + 7 of keep: listed_keep_fields).
 #pragma unroll
@@ -1503,18 +1385,12 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
       float alpha[2];
       TileOperands ops;
       int cls = info[4 * stage + 1];
-#if DM_SM90_MB_FOLD || DM_SM90_LISTED_FOLD
-      // A NaN in a folded kMaskPartial (kListedPartial) tile's row: its masked keys go back to
-      // -inf first.
+#if DM_SM90_MB_FOLD
+      // A NaN in a folded kMaskPartial tile's row: its masked keys go back to -inf first.
       auto row_fix = [&](auto& x, int r, float mx) {
-        if constexpr (Smem::kFoldBits) {
-          // MEASUREMENT ONLY (this branch): no NaN fix-up (it spills the producer's prologue)
-          return mx;
-        } else {
-          return !fold_on || !(cls & kMaskPartial) || !is_nan(mx) ? mx
-              : drop_masked_nan<kBlockM, Smem::kMaskBoxCols>(
-                    x, r, smem + (sMask - base) + info[4 * stage + 2] * Smem::kMask, lrow[r], t);
-        }
+        return !fold_on || !(cls & kMaskPartial) || !is_nan(mx) ? mx
+            : drop_masked_nan<kBlockM, Smem::kMaskBoxCols>(
+                  x, r, smem + (sMask - base) + info[4 * stage + 2] * Smem::kMask, lrow[r], t);
       };
 #else
       const KeepRowMax row_fix;
@@ -1690,7 +1566,6 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
   if (c == 0) turn_wait();  // consumer 1's last pass
 }
 #undef DM_SM90_ITEM_NAMES
-#undef DM_SM90_FOLD_BITS
 
 // Block lists without a window (forward_sm90.item_order_items): fwd_sm90's work items longest
 // first within groups of kItemOrderGroup consecutive ones of the kernel's own numbering (block
