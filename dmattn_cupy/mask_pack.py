@@ -148,9 +148,10 @@ def routes_mask(pb: Problem, dev: DeviceProps) -> bool:
     if (sq, sk) != (pb.seqlen_q, pb.seqlen_k) or mb not in (1, pb.batch) \
             or mh not in (1, pb.heads):
         return False
-    # auto: a mask of its own per (batch, head) costs a packing pass as long as reading its
-    # bytes in the forward (H200, a full random (2, 16, 4096, 4096) mask: 0.86 ms routed
-    # against 0.82 ms); one shared by several pairs is packed once for all of them
+    # auto: a mask of its own per (batch, head) costs a packing pass about as long as what
+    # reading its bytes in the forward costs (a full random (2, 16, 4096, 4096) mask beside a
+    # bias, routed against bytes: H100 with 16-byte packing 0.842 against 0.820 ms; H200 with
+    # 4-byte packing 0.86 against 0.82); one shared by several pairs is packed once for all
     if mode == "auto" and mb * mh == pb.batch * pb.heads:
         return False
     nblk = mb * mh * -(-sq // ROUTE_BLOCK) * -(-sk // ROUTE_BLOCK)

@@ -1,9 +1,8 @@
 """The mask packing kernel (cuda_src/mask_pack.cu) on the GPU: MixedMask.from_dense_mask with
 DMATTN_MASK_PACK=1 (the kernel) gives the same block classes, slots and element bits, bit for
 bit, as with the array operations, for 16-byte, 4-byte and byte loads, blocks cut by the
-sequence ends,
-broadcast and strided views and torch tensors; the kernel ran each time; and the result
-expands back to the input."""
+sequence ends, broadcast and strided views and torch tensors; the kernel ran each time; and
+the result expands back to the input."""
 
 from __future__ import annotations
 
