@@ -53,6 +53,10 @@ def _gpu_lines(cupy) -> list[str]:
         name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
         ok = (props["major"], props["minor"]) >= MIN_CAPABILITY
         note = "" if ok else f"  UNSUPPORTED (needs {SUPPORTED}; backend='reference' works)"
+        if ok:   # what the attn_mask route's rule reads (mask_pack.ROUTE_OWN_MASK_DRAM)
+            from .runtime import device_props
+
+            note = f", DRAM {device_props(d).dram_bytes_per_s / 1e12:.2f} TB/s"
         lines.append(f"gpu {d}       {name} (sm_{props['major']}{props['minor']}){note}")
     return lines
 

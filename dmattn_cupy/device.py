@@ -19,6 +19,8 @@ class DeviceProps:
     threads_per_sm: int        # resident threads per SM
     ctas_per_sm: int           # resident CTAs per SM
     regs_per_sm: int = 65536   # 32-bit registers per SM
+    # peak DRAM bandwidth (bytes/s) from the memory clock and bus width; 0: unknown (presets)
+    dram_bytes_per_s: float = 0.0
 
     @property
     def arch(self) -> str:

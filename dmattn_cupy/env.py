@@ -176,8 +176,9 @@ def mask_route() -> str:
     """``DMATTN_MASK_ROUTE``: whether the Hopper forward reads a (.., Sq, Sk) ``attn_mask`` as
     block lists that two kernels pack from it in each call (``mask_pack.routes_mask``) or the
     mask's bytes tile by tile. ``auto`` (default): the lists where one packing serves several
-    (batch, head) pairs (a mask broadcast over batch or heads); ``1``: the lists for every
-    mask; ``0``: the bytes. A plan variable."""
+    (batch, head) pairs (a mask broadcast over batch or heads), or where a mask of its own per
+    pair would otherwise run slower (``routes_mask``); ``1``: the lists for every mask;
+    ``0``: the bytes. A plan variable."""
     return _choice("DMATTN_MASK_ROUTE", "auto", ("auto", "0", "1"))
 
 

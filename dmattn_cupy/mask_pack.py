@@ -30,6 +30,15 @@ from .validate import Problem
 PACK_WARPS = 8          # one CTA per block: 8 warps take its rows in turn
 MAX_GRID_YZ = 65535     # row blocks (y) and batch x heads (z) per launch
 ROUTE_BLOCK = 128       # the attn_mask route's blocks: 128 x 128 (fwd_sm90's 128-key tile)
+# auto routes a mask of its own per (batch, head) where its bytes would go to the portable
+# family (beside a bias at d192/d256), and on HBM at least this fast (bytes/s) where its
+# bytes would take a smaller key tile than the lists (64 keys beside a bias at d <= 128): its
+# packing pass then costs less than the bytes cost the forward. A full random (2, 16, 4096,
+# 4096) mask beside a full bias, routed against bytes: d256 on an H200 1.21 against 4.84 ms;
+# d128 on an H200 (4.81 TB/s) 0.764 against 0.814 ms and on an H100 SXM (3.35 TB/s) 0.842
+# against 0.820; d64 on an H200 0.662 against 0.709. A mask shared by several pairs is packed
+# once for all, and routed on any Hopper card.
+ROUTE_OWN_MASK_DRAM = 4.0e12
 
 
 def pack_spec(arch: str = "sm_80") -> KernelSpec:
@@ -136,7 +145,9 @@ if pack_if_enabled not in masks.DENSE_PACKERS:
 def routes_mask(pb: Problem, dev: DeviceProps) -> bool:
     """Whether the forward of ``pb`` (broadcasts collapsed: ``forward.collapsed_broadcasts``)
     reads its ``attn_mask`` as block lists packed per call: ``DMATTN_MASK_ROUTE`` (auto: a
-    mask shared by several (batch, head) pairs; 1: any), a dense batch, a mask over every
+    mask shared by several (batch, head) pairs, or one of its own per pair where the bytes
+    would take the portable family or, on fast HBM, smaller key tiles
+    (``ROUTE_OWN_MASK_DRAM``); 1: any), a dense batch, a mask over every
     (query, key) pair with batch/head dims 1 or full, the Hopper forward chosen for the
     problem with lists of 128 x 128 blocks (without a mask beside them, every head dim takes
     lists), their bits addressable, and the packing grid within limits."""
@@ -148,20 +159,19 @@ def routes_mask(pb: Problem, dev: DeviceProps) -> bool:
     if (sq, sk) != (pb.seqlen_q, pb.seqlen_k) or mb not in (1, pb.batch) \
             or mh not in (1, pb.heads):
         return False
-    # auto: a mask of its own per (batch, head) costs a packing pass about as long as what
-    # reading its bytes in the forward costs (a full random (2, 16, 4096, 4096) mask beside a
-    # bias, routed against bytes: H100 with 16-byte packing 0.842 against 0.820 ms; H200 with
-    # 4-byte packing 0.86 against 0.82); one shared by several pairs is packed once for all
-    if mode == "auto" and mb * mh == pb.batch * pb.heads:
-        return False
     nblk = mb * mh * -(-sq // ROUTE_BLOCK) * -(-sk // ROUTE_BLOCK)
     if nblk * ROUTE_BLOCK * ROUTE_BLOCK // 32 > MAX_SM90_PARTIAL_WORDS \
             or not fits_grid(m.shape, ROUTE_BLOCK, ROUTE_BLOCK):
         return False
     spec = select_forward(dataclasses.replace(pb, mask=None), dev,
                           sparse=(ROUTE_BLOCK, ROUTE_BLOCK))
-    return spec.family == "fwd_sm90" and ROUTE_BLOCK % spec.block_m == 0 \
-        and ROUTE_BLOCK % spec.block_n == 0
+    if spec.family != "fwd_sm90" or ROUTE_BLOCK % spec.block_m or ROUTE_BLOCK % spec.block_n:
+        return False
+    if mode == "auto" and mb * mh == pb.batch * pb.heads:   # a mask of its own per pair
+        by_bytes = select_forward(pb, dev)
+        return by_bytes.family != "fwd_sm90" or (dev.dram_bytes_per_s >= ROUTE_OWN_MASK_DRAM
+                                                 and by_bytes.block_n < spec.block_n)
+    return True
 
 
 # the route's buffers: (plan allocation name, MaskPackParams field, MaskListsParams field).

@@ -42,6 +42,15 @@ def device_props(device: int) -> DeviceProps:
     def attr(name: str) -> int:
         return int(rt.deviceGetAttribute(getattr(rt, name), device))
 
+    def dram_bytes_per_s() -> float:
+        # double data rate: two transfers a memory clock (kHz) over the bus (bits); 0 where
+        # the driver does not report them
+        try:
+            return 2.0 * attr("cudaDevAttrMemoryClockRate") * 1e3 \
+                * attr("cudaDevAttrGlobalMemoryBusWidth") / 8
+        except (AttributeError, KeyError, rt.CUDARuntimeError):
+            return 0.0
+
     cc = cupy.cuda.Device(device).compute_capability  # "86", "90", "100"
     return DeviceProps(
         cc=(int(cc[:-1]), int(cc[-1])),
@@ -50,7 +59,8 @@ def device_props(device: int) -> DeviceProps:
         smem_per_sm=attr("cudaDevAttrMaxSharedMemoryPerMultiprocessor"),
         threads_per_sm=attr("cudaDevAttrMaxThreadsPerMultiProcessor"),
         ctas_per_sm=attr("cudaDevAttrMaxBlocksPerMultiprocessor"),
-        regs_per_sm=attr("cudaDevAttrMaxRegistersPerMultiprocessor"))
+        regs_per_sm=attr("cudaDevAttrMaxRegistersPerMultiprocessor"),
+        dram_bytes_per_s=dram_bytes_per_s())
 
 
 @dataclass(frozen=True)

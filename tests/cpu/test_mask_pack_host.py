@@ -6,6 +6,8 @@ make."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from nvrtc_check import compile_static_asserts
@@ -346,6 +348,19 @@ def test_route_decision(monkeypatch):
     monkeypatch.delenv("DMATTN_MASK_ROUTE")
     assert mask_pack.routes_mask(_route_problem((2, 1, 1000, 1200)), h100)
     assert not mask_pack.routes_mask(_route_problem((2, 8, 1000, 1200)), h100)
+    # a mask of its own per pair beside a bias: routed where its bytes would take the portable
+    # family (d192/d256) on any Hopper card, and on fast HBM where they would take 64-key
+    # tiles (d <= 128); never without a bias (the bytes then take the lists' 128-key tiles)
+    fast = dataclasses.replace(h100, dram_bytes_per_s=mask_pack.ROUTE_OWN_MASK_DRAM)
+    slow = dataclasses.replace(h100, dram_bytes_per_s=mask_pack.ROUTE_OWN_MASK_DRAM * 0.99)
+    for d in (64, 96, 128, 192, 256):
+        own = _route_problem((2, 8, 1000, 1200), d)
+        assert mask_pack.routes_mask(own, fast), d
+        assert mask_pack.routes_mask(own, slow) == (d > 128), d
+        assert mask_pack.routes_mask(own, h100) == (d > 128), d
+        assert not mask_pack.routes_mask(_route_problem((2, 8, 1000, 1200), d, False), fast), d
+    assert not mask_pack.routes_mask(_route_problem((2, 8, 1000, 1200)), dataclasses.replace(
+        a100, dram_bytes_per_s=8e12))                                # no Hopper forward
     monkeypatch.setenv("DMATTN_MASK_ROUTE", "0")
     assert not mask_pack.routes_mask(_route_problem((2, 8, 1000, 1200)), h100)
     monkeypatch.setenv("DMATTN_MASK_ROUTE", "2")
