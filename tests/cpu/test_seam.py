@@ -221,10 +221,21 @@ def test_device_props_are_read_off_the_device(monkeypatch) -> None:
         dev = runtime.device_props(0)
     finally:
         runtime.device_props.cache_clear()
+    # no memory clock or bus width reported (the stub has none): bandwidth unknown, 0
     assert dev == DeviceProps((8, 6), 82, 101376, 102400, 1536, 16, 65536)
+    assert dev.dram_bytes_per_s == 0.0
     assert dev.arch == "sm_86"
     assert checked == [0]  # the capability gate runs before anything reads the device
     assert select.forward(_pb(), dev).arch == "sm_86"
+    # reported: double data rate over the bus (an RTX 3090: 9751 MHz x 384 bits = 936 GB/s)
+    values[rt.cudaDevAttrMemoryClockRate] = 9751000
+    values[rt.cudaDevAttrGlobalMemoryBusWidth] = 384
+    runtime.device_props.cache_clear()
+    try:
+        dev = runtime.device_props(0)
+    finally:
+        runtime.device_props.cache_clear()
+    assert dev.dram_bytes_per_s == pytest.approx(936.1e9, rel=1e-4)
 
 
 def test_launch_ex_passes_records_of_any_size_and_cluster_dims(monkeypatch) -> None:
