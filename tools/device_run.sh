@@ -2,7 +2,7 @@
 # One device-machine call that does the whole GPU check-up and leaves logs under $OUT:
 #   bash tools/device_run.sh [fa4] [precompile] [tests] [sanitize] [sanitize-random] [bench]
 #                            [profile] [profile-src] [first] [maskpack] [route]
-#                            [route-bench] [route-suite] [tensor]
+#                            [route-bench] [route-suite] [tensor] [host-queue]
 #   (default: precompile tests sanitize bench)
 # fa4: install FlashAttention-4 into /tmp/fa4site from the staged wheel parts
 # (tools/fa4_install.sh; .whl/partA staged by an earlier call, .whl/partB carried by this one);
@@ -22,7 +22,8 @@
 # DMATTN_MASK_PACK=0 and =1 (tools/mask_pack_time.py), and the mask + bias bench cases;
 # route: the attn_mask route's GPU tests; route-bench: the mask cases under DMATTN_MASK_ROUTE=1
 # and =0 and ncu of the route's kernels; route-suite: the whole suite with the route on;
-# tensor: the Hopper forward's tensor-pipe share and time for TENSOR_CASES (default dense,kbias).
+# tensor: the Hopper forward's tensor-pipe share and time for TENSOR_CASES (default dense,kbias);
+# host-queue: host time per call with the GPU held busy (tools/host_queue.py).
 # At most 8 files come back from $OUT: gpu.txt and info.txt count.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -154,6 +155,9 @@ for step in $steps; do
         echo "tensor $case_ rc=$?"
         grep -E "duration|hmma|inst_executed" "$OUT/tensor_$case_.txt" | cut -c1-120
       done ;;
+    host-queue)  # host time per call alone: calls queued behind a sleep kernel (tools/host_queue.py)
+      python3 tools/host_queue.py > "$OUT/host_queue.txt" 2>&1
+      echo "host queue rc=$?"; cat "$OUT/host_queue.txt" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done
