@@ -56,7 +56,10 @@ def _gpu_lines(cupy) -> list[str]:
         if ok:   # what the attn_mask route's rule reads (mask_pack.ROUTE_OWN_MASK_DRAM)
             from .runtime import device_props
 
-            note = f", DRAM {device_props(d).dram_bytes_per_s / 1e12:.2f} TB/s"
+            try:
+                note = f", DRAM {device_props(d).dram_bytes_per_s / 1e12:.2f} TB/s"
+            except Exception as e:  # noqa: BLE001  (report, never crash)
+                note = f", DRAM bandwidth unknown ({type(e).__name__}: {e})"
         lines.append(f"gpu {d}       {name} (sm_{props['major']}{props['minor']}){note}")
     return lines
 
