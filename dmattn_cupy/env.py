@@ -172,6 +172,14 @@ def mask_pack_kernel() -> bool:
     return _switch("DMATTN_MASK_PACK", "1")
 
 
+def fwd_row_bias() -> bool:
+    """``DMATTN_FWD_ROW_BIAS``: ``1`` runs a dense forward whose bias is one value per query
+    row ((.., Sq, 1) or a scalar) on the Hopper family without the bias, then shifts lse by it
+    (``row_bias``); ``0`` (the default until its GPU tests have run) leaves such a bias to the
+    portable family. A plan variable."""
+    return _switch("DMATTN_FWD_ROW_BIAS", "0")
+
+
 def mask_route() -> str:
     """``DMATTN_MASK_ROUTE``: whether the Hopper forward reads a (.., Sq, Sk) ``attn_mask`` as
     block lists that two kernels pack from it in each call (``mask_pack.routes_mask``) or the
@@ -186,7 +194,8 @@ def mask_route() -> str:
 PLAN_VARIABLES = ("DMATTN_FWD_FAMILY", "DMATTN_BWD_FAMILY", "DMATTN_FWD_TILE", "DMATTN_DECODE",
                   "DMATTN_NUM_SPLITS", "DMATTN_CHECK", "DMATTN_NVRTC_DEFINES",
                   "DMATTN_SM90_BWD_SPARSE", "DMATTN_SM90_BWD_ORDER", "DMATTN_SM90_FWD_ORDER",
-                  "DMATTN_DECODE_STAGES", "DMATTN_PDL", "DMATTN_MASK_ROUTE")
+                  "DMATTN_DECODE_STAGES", "DMATTN_PDL", "DMATTN_MASK_ROUTE",
+                  "DMATTN_FWD_ROW_BIAS")
 _environ_data = getattr(os.environ, "_data", None)
 _encoded = tuple(os.environ.encodekey(n) for n in PLAN_VARIABLES) \
     if _environ_data is not None and hasattr(os.environ, "encodekey") else None

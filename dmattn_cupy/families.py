@@ -356,6 +356,8 @@ FAMILY_ROWS: tuple[Family, ...] = (
            _SM80_DECODE_STAGED_ARGS, "FwdParams", "sm_80", _smem_decode),
     Family("fwd_combine", "fwd_combine.cu", "dm::flash_fwd_combine_kernel",
            ("dtype", "head_dim", "num_warps"), "FwdParams", "sm_80", _smem_none),
+    Family("fwd_row_bias", "fwd_row_bias.cu", "dm::flash_fwd_row_bias_kernel",
+           ("dtype", "num_warps"), "FwdParams", "sm_80", _smem_none),
     Family("kv_append", "kv_append.cu", "dm::kv_append_kernel", ("num_warps",),
            "KvAppendParams", "sm_80", _smem_none),
     Family("row_pad", "row_pad.cu", "dm::row_pad_kernel", ("num_warps",), "RowPadParams",

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from . import arrays, decode, env, forward_sm90, mask_pack, row_pad, runtime, scratch
+from . import arrays, decode, env, forward_sm90, mask_pack, row_bias, row_pad, runtime, scratch
 from .arrays import ArrayInfo, describe
 from .families import padded_head_dim, sparse_supported
 from .launch_plan import Alloc, Launch, Plan, RowCopy
@@ -159,6 +159,14 @@ def forward_call(pb: Problem, query: Any, cu_q: Any = None, cu_k: Any = None,
         # attn_mask as block lists packed in this call (the plan's first two launches)
         sparse = mask_pack.plan_lists(plan, pb.mask, query, keep_alive)
         pb = dataclasses.replace(pb, mask=None)
+    shifted = None   # the problem with its bias, where the bias is an lse shift after the forward
+    if sparse is None and tile_counters is None and \
+            row_bias.shifts_bias(pb, runtime.device_props(pb.q.device)):
+        shifted, pb = pb, dataclasses.replace(pb, bias=None)
+        if lse is None:   # the shift reads the forward's lse: made for it (not returned)
+            lse = arrays.empty(query, lse_shape, "float32")
+            plan.allocs.append(Alloc("lse", lse_shape, "float32"))
+            out_names = (*out_names, "lse")
     # Operands the Hopper family's maps read once their rows are 16-byte aligned: copied here;
     # a cached plan repeats a pitched copy (RowCopy) into a buffer it allocates per call.
     renames: dict[str, str] = {}
@@ -230,8 +238,11 @@ def forward_call(pb: Problem, query: Any, cu_q: Any = None, cu_k: Any = None,
             (-(-n_order // forward_sm90.ORDER_GROUP), 1, 1), (rec, extra[0])))
     grid = spec.row.grid(pb, spec, runtime.device_props(pb.q.device).sm_count)
     plan.launches.append(Launch(kernel, grid, (rec, *extra)))
+    if shifted is not None:
+        row_bias.add_launch(plan, dataclasses.replace(pb, bias=shifted.bias), out_info,
+                            _ptr(lse), renames, out_names)
     plan.run(stream)
-    return out, lse, plan
+    return out, lse if return_lse else None, plan
 
 
 def _as_record(arg: Any) -> np.ndarray:

@@ -26,6 +26,7 @@ from .device_check import cupy_problem
 from .families import FAMILIES, sparse_supported
 from .kvcache import all_kvcache_specs
 from .mask_pack import all_mask_pack_specs
+from .row_bias import all_row_bias_specs
 from .row_pad import all_row_pad_specs
 from .spec import DTYPES, HEAD_DIMS, KernelSpec
 from .validate import Problem
@@ -92,7 +93,7 @@ def all_specs(arch: str = "sm_80", debug: bool = False) -> list[KernelSpec]:
                         add(s)
     if not debug:  # nor have decode/combine
         for s in (all_decode_specs(arch) + all_kvcache_specs(arch) + all_row_pad_specs(arch)
-                  + all_mask_pack_specs(arch)):
+                  + all_mask_pack_specs(arch) + all_row_bias_specs(arch)):
             add(s)
     # The Hopper backward: dtype x head dim x mask (none, a mask, a MixedMask's listed bits)
     # x bias (none, a tile, a key row; its other switches, the deterministic mode included, are

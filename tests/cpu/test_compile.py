@@ -80,7 +80,10 @@ def test_spec_id_is_readable_and_unique() -> None:
     assert n_pad == 1  # the row padding copy (bytes: one spec)
     n_pack = sum(s.family in ("mask_pack", "mask_lists") for s in specs)
     assert n_pack == 2  # the mask packing and block-list kernels (bytes, int32: one spec each)
-    assert len(ids) == len(set(ids)) == n_fwd + n_decode + n_bwd + n_kv + n_pad + n_pack
+    n_shift = sum(s.family == "fwd_row_bias" for s in specs)
+    assert n_shift == 2  # the lse shift of a key-broadcast bias: one spec per dtype
+    assert len(ids) == len(set(ids)) == (n_fwd + n_decode + n_bwd + n_kv + n_pad + n_pack
+                                         + n_shift)
     assert any(i.startswith("fwd_mma_bf16_d128_m") and i.endswith("_mask1_bias0_varlen1")
                for i in ids)
     assert "fwd_decode_bf16_d128_m16n64w4_mask1_bias1_varlen1" in ids

@@ -1,0 +1,156 @@
+"""A bias broadcast over keys as an lse shift after the Hopper forward (``row_bias``,
+``DMATTN_FWD_ROW_BIAS``), on the CPU: the shift's rules (a NumPy model of
+cuda_src/fwd_row_bias.cu) against the float64 reference with the bias, edge values included;
+which problems take it; and the plan it builds, GPU stubbed (the ``cap`` fixture of
+test_fastpath): the forward without the bias, then the shift reading the forward's lse, the
+bias and out, on the validated path and on the thin path alike."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import test_fastpath as tf  # noqa: E402  (tests/cpu is on sys.path: pytest's rootdir import)
+
+import dmattn_cupy as dm  # noqa: E402
+from dmattn_cupy import fastpath, reference, row_bias  # noqa: E402
+from dmattn_cupy.arrays import ArrayInfo  # noqa: E402
+from dmattn_cupy.device import PRESETS  # noqa: E402
+from dmattn_cupy.validate import Problem  # noqa: E402
+
+cap = tf.cap   # the fixture
+
+
+def shift_model(lse0: np.ndarray, out0: np.ndarray, bias: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """fwd_row_bias.cu on (B, H, Sq) lse and (B, Sq, H, D) out of the forward without the bias;
+    ``bias`` broadcastable to (B, H, Sq)."""
+    b = np.broadcast_to(np.asarray(bias, dtype=np.float64), lse0.shape)
+    with np.errstate(over="ignore", invalid="ignore"):
+        low = b.astype(np.float32) * np.float32(np.log2(np.e)) == -np.inf
+    live = lse0 != -np.inf
+    nan = live & (np.isnan(b) | (b == np.inf))
+    dropped = live & ~nan & low
+    lse = np.where(live & ~nan & ~low, lse0 + np.where(np.isfinite(b), b, 0.0), lse0)
+    lse = np.where(nan, np.nan, np.where(dropped, -np.inf, lse))
+    rows = lambda x: np.transpose(x, (0, 2, 1))[..., None]  # noqa: E731
+    out = np.where(rows(nan), np.nan, np.where(rows(dropped), 0.0, out0))
+    return lse, out
+
+
+@pytest.mark.parametrize("softcap,window", [(0.0, (-1, -1)), (20.0, (-1, -1)), (0.0, (3, 0))])
+@pytest.mark.parametrize("scalar", [False, True])
+def test_shift_rules_match_the_reference(softcap, window, scalar):
+    """Forward without the bias + the shift == the reference with the bias: finite values up
+    to +-1e6 shift lse and leave out; NaN and +inf make the row NaN; -inf and a value below
+    LOWEST_LOGIT drop it (out 0, lse -inf); a row the mask already drops stays dropped,
+    whatever its bias."""
+    rng = np.random.default_rng(7)
+    B, H, Sq, Sk, D = 2, 3, 6, 9, 4
+    q, k, v = (rng.standard_normal((B, s, H, D)) for s in (Sq, Sk, Sk))
+    mask = rng.random((B, H, Sq, Sk)) < 0.8
+    mask[0, 1, 2] = False                       # a row with no allowed key
+    if scalar:
+        cases = (np.array([[[[3.5]]]]), np.array([[[[np.nan]]]]), np.array([[[[-np.inf]]]]))
+    else:
+        bias = rng.uniform(-1e4, 1e4, (B, H, Sq, 1))
+        bias[0, 0, :4, 0] = (np.nan, np.inf, -np.inf, -3e38)   # -3e38 < LOWEST_LOGIT
+        bias[1, 2, 0, 0] = -1e6       # larger ones the float64 reference itself absorbs
+        bias[0, 1, 2, 0] = np.nan                              # on the dropped row
+        cases = (bias,)
+    seen = np.zeros(3, dtype=bool)   # the cases reach NaN, dropped and finite rows
+    for bias in cases:
+        ref_out, ref_lse = reference.dense_forward(q, k, v, mask, bias, 0.5, softcap, window)
+        seen |= [np.isnan(ref_lse).any(), np.isneginf(ref_lse).any(),
+                 np.isfinite(ref_lse).any()]
+        out0, lse0 = reference.dense_forward(q, k, v, mask, None, 0.5, softcap, window)
+        lse, out = shift_model(lse0, out0, bias[..., 0])
+        np.testing.assert_array_equal(np.isnan(lse), np.isnan(ref_lse))
+        np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(ref_lse))
+        np.testing.assert_allclose(lse, ref_lse, rtol=1e-12, atol=1e-9)
+        np.testing.assert_array_equal(np.isnan(out), np.isnan(ref_out))
+        np.testing.assert_allclose(out, ref_out, rtol=1e-9, atol=1e-12)
+    assert seen.all()
+
+
+def _problem(bias_shape, dtype="bfloat16", d=128, varlen=False):
+    b, h, sq, sk = 2, 4, 300, 520
+
+    def info(shape, dt="bfloat16"):
+        st = [int(np.prod(shape[i + 1:])) for i in range(len(shape))]
+        return ArrayInfo("torch", dt, tuple(shape), tuple(st), 0, 1 << 20)
+
+    return Problem(kind="torch", backend="cuda", varlen=varlen, batch=b, seqlen_q=sq,
+                   seqlen_k=sk, heads=h, kv_heads=2, head_dim=d, dtype="bfloat16", scale=1.0,
+                   softcap=0.0, window=(-1, -1), q=info((b, sq, h, d)), k=info((b, sk, 2, d)),
+                   v=info((b, sk, 2, d)), mask=None,
+                   bias=None if bias_shape is None else info(bias_shape, dtype))
+
+
+def test_which_problems_shift(monkeypatch):
+    """DMATTN_FWD_ROW_BIAS=1: a dense bias of one value per query row or a scalar, any bias
+    dtype, on the Hopper family; not a key row, a tile, a varlen call, another family (A100,
+    forced) or with the switch off (the default)."""
+    h100, a100 = PRESETS["sm_90"], PRESETS["sm_80"]
+    rows = ((2, 4, 300, 1), (1, 1, 300, 1), (1, 1, 1, 1), (2, 1, 300, 1))
+    assert not any(row_bias.shifts_bias(_problem(s), h100) for s in rows)   # off by default
+    monkeypatch.setenv("DMATTN_FWD_ROW_BIAS", "1")
+    for shape in rows:
+        for dt in ("bfloat16", "float32"):
+            for d in (64, 128, 256):
+                assert row_bias.shifts_bias(_problem(shape, dt, d), h100), (shape, dt, d)
+    for shape in ((2, 4, 1, 520), (2, 4, 300, 520), None):
+        assert not row_bias.shifts_bias(_problem(shape), h100), shape
+    assert not row_bias.shifts_bias(_problem((2, 4, 300, 1)), a100)
+    monkeypatch.setenv("DMATTN_FWD_FAMILY", "fwd_mma")
+    assert not row_bias.shifts_bias(_problem((2, 4, 300, 1)), h100)
+    monkeypatch.delenv("DMATTN_FWD_FAMILY")
+    pb = _problem((2, 4, 300, 1))
+    assert not row_bias.shifts_bias(dataclasses.replace(pb, varlen=True), h100)
+    monkeypatch.setenv("DMATTN_FWD_ROW_BIAS", "2")
+    with pytest.raises(ValueError, match="DMATTN_FWD_ROW_BIAS"):
+        row_bias.shifts_bias(pb, h100)
+
+
+@pytest.mark.parametrize("lse", [False, True])
+@pytest.mark.parametrize("shape", [(2, 4, 40, 1), (1, 1, 1, 1)], ids=["rows", "scalar"])
+def test_plan_runs_the_forward_then_the_shift(cap, monkeypatch, lse, shape):
+    """The forward launches without the bias, then fwd_row_bias with the bias, out and the
+    forward's lse (made for it when the caller did not ask for lse); a repeated call's thin
+    launches equal a fresh validated build's, pointers included."""
+    monkeypatch.setenv("DMATTN_FWD_ROW_BIAS", "1")
+    B, S, Sk, H, Hk, D = 2, 40, 48, 4, 2, 64
+
+    def call(seed):
+        q = tf._rand(B, S, H, D, seed=seed)
+        k, v = tf._rand(B, Sk, Hk, D, seed=seed + 1), tf._rand(B, Sk, Hk, D, seed=seed + 2)
+        bias = tf._rand(*shape, seed=seed + 3)
+        return (q, k, v, bias), dm.flash_dmattn_func(q, k, v, attn_bias=bias, return_lse=lse)
+
+    (q, _, _, bias), res = call(0)
+    first = cap.take()
+    assert [(p, f) for p, f, *_ in first] == [("slow", "fwd_sm90"), ("slow", "fwd_row_bias")]
+    fwd = tf._record(first[0][3][0], "FwdParams")
+    shift = tf._record(first[1][3][0], "FwdParams")
+    assert int(fwd["bias"][0]) == 0 and int(shift["bias"][0]) == bias.data_ptr()
+    assert int(fwd["lse"][0]) != 0 and int(shift["lse"][0]) == int(fwd["lse"][0])
+    out = res[0] if lse else res
+    assert isinstance(out, torch.Tensor) and int(shift["o"][0]) == out.data_ptr()
+    if lse:
+        assert int(shift["lse"][0]) == res[1].data_ptr()
+    assert first[1][2] == (-(-B * H * S // 128), 1, 1)
+    (q2, k2, v2, bias2), res2 = call(10)
+    thin = cap.take()
+    assert [(p, f) for p, f, *_ in thin] == [("thin", "fwd_sm90"), ("thin", "fwd_row_bias")]
+    rec = tf._record(thin[1][3][0], "FwdParams")
+    out2 = res2[0] if lse else res2
+    assert int(rec["bias"][0]) == bias2.data_ptr() and int(rec["o"][0]) == out2.data_ptr()
+    assert int(rec["lse"][0]) == int(tf._record(thin[0][3][0], "FwdParams")["lse"][0]) != 0
+    fastpath.clear()
+    dm.flash_dmattn_func(q2, k2, v2, attn_bias=bias2, return_lse=lse)
+    slow = cap.take()
+    assert tf._masked(thin, cap) == tf._masked(slow, cap)

@@ -1,0 +1,104 @@
+"""A bias broadcast over keys ((.., Sq, 1) or a scalar) under DMATTN_FWD_ROW_BIAS=1: the Hopper
+forward without it, then the lse shift (cuda_src/fwd_row_bias.cu), against the float64
+reference: every such layout and bias dtype, head dims 64/128/256, causal, window and softcap,
+lse returned or not; the values that are not a plain shift (NaN, +-inf, below LOWEST_LOGIT,
+a row the mask drops) as the reference backend has them; gradients as with the portable
+forward (the switch off)."""
+
+from __future__ import annotations
+
+import pytest
+from gpu_helpers import assert_fa_close, f64
+from test_kvcache import record_launch_families
+
+import dmattn_cupy as dm
+
+torch = pytest.importorskip("torch")
+
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("hopper_only")]
+
+B, H, HK, SQ, SK = 2, 4, 2, 150, 256
+SHAPES = {"rows": (B, H, SQ, 1), "rows_b1": (1, H, SQ, 1), "rows_h1": (B, 1, SQ, 1),
+          "scalar": (1, 1, 1, 1)}
+
+
+@pytest.fixture(autouse=True)
+def shift_on(monkeypatch):
+    monkeypatch.setenv("DMATTN_FWD_ROW_BIAS", "1")
+
+
+def _qkv(d, dtype=torch.bfloat16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(B, s, n, d, generator=g).to("cuda", dtype)
+                 for s, n in ((SQ, H), (SK, HK), (SK, HK)))
+
+
+@pytest.mark.parametrize("kw", [{}, {"is_causal": True}, {"window_size": (40, 8)},
+                                {"softcap": 15.0}], ids=str)
+@pytest.mark.parametrize("bias_dtype", [None, torch.float32], ids=["qdtype", "fp32"])
+@pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_shift_matches_the_reference(d, shape, bias_dtype, kw, monkeypatch):
+    q, k, v = _qkv(d, seed=d + len(shape))
+    g = torch.Generator().manual_seed(3)
+    bias = (8 * torch.randn(*SHAPES[shape], generator=g)).to("cuda", bias_dtype or q.dtype)
+    families = record_launch_families(monkeypatch)
+    out, lse = dm.flash_dmattn_func(q, k, v, attn_bias=bias, return_lse=True, **kw)
+    torch.cuda.synchronize()
+    assert families == ["fwd_sm90", "fwd_row_bias"], families
+    window = list(kw.get("window_size", (-1, -1)))
+    if kw.get("is_causal"):
+        window[1] = 0
+    assert_fa_close(out, lse, dict(q=f64(q), k=f64(k), v=f64(v), mask=None, bias=f64(bias),
+                                   scale=d ** -0.5, softcap=kw.get("softcap", 0.0),
+                                   window=tuple(window)), "bfloat16")
+    again = dm.flash_dmattn_func(q, k, v, attn_bias=bias, **kw)   # lse made for the shift only
+    torch.cuda.synchronize()
+    assert torch.equal(again, out)
+
+
+def test_values_that_are_not_a_shift_match_the_reference_backend():
+    """NaN and +inf make the row NaN; -inf and -3e38 (below LOWEST_LOGIT) drop it (out 0, lse
+    -inf); a row the mask drops stays dropped under a NaN; the rest shift."""
+    q, k, v = _qkv(128, seed=5)
+    bias = torch.zeros(B, H, SQ, 1, device="cuda", dtype=torch.float32)
+    specials = (float("nan"), float("inf"), float("-inf"), -3e38, 1e4, -1e4)
+    for i, x in enumerate(specials):
+        bias[0, 1, i] = x
+    bias[1, 2, 9] = float("nan")
+    mask = torch.ones(B, H, SQ, SK, device="cuda", dtype=torch.bool)
+    mask[1, 2, 9] = False
+    out, lse = dm.flash_dmattn_func(q, k, v, attn_mask=mask, attn_bias=bias, return_lse=True)
+    ref, ref_lse = dm.flash_dmattn_func(q.cpu(), k.cpu(), v.cpu(), attn_mask=mask.cpu(),
+                                        attn_bias=bias.cpu(), return_lse=True,
+                                        backend="reference")
+    torch.cuda.synchronize()
+    o, lo, r, rl = (x.float().cpu() for x in (out, lse, ref, ref_lse))
+    assert torch.equal(torch.isnan(o), torch.isnan(r)) and torch.equal(torch.isnan(lo),
+                                                                        torch.isnan(rl))
+    assert torch.isnan(o[0, 0, 1]).all() and torch.isnan(o[0, 1, 1]).all()
+    for b, i, h in ((0, 2, 1), (0, 3, 1), (1, 9, 2)):
+        assert (o[b, i, h] == 0).all() and torch.isneginf(lo[b, h, i])
+    fin = torch.isfinite(rl)
+    assert torch.allclose(lo[fin], rl[fin], rtol=1e-5, atol=2e-3)
+    ok = ~torch.isnan(r)
+    assert torch.allclose(o[ok], r[ok], atol=2e-2)
+
+
+@pytest.mark.parametrize("shape", ["rows", "scalar"])
+def test_gradients_match_the_portable_forward(shape, monkeypatch):
+    """fwd+bwd with the shift and with the switch off (the portable forward): the same
+    gradients within bf16 rounding, dbias included."""
+    q0, k0, v0 = _qkv(64, seed=11)
+    bias0 = torch.randn(*SHAPES[shape], device="cuda", dtype=torch.float32)
+    dout = torch.randn_like(q0)
+    grads = []
+    for switch in ("1", "0"):
+        monkeypatch.setenv("DMATTN_FWD_ROW_BIAS", switch)
+        q, k, v, bias = (x.clone().requires_grad_() for x in (q0, k0, v0, bias0))
+        families = record_launch_families(monkeypatch)
+        out = dm.flash_dmattn_func(q, k, v, attn_bias=bias)
+        assert ("fwd_row_bias" in families) == (switch == "1"), families
+        grads.append(torch.autograd.grad(out, (q, k, v, bias), dout))
+    for a, b in zip(*grads, strict=True):
+        assert torch.allclose(a.float(), b.float(), rtol=2e-2, atol=2e-2), (a - b).abs().max()
