@@ -178,7 +178,7 @@ def test_case_names():
                                 "decode_paged", "backward_mask_bias", "mask_hf",
                                 "backward_bias_b1", "backward_kbias_b1", "bias",
                                 "decode_b1", "decode_b16", "mask_bias_mixed",
-                                "mask_bias_doc", "mask_bias_doc_mixed"}
+                                "mask_bias_doc", "mask_bias_doc_mixed", "qbias"}
     for suite in bench.SUITES.values():
         assert set(suite) <= set(bench.CASES)
     assert bench.SUITES["issue12"] == ["dense", "causal", "kbias", "mask_bias",
@@ -592,7 +592,8 @@ def test_dry_run_cpu_missing_dmattn_features_are_na(tmp_path):
 
 
 def test_dry_run_cpu_new_cases_peers_and_targets(tmp_path, capsys):
-    data = _dry_run(tmp_path, ["--case", "dense,softcap,gqa,kbias,mask_bias,mask_bias_mixed,bias",
+    data = _dry_run(tmp_path, ["--case",
+                               "dense,softcap,gqa,kbias,qbias,mask_bias,mask_bias_mixed,bias",
                                "--batch", "1", "--heads", "4", "--kv-heads", "2",
                                "--seqlen", "96", "--headdim", "16"])
     _check(data, 0.05)

@@ -22,6 +22,8 @@ CASES: dict[str, str] = {
                "number of bytes)",
     "kbias": "key-side bias (B,H,1,Sk)",
     "kbias_hk": "key-side bias (B,Hk,1,Sk) per kv head, GQA",
+    "qbias": "query-side bias (B,H,Sq,1): one value per query row (the Hopper forward under "
+             "DMATTN_FWD_ROW_BIAS=1, the portable one otherwise)",
     "dense_d64": "no mask, no bias, head dim 64",
     "dense_d256": "no mask, no bias, head dim 256",
     "dense_fp16": "no mask, no bias, fp16",
@@ -91,6 +93,7 @@ CASE_DEFAULTS: dict[str, dict[str, Any]] = {
     "mask_hf": {"seqlen": 2527},
     "kbias": {},
     "kbias_hk": {"heads": 32, "kv_heads": 8},
+    "qbias": {},
     "dense_d64": {"headdim": 64},
     "dense_d256": {"headdim": 256},
     "dense_fp16": {"dtype": "fp16"},
