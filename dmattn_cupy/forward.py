@@ -154,11 +154,6 @@ def forward_call(pb: Problem, query: Any, cu_q: Any = None, cu_k: Any = None,
         plan.run(stream)
         return out, lse, plan
     pb = collapsed_broadcasts(pb)
-    if sparse is None and tile_counters is None and \
-            mask_pack.routes_mask(pb, runtime.device_props(pb.q.device)):
-        # attn_mask as block lists packed in this call (the plan's first two launches)
-        sparse = mask_pack.plan_lists(plan, pb.mask, query, keep_alive)
-        pb = dataclasses.replace(pb, mask=None)
     shifted = None   # the problem with its bias, where the bias is an lse shift after the forward
     if sparse is None and tile_counters is None and \
             row_bias.shifts_bias(pb, runtime.device_props(pb.q.device)):
@@ -167,6 +162,11 @@ def forward_call(pb: Problem, query: Any, cu_q: Any = None, cu_k: Any = None,
             lse = arrays.empty(query, lse_shape, "float32")
             plan.allocs.append(Alloc("lse", lse_shape, "float32"))
             out_names = (*out_names, "lse")
+    if sparse is None and tile_counters is None and \
+            mask_pack.routes_mask(pb, runtime.device_props(pb.q.device)):
+        # attn_mask as block lists packed in this call (the plan's first two launches)
+        sparse = mask_pack.plan_lists(plan, pb.mask, query, keep_alive)
+        pb = dataclasses.replace(pb, mask=None)
     # Operands the Hopper family's maps read once their rows are 16-byte aligned: copied here;
     # a cached plan repeats a pitched copy (RowCopy) into a buffer it allocates per call.
     renames: dict[str, str] = {}

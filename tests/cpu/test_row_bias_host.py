@@ -117,23 +117,31 @@ def test_which_problems_shift(monkeypatch):
 
 
 @pytest.mark.parametrize("lse", [False, True])
-@pytest.mark.parametrize("shape", [(2, 4, 40, 1), (1, 1, 1, 1)], ids=["rows", "scalar"])
-def test_plan_runs_the_forward_then_the_shift(cap, monkeypatch, lse, shape):
-    """The forward launches without the bias, then fwd_row_bias with the bias, out and the
-    forward's lse (made for it when the caller did not ask for lse); a repeated call's thin
-    launches equal a fresh validated build's, pointers included."""
+@pytest.mark.parametrize("shape,mask", [((2, 4, 40, 1), False), ((1, 1, 1, 1), False),
+                                        ((2, 4, 40, 1), True)],
+                         ids=["rows", "scalar", "rows_shared_mask"])
+def test_plan_runs_the_forward_then_the_shift(cap, monkeypatch, lse, shape, mask):
+    """The forward launches without the bias (after the attn_mask route's two launches for a
+    shared mask), then fwd_row_bias with the bias, out and the forward's lse (made for it when
+    the caller did not ask for lse); a repeated call's thin launches equal a fresh validated
+    build's, pointers included."""
     monkeypatch.setenv("DMATTN_FWD_ROW_BIAS", "1")
     B, S, Sk, H, Hk, D = 2, 40, 48, 4, 2, 64
+    route = [("mask_pack",), ("mask_lists",)] if mask else []
 
     def call(seed):
         q = tf._rand(B, S, H, D, seed=seed)
         k, v = tf._rand(B, Sk, Hk, D, seed=seed + 1), tf._rand(B, Sk, Hk, D, seed=seed + 2)
         bias = tf._rand(*shape, seed=seed + 3)
-        return (q, k, v, bias), dm.flash_dmattn_func(q, k, v, attn_bias=bias, return_lse=lse)
+        kw = {"attn_mask": torch.rand(B, 1, S, Sk) > 0.2} if mask else {}
+        return (q, k, v, bias, kw), dm.flash_dmattn_func(q, k, v, attn_bias=bias,
+                                                          return_lse=lse, **kw)
 
-    (q, _, _, bias), res = call(0)
+    (q, _, _, bias, _), res = call(0)
     first = cap.take()
-    assert [(p, f) for p, f, *_ in first] == [("slow", "fwd_sm90"), ("slow", "fwd_row_bias")]
+    assert [(f,) for _, f, *_ in first] == [*route, ("fwd_sm90",), ("fwd_row_bias",)]
+    assert all(p == "slow" for p, *_ in first)
+    first = first[len(route):]
     fwd = tf._record(first[0][3][0], "FwdParams")
     shift = tf._record(first[1][3][0], "FwdParams")
     assert int(fwd["bias"][0]) == 0 and int(shift["bias"][0]) == bias.data_ptr()
@@ -143,14 +151,15 @@ def test_plan_runs_the_forward_then_the_shift(cap, monkeypatch, lse, shape):
     if lse:
         assert int(shift["lse"][0]) == res[1].data_ptr()
     assert first[1][2] == (-(-B * H * S // 128), 1, 1)
-    (q2, k2, v2, bias2), res2 = call(10)
+    (q2, k2, v2, bias2, kw2), res2 = call(10)
     thin = cap.take()
-    assert [(p, f) for p, f, *_ in thin] == [("thin", "fwd_sm90"), ("thin", "fwd_row_bias")]
-    rec = tf._record(thin[1][3][0], "FwdParams")
+    assert [(f,) for _, f, *_ in thin] == [*route, ("fwd_sm90",), ("fwd_row_bias",)]
+    assert all(p == "thin" for p, *_ in thin)
+    rec = tf._record(thin[-1][3][0], "FwdParams")
     out2 = res2[0] if lse else res2
     assert int(rec["bias"][0]) == bias2.data_ptr() and int(rec["o"][0]) == out2.data_ptr()
-    assert int(rec["lse"][0]) == int(tf._record(thin[0][3][0], "FwdParams")["lse"][0]) != 0
+    assert int(rec["lse"][0]) == int(tf._record(thin[-2][3][0], "FwdParams")["lse"][0]) != 0
     fastpath.clear()
-    dm.flash_dmattn_func(q2, k2, v2, attn_bias=bias2, return_lse=lse)
+    dm.flash_dmattn_func(q2, k2, v2, attn_bias=bias2, return_lse=lse, **kw2)
     slow = cap.take()
     assert tf._masked(thin, cap) == tf._masked(slow, cap)

@@ -57,6 +57,24 @@ def test_shift_matches_the_reference(d, shape, bias_dtype, kw, monkeypatch):
     assert torch.equal(again, out)
 
 
+@pytest.mark.parametrize("mask_heads", [1, H], ids=["shared_mask", "own_mask"])
+def test_shift_beside_a_mask(mask_heads, monkeypatch):
+    """Beside an attn_mask: a shared one takes the route's block lists, a mask of its own per
+    (batch, head) its bytes (no bias tile left beside it); the shift follows either."""
+    q, k, v = _qkv(128, seed=21)
+    g = torch.Generator().manual_seed(4)
+    mask = (torch.rand(B, mask_heads, SQ, SK, generator=g) > 0.3).cuda()
+    mask[..., 5, :] = False                       # a row with no allowed key
+    bias = (4 * torch.randn(B, H, SQ, 1, generator=g)).to("cuda", torch.bfloat16)
+    families = record_launch_families(monkeypatch)
+    out, lse = dm.flash_dmattn_func(q, k, v, attn_mask=mask, attn_bias=bias, return_lse=True)
+    torch.cuda.synchronize()
+    routed = ["mask_pack", "mask_lists"] if mask_heads == 1 else []
+    assert families == [*routed, "fwd_sm90", "fwd_row_bias"], families
+    assert_fa_close(out, lse, dict(q=f64(q), k=f64(k), v=f64(v), mask=f64(mask),
+                                   bias=f64(bias), scale=128 ** -0.5), "bfloat16")
+
+
 def test_values_that_are_not_a_shift_match_the_reference_backend():
     """NaN and +inf make the row NaN; -inf and -3e38 (below LOWEST_LOGIT) drop it (out 0, lse
     -inf); a row the mask drops stays dropped under a NaN; the rest shift."""
