@@ -391,35 +391,22 @@ class KBiasHk(KBias):
     per_kv_head = True
 
 
-class QBias(Kind):
+class QBias(FullBias):
     """Query-side bias (B,H,Sq,1): one value per query row. Softmax does not see it; it moves
     lse. The Hopper forward takes it under DMATTN_FWD_ROW_BIAS=1 (an lse shift after the
     forward), the portable one otherwise."""
-
-    fa4 = False
 
     def inputs(self, gen: Any, rn: Callable[..., Any]) -> dict[str, Any]:
         d = self.d
         return {"bias": rn(d.B, d.H, d.Sq, 1)}
 
-    def dm_kwargs(self, inp: dict[str, Any], note: dict[str, Any]) -> dict[str, Any]:
-        return {"attn_bias": inp["bias"]}
-
-    def sdpa_mask(self, inp: dict[str, Any]) -> tuple[Any, bool]:
-        return inp["bias"], False
-
     def flex_args(self, inp: dict[str, Any], flash: bool) -> dict[str, Any]:
-        d = self.d
-        bf = inp["bias"].reshape(-1)   # flat: the FLASH backend fails on bias[b, h, qi, 0]
-        H, Sq = d.H, d.Sq
+        bf, H, Sq = inp["bias"].reshape(-1), self.d.H, self.d.Sq   # flat: the FLASH backend
 
         def qb_flat(score: Any, b: Any, h: Any, qi: Any, kv: Any) -> Any:
             return score + bf[(b * H + h) * Sq + qi]
 
         return {"score_mod": qb_flat}
-
-    def ref_add(self, inp: dict[str, Any], r0: int, r1: int, nb: int) -> Any:
-        return inp["bias"][:nb, :, r0:r1].float()
 
 
 class Softcap(Kind):
