@@ -2,7 +2,7 @@
 # One device-machine call that does the whole GPU check-up and leaves logs under $OUT:
 #   bash tools/device_run.sh [fa4] [precompile] [tests] [sanitize] [sanitize-random] [bench]
 #                            [profile] [profile-src] [first] [maskpack] [route]
-#                            [route-bench] [route-suite] [tensor] [host-queue]
+#                            [route-bench] [route-suite] [tensor] [host-queue] [row-bias]
 #   (default: precompile tests sanitize bench)
 # fa4: install FlashAttention-4 into /tmp/fa4site from the staged wheel parts
 # (tools/fa4_install.sh; .whl/partA staged by an earlier call, .whl/partB carried by this one);
@@ -23,7 +23,8 @@
 # route: the attn_mask route's GPU tests; route-bench: the mask cases under DMATTN_MASK_ROUTE=1
 # and =0 and ncu of the route's kernels; route-suite: the whole suite with the route on;
 # tensor: the Hopper forward's tensor-pipe share and time for TENSOR_CASES (default dense,kbias);
-# host-queue: host time per call with the GPU held busy (tools/host_queue.py).
+# host-queue: host time per call with the GPU held busy (tools/host_queue.py); row-bias: the
+# key-broadcast bias shift's GPU tests (DMATTN_FWD_ROW_BIAS) and the qbias case on and off.
 # At most 8 files come back from $OUT: gpu.txt and info.txt count.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -158,6 +159,18 @@ for step in $steps; do
     host-queue)  # host time per call alone: calls queued behind a sleep kernel (tools/host_queue.py)
       python3 tools/host_queue.py > "$OUT/host_queue.txt" 2>&1
       echo "host queue rc=$?"; cat "$OUT/host_queue.txt" ;;
+    row-bias)  # the key-broadcast bias as an lse shift (DMATTN_FWD_ROW_BIAS): its GPU tests,
+      # then the qbias case with the switch on and off
+      PYTHONPATH=$PWD:$PWD/tools python3 -m pytest -m gpu -q -n 16 --timeout=200 --tb=short -rf \
+        -p no:cacheprovider tests/gpu/test_row_bias.py tests/gpu/test_forward_sm90.py \
+        > "$OUT/row_bias.log" 2>&1
+      echo "row-bias tests rc=$?"; grep -E "^(FAILED|ERROR)" "$OUT/row_bias.log" | cut -c1-160 | head -30
+      tail -1 "$OUT/row_bias.log"
+      for v in 1 0; do
+        DMATTN_FWD_ROW_BIAS=$v python3 tools/bench --case qbias,dense --peers cudnn --no-smoke \
+          --quick >> "$OUT/row_bias.log" 2>&1
+      done
+      grep -E "^summary" "$OUT/row_bias.log" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done
