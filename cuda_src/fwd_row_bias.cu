@@ -9,11 +9,8 @@
 // - otherwise lse += b.
 // The params record is the forward's own with the bias in it; one thread per row, dense only.
 #pragma once
-#include "common.cuh"
-#include "mask_bias.cuh"
-#include "params.cuh"
-#include "seqlen.cuh"
-#include "softmax.cuh"
+#include "mask_bias.cuh"   // params.cuh, seqlen.cuh
+#include "softmax.cuh"     // is_nan
 
 namespace dm {
 
@@ -30,18 +27,16 @@ flash_fwd_row_bias_kernel(const FwdParams p) {
   const float lse = p.lse[at];
   if (lse == -DM_INF) return;
   const float bias = bias_element<T>(p, bias_offset(p, b, h, seq), i, 0, p.seqlen_q, 1);
-  float fill;   // the out row's value where b is not a plain shift
-  if (is_nan(bias) || bias == DM_INF) {
-    fill = __int_as_float(0x7fc00000);   // NaN
-  } else if (bias * kLog2e == -DM_INF) {
-    fill = 0.f;
-  } else {
+  const bool nan_row = is_nan(bias) || bias == DM_INF;
+  if (!nan_row && bias * kLog2e != -DM_INF) {   // a plain shift: out stays
     p.lse[at] = lse + bias;
     return;
   }
-  p.lse[at] = fill == 0.f ? -DM_INF : fill;
+  const float nan = __int_as_float(0x7fc00000);
+  p.lse[at] = nan_row ? nan : -DM_INF;
+  const T fill = from_float<T>(nan_row ? nan : 0.f);   // the row: NaN, or dropped (0)
   T* out = o_row_ptr<T>(p, b, h, seq, i);
-  for (int c = 0; c < p.head_dim; ++c) out[c] = from_float<T>(fill);
+  for (int c = 0; c < p.head_dim; ++c) out[c] = fill;
 }
 
 }  // namespace dm

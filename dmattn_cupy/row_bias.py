@@ -18,6 +18,7 @@ from .device import DeviceProps
 from .launch_plan import Launch, Plan
 from .layout import build_fwd_params, fwd_pointer_fields
 from .select import forward as select_forward
+from .select import spec_dtype
 from .spec import DTYPES, KernelSpec
 from .validate import Problem
 
@@ -58,8 +59,7 @@ def add_launch(plan: Plan, pb: Problem, out: ArrayInfo, lse_ptr: int,
     rec = build_fwd_params(pb, out, lse_ptr)
     for name, field in fwd_pointer_fields(pb, out_names):
         plan.slot(renames.get(name, name), rec, field)
-    dtype = "fp16" if pb.dtype == "float16" else "bf16"
-    kernel = runtime.get_kernel(row_bias_spec(dtype, runtime.device_props(pb.q.device).arch),
+    kernel = runtime.get_kernel(row_bias_spec(spec_dtype(pb.dtype),
+                                              runtime.device_props(pb.q.device).arch),
                                 pb.q.device)
     plan.launches.append(Launch(kernel, grid(pb), (rec,)))
-
