@@ -175,9 +175,9 @@ def mask_pack_kernel() -> bool:
 def fwd_row_bias() -> bool:
     """``DMATTN_FWD_ROW_BIAS``: ``1`` runs a dense forward whose bias is one value per query
     row ((.., Sq, 1) or a scalar) on the Hopper family without the bias, then shifts lse by it
-    (``row_bias``); ``0`` (the default until its GPU tests have run) leaves such a bias to the
+    (``row_bias``, the default: tests/gpu/test_row_bias.py); ``0`` leaves such a bias to the
     portable family. A plan variable."""
-    return _switch("DMATTN_FWD_ROW_BIAS", "0")
+    return _switch("DMATTN_FWD_ROW_BIAS", "1")
 
 
 def mask_route() -> str:

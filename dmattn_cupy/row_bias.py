@@ -5,7 +5,7 @@ row by the same amount, which softmax does not see: the forward runs without it 
 family takes that problem; it declines the bias itself, ``forward_sm90.tile_for``), and one
 small launch after it adds the row's value to lse and handles the values that are not a plain
 shift (NaN, +-inf, below LOWEST_LOGIT: the kernel's comment). Behind ``DMATTN_FWD_ROW_BIAS``
-(off by default until its GPU tests have run); dense problems only.
+(on by default: tests/gpu/test_row_bias.py); dense problems only.
 """
 
 from __future__ import annotations

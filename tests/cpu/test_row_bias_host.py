@@ -94,11 +94,12 @@ def _problem(bias_shape, dtype="bfloat16", d=128, varlen=False):
 def test_which_problems_shift(monkeypatch):
     """DMATTN_FWD_ROW_BIAS=1: a dense bias of one value per query row or a scalar, any bias
     dtype, on the Hopper family; not a key row, a tile, a varlen call, another family (A100,
-    forced) or with the switch off (the default)."""
+    forced) or with the switch off."""
     h100, a100 = PRESETS["sm_90"], PRESETS["sm_80"]
     rows = ((2, 4, 300, 1), (1, 1, 300, 1), (1, 1, 1, 1), (2, 1, 300, 1))
-    assert not any(row_bias.shifts_bias(_problem(s), h100) for s in rows)   # off by default
-    monkeypatch.setenv("DMATTN_FWD_ROW_BIAS", "1")
+    monkeypatch.setenv("DMATTN_FWD_ROW_BIAS", "0")
+    assert not any(row_bias.shifts_bias(_problem(s), h100) for s in rows)
+    monkeypatch.delenv("DMATTN_FWD_ROW_BIAS")     # on by default
     for shape in rows:
         for dt in ("bfloat16", "float32"):
             for d in (64, 128, 256):

@@ -5,6 +5,7 @@ never load K/V: NaN-poisoned keys there change nothing; all-true tiles do no mas
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -12,8 +13,9 @@ import pytest
 from gpu_helpers import assert_fa_close, f64
 
 import dmattn_cupy as dm
+from dmattn_cupy import env, row_bias, runtime
 from dmattn_cupy import forward as fwd_module
-from dmattn_cupy.forward import run_forward, select_fwd_spec
+from dmattn_cupy.forward import collapsed_broadcasts, run_forward, select_fwd_spec
 from dmattn_cupy.validate import check_dense
 
 torch = pytest.importorskip("torch")
@@ -29,9 +31,19 @@ def _qkv(b, sq, sk, h, hk, d, dtype="bfloat16", seed=0):
 
 
 def _family(q, k, v, mask=None, bias=None, **kw):
+    """The family of the attention launch that runs (a bias of one value per query row: the
+    forward without it, then the lse shift, as forward_call decides)."""
     pb = check_dense(q, k, v, mask, bias, kw.get("softmax_scale"), kw.get("is_causal", False),
                      kw.get("window_size", (-1, -1)), kw.get("softcap", 0.0), "cuda")
+    collapsed = collapsed_broadcasts(pb)
+    if row_bias.shifts_bias(collapsed, runtime.device_props(pb.q.device)):
+        return select_fwd_spec(dataclasses.replace(collapsed, bias=None)).family
     return select_fwd_spec(pb).family
+
+
+# where a bias broadcast over keys runs: an lse shift after the Hopper forward (row_bias,
+# DMATTN_FWD_ROW_BIAS=1, the default) or the portable kernel
+PER_QUERY_BIAS_FAMILY = "fwd_sm90" if env.fwd_row_bias() else "fwd_mma"
 
 
 def _check(q, k, v, mask=None, bias=None, family="fwd_sm90", **kw):
@@ -68,9 +80,8 @@ def test_every_broadcast_pattern(what, pattern, d):
     shape = PATTERNS[pattern]
     mask = (torch.rand(*shape, generator=g) > 0.3).cuda() if what != "bias" else None
     bias = torch.randn(*shape, generator=g).to("cuda", torch.bfloat16) if what != "mask" else None
-    # a bias broadcast over keys goes to the portable kernel (forward_sm90.tile_for)
     per_query_bias = bias is not None and shape[-1] == 1
-    _check(q, k, v, mask, bias, family="fwd_mma" if per_query_bias else "fwd_sm90")
+    _check(q, k, v, mask, bias, family=PER_QUERY_BIAS_FAMILY if per_query_bias else "fwd_sm90")
 
 
 def _families_run(monkeypatch):
@@ -137,10 +148,10 @@ def test_unaligned_mask_bias_rows_are_padded_for_hopper(layout, kw, monkeypatch)
     assert seen == ["fwd_sm90"]
 
 
-def test_fp32_bias_tiles_and_per_query_biases_fall_back():
+def test_fp32_bias_tiles_fall_back_and_per_query_biases_shift():
     q, k, v = _qkv(2, 100, 128, 2, 2, 64, seed=3)
     _check(q, k, v, bias=torch.randn(2, 2, 100, 128, device="cuda"), family="fwd_mma")
-    _check(q, k, v, bias=torch.randn(2, 2, 100, 1, device="cuda"), family="fwd_mma")
+    _check(q, k, v, bias=torch.randn(2, 2, 100, 1, device="cuda"), family=PER_QUERY_BIAS_FAMILY)
 
 
 @pytest.mark.parametrize("value", [float("-inf"), float("inf"), float("nan")], ids=str)
@@ -150,7 +161,7 @@ def test_non_finite_per_query_bias_matches_the_reference(value):
     q, k, v = _qkv(1, 130, 256, 2, 2, 128, seed=13)
     bias = torch.zeros(1, 2, 130, 1, device="cuda", dtype=torch.bfloat16)
     bias[0, 1, 7] = value
-    assert _family(q, k, v, bias=bias) == "fwd_mma"
+    assert _family(q, k, v, bias=bias) == PER_QUERY_BIAS_FAMILY
     out, lse = dm.flash_dmattn_func(q, k, v, attn_bias=bias, return_lse=True)
     ref, ref_lse = dm.flash_dmattn_func(q.cpu(), k.cpu(), v.cpu(), attn_bias=bias.cpu(),
                                         return_lse=True, backend="reference")

@@ -12,6 +12,7 @@ from gpu_helpers import assert_fa_close, f64
 from test_kvcache import record_launch_families
 
 import dmattn_cupy as dm
+from dmattn_cupy.forward_sm90 import item_order_items
 
 torch = pytest.importorskip("torch")
 
@@ -70,6 +71,8 @@ def test_shift_beside_a_mask(mask_heads, monkeypatch):
     out, lse = dm.flash_dmattn_func(q, k, v, attn_mask=mask, attn_bias=bias, return_lse=True)
     torch.cuda.synchronize()
     routed = ["mask_pack", "mask_lists"] if mask_heads == 1 else []
+    if mask_heads == 1 and item_order_items(SQ, H, B, False, (-1, -1), True):
+        routed.append("fwd_order")                # the lists' items ranked longest first
     assert families == [*routed, "fwd_sm90", "fwd_row_bias"], families
     assert_fa_close(out, lse, dict(q=f64(q), k=f64(k), v=f64(v), mask=f64(mask),
                                    bias=f64(bias), scale=128 ** -0.5), "bfloat16")
