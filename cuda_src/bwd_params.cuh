@@ -37,6 +37,10 @@ struct BwdParams {
   int32_t dbias_is_fp32;       // mode 1: element type of dbias (1 = float32, 0 = query dtype)
   float scale;                 // softmax_scale (natural units)
   int32_t sp_grid_cols;        // column blocks of sp_grid (ceil(seqlen_k / f.sp_block_n))
+  // A bias of one value per query row that the kernels after the pre kernel run without
+  // (backward.py: unshift): the forward's lse (lse layout), from which the pre kernel writes
+  // f.lse = lse_shifted - bias (rows at -inf stay so). Null: f.lse is the forward's lse.
+  const float* lse_shifted;
 };
 
 // States of an sp_grid entry besides a partial block's slot (>= 0).

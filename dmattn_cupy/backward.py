@@ -162,6 +162,15 @@ def backward_call(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out:
     partial = (sparse is not None and sparse.partial_bits is not None
                and sparse.partial_bits.shape[0] > 0)
     family = backward_family(pb, describe(dout), deterministic, sparse_arg, dev_props, partial)
+    # unshift: a dense bias of one value per query row, which only shifts softmax rows, keeps
+    # the problem off the Hopper backward: it runs without it, on the forward's lse minus the
+    # row's value (the pre kernel writes that into the workspace: BwdParams.lse_shifted).
+    unshift = (family != "bwd_sm90" and pb.bias is not None and not pb.varlen
+               and pb.bias.shape[3] == 1 and env.fwd_row_bias()
+               and backward_family(dataclasses.replace(pb, bias=None), describe(dout),
+                                   deterministic, sparse_arg, dev_props, partial) == "bwd_sm90")
+    if unshift:
+        family = "bwd_sm90"
     # A bias tile whose rows alone keep it from bwd_sm90's tensor map (Sk values that are no
     # 16-byte multiple, a misaligned view) is read from a copy in 16-byte rows ("bias_rows",
     # made by row_pad before the launches; a cached plan repeats it). dbias keeps the bias's
@@ -240,6 +249,10 @@ def backward_call(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out:
         n_dqa = math.prod(pb.q.shape)
         dsum_at = -(-n_dqa // _WS_ALIGN) * _WS_ALIGN
         n_ws = dsum_at + n_dsum
+        if unshift:   # lse without the row bias, in lse layout, at the next boundary
+            lse_at = -(-n_ws // _WS_ALIGN) * _WS_ALIGN
+            n_ws = lse_at + n_dsum
+            plan.extra["ws_lse_bytes"] = 4 * lse_at
         if deterministic:
             sem_at = -(-n_ws // _WS_ALIGN) * _WS_ALIGN
             n_ws = sem_at + backward_sm90.semaphore_words(pb.batch, pb.heads, pb.seqlen_q)
@@ -283,6 +296,9 @@ def backward_call(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out:
     for name in FWD_DTYPE.names:
         r[name] = fwd[0][name]
     for name, field in fwd_pointer_fields(pb, ("out", "lse")):
+        if unshift and name == "lse":   # the pre kernel reads it; the rest read the workspace's
+            field = "lse_shifted"
+            r[field] = ptr(lse)
         plan.slot(renames.get(name, name), rec, field)
     r["dout"], r["dlse"] = ptr(dout), ptr(dlse)
     plan.slot("dout", rec, "dout")
@@ -297,6 +313,9 @@ def backward_call(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out:
             r["dq_accum"], r["dsum"] = ws, ws + off
             plan.slot("ws", rec, "dq_accum")
             plan.slot("ws", rec, "dsum", off)
+            if unshift:
+                r["lse"] = ws + plan.extra["ws_lse_bytes"]
+                plan.slot("ws", rec, "lse", plan.extra["ws_lse_bytes"])
             continue
         r[_BWD_POINTER_FIELD[a.name]] = ptr(bufs[a.name])
         plan.slot(a.name, rec, _BWD_POINTER_FIELD[a.name])
@@ -337,16 +356,18 @@ def backward_call(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out:
                     backward_order_spec(dev_props.arch), dev),
                     (math.ceil(n_order / ORDER_GROUP), 1, 1), (rec,)))
         if pb.seqlen_k > 0 and family == "bwd_sm90":
-            mode_b = backward_sm90.bias_mode(pb.bias, pb.batch, pb.heads, pb.seqlen_q,
+            kernel_bias = None if unshift else pb.bias   # the bias its maps and spec read
+            mode_b = backward_sm90.bias_mode(kernel_bias, pb.batch, pb.heads, pb.seqlen_q,
                                              pb.seqlen_k) or 0
             spec = backward_sm90_spec(pb.dtype, pb.head_dim, pb.mask is not None,
-                                      pb.bias is not None, mode_b == backward_sm90.BIAS_KEY_ROW,
-                                      listed_bits=partial)
+                                      kernel_bias is not None,
+                                      mode_b == backward_sm90.BIAS_KEY_ROW, listed_bits=partial)
             dout_info = describe(dout)
             sem = ptr(bufs["ws"]) + 4 * sem_at if deterministic else 0
-            args = backward_sm90.build_args(pb.q, pb.k, pb.v, dout_info, pb.bias, mode_b, sem,
-                                            ptr(bufs["ws"]))
-            slots = backward_sm90.address_slots(pb.q, pb.k, pb.v, dout_info, pb.bias, mode_b)
+            args = backward_sm90.build_args(pb.q, pb.k, pb.v, dout_info, kernel_bias, mode_b,
+                                            sem, ptr(bufs["ws"]))
+            slots = backward_sm90.address_slots(pb.q, pb.k, pb.v, dout_info, kernel_bias,
+                                                mode_b)
             if slots is None:  # the driver's map layout cannot be patched: plan per call
                 plan.cacheable = False
             else:  # the dqa map spans dq_accum, element 0 of the workspace

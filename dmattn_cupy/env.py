@@ -175,8 +175,9 @@ def mask_pack_kernel() -> bool:
 def fwd_row_bias() -> bool:
     """``DMATTN_FWD_ROW_BIAS``: ``1`` runs a dense forward whose bias is one value per query
     row ((.., Sq, 1) or a scalar) on the Hopper family without the bias, then shifts lse by it
-    (``row_bias``, the default: tests/gpu/test_row_bias.py); ``0`` leaves such a bias to the
-    portable family. A plan variable."""
+    (``row_bias``, the default: tests/gpu/test_row_bias.py), and the Hopper backward runs
+    without it on lse minus it (``backward``, unshift); ``0`` leaves such a bias to the
+    portable families. A plan variable."""
     return _switch("DMATTN_FWD_ROW_BIAS", "1")
 
 

@@ -93,6 +93,7 @@ BWD_EXTRA_FIELDS: tuple[tuple[str, type], ...] = (
     ("dbias_batch_stride", _I64), ("dbias_head_stride", _I64), ("dbias_row_stride", _I64),
     ("dbias_col_stride", _I64), ("dbias_qseq_stride", _I64), ("dbias_kseq_stride", _I64),
     ("dbias_mode", _I32), ("dbias_is_fp32", _I32), ("scale", _F32), ("sp_grid_cols", _I32),
+    ("lse_shifted", _PTR),
 )
 
 

@@ -5,7 +5,8 @@ row by the same amount, which softmax does not see: the forward runs without it 
 family takes that problem; it declines the bias itself, ``forward_sm90.tile_for``), and one
 small launch after it adds the row's value to lse and handles the values that are not a plain
 shift (NaN, +-inf, below LOWEST_LOGIT: the kernel's comment). Behind ``DMATTN_FWD_ROW_BIAS``
-(on by default: tests/gpu/test_row_bias.py); dense problems only.
+(on by default: tests/gpu/test_row_bias.py); dense problems only. The same switch lets the
+Hopper backward run without such a bias, on lse minus it (``backward.backward_call``).
 """
 
 from __future__ import annotations

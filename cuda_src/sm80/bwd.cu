@@ -1,6 +1,7 @@
 // bwd.cu: the backward kernels (FlashAttention-2 style, tensor cores, sm_80+).
 //   flash_bwd_pre_kernel:  dsum[i] = rowsum(dO * O)[i] - dlse[i]  (fp32, lse layout); zeroes
-//     dq_accum's rows (non-deterministic mode).
+//     dq_accum's rows (non-deterministic mode); with bp.lse_shifted, lse[i] = lse_shifted[i]
+//     minus row i's bias (a bias constant over keys, which the later kernels then leave out).
 //   flash_bwd_dkdv_kernel: a CTA owns kBlockN keys of one (batch, kv head); it loops over the
 //     query heads of the kv group and the query tiles that can see its keys, recomputes
 //     P = exp2(x - lse * log2 e) from the forward's lse, and accumulates dV += P^T dO and
@@ -113,6 +114,11 @@ flash_bwd_pre_kernel(const BwdParams bp) {
     if (lane == 0 && i < seq.len_q) {
       const int64_t idx = lse_index(p, b, h, seq, i);
       bp.dsum[idx] = acc[r] - (bp.dlse != nullptr ? bp.dlse[idx] : 0.f);
+      if (bp.lse_shifted != nullptr) {   // the row's bias taken out of the forward's lse
+        const float l = bp.lse_shifted[idx];
+        p.lse[idx] = l == -DM_INF ? l : l - bias_element<T>(p, bias_offset(p, b, h, seq), i, 0,
+                                                            seq.len_q, 1);
+      }
     }
   }
   // Non-deterministic mode: this row's dQ accumulator starts at 0 here (the host does not

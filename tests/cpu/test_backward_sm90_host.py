@@ -312,15 +312,19 @@ def _stub_runtime(monkeypatch, launched):
         (kern, grid, args)))
 
 
+@pytest.mark.parametrize("switch", ["1", "0"], ids=["unshift", "portable"])
 @pytest.mark.parametrize("deterministic", [False, True], ids=["default", "deterministic"])
 @pytest.mark.parametrize("bias_shape", [(2, 4, 200, 1), (1, 1, 200, 1), (2, 2, 1, 1),
                                         (1, 1, 1, 1)])
 def test_a_bias_constant_over_keys_gets_its_exact_gradient(monkeypatch, bias_shape,
-                                                           deterministic):
+                                                           deterministic, switch):
     """A bias with key dim 1 shifts whole softmax rows: without an incoming dlse its gradient
     is exactly 0 (a zero-filled array of the bias's shape and dtype, never a kernel's rounding
-    noise), with one it is dlse where the row has an allowed key. The kernels still read the
-    bias (P needs it) but write no dbias (dbias_mode 0)."""
+    noise), with one it is dlse where the row has an allowed key. No kernel writes dbias
+    (dbias_mode 0). Under DMATTN_FWD_ROW_BIAS=1 (default) the Hopper kernel runs without the
+    bias, on lse minus it (the pre kernel's, BwdParams.lse_shifted); under 0 the portable
+    kernels read it (P needs it)."""
+    monkeypatch.setenv("DMATTN_FWD_ROW_BIAS", switch)
     launched: list = []
     _stub_runtime(monkeypatch, launched)
     q, k, v = _arrays()
@@ -330,7 +334,17 @@ def test_a_bias_constant_over_keys_gets_its_exact_gradient(monkeypatch, bias_sha
     dq, dk, dv, dbias = backward.run_backward(pb, np.ones_like(q), q, k, v, out, lse,
                                               deterministic=deterministic)
     assert launched and all(x[2][0]["dbias_mode"] == 0 for x in launched)
-    assert any(x[0].has_bias for x in launched)   # P is recomputed with the bias
+    if switch == "1":
+        assert [x[0].family for x in launched] == ["bwd_pre", "bwd_sm90", "bwd_post"]
+        assert not any(x[0].has_bias for x in launched)
+        rec = launched[0][2][0]   # the workspace's lse: past dq_accum and dsum
+        dsum_at = -(-q.size // 64) * 64
+        assert rec["lse_shifted"] == describe(lse).ptr
+        assert rec["lse"] - rec["dq_accum"] == 4 * (-(-(dsum_at + lse.size) // 64) * 64)
+    else:
+        assert any(x[0].has_bias for x in launched)   # P is recomputed with the bias
+        rec = launched[0][2][0]
+        assert rec["lse_shifted"] == 0 and rec["lse"] == describe(lse).ptr
     assert dbias.shape == bias.shape and dbias.dtype == bias.dtype and not dbias.any()
     # with an incoming dlse the shift moves lse one for one in rows with an allowed key (lse
     # finite): dbias is dlse there, summed over what the bias broadcasts; still no kernel dbias

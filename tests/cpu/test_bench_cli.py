@@ -178,7 +178,7 @@ def test_case_names():
                                 "decode_paged", "backward_mask_bias", "mask_hf",
                                 "backward_bias_b1", "backward_kbias_b1", "bias",
                                 "decode_b1", "decode_b16", "mask_bias_mixed",
-                                "mask_bias_doc", "mask_bias_doc_mixed", "qbias"}
+                                "mask_bias_doc", "mask_bias_doc_mixed", "qbias", "backward_qbias"}
     for suite in bench.SUITES.values():
         assert set(suite) <= set(bench.CASES)
     assert bench.SUITES["issue12"] == ["dense", "causal", "kbias", "mask_bias",

@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 import test_fastpath as tf  # noqa: E402  (tests/cpu is on sys.path: pytest's rootdir import)
 
 import dmattn_cupy as dm  # noqa: E402
-from dmattn_cupy import fastpath, reference, row_bias  # noqa: E402
+from dmattn_cupy import backward_sm90, fastpath, reference, row_bias  # noqa: E402
 from dmattn_cupy.arrays import ArrayInfo  # noqa: E402
 from dmattn_cupy.device import PRESETS  # noqa: E402
 from dmattn_cupy.validate import Problem  # noqa: E402
@@ -164,3 +164,61 @@ def test_plan_runs_the_forward_then_the_shift(cap, monkeypatch, lse, shape, mask
     dm.flash_dmattn_func(q2, k2, v2, attn_bias=bias2, return_lse=lse, **kw2)
     slow = cap.take()
     assert tf._masked(thin, cap) == tf._masked(slow, cap)
+
+
+@pytest.mark.parametrize("grad", ["no_bias_grad", "bias_grad_lse"])
+@pytest.mark.parametrize("switch", ["1", "0"])
+def test_backward_runs_without_the_row_bias_on_lse_minus_it(cap, monkeypatch, switch, grad):
+    """A training step with a bias of one value per query row: under DMATTN_FWD_ROW_BIAS=1 the
+    Hopper backward runs without it (no bias map), after the pre kernel has written the
+    forward's lse minus the row's value into the workspace (BwdParams.lse_shifted: the saved
+    lse; f.lse: the workspace's copy, past dsum); the thin path repeats the validated plan.
+    With the switch off the portable backward takes the bias, lse as it is."""
+    monkeypatch.setenv("DMATTN_FWD_ROW_BIAS", switch)
+    B, S, Sk, H, Hk, D = 2, 40, 48, 4, 2, 64
+    q0 = tf._rand(B, S, H, D, seed=1)
+    k0, v0 = tf._rand(B, Sk, Hk, D, seed=2), tf._rand(B, Sk, Hk, D, seed=3)
+    bias0, dout = tf._rand(B, H, S, 1, seed=4), tf._rand(B, S, H, D, seed=5)
+    with_bias_grad = grad == "bias_grad_lse"
+
+    def step():
+        q, k, v, bias = (x.clone().requires_grad_(x is not bias0 or with_bias_grad)
+                         for x in (q0, k0, v0, bias0))
+        leaves = (q, k, v, bias) if with_bias_grad else (q, k, v)
+        if with_bias_grad:
+            out, lse = dm.flash_dmattn_func(q, k, v, attn_bias=bias, return_lse=True)
+            grads = torch.autograd.grad((out, lse), leaves, (dout, torch.ones_like(lse)))
+        else:
+            out = dm.flash_dmattn_func(q, k, v, attn_bias=bias)
+            grads = torch.autograd.grad(out, leaves, dout)
+        return q, bias, grads
+
+    q, bias, grads = step()
+    bwd = [x for x in cap.take() if x[1].startswith("bwd")]
+    main = "bwd_sm90" if switch == "1" else "bwd_dkdv"
+    assert [x[1] for x in bwd] == ["bwd_pre", main, "bwd_post"], bwd
+    pre = tf._record(bwd[0][3][0], "BwdParams")
+    assert all(x[3][0] == bwd[0][3][0] for x in bwd)            # one record for all three
+    assert int(pre["bias"][0]) == bias.data_ptr()               # the pre kernel reads it
+    if switch == "1":
+        dsum_at = -(-q.numel() // 64) * 64
+        lse_at = -(-(dsum_at + B * H * S) // 64) * 64
+        assert int(pre["lse"][0]) - int(pre["dq_accum"][0]) == 4 * lse_at
+        assert int(pre["lse_shifted"][0]) not in (0, int(pre["lse"][0]))
+        args = np.frombuffer(bwd[1][3][1], dtype=backward_sm90.ARGS_DTYPE)
+        assert int(args["bias_mode"][0]) == 0                     # no bias map, no bias spec
+        at = 128 * backward_sm90.MAP_NAMES.index("bias")
+        assert not args["maps"][0][at:at + 128].any()
+    else:
+        assert int(pre["lse_shifted"][0]) == 0 and int(pre["lse"][0]) != 0
+    if with_bias_grad:   # from dlse after the launches (backward.row_shift_grad: GPU-tested)
+        assert grads[3].shape == bias0.shape
+    else:
+        step()
+        again = [x for x in cap.take() if x[1].startswith("bwd")]
+        assert [x[1] for x in again] == [x[1] for x in bwd] and all(
+            p == "thin" for p, *_ in again)
+        rec = tf._record(again[0][3][0], "BwdParams")
+        if switch == "1":   # the saved lse moves with the call; the workspace's follows dsum
+            assert int(rec["lse"][0]) - int(rec["dsum"][0]) == \
+                int(pre["lse"][0]) - int(pre["dsum"][0])

@@ -43,9 +43,10 @@ def setup_backward(ctx: Ctx, name: str, shape: dict[str, Any]) -> Setup:
     gqa = Hk != H
     dt = torch_dtype(torch, shape["dtype"])
     with_mask = name == "backward_mask_bias"
-    with_bias = name in ("backward_bias", "backward_kbias", "backward_mask_bias",
-                         "backward_bias_b1", "backward_kbias_b1")
+    with_bias = name in ("backward_bias", "backward_kbias", "backward_qbias",
+                         "backward_mask_bias", "backward_bias_b1", "backward_kbias_b1")
     kbias = name in ("backward_kbias", "backward_kbias_b1")
+    qbias = name == "backward_qbias"   # SDPA's cuDNN faults on this broadcast: no SDPA rows
     shared = name.endswith("_b1")   # the bias shared by the batch: (1, H, .., S)
     sparse = name == "backward_sparse"
     causal = name == "backward_causal"
@@ -78,7 +79,8 @@ def setup_backward(ctx: Ctx, name: str, shape: dict[str, Any]) -> Setup:
         inp = {"q": rn(B, Sq, H, D).requires_grad_(), "k": rn(B, Sk, Hk, D).requires_grad_(),
                "v": rn(B, Sk, Hk, D).requires_grad_(), "dout": rn(B, Sq, H, D)}
         if with_bias:
-            inp["bias"] = rn(1 if shared else B, H, 1 if kbias else Sq, Sk).requires_grad_()
+            inp["bias"] = rn(1 if shared else B, H, 1 if kbias else Sq,
+                             1 if qbias else Sk).requires_grad_()
         if with_mask:
             inp["mask"] = torch.rand(B, H, Sq, Sk, generator=gen, device=dev) < MASK_KEEP
         return inp
@@ -142,7 +144,7 @@ def setup_backward(ctx: Ctx, name: str, shape: dict[str, Any]) -> Setup:
         impls.append(Impl("dmattn fwd+bwd, same pattern as a dense attn_mask", "variant",
                           make_dm_dense, flops=flops))
     for peer in ("flash", "cudnn", "efficient"):
-        if peer not in ctx.peers:
+        if peer not in ctx.peers or qbias:
             continue
 
         def make_sdpa(inp: dict[str, Any], info_: dict[str, Any], peer: str = peer
@@ -186,6 +188,11 @@ def setup_backward(ctx: Ctx, name: str, shape: dict[str, Any]) -> Setup:
                         return score + bias[b, h, 0, kv]
 
                     kw["score_mod"] = kbias_sm
+                elif qbias:
+                    def qbias_sm(score: Any, b: Any, h: Any, qi: Any, kv: Any) -> Any:
+                        return score + bias[b, h, qi, 0]
+
+                    kw["score_mod"] = qbias_sm
                 else:
                     def bias_sm(score: Any, b: Any, h: Any, qi: Any, kv: Any) -> Any:
                         return score + bias[b, h, qi, kv]

@@ -44,6 +44,9 @@ CASES: dict[str, str] = {
                        "(+ diagonal)",
     "backward_causal": "forward + backward, causal",
     "backward_kbias": "forward + backward, key-side (B,H,1,S) bias with grad",
+    "backward_qbias": "forward + backward, query-side (B,H,S,1) bias with grad (the Hopper "
+                      "kernels without it under DMATTN_FWD_ROW_BIAS=1, the portable ones "
+                      "otherwise)",
     "backward_bias_b1": "forward + backward, full (1,H,S,S) bias shared by the batch, with grad",
     "backward_kbias_b1": "forward + backward, key-side (1,H,1,S) bias shared by the batch, "
                          "with grad",
@@ -71,7 +74,7 @@ SUITES: dict[str, list[str]] = {
     "decode": ["decode", "decode_paged", "decode_b1", "decode_b16"],
     "backward": ["backward", "backward_bias", "backward_sparse"],
     "fwdbwd": ["backward", "backward_causal", "backward_bias", "backward_kbias",
-               "backward_bias_b1", "backward_kbias_b1",
+               "backward_qbias", "backward_bias_b1", "backward_kbias_b1",
                "backward_mask_bias", "backward_sparse"],
     "host": list(HOST_CASES),
 }
@@ -111,6 +114,7 @@ CASE_DEFAULTS: dict[str, dict[str, Any]] = {
     "backward_sparse": {"batch": 1, "seqlen": 8192},
     "backward_causal": {"seqlen": 2048},
     "backward_kbias": {"seqlen": 2048},
+    "backward_qbias": {"seqlen": 2048},
     "backward_bias_b1": {"seqlen": 2048},
     "backward_kbias_b1": {"seqlen": 2048},
     "backward_mask_bias": {"seqlen": 2048},
