@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 import test_fastpath as tf  # noqa: E402  (tests/cpu is on sys.path: pytest's rootdir import)
 
 import dmattn_cupy as dm  # noqa: E402
-from dmattn_cupy import backward_sm90, fastpath, reference, row_bias  # noqa: E402
+from dmattn_cupy import backward_sm90, fastpath, reference, reference_bwd, row_bias  # noqa: E402
 from dmattn_cupy.arrays import ArrayInfo  # noqa: E402
 from dmattn_cupy.device import PRESETS  # noqa: E402
 from dmattn_cupy.validate import Problem  # noqa: E402
@@ -222,3 +222,74 @@ def test_backward_runs_without_the_row_bias_on_lse_minus_it(cap, monkeypatch, sw
         if switch == "1":   # the saved lse moves with the call; the workspace's follows dsum
             assert int(rec["lse"][0]) - int(rec["dsum"][0]) == \
                 int(pre["lse"][0]) - int(pre["dsum"][0])
+
+
+def kernel_backward_model(q, k, v, mask, bias, dout, scale, softcap, window, lse, dlse,
+                          unshift):
+    """The backward kernels' math in float64: P = exp(x + b - lse) where a position is kept
+    and lse is not -inf (the kernels read -inf as +inf), else 0; with ``unshift`` the Hopper
+    path for a bias of one value per query row: no bias, on lse_b = lse - b from the pre
+    kernel (rows at -inf stay -inf)."""
+    b_, sq, h, _ = q.shape
+    sk, hk = k.shape[1], k.shape[2]
+    row_b = np.broadcast_to(reference._heads_to(bias, 1, h)[..., 0], lse.shape)
+    with np.errstate(invalid="ignore"):
+        lse_k = np.where(lse == -np.inf, -np.inf, lse - row_b) if unshift else lse
+    kk, vv = reference._heads_to(k, 2, h), reference._heads_to(v, 2, h)
+    s0 = np.einsum("bqhd,bkhd->bhqk", q, kk) * scale
+    t = np.tanh(s0 / softcap) if softcap > 0 else None
+    x = (softcap * t if t is not None else s0) + (0.0 if unshift else row_b[..., None])
+    keep = reference.keep_positions(b_, h, sq, sk, window, mask, None)
+    with np.errstate(invalid="ignore", over="ignore"):
+        p = np.where(keep & (lse_k[..., None] != -np.inf), np.exp(x - lse_k[..., None]), 0.0)
+    out = np.einsum("bhqk,bkhd->bqhd", p, vv)
+    dsum = np.einsum("bqhd,bqhd->bhq", dout, out) - dlse
+    dx = p * (np.einsum("bqhd,bkhd->bhqk", dout, vv) - dsum[..., None])
+    ds = dx * (1.0 - t * t) if t is not None else dx
+    dq = np.einsum("bhqk,bkhd->bqhd", ds, kk) * scale
+    dk = (np.einsum("bhqk,bqhd->bkhd", ds, q) * scale).reshape(b_, sk, hk, h // hk, -1).sum(3)
+    dv = np.einsum("bhqk,bqhd->bkhd", p, dout).reshape(b_, sk, hk, h // hk, -1).sum(3)
+    return dq, dk, dv
+
+
+@pytest.mark.parametrize("softcap,window", [(0.0, (-1, -1)), (20.0, (-1, -1)), (0.0, (3, 0))])
+@pytest.mark.parametrize("bias_heads", [3, 1])
+def test_unshift_gives_the_gradients_of_the_bias(softcap, window, bias_heads):
+    """The unshift (backward.py; the pre kernel in cuda_src/sm80/bwd.cu) against the kernels'
+    math with the bias (the portable backward), in float64: the same gradients and the same
+    NaN positions for finite values, rows dropped by -inf or by a value below LOWEST_LOGIT, a
+    row the mask drops (whatever its bias) and a NaN or +inf value; and, where no value is
+    NaN, the reference backward's gradients. (Through a NaN row the reference's P is NaN at
+    excluded keys too, so its dV is NaN at keys the kernels' is not: a difference of the
+    kernels, with or without the unshift.)"""
+    rng = np.random.default_rng(11)
+    B, H, Hk, Sq, Sk, D = 2, 3, 3, 6, 9, 4
+    q = rng.standard_normal((B, Sq, H, D))
+    k, v = rng.standard_normal((B, Sk, Hk, D)), rng.standard_normal((B, Sk, Hk, D))
+    dout = rng.standard_normal((B, Sq, H, D))
+    dlse = rng.standard_normal((B, H, Sq))
+    mask = rng.random((B, H, Sq, Sk)) < 0.8
+    mask[0, 1, 2] = False                                         # a row with no allowed key
+    bias = rng.uniform(-30, 30, (B, bias_heads, Sq, 1))
+    bias[1, 0, 1, 0], bias[1, 0, 3, 0] = -np.inf, -3e38            # dropped rows
+    if bias_heads > 1:
+        bias[0, 1, 2, 0] = np.nan                                 # on the mask's dropped row
+    for bad in (None, np.nan, np.inf):
+        bb = bias.copy()
+        if bad is not None:
+            bb[1, 0, 4, 0] = bad
+        _, lse = reference.dense_forward(q, k, v, mask, bb, 0.5, softcap, window)
+        args = (q, k, v, mask, bb, dout, 0.5, softcap, window, lse, dlse)
+        got = kernel_backward_model(*args, unshift=True)
+        want = kernel_backward_model(*args, unshift=False)
+        ref = reference_bwd.dense_backward(q, k, v, mask, bb, dout, 0.5, softcap, window,
+                                           dlse=dlse)[:3]
+        for g, w, r in zip(got, want, ref, strict=True):
+            np.testing.assert_array_equal(np.isnan(g), np.isnan(w))
+            ok = ~np.isnan(w)
+            np.testing.assert_allclose(g[ok], w[ok], rtol=1e-9, atol=1e-9)
+            if bad is None:
+                assert not np.isnan(g).any()
+                np.testing.assert_allclose(g, r, rtol=1e-9, atol=1e-9)
+            else:
+                assert np.isnan(g).any() and (np.isnan(g) <= np.isnan(r)).all()
