@@ -55,8 +55,8 @@ def dense_backward(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray
     with np.errstate(invalid="ignore", over="ignore"):
         p = np.where(keep, np.exp(s - m_safe), 0.0)
     l_sum = p.sum(axis=-1, keepdims=True)
-    with np.errstate(invalid="ignore"):
-        p = p / np.where(l_sum == 0, 1.0, l_sum)
+    with np.errstate(invalid="ignore"):   # excluded positions stay 0 beside a NaN row sum
+        p = np.where(keep, p / np.where(l_sum == 0, 1.0, l_sum), 0.0)
     out = np.einsum("bhqk,bkhd->bqhd", p, vv)
     dv_full = np.einsum("bhqk,bqhd->bkhd", p, dout)
     dp = np.einsum("bqhd,bkhd->bhqk", dout, vv)
