@@ -3,7 +3,8 @@ forward without it, then the lse shift (cuda_src/fwd_row_bias.cu), against the f
 reference: every such layout and bias dtype, head dims 64/128/256, causal, window and softcap,
 lse returned or not; the values that are not a plain shift (NaN, +-inf, below LOWEST_LOGIT,
 a row the mask drops) as the reference backend has them; gradients as with the portable
-forward (the switch off)."""
+forward (the switch off); the Hopper backward without the bias, on lse minus it, against
+float64 autograd."""
 
 from __future__ import annotations
 
