@@ -8,6 +8,7 @@ float64 autograd."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from gpu_helpers import assert_fa_close, f64
 from test_backward import _run_dense
@@ -144,5 +145,27 @@ def test_backward_runs_on_hopper_without_the_bias(shape, bias_dtype, kw, determi
         bias[1, 2, 7] = float("-inf")
     before = dict(backward.launches)
     _run_dense(q, k, v, bias=bias, seed=33, deterministic=deterministic, **kw)
+    ran = {f: backward.launches[f] - before.get(f, 0) for f in ("bwd_sm90", "bwd_dkdv")}
+    assert ran == {"bwd_sm90": 1, "bwd_dkdv": 0}, ran
+
+
+@pytest.mark.parametrize("with_mask", ["attn_mask", "block_mask"])
+def test_backward_without_the_bias_beside_a_mask(with_mask):
+    """The unshift beside an attn_mask (a row of no allowed key included) and beside a block
+    mask of whole 128 x 128 blocks (block lists on the Hopper backward): gradients by
+    FlashAttention's rule, on the Hopper backward."""
+    q, k, v = _qkv(128, seed=41)
+    g = torch.Generator().manual_seed(42)
+    bias = (4 * torch.randn(B, H, SQ, 1, generator=g)).to("cuda", q.dtype)
+    kw = {}
+    if with_mask == "attn_mask":
+        mask = (torch.rand(B, H, SQ, SK, generator=g) > 0.3).cuda()
+        mask[0, 1, 5] = False
+        kw["mask"] = mask
+    else:
+        pattern = np.array([[True, False], [True, True]])
+        kw["sparse_mask"] = dm.BlockBitsetMask(pattern, SQ, SK, block_size=(128, 128))
+    before = dict(backward.launches)
+    _run_dense(q, k, v, bias=bias, seed=43, **kw)
     ran = {f: backward.launches[f] - before.get(f, 0) for f in ("bwd_sm90", "bwd_dkdv")}
     assert ran == {"bwd_sm90": 1, "bwd_dkdv": 0}, ran
