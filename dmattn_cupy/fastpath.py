@@ -275,13 +275,14 @@ def _allocators(entry: _Entry, lib: str, like: Any) -> list[tuple[Any, int, tupl
     """Per plan allocation: (allocator, _FRESH, ()) for a fresh buffer; (None, _TWIN, ()) for
     one ``torch.empty_like`` of the call's query makes (``_twin``); for a scratch workspace
     (allocator of n bytes, its bytes, scratch owner); for a counter (zero-filling allocator,
-    _COUNTER, scratch owner)."""
+    _COUNTER, scratch owner and words)."""
     fns = entry.allocs
     if fns is None:
         owner = (lib, entry.plan.device)
         fns = entry.allocs = [
             (_bytes_allocator(like), 4 * a.shape[0], owner) if a.scratch else
-            (arrays.allocator(like, a.shape, a.dtype, True), _COUNTER, owner) if a.counter else
+            (arrays.allocator(like, a.shape, a.dtype, True), _COUNTER, owner + a.shape)
+            if a.counter else
             (None, _TWIN, ()) if _twin(lib, like, a) else
             (arrays.allocator(like, a.shape, a.dtype, a.zero), _FRESH, ())
             for a in entry.plan.allocs]

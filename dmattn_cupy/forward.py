@@ -220,7 +220,7 @@ def forward_call(pb: Problem, query: Any, cu_q: Any = None, cu_k: Any = None,
     if counter is not None:  # a zero int32 word the kernel claims work items from
         index, offset = counter
         plan.allocs.append(Alloc("item_counter", (1,), "int32", counter=True))
-        buf = scratch.counter((pb.kind, pb.q.device), stream.ptr,
+        buf = scratch.counter((pb.kind, pb.q.device, 1), stream.ptr,
                               arrays.allocator(query, (1,), "int32", zero=True))
         keep_alive.append(buf)
         extra[index].view(np.uint64).reshape(-1)[offset // 8] = describe(buf).ptr

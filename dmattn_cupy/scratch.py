@@ -14,8 +14,9 @@ call, as before). Why sharing it is safe:
   one: the graph would keep its address. It gets a fresh allocation from the graph's pool.
 
 Counters (``counter``, an ``Alloc`` with ``counter=True``: the Hopper forward's work-item
-counter under DM_SM90_PERSISTENT=2) are int32 words that every launch using them finds zero and
-leaves zero (the kernel winds the counter back itself). One kept buffer per (library, device,
+counter under DM_SM90_PERSISTENT=2, a split decode's group counters under
+DM_DECODE_FUSED_COMBINE=1) are int32 words that every launch using them finds zero and leaves
+zero (the kernel winds the counter back itself). One kept buffer per (library, device, size,
 stream, calling thread), zero-filled once when made, serves every such call on that stream:
 launches on one stream run one after another, so none sees another's count. A capturing
 stream gets a fresh zero-filled one (the fill is part of the graph: every replay starts at
@@ -65,8 +66,8 @@ def _keep(table: dict, key: tuple, value: Any) -> None:
 
 def counter(owner: tuple, stream: int, make_zeroed: Callable[[], Any]) -> Any:
     """The int32 counter buffer for launches on the raw ``stream`` that leave it zero;
-    ``owner`` is (library, device); ``make_zeroed()`` allocates a zero-filled one (on the
-    library's current stream: the one ``stream`` names)."""
+    ``owner`` is (library, device, words); ``make_zeroed()`` allocates a zero-filled one of
+    that many words (on the library's current stream: the one ``stream`` names)."""
     if runtime.stream_capturing(stream):
         return make_zeroed()
     key = (owner, stream, _ident())
