@@ -727,6 +727,15 @@ def _decode_call(seed=0):
     return lambda: dm.flash_dmattn_varlen_func(q, k, v, cu_q, cu_k, 1, Sk, attn_bias=bias)
 
 
+def _call_capturing(call):
+    """``call()`` with every stream reading as capturing a CUDA graph."""
+    runtime.stream_capturing, saved = (lambda stream: True), runtime.stream_capturing
+    try:
+        call()
+    finally:
+        runtime.stream_capturing = saved
+
+
 def _kept_pointers():
     return {buf.data_ptr() for _, buf in scratch._bufs.values()}
 
@@ -748,11 +757,7 @@ def test_decode_partials_reuse_one_scratch_buffer(cap):
     assert nbytes >= 4 * int(thin[0]["num_splits"][0]) * 32 * 65
     # a capturing stream never gets the kept buffer: a fresh one, nothing kept changes
     kept = dict(scratch._bufs)
-    runtime.stream_capturing, saved = (lambda stream: True), runtime.stream_capturing
-    try:
-        call()
-    finally:
-        runtime.stream_capturing = saved
+    _call_capturing(call)
     rec = _record(cap.take()[0][3][0], "FwdParams")
     assert int(rec["o_accum"][0]) not in _kept_pointers() and scratch._bufs == kept
 
@@ -781,11 +786,7 @@ def test_fused_combine_build_launches_one_grid_with_kept_counters(cap, monkeypat
     kept = [c for k_, c in scratch._counters.items() if k_[0][2:] == (words,)]
     assert len(kept) == 1 and int(kept[0].numel()) == words and not kept[0].any()
     assert int(rec["split_counter"][0]) == int(rec2["split_counter"][0]) == kept[0].data_ptr()
-    runtime.stream_capturing, saved = (lambda stream: True), runtime.stream_capturing
-    try:
-        call()
-    finally:
-        runtime.stream_capturing = saved
+    _call_capturing(call)
     rec3 = _record(cap.take()[0][3][0], "FwdParams")
     assert int(rec3["split_counter"][0]) not in (0, kept[0].data_ptr())
 

@@ -247,11 +247,9 @@ def test_combine_warps_per_pair(splits, monkeypatch, calls):
     assert np.isneginf(f64(lse)[:, 4]).all() and np.isfinite(f64(lse)[:4, :4]).all()
 
 
-def test_programmatic_combine_matches_plain(monkeypatch, calls):
-    """The combine launched with programmatic stream serialization (default on compute
-    capability 9.0+) gives bit for bit what a plain launch gives, call after call (a cached
-    plan's launches): the decode kernel's trigger and the combine's wait change nothing."""
-    monkeypatch.setenv("DMATTN_NUM_SPLITS", "37")
+def split37_case():
+    """A varlen decode of 3 sequences (8 heads, 2 kv heads, d128, key mask + bias) to run with
+    37 splits: the call, and (lens_q, lens_k, mask, bias, (q, k, v, cu_q, cu_k))."""
     lens_q, lens_k = [1, 2, 1], [4000, 3100, 64]
     tq, tk = sum(lens_q), sum(lens_k)
     mask = _layout("mask", "k", 2, tq, tk, max(lens_k), 81)
@@ -262,6 +260,15 @@ def test_programmatic_combine_matches_plain(monkeypatch, calls):
         return dm.flash_dmattn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k),
                                            attn_mask=mask, attn_bias=bias, return_lse=True)
 
+    return run, (lens_q, lens_k, mask, bias, (q, k, v, cu_q, cu_k))
+
+
+def test_programmatic_combine_matches_plain(monkeypatch, calls):
+    """The combine launched with programmatic stream serialization (default on compute
+    capability 9.0+) gives bit for bit what a plain launch gives, call after call (a cached
+    plan's launches): the decode kernel's trigger and the combine's wait change nothing."""
+    monkeypatch.setenv("DMATTN_NUM_SPLITS", "37")
+    run, (lens_q, lens_k, mask, bias, qkv) = split37_case()
     monkeypatch.setenv("DMATTN_PDL", "0")
     plain = run()
     monkeypatch.setenv("DMATTN_PDL", "1")
@@ -269,8 +276,7 @@ def test_programmatic_combine_matches_plain(monkeypatch, calls):
         out, lse = run()
         torch.cuda.synchronize()
         assert torch.equal(out, plain[0]) and torch.equal(lse, plain[1])
-    _check_varlen(lens_q, lens_k, 8, 2, d=128, mask=mask, bias=bias,
-                  qkv=(q, k, v, cu_q, cu_k))
+    _check_varlen(lens_q, lens_k, 8, 2, d=128, mask=mask, bias=bias, qkv=qkv)
     assert set(calls) == {37}
 
 

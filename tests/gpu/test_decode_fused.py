@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from gpu_helpers import f64
-from test_decode import _check_varlen, _layout, _varlen
+from test_decode import _check_varlen, _layout, _varlen, split37_case
 from test_kvcache import record_launch_families
 
 import dmattn_cupy as dm
@@ -60,17 +60,11 @@ def test_close_to_the_two_launch_path(monkeypatch):
     """The same call with and without the define: out within a few bf16 units (the merge sums
     the splits in another order), lse within float32 rounding."""
     monkeypatch.setenv("DMATTN_NUM_SPLITS", "37")
-    lens_q, lens_k = [1, 2, 1], [4000, 3100, 64]
-    tq, tk = sum(lens_q), sum(lens_k)
-    mask = _layout("mask", "k", 2, tq, tk, max(lens_k), 81)
-    bias = _layout("bias", "k", 8, tq, tk, max(lens_k), 82)
-    q, k, v, cu_q, cu_k = _varlen(lens_q, lens_k, 8, 2, 128, 83)
+    run, _ = split37_case()
     res = []
     for defines in (FUSED, ""):
         monkeypatch.setenv("DMATTN_NVRTC_DEFINES", defines)
-        res.append(dm.flash_dmattn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k),
-                                               attn_mask=mask, attn_bias=bias,
-                                               return_lse=True))
+        res.append(run())
     (o1, l1), (o2, l2) = res
     assert torch.allclose(o1.float(), o2.float(), rtol=0, atol=2e-2)
     assert torch.allclose(l1, l2, rtol=1e-5, atol=1e-5)
