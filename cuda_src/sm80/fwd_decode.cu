@@ -711,7 +711,9 @@ flash_fwd_decode_kernel(const FwdParams p) {
   const bool fused = DM_DECODE_FUSED_COMBINE && ns > 1 && p.split_counter != nullptr;
   int* const flag = reinterpret_cast<int*>(sLse);   // read by no thread past merge's barrier
   if (pr >= rows) {
-    if (fused) merge_splits_of_group<T, kHeadDim, kCols>(p, m_block, kvh, b, seq, rows, m0, row, c0, flag);
+    if (fused)
+      merge_splits_of_group<T, kHeadDim, kCols>(p, m_block, kvh, b, seq, rows, m0, row, c0,
+                                                flag);
     return;
   }
   float lw[kNumWarps], mx = -DM_INF;
@@ -747,7 +749,9 @@ flash_fwd_decode_kernel(const FwdParams p) {
       if (col < p.head_dim) *reinterpret_cast<float2*>(dst + col) = acc;
     }
     if (c0 == 0) p.lse_accum[pid] = lse2;
-    if (fused) merge_splits_of_group<T, kHeadDim, kCols>(p, m_block, kvh, b, seq, rows, m0, row, c0, flag);
+    if (fused)
+      merge_splits_of_group<T, kHeadDim, kCols>(p, m_block, kvh, b, seq, rows, m0, row, c0,
+                                                flag);
     return;
   }
   T* out = o_row_ptr<T>(p, b, h, seq, i);
