@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from . import arrays, backward_sm90, env, row_pad, runtime
+from . import arrays, backward_sm90, env, row_bias, row_pad, runtime
 from .arrays import ArrayInfo, describe
 from .device import DeviceProps
 from .launch_plan import Alloc, Launch, Plan, RowCopy
@@ -165,8 +165,7 @@ def backward_call(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out:
     # unshift: a dense bias of one value per query row, which only shifts softmax rows, keeps
     # the problem off the Hopper backward: it runs without it, on the forward's lse minus the
     # row's value (the pre kernel writes that into the workspace: BwdParams.lse_shifted).
-    unshift = (family != "bwd_sm90" and pb.bias is not None and not pb.varlen
-               and pb.bias.shape[3] == 1 and env.fwd_row_bias()
+    unshift = (family != "bwd_sm90" and row_bias.has_row_bias(pb)
                and backward_family(dataclasses.replace(pb, bias=None), describe(dout),
                                    deterministic, sparse_arg, dev_props, partial) == "bwd_sm90")
     if unshift:

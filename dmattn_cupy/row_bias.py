@@ -35,12 +35,19 @@ def all_row_bias_specs(arch: str = "sm_80") -> list[KernelSpec]:
     return [row_bias_spec(dt, arch) for dt in DTYPES]
 
 
+def has_row_bias(pb: Problem) -> bool:
+    """``DMATTN_FWD_ROW_BIAS=1`` and a dense problem whose bias is one value per query row (key
+    dim 1, a scalar too): the Hopper kernels may run without it, forward (``shifts_bias``) and
+    backward (``backward.backward_call``'s unshift)."""
+    return pb.bias is not None and not pb.varlen and env.fwd_row_bias() \
+        and forward_sm90.operand_mode(pb.bias) == forward_sm90.OPERAND_QUERY_ROW
+
+
 def shifts_bias(pb: Problem, dev: DeviceProps) -> bool:
     """Whether the forward of ``pb`` (broadcasts collapsed) runs without its bias and shifts lse
-    by it afterwards: ``DMATTN_FWD_ROW_BIAS=1``, a dense problem whose bias is one value per
-    query row, the Hopper family for the problem without the bias and not with it."""
-    if pb.bias is None or pb.varlen or not env.fwd_row_bias() \
-            or forward_sm90.operand_mode(pb.bias) != forward_sm90.OPERAND_QUERY_ROW:
+    by it afterwards: ``has_row_bias``, the Hopper family for the problem without the bias and
+    not with it."""
+    if not has_row_bias(pb):
         return False
     return select_forward(dataclasses.replace(pb, bias=None), dev).family == "fwd_sm90" \
         and select_forward(pb, dev).family != "fwd_sm90"
