@@ -155,8 +155,8 @@ def forward_call(pb: Problem, query: Any, cu_q: Any = None, cu_k: Any = None,
         return out, lse, plan
     pb = collapsed_broadcasts(pb)
     shifted = None   # the problem with its bias, where the bias is an lse shift after the forward
-    if sparse is None and tile_counters is None and \
-            row_bias.shifts_bias(pb, runtime.device_props(pb.q.device)):
+    if tile_counters is None and \
+            row_bias.shifts_bias(pb, runtime.device_props(pb.q.device), block_size_of(sparse)):
         shifted, pb = pb, dataclasses.replace(pb, bias=None)
         if lse is None:   # the shift reads the forward's lse: made for it (not returned)
             lse = arrays.empty(query, lse_shape, "float32")

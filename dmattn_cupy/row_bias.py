@@ -5,8 +5,9 @@ row by the same amount, which softmax does not see: the forward runs without it 
 family takes that problem; it declines the bias itself, ``forward_sm90.tile_for``), and one
 small launch after it adds the row's value to lse and handles the values that are not a plain
 shift (NaN, +-inf, below LOWEST_LOGIT: the kernel's comment). Behind ``DMATTN_FWD_ROW_BIAS``
-(on by default: tests/gpu/test_row_bias.py); dense problems only. The same switch lets the
-Hopper backward run without such a bias, on lse minus it (``backward.backward_call``).
+(on by default: tests/gpu/test_row_bias.py); dense problems only, block lists beside them
+included. The same switch lets the Hopper backward run without such a bias, on lse minus it
+(``backward.backward_call``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import dataclasses
 from . import env, forward_sm90, runtime
 from .arrays import ArrayInfo
 from .device import DeviceProps
+from .families import SparseArg
 from .launch_plan import Launch, Plan
 from .layout import build_fwd_params, fwd_pointer_fields
 from .select import forward as select_forward
@@ -43,14 +45,14 @@ def has_row_bias(pb: Problem) -> bool:
         and forward_sm90.operand_mode(pb.bias) == forward_sm90.OPERAND_QUERY_ROW
 
 
-def shifts_bias(pb: Problem, dev: DeviceProps) -> bool:
+def shifts_bias(pb: Problem, dev: DeviceProps, sparse: SparseArg = False) -> bool:
     """Whether the forward of ``pb`` (broadcasts collapsed) runs without its bias and shifts lse
     by it afterwards: ``has_row_bias``, the Hopper family for the problem without the bias and
-    not with it."""
+    not with it (``sparse``: block lists' (block_m, block_n), as the selection is told)."""
     if not has_row_bias(pb):
         return False
-    return select_forward(dataclasses.replace(pb, bias=None), dev).family == "fwd_sm90" \
-        and select_forward(pb, dev).family != "fwd_sm90"
+    return select_forward(dataclasses.replace(pb, bias=None), dev, sparse).family == "fwd_sm90" \
+        and select_forward(pb, dev, sparse).family != "fwd_sm90"
 
 
 def grid(pb: Problem) -> tuple[int, int, int]:

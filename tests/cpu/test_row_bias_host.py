@@ -118,23 +118,25 @@ def test_which_problems_shift(monkeypatch):
 
 
 @pytest.mark.parametrize("lse", [False, True])
-@pytest.mark.parametrize("shape,mask", [((2, 4, 40, 1), False), ((1, 1, 1, 1), False),
-                                        ((2, 4, 40, 1), True)],
-                         ids=["rows", "scalar", "rows_shared_mask"])
+@pytest.mark.parametrize("shape,mask", [((2, 4, 40, 1), None), ((1, 1, 1, 1), None),
+                                        ((2, 4, 40, 1), "shared"), ((2, 4, 40, 1), "block")],
+                         ids=["rows", "scalar", "rows_shared_mask", "rows_block_mask"])
 def test_plan_runs_the_forward_then_the_shift(cap, monkeypatch, lse, shape, mask):
     """The forward launches without the bias (after the attn_mask route's two launches for a
-    shared mask), then fwd_row_bias with the bias, out and the forward's lse (made for it when
-    the caller did not ask for lse); a repeated call's thin launches equal a fresh validated
-    build's, pointers included."""
+    shared mask; beside a block mask, on its lists), then fwd_row_bias with the bias, out and
+    the forward's lse (made for it when the caller did not ask for lse); a repeated call's thin
+    launches equal a fresh validated build's, pointers included."""
     monkeypatch.setenv("DMATTN_FWD_ROW_BIAS", "1")
     B, S, Sk, H, Hk, D = 2, 40, 48, 4, 2, 64
-    route = [("mask_pack",), ("mask_lists",)] if mask else []
+    route = [("mask_pack",), ("mask_lists",)] if mask == "shared" else []
+    block = dm.BlockBitsetMask(np.array([[True]]), S, Sk, block_size=(128, 128))
 
     def call(seed):
         q = tf._rand(B, S, H, D, seed=seed)
         k, v = tf._rand(B, Sk, Hk, D, seed=seed + 1), tf._rand(B, Sk, Hk, D, seed=seed + 2)
         bias = tf._rand(*shape, seed=seed + 3)
-        kw = {"attn_mask": torch.rand(B, 1, S, Sk) > 0.2} if mask else {}
+        kw = ({"attn_mask": torch.rand(B, 1, S, Sk) > 0.2} if mask == "shared"
+              else {"sparse_mask": block} if mask == "block" else {})
         return (q, k, v, bias, kw), dm.flash_dmattn_func(q, k, v, attn_bias=bias,
                                                           return_lse=lse, **kw)
 
@@ -146,6 +148,7 @@ def test_plan_runs_the_forward_then_the_shift(cap, monkeypatch, lse, shape, mask
     fwd = tf._record(first[0][3][0], "FwdParams")
     shift = tf._record(first[1][3][0], "FwdParams")
     assert int(fwd["bias"][0]) == 0 and int(shift["bias"][0]) == bias.data_ptr()
+    assert (int(fwd["sp_full_idx"][0]) != 0) == (mask is not None)    # on block lists
     assert int(fwd["lse"][0]) != 0 and int(shift["lse"][0]) == int(fwd["lse"][0])
     out = res[0] if lse else res
     assert isinstance(out, torch.Tensor) and int(shift["o"][0]) == out.data_ptr()

@@ -82,6 +82,29 @@ def test_shift_beside_a_mask(mask_heads, monkeypatch):
                                    bias=f64(bias), scale=128 ** -0.5), "bfloat16")
 
 
+@pytest.mark.parametrize("kw", [{}, {"is_causal": True}], ids=str)
+def test_shift_beside_a_block_mask(kw, monkeypatch):
+    """Beside a block mask of whole 128 x 128 blocks (a row block of no kept block included:
+    lse -inf, out 0, which the shift keeps): the Hopper forward walks the lists without the
+    bias, then the shift."""
+    q, k, v = _qkv(128, seed=23)
+    g = torch.Generator().manual_seed(24)
+    bias = (4 * torch.randn(B, H, SQ, 1, generator=g)).to("cuda", torch.bfloat16)
+    pattern = np.array([[True, True], [False, False]])
+    sparse = dm.BlockBitsetMask(pattern, SQ, SK, block_size=(128, 128))
+    families = record_launch_families(monkeypatch)
+    out, lse = dm.flash_dmattn_func(q, k, v, attn_bias=bias, sparse_mask=sparse,
+                                    return_lse=True, **kw)
+    torch.cuda.synchronize()
+    assert families[-2:] == ["fwd_sm90", "fwd_row_bias"], families
+    assert set(families[:-2]) <= {"fwd_order"}, families
+    assert torch.isneginf(lse[:, :, 128:]).all() and (out[:, 128:] == 0).all()
+    keep = np.broadcast_to(np.asarray(sparse.to_dense(), dtype=bool), (1, 1, SQ, SK))
+    assert_fa_close(out, lse, dict(q=f64(q), k=f64(k), v=f64(v), mask=keep, bias=f64(bias),
+                                   scale=128 ** -0.5, window=(-1, 0) if kw else (-1, -1)),
+                    "bfloat16")
+
+
 def test_values_that_are_not_a_shift_match_the_reference_backend():
     """NaN and +inf make the row NaN; -inf and -3e38 (below LOWEST_LOGIT) drop it (out 0, lse
     -inf); a row the mask drops stays dropped under a NaN; the rest shift."""
