@@ -6,6 +6,7 @@ custom op runs these same functions under ``torch.no_grad()``.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -14,7 +15,7 @@ from . import edge, reference
 from .arrays import from_numpy_like, lse_like, to_numpy_f64
 from .forward import run_forward
 from .masks import SparseMask
-from .sparse_plan import fold_window
+from .sparse_plan import dense_block_mask, fold_window, forward_takes_lists
 from .validate import (
     Problem,
     check_cu_seqlens_values,
@@ -44,8 +45,15 @@ def dense(query: Any, key: Any, value: Any, attn_mask: Any, attn_bias: Any,
             None if sparse_mask is None else sparse_mask.to_dense())
         res = from_numpy_like(out, query)
         return (res, lse_like(lse, query)) if return_lse else res
-    # Parametric masks become the kernel's window; a block mask travels as block lists.
+    # Parametric masks become the kernel's window; a block mask travels as block lists, or
+    # where the forward takes none beside attn_mask, as its dense form ANDed into attn_mask.
     pb, block_mask = fold_window(pb, sparse_mask)
+    if block_mask is not None and not forward_takes_lists(pb):
+        mask = dense_block_mask(block_mask, attn_mask, query)
+        pb = dataclasses.replace(check_dense(query, key, value, mask, attn_bias, softmax_scale,
+                                             is_causal, window_size, softcap, backend),
+                                 window=pb.window)
+        block_mask = None
     out, lse = run_forward(pb, query, return_lse=return_lse, sparse=block_mask)
     return (out, lse) if return_lse else out
 

@@ -64,7 +64,14 @@ from .forward import forward_call
 from .launch_plan import Plan, PlanCache
 from .layout import SPARSE_INPUTS
 from .masks import DynamicMask, SparseMask
-from .sparse_plan import SparseArrays, device_lists, fold_window, lists_fit, split_sparse
+from .sparse_plan import (
+    SparseArrays,
+    device_lists,
+    fold_window,
+    forward_takes_lists,
+    lists_fit,
+    split_sparse,
+)
 from .validate import Problem, check_dense, check_flags, check_sparse, check_varlen
 
 MISS = object()       # "take the validated path"
@@ -376,8 +383,11 @@ def _build_forward(key: tuple, q: Any, cu_q: Any, cu_k: Any, need_lse: bool,
     pb = _validated_kernel_problem(key, validate)
     if pb is None:
         return MISS
-    out, lse, plan = forward_call(pb, q, cu_q, cu_k, return_lse=need_lse,
-                                  sparse=None if block_of is None else block_of())
+    block = None if block_of is None else block_of()
+    if block is not None and not forward_takes_lists(pb):
+        forward_plans.put(key, None)   # the validated path ANDs its dense form into attn_mask
+        return MISS
+    out, lse, plan = forward_call(pb, q, cu_q, cu_k, return_lse=need_lse, sparse=block)
     forward_plans.put(key, _Entry(plan, pb, need_lse) if plan is not None and plan.cacheable
                       else None)
     return out, lse

@@ -198,6 +198,14 @@ def fold_window(pb: Problem, sparse_mask: SparseMask | None) -> tuple[Problem, S
     return dataclasses.replace(pb, window=tighter_window(pb.window, win)), block
 
 
+def forward_takes_lists(pb: Problem) -> bool:
+    """Whether the CUDA forward walks a block mask's lists beside ``pb``'s attn_mask; else the
+    mask's dense form is ANDed into attn_mask (``dense_block_mask``), as on the autograd path
+    (``lists_fit``)."""
+    return sparse_supported(padded_head_dim(pb.head_dim), pb.mask is not None,
+                            pb.bias is not None)
+
+
 def fits_backward(block_size: tuple[int, int], dtype: str, head_dim: int,
                   dev: DeviceProps = PRESETS["sm_80"]) -> bool:
     """Whether a block mask of ``block_size`` tiles the backward kernels' (block_m, block_n)

@@ -270,3 +270,41 @@ def test_block_mask_calls_the_thin_path_cannot_prove_take_the_validated_path(cap
     for _ in range(2):
         with pytest.raises(ValueError, match=r"sparse_mask is for \(seqlen_q, seqlen_k\)"):
             dm.flash_dmattn_func(qs, *args[1:], sparse_mask=short)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_block_mask_beside_attn_mask_at_d256_goes_dense(cap, monkeypatch, grad):
+    """Head dim 256 takes no block lists beside an attn_mask (``forward_takes_lists``): the
+    mask's exact elements ANDed into attn_mask, with a gradient or without (before, the no-grad
+    call raised NotImplementedError), made afresh per call (the outer key is remembered as
+    not the thin path's, so no plan slots the caller's attn_mask where the ANDed one belongs);
+    the forward reads no lists and the ANDed mask."""
+    monkeypatch.setenv("DMATTN_MASK_ROUTE", "0")   # the ANDed mask read as its bytes
+    d = 256
+    q, k, v = (tf._rand(B, s, n, d, seed=i) for i, (s, n) in enumerate(((SQ, H), (SK, HK),
+                                                                        (SK, HK))))
+    attn = torch.rand(B, H, SQ, SK, generator=torch.Generator().manual_seed(3)) > 0.3
+    m = _mask("bitset", (128, 128))
+    want = np.asarray(m.to_dense(), dtype=bool) & attn.numpy()
+    seen = []
+    real = sparse_plan.dense_block_mask
+
+    def spy(*a):
+        seen.append(real(*a))
+        return seen[-1]
+
+    monkeypatch.setattr(sparse_plan, "dense_block_mask", spy)   # autograd's route
+    monkeypatch.setattr(dispatch, "dense_block_mask", spy)      # the forward's
+    for call in range(2):
+        qq, kk, vv = (x.clone().requires_grad_(grad) for x in (q, k, v))
+        dm.flash_dmattn_func(qq, kk, vv, attn_mask=attn, sparse_mask=m)
+        fwd = [x for x in cap.take() if x[1] in ("fwd_mma", "fwd_sm90")]
+        # (with a gradient the custom op's inner forward over the ANDed mask may take its
+        # own cached plan, whose mask slot is that call's attn_mask: the ANDed one)
+        assert [x[0] for x in fwd] == ["thin" if grad and call else "slow"], fwd
+        rec = tf._record(fwd[0][3][0], "FwdParams")
+        assert int(rec["sp_full_idx"][0]) == 0                      # no lists
+        # the ANDed mask (its rows padded to 16 bytes for the Hopper maps: a copy of it)
+        assert int(rec["mask"][0]) not in (0, attn.data_ptr())
+        assert len(seen) == call + 1                                 # made per call
+        assert np.array_equal(seen[-1].numpy(), want)

@@ -237,6 +237,27 @@ def test_with_attn_mask_bias_causal(kind, combo):
         assert_fa_close(out, None, _ref_args(q, k, v, sparse, mask, bias, causal), "bfloat16")
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_block_mask_beside_attn_mask_at_d256(grad):
+    """Head dim 256 takes no block lists beside an attn_mask: the block mask's elements are
+    ANDed into attn_mask (sparse_plan.forward_takes_lists), with a gradient or without; the
+    output against the float64 reference."""
+    sq, sk, d = 200, 333, 256
+    g = torch.Generator().manual_seed(17)
+    q, k, v = (torch.randn(B, s, n, d, generator=g).to("cuda", torch.bfloat16)
+               for s, n in ((sq, H), (sk, HK), (sk, HK)))
+    mask = torch.rand(B, H, sq, sk, generator=g).cuda() > 0.2
+    sparse = dm.BlockBitsetMask(np.array([[True, False, True], [True, True, False]]), sq, sk,
+                                block_size=(128, 128))
+    q.requires_grad_(grad)
+    out, lse = dm.flash_dmattn_func(q, k, v, attn_mask=mask, sparse_mask=sparse,
+                                    return_lse=True)
+    torch.cuda.synchronize()
+    ref = dict(q=f64(q), k=f64(k), v=f64(v), mask=f64(mask), bias=None, scale=d ** -0.5,
+               window=(-1, -1), sparse=np.asarray(sparse.to_dense()))
+    assert_fa_close(out.detach(), lse.detach(), ref, "bfloat16")
+
+
 # ----------------------------------------------------------------------------- tile counters
 
 
