@@ -294,3 +294,36 @@ def test_unshift_gives_the_gradients_of_the_bias(softcap, window, bias_heads):
             assert np.isnan(g).any() == (bad is not None)
             if bad is None:
                 np.testing.assert_allclose(g, r, rtol=1e-9, atol=1e-9)
+
+
+def test_training_step_beside_a_block_mask(cap, monkeypatch):
+    """Beside a block mask (its lists): the forward runs without the bias then shifts lse, the
+    Hopper backward runs without it on lse minus it, and a second step repeats both on the
+    thin path."""
+    monkeypatch.setenv("DMATTN_FWD_ROW_BIAS", "1")
+    B, S, Sk, H, Hk, D = 2, 40, 48, 4, 2, 64
+    q0 = tf._rand(B, S, H, D, seed=1)
+    k0, v0 = tf._rand(B, Sk, Hk, D, seed=2), tf._rand(B, Sk, Hk, D, seed=3)
+    bias, dout = tf._rand(B, H, S, 1, seed=4), tf._rand(B, S, H, D, seed=5)
+    block = dm.BlockBitsetMask(np.array([[True]]), S, Sk, block_size=(128, 128))
+
+    def step():
+        q, k, v = (x.clone().requires_grad_() for x in (q0, k0, v0))
+        out = dm.flash_dmattn_func(q, k, v, attn_bias=bias, sparse_mask=block)
+        torch.autograd.grad(out, (q, k, v), dout)
+        return cap.take()
+
+    for path in ("slow", "thin"):
+        launched = step()
+        fams = [x[1] for x in launched]
+        fwd = [f for f in fams if f.startswith("fwd")]
+        assert fwd[-2:] == ["fwd_sm90", "fwd_row_bias"], fams
+        assert "bwd_sm90" in fams and "bwd_dkdv" not in fams, fams
+        rec = tf._record(launched[fams.index("fwd_sm90")][3][0], "FwdParams")
+        assert int(rec["bias"][0]) == 0 and int(rec["sp_full_idx"][0]) != 0
+        pre = tf._record(launched[fams.index("bwd_pre")][3][0], "BwdParams")
+        assert int(pre["lse_shifted"][0]) not in (0, int(pre["lse"][0]))
+        args = np.frombuffer(launched[fams.index("bwd_sm90")][3][1],
+                             dtype=backward_sm90.ARGS_DTYPE)
+        assert int(args["bias_mode"][0]) == 0
+        assert all(x[0] == path for x in launched), [(x[0], x[1]) for x in launched]
