@@ -346,8 +346,12 @@ def _engine_pieces(calls: int, device: str, q: Any, k: Any, v: Any, dout: Any,
                                        out, lse)[:3]
 
     # backward bodies: held grads / fresh empties / our kernels (dQ, dK, dV of dout)
+    # ("3 empty_like dropped": allocating in the engine's thread without handing the engine
+    # fresh gradients; the "engine fwd+bwd" rows below: allocating them there or in the forward)
     bodies = {"held grads": lambda ctx, g: tuple(held),
               "3 fresh empty_like": lambda ctx, g: tuple(torch.empty_like(x) for x in held),
+              "3 empty_like dropped, held grads": lambda ctx, g: (
+                  [torch.empty_like(x) for x in held], tuple(held))[1],
               "saved_tensors + our kernels": lambda ctx, g: (ctx.saved_tensors, run_kernels(g)
                                                              )[1]}
     for name, body in bodies.items():
@@ -365,6 +369,23 @@ def _engine_pieces(calls: int, device: str, q: Any, k: Any, v: Any, dout: Any,
         kept = _Piece.apply(qg, kg, vg, None, object())
         row(f"engine: Function like ours, {name}", lambda kept=kept: torch.autograd.grad(
             kept, (qg, kg, vg), dout, retain_graph=True))
+
+    for where in ("backward", "forward"):
+        class _Grads(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx: Any, q: Any, k: Any, v: Any, where: str = where) -> Any:
+                if where == "forward":   # on the caller's thread, held until the backward
+                    ctx.made = tuple(torch.empty_like(x) for x in (q, k, v))
+                return torch.empty_like(q)
+
+            @staticmethod
+            def backward(ctx: Any, g: Any, where: str = where) -> Any:
+                if where == "forward":
+                    return ctx.made
+                return tuple(torch.empty_like(x) for x in held)   # on the engine's thread
+
+        row(f"engine fwd+bwd: 3 gradients allocated in the {where}",
+            lambda f=_Grads: torch.autograd.grad(f.apply(qg, kg, vg), (qg, kg, vg), dout))
 
     timed: list[Any] = []   # timed inside the thread (a stubbed row counts its CPU time)
 
