@@ -183,11 +183,8 @@ def _dense(r: random.Random, g: torch.Generator, dev: str, sz: Sizes) -> dict[st
         kw["attn_bias"] = _broadcast(r, g, (b, h, sq, sk), dims, r.choice([dt, torch.float32]),
                                      dev)
     _flags(r, kw, True)
-    if r.random() < 0.2:
+    if r.random() < 0.2:   # (past d192 a block mask beside attn_mask is ANDed into it)
         kw["sparse_mask"] = _sparse(r, g, sq, sk, dev)
-        if d > 192 and "attn_mask" in kw and not isinstance(
-                kw["sparse_mask"], (dm.CausalMask, dm.WindowMask, dm.CausalWindowMask)):
-            del kw["attn_mask"]   # block masks beside attn_mask need d <= 192 (API: NotImpl.)
     _peaky(r, kw)
     return kw
 

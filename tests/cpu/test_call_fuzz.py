@@ -51,6 +51,19 @@ def test_good_cases_are_valid_for_both_backends(seed):
         assert call_fuzz.outcome(case, backend="cuda") == ("ok", "")
 
 
+@pytest.mark.parametrize("chunk", range(4))
+def test_a_gradient_changes_nothing_of_what_is_accepted(chunk):
+    """Good dense and varlen calls (the GPU's sizes, stubbed) run with a gradient wherever they
+    run without one (autograd and the forward route masks alike: a block mask beside attn_mask
+    at d256 once raised NotImplementedError without a gradient only)."""
+    with host_profile.stub_gpu():
+        for seed in range(1000 + 25 * chunk, 1025 + 25 * chunk):
+            case = call_fuzz.good_case(seed, "cpu", call_fuzz.GPU_SIZES, ("dense", "varlen"))
+            assert call_fuzz.outcome(case) == ("ok", ""), seed
+            assert call_fuzz.outcome(call_fuzz.Case("grad", dict(case.kwargs))) == ("ok", ""), \
+                seed
+
+
 def test_good_cases_cover_the_layouts():
     cases = [call_fuzz.good_case(s, "cpu", call_fuzz.CPU_SIZES) for s in range(400)]
     kw = [c.kwargs for c in cases]
