@@ -251,14 +251,27 @@ def device_lists(mask: SparseMask, like: Any) -> SparseArrays:
     return arrs
 
 
+# The dense fallback's device form of an immutable mask is kept on the mask up to this size
+# (its bytes on the device for the mask's lifetime); a larger one is uploaded per call.
+DENSE_CACHE_BYTES = 64 << 20
+
+
 def dense_block_mask(sparse_mask: SparseMask, attn_mask: Any, like: Any) -> Any:
     """The dense fallback: a block mask's exact elements as a bool array beside ``like``,
     ANDed with ``attn_mask`` (the backward reads it like any mask; all-false tiles are
-    skipped)."""
-    dense = np.array(sparse_mask.to_dense(), dtype=bool)  # a writable copy
-    if dense.ndim == 2:
-        dense = dense[None, None]
-    m = arrays.upload(dense, like, "bool")
+    skipped). An immutable mask's upload of at most ``DENSE_CACHE_BYTES`` is made once per
+    (library, device) and kept on the mask; a DynamicMask's is made from its buffers per
+    call."""
+    cache = sparse_mask.__dict__.setdefault("_dmattn_dense", {})
+    key = (array_kind(like), describe(like).device)
+    m = None if isinstance(sparse_mask, DynamicMask) else cache.get(key)
+    if m is None:
+        dense = np.array(sparse_mask.to_dense(), dtype=bool)  # a writable copy
+        if dense.ndim == 2:
+            dense = dense[None, None]
+        m = arrays.upload(dense, like, "bool")
+        if not isinstance(sparse_mask, DynamicMask) and dense.nbytes <= DENSE_CACHE_BYTES:
+            cache[key] = m
     return m if attn_mask is None else (m & attn_mask)
 
 
