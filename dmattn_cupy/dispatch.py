@@ -48,7 +48,7 @@ def dense(query: Any, key: Any, value: Any, attn_mask: Any, attn_bias: Any,
     # Parametric masks become the kernel's window; a block mask travels as block lists, or
     # where the forward takes none beside attn_mask, as its dense form ANDed into attn_mask.
     pb, block_mask = fold_window(pb, sparse_mask)
-    if block_mask is not None and not forward_takes_lists(pb):
+    if block_mask is not None and not forward_takes_lists(pb.head_dim, pb.mask is not None):
         mask = dense_block_mask(block_mask, attn_mask, query)
         pb = dataclasses.replace(check_dense(query, key, value, mask, attn_bias, softmax_scale,
                                              is_causal, window_size, softcap, backend),

@@ -384,7 +384,7 @@ def _build_forward(key: tuple, q: Any, cu_q: Any, cu_k: Any, need_lse: bool,
     if pb is None:
         return MISS
     block = None if block_of is None else block_of()
-    if block is not None and not forward_takes_lists(pb):
+    if block is not None and not forward_takes_lists(pb.head_dim, pb.mask is not None):
         forward_plans.put(key, None)   # the validated path ANDs its dense form into attn_mask
         return MISS
     out, lse, plan = forward_call(pb, q, cu_q, cu_k, return_lse=need_lse, sparse=block)

@@ -17,7 +17,6 @@ import numpy as np
 
 from . import arrays, decode, env, forward_sm90, mask_pack, row_bias, row_pad, runtime, scratch
 from .arrays import ArrayInfo, describe
-from .families import padded_head_dim, sparse_supported
 from .launch_plan import Alloc, Launch, Plan, RowCopy
 from .layout import FWD_INPUTS, SPARSE_INPUTS, build_fwd_params, fwd_pointer_fields
 from .masks import SparseMask
@@ -29,6 +28,7 @@ from .sparse_plan import (
     check_block_fits,
     check_partial_words,
     device_lists,
+    forward_takes_lists,
     sparse_fields,
 )
 from .spec import KernelSpec
@@ -124,8 +124,8 @@ def forward_call(pb: Problem, query: Any, cu_q: Any = None, cu_k: Any = None,
     lse = arrays.empty(query, lse_shape, "float32") if return_lse else None
     if math.prod(pb.q.shape) == 0:   # no batch, query or head: nothing to launch
         return out, lse, None
-    if sparse is not None and not sparse_supported(padded_head_dim(pb.head_dim),
-                                                   pb.mask is not None, pb.bias is not None):
+    if sparse is not None and not forward_takes_lists(pb.head_dim, pb.mask is not None):
+        # (the public calls AND such a mask's dense form into attn_mask first: dispatch.dense)
         raise NotImplementedError(
             "block-sparse masks together with attn_mask need head dim <= 192 on the CUDA "
             "backend; use backend='reference' or pass sparse_mask.to_dense() & attn_mask as "

@@ -198,12 +198,11 @@ def fold_window(pb: Problem, sparse_mask: SparseMask | None) -> tuple[Problem, S
     return dataclasses.replace(pb, window=tighter_window(pb.window, win)), block
 
 
-def forward_takes_lists(pb: Problem) -> bool:
-    """Whether the CUDA forward walks a block mask's lists beside ``pb``'s attn_mask; else the
-    mask's dense form is ANDed into attn_mask (``dense_block_mask``), as on the autograd path
-    (``lists_fit``)."""
-    return sparse_supported(padded_head_dim(pb.head_dim), pb.mask is not None,
-                            pb.bias is not None)
+def forward_takes_lists(head_dim: int, has_mask: bool) -> bool:
+    """Whether the CUDA forward walks a block mask's lists at ``head_dim`` (beside an attn_mask
+    with ``has_mask``); else the mask's dense form is ANDed into attn_mask
+    (``dense_block_mask``), with a gradient (``lists_fit``) or without."""
+    return sparse_supported(padded_head_dim(head_dim), has_mask, False)
 
 
 def fits_backward(block_size: tuple[int, int], dtype: str, head_dim: int,
@@ -294,7 +293,7 @@ def lists_fit(block_size: tuple[int, int], dtype: str, head_dim: int, has_mask: 
     lists (else as its dense form in ``attn_mask``); False for a head dim or dtype no
     kernel takes (validation then names it)."""
     try:
-        return sparse_supported(padded_head_dim(head_dim), has_mask, False) and \
+        return forward_takes_lists(head_dim, has_mask) and \
             fits_backward(block_size, dtype, head_dim)
     except ValueError:
         return False
