@@ -161,12 +161,13 @@ def backward_call(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out:
     # element bits to read: a MixedMask with partial blocks (one without walks like block lists)
     partial = (sparse is not None and sparse.partial_bits is not None
                and sparse.partial_bits.shape[0] > 0)
-    family = backward_family(pb, describe(dout), deterministic, sparse_arg, dev_props, partial)
+    dout_info = describe(dout)
+    family = backward_family(pb, dout_info, deterministic, sparse_arg, dev_props, partial)
     # unshift: a dense bias of one value per query row, which only shifts softmax rows, keeps
     # the problem off the Hopper backward: it runs without it, on the forward's lse minus the
     # row's value (the pre kernel writes that into the workspace: BwdParams.lse_shifted).
     unshift = (family != "bwd_sm90" and row_bias.has_row_bias(pb)
-               and backward_family(dataclasses.replace(pb, bias=None), describe(dout),
+               and backward_family(dataclasses.replace(pb, bias=None), dout_info,
                                    deterministic, sparse_arg, dev_props, partial) == "bwd_sm90")
     if unshift:
         family = "bwd_sm90"
@@ -175,7 +176,7 @@ def backward_call(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out:
     # made by row_pad before the launches; a cached plan repeats it). dbias keeps the bias's
     # own contiguous layout (the kernel stores it at any strides).
     bias_src = pb.bias
-    pad_bias = family != "bwd_sm90" and bias_to_pad(pb, describe(dout), deterministic,
+    pad_bias = family != "bwd_sm90" and bias_to_pad(pb, dout_info, deterministic,
                                                     sparse_arg, dev_props, partial)
     if pad_bias:
         pb = dataclasses.replace(pb, bias=_padded_placeholder(pb.bias))
@@ -361,7 +362,6 @@ def backward_call(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out:
             spec = backward_sm90_spec(pb.dtype, pb.head_dim, pb.mask is not None,
                                       kernel_bias is not None,
                                       mode_b == backward_sm90.BIAS_KEY_ROW, listed_bits=partial)
-            dout_info = describe(dout)
             sem = ptr(bufs["ws"]) + 4 * sem_at if deterministic else 0
             args = backward_sm90.build_args(pb.q, pb.k, pb.v, dout_info, kernel_bias, mode_b,
                                             sem, ptr(bufs["ws"]))
