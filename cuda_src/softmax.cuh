@@ -36,6 +36,18 @@ DM_DEVICE float normalize_out(float o, float inv_l) { return inv_l == 0.f ? 0.f 
 // Natural-log lse from a log2-domain one (-inf stays -inf).
 DM_DEVICE float lse_natural(float lse2) { return lse2 * (1.f / kLog2e); }
 
+// The log2-domain lse of n partials' lse2 values at(0) .. at(n - 1) (split or warp parts of
+// one row): -inf where every part kept nothing, NaN where one part is NaN.
+template <typename F>
+DM_DEVICE float merged_lse2(int n, F at) {
+  float mx = -DM_INF;
+  for (int s = 0; s < n; ++s) mx = fmax_nan(mx, at(s));
+  if (mx == -DM_INF) return mx;
+  float sum = 0.f;
+  for (int s = 0; s < n; ++s) sum += fast_exp2(at(s) - mx);
+  return mx + __log2f(sum);
+}
+
 // True for a NaN (PTX testp: not folded away under --use_fast_math).
 DM_DEVICE bool is_nan(float x) {
   uint32_t r;

@@ -156,14 +156,7 @@ DM_DEVICE void merge_splits_of_group(const FwdParams& p, int m_block, int kvh, i
     const int64_t grow = p.cu_seqlens_q != nullptr ? int64_t(seq.q_start) + i
                                                    : int64_t(b) * p.seqlen_q + i;
     const int64_t pid0 = (grow * p.heads + h) * ns;
-    float mx = -DM_INF;
-    for (int s = 0; s < ns; ++s) mx = fmax_nan(mx, __ldcg(p.lse_accum + pid0 + s));
-    float lse2 = -DM_INF;
-    if (mx != -DM_INF) {
-      float sum = 0.f;
-      for (int s = 0; s < ns; ++s) sum += fast_exp2(__ldcg(p.lse_accum + pid0 + s) - mx);
-      lse2 = mx + __log2f(sum);
-    }
+    const float lse2 = merged_lse2(ns, [&](int s) { return __ldcg(p.lse_accum + pid0 + s); });
     float acc[kCols];
 #pragma unroll
     for (int c = 0; c < kCols; ++c) acc[c] = 0.f;
@@ -716,19 +709,10 @@ flash_fwd_decode_kernel(const FwdParams p) {
                                                 flag);
     return;
   }
-  float lw[kNumWarps], mx = -DM_INF;
+  float lw[kNumWarps];
 #pragma unroll
-  for (int w = 0; w < kNumWarps; ++w) {
-    lw[w] = sLse[w * kBlockM + row];
-    mx = fmax_nan(mx, lw[w]);  // a NaN warp makes the row NaN
-  }
-  float lse2 = -DM_INF;
-  if (mx != -DM_INF) {
-    float sum = 0.f;
-#pragma unroll
-    for (int w = 0; w < kNumWarps; ++w) sum += fast_exp2(lw[w] - mx);
-    lse2 = mx + __log2f(sum);
-  }
+  for (int w = 0; w < kNumWarps; ++w) lw[w] = sLse[w * kBlockM + row];
+  const float lse2 = merged_lse2(kNumWarps, [&](int w) { return lw[w]; });  // NaN warp: NaN
 #pragma unroll
   for (int w = 0; w < kNumWarps; ++w) lw[w] = lse2 == -DM_INF ? 0.f : fast_exp2(lw[w] - lse2);
   const int i = pr / qpk, h = kvh * qpk + pr % qpk;
