@@ -222,6 +222,13 @@ def stages(calls: int, device: str) -> list[tuple[str, float | None]]:
     dout = torch.randn_like(q)
     row("fwd+bwd (autograd.grad)", lambda: torch.autograd.grad(
         dm.flash_dmattn_func(qg, kg, vg), (qg, kg, vg), dout))
+    qf, kf, vf = q.detach(), k.detach(), v.detach()
+
+    def functional_step() -> Any:  # a training step outside torch's engine
+        o, lse = dm.flash_dmattn_func(qf, kf, vf, return_lse=True)
+        return dm.flash_dmattn_backward(dout, qf, kf, vf, o, lse)
+
+    row("fwd+bwd, functional (no autograd)", functional_step)
     row("fwd+bwd, sparse_mask=BlockBitsetMask (autograd.grad)", lambda: torch.autograd.grad(
         dm.flash_dmattn_func(qg, kg, vg, sparse_mask=blocks), (qg, kg, vg), dout))
     # decode step: 1 query, 4096 keys, H32/Hk8, key-based bias (tools/bench host_decode)

@@ -173,6 +173,31 @@ def _host_fwd_bwd(ctx: Ctx, res: CaseResult, shape: dict[str, Any]) -> None:
         return step(lambda: f(q, k, v), True)
 
     _row(ctx, res, "dmattn fwd+bwd", "dmattn", dm)
+
+    def functional(arrays: Callable[[Any], Any]) -> Maker:
+        """A training step outside torch's engine: forward with lse, then the functional
+        backward (both thin-path calls), on the tensors ``arrays`` makes."""
+        def make() -> Callable[[], Any]:
+            f, b = ctx.dm_attr("flash_dmattn_func"), ctx.dm_attr("flash_dmattn_backward")
+            qa, ka, va, da = (arrays(x.detach()) for x in (q, k, v, dout))
+
+            def run() -> Any:
+                out, lse = f(qa, ka, va, return_lse=True)
+                return b(da, qa, ka, va, out, lse)
+            return run
+        return make
+
+    def as_cupy(x: Any) -> Any:
+        import cupy
+
+        return cupy.from_dlpack(x)
+
+    _row(ctx, res, "dmattn fwd+bwd, functional (torch tensors)", "variant",
+         functional(lambda x: x), "flash_dmattn_func(return_lse=True) + flash_dmattn_backward")
+    if ctx.cuda:
+        _row(ctx, res, "dmattn fwd+bwd, functional (CuPy arrays)", "variant",
+             functional(as_cupy))
+
     def floor() -> Callable[[], Any]:
         apply = nop_function(torch).apply   # one class, made once
         return step(lambda: apply(q, k, v), True)
