@@ -398,8 +398,20 @@ def _fake_dm(torch):
     def flash_dmattn_func(q, k, v, attn_mask=None, attn_bias=None, softmax_scale=None,
                           is_causal=False, window_size=(-1, -1), softcap=0.0, sparse_mask=None,
                           return_lse=False, deterministic=False, backend="auto"):
-        return _attend(q, k, v, attn_mask, attn_bias, softmax_scale, is_causal, window_size,
-                       sparse_mask, softcap)
+        out = _attend(q, k, v, attn_mask, attn_bias, softmax_scale, is_causal, window_size,
+                      sparse_mask, softcap)
+        if not return_lse:
+            return out
+        kf = k.float().repeat_interleave(q.shape[2] // k.shape[2], 2)   # no mask: host calls
+        s = torch.einsum("bqhd,bkhd->bhqk", q.float(), kf) * (
+            softmax_scale or 1 / math.sqrt(q.shape[-1]))
+        return out, torch.logsumexp(s, -1)
+
+    def flash_dmattn_backward(dout, q, k, v, out, lse, **kw):
+        qg, kg, vg = (x.detach().float().requires_grad_() for x in (q, k, v))
+        grads = torch.autograd.grad(_attend(qg, kg, vg, None, None, None, False, (-1, -1),
+                                            None), (qg, kg, vg), dout.float())
+        return (*(g.to(q.dtype) for g in grads), None)
 
     def flash_dmattn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, attn_mask=None,
                                  attn_bias=None, softmax_scale=None, is_causal=False,
@@ -476,6 +488,7 @@ def _fake_dm(torch):
     dm = types.ModuleType("fake_dmattn")
     dm.__version__ = "fake"
     dm.flash_dmattn_func = flash_dmattn_func
+    dm.flash_dmattn_backward = flash_dmattn_backward
     dm.flash_dmattn_varlen_func = flash_dmattn_varlen_func
     dm.flash_dmattn_with_kvcache = flash_dmattn_with_kvcache
     dm.CausalMask = lambda sq, sk: _Mask(_rule(sq, sk, lambda d: d >= 0))
@@ -630,6 +643,8 @@ def test_dry_run_cpu_host_suite(tmp_path, capsys):
         assert c["dmattn_vs_best_peer"] == pytest.approx(sdpa["host_us"] / dm["host_us"])
     kv = [r for r in cases["host_decode"]["impls"] if r["name"].startswith("dmattn kvcache")]
     assert len(kv) == 1 and kv[0]["status"] == "ok" and kv[0]["host_us"] > 0, kv
+    fn = [r for r in cases["host_fwd_bwd"]["impls"] if "functional" in r["name"]]
+    assert [r["status"] for r in fn] == ["ok"] and fn[0]["host_us"] > 0, fn  # CuPy's: CUDA only
     first = cases["host_first_call"]["impls"]
     assert [r["status"] for r in first] == ["n/a", "n/a"]   # needs CUDA
     out = capsys.readouterr().out
