@@ -280,12 +280,45 @@ if prof:
     print(s.getvalue())
 """
 
+# The same phases for a CuPy user without torch: ``import torch`` is blocked (torch_import_s 0,
+# lib_import_s is CuPy's import and the library's), fp16 CuPy arrays, and the training step is
+# the functional one (forward with lse, then flash_dmattn_backward).
+_FIRST_CALL_CUPY = r"""
+import json, sys, time
+sys.modules["torch"] = None   # as if torch were not installed: its import raises ImportError
+t1 = time.perf_counter()
+import cupy
+import dmattn_cupy as dm
+t2 = time.perf_counter()
+B, H, S, D = map(int, sys.argv[4:8])
+q, k, v = (cupy.random.standard_normal((B, S, H, D), dtype=cupy.float32).astype(cupy.float16)
+           for _ in range(3))
+dout = cupy.ones_like(q)
+sync = cupy.cuda.Device().synchronize
+sync()
+t3 = time.perf_counter()
+out, lse = dm.flash_dmattn_func(q, k, v, return_lse=True)
+sync()
+t4 = time.perf_counter()
+dm.flash_dmattn_backward(dout, q, k, v, out, lse)
+sync()
+t5 = time.perf_counter()
+out, lse = dm.flash_dmattn_func(q, k, v, return_lse=True)
+dm.flash_dmattn_backward(dout, q, k, v, out, lse)
+sync()
+t6 = time.perf_counter()
+print("RESULT " + json.dumps({"torch_import_s": 0.0, "lib_import_s": t2 - t1,
+                              "init_s": t3 - t2, "first_fwd_s": t4 - t3, "first_bwd_s": t5 - t4,
+                              "second_ms": (t6 - t5) * 1e3}))
+"""
+
 
 def run_first_call(which: str, device: str = "cuda", top: int = 0,
                    dims: tuple[int, int, int, int] = (1, 1, 128, 64)
                    ) -> tuple[dict[str, float], str, float]:
-    """A new Python process's first forward + backward of ``which`` ("dmattn" or "sdpa") on
-    (B, H, S, D) = ``dims`` bf16 inputs: its phases (FIRST_CALL_PHASES), what it printed after
+    """A new Python process's first forward + backward of ``which`` ("dmattn" or "sdpa" on
+    (B, H, S, D) = ``dims`` bf16 torch tensors; "dmattn-cupy": fp16 CuPy arrays with torch's
+    import blocked, CUDA only): its phases (FIRST_CALL_PHASES), what it printed after
     them (cProfile's ``top`` functions of the first fwd+bwd when ``top`` > 0) and the process's
     wall seconds. ``device``: cuda, cpu, or stub (CPU tensors posing as CUDA with every GPU
     call a no-op: tools/host_profile.stub_gpu). RuntimeError when the process fails."""
@@ -294,7 +327,8 @@ def run_first_call(which: str, device: str = "cuda", top: int = 0,
     env["PYTHONPATH"] = os.pathsep.join((str(root), str(root / "tools"),
                                          env.get("PYTHONPATH", "")))
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-c", _FIRST_CALL, which, device, str(top),
+    script = _FIRST_CALL_CUPY if which == "dmattn-cupy" else _FIRST_CALL
+    p = subprocess.run([sys.executable, "-c", script, which, device, str(top),
                         *map(str, dims)], env=env, capture_output=True, text=True, timeout=600)
     wall = time.perf_counter() - t0
     lines = p.stdout.splitlines()
@@ -308,8 +342,10 @@ def run_first_call(which: str, device: str = "cuda", top: int = 0,
 def _host_first_call(ctx: Ctx, res: CaseResult, shape: dict[str, Any]) -> None:
     dims = (int(shape["batch"]), int(shape["heads"]), int(shape["seqlen"]),
             int(shape["headdim"]))
-    for which, role in (("dmattn", "dmattn"), ("sdpa", "peer")):
-        r = ImplResult(name=f"{which} first fwd+bwd, new process", role=role)
+    for which, role in (("dmattn", "dmattn"), ("dmattn-cupy", "variant"), ("sdpa", "peer")):
+        name = ("dmattn first fwd+bwd, CuPy without torch" if which == "dmattn-cupy" else
+                f"{which} first fwd+bwd, new process")
+        r = ImplResult(name=name, role=role)
         res.impls.append(r)
         if not ctx.cuda:
             r.status, r.note = "n/a", "needs a CUDA device"
@@ -324,7 +360,9 @@ def _host_first_call(ctx: Ctx, res: CaseResult, shape: dict[str, Any]) -> None:
         r.first_call_s = d["first_fwd_s"] + d["first_bwd_s"]
         r.reps = 1
         imports = d["torch_import_s"] + d["lib_import_s"]
-        r.note = (f"process wall {wall:.2f} s: import {imports:.2f} s, CUDA init + inputs "
+        r.note = (f"process wall {wall:.2f} s: import {imports:.2f} s"
+                  f"{' (CuPy + library; torch blocked)' if which == 'dmattn-cupy' else ''}"
+                  f", CUDA init + inputs "
                   f"{d['init_s']:.2f} s, first fwd {d['first_fwd_s']:.3f} s, first bwd "
                   f"{d['first_bwd_s']:.3f} s, second {d['second_ms']:.2f} ms")
 
