@@ -151,7 +151,16 @@ def _host_decode(ctx: Ctx, res: CaseResult, shape: dict[str, Any]) -> None:
         bc = bias.reshape(pages, 64, Hk)
         return lambda: f(q, kc, vc, cache_seqlens=lens, block_table=table, attn_bias=bc)
 
+    def dm_varlen_cupy() -> Callable[[], Any]:
+        import cupy
+
+        f = ctx.dm_attr("flash_dmattn_varlen_func")
+        a = [cupy.from_dlpack(x) for x in (q1, k1, v1, cu_q, cu_k, bias)]
+        return lambda: f(a[0], a[1], a[2], a[3], a[4], Sq, Sk, attn_bias=a[5])
+
     _row(ctx, res, "dmattn varlen (bias (total_k, Hk))", "dmattn", dm_varlen)
+    if ctx.cuda:
+        _row(ctx, res, "dmattn varlen, CuPy arrays", "variant", dm_varlen_cupy)
     _row(ctx, res, "dmattn dense (bias (1,Hk,1,Sk))", "variant", dm_dense)
     if Sk % 64 == 0:
         _row(ctx, res, "dmattn kvcache (paged 64, bias)", "variant", dm_kvcache)
