@@ -170,6 +170,12 @@ def _row_recorder(rows: list[tuple[str, float | None]], calls: int, device: str,
     return row
 
 
+def _cupy_empty(cupy: Any, shape: tuple[int, ...]) -> Any:
+    """What the thin path's CuPy allocator does per buffer (arrays.allocator)."""
+    with cupy.cuda.Device(0):
+        return cupy.empty(shape, dtype=cupy.float16)
+
+
 def stages(calls: int, device: str) -> list[tuple[str, float | None]]:
     import torch
 
@@ -229,6 +235,22 @@ def stages(calls: int, device: str) -> list[tuple[str, float | None]]:
         return dm.flash_dmattn_backward(dout, qf, kf, vf, o, lse)
 
     row("fwd+bwd, functional (no autograd)", functional_step)
+    if device == "cuda":
+        # the same calls on CuPy views of the same tensors (7-9 us dearer per call on the
+        # H200 host in the bench, fortieth session)
+        import cupy
+
+        qc, kc, vc, dc = (cupy.from_dlpack(x) for x in (qf, kf, vf, dout))
+        row("forward, no grad, CuPy arrays (api)", lambda: dm.flash_dmattn_func(qc, kc, vc))
+
+        def functional_cupy() -> Any:
+            o, lse = dm.flash_dmattn_func(qc, kc, vc, return_lse=True)
+            return dm.flash_dmattn_backward(dc, qc, kc, vc, o, lse)
+
+        row("fwd+bwd, functional, CuPy arrays", functional_cupy)
+        row("calib: cupy.empty in a Device context", lambda: _cupy_empty(cupy, q.shape))
+        row("calib: CuPy array .device.id", lambda: qc.device.id)
+        row("calib: cupy current stream ptr", lambda: cupy.cuda.get_current_stream(0).ptr)
     row("fwd+bwd, sparse_mask=BlockBitsetMask (autograd.grad)", lambda: torch.autograd.grad(
         dm.flash_dmattn_func(qg, kg, vg, sparse_mask=blocks), (qg, kg, vg), dout))
     # decode step: 1 query, 4096 keys, H32/Hk8, key-based bias (tools/bench host_decode)
