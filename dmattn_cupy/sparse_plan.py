@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -232,22 +233,35 @@ def _device_array(arr: Any, like: Any, dtype: str) -> Any:
     return arr
 
 
+def _kept_on_mask(mask: SparseMask, attr: str, like: Any, make: Callable[[], Any],
+                  fits: Callable[[Any], bool] = lambda value: True) -> Any:
+    """``make()``, an upload of ``mask``'s data for ``like``'s library and device: an immutable
+    mask keeps it in its ``attr`` dict per (library, device) where ``fits(it)``; a
+    DynamicMask's is made at every call (its buffers change in place)."""
+    if isinstance(mask, DynamicMask):
+        return make()
+    cache = mask.__dict__.setdefault(attr, {})
+    key = (array_kind(like), describe(like).device)
+    value = cache.get(key)
+    if value is None:
+        value = make()
+        if fits(value):
+            cache[key] = value
+    return value
+
+
 def device_lists(mask: SparseMask, like: Any) -> SparseArrays:
     """The mask's lists on the device of ``like``; uploads of immutable masks are cached on
     the mask, a DynamicMask's live buffers are read in place at every call."""
-    cache = mask.__dict__.setdefault("_dmattn_device_lists", {})
-    key = (array_kind(like), describe(like).device)
-    if not isinstance(mask, DynamicMask) and key in cache:
-        return cache[key]
-    host = host_arrays(mask)
-    arrs = SparseArrays(
-        *(_device_array(getattr(host, f), like, "int32")
-          for f in ("full_count", "full_idx", "partial_count", "partial_idx", "partial_slot")),
-        partial_bits=_device_array(host.partial_bits, like, "uint32"),
-        block_m=host.block_m, block_n=host.block_n)
-    if not isinstance(mask, DynamicMask):
-        cache[key] = arrs
-    return arrs
+    def upload() -> SparseArrays:
+        host = host_arrays(mask)
+        return SparseArrays(
+            *(_device_array(getattr(host, f), like, "int32")
+              for f in ("full_count", "full_idx", "partial_count", "partial_idx",
+                        "partial_slot")),
+            partial_bits=_device_array(host.partial_bits, like, "uint32"),
+            block_m=host.block_m, block_n=host.block_n)
+    return _kept_on_mask(mask, "_dmattn_device_lists", like, upload)
 
 
 # The dense fallback's device form of an immutable mask is kept on the mask up to this size
@@ -261,16 +275,12 @@ def dense_block_mask(sparse_mask: SparseMask, attn_mask: Any, like: Any) -> Any:
     skipped). An immutable mask's upload of at most ``DENSE_CACHE_BYTES`` is made once per
     (library, device) and kept on the mask; a DynamicMask's is made from its buffers per
     call."""
-    cache = sparse_mask.__dict__.setdefault("_dmattn_dense", {})
-    key = (array_kind(like), describe(like).device)
-    m = None if isinstance(sparse_mask, DynamicMask) else cache.get(key)
-    if m is None:
+    def upload() -> Any:
         dense = np.array(sparse_mask.to_dense(), dtype=bool)  # a writable copy
-        if dense.ndim == 2:
-            dense = dense[None, None]
-        m = arrays.upload(dense, like, "bool")
-        if not isinstance(sparse_mask, DynamicMask) and dense.nbytes <= DENSE_CACHE_BYTES:
-            cache[key] = m
+        return arrays.upload(dense[None, None] if dense.ndim == 2 else dense, like, "bool")
+
+    m = _kept_on_mask(sparse_mask, "_dmattn_dense", like, upload,
+                      lambda m: math.prod(describe(m).shape) <= DENSE_CACHE_BYTES)
     return m if attn_mask is None else (m & attn_mask)
 
 
