@@ -159,12 +159,39 @@ def per_call_us(fn: Callable[[], Any], calls: int, sync: Callable[[], None],
     return min(runs) if cpu_clock else statistics.median(runs)
 
 
+# --cprofile: rows whose name contains this text also print cProfile's top functions
+_cprofile_match: str | None = None
+
+
+def _print_cprofile(name: str, fn: Callable[[], Any], calls: int,
+                    sync: Callable[[], None]) -> None:
+    """cProfile's 25 costliest functions by own time over ``calls`` calls of ``fn``, in us per
+    call of ``fn`` (own and cumulative; cProfile's own overhead inflates both)."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    sync()
+    prof.disable()
+    stats = pstats.Stats(prof).stats   # (file, line, function) -> (cc, nc, tt, ct, callers)
+    top = sorted(stats.items(), key=lambda kv: -kv[1][2])[:25]
+    print(f"== cProfile: {name} ({calls} calls; us per call: own, cumulative, calls)")
+    for (file, line, func), (_, nc, tt, ct, _) in top:
+        where = f"{Path(file).name}:{line}({func})" if line else func
+        print(f"  {tt * 1e6 / calls:8.2f} {ct * 1e6 / calls:8.2f} {nc / calls:6.1f}  {where}")
+
+
 def _row_recorder(rows: list[tuple[str, float | None]], calls: int, device: str,
                   sync: Callable[[], None]) -> Callable[[str, Callable[[], Any]], None]:
     """``row(name, fn)``: appends (name, us per call of fn), or the error a stage raised."""
     def row(name: str, fn: Callable[[], Any]) -> None:
         try:
             rows.append((name, per_call_us(fn, calls, sync, cpu_clock=device == "cpu")))
+            if _cprofile_match and _cprofile_match in name:
+                _print_cprofile(name, fn, calls, sync)
         except Exception as e:  # noqa: BLE001
             rows.append((f"{name} [{type(e).__name__}: {str(e)[:60]}]", None))
     return row
@@ -439,7 +466,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stub", choices=("auto", "on", "off"), default="auto",
                     help="stub the GPU (auto: when torch sees no CUDA device)")
     ap.add_argument("--calls", type=int, default=2000)
+    ap.add_argument("--cprofile", metavar="TEXT",
+                    help="also print cProfile's top functions for rows whose name has TEXT")
     args = ap.parse_args(argv)
+    global _cprofile_match
+    _cprofile_match = args.cprofile
     import torch
 
     stub = args.stub == "on" or (args.stub == "auto" and not torch.cuda.is_available())
