@@ -80,8 +80,4 @@ struct FwdParams {
   float softcap;               // > 0: logits = softcap * tanh(scale*qk / softcap)
   float scale_over_softcap;    // softmax_scale / softcap (when softcap > 0)
   int32_t pad0;
-  // Split-KV decode with the combine in its own grid (fwd_decode.cu, merge_splits_of_group):
-  // one int32 word per (batch, kv head, m block), zero before the launch and left zero. Null:
-  // fwd_combine.cu merges the partials.
-  int32_t* split_counter;
 };

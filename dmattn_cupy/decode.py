@@ -21,7 +21,7 @@ import dataclasses
 import math
 from typing import Any
 
-from . import arrays, env, runtime, scratch
+from . import arrays, env, runtime
 from .arrays import ArrayInfo, describe
 from .device import DeviceProps
 from .families import DECODE_MAX_SLOTS, decode_smem
@@ -205,13 +205,6 @@ def set_slot_modes(rec: Any) -> tuple[int, int]:
     return rows[0], rows[1]
 
 
-def fused_combine() -> bool:
-    """Whether a split decode merges its own partials (``DM_DECODE_FUSED_COMBINE=1`` in
-    DMATTN_NVRTC_DEFINES, the kernel source's A/B define): one launch and a counter
-    allocation instead of the decode and fwd_combine launches."""
-    return env.nvrtc_define_int("DM_DECODE_FUSED_COMBINE", 0) == 1
-
-
 def launch_smem(spec: KernelSpec, rec: Any) -> int:
     """The dynamic shared memory of a decode launch whose record ``rec`` is filled (its slot
     modes are set here from its mask/bias strides)."""
@@ -295,20 +288,11 @@ def plan_decode(pb: Problem, plan: Plan, query: Any, out: ArrayInfo, lse_ptr: in
         r["o_accum"], r["lse_accum"] = base, base + lse_at
         plan.slot("o_acc", rec, "o_accum")
         plan.slot("o_acc", rec, "lse_accum", add=lse_at)
-    fused = ns > 1 and fused_combine()
-    if fused:   # one zero int32 word per (batch, kv head, m block): the grid's own combine
-        words = num_m_blocks(pb) * pb.kv_heads * pb.batch
-        plan.allocs.append(Alloc("split_counter", (words,), "int32", counter=True))
-        buf = scratch.counter((pb.kind, dev, words), runtime.stream_ptr(pb.kind, dev),
-                              arrays.allocator(query, (words,), "int32", zero=True))
-        keep.append(buf)
-        r["split_counter"] = describe(buf).ptr
-        plan.slot("split_counter", rec, "split_counter")
     # Never a programmatic launch itself: launched during the KV-cache append, its CTAs were
     # placed around the append's and the split grid ran unbalanced (+5-14% at 8 x 4096 and
     # 8 x 8192 keys, H200, BENCHMARKS.md).
     plan.launches.append(Launch(kernel, grid, (rec,), shared_mem=smem))
-    if ns > 1 and not fused:
+    if ns > 1:
         combine = runtime.get_kernel(combine_spec(pb, props.arch), dev)
         n_pairs = total_rows * pb.heads
         plan.launches.append(Launch(combine, combine_grid(n_pairs, ns), (rec,),

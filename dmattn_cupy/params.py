@@ -45,7 +45,6 @@ FWD_FIELDS: tuple[tuple[str, type], ...] = (
     ("page_size", _I32), ("seqlen_k_new", _I32), ("mask_slot_mode", _I32),
     ("bias_slot_mode", _I32),
     ("scale_log2", _F32), ("softcap", _F32), ("scale_over_softcap", _F32), ("pad0", _I32),
-    ("split_counter", _PTR),
 )
 
 FWD_DTYPE = np.dtype([(name, t) for name, t in FWD_FIELDS], align=True)

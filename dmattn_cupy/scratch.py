@@ -14,13 +14,12 @@ call, as before). Why sharing it is safe:
   one: the graph would keep its address. It gets a fresh allocation from the graph's pool.
 
 Counters (``counter``, an ``Alloc`` with ``counter=True``: the Hopper forward's work-item
-counter under DM_SM90_PERSISTENT=2, a split decode's group counters under
-DM_DECODE_FUSED_COMBINE=1) are int32 words that every launch using them finds zero and leaves
-zero (the kernel winds the counter back itself). One kept buffer per (library, device, size,
-stream, calling thread), zero-filled once when made, serves every such call on that stream:
-launches on one stream run one after another, so none sees another's count. A capturing
-stream gets a fresh zero-filled one (the fill is part of the graph: every replay starts at
-zero, and a replay never shares a counter with a call on another stream).
+counter under DM_SM90_PERSISTENT=2) are int32 words that every launch using them finds zero
+and leaves zero (the kernel winds the counter back itself). One kept buffer per (library,
+device, size, stream, calling thread), zero-filled once when made, serves every such call on
+that stream: launches on one stream run one after another, so none sees another's count. A
+capturing stream gets a fresh zero-filled one (the fill is part of the graph: every replay
+starts at zero, and a replay never shares a counter with a call on another stream).
 """
 
 from __future__ import annotations

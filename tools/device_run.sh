@@ -3,7 +3,6 @@
 #   bash tools/device_run.sh [fa4] [precompile] [tests] [sanitize] [sanitize-random] [bench]
 #                            [profile] [profile-src] [first] [maskpack] [route]
 #                            [route-bench] [route-suite] [tensor] [host-queue] [row-bias]
-#                            [fused-combine]
 #   (default: precompile tests sanitize bench)
 # fa4: install FlashAttention-4 into /tmp/fa4site from the staged wheel parts
 # (tools/fa4_install.sh; .whl/partA staged by an earlier call, .whl/partB carried by this one);
@@ -25,10 +24,7 @@
 # and =0 and ncu of the route's kernels; route-suite: the whole suite with the route on;
 # tensor: the Hopper forward's tensor-pipe share and time for TENSOR_CASES (default dense,kbias);
 # host-queue: host time per call with the GPU held busy (tools/host_queue.py); row-bias: the
-# key-broadcast bias shift's GPU tests (DMATTN_FWD_ROW_BIAS) and the qbias case on and off;
-# fused-combine: the split decode's combine in its own grid (DM_DECODE_FUSED_COMBINE=1): its
-# GPU tests and the decode/KV-cache/graph files under the define, then the decode bench cases
-# and tools/host_queue.py with and without it.
+# key-broadcast bias shift's GPU tests (DMATTN_FWD_ROW_BIAS) and the qbias case on and off.
 # At most 8 files come back from $OUT: gpu.txt and info.txt count.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -175,20 +171,6 @@ for step in $steps; do
           --quick >> "$OUT/row_bias.log" 2>&1
       done
       grep -E "^summary" "$OUT/row_bias.log" ;;
-    fused-combine)  # the A/B define DM_DECODE_FUSED_COMBINE: tests, then bench and host time
-      DMATTN_NVRTC_DEFINES=DM_DECODE_FUSED_COMBINE=1 PYTHONPATH=$PWD:$PWD/tools python3 -m pytest \
-        -m gpu -q -n 16 --timeout=300 --tb=short -rf -p no:cacheprovider \
-        tests/gpu/test_decode_fused.py tests/gpu/test_decode.py tests/gpu/test_kvcache.py \
-        tests/gpu/test_graphs.py > "$OUT/fused_combine.log" 2>&1
-      echo "fused-combine tests rc=$?"; grep -E "^(FAILED|ERROR)" "$OUT/fused_combine.log" | cut -c1-160 | head -30
-      tail -1 "$OUT/fused_combine.log"
-      for d in "" DM_DECODE_FUSED_COMBINE=1; do
-        echo "== DMATTN_NVRTC_DEFINES=$d" >> "$OUT/fused_combine.log"
-        DMATTN_NVRTC_DEFINES=$d python3 tools/bench --case decode,decode_b1,decode_b16 \
-          --peers cudnn --no-smoke >> "$OUT/fused_combine.log" 2>&1
-        DMATTN_NVRTC_DEFINES=$d python3 tools/host_queue.py >> "$OUT/fused_combine.log" 2>&1
-      done
-      grep -E "^== DMATTN|^summary|decode step" "$OUT/fused_combine.log" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done

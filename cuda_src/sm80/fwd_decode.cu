@@ -58,18 +58,11 @@ namespace dm {
 // padded rows split each 8 lanes' 128-byte copy across two shared-memory lines: ncu counted 1.5x
 // the ideal L2 sectors per K/V cp.async (35% L2 hits on data read once) and 85% of DRAM peak
 // against cuDNN's 92%. dmattn_cupy/families.py (decode_kv_stride) reads the same define.
-// DM_DECODE_FUSED_COMBINE=1: a split grid merges its own partials (merge_splits_of_group: the
-// last CTA of each group, counted in p.split_counter), so a split decode is one launch instead
-// of the decode and fwd_combine.cu; decode.py reads the same define (one launch, the counter).
-// Written for the decode step's host time (issue 15: ~5-6 us a launch); GPU cost unmeasured.
 // DM_DECODE_PAGED_FAST=0: paged whole tiles through the bounds-tested copy loop. H200 GB/s,
 // padded / swizzled / swizzled + paged fast: decode 3983 / 4237 / 4281 (cuDNN 4187-4264 in the
 // same processes), paged64 3942 / 3793 / 4070, paged16 3920 / 3782 / 4040.
 #ifndef DM_DECODE_LEAN_ISSUE
 #define DM_DECODE_LEAN_ISSUE 1
-#endif
-#ifndef DM_DECODE_FUSED_COMBINE
-#define DM_DECODE_FUSED_COMBINE 0
 #endif
 #ifndef DM_DECODE_STAGES
 #define DM_DECODE_STAGES 0
@@ -129,58 +122,6 @@ struct DecodeKV {
     return kv_bytes(block_m, block_n, stages) + kDecodeBtSlots * 4 * 4 + 2 * 16 * 8;
   }
 };
-
-// The split combine done by the grid itself (p.split_counter: one zero int32 word per
-// (batch, kv head, m block) group, left zero): each CTA of a group, after writing its partial,
-// counts itself in; the last one merges the group's ns partials of its rows into out and lse as
-// fwd_combine.cu does (a NaN split lse makes the row NaN; a row no split kept gets out 0, lse
-// -inf). Every thread of the CTA calls it (two barriers); ``flag``: a shared word no thread
-// reads once the first barrier is passed. Partials are read through L2 (__ldcg): other SMs
-// wrote them, and the fences order their writes before their counts.
-template <typename T, int kHeadDim, int kCols>
-DM_DEVICE void merge_splits_of_group(const FwdParams& p, int m_block, int kvh, int b,
-                                     const SeqInfo& seq, int rows, int m0, int row, int c0,
-                                     int* flag) {
-  const int ns = p.num_splits;
-  const int64_t g = (int64_t(b) * gridDim.y + kvh) * (gridDim.x / ns) + m_block;
-  __threadfence();   // this CTA's partials before its count
-  __syncthreads();
-  if (threadIdx.x == 0) *flag = atomicAdd(p.split_counter + g, 1) == ns - 1;
-  __syncthreads();
-  if (!*flag) return;
-  __threadfence();   // every split's partials after the count that saw them all
-  const int pr = m0 + row;
-  if (pr < rows) {
-    const int qpk = p.q_per_kv;
-    const int i = pr / qpk, h = kvh * qpk + pr % qpk;
-    const int64_t grow = p.cu_seqlens_q != nullptr ? int64_t(seq.q_start) + i
-                                                   : int64_t(b) * p.seqlen_q + i;
-    const int64_t pid0 = (grow * p.heads + h) * ns;
-    const float lse2 = merged_lse2(ns, [&](int s) { return __ldcg(p.lse_accum + pid0 + s); });
-    float acc[kCols];
-#pragma unroll
-    for (int c = 0; c < kCols; ++c) acc[c] = 0.f;
-    if (lse2 != -DM_INF) {
-      for (int s = 0; s < ns; ++s) {
-        const float w = fast_exp2(__ldcg(p.lse_accum + pid0 + s) - lse2);
-        const float* src = p.o_accum + (pid0 + s) * kHeadDim + c0;
-#pragma unroll
-        for (int c = 0; c < kCols; c += 2) {
-          const float2 x = __ldcg(reinterpret_cast<const float2*>(src + c));
-          acc[c] += w * x.x;
-          acc[c + 1] += w * x.y;
-        }
-      }
-    }
-    T* out = o_row_ptr<T>(p, b, h, seq, i);
-#pragma unroll
-    for (int c = 0; c < kCols; c += 2)
-      if (c0 + c < p.head_dim)
-        *reinterpret_cast<uint32_t*>(out + c0 + c) = pack2<T>(acc[c], acc[c + 1]);
-    if (p.lse != nullptr && c0 == 0) p.lse[lse_index(p, b, h, seq, i)] = lse_natural(lse2);
-  }
-  if (threadIdx.x == 0) p.split_counter[g] = 0;   // zero for the next launch
-}
 
 template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNumWarps, bool kHasMask,
           bool kHasBias, bool kVarlen, int kSpecStages>
@@ -698,17 +639,7 @@ flash_fwd_decode_kernel(const FwdParams p) {
   static_assert(kThreads % kBlockM == 0 && kHeadDim % (2 * kPerRow) == 0, "merge tiling");
   const int row = threadIdx.x / kPerRow, c0 = (threadIdx.x % kPerRow) * kCols;
   const int pr = m0 + row;
-  // The split combine inside this grid (DM_DECODE_FUSED_COMBINE=1 builds, p.split_counter set
-  // by decode.py): the group's last CTA merges the partials, so every thread reaches its
-  // barriers.
-  const bool fused = DM_DECODE_FUSED_COMBINE && ns > 1 && p.split_counter != nullptr;
-  int* const flag = reinterpret_cast<int*>(sLse);   // read by no thread past merge's barrier
-  if (pr >= rows) {
-    if (fused)
-      merge_splits_of_group<T, kHeadDim, kCols>(p, m_block, kvh, b, seq, rows, m0, row, c0,
-                                                flag);
-    return;
-  }
+  if (pr >= rows) return;
   float lw[kNumWarps];
 #pragma unroll
   for (int w = 0; w < kNumWarps; ++w) lw[w] = sLse[w * kBlockM + row];
@@ -733,9 +664,6 @@ flash_fwd_decode_kernel(const FwdParams p) {
       if (col < p.head_dim) *reinterpret_cast<float2*>(dst + col) = acc;
     }
     if (c0 == 0) p.lse_accum[pid] = lse2;
-    if (fused)
-      merge_splits_of_group<T, kHeadDim, kCols>(p, m_block, kvh, b, seq, rows, m0, row, c0,
-                                                flag);
     return;
   }
   T* out = o_row_ptr<T>(p, b, h, seq, i);

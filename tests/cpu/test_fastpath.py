@@ -762,35 +762,6 @@ def test_decode_partials_reuse_one_scratch_buffer(cap):
     assert int(rec["o_accum"][0]) not in _kept_pointers() and scratch._bufs == kept
 
 
-def test_fused_combine_build_launches_one_grid_with_kept_counters(cap, monkeypatch):
-    """DM_DECODE_FUSED_COMBINE=1 (an A/B define of fwd_decode.cu, read by decode.py): a split
-    decode is one launch whose record carries split_counter, one zeroed int32 word per (batch,
-    kv head, m block) group, kept per stream like the forward's work-item counter (a capturing
-    stream gets a fresh one); the thin path patches the same buffer in. Without the define
-    the combine follows and split_counter is 0."""
-    call = _decode_call()
-    call()
-    plain = cap.take()
-    assert [x[1] for x in plain] == ["fwd_decode", "fwd_combine"]
-    assert int(_record(plain[0][3][0], "FwdParams")["split_counter"][0]) == 0
-    monkeypatch.setenv("DMATTN_NVRTC_DEFINES", "DM_DECODE_FUSED_COMBINE=1")
-    call()
-    first = cap.take()
-    call()
-    thin = cap.take()
-    assert [x[1] for x in first] == [x[1] for x in thin] == ["fwd_decode"]
-    assert thin[0][0] == "thin"
-    rec, rec2 = (_record(x[0][3][0], "FwdParams") for x in (first, thin))
-    assert int(rec["num_splits"][0]) > 1
-    words = 1 * 8 * 1   # batch 1, 8 kv heads, one m block of 16 packed rows (4 heads x 1 query)
-    kept = [c for k_, c in scratch._counters.items() if k_[0][2:] == (words,)]
-    assert len(kept) == 1 and int(kept[0].numel()) == words and not kept[0].any()
-    assert int(rec["split_counter"][0]) == int(rec2["split_counter"][0]) == kept[0].data_ptr()
-    _call_capturing(call)
-    rec3 = _record(cap.take()[0][3][0], "FwdParams")
-    assert int(rec3["split_counter"][0]) not in (0, kept[0].data_ptr())
-
-
 def test_scratch_is_per_thread_and_bounded(cap, monkeypatch):
     import threading
 
