@@ -449,8 +449,11 @@ def allocator(like: Any, shape: tuple[int, ...], dtype: str | None,
 
         dev, dt = like.device.id, like.dtype if dtype is None else dtype
         make = cupy.zeros if zero else cupy.empty
+        current = cupy.cuda.runtime.getDevice
 
         def alloc() -> Any:
+            if current() == dev:   # CuPy allocates on the current device: no Device context
+                return make(shape, dtype=dt)
             with cupy.cuda.Device(dev):
                 return make(shape, dtype=dt)
 
@@ -472,8 +475,11 @@ def sized_allocator(like: Any, dtype: str) -> Callable[[int], Any]:
         import cupy
 
         dev = like.device.id
+        current = cupy.cuda.runtime.getDevice
 
         def alloc(n: int) -> Any:
+            if current() == dev:   # as in allocator
+                return cupy.empty(n, dtype=dtype)
             with cupy.cuda.Device(dev):
                 return cupy.empty(n, dtype=dtype)
 

@@ -137,7 +137,8 @@ def _tsig(x: Any) -> tuple | None:
 def _csig(x: Any) -> tuple | None:
     if x is None:
         return None
-    return (x.dtype, x.shape, x.strides, x.device.id, x.data.ptr & 15)
+    data = x.data   # its device_id: what x.device.id gives, without a Device object
+    return (x.dtype, x.shape, x.strides, data.device_id, data.ptr & 15)
 
 
 def _tsigs(xs: tuple, ptrs: list[int]) -> tuple:
@@ -157,9 +158,18 @@ def _tsigs(xs: tuple, ptrs: list[int]) -> tuple:
 
 
 def _csigs(xs: tuple, ptrs: list[int]) -> tuple:
-    """``_tsigs`` for CuPy arrays (``_csig``)."""
-    ptrs.extend([0 if x is None else x.data.ptr for x in xs])
-    return tuple(_csig(x) for x in xs)
+    """``_tsigs`` for CuPy arrays (``_csig``'s tuple written out, one pass)."""
+    sigs = []
+    for x in xs:
+        if x is None:
+            sigs.append(None)
+            ptrs.append(0)
+        else:
+            data = x.data
+            p = data.ptr
+            ptrs.append(p)
+            sigs.append((x.dtype, x.shape, x.strides, data.device_id, p & 15))
+    return tuple(sigs)
 
 
 _FLAG_TYPES = (bool, type(None))
