@@ -8,10 +8,12 @@
 # (tools/fa4_install.sh; .whl/partA staged by an earlier call, .whl/partB carried by this one);
 # precompile: every specialization for this GPU into the kernel cache, 16 processes, and the
 # backward A/B builds the GPU tests build (test_backward_sm90_builds, _dq_writer);
-# tests: the GPU suite (-n 16; failures also in $OUT/failures.txt as they happen); sanitize: compute-sanitizer memcheck and racecheck on a representative
-# subset; sanitize-random: memcheck over the first RANDOM_CASES (default 24) calls of
-# tests/gpu/test_random_calls.py; bench: every tools/bench case, JSON + table (FA4 and Flex
-# FLASH rows when flash_attn.cute is importable: see tools/fa4_install.sh; BENCH_ARGS replaces
+# tests: the GPU suite (-n 16; failures also in $OUT/failures.txt as they happen; GPU_SHARD=1/2
+# and 2/2: half the files each, for two calls of under 600 s); sanitize: compute-sanitizer
+# memcheck and racecheck on a representative subset; sanitize-random: memcheck over the first
+# RANDOM_CASES (default 24) calls of tests/gpu/test_random_calls.py; bench: every tools/bench
+# case, JSON + table (FA4 and Flex FLASH rows when flash_attn.cute is importable: see
+# tools/fa4_install.sh; BENCH_ARGS replaces
 # "--suite all"); profile: Nsight Compute sections of one forward launch (PROFILE_CASE,
 # PROFILE_KERNEL: a kernel-name regex, default flash_fwd: the Hopper or the portable kernel);
 # profile-src: the same launch's stall samples per SASS instruction (tools/ncu_source.py; e.g.
@@ -49,9 +51,16 @@ for step in $steps; do
           --jobs 16 --fill-cache >> "$OUT/precompile.log" 2>&1
       done; echo "A/B builds rc=$?: $(tail -1 "$OUT/precompile.log")" ;;
     tests)
-      # failures_at_once: each failure written to $OUT/failures.txt as it happens
+      # failures_at_once: each failure written to $OUT/failures.txt as it happens;
+      # GPU_SHARD=i/n: only every n-th test file from the i-th (1-based), sorted by name
+      files=tests/gpu
+      if [ -n "${GPU_SHARD:-}" ]; then
+        files=$(ls tests/gpu/test_*.py | sort | awk -v s="$GPU_SHARD" \
+          'BEGIN { split(s, a, "/") } (NR - a[1]) % a[2] == 0')
+      fi
+      # shellcheck disable=SC2086
       PYTHONPATH=$PWD:$PWD/tools python3 -m pytest -m gpu -q -n 16 --maxfail=200 --timeout=200 \
-        --tb=short -rf -p failures_at_once -p no:cacheprovider tests/gpu \
+        --tb=short -rf -p failures_at_once -p no:cacheprovider $files \
         > "$OUT/gpu_tests.log" 2>&1
       echo "pytest rc=$?"; grep -E "^(FAILED|ERROR)" "$OUT/gpu_tests.log" | cut -c1-160 | head -60
       tail -3 "$OUT/gpu_tests.log" ;;
