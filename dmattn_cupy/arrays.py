@@ -432,6 +432,23 @@ def _row_pitch(info: ArrayInfo) -> int | None:
     return pitch if pitch >= info.shape[-1] else None
 
 
+def _cupy_on_device(dev: int) -> Callable[..., Any]:
+    """``call(make, *args, **kwargs)``: ``make``'s result with CuPy device ``dev`` current
+    (CuPy allocates on the current device), entering a Device context only where another
+    device is current (the thin path's allocators: the context costs on every call)."""
+    import cupy
+
+    current, device = cupy.cuda.runtime.getDevice, cupy.cuda.Device
+
+    def call(make: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if current() == dev:
+            return make(*args, **kwargs)
+        with device(dev):
+            return make(*args, **kwargs)
+
+    return call
+
+
 def allocator(like: Any, shape: tuple[int, ...], dtype: str | None,
               zero: bool = False) -> Callable[[], Any]:
     """A function making a new (zero-filled if ``zero``) array of ``shape`` and ``dtype``
@@ -447,17 +464,9 @@ def allocator(like: Any, shape: tuple[int, ...], dtype: str | None,
     if kind == "cupy":
         import cupy
 
-        dev, dt = like.device.id, like.dtype if dtype is None else dtype
-        make = cupy.zeros if zero else cupy.empty
-        current = cupy.cuda.runtime.getDevice
-
-        def alloc() -> Any:
-            if current() == dev:   # CuPy allocates on the current device: no Device context
-                return make(shape, dtype=dt)
-            with cupy.cuda.Device(dev):
-                return make(shape, dtype=dt)
-
-        return alloc
+        dt = like.dtype if dtype is None else dtype
+        return functools.partial(_cupy_on_device(like.device.id), cupy.zeros if zero else
+                                 cupy.empty, shape, dtype=dt)
     return functools.partial(np.zeros if zero else np.empty, shape,
                              dtype=like.dtype if dtype is None else dtype)
 
@@ -474,16 +483,8 @@ def sized_allocator(like: Any, dtype: str) -> Callable[[int], Any]:
     if kind == "cupy":
         import cupy
 
-        dev = like.device.id
-        current = cupy.cuda.runtime.getDevice
-
-        def alloc(n: int) -> Any:
-            if current() == dev:   # as in allocator
-                return cupy.empty(n, dtype=dtype)
-            with cupy.cuda.Device(dev):
-                return cupy.empty(n, dtype=dtype)
-
-        return alloc
+        on_device = _cupy_on_device(like.device.id)
+        return lambda n: on_device(cupy.empty, n, dtype=dtype)
     return lambda n: np.empty(n, dtype=dtype)
 
 

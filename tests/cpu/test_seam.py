@@ -238,6 +238,40 @@ def test_device_props_are_read_off_the_device(monkeypatch) -> None:
     assert dev.dram_bytes_per_s == pytest.approx(936.1e9, rel=1e-4)
 
 
+def test_cupy_allocation_enters_a_device_context_only_off_the_current_device(monkeypatch
+                                                                             ) -> None:
+    """arrays._cupy_on_device: the thin path's CuPy allocators call CuPy directly where the
+    array's device is current, and inside a Device context of that device otherwise."""
+    cupy = pytest.importorskip("cupy")
+    from dmattn_cupy import arrays
+
+    current, entered = [0], []
+
+    class FakeDevice:
+        def __init__(self, device):
+            self.id = device
+
+        def __enter__(self):
+            entered.append(self.id)
+            current.insert(0, self.id)
+            return self
+
+        def __exit__(self, *exc):
+            current.pop(0)
+            return False
+
+    monkeypatch.setattr(cupy.cuda.runtime, "getDevice", lambda: current[0])
+    monkeypatch.setattr(cupy.cuda, "Device", FakeDevice)
+
+    def make(shape, dtype):   # what cupy.empty would see: the current device
+        return (current[0], shape, dtype)
+
+    assert arrays._cupy_on_device(0)(make, (2, 3), dtype="float16") == (0, (2, 3), "float16")
+    assert entered == []
+    assert arrays._cupy_on_device(1)(make, (4,), dtype="int32") == (1, (4,), "int32")
+    assert entered == [1] and current == [0]
+
+
 def test_launch_ex_passes_records_of_any_size_and_cluster_dims(monkeypatch) -> None:
     """launch_ex hands cuLaunchKernelEx one pointer per NumPy record (a FwdParams record and
     a 64-byte aligned 512-byte struct of tensor maps) and a cluster-dimension attribute."""
