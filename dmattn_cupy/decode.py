@@ -41,6 +41,11 @@ RESERVED_SMEM_PER_CTA = 1024  # shared memory the driver reserves per resident C
 DEEP_STAGES = 3         # fwd_decode.cu's deeper pipeline, specialized at DEEP_HEAD_DIMS only
 DEEP_HEAD_DIMS = (128,)
 DEEP_MIN_TILES = 32     # key tiles per CTA from which the deeper pipeline pays (see choose_stages)
+# The DRAM bandwidth one unsplit d128 decode CTA per SM draws (H100: 96 CTAs 2570 GB/s, 26.8 GB/s
+# each; 128 CTAs 3042 GB/s, the copy rate): num_splits_heuristic's unsplit clause, used where
+# it was measured (compute capability 9.0, d128).
+UNSPLIT_CTA_BYTES_PER_S = 26.8e9
+UNSPLIT_RATE_WHERE = ((9, 0), 128)   # (compute capability, head dim)
 
 def use_decode(pb: Problem) -> bool:
     """The decode path takes short-query problems (q/k/v rows are 16-byte aligned by then)."""
@@ -106,9 +111,17 @@ def num_m_blocks(pb: Problem) -> int:
 
 
 def num_splits_heuristic(ctas: int, slots: int, n_tiles: int, max_splits: int = MAX_SPLITS,
-                         sms: int | None = None) -> int:
+                         sms: int | None = None, dram_bytes_per_s: float = 0.0) -> int:
     """The split count of a grid of ``ctas`` CTAs of ``n_tiles`` key tiles each, ``slots`` of
-    them resident at once on ``sms`` SMs (None: not known).
+    them resident at once on ``sms`` SMs (None: not known); ``dram_bytes_per_s``: the device's
+    peak DRAM bandwidth where UNSPLIT_CTA_BYTES_PER_S holds for the kernel (0: not used).
+
+    At most one CTA per SM and enough of them to draw the DRAM bandwidth unsplit (``ctas *
+    UNSPLIT_CTA_BYTES_PER_S >= dram_bytes_per_s``: 125-132 CTAs on an H100, none on an H200):
+    no split, as a split only adds the combine and the fp32 partials. H100, d128, 8 KV heads,
+    forced counts: 16 x 2048 keys (128 CTAs) unsplit 51.8 us against 55.4 at the rule's 2
+    splits, 16 x 8192 177.5 against 184.1; at 96 CTAs (12 sequences) splitting stays faster,
+    46.1 / 157.6 unsplit against 44.6 / 142.3 (BENCHMARKS.md, forty-second session).
 
     At most one CTA per SM (``ctas <= sms``, given): one wave, the split count with the fewest
     key tiles on the busiest SM (CTAs round-robin over the SMs: ceil(ctas * s / sms) *
@@ -133,6 +146,8 @@ def num_splits_heuristic(ctas: int, slots: int, n_tiles: int, max_splits: int = 
         return s == 1 or math.ceil(n_tiles / s) != math.ceil(n_tiles / (s - 1))
 
     if sms is not None and ctas <= sms and ctas < 0.8 * slots:
+        if dram_bytes_per_s and ctas * UNSPLIT_CTA_BYTES_PER_S >= dram_bytes_per_s:
+            return 1
         one_wave = [s for s in range(1, max_splits + 1) if eligible(s) and ctas * s <= slots]
         doubled = [s for s in one_wave if ctas * s > sms] or one_wave
         return min(doubled, key=lambda s: (math.ceil(ctas * s / sms) * math.ceil(n_tiles / s),
@@ -231,7 +246,8 @@ def choose_num_splits(pb: Problem, spec: KernelSpec, registers: int, dev: Device
         return max(1, min(forced, n_tiles, MAX_SPLITS))
     ctas = num_m_blocks(pb) * pb.kv_heads * pb.batch
     slots = dev.sm_count * resident_ctas(spec, registers, dev, smem)
-    return num_splits_heuristic(ctas, slots, n_tiles, sms=dev.sm_count)
+    dram = dev.dram_bytes_per_s if (dev.cc, spec.head_dim) == UNSPLIT_RATE_WHERE else 0.0
+    return num_splits_heuristic(ctas, slots, n_tiles, sms=dev.sm_count, dram_bytes_per_s=dram)
 
 
 _carveout_set: set[tuple[KernelSpec, int]] = set()

@@ -164,6 +164,40 @@ def test_at_most_a_cta_per_sm_splits_into_one_balanced_wave():
                     assert busiest <= -(-ctas * t // 132) * -(-n_tiles // t), (ctas, n_tiles, t)
 
 
+def test_unsplit_where_one_cta_per_sm_draws_the_dram_bandwidth():
+    """At most one CTA per SM, and enough of them that unsplit they draw the device's DRAM
+    bandwidth (UNSPLIT_CTA_BYTES_PER_S each): no split (H100 d128, forty-second session: 128
+    CTAs unsplit 3.7-7% faster than 2 splits, 96 CTAs 3-10% slower). Only where measured:
+    compute capability 9.0 at d128; an H200's bandwidth keeps every such grid split."""
+    h100, h200 = 3.35e12, 4.8e12
+    assert decode.num_splits_heuristic(128, 264, 32, sms=132) == 2
+    assert decode.num_splits_heuristic(128, 264, 32, sms=132, dram_bytes_per_s=h100) == 1
+    assert decode.num_splits_heuristic(128, 264, 128, sms=132, dram_bytes_per_s=h100) == 1
+    for ctas in (1, 8, 64, 96, 124, 128, 132):
+        for n_tiles in (32, 128):
+            base = decode.num_splits_heuristic(ctas, 264, n_tiles, sms=132)
+            assert decode.num_splits_heuristic(ctas, 264, n_tiles, sms=132,
+                                               dram_bytes_per_s=h200) == base
+            if ctas < 125:
+                assert decode.num_splits_heuristic(ctas, 264, n_tiles, sms=132,
+                                                   dram_bytes_per_s=h100) == base
+    # larger grids: the wave rules, whatever the bandwidth
+    assert decode.num_splits_heuristic(512, 396, 64, sms=132, dram_bytes_per_s=h100) == 3
+    # through choose_num_splits: 16 sequences x 8 KV heads x 2048 keys
+    pb = _problem(batch=16, sk=2048)
+    spec = decode.decode_spec(pb)
+    sm90_h100 = dataclasses.replace(H100, dram_bytes_per_s=h100)
+    assert decode.choose_num_splits(pb, spec, 168, sm90_h100) == 1
+    assert decode.choose_num_splits(pb, spec, 168, dataclasses.replace(H100,
+                                                                       dram_bytes_per_s=h200)) > 1
+    assert decode.choose_num_splits(pb, spec, 168, H100) > 1      # bandwidth unknown
+    other_cc = dataclasses.replace(sm90_h100, cc=(8, 9))
+    assert decode.choose_num_splits(pb, spec, 168, other_cc) > 1  # not measured there
+    pb64 = _problem(batch=16, sk=2048, d=64)
+    assert decode.choose_num_splits(pb64, decode.decode_spec(pb64), 128, sm90_h100) == \
+        decode.choose_num_splits(pb64, decode.decode_spec(pb64), 128, H100)
+
+
 def test_tail_wave_splits():
     """Grids that fill the slots but leave a thin last wave split to fill it (the H200 decode
     case: 512 CTAs on 396 slots, 3 splits measured best); full-enough grids do not split."""
