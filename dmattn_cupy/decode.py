@@ -117,7 +117,7 @@ def num_splits_heuristic(ctas: int, slots: int, n_tiles: int, max_splits: int = 
     peak DRAM bandwidth where UNSPLIT_CTA_BYTES_PER_S holds for the kernel (0: not used).
 
     At most one CTA per SM and enough of them to draw the DRAM bandwidth unsplit (``ctas *
-    UNSPLIT_CTA_BYTES_PER_S >= dram_bytes_per_s``: 125-132 CTAs on an H100, none on an H200):
+    UNSPLIT_CTA_BYTES_PER_S >= dram_bytes_per_s``: 126-132 CTAs on an H100 SXM, none on an H200):
     no split, as a split only adds the combine and the fp32 partials. H100, d128, 8 KV heads,
     forced counts: 16 x 2048 keys (128 CTAs) unsplit 51.8 us against 55.4 at the rule's 2
     splits, 16 x 8192 177.5 against 184.1; at 96 CTAs (12 sequences) splitting stays faster,
