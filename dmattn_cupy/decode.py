@@ -47,6 +47,7 @@ DEEP_MIN_TILES = 32     # key tiles per CTA from which the deeper pipeline pays 
 UNSPLIT_CTA_BYTES_PER_S = 26.8e9
 UNSPLIT_RATE_WHERE = ((9, 0), 128)   # (compute capability, head dim)
 
+
 def use_decode(pb: Problem) -> bool:
     """The decode path takes short-query problems (q/k/v rows are 16-byte aligned by then)."""
     mode = env.decode_mode()

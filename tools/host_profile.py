@@ -197,17 +197,11 @@ def _row_recorder(rows: list[tuple[str, float | None]], calls: int, device: str,
     return row
 
 
-def _cupy_empty(cupy: Any, shape: tuple[int, ...]) -> Any:
-    """What the thin path's CuPy allocator does per buffer (arrays.allocator)."""
-    with cupy.cuda.Device(0):
-        return cupy.empty(shape, dtype=cupy.float16)
-
-
 def stages(calls: int, device: str) -> list[tuple[str, float | None]]:
     import torch
 
     import dmattn_cupy as dm
-    from dmattn_cupy import autograd, forward, runtime
+    from dmattn_cupy import arrays, autograd, forward, runtime
     from dmattn_cupy.arrays import describe
     from dmattn_cupy.layout import build_fwd_params
     from dmattn_cupy.validate import check_dense
@@ -275,7 +269,8 @@ def stages(calls: int, device: str) -> list[tuple[str, float | None]]:
             return dm.flash_dmattn_backward(dc, qc, kc, vc, o, lse)
 
         row("fwd+bwd, functional, CuPy arrays", functional_cupy)
-        row("calib: cupy.empty in a Device context", lambda: _cupy_empty(cupy, q.shape))
+        row("calib: the thin path's CuPy allocator (arrays.allocator)",
+            arrays.allocator(qc, tuple(qc.shape), "float16"))
         row("calib: CuPy array .device.id", lambda: qc.device.id)
         row("calib: cupy current stream ptr", lambda: cupy.cuda.get_current_stream(0).ptr)
     row("fwd+bwd, sparse_mask=BlockBitsetMask (autograd.grad)", lambda: torch.autograd.grad(
