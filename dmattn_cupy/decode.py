@@ -43,8 +43,10 @@ DEEP_HEAD_DIMS = (128,)
 DEEP_MIN_TILES = 32     # key tiles per CTA from which the deeper pipeline pays (see choose_stages)
 # The DRAM bandwidth one unsplit d128 decode CTA per SM draws (H100: 96 CTAs 2570 GB/s, 26.8 GB/s
 # each; 128 CTAs 3042 GB/s, the copy rate): num_splits_heuristic's unsplit clause, used where
-# it was measured (compute capability 9.0, d128).
+# it was measured (compute capability 9.0, d128), takes grids whose CTAs draw at least
+# UNSPLIT_DRAM_SHARE of the peak (H100: unsplit faster at 104, 120 and 128 CTAs, slower at 96).
 UNSPLIT_CTA_BYTES_PER_S = 26.8e9
+UNSPLIT_DRAM_SHARE = 0.8
 UNSPLIT_RATE_WHERE = ((9, 0), 128)   # (compute capability, head dim)
 
 
@@ -117,12 +119,14 @@ def num_splits_heuristic(ctas: int, slots: int, n_tiles: int, max_splits: int = 
     them resident at once on ``sms`` SMs (None: not known); ``dram_bytes_per_s``: the device's
     peak DRAM bandwidth where UNSPLIT_CTA_BYTES_PER_S holds for the kernel (0: not used).
 
-    At most one CTA per SM and enough of them to draw the DRAM bandwidth unsplit (``ctas *
-    UNSPLIT_CTA_BYTES_PER_S >= dram_bytes_per_s``: 126-132 CTAs on an H100 SXM, none on an H200):
-    no split, as a split only adds the combine and the fp32 partials. H100, d128, 8 KV heads,
-    forced counts: 16 x 2048 keys (128 CTAs) unsplit 51.8 us against 55.4 at the rule's 2
-    splits, 16 x 8192 177.5 against 184.1; at 96 CTAs (12 sequences) splitting stays faster,
-    46.1 / 157.6 unsplit against 44.6 / 142.3 (BENCHMARKS.md, forty-second session).
+    At most one CTA per SM and enough of them to draw most of the DRAM bandwidth unsplit
+    (``ctas * UNSPLIT_CTA_BYTES_PER_S >= UNSPLIT_DRAM_SHARE * dram_bytes_per_s``: 100-132 CTAs
+    on an H100 SXM, none on an H200): no split, as a split only adds the combine and the fp32
+    partials. H100, d128, 8 KV heads, forced counts: 16 x 2048 keys (128 CTAs) unsplit 51.8 us
+    against 55.4 at the rule's 2 splits, 16 x 8192 177.5 against 184.1; 15 and 13 x 2048 (120,
+    104 CTAs) unsplit 2614 / 2372 GB/s against 2379 / 2227 split; at 96 CTAs (12 sequences)
+    splitting stays faster, 46.1 / 157.6 unsplit against 44.6 / 142.3 (BENCHMARKS.md,
+    forty-second and forty-third sessions).
 
     At most one CTA per SM (``ctas <= sms``, given): one wave, the split count with the fewest
     key tiles on the busiest SM (CTAs round-robin over the SMs: ceil(ctas * s / sms) *
@@ -147,7 +151,8 @@ def num_splits_heuristic(ctas: int, slots: int, n_tiles: int, max_splits: int = 
         return s == 1 or math.ceil(n_tiles / s) != math.ceil(n_tiles / (s - 1))
 
     if sms is not None and ctas <= sms and ctas < 0.8 * slots:
-        if dram_bytes_per_s and ctas * UNSPLIT_CTA_BYTES_PER_S >= dram_bytes_per_s:
+        if (dram_bytes_per_s
+                and ctas * UNSPLIT_CTA_BYTES_PER_S >= UNSPLIT_DRAM_SHARE * dram_bytes_per_s):
             return 1
         one_wave = [s for s in range(1, max_splits + 1) if eligible(s) and ctas * s <= slots]
         doubled = [s for s in one_wave if ctas * s > sms] or one_wave
