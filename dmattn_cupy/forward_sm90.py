@@ -169,13 +169,14 @@ def aux_tile_bytes(block_n: int, key_row: bool) -> int:
 def _alloc_bytes(head_dim: int, block_n: int, stages: int, has_mask: bool, has_bias: bool,
                  q_bufs: int, key_row: bool = False, list_fold: bool = False) -> int:
     """Sm90FwdSmem<...>::alloc_bytes(q_bufs) in sm90/fwd.cu (``key_row``: kBiasKeyRow, a bias
-    stage of one 1 KB row; ``list_fold``: kListFoldSpec, one more barrier per stage)."""
+    stage of one 1 KB row; ``list_fold``: kListFoldSpec, two more barriers per stage)."""
     q = head_dim // 64 * BLOCK_M * 128
     kv = head_dim // 64 * block_n * 128
     bias = (KEY_ROW_STAGE if key_row else BLOCK_M * block_n * 2) if has_bias else 0
     aux = aux_tile_bytes(block_n, key_row)
     slots = mask_slots(head_dim, block_n, has_mask)
-    fold_bars = stages if fold_bias(block_n, has_mask, has_bias) or list_fold else 0
+    fold_bars = (stages if fold_bias(block_n, has_mask, has_bias)
+                 else 2 * stages if list_fold else 0)
     bars = 8 * (4 * stages + 2 * slots + 2 * q_bufs + fold_bars)
     items = 16 if dynamic_schedule() else 0   # each stage's work item (kOffItems)
     return (q_bufs * q + stages * (2 * kv + aux + bias) + slots * BLOCK_M * block_n + bars

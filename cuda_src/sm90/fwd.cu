@@ -257,12 +257,14 @@ struct Sm90FwdSmem {
                                (kBlockN == 64 || kBlockN == 128) && kDynamicItems),
                 "a list-fold spec: a bias tile without a mask, 64- or 128-key tiles, the dynamic "
                 "scheduler");
-  static constexpr int kFoldBars = kFold || kListFold ? kStages : 0;
+  // A list-fold spec also has per stage info_f: the producer's info is written (its arrive),
+  // so the fold warps load the bits while the stage's TMA is in flight.
+  static constexpr int kFoldBars = kFold ? kStages : kListFold ? 2 * kStages : 0;
   // Everything but Q's buffers (one per work item in flight), then the count that fits.
   static constexpr int kRest = kStages * (kKStage + kKV + kBias) + kMaskSlots * kMask;
   // per stage full_k, full_v, empty_k, empty_v; per mask slot full_m, empty_m; per Q buffer
-  // full_q, empty_q, DM_SM90_MB_FOLD / DM_SM90_LIST_FOLD: per stage full_f (8-byte mbarriers);
-  // then per stage the tile index, class and mask slot the producer hands over (4 ints);
+  // full_q, empty_q, DM_SM90_MB_FOLD / DM_SM90_LIST_FOLD: per stage full_f (list fold: then per
+  // stage info_f; 8-byte mbarriers); then per stage the tile index, class and mask slot the producer hands over (4 ints);
   // DM_SM90_PERSISTENT=2: per stage its work item (16 bytes).
   static constexpr int alloc_bytes(int q_bufs) {
     return q_bufs * kQ + kRest + 8 * (4 * kStages + 2 * kMaskSlots + 2 * q_bufs + kFoldBars) +
@@ -496,11 +498,12 @@ __host__ __device__ constexpr uint32_t list_fold_word(uint32_t w, uint32_t keep,
 // tile's (row 0, key 0) in `bits`, rows `row_words` words apart) into its bias tile, then
 // arrive on the stage's full_f and empty_k.
 template <typename T, typename Smem, int kStages, int kBlockN, typename Bar1, typename Bar2,
-          typename Bar3>
+          typename Bar3, typename Bar4>
 DM_DEVICE void list_fold_warps(uint32_t sbias, int lane, const Bar1& bar_full_k,
                                const Bar2& bar_empty_k, const Bar3& bar_full_f,
-                               volatile int32_t* info, volatile int32_t* stage_item,
-                               const uint32_t* bits, int row_words) {
+                               const Bar4& bar_info_f, volatile int32_t* info,
+                               volatile int32_t* stage_item, const uint32_t* bits,
+                               int row_words) {
   using namespace sm90;
   constexpr int kPasses = list_fold_passes<kBlockN>();
   // Pass k's rows are pass 0's plus k * kPassRows, a multiple of 8: the same swizzle, so its
@@ -517,16 +520,20 @@ DM_DEVICE void list_fold_warps(uint32_t sbias, int lane, const Bar1& bar_full_k,
   int stage = 0;
   uint32_t phase = 0;
   for (;;) {
-    mbar_wait(bar_full_k(stage), phase);
+    mbar_wait(bar_info_f(stage), phase);  // the stage's info: its bits load under its TMA
     if (stage_item[stage] < 0) break;  // no more items: never released
-    if (info[4 * stage] >= 0 && (info[4 * stage + 1] & kListedPartial)) {
+    const bool listed = info[4 * stage] >= 0 && (info[4 * stage + 1] & kListedPartial);
+    uint32_t w[kPasses];  // all loads in flight before the first is used
+    if (listed) {
       const uint32_t* words = bits + info[4 * stage + 3] + key / 32 + row0 * row_words;
-      const uint32_t sb = sbias + stage * Smem::kBias;
-      uint32_t w[kPasses];  // all loads in flight before the first is used
 #pragma unroll
       for (int k = 0; k < kPasses; ++k)
         w[k] = row0 + k * kPassRows < 128 ? __ldg(words + k * kPassRows * row_words)
                                           : 0xffffffffu;
+    }
+    mbar_wait(bar_full_k(stage), phase);
+    if (listed) {
+      const uint32_t sb = sbias + stage * Smem::kBias;
 #pragma unroll
       for (int k = 0; k < kPasses; ++k)
 #pragma unroll
@@ -656,6 +663,8 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
   // once a kListedPartial stage's bits are folded into its bias tile (every use of every stage).
   constexpr bool lfold_on = kListFold;
   auto bar_full_f = [&](int s) { return base + Smem::kOffFoldBars + 8 * s; };
+  // DM_SM90_LIST_FOLD: completed by the producer warp once stage s's info is written (every use).
+  auto bar_info_f = [&](int s) { return base + Smem::kOffFoldBars + 8 * (kStages + s); };
   // DM_SM90_KBIAS_F32 == 4: a _krow spec's bias may take the aux step (kbias_aux_offset; the
   // tile-bias spec keeps the accumulator start: the step spilled it).
   constexpr bool kAuxStep = Smem::kAuxStep;
@@ -757,6 +766,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
       mbar_init(bar_empty_k(s), (fold_on || lfold_on ? 8 + kFoldWarps : 8) * kWarpArrivals);
       mbar_init(bar_empty_v(s), 8 * kWarpArrivals);
       if (Smem::kFold || Smem::kListFold) mbar_init(bar_full_f(s), kFoldWarps * kWarpArrivals);
+      if (Smem::kListFold) mbar_init(bar_info_f(s), kWarpArrivals);
     }
     for (int x = 0; x < Smem::kMaskSlots; ++x) {
       mbar_init(bar_full_m(x), 1);
@@ -809,7 +819,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
       if (__shfl_sync(0xffffffffu, int(threadIdx.x) / 32, 0) != 0) {
         if (lfold_on)
           list_fold_warps<T, Smem, kStages, kBlockN>(sBias, lane, bar_full_k, bar_empty_k,
-                                                     bar_full_f, info, stage_item,
+                                                     bar_full_f, bar_info_f, info, stage_item,
                                                      p.sp_partial_bits, p.sp_block_n / 32);
         return;
       }
@@ -1081,6 +1091,8 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
             const int slot_b = p.sp_partial_slot[row_entry * p.sp_col_blocks + n / sub];
             info[4 * stage + 3] = slot_b * (bm / 32) * bn + ((m0 % bm) * bn + n0 % bn) / 32;
           }
+          if (lfold_on) mbar_arrive(bar_info_f(stage));  // before the TMA: the fold warps'
+                                                         // bit loads run under it
           // per item {tiles loaded, tiles masked}, in (batch, head, m) order
           if (kDebug && !DM_SM90_TIMELINE) {
             uint32_t* pair = counter_pair(item);
@@ -1109,7 +1121,10 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
                        args.bias_chunk_heads, args.bias_chunk_box, args.bias_chunk_boxes, 2);
           }
         }
-        if (kWarpArrivals > 1 && !leader) mbar_arrive(bar_full_k(stage));  // after the row
+        if (kWarpArrivals > 1 && !leader) {
+          mbar_arrive(bar_full_k(stage));  // after the row
+          if (lfold_on) mbar_arrive(bar_info_f(stage));
+        }
         mbar_wait(bar_empty_v(stage), phase ^ 1);
         if (leader) {
           mbar_arrive_expect_tx(bar_full_v(stage), Smem::kKV);
@@ -1130,9 +1145,13 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
       if (leader) {
         info[4 * stage] = -1;
         if (kDynamicItems) stage_item[stage] = item;
+        if (lfold_on) mbar_arrive(bar_info_f(stage));
         mbar_arrive(bar_full_k(stage));
       }
-      if (kWarpArrivals > 1 && !leader) mbar_arrive(bar_full_k(stage));
+      if (kWarpArrivals > 1 && !leader) {
+        if (lfold_on) mbar_arrive(bar_info_f(stage));
+        mbar_arrive(bar_full_k(stage));
+      }
       mbar_wait(bar_empty_v(stage), phase ^ 1);
       if (leader) mbar_arrive(bar_full_v(stage));
       __syncwarp();
@@ -1150,9 +1169,13 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
       mbar_wait(bar_empty_k(stage), phase ^ 1);
       if (leader) {
         stage_item[stage] = -1;
+        if (lfold_on) mbar_arrive(bar_info_f(stage));
         mbar_arrive(bar_full_k(stage));
       }
-      if (kWarpArrivals > 1 && !leader) mbar_arrive(bar_full_k(stage));
+      if (kWarpArrivals > 1 && !leader) {
+        if (lfold_on) mbar_arrive(bar_info_f(stage));
+        mbar_arrive(bar_full_k(stage));
+      }
     }
     return;
   }

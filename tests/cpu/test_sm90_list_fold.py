@@ -188,7 +188,7 @@ def test_fold_spec_shared_memory_equals_the_kernel():
     for hd in (64, 128, 256):
         bn, st = f90.tile(hd, False, True)
         smem = f90.smem_bytes(hd, bn, st, False, True, list_fold=True)
-        assert smem == f90.smem_bytes(hd, bn, st, False, True) + 8 * st
+        assert smem == f90.smem_bytes(hd, bn, st, False, True) + 16 * st
         assert smem <= f90.SMEM_LIMIT
         lines.append(f"static_assert(dm::Sm90FwdSmem<{hd}, {bn}, {st}, false, true, false, "
                      f"true>::kAlloc == {smem} && dm::Sm90FwdSmem<{hd}, {bn}, {st}, false, "
