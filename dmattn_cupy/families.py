@@ -37,7 +37,6 @@ class SpecShape(Protocol):
     has_mask: bool
     has_bias: bool
     bias_key_row: bool
-    list_fold: bool
 
 
 HEAD_DIMS = (32, 64, 96, 128, 192, 256)
@@ -59,7 +58,6 @@ class Tile:
     stages: int = 1
     head_dim: int | None = None  # the specialized head dim; None: padded_head_dim(problem's)
     bias_key_row: bool = False   # a spec whose bias stages hold one key row (fwd_sm90's _krow)
-    list_fold: bool = False      # block lists folded into the bias tiles (fwd_sm90's _lfold)
 
 
 def _warps_x32(s: SpecShape) -> int:
@@ -296,13 +294,12 @@ def _sm90_tiles(pb: Problem, sparse: SparseArg) -> tuple[Tile, ...]:
         return ()
     return (Tile(forward_sm90.BLOCK_M, tile[0], forward_sm90.THREADS // 32, stages=tile[1],
                  head_dim=hd,
-                 bias_key_row=forward_sm90.key_row_spec(pb.mask, pb.bias, pb.varlen),
-                 list_fold=forward_sm90.list_fold_spec(pb.mask, pb.bias, sparse, tile[0])),)
+                 bias_key_row=forward_sm90.key_row_spec(pb.mask, pb.bias, pb.varlen)),)
 
 
 def _sm90_smem(s: SpecShape) -> int:
     return forward_sm90.smem_bytes(s.head_dim, s.block_n, s.stages, s.has_mask, s.has_bias,
-                                   s.bias_key_row, s.list_fold)
+                                   s.bias_key_row)
 
 
 def _sm90_args(pb: Problem, out: ArrayInfo, spec: SpecShape) -> tuple[Any, ...]:
@@ -337,7 +334,7 @@ def _sm90_bwd_smem(s: SpecShape) -> int:
 
 
 _SM90_FWD_ARGS = ("dtype", "head_dim", "block_n", "stages", "has_mask", "has_bias",
-                  "bias_key_row", "list_fold", "debug_counters")
+                  "bias_key_row", "debug_counters")
 
 _SM80_ARGS = ("dtype", "head_dim", "block_m", "block_n", "num_warps", "has_mask", "has_bias",
               "varlen", "sparse", "debug_counters")

@@ -167,16 +167,15 @@ def aux_tile_bytes(block_n: int, key_row: bool) -> int:
 
 
 def _alloc_bytes(head_dim: int, block_n: int, stages: int, has_mask: bool, has_bias: bool,
-                 q_bufs: int, key_row: bool = False, list_fold: bool = False) -> int:
+                 q_bufs: int, key_row: bool = False) -> int:
     """Sm90FwdSmem<...>::alloc_bytes(q_bufs) in sm90/fwd.cu (``key_row``: kBiasKeyRow, a bias
-    stage of one 1 KB row; ``list_fold``: kListFoldSpec, two more barriers per stage)."""
+    stage of one 1 KB row)."""
     q = head_dim // 64 * BLOCK_M * 128
     kv = head_dim // 64 * block_n * 128
     bias = (KEY_ROW_STAGE if key_row else BLOCK_M * block_n * 2) if has_bias else 0
     aux = aux_tile_bytes(block_n, key_row)
     slots = mask_slots(head_dim, block_n, has_mask)
-    fold_bars = (stages if fold_bias(block_n, has_mask, has_bias)
-                 else 2 * stages if list_fold else 0)
+    fold_bars = stages if fold_bias(block_n, has_mask, has_bias) else 0
     bars = 8 * (4 * stages + 2 * slots + 2 * q_bufs + fold_bars)
     items = 16 if dynamic_schedule() else 0   # each stage's work item (kOffItems)
     return (q_bufs * q + stages * (2 * kv + aux + bias) + slots * BLOCK_M * block_n + bars
@@ -184,22 +183,20 @@ def _alloc_bytes(head_dim: int, block_n: int, stages: int, has_mask: bool, has_b
 
 
 def q_buffers(head_dim: int, block_n: int, stages: int, has_mask: bool, has_bias: bool,
-              key_row: bool = False, list_fold: bool = False) -> int:
+              key_row: bool = False) -> int:
     """Q's buffers (Sm90FwdSmem::kQBufs): two where they fit (DM_SM90_Q_BUFS=2, the default),
     so the next work item's Q loads while the current one runs; else one."""
     two = define_value("DM_SM90_Q_BUFS", 2) == 2
-    fits = _alloc_bytes(head_dim, block_n, stages, has_mask, has_bias, 2, key_row,
-                        list_fold) <= SMEM_LIMIT
+    fits = _alloc_bytes(head_dim, block_n, stages, has_mask, has_bias, 2, key_row) <= SMEM_LIMIT
     return 2 if two and fits else 1
 
 
 def smem_bytes(head_dim: int, block_n: int, stages: int, has_mask: bool, has_bias: bool,
-               key_row: bool = False, list_fold: bool = False) -> int:
+               key_row: bool = False) -> int:
     """Dynamic shared memory of one instance: Sm90FwdSmem<...>::kAlloc in sm90/fwd.cu."""
     return _alloc_bytes(head_dim, block_n, stages, has_mask, has_bias,
-                        q_buffers(head_dim, block_n, stages, has_mask, has_bias, key_row,
-                                  list_fold),
-                        key_row, list_fold)
+                        q_buffers(head_dim, block_n, stages, has_mask, has_bias, key_row),
+                        key_row)
 
 
 def operand_mode(info: ArrayInfo | None, varlen: bool = False) -> int:
@@ -355,18 +352,6 @@ def key_row_spec(mask: ArrayInfo | None, bias: ArrayInfo | None, varlen: bool = 
     return define_value("DM_SM90_KROW_SPEC", 1) != 0 and bias_by_loads(mask, bias, varlen)
 
 
-def list_fold_spec(mask: ArrayInfo | None, bias: ArrayInfo | None, sparse: object,
-                   block_n: int) -> bool:
-    """Whether the problem runs on an ``_lfold`` spec (fwd.cu: kListFoldSpec, DM_SM90_LIST_FOLD=1
-    by default): block lists beside a (.., Sq, Sk) bias tile in the query dtype, no mask, 64- or
-    128-key tiles, the dynamic scheduler. Its producer warpgroup's spare warps fold the lists'
-    element bits into the bias tiles, so the consumers run the bias-only path."""
-    return (define_value("DM_SM90_LIST_FOLD", 1) != 0 and bool(sparse) and mask is None
-            and bias is not None and bias.dtype != "float32"
-            and operand_mode(bias) == OPERAND_TILE and block_n in (64, 128)
-            and dynamic_schedule())
-
-
 def plan_operands(mask: ArrayInfo | None, bias: ArrayInfo | None, block_n: int,
                   varlen: bool = False) -> dict[str, OperandPlan]:
     """The mask's and the bias's OperandPlan, or TensorMapError when TMA cannot read one."""
@@ -454,8 +439,7 @@ def tile_for(head_dim: int, q: ArrayInfo, k: ArrayInfo, v: ArrayInfo, mask: Arra
     if sparse is True or (sparse and (sparse[0] % BLOCK_M or sparse[1] % block_n)):
         return None
     if smem_bytes(hd, block_n, stages, mask is not None, bias is not None,
-                  key_row_spec(mask, bias, varlen),
-                  list_fold_spec(mask, bias, sparse, block_n)) > smem_limit:
+                  key_row_spec(mask, bias, varlen)) > smem_limit:
         return None
     try:
         maps = plan_maps(q, k, v, mask, bias, block_n, varlen)

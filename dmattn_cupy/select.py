@@ -82,7 +82,6 @@ def forward_spec(fam: Family, pb: Problem, dev: DeviceProps, sparse: SparseArg =
                           block_n=tile.block_n, num_warps=tile.num_warps, stages=tile.stages,
                           has_mask=pb.mask is not None, has_bias=pb.bias is not None,
                           bias_key_row=tile.bias_key_row,
-                          list_fold=tile.list_fold,
                           varlen=pb.varlen and "varlen" in fam.template_args,
                           sparse=bool(sparse) and "sparse" in fam.template_args,
                           debug_counters=debug_counters,

@@ -15,8 +15,8 @@ from .device import parse_arch
 from .families import FAMILIES, HEAD_DIMS, Family, padded_head_dim
 
 DTYPES = ("fp16", "bf16")
-SWITCHES = ("has_mask", "has_bias", "bias_key_row", "list_fold", "varlen", "sparse",
-            "deterministic", "debug_counters")
+SWITCHES = ("has_mask", "has_bias", "bias_key_row", "varlen", "sparse", "deterministic",
+            "debug_counters")
 
 __all__ = ["DTYPES", "HEAD_DIMS", "KernelSpec", "padded_head_dim"]
 
@@ -33,7 +33,6 @@ class KernelSpec:
     has_mask: bool = False
     has_bias: bool = False
     bias_key_row: bool = False  # the bias is a key row (B, H, 1, Sk): families that specialize it
-    list_fold: bool = False     # block lists folded into a bias tile (fwd_sm90's _lfold specs)
     varlen: bool = False
     sparse: bool = False       # block-sparse lists
     deterministic: bool = False
@@ -54,8 +53,6 @@ class KernelSpec:
                 raise ValueError(f"KernelSpec.{name}: family {self.family!r} has no such switch")
         if self.bias_key_row and not self.has_bias:
             raise ValueError("KernelSpec.bias_key_row: only with has_bias")
-        if self.list_fold and (self.has_mask or not self.has_bias or self.bias_key_row):
-            raise ValueError("KernelSpec.list_fold: only with has_bias, no mask, no key row")
         if self.stages != 1 and "stages" not in fam.template_args:
             raise ValueError(f"KernelSpec.stages: family {self.family!r} takes no stages")
         arch = self.arch or fam.arch
@@ -81,7 +78,6 @@ class KernelSpec:
              f"_varlen{int(self.varlen)}")
         s += f"_st{self.stages}" if self.stages != 1 else ""
         s += "_krow" if self.bias_key_row else ""
-        s += "_lfold" if self.list_fold else ""
         s += "_sparse" if self.sparse else ""
         s += "_det" if self.deterministic else ""
         return s + ("_dbg" if self.debug_counters else "")

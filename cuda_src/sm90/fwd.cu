@@ -153,14 +153,6 @@ static_assert(DM_SM90_Q_BUFS == 1 || DM_SM90_Q_BUFS == 2, "DM_SM90_Q_BUFS: 1 or 
 #ifndef DM_SM90_MB_FOLD
 #define DM_SM90_MB_FOLD 1
 #endif
-// - DM_SM90_LIST_FOLD (host, forward_sm90.list_fold_spec): 1 (default) sends block lists beside
-//   a (.., Sq, Sk) bias tile without a mask (64- or 128-key tiles, the dynamic scheduler) to the
-//   kListFold specs (ids end in `_lfold`): the producer warpgroup's warps 1-3 fold the lists'
-//   element bits into each kListedPartial tile's bias in place (-inf where a bit is 0;
-//   list_fold_warps), so that the consumers run the bias-only path on such tiles instead of
-//   loading the bits and excluding keys themselves. A row of a folded tile whose values hold a
-//   NaN re-reads its bits (drop_listed_nan), so NaN handling equals the unfolded path's. 0: the
-//   plain bias spec, whose consumers read the bits.
 // - DM_SM90_LAZY_RESCALE: 1 (default) rescales O once the P V product completed (after the
 //   softmax, off the GEMM turn) and lazily: a row keeps its softmax max while a tile raises it
 //   by at most DM_SM90_LAZY_GAP (log2 units; softmax.cuh: kLazyGap; default 0: only a max
@@ -214,7 +206,7 @@ static_assert(sizeof(Sm90FwdArgs) == 704, "Sm90FwdArgs: size drifted from forwar
 // kBlockN values (fp32, or bf16 under a softcap) instead of a tile: at d128 Q then gets two
 // buffers, as in the dense spec.
 template <int kHeadDim, int kBlockN, int kStages, bool kHasMask, bool kHasBias,
-          bool kBiasKeyRow = false, bool kListFoldSpec = false>
+          bool kBiasKeyRow = false>
 struct Sm90FwdSmem {
   static constexpr int kBlockM = 128;
   static constexpr int kBoxes = kHeadDim / 64;               // 64-column boxes of Q/K/V rows
@@ -250,22 +242,13 @@ struct Sm90FwdSmem {
   // DM_SM90_MB_FOLD: per stage one more barrier (full_f: the folded bias tile is ready).
   static constexpr bool kFold = DM_SM90_MB_FOLD != 0 && kHasMask && kHasBias && kBlockN == 64 &&
                                 kDynamicItems;
-  // DM_SM90_LIST_FOLD's _lfold specs: the same barrier, for the block lists' bits folded into a
-  // bias tile.
-  static constexpr bool kListFold = kListFoldSpec;
-  static_assert(!kListFold || (!kHasMask && kHasBias && !kBiasKeyRow &&
-                               (kBlockN == 64 || kBlockN == 128) && kDynamicItems),
-                "a list-fold spec: a bias tile without a mask, 64- or 128-key tiles, the dynamic "
-                "scheduler");
-  // A list-fold spec also has per stage info_f: the producer's info is written (its arrive),
-  // so the fold warps load the bits while the stage's TMA is in flight.
-  static constexpr int kFoldBars = kFold ? kStages : kListFold ? 2 * kStages : 0;
+  static constexpr int kFoldBars = kFold ? kStages : 0;
   // Everything but Q's buffers (one per work item in flight), then the count that fits.
   static constexpr int kRest = kStages * (kKStage + kKV + kBias) + kMaskSlots * kMask;
   // per stage full_k, full_v, empty_k, empty_v; per mask slot full_m, empty_m; per Q buffer
-  // full_q, empty_q, DM_SM90_MB_FOLD / DM_SM90_LIST_FOLD: per stage full_f (list fold: then per
-  // stage info_f; 8-byte mbarriers); then per stage the tile index, class and mask slot the producer hands over (4 ints);
-  // DM_SM90_PERSISTENT=2: per stage its work item (16 bytes).
+  // full_q, empty_q, DM_SM90_MB_FOLD: per stage full_f (8-byte mbarriers); then per stage the
+  // tile index, class and mask slot the producer hands over (4 ints); DM_SM90_PERSISTENT=2: per
+  // stage its work item (16 bytes).
   static constexpr int alloc_bytes(int q_bufs) {
     return q_bufs * kQ + kRest + 8 * (4 * kStages + 2 * kMaskSlots + 2 * q_bufs + kFoldBars) +
            16 * kStages + (kDynamicItems ? 16 : 0) + 1024;  // base aligned up to 1024 at run time
@@ -460,125 +443,6 @@ DM_DEVICE void fold_warps(uint8_t* smem, int lane, const Bar1& bar_full_k, const
   }
 }
 
-// DM_SM90_LIST_FOLD: a block list's element bits folded into a bias tile of 128 rows and
-// kBlockN keys (64-key boxes, 128-byte rows, 128B swizzle: tile_offset<2, 64, 128>). A fold
-// warp takes its rows in groups of list_fold_group_rows (one bit word per lane: lane l holds
-// word l / rows of row l % rows, keys 32 (l / rows) .. + 31), group fw, fw + 3, ..; per 16-byte
-// chunk (8 keys, one byte of the word) that is not all kept it rewrites the masked values as
-// -inf. The 8 lanes of a quarter warp take 8 consecutive rows of one chunk, whose swizzled
-// slots differ (conflict-free). tests/cpu/test_sm90_list_fold.py checks these on a model.
-template <int kBlockN>
-__host__ __device__ constexpr int list_fold_group_rows() { return 32 / (kBlockN / 32); }
-template <int kBlockN>
-__host__ __device__ constexpr int list_fold_passes() {
-  return (128 / list_fold_group_rows<kBlockN>() + kFoldWarps - 1) / kFoldWarps;
-}
-// Row and first key of lane `lane`'s word in pass k of fold warp fw (row >= 128: no such group).
-template <int kBlockN>
-__host__ __device__ constexpr int list_fold_row(int fw, int k, int lane) {
-  return (fw + kFoldWarps * k) * list_fold_group_rows<kBlockN>() +
-         lane % list_fold_group_rows<kBlockN>();
-}
-template <int kBlockN>
-__host__ __device__ constexpr int list_fold_key(int lane) {
-  return 32 * (lane / list_fold_group_rows<kBlockN>());
-}
-// The keep mask of bias word k (keys 2k, 2k + 1 of a chunk, low value first) from the chunk's
-// 8 bits (bit e: key e kept): 0xffff in each half whose key is kept. Bits 2k and 2k + 1 are
-// moved to bits 0 and 16 and widened by one multiply.
-__host__ __device__ constexpr uint32_t list_fold_keep(uint32_t bits8, int k) {
-  return ((((bits8 & 0x55u) | ((bits8 & 0xaau) << 15)) >> (2 * k)) & 0x00010001u) * 0xffffu;
-}
-__host__ __device__ constexpr uint32_t list_fold_word(uint32_t w, uint32_t keep, uint32_t neg) {
-  return (w & keep) | (neg & ~keep);
-}
-
-// DM_SM90_LIST_FOLD's fold warps (the producer warpgroup's warps 1 .. kFoldWarps): they walk the
-// stages as fold_warps does and fold each kListedPartial tile's bits (info[+3]: the word of the
-// tile's (row 0, key 0) in `bits`, rows `row_words` words apart) into its bias tile, then
-// arrive on the stage's full_f and empty_k.
-template <typename T, typename Smem, int kStages, int kBlockN, typename Bar1, typename Bar2,
-          typename Bar3, typename Bar4>
-DM_DEVICE void list_fold_warps(uint32_t sbias, int lane, const Bar1& bar_full_k,
-                               const Bar2& bar_empty_k, const Bar3& bar_full_f,
-                               const Bar4& bar_info_f, volatile int32_t* info,
-                               volatile int32_t* stage_item, const uint32_t* bits,
-                               int row_words) {
-  using namespace sm90;
-  constexpr int kPasses = list_fold_passes<kBlockN>();
-  // Pass k's rows are pass 0's plus k * kPassRows, a multiple of 8: the same swizzle, so its
-  // chunks sit k * kPassRows * 128 bytes past pass 0's. The 4 chunk offsets are formed once
-  // (the 24 of every pass, hoisted by ptxas, spilled the 40-register warps), and addresses are
-  // 32-bit shared ones (pointers spilled too).
-  constexpr int kPassRows = kFoldWarps * list_fold_group_rows<kBlockN>();
-  static_assert(kPassRows % 8 == 0, "passes keep the rows' swizzle");
-  const int fw = threadIdx.x / 32 - 1;
-  const int key = list_fold_key<kBlockN>(lane), row0 = list_fold_row<kBlockN>(fw, 0, lane);
-  uint32_t off[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) off[i] = tile_offset<2, 64, 128>(row0, key + 8 * i);
-  int stage = 0;
-  uint32_t phase = 0;
-  for (;;) {
-    mbar_wait(bar_info_f(stage), phase);  // the stage's info: its bits load under its TMA
-    if (stage_item[stage] < 0) break;  // no more items: never released
-    const bool listed = info[4 * stage] >= 0 && (info[4 * stage + 1] & kListedPartial);
-    uint32_t w[kPasses];  // all loads in flight before the first is used
-    if (listed) {
-      const uint32_t* words = bits + info[4 * stage + 3] + key / 32 + row0 * row_words;
-#pragma unroll
-      for (int k = 0; k < kPasses; ++k)
-        w[k] = row0 + k * kPassRows < 128 ? __ldg(words + k * kPassRows * row_words)
-                                          : 0xffffffffu;
-    }
-    mbar_wait(bar_full_k(stage), phase);
-    if (listed) {
-      const uint32_t sb = sbias + stage * Smem::kBias;
-#pragma unroll
-      for (int k = 0; k < kPasses; ++k)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const uint32_t b8 = (w[k] >> (8 * i)) & 0xffu;
-          if (b8 == 0xffu) continue;  // every key of the chunk kept (and rows past 128)
-          const uint32_t c = sb + off[i] + uint32_t(k * kPassRows * 128);
-          uint4 v = ld_shared_u128(c);
-          v.x = list_fold_word(v.x, list_fold_keep(b8, 0), neg_inf_pair(T{}));
-          v.y = list_fold_word(v.y, list_fold_keep(b8, 1), neg_inf_pair(T{}));
-          v.z = list_fold_word(v.z, list_fold_keep(b8, 2), neg_inf_pair(T{}));
-          v.w = list_fold_word(v.w, list_fold_keep(b8, 3), neg_inf_pair(T{}));
-          st_shared_u128(c, v);
-        }
-      fence_proxy_async_smem();  // these stores before the stage's next TMA write
-    }
-    warp_arrive(bar_full_f(stage), lane, bar_empty_k(stage));
-    if (++stage == kStages) {
-      stage = 0;
-      phase ^= 1;
-    }
-  }
-}
-
-// DM_SM90_LIST_FOLD: the consumer's row r of a folded tile holds a NaN (a NaN or infinite score
-// plus a folded -inf is NaN, and so is a NaN at a kept key): its masked keys (bits of the row in
-// `row_bits`, key 8j + 2t + e in bit (8j + 2t + e) % 32 of word (8j + 2t + e) / 32) become -inf,
-// as the unfolded path makes them; a NaN at a kept key stays and propagates. Returns the
-// thread's new max of the row.
-template <int kNF>
-DM_DEVICE float drop_listed_nan(float (&x)[kNF][4], int r, const uint32_t* row_bits, int t) {
-  float mx = -DM_INF;
-  uint32_t w = 0;
-#pragma unroll
-  for (int j = 0; j < kNF; ++j) {
-    if (j % 4 == 0) w = __ldg(row_bits + j / 4) >> (2 * t);  // one word live at a time
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      if (!((w >> (8 * (j % 4) + e)) & 1u)) x[j][2 * r + e] = -DM_INF;
-      mx = fmax_nan(mx, x[j][2 * r + e]);
-    }
-  }
-  return mx;
-}
-
 // Work item i's query tile and head-batch index hb = b * heads + h (the kernel's numbering, see
 // its work items): query tile fastest where head_major, else longest first, within sections of
 // DM_SM90_LPT_HEADS head-batches where lpt_sections.
@@ -602,10 +466,10 @@ DM_DEVICE void sm90_item_coords(int i, int num_m, int bh, bool head_major, bool 
 }
 
 template <typename T, int kHeadDim, int kBlockN, int kStages, bool kHasMask, bool kHasBias,
-          bool kBiasKeyRow, bool kListFold, bool kDebug>
+          bool kBiasKeyRow, bool kDebug>
 __global__ void __launch_bounds__(384, 1)
 flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs args) {
-  using Smem = Sm90FwdSmem<kHeadDim, kBlockN, kStages, kHasMask, kHasBias, kBiasKeyRow, kListFold>;
+  using Smem = Sm90FwdSmem<kHeadDim, kBlockN, kStages, kHasMask, kHasBias, kBiasKeyRow>;
   constexpr int kBlockM = Smem::kBlockM;
   constexpr int kNF = kBlockN / 8;    // score fragments (n8) per consumer thread row pair
   constexpr int kDF = kHeadDim / 8;   // output fragments
@@ -633,8 +497,6 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
     if (dyn < uint32_t(Smem::kAlloc)) __trap();  // launcher and kernel disagree on the layout
     if (kBiasKeyRow && args.bias_mode != kOperandKeyRow && args.bias_mode != kOperandKeyChunk)
       __trap();  // a bias stage of one row: forward_sm90.key_row_spec sends only such biases
-    if (kListFold && (p.sp_full_count == nullptr || args.bias_mode != kOperandTile))
-      __trap();  // forward_sm90.list_fold_spec sends only block lists beside a bias tile
   }
   const uint32_t sQ = base, sK = base + Smem::kOffK, sV = base + Smem::kOffV;
   const uint32_t sBias = base + Smem::kOffBias, sMask = base + Smem::kOffMask;
@@ -659,12 +521,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
   // stage (end stages too), so its phase follows full_k's.
   const bool fold_on = Smem::kFold && args.mask_mode == kOperandTile &&
                        args.bias_mode == kOperandTile;
-  // DM_SM90_LIST_FOLD (the _lfold specs: block lists beside a bias tile): completed likewise
-  // once a kListedPartial stage's bits are folded into its bias tile (every use of every stage).
-  constexpr bool lfold_on = kListFold;
   auto bar_full_f = [&](int s) { return base + Smem::kOffFoldBars + 8 * s; };
-  // DM_SM90_LIST_FOLD: completed by the producer warp once stage s's info is written (every use).
-  auto bar_info_f = [&](int s) { return base + Smem::kOffFoldBars + 8 * (kStages + s); };
   // DM_SM90_KBIAS_F32 == 4: a _krow spec's bias may take the aux step (kbias_aux_offset; the
   // tile-bias spec keeps the accumulator start: the step spilled it).
   constexpr bool kAuxStep = Smem::kAuxStep;
@@ -763,10 +620,9 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
       mbar_init(bar_full_k(s), kWarpArrivals);  // the producer warp (it writes info, rows)
       mbar_init(bar_full_v(s), 1);
       // one arrival per consumer warp (and per fold warp: they read the stage too)
-      mbar_init(bar_empty_k(s), (fold_on || lfold_on ? 8 + kFoldWarps : 8) * kWarpArrivals);
+      mbar_init(bar_empty_k(s), (fold_on ? 8 + kFoldWarps : 8) * kWarpArrivals);
       mbar_init(bar_empty_v(s), 8 * kWarpArrivals);
-      if (Smem::kFold || Smem::kListFold) mbar_init(bar_full_f(s), kFoldWarps * kWarpArrivals);
-      if (Smem::kListFold) mbar_init(bar_info_f(s), kWarpArrivals);
+      if (Smem::kFold) mbar_init(bar_full_f(s), kFoldWarps * kWarpArrivals);
     }
     for (int x = 0; x < Smem::kMaskSlots; ++x) {
       mbar_init(bar_full_m(x), 1);
@@ -813,14 +669,6 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
         if (fold_on)
           fold_warps<T, Smem, kStages>(smem, lane, bar_full_k, bar_empty_k, bar_full_f, info,
                                        stage_item);
-        return;
-      }
-    } else if constexpr (Smem::kListFold) {  // DM_SM90_LIST_FOLD: warps 1-3 likewise
-      if (__shfl_sync(0xffffffffu, int(threadIdx.x) / 32, 0) != 0) {
-        if (lfold_on)
-          list_fold_warps<T, Smem, kStages, kBlockN>(sBias, lane, bar_full_k, bar_empty_k,
-                                                     bar_full_f, bar_info_f, info, stage_item,
-                                                     p.sp_partial_bits, p.sp_block_n / 32);
         return;
       }
     } else if (threadIdx.x >= 32) {
@@ -1091,8 +939,6 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
             const int slot_b = p.sp_partial_slot[row_entry * p.sp_col_blocks + n / sub];
             info[4 * stage + 3] = slot_b * (bm / 32) * bn + ((m0 % bm) * bn + n0 % bn) / 32;
           }
-          if (lfold_on) mbar_arrive(bar_info_f(stage));  // before the TMA: the fold warps'
-                                                         // bit loads run under it
           // per item {tiles loaded, tiles masked}, in (batch, head, m) order
           if (kDebug && !DM_SM90_TIMELINE) {
             uint32_t* pair = counter_pair(item);
@@ -1121,10 +967,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
                        args.bias_chunk_heads, args.bias_chunk_box, args.bias_chunk_boxes, 2);
           }
         }
-        if (kWarpArrivals > 1 && !leader) {
-          mbar_arrive(bar_full_k(stage));  // after the row
-          if (lfold_on) mbar_arrive(bar_info_f(stage));
-        }
+        if (kWarpArrivals > 1 && !leader) mbar_arrive(bar_full_k(stage));  // after the row
         mbar_wait(bar_empty_v(stage), phase ^ 1);
         if (leader) {
           mbar_arrive_expect_tx(bar_full_v(stage), Smem::kKV);
@@ -1145,13 +988,9 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
       if (leader) {
         info[4 * stage] = -1;
         if (kDynamicItems) stage_item[stage] = item;
-        if (lfold_on) mbar_arrive(bar_info_f(stage));
         mbar_arrive(bar_full_k(stage));
       }
-      if (kWarpArrivals > 1 && !leader) {
-        if (lfold_on) mbar_arrive(bar_info_f(stage));
-        mbar_arrive(bar_full_k(stage));
-      }
+      if (kWarpArrivals > 1 && !leader) mbar_arrive(bar_full_k(stage));
       mbar_wait(bar_empty_v(stage), phase ^ 1);
       if (leader) mbar_arrive(bar_full_v(stage));
       __syncwarp();
@@ -1169,13 +1008,9 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
       mbar_wait(bar_empty_k(stage), phase ^ 1);
       if (leader) {
         stage_item[stage] = -1;
-        if (lfold_on) mbar_arrive(bar_info_f(stage));
         mbar_arrive(bar_full_k(stage));
       }
-      if (kWarpArrivals > 1 && !leader) {
-        if (lfold_on) mbar_arrive(bar_info_f(stage));
-        mbar_arrive(bar_full_k(stage));
-      }
+      if (kWarpArrivals > 1 && !leader) mbar_arrive(bar_full_k(stage));
     }
     return;
   }
@@ -1291,8 +1126,6 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
     };
     const bool mask_tile = kHasMask && args.mask_mode == kOperandTile;
     auto load_operands = [&](TileOperands& ops, int stage, int cls) {
-      // DM_SM90_LIST_FOLD: a listed partial tile's bias is read once its bits are folded in
-      if (lfold_on && (cls & kListedPartial)) mbar_wait(bar_full_f(stage), phase);
 #if DM_SM90_MB_FOLD  // (#if, not if constexpr: DM_SM90_MB_FOLD=0 builds the kernel without it)
       if (fold_on) {  // the fold warps' fragment order (stage's phase: the caller's `phase`)
         mbar_wait(bar_full_f(stage), phase);
@@ -1380,7 +1213,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
       uint32_t w[2][kBlockN / 32];
     };
     auto load_listed = [&](ListedWords& lw, int stage, int cls) {
-      if (!(cls & kListedPartial) || lfold_on) return;  // DM_SM90_LIST_FOLD: folded instead
+      if (!(cls & kListedPartial)) return;
       const uint32_t* words = p.sp_partial_bits + info[4 * stage + 3];
 #pragma unroll
       for (int r = 0; r < 2; ++r)
@@ -1449,7 +1282,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
             if (kk < lb[e >> 1].lo || kk > lb[e >> 1].hi) s[j][e] = -DM_INF;
           }
       }
-      if ((cls & kListedPartial) && !lfold_on) {
+      if (cls & kListedPartial) {
         // Gathered from the prefetched words into keep, bit 2j + e: key 8j + 2t + e of the
         // tile (word q's byte at bits 8q..8q + 7 of keep: listed_keep_fields).
 #pragma unroll
@@ -1555,19 +1388,12 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
 #if DM_SM90_MB_FOLD
       // A NaN in a folded kMaskPartial tile's row: its masked keys go back to -inf first.
       auto row_fix = [&](auto& x, int r, float mx) {
-        if (lfold_on && (cls & kListedPartial) && is_nan(mx))  // DM_SM90_LIST_FOLD likewise
-          return drop_listed_nan(x, r, p.sp_partial_bits + info[4 * stage + 3] +
-                                           lrow[r] * (p.sp_block_n / 32), t);
         return !fold_on || !(cls & kMaskPartial) || !is_nan(mx) ? mx
             : drop_masked_nan<kBlockM, Smem::kMaskBoxCols>(
                   x, r, smem + (sMask - base) + info[4 * stage + 2] * Smem::kMask, lrow[r], t);
       };
 #else
-      auto row_fix = [&](auto& x, int r, float mx) {  // DM_SM90_LIST_FOLD's NaN rows
-        return !lfold_on || !(cls & kListedPartial) || !is_nan(mx) ? mx
-            : drop_listed_nan(x, r, p.sp_partial_bits + info[4 * stage + 3] +
-                                        lrow[r] * (p.sp_block_n / 32), t);
-      };
+      const KeepRowMax row_fix;
 #endif
       ListedWords lw;
       if (acc_start) fold_bias(s, stage);

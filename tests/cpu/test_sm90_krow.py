@@ -64,8 +64,7 @@ def test_selector_names_the_key_row_spec(monkeypatch):
     pb = precompile.stub_problem("bf16", 128, False, True, False)           # a key-row bias
     spec = select.forward(pb, h100)
     assert spec.family == "fwd_sm90" and spec.bias_key_row and spec.id.endswith("_krow")
-    # has_bias, bias_key_row, list_fold, debug
-    assert "true, true, false, false>" in spec.name_expression
+    assert "true, true, false>" in spec.name_expression  # has_bias, bias_key_row, debug
     tile = select.forward(precompile.stub_problem("bf16", 128, False, True, False, tiles=True),
                           h100)
     assert tile.family == "fwd_sm90" and not tile.bias_key_row
@@ -74,9 +73,9 @@ def test_selector_names_the_key_row_spec(monkeypatch):
     assert not select.forward(pb, h100).bias_key_row
 
 
-def test_precompile_lists_every_bias_spec():
+def test_precompile_lists_both_bias_specs():
     ids = {s.id for s in precompile.all_specs("sm_90") if s.family == "fwd_sm90"}
     for dt in ("bf16", "fp16"):
         for hd, bn in ((64, 128), (128, 128), (256, 64)):
             base = f"fwd_sm90_{dt}_d{hd}_m128n{bn}w12_mask0_bias1_varlen0_st2"
-            assert base in ids and base + "_krow" in ids and base + "_lfold" in ids
+            assert base in ids and base + "_krow" in ids
