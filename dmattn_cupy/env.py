@@ -187,8 +187,10 @@ def mask_route() -> str:
     mask's bytes tile by tile. ``auto`` (default): the lists where one packing serves several
     (batch, head) pairs (a mask broadcast over batch or heads), or where a mask of its own per
     pair would otherwise run slower (``routes_mask``); ``1``: the lists for every mask;
-    ``0``: the bytes. A plan variable."""
-    return _choice("DMATTN_MASK_ROUTE", "auto", ("auto", "0", "1"))
+    ``0``: the bytes; ``warps``: beside a tile bias, packed by the warps of the forward's bias
+    spec that are idle otherwise (``mask_pack.packs_in_forward``), else as ``auto``. A plan
+    variable."""
+    return _choice("DMATTN_MASK_ROUTE", "auto", ("auto", "0", "1", "warps"))
 
 
 # Variables that change which plan a call gets (family, tile, decode, splits, device checks).

@@ -303,12 +303,18 @@ def _sm90_smem(s: SpecShape) -> int:
 
 
 def _sm90_args(pb: Problem, out: ArrayInfo, spec: SpecShape) -> tuple[Any, ...]:
-    return (forward_sm90.build_args(pb.q, pb.k, pb.v, pb.mask, pb.bias, spec.block_n,
-                                    pb.varlen)[0],)
+    """Sm90FwdArgs; a mask beside a spec without mask tiles is read by the pack warps
+    (forward.py's route for it: OPERAND_PACK_WARPS, no map)."""
+    mask = pb.mask if spec.has_mask else None
+    rec = forward_sm90.build_args(pb.q, pb.k, pb.v, mask, pb.bias, spec.block_n, pb.varlen)
+    if pb.mask is not None and mask is None:
+        rec["mask_mode"] = forward_sm90.OPERAND_PACK_WARPS
+    return (rec[0],)
 
 
 def _sm90_slots(pb: Problem, spec: SpecShape) -> tuple[tuple[str, int, int], ...] | None:
-    slots = forward_sm90.address_slots(pb.q, pb.k, pb.v, pb.mask, pb.bias, spec.block_n,
+    mask = pb.mask if spec.has_mask else None
+    slots = forward_sm90.address_slots(pb.q, pb.k, pb.v, mask, pb.bias, spec.block_n,
                                        pb.varlen)
     return None if slots is None else tuple((name, 0, off) for name, off in slots)
 

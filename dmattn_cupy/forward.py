@@ -162,7 +162,10 @@ def forward_call(pb: Problem, query: Any, cu_q: Any = None, cu_k: Any = None,
             lse = arrays.empty(query, lse_shape, "float32")
             plan.allocs.append(Alloc("lse", lse_shape, "float32"))
             out_names = (*out_names, "lse")
-    if sparse is None and tile_counters is None and \
+    # attn_mask packed by the forward's own pack warps (its bias spec, no mask tiles)
+    packed = sparse is None and tile_counters is None and \
+        mask_pack.packs_in_forward(pb, runtime.device_props(pb.q.device))
+    if sparse is None and tile_counters is None and not packed and \
             mask_pack.routes_mask(pb, runtime.device_props(pb.q.device)):
         # attn_mask as block lists packed in this call (the plan's first two launches)
         sparse = mask_pack.plan_lists(plan, pb.mask, query, keep_alive)
@@ -190,7 +193,8 @@ def forward_call(pb: Problem, query: Any, cu_q: Any = None, cu_k: Any = None,
             plan.allocs.append(Alloc(renames[name], (arrays.padded_bytes(info),), "uint8"))
             plan.copies.append(RowCopy(name, renames[name], *pitched))
         pb = dataclasses.replace(pb, **infos)
-    spec = select_fwd_spec(pb, debug_counters=tile_counters is not None,
+    spec = select_fwd_spec(dataclasses.replace(pb, mask=None) if packed else pb,
+                           debug_counters=tile_counters is not None,
                            sparse=block_size_of(sparse))
     rec = build_fwd_params(pb, out_info, _ptr(lse), _ptr(cu_q), _ptr(cu_k),
                            _ptr(tile_counters))
@@ -237,6 +241,15 @@ def forward_call(pb: Problem, query: Any, cu_q: Any = None, cu_k: Any = None,
             runtime.get_kernel(forward_order_spec(), pb.q.device),
             (-(-n_order // forward_sm90.ORDER_GROUP), 1, 1), (rec, extra[0])))
     grid = spec.row.grid(pb, spec, runtime.device_props(pb.q.device).sm_count)
+    if packed:   # the pack warps' bits: a tile per CTA and stage, read as a block list's
+        words = mask_pack.pack_scratch_words(grid[0], spec.stages, spec.block_n)
+        plan.allocs.append(Alloc("pack_bits", (words,), "float32", scratch=True))
+        buf = arrays.empty(query, (words,), "float32")
+        keep_alive.append(buf)
+        r = rec[0]
+        r["sp_partial_bits"] = describe(buf).ptr
+        r["sp_block_m"], r["sp_block_n"] = forward_sm90.BLOCK_M, spec.block_n
+        plan.slot("pack_bits", rec, "sp_partial_bits")
     plan.launches.append(Launch(kernel, grid, (rec, *extra)))
     if shifted is not None:
         row_bias.add_launch(plan, dataclasses.replace(pb, bias=shifted.bias), out_info,

@@ -37,6 +37,9 @@ THREADS = 384               # producer + two consumer warpgroups
 SMEM_LIMIT = 227 * 1024     # opt-in shared memory per block on compute capability 9.0
 
 OPERAND_NONE, OPERAND_TILE, OPERAND_KEY_ROW, OPERAND_QUERY_ROW, OPERAND_KEY_CHUNK = 0, 1, 2, 3, 4
+# mask_mode of a spec without mask tiles whose producer's warps 1-3 pack a bool mask from its
+# bytes (fwd.cu: kOperandPackWarps, pack_mask_warps; ``packs_mask``)
+OPERAND_PACK_WARPS = 5
 # A key chunk of block_n * h' values plus its alignment lead fits one bias stage / mask slot
 # (128 * block_n values): 128 heads would need one more box.
 MAX_CHUNK_HEADS = 127
@@ -155,6 +158,13 @@ def fold_bias(block_n: int, has_mask: bool, has_bias: bool) -> bool:
             and block_n == 64 and dynamic_schedule())
 
 
+def pack_warps(has_mask: bool, has_bias: bool, key_row: bool = False) -> bool:
+    """Whether the spec can pack a bool mask by its producer's warps 1-3
+    (Sm90FwdSmem::kPackWarps: a tile-bias spec without mask tiles, the dynamic scheduler);
+    such a spec has one more barrier per stage."""
+    return not has_mask and has_bias and not key_row and dynamic_schedule()
+
+
 def kbias_mode() -> int:
     """How a key-based bias without a mask reaches S (fwd.cu: DM_SM90_KBIAS_F32, default 4)."""
     return define_value("DM_SM90_KBIAS_F32", 4)
@@ -175,7 +185,8 @@ def _alloc_bytes(head_dim: int, block_n: int, stages: int, has_mask: bool, has_b
     bias = (KEY_ROW_STAGE if key_row else BLOCK_M * block_n * 2) if has_bias else 0
     aux = aux_tile_bytes(block_n, key_row)
     slots = mask_slots(head_dim, block_n, has_mask)
-    fold_bars = stages if fold_bias(block_n, has_mask, has_bias) else 0
+    fold_bars = stages if fold_bias(block_n, has_mask, has_bias) \
+        or pack_warps(has_mask, has_bias, key_row) else 0
     bars = 8 * (4 * stages + 2 * slots + 2 * q_bufs + fold_bars)
     items = 16 if dynamic_schedule() else 0   # each stage's work item (kOffItems)
     return (q_bufs * q + stages * (2 * kv + aux + bias) + slots * BLOCK_M * block_n + bars
@@ -450,6 +461,21 @@ def tile_for(head_dim: int, q: ArrayInfo, k: ArrayInfo, v: ArrayInfo, mask: Arra
     if any(infos[name].ptr % 16 for name, spec in maps.items() if spec is not None):
         return None
     return hd, block_n, stages
+
+
+MAX_PACK_ROW_SPAN = 2**32   # bytes: pack_mask_warps addresses a tile's rows in 32 bits
+
+
+def packs_mask(mask: ArrayInfo, seqlen_k: int) -> bool:
+    """Whether ``pack_mask_warps`` reads the bool ``mask`` (B|1, H|1, Sq, Sk), collapsed
+    (a broadcast dim has stride 0), from its bytes: a unit key stride, its pointer and every
+    other stride multiples of 16 bytes (16-byte loads), ``seqlen_k`` a multiple of 32 (whole
+    words: a word past a row's end would be read), and a tile's rows within 32-bit offsets."""
+    if mask.ndim != 4 or mask.dtype != "bool" or seqlen_k % 32 or mask.strides[3] != 1:
+        return False
+    if mask.ptr % 16 or any(st % 16 for st in mask.strides[:3]):
+        return False
+    return BLOCK_M * abs(mask.strides[2]) + seqlen_k < MAX_PACK_ROW_SPAN
 
 
 def build_args(q: ArrayInfo, k: ArrayInfo, v: ArrayInfo, mask: ArrayInfo | None,

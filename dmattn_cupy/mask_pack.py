@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from . import arrays, env, masks, runtime
+from . import arrays, env, forward_sm90, masks, runtime
 from .arrays import ArrayInfo
 from .device import DeviceProps
 from .launch_plan import Alloc, Launch, Plan
@@ -155,6 +155,7 @@ def routes_mask(pb: Problem, dev: DeviceProps) -> bool:
     lists), their bits addressable, and the packing grid within limits."""
     m = pb.mask
     mode = env.mask_route()
+    mode = "auto" if mode == "warps" else mode   # where packs_in_forward declined
     if m is None or pb.varlen or mode == "0":
         return False
     mb, mh, sq, sk = m.shape
@@ -174,6 +175,30 @@ def routes_mask(pb: Problem, dev: DeviceProps) -> bool:
         return by_bytes.family != "fwd_sm90" or (dev.dram_bytes_per_s >= ROUTE_OWN_MASK_DRAM
                                                  and by_bytes.block_n < spec.block_n)
     return True
+
+
+def packs_in_forward(pb: Problem, dev: DeviceProps) -> bool:
+    """Whether the Hopper forward of ``pb`` (broadcasts collapsed) reads its ``attn_mask`` by
+    the pack warps of its bias spec (sm90/fwd.cu: pack_mask_warps; no packing launch, no
+    lists: every tile is loaded, one whose mask bytes are all true does no per-element work):
+    ``DMATTN_MASK_ROUTE=warps``, a dense batch, a mask over every (query, key) pair with
+    batch/head dims 1 or full in a layout ``forward_sm90.packs_mask`` takes, and a bias whose
+    spec without the mask is a Hopper one with pack warps (a tile bias)."""
+    m = pb.mask
+    if m is None or pb.bias is None or pb.varlen or env.mask_route() != "warps":
+        return False
+    mb, mh, sq, sk = m.shape
+    if (sq, sk) != (pb.seqlen_q, pb.seqlen_k) or mb not in (1, pb.batch) \
+            or mh not in (1, pb.heads) or not forward_sm90.packs_mask(m, sk):
+        return False
+    spec = select_forward(dataclasses.replace(pb, mask=None), dev)
+    return spec.family == "fwd_sm90" and forward_sm90.pack_warps(False, True, spec.bias_key_row)
+
+
+def pack_scratch_words(ctas: int, stages: int, block_n: int) -> int:
+    """uint32 words of the pack warps' scratch (``p.sp_partial_bits``): per CTA and K/V stage
+    one tile of bits (forward_sm90.BLOCK_M rows of block_n / 32 words)."""
+    return ctas * stages * forward_sm90.BLOCK_M * block_n // 32
 
 
 # the route's buffers: (plan allocation name, MaskPackParams field, MaskListsParams field).

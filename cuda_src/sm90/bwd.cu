@@ -235,11 +235,6 @@ __host__ __device__ constexpr uint32_t sm90_bwd_dkv_stage_offset(int row, int co
   return uint32_t(row) * (kHeadDim * 2) + (uint32_t((col / 8) ^ (row % 8)) << 4) +
          uint32_t(col % 8) * 2;
 }
-DM_DEVICE uint32_t ld_shared_u32(uint32_t addr) {
-  uint32_t x;
-  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(x) : "r"(addr) : "memory");
-  return x;
-}
 
 // A compile-time switch passed to generic lambdas (decltype(tag)::value).
 template <bool kValue>

@@ -178,8 +178,10 @@ constexpr int kFormulaPartial = 1;  // crosses the key end or a causal/window ed
 constexpr int kMaskPartial = 2;     // its mask tile has false elements
 constexpr int kListedPartial = 4;   // a block list's partial block: its element bits apply
 
+// kOperandPackWarps (mask_mode of a spec without mask tiles, Sm90FwdSmem::kPackWarps): a bool
+// (.., Sq, Sk) mask read by the producer's warps 1-3 from p.mask (pack_mask_warps).
 enum Sm90Operand : int32_t { kOperandNone = 0, kOperandTile = 1, kOperandKeyRow = 2,
-                             kOperandQueryRow = 3, kOperandKeyChunk = 4 };
+                             kOperandQueryRow = 3, kOperandKeyChunk = 4, kOperandPackWarps = 5 };
 
 // The second kernel parameter (const __grid_constant__): tensor maps over (cols, rows, heads,
 // batch) with broadcast dims of size 1, and how the mask/bias are read. Mirrored by
@@ -242,13 +244,17 @@ struct Sm90FwdSmem {
   // DM_SM90_MB_FOLD: per stage one more barrier (full_f: the folded bias tile is ready).
   static constexpr bool kFold = DM_SM90_MB_FOLD != 0 && kHasMask && kHasBias && kBlockN == 64 &&
                                 kDynamicItems;
-  static constexpr int kFoldBars = kFold ? kStages : 0;
+  // The pack warps (Sm90FwdArgs::mask_mode kOperandPackWarps: a bool mask beside a bias spec
+  // without mask tiles, packed by the producer's warps 1-3): per stage one more barrier
+  // (info_p: the producer warp wrote the stage's tile). Never beside kFold (it has a mask).
+  static constexpr bool kPackWarps = !kHasMask && kHasBias && !kBiasKeyRow && kDynamicItems;
+  static constexpr int kFoldBars = kFold || kPackWarps ? kStages : 0;
   // Everything but Q's buffers (one per work item in flight), then the count that fits.
   static constexpr int kRest = kStages * (kKStage + kKV + kBias) + kMaskSlots * kMask;
   // per stage full_k, full_v, empty_k, empty_v; per mask slot full_m, empty_m; per Q buffer
-  // full_q, empty_q, DM_SM90_MB_FOLD: per stage full_f (8-byte mbarriers); then per stage the
-  // tile index, class and mask slot the producer hands over (4 ints); DM_SM90_PERSISTENT=2: per
-  // stage its work item (16 bytes).
+  // full_q, empty_q; DM_SM90_MB_FOLD: per stage full_f, kPackWarps: per stage info_p (8-byte
+  // mbarriers); then per stage the tile index, class and mask slot the producer hands over (4
+  // ints); DM_SM90_PERSISTENT=2: per stage its work item (16 bytes).
   static constexpr int alloc_bytes(int q_bufs) {
     return q_bufs * kQ + kRest + 8 * (4 * kStages + 2 * kMaskSlots + 2 * q_bufs + kFoldBars) +
            16 * kStages + (kDynamicItems ? 16 : 0) + 1024;  // base aligned up to 1024 at run time
@@ -465,6 +471,147 @@ DM_DEVICE void sm90_item_coords(int i, int num_m, int bh, bool head_major, bool 
   }
 }
 
+// The kernel's item numbering switches (see its work items).
+DM_DEVICE bool sm90_head_major(const FwdParams& p) {
+  return DM_SM90_HEAD_MAJOR && p.window_left < 0 && p.window_right < 0 &&
+         p.cu_seqlens_q == nullptr && p.sp_full_count == nullptr;
+}
+DM_DEVICE bool sm90_lpt_sections(int bh) {
+  return DM_SM90_LPT_HEADS > 0 && bh > DM_SM90_LPT_HEADS && bh % DM_SM90_LPT_HEADS == 0;
+}
+
+// A 32-key word of bits from its 32 mask bytes (bit i: byte i nonzero; tests/cpu/
+// test_sm90_pack_warps.py), built from the last bytes down. Any bytes: 4 at a time, the bits so
+// far move up a nibble and kept_nibble(w) enters at the bottom (5 instructions). Bytes that
+// are all 0 or 1 (what bool tensors hold): 8 at a time, 4-byte words lo, hi: lo | hi << 4 puts
+// key i at bit 8i and key 4 + i at 8i + 4, and one multiply by 2^24 + 2^17 + 2^10 + 2^3 moves
+// both to bits 24 + i and 28 + i (every other partial product lands below 24 or past 31, no
+// two on one bit) (3 instructions: two IMAD, one funnel shift).
+__host__ __device__ constexpr uint32_t pack_word_bits(uint32_t bits, uint32_t w) {
+  return bits << 4 | kept_nibble(w);
+}
+__host__ __device__ constexpr uint32_t pack_word_bits01(uint32_t bits, uint32_t lo, uint32_t hi) {
+  return bits << 8 | (lo | hi << 4) * 0x01020408u >> 24;
+}
+
+// The pack warps (mask_mode kOperandPackWarps, Sm90FwdSmem::kPackWarps): warps 1-3 of the
+// producer warpgroup (pt = threadIdx.x - 32 < 96) turn a tile's bool mask bytes (p.mask: unit
+// key stride, every row 16-byte aligned, Sk % 32 == 0: forward_sm90.packs_mask; a nonzero byte
+// is true) into the layout of a block list's element bits (kListedPartial), which the
+// consumers then read as a MixedMask's: row r's keys 32q .. 32q + 31 in word r * kBlockN / 32
+// + q of the stage's slot in this CTA's scratch, p.sp_partial_bits + (blockIdx.x * kStages +
+// stage) * kWords. They walk the stages as the consumers do (every use of every stage, up to
+// the dynamic scheduler's last), each once the producer warp wrote the stage's tile and item
+// (info_p), so the bytes load while the stage's K/V/bias are in flight; then they publish the
+// tile's class (kListedPartial unless every bit is set; rows and keys past the mask read as
+// true: such keys are excluded by formula, such rows never stored) and slot in info[], and
+// arrive on full_k (which completes with the producer warp's arrival and the TMA bytes). Each
+// tile prefetches the rows of the next one (an item's tiles run n_last .. n_first) into L2,
+// and an item's first tile its own, so the loads hit there. (Packing one tile ahead into
+// kStages + 1 slots measured no faster on an H100: NOTES.md, forty-fourth session.)
+constexpr int kPackThreads = 96;
+constexpr int kPackBarrier = 5;  // named barrier of the pack warps (1-4: the consumers')
+// info, stage_item: the shared addresses of the kernel's info[] and stage_item[] (32-bit
+// addresses: generic pointers held across the loop spilled the 40-register warps).
+template <int kBlockM, int kBlockN, int kStages, typename BarInfo, typename BarFull>
+DM_DEVICE void pack_mask_warps(const FwdParams& p, const BarInfo& bar_info,
+                               const BarFull& bar_full_k, uint32_t info, uint32_t stage_item) {
+  using namespace sm90;
+  constexpr int kWpr = kBlockN / 32, kWords = kBlockM * kWpr;
+  const int pt = int(threadIdx.x) - 32, lane = pt % 32;
+  // Tile n of work item `item` into the slot of `stage`; whether every bit is set. `own`:
+  // also prefetch its own rows (an item's first tile: nothing prefetched them).
+  auto pack = [&](int item, int n, int stage, bool own) {
+    // the item's coordinates as the kernel numbers them (no lists, no varlen here), from p
+    // through opaque: values shared with the kernel's own spilled them
+    const int heads = int(opaque(uint32_t(p.heads))), bh = p.batch * heads;
+    const bool head_major = DM_SM90_HEAD_MAJOR &&
+                            (int(opaque(uint32_t(p.window_left))) & p.window_right) < 0;
+    int m_block, hb;
+    sm90_item_coords(item, (int(opaque(uint32_t(p.seqlen_q))) + kBlockM - 1) / kBlockM, bh,
+                     head_major, sm90_lpt_sections(bh), m_block, hb);
+    const int h = hb % heads, b = hb / heads;
+    const int m0 = m_block * kBlockM, n0 = n * kBlockN;
+    const int rows = dm_min(kBlockM, p.seqlen_q - m0), keys = p.seqlen_k - n0;  // >= 1
+    const uint32_t rs = uint32_t(p.mask_row_stride);  // kBlockM rows < 2^32 bytes (host)
+    const uint8_t* tile = p.mask + int64_t(b) * p.mask_batch_stride +
+                          int64_t(h / p.mask_head_ratio) * p.mask_head_stride +
+                          int64_t(m0) * rs + n0;
+    // L2 prefetches (no registers held): each row's first and last bytes' lines
+    for (int r = pt; r < rows; r += kPackThreads) {
+      const uint8_t* a = tile + uint32_t(r) * rs;
+      if (own) {
+        prefetch_l2(a);
+        prefetch_l2(a + kBlockN - 1);
+      }
+      if (n > 0) {
+        prefetch_l2(a - kBlockN);
+        prefetch_l2(a - 1);
+      }
+    }
+    uint32_t* out = const_cast<uint32_t*>(p.sp_partial_bits) +
+                    (int(blockIdx.x) * kStages + stage) * kWords;
+    bool all = true;
+#pragma unroll 1
+    for (int w0 = pt; w0 < kWords; w0 += 2 * kPackThreads) {
+      uint4 x[2][2];  // words w0 and w0 + 96: loads all in flight before the first is used
+#pragma unroll
+      for (int g = 0; g < 2; ++g) {
+        const int w = w0 + g * kPackThreads, r = w / kWpr, k = 32 * (w % kWpr);
+        const bool whole = w < kWords && r < rows && k < keys;  // keys % 32 == 0
+        const uint4* src =
+            reinterpret_cast<const uint4*>(tile + (whole ? uint32_t(r) * rs + k : 0u));
+        x[g][0] = whole ? __ldg(src) : uint4{~0u, ~0u, ~0u, ~0u};
+        x[g][1] = whole ? __ldg(src + 1) : uint4{~0u, ~0u, ~0u, ~0u};
+      }
+#pragma unroll
+      for (int g = 0; g < 2; ++g) {
+        const int w = w0 + g * kPackThreads;
+        if (w >= kWords) break;
+        // byte 4j + i -> bit 4j + i; past the mask's rows and keys all kept
+        const uint32_t wd[8] = {x[g][0].x, x[g][0].y, x[g][0].z, x[g][0].w,
+                                x[g][1].x, x[g][1].y, x[g][1].z, x[g][1].w};
+        uint32_t bits = 0, any = 0;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) any |= wd[j];
+        if (any & 0xfefefefeu) {  // a byte other than 0 or 1 (rows past the mask too)
+#pragma unroll
+          for (int j = 7; j >= 0; --j) bits = pack_word_bits(bits, wd[j]);
+        } else {
+#pragma unroll
+          for (int j = 3; j >= 0; --j) bits = pack_word_bits01(bits, wd[2 * j], wd[2 * j + 1]);
+        }
+        all = all && bits == ~0u;
+        out[w] = bits;
+      }
+    }
+    return named_bar_and(kPackBarrier, kPackThreads, all);
+  };
+  int stage = 0, prev_item = -1;
+  uint32_t phase = 0;
+  for (;;) {
+    mbar_wait(bar_info(stage), phase);
+    const int item = int(ld_shared_u32(stage_item + 4 * stage));
+    const int n = item >= 0 ? int(ld_shared_u32(info + 16 * stage)) : -1;  // -1: an item's
+    if (n >= 0) {                                                           // end, the last
+      const bool all = pack(item, n, stage, item != prev_item);
+      prev_item = item;
+      if (pt == 0) {
+        const uint32_t cls = info + 16 * stage + 4;
+        if (!all) st_shared_u32(cls, ld_shared_u32(cls) | kListedPartial);
+        st_shared_u32(info + 16 * stage + 12,
+                      uint32_t((int(blockIdx.x) * kStages + stage) * kWords));
+      }
+    }
+    warp_arrive(bar_full_k(stage), lane);  // this warp's words (and pt 0's class) before it
+    if (item < 0) return;                   // the last stage: never released
+    if (++stage == kStages) {
+      stage = 0;
+      phase ^= 1;
+    }
+  }
+}
+
 template <typename T, int kHeadDim, int kBlockN, int kStages, bool kHasMask, bool kHasBias,
           bool kBiasKeyRow, bool kDebug>
 __global__ void __launch_bounds__(384, 1)
@@ -522,6 +669,14 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
   const bool fold_on = Smem::kFold && args.mask_mode == kOperandTile &&
                        args.bias_mode == kOperandTile;
   auto bar_full_f = [&](int s) { return base + Smem::kOffFoldBars + 8 * s; };
+  // kOperandPackWarps (pack_on): info_p, completed by the producer warp once it wrote stage s's
+  // tile and item (every use of the stage, as full_k); full_k then also waits for the pack
+  // warps (pack_mask_warps).
+  // (the mode re-read at each use through opaque: no value held from here into the roles)
+  auto pack_on = [&]() {
+    return Smem::kPackWarps && int(opaque(uint32_t(args.mask_mode))) == kOperandPackWarps;
+  };
+  auto bar_info_p = [&](int s) { return base + Smem::kOffFoldBars + 8 * s; };
   // DM_SM90_KBIAS_F32 == 4: a _krow spec's bias may take the aux step (kbias_aux_offset; the
   // tile-bias spec keeps the accumulator start: the step spilled it).
   constexpr bool kAuxStep = Smem::kAuxStep;
@@ -547,10 +702,8 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
   const int num_m = (p.seqlen_q + kBlockM - 1) / kBlockM;
   const int bh = p.batch * p.heads;
   const int num_items = num_m * bh;  // <= forward_sm90.MAX_ITEMS
-  const bool head_major = DM_SM90_HEAD_MAJOR && p.window_left < 0 && p.window_right < 0 &&
-                          p.cu_seqlens_q == nullptr && p.sp_full_count == nullptr;
-  const bool lpt_sections = DM_SM90_LPT_HEADS > 0 && bh > DM_SM90_LPT_HEADS &&
-                            bh % DM_SM90_LPT_HEADS == 0;
+  const bool head_major = sm90_head_major(p);
+  const bool lpt_sections = sm90_lpt_sections(bh);
   // The c-th item to run (c < num_items; num_items passes through: "none left"): item c, or
   // with args.item_order its entry c (flash_fwd_sparse_order_kernel).
   auto ordered = [&](int c) {
@@ -617,12 +770,14 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
       mbar_init(bar_empty_q(x), 8 * kWarpArrivals);  // one arrival per consumer warp
     }
     for (int s = 0; s < kStages; ++s) {
-      mbar_init(bar_full_k(s), kWarpArrivals);  // the producer warp (it writes info, rows)
+      // the producer warp (it writes info, rows), and the pack warps
+      mbar_init(bar_full_k(s), (pack_on() ? 4 : 1) * kWarpArrivals);
       mbar_init(bar_full_v(s), 1);
       // one arrival per consumer warp (and per fold warp: they read the stage too)
       mbar_init(bar_empty_k(s), (fold_on ? 8 + kFoldWarps : 8) * kWarpArrivals);
       mbar_init(bar_empty_v(s), 8 * kWarpArrivals);
       if (Smem::kFold) mbar_init(bar_full_f(s), kFoldWarps * kWarpArrivals);
+      if (Smem::kPackWarps) mbar_init(bar_info_p(s), kWarpArrivals);
     }
     for (int x = 0; x < Smem::kMaskSlots; ++x) {
       mbar_init(bar_full_m(x), 1);
@@ -671,7 +826,11 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
                                        stage_item);
         return;
       }
-    } else if (threadIdx.x >= 32) {
+    } else if (__shfl_sync(0xffffffffu, int(threadIdx.x) / 32, 0) != 0) {
+      if constexpr (Smem::kPackWarps)
+        if (pack_on())
+          pack_mask_warps<kBlockM, kBlockN, kStages>(p, bar_info_p, bar_full_k,
+                                                     base + Smem::kOffInfo, base + Smem::kOffItems);
       return;
     }
     const bool leader = lane == 0;
@@ -932,6 +1091,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
           info[4 * stage + 1] = cls;
           info[4 * stage + 2] = slot;
           if (kDynamicItems) stage_item[stage] = item;
+          if (pack_on()) mbar_arrive(bar_info_p(stage));  // the pack warps read info, item
           // A partial block's element bits: the word of (row m0, key n0) in its slot (an int:
           // the host refuses more than 2^31 - 1 words, sparse_plan.check_partial_words).
           if (listed_partial) {
@@ -967,7 +1127,10 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
                        args.bias_chunk_heads, args.bias_chunk_box, args.bias_chunk_boxes, 2);
           }
         }
-        if (kWarpArrivals > 1 && !leader) mbar_arrive(bar_full_k(stage));  // after the row
+        if (kWarpArrivals > 1 && !leader) {
+          if (pack_on()) mbar_arrive(bar_info_p(stage));
+          mbar_arrive(bar_full_k(stage));  // after the row
+        }
         mbar_wait(bar_empty_v(stage), phase ^ 1);
         if (leader) {
           mbar_arrive_expect_tx(bar_full_v(stage), Smem::kKV);
@@ -988,9 +1151,13 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
       if (leader) {
         info[4 * stage] = -1;
         if (kDynamicItems) stage_item[stage] = item;
+        if (pack_on()) mbar_arrive(bar_info_p(stage));
         mbar_arrive(bar_full_k(stage));
       }
-      if (kWarpArrivals > 1 && !leader) mbar_arrive(bar_full_k(stage));
+      if (kWarpArrivals > 1 && !leader) {
+        if (pack_on()) mbar_arrive(bar_info_p(stage));
+        mbar_arrive(bar_full_k(stage));
+      }
       mbar_wait(bar_empty_v(stage), phase ^ 1);
       if (leader) mbar_arrive(bar_full_v(stage));
       __syncwarp();
@@ -1008,9 +1175,13 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
       mbar_wait(bar_empty_k(stage), phase ^ 1);
       if (leader) {
         stage_item[stage] = -1;
+        if (pack_on()) mbar_arrive(bar_info_p(stage));
         mbar_arrive(bar_full_k(stage));
       }
-      if (kWarpArrivals > 1 && !leader) mbar_arrive(bar_full_k(stage));
+      if (kWarpArrivals > 1 && !leader) {
+        if (pack_on()) mbar_arrive(bar_info_p(stage));
+        mbar_arrive(bar_full_k(stage));
+      }
     }
     return;
   }
@@ -1219,7 +1390,8 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
       for (int r = 0; r < 2; ++r)
 #pragma unroll
         for (int q = 0; q < kBlockN / 32; ++q)
-          lw.w[r][q] = __ldg(words + lrow[r] * (p.sp_block_n / 32) + q);
+          lw.w[r][q] = words[lrow[r] * (p.sp_block_n / 32) + q];  // not __ldg: the pack
+                                                                  // warps write them in-launch
     };
     // Softcap, bias and exclusion (by the mask's words and/or by formula, as the tile's class
     // says), for the tile whose first key is n0.
@@ -1585,8 +1757,7 @@ flash_fwd_sparse_order_kernel(const FwdParams p, const __grid_constant__ Sm90Fwd
   const int tid = threadIdx.x;
   const int num_m = (p.seqlen_q + kBlockM - 1) / kBlockM;
   const int bh = p.batch * p.heads, items = num_m * bh;
-  const bool lpt_sections = DM_SM90_LPT_HEADS > 0 && bh > DM_SM90_LPT_HEADS &&
-                            bh % DM_SM90_LPT_HEADS == 0;  // as the kernel's (no head_major)
+  const bool lpt_sections = sm90_lpt_sections(bh);  // as the kernel's (no head_major)
   const int first = blockIdx.x * kItemOrderGroup, n = dm_min(kItemOrderGroup, items - first);
   const int i = first + tid;
   int count = 0;

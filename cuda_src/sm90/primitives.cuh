@@ -234,6 +234,23 @@ DM_DEVICE void fence_proxy_async_smem() {
 DM_DEVICE void named_bar_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
 }
+// The same barrier, returning whether `pred` held in every one of the threads.
+DM_DEVICE bool named_bar_and(int id, int threads, bool pred) {
+  uint32_t all;
+  asm volatile(
+      "{\n.reg .pred p, q;\n"
+      "setp.ne.u32 p, %1, 0;\n"
+      "bar.red.and.pred q, %2, %3, p;\n"
+      "selp.u32 %0, 1, 0, q;\n}\n"
+      : "=r"(all)
+      : "r"(uint32_t(pred)), "r"(id), "r"(threads)
+      : "memory");
+  return all != 0;
+}
+// The global-memory line holding `p` into L2 (no registers, no completion to wait for).
+DM_DEVICE void prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+}
 
 // Plain shared-memory and 16-byte global accesses (epilogues staging a tile through shared
 // memory; st_global_u128: a uint4 assignment through a T* came out as 4 STG.E).
@@ -247,6 +264,11 @@ DM_DEVICE void st_shared_u128(uint32_t addr, uint4 v) {
   asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};"
                ::"r"(addr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
                : "memory");
+}
+DM_DEVICE uint32_t ld_shared_u32(uint32_t addr) {
+  uint32_t x;
+  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(x) : "r"(addr) : "memory");
+  return x;
 }
 DM_DEVICE uint4 ld_shared_u128(uint32_t addr) {
   uint4 v;

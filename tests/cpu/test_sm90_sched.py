@@ -282,13 +282,14 @@ def test_schedule_define_and_grid(monkeypatch):
 def test_dynamic_schedule_shared_memory_equals_the_kernel(monkeypatch):
     """Each stage's item index (16 bytes) under DM_SM90_PERSISTENT=2: host and kernel agree for
     every tile, and the largest still fits. The other schedules also drop DM_SM90_MB_FOLD's
-    per-stage barrier (the fold runs under the dynamic schedule only)."""
+    and the pack warps' per-stage barrier (both run under the dynamic schedule only)."""
     monkeypatch.setenv("DMATTN_NVRTC_DEFINES", "DM_SM90_PERSISTENT=2")
     lines = ['#include "sm90/fwd.cu"', "static_assert(dm::kDynamicItems);"]
     dynamic, fold_bars = {}, {}
     for (hd, mask, bias), (bn, st) in f90.TILES.items():
         smem = dynamic[hd, mask, bias] = f90.smem_bytes(hd, bn, st, mask, bias)
-        fold_bars[hd, mask, bias] = 8 * st if f90.fold_bias(bn, mask, bias) else 0
+        fold_bars[hd, mask, bias] = 8 * st if f90.fold_bias(bn, mask, bias) \
+            or f90.pack_warps(mask, bias) else 0
         assert smem <= f90.SMEM_LIMIT
         lines.append(f"static_assert(dm::Sm90FwdSmem<{hd}, {bn}, {st}, {str(mask).lower()}, "
                      f"{str(bias).lower()}>::kAlloc == {smem});")

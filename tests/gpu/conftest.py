@@ -134,11 +134,12 @@ def both_forward_families(request, monkeypatch):
     return request.param
 
 
-@pytest.fixture(params=["1", "0"], ids=["mask-lists", "mask-bytes"])
+@pytest.fixture(params=["1", "0", "warps"], ids=["mask-lists", "mask-bytes", "mask-warps"])
 def both_mask_routes(request, monkeypatch):
     """Runs a test with the Hopper forward's attn_mask route on for every mask (the mask packed
-    into block lists per call) and off (the mask's bytes read tile by tile); the default,
-    auto, takes one or the other by the mask's layout."""
+    into block lists per call), off (the mask's bytes read tile by tile) and beside a tile
+    bias packed by the bias spec's own warps; the default, auto, takes lists or bytes by the
+    mask's layout."""
     monkeypatch.setenv("DMATTN_MASK_ROUTE", request.param)
     return request.param
 

@@ -1,0 +1,182 @@
+"""The Hopper forward's pack warps (DMATTN_MASK_ROUTE=warps): beside a tile bias, an attn_mask
+read from its bytes by the bias spec's idle producer warps (sm90/fwd.cu: pack_mask_warps) into
+block-list bits per tile, with no packing launch. Against the float64 reference for every
+layout the route takes (full, per-batch, shared, expanded views), head dims 64/128/256, both
+dtypes, causal and window bounds, tiles all true, all false and partial, fully masked rows,
+query and key ends inside a tile; layouts it does not take (rows at odd pitches, a key stride,
+Sk not a multiple of 32, a key-row bias) go the other routes; a call captured in a CUDA graph
+replays like eager."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gpu_helpers import assert_fa_close, f64
+from test_kvcache import record_launch_families
+
+import dmattn_cupy as dm
+from dmattn_cupy import mask_pack, runtime
+from dmattn_cupy.forward import collapsed_broadcasts
+from dmattn_cupy.validate import check_dense
+
+torch = pytest.importorskip("torch")
+cupy = pytest.importorskip("cupy")
+
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("hopper_only")]
+
+B, H, HK = 2, 4, 2
+
+
+@pytest.fixture(autouse=True)
+def warps_on(monkeypatch):
+    monkeypatch.setenv("DMATTN_MASK_ROUTE", "warps")
+
+
+def _keep(lead: tuple[int, int], sq: int, sk: int, seed: int) -> np.ndarray:
+    """(Bm, Hm, Sq, Sk): 85% kept at random, a 128 x 128 block kept whole, one dropped whole,
+    a fully masked query row and a key dropped for every row."""
+    rng = np.random.default_rng(seed)
+    m = rng.random((*lead, sq, sk)) < 0.85
+    m[..., :128, 128:256] = True
+    m[..., 128:256, :128] = False
+    m[..., 7, :] = False
+    m[..., :, min(40, sk - 1)] = False
+    return m
+
+
+def _mask(layout: str, sq: int, sk: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:
+    """(the attn_mask given, its (B|1, H|1, Sq, Sk) values for the reference)."""
+    if layout in ("full", "heads1", "shared"):
+        lead = {"full": (B, H), "heads1": (B, 1), "shared": (1, 1)}[layout]
+        keep = _keep(lead, sq, sk, seed)
+        return torch.from_numpy(keep).cuda(), keep
+    if layout == "expanded":  # stride-0 batch and head dims
+        keep = _keep((1, 1), sq, sk, seed)
+        return torch.from_numpy(keep).cuda().expand(B, H, sq, sk), keep
+    if layout == "pitched16":   # rows sk + 16 bytes apart: still 16-byte rows
+        keep = _keep((B, H), sq, sk, seed)
+        big = torch.zeros(B, H, sq, sk + 16, dtype=torch.bool)
+        big[..., :sk] = torch.from_numpy(keep)
+        return big.cuda()[..., :sk], keep
+    if layout == "pitched":   # rows sk + 3 bytes apart: not 16-byte rows
+        keep = _keep((B, H), sq, sk, seed)
+        big = torch.zeros(B, H, sq, sk + 3, dtype=torch.bool)
+        big[..., :sk] = torch.from_numpy(keep)
+        return big.cuda()[..., :sk], keep
+    assert layout == "keystride"  # a key stride: (B, H, Sk, Sq) transposed
+    keep = _keep((B, H), sq, sk, seed)
+    t = torch.from_numpy(np.ascontiguousarray(keep.transpose(0, 1, 3, 2))).cuda()
+    return t.transpose(-1, -2), keep
+
+
+def _qkv(sq: int, sk: int, dtype: str, seed: int, d: int = 128):
+    g = torch.Generator().manual_seed(seed)
+    dt = getattr(torch, dtype)
+    return (torch.randn(B, sq, H, d, generator=g).to("cuda", dt),
+            torch.randn(B, sk, HK, d, generator=g).to("cuda", dt),
+            torch.randn(B, sk, HK, d, generator=g).to("cuda", dt))
+
+
+def _bias(kind: str, sq: int, sk: int, dtype: str, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    shape = {"full": (B, H, sq, sk), "heads1": (B, 1, sq, sk), "key_row": (B, H, 1, sk)}[kind]
+    return (2 * torch.randn(*shape, generator=g)).to("cuda", getattr(torch, dtype))
+
+
+def _packed(q, k, v, mask, bias, window=(-1, -1)) -> bool:
+    pb = check_dense(q, k, v, mask, bias, None, False, window, 0.0, "cuda")
+    return mask_pack.packs_in_forward(collapsed_broadcasts(pb), runtime.device_props(0))
+
+
+def _run(monkeypatch, q, k, v, mask, bias, **kw):
+    families = record_launch_families(monkeypatch)
+    out, lse = dm.flash_dmattn_func(q, k, v, attn_mask=mask, attn_bias=bias, return_lse=True,
+                                    **kw)
+    torch.cuda.synchronize()
+    return out, lse, list(families)
+
+
+def _check(out, lse, q, k, v, keep, bias, dtype, window=(-1, -1)):
+    assert_fa_close(out, lse, dict(q=f64(q), k=f64(k), v=f64(v), mask=keep, bias=f64(bias),
+                                   scale=q.shape[-1] ** -0.5, window=window), dtype)
+
+
+@pytest.mark.parametrize("bias_kind", ["full", "heads1"])
+@pytest.mark.parametrize("layout", ["full", "heads1", "shared", "expanded", "pitched16"])
+def test_pack_warps_match_the_reference(layout, bias_kind, monkeypatch):
+    sq, sk, dtype = 300, 544, "bfloat16"
+    seed = len(layout) * 10 + len(bias_kind)
+    q, k, v = _qkv(sq, sk, dtype, seed)
+    mask, keep = _mask(layout, sq, sk, seed)
+    bias = _bias(bias_kind, sq, sk, dtype, seed + 1)
+    assert _packed(q, k, v, mask, bias)
+    out, lse, fams = _run(monkeypatch, q, k, v, mask, bias)
+    assert fams == ["fwd_sm90"], fams   # one launch: no packing kernel
+    _check(out, lse, q, k, v, keep, bias, dtype)
+    assert np.all(np.isneginf(f64(lse)[:, :, 7])) and np.all(f64(out)[:, 7] == 0)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("d", [64, 128, 256])   # 256: 64-key tiles
+@pytest.mark.parametrize("window", [(-1, -1), (-1, 0), (200, 30)], ids=["full", "causal",
+                                                                          "window"])
+@pytest.mark.parametrize("sq,sk", [(512, 512), (333, 704), (700, 352), (129, 1024),
+                                   (64, 96)])
+def test_pack_warps_shapes_and_windows(sq, sk, window, d, dtype, monkeypatch):
+    seed = sq + sk + d + window[0] + window[1]
+    q, k, v = _qkv(sq, sk, dtype, seed, d)
+    mask, keep = _mask("full", sq, sk, seed)
+    bias = _bias("full", sq, sk, dtype, seed + 1)
+    assert _packed(q, k, v, mask, bias, window)
+    out, lse, fams = _run(monkeypatch, q, k, v, mask, bias, window_size=window)
+    assert fams == ["fwd_sm90"], fams
+    _check(out, lse, q, k, v, keep, bias, dtype, window)
+
+
+@pytest.mark.parametrize("case", ["pitched", "keystride", "odd_sk", "key_row_bias", "no_bias"])
+def test_layouts_the_pack_warps_do_not_take(case, monkeypatch):
+    """Rows not 16-byte aligned, a key stride, Sk not a multiple of 32, a key-row bias (its
+    spec has no pack warps) and no bias go the other routes and agree with the reference."""
+    sq, sk, dtype = 300, 520 if case == "odd_sk" else 544, "bfloat16"
+    q, k, v = _qkv(sq, sk, dtype, 31)
+    layout = case if case in ("pitched", "keystride") else "full"
+    mask, keep = _mask(layout, sq, sk, 32)
+    bias = None if case == "no_bias" else _bias(
+        "key_row" if case == "key_row_bias" else "full", sq, sk, dtype, 33)
+    assert not _packed(q, k, v, mask, bias)
+    out, lse, fams = _run(monkeypatch, q, k, v, mask, bias)
+    _check(out, lse, q, k, v, keep, bias, dtype)
+
+
+def test_mask_all_false_and_all_true(monkeypatch):
+    """Every tile of one head all false (rows out 0, lse -inf), of another all true (equal to
+    no mask: the tiles do no per-element work)."""
+    sq, sk, dtype = 256, 512, "bfloat16"
+    q, k, v = _qkv(sq, sk, dtype, 41)
+    keep = np.random.default_rng(42).random((B, H, sq, sk)) < 0.5
+    keep[0, 1] = False
+    keep[1, 2] = True
+    bias = _bias("full", sq, sk, dtype, 43)
+    out, lse, fams = _run(monkeypatch, q, k, v, torch.from_numpy(keep).cuda(), bias)
+    assert fams == ["fwd_sm90"], fams
+    _check(out, lse, q, k, v, keep, bias, dtype)
+    assert np.all(np.isneginf(f64(lse)[0, 1])) and np.all(f64(out)[0, :, 1] == 0)
+    out2, lse2 = dm.flash_dmattn_func(q[1:], k[1:], v[1:], attn_bias=bias[1:], return_lse=True)
+    torch.testing.assert_close(out[1:, :, 2], out2[:, :, 2], rtol=0, atol=0)
+
+
+def test_pack_warps_captured_in_a_cuda_graph():
+    """A call captured by torch.cuda.graph: replay equals eager bit for bit, and after the
+    mask, the bias and q/k/v change in place the replay reads the new mask."""
+    from test_graphs import _replay_matches_eager
+
+    sq, sk = 300, 544
+    q, k, v = _qkv(sq, sk, "bfloat16", 51)
+    mask, _ = _mask("full", sq, sk, 52)
+    bias = _bias("full", sq, sk, "bfloat16", 53)
+    assert _packed(q, k, v, mask, bias)
+
+    def fn():
+        return dm.flash_dmattn_func(q, k, v, attn_mask=mask, attn_bias=bias)
+
+    _replay_matches_eager(fn, [q, k, v, mask, bias])
