@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from gpu_helpers import assert_fa_close, f64
-from test_kvcache import record_launch_families
+from gpu_helpers import f64
+from test_mask_route import B, H, _check, _keep, _qkv, _run
+from test_mask_route import _bias as _route_bias
+from test_mask_route import _mask as _route_mask
 
 import dmattn_cupy as dm
 from dmattn_cupy import mask_pack, runtime
@@ -24,81 +26,33 @@ cupy = pytest.importorskip("cupy")
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("hopper_only")]
 
-B, H, HK = 2, 4, 2
-
 
 @pytest.fixture(autouse=True)
 def warps_on(monkeypatch):
     monkeypatch.setenv("DMATTN_MASK_ROUTE", "warps")
 
 
-def _keep(lead: tuple[int, int], sq: int, sk: int, seed: int) -> np.ndarray:
-    """(Bm, Hm, Sq, Sk): 85% kept at random, a 128 x 128 block kept whole, one dropped whole,
-    a fully masked query row and a key dropped for every row."""
-    rng = np.random.default_rng(seed)
-    m = rng.random((*lead, sq, sk)) < 0.85
-    m[..., :128, 128:256] = True
-    m[..., 128:256, :128] = False
-    m[..., 7, :] = False
-    m[..., :, min(40, sk - 1)] = False
-    return m
-
-
 def _mask(layout: str, sq: int, sk: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:
-    """(the attn_mask given, its (B|1, H|1, Sq, Sk) values for the reference)."""
-    if layout in ("full", "heads1", "shared"):
-        lead = {"full": (B, H), "heads1": (B, 1), "shared": (1, 1)}[layout]
-        keep = _keep(lead, sq, sk, seed)
-        return torch.from_numpy(keep).cuda(), keep
-    if layout == "expanded":  # stride-0 batch and head dims
-        keep = _keep((1, 1), sq, sk, seed)
-        return torch.from_numpy(keep).cuda().expand(B, H, sq, sk), keep
-    if layout == "pitched16":   # rows sk + 16 bytes apart: still 16-byte rows
-        keep = _keep((B, H), sq, sk, seed)
-        big = torch.zeros(B, H, sq, sk + 16, dtype=torch.bool)
-        big[..., :sk] = torch.from_numpy(keep)
-        return big.cuda()[..., :sk], keep
-    if layout == "pitched":   # rows sk + 3 bytes apart: not 16-byte rows
-        keep = _keep((B, H), sq, sk, seed)
-        big = torch.zeros(B, H, sq, sk + 3, dtype=torch.bool)
-        big[..., :sk] = torch.from_numpy(keep)
-        return big.cuda()[..., :sk], keep
-    assert layout == "keystride"  # a key stride: (B, H, Sk, Sq) transposed
+    """test_mask_route's layouts, and rows sk + 16 bytes apart (still 16-byte rows)."""
+    if layout != "pitched16":
+        return _route_mask(layout, sq, sk, seed)
     keep = _keep((B, H), sq, sk, seed)
-    t = torch.from_numpy(np.ascontiguousarray(keep.transpose(0, 1, 3, 2))).cuda()
-    return t.transpose(-1, -2), keep
-
-
-def _qkv(sq: int, sk: int, dtype: str, seed: int, d: int = 128):
-    g = torch.Generator().manual_seed(seed)
-    dt = getattr(torch, dtype)
-    return (torch.randn(B, sq, H, d, generator=g).to("cuda", dt),
-            torch.randn(B, sk, HK, d, generator=g).to("cuda", dt),
-            torch.randn(B, sk, HK, d, generator=g).to("cuda", dt))
+    big = torch.zeros(B, H, sq, sk + 16, dtype=torch.bool)
+    big[..., :sk] = torch.from_numpy(keep)
+    return big.cuda()[..., :sk], keep
 
 
 def _bias(kind: str, sq: int, sk: int, dtype: str, seed: int):
+    """test_mask_route's kinds, and a bias shared by the heads."""
+    if kind != "heads1":
+        return _route_bias(kind, sq, sk, dtype, seed)
     g = torch.Generator().manual_seed(seed)
-    shape = {"full": (B, H, sq, sk), "heads1": (B, 1, sq, sk), "key_row": (B, H, 1, sk)}[kind]
-    return (2 * torch.randn(*shape, generator=g)).to("cuda", getattr(torch, dtype))
+    return (2 * torch.randn(B, 1, sq, sk, generator=g)).to("cuda", getattr(torch, dtype))
 
 
 def _packed(q, k, v, mask, bias, window=(-1, -1)) -> bool:
     pb = check_dense(q, k, v, mask, bias, None, False, window, 0.0, "cuda")
     return mask_pack.packs_in_forward(collapsed_broadcasts(pb), runtime.device_props(0))
-
-
-def _run(monkeypatch, q, k, v, mask, bias, **kw):
-    families = record_launch_families(monkeypatch)
-    out, lse = dm.flash_dmattn_func(q, k, v, attn_mask=mask, attn_bias=bias, return_lse=True,
-                                    **kw)
-    torch.cuda.synchronize()
-    return out, lse, list(families)
-
-
-def _check(out, lse, q, k, v, keep, bias, dtype, window=(-1, -1)):
-    assert_fa_close(out, lse, dict(q=f64(q), k=f64(k), v=f64(v), mask=keep, bias=f64(bias),
-                                   scale=q.shape[-1] ** -0.5, window=window), dtype)
 
 
 @pytest.mark.parametrize("bias_kind", ["full", "heads1"])
@@ -111,7 +65,7 @@ def test_pack_warps_match_the_reference(layout, bias_kind, monkeypatch):
     bias = _bias(bias_kind, sq, sk, dtype, seed + 1)
     assert _packed(q, k, v, mask, bias)
     out, lse, fams = _run(monkeypatch, q, k, v, mask, bias)
-    assert fams == ["fwd_sm90"], fams   # one launch: no packing kernel
+    assert fams == {"fwd_sm90"}, fams   # no packing kernel
     _check(out, lse, q, k, v, keep, bias, dtype)
     assert np.all(np.isneginf(f64(lse)[:, :, 7])) and np.all(f64(out)[:, 7] == 0)
 
@@ -129,7 +83,7 @@ def test_pack_warps_shapes_and_windows(sq, sk, window, d, dtype, monkeypatch):
     bias = _bias("full", sq, sk, dtype, seed + 1)
     assert _packed(q, k, v, mask, bias, window)
     out, lse, fams = _run(monkeypatch, q, k, v, mask, bias, window_size=window)
-    assert fams == ["fwd_sm90"], fams
+    assert fams == {"fwd_sm90"}, fams
     _check(out, lse, q, k, v, keep, bias, dtype, window)
 
 
@@ -158,7 +112,7 @@ def test_mask_all_false_and_all_true(monkeypatch):
     keep[1, 2] = True
     bias = _bias("full", sq, sk, dtype, 43)
     out, lse, fams = _run(monkeypatch, q, k, v, torch.from_numpy(keep).cuda(), bias)
-    assert fams == ["fwd_sm90"], fams
+    assert fams == {"fwd_sm90"}, fams
     _check(out, lse, q, k, v, keep, bias, dtype)
     assert np.all(np.isneginf(f64(lse)[0, 1])) and np.all(f64(out)[0, :, 1] == 0)
     out2, lse2 = dm.flash_dmattn_func(q[1:], k[1:], v[1:], attn_bias=bias[1:], return_lse=True)
