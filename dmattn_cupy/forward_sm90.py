@@ -185,9 +185,10 @@ def _alloc_bytes(head_dim: int, block_n: int, stages: int, has_mask: bool, has_b
     bias = (KEY_ROW_STAGE if key_row else BLOCK_M * block_n * 2) if has_bias else 0
     aux = aux_tile_bytes(block_n, key_row)
     slots = mask_slots(head_dim, block_n, has_mask)
-    fold_bars = stages if fold_bias(block_n, has_mask, has_bias) \
+    # a second barrier per stage: the fold's full_f or the pack warps' info_p
+    stage_bars2 = stages if fold_bias(block_n, has_mask, has_bias) \
         or pack_warps(has_mask, has_bias, key_row) else 0
-    bars = 8 * (4 * stages + 2 * slots + 2 * q_bufs + fold_bars)
+    bars = 8 * (4 * stages + 2 * slots + 2 * q_bufs + stage_bars2)
     items = 16 if dynamic_schedule() else 0   # each stage's work item (kOffItems)
     return (q_bufs * q + stages * (2 * kv + aux + bias) + slots * BLOCK_M * block_n + bars
             + 16 * stages + items + 1024)

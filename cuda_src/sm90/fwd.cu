@@ -248,7 +248,7 @@ struct Sm90FwdSmem {
   // without mask tiles, packed by the producer's warps 1-3): per stage one more barrier
   // (info_p: the producer warp wrote the stage's tile). Never beside kFold (it has a mask).
   static constexpr bool kPackWarps = !kHasMask && kHasBias && !kBiasKeyRow && kDynamicItems;
-  static constexpr int kFoldBars = kFold || kPackWarps ? kStages : 0;
+  static constexpr int kStageBars2 = kFold || kPackWarps ? kStages : 0;  // full_f or info_p
   // Everything but Q's buffers (one per work item in flight), then the count that fits.
   static constexpr int kRest = kStages * (kKStage + kKV + kBias) + kMaskSlots * kMask;
   // per stage full_k, full_v, empty_k, empty_v; per mask slot full_m, empty_m; per Q buffer
@@ -256,7 +256,7 @@ struct Sm90FwdSmem {
   // mbarriers); then per stage the tile index, class and mask slot the producer hands over (4
   // ints); DM_SM90_PERSISTENT=2: per stage its work item (16 bytes).
   static constexpr int alloc_bytes(int q_bufs) {
-    return q_bufs * kQ + kRest + 8 * (4 * kStages + 2 * kMaskSlots + 2 * q_bufs + kFoldBars) +
+    return q_bufs * kQ + kRest + 8 * (4 * kStages + 2 * kMaskSlots + 2 * q_bufs + kStageBars2) +
            16 * kStages + (kDynamicItems ? 16 : 0) + 1024;  // base aligned up to 1024 at run time
   }
   static constexpr int kQBufs =
@@ -266,8 +266,8 @@ struct Sm90FwdSmem {
   static constexpr int kOffBias = kOffV + kStages * kKV;
   static constexpr int kOffMask = kOffBias + kStages * kBias;
   static constexpr int kOffBars = kOffMask + kMaskSlots * kMask;
-  static constexpr int kNumBars = 4 * kStages + 2 * kMaskSlots + 2 * kQBufs + kFoldBars;
-  static constexpr int kOffFoldBars = kOffBars + 8 * (4 * kStages + 2 * kMaskSlots + 2 * kQBufs);
+  static constexpr int kNumBars = 4 * kStages + 2 * kMaskSlots + 2 * kQBufs + kStageBars2;
+  static constexpr int kOffStageBars2 = kOffBars + 8 * (4 * kStages + 2 * kMaskSlots + 2 * kQBufs);
   static constexpr int kOffInfo = kOffBars + 8 * kNumBars;
   static constexpr int kOffItems = kOffInfo + 16 * kStages;
   static_assert(kStages <= 4, "one 16-byte block of item indices");
@@ -668,7 +668,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
   // stage (end stages too), so its phase follows full_k's.
   const bool fold_on = Smem::kFold && args.mask_mode == kOperandTile &&
                        args.bias_mode == kOperandTile;
-  auto bar_full_f = [&](int s) { return base + Smem::kOffFoldBars + 8 * s; };
+  auto bar_full_f = [&](int s) { return base + Smem::kOffStageBars2 + 8 * s; };
   // kOperandPackWarps (pack_on): info_p, completed by the producer warp once it wrote stage s's
   // tile and item (every use of the stage, as full_k); full_k then also waits for the pack
   // warps (pack_mask_warps).
@@ -676,7 +676,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
   auto pack_on = [&]() {
     return Smem::kPackWarps && int(opaque(uint32_t(args.mask_mode))) == kOperandPackWarps;
   };
-  auto bar_info_p = [&](int s) { return base + Smem::kOffFoldBars + 8 * s; };
+  auto bar_info_p = [&](int s) { return base + Smem::kOffStageBars2 + 8 * s; };
   // DM_SM90_KBIAS_F32 == 4: a _krow spec's bias may take the aux step (kbias_aux_offset; the
   // tile-bias spec keeps the accumulator start: the step spilled it).
   constexpr bool kAuxStep = Smem::kAuxStep;

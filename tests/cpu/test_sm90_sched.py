@@ -285,10 +285,10 @@ def test_dynamic_schedule_shared_memory_equals_the_kernel(monkeypatch):
     and the pack warps' per-stage barrier (both run under the dynamic schedule only)."""
     monkeypatch.setenv("DMATTN_NVRTC_DEFINES", "DM_SM90_PERSISTENT=2")
     lines = ['#include "sm90/fwd.cu"', "static_assert(dm::kDynamicItems);"]
-    dynamic, fold_bars = {}, {}
+    dynamic, stage_bars2 = {}, {}
     for (hd, mask, bias), (bn, st) in f90.TILES.items():
         smem = dynamic[hd, mask, bias] = f90.smem_bytes(hd, bn, st, mask, bias)
-        fold_bars[hd, mask, bias] = 8 * st if f90.fold_bias(bn, mask, bias) \
+        stage_bars2[hd, mask, bias] = 8 * st if f90.fold_bias(bn, mask, bias) \
             or f90.pack_warps(mask, bias) else 0
         assert smem <= f90.SMEM_LIMIT
         lines.append(f"static_assert(dm::Sm90FwdSmem<{hd}, {bn}, {st}, {str(mask).lower()}, "
@@ -309,11 +309,11 @@ def test_dynamic_schedule_shared_memory_equals_the_kernel(monkeypatch):
     monkeypatch.delenv("DMATTN_NVRTC_DEFINES")   # the default is the dynamic schedule
     for (hd, mask, bias), (bn, st) in f90.TILES.items():
         assert f90.smem_bytes(hd, bn, st, mask, bias) == dynamic[hd, mask, bias]
-    assert any(fold_bars.values())
+    assert any(stage_bars2.values())
     for mode in (0, 1):  # the other schedules: no item indices, no fold barriers
         monkeypatch.setenv("DMATTN_NVRTC_DEFINES", f"DM_SM90_PERSISTENT={mode}")
         for key, (bn, st) in f90.TILES.items():
-            assert f90.smem_bytes(key[0], bn, st, *key[1:]) == dynamic[key] - 16 - fold_bars[key]
+            assert f90.smem_bytes(key[0], bn, st, *key[1:]) == dynamic[key] - 16 - stage_bars2[key]
 
 
 def test_args_record_has_the_counter_slot():
