@@ -135,7 +135,7 @@ def both_forward_families(request, monkeypatch):
 
 
 @pytest.fixture(params=["1", "0", "warps"], ids=["mask-lists", "mask-bytes", "mask-warps"])
-def both_mask_routes(request, monkeypatch):
+def each_mask_route(request, monkeypatch):
     """Runs a test with the Hopper forward's attn_mask route on for every mask (the mask packed
     into block lists per call), off (the mask's bytes read tile by tile) and beside a tile
     bias packed by the bias spec's own warps; the default, auto, takes lists or bytes by the

@@ -4,8 +4,9 @@ NaN keys at masked positions change nothing, a NaN at a kept position makes its 
 bias at a kept key drops it, fully masked rows give out 0 and lse -inf; with and without a
 softcap; tiles whose mask is all true beside partial ones. Written for DM_SM90_MB_FOLD (the
 default: the mask folded into the bias tile by the producer's warps), whose NaN rule must equal
-the mask path's; run it with DM_SM90_MB_FOLD=0 too. Both attn_mask routes: the mask packed
-into block lists (128-key bias spec, partial blocks by their bits) and its bytes by tiles."""
+the mask path's; run it with DM_SM90_MB_FOLD=0 too. Each attn_mask route: the mask packed
+into block lists (128-key bias spec, partial blocks by their bits), its bytes by tiles, and its
+bytes packed by the 128-key bias spec's own warps (DMATTN_MASK_ROUTE=warps)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from dmattn_cupy.validate import check_dense
 
 torch = pytest.importorskip("torch")
 
-pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("hopper_only", "both_mask_routes")]
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("hopper_only", "each_mask_route")]
 
 
 B, H, SQ, SK = 2, 2, 200, 320   # 2 query tiles (the second partial), 5 key tiles of 64
