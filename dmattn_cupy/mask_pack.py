@@ -144,6 +144,16 @@ if pack_if_enabled not in masks.DENSE_PACKERS:
 # --- the forward's route for attn_mask --------------------------------------------------------
 
 
+def _covers_every_pair(pb: Problem) -> bool:
+    """A dense batch whose mask spans every (query, key) pair, its batch and head dims 1 or
+    full: the layouts both in-call routes below take."""
+    m = pb.mask
+    if m is None or pb.varlen:
+        return False
+    mb, mh, sq, sk = m.shape
+    return (sq, sk) == (pb.seqlen_q, pb.seqlen_k) and mb in (1, pb.batch) and mh in (1, pb.heads)
+
+
 def routes_mask(pb: Problem, dev: DeviceProps) -> bool:
     """Whether the forward of ``pb`` (broadcasts collapsed: ``forward.collapsed_broadcasts``)
     reads its ``attn_mask`` as block lists packed per call: ``DMATTN_MASK_ROUTE`` (auto: a
@@ -156,12 +166,9 @@ def routes_mask(pb: Problem, dev: DeviceProps) -> bool:
     m = pb.mask
     mode = env.mask_route()
     mode = "auto" if mode == "warps" else mode   # where packs_in_forward declined
-    if m is None or pb.varlen or mode == "0":
+    if mode == "0" or not _covers_every_pair(pb):
         return False
     mb, mh, sq, sk = m.shape
-    if (sq, sk) != (pb.seqlen_q, pb.seqlen_k) or mb not in (1, pb.batch) \
-            or mh not in (1, pb.heads):
-        return False
     nblk = mb * mh * -(-sq // ROUTE_BLOCK) * -(-sk // ROUTE_BLOCK)
     if nblk * ROUTE_BLOCK * ROUTE_BLOCK // 32 > MAX_SM90_PARTIAL_WORDS \
             or not fits_grid(m.shape, ROUTE_BLOCK, ROUTE_BLOCK):
@@ -184,12 +191,8 @@ def packs_in_forward(pb: Problem, dev: DeviceProps) -> bool:
     ``DMATTN_MASK_ROUTE=warps``, a dense batch, a mask over every (query, key) pair with
     batch/head dims 1 or full in a layout ``forward_sm90.packs_mask`` takes, and a bias whose
     spec without the mask is a Hopper one with pack warps (a tile bias)."""
-    m = pb.mask
-    if m is None or pb.bias is None or pb.varlen or env.mask_route() != "warps":
-        return False
-    mb, mh, sq, sk = m.shape
-    if (sq, sk) != (pb.seqlen_q, pb.seqlen_k) or mb not in (1, pb.batch) \
-            or mh not in (1, pb.heads) or not forward_sm90.packs_mask(m, sk):
+    if pb.bias is None or env.mask_route() != "warps" or not _covers_every_pair(pb) \
+            or not forward_sm90.packs_mask(pb.mask, pb.seqlen_k):
         return False
     spec = select_forward(dataclasses.replace(pb, mask=None), dev)
     return spec.family == "fwd_sm90" and forward_sm90.pack_warps(False, True, spec.bias_key_row)

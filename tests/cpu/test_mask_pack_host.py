@@ -366,3 +366,27 @@ def test_route_decision(monkeypatch):
     monkeypatch.setenv("DMATTN_MASK_ROUTE", "2")
     with pytest.raises(ValueError, match="DMATTN_MASK_ROUTE"):
         mask_pack.routes_mask(_route_problem((2, 8, 1000, 1200)), h100)
+
+
+def test_pack_warps_route_decision(monkeypatch):
+    """packs_in_forward: only under DMATTN_MASK_ROUTE=warps, beside a tile bias, for a
+    (.., Sq, Sk) mask with batch/head dims 1 or full whose layout the warps read (Sk a multiple
+    of 32), on the Hopper family; where it declines, routes_mask decides as under auto."""
+    from dmattn_cupy.device import PRESETS
+
+    h100, a100 = PRESETS["sm_90"], PRESETS["sm_80"]
+    own = (2, 8, 1000, 1216)
+    assert not mask_pack.packs_in_forward(_route_problem(own, sk=1216), h100)   # auto
+    monkeypatch.setenv("DMATTN_MASK_ROUTE", "warps")
+    for shape in (own, (2, 1, 1000, 1216), (1, 1, 1000, 1216)):
+        for d in (64, 128, 256):
+            assert mask_pack.packs_in_forward(_route_problem(shape, d, sk=1216), h100), (shape, d)
+    assert not mask_pack.packs_in_forward(_route_problem(own, bias=False, sk=1216), h100)
+    assert not mask_pack.packs_in_forward(_route_problem((2, 8, 1000, 1200)), h100)  # Sk % 32
+    assert not mask_pack.packs_in_forward(_route_problem((2, 8, 1, 1216), sk=1216), h100)
+    assert not mask_pack.packs_in_forward(_route_problem((2, 2, 1000, 1216), sk=1216), h100)
+    assert not mask_pack.packs_in_forward(_route_problem(own, sk=1216, varlen=True), h100)
+    assert not mask_pack.packs_in_forward(_route_problem(own, sk=1216), a100)
+    # declined: the lists as under auto (a shared mask routed, one of its own per pair not)
+    assert mask_pack.routes_mask(_route_problem((2, 1, 1000, 1200)), h100)
+    assert not mask_pack.routes_mask(_route_problem((2, 8, 1000, 1200)), h100)
