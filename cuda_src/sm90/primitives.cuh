@@ -223,6 +223,14 @@ DM_DEVICE void tma_load_4d(uint32_t dst, const TmaDesc* map, uint32_t bar, int c
       : "memory");
 }
 
+// The box of a rank-4 tensor map at these coordinates into L2 (no shared memory, no barrier).
+DM_DEVICE void tma_prefetch_l2_4d(const TmaDesc* map, int c0, int c1, int c2, int c3) {
+  asm volatile("cp.async.bulk.prefetch.tensor.4d.L2.global.tile [%0, {%1, %2, %3, %4}];" ::"l"(
+                   reinterpret_cast<uint64_t>(map)),
+               "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+               : "memory");
+}
+
 // Orders this thread's generic-proxy shared-memory stores before later async-proxy reads
 // (wgmma descriptors, TMA stores) of the same bytes; a barrier must still follow for other
 // threads' stores.
