@@ -842,6 +842,12 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
       return;
     }
     const bool leader = lane == 0;
+    // A stage whose info and item this lane wrote (or passed) goes to the pack warps (info_p),
+    // then to the consumers (full_k); the leader's tile stages arrive on full_k with their bytes.
+    auto hand_over = [&](int s) {
+      if (pack_on()) mbar_arrive(bar_info_p(s));
+      mbar_arrive(bar_full_k(s));
+    };
     if (leader) {
       tma_prefetch(&args.q);
       tma_prefetch(&args.k);
@@ -1142,10 +1148,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
                        args.bias_chunk_heads, args.bias_chunk_box, args.bias_chunk_boxes, 2);
           }
         }
-        if (kWarpArrivals > 1 && !leader) {
-          if (pack_on()) mbar_arrive(bar_info_p(stage));
-          mbar_arrive(bar_full_k(stage));  // after the row
-        }
+        if (kWarpArrivals > 1 && !leader) hand_over(stage);  // after the row
         mbar_wait(bar_empty_v(stage), phase ^ 1);
         if (leader) {
           mbar_arrive_expect_tx(bar_full_v(stage), Smem::kKV);
@@ -1166,13 +1169,9 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
       if (leader) {
         info[4 * stage] = -1;
         if (kDynamicItems) stage_item[stage] = item;
-        if (pack_on()) mbar_arrive(bar_info_p(stage));
-        mbar_arrive(bar_full_k(stage));
+        hand_over(stage);
       }
-      if (kWarpArrivals > 1 && !leader) {
-        if (pack_on()) mbar_arrive(bar_info_p(stage));
-        mbar_arrive(bar_full_k(stage));
-      }
+      if (kWarpArrivals > 1 && !leader) hand_over(stage);
       mbar_wait(bar_empty_v(stage), phase ^ 1);
       if (leader) mbar_arrive(bar_full_v(stage));
       __syncwarp();
@@ -1190,13 +1189,9 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
       mbar_wait(bar_empty_k(stage), phase ^ 1);
       if (leader) {
         stage_item[stage] = -1;
-        if (pack_on()) mbar_arrive(bar_info_p(stage));
-        mbar_arrive(bar_full_k(stage));
+        hand_over(stage);
       }
-      if (kWarpArrivals > 1 && !leader) {
-        if (pack_on()) mbar_arrive(bar_info_p(stage));
-        mbar_arrive(bar_full_k(stage));
-      }
+      if (kWarpArrivals > 1 && !leader) hand_over(stage);
     }
     return;
   }
