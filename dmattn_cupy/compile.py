@@ -9,6 +9,7 @@ temporary file that is renamed into place, so concurrent processes never see a t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -17,9 +18,11 @@ import re
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from . import env
 from .params import abi_header as params_abi_header
@@ -161,7 +164,10 @@ def cache_key(spec: KernelSpec) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
-def _nvrtc_compile(spec: KernelSpec) -> tuple[bytes, str, str]:
+@contextlib.contextmanager
+def _program(spec: KernelSpec, options: tuple[str, ...]) -> Iterator[tuple[Any, Any]]:
+    """(CuPy's nvrtc module, the program of ``spec``) compiled with ``options``; destroyed on
+    exit."""
     from cupy_backends.cuda.libs import nvrtc
 
     headers = (b"params_check.cuh",)
@@ -172,19 +178,35 @@ def _nvrtc_compile(spec: KernelSpec) -> tuple[bytes, str, str]:
     try:
         nvrtc.addNameExpression(prog, spec.name_expression)
         try:
-            nvrtc.compileProgram(prog, list(compile_options(spec)))
+            nvrtc.compileProgram(prog, list(options))
         except Exception as e:
             text = nvrtc.getProgramLog(prog)
             raise RuntimeError(f"NVRTC failed to compile {spec.id} for {spec.arch}:\n{text}") \
                 from e
+        yield nvrtc, prog
+    finally:
+        nvrtc.destroyProgram(prog)
+
+
+def _nvrtc_compile(spec: KernelSpec) -> tuple[bytes, str, str]:
+    with _program(spec, compile_options(spec)) as (nvrtc, prog):
         text = nvrtc.getProgramLog(prog)
         lowered = nvrtc.getLoweredName(prog, spec.name_expression)
         cubin = nvrtc.getCUBIN(prog)
-    finally:
-        nvrtc.destroyProgram(prog)
     if isinstance(lowered, bytes):
         lowered = lowered.decode()
     return bytes(cubin), lowered, text
+
+
+def ptx(spec: KernelSpec) -> str:
+    """The PTX of ``spec`` for the virtual architecture of its arch (``sm_90a`` ->
+    ``compute_90a``; not cached): which instructions the sources emit, without a
+    disassembler."""
+    virtual = spec.arch.replace("sm_", "compute_")
+    opts = tuple(o.replace(f"={spec.arch}", f"={virtual}") for o in compile_options(spec))
+    with _program(spec, opts) as (nvrtc, prog):
+        text = nvrtc.getPTX(prog)
+    return text.decode() if isinstance(text, bytes) else text
 
 
 # keyed by the spec and DMATTN_NVRTC_DEFINES (an A/B define changes the cubin, not the spec)

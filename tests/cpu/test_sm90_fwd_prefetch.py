@@ -17,20 +17,8 @@ PREFETCH = "cp.async.bulk.prefetch.tensor.4d.L2.global.tile"
 
 def _ptx(spec_id: str, monkeypatch, defines: str = "") -> str:
     pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="needs CuPy's NVRTC bindings")
-    from cupy_backends.cuda.libs import nvrtc
-
     monkeypatch.setenv("DMATTN_NVRTC_DEFINES", defines)
-    spec = next(s for s in all_specs("sm_90") if s.id == spec_id)
-    opts = [o.replace("=sm_90a", "=compute_90a") for o in dcompile.compile_options(spec)]
-    prog = nvrtc.createProgram(dcompile.program_source(spec), f"{spec.id}.cu",
-                               (dcompile.abi_header(spec).encode(),), (b"params_check.cuh",))
-    try:
-        nvrtc.addNameExpression(prog, spec.name_expression)
-        nvrtc.compileProgram(prog, opts)
-        ptx = nvrtc.getPTX(prog)
-    finally:
-        nvrtc.destroyProgram(prog)
-    return ptx.decode() if isinstance(ptx, bytes) else ptx
+    return dcompile.ptx(next(s for s in all_specs("sm_90") if s.id == spec_id))
 
 
 MASK_BIAS = "fwd_sm90_bf16_d128_m128n64w12_mask1_bias1_varlen0_st3"
