@@ -7,9 +7,13 @@ the rule's tolerance plus the error FlashAttention's backward takes from the rou
 (test_backward._output_rounding_term), with deterministic=True also bitwise equal to a second
 run's; the caches after an append bit for bit; a forward repeated through its cached plan
 gives the same bits. A failing ``test_random_call[N]`` is described by
-``python tools/call_fuzz.py --show-good $((1000000 + N))`` (its seed, FIRST_SEED + N)."""
+``python tools/call_fuzz.py --show-good $((1000000 + N))`` (its seed, FIRST_SEED + N).
+Exploratory runs take other calls: DMATTN_RANDOM_CALLS (default 240) calls from the seed
+DMATTN_RANDOM_CALLS_SEED (default 1000000)."""
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
@@ -26,8 +30,8 @@ pytestmark = pytest.mark.gpu
 
 import call_fuzz  # noqa: E402  (tools/, on the path by tests/conftest.py)
 
-CASES = 240
-FIRST_SEED = 1_000_000
+CASES = int(os.environ.get("DMATTN_RANDOM_CALLS", "240"))
+FIRST_SEED = int(os.environ.get("DMATTN_RANDOM_CALLS_SEED", "1000000"))
 
 
 def _options(kw):
