@@ -159,9 +159,11 @@ def _check_varlen(kw, grad, use_lse=False):
             qs, qe, ks, ke = cu_q[i], cu_q[i + 1], cu_k[i], cu_k[i + 1]
             if qe == qs:
                 continue
-            if ke == ks:   # no keys: out = 0
-                outs.append(q_.new_zeros((qe - qs,) + tuple(q_.shape[1:])))
-                lses.append(q_.new_zeros((qe - qs, q_.shape[1])))
+            if ke == ks:   # no keys: out = 0, taken from q (gradient 0) so that a graph
+                # exists even where no sequence has keys
+                outs.append(torch.where(torch.zeros_like(q_[qs:qe], dtype=torch.bool),
+                                        q_[qs:qe], 0.0))
+                lses.append(outs[-1][..., 0])
                 continue
             o, lse = _attention(q_[None, qs:qe], k_[None, ks:ke], v_[None, ks:ke],
                                 _sequence_slice(mask, qs, qe, ks, ke),
