@@ -6,10 +6,10 @@ every other dense and varlen call (half of those with lse in the loss too, where
 the rule's tolerance plus the error FlashAttention's backward takes from the rounded output
 (test_backward._output_rounding_term), with deterministic=True also bitwise equal to a second
 run's; the caches after an append bit for bit; a forward repeated through its cached plan
-gives the same bits. A failing ``test_random_call[N]`` is described by
-``python tools/call_fuzz.py --show-good $((1000000 + N))`` (its seed, FIRST_SEED + N).
-Exploratory runs take other calls: DMATTN_RANDOM_CALLS (default 240) calls from the seed
-DMATTN_RANDOM_CALLS_SEED (default 1000000)."""
+gives the same bits. Exploratory runs take other calls: DMATTN_RANDOM_CALLS (default 240)
+calls from the seed DMATTN_RANDOM_CALLS_SEED (FIRST_SEED, default 1000000). A failing
+``test_random_call[N]`` is described by ``python tools/call_fuzz.py --show-good
+$((FIRST_SEED + N))``."""
 
 from __future__ import annotations
 
