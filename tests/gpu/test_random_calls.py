@@ -3,7 +3,7 @@ mask/bias layout, odd strides, head dims 8-256, lengths around the tile edges, c
 softcap, sparse masks, paged caches) on the GPU against the float64 reference with
 FlashAttention's tolerance rules: outputs and lse always; gradients (through autograd) for
 every other dense and varlen call (half of those with lse in the loss too, where returned),
-the rule's tolerance plus the error FlashAttention's backward takes from the rounded output
+the rule's tolerance plus the error FlashAttention's backward takes from the output as stored
 (test_backward._output_rounding_term), with deterministic=True also bitwise equal to a second
 run's; the caches after an append bit for bit; a forward repeated through its cached plan
 gives the same bits. Exploratory runs take other calls: DMATTN_RANDOM_CALLS (default 240)
@@ -121,7 +121,7 @@ def _check_dense(kw, grad, use_lse=False):
     _check_grads([None if kw.get(n) is None else kw[n].grad for n in names], [q, k, v, bias],
                  (dout, dlse.transpose(1, 2)) if with_lse else dout,
                  lambda *x: dense(*x, with_lse=with_lse),
-                 lse_fn=lambda *x: dense(*x, with_lse=True))
+                 lse_fn=lambda *x: dense(*x, with_lse=True), stored_out=out)
     _assert_reproducible(dm.flash_dmattn_func, kw, names, dout, dlse)
 
 
@@ -176,7 +176,7 @@ def _check_varlen(kw, grad, use_lse=False):
     with_lse = dlse is not None   # the reference's lse rows are (total_q, H)
     _check_grads([None if kw.get(n) is None else kw[n].grad for n in names], [q, k, v, bias],
                  (dout, dlse.T) if with_lse else dout, lambda *x: packed(*x, with_lse=with_lse),
-                 lse_fn=lambda *x: packed(*x, with_lse=True))
+                 lse_fn=lambda *x: packed(*x, with_lse=True), stored_out=out)
     _assert_reproducible(dm.flash_dmattn_varlen_func, kw, names, dout, dlse)
 
 
