@@ -205,7 +205,8 @@ def backward_call(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out:
         plan.cacheable = False
     elif want_dbias and family == "bwd_sm90":
         # every element of a (B, H, Sq, Sk) or (B, H, 1, Sk) dbias is written at most once, in
-        # the bias's dtype (the query's: backward_sm90.accepts); never-visited ones stay 0.
+        # the bias's dtype (the query's: backward_sm90.accepts; a shared key row: float32, below);
+        # never-visited ones stay 0.
         # Without a mask, block lists, causal or window every tile is visited and every
         # in-bounds element written: no zero fill (268 MB at B2 H16 S2048, ~70 us). A bias
         # shared by the batch or by groups of heads: its dbias widened to (B, H, ..), summed.
@@ -213,8 +214,12 @@ def backward_call(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out:
         shape_b, dbias_view, expanded_axes = backward_sm90.widened_dbias(
             tuple(pb.bias.shape), pb.batch, pb.heads)
         every_tile = pb.mask is None and sparse is None and pb.window == (-1, -1)
-        plan.allocs.append(Alloc("dbias", shape_b, pb.bias.dtype, zero=not every_tile))
-        dbias_st = mask_bias_strides(_contig_info(pb.bias, shape_b, pb.bias.dtype), pb.varlen)
+        # A key row's partials (one per batch, head and key: small) stay float32 until that
+        # sum, so a shared key row is rounded once, not once per head it serves as well.
+        key_row = pb.bias.shape[2] == 1   # backward_sm90.BIAS_KEY_ROW
+        buf_dt = "float32" if key_row and expanded_axes else pb.bias.dtype
+        plan.allocs.append(Alloc("dbias", shape_b, buf_dt, zero=not every_tile))
+        dbias_st = mask_bias_strides(_contig_info(pb.bias, shape_b, buf_dt), pb.varlen)
     elif want_dbias:
         mode = dbias_mode(pb, _probe_strides(pb), dkdv.block_m, dkdv.block_n)
         if deterministic and mode == 3:  # no cross-block atomics: widen, then reduce in order

@@ -84,7 +84,7 @@
 // copies its 64-key box to global memory in 16-byte chunks (8 threads per 128-byte row) while
 // its dQ product runs, before the stage is released (each element written by one CTA); a key
 // row's dbias is the column sum of dx over the query tiles of one head, kept in registers and
-// written once per (head, key).
+// written once per (head, key): float32 where a shared row's heads are summed afterwards.
 // Register budget per consumer thread (d128): dK + dV accumulators 2 x 64, S^T and dP^T 2 x 32
 // (dead once P^T and dS^T are packed to 2 x 16), the dQ accumulator 32 (d64: halve the first
 // two): at most 192 + addressing under the 232 setmaxnreg grants.
@@ -930,10 +930,15 @@ flash_bwd_sm90_kernel(const BwdParams bp, const __grid_constant__ Sm90BwdArgs ar
         v += __shfl_xor_sync(0xffffffffu, v, 1);
         v += __shfl_xor_sync(0xffffffffu, v, 2);
         colsum[r] = 0.f;
-        if (t == 0 && key[r] < len_k)
-          static_cast<T*>(bp.dbias)[int64_t(b) * bp.dbias_batch_stride +
-                                    int64_t(h) * bp.dbias_head_stride +
-                                    int64_t(key[r]) * bp.dbias_col_stride] = from_float<T>(v);
+        if (t == 0 && key[r] < len_k) {
+          const int64_t at = int64_t(b) * bp.dbias_batch_stride +
+                             int64_t(h) * bp.dbias_head_stride +
+                             int64_t(key[r]) * bp.dbias_col_stride;
+          if (bp.dbias_is_fp32)  // a shared key row's float32 partials (summed on the host side)
+            static_cast<float*>(bp.dbias)[at] = v;
+          else
+            static_cast<T*>(bp.dbias)[at] = from_float<T>(v);
+        }
       }
     }
   };

@@ -367,7 +367,7 @@ def test_run_backward_launches_the_hopper_kernel(monkeypatch, bias_shape):
     """run_backward with the runtime stubbed and the default DMATTN_BWD_FAMILY: the
     preprocess, then bwd_sm90 over (key tiles of 128, kv heads, batch) with the BwdParams
     record and the Sm90BwdArgs record; dq comes from the fp32 accumulator and dbias has the
-    bias's shape and dtype."""
+    bias's shape and dtype (a shared key row's partials float32)."""
     launched: list = []
     _stub_runtime(monkeypatch, launched)
     q, k, v = _arrays()
@@ -392,6 +392,9 @@ def test_run_backward_launches_the_hopper_kernel(monkeypatch, bias_shape):
     key_row = bias is not None and bias.shape[2] == 1
     assert spec.bias_key_row is key_row
     assert args[1]["bias_mode"] == (0 if bias is None else 2 if key_row else 1)
+    # a key row shared by the batch or by head groups: float32 partials, one rounding at the
+    # sum (a tile's partials, large, stay in the bias's dtype)
+    assert args[0]["dbias_is_fp32"] == int(key_row and bias.shape[:2] != (2, 4))
     assert dq.shape == q.shape and dq.dtype == q.dtype and dk.shape == k.shape
     if bias is None:
         assert dbias is None

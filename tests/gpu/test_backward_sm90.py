@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 from test_backward import _qkv, _run_dense
 
+import dmattn_cupy as dm
 from dmattn_cupy import backward
 
 torch = pytest.importorskip("torch")
@@ -131,3 +132,41 @@ def test_dbias_written_whole_without_zero_fill(d, rows):
     del junk
     _, _, _, db = _run_dense(q, k, v, bias=bias, seed=19)
     assert torch.isfinite(db).all()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_shared_key_row_bias_grad_is_rounded_once(dtype):
+    """A key row shared by the batch and by groups of heads (1, Hk, 1, Sk): its dbias is the
+    float32 sum of every (batch, head) partial, rounded once to the bias's dtype. Expected: dS
+    = P (dP - D) in float64 with D from the output the backward read (the library's own), summed
+    over rows, batch and group; allowed: one unit in the last place of the result plus float32
+    noise of the summed magnitudes. Partials rounded per head first (each to its own last place,
+    larger than the sum's where heads cancel) miss it in bf16 and fp16 alike."""
+    b, sq, sk, h, hk, d = 3, 300, 200, 8, 2, 64
+    q, k, v = _qkv(b, sq, sk, h, hk, d, dtype, seed=31)
+    bias = torch.randn(1, hk, 1, sk, generator=torch.Generator().manual_seed(32)).to(q)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(33)).to(q)
+    leaf = bias.clone().requires_grad_(True)
+    out = dm.flash_dmattn_func(q, k, v, attn_bias=leaf)
+    out.backward(dout)
+    got = leaf.grad.double()
+
+    g = h // hk
+    qd, kd, vd, od, dd = (x.double() for x in (q, k, v, out.detach(), dout))
+    kd, vd = kd.repeat_interleave(g, 2), vd.repeat_interleave(g, 2)
+    s = torch.einsum("bqhd,bkhd->bhqk", qd, kd) * d ** -0.5 + bias.double().repeat_interleave(g, 1)
+    p = torch.softmax(s, -1)
+    dp = torch.einsum("bqhd,bkhd->bhqk", dd, vd)
+    big_d = (dd * od).sum(-1).transpose(1, 2)[..., None]   # (b, h, sq, 1)
+    ds = p * (dp - big_d)
+
+    def per_bias_element(x):   # (b, h, sq, sk) -> (1, hk, 1, sk)
+        return x.sum((0, 2)).reshape(hk, g, sk).sum(1)[None, :, None, :]
+    want, size = per_bias_element(ds), per_bias_element(ds.abs())
+    ulp = torch.exp2(torch.floor(torch.log2(want.abs().clamp_min(1e-30)))
+                     - (10 if dtype == "float16" else 7))
+    excess = (got - want).abs() - (ulp + 1e-5 * size)
+    assert excess.max().item() <= 0, (
+        f"dbias off by more than one ulp: worst excess {excess.max().item():.3e} at "
+        f"{divmod(int(excess.argmax()), sk)} (got {got.flatten()[excess.argmax()].item():.6g},"
+        f" want {want.flatten()[excess.argmax()].item():.6g})")
