@@ -216,7 +216,8 @@ def backward_call(pb: Problem, dout: Any, query: Any, key: Any, value: Any, out:
         every_tile = pb.mask is None and sparse is None and pb.window == (-1, -1)
         # A key row's partials (one per batch, head and key: small) stay float32 until that
         # sum, so a shared key row is rounded once, not once per head it serves as well.
-        key_row = pb.bias.shape[2] == 1   # backward_sm90.BIAS_KEY_ROW
+        key_row = backward_sm90.bias_mode(pb.bias, pb.batch, pb.heads, pb.seqlen_q,
+                                          pb.seqlen_k) == backward_sm90.BIAS_KEY_ROW
         buf_dt = "float32" if key_row and expanded_axes else pb.bias.dtype
         plan.allocs.append(Alloc("dbias", shape_b, buf_dt, zero=not every_tile))
         dbias_st = mask_bias_strides(_contig_info(pb.bias, shape_b, buf_dt), pb.varlen)

@@ -62,23 +62,22 @@ def _double(dout):
     return tuple(d.double() for d in dout) if isinstance(dout, tuple) else dout.double()
 
 
-def _output_rounding_term(inputs, dout, lse_fn, stored_out=None):
-    """FlashAttention's backward takes D_i = dO_i . O_i from the output as stored, rounded to
-    the input dtype; the autograd references use the exact output. D's error dD_i moves dS_ij
-    by -P_ij dD_i = -dD_i d(lse_i)/dS_ij, so each gradient by that of -sum_i dD_i lse_i,
-    computed here in float64 (``lse_fn``: the formulation returning (out, lse rows)). Largest
-    where a row's weight sits on few keys (P ~ 1), where the low-precision reference's own
-    softmax backward cancels exactly. ``stored_out``: the output the backward was given (the
-    library's own forward), whose deviation from the exact output is D's actual error; without
-    it, the exact output rounded to the input dtype stands in (one realization of the rounding,
-    which the library's own can exceed: a random call at d256 with two keys measured 2.3x).
-    Returns its max |.| per input (None where absent)."""
+def _output_rounding_term(inputs, dout, lse_fn, stored_out):
+    """FlashAttention's backward takes D_i = dO_i . O_i from the output as stored
+    (``stored_out``: the library's own forward, which its backward read); the autograd
+    references use the exact output. D's error dD_i moves dS_ij by -P_ij dD_i = -dD_i
+    d(lse_i)/dS_ij, so each gradient by that of -sum_i dD_i lse_i, computed here in float64
+    (``lse_fn``: the formulation returning (out, lse rows)). Largest where a row's weight sits
+    on few keys (P ~ 1), where the low-precision reference's own softmax backward cancels
+    exactly. D's error is taken from the stored output itself: the
+    exact output rounded to the input dtype understates it (P is rounded before PV; a random
+    call at d256 with two keys measured 2.3x). Returns its max |.| per input (None where
+    absent)."""
     leaves = [None if x is None else x.detach().double().requires_grad_(True) for x in inputs]
     out, lse = lse_fn(*leaves)
     out = out.detach()
     dout = dout[0] if isinstance(dout, tuple) else dout   # (D takes out's cotangent only)
-    stored = out.to(inputs[0].dtype) if stored_out is None else stored_out.detach()
-    dd = (dout.double() * (stored.double() - out)).sum(-1)
+    dd = (dout.double() * (stored_out.detach().double() - out)).sum(-1)
     present = [x for x in leaves if x is not None]
     grads = iter(torch.autograd.grad((dd * lse).sum(), present, allow_unused=True))
     terms = []
@@ -90,11 +89,10 @@ def _output_rounding_term(inputs, dout, lse_fn, stored_out=None):
 
 def _check_grads(got, inputs, dout, fn, names=("q", "k", "v", "bias"), eps=1e-4, lse_fn=None,
                  stored_out=None):
-    """FlashAttention's rule per gradient; with ``lse_fn`` (``fn`` also returning lse rows)
-    the tolerance adds the output-rounding term of FlashAttention's backward
-    (``_output_rounding_term``). ``dout``: out's cotangent, or (out's, lse's) when ``fn``
-    returns (out, lse). ``stored_out``: the library's output, which its backward read
-    (``_output_rounding_term``)."""
+    """FlashAttention's rule per gradient; with ``lse_fn`` (``fn`` also returning lse rows) and
+    ``stored_out`` (the library's output, which its backward read) the tolerance adds the
+    output-rounding term of FlashAttention's backward (``_output_rounding_term``). ``dout``:
+    out's cotangent, or (out's, lse's) when ``fn`` returns (out, lse)."""
     ref = _ref_grads([None if x is None else x.double() for x in inputs], _double(dout), fn)
     low = _ref_grads(inputs, dout, fn)
     rounding = ([0.0] * len(inputs) if lse_fn is None
