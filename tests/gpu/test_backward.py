@@ -69,10 +69,9 @@ def _output_rounding_term(inputs, dout, lse_fn, stored_out):
     d(lse_i)/dS_ij, so each gradient by that of -sum_i dD_i lse_i, computed here in float64
     (``lse_fn``: the formulation returning (out, lse rows)). Largest where a row's weight sits
     on few keys (P ~ 1), where the low-precision reference's own softmax backward cancels
-    exactly. D's error is taken from the stored output itself: the
-    exact output rounded to the input dtype understates it (P is rounded before PV; a random
-    call at d256 with two keys measured 2.3x). Returns its max |.| per input (None where
-    absent)."""
+    exactly. D's error is taken from the stored output itself: the exact output rounded to
+    the input dtype understates it (P is rounded before PV; a random call at d256 with two
+    keys measured 2.3x). Returns its max |.| per input (None where absent)."""
     leaves = [None if x is None else x.detach().double().requires_grad_(True) for x in inputs]
     out, lse = lse_fn(*leaves)
     out = out.detach()
