@@ -3,13 +3,13 @@ mask/bias layout, odd strides, head dims 8-256, lengths around the tile edges, c
 softcap, sparse masks, paged caches) on the GPU against the float64 reference with
 FlashAttention's tolerance rules: outputs and lse always; gradients (through autograd) for
 every other dense and varlen call (half of those with lse in the loss too, where returned),
-the rule's tolerance plus the error FlashAttention's backward takes from the output as stored
-(test_backward._output_rounding_term), with deterministic=True also bitwise equal to a second
-run's; the caches after an append bit for bit; a forward repeated through its cached plan
-gives the same bits. Exploratory runs take other calls: DMATTN_RANDOM_CALLS (default 240)
-calls from the seed DMATTN_RANDOM_CALLS_SEED (FIRST_SEED, default 1000000). A failing
-``test_random_call[N]`` is described by ``python tools/call_fuzz.py --show-good
-$((FIRST_SEED + N))``."""
+the rule's tolerance plus the errors FlashAttention's backward takes from its D (the output
+as stored, D's float32 sum: test_backward._output_rounding_terms), with deterministic=True
+also bitwise equal to a second run's; the caches after an append bit for bit; a forward
+repeated through its cached plan gives the same bits. Exploratory runs take other calls:
+DMATTN_RANDOM_CALLS (default 240) calls from the seed DMATTN_RANDOM_CALLS_SEED (FIRST_SEED,
+default 1000000). A failing ``test_random_call[N]`` is described by ``python
+tools/call_fuzz.py --show-good $((FIRST_SEED + N))``."""
 
 from __future__ import annotations
 
