@@ -3,6 +3,7 @@
 #   bash tools/device_run.sh [fa4] [precompile] [tests] [sanitize] [sanitize-random] [bench]
 #                            [profile] [profile-src] [first] [maskpack] [route]
 #                            [route-bench] [route-suite] [tensor] [host-queue] [row-bias]
+#                            [random] [rows]
 #   (default: precompile tests sanitize bench)
 # fa4: install FlashAttention-4 into /tmp/fa4site from the staged wheel parts
 # (tools/fa4_install.sh; .whl/partA staged by an earlier call, .whl/partB carried by this one);
@@ -26,7 +27,9 @@
 # and =0 and ncu of the route's kernels; route-suite: the whole suite with the route on;
 # tensor: the Hopper forward's tensor-pipe share and time for TENSOR_CASES (default dense,kbias);
 # host-queue: host time per call with the GPU held busy (tools/host_queue.py); row-bias: the
-# key-broadcast bias shift's GPU tests (DMATTN_FWD_ROW_BIAS) and the qbias case on and off.
+# key-broadcast bias shift's GPU tests (DMATTN_FWD_ROW_BIAS) and the qbias case on and off;
+# random: RANDOM_CALLS exploratory random calls from RANDOM_SEED (NOTES "Next"); rows: the
+# H200 rows NOTES "Next" lists (attn_mask routes, dense/kbias, the decode pair, qbias).
 # At most 8 files come back from $OUT: gpu.txt and info.txt count.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -180,6 +183,31 @@ for step in $steps; do
           --quick >> "$OUT/row_bias.log" 2>&1
       done
       grep -E "^summary" "$OUT/row_bias.log" ;;
+    random)  # exploratory random calls: RANDOM_CALLS (default 4000) from RANDOM_SEED (default
+      # 12000000), the malformed ones from RANDOM_SEED + 1000000
+      rs=${RANDOM_SEED:-12000000}
+      DMATTN_RANDOM_CALLS=${RANDOM_CALLS:-4000} DMATTN_RANDOM_CALLS_SEED=$rs \
+        DMATTN_MALFORMED_CALLS_SEED=$((rs + 1000000)) PYTHONPATH=$PWD:$PWD/tools python3 -m pytest \
+        -m gpu -q -n 16 --timeout=200 --tb=short -rf -p no:cacheprovider \
+        tests/gpu/test_random_calls.py tests/gpu/test_call_fuzz_gpu.py > "$OUT/random_$rs.log" 2>&1
+      echo "random calls from $rs rc=$?"; grep -E "^(FAILED|ERROR)" "$OUT/random_$rs.log" | sort -u \
+        | cut -c1-160 | head -20; tail -1 "$OUT/random_$rs.log" ;;
+    rows)  # the rows NOTES "Next" lists for the H200, each one process, two interleaved rounds
+      # of the attn_mask routes and of dense/kbias, then the decode forced pair and qbias
+      rows() { python3 tools/bench --no-smoke "$@" 2>&1 | awk 'f && NF; /^smoke check/{f=1}' \
+        | grep -v -- "-----" | cut -c1-150; }
+      for r in 1 2; do
+        for route in 0 auto warps; do
+          echo "== round $r DMATTN_MASK_ROUTE=$route"
+          DMATTN_MASK_ROUTE=$route rows --peers cudnn --case mask_bias
+        done
+        echo "== round $r dense,kbias"; rows --peers none --case dense,kbias
+      done
+      for n in 1 auto; do
+        echo "== decode B16 Sk2048, DMATTN_NUM_SPLITS=$n"
+        DMATTN_NUM_SPLITS=$n rows --quick --case decode_b16 --batch 16 --seqlen-k 2048 --peers cudnn
+      done
+      echo "== qbias"; rows --peers cudnn,flex --case qbias ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done
