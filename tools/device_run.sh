@@ -194,8 +194,8 @@ for step in $steps; do
         | cut -c1-160 | head -20; tail -1 "$OUT/random_$rs.log" ;;
     rows)  # the rows NOTES "Next" lists for the H200, each one process, two interleaved rounds
       # of the attn_mask routes and of dense/kbias, then the decode forced pair and qbias
-      rows() { python3 tools/bench --no-smoke "$@" 2>&1 | awk 'f && NF; /^smoke check/{f=1}' \
-        | grep -v -- "-----" | cut -c1-150; }
+      rows() { python3 tools/bench --no-smoke "$@" 2>&1 | tee -a "$OUT/rows.log" \
+        | awk 'f && NF; /^smoke check/{f=1}' | grep -v -- "-----" | cut -c1-150; }
       for r in 1 2; do
         for route in 0 auto warps; do
           echo "== round $r DMATTN_MASK_ROUTE=$route"
