@@ -110,11 +110,14 @@ def _shifted_rounding_bound(term, ref, dtype):
     random call's fp16 dbias: D term 3.24e-3, err 4.08e-3, one place of 3.9e-3 off)."""
     if not torch.is_tensor(term):
         return 0.0
-    size = ref.abs() + term.abs()
-    tiny = torch.finfo(dtype).tiny
-    half_place = torch.finfo(dtype).eps / 2 * torch.exp2(torch.floor(torch.log2(
-        size.clamp_min(tiny))))
+    half_place = _last_place(ref.abs() + term.abs(), dtype) / 2
     return (term.abs() + torch.where(term != 0, half_place, 0.0)).max().item()
+
+
+def _last_place(x, dtype):
+    """The spacing of ``dtype``'s values at |x| (below the smallest normal: the subnormals')."""
+    finfo = torch.finfo(dtype)
+    return finfo.eps * torch.exp2(torch.floor(torch.log2(x.abs().clamp_min(finfo.tiny))))
 
 
 def _max_abs(term):
@@ -131,7 +134,7 @@ def _check_grads(got, inputs, dout, fn, names=("q", "k", "v", "bias"), eps=1e-4,
     out's cotangent, or (out's, lse's) when ``fn`` returns (out, lse)."""
     ref = _ref_grads([None if x is None else x.double() for x in inputs], _double(dout), fn)
     low = _ref_grads(inputs, dout, fn)
-    rounding, noise = (([0.0] * len(inputs),) * 2 if lse_fn is None
+    rounding, noise = ([[0.0] * len(inputs)] * 2 if lse_fn is None
                        else _output_rounding_terms(inputs, dout, lse_fn, stored_out))
     for name, g, r, lo, dd, dn in zip(names, got, ref, low, rounding, noise, strict=True):
         if r is None:

@@ -7,7 +7,7 @@ family (the default on compute capability 9.0 too) and every test asserts that i
 from __future__ import annotations
 
 import pytest
-from test_backward import _qkv, _run_dense
+from test_backward import _last_place, _qkv, _run_dense
 
 import dmattn_cupy as dm
 from dmattn_cupy import backward
@@ -163,8 +163,7 @@ def test_shared_key_row_bias_grad_is_rounded_once(dtype):
     def per_bias_element(x):   # (b, h, sq, sk) -> (1, hk, 1, sk)
         return x.sum((0, 2)).reshape(hk, g, sk).sum(1)[None, :, None, :]
     want, size = per_bias_element(ds), per_bias_element(ds.abs())
-    ulp = torch.exp2(torch.floor(torch.log2(want.abs().clamp_min(1e-30)))
-                     - (10 if dtype == "float16" else 7))
+    ulp = _last_place(want, getattr(torch, dtype))
     excess = (got - want).abs() - (ulp + 1e-5 * size)
     assert excess.max().item() <= 0, (
         f"dbias off by more than one ulp: worst excess {excess.max().item():.3e} at "
