@@ -520,6 +520,45 @@ def test_autograd_outputs_follow_return_lse(cap):
     assert int(rec["dlse"][0]) == dlse.data_ptr()
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_forward_makes_the_gradients_its_backward_returns(cap, monkeypatch, bias):
+    """A cached autograd step's forward allocates the buffers of the backward its entry ran
+    last (off torch's engine thread): the backward writes the gradients into them, takes them
+    once (a retain_graph backward again makes its own), and above ``_PREMADE_BYTES`` none are
+    made."""
+    q, k, v = (_rand(1, 40, 4, 64, seed=s).requires_grad_() for s in (1, 2, 3))
+    kw = {"attn_bias": _rand(1, 4, 40, 40, seed=4).requires_grad_()} if bias else {}
+    inputs = (q, k, v, *kw.values())
+    dout = _rand(1, 40, 4, 64, seed=5)
+    monkeypatch.setattr(fastpath, "_PREMADE_BYTES", 4 << 20)   # off by default (not measured)
+    out = dm.flash_dmattn_func(q, k, v, **kw)
+    assert out.grad_fn.call.made is None          # a first call: no backward run yet
+    torch.autograd.grad(out, inputs, dout)
+    cap.take()
+    out = dm.flash_dmattn_func(q, k, v, **kw)
+    made = out.grad_fn.call.made
+    assert made is not None
+    premade = [b.data_ptr() for b in made[1] if b is not None]
+    grads = torch.autograd.grad(out, inputs, dout, retain_graph=True)
+    assert [p for p, *_ in cap.take()][1:] == ["thin"] * 3
+    assert out.grad_fn.call.made is None          # taken
+    for g in grads[:3]:
+        assert g.data_ptr() in premade
+    if bias:   # the bias gradient comes from a summed or cast buffer, or straight from one
+        assert grads[3].shape == kw["attn_bias"].shape
+    again = torch.autograd.grad(out, inputs, dout)
+    assert not {g.data_ptr() for g in again[:3]} & {g.data_ptr() for g in grads[:3]}
+    rec = _record(cap.take()[-1][3][0], "BwdParams")
+    assert int(rec["dk"][0]) == again[1].data_ptr()
+    monkeypatch.setattr(fastpath, "_PREMADE_BYTES", q.numel() * 2)   # dq fits, dk/dv do not
+    fastpath.clear()
+    for _ in range(2):
+        out = dm.flash_dmattn_func(q, k, v, **kw)
+        torch.autograd.grad(out, inputs, dout)
+    out = dm.flash_dmattn_func(q, k, v, **kw)
+    assert out.grad_fn.call.made is None
+
+
 def test_misaligned_inputs_are_never_cached(cap, monkeypatch):
     from dmattn_cupy import arrays
     from dmattn_cupy.arrays import describe

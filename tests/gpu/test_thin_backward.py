@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 from test_backward import _qkv, _run_dense
 
+import dmattn_cupy as dm
 from dmattn_cupy import backward, fastpath, scratch
 
 torch = pytest.importorskip("torch")
@@ -60,3 +61,24 @@ def test_post_kernel_dq_is_torch_s_cast_of_the_accumulator(monkeypatch, family, 
     acc = ws[:q.numel()].view(q.shape)
     assert torch.isfinite(acc).all() and acc.abs().sum() > 0
     assert torch.equal(dq.view(torch.int16), acc.to(q.dtype).view(torch.int16))
+
+
+def test_premade_gradients_are_taken_once(monkeypatch):
+    """A cached step's forward makes its backward's gradient buffers (fastpath._premaker; off
+    by default until measured): a retain_graph backward run twice returns the same values
+    twice, the second into buffers of its own (the first gradients are left as they were)."""
+    monkeypatch.setattr(fastpath, "_PREMADE_BYTES", 4 << 20)
+    q, k, v = (x.requires_grad_(True) for x in _qkv(1, 128, 128, 2, 1, 64, "bfloat16", seed=7))
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(8)).to(q)
+    fastpath.clear()
+    for step in range(2):   # the first builds both plans; the second's forward makes the buffers
+        out = dm.flash_dmattn_func(q, k, v, deterministic=True)
+        assert (out.grad_fn.call.made is not None) == (step > 0)
+        first = torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+    kept = [g.clone() for g in first]
+    second = torch.autograd.grad(out, (q, k, v), dout)
+    torch.cuda.synchronize()
+    for a, b_, c in zip(first, second, kept, strict=True):
+        assert a.data_ptr() != b_.data_ptr()
+        assert torch.equal(a.view(torch.int16), c.view(torch.int16))
+        assert torch.equal(a.view(torch.int16), b_.view(torch.int16))
