@@ -104,7 +104,7 @@ _MAX_BWD_PER_FWD = 16
 # backward its forward entry ran last) where they take at most this many bytes: torch's
 # engine thread allocates them ~5 us dearer each (host_profile's "engine fwd+bwd" rows). Held
 # from the forward to the backward, so only for problems small enough to be host-bound.
-# 0 (off) until a GPU run measures it: tools/premade_ab.py sets 4 MiB against 0.
+# 0 (off) until a GPU run measures it: tools/host_profile.py times 4 MiB beside 0.
 _PREMADE_BYTES = 0
 
 
