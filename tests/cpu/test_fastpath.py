@@ -540,23 +540,61 @@ def test_forward_makes_the_gradients_its_backward_returns(cap, monkeypatch, bias
     assert made is not None
     premade = [b.data_ptr() for b in made[1] if b is not None]
     grads = torch.autograd.grad(out, inputs, dout, retain_graph=True)
-    assert [p for p, *_ in cap.take()][1:] == ["thin"] * 3
+    launches = cap.take()
+    assert [p for p, *_ in launches][1:] == ["thin"] * 3
     assert out.grad_fn.call.made is None          # taken
+    rec = _record(launches[-1][3][0], "BwdParams")   # the kernels write where grads point
+    assert [int(rec[f][0]) for f in ("dq", "dk", "dv")] == [g.data_ptr() for g in grads[:3]]
     for g in grads[:3]:
         assert g.data_ptr() in premade
     if bias:   # the bias gradient comes from a summed or cast buffer, or straight from one
         assert grads[3].shape == kw["attn_bias"].shape
+        assert int(rec["dbias"][0]) in premade
     again = torch.autograd.grad(out, inputs, dout)
     assert not {g.data_ptr() for g in again[:3]} & {g.data_ptr() for g in grads[:3]}
     rec = _record(cap.take()[-1][3][0], "BwdParams")
     assert int(rec["dk"][0]) == again[1].data_ptr()
-    monkeypatch.setattr(fastpath, "_PREMADE_BYTES", q.numel() * 2)   # dq fits, dk/dv do not
-    fastpath.clear()
-    for _ in range(2):
-        out = dm.flash_dmattn_func(q, k, v, **kw)
-        torch.autograd.grad(out, inputs, dout)
-    out = dm.flash_dmattn_func(q, k, v, **kw)
-    assert out.grad_fn.call.made is None
+
+
+@pytest.mark.parametrize("hk", [4, 2])   # 2: dk and dv are fresh buffers, not twins of q
+def test_premade_limit_counts_every_buffer(cap, monkeypatch, hk):
+    """The forward makes the buffers only where all of them together fit ``_PREMADE_BYTES``
+    (the limit itself included); the default (0) makes none."""
+    q = _rand(1, 40, 4, 64, seed=1).requires_grad_()
+    k, v = (_rand(1, 40, hk, 64, seed=s).requires_grad_() for s in (2, 3))
+    dout = _rand(1, 40, 4, 64, seed=5)
+    total = 2 * (q.numel() + k.numel() + v.numel())   # dq, dk, dv in bf16
+    for limit, made in ((None, False), (total, True), (total - 1, False)):
+        if limit is not None:
+            monkeypatch.setattr(fastpath, "_PREMADE_BYTES", limit)
+        fastpath.clear()
+        for _ in range(2):
+            torch.autograd.grad(dm.flash_dmattn_func(q, k, v), (q, k, v), dout)
+        out = dm.flash_dmattn_func(q, k, v)
+        assert (out.grad_fn.call.made is not None) == made, (limit, total)
+        torch.autograd.grad(out, (q, k, v), dout)
+        cap.take()
+
+
+def test_premade_for_another_backward_is_not_used(cap, monkeypatch):
+    """A forward makes the buffers of the backward plan its entry ran last; a backward of
+    another plan under the same entry (a dout of other strides) leaves them unused."""
+    q, k, v = (_rand(1, 40, 4, 64, seed=s).requires_grad_() for s in (1, 2, 3))
+    dout = _rand(1, 40, 4, 64, seed=5)
+    dout_t = _rand(1, 4, 40, 64, seed=6).transpose(1, 2)   # same shape, other strides
+    monkeypatch.setattr(fastpath, "_PREMADE_BYTES", 4 << 20)
+    seen = []
+    for d in (dout, dout_t, dout, dout, dout_t):
+        out = dm.flash_dmattn_func(q, k, v)
+        made = out.grad_fn.call.made
+        grads = torch.autograd.grad(out, (q, k, v), d)
+        cap.take()
+        if made is not None:
+            used = {g.data_ptr() for g in grads} <= {b.data_ptr() for b in made[1]
+                                                     if b is not None}
+            assert used == (made[0] is out.grad_fn.call.entry.last_bwd)
+            seen.append(used)
+    assert seen == [False, False, True, False]
 
 
 def test_misaligned_inputs_are_never_cached(cap, monkeypatch):
