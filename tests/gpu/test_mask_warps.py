@@ -55,6 +55,47 @@ def _packed(q, k, v, mask, bias, window=(-1, -1)) -> bool:
     return mask_pack.packs_in_forward(collapsed_broadcasts(pb), runtime.device_props(0))
 
 
+def _record_forwards(monkeypatch) -> list:
+    """A list that receives, for every fwd_sm90 launch from now on, (its spec, the FwdParams
+    record's mask pointer, its sp_partial_bits pointer) as launched (``runtime.launch``, or
+    ``launch_ex`` with attributes: without them it goes through ``launch``)."""
+    seen = []
+    real, real_ex = runtime.launch, runtime.launch_ex
+
+    def note(kernel, args):
+        if kernel.spec.family == "fwd_sm90":
+            rec = args[0]
+            seen.append((kernel.spec, int(rec["mask"]), int(rec["sp_partial_bits"])))
+
+    def spy(kernel, grid, args, *a, **kw):
+        note(kernel, args)
+        return real(kernel, grid, args, *a, **kw)
+
+    def spy_ex(kernel, grid, args, *a, **kw):
+        if kw.get("cluster") is not None or kw.get("programmatic"):
+            note(kernel, args)
+        return real_ex(kernel, grid, args, *a, **kw)
+
+    monkeypatch.setattr(runtime, "launch", spy)
+    monkeypatch.setattr(runtime, "launch_ex", spy_ex)
+    return seen
+
+
+def _run_warps(monkeypatch, q, k, v, mask, bias, **kw):
+    """``_run``, and that its one launch was the pack-warps route's: the bias spec without
+    mask tiles (``packs_in_forward``: the spec of the problem without its mask), reading the
+    mask's bytes (the record's mask pointer) into the pack scratch (``sp_partial_bits``). The
+    bytes route launches the same family with a mask spec, so ``fams`` alone cannot tell."""
+    launched = _record_forwards(monkeypatch)
+    out, lse, fams = _run(monkeypatch, q, k, v, mask, bias, **kw)
+    assert fams == {"fwd_sm90"}, fams   # no packing kernel
+    assert len(launched) == 1, launched
+    spec, mask_ptr, bits_ptr = launched[0]
+    assert not spec.has_mask and spec.has_bias and not spec.sparse, spec.id
+    assert mask_ptr != 0 and bits_ptr != 0, (mask_ptr, bits_ptr)
+    return out, lse
+
+
 @pytest.mark.parametrize("bias_kind", ["full", "heads1"])
 @pytest.mark.parametrize("layout", ["full", "heads1", "shared", "expanded", "pitched16"])
 def test_pack_warps_match_the_reference(layout, bias_kind, monkeypatch):
@@ -64,8 +105,7 @@ def test_pack_warps_match_the_reference(layout, bias_kind, monkeypatch):
     mask, keep = _mask(layout, sq, sk, seed)
     bias = _bias(bias_kind, sq, sk, dtype, seed + 1)
     assert _packed(q, k, v, mask, bias)
-    out, lse, fams = _run(monkeypatch, q, k, v, mask, bias)
-    assert fams == {"fwd_sm90"}, fams   # no packing kernel
+    out, lse = _run_warps(monkeypatch, q, k, v, mask, bias)
     _check(out, lse, q, k, v, keep, bias, dtype)
     assert np.all(np.isneginf(f64(lse)[:, :, 7])) and np.all(f64(out)[:, 7] == 0)
 
@@ -82,8 +122,7 @@ def test_pack_warps_shapes_and_windows(sq, sk, window, d, dtype, monkeypatch):
     mask, keep = _mask("full", sq, sk, seed)
     bias = _bias("full", sq, sk, dtype, seed + 1)
     assert _packed(q, k, v, mask, bias, window)
-    out, lse, fams = _run(monkeypatch, q, k, v, mask, bias, window_size=window)
-    assert fams == {"fwd_sm90"}, fams
+    out, lse = _run_warps(monkeypatch, q, k, v, mask, bias, window_size=window)
     _check(out, lse, q, k, v, keep, bias, dtype, window)
 
 
@@ -111,8 +150,9 @@ def test_mask_all_false_and_all_true(monkeypatch):
     keep[0, 1] = False
     keep[1, 2] = True
     bias = _bias("full", sq, sk, dtype, 43)
-    out, lse, fams = _run(monkeypatch, q, k, v, torch.from_numpy(keep).cuda(), bias)
-    assert fams == {"fwd_sm90"}, fams
+    mask = torch.from_numpy(keep).cuda()
+    assert _packed(q, k, v, mask, bias)
+    out, lse = _run_warps(monkeypatch, q, k, v, mask, bias)
     _check(out, lse, q, k, v, keep, bias, dtype)
     assert np.all(np.isneginf(f64(lse)[0, 1])) and np.all(f64(out)[0, :, 1] == 0)
     out2, lse2 = dm.flash_dmattn_func(q[1:], k[1:], v[1:], attn_bias=bias[1:], return_lse=True)

@@ -6,7 +6,9 @@ every other dense and varlen call (half of those with lse in the loss too, where
 the rule's tolerance plus the errors FlashAttention's backward takes from its D (the output
 as stored, D's float32 sum: test_backward._output_rounding_terms), with deterministic=True
 also bitwise equal to a second run's; the caches after an append bit for bit; a forward
-repeated through its cached plan gives the same bits. Exploratory runs take other calls:
+repeated gives the same bits, through the cached plan (fastpath.HITS) wherever the first call
+left one (calls the thin path does not cache, e.g. copied inputs, take the validated path
+again). Exploratory runs take other calls:
 DMATTN_RANDOM_CALLS (default 240) calls from the seed DMATTN_RANDOM_CALLS_SEED (FIRST_SEED,
 default 1000000). A failing ``test_random_call[N]`` is described by ``python
 tools/call_fuzz.py --show-good $((FIRST_SEED + N))``."""
@@ -20,7 +22,7 @@ import pytest
 from gpu_helpers import assert_fa_close, f64
 
 import dmattn_cupy as dm
-from dmattn_cupy import reference_kvcache
+from dmattn_cupy import fastpath, reference_kvcache
 from dmattn_cupy.validate import check_options
 
 torch = pytest.importorskip("torch")
@@ -59,9 +61,15 @@ def _leaves(kw, names):
 
 
 def _assert_repeatable(call, kw, out, lse):
-    """The same call again (served by its cached plan: the thin launch path, pointers patched)
-    gives the same out and lse bit for bit."""
+    """The same call again gives the same out and lse bit for bit; where the first call (the
+    test's only call so far: ``fresh_plans`` emptied the cache) left a cached plan, the
+    repeat is served by it (the thin launch path, pointers patched), else by the validated
+    path again."""
+    cached = any(e is not None for e in fastpath.forward_plans.values())
+    hits = fastpath.HITS[0]
     out2, lse2 = _split(call(**kw), kw)
+    assert fastpath.HITS[0] - hits == int(cached), (
+        f"a plan cached: {cached}, cached forwards run by the repeat: {fastpath.HITS[0] - hits}")
     assert torch.equal(out2, out), "a repeated call's out differs"
     assert lse is None or torch.equal(lse2, lse), "a repeated call's lse differs"
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from gpu_helpers import assert_fa_close, f64
-from test_backward import _run_dense
+from test_backward import _attention, _check_grads, _run_dense
 from test_kvcache import record_launch_families
 
 import dmattn_cupy as dm
@@ -105,7 +105,7 @@ def test_shift_beside_a_block_mask(kw, monkeypatch):
                     "bfloat16")
 
 
-def test_values_that_are_not_a_shift_match_the_reference_backend():
+def test_values_that_are_not_a_shift_match_the_reference_backend(monkeypatch):
     """NaN and +inf make the row NaN; -inf and -3e38 (below LOWEST_LOGIT) drop it (out 0, lse
     -inf); a row the mask drops stays dropped under a NaN; the rest shift."""
     q, k, v = _qkv(128, seed=5)
@@ -116,7 +116,9 @@ def test_values_that_are_not_a_shift_match_the_reference_backend():
     bias[1, 2, 9] = float("nan")
     mask = torch.ones(B, H, SQ, SK, device="cuda", dtype=torch.bool)
     mask[1, 2, 9] = False
+    families = record_launch_families(monkeypatch)
     out, lse = dm.flash_dmattn_func(q, k, v, attn_mask=mask, attn_bias=bias, return_lse=True)
+    assert families == ["fwd_sm90", "fwd_row_bias"], families   # the shift took these values
     ref, ref_lse = dm.flash_dmattn_func(q.cpu(), k.cpu(), v.cpu(), attn_mask=mask.cpu(),
                                         attn_bias=bias.cpu(), return_lse=True,
                                         backend="reference")
@@ -135,21 +137,29 @@ def test_values_that_are_not_a_shift_match_the_reference_backend():
 
 @pytest.mark.parametrize("shape", ["rows", "scalar"])
 def test_gradients_match_the_portable_forward(shape, monkeypatch):
-    """fwd+bwd with the shift and with the switch off (the portable forward): the same
-    gradients within bf16 rounding, dbias included."""
-    q0, k0, v0 = _qkv(64, seed=11)
-    bias0 = torch.randn(*SHAPES[shape], device="cuda", dtype=torch.float32)
-    dout = torch.randn_like(q0)
-    grads = []
+    """fwd+bwd with lse in the loss, with the shift and with the switch off (the portable
+    forward): each one's q/k/v gradients by FlashAttention's rule against float64 autograd, and
+    dbias the sum of dlse over the rows each bias value serves (out does not depend on it)."""
+    q, k, v = _qkv(64, seed=11)
+    g = torch.Generator().manual_seed(12)
+    bias = torch.randn(*SHAPES[shape], generator=g).to("cuda", torch.float32)
+    dout = torch.randn(q.shape, generator=g).to(q)
+    dlse = torch.randn(B, H, SQ, generator=g).cuda()
+    want = dlse.unsqueeze(-1) if shape == "rows" else dlse.sum().reshape(1, 1, 1, 1)
+
+    def dense(q_, k_, v_, _none):   # (out, lse rows) of the dense formulation, this bias
+        return _attention(q_, k_, v_, None, bias, 64 ** -0.5, 0.0, (-1, -1), with_lse=True)
+
     for switch in ("1", "0"):
         monkeypatch.setenv("DMATTN_FWD_ROW_BIAS", switch)
-        q, k, v, bias = (x.clone().requires_grad_() for x in (q0, k0, v0, bias0))
+        leaves = [x.clone().requires_grad_() for x in (q, k, v, bias)]
         families = record_launch_families(monkeypatch)
-        out = dm.flash_dmattn_func(q, k, v, attn_bias=bias)
+        out, lse = dm.flash_dmattn_func(*leaves[:3], attn_bias=leaves[3], return_lse=True)
         assert ("fwd_row_bias" in families) == (switch == "1"), families
-        grads.append(torch.autograd.grad(out, (q, k, v, bias), dout))
-    for a, b in zip(*grads, strict=True):
-        assert torch.allclose(a.float(), b.float(), rtol=2e-2, atol=2e-2), (a - b).abs().max()
+        got = torch.autograd.grad((out, lse), leaves, (dout, dlse))
+        torch.testing.assert_close(got[3], want, rtol=8e-3, atol=8e-3)
+        _check_grads(list(got[:3]) + [None], [q, k, v, None], (dout, dlse.transpose(1, 2)),
+                     dense, lse_fn=dense, stored_out=out.detach())
 
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["default", "deterministic"])

@@ -241,7 +241,8 @@ def test_with_attn_mask_bias_causal(kind, combo):
 def test_block_mask_beside_attn_mask_at_d256(grad):
     """Head dim 256 takes no block lists beside an attn_mask: the block mask's elements are
     ANDed into attn_mask (sparse_plan.forward_takes_lists), with a gradient or without; the
-    output against the float64 reference."""
+    output against the float64 reference, and with a gradient dQ/dK/dV against float64
+    autograd of the dense formulation (test_backward's rule)."""
     sq, sk, d = 200, 333, 256
     g = torch.Generator().manual_seed(17)
     q, k, v = (torch.randn(B, s, n, d, generator=g).to("cuda", torch.bfloat16)
@@ -256,6 +257,9 @@ def test_block_mask_beside_attn_mask_at_d256(grad):
     ref = dict(q=f64(q), k=f64(k), v=f64(v), mask=f64(mask), bias=None, scale=d ** -0.5,
                window=(-1, -1), sparse=np.asarray(sparse.to_dense()))
     assert_fa_close(out.detach(), lse.detach(), ref, "bfloat16")
+    if grad:   # q, k, v leaves; the block mask's dense form is the reference's extra mask
+        from test_backward import _run_dense
+        _run_dense(q.detach(), k, v, mask=mask, seed=18, sparse_mask=sparse)
 
 
 # ----------------------------------------------------------------------------- tile counters

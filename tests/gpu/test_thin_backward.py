@@ -63,22 +63,37 @@ def test_post_kernel_dq_is_torch_s_cast_of_the_accumulator(monkeypatch, family, 
     assert torch.equal(dq.view(torch.int16), acc.to(q.dtype).view(torch.int16))
 
 
-def test_premade_gradients_are_taken_once(monkeypatch):
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+def test_premade_gradients_are_taken_once(monkeypatch, bias):
     """A cached step's forward makes its backward's gradient buffers (fastpath._premaker; off
-    by default until measured): a retain_graph backward run twice returns the same values
-    twice, the second into buffers of its own (the first gradients are left as they were)."""
+    by default until measured): the backward writes its gradients into them, bit for bit the
+    validated first step's; a retain_graph backward run again returns the same values into
+    buffers of its own (the first gradients are left as they were)."""
     monkeypatch.setattr(fastpath, "_PREMADE_BYTES", 4 << 20)
-    q, k, v = (x.requires_grad_(True) for x in _qkv(1, 128, 128, 2, 1, 64, "bfloat16", seed=7))
+    q, k, v = _qkv(1, 128, 128, 2, 1, 64, "bfloat16", seed=7)
+    gen = torch.Generator().manual_seed(9)
+    leaves = [x.requires_grad_(True) for x in (q, k, v)]
+    if bias:
+        leaves.append(torch.randn(1, 2, 128, 128, generator=gen).to(q).requires_grad_(True))
+    kw = {"attn_bias": leaves[3]} if bias else {}
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(8)).to(q)
     fastpath.clear()
-    for step in range(2):   # the first builds both plans; the second's forward makes the buffers
-        out = dm.flash_dmattn_func(q, k, v, deterministic=True)
-        assert (out.grad_fn.call.made is not None) == (step > 0)
-        first = torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+    out = dm.flash_dmattn_func(q, k, v, deterministic=True, **kw)
+    assert out.grad_fn.call.made is None            # a first call: no backward plan yet
+    validated = torch.autograd.grad(out, leaves, dout)
+    out = dm.flash_dmattn_func(q, k, v, deterministic=True, **kw)
+    made = out.grad_fn.call.made
+    assert made is not None
+    premade = {x.data_ptr() for x in made[1] if x is not None}
+    hits = fastpath.HITS[1]
+    first = torch.autograd.grad(out, leaves, dout, retain_graph=True)
+    assert fastpath.HITS[1] == hits + 1 and out.grad_fn.call.made is None
+    assert {g.data_ptr() for g in first[:3]} <= premade
     kept = [g.clone() for g in first]
-    second = torch.autograd.grad(out, (q, k, v), dout)
+    second = torch.autograd.grad(out, leaves, dout)
+    assert fastpath.HITS[1] == hits + 2
     torch.cuda.synchronize()
-    for a, b_, c in zip(first, second, kept, strict=True):
+    for a, b_, c, w in zip(first, second, kept, validated, strict=True):
         assert a.data_ptr() != b_.data_ptr()
-        assert torch.equal(a.view(torch.int16), c.view(torch.int16))
-        assert torch.equal(a.view(torch.int16), b_.view(torch.int16))
+        for x in (b_, c, w):
+            assert torch.equal(a.view(torch.int16), x.view(torch.int16))
