@@ -48,7 +48,8 @@ def test_shift_rules_match_the_reference(softcap, window, scalar):
     """Forward without the bias + the shift == the reference with the bias: finite values up
     to +-1e6 shift lse and leave out; NaN and +inf make the row NaN; -inf and a value below
     LOWEST_LOGIT drop it (out 0, lse -inf); a row the mask already drops stays dropped,
-    whatever its bias."""
+    whatever its bias. The rules as a NumPy model of fwd_row_bias.cu against the reference:
+    the kernel itself is held to them by tests/gpu/test_row_bias.py."""
     rng = np.random.default_rng(7)
     B, H, Sq, Sk, D = 2, 3, 6, 9, 4
     q, k, v = (rng.standard_normal((B, s, H, D)) for s in (Sq, Sk, Sk))
@@ -263,7 +264,10 @@ def test_unshift_gives_the_gradients_of_the_bias(softcap, window, bias_heads):
     NaN positions for finite values, rows dropped by -inf or by a value below LOWEST_LOGIT, a
     row the mask drops (whatever its bias) and a NaN or +inf value; and, where no value is
     NaN, the reference backward's gradients; where one is, its NaN positions (an excluded
-    key's P is 0 beside a NaN row in both)."""
+    key's P is 0 beside a NaN row in both). A NumPy model of the kernels' math, checked
+    against the reference: the host's record is checked by
+    test_backward_runs_without_the_row_bias_on_lse_minus_it, the kernels by
+    tests/gpu/test_row_bias.py."""
     rng = np.random.default_rng(11)
     B, H, Hk, Sq, Sk, D = 2, 3, 3, 6, 9, 4
     q = rng.standard_normal((B, Sq, H, D))
