@@ -65,7 +65,7 @@ def _record_forwards(monkeypatch) -> list:
     def note(kernel, args):
         if kernel.spec.family == "fwd_sm90":
             rec = args[0]
-            seen.append((kernel.spec, int(rec["mask"]), int(rec["sp_partial_bits"])))
+            seen.append((kernel.spec, int(rec["mask"][0]), int(rec["sp_partial_bits"][0])))
 
     def spy(kernel, grid, args, *a, **kw):
         note(kernel, args)
