@@ -21,25 +21,31 @@ PAGES = [0, 16, 64, 256]  # 0 = dense cache
 B, S_MAX = 4, 320
 
 
-def record_launch_families(monkeypatch) -> list[str]:
-    """A list that receives the family of every kernel launch from now on: plain launches and
-    launches with attributes (``launch_ex``: the split-KV combine is a programmatic launch on
-    sm_90+; without attributes ``launch_ex`` goes through ``launch`` and is seen there)."""
-    seen: list[str] = []
+def record_launches(monkeypatch, view) -> list:
+    """A list that receives ``view(kernel, args)`` of every kernel launch from now on: plain
+    launches and launches with attributes (``launch_ex``: the split-KV combine is a
+    programmatic launch on sm_90+; without attributes ``launch_ex`` goes through ``launch``
+    and is seen there)."""
+    seen: list = []
     real, real_ex = runtime.launch, runtime.launch_ex
 
-    def spy(kernel, *a, **kw):
-        seen.append(kernel.spec.family)
-        return real(kernel, *a, **kw)
+    def spy(kernel, grid, args, *a, **kw):
+        seen.append(view(kernel, args))
+        return real(kernel, grid, args, *a, **kw)
 
-    def spy_ex(kernel, *a, **kw):
+    def spy_ex(kernel, grid, args, *a, **kw):
         if kw.get("cluster") is not None or kw.get("programmatic"):
-            seen.append(kernel.spec.family)
-        return real_ex(kernel, *a, **kw)
+            seen.append(view(kernel, args))
+        return real_ex(kernel, grid, args, *a, **kw)
 
     monkeypatch.setattr(runtime, "launch", spy)
     monkeypatch.setattr(runtime, "launch_ex", spy_ex)
     return seen
+
+
+def record_launch_families(monkeypatch) -> list[str]:
+    """``record_launches`` of each launch's kernel family."""
+    return record_launches(monkeypatch, lambda kernel, args: kernel.spec.family)
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from gpu_helpers import f64
+from test_kvcache import record_launches
 from test_mask_route import B, H, _check, _keep, _qkv, _run
 from test_mask_route import _bias as _route_bias
 from test_mask_route import _mask as _route_mask
@@ -55,41 +56,17 @@ def _packed(q, k, v, mask, bias, window=(-1, -1)) -> bool:
     return mask_pack.packs_in_forward(collapsed_broadcasts(pb), runtime.device_props(0))
 
 
-def _record_forwards(monkeypatch) -> list:
-    """A list that receives, for every fwd_sm90 launch from now on, (its spec, the FwdParams
-    record's mask pointer, its sp_partial_bits pointer) as launched (``runtime.launch``, or
-    ``launch_ex`` with attributes: without them it goes through ``launch``)."""
-    seen = []
-    real, real_ex = runtime.launch, runtime.launch_ex
-
-    def note(kernel, args):
-        if kernel.spec.family == "fwd_sm90":
-            rec = args[0]
-            seen.append((kernel.spec, int(rec["mask"][0]), int(rec["sp_partial_bits"][0])))
-
-    def spy(kernel, grid, args, *a, **kw):
-        note(kernel, args)
-        return real(kernel, grid, args, *a, **kw)
-
-    def spy_ex(kernel, grid, args, *a, **kw):
-        if kw.get("cluster") is not None or kw.get("programmatic"):
-            note(kernel, args)
-        return real_ex(kernel, grid, args, *a, **kw)
-
-    monkeypatch.setattr(runtime, "launch", spy)
-    monkeypatch.setattr(runtime, "launch_ex", spy_ex)
-    return seen
-
-
 def _run_warps(monkeypatch, q, k, v, mask, bias, **kw):
     """``_run``, and that its one launch was the pack-warps route's: the bias spec without
     mask tiles (``packs_in_forward``: the spec of the problem without its mask), reading the
     mask's bytes (the record's mask pointer) into the pack scratch (``sp_partial_bits``). The
     bytes route launches the same family with a mask spec, so ``fams`` alone cannot tell."""
-    launched = _record_forwards(monkeypatch)
+    launched = record_launches(monkeypatch, lambda kernel, args: (
+        kernel.spec, int(args[0]["mask"]), int(args[0]["sp_partial_bits"]))
+        if kernel.spec.family == "fwd_sm90" else kernel.spec.family)
     out, lse, fams = _run(monkeypatch, q, k, v, mask, bias, **kw)
     assert fams == {"fwd_sm90"}, fams   # no packing kernel
-    assert len(launched) == 1, launched
+    assert len(launched) == 1, launched   # (spec, the record's mask, its sp_partial_bits)
     spec, mask_ptr, bits_ptr = launched[0]
     assert not spec.has_mask and spec.has_bias and not spec.sparse, spec.id
     assert mask_ptr != 0 and bits_ptr != 0, (mask_ptr, bits_ptr)
