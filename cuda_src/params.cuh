@@ -39,6 +39,9 @@ struct FwdParams {
   // mask/bias) then have their batch stride = the page stride (a paged tensor's first dim).
   const int32_t* cache_seqlens;
   const int32_t* block_table;
+  // Split-KV decode merged by its own grid (split_combine.cuh): one int32 per (sequence, kv
+  // head, row slab), zero at launch and left zero; null: fwd_combine.cu merges the partials.
+  int32_t* split_counters;
 
   // ---- strides in elements (8 bytes each) ----
   int64_t q_batch_stride, q_row_stride, q_head_stride;

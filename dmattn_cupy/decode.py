@@ -4,7 +4,9 @@ When queries are short (``seqlen_q`` / ``max_seqlen_q`` <= ``DECODE_MAX_Q``) the
 forward kernels would spend a 64-row query tile on a handful of rows. ``fwd_decode.cu`` packs
 the query heads that share a kv head into one m16 slab (rows = (query, head-in-group) pairs),
 and when (sequences x kv heads x slabs) CTAs are too few to fill the GPU it splits each key
-range over ``num_splits`` CTAs whose fp32 partials ``fwd_combine.cu`` merges by their lse.
+range over ``num_splits`` CTAs whose fp32 partials are merged by their lse: by the decode grid
+itself (the last CTA of each group, ``split_combine.cuh``) where a group's partials are few
+(``fused_combine``), else by ``fwd_combine.cu``'s launch.
 
 Environment (developers and tests; read by ``env``):
 - ``DMATTN_DECODE``: ``auto`` (default: short queries take this path), ``0`` (never), ``1``
@@ -13,6 +15,7 @@ Environment (developers and tests; read by ``env``):
   (capped at the number of key tiles and ``MAX_SPLITS``).
 - ``DMATTN_DECODE_STAGES``: unset/``auto`` = ``choose_stages``; ``2`` or ``3`` forces the
   cp.async kernel's depth where a spec of that depth exists (``DEEP_HEAD_DIMS``).
+- ``DMATTN_SPLIT_COMBINE``: ``auto`` = ``fused_combine``; ``grid`` / ``kernel`` force who merges.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import dataclasses
 import math
 from typing import Any
 
-from . import arrays, env, runtime
+from . import arrays, env, runtime, scratch
 from .arrays import ArrayInfo, describe
 from .device import DeviceProps
 from .families import DECODE_MAX_SLOTS, decode_smem
@@ -37,6 +40,10 @@ BLOCK_N = 16 * NUM_WARPS  # keys per tile: 16 per warp
 MAX_SPLITS = 128
 COMBINE_WARPS = 8       # warps per combine CTA (each pair merged by combine_warps_per_pair)
 COMBINE_BATCH = 4       # fwd_combine.cu's kCombineBatch: splits one warp loads at once
+# The most bytes of partials (a group's packed rows x splits x head dim, fp32) the decode grid
+# merges itself, in the last CTA of the group (one CTA reading them all from L2): a merge that
+# costs about what the combine launch does (B1 H32/Hk8 d128 at 32 splits: 4 x 32 x 128 x 4).
+FUSED_COMBINE_MAX_BYTES = 64 << 10
 RESERVED_SMEM_PER_CTA = 1024  # shared memory the driver reserves per resident CTA
 DEEP_STAGES = 3         # fwd_decode.cu's deeper pipeline, specialized at DEEP_HEAD_DIMS only
 DEEP_HEAD_DIMS = (128,)
@@ -256,17 +263,30 @@ def choose_num_splits(pb: Problem, spec: KernelSpec, registers: int, dev: Device
     return num_splits_heuristic(ctas, slots, n_tiles, sms=dev.sm_count, dram_bytes_per_s=dram)
 
 
+def fused_combine(pb: Problem, num_splits: int, head_dim: int) -> bool:
+    """Whether the decode grid merges its own ``num_splits`` partials (its last CTA per group:
+    no combine launch, no PDL overlap needed): where a group's partials take at most
+    FUSED_COMBINE_MAX_BYTES (``head_dim``: the spec's), or as ``DMATTN_SPLIT_COMBINE`` says."""
+    mode = env.split_combine()
+    if num_splits <= 1 or mode == "kernel":
+        return False
+    rows = min(BLOCK_M, pb.seqlen_q * (pb.heads // pb.kv_heads))
+    return mode == "grid" or rows * num_splits * head_dim * 4 <= FUSED_COMBINE_MAX_BYTES
+
+
 _carveout_set: set[tuple[KernelSpec, int]] = set()
 
 
 def plan_decode(pb: Problem, plan: Plan, query: Any, out: ArrayInfo, lse_ptr: int,
-                cu_q_ptr: int, cu_k_ptr: int, fields: dict[str, int] | None = None,
+                cu_q_ptr: int, cu_k_ptr: int, stream: Any, fields: dict[str, int] | None = None,
                 num_splits: int = 0) -> list[Any]:
-    """Add the decode launches (and the combine's when split) to ``plan``, with the split-KV
-    partials as allocations of the plan; returns those partials (alive until launched).
-    ``fields``: FwdParams fields set after the problem's (the KV-cache API's lengths and block
-    table; one that names a source of ``plan``, cache_seqlens or block_table, is also a pointer
-    slot); ``num_splits`` > 0 forces the split count (capped like DMATTN_NUM_SPLITS)."""
+    """Add the decode launches (and the combine's when split and not fused) to ``plan``, with
+    the split-KV partials (and the fused merge's counters) as allocations of the plan; returns
+    those buffers (alive until launched). ``stream``: the call's (the counters are kept per
+    stream). ``fields``: FwdParams fields set after the problem's (the KV-cache API's lengths
+    and block table; one that names a source of ``plan``, cache_seqlens or block_table, is
+    also a pointer slot); ``num_splits`` > 0 forces the split count (capped like
+    DMATTN_NUM_SPLITS)."""
     dev = pb.q.device
     props = runtime.device_props(dev)
     rec = build_fwd_params(pb, out, lse_ptr, cu_q_ptr, cu_k_ptr)
@@ -310,11 +330,19 @@ def plan_decode(pb: Problem, plan: Plan, query: Any, out: ArrayInfo, lse_ptr: in
         r["o_accum"], r["lse_accum"] = base, base + lse_at
         plan.slot("o_acc", rec, "o_accum")
         plan.slot("o_acc", rec, "lse_accum", add=lse_at)
+    fused = fused_combine(pb, ns, spec.head_dim)
+    if fused:  # one zero int32 per group, counted up by its splits and wound back by the last
+        groups = grid[0] // ns * grid[1] * grid[2]
+        plan.allocs.append(Alloc("split_counters", (groups,), "int32", counter=True))
+        keep.append(scratch.counter((pb.kind, dev, groups), stream.ptr,
+                                    arrays.allocator(query, (groups,), "int32", zero=True)))
+        r["split_counters"] = describe(keep[-1]).ptr
+        plan.slot("split_counters", rec, "split_counters")
     # Never a programmatic launch itself: launched during the KV-cache append, its CTAs were
     # placed around the append's and the split grid ran unbalanced (+5-14% at 8 x 4096 and
     # 8 x 8192 keys, H200, BENCHMARKS.md).
     plan.launches.append(Launch(kernel, grid, (rec,), shared_mem=smem))
-    if ns > 1:
+    if ns > 1 and not fused:
         combine = runtime.get_kernel(combine_spec(pb, props.arch), dev)
         n_pairs = total_rows * pb.heads
         plan.launches.append(Launch(combine, combine_grid(n_pairs, ns), (rec,),

@@ -89,6 +89,13 @@ def decode_stages() -> int | None:
     return int(val)
 
 
+def split_combine() -> str:
+    """``DMATTN_SPLIT_COMBINE``: who merges a split decode's partials: ``auto`` (default:
+    decode.fused_combine's rule), ``grid`` (the decode grid's last CTA per group, always) or
+    ``kernel`` (fwd_combine.cu's launch, always)."""
+    return _choice("DMATTN_SPLIT_COMBINE", "auto", ("auto", "grid", "kernel"))
+
+
 def forward_family_override() -> str | None:
     """``DMATTN_FWD_FAMILY``: ``auto`` (default: the most specific family that takes the
     problem) or a forward family's name (e.g. ``fwd_mma`` to keep the portable kernel on a
@@ -198,7 +205,7 @@ PLAN_VARIABLES = ("DMATTN_FWD_FAMILY", "DMATTN_BWD_FAMILY", "DMATTN_FWD_TILE", "
                   "DMATTN_NUM_SPLITS", "DMATTN_CHECK", "DMATTN_NVRTC_DEFINES",
                   "DMATTN_SM90_BWD_SPARSE", "DMATTN_SM90_BWD_ORDER", "DMATTN_SM90_FWD_ORDER",
                   "DMATTN_DECODE_STAGES", "DMATTN_PDL", "DMATTN_MASK_ROUTE",
-                  "DMATTN_FWD_ROW_BIAS")
+                  "DMATTN_FWD_ROW_BIAS", "DMATTN_SPLIT_COMBINE")
 _environ_data = getattr(os.environ, "_data", None)
 _encoded = tuple(os.environ.encodekey(n) for n in PLAN_VARIABLES) \
     if _environ_data is not None and hasattr(os.environ, "encodekey") else None

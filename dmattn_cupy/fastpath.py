@@ -352,13 +352,15 @@ def _runner(entry: _Entry, lib: str, like: Any) -> Callable[..., list[Any]]:
         def run(ptrs: list[int], query: Any, extra: list[int] = _NO_PTRS,
                 made: list[Any] | None = None) -> list[Any]:
             stream = stream_ptr(lib, dev)
+            cap = runtime.stream_capturing(stream)   # once for every workspace of the call
             if made is None:
                 bufs = [make() if n == _FRESH else empty_like(query) if n == _TWIN else
-                        get(owner, stream, n, make) if n > 0 else counter(owner, stream, make)
+                        get(owner, stream, n, make, cap) if n > 0 else
+                        counter(owner, stream, make, cap)
                         for make, n, owner in makers]
             else:   # ``_premaker``'s buffers where it made them, scratch elsewhere
-                bufs = [m if m is not None else get(owner, stream, n, make) if n > 0 else
-                        counter(owner, stream, make)
+                bufs = [m if m is not None else get(owner, stream, n, make, cap) if n > 0 else
+                        counter(owner, stream, make, cap)
                         for m, (make, n, owner) in zip(made, makers, strict=True)]
             execute(ptrs + extra + pointers(bufs), stream)
             return bufs

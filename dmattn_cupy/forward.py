@@ -150,7 +150,7 @@ def forward_call(pb: Problem, query: Any, cu_q: Any = None, cu_k: Any = None,
     if sparse is None and tile_counters is None and pb.batch > 0 and decode.use_decode(pb):
         # GQA packing + split-KV
         keep_alive.append(decode.plan_decode(pb, plan, query, out_info, _ptr(lse), _ptr(cu_q),
-                                             _ptr(cu_k)))
+                                             _ptr(cu_k), stream))
         plan.run(stream)
         return out, lse, plan
     pb = collapsed_broadcasts(pb)

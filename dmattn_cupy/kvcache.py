@@ -407,6 +407,7 @@ def kvcache_call(query: Any, k_cache: Any, v_cache: Any, k: Any, v: Any, cache_s
     plan_append(kp, plan)
     keep_alive.append(decode.plan_decode(pb, plan, query, describe(out),
                                          0 if lse is None else describe(lse).ptr, 0, 0,
-                                         decode_fields(kp), num_splits=int(num_splits)))
+                                         stream, decode_fields(kp),
+                                         num_splits=int(num_splits)))
     plan.run(stream)
     return ((out, lse) if return_lse else out), plan, pb

@@ -24,7 +24,7 @@ FWD_FIELDS: tuple[tuple[str, type], ...] = (
     ("tile_counters", _PTR), ("sp_full_count", _PTR), ("sp_full_idx", _PTR),
     ("sp_partial_count", _PTR), ("sp_partial_idx", _PTR), ("sp_partial_slot", _PTR),
     ("sp_partial_bits", _PTR), ("o_accum", _PTR), ("lse_accum", _PTR),
-    ("cache_seqlens", _PTR), ("block_table", _PTR),
+    ("cache_seqlens", _PTR), ("block_table", _PTR), ("split_counters", _PTR),
     ("q_batch_stride", _I64), ("q_row_stride", _I64), ("q_head_stride", _I64),
     ("k_batch_stride", _I64), ("k_row_stride", _I64), ("k_head_stride", _I64),
     ("v_batch_stride", _I64), ("v_row_stride", _I64), ("v_head_stride", _I64),

@@ -39,11 +39,15 @@ _lock = threading.Lock()
 _ident = threading.get_ident
 
 
-def get(owner: tuple, stream: int, nbytes: int, make: Callable[[int], Any]) -> Any:
+def get(owner: tuple, stream: int, nbytes: int, make: Callable[[int], Any],
+        capturing: bool | None = None) -> Any:
     """A buffer of at least ``nbytes`` for launches on the raw ``stream``; ``owner`` is
     (library, device); ``make(n)`` allocates a fresh one of ``n`` bytes (in the library, on the
-    device, on its current stream: the one ``stream`` names)."""
-    if nbytes > MAX_BYTES or runtime.stream_capturing(stream):
+    device, on its current stream: the one ``stream`` names). ``capturing``: whether
+    ``stream`` is capturing, where the caller has asked (None: asked here)."""
+    if capturing is None:
+        capturing = runtime.stream_capturing(stream)
+    if nbytes > MAX_BYTES or capturing:
         return make(nbytes)
     key = (owner, stream, _ident())
     kept = _bufs.get(key)
@@ -63,11 +67,15 @@ def _keep(table: dict, key: tuple, value: Any) -> None:
             del table[next(iter(table))]
 
 
-def counter(owner: tuple, stream: int, make_zeroed: Callable[[], Any]) -> Any:
+def counter(owner: tuple, stream: int, make_zeroed: Callable[[], Any],
+            capturing: bool | None = None) -> Any:
     """The int32 counter buffer for launches on the raw ``stream`` that leave it zero;
     ``owner`` is (library, device, words); ``make_zeroed()`` allocates a zero-filled one of
-    that many words (on the library's current stream: the one ``stream`` names)."""
-    if runtime.stream_capturing(stream):
+    that many words (on the library's current stream: the one ``stream`` names);
+    ``capturing`` as in ``get``."""
+    if capturing is None:
+        capturing = runtime.stream_capturing(stream)
+    if capturing:
         return make_zeroed()
     key = (owner, stream, _ident())
     kept = _counters.get(key)

@@ -4,7 +4,8 @@
 // share a kv head read each K/V tile once. Split-KV: blockIdx.x = m_block * num_splits + split,
 // and split s visits key tiles [n_tiles * s / S, n_tiles * (s + 1) / S) of the CTA's key range;
 // with num_splits > 1 it writes an fp32 partial (normalized by its own sum) and its log2-domain
-// lse to o_accum / lse_accum, which fwd_combine.cu merges. Inside the CTA, warp w owns keys
+// lse to o_accum / lse_accum, which fwd_combine.cu merges, or (split_counters set) the last CTA
+// of the group to finish (split_combine.cuh). Inside the CTA, warp w owns keys
 // 16w..16w+15 of every kBlockN-key tile (all warps share the m16 slab) with its own online
 // softmax; the warps are merged through shared memory at the end.
 // Pipeline: tile u of the split goes to stage u % kStages; its K/V rows (16-byte cp.async) and its
@@ -23,7 +24,7 @@
 // block_table[b][j / page_size]. The page ids of tile u are copied into a small shared ring by
 // cp.async kStages tiles ahead of u's K/V, so the lookup is off the issue chain too.
 // Requires 16-byte aligned q/k/v rows (the launcher checks) and, when num_splits > 1, the
-// partial buffers.
+// partial buffers (and, for the merge in this grid, the group counters, zero at launch).
 #pragma once
 #include "common.cuh"
 #include "params.cuh"
@@ -35,6 +36,7 @@
 #include "logits.cuh"
 #include "softmax.cuh"
 #include "tile_io.cuh"
+#include "split_combine.cuh"
 
 namespace dm {
 
@@ -639,33 +641,45 @@ flash_fwd_decode_kernel(const FwdParams p) {
   static_assert(kThreads % kBlockM == 0 && kHeadDim % (2 * kPerRow) == 0, "merge tiling");
   const int row = threadIdx.x / kPerRow, c0 = (threadIdx.x % kPerRow) * kCols;
   const int pr = m0 + row;
-  if (pr >= rows) return;
+  const int64_t row0 = kVarlen ? int64_t(seq.q_start) : int64_t(b) * p.seqlen_q;
+  // The row's merged lse (a NaN warp: NaN) and each warp's weight in it.
   float lw[kNumWarps];
 #pragma unroll
   for (int w = 0; w < kNumWarps; ++w) lw[w] = sLse[w * kBlockM + row];
-  const float lse2 = merged_lse2(kNumWarps, [&](int w) { return lw[w]; });  // NaN warp: NaN
+  const float lse2 = merged_lse2(kNumWarps, [&](int w) { return lw[w]; });
 #pragma unroll
   for (int w = 0; w < kNumWarps; ++w) lw[w] = lse2 == -DM_INF ? 0.f : fast_exp2(lw[w] - lse2);
   const int i = pr / qpk, h = kvh * qpk + pr % qpk;
-  const int64_t grow = kVarlen ? int64_t(seq.q_start) + i : int64_t(b) * p.seqlen_q + i;
 
-  if (ns > 1) {  // partial for fwd_combine.cu
-    const int64_t pid = (grow * p.heads + h) * ns + split;
-    float* dst = p.o_accum + pid * kHeadDim;
+  if (ns > 1) {  // this split's partial, merged by fwd_combine.cu or by this grid's last CTA
+    if (pr < rows) {
+      const int64_t pid = ((row0 + i) * p.heads + h) * ns + split;
+      float* dst = p.o_accum + pid * kHeadDim;
 #pragma unroll
-    for (int c = 0; c < kCols; c += 2) {
-      const int col = c0 + c;
-      float2 acc = make_float2(0.f, 0.f);
+      for (int c = 0; c < kCols; c += 2) {
+        const int col = c0 + c;
+        float2 acc = make_float2(0.f, 0.f);
 #pragma unroll
-      for (int w = 0; w < kNumWarps; ++w) {
-        acc.x += lw[w] * sO[(w * kBlockM + row) * kOStride + col];
-        acc.y += lw[w] * sO[(w * kBlockM + row) * kOStride + col + 1];
+        for (int w = 0; w < kNumWarps; ++w) {
+          acc.x += lw[w] * sO[(w * kBlockM + row) * kOStride + col];
+          acc.y += lw[w] * sO[(w * kBlockM + row) * kOStride + col + 1];
+        }
+        if (col < p.head_dim) *reinterpret_cast<float2*>(dst + col) = acc;
       }
-      if (col < p.head_dim) *reinterpret_cast<float2*>(dst + col) = acc;
+      if (c0 == 0) p.lse_accum[pid] = lse2;
     }
-    if (c0 == 0) p.lse_accum[pid] = lse2;
+    if (p.split_counters == nullptr) return;
+    // Every thread gets here. Past the count's barriers the K/V stages (sO) and the staged
+    // rows' offsets (sOff, read only by the key loop's issues) are free.
+    const int64_t group = (int64_t(b) * p.kv_heads + kvh) * (gridDim.x / ns) + m_block;
+    if (!last_split_of_group(p.split_counters + group, ns, reinterpret_cast<int*>(sOff)))
+      return;
+    static_assert(16 * (kMaxCombineSplits + 1) * 4 <= 2 * kStages * kBlockN * kKVStride * 2,
+                  "the merge's weights fit in the K/V stages");
+    combine_group<T, kHeadDim, kThreads, kVarlen>(p, reinterpret_cast<float*>(sK));
     return;
   }
+  if (pr >= rows) return;
   T* out = o_row_ptr<T>(p, b, h, seq, i);
 #pragma unroll
   for (int c = 0; c < kCols; c += 2) {

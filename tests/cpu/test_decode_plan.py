@@ -67,6 +67,29 @@ def test_env_switches(monkeypatch):
     assert decode.choose_num_splits(one, spec, 185, H100) > 1
 
 
+def test_fused_combine_where_a_group_s_partials_are_few(monkeypatch):
+    """The decode grid merges its own partials where a group's (packed rows x splits x head
+    dim, fp32) take at most FUSED_COMBINE_MAX_BYTES; DMATTN_SPLIT_COMBINE forces either way,
+    and an unsplit launch never merges."""
+    monkeypatch.delenv("DMATTN_SPLIT_COMBINE", raising=False)
+    assert decode.FUSED_COMBINE_MAX_BYTES == 64 << 10
+    pb = _problem(batch=1)                          # 1 query x 4 heads per kv head: 4 rows
+    assert decode.fused_combine(pb, 32, 128) and not decode.fused_combine(pb, 33, 128)
+    assert decode.fused_combine(pb, 64, 64) and not decode.fused_combine(pb, 65, 64)
+    four = dataclasses.replace(pb, seqlen_q=4)      # 16 rows (4 queries x 4 heads)
+    assert decode.fused_combine(four, 8, 128) and not decode.fused_combine(four, 9, 128)
+    eight = dataclasses.replace(pb, seqlen_q=8)     # 32 packed rows: 16 per slab, as four's
+    assert decode.fused_combine(eight, 8, 128) and not decode.fused_combine(eight, 9, 128)
+    assert not decode.fused_combine(pb, 1, 128)
+    monkeypatch.setenv("DMATTN_SPLIT_COMBINE", "grid")
+    assert decode.fused_combine(four, 128, 256) and not decode.fused_combine(four, 1, 256)
+    monkeypatch.setenv("DMATTN_SPLIT_COMBINE", "kernel")
+    assert not decode.fused_combine(pb, 2, 128)
+    monkeypatch.setenv("DMATTN_SPLIT_COMBINE", "yes")
+    with pytest.raises(ValueError, match="DMATTN_SPLIT_COMBINE"):
+        decode.fused_combine(pb, 2, 128)
+
+
 def test_specs_and_resources():
     pb = _problem()
     spec = decode.decode_spec(pb)

@@ -192,7 +192,7 @@ def _dense_case(name: str, seed: int):
         kw["attn_bias"] = _rand(1, Hk, S, Sk, seed=seed + 3)
     elif name == "causal_window_softcap":
         kw.update(is_causal=True, window_size=(16, -1), softcap=30.0, softmax_scale=0.1)
-    elif name == "decode_split":
+    elif name.startswith("decode_split"):
         q = _rand(B, 1, H, D, seed=seed)
         k, v = _rand(B, 4096, Hk, D, seed=seed + 1), _rand(B, 4096, Hk, D, seed=seed + 2)
         kw["attn_bias"] = _rand(B, Hk, 1, 4096, seed=seed + 3)
@@ -204,9 +204,11 @@ def _dense_case(name: str, seed: int):
 DENSE = ("dense", "mask_bias", "causal_window_softcap", "decode_split", "fwd_mma_forced")
 
 
-@pytest.mark.parametrize("name", DENSE)
+@pytest.mark.parametrize("name", DENSE + ("decode_split_kernel",))
 @pytest.mark.parametrize("lse", [False, True])
-def test_thin_forward_launches_what_the_validated_path_builds(cap, name, lse):
+def test_thin_forward_launches_what_the_validated_path_builds(cap, name, lse, monkeypatch):
+    if name == "decode_split_kernel":   # the partials merged by fwd_combine.cu's launch
+        monkeypatch.setenv("DMATTN_SPLIT_COMBINE", "kernel")
     args, kw = _dense_case(name, 0)
     dm.flash_dmattn_func(*args, return_lse=lse, **kw)
     first = cap.take()
@@ -220,8 +222,11 @@ def test_thin_forward_launches_what_the_validated_path_builds(cap, name, lse):
     assert int(rec["q"][0]) == args[0].data_ptr() and int(rec["o"][0]) == out.data_ptr()
     if lse:
         assert int(rec["lse"][0]) == res[1].data_ptr()
-    if name == "decode_split":
-        assert len(again) == 2 and rec["num_splits"][0] > 1 and rec["o_accum"][0] != 0
+    if name.startswith("decode_split"):   # fused (auto at this size): one launch, counters
+        fused = name == "decode_split"
+        assert rec["num_splits"][0] > 1 and rec["o_accum"][0] != 0
+        assert [f for _, f, *_ in again] == ["fwd_decode"] + ([] if fused else ["fwd_combine"])
+        assert (rec["split_counters"][0] != 0) == fused
     # same shapes, new data: the cached plan with the new pointers == a fresh validated build
     args2, kw2 = _dense_case(name, 10)
     dm.flash_dmattn_func(*args2, return_lse=lse, **kw2)
@@ -482,7 +487,8 @@ def test_hits_launch_on_each_call_s_current_stream(cap, monkeypatch):
         decode()
         torch.autograd.grad(dm.flash_dmattn_func(qg, kg, vg), (qg, kg, vg), torch.ones_like(q))
         launched = cap.take()
-        assert {p for p, *_ in launched} == {"thin"} and len(launched) == 1 + 2 + 4
+        # forward 1, decode 1 (its splits merged by its own grid), backward 4
+        assert {p for p, *_ in launched} == {"thin"} and len(launched) == 1 + 1 + 4
         assert cap.streams == [current[0]] * len(launched)
         cap.streams.clear()
 
@@ -824,7 +830,8 @@ def test_decode_partials_reuse_one_scratch_buffer(cap):
     assert first[0][0] == "slow" and not scratch._bufs   # the validated call allocates its own
     call()
     call()
-    thin = [_record(x[3][0], "FwdParams") for x in cap.take()[0::2]]
+    thin = [_record(x[3][0], "FwdParams") for x in cap.take() if x[1] == "fwd_decode"]
+    assert len(thin) == 2
     assert len(scratch._bufs) == 1
     (nbytes, buf), = scratch._bufs.values()
     for rec in thin:   # the partials (o_accum) and their lse after them, in the kept buffer
@@ -839,6 +846,38 @@ def test_decode_partials_reuse_one_scratch_buffer(cap):
     assert int(rec["o_accum"][0]) not in _kept_pointers() and scratch._bufs == kept
 
 
+def test_decode_merges_its_splits_with_kept_counters(cap, monkeypatch):
+    """A split decode whose partials are few merges them in its own grid: one launch, its
+    counters (one zero int32 per (sequence, kv head, row slab)) one kept zero-filled buffer
+    per stream that the validated and the cached calls share; a capturing stream gets a fresh
+    zero-filled one, kept nowhere. With DMATTN_SPLIT_COMBINE=kernel: the combine launch, no
+    counters."""
+    scratch.clear()
+    call = _decode_call()
+    for path in ("slow", "thin", "thin"):
+        call()
+        (p, fam, grid, args, _), = cap.take()
+        rec = _record(args[0], "FwdParams")
+        assert (p, fam) == (path, "fwd_decode") and rec["num_splits"][0] > 1
+        groups = grid[0] // int(rec["num_splits"][0]) * grid[1] * grid[2]
+        assert groups == 8   # 1 sequence x 8 kv heads x 1 slab (32 heads / 8: 4 rows)
+        (key, buf), = scratch._counters.items()
+        assert key[0] == ("torch", 0, groups) and buf.dtype == torch.int32
+        assert buf.shape == (groups,) and not buf.any()
+        assert int(rec["split_counters"][0]) == buf.data_ptr()
+    kept = dict(scratch._counters)
+    _call_capturing(call)
+    rec = _record(cap.take()[0][3][0], "FwdParams")
+    assert int(rec["split_counters"][0]) not in {b.data_ptr() for b in kept.values()}
+    assert scratch._counters == kept
+    monkeypatch.setenv("DMATTN_SPLIT_COMBINE", "kernel")
+    for path in ("slow", "thin"):
+        call()
+        got = cap.take()
+        assert [(p, f) for p, f, *_ in got] == [(path, "fwd_decode"), (path, "fwd_combine")]
+        assert int(_record(got[0][3][0], "FwdParams")["split_counters"][0]) == 0
+
+
 def test_scratch_is_per_thread_and_bounded(cap, monkeypatch):
     import threading
 
@@ -850,7 +889,8 @@ def test_scratch_is_per_thread_and_bounded(cap, monkeypatch):
 
     def other():
         call()
-        got.append(_record(cap.launches[-2][3][0], "FwdParams"))
+        got.append(_record([x for x in cap.launches if x[1] == "fwd_decode"][-1][3][0],
+                           "FwdParams"))
 
     th = threading.Thread(target=other)
     th.start()

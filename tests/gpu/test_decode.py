@@ -1,6 +1,7 @@
 """Decode path (fwd_decode.cu + fwd_combine.cu) on the GPU against the float64 reference:
-GQA packing, split-KV on and off, every varlen mask/bias layout x h', dense broadcast patterns,
-causal/window edges, empty sequences, fully masked rows and all-false tiles."""
+GQA packing, split-KV on and off (the partials merged by the decode grid itself or by the
+combine launch), every varlen mask/bias layout x h', dense broadcast patterns, causal/window
+edges, empty sequences, fully masked rows and all-false tiles."""
 
 from __future__ import annotations
 
@@ -15,10 +16,20 @@ torch = pytest.importorskip("torch")
 
 pytestmark = pytest.mark.gpu
 
-SPLITS = ["1", "4"]  # DMATTN_NUM_SPLITS: off, and forced on
+# DMATTN_NUM_SPLITS: off, and forced on with the partials merged by the decode grid ("4") or by
+# fwd_combine.cu ("4k"; DMATTN_SPLIT_COMBINE)
+SPLITS = ["1", "4", "4k"]
 # fwd_combine.cu merges a (row, head) pair with 2, 4, 8 and 8 warps (37: splits not a multiple
 # of the warps x batch; 128 capped at the key tiles)
 COMBINE_SPLITS = ["6", "13", "37", "128"]
+
+
+def _splits(monkeypatch, splits: str) -> int:
+    """Sets DMATTN_NUM_SPLITS (and who merges: a "k" suffix the combine launch, else the
+    decode grid) from a SPLITS entry; returns the split count."""
+    monkeypatch.setenv("DMATTN_NUM_SPLITS", splits.removesuffix("k"))
+    monkeypatch.setenv("DMATTN_SPLIT_COMBINE", "kernel" if splits.endswith("k") else "grid")
+    return int(splits.removesuffix("k"))
 
 
 @pytest.fixture(autouse=True)
@@ -97,21 +108,21 @@ def _check_dense(q, k, v, mask=None, bias=None, **kw):
 @pytest.mark.parametrize("len_q", [1, 2, 8], ids=lambda n: f"lq{n}")
 @pytest.mark.parametrize("qpk", [1, 4, 8], ids=lambda n: f"qpk{n}")
 def test_gqa_packing_varlen(qpk, len_q, splits, monkeypatch, calls):
-    monkeypatch.setenv("DMATTN_NUM_SPLITS", splits)
+    n = _splits(monkeypatch, splits)
     hk = 2
     lens_q, lens_k = [len_q] * 4, [300, 17, 1000, 65]
     tq, tk = sum(lens_q), sum(lens_k)
     mask = _layout("mask", "k", hk, tq, tk, max(lens_k), 1)
     bias = _layout("bias", "k", hk * qpk, tq, tk, max(lens_k), 2)
     _check_varlen(lens_q, lens_k, hk * qpk, hk, mask=mask, bias=bias, seed=qpk + len_q)
-    assert calls == [int(splits)]
+    assert calls == [n]
 
 
 @pytest.mark.parametrize("splits", SPLITS, ids=lambda s: f"splits{s}")
 @pytest.mark.parametrize("len_q", [1, 2, 8], ids=lambda n: f"lq{n}")
 @pytest.mark.parametrize("qpk", [1, 4, 8], ids=lambda n: f"qpk{n}")
 def test_gqa_packing_dense_causal(qpk, len_q, splits, monkeypatch, calls):
-    monkeypatch.setenv("DMATTN_NUM_SPLITS", splits)
+    n = _splits(monkeypatch, splits)
     b, hk, sk = 3, 2, 777
     g = torch.Generator().manual_seed(qpk * 10 + len_q)
     q = _rand((b, len_q, hk * qpk, 128), g, "bfloat16")
@@ -119,7 +130,7 @@ def test_gqa_packing_dense_causal(qpk, len_q, splits, monkeypatch, calls):
     mask = (torch.rand(b, 1, 1, sk, generator=g) < 0.8).cuda()
     bias = _rand((1, hk * qpk, len_q, sk), g, "bfloat16")
     _check_dense(q, k, v, mask=mask, bias=bias, is_causal=True)
-    assert calls == [int(splits)]
+    assert calls == [n]
 
 
 LAYOUT_LENS = ([1, 3, 2, 8, 0, 4], [200, 5, 0, 129, 7, 64])
@@ -130,7 +141,7 @@ LAYOUT_LENS = ([1, 3, 2, 8, 0, 4], [200, 5, 0, 129, 7, 64])
 @pytest.mark.parametrize("mask_layout", ["q", "k", None], ids=lambda x: f"mask-{x}")
 @pytest.mark.parametrize("bias_layout", ["q", "k", None], ids=lambda x: f"bias-{x}")
 def test_varlen_layouts(bias_layout, mask_layout, heads, splits, monkeypatch):
-    monkeypatch.setenv("DMATTN_NUM_SPLITS", splits)
+    _splits(monkeypatch, splits)
     check_varlen_layouts(bias_layout, mask_layout, heads, causals=(False, True))
 
 
@@ -176,7 +187,7 @@ def test_split_on_and_off_agree(dtype, monkeypatch, calls):
                          ids=lambda w: "causal" if w is None else f"win{w[0]}_{w[1]}")
 def test_causal_window_edges(window, splits, monkeypatch):
     """len_q > len_k (rows with no key), len_k = 0, len_q = 0, long keys, per sequence."""
-    monkeypatch.setenv("DMATTN_NUM_SPLITS", splits)
+    _splits(monkeypatch, splits)
     lens_q, lens_k = [8, 8, 3, 1, 5, 0, 7], [3, 0, 3, 0, 700, 9, 8]
     kw = {"is_causal": True} if window is None else {"window_size": window}
     tk = sum(lens_k)
@@ -197,7 +208,7 @@ BROADCAST = {
 @pytest.mark.parametrize("splits", SPLITS, ids=lambda s: f"splits{s}")
 @pytest.mark.parametrize("pattern", list(BROADCAST), ids=list(BROADCAST))
 def test_dense_broadcast(pattern, splits, monkeypatch):
-    monkeypatch.setenv("DMATTN_NUM_SPLITS", splits)
+    _splits(monkeypatch, splits)
     g = torch.Generator().manual_seed(21)
     q = _rand((2, 3, 8, 64), g, "float16")
     k, v = (_rand((2, 300, 2, 64), g, "float16") for _ in range(2))
@@ -215,7 +226,7 @@ def test_fully_masked_rows_and_false_tiles(splits, monkeypatch):
     """Sequence 0 keeps nothing (out 0, lse -inf); sequence 1 keeps keys 1000..1010 only, so
     most of its tiles are all-false (computed, since the mask travels with K/V); some heads keep
     nothing (h' = H)."""
-    monkeypatch.setenv("DMATTN_NUM_SPLITS", splits)
+    _splits(monkeypatch, splits)
     h, hk = 8, 2
     lens_q, lens_k = [2, 1, 3], [500, 2000, 300]
     tk = sum(lens_k)
@@ -228,12 +239,16 @@ def test_fully_masked_rows_and_false_tiles(splits, monkeypatch):
     assert np.isneginf(f64(lse)[5:, 3:]).all()
 
 
+@pytest.mark.parametrize("combine", ["kernel", "grid"])
 @pytest.mark.parametrize("splits", COMBINE_SPLITS, ids=lambda s: f"splits{s}")
-def test_combine_warps_per_pair(splits, monkeypatch, calls):
+def test_combine_warps_per_pair(splits, combine, monkeypatch, calls):
     """Split counts the combine merges with several warps per pair: 42 pairs (the last CTA
     partly idle at 2 and 4 warps a pair), sequences shorter than the longest (their last splits
-    empty) or empty, a key range no split of sequence 0 keeps, a head that keeps nothing."""
+    empty) or empty, a key range no split of sequence 0 keeps, a head that keeps nothing. The
+    same split counts merged by the decode grid's last CTA per group (``grid``: up to 128
+    splits of 3 packed rows, beyond the automatic rule's bytes)."""
     monkeypatch.setenv("DMATTN_NUM_SPLITS", splits)
+    monkeypatch.setenv("DMATTN_SPLIT_COMBINE", combine)
     h, hk = 6, 2
     lens_q, lens_k = [1, 3, 1, 2], [4100, 700, 0, 2500]
     tq, tk = sum(lens_q), sum(lens_k)
@@ -268,6 +283,7 @@ def test_programmatic_combine_matches_plain(monkeypatch, calls):
     capability 9.0+) gives bit for bit what a plain launch gives, call after call (a cached
     plan's launches): the decode kernel's trigger and the combine's wait change nothing."""
     monkeypatch.setenv("DMATTN_NUM_SPLITS", "37")
+    monkeypatch.setenv("DMATTN_SPLIT_COMBINE", "kernel")
     run, (lens_q, lens_k, mask, bias, qkv) = split37_case()
     monkeypatch.setenv("DMATTN_PDL", "0")
     plain = run()
@@ -280,9 +296,38 @@ def test_programmatic_combine_matches_plain(monkeypatch, calls):
     assert set(calls) == {37}
 
 
+def test_grid_merge_repeats_bit_for_bit_on_any_stream(monkeypatch, calls):
+    """The decode grid's own merge (37 splits, 8 packed rows per group, forced past the
+    automatic rule's bytes): call after call bit for bit the first call's result, which holds
+    only if each launch leaves its counters zero (a count left over makes no CTA the last
+    one: no output written). On a second stream (its own counters), interleaved with the
+    first without a sync: the same bits. Within FlashAttention's tolerance of float64, and of
+    the combine launch's result."""
+    monkeypatch.setenv("DMATTN_NUM_SPLITS", "37")
+    monkeypatch.setenv("DMATTN_SPLIT_COMBINE", "grid")
+    run, (lens_q, lens_k, mask, bias, qkv) = split37_case()
+    first = run()
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    results = []
+    for i in range(6):
+        with torch.cuda.stream(side if i % 2 else torch.cuda.current_stream()):
+            results.append(run())
+    torch.cuda.synchronize()
+    for out, lse in results:
+        assert torch.equal(out, first[0]) and torch.equal(lse, first[1])
+    _check_varlen(lens_q, lens_k, 8, 2, d=128, mask=mask, bias=bias, qkv=qkv)
+    monkeypatch.setenv("DMATTN_SPLIT_COMBINE", "kernel")
+    out, lse = run()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, first[0], rtol=2 ** -7, atol=2 ** -8)
+    torch.testing.assert_close(lse, first[1], rtol=1e-5, atol=1e-5)
+    assert set(calls) == {37}
+
+
 @pytest.mark.parametrize("splits", SPLITS, ids=lambda s: f"splits{s}")
 def test_softcap_fp16_fp32_bias_scale(splits, monkeypatch):
-    monkeypatch.setenv("DMATTN_NUM_SPLITS", splits)
+    _splits(monkeypatch, splits)
     lens_q, lens_k = [1, 4, 2], [333, 1200, 90]
     tq, tk = sum(lens_q), sum(lens_k)
     bias = _layout("bias", "q", 4, tq, tk, max(lens_k), 9).float()
@@ -297,7 +342,7 @@ HEAD_DIMS = [8, 32, 48, 80, 120, 128, 192, 256]
 @pytest.mark.parametrize("splits", SPLITS, ids=lambda s: f"splits{s}")
 @pytest.mark.parametrize("d", HEAD_DIMS, ids=[f"d{d}" for d in HEAD_DIMS])
 def test_head_dims(d, splits, monkeypatch):
-    monkeypatch.setenv("DMATTN_NUM_SPLITS", splits)
+    _splits(monkeypatch, splits)
     check_head_dim(d, "bfloat16", (2, 1, 2, 451))
 
 

@@ -122,10 +122,14 @@ def test_forward_graph_torch(case, d, both_forward_families):
     assert want in families and {"fwd_sm90", "fwd_mma"} & set(families) == {want}, families
 
 
+@pytest.mark.parametrize("combine", ["grid", "kernel"])
 @pytest.mark.parametrize("splits", ["1", "4", "auto"])
 @pytest.mark.parametrize("layout", ["varlen_key_bias", "dense_key_bias"])
-def test_decode_graph_torch(splits, layout, monkeypatch):
+def test_decode_graph_torch(splits, layout, combine, monkeypatch):
+    """(``combine``: who merges the split partials: the decode grid, its counters zero-filled
+    in the graph, or the combine launch.)"""
     monkeypatch.setenv("DMATTN_NUM_SPLITS", splits)
+    monkeypatch.setenv("DMATTN_SPLIT_COMBINE", combine)
     H, Hk, D, Sk, B = 32, 8, 128, 4096, 2
     if layout == "varlen_key_bias":
         q, k, v = _rand((B, H, D), 1), _rand((B * Sk, Hk, D), 2), _rand((B * Sk, Hk, D), 3)

@@ -158,15 +158,18 @@ def test_mask_bias_layouts(page, layout):
              bias_h=_heads(layout[1], h, hk), seed=page + len(str(layout)))
 
 
+@pytest.mark.parametrize("combine", ["grid", "kernel"])
 @pytest.mark.parametrize("splits", [1, 4], ids=lambda s: f"splits{s}")
 @pytest.mark.parametrize("s_new", [1, 5], ids=lambda s: f"new{s}")
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: f"page{p}")
-def test_append_in_place(page, s_new, splits, launches):
+def test_append_in_place(page, s_new, splits, combine, launches, monkeypatch):
+    """(``combine``: who merges the split partials, DMATTN_SPLIT_COMBINE.)"""
+    monkeypatch.setenv("DMATTN_SPLIT_COMBINE", combine)
     run_case(page=page, sq=s_new, s_new=s_new, mask_h=2, bias_h=8, is_causal=True,
              num_splits=splits, seed=s_new * 7 + splits)
     assert launches[0] == "kv_append" and launches.count("kv_append") == 1
     assert launches[1] == "fwd_decode"
-    assert ("fwd_combine" in launches) == (splits > 1)
+    assert ("fwd_combine" in launches) == (splits > 1 and combine == "kernel")
 
 
 OPTIONS = [dict(is_causal=True), dict(window_size=(32, 0)), dict(window_size=(20, 5)),
