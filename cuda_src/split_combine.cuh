@@ -23,14 +23,16 @@ DM_DEVICE bool last_split_of_group(int32_t* counter, int ns, int* flag) {
   __threadfence();   // this thread's partial writes, before the count
   __syncthreads();
   if (threadIdx.x == 0) {
+    __threadfence();   // release: the CTA's writes (before the barrier) before the count
     const bool last = atomicAdd(counter, 1) == ns - 1;
-    if (last) *counter = 0;   // all ns have counted: zero for the next launch
+    if (last) {
+      *counter = 0;      // all ns have counted: zero for the next launch
+      __threadfence();   // acquire: the other splits' partials after their counts
+    }
     *flag = last;
   }
   __syncthreads();
-  const bool last = *flag != 0;
-  if (last) __threadfence();   // the other splits' partials, after their counts
-  return last;
+  return *flag != 0;
 }
 
 // Merges the partials of the CTA's group: sequence blockIdx.z, kv head blockIdx.y, row slab
