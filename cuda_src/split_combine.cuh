@@ -87,9 +87,9 @@ DM_DEVICE void combine_group(const FwdParams& p, float* sW) {
     if (lane == 0) sLse[r] = lse2;
   }
   __syncthreads();
-  // out[r][c .. c + 3] = sum_s w[r][s] * o_s[r][c .. c + 3]: one float4 column per item, four
-  // splits' loads in flight before their sums.
-  constexpr int kQuads = kHeadDim / 4;
+  // out[r][c .. c + 3] = sum_s w[r][s] * o_s[r][c .. c + 3]: one float4 column per item,
+  // kBatch splits' loads in flight before their sums (32 splits: 4 L2 round trips).
+  constexpr int kQuads = kHeadDim / 4, kBatch = 8;
 #pragma unroll 1
   for (int item = threadIdx.x; item < n_rows * kQuads; item += kThreads) {
     const int r = item / kQuads, col = (item % kQuads) * 4;
@@ -105,12 +105,12 @@ DM_DEVICE void combine_group(const FwdParams& p, float* sW) {
     };
     int s = 0;
 #pragma unroll 1
-    for (; s + 4 <= ns; s += 4) {
-      float4 x[4];
+    for (; s + kBatch <= ns; s += kBatch) {
+      float4 x[kBatch];
 #pragma unroll
-      for (int j = 0; j < 4; ++j) x[j] = __ldcg(src + (s + j) * (kHeadDim / 4));
+      for (int j = 0; j < kBatch; ++j) x[j] = __ldcg(src + (s + j) * (kHeadDim / 4));
 #pragma unroll
-      for (int j = 0; j < 4; ++j) add(w[s + j], x[j]);
+      for (int j = 0; j < kBatch; ++j) add(w[s + j], x[j]);
     }
 #pragma unroll 1
     for (; s < ns; ++s) add(w[s], __ldcg(src + s * (kHeadDim / 4)));
