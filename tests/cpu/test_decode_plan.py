@@ -71,7 +71,7 @@ def test_fused_combine_where_a_group_s_partials_are_few(monkeypatch):
     """The decode grid merges its own partials where a group's (packed rows x splits x head
     dim, fp32) take at most FUSED_COMBINE_MAX_BYTES; DMATTN_SPLIT_COMBINE forces either way,
     and an unsplit launch never merges."""
-    monkeypatch.delenv("DMATTN_SPLIT_COMBINE", raising=False)
+    monkeypatch.setenv("DMATTN_SPLIT_COMBINE", "auto")
     assert decode.FUSED_COMBINE_MAX_BYTES == 64 << 10
     pb = _problem(batch=1)                          # 1 query x 4 heads per kv head: 4 rows
     assert decode.fused_combine(pb, 32, 128) and not decode.fused_combine(pb, 33, 128)

@@ -132,6 +132,13 @@ class Capture:
         return kept
 
 
+@pytest.fixture(autouse=True)
+def _split_merge_by_rule(monkeypatch):
+    """Split decodes merged as decode.fused_combine's rule says (DMATTN_SPLIT_COMBINE=auto),
+    whatever the default: at these tests' decode shapes, by the decode grid itself."""
+    monkeypatch.setenv("DMATTN_SPLIT_COMBINE", "auto")
+
+
 @pytest.fixture
 def cap():
     c = Capture()
