@@ -18,17 +18,18 @@ namespace dm {
 constexpr int kMaxCombineSplits = 128;   // decode.MAX_SPLITS
 
 // Whether this CTA counted last among the group's ns splits. Every thread of the CTA calls it
-// once its own partial writes are issued; *flag is a shared int.
+// once its own partial writes are issued; *flag is a shared int. Thread 0 counts with one
+// acq_rel atomic (CUTLASS's semaphore pattern): the release covers the CTA's writes ordered
+// before it by the barrier; in the last CTA the acquire, then the barrier, orders every
+// thread's reads of the other splits' partials after their counts.
 DM_DEVICE bool last_split_of_group(int32_t* counter, int ns, int* flag) {
-  __threadfence();   // this thread's partial writes, before the count
   __syncthreads();
   if (threadIdx.x == 0) {
-    __threadfence();   // release: the CTA's writes (before the barrier) before the count
-    const bool last = atomicAdd(counter, 1) == ns - 1;
-    if (last) {
-      *counter = 0;      // all ns have counted: zero for the next launch
-      __threadfence();   // acquire: the other splits' partials after their counts
-    }
+    int prev;
+    asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;"
+                 : "=r"(prev) : "l"(counter) : "memory");
+    const bool last = prev == ns - 1;
+    if (last) *counter = 0;   // all ns have counted: zero for the next launch
     *flag = last;
   }
   __syncthreads();
@@ -88,8 +89,8 @@ DM_DEVICE void combine_group(const FwdParams& p, float* sW) {
   }
   __syncthreads();
   // out[r][c .. c + 3] = sum_s w[r][s] * o_s[r][c .. c + 3]: one float4 column per item,
-  // kBatch splits' loads in flight before their sums (32 splits: 4 L2 round trips).
-  constexpr int kQuads = kHeadDim / 4, kBatch = 8;
+  // kBatch splits' loads in flight before their sums (32 splits: 2 L2 round trips).
+  constexpr int kQuads = kHeadDim / 4, kBatch = 16;
 #pragma unroll 1
   for (int item = threadIdx.x; item < n_rows * kQuads; item += kThreads) {
     const int r = item / kQuads, col = (item % kQuads) * 4;
