@@ -41,8 +41,11 @@ MAX_SPLITS = 128
 COMBINE_WARPS = 8       # warps per combine CTA (each pair merged by combine_warps_per_pair)
 COMBINE_BATCH = 4       # fwd_combine.cu's kCombineBatch: splits one warp loads at once
 # The most bytes of partials (a group's packed rows x splits x head dim, fp32) the decode grid
-# merges itself, in the last CTA of the group (one CTA reading them all from L2): a merge that
-# costs about what the combine launch does (B1 H32/Hk8 d128 at 32 splits: 4 x 32 x 128 x 4).
+# merges itself, in the last CTA of the group (one CTA reading them all from L2). At this size
+# (B1 H32/Hk8 d128, 32 splits: 4 x 32 x 128 x 4) the merge costs the GPU what the combine
+# launch does (H100: 17.0 against 16.8-16.9 us at 4096 keys, 22.5 against 22.1-22.4 at 8192)
+# and saves its launch on the host (16.3-16.9 against 19.6-22.4 us per call; BENCHMARKS.md,
+# fifty-first session).
 FUSED_COMBINE_MAX_BYTES = 64 << 10
 RESERVED_SMEM_PER_CTA = 1024  # shared memory the driver reserves per resident CTA
 DEEP_STAGES = 3         # fwd_decode.cu's deeper pipeline, specialized at DEEP_HEAD_DIMS only
