@@ -8,6 +8,7 @@ included; output and workspace pointers are those of the buffers the call return
 from __future__ import annotations
 
 import ctypes
+import os
 
 import numpy as np
 import pytest
@@ -133,10 +134,18 @@ class Capture:
 
 
 @pytest.fixture(autouse=True)
-def _split_merge_by_rule(monkeypatch):
+def _split_merge_by_rule():
     """Split decodes merged as decode.fused_combine's rule says (DMATTN_SPLIT_COMBINE=auto),
-    whatever the default: at these tests' decode shapes, by the decode grid itself."""
-    monkeypatch.setenv("DMATTN_SPLIT_COMBINE", "auto")
+    whatever the default: at these tests' decode shapes, by the decode grid itself. (Not
+    through ``monkeypatch``: an autouse fixture asking for it would set it up before ``cap``,
+    so its undo would run after ``cap``'s teardown and put ``stub_gpu``'s stubs back.)"""
+    saved = os.environ.get("DMATTN_SPLIT_COMBINE")
+    os.environ["DMATTN_SPLIT_COMBINE"] = "auto"
+    yield
+    if saved is None:
+        os.environ.pop("DMATTN_SPLIT_COMBINE", None)
+    else:
+        os.environ["DMATTN_SPLIT_COMBINE"] = saved
 
 
 @pytest.fixture
