@@ -246,7 +246,7 @@ def test_combine_warps_per_pair(splits, combine, monkeypatch, calls):
     partly idle at 2 and 4 warps a pair), sequences shorter than the longest (their last splits
     empty) or empty, a key range no split of sequence 0 keeps, a head that keeps nothing. The
     same split counts merged by the decode grid's last CTA per group (``grid``: up to 128
-    splits of 3 packed rows, beyond the automatic rule's bytes)."""
+    splits of up to 9 packed rows, beyond the automatic rule's bytes)."""
     monkeypatch.setenv("DMATTN_NUM_SPLITS", splits)
     monkeypatch.setenv("DMATTN_SPLIT_COMBINE", combine)
     h, hk = 6, 2
