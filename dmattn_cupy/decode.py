@@ -24,7 +24,7 @@ import dataclasses
 import math
 from typing import Any
 
-from . import arrays, env, runtime, scratch
+from . import arrays, env, runtime
 from .arrays import ArrayInfo, describe
 from .device import DeviceProps
 from .families import DECODE_MAX_SLOTS, decode_smem
@@ -336,9 +336,7 @@ def plan_decode(pb: Problem, plan: Plan, query: Any, out: ArrayInfo, lse_ptr: in
     fused = fused_combine(pb, ns, spec.head_dim)
     if fused:  # one zero int32 per group, counted up by its splits and wound back by the last
         groups = grid[0] // ns * grid[1] * grid[2]
-        plan.allocs.append(Alloc("split_counters", (groups,), "int32", counter=True))
-        keep.append(scratch.counter((pb.kind, dev, groups), stream.ptr,
-                                    arrays.allocator(query, (groups,), "int32", zero=True)))
+        keep.append(plan.add_counter("split_counters", groups, pb.kind, stream.ptr, query))
         r["split_counters"] = describe(keep[-1]).ptr
         plan.slot("split_counters", rec, "split_counters")
     # Never a programmatic launch itself: launched during the KV-cache append, its CTAs were

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from . import arrays, decode, env, forward_sm90, mask_pack, row_bias, row_pad, runtime, scratch
+from . import arrays, decode, env, forward_sm90, mask_pack, row_bias, row_pad, runtime
 from .arrays import ArrayInfo, describe
 from .launch_plan import Alloc, Launch, Plan, RowCopy
 from .layout import FWD_INPUTS, SPARSE_INPUTS, build_fwd_params, fwd_pointer_fields
@@ -223,9 +223,7 @@ def forward_call(pb: Problem, query: Any, cu_q: Any = None, cu_k: Any = None,
     counter = spec.row.counter_slot(spec)
     if counter is not None:  # a zero int32 word the kernel claims work items from
         index, offset = counter
-        plan.allocs.append(Alloc("item_counter", (1,), "int32", counter=True))
-        buf = scratch.counter((pb.kind, pb.q.device, 1), stream.ptr,
-                              arrays.allocator(query, (1,), "int32", zero=True))
+        buf = plan.add_counter("item_counter", 1, pb.kind, stream.ptr, query)
         keep_alive.append(buf)
         extra[index].view(np.uint64).reshape(-1)[offset // 8] = describe(buf).ptr
         plan.slot_at("item_counter", extra[index], offset)

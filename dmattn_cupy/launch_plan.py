@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from . import row_pad, runtime
+from . import arrays, row_pad, runtime, scratch
 
 
 @dataclass(eq=False)
@@ -99,6 +99,15 @@ class Plan:
         """Pointer ``name`` (plus ``add`` bytes) goes into ``record[field_name]`` (uint64)."""
         off = record.dtype.fields[field_name][1]
         self.slot_at(name, record, off, add)
+
+    def add_counter(self, name: str, words: int, kind: str, stream: int, like: Any) -> Any:
+        """Allocation ``name``: ``words`` int32 counters every launch finds zero and leaves zero
+        (``Alloc.counter``); returns this call's buffer, the one kept for (``kind``, device,
+        words) on the raw ``stream`` (``scratch.counter``, the key the thin path's runner asks
+        for too; ``like``: an array of the call)."""
+        self.allocs.append(Alloc(name, (words,), "int32", counter=True))
+        return scratch.counter((kind, self.device, words), stream,
+                               arrays.allocator(like, (words,), "int32", zero=True))
 
     def slot_at(self, name: str, buf: np.ndarray, byte_offset: int, add: int = 0) -> None:
         if byte_offset % 8:
