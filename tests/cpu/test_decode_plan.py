@@ -294,4 +294,7 @@ def test_combine_warps_per_pair_matches_the_kernel():
             assert decode.combine_grid(pairs, ns)[0] * per_cta >= pairs
             assert (decode.combine_grid(pairs, ns)[0] - 1) * per_cta < pairs
     lines.append(f"static_assert(dm::kCombineBatch == {decode.COMBINE_BATCH});")
+    # the decode grid's own merge stages weights for at most MAX_SPLITS splits a row
+    lines.append('#include "split_combine.cuh"')
+    lines.append(f"static_assert(dm::kMaxCombineSplits == {decode.MAX_SPLITS});")
     compile_static_asserts("\n".join(lines) + "\n", "combine_check.cu")
