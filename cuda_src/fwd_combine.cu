@@ -13,6 +13,7 @@
 #include "params.cuh"
 #include "seqlen.cuh"
 #include "softmax.cuh"
+#include "split_combine.cuh"   // kMaxCombineSplits
 
 namespace dm {
 
@@ -68,22 +69,11 @@ flash_fwd_combine_kernel(const FwdParams p) {
       }
     }
   }
-  float lse2 = -DM_INF;
-  if (active) {
-    // Every warp of the pair reduces all ns lse values (a split whose lse is NaN, a NaN that
-    // reached a kept position, makes the row NaN).
-    float mx = -DM_INF;
-    for (int s = lane; s < ns; s += 32) mx = fmax_nan(mx, lse_s[s]);
-#pragma unroll
-    for (int d = 16; d > 0; d /= 2) mx = fmax_nan(mx, __shfl_xor_sync(0xffffffffu, mx, d));
-    if (mx != -DM_INF) {
-      float sum = 0.f;
-      for (int s = lane; s < ns; s += 32) sum += fast_exp2(lse_s[s] - mx);
-#pragma unroll
-      for (int d = 16; d > 0; d /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, d);
-      lse2 = mx + __log2f(sum);
-    }
-  }
+  // Every warp of the pair reduces all ns lse values (a split whose lse is NaN, a NaN that
+  // reached a kept position, makes the row NaN).
+  auto lane_lse = [&](int j) { return lse_s[lane + 32 * j]; };   // lane's splits: lane + 32 j
+  const float lse2 =
+      active ? warp_merged_lse2<kMaxCombineSplits / 32>((ns - lane + 31) / 32, lane_lse) : -DM_INF;
   auto add_split = [&](float lse_split, const float2 (&x)[kPairs]) {
     const float w = fast_exp2(lse_split - lse2);
 #pragma unroll

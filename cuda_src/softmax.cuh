@@ -48,6 +48,23 @@ DM_DEVICE float merged_lse2(int n, F at) {
   return mx + __log2f(sum);
 }
 
+// merged_lse2 over a warp: lane l holds the row's partial lse2 values at(j), j < n <= kMaxN
+// (n may differ between lanes; at is only called for j < n). Every lane gets the result.
+template <int kMaxN, typename F>
+DM_DEVICE float warp_merged_lse2(int n, F at) {
+  float mx = -DM_INF;
+#pragma unroll
+  for (int j = 0; j < kMaxN; ++j)
+    if (j < n) mx = fmax_nan(mx, at(j));
+  mx = row_max<32>(mx);
+  if (mx == -DM_INF) return mx;   // uniform over the warp
+  float sum = 0.f;
+#pragma unroll
+  for (int j = 0; j < kMaxN; ++j)
+    if (j < n) sum += fast_exp2(at(j) - mx);
+  return mx + __log2f(row_sum<32>(sum));
+}
+
 // True for a NaN (PTX testp: not folded away under --use_fast_math).
 DM_DEVICE bool is_nan(float x) {
   uint32_t r;

@@ -61,27 +61,14 @@ DM_DEVICE void combine_group(const FwdParams& p, float* sW) {
 #pragma unroll 1
   for (int r = warp; r < n_rows; r += kWarps) {
     const float* l = p.lse_accum + pair_of(r) * ns;
-    float ls[kMaxCombineSplits / 32];
-    float mx = -DM_INF;
+    constexpr int kPerLane = kMaxCombineSplits / 32;
+    float ls[kPerLane];
 #pragma unroll
-    for (int j = 0; j < kMaxCombineSplits / 32; ++j) {
-      const int s = lane + 32 * j;
-      ls[j] = s < ns ? __ldcg(l + s) : -DM_INF;
-      mx = fmax_nan(mx, ls[j]);
-    }
+    for (int j = 0; j < kPerLane; ++j)
+      ls[j] = lane + 32 * j < ns ? __ldcg(l + lane + 32 * j) : -DM_INF;
+    const float lse2 = warp_merged_lse2<kPerLane>(kPerLane, [&](int j) { return ls[j]; });
 #pragma unroll
-    for (int d = 16; d > 0; d /= 2) mx = fmax_nan(mx, __shfl_xor_sync(0xffffffffu, mx, d));
-    float lse2 = mx;
-    if (mx != -DM_INF) {
-      float sum = 0.f;
-#pragma unroll
-      for (int j = 0; j < kMaxCombineSplits / 32; ++j) sum += fast_exp2(ls[j] - mx);
-#pragma unroll
-      for (int d = 16; d > 0; d /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, d);
-      lse2 = mx + __log2f(sum);
-    }
-#pragma unroll
-    for (int j = 0; j < kMaxCombineSplits / 32; ++j) {
+    for (int j = 0; j < kPerLane; ++j) {
       const int s = lane + 32 * j;
       if (s < ns) sW[r * ns + s] = lse2 == -DM_INF ? 0.f : fast_exp2(ls[j] - lse2);
     }
