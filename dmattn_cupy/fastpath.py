@@ -47,7 +47,6 @@ memory. A miss may compile and load kernels: warm up before capturing, as with a
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 import threading
 from collections.abc import Callable
@@ -94,18 +93,9 @@ class _Entry:
     run: Any = dataclasses.field(default=None, repr=False)     # _runner, bound at first hit
     # a forward entry's backward plans: (dout, dlse signatures, need_dbias) -> _Entry | None
     bwd: dict[tuple, Any] = dataclasses.field(default_factory=dict, repr=False)
-    last_bwd: Any = dataclasses.field(default=None, repr=False)  # the backward run last
-    # a backward entry's ``_premaker`` (bound at its first forward; False: none)
-    premake: Any = dataclasses.field(default=None, repr=False)
 
 
 _MAX_BWD_PER_FWD = 16
-# A forward that wants a gradient allocates the gradients its backward will return (the
-# backward its forward entry ran last) where they take at most this many bytes: torch's
-# engine thread allocates them ~5 us dearer each (host_profile's "engine fwd+bwd" rows). Held
-# from the forward to the backward, so only for problems small enough to be host-bound.
-# 0 (off) until a GPU run measures it: tools/host_profile.py times 4 MiB beside 0.
-_PREMADE_BYTES = 0
 
 
 def clear() -> None:
@@ -340,7 +330,7 @@ def _runner(entry: _Entry, lib: str, like: Any) -> Callable[..., list[Any]]:
     plan's buffers (scratch workspaces and counters from ``scratch``), patches every pointer,
     launches on the current stream and returns the buffers (the caller keeps them alive past
     the launches). ``query``: the call's query (twins are made like it); ``extra``: the
-    pointers of the plan's further inputs (block lists); ``made``: ``_premaker``'s buffers."""
+    pointers of the plan's further inputs (block lists)."""
     plan = entry.plan
     dev, execute, stream_ptr = plan.device, plan.execute, runtime.stream_ptr
     makers = tuple(_allocators(entry, lib, like))
@@ -349,52 +339,23 @@ def _runner(entry: _Entry, lib: str, like: Any) -> Callable[..., list[Any]]:
     if any(n not in (_FRESH, _TWIN) for _, n, _ in makers):
         get, counter = scratch.get, scratch.counter
 
-        def run(ptrs: list[int], query: Any, extra: list[int] = _NO_PTRS,
-                made: list[Any] | None = None) -> list[Any]:
+        def run(ptrs: list[int], query: Any, extra: list[int] = _NO_PTRS) -> list[Any]:
             stream = stream_ptr(lib, dev)
             cap = runtime.stream_capturing(stream)   # once for every workspace of the call
-            if made is None:
-                bufs = [make() if n == _FRESH else empty_like(query) if n == _TWIN else
-                        get(owner, stream, n, make, cap) if n > 0 else
-                        counter(owner, stream, make, cap)
-                        for make, n, owner in makers]
-            else:   # ``_premaker``'s buffers where it made them, scratch elsewhere
-                bufs = [m if m is not None else get(owner, stream, n, make, cap) if n > 0 else
-                        counter(owner, stream, make, cap)
-                        for m, (make, n, owner) in zip(made, makers, strict=True)]
+            bufs = [make() if n == _FRESH else empty_like(query) if n == _TWIN else
+                    get(owner, stream, n, make, cap) if n > 0 else
+                    counter(owner, stream, make, cap)
+                    for make, n, owner in makers]
             execute(ptrs + extra + pointers(bufs), stream)
             return bufs
         return run
     fresh = tuple(make for make, _, _ in makers)
 
-    def run_fresh(ptrs: list[int], query: Any, extra: list[int] = _NO_PTRS,
-                  made: list[Any] | None = None) -> list[Any]:
-        bufs = made if made is not None else \
-            [empty_like(query) if make is None else make() for make in fresh]
+    def run_fresh(ptrs: list[int], query: Any, extra: list[int] = _NO_PTRS) -> list[Any]:
+        bufs = [empty_like(query) if make is None else make() for make in fresh]
         execute(ptrs + extra + pointers(bufs), stream_ptr(lib, dev))
         return bufs
     return run_fresh
-
-
-def _premaker(entry: _Entry, query: Any) -> Any:
-    """For a backward entry, the maker of the buffers a forward allocates for it: a function
-    of the call's query returning the runner's ``made`` list (a new buffer wherever the plan
-    allocates one or a twin of the query, None where scratch serves); False where it
-    allocates none or more than ``_PREMADE_BYTES``."""
-    makers = _allocators(entry, "torch", query)
-    size = 0
-    for a, (_, n, _) in zip(entry.plan.allocs, makers, strict=True):
-        if n in (_FRESH, _TWIN):
-            dt = query.dtype if a.dtype is None else arrays.torch_dtype(a.dtype)
-            size += dt.itemsize * math.prod(a.shape)
-    if size == 0 or size > _PREMADE_BYTES:
-        return False
-    empty_like = torch.empty_like
-
-    def make(q: Any) -> list[Any]:
-        return [mk() if n == _FRESH else empty_like(q) if n == _TWIN else None
-                for mk, n, _ in makers]
-    return make
 
 
 _NO_PTRS: list[int] = []   # never mutated
@@ -449,10 +410,9 @@ class _Call:
     validated problem, the inputs that get no gradient, the cache key, whether lse is an
     output (else it is only saved for the backward), and a block mask's lists that this call's
     forward and backward read (None without) with their pointers (``SPARSE_INPUTS`` order):
-    held here until the backward, as the custom op saves them; the buffers the forward made
-    for the backward (``_premaker``), taken by the first backward."""
+    held here until the backward, as the custom op saves them."""
     __slots__ = ("entry", "pb", "deterministic", "mask", "cu_q", "cu_k", "key", "lse",
-                 "sparse", "sp_ptrs", "made")
+                 "sparse", "sp_ptrs")
 
     def __init__(self, entry: _Entry | None, pb: Problem, deterministic: bool, mask: Any,
                  cu_q: Any, cu_k: Any, key: tuple, lse: bool,
@@ -460,16 +420,13 @@ class _Call:
         self.entry, self.pb, self.deterministic = entry, pb, deterministic
         self.mask, self.cu_q, self.cu_k, self.key, self.lse = mask, cu_q, cu_k, key, lse
         self.sparse, self.sp_ptrs = sparse, sp_ptrs
-        self.made: tuple[_Entry, list[Any]] | None = None   # (backward entry, its buffers)
 
 
 def _exec_backward(entry: _Entry, lib: str, dout: Any, dlse: Any, q: Any, k: Any, v: Any,
                    mask: Any, bias: Any, cu_q: Any, cu_k: Any, out: Any, lse: Any,
-                   sp_ptrs: list[int] = _NO_PTRS, made: list[Any] | None = None
-                   ) -> tuple[Any, Any, Any, Any]:
+                   sp_ptrs: list[int] = _NO_PTRS) -> tuple[Any, Any, Any, Any]:
     """A cached backward plan on this call's arrays (``sp_ptrs``: its block lists'
-    pointers; ``made``: buffers its forward made, ``_premaker``): allocate, patch, launch,
-    finish."""
+    pointers): allocate, patch, launch, finish."""
     HITS[1] += 1
     finish = entry.finish
     if finish is None:
@@ -479,7 +436,7 @@ def _exec_backward(entry: _Entry, lib: str, dout: Any, dlse: Any, q: Any, k: Any
     # dQ is cast out of the workspace here, on the same stream, before another call can
     # reuse it (scratch)
     return finish(run(pointers((q, k, v, mask, bias, cu_q, cu_k, out, lse, dout, dlse)), q,
-                      sp_ptrs, made))
+                      sp_ptrs))
 
 
 def _run_backward(call: _Call, dout: Any, dlse: Any, q: Any, k: Any, v: Any, mask: Any,
@@ -491,13 +448,8 @@ def _run_backward(call: _Call, dout: Any, dlse: Any, q: Any, k: Any, v: Any, mas
     bkey = (_tsig(dout), _tsig(dlse), need_dbias)
     entry = _ABSENT if plans is None else plans.get(bkey, _ABSENT)
     if entry is not None and entry is not _ABSENT:
-        made = call.made
-        if made is not None:   # taken once: a retain_graph backward again makes its own
-            call.made = None
-            made = made[1] if made[0] is entry else None
-        call.entry.last_bwd = entry
         return _exec_backward(entry, "torch", dout, dlse, q, k, v, mask, bias, cu_q, cu_k, out,
-                              lse, call.sp_ptrs, made)
+                              lse, call.sp_ptrs)
     # validated once at the forward; the problem of this call's own arrays
     pb = dataclasses.replace(call.pb, q=describe(q), k=describe(k), v=describe(v),
                              mask=None if mask is None else describe(mask),
@@ -508,8 +460,6 @@ def _run_backward(call: _Call, dout: Any, dlse: Any, q: Any, k: Any, v: Any, mas
         if len(plans) >= _MAX_BWD_PER_FWD:
             plans.clear()
         plans[bkey] = _Entry(plan, pb, False) if plan is not None and plan.cacheable else None
-    if plans is not None:
-        call.entry.last_bwd = plans.get(bkey)
     return grads
 
 
@@ -529,13 +479,6 @@ if torch is not None:
                 _torch_pointers((q, k, v, call.mask, bias, call.cu_q, call.cu_k)), q,
                 call.sp_ptrs)
             out, lse = bufs[0], bufs[1]
-            bwd = entry.last_bwd
-            if bwd is not None:
-                make = bwd.premake
-                if make is None:
-                    make = bwd.premake = _premaker(bwd, q)
-                if make:
-                    call.made = (bwd, make(q))
         # saved (not just held) so that an in-place change before backward() raises
         ctx.save_for_backward(q, k, v, bias, out, lse, call.mask, call.cu_q, call.cu_k)
         ctx.call = call

@@ -201,7 +201,7 @@ def stages(calls: int, device: str) -> list[tuple[str, float | None]]:
     import torch
 
     import dmattn_cupy as dm
-    from dmattn_cupy import arrays, autograd, fastpath, forward, runtime
+    from dmattn_cupy import arrays, autograd, forward, runtime
     from dmattn_cupy.arrays import describe
     from dmattn_cupy.layout import build_fwd_params
     from dmattn_cupy.validate import check_dense
@@ -249,17 +249,6 @@ def stages(calls: int, device: str) -> list[tuple[str, float | None]]:
     dout = torch.randn_like(q)
     row("fwd+bwd (autograd.grad)", lambda: torch.autograd.grad(
         dm.flash_dmattn_func(qg, kg, vg), (qg, kg, vg), dout))
-    # the same with the gradients made by the forward (fastpath._PREMADE_BYTES: off by default
-    # until this row, beside the one above on a GPU host, shows the engine thread's ~15 us)
-    off = fastpath._PREMADE_BYTES
-    fastpath._PREMADE_BYTES = 4 << 20
-    fastpath.clear()
-    try:
-        row("fwd+bwd (autograd.grad), gradients made by the forward", lambda: torch.autograd.grad(
-            dm.flash_dmattn_func(qg, kg, vg), (qg, kg, vg), dout))
-    finally:
-        fastpath._PREMADE_BYTES = off
-        fastpath.clear()
     qf, kf, vf = q.detach(), k.detach(), v.detach()
 
     def functional_step() -> Any:  # a training step outside torch's engine
