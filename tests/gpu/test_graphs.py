@@ -7,6 +7,9 @@ the outputs live in the graph's memory pool."""
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 
 import dmattn_cupy as dm
@@ -217,6 +220,55 @@ def test_backward_graph_torch(bias, deterministic):
     _same(static[2:4], eager[2:4])    # dk, dv
     for a, e in zip(static[1:2] + static[4:], eager[1:2] + eager[4:], strict=True):   # dq, dbias
         torch.testing.assert_close(a, e, rtol=2**-7, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_compiled_training_step_replays(bias):
+    """torch.compile(mode="reduce-overhead") over the attention call: inductor's CUDA-graph
+    trees take the forward and the backward AOTAutograd made (no graph skipped), a replayed
+    step runs none of our host code, and every step equals eager bit for bit (deterministic
+    mode) while all inputs change between steps."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    B, S, H, Hk, D = 2, 256, 4, 2, 64
+    shapes = [(B, S, H, D), (B, S, Hk, D), (B, S, Hk, D)] + ([(1, H, S, S)] if bias else [])
+    params = [torch.empty(s, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+              for s in shapes]
+
+    def attention(*p):
+        return dm.flash_dmattn_func(*p[:3], attn_bias=p[3] if bias else None, is_causal=True,
+                                    deterministic=True)
+
+    compiled = torch.compile(attention, mode="reduce-overhead", fullgraph=True)
+    package = os.path.dirname(dm.__file__)
+    ours = []   # the functions of this package that a compiled step entered
+
+    def probe(frame, event, _):
+        if event == "call" and frame.f_code.co_filename.startswith(package):
+            ours.append(frame.f_code.co_name)
+    for step in range(5):   # warm-up, recording, then replays
+        with torch.no_grad():
+            for i, x in enumerate(params):
+                x.copy_(_rand(x.shape, 10 * step + i))
+        dout = _rand((B, S, H, D), 10 * step + 9)
+        torch.compiler.cudagraph_mark_step_begin()
+        ours.clear()
+        sys.setprofile(probe)
+        try:
+            out = compiled(*params)
+            grads = torch.autograd.grad(out, params, dout)
+        finally:
+            sys.setprofile(None)
+        got = [out.detach().clone(), *(g.clone() for g in grads)]
+        ref = attention(*params)
+        _same(got, [ref.detach(), *torch.autograd.grad(ref, params, dout)])
+        if step == 0:
+            assert ours, "the warm-up step never entered dmattn_cupy: the probe is blind"
+        if step >= 3:
+            assert not ours, f"step {step} is no replay: it ran {sorted(set(ours))[:8]}"
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
 
 
 def _cupy_capture(fn):

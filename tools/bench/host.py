@@ -215,6 +215,23 @@ def _host_fwd_bwd(ctx: Ctx, res: CaseResult, shape: dict[str, Any]) -> None:
          "forward torch.empty_like(q), backward returns dout thrice: torch's own cost")
     _row(ctx, res, "sdpa fwd+bwd (torch's backend choice)", "peer",
          lambda: step(lambda: _sdpa(ctx, q, k, v), False))
+    if ctx.cuda:   # a training step as torch.compile runs it: CUDA graphs replay fwd and bwd
+        def compiled(attention: Callable[[], Callable[..., Any]], ours: bool) -> Maker:
+            def make() -> Callable[[], Any]:
+                f = torch.compile(attention(), mode="reduce-overhead", fullgraph=True)
+                run = step(lambda: f(q, k, v), ours)
+
+                def replay() -> Any:
+                    torch.compiler.cudagraph_mark_step_begin()
+                    return run()
+                return replay
+            return make
+
+        note = "torch.compile(mode='reduce-overhead'): one step = a forward and a backward replay"
+        _row(ctx, res, "dmattn fwd+bwd, compiled with CUDA graphs", "variant",
+             compiled(lambda: ctx.dm_attr("flash_dmattn_func"), True), note)
+        _row(ctx, res, "sdpa fwd+bwd, compiled with CUDA graphs", "peer",
+             compiled(lambda: lambda q, k, v: _sdpa(ctx, q, k, v), False), note)
     if "fa4" in ctx.peers:
         def fa4() -> Callable[[], Any]:
             f = ctx.fa4()
