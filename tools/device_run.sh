@@ -3,7 +3,7 @@
 #   bash tools/device_run.sh [fa4] [precompile] [tests] [sanitize] [sanitize-random] [bench]
 #                            [profile] [profile-src] [first] [maskpack] [route]
 #                            [route-bench] [route-suite] [tensor] [host-queue] [row-bias]
-#                            [random] [rows]
+#                            [random] [rows] [compiled]
 #   (default: precompile tests sanitize bench)
 # fa4: install FlashAttention-4 into /tmp/fa4site from the staged wheel parts
 # (tools/fa4_install.sh; .whl/partA staged by an earlier call, .whl/partB carried by this one);
@@ -29,7 +29,8 @@
 # host-queue: host time per call with the GPU held busy (tools/host_queue.py); row-bias: the
 # key-broadcast bias shift's GPU tests (DMATTN_FWD_ROW_BIAS) and the qbias case on and off;
 # random: RANDOM_CALLS exploratory random calls from RANDOM_SEED (NOTES "Next"); rows: the
-# H200 rows NOTES "Next" lists (attn_mask routes, dense/kbias, the decode pair, qbias).
+# H200 rows NOTES "Next" lists (attn_mask routes, dense/kbias, the decode pair, qbias);
+# compiled: the torch.compile(mode="reduce-overhead") step's GPU tests and host time.
 # At most 8 files come back from $OUT: gpu.txt and info.txt count.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -168,6 +169,16 @@ for step in $steps; do
         echo "tensor $case_ rc=$?"
         grep -E "duration|hmma|inst_executed" "$OUT/tensor_$case_.txt" | cut -c1-120
       done ;;
+    compiled)  # the training step under torch.compile(mode="reduce-overhead"): its GPU tests
+      # (with the retain_graph one, fifty-second session), then two rounds of host_fwd_bwd
+      python3 -m pytest -m gpu -q -n 4 --timeout=300 --tb=short -rf -p no:cacheprovider \
+        tests/gpu/test_thin_backward.py::test_retain_graph_backward_twice \
+        tests/gpu/test_graphs.py::test_compiled_training_step_replays > "$OUT/compiled.log" 2>&1
+      echo "compiled-step tests rc=$?"; tail -1 "$OUT/compiled.log"
+      for r in 1 2; do
+        python3 tools/bench --no-smoke --case host_fwd_bwd --peers none >> "$OUT/compiled.log" 2>&1
+        echo "host_fwd_bwd round $r rc=$?"
+      done; grep -E "fwd\+bwd|floor|target" "$OUT/compiled.log" | cut -c1-170 ;;
     host-queue)  # host time per call alone: calls queued behind a sleep kernel (tools/host_queue.py)
       python3 tools/host_queue.py > "$OUT/host_queue.txt" 2>&1
       echo "host queue rc=$?"; cat "$OUT/host_queue.txt" ;;
