@@ -11,7 +11,10 @@ call, as before). Why sharing it is safe:
   caching allocator, CuPy's pool), which hands it out again only to work ordered after it,
   and the caller keeps the buffer it got alive until its launches are enqueued;
 - a stream that is capturing a CUDA graph (or whose capture state cannot be read) never gets
-  one: the graph would keep its address. It gets a fresh allocation from the graph's pool.
+  one: the graph would keep its address. It gets a fresh allocation from the graph's pool;
+- a buffer torch's allocator placed in a private pool (a graph's or a ``MemPool``'s: inductor's
+  CUDA-graph trees route a thread's allocations there while they warm a graph up) serves its
+  call only: such a pool must hold only tensors its owner tracks.
 
 Counters (``counter``, an ``Alloc`` with ``counter=True``: the Hopper forward's work-item
 counter under DM_SM90_PERSISTENT=2) are int32 words that every launch using them finds zero
@@ -54,7 +57,8 @@ def get(owner: tuple, stream: int, nbytes: int, make: Callable[[int], Any],
     if kept is not None and kept[0] >= nbytes:
         return kept[1]
     buf = make(nbytes)
-    _keep(_bufs, key, (nbytes, buf))
+    if not _in_private_pool(buf):
+        _keep(_bufs, key, (nbytes, buf))
     return buf
 
 
@@ -82,8 +86,27 @@ def counter(owner: tuple, stream: int, make_zeroed: Callable[[], Any],
     if kept is not None:
         return kept
     buf = make_zeroed()
-    _keep(_counters, key, buf)
+    if not _in_private_pool(buf):
+        _keep(_counters, key, buf)
     return buf
+
+
+def _in_private_pool(buf: Any) -> bool:
+    """Whether torch's caching allocator placed ``buf`` in a pool other than its default one
+    (asked only when a buffer would be kept: the snapshot walks every segment)."""
+    if type(buf).__module__ != "torch" or not buf.is_cuda:
+        return False
+    import torch
+
+    ptr, dev = buf.data_ptr(), buf.device.index
+    try:
+        segments = torch.cuda.memory_snapshot()
+    except RuntimeError:   # an allocator backend without snapshots (cudaMallocAsync)
+        return False
+    for seg in segments:
+        if seg["device"] == dev and seg["address"] <= ptr < seg["address"] + seg["total_size"]:
+            return tuple(seg["segment_pool_id"]) != (0, 0)
+    return False
 
 
 def clear() -> None:

@@ -118,3 +118,39 @@ def test_a_captured_decode_does_not_use_the_kept_buffer(monkeypatch):
         dm.flash_dmattn_varlen_func(q2, k2, v2, cu_q, cu_k, 1, Sk, attn_bias=b2)
     torch.cuda.synchronize()
     assert torch.equal(static, want)
+
+
+def test_calls_routed_to_a_private_pool_keep_nothing_there(monkeypatch):
+    """While torch routes a thread's allocations to a private pool (as inductor's CUDA-graph
+    trees do while they warm a graph up), calls keep no workspace or counter: once their
+    outputs are gone the pool holds nothing. The same calls outside the pool do keep them."""
+    monkeypatch.setenv("DMATTN_NUM_SPLITS", "8")
+    q, k, v, bias = _decode_inputs(4)
+    Sk = k.shape[0]
+    cu_q = torch.tensor([0, 1], device="cuda", dtype=torch.int32)
+    cu_k = torch.tensor([0, Sk], device="cuda", dtype=torch.int32)
+    qd, kd, vd = _qkv(1, 256, 256, 4, 2, 128, "bfloat16", seed=5)
+
+    def calls():
+        for _ in range(3):   # validated, then cached
+            dm.flash_dmattn_varlen_func(q, k, v, cu_q, cu_k, 1, Sk, attn_bias=bias)
+            dm.flash_dmattn_func(qd, kd, vd, is_causal=True)
+
+    fastpath.clear()
+    scratch.clear()
+    dev = torch.cuda.current_device()
+    pool = torch.cuda.MemPool()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s), torch.cuda.use_mem_pool(pool):
+        calls()
+    torch.cuda.synchronize()
+    assert not scratch._bufs and not scratch._counters
+    assert torch._C._cuda_checkPoolLiveAllocations(dev, pool.id, set())
+    with torch.cuda.stream(s):
+        calls()
+    torch.cuda.synchronize()
+    assert scratch._bufs, "the split decode kept no workspace outside the pool"
+    if torch.cuda.get_device_capability() == (9, 0):
+        assert scratch._counters, "the Hopper forward kept no counter outside the pool"
+    scratch.clear()
