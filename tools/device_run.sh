@@ -173,7 +173,8 @@ for step in $steps; do
       # (with the retain_graph one, fifty-second session), then two rounds of host_fwd_bwd
       python3 -m pytest -m gpu -q -n 4 --timeout=300 --tb=short -rf -p no:cacheprovider \
         tests/gpu/test_thin_backward.py::test_retain_graph_backward_twice \
-        tests/gpu/test_graphs.py::test_compiled_training_step_replays > "$OUT/compiled.log" 2>&1
+        tests/gpu/test_graphs.py::test_compiled_training_step_replays tests/gpu/test_scratch.py \
+        > "$OUT/compiled.log" 2>&1
       echo "compiled-step tests rc=$?"; tail -1 "$OUT/compiled.log"
       for r in 1 2; do
         python3 tools/bench --no-smoke --case host_fwd_bwd --peers none >> "$OUT/compiled.log" 2>&1

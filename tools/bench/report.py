@@ -20,6 +20,8 @@ class ImplResult:
 
     name: str
     role: str = "peer"              # "dmattn" | "variant" (another dmattn call) | "peer" |
+    #                                 "peer-variant" (a peer run another way: not the summary's
+    #                                 peer, whose way matches dmattn's row) |
     #                                 "floor" (torch doing no attention work: a lower bound)
     status: str = "ok"              # "ok" | "n/a" | "error"
     note: str = ""
