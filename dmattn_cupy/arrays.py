@@ -285,6 +285,27 @@ def upload(arr: np.ndarray, like: Any, dtype: str) -> Any:
     return host
 
 
+def in_private_pool(*xs: Any) -> bool:
+    """Whether torch's caching allocator placed any of ``xs`` (None: skipped) in a pool other
+    than its default one (a CUDA graph's or a ``MemPool``'s: inductor's CUDA-graph trees route
+    a thread's allocations there while they warm a graph up). Such a pool must hold only
+    tensors its owner tracks, so a buffer kept past its call must not come from one. Walks
+    every segment once: ask only when buffers are about to be kept."""
+    ours = [(x.data_ptr(), x.device.index) for x in xs
+            if type(x).__module__ == "torch" and x.is_cuda]
+    if not ours:
+        return False
+    import torch
+
+    try:
+        segments = torch.cuda.memory_snapshot()
+    except RuntimeError:   # an allocator backend without snapshots (cudaMallocAsync)
+        return False
+    return any(seg["device"] == dev and seg["address"] <= ptr < seg["address"]
+               + seg["total_size"] and tuple(seg["segment_pool_id"]) != (0, 0)
+               for seg in segments for ptr, dev in ours)
+
+
 def _cupy_source(info: ArrayInfo, item: int, shape: tuple[int, ...]) -> Any:
     """A CuPy view (raw words of ``item`` bytes) of the memory ``info`` describes, with
     ``shape`` (``info``'s, or 1 where a stride-0 dimension is read once); any strides,

@@ -71,6 +71,7 @@ from .sparse_plan import (
     forward_takes_lists,
     lists_fit,
     split_sparse,
+    upload_in_private_pool,
 )
 from .validate import Problem, check_dense, check_flags, check_sparse, check_varlen
 
@@ -233,6 +234,9 @@ def _sparse_token(mask: Any, lib: str, dev: Any, query: Any) -> _Token | None:
         tok = _make_token(mask, query)
     except (ValueError, TypeError, NotImplementedError, RuntimeError):
         return None     # not remembered: the validated path reports it on every call
+    if tok is not None and tok.arrays is not None and not tok.dynamic and \
+            upload_in_private_pool(tok.arrays):
+        return tok      # lists uploaded into a private pool serve this call only
     mask.__dict__.setdefault(_TOKEN_ATTR, {})[(lib, dev)] = tok
     return tok
 

@@ -32,6 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import runtime
+from .arrays import in_private_pool
 
 MAX_BYTES = 8 << 20   # the most one (library, device, stream, thread) keeps
 MAX_BUFFERS = 16      # kept buffers; the oldest goes first
@@ -57,7 +58,7 @@ def get(owner: tuple, stream: int, nbytes: int, make: Callable[[int], Any],
     if kept is not None and kept[0] >= nbytes:
         return kept[1]
     buf = make(nbytes)
-    if not _in_private_pool(buf):
+    if not in_private_pool(buf):
         _keep(_bufs, key, (nbytes, buf))
     return buf
 
@@ -86,27 +87,9 @@ def counter(owner: tuple, stream: int, make_zeroed: Callable[[], Any],
     if kept is not None:
         return kept
     buf = make_zeroed()
-    if not _in_private_pool(buf):
+    if not in_private_pool(buf):
         _keep(_counters, key, buf)
     return buf
-
-
-def _in_private_pool(buf: Any) -> bool:
-    """Whether torch's caching allocator placed ``buf`` in a pool other than its default one
-    (asked only when a buffer would be kept: the snapshot walks every segment)."""
-    if type(buf).__module__ != "torch" or not buf.is_cuda:
-        return False
-    import torch
-
-    ptr, dev = buf.data_ptr(), buf.device.index
-    try:
-        segments = torch.cuda.memory_snapshot()
-    except RuntimeError:   # an allocator backend without snapshots (cudaMallocAsync)
-        return False
-    for seg in segments:
-        if seg["device"] == dev and seg["address"] <= ptr < seg["address"] + seg["total_size"]:
-            return tuple(seg["segment_pool_id"]) != (0, 0)
-    return False
 
 
 def clear() -> None:

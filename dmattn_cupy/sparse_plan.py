@@ -236,8 +236,9 @@ def _device_array(arr: Any, like: Any, dtype: str) -> Any:
 def _kept_on_mask(mask: SparseMask, attr: str, like: Any, make: Callable[[], Any],
                   fits: Callable[[Any], bool] = lambda value: True) -> Any:
     """``make()``, an upload of ``mask``'s data for ``like``'s library and device: an immutable
-    mask keeps it in its ``attr`` dict per (library, device) where ``fits(it)``; a
-    DynamicMask's is made at every call (its buffers change in place)."""
+    mask keeps it in its ``attr`` dict per (library, device) where ``fits(it)`` and torch did
+    not place it in a private pool (``arrays.in_private_pool``); a DynamicMask's is made at
+    every call (its buffers change in place)."""
     if isinstance(mask, DynamicMask):
         return make()
     cache = mask.__dict__.setdefault(attr, {})
@@ -245,9 +246,17 @@ def _kept_on_mask(mask: SparseMask, attr: str, like: Any, make: Callable[[], Any
     value = cache.get(key)
     if value is None:
         value = make()
-        if fits(value):
+        if fits(value) and not upload_in_private_pool(value):
             cache[key] = value
     return value
+
+
+def upload_in_private_pool(value: Any) -> bool:
+    """Whether an upload (an array, or a SparseArrays of them) sits in a private pool of
+    torch's allocator (``arrays.in_private_pool``): then nothing may keep it past its call."""
+    parts = ([getattr(value, f.name) for f in dataclasses.fields(value)]
+             if isinstance(value, SparseArrays) else [value])
+    return arrays.in_private_pool(*(p for p in parts if not isinstance(p, int)))
 
 
 def device_lists(mask: SparseMask, like: Any) -> SparseArrays:

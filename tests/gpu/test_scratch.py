@@ -8,6 +8,7 @@ kept buffer: eager calls that overwrite it between replays leave the replay's an
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from test_backward import _qkv, _run_dense
 
@@ -122,19 +123,26 @@ def test_a_captured_decode_does_not_use_the_kept_buffer(monkeypatch):
 
 def test_calls_routed_to_a_private_pool_keep_nothing_there(monkeypatch):
     """While torch routes a thread's allocations to a private pool (as inductor's CUDA-graph
-    trees do while they warm a graph up), calls keep no workspace or counter: once their
-    outputs are gone the pool holds nothing. The same calls outside the pool do keep them."""
+    trees do while they warm a graph up), calls keep no workspace, counter or mask upload:
+    once their outputs are gone the pool holds nothing. The same calls outside the pool do
+    keep them (a split decode's partials, the Hopper forward's counter, the backward's
+    dq_accum, a block mask's lists)."""
     monkeypatch.setenv("DMATTN_NUM_SPLITS", "8")
     q, k, v, bias = _decode_inputs(4)
     Sk = k.shape[0]
     cu_q = torch.tensor([0, 1], device="cuda", dtype=torch.int32)
     cu_k = torch.tensor([0, Sk], device="cuda", dtype=torch.int32)
     qd, kd, vd = _qkv(1, 256, 256, 4, 2, 128, "bfloat16", seed=5)
+    pattern = np.tril(np.ones((2, 2), dtype=bool))
+    pattern[1, 0] = False
+    block = dm.BlockBitsetMask(pattern, 256, 256, block_size=(128, 128))
 
     def calls():
         for _ in range(3):   # validated, then cached
             dm.flash_dmattn_varlen_func(q, k, v, cu_q, cu_k, 1, Sk, attn_bias=bias)
-            dm.flash_dmattn_func(qd, kd, vd, is_causal=True)
+            out, lse = dm.flash_dmattn_func(qd, kd, vd, is_causal=True, return_lse=True)
+            dm.flash_dmattn_backward(out, qd, kd, vd, out, lse, is_causal=True)
+            dm.flash_dmattn_func(qd, kd, vd, sparse_mask=block)
 
     fastpath.clear()
     scratch.clear()
@@ -146,11 +154,15 @@ def test_calls_routed_to_a_private_pool_keep_nothing_there(monkeypatch):
         calls()
     torch.cuda.synchronize()
     assert not scratch._bufs and not scratch._counters
+    assert not block.__dict__.get("_dmattn_device_lists")
+    assert not block.__dict__.get(fastpath._TOKEN_ATTR)
     assert torch._C._cuda_checkPoolLiveAllocations(dev, pool.id, set())
     with torch.cuda.stream(s):
         calls()
     torch.cuda.synchronize()
-    assert scratch._bufs, "the split decode kept no workspace outside the pool"
+    assert scratch._bufs, "the split decode and the backward kept no workspace"
+    assert block.__dict__.get("_dmattn_device_lists"), "the block mask's lists were not kept"
+    assert block.__dict__.get(fastpath._TOKEN_ATTR), "the thin path kept no token of the mask"
     if torch.cuda.get_device_capability() == (9, 0):
         assert scratch._counters, "the Hopper forward kept no counter outside the pool"
     scratch.clear()
