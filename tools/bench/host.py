@@ -216,7 +216,8 @@ def _host_fwd_bwd(ctx: Ctx, res: CaseResult, shape: dict[str, Any]) -> None:
          "forward torch.empty_like(q), backward returns dout thrice: torch's own cost")
     _row(ctx, res, "sdpa fwd+bwd (torch's backend choice)", "peer",
          lambda: step(lambda: _sdpa(ctx, q, k, v), False))
-    if ctx.cuda:   # a training step as torch.compile runs it: CUDA graphs replay fwd and bwd
+    if ctx.cuda:   # the step replayed as CUDA graphs: captured whole, then as torch.compile
+        # runs it (in that order: a capture after inductor's graph trees failed, SDPA's too)
         def graphed(attention: Callable[[], Callable[..., Any]], ours: bool) -> Maker:
             """The whole step captured once by torch.cuda.graph (after a warm-up on the
             capture's side stream); one step = one replay: the least host time a step has."""
