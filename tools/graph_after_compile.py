@@ -22,6 +22,13 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tools.bench.host import capture  # noqa: E402  (after the path)
 
 
 def one_case(compiled: str, captured: str, mode: str, steps: int) -> dict:
@@ -50,16 +57,8 @@ def one_case(compiled: str, captured: str, mode: str, steps: int) -> dict:
     def run():
         return torch.autograd.grad(g(q, k, v), (q, k, v), dout)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            run()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
     try:
-        with torch.cuda.graph(graph, capture_error_mode=mode):
-            static = run()
+        graph, static = capture(torch, run, mode)
         graph.replay()
         torch.cuda.synchronize()
         same = all(torch.equal(a, b) for a, b in zip(static, run(), strict=True))

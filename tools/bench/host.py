@@ -169,6 +169,20 @@ def _host_decode(ctx: Ctx, res: CaseResult, shape: dict[str, Any]) -> None:
     _peers_fwd(ctx, res, q, k, v, attn_mask=am)
 
 
+def capture(torch: Any, run: Callable[[], Any], mode: str = "global") -> tuple[Any, Any]:
+    """``run`` warmed up three times on a side stream, then captured by torch.cuda.graph
+    (``mode``: its capture_error_mode); returns (the graph, run's output in its pool)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode=mode):
+        static = run()
+    return graph, static
+
 def _host_fwd_bwd(ctx: Ctx, res: CaseResult, shape: dict[str, Any]) -> None:
     torch = ctx.torch
     q, k, v = _qkv(ctx, shape, grad=True)
@@ -223,24 +237,8 @@ def _host_fwd_bwd(ctx: Ctx, res: CaseResult, shape: dict[str, Any]) -> None:
             capture's side stream); one step = one replay: the least host time a step has."""
             def make() -> Callable[[], Any]:
                 f = attention()
-                run = step(lambda: f(q, k, v), ours)
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    for _ in range(3):
-                        run()
-                torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    run()
-                return graph.replay
+                return capture(torch, step(lambda: f(q, k, v), ours))[0].replay
             return make
-
-        note = "torch.cuda.graph over forward + autograd.grad: one step = one replay"
-        _row(ctx, res, "dmattn fwd+bwd, one captured CUDA graph", "variant",
-             graphed(lambda: ctx.dm_attr("flash_dmattn_func"), True), note)
-        _row(ctx, res, "sdpa fwd+bwd, one captured CUDA graph", "peer-variant",
-             graphed(lambda: lambda q, k, v: _sdpa(ctx, q, k, v), False), note)
 
         def compiled(attention: Callable[[], Callable[..., Any]], ours: bool) -> Maker:
             def make() -> Callable[[], Any]:
@@ -253,11 +251,16 @@ def _host_fwd_bwd(ctx: Ctx, res: CaseResult, shape: dict[str, Any]) -> None:
                 return replay
             return make
 
-        note = "torch.compile(mode='reduce-overhead'): one step = a forward and a backward replay"
-        _row(ctx, res, "dmattn fwd+bwd, compiled with CUDA graphs", "variant",
-             compiled(lambda: ctx.dm_attr("flash_dmattn_func"), True), note)
-        _row(ctx, res, "sdpa fwd+bwd, compiled with CUDA graphs", "peer-variant",
-             compiled(lambda: lambda q, k, v: _sdpa(ctx, q, k, v), False), note)
+        for way, wrap, note in (
+                ("one captured CUDA graph", graphed,
+                 "torch.cuda.graph over forward + autograd.grad: one step = one replay"),
+                ("compiled with CUDA graphs", compiled,
+                 "torch.compile(mode='reduce-overhead'): one step = a forward and a backward "
+                 "replay")):
+            _row(ctx, res, f"dmattn fwd+bwd, {way}", "variant",
+                 wrap(lambda: ctx.dm_attr("flash_dmattn_func"), True), note)
+            _row(ctx, res, f"sdpa fwd+bwd, {way}", "peer-variant",
+                 wrap(lambda: lambda q, k, v: _sdpa(ctx, q, k, v), False), note)
     if "fa4" in ctx.peers:
         def fa4() -> Callable[[], Any]:
             f = ctx.fa4()
