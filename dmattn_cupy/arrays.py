@@ -298,7 +298,10 @@ def in_private_pool(*xs: Any) -> bool:
     import torch
 
     try:
-        segments = torch.cuda.memory_snapshot()
+        try:   # without the allocation history's traces where torch can leave them out
+            segments = torch.cuda.memory_snapshot(include_traces=False)
+        except TypeError:
+            segments = torch.cuda.memory_snapshot()
     except RuntimeError:   # an allocator backend without snapshots (cudaMallocAsync)
         return False
     return any(seg["device"] == dev and seg["address"] <= ptr < seg["address"]
