@@ -220,6 +220,27 @@ def test_masks_of_the_same_shapes_share_a_plan_not_its_pointers(cap):
     assert rec1["sp_full_width"][0] != rec3["sp_full_width"][0]
 
 
+def test_lists_uploaded_into_a_private_pool_are_not_kept_on_the_mask(cap, monkeypatch):
+    """Lists uploaded while torch routes allocations to a private pool (inductor's CUDA-graph
+    warm-up) serve their call only: the thin path still serves the calls, each launching what
+    the validated path builds, and nothing stays on the mask (neither the upload nor the thin
+    path's token, which holds it)."""
+    for mod in (sparse_plan, fastpath):
+        monkeypatch.setattr(mod, "upload_in_private_pool", lambda value: True)
+    block = (64, 64)
+    args = _qkv()
+    m = dm.BlockBitsetMask(np.ones(_grid(block), bool), SQ, SK, block_size=block)
+    for _ in range(3):
+        dm.flash_dmattn_func(*args, sparse_mask=m)
+    launches = cap.take()
+    assert [x[0] for x in launches] == ["slow", "thin", "thin"]
+    assert not m.__dict__.get("_dmattn_device_lists")
+    assert not m.__dict__.get(fastpath._TOKEN_ATTR)
+    assert all(_sp_ptrs(x)[1] for x in launches), "a launch without its full block list"
+    _validated(args, m)
+    monkeypatch.setattr(tf, "_FRESH", tf._FRESH + tf._SPARSE_FIELDS)   # uploads: per call
+    assert tf._masked(launches[2:], cap) == tf._masked(cap.take(), cap)
+
 def test_block_mask_calls_the_thin_path_cannot_prove_take_the_validated_path(cap,
                                                                               monkeypatch):
     """(Calls that want a gradient: test_fastpath_block_grad.py.)"""
