@@ -70,8 +70,8 @@ from .sparse_plan import (
     fold_window,
     forward_takes_lists,
     lists_fit,
+    lists_kept,
     split_sparse,
-    upload_in_private_pool,
 )
 from .validate import Problem, check_dense, check_flags, check_sparse, check_varlen
 
@@ -209,13 +209,15 @@ class _Token:
     """A block mask as the thin path serves it to calls of one library on one device: the
     small id of its signature, its lists' pointers in ``SPARSE_INPUTS`` order (0 where
     absent), the lists themselves (None for a parametric mask), whether they are a
-    DynamicMask's live buffers, and (made at the first call that wants a gradient) the lists
-    as torch tensors."""
-    __slots__ = ("id", "ptrs", "arrays", "dynamic", "tensors")
+    DynamicMask's live buffers, whether it may be kept on the mask (its lists outlive the
+    call: live buffers, or the upload the mask keeps), and (made at the first call that wants
+    a gradient) the lists as torch tensors."""
+    __slots__ = ("id", "ptrs", "arrays", "dynamic", "kept", "tensors")
 
     def __init__(self, sig_id: int, ptrs: list[int], arrs: SparseArrays | None,
-                 dynamic: bool) -> None:
+                 dynamic: bool, kept: bool = True) -> None:
         self.id, self.ptrs, self.arrays, self.dynamic = sig_id, ptrs, arrs, dynamic
+        self.kept = kept
         self.tensors: SparseArrays | None = None
 
 
@@ -234,9 +236,8 @@ def _sparse_token(mask: Any, lib: str, dev: Any, query: Any) -> _Token | None:
         tok = _make_token(mask, query)
     except (ValueError, TypeError, NotImplementedError, RuntimeError):
         return None     # not remembered: the validated path reports it on every call
-    if tok is not None and tok.arrays is not None and not tok.dynamic and \
-            upload_in_private_pool(tok.arrays):
-        return tok      # lists uploaded into a private pool serve this call only
+    if tok is not None and not tok.kept:
+        return tok      # lists uploaded for this call only (a private pool's): not kept
     mask.__dict__.setdefault(_TOKEN_ATTR, {})[(lib, dev)] = tok
     return tok
 
@@ -258,8 +259,9 @@ def _make_token(mask: SparseMask, query: Any) -> _Token | None:
     sig = head + (type(block), tuple(int(n) for n in block.block_size), block.batch_heads,
                   arrs.block_m, arrs.block_n,
                   tuple(None if i is None else (i.dtype, i.shape, i.strides) for i in infos))
-    return _Token(_sparse_id(sig), [0 if i is None else i.ptr for i in infos], arrs,
-                  isinstance(block, DynamicMask))
+    dynamic = isinstance(block, DynamicMask)
+    return _Token(_sparse_id(sig), [0 if i is None else i.ptr for i in infos], arrs, dynamic,
+                  dynamic or lists_kept(block, query, arrs))
 
 
 def _grad_lists(tok: _Token | None) -> tuple[SparseArrays | None, list[int]]:

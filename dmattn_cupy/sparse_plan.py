@@ -242,13 +242,17 @@ def _kept_on_mask(mask: SparseMask, attr: str, like: Any, make: Callable[[], Any
     if isinstance(mask, DynamicMask):
         return make()
     cache = mask.__dict__.setdefault(attr, {})
-    key = (array_kind(like), describe(like).device)
+    key = _kept_key(like)
     value = cache.get(key)
     if value is None:
         value = make()
         if fits(value) and not upload_in_private_pool(value):
             cache[key] = value
     return value
+
+
+def _kept_key(like: Any) -> tuple:
+    return array_kind(like), describe(like).device
 
 
 def upload_in_private_pool(value: Any) -> bool:
@@ -270,7 +274,16 @@ def device_lists(mask: SparseMask, like: Any) -> SparseArrays:
                         "partial_slot")),
             partial_bits=_device_array(host.partial_bits, like, "uint32"),
             block_m=host.block_m, block_n=host.block_n)
-    return _kept_on_mask(mask, "_dmattn_device_lists", like, upload)
+    return _kept_on_mask(mask, _LISTS_ATTR, like, upload)
+
+
+def lists_kept(mask: SparseMask, like: Any, lists: SparseArrays) -> bool:
+    """Whether ``lists`` (from ``device_lists``) are the upload kept on the immutable ``mask``
+    for ``like``'s library and device: only then may what holds them be kept past the call."""
+    return mask.__dict__.get(_LISTS_ATTR, {}).get(_kept_key(like)) is lists
+
+
+_LISTS_ATTR = "_dmattn_device_lists"
 
 
 # The dense fallback's device form of an immutable mask is kept on the mask up to this size

@@ -225,8 +225,7 @@ def test_lists_uploaded_into_a_private_pool_are_not_kept_on_the_mask(cap, monkey
     warm-up) serve their call only: the thin path still serves the calls, each launching what
     the validated path builds, and nothing stays on the mask (neither the upload nor the thin
     path's token, which holds it)."""
-    for mod in (sparse_plan, fastpath):
-        monkeypatch.setattr(mod, "upload_in_private_pool", lambda value: True)
+    monkeypatch.setattr(sparse_plan, "upload_in_private_pool", lambda value: True)
     block = (64, 64)
     args = _qkv()
     m = dm.BlockBitsetMask(np.ones(_grid(block), bool), SQ, SK, block_size=block)

@@ -183,6 +183,7 @@ def capture(torch: Any, run: Callable[[], Any], mode: str = "global") -> tuple[A
         static = run()
     return graph, static
 
+
 def _host_fwd_bwd(ctx: Ctx, res: CaseResult, shape: dict[str, Any]) -> None:
     torch = ctx.torch
     q, k, v = _qkv(ctx, shape, grad=True)
