@@ -8,10 +8,22 @@ The fifty-fourth session's bench (BENCHMARKS) captured the eager step (forward +
 "reduce-overhead")`` rows, and both captures, ours and SDPA's, failed with "operation failed
 due to a previous error"; alone in a new process both replayed. Each case here is one new
 process (a failed capture leaves its process unusable): ``--steps`` compiled steps of
-``compiled`` (dmattn, sdpa or none), then one capture of ``captured``'s eager step in
-``mode`` (torch.cuda.graph's capture_error_mode: global, thread_local, relaxed). A case that
-fails only in ``global`` mode means some thread made a capture-unsafe CUDA call during the
-capture; one that fails with ``compiled=sdpa`` too is torch's alone.
+``compiled`` (dmattn, sdpa, exp: ``torch.exp`` over q alone, or none), then one capture of
+``captured``'s eager step in ``mode`` (torch.cuda.graph's capture_error_mode: global,
+thread_local, relaxed). A case that fails only in ``global`` mode means some thread made a
+capture-unsafe CUDA call during the capture; one that fails with ``compiled=exp`` too is
+torch's alone.
+
+Answer (fifty-fifth session, H100, torch 2.11): every capture after ``compiled=dmattn`` failed
+(ours and SDPA's, both modes), none after ``sdpa`` or ``none``. Torch alone does the same:
+``torch.exp`` or ``torch.sin`` over a leaf, compiled the same way, then a captured eager
+``torch.exp`` step over that leaf failed too (a one-off script; ``compiled=exp`` here is that
+step). The error under it: "operation would make the legacy stream depend on a capturing
+blocking stream", at the end of the captured backward. After our compiled steps, gc showed
+inductor's graph node holding the last step's output and so its autograd graph: the leaves'
+gradient accumulators stay alive with the stream they were made on (the default stream), which
+the engine then syncs with inside the capture. Fresh leaves, or compiled steps without CUDA
+graphs (mode="default"), pass.
 """
 
 from __future__ import annotations
@@ -46,7 +58,13 @@ def one_case(compiled: str, captured: str, mode: str, steps: int) -> dict:
     q, k, v = (torch.randn(1, 128, 1, 64, device="cuda", dtype=torch.bfloat16,
                            requires_grad=True) for _ in range(3))
     dout = torch.randn_like(q)
-    if compiled != "none":
+    if compiled == "exp":   # torch alone: a step whose backward saves its own output
+        f = torch.compile(torch.exp, mode="reduce-overhead", fullgraph=True)
+        for _ in range(steps):
+            torch.compiler.cudagraph_mark_step_begin()
+            torch.autograd.grad(f(q), (q,), dout)
+        torch.cuda.synchronize()
+    elif compiled != "none":
         f = torch.compile(fns[compiled], mode="reduce-overhead", fullgraph=True)
         for _ in range(steps):
             torch.compiler.cudagraph_mark_step_begin()
@@ -78,7 +96,7 @@ def main() -> int:
         return 0
     failed = 0
     for compiled, captured, mode in itertools.product(
-            ("none", "dmattn", "sdpa"), ("dmattn", "sdpa"), ("global", "thread_local")):
+            ("none", "dmattn", "sdpa", "exp"), ("dmattn", "sdpa"), ("global", "thread_local")):
         r = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--case",
                             f"{compiled},{captured},{mode}"], capture_output=True, text=True,
                            env=os.environ)
@@ -88,7 +106,7 @@ def main() -> int:
             out = {"ok": False, "error": (r.stderr.strip().splitlines() or ["?"])[-1][:160]}
         failed += not out.get("ok")
         print(f"compiled={compiled:6} captured={captured:6} mode={mode:12} {out}", flush=True)
-    print(f"{failed} of 12 cases failed")
+    print(f"{failed} of 16 cases failed")
     return 0
 
 
