@@ -240,6 +240,7 @@ def test_lists_uploaded_into_a_private_pool_are_not_kept_on_the_mask(cap, monkey
     monkeypatch.setattr(tf, "_FRESH", tf._FRESH + tf._SPARSE_FIELDS)   # uploads: per call
     assert tf._masked(launches[2:], cap) == tf._masked(cap.take(), cap)
 
+
 def test_block_mask_calls_the_thin_path_cannot_prove_take_the_validated_path(cap,
                                                                               monkeypatch):
     """(Calls that want a gradient: test_fastpath_block_grad.py.)"""

@@ -232,7 +232,8 @@ def _host_fwd_bwd(ctx: Ctx, res: CaseResult, shape: dict[str, Any]) -> None:
     _row(ctx, res, "sdpa fwd+bwd (torch's backend choice)", "peer",
          lambda: step(lambda: _sdpa(ctx, q, k, v), False))
     if ctx.cuda:   # the step replayed as CUDA graphs: captured whole, then as torch.compile
-        # runs it (in that order: a capture after inductor's graph trees failed, SDPA's too)
+        # runs it (in that order: after compiled steps torch 2.11 cannot capture a backward over
+        # the same leaves; tools/graph_after_compile.py)
         def graphed(attention: Callable[[], Callable[..., Any]], ours: bool) -> Maker:
             """The whole step captured once by torch.cuda.graph (after a warm-up on the
             capture's side stream); one step = one replay: the least host time a step has."""
