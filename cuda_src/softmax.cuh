@@ -78,6 +78,11 @@ struct KeepRowMax {
   DM_DEVICE float operator()(X&, int, float mx) const { return mx; }
 };
 
+// OnlineSoftmax::update's default key weights: none (the scores are the whole logit).
+struct NoKeyWeights {
+  static constexpr bool kOn = false;
+};
+
 // kLazyGap >= 0: a row keeps its max (alpha = 1: the output accumulator needs no rescale)
 // while a tile raises it by at most kLazyGap (log2 units), so probabilities stay
 // <= 2^kLazyGap (l, the output and lse all use the max that was kept: FlashAttention-4's
@@ -103,11 +108,19 @@ struct OnlineSoftmax {
   // row_fix(x, r, mx) sees the thread's max mx of row r's values before the row's lanes join
   // theirs and returns the max to use: it may first rewrite that row's values in x (sm90
   // fwd.cu, DM_SM90_MB_FOLD: masked keys of a row that holds a NaN).
-  template <int kF, int kN, typename RowFix = KeepRowMax>
+  // key_w (KeyW::kOn; sm90 fwd.cu, DM_SM90_KBIAS_F32=5): the logit is x * scale + b_k with
+  // b_k = beta + log2 w_k, w_k in [0, 1] (key_w.at(f): the weights of fragment f's two
+  // columns): the row's reference takes the tile's max + beta, and each probability is
+  // exp2(x * scale + beta - m) * w_k, so the bias never enters the max (update_keyed).
+  template <int kF, int kN, typename RowFix = KeepRowMax, typename KeyW = NoKeyWeights>
   DM_DEVICE void update(float (&x)[kF][kN], float (&alpha)[kRows], float scale = 1.f,
-                        const RowFix& row_fix = RowFix()) {
+                        const RowFix& row_fix = RowFix(), const KeyW& key_w = KeyW()) {
     constexpr int kPer = kN / kRows;
     static_assert(kPer * kRows == kN, "a fragment holds kPer values of each row");
+    if constexpr (KeyW::kOn) {
+      update_keyed(x, alpha, scale, row_fix, key_w);
+      return;
+    }
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
       float mx = -DM_INF;
@@ -140,6 +153,45 @@ struct OnlineSoftmax {
       l[r] = l[r] * alpha[r] + sum;
       m[r] = mx;
     }
+  }
+
+  // update with key weights (KeyW::kOn): both rows' references first, then the fragments in
+  // order, each fragment's two weights loaded once for both rows.
+  template <int kF, int kN, typename RowFix, typename KeyW>
+  DM_DEVICE void update_keyed(float (&x)[kF][kN], float (&alpha)[kRows], float scale,
+                              const RowFix& row_fix, const KeyW& key_w) {
+    static_assert(kN == 2 * kRows, "a fragment row's two values are two keys' columns");
+    const float beta = key_w.beta();
+    float m_use[kRows], sum[kRows];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      float mx = -DM_INF;
+#pragma unroll
+      for (int f = 0; f < kF; ++f) mx = fmax_nan(mx, fmax_nan(x[f][2 * r], x[f][2 * r + 1]));
+      mx = row_fix(x, r, mx);
+      mx = fmax_nan(m[r], row_max<kRowThreads>(mx) * scale + beta);
+      const bool keep = kLazyGap >= 0 && mx - m[r] <= float(kLazyGap);
+      if (keep) mx = m[r];
+      m_use[r] = mx == -DM_INF ? 0.f : mx;
+      alpha[r] = keep ? 1.f : fast_exp2(m[r] - m_use[r]);
+      m[r] = mx;
+      m_use[r] = beta - m_use[r];  // the exponent's offset
+      sum[r] = 0.f;
+    }
+#pragma unroll
+    for (int f = 0; f < kF; ++f) {
+      const float2 w = key_w.at(f);
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        float& v0 = x[f][2 * r];
+        float& v1 = x[f][2 * r + 1];
+        v0 = fast_exp2(fmaf(v0, scale, m_use[r])) * w.x;
+        v1 = fast_exp2(fmaf(v1, scale, m_use[r])) * w.y;
+        sum[r] += v0 + v1;
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) l[r] = l[r] * alpha[r] + sum[r];
   }
 
   // Per row: 1/l (0 for a row that kept nothing) and the log2-domain lse m + log2 l
