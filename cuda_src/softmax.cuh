@@ -123,21 +123,8 @@ struct OnlineSoftmax {
     }
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
-      float mx = -DM_INF;
-#pragma unroll
-      for (int f = 0; f < kF; ++f) {
-        float fm = x[f][r * kPer];  // this fragment's max of the row, then joined to mx
-#pragma unroll
-        for (int c = 1; c < kPer; ++c) fm = fmax_nan(fm, x[f][r * kPer + c]);
-        mx = fmax_nan(mx, fm);
-      }
-      mx = row_fix(x, r, mx);
-      mx = fmax_nan(m[r], row_max<kRowThreads>(mx) * scale);
-      // false for a NaN and while nothing was kept (the difference is NaN or +inf)
-      const bool keep = kLazyGap >= 0 && mx - m[r] <= float(kLazyGap);
-      if (keep) mx = m[r];
-      const float m_use = mx == -DM_INF ? 0.f : mx;  // all excluded so far: exp2(-inf) = 0
-      alpha[r] = keep ? 1.f : fast_exp2(m[r] - m_use);
+      const float mx = row_fix(x, r, thread_row_max(x, r));
+      const float m_use = next_reference(r, row_max<kRowThreads>(mx) * scale, alpha[r]);
       float sum = 0.f;
 #pragma unroll
       for (int f = 0; f < kF; ++f) {
@@ -151,7 +138,6 @@ struct OnlineSoftmax {
         sum += part;
       }
       l[r] = l[r] * alpha[r] + sum;
-      m[r] = mx;
     }
   }
 
@@ -162,20 +148,11 @@ struct OnlineSoftmax {
                               const RowFix& row_fix, const KeyW& key_w) {
     static_assert(kN == 2 * kRows, "a fragment row's two values are two keys' columns");
     const float beta = key_w.beta();
-    float m_use[kRows], sum[kRows];
+    float offset[kRows], sum[kRows];  // the exponent's offset: beta - the row's reference
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
-      float mx = -DM_INF;
-#pragma unroll
-      for (int f = 0; f < kF; ++f) mx = fmax_nan(mx, fmax_nan(x[f][2 * r], x[f][2 * r + 1]));
-      mx = row_fix(x, r, mx);
-      mx = fmax_nan(m[r], row_max<kRowThreads>(mx) * scale + beta);
-      const bool keep = kLazyGap >= 0 && mx - m[r] <= float(kLazyGap);
-      if (keep) mx = m[r];
-      m_use[r] = mx == -DM_INF ? 0.f : mx;
-      alpha[r] = keep ? 1.f : fast_exp2(m[r] - m_use[r]);
-      m[r] = mx;
-      m_use[r] = beta - m_use[r];  // the exponent's offset
+      const float mx = row_fix(x, r, thread_row_max(x, r));
+      offset[r] = beta - next_reference(r, row_max<kRowThreads>(mx) * scale + beta, alpha[r]);
       sum[r] = 0.f;
     }
 #pragma unroll
@@ -185,13 +162,42 @@ struct OnlineSoftmax {
       for (int r = 0; r < kRows; ++r) {
         float& v0 = x[f][2 * r];
         float& v1 = x[f][2 * r + 1];
-        v0 = fast_exp2(fmaf(v0, scale, m_use[r])) * w.x;
-        v1 = fast_exp2(fmaf(v1, scale, m_use[r])) * w.y;
+        v0 = fast_exp2(fmaf(v0, scale, offset[r])) * w.x;
+        v1 = fast_exp2(fmaf(v1, scale, offset[r])) * w.y;
         sum[r] += v0 + v1;
       }
     }
 #pragma unroll
     for (int r = 0; r < kRows; ++r) l[r] = l[r] * alpha[r] + sum[r];
+  }
+
+  // This thread's max of row r's values in x (kN / kRows per fragment).
+  template <int kF, int kN>
+  static DM_DEVICE float thread_row_max(const float (&x)[kF][kN], int r) {
+    constexpr int kPer = kN / kRows;
+    float mx = -DM_INF;
+#pragma unroll
+    for (int f = 0; f < kF; ++f) {
+      float fm = x[f][r * kPer];  // this fragment's max of the row, then joined to mx
+#pragma unroll
+      for (int c = 1; c < kPer; ++c) fm = fmax_nan(fm, x[f][r * kPer + c]);
+      mx = fmax_nan(mx, fm);
+    }
+    return mx;
+  }
+
+  // Row r's reference after a tile whose largest logit (log2 units, the row's lanes joined) is
+  // top: m[r] and alpha[r] follow it; returns what the row's exponentials subtract (0 while
+  // nothing was kept: exp2(-inf) = 0).
+  DM_DEVICE float next_reference(int r, float top, float& alpha_r) {
+    float mx = fmax_nan(m[r], top);
+    // false for a NaN and while nothing was kept (the difference is NaN or +inf)
+    const bool keep = kLazyGap >= 0 && mx - m[r] <= float(kLazyGap);
+    if (keep) mx = m[r];
+    const float m_use = mx == -DM_INF ? 0.f : mx;
+    alpha_r = keep ? 1.f : fast_exp2(m[r] - m_use);
+    m[r] = mx;
+    return m_use;
   }
 
   // Per row: 1/l (0 for a row that kept nothing) and the log2-domain lse m + log2 l

@@ -58,17 +58,12 @@ def one_case(compiled: str, captured: str, mode: str, steps: int) -> dict:
     q, k, v = (torch.randn(1, 128, 1, 64, device="cuda", dtype=torch.bfloat16,
                            requires_grad=True) for _ in range(3))
     dout = torch.randn_like(q)
-    if compiled == "exp":   # torch alone: a step whose backward saves its own output
-        f = torch.compile(torch.exp, mode="reduce-overhead", fullgraph=True)
+    if compiled != "none":   # exp: torch alone, a step whose backward saves its own output
+        step, leaves = (torch.exp, (q,)) if compiled == "exp" else (fns[compiled], (q, k, v))
+        f = torch.compile(step, mode="reduce-overhead", fullgraph=True)
         for _ in range(steps):
             torch.compiler.cudagraph_mark_step_begin()
-            torch.autograd.grad(f(q), (q,), dout)
-        torch.cuda.synchronize()
-    elif compiled != "none":
-        f = torch.compile(fns[compiled], mode="reduce-overhead", fullgraph=True)
-        for _ in range(steps):
-            torch.compiler.cudagraph_mark_step_begin()
-            torch.autograd.grad(f(q, k, v), (q, k, v), dout)
+            torch.autograd.grad(f(*leaves), leaves, dout)
         torch.cuda.synchronize()
     g = fns[captured]
 
