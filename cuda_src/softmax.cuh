@@ -78,11 +78,6 @@ struct KeepRowMax {
   DM_DEVICE float operator()(X&, int, float mx) const { return mx; }
 };
 
-// OnlineSoftmax::update's default key weights: none (the scores are the whole logit).
-struct NoKeyWeights {
-  static constexpr bool kOn = false;
-};
-
 // kLazyGap >= 0: a row keeps its max (alpha = 1: the output accumulator needs no rescale)
 // while a tile raises it by at most kLazyGap (log2 units), so probabilities stay
 // <= 2^kLazyGap (l, the output and lse all use the max that was kept: FlashAttention-4's
@@ -108,23 +103,28 @@ struct OnlineSoftmax {
   // row_fix(x, r, mx) sees the thread's max mx of row r's values before the row's lanes join
   // theirs and returns the max to use: it may first rewrite that row's values in x (sm90
   // fwd.cu, DM_SM90_MB_FOLD: masked keys of a row that holds a NaN).
-  // key_w (KeyW::kOn; sm90 fwd.cu, DM_SM90_KBIAS_F32=5): the logit is x * scale + b_k with
-  // b_k = beta + log2 w_k, w_k in [0, 1] (key_w.at(f): the weights of fragment f's two
-  // columns): the row's reference takes the tile's max + beta, and each probability is
-  // exp2(x * scale + beta - m) * w_k, so the bias never enters the max (update_keyed).
-  template <int kF, int kN, typename RowFix = KeepRowMax, typename KeyW = NoKeyWeights>
+  template <int kF, int kN, typename RowFix = KeepRowMax>
   DM_DEVICE void update(float (&x)[kF][kN], float (&alpha)[kRows], float scale = 1.f,
-                        const RowFix& row_fix = RowFix(), const KeyW& key_w = KeyW()) {
+                        const RowFix& row_fix = RowFix()) {
     constexpr int kPer = kN / kRows;
     static_assert(kPer * kRows == kN, "a fragment holds kPer values of each row");
-    if constexpr (KeyW::kOn) {
-      update_keyed(x, alpha, scale, row_fix, key_w);
-      return;
-    }
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
-      const float mx = row_fix(x, r, thread_row_max(x, r));
-      const float m_use = next_reference(r, row_max<kRowThreads>(mx) * scale, alpha[r]);
+      float mx = -DM_INF;
+#pragma unroll
+      for (int f = 0; f < kF; ++f) {
+        float fm = x[f][r * kPer];  // this fragment's max of the row, then joined to mx
+#pragma unroll
+        for (int c = 1; c < kPer; ++c) fm = fmax_nan(fm, x[f][r * kPer + c]);
+        mx = fmax_nan(mx, fm);
+      }
+      mx = row_fix(x, r, mx);
+      mx = fmax_nan(m[r], row_max<kRowThreads>(mx) * scale);
+      // false for a NaN and while nothing was kept (the difference is NaN or +inf)
+      const bool keep = kLazyGap >= 0 && mx - m[r] <= float(kLazyGap);
+      if (keep) mx = m[r];
+      const float m_use = mx == -DM_INF ? 0.f : mx;  // all excluded so far: exp2(-inf) = 0
+      alpha[r] = keep ? 1.f : fast_exp2(m[r] - m_use);
       float sum = 0.f;
 #pragma unroll
       for (int f = 0; f < kF; ++f) {
@@ -138,66 +138,8 @@ struct OnlineSoftmax {
         sum += part;
       }
       l[r] = l[r] * alpha[r] + sum;
+      m[r] = mx;
     }
-  }
-
-  // update with key weights (KeyW::kOn): both rows' references first, then the fragments in
-  // order, each fragment's two weights loaded once for both rows.
-  template <int kF, int kN, typename RowFix, typename KeyW>
-  DM_DEVICE void update_keyed(float (&x)[kF][kN], float (&alpha)[kRows], float scale,
-                              const RowFix& row_fix, const KeyW& key_w) {
-    static_assert(kN == 2 * kRows, "a fragment row's two values are two keys' columns");
-    const float beta = key_w.beta();
-    float offset[kRows], sum[kRows];  // the exponent's offset: beta - the row's reference
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      const float mx = row_fix(x, r, thread_row_max(x, r));
-      offset[r] = beta - next_reference(r, row_max<kRowThreads>(mx) * scale + beta, alpha[r]);
-      sum[r] = 0.f;
-    }
-#pragma unroll
-    for (int f = 0; f < kF; ++f) {
-      const float2 w = key_w.at(f);
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) {
-        float& v0 = x[f][2 * r];
-        float& v1 = x[f][2 * r + 1];
-        v0 = fast_exp2(fmaf(v0, scale, offset[r])) * w.x;
-        v1 = fast_exp2(fmaf(v1, scale, offset[r])) * w.y;
-        sum[r] += v0 + v1;
-      }
-    }
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) l[r] = l[r] * alpha[r] + sum[r];
-  }
-
-  // This thread's max of row r's values in x (kN / kRows per fragment).
-  template <int kF, int kN>
-  static DM_DEVICE float thread_row_max(const float (&x)[kF][kN], int r) {
-    constexpr int kPer = kN / kRows;
-    float mx = -DM_INF;
-#pragma unroll
-    for (int f = 0; f < kF; ++f) {
-      float fm = x[f][r * kPer];  // this fragment's max of the row, then joined to mx
-#pragma unroll
-      for (int c = 1; c < kPer; ++c) fm = fmax_nan(fm, x[f][r * kPer + c]);
-      mx = fmax_nan(mx, fm);
-    }
-    return mx;
-  }
-
-  // Row r's reference after a tile whose largest logit (log2 units, the row's lanes joined) is
-  // top: m[r] and alpha[r] follow it; returns what the row's exponentials subtract (0 while
-  // nothing was kept: exp2(-inf) = 0).
-  DM_DEVICE float next_reference(int r, float top, float& alpha_r) {
-    float mx = fmax_nan(m[r], top);
-    // false for a NaN and while nothing was kept (the difference is NaN or +inf)
-    const bool keep = kLazyGap >= 0 && mx - m[r] <= float(kLazyGap);
-    if (keep) mx = m[r];
-    const float m_use = mx == -DM_INF ? 0.f : mx;
-    alpha_r = keep ? 1.f : fast_exp2(m[r] - m_use);
-    m[r] = mx;
-    return m_use;
   }
 
   // Per row: 1/l (0 for a row that kept nothing) and the log2-domain lse m + log2 l

@@ -67,15 +67,6 @@ namespace dm {
 //   own 8-byte load (2 copies it by two moves); 4 (default): on the _krow specs the row enters
 //   S by one more k16 step of S = Q K^T instead of the accumulator start (kbias_aux_offset;
 //   the tile-bias spec keeps 2's start). H200 kbias: 0 547.5, 1 561.9, 2 566.2, 3 553.8 TFLOP/s.
-//   5 (no softcap; with one as 2): factored, exp(s + b) = exp(s + beta) * w, w = exp(b - beta),
-//   beta the tile's largest b: the producer stores the keys' w and beta, the softmax's max
-//   sees S alone and each probability takes one FMUL by its key's w (OnlineSoftmax key_w).
-//   Exact only while the tile's reference m + beta overestimates the row's true max by less
-//   than fp32's range: the overestimate is at most the tile's bias spread, so a tile whose
-//   spread exceeds kKeyFactorSpread (or that holds an inf or NaN) is stored as 1's row (w 1,
-//   beta 0, b / scale added to S) instead, class bit kKeyFactored off. With 1 and 5 the
-//   producer issues K's TMA before its row stores, as 4 does (early_k). H100 kbias: 4 613-615,
-//   1 591-593 (K's TMA after the row), 5 492 (row work after the stage's wait; rebuilt since).
 // - DM_SM90_PERSISTENT: how CTAs get their work items (numbered longest first). 0: one CTA
 //   per item; 1: a grid of min(items, SMs) CTAs, each walking a static snake (the same
 //   kernel: only the host's grid differs); 2 (default): the dynamic scheduler
@@ -194,26 +185,6 @@ static_assert(DM_SM90_Q_BUFS == 1 || DM_SM90_Q_BUFS == 2, "DM_SM90_Q_BUFS: 1 or 
 constexpr int kFormulaPartial = 1;  // crosses the key end or a causal/window edge
 constexpr int kMaskPartial = 2;     // its mask tile has false elements
 constexpr int kListedPartial = 4;   // a block list's partial block: its element bits apply
-// DM_SM90_KBIAS_F32=5: the tile's bias row is w and beta (not a class: the debug counters
-// ignore it)
-constexpr int kKeyFactored = 8;
-// DM_SM90_KBIAS_F32=5: the largest bias spread (log2 units) of a factored tile; its
-// probabilities stay >= 2^-kKeyFactorSpread of the row's max, far from fp32's underflow.
-constexpr float kKeyFactorSpread = 64.f;
-// The consumers' key weights of one tile (OnlineSoftmax key_w): this thread's keys 8f + 2t,
-// 8f + 2t + 1 of the producer's w row (w: the row + 2t) and the tile's beta (0 unfactored).
-struct TileKeyWeights {
-  static constexpr bool kOn = true;
-  const float* w;
-  float b;
-  DM_DEVICE float beta() const { return b; }
-  DM_DEVICE float2 at(int f) const {  // volatile: loaded where used, not all 16 hoisted
-    float2 v;
-    asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(v.x), "=f"(v.y)
-                 : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(w + 8 * f))));
-    return v;
-  }
-};
 
 // kOperandPackWarps (mask_mode of a spec without mask tiles, Sm90FwdSmem::kPackWarps): a bool
 // (.., Sq, Sk) mask read by the producer's warps 1-3 from p.mask (pack_mask_warps).
@@ -1086,50 +1057,10 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
                                         : uint16_t(0);
           }
         }
-#if DM_SM90_KBIAS_F32 == 5
-        // the factored row (kKeyFactored): each key's w = 2^(b - beta) and beta (key_hi), the
-        // tile's largest b in log2 units, where the tile's spread allows and every b is finite
-        float key_w[kBlockN / 32], key_hi = -DM_INF;
-        bool factored = false;
-        if (bias_f32) {
-          float lo = DM_INF;
-          bool finite = true;
-#pragma unroll
-          for (int y = 0; y < kBlockN / 32; ++y) {
-            T x;
-            x.bits = bias_words[y];
-            key_w[y] = to_float(x) * kLog2e;
-            if (n0 + lane + 32 * y < len_k) {
-              finite = finite && (__float_as_uint(key_w[y]) & 0x7f800000u) != 0x7f800000u;
-              key_hi = fmaxf(key_hi, key_w[y]);
-              lo = fminf(lo, key_w[y]);
-            }
-          }
-#pragma unroll
-          for (int d = 1; d < 32; d *= 2) {
-            key_hi = fmaxf(key_hi, __shfl_xor_sync(0xffffffffu, key_hi, d));
-            lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, d));
-          }
-          factored = __all_sync(0xffffffffu, finite) && key_hi >= lo &&
-                     key_hi - lo <= kKeyFactorSpread;
-          if (factored) {
-            cls |= kKeyFactored;
-#pragma unroll
-            for (int y = 0; y < kBlockN / 32; ++y)
-              key_w[y] = n0 + lane + 32 * y < len_k ? fast_exp2(key_w[y] - key_hi) : 0.f;
-          }
-        }
-#endif
-#if DM_SM90_KBIAS_F32 == 1 || DM_SM90_KBIAS_F32 == 5
-        const bool early_k = bias_f32;
-#else
-        constexpr bool early_k = kAuxStep;
-#endif
         mbar_wait(bar_empty_k(stage), phase ^ 1);
-        // early_k (kAuxStep; with DM_SM90_KBIAS_F32 1 or 5, bias_f32): K's TMA is issued
-        // (mbarrier.expect_tx) before the row/aux stores, the leader's arrive after them (-2.1%
-        // on the kbias kernel against issuing it after).
-        if (early_k && leader) {
+        // kAuxStep: K's TMA is issued (mbarrier.expect_tx) before the row/aux stores, the
+        // leader's arrive after them (-2.1% on the kbias kernel against issuing it after).
+        if (kAuxStep && leader) {
           mbar_expect_tx(bar_full_k(stage), Smem::kKV);
 #pragma unroll
           for (int x = 0; x < Smem::kBoxes; ++x)
@@ -1156,33 +1087,12 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
           __syncwarp();
         } else if (bias_f32) {  // ordered before the consumers' reads by the leader's arrive below
           float* row = reinterpret_cast<float*>(smem + Smem::kOffBias + stage * Smem::kBias);
-#if DM_SM90_KBIAS_F32 == 5
-          // row[0, kBlockN): the keys' w (0 past len_k); row[kBlockN]: beta (log2 units), or
-          // for a tile left unfactored w = 1 and row[kBlockN + key]: b / scale (key_w and
-          // factored: computed before the stage's wait)
-          static_assert(!kHasBias || 8 * kBlockN <= Smem::kBias,
-                        "w and the second row fit the bias stage");
-#pragma unroll
-          for (int y = 0; y < kBlockN / 32; ++y) {
-            const int key = lane + 32 * y;
-            if (factored) {
-              row[key] = key_w[y];
-            } else {
-              T x;
-              x.bits = bias_words[y];
-              row[key] = 1.f;
-              row[kBlockN + key] = to_float(x) * row_mult;
-            }
-          }
-          if (factored && lane == 0) row[kBlockN] = key_hi;
-#else
 #pragma unroll
           for (int y = 0; y < kBlockN / 32; ++y) {
             T x;
             x.bits = bias_words[y];
             row[lane + 32 * y] = to_float(x) * row_mult;
           }
-#endif
           __syncwarp();
         } else if (bias_loads) {
           uint16_t* row = reinterpret_cast<uint16_t*>(smem + Smem::kOffBias + stage * Smem::kBias);
@@ -1207,9 +1117,9 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
           if (kDebug && !DM_SM90_TIMELINE) {
             uint32_t* pair = counter_pair(item);
             atomicAdd(pair, 1u);
-            if (cls & ~kKeyFactored) atomicAdd(pair + 1, 1u);
+            if (cls != 0) atomicAdd(pair + 1, 1u);
           }
-          if (early_k) {
+          if (kAuxStep) {
             mbar_arrive(bar_full_k(stage));
           } else {
             mbar_arrive_expect_tx(bar_full_k(stage), Smem::kKV + bias_bytes);
@@ -1383,21 +1293,11 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
     // starts S's accumulator at it (stored as bias / scale): the logit is the plain scaled score.
     const bool bias_f32 = bias_loads && (DM_SM90_KBIAS_F32 == 1 || !capped) &&
                           (!kAuxStep || kbias_aux_on<T>(p));  // else the row after the product
-#if DM_SM90_KBIAS_F32 == 5
-    // the producer's row is w and beta, or 1's row (kKeyFactored off): the scale stays folded
-    const bool fold = false, factored_row = bias_f32;
-#else
     const bool fold = DM_SM90_KBIAS_F32 >= 2 && bias_f32;
-#endif
     // fold: S holds b / scale after its product; by the accumulator start (acc_start: the
     // consumers load the row into S first), or on the _krow specs by the aux k16 step.
     const bool acc_start = fold && !kAuxStep;
-#if DM_SM90_KBIAS_F32 == 5
-    const LogitScales ls = bias_keys && !factored_row ? logit_scales<true>(p)
-                                                      : logit_scales<false>(p);
-#else
     const LogitScales ls = bias_keys && !fold ? logit_scales<true>(p) : logit_scales<false>(p);
-#endif
 
     // The bias and mask words of one tile this thread needs (class bit kMaskPartial: the tile's
     // mask has false elements).
@@ -1513,20 +1413,6 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
 #pragma unroll
           for (int e = 0; e < 4; ++e) s[j][e] = softcap_logit(p, s[j][e]);
       }
-#if DM_SM90_KBIAS_F32 == 5
-      if (factored_row) {  // an unfactored tile: b / scale onto S (the key weights are 1)
-        if (!(cls & kKeyFactored)) {
-          const float* row = reinterpret_cast<const float*>(smem + (sBias - base) +
-                                                            stage * Smem::kBias) + kBlockN + 2 * t;
-#pragma unroll
-          for (int j = 0; j < kNF; ++j) {
-            const float2 v = *reinterpret_cast<const float2*>(row + 8 * j);
-#pragma unroll
-            for (int e = 0; e < 4; ++e) s[j][e] += e & 1 ? v.y : v.x;
-          }
-        }
-      } else
-#endif
       if (bias_f32 && !fold) {  // keys 8j + 2t, 8j + 2t + 1 of the fp32 row, both rows
         const float* row = reinterpret_cast<const float*>(smem + (sBias - base) +
                                                           stage * Smem::kBias) + 2 * t;
@@ -1595,13 +1481,6 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
         }
       }
     };
-#if DM_SM90_KBIAS_F32 == 5
-    auto key_weights = [&](int stage, int cls) {
-      const float* row = reinterpret_cast<const float*>(smem + (sBias - base) +
-                                                        stage * Smem::kBias);
-      return TileKeyWeights{row + 2 * t, cls & kKeyFactored ? row[kBlockN] : 0.f};
-    };
-#endif
     // fold: S's accumulator starts at the fp32 row (keys 8j + 2t, 8j + 2t + 1 in both rows).
     auto fold_bias = [&](float (&s)[kNF][4], int stage) {
       const float* row = reinterpret_cast<const float*>(smem + (sBias - base) +
@@ -1708,10 +1587,6 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
       fence_operands(s);
       load_operands(ops, stage, cls);
       transform(s, ops, lw, n * kBlockN, cls, stage);
-#if DM_SM90_KBIAS_F32 == 5
-      if (factored_row) sm.update(s, alpha, ls.exp_scale, row_fix, key_weights(stage, cls));
-      else
-#endif
       sm.update(s, alpha, ls.exp_scale, row_fix);
       release_k(stage);
       pack_p(s, pa);
@@ -1755,10 +1630,6 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
         fence_operands(s);
         load_operands(ops, stage, cls);
         transform(s, ops, lw, n * kBlockN, cls, stage);
-#if DM_SM90_KBIAS_F32 == 5
-        if (factored_row) sm.update(s, alpha, ls.exp_scale, row_fix, key_weights(stage, cls));
-        else
-#endif
         sm.update(s, alpha, ls.exp_scale, row_fix);
         release_k(stage);
         wgmma_wait<0>();
