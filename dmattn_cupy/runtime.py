@@ -290,6 +290,8 @@ def launch_ex(kernel: Kernel, grid: Dim3, args: tuple[Any, ...], stream: Any,
 # runtime.setDevice], bound once
 _raw: list[Any] = []
 _CUDA_ERROR_INVALID_CONTEXT = 201
+# .bound: this thread's runtime has bound a device's primary context (set by _bound_current).
+_thread = threading.local()
 
 
 def _bind_raw() -> list[Any]:
@@ -300,6 +302,20 @@ def _bind_raw() -> list[Any]:
     _raw[:] = [driver.launchKernel, rt.getDevice, cupy.cuda.Device, driver.CUDADriverError,
                rt.setDevice]
     return _raw
+
+
+def _bound_current(device: int, get_device: Any, set_device: Any) -> bool:
+    """Whether ``device`` is this thread's current device. A thread's first launch binds the
+    device's primary context by cudaSetDevice first: a new thread, torch's autograd thread
+    among them, has none bound until a runtime call of its own, and a launch there would fail
+    with CUDA_ERROR_INVALID_CONTEXT (an API error compute-sanitizer reports). Once bound, a
+    thread keeps a context: cudaSetDevice switches it, never unbinds it."""
+    if get_device() != device:
+        return False
+    if not getattr(_thread, "bound", False):
+        set_device(device)
+        _thread.bound = True
+    return True
 
 
 def launch_raw(device: int, function_ptr: int, grid: Dim3, block: Dim3, shared_mem: int,
@@ -315,7 +331,7 @@ def launch_raw(device: int, function_ptr: int, grid: Dim3, block: Dim3, shared_m
     args = (function_ptr, grid[0], grid[1], grid[2], block[0], block[1], block[2], shared_mem,
             stream, params_ptr, 0)
     try:
-        if get_device() == device:
+        if _bound_current(device, get_device, set_device):
             launch_kernel(*args)
             return
         with device_ctx(device):
@@ -323,9 +339,8 @@ def launch_raw(device: int, function_ptr: int, grid: Dim3, block: Dim3, shared_m
     except driver_error as e:
         if e.status != _CUDA_ERROR_INVALID_CONTEXT:
             raise
-        # A thread whose device was set without a context bound to it (torch's autograd thread
-        # before any CUDA runtime call of its own, when a cached kernel is its first launch):
-        # cudaSetDevice binds the device's primary context, then the launch goes through.
+        # A context unbound after this thread's first launch (cuCtxSetCurrent(NULL) by another
+        # library): cudaSetDevice binds the device's primary context, then the launch goes on.
         with device_ctx(device):
             set_device(device)
             launch_kernel(*args)
@@ -347,7 +362,7 @@ def _launch_configured(device: int, function_ptr: int, stream: int, params_ptr: 
     _, get_device, device_ctx, _, set_device = _raw or _bind_raw()
     config.cfg.stream = stream
     launch = _cu_launch_kernel_ex()
-    if get_device() == device:
+    if _bound_current(device, get_device, set_device):
         err = launch(config.address, function_ptr, params_ptr, None)
     else:
         with device_ctx(device):

@@ -77,9 +77,9 @@ for step in $steps; do
         timeout 200 compute-sanitizer --tool "$tool" --error-exitcode 9 python3 -m pytest -q -x \
           -p no:cacheprovider tests/gpu/test_forward.py tests/gpu/test_varlen.py \
           tests/gpu/test_sparse.py tests/gpu/test_decode.py tests/gpu/test_backward.py \
-          tests/gpu/test_forward_sm90.py \
+          tests/gpu/test_forward_sm90.py tests/gpu/test_row_pad.py \
           -k "d64 or causal-sq9-sk33 or fully or broadcast or varlen_layouts or \
-              (every_class and bitset) or split_on_and_off or boundary or query_row" \
+              (every_class and bitset) or split_on_and_off or boundary or query_row or thread" \
           > "$OUT/sanitize_$tool.log" 2>&1
         echo "compute-sanitizer $tool: rc=$?; $(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" \
           "$OUT/sanitize_$tool.log" | tail -1); $(grep -E "passed|failed" \

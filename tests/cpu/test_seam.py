@@ -460,3 +460,64 @@ def test_launch_record_passes_the_record_by_pointer(monkeypatch) -> None:
     monkeypatch.setattr(runtime, "launch_raw", launch_raw)
     runtime.launch_record(1, spec, (5, 4, 3), rec, 0x77)
     assert seen == [(1, 0x42, (5, 4, 3), (spec.threads, 1, 1), 0, 0x77, None, rec.tobytes())]
+
+
+def test_a_threads_first_launch_binds_the_context_before_it_launches(monkeypatch) -> None:
+    """launch_raw on a thread without a bound context (a new thread, torch's autograd thread)
+    binds the device's primary context by cudaSetDevice before the launch, once per thread,
+    so that no launch fails with CUDA_ERROR_INVALID_CONTEXT (compute-sanitizer reports each
+    failed API call). A context unbound later still gets the retry; so do programmatic
+    launches (cuLaunchKernelEx returns the error code)."""
+    import threading
+
+    from dmattn_cupy import runtime
+
+    bound: set[int] = set()   # idents of the threads with a context, as the fake driver sees
+    sets, launches, failed = [], [], []
+
+    class DriverError(Exception):
+        def __init__(self, status):
+            self.status = status
+
+    def set_device(dev):
+        sets.append((threading.get_ident(), dev))
+        bound.add(threading.get_ident())
+
+    def launch_kernel(*args):
+        if threading.get_ident() not in bound:
+            failed.append(args[0])
+            raise DriverError(201)
+        launches.append(args[0])
+
+    class Device:   # cupy.cuda.Device: sets the device when it is not the current one
+        def __init__(self, dev): ...
+        def __enter__(self): return self
+        def __exit__(self, *exc): return False
+
+    def launch_ex(cfg, fn, params, extra):
+        if threading.get_ident() not in bound:
+            failed.append(fn)
+            return 201
+        launches.append(fn)
+        return 0
+
+    monkeypatch.setattr(runtime, "_thread", threading.local())
+    monkeypatch.setattr(runtime, "_raw", [launch_kernel, lambda: 0, Device, DriverError,
+                                          set_device])
+    monkeypatch.setattr(runtime, "_cu_launch_kernel_ex", lambda: launch_ex)
+    config = runtime.LaunchConfig((1, 1, 1), (32, 1, 1), 0, programmatic=True)
+
+    def two_launches(fn):
+        runtime.launch_raw(0, fn, (1, 1, 1), (32, 1, 1), 0, 0, 0)
+        runtime.launch_raw(0, fn + 1, (1, 1, 1), (32, 1, 1), 0, 0, 0, config)
+
+    two_launches(10)
+    t = threading.Thread(target=two_launches, args=(20,))
+    t.start()
+    t.join()
+    assert failed == [] and launches == [10, 11, 20, 21]
+    assert [dev for _, dev in sets] == [0, 0] and len({ident for ident, _ in sets}) == 2
+    for fn, cfg in ((30, None), (31, config)):   # unbound behind our back: each kind of
+        bound.clear()                              # launch fails once, binds and retries
+        runtime.launch_raw(0, fn, (1, 1, 1), (32, 1, 1), 0, 0, 0, cfg)
+    assert failed == [30, 31] and launches[-2:] == [30, 31] and len(sets) == 4

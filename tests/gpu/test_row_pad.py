@@ -41,12 +41,28 @@ def test_rows_copied_and_padded(offset, width, src_pitch, rows):
     assert (d[rows * dst_pitch:] == 0xAB).all()
 
 
-def test_copy_from_a_thread_without_a_current_context():
+def test_copy_from_a_thread_without_a_current_context(monkeypatch):
     """A new thread has no CUDA context bound to it (torch's autograd thread neither, until a
     runtime call of its own): a launch of an already loaded kernel there (a backward's first
-    launch, row_pad's copy of an odd-Sk bias tile) binds the device's primary context
-    (runtime.launch_raw) instead of failing with CUDA_ERROR_INVALID_CONTEXT."""
+    launch, row_pad's copy of an odd-Sk bias tile) binds the device's primary context first
+    (runtime.launch_raw): no launch fails with CUDA_ERROR_INVALID_CONTEXT, not even once
+    before a retry (compute-sanitizer reports each failed API call)."""
     import threading
+
+    from dmattn_cupy import runtime
+
+    raw = runtime._raw or runtime._bind_raw()
+    launch_kernel, driver_error = raw[0], raw[3]
+    failed: list[int] = []
+
+    def counted(*a):
+        try:
+            return launch_kernel(*a)
+        except driver_error as e:
+            failed.append(e.status)
+            raise
+
+    monkeypatch.setattr(runtime, "_raw", [counted, *raw[1:]])
 
     width, rows, dst_pitch = 6, 4, 16
     src = torch.arange(width * rows, dtype=torch.uint8, device="cuda")
@@ -68,6 +84,7 @@ def test_copy_from_a_thread_without_a_current_context():
     t.start()
     t.join()
     assert not errors, errors
+    assert failed == []
     torch.cuda.synchronize()
     want = np.zeros((rows, dst_pitch), dtype=np.uint8)
     want[:, :width] = np.arange(width * rows, dtype=np.uint8).reshape(rows, width)
