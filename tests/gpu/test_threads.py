@@ -1,0 +1,105 @@
+"""Calls from several Python threads at once, each thread on its own stream (a serving process,
+a trainer with a thread per model replica): every result equals the result of the same call
+made alone, bit for bit. Plans are shared between threads and scratch workspaces are kept per
+(stream, thread); a workspace or a plan's patched arguments shared by two calls in flight
+would show here as a result that differs from the lone call's.
+
+Each thread runs its own shapes (its own plans) through a training step with a mask and a
+bias (deterministic mode: the gradients are bitwise reproducible; the backward runs on
+torch's autograd thread, which serves every thread's graph) and a split-KV decode step."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, NamedTuple
+
+import pytest
+
+from dmattn_cupy import flash_dmattn_func, flash_dmattn_with_kvcache
+
+torch = pytest.importorskip("torch")
+
+pytestmark = pytest.mark.gpu
+
+THREADS = 4
+ROUNDS = 3
+
+
+class Inputs(NamedTuple):
+    q: Any
+    k: Any
+    v: Any
+    mask: Any
+    bias: Any
+    dout: Any
+    q_dec: Any
+    k_cache: Any
+    v_cache: Any
+    cache_seqlens: Any
+
+
+def _inputs(i: int) -> Inputs:
+    g = torch.Generator().manual_seed(4000 + i)
+    b, h, hk, d = 2, 4, 2, (64, 128)[i % 2]
+    s = 192 + 61 * i           # each thread its own shapes, so its own cached plans
+    cache = 1024 + 256 * i
+
+    def rnd(*shape: int) -> Any:
+        return torch.randn(*shape, generator=g).to("cuda", torch.bfloat16)
+
+    return Inputs(
+        q=rnd(b, s, h, d), k=rnd(b, s, hk, d), v=rnd(b, s, hk, d),
+        mask=(torch.rand(b, 1, s, s, generator=g) < 0.8).cuda(), bias=rnd(b, h, s, s),
+        dout=rnd(b, s, h, d), q_dec=rnd(2 * b, 1, h, d), k_cache=rnd(2 * b, cache, hk, d),
+        v_cache=rnd(2 * b, cache, hk, d),
+        cache_seqlens=torch.randint(1, cache + 1, (2 * b,), generator=g,
+                                    dtype=torch.int32).cuda())
+
+
+def _step(x: Inputs) -> tuple[Any, ...]:
+    """A training step's forward and backward, then a decode step over a cache (split-KV
+    at these lengths), on the current stream."""
+    q, k, v, bias = (t.detach().clone().requires_grad_() for t in (x.q, x.k, x.v, x.bias))
+    out, lse = flash_dmattn_func(q, k, v, attn_mask=x.mask, attn_bias=bias, return_lse=True,
+                                 deterministic=True)
+    grads = torch.autograd.grad(out, (q, k, v, bias), x.dout)
+    dec = flash_dmattn_with_kvcache(x.q_dec, x.k_cache, x.v_cache,
+                                    cache_seqlens=x.cache_seqlens)
+    return (out.detach(), lse, *grads, dec)
+
+
+def test_threads_on_their_own_streams_get_the_lone_calls_results() -> None:
+    names = ("out", "lse", "dq", "dk", "dv", "dbias", "decode out")
+    inputs = [_inputs(i) for i in range(THREADS)]
+    alone = [_step(x) for x in inputs]   # one at a time, on the default stream
+    for i, x in enumerate(inputs):       # reproducible alone (else nothing below can tell)
+        for name, a, b in zip(names, alone[i], _step(x), strict=True):
+            assert torch.equal(a, b), f"thread {i}'s call alone: {name} differs run to run"
+    torch.cuda.synchronize()
+    start = threading.Barrier(THREADS)
+    got: list[list[tuple[Any, ...]]] = [[] for _ in range(THREADS)]
+    errors: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        try:
+            stream = torch.cuda.Stream()
+            start.wait(timeout=120)   # if a thread failed before it, the rest give up
+            with torch.cuda.stream(stream):
+                for _ in range(ROUNDS):
+                    got[i].append(_step(inputs[i]))
+            stream.synchronize()
+        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(THREADS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    torch.cuda.synchronize()
+    for i in range(THREADS):
+        assert len(got[i]) == ROUNDS
+        for r, res in enumerate(got[i]):
+            for name, a, b in zip(names, alone[i], res, strict=True):
+                assert torch.equal(a, b), f"thread {i}, round {r}: {name} differs from alone"
