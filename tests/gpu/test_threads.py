@@ -5,8 +5,9 @@ made alone, bit for bit. Plans are shared between threads and scratch workspaces
 would show here as a result that differs from the lone call's.
 
 Each thread runs its own shapes (its own plans) through a training step with a mask and a
-bias (deterministic mode: the gradients are bitwise reproducible; the backward runs on
-torch's autograd thread, which serves every thread's graph) and a split-KV decode step."""
+bias (deterministic mode: the gradients are bitwise reproducible; with torch tensors the
+backward runs on torch's autograd thread, which serves every thread's graph; with CuPy arrays
+it is the functional backward on the caller's thread and stream) and a split-KV decode step."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Any, NamedTuple
 
 import pytest
 
-from dmattn_cupy import flash_dmattn_func, flash_dmattn_with_kvcache
+from dmattn_cupy import flash_dmattn_backward, flash_dmattn_func, flash_dmattn_with_kvcache
 
 torch = pytest.importorskip("torch")
 
@@ -103,3 +104,55 @@ def test_threads_on_their_own_streams_get_the_lone_calls_results() -> None:
         for r, res in enumerate(got[i]):
             for name, a, b in zip(names, alone[i], res, strict=True):
                 assert torch.equal(a, b), f"thread {i}, round {r}: {name} differs from alone"
+
+
+def _cupy_step(x: Inputs) -> tuple[Any, ...]:
+    """_step on CuPy arrays (float16: views of the inputs' casts), on CuPy's current stream:
+    the functional forward and backward, then the decode step."""
+    out, lse = flash_dmattn_func(x.q, x.k, x.v, attn_mask=x.mask, attn_bias=x.bias,
+                                 return_lse=True, deterministic=True)
+    grads = flash_dmattn_backward(x.dout, x.q, x.k, x.v, out, lse, attn_mask=x.mask,
+                                  attn_bias=x.bias, deterministic=True)
+    dec = flash_dmattn_with_kvcache(x.q_dec, x.k_cache, x.v_cache,
+                                    cache_seqlens=x.cache_seqlens)
+    return (out, lse, *grads, dec)
+
+
+def test_cupy_threads_on_their_own_streams_get_the_lone_calls_results() -> None:
+    cupy = pytest.importorskip("cupy")
+    names = ("out", "lse", "dq", "dk", "dv", "dbias", "decode out")
+    inputs = [Inputs(*(cupy.from_dlpack(t.half() if t.is_floating_point() else t)
+                       for t in _inputs(i))) for i in range(THREADS)]
+    torch.cuda.synchronize()
+    alone = [_cupy_step(x) for x in inputs]   # one at a time, on CuPy's default stream
+    for i, x in enumerate(inputs):
+        for name, a, b in zip(names, alone[i], _cupy_step(x), strict=True):
+            assert cupy.array_equal(a, b), f"thread {i}'s call alone: {name} differs run to run"
+    cupy.cuda.get_current_stream().synchronize()
+    start = threading.Barrier(THREADS)
+    got: list[list[tuple[Any, ...]]] = [[] for _ in range(THREADS)]
+    errors: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        try:
+            stream = cupy.cuda.Stream(non_blocking=True)
+            start.wait(timeout=120)
+            with stream:
+                for _ in range(ROUNDS):
+                    got[i].append(_cupy_step(inputs[i]))
+            stream.synchronize()
+        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(THREADS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    cupy.cuda.Device().synchronize()
+    for i in range(THREADS):
+        assert len(got[i]) == ROUNDS
+        for r, res in enumerate(got[i]):
+            for name, a, b in zip(names, alone[i], res, strict=True):
+                assert cupy.array_equal(a, b), f"thread {i}, round {r}: {name} differs from alone"
