@@ -1,13 +1,15 @@
 """Calls from several Python threads at once, each thread on its own stream (a serving process,
 a trainer with a thread per model replica): every result equals the result of the same call
-made alone, bit for bit. Plans are shared between threads and scratch workspaces are kept per
-(stream, thread); a workspace or a plan's patched arguments shared by two calls in flight
-would show here as a result that differs from the lone call's.
+made alone, bit for bit. Plans are shared between threads (each patches its pointers and
+launches under the plan's lock) and scratch workspaces are kept per (stream, thread); a
+workspace or a plan's patched arguments shared by two calls in flight would show here as a
+result that differs from the lone call's.
 
-Each thread runs its own shapes (its own plans) through a training step with a mask and a
-bias (deterministic mode: the gradients are bitwise reproducible; with torch tensors the
-backward runs on torch's autograd thread, which serves every thread's graph; with CuPy arrays
-it is the functional backward on the caller's thread and stream) and a split-KV decode step."""
+Each thread runs its own values, two threads per shape (so per plan), through a training
+step with a mask and a bias and through a split-KV decode step. The step is deterministic:
+its gradients are bitwise reproducible. With torch tensors the backward runs on torch's
+autograd thread, which serves every thread's graph. With CuPy arrays it is the functional
+backward, on the caller's thread and stream."""
 
 from __future__ import annotations
 
@@ -40,10 +42,11 @@ class Inputs(NamedTuple):
 
 
 def _inputs(i: int) -> Inputs:
-    g = torch.Generator().manual_seed(4000 + i)
-    b, h, hk, d = 2, 4, 2, (64, 128)[i % 2]
-    s = 192 + 61 * i           # each thread its own shapes, so its own cached plans
-    cache = 1024 + 256 * i
+    g = torch.Generator().manual_seed(4000 + i)   # each thread its own values
+    j = i % 2   # threads i and i + 2 share shapes, so cached plans; 0 and 1 do not
+    b, h, hk, d = 2, 4, 2, (64, 128)[j]
+    s = 192 + 61 * j
+    cache = 1024 + 256 * j
 
     def rnd(*shape: int) -> Any:
         return torch.randn(*shape, generator=g).to("cuda", torch.bfloat16)
