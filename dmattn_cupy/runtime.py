@@ -212,6 +212,8 @@ def launch(kernel: Kernel, grid: Dim3, args: tuple[Any, ...], stream: Any,
 
     smem = kernel.spec.dynamic_smem if shared_mem is None else shared_mem
     with cupy.cuda.Device(kernel.device):
+        if not getattr(_thread, "bound", False):
+            _bind_thread(kernel.device, (_raw or _bind_raw())[4])
         kernel.function(grid, (kernel.spec.threads, 1, 1), args, shared_mem=smem, stream=stream)
 
 

@@ -463,12 +463,15 @@ def test_launch_record_passes_the_record_by_pointer(monkeypatch) -> None:
 
 
 def test_a_threads_first_launch_binds_the_context_before_it_launches(monkeypatch) -> None:
-    """launch_raw on a thread without a bound context (a new thread, torch's autograd thread)
-    binds the device's primary context by cudaSetDevice before the launch, once per thread,
-    so that no launch fails with CUDA_ERROR_INVALID_CONTEXT (compute-sanitizer reports each
-    failed API call). A context unbound later still gets the retry; so do programmatic
-    launches (cuLaunchKernelEx returns the error code)."""
+    """A launch on a thread without a bound context (a new thread, torch's autograd thread)
+    binds the device's primary context by cudaSetDevice before it launches, once per thread,
+    whichever kind of launch comes first (launch_raw, launch_raw with a LaunchConfig, launch
+    through CuPy), so that no launch fails with CUDA_ERROR_INVALID_CONTEXT (compute-sanitizer
+    reports each failed API call). A context unbound later still gets the raw launches'
+    retry (cuLaunchKernelEx returns the error code, cuLaunchKernel raises it)."""
     import threading
+
+    import cupy
 
     from dmattn_cupy import runtime
 
@@ -483,16 +486,11 @@ def test_a_threads_first_launch_binds_the_context_before_it_launches(monkeypatch
         sets.append((threading.get_ident(), dev))
         bound.add(threading.get_ident())
 
-    def launch_kernel(*args):
+    def launch_kernel(fn, *rest):
         if threading.get_ident() not in bound:
-            failed.append(args[0])
+            failed.append(fn)
             raise DriverError(201)
-        launches.append(args[0])
-
-    class Device:   # cupy.cuda.Device: sets the device when it is not the current one
-        def __init__(self, dev): ...
-        def __enter__(self): return self
-        def __exit__(self, *exc): return False
+        launches.append(fn)
 
     def launch_ex(cfg, fn, params, extra):
         if threading.get_ident() not in bound:
@@ -501,23 +499,47 @@ def test_a_threads_first_launch_binds_the_context_before_it_launches(monkeypatch
         launches.append(fn)
         return 0
 
+    class Device:   # cupy.cuda.Device on the current device: sets nothing
+        def __init__(self, dev): ...
+        def __enter__(self): return self
+        def __exit__(self, *exc): return False
+
+    class Function:   # a loaded kernel that CuPy launches (runtime.launch)
+        ptr = 0
+
+        def __call__(self, grid, block, args, shared_mem, stream):
+            launch_kernel(args[0])
+
     monkeypatch.setattr(runtime, "_thread", threading.local())
     monkeypatch.setattr(runtime, "_raw", [launch_kernel, lambda: 0, Device, DriverError,
                                           set_device])
     monkeypatch.setattr(runtime, "_cu_launch_kernel_ex", lambda: launch_ex)
+    monkeypatch.setattr(cupy.cuda, "Device", Device)
     config = runtime.LaunchConfig((1, 1, 1), (32, 1, 1), 0, programmatic=True)
+    kernel = runtime.Kernel(select.forward(_pb(), H100), 0, Function(), None)
+    kinds = (lambda fn: runtime.launch_raw(0, fn, (1, 1, 1), (32, 1, 1), 0, 0, 0),
+             lambda fn: runtime.launch_raw(0, fn, (1, 1, 1), (32, 1, 1), 0, 0, 0, config),
+             lambda fn: runtime.launch(kernel, (1, 1, 1), (fn,), None))
 
-    def two_launches(fn):
-        runtime.launch_raw(0, fn, (1, 1, 1), (32, 1, 1), 0, 0, 0)
-        runtime.launch_raw(0, fn + 1, (1, 1, 1), (32, 1, 1), 0, 0, 0, config)
+    def on_a_new_thread(f):
+        t = threading.Thread(target=f)
+        t.start()
+        t.join()
 
-    two_launches(10)
-    t = threading.Thread(target=two_launches, args=(20,))
-    t.start()
-    t.join()
-    assert failed == [] and launches == [10, 11, 20, 21]
+    for i, kind in enumerate(kinds):   # each kind as a new thread's first launch
+        on_a_new_thread(lambda kind=kind, i=i: kind(10 + i))
+    assert failed == [] and launches == [10, 11, 12] and len(sets) == 3
+
+    def all_kinds(fn):
+        for i, kind in enumerate(kinds):
+            kind(fn + i)
+
+    sets.clear()
+    all_kinds(20)                       # this thread, then a new one: one bind each
+    on_a_new_thread(lambda: all_kinds(30))
+    assert failed == [] and launches[3:] == [20, 21, 22, 30, 31, 32]
     assert [dev for _, dev in sets] == [0, 0] and len({ident for ident, _ in sets}) == 2
-    for fn, cfg in ((30, None), (31, config)):   # unbound behind our back: each kind of
-        bound.clear()                              # launch fails once, binds and retries
-        runtime.launch_raw(0, fn, (1, 1, 1), (32, 1, 1), 0, 0, 0, cfg)
-    assert failed == [30, 31] and launches[-2:] == [30, 31] and len(sets) == 4
+    for i, kind in enumerate(kinds[:2]):   # unbound behind our back: each raw kind fails
+        bound.clear()                      # once, binds and retries
+        kind(40 + i)
+    assert failed == [40, 41] and launches[-2:] == [40, 41] and len(sets) == 4
