@@ -89,3 +89,39 @@ def test_copy_from_a_thread_without_a_current_context(monkeypatch):
     want = np.zeros((rows, dst_pitch), dtype=np.uint8)
     want[:, :width] = np.arange(width * rows, dtype=np.uint8).reshape(rows, width)
     np.testing.assert_array_equal(dst.cpu().numpy().reshape(rows, dst_pitch), want)
+
+
+def test_launch_through_cupy_from_a_thread_without_a_current_context():
+    """runtime.launch (a kernel launched by CuPy: the validated path's launches) as a new
+    thread's first CUDA call: it binds the device's primary context first, as launch_raw
+    does, instead of failing with CUDA_ERROR_INVALID_CONTEXT (it has no retry)."""
+    import threading
+
+    from dmattn_cupy import runtime
+    from dmattn_cupy.params import ROW_PAD_DTYPE
+
+    width, rows, dst_pitch = 6, 4, 16
+    src = torch.arange(width * rows, dtype=torch.uint8, device="cuda")
+    dst = torch.full((rows * dst_pitch,), 0xAB, dtype=torch.uint8, device="cuda")
+    dev = src.device.index
+    kernel = runtime.get_kernel(row_pad.pad_spec(runtime.device_props(dev).arch), dev)
+    rec = np.zeros(1, dtype=ROW_PAD_DTYPE)
+    rec["src"], rec["dst"] = src.data_ptr(), dst.data_ptr()
+    rec["src_pitch"], rec["dst_pitch"], rec["rows"], rec["width"] = width, dst_pitch, rows, width
+    torch.cuda.synchronize()
+    errors: list[BaseException] = []
+
+    def copy() -> None:
+        try:
+            runtime.launch(kernel, row_pad.grid(dst_pitch, rows), (rec[0],), None, 0)
+        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+            errors.append(e)
+
+    t = threading.Thread(target=copy)
+    t.start()
+    t.join()
+    assert not errors, errors
+    torch.cuda.synchronize()
+    want = np.zeros((rows, dst_pitch), dtype=np.uint8)
+    want[:, :width] = np.arange(width * rows, dtype=np.uint8).reshape(rows, width)
+    np.testing.assert_array_equal(dst.cpu().numpy().reshape(rows, dst_pitch), want)
