@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine call that does the whole GPU check-up and leaves logs under $OUT:
-#   bash tools/device_run.sh [fa4] [precompile] [tests] [sanitize] [sanitize-random] [bench]
+#   bash tools/device_run.sh [fa4] [precompile] [tests] [suite] [sanitize] [sanitize-random] [bench]
 #                            [profile] [profile-src] [first] [maskpack] [route]
 #                            [route-bench] [route-suite] [tensor] [host-queue] [row-bias]
 #                            [random] [rows] [compiled] [graph-order]
@@ -10,7 +10,9 @@
 # precompile: every specialization for this GPU into the kernel cache, 16 processes, and the
 # backward A/B builds the GPU tests build (test_backward_sm90_builds, _dq_writer);
 # tests: the GPU suite (-n 16; failures also in $OUT/failures.txt as they happen; GPU_SHARD=1/2
-# and 2/2: half the files each, for two calls of under 600 s); sanitize: compute-sanitizer
+# and 2/2: half the files each, for two calls of under 600 s); suite: tests as its two shards
+# one after the other in this call (logs gpu_tests_1.log, gpu_tests_2.log; with precompile
+# ~540 s on an H100); sanitize: compute-sanitizer
 # memcheck and racecheck on a representative subset; sanitize-random: memcheck over the first
 # RANDOM_CASES (default 24) calls of tests/gpu/test_random_calls.py; bench: every tools/bench
 # case, JSON + table (FA4 and Flex FLASH rows when flash_attn.cute is importable: see
@@ -56,6 +58,12 @@ for step in $steps; do
         DMATTN_NVRTC_DEFINES=$d python3 -m dmattn_cupy.precompile --arch "$arch" --only bwd_sm90 \
           --jobs 16 --fill-cache >> "$OUT/precompile.log" 2>&1
       done; echo "A/B builds rc=$?: $(tail -1 "$OUT/precompile.log")" ;;
+    suite)
+      for shard in 1 2; do
+        GPU_SHARD=$shard/2 OUT=$OUT bash tools/device_run.sh tests \
+          | grep -vE "^(dmattn_cupy|cuda_src|cupy|nvrtc|driver|gpu 0|torch|cache) "
+        mv "$OUT/gpu_tests.log" "$OUT/gpu_tests_$shard.log"
+      done ;;
     tests)
       # failures_at_once: each failure written to $OUT/failures.txt as it happens;
       # GPU_SHARD=i/n: only every n-th test file from the i-th (1-based), sorted by name
