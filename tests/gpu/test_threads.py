@@ -13,7 +13,9 @@ backward, on the caller's thread and stream."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import pytest
@@ -72,41 +74,58 @@ def _step(x: Inputs) -> tuple[Any, ...]:
     return (out.detach(), lse, *grads, dec)
 
 
-def test_threads_on_their_own_streams_get_the_lone_calls_results() -> None:
-    names = ("out", "lse", "dq", "dk", "dv", "dbias", "decode out")
-    inputs = [_inputs(i) for i in range(THREADS)]
-    alone = [_step(x) for x in inputs]   # one at a time, on the default stream
-    for i, x in enumerate(inputs):       # reproducible alone (else nothing below can tell)
-        for name, a, b in zip(names, alone[i], _step(x), strict=True):
-            assert torch.equal(a, b), f"thread {i}'s call alone: {name} differs run to run"
-    torch.cuda.synchronize()
-    start = threading.Barrier(THREADS)
-    got: list[list[tuple[Any, ...]]] = [[] for _ in range(THREADS)]
+NAMES = ("out", "lse", "dq", "dk", "dv", "dbias", "decode out")
+
+
+def _check_threads(step: Any, inputs: list[Inputs], equal: Any, on_new_stream: Any,
+                   sync: Any) -> None:
+    """``step`` of each input alone twice (reproducible, else nothing here can tell), then
+    ROUNDS times in one thread per input at once, each thread inside ``on_new_stream()`` (a
+    context manager that makes a new stream current and synchronizes it on exit): every
+    result ``equal`` to the lone call's."""
+    alone = [step(x) for x in inputs]   # one at a time, on the default stream
+    for i, x in enumerate(inputs):
+        for name, a, b in zip(NAMES, alone[i], step(x), strict=True):
+            assert equal(a, b), f"thread {i}'s call alone: {name} differs run to run"
+    sync()
+    start = threading.Barrier(len(inputs))
+    got: list[list[tuple[Any, ...]]] = [[] for _ in inputs]
     errors: list[BaseException] = []
 
     def worker(i: int) -> None:
         try:
-            stream = torch.cuda.Stream()
-            start.wait(timeout=120)   # if a thread failed before it, the rest give up
-            with torch.cuda.stream(stream):
+            with on_new_stream():
+                start.wait(timeout=120)   # if a thread failed before it, the rest give up
                 for _ in range(ROUNDS):
-                    got[i].append(_step(inputs[i]))
-            stream.synchronize()
+                    got[i].append(step(inputs[i]))
         except BaseException as e:  # noqa: BLE001 - reported by the assertion below
             errors.append(e)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(THREADS)]
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(inputs))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert not errors, errors
-    torch.cuda.synchronize()
-    for i in range(THREADS):
-        assert len(got[i]) == ROUNDS
-        for r, res in enumerate(got[i]):
-            for name, a, b in zip(names, alone[i], res, strict=True):
-                assert torch.equal(a, b), f"thread {i}, round {r}: {name} differs from alone"
+    sync()
+    for i, results in enumerate(got):
+        assert len(results) == ROUNDS
+        for r, res in enumerate(results):
+            for name, a, b in zip(NAMES, alone[i], res, strict=True):
+                assert equal(a, b), f"thread {i}, round {r}: {name} differs from alone"
+
+
+@contextlib.contextmanager
+def _torch_stream() -> Iterator[None]:
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        yield
+    stream.synchronize()
+
+
+def test_threads_on_their_own_streams_get_the_lone_calls_results() -> None:
+    _check_threads(_step, [_inputs(i) for i in range(THREADS)], torch.equal, _torch_stream,
+                   torch.cuda.synchronize)
 
 
 def _cupy_step(x: Inputs) -> tuple[Any, ...]:
@@ -123,39 +142,16 @@ def _cupy_step(x: Inputs) -> tuple[Any, ...]:
 
 def test_cupy_threads_on_their_own_streams_get_the_lone_calls_results() -> None:
     cupy = pytest.importorskip("cupy")
-    names = ("out", "lse", "dq", "dk", "dv", "dbias", "decode out")
     inputs = [Inputs(*(cupy.from_dlpack(t.half() if t.is_floating_point() else t)
                        for t in _inputs(i))) for i in range(THREADS)]
     torch.cuda.synchronize()
-    alone = [_cupy_step(x) for x in inputs]   # one at a time, on CuPy's default stream
-    for i, x in enumerate(inputs):
-        for name, a, b in zip(names, alone[i], _cupy_step(x), strict=True):
-            assert cupy.array_equal(a, b), f"thread {i}'s call alone: {name} differs run to run"
-    cupy.cuda.get_current_stream().synchronize()
-    start = threading.Barrier(THREADS)
-    got: list[list[tuple[Any, ...]]] = [[] for _ in range(THREADS)]
-    errors: list[BaseException] = []
 
-    def worker(i: int) -> None:
-        try:
-            stream = cupy.cuda.Stream(non_blocking=True)
-            start.wait(timeout=120)
-            with stream:
-                for _ in range(ROUNDS):
-                    got[i].append(_cupy_step(inputs[i]))
-            stream.synchronize()
-        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
-            errors.append(e)
+    @contextlib.contextmanager
+    def cupy_stream() -> Iterator[None]:
+        stream = cupy.cuda.Stream(non_blocking=True)
+        with stream:
+            yield
+        stream.synchronize()
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(THREADS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
-    cupy.cuda.Device().synchronize()
-    for i in range(THREADS):
-        assert len(got[i]) == ROUNDS
-        for r, res in enumerate(got[i]):
-            for name, a, b in zip(names, alone[i], res, strict=True):
-                assert cupy.array_equal(a, b), f"thread {i}, round {r}: {name} differs from alone"
+    _check_threads(_cupy_step, inputs, cupy.array_equal, cupy_stream,
+                   cupy.cuda.Device().synchronize)
