@@ -41,14 +41,48 @@ def test_rows_copied_and_padded(offset, width, src_pitch, rows):
     assert (d[rows * dst_pitch:] == 0xAB).all()
 
 
+_W, _ROWS, _PITCH = 6, 4, 16   # the thread tests' copy: 4 rows of 6 bytes into 16-byte rows
+
+
+def _thread_copy_buffers():
+    """The source (bytes 0, 1, ...) and a destination filled with 0xAB, synchronized."""
+    src = torch.arange(_W * _ROWS, dtype=torch.uint8, device="cuda")
+    dst = torch.full((_ROWS * _PITCH,), 0xAB, dtype=torch.uint8, device="cuda")
+    torch.cuda.synchronize()
+    return src, dst
+
+
+def _run_in_a_new_thread(fn) -> None:
+    """``fn()`` as a new thread's first CUDA call; what it raised is raised here."""
+    import threading
+
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            errors.append(e)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    assert not errors, errors
+
+
+def _assert_thread_copy(dst) -> None:
+    torch.cuda.synchronize()
+    want = np.zeros((_ROWS, _PITCH), dtype=np.uint8)
+    want[:, :_W] = np.arange(_W * _ROWS, dtype=np.uint8).reshape(_ROWS, _W)
+    np.testing.assert_array_equal(dst.cpu().numpy().reshape(_ROWS, _PITCH), want)
+
+
 def test_copy_from_a_thread_without_a_current_context(monkeypatch):
     """A new thread has no CUDA context bound to it (torch's autograd thread neither, until a
     runtime call of its own): a launch of an already loaded kernel there (a backward's first
     launch, row_pad's copy of an odd-Sk bias tile) binds the device's primary context first
     (runtime.launch_raw): no launch fails with CUDA_ERROR_INVALID_CONTEXT, not even once
     before a retry (compute-sanitizer reports each failed API call)."""
-    import threading
-
     from dmattn_cupy import runtime
 
     raw = runtime._raw or runtime._bind_raw()
@@ -63,65 +97,30 @@ def test_copy_from_a_thread_without_a_current_context(monkeypatch):
             raise
 
     monkeypatch.setattr(runtime, "_raw", [counted, *raw[1:]])
-
-    width, rows, dst_pitch = 6, 4, 16
-    src = torch.arange(width * rows, dtype=torch.uint8, device="cuda")
-    dst = torch.full((rows * dst_pitch,), 0xAB, dtype=torch.uint8, device="cuda")
-    args = (src.device.index, dst.data_ptr(), dst_pitch, src.data_ptr(), width, width, rows, 0)
+    src, dst = _thread_copy_buffers()
+    args = (src.device.index, dst.data_ptr(), _PITCH, src.data_ptr(), _W, _W, _ROWS, 0)
     row_pad.copy_rows(*args)   # loads the kernel in this thread
     torch.cuda.synchronize()
     dst.fill_(0xAB)
     torch.cuda.synchronize()
-    errors: list[BaseException] = []
-
-    def copy() -> None:
-        try:
-            row_pad.copy_rows(*args)
-        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
-            errors.append(e)
-
-    t = threading.Thread(target=copy)
-    t.start()
-    t.join()
-    assert not errors, errors
+    _run_in_a_new_thread(lambda: row_pad.copy_rows(*args))
     assert failed == []
-    torch.cuda.synchronize()
-    want = np.zeros((rows, dst_pitch), dtype=np.uint8)
-    want[:, :width] = np.arange(width * rows, dtype=np.uint8).reshape(rows, width)
-    np.testing.assert_array_equal(dst.cpu().numpy().reshape(rows, dst_pitch), want)
+    _assert_thread_copy(dst)
 
 
 def test_launch_through_cupy_from_a_thread_without_a_current_context():
     """runtime.launch (a kernel launched by CuPy: the validated path's launches) as a new
     thread's first CUDA call: it binds the device's primary context first, as launch_raw
     does, instead of failing with CUDA_ERROR_INVALID_CONTEXT (it has no retry)."""
-    import threading
-
     from dmattn_cupy import runtime
     from dmattn_cupy.params import ROW_PAD_DTYPE
 
-    width, rows, dst_pitch = 6, 4, 16
-    src = torch.arange(width * rows, dtype=torch.uint8, device="cuda")
-    dst = torch.full((rows * dst_pitch,), 0xAB, dtype=torch.uint8, device="cuda")
+    src, dst = _thread_copy_buffers()
     dev = src.device.index
     kernel = runtime.get_kernel(row_pad.pad_spec(runtime.device_props(dev).arch), dev)
     rec = np.zeros(1, dtype=ROW_PAD_DTYPE)
     rec["src"], rec["dst"] = src.data_ptr(), dst.data_ptr()
-    rec["src_pitch"], rec["dst_pitch"], rec["rows"], rec["width"] = width, dst_pitch, rows, width
-    torch.cuda.synchronize()
-    errors: list[BaseException] = []
-
-    def copy() -> None:
-        try:
-            runtime.launch(kernel, row_pad.grid(dst_pitch, rows), (rec[0],), None, 0)
-        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
-            errors.append(e)
-
-    t = threading.Thread(target=copy)
-    t.start()
-    t.join()
-    assert not errors, errors
-    torch.cuda.synchronize()
-    want = np.zeros((rows, dst_pitch), dtype=np.uint8)
-    want[:, :width] = np.arange(width * rows, dtype=np.uint8).reshape(rows, width)
-    np.testing.assert_array_equal(dst.cpu().numpy().reshape(rows, dst_pitch), want)
+    rec["src_pitch"], rec["dst_pitch"], rec["rows"], rec["width"] = _W, _PITCH, _ROWS, _W
+    _run_in_a_new_thread(lambda: runtime.launch(kernel, row_pad.grid(_PITCH, _ROWS), (rec[0],),
+                                                None, 0))
+    _assert_thread_copy(dst)
