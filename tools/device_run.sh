@@ -12,8 +12,9 @@
 # tests: the GPU suite (-n 16; failures also in $OUT/failures.txt as they happen; GPU_SHARD=1/2
 # and 2/2: half the files each, for two calls of under 600 s); suite: tests as its two shards
 # one after the other in this call (logs gpu_tests_1.log, gpu_tests_2.log; with precompile
-# ~540 s on an H100); sanitize: compute-sanitizer
-# memcheck and racecheck on a representative subset; sanitize-random: memcheck over the first
+# ~540 s on an H100); sanitize: compute-sanitizer memcheck and synccheck on a representative
+# subset, racecheck (its own build) on that subset's Hopper forward tests; sanitize-random:
+# memcheck over the first
 # RANDOM_CASES (default 24) calls of tests/gpu/test_random_calls.py; bench: every tools/bench
 # case, JSON + table (FA4 and Flex FLASH rows when flash_attn.cute is importable: see
 # tools/fa4_install.sh; BENCH_ARGS replaces
