@@ -1,6 +1,8 @@
-"""GPU test helpers: float64 copies and FlashAttention's tolerance rule."""
+"""GPU test helpers: float64 copies, FlashAttention's tolerance rule, a call on a new thread."""
 
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 
@@ -17,6 +19,25 @@ def f64(x):
     import cupy
 
     return cupy.asnumpy(x).astype(np.float64) if x.dtype.kind == "f" else cupy.asnumpy(x)
+
+
+def run_in_a_new_thread(fn):
+    """``fn()`` on a new thread (no CUDA context bound to it until its first call): its
+    result, or what it raised raised here."""
+    got: list = []
+
+    def run() -> None:
+        try:
+            got.append(fn())
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            got.append(e)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    if isinstance(got[0], BaseException):
+        raise got[0]
+    return got[0]
 
 
 def assert_fa_close(out, lse, ref_args: dict, dtype: str, varlen: bool = False, cu=None,

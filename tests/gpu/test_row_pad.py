@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from gpu_helpers import run_in_a_new_thread
 
 from dmattn_cupy import row_pad
 
@@ -52,24 +53,6 @@ def _thread_copy_buffers():
     return src, dst
 
 
-def _run_in_a_new_thread(fn) -> None:
-    """``fn()`` as a new thread's first CUDA call; what it raised is raised here."""
-    import threading
-
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            fn()
-        except BaseException as e:  # noqa: BLE001 - re-raised below
-            errors.append(e)
-
-    t = threading.Thread(target=run)
-    t.start()
-    t.join()
-    assert not errors, errors
-
-
 def _assert_thread_copy(dst) -> None:
     torch.cuda.synchronize()
     want = np.zeros((_ROWS, _PITCH), dtype=np.uint8)
@@ -103,7 +86,7 @@ def test_copy_from_a_thread_without_a_current_context(monkeypatch):
     torch.cuda.synchronize()
     dst.fill_(0xAB)
     torch.cuda.synchronize()
-    _run_in_a_new_thread(lambda: row_pad.copy_rows(*args))
+    run_in_a_new_thread(lambda: row_pad.copy_rows(*args))
     assert failed == []
     _assert_thread_copy(dst)
 
@@ -121,6 +104,6 @@ def test_launch_through_cupy_from_a_thread_without_a_current_context():
     rec = np.zeros(1, dtype=ROW_PAD_DTYPE)
     rec["src"], rec["dst"] = src.data_ptr(), dst.data_ptr()
     rec["src_pitch"], rec["dst_pitch"], rec["rows"], rec["width"] = _W, _PITCH, _ROWS, _W
-    _run_in_a_new_thread(lambda: runtime.launch(kernel, row_pad.grid(_PITCH, _ROWS), (rec[0],),
-                                                None, 0))
+    run_in_a_new_thread(lambda: runtime.launch(kernel, row_pad.grid(_PITCH, _ROWS), (rec[0],),
+                                               None, 0))
     _assert_thread_copy(dst)

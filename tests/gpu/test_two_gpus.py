@@ -6,10 +6,10 @@ that device. Arrays on two devices in one call are refused, naming the devices."
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import pytest
+from gpu_helpers import run_in_a_new_thread
 
 from dmattn_cupy import flash_dmattn_func, flash_dmattn_with_kvcache
 
@@ -51,23 +51,6 @@ def _step(x: dict[str, Any]) -> list[Any]:
     return [r.cpu() for r in results]
 
 
-def _in_thread(fn: Any) -> Any:
-    got: list[Any] = []
-
-    def run() -> None:
-        try:
-            got.append(fn())
-        except BaseException as e:  # noqa: BLE001 - re-raised below
-            got.append(e)
-
-    t = threading.Thread(target=run)
-    t.start()
-    t.join()
-    if isinstance(got[0], BaseException):
-        raise got[0]
-    return got[0]
-
-
 def test_calls_on_a_device_that_is_not_the_current_one() -> None:
     names = ("out", "lse", "dq", "dk", "dv", "dbias", "decode out")
     with torch.cuda.device(1):   # device 1 as the current device: the baseline
@@ -78,7 +61,7 @@ def test_calls_on_a_device_that_is_not_the_current_one() -> None:
         x0 = _inputs("cuda:0")    # the same values on device 0: the same kernels' results
         got["device 0's arrays"] = _step(x0)
     # a new thread's current device is 0, with no context bound until its first call
-    got["new thread"] = _in_thread(lambda: (torch.cuda.current_device(), _step(x1)))
+    got["new thread"] = run_in_a_new_thread(lambda: (torch.cuda.current_device(), _step(x1)))
     assert got["new thread"][0] == 0
     got["new thread"] = got["new thread"][1]
     for where, res in got.items():
