@@ -191,9 +191,10 @@ def _ascending_indices(sel: Array, width: int, xp: Any) -> Array:
 
 def _pack_words(flat: Array, xp: Any) -> Array:
     """``(P, 32*W)`` bool -> ``(P, W)`` uint32; element k: bit ``k % 32`` of word ``k // 32``."""
-    words = flat.reshape(flat.shape[0], flat.shape[1] // 32, 32).astype(xp.uint32)
-    # distinct powers of two: their sum is their bitwise or
-    return (words << xp.arange(32, dtype=xp.uint32)).sum(axis=-1, dtype=xp.uint32)
+    # little bit order, then 4 bytes as one little-endian word; no temporary above a byte
+    # per element (a shift-and-sum over uint32 made 32x the words' size)
+    packed = xp.packbits(flat, axis=-1, bitorder="little")
+    return packed.view(xp.uint32)
 
 
 _POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
@@ -209,7 +210,7 @@ def _device_packed(dense4: Array, bm: int, bn: int) -> tuple[Array, Array] | Non
 
 
 def _dense_row_words(dense4: Array, bm: int, bn: int, xp: Any) -> Array:
-    """``(B, H, Sq, Sk)`` bool -> ``(B, H, nrb*bm, ncb*bn/8)`` uint8 bit rows (bn % 32 == 0):
+    """``(B, H, Sq, Sk)`` bool -> ``(B, H, nrb*bm, ncb*bn/8)`` uint8 bit rows (bn % 8 == 0):
     element ``c`` of a row is bit ``c % 8`` of byte ``c // 8`` (so bit ``c % 32`` of uint32 word
     ``c // 32``); out-of-range elements 0. One pass over the mask (``packbits``), then work on
     the 8x smaller bit rows only."""
@@ -230,8 +231,8 @@ def _dense_row_words(dense4: Array, bm: int, bn: int, xp: Any) -> Array:
 
 def _unpack_words(words: Array, xp: Any) -> Array:
     """Inverse of ``_pack_words``: ``(P, W)`` uint32 -> ``(P, 32*W)`` bool."""
-    bits = (words[:, :, None] >> xp.arange(32, dtype=xp.uint32)) & xp.uint32(1)
-    return bits.astype(xp.bool_).reshape(words.shape[0], words.shape[1] * 32)
+    as_bytes = xp.ascontiguousarray(words, dtype=xp.uint32).view(xp.uint8)
+    return xp.unpackbits(as_bytes, axis=-1, bitorder="little").view(xp.bool_)
 
 
 # ----------------------------------------------------------------------------- lists
@@ -926,13 +927,17 @@ class MixedMask(SparseMask):
             np.minimum(blk * b + b, s) - blk * b
             for blk, b, s in zip(rows_cols, (bm, bn), (self.seqlen_q, self.seqlen_k), strict=True)
         ]
-        rows_in, cols_in = (xp.asarray(s)[:, None] for s in sizes)
-        inr = (xp.arange(bm) < rows_in)[:, :, None] & (xp.arange(bn) < cols_in)[:, None, :]
-        elems = _unpack_words(self.partial_bits, xp).reshape(-1, bm, bn)
-        kept = elems.sum(axis=(1, 2))
-        bad = (
-            (elems & ~inr).any() | (kept == 0).any() | (kept == inr.sum(axis=(1, 2))).any()
-        )
+        # In word space (no array of a byte per element: a block may be far larger than the
+        # mask): the in-range words of each distinct (rows, cols) in range, at most 4 of them.
+        shapes, which = np.unique(np.stack(sizes, axis=1), axis=0, return_inverse=True)
+        which = xp.asarray(which.reshape(-1))
+        inr = xp.asarray(np.concatenate([
+            _pack_words(((np.arange(bm) < r)[:, None] & (np.arange(bn) < c)).reshape(1, -1), np)
+            for r, c in shapes]))
+        words = xp.ascontiguousarray(self.partial_bits)
+        kept = xp.asarray(_POPCOUNT8)[words.view(xp.uint8)].sum(axis=-1, dtype=xp.int64)
+        size = xp.asarray(shapes.prod(axis=1))[which]
+        bad = (words & ~inr[which]).any() | (kept == 0).any() | (kept == size).any()
         if bool(bad):
             raise ValueError(
                 "partial_bits must keep, for each partial block, some but not all in-range "
@@ -958,11 +963,10 @@ class MixedMask(SparseMask):
         if packed is not None:  # a device kernel's counts and words
             kept, per_block = packed
         else:
-            if bn % 32 == 0:  # whole words per block row: count and gather bit rows
+            if bn % 8 == 0:  # whole bytes per block row: count and gather bit rows
                 rows = _dense_row_words(dense4, bm, bn, xp)
-                kept = xp.asarray(_POPCOUNT8)[rows].reshape(b, h, nrb, bm, ncb, bn // 8).sum(
-                    axis=(3, 5), dtype=xp.int32)
-                blocks = rows.view(xp.uint32).reshape(b, h, nrb, bm, ncb, bn // 32)
+                blocks = rows.reshape(b, h, nrb, bm, ncb, bn // 8)
+                kept = xp.asarray(_POPCOUNT8)[blocks].sum(axis=(3, 5), dtype=xp.int32)
             else:
                 blocks = _dense_blocks(dense4, bm, bn, xp)
                 kept = blocks.sum(axis=(3, 5), dtype=xp.int32)
@@ -971,9 +975,11 @@ class MixedMask(SparseMask):
         partial = block_class == PARTIAL
         order = xp.cumsum(partial.reshape(-1), dtype=xp.int32).reshape(partial.shape) - 1
         partial_slot = xp.where(partial, order, -1).astype(xp.int32)
-        partial_bits = per_block[partial.reshape(-1)]  # (P, bm*bn/32 words or bm*bn bools)
-        if bn % 32:
-            partial_bits = _pack_words(partial_bits, xp)
+        # (P, bm*bn/8 bytes: a block's bit rows back to back, or bm*bn bools)
+        partial_bits = per_block[partial.reshape(-1)]
+        if packed is None:
+            partial_bits = (partial_bits.view(xp.uint32) if bn % 8 == 0
+                            else _pack_words(partial_bits, xp))
         if dense.ndim == 2:
             block_class, partial_slot = block_class[0, 0], partial_slot[0, 0]
         return cls._exact(block_class, partial_slot, partial_bits, sq, sk, (bm, bn))

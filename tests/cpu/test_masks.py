@@ -292,9 +292,12 @@ def test_mixed_from_dense_is_exact(shape, lead):
     assert mask.batch_heads == (lead or (1, 1))
 
 
-def test_mixed_partial_bits_layout():
-    sq, sk, (bm, bn) = 45, 70, (16, 8)
-    dense4 = random_structured_dense(rng_for("layout"), (1, 2), sq, sk, bm, bn)
+# each of from_dense_mask's packings: whole words per block row, whole bytes, single bits
+@pytest.mark.parametrize("block", [(8, 32), (16, 8), (4, 24), (8, 4), (32, 1)],
+                         ids=lambda b: f"{b[0]}x{b[1]}")
+def test_mixed_partial_bits_layout(block):
+    sq, sk, (bm, bn) = 45, 70, block
+    dense4 = random_structured_dense(rng_for("layout", block), (1, 2), sq, sk, bm, bn)
     mask = MixedMask.from_dense_mask(dense4, (bm, bn))
     cls = ref_block_map(dense4, bm, bn)
     slot = mask.partial_slot
@@ -309,6 +312,30 @@ def test_mixed_partial_bits_layout():
             i, j = r * bm + k // bn, c * bn + k % bn
             want = bool(dense4[b, h, i, j]) if i < sq and j < sk else False
             assert bool((words[k // 32] >> (k % 32)) & 1) == want
+
+
+@pytest.mark.parametrize("block", [(2 ** 16, 16), (16, 2 ** 16), (2 ** 15, 8)],
+                         ids=lambda b: f"{b[0]}x{b[1]}")
+def test_mixed_blocks_larger_than_the_mask_stay_in_memory(block):
+    """A block far larger than the mask: from_dense_mask and the constructor's checks use
+    about the words' own size in temporaries (once a byte per element padded to the block,
+    and 32 bytes per word in the packing: the random calls' 24 GB)."""
+    import tracemalloc
+
+    dense = rng_for("large", block).random((2, 3, 40, 50)) < 0.5
+    tracemalloc.start()
+    try:
+        mask = MixedMask.from_dense_mask(dense, block)
+        built = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        checked = MixedMask(*_parts_of(mask), 40, 50, block)
+        check = tracemalloc.get_traced_memory()[1] - tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    words = mask.partial_bits.nbytes
+    assert mask.partial_bits.shape[1] == block[0] * block[1] // 32
+    assert built < 4 * words and check < 3 * words, (built / words, check / words)
+    np.testing.assert_array_equal(checked.to_dense(), dense)
 
 
 @pytest.mark.parametrize("fill", [False, True], ids=["all_false", "all_true"])
