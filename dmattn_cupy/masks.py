@@ -181,6 +181,14 @@ def _dense_blocks(dense4: Array, bm: int, bn: int, xp: Any) -> Array:
     return dense4.reshape(b, h, nrb, bm, ncb, bn)
 
 
+def _dense_block_any(dense4: Array, bm: int, bn: int, xp: Any) -> Array:
+    """``(B, H, nrb, ncb)``: whether each block keeps an element. A block longer than the mask
+    along a dim (then the only block there) is reduced over the mask's extent alone: the rest
+    would be padding, all False, as large as the block."""
+    sq, sk = dense4.shape[-2:]
+    return _dense_blocks(dense4, max(1, min(bm, sq)), max(1, min(bn, sk)), xp).any(axis=(3, 5))
+
+
 def _ascending_indices(sel: Array, width: int, xp: Any) -> Array:
     """The first ``width`` indices where ``sel (..., n)`` is True, ascending, padded with 0."""
     n = sel.shape[-1]
@@ -612,7 +620,7 @@ class BlockBitsetMask(_BlockGranularMask):
         dense = _native(dense)
         xp = _bool_array(dense, "dense")
         bm, bn = _block_pair(block_size)
-        bits = _dense_blocks(_as4d(dense), bm, bn, xp).any(axis=(3, 5))
+        bits = _dense_block_any(_as4d(dense), bm, bn, xp)
         return cls(bits if dense.ndim == 4 else bits[0, 0], *dense.shape[-2:], (bm, bn))
 
     @property
@@ -687,7 +695,7 @@ class BCSRMask(_BlockGranularMask):
         dense = _native(dense)
         xp = _bool_array(dense, "dense")
         bm, bn = _block_pair(block_size)
-        bits = _dense_blocks(_as4d(dense), bm, bn, xp).any(axis=(3, 5))
+        bits = _dense_block_any(_as4d(dense), bm, bn, xp)
         b, h, nrb, ncb = bits.shape
         row_ptr = xp.zeros((b, h, nrb + 1), dtype=xp.int32)
         row_ptr[:, :, 1:] = xp.cumsum(bits.sum(axis=-1, dtype=xp.int32), axis=-1)

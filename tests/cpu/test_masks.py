@@ -362,6 +362,20 @@ def test_block_granular_from_dense_coarsens(shape, lead, cls):
     assert (mask.to_dense() | ~dense).all()  # a coarsening keeps at least what dense keeps
 
 
+@pytest.mark.parametrize("block", [(2 ** 30, 8), (16, 2 ** 30), (2 ** 30, 2 ** 30)],
+                         ids=["rows", "cols", "both"])
+@pytest.mark.parametrize("cls", [BlockBitsetMask, BCSRMask], ids=["bitset", "bcsr"])
+def test_block_granular_from_dense_with_a_block_larger_than_the_mask(block, cls):
+    """Reduced over the mask's own extent: padding the mask out to one 2**30-long block would
+    take gigabytes."""
+    dense4 = rng_for("large block", block).random((2, 1, 40, 50)) < 0.05
+    mask = cls.from_dense_mask(dense4, block)
+    within = min(block[0], 40), min(block[1], 50)
+    bits4 = ref_block_map(dense4, *within) > 0
+    np.testing.assert_array_equal(mask.block_map() > 0, bits4)
+    np.testing.assert_array_equal(mask.to_dense(), expand_blocks(bits4, 40, 50, *within))
+
+
 def test_bcsr_from_dense_arrays():
     bits = np.array([[1, 0, 1, 1], [0, 0, 0, 0], [0, 1, 0, 0]], dtype=bool)
     dense = expand_blocks(bits[None, None], 40, 30, 16, 8)[0, 0]
