@@ -574,6 +574,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0, help="the first case's seed")
+    ap.add_argument("--max-memory-gb", type=float, default=12.0,
+                    help="address-space limit (0: none): past it an allocation raises "
+                         "MemoryError, a finding, instead of the OOM killer ending the run "
+                         "with its findings unprinted (the cases are small)")
     ap.add_argument("--show-good", type=int, metavar="SEED",
                     help="print good_case(SEED) (tests/gpu/test_random_calls.py: seed "
                          "1000000 + its index) and exit")
@@ -581,6 +585,14 @@ def main() -> int:
     if args.show_good is not None:
         print(describe(good_case(args.show_good, "cpu")))
         return 0
+    if args.max_memory_gb > 0:
+        import resource
+
+        hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+        limit = int(args.max_memory_gb * 2 ** 30)
+        if hard != resource.RLIM_INFINITY:
+            limit = min(limit, hard)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
     found = findings(args.seed, args.cases)
     for f in found:
         print(f"--- {f}")
