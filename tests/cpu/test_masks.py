@@ -318,8 +318,8 @@ def test_mixed_partial_bits_layout(block):
                          ids=lambda b: f"{b[0]}x{b[1]}")
 def test_mixed_blocks_larger_than_the_mask_stay_in_memory(block):
     """A block far larger than the mask: from_dense_mask and the constructor's checks use
-    about the words' own size in temporaries (once a byte per element padded to the block,
-    and 32 bytes per word in the packing: the random calls' 24 GB)."""
+    about the words' own size in temporaries (formerly a byte per element of the padded
+    blocks, and 32 bytes per word in the packing: 89x and 48x here, 24 GB in a random call)."""
     import tracemalloc
 
     dense = rng_for("large", block).random((2, 3, 40, 50)) < 0.5
