@@ -14,11 +14,10 @@
 # one after the other in this call (logs gpu_tests_1.log, gpu_tests_2.log; with precompile
 # ~540 s on an H100); sanitize: compute-sanitizer memcheck and synccheck on a representative
 # subset, racecheck (its own build) on that subset's Hopper forward tests; sanitize-random:
-# memcheck over the first
-# RANDOM_CASES (default 24) calls of tests/gpu/test_random_calls.py; bench: every tools/bench
-# case, JSON + table (FA4 and Flex FLASH rows when flash_attn.cute is importable: see
-# tools/fa4_install.sh; BENCH_ARGS replaces
-# "--suite all"); profile: Nsight Compute sections of one forward launch (PROFILE_CASE,
+# memcheck over the first RANDOM_CASES (default 24) calls of tests/gpu/test_random_calls.py;
+# bench: every tools/bench case, JSON + table (FA4 and Flex FLASH rows when flash_attn.cute
+# is importable: see tools/fa4_install.sh; BENCH_ARGS replaces "--suite all"); profile:
+# Nsight Compute sections of one forward launch (PROFILE_CASE,
 # PROFILE_KERNEL: a kernel-name regex, default flash_fwd: the Hopper or the portable kernel);
 # profile-src: the same launch's stall samples per SASS instruction (tools/ncu_source.py; e.g.
 # PROFILE_CASE=backward PROFILE_KERNEL=flash_bwd_sm90; PROFILE_ARGS: more bench flags, e.g.
