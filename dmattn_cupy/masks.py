@@ -200,9 +200,11 @@ def _ascending_indices(sel: Array, width: int, xp: Any) -> Array:
 def _pack_words(flat: Array, xp: Any) -> Array:
     """``(P, 32*W)`` bool -> ``(P, W)`` uint32; element k: bit ``k % 32`` of word ``k // 32``."""
     # little bit order, then 4 bytes as one little-endian word; no temporary above a byte
-    # per element (a shift-and-sum over uint32 made 32x the words' size)
-    packed = xp.packbits(flat, axis=-1, bitorder="little")
-    return packed.view(xp.uint32)
+    # per element (a shift-and-sum over uint32 made 32x the words' size). Packed flat: a row
+    # is whole bytes, and CuPy's packbits takes no axis
+    p, n = flat.shape
+    packed = xp.packbits(xp.ascontiguousarray(flat).reshape(-1), bitorder="little")
+    return packed.view(xp.uint32).reshape(p, n // 32)
 
 
 _POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
@@ -239,8 +241,9 @@ def _dense_row_words(dense4: Array, bm: int, bn: int, xp: Any) -> Array:
 
 def _unpack_words(words: Array, xp: Any) -> Array:
     """Inverse of ``_pack_words``: ``(P, W)`` uint32 -> ``(P, 32*W)`` bool."""
-    as_bytes = xp.ascontiguousarray(words, dtype=xp.uint32).view(xp.uint8)
-    return xp.unpackbits(as_bytes, axis=-1, bitorder="little").view(xp.bool_)
+    p, w = words.shape
+    as_bytes = xp.ascontiguousarray(words, dtype=xp.uint32).view(xp.uint8).reshape(-1)
+    return xp.unpackbits(as_bytes, bitorder="little").view(xp.bool_).reshape(p, 32 * w)
 
 
 # ----------------------------------------------------------------------------- lists
