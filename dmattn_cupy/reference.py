@@ -72,14 +72,37 @@ def keep_positions(b: int, h: int, sq: int, sk: int, window: tuple[int, int],
     return keep
 
 
+def rounded_p(s: np.ndarray, m_safe: np.ndarray, p: np.ndarray, lowprec: str | None,
+              key_block: int | None) -> np.ndarray:
+    """P = exp(s - m_safe) (``p``) as the P @ V product takes it, rounded to ``lowprec``.
+    With ``key_block``: each block of that many keys is exponentiated against its own max,
+    rounded, then rescaled to the row's max (exactly) -- a partial's order, as a split-KV CTA
+    or one of the decode kernel's warps (16 keys each) forms it. Both orders are the same
+    algorithm in the same precision; their rounding errors are independent draws."""
+    if lowprec is None or not key_block:
+        return quantize(p, lowprec)
+    sk = s.shape[-1]
+    nb = -(-sk // key_block)
+    pad = np.full(s.shape[:-1] + (nb * key_block - sk,), -np.inf)
+    blocks = np.concatenate([s, pad], axis=-1).reshape(s.shape[:-1] + (nb, key_block))
+    row_max = m_safe[..., None]
+    mb = blocks.max(axis=-1, keepdims=True)
+    mb = np.where(np.isneginf(mb), row_max, mb)   # a block with no allowed key: all zero
+    with np.errstate(invalid="ignore", over="ignore"):
+        pb = quantize(np.exp(blocks - mb), lowprec) * np.exp(mb - row_max)
+    return pb.reshape(s.shape[:-1] + (nb * key_block,))[..., :sk]
+
+
 def dense_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | None,
                   bias: np.ndarray | None, scale: float, softcap: float = 0.0,
                   window: tuple[int, int] = (-1, -1), sparse: np.ndarray | None = None,
-                  lowprec: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  lowprec: str | None = None,
+                  key_block: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """q (B,Sq,H,D), k/v (B,Sk,Hk,D); mask/bias/sparse broadcastable to (B,H,Sq,Sk).
 
     Returns out (B,Sq,H,D) float64 and lse (B,H,Sq) float64. A row with no allowed key gives
-    out = 0 and lse = -inf.
+    out = 0 and lse = -inf. ``key_block`` (with ``lowprec``): P is rounded against the max of
+    each block of that many keys instead of the row's (``rounded_p``).
     """
     b, sq, h, d = q.shape
     sk = k.shape[1]
@@ -101,7 +124,7 @@ def dense_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray 
     with np.errstate(invalid="ignore", over="ignore"):
         p = np.exp(s - m_safe)
     l_sum = p.sum(axis=-1, keepdims=True)
-    p = quantize(p, lowprec)
+    p = rounded_p(s, m_safe, p, lowprec, key_block)
     with np.errstate(invalid="ignore"):
         num = np.einsum("bhqk,bkhd->bqhd", p, vv)
     l_t = np.transpose(l_sum[..., 0], (0, 2, 1))[..., None]
@@ -123,8 +146,10 @@ def _varlen_slice(x: np.ndarray | None, qs: int, qe: int, ks: int, ke: int) -> n
 def varlen_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, cu_q: np.ndarray,
                    cu_k: np.ndarray, mask: np.ndarray | None, bias: np.ndarray | None,
                    scale: float, softcap: float = 0.0, window: tuple[int, int] = (-1, -1),
-                   lowprec: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Packed q (total_q,H,D), k/v (total_k,Hk,D). Returns out (total_q,H,D), lse (H,total_q)."""
+                   lowprec: str | None = None,
+                   key_block: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Packed q (total_q,H,D), k/v (total_k,Hk,D). Returns out (total_q,H,D), lse (H,total_q).
+    ``lowprec``, ``key_block``: as ``dense_forward``'s."""
     total_q, h, d = q.shape
     out = np.zeros((total_q, h, d), dtype=np.float64)
     lse = np.full((h, total_q), -np.inf, dtype=np.float64)
@@ -137,7 +162,7 @@ def varlen_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, cu_q: np.ndarray
         o, ls = dense_forward(q[None, qs:qe], k[None, ks:ke], v[None, ks:ke],
                               _varlen_slice(mask, qs, qe, ks, ke),
                               _varlen_slice(bias, qs, qe, ks, ke), scale, softcap, window,
-                              None, lowprec)
+                              None, lowprec, key_block)
         out[qs:qe] = o[0]
         lse[:, qs:qe] = ls[0]
     return out, lse

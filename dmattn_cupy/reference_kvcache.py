@@ -57,14 +57,16 @@ def kvcache_forward(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
                     mask: np.ndarray | None = None, bias: np.ndarray | None = None,
                     scale: float = 1.0, softcap: float = 0.0,
                     window: tuple[int, int] = (-1, -1),
-                    lowprec: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+                    lowprec: str | None = None,
+                    key_block: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """q (B, Sq, H, D); caches (B, S_max, Hk, D) or paged (num_pages, page_size, Hk, D) with
     block_table (B, max_pages); cache_seqlens (B,); k_new/v_new (B, S_new, Hk, D) or None;
     mask/bias key-based like the cache's first two dims, (B|1, S_max, h') or
     (num_pages, page_size, h'). The caches are not modified (``append`` does that).
 
     Returns out (B, Sq, H, D) and lse (B, H, Sq), float64: sequence b attends to its first
-    cache_seqlens[b] + S_new keys, causal/window bottom-right aligned over that length."""
+    cache_seqlens[b] + S_new keys, causal/window bottom-right aligned over that length.
+    ``lowprec``, ``key_block``: as ``reference.dense_forward``'s."""
     q = np.asarray(q, dtype=np.float64)
     kc = np.array(k_cache, dtype=np.float64)
     vc = np.array(v_cache, dtype=np.float64)
@@ -84,6 +86,6 @@ def kvcache_forward(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
         mk = _keyed(mask, p, r, block_table is None)
         bk = _keyed(bias, p, r, block_table is None)
         o, ls = dense_forward(q[b:b + 1], kc[p, r][None], vc[p, r][None], mk, bk, scale,
-                              softcap, window, None, lowprec)
+                              softcap, window, None, lowprec, key_block)
         out[b], lse[b] = o[0], ls[0]
     return out, lse

@@ -635,3 +635,44 @@ def test_torch_cpu_output_type(dtype):
     vout = dm.flash_dmattn_varlen_func(tq[0], tk[0], tv[0], torch.from_numpy(cu([5])),
                                        torch.from_numpy(cu([7])), 5, 7, backend="reference")
     assert isinstance(vout, torch.Tensor) and vout.dtype == dtype
+
+
+@pytest.mark.parametrize("lowprec", ["bfloat16", "float16"])
+def test_key_block_rounding_is_each_blocks_own(lowprec):
+    """``key_block``: P rounded against each key block's max, rescaled to the row's max after
+    rounding; a block as long as the row is the plain reference, and so is no ``lowprec``."""
+    rng = rng_for("key_block", lowprec)
+    q, k, v = make_qkv(rng, 1, 3, 37, 2, 2, 8)
+    mask = rng.random((1, 2, 3, 37)) < 0.7
+    mask[0, 0, 0] = False   # a row with no key
+    mask[0, 1, 1, 16:32] = False   # a block with no key
+    kw = dict(mask=mask, bias=None, scale=0.9)
+    plain = reference.dense_forward(q, k, v, **kw, lowprec=lowprec)
+    for kb in (37, 64):
+        np.testing.assert_array_equal(
+            reference.dense_forward(q, k, v, **kw, lowprec=lowprec, key_block=kb)[0], plain[0])
+    exact = reference.dense_forward(q, k, v, **kw)
+    np.testing.assert_array_equal(reference.dense_forward(q, k, v, **kw, key_block=16)[0],
+                                  exact[0])
+    got, lse = reference.dense_forward(q, k, v, **kw, lowprec=lowprec, key_block=16)
+    np.testing.assert_array_equal(lse, plain[1])
+    qq, kq, vq = (reference.quantize(x, lowprec) for x in (q, k, v))
+    for h in range(2):
+        for i in range(3):
+            s = reference.quantize(qq[0, i, h] @ kq[0, :, h].T * 0.9, "float32")
+            s = np.where(mask[0, h, i], s, -np.inf)
+            if not mask[0, h, i].any():
+                assert (got[0, i, h] == 0).all()
+                continue
+            m = s.max()
+            num = np.zeros(8)
+            for j in range(0, 37, 16):
+                sb = s[j:j + 16]
+                if np.isneginf(sb).all():
+                    continue
+                mb = sb.max()
+                num += (reference.quantize(np.exp(sb - mb), lowprec) * np.exp(mb - m)) @ vq[
+                    0, j:j + 16, h]
+            want = reference.quantize(num / np.exp(s - m).sum(), lowprec)
+            np.testing.assert_allclose(got[0, i, h], want, rtol=0, atol=1e-12)
+    assert np.abs(got - plain[0]).max() > 0   # the orders differ somewhere
