@@ -194,21 +194,23 @@ def _listed(count: Any, idx: Any, ncb: int) -> Any:
 
 def lists_to_dense(tensors: tuple[Any, ...] | list[Any], meta: BlockMeta) -> Any:
     """The exact bool mask ``(Bm, Hm, Sq, Sk)`` of flattened tensors, with torch ops only
-    (traceable; the dense fallback under torch.compile and the CPU reference)."""
+    (traceable; the dense fallback under torch.compile and the CPU reference). Gathered per
+    element of the mask, never over the blocks' padding (a block may be far longer than the
+    mask: a (2**20, 16) block over 64 rows)."""
     nrb, ncb = meta.grid
     bm, bn = meta.block_size
     sq, sk = meta.seqlen_q, meta.seqlen_k
-    full = _listed(tensors[0], tensors[1], ncb)
-    dense = full.repeat_interleave(bm, dim=-2).repeat_interleave(bn, dim=-1)
+    dev = tensors[0].device
+    rows = torch.arange(sq, device=dev)[:, None]
+    cols = torch.arange(sk, device=dev)[None, :]
+    rb, cb = rows // bm, cols // bn   # each element's block
+    dense = _listed(tensors[0], tensors[1], ncb)[..., rb, cb]
     if meta.kind == "MixedMask" and tensors[5].shape[0] > 0:
-        slot, words = tensors[4], tensors[5]
-        lead = slot.shape[:2]
-        picked = words[slot.clamp(min=0).long()]  # (Bm, Hm, nrb, ncb, W)
-        shifts = torch.arange(32, device=words.device, dtype=words.dtype)
-        elems = ((picked.unsqueeze(-1) >> shifts) & 1).bool()
-        elems = elems.reshape(*lead, nrb, ncb, bm, bn) & (slot >= 0)[..., None, None]
-        dense = dense | elems.permute(0, 1, 2, 4, 3, 5).reshape(*lead, nrb * bm, ncb * bn)
-    return dense[..., :sq, :sk]
+        slot, words = tensors[4][..., rb, cb], tensors[5]   # (Bm, Hm, Sq, Sk) partial's slot
+        bit = (rows % bm) * bn + cols % bn   # element (r, c) of a block: bit r * bn + c
+        word = words[slot.clamp(min=0).long(), bit // 32]
+        dense = dense | (((word >> (bit % 32).to(word.dtype)) & 1).bool() & (slot >= 0))
+    return dense
 
 
 def traced_form(mask: SparseMask) -> tuple[tuple[int, int], Any, str | None]:

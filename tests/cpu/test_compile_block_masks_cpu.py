@@ -21,6 +21,7 @@ from dmattn_cupy.mask_tensors import (
 torch = pytest.importorskip("torch")
 from torch._dynamo.utils import counters  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 SQ, SK, BLK = 200, 328, (64, 64)   # ragged edges: 4 x 6 blocks, the last ones partial
 GRID = (4, 6)
@@ -78,6 +79,36 @@ def test_flatten_unflatten_round_trip(kind, lead):
         assert torch.equal(a, b)
     if kind == "mixed":
         assert (mask.block_map() == 1).any() and (mask.block_map() == 2).any()
+
+
+class _LargestOutput(TorchDispatchMode):
+    """The most elements any torch op's output had while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.most = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, tuple | list) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.most = max(self.most, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("block", [(1 << 20, 16), (8, 1 << 16)], ids=["tall", "wide"])
+def test_lists_to_dense_never_expands_a_blocks_padding(block):
+    """A block far longer than the mask: every intermediate stays within a few times the
+    mask's elements (the padded expansion made (1, 1, 2**20, 208) bools and 32x that in
+    shifted words)."""
+    rng = np.random.default_rng(9)
+    dense = rng.random((1, 1, 64, 200)) < 0.5
+    mask = dm.MixedMask.from_dense_mask(dense, block)
+    tensors, meta = flatten_block_mask(mask)
+    with _LargestOutput() as seen:
+        got = lists_to_dense(tensors, meta)
+    np.testing.assert_array_equal(got.numpy(), dense)
+    assert seen.most <= 64 * 200, seen.most
 
 
 def test_flatten_rejects_what_is_not_a_block_mask():
