@@ -223,8 +223,8 @@ for step in $steps; do
       done
       grep -E "^summary" "$OUT/row_bias.log" ;;
     random)  # exploratory random calls: RANDOM_CALLS (default 4000) from RANDOM_SEED (default
-      # 35000000: the first not yet run), the malformed ones from RANDOM_SEED + 1000000
-      rs=${RANDOM_SEED:-35000000}
+      # 37000000: the first not yet run), the malformed ones from RANDOM_SEED + 1000000
+      rs=${RANDOM_SEED:-37000000}
       DMATTN_RANDOM_CALLS=${RANDOM_CALLS:-4000} DMATTN_RANDOM_CALLS_SEED=$rs \
         DMATTN_MALFORMED_CALLS_SEED=$((rs + 1000000)) PYTHONPATH=$PWD:$PWD/tools python3 -m pytest \
         -m gpu -q -n 16 --timeout=200 --tb=short -rf -p no:cacheprovider \
