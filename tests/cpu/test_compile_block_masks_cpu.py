@@ -98,9 +98,9 @@ class _LargestOutput(TorchDispatchMode):
 
 @pytest.mark.parametrize("block", [(1 << 20, 16), (8, 1 << 16)], ids=["tall", "wide"])
 def test_lists_to_dense_never_expands_a_blocks_padding(block):
-    """A block far longer than the mask: every intermediate stays within a few times the
-    mask's elements (the padded expansion made (1, 1, 2**20, 208) bools and 32x that in
-    shifted words)."""
+    """A block far longer than the mask: no intermediate has more elements than the mask
+    (the old expansion over whole blocks made outputs of the padded extent, 2**20 x 208
+    bools and as many int32 bits for the tall block, 64 x 2**16 for the wide one)."""
     rng = np.random.default_rng(9)
     dense = rng.random((1, 1, 64, 200)) < 0.5
     mask = dm.MixedMask.from_dense_mask(dense, block)
