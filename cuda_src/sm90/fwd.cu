@@ -140,6 +140,15 @@ static_assert(DM_SM90_Q_BUFS == 1 || DM_SM90_Q_BUFS == 2, "DM_SM90_Q_BUFS: 1 or 
 #ifndef DM_SM90_BIAS_L2_AHEAD
 #define DM_SM90_BIAS_L2_AHEAD 1
 #endif
+// - DM_SM90_ITEM_REMAT: 1 reads the work-item grid's sizes (query tiles, head-batches, items,
+//   the numbering switches) from the parameters through opaque at each use, so that none is
+//   one value held across the roles. CPU build (NVRTC 13): the lists spec
+//   (fwd_sm90_bf16_d128_m128n128w12_mask0_bias1_varlen0_st2) then fits 224 consumer registers
+//   without spills (60 bytes with 0), the ~8 registers the listed bits' fold needs
+//   (NOTES, fifty-ninth and sixty-first sessions). Not GPU-run; default 0.
+#ifndef DM_SM90_ITEM_REMAT
+#define DM_SM90_ITEM_REMAT 0
+#endif
 // - DM_SM90_LPT_HEADS: N > 0 numbers the other items longest first within sections of N
 //   head-batches (FlashAttention-3's L2 swizzle) where N divides batch * heads; 0: longest
 //   first across all of them. H200 causal (B2 H16 S4096 d128): 0 501.5, 4 525.6, 8 518.0,
@@ -484,6 +493,10 @@ DM_DEVICE bool sm90_head_major(const FwdParams& p) {
   return DM_SM90_HEAD_MAJOR && p.window_left < 0 && p.window_right < 0 &&
          p.cu_seqlens_q == nullptr && p.sp_full_count == nullptr;
 }
+// A parameter as DM_SM90_ITEM_REMAT reads it.
+DM_DEVICE int item_param(int x) {
+  return DM_SM90_ITEM_REMAT ? int(sm90::opaque(uint32_t(x))) : x;
+}
 DM_DEVICE bool sm90_lpt_sections(int bh) {
   return DM_SM90_LPT_HEADS > 0 && bh > DM_SM90_LPT_HEADS && bh % DM_SM90_LPT_HEADS == 0;
 }
@@ -707,15 +720,30 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
   // stage_item[] before the stage's full_k arrive; the consumers read the item of an item's
   // first stage (a tile or its end), so all roles walk the same items. An item with nothing
   // to do (varlen, past its sequence) never reaches the consumers; -1 ends their walk.
-  const int num_m = (p.seqlen_q + kBlockM - 1) / kBlockM;
-  const int bh = p.batch * p.heads;
-  const int num_items = num_m * bh;  // <= forward_sm90.MAX_ITEMS
-  const bool head_major = sm90_head_major(p);
-  const bool lpt_sections = sm90_lpt_sections(bh);
+  // Held from here, or with DM_SM90_ITEM_REMAT computed at each use.
+  const int num_m_held = (p.seqlen_q + kBlockM - 1) / kBlockM;
+  const int bh_held = p.batch * p.heads;
+  const int num_items_held = num_m_held * bh_held;  // <= forward_sm90.MAX_ITEMS
+  const bool head_major_held = sm90_head_major(p);
+  const bool lpt_held = sm90_lpt_sections(bh_held);
+  auto num_m = [&] {
+    return DM_SM90_ITEM_REMAT ? (item_param(p.seqlen_q) + kBlockM - 1) / kBlockM : num_m_held;
+  };
+  auto bh = [&] {
+    return DM_SM90_ITEM_REMAT ? item_param(p.batch) * item_param(p.heads) : bh_held;
+  };
+  auto num_items = [&] { return DM_SM90_ITEM_REMAT ? num_m() * bh() : num_items_held; };
+  auto head_major = [&] {
+    return DM_SM90_ITEM_REMAT
+        ? DM_SM90_HEAD_MAJOR && (item_param(p.window_left) & item_param(p.window_right)) < 0 &&
+              p.cu_seqlens_q == nullptr && p.sp_full_count == nullptr
+        : head_major_held;
+  };
+  auto lpt_sections = [&] { return DM_SM90_ITEM_REMAT ? sm90_lpt_sections(bh()) : lpt_held; };
   // The c-th item to run (c < num_items; num_items passes through: "none left"): item c, or
   // with args.item_order its entry c (flash_fwd_sparse_order_kernel).
   auto ordered = [&](int c) {
-    return args.item_order != nullptr && c < num_items ? args.item_order[c] : c;
+    return args.item_order != nullptr && c < num_items() ? args.item_order[c] : c;
   };
   auto item_of_round = [&](int r) {
     return ordered(r * int(gridDim.x) + int((r & 1) ? gridDim.x - 1 - blockIdx.x : blockIdx.x));
@@ -729,13 +757,13 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
   };
   // Item i's query tile and head-batch index hb = b * heads + h.
   auto item_coords = [&](int i, int& m_block, int& hb) {
-    sm90_item_coords(i, num_m, bh, head_major, lpt_sections, m_block, hb);
+    sm90_item_coords(i, num_m(), bh(), head_major(), lpt_sections(), m_block, hb);
   };
   // Debug builds: item i's pair of tile_counters, in (b * H + h) * num_m + m order.
   auto counter_pair = [&](int i) {
     int m_block, hb;
     item_coords(i, m_block, hb);
-    return p.tile_counters + 2 * (hb * num_m + m_block);
+    return p.tile_counters + 2 * (hb * num_m() + m_block);
   };
   auto make_item = [&](int i, Item& it) {  // false: nothing to do (past the sequence)
     int hb;
@@ -870,16 +898,16 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
     auto claim_issue = [&]() {
       if (leader)
         claim_raw = args.item_counter != nullptr
-                        ? atomicInc(args.item_counter, uint32_t(num_items - 1))
+                        ? atomicInc(args.item_counter, uint32_t(num_items() - 1))
                         : uint32_t(item);
     };
     auto claim_item = [&]() {
       return int(__reduce_max_sync(
-          0xffffffffu, leader ? uint32_t(claimed_item(claim_raw, gridDim.x, num_items)) : 0u));
+          0xffffffffu, leader ? uint32_t(claimed_item(claim_raw, gridDim.x, num_items())) : 0u));
     };
     for (int round = 0;; ++round) {
       if (!kDynamicItems) item = item_of_round(round);
-      if (item >= num_items) break;
+      if (item >= num_items()) break;
       Item it;
       if (!make_item(item, it)) {
         if (kDynamicItems) {
@@ -1228,7 +1256,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
       if (item < 0) break;
     } else {
       item = item_of_round(round);
-      if (item >= num_items) break;
+      if (item >= num_items()) break;
     }
     Item it;
     if (!make_item(item, it)) continue;  // kDynamicItems: never (the producer passed it over)
