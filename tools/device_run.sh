@@ -3,7 +3,7 @@
 #   bash tools/device_run.sh [fa4] [precompile] [tests] [suite] [sanitize] [sanitize-random] [bench]
 #                            [profile] [profile-src] [first] [maskpack] [route]
 #                            [route-bench] [route-suite] [tensor] [host-queue] [row-bias]
-#                            [random] [rows] [compiled] [graph-order]
+#                            [random] [rows] [compiled] [graph-order] [listed-bias]
 #   (default: precompile tests sanitize bench)
 # fa4: install FlashAttention-4 into /tmp/fa4site from the staged wheel parts
 # (tools/fa4_install.sh; .whl/partA staged by an earlier call, .whl/partB carried by this one);
@@ -34,7 +34,8 @@
 # H200 rows NOTES "Next" lists (attn_mask routes, dense/kbias, the decode pair, qbias);
 # compiled: the torch.compile(mode="reduce-overhead") step's GPU tests and host time;
 # graph-order: whether a torch.cuda.graph capture fails after torch.compile's graph trees ran
-# in the process, whose and in which capture mode (tools/graph_after_compile.py).
+# in the process, whose and in which capture mode (tools/graph_after_compile.py);
+# listed-bias: DM_SM90_LISTED_BIAS + DM_SM90_ITEM_REMAT's GPU tests and A/B rounds (sm90/fwd.cu).
 # At most 8 files come back from $OUT: gpu.txt and info.txt count.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -247,6 +248,19 @@ for step in $steps; do
         DMATTN_NUM_SPLITS=$n rows --quick --case decode_b16 --batch 16 --seqlen-k 2048 --peers cudnn
       done
       echo "== qbias"; rows --peers cudnn,flex --case qbias ;;
+    listed-bias)  # DM_SM90_LISTED_BIAS (with DM_SM90_ITEM_REMAT's registers): the Hopper
+      # forward's mask/bias and block-list tests under the defines, then interleaved A/B rounds
+      # of the lists forward (mask_bias_mixed) and the attn_mask routes against the default
+      lb="DM_SM90_ITEM_REMAT=1 DM_SM90_LISTED_BIAS=1"
+      DMATTN_NVRTC_DEFINES="$lb" python3 -m pytest -m gpu -q -n 16 -p no:cacheprovider \
+        tests/gpu/test_forward_sm90_mask_bias_values.py tests/gpu/test_forward_sm90_varlen_sparse.py \
+        tests/gpu/test_mixed_mask_bias.py tests/gpu/test_sparse.py > "$OUT/listed_bias_tests.log" 2>&1
+      echo "listed-bias tests rc=$?: $(tail -1 "$OUT/listed_bias_tests.log")"
+      grep -E "^(FAILED|ERROR)" "$OUT/listed_bias_tests.log" | cut -c1-160 | head -10
+      for r in 1 2; do
+        CASES=mask_bias_mixed,mask_bias,mask_bias_doc_mixed OUT=$OUT bash tools/device_ab.sh \
+          "base_$r|.|" "remat_$r|.|DM_SM90_ITEM_REMAT=1" "lb_$r|.|$lb" | tee -a "$OUT/listed_bias_ab.log"
+      done ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done

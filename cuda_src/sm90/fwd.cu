@@ -149,6 +149,14 @@ static_assert(DM_SM90_Q_BUFS == 1 || DM_SM90_Q_BUFS == 2, "DM_SM90_Q_BUFS: 1 or 
 #ifndef DM_SM90_ITEM_REMAT
 #define DM_SM90_ITEM_REMAT 0
 #endif
+// - DM_SM90_LISTED_BIAS: 1 applies a block list's element bits (kListedPartial) on a bias-tile
+//   spec to the bias words before their unpack (a dropped key's bias becomes -inf:
+//   listed_bias_word), instead of 32 selects per row after the add; a row whose max is then
+//   NaN takes the selects after all (drop_listed_nan). Needs DM_SM90_ITEM_REMAT=1's registers
+//   (NOTES, fifty-ninth and sixty-first sessions). Not GPU-run; default 0.
+#ifndef DM_SM90_LISTED_BIAS
+#define DM_SM90_LISTED_BIAS 0
+#endif
 // - DM_SM90_LPT_HEADS: N > 0 numbers the other items longest first within sections of N
 //   head-batches (FlashAttention-3's L2 swizzle) where N divides batch * heads; 0: longest
 //   first across all of them. H200 causal (B2 H16 S4096 d128): 0 501.5, 4 525.6, 8 518.0,
@@ -369,6 +377,25 @@ DM_DEVICE float drop_masked_nan(float (&x)[kNF][4], int r, const uint8_t* smk, i
   return mx;
 }
 
+// DM_SM90_LISTED_BIAS: row r of a kListedPartial tile holds a NaN (a folded -inf plus a NaN or
+// infinite score is NaN, and so is a NaN at a kept key): its dropped keys (bits of the row's
+// words, row_words: this row's first word of the tile) become -inf, as the selects make them;
+// a NaN at a kept key stays. Returns the thread's new max of the row.
+template <int kNF>
+DM_DEVICE float drop_listed_nan(float (&x)[kNF][4], int r, const uint32_t* row_words, int t) {
+  float mx = -DM_INF;
+#pragma unroll
+  for (int j = 0; j < kNF; ++j) {
+    const uint32_t w = row_words[j / 4];
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      if (!((w >> (8 * (j % 4) + 2 * t + e)) & 1u)) x[j][2 * r + e] = -DM_INF;
+      mx = fmax_nan(mx, x[j][2 * r + e]);
+    }
+  }
+  return mx;
+}
+
 // A full bias stage (64-key boxes of kRows rows, 128-byte rows, 128B swizzle:
 // tile_offset<2, 64, kRows>(row, key)) reaches consumer c's warp w by one ldmatrix.x4 per 16
 // keys: block i (keys 16i ..) at sm90_fwd_bias_ldsm_offset(c, w, lane, i), where matrix
@@ -383,6 +410,44 @@ DM_DEVICE float drop_masked_nan(float (&x)[kNF][4], int r, const uint8_t* smk, i
 // product lands below bit 24 or above bit 31 (tests/cpu/test_sm90_listed_bits.py).
 __host__ __device__ constexpr uint32_t listed_keep_fields(uint32_t w, int t) {
   return ((w >> (2 * t)) & 0x03030303u) * 0x01041040u;
+}
+
+// DM_SM90_LISTED_BIAS: of row word w, quad lane t's keys 8jj + 2t (low half) and 8jj + 2t + 1
+// (high half) as a 32-bit keep mask, 0xffff per kept key (listed_keep_halves_model). The
+// shifts put the two keys on bit 7 of byte jj of u and v, and prmt's sign-replicating selector
+// (listed_keep_selector) spreads each byte's bit 7 over its result byte (prmt_model: the
+// instruction in plain arithmetic; tests/cpu/test_sm90_listed_bits.py checks the chain).
+__host__ __device__ constexpr uint32_t listed_keep_selector(int jj) {
+  return 0xcc88u + 0x1111u * uint32_t(jj);
+}
+__host__ __device__ constexpr uint32_t listed_keep_u(uint32_t w, int t) { return w << (7 - 2 * t); }
+__host__ __device__ constexpr uint32_t listed_keep_v(uint32_t w, int t) { return w << (6 - 2 * t); }
+// PTX prmt.b32 (default mode): result byte i is byte (c_i & 7) of b:a (a bytes 0-3, b 4-7),
+// or with c_i & 8 that byte's bit 7 in all 8 bits (c_i: nibble i of c).
+__host__ __device__ constexpr uint32_t prmt_model(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d = 0;
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t ci = (c >> (4 * i)) & 0xfu, sel = ci & 7u;
+    const uint32_t byte = ((sel < 4 ? a : b) >> (8 * (sel & 3u))) & 0xffu;
+    d |= ((ci & 8u) ? ((byte & 0x80u) ? 0xffu : 0u) : byte) << (8 * i);
+  }
+  return d;
+}
+__host__ __device__ constexpr uint32_t listed_keep_halves_model(uint32_t w, int t, int jj) {
+  return (((w >> (8 * jj + 2 * t)) & 1u) ? 0x0000ffffu : 0u) |
+         (((w >> (8 * jj + 2 * t + 1)) & 1u) ? 0xffff0000u : 0u);
+}
+DM_DEVICE uint32_t listed_keep_halves(uint32_t w, int t, int jj) {
+  uint32_t m;
+  asm("prmt.b32 %0, %1, %2, %3;"
+      : "=r"(m)
+      : "r"(listed_keep_u(w, t)), "r"(listed_keep_v(w, t)), "r"(listed_keep_selector(jj)));
+  return m;
+}
+// A bias word (two 16-bit values of T) with -inf where keep's half is 0.
+template <typename T>
+DM_DEVICE uint32_t listed_bias_word(uint32_t bias, uint32_t keep) {
+  return (bias & keep) | (neg_inf_pair(T{}) & ~keep);
 }
 
 template <int kRows>
@@ -1431,6 +1496,10 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
           lw.w[r][q] = words[lrow[r] * (p.sp_block_n / 32) + q];  // not __ldg: the pack
                                                                   // warps write them in-launch
     };
+    // DM_SM90_LISTED_BIAS: a listed partial tile's bits go into its bias tile's words.
+    auto listed_fold = [&](int cls) {
+      return DM_SM90_LISTED_BIAS && bias_tile && (cls & kListedPartial) != 0;
+    };
     // Softcap, bias and exclusion (by the mask's words and/or by formula, as the tile's class
     // says), for the tile whose first key is n0.
     auto transform = [&](float (&s)[kNF][4], const TileOperands& ops, const ListedWords& lw,
@@ -1451,16 +1520,31 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
           for (int e = 0; e < 4; ++e) s[j][e] = add_bias(s[j][e], ls, e & 1 ? v.y : v.x);
         }
       } else if (bias_keys && !fold) {
+        if (listed_fold(cls)) {  // (a branch of its own: predicated, every tile paid for it)
 #pragma unroll
-        for (int j = 0; j < kNF; ++j)
+          for (int j = 0; j < kNF; ++j)
 #pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            T lo, hi;
-            lo.bits = static_cast<uint16_t>(ops.bias[j][r] & 0xffffu);
-            hi.bits = static_cast<uint16_t>(ops.bias[j][r] >> 16);
-            s[j][2 * r] = add_bias(s[j][2 * r], ls, to_float(lo));
-            s[j][2 * r + 1] = add_bias(s[j][2 * r + 1], ls, to_float(hi));
-          }
+            for (int r = 0; r < 2; ++r) {
+              const uint32_t bw = listed_bias_word<T>(
+                  ops.bias[j][r], listed_keep_halves(lw.w[r][j / 4], t, j % 4));
+              T lo, hi;
+              lo.bits = static_cast<uint16_t>(bw & 0xffffu);
+              hi.bits = static_cast<uint16_t>(bw >> 16);
+              s[j][2 * r] = add_bias(s[j][2 * r], ls, to_float(lo));
+              s[j][2 * r + 1] = add_bias(s[j][2 * r + 1], ls, to_float(hi));
+            }
+        } else {
+#pragma unroll
+          for (int j = 0; j < kNF; ++j)
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+              T lo, hi;
+              lo.bits = static_cast<uint16_t>(ops.bias[j][r] & 0xffffu);
+              hi.bits = static_cast<uint16_t>(ops.bias[j][r] >> 16);
+              s[j][2 * r] = add_bias(s[j][2 * r], ls, to_float(lo));
+              s[j][2 * r + 1] = add_bias(s[j][2 * r + 1], ls, to_float(hi));
+            }
+        }
       }
 #if DM_SM90_MB_FOLD
       if (mask_keys && (cls & kMaskPartial) && !fold_on) {  // folded into the bias
@@ -1492,7 +1576,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
             if (kk < lb[e >> 1].lo || kk > lb[e >> 1].hi) s[j][e] = -DM_INF;
           }
       }
-      if (cls & kListedPartial) {
+      if ((cls & kListedPartial) && !listed_fold(cls)) {
         // Gathered from the prefetched words into keep, bit 2j + e: key 8j + 2t + e of the
         // tile (word q's byte at bits 8q..8q + 7 of keep: listed_keep_fields).
 #pragma unroll
@@ -1598,9 +1682,18 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
 #if DM_SM90_MB_FOLD
       // A NaN in a folded kMaskPartial tile's row: its masked keys go back to -inf first.
       auto row_fix = [&](auto& x, int r, float mx) {
+        if (DM_SM90_LISTED_BIAS && listed_fold(cls) && is_nan(mx))  // then the mask's, if any
+          mx = drop_listed_nan(x, r, p.sp_partial_bits + info[4 * stage + 3] +
+                                         lrow[r] * (p.sp_block_n / 32), t);
         return !fold_on || !(cls & kMaskPartial) || !is_nan(mx) ? mx
             : drop_masked_nan<kBlockM, Smem::kMaskBoxCols>(
                   x, r, smem + (sMask - base) + info[4 * stage + 2] * Smem::kMask, lrow[r], t);
+      };
+#elif DM_SM90_LISTED_BIAS
+      auto row_fix = [&](auto& x, int r, float mx) {
+        return !listed_fold(cls) || !is_nan(mx) ? mx
+            : drop_listed_nan(x, r, p.sp_partial_bits + info[4 * stage + 3] +
+                                        lrow[r] * (p.sp_block_n / 32), t);
       };
 #else
       const KeepRowMax row_fix;

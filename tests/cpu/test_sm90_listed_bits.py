@@ -72,3 +72,69 @@ def test_bits_past_the_32_bit_offsets_are_refused():
     check_partial_words(arrays(MAX_SM90_PARTIAL_WORDS + 1), mma)
     with pytest.raises(ValueError, match="sparse_mask: a MixedMask"):
         check_partial_words(arrays(MAX_SM90_PARTIAL_WORDS + 1), sm90)
+
+
+def test_listed_bias_keep_mask_matches_the_bit_model():
+    """DM_SM90_LISTED_BIAS's keep mask of a bias word (listed_keep_halves: two shifts and a
+    sign-replicating prmt) against the bit model, through prmt_model (PTX's byte permute in
+    plain arithmetic), for every byte value at every byte position, lane and fragment; and
+    prmt_model itself on plain and sign-replicating selectors."""
+    src = r'''
+#include "sm90/fwd.cu"
+constexpr bool check_prmt() {
+  const uint32_t a = 0x80417f02u, b = 0x00ff8001u;
+  return dm::prmt_model(a, b, 0x3210u) == a && dm::prmt_model(a, b, 0x7654u) == b &&
+         dm::prmt_model(a, b, 0x5410u) == 0x80017f02u &&
+         dm::prmt_model(a, b, 0xba98u) == 0xff000000u &&   // signs of 02 7f 41 80
+         dm::prmt_model(a, b, 0xfedcu) == 0x00ffff00u;     // signs of 01 80 ff 00
+}
+constexpr bool check() {
+  for (int t = 0; t < 4; ++t)
+    for (int jj = 0; jj < 4; ++jj)
+      for (uint32_t x = 0; x < 256; ++x)
+        for (int byte = 0; byte < 4; ++byte) {
+          const uint32_t w = (x << (8 * byte)) | (0xa5u << (8 * ((byte + 2) % 4)));
+          const uint32_t got = dm::prmt_model(dm::listed_keep_u(w, t), dm::listed_keep_v(w, t),
+                                              dm::listed_keep_selector(jj));
+          if (got != dm::listed_keep_halves_model(w, t, jj)) return false;
+        }
+  return true;
+}
+static_assert(check_prmt(), "prmt_model: a byte lands wrong");
+static_assert(check(), "listed_keep_halves: a key's half lands wrong");
+'''
+    compile_static_asserts(src, "listed_bias_bits.cu")
+
+
+def keep_halves(w: int, t: int, jj: int) -> int:
+    return (0xFFFF if (w >> (8 * jj + 2 * t)) & 1 else 0) | (
+        0xFFFF0000 if (w >> (8 * jj + 2 * t + 1)) & 1 else 0)
+
+
+def test_keep_halves_model_is_keys_8jj_plus_2t():
+    """The model's halves are keys 8jj + 2t (low) and 8jj + 2t + 1 (high): the bias word's two
+    keys for quad lane t (fragment j = 4q + jj of word q)."""
+    for t in range(4):
+        for jj in range(4):
+            for key in range(32):
+                w = 1 << key
+                want = (0xFFFF if key == 8 * jj + 2 * t else 0) | (
+                    0xFFFF0000 if key == 8 * jj + 2 * t + 1 else 0)
+                assert keep_halves(w, t, jj) == want
+
+
+@pytest.mark.parametrize("spec_id", [
+    "fwd_sm90_bf16_d128_m128n128w12_mask0_bias1_varlen0_st2",
+    "fwd_sm90_fp16_d64_m128n128w12_mask0_bias1_varlen0_st2",
+])
+def test_listed_bias_build_has_no_spills(monkeypatch, spec_id):
+    """DM_SM90_LISTED_BIAS=1 (not the default) builds the block lists' bias specs without
+    spills or slow-wgmma advisories on DM_SM90_ITEM_REMAT=1's registers (CI compiles the
+    default build only; this keeps the dormant one buildable)."""
+    from dmattn_cupy.compile import compile_spec
+    from dmattn_cupy.precompile import all_specs
+
+    monkeypatch.setenv("DMATTN_NVRTC_DEFINES", "DM_SM90_ITEM_REMAT=1 DM_SM90_LISTED_BIAS=1")
+    spec = next(s for s in all_specs("sm_90") if s.id == spec_id)
+    ck = compile_spec(spec, use_disk_cache=False)
+    assert not ck.spills and not ck.advisories, (ck.spill_stores, ck.stack_frame, ck.advisories)
