@@ -142,9 +142,9 @@ static_assert(DM_SM90_Q_BUFS == 1 || DM_SM90_Q_BUFS == 2, "DM_SM90_Q_BUFS: 1 or 
 #endif
 // - DM_SM90_ITEM_REMAT: 1 reads the work-item grid's sizes (query tiles, head-batches, items,
 //   the numbering switches) from the parameters through opaque at each use, so that none is
-//   one value held across the roles. CPU build (NVRTC 13): the lists spec
+//   one value held across the roles. CPU build (NVRTC 12.9): the lists spec
 //   (fwd_sm90_bf16_d128_m128n128w12_mask0_bias1_varlen0_st2) then fits 224 consumer registers
-//   without spills (60 bytes with 0), the ~8 registers the listed bits' fold needs
+//   without spills (at 0: 60 bytes), the ~8 registers the listed bits' fold needs
 //   (NOTES, fifty-ninth and sixty-first sessions). Not GPU-run; default 0.
 #ifndef DM_SM90_ITEM_REMAT
 #define DM_SM90_ITEM_REMAT 0
