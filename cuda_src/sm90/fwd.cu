@@ -1520,7 +1520,9 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
           for (int e = 0; e < 4; ++e) s[j][e] = add_bias(s[j][e], ls, e & 1 ? v.y : v.x);
         }
       } else if (bias_keys && !fold) {
-        if (listed_fold(cls)) {  // (a branch of its own: predicated, every tile paid for it)
+        // The fold in a branch of its own: as one loop with a select, ptxas predicated it and
+        // every tile, full ones too, ran its PRMT/LOP3s.
+        if (listed_fold(cls)) {
 #pragma unroll
           for (int j = 0; j < kNF; ++j)
 #pragma unroll
