@@ -377,25 +377,6 @@ DM_DEVICE float drop_masked_nan(float (&x)[kNF][4], int r, const uint8_t* smk, i
   return mx;
 }
 
-// DM_SM90_LISTED_BIAS: row r of a kListedPartial tile holds a NaN (a folded -inf plus a NaN or
-// infinite score is NaN, and so is a NaN at a kept key): its dropped keys (bits of the row's
-// words, row_words: this row's first word of the tile) become -inf, as the selects make them;
-// a NaN at a kept key stays. Returns the thread's new max of the row.
-template <int kNF>
-DM_DEVICE float drop_listed_nan(float (&x)[kNF][4], int r, const uint32_t* row_words, int t) {
-  float mx = -DM_INF;
-#pragma unroll
-  for (int j = 0; j < kNF; ++j) {
-    const uint32_t w = row_words[j / 4];
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      if (!((w >> (8 * (j % 4) + 2 * t + e)) & 1u)) x[j][2 * r + e] = -DM_INF;
-      mx = fmax_nan(mx, x[j][2 * r + e]);
-    }
-  }
-  return mx;
-}
-
 // A full bias stage (64-key boxes of kRows rows, 128-byte rows, 128B swizzle:
 // tile_offset<2, 64, kRows>(row, key)) reaches consumer c's warp w by one ldmatrix.x4 per 16
 // keys: block i (keys 16i ..) at sm90_fwd_bias_ldsm_offset(c, w, lane, i), where matrix
@@ -410,6 +391,37 @@ DM_DEVICE float drop_listed_nan(float (&x)[kNF][4], int r, const uint32_t* row_w
 // product lands below bit 24 or above bit 31 (tests/cpu/test_sm90_listed_bits.py).
 __host__ __device__ constexpr uint32_t listed_keep_fields(uint32_t w, int t) {
   return ((w >> (2 * t)) & 0x03030303u) * 0x01041040u;
+}
+
+// A kListedPartial tile's row half r (words: the row's kWords words of the tile): quad lane t's
+// dropped keys become -inf in x (keep's bit 2j + e: key 8j + 2t + e, listed_keep_fields).
+template <int kNF, int kWords>
+DM_DEVICE void drop_listed_row(float (&x)[kNF][4], int r, const uint32_t (&w)[kWords], int t) {
+  uint32_t keep = 0;
+#pragma unroll
+  for (int q = 0; q < kWords; ++q)
+    keep |= (listed_keep_fields(w[q], t) >> (24 - 8 * q)) & (0xffu << (8 * q));
+#pragma unroll
+  for (int j = 0; j < kNF; ++j)
+#pragma unroll
+    for (int e = 0; e < 2; ++e)
+      if (!((keep >> (2 * j + e)) & 1u)) x[j][2 * r + e] = -DM_INF;
+}
+
+// DM_SM90_LISTED_BIAS: row r of a kListedPartial tile holds a NaN (a folded -inf plus a NaN or
+// infinite score is NaN, and so is a NaN at a kept key): its dropped keys (row_words: the row's
+// first word of the tile) become -inf, as the selects make them; a NaN at a kept key stays.
+// Returns the thread's new max of the row.
+template <int kNF>
+DM_DEVICE float drop_listed_nan(float (&x)[kNF][4], int r, const uint32_t* row_words, int t) {
+  uint32_t w[kNF / 4];
+#pragma unroll
+  for (int q = 0; q < kNF / 4; ++q) w[q] = row_words[q];
+  drop_listed_row(x, r, w, t);
+  float mx = -DM_INF;
+#pragma unroll
+  for (int j = 0; j < kNF; ++j) mx = fmax_nan(mx, fmax_nan(x[j][2 * r], x[j][2 * r + 1]));
+  return mx;
 }
 
 // DM_SM90_LISTED_BIAS: of row word w, quad lane t's keys 8jj + 2t (low half) and 8jj + 2t + 1
@@ -1578,21 +1590,9 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
             if (kk < lb[e >> 1].lo || kk > lb[e >> 1].hi) s[j][e] = -DM_INF;
           }
       }
-      if ((cls & kListedPartial) && !listed_fold(cls)) {
-        // Gathered from the prefetched words into keep, bit 2j + e: key 8j + 2t + e of the
-        // tile (word q's byte at bits 8q..8q + 7 of keep: listed_keep_fields).
+      if ((cls & kListedPartial) && !listed_fold(cls)) {  // from the prefetched words
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          uint32_t keep = 0;
-#pragma unroll
-          for (int q = 0; q < kBlockN / 32; ++q)
-            keep |= (listed_keep_fields(lw.w[r][q], t) >> (24 - 8 * q)) & (0xffu << (8 * q));
-#pragma unroll
-          for (int j = 0; j < kNF; ++j)
-#pragma unroll
-            for (int e = 0; e < 2; ++e)
-              if (!((keep >> (2 * j + e)) & 1u)) s[j][2 * r + e] = -DM_INF;
-        }
+        for (int r = 0; r < 2; ++r) drop_listed_row(s, r, lw.w[r], t);
       }
     };
     // fold: S's accumulator starts at the fp32 row (keys 8j + 2t, 8j + 2t + 1 in both rows).
