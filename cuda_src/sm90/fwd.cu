@@ -1534,30 +1534,25 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
       } else if (bias_keys && !fold) {
         // The fold in a branch of its own: as one loop with a select, ptxas predicated it and
         // every tile, full ones too, ran its PRMT/LOP3s.
+        auto add_word = [&](int j, int r, uint32_t bw) {  // keys 8j + 2t, + 1 of row half r
+          T lo, hi;
+          lo.bits = static_cast<uint16_t>(bw & 0xffffu);
+          hi.bits = static_cast<uint16_t>(bw >> 16);
+          s[j][2 * r] = add_bias(s[j][2 * r], ls, to_float(lo));
+          s[j][2 * r + 1] = add_bias(s[j][2 * r + 1], ls, to_float(hi));
+        };
         if (listed_fold(cls)) {
 #pragma unroll
           for (int j = 0; j < kNF; ++j)
 #pragma unroll
-            for (int r = 0; r < 2; ++r) {
-              const uint32_t bw = listed_bias_word<T>(
-                  ops.bias[j][r], listed_keep_halves(lw.w[r][j / 4], t, j % 4));
-              T lo, hi;
-              lo.bits = static_cast<uint16_t>(bw & 0xffffu);
-              hi.bits = static_cast<uint16_t>(bw >> 16);
-              s[j][2 * r] = add_bias(s[j][2 * r], ls, to_float(lo));
-              s[j][2 * r + 1] = add_bias(s[j][2 * r + 1], ls, to_float(hi));
-            }
+            for (int r = 0; r < 2; ++r)
+              add_word(j, r, listed_bias_word<T>(ops.bias[j][r],
+                                                 listed_keep_halves(lw.w[r][j / 4], t, j % 4)));
         } else {
 #pragma unroll
           for (int j = 0; j < kNF; ++j)
 #pragma unroll
-            for (int r = 0; r < 2; ++r) {
-              T lo, hi;
-              lo.bits = static_cast<uint16_t>(ops.bias[j][r] & 0xffffu);
-              hi.bits = static_cast<uint16_t>(ops.bias[j][r] >> 16);
-              s[j][2 * r] = add_bias(s[j][2 * r], ls, to_float(lo));
-              s[j][2 * r + 1] = add_bias(s[j][2 * r + 1], ls, to_float(hi));
-            }
+            for (int r = 0; r < 2; ++r) add_word(j, r, ops.bias[j][r]);
         }
       }
 #if DM_SM90_MB_FOLD
