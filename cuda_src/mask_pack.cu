@@ -16,6 +16,7 @@
 #pragma once
 #include "common.cuh"
 #include "mask_pack_params.cuh"
+#include "item_order.cuh"
 
 namespace dm {
 
@@ -151,18 +152,15 @@ mask_pack_kernel(const MaskPackParams p) {
   if (threadIdx.x == 0) p.kept[blk] = int32_t(total);
 }
 
-// The block lists of the packed mask (mask_pack_kernel's counts), as fwd_sm90 reads a
-// MixedMask's: one warp per block row (b, h, rb) walks its column blocks 32 at a time, classes
-// each block by its kept count against its in-range element count (0: empty; all: full; else
-// partial), and appends full and partial ones in ascending order (a ballot's lower lanes give
-// each its place). A partial block's slot is its own index, the row of `words` it was packed
-// into (no prefix sum over all blocks: the lists are made without a host read).
-template <int kNumWarps>
-__global__ void __launch_bounds__(kNumWarps * 32)
-mask_lists_kernel(const MaskListsParams p) {
-  const int lane = threadIdx.x % 32;
-  const int64_t row = int64_t(blockIdx.x) * kNumWarps + threadIdx.x / 32;  // (b*H + h)*nrb + rb
-  if (row >= p.rows) return;
+// The block lists of block row `row` ((b * H + h) * row_blocks + rb) from its blocks' kept
+// counts (kept_of(cb)), by one warp, as fwd_sm90 reads a MixedMask's: the warp walks the
+// column blocks 32 at a time, classes each block by its kept count against its in-range
+// element count (0: empty; all: full; else partial), and appends full and partial ones in
+// ascending order (a ballot's lower lanes give each its place). A partial block's slot is its
+// own index, the row of `words` it was packed into (no prefix sum over all blocks: the lists
+// are made without a host read).
+template <typename KeptOf>
+DM_DEVICE void write_row_lists(const MaskListsParams& p, int64_t row, int lane, KeptOf kept_of) {
   const int ncb = p.col_blocks;
   const int rb = int(row % p.row_blocks);
   const int rows = min(p.block_m, p.seqlen_q - rb * p.block_m);
@@ -174,7 +172,7 @@ mask_lists_kernel(const MaskListsParams p) {
     const int cb = cb0 + lane;
     const int64_t blk = row * ncb + cb;
     const bool in = cb < ncb;
-    const int kept = in ? p.kept[blk] : 0;
+    const int kept = in ? kept_of(cb) : 0;
     const int all = in ? rows * min(p.block_n, p.seqlen_k - cb * p.block_n) : 0;
     const bool full = in && kept == all, part = kept > 0 && kept < all;
     const uint32_t fb = __ballot_sync(0xffffffffu, full), pb = __ballot_sync(0xffffffffu, part);
@@ -191,6 +189,93 @@ mask_lists_kernel(const MaskListsParams p) {
   if (lane == 0) {
     p.full_count[row] = nfull;
     p.partial_count[row] = npart;
+  }
+}
+
+// The block lists of the packed mask (mask_pack_kernel's counts): one warp per block row.
+template <int kNumWarps>
+__global__ void __launch_bounds__(kNumWarps * 32)
+mask_lists_kernel(const MaskListsParams p) {
+  const int64_t row = int64_t(blockIdx.x) * kNumWarps + threadIdx.x / 32;  // (b*H + h)*nrb + rb
+  if (row >= p.rows) return;
+  const int64_t first = row * p.col_blocks;
+  write_row_lists(p, row, threadIdx.x % 32, [&](int cb) { return p.kept[first + cb]; });
+}
+
+// The attn_mask route's packing overlapped with its forward (mask_pack.overlaps,
+// DMATTN_MASK_ROUTE=overlap): a persistent grid of a few CTAs (32 warps, one per SM: the
+// forward's CTAs take the other SMs) packs whole block rows of 128 x 128 blocks from a mask of
+// its own per (batch, head) with 16-byte aligned rows (vec 2), writes each row's lists as
+// mask_lists_kernel does, and then sets the ready word of the forward's work item that reads
+// the row (after the CTA's barrier: fence, then the store). The forward is launched
+// programmatically behind this grid, whose CTAs let it start at once; it waits on each item's
+// word before the item and resets it (sm90/fwd.cu: wait_row_ready). Block rows go in the
+// forward's item order (item_order.cuh; block row rb is the forward's query tile, unit u its
+// item u), so the rows it runs first are ready first. Thread t takes row t / 8 of the block row and keys 16 (t % 8) .. + 15 of every
+// 128-key block, kMaskRowsLoads blocks' 16-byte loads in flight; a block's kept count is
+// summed by a warp reduction and one shared atomic per warp. Words and lists are laid out as
+// mask_pack_kernel's and mask_lists_kernel's (`kept` is not written).
+#ifndef DM_MASK_ROWS_LOADS
+#define DM_MASK_ROWS_LOADS 8
+#endif
+constexpr int kMaskRowsLoads = DM_MASK_ROWS_LOADS;
+
+template <int kNumWarps>
+__global__ void __launch_bounds__(kNumWarps * 32, 1)
+mask_rows_kernel(const MaskPackParams p, const MaskListsParams l) {
+  static_assert(kNumWarps == 32, "a thread per row and 16-key group of a 128 x 128 block");
+  grid_dependents_launch();  // the forward may start: it waits per block row
+  extern __shared__ int32_t kept_s[];  // per column block of the current block row
+  const int tid = threadIdx.x, lane = tid % 32;
+  const int r = tid / 8, s = tid % 8;  // block row's row, 16-key group of a block
+  const int ncb = p.col_blocks, nrb = p.row_blocks;
+  const int bh = int(l.rows / nrb);    // the mask's batch * heads (the forward's, own masks)
+  const bool lpt = sm90_lpt_sections(bh);
+  for (int u = blockIdx.x; u < l.rows; u += gridDim.x) {
+    int rb, z;  // the forward's item u: query tile rb of head-batch z
+    sm90_item_coords(u, nrb, bh, false, lpt, rb, z);
+    const int64_t row = int64_t(z) * nrb + rb;
+    const int mb = z / p.heads, mh = z - mb * p.heads;
+    for (int c = tid; c < ncb; c += kNumWarps * 32) kept_s[c] = 0;
+    __syncthreads();
+    const int row0 = rb * 128;
+    const bool row_in = r < p.seqlen_q - row0;
+    const uint8_t* src = p.mask + int64_t(mb) * p.batch_stride + int64_t(mh) * p.head_stride +
+                         int64_t(row0 + (row_in ? r : 0)) * p.row_stride + 16 * s;
+    uint32_t* out = p.words + row * ncb * (128 * 4) + r * 4 + s / 2;
+    for (int cb0 = 0; cb0 < ncb; cb0 += kMaskRowsLoads) {
+      uint4 x[kMaskRowsLoads];
+#pragma unroll
+      for (int i = 0; i < kMaskRowsLoads; ++i) {  // predicated loads, all in flight at once
+        const int key = (cb0 + i) * 128 + 16 * s;
+        const bool ok = row_in && cb0 + i < ncb && key + 16 <= p.seqlen_k;
+        const uint4* a = reinterpret_cast<const uint4*>(src + (ok ? (cb0 + i) * 128 : 0));
+        x[i] = ok ? __ldg(a) : uint4{0u, 0u, 0u, 0u};
+      }
+#pragma unroll
+      for (int i = 0; i < kMaskRowsLoads; ++i) {
+        const int cb = cb0 + i;  // warp-uniform
+        if (cb >= ncb) break;
+        uint32_t v = kept_nibble(x[i].x) | kept_nibble(x[i].y) << 4 | kept_nibble(x[i].z) << 8 |
+                     kept_nibble(x[i].w) << 12;
+        const int tail = p.seqlen_k - (cb * 128 + 16 * s);  // 1..15: the row's last keys
+        if (row_in && tail > 0 && tail < 16) {
+#pragma unroll 1
+          for (int e = 0; e < tail; ++e) v |= uint32_t(src[cb * 128 + e] != 0) << e;
+        }
+        const uint32_t n = __reduce_add_sync(0xffffffffu, uint32_t(__popc(v)));
+        const uint32_t w = v | __shfl_down_sync(0xffffffffu, v, 1) << 16;
+        if (s % 2 == 0) out[int64_t(cb) * (128 * 4)] = w;
+        if (lane == 0 && n != 0) atomicAdd(&kept_s[cb], int32_t(n));
+      }
+    }
+    __syncthreads();
+    if (tid < 32) write_row_lists(l, row, lane, [&](int cb) { return kept_s[cb]; });
+    __syncthreads();
+    if (tid == 0) {
+      __threadfence();  // every thread's words and warp 0's lists (ordered by the barrier)
+      atomicExch(l.ready + u, 1);
+    }
   }
 }
 

@@ -28,6 +28,9 @@ struct MaskListsParams {
   int32_t* partial_count;
   int32_t* partial_idx;
   int32_t* partial_slot;
+  // mask_rows_kernel only: per block row, in the forward's work-item order, a word set to 1
+  // once the row's words and lists are written (zero before; the forward resets it)
+  int32_t* ready;
   int32_t seqlen_q, seqlen_k;
   int32_t block_m, block_n;
   int32_t row_blocks, col_blocks;

@@ -195,9 +195,22 @@ def mask_route() -> str:
     (batch, head) pairs (a mask broadcast over batch or heads), or where a mask of its own per
     pair would otherwise run slower (``routes_mask``); ``1``: the lists for every mask;
     ``0``: the bytes; ``warps``: beside a tile bias, packed by the warps of the forward's bias
-    spec that are idle otherwise (``mask_pack.packs_in_forward``), else as ``auto``. A plan
-    variable."""
-    return _choice("DMATTN_MASK_ROUTE", "auto", ("auto", "0", "1", "warps"))
+    spec that are idle otherwise (``mask_pack.packs_in_forward``), else as ``auto``;
+    ``overlap``: the lists for every mask, and where the mask is one of its own per (batch,
+    head) with 16-byte aligned rows, packed by a few CTAs while the forward runs beside them
+    (``mask_pack.overlaps``; not measured yet). A plan variable."""
+    return _choice("DMATTN_MASK_ROUTE", "auto", ("auto", "0", "1", "warps", "overlap"))
+
+
+def mask_overlap_ctas() -> int:
+    """``DMATTN_MASK_OVERLAP_CTAS``: the CTAs (one per SM) that pack an ``attn_mask`` beside the
+    forward under ``DMATTN_MASK_ROUTE=overlap``; 0 or empty (default): a sixth of the SMs. A
+    plan variable."""
+    val = os.environ.get("DMATTN_MASK_OVERLAP_CTAS", "") or "0"
+    if not val.isdigit():
+        raise ValueError(f"DMATTN_MASK_OVERLAP_CTAS must be a count of CTAs (0: a sixth of the "
+                         f"SMs), got {val!r}")
+    return int(val)
 
 
 # Variables that change which plan a call gets (family, tile, decode, splits, device checks).
@@ -205,7 +218,7 @@ PLAN_VARIABLES = ("DMATTN_FWD_FAMILY", "DMATTN_BWD_FAMILY", "DMATTN_FWD_TILE", "
                   "DMATTN_NUM_SPLITS", "DMATTN_CHECK", "DMATTN_NVRTC_DEFINES",
                   "DMATTN_SM90_BWD_SPARSE", "DMATTN_SM90_BWD_ORDER", "DMATTN_SM90_FWD_ORDER",
                   "DMATTN_DECODE_STAGES", "DMATTN_PDL", "DMATTN_MASK_ROUTE",
-                  "DMATTN_FWD_ROW_BIAS", "DMATTN_SPLIT_COMBINE")
+                  "DMATTN_FWD_ROW_BIAS", "DMATTN_SPLIT_COMBINE", "DMATTN_MASK_OVERLAP_CTAS")
 _environ_data = getattr(os.environ, "_data", None)
 _encoded = tuple(os.environ.encodekey(n) for n in PLAN_VARIABLES) \
     if _environ_data is not None and hasattr(os.environ, "encodekey") else None

@@ -372,6 +372,10 @@ FAMILY_ROWS: tuple[Family, ...] = (
            "MaskPackParams", "sm_80", _smem_none),
     Family("mask_lists", "mask_pack.cu", "dm::mask_lists_kernel", ("num_warps",),
            "MaskListsParams", "sm_80", _smem_none),
+    # (a MaskListsParams record after its MaskPackParams; its counts' shared memory is the
+    # launch's: mask_pack.plan_lists)
+    Family("mask_rows", "mask_pack.cu", "dm::mask_rows_kernel", ("num_warps",),
+           "MaskPackParams", "sm_80", _smem_none),
     Family("bwd_pre", "sm80/bwd.cu", "dm::flash_bwd_pre_kernel", ("dtype", "num_warps", "varlen"),
            "BwdParams", "sm_80", _smem_none),
     Family("bwd_post", "sm80/bwd.cu", "dm::flash_bwd_post_kernel",

@@ -304,7 +304,8 @@ def _allocators(entry: _Entry, lib: str, like: Any) -> list[tuple[Any, int, tupl
         owner = (lib, entry.plan.device)
         fns = entry.allocs = [
             (_bytes_allocator(like), 4 * a.shape[0], owner) if a.scratch else
-            (arrays.allocator(like, a.shape, a.dtype, True), _COUNTER, owner + a.shape)
+            (arrays.allocator(like, a.shape, a.dtype, True), _COUNTER,
+             owner + a.shape + (a.name,))
             if a.counter else
             (None, _TWIN, ()) if _twin(lib, like, a) else
             (arrays.allocator(like, a.shape, a.dtype, a.zero), _FRESH, ())

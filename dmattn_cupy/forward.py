@@ -165,10 +165,15 @@ def forward_call(pb: Problem, query: Any, cu_q: Any = None, cu_k: Any = None,
     # attn_mask packed by the forward's own pack warps (its bias spec, no mask tiles)
     packed = sparse is None and tile_counters is None and \
         mask_pack.packs_in_forward(pb, runtime.device_props(pb.q.device))
+    ready = None   # the overlapped packing's ready words (mask_pack.overlaps)
     if sparse is None and tile_counters is None and not packed and \
             mask_pack.routes_mask(pb, runtime.device_props(pb.q.device)):
-        # attn_mask as block lists packed in this call (the plan's first two launches)
-        sparse = mask_pack.plan_lists(plan, pb.mask, query, keep_alive)
+        # attn_mask as block lists packed in this call (the plan's first launches)
+        if mask_pack.overlaps(pb, runtime.device_props(pb.q.device)):
+            rows = pb.batch * pb.heads * -(-pb.seqlen_q // mask_pack.ROUTE_BLOCK)
+            ready = plan.add_counter("mask_ready", rows, pb.kind, stream.ptr, query)
+            keep_alive.append(ready)
+        sparse = mask_pack.plan_lists(plan, pb.mask, query, keep_alive, ready)
         pb = dataclasses.replace(pb, mask=None)
     # Operands the Hopper family's maps read once their rows are 16-byte aligned: copied here;
     # a cached plan repeats a pitched copy (RowCopy) into a buffer it allocates per call.
@@ -227,8 +232,13 @@ def forward_call(pb: Problem, query: Any, cu_q: Any = None, cu_k: Any = None,
         keep_alive.append(buf)
         extra[index].view(np.uint64).reshape(-1)[offset // 8] = describe(buf).ptr
         plan.slot_at("item_counter", extra[index], offset)
-    n_order = 0 if spec.family != "fwd_sm90" else forward_sm90.item_order_items(
-        pb.seqlen_q, pb.heads, pb.batch, pb.varlen, pb.window, sparse is not None)
+    if ready is not None:   # the producer waits per block row (the packing runs beside it)
+        extra[0]["row_ready"] = describe(ready).ptr
+        plan.slot("mask_ready", extra[0], "row_ready")
+    # (the overlapped packing's rows come in the kernel's own order: no ranking launch)
+    n_order = 0 if spec.family != "fwd_sm90" or ready is not None else \
+        forward_sm90.item_order_items(pb.seqlen_q, pb.heads, pb.batch, pb.varlen, pb.window,
+                                      sparse is not None)
     if n_order:  # block lists: the work items longest first per group, ranked by a launch first
         buf = arrays.empty(query, (n_order,), "int32")
         keep_alive.append(buf)
@@ -248,7 +258,9 @@ def forward_call(pb: Problem, query: Any, cu_q: Any = None, cu_k: Any = None,
         r["sp_partial_bits"] = describe(buf).ptr
         r["sp_block_m"], r["sp_block_n"] = forward_sm90.BLOCK_M, spec.block_n
         plan.slot("pack_bits", rec, "sp_partial_bits")
-    plan.launches.append(Launch(kernel, grid, (rec, *extra)))
+    # behind the overlapped packing: started once its CTAs are (they let it), not after them
+    plan.launches.append(Launch(kernel, grid, (rec, *extra),
+                                programmatic=ready is not None and env.programmatic_launches()))
     if shifted is not None:
         row_bias.add_launch(plan, dataclasses.replace(pb, bias=shifted.bias), out_info,
                             _ptr(lse), renames, out_names)

@@ -49,17 +49,19 @@ TMA_ALIGN = 16              # bytes: a box's first global element sits on this b
 # Sm90FwdArgs: five 128-byte tensor maps (q, k, v, mask, bias), two int32 modes, for key-based
 # operands (key rows, key chunks) the heads per key, the box and the boxes per stage of each,
 # the dynamic scheduler's counter (a pointer; 0 unless DM_SM90_PERSISTENT=2), the block lists'
-# item order (a pointer; 0: none), padding to 704.
+# item order (a pointer; 0: none), the overlapped mask packing's ready words (a pointer; 0:
+# none), padding to 704.
 MAP_NAMES = ("q", "k", "v", "mask", "bias")
 _ARG_INTS = ("mask_mode", "bias_mode", "mask_chunk_heads", "bias_chunk_heads", "mask_chunk_box",
              "bias_chunk_box", "mask_chunk_boxes", "bias_chunk_boxes")
 COUNTER_OFFSET = 672        # Sm90FwdArgs::item_counter
 ORDER_OFFSET = 680          # Sm90FwdArgs::item_order
-ARGS_DTYPE = np.dtype({"names": ["maps", *_ARG_INTS, "item_counter", "item_order"],
+READY_OFFSET = 688          # Sm90FwdArgs::row_ready
+ARGS_DTYPE = np.dtype({"names": ["maps", *_ARG_INTS, "item_counter", "item_order", "row_ready"],
                        "formats": [(np.uint8, 128 * len(MAP_NAMES))] + [np.int32] * len(_ARG_INTS)
-                       + [np.uint64, np.uint64],
+                       + [np.uint64, np.uint64, np.uint64],
                        "offsets": [0] + [640 + 4 * i for i in range(len(_ARG_INTS))]
-                       + [COUNTER_OFFSET, ORDER_OFFSET],
+                       + [COUNTER_OFFSET, ORDER_OFFSET, READY_OFFSET],
                        "itemsize": 704})
 
 # How CTAs get their work items (fwd.cu: DM_SM90_PERSISTENT): one CTA per item, a persistent

@@ -33,7 +33,8 @@ class Launch:
     args: tuple[np.ndarray, ...] = field(repr=False)  # one-element records, passed by value
     shared_mem: int | None = None      # None: the spec's
     # launched with programmatic stream serialization (runtime.LaunchConfig): it may start
-    # while the previous launch runs, and waits for it (griddepcontrol.wait) before reading
+    # while the previous launch runs, and waits for it (griddepcontrol.wait) before reading,
+    # or (the forward behind the overlapped mask packing) for its own per-row ready words
     programmatic: bool = False
 
 
@@ -103,10 +104,11 @@ class Plan:
     def add_counter(self, name: str, words: int, kind: str, stream: int, like: Any) -> Any:
         """Allocation ``name``: ``words`` int32 counters every launch finds zero and leaves zero
         (``Alloc.counter``); returns this call's buffer, the one kept for (``kind``, device,
-        words) on the raw ``stream`` (``scratch.counter``, the key the thin path's runner asks
-        for too; ``like``: an array of the call)."""
+        words, ``name``) on the raw ``stream`` (``scratch.counter``, the key the thin path's
+        runner asks for too; ``like``: an array of the call). The name keeps two counters of
+        one call apart (an item counter and a mask's ready words may have as many words)."""
         self.allocs.append(Alloc(name, (words,), "int32", counter=True))
-        return scratch.counter((kind, self.device, words), stream,
+        return scratch.counter((kind, self.device, words, name), stream,
                                arrays.allocator(like, (words,), "int32", zero=True))
 
     def slot_at(self, name: str, buf: np.ndarray, byte_offset: int, add: int = 0) -> None:

@@ -28,6 +28,8 @@ from .spec import KernelSpec
 from .validate import Problem
 
 PACK_WARPS = 8          # one CTA per block: 8 warps take its rows in turn
+ROWS_WARPS = 32         # the overlapped packing: a thread per row and 16 keys of a 128-key block
+MAX_ROWS_COL_BLOCKS = 8192  # its per-block counts in shared memory (4 bytes each)
 MAX_GRID_YZ = 65535     # row blocks (y) and batch x heads (z) per launch
 ROUTE_BLOCK = 128       # the attn_mask route's blocks: 128 x 128 (fwd_sm90's 128-key tile)
 # auto routes a mask of its own per (batch, head) where its bytes would go to the portable
@@ -51,8 +53,12 @@ def lists_spec(arch: str = "sm_80") -> KernelSpec:
     return KernelSpec(family="mask_lists", block_m=1, block_n=1, num_warps=PACK_WARPS, arch=arch)
 
 
+def rows_spec(arch: str = "sm_80") -> KernelSpec:
+    return KernelSpec(family="mask_rows", block_m=1, block_n=1, num_warps=ROWS_WARPS, arch=arch)
+
+
 def all_mask_pack_specs(arch: str = "sm_80") -> list[KernelSpec]:
-    return [pack_spec(arch), lists_spec(arch)]
+    return [pack_spec(arch), lists_spec(arch), rows_spec(arch)]
 
 
 def fits_grid(shape: tuple[int, ...], bm: int, bn: int) -> bool:
@@ -165,8 +171,8 @@ def routes_mask(pb: Problem, dev: DeviceProps) -> bool:
     lists), their bits addressable, and the packing grid within limits."""
     m = pb.mask
     mode = env.mask_route()
-    mode = "auto" if mode == "warps" else mode   # where packs_in_forward declined
-    if mode == "0" or not _covers_every_pair(pb):
+    mode = {"warps": "auto", "overlap": "1"}.get(mode, mode)  # warps: where packs_in_forward
+    if mode == "0" or not _covers_every_pair(pb):                # declined
         return False
     mb, mh, sq, sk = m.shape
     nblk = mb * mh * -(-sq // ROUTE_BLOCK) * -(-sk // ROUTE_BLOCK)
@@ -182,6 +188,28 @@ def routes_mask(pb: Problem, dev: DeviceProps) -> bool:
         return by_bytes.family != "fwd_sm90" or (dev.dram_bytes_per_s >= ROUTE_OWN_MASK_DRAM
                                                  and by_bytes.block_n < spec.block_n)
     return True
+
+
+def overlaps(pb: Problem, dev: DeviceProps) -> bool:
+    """Whether the route's packing of ``pb``'s mask (``routes_mask`` holds) runs beside the
+    forward (mask_pack.cu: mask_rows_kernel, a few CTAs; the forward launched behind it
+    programmatically waits per block row): ``DMATTN_MASK_ROUTE=overlap``, compute capability
+    9.0+, a mask of its own per (batch, head) (each block row's lists then serve one work item
+    of the forward, which resets its ready word), 16-byte aligned rows at a unit key stride
+    (``vectorized`` 2) and at most MAX_ROWS_COL_BLOCKS column blocks."""
+    m = pb.mask
+    if env.mask_route() != "overlap" or dev.cc < (9, 0) or m is None:
+        return False
+    mb, mh, _, sk = m.shape
+    strides = tuple(0 if n == 1 else st for n, st in zip(m.shape, m.strides, strict=True))
+    return (mb, mh) == (pb.batch, pb.heads) and -(-sk // ROUTE_BLOCK) <= MAX_ROWS_COL_BLOCKS \
+        and vectorized(m.ptr, strides, ROUTE_BLOCK) == 2
+
+
+def overlap_ctas(dev: DeviceProps, rows: int) -> int:
+    """The overlapped packing's grid: ``DMATTN_MASK_OVERLAP_CTAS`` or a sixth of the SMs, at
+    most one CTA per block row."""
+    return max(1, min(rows, env.mask_overlap_ctas() or dev.sm_count // 6))
 
 
 def packs_in_forward(pb: Problem, dev: DeviceProps) -> bool:
@@ -214,11 +242,16 @@ _ROUTE_BUFFERS = (("sp_full_count", None, "full_count"), ("sp_full_idx", None, "
                   ("mask_kept", "kept", "kept"))
 
 
-def plan_lists(plan: Plan, mask: ArrayInfo, query: Any, keep_alive: list[Any]) -> SparseArrays:
+def plan_lists(plan: Plan, mask: ArrayInfo, query: Any, keep_alive: list[Any],
+               ready: Any = None) -> SparseArrays:
     """Adds the packing and the lists launches of ``mask`` (``routes_mask`` holds) to
     ``plan``, their buffers as allocations (first call: allocated here, kept in
     ``keep_alive``) and the mask as the plan's ``mask`` input; returns the lists, which the
-    forward launch then reads like a MixedMask's (a partial block's bits at its own index)."""
+    forward launch then reads like a MixedMask's (a partial block's bits at its own index).
+    ``ready`` (``overlaps`` holds): the plan's ``mask_ready`` counter of one zero int32 word
+    per block row (= the forward's work item); one overlapped packing launch
+    (mask_rows_kernel) then replaces both, and the forward must wait on those words
+    (Sm90FwdArgs::row_ready)."""
     bm = bn = ROUTE_BLOCK
     mb, mh, sq, sk = mask.shape
     nrb, ncb = -(-sq // bm), -(-sk // bn)
@@ -243,9 +276,16 @@ def plan_lists(plan: Plan, mask: ArrayInfo, query: Any, keep_alive: list[Any]) -
             if field is not None:
                 rec[0][field] = ptr
                 plan.slot(name, rec, field)
-    arch = runtime.device_props(mask.device).arch
-    plan.launches.append(Launch(runtime.get_kernel(pack_spec(arch), mask.device),
+    dev = runtime.device_props(mask.device)
+    if ready is not None:
+        lists[0]["ready"] = arrays.describe(ready).ptr
+        plan.slot("mask_ready", lists, "ready")
+        plan.launches.append(Launch(runtime.get_kernel(rows_spec(dev.arch), mask.device),
+                                    (overlap_ctas(dev, int(lists[0]["rows"])), 1, 1),
+                                    (pack, lists), shared_mem=4 * ncb))
+        return SparseArrays(*(bufs[n] for n, _, _ in _ROUTE_BUFFERS[:6]), block_m=bm, block_n=bn)
+    plan.launches.append(Launch(runtime.get_kernel(pack_spec(dev.arch), mask.device),
                                 (ncb, nrb, mb * mh), (pack,)))
-    plan.launches.append(Launch(runtime.get_kernel(lists_spec(arch), mask.device),
+    plan.launches.append(Launch(runtime.get_kernel(lists_spec(dev.arch), mask.device),
                                 (-(-int(lists[0]["rows"]) // PACK_WARPS), 1, 1), (lists,)))
     return SparseArrays(*(bufs[n] for n, _, _ in _ROUTE_BUFFERS[:6]), block_m=bm, block_n=bn)

@@ -155,9 +155,9 @@ MASK_PACK_DTYPE = np.dtype([(name, t) for name, t in MASK_PACK_FIELDS], align=Tr
 # The block-list kernel's struct (cuda_src/mask_pack_params.cuh, beside the packing's).
 MASK_LISTS_FIELDS: tuple[tuple[str, type], ...] = (
     ("kept", _PTR), ("full_count", _PTR), ("full_idx", _PTR), ("partial_count", _PTR),
-    ("partial_idx", _PTR), ("partial_slot", _PTR), ("seqlen_q", _I32), ("seqlen_k", _I32),
-    ("block_m", _I32), ("block_n", _I32), ("row_blocks", _I32), ("col_blocks", _I32),
-    ("rows", _I32),
+    ("partial_idx", _PTR), ("partial_slot", _PTR), ("ready", _PTR), ("seqlen_q", _I32),
+    ("seqlen_k", _I32), ("block_m", _I32), ("block_n", _I32), ("row_blocks", _I32),
+    ("col_blocks", _I32), ("rows", _I32),
 )
 
 MASK_LISTS_DTYPE = np.dtype([(name, t) for name, t in MASK_LISTS_FIELDS], align=True)

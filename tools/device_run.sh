@@ -3,7 +3,7 @@
 #   bash tools/device_run.sh [fa4] [precompile] [tests] [suite] [sanitize] [sanitize-random] [bench]
 #                            [profile] [profile-src] [first] [maskpack] [route]
 #                            [route-bench] [route-suite] [tensor] [host-queue] [row-bias]
-#                            [random] [rows] [compiled] [graph-order] [listed-bias]
+#                            [random] [rows] [compiled] [graph-order] [listed-bias] [overlap]
 #   (default: precompile tests sanitize bench)
 # fa4: install FlashAttention-4 into /tmp/fa4site from the staged wheel parts
 # (tools/fa4_install.sh; .whl/partA staged by an earlier call, .whl/partB carried by this one);
@@ -35,7 +35,9 @@
 # compiled: the torch.compile(mode="reduce-overhead") step's GPU tests and host time;
 # graph-order: whether a torch.cuda.graph capture fails after torch.compile's graph trees ran
 # in the process, whose and in which capture mode (tools/graph_after_compile.py);
-# listed-bias: DM_SM90_LISTED_BIAS + DM_SM90_ITEM_REMAT's GPU tests and A/B rounds (sm90/fwd.cu).
+# listed-bias: DM_SM90_LISTED_BIAS + DM_SM90_ITEM_REMAT's GPU tests and A/B rounds (sm90/fwd.cu);
+# overlap: DMATTN_MASK_ROUTE=overlap's GPU tests (the packing beside the forward) and
+# interleaved rounds of mask_bias / mask_bias_doc by auto, 1 and overlap at 3 packing grids.
 # At most 8 files come back from $OUT: gpu.txt and info.txt count.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -260,6 +262,23 @@ for step in $steps; do
       for r in 1 2; do
         CASES=mask_bias_mixed,mask_bias,mask_bias_doc_mixed OUT=$OUT bash tools/device_ab.sh \
           "base_$r|.|" "remat_$r|.|DM_SM90_ITEM_REMAT=1" "lb_$r|.|$lb" | tee -a "$OUT/listed_bias_ab.log"
+      done ;;
+    overlap)  # DMATTN_MASK_ROUTE=overlap (mask_pack.overlaps: mask_rows_kernel beside the
+      # forward, which waits per work item): its GPU tests and the route's, then two
+      # interleaved rounds, each one process per row (a sixth of the SMs by default)
+      python3 -m pytest -m gpu -q -n 16 -p no:cacheprovider tests/gpu/test_mask_overlap.py \
+        tests/gpu/test_mask_route.py > "$OUT/overlap_tests.log" 2>&1
+      echo "overlap tests rc=$?: $(tail -1 "$OUT/overlap_tests.log")"
+      grep -E "^(FAILED|ERROR)" "$OUT/overlap_tests.log" | cut -c1-160 | head -10
+      orow() { python3 tools/bench --no-smoke "$@" 2>&1 | tee -a "$OUT/overlap.log" \
+        | awk 'f && NF; /^smoke check/{f=1}' | grep -v -- "-----" | cut -c1-150; }
+      for r in 1 2; do
+        for v in "auto|" "1|" "overlap|" "overlap|11" "overlap|33"; do
+          IFS="|" read -r route ctas <<< "$v"
+          echo "== round $r DMATTN_MASK_ROUTE=$route DMATTN_MASK_OVERLAP_CTAS=${ctas:-default}"
+          DMATTN_MASK_ROUTE=$route DMATTN_MASK_OVERLAP_CTAS=$ctas orow --peers cudnn \
+            --case mask_bias,mask_bias_doc
+        done
       done ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac

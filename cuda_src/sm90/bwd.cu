@@ -170,12 +170,8 @@ template <int kPending>
 DM_DEVICE void bulk_wait() {
   asm volatile("cp.async.bulk.wait_group %0;" ::"n"(kPending) : "memory");
 }
-// The deterministic mode's counters: acquire/release at GPU scope.
-DM_DEVICE int ld_acquire_gpu(const int32_t* p) {
-  int v;
-  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
+// The deterministic mode's counters: acquire (primitives.cuh: ld_acquire_gpu) and release at
+// GPU scope.
 DM_DEVICE void red_release_gpu_add(int32_t* p, int v) {
   asm volatile("red.release.gpu.global.add.s32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }

@@ -43,6 +43,7 @@
 #include "../seqlen.cuh"
 #include "../block_info.cuh"
 #include "../logits.cuh"
+#include "../item_order.cuh"
 #include "../softmax.cuh"
 #include "primitives.cuh"
 #include "wgmma_ops.cuh"
@@ -157,13 +158,8 @@ static_assert(DM_SM90_Q_BUFS == 1 || DM_SM90_Q_BUFS == 2, "DM_SM90_Q_BUFS: 1 or 
 #ifndef DM_SM90_LISTED_BIAS
 #define DM_SM90_LISTED_BIAS 0
 #endif
-// - DM_SM90_LPT_HEADS: N > 0 numbers the other items longest first within sections of N
-//   head-batches (FlashAttention-3's L2 swizzle) where N divides batch * heads; 0: longest
-//   first across all of them. H200 causal (B2 H16 S4096 d128): 0 501.5, 4 525.6, 8 518.0,
-//   16 516.5 TFLOP/s; default 4.
-#ifndef DM_SM90_LPT_HEADS
-#define DM_SM90_LPT_HEADS 4
-#endif
+// - DM_SM90_LPT_HEADS: see ../item_order.cuh (the mask packing of the attn_mask route numbers
+//   its block rows the same way).
 // - DM_SM90_MB_FOLD: 1 makes the producer warpgroup's warps 1-3 (idle otherwise) fold each
 //   mask + bias tile pair (both kTile, 64-key tiles, DM_SM90_PERSISTENT=2) once K's barrier
 //   completed: the bias tile is rewritten in place in fragment order (primitives.cuh:
@@ -223,7 +219,12 @@ struct alignas(64) Sm90FwdArgs {
   // Block lists without a window (forward_sm90.item_order_items): the work item (the kernel's
   // numbering) run as the c-th (flash_fwd_sparse_order_kernel). Null: item c.
   int32_t* item_order;
-  int32_t pad[4];
+  // The attn_mask route's overlapped packing (mask_pack.overlaps): per work item a word that
+  // mask_rows_kernel sets once the item's block row of lists and bits is written; the producer
+  // waits for it before the item and resets it (wait_row_ready). Null: the lists were complete
+  // before the launch.
+  int32_t* row_ready;
+  int32_t pad[2];
 };
 static_assert(sizeof(Sm90FwdArgs) == 704, "Sm90FwdArgs: size drifted from forward_sm90.py");
 
@@ -543,26 +544,20 @@ DM_DEVICE void fold_warps(uint8_t* smem, int lane, const Bar1& bar_full_k, const
   }
 }
 
-// Work item i's query tile and head-batch index hb = b * heads + h (the kernel's numbering, see
-// its work items): query tile fastest where head_major, else longest first, within sections of
-// DM_SM90_LPT_HEADS head-batches where lpt_sections.
-DM_DEVICE void sm90_item_coords(int i, int num_m, int bh, bool head_major, bool lpt_sections,
-                                int& m_block, int& hb) {
-  if (head_major) {
-    m_block = i % num_m;
-    hb = i / num_m;
-  } else if (lpt_sections) {
-    // longest first within sections of DM_SM90_LPT_HEADS head-batches: a section's K/V stay
-    // in L2 while its items run (one runtime division, as the plain order below; a division by
-    // a shorter last section spilled)
-    const int per = DM_SM90_LPT_HEADS * num_m;
-    const int sec = i / per, r = i - sec * per;
-    m_block = num_m - 1 - r / DM_SM90_LPT_HEADS;
-    hb = sec * DM_SM90_LPT_HEADS + r % DM_SM90_LPT_HEADS;
-  } else {
-    m_block = num_m - 1 - i / bh;
-    hb = i % bh;
-  }
+// Sm90FwdArgs::row_ready: before work item i the producer warp waits until the packing kernel
+// running beside this one (mask_rows_kernel) has set word i (the item's block row written),
+// then resets it, so every word is zero again when the launch ends, as the next call's
+// packing expects. Every lane polls (relaxed loads at gpu scope: no L1 invalidation per poll)
+// and the warp exits together (a divergent loop on one lane took item values off the uniform
+// datapath: the producer spilled); the fence after the poll that saw the word set makes it an
+// acquire, and the __syncwarp orders every lane's later reads after it (one lane's poll may
+// have been the one that saw it).
+DM_DEVICE void wait_row_ready(int32_t* ready, bool leader) {
+  while (__reduce_max_sync(0xffffffffu, uint32_t(sm90::ld_relaxed_gpu(ready))) == 0)
+    __nanosleep(128);
+  sm90::fence_acquire_gpu();
+  __syncwarp();
+  if (leader) *ready = 0;
 }
 
 // The kernel's item numbering switches (see its work items).
@@ -573,9 +568,6 @@ DM_DEVICE bool sm90_head_major(const FwdParams& p) {
 // A parameter as DM_SM90_ITEM_REMAT reads it.
 DM_DEVICE int item_param(int x) {
   return DM_SM90_ITEM_REMAT ? int(sm90::opaque(uint32_t(x))) : x;
-}
-DM_DEVICE bool sm90_lpt_sections(int bh) {
-  return DM_SM90_LPT_HEADS > 0 && bh > DM_SM90_LPT_HEADS && bh % DM_SM90_LPT_HEADS == 0;
 }
 
 // A 32-key word of bits from its 32 mask bytes (bit i: byte i nonzero; tests/cpu/
@@ -985,6 +977,7 @@ flash_fwd_sm90_kernel(const FwdParams p, const __grid_constant__ Sm90FwdArgs arg
     for (int round = 0;; ++round) {
       if (!kDynamicItems) item = item_of_round(round);
       if (item >= num_items()) break;
+      if (args.row_ready != nullptr) wait_row_ready(args.row_ready + item, leader);
       Item it;
       if (!make_item(item, it)) {
         if (kDynamicItems) {

@@ -146,6 +146,23 @@ DM_DEVICE uint32_t opaque(uint32_t x) {
   return y;
 }
 
+// A load with acquire semantics at gpu scope: the reads after it see what the writer of the
+// value wrote before its release (another kernel running beside this one).
+DM_DEVICE int32_t ld_acquire_gpu(const int32_t* p) {
+  int32_t v;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+// A relaxed load at gpu scope (a flag polled without invalidating L1 each time: a
+// fence_acquire_gpu after the poll that saw it set makes it an acquire).
+DM_DEVICE int32_t ld_relaxed_gpu(const int32_t* p) {
+  int32_t v;
+  asm volatile("ld.relaxed.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+DM_DEVICE void fence_acquire_gpu() { asm volatile("fence.acq_rel.gpu;" ::: "memory"); }
+
 // ---- mbarriers ---------------------------------------------------------------------------
 
 DM_DEVICE uint32_t smem_u32(const void* p) {

@@ -78,8 +78,9 @@ def test_spec_id_is_readable_and_unique() -> None:
     assert n_kv == 1  # the KV-cache append kernel (16-bit words: one spec)
     n_pad = sum(s.family == "row_pad" for s in specs)
     assert n_pad == 1  # the row padding copy (bytes: one spec)
-    n_pack = sum(s.family in ("mask_pack", "mask_lists") for s in specs)
-    assert n_pack == 2  # the mask packing and block-list kernels (bytes, int32: one spec each)
+    n_pack = sum(s.family in ("mask_pack", "mask_lists", "mask_rows") for s in specs)
+    # the mask packing, block-list and overlapped packing kernels (one spec each)
+    assert n_pack == 3
     n_shift = sum(s.family == "fwd_row_bias" for s in specs)
     assert n_shift == 2  # the lse shift of a key-broadcast bias: one spec per dtype
     assert len(ids) == len(set(ids)) == (n_fwd + n_decode + n_bwd + n_kv + n_pad + n_pack

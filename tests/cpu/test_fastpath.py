@@ -77,6 +77,15 @@ class Capture:
         self.specs: dict[int, object] = {}
         self.streams: list[int] = []     # the raw stream of every thin launch
         self.orders: list[tuple[str, str, tuple, list[bytes]]] = []
+        # indices into ``launches`` of the programmatic ones; ``take`` moves them to
+        # ``taken_programmatic`` (indices into what it returns where no fwd_order was dropped)
+        self.programmatic: list[int] = []
+        self.taken_programmatic: list[int] = []
+
+    def _overlapped(self, family: str) -> bool:
+        """A forward launched right behind the overlapped mask packing (mask_rows)."""
+        return family == "fwd_sm90" and bool(self.launches) and \
+            self.launches[-1][1] == "mask_rows"
 
     def get_kernel(self, spec, dev):
         ptr = 0x1000 + 16 * len(self.specs)
@@ -98,20 +107,28 @@ class Capture:
 
     def launch_ex(self, kernel, grid, args, stream, shared_mem=None, cluster=None,
                   programmatic=False):
-        assert cluster is None and programmatic and kernel.spec.family == "fwd_combine"
+        assert cluster is None and programmatic
+        assert kernel.spec.family == "fwd_combine" or self._overlapped(kernel.spec.family)
+        self.programmatic.append(len(self.launches))
         smem = kernel.spec.dynamic_smem if shared_mem is None else shared_mem
         self.launches.append(("slow", kernel.spec.family, tuple(grid),
                               [a.tobytes() for a in args], smem))
 
     def launch_raw(self, device, fn, grid, block, smem, stream, params, config=None):
         spec = self.specs[fn]
-        # only the combine overlaps the kernel before it (sm_90 preset: programmatic launches)
-        assert (config is not None) == (spec.family == "fwd_combine"), spec.family
+        # only the combine and the forward behind the overlapped mask packing overlap the
+        # kernel before them (sm_90 preset: programmatic launches)
+        assert (config is not None) == (spec.family == "fwd_combine"
+                                        or self._overlapped(spec.family)), spec.family
+        if config is not None:
+            self.programmatic.append(len(self.launches))
         sizes = [_PARAMS[spec.row.params].itemsize]
         if spec.family in ("fwd_sm90", "fwd_order"):   # the order kernel reads the same args
             sizes.append(forward_sm90.ARGS_DTYPE.itemsize)
         if spec.family == "bwd_sm90":
             sizes.append(backward_sm90.ARGS_DTYPE.itemsize)
+        if spec.family == "mask_rows":
+            sizes.append(_PARAMS["MaskListsParams"].itemsize)
         raw = [ctypes.string_at(ctypes.c_uint64.from_address(params + 8 * i).value, n)
                for i, n in enumerate(sizes)]
         assert block == (spec.threads, 1, 1)
@@ -120,6 +137,7 @@ class Capture:
 
     def take(self):
         out, self.launches = self.launches, []
+        self.taken_programmatic, self.programmatic = self.programmatic, []
         kept = []
         for i, x in enumerate(out):
             if x[1] != "fwd_order":
@@ -801,7 +819,7 @@ def test_decode_merges_its_splits_with_kept_counters(cap, monkeypatch):
         groups = grid[0] // int(rec["num_splits"][0]) * grid[1] * grid[2]
         assert groups == 8   # 1 sequence x 8 kv heads x 1 slab (32 heads / 8: 4 rows)
         (key, buf), = scratch._counters.items()
-        assert key[0] == ("torch", 0, groups) and buf.dtype == torch.int32
+        assert key[0] == ("torch", 0, groups, "split_counters") and buf.dtype == torch.int32
         assert buf.shape == (groups,) and not buf.any()
         assert int(rec["split_counters"][0]) == buf.data_ptr()
     kept = dict(scratch._counters)
@@ -1064,3 +1082,45 @@ def test_mask_route_thin_calls_wire_their_own_buffers(cap, monkeypatch):
         assert len(set(ptrs)) == len(ptrs)
         # mask (2, 1, 40, 48): one 128 x 128 block per (batch, row); lists per (batch, row)
         assert launches[0][2] == (1, 1, 2) and launches[1][2] == (1, 1, 1)
+
+
+def test_overlap_route_launches_the_forward_behind_its_packing(cap, monkeypatch):
+    """DMATTN_MASK_ROUTE=overlap with a mask of its own per (batch, head): validated and cached
+    calls launch the overlapped packing (mask_rows: one small grid, its counts in dynamic
+    shared memory) and then the forward, programmatically and with no ranking launch. Both
+    carry one kept counter buffer of a zero word per block row (named apart from the forward's
+    item counter), the packing reads each call's mask and the forward the lists it writes."""
+    monkeypatch.setenv("DMATTN_MASK_ROUTE", "overlap")
+    readies = set()
+    for seed, path in ((0, "slow"), (10, "thin"), (20, "thin")):
+        (q, k, v), kw = _dense_case("mask_bias", seed)
+        mask = torch.rand(2, 4, 40, 48, generator=torch.Generator().manual_seed(seed)) > 0.2
+        dm.flash_dmattn_func(q, k, v, attn_mask=mask, attn_bias=kw["attn_bias"])
+        launches = cap.take()
+        assert [(p, f) for p, f, *_ in launches] == [(path, "mask_rows"), (path, "fwd_sm90")]
+        assert cap.taken_programmatic == [1] and not cap.orders
+        raws, smem = launches[0][3], launches[0][4]
+        pack, lists = _record(raws[0], "MaskPackParams"), _record(raws[1], "MaskListsParams")
+        assert int(pack["mask"][0]) == mask.data_ptr() and int(pack["vec"][0]) == 2
+        rows = int(lists["rows"][0])
+        assert rows == 2 * 4 * 1 and launches[0][2] == (rows, 1, 1) and smem == 4 * 1
+        fwd = _record(launches[1][3][0], "FwdParams")
+        args = np.frombuffer(launches[1][3][1], dtype=forward_sm90.ARGS_DTYPE)
+        ready = int(lists["ready"][0])
+        assert ready == int(args["row_ready"][0]) != 0 and int(args["item_order"][0]) == 0
+        assert ready != int(args["item_counter"][0]) != 0
+        for sp in _SPARSE_FIELDS:
+            src = pack["words"] if sp == "sp_partial_bits" else lists[sp[3:]]
+            assert int(fwd[sp][0]) == int(src[0]) != 0, sp
+        readies.add(ready)
+    assert len(readies) == 1
+    (buf,) = [b for key, b in scratch._counters.items() if key[0][-1] == "mask_ready"]
+    assert buf.data_ptr() in readies and buf.shape == (8,) and not buf.any()
+    # a mask shared by the heads: the two packing launches, the forward launched plainly
+    (q, k, v), kw = _dense_case("mask_bias", 30)
+    dm.flash_dmattn_func(q, k, v, **kw)
+    launches = cap.take()
+    assert [f for _, f, *_ in launches] == ["mask_pack", "mask_lists", "fwd_sm90"]
+    assert cap.taken_programmatic == []
+    args = np.frombuffer(launches[2][3][1], dtype=forward_sm90.ARGS_DTYPE)
+    assert int(args["row_ready"][0]) == 0

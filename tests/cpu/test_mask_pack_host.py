@@ -390,3 +390,114 @@ def test_pack_warps_route_decision(monkeypatch):
     # declined: the lists as under auto (a shared mask routed, one of its own per pair not)
     assert mask_pack.routes_mask(_route_problem((2, 1, 1000, 1200)), h100)
     assert not mask_pack.routes_mask(_route_problem((2, 8, 1000, 1200)), h100)
+
+
+def item_coords(i: int, num_m: int, bh: int, lpt_heads: int = 4) -> tuple[int, int]:
+    """item_order.cuh's sm90_item_coords without head_major (block lists never take it):
+    longest first within sections of DM_SM90_LPT_HEADS head-batches where they divide bh."""
+    if 0 < lpt_heads < bh and bh % lpt_heads == 0:
+        sec, r = divmod(i, lpt_heads * num_m)
+        return num_m - 1 - r // lpt_heads, sec * lpt_heads + r % lpt_heads
+    return num_m - 1 - i // bh, i % bh
+
+
+def emulate_rows(dense4: np.ndarray, ctas: int) -> tuple[dict, np.ndarray, list[list[int]]]:
+    """What mask_rows_kernel writes for a (B, H, Sq, Sk) mask at 128 x 128 blocks: (the lists
+    as emulate_lists gives them, words (blocks, 512), per CTA the (ready word, block row) it
+    wrote, in order), thread t = 8 r + s taking row r and keys 16 s .. + 15 of each block, a
+    block's count summed over the CTA's threads, with the kernel's own index arithmetic."""
+    b, h, sq, sk = dense4.shape
+    nrb, ncb, bh = -(-sq // 128), -(-sk // 128), b * h
+    words = np.full((bh * nrb * ncb, 512), 0xDEADBEEF, dtype=np.uint32)
+    kept = np.full((b, h, nrb, ncb), -7, dtype=np.int64)
+    ready: list[list[tuple[int, int]]] = [[] for _ in range(ctas)]
+    tid = np.arange(32 * mask_pack.ROWS_WARPS)
+    r, s = tid // 8, tid % 8
+    for cta in range(ctas):
+        for u in range(cta, bh * nrb, ctas):
+            rb, z = item_coords(u, nrb, bh)
+            row = z * nrb + rb
+            mb, mh = divmod(z, h)
+            row_in = r < sq - rb * 128
+            kept_s = np.zeros(ncb, dtype=np.int64)
+            for cb in range(ncb):
+                v = np.zeros(tid.size, dtype=np.uint32)
+                for e in range(16):  # the 16-byte load, or byte by byte at the row's tail
+                    key = cb * 128 + 16 * s + e
+                    ok = row_in & (key < sk)
+                    bit = dense4[mb, mh, np.where(ok, rb * 128 + r, 0),
+                                 np.where(ok, key, 0)] & ok
+                    v |= bit.astype(np.uint32) << np.uint32(e)
+                kept_s[cb] += sum(bin(int(x)).count("1") for x in v)
+                for t in tid[s % 2 == 0]:  # the even lane: its bits and its neighbour's
+                    words[row * ncb + cb, r[t] * 4 + s[t] // 2] = v[t] | v[t + 1] << np.uint32(16)
+            kept.reshape(-1, ncb)[row] = kept_s
+            ready[cta].append((u, row))
+    return emulate_lists(kept, sq, sk, 128, 128), words, ready
+
+
+@pytest.mark.parametrize("sq,sk,lead,ctas", [(300, 520, (2, 3), 5), (129, 33 * 128 + 16, (1, 1), 1),
+                                             (256, 256, (2, 4), 3)])
+def test_rows_emulation_equals_the_two_kernels(sq, sk, lead, ctas):
+    """mask_rows_kernel's emulation writes the words and lists of mask_pack_kernel +
+    mask_lists_kernel (their emulations, checked against MixedMask above) for every block row,
+    sets each row ready exactly once, and each CTA takes its rows in the forward's item order
+    (item u of the forward reads block row item_coords(u), and waits on word u)."""
+    rng = np.random.default_rng(sq + sk + ctas)
+    dense = rng.random((*lead, sq, sk)) < 0.9
+    dense[..., :128, :128] = True
+    dense[..., -1:, 128:256] = False
+    dense[..., :, -3:] = False
+    got, words, ready = emulate_rows(dense, ctas)
+    kept, want_words = emulate(dense, 128, 128, vec=2)
+    want = emulate_lists(kept, sq, sk, 128, 128)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    np.testing.assert_array_equal(words, want_words)
+    bh, nrb = int(np.prod(lead)), -(-sq // 128)
+    # the forward's item u: sparse_row_entry of its (batch, head, query tile)
+    row_of = [rb + nrb * z for rb, z in (item_coords(u, nrb, bh) for u in range(bh * nrb))]
+    assert sorted(row_of) == list(range(bh * nrb))
+    for cta, pairs in enumerate(ready):
+        assert [u for u, _ in pairs] == list(range(cta, bh * nrb, ctas))
+        assert all(row == row_of[u] for u, row in pairs)
+
+
+def test_overlap_route_decision(monkeypatch):
+    """overlaps: only under DMATTN_MASK_ROUTE=overlap (which routes every mask as ``1`` does),
+    on compute capability 9.0+, for a mask of its own per (batch, head) with 16-byte aligned
+    rows at a unit key stride; a shared or per-batch mask, a pitched one and other modes take
+    the two packing launches. The grid: DMATTN_MASK_OVERLAP_CTAS, else a sixth of the SMs, at
+    most a CTA per block row."""
+    from dmattn_cupy.arrays import ArrayInfo
+    from dmattn_cupy.device import PRESETS
+
+    h100, a100 = PRESETS["sm_90"], PRESETS["sm_80"]
+    own = _route_problem((2, 8, 1000, 1200))
+    for mode in ("auto", "0", "1", "warps"):
+        monkeypatch.setenv("DMATTN_MASK_ROUTE", mode)
+        assert not mask_pack.overlaps(own, h100), mode
+    monkeypatch.setenv("DMATTN_MASK_ROUTE", "overlap")
+    assert mask_pack.routes_mask(own, h100) and mask_pack.overlaps(own, h100)
+    assert mask_pack.routes_mask(_route_problem((2, 1, 1000, 1200)), h100)
+    assert not mask_pack.overlaps(_route_problem((2, 1, 1000, 1200)), h100)   # shared by heads
+    assert not mask_pack.overlaps(_route_problem((1, 1, 1000, 1200)), h100)
+    assert not mask_pack.overlaps(own, a100)
+    one = _route_problem((1, 1, 1000, 1200), b=1, h=1, hk=1)   # its size-1 dims' strides
+    odd = dataclasses.replace(one.mask, strides=(7, 3, 1200, 1))   # do not count
+    assert mask_pack.overlaps(dataclasses.replace(one, mask=odd), h100)
+    pitched = dataclasses.replace(own.mask, strides=(8 * 1000 * 1208, 1000 * 1208, 1208, 1))
+    assert not mask_pack.overlaps(dataclasses.replace(own, mask=pitched), h100)
+    shifted = dataclasses.replace(own.mask, ptr=own.mask.ptr + 4)
+    assert not mask_pack.overlaps(dataclasses.replace(own, mask=shifted), h100)
+    wide = _route_problem((1, 1, 128, 128 * (mask_pack.MAX_ROWS_COL_BLOCKS + 1)), b=1, h=1,
+                          hk=1, sq=128, sk=128 * (mask_pack.MAX_ROWS_COL_BLOCKS + 1))
+    assert not mask_pack.overlaps(wide, h100)
+    assert isinstance(own.mask, ArrayInfo)
+    assert mask_pack.overlap_ctas(h100, 10_000) == h100.sm_count // 6
+    assert mask_pack.overlap_ctas(h100, 3) == 3
+    monkeypatch.setenv("DMATTN_MASK_OVERLAP_CTAS", "40")
+    assert mask_pack.overlap_ctas(h100, 10_000) == 40
+    monkeypatch.setenv("DMATTN_MASK_OVERLAP_CTAS", "many")
+    with pytest.raises(ValueError, match="DMATTN_MASK_OVERLAP_CTAS"):
+        mask_pack.overlap_ctas(h100, 10_000)
