@@ -193,7 +193,7 @@ def routes_mask(pb: Problem, dev: DeviceProps) -> bool:
 def overlaps(pb: Problem, dev: DeviceProps) -> bool:
     """Whether the route's packing of ``pb``'s mask (``routes_mask`` holds) runs beside the
     forward (mask_pack.cu: mask_rows_kernel, a few CTAs; the forward launched behind it
-    programmatically waits per block row): ``DMATTN_MASK_ROUTE=overlap``, compute capability
+    programmatically waits per work item): ``DMATTN_MASK_ROUTE=overlap``, compute capability
     9.0+, a mask of its own per (batch, head) (each block row's lists then serve one work item
     of the forward, which resets its ready word), 16-byte aligned rows at a unit key stride
     (``vectorized`` 2) and at most MAX_ROWS_COL_BLOCKS column blocks."""

@@ -551,10 +551,14 @@ DM_DEVICE void fold_warps(uint8_t* smem, int lane, const Bar1& bar_full_k, const
 // and the warp exits together (a divergent loop on one lane took item values off the uniform
 // datapath: the producer spilled); the fence after the poll that saw the word set makes it an
 // acquire, and the __syncwarp orders every lane's later reads after it (one lane's poll may
-// have been the one that saw it).
+// have been the one that saw it). A word never set (a host bug) traps after ~2^26 polls (over
+// 8 s) instead of hanging the device.
 DM_DEVICE void wait_row_ready(int32_t* ready, bool leader) {
-  while (__reduce_max_sync(0xffffffffu, uint32_t(sm90::ld_relaxed_gpu(ready))) == 0)
+  for (uint32_t polls = 0;
+       __reduce_max_sync(0xffffffffu, uint32_t(sm90::ld_relaxed_gpu(ready))) == 0; ++polls) {
+    if (polls == (1u << 26)) __trap();
     __nanosleep(128);
+  }
   sm90::fence_acquire_gpu();
   __syncwarp();
   if (leader) *ready = 0;

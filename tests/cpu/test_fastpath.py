@@ -1089,7 +1089,8 @@ def test_overlap_route_launches_the_forward_behind_its_packing(cap, monkeypatch)
     calls launch the overlapped packing (mask_rows: one small grid, its counts in dynamic
     shared memory) and then the forward, programmatically and with no ranking launch. Both
     carry one kept counter buffer of a zero word per block row (named apart from the forward's
-    item counter), the packing reads each call's mask and the forward the lists it writes."""
+    item counter), the packing reads each call's mask and the forward the lists it writes; a
+    cached call's records equal the validated call's but for the buffers a call allocates."""
     monkeypatch.setenv("DMATTN_MASK_ROUTE", "overlap")
     readies = set()
     for seed, path in ((0, "slow"), (10, "thin"), (20, "thin")):
@@ -1114,6 +1115,30 @@ def test_overlap_route_launches_the_forward_behind_its_packing(cap, monkeypatch)
             assert int(fwd[sp][0]) == int(src[0]) != 0, sp
         readies.add(ready)
     assert len(readies) == 1
+    # the same call again (cached): byte for byte the validated call's records but for the
+    # buffers every call allocates
+    dm.flash_dmattn_func(q, k, v, attn_mask=mask, attn_bias=kw["attn_bias"])
+    again = cap.take()
+    fastpath.clear()
+    dm.flash_dmattn_func(q, k, v, attn_mask=mask, attn_bias=kw["attn_bias"])
+    slow = cap.take()
+    assert [p for p, *_ in again] == ["thin"] * 2 and [p for p, *_ in slow] == ["slow"] * 2
+
+    def fields(launches):
+        res = []
+        for (_, fam, grid, raws, smem), dts in zip(launches, (
+                ("MaskPackParams", "MaskListsParams"), ("FwdParams",)), strict=True):
+            recs = [_record(raw, name) for raw, name in zip(raws, dts, strict=False)]
+            for rec in recs:
+                for f in _FRESH + _ROUTE_FRESH + _SPARSE_FIELDS:
+                    if f in rec.dtype.names:
+                        rec[f] = 0
+            res.append((fam, grid, smem,   # field by field: a copy's padding is undefined
+                        [b"".join(r[n][0].tobytes() for n in r.dtype.names) for r in recs],
+                        raws[len(dts):]))
+        return res
+
+    assert fields(again) == fields(slow)
     (buf,) = [b for key, b in scratch._counters.items() if key[0][-1] == "mask_ready"]
     assert buf.data_ptr() in readies and buf.shape == (8,) and not buf.any()
     # a mask shared by the heads: the two packing launches, the forward launched plainly
