@@ -36,8 +36,9 @@
 # graph-order: whether a torch.cuda.graph capture fails after torch.compile's graph trees ran
 # in the process, whose and in which capture mode (tools/graph_after_compile.py);
 # listed-bias: DM_SM90_LISTED_BIAS + DM_SM90_ITEM_REMAT's GPU tests and A/B rounds (sm90/fwd.cu);
-# overlap: DMATTN_MASK_ROUTE=overlap's GPU tests (the packing beside the forward) and
-# interleaved rounds of mask_bias / mask_bias_doc by auto, 1 and overlap at 3 packing grids.
+# overlap: DMATTN_MASK_ROUTE=overlap's GPU tests (the packing beside the forward), three of
+# them under compute-sanitizer, and interleaved rounds of mask_bias / mask_bias_doc by auto, 1
+# and overlap at 3 packing grids.
 # At most 8 files come back from $OUT: gpu.txt and info.txt count.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -270,6 +271,17 @@ for step in $steps; do
         tests/gpu/test_mask_route.py > "$OUT/overlap_tests.log" 2>&1
       echo "overlap tests rc=$?: $(tail -1 "$OUT/overlap_tests.log")"
       grep -E "^(FAILED|ERROR)" "$OUT/overlap_tests.log" | cut -c1-160 | head -10
+      # memcheck and synccheck of both kernels, racecheck of the packing's shared counts
+      for tool in memcheck synccheck racecheck; do
+        opts=; [ "$tool" = racecheck ] && opts="--racecheck-report hazard --kernel-name kns=mask_rows"
+        # shellcheck disable=SC2086
+        timeout 200 compute-sanitizer --tool "$tool" $opts --error-exitcode 9 python3 -m pytest \
+          -q -x -p no:cacheprovider tests/gpu/test_mask_overlap.py \
+          -k "tail16-full-none or byte_tail-causal-key_row or dense-one_cta" \
+          > "$OUT/overlap_$tool.log" 2>&1
+        echo "overlap compute-sanitizer $tool: rc=$?; $(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" \
+          "$OUT/overlap_$tool.log" | tail -1); $(grep -E "passed|failed" "$OUT/overlap_$tool.log" | tail -1)"
+      done
       orow() { python3 tools/bench --no-smoke "$@" 2>&1 | tee -a "$OUT/overlap.log" \
         | awk 'f && NF; /^smoke check/{f=1}' | grep -v -- "-----" | cut -c1-150; }
       for r in 1 2; do
