@@ -20,6 +20,12 @@
 
 namespace dm {
 
+// Bit e: byte e of x nonzero (16 mask bytes, one 16-byte load).
+DM_DEVICE uint32_t kept_bits16(const uint4& x) {
+  return kept_nibble(x.x) | kept_nibble(x.y) << 4 | kept_nibble(x.z) << 8 |
+         kept_nibble(x.w) << 12;
+}
+
 constexpr int kMaskPackRows16 = 4;      // 16-byte loads per lane and pass (vec 2: 4 rows each)
 constexpr int kMaskPackRows = 8;        // block rows per pass of a warp (vec 1)
 constexpr int kMaskPackRowsScalar = 4;  // the same with byte loads
@@ -59,9 +65,7 @@ mask_pack_kernel(const MaskPackParams p) {
           x[i] = ok ? __ldg(s) : uint4{0u, 0u, 0u, 0u};
         }
 #pragma unroll
-        for (int i = 0; i < kMaskPackRows16; ++i)
-          v[i] = kept_nibble(x[i].x) | kept_nibble(x[i].y) << 4 | kept_nibble(x[i].z) << 8 |
-                 kept_nibble(x[i].w) << 12;
+        for (int i = 0; i < kMaskPackRows16; ++i) v[i] = kept_bits16(x[i]);
         if (!whole && tail > 0) {  // a row's last partial group: byte by byte
 #pragma unroll
           for (int i = 0; i < kMaskPackRows16; ++i) {
@@ -256,8 +260,7 @@ mask_rows_kernel(const MaskPackParams p, const MaskListsParams l) {
       for (int i = 0; i < kMaskRowsLoads; ++i) {
         const int cb = cb0 + i;  // warp-uniform
         if (cb >= ncb) break;
-        uint32_t v = kept_nibble(x[i].x) | kept_nibble(x[i].y) << 4 | kept_nibble(x[i].z) << 8 |
-                     kept_nibble(x[i].w) << 12;
+        uint32_t v = kept_bits16(x[i]);
         const int tail = p.seqlen_k - (cb * 128 + 16 * s);  // 1..15: the row's last keys
         if (row_in && tail > 0 && tail < 16) {
 #pragma unroll 1

@@ -169,11 +169,9 @@ def forward_call(pb: Problem, query: Any, cu_q: Any = None, cu_k: Any = None,
     if sparse is None and tile_counters is None and not packed and \
             mask_pack.routes_mask(pb, runtime.device_props(pb.q.device)):
         # attn_mask as block lists packed in this call (the plan's first launches)
-        if mask_pack.overlaps(pb, runtime.device_props(pb.q.device)):
-            rows = pb.batch * pb.heads * -(-pb.seqlen_q // mask_pack.ROUTE_BLOCK)
-            ready = plan.add_counter("mask_ready", rows, pb.kind, stream.ptr, query)
-            keep_alive.append(ready)
-        sparse = mask_pack.plan_lists(plan, pb.mask, query, keep_alive, ready)
+        overlap = mask_pack.overlaps(pb, runtime.device_props(pb.q.device))
+        sparse, ready = mask_pack.plan_lists(plan, pb.mask, query, keep_alive,
+                                             stream.ptr if overlap else None)
         pb = dataclasses.replace(pb, mask=None)
     # Operands the Hopper family's maps read once their rows are 16-byte aligned: copied here;
     # a cached plan repeats a pitched copy (RowCopy) into a buffer it allocates per call.

@@ -190,6 +190,12 @@ def routes_mask(pb: Problem, dev: DeviceProps) -> bool:
     return True
 
 
+def _route_strides(mask: ArrayInfo) -> tuple[int, ...]:
+    """The mask's byte strides as the packing reads them: 0 for a dim of size 1 (whatever
+    stride it has, it is never stepped)."""
+    return tuple(0 if n == 1 else st for n, st in zip(mask.shape, mask.strides, strict=True))
+
+
 def overlaps(pb: Problem, dev: DeviceProps) -> bool:
     """Whether the route's packing of ``pb``'s mask (``routes_mask`` holds) runs beside the
     forward (mask_pack.cu: mask_rows_kernel, a few CTAs; the forward launched behind it
@@ -201,9 +207,8 @@ def overlaps(pb: Problem, dev: DeviceProps) -> bool:
     if env.mask_route() != "overlap" or dev.cc < (9, 0) or m is None:
         return False
     mb, mh, _, sk = m.shape
-    strides = tuple(0 if n == 1 else st for n, st in zip(m.shape, m.strides, strict=True))
     return (mb, mh) == (pb.batch, pb.heads) and -(-sk // ROUTE_BLOCK) <= MAX_ROWS_COL_BLOCKS \
-        and vectorized(m.ptr, strides, ROUTE_BLOCK) == 2
+        and vectorized(m.ptr, _route_strides(m), ROUTE_BLOCK) == 2
 
 
 def overlap_ctas(dev: DeviceProps, rows: int) -> int:
@@ -243,15 +248,15 @@ _ROUTE_BUFFERS = (("sp_full_count", None, "full_count"), ("sp_full_idx", None, "
 
 
 def plan_lists(plan: Plan, mask: ArrayInfo, query: Any, keep_alive: list[Any],
-               ready: Any = None) -> SparseArrays:
+               overlap_stream: int | None = None) -> tuple[SparseArrays, Any]:
     """Adds the packing and the lists launches of ``mask`` (``routes_mask`` holds) to
     ``plan``, their buffers as allocations (first call: allocated here, kept in
     ``keep_alive``) and the mask as the plan's ``mask`` input; returns the lists, which the
-    forward launch then reads like a MixedMask's (a partial block's bits at its own index).
-    ``ready`` (``overlaps`` holds): the plan's ``mask_ready`` counter of one zero int32 word
-    per block row (= the forward's work item); one overlapped packing launch
-    (mask_rows_kernel) then replaces both, and the forward must wait on those words
-    (Sm90FwdArgs::row_ready)."""
+    forward launch then reads like a MixedMask's (a partial block's bits at its own index),
+    and None. ``overlap_stream`` (``overlaps`` holds; the call's raw stream): one overlapped
+    packing launch (mask_rows_kernel, which writes no kept counts) replaces both, and the
+    second result is the plan's ``mask_ready`` counter of one zero int32 word per block row
+    (= the forward's work item), on which the forward must wait (Sm90FwdArgs::row_ready)."""
     bm = bn = ROUTE_BLOCK
     mb, mh, sq, sk = mask.shape
     nrb, ncb = -(-sq // bm), -(-sk // bn)
@@ -260,32 +265,37 @@ def plan_lists(plan: Plan, mask: ArrayInfo, query: Any, keep_alive: list[Any],
               "sp_partial_count": (mb, mh, nrb), "sp_partial_idx": (mb, mh, nrb, ncb),
               "sp_partial_slot": (mb, mh, nrb, ncb), "sp_partial_bits": (nblk, bm * bn // 32),
               "mask_kept": (nblk,)}
+    overlap = overlap_stream is not None
+    buffers = _ROUTE_BUFFERS[:6] if overlap else _ROUTE_BUFFERS
     bufs = {}
-    for name, _, _ in _ROUTE_BUFFERS:
+    for name, _, _ in buffers:
         dtype = "uint32" if name == "sp_partial_bits" else "int32"
         bufs[name] = arrays.empty(query, shapes[name], dtype)
         keep_alive.append(bufs[name])
         plan.allocs.append(Alloc(name, shapes[name], dtype))
-    strides = tuple(0 if n == 1 else st for n, st in zip(mask.shape, mask.strides, strict=True))
-    pack = record(mask.ptr, mask.shape, strides, 0, 0, bm, bn)
+    pack = record(mask.ptr, mask.shape, _route_strides(mask), 0, 0, bm, bn)
     lists = lists_record(mask.shape, bm, bn)
     plan.slot("mask", pack, "mask")
-    for name, pack_field, lists_field in _ROUTE_BUFFERS:
+    for name, pack_field, lists_field in buffers:
         ptr = arrays.describe(bufs[name]).ptr
         for rec, field in ((pack, pack_field), (lists, lists_field)):
             if field is not None:
                 rec[0][field] = ptr
                 plan.slot(name, rec, field)
+    arrs = SparseArrays(*(bufs[n] for n, _, _ in _ROUTE_BUFFERS[:6]), block_m=bm, block_n=bn)
     dev = runtime.device_props(mask.device)
-    if ready is not None:
+    rows = int(lists[0]["rows"])
+    if overlap:
+        ready = plan.add_counter("mask_ready", rows, mask.kind, overlap_stream, query)
+        keep_alive.append(ready)
         lists[0]["ready"] = arrays.describe(ready).ptr
         plan.slot("mask_ready", lists, "ready")
         plan.launches.append(Launch(runtime.get_kernel(rows_spec(dev.arch), mask.device),
-                                    (overlap_ctas(dev, int(lists[0]["rows"])), 1, 1),
-                                    (pack, lists), shared_mem=4 * ncb))
-        return SparseArrays(*(bufs[n] for n, _, _ in _ROUTE_BUFFERS[:6]), block_m=bm, block_n=bn)
+                                    (overlap_ctas(dev, rows), 1, 1), (pack, lists),
+                                    shared_mem=4 * ncb))
+        return arrs, ready
     plan.launches.append(Launch(runtime.get_kernel(pack_spec(dev.arch), mask.device),
                                 (ncb, nrb, mb * mh), (pack,)))
     plan.launches.append(Launch(runtime.get_kernel(lists_spec(dev.arch), mask.device),
-                                (-(-int(lists[0]["rows"]) // PACK_WARPS), 1, 1), (lists,)))
-    return SparseArrays(*(bufs[n] for n, _, _ in _ROUTE_BUFFERS[:6]), block_m=bm, block_n=bn)
+                                (-(-rows // PACK_WARPS), 1, 1), (lists,)))
+    return arrs, None

@@ -11,6 +11,7 @@ import dataclasses
 import numpy as np
 import pytest
 from nvrtc_check import compile_static_asserts
+from test_sm90_fwd_items import item_coords as fwd_item_coords
 
 import dmattn_cupy  # noqa: F401  (registers the packer)
 from dmattn_cupy import env, mask_pack, masks
@@ -392,13 +393,10 @@ def test_pack_warps_route_decision(monkeypatch):
     assert not mask_pack.routes_mask(_route_problem((2, 8, 1000, 1200)), h100)
 
 
-def item_coords(i: int, num_m: int, bh: int, lpt_heads: int = 4) -> tuple[int, int]:
-    """item_order.cuh's sm90_item_coords without head_major (block lists never take it):
-    longest first within sections of DM_SM90_LPT_HEADS head-batches where they divide bh."""
-    if 0 < lpt_heads < bh and bh % lpt_heads == 0:
-        sec, r = divmod(i, lpt_heads * num_m)
-        return num_m - 1 - r // lpt_heads, sec * lpt_heads + r % lpt_heads
-    return num_m - 1 - i // bh, i % bh
+def item_coords(i: int, num_m: int, bh: int) -> tuple[int, int]:
+    """item_order.cuh's sm90_item_coords as the forward numbers block-list items (never head
+    major) at the default DM_SM90_LPT_HEADS (4)."""
+    return fwd_item_coords(i, num_m, bh, False, 4)
 
 
 def emulate_rows(dense4: np.ndarray, ctas: int) -> tuple[dict, np.ndarray, list[list[int]]]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from gpu_helpers import assert_fa_close, f64
-from test_kvcache import record_launch_families
+from test_mask_route import B, D, H, _bias, _keep, _qkv, _run
 
 import dmattn_cupy as dm
 from dmattn_cupy import fastpath, scratch
@@ -22,7 +22,6 @@ torch = pytest.importorskip("torch")
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("hopper_only")]
 
-B, H, HK, D = 2, 4, 2, 128
 OVERLAP = {"mask_rows", "fwd_sm90"}
 TWO_LAUNCHES = {"mask_pack", "mask_lists"}
 
@@ -30,18 +29,6 @@ TWO_LAUNCHES = {"mask_pack", "mask_lists"}
 @pytest.fixture(autouse=True)
 def overlap_on(monkeypatch):
     monkeypatch.setenv("DMATTN_MASK_ROUTE", "overlap")
-
-
-def _keep(lead: tuple[int, int], sq: int, sk: int, seed: int, p: float = 0.85) -> np.ndarray:
-    """(Bm, Hm, Sq, Sk): kept at random, a block kept whole, a block dropped whole, a fully
-    masked query row and a key dropped for every row."""
-    rng = np.random.default_rng(seed)
-    m = rng.random((*lead, sq, sk)) < p
-    m[..., :128, 128:256] = True
-    m[..., 128:256, :128] = False
-    m[..., 7, :] = False
-    m[..., :, min(40, sk - 1)] = False
-    return m
 
 
 def _mask(sq: int, sk: int, seed: int, pitch: int | None = None, lead=(B, H)):
@@ -52,31 +39,6 @@ def _mask(sq: int, sk: int, seed: int, pitch: int | None = None, lead=(B, H)):
     big = torch.zeros(*lead, sq, pitch, dtype=torch.bool)
     big[..., :sk] = torch.from_numpy(keep)
     return big.cuda()[..., :sk], keep
-
-
-def _qkv(sq: int, sk: int, dtype: str, seed: int, b: int = B, h: int = H, hk: int = HK):
-    g = torch.Generator().manual_seed(seed)
-    dt = getattr(torch, dtype)
-    return tuple(torch.randn(b, s, n, D, generator=g).to("cuda", dt)
-                 for s, n in ((sq, h), (sk, hk), (sk, hk)))
-
-
-def _bias(kind: str, sq: int, sk: int, dtype: str, seed: int, b: int = B, h: int = H):
-    if kind == "none":
-        return None
-    g = torch.Generator().manual_seed(seed)
-    shape = (b, h, sq, sk) if kind == "full" else (b, h, 1, sk)
-    return (2 * torch.randn(*shape, generator=g)).to("cuda", getattr(torch, dtype))
-
-
-def _run(monkeypatch, q, k, v, mask, bias, **kw):
-    """(out, lse, the families of the validated path's launches: none for a cached call,
-    whose raw launches ``record_launch_families`` does not see)."""
-    families = record_launch_families(monkeypatch)
-    out, lse = dm.flash_dmattn_func(q, k, v, attn_mask=mask, attn_bias=bias, return_lse=True,
-                                    **kw)
-    torch.cuda.synchronize()
-    return out, lse, set(families)
 
 
 @pytest.mark.parametrize("bias_kind", ["none", "full", "key_row"])
@@ -110,14 +72,14 @@ def test_overlap_equals_the_two_launch_route(env, density, monkeypatch):
     CTA makes the forward wait on nearly every item; a document-like sparse mask (most blocks
     empty) too."""
     b, h, s, dtype = 2, 16, 1024, "bfloat16"
-    q, k, v = _qkv(s, s, dtype, 31, b, h, h)
+    q, k, v = _qkv(s, s, dtype, 31, b=b, h=h, hk=h)
     rng = np.random.default_rng(32)
     keep = rng.random((b, h, s, s)) < 0.85
     if density < 0.5:   # 128-key documents: only the diagonal blocks hold kept keys
         doc = np.arange(s) // 128
         keep &= doc[:, None] == doc[None, :]
     mask = torch.from_numpy(keep).cuda()
-    bias = _bias("full", s, s, dtype, 33, b, h)
+    bias = _bias("full", s, s, dtype, 33, b=b, h=h)
     monkeypatch.setenv("DMATTN_MASK_ROUTE", "1")
     want_out, want_lse, fams = _run(monkeypatch, q, k, v, mask, bias)
     assert TWO_LAUNCHES <= fams and "mask_rows" not in fams, fams

@@ -38,11 +38,11 @@ def route_on(monkeypatch):
     monkeypatch.setenv("DMATTN_MASK_ROUTE", "1")
 
 
-def _keep(lead: tuple[int, int], sq: int, sk: int, seed: int) -> np.ndarray:
-    """(Bm, Hm, Sq, Sk): 85% kept at random, a block kept whole, a block dropped whole, a fully
-    masked query row and a key dropped for every row."""
+def _keep(lead: tuple[int, int], sq: int, sk: int, seed: int, p: float = 0.85) -> np.ndarray:
+    """(Bm, Hm, Sq, Sk): ``p`` kept at random, a block kept whole, a block dropped whole, a
+    fully masked query row and a key dropped for every row."""
     rng = np.random.default_rng(seed)
-    m = rng.random((*lead, sq, sk)) < 0.85
+    m = rng.random((*lead, sq, sk)) < p
     m[..., :128, 128:256] = True
     m[..., 128:256, :128] = False
     m[..., 7, :] = False
@@ -70,19 +70,20 @@ def _mask(layout: str, sq: int, sk: int, seed: int) -> tuple[torch.Tensor, np.nd
     return t.transpose(-1, -2), keep
 
 
-def _qkv(sq: int, sk: int, dtype: str, seed: int, d: int = D):
+def _qkv(sq: int, sk: int, dtype: str, seed: int, d: int = D, b: int = B, h: int = H,
+         hk: int = HK):
     g = torch.Generator().manual_seed(seed)
     dt = getattr(torch, dtype)
-    return (torch.randn(B, sq, H, d, generator=g).to("cuda", dt),
-            torch.randn(B, sk, HK, d, generator=g).to("cuda", dt),
-            torch.randn(B, sk, HK, d, generator=g).to("cuda", dt))
+    return (torch.randn(b, sq, h, d, generator=g).to("cuda", dt),
+            torch.randn(b, sk, hk, d, generator=g).to("cuda", dt),
+            torch.randn(b, sk, hk, d, generator=g).to("cuda", dt))
 
 
-def _bias(kind: str, sq: int, sk: int, dtype: str, seed: int):
+def _bias(kind: str, sq: int, sk: int, dtype: str, seed: int, b: int = B, h: int = H):
     if kind == "none":
         return None
     g = torch.Generator().manual_seed(seed)
-    shape = (B, H, sq, sk) if kind == "full" else (B, H, 1, sk)
+    shape = (b, h, sq, sk) if kind == "full" else (b, h, 1, sk)
     return (2 * torch.randn(*shape, generator=g)).to("cuda", getattr(torch, dtype))
 
 
@@ -92,6 +93,8 @@ def _routed(q, k, v, mask, bias, window=(-1, -1)) -> bool:
 
 
 def _run(monkeypatch, q, k, v, mask, bias, **kw):
+    """(out, lse, the families of the validated path's launches: none for a cached call,
+    whose raw launches ``record_launch_families`` does not see)."""
     families = record_launch_families(monkeypatch)
     out, lse = dm.flash_dmattn_func(q, k, v, attn_mask=mask, attn_bias=bias, return_lse=True,
                                     **kw)
@@ -172,7 +175,8 @@ def test_route_lists_equal_from_dense_mask(layout):
                                           "cuda"))
     assert mask_pack.routes_mask(pb, runtime.device_props(0))
     plan, keep_alive = Plan(device=0, inputs=("mask",)), []
-    arrs = mask_pack.plan_lists(plan, pb.mask, q, keep_alive)
+    arrs, ready = mask_pack.plan_lists(plan, pb.mask, q, keep_alive)
+    assert ready is None
     plan.run(runtime.current_stream(pb.kind, 0))
     torch.cuda.synchronize()
     want = dm.MixedMask.from_dense_mask(keep, (128, 128))
